@@ -1,0 +1,47 @@
+"""edgec: export PyTorch models to ONNX, rewrite them with checked passes, build for edge targets.
+
+Public API: ``export``, ``compile``, ``load``. Heavy packages (torch, onnxruntime, openvino) load
+only when one of these is called.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["export", "compile", "load", "__version__"]
+__version__ = "0.1.0"
+
+
+def export(module: Any, example_inputs: Sequence[Any], path: str | os.PathLike,
+           dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None) -> str:
+    """Export ``module`` to ``path`` (.onnx + .onnx.data), verified against PyTorch.
+
+    ``dynamic_shapes`` maps forward-argument names to ``{axis: dim_name}``. Returns the path.
+    """
+    from edgec.exporters.export_file import export_to_file
+
+    export_to_file(module, path, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes)
+    return str(path)
+
+
+def compile(source: Any, target: str = "ort-cpu", output_dir: str | os.PathLike = "out",
+            config: str | None = None, example_inputs: Sequence[Any] | None = None,
+            check: bool = False, dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None):
+    """Compile ``source`` (registry name, .onnx path or nn.Module) for ``target``.
+
+    Returns an ``Artifact`` (``.path``, ``.manifest``, ``.report``, ``.load()``).
+    """
+    from edgec.pipeline import compile_model
+
+    return compile_model(source, target=target, output_dir=output_dir, config=config,
+                         example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
+                         check=check)
+
+
+def load(path: str | os.PathLike):
+    """Open a compiled artifact directory: ``Session.run/inputs/outputs/benchmark``."""
+    from edgec.runtimes import load as _load
+
+    return _load(path)

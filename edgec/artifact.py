@@ -1,0 +1,117 @@
+"""Artifact directory: manifest I/O, content hashes, and atomic creation (stage, then rename).
+
+A failed compile leaves nothing at ``out``: everything is written into a hidden staging
+directory beside it and renamed into place only once complete. An existing ``out`` is replaced
+only if it is an edgec artifact (or empty); anything else is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import UserError
+
+__all__ = ["FORMAT", "MANIFEST", "staged_output", "read_manifest", "is_artifact",
+           "file_hashes", "versions", "write_json"]
+
+FORMAT = "edgec-artifact/1"
+MANIFEST = "manifest.json"
+
+
+def is_artifact(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_destination(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not is_artifact(out):
+        raise UserError(f"{out}: exists and is not an edgec artifact; refusing to overwrite it, "
+                        "choose another -o or remove it")
+
+
+@contextlib.contextmanager
+def staged_output(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging directory; on success it replaces ``out`` atomically, on error it goes."""
+    out = Path(out).absolute()
+    _check_destination(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.edgec-staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        _check_destination(out)  # re-check: something may have appeared meanwhile
+        trash = None
+        if out.exists():
+            trash = out.parent / f".{out.name}.edgec-old-{uuid.uuid4().hex[:8]}"
+            out.rename(trash)
+        staging.rename(out)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    d = Path(path)
+    if not d.exists():
+        raise UserError(f"{d}: no such artifact directory; compile one with `edgec compile`")
+    if not d.is_dir():
+        raise UserError(f"{d}: is not a directory; give an artifact directory from `edgec compile`")
+    try:
+        manifest = json.loads((d / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{d}: has no {MANIFEST}; not an edgec artifact") from None
+    except ValueError:
+        raise UserError(f"{d / MANIFEST}: is not valid JSON; recompile the artifact") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{d / MANIFEST}: not an {FORMAT} manifest; recompile the artifact")
+    return manifest
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative POSIX paths), manifest and reports excluded."""
+    hashes = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel not in (MANIFEST, "report.json", "report.md"):
+            h = hashlib.sha256()
+            with p.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            hashes[rel] = h.hexdigest()
+    return hashes
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("edgec", "torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "openvino",
+                 "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n")
+
+
+def _jsonable(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return o.as_posix()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")

@@ -1,0 +1,303 @@
+"""The ``edgec`` command: models, export, compile, run, bench, compare, inspect.
+
+Exit status: 0 ok, 2 user error (one line on stderr saying what and what to do), 1 internal.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgec.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="edgec — export PyTorch models to ONNX, rewrite them with checked passes, "
+                       "and build them for edge targets (ort-cpu, openvino-cpu).")
+out = Console()
+err = Console(stderr=True, log_path=False)
+
+
+def _errors(fn):
+    """Turn UserError into one stderr line + exit 2, anything else into exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 — the CLI boundary
+            if os.environ.get("EDGEC_DEBUG"):
+                raise
+            err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} "
+                      "(set EDGEC_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _load_npz(path: Optional[Path]) -> Optional[dict]:
+    if path is None:
+        return None
+    import numpy as np
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such inputs file; give an .npz whose keys are input names")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable .npz ({e}); save inputs with numpy.savez") from None
+
+
+def _feeds(session, inputs: Optional[Path]) -> dict:
+    feeds = _load_npz(inputs)
+    if feeds is None:
+        feeds = session.default_feeds
+        if feeds is None:
+            raise UserError("the artifact has no example inputs; pass --inputs FILE.npz")
+    return feeds
+
+
+class _Status:
+    """rich status line on stderr, fed by the pipeline's progress callback."""
+
+    def __init__(self, title: str):
+        self._status = err.status(title)
+
+    def __enter__(self):
+        self._status.__enter__()
+        return self
+
+    def __call__(self, msg: str) -> None:
+        err.log(msg)
+        self._status.update(msg + " …")
+
+    def __exit__(self, *exc):
+        return self._status.__exit__(*exc)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log pass details")] = False):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command("models")
+@_errors
+def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
+    """List the reference models and their configs.
+
+    Example: `edgec models`
+    """
+    from edgec.models import registry
+
+    rows = [{"name": s.name, "configs": list(s.configs), "options": dict(s.options),
+             "inputs": list(s.input_names), "description": s.description}
+            for s in registry.specs()]
+    if as_json:
+        return _print_json(rows)
+    table = Table("model", "configs", "options", "inputs", "description")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["configs"]), ", ".join(f"+{o}" for o in r["options"]),
+                      ", ".join(r["inputs"]), r["description"])
+    out.print(table)
+
+
+@app.command("export")
+@_errors
+def export_cmd(
+    source: Annotated[str, typer.Argument(help="reference model name (see `edgec models`)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the .onnx file to write")],
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="model config")] = None,
+):
+    """Export a reference model to ONNX (weights in FILE.onnx.data), verified against PyTorch.
+
+    Example: `edgec export llama --config small -o llama.onnx`
+    """
+    from edgec.exporters.export_file import export_to_file
+
+    with _Status(f"exporting {source}") as status:
+        status(f"exporting {source} ({config or 'tiny'})")
+        fidelity = export_to_file(source, output, config)
+    worst = max(fidelity["outputs"].values(), key=lambda e: e["max_rel"])
+    out.print(f"wrote {output} (max rel error vs PyTorch {worst['max_rel']:.2e}, "
+              f"cosine {worst['cosine']:.7f})", highlight=False)
+
+
+@app.command("compile")
+@_errors
+def compile_cmd(
+    source: Annotated[str, typer.Argument(help="model name, or path to an .onnx file")],
+    target: Annotated[str, typer.Option("--target", "-t", help="ort-cpu | openvino-cpu")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="artifact directory to write")],
+    config: Annotated[Optional[str], typer.Option("--config", "-c",
+                                                  help="model config (tiny|small|base)")] = None,
+    check: Annotated[bool, typer.Option("--check", help="check every pass numerically")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+):
+    """Compile a model for a target into an artifact directory and print its report.
+
+    Examples:
+
+    * `edgec compile video-dit --config small --target openvino-cpu -o out`
+
+    * `edgec compile llama --config tiny --target ort-cpu -o out --check`
+
+    * `edgec compile my_model.onnx --target ort-cpu -o out`
+    """
+    from edgec.pipeline import compile_model
+
+    with _Status("compiling") as status:
+        art = compile_model(source, target=target, output_dir=output, config=config,
+                            check=check, progress=status)
+    if as_json:
+        return _print_json(art.report)
+    from edgec.report import summary_rows
+
+    table = Table(title=f"edgec: {output}", show_header=False)
+    for k, v in summary_rows(art.report):
+        table.add_row(k, v)
+    out.print(table)
+    out.print(f"report: {output / 'report.md'}", highlight=False)
+
+
+@app.command("run")
+@_errors
+def run_cmd(
+    artifact: Annotated[Path, typer.Argument(help="artifact directory")],
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz keyed by input name")] = None,
+    save: Annotated[Optional[Path], typer.Option("--save", help="write outputs to this .npz")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+):
+    """Run an artifact once (on its example inputs unless --inputs) and summarize the outputs.
+
+    Examples: `edgec run out --json`, `edgec run out --inputs x.npz --save y.npz`
+    """
+    import numpy as np
+
+    import edgec
+
+    session = edgec.load(artifact)
+    results = session.run(_feeds(session, inputs))
+    if save is not None:
+        np.savez(save, **results)
+    summary = {name: {"shape": list(a.shape), "dtype": a.dtype.name,
+                      **({"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
+                          "max": float(a.max())} if a.size else {})}
+               for name, a in results.items()}
+    if as_json:
+        return _print_json({"artifact": str(artifact), "runtime": session.runtime,
+                            "outputs": summary})
+    table = Table("output", "shape", "dtype", "mean", "std", "min", "max",
+                  title=f"{artifact} on {session.runtime}")
+    for name, s in summary.items():
+        table.add_row(name, str(s["shape"]), s["dtype"],
+                      *(f"{s[k]:.4g}" for k in ("mean", "std", "min", "max")))
+    out.print(table)
+
+
+@app.command("bench")
+@_errors
+def bench_cmd(
+    artifact: Annotated[Path, typer.Argument(help="artifact directory")],
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz keyed by input name")] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="untimed runs first")] = 3,
+    iterations: Annotated[int, typer.Option(min=1, help="timed runs")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+):
+    """Measure an artifact's latency (p50/p90/mean ms).
+
+    Example: `edgec bench out --iterations 50 --json`
+    """
+    import edgec
+
+    session = edgec.load(artifact)
+    stats = session.benchmark(warmup=warmup, iterations=iterations,
+                              feeds=_feeds(session, inputs))
+    result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
+    if as_json:
+        return _print_json(result)
+    out.print(f"{artifact} on {session.runtime}: p50 {stats['p50_ms']:.3f} ms, "
+              f"p90 {stats['p90_ms']:.3f} ms, mean {stats['mean_ms']:.3f} ms "
+              f"({iterations} runs)", highlight=False)
+
+
+@app.command("compare")
+@_errors
+def compare_cmd(
+    artifact_a: Annotated[Path, typer.Argument(help="artifact directory (the reference)")],
+    artifact_b: Annotated[Path, typer.Argument(help="artifact directory to compare")],
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz keyed by input name")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+):
+    """Run two artifacts on the same inputs; print max abs/rel error and cosine per output.
+
+    Example: `edgec compare out-ort out-ov --json`
+    """
+    import edgec
+    from edgec.exporters.verify import compare_outputs
+
+    a, b = edgec.load(artifact_a), edgec.load(artifact_b)
+    feeds = _feeds(a, inputs)
+    errors = compare_outputs(b.run(feeds), a.run(feeds))
+    if as_json:
+        return _print_json({"reference": str(artifact_a), "candidate": str(artifact_b),
+                            "runtimes": [a.runtime, b.runtime], "outputs": errors})
+    table = Table("output", "max abs", "max rel", "cosine", "rel L2",
+                  title=f"{artifact_b} ({b.runtime}) vs {artifact_a} ({a.runtime})")
+    for name, e in errors.items():
+        table.add_row(name, f"{e['max_abs']:.3g}", f"{e['max_rel']:.3g}", f"{e['cosine']:.7f}",
+                      f"{e['rel_l2']:.3g}")
+    out.print(table)
+
+
+@app.command("inspect")
+@_errors
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="an .onnx file or an artifact directory")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+):
+    """Describe an ONNX file (inputs, outputs, opsets, ops, weights) or an artifact directory.
+
+    Examples: `edgec inspect model.onnx`, `edgec inspect out --json`
+    """
+    from edgec.inspect import describe
+
+    info = describe(path)
+    if as_json:
+        return _print_json(info)
+    table = Table(show_header=False, title=str(path))
+    for key, value in info.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = "\n".join(json.dumps(v) if not isinstance(v, str) else v for v in value)
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Parameter map: which ONNX initializer holds which PyTorch parameter, and in what layout.
+
+The dynamo exporter keeps parameter names for most weights but folds ``Linear`` transposes into
+anonymous ``val_N`` initializers (recording ``folded_from`` metadata) and deduplicates equal
+constants. Every entry here is *verified against the tensor values*, not trusted from metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+__all__ = ["build_parameter_map"]
+
+_FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
+
+
+def build_parameter_map(model: ir.Model, module: torch.nn.Module) -> dict[str, dict[str, str]]:
+    """Map PyTorch parameter/buffer name → ``{"initializer": name, "layout": "same"|"transposed"}``.
+
+    Parameters the graph does not use (dead, or folded into other constants) are absent.
+    """
+    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict(keep_vars=False).items()
+             if v.dtype.is_floating_point or v.dtype in (torch.int64, torch.int32)}
+    inits = model.graph.initializers
+    out: dict[str, dict[str, str]] = {}
+
+    def record(param: str, init_name: str) -> bool:
+        value = inits[init_name].const_value
+        if value is None or param not in state:
+            return False
+        arr, ref = value.numpy(), state[param]
+        if arr.shape == ref.shape and np.array_equal(arr, ref):
+            out[param] = {"initializer": init_name, "layout": "same"}
+            return True
+        if arr.ndim == 2 and arr.shape == ref.shape[::-1] and np.array_equal(arr, ref.T):
+            out[param] = {"initializer": init_name, "layout": "transposed"}
+            return True
+        return False
+
+    for name, value in inits.items():
+        if name in state:
+            record(name, name)
+        sources = value.meta.get(_FOLDED_FROM) or ()
+        if len(sources) == 1:
+            record(next(iter(sources)), name)
+
+    missing = [p for p in state if p not in out]
+    if missing:  # deduplicated constants: find an initializer holding the same bytes
+        by_digest: dict[tuple, str] = {}
+        for name, value in inits.items():
+            if value.const_value is not None and value.const_value.size > 1:
+                arr = value.const_value.numpy()
+                by_digest.setdefault((arr.shape, str(arr.dtype), _digest(arr)), name)
+        for p in missing:
+            ref = state[p]
+            key = (ref.shape, str(ref.dtype), _digest(ref))
+            if ref.size > 1 and key in by_digest:
+                record(p, by_digest[key])
+    return out

@@ -1,0 +1,154 @@
+"""Resolve a compile source (registry name, nn.Module, .onnx file) to IR + feeds + reference.
+
+For torch sources the model is exported here and checked against PyTorch on the example inputs
+(fp32 tolerance ``EXPORT_RTOL``, DESIGN.md numerics policy); a mismatch is a VerificationError
+naming the output. ONNX files have no PyTorch reference: the unmodified file run in ORT is the
+reference instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import UserError
+
+__all__ = ["Source", "resolve_source", "EXPORT_RTOL", "random_feeds"]
+
+EXPORT_RTOL = 1e-5
+
+
+@dataclasses.dataclass
+class Source:
+    kind: str  # "registry" | "module" | "onnx"
+    info: dict[str, Any]
+    model: Any  # onnx_ir.Model
+    parameter_map: dict[str, dict[str, str]]
+    feeds: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]  # outputs of the source itself on ``feeds``
+    reference_kind: str  # "pytorch" | "onnxruntime"
+    export_fidelity: dict[str, Any] | None
+    export_seconds: float
+
+
+def resolve_source(source: Any, config: str | None = None,
+                   example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+                   dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None) -> Source:
+    import torch
+
+    if isinstance(source, torch.nn.Module):
+        if example_inputs is None:
+            raise UserError("compiling an nn.Module needs example_inputs=(tensor, ...)")
+        inputs = tuple(torch.as_tensor(x) for x in _as_tuple(example_inputs))
+        info = {"kind": "module", "class": type(source).__qualname__}
+        return _from_torch(source, inputs, dynamic_shapes, None, info, "module")
+    if not isinstance(source, (str, os.PathLike)):
+        raise UserError(f"source must be a model name, an .onnx path or an nn.Module, "
+                        f"not {type(source).__name__}")
+    path = Path(source)
+    if str(source).endswith(".onnx") or path.suffix == ".onnx" or path.is_file():
+        if config:
+            raise UserError("--config applies to reference models, not to an .onnx file")
+        return _from_onnx(path, example_inputs)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; give an .onnx file or a reference model name "
+                        "(`edgec models`)")
+    if os.sep in str(source) or "." in path.name:
+        raise UserError(f"{source}: no such file; give an .onnx path or a model name "
+                        "(`edgec models`)")
+    from edgec.models import registry
+
+    spec = registry.get(str(source))
+    config = config or "tiny"
+    module = spec.build(config)
+    inputs = spec.example_inputs(config)
+    info = {"kind": "registry", "name": spec.name, "config": config,
+            "hyperparameters": spec.hyperparameters(config)}
+    shapes = dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes(config)
+    return _from_torch(module, inputs, shapes, spec.output_names, info, "registry")
+
+
+def _as_tuple(x) -> tuple:
+    if isinstance(x, Mapping):
+        return tuple(x.values())
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind) -> Source:
+    import torch
+
+    from edgec.exporters.torch_export import export_module
+    from edgec.exporters.verify import assert_close, compare_outputs
+    from edgec.runtimes.ort import run_model
+
+    t0 = time.perf_counter()
+    result = export_module(module, inputs, dynamic_shapes, output_names)
+    export_s = time.perf_counter() - t0
+    with torch.no_grad():
+        out = module(*inputs)
+    flat = _flatten(out)
+    reference = {n: t.detach().cpu().numpy() for n, t in zip(result.output_names, flat)}
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(result.input_names, inputs)}
+    errors = compare_outputs(run_model(result.model, feeds), reference)
+    assert_close(errors, EXPORT_RTOL, "exported ONNX (ORT) vs PyTorch")
+    info = {**info, "input_names": result.input_names, "output_names": result.output_names}
+    return Source(kind, info, result.model, result.parameter_map, feeds, reference, "pytorch",
+                  {"reference": "pytorch", "runtime": "onnxruntime (no graph optimization)",
+                   "rtol": EXPORT_RTOL, "outputs": errors}, export_s)
+
+
+def _flatten(out) -> list:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for o in out for t in _flatten(o)]
+
+
+def _from_onnx(path: Path, example_inputs) -> Source:
+    from edgec.onnx_io import load_onnx
+    from edgec.runtimes.ort import OrtSession
+
+    model = load_onnx(path)
+    try:
+        sess = OrtSession(path, optimize=False)
+    except Exception as e:
+        raise UserError(f"{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from e
+    if example_inputs is not None:
+        feeds = {k: np.asarray(v) for k, v in dict(example_inputs).items()}
+    else:
+        feeds = random_feeds(sess.inputs)
+    reference = sess.run(feeds)
+    info = {"kind": "onnx", "path": str(path), "input_names": [i.name for i in sess.inputs],
+            "output_names": [o.name for o in sess.outputs]}
+    from edgec.exporters.export_file import stored_parameter_map
+
+    return Source("onnx", info, model, stored_parameter_map(model), feeds, reference, "onnxruntime", None, 0.0)
+
+
+def random_feeds(specs, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a graph with no example data: N(0,1) floats, small non-negative ints.
+
+    Symbolic dims become 1; integer inputs are drawn from [0, 2) so that index inputs (token
+    ids, positions) stay in range for any table.
+    """
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for s in specs:
+        shape = tuple(d if isinstance(d, int) and d >= 0 else 1 for d in s.shape)
+        dtype = np.dtype(s.dtype)
+        if np.issubdtype(dtype, np.floating):
+            feeds[s.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[s.name] = np.ones(shape, dtype=bool)
+        else:
+            feeds[s.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds

@@ -1,0 +1,62 @@
+"""Describe an .onnx file or an artifact directory as a JSON-able dict (``edgec inspect``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import UserError
+
+__all__ = ["describe"]
+
+
+def _value(v) -> dict[str, Any]:
+    dims = [d if isinstance(d, int) else str(d) for d in (v.shape.dims if v.shape else ())]
+    return {"name": v.name, "shape": dims, "dtype": v.dtype.numpy().name if v.dtype else "?"}
+
+
+def describe_onnx(path: Path) -> dict[str, Any]:
+    from edgec.exporters.export_file import stored_parameter_map
+    from edgec.onnx_io import load_onnx
+
+    model = load_onnx(path)
+    inits = model.graph.initializers.values()
+    tensors = [v.const_value for v in inits if v.const_value is not None]
+    return {
+        "file": str(path),
+        "producer": f"{model.producer_name} {model.producer_version or ''}".strip(),
+        "opsets": {k or "ai.onnx": v for k, v in model.opset_imports.items()},
+        "inputs": [_value(v) for v in model.graph.inputs],
+        "outputs": [_value(v) for v in model.graph.outputs],
+        "nodes": len(model.graph),
+        "ops": dict(Counter(n.op_type for n in model.graph).most_common()),
+        "initializers": len(tensors),
+        "parameters": int(sum(t.size for t in tensors)),
+        "weight_bytes": int(sum(t.nbytes for t in tensors)),
+        "parameter_map_entries": len(stored_parameter_map(model)),
+    }
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        from edgec.artifact import read_manifest
+
+        manifest = read_manifest(p)
+        info = {"artifact": str(p), "source": manifest["source"], "target": manifest["target"],
+                "runtime": manifest["runtime"], "inputs": manifest["inputs"],
+                "outputs": manifest["outputs"], "passes": manifest["recipe"]["passes"],
+                "files": manifest["hashes"]}
+        report = p / "report.json"
+        if report.is_file():
+            import json
+
+            r = json.loads(report.read_text())
+            info["latency_p50_ms"] = r["latency"]["p50_ms"]
+            info["fidelity"] = {k: max((e["max_rel"] for e in v["outputs"].values()), default=0)
+                                for k, v in r["fidelity"].items() if v}
+        return info
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory")
+    return describe_onnx(p)

@@ -1,0 +1,120 @@
+"""Reference-model registry: name → ModelSpec (builder, inputs, dynamic dims, configs).
+
+A config string is a base config name optionally followed by ``+option`` flags, e.g.
+``small+outliers``; each spec declares which configs and options it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from edgec.errors import UserError
+
+__all__ = ["ModelSpec", "register", "get", "names", "parse_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build, feed and export one reference model.
+
+    Attributes:
+        name: registry name (``video-dit``).
+        description: one line for ``edgec models``.
+        configs: base config names; ``tiny`` (tests, well under a second), ``small``
+            (benchmarks), ``base`` (realistic).
+        options: ``+option`` flags accepted after a config name, with a one-line meaning.
+        input_names: ONNX input names, in ``forward`` argument order.
+        output_names: ONNX output names.
+        builder: ``(config, options) -> nn.Module`` in eval mode, weights deterministic.
+        inputs: ``(config, options, seed) -> tuple[Tensor, ...]`` one example input set.
+        dynamic: ``(config, options) -> {input name: {axis: dim name}}``; the dims that may
+            vary at run time.
+        describe: ``(config, options) -> dict`` of the config's hyper-parameters (for reports).
+    """
+
+    name: str
+    description: str
+    configs: tuple[str, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    builder: Callable[[str, frozenset[str]], torch.nn.Module]
+    inputs: Callable[[str, frozenset[str], int], tuple[torch.Tensor, ...]]
+    dynamic: Callable[[str, frozenset[str]], Mapping[str, Mapping[int, str]]]
+    describe: Callable[[str, frozenset[str]], dict[str, Any]]
+    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def resolve(self, config: str | None) -> tuple[str, frozenset[str]]:
+        """Split and validate a config string; raises UserError naming what is allowed."""
+        base, opts = parse_config(config or "tiny")
+        if base not in self.configs:
+            raise UserError(
+                f"unknown config {base!r} for model {self.name!r}; "
+                f"choose one of: {', '.join(self.configs)}"
+            )
+        unknown = sorted(opts - set(self.options))
+        if unknown:
+            allowed = ", ".join(f"+{o}" for o in self.options) or "none"
+            raise UserError(
+                f"unknown option {'+' + unknown[0]!r} for model {self.name!r}; allowed: {allowed}"
+            )
+        return base, opts
+
+    def build(self, config: str | None = None) -> torch.nn.Module:
+        base, opts = self.resolve(config)
+        return self.builder(base, opts).eval()
+
+    def example_inputs(self, config: str | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        base, opts = self.resolve(config)
+        return self.inputs(base, opts, seed)
+
+    def dynamic_shapes(self, config: str | None = None) -> dict[str, dict[int, str]]:
+        base, opts = self.resolve(config)
+        return {k: dict(v) for k, v in self.dynamic(base, opts).items()}
+
+    def calibration_inputs(self, config: str | None = None, n: int = 8) -> list[tuple[torch.Tensor, ...]]:
+        """``n`` input sets drawn with seeds 1000..1000+n (disjoint from the example seed 0)."""
+        base, opts = self.resolve(config)
+        return [self.inputs(base, opts, 1000 + i) for i in range(n)]
+
+    def hyperparameters(self, config: str | None = None) -> dict[str, Any]:
+        base, opts = self.resolve(config)
+        return self.describe(base, opts)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load_builtin() -> None:
+    # Imported lazily so `import edgec` stays light; each module calls register().
+    from edgec.models import llama, video_dit  # noqa: F401
+
+
+def get(name: str) -> ModelSpec:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; `edgec models` lists: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def parse_config(config: str) -> tuple[str, frozenset[str]]:
+    base, *opts = config.split("+")
+    return base, frozenset(o for o in opts if o)
+
+
+def specs() -> Sequence[ModelSpec]:
+    _load_builtin()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]

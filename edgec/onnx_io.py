@@ -1,0 +1,79 @@
+"""ONNX file I/O: load a file edgec did not write (refusing anything malformed or unsafe), save.
+
+Guarantees: the path exists and parses as an ONNX ModelProto with a graph; every external-data
+location resolves inside the model's own directory (no ``../`` or absolute escapes); errors are
+:class:`UserError` with one line saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx_ir as ir
+
+from edgec.errors import UserError
+
+__all__ = ["load_onnx", "check_external_data", "save_model"]
+
+
+def load_onnx(path: str | os.PathLike) -> ir.Model:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file; give the path of an .onnx model")
+    if not p.is_file():
+        raise UserError(f"{p}: is not a file; give the path of an .onnx model")
+    if p.stat().st_size == 0:
+        raise UserError(f"{p}: is empty, not an ONNX model; re-export it")
+    try:
+        model = ir.load(p)
+    except Exception as e:  # protobuf raises DecodeError / RuntimeWarning subclasses
+        raise UserError(
+            f"{p}: is not a valid ONNX model ({type(e).__name__}); the file is truncated or of "
+            "another format, re-export it"
+        ) from None
+    if len(model.graph) == 0 or not model.graph.outputs:
+        raise UserError(f"{p}: parses but has no nodes or no outputs; not a usable ONNX model")
+    check_external_data(model, p.parent)
+    return model
+
+
+def check_external_data(model: ir.Model, base_dir: Path) -> None:
+    """Refuse external tensors whose file lies outside ``base_dir`` or is missing."""
+    root = base_dir.resolve()
+    for value in _all_initializers(model):
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            target = (root / tensor.location).resolve()
+            if not target.is_relative_to(root):
+                raise UserError(
+                    f"initializer {value.name!r} points its external data outside the model's "
+                    f"directory ({tensor.location!r}); refusing to follow it"
+                )
+            if not target.is_file():
+                raise UserError(
+                    f"initializer {value.name!r}: external data file {tensor.location!r} is "
+                    f"missing next to the model; copy it into {root}"
+                )
+            end = tensor.offset or 0
+            if end + tensor.nbytes > target.stat().st_size:
+                raise UserError(
+                    f"initializer {value.name!r}: external data file {tensor.location!r} is "
+                    "shorter than the model says (truncated?); re-export it"
+                )
+
+
+def _all_initializers(model: ir.Model):
+    yield from model.graph.initializers.values()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from attr.value.initializers.values()
+
+
+def save_model(model: ir.Model, path: Path) -> None:
+    """Save with weights over 1 KiB in ``<name>.data`` beside it; ``model`` stays valid.
+
+    Always a new path: onnx-ir invalidates tensors memory-mapped from a file it overwrites.
+    """
+    ir.save(model, path, external_data=path.name + ".data", size_threshold_bytes=1024)

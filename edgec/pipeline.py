@@ -1,0 +1,193 @@
+"""Recipe → artifact directory: export → passes → target build → verify → report.
+
+The whole compile reads as the ordered table below; each step is a small function. Everything
+is written into a staging directory that replaces ``output_dir`` only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec import artifact
+from edgec.errors import UserError
+
+__all__ = ["Artifact", "compile_model", "TARGET_RTOL"]
+
+logger = logging.getLogger(__name__)
+
+# fp32 artifacts on a target vs the source's reference (PyTorch or ORT on the source ONNX).
+TARGET_RTOL = 1e-5
+BENCH_BUDGET_S = 3.0
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Artifact:
+    """A compiled artifact directory with its manifest and report."""
+
+    path: Path
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+
+    def load(self):
+        from edgec.runtimes import load
+
+        return load(self.path)
+
+
+def compile_model(
+    source: Any,
+    target: str = "ort-cpu",
+    output_dir: str | os.PathLike = "out",
+    config: str | None = None,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
+    check: bool = False,
+    progress: Progress | None = None,
+) -> Artifact:
+    """Compile ``source`` for ``target`` into ``output_dir`` (see DESIGN.md § Public contracts)."""
+    from edgec import targets
+    from edgec.exporters.sources import resolve_source
+    from edgec.graph_passes import CleanupPass, PassManager
+
+    step = progress or (lambda msg: logger.info(msg))
+    tgt = targets.get(target)  # validate cheap things before any heavy work
+    out = Path(output_dir)
+    artifact._check_destination(out.absolute())
+    times: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    step(f"exporting {_describe(source, config)}")
+    src = resolve_source(source, config, example_inputs, dynamic_shapes)
+    times["export_s"] = src.export_seconds
+    times["verify_export_s"] = time.perf_counter() - t_start - src.export_seconds
+    _check_opset(src.model, tgt)
+
+    step("running graph passes" + (" with equivalence checks" if check else ""))
+    t0 = time.perf_counter()
+    manager = PassManager([CleanupPass()], check=check, feeds=src.feeds)
+    model = manager(src.model)
+    times["passes_s"] = time.perf_counter() - t0
+
+    with artifact.staged_output(out) as stage:
+        from edgec.onnx_io import save_model
+        from edgec.runtimes import EXAMPLE_INPUTS, open_session
+
+        t0 = time.perf_counter()
+        save_model(model, stage / "model.onnx")
+        np.savez(stage / EXAMPLE_INPUTS, **src.feeds)
+        step(f"building for {tgt.name}")
+        built = tgt.build(tgt, stage / "model.onnx", stage / "target")
+        times["build_s"] = time.perf_counter() - t0
+
+        step(f"verifying on {tgt.name}")
+        t0 = time.perf_counter()
+        session = open_session(stage, built.runtime)
+        fidelity, first_run_s = _target_fidelity(session, src)
+        latency = _benchmark(session, src.feeds, first_run_s)
+        times["verify_target_s"] = time.perf_counter() - t0
+        times["total_s"] = time.perf_counter() - t_start
+
+        manifest = _manifest(src, tgt, built, manager, model, check, stage)
+        report = _report(src, tgt, manager, model, fidelity, latency, times, stage)
+        artifact.write_json(stage / artifact.MANIFEST, manifest)
+        artifact.write_json(stage / "report.json", report)
+        from edgec.report import render_markdown
+
+        (stage / "report.md").write_text(render_markdown(report))
+        del session  # release file handles before the rename
+    return Artifact(out, manifest, report)
+
+
+def _describe(source: Any, config: str | None) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"{source}" + (f" ({config})" if config else "")
+    return type(source).__name__
+
+
+def _check_opset(model, tgt) -> None:
+    opset = model.opset_imports.get("", None)
+    lo, hi = tgt.opset_range
+    if opset is not None and not lo <= opset <= hi:
+        raise UserError(f"the model uses ONNX opset {opset}; target {tgt.name} accepts opsets "
+                        f"{lo}..{hi}; re-export with a supported opset")
+
+
+def _target_fidelity(session, src) -> tuple[dict[str, Any], float]:
+    """Fidelity of the built artifact vs the source's reference; also returns the run time."""
+    from edgec.exporters.verify import assert_close, compare_outputs
+
+    t0 = time.perf_counter()
+    outputs = session.run(src.feeds)
+    seconds = time.perf_counter() - t0
+    errors = compare_outputs(outputs, src.reference)
+    assert_close(errors, TARGET_RTOL, f"{session.runtime} artifact vs {src.reference_kind}")
+    return {"reference": src.reference_kind, "runtime": session.runtime, "rtol": TARGET_RTOL,
+            "outputs": errors}, seconds
+
+
+def _benchmark(session, feeds, first_run_s: float) -> dict[str, Any]:
+    # The fidelity run was the warm-up; size the timed runs to a fixed budget (3..20 runs).
+    iterations = int(min(20, max(3, BENCH_BUDGET_S // max(first_run_s, 1e-4))))
+    return session.benchmark(warmup=0, iterations=iterations, feeds=feeds)
+
+
+def _io(model) -> dict[str, list[dict[str, Any]]]:
+    """Inputs/outputs as the ONNX graph declares them (named dynamic dims kept)."""
+
+    def spec(v) -> dict[str, Any]:
+        dims = [d if isinstance(d, int) else (str(d) if d is not None else "?")
+                for d in (v.shape.dims if v.shape is not None else ())]
+        return {"name": v.name, "shape": dims, "dtype": v.dtype.numpy().name}
+
+    return {"inputs": [spec(v) for v in model.graph.inputs],
+            "outputs": [spec(v) for v in model.graph.outputs]}
+
+
+def _manifest(src, tgt, built, manager, model, check, stage: Path) -> dict[str, Any]:
+    return {
+        "format": artifact.FORMAT,
+        "source": src.info,
+        "target": {"name": tgt.name, "precision": tgt.precision, "static_shapes": tgt.static_shapes},
+        "recipe": {"passes": [r.name for r in manager.records], "check": check},
+        "passes": [r.to_json() for r in manager.records],
+        **_io(model),
+        "runtime": built.runtime,
+        "parameter_map": src.parameter_map,
+        "versions": artifact.versions(),
+        "hashes": artifact.file_hashes(stage),
+    }
+
+
+def _graph_summary(model) -> dict[str, Any]:
+    from collections import Counter
+
+    ops = Counter(n.op_type for n in model.graph)
+    params = sum(v.const_value.size for v in model.graph.initializers.values()
+                 if v.const_value is not None)
+    return {"nodes": len(model.graph), "parameters": int(params),
+            "ops": dict(ops.most_common())}
+
+
+def _report(src, tgt, manager, model, fidelity, latency, times, stage: Path) -> dict[str, Any]:
+    sizes = {p.relative_to(stage).as_posix(): p.stat().st_size
+             for p in sorted(stage.rglob("*")) if p.is_file()}
+    return {
+        "source": src.info,
+        "target": tgt.name,
+        "fidelity": {"export_vs_pytorch": src.export_fidelity, "target_vs_source": fidelity},
+        "latency": latency,
+        "size_bytes": sizes,
+        "graph": _graph_summary(model),
+        "passes": [r.to_json() for r in manager.records],
+        "timings_s": times,
+    }

@@ -1,0 +1,87 @@
+"""report.json → report.md (tables a person reads) and a rich summary for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["render_markdown", "summary_rows"]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def _fidelity_rows(fid: dict[str, Any] | None) -> list[list[str]]:
+    if not fid:
+        return []
+    return [[name, _fmt(e["max_abs"]), _fmt(e["max_rel"]), f"{e['cosine']:.7f}", _fmt(fid["rtol"])]
+            for name, e in fid["outputs"].items()]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) pairs for a terminal summary."""
+    fid = report["fidelity"]
+    rows = [("source", _source_line(report["source"])), ("target", report["target"])]
+    for label, key in (("export vs PyTorch", "export_vs_pytorch"),
+                       (f"{report['target']} vs {fid['target_vs_source']['reference']}",
+                        "target_vs_source")):
+        if fid.get(key):
+            worst = max(fid[key]["outputs"].values(), key=lambda e: e["max_rel"])
+            rows.append((label, f"max rel {worst['max_rel']:.2e}, cosine {worst['cosine']:.7f}"
+                                f" (tolerance {fid[key]['rtol']:g})"))
+    lat = report["latency"]
+    rows.append(("latency", f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
+                            f"({lat['iterations']} runs)"))
+    rows.append(("graph", f"{report['graph']['nodes']} nodes, "
+                          f"{report['graph']['parameters']:,} parameters"))
+    rows.append(("size", f"{sum(report['size_bytes'].values()) / 2**20:.1f} MiB"))
+    t = report["timings_s"]
+    rows.append(("time", f"total {t['total_s']:.1f} s (export {t['export_s']:.1f} s, "
+                         f"build {t['build_s']:.1f} s)"))
+    return rows
+
+
+def _source_line(src: dict[str, Any]) -> str:
+    if src["kind"] == "registry":
+        return f"{src['name']} ({src['config']})"
+    return src.get("path") or src.get("class", src["kind"])
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    parts = [f"# edgec report: {_source_line(report['source'])} → {report['target']}", ""]
+    parts += [_table(["", ""], [[k, v] for k, v in summary_rows(report)]), ""]
+    header = ["output", "max abs", "max rel", "cosine", "tolerance"]
+    fid = report["fidelity"]
+    if fid.get("export_vs_pytorch"):
+        parts += ["## Export fidelity (ONNX in ORT vs PyTorch)", "",
+                  _table(header, _fidelity_rows(fid["export_vs_pytorch"])), ""]
+    tvs = fid["target_vs_source"]
+    parts += [f"## Target fidelity ({tvs['runtime']} vs {tvs['reference']})", "",
+              _table(header, _fidelity_rows(tvs)), ""]
+    lat = report["latency"]
+    parts += ["## Latency", "", _table(["p50 ms", "p90 ms", "mean ms", "min ms", "runs"], [[
+        f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['mean_ms']:.3f}",
+        f"{lat['min_ms']:.3f}", str(lat["iterations"])]]), ""]
+    parts += ["## Passes", "", _table(["pass", "modified", "seconds", "stats", "check"], [
+        [p["name"], str(p["modified"]), f"{p['seconds']:.3f}",
+         ", ".join(f"{k}={v}" for k, v in p["stats"].items()) or "-",
+         _check_cell(p.get("check"))] for p in report["passes"]]), ""]
+    ops = report["graph"]["ops"]
+    parts += ["## Graph", "", _table(["op", "count"], [[k, str(v)] for k, v in ops.items()]), ""]
+    parts += ["## Files", "", _table(["file", "bytes"], [
+        [k, f"{v:,}"] for k, v in report["size_bytes"].items()]), ""]
+    return "\n".join(parts)
+
+
+def _check_cell(check: dict[str, Any] | None) -> str:
+    if not check:
+        return "-"
+    worst = max(check["outputs"].values(), key=lambda e: e["max_rel"])
+    kind = f"≤ {check['rtol']:g}" if check["exact"] else "approx"
+    return f"max rel {worst['max_rel']:.2e} ({kind})"

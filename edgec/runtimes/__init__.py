@@ -1,0 +1,52 @@
+"""Runtimes: ``load(dir)`` reads an artifact's manifest and opens the session it names."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import TargetUnavailableError, UserError
+from edgec.runtimes.base import IOSpec, Session, latency_stats
+
+__all__ = ["IOSpec", "Session", "latency_stats", "load", "open_session", "EXAMPLE_INPUTS"]
+
+EXAMPLE_INPUTS = "example_inputs.npz"
+
+
+def open_session(root: Path, runtime: dict[str, Any]) -> Session:
+    """Open the session described by a manifest's ``runtime`` entry, relative to ``root``."""
+    name = runtime.get("name")
+    model = (root / runtime.get("model", "")).resolve()
+    if not model.is_relative_to(root.resolve()) or not model.is_file():
+        raise UserError(f"{root}: the manifest names model file {runtime.get('model')!r}, which "
+                        "is missing from the artifact; recompile it")
+    if name == "ort":
+        from edgec.runtimes.ort import OrtSession
+
+        return OrtSession(model, providers=runtime.get("providers"))
+    if name == "openvino":
+        try:
+            from edgec.runtimes.openvino import OpenVINOSession
+        except ImportError as e:
+            raise TargetUnavailableError(f"this artifact needs OpenVINO, which is not installed "
+                                         f"({e}); pip install openvino") from None
+        return OpenVINOSession(model, runtime.get("device", "CPU"), runtime.get("config"))
+    raise UserError(f"{root}: unknown runtime {name!r} in the manifest; upgrade edgec")
+
+
+def load(path: str | os.PathLike) -> Session:
+    """Open a compiled artifact directory on the runtime its target uses."""
+    from edgec.artifact import read_manifest
+
+    root = Path(path)
+    manifest = read_manifest(root)
+    session = open_session(root, manifest["runtime"])
+    session.manifest = manifest
+    example = root / EXAMPLE_INPUTS
+    if example.is_file():
+        with np.load(example, allow_pickle=False) as data:
+            session.default_feeds = {k: data[k] for k in data.files}
+    return session

@@ -1,0 +1,49 @@
+"""openvino-cpu: OpenVINO native IR (.xml/.bin) run by the OpenVINO CPU plugin at fp32.
+
+OpenVINO's CPU plugin defaults to bf16 on CPUs with AVX512-BF16/AMX, and ``save_model``
+defaults to compressing weights to fp16; both would silently break fp32 fidelity, so the build
+keeps fp32 weights and the runtime pins ``INFERENCE_PRECISION_HINT=f32``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgec.errors import UserError
+from edgec.targets.base import BuildResult, Target
+
+__all__ = ["OPENVINO_CPU"]
+
+
+def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+    import openvino as ov
+
+    try:
+        ov_model = ov.convert_model(str(model_path))
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "not supported" in ln or "No conversion" in ln),
+                      lines[0] if lines else type(e).__name__)
+        raise UserError(f"OpenVINO cannot convert the model: {detail}") from e
+    target_dir.mkdir(parents=True, exist_ok=True)
+    xml = target_dir / "model.xml"
+    ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+    return BuildResult(
+        runtime={"name": "openvino", "model": "target/model.xml", "device": "CPU",
+                 "config": dict(target.runtime_config)},
+        files=["target/model.xml", "target/model.bin"],
+    )
+
+
+OPENVINO_CPU = Target(
+    name="openvino-cpu",
+    description="OpenVINO CPU plugin, native IR (model.xml/.bin), fp32 inference precision",
+    runtime="openvino",
+    opset_range=(7, 23),
+    static_shapes=False,
+    precision="fp32",
+    runtime_config={"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
+    notes=("ops as supported by OpenVINO's ONNX frontend; dynamic shapes supported",),
+    requires=("openvino",),
+    build=_build,
+)

@@ -1,0 +1,42 @@
+"""ort-cpu: ONNX Runtime's CPU execution provider; the portable model.onnx is the artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgec.errors import UserError
+from edgec.targets.base import BuildResult, Target
+
+__all__ = ["ORT_CPU"]
+
+
+def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+    import onnxruntime as ort
+
+    from edgec.runtimes.ort import session_options
+
+    # Creating a session is the legality check: unsupported ops or types fail here, not at run.
+    try:
+        ort.InferenceSession(str(model_path), sess_options=session_options(True),
+                             providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise UserError(f"ONNX Runtime CPU cannot load the model: {str(e).splitlines()[0]}") from e
+    return BuildResult(
+        runtime={"name": "ort", "model": "model.onnx", "providers": ["CPUExecutionProvider"],
+                 "config": dict(target.runtime_config)},
+        files=[],
+    )
+
+
+ORT_CPU = Target(
+    name="ort-cpu",
+    description="ONNX Runtime, CPU execution provider (fp32; the portable model.onnx runs as is)",
+    runtime="ort",
+    opset_range=(7, 23),
+    static_shapes=False,
+    precision="fp32",
+    runtime_config={"graph_optimization_level": "ORT_ENABLE_ALL"},
+    notes=("every standard ONNX op; dynamic shapes supported",),
+    requires=("onnxruntime",),
+    build=_build,
+)

@@ -1,0 +1,55 @@
+"""Shared fixtures: exports and artifacts are built once per session (a dynamo export is ~5 s)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+class TinyMLP(torch.nn.Module):
+    """A module edgec has never seen: Linear (transposed by the exporter), LayerNorm, GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 32)
+        self.norm = torch.nn.LayerNorm(32)
+        self.fc2 = torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.norm(self.fc1(x))))
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp():
+    torch.manual_seed(0)
+    return TinyMLP().eval(), (torch.randn(2, 5, 16),)
+
+
+@pytest.fixture(scope="session")
+def mlp_onnx(tmp_path_factory, tiny_mlp):
+    """An .onnx file written by plain torch.onnx.export (not by edgec)."""
+    module, inputs = tiny_mlp
+    path = tmp_path_factory.mktemp("mlp") / "mlp.onnx"
+    program = torch.onnx.export(module, inputs, dynamo=True, input_names=["x"],
+                                dynamic_shapes={"x": {0: "batch"}}, verbose=False)
+    program.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def dit_tiny_artifacts(tmp_path_factory):
+    """video-dit tiny compiled for ort-cpu (with --check) and openvino-cpu."""
+    import edgec
+
+    root = tmp_path_factory.mktemp("dit")
+    ort_art = edgec.compile("video-dit", target="ort-cpu", output_dir=root / "ort",
+                            config="tiny", check=True)
+    ov_art = edgec.compile("video-dit", target="openvino-cpu", output_dir=root / "ov",
+                           config="tiny")
+    return ort_art, ov_art
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

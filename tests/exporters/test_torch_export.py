@@ -1,0 +1,56 @@
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import edgec
+from edgec.errors import UserError
+from edgec.exporters import export_module
+from edgec.exporters.export_file import stored_parameter_map
+from edgec.runtimes.ort import run_model
+
+
+def test_parameter_map_traces_every_weight_with_its_layout(tiny_mlp):
+    module, inputs = tiny_mlp
+    result = export_module(module, inputs, {"x": {0: "batch"}})
+    pmap = result.parameter_map
+    assert set(pmap) == set(module.state_dict())
+    inits = result.model.graph.initializers
+    for param, entry in pmap.items():
+        value = inits[entry["initializer"]].const_value.numpy()
+        ref = module.state_dict()[param].numpy()
+        expected = ref.T if entry["layout"] == "transposed" else ref
+        np.testing.assert_array_equal(value, expected)
+    # 3D input: the exporter folds the Linear transpose into an anonymous initializer
+    assert pmap["fc1.weight"]["layout"] == "transposed"
+    assert pmap["fc1.weight"]["initializer"] != "fc1.weight"
+
+
+def test_names_and_dynamic_dims(tiny_mlp):
+    module, inputs = tiny_mlp
+    result = export_module(module, inputs, {"x": {0: "batch"}})
+    assert [v.name for v in result.model.graph.inputs] == ["x"]
+    assert [v.name for v in result.model.graph.outputs] == ["output"]
+    assert str(result.model.graph.inputs[0].shape[0]) == "batch"
+    x = torch.randn(7, 5, 16)
+    got = run_model(result.model, {"x": x.numpy()})["output"]
+    np.testing.assert_allclose(got, module(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_export_writes_file_with_parameter_map(tmp_path, tiny_mlp):
+    module, inputs = tiny_mlp
+    path = edgec.export(module, inputs, tmp_path / "m.onnx", dynamic_shapes={"x": {0: "batch"}})
+    model = ir.load(path)
+    assert stored_parameter_map(model)["fc2.weight"]["layout"] in ("same", "transposed")
+    assert (tmp_path / "m.onnx.data").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_bad_dynamic_shapes_and_inputs_are_user_errors(tiny_mlp):
+    module, inputs = tiny_mlp
+    with pytest.raises(UserError, match="not a forward argument"):
+        export_module(module, inputs, {"y": {0: "batch"}})
+    with pytest.raises(UserError, match="positional"):
+        export_module(module, inputs + inputs)
+    with pytest.raises(UserError, match="nn.Module"):
+        export_module(lambda x: x, inputs)

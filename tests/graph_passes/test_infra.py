@@ -1,0 +1,82 @@
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from edgec.errors import VerificationError
+from edgec.graph_passes import CleanupPass, EdgecPass, PassManager, PassResult
+from edgec.runtimes.ort import run_model
+
+MODEL = """
+<ir_version: 10, opset_import: ["" : 20]>
+g (float[N, 4] x) => (float[N, 4] y) <float[4] w = {1.0, 2.0, 3.0, 4.0}> {
+    a = Identity(x)
+    b = Mul(a, w)
+    dead = Relu(b)
+    y = Add(b, x)
+}
+"""
+
+
+def _model() -> ir.Model:
+    return ir.from_onnx_text(MODEL)
+
+
+def _feeds():
+    return {"x": np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)}
+
+
+class ScaleWeight(EdgecPass):
+    """A deliberately wrong 'exact' pass: scales the weight."""
+
+    name = "scale-weight"
+
+    def __init__(self, factor: float, exact: bool = True):
+        super().__init__()
+        self.factor = factor
+        self.exact = exact
+
+    def call(self, model):
+        w = model.graph.initializers["w"]
+        w.const_value = ir.tensor(w.const_value.numpy() * self.factor)
+        return PassResult(model, True, {"weights_scaled": 1})
+
+
+def test_cleanup_removes_identity_and_dead_nodes_exactly():
+    model = _model()
+    before = run_model(model, _feeds())
+    pm = PassManager([CleanupPass()], check=True, feeds=_feeds())
+    model = pm(model)
+    assert [n.op_type for n in model.graph] == ["Mul", "Add"]
+    (record,) = pm.records
+    assert record.stats == {"nodes_removed": 2, "initializers_removed": 0}
+    assert record.check["outputs"]["y"]["max_rel"] <= 1e-6
+    np.testing.assert_allclose(run_model(model, _feeds())["y"], before["y"], rtol=1e-6, atol=0)
+
+
+def test_check_catches_a_pass_that_changes_the_numbers():
+    pm = PassManager([ScaleWeight(1.01)], check=True, feeds=_feeds())
+    with pytest.raises(VerificationError, match="pass 'scale-weight' changed output 'y'"):
+        pm(_model())
+
+
+def test_exact_pass_within_tolerance_passes():
+    pm = PassManager([ScaleWeight(1 + 1e-7)], check=True, feeds=_feeds())
+    pm(_model())
+    assert pm.records[0].check["exact"] is True
+
+
+def test_approximating_pass_reports_instead_of_failing():
+    pm = PassManager([ScaleWeight(1.5, exact=False)], check=True, feeds=_feeds())
+    pm(_model())
+    check = pm.records[0].check
+    assert check["exact"] is False and check["rtol"] is None
+    assert 0 < check["outputs"]["y"]["rel_l2"] < 1
+    assert pm.records[0].stats == {"weights_scaled": 1}
+
+
+def test_without_check_no_runtime_is_needed_and_feeds_are_required_with_it():
+    pm = PassManager([ScaleWeight(2.0)])
+    pm(_model())
+    assert pm.records[0].check is None
+    with pytest.raises(ValueError):
+        PassManager([CleanupPass()], check=True)

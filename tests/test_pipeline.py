@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import edgec
+from edgec.artifact import FORMAT
+from edgec.errors import UserError
+
+
+def test_registry_model_compiles_for_both_targets(dit_tiny_artifacts):
+    for art, runtime in zip(dit_tiny_artifacts, ("ort", "openvino")):
+        m = art.manifest
+        assert m["format"] == FORMAT and m["runtime"]["name"] == runtime
+        assert [i["name"] for i in m["inputs"]] == ["latent", "timestep", "text"]
+        assert [o["name"] for o in m["outputs"]] == ["output"]
+        assert m["source"]["name"] == "video-dit" and m["source"]["config"] == "tiny"
+        # every file the artifact ships is hashed
+        assert {"model.onnx", "model.onnx.data", "example_inputs.npz"} <= set(m["hashes"])
+        fid = art.report["fidelity"]
+        for key in ("export_vs_pytorch", "target_vs_source"):
+            assert fid[key]["outputs"]["output"]["max_rel"] <= 1e-5
+        assert (art.path / "report.md").read_text().startswith("# edgec report")
+        assert json.loads((art.path / "report.json").read_text())["target"] == m["target"]["name"]
+    assert (dit_tiny_artifacts[1].path / "target" / "model.xml").is_file()
+
+
+def test_check_records_each_pass(dit_tiny_artifacts):
+    ort_art = dit_tiny_artifacts[0]
+    assert ort_art.manifest["recipe"] == {"passes": ["cleanup"], "check": True}
+    assert ort_art.manifest["passes"][0]["name"] == "cleanup"
+
+
+def test_parameter_map_covers_the_dit_weights(dit_tiny_artifacts):
+    pmap = dit_tiny_artifacts[0].manifest["parameter_map"]
+    module = edgec.models.registry.get("video-dit").build("tiny")
+    weights = [n for n, p in module.named_parameters() if p.ndim >= 1]
+    missing = [w for w in weights if w not in pmap]
+    assert not missing, missing
+
+
+def test_plain_module_compiles(tmp_path, tiny_mlp):
+    module, inputs = tiny_mlp
+    art = edgec.compile(module, example_inputs=inputs, target="openvino-cpu",
+                        output_dir=tmp_path / "out")
+    sess = edgec.load(art.path)
+    got = sess.run({"x": inputs[0].numpy()})["output"]
+    np.testing.assert_allclose(got, module(*inputs).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_foreign_onnx_compiles_and_matches_ort(tmp_path, mlp_onnx, tiny_mlp):
+    art = edgec.compile(str(mlp_onnx), target="ort-cpu", output_dir=tmp_path / "out")
+    assert art.report["fidelity"]["export_vs_pytorch"] is None
+    assert art.report["fidelity"]["target_vs_source"]["reference"] == "onnxruntime"
+    module, _ = tiny_mlp
+    x = torch.randn(3, 5, 16)
+    sess = edgec.load(art.path)
+    got = sess.run({"x": x.numpy()})[sess.outputs[0].name]
+    np.testing.assert_allclose(got, module(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_failed_compile_leaves_nothing(tmp_path, mlp_onnx):
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="unknown target"):
+        edgec.compile(str(mlp_onnx), target="nope", output_dir=out)
+    with pytest.raises(UserError):
+        edgec.compile("video-dit", target="ort-cpu", output_dir=out, config="huge")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_after_export_removes_staging(tmp_path, mlp_onnx, monkeypatch):
+    from edgec.targets import ORT_CPU
+
+    def boom(*a, **k):
+        raise UserError("simulated build failure")
+
+    monkeypatch.setattr(type(ORT_CPU), "build", property(lambda self: boom), raising=False)
+    with pytest.raises(UserError, match="simulated"):
+        edgec.compile(str(mlp_onnx), target="ort-cpu", output_dir=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_dir_rules(tmp_path, mlp_onnx):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an edgec artifact"):
+        edgec.compile(str(mlp_onnx), target="ort-cpu", output_dir=foreign)
+    assert (foreign / "keep.txt").read_text() == "mine"
+    # an existing artifact is replaced
+    art = tmp_path / "art"
+    edgec.compile(str(mlp_onnx), target="ort-cpu", output_dir=art)
+    edgec.compile(str(mlp_onnx), target="openvino-cpu", output_dir=art)
+    assert json.loads((art / "manifest.json").read_text())["target"]["name"] == "openvino-cpu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "foreign"]
