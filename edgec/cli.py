@@ -22,7 +22,7 @@ from edgec.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="edgec — export PyTorch models to ONNX, rewrite them with checked passes, "
                        "and build them for edge targets (ort-cpu, openvino-cpu).")
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True, log_path=False)
 
 
@@ -78,7 +78,11 @@ def _feeds(session, inputs: Optional[Path]) -> dict:
 
 
 class _Status:
-    """rich status line on stderr, fed by the pipeline's progress callback."""
+    """Transient rich status line on stderr, fed by the pipeline's progress callback.
+
+    It vanishes when done (and prints nothing when stderr is not a terminal), so a failure
+    shows exactly one line; the steps are logged at --verbose.
+    """
 
     def __init__(self, title: str):
         self._status = err.status(title)
@@ -88,7 +92,7 @@ class _Status:
         return self
 
     def __call__(self, msg: str) -> None:
-        err.log(msg)
+        logging.getLogger("edgec").info(msg)
         self._status.update(msg + " …")
 
     def __exit__(self, *exc):

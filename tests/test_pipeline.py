@@ -34,7 +34,9 @@ def test_check_records_each_pass(dit_tiny_artifacts):
 
 def test_parameter_map_covers_the_dit_weights(dit_tiny_artifacts):
     pmap = dit_tiny_artifacts[0].manifest["parameter_map"]
-    module = edgec.models.registry.get("video-dit").build("tiny")
+    from edgec.models import registry
+
+    module = registry.get("video-dit").build("tiny")
     weights = [n for n, p in module.named_parameters() if p.ndim >= 1]
     missing = [w for w in weights if w not in pmap]
     assert not missing, missing

@@ -1,0 +1,111 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgec.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_lists_commands_and_each_has_an_example():
+    result = _run("--help")
+    for cmd in ("models", "export", "compile", "run", "bench", "compare", "inspect"):
+        assert cmd in result.output
+        sub = _run(cmd, "--help")
+        assert sub.exit_code == 0 and "edgec " + cmd in sub.output, cmd
+
+
+def test_models_json():
+    rows = json.loads(_run("models", "--json").stdout)
+    names = {r["name"]: r for r in rows}
+    assert {"video-dit", "llama"} <= set(names)
+    assert names["llama"]["configs"] == ["tiny", "small", "base"]
+
+
+def test_run_bench_compare_inspect_json(dit_tiny_artifacts, tmp_path):
+    a, b = (art.path for art in dit_tiny_artifacts)
+    run = json.loads(_run("run", b, "--json").stdout)
+    assert run["runtime"] == "openvino" and run["outputs"]["output"]["shape"][0] == 2
+    bench = json.loads(_run("bench", a, "--json", "--warmup", "1", "--iterations", "3").stdout)
+    assert bench["iterations"] == 3 and bench["p50_ms"] > 0
+    cmp = json.loads(_run("compare", a, b, "--json").stdout)
+    assert cmp["outputs"]["output"]["cosine"] >= 0.9999
+    info = json.loads(_run("inspect", a, "--json").stdout)
+    assert info["target"]["name"] == "ort-cpu" and "model.onnx" in info["files"]
+    onnx_info = json.loads(_run("inspect", a / "model.onnx", "--json").stdout)
+    assert onnx_info["nodes"] > 10 and onnx_info["parameter_map_entries"] == 0
+    # --inputs and --save round trip
+    feeds = dict(np.load(a / "example_inputs.npz"))
+    np.savez(tmp_path / "in.npz", **feeds)
+    _run("run", a, "--inputs", tmp_path / "in.npz", "--save", tmp_path / "o.npz")
+    assert np.load(tmp_path / "o.npz")["output"].shape == feeds["latent"].shape
+
+
+def test_export_then_compile_the_file(tmp_path):
+    r = _run("export", "llama", "-o", tmp_path / "l.onnx", "--config", "tiny")
+    assert r.exit_code == 0, r.output
+    assert "max rel error vs PyTorch" in r.stdout
+    info = json.loads(_run("inspect", tmp_path / "l.onnx", "--json").stdout)
+    assert info["parameter_map_entries"] > 0 and info["inputs"][0]["name"] == "input_ids"
+    r = _run("compile", tmp_path / "l.onnx", "--target", "ort-cpu", "-o", tmp_path / "art",
+             "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["fidelity"]["target_vs_source"]["reference"] == "onnxruntime"
+
+
+def _bad_cases(tmp_path, art_dir):
+    text = tmp_path / "notes.onnx"
+    text.write_text("hello, I am not a model\n")
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes((art_dir / "model.onnx").read_bytes()[:200])
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("x")
+    out = tmp_path / "out"
+    return {
+        "missing path": (["compile", tmp_path / "nope.onnx", "-t", "ort-cpu", "-o", out],
+                         "no such file"),
+        "text file": (["compile", text, "-t", "ort-cpu", "-o", out], "not a valid ONNX model"),
+        "truncated": (["compile", truncated, "-t", "ort-cpu", "-o", out], "ONNX"),
+        "unknown target": (["compile", "llama", "-t", "tpu", "-o", out], "unknown target"),
+        "unknown model": (["compile", "gpt9", "-t", "ort-cpu", "-o", out], "unknown model"),
+        "unknown config": (["compile", "llama", "-c", "huge", "-t", "ort-cpu", "-o", out],
+                           "unknown config"),
+        "foreign out dir": (["compile", "llama", "-t", "ort-cpu", "-o", foreign],
+                            "not an edgec artifact"),
+        "run non-artifact": (["run", foreign], "not an edgec artifact"),
+        "bad inputs file": (["run", art_dir, "--inputs", text], "not a readable .npz"),
+        "inspect missing": (["inspect", tmp_path / "nothing"], "no such file"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing path", "text file", "truncated", "unknown target",
+                                  "unknown model", "unknown config", "foreign out dir",
+                                  "run non-artifact", "bad inputs file", "inspect missing"])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_tiny_artifacts):
+    args, match = _bad_cases(tmp_path, dit_tiny_artifacts[0].path)[case]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = _run(*args)
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "x"
+
+
+def test_console_script_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edgec.cli", "compile", str(tmp_path / "x.onnx"),
+                           "--target", "ort-cpu", "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
+    assert not (tmp_path / "o").exists()
