@@ -101,8 +101,9 @@ class _Status:
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log pass details")] = False):
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # Libraries (onnxscript, onnx-ir) log every folding decision at INFO; show only ours.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("edgec").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 @app.command("models")

@@ -96,3 +96,41 @@ def test_output_dir_rules(tmp_path, mlp_onnx):
     edgec.compile(str(mlp_onnx), target="openvino-cpu", output_dir=art)
     assert json.loads((art / "manifest.json").read_text())["target"]["name"] == "openvino-cpu"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "foreign"]
+
+
+def test_hand_written_onnx_compiles_for_both_targets(tmp_path, rng):
+    """An .onnx from another producer (onnx.helper, inline weights, opset 17, no edgec metadata)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "k"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("ReduceMean", ["r"], ["scores"], axes=[2, 3], keepdims=0)],
+        "conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 4])],
+        initializer=[numpy_helper.from_array(k, "k")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "conv.onnx")
+    image = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    results = []
+    for target in ("ort-cpu", "openvino-cpu"):
+        art = edgec.compile(str(tmp_path / "conv.onnx"), target=target,
+                            output_dir=tmp_path / target)
+        assert art.manifest["inputs"][0]["shape"] == ["N", 3, 8, 8]
+        results.append(edgec.load(art.path).run({"image": image})["scores"])
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_export_mismatch_names_the_output(tmp_path, tiny_mlp, monkeypatch):
+    from edgec.errors import VerificationError
+    from edgec.exporters import sources
+
+    monkeypatch.setattr(sources, "EXPORT_RTOL", -1.0)  # every real error is now "too large"
+    module, inputs = tiny_mlp
+    with pytest.raises(VerificationError, match=r"vs PyTorch: output 'output' differs by max "
+                                                r"relative error"):
+        edgec.compile(module, example_inputs=inputs, target="ort-cpu", output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,39 @@
+"""The issue's acceptance runs on the `small` configs (marked slow: ~1 min together)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgec.cli import app
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_llama_small_both_targets_agree(tmp_path):
+    for target in ("ort-cpu", "openvino-cpu"):
+        report = json.loads(_cli("compile", "llama", "--config", "small", "--target", target,
+                                 "-o", tmp_path / target, "--json"))
+        for fid in report["fidelity"].values():
+            assert fid["outputs"]["logits"]["max_rel"] <= 1e-5
+    cmp = json.loads(_cli("compare", tmp_path / "ort-cpu", tmp_path / "openvino-cpu", "--json"))
+    assert cmp["outputs"]["logits"]["cosine"] >= 0.9999
+
+
+@pytest.mark.slow
+def test_video_dit_small_openvino_compile_and_run(tmp_path):
+    out = tmp_path / "out"
+    report = json.loads(_cli("compile", "video-dit", "--config", "small", "--target",
+                             "openvino-cpu", "-o", out, "--json"))
+    assert report["source"]["hyperparameters"]["video_tokens"] == 8192
+    assert report["fidelity"]["export_vs_pytorch"]["outputs"]["output"]["max_rel"] <= 1e-5
+    assert report["fidelity"]["target_vs_source"]["outputs"]["output"]["max_rel"] <= 1e-5
+    run = json.loads(_cli("run", out, "--json"))
+    assert run["outputs"]["output"]["shape"] == [1, 16, 8, 64, 64]
