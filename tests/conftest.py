@@ -50,6 +50,26 @@ def dit_tiny_artifacts(tmp_path_factory):
     return ort_art, ov_art
 
 
+@pytest.fixture(scope="session")
+def torch_exported_session(tmp_path_factory):
+    """Factory: export a registry model with plain torch.onnx.export, return an ORT session."""
+    import onnxruntime as ort
+
+    from edgec.models import registry
+
+    def export(name: str, config: str = "tiny"):
+        spec = registry.get(name)
+        program = torch.onnx.export(
+            spec.build(config), spec.example_inputs(config), dynamo=True,
+            dynamic_shapes=spec.dynamic_shapes(config), input_names=list(spec.input_names),
+            output_names=list(spec.output_names), verbose=False)
+        path = tmp_path_factory.mktemp(name) / "model.onnx"
+        program.save(str(path))
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    return export
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

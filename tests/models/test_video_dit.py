@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -25,15 +24,8 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def session(tiny, tmp_path_factory):
-    module, inputs = tiny
-    program = torch.onnx.export(
-        module, inputs, dynamo=True, dynamic_shapes=SPEC.dynamic_shapes("tiny"),
-        input_names=list(SPEC.input_names), output_names=list(SPEC.output_names), verbose=False,
-    )
-    path = tmp_path_factory.mktemp("video_dit") / "model.onnx"
-    program.save(str(path))
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def session(torch_exported_session):
+    return torch_exported_session("video-dit", "tiny")
 
 
 def test_build_is_deterministic():
