@@ -28,16 +28,19 @@ def export(module: Any, example_inputs: Sequence[Any], path: str | os.PathLike,
 
 def compile(source: Any, target: str = "ort-cpu", output_dir: str | os.PathLike = "out",
             config: str | None = None, example_inputs: Sequence[Any] | None = None,
-            check: bool = False, dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None):
+            sparse_attention: Any = None, check: bool = False,
+            dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None):
     """Compile ``source`` (registry name, .onnx path or nn.Module) for ``target``.
 
+    ``sparse_attention``: ``"keep=0.2,block=64,..."``, a dict of the same options, a
+    ``SparseAttentionConfig`` or True for the defaults (see ``edgec compile --help``).
     Returns an ``Artifact`` (``.path``, ``.manifest``, ``.report``, ``.load()``).
     """
     from edgec.pipeline import compile_model
 
     return compile_model(source, target=target, output_dir=output_dir, config=config,
                          example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
-                         check=check)
+                         sparse_attention=sparse_attention, check=check)
 
 
 def load(path: str | os.PathLike):

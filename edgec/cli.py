@@ -156,6 +156,13 @@ def compile_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="artifact directory to write")],
     config: Annotated[Optional[str], typer.Option("--config", "-c",
                                                   help="model config (tiny|small|base)")] = None,
+    sparse_attention: Annotated[Optional[str], typer.Option(
+        "--sparse-attention", metavar="K=V,...",
+        help="block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64,"
+             "qblock=256,prefix=64,sink=frame,grid=8x32x32,mode=rf2. Defaults: keep=0.2, "
+             "block=64, qblock=4×block, prefix=0, sink=none, mode=rf2 (or rainfusion), "
+             "min_seq=256, chunk_mb=1024; grid and prefix come from the reference model when "
+             "it has a video grid. Use 'default' for all defaults.")] = None,
     check: Annotated[bool, typer.Option("--check", help="check every pass numerically")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ):
@@ -165,15 +172,19 @@ def compile_cmd(
 
     * `edgec compile video-dit --config small --target openvino-cpu -o out`
 
+    * `edgec compile video-dit --config small --target openvino-cpu -o out-sparse
+      --sparse-attention keep=0.2,qblock=256`
+
     * `edgec compile llama --config tiny --target ort-cpu -o out --check`
 
     * `edgec compile my_model.onnx --target ort-cpu -o out`
     """
     from edgec.pipeline import compile_model
 
+    sparse = True if sparse_attention in ("default", "") else sparse_attention
     with _Status("compiling") as status:
         art = compile_model(source, target=target, output_dir=output, config=config,
-                            check=check, progress=status)
+                            sparse_attention=sparse, check=check, progress=status)
     if as_json:
         return _print_json(art.report)
     from edgec.report import summary_rows

@@ -14,7 +14,8 @@ def _fmt(x: float) -> str:
 def _fidelity_rows(fid: dict[str, Any] | None) -> list[list[str]]:
     if not fid:
         return []
-    return [[name, _fmt(e["max_abs"]), _fmt(e["max_rel"]), f"{e['cosine']:.7f}", _fmt(fid["rtol"])]
+    tol = "approximate (reported)" if fid.get("rtol") is None else _fmt(fid["rtol"])
+    return [[name, _fmt(e["max_abs"]), _fmt(e["max_rel"]), f"{e['cosine']:.7f}", tol]
             for name, e in fid["outputs"].items()]
 
 
@@ -33,8 +34,23 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                         "target_vs_source")):
         if fid.get(key):
             worst = max(fid[key]["outputs"].values(), key=lambda e: e["max_rel"])
-            rows.append((label, f"max rel {worst['max_rel']:.2e}, cosine {worst['cosine']:.7f}"
-                                f" (tolerance {fid[key]['rtol']:g})"))
+            tol = ("approximate recipe" if fid[key].get("rtol") is None
+                   else f"tolerance {fid[key]['rtol']:g}")
+            rows.append((label, f"max rel {worst['max_rel']:.2e}, rel L2 {worst['rel_l2']:.2e}, "
+                                f"cosine {worst['cosine']:.7f} ({tol})"))
+    for p in report["passes"]:
+        st = p["stats"]
+        if "sites_rewritten" in st:
+            line = f"{st['sites_rewritten']}/{st['sites_found']} attention sites rewritten"
+            if "predicted_sparsity" in st:
+                line += f", sparsity {st['predicted_sparsity']:.0%}"
+            if "attention_gflops_dense" in st:
+                line += (f", attention GFLOPs {st['attention_gflops_dense']:.1f} → "
+                         f"{st['attention_gflops_sparse']:.1f}")
+            if st.get("skipped_reasons"):
+                line += "; skipped: " + ", ".join(f"{k} ×{v}" for k, v in
+                                                  st["skipped_reasons"].items())
+            rows.append((p["name"], line))
     lat = report["latency"]
     rows.append(("latency", f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
                             f"({lat['iterations']} runs)"))
@@ -64,13 +80,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     tvs = fid["target_vs_source"]
     parts += [f"## Target fidelity ({tvs['runtime']} vs {tvs['reference']})", "",
               _table(header, _fidelity_rows(tvs)), ""]
+    if tvs.get("vs_rewritten_onnx"):
+        parts += [f"## {tvs['runtime']} vs ONNX Runtime on the rewritten model", "",
+                  _table(header, _fidelity_rows(tvs["vs_rewritten_onnx"])), ""]
     lat = report["latency"]
     parts += ["## Latency", "", _table(["p50 ms", "p90 ms", "mean ms", "min ms", "runs"], [[
         f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['mean_ms']:.3f}",
         f"{lat['min_ms']:.3f}", str(lat["iterations"])]]), ""]
     parts += ["## Passes", "", _table(["pass", "modified", "seconds", "stats", "check"], [
         [p["name"], str(p["modified"]), f"{p['seconds']:.3f}",
-         ", ".join(f"{k}={v}" for k, v in p["stats"].items()) or "-",
+         ", ".join(f"{k}={v}" for k, v in p["stats"].items() if k != "config") or "-",
          _check_cell(p.get("check"))] for p in report["passes"]]), ""]
     ops = report["graph"]["ops"]
     parts += ["## Graph", "", _table(["op", "count"], [[k, str(v)] for k, v in ops.items()]), ""]

@@ -28,7 +28,8 @@ def test_registry_model_compiles_for_both_targets(dit_tiny_artifacts):
 
 def test_check_records_each_pass(dit_tiny_artifacts):
     ort_art = dit_tiny_artifacts[0]
-    assert ort_art.manifest["recipe"] == {"passes": ["cleanup"], "check": True}
+    recipe = ort_art.manifest["recipe"]
+    assert recipe["passes"] == ["cleanup"] and recipe["check"] is True and recipe["options"] == {}
     assert ort_art.manifest["passes"][0]["name"] == "cleanup"
 
 
