@@ -1,0 +1,190 @@
+"""Sparse attention pass: every accepted pattern variant, exactness at keep=1, and agreement of
+the ONNX graph with an independent numpy block-sparse reference at keep < 1."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from edgec.errors import UserError
+from edgec.exporters import export_module
+from edgec.exporters.verify import compare_outputs
+from edgec.graph_passes import PassManager
+from edgec.graph_passes._sparse_layout import reference_block_selection
+from edgec.graph_passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
+from edgec.runtimes.ort import run_model
+
+F = torch.nn.functional
+
+
+class SDPA(torch.nn.Module):  # dynamo: Mul(Q,√s), Mul(Kᵀ,√s), MatMul, Softmax, MatMul
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class ScaleMul(torch.nn.Module):  # MatMul → Mul(scores, s)
+    def forward(self, q, k, v):
+        return torch.softmax((q @ k.transpose(-1, -2)) * 0.25, dim=-1) @ v
+
+
+class ScaleDiv(torch.nn.Module):  # MatMul → Div(scores, s)
+    def forward(self, q, k, v):
+        return torch.softmax((q @ k.transpose(-1, -2)) / 4.0, dim=-1) @ v
+
+
+class NoScale(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+
+
+class Masked(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + mask, dim=-1) @ v
+
+
+PREFIX, GRID = 8, (2, 8, 8)
+N = PREFIX + int(np.prod(GRID))  # 136: not a multiple of the 16- or 24-token blocks
+DYN = {"q": {2: "n"}, "k": {2: "n"}, "v": {2: "n"}}
+
+
+def _qkv(n=N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # smooth along the sequence, so block means carry information as in real models
+    return [torch.randn(2, 3, n, 16, generator=g).cumsum(2) / 6 for _ in range(3)]
+
+
+def _feeds(x):
+    return {name: t.numpy() for name, t in zip("qkv", x)}
+
+
+def _rewrite(module, cfg, x=None, dynamic=DYN):
+    x = x or _qkv()
+    model = export_module(module, x, dynamic).model
+    dense = run_model(model, _feeds(x))
+    result = SparseAttentionPass(cfg)(model)
+    return model, dense, result
+
+
+EXACT = ["keep=1.0,block=16,min_seq=0",
+         "keep=1.0,block=24,min_seq=0",                       # padding, no grid
+         "keep=1.0,block=8,qblock=24,min_seq=0",
+         f"keep=1.0,block=16,qblock=32,min_seq=0,prefix={PREFIX},grid=2x8x8,sink=frame",
+         f"keep=1.0,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8,mode=rainfusion"]
+
+
+@pytest.mark.parametrize("module", [SDPA(), ScaleMul(), ScaleDiv(), NoScale()],
+                         ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("cfg", EXACT)
+def test_keep_one_is_dense_attention(module, cfg):
+    model, dense, result = _rewrite(module, cfg)
+    assert result.stats["sites_rewritten"] == 1
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["TopK"] == 1 and ops["Gather"] >= 2
+    out = run_model(model, _feeds(_qkv()))
+    err = compare_outputs(out, dense)["output"]
+    assert err["max_rel"] <= 1e-4, err
+
+
+def _numpy_sparse(q, k, v, scale, cfg):
+    """Independent reference: dense attention with a token mask built from the selection."""
+    qs, ks = q * scale, k
+    p, lay = cfg.prefix, cfg.layout()
+    idx = reference_block_selection(qs, ks, cfg)  # [B,H,nqb,k] incl. forced sinks
+    n_video = q.shape[2] - p
+    pos = np.arange(n_video) if lay.perm is None else np.argsort(lay.perm)  # token → tile pos
+    q_block, k_block = pos // cfg.query_block, pos // cfg.block
+    scores = np.einsum("bhqd,bhkd->bhqk", qs, ks)
+    allowed = np.zeros(scores.shape, dtype=bool)
+    allowed[:, :, :p, :] = True           # text rows dense
+    allowed[:, :, :, :p] = True           # text keys for every row
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            sel = np.zeros((idx.shape[2], k_block.max() + 1), dtype=bool)
+            np.put_along_axis(sel, idx[b, h], True, axis=1)
+            allowed[b, h, p:, p:] = sel[q_block][:, k_block]
+    scores = np.where(allowed, scores, -np.inf)
+    w = np.exp(scores - scores.max(-1, keepdims=True))
+    return (w / w.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("cfg", [
+    "keep=0.3,block=16,min_seq=0",
+    "keep=0.25,block=8,qblock=24,min_seq=0",
+    f"keep=0.3,block=16,qblock=32,min_seq=0,prefix={PREFIX},grid=2x8x8",
+    f"keep=0.2,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8,sink=frame",
+])
+def test_graph_equals_numpy_block_sparse_reference(cfg):
+    x = _qkv()
+    model, dense, result = _rewrite(ScaleMul(), cfg, x)
+    out = run_model(model, _feeds(x))["output"]
+    q, k, v = (t.numpy().astype(np.float64) for t in x)
+    ref = _numpy_sparse(q, k, v, 0.25, SparseAttentionConfig.parse(cfg))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # and it is really an approximation of the dense output, not a copy of it
+    err = compare_outputs({"output": out}, dense)["output"]
+    assert 0.9 < err["cosine"] < 0.99999
+
+
+def test_rainfusion_mode_picks_patterns_and_stays_close():
+    cfg = f"keep=0.5,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8,mode=rainfusion"
+    model, dense, result = _rewrite(SDPA(), cfg)
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["ArgMax"] == 1 and ops["Where"] >= 2  # per-head choice among three patterns
+    err = compare_outputs(run_model(model, _feeds(_qkv())), dense)["output"]
+    assert err["cosine"] > 0.95
+
+
+def test_dynamic_sequence_length_without_grid():
+    model, _, result = _rewrite(SDPA(), "keep=1.0,block=16,min_seq=0")
+    for n in (40, 97, 160):  # none a multiple of 16 except 160
+        x = _qkv(n, seed=n)
+        dense = SDPA()(*x).numpy()
+        out = run_model(model, _feeds(x))["output"]
+        np.testing.assert_allclose(out, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_skips_are_counted_with_reasons():
+    x = _qkv()
+    mask = torch.zeros(1, 1, N, N)
+    model = export_module(Masked(), x + [mask]).model
+    stats = SparseAttentionPass("min_seq=0")(model).stats
+    assert stats["sites_rewritten"] == 0 and stats["skipped_reasons"] == {"additive mask": 1}
+    stats = _rewrite(SDPA(), "min_seq=1000", dynamic=None)[2].stats  # static N only
+    assert stats["sites_rewritten"] == 0
+    assert stats["skipped_reasons"] == {f"sequence {N} < min_seq 1000": 1}
+
+
+def test_stats_report_sparsity_and_flops():
+    x = _qkv(N)
+    model = export_module(SDPA(), x).model  # static shapes: FLOPs are known
+    stats = SparseAttentionPass(
+        f"keep=0.25,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8").call(model).stats
+    assert stats["blocks"] == 8 and stats["kept_blocks"] == 2
+    assert stats["predicted_sparsity"] == 0.75
+    assert stats["attention_gflops_sparse"] < 0.5 * stats["attention_gflops_dense"]
+
+
+def test_pass_manager_reports_approximation_error():
+    x = _qkv()
+    model = export_module(SDPA(), x, DYN).model
+    pm = PassManager([SparseAttentionPass("keep=0.3,block=16,min_seq=0")], check=True,
+                     feeds=_feeds(x))
+    pm(model)
+    check = pm.records[0].check
+    assert check["exact"] is False and 0 < check["outputs"]["output"]["rel_l2"] < 0.5
+
+
+@pytest.mark.parametrize("text,match", [
+    ("keep=0", "keep"), ("keep=2", "keep"), ("blocks=4", "unknown sparse attention option"),
+    ("grid=8x8", "TxHxW"), ("sink=frame", "need grid"), ("mode=dense", "mode"),
+    ("block=16,qblock=24", "multiple"), ("keep", "key=value"),
+])
+def test_bad_options_are_user_errors(text, match):
+    with pytest.raises(UserError, match=match):
+        SparseAttentionConfig.parse(text)
+
+
+def test_grid_without_a_dividing_tile_is_refused():
+    with pytest.raises(UserError, match="no tile"):
+        SparseAttentionConfig.parse("grid=3x5x7,block=64").layout()
