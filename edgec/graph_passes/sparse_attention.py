@@ -1,6 +1,7 @@
 """Sparse attention pass: dense attention sites ⇒ RainFusion2.0 block-sparse attention.
 
     Mul(Q,√s)·Mul(Kᵀ,√s) | MatMul(Q,Kᵀ)·s | MatMul(Q,Kᵀ)/s  → Softmax → MatMul(·, V)
+    | Attention(Q, K, V) (opset 23, 4-D, no mask/past)
         ⇒  block-sparse gather attention (see ``_sparse_builder``)
 
 ``mode=rf2``: block-mean representatives predict the key blocks each query block keeps
@@ -175,7 +176,7 @@ class AttentionSite:
     q: ir.Value          # scaled Q [B,H,N,d]
     k: ir.Value          # scaled K [B,H,N,d] (a Transpose of Kᵀ added to the graph if needed)
     v: ir.Value
-    softmax: ir.Node
+    softmax: ir.Node     # the Softmax, or the Attention op itself
     output: ir.Value     # the dense attention output this site replaces
     anchor: ir.Node      # the final MatMul
 
@@ -219,6 +220,31 @@ def _match(softmax: ir.Node) -> tuple[dict | None, str]:
             "anchor": uses[0].node, "softmax": softmax, "qk": node}, ""
 
 
+def _match_attention_op(node: ir.Node) -> tuple[dict | None, str]:
+    """ONNX Attention (opset 23): 4-D Q/K/V, no mask/past/causal/softcap, same head counts."""
+    inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+    if any(x is not None for x in inputs[3:]):
+        return None, "Attention op with mask or past key/value"
+    if any(len(out.uses()) or out.is_graph_output() for out in node.outputs[1:]):
+        return None, "Attention op present key/value outputs are used"
+    attrs = node.attributes
+    if attrs.get_int("is_causal", 0) or attrs.get_float("softcap", 0.0) or attrs.get_int(
+            "qk_matmul_output_mode", 0):
+        return None, "Attention op with is_causal / softcap / qk output"
+    q, k, v = inputs[:3]
+    if any(x.shape is None or len(x.shape) != 4 for x in (q, k, v)):
+        return None, "Attention op inputs not 4-D [B,H,N,d]"
+    if q.shape[1] != k.shape[1]:
+        return None, "Attention op with grouped key/value heads"
+    d = q.shape[3]
+    scale = attrs.get_float("scale", None)
+    if scale is None:
+        if not isinstance(d, int):
+            return None, "head dim not static"
+        scale = 1.0 / math.sqrt(d)
+    return {"q": q, "k": k, "scale": scale, "v": v, "anchor": node}, ""
+
+
 def _static(dim) -> int | None:
     return dim if isinstance(dim, int) else None
 
@@ -227,13 +253,13 @@ def find_attention_sites(model: ir.Model) -> tuple[list[AttentionSite], Counter]
     """Attention sites of the main graph (adds a Transpose Kᵀ→K per site), and skip reasons."""
     sites, skipped = [], Counter()
     for node in list(model.graph):
-        if node.op_type != "Softmax" or node.domain != "":
+        if node.domain != "" or node.op_type not in ("Softmax", "Attention"):
             continue
-        b, reason = _match(node)
+        b, reason = _match(node) if node.op_type == "Softmax" else _match_attention_op(node)
         if b is None:
             skipped[reason] += 1
             continue
-        shapes = [x.shape for x in (b["q"], b["kt"], b["v"])]
+        shapes = [x.shape for x in (b["q"], b.get("kt", b.get("k")), b["v"])]
         if any(s is None or len(s) != 4 for s in shapes):
             skipped["Q/K/V not 4-D [B,H,N,d]"] += 1
             continue
@@ -243,15 +269,18 @@ def find_attention_sites(model: ir.Model) -> tuple[list[AttentionSite], Counter]
             dtype = q.dtype.numpy()
             q = tape.op("Mul", [q, tape.initializer(ir.tensor(np.array(b["scale"], dtype)),
                                                     name=f"{node.name}_sparse_scale")])
-        k = tape.op("Transpose", [b["kt"]], {"perm": [0, 1, 3, 2]})
-        for v, src in ((q, b["q"]), (k, b["kt"])):
-            v.dtype = src.dtype
-        k.shape = ir.Shape([*b["kt"].shape[:2], b["kt"].shape[3], b["kt"].shape[2]])
-        q.shape = b["q"].shape
+        if "kt" in b:
+            k = tape.op("Transpose", [b["kt"]], {"perm": [0, 1, 3, 2]})
+            k.dtype = b["kt"].dtype
+            k.shape = ir.Shape([*b["kt"].shape[:2], b["kt"].shape[3], b["kt"].shape[2]])
+        else:
+            k = b["k"]
+        q.dtype, q.shape = b["q"].dtype, b["q"].shape
         model.graph.insert_before(b["anchor"], tape.nodes)
         for init in tape.initializers:
             model.graph.register_initializer(init)
         sites.append(AttentionSite(q, k, b["v"], node, b["anchor"].outputs[0], b["anchor"]))
+    # Kᵀ → K Transposes of sites that end up skipped are removed by the pass's DCE.
     return sites, skipped
 
 

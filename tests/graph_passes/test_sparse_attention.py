@@ -188,3 +188,38 @@ def test_bad_options_are_user_errors(text, match):
 def test_grid_without_a_dividing_tile_is_refused():
     with pytest.raises(UserError, match="no tile"):
         SparseAttentionConfig.parse("grid=3x5x7,block=64").layout()
+
+
+def _attention_op_model(scale=None, with_mask=False):
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    attrs = {} if scale is None else {"scale": scale}
+    inputs = ["q", "k", "v"] + (["mask"] if with_mask else [])
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, N, 16]) for n in "qkv"]
+    if with_mask:
+        vi.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [N, N]))
+    graph = helper.make_graph(
+        [helper.make_node("Attention", inputs, ["output"], **attrs)], "attn", vi,
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 3, N, 16])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize("scale", [None, 0.1])
+def test_onnx_attention_op_keep_one_is_exact(scale):
+    model = _attention_op_model(scale)
+    feeds = _feeds(_qkv())
+    dense = run_model(model, feeds)
+    stats = SparseAttentionPass(
+        f"keep=1.0,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8").call(model).stats
+    assert stats["sites_rewritten"] == 1
+    assert "Attention" not in {n.op_type for n in model.graph}
+    err = compare_outputs(run_model(model, feeds), dense)["output"]
+    assert err["max_rel"] <= 1e-4, err
+
+
+def test_onnx_attention_op_with_mask_is_skipped():
+    stats = SparseAttentionPass("min_seq=0").call(_attention_op_model(with_mask=True)).stats
+    assert stats["skipped_reasons"] == {"Attention op with mask or past key/value": 1}
