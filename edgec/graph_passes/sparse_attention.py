@@ -245,6 +245,39 @@ def _match_attention_op(node: ir.Node) -> tuple[dict | None, str]:
     return {"q": q, "k": k, "scale": scale, "v": v, "anchor": node}, ""
 
 
+def _untransposed(kt: ir.Value) -> tuple[ir.Value | None, float]:
+    """K and a scale such that ``kt == Transpose(K)·scale``, read off the producers, if visible.
+
+    Recognizes a scalar Mul, a last-two-axes Transpose, and the dynamo exporter's
+    ``Reshape([B·H,N,d]) → Transpose(0,2,1) → Reshape([B,H,d,N])``; saves two copies of K.
+    """
+    scale = 1.0
+    node = _producer(kt, "Mul")
+    if node is not None:
+        s = _const_scalar(node.inputs[1])
+        if s is None:
+            return None, 1.0
+        scale, kt = s, node.inputs[0]
+    node = _producer(kt, "Transpose", "Reshape")
+    if node is not None and node.op_type == "Transpose":
+        perm = list(node.attributes.get_ints("perm", []))
+        return (node.inputs[0], scale) if perm == [0, 1, 3, 2] else (None, 1.0)
+    if node is None:
+        return None, 1.0
+    inner = _producer(node.inputs[0], "Transpose")
+    if inner is None or list(inner.attributes.get_ints("perm", [])) != [0, 2, 1]:
+        return None, 1.0
+    flat = _producer(inner.inputs[0], "Reshape")
+    if flat is None:
+        return None, 1.0
+    k = flat.inputs[0]
+    if k.shape is None or kt.shape is None or len(k.shape) != 4 or len(kt.shape) != 4:
+        return None, 1.0
+    if list(k.shape.dims) != [*kt.shape.dims[:2], kt.shape.dims[3], kt.shape.dims[2]]:
+        return None, 1.0
+    return k, scale
+
+
 def _static(dim) -> int | None:
     return dim if isinstance(dim, int) else None
 
@@ -269,12 +302,15 @@ def find_attention_sites(model: ir.Model) -> tuple[list[AttentionSite], Counter]
             dtype = q.dtype.numpy()
             q = tape.op("Mul", [q, tape.initializer(ir.tensor(np.array(b["scale"], dtype)),
                                                     name=f"{node.name}_sparse_scale")])
+        k = b.get("k")
         if "kt" in b:
-            k = tape.op("Transpose", [b["kt"]], {"perm": [0, 1, 3, 2]})
-            k.dtype = b["kt"].dtype
-            k.shape = ir.Shape([*b["kt"].shape[:2], b["kt"].shape[3], b["kt"].shape[2]])
-        else:
-            k = b["k"]
+            k, k_scale = _untransposed(b["kt"])
+            if k is None:  # unknown producer: transpose back explicitly
+                k = tape.op("Transpose", [b["kt"]], {"perm": [0, 1, 3, 2]})
+                k.dtype = b["kt"].dtype
+                k.shape = ir.Shape([*b["kt"].shape[:2], b["kt"].shape[3], b["kt"].shape[2]])
+            elif k_scale != 1.0:  # fold K's scale into Q: (Q·a)(K·b)ᵀ = (Q·ab)Kᵀ
+                b["scale"] *= k_scale
         q.dtype, q.shape = b["q"].dtype, b["q"].shape
         model.graph.insert_before(b["anchor"], tape.nodes)
         for init in tape.initializers:
