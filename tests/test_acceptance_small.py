@@ -37,3 +37,18 @@ def test_video_dit_small_openvino_compile_and_run(tmp_path):
     assert report["fidelity"]["target_vs_source"]["outputs"]["output"]["max_rel"] <= 1e-5
     run = json.loads(_cli("run", out, "--json"))
     assert run["outputs"]["output"]["shape"] == [1, 16, 8, 64, 64]
+
+
+@pytest.mark.slow
+def test_video_dit_small_sparse_keep_02_quality(tmp_path):
+    out = tmp_path / "sparse"
+    report = json.loads(_cli("compile", "video-dit", "--config", "small", "--target",
+                             "openvino-cpu", "-o", out, "--sparse-attention", "keep=0.2",
+                             "--json"))
+    stats = report["passes"][1]["stats"]
+    assert stats["sites_rewritten"] == 2 and stats["predicted_sparsity"] >= 0.79
+    assert stats["config"]["grid"] == [8, 32, 32] and stats["config"]["prefix"] == 64
+    fid = report["fidelity"]["target_vs_source"]["outputs"]["output"]
+    assert fid["cosine"] >= 0.99, fid  # vs the dense PyTorch model
+    assert report["fidelity"]["target_vs_source"]["vs_rewritten_onnx"]["outputs"]["output"][
+        "max_rel"] <= 1e-4
