@@ -173,8 +173,8 @@ def _convert(key: str, raw: Any, default: Any) -> Any:
 
 @dataclasses.dataclass
 class AttentionSite:
-    q: ir.Value          # scaled Q [B,H,N,d]
-    k: ir.Value          # scaled K [B,H,N,d] (a Transpose of Kᵀ added to the graph if needed)
+    q: ir.Value          # Q [B,H,N,d] carrying the whole score scale (softmax(q·kᵀ) is exact)
+    k: ir.Value          # K [B,H,N,d] (a Transpose of Kᵀ added to the graph if needed)
     v: ir.Value
     softmax: ir.Node     # the Softmax, or the Attention op itself
     output: ir.Value     # the dense attention output this site replaces
@@ -297,21 +297,21 @@ def find_attention_sites(model: ir.Model) -> tuple[list[AttentionSite], Counter]
             skipped["Q/K/V not 4-D [B,H,N,d]"] += 1
             continue
         tape = ir.tape.Tape()
-        q = b["q"]
-        if b["scale"] != 1.0:
-            dtype = q.dtype.numpy()
-            q = tape.op("Mul", [q, tape.initializer(ir.tensor(np.array(b["scale"], dtype)),
-                                                    name=f"{node.name}_sparse_scale")])
         k = b.get("k")
-        if "kt" in b:
+        if "kt" in b:  # resolve K (and any scale on Kᵀ) before emitting Q's scale
             k, k_scale = _untransposed(b["kt"])
             if k is None:  # unknown producer: transpose back explicitly
                 k = tape.op("Transpose", [b["kt"]], {"perm": [0, 1, 3, 2]})
                 k.dtype = b["kt"].dtype
                 k.shape = ir.Shape([*b["kt"].shape[:2], b["kt"].shape[3], b["kt"].shape[2]])
-            elif k_scale != 1.0:  # fold K's scale into Q: (Q·a)(K·b)ᵀ = (Q·ab)Kᵀ
+            else:  # fold K's scale into Q: (Q·a)(K·b)ᵀ = (Q·ab)Kᵀ
                 b["scale"] *= k_scale
-        q.dtype, q.shape = b["q"].dtype, b["q"].shape
+        q = b["q"]
+        if b["scale"] != 1.0:
+            dtype = q.dtype.numpy()
+            q = tape.op("Mul", [q, tape.initializer(ir.tensor(np.array(b["scale"], dtype)),
+                                                    name=f"{node.name}_sparse_scale")])
+            q.dtype, q.shape = b["q"].dtype, b["q"].shape
         model.graph.insert_before(b["anchor"], tape.nodes)
         for init in tape.initializers:
             model.graph.register_initializer(init)

@@ -73,11 +73,13 @@ EXACT = ["keep=1.0,block=16,min_seq=0",
          f"keep=1.0,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8,mode=rainfusion"]
 
 
+@pytest.mark.parametrize("dynamic", [DYN, None], ids=["dynamic", "static"])
 @pytest.mark.parametrize("module", [SDPA(), ScaleMul(), ScaleDiv(), NoScale()],
                          ids=lambda m: type(m).__name__)
 @pytest.mark.parametrize("cfg", EXACT)
-def test_keep_one_is_dense_attention(module, cfg):
-    model, dense, result = _rewrite(module, cfg)
+def test_keep_one_is_dense_attention(module, cfg, dynamic):
+    # static exports expose the exporter's Kᵀ reshape chain, which the pass reads K through
+    model, dense, result = _rewrite(module, cfg, dynamic=dynamic)
     assert result.stats["sites_rewritten"] == 1
     ops = Counter(n.op_type for n in model.graph)
     assert ops["TopK"] == 1 and ops["Gather"] >= 2
