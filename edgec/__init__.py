@@ -29,18 +29,24 @@ def export(module: Any, example_inputs: Sequence[Any], path: str | os.PathLike,
 def compile(source: Any, target: str = "ort-cpu", output_dir: str | os.PathLike = "out",
             config: str | None = None, example_inputs: Sequence[Any] | None = None,
             sparse_attention: Any = None, check: bool = False,
-            dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None):
+            dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
+            lora: Any = None, lora_mode: str = "merge", prune: Any = None):
     """Compile ``source`` (registry name, .onnx path or nn.Module) for ``target``.
 
     ``sparse_attention``: ``"keep=0.2,block=64,..."``, a dict of the same options, a
     ``SparseAttentionConfig`` or True for the defaults (see ``edgec compile --help``).
+    ``lora``: PEFT adapter dir(s): ``"dir"``, ``["a", "b"]``, ``{"a": 0.7, "b": 0.3}`` (weights
+    for merge modes); ``lora_mode``: ``merge`` | ``sparse-merge`` (LoSA: keeps the base's zeros)
+    | ``swappable`` (adapters as graph inputs, ``Session.run(..., adapter=name)``).
+    ``prune``: ``"magnitude:0.5"`` or ``"2:4"`` (MatMul weights, before LoRA).
     Returns an ``Artifact`` (``.path``, ``.manifest``, ``.report``, ``.load()``).
     """
     from edgec.pipeline import compile_model
 
     return compile_model(source, target=target, output_dir=output_dir, config=config,
                          example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
-                         sparse_attention=sparse_attention, check=check)
+                         sparse_attention=sparse_attention, check=check, lora=lora,
+                         lora_mode=lora_mode, prune=prune)
 
 
 def load(path: str | os.PathLike):

@@ -163,6 +163,17 @@ def compile_cmd(
              "block=64, qblock=4×block, prefix=0, sink=none, mode=rf2 (or rainfusion), "
              "min_seq=256, chunk_mb=1024; grid and prefix come from the reference model when "
              "it has a video grid. Use 'default' for all defaults.")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option(
+        "--lora", metavar="DIR[:WEIGHT]",
+        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors); "
+             "repeat for several (merge modes: optional weight, e.g. a:0.7 --lora b:0.3)")] = None,
+    lora_mode: Annotated[str, typer.Option(
+        "--lora-mode", help="merge (W += s·BA, PEFT semantics) | sparse-merge (LoSA: the delta "
+                            "is masked by the base's zeros) | swappable (adapters as graph "
+                            "inputs, switched at run time)")] = "merge",
+    prune: Annotated[Optional[str], typer.Option(
+        "--prune", metavar="SPEC", help="magnitude-prune MatMul weights before LoRA: "
+                                        "magnitude:0.5 (unstructured) or 2:4 (N:M)")] = None,
     check: Annotated[bool, typer.Option("--check", help="check every pass numerically")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ):
@@ -178,13 +189,22 @@ def compile_cmd(
     * `edgec compile llama --config tiny --target ort-cpu -o out --check`
 
     * `edgec compile my_model.onnx --target ort-cpu -o out`
+
+    * `edgec compile llama --config small --target ort-cpu -o out-lora --lora ./adapter`
+
+    * `edgec compile llama --target ort-cpu -o out-losa --prune 2:4 --lora ./adapter
+      --lora-mode sparse-merge`
+
+    * `edgec compile llama --target openvino-cpu -o out-swap --lora ./a1 --lora ./a2
+      --lora-mode swappable`
     """
     from edgec.pipeline import compile_model
 
     sparse = True if sparse_attention in ("default", "") else sparse_attention
     with _Status("compiling") as status:
         art = compile_model(source, target=target, output_dir=output, config=config,
-                            sparse_attention=sparse, check=check, progress=status)
+                            sparse_attention=sparse, check=check, progress=status,
+                            lora=lora or None, lora_mode=lora_mode, prune=prune)
     if as_json:
         return _print_json(art.report)
     from edgec.report import summary_rows

@@ -28,6 +28,7 @@ TARGET_RTOL = 1e-5
 # A runtime executing an approximated (rewritten) graph vs ORT executing the same graph.
 REWRITTEN_RTOL = 1e-4
 BENCH_BUDGET_S = 3.0
+LORA_MODES = ("merge", "sparse-merge", "swappable")
 
 Progress = Callable[[str], None]
 
@@ -56,6 +57,9 @@ def compile_model(
     sparse_attention: Any = None,
     check: bool = False,
     progress: Progress | None = None,
+    lora: Any = None,
+    lora_mode: str = "merge",
+    prune: Any = None,
 ) -> Artifact:
     """Compile ``source`` for ``target`` into ``output_dir`` (see DESIGN.md § Public contracts)."""
     from edgec import targets
@@ -65,6 +69,7 @@ def compile_model(
     step = progress or (lambda msg: logger.info(msg))
     tgt = targets.get(target)  # validate cheap things before any heavy work
     sparse = _parse_sparse(sparse_attention)
+    adapters, prune_cfg = _parse_lora(lora, lora_mode), _parse_prune(prune)
     out = Path(output_dir)
     artifact._check_destination(out.absolute())
     times: dict[str, float] = {}
@@ -78,11 +83,16 @@ def compile_model(
 
     step("running graph passes" + (" with equivalence checks" if check else ""))
     t0 = time.perf_counter()
-    passes = _passes(src, sparse)
+    passes = _passes(src, sparse, adapters, lora_mode, prune_cfg)
     manager = PassManager(passes, check=check, feeds=src.feeds)
     model = manager(src.model)
     times["passes_s"] = time.perf_counter() - t0
     approximate = any(r.modified for r, p in zip(manager.records, passes) if not p.exact)
+    lora_info = None
+    if adapters:
+        step("computing the LoRA reference (PEFT merge_and_unload)")
+        src, approximate, lora_info = _lora_reference(source, src, adapters, lora_mode,
+                                                      manager, passes)
 
     with artifact.staged_output(out) as stage:
         from edgec.onnx_io import save_model
@@ -91,6 +101,12 @@ def compile_model(
         t0 = time.perf_counter()
         save_model(model, stage / "model.onnx")
         np.savez(stage / EXAMPLE_INPUTS, **src.feeds)
+        if lora_mode == "swappable" and adapters:
+            from edgec.graph_passes.lora_swappable import lora_sites
+            from edgec.lora.binding import ship_adapters
+
+            lora_info.update(sites=lora_sites(model), adapters=ship_adapters(adapters, stage),
+                             default=adapters[0].name)
         step(f"building for {tgt.name}")
         built = tgt.build(tgt, stage / "model.onnx", stage / "target")
         times["build_s"] = time.perf_counter() - t0
@@ -98,6 +114,9 @@ def compile_model(
         step(f"verifying on {tgt.name}")
         t0 = time.perf_counter()
         session = open_session(stage, built.runtime)
+        if lora_info and lora_info["mode"] == "swappable":
+            session.attach_adapters(lora_info, stage)
+            session.active_adapter = lora_info["verified_adapter"]
         fidelity, first_run_s = _target_fidelity(session, src, approximate, model)
         latency = _benchmark(session, src.feeds, first_run_s)
         times["verify_target_s"] = time.perf_counter() - t0
@@ -105,6 +124,10 @@ def compile_model(
 
         manifest = _manifest(src, tgt, built, manager, model, check, stage)
         report = _report(src, tgt, manager, model, fidelity, latency, times, stage)
+        if lora_info:
+            manifest["lora"] = lora_info
+            report["fidelity"]["lora"] = {k: lora_info[k] for k in ("mode", "reference",
+                                                                     "verified_adapter")}
         artifact.write_json(stage / artifact.MANIFEST, manifest)
         artifact.write_json(stage / "report.json", report)
         from edgec.report import render_markdown
@@ -168,11 +191,86 @@ def _parse_sparse(option: Any):
     return SparseAttentionConfig.parse_items(option)
 
 
-def _passes(src, sparse) -> list:
+def _parse_lora(lora: Any, mode: str) -> list:
+    from edgec.lora.peft_adapter import parse_lora_option, read_adapter
+
+    if mode not in LORA_MODES:
+        raise UserError(f"unknown LoRA mode {mode!r}; use one of {', '.join(LORA_MODES)}")
+    adapters = [read_adapter(path, weight=w) for path, w in parse_lora_option(lora)]
+    if mode == "swappable" and any(a.weight != 1.0 for a in adapters):
+        raise UserError("adapter weights (DIR:WEIGHT) apply to merge modes; swappable adapters "
+                        "are served one at a time")
+    return adapters
+
+
+def _parse_prune(prune: Any):
+    if prune is None or prune is False:
+        return None
+    from edgec.graph_passes.prune import PruneConfig
+
+    return PruneConfig.parse(prune)
+
+
+def _lora_reference(source, src, adapters, mode, manager, passes):
+    """Hold a LoRA recipe to PEFT's merged model when the source is PyTorch and peft is here.
+
+    merge: all adapters (weighted); swappable: the default (first) adapter, and otherwise the
+    base (adapter ``base``) is verified against the base reference. sparse-merge: reported only.
+    """
+    import torch
+
+    from edgec.graph_passes.lora_merge import LoraMergePass
+    from edgec.lora.reference import peft_available, peft_merged_outputs
+
+    info = {"mode": mode, "recipe_adapters": [a.summary() for a in adapters]}
+    used = adapters if mode == "merge" else adapters[:1]
+    approximate = any(r.modified for r, p in zip(manager.records, passes) if not p.exact)
+    reason = None
+    if mode == "sparse-merge":
+        reason = "LoSA masking has no PEFT counterpart"
+    elif src.kind == "onnx":
+        reason = "the source is ONNX (no PyTorch module to merge into)"
+    elif not peft_available():
+        reason = "peft is not installed (pip install 'edgec[hf]')"
+    if reason is not None:
+        info.update(reference=f"none: {reason}",
+                    verified_adapter="base" if mode == "swappable" else None)
+        return src, approximate, info
+    if isinstance(source, torch.nn.Module):
+        module = source
+    else:
+        from edgec.models import registry
+
+        module = registry.get(src.info["name"]).build(src.info["config"])
+    reference = peft_merged_outputs(module, src.feeds, src.info["input_names"],
+                                    src.info["output_names"], used)
+    kind = "peft merge_and_unload (" + ", ".join(a.name for a in used) + ")"
+    approximate = any(r.modified for r, p in zip(manager.records, passes)
+                      if not p.exact and not isinstance(p, LoraMergePass))
+    info.update(reference=kind, verified_adapter=used[0].name if mode == "swappable" else None)
+    return dataclasses.replace(src, reference=reference, reference_kind=kind), approximate, info
+
+
+def _passes(src, sparse, adapters=(), lora_mode="merge", prune=None) -> list:
     """The recipe as an ordered table of passes."""
     from edgec.graph_passes import CleanupPass
+    from edgec.graph_passes.lora_fold import LoraFoldPass, count_lora_branches
 
     passes = [CleanupPass()]
+    if count_lora_branches(src.model):  # exported with its LoRA branches: fold them (exact)
+        passes.append(LoraFoldPass())
+    if prune is not None:
+        from edgec.graph_passes.prune import PrunePass
+
+        passes.append(PrunePass(prune, src.parameter_map))
+    if adapters and lora_mode == "swappable":
+        from edgec.graph_passes.lora_swappable import LoraSwappablePass
+
+        passes.append(LoraSwappablePass(adapters, src.parameter_map))
+    elif adapters:
+        from edgec.graph_passes.lora_merge import LoraMergePass
+
+        passes.append(LoraMergePass(adapters, src.parameter_map, lora_mode == "sparse-merge"))
     if sparse is not None:
         from edgec.graph_passes.sparse_attention import SparseAttentionPass, config_for_source
 

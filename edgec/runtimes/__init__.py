@@ -45,6 +45,8 @@ def load(path: str | os.PathLike) -> Session:
     manifest = read_manifest(root)
     session = open_session(root, manifest["runtime"])
     session.manifest = manifest
+    if (manifest.get("lora") or {}).get("mode") == "swappable":
+        session.attach_adapters(manifest["lora"], root)
     example = root / EXAMPLE_INPUTS
     if example.is_file():
         with np.load(example, allow_pickle=False) as data:

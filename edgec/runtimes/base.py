@@ -56,6 +56,7 @@ class Session(abc.ABC):
         self._inputs = inputs
         self._outputs = outputs
         self.default_feeds: dict[str, np.ndarray] | None = None
+        self._lora = None  # edgec.lora.binding.AdapterBank of a swappable-LoRA artifact
 
     @property
     def inputs(self) -> list[IOSpec]:
@@ -65,9 +66,14 @@ class Session(abc.ABC):
     def outputs(self) -> list[IOSpec]:
         return list(self._outputs)
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run once; ``feeds`` maps every input name to an array of the input's dtype."""
-        feeds = self._check_feeds(feeds)
+    def run(self, feeds: Mapping[str, np.ndarray], adapter: str | None = None
+            ) -> dict[str, np.ndarray]:
+        """Run once; ``feeds`` maps every input name to an array of the input's dtype.
+
+        ``adapter``: a swappable-LoRA artifact's adapter name (``"base"``: none); default the
+        active one (``adapters``, ``active_adapter``, ``load_adapter``).
+        """
+        feeds = self._adapter_feeds(self._check_feeds(feeds), adapter)
         try:
             return self._run(feeds)
         except (RuntimeError, ValueError) as e:  # the runtime rejected these inputs
@@ -78,9 +84,11 @@ class Session(abc.ABC):
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def benchmark(self, warmup: int = 3, iterations: int = 20,
-                  feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+                  feeds: Mapping[str, np.ndarray] | None = None,
+                  adapter: str | None = None) -> dict[str, float]:
         """Latency over ``iterations`` runs after ``warmup`` runs (p50/p90/mean/min ms)."""
         feeds = self._check_feeds(feeds if feeds is not None else self._require_default_feeds())
+        feeds = self._adapter_feeds(feeds, adapter)
         for _ in range(warmup):
             self._run(feeds)
         times = []
@@ -89,6 +97,44 @@ class Session(abc.ABC):
             self._run(feeds)
             times.append(time.perf_counter() - t0)
         return latency_stats(times)
+
+    # Swappable LoRA: the adapter inputs are bound here, not passed by the caller.
+    def attach_adapters(self, spec: Mapping[str, Any], root) -> None:
+        from edgec.lora.binding import AdapterBank
+
+        self._lora = AdapterBank(spec, root)
+        self._inputs = [i for i in self._inputs if i.name not in self._lora.input_names]
+
+    @property
+    def adapters(self) -> list[str]:
+        """Adapter names this session can run (``base`` = no adapter); empty if not swappable."""
+        return self._lora.names if self._lora is not None else []
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self._lora.active if self._lora is not None else None
+
+    @active_adapter.setter
+    def active_adapter(self, name: str) -> None:
+        self._lora_bank().feeds(name)  # validates the name
+        self._lora.active = name
+
+    def load_adapter(self, path, name: str | None = None) -> str:
+        """Read a PEFT adapter directory and make it runnable by name (no recompilation)."""
+        return self._lora_bank().load(path, name)
+
+    def _lora_bank(self):
+        if self._lora is None:
+            raise UserError("this artifact has no swappable LoRA adapters; compile it with "
+                            "--lora DIR --lora-mode swappable")
+        return self._lora
+
+    def _adapter_feeds(self, feeds: dict[str, np.ndarray], adapter: str | None):
+        if self._lora is None:
+            if adapter is not None:
+                self._lora_bank()
+            return feeds
+        return {**feeds, **self._lora.feeds(adapter)}
 
     def _require_default_feeds(self) -> dict[str, np.ndarray]:
         if self.default_feeds is None:

@@ -1,0 +1,99 @@
+"""LoRA merge: PEFT adapters folded into the base weights they adapt.
+
+    W ← W + Σᵢ wᵢ·sᵢ·(Bᵢ·Aᵢ)                    (merge; PEFT ``merge_and_unload`` semantics)
+    W ← W + Σᵢ wᵢ·sᵢ·(Bᵢ·Aᵢ) ⊙ 1[W ≠ 0]         (sparse-merge, LoSA: the base's zeros stay zero)
+
+The delta is computed in the PyTorch parameter's layout and transposed to the initializer's
+(the exporter stores a Linear's W as Wᵀ [in, out] for MatMul). Weights are found through the
+exporter's parameter map; mismatched adapters are refused before anything changes. The merged
+model computes base+adapter, not the base, so the pass is not ``exact``: ``--check`` reports the
+change, and tests hold it to PEFT's own merged model (≤ 1e-4).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.errors import UserError
+from edgec.graph_passes._infra import EdgecPass, PassResult
+from edgec.lora.peft_adapter import LoraAdapter, resolve_targets
+
+__all__ = ["LoraMergePass"]
+
+
+class LoraMergePass(EdgecPass):
+    name = "lora-merge"
+    exact = False  # base → base + adapter: checked against PEFT's merge in tests, not vs the base
+
+    def __init__(self, adapters: Sequence[LoraAdapter],
+                 parameter_map: Mapping[str, Mapping[str, str]], sparse: bool = False):
+        super().__init__()
+        self.adapters = list(adapters)
+        self.parameter_map = parameter_map
+        self.sparse = sparse
+        if sparse:
+            self.name = "lora-sparse-merge"
+
+    def call(self, model: ir.Model) -> PassResult:
+        deltas: dict[str, np.ndarray] = {}
+        modules: dict[str, list[str]] = {}
+        for adapter in self.adapters:  # validate everything before touching any weight
+            for mod, target in resolve_targets(adapter, self.parameter_map, model).items():
+                lm = adapter.modules[mod]
+                if lm.rank == 0 or adapter.weight == 0.0:
+                    continue
+                d = target.to_onnx_layout(lm.delta()) * np.float32(adapter.weight)
+                deltas[target.initializer] = deltas.get(target.initializer, 0) + d
+                modules.setdefault(target.initializer, []).append(mod)
+        _refuse_shared(modules, self.parameter_map)
+
+        zeros_before = zeros_after = total = 0
+        max_delta = 0.0
+        for init_name, delta in deltas.items():
+            value = model.graph.initializers[init_name]
+            w = value.const_value.numpy()
+            if self.sparse:
+                delta = np.where(w != 0, delta, np.float32(0))
+            merged = w + delta.astype(w.dtype)
+            zeros_before += w.size - int(np.count_nonzero(w))
+            zeros_after += merged.size - int(np.count_nonzero(merged))
+            total += w.size
+            max_delta = max(max_delta, float(np.abs(delta).max()))
+            value.const_value = ir.tensor(merged, name=init_name)
+        kinds = Counter(m.rsplit(".", 1)[-1] for mods in modules.values() for m in mods)
+        stats = {
+            "adapters": [a.summary() for a in self.adapters],
+            "mode": "sparse-merge" if self.sparse else "merge",
+            "modules_merged": sum(len(m) for m in modules.values()),
+            "weights_changed": len(deltas),
+            "by_module_kind": dict(sorted(kinds.items())),
+            "skipped": {"zero rank or weight": sum(
+                1 for a in self.adapters for m in a.modules.values()
+                if m.rank == 0 or a.weight == 0.0)},
+            "merged_elements": total,
+            "sparsity_before": zeros_before / total if total else 0.0,
+            "sparsity_after": zeros_after / total if total else 0.0,
+            "zeros_before": zeros_before,
+            "zeros_after": zeros_after,
+            "zeros_destroyed": max(0, zeros_before - zeros_after),
+            "max_abs_delta": max_delta,
+        }
+        return PassResult(model, bool(deltas), stats)
+
+
+def _refuse_shared(modules: Mapping[str, list[str]], parameter_map) -> None:
+    """A deduplicated initializer holds several parameters: merging one would change the others."""
+    holders: dict[str, list[str]] = {}
+    for param, entry in parameter_map.items():
+        holders.setdefault(entry["initializer"], []).append(param)
+    for init_name, mods in modules.items():
+        others = [p for p in holders.get(init_name, [])
+                  if not any(p.startswith(m + ".") for m in mods)]
+        if others:
+            raise UserError(f"module {mods[0]}: its weight is stored in one initializer with "
+                            f"{others[0]} (equal weights deduplicated by the exporter), so it "
+                            "cannot be merged alone; use --lora-mode swappable")

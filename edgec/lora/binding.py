@@ -1,0 +1,113 @@
+"""Swappable adapters at run time: PEFT adapter → the feeds of a swappable graph's LoRA inputs.
+
+Per site (see ``graph_passes.lora_swappable``): ``A_in = M_a·Aᵀ`` [in, r], ``B_in = w·s·Bᵀ·M_b``
+[r, out], zero-padded to the site's compiled rank so shapes stay stable; modules the adapter does
+not adapt (and the reserved adapter ``base``) get zeros, which is exactly the base model. M_a / M_b
+(``a_transform`` / ``b_transform``) are matrices in ``adapters/transforms.safetensors`` written by a
+rotation pass, or none.
+
+Artifact layout (swappable mode): ``adapters/<name>/adapter_config.json`` and
+``adapters/<name>/adapter_model.safetensors`` (the PEFT files as given), listed in the manifest's
+``lora.adapters`` with ``lora.default`` (the adapter ``run`` uses when none is named).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import UserError
+from edgec.lora.peft_adapter import (CONFIG_FILE, NO_ADAPTER, WEIGHTS_FILE, LoraAdapter,
+                                     read_adapter)
+
+__all__ = ["AdapterBank", "site_feeds", "ship_adapters", "TRANSFORMS_FILE"]
+
+TRANSFORMS_FILE = "adapters/transforms.safetensors"
+
+
+def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
+               transforms: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The A/B inputs of every site for ``adapter`` (None: the base model)."""
+    transforms = transforms or {}
+    by_module = {s["module"]: s for s in sites}
+    if adapter is not None:
+        unknown = sorted(set(adapter.modules) - set(by_module))
+        if unknown:
+            raise UserError(f"adapter {adapter.name}: target module {unknown[0]} has no LoRA "
+                            "branch in this artifact; recompile with this adapter among --lora")
+    feeds = {}
+    for s in sites:
+        in_f, out_f, rank = s["in_features"], s["out_features"], max(1, s["rank"])
+        lm = adapter.modules.get(s["module"]) if adapter is not None else None
+        if lm is None or lm.rank == 0 or adapter.weight == 0.0:
+            a, b = np.zeros((in_f, rank), np.float32), np.zeros((rank, out_f), np.float32)
+        else:
+            if lm.A.shape[1] != in_f or lm.B.shape[0] != out_f:
+                raise UserError(f"adapter {adapter.name}: module {s['module']} is "
+                                f"[{lm.B.shape[0]}, {lm.A.shape[1]}] (out, in), the model's is "
+                                f"[{out_f}, {in_f}]; it was trained on a different base model")
+            a = lm.A.T.astype(np.float32)
+            b = (lm.B.T.astype(np.float64) * (lm.scaling * adapter.weight)).astype(np.float32)
+            if s.get("a_transform"):
+                a = transforms[s["a_transform"]] @ a
+            if s.get("b_transform"):
+                b = b @ transforms[s["b_transform"]]
+            if lm.rank < rank:  # pad to the compiled rank: same shapes for every adapter
+                a = np.pad(a, ((0, 0), (0, rank - lm.rank)))
+                b = np.pad(b, ((0, rank - lm.rank), (0, 0)))
+        feeds[s["a_input"]] = np.ascontiguousarray(a, dtype=np.float32)
+        feeds[s["b_input"]] = np.ascontiguousarray(b, dtype=np.float32)
+    return feeds
+
+
+def ship_adapters(adapters: Sequence[LoraAdapter], stage: Path) -> dict[str, str]:
+    """Copy the PEFT files into ``stage/adapters/<name>/``; returns name → relative dir."""
+    out = {}
+    for a in adapters:
+        if a.name == NO_ADAPTER or a.name in out or "/" in a.name or a.name.startswith("."):
+            raise UserError(f"adapter name {a.name!r} is reserved, repeated or not a plain name; "
+                            "rename the adapter directory")
+        rel = f"adapters/{a.name}"
+        (stage / rel).mkdir(parents=True)
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copyfile(a.path / f, stage / rel / f)
+        out[a.name] = rel
+    return out
+
+
+class AdapterBank:
+    """The adapters a session can switch between, each kept as ready-made feeds."""
+
+    def __init__(self, spec: Mapping[str, Any], root: Path):
+        self.sites = list(spec["sites"])
+        self.input_names = {n for s in self.sites for n in (s["a_input"], s["b_input"])}
+        self.transforms = {}
+        if (root / TRANSFORMS_FILE).is_file():
+            from safetensors.numpy import load_file
+
+            self.transforms = load_file(str(root / TRANSFORMS_FILE))
+        self._feeds = {NO_ADAPTER: site_feeds(self.sites, None)}
+        for name, rel in (spec.get("adapters") or {}).items():
+            self._feeds[name] = site_feeds(self.sites, read_adapter(root / rel, name),
+                                           self.transforms)
+        self.active = spec.get("default") or NO_ADAPTER
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._feeds)
+
+    def load(self, path: str | Path, name: str | None = None) -> str:
+        adapter = read_adapter(path, name)
+        self._feeds[adapter.name] = site_feeds(self.sites, adapter, self.transforms)
+        return adapter.name
+
+    def feeds(self, name: str | None) -> dict[str, np.ndarray]:
+        name = self.active if name is None else name
+        if name not in self._feeds:
+            raise UserError(f"no adapter named {name!r}; loaded: {', '.join(self._feeds)} "
+                            "(load one with Session.load_adapter(dir))")
+        return self._feeds[name]

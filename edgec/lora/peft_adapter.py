@@ -1,0 +1,213 @@
+"""PEFT LoRA adapters: read ``adapter_config.json`` + ``adapter_model.safetensors`` (never pickles),
+validate them against a model's parameter map, and give each target's delta in ONNX layout.
+
+PEFT semantics (peft/tuners/lora): ``ΔW = transpose(B·A, fan_in_fan_out) · scaling`` with
+``scaling = alpha / r`` (``alpha / √r`` with ``use_rslora``), r and alpha per module from
+``rank_pattern`` / ``alpha_pattern`` (first key k with ``re.match(rf"(.*\\.)?({k})$", module)``).
+An exported MatMul stores Wᵀ ([in, out]); the parameter map says which layout each initializer has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import UserError
+
+__all__ = ["LoraModule", "LoraAdapter", "read_adapter", "parse_lora_option", "Target",
+           "resolve_targets", "CONFIG_FILE", "WEIGHTS_FILE", "NO_ADAPTER"]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+NO_ADAPTER = "base"  # reserved adapter name: the base model (every LoRA branch zero)
+_PREFIXES = ("base_model.model.",)
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[^.]+)?\.weight$")
+_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "use_qalora": "QALoRA",
+                "use_bdlora": "BD-LoRA"}
+
+
+@dataclasses.dataclass
+class LoraModule:
+    """One adapted module: A [r, in], B [out, r] as PEFT stores them, and its scaling."""
+
+    name: str
+    A: np.ndarray
+    B: np.ndarray
+    rank: int
+    alpha: float
+    scaling: float
+    fan_in_fan_out: bool
+
+    def delta(self) -> np.ndarray:
+        """ΔW in the PyTorch parameter's layout, computed in fp32 as PEFT does."""
+        d = (self.B @ self.A) * np.float32(self.scaling)
+        return d.T if self.fan_in_fan_out else d
+
+
+@dataclasses.dataclass
+class LoraAdapter:
+    name: str
+    path: Path | None
+    config: dict[str, Any]
+    modules: dict[str, LoraModule]
+    weight: float = 1.0
+
+    @property
+    def rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path) if self.path else None,
+                "weight": self.weight, "modules": len(self.modules), "max_rank": self.rank,
+                "r": self.config.get("r"), "lora_alpha": self.config.get("lora_alpha"),
+                "use_rslora": bool(self.config.get("use_rslora"))}
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0) -> LoraAdapter:
+    """Read and self-check one PEFT LoRA adapter directory."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"{root}: LoRA adapter not found; give a PEFT adapter directory "
+                        f"(with {CONFIG_FILE} and {WEIGHTS_FILE}, from save_pretrained)")
+    if not (root / WEIGHTS_FILE).is_file():
+        hint = (" (adapter_model.bin is a pickle, which edgec does not load: re-save with "
+                "save_pretrained(dir, safe_serialization=True))"
+                if (root / "adapter_model.bin").exists() else "")
+        raise UserError(f"{root}: no {WEIGHTS_FILE}{hint}; give a PEFT adapter directory")
+    try:
+        config = json.loads((root / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{root}: no {CONFIG_FILE}; give a PEFT adapter directory") from None
+    except ValueError as e:
+        raise UserError(f"{root / CONFIG_FILE}: not valid JSON ({e})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise UserError(f"{root}: peft_type {config.get('peft_type')!r} is not LoRA; edgec "
+                        "merges LoRA adapters only")
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise UserError(f"{root}: {what} adapters ({key}=true) are not supported yet; "
+                            "use a plain LoRA adapter")
+    try:
+        tensors = load_file(str(root / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{root / WEIGHTS_FILE}: unreadable safetensors ({e})") from None
+    return adapter_from_tensors(tensors, config, name or root.name, root, weight)
+
+
+def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str, Any],
+                         name: str, path: Path | None = None, weight: float = 1.0) -> LoraAdapter:
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        for prefix in _PREFIXES:
+            key = key.removeprefix(prefix)
+        m = _KEY.match(key)
+        if m is None:
+            raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight (embedding, "
+                            "DoRA or modules_to_save tensors are not supported yet)")
+        pairs.setdefault(m["module"], {})[m["role"]] = value
+    r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    modules = {}
+    for mod, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"{name}: module {mod} has lora_{next(iter(ab))} but not its pair")
+        A, B = (np.asarray(ab[k], dtype=np.float32) for k in "AB")
+        rank = int(_pattern_value(rank_pattern, mod, r0))
+        alpha = float(_pattern_value(alpha_pattern, mod, alpha0))
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise UserError(f"{name}: module {mod} has lora_A {list(A.shape)} and lora_B "
+                            f"{list(B.shape)}, which do not form a rank-r product")
+        if A.shape[0] != rank:
+            raise UserError(f"{name}: module {mod} has rank {A.shape[0]} in its weights but r="
+                            f"{rank} in {CONFIG_FILE} (rank_pattern); the adapter is inconsistent")
+        scaling = 0.0 if rank == 0 else alpha / (math.sqrt(rank) if config.get("use_rslora")
+                                                  else rank)
+        modules[mod] = LoraModule(mod, A, B, rank, alpha, scaling,
+                                  bool(config.get("fan_in_fan_out")))
+    return LoraAdapter(name, path, dict(config), modules, float(weight))
+
+
+def parse_lora_option(option: Any) -> list[tuple[str, float]]:
+    """``"dir"``, ``"dir:0.5"``, a list of those or of ``(dir, weight)``, or ``{dir: weight}``."""
+    if option is None:
+        return []
+    if isinstance(option, Mapping):
+        return [(str(k), float(v)) for k, v in option.items()]
+    items = [option] if isinstance(option, (str, Path)) else list(option)
+    out = []
+    for item in items:
+        if isinstance(item, (tuple, list)):
+            out.append((str(item[0]), float(item[1])))
+            continue
+        text = str(item)
+        head, sep, tail = text.rpartition(":")
+        if sep and head and not Path(text).exists():
+            try:
+                out.append((head, float(tail)))
+                continue
+            except ValueError:
+                pass
+        out.append((text, 1.0))
+    return out
+
+
+@dataclasses.dataclass
+class Target:
+    """Where one adapted module lands in the ONNX graph."""
+
+    module: str
+    parameter: str
+    initializer: str
+    layout: str  # "same" | "transposed": initializer vs the PyTorch parameter
+    shape: tuple[int, ...]  # the initializer's shape
+
+    def to_onnx_layout(self, delta_param: np.ndarray) -> np.ndarray:
+        return delta_param.T if self.layout == "transposed" else delta_param
+
+
+def resolve_targets(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[str, str]],
+                    model) -> dict[str, Target]:
+    """Map every adapted module to its base weight's initializer; refuse mismatches (one line)."""
+    if not parameter_map:
+        raise UserError("the model has no parameter map, so LoRA weights cannot be placed; "
+                        "compile a reference model or nn.Module, or an .onnx from `edgec export`")
+    inits = model.graph.initializers
+    out = {}
+    for mod, lm in adapter.modules.items():
+        param = next((p for p in (f"{mod}.weight", f"{mod.removeprefix('model.')}.weight",
+                                  f"{mod}.base_layer.weight") if p in parameter_map), None)
+        if param is None:
+            raise UserError(f"adapter {adapter.name}: target module {mod} is not in the model "
+                            "(no such weight in its parameter map); was it trained on this base?")
+        entry = parameter_map[param]
+        value = inits.get(entry["initializer"])
+        if value is None or value.const_value is None:
+            raise UserError(f"adapter {adapter.name}: the weight of module {mod} is no longer an "
+                            "initializer in the graph; apply LoRA before passes that fold it")
+        shape = tuple(value.const_value.shape)
+        param_shape = shape[::-1] if entry["layout"] == "transposed" else shape
+        out_f, in_f = param_shape[::-1] if lm.fan_in_fan_out else param_shape
+        if len(shape) != 2 or lm.A.shape[1] != in_f or lm.B.shape[0] != out_f:
+            raise UserError(
+                f"adapter {adapter.name}: module {mod} expects a [{lm.B.shape[0]}, {lm.A.shape[1]}]"
+                f" weight (out, in) but the model's is {list(param_shape)}; the adapter was "
+                "trained on a different base model")
+        out[mod] = Target(mod, param, entry["initializer"], entry["layout"], shape)
+    return out

@@ -1,0 +1,50 @@
+"""CLI: --lora (repeatable, DIR:WEIGHT), --lora-mode, --prune; bad adapters exit 2 in one line."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from edgec.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_losa_end_to_end_keeps_sparsity(adapter_dirs, tmp_path):
+    dirs, _ = adapter_dirs
+    out = tmp_path / "losa"
+    r = _run("compile", "llama", "--config", "tiny", "--target", "openvino-cpu", "-o", out,
+             "--prune", "2:4", "--lora", dirs["attn_mlp"], "--lora-mode", "sparse-merge",
+             "--json")
+    assert r.exit_code == 0, r.output
+    passes = {p["name"]: p["stats"] for p in json.loads(r.stdout)["passes"]}
+    assert passes["prune"]["sparsity_after"] == 0.5
+    merge = passes["lora-sparse-merge"]
+    assert merge["sparsity_before"] == merge["sparsity_after"] == 0.5
+    assert merge["zeros_destroyed"] == 0 and merge["modules_merged"] == 14
+
+
+def test_weighted_merge_and_bad_inputs(adapter_dirs, tmp_path):
+    dirs, _ = adapter_dirs
+    r = _run("compile", "llama", "--target", "ort-cpu", "-o", tmp_path / "w",
+             "--lora", f"{dirs['attn_mlp']}:0.5", "--lora", dirs["rslora"], "--json")
+    assert r.exit_code == 0, r.output
+    fid = json.loads(r.stdout)["fidelity"]
+    assert fid["lora"]["reference"] == "peft merge_and_unload (attn_mlp, rslora)"
+    assert fid["target_vs_source"]["outputs"]["logits"]["max_rel"] <= 1e-5
+    for args, message in [
+        (["--lora", tmp_path / "missing"], "LoRA adapter not found"),
+        (["--lora", dirs["zero"], "--lora-mode", "fused"], "unknown LoRA mode"),
+        (["--lora", f"{dirs['zero']}:0.5", "--lora-mode", "swappable"], "weights"),
+        (["--prune", "9:4"], "N:M"),
+    ]:
+        out = tmp_path / "bad"
+        r = _run("compile", "llama", "--target", "ort-cpu", "-o", out, *args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not out.exists()

@@ -1,0 +1,101 @@
+"""Swappable adapters: one compiled model, adapters switched at run time on ort-cpu and
+openvino-cpu; each equals PEFT's merge_and_unload() model exported and run (≤ 1e-4)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edgec
+from edgec.errors import UserError
+from edgec.graph_passes.lora_swappable import LoraSwappablePass, lora_sites
+from edgec.lora import read_adapter
+from edgec.runtimes.ort import run_model
+
+RTOL = 1e-4
+
+
+def test_pass_adds_explicit_branches_and_unbound_is_the_base(adapter_dirs, llama_source):
+    dirs, _ = adapter_dirs
+    src = llama_source()
+    adapters = [read_adapter(dirs["attn_mlp"]), read_adapter(dirs["patterns"])]
+    result = LoraSwappablePass(adapters, src.parameter_map)(src.model)
+    sites = lora_sites(result.model)
+    assert result.stats["sites"] == len(sites) == 14  # union of both adapters' modules
+    ranks = {s["module"]: s["rank"] for s in sites}
+    assert ranks["layers.0.self_attn.q_proj"] == 8 and ranks["layers.0.mlp.gate_proj"] == 4
+    inputs = {v.name: v for v in result.model.graph.inputs}
+    a = inputs["lora.layers.0.self_attn.q_proj.A"]
+    assert a.shape.dims[0] == 64 and json.loads(a.metadata_props["edgec.lora"])["role"] == "A"
+    branch = [n for n in result.model.graph if "edgec.lora.branch" in n.metadata_props]
+    assert len(branch) == 3 * 14
+    # the base weight still feeds only its own MatMul (a later quantization pass may quantize it)
+    w = result.model.graph.initializers[sites[0]["initializer"]]
+    assert [u.node.op_type for u in w.uses()] == ["MatMul"]
+    got = run_model(result.model, src.feeds)["logits"]  # run_model binds no adapter
+    np.testing.assert_array_equal(got, run_model(llama_source().model, src.feeds)["logits"])
+
+
+@pytest.fixture(scope="module", params=["ort-cpu", "openvino-cpu"])
+def swappable(request, adapter_dirs, tmp_path_factory):
+    dirs, _ = adapter_dirs
+    out = tmp_path_factory.mktemp("swap") / request.param
+    art = edgec.compile("llama", target=request.param, output_dir=out, config="tiny",
+                        lora=[dirs["attn_mlp"], dirs["patterns"]], lora_mode="swappable",
+                        check=True)
+    return art
+
+
+def test_each_adapter_and_none_equal_peft(swappable, adapter_dirs, exported_outputs,
+                                          lora_helpers, llama_source):
+    dirs, merged = adapter_dirs
+    lora = swappable.manifest["lora"]
+    assert lora["adapters"] == {"attn_mlp": "adapters/attn_mlp", "patterns": "adapters/patterns"}
+    assert lora["default"] == "attn_mlp"
+    assert (swappable.path / "adapters/patterns/adapter_model.safetensors").is_file()
+    assert swappable.report["fidelity"]["lora"]["verified_adapter"] == "attn_mlp"
+    sess = edgec.load(swappable.path)
+    assert sess.adapters == ["base", "attn_mlp", "patterns"]
+    assert [i.name for i in sess.inputs] == ["input_ids"]
+    feeds = sess.default_feeds
+    for name in ("attn_mlp", "patterns", "attn_mlp"):  # switch back and forth, same session
+        got = sess.run(feeds, adapter=name)["logits"]
+        ref = exported_outputs(name, merged[name])["logits"]
+        assert lora_helpers.max_rel(got, ref) <= RTOL, name
+    base = sess.run(feeds, adapter="base")["logits"]
+    assert lora_helpers.max_rel(base, llama_source().reference["logits"]) <= 1e-5
+    # a new adapter at run time (no recompilation), and an all-zero (B = 0) adapter = base
+    assert sess.load_adapter(dirs["zero"]) == "zero"
+    np.testing.assert_allclose(sess.run(feeds, adapter="zero")["logits"], base, rtol=0, atol=0)
+    sess.active_adapter = "patterns"
+    ref = exported_outputs("patterns", merged["patterns"])["logits"]
+    assert lora_helpers.max_rel(sess.run(feeds)["logits"], ref) <= RTOL
+
+
+def test_new_adapter_with_higher_rank_and_refusals(swappable, adapter_dirs, exported_outputs,
+                                                   lora_helpers, tmp_path):
+    dirs, merged = adapter_dirs
+    sess = edgec.load(swappable.path)
+    # rslora has r=16 on o_proj/up_proj, compiled at r=4: the rank dims are dynamic
+    sess.load_adapter(dirs["rslora"], name="late")
+    ref = exported_outputs("rslora", merged["rslora"])["logits"]
+    assert lora_helpers.max_rel(sess.run(sess.default_feeds, adapter="late")["logits"], ref) <= RTOL
+    lora_helpers.make_adapter(tmp_path / "head", 0, target_modules=["lm_head"], r=2, lora_alpha=2)
+    with pytest.raises(UserError, match="target module lm_head has no LoRA branch"):
+        sess.load_adapter(tmp_path / "head")
+    with pytest.raises(UserError, match="no adapter named 'nope'"):
+        sess.run(sess.default_feeds, adapter="nope")
+
+
+def test_merged_artifact_has_no_adapters(tmp_path, adapter_dirs):
+    dirs, _ = adapter_dirs
+    art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "m", config="tiny",
+                        lora=dirs["attn_mlp"])
+    assert art.manifest["lora"]["mode"] == "merge"
+    assert "peft merge_and_unload" in art.report["fidelity"]["lora"]["reference"]
+    sess = edgec.load(art.path)
+    assert sess.adapters == []
+    with pytest.raises(UserError, match="no swappable LoRA adapters"):
+        sess.run(sess.default_feeds, adapter="attn_mlp")

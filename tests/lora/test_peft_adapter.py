@@ -1,0 +1,109 @@
+"""Reading PEFT adapters: scaling per module as PEFT computes it, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from edgec.errors import UserError
+from edgec.graph_passes.lora_merge import LoraMergePass
+from edgec.lora import parse_lora_option, read_adapter
+from edgec.models.llama import Llama, LlamaConfig
+
+
+def _peft_layers(module, adapter_dir, name):
+    """PEFT's own scaling/r per module, from a freshly loaded PeftModel."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(module, str(adapter_dir), adapter_name=name)
+    return {n.removeprefix("base_model.model."): (m.r[name], m.scaling[name])
+            for n, m in model.named_modules() if hasattr(m, "scaling") and name in m.scaling}
+
+
+@pytest.mark.parametrize("name", ["attn_mlp", "patterns", "rslora"])
+def test_rank_and_scaling_match_peft(adapter_dirs, lora_helpers, name):
+    dirs, _ = adapter_dirs
+    adapter = read_adapter(dirs[name])
+    expected = _peft_layers(lora_helpers.build_llama(), dirs[name], name)
+    assert set(adapter.modules) == set(expected)
+    for mod, lm in adapter.modules.items():
+        assert (lm.rank, pytest.approx(lm.scaling, rel=1e-12)) == expected[mod], mod
+    if name == "patterns":  # rank_pattern / alpha_pattern really differ per module
+        assert {m.rank for m in adapter.modules.values()} == {4, 8}
+        assert {m.scaling for m in adapter.modules.values()} == {2.0, 16 / 4, 3 / 8}
+
+
+def test_delta_equals_peft_get_delta_weight(adapter_dirs, lora_helpers):
+    from peft import PeftModel
+
+    dirs, _ = adapter_dirs
+    adapter = read_adapter(dirs["rslora"])
+    model = PeftModel.from_pretrained(lora_helpers.build_llama(), str(dirs["rslora"]), adapter_name="x")
+    layer = model.base_model.model.layers[1].mlp.up_proj
+    ref = layer.get_delta_weight("x").detach().numpy()
+    np.testing.assert_allclose(adapter.modules["layers.1.mlp.up_proj"].delta(), ref,
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_parse_lora_option(tmp_path):
+    assert parse_lora_option(None) == []
+    assert parse_lora_option("a") == [("a", 1.0)]
+    assert parse_lora_option(["a:0.5", ("b", 2)]) == [("a", 0.5), ("b", 2.0)]
+    assert parse_lora_option({"a": 0.3}) == [("a", 0.3)]
+    odd = tmp_path / "x:1"
+    odd.mkdir()
+    assert parse_lora_option(str(odd)) == [(str(odd), 1.0)]  # an existing path wins
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_refuses_pickles_missing_files_and_dora(adapter_dirs, tmp_path):
+    dirs, _ = adapter_dirs
+    pickled = _copy(dirs["zero"], tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(UserError, match="pickle"):
+        read_adapter(pickled)
+    with pytest.raises(UserError, match="not found"):
+        read_adapter(tmp_path / "nope")
+    dora = _copy(dirs["zero"], tmp_path / "dora")
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(UserError, match="DoRA"):
+        read_adapter(dora)
+
+
+def test_rank_mismatch_names_the_module(adapter_dirs, tmp_path):
+    dirs, _ = adapter_dirs
+    bad = _copy(dirs["attn_mlp"], tmp_path / "bad")
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 2}))
+    with pytest.raises(UserError, match=r"module layers\.0\.mlp\.down_proj has rank 4 .* r=2"):
+        read_adapter(bad)
+
+
+def test_wrong_base_and_unknown_module_are_refused(llama_source, lora_helpers, tmp_path):
+    make_adapter = lora_helpers.make_adapter
+    src = llama_source()
+    other = Llama(LlamaConfig(vocab=256, dim=32, layers=2, heads=4, kv_heads=2, ffn=86, seq=16))
+    make_adapter(tmp_path / "wrong", 0, module=other, target_modules=["q_proj"], r=2, lora_alpha=2)
+    with pytest.raises(UserError) as e:
+        LoraMergePass([read_adapter(tmp_path / "wrong")], src.parameter_map)(src.model)
+    msg = str(e.value)
+    assert "\n" not in msg and "layers.0.self_attn.q_proj" in msg and "different base" in msg
+
+    class Extra(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.extra_proj = torch.nn.Linear(64, 64, bias=False)
+
+    make_adapter(tmp_path / "extra", 0, module=Extra(), target_modules=["extra_proj"], r=2,
+                 lora_alpha=2)
+    with pytest.raises(UserError, match="target module extra_proj is not in the model"):
+        LoraMergePass([read_adapter(tmp_path / "extra")], src.parameter_map)(src.model)
