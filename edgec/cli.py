@@ -159,9 +159,9 @@ def compile_cmd(
     sparse_attention: Annotated[Optional[str], typer.Option(
         "--sparse-attention", metavar="K=V,...",
         help="block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64,"
-             "qblock=256,prefix=64,sink=frame,grid=8x32x32,mode=rf2. Defaults: keep=0.2, "
-             "block=64, qblock=4×block, prefix=0, sink=none, mode=rf2 (or rainfusion), "
-             "min_seq=256, chunk_mb=1024; grid and prefix come from the reference model when "
+             "qblock=512,prefix=64,sink=frame,grid=8x32x32,mode=rf2. Defaults: keep=0.2, "
+             "block=64, qblock=8×block, prefix=0, sink=none, mode=rf2 (or rainfusion), "
+             "min_seq=256, chunk_mb=256; grid and prefix come from the reference model when "
              "it has a video grid. Use 'default' for all defaults.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option(
         "--lora", metavar="DIR[:WEIGHT]",
@@ -184,7 +184,7 @@ def compile_cmd(
     * `edgec compile video-dit --config small --target openvino-cpu -o out`
 
     * `edgec compile video-dit --config small --target openvino-cpu -o out-sparse
-      --sparse-attention keep=0.2,qblock=256`
+      --sparse-attention keep=0.2`
 
     * `edgec compile llama --config tiny --target ort-cpu -o out --check`
 
