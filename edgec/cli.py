@@ -222,18 +222,21 @@ def run_cmd(
     artifact: Annotated[Path, typer.Argument(help="artifact directory")],
     inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz keyed by input name")] = None,
     save: Annotated[Optional[Path], typer.Option("--save", help="write outputs to this .npz")] = None,
+    adapter: Annotated[Optional[str], typer.Option(
+        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Run an artifact once (on its example inputs unless --inputs) and summarize the outputs.
 
-    Examples: `edgec run out --json`, `edgec run out --inputs x.npz --save y.npz`
+    Examples: `edgec run out --json`, `edgec run out --inputs x.npz --save y.npz`,
+    `edgec run out-lora --adapter base`
     """
     import numpy as np
 
     import edgec
 
     session = edgec.load(artifact)
-    results = session.run(_feeds(session, inputs))
+    results = session.run(_feeds(session, inputs), adapter=adapter)
     if save is not None:
         np.savez(save, **results)
     summary = {name: {"shape": list(a.shape), "dtype": a.dtype.name,
@@ -242,7 +245,7 @@ def run_cmd(
                for name, a in results.items()}
     if as_json:
         return _print_json({"artifact": str(artifact), "runtime": session.runtime,
-                            "outputs": summary})
+                            "adapter": adapter or session.active_adapter, "outputs": summary})
     table = Table("output", "shape", "dtype", "mean", "std", "min", "max",
                   title=f"{artifact} on {session.runtime}")
     for name, s in summary.items():
@@ -258,6 +261,8 @@ def bench_cmd(
     inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz keyed by input name")] = None,
     warmup: Annotated[int, typer.Option(min=0, help="untimed runs first")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="timed runs")] = 20,
+    adapter: Annotated[Optional[str], typer.Option(
+        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Measure an artifact's latency (p50/p90/mean ms).
@@ -268,7 +273,7 @@ def bench_cmd(
 
     session = edgec.load(artifact)
     stats = session.benchmark(warmup=warmup, iterations=iterations,
-                              feeds=_feeds(session, inputs))
+                              feeds=_feeds(session, inputs), adapter=adapter)
     result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
     if as_json:
         return _print_json(result)

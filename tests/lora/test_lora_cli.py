@@ -48,3 +48,22 @@ def test_weighted_merge_and_bad_inputs(adapter_dirs, tmp_path):
         assert r.exit_code == 2, (args, r.output)
         assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert not out.exists()
+
+
+def test_run_and_bench_choose_the_adapter(adapter_dirs, tmp_path):
+    dirs, _ = adapter_dirs
+    out = tmp_path / "swap"
+    r = _run("compile", "llama", "--target", "ort-cpu", "-o", out, "--lora", dirs["attn_mlp"],
+             "--lora", dirs["rslora"], "--lora-mode", "swappable")
+    assert r.exit_code == 0, r.output
+    means = {}
+    for name in ("base", "attn_mlp", "rslora"):
+        run = json.loads(_run("run", out, "--adapter", name, "--json").stdout)
+        assert run["adapter"] == name
+        means[name] = run["outputs"]["logits"]["mean"]
+    assert len(set(means.values())) == 3  # three different models from one artifact
+    bench = json.loads(_run("bench", out, "--adapter", "rslora", "--iterations", "2",
+                            "--warmup", "0", "--json").stdout)
+    assert bench["iterations"] == 2
+    r = _run("run", out, "--adapter", "nope")
+    assert r.exit_code == 2 and "no adapter named 'nope'" in r.stderr
