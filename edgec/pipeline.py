@@ -230,6 +230,8 @@ def _lora_reference(source, src, adapters, mode, manager, passes):
         reason = "LoSA masking has no PEFT counterpart"
     elif src.kind == "onnx":
         reason = "the source is ONNX (no PyTorch module to merge into)"
+    elif src.kind == "hf":
+        reason = "Hugging Face checkpoint sources are not held to PEFT's merge yet"
     elif not peft_available():
         reason = "peft is not installed (pip install 'edgec[hf]')"
     if reason is not None:

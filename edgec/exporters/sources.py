@@ -1,4 +1,5 @@
-"""Resolve a compile source (registry name, nn.Module, .onnx file) to IR + feeds + reference.
+"""Resolve a compile source (registry name, nn.Module, .onnx file, HF checkpoint directory) to
+IR + feeds + reference.
 
 For torch sources the model is exported here and checked against PyTorch on the example inputs
 (fp32 tolerance ``EXPORT_RTOL``, DESIGN.md numerics policy); a mismatch is a VerificationError
@@ -26,7 +27,7 @@ EXPORT_RTOL = 1e-5
 
 @dataclasses.dataclass
 class Source:
-    kind: str  # "registry" | "module" | "onnx"
+    kind: str  # "registry" | "module" | "onnx" | "hf"
     info: dict[str, Any]
     model: Any  # onnx_ir.Model
     parameter_map: dict[str, dict[str, str]]
@@ -57,8 +58,16 @@ def resolve_source(source: Any, config: str | None = None,
             raise UserError("--config applies to reference models, not to an .onnx file")
         return _from_onnx(path, example_inputs)
     if path.is_dir():
-        raise UserError(f"{path}: is a directory; give an .onnx file or a reference model name "
-                        "(`edgec models`)")
+        from edgec.exporters.hf import WRAPPED, is_hf_checkpoint, load_hf
+
+        if not is_hf_checkpoint(path):
+            raise UserError(f"{path}: is a directory without config.json; give an .onnx file, "
+                            "a Hugging Face checkpoint directory or a model name (`edgec models`)")
+        module, inputs, dims, outputs, info = load_hf(path, config)
+        src = _from_torch(module, inputs, dynamic_shapes or dims, outputs, info, "hf")
+        src.parameter_map = {k.removeprefix(WRAPPED): v for k, v in src.parameter_map.items()
+                             if k.startswith(WRAPPED)}
+        return src
     if os.sep in str(source) or "." in path.name:
         raise UserError(f"{source}: no such file; give an .onnx path or a model name "
                         "(`edgec models`)")

@@ -1,0 +1,90 @@
+"""A local Hugging Face checkpoint directory as a compile source (transformers, offline).
+
+Only ``config.json`` + ``*.safetensors`` checkpoints are accepted (pickled ``pytorch_model.bin``
+is refused: never ``torch.load`` untrusted files), nothing is fetched from a hub. The model is
+wrapped as ``forward(input_ids, attention_mask) -> logits | last_hidden_state``; parameter names in
+the map are the checkpoint's own (``model.layers.0.self_attn.q_proj.weight``), as PEFT uses them.
+The example attention mask pads the last quarter of the tokens, so masking paths are exercised.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import UserError
+
+__all__ = ["is_hf_checkpoint", "load_hf", "WRAPPED"]
+
+WRAPPED = "hf."  # the wrapper's attribute prefix, stripped from parameter names
+
+
+def is_hf_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _options(config: str | None) -> dict[str, int]:
+    opts = {"batch": 1, "seq": 16}
+    for part in (config or "").split(","):
+        if not part.strip():
+            continue
+        key, _, value = part.partition("=")
+        if key.strip() not in opts or not value.strip().isdigit() or int(value) < 1:
+            raise UserError(f"Hugging Face sources take --config batch=N,seq=N; got {part!r}")
+        opts[key.strip()] = int(value)
+    return opts
+
+
+def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, list, dict]:
+    """(module, example inputs, dynamic shapes, output names, source info) for a checkpoint."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise UserError(f"{path}: a Hugging Face checkpoint needs transformers; "
+                        "pip install 'edgec[hf]'") from None
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickles are never loaded)" if pickles else ""
+        raise UserError(f"{path}: no .safetensors weights{hint}; save the model with "
+                        "save_pretrained(safe_serialization=True)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        arch = (cfg.architectures or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        cls = cls or transformers.AutoModel
+        model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: transformers cannot load this checkpoint: "
+                        f"{str(e).splitlines()[0]}") from None
+    opts = _options(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq"]), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:, opts["seq"] - opts["seq"] // 4:] = 0
+    output = "logits" if hasattr(model, "lm_head") or "For" in (arch or "") else "last_hidden_state"
+    wrapper = _wrap(model, output)
+    dims = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    info = {"kind": "hf", "path": str(path), "architecture": arch,
+            "model_type": getattr(cfg, "model_type", None), "example": opts}
+    return wrapper, (ids, mask), dims, [output], info
+
+
+def _wrap(model, output: str):
+    """``forward(input_ids, attention_mask) -> <output>`` around a transformers model."""
+    import torch
+
+    class HFWrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = model  # parameter names: "hf." + the checkpoint's own
+
+        def forward(self, input_ids, attention_mask):
+            kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) else {}
+            out = self.hf(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                          **kwargs)
+            return getattr(out, output)
+
+    return HFWrapper()

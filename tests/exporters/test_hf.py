@@ -1,0 +1,61 @@
+"""Local Hugging Face checkpoints (random weights, saved here) as compile sources."""
+
+import os
+
+import pytest
+import transformers  # the hf extra; dev installs it, so a missing install fails here
+
+import edgec
+from edgec.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, **SMALL)
+                                  ).save_pretrained(root / "llama")
+    transformers.BertModel(transformers.BertConfig(**SMALL)).save_pretrained(root / "bert")
+    return root
+
+
+@pytest.mark.parametrize("name,output,target", [("llama", "logits", "openvino-cpu"),
+                                                ("bert", "last_hidden_state", "ort-cpu")])
+def test_checkpoint_compiles_with_hf_parameter_names(checkpoints, tmp_path, name, output,
+                                                      target):
+    art = edgec.compile(str(checkpoints / name), target=target, output_dir=tmp_path / "o",
+                        config="batch=2,seq=12")
+    assert [i["name"] for i in art.manifest["inputs"]] == ["input_ids", "attention_mask"]
+    assert art.manifest["outputs"][0]["name"] == output
+    for fid in art.report["fidelity"].values():
+        assert fid["outputs"][output]["max_rel"] <= 1e-5
+    pmap = art.manifest["parameter_map"]
+    key = ("model.layers.0.self_attn.q_proj.weight" if name == "llama"
+           else "encoder.layer.0.attention.self.query.weight")
+    assert key in pmap
+    feeds = art.load().default_feeds
+    assert feeds["input_ids"].shape == (2, 12) and feeds["attention_mask"][:, -3:].sum() == 0
+
+
+def test_pickle_only_and_plain_directories_are_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "bert"}')
+    (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x04 not loaded")
+    with pytest.raises(UserError, match="pickles are never loaded"):
+        edgec.compile(str(ckpt), target="ort-cpu", output_dir=tmp_path / "o")
+    with pytest.raises(UserError, match="without config.json"):
+        edgec.compile(str(tmp_path), target="ort-cpu", output_dir=tmp_path / "o2")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_bad_example_options(checkpoints, tmp_path):
+    with pytest.raises(UserError, match="batch=N,seq=N"):
+        edgec.compile(str(checkpoints / "bert"), target="ort-cpu", output_dir=tmp_path / "o",
+                      config="seq=zero")
