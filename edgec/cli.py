@@ -151,11 +151,13 @@ def export_cmd(
 @app.command("compile")
 @_errors
 def compile_cmd(
-    source: Annotated[str, typer.Argument(help="model name, or path to an .onnx file")],
+    source: Annotated[str, typer.Argument(
+        help="model name, path to an .onnx file, or a Hugging Face checkpoint directory")],
     target: Annotated[str, typer.Option("--target", "-t", help="ort-cpu | openvino-cpu")],
     output: Annotated[Path, typer.Option("-o", "--output", help="artifact directory to write")],
-    config: Annotated[Optional[str], typer.Option("--config", "-c",
-                                                  help="model config (tiny|small|base)")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="model config (tiny|small|base[+option]); for a Hugging Face "
+                               "checkpoint the example inputs: batch=N,seq=N")] = None,
     sparse_attention: Annotated[Optional[str], typer.Option(
         "--sparse-attention", metavar="K=V,...",
         help="block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64,"
