@@ -87,7 +87,7 @@ def compile_model(
     manager = PassManager(passes, check=check, feeds=src.feeds)
     model = manager(src.model)
     times["passes_s"] = time.perf_counter() - t0
-    approximate = any(r.modified for r, p in zip(manager.records, passes) if not p.exact)
+    approximate = _approximate(manager, passes)
     lora_info = None
     if adapters:
         step("computing the LoRA reference (PEFT merge_and_unload)")
@@ -191,6 +191,12 @@ def _parse_sparse(option: Any):
     return SparseAttentionConfig.parse_items(option)
 
 
+def _approximate(manager, passes, ignore: tuple[type, ...] = ()) -> bool:
+    """Did a non-exact pass (other than the ``ignore`` types) change the graph?"""
+    return any(r.modified for r, p in zip(manager.records, passes)
+               if not p.exact and not isinstance(p, ignore))
+
+
 def _parse_lora(lora: Any, mode: str) -> list:
     from edgec.lora.peft_adapter import parse_lora_option, read_adapter
 
@@ -224,7 +230,7 @@ def _lora_reference(source, src, adapters, mode, manager, passes):
 
     info = {"mode": mode, "recipe_adapters": [a.summary() for a in adapters]}
     used = adapters if mode == "merge" else adapters[:1]
-    approximate = any(r.modified for r, p in zip(manager.records, passes) if not p.exact)
+    approximate = _approximate(manager, passes)
     reason = None
     if mode == "sparse-merge":
         reason = "LoSA masking has no PEFT counterpart"
@@ -247,8 +253,7 @@ def _lora_reference(source, src, adapters, mode, manager, passes):
     reference = peft_merged_outputs(module, src.feeds, src.info["input_names"],
                                     src.info["output_names"], used)
     kind = "peft merge_and_unload (" + ", ".join(a.name for a in used) + ")"
-    approximate = any(r.modified for r, p in zip(manager.records, passes)
-                      if not p.exact and not isinstance(p, LoraMergePass))
+    approximate = _approximate(manager, passes, ignore=(LoraMergePass,))
     info.update(reference=kind, verified_adapter=used[0].name if mode == "swappable" else None)
     return dataclasses.replace(src, reference=reference, reference_kind=kind), approximate, info
 

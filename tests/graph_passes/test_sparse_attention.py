@@ -193,7 +193,6 @@ def test_grid_without_a_dividing_tile_is_refused():
 
 
 def _attention_op_model(scale=None, with_mask=False):
-    import onnx
     import onnx_ir as ir
     from onnx import TensorProto, helper
 
