@@ -34,6 +34,14 @@ def open_session(root: Path, runtime: dict[str, Any]) -> Session:
             raise TargetUnavailableError(f"this artifact needs OpenVINO, which is not installed "
                                          f"({e}); pip install openvino") from None
         return OpenVINOSession(model, runtime.get("device", "CPU"), runtime.get("config"))
+    if name == "qnn":
+        from edgec.runtimes.qnn import QnnSession
+
+        return QnnSession(model, runtime)
+    if name == "tensorrt":
+        from edgec.runtimes.tensorrt import TensorRTSession
+
+        return TensorRTSession(root, runtime)
     raise UserError(f"{root}: unknown runtime {name!r} in the manifest; upgrade edgec")
 
 

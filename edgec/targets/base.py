@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Target", "BuildResult"]
+__all__ = ["Target", "BuildResult", "QuantScheme"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +17,50 @@ class BuildResult:
     runtime: dict[str, Any]
     files: list[str]
     notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    """How one scheme name (``w8a8``, ``w8a16``, ``w4a16``, ``fp8``) is realized on one target.
+
+    The same name yields a different QDQ form per device; the quantization pass reads only this.
+
+    Attributes:
+        name: the scheme name users pass to ``--quantize``.
+        weights: ONNX element type of quantized weights (``int8``, ``uint8``, ``int4``,
+            ``float8e4m3fn``).
+        activations: element type of quantized activations (``uint8``, ``int8``, ``uint16``,
+            ``float8e4m3fn``); ``None`` for weight-only schemes (no calibration needed).
+        weight_symmetric: zero point 0 for weights.
+        activation_symmetric: zero point 0 (or the type's midpoint for unsigned) for activations.
+        per_channel: one weight scale per output channel (else per tensor).
+        block_size: weights quantized in blocks of this many input channels (opset 21
+            ``DequantizeLinear`` ``block_size``); ``None`` when not block-wise.
+        op_types: op types whose inputs are quantized (``rules="qnn"``: every op the QNN
+            config quantizes, this is then ignored).
+        rules: ``"ort"``: onnxruntime.quantization's generic QDQ quantizer with the fields above;
+            ``"qnn"``: onnxruntime's QNN config helper (``get_qnn_qdq_config``) decides op
+            types and per-op overrides; ``"weight-only"``: block-wise weight DQ, no activations.
+        high_precision_ops: op types whose activations stay 16-bit (QNN mixed precision).
+        min_opset: lowest ONNX opset the QDQ form needs (16-bit and int4 need 21).
+    """
+
+    name: str
+    weights: str
+    activations: str | None
+    weight_symmetric: bool = True
+    activation_symmetric: bool = False
+    per_channel: bool = True
+    block_size: int | None = None
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    rules: str = "ort"
+    high_precision_ops: tuple[str, ...] = ()
+    min_opset: int = 13
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the scheme needs activation statistics (static activation quantization)."""
+        return self.activations is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +78,7 @@ class Target:
         notes: op-support and behaviour notes shown by ``edgec compile --help``.
         requires: importable module names the build needs (checked before building).
         build: ``(target, model_path, target_dir) -> BuildResult``; writes the native artifact.
+        schemes: quantization schemes the target offers, by name (``--quantize``).
     """
 
     name: str
@@ -46,3 +91,4 @@ class Target:
     notes: tuple[str, ...]
     requires: tuple[str, ...]
     build: Callable[[Target, Path, Path], BuildResult]
+    schemes: Mapping[str, QuantScheme] = dataclasses.field(default_factory=dict)
