@@ -68,7 +68,8 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     wrapper = _wrap(model, output)
     dims = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     info = {"kind": "hf", "path": str(path), "architecture": arch,
-            "model_type": getattr(cfg, "model_type", None), "example": opts}
+            "model_type": getattr(cfg, "model_type", None), "example": opts,
+            "vocab_size": int(cfg.vocab_size)}
     return wrapper, (ids, mask), dims, [output], info
 
 

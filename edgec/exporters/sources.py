@@ -64,7 +64,8 @@ def resolve_source(source: Any, config: str | None = None,
             raise UserError(f"{path}: is a directory without config.json; give an .onnx file, "
                             "a Hugging Face checkpoint directory or a model name (`edgec models`)")
         module, inputs, dims, outputs, info = load_hf(path, config)
-        src = _from_torch(module, inputs, dynamic_shapes or dims, outputs, info, "hf")
+        src = _from_torch(module, inputs, dims if dynamic_shapes is None else dynamic_shapes,
+                          outputs, info, "hf")
         src.parameter_map = {k.removeprefix(WRAPPED): v for k, v in src.parameter_map.items()
                              if k.startswith(WRAPPED)}
         return src

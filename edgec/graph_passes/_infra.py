@@ -57,7 +57,8 @@ class PassRecord:
 
 
 def _pass_name(p: ir.passes.PassBase) -> str:
-    return getattr(p, "name", None) if isinstance(p, EdgecPass) else type(p).__name__
+    name = getattr(p, "name", None)
+    return name if isinstance(name, str) else type(p).__name__
 
 
 class PassManager:

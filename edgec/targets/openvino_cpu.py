@@ -10,9 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgec.errors import UserError
-from edgec.targets.base import BuildResult, Target
+from edgec.targets.base import BuildResult, QuantScheme, Target
 
 __all__ = ["OPENVINO_CPU"]
+
+
+SCHEMES = {
+    # OpenVINO's low-precision transformations want u8 (asymmetric) activations and i8
+    # symmetric per-output-channel weights; they turn the QDQ pairs into int8 (VNNI) kernels.
+    "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8"),
+    "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
+                         rules="weight-only", min_opset=21),
+}
 
 
 def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
@@ -46,4 +55,5 @@ OPENVINO_CPU = Target(
     notes=("ops as supported by OpenVINO's ONNX frontend; dynamic shapes supported",),
     requires=("openvino",),
     build=_build,
+    schemes=SCHEMES,
 )

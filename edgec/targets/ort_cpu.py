@@ -5,9 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgec.errors import UserError
-from edgec.targets.base import BuildResult, Target
+from edgec.targets.base import BuildResult, QuantScheme, Target
 
 __all__ = ["ORT_CPU"]
+
+
+SCHEMES = {
+    # u8 asymmetric activations × s8 symmetric per-channel weights: MLAS's fast int8 GEMM path.
+    "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8"),
+    "w8a16": QuantScheme("w8a16", weights="int8", activations="uint16", min_opset=21),
+    "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
+                         rules="weight-only", min_opset=21),
+}
 
 
 def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
@@ -39,4 +48,5 @@ ORT_CPU = Target(
     notes=("every standard ONNX op; dynamic shapes supported",),
     requires=("onnxruntime",),
     build=_build,
+    schemes=SCHEMES,
 )

@@ -1,0 +1,123 @@
+"""Calibration cache: per-tensor ranges plus what produced them, as one JSON file.
+
+A cache is bound to the exact graph it was collected on (``model_hash``), the target, the scheme
+and the method; reusing it for anything else is refused with a message saying how to re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import UserError
+
+__all__ = ["CalibrationCache", "model_hash", "CACHE_FILE", "FORMAT"]
+
+FORMAT = "edgec-calibration/1"
+CACHE_FILE = "calibration.json"
+
+
+def model_hash(model) -> str:
+    """sha256 over the graph's structure and every initializer's bytes (an onnx_ir.Model).
+
+    Streams tensor by tensor, so models over 2 GB hash without building one protobuf.
+    """
+    import onnx_ir as ir
+
+    h = hashlib.sha256()
+    g = model.graph
+    for v in (*g.inputs, *g.outputs):
+        h.update(f"{v.name}:{v.dtype}:{v.shape}|".encode())
+    for node in g:
+        h.update(ir.serde.serialize_node(node).SerializeToString(deterministic=True))
+    for name in sorted(g.initializers):
+        value = g.initializers[name].const_value
+        h.update(name.encode())
+        if value is not None:
+            h.update(value.tobytes())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class CalibrationCache:
+    """Ranges keyed by tensor name and their provenance."""
+
+    model_hash: str
+    target: str
+    scheme: str
+    method: str
+    samples: int
+    data: str  # where the samples came from
+    tensors: dict[str, dict[str, Any]]
+    seconds: float = 0.0
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    created: str = dataclasses.field(
+        default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``calibration.json`` into directory ``path`` (created); returns the file."""
+        from edgec.artifact import write_json
+
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / CACHE_FILE
+        tmp = directory / (CACHE_FILE + ".tmp")
+        write_json(tmp, self.to_json())
+        os.replace(tmp, target)  # never a half-written cache
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibrationCache:
+        """Read a cache from its file or from the directory holding ``calibration.json``."""
+        p = Path(path)
+        f = p / CACHE_FILE if p.is_dir() else p
+        if not f.is_file():
+            raise UserError(f"{p}: no calibration cache here; create one with "
+                            "`edgec calibrate SOURCE --target T -o DIR`")
+        try:
+            raw = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{f}: not a calibration cache (invalid JSON: {e})") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise UserError(f"{f}: not an edgec calibration cache (format "
+                            f"{raw.get('format') if isinstance(raw, dict) else None!r}, "
+                            f"expected {FORMAT!r}); re-run `edgec calibrate`")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in fields})
+        except TypeError as e:
+            raise UserError(f"{f}: incomplete calibration cache ({e}); re-run `edgec calibrate`"
+                            ) from None
+
+    def check(self, model_hash: str, target: str, scheme: str, method: str | None) -> None:
+        """Refuse a cache made for another graph, target, scheme or method."""
+        redo = ("re-run `edgec calibrate` with the same source, --config, --target, --quantize "
+                "and recipe options as this compile")
+        if self.model_hash != model_hash:
+            raise UserError(f"the calibration cache does not match the model (cache made for "
+                            f"graph {self.model_hash[:12]}, this graph is {model_hash[:12]}); "
+                            + redo)
+        for what, have, want in (("target", self.target, target), ("scheme", self.scheme, scheme),
+                                 ("method", self.method, method)):
+            if want is not None and have != want:
+                raise UserError(f"the calibration cache was made for {what} {have!r}, this "
+                                f"compile uses {want!r}; " + redo)
+
+    def to_tensors_data(self):
+        """The ranges as onnxruntime.quantization's ``TensorsData``."""
+        import numpy as np
+        from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+        from edgec.calibration.ranges import _method
+
+        data = {name: TensorData(**{k: np.asarray(v, dtype=np.float32) for k, v in s.items()})
+                for name, s in self.tensors.items()}
+        return TensorsData(_method(self.method), data)

@@ -1,0 +1,100 @@
+"""Calibration samples: from a user's .npz (leading sample axis) or the source's own generator."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import UserError
+
+__all__ = ["samples_from_npz", "generated_samples", "DEFAULT_SAMPLES"]
+
+DEFAULT_SAMPLES = 16
+
+
+def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+    """Split ``path`` (keys = input names, ``arr[i]`` = sample i) into per-sample feeds.
+
+    ``inputs`` are the model's input specs (name, shape, dtype); every input must be present with
+    a matching dtype kind and, for static dims, a matching shape.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such calibration data file; give an .npz whose keys are the "
+                        "model's input names, each with a leading sample axis")
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (ValueError, OSError) as e:
+        raise UserError(f"{p}: not a readable .npz ({str(e).splitlines()[0]}); "
+                        "save it with numpy.savez") from None
+    names = [s.name for s in inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise UserError(f"{p}: no array for input {missing[0]!r}; the model's inputs are "
+                        f"{', '.join(names)} (each with a leading sample axis)")
+    counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
+    if len(counts) != 1 or 0 in counts:
+        raise UserError(f"{p}: inputs have different sample counts {sorted(counts)}; every array "
+                        "needs the same leading sample axis")
+    for spec in inputs:
+        arr = arrays[spec.name]
+        want = np.dtype(spec.dtype)
+        if np.issubdtype(want, np.floating) != np.issubdtype(arr.dtype, np.floating):
+            raise UserError(f"{p}: input {spec.name!r} is {arr.dtype}, the model wants {want}")
+        shape = arr.shape[1:]
+        static = [d for d in spec.shape]
+        if len(shape) != len(static) or any(isinstance(d, int) and d >= 0 and d != s
+                                             for d, s in zip(static, shape)):
+            raise UserError(f"{p}: input {spec.name!r} samples have shape {tuple(shape)}, the "
+                            f"model wants {tuple(static)} (after the leading sample axis)")
+    n = counts.pop()
+    return [{s.name: arrays[s.name][i].astype(np.dtype(s.dtype), copy=False) for s in inputs}
+            for i in range(n)]
+
+
+def generated_samples(src, n: int = DEFAULT_SAMPLES) -> tuple[list[dict[str, np.ndarray]], str]:
+    """``n`` samples from the source's own generator, and a word on where they came from.
+
+    Registry models use their ``calibration_inputs`` (seeds disjoint from the example inputs);
+    Hugging Face checkpoints get random token ids with a random amount of right padding (so the
+    attention-mask path sees both masked and unmasked keys); ONNX files get random feeds, which
+    calibrate the graph but are not representative data: pass ``--data`` for real ranges.
+    """
+    names = src.info["input_names"]
+    if src.kind == "registry":
+        from edgec.models import registry
+
+        spec = registry.get(src.info["name"])
+        sets = spec.calibration_inputs(src.info["config"], n)
+        return [{k: t.numpy() for k, t in zip(names, s)} for s in sets], "model generator"
+    if src.kind == "hf":
+        return _hf_samples(src, n), "random tokens with random padding"
+    if src.kind == "onnx":
+        from edgec.exporters.sources import random_feeds
+        from edgec.runtimes.base import IOSpec
+
+        specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
+        return [random_feeds(specs, seed=1000 + i) for i in range(n)], "random feeds"
+    raise UserError("a PyTorch module source has no calibration generator; pass calibration "
+                    "data (an .npz with a leading sample axis)")
+
+
+def _hf_samples(src, n: int) -> list[dict[str, np.ndarray]]:
+    ids, mask = src.feeds["input_ids"], src.feeds["attention_mask"]
+    vocab = int(src.info.get("vocab_size") or ids.max() + 1)
+    rng = np.random.default_rng(1000)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(0, vocab, size=ids.shape).astype(ids.dtype)
+        m = np.ones_like(mask)
+        seq = ids.shape[1]
+        for row in range(ids.shape[0]):
+            m[row, seq - int(rng.integers(0, seq // 2 + 1)):] = 0
+        m[:, 0] = 1  # at least one real token per row
+        out.append({"input_ids": tokens, "attention_mask": m})
+    return out

@@ -1,0 +1,217 @@
+"""tensorrt: an NVIDIA TensorRT engine (target/model.plan) built from the TensorRT-legal model.onnx.
+
+The build checks TensorRT's Q/DQ rules first (``tensorrt_rules``); where TensorRT is installed it
+parses the ONNX, builds a strongly typed network when the graph carries its own precision (Q/DQ or
+fp16/bf16 tensors: the types decide, not builder flags), keeps fp32 layers fp32 (TF32 off), reuses
+and saves a timing cache, and sizes one optimization profile from the example inputs. Without
+TensorRT the checked model.onnx is the artifact and the manifest says how to build the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.errors import TargetUnavailableError, UserError
+from edgec.targets.base import BuildResult, QuantScheme, Target
+from edgec.targets.tensorrt_rules import RULES, Violation, check_tensorrt_graph, qdq_nodes
+
+__all__ = ["TENSORRT", "optimization_profile", "build_engine", "TIMING_CACHE_ENV"]
+
+logger = logging.getLogger(__name__)
+
+# A timing cache shared across compiles (engine builds time every tactic; the cache skips that).
+TIMING_CACHE_ENV = "EDGEC_TRT_TIMING_CACHE"
+_BUILD_LATER = ("the TensorRT-legal model.onnx was produced and checked; build the engine with "
+                "`edgec compile model.onnx --target tensorrt -o DIR` on a GPU machine")
+UNAVAILABLE = ("TensorRT is not installed here (it needs an NVIDIA GPU and pip install "
+               f"'edgec[tensorrt]'); {_BUILD_LATER}")
+
+SCHEMES = {
+    # TensorRT quantizes symmetrically into signed types only: int8 per-channel weights on the
+    # output-channel axis, int8 per-tensor activations (Q/DQ fuse into int8 GEMM/conv kernels).
+    "w8a8": QuantScheme("w8a8", weights="int8", activations="int8", activation_symmetric=True),
+    # FP8 E4M3, per-tensor scales (Ada/Hopper and later GPUs).
+    "fp8": QuantScheme("fp8", weights="float8e4m3fn", activations="float8e4m3fn",
+                       activation_symmetric=True, per_channel=False, min_opset=19),
+    # int4 weight-only: block-wise DQ (block 128 along K) feeding a high-precision MatMul.
+    "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=128,
+                         op_types=("MatMul",), rules="weight-only", min_opset=21),
+}
+
+
+def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+    from edgec.onnx_io import load_onnx
+    from edgec.runtimes import EXAMPLE_INPUTS
+
+    model = load_onnx(model_path)
+    violations = check_tensorrt_graph(model)
+    if violations:
+        raise UserError(_violations_line(violations))
+    n_qdq = len(qdq_nodes(model.graph))
+    profile = optimization_profile(model, _example_shapes(model_path.parent / EXAMPLE_INPUTS))
+    typed = n_qdq > 0 or any(v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+                             for v in (*model.graph.inputs, *model.graph.initializers.values()))
+    summary = (f"TensorRT legality: {len(RULES)} rules checked on {n_qdq} Q/DQ nodes, "
+               "0 violations")
+    runtime: dict[str, Any] = {
+        "name": "tensorrt", "profile": profile, "strongly_typed": typed,
+        "legality": {"rules": sorted(RULES), "qdq_nodes": n_qdq, "violations": 0},
+        "config": dict(target.runtime_config)}
+    trt, reason = _import_tensorrt()
+    if trt is not None:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            build_engine(trt, model_path, target_dir / "model.plan", target_dir / "timing.cache",
+                         profile, typed)
+            return BuildResult(
+                runtime={**runtime, "model": "target/model.plan", "engine": "target/model.plan",
+                         "timing_cache": "target/timing.cache", "tensorrt": trt.__version__},
+                files=["target/model.plan", "target/timing.cache"], notes=[summary])
+        except TargetUnavailableError as e:
+            reason = str(e)
+    note = UNAVAILABLE if reason is None else f"{reason}; {_BUILD_LATER}"
+    return BuildResult(runtime={**runtime, "model": "model.onnx", "engine": None,
+                                "unavailable": note}, files=[], notes=[note, summary])
+
+
+def _import_tensorrt():
+    """(module, None), or (None, why not) when TensorRT is absent or cannot load."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return None, None
+    try:
+        return importlib.import_module("tensorrt"), None
+    except (ImportError, OSError) as e:  # e.g. the wheel is there but libnvinfer is not
+        return None, f"TensorRT is installed but does not load ({e})"
+
+
+def _violations_line(violations: list[Violation]) -> str:
+    shown = "; ".join(f"node {v.node!r} ({v.op}) breaks {v.rule}: {v.message}"
+                      for v in violations[:3])
+    more = f" (+{len(violations) - 3} more)" if len(violations) > 3 else ""
+    return (f"the model is not TensorRT-legal: {shown}{more}; quantize it with a tensorrt scheme "
+            f"(--quantize {'|'.join(SCHEMES)}) or run the tensorrt-legalize pass first")
+
+
+def _example_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if not path.is_file():
+        return {}
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k].shape for k in data.files}
+
+
+def optimization_profile(model: ir.Model, examples: Mapping[str, tuple[int, ...]]
+                         ) -> dict[str, dict[str, list[int]]]:
+    """min/opt/max per graph input: fixed dims as they are; a dynamic dim runs 1..example size.
+
+    The engine then accepts any size up to the example's (TensorRT needs an upper bound at
+    build time); compile with the largest example you will run.
+    """
+    profile = {}
+    for value in model.graph.inputs:
+        if value.const_value is not None:
+            continue
+        dims = list(value.shape) if value.shape is not None else None
+        example = examples.get(value.name)
+        if example is not None and dims is not None and len(example) != len(dims):
+            raise UserError(f"example input {value.name!r} has rank {len(example)}, the model "
+                            f"input has rank {len(dims)}")
+        dims = dims if dims is not None else [None] * len(example or ())
+        if dims and not all(isinstance(d, int) for d in dims) and example is None:
+            raise UserError(f"input {value.name!r} has dynamic shape {dims} and no example input "
+                            "to size TensorRT's optimization profile; pass example inputs")
+        lo = [d if isinstance(d, int) else 1 for d in dims]
+        opt = [d if isinstance(d, int) else int(e) for d, e in zip(dims, example or dims)]
+        profile[value.name] = {"min": lo, "opt": opt, "max": list(opt)}
+    return profile
+
+
+def build_engine(trt, model_path: Path, plan_path: Path, cache_path: Path,
+                 profile: Mapping[str, Mapping[str, list[int]]], strongly_typed: bool) -> None:
+    """Parse ``model_path`` with TensorRT's ONNX parser and write the serialized plan."""
+    log = trt.Logger(trt.Logger.WARNING)
+    try:
+        builder = trt.Builder(log)
+    except (TypeError, RuntimeError) as e:  # pybind returns no builder when CUDA cannot start
+        raise TargetUnavailableError(f"TensorRT is installed but could not start a builder "
+                                     f"(no usable NVIDIA GPU? {e})") from None
+    flags = 0
+    if strongly_typed:
+        if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+            raise UserError(f"TensorRT {trt.__version__} has no strongly typed networks, which "
+                            "quantized and fp16 graphs need; install TensorRT >= 10")
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, log)
+    if not parser.parse_from_file(str(model_path)):  # the path lets it find external data
+        raise UserError(_parser_line(parser))
+    config = builder.create_builder_config()
+    # TF32 is on by default for fp32 matmul/conv on Ampere+: ~1e-3 error breaks fp32 fidelity.
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    shared = Path(os.environ[TIMING_CACHE_ENV]) if os.environ.get(TIMING_CACHE_ENV) else None
+    source = next((p for p in (cache_path, shared) if p is not None and p.is_file()), None)
+    cache = config.create_timing_cache(source.read_bytes() if source else b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        logger.warning("timing cache %s is from another TensorRT or GPU; building without it",
+                       source)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    opt_profile = builder.create_optimization_profile()
+    for name, p in profile.items():
+        opt_profile.set_shape(name, p["min"], p["opt"], p["max"])
+    config.add_optimization_profile(opt_profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise UserError("TensorRT could not build an engine for this model (its log above says "
+                        "which layer); check the GPU supports the model's precision (fp8 needs "
+                        "Ada or later) or compile for ort-cpu")
+    plan_path.write_bytes(memoryview(plan))
+    timing = memoryview(config.get_timing_cache().serialize())
+    for path in (cache_path, shared):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(timing)
+
+
+def _parser_line(parser) -> str:
+    errors = [parser.get_error(i) for i in range(parser.num_errors)]
+    if not errors:
+        return "TensorRT's ONNX parser rejected the model without saying why; see its log"
+    e = errors[0]
+    name = _call(e, "node_name") or f"#{_call(e, 'node')}"
+    op = _call(e, "node_operator") or "?"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return (f"TensorRT's ONNX parser rejected node {name!r} ({op}): {e.desc()}{more}; see "
+            "onnx-tensorrt's docs/operators.md for what it supports, or compile for ort-cpu")
+
+
+def _call(obj, method: str):
+    fn = getattr(obj, method, None)  # node_name/node_operator arrived in TensorRT 10
+    return fn() if callable(fn) else None
+
+
+TENSORRT = Target(
+    name="tensorrt",
+    description="NVIDIA TensorRT engine (target/model.plan), explicit Q/DQ quantization; "
+                "without TensorRT the checked TensorRT-legal model.onnx",
+    runtime="tensorrt",
+    opset_range=(9, 24),
+    static_shapes=False,
+    precision="fp32",
+    runtime_config={},
+    notes=("TensorRT takes one optimization profile: dynamic dims run from 1 to the example size",
+           "quantized graphs must follow TensorRT's Q/DQ rules (symmetric int8/fp8, int4 weight-"
+           "only blocks); the build checks them and names the node that breaks one",
+           "building the engine needs an NVIDIA GPU and pip install 'edgec[tensorrt]'"),
+    requires=(),
+    build=_build,
+    schemes=SCHEMES,
+)
