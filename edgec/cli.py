@@ -1,4 +1,4 @@
-"""The ``edgec`` command: models, export, compile, run, bench, compare, inspect.
+"""The ``edgec`` command: models, export, compile, calibrate, run, bench, compare, inspect.
 
 Exit status: 0 ok, 2 user error (one line on stderr saying what and what to do), 1 internal.
 """
@@ -21,7 +21,8 @@ from edgec.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="edgec — export PyTorch models to ONNX, rewrite them with checked passes, "
-                       "and build them for edge targets (ort-cpu, openvino-cpu).")
+                       "and build them for edge targets (ort-cpu, openvino-cpu, qnn-htp, "
+                       "tensorrt).")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, log_path=False)
 
@@ -99,6 +100,12 @@ class _Status:
         return self._status.__exit__(*exc)
 
 
+_QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | fp8 "
+                  "(which target offers which: README § Quantization); options after ':' "
+                  "method=minmax|percentile|entropy, exclude=NODE_OR_OP;... (kept in high "
+                  "precision), samples=N, mask_fill=F")
+
+
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log pass details")] = False):
     # Libraries (onnxscript, onnx-ir) log every folding decision at INFO; show only ours.
@@ -153,7 +160,8 @@ def export_cmd(
 def compile_cmd(
     source: Annotated[str, typer.Argument(
         help="model name, path to an .onnx file, or a Hugging Face checkpoint directory")],
-    target: Annotated[str, typer.Option("--target", "-t", help="ort-cpu | openvino-cpu")],
+    target: Annotated[str, typer.Option(
+        "--target", "-t", help="ort-cpu | openvino-cpu | qnn-htp | tensorrt")],
     output: Annotated[Path, typer.Option("-o", "--output", help="artifact directory to write")],
     config: Annotated[Optional[str], typer.Option(
         "--config", "-c", help="model config (tiny|small|base[+option]); for a Hugging Face "
@@ -176,6 +184,13 @@ def compile_cmd(
     prune: Annotated[Optional[str], typer.Option(
         "--prune", metavar="SPEC", help="magnitude-prune MatMul weights before LoRA: "
                                         "magnitude:0.5 (unstructured) or 2:4 (N:M)")] = None,
+    quantize: Annotated[Optional[str], typer.Option(
+        "--quantize", "-q", metavar="SCHEME[:K=V,...]",
+        help=_QUANTIZE_HELP)] = None,
+    calib: Annotated[Optional[Path], typer.Option(
+        "--calib", metavar="FILE_OR_DIR",
+        help="calibration cache from `edgec calibrate` (reused, checked against the model), "
+             "or an .npz of samples (keys = input names, leading sample axis)")] = None,
     check: Annotated[bool, typer.Option("--check", help="check every pass numerically")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ):
@@ -199,6 +214,10 @@ def compile_cmd(
 
     * `edgec compile llama --target openvino-cpu -o out-swap --lora ./a1 --lora ./a2
       --lora-mode swappable`
+
+    * `edgec compile llama --config small --target openvino-cpu -o out-int8 --quantize w8a8`
+
+    * `edgec compile llama --target qnn-htp -o out-npu --quantize w8a16 --calib calib/`
     """
     from edgec.pipeline import compile_model
 
@@ -206,7 +225,8 @@ def compile_cmd(
     with _Status("compiling") as status:
         art = compile_model(source, target=target, output_dir=output, config=config,
                             sparse_attention=sparse, check=check, progress=status,
-                            lora=lora or None, lora_mode=lora_mode, prune=prune)
+                            lora=lora or None, lora_mode=lora_mode, prune=prune,
+                            quantize=quantize, calibration=calib)
     if as_json:
         return _print_json(art.report)
     from edgec.report import summary_rows
@@ -216,6 +236,70 @@ def compile_cmd(
         table.add_row(k, v)
     out.print(table)
     out.print(f"report: {output / 'report.md'}", highlight=False)
+
+
+@app.command("calibrate")
+@_errors
+def calibrate_cmd(
+    source: Annotated[str, typer.Argument(
+        help="model name, path to an .onnx file, or a Hugging Face checkpoint directory")],
+    target: Annotated[str, typer.Option(
+        "--target", "-t", help="ort-cpu | openvino-cpu | qnn-htp | tensorrt")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="directory for calibration.json")],
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help=".npz of samples: keys = input names, leading sample axis "
+                       "(default: the model's own calibration generator)")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", "-c", help="model config, as for compile")] = None,
+    quantize: Annotated[str, typer.Option(
+        "--quantize", "-q", metavar="SCHEME[:K=V,...]", help=_QUANTIZE_HELP)] = "w8a8",
+    as_json: Annotated[bool, typer.Option("--json", help="print the cache summary as JSON")] = False,
+):
+    """Collect activation ranges on calibration samples and write a calibration cache.
+
+    The cache (calibration.json: per-tensor ranges keyed by tensor name, plus the model hash,
+    target, scheme, method and sample count) is reused by `edgec compile ... --quantize SCHEME
+    --calib DIR`; a cache that does not match the compiled model is refused.
+
+    Examples:
+
+    * `edgec calibrate llama --config small --target openvino-cpu -o calib/`
+
+    * `edgec calibrate llama --target qnn-htp --quantize w8a16:method=entropy -o calib/`
+
+    * `edgec calibrate model.onnx --target ort-cpu --data samples.npz -o calib/`
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgec.calibration import calibrate
+
+    with _Status("calibrating") as status:
+        bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=err, transient=True)
+        task = None
+
+        def advance(i: int, n: int) -> None:
+            nonlocal task
+            if task is None:
+                status._status.stop()  # the bar replaces the status line
+                bar.start()
+                task = bar.add_task("samples", total=n)
+            bar.update(task, completed=i)
+
+        try:
+            cache = calibrate(source, target, output, config=config, data=data, quantize=quantize,
+                              progress=advance, step=status)
+        finally:
+            bar.stop()
+    summary = {"cache": str(output / "calibration.json"), "target": cache.target,
+               "scheme": cache.scheme, "method": cache.method, "samples": cache.samples,
+               "data": cache.data, "tensors": len(cache.tensors),
+               "model_hash": cache.model_hash, "seconds": round(cache.seconds, 3)}
+    if as_json:
+        return _print_json(summary)
+    out.print(f"wrote {summary['cache']}: {summary['tensors']} tensor ranges from "
+              f"{cache.samples} samples ({cache.method}, {cache.data}) in {cache.seconds:.1f} s",
+              highlight=False)
 
 
 @app.command("run")

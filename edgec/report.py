@@ -51,9 +51,22 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                 line += "; skipped: " + ", ".join(f"{k} ×{v}" for k, v in
                                                   st["skipped_reasons"].items())
             rows.append((p["name"], line))
+    q = report.get("quantization")
+    if q:
+        sc = q["scheme"]
+        acts = f"{sc['activations']} activations" if sc["activations"] else "weight-only"
+        line = f"{sc['name']}: {sc['weights']} weights, {acts} ({sc['rules']} rules)"
+        cal = q.get("calibration")
+        if cal:
+            line += (f"; calibration {cal['how']}: {cal['samples']} samples, {cal['method']}, "
+                     f"{cal['data']}")
+        rows.append(("quantization", line))
     lat = report["latency"]
-    rows.append(("latency", f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
-                            f"({lat['iterations']} runs)"))
+    if "p50_ms" in lat:
+        rows.append(("latency", f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
+                                f"({lat['iterations']} runs)"))
+    else:
+        rows.append(("latency", f"not measured: {lat.get('skipped', 'no runtime')}"))
     rows.append(("graph", f"{report['graph']['nodes']} nodes, "
                           f"{report['graph']['parameters']:,} parameters"))
     rows.append(("size", f"{sum(report['size_bytes'].values()) / 2**20:.1f} MiB"))
@@ -84,9 +97,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += [f"## {tvs['runtime']} vs ONNX Runtime on the rewritten model", "",
                   _table(header, _fidelity_rows(tvs["vs_rewritten_onnx"])), ""]
     lat = report["latency"]
-    parts += ["## Latency", "", _table(["p50 ms", "p90 ms", "mean ms", "min ms", "runs"], [[
-        f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['mean_ms']:.3f}",
-        f"{lat['min_ms']:.3f}", str(lat["iterations"])]]), ""]
+    if "p50_ms" in lat:
+        parts += ["## Latency", "", _table(["p50 ms", "p90 ms", "mean ms", "min ms", "runs"], [[
+            f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['mean_ms']:.3f}",
+            f"{lat['min_ms']:.3f}", str(lat["iterations"])]]), ""]
+    for note in report.get("notes", []):
+        parts += [f"> {note}", ""]
     parts += ["## Passes", "", _table(["pass", "modified", "seconds", "stats", "check"], [
         [p["name"], str(p["modified"]), f"{p['seconds']:.3f}",
          ", ".join(f"{k}={v}" for k, v in p["stats"].items() if k != "config") or "-",

@@ -164,61 +164,62 @@ def check_tensorrt_graph(model: ir.Model, scheme: QuantScheme | None = None) -> 
 
 
 def _check_qdq(node: ir.Node, opset: int, scheme: QuantScheme | None) -> list[Violation]:
-    out: list[Violation] = []
-
-    def add(rule: str, msg: str) -> None:
-        out.append(_violation(node, rule, msg))
-
-    x, scale = node.inputs[0], node.inputs[1]
-    zp = node.inputs[2] if len(node.inputs) > 2 else None
-    qtype, weight = _qtype(node), _is_weight(node)
-    block = _attr(node, "block_size", 0)
-    if qtype is not None and qtype not in _QTYPES:
-        add("qdq-type", f"quantizes to {qtype.name}; TensorRT quantizes to int8, float8e4m3fn or "
-            "int4 only (uint8 with zero point 128 is legalized to int8 by the tensorrt-legalize pass)")
-    if (qtype in _FLOAT8 and opset < 19) or ((qtype == ir.DataType.INT4 or block) and opset < 21):
-        add("opset", f"needs a higher opset than {opset} for {qtype.name if qtype else 'its type'}"
-            f"{' with block_size' if block else ''}; re-export with opset 21")
-    if zp is not None:
-        zp_arr = const_array(zp)
-        if zp_arr is None:
-            add("zero-point", "zero point is not a constant; TensorRT needs it constant and all 0")
-        elif np.any(zp_arr.astype(np.float32) != 0):
-            add("zero-point", f"zero point is not 0 (values {_few(zp_arr)}); TensorRT quantizes "
-                "symmetrically: re-quantize with symmetric ranges")
-    s = const_array(scale)
+    qtype, weight, s = _qtype(node), _is_weight(node), const_array(node.inputs[1])
+    out = _check_type(node, qtype, weight, opset) + _check_scheme(node, qtype, weight, s, scheme)
     if s is None:
-        add("scale-constant", "scale is computed at run time; TensorRT needs a constant scale "
-            "(an initializer or Constant node)")
-        return out + _check_scheme(node, qtype, weight, None, block, scheme)
-    sf = s.astype(np.float64)
-    if not np.all(np.isfinite(sf) & (sf > 0)):
-        add("scale-value", f"scale has non-positive or non-finite values ({_few(s)})")
+        return out + [_violation(node, "scale-constant", "scale is computed at run time; "
+                                 "TensorRT needs a constant scale (initializer or Constant node)")]
+    return out + _check_scale(node, qtype, weight, s)
+
+
+def _check_type(node: ir.Node, qtype, weight: bool, opset: int) -> list[Violation]:
+    add = functools.partial(_violation, node)
+    zp = node.inputs[2] if len(node.inputs) > 2 else None
+    block, out = _attr(node, "block_size", 0), []
+    if qtype is not None and qtype not in _QTYPES:
+        out.append(add("qdq-type", f"quantizes to {qtype.name}; TensorRT quantizes to int8, "
+                       "float8e4m3fn or int4 only (a uint8 pair with zero point 128 is made int8 "
+                       "exactly by the tensorrt-legalize pass)"))
+    if (qtype in _FLOAT8 and opset < 19) or ((qtype == ir.DataType.INT4 or block) and opset < 21):
+        out.append(add("opset", f"opset {opset} is too low for {getattr(qtype, 'name', '?')}"
+                       f"{' with block_size' if block else ''}; re-export with opset 21"))
+    zp_arr = const_array(zp)
+    if zp is not None and zp_arr is None:
+        out.append(add("zero-point", "zero point is not a constant; TensorRT needs constant 0"))
+    elif zp_arr is not None and np.any(zp_arr.astype(np.float32) != 0):
+        out.append(add("zero-point", f"zero point is not 0 (values {_few(zp_arr)}); TensorRT "
+                       "quantizes symmetrically: re-quantize with symmetric ranges"))
+    if qtype == ir.DataType.INT4 and not weight:
+        out.append(add("int4-weight-only", f"{node.op_type} of a run-time (activation) tensor to "
+                       "int4; TensorRT takes int4 only as weight-only DequantizeLinear of constants"))
+    return out
+
+
+def _check_scale(node: ir.Node, qtype, weight: bool, s: np.ndarray) -> list[Violation]:
+    add = functools.partial(_violation, node)
+    out, scale, rank = [], node.inputs[1], _rank(node.inputs[0])
+    if not np.all(np.isfinite(s.astype(np.float64)) & (s.astype(np.float64) > 0)):
+        out.append(add("scale-value", f"scale has non-positive or non-finite values ({_few(s)})"))
     if scale.dtype is not None and scale.dtype not in _SCALE_TYPES:
-        add("scale-value", f"scale has type {scale.dtype.name}; use float32, float16 or bfloat16")
-    rank = _rank(x)
-    if s.size > 1 and s.ndim <= 1:
-        if not weight:
-            add("activation-per-tensor", f"activation quantized per channel ({s.size} scales); "
-                "TensorRT quantizes activations per tensor: use one scale")
-        elif rank is not None:
-            axis = _attr(node, "axis", 1) % rank
-            for use in node.outputs[0].uses() if node.op_type == "DequantizeLinear" else ():
-                want = output_channel_axis(use.node, use.idx, rank)
-                if want is not None and want != axis:
-                    add("weight-channel-axis", f"per-channel scales on axis {axis}, but the output-"
-                        f"channel axis of {use.node.op_type} {_label(use.node)!r} is {want}")
-    elif s.size > 1:
-        out += _check_block(node, qtype, weight, s, rank, block)
-    if qtype == ir.DataType.INT4 and (node.op_type == "QuantizeLinear" and not weight):
-        add("int4-weight-only", "quantizes an activation to int4; TensorRT supports int4 only for "
-            "weight-only DequantizeLinear of constant weights")
-    elif qtype == ir.DataType.INT4 and not weight:
-        add("int4-weight-only", "dequantizes a run-time int4 tensor; int4 must be constant weights")
-    elif qtype == ir.DataType.INT4 and (s.size == 1 or s.ndim <= 1):
-        add("int4-block", "int4 with per-tensor or per-channel scales; TensorRT needs per-block "
-            f"scales (block_size in {_INT4_BLOCKS})")
-    return out + _check_scheme(node, qtype, weight, s, block, scheme)
+        out.append(add("scale-value", f"scale has type {scale.dtype.name}; use float32, float16 "
+                       "or bfloat16"))
+    if s.size > 1 and s.ndim > 1:
+        return out + _check_block(node, qtype, weight, s, rank, _attr(node, "block_size", 0))
+    if qtype == ir.DataType.INT4 and weight:
+        out.append(add("int4-block", "int4 with per-tensor or per-channel scales; TensorRT needs "
+                       f"per-block scales (block_size in {_INT4_BLOCKS})"))
+    if s.size > 1 and not weight:
+        out.append(add("activation-per-tensor", f"activation quantized per channel ({s.size} "
+                       "scales); TensorRT quantizes activations per tensor: use one scale"))
+    elif s.size > 1 and rank is not None and node.op_type == "DequantizeLinear":
+        axis = _attr(node, "axis", 1) % rank
+        for use in node.outputs[0].uses():
+            want = output_channel_axis(use.node, use.idx, rank)
+            if want is not None and want != axis:
+                out.append(add("weight-channel-axis", f"per-channel scales on axis {axis}, but the "
+                               f"output-channel axis of {use.node.op_type} {_label(use.node)!r} "
+                               f"is {want}"))
+    return out
 
 
 def _check_block(node, qtype, weight, s, rank, block) -> list[Violation]:
@@ -241,9 +242,10 @@ def _check_block(node, qtype, weight, s, rank, block) -> list[Violation]:
     return found
 
 
-def _check_scheme(node, qtype, weight, s, block, scheme: QuantScheme | None) -> list[Violation]:
+def _check_scheme(node, qtype, weight, s, scheme: QuantScheme | None) -> list[Violation]:
     if scheme is None or qtype is None:
         return []
+    block = _attr(node, "block_size", 0)
     add = functools.partial(_violation, node, "scheme")
     want = scheme.weights if weight else scheme.activations
     if want is None:
