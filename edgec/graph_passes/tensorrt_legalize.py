@@ -42,8 +42,8 @@ class TensorRTLegalizePass(EdgecPass):
         graph = model.graph
         for node in qdq_nodes(graph):
             zp = node.inputs[2] if len(node.inputs) > 2 else None
-            if zp is None or node.graph is None:
-                continue
+            if zp is None or node.graph is None or _const_dtype(zp) not in _SIGNED:
+                continue  # float8 and 16-bit forms have no signed shift; the checker judges them
             if _is_symmetric_signed(zp):
                 continue
             if node.op_type == "DequantizeLinear" and is_constant(node.inputs[0]):
@@ -56,9 +56,13 @@ class TensorRTLegalizePass(EdgecPass):
         return PassResult(model, modified, stats)
 
 
+def _const_dtype(value: ir.Value) -> ir.DataType | None:
+    return ir.convenience.get_const_tensor(value).dtype if is_constant(value) else None
+
+
 def _is_symmetric_signed(zp: ir.Value) -> bool:
     arr = const_array(zp)
-    return arr is not None and zp.dtype in (ir.DataType.INT8, ir.DataType.INT4) and not arr.any()
+    return _const_dtype(zp) in (ir.DataType.INT8, ir.DataType.INT4) and not arr.any()
 
 
 def _shift_weight(graph: ir.Graph, dq: ir.Node) -> bool:
@@ -81,7 +85,7 @@ def _shift_weight(graph: ir.Graph, dq: ir.Node) -> bool:
 
 def _shift_pair(graph: ir.Graph, q: ir.Node) -> bool:
     zp = q.inputs[2]
-    zp_arr, spec = const_array(zp), _SIGNED.get(zp.dtype)
+    zp_arr, spec = const_array(zp), _SIGNED.get(_const_dtype(zp))
     if zp_arr is None or spec is None or q.outputs[0].is_graph_output():
         return False
     signed, _, _, mid = spec
@@ -92,7 +96,7 @@ def _shift_pair(graph: ir.Graph, q: ir.Node) -> bool:
         dq = use.node
         dzp = dq.inputs[2] if len(dq.inputs) > 2 else None
         if (dq.op_type != "DequantizeLinear" or use.idx != 0 or dzp is None
-                or dzp.dtype != zp.dtype or (arr := const_array(dzp)) is None or np.any(arr != mid)):
+                or _const_dtype(dzp) != _const_dtype(zp) or np.any(const_array(dzp) != mid)):
             return False
     zero = ir.tensor(np.zeros(zp_arr.shape, dtype=signed.numpy()))
     q.replace_input_with(2, _initializer(graph, f"{zp.name}_signed", zero))

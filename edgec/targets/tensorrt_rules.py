@@ -19,8 +19,8 @@ import onnx_ir as ir
 
 from edgec.targets.base import QuantScheme
 
-__all__ = ["Rule", "RULES", "Violation", "check_tensorrt_graph", "is_constant", "const_array",
-           "output_channel_axis", "input_channel_axis", "qdq_nodes"]
+__all__ = ["RULES", "Rule", "Violation", "check_tensorrt_graph", "const_array", "is_constant",
+           "qdq_nodes", "weight_axes"]
 
 _GUIDE = "TensorRT Developer Guide: Working with Quantized Types"
 _OPREF = "TensorRT operator reference: Quantize / Dequantize"
@@ -71,8 +71,6 @@ class Violation:
 
 
 _QTYPES = {ir.DataType.INT8, ir.DataType.FLOAT8E4M3FN, ir.DataType.INT4}
-_FLOAT8 = {ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E4M3FNUZ,
-           ir.DataType.FLOAT8E5M2FNUZ}
 _SCALE_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 _IO_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE,
              ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT32, ir.DataType.INT64,
@@ -95,26 +93,19 @@ def qdq_nodes(graph: ir.Graph):
             and n.op_type in ("QuantizeLinear", "DequantizeLinear")]
 
 
-def output_channel_axis(consumer: ir.Node, index: int, rank: int) -> int | None:
-    """The output-channel axis of a weight at input ``index`` of ``consumer`` (None: not a weight)."""
+def weight_axes(consumer: ir.Node, index: int, rank: int) -> tuple[int, int | None] | None:
+    """(output-channel, input-channel) axes of a weight at input ``index`` of ``consumer``.
+
+    None when that input is not a weight TensorRT knows; the input-channel axis (where int4
+    blocks must run) only for MatMul/Gemm, the ops TensorRT's int4 weight-only path serves.
+    """
     if index != 1:
         return None
-    if consumer.op_type == "MatMul":
-        return rank - 1 if rank >= 2 else None
+    if consumer.op_type == "MatMul" and rank >= 2:
+        return rank - 1, rank - 2
     if consumer.op_type == "Gemm":
-        return 0 if _attr(consumer, "transB", 0) else 1
-    return {"Conv": 0, "ConvTranspose": 1}.get(consumer.op_type)
-
-
-def input_channel_axis(consumer: ir.Node, index: int, rank: int) -> int | None:
-    """The reduction (input-channel) axis of a MatMul/Gemm weight, where int4 blocks must run."""
-    if index != 1:
-        return None
-    if consumer.op_type == "MatMul":
-        return rank - 2 if rank >= 2 else None
-    if consumer.op_type == "Gemm":
-        return 1 if _attr(consumer, "transB", 0) else 0
-    return None
+        return (0, 1) if _attr(consumer, "transB", 0) else (1, 0)
+    return {"Conv": (0, None), "ConvTranspose": (1, None)}.get(consumer.op_type)
 
 
 def _attr(node: ir.Node, name: str, default: int) -> int:
@@ -180,7 +171,7 @@ def _check_type(node: ir.Node, qtype, weight: bool, opset: int) -> list[Violatio
         out.append(add("qdq-type", f"quantizes to {qtype.name}; TensorRT quantizes to int8, "
                        "float8e4m3fn or int4 only (a uint8 pair with zero point 128 is made int8 "
                        "exactly by the tensorrt-legalize pass)"))
-    if (qtype in _FLOAT8 and opset < 19) or ((qtype == ir.DataType.INT4 or block) and opset < 21):
+    if (qtype is not None and qtype.name.startswith("FLOAT8") and opset < 19) or ((qtype == ir.DataType.INT4 or block) and opset < 21):
         out.append(add("opset", f"opset {opset} is too low for {getattr(qtype, 'name', '?')}"
                        f"{' with block_size' if block else ''}; re-export with opset 21"))
     zp_arr = const_array(zp)
@@ -214,7 +205,7 @@ def _check_scale(node: ir.Node, qtype, weight: bool, s: np.ndarray) -> list[Viol
     elif s.size > 1 and rank is not None and node.op_type == "DequantizeLinear":
         axis = _attr(node, "axis", 1) % rank
         for use in node.outputs[0].uses():
-            want = output_channel_axis(use.node, use.idx, rank)
+            want = (weight_axes(use.node, use.idx, rank) or (None,))[0]
             if want is not None and want != axis:
                 out.append(add("weight-channel-axis", f"per-channel scales on axis {axis}, but the "
                                f"output-channel axis of {use.node.op_type} {_label(use.node)!r} "
@@ -235,7 +226,7 @@ def _check_block(node, qtype, weight, s, rank, block) -> list[Violation]:
     axis = _attr(node, "axis", 1) % rank
     found = []
     for use in node.outputs[0].uses():
-        want = input_channel_axis(use.node, use.idx, rank)
+        want = (weight_axes(use.node, use.idx, rank) or (None, None))[1]
         if want is not None and want != axis:
             found.append(add("int4-block", f"blocks run along axis {axis}, but the input-channel "
                              f"axis of {use.node.op_type} {_label(use.node)!r} is {want}"))
