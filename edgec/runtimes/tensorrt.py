@@ -31,6 +31,7 @@ class TensorRTSession(Session):
         try:
             import tensorrt as trt
             from polygraphy.backend.trt import EngineFromPath, TrtRunner
+            from polygraphy.exception import PolygraphyException
         except ImportError as e:
             raise TargetUnavailableError(
                 f"{root}: running a TensorRT engine needs {e.name or 'tensorrt'}, which is not "
@@ -43,7 +44,7 @@ class TensorRTSession(Session):
         self._runner = TrtRunner(EngineFromPath(str(plan)))
         try:
             self._runner.activate()
-        except Exception as e:  # Polygraphy reports a plan from another TensorRT/GPU this way
+        except (PolygraphyException, RuntimeError) as e:  # e.g. a plan from another TensorRT/GPU
             raise TargetUnavailableError(f"{plan}: TensorRT cannot load this engine ({e}); "
                                          "engines are tied to the TensorRT version and GPU that "
                                          "built them: recompile here") from None

@@ -24,7 +24,7 @@ from edgec.errors import TargetUnavailableError, UserError
 from edgec.targets.base import BuildResult, QuantScheme, Target
 from edgec.targets.tensorrt_rules import RULES, Violation, check_tensorrt_graph, qdq_nodes
 
-__all__ = ["TENSORRT", "optimization_profile", "build_engine", "TIMING_CACHE_ENV"]
+__all__ = ["TENSORRT", "TIMING_CACHE_ENV", "build_engine", "optimization_profile"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +208,8 @@ TENSORRT = Target(
     precision="fp32",
     runtime_config={},
     notes=("TensorRT takes one optimization profile: dynamic dims run from 1 to the example size",
-           "quantized graphs must follow TensorRT's Q/DQ rules (symmetric int8/fp8, int4 weight-"
-           "only blocks); the build checks them and names the node that breaks one",
+           ("quantized graphs must follow TensorRT's Q/DQ rules (symmetric int8/fp8, int4 "
+            "weight-only blocks); the build checks them and names the node that breaks one"),
            "building the engine needs an NVIDIA GPU and pip install 'edgec[tensorrt]'"),
     requires=(),
     build=_build,
