@@ -70,7 +70,7 @@ def _int4_matmul(block=128, axis=0, scale_sign=1.0, quantize_activation=False):
     return _model(nodes, inits)
 
 
-def _fp8_matmul():
+def _fp8_matmul(opset=19):
     w = RNG.uniform(-2, 2, (K, N)).astype(ml_dtypes.float8_e4m3fn)
     zero = np.zeros((), ml_dtypes.float8_e4m3fn)
     nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="q_x"),
@@ -80,7 +80,14 @@ def _fp8_matmul():
     inits = [ir.serde.serialize_tensor(ir.tensor(w, name="w8")),
              ir.serde.serialize_tensor(ir.tensor(zero, name="zx")),
              _init("sx", np.float32(0.01)), _init("sw", np.float32(0.02))]
-    return _model(nodes, inits, opset=19)
+    return _model(nodes, inits, opset=opset)
+
+
+def _int16_output():
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT16)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT16, [2])])
+    return ir.serde.deserialize_model(helper.make_model(graph, ir_version=10))
 
 
 def _ort_quantized(tmp_path, activation_type, per_channel=True):
@@ -171,6 +178,8 @@ def test_scheme_mismatch_is_reported():
     (lambda: _int4_matmul(axis=1, block=64), "dq_w4", "int4-block"),
     (lambda: _int4_matmul(block=32), "dq_w4", "int4-block"),
     (lambda: _int4_matmul(scale_sign=-1.0), "dq_w4", "scale-value"),
+    (lambda: _fp8_matmul(opset=17), "q_x", "opset"),
+    (_int16_output, "y", "io-dtype"),
 ])
 def test_illegal_form_is_reported_naming_its_node(model, node, rule):
     violations = check_tensorrt_graph(model())
