@@ -73,3 +73,21 @@ def torch_exported_session(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def bert_checkpoint(tmp_path_factory):
+    """A transformers BertModel with random weights saved as a local checkpoint.
+
+    initializer_range 0.2 (not BERT's 0.02) makes attention peaked, so what the attention mask
+    does matters: with near-uniform attention a destroyed mask would go unnoticed.
+    """
+    import transformers
+
+    root = tmp_path_factory.mktemp("bert") / "bert"
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     initializer_range=0.2)
+    transformers.BertModel(config).save_pretrained(root)
+    return root

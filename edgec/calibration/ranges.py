@@ -7,6 +7,8 @@ per-tensor statistics keyed by tensor name.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,8 +75,9 @@ def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str 
                                        augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=_method(method),
                                        use_external_data_format=True, extra_options=options)
-        calibrator.collect_data(Reader())
-        data = calibrator.compute_data()
+        with contextlib.redirect_stdout(io.StringIO()):  # ORT prints histogram settings
+            calibrator.collect_data(Reader())
+            data = calibrator.compute_data()
         del calibrator
     return {name: _stats(td) for name, td in data.items()}
 

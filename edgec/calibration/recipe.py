@@ -157,8 +157,8 @@ class QuantRecipe:
                     model, src, tgt, lambda i, n: step(f"calibrating: sample {i}/{n}"))
                 how = "calibrated during compile"
         step(f"quantizing ({scheme.name})")
-        qm = PassManager([QuantizePass(scheme, cache, self.exclude)], check=check,
-                         feeds=src.feeds)
+        qm = PassManager([QuantizePass(scheme, cache, self.exclude), *tgt.legalize_passes()],
+                         check=check, feeds=src.feeds)
         model = qm(model)
         manager.records.extend(qm.records)
         info = {"scheme": dataclasses.asdict(scheme), "exclude": list(self.exclude)}

@@ -22,6 +22,7 @@ __all__ = ["QuantPlan", "plan_quantization"]
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Expand", "Reshape", "Unsqueeze", "Squeeze",
                 "Transpose", "Slice", "Concat", "Tile", "Identity", "Min", "Max", "Neg",
                 "Cast", "Gather", "GatherND", "GatherElements"}
+_LOOKUPS = {"Gather", "GatherND", "GatherElements"}
 _SCORE_CHAIN = {"Add", "Sub", "Mul", "Div", "Where", "Reshape", "Transpose", "Identity", "Cast"}
 
 
@@ -37,20 +38,41 @@ def _is_float(v: ir.Value) -> bool:
     return v.dtype is not None and v.dtype.is_floating_point()
 
 
+def _is_huge(v: ir.Value) -> bool:
+    c = _constant(v)
+    return (c is not None and np.issubdtype(c.dtype, np.floating) and c.size > 0
+            and bool(np.all(c <= -HUGE)))
+
+
 def _mask_taint(model: ir.Model) -> set[str]:
-    """Float tensors derived from integer/bool inputs or from huge (mask fill) constants."""
-    tainted: set[str] = {v.name for v in model.graph.inputs
-                         if v.dtype is not None and not v.dtype.is_floating_point()}
-    for node in model.graph:  # topological order: one forward sweep propagates
+    """Tensors that are masks or position/integer-derived, not activations.
+
+    Two kinds, one forward sweep in topological order:
+    - huge: carries a mask fill (≤ -1e4): from such a constant through elementwise ops
+      (``Add(scores, mask)`` included: its range is destroyed too); Softmax ends it.
+    - derived: a pure function of integer/bool inputs and constants (``Cast(mask)``, position
+      angles, ``inv_freq @ positions``): quantizing positions would bend RoPE angles. A lookup
+      of integer indices into a float table (embeddings) yields an activation, not a mask.
+    A Where's condition selects but carries no values, so only its data inputs count.
+    """
+    inputs = {v.name for v in model.graph.inputs}
+    derived = {v.name for v in model.graph.inputs
+               if v.dtype is not None and not v.dtype.is_floating_point()}
+    huge: set[str] = set()
+    for node in model.graph:
         ins = [v for v in node.inputs if v is not None]
-        seeded = any(v.name in tainted for v in ins)
-        huge = any((c := _constant(v)) is not None and np.issubdtype(c.dtype, np.floating)
-                   and c.size and np.all(c <= -HUGE) for v in ins)
-        if node.op_type == "Gather" and len(ins) == 2 and ins[0].name not in tainted:
-            seeded = False  # an embedding lookup: integer indices, float table → real activation
-        if (seeded or huge) and (node.op_type in _ELEMENTWISE or not any(map(_is_float, ins))):
-            tainted.update(o.name for o in node.outputs)
-    return {n for n in tainted if n not in {v.name for v in model.graph.inputs}}
+        data = ins[1:] if node.op_type == "Where" else ins
+        if node.op_type == "Softmax" or not ins:
+            continue
+        if node.op_type in _ELEMENTWISE and any(v.name in huge or _is_huge(v) for v in data):
+            huge.update(o.name for o in node.outputs)
+        if node.op_type in _LOOKUPS and _is_float(ins[0]) and ins[0].name not in derived:
+            continue  # an embedding lookup: integer indices into a float table → an activation
+        live = [v for v in data if v.const_value is None and _constant(v) is None]
+        if any(v.name in derived for v in ins) and all(v.name in derived or v.name in huge
+                                                       for v in live):
+            derived.update(o.name for o in node.outputs)
+    return (huge | derived) - inputs
 
 
 def _score_chain(model: ir.Model) -> set[str]:

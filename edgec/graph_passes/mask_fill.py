@@ -71,4 +71,6 @@ class MaskFillPass(EdgecPass):
                 model.graph.register_initializer(new)
                 node.replace_input_with(i, new)
                 replaced += 1
+                if not value.uses() and value.name in model.graph.initializers:
+                    model.graph.initializers.pop(value.name)
         return PassResult(model, replaced > 0, {"fills_bounded": replaced, "fill": -self.fill})

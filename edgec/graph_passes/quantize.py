@@ -3,8 +3,9 @@
     MatMul(x, W)  ⇒  MatMul(DQ(Q(x; s_x, z_x)), DQ(W_q; s_w[, block]))      (per QuantScheme)
 
 onnxruntime.quantization does the insertion (``quantize_static`` in QDQ format from cached
-ranges; ``get_qnn_qdq_config`` for QNN's rules; ``MatMulNBitsQuantizer`` in QDQ form for
-block-wise weight-only int4). This pass adds what it lacks: the choice of what not to quantize
+ranges; ``get_qnn_qdq_config`` for QNN's rules). Block-wise weight-only int4 is done here
+(``_blockwise``): ORT's MatMulNBitsQuantizer writes negative scales in symmetric mode, which
+TensorRT refuses. This pass adds what ORT lacks: the choice of what not to quantize
 (masks, integer paths, user exclusions; see ``_quant_select``), 16-bit tensors on QNN, opset
 upgrades for 16-bit/int4 types, and ranges from an edgec calibration cache. The pass is
 approximating: the pipeline reports its error against the fp32 model.
@@ -23,6 +24,7 @@ import onnx_ir as ir
 
 from edgec.errors import UserError
 from edgec.graph_passes._infra import PassResult
+from edgec.graph_passes._blockwise import blockwise_weights
 from edgec.graph_passes._quant_select import plan_quantization
 
 __all__ = ["QuantizePass", "quant_type"]
@@ -74,15 +76,23 @@ class QuantizePass(ir.passes.FunctionalPass):
         if opset < s.min_opset:
             # 20 → 21 only widens type constraints (int4/16-bit Q/DQ); no op changes meaning.
             model.opset_imports[""] = s.min_opset
-        proto = ir.serde.serialize_model(model)
-        with tempfile.TemporaryDirectory(prefix="edgec-quant-") as tmp, _quiet_ort_quantization():
-            out = Path(tmp) / "quantized.onnx"
-            if s.rules == "weight-only":
-                self._weight_only(proto, out, plan)
-            else:
+        extra: dict[str, Any] = {}
+        if s.rules == "weight-only":
+            # Rewritten in place on the graph, handed out as a new Model: the pass consumes its
+            # input (no copy of a multi-GB weight set just to satisfy the functional contract).
+            extra = blockwise_weights(model, s, set(plan.nodes_to_exclude))
+            quantized = ir.Model(model.graph, ir_version=model.ir_version,
+                                 producer_name=model.producer_name,
+                                 producer_version=model.producer_version,
+                                 functions=list(model.functions.values()))
+        else:
+            proto = ir.serde.serialize_model(model)
+            with (tempfile.TemporaryDirectory(prefix="edgec-quant-") as tmp,
+                  _quiet_ort_quantization()):
+                out = Path(tmp) / "quantized.onnx"
                 self._static(proto, out, plan, Path(tmp))
-            quantized = ir.load(out)
-            ir.external_data.load_to_model(quantized)  # the temp dir goes away
+                quantized = ir.load(out)
+                ir.external_data.load_to_model(quantized)  # the temp dir goes away
         ops = Counter(n.op_type for n in quantized.graph)
         quantized.metadata_props.update(model.metadata_props)
         stats: dict[str, Any] = {
@@ -95,25 +105,9 @@ class QuantizePass(ir.passes.FunctionalPass):
             "tensors_16bit": len(plan.tensors_16bit),
             "mask_tensors": len(plan.mask_tensors),
             "opset": quantized.opset_imports.get(""),
+            **extra,
         }
         return PassResult(quantized, True, stats)
-
-    def _weight_only(self, proto, out: Path, plan) -> None:
-        from onnxruntime.quantization import QuantFormat
-        from onnxruntime.quantization.matmul_nbits_quantizer import (
-            DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer)
-
-        s = self.scheme
-        config = DefaultWeightOnlyQuantConfig(block_size=s.block_size or 128,
-                                              is_symmetric=s.weight_symmetric,
-                                              quant_format=QuantFormat.QDQ,
-                                              op_types_to_quantize=("MatMul",))
-        q = MatMulNBitsQuantizer(proto, block_size=s.block_size or 128,
-                                 is_symmetric=s.weight_symmetric, quant_format=QuantFormat.QDQ,
-                                 nodes_to_exclude=plan.nodes_to_exclude,
-                                 op_types_to_quantize=("MatMul",), algo_config=config)
-        q.process()
-        q.model.save_model_to_file(str(out), use_external_data_format=True)
 
     def _static(self, proto, out: Path, plan, tmp: Path) -> None:
         from onnxruntime.quantization import QuantFormat, quantize_static

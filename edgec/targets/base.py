@@ -79,6 +79,8 @@ class Target:
         requires: importable module names the build needs (checked before building).
         build: ``(target, model_path, target_dir) -> BuildResult``; writes the native artifact.
         schemes: quantization schemes the target offers, by name (``--quantize``).
+        legalize: passes (``"module:Class"``) run after quantization to bring the QDQ graph to
+            the device's rules (exact rewrites; the build then checks the rules).
     """
 
     name: str
@@ -92,3 +94,13 @@ class Target:
     requires: tuple[str, ...]
     build: Callable[[Target, Path, Path], BuildResult]
     schemes: Mapping[str, QuantScheme] = dataclasses.field(default_factory=dict)
+    legalize: tuple[str, ...] = ()
+
+    def legalize_passes(self) -> list:
+        import importlib
+
+        out = []
+        for spec in self.legalize:
+            module, _, cls = spec.partition(":")
+            out.append(getattr(importlib.import_module(module), cls)())
+        return out

@@ -214,4 +214,5 @@ TENSORRT = Target(
     requires=(),
     build=_build,
     schemes=SCHEMES,
+    legalize=("edgec.graph_passes.tensorrt_legalize:TensorRTLegalizePass",),
 )

@@ -1,0 +1,56 @@
+"""Block-wise symmetric weight-only quantization of constant MatMul weights (w4a16).
+
+    MatMul(x, W[K, N])  ⇒  MatMul(x, DequantizeLinear(W_q[K, N]; s[K/b, N], axis=0, block_size=b))
+
+Scales are absmax/qmax per block of ``b`` input channels and always positive (TensorRT's rule),
+no zero point (symmetric), so the same graph is legal for TensorRT, ORT and OpenVINO.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["blockwise_weights"]
+
+_TYPES = {"int4": (ir.DataType.INT4, 7), "int8": (ir.DataType.INT8, 127)}
+
+
+def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, Any]:
+    """Rewrite every eligible MatMul weight of ``model`` in place; returns stats."""
+    dtype, qmax = _TYPES[scheme.weights]
+    block = scheme.block_size or 128
+    done, skipped = 0, {}
+    for node in list(model.graph):
+        if node.op_type != "MatMul" or node.name in exclude or node.op_type in exclude:
+            continue
+        w = node.inputs[1]
+        if w is None or w.const_value is None or w.const_value.dtype != ir.DataType.FLOAT:
+            continue
+        arr = w.const_value.numpy()
+        if arr.ndim != 2 or arr.shape[0] % block:
+            reason = "not 2-D" if arr.ndim != 2 else f"K not a multiple of {block}"
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        k, n = arr.shape
+        blocks = arr.reshape(k // block, block, n)
+        scale = np.abs(blocks).max(axis=1) / qmax
+        scale = np.where(scale > 0, scale, np.float32(1e-8)).astype(np.float32)  # positive
+        q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax).astype(np.int8)
+        wq = ir.Value(name=f"{w.name}_q", const_value=ir.tensor(q.reshape(k, n), dtype=dtype))
+        ws = ir.Value(name=f"{w.name}_scale", const_value=ir.tensor(scale))
+        for v in (wq, ws):
+            model.graph.register_initializer(v)
+        dq = ir.node("DequantizeLinear", [wq, ws], attributes={"axis": 0, "block_size": block},
+                     name=f"{node.name}_weight_dq")
+        dq.outputs[0].name = f"{w.name}_dequantized"
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape([k, n])
+        model.graph.insert_before(node, dq)
+        node.replace_input_with(1, dq.outputs[0])
+        if not w.uses() and w.name in model.graph.initializers:
+            model.graph.initializers.pop(w.name)
+        done += 1
+    return {"weights_blockwise": done, "block_size": block,
+            **({"skipped": skipped} if skipped else {})}

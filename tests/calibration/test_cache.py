@@ -1,0 +1,93 @@
+"""Calibration caches: provenance, binding to the graph, refusal of a mismatch, sample files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edgec.calibration import CalibrationCache, model_hash
+from edgec.calibration.samples import samples_from_npz
+from edgec.errors import UserError
+from edgec.runtimes.base import IOSpec
+
+
+@pytest.fixture(scope="module")
+def llama_src():
+    from edgec.exporters.sources import resolve_source
+
+    return resolve_source("llama", "tiny")
+
+
+def _cache(**kw):
+    base = dict(model_hash="ab" * 32, target="ort-cpu", scheme="w8a8", method="minmax",
+                samples=4, data="model generator",
+                tensors={"x": {"lowest": -1.5, "highest": 2.0}})
+    return CalibrationCache(**{**base, **kw})
+
+
+def test_roundtrip_and_tensors_data(tmp_path):
+    c = _cache()
+    path = c.save(tmp_path / "calib")
+    assert path.name == "calibration.json" and not list(path.parent.glob("*.tmp"))
+    raw = json.loads(path.read_text())
+    assert raw["format"] == "edgec-calibration/1" and raw["tensors"]["x"]["highest"] == 2.0
+    back = CalibrationCache.load(tmp_path / "calib")
+    assert back == c
+    td = back.to_tensors_data()
+    lo, hi = td["x"].range_value
+    assert float(lo) == -1.5 and float(hi) == 2.0
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model_hash", "cd" * 32, "does not match the model"),
+    ("target", "openvino-cpu", "target 'openvino-cpu'"),
+    ("scheme", "w8a16", "scheme 'w8a16'"),
+    ("method", "entropy", "method 'entropy'"),
+])
+def test_mismatch_is_refused(field, value, match):
+    with pytest.raises(UserError, match=match):
+        _cache(**{field: value}).check("ab" * 32, "ort-cpu", "w8a8", "minmax")
+
+
+def test_bad_cache_files(tmp_path):
+    with pytest.raises(UserError, match="no calibration cache"):
+        CalibrationCache.load(tmp_path)
+    (tmp_path / "calibration.json").write_text("{not json")
+    with pytest.raises(UserError, match="invalid JSON"):
+        CalibrationCache.load(tmp_path)
+    (tmp_path / "calibration.json").write_text('{"format": "other"}')
+    with pytest.raises(UserError, match="not an edgec calibration cache"):
+        CalibrationCache.load(tmp_path)
+
+
+def test_model_hash_tracks_weights(llama_src):
+    import onnx_ir as ir
+
+    h = model_hash(llama_src.model)
+    assert h == model_hash(llama_src.model)
+    name, value = next((n, v) for n, v in llama_src.model.graph.initializers.items()
+                       if v.const_value is not None and v.const_value.size > 8)
+    original = value.const_value
+    arr = original.numpy().copy()
+    arr.flat[0] += 1.0
+    value.const_value = ir.tensor(arr, name=name)
+    try:
+        assert model_hash(llama_src.model) != h
+    finally:
+        value.const_value = original
+
+
+def test_npz_samples_are_validated(tmp_path):
+    specs = [IOSpec("input_ids", (1, 8), "int64")]
+    good = tmp_path / "good.npz"
+    np.savez(good, input_ids=np.zeros((3, 1, 8), np.int64))
+    samples = samples_from_npz(good, specs)
+    assert len(samples) == 3 and samples[0]["input_ids"].shape == (1, 8)
+    for name, arrays, match in [
+        ("missing.npz", {"ids": np.zeros((3, 1, 8), np.int64)}, "no array for input"),
+        ("shape.npz", {"input_ids": np.zeros((3, 1, 9), np.int64)}, "have shape"),
+        ("dtype.npz", {"input_ids": np.zeros((3, 1, 8), np.float32)}, "the model wants"),
+    ]:
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(UserError, match=match):
+            samples_from_npz(tmp_path / name, specs)

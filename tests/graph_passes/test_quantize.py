@@ -1,0 +1,148 @@
+"""Quantization pass: the QDQ form each scheme asks for, masks kept out, accuracy floors."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from edgec.calibration.recipe import QuantRecipe
+from edgec.exporters.verify import compare_outputs
+from edgec.graph_passes._quant_select import plan_quantization
+from edgec.graph_passes.mask_fill import MaskFillPass
+from edgec.graph_passes.quantize import QuantizePass
+from edgec.runtimes.ort import run_model
+from edgec.targets import get
+
+
+@pytest.fixture(scope="module")
+def llama_src():
+    from edgec.exporters.sources import resolve_source
+
+    return resolve_source("llama", "tiny")
+
+
+@pytest.fixture(scope="module")
+def bert_src(bert_checkpoint):
+    from edgec.exporters.sources import resolve_source
+
+    return resolve_source(str(bert_checkpoint), "batch=2,seq=16")
+
+
+def _clone(model):
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _quantize(src, target, scheme, **opts):
+    recipe = QuantRecipe.parse(scheme, None, target)
+    for k, v in opts.items():
+        setattr(recipe, k, v)
+    tgt = get(target)
+    model = _clone(src.model)
+    for p in recipe.preparation_passes(tgt):
+        model = p(model).model
+    s = recipe.scheme(tgt)
+    cache = recipe.calibrate(model, src, tgt) if s.calibrated else None
+    result = QuantizePass(s, cache, recipe.exclude)(model)
+    return result.model, result
+
+
+def _cosine(out, ref):
+    return min(e["cosine"] for e in compare_outputs(out, ref).values())
+
+
+def _dq_inits(model):
+    """(weight dtype, scale shape, attributes) of DequantizeLinear nodes fed by initializers."""
+    rows = []
+    for n in model.graph:
+        if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None:
+            rows.append((n.inputs[0].const_value.dtype, n.inputs[1].const_value.shape,
+                         {k: a.value for k, a in n.attributes.items()}))
+    return rows
+
+
+def test_w8a8_form_and_accuracy(llama_src):
+    model, result = _quantize(llama_src, "ort-cpu", "w8a8")
+    assert result.stats["quantize_linear"] > 0
+    weights = _dq_inits(model)
+    assert weights and all(dt == ir.DataType.INT8 for dt, _, _ in weights)
+    assert any(len(shape) == 1 and shape[0] > 1 for _, shape, _ in weights), "per-channel scales"
+    acts = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert all(n.inputs[2].const_value.dtype == ir.DataType.UINT8 for n in acts)
+    assert _cosine(run_model(model, llama_src.feeds), llama_src.reference) >= 0.99
+
+
+def test_w4a16_is_blockwise_weight_only(llama_src):
+    model, result = _quantize(llama_src, "openvino-cpu", "w4a16")
+    assert result.stats["quantize_linear"] == 0
+    weights = _dq_inits(model)
+    assert weights and all(dt == ir.DataType.INT4 and attrs.get("block_size") == 32
+                           for dt, _, attrs in weights)
+    assert model.opset_imports[""] >= 21
+    assert _cosine(run_model(model, llama_src.feeds), llama_src.reference) >= 0.99
+
+
+def test_mask_and_integer_paths_are_not_quantized(bert_src):
+    plan = plan_quantization(bert_src.model, "ort")
+    by_name = {n.name: n for n in bert_src.model.graph}
+    excluded_ops = {by_name[n].op_type for n in plan.nodes_to_exclude}
+    assert "Softmax" in excluded_ops and "MatMul" not in excluded_ops
+    model, _ = _quantize(bert_src, "ort-cpu", "w8a8")
+    for n in model.graph:  # no Q/DQ on a tensor that carries the mask or an integer path
+        if n.op_type == "QuantizeLinear":
+            assert n.inputs[0].name not in plan.mask_tensors
+
+
+def test_qnn_plan_keeps_scores_and_masks_16bit(bert_src):
+    plan = plan_quantization(bert_src.model, "qnn")
+    softmax = [n for n in bert_src.model.graph if n.op_type == "Softmax"]
+    for n in softmax:
+        assert n.inputs[0].name in plan.tensors_16bit and n.outputs[0].name in plan.tensors_16bit
+    assert not plan.nodes_to_exclude
+
+
+def test_bert_w8a8_beats_naive_quantization(bert_src, tmp_path):
+    """A naive quantize_static over the whole graph quantizes the mask; edgec does not."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+
+    from edgec.calibration.samples import generated_samples
+    from edgec.onnx_io import save_model
+    from edgec.runtimes.ort import OrtSession
+
+    samples, _ = generated_samples(bert_src, 8)
+    save_model(bert_src.model, tmp_path / "fp32.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(samples)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(tmp_path / "fp32.onnx"), str(tmp_path / "naive.onnx"), Reader(),
+                    quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    naive = _cosine(OrtSession(tmp_path / "naive.onnx").run(bert_src.feeds), bert_src.reference)
+    model, _ = _quantize(bert_src, "ort-cpu", "w8a8")
+    ours = _cosine(run_model(model, bert_src.feeds), bert_src.reference)
+    assert ours >= 0.98 and naive < 0.95 and ours > naive
+
+
+def test_user_exclusion_by_op_type_and_unknown_name(llama_src):
+    model, result = _quantize(llama_src, "ort-cpu", "w8a8", exclude=("MatMul",))
+    assert result.stats["quantize_linear"] == 0
+    from edgec.errors import UserError
+
+    with pytest.raises(UserError, match="names no node or op type"):
+        _quantize(llama_src, "ort-cpu", "w8a8", exclude=("NoSuchNode",))
+
+
+def test_mask_fill_is_exact_and_bounds_the_constant(bert_src):
+    model = _clone(bert_src.model)
+    result = MaskFillPass(100.0)(model)
+    assert result.stats["fills_bounded"] >= 1
+    consts = [v.const_value.numpy() for v in result.model.graph.initializers.values()
+              if v.const_value is not None and v.const_value.dtype.is_floating_point()]
+    assert all(np.all(c > -1e4) for c in consts)
+    errors = compare_outputs(run_model(result.model, bert_src.feeds),
+                             run_model(bert_src.model, bert_src.feeds))
+    assert max(e["max_rel"] for e in errors.values()) <= 1e-5
