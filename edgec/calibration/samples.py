@@ -62,8 +62,9 @@ def generated_samples(src, n: int = DEFAULT_SAMPLES) -> tuple[list[dict[str, np.
 
     Registry models use their ``calibration_inputs`` (seeds disjoint from the example inputs);
     Hugging Face checkpoints get random token ids with a random amount of right padding (so the
-    attention-mask path sees both masked and unmasked keys); ONNX files get random feeds, which
-    calibrate the graph but are not representative data: pass ``--data`` for real ranges.
+    attention-mask path sees both masked and unmasked keys); ONNX files and nn.Modules get random
+    feeds shaped like their example inputs, which calibrate the graph but are not representative
+    data: pass ``--data`` (``calibration=``) for real ranges.
     """
     names = src.info["input_names"]
     if src.kind == "registry":
@@ -74,13 +75,13 @@ def generated_samples(src, n: int = DEFAULT_SAMPLES) -> tuple[list[dict[str, np.
         return [{k: t.numpy() for k, t in zip(names, s)} for s in sets], "model generator"
     if src.kind == "hf":
         return _hf_samples(src, n), "random tokens with random padding"
-    if src.kind == "onnx":
+    if src.kind in ("onnx", "module"):
         from edgec.exporters.sources import random_feeds
         from edgec.runtimes.base import IOSpec
 
         specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
         return [random_feeds(specs, seed=1000 + i) for i in range(n)], "random feeds"
-    raise UserError("a PyTorch module source has no calibration generator; pass calibration "
+    raise UserError(f"a {src.kind} source has no calibration generator; pass calibration "
                     "data (an .npz with a leading sample axis)")
 
 

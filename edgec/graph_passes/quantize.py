@@ -135,6 +135,7 @@ class QuantizePass(ir.passes.FunctionalPass):
                           nodes_to_exclude=plan.nodes_to_exclude,
                           extra_options={"ActivationSymmetric": s.activation_symmetric,
                                          "WeightSymmetric": s.weight_symmetric,
+                                         "QuantizeBias": s.quantize_bias,
                                          "MinimumRealRange": 1e-4})
         try:
             quantize_static(proto, str(out), None, quant_format=QuantFormat.QDQ,

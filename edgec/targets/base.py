@@ -43,6 +43,7 @@ class QuantScheme:
             types and per-op overrides; ``"weight-only"``: block-wise weight DQ, no activations.
         high_precision_ops: op types whose activations stay 16-bit (QNN mixed precision).
         min_opset: lowest ONNX opset the QDQ form needs (16-bit and int4 need 21).
+        quantize_bias: Gemm/Conv biases as int32 DequantizeLinear (ORT, QNN) or left float.
     """
 
     name: str
@@ -56,6 +57,7 @@ class QuantScheme:
     rules: str = "ort"
     high_precision_ops: tuple[str, ...] = ()
     min_opset: int = 13
+    quantize_bias: bool = True
 
     @property
     def calibrated(self) -> bool:

@@ -38,10 +38,13 @@ UNAVAILABLE = ("TensorRT is not installed here (it needs an NVIDIA GPU and pip i
 SCHEMES = {
     # TensorRT quantizes symmetrically into signed types only: int8 per-channel weights on the
     # output-channel axis, int8 per-tensor activations (Q/DQ fuse into int8 GEMM/conv kernels).
-    "w8a8": QuantScheme("w8a8", weights="int8", activations="int8", activation_symmetric=True),
+    # Biases stay float: TensorRT has no int32 Q/DQ (it fuses the float bias into the GEMM).
+    "w8a8": QuantScheme("w8a8", weights="int8", activations="int8", activation_symmetric=True,
+                        quantize_bias=False),
     # FP8 E4M3, per-tensor scales (Ada/Hopper and later GPUs).
     "fp8": QuantScheme("fp8", weights="float8e4m3fn", activations="float8e4m3fn",
-                       activation_symmetric=True, per_channel=False, min_opset=19),
+                       activation_symmetric=True, per_channel=False, min_opset=19,
+                       quantize_bias=False),
     # int4 weight-only: block-wise DQ (block 128 along K) feeding a high-precision MatMul.
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=128,
                          op_types=("MatMul",), rules="weight-only", min_opset=21),

@@ -1,0 +1,130 @@
+"""Quantized compiles end to end: accuracy floors per target, cache reuse, TensorRT legality."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import edgec
+from edgec.cli import app
+from edgec.errors import UserError
+
+CPU_TARGETS = ["ort-cpu", "openvino-cpu"]
+
+
+def _worst(art, key="cosine"):
+    outs = art.report["fidelity"]["target_vs_source"]["outputs"].values()
+    return min(e[key] for e in outs)
+
+
+@pytest.mark.parametrize("target", [*CPU_TARGETS, "tensorrt"])
+def test_bert_with_attention_mask_keeps_cosine(bert_checkpoint, tmp_path, target):
+    art = edgec.compile(str(bert_checkpoint), target=target, output_dir=tmp_path / "o",
+                        config="batch=2,seq=16", quantize="w8a8")
+    assert _worst(art) >= 0.98
+    q = art.manifest["quantization"]
+    assert q["calibration"]["how"] == "calibrated during compile"
+    assert q["calibration"]["data"] == "random tokens with random padding"
+    if target == "openvino-cpu":  # OpenVINO runs the same QDQ graph as ORT
+        agree = art.report["fidelity"]["target_vs_source"]["vs_rewritten_onnx"]["outputs"]
+        assert min(e["cosine"] for e in agree.values()) >= 0.999
+
+
+@pytest.mark.parametrize("model", ["llama", "video-dit"])
+@pytest.mark.parametrize("target", CPU_TARGETS)
+def test_reference_models_w8a8(tmp_path, model, target):
+    art = edgec.compile(model, target=target, output_dir=tmp_path / "o", config="tiny",
+                        quantize="w8a8")
+    assert _worst(art) >= 0.99
+    ops = art.report["graph"]["ops"]
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+    sess = art.load()
+    out = sess.run(sess.default_feeds)
+    assert all(v.size for v in out.values())
+
+
+class Wide(torch.nn.Module):
+    """Dims that are multiples of 128, as TensorRT's int4 blocks need."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(256, 256)
+        self.b = torch.nn.Linear(256, 128)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8", "w4a16"])
+def test_tensorrt_graphs_are_legal(tmp_path, scheme):
+    import onnx_ir as ir
+
+    from edgec.targets import get
+    from edgec.targets.tensorrt_rules import check_tensorrt_graph
+
+    torch.manual_seed(0)
+    art = edgec.compile(Wide().eval(), target="tensorrt", output_dir=tmp_path / "o",
+                        example_inputs=(torch.randn(4, 256),), quantize=scheme,
+                        calibration=None)
+    model = ir.load(tmp_path / "o" / "model.onnx")
+    assert check_tensorrt_graph(model, get("tensorrt").schemes[scheme]) == []
+    assert any(n.op_type == "DequantizeLinear" for n in model.graph)
+    assert art.manifest["runtime"]["engine"] is None and "TensorRT" in art.manifest["runtime"][
+        "unavailable"]
+    assert "latency was not measured" in art.report["fidelity"]["target_vs_source"]["stand_in"]
+    assert _worst(art) >= 0.98
+
+
+def test_bad_quantize_options(tmp_path):
+    for q, match in [("w9", "no quantization scheme 'w9'"), ("w8a8:method=best", "unknown calibration method"),
+                     ("w8a8:bogus=1", "bad --quantize option"), ("fp8", "no quantization scheme 'fp8'")]:
+        with pytest.raises(UserError, match=match):
+            edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", quantize=q)
+    with pytest.raises(UserError, match="add --quantize"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", calibration=tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_calibrate_then_reuse_and_refuse(tmp_path):
+    runner = CliRunner()
+    calib = tmp_path / "calib"
+    res = runner.invoke(app, ["calibrate", "llama", "--target", "openvino-cpu", "-o", str(calib),
+                              "--quantize", "w8a8:samples=4", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["samples"] == 4 and summary["tensors"] > 0
+    cache = json.loads((calib / "calibration.json").read_text())
+    assert cache["target"] == "openvino-cpu" and cache["method"] == "minmax"
+    res = runner.invoke(app, ["compile", "llama", "-t", "openvino-cpu", "-o", str(tmp_path / "a"),
+                              "-q", "w8a8", "--calib", str(calib), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["quantization"]["calibration"]["how"] == "reused cache"
+    assert report["quantization"]["calibration"]["model_hash"] == cache["model_hash"]
+    for args, match in [(["-c", "tiny+outliers"], "does not match the model"),
+                        (["-t", "ort-cpu"], "made for target 'openvino-cpu'")]:
+        base = ["compile", "llama", "-t", "openvino-cpu", "-o", str(tmp_path / "b"), "-q", "w8a8",
+                "--calib", str(calib)]
+        if args[0] == "-t":
+            base[3] = args[1]
+        else:
+            base += args
+        res = runner.invoke(app, base)
+        assert res.exit_code == 2 and match in res.output, res.output
+        assert not (tmp_path / "b").exists()
+
+
+def test_calibrate_from_npz(tmp_path):
+    import numpy as np
+
+    from edgec.models import registry
+
+    sets = registry.get("llama").calibration_inputs("tiny", 3)
+    np.savez(tmp_path / "s.npz", input_ids=np.stack([s[0].numpy() for s in sets]))
+    cache = edgec.calibrate("llama", "ort-cpu", tmp_path / "c", data=tmp_path / "s.npz")
+    assert cache.samples == 3 and cache.data == "file s.npz"
+    np.savez(tmp_path / "bad.npz", ids=np.zeros((3, 1, 8), np.int64))
+    with pytest.raises(UserError, match="no array for input 'input_ids'"):
+        edgec.calibrate("llama", "ort-cpu", tmp_path / "c2", data=tmp_path / "bad.npz")
+    assert not (tmp_path / "c2").exists()
