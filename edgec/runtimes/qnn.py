@@ -1,0 +1,103 @@
+"""QNN runtime: a precompiled EPContext model run by ONNX Runtime's QNN execution provider (HTP).
+
+onnxruntime-qnn is a plugin execution provider: its library is registered with ONNX Runtime once
+per process, then sessions select its device. CPU fallback is always disabled, so a session either
+runs the whole graph on the NPU or fails to open: never a silent partial offload.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from edgec.errors import TargetUnavailableError, UserError
+from edgec.runtimes.base import Session
+from edgec.runtimes.ort import ort_io_specs, session_options
+
+__all__ = ["PROVIDER_OPTIONS", "QnnSession", "qnn_session_options"]
+
+# Graph input quantize / output dequantize stay on the NPU; the default (offload to the CPU EP)
+# conflicts with disabled fallback.
+PROVIDER_OPTIONS: dict[str, str] = {"offload_graph_io_quantization": "0"}
+_BACKENDS = {"htp": "get_qnn_htp_path", "cpu": "get_qnn_cpu_path"}
+_lock = threading.Lock()
+
+
+def _qnn():
+    try:
+        import onnxruntime_qnn
+    except ImportError as e:
+        raise TargetUnavailableError(
+            f"the QNN execution provider is not installed ({e}); pip install 'edgec[qnn]'"
+        ) from None
+    return onnxruntime_qnn
+
+
+def _qnn_device(qnn) -> ort.OrtEpDevice:
+    """The QNN EP's device, registering the plugin library on first use (once per process)."""
+    name = qnn.get_ep_name()
+    with _lock:
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
+        if not devices:
+            try:
+                ort.register_execution_provider_library(name, qnn.get_library_path())
+            except Exception as e:
+                raise TargetUnavailableError(
+                    f"ONNX Runtime could not load the QNN execution provider: {e}") from e
+            devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
+    if not devices:
+        raise TargetUnavailableError("the QNN execution provider found no device on this machine")
+    return devices[0]
+
+
+def qnn_session_options(backend: str = "htp", provider_options: Mapping[str, str] | None = None,
+                        *, fallback: bool = False, record_assignment: bool = False,
+                        optimize: bool = True, quiet: bool = False) -> ort.SessionOptions:
+    """Session options selecting the QNN EP on ``backend``; CPU fallback off unless ``fallback``.
+
+    ``record_assignment`` records which EP runs each node (``get_provider_graph_assignment_info``);
+    ``quiet`` silences ORT's own error log (the caller reports the failure itself).
+    """
+    qnn = _qnn()
+    if backend not in _BACKENDS:
+        raise UserError(f"unknown QNN backend {backend!r}; choose one of {', '.join(_BACKENDS)}")
+    opts = session_options(optimize)
+    if quiet:
+        opts.log_severity_level = 4
+    if not fallback:
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if record_assignment:
+        opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    options = {**PROVIDER_OPTIONS, **dict(provider_options or {}),
+               "backend_path": getattr(qnn, _BACKENDS[backend])()}
+    opts.add_provider_for_devices([_qnn_device(qnn)], options)
+    return opts
+
+
+class QnnSession(Session):
+    """An EPContext model (``target/model_ctx.onnx`` + its ``.bin``) on the QNN EP."""
+
+    runtime = "onnxruntime-qnn (HTP)"
+
+    def __init__(self, model_path: str | os.PathLike, runtime: Mapping[str, Any]):
+        backend = runtime.get("backend", "htp")
+        self.runtime = f"onnxruntime-qnn ({backend.upper()})"
+        opts = qnn_session_options(backend, runtime.get("provider_options"))
+        try:
+            self._sess = ort.InferenceSession(str(model_path), sess_options=opts)
+        except Exception as e:
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise UserError(f"the QNN {backend.upper()} backend could not load {model_path}: "
+                            f"{first}; recompile the artifact with this edgec/onnxruntime-qnn"
+                            ) from e
+        super().__init__(ort_io_specs(self._sess.get_inputs()),
+                         ort_io_specs(self._sess.get_outputs()))
+        self._output_names = [o.name for o in self._outputs]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._output_names, self._sess.run(self._output_names, feeds)))
