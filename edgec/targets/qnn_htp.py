@@ -1,0 +1,322 @@
+"""qnn-htp: Qualcomm's Hexagon NPU through ONNX Runtime's QNN EP; QDQ models precompiled to EPContext.
+
+The build compiles the quantized model once (``onnxruntime.ModelCompiler``, CPU fallback off) into
+``target/model_ctx.onnx`` whose EPContext node points at the HTP context binary beside it
+(``model_ctx_qnn.bin``), so loading the artifact does not recompile. When the HTP cannot take the
+whole graph the build names the nodes: from ONNX Runtime's graph-assignment record of a session
+that may fall back to the CPU, or, when even that session cannot finalize the QNN graph, from the
+shortest prefix of the graph that fails (bisection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from edgec.errors import UserError
+from edgec.targets.base import BuildResult, QuantScheme, Target
+
+__all__ = ["QNN_HTP"]
+
+logger = logging.getLogger(__name__)
+
+CONTEXT_MODEL = "model_ctx.onnx"
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_FLOATS = (1, 10, 11, 16)  # onnx.TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+_SHOW = 5  # nodes named in an error message
+
+
+def _first_line(e: Exception) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
+def _check_static(graph) -> None:
+    inits = {i.name for i in graph.initializer}
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for v in values:
+            if v.name in inits:
+                continue
+            dims = v.type.tensor_type.shape.dim if v.type.tensor_type.HasField("shape") else None
+            if dims is None or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
+                shape = [d.dim_value or d.dim_param or "?" for d in dims or []]
+                raise UserError(f"qnn-htp needs static shapes, but {kind} {v.name!r} has shape "
+                                f"{shape if dims is not None else 'unknown'}; export with static "
+                                "shapes (dynamic_shapes={}, or fixed --config dims)")
+
+
+def _describe(nodes: list[tuple[str, str]]) -> str:
+    shown = ", ".join(f"{op} {name!r}" for op, name in nodes[:_SHOW])
+    more = f" and {len(nodes) - _SHOW} more" if len(nodes) > _SHOW else ""
+    return f"{len(nodes)} node(s): {shown}{more}"
+
+
+def _compile(model_path: Path, ctx_path: Path, opts) -> None:
+    import onnxruntime as ort
+
+    ort.ModelCompiler(opts, str(model_path),
+                      flags=ort.OrtCompileApiFlags.ERROR_IF_NO_NODES_COMPILED,
+                      graph_optimization_level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                      ).compile_to_file(str(ctx_path))
+
+
+def _cpu_assigned(model_path: Path) -> list[tuple[str, str]]:
+    """Nodes ONNX Runtime gives to the CPU when fallback is allowed (raises if QNN still fails)."""
+    import onnxruntime as ort
+
+    from edgec.runtimes.qnn import qnn_session_options
+
+    opts = qnn_session_options(fallback=True, record_assignment=True, quiet=True)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(str(model_path), sess_options=opts)
+    return [(n.op_type, n.name) for sub in sess.get_provider_graph_assignment_info()
+            if sub.ep_name != "QNNExecutionProvider" for n in sub.get_nodes()]
+
+
+_NOT_FLOAT_OPS = {"QuantizeLinear", "Shape", "Size", "IsNaN", "IsInf", "Equal", "Less", "Greater",
+                  "LessOrEqual", "GreaterOrEqual", "And", "Or", "Not", "Xor", "ArgMax", "ArgMin",
+                  "NonZero"}
+
+
+def _elem_types(model) -> dict[str, int]:
+    """Element type of every tensor: ONNX shape inference, completed where it gave up.
+
+    Inference stops at the first node it cannot type (e.g. a DequantizeLinear of an int32 bias
+    with a [1] scale), leaving everything after it untyped; a few rules suffice past that point.
+    """
+    g = model.graph
+    elem = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+    elem.update({i.name: i.data_type for i in g.initializer})
+    for n in g.node:
+        for o in n.output:
+            if elem.get(o):
+                continue
+            if n.op_type == "DequantizeLinear":
+                elem[o] = elem.get(n.input[1], 1)
+            elif n.op_type == "Cast":
+                elem[o] = next(a.i for a in n.attribute if a.name == "to")
+            elif n.op_type in _NOT_FLOAT_OPS:
+                elem[o] = 0  # only "not a float" matters here
+            else:
+                elem[o] = elem.get(n.input[0], 0) if n.input else 0
+    return elem
+
+
+def _live(model) -> set[int]:
+    """Indices of the nodes that depend on a graph input (the rest are constants ORT folds)."""
+    values, live = {i.name for i in model.graph.input}, set()
+    for i, n in enumerate(model.graph.node):
+        if values.intersection(n.input):
+            values.update(n.output)
+            live.add(i)
+    return live
+
+
+def _prefix(model, k: int, live: set[int], elem: dict[str, int]):
+    """The graph up to node ``k`` (with the Q/DQ pairs on its outputs), cut there."""
+    import onnx
+
+    nodes = list(model.graph.node)
+    keep = {i for i in live if i <= k}
+    produced = {o for i in keep for o in nodes[i].output}
+    for want in _QDQ:  # close the QDQ units the cut would split, so outputs stay dequantized
+        for i, n in enumerate(nodes):
+            if n.op_type == want and n.input[0] in produced and i not in keep:
+                keep.add(i)
+                produced.update(n.output)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    stack = [x for i in keep for x in nodes[i].input]
+    while stack:  # the constant subgraphs (weight DQs) the kept nodes read
+        p = producer.get(stack.pop())
+        if p is not None and p not in keep:
+            keep.add(p)
+            stack.extend(nodes[p].input)
+    used_later = {x for i, n in enumerate(nodes) if i not in keep for x in n.input}
+    used_later.update(o.name for o in model.graph.output)
+    sub = onnx.ModelProto()
+    sub.CopyFrom(model)
+    del sub.graph.node[:], sub.graph.output[:], sub.graph.value_info[:]
+    sub.graph.node.extend(nodes[i] for i in sorted(keep))
+    sub.graph.output.extend(onnx.helper.make_tensor_value_info(o, elem[o], None)
+                            for o in sorted(produced & used_later))
+    return sub
+
+
+def _cuts(model, live: set[int], elem: dict[str, int]) -> list[int]:
+    """Compute nodes after which the graph can be cut: only float tensors cross the cut there.
+
+    A bool/int tensor as a graph output fails on the HTP by itself, so no cut may expose one.
+    """
+    nodes = list(model.graph.node)
+    producer, last_use = {}, {}
+    for i, n in enumerate(nodes):
+        producer.update({o: i for o in n.output})
+        last_use.update({x: i for x in n.input})
+    crossing = [0] * (len(nodes) + 1)
+    for v, p in producer.items():
+        if p in live and elem.get(v) not in _FLOATS and last_use.get(v, p) > p:
+            crossing[p] += 1
+            crossing[last_use[v]] -= 1
+    cuts, open_ = [], 0
+    for i, n in enumerate(nodes):
+        open_ += crossing[i]
+        if i in live and n.op_type not in _QDQ and open_ == 0:
+            cuts.append(i)
+    return cuts
+
+
+def _failing_nodes(model_path: Path) -> tuple[list[tuple[str, str]], str] | None:
+    """Bisect over graph prefixes for the first stretch of nodes the HTP cannot compile."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgec.runtimes.qnn import qnn_session_options
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
+    nodes = list(model.graph.node)
+    live, elem = _live(model), _elem_types(model)
+    cuts = _cuts(model, live, elem)
+    probe = model_path.with_name(f".{model_path.stem}.qnn-probe.onnx")  # beside its external data
+
+    def error_at(k: int) -> str | None:
+        onnx.save(_prefix(model, cuts[k], live, elem), str(probe))
+        try:
+            ort.InferenceSession(str(probe), sess_options=qnn_session_options(quiet=True))
+            return None
+        except Exception as e:  # noqa: BLE001 — any failure is the answer being probed for
+            return _first_line(e)
+
+    lo, hi, err = 0, len(cuts), None  # cuts[len(cuts)] stands for the whole (failing) graph
+    try:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            e = error_at(mid)
+            if e is None:
+                lo = mid + 1
+            else:
+                hi, err = mid, e
+    finally:
+        probe.unlink(missing_ok=True)
+    after = cuts[lo - 1] if lo else -1
+    upto = cuts[lo] if lo < len(cuts) else len(nodes)
+    stretch = [(nodes[i].op_type, nodes[i].name) for i in sorted(live)
+               if after < i <= upto and nodes[i].op_type not in _QDQ]
+    return (stretch, err) if stretch else None
+
+
+def _quantized(graph, names: set[str]) -> set[str]:
+    """Of the nodes called ``names``, those that sit in a QDQ unit (a DQ input or a Q output)."""
+    dq_out = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    q_in = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    return {n.name for n in graph.node if n.name in names
+            and (dq_out.intersection(n.input) or q_in.intersection(n.output))}
+
+
+def _diagnose(model_path: Path, graph, error: Exception) -> UserError:
+    try:
+        offending = _cpu_assigned(model_path)
+    except Exception:  # noqa: BLE001 — the QNN graph itself fails to finalize: bisect
+        logger.info("qnn-htp: locating the first node the HTP cannot compile (bisection)")
+        try:
+            found = _failing_nodes(model_path)
+        except Exception:  # best effort: the original error still stands
+            logger.debug("qnn-htp: bisection failed", exc_info=True)
+            found = None
+        if found is None:
+            return UserError(f"the QNN HTP backend could not compile the model: "
+                             f"{_first_line(error)}")
+        stretch, err = found
+        where = (f"node {stretch[0][0]} {stretch[0][1]!r}" if len(stretch) == 1 else
+                 f"one of {_describe(stretch)}")
+        return UserError(
+            f"the QNN HTP backend cannot compile the model: it fails at {where} (the graph "
+            f"before compiles; QNN says: {err or _first_line(error)}); apply the qnn-legalize "
+            "pass before quantizing, or the op/type is unsupported on the NPU (see the qnn-htp "
+            "notes in `edgec compile --help`)")
+    compute = [n for n in offending if n[0] not in _QDQ] or offending
+    if not compute:
+        return UserError(f"the QNN HTP backend could not compile the model: {_first_line(error)}")
+    float_nodes = [n for n in compute if n[1] not in _quantized(graph, {c[1] for c in compute})]
+    advice = (f"{_describe(float_nodes)} are not quantized: quantize the model with --quantize "
+              "w8a8 (or w8a16)" if float_nodes else
+              "they are quantized, so the op/type is unsupported on the NPU: apply the "
+              "qnn-legalize pass before quantizing or change the model (see the qnn-htp notes "
+              "in `edgec compile --help`)")
+    return UserError(f"the QNN HTP cannot run {_describe(compute)} and qnn-htp has no CPU "
+                     f"fallback; {advice}")
+
+
+def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+    import onnx
+
+    from edgec.runtimes.qnn import QnnSession, qnn_session_options
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    _check_static(graph)
+    if not any(n.op_type in _QDQ for n in graph.node):
+        raise UserError("qnn-htp runs quantized (QDQ) models and this one has no "
+                        "QuantizeLinear/DequantizeLinear nodes; compile with --quantize w8a8 "
+                        f"(or {', '.join(s for s in target.schemes if s != 'w8a8')})")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    ctx = target_dir / CONTEXT_MODEL
+    try:
+        _compile(model_path, ctx, qnn_session_options(quiet=True))
+    except UserError:
+        raise
+    except Exception as e:
+        for f in target_dir.glob(f"{ctx.stem}*"):  # ORT leaves partial outputs behind
+            with contextlib.suppress(OSError):
+                f.unlink()
+        raise _diagnose(model_path, graph, e) from e
+    QnnSession(ctx, {"backend": "htp"})  # the artifact must load from its context binary
+    files = sorted(f"target/{f.name}" for f in target_dir.glob(f"{ctx.stem}*"))
+    return BuildResult(
+        runtime={"name": "qnn", "model": f"target/{CONTEXT_MODEL}", "backend": "htp",
+                 "provider_options": dict(target.runtime_config["provider_options"]),
+                 "config": dict(target.runtime_config)},
+        files=files,
+    )
+
+
+def _scheme(name: str, weights: str, activations: str, **kw) -> QuantScheme:
+    return QuantScheme(name, weights, activations, rules="qnn", **kw)
+
+
+QNN_HTP = Target(
+    name="qnn-htp",
+    description="Qualcomm Hexagon NPU via ONNX Runtime's QNN EP (HTP; emulated on x86_64), "
+                "quantized QDQ models precompiled to an EPContext binary",
+    runtime="qnn",
+    opset_range=(13, 23),
+    static_shapes=True,
+    precision="quantized (QDQ)",
+    runtime_config={"backend": "htp", "session.disable_cpu_ep_fallback": "1",
+                    "provider_options": {"offload_graph_io_quantization": "0"}},
+    notes=(
+        ("quantized QDQ models only (--quantize w8a8 | w8a16 | w4a16); no CPU fallback: a node "
+         "the HTP cannot run fails the build with its name"),
+        "static shapes only; tensors of rank <= 5 (qnn-legalize lowers rank-6+ Transposes)",
+        ("run the qnn-legalize pass before quantizing: GatherND on bool data is rejected and an "
+         "IsNaN->Where guard after Softmax fails to finalize; and mask-fill: -inf/float-min "
+         "attention masks destroy the quantized Softmax input range"),
+        ("Where with constant float inputs is left float by ONNX Runtime's quantizer and fails "
+         "to finalize: quantize with ForceQuantizeNoInputCheck"),
+        ("LayerNormalization weights must be unsigned (uint8/uint16); signed int8/int4 ones "
+         "are rejected, so w8a8/w8a16 keep uint8 weights (the QNN quantizer's default)"),
+        ("int4 weights must be symmetric (zero point 0; the HTP miscomputes negative int4 zero "
+         "points); w4a16 quantizes MatMul weights only, per output channel, others stay uint8"),
+        "block-wise int4 weights need provider option enable_block_quant_weight_optimization=1",
+        "int64 token ids and the embedding Gather run on the NPU as they are",
+    ),
+    requires=("onnxruntime", "onnxruntime_qnn"),
+    build=_build,
+    schemes={
+        # uint8 asymmetric per-tensor weights: what get_qnn_qdq_config does by default, and the
+        # only 8-bit weight form LayerNormalization accepts on the HTP.
+        "w8a8": _scheme("w8a8", "uint8", "uint8", weight_symmetric=False, per_channel=False),
+        "w8a16": _scheme("w8a16", "uint8", "uint16", weight_symmetric=False, per_channel=False,
+                         min_opset=21),
+        "w4a16": _scheme("w4a16", "int4", "uint16", weight_symmetric=True, per_channel=True,
+                         op_types=("MatMul",), min_opset=21),
+    },
+)

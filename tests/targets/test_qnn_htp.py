@@ -1,0 +1,254 @@
+"""qnn-htp on the HTP emulator: EPContext build + reload, refusals that name nodes, legalization."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as H
+from onnx import numpy_helper as nh
+
+pytest.importorskip("onnxruntime_qnn")
+
+import onnxruntime as ort
+
+from edgec.errors import UserError
+from edgec.graph_passes.qnn_legalize import QnnLegalizePass
+from edgec.runtimes import open_session
+from edgec.runtimes.ort import run_model
+from edgec.targets.qnn_htp import QNN_HTP
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=21) -> onnx.ModelProto:
+    graph = H.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return H.make_model(graph, opset_imports=[H.make_opsetid("", opset)], ir_version=10)
+
+
+def _quantize(model: onnx.ModelProto, path, samples, **kw):
+    """QDQ-quantize with onnxruntime's QNN config (what the HTP's own toolchain expects)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(samples)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    fp32 = path.with_name(path.stem + "_fp32.onnx")
+    onnx.save(model, fp32)
+    config = get_qnn_qdq_config(str(fp32), Reader(), activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QUInt8, **kw)
+    quantize(str(fp32), str(path), config)
+    return path
+
+
+def _cpu(path, feeds):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _build(path, root):
+    return QNN_HTP.build(QNN_HTP, path, root / "target")
+
+
+def _out_scale(path) -> float:
+    """Scale of the graph output's final DequantizeLinear (one quantization step)."""
+    m = onnx.load(str(path))
+    out = m.graph.output[0].name
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == out)
+    init = {i.name: i for i in m.graph.initializer}
+    return float(nh.to_array(init[dq.input[1]]))
+
+
+def _mlp(batch=2, dim=16):
+    w1 = RNG.standard_normal((dim, 32)).astype(np.float32) * 0.3
+    w2 = RNG.standard_normal((32, 8)).astype(np.float32) * 0.3
+    nodes = [H.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             H.make_node("Relu", ["h"], ["r"], name="relu"),
+             H.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    return _model(nodes, [H.make_tensor_value_info("x", T.FLOAT, [batch, dim])],
+                  [H.make_tensor_value_info("y", T.FLOAT, [batch, 8])],
+                  [nh.from_array(w1, "w1"), nh.from_array(w2, "w2")])
+
+
+def _samples(n=4, **shapes):
+    return [{k: RNG.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+            for _ in range(n)]
+
+
+def test_qdq_graph_builds_epcontext_and_reloads(tmp_path):
+    path = _quantize(_mlp(), tmp_path / "model.onnx", _samples(x=(2, 16)))
+    build = _build(path, tmp_path)
+    assert build.runtime["name"] == "qnn" and build.runtime["model"] == "target/model_ctx.onnx"
+    assert set(build.files) == {"target/model_ctx.onnx", "target/model_ctx_qnn.bin"}
+    ctx = onnx.load(str(tmp_path / "target" / "model_ctx.onnx"), load_external_data=False)
+    # precompiled: one EPContext node whose binary lives in the separate .bin (embed mode 0)
+    assert [n.op_type for n in ctx.graph.node] == ["EPContext"]
+    attrs = {a.name: H.get_attribute_value(a) for a in ctx.graph.node[0].attribute}
+    assert attrs["embed_mode"] == 0 and attrs["ep_cache_context"] == b"model_ctx_qnn.bin"
+
+    sess = open_session(tmp_path, build.runtime)
+    assert "qnn" in sess.runtime.lower()
+    x = RNG.standard_normal((2, 16)).astype(np.float32)
+    got, want = sess.run({"x": x})["y"], _cpu(path, {"x": x})
+    # the HTP requantizes in fixed point: within one output quantization step of ORT CPU
+    assert np.abs(got - want).max() <= 1.01 * _out_scale(path)
+
+
+def test_integer_token_ids_gather_on_npu(tmp_path):
+    table = RNG.standard_normal((50, 16)).astype(np.float32)
+    w = RNG.standard_normal((16, 8)).astype(np.float32) * 0.3
+    model = _model([H.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+                    H.make_node("MatMul", ["e", "w"], ["y"], name="proj")],
+                   [H.make_tensor_value_info("ids", T.INT64, [1, 6])],
+                   [H.make_tensor_value_info("y", T.FLOAT, [1, 6, 8])],
+                   [nh.from_array(table, "table"), nh.from_array(w, "w")])
+    samples = [{"ids": RNG.integers(0, 50, (1, 6))} for _ in range(4)]
+    path = _quantize(model, tmp_path / "model.onnx", samples)
+    build = _build(path, tmp_path)  # CPU fallback is off: the int64 Gather runs on the HTP
+    sess = open_session(tmp_path, build.runtime)
+    assert sess.inputs[0].dtype == "int64"
+    ids = RNG.integers(0, 50, (1, 6))
+    got, want = sess.run({"ids": ids})["y"], _cpu(path, {"ids": ids})
+    assert np.abs(got - want).max() <= 1.01 * _out_scale(path)
+
+
+def test_unsupported_node_is_named(tmp_path):
+    # GatherND on bool data (BERT's key mask) is rejected by the HTP's op validation
+    idx = np.stack(np.meshgrid(np.arange(4), np.arange(8), indexing="ij"), -1)
+    model = _model([H.make_node("MatMul", ["x", "w"], ["r"], name="proj"),
+                    H.make_node("GatherND", ["m", "idx"], ["g"], name="mask_gather"),
+                    H.make_node("Cast", ["g"], ["gf"], to=T.FLOAT, name="to_float"),
+                    H.make_node("Mul", ["r", "gf"], ["y"], name="apply_mask")],
+                   [H.make_tensor_value_info("x", T.FLOAT, [4, 8]),
+                    H.make_tensor_value_info("m", T.BOOL, [4, 8])],
+                   [H.make_tensor_value_info("y", T.FLOAT, [4, 8])],
+                   [nh.from_array(idx.astype(np.int64), "idx"),
+                    nh.from_array(RNG.standard_normal((8, 8)).astype(np.float32), "w")])
+    samples = [{"x": RNG.standard_normal((4, 8)).astype(np.float32),
+                "m": RNG.random((4, 8)) > 0.5} for _ in range(4)]
+    path = _quantize(model, tmp_path / "model.onnx", samples)
+    with pytest.raises(UserError, match=r"GatherND 'mask_gather'") as info:
+        _build(path, tmp_path)
+    assert "no CPU fallback" in str(info.value)
+    assert not list((tmp_path / "target").glob("model_ctx*"))  # no partial artifact
+
+
+def test_float_model_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(_mlp(), path)
+    with pytest.raises(UserError, match="--quantize w8a8"):
+        _build(path, tmp_path)
+
+
+def test_dynamic_dims_refused(tmp_path):
+    model = _mlp()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    with pytest.raises(UserError, match=r"input 'x' has shape \['batch', 16\].*static shapes"):
+        _build(path, tmp_path)
+
+
+def test_finalize_failure_names_the_node(tmp_path):
+    # the exporter's NaN guard after a masked Softmax: the HTP cannot finalize the QNN graph
+    model = _model([H.make_node("Softmax", ["x"], ["p"], name="softmax"),
+                    H.make_node("IsNaN", ["p"], ["nan"], name="isnan"),
+                    H.make_node("Where", ["nan", "zero", "p"], ["y"], name="nan_guard")],
+                   [H.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                   [H.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, 8])],
+                   [nh.from_array(np.zeros((), np.float32), "zero")])
+    path = _quantize(model, tmp_path / "model.onnx", _samples(x=(1, 4, 8, 8)))
+    with pytest.raises(UserError, match=r"IsNaN 'isnan'|Where 'nan_guard'"):
+        _build(path, tmp_path)
+    legal = ir.from_proto(model)
+    QnnLegalizePass()(legal)
+    assert [n.op_type for n in legal.graph] == ["Softmax"]
+    assert legal.graph.outputs[0].name == "y"
+    path = _quantize(ir.to_proto(legal), tmp_path / "legal.onnx", _samples(x=(1, 4, 8, 8)))
+    _build(path, tmp_path)
+
+
+# --- legalization: op lists and exactness ------------------------------------------------------
+
+def _legalize(model: onnx.ModelProto, feeds):
+    before = run_model(ir.from_proto(model), feeds)
+    legal = ir.from_proto(model)
+    result = QnnLegalizePass()(legal)
+    after = run_model(result.model, feeds)
+    return result, before, after
+
+
+def test_legalize_lowers_rank8_unpatchify_exactly(tmp_path):
+    # video-dit's unpatchify: [B, T', H', W', pt, ph, pw, C] → [B, C, T, H, W]; the HTP's limit is 5
+    dims, perm = [2, 2, 4, 4, 1, 2, 2, 4], [0, 7, 1, 4, 2, 5, 3, 6]
+    model = _model([H.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+                    H.make_node("Reshape", ["h", "s1"], ["v"], name="view"),
+                    H.make_node("Transpose", ["v"], ["t"], perm=perm, name="unpatchify"),
+                    H.make_node("Reshape", ["t", "s2"], ["y"], name="merge")],
+                   [H.make_tensor_value_info("x", T.FLOAT, [2, 32, 16])],
+                   [H.make_tensor_value_info("y", T.FLOAT, [2, 4, 2, 8, 8])],
+                   [nh.from_array(RNG.standard_normal((16, 16)).astype(np.float32), "w"),
+                    nh.from_array(np.array(dims, np.int64), "s1"),
+                    nh.from_array(np.array([2, 4, 2, 8, 8], np.int64), "s2")])
+    x = RNG.standard_normal((2, 32, 16)).astype(np.float32)
+    result, before, after = _legalize(onnx.shape_inference.infer_shapes(model), {"x": x})
+    assert result.stats["transposes_lowered"] == 1
+    ranks = [len(n.attributes["perm"].as_ints()) for n in result.model.graph
+             if n.op_type == "Transpose"]
+    assert ranks and max(ranks) <= 5
+    np.testing.assert_array_equal(after["y"], before["y"])  # pure data movement: bit exact
+    path = _quantize(ir.to_proto(result.model), tmp_path / "model.onnx", _samples(x=(2, 32, 16)))
+    _build(path, tmp_path)  # and the HTP takes it
+
+
+def test_legalize_gathernd_exactly():
+    # BERT's key-mask broadcast: GatherND(bool mask, constant indices) feeding the mask's Where
+    idx = np.stack(np.meshgrid(np.arange(1), np.arange(8), indexing="ij"), -1)[None, None]
+    model = _model([H.make_node("Cast", ["mask"], ["b"], to=T.BOOL, name="to_bool"),
+                    H.make_node("GatherND", ["b", "idx"], ["bk"], name="gnd"),
+                    H.make_node("Where", ["bk", "s", "neg"], ["sm"], name="apply_mask"),
+                    H.make_node("Softmax", ["sm"], ["y"], name="softmax")],
+                   [H.make_tensor_value_info("s", T.FLOAT, [1, 2, 8, 8]),
+                    H.make_tensor_value_info("mask", T.INT64, [1, 8])],
+                   [H.make_tensor_value_info("y", T.FLOAT, [1, 2, 8, 8])],
+                   [nh.from_array(idx.astype(np.int64), "idx"),
+                    nh.from_array(np.array(-100, np.float32), "neg")])
+    model = onnx.shape_inference.infer_shapes(model)
+    feeds = {"s": RNG.standard_normal((1, 2, 8, 8)).astype(np.float32),
+             "mask": np.array([[1, 1, 1, 1, 1, 1, 0, 0]])}
+    result, before, after = _legalize(model, feeds)
+    assert result.stats["gathernd_rewritten"] == 1
+    assert [n.op_type for n in result.model.graph] == [
+        "Cast", "Reshape", "Gather", "Where", "Softmax"]
+    np.testing.assert_array_equal(after["y"], before["y"])  # an index remap: bit exact
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_legalize_lowers_random_high_rank_transposes(seed):
+    rng = np.random.default_rng(seed)
+    rank = int(rng.integers(6, 9))
+    dims = [int(d) for d in rng.integers(1, 4, rank)]
+    perm = [int(p) for p in rng.permutation(rank)]
+    total = int(np.prod(dims))
+    model = _model([H.make_node("Reshape", ["x", "s1"], ["v"], name="view"),
+                    H.make_node("Transpose", ["v"], ["t"], perm=perm, name="t"),
+                    H.make_node("Reshape", ["t", "s2"], ["y"], name="flat")],
+                   [H.make_tensor_value_info("x", T.FLOAT, [total])],
+                   [H.make_tensor_value_info("y", T.FLOAT, [total])],
+                   [nh.from_array(np.array(dims, np.int64), "s1"),
+                    nh.from_array(np.array([total], np.int64), "s2")])
+    x = np.arange(total, dtype=np.float32)
+    result, before, after = _legalize(onnx.shape_inference.infer_shapes(model), {"x": x})
+    assert result.stats["transposes_lowered"] == 1
+    assert all(len(n.attributes["perm"].as_ints()) <= 5 for n in result.model.graph
+               if n.op_type == "Transpose")
+    np.testing.assert_array_equal(after["y"], before["y"])
