@@ -299,8 +299,9 @@ QNN_HTP = Target(
         ("run the qnn-legalize pass before quantizing: GatherND on bool data is rejected and an "
          "IsNaN->Where guard after Softmax fails to finalize; and mask-fill: -inf/float-min "
          "attention masks destroy the quantized Softmax input range"),
-        ("Where with constant float inputs is left float by ONNX Runtime's quantizer and fails "
-         "to finalize: quantize with ForceQuantizeNoInputCheck"),
+        ("Where needs both data inputs quantized to the output's type (a float constant, as "
+         "ONNX Runtime's quantizer leaves it without ForceQuantizeNoInputCheck, or a uint8 "
+         "input beside a uint16 one fails to finalize)"),
         ("LayerNormalization weights must be unsigned (uint8/uint16); signed int8/int4 ones "
          "are rejected, so w8a8/w8a16 keep uint8 weights (the QNN quantizer's default)"),
         ("int4 weights must be symmetric (zero point 0; the HTP miscomputes negative int4 zero "
