@@ -248,7 +248,9 @@ def _target_fidelity(session, src, approximate: bool, model, quantized: bool = F
     elif session.runtime != "onnxruntime":
         from edgec.runtimes.ort import run_model
 
-        vs_onnx = compare_outputs(outputs, run_model(model, src.feeds, optimize=True))
+        # the same adapter bound on both sides (swappable LoRA), else just the source feeds
+        bound = session._adapter_feeds(dict(src.feeds), None)
+        vs_onnx = compare_outputs(outputs, run_model(model, bound, optimize=True))
         if quantized:  # int8 kernels round differently from ORT's; hold them to a cosine floor
             worst = min(e["cosine"] for e in vs_onnx.values())
             if not worst >= QUANTIZED_AGREEMENT:

@@ -128,6 +128,14 @@ class QuantRecipe:
                 samples = samples[: self.samples]
         else:
             samples, origin = generated_samples(src, self.samples or DEFAULT_SAMPLES)
+        from edgec.graph_passes.lora_swappable import lora_sites
+
+        sites = lora_sites(model)
+        if sites:  # swappable LoRA: calibrate the base (zero adapters); the branch stays float
+            from edgec.lora.binding import site_feeds
+
+            zeros = site_feeds(sites, None)
+            samples = [{**zeros, **x} for x in samples]
         method = self.resolved_method(tgt)
         op_types = None if scheme.rules == "qnn" else list(scheme.op_types)
         t0 = time.perf_counter()

@@ -4,6 +4,8 @@ Two facts about real transformers drive this module:
 - attention masks (``Where(keep, 0, finfo.min)``, ``(1 - mask) · finfo.min``), position ids and
   token ids are not activations: quantizing a tensor that holds −3.4e38 destroys every score that
   shares its range. They are found by taint from integer/bool graph inputs and huge constants.
+- swappable LoRA branches (``edgec.lora.branch`` nodes) stay float: the base is quantized, the
+  adapters bound at run time are not, so any adapter can be swapped in.
 - on a fully quantized target (QNN) every tensor must be quantized, so the sensitive ones (the
   attention-score chain up to and through Softmax, masks, user exclusions) get 16 bits instead.
 """
@@ -15,6 +17,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from edgec.errors import UserError
 from edgec.graph_passes.mask_fill import HUGE, _constant
 
 __all__ = ["QuantPlan", "plan_quantization"]
@@ -103,6 +106,14 @@ def plan_quantization(model: ir.Model, rules: str, exclude: tuple[str, ...] = ()
         float_ins = [v for v in node.inputs if v is not None and _is_float(v)]
         user = node.name in wanted or node.op_type in wanted
         touches_mask = any(v.name in mask for v in float_ins)
+        if "edgec.lora.branch" in node.metadata_props:
+            if rules == "qnn":
+                raise UserError("swappable LoRA adapters cannot run on a fully quantized NPU "
+                                "(the adapter weights would be quantized with the base); use "
+                                "--lora-mode merge for qnn-htp")
+            excluded.append(node.name)  # adapters stay high precision: swapping stays exact
+            reasons[node.name] = "swappable LoRA branch"
+            continue
         if rules == "qnn":
             if user:
                 sixteen.update(v.name for v in (*float_ins, *node.outputs) if _is_float(v)

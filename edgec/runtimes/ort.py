@@ -62,11 +62,12 @@ def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray], optimize: bool =
         path = Path(tmp) / "model.onnx"
         save_model(model, path)
         sess = OrtSession(path, optimize=optimize)
+        feeds = {k: v for k, v in feeds.items() if k in {i.name for i in model.graph.inputs}}
         if "edgec.lora.sites" in model.metadata_props:  # swappable LoRA: unbound = base model
             import json
 
-            sess.attach_adapters({"sites": json.loads(model.metadata_props["edgec.lora.sites"])},
-                                 Path(tmp))
-        feeds = {k: v for k, v in feeds.items() if k in {i.name for i in sess.inputs}}
-        return sess.run(feeds)
+            from edgec.lora.binding import site_feeds
 
+            sites = json.loads(model.metadata_props["edgec.lora.sites"])
+            feeds = {**site_feeds(sites, None), **feeds}  # adapter feeds given here win
+        return sess.run(feeds)
