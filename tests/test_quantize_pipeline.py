@@ -18,7 +18,7 @@ def _worst(art, key="cosine"):
     return min(e[key] for e in outs)
 
 
-@pytest.mark.parametrize("target", [*CPU_TARGETS, "tensorrt"])
+@pytest.mark.parametrize("target", [*CPU_TARGETS, "qnn-htp", "tensorrt"])
 def test_bert_with_attention_mask_keeps_cosine(bert_checkpoint, tmp_path, target):
     art = edgec.compile(str(bert_checkpoint), target=target, output_dir=tmp_path / "o",
                         config="batch=2,seq=16", quantize="w8a8")
@@ -26,9 +26,9 @@ def test_bert_with_attention_mask_keeps_cosine(bert_checkpoint, tmp_path, target
     q = art.manifest["quantization"]
     assert q["calibration"]["how"] == "calibrated during compile"
     assert q["calibration"]["data"] == "random tokens with random padding"
-    if target == "openvino-cpu":  # OpenVINO runs the same QDQ graph as ORT
+    if target in ("openvino-cpu", "qnn-htp"):  # the device runs the same QDQ graph as ORT
         agree = art.report["fidelity"]["target_vs_source"]["vs_rewritten_onnx"]["outputs"]
-        assert min(e["cosine"] for e in agree.values()) >= 0.999
+        assert min(e["cosine"] for e in agree.values()) >= 0.998
 
 
 @pytest.mark.parametrize("model", ["llama", "video-dit"])
@@ -40,6 +40,27 @@ def test_reference_models_w8a8(tmp_path, model, target):
     ops = art.report["graph"]["ops"]
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
     sess = art.load()
+    out = sess.run(sess.default_feeds)
+    assert all(v.size for v in out.values())
+
+
+@pytest.mark.parametrize("model,scheme,floor", [
+    ("llama", "w8a8", 0.99), ("video-dit", "w8a16", 0.99),
+    # 8-bit activations everywhere (the HTP has no float): the DiT's timestep MLP and
+    # modulation lose precision even with 16-bit angles; measured 0.957 (w8a16: 0.9996)
+    ("video-dit", "w8a8", 0.95)])
+def test_qnn_htp_whole_graph_on_the_npu(tmp_path, model, scheme, floor):
+    art = edgec.compile(model, target="qnn-htp", output_dir=tmp_path / "o", config="tiny",
+                        quantize=scheme)
+    assert _worst(art) >= floor
+    rt = art.manifest["runtime"]
+    assert rt["name"] == "qnn" and (art.path / rt["model"]).is_file()
+    assert art.manifest["inputs"][0]["shape"] == list(art.load().default_feeds[
+        art.manifest["inputs"][0]["name"]].shape)  # static shapes
+    agree = art.report["fidelity"]["target_vs_source"]["vs_rewritten_onnx"]["outputs"]
+    assert min(e["cosine"] for e in agree.values()) >= 0.998
+    sess = edgec.load(art.path)  # reloads the precompiled EPContext model, fallback disabled
+    assert sess.runtime.startswith("onnxruntime-qnn")
     out = sess.run(sess.default_feeds)
     assert all(v.size for v in out.values())
 

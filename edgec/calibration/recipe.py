@@ -107,9 +107,10 @@ class QuantRecipe:
     def preparation_passes(self, tgt) -> list:
         """Exact passes the quantized form needs; they run before the model hash is taken."""
         from edgec.graph_passes.mask_fill import MaskFillPass
+        from edgec.graph_passes.qnn_legalize import QnnLegalizePass
 
         scheme = self.scheme(tgt)
-        return [MaskFillPass(self.mask_fill)] if scheme.rules == "qnn" else []
+        return [MaskFillPass(self.mask_fill), QnnLegalizePass()] if scheme.rules == "qnn" else []
 
     def calibrate(self, model, src, tgt, progress: Callable[[int, int], None] | None = None):
         """Collect activation ranges of ``model`` (already prepared) into a CalibrationCache."""

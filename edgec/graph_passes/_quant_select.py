@@ -26,7 +26,7 @@ _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Expand", "Reshape", "Unsqu
                 "Transpose", "Slice", "Concat", "Tile", "Identity", "Min", "Max", "Neg",
                 "Cast", "Gather", "GatherND", "GatherElements"}
 _LOOKUPS = {"Gather", "GatherND", "GatherElements"}
-_SCORE_CHAIN = {"Add", "Sub", "Mul", "Div", "Where", "Reshape", "Transpose", "Identity", "Cast"}
+_SCORE_CHAIN = {"Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Identity", "Cast"}
 
 
 @dataclasses.dataclass
@@ -44,7 +44,7 @@ def _is_float(v: ir.Value) -> bool:
 def _is_huge(v: ir.Value) -> bool:
     c = _constant(v)
     return (c is not None and np.issubdtype(c.dtype, np.floating) and c.size > 0
-            and bool(np.all(c <= -HUGE)))
+            and bool(np.any(c <= -HUGE)))
 
 
 def _mask_taint(model: ir.Model) -> set[str]:
@@ -90,11 +90,48 @@ def _score_chain(model: ir.Model) -> set[str]:
             v = stack.pop()
             if v is None or v.name in out or not _is_float(v):
                 continue
-            out.add(v.name)
             prod = v.producer()
+            if prod is not None and prod.op_type == "Where":
+                continue  # a bounded two-level mask ({0, -F}) is exact in 8 bits
+            out.add(v.name)
             if prod is not None and prod.op_type in _SCORE_CHAIN:
                 stack.extend(prod.inputs)
     return out
+
+
+def _angles(model: ir.Model) -> set[str]:
+    """Sin/Cos inputs back to graph inputs and their outputs: 8-bit angles bend embeddings."""
+    out: set[str] = set()
+    for node in model.graph:
+        if node.op_type not in ("Sin", "Cos"):
+            continue
+        out.update(o.name for o in node.outputs)
+        stack = [node.inputs[0]]
+        while stack:
+            v = stack.pop()
+            if v is None or v.name in out or not _is_float(v) or v.const_value is not None:
+                continue
+            out.add(v.name)
+            prod = v.producer()
+            if prod is not None and prod.op_type in _ELEMENTWISE:
+                stack.extend(prod.inputs)
+    return out
+
+
+def _where_consistent(model: ir.Model, sixteen: set[str]) -> set[str]:
+    """The HTP needs a Where's data inputs in its output's type: spread 16-bit among them."""
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph:
+            if node.op_type != "Where":
+                continue
+            group = [v.name for v in (node.inputs[1], node.inputs[2], node.outputs[0])
+                     if v is not None and _is_float(v)]
+            if any(n in sixteen for n in group) and not all(n in sixteen for n in group):
+                sixteen.update(group)
+                changed = True
+    return sixteen
 
 
 def plan_quantization(model: ir.Model, rules: str, exclude: tuple[str, ...] = ()) -> QuantPlan:
@@ -126,6 +163,6 @@ def plan_quantization(model: ir.Model, rules: str, exclude: tuple[str, ...] = ()
             excluded.append(node.name)
             reasons[node.name] = "reads an attention mask / integer-derived tensor"
     if rules == "qnn":
-        floats = {o.name for n in model.graph for o in n.outputs if _is_float(o)}
-        sixteen |= (mask & floats) | _score_chain(model)
+        sixteen |= _score_chain(model) | _angles(model)
+        sixteen = _where_consistent(model, sixteen)
     return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons)

@@ -1,7 +1,7 @@
 """Attention-mask fill: an additive mask's dtype-min (or -inf) fill ⇒ a bounded fill ``-F``.
 
-    Where(keep, 0, finfo.min) | Mul(1 - mask, finfo.min)  → … → Add(scores, ·) → Softmax
-    ⇒ the same with the fill constant replaced by ``-F`` (default 100)
+    Where(keep, 0, finfo.min) | Mul(1 - mask, finfo.min) | Add(scores, C_causal)  → … → Softmax
+    ⇒ the same with every constant entry ≤ -1e4 replaced by ``-F`` (default 100)
 
 Why: a fully-quantized target (the QNN NPU quantizes every tensor) would otherwise calibrate the
 mask's tensors and the masked scores to a range of ~3.4e38, wiping out every real score. Exact in
@@ -54,21 +54,28 @@ class MaskFillPass(EdgecPass):
 
     def call(self, model: ir.Model) -> PassResult:
         replaced = 0
+        bounded: dict[str, ir.Value] = {}  # one bounded copy per shared constant
         for node in list(model.graph):
-            if node.op_type not in ("Where", "Mul"):
+            if node.op_type not in ("Where", "Mul", "Add"):
                 continue
             for i, value in enumerate(node.inputs):
                 if value is None or (i == 0 and node.op_type == "Where"):
                     continue
                 arr = _constant(value)
                 if (arr is None or arr.size == 0 or not np.issubdtype(arr.dtype, np.floating)
-                        or not np.all(arr <= -HUGE)):
+                        or not np.any(arr <= -HUGE)):
                     continue
+                if node.op_type == "Mul" and not np.all(arr <= -HUGE):
+                    continue  # a scale, not a fill
                 if not any(_reaches_softmax(o) for o in node.outputs):
                     continue
-                new = ir.Value(name=f"{value.name}_bounded",
-                               const_value=ir.tensor(np.full(arr.shape, -self.fill, arr.dtype)))
-                model.graph.register_initializer(new)
+                new = bounded.get(value.name)
+                if new is None:
+                    new = ir.Value(name=f"{value.name}_bounded",
+                                   const_value=ir.tensor(np.where(arr <= -HUGE, -self.fill, arr
+                                                                  ).astype(arr.dtype)))
+                    model.graph.register_initializer(new)
+                    bounded[value.name] = new
                 node.replace_input_with(i, new)
                 replaced += 1
                 if not value.uses() and value.name in model.graph.initializers:

@@ -121,16 +121,25 @@ class QuantizePass(ir.passes.FunctionalPass):
             from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
             overrides = {t: [{"quant_type": quant_type("uint16")}] for t in plan.tensors_16bit}
+            weights = s.weights
+            if s.weights == "int4":  # the HTP runs int4 only symmetric; LayerNorm etc. stay u8
+                weights = "uint8"
+                overrides.update(_int4_matmul_weights(proto))
             cfg = get_qnn_qdq_config(proto, None, calibrate_method=method,
                                      activation_type=quant_type(s.activations),
-                                     weight_type=quant_type(s.weights), per_channel=s.per_channel,
+                                     weight_type=quant_type(weights),
+                                     per_channel=s.per_channel and s.weights != "int4",
                                      init_overrides=overrides or None,
                                      activation_symmetric=s.activation_symmetric,
                                      weight_symmetric=s.weight_symmetric)
+            # Constant data inputs (a Where's fill) must be quantized too: the HTP has no float.
             kwargs = dict(op_types_to_quantize=cfg.op_types_to_quantize,
-                          per_channel=cfg.per_channel, extra_options=cfg.extra_options,
+                          per_channel=cfg.per_channel,
+                          extra_options={**cfg.extra_options, "ForceQuantizeNoInputCheck": True},
                           nodes_to_exclude=cfg.nodes_to_exclude)
+            weight_type = quant_type(weights)
         else:
+            weight_type = quant_type(s.weights)
             kwargs = dict(op_types_to_quantize=list(s.op_types), per_channel=s.per_channel,
                           nodes_to_exclude=plan.nodes_to_exclude,
                           extra_options={"ActivationSymmetric": s.activation_symmetric,
@@ -140,9 +149,21 @@ class QuantizePass(ir.passes.FunctionalPass):
         try:
             quantize_static(proto, str(out), None, quant_format=QuantFormat.QDQ,
                             activation_type=quant_type(s.activations),
-                            weight_type=quant_type(s.weights), calibrate_method=method,
+                            weight_type=weight_type, calibrate_method=method,
                             use_external_data_format=True, calibration_cache_path=str(ranges),
                             **kwargs)
         except KeyError as e:
             raise UserError(f"the calibration cache has no range for tensor {e}; it was made "
                             "for another graph: re-run `edgec calibrate`") from None
+
+
+def _int4_matmul_weights(proto) -> dict[str, list[dict[str, Any]]]:
+    """QNN w4a16: symmetric int4 per output channel (axis 1 of [K, N]) on MatMul weights."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+            if len(inits[node.input[1]].dims) == 2:
+                out[node.input[1]] = [{"quant_type": quant_type("int4"), "symmetric": True,
+                                       "axis": 1}]
+    return out

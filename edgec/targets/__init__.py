@@ -8,11 +8,12 @@ from edgec.errors import TargetUnavailableError, UserError
 from edgec.targets.base import BuildResult, Target
 from edgec.targets.openvino_cpu import OPENVINO_CPU
 from edgec.targets.ort_cpu import ORT_CPU
+from edgec.targets.qnn_htp import QNN_HTP
 from edgec.targets.tensorrt import TENSORRT
 
 __all__ = ["Target", "BuildResult", "TARGETS", "get"]
 
-TARGETS: dict[str, Target] = {t.name: t for t in (ORT_CPU, OPENVINO_CPU, TENSORRT)}
+TARGETS: dict[str, Target] = {t.name: t for t in (ORT_CPU, OPENVINO_CPU, QNN_HTP, TENSORRT)}
 
 
 def get(name: str) -> Target:
