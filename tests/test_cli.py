@@ -17,7 +17,7 @@ def _run(*args):
 
 def test_help_lists_commands_and_each_has_an_example():
     result = _run("--help")
-    for cmd in ("models", "export", "compile", "run", "bench", "compare", "inspect"):
+    for cmd in ("models", "export", "compile", "calibrate", "run", "bench", "compare", "inspect"):
         assert cmd in result.output
         sub = _run(cmd, "--help")
         assert sub.exit_code == 0 and "edgec " + cmd in sub.output, cmd
