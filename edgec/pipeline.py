@@ -27,9 +27,12 @@ logger = logging.getLogger(__name__)
 TARGET_RTOL = 1e-5
 # A runtime executing an approximated (rewritten) graph vs ORT executing the same graph.
 REWRITTEN_RTOL = 1e-4
-# A runtime executing a quantized graph vs ORT executing the same QDQ graph (cosine floor):
-# 8-bit fixed-point kernels (the HTP's) round differently layer after layer (measured ≥ 0.9989).
+# A runtime executing a quantized graph vs ORT executing the same QDQ graph (cosine): 8-bit
+# fixed-point kernels (the HTP's) round differently layer after layer (measured ≥ 0.9989); on a
+# graph that quantizes badly (planted outliers: 0.975 vs fp32) those differences grow (0.993).
+# Below QUANTIZED_AGREEMENT the report flags it; below QUANTIZED_FLOOR the compile fails.
 QUANTIZED_AGREEMENT = 0.998
+QUANTIZED_FLOOR = 0.98
 BENCH_BUDGET_S = 3.0
 LORA_MODES = ("merge", "sparse-merge", "swappable")
 
@@ -252,21 +255,27 @@ def _target_fidelity(session, src, approximate: bool, model, quantized: bool = F
         # the same adapter bound on both sides (swappable LoRA), else just the source feeds
         bound = session._adapter_feeds(dict(src.feeds), None)
         vs_onnx = compare_outputs(outputs, run_model(model, bound, optimize=True))
+        worst = min(e["cosine"] for e in vs_onnx.values())
         if quantized:  # int8 kernels round differently from ORT's; hold them to a cosine floor
-            worst = min(e["cosine"] for e in vs_onnx.values())
-            if not worst >= QUANTIZED_AGREEMENT:
+            if not worst >= QUANTIZED_FLOOR:
                 from edgec.errors import VerificationError
 
                 raise VerificationError(
                     f"{session.runtime} disagrees with ONNX Runtime on the same quantized graph "
-                    f"(cosine {worst:.5f} < {QUANTIZED_AGREEMENT}); this is a target bug, report "
+                    f"(cosine {worst:.5f} < {QUANTIZED_FLOOR}); this is a target bug, report "
                     "it with the model")
+            if worst < QUANTIZED_AGREEMENT:
+                logger.warning("%s vs ONNX Runtime on the same quantized graph: cosine %.5f "
+                               "(< %g): the graph quantizes badly (outliers?); see the report",
+                               session.runtime, worst, QUANTIZED_AGREEMENT)
         else:
             assert_close(vs_onnx, REWRITTEN_RTOL,
                          f"{session.runtime} vs ORT on the rewritten model")
         result["vs_rewritten_onnx"] = {
             "runtime": "onnxruntime", "rtol": None if quantized else REWRITTEN_RTOL,
-            "min_cosine": QUANTIZED_AGREEMENT if quantized else None, "outputs": vs_onnx}
+            "min_cosine": QUANTIZED_FLOOR if quantized else None,
+            "agrees": bool(worst >= QUANTIZED_AGREEMENT) if quantized else None,
+            "outputs": vs_onnx}
     return result, seconds
 
 
