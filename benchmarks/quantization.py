@@ -494,10 +494,12 @@ def bench_accuracy(configs: list[str], root: Path) -> dict:
                 row.update(fidelity(a))
                 stand_in = a.report["fidelity"].get("stand_in")
                 row["verified_on"] = stand_in or a.manifest["runtime"]["name"]
-                vs = a.report["fidelity"].get("vs_rewritten_onnx")
-                if vs:
+                vs = a.report["fidelity"]["target_vs_source"].get("vs_rewritten_onnx")
+                if vs:  # the target vs ORT running the same (quantized) graph
                     row["cosine_vs_ort_on_same_graph"] = round(
                         min(x["cosine"] for x in vs["outputs"].values()), 6)
+                    if vs.get("agrees") is not None:
+                        row["agrees_with_ort"] = vs["agrees"]
                 q = a.report.get("quantization") or {}
                 st = next((p.get("stats", {}) for p in a.report.get("passes", [])
                            if p.get("name") == "quantize"), {})
