@@ -93,6 +93,10 @@ class QuantizePass(ir.passes.FunctionalPass):
                 self._static(proto, out, plan, Path(tmp))
                 quantized = ir.load(out)
                 ir.external_data.load_to_model(quantized)  # the temp dir goes away
+        if extra.get("skipped"):
+            logging.getLogger(__name__).warning(
+                "%s: %s weights left in float (%s)", s.name, sum(extra["skipped"].values()),
+                ", ".join(extra["skipped"]))
         ops = Counter(n.op_type for n in quantized.graph)
         quantized.metadata_props.update(model.metadata_props)
         stats: dict[str, Any] = {
