@@ -95,7 +95,7 @@ def compile_model(
 
     with artifact.staged_output(out) as stage:
         from edgec.onnx_io import save_model
-        from edgec.runtimes import EXAMPLE_INPUTS, open_session
+        from edgec.runtimes import EXAMPLE_INPUTS
 
         t0 = time.perf_counter()
         save_model(model, stage / "model.onnx")

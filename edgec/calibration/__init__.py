@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgec.calibration.cache import CACHE_FILE, CalibrationCache, model_hash
+from edgec.errors import UserError
 
 __all__ = ["calibrate", "CalibrationCache", "model_hash", "CACHE_FILE"]
 
@@ -28,16 +29,12 @@ def calibrate(source: Any, target: str, output_dir: str | os.PathLike,
 
     plan = QuantRecipe.parse(quantize, data, target)
     if plan.cache is not None:
-        from edgec.errors import UserError
-
         raise UserError("edgec calibrate --data takes an .npz of samples, not a cache")
     prep = prepare(source, target, config, recipe.get("example_inputs"),
                    recipe.get("dynamic_shapes"), recipe.get("sparse_attention"),
                    False, step, recipe.get("lora"), recipe.get("lora_mode", "merge"),
                    recipe.get("prune"), plan)
     if not plan.scheme(prep.tgt).calibrated:
-        from edgec.errors import UserError
-
         raise UserError(f"scheme {plan.scheme_name} is weight-only: it needs no calibration")
     cache = plan.calibrate(prep.model, prep.src, prep.tgt, progress)
     cache.save(output_dir)

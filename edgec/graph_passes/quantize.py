@@ -119,8 +119,9 @@ class QuantizePass(ir.passes.FunctionalPass):
 
         s = self.scheme
         ranges = tmp / "ranges.json"
-        save_tensors_data(self.cache.to_tensors_data(), ranges)
-        method = self.cache.to_tensors_data().calibration_method
+        tensors = self.cache.to_tensors_data()
+        save_tensors_data(tensors, ranges)
+        method = tensors.calibration_method
         if s.rules == "qnn":
             from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
