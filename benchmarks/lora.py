@@ -61,7 +61,7 @@ def _merge_time_base(tmp: Path) -> dict:
     """Merge pass on llama base's projection weights (exporter layout [in, out])."""
     from safetensors.numpy import save_file
 
-    from edgec.graph_passes.lora_merge import LoraMergePass
+    from edgec.graph_passes.lora.merge import LoraMergePass
     from edgec.lora import read_adapter
     from edgec.models.llama import CONFIGS
 
@@ -117,8 +117,8 @@ def main() -> None:
 
     from edgec.exporters.sources import resolve_source
     from edgec.exporters.torch_export import export_module
-    from edgec.graph_passes.lora_merge import LoraMergePass
-    from edgec.graph_passes.lora_swappable import LoraSwappablePass, lora_sites
+    from edgec.graph_passes.lora.merge import LoraMergePass
+    from edgec.graph_passes.lora.swappable import LoraSwappablePass, lora_sites
     from edgec.lora import read_adapter
     from edgec.lora.binding import site_feeds
     from edgec.models import registry

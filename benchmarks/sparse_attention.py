@@ -200,7 +200,7 @@ def child_memory(spec: dict) -> dict:
 
 
 def child_quality(spec: dict) -> dict:
-    from edgec.graph_passes.sparse_attention_metrics import attention_quality
+    from edgec.graph_passes.sparse_attention.metrics import attention_quality
     from edgec.onnx_io import load_onnx
 
     root = Path(spec["dir"])
@@ -255,9 +255,9 @@ def dense_scores_mb(bh: int, n: int) -> float:
 
 
 def attention_section(n: int, heads: int, d: int, root: Path, args) -> dict:
-    from edgec.graph_passes._sparse_layout import reference_block_selection
+    from edgec.graph_passes.sparse_attention.layout import reference_block_selection
     from edgec.graph_passes.sparse_attention import SparseAttentionConfig
-    from edgec.graph_passes.sparse_attention_metrics import site_quality
+    from edgec.graph_passes.sparse_attention.metrics import site_quality
 
     cfg = SparseAttentionConfig.parse(ATTN_CFG)
     shape = (1, heads, n, d)
@@ -337,7 +337,7 @@ def e2e_section(e2e: dict, root: Path, args) -> dict:
     from edgec.exporters.torch_export import export_module
     from edgec.graph_passes import CleanupPass
     from edgec.graph_passes.sparse_attention import SparseAttentionConfig
-    from edgec.graph_passes.sparse_attention_metrics import amdahl_bound
+    from edgec.graph_passes.sparse_attention.metrics import amdahl_bound
     from edgec.models import registry
 
     spec = registry.get(e2e["model"])

@@ -27,13 +27,11 @@ def export(module: Any, example_inputs: Sequence[Any], path: str | os.PathLike,
 
 
 def compile(source: Any, target: str = "ort-cpu", output_dir: str | os.PathLike = "out",
-            config: str | None = None, example_inputs: Sequence[Any] | None = None,
-            sparse_attention: Any = None, check: bool = False,
-            dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
-            lora: Any = None, lora_mode: str = "merge", prune: Any = None,
-            quantize: Any = None, calibration: Any = None):
-    """Compile ``source`` (registry name, .onnx path or nn.Module) for ``target``.
+            config: str | None = None, example_inputs: Sequence[Any] | None = None, *,
+            dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None, **options: Any):
+    """Compile ``source`` (registry name, .onnx path, HF checkpoint dir or nn.Module) for ``target``.
 
+    ``options`` are the recipe (``edgec.recipe.Recipe``; an unknown one is refused):
     ``sparse_attention``: ``"keep=0.2,block=64,..."``, a dict of the same options, a
     ``SparseAttentionConfig`` or True for the defaults (see ``edgec compile --help``).
     ``lora``: PEFT adapter dir(s): ``"dir"``, ``["a", "b"]``, ``{"a": 0.7, "b": 0.3}`` (weights
@@ -41,27 +39,40 @@ def compile(source: Any, target: str = "ort-cpu", output_dir: str | os.PathLike 
     | ``swappable`` (adapters as graph inputs, ``Session.run(..., adapter=name)``).
     ``prune``: ``"magnitude:0.5"`` or ``"2:4"`` (MatMul weights, before LoRA).
     ``quantize``: a scheme the target offers (``w8a8``, ``w8a16``, ``w4a16``, ``fp8``), optionally
-    ``"w8a8:method=entropy,exclude=Softmax;/lm_head/MatMul,samples=32"``.
+    ``"w8a8:method=entropy,exclude=Softmax;/lm_head/MatMul,samples=32"`` or a dict of the same.
     ``calibration``: a cache from ``edgec calibrate`` (directory or calibration.json), an .npz of
     samples (leading sample axis), or None (calibrate with the source's own generator).
+    ``check``: verify every pass numerically.
     Returns an ``Artifact`` (``.path``, ``.manifest``, ``.report``, ``.load()``).
     """
     from edgec.pipeline import compile_model
+    from edgec.recipe import Recipe
 
-    return compile_model(source, target=target, output_dir=output_dir, config=config,
-                         example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
-                         sparse_attention=sparse_attention, check=check, lora=lora,
-                         lora_mode=lora_mode, prune=prune, quantize=quantize,
-                         calibration=calibration)
+    progress = options.pop("progress", None)
+    recipe = Recipe.parse(target, config=config, **options)  # validated before any export
+    return compile_model(source, recipe, output_dir, example_inputs=example_inputs,
+                         dynamic_shapes=dynamic_shapes, progress=progress)
 
 
 def calibrate(source: Any, target: str, output_dir: str | os.PathLike, config: str | None = None,
-              data: str | os.PathLike | None = None, quantize: str = "w8a8", **recipe: Any):
-    """Calibrate ``source`` for ``target`` (see ``edgec.calibration.calibrate``)."""
-    from edgec.calibration import calibrate as _calibrate
+              data: str | os.PathLike | None = None, quantize: Any = "w8a8", *,
+              example_inputs: Sequence[Any] | None = None,
+              dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None, **options: Any):
+    """Collect activation ranges of ``source`` as ``target`` will quantize it; save the cache.
 
-    return _calibrate(source, target, output_dir, config=config, data=data, quantize=quantize,
-                      **recipe)
+    ``quantize`` is the scheme (with options, as for ``compile``); ``data`` an .npz of samples
+    (leading sample axis) or None for the source's own generator; ``options`` are compile's other
+    recipe options (sparse_attention, lora, lora_mode, prune), so the calibrated graph is the one
+    the compile quantizes. Writes ``output_dir/calibration.json`` only once calibration
+    succeeded; returns the ``CalibrationCache``.
+    """
+    from edgec.pipeline import calibrate_source
+    from edgec.recipe import Recipe
+
+    step, progress = options.pop("step", None), options.pop("progress", None)
+    recipe = Recipe.parse(target, config=config, quantize=quantize, **options).for_calibration()
+    return calibrate_source(source, recipe, output_dir, data=data, example_inputs=example_inputs,
+                            dynamic_shapes=dynamic_shapes, step=step, progress=progress)
 
 
 def load(path: str | os.PathLike):

@@ -6,6 +6,7 @@ Exit status: 0 ok, 2 user error (one line on stderr saying what and what to do),
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import os
@@ -100,12 +101,6 @@ class _Status:
         return self._status.__exit__(*exc)
 
 
-_QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | fp8 "
-                  "(which target offers which: README § Quantization); options after ':' "
-                  "method=minmax|percentile|entropy, exclude=NODE_OR_OP;... (kept in high "
-                  "precision), samples=N, mask_fill=F")
-
-
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log pass details")] = False):
     # Libraries (onnxscript, onnx-ir) log every folding decision at INFO; show only ours.
@@ -155,44 +150,48 @@ def export_cmd(
               f"cosine {worst['cosine']:.7f})", highlight=False)
 
 
+def _recipe_options(command: str):
+    """Give a command the Recipe's options as typer options (one per Recipe field that names
+    ``command``); the function receives them, as given, in ``recipe_options``."""
+    from edgec.recipe import recipe_options
+
+    fields = recipe_options(command)
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "recipe_options"]
+        annotations = {k: v for k, v in fn.__annotations__.items() if k != "recipe_options"}
+        extra = []
+        for name, default, opt in fields:
+            tp: Any = {"flag": bool, "multiple": Optional[list[str]]}.get(opt.kind, Optional[str])
+            ann = Annotated[tp, typer.Option(*opt.flags, help=opt.help, metavar=opt.metavar)]
+            extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
+                                           default=bool(default) if opt.kind == "flag" else None))
+            annotations[name] = ann
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            given = {name: kwargs.pop(name) for name, _, _ in fields if name in kwargs}
+            return fn(*args, recipe_options=given, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + extra)
+        wrapper.__annotations__ = annotations
+        return wrapper
+
+    return decorate
+
+
 @app.command("compile")
 @_errors
+@_recipe_options("compile")
 def compile_cmd(
     source: Annotated[str, typer.Argument(
         help="model name, path to an .onnx file, or a Hugging Face checkpoint directory")],
     target: Annotated[str, typer.Option(
-        "--target", "-t", help="ort-cpu | openvino-cpu | qnn-htp | tensorrt")],
+        "--target", "-t", help="ort-cpu | openvino-cpu | qnn-htp | tensorrt (`edgec targets`)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="artifact directory to write")],
-    config: Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="model config (tiny|small|base[+option]); for a Hugging Face "
-                               "checkpoint the example inputs: batch=N,seq=N")] = None,
-    sparse_attention: Annotated[Optional[str], typer.Option(
-        "--sparse-attention", metavar="K=V,...",
-        help="block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64,"
-             "qblock=512,prefix=64,sink=frame,grid=8x32x32,mode=rf2. Defaults: keep=0.2, "
-             "block=64, qblock=8×block, prefix=0, sink=none, mode=rf2 (or rainfusion), "
-             "min_seq=256, chunk_mb=256; grid and prefix come from the reference model when "
-             "it has a video grid. Use 'default' for all defaults.")] = None,
-    lora: Annotated[Optional[list[str]], typer.Option(
-        "--lora", metavar="DIR[:WEIGHT]",
-        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors); "
-             "repeat for several (merge modes: optional weight, e.g. a:0.7 --lora b:0.3)")] = None,
-    lora_mode: Annotated[str, typer.Option(
-        "--lora-mode", help="merge (W += s·BA, PEFT semantics) | sparse-merge (LoSA: the delta "
-                            "is masked by the base's zeros) | swappable (adapters as graph "
-                            "inputs, switched at run time)")] = "merge",
-    prune: Annotated[Optional[str], typer.Option(
-        "--prune", metavar="SPEC", help="magnitude-prune MatMul weights before LoRA: "
-                                        "magnitude:0.5 (unstructured) or 2:4 (N:M)")] = None,
-    quantize: Annotated[Optional[str], typer.Option(
-        "--quantize", "-q", metavar="SCHEME[:K=V,...]",
-        help=_QUANTIZE_HELP)] = None,
-    calib: Annotated[Optional[Path], typer.Option(
-        "--calib", metavar="FILE_OR_DIR",
-        help="calibration cache from `edgec calibrate` (reused, checked against the model), "
-             "or an .npz of samples (keys = input names, leading sample axis)")] = None,
-    check: Annotated[bool, typer.Option("--check", help="check every pass numerically")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    recipe_options: dict | None = None,
 ):
     """Compile a model for a target into an artifact directory and print its report.
 
@@ -220,13 +219,11 @@ def compile_cmd(
     * `edgec compile llama --target qnn-htp -o out-npu --quantize w8a16 --calib calib/`
     """
     from edgec.pipeline import compile_model
+    from edgec.recipe import Recipe
 
-    sparse = True if sparse_attention in ("default", "") else sparse_attention
+    recipe = Recipe.parse(target, **(recipe_options or {}))  # validated before any export
     with _Status("compiling") as status:
-        art = compile_model(source, target=target, output_dir=output, config=config,
-                            sparse_attention=sparse, check=check, progress=status,
-                            lora=lora or None, lora_mode=lora_mode, prune=prune,
-                            quantize=quantize, calibration=calib)
+        art = compile_model(source, recipe, output, progress=status)
     if as_json:
         return _print_json(art.report)
     from edgec.report import summary_rows
@@ -240,26 +237,25 @@ def compile_cmd(
 
 @app.command("calibrate")
 @_errors
+@_recipe_options("calibrate")
 def calibrate_cmd(
     source: Annotated[str, typer.Argument(
         help="model name, path to an .onnx file, or a Hugging Face checkpoint directory")],
     target: Annotated[str, typer.Option(
-        "--target", "-t", help="ort-cpu | openvino-cpu | qnn-htp | tensorrt")],
+        "--target", "-t", help="ort-cpu | openvino-cpu | qnn-htp | tensorrt (`edgec targets`)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="directory for calibration.json")],
     data: Annotated[Optional[Path], typer.Option(
         "--data", help=".npz of samples: keys = input names, leading sample axis "
                        "(default: the model's own calibration generator)")] = None,
-    config: Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="model config, as for compile")] = None,
-    quantize: Annotated[str, typer.Option(
-        "--quantize", "-q", metavar="SCHEME[:K=V,...]", help=_QUANTIZE_HELP)] = "w8a8",
     as_json: Annotated[bool, typer.Option("--json", help="print the cache summary as JSON")] = False,
+    recipe_options: dict | None = None,
 ):
     """Collect activation ranges on calibration samples and write a calibration cache.
 
-    The cache (calibration.json: per-tensor ranges keyed by tensor name, plus the model hash,
-    target, scheme, method and sample count) is reused by `edgec compile ... --quantize SCHEME
-    --calib DIR`; a cache that does not match the compiled model is refused.
+    Takes the compile's recipe options (--quantize, default w8a8; --sparse-attention, --lora,
+    --prune, ...): the cache (calibration.json: per-tensor ranges keyed by tensor name, plus the
+    model hash, target, scheme, method and sample count) is reused by `edgec compile` with the
+    same options and `--calib DIR`; a cache that does not match the compiled model is refused.
 
     Examples:
 
@@ -268,11 +264,17 @@ def calibrate_cmd(
     * `edgec calibrate llama --target qnn-htp --quantize w8a16:method=entropy -o calib/`
 
     * `edgec calibrate model.onnx --target ort-cpu --data samples.npz -o calib/`
+
+    * `edgec calibrate llama --target openvino-cpu --lora ./a --lora-mode swappable -o calib/`
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgec.calibration import calibrate
+    from edgec.pipeline import calibrate_source
+    from edgec.recipe import Recipe
 
+    options = {"quantize": "w8a8", **{k: v for k, v in (recipe_options or {}).items()
+                                      if v is not None}}
+    recipe = Recipe.parse(target, **options).for_calibration()
     with _Status("calibrating") as status:
         bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), console=err, transient=True)
@@ -287,8 +289,8 @@ def calibrate_cmd(
             bar.update(task, completed=i)
 
         try:
-            cache = calibrate(source, target, output, config=config, data=data, quantize=quantize,
-                              progress=advance, step=status)
+            cache = calibrate_source(source, recipe, output, data=data, step=status,
+                                     progress=advance)
         finally:
             bar.stop()
     summary = {"cache": str(output / "calibration.json"), "target": cache.target,
@@ -300,6 +302,46 @@ def calibrate_cmd(
     out.print(f"wrote {summary['cache']}: {summary['tensors']} tensor ranges from "
               f"{cache.samples} samples ({cache.method}, {cache.data}) in {cache.seconds:.1f} s",
               highlight=False)
+
+
+@app.command("targets")
+@_errors
+def targets_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False):
+    """List the targets: runtime, shape rules, quantization schemes and notes.
+
+    Example: `edgec targets`
+    """
+    from edgec.targets import TARGETS
+
+    rows = [{"name": t.name, "description": t.description, "runtime": t.runtime,
+             "static_shapes": t.static_shapes, "fully_quantized": t.fully_quantized,
+             "max_rank": t.max_rank, "swappable_adapters": t.swappable_adapters,
+             "passes": {"before_quantize": [p.name for p in t.before_quantize],
+                        "after_quantize": [p.name for p in t.after_quantize]},
+             "schemes": {n: _scheme_line(s) for n, s in t.schemes.items()},
+             "notes": list(t.notes)} for t in TARGETS.values()]
+    if as_json:
+        return _print_json(rows)
+    for r in rows:
+        table = Table(show_header=False, title=f"{r['name']}: {r['description']}",
+                      title_justify="left")
+        table.add_row("runtime", r["runtime"] + (", static shapes" if r["static_shapes"] else "")
+                      + (", quantized only" if r["fully_quantized"] else "")
+                      + (f", rank ≤ {r['max_rank']}" if r["max_rank"] else ""))
+        passes = [*r["passes"]["before_quantize"], *r["passes"]["after_quantize"]]
+        if passes:
+            table.add_row("device passes", ", ".join(passes))
+        for name, line in r["schemes"].items():
+            table.add_row(f"--quantize {name}", line)
+        for note in r["notes"]:
+            table.add_row("note", note)
+        out.print(table)
+
+
+def _scheme_line(s) -> str:
+    acts = f"{s.activations} activations" if s.activations else "weight-only"
+    blocks = f", blocks of {s.block_size}" if s.block_size else ""
+    return f"{s.weights} weights{blocks}, {acts}"
 
 
 @app.command("run")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["EdgecError", "UserError", "VerificationError", "TargetUnavailableError"]
+__all__ = ["EdgecError", "InternalError", "TargetUnavailableError", "UserError",
+           "VerificationError"]
 
 
 class EdgecError(Exception):
@@ -19,3 +20,10 @@ class VerificationError(UserError):
 
 class TargetUnavailableError(UserError):
     """The target's runtime is not installed or cannot run on this machine."""
+
+
+class InternalError(EdgecError):
+    """edgec or a library it drives failed (not the input's fault): exit 1, a bug to report.
+
+    The message names the stage that failed; the library's exception is chained as the cause.
+    """

@@ -1,10 +1,79 @@
-"""report.json → report.md (tables a person reads) and a rich summary for the terminal."""
+"""The artifact's manifest.json and report.json, report.md (tables a person reads) and the
+terminal summary."""
 
 from __future__ import annotations
 
+from collections import Counter
+from pathlib import Path
 from typing import Any
 
-__all__ = ["render_markdown", "summary_rows"]
+from edgec import artifact
+
+__all__ = ["manifest", "report", "quantization_entry", "render_markdown", "summary_rows"]
+
+
+def _io(model) -> dict[str, list[dict[str, Any]]]:
+    """Inputs/outputs as the ONNX graph declares them (named dynamic dims kept)."""
+
+    def spec(v) -> dict[str, Any]:
+        dims = [d if isinstance(d, int) else (str(d) if d is not None else "?")
+                for d in (v.shape.dims if v.shape is not None else ())]
+        return {"name": v.name, "shape": dims, "dtype": v.dtype.numpy().name}
+
+    return {"inputs": [spec(v) for v in model.graph.inputs],
+            "outputs": [spec(v) for v in model.graph.outputs]}
+
+
+def manifest(src, recipe, built, records, model, stage: Path) -> dict[str, Any]:
+    tgt = recipe.target
+    return {
+        "format": artifact.FORMAT,
+        "source": src.info,
+        "target": {"name": tgt.name, "precision": tgt.precision, "static_shapes": tgt.static_shapes},
+        "recipe": {**recipe.to_json(), "passes": [r.name for r in records],
+                   "options": {r.name: r.stats.get("config") for r in records
+                               if r.stats.get("config")}},
+        "passes": [r.to_json() for r in records],
+        **_io(model),
+        "runtime": built.runtime,
+        "parameter_map": src.parameter_map,
+        "versions": artifact.versions(),
+        "hashes": artifact.file_hashes(stage),
+    }
+
+
+def _graph_summary(model) -> dict[str, Any]:
+    ops = Counter(n.op_type for n in model.graph)
+    params = sum(v.const_value.size for v in model.graph.initializers.values()
+                 if v.const_value is not None)
+    return {"nodes": len(model.graph), "parameters": int(params),
+            "ops": dict(ops.most_common())}
+
+
+def report(src, tgt, records, model, fidelity, latency, times, stage: Path) -> dict[str, Any]:
+    sizes = {p.relative_to(stage).as_posix(): p.stat().st_size
+             for p in sorted(stage.rglob("*")) if p.is_file()}
+    return {
+        "source": src.info,
+        "target": tgt.name,
+        "fidelity": {"export_vs_pytorch": src.export_fidelity, "target_vs_source": fidelity},
+        "latency": latency,
+        "size_bytes": sizes,
+        "graph": _graph_summary(model),
+        "passes": [r.to_json() for r in records],
+        "timings_s": times,
+    }
+
+
+def quantization_entry(records) -> dict[str, Any] | None:
+    """What the quantize stage did (scheme, exclusions, calibration), from its record."""
+    rec = next((r for r in records if r.name == "quantize"), None)
+    if rec is None:
+        return None
+    entry = {"scheme": rec.stats["scheme"], "exclude": rec.stats["config"]["exclude"]}
+    if "calibration" in rec.stats:
+        entry["calibration"] = rec.stats["calibration"]
+    return entry
 
 
 def _fmt(x: float) -> str:
@@ -55,7 +124,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if q:
         sc = q["scheme"]
         acts = f"{sc['activations']} activations" if sc["activations"] else "weight-only"
-        line = f"{sc['name']}: {sc['weights']} weights, {acts} ({sc['rules']} rules)"
+        line = f"{sc['name']}: {sc['weights']} weights, {acts}"
         cal = q.get("calibration")
         if cal:
             line += (f"; calibration {cal['how']}: {cal['samples']} samples, {cal['method']}, "
@@ -105,7 +174,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += [f"> {note}", ""]
     parts += ["## Passes", "", _table(["pass", "modified", "seconds", "stats", "check"], [
         [p["name"], str(p["modified"]), f"{p['seconds']:.3f}",
-         ", ".join(f"{k}={v}" for k, v in p["stats"].items() if k != "config") or "-",
+         ", ".join(f"{k}={v}" for k, v in p["stats"].items()
+                   if k != "config" and not isinstance(v, dict)) or "-",
          _check_cell(p.get("check"))] for p in report["passes"]]), ""]
     ops = report["graph"]["ops"]
     parts += ["## Graph", "", _table(["op", "count"], [[k, str(v)] for k, v in ops.items()]), ""]

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from edgec.cli import app
@@ -17,10 +18,33 @@ def _run(*args):
 
 def test_help_lists_commands_and_each_has_an_example():
     result = _run("--help")
-    for cmd in ("models", "export", "compile", "calibrate", "run", "bench", "compare", "inspect"):
+    for cmd in ("models", "export", "compile", "calibrate", "targets", "run", "bench", "compare",
+                "inspect"):
         assert cmd in result.output
         sub = _run(cmd, "--help")
         assert sub.exit_code == 0 and "edgec " + cmd in sub.output, cmd
+
+
+def test_targets_list_schemes_and_notes():
+    rows = {r["name"]: r for r in json.loads(_run("targets", "--json").stdout)}
+    assert list(rows) == ["ort-cpu", "openvino-cpu", "qnn-htp", "tensorrt"]
+    htp = rows["qnn-htp"]
+    assert htp["fully_quantized"] and htp["static_shapes"] and set(htp["schemes"]) == {
+        "w8a8", "w8a16", "w4a16"}
+    assert any("LayerNormalization" in n for n in htp["notes"])
+    assert rows["tensorrt"]["schemes"]["w4a16"] == "int4 weights, blocks of 128, weight-only"
+    text = _run("targets").output
+    assert "--quantize fp8" in text and "quantized only" in text
+
+
+def test_recipe_options_are_the_same_for_calibrate_and_compile():
+    def flags(cmd):
+        command = typer.main.get_command(app).commands[cmd]
+        return {o for p in command.params if p.param_type_name == "option" for o in p.opts}
+
+    shared = {"--config", "--sparse-attention", "--prune", "--lora", "--lora-mode", "--quantize"}
+    assert shared <= flags("compile") and shared <= flags("calibrate")
+    assert {"--calib", "--check"} <= flags("compile") - flags("calibrate")
 
 
 def test_models_json():

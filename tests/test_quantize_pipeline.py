@@ -82,7 +82,7 @@ def test_tensorrt_graphs_are_legal(tmp_path, scheme):
     import onnx_ir as ir
 
     from edgec.targets import get
-    from edgec.targets.tensorrt_rules import check_tensorrt_graph
+    from edgec.targets.tensorrt.rules import check_tensorrt_graph
 
     torch.manual_seed(0)
     art = edgec.compile(Wide().eval(), target="tensorrt", output_dir=tmp_path / "o",
@@ -99,7 +99,7 @@ def test_tensorrt_graphs_are_legal(tmp_path, scheme):
 
 def test_bad_quantize_options(tmp_path):
     for q, match in [("w9", "no quantization scheme 'w9'"), ("w8a8:method=best", "unknown calibration method"),
-                     ("w8a8:bogus=1", "bad --quantize option"), ("fp8", "no quantization scheme 'fp8'")]:
+                     ("w8a8:bogus=1", "unknown --quantize option"), ("fp8", "no quantization scheme 'fp8'")]:
         with pytest.raises(UserError, match=match):
             edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", quantize=q)
     with pytest.raises(UserError, match="add --quantize"):
@@ -149,3 +149,21 @@ def test_calibrate_from_npz(tmp_path):
     with pytest.raises(UserError, match="no array for input 'input_ids'"):
         edgec.calibrate("llama", "ort-cpu", tmp_path / "c2", data=tmp_path / "bad.npz")
     assert not (tmp_path / "c2").exists()
+
+
+def test_cli_calibrate_takes_the_compile_recipe_options(tmp_path):
+    """A cache made by `edgec calibrate --prune ...` matches the compile with the same options."""
+    runner = CliRunner()
+    calib = tmp_path / "calib"
+    res = runner.invoke(app, ["calibrate", "llama", "-t", "ort-cpu", "-o", str(calib),
+                              "--prune", "2:4", "-q", "w8a8:samples=2", "--json"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["compile", "llama", "-t", "ort-cpu", "-o", str(tmp_path / "a"),
+                              "--prune", "2:4", "-q", "w8a8", "--calib", str(calib), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["quantization"]["calibration"]["how"] == "reused cache"
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "prune", "quantize"]
+    res = runner.invoke(app, ["compile", "llama", "-t", "ort-cpu", "-o", str(tmp_path / "b"),
+                              "-q", "w8a8", "--calib", str(calib)])
+    assert res.exit_code == 2 and "does not match the model" in res.output

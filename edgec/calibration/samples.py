@@ -11,7 +11,7 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["samples_from_npz", "generated_samples", "DEFAULT_SAMPLES"]
+__all__ = ["samples_from_npz", "generated_samples", "samples_for_model", "DEFAULT_SAMPLES"]
 
 DEFAULT_SAMPLES = 16
 
@@ -99,3 +99,16 @@ def _hf_samples(src, n: int) -> list[dict[str, np.ndarray]]:
         m[:, 0] = 1  # at least one real token per row
         out.append({"input_ids": tokens, "attention_mask": m})
     return out
+
+
+def samples_for_model(samples: list[dict[str, np.ndarray]], model) -> list[dict[str, np.ndarray]]:
+    """Samples with the zero adapters of a swappable-LoRA graph bound: the base is calibrated
+    (the adapter branches stay float, so any adapter can be swapped in later)."""
+    from edgec.lora.binding import lora_sites, site_feeds
+
+    sites = lora_sites(model)
+    if not sites:
+        return samples
+    zeros = site_feeds(sites, None)
+    return [{**zeros, **x} for x in samples]
+

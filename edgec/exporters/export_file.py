@@ -15,7 +15,7 @@ from typing import Any
 
 from edgec.errors import UserError
 
-__all__ = ["export_to_file", "stored_parameter_map", "PARAMETER_MAP_KEY"]
+__all__ = ["PARAMETER_MAP_KEY", "export_to_file", "stored_parameter_map"]
 
 PARAMETER_MAP_KEY = "edgec.parameter_map"
 
@@ -48,9 +48,39 @@ def export_to_file(source: Any, path: str | os.PathLike, config: str | None = No
     return src.export_fidelity
 
 
+_LAYOUTS = ("same", "transposed")
+
+
 def stored_parameter_map(model) -> dict[str, dict[str, str]]:
+    """The parameter map ``export_to_file`` stored in ``model``; ``{}`` if edgec did not write it.
+
+    A present but unreadable map is an error, not "no map": passes that need it (LoRA, pruning)
+    would otherwise silently find no weights.
+    """
     raw = model.metadata_props.get(PARAMETER_MAP_KEY)
-    try:
-        return json.loads(raw) if raw else {}
-    except ValueError:
+    if raw is None:
         return {}
+    try:
+        pmap = json.loads(raw)
+    except ValueError as e:
+        raise UserError(f"the model's {PARAMETER_MAP_KEY} metadata is not valid JSON ({e}); "
+                        "re-export the model with `edgec export`") from None
+    problem = _parameter_map_problem(pmap)
+    if problem:
+        raise UserError(f"the model's {PARAMETER_MAP_KEY} metadata is malformed ({problem}); "
+                        "re-export the model with `edgec export`")
+    return pmap
+
+
+def _parameter_map_problem(pmap: Any) -> str | None:
+    """What is wrong with a decoded map (the shape ``build_parameter_map`` writes), or None."""
+    if not isinstance(pmap, dict):
+        return f"expected an object of parameters, got {type(pmap).__name__}"
+    for param, entry in pmap.items():
+        if not isinstance(entry, dict):
+            return f"entry {param!r} is {type(entry).__name__}, not an object"
+        if not isinstance(entry.get("initializer"), str):
+            return f"entry {param!r} has no \"initializer\" name"
+        if entry.get("layout") not in _LAYOUTS:
+            return f"entry {param!r} has layout {entry.get('layout')!r}, not one of {_LAYOUTS}"
+    return None

@@ -9,11 +9,13 @@ The example attention mask pads the last quarter of the tokens, so masking paths
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 from edgec.errors import UserError
+from edgec.options import parse_options
 
 __all__ = ["is_hf_checkpoint", "load_hf", "WRAPPED"]
 
@@ -24,16 +26,24 @@ def is_hf_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+@dataclasses.dataclass(frozen=True)
+class ExampleShape:
+    """``--config batch=N,seq=N``: the example inputs a checkpoint is exported and checked on."""
+
+    batch: int = 1
+    seq: int = 16
+
+    def __post_init__(self):
+        if not (isinstance(self.batch, int) and isinstance(self.seq, int)
+                and self.batch >= 1 and self.seq >= 1):
+            raise UserError(f"batch and seq must be integers ≥ 1, got {self}")
+
+
 def _options(config: str | None) -> dict[str, int]:
-    opts = {"batch": 1, "seq": 16}
-    for part in (config or "").split(","):
-        if not part.strip():
-            continue
-        key, _, value = part.partition("=")
-        if key.strip() not in opts or not value.strip().isdigit() or int(value) < 1:
-            raise UserError(f"Hugging Face sources take --config batch=N,seq=N; got {part!r}")
-        opts[key.strip()] = int(value)
-    return opts
+    try:
+        return dataclasses.asdict(parse_options(ExampleShape, config, "example"))
+    except UserError as e:
+        raise UserError(f"Hugging Face sources take --config batch=N,seq=N; {e}") from None
 
 
 def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, list, dict]:

@@ -93,6 +93,7 @@ def _as_tuple(x) -> tuple:
 def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind) -> Source:
     import torch
 
+    from edgec.exporters.outputs import flatten_outputs
     from edgec.exporters.torch_export import export_module
     from edgec.exporters.verify import assert_close, compare_outputs
     from edgec.runtimes.ort import run_model
@@ -102,7 +103,7 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind) -> Sou
     export_s = time.perf_counter() - t0
     with torch.no_grad():
         out = module(*inputs)
-    flat = _flatten(out)
+    flat = flatten_outputs(out)
     reference = {n: t.detach().cpu().numpy() for n, t in zip(result.output_names, flat)}
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(result.input_names, inputs)}
     errors = compare_outputs(run_model(result.model, feeds), reference)
@@ -111,16 +112,6 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind) -> Sou
     return Source(kind, info, result.model, result.parameter_map, feeds, reference, "pytorch",
                   {"reference": "pytorch", "runtime": "onnxruntime (no graph optimization)",
                    "rtol": EXPORT_RTOL, "outputs": errors}, export_s)
-
-
-def _flatten(out) -> list:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    return [t for o in out for t in _flatten(o)]
 
 
 def _from_onnx(path: Path, example_inputs) -> Source:

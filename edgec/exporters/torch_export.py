@@ -2,6 +2,8 @@
 
 Input names are the module's ``forward`` argument names; outputs are ``output`` (one) or
 ``output_0..n`` unless names are given. Dynamic dims are given as ``{input: {axis: dim_name}}``.
+A failed export is a UserError when the module is at fault (torch.export cannot capture it, or an
+operator has no ONNX translation) and an InternalError when the exporter itself breaks.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import dataclasses
 import inspect
 import io
 import logging
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 
 import onnx_ir as ir
 import torch
 
-from edgec.errors import UserError
+from edgec.errors import InternalError, UserError
 from edgec.exporters.param_map import build_parameter_map
 
 __all__ = ["ExportResult", "export_module", "forward_input_names"]
@@ -54,7 +57,8 @@ def export_module(
         raise UserError(f"expected a torch.nn.Module, got {type(module).__name__}")
     example_inputs = tuple(example_inputs)
     if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
-        raise UserError("example_inputs must be a non-empty tuple of tensors, one per forward argument")
+        raise UserError("example_inputs must be a non-empty tuple of tensors, one per forward "
+                        "argument")
     module = module.eval()
     names = forward_input_names(module, len(example_inputs))
     shapes = None
@@ -80,14 +84,89 @@ def export_module(
                 verbose=False, optimize=True,
             )
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"torch.onnx.export failed for {type(module).__name__}: {first}") from e
+        raise _classify_export_error(type(module).__name__, e) from e
     model = program.model
     model.producer_name = "edgec"
     pmap = build_parameter_map(model, module)
     logger.info("exported %s: %d nodes, %d initializers, %d parameters mapped",
                 type(module).__name__, len(model.graph), len(model.graph.initializers), len(pmap))
     return ExportResult(model, pmap, names, out_names)
+
+
+# The exporter numbers its stages in the message of the ConversionError it raises.
+_STAGES = {"1": "while capturing the module with torch.export",
+           "2": "while decomposing the captured graph", "3": "while translating the graph to ONNX"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXPORTDB = "https://pytorch.org/docs/stable/generated/exportdb/index.html"
+
+
+def _exporter_error_types() -> tuple[type, type, type]:
+    """TorchExportError, DispatchError, GraphConstructionError of the dynamo exporter."""
+    try:
+        from torch.onnx._internal.exporter import _errors
+    except ImportError:  # a torch that moved them: nothing matches, everything is internal
+        return (), (), ()
+    return _errors.TorchExportError, _errors.DispatchError, _errors.GraphConstructionError
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and its causes, outermost first (the exporter wraps each stage's error once more)."""
+    out: list[BaseException] = []
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = _ANSI.sub("", str(e)).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+def _classify_export_error(name: str, e: Exception) -> Exception:
+    """What a failed ``torch.onnx.export`` means for the user: UserError or InternalError.
+
+    The model's fault: torch.export cannot capture it (``TorchExportError``), it uses an operator
+    with no ONNX translation (``DispatchError``), or the operator's translation declares this use
+    unsupported (``NotImplementedError`` under ``GraphConstructionError``). Anything else is a
+    fault of the exporter (or of how edgec drives it) that the user cannot fix by changing input.
+    """
+    capture, dispatch, construction = _exporter_error_types()
+    chain = _chain(e)
+    root = chain[-1]
+    if any(isinstance(c, capture) for c in chain):
+        where = re.search(r'File "([^"]+)", line (\d+), in (\w+)', str(root))
+        at = f" (at {where[1]}:{where[2]}, in {where[3]})" if where else ""
+        return UserError(
+            f"torch.export cannot capture {name}.forward: {_first_line(root)}{at}; edgec "
+            "exports one traced graph, so forward must not branch in Python on tensor values "
+            "(`if x.sum() > 0:` → torch.where or torch.cond) nor use Python torch.export does "
+            f"not support (see {_EXPORTDB})")
+    bad = next((c for c in chain if isinstance(c, dispatch)), None)
+    if bad is not None:
+        op = re.search(r"op='([^']+)', overload='([^']+)'", str(bad))
+        op_name = (op[1] if op[2] == "default" else f"{op[1]}.{op[2]}") if op else None
+        what = f"the operator {op_name}" if op_name else f"an operator ({_first_line(bad)})"
+        return UserError(
+            f"{name} uses {what}, which has no ONNX translation in torch.onnx "
+            f"(torch {torch.__version__}); rewrite that part of forward with operators that "
+            "export to ONNX")
+    unsupported = any(isinstance(c, construction) for c in chain) and isinstance(
+        root, NotImplementedError)
+    node = next((m for c in chain if (m := re.search(r"target=torch\.ops\.([\w.]+)", str(c)))),
+                None)
+    op_name = node[1].removesuffix(".default") if node else "an operator"
+    if unsupported:
+        return UserError(f"{name}: torch.onnx cannot translate this use of {op_name}: "
+                         f"{_first_line(root).rstrip('.')}; change how forward calls it")
+    step = next((m[1] for c in chain if (m := re.search(r"step (\d)/3", _ANSI.sub("", str(c))))),
+                None)
+    stage = _STAGES.get(step, "inside torch.onnx.export")
+    at = f" at {op_name}" if node else ""
+    return InternalError(
+        f"torch.onnx.export failed {stage}{at} for {name}: {type(root).__name__}: "
+        f"{_first_line(root)}. This is a fault of the exporter or of edgec, not of the model: "
+        "please report it with the traceback (EDGEC_DEBUG=1)")
 
 
 def _count_outputs(out) -> int:

@@ -51,6 +51,7 @@ class PassRecord:
     seconds: float
     stats: dict[str, Any]
     check: dict[str, Any] | None = None
+    exact: bool = True  # the pass preserves semantics (up to its rtol)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,11 +88,12 @@ class PassManager:
             result = p(model)
             model = result.model
             stats = dict(getattr(result, "stats", {}) or {})
-            record = PassRecord(_pass_name(p), bool(result.modified), time.perf_counter() - t0, stats)
+            exact = bool(getattr(p, "exact", True))
+            record = PassRecord(_pass_name(p), bool(result.modified), time.perf_counter() - t0,
+                                stats, exact=exact)
             if self.check and result.modified:
                 after = run_model(model, self.feeds)
                 errors = compare_outputs(after, before)
-                exact = getattr(p, "exact", True)
                 rtol = getattr(p, "rtol", 1e-4)
                 worst = max(errors.values(), key=lambda e: e["max_rel"])
                 record.check = {"exact": exact, "rtol": rtol if exact else None, "outputs": errors}

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from edgec.errors import UserError
 from edgec.graph_passes._infra import EdgecPass, PassResult
+from edgec.options import split_spec
 
 __all__ = ["PruneConfig", "PrunePass", "prunable_weights"]
 
@@ -37,14 +38,12 @@ class PruneConfig:
         """``magnitude:0.5``, ``0.5``, ``2:4`` (N:M), optionally ``…,exclude=REGEX``."""
         if isinstance(text, cls):
             return text
-        head, *opts = str(text).split(",")
-        kwargs = {}
-        for opt in opts:
-            key, _, value = opt.partition("=")
-            if key.strip() != "exclude":
-                raise UserError(f"unknown prune option {key!r}; use e.g. magnitude:0.5 or "
-                                "2:4[,exclude=REGEX]")
-            kwargs["exclude"] = value.strip()
+        head, items = split_spec(text, "--prune", head=",")
+        unknown = sorted(set(items) - {"exclude"})
+        if unknown:
+            raise UserError(f"unknown --prune option {unknown[0]!r}; use e.g. magnitude:0.5 or "
+                            "2:4[,exclude=REGEX]")
+        kwargs = dict(items)
         parts = head.strip().split(":")
         try:
             if len(parts) == 2 and parts[0] == "magnitude":

@@ -1,6 +1,6 @@
 """Swappable adapters at run time: PEFT adapter → the feeds of a swappable graph's LoRA inputs.
 
-Per site (see ``graph_passes.lora_swappable``): ``A_in = M_a·Aᵀ`` [in, r], ``B_in = w·s·Bᵀ·M_b``
+Per site (see ``graph_passes.lora.swappable``): ``A_in = M_a·Aᵀ`` [in, r], ``B_in = w·s·Bᵀ·M_b``
 [r, out], zero-padded to the site's compiled rank so shapes stay stable; modules the adapter does
 not adapt (and the reserved adapter ``base``) get zeros, which is exactly the base model. M_a / M_b
 (``a_transform`` / ``b_transform``) are matrices in ``adapters/transforms.safetensors`` written by a
@@ -13,6 +13,7 @@ Artifact layout (swappable mode): ``adapters/<name>/adapter_config.json`` and
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,9 +25,22 @@ from edgec.errors import UserError
 from edgec.lora.peft_adapter import (CONFIG_FILE, NO_ADAPTER, WEIGHTS_FILE, LoraAdapter,
                                      read_adapter)
 
-__all__ = ["AdapterBank", "site_feeds", "ship_adapters", "TRANSFORMS_FILE"]
+__all__ = ["AdapterBank", "site_feeds", "ship_adapters", "lora_sites", "adapter_inputs",
+           "TRANSFORMS_FILE", "SITES_KEY"]
 
 TRANSFORMS_FILE = "adapters/transforms.safetensors"
+SITES_KEY = "edgec.lora.sites"  # model metadata: the swappable sites (graph_passes.lora.swappable)
+
+
+def lora_sites(model) -> list[dict]:
+    """The swappable-LoRA sites recorded in an onnx_ir.Model's metadata (none: ``[]``)."""
+    raw = model.metadata_props.get(SITES_KEY)
+    return json.loads(raw) if raw else []
+
+
+def adapter_inputs(model) -> set[str]:
+    """Names of the graph inputs that carry adapter weights (bound by the session, not users)."""
+    return {n for s in lora_sites(model) for n in (s["a_input"], s["b_input"])}
 
 
 def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,

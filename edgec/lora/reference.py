@@ -11,14 +11,17 @@ has no PEFT counterpart and is reported, not asserted.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from edgec.exporters.outputs import flatten_outputs
 from edgec.lora.peft_adapter import LoraAdapter
 
-__all__ = ["peft_merged_outputs", "peft_available"]
+__all__ = ["peft_merged_outputs", "peft_available", "lora_reference"]
 
 
 def peft_available() -> bool:
@@ -38,17 +41,57 @@ def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Se
     from peft import PeftModel
 
     model = copy.deepcopy(module).eval()
+    # PEFT's own adapter names, not the directories': PEFT drops the weights of an adapter whose
+    # name is a substring of its "lora_" key prefix (a directory called "a" or "r" loads nothing).
+    names = [f"edgec{i}" for i in range(len(adapters))]
     first, *rest = adapters
-    peft_model = PeftModel.from_pretrained(model, str(first.path), adapter_name=first.name)
-    for a in rest:
-        peft_model.load_adapter(str(a.path), adapter_name=a.name)
+    peft_model = PeftModel.from_pretrained(model, str(first.path), adapter_name=names[0])
+    for name, a in zip(names[1:], rest):
+        peft_model.load_adapter(str(a.path), adapter_name=name)
     with torch.no_grad():
-        for a in adapters:
+        for name, a in zip(names, adapters):
             if a.weight != 1.0:
-                for name, p in peft_model.named_parameters():
-                    if f".lora_B.{a.name}." in name:
+                for pname, p in peft_model.named_parameters():
+                    if f".lora_B.{name}." in pname:
                         p.mul_(a.weight)
-        merged = peft_model.merge_and_unload(adapter_names=[a.name for a in adapters])
+        merged = peft_model.merge_and_unload(adapter_names=names)
         out = merged(*(torch.from_numpy(np.asarray(feeds[n])) for n in input_names))
-    flat = [out] if isinstance(out, torch.Tensor) else list(out)
-    return {n: t.detach().cpu().numpy() for n, t in zip(output_names, flat)}
+    return {n: t.detach().cpu().numpy() for n, t in zip(output_names, flatten_outputs(out))}
+
+
+def lora_reference(source: Any, src, adapters: Sequence[LoraAdapter], mode: str
+                   ) -> tuple[Any, dict[str, Any]]:
+    """``src`` with PEFT's merged outputs as its reference where there is one, and the entry the
+    manifest records.
+
+    merge: all adapters (weighted); swappable: the default (first) adapter, and otherwise the
+    base (adapter ``base``) is verified against the base reference. sparse-merge: reported only.
+    """
+    import torch
+
+    info = {"mode": mode, "recipe_adapters": [a.summary() for a in adapters]}
+    used = list(adapters) if mode == "merge" else list(adapters[:1])
+    reason = None
+    if mode == "sparse-merge":
+        reason = "LoSA masking has no PEFT counterpart"
+    elif src.kind == "onnx":
+        reason = "the source is ONNX (no PyTorch module to merge into)"
+    elif src.kind == "hf":
+        reason = "Hugging Face checkpoint sources are not held to PEFT's merge yet"
+    elif not peft_available():
+        reason = "peft is not installed (pip install 'edgec[hf]')"
+    if reason is not None:
+        info.update(reference=f"none: {reason}",
+                    verified_adapter="base" if mode == "swappable" else None)
+        return src, info
+    if isinstance(source, torch.nn.Module):
+        module = source
+    else:
+        from edgec.models import registry
+
+        module = registry.get(src.info["name"]).build(src.info["config"])
+    reference = peft_merged_outputs(module, src.feeds, src.info["input_names"],
+                                    src.info["output_names"], used)
+    kind = "peft merge_and_unload (" + ", ".join(a.name for a in used) + ")"
+    info.update(reference=kind, verified_adapter=used[0].name if mode == "swappable" else None)
+    return dataclasses.replace(src, reference=reference, reference_kind=kind), info

@@ -8,41 +8,38 @@ from typing import Any
 
 import numpy as np
 
-from edgec.errors import TargetUnavailableError, UserError
+from edgec.errors import UserError
 from edgec.runtimes.base import IOSpec, Session, latency_stats
+from edgec.runtimes.openvino import OpenVINOSession
+from edgec.runtimes.ort import OrtSession
+from edgec.runtimes.qnn import QnnSession
+from edgec.runtimes.tensorrt import TensorRTSession
 
-__all__ = ["IOSpec", "Session", "latency_stats", "load", "open_session", "EXAMPLE_INPUTS"]
+__all__ = ["IOSpec", "Session", "latency_stats", "load", "open_session", "EXAMPLE_INPUTS",
+           "RUNTIMES"]
 
 EXAMPLE_INPUTS = "example_inputs.npz"
+
+# A manifest's ``runtime.name`` → the session class that opens it (``from_artifact``). Each module
+# imports its runtime's heavy package only when a session is opened.
+RUNTIMES: dict[str, type[Session]] = {
+    "ort": OrtSession,
+    "openvino": OpenVINOSession,
+    "qnn": QnnSession,
+    "tensorrt": TensorRTSession,
+}
 
 
 def open_session(root: Path, runtime: dict[str, Any]) -> Session:
     """Open the session described by a manifest's ``runtime`` entry, relative to ``root``."""
     name = runtime.get("name")
+    if name not in RUNTIMES:
+        raise UserError(f"{root}: unknown runtime {name!r} in the manifest; upgrade edgec")
     model = (root / runtime.get("model", "")).resolve()
     if not model.is_relative_to(root.resolve()) or not model.is_file():
         raise UserError(f"{root}: the manifest names model file {runtime.get('model')!r}, which "
                         "is missing from the artifact; recompile it")
-    if name == "ort":
-        from edgec.runtimes.ort import OrtSession
-
-        return OrtSession(model, providers=runtime.get("providers"))
-    if name == "openvino":
-        try:
-            from edgec.runtimes.openvino import OpenVINOSession
-        except ImportError as e:
-            raise TargetUnavailableError(f"this artifact needs OpenVINO, which is not installed "
-                                         f"({e}); pip install openvino") from None
-        return OpenVINOSession(model, runtime.get("device", "CPU"), runtime.get("config"))
-    if name == "qnn":
-        from edgec.runtimes.qnn import QnnSession
-
-        return QnnSession(model, runtime)
-    if name == "tensorrt":
-        from edgec.runtimes.tensorrt import TensorRTSession
-
-        return TensorRTSession(root, runtime)
-    raise UserError(f"{root}: unknown runtime {name!r} in the manifest; upgrade edgec")
+    return RUNTIMES[name].from_artifact(root, runtime)
 
 
 def load(path: str | os.PathLike) -> Session:

@@ -6,6 +6,7 @@ import abc
 import dataclasses
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,12 @@ class Session(abc.ABC):
     """A loaded model on one runtime."""
 
     runtime: str = ""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> Session:
+        """Open the artifact under ``root`` whose manifest ``runtime`` entry names this runtime
+        (``model``: the file to load, relative to ``root``; ``config``: session options)."""
 
     def __init__(self, inputs: list[IOSpec], outputs: list[IOSpec]):
         self._inputs = inputs

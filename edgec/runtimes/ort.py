@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from edgec.lora.binding import lora_sites, site_feeds
 from edgec.onnx_io import save_model
 from edgec.runtimes.base import IOSpec, Session
 
@@ -30,13 +31,23 @@ def ort_io_specs(args) -> list[IOSpec]:
                    _ORT_TYPES.get(a.type, a.type)) for a in args]
 
 
-def session_options(optimize: bool = True, threads: int | None = None) -> ort.SessionOptions:
+def session_options(optimize: bool = True, config: Mapping[str, Any] | None = None
+                    ) -> ort.SessionOptions:
+    """ORT session options; ``config`` is a target's ``runtime_config`` (manifest ``config``):
+    ``graph_optimization_level`` (an ``ORT_*`` name), ``intra_op_num_threads``,
+    ``inter_op_num_threads``, and ``session.*`` config entries (e.g. spinning)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        if key == "graph_optimization_level":
+            if optimize:  # an unoptimized (reference) session stays unoptimized
+                opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, value)
+        elif key in ("intra_op_num_threads", "inter_op_num_threads"):
+            setattr(opts, key, int(value))
+        elif key.startswith("session."):
+            opts.add_session_config_entry(key, str(value))
     return opts
 
 
@@ -44,12 +55,18 @@ class OrtSession(Session):
     runtime = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None,
-                 optimize: bool = True, provider_options: list[dict[str, Any]] | None = None):
+                 optimize: bool = True, provider_options: list[dict[str, Any]] | None = None,
+                 config: Mapping[str, Any] | None = None):
         self._sess = ort.InferenceSession(
-            str(path), sess_options=session_options(optimize),
+            str(path), sess_options=session_options(optimize, config),
             providers=providers or ["CPUExecutionProvider"], provider_options=provider_options)
         super().__init__(ort_io_specs(self._sess.get_inputs()), ort_io_specs(self._sess.get_outputs()))
         self._output_names = [o.name for o in self._outputs]
+
+    @classmethod
+    def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> OrtSession:
+        return cls(root / runtime["model"], providers=runtime.get("providers"),
+                   config=runtime.get("config"))
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self._sess.run(self._output_names, feeds)))
@@ -63,11 +80,7 @@ def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray], optimize: bool =
         save_model(model, path)
         sess = OrtSession(path, optimize=optimize)
         feeds = {k: v for k, v in feeds.items() if k in {i.name for i in model.graph.inputs}}
-        if "edgec.lora.sites" in model.metadata_props:  # swappable LoRA: unbound = base model
-            import json
-
-            from edgec.lora.binding import site_feeds
-
-            sites = json.loads(model.metadata_props["edgec.lora.sites"])
+        sites = lora_sites(model)
+        if sites:  # swappable LoRA: unbound adapters are the base model
             feeds = {**site_feeds(sites, None), **feeds}  # adapter feeds given here win
         return sess.run(feeds)

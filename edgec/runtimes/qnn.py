@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from edgec._native_stdout import native_stdout_to_stderr
 from edgec.errors import TargetUnavailableError, UserError
 from edgec.runtimes.base import Session
 from edgec.runtimes.ort import ort_io_specs, session_options
@@ -45,7 +47,9 @@ def _qnn_device(qnn) -> ort.OrtEpDevice:
         devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
         if not devices:
             try:
-                ort.register_execution_provider_library(name, qnn.get_library_path())
+                # The QNN stack prints to fd 1 from native code; stdout may carry --json.
+                with native_stdout_to_stderr():
+                    ort.register_execution_provider_library(name, qnn.get_library_path())
             except Exception as e:
                 raise TargetUnavailableError(
                     f"ONNX Runtime could not load the QNN execution provider: {e}") from e
@@ -89,7 +93,8 @@ class QnnSession(Session):
         self.runtime = f"onnxruntime-qnn ({backend.upper()})"
         opts = qnn_session_options(backend, runtime.get("provider_options"))
         try:
-            self._sess = ort.InferenceSession(str(model_path), sess_options=opts)
+            with native_stdout_to_stderr():  # the QNN backend's banner goes to fd 1
+                self._sess = ort.InferenceSession(str(model_path), sess_options=opts)
         except Exception as e:
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise UserError(f"the QNN {backend.upper()} backend could not load {model_path}: "
@@ -98,6 +103,10 @@ class QnnSession(Session):
         super().__init__(ort_io_specs(self._sess.get_inputs()),
                          ort_io_specs(self._sess.get_outputs()))
         self._output_names = [o.name for o in self._outputs]
+
+    @classmethod
+    def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> QnnSession:
+        return cls(root / runtime["model"], runtime)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self._sess.run(self._output_names, feeds)))

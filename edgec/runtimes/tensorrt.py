@@ -57,6 +57,10 @@ class TensorRTSession(Session):
         super().__init__([specs[n] for n in names if is_input[n]],
                          [specs[n] for n in names if not is_input[n]])
 
+    @classmethod
+    def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> TensorRTSession:
+        return cls(root, runtime)
+
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_profile(feeds, self._profile)
         outputs = self._runner.infer(feeds, check_inputs=False)

@@ -23,7 +23,8 @@ class BuildResult:
 class QuantScheme:
     """How one scheme name (``w8a8``, ``w8a16``, ``w4a16``, ``fp8``) is realized on one target.
 
-    The same name yields a different QDQ form per device; the quantization pass reads only this.
+    The same name yields a different QDQ form per device; the quantization pass reads only this
+    and the target's ``fully_quantized`` / ``qdq_options``.
 
     Attributes:
         name: the scheme name users pass to ``--quantize``.
@@ -36,12 +37,8 @@ class QuantScheme:
         per_channel: one weight scale per output channel (else per tensor).
         block_size: weights quantized in blocks of this many input channels (opset 21
             ``DequantizeLinear`` ``block_size``); ``None`` when not block-wise.
-        op_types: op types whose inputs are quantized (``rules="qnn"``: every op the QNN
-            config quantizes, this is then ignored).
-        rules: ``"ort"``: onnxruntime.quantization's generic QDQ quantizer with the fields above;
-            ``"qnn"``: onnxruntime's QNN config helper (``get_qnn_qdq_config``) decides op
-            types and per-op overrides; ``"weight-only"``: block-wise weight DQ, no activations.
-        high_precision_ops: op types whose activations stay 16-bit (QNN mixed precision).
+        op_types: op types whose inputs are quantized (on a fully quantized target its
+            ``qdq_options`` decide instead).
         min_opset: lowest ONNX opset the QDQ form needs (16-bit and int4 need 21).
         quantize_bias: Gemm/Conv biases as int32 DequantizeLinear (ORT, QNN) or left float.
     """
@@ -54,8 +51,6 @@ class QuantScheme:
     per_channel: bool = True
     block_size: int | None = None
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
-    rules: str = "ort"
-    high_precision_ops: tuple[str, ...] = ()
     min_opset: int = 13
     quantize_bias: bool = True
 
@@ -64,25 +59,37 @@ class QuantScheme:
         """Whether the scheme needs activation statistics (static activation quantization)."""
         return self.activations is not None
 
+    @property
+    def weight_only(self) -> bool:
+        """Block-wise weight dequantization feeding a float MatMul; activations stay float."""
+        return self.activations is None
+
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One deployment target.
+    """One deployment target: everything the pipeline must know about it is a field here.
 
     Attributes:
         name: CLI name (``openvino-cpu``).
         description: one line for help texts.
-        runtime: runtime module under ``edgec.runtimes`` that loads the artifact.
+        runtime: key of the session class in ``edgec.runtimes.RUNTIMES`` that loads the artifact.
         opset_range: ONNX default-domain opsets the target accepts (inclusive).
-        static_shapes: the target needs every dim fixed at build time.
+        static_shapes: the target needs every dim fixed at build time (the export is static).
         precision: compute precision of the unquantized artifact (``fp32``).
-        runtime_config: settings the runtime must apply (recorded in the manifest).
-        notes: op-support and behaviour notes shown by ``edgec compile --help``.
+        runtime_config: settings the runtime applies (session options; recorded in the manifest).
+        notes: op-support and behaviour notes (``edgec targets``).
         requires: importable module names the build needs (checked before building).
         build: ``(target, model_path, target_dir) -> BuildResult``; writes the native artifact.
         schemes: quantization schemes the target offers, by name (``--quantize``).
-        legalize: passes (``"module:Class"``) run after quantization to bring the QDQ graph to
-            the device's rules (exact rewrites; the build then checks the rules).
+        fully_quantized: the device has no float compute: a compile needs ``--quantize``, and
+            every tensor gets Q/DQ (16 bits where 8 cannot hold it) instead of staying float.
+        swappable_adapters: swappable LoRA adapters (float graph inputs) can run here.
+        max_rank: the largest tensor rank the device takes (None: no limit).
+        before_quantize: the device's exact legalization passes (classes), run on every compile
+            for this target after the rewrites and before quantization.
+        after_quantize: exact passes (classes) that bring the QDQ graph to the device's rules.
+        qdq_options: ``(proto, scheme, plan) -> dict`` of ``quantize_static`` options for this
+            device's QDQ form; None: the generic form from the scheme's fields.
     """
 
     name: str
@@ -96,13 +103,9 @@ class Target:
     requires: tuple[str, ...]
     build: Callable[[Target, Path, Path], BuildResult]
     schemes: Mapping[str, QuantScheme] = dataclasses.field(default_factory=dict)
-    legalize: tuple[str, ...] = ()
-
-    def legalize_passes(self) -> list:
-        import importlib
-
-        out = []
-        for spec in self.legalize:
-            module, _, cls = spec.partition(":")
-            out.append(getattr(importlib.import_module(module), cls)())
-        return out
+    fully_quantized: bool = False
+    swappable_adapters: bool = True
+    max_rank: int | None = None
+    before_quantize: tuple[type, ...] = ()
+    after_quantize: tuple[type, ...] = ()
+    qdq_options: Callable[..., dict[str, Any]] | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgec.errors import UserError
+from edgec.errors import InternalError, UserError
 from edgec.targets.base import BuildResult, QuantScheme, Target
 
 __all__ = ["OPENVINO_CPU"]
@@ -20,20 +20,35 @@ SCHEMES = {
     # symmetric per-output-channel weights; they turn the QDQ pairs into int8 (VNNI) kernels.
     "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8"),
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
-                         rules="weight-only", min_opset=21),
+                         min_opset=21),
 }
+
+
+# What OpenVINO's ONNX frontend says when an op (or an op's use) has no conversion for it.
+_UNSUPPORTED = ("No conversion rule", "not supported")
 
 
 def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
     import openvino as ov
+    from openvino.frontend import OpConversionFailure
 
     try:
         ov_model = ov.convert_model(str(model_path))
     except Exception as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "not supported" in ln or "No conversion" in ln),
-                      lines[0] if lines else type(e).__name__)
-        raise UserError(f"OpenVINO cannot convert the model: {detail}") from e
+        detail = next((ln for ln in lines if any(m in ln for m in _UNSUPPORTED)), None)
+        # Only an op the frontend cannot convert is the model's fault (unsupported on this
+        # target). OpConversionFailure also reports ops that convert but fail validation (type
+        # mismatches): the model edgec wrote is broken, as is any other failure here.
+        if isinstance(e, OpConversionFailure) and detail:
+            raise UserError(f"OpenVINO cannot convert the model: {detail}") from e
+        # The frontend's first lines are boilerplate ("Check 'false' failed at ..."): name the op.
+        first = detail or next((ln for ln in lines if "Conversion failed for" in ln),
+                               lines[0] if lines else type(e).__name__)
+        raise InternalError(
+            f"OpenVINO failed to convert the rewritten model {model_path} "
+            f"({type(e).__name__}: {first}); this is an edgec or OpenVINO bug: please report "
+            "it with the traceback (EDGEC_DEBUG=1)") from e
     target_dir.mkdir(parents=True, exist_ok=True)
     xml = target_dir / "model.xml"
     ov.save_model(ov_model, str(xml), compress_to_fp16=False)

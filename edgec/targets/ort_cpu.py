@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgec.errors import UserError
+from edgec.errors import InternalError
 from edgec.targets.base import BuildResult, QuantScheme, Target
 
 __all__ = ["ORT_CPU"]
@@ -15,7 +15,7 @@ SCHEMES = {
     "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8"),
     "w8a16": QuantScheme("w8a16", weights="int8", activations="uint16", min_opset=21),
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
-                         rules="weight-only", min_opset=21),
+                         min_opset=21),
 }
 
 
@@ -25,11 +25,18 @@ def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
     from edgec.runtimes.ort import session_options
 
     # Creating a session is the legality check: unsupported ops or types fail here, not at run.
+    # The source already loaded in ONNX Runtime (sources.py), so this model is edgec's output
+    # (passes, quantization, opset conversion for a target whose schemes ORT CPU supports): a
+    # load failure here is edgec's fault, never the user's, so none of it is a UserError.
     try:
-        ort.InferenceSession(str(model_path), sess_options=session_options(True),
+        ort.InferenceSession(str(model_path), sess_options=session_options(True, target.runtime_config),
                              providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise UserError(f"ONNX Runtime CPU cannot load the model: {str(e).splitlines()[0]}") from e
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise InternalError(
+            f"ONNX Runtime CPU cannot load the rewritten model {model_path}: {first}. The source "
+            "loaded, so this is an edgec bug: please report it with the traceback "
+            "(EDGEC_DEBUG=1)") from e
     return BuildResult(
         runtime={"name": "ort", "model": "model.onnx", "providers": ["CPUExecutionProvider"],
                  "config": dict(target.runtime_config)},

@@ -4,11 +4,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from edgec.calibration.recipe import QuantRecipe
+from edgec.calibration import collect_cache
 from edgec.exporters.verify import compare_outputs
-from edgec.graph_passes._quant_select import plan_quantization
-from edgec.graph_passes.mask_fill import MaskFillPass
-from edgec.graph_passes.quantize import QuantizePass
+from edgec.graph_passes.quantization.mask_fill import MaskFillPass
+from edgec.graph_passes.quantization.options import QuantOptions
+from edgec.graph_passes.quantization.quantize import QuantizePass
+from edgec.graph_passes.quantization.select import plan_quantization
 from edgec.runtimes.ort import run_model
 from edgec.targets import get
 
@@ -32,16 +33,16 @@ def _clone(model):
 
 
 def _quantize(src, target, scheme, **opts):
-    recipe = QuantRecipe.parse(scheme, None, target)
-    for k, v in opts.items():
-        setattr(recipe, k, v)
     tgt = get(target)
+    options = QuantOptions.parse({"scheme": scheme, **opts}, tgt)
     model = _clone(src.model)
-    for p in recipe.preparation_passes(tgt):
-        model = p(model).model
-    s = recipe.scheme(tgt)
-    cache = recipe.calibrate(model, src, tgt) if s.calibrated else None
-    result = QuantizePass(s, cache, recipe.exclude)(model)
+    if tgt.fully_quantized:
+        model = MaskFillPass(options.mask_fill)(model).model
+    for p in tgt.before_quantize:
+        model = p()(model).model
+    s = options.scheme_on(tgt)
+    cache = collect_cache(model, options.calibration_request(tgt), src) if s.calibrated else None
+    result = QuantizePass(s, tgt, cache, options.exclude)(model)
     return result.model, result
 
 
@@ -81,7 +82,7 @@ def test_w4a16_is_blockwise_weight_only(llama_src):
 
 
 def test_mask_and_integer_paths_are_not_quantized(bert_src):
-    plan = plan_quantization(bert_src.model, "ort")
+    plan = plan_quantization(bert_src.model, False)
     by_name = {n.name: n for n in bert_src.model.graph}
     excluded_ops = {by_name[n].op_type for n in plan.nodes_to_exclude}
     assert "Softmax" in excluded_ops and "MatMul" not in excluded_ops
@@ -92,7 +93,7 @@ def test_mask_and_integer_paths_are_not_quantized(bert_src):
 
 
 def test_qnn_plan_keeps_scores_and_masks_16bit(bert_src):
-    plan = plan_quantization(bert_src.model, "qnn")
+    plan = plan_quantization(bert_src.model, True)
     softmax = [n for n in bert_src.model.graph if n.op_type == "Softmax"]
     for n in softmax:
         assert n.inputs[0].name in plan.tensors_16bit and n.outputs[0].name in plan.tensors_16bit
@@ -146,3 +147,68 @@ def test_mask_fill_is_exact_and_bounds_the_constant(bert_src):
     errors = compare_outputs(run_model(result.model, bert_src.feeds),
                              run_model(bert_src.model, bert_src.feeds))
     assert max(e["max_rel"] for e in errors.values()) <= 1e-5
+
+
+def _opset17_model():
+    """x → ReduceMean(axes attribute, as opset < 18 has it) → Sub → MatMul: a real conversion."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 4], rng.standard_normal(32).tolist())
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1], keepdims=1),
+         helper.make_node("Sub", ["x", "m"], ["c"]),
+         helper.make_node("MatMul", ["c", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(proto)
+    return ir.from_proto(proto)
+
+
+def test_scheme_needing_a_newer_opset_converts_the_graph_and_leaves_its_input_alone():
+    import types
+
+    model = _opset17_model()
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)}
+    src = types.SimpleNamespace(kind="onnx", info={"input_names": ["x"]}, feeds=feeds)
+    tgt = get("ort-cpu")
+    options = QuantOptions.parse("w8a16", tgt)  # uint16 activations need opset 21
+    cache = collect_cache(model, options.calibration_request(tgt), src)
+    before = ir.to_proto(model).SerializeToString(deterministic=True)
+    result = QuantizePass(options.scheme_on(tgt), tgt, cache)(model)
+    assert ir.to_proto(model).SerializeToString(deterministic=True) == before  # functional
+    assert model.opset_imports[""] == 17 and result.model.opset_imports[""] == 21
+    reduce = next(n for n in result.model.graph if n.op_type == "ReduceMean")
+    assert "axes" not in reduce.attributes and len(reduce.inputs) == 2  # axes became an input
+    ref = run_model(model, feeds)["y"]
+    got = run_model(result.model, feeds)["y"]  # ORT refuses an attribute-axes ReduceMean at 21
+    assert _cosine({"y": got}, {"y": ref}) >= 0.999
+
+
+def test_weight_only_quantization_leaves_its_input_model_alone(llama_src):
+    model = _clone(llama_src.model)
+    before = (len(model.graph), sorted(model.graph.initializers), model.opset_imports[""])
+    tgt = get("ort-cpu")
+    result = QuantizePass(tgt.schemes["w4a16"], tgt)(model)
+    assert result.model is not model and result.stats["weights_blockwise"] > 0
+    assert (len(model.graph), sorted(model.graph.initializers), model.opset_imports[""]) == before
+
+
+def test_quantizing_does_not_touch_the_root_logger_level(llama_src, monkeypatch):
+    import logging
+
+    import onnxruntime.quantization as oq
+
+    seen = []
+    real = oq.quantize_static
+
+    def spy(*args, **kwargs):
+        seen.append(logging.getLogger().level)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(oq, "quantize_static", spy)
+    level = logging.getLogger().level
+    _quantize(llama_src, "ort-cpu", "w8a8")
+    assert seen == [level] and logging.getLogger().level == level

@@ -1,4 +1,4 @@
-"""Per-layer block-recall metrics of sparse attention (edgec.graph_passes.sparse_attention_metrics).
+"""Per-layer block-recall metrics of sparse attention (edgec.graph_passes.sparse_attention.metrics).
 
 Checked against a brute-force float64 implementation of the definitions on small inputs, and on
 the video-dit tiny export: keep=1.0 keeps everything (recall = oracle = 1); a sparse selection
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgec.graph_passes import sparse_attention_metrics as metrics
-from edgec.graph_passes._sparse_layout import reference_block_selection
+from edgec.graph_passes.sparse_attention import metrics
+from edgec.graph_passes.sparse_attention.layout import reference_block_selection
 from edgec.graph_passes.sparse_attention import SparseAttentionConfig
 
 ROOT = Path(__file__).resolve().parents[2]

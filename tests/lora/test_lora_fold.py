@@ -7,7 +7,7 @@ from collections import Counter
 import onnx_ir as ir
 import pytest
 
-from edgec.graph_passes.lora_fold import LoraFoldPass, count_lora_branches
+from edgec.graph_passes.lora.fold import LoraFoldPass, count_lora_branches
 from edgec.runtimes.ort import run_model
 
 

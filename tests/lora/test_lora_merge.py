@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgec.graph_passes.lora_merge import LoraMergePass
+from edgec.graph_passes.lora.merge import LoraMergePass
 from edgec.graph_passes.prune import PruneConfig, PrunePass
 from edgec.lora import read_adapter
 from edgec.lora.reference import peft_merged_outputs

@@ -10,7 +10,7 @@ import pytest
 
 import edgec
 from edgec.errors import UserError
-from edgec.graph_passes.lora_swappable import LoraSwappablePass, lora_sites
+from edgec.graph_passes.lora.swappable import LoraSwappablePass, lora_sites
 from edgec.lora import read_adapter
 from edgec.runtimes.ort import run_model
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from edgec.errors import UserError
-from edgec.graph_passes.lora_merge import LoraMergePass
+from edgec.graph_passes.lora.merge import LoraMergePass
 from edgec.lora import parse_lora_option, read_adapter
 from edgec.models.llama import Llama, LlamaConfig
 

@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime_qnn")
 import onnxruntime as ort
 
 from edgec.errors import UserError
-from edgec.graph_passes.qnn_legalize import QnnLegalizePass
+from edgec.targets.qnn_htp.legalize import QnnLegalizePass
 from edgec.runtimes import open_session
 from edgec.runtimes.ort import run_model
 from edgec.targets.qnn_htp import QNN_HTP

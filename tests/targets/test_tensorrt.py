@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgec.errors import TargetUnavailableError, UserError
-from edgec.graph_passes.tensorrt_legalize import TensorRTLegalizePass
+from edgec.targets.tensorrt.legalize import TensorRTLegalizePass
 from edgec.runtimes.ort import run_model
 from edgec.targets.tensorrt import TENSORRT, TIMING_CACHE_ENV, optimization_profile
-from edgec.targets.tensorrt_rules import RULES, check_tensorrt_graph
+from edgec.targets.tensorrt.rules import RULES, check_tensorrt_graph
 
 K, N = 128, 64
 RNG = np.random.default_rng(0)
@@ -290,8 +290,8 @@ def test_target_is_data_and_selectable_without_tensorrt():
     assert TENSORRT.schemes["w8a8"].activation_symmetric and TENSORRT.schemes["w8a8"].per_channel
     assert TENSORRT.schemes["fp8"].weights == "float8e4m3fn" and TENSORRT.schemes["fp8"].min_opset == 19
     w4 = TENSORRT.schemes["w4a16"]
-    assert (w4.weights, w4.activations, w4.block_size, w4.rules, w4.min_opset) == (
-        "int4", None, 128, "weight-only", 21)
+    assert (w4.weights, w4.activations, w4.block_size, w4.weight_only, w4.min_opset) == (
+        "int4", None, 128, True, 21)
 
 
 def test_build_without_tensorrt_checks_legality_and_says_how_to_build(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """tensorrt: an NVIDIA TensorRT engine (target/model.plan) built from the TensorRT-legal model.onnx.
 
-The build checks TensorRT's Q/DQ rules first (``tensorrt_rules``); where TensorRT is installed it
+The build checks TensorRT's Q/DQ rules first (``rules``); where TensorRT is installed it
 parses the ONNX, builds a strongly typed network when the graph carries its own precision (Q/DQ or
 fp16/bf16 tensors: the types decide, not builder flags), keeps fp32 layers fp32 (TF32 off), reuses
 and saves a timing cache, and sizes one optimization profile from the example inputs. Without
@@ -22,9 +22,9 @@ import onnx_ir as ir
 
 from edgec.errors import TargetUnavailableError, UserError
 from edgec.targets.base import BuildResult, QuantScheme, Target
-from edgec.targets.tensorrt_rules import RULES, Violation, check_tensorrt_graph, qdq_nodes
+from edgec.targets.tensorrt.rules import RULES, Violation, check_tensorrt_graph, qdq_nodes
 
-__all__ = ["TENSORRT", "TIMING_CACHE_ENV", "build_engine", "optimization_profile"]
+__all__ = ["build", "TIMING_CACHE_ENV", "build_engine", "optimization_profile"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,30 +35,14 @@ _BUILD_LATER = ("the TensorRT-legal model.onnx was produced and checked; build t
 UNAVAILABLE = ("TensorRT is not installed here (it needs an NVIDIA GPU and pip install "
                f"'edgec[tensorrt]'); {_BUILD_LATER}")
 
-SCHEMES = {
-    # TensorRT quantizes symmetrically into signed types only: int8 per-channel weights on the
-    # output-channel axis, int8 per-tensor activations (Q/DQ fuse into int8 GEMM/conv kernels).
-    # Biases stay float: TensorRT has no int32 Q/DQ (it fuses the float bias into the GEMM).
-    "w8a8": QuantScheme("w8a8", weights="int8", activations="int8", activation_symmetric=True,
-                        quantize_bias=False),
-    # FP8 E4M3, per-tensor scales (Ada/Hopper and later GPUs).
-    "fp8": QuantScheme("fp8", weights="float8e4m3fn", activations="float8e4m3fn",
-                       activation_symmetric=True, per_channel=False, min_opset=19,
-                       quantize_bias=False),
-    # int4 weight-only: block-wise DQ (block 128 along K) feeding a high-precision MatMul.
-    "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=128,
-                         op_types=("MatMul",), rules="weight-only", min_opset=21),
-}
-
-
-def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+def build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
     from edgec.onnx_io import load_onnx
     from edgec.runtimes import EXAMPLE_INPUTS
 
     model = load_onnx(model_path)
     violations = check_tensorrt_graph(model)
     if violations:
-        raise UserError(_violations_line(violations))
+        raise UserError(_violations_line(violations, target))
     n_qdq = len(qdq_nodes(model.graph))
     profile = optimization_profile(model, _example_shapes(model_path.parent / EXAMPLE_INPUTS))
     typed = n_qdq > 0 or any(v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -96,12 +80,12 @@ def _import_tensorrt():
         return None, f"TensorRT is installed but does not load ({e})"
 
 
-def _violations_line(violations: list[Violation]) -> str:
+def _violations_line(violations: list[Violation], target: Target) -> str:
     shown = "; ".join(f"node {v.node!r} ({v.op}) breaks {v.rule}: {v.message}"
                       for v in violations[:3])
     more = f" (+{len(violations) - 3} more)" if len(violations) > 3 else ""
     return (f"the model is not TensorRT-legal: {shown}{more}; quantize it with a tensorrt scheme "
-            f"(--quantize {'|'.join(SCHEMES)}) or run the tensorrt-legalize pass first")
+            f"(--quantize {'|'.join(target.schemes)}) or run the tensorrt-legalize pass first")
 
 
 def _example_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -201,21 +185,3 @@ def _call(obj, method: str):
     return fn() if callable(fn) else None
 
 
-TENSORRT = Target(
-    name="tensorrt",
-    description="NVIDIA TensorRT engine (target/model.plan), explicit Q/DQ quantization; "
-                "without TensorRT the checked TensorRT-legal model.onnx",
-    runtime="tensorrt",
-    opset_range=(9, 24),
-    static_shapes=False,
-    precision="fp32",
-    runtime_config={},
-    notes=("TensorRT takes one optimization profile: dynamic dims run from 1 to the example size",
-           ("quantized graphs must follow TensorRT's Q/DQ rules (symmetric int8/fp8, int4 "
-            "weight-only blocks); the build checks them and names the node that breaks one"),
-           "building the engine needs an NVIDIA GPU and pip install 'edgec[tensorrt]'"),
-    requires=(),
-    build=_build,
-    schemes=SCHEMES,
-    legalize=("edgec.graph_passes.tensorrt_legalize:TensorRTLegalizePass",),
-)

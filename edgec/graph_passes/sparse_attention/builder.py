@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from edgec.graph_passes._sparse_layout import FORCE, kept_blocks, static_pattern
+from edgec.graph_passes.sparse_attention.layout import FORCE, kept_blocks, static_pattern
 
 __all__ = ["SiteShape", "build_sparse_attention"]
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnxscript.rewriter import pattern
-from onnxscript.rewriter._basics import MatchResult
+from onnxscript.rewriter import MatchResult, pattern
 
 from edgec.graph_passes._infra import EdgecPass, PassResult
 
-__all__ = ["LoraFoldPass", "count_lora_branches", "RULES"]
+__all__ = ["RULES", "LoraFoldPass", "count_lora_branches"]
 
 
 def _const2d(v: ir.Value | None) -> np.ndarray | None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.graph_passes._infra import EdgecPass, PassResult
-from edgec.targets.tensorrt_rules import const_array, is_constant, qdq_nodes
+from edgec.targets.tensorrt.rules import const_array, is_constant, qdq_nodes
 
 __all__ = ["TensorRTLegalizePass"]
 

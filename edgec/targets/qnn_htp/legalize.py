@@ -14,6 +14,10 @@ the IsNaN → Where guard the exporter puts after a masked Softmax fails graph f
 
 Guarantees: the first two are pure data movement (bit exact). The NaN guard only acts on NaN,
 which a Softmax of finite inputs never yields (masks are finite after ``MaskFillPass``).
+
+The Transpose lowering looks past its node (producer and every user), so it is pass code; the
+other two are local and are onnxscript rewrite rules (``GatherNDToGather``, ``DropSoftmaxNanGuard``,
+both in ``RULES``). Graph output names never change.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, pattern
 
 from edgec.graph_passes._infra import EdgecPass, PassResult
 
-__all__ = ["MAX_RANK", "QnnLegalizePass"]
+__all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "GatherNDToGather", "QnnLegalizePass"]
 
 MAX_RANK = 5  # the HTP's tensor rank limit (Transpose/Reshape of rank 6 are rejected)
 
@@ -39,8 +44,7 @@ class QnnLegalizePass(EdgecPass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
-        stats: dict[str, int] = {"transposes_lowered": 0, "transposes_skipped": 0,
-                                 "gathernd_rewritten": 0, "nan_guards_removed": 0}
+        stats: dict[str, int] = {"transposes_lowered": 0, "transposes_skipped": 0}
         for node in list(graph):
             if node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
                 rank = len(node.attributes.get_ints("perm", ()) or ())
@@ -48,10 +52,8 @@ class QnnLegalizePass(EdgecPass):
                     key = "transposes_lowered" if _lower_transpose(graph, node) else \
                         "transposes_skipped"
                     stats[key] += 1
-            elif node.op_type == "GatherND" and _gathernd_to_gather(graph, node):
-                stats["gathernd_rewritten"] += 1
-            elif node.op_type == "Where" and _drop_nan_guard(graph, node):
-                stats["nan_guards_removed"] += 1
+        for key, rule in zip(("gathernd_rewritten", "nan_guards_removed"), RULES):
+            stats[key] = pattern.RewriteRuleSet([rule]).apply_to_model(model)  # a count per rule
         ir.passes.common.RemoveUnusedNodesPass()(model)
         modified = any(v for k, v in stats.items() if k != "transposes_skipped")
         return PassResult(model, modified, stats)
@@ -140,45 +142,63 @@ def _lower_transpose(graph: ir.Graph, node: ir.Node) -> bool:
     return True
 
 
-def _gathernd_to_gather(graph: ir.Graph, node: ir.Node) -> bool:
-    data, indices = node.inputs[0], node.inputs[1]
-    dims = _static_dims(data)
-    if (dims is None or indices.const_value is None
-            or node.attributes.get_int("batch_dims", 0) != 0):
-        return False
-    idx = indices.const_value.numpy().astype(np.int64)
-    k = idx.shape[-1]
-    lead = np.array(dims[:k], np.int64)
-    idx = np.where(idx < 0, idx + lead, idx)
-    strides = np.cumprod(np.concatenate([[1], lead[::-1][:-1]]))[::-1]
-    linear = (idx * strides).sum(-1).astype(np.int64)
-    base = node.name or "gathernd"
-    flat = _const(graph, f"{base}_flat_shape", np.array([int(lead.prod()), *dims[k:]], np.int64))
-    lin = _const(graph, f"{base}_linear_indices", linear)
-    reshape = ir.node("Reshape", [data, flat], name=f"{base}_flatten")
-    gather = ir.node("Gather", [reshape.outputs[0], lin], attributes={"axis": 0}, name=base)
-    graph.insert_before(node, [reshape, gather])
-    out, new = node.outputs[0], gather.outputs[0]
-    new.shape, new.type = out.shape, out.type
-    name, out.name = out.name, f"{out.name}_gathernd"
-    new.name = name  # keeps a graph output's name
-    ir.convenience.replace_all_uses_with(out, new, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    return True
+class GatherNDToGather(pattern.RewriteRuleClassBase):
+    """GatherND(data, constant indices) ⇒ Reshape(data, flat) → Gather(linear indices)."""
+
+    def pattern(self, op, data, indices):
+        batch_dims = pattern.AttrVar("batch_dims", can_match_none=True)  # absent means 0
+        return op.GatherND(data, indices, batch_dims=batch_dims, _outputs=["out"])
+
+    def check(self, context, data, indices, batch_dims, **_) -> MatchResult:
+        result = MatchResult()
+        if batch_dims is not None and batch_dims.as_int() != 0:
+            return result.fail(f"batch_dims={batch_dims.as_int()} (only 0 is rewritten)")
+        if indices.const_value is None:
+            return result.fail("indices are not a constant", indices)
+        dims = _static_dims(data)
+        if dims is None:
+            return result.fail(f"data shape {data.shape} is not static", data)
+        idx = indices.const_value.numpy()
+        k = idx.shape[-1] if idx.ndim else 0
+        if not 0 < k <= len(dims):
+            return result.fail(f"indices of shape {idx.shape} do not index data of rank {len(dims)}")
+        lead = np.array(dims[:k])
+        if ((idx < -lead) | (idx >= lead)).any():  # Gather would read another element, not fail
+            return result.fail("indices are out of range", indices)
+        return result
+
+    def rewrite(self, op, data, indices, out, **_):
+        dims = _static_dims(data)
+        idx = indices.const_value.numpy().astype(np.int64)
+        k = idx.shape[-1]
+        lead = np.array(dims[:k], np.int64)
+        idx = np.where(idx < 0, idx + lead, idx)
+        strides = np.cumprod(np.concatenate([[1], lead[::-1][:-1]]))[::-1]
+        linear = (idx * strides).sum(-1).astype(np.int64)
+        # initializers, not Constant nodes: the QDQ quantizer and the HTP expect static weights
+        flat = op.initializer(ir.tensor(np.array([int(lead.prod()), *dims[k:]], np.int64)),
+                              name=f"{out.name}_flat_shape")
+        lin = op.initializer(ir.tensor(linear), name=f"{out.name}_linear_indices")
+        return op.Gather(op.Reshape(data, flat), lin, axis=0)
 
 
-def _drop_nan_guard(graph: ir.Graph, node: ir.Node) -> bool:
-    cond, _, p = node.inputs
-    isnan = cond.producer() if cond is not None else None
-    if (isnan is None or isnan.op_type != "IsNaN" or isnan.inputs[0] is not p
-            or p.producer() is None or p.producer().op_type != "Softmax"):
-        return False
-    out = node.outputs[0]
-    if out.is_graph_output():
-        if p.is_graph_output():
-            return False
-        name, out.name = out.name, f"{out.name}_nan_guarded"
-        p.name = name  # the graph output keeps its name
-    ir.convenience.replace_all_uses_with(out, p, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    return True
+class DropSoftmaxNanGuard(pattern.RewriteRuleClassBase):
+    """Where(IsNaN(p), c, p) ⇒ p, for p the output of a Softmax."""
+
+    def pattern(self, op, p, c):
+        return op.Where(op.IsNaN(p), c, p)
+
+    def check(self, context, p, c, **_) -> MatchResult:
+        result = MatchResult()
+        producer = p.producer()
+        if producer is None or producer.op_type != "Softmax" or producer.domain != "":
+            return result.fail("the guarded value is not a Softmax output", p)
+        return result
+
+    def rewrite(self, op, p, c):
+        # The rewriter gives the returned value the guard's name: a p that is itself a graph output
+        # would lose its name, so it stays and an Identity carries the guard's name instead.
+        return op.Identity(p) if p.is_graph_output() else p
+
+
+RULES = pattern.RewriteRuleSet([GatherNDToGather.rule(), DropSoftmaxNanGuard.rule()])

@@ -1,4 +1,4 @@
-"""What the quantization pass quantizes, and at which precision (per target rules).
+"""What the quantization pass quantizes, and at which precision (per target).
 
 Two facts about real transformers drive this module:
 - attention masks (``Where(keep, 0, finfo.min)``, ``(1 - mask) · finfo.min``), position ids and
@@ -6,8 +6,9 @@ Two facts about real transformers drive this module:
   shares its range. They are found by taint from integer/bool graph inputs and huge constants.
 - swappable LoRA branches (``edgec.lora.branch`` nodes) stay float: the base is quantized, the
   adapters bound at run time are not, so any adapter can be swapped in.
-- on a fully quantized target (QNN) every tensor must be quantized, so the sensitive ones (the
-  attention-score chain up to and through Softmax, masks, user exclusions) get 16 bits instead.
+- on a fully quantized target (``Target.fully_quantized``, the QNN HTP) every tensor must be
+  quantized, so the sensitive ones (the attention-score chain up to and through Softmax, masks,
+  user exclusions) get 16 bits instead of staying float.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.errors import UserError
-from edgec.graph_passes.mask_fill import HUGE, _constant
+from edgec.graph_passes.quantization.mask_fill import HUGE, _constant
 
 __all__ = ["QuantPlan", "plan_quantization"]
 
@@ -134,8 +135,9 @@ def _where_consistent(model: ir.Model, sixteen: set[str]) -> set[str]:
     return sixteen
 
 
-def plan_quantization(model: ir.Model, rules: str, exclude: tuple[str, ...] = ()) -> QuantPlan:
-    """Decide exclusions (``rules="ort"``) or 16-bit tensors (``rules="qnn"``)."""
+def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str, ...] = ()
+                      ) -> QuantPlan:
+    """Decide exclusions (float stays float) or, when ``fully_quantized``, 16-bit tensors."""
     mask = _mask_taint(model)
     wanted = set(exclude)
     excluded, reasons, sixteen = [], {}, set()
@@ -144,14 +146,14 @@ def plan_quantization(model: ir.Model, rules: str, exclude: tuple[str, ...] = ()
         user = node.name in wanted or node.op_type in wanted
         touches_mask = any(v.name in mask for v in float_ins)
         if "edgec.lora.branch" in node.metadata_props:
-            if rules == "qnn":
-                raise UserError("swappable LoRA adapters cannot run on a fully quantized NPU "
+            if fully_quantized:
+                raise UserError("swappable LoRA adapters cannot run on a fully quantized target "
                                 "(the adapter weights would be quantized with the base); use "
-                                "--lora-mode merge for qnn-htp")
+                                "--lora-mode merge")
             excluded.append(node.name)  # adapters stay high precision: swapping stays exact
             reasons[node.name] = "swappable LoRA branch"
             continue
-        if rules == "qnn":
+        if fully_quantized:
             if user:
                 sixteen.update(v.name for v in (*float_ins, *node.outputs) if _is_float(v)
                                and v.const_value is None)
@@ -162,7 +164,7 @@ def plan_quantization(model: ir.Model, rules: str, exclude: tuple[str, ...] = ()
         elif touches_mask:
             excluded.append(node.name)
             reasons[node.name] = "reads an attention mask / integer-derived tensor"
-    if rules == "qnn":
+    if fully_quantized:
         sixteen |= _score_chain(model) | _angles(model)
         sixteen = _where_consistent(model, sixteen)
     return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from edgec.graph_passes.sparse_attention import SparseAttentionConfig
+    from edgec.graph_passes.sparse_attention.config import SparseAttentionConfig
 
 __all__ = ["choose_tile", "tile_permutation", "sink_blocks", "static_pattern",
            "reference_block_selection", "kept_blocks"]

@@ -14,10 +14,11 @@ import contextlib
 import logging
 from pathlib import Path
 
-from edgec.errors import UserError
-from edgec.targets.base import BuildResult, QuantScheme, Target
+from edgec._native_stdout import native_stdout_to_stderr
+from edgec.errors import InternalError, UserError
+from edgec.targets.base import BuildResult, Target
 
-__all__ = ["QNN_HTP"]
+__all__ = ["build", "CONTEXT_MODEL"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ def _cpu_assigned(model_path: Path) -> list[tuple[str, str]]:
 
     opts = qnn_session_options(fallback=True, record_assignment=True, quiet=True)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    sess = ort.InferenceSession(str(model_path), sess_options=opts)
+    with native_stdout_to_stderr():  # the QNN backend prints to fd 1 from native code
+        sess = ort.InferenceSession(str(model_path), sess_options=opts)
     return [(n.op_type, n.name) for sub in sess.get_provider_graph_assignment_info()
             if sub.ep_name != "QNNExecutionProvider" for n in sub.get_nodes()]
 
@@ -181,7 +183,8 @@ def _failing_nodes(model_path: Path) -> tuple[list[tuple[str, str]], str] | None
     def error_at(k: int) -> str | None:
         onnx.save(_prefix(model, cuts[k], live, elem), str(probe))
         try:
-            ort.InferenceSession(str(probe), sess_options=qnn_session_options(quiet=True))
+            with native_stdout_to_stderr():  # the QNN backend prints to fd 1 from native code
+                ort.InferenceSession(str(probe), sess_options=qnn_session_options(quiet=True))
             return None
         except Exception as e:  # noqa: BLE001 — any failure is the answer being probed for
             return _first_line(e)
@@ -246,7 +249,7 @@ def _diagnose(model_path: Path, graph, error: Exception) -> UserError:
                      f"fallback; {advice}")
 
 
-def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+def build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
     import onnx
 
     from edgec.runtimes.qnn import QnnSession, qnn_session_options
@@ -260,7 +263,8 @@ def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
     target_dir.mkdir(parents=True, exist_ok=True)
     ctx = target_dir / CONTEXT_MODEL
     try:
-        _compile(model_path, ctx, qnn_session_options(quiet=True))
+        with native_stdout_to_stderr():  # the QNN backend prints to fd 1 from native code
+            _compile(model_path, ctx, qnn_session_options(quiet=True))
     except UserError:
         raise
     except Exception as e:
@@ -268,7 +272,11 @@ def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
             with contextlib.suppress(OSError):
                 f.unlink()
         raise _diagnose(model_path, graph, e) from e
-    QnnSession(ctx, {"backend": "htp"})  # the artifact must load from its context binary
+    try:  # the artifact must load from the context binary just compiled
+        QnnSession(ctx, {"backend": "htp"})
+    except UserError as e:
+        raise InternalError(f"the QNN HTP compiled the model but cannot load the context binary "
+                            f"it wrote ({e}); this is an edgec or QNN bug: report it") from e
     files = sorted(f"target/{f.name}" for f in target_dir.glob(f"{ctx.stem}*"))
     return BuildResult(
         runtime={"name": "qnn", "model": f"target/{CONTEXT_MODEL}", "backend": "htp",
@@ -278,46 +286,3 @@ def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
     )
 
 
-def _scheme(name: str, weights: str, activations: str, **kw) -> QuantScheme:
-    return QuantScheme(name, weights, activations, rules="qnn", **kw)
-
-
-QNN_HTP = Target(
-    name="qnn-htp",
-    description="Qualcomm Hexagon NPU via ONNX Runtime's QNN EP (HTP; emulated on x86_64), "
-                "quantized QDQ models precompiled to an EPContext binary",
-    runtime="qnn",
-    opset_range=(13, 23),
-    static_shapes=True,
-    precision="quantized (QDQ)",
-    runtime_config={"backend": "htp", "session.disable_cpu_ep_fallback": "1",
-                    "provider_options": {"offload_graph_io_quantization": "0"}},
-    notes=(
-        ("quantized QDQ models only (--quantize w8a8 | w8a16 | w4a16); no CPU fallback: a node "
-         "the HTP cannot run fails the build with its name"),
-        "static shapes only; tensors of rank <= 5 (qnn-legalize lowers rank-6+ Transposes)",
-        ("run the qnn-legalize pass before quantizing: GatherND on bool data is rejected and an "
-         "IsNaN->Where guard after Softmax fails to finalize; and mask-fill: -inf/float-min "
-         "attention masks destroy the quantized Softmax input range"),
-        ("Where needs both data inputs quantized to the output's type (a float constant, as "
-         "ONNX Runtime's quantizer leaves it without ForceQuantizeNoInputCheck, or a uint8 "
-         "input beside a uint16 one fails to finalize)"),
-        ("LayerNormalization weights must be unsigned (uint8/uint16); signed int8/int4 ones "
-         "are rejected, so w8a8/w8a16 keep uint8 weights (the QNN quantizer's default)"),
-        ("int4 weights must be symmetric (zero point 0; the HTP miscomputes negative int4 zero "
-         "points); w4a16 quantizes MatMul weights only, per output channel, others stay uint8"),
-        "block-wise int4 weights need provider option enable_block_quant_weight_optimization=1",
-        "int64 token ids and the embedding Gather run on the NPU as they are",
-    ),
-    requires=("onnxruntime", "onnxruntime_qnn"),
-    build=_build,
-    schemes={
-        # uint8 asymmetric per-tensor weights: what get_qnn_qdq_config does by default, and the
-        # only 8-bit weight form LayerNormalization accepts on the HTP.
-        "w8a8": _scheme("w8a8", "uint8", "uint8", weight_symmetric=False, per_channel=False),
-        "w8a16": _scheme("w8a16", "uint8", "uint16", weight_symmetric=False, per_channel=False,
-                         min_opset=21),
-        "w4a16": _scheme("w4a16", "int4", "uint16", weight_symmetric=True, per_channel=True,
-                         op_types=("MatMul",), min_opset=21),
-    },
-)

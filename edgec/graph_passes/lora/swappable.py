@@ -22,16 +22,10 @@ import onnx_ir as ir
 
 from edgec.errors import UserError
 from edgec.graph_passes._infra import EdgecPass, PassResult
+from edgec.lora.binding import SITES_KEY, lora_sites
 from edgec.lora.peft_adapter import LoraAdapter, resolve_targets
 
 __all__ = ["LoraSwappablePass", "SITES_KEY", "lora_sites"]
-
-SITES_KEY = "edgec.lora.sites"
-
-
-def lora_sites(model: ir.Model) -> list[dict]:
-    raw = model.metadata_props.get(SITES_KEY)
-    return json.loads(raw) if raw else []
 
 
 class LoraSwappablePass(EdgecPass):

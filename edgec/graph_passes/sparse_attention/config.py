@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import UserError
-from edgec.graph_passes import _sparse_layout as layout_lib
+from edgec.options import convert_items, split_spec
+from edgec.graph_passes.sparse_attention import layout as layout_lib
 
 __all__ = ["SparseAttentionConfig", "Layout", "config_for_source"]
 
@@ -48,10 +49,12 @@ class SparseAttentionConfig:
     qblock: int = 0
     prefix: int = 0
     sink: str = "none"
-    grid: tuple[int, int, int] | None = None
+    grid: tuple[int, int, int] | None = dataclasses.field(default=None,
+                                                          metadata={"format": "TxHxW"})
     mode: str = "rf2"
     min_seq: int = 256
-    tile: tuple[int, int, int] | None = None
+    tile: tuple[int, int, int] | None = dataclasses.field(default=None,
+                                                          metadata={"format": "TxHxW"})
     samples: int = 32
     chunk_mb: int = 256
 
@@ -68,6 +71,8 @@ class SparseAttentionConfig:
             raise UserError(f"sparse attention sink={self.sink!r}: use none or frame")
         if self.mode not in ("rf2", "rainfusion"):
             raise UserError(f"sparse attention mode={self.mode!r}: use rf2 or rainfusion")
+        if any(min(dims) < 1 for dims in (self.grid, self.tile) if dims is not None):
+            raise UserError("sparse attention grid and tile dims must be ≥ 1 (TxHxW)")
         if self.grid is None and (self.sink == "frame" or self.mode == "rainfusion"):
             raise UserError("sparse attention sink=frame and mode=rainfusion need grid=TxHxW")
 
@@ -81,16 +86,8 @@ class SparseAttentionConfig:
     @classmethod
     def parse_items(cls, text: str | dict) -> dict[str, Any]:
         """Validated, converted ``{option: value}`` of only the options given."""
-        items = text if isinstance(text, dict) else dict(
-            _split_kv(part) for part in str(text).split(",") if part.strip())
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, raw in items.items():
-            if key not in fields:
-                raise UserError(f"unknown sparse attention option {key!r}; known: "
-                                f"{', '.join(fields)}")
-            kwargs[key] = _convert(key, raw, fields[key].default)
-        return kwargs
+        items = text if isinstance(text, dict) else split_spec(text, "sparse attention")[1]
+        return convert_items(cls, items, "sparse attention")
 
     def to_json(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v
@@ -125,29 +122,3 @@ def config_for_source(options: dict[str, Any] | SparseAttentionConfig,
         defaults["grid"] = tuple(hp["grid"])
         defaults["prefix"] = int(hp.get("text_tokens", 0))
     return SparseAttentionConfig(**{**defaults, **options})
-
-
-def _split_kv(part: str) -> tuple[str, str]:
-    key, sep, value = part.partition("=")
-    if not sep:
-        raise UserError(f"sparse attention option {part!r} is not key=value")
-    return key.strip(), value.strip()
-
-
-def _convert(key: str, raw: Any, default: Any) -> Any:
-    if not isinstance(raw, str):
-        return tuple(raw) if isinstance(raw, list) else raw
-    try:
-        if key in ("grid", "tile"):
-            dims = tuple(int(x) for x in raw.lower().split("x"))
-            if len(dims) != 3 or min(dims) < 1:
-                raise ValueError
-            return dims
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, int):
-            return int(raw)
-    except ValueError:
-        raise UserError(f"sparse attention {key}={raw!r} is not valid"
-                        + (" (use TxHxW)" if key in ("grid", "tile") else "")) from None
-    return raw

@@ -14,7 +14,7 @@ outputs of a copy of the dense model, runs it once in ONNX Runtime, and then, pe
 - ``scores_check``: q·kᵀ of the site against a few rows of the dense graph's own scores (a site
   whose q·kᵀ is a constant factor off is corrected and the factor reported; otherwise an error).
 
-The selection is ``_sparse_layout.reference_block_selection`` (the numpy twin of the graph's
+The selection is ``layout.reference_block_selection`` (the numpy twin of the graph's
 TopK); for ``mode=rainfusion`` the per-head pattern choice is mirrored here on the same sampled
 rows. The caller's model is not modified.
 """
@@ -99,7 +99,7 @@ def _check_scores(q, k, scores, site: int) -> dict[str, Any]:
 
 def site_quality(q: np.ndarray, k: np.ndarray, cfg: Any) -> dict[str, Any]:
     """Metrics for one site from its scaled ``q``, ``k`` [B, H, N, d] (prefix included)."""
-    from edgec.graph_passes._sparse_layout import reference_block_selection
+    from edgec.graph_passes.sparse_attention.layout import reference_block_selection
 
     q, k = np.asarray(q, np.float32), np.asarray(k, np.float32)
     layout = cfg.layout()
@@ -179,7 +179,7 @@ def _unique_rows(idx: np.ndarray, nb: int) -> np.ndarray:
 
 def _rainfusion_choice(qv, kv, topk, cfg, layout, nb):
     """Mirror of the graph's online per-head pattern test (spatial / temporal / textural)."""
-    from edgec.graph_passes._sparse_layout import static_pattern
+    from edgec.graph_passes.sparse_attention.layout import static_pattern
 
     nv, bs, k_sel = kv.shape[0], cfg.block, topk.shape[-1]
     qbs = getattr(cfg, "query_block", bs)

@@ -19,13 +19,12 @@ from typing import Any
 import onnx_ir as ir
 from onnx_ir.passes import common
 
-from edgec.graph_passes._attention_sites import AttentionSite, find_attention_sites, static_dim
 from edgec.graph_passes._infra import EdgecPass, PassResult
-from edgec.graph_passes._sparse_builder import SiteShape, build_sparse_attention
-from edgec.graph_passes._sparse_config import Layout, SparseAttentionConfig, config_for_source
+from edgec.graph_passes.sparse_attention.builder import SiteShape, build_sparse_attention
+from edgec.graph_passes.sparse_attention.config import SparseAttentionConfig
+from edgec.graph_passes.sparse_attention.sites import find_attention_sites, static_dim
 
-__all__ = ["SparseAttentionConfig", "SparseAttentionPass", "AttentionSite",
-           "find_attention_sites", "Layout", "config_for_source"]
+__all__ = ["SparseAttentionPass"]
 
 
 class SparseAttentionPass(EdgecPass):

@@ -1,0 +1,61 @@
+"""Calibrate a prepared graph: samples → activation ranges → a cache with its provenance.
+
+The quantization stage decides what a calibration means for a scheme on a target (method, which
+tensors, symmetry) and hands it over as a ``CalibrationRequest``; this module only runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edgec.calibration.cache import CalibrationCache, model_hash
+from edgec.calibration.ranges import collect_ranges
+from edgec.calibration.samples import (DEFAULT_SAMPLES, generated_samples, samples_for_model,
+                                       samples_from_npz)
+
+__all__ = ["CalibrationRequest", "collect_cache"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationRequest:
+    """target, scheme: what the cache is for; method: ORT calibrator (``minmax``...);
+    symmetric: symmetric activation ranges; op_types: calibrate these ops' tensors (None: every
+    float tensor); samples: how many (None: all of ``data``, or 16 generated); data: an .npz of
+    samples (None: the source's own generator)."""
+
+    target: str
+    scheme: str
+    method: str
+    symmetric: bool
+    op_types: tuple[str, ...] | None
+    samples: int | None = None
+    data: Path | None = None
+
+
+def collect_cache(model, request: CalibrationRequest, src,
+                  progress: Callable[[int, int], None] | None = None) -> CalibrationCache:
+    """Ranges of ``model`` (an onnx_ir.Model, already rewritten) on the request's samples."""
+    if request.data is not None:
+        from edgec.lora.binding import adapter_inputs
+        from edgec.runtimes.base import IOSpec
+
+        bound = adapter_inputs(model)
+        specs = [IOSpec(v.name, tuple(d if isinstance(d, int) else str(d)
+                                      for d in v.shape.dims), v.dtype.numpy().name)
+                 for v in model.graph.inputs if v.name not in bound]
+        samples, origin = samples_from_npz(request.data, specs), f"file {request.data.name}"
+        if request.samples:
+            samples = samples[: request.samples]
+    else:
+        samples, origin = generated_samples(src, request.samples or DEFAULT_SAMPLES)
+    samples = samples_for_model(samples, model)
+    t0 = time.perf_counter()
+    tensors = collect_ranges(model, samples, request.method, request.op_types,
+                             symmetric=request.symmetric, progress=progress)
+    return CalibrationCache(model_hash(model), request.target, request.scheme, request.method,
+                            len(samples), origin, tensors, time.perf_counter() - t0,
+                            {k: src.info.get(k) for k in ("kind", "name", "config", "path")
+                             if src.info.get(k) is not None})

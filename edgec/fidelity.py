@@ -1,0 +1,121 @@
+"""The built artifact checked against its reference, and a quantized device judged against ORT.
+
+Exact recipes must stay within TARGET_RTOL of the source. Approximating ones (sparse attention,
+quantization) report their error, and the target must still execute the rewritten graph the way
+ONNX Runtime does. For quantized graphs "the way ORT does" is a judgement, because 8-bit
+fixed-point kernels round differently layer after layer: the device's drift from ORT is compared
+with ORT's own error against the fp32 reference (see ``judge_quantized``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import VerificationError
+from edgec.exporters.verify import assert_close, compare_outputs
+
+__all__ = ["TARGET_RTOL", "REWRITTEN_RTOL", "QUANTIZED_AGREEMENT", "QUANTIZED_FLOOR",
+           "AMPLIFICATION", "judge_quantized", "target_fidelity", "verification_session"]
+
+logger = logging.getLogger(__name__)
+
+# fp32 artifacts on a target vs the source's reference (PyTorch or ORT on the source ONNX).
+TARGET_RTOL = 1e-5
+# A runtime executing an approximated (rewritten) graph vs ORT executing the same graph.
+REWRITTEN_RTOL = 1e-4
+# A device running a quantized graph vs ORT running it (cosine): at or above AGREEMENT it
+# agrees (measured ≥ 0.9989 on graphs that quantize well). Below that, the drift is the graph's
+# doing when it stays within AMPLIFICATION × ORT's own distance from fp32 (a graph that
+# quantizes badly drifts more on every device: planted outliers, ORT 0.975 vs fp32, OpenVINO
+# 0.996 vs ORT). Otherwise the device is the problem: below FLOOR that fails the compile.
+QUANTIZED_AGREEMENT = 0.998
+QUANTIZED_FLOOR = 0.98
+AMPLIFICATION = 4.0
+
+
+def judge_quantized(device_vs_ort: float, ort_vs_reference: float) -> tuple[str, str | None]:
+    """(verdict, message) for a quantized device from two cosines (worst over the outputs).
+
+    verdicts: ``agrees``; ``graph`` (the QDQ graph itself is inaccurate and the device's drift
+    is of the same order: fix the quantization, not the target); ``device`` (the device drifts
+    although ORT on the same graph is close to fp32: a warning above QUANTIZED_FLOOR, else a
+    target bug).
+    """
+    if device_vs_ort >= QUANTIZED_AGREEMENT:
+        return "agrees", None
+    drift, own = 1.0 - device_vs_ort, max(0.0, 1.0 - ort_vs_reference)
+    if drift <= AMPLIFICATION * own:
+        return "graph", (
+            f"the quantized graph itself is inaccurate (ONNX Runtime running it: cosine "
+            f"{ort_vs_reference:.5f} vs the fp32 reference) and the device amplifies that "
+            f"(cosine {device_vs_ort:.5f} vs ONNX Runtime): improve the quantization (a 16-bit "
+            "scheme, exclude=..., representative calibration data), not the target")
+    message = (f"the device disagrees with ONNX Runtime on the same quantized graph (cosine "
+               f"{device_vs_ort:.5f}) although ONNX Runtime on it stays close to the fp32 "
+               f"reference (cosine {ort_vs_reference:.5f})")
+    return "device", message
+
+
+def verification_session(stage: Path, built):
+    """The built artifact's session, or ORT CPU on model.onnx when the target cannot run here.
+
+    A target whose runtime is missing on this machine (TensorRT without a GPU) still produces its
+    portable model; ORT executes that exact graph so fidelity is measured, and the report says so.
+    """
+    from edgec.runtimes import open_session
+    from edgec.runtimes.ort import OrtSession
+
+    reason = built.runtime.get("unavailable")
+    if not reason:
+        return open_session(stage, built.runtime), None
+    # No graph optimizations: ORT's own QDQ fusions (e.g. fp8 QLinearAdd) are not what the
+    # device runs; the plain graph is the reference semantics.
+    return OrtSession(stage / "model.onnx", optimize=False), (
+        f"{reason.rstrip('.')}. Fidelity was measured with ONNX Runtime CPU on the same "
+        "model.onnx; latency was not measured.")
+
+
+def target_fidelity(session, src, approximate: bool, model, quantized: bool = False
+                    ) -> tuple[dict[str, Any], float]:
+    """Fidelity of the built artifact vs the source's reference; also returns the run time."""
+    t0 = time.perf_counter()
+    outputs = session.run(src.feeds)
+    seconds = time.perf_counter() - t0
+    errors = compare_outputs(outputs, src.reference)
+    result: dict[str, Any] = {"reference": src.reference_kind, "runtime": session.runtime,
+                              "rtol": None if approximate else TARGET_RTOL,
+                              "approximate": approximate, "outputs": errors}
+    if not approximate:
+        assert_close(errors, TARGET_RTOL, f"{session.runtime} artifact vs {src.reference_kind}")
+    elif session.runtime != "onnxruntime":
+        result["vs_rewritten_onnx"] = _vs_ort(session, src, model, outputs, quantized, result)
+    return result, seconds
+
+
+def _vs_ort(session, src, model, outputs, quantized: bool, result: dict) -> dict[str, Any]:
+    from edgec.runtimes.ort import run_model
+
+    # the same adapter bound on both sides (swappable LoRA), else just the source feeds
+    bound = session._adapter_feeds(dict(src.feeds), None)
+    ort_outputs = run_model(model, bound, optimize=True)
+    vs_onnx = compare_outputs(outputs, ort_outputs)
+    entry: dict[str, Any] = {"runtime": "onnxruntime", "outputs": vs_onnx}
+    if not quantized:
+        assert_close(vs_onnx, REWRITTEN_RTOL, f"{session.runtime} vs ORT on the rewritten model")
+        return {**entry, "rtol": REWRITTEN_RTOL}
+    worst = min(e["cosine"] for e in vs_onnx.values())
+    ort_ref = min(e["cosine"] for e in compare_outputs(ort_outputs, src.reference).values())
+    verdict, message = judge_quantized(worst, ort_ref)
+    if verdict == "device" and not worst >= QUANTIZED_FLOOR:
+        raise VerificationError(f"{session.runtime}: {message}; below the floor "
+                                f"{QUANTIZED_FLOOR}, this is a target bug: report it with the "
+                                "model")
+    if message:
+        logger.warning("%s: %s", session.runtime, message)
+        result.setdefault("notes", []).append(f"{session.runtime}: {message}")
+    return {**entry, "rtol": None, "min_cosine": QUANTIZED_FLOOR,
+            "agrees": verdict == "agrees", "verdict": verdict,
+            "ort_vs_reference_cosine": ort_ref}

@@ -1,0 +1,113 @@
+"""``--quantize SCHEME[:k=v,...]`` (Python ``quantize=``) and the quantize stage it makes.
+
+    options → scheme on the target → ranges (a cache checked against the graph, or calibrated
+    now on the graph the passes before produced) → QuantizePass
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import UserError
+from edgec.options import convert_items, split_spec
+
+__all__ = ["QuantOptions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantOptions:
+    """What ``quantize=`` / ``--quantize SCHEME[:k=v,...]`` asks for.
+
+    ``method=minmax|percentile|entropy``; ``exclude=A;B`` (node names or op types kept in high
+    precision: float on CPU targets, 16-bit on fully quantized ones); ``samples=N`` (calibration
+    samples, default 16); ``mask_fill=F`` (the bounded attention-mask fill on fully quantized
+    targets, default 100).
+    """
+
+    scheme: str
+    method: str | None = None
+    exclude: tuple[str, ...] = ()
+    samples: int | None = None
+    mask_fill: float = 100.0
+
+    def __post_init__(self):
+        from edgec.calibration.ranges import METHODS
+
+        if self.method is not None and self.method not in METHODS:
+            raise UserError(f"unknown calibration method {self.method!r}; use one of "
+                            f"{', '.join(METHODS)}")
+        if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
+            raise UserError("--quantize samples must be a positive integer")
+        if not isinstance(self.mask_fill, (int, float)) or not self.mask_fill:
+            raise UserError("--quantize mask_fill must be a non-zero number")
+        object.__setattr__(self, "mask_fill", abs(float(self.mask_fill)))
+        object.__setattr__(self, "exclude", tuple(e for e in self.exclude if e))
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | QuantOptions, target) -> QuantOptions:
+        """From ``"w8a8:method=entropy"``, ``{"scheme": "w8a8", ...}`` or options; checked
+        against the schemes ``target`` offers."""
+        if isinstance(spec, cls):
+            opts = spec
+        else:
+            if isinstance(spec, Mapping):
+                items = dict(spec)
+                scheme = items.pop("scheme", None)
+            else:
+                scheme, items = split_spec(spec, "--quantize", head=":")
+            if not scheme:
+                raise UserError("--quantize needs a scheme: SCHEME[:k=v,...] with SCHEME one of "
+                                f"{', '.join(target.schemes) or 'none'} on {target.name}")
+            opts = cls(scheme=scheme, **convert_items(cls, items, "--quantize"))
+        if opts.scheme not in target.schemes:
+            offered = ", ".join(target.schemes) or "none"
+            raise UserError(f"target {target.name} has no quantization scheme {opts.scheme!r}; "
+                            f"it offers: {offered}")
+        return opts
+
+    def scheme_on(self, target):
+        return target.schemes[self.scheme]
+
+    def method_on(self, target) -> str:
+        scheme = self.scheme_on(target)
+        if scheme.activations and scheme.activations.startswith("float8"):
+            return "distribution"  # ORT's float8 quantizer needs avg/std statistics
+        return self.method or "minmax"
+
+    def calibration_request(self, target, data: Path | None = None):
+        """What calibrating for this scheme on ``target`` means, as plain data."""
+        from edgec.calibration import CalibrationRequest
+
+        scheme = self.scheme_on(target)
+        return CalibrationRequest(
+            target=target.name, scheme=scheme.name, method=self.method_on(target),
+            symmetric=scheme.activation_symmetric,
+            op_types=None if target.fully_quantized else tuple(scheme.op_types),
+            samples=self.samples, data=data)
+
+    def make_pass(self, target, calibration, src, step: Callable[[str], None]):
+        """The QuantizePass of a compile: ``calibration`` is a cache, an .npz path or None."""
+        from edgec.calibration import CalibrationCache
+        from edgec.graph_passes.quantization.quantize import QuantizePass
+
+        scheme = self.scheme_on(target)
+        given = calibration if isinstance(calibration, CalibrationCache) else None
+        request = self.calibration_request(
+            target, calibration if isinstance(calibration, Path) else None)
+        checked_method = request.method if self.method else None
+
+        def ranges(model):
+            from edgec.calibration import collect_cache, model_hash
+
+            if given is not None:
+                given.check(model_hash(model), target.name, scheme.name, checked_method)
+                return given, "reused cache"
+            step("calibrating activation ranges")
+            cache = collect_cache(model, request, src,
+                                  lambda i, n: step(f"calibrating: sample {i}/{n}"))
+            return cache, "calibrated during compile"
+
+        return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude)

@@ -1,0 +1,189 @@
+"""Quantization: fp32 graph ⇒ QDQ graph in the form the target's scheme asks for.
+
+    MatMul(x, W)  ⇒  MatMul(DQ(Q(x; s_x, z_x)), DQ(W_q; s_w[, block]))      (per QuantScheme)
+
+onnxruntime.quantization does the insertion (``quantize_static`` in QDQ format from cached
+ranges, with the options the target's ``qdq_options`` gives, else the generic form below).
+Block-wise weight-only int4 is done here (``blockwise``): ORT's MatMulNBitsQuantizer writes
+negative scales in symmetric mode, which TensorRT refuses. This pass adds what ORT lacks: the
+choice of what not to quantize (masks, integer paths, user exclusions; see ``select``), 16-bit
+tensors on fully quantized targets, a real opset conversion where the scheme needs a newer opset,
+and ranges from an edgec calibration cache (reused or collected on the graph this pass receives).
+The pass is functional (its input is left as it was) and approximating: the pipeline reports its
+error against the fp32 model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from edgec.errors import UserError
+from edgec.graph_passes._infra import PassResult
+from edgec.graph_passes.quantization.blockwise import blockwise_weights
+from edgec.graph_passes.quantization.select import plan_quantization
+
+__all__ = ["QuantizePass", "quant_type", "generic_qdq_options"]
+
+logger = logging.getLogger(__name__)
+
+
+def quant_type(name: str):
+    from onnxruntime.quantization import QuantType
+
+    table = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8, "int16": QuantType.QInt16,
+             "uint16": QuantType.QUInt16, "int4": QuantType.QInt4, "uint4": QuantType.QUInt4,
+             "float8e4m3fn": QuantType.QFLOAT8E4M3FN}
+    return table[name]
+
+
+def generic_qdq_options(model: ir.Model, path: Path, scheme, plan, method) -> dict[str, Any]:
+    """``quantize_static`` options straight from the scheme's fields (CPU targets, TensorRT)."""
+    return dict(activation_type=quant_type(scheme.activations),
+                weight_type=quant_type(scheme.weights),
+                op_types_to_quantize=list(scheme.op_types), per_channel=scheme.per_channel,
+                nodes_to_exclude=plan.nodes_to_exclude,
+                extra_options={"ActivationSymmetric": scheme.activation_symmetric,
+                               "WeightSymmetric": scheme.weight_symmetric,
+                               "QuantizeBias": scheme.quantize_bias,
+                               "MinimumRealRange": 1e-4})
+
+
+class _DropOrtQuantizationRecords(logging.Filter):
+    """quantize_static logs "consider pre-processing" warnings on the root logger every call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname or "quantization" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_ort_quantization() -> Iterator[None]:
+    # A filter on the root logger sees only records logged on it directly (ORT's); no level of
+    # any logger changes, and every other library's records pass.
+    root, quiet = logging.getLogger(), _DropOrtQuantizationRecords()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+Ranges = Callable[[ir.Model], tuple[Any, str]]
+
+
+class QuantizePass(ir.passes.FunctionalPass):
+    """Quantize with ``scheme`` (a targets.QuantScheme) in ``target``'s form.
+
+    ``ranges``: a CalibrationCache, or ``model -> (cache, how)`` called with the graph this pass
+    receives (check a given cache against it, or calibrate it now); None for weight-only schemes.
+    """
+
+    name = "quantize"
+    exact = False
+    rtol = None
+
+    def __init__(self, scheme, target, ranges: Any = None, exclude: tuple[str, ...] = ()):
+        super().__init__()
+        if scheme.calibrated and ranges is None:
+            raise ValueError(f"scheme {scheme.name} needs calibration ranges")
+        self.scheme, self.target, self.ranges, self.exclude = scheme, target, ranges, tuple(exclude)
+
+    def call(self, model: ir.Model) -> PassResult:
+        s = self.scheme
+        unknown = [e for e in self.exclude if not any(n.name == e or n.op_type == e
+                                                       for n in model.graph)]
+        if unknown:
+            raise UserError(f"--exclude {unknown[0]!r} names no node or op type of the model; "
+                            "use node names or op types (`edgec inspect` lists them)")
+        cache, how = (None, None)
+        if s.calibrated:
+            cache, how = self.ranges(model) if callable(self.ranges) else (self.ranges, "given")
+        plan = plan_quantization(model, self.target.fully_quantized, self.exclude)
+        work = _at_opset(model.clone(), s.min_opset)  # the input model stays as it was
+        extra: dict[str, Any] = {}
+        if s.weight_only:
+            extra = blockwise_weights(work, s, set(plan.nodes_to_exclude))
+            quantized = work
+        else:
+            quantized = self._static(work, plan, cache)
+        if extra.get("skipped"):
+            logger.warning("%s: %s weights left in float (%s)", s.name,
+                           sum(extra["skipped"].values()), ", ".join(extra["skipped"]))
+        ops = Counter(n.op_type for n in quantized.graph)
+        quantized.metadata_props.update(model.metadata_props)
+        stats: dict[str, Any] = {
+            "config": {"scheme": s.name, "weights": s.weights, "activations": s.activations,
+                       "method": cache.method if cache else None, "exclude": list(self.exclude)},
+            "scheme": dataclasses.asdict(s),
+            "quantize_linear": ops.get("QuantizeLinear", 0),
+            "dequantize_linear": ops.get("DequantizeLinear", 0),
+            "excluded_nodes": len(plan.nodes_to_exclude),
+            "tensors_16bit": len(plan.tensors_16bit),
+            "mask_tensors": len(plan.mask_tensors),
+            "opset": quantized.opset_imports.get(""),
+            **extra,
+        }
+        if cache is not None:
+            stats["calibration"] = {"how": how, "method": cache.method, "samples": cache.samples,
+                                    "data": cache.data, "model_hash": cache.model_hash,
+                                    "seconds": round(cache.seconds, 3),
+                                    "tensors": len(cache.tensors)}
+        return PassResult(quantized, True, stats)
+
+    def _static(self, model: ir.Model, plan, cache) -> ir.Model:
+        from onnxruntime.quantization import QuantFormat, quantize_static
+        from onnxruntime.quantization.calibrate import save_tensors_data
+
+        from edgec.onnx_io import save_model
+
+        tensors = cache.to_tensors_data()
+        options = self.target.qdq_options or generic_qdq_options
+        with (tempfile.TemporaryDirectory(prefix="edgec-quant-") as tmp,
+              _quiet_ort_quantization()):
+            src, out, ranges = (Path(tmp) / n for n in ("fp32.onnx", "quantized.onnx",
+                                                         "ranges.json"))
+            save_model(model, src)  # with external data: no 2 GB protobuf limit
+            save_tensors_data(tensors, ranges)
+            kwargs = options(model, src, self.scheme, plan, tensors.calibration_method)
+            try:
+                quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ,
+                                calibrate_method=tensors.calibration_method,
+                                use_external_data_format=True,
+                                calibration_cache_path=str(ranges), **kwargs)
+            except KeyError as e:
+                raise UserError(f"the calibration cache has no range for tensor {e}; it was "
+                                "made for another graph: re-run `edgec calibrate`") from None
+            quantized = ir.load(out)
+            ir.external_data.load_to_model(quantized)  # the temp dir goes away
+        return quantized
+
+
+def _at_opset(model: ir.Model, minimum: int) -> ir.Model:
+    """``model`` converted to opset ``minimum`` when below it (ops rewritten where their
+    signature changed, e.g. ReduceMean's ``axes`` attribute → input at 18); refused if the
+    converter cannot."""
+    opset = model.opset_imports.get("", 0)
+    if opset >= minimum:
+        return model
+    from onnxscript.version_converter import ConvertVersionPass
+
+    try:
+        ConvertVersionPass(target_version=minimum, fallback=True)(model)
+    except Exception as e:  # noqa: BLE001 — the converter's failure is reported as a refusal
+        raise UserError(f"the model uses ONNX opset {opset} and this quantization scheme needs "
+                        f"opset {minimum}, but the version converter failed "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); re-export "
+                        f"the model at opset {minimum}") from None
+    if model.opset_imports.get("", 0) != minimum:
+        raise UserError(f"the model uses ONNX opset {opset} and this quantization scheme needs "
+                        f"opset {minimum}, which the version converter could not reach; "
+                        f"re-export the model at opset {minimum}")
+    return model

@@ -1,0 +1,234 @@
+"""Recipe: everything a compile is asked to do, parsed and validated once, before any export.
+
+``edgec.compile``, ``edgec.calibrate``, ``edgec compile`` and ``edgec calibrate`` all build one.
+Each field carries its option (CLI flags, help, parser), so a new compile option is one field
+here, one row in ``pipeline.STAGES`` and its pass module: the CLI and the Python API pick it up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import UserError
+
+__all__ = ["Recipe", "Option", "LORA_MODES", "recipe_options"]
+
+LORA_MODES = ("merge", "sparse-merge", "swappable")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """How a Recipe field is given: CLI flags and help, and the parser of the raw value.
+
+    ``parse(raw, target, parsed)`` turns a CLI string or a Python value into the field's value
+    (raising UserError on bad input); ``parsed`` holds the fields parsed before it. ``kind``: ``value``, ``multiple`` (a repeatable flag: a list) or
+    ``flag`` (a boolean switch). ``commands``: the CLI commands that take it.
+    """
+
+    flags: tuple[str, ...]
+    help: str
+    parse: Callable[[Any, Any, dict], Any]
+    metavar: str | None = None
+    kind: str = "value"
+    commands: tuple[str, ...] = ("compile", "calibrate")
+
+
+def _option(default: Any, *flags: str, help: str, parse: Callable[[Any, Any, dict], Any],
+            metavar: str | None = None, kind: str = "value",
+            commands: tuple[str, ...] = ("compile", "calibrate")) -> Any:
+    return dataclasses.field(default=default, metadata={"option": Option(
+        flags, help, parse, metavar, kind, commands)})
+
+
+def _text(raw: Any, target, parsed: dict) -> str | None:
+    return None if raw is None else str(raw)
+
+
+def _sparse(raw: Any, target, parsed: dict):
+    from edgec.graph_passes.sparse_attention import SparseAttentionConfig
+
+    if raw is None or raw is False:
+        return None
+    if raw is True or raw in ("", "default"):
+        return {}
+    if isinstance(raw, SparseAttentionConfig):
+        return raw
+    return SparseAttentionConfig.parse_items(raw)
+
+
+def _rotate(raw: Any, target, parsed: dict):
+    if raw is None or raw is False:
+        return None
+    raise UserError("rotations (QuaRot Hadamard / DartQuant) are not implemented yet; compile "
+                    "without rotate=")
+
+
+def _prune(raw: Any, target, parsed: dict):
+    from edgec.graph_passes.prune import PruneConfig
+
+    return None if raw is None or raw is False else PruneConfig.parse(raw)
+
+
+def _lora(raw: Any, target, parsed: dict) -> tuple:
+    from edgec.lora.peft_adapter import parse_lora_option, read_adapter
+
+    if raw is None or raw == []:
+        return ()
+    return tuple(read_adapter(path, weight=w) for path, w in parse_lora_option(raw))
+
+
+def _lora_mode(raw: Any, target, parsed: dict) -> str:
+    if raw not in LORA_MODES:
+        raise UserError(f"unknown LoRA mode {raw!r}; use one of {', '.join(LORA_MODES)}")
+    return raw
+
+
+def _quantize(raw: Any, target, parsed: dict):
+    from edgec.graph_passes.quantization.options import QuantOptions
+
+    return None if raw is None or raw is False else QuantOptions.parse(raw, target)
+
+
+def _calibration(raw: Any, target, parsed: dict):
+    from edgec.calibration import calibration_input
+
+    if parsed.get("quantize") is None:  # before reading the cache: say what is missing first
+        raise UserError("--calib applies to quantized compiles; add --quantize SCHEME")
+    return calibration_input(raw)
+
+
+def _check(raw: Any, target, parsed: dict) -> bool:
+    if not isinstance(raw, bool):
+        raise UserError(f"check must be True or False, not {raw!r}")
+    return raw
+
+
+_QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | fp8 (`edgec "
+                  "targets` lists them); options after ':' method=minmax|percentile|entropy, "
+                  "exclude=NODE_OR_OP;... (kept in high precision), samples=N, mask_fill=F")
+_SPARSE_HELP = ("block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64,"
+                "qblock=512,prefix=64,sink=frame,grid=8x32x32,mode=rf2. Defaults: keep=0.2, "
+                "block=64, qblock=8×block, prefix=0, sink=none, mode=rf2 (or rainfusion), "
+                "min_seq=256, chunk_mb=256; grid and prefix come from the reference model when it "
+                "has a video grid. Use 'default' for all defaults.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A compile's options, in the order the pipeline applies them (``Recipe.parse`` builds it).
+
+    ``target`` is the resolved ``targets.Target``; ``sparse_attention`` the options given (grid
+    and prefix are filled from the source later); ``lora`` the adapters, read and checked.
+    """
+
+    target: Any
+    config: str | None = _option(
+        None, "--config", "-c", parse=_text,
+        help="model config (tiny|small|base[+option]); for a Hugging Face checkpoint the example "
+             "inputs: batch=N,seq=N")
+    sparse_attention: Any = _option(None, "--sparse-attention", metavar="K=V,...",
+                                    help=_SPARSE_HELP, parse=_sparse)
+    rotate: str | None = _option(None, "--rotate", help="hadamard | dartquant (not yet)",
+                                 parse=_rotate, commands=())
+    prune: Any = _option(None, "--prune", metavar="SPEC", parse=_prune,
+                         help="magnitude-prune MatMul weights before LoRA: magnitude:0.5 "
+                              "(unstructured) or 2:4 (N:M)")
+    lora: tuple = _option(
+        (), "--lora", metavar="DIR[:WEIGHT]", kind="multiple", parse=_lora,
+        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors); "
+             "repeat for several (merge modes: optional weight, e.g. a:0.7 --lora b:0.3)")
+    lora_mode: str = _option(
+        "merge", "--lora-mode", parse=_lora_mode,
+        help="merge (W += s·BA, PEFT semantics) | sparse-merge (LoSA: the delta is masked by the "
+             "base's zeros) | swappable (adapters as graph inputs, switched at run time)")
+    quantize: Any = _option(None, "--quantize", "-q", metavar="SCHEME[:K=V,...]",
+                            help=_QUANTIZE_HELP, parse=_quantize)
+    calibration: Any = _option(
+        None, "--calib", metavar="FILE_OR_DIR", parse=_calibration, commands=("compile",),
+        help="calibration cache from `edgec calibrate` (reused, checked against the model), or "
+             "an .npz of samples (keys = input names, leading sample axis)")
+    check: bool = _option(False, "--check", kind="flag", parse=_check, commands=("compile",),
+                          help="check every pass numerically")
+
+    def __post_init__(self):
+        t = self.target
+        if t.fully_quantized and self.quantize is None:
+            raise UserError(f"{t.name} runs quantized models only (every tensor is quantized); "
+                            f"add --quantize {' | '.join(t.schemes)}")
+        if self.lora_mode == "swappable":
+            if any(a.weight != 1.0 for a in self.lora):
+                raise UserError("adapter weights (DIR:WEIGHT) apply to merge modes; swappable "
+                                "adapters are served one at a time")
+            if self.lora and not t.swappable_adapters:
+                raise UserError(f"swappable LoRA adapters cannot run on {t.name} (every tensor "
+                                "is quantized there, adapters included); use --lora-mode merge")
+        if self.calibration is not None:
+            if self.quantize is None:
+                raise UserError("--calib applies to quantized compiles; add --quantize SCHEME")
+            if self.quantize.scheme_on(t).weight_only:
+                raise UserError(f"scheme {self.quantize.scheme} is weight-only: it takes no "
+                                "calibration; drop --calib")
+
+    @classmethod
+    def parse(cls, target: Any, **options: Any) -> Recipe:
+        """From a target name and the options of ``edgec.compile`` (Python values or CLI text)."""
+        from edgec import targets
+
+        tgt = targets.get(target) if isinstance(target, str) else target
+        fields = _option_fields()
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise UserError(f"unknown compile option {unknown[0]!r}; known: {', '.join(fields)}")
+        values = {}
+        for name, f in fields.items():
+            if name in options and options[name] is not None:
+                values[name] = f.metadata["option"].parse(options[name], tgt, values)
+        return cls(tgt, **values)
+
+    def for_calibration(self) -> Recipe:
+        """Refuse what ``calibrate`` cannot do, before any export."""
+        if self.quantize is None:
+            raise UserError("calibrate needs a quantization scheme (--quantize SCHEME)")
+        if self.quantize.scheme_on(self.target).weight_only:
+            raise UserError(f"scheme {self.quantize.scheme} is weight-only: it needs no "
+                            "calibration")
+        if self.calibration is not None:
+            raise UserError("edgec calibrate writes a calibration cache; it takes samples as "
+                            "--data FILE.npz, not a cache")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The recipe as the manifest records it."""
+        sparse = self.sparse_attention
+        calib = self.calibration
+        return {
+            "target": self.target.name, "config": self.config,
+            "sparse_attention": (sparse.to_json() if hasattr(sparse, "to_json") else
+                                 _plain(sparse)),
+            "rotate": self.rotate,
+            "prune": self.prune.describe() if self.prune is not None else None,
+            "lora": [a.summary() for a in self.lora], "lora_mode": self.lora_mode,
+            "quantize": _plain(dataclasses.asdict(self.quantize)) if self.quantize else None,
+            "calibration": (None if calib is None else str(calib) if isinstance(calib, Path)
+                            else f"cache {calib.model_hash[:12]}"),
+            "check": self.check,
+        }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()}
+    return value
+
+
+def _option_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Recipe) if "option" in f.metadata}
+
+
+def recipe_options(command: str) -> list[tuple[str, Any, Option]]:
+    """(field name, default, option) of every Recipe option the CLI ``command`` takes."""
+    return [(name, f.default, f.metadata["option"]) for name, f in _option_fields().items()
+            if command in f.metadata["option"].commands]

@@ -1,0 +1,61 @@
+"""qnn-htp: Qualcomm's Hexagon NPU through ONNX Runtime's QNN EP, as data (the build is ``build``).
+
+Quantized (QDQ) models only; every tensor is quantized; static shapes; rank ≤ 5. ``legalize``
+holds the exact rewrites the HTP needs before quantization, ``qdq`` its QDQ form, ``build`` the
+EPContext compile and the diagnosis of what the HTP cannot run.
+"""
+
+from __future__ import annotations
+
+from edgec.targets.base import QuantScheme, Target
+from edgec.targets.qnn_htp.epcontext import build
+from edgec.targets.qnn_htp.legalize import MAX_RANK, QnnLegalizePass
+from edgec.targets.qnn_htp.qdq import qdq_options
+
+__all__ = ["QNN_HTP"]
+
+
+QNN_HTP = Target(
+    name="qnn-htp",
+    description="Qualcomm Hexagon NPU via ONNX Runtime's QNN EP (HTP; emulated on x86_64), "
+                "quantized QDQ models precompiled to an EPContext binary",
+    runtime="qnn",
+    opset_range=(13, 23),
+    static_shapes=True,
+    precision="quantized (QDQ)",
+    runtime_config={"backend": "htp", "session.disable_cpu_ep_fallback": "1",
+                    "provider_options": {"offload_graph_io_quantization": "0"}},
+    notes=(
+        ("quantized QDQ models only (--quantize w8a8 | w8a16 | w4a16); no CPU fallback: a node "
+         "the HTP cannot run fails the build with its name"),
+        "static shapes only; tensors of rank <= 5 (qnn-legalize lowers rank-6+ Transposes)",
+        ("GatherND on bool data is rejected and an IsNaN->Where guard after Softmax fails to "
+         "finalize (qnn-legalize rewrites both before quantization); -inf/float-min attention "
+         "masks destroy the quantized Softmax input range (mask-fill bounds them)"),
+        ("Where needs both data inputs quantized to the output's type (a float constant, as "
+         "ONNX Runtime's quantizer leaves it without ForceQuantizeNoInputCheck, or a uint8 "
+         "input beside a uint16 one fails to finalize)"),
+        ("LayerNormalization weights must be unsigned (uint8/uint16); signed int8/int4 ones "
+         "are rejected, so w8a8/w8a16 keep uint8 weights (the QNN quantizer's default)"),
+        ("int4 weights must be symmetric (zero point 0; the HTP miscomputes negative int4 zero "
+         "points); w4a16 quantizes MatMul weights only, per output channel, others stay uint8"),
+        "block-wise int4 weights need provider option enable_block_quant_weight_optimization=1",
+        "int64 token ids and the embedding Gather run on the NPU as they are",
+    ),
+    requires=("onnxruntime", "onnxruntime_qnn"),
+    build=build,
+    fully_quantized=True,
+    swappable_adapters=False,
+    max_rank=MAX_RANK,
+    before_quantize=(QnnLegalizePass,),
+    qdq_options=qdq_options,
+    schemes={
+        # uint8 asymmetric per-tensor weights: what get_qnn_qdq_config does by default, and the
+        # only 8-bit weight form LayerNormalization accepts on the HTP.
+        "w8a8": QuantScheme("w8a8", "uint8", "uint8", weight_symmetric=False, per_channel=False),
+        "w8a16": QuantScheme("w8a16", "uint8", "uint16", weight_symmetric=False,
+                             per_channel=False, min_opset=21),
+        "w4a16": QuantScheme("w4a16", "int4", "uint16", weight_symmetric=True, per_channel=True,
+                             op_types=("MatMul",), min_opset=21),
+    },
+)

@@ -1,0 +1,147 @@
+"""Export failures are classified: the module's fault → UserError, the exporter's → not.
+
+Also: a stored parameter map that is present but unreadable is an error, not "no map".
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx_ir as ir
+import pytest
+import torch
+
+from edgec.errors import EdgecError, InternalError, UserError
+from edgec.exporters import export_module
+from edgec.exporters.export_file import PARAMETER_MAP_KEY, stored_parameter_map
+
+
+class DataDependent(torch.nn.Module):
+    """Python branches on a tensor value: torch.export cannot trace one graph for it."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x - 1
+
+
+class KthValue(torch.nn.Module):
+    """aten.kthvalue has no ONNX translation in torch.onnx (torch 2.13)."""
+
+    def forward(self, x):
+        return torch.kthvalue(x, 2, dim=-1)[0]
+
+
+class Plain(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x) + 1
+
+
+X = (torch.randn(3, 4),)
+
+
+def test_data_dependent_control_flow_is_a_user_error():
+    with pytest.raises(UserError, match=r"torch\.export cannot capture DataDependent\.f") as e:
+        export_module(DataDependent(), X)
+    msg = str(e.value)
+    assert "torch.where" in msg and "\n" not in msg
+    assert "data-dependent" in msg  # torch.export's own reason is kept
+
+
+def test_operator_without_onnx_translation_is_a_user_error_naming_it():
+    with pytest.raises(UserError, match=r"KthValue uses the operator aten\.kthvalue, which has no "
+                                        r"ONNX translation"):
+        export_module(KthValue(), X)
+
+
+class HistcNoRange(torch.nn.Module):
+    """histc without min/max: its ONNX translation raises NotImplementedError for this use."""
+
+    def forward(self, x):
+        return torch.histc(x, bins=4)
+
+
+def test_use_an_op_translation_rejects_is_a_user_error():
+    with pytest.raises(UserError, match=r"cannot translate this use of aten\.histc: .*min == max"):
+        export_module(HistcNoRange(), X)
+
+
+def test_simulated_dispatch_error_names_the_operator(monkeypatch):
+    from torch.onnx._internal.exporter._errors import ConversionError, DispatchError
+
+    def export(*args, **kwargs):
+        try:
+            raise DispatchError("No ONNX function found for <OpOverload(op='aten.frob', "
+                                "overload='Tensor')>. Failure message: none registered")
+        except DispatchError as inner:
+            raise ConversionError("Failed to convert ... step 3/3 ...") from inner
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(UserError, match=r"the operator aten\.frob\.Tensor"):
+        export_module(Plain(), X)
+
+
+@pytest.mark.parametrize("crash", [AssertionError("Bug: Expected 'x' to be a string"),
+                                   KeyError("val_3"), RuntimeError("onnxscript optimizer broke")])
+def test_exporter_crash_is_not_a_user_error(monkeypatch, crash):
+    def export(*args, **kwargs):
+        raise crash
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(EdgecError) as e:
+        export_module(Plain(), X)
+    assert isinstance(e.value, InternalError) and not isinstance(e.value, UserError)
+    assert e.value.__cause__ is crash
+    assert "torch.onnx.export failed inside torch.onnx.export for Plain" in str(e.value)
+    assert type(crash).__name__ in str(e.value)
+
+
+def test_conversion_crash_names_the_stage_and_node(monkeypatch):
+    """A KeyError deep in step 3, wrapped as the exporter does: internal, with where it broke."""
+    from torch.onnx._internal.exporter._errors import ConversionError
+
+    def export(*args, **kwargs):
+        try:
+            try:
+                raise KeyError("val_7")
+            except KeyError as root:
+                raise ConversionError("Error when translating node %add : call_function["
+                                      "target=torch.ops.aten.add.Tensor]") from root
+        except ConversionError as mid:
+            raise ConversionError("Failed to convert the exported program to an ONNX model. "
+                                  "\x1b[96mThis is step 3/3\x1b[0m of exporting") from mid
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    with pytest.raises(InternalError, match=r"while translating the graph to ONNX at "
+                                            r"aten\.add\.Tensor for Plain: KeyError"):
+        export_module(Plain(), X)
+
+
+def _model_with(raw: str | None) -> ir.Model:
+    graph = ir.Graph([], [], nodes=[], name="g")
+    model = ir.Model(graph, ir_version=10)
+    if raw is not None:
+        model.metadata_props[PARAMETER_MAP_KEY] = raw
+    return model
+
+
+def test_stored_parameter_map_missing_key_means_not_written_by_edgec():
+    assert stored_parameter_map(_model_with(None)) == {}
+    good = {"fc.weight": {"initializer": "val_0", "layout": "transposed"}}
+    assert stored_parameter_map(_model_with(json.dumps(good))) == good
+    assert stored_parameter_map(_model_with("{}")) == {}
+
+
+@pytest.mark.parametrize("raw", [
+    "{not json",
+    "",
+    json.dumps([["fc.weight", "val_0"]]),
+    json.dumps({"fc.weight": "val_0"}),
+    json.dumps({"fc.weight": {"layout": "same"}}),
+    json.dumps({"fc.weight": {"initializer": 3, "layout": "same"}}),
+    json.dumps({"fc.weight": {"initializer": "val_0", "layout": "sideways"}}),
+])
+def test_stored_parameter_map_corrupt_value_is_a_user_error(raw):
+    with pytest.raises(UserError, match=rf"{PARAMETER_MAP_KEY}.*re-export the model with "
+                                        r"`edgec export`"):
+        stored_parameter_map(_model_with(raw))

@@ -1,0 +1,172 @@
+"""qnn-legalize's rewrite rules on tiny graphs: the op list after, outputs before/after in ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as H
+from onnx import numpy_helper as nh
+from onnxscript.rewriter import MatchStatus, pattern
+
+from edgec.targets.qnn_htp.legalize import (
+    RULES,
+    DropSoftmaxNanGuard,
+    GatherNDToGather,
+    QnnLegalizePass,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
+    graph = H.make_graph(nodes, "g", inputs, outputs, list(inits))
+    # ORT 1.31 loads at most IR version 10; onnx.helper would stamp a newer one
+    return H.make_model(graph, opset_imports=[H.make_opsetid("", 21)], ir_version=10)
+
+
+def _run(model: onnx.ModelProto, feeds) -> dict[str, np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no ORT fusions
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(None, feeds)))
+
+
+def _legalize(model: onnx.ModelProto, feeds, rtol=0.0, atol=0.0):
+    """Run the pass; assert the outputs (same names) agree within rtol/atol (default: bit exact)."""
+    before = _run(model, feeds)
+    result = QnnLegalizePass()(ir.from_proto(model))
+    proto = ir.to_proto(result.model)
+    onnx.checker.check_model(proto, full_check=True)
+    after = _run(proto, feeds)
+    assert list(after) == list(before)  # graph output names and order kept
+    for name in before:
+        np.testing.assert_allclose(after[name], before[name], rtol=rtol, atol=atol)
+    return result, [n.op_type for n in result.model.graph]
+
+
+def _reason(rule_cls, model: onnx.ModelProto, op_type: str) -> str:
+    """Match one rule on the first `op_type` node; it must fail its check: return the reason."""
+    m = ir.from_proto(model)
+    node = next(n for n in m.graph if n.op_type == op_type)
+    rule, tracer = rule_cls.rule(), pattern.MatchingTracer()
+    assert rule.match(m, m.graph, node, tracer=tracer) is None
+    [info] = tracer.best_matches_map[rule]
+    assert info.status is MatchStatus.CONDITION_FAILED
+    return info.match_result.reason
+
+
+def _vi(name, elem, shape):
+    return H.make_tensor_value_info(name, elem, shape)
+
+
+# --- GatherND(data, constant indices) ⇒ Reshape → Gather -----------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.bool_])
+@pytest.mark.parametrize("idx", [[[-1, 2], [0, -4], [2, 0]],  # k=2 of rank 3, negative indices
+                                 [[[1, -1, 4]], [[-3, 0, -5]]],  # k=rank: one element per row
+                                 [-2]])  # indices of shape [1]: one slice
+def test_gathernd_constant_indices(dtype, idx):
+    idx = np.array(idx, np.int64)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    out_shape = [*idx.shape[:-1], *[3, 4, 5][idx.shape[-1]:]]
+    model = _model([H.make_node("GatherND", ["x", "idx"], ["y"], name="gnd")],
+                   [_vi("x", elem, [3, 4, 5])], [_vi("y", elem, out_shape)],
+                   [nh.from_array(idx, "idx")])
+    feeds = {"x": (RNG.standard_normal((3, 4, 5)) > 0).astype(dtype) if dtype == np.bool_
+             else RNG.standard_normal((3, 4, 5)).astype(dtype)}
+    result, ops = _legalize(model, feeds)  # the graph output "y" is now the Gather's
+    assert ops == ["Reshape", "Gather"]
+    assert result.stats["gathernd_rewritten"] == 1 and result.modified
+
+
+def test_gathernd_sites_sharing_indices():
+    # one site feeds a graph output, the other an op; the new initializers must not collide
+    idx = nh.from_array(np.array([[1, -1], [0, 0]], np.int64), "idx")
+    model = _model([H.make_node("GatherND", ["a", "idx"], ["ga"], name="g"),
+                    H.make_node("GatherND", ["b", "idx"], ["gb"], name="g2"),
+                    H.make_node("Relu", ["gb"], ["z"], name="relu")],
+                   [_vi("a", T.FLOAT, [2, 3]), _vi("b", T.FLOAT, [2, 3, 4])],
+                   [_vi("ga", T.FLOAT, [2]), _vi("z", T.FLOAT, [2, 4])], [idx])
+    feeds = {"a": RNG.standard_normal((2, 3)).astype(np.float32),
+             "b": RNG.standard_normal((2, 3, 4)).astype(np.float32)}
+    result, ops = _legalize(model, feeds)
+    assert ops == ["Reshape", "Gather", "Reshape", "Gather", "Relu"]
+    assert result.stats["gathernd_rewritten"] == 2
+
+
+def test_gathernd_non_constant_indices_left_alone():
+    model = _model([H.make_node("GatherND", ["x", "idx"], ["y"], name="gnd")],
+                   [_vi("x", T.FLOAT, [3, 4]), _vi("idx", T.INT64, [2, 2])],
+                   [_vi("y", T.FLOAT, [2])])
+    feeds = {"x": RNG.standard_normal((3, 4)).astype(np.float32),
+             "idx": np.array([[2, -1], [0, 3]], np.int64)}
+    result, ops = _legalize(model, feeds)
+    assert ops == ["GatherND"] and result.stats["gathernd_rewritten"] == 0
+    assert not result.modified
+    assert _reason(GatherNDToGather, model, "GatherND") == "indices are not a constant"
+
+
+def test_gathernd_batch_dims_and_dynamic_shape_reasons():
+    idx = nh.from_array(np.array([[1], [0]], np.int64), "idx")
+    batched = _model([H.make_node("GatherND", ["x", "idx"], ["y"], batch_dims=1)],
+                     [_vi("x", T.FLOAT, [2, 3])], [_vi("y", T.FLOAT, [2])], [idx])
+    assert "batch_dims=1" in _reason(GatherNDToGather, batched, "GatherND")
+    dynamic = _model([H.make_node("GatherND", ["x", "idx"], ["y"])],
+                     [_vi("x", T.FLOAT, ["n", 3])], [_vi("y", T.FLOAT, [2, 3])], [idx])
+    assert "not static" in _reason(GatherNDToGather, dynamic, "GatherND")
+
+
+# --- Where(IsNaN(p), c, p), p = Softmax(·) ⇒ p -----------------------------------------------------
+
+def _guard(p_op: str = "Softmax", tail: bool = True, outputs=("y",)):
+    nodes = [H.make_node(p_op, ["x"], ["p"], name="p_op"),
+             H.make_node("IsNaN", ["p"], ["nan"], name="isnan"),
+             H.make_node("Where", ["nan", "zero", "p"], ["g"], name="nan_guard")]
+    if tail:
+        nodes.append(H.make_node("Mul", ["g", "x"], ["y"], name="use"))
+    return _model(nodes, [_vi("x", T.FLOAT, [1, 2, 4, 4])],
+                  [_vi(o, T.FLOAT, [1, 2, 4, 4]) for o in outputs],
+                  [nh.from_array(np.zeros((), np.float32), "zero")])
+
+
+FEEDS = {"x": RNG.standard_normal((1, 2, 4, 4)).astype(np.float32)}
+
+
+def test_nan_guard_removed():
+    result, ops = _legalize(_guard(), FEEDS, rtol=1e-6)
+    assert ops == ["Softmax", "Mul"] and result.stats["nan_guards_removed"] == 1
+
+
+def test_nan_guard_on_graph_output_keeps_its_name():
+    result, ops = _legalize(_guard(tail=False, outputs=("g",)), FEEDS, rtol=1e-6)
+    assert ops == ["Softmax"] and result.stats["nan_guards_removed"] == 1
+    assert [v.name for v in result.model.graph.outputs] == ["g"]
+
+
+@pytest.mark.parametrize(("outputs", "expected"), [(("p", "y"), ["Softmax", "Identity", "Mul"]),
+                                                   (("p", "g"), ["Softmax", "Identity"])])
+def test_guarded_softmax_output_is_graph_output(outputs, expected):
+    # p keeps its name as an output; the guard's user (or output) reads an Identity of it
+    model = _guard(tail="y" in outputs, outputs=outputs)
+    result, ops = _legalize(model, FEEDS, rtol=1e-6)
+    assert ops == expected
+    assert [v.name for v in result.model.graph.outputs] == list(outputs)
+    assert result.stats["nan_guards_removed"] == 1
+
+
+def test_nan_guard_not_after_softmax_left_alone():
+    model = _guard(p_op="Relu")
+    result, ops = _legalize(model, FEEDS)
+    assert ops == ["Relu", "IsNaN", "Where", "Mul"] and result.stats["nan_guards_removed"] == 0
+    assert not result.modified
+    assert _reason(DropSoftmaxNanGuard, model, "Where") == "the guarded value is not a Softmax output"
+
+
+def test_rule_set_holds_both_rules():
+    assert [r.name for r in RULES] == ["GatherNDToGather", "DropSoftmaxNanGuard"]

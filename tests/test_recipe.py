@@ -1,0 +1,74 @@
+"""Recipe: one parse and validation before any export; the stage table it selects."""
+
+import pytest
+
+import edgec
+from edgec.errors import UserError
+from edgec.pipeline import STAGES
+from edgec.recipe import Recipe
+
+
+@pytest.fixture
+def no_export(monkeypatch):
+    """Any export attempt fails the test: refusals must come before it."""
+    from edgec.exporters import sources
+
+    def exported(*a, **k):
+        raise AssertionError("the source was exported before the recipe was refused")
+
+    monkeypatch.setattr(sources, "resolve_source", exported)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(target="qnn-htp"), "qnn-htp runs quantized models only.*add --quantize w8a8"),
+    (dict(target="ort-cpu", quantize={"scheme": "w8a8", "metod": "entropy"}),
+     "unknown --quantize option 'metod'"),
+    (dict(target="ort-cpu", quantize={"method": "entropy"}), "--quantize needs a scheme"),
+    (dict(target="ort-cpu", quantise="w8a8"), "unknown compile option 'quantise'"),
+    (dict(target="ort-cpu", quantize="w4a16", calibration="x.npz"), "no such calibration data"),
+    (dict(target="ort-cpu", sparse_attention={"keep": 0.2, "blok": 4}),
+     "unknown sparse attention option 'blok'"),
+    (dict(target="ort-cpu", lora_mode="fused"), "unknown LoRA mode 'fused'"),
+    (dict(target="ort-cpu", rotate="hadamard"), "not implemented yet"),
+    (dict(target="ort-cpu", check="yes"), "check must be True or False"),
+])
+def test_refused_before_any_export(no_export, tmp_path, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        edgec.compile("llama", output_dir=tmp_path / "o", **kwargs)
+    assert not (tmp_path / "o").exists()
+
+
+def test_weight_only_calibration_is_refused_up_front(no_export, tmp_path):
+    np = pytest.importorskip("numpy")
+    np.savez(tmp_path / "s.npz", input_ids=np.zeros((2, 1, 8), np.int64))
+    with pytest.raises(UserError, match="w4a16 is weight-only: it takes no calibration"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", quantize="w4a16",
+                      calibration=tmp_path / "s.npz")
+    with pytest.raises(UserError, match="w4a16 is weight-only: it needs no calibration"):
+        edgec.calibrate("llama", "ort-cpu", tmp_path / "c", quantize="w4a16")
+    assert not (tmp_path / "c").exists()
+
+
+def _stages(target, **options):
+    recipe = Recipe.parse(target, **options)
+    return [s.name for s in STAGES if s.applies(recipe, recipe.target)]
+
+
+def test_the_table_selects_stages_per_recipe_and_target():
+    assert _stages("ort-cpu") == ["cleanup", "lora-fold"]
+    assert _stages("ort-cpu", quantize="w8a8", sparse_attention=True, prune="2:4") == [
+        "cleanup", "lora-fold", "prune", "sparse-attention", "quantize"]
+    assert _stages("qnn-htp", quantize="w8a16") == [
+        "cleanup", "lora-fold", "mask-fill", "device-legalize", "quantize"]
+    assert _stages("tensorrt", quantize="fp8") == [
+        "cleanup", "lora-fold", "quantize", "device-legalize-quantized"]
+
+
+def test_recipe_records_what_was_asked():
+    recipe = Recipe.parse("openvino-cpu", quantize="w8a8:samples=4,exclude=Softmax",
+                          sparse_attention="keep=0.3", config="tiny")
+    data = recipe.to_json()
+    assert data["target"] == "openvino-cpu" and data["config"] == "tiny"
+    assert data["quantize"] == {"scheme": "w8a8", "method": None, "exclude": ["Softmax"],
+                                "samples": 4, "mask_fill": 100.0}
+    assert data["sparse_attention"] == {"keep": 0.3}
