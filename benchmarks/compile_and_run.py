@@ -53,7 +53,8 @@ def bench_model(name: str, config: str, runs: int, warmup: int, root: Path) -> d
     sessions = {}
     for target in TARGETS:
         t0 = time.perf_counter()
-        art = edgec.compile(name, target=target, config=config, output_dir=root / f"{name}-{target}")
+        art = edgec.compile(name, target=target, config=config,
+                            output_dir=root / f"{name}-{target}")
         wall = time.perf_counter() - t0
         worst = max(art.report["fidelity"]["target_vs_source"]["outputs"].values(),
                     key=lambda e: e["max_rel"])

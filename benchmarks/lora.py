@@ -78,7 +78,7 @@ def _merge_time_base(tmp: Path) -> dict:
             part = "self_attn" if p in PROJ[:4] else "mlp"
             mod = f"layers.{i}.{part}.{p}"
             w = ir.Value(name=f"w{len(inits)}", const_value=ir.tensor(
-                (rng.standard_normal((fin, fout), dtype=np.float32) / np.sqrt(fin))))
+                rng.standard_normal((fin, fout), dtype=np.float32) / np.sqrt(fin)))
             inits.append(w)
             nodes.append(ir.node("MatMul", [x if fin == cfg.dim else nodes[-1].outputs[0], w]))
             pmap[f"{mod}.weight"] = {"initializer": w.name, "layout": "transposed"}

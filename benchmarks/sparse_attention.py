@@ -213,7 +213,7 @@ def run_child(spec: dict, timeout: float = 900) -> dict:
     runs out on the shared machine); its last stdout line is the JSON result."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         why = ("killed by signal 9 (out of memory?)" if proc.returncode == -9
@@ -255,8 +255,8 @@ def dense_scores_mb(bh: int, n: int) -> float:
 
 
 def attention_section(n: int, heads: int, d: int, root: Path, args) -> dict:
-    from edgec.graph_passes.sparse_attention.layout import reference_block_selection
     from edgec.graph_passes.sparse_attention import SparseAttentionConfig
+    from edgec.graph_passes.sparse_attention.layout import reference_block_selection
     from edgec.graph_passes.sparse_attention.metrics import site_quality
 
     cfg = SparseAttentionConfig.parse(ATTN_CFG)

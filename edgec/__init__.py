@@ -29,7 +29,7 @@ def export(module: Any, example_inputs: Sequence[Any], path: str | os.PathLike,
 def compile(source: Any, target: str = "ort-cpu", output_dir: str | os.PathLike = "out",
             config: str | None = None, example_inputs: Sequence[Any] | None = None, *,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None, **options: Any):
-    """Compile ``source`` (registry name, .onnx path, HF checkpoint dir or nn.Module) for ``target``.
+    """Compile ``source`` (model name, .onnx path, HF checkpoint dir or nn.Module) for ``target``.
 
     ``options`` are the recipe (``edgec.recipe.Recipe``; an unknown one is refused):
     ``sparse_attention``: ``"keep=0.2,block=64,..."``, a dict of the same options, a

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -56,7 +56,7 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def _load_npz(path: Optional[Path]) -> Optional[dict]:
+def _load_npz(path: Path | None) -> dict | None:
     if path is None:
         return None
     import numpy as np
@@ -67,16 +67,20 @@ def _load_npz(path: Optional[Path]) -> Optional[dict]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npz ({e}); save inputs with numpy.savez") from None
+        raise UserError(f"{path}: not a readable .npz ({e}); save inputs with numpy.savez"
+                        ) from None
 
 
-def _feeds(session, inputs: Optional[Path]) -> dict:
+def _feeds(session, inputs: Path | None) -> dict:
     feeds = _load_npz(inputs)
     if feeds is None:
         feeds = session.default_feeds
         if feeds is None:
             raise UserError("the artifact has no example inputs; pass --inputs FILE.npz")
     return feeds
+
+
+_INPUTS_HELP = ".npz keyed by input name"
 
 
 class _Status:
@@ -102,7 +106,8 @@ class _Status:
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log pass details")] = False):
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v",
+                                                help="log pass details")] = False):
     # Libraries (onnxscript, onnx-ir) log every folding decision at INFO; show only ours.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("edgec").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -134,7 +139,7 @@ def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON"
 def export_cmd(
     source: Annotated[str, typer.Argument(help="reference model name (see `edgec models`)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="the .onnx file to write")],
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="model config")] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="model config")] = None,
 ):
     """Export a reference model to ONNX (weights in FILE.onnx.data), verified against PyTorch.
 
@@ -163,7 +168,7 @@ def _recipe_options(command: str):
         annotations = {k: v for k, v in fn.__annotations__.items() if k != "recipe_options"}
         extra = []
         for name, default, opt in fields:
-            tp: Any = {"flag": bool, "multiple": Optional[list[str]]}.get(opt.kind, Optional[str])
+            tp: Any = {"flag": bool, "multiple": list[str] | None}.get(opt.kind, str | None)
             ann = Annotated[tp, typer.Option(*opt.flags, help=opt.help, metavar=opt.metavar)]
             extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann,
                                            default=bool(default) if opt.kind == "flag" else None))
@@ -244,10 +249,11 @@ def calibrate_cmd(
     target: Annotated[str, typer.Option(
         "--target", "-t", help="ort-cpu | openvino-cpu | qnn-htp | tensorrt (`edgec targets`)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="directory for calibration.json")],
-    data: Annotated[Optional[Path], typer.Option(
+    data: Annotated[Path | None, typer.Option(
         "--data", help=".npz of samples: keys = input names, leading sample axis "
                        "(default: the model's own calibration generator)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the cache summary as JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json",
+                                          help="print the cache summary as JSON")] = False,
     recipe_options: dict | None = None,
 ):
     """Collect activation ranges on calibration samples and write a calibration cache.
@@ -348,9 +354,9 @@ def _scheme_line(s) -> str:
 @_errors
 def run_cmd(
     artifact: Annotated[Path, typer.Argument(help="artifact directory")],
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz keyed by input name")] = None,
-    save: Annotated[Optional[Path], typer.Option("--save", help="write outputs to this .npz")] = None,
-    adapter: Annotated[Optional[str], typer.Option(
+    inputs: Annotated[Path | None, typer.Option("--inputs", help=_INPUTS_HELP)] = None,
+    save: Annotated[Path | None, typer.Option("--save", help="write outputs to this .npz")] = None,
+    adapter: Annotated[str | None, typer.Option(
         "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
@@ -386,10 +392,10 @@ def run_cmd(
 @_errors
 def bench_cmd(
     artifact: Annotated[Path, typer.Argument(help="artifact directory")],
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz keyed by input name")] = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help=_INPUTS_HELP)] = None,
     warmup: Annotated[int, typer.Option(min=0, help="untimed runs first")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="timed runs")] = 20,
-    adapter: Annotated[Optional[str], typer.Option(
+    adapter: Annotated[str | None, typer.Option(
         "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
@@ -415,7 +421,7 @@ def bench_cmd(
 def compare_cmd(
     artifact_a: Annotated[Path, typer.Argument(help="artifact directory (the reference)")],
     artifact_b: Annotated[Path, typer.Argument(help="artifact directory to compare")],
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz keyed by input name")] = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help=_INPUTS_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Run two artifacts on the same inputs; print max abs/rel error and cosine per output.

@@ -27,7 +27,8 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
         raise UserError(f"{p}: is empty, not an ONNX model; re-export it")
     try:
         model = ir.load(p)
-    except Exception as e:  # protobuf raises DecodeError / RuntimeWarning subclasses
+    except Exception as e:  # noqa: BLE001 — protobuf's DecodeError, RuntimeWarnings, ...: any
+        # failure to parse a user's file means it is not a model
         raise UserError(
             f"{p}: is not a valid ONNX model ({type(e).__name__}); the file is truncated or of "
             "another format, re-export it"

@@ -24,8 +24,9 @@ class Option:
     """How a Recipe field is given: CLI flags and help, and the parser of the raw value.
 
     ``parse(raw, target, parsed)`` turns a CLI string or a Python value into the field's value
-    (raising UserError on bad input); ``parsed`` holds the fields parsed before it. ``kind``: ``value``, ``multiple`` (a repeatable flag: a list) or
-    ``flag`` (a boolean switch). ``commands``: the CLI commands that take it.
+    (raising UserError on bad input); ``parsed`` holds the fields parsed before it. ``kind``:
+    ``value``, ``multiple`` (a repeatable flag: a list) or ``flag`` (a boolean switch).
+    ``commands``: the CLI commands that take it.
     """
 
     flags: tuple[str, ...]

@@ -29,7 +29,8 @@ def manifest(src, recipe, built, records, model, stage: Path) -> dict[str, Any]:
     return {
         "format": artifact.FORMAT,
         "source": src.info,
-        "target": {"name": tgt.name, "precision": tgt.precision, "static_shapes": tgt.static_shapes},
+        "target": {"name": tgt.name, "precision": tgt.precision,
+                   "static_shapes": tgt.static_shapes},
         "recipe": {**recipe.to_json(), "passes": [r.name for r in records],
                    "options": {r.name: r.stats.get("config") for r in records
                                if r.stats.get("config")}},

@@ -98,8 +98,10 @@ def test_tensorrt_graphs_are_legal(tmp_path, scheme):
 
 
 def test_bad_quantize_options(tmp_path):
-    for q, match in [("w9", "no quantization scheme 'w9'"), ("w8a8:method=best", "unknown calibration method"),
-                     ("w8a8:bogus=1", "unknown --quantize option"), ("fp8", "no quantization scheme 'fp8'")]:
+    for q, match in [("w9", "no quantization scheme 'w9'"),
+                     ("w8a8:method=best", "unknown calibration method"),
+                     ("w8a8:bogus=1", "unknown --quantize option"),
+                     ("fp8", "no quantization scheme 'fp8'")]:
         with pytest.raises(UserError, match=match):
             edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", quantize=q)
     with pytest.raises(UserError, match="add --quantize"):

@@ -13,8 +13,12 @@ from pathlib import Path
 
 from edgec.calibration.cache import CalibrationCache, model_hash
 from edgec.calibration.ranges import collect_ranges
-from edgec.calibration.samples import (DEFAULT_SAMPLES, generated_samples, samples_for_model,
-                                       samples_from_npz)
+from edgec.calibration.samples import (
+    DEFAULT_SAMPLES,
+    generated_samples,
+    samples_for_model,
+    samples_from_npz,
+)
 
 __all__ = ["CalibrationRequest", "collect_cache"]
 

@@ -132,7 +132,8 @@ def _from_onnx(path: Path, example_inputs) -> Source:
             "output_names": [o.name for o in sess.outputs]}
     from edgec.exporters.export_file import stored_parameter_map
 
-    return Source("onnx", info, model, stored_parameter_map(model), feeds, reference, "onnxruntime", None, 0.0)
+    return Source("onnx", info, model, stored_parameter_map(model), feeds, reference,
+                  "onnxruntime", None, 0.0)
 
 
 def random_feeds(specs, seed: int = 0) -> dict[str, np.ndarray]:

@@ -34,7 +34,7 @@ class PruneConfig:
     exclude: str = "lm_head"
 
     @classmethod
-    def parse(cls, text: "str | PruneConfig") -> "PruneConfig":
+    def parse(cls, text: str | PruneConfig) -> PruneConfig:
         """``magnitude:0.5``, ``0.5``, ``2:4`` (N:M), optionally ``…,exclude=REGEX``."""
         if isinstance(text, cls):
             return text

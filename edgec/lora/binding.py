@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import UserError
-from edgec.lora.peft_adapter import (CONFIG_FILE, NO_ADAPTER, WEIGHTS_FILE, LoraAdapter,
-                                     read_adapter)
+from edgec.lora.peft_adapter import CONFIG_FILE, NO_ADAPTER, WEIGHTS_FILE, LoraAdapter, read_adapter
 
 __all__ = ["AdapterBank", "site_feeds", "ship_adapters", "lora_sites", "adapter_inputs",
            "TRANSFORMS_FILE", "SITES_KEY"]

@@ -123,7 +123,8 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
                             "DoRA or modules_to_save tensors are not supported yet)")
         pairs.setdefault(m["module"], {})[m["role"]] = value
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
     modules = {}
     for mod, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:

@@ -75,7 +75,8 @@ class ModelSpec:
         base, opts = self.resolve(config)
         return {k: dict(v) for k, v in self.dynamic(base, opts).items()}
 
-    def calibration_inputs(self, config: str | None = None, n: int = 8) -> list[tuple[torch.Tensor, ...]]:
+    def calibration_inputs(self, config: str | None = None, n: int = 8
+                           ) -> list[tuple[torch.Tensor, ...]]:
         """``n`` input sets drawn with seeds 1000..1000+n (disjoint from the example seed 0)."""
         base, opts = self.resolve(config)
         return [self.inputs(base, opts, 1000 + i) for i in range(n)]
@@ -101,7 +102,8 @@ def _load_builtin() -> None:
 def get(name: str) -> ModelSpec:
     _load_builtin()
     if name not in _REGISTRY:
-        raise UserError(f"unknown model {name!r}; `edgec models` lists: {', '.join(sorted(_REGISTRY))}")
+        raise UserError(f"unknown model {name!r}; `edgec models` lists: "
+                        f"{', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 

@@ -20,7 +20,8 @@ def _specs(ports) -> list[IOSpec]:
     for p in ports:
         shape = tuple(d.get_length() if d.is_static else p.get_any_name() + f"_{i}"
                       for i, d in enumerate(p.get_partial_shape()))
-        specs.append(IOSpec(p.get_any_name(), shape, np.dtype(p.get_element_type().to_dtype()).name))
+        dtype = np.dtype(p.get_element_type().to_dtype()).name
+        specs.append(IOSpec(p.get_any_name(), shape, dtype))
     return specs
 
 

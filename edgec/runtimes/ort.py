@@ -60,7 +60,8 @@ class OrtSession(Session):
         self._sess = ort.InferenceSession(
             str(path), sess_options=session_options(optimize, config),
             providers=providers or ["CPUExecutionProvider"], provider_options=provider_options)
-        super().__init__(ort_io_specs(self._sess.get_inputs()), ort_io_specs(self._sess.get_outputs()))
+        super().__init__(ort_io_specs(self._sess.get_inputs()),
+                         ort_io_specs(self._sess.get_outputs()))
         self._output_names = [o.name for o in self._outputs]
 
     @classmethod

@@ -1,4 +1,4 @@
-"""TensorRT backend: Session over a serialized engine (target/model.plan), run by Polygraphy's TrtRunner.
+"""TensorRT backend: a Session over a serialized engine (target/model.plan), run by TrtRunner.
 
 Polygraphy owns the CUDA side (device buffers, streams, dynamic input shapes); this module adds the
 artifact's contract: one clear error when the artifact has no engine or TensorRT is missing, and
@@ -35,7 +35,8 @@ class TensorRTSession(Session):
         except ImportError as e:
             raise TargetUnavailableError(
                 f"{root}: running a TensorRT engine needs {e.name or 'tensorrt'}, which is not "
-                "installed; pip install 'edgec[tensorrt]' on a machine with an NVIDIA GPU") from None
+                "installed; pip install 'edgec[tensorrt]' on a machine with an NVIDIA GPU"
+            ) from None
         plan = (Path(root) / engine).resolve()
         if not plan.is_relative_to(Path(root).resolve()) or not plan.is_file():
             raise UserError(f"{root}: the manifest names engine {engine!r}, which is missing from "

@@ -29,7 +29,8 @@ def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
     # (passes, quantization, opset conversion for a target whose schemes ORT CPU supports): a
     # load failure here is edgec's fault, never the user's, so none of it is a UserError.
     try:
-        ort.InferenceSession(str(model_path), sess_options=session_options(True, target.runtime_config),
+        ort.InferenceSession(str(model_path),
+                             sess_options=session_options(True, target.runtime_config),
                              providers=["CPUExecutionProvider"])
     except Exception as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)

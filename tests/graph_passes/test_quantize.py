@@ -102,8 +102,12 @@ def test_qnn_plan_keeps_scores_and_masks_16bit(bert_src):
 
 def test_bert_w8a8_beats_naive_quantization(bert_src, tmp_path):
     """A naive quantize_static over the whole graph quantizes the mask; edgec does not."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from edgec.calibration.samples import generated_samples
     from edgec.onnx_io import save_model

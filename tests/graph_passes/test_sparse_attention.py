@@ -11,8 +11,8 @@ from edgec.errors import UserError
 from edgec.exporters import export_module
 from edgec.exporters.verify import compare_outputs
 from edgec.graph_passes import PassManager
-from edgec.graph_passes.sparse_attention.layout import reference_block_selection
 from edgec.graph_passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
+from edgec.graph_passes.sparse_attention.layout import reference_block_selection
 from edgec.runtimes.ort import run_model
 
 F = torch.nn.functional

@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgec.graph_passes.sparse_attention import metrics
+from edgec.graph_passes.sparse_attention import SparseAttentionConfig, metrics
 from edgec.graph_passes.sparse_attention.layout import reference_block_selection
-from edgec.graph_passes.sparse_attention import SparseAttentionConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "block=4,prefix=8,grid=2x4x4,min_seq=0"

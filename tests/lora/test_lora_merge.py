@@ -36,7 +36,8 @@ def test_merge_equals_peft_merge_and_unload(adapter_dirs, llama_source, exported
 def test_weighted_merge_of_two_adapters(adapter_dirs, llama_source, lora_helpers):
     dirs, _ = adapter_dirs
     src = llama_source()
-    adapters = [read_adapter(dirs["attn_mlp"], weight=0.7), read_adapter(dirs["rslora"], weight=-0.5)]
+    adapters = [read_adapter(dirs["attn_mlp"], weight=0.7),
+                read_adapter(dirs["rslora"], weight=-0.5)]
     model = LoraMergePass(adapters, src.parameter_map)(src.model).model
     got = run_model(model, src.feeds)["logits"]
     ref = peft_merged_outputs(lora_helpers.build_llama(), src.feeds, ["input_ids"], ["logits"],

@@ -42,7 +42,8 @@ def test_delta_equals_peft_get_delta_weight(adapter_dirs, lora_helpers):
 
     dirs, _ = adapter_dirs
     adapter = read_adapter(dirs["rslora"])
-    model = PeftModel.from_pretrained(lora_helpers.build_llama(), str(dirs["rslora"]), adapter_name="x")
+    model = PeftModel.from_pretrained(lora_helpers.build_llama(), str(dirs["rslora"]),
+                                      adapter_name="x")
     layer = model.base_model.model.layers[1].mlp.up_proj
     ref = layer.get_delta_weight("x").detach().numpy()
     np.testing.assert_allclose(adapter.modules["layers.1.mlp.up_proj"].delta(), ref,

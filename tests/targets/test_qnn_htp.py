@@ -15,10 +15,10 @@ pytest.importorskip("onnxruntime_qnn")
 import onnxruntime as ort
 
 from edgec.errors import UserError
-from edgec.targets.qnn_htp.legalize import QnnLegalizePass
 from edgec.runtimes import open_session
 from edgec.runtimes.ort import run_model
 from edgec.targets.qnn_htp import QNN_HTP
+from edgec.targets.qnn_htp.legalize import QnnLegalizePass
 
 RNG = np.random.default_rng(0)
 

@@ -122,7 +122,7 @@ def test_gathernd_batch_dims_and_dynamic_shape_reasons():
     assert "not static" in _reason(GatherNDToGather, dynamic, "GatherND")
 
 
-# --- Where(IsNaN(p), c, p), p = Softmax(·) ⇒ p -----------------------------------------------------
+# --- Where(IsNaN(p), c, p), p = Softmax(·) ⇒ p ----------------------------------------------
 
 def _guard(p_op: str = "Softmax", tail: bool = True, outputs=("y",)):
     nodes = [H.make_node(p_op, ["x"], ["p"], name="p_op"),
@@ -165,7 +165,8 @@ def test_nan_guard_not_after_softmax_left_alone():
     result, ops = _legalize(model, FEEDS)
     assert ops == ["Relu", "IsNaN", "Where", "Mul"] and result.stats["nan_guards_removed"] == 0
     assert not result.modified
-    assert _reason(DropSoftmaxNanGuard, model, "Where") == "the guarded value is not a Softmax output"
+    assert _reason(DropSoftmaxNanGuard, model, "Where") == (
+        "the guarded value is not a Softmax output")
 
 
 def test_rule_set_holds_both_rules():

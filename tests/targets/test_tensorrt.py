@@ -1,4 +1,4 @@
-"""tensorrt target: Q/DQ legality rules, the legalize pass, the build without TensorRT, the session."""
+"""tensorrt target: Q/DQ legality rules, the legalize pass, the build without TensorRT, session."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgec.errors import TargetUnavailableError, UserError
-from edgec.targets.tensorrt.legalize import TensorRTLegalizePass
 from edgec.runtimes.ort import run_model
 from edgec.targets.tensorrt import TENSORRT, TIMING_CACHE_ENV, optimization_profile
+from edgec.targets.tensorrt.legalize import TensorRTLegalizePass
 from edgec.targets.tensorrt.rules import RULES, check_tensorrt_graph
 
 K, N = 128, 64
@@ -47,7 +47,8 @@ def _qdq_matmul(act_type=np.int8, act_zp=0, act_scale=0.05, w_axis=1, w_scale=No
              helper.make_node("DequantizeLinear", ["w", "sw"], ["wd"], name="dq_w", axis=w_axis),
              helper.make_node(op, ["xd", "wd"], ["y"], name="mm",
                               **({"transB": 1} if op == "Gemm" else {}))]
-    inits = [_init("sx", np.asarray(act_scale, np.float32)), _init("zx", np.asarray(act_zp, act_type)),
+    inits = [_init("sx", np.asarray(act_scale, np.float32)),
+             _init("zx", np.asarray(act_zp, act_type)),
              _init("w", w), _init("sw", w_scale)]
     return _model(nodes, inits)
 
@@ -202,7 +203,8 @@ def test_scale_from_a_constant_node_is_a_constant():
 
 def test_non_constant_scale_and_unnamed_nodes():
     model = _qdq_matmul()
-    scale_input = ir.Value(name="sx_runtime", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+    scale_input = ir.Value(name="sx_runtime", shape=ir.Shape([]),
+                           type=ir.TensorType(ir.DataType.FLOAT))
     model.graph.inputs.append(scale_input)
     q = model.graph.node("q_x")
     q.replace_input_with(1, scale_input)
@@ -288,7 +290,8 @@ def test_target_is_data_and_selectable_without_tensorrt():
     assert TENSORRT.requires == () and not TENSORRT.static_shapes
     assert TENSORRT.schemes["w8a8"].activations == "int8"
     assert TENSORRT.schemes["w8a8"].activation_symmetric and TENSORRT.schemes["w8a8"].per_channel
-    assert TENSORRT.schemes["fp8"].weights == "float8e4m3fn" and TENSORRT.schemes["fp8"].min_opset == 19
+    fp8 = TENSORRT.schemes["fp8"]
+    assert fp8.weights == "float8e4m3fn" and fp8.min_opset == 19
     w4 = TENSORRT.schemes["w4a16"]
     assert (w4.weights, w4.activations, w4.block_size, w4.weight_only, w4.min_opset) == (
         "int4", None, 128, True, 21)
@@ -296,7 +299,8 @@ def test_target_is_data_and_selectable_without_tensorrt():
 
 def test_build_without_tensorrt_checks_legality_and_says_how_to_build(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # not importable, even where installed
-    built = TENSORRT.build(TENSORRT, _artifact(tmp_path, _qdq_matmul(), batch=3), tmp_path / "target")
+    built = TENSORRT.build(TENSORRT, _artifact(tmp_path, _qdq_matmul(), batch=3),
+                           tmp_path / "target")
     rt = built.runtime
     assert rt["name"] == "tensorrt" and rt["model"] == "model.onnx" and rt["engine"] is None
     assert "TensorRT is not installed" in rt["unavailable"] and "edgec compile" in rt["unavailable"]
@@ -337,7 +341,8 @@ def test_session_without_engine_or_tensorrt_is_unavailable(tmp_path, monkeypatch
         open_session(tmp_path, built.runtime)
     (tmp_path / "target").mkdir()
     (tmp_path / "target" / "model.plan").write_bytes(b"plan")
-    with pytest.raises(TargetUnavailableError, match="needs tensorrt.*pip install 'edgec\\[tensorrt\\]'"):
+    with pytest.raises(TargetUnavailableError,
+                       match="needs tensorrt.*pip install 'edgec\\[tensorrt\\]'"):
         TensorRTSession(tmp_path, {**built.runtime, "engine": "target/model.plan"})
 
 

@@ -25,7 +25,7 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
     block = scheme.block_size or 128
     done, skipped = 0, {}
     for node in list(model.graph):
-        if node.op_type not in ("MatMul", "Gemm") or node.name in exclude or node.op_type in exclude:
+        if node.op_type not in ("MatMul", "Gemm") or {node.name, node.op_type} & exclude:
             continue
         attrs = {k: a.value for k, a in node.attributes.items()}
         if attrs.get("transA", 0):

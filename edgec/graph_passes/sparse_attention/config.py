@@ -1,4 +1,4 @@
-"""Sparse attention options (``--sparse-attention k=v,...``) and the static token layout they imply."""
+"""Sparse attention options (``--sparse-attention k=v,...``) and the token layout they imply."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import UserError
-from edgec.options import convert_items, split_spec
 from edgec.graph_passes.sparse_attention import layout as layout_lib
+from edgec.options import convert_items, split_spec
 
 __all__ = ["SparseAttentionConfig", "Layout", "config_for_source"]
 

@@ -1,4 +1,4 @@
-"""qnn-htp: Qualcomm's Hexagon NPU through ONNX Runtime's QNN EP; QDQ models precompiled to EPContext.
+"""qnn-htp's build: a QDQ model precompiled for the Hexagon NPU (QNN EP) into an EPContext model.
 
 The build compiles the quantized model once (``onnxruntime.ModelCompiler``, CPU fallback off) into
 ``target/model_ctx.onnx`` whose EPContext node points at the HTP context binary beside it

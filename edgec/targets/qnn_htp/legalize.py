@@ -161,7 +161,8 @@ class GatherNDToGather(pattern.RewriteRuleClassBase):
         idx = indices.const_value.numpy()
         k = idx.shape[-1] if idx.ndim else 0
         if not 0 < k <= len(dims):
-            return result.fail(f"indices of shape {idx.shape} do not index data of rank {len(dims)}")
+            return result.fail(f"indices of shape {idx.shape} do not index data of rank "
+                               f"{len(dims)}")
         lead = np.array(dims[:k])
         if ((idx < -lead) | (idx >= lead)).any():  # Gather would read another element, not fail
             return result.fail("indices are out of range", indices)

@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.errors import TargetUnavailableError, UserError
-from edgec.targets.base import BuildResult, QuantScheme, Target
+from edgec.targets.base import BuildResult, Target
 from edgec.targets.tensorrt.rules import RULES, Violation, check_tensorrt_graph, qdq_nodes
 
 __all__ = ["build", "TIMING_CACHE_ENV", "build_engine", "optimization_profile"]

@@ -1,4 +1,4 @@
-"""TensorRT's explicit-quantization (Q/DQ) rules as data, and a checker that names each failing node.
+"""TensorRT's explicit-quantization (Q/DQ) rules as data, and a checker naming each failing node.
 
 Sources: NVIDIA TensorRT Developer Guide, "Working with Quantized Types" (symmetric INT8/FP8/INT4,
 INT4 weight-only with per-block scales of 64 or 128); the TensorRT operator reference for
@@ -39,8 +39,10 @@ RULES: dict[str, Rule] = {r.id: r for r in (
          "float8e5m2)", f"{_PARSER}; {_GUIDE}"),
     Rule("zero-point", "zero points are absent or constant all-zero (symmetric quantization)",
          f"{_OPREF}; {_PARSER}"),
-    Rule("scale-constant", "scales are build-time constants (initializers or Constant nodes)", _OPREF),
-    Rule("scale-value", "scales are positive, finite, float32/float16/bfloat16", f"{_PARSER}; {_OPREF}"),
+    Rule("scale-constant", "scales are build-time constants (initializers or Constant nodes)",
+         _OPREF),
+    Rule("scale-value", "scales are positive, finite, float32/float16/bfloat16",
+         f"{_PARSER}; {_OPREF}"),
     Rule("activation-per-tensor", "activations are quantized per tensor (one scale)", _PARSER),
     Rule("weight-channel-axis", "per-channel weight scales lie on the output-channel axis (MatMul "
          "[K, N]: 1; Gemm transB=1: 0, transB=0: 1; Conv: 0; ConvTranspose: 1)", _PARSER),
@@ -51,7 +53,8 @@ RULES: dict[str, Rule] = {r.id: r for r in (
     Rule("block-int4-only", "block-wise scales are only for int4 weights", _OPREF),
     Rule("opset", "float8 Q/DQ needs opset >= 19; int4 and block_size need opset >= 21",
          "ONNX QuantizeLinear/DequantizeLinear specification"),
-    Rule("io-dtype", "graph inputs/outputs have TensorRT binding types", "onnx-tensorrt docs/operators.md"),
+    Rule("io-dtype", "graph inputs/outputs have TensorRT binding types",
+         "onnx-tensorrt docs/operators.md"),
     Rule("scheme", "Q/DQ types and granularity are those of the requested quantization scheme",
          "edgec QuantScheme"),
 )}
@@ -171,7 +174,8 @@ def _check_type(node: ir.Node, qtype, weight: bool, opset: int) -> list[Violatio
         out.append(add("qdq-type", f"quantizes to {qtype.name}; TensorRT quantizes to int8, "
                        "float8e4m3fn or int4 only (a uint8 pair with zero point 128 is made int8 "
                        "exactly by the tensorrt-legalize pass)"))
-    if (qtype is not None and qtype.name.startswith("FLOAT8") and opset < 19) or ((qtype == ir.DataType.INT4 or block) and opset < 21):
+    float8 = qtype is not None and qtype.name.startswith("FLOAT8")
+    if (float8 and opset < 19) or ((qtype == ir.DataType.INT4 or block) and opset < 21):
         out.append(add("opset", f"opset {opset} is too low for {getattr(qtype, 'name', '?')}"
                        f"{' with block_size' if block else ''}; re-export with opset 21"))
     zp_arr = const_array(zp)
@@ -182,7 +186,8 @@ def _check_type(node: ir.Node, qtype, weight: bool, opset: int) -> list[Violatio
                        "quantizes symmetrically: re-quantize with symmetric ranges"))
     if qtype == ir.DataType.INT4 and not weight:
         out.append(add("int4-weight-only", f"{node.op_type} of a run-time (activation) tensor to "
-                       "int4; TensorRT takes int4 only as weight-only DequantizeLinear of constants"))
+                       "int4; TensorRT takes int4 only as weight-only DequantizeLinear of "
+                       "constants"))
     return out
 
 
@@ -216,8 +221,8 @@ def _check_scale(node: ir.Node, qtype, weight: bool, s: np.ndarray) -> list[Viol
 def _check_block(node, qtype, weight, s, rank, block) -> list[Violation]:
     add = functools.partial(_violation, node)
     if qtype != ir.DataType.INT4 or not weight:
-        return [add("block-int4-only", f"block-wise scales {list(s.shape)} on a "
-                    f"{qtype.name if qtype else 'quantized'} {'weight' if weight else 'activation'}; "
+        kind = f"{qtype.name if qtype else 'quantized'} {'weight' if weight else 'activation'}"
+        return [add("block-int4-only", f"block-wise scales {list(s.shape)} on a {kind}; "
                     "TensorRT takes block scales only for int4 weights")]
     if block not in _INT4_BLOCKS:
         return [add("int4-block", f"block_size {block}; TensorRT supports {_INT4_BLOCKS}")]
