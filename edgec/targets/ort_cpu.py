@@ -52,7 +52,12 @@ ORT_CPU = Target(
     opset_range=(7, 23),
     static_shapes=False,
     precision="fp32",
-    runtime_config={"graph_optimization_level": "ORT_ENABLE_ALL"},
+    # No spin-waiting: ORT's intra-op threads otherwise spin between ops and fight over the
+    # cores (2 here): w8a8 latency was bimodal, 1.35–2.07× over fp32 across runs with spinning,
+    # a steady 1.73× (p50 7.7 ms vs 11.1 ms) without it (benchmarks/quantization.py).
+    runtime_config={"graph_optimization_level": "ORT_ENABLE_ALL",
+                    "session.intra_op.allow_spinning": "0",
+                    "session.inter_op.allow_spinning": "0"},
     notes=("every standard ONNX op; dynamic shapes supported",),
     requires=("onnxruntime",),
     build=_build,
