@@ -53,8 +53,9 @@ ORT_CPU = Target(
     static_shapes=False,
     precision="fp32",
     # No spin-waiting: ORT's intra-op threads otherwise spin between ops and fight over the
-    # cores (2 here): w8a8 latency was bimodal, 1.35–2.07× over fp32 across runs with spinning,
-    # a steady 1.73× (p50 7.7 ms vs 11.1 ms) without it (benchmarks/quantization.py).
+    # cores (2 here): with spinning the w8a8/fp32 ratio moved between batches of one run
+    # (1.56–2.10×), without it it held (1.54–1.62×) at the same latency
+    # (benchmarks/quantization.py).
     runtime_config={"graph_optimization_level": "ORT_ENABLE_ALL",
                     "session.intra_op.allow_spinning": "0",
                     "session.inter_op.allow_spinning": "0"},
