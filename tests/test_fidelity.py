@@ -17,7 +17,7 @@ def test_verdicts(device_vs_ort, ort_vs_ref, verdict):
     assert got == verdict
     assert (message is None) == (verdict == "agrees")
     if verdict == "graph":
-        assert "the quantized graph itself is inaccurate" in message and "not the target" in message
+        assert "the quantized graph's own error" in message and "not the target" in message
     if verdict == "device":
         assert "although ONNX Runtime on it stays close" in message
 

@@ -19,6 +19,7 @@ from edgec.errors import UserError
 __all__ = ["CalibrationCache", "model_hash", "CACHE_FILE", "FORMAT"]
 
 FORMAT = "edgec-calibration/1"
+_ORT_STATS = ("lowest", "highest", "avg", "std")  # what ORT's TensorData takes (not "crest")
 CACHE_FILE = "calibration.json"
 
 
@@ -118,6 +119,7 @@ class CalibrationCache:
 
         from edgec.calibration.ranges import _method
 
-        data = {name: TensorData(**{k: np.asarray(v, dtype=np.float32) for k, v in s.items()})
+        data = {name: TensorData(**{k: np.asarray(v, dtype=np.float32) for k, v in s.items()
+                                    if k in _ORT_STATS})
                 for name, s in self.tensors.items()}
         return TensorsData(_method(self.method), data)

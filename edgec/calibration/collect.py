@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edgec.calibration.cache import CalibrationCache, model_hash
+from edgec.calibration.crest import collect_crest
 from edgec.calibration.ranges import collect_ranges
 from edgec.calibration.samples import (
     DEFAULT_SAMPLES,
@@ -28,7 +29,8 @@ class CalibrationRequest:
     """target, scheme: what the cache is for; method: ORT calibrator (``minmax``...);
     symmetric: symmetric activation ranges; op_types: calibrate these ops' tensors (None: every
     float tensor); samples: how many (None: all of ``data``, or 16 generated); data: an .npz of
-    samples (None: the source's own generator)."""
+    samples (None: the source's own generator); crest: also each tensor's crest factor
+    (absmax / RMS), for precision choices per tensor."""
 
     target: str
     scheme: str
@@ -37,6 +39,7 @@ class CalibrationRequest:
     op_types: tuple[str, ...] | None
     samples: int | None = None
     data: Path | None = None
+    crest: bool = False
 
 
 def collect_cache(model, request: CalibrationRequest, src,
@@ -59,6 +62,10 @@ def collect_cache(model, request: CalibrationRequest, src,
     t0 = time.perf_counter()
     tensors = collect_ranges(model, samples, request.method, request.op_types,
                              symmetric=request.symmetric, progress=progress)
+    if request.crest:
+        crest = collect_crest(model, samples)
+        for name, stats in tensors.items():
+            stats["crest"] = crest.get(name, 1.0)
     return CalibrationCache(model_hash(model), request.target, request.scheme, request.method,
                             len(samples), origin, tensors, time.perf_counter() - t0,
                             {k: src.info.get(k) for k in ("kind", "name", "config", "path")

@@ -86,7 +86,8 @@ class QuantOptions:
             target=target.name, scheme=scheme.name, method=self.method_on(target),
             symmetric=scheme.activation_symmetric,
             op_types=None if target.fully_quantized else tuple(scheme.op_types),
-            samples=self.samples, data=data)
+            samples=self.samples, data=data,
+            crest=target.fully_quantized and scheme.outlier_crest is not None)
 
     def make_pass(self, target, calibration, src, step: Callable[[str], None]):
         """The QuantizePass of a compile: ``calibration`` is a cache, an .npz path or None."""

@@ -54,7 +54,9 @@ def generic_qdq_options(model: ir.Model, path: Path, scheme, plan, method) -> di
                 extra_options={"ActivationSymmetric": scheme.activation_symmetric,
                                "WeightSymmetric": scheme.weight_symmetric,
                                "QuantizeBias": scheme.quantize_bias,
-                               "MinimumRealRange": 1e-4})
+                               "MinimumRealRange": 1e-4,
+                               **({} if scheme.quantize_outputs else {
+                                   "OpTypesToExcludeOutputQuantization": list(scheme.op_types)})})
 
 
 class _DropOrtQuantizationRecords(logging.Filter):
@@ -106,7 +108,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         cache, how = (None, None)
         if s.calibrated:
             cache, how = self.ranges(model) if callable(self.ranges) else (self.ranges, "given")
-        plan = plan_quantization(model, self.target.fully_quantized, self.exclude)
+        outliers = _outliers(cache, s) if self.target.fully_quantized else set()
+        plan = plan_quantization(model, self.target.fully_quantized, self.exclude, outliers)
         work = _at_opset(model.clone(), s.min_opset)  # the input model stays as it was
         extra: dict[str, Any] = {}
         if s.weight_only:
@@ -127,6 +130,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             "dequantize_linear": ops.get("DequantizeLinear", 0),
             "excluded_nodes": len(plan.nodes_to_exclude),
             "tensors_16bit": len(plan.tensors_16bit),
+            "outlier_tensors_16bit": len(outliers),
             "mask_tensors": len(plan.mask_tensors),
             "opset": quantized.opset_imports.get(""),
             **extra,
@@ -164,6 +168,17 @@ class QuantizePass(ir.passes.FunctionalPass):
             quantized = ir.load(out)
             ir.external_data.load_to_model(quantized)  # the temp dir goes away
         return quantized
+
+
+def _outliers(cache, scheme) -> set[str]:
+    """Tensors whose measured crest factor exceeds the scheme's limit (8 bits cannot hold)."""
+    if cache is None or scheme.outlier_crest is None:
+        return set()
+    if any("crest" not in s for s in cache.tensors.values()):
+        raise UserError("the calibration cache has no per-tensor crest factors, which scheme "
+                        f"{scheme.name} uses to choose 16-bit tensors (made by an older edgec?); "
+                        "re-run `edgec calibrate`")
+    return {name for name, s in cache.tensors.items() if s["crest"] > scheme.outlier_crest}
 
 
 def _at_opset(model: ir.Model, minimum: int) -> ir.Model:

@@ -8,7 +8,8 @@ Two facts about real transformers drive this module:
   adapters bound at run time are not, so any adapter can be swapped in.
 - on a fully quantized target (``Target.fully_quantized``, the QNN HTP) every tensor must be
   quantized, so the sensitive ones (the attention-score chain up to and through Softmax, masks,
-  user exclusions) get 16 bits instead of staying float.
+  user exclusions, and tensors measured to carry outlier channels) get 16 bits instead of
+  staying float.
 """
 
 from __future__ import annotations
@@ -135,9 +136,10 @@ def _where_consistent(model: ir.Model, sixteen: set[str]) -> set[str]:
     return sixteen
 
 
-def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str, ...] = ()
-                      ) -> QuantPlan:
-    """Decide exclusions (float stays float) or, when ``fully_quantized``, 16-bit tensors."""
+def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str, ...] = (),
+                      outliers: set[str] = frozenset()) -> QuantPlan:
+    """Decide exclusions (float stays float) or, when ``fully_quantized``, 16-bit tensors:
+    by op (score chains, angles, user exclusions) and the measured ``outliers``."""
     mask = _mask_taint(model)
     wanted = set(exclude)
     excluded, reasons, sixteen = [], {}, set()
@@ -165,6 +167,6 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
             excluded.append(node.name)
             reasons[node.name] = "reads an attention mask / integer-derived tensor"
     if fully_quantized:
-        sixteen |= _score_chain(model) | _angles(model)
+        sixteen |= _score_chain(model) | _angles(model) | set(outliers)
         sixteen = _where_consistent(model, sixteen)
     return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons)

@@ -235,7 +235,7 @@ def _diagnose(model_path: Path, graph, error: Exception) -> UserError:
             f"the QNN HTP backend cannot compile the model: it fails at {where} (the graph "
             f"before compiles; QNN says: {err or _first_line(error)}); apply the qnn-legalize "
             "pass before quantizing, or the op/type is unsupported on the NPU (see the qnn-htp "
-            "notes in `edgec compile --help`)")
+            "notes in `edgec targets`)")
     compute = [n for n in offending if n[0] not in _QDQ] or offending
     if not compute:
         return UserError(f"the QNN HTP backend could not compile the model: {_first_line(error)}")
@@ -244,7 +244,7 @@ def _diagnose(model_path: Path, graph, error: Exception) -> UserError:
               "w8a8 (or w8a16)" if float_nodes else
               "they are quantized, so the op/type is unsupported on the NPU: apply the "
               "qnn-legalize pass before quantizing or change the model (see the qnn-htp notes "
-              "in `edgec compile --help`)")
+              "in `edgec targets`)")
     return UserError(f"the QNN HTP cannot run {_describe(compute)} and qnn-htp has no CPU "
                      f"fallback; {advice}")
 

@@ -1,8 +1,9 @@
 """The HTP's QDQ form: ONNX Runtime's QNN config helper, plus what the HTP measured to need.
 
     every op the QNN EP quantizes (``get_qnn_qdq_config``), u8 per-tensor weights by default
-    + 16-bit overrides for the tensors 8 bits cannot hold (``select``: scores, angles, masks)
-    + symmetric int4 per-output-channel MatMul weights for w4a16 (others stay u8)
+    + 16-bit overrides for the tensors 8 bits cannot hold (``select``: scores, angles, masks,
+      and tensors whose measured crest factor exceeds the scheme's ``outlier_crest``)
+    + MatMul weights symmetric per output channel in the scheme's type (int8, int4)
     + constant data inputs quantized too (``ForceQuantizeNoInputCheck``): the HTP has no float
 """
 
@@ -22,29 +23,27 @@ def qdq_options(model: ir.Model, path: Path, scheme, plan, method) -> dict[str, 
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     overrides = {t: [{"quant_type": quant_type("uint16")}] for t in plan.tensors_16bit}
-    weights = scheme.weights
-    if scheme.weights == "int4":  # the HTP runs int4 only symmetric; LayerNorm etc. stay u8
-        weights = "uint8"
-        overrides.update(_int4_matmul_weights(model))
+    # MatMul weights in the scheme's signed type, symmetric per output channel; every other
+    # weight (LayerNorm, Conv, Gather tables) u8 per tensor, the only form all ops accept
+    overrides.update(_matmul_weights(model, scheme.weights))
     cfg = get_qnn_qdq_config(str(path), None, calibrate_method=method,
                              activation_type=quant_type(scheme.activations),
-                             weight_type=quant_type(weights),
-                             per_channel=scheme.per_channel and scheme.weights != "int4",
+                             weight_type=quant_type("uint8"), per_channel=False,
                              init_overrides=overrides or None,
                              activation_symmetric=scheme.activation_symmetric,
-                             weight_symmetric=scheme.weight_symmetric)
-    return dict(activation_type=quant_type(scheme.activations), weight_type=quant_type(weights),
+                             weight_symmetric=False)
+    return dict(activation_type=quant_type(scheme.activations), weight_type=quant_type("uint8"),
                 op_types_to_quantize=cfg.op_types_to_quantize, per_channel=cfg.per_channel,
                 extra_options={**cfg.extra_options, "ForceQuantizeNoInputCheck": True},
                 nodes_to_exclude=cfg.nodes_to_exclude)
 
 
-def _int4_matmul_weights(model: ir.Model) -> dict[str, list[dict[str, Any]]]:
-    """w4a16: symmetric int4 per output channel (axis 1 of [K, N]) on MatMul weights."""
+def _matmul_weights(model: ir.Model, weights: str) -> dict[str, list[dict[str, Any]]]:
+    """Constant [K, N] MatMul weights: ``weights`` (int8/int4), symmetric, per channel (axis 1)."""
     out = {}
     for node in model.graph:
         w = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
         if w is not None and w.is_initializer() and w.const_value is not None and len(
                 w.const_value.shape) == 2:
-            out[w.name] = [{"quant_type": quant_type("int4"), "symmetric": True, "axis": 1}]
+            out[w.name] = [{"quant_type": quant_type(weights), "symmetric": True, "axis": 1}]
     return out
