@@ -217,10 +217,12 @@ def ov_runtime_census(xml: Path, config: dict) -> dict:
 
 
 def plain_quantize_static(fp32_onnx: Path, samples: list[dict], out: Path,
-                          symmetric_activations: bool = False) -> Path:
+                          symmetric_activations: bool = False,
+                          op_types: list[str] | None = ("MatMul",)) -> Path:
     """onnxruntime quantize_static as first measured outside edgec: u8 activations, s8
-    per-channel weights, MatMul only, MinMax over ``samples``; ``symmetric_activations``: u8 with
-    zero point 128 (ORT's ActivationSymmetric), i.e. int8 values without a zero point."""
+    per-channel weights, MatMul only (``op_types``; None: every op type ORT knows), MinMax over
+    ``samples``; ``symmetric_activations``: u8 with zero point 128 (ORT's ActivationSymmetric),
+    i.e. int8 values without a zero point."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -240,7 +242,8 @@ def plain_quantize_static(fp32_onnx: Path, samples: list[dict], out: Path,
     logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" warnings
     quantize_static(str(fp32_onnx), str(path), Reader(), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    per_channel=True, op_types_to_quantize=["MatMul"],
+                    per_channel=True,
+                    op_types_to_quantize=list(op_types) if op_types is not None else None,
                     use_external_data_format=True,
                     extra_options={"ActivationSymmetric": symmetric_activations})
     return path

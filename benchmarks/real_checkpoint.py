@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -266,30 +265,10 @@ def nncf_quantize(fp32_xml: Path, samples: list[dict], out: Path, smooth_quant: 
 
 def ort_quantize_static(fp32_onnx: Path, samples: list[dict], out: Path,
                         matmul_only: bool) -> Path:
-    """onnxruntime quantize_static as a user would call it on edgec's fp32 model.onnx."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(samples)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    out.mkdir(parents=True, exist_ok=True)
-    logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" warnings
-    quantize_static(str(fp32_onnx), str(out / "model.onnx"), Reader(),
-                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True,
-                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                    op_types_to_quantize=["MatMul"] if matmul_only else None)
-    return out / "model.onnx"
+    """onnxruntime quantize_static as a user would call it on edgec's fp32 model.onnx (MinMax,
+    u8 activations, s8 per-channel weights): every op type it knows, or MatMul only."""
+    return QB.plain_quantize_static(fp32_onnx, samples, out,
+                                    op_types=["MatMul"] if matmul_only else None)
 
 
 def quantize_others(models: dict, info: dict, samples: list[dict], root: Path) -> None:
