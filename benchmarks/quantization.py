@@ -620,15 +620,20 @@ def main(argv=None) -> int:
                                                   1 if args.quick else 2)
     doc["loadavg_end"] = loadavg()
     doc["wall_s"] = round(time.perf_counter() - t_start, 1)
-    text = json.dumps(doc, indent=2)
     sys.stdout.flush()
     os.dup2(real_stdout, 1)
     os.close(real_stdout)
+    emit(doc, out)
+    return 0
+
+
+def emit(doc: dict, out: Path | None) -> None:
+    """The benchmark's JSON on stdout, and into ``out`` when given."""
+    text = json.dumps(doc, indent=2)
     print(text)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
-    return 0
 
 
 if __name__ == "__main__":

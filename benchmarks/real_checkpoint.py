@@ -446,11 +446,7 @@ def main(argv=None) -> int:
     if git_state() != doc["git"]:  # another hand changed edgec's tree during the run
         doc["git_end"] = git_state()
     doc["wall_s"] = round(time.perf_counter() - t_start, 1)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    QB.emit(doc, out)
     return 0
 
 
