@@ -70,7 +70,7 @@ def calibrate(source: Any, target: str, output_dir: str | os.PathLike, config: s
     from edgec.recipe import Recipe
 
     step, progress = options.pop("step", None), options.pop("progress", None)
-    recipe = Recipe.parse(target, config=config, quantize=quantize, **options).for_calibration()
+    recipe = Recipe.parse(target, config=config, quantize=quantize, **options)
     return calibrate_source(source, recipe, output_dir, data=data, example_inputs=example_inputs,
                             dynamic_shapes=dynamic_shapes, step=step, progress=progress)
 

@@ -280,7 +280,7 @@ def calibrate_cmd(
 
     options = {"quantize": "w8a8", **{k: v for k, v in (recipe_options or {}).items()
                                       if v is not None}}
-    recipe = Recipe.parse(target, **options).for_calibration()
+    recipe = Recipe.parse(target, **options)
     with _Status("calibrating") as status:
         bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), console=err, transient=True)
