@@ -130,7 +130,8 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     if tgt.static_shapes and dynamic_shapes is None:
         dynamic_shapes = {}  # export every dim static (an empty map, not "the model's default")
     step(f"exporting {_describe(source, recipe.config)}")
-    src = resolve_source(source, recipe.config, example_inputs, dynamic_shapes)
+    src = resolve_source(source, recipe.config, example_inputs, dynamic_shapes,
+                         generate=recipe.generate)
     times["export_s"] = src.export_seconds
     times["verify_export_s"] = time.perf_counter() - t_start - src.export_seconds
     _check_opset(src.model, tgt)
@@ -179,6 +180,11 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         t0 = time.perf_counter()
         save_model(model, stage / "model.onnx")
         np.savez(stage / EXAMPLE_INPUTS, **src.feeds)
+        gen = src.info.get("generation")
+        if gen:  # a KV-cache decoder: ship the checkpoint's tokenizer beside it
+            from edgec.runtimes.tokenizer import ship_tokenizer
+
+            tokenizer = ship_tokenizer(src.info.get("path") if src.kind == "hf" else None, stage)
         if recipe.lora_mode == "swappable" and recipe.lora:
             from edgec.lora.binding import lora_sites, ship_adapters
 
@@ -210,6 +216,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
             manifest["lora"] = lora_info
             report["fidelity"]["lora"] = {k: lora_info[k] for k in ("mode", "reference",
                                                                      "verified_adapter")}
+        if gen:
+            manifest["generation"] = {**gen, "tokenizer": tokenizer}
         quant = reports.quantization_entry(records)
         if quant:
             manifest["quantization"] = report["quantization"] = quant

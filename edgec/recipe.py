@@ -107,6 +107,25 @@ def _check(raw: Any, target, parsed: dict) -> bool:
     return raw
 
 
+def _context(raw: Any, target, parsed: dict) -> int | None:
+    if raw is None:
+        return None
+    try:
+        n = int(raw)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 2 or str(raw).strip() != str(n):
+        raise UserError(f"--context takes a number of tokens ≥ 2, not {raw!r}")
+    return n
+
+
+def _kv_retrieval(raw: Any, target, parsed: dict):
+    if raw is None or raw is False:
+        return None
+    raise UserError("KV retrieval (FreeKV) is not implemented yet; generate without "
+                    "--kv-retrieval")
+
+
 _QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | fp8 (`edgec "
                   "targets` lists them); options after ':' method=minmax|percentile|entropy, "
                   "exclude=NODE_OR_OP;... (kept in high precision), samples=N, mask_fill=F")
@@ -153,6 +172,16 @@ class Recipe:
              "an .npz of samples (keys = input names, leading sample axis)")
     check: bool = _option(False, "--check", kind="flag", parse=_check, commands=("compile",),
                           help="check every pass numerically")
+    generate: bool = _option(
+        False, "--generate", kind="flag", parse=_check,
+        help="export the KV-cache decoder (prefill and decode in one graph, Hugging Face names) "
+             "for `edgec generate` / Session.generate; llama or a *ForCausalLM checkpoint")
+    context: int | None = _option(
+        None, "--context", metavar="N", parse=_context,
+        help="the longest sequence (prompt + new tokens) a static KV cache holds (--generate)")
+    kv_retrieval: Any = _option(None, "--kv-retrieval", metavar="freekv:K=V,...",
+                                parse=_kv_retrieval, commands=(),
+                                help="FreeKV page retrieval for long contexts (not yet)")
 
     def __post_init__(self):
         t = self.target
@@ -166,6 +195,13 @@ class Recipe:
             if self.lora and not t.swappable_adapters:
                 raise UserError(f"swappable LoRA adapters cannot run on {t.name} (every tensor "
                                 "is quantized there, adapters included); use --lora-mode merge")
+        if self.context is not None and not self.generate:
+            raise UserError("--context sizes the KV cache of a generation artifact; add "
+                            "--generate")
+        if self.generate and t.static_shapes:
+            raise UserError(f"--generate on {t.name} needs static KV-cache graphs (a prefill "
+                            "and a decode graph over fixed buffers), which are not implemented "
+                            "yet; generate on ort-cpu or openvino-cpu")
         if self.calibration is not None:
             if self.quantize is None:
                 raise UserError("--calib applies to quantized compiles; add --quantize SCHEME")
@@ -215,7 +251,7 @@ class Recipe:
             "quantize": _plain(dataclasses.asdict(self.quantize)) if self.quantize else None,
             "calibration": (None if calib is None else str(calib) if isinstance(calib, Path)
                             else f"cache {calib.model_hash[:12]}"),
-            "check": self.check,
+            "check": self.check, "generate": self.generate, "context": self.context,
         }
 
 

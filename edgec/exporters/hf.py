@@ -17,7 +17,8 @@ from typing import Any
 from edgec.errors import UserError
 from edgec.options import parse_options
 
-__all__ = ["is_hf_checkpoint", "load_hf", "WRAPPED"]
+__all__ = ["is_hf_checkpoint", "load_hf", "load_hf_model", "example_shape", "hf_source_info",
+           "WRAPPED"]
 
 WRAPPED = "hf."  # the wrapper's attribute prefix, stripped from parameter names
 
@@ -46,10 +47,10 @@ def _options(config: str | None) -> dict[str, int]:
         raise UserError(f"Hugging Face sources take --config batch=N,seq=N; {e}") from None
 
 
-def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, list, dict]:
-    """(module, example inputs, dynamic shapes, output names, source info) for a checkpoint."""
+def load_hf_model(path: Path) -> tuple[Any, Any, str | None]:
+    """(transformers model in eval mode, its config, its architecture name), offline, from
+    safetensors only."""
     try:
-        import torch
         import transformers
     except ImportError:
         raise UserError(f"{path}: a Hugging Face checkpoint needs transformers; "
@@ -69,6 +70,25 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{path}: transformers cannot load this checkpoint: "
                         f"{str(e).splitlines()[0]}") from None
+    return model, cfg, arch
+
+
+def example_shape(config: str | None) -> dict[str, int]:
+    """The ``--config batch=N,seq=N`` of a checkpoint source."""
+    return _options(config)
+
+
+def hf_source_info(path: Path, cfg, arch: str | None, opts: dict[str, int]) -> dict[str, Any]:
+    return {"kind": "hf", "path": str(path), "architecture": arch,
+            "model_type": getattr(cfg, "model_type", None), "example": opts,
+            "vocab_size": int(cfg.vocab_size)}
+
+
+def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, list, dict]:
+    """(module, example inputs, dynamic shapes, output names, source info) for a checkpoint."""
+    import torch
+
+    model, cfg, arch = load_hf_model(path)
     opts = _options(config)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq"]), generator=g)
@@ -77,10 +97,7 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     output = "logits" if hasattr(model, "lm_head") or "For" in (arch or "") else "last_hidden_state"
     wrapper = _wrap(model, output)
     dims = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
-    info = {"kind": "hf", "path": str(path), "architecture": arch,
-            "model_type": getattr(cfg, "model_type", None), "example": opts,
-            "vocab_size": int(cfg.vocab_size)}
-    return wrapper, (ids, mask), dims, [output], info
+    return wrapper, (ids, mask), dims, [output], hf_source_info(path, cfg, arch, opts)
 
 
 def _wrap(model, output: str):

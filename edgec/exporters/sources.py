@@ -40,9 +40,12 @@ class Source:
 
 def resolve_source(source: Any, config: str | None = None,
                    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
-                   dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None) -> Source:
+                   dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
+                   generate: bool = False) -> Source:
     import torch
 
+    if generate:
+        return _decoder_source(source, config, dynamic_shapes)
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise UserError("compiling an nn.Module needs example_inputs=(tensor, ...)")
@@ -90,7 +93,62 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind) -> Source:
+def _decoder_source(source: Any, config: str | None, dynamic_shapes) -> Source:
+    """The KV-cache decoder of ``llama`` or a Hugging Face causal LM, exported and verified."""
+    import torch
+
+    from edgec.exporters import decoder as dec
+
+    if isinstance(source, torch.nn.Module) or not isinstance(source, (str, os.PathLike)) or (
+            Path(source).is_file()):
+        raise UserError("--generate exports the KV-cache decoder itself: give `llama` or a "
+                        "Hugging Face *ForCausalLM checkpoint directory as the source")
+    path = Path(source)
+    if path.is_dir():
+        from edgec.exporters.hf import (
+            example_shape,
+            hf_source_info,
+            is_hf_checkpoint,
+            load_hf_model,
+        )
+
+        if not is_hf_checkpoint(path):
+            raise UserError(f"{path}: is a directory without config.json; --generate takes a "
+                            "Hugging Face *ForCausalLM checkpoint directory or `llama`")
+        model, cfg, arch = load_hf_model(path)
+        opts = example_shape(config)
+        module, info = dec.hf_decoder(model, path)
+        batch, seq, kind = opts["batch"], opts["seq"], "hf"
+        src_info = hf_source_info(path, cfg, arch, opts)
+    else:
+        from edgec.models import registry
+
+        spec = registry.get(str(source))
+        config = config or "tiny"
+        module, info = dec.reference_decoder(spec.build(config), spec.name)
+        batch, seq = spec.example_inputs(config)[0].shape[:2]
+        kind = "registry"
+        src_info = {"kind": "registry", "name": spec.name, "config": config,
+                    "hyperparameters": spec.hyperparameters(config)}
+    inputs = dec.example_inputs(info, int(batch), int(seq))
+    shapes = dynamic_shapes if dynamic_shapes is not None else dec.decoder_dynamic_shapes(info)
+    src = _from_torch(module, inputs, shapes, dec.output_names(info),
+                      {**src_info, "generation": info.to_json()}, kind,
+                      input_names=dec.input_names(info))
+    src.parameter_map = {k.removeprefix("model."): v for k, v in src.parameter_map.items()
+                         if k.startswith("model.")}
+    return src
+
+
+def _flat(inputs) -> list:
+    out = []
+    for x in inputs:
+        out += _flat(x) if isinstance(x, (tuple, list)) else [x]
+    return out
+
+
+def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
+                input_names=None) -> Source:
     import torch
 
     from edgec.exporters.outputs import flatten_outputs
@@ -99,13 +157,13 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind) -> Sou
     from edgec.runtimes.ort import run_model
 
     t0 = time.perf_counter()
-    result = export_module(module, inputs, dynamic_shapes, output_names)
+    result = export_module(module, inputs, dynamic_shapes, output_names, input_names)
     export_s = time.perf_counter() - t0
     with torch.no_grad():
         out = module(*inputs)
     flat = flatten_outputs(out)
     reference = {n: t.detach().cpu().numpy() for n, t in zip(result.output_names, flat)}
-    feeds = {n: t.detach().cpu().numpy() for n, t in zip(result.input_names, inputs)}
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(result.input_names, _flat(inputs))}
     errors = compare_outputs(run_model(result.model, feeds), reference)
     assert_close(errors, EXPORT_RTOL, "exported ONNX (ORT) vs PyTorch")
     info = {**info, "input_names": result.input_names, "output_names": result.output_names}

@@ -51,12 +51,18 @@ def export_module(
     example_inputs: Sequence[torch.Tensor],
     dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
     output_names: Sequence[str] | None = None,
+    input_names: Sequence[str] | None = None,
 ) -> ExportResult:
-    """Export ``module`` (eval mode) with ``torch.onnx.export(dynamo=True)``."""
+    """Export ``module`` (eval mode) with ``torch.onnx.export(dynamo=True)``.
+
+    ``input_names``: the ONNX names of the flattened inputs when an argument is a tuple of
+    tensors (a KV cache); ``dynamic_shapes`` then gives that argument a list, one dict per tensor.
+    """
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"expected a torch.nn.Module, got {type(module).__name__}")
     example_inputs = tuple(example_inputs)
-    if not example_inputs or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+    if not example_inputs or not all(isinstance(t, (torch.Tensor, tuple))
+                                     for t in example_inputs):
         raise UserError("example_inputs must be a non-empty tuple of tensors, one per forward "
                         "argument")
     module = module.eval()
@@ -67,7 +73,7 @@ def export_module(
         if unknown:
             raise UserError(f"dynamic_shapes names {unknown[0]!r}, which is not a forward "
                             f"argument (arguments: {', '.join(names)})")
-        shapes = {n: dict(dynamic_shapes.get(n, {})) for n in names}
+        shapes = {n: _dims(dynamic_shapes.get(n, {})) for n in names}
     with torch.no_grad():
         n_out = _count_outputs(module(*example_inputs))
     out_names = list(output_names) if output_names else (
@@ -80,7 +86,7 @@ def export_module(
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, example_inputs, dynamo=True, dynamic_shapes=shapes,
-                input_names=names, output_names=out_names, opset_version=OPSET,
+                input_names=list(input_names or names), output_names=out_names, opset_version=OPSET,
                 verbose=False, optimize=True,
             )
     except Exception as e:
@@ -90,7 +96,12 @@ def export_module(
     pmap = build_parameter_map(model, module)
     logger.info("exported %s: %d nodes, %d initializers, %d parameters mapped",
                 type(module).__name__, len(model.graph), len(model.graph.initializers), len(pmap))
-    return ExportResult(model, pmap, names, out_names)
+    return ExportResult(model, pmap, list(input_names or names), out_names)
+
+
+def _dims(spec):
+    """A forward argument's dynamic dims: a dict, or a list of dicts for a tuple argument."""
+    return tuple(dict(d) for d in spec) if isinstance(spec, (list, tuple)) else dict(spec)
 
 
 # The exporter numbers its stages in the message of the ConversionError it raises.

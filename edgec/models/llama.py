@@ -85,6 +85,24 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
+    def forward_cached(self, x, cos, sin, bias, past_k, past_v):
+        """One step with a KV cache: ``past_*`` [B, kv_heads, P, head_dim] (P may be 0), ``bias``
+        an additive [B, 1, S, P+S] mask. Returns the output and the present K/V (P+S long)."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k = torch.cat((past_k, k), dim=2)
+        v = torch.cat((past_v, v), dim=2)
+        t, rep = k.shape[2], self.heads // self.kv_heads
+        shape = (b, self.kv_heads, rep, t, self.head_dim)
+        kr = k[:, :, None].expand(shape).reshape(b, self.heads, t, self.head_dim)
+        vr = v[:, :, None].expand(shape).reshape(b, self.heads, t, self.head_dim)
+        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=bias)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)), k, v
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
@@ -108,6 +126,12 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(self, x, cos, sin, bias, past_k, past_v):
+        h, k, v = self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, bias, past_k,
+                                                past_v)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
 class Llama(nn.Module):
@@ -141,6 +165,30 @@ class Llama(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
+
+    def forward_cached(self, input_ids, attention_mask, position_ids, past_key_values):
+        """The decoder with a KV cache (prefill: P = 0; decode: S = 1), in Hugging Face's terms:
+        ``attention_mask`` [B, P+S] (0 = padding), ``position_ids`` [B, S], ``past_key_values``
+        ((key, value) per layer, [B, kv_heads, P, head_dim]). Returns logits [B, S, vocab] and
+        the present (key, value) per layer, [B, kv_heads, P+S, head_dim]."""
+        angles = position_ids[..., None].to(torch.float32) * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, S, head_dim]
+        cos, sin = angles.cos(), angles.sin()
+        s = input_ids.shape[1]
+        past = past_key_values[0][0].shape[2]
+        key_pos = torch.arange(past + s)  # the mask's length: P + S
+        query_pos = torch.arange(s) + past
+        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (
+            attention_mask[:, None, None, :] > 0)
+        # finite, as Hugging Face does: a padding query's row stays finite (uniform) instead of NaN
+        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min)
+        x = self.embed_tokens(input_ids)
+        presents = []
+        for layer, (past_k, past_v) in zip(self.layers, past_key_values):
+            x, k, v = layer.forward_cached(x, cos, sin, bias, past_k, past_v)
+            presents.append((k, v))
+        return self.lm_head(self.norm(x)), presents
 
 
 def outlier_channels(cfg: LlamaConfig) -> list[int]:

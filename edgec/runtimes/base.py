@@ -105,6 +105,48 @@ class Session(abc.ABC):
             times.append(time.perf_counter() - t0)
         return latency_stats(times)
 
+    # Generation: a KV-cache decoder artifact (compiled with --generate).
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None,
+                 pad_token_id: int | None = None, seed: int | None = None,
+                 streamer=None) -> np.ndarray:
+        """Prompt followed by the new tokens, [batch, seq + new] int64, as Hugging Face's
+        ``generate`` returns them. ``input_ids`` [batch, seq] (left-padded, with
+        ``attention_mask``, for prompts of different lengths); greedy unless ``do_sample``;
+        ``eos_token_id`` an id or a list (default the checkpoint's); ``streamer(tokens)`` is
+        called with each step's new tokens [batch]. Timings land in ``last_generation``
+        (prefill ms = time to first token, decode tokens/s)."""
+        from edgec.runtimes.generation import generate
+
+        info = self.decoder_info
+        ids, stats = generate(
+            self, info, input_ids, attention_mask, cache=self._kv_cache(info, input_ids),
+            streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, seed=seed)
+        self.last_generation = stats
+        return ids
+
+    @property
+    def decoder_info(self):
+        """The artifact's KV-cache decoder description (``DecoderInfo``)."""
+        from edgec.exporters.decoder import DecoderInfo
+
+        entry = (getattr(self, "manifest", None) or {}).get("generation")
+        if not entry:
+            raise UserError("this artifact has no KV cache, so it cannot generate; compile it "
+                            "with --generate (Python: generate=True)")
+        return DecoderInfo.from_json(entry)
+
+    def _kv_cache(self, info, input_ids):
+        """A fresh cache for one ``generate`` call: arrays passed in and out by default."""
+        from edgec.runtimes.generation import ArrayCache
+
+        batch = np.asarray(input_ids).shape[0] if np.asarray(input_ids).ndim == 2 else 1
+        return ArrayCache(self, info, batch)
+
     # Swappable LoRA: the adapter inputs are bound here, not passed by the caller.
     def attach_adapters(self, spec: Mapping[str, Any], root) -> None:
         from edgec.lora.binding import AdapterBank

@@ -11,6 +11,7 @@ import numpy as np
 
 from edgec.errors import TargetUnavailableError
 from edgec.runtimes.base import IOSpec, Session
+from edgec.targets.openvino_stateful import BEAM_IDX
 
 __all__ = ["OpenVINOSession"]
 
@@ -26,10 +27,16 @@ def _specs(ports) -> list[IOSpec]:
 
 
 class OpenVINOSession(Session):
+    """A compiled OpenVINO model. A stateful decoder (``stateful`` in the manifest's runtime
+    entry: its past→present pairs and KV shape) keeps its cache inside the runtime; ``run`` still
+    takes and returns the cache as arrays (set into / read from the state), so it answers like
+    the ONNX graph, and ``generate`` leaves the cache where it is."""
+
     runtime = "openvino"
 
     def __init__(self, xml_path: str | os.PathLike, device: str = "CPU",
-                 config: Mapping[str, Any] | None = None):
+                 config: Mapping[str, Any] | None = None,
+                 stateful: Mapping[str, Any] | None = None):
         try:
             import openvino as ov
         except ImportError as e:
@@ -37,14 +44,65 @@ class OpenVINOSession(Session):
                                          f"({e}); pip install openvino") from None
         core = ov.Core()
         self._compiled = core.compile_model(str(xml_path), device, dict(config or {}))
-        super().__init__(_specs(self._compiled.inputs), _specs(self._compiled.outputs))
+        inputs, outputs = _specs(self._compiled.inputs), _specs(self._compiled.outputs)
+        self._pairs = dict((stateful or {}).get("pairs", {}))
+        if self._pairs:  # present the cache as the ONNX graph's inputs/outputs
+            heads, head_dim = stateful["kv_shape"]
+            kv = ("batch_size", heads, "past_sequence_length", head_dim)
+            inputs = [i for i in inputs if i.name != BEAM_IDX] + [
+                IOSpec(name, kv, "float32") for name in self._pairs]
+            outputs = outputs + [IOSpec(name, kv, "float32") for name in self._pairs.values()]
+        super().__init__(inputs, outputs)
         self._request = self._compiled.create_infer_request()
 
     @classmethod
     def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> OpenVINOSession:
-        return cls(root / runtime["model"], runtime.get("device", "CPU"), runtime.get("config"))
+        return cls(root / runtime["model"], runtime.get("device", "CPU"), runtime.get("config"),
+                   runtime.get("stateful"))
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._pairs:
+            return self._run_stateful(feeds)
         results = self._request.infer(feeds, share_inputs=True)
         return {port.get_any_name(): np.array(results[port], copy=True)
                 for port in self._compiled.outputs}
+
+    def _states(self) -> dict[str, Any]:
+        """The request's variables by past input name (OpenVINO names a variable past+present)."""
+        return {next(p for p in self._pairs if st.name.startswith(p)): st
+                for st in self._request.query_state()}
+
+    def _run_stateful(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import openvino as ov
+
+        for name, state in self._states().items():
+            state.state = ov.Tensor(np.ascontiguousarray(feeds[name], np.float32))
+        plain = {k: v for k, v in feeds.items() if k not in self._pairs}
+        out = self._step(plain)
+        for name, state in self._states().items():
+            out[self._pairs[name]] = np.array(state.state.data, copy=True)
+        return out
+
+    def _step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = feeds["input_ids"].shape[0]
+        results = self._request.infer({**feeds, BEAM_IDX: np.arange(batch, dtype=np.int32)},
+                                      share_inputs=True)
+        return {port.get_any_name(): np.array(results[port], copy=True)
+                for port in self._compiled.outputs}
+
+    def _kv_cache(self, info, input_ids):
+        if not self._pairs:
+            return super()._kv_cache(info, input_ids)
+        return _RuntimeCache(self)
+
+
+class _RuntimeCache:
+    """Generation on a stateful model: the cache stays in OpenVINO between steps."""
+
+    def __init__(self, session: OpenVINOSession):
+        self.session = session
+        session._request.reset_state()  # a new sequence starts from an empty cache
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        return self.session._step(feeds)["logits"]

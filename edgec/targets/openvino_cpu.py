@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgec.errors import InternalError, UserError
 from edgec.targets.base import BuildResult, QuantScheme, Target
+from edgec.targets.openvino_stateful import kv_pairs, make_stateful
 
 __all__ = ["OPENVINO_CPU"]
 
@@ -49,14 +50,19 @@ def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
             f"OpenVINO failed to convert the rewritten model {model_path} "
             f"({type(e).__name__}: {first}); this is an edgec or OpenVINO bug: please report "
             "it with the traceback (EDGEC_DEBUG=1)") from e
+    runtime = {"name": "openvino", "model": "target/model.xml", "device": "CPU",
+               "config": dict(target.runtime_config)}
+    names = [p.get_any_name() for p in ov_model.inputs]
+    pairs = kv_pairs(names, [o.get_any_name() for o in ov_model.outputs])
+    if pairs:  # a KV-cache decoder: the cache lives in OpenVINO (stateful, beam_idx)
+        shape = ov_model.input(next(iter(pairs))).get_partial_shape()
+        make_stateful(ov_model)
+        runtime["stateful"] = {"pairs": pairs,
+                               "kv_shape": [shape[1].get_length(), shape[3].get_length()]}
     target_dir.mkdir(parents=True, exist_ok=True)
     xml = target_dir / "model.xml"
     ov.save_model(ov_model, str(xml), compress_to_fp16=False)
-    return BuildResult(
-        runtime={"name": "openvino", "model": "target/model.xml", "device": "CPU",
-                 "config": dict(target.runtime_config)},
-        files=["target/model.xml", "target/model.bin"],
-    )
+    return BuildResult(runtime=runtime, files=["target/model.xml", "target/model.bin"])
 
 
 OPENVINO_CPU = Target(

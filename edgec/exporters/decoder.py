@@ -1,0 +1,187 @@
+"""Decoders with a KV cache: the one graph for prefill and decode that generation runs.
+
+The graph uses the names the ecosystem uses (optimum's ``ORTModelForCausalLM``, ONNX Runtime
+GenAI), so the artifact's ``model.onnx`` loads there too:
+
+- inputs ``input_ids`` [B, S] int64, ``attention_mask`` [B, P+S] int64 (0 = padding),
+  ``position_ids`` [B, S] int64, ``past_key_values.{i}.key|value`` [B, kv_heads, P, head_dim];
+- outputs ``logits`` [B, S, vocab], ``present.{i}.key|value`` [B, kv_heads, P+S, head_dim].
+
+Prefill feeds empty pasts (P = 0); decode feeds one token (S = 1) and the previous presents.
+Sources: the ``llama`` reference model (``Llama.forward_cached``) and Hugging Face
+``*ForCausalLM`` checkpoints (LLaMA, Qwen2, ... through transformers' own ``DynamicCache``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+
+from edgec.errors import UserError
+
+__all__ = ["DecoderInfo", "past_name", "present_name", "reference_decoder", "hf_decoder",
+           "example_inputs", "decoder_dynamic_shapes", "GENERATION_INPUTS"]
+
+GENERATION_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def past_name(layer: int, kind: str) -> str:
+    return f"past_key_values.{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    return f"present.{layer}.{kind}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderInfo:
+    """What a generation loop must know about a KV-cache decoder (the manifest's
+    ``generation`` entry)."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    max_positions: int | None = None
+    context: int | None = None  # a static cache's length (None: the cache grows)
+
+    @property
+    def past_names(self) -> list[str]:
+        return [past_name(i, k) for i in range(self.layers) for k in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [present_name(i, k) for i in range(self.layers) for k in ("key", "value")]
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return {**d, "inputs": list(GENERATION_INPUTS), "past": self.past_names,
+                "present": self.present_names, "logits": "logits",
+                "kv_layout": "[batch, kv_heads, seq, head_dim]"}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DecoderInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        values["eos_token_ids"] = tuple(values.get("eos_token_ids") or ())
+        return cls(**values)
+
+
+class _Decoder(torch.nn.Module):
+    """``forward(input_ids, attention_mask, position_ids, past_key_values)`` → ``(logits,
+    present.0.key, present.0.value, ...)``; ``past_key_values`` is a flat tuple (key, value per
+    layer), so the exported inputs flatten to the names above."""
+
+    def __init__(self, model: torch.nn.Module, layers: int):
+        super().__init__()
+        self.model = model  # parameter names: "model." + the source's own
+        self.layers = layers
+
+    def _pairs(self, past):
+        return [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
+
+
+class _ReferenceDecoder(_Decoder):
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        logits, presents = self.model.forward_cached(input_ids, attention_mask, position_ids,
+                                                     self._pairs(past_key_values))
+        return (logits, *[t for kv in presents for t in kv])
+
+
+class _HFDecoder(_Decoder):
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(self._pairs(past_key_values)):
+            cache.update(k, v, i)
+        # transformers 5.x names the argument ``cache`` (``past_key_values`` before)
+        kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else (
+            "past_key_values")
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, use_cache=True, return_dict=True,
+                         **{kwarg: cache})
+        returned = getattr(out, "cache", None) or out.past_key_values
+        layers = returned.layers
+        return (out.logits, *[t for layer in layers for t in (layer.keys, layer.values)])
+
+
+def reference_decoder(module: torch.nn.Module, name: str) -> tuple[_Decoder, DecoderInfo]:
+    """The KV-cache decoder of a reference model that has one (``forward_cached``)."""
+    if not hasattr(module, "forward_cached"):
+        raise UserError(f"{name} is not a decoder language model; --generate applies to `llama` "
+                        "and Hugging Face *ForCausalLM checkpoints")
+    cfg = module.cfg
+    info = DecoderInfo(layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
+                       head_dim=cfg.head_dim, vocab=cfg.vocab)
+    return _ReferenceDecoder(module, cfg.layers), info
+
+
+def _ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+
+def hf_decoder(model: torch.nn.Module, path) -> tuple[_Decoder, DecoderInfo]:
+    """The KV-cache decoder of a transformers causal LM (its own attention and cache code)."""
+    cfg = model.config
+    if not type(model).__name__.endswith("ForCausalLM"):
+        raise UserError(f"{path}: {type(model).__name__} is not a causal language model; "
+                        "--generate applies to *ForCausalLM checkpoints")
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UserError(f"{path}: encoder-decoder models are not supported by --generate")
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    gen = getattr(model, "generation_config", None)
+    eos = _ids(getattr(gen, "eos_token_id", None)) or _ids(getattr(cfg, "eos_token_id", None))
+    pad = getattr(gen, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(cfg, "pad_token_id", None)
+    bos = getattr(gen, "bos_token_id", None)
+    bos = bos if bos is not None else getattr(cfg, "bos_token_id", None)
+    info = DecoderInfo(layers=int(cfg.num_hidden_layers), heads=heads,
+                       kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+                       head_dim=head_dim, vocab=int(cfg.vocab_size), eos_token_ids=eos,
+                       bos_token_id=None if bos is None else int(_ids(bos)[0]),
+                       pad_token_id=None if pad is None else int(_ids(pad)[0]),
+                       max_positions=getattr(cfg, "max_position_embeddings", None))
+    return _HFDecoder(model, info.layers), info
+
+
+def example_inputs(info: DecoderInfo, batch: int, seq: int, seed: int = 0) -> tuple:
+    """A decode-like example: ``seq // 2`` new tokens after ``seq - seq // 2`` cached ones
+    (random past keys/values), no padding (a padding query's output is not defined the same way
+    by every implementation, and generation never reads it)."""
+    g = torch.Generator().manual_seed(seed)
+    new = max(1, seq // 2)
+    past_len = max(1, seq - new)
+    ids = torch.randint(0, info.vocab, (batch, new), generator=g, dtype=torch.int64)
+    mask = torch.ones(batch, past_len + new, dtype=torch.int64)
+    positions = torch.arange(past_len, past_len + new, dtype=torch.int64)[None].expand(batch, new)
+    past = tuple(torch.randn(batch, info.kv_heads, past_len, info.head_dim, generator=g)
+                 for _ in range(2 * info.layers))
+    return ids, mask, positions.contiguous(), past
+
+
+def decoder_dynamic_shapes(info: DecoderInfo) -> dict[str, Any]:
+    kv = {0: "batch_size", 2: "past_sequence_length"}
+    return {"input_ids": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "past_key_values": [dict(kv) for _ in range(2 * info.layers)]}
+
+
+def input_names(info: DecoderInfo) -> list[str]:
+    return [*GENERATION_INPUTS, *info.past_names]
+
+
+def output_names(info: DecoderInfo) -> list[str]:
+    return ["logits", *info.present_names]

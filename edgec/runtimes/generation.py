@@ -1,0 +1,195 @@
+"""Autoregressive generation on any Session whose artifact is a KV-cache decoder.
+
+The loop is the one Hugging Face ``generate()`` runs, so greedy decoding agrees token for
+token: prefill over the prompt (empty past), then one token per step with the cache; left-padded
+batches take their positions from the mask's cumulative sum; logits are processed in HF's order
+(repetition penalty, then temperature, top-k, top-p); a row that produced an EOS id is padded
+from then on (``pad_token_id``, else the first EOS id) and the loop stops when every row has.
+The cache is the session's: arrays passed in and out (ONNX Runtime), or state kept inside the
+runtime (OpenVINO's stateful model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import UserError
+
+__all__ = ["GenerationConfig", "ArrayCache", "generate", "process_logits"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be an integer ≥ 1, not {self.max_new_tokens!r}")
+        if self.temperature <= 0:
+            raise UserError(f"temperature must be > 0, not {self.temperature}; for "
+                            "deterministic output use do_sample=False")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0 or self.repetition_penalty <= 0:
+            raise UserError("top_k must be ≥ 0 and repetition_penalty > 0")
+
+
+class ArrayCache:
+    """The KV cache as arrays: fed as ``past_key_values.*``, replaced by ``present.*``."""
+
+    def __init__(self, session, info, batch: int):
+        self.session, self.info = session, info
+        empty = np.zeros((batch, info.kv_heads, 0, info.head_dim), np.float32)
+        self.past = dict.fromkeys(info.past_names, empty)
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                 **self.past}
+        out = self.session._run(self.session._adapter_feeds(feeds, None))
+        self.past = {p: out[q] for p, q in zip(self.info.past_names, self.info.present_names)}
+        return out["logits"]
+
+
+def process_logits(scores: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig
+                   ) -> np.ndarray:
+    """Hugging Face's logits processing: repetition penalty over every token so far, then (when
+    sampling) temperature, top-k and top-p. ``scores`` [B, vocab] float32."""
+    scores = scores.astype(np.float32, copy=True)
+    if cfg.repetition_penalty != 1.0:
+        rows = np.arange(scores.shape[0])[:, None]
+        seen = scores[rows, sequences]
+        seen = np.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
+        scores[rows, sequences] = seen
+    if not cfg.do_sample:
+        return scores
+    if cfg.temperature != 1.0:
+        scores = scores / np.float32(cfg.temperature)
+    if 0 < cfg.top_k < scores.shape[-1]:
+        kth = np.partition(scores, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
+        scores = np.where(scores < kth, -np.inf, scores)
+    if cfg.top_p < 1.0:
+        order = np.argsort(scores, axis=-1)  # ascending, as HF's TopPLogitsWarper
+        ranked = np.take_along_axis(scores, order, axis=-1)
+        probs = _softmax(ranked)
+        drop = np.cumsum(probs, axis=-1) <= 1 - cfg.top_p
+        drop[:, -1] = False  # keep at least the most likely token
+        removed = np.zeros_like(drop)
+        np.put_along_axis(removed, order, drop, axis=-1)
+        scores = np.where(removed, -np.inf, scores)
+    return scores
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _choose(scores: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    if not cfg.do_sample:
+        return scores.argmax(axis=-1).astype(np.int64)
+    probs = _softmax(scores.astype(np.float64))
+    u = rng.random((scores.shape[0], 1))
+    return np.minimum((np.cumsum(probs, axis=-1) < u).sum(axis=-1),
+                      scores.shape[-1] - 1).astype(np.int64)
+
+
+def _prompt(info, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise UserError(f"input_ids must be integer token ids [batch, seq] (or [seq]), got "
+                        f"{ids.dtype} {list(ids.shape)}")
+    ids = ids.astype(np.int64)
+    if ids.min() < 0 or ids.max() >= info.vocab:
+        raise UserError(f"token ids must be in [0, {info.vocab}) for this model's vocabulary; "
+                        f"got {int(ids.min())}..{int(ids.max())}")
+    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+    if mask.ndim == 1:
+        mask = mask[None]
+    if mask.shape != ids.shape:
+        raise UserError(f"attention_mask has shape {list(mask.shape)}, input_ids "
+                        f"{list(ids.shape)}; give one mask value per token")
+    mask = (mask != 0).astype(np.int64)
+    if not mask[:, -1].all():
+        raise UserError("the batch is right-padded (a row's last token is padding); pad on the "
+                        "left for generation (tokenizer padding_side='left')")
+    return ids, mask
+
+
+def generate(session, info, input_ids, attention_mask=None, cache=None,
+             streamer: Callable[[np.ndarray], Any] | None = None, **options: Any
+             ) -> tuple[np.ndarray, dict[str, Any]]:
+    """(prompt followed by the new tokens [B, S+new] int64, timing stats)."""
+    eos = options.pop("eos_token_id", None)
+    eos = tuple(info.eos_token_ids) if eos is None else tuple(
+        [eos] if isinstance(eos, (int, np.integer)) else eos)
+    pad = options.pop("pad_token_id", None)
+    pad = info.pad_token_id if pad is None else pad
+    cfg = GenerationConfig(eos_token_id=tuple(int(e) for e in eos), pad_token_id=pad, **options)
+    ids, mask = _prompt(info, input_ids, attention_mask)
+    limit = info.context or info.max_positions
+    if limit and ids.shape[1] + cfg.max_new_tokens > limit:
+        raise UserError(f"the prompt ({ids.shape[1]} tokens) + max_new_tokens "
+                        f"({cfg.max_new_tokens}) exceeds the model's context of {limit} tokens; "
+                        "shorten the prompt or generate fewer tokens")
+    fill = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+    rng = np.random.default_rng(cfg.seed)
+    cache = cache if cache is not None else ArrayCache(session, info, ids.shape[0])
+    t0 = time.perf_counter()
+    positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+    logits = cache.step(ids, mask, positions)[:, -1]
+    sequences, finished = ids, np.zeros(ids.shape[0], bool)
+    next_pos = positions[:, -1:] + 1
+    ttft = None
+    for i in range(cfg.max_new_tokens):
+        token = _choose(process_logits(logits, sequences, cfg), cfg, rng)
+        token = np.where(finished, fill, token)
+        sequences = np.concatenate([sequences, token[:, None]], axis=1)
+        if ttft is None:
+            ttft = time.perf_counter() - t0
+        if streamer is not None:
+            streamer(token)
+        finished |= np.isin(token, cfg.eos_token_id)
+        if finished.all() or i == cfg.max_new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        logits = cache.step(token[:, None], mask, next_pos)[:, -1]
+        next_pos = next_pos + 1
+    total = time.perf_counter() - t0
+    new = sequences.shape[1] - ids.shape[1]
+    decode_s = total - ttft
+    stats = {"prompt_tokens": int(ids.shape[1]), "batch": int(ids.shape[0]), "new_tokens": new,
+             "prefill_ms": ttft * 1e3, "total_ms": total * 1e3,
+             "decode_tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else None,
+             "stopped": "eos" if finished.all() else "max_new_tokens"}
+    return sequences, stats
+
+
+def parse_ids(text: str) -> list[int]:
+    """``"1,2,3"`` → [1, 2, 3] (``--prompt-ids``)."""
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UserError(f"--prompt-ids takes comma-separated token ids, e.g. 1,2,3; got "
+                        f"{text!r}") from None
+    if not ids:
+        raise UserError("--prompt-ids is empty; give at least one token id")
+    return ids
+
+
+def as_list(x: Sequence[int] | np.ndarray) -> list[int]:
+    return [int(v) for v in np.asarray(x).ravel()]

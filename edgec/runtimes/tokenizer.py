@@ -1,0 +1,58 @@
+"""A checkpoint's tokenizer, shipped inside a generation artifact so it generates from text.
+
+Only the fast-tokenizer file (``tokenizer.json``, read by the ``tokenizers`` package) and the
+small JSON/template files beside it are copied; nothing executable is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import UserError
+
+__all__ = ["TOKENIZER_DIR", "ship_tokenizer", "Tokenizer"]
+
+TOKENIZER_DIR = "tokenizer"
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+         "generation_config.json", "chat_template.jinja")
+
+
+def ship_tokenizer(checkpoint: str | Path | None, stage: Path) -> str | None:
+    """Copy the checkpoint's tokenizer files into ``stage/tokenizer``; None if it has none."""
+    if checkpoint is None:
+        return None
+    src = Path(checkpoint)
+    if not (src / "tokenizer.json").is_file():
+        return None
+    dest = stage / TOKENIZER_DIR
+    dest.mkdir()
+    for name in FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+    return TOKENIZER_DIR
+
+
+class Tokenizer:
+    """``encode(text) -> ids`` and ``decode(ids) -> text`` over an artifact's tokenizer."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        entry = (manifest.get("generation") or {}).get("tokenizer")
+        path = root / entry / "tokenizer.json" if entry else None
+        if path is None or not path.is_file():
+            raise UserError(f"{root}: the artifact has no tokenizer (its source had no "
+                            "tokenizer.json); give token ids with --prompt-ids 1,2,3")
+        from tokenizers import Tokenizer as _Fast
+
+        self._tok = _Fast.from_file(str(path))
+        config = path.parent / "tokenizer_config.json"
+        self.config = json.loads(config.read_text()) if config.is_file() else {}
+
+    def encode(self, text: str) -> list[int]:
+        # special tokens (BOS) as the checkpoint's post-processor adds them
+        return list(self._tok.encode(text, add_special_tokens=True).ids)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
