@@ -397,15 +397,24 @@ def bench_cmd(
     iterations: Annotated[int, typer.Option(min=1, help="timed runs")] = 20,
     adapter: Annotated[str | None, typer.Option(
         "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none)")] = None,
+    prompt_tokens: Annotated[int, typer.Option(
+        "--prompt-tokens", min=1, help="generation artifacts: prompt length")] = 128,
+    new_tokens: Annotated[int, typer.Option(
+        "--new-tokens", min=2, help="generation artifacts: tokens generated per run")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
-    """Measure an artifact's latency (p50/p90/mean ms).
+    """Measure an artifact's latency (p50/p90/mean ms); for a generation artifact, prefill ms
+    and decode tokens/s separately (medians; at most 5 runs unless --iterations is given).
 
-    Example: `edgec bench out --iterations 50 --json`
+    Examples: `edgec bench out --iterations 50 --json`,
+    `edgec bench out-llm --prompt-tokens 1024 --new-tokens 64`
     """
     import edgec
 
     session = edgec.load(artifact)
+    if session.manifest.get("generation") and inputs is None:
+        return _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup,
+                                 iterations, as_json)
     stats = session.benchmark(warmup=warmup, iterations=iterations,
                               feeds=_feeds(session, inputs), adapter=adapter)
     result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
@@ -414,6 +423,86 @@ def bench_cmd(
     out.print(f"{artifact} on {session.runtime}: p50 {stats['p50_ms']:.3f} ms, "
               f"p90 {stats['p90_ms']:.3f} ms, mean {stats['mean_ms']:.3f} ms "
               f"({iterations} runs)", highlight=False)
+
+
+def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iterations,
+                      as_json):
+    from edgec.runtimes.generation import benchmark_generation
+
+    stats = benchmark_generation(session, prompt_tokens, new_tokens, warmup,
+                                 min(iterations, 5) if iterations == 20 else iterations)
+    result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
+    if as_json:
+        return _print_json(result)
+    out.print(f"{artifact} on {session.runtime}: prefill {stats['prefill_ms']:.2f} ms for "
+              f"{prompt_tokens} tokens, decode {stats['decode_tokens_per_s']:.1f} tokens/s "
+              f"({new_tokens} new tokens, median of {stats['iterations']} runs)",
+              highlight=False)
+
+
+@app.command("generate")
+@_errors
+def generate_cmd(
+    artifact: Annotated[Path, typer.Argument(help="artifact directory (compiled with --generate)")],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p",
+                                               help="prompt text (needs the tokenizer)")] = None,
+    prompt_ids: Annotated[str | None, typer.Option(
+        "--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1)] = 32,
+    sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy")] = False,
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="sample from the k best")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling mass")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+):
+    """Generate text (or token ids) from a KV-cache decoder artifact; text streams as it comes.
+
+    Examples: `edgec generate out --prompt "Once upon a time" -n 64`,
+    `edgec generate out --prompt-ids 1,2,3 --json`,
+    `edgec generate out -p "Hi" --sample --top-p 0.9`
+    """
+    import numpy as np
+
+    import edgec
+    from edgec.runtimes.generation import parse_ids
+    from edgec.runtimes.tokenizer import Tokenizer
+
+    if (prompt is None) == (prompt_ids is None):
+        raise UserError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
+    session = edgec.load(artifact)
+    _ = session.decoder_info  # refuses an artifact without a KV cache before anything else
+    tok = Tokenizer(artifact, session.manifest) if prompt is not None else None
+    ids = tok.encode(prompt) if tok is not None else parse_ids(prompt_ids)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens; give some text")
+    streamed: list[int] = []
+
+    def stream(token: np.ndarray) -> None:
+        if tok is None or as_json:
+            return
+        before = tok.decode(streamed)
+        streamed.append(int(token[0]))
+        sys.stdout.write(tok.decode(streamed)[len(before):])
+        sys.stdout.flush()
+
+    result = session.generate(np.array([ids]), max_new_tokens=max_new_tokens, do_sample=sample,
+                              temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed, streamer=stream)
+    new = [int(t) for t in result[0, len(ids):]]
+    stats = session.last_generation
+    if as_json:
+        return _print_json({"artifact": str(artifact), "runtime": session.runtime,
+                            "prompt_ids": ids, "new_ids": new,
+                            **({"text": tok.decode(new)} if tok is not None else {}), **stats})
+    if tok is None:
+        sys.stdout.write(",".join(map(str, new)))
+    sys.stdout.write("\n")
+    rate = stats["decode_tokens_per_s"]
+    err.print(f"{stats['new_tokens']} tokens; prefill {stats['prefill_ms']:.1f} ms, decode "
+              f"{rate:.1f} tokens/s" if rate else f"{stats['new_tokens']} token(s); prefill "
+              f"{stats['prefill_ms']:.1f} ms", highlight=False)
 
 
 @app.command("compare")

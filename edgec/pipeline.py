@@ -184,7 +184,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         if gen:  # a KV-cache decoder: ship the checkpoint's tokenizer beside it
             from edgec.runtimes.tokenizer import ship_tokenizer
 
-            tokenizer = ship_tokenizer(src.info.get("path") if src.kind == "hf" else None, stage)
+            where = src.info.get("path")
+            tokenizer = ship_tokenizer(None if where is None else Path(where) if src.kind == "hf"
+                                       else Path(where).parent, stage)
         if recipe.lora_mode == "swappable" and recipe.lora:
             from edgec.lora.binding import lora_sites, ship_adapters
 

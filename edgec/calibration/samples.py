@@ -67,6 +67,8 @@ def generated_samples(src, n: int = DEFAULT_SAMPLES) -> tuple[list[dict[str, np.
     data: pass ``--data`` (``calibration=``) for real ranges.
     """
     names = src.info["input_names"]
+    if src.info.get("generation"):
+        return _decoder_samples(src, n), "prefill prompts (empty KV cache)"
     if src.kind == "registry":
         from edgec.models import registry
 
@@ -83,6 +85,30 @@ def generated_samples(src, n: int = DEFAULT_SAMPLES) -> tuple[list[dict[str, np.
         return [random_feeds(specs, seed=1000 + i) for i in range(n)], "random feeds"
     raise UserError(f"a {src.kind} source has no calibration generator; pass calibration "
                     "data (an .npz with a leading sample axis)")
+
+
+def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:
+    """Prefill feeds for a KV-cache decoder: prompts as long as the example's whole sequence
+    (past + new), empty past. The cache path (Concat → attention) sees real keys and values,
+    not the example's random past. Registry models' own token generator; else random ids."""
+    gen = src.info["generation"]
+    batch, total = src.feeds["attention_mask"].shape
+    if src.kind == "registry":
+        from edgec.models import registry
+
+        spec = registry.get(src.info["name"])
+        prompts = [s[0].numpy()[:, :total] for s in spec.calibration_inputs(src.info["config"], n)]
+    else:
+        rng = np.random.default_rng(1000)
+        prompts = [rng.integers(0, gen["vocab"], (batch, total)) for _ in range(n)]
+    out = []
+    for ids in prompts:
+        b, s = ids.shape
+        empty = np.zeros((b, gen["kv_heads"], 0, gen["head_dim"]), np.float32)
+        out.append({"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, s), np.int64),
+                    "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
+                    **dict.fromkeys(gen["past"], empty)})
+    return out
 
 
 def _hf_samples(src, n: int) -> list[dict[str, np.ndarray]]:

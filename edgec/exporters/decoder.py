@@ -23,7 +23,8 @@ import torch
 from edgec.errors import UserError
 
 __all__ = ["DecoderInfo", "past_name", "present_name", "reference_decoder", "hf_decoder",
-           "example_inputs", "decoder_dynamic_shapes", "GENERATION_INPUTS"]
+           "example_inputs", "decoder_dynamic_shapes", "GENERATION_INPUTS",
+           "onnx_decoder_info"]
 
 GENERATION_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -154,6 +155,62 @@ def hf_decoder(model: torch.nn.Module, path) -> tuple[_Decoder, DecoderInfo]:
                        pad_token_id=None if pad is None else int(_ids(pad)[0]),
                        max_positions=getattr(cfg, "max_position_embeddings", None))
     return _HFDecoder(model, info.layers), info
+
+
+def onnx_decoder_info(model, path) -> DecoderInfo:
+    """A decoder graph's ``DecoderInfo`` from its names and shapes (as optimum and edgec write
+    them), with token ids from the ``config.json`` / ``generation_config.json`` beside it."""
+    import json
+    from pathlib import Path
+
+    from edgec.targets.openvino_stateful import kv_pairs
+
+    inputs = {v.name: v for v in model.graph.inputs}
+    outputs = {v.name: v for v in model.graph.outputs}
+    pairs = kv_pairs(inputs, outputs)
+    missing = [n for n in GENERATION_INPUTS if n not in inputs]
+    if not pairs or "logits" not in outputs or missing:
+        raise UserError(f"{path}: not a KV-cache decoder (it needs inputs input_ids, "
+                        "attention_mask, position_ids, past_key_values.N.key|value and outputs "
+                        "logits, present.N.key|value); export it with `edgec compile --generate` "
+                        "or optimum's text-generation-with-past task")
+    layers = len(pairs) // 2
+    shape = inputs[past_name(0, "key")].shape
+    dims = list(shape.dims) if shape is not None else []
+    vocab = (list(outputs["logits"].shape.dims) or [None])[-1] if outputs["logits"].shape else None
+    if len(dims) != 4 or not all(isinstance(d, int) for d in (dims[1], dims[3], vocab)):
+        raise UserError(f"{path}: the past key input has shape {dims} and logits vocab "
+                        f"{vocab}; a decoder needs [batch, kv_heads, past, head_dim] with fixed "
+                        "heads, head_dim and vocabulary")
+    meta: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json"):  # generation_config wins
+        f = Path(path).parent / name
+        if f.is_file():
+            try:
+                meta.update({k: v for k, v in json.loads(f.read_text()).items()
+                             if v is not None})
+            except (ValueError, AttributeError):
+                pass
+    manifest = Path(path).parent / "manifest.json"  # an edgec artifact's model.onnx
+    if manifest.is_file():
+        try:
+            gen = json.loads(manifest.read_text()).get("generation") or {}
+        except (ValueError, AttributeError):
+            gen = {}
+        meta.update(eos_token_id=gen.get("eos_token_ids"), bos_token_id=gen.get("bos_token_id"),
+                    pad_token_id=gen.get("pad_token_id"), num_attention_heads=gen.get("heads"),
+                    max_position_embeddings=gen.get("max_positions"))
+    heads = int(meta.get("num_attention_heads") or dims[1])
+    return DecoderInfo(layers=layers, heads=heads, kv_heads=int(dims[1]), head_dim=int(dims[3]),
+                       vocab=int(vocab), eos_token_ids=_ids(meta.get("eos_token_id")),
+                       bos_token_id=_first(meta.get("bos_token_id")),
+                       pad_token_id=_first(meta.get("pad_token_id")),
+                       max_positions=meta.get("max_position_embeddings"))
+
+
+def _first(value) -> int | None:
+    ids = _ids(value)
+    return ids[0] if ids else None
 
 
 def example_inputs(info: DecoderInfo, batch: int, seq: int, seed: int = 0) -> tuple:

@@ -99,11 +99,12 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes) -> Source:
 
     from edgec.exporters import decoder as dec
 
-    if isinstance(source, torch.nn.Module) or not isinstance(source, (str, os.PathLike)) or (
-            Path(source).is_file()):
-        raise UserError("--generate exports the KV-cache decoder itself: give `llama` or a "
-                        "Hugging Face *ForCausalLM checkpoint directory as the source")
+    if isinstance(source, torch.nn.Module) or not isinstance(source, (str, os.PathLike)):
+        raise UserError("--generate exports the KV-cache decoder itself: give `llama`, a "
+                        "Hugging Face *ForCausalLM checkpoint directory or a decoder .onnx")
     path = Path(source)
+    if path.is_file() or path.suffix == ".onnx":
+        return _onnx_decoder_source(path)
     if path.is_dir():
         from edgec.exporters.hf import (
             example_shape,
@@ -138,6 +139,31 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes) -> Source:
     src.parameter_map = {k.removeprefix("model."): v for k, v in src.parameter_map.items()
                          if k.startswith("model.")}
     return src
+
+
+def _onnx_decoder_source(path: Path) -> Source:
+    """A decoder .onnx with Hugging Face names (edgec's or optimum's export); the file itself,
+    run in ONNX Runtime, is the reference."""
+    from edgec.exporters import decoder as dec
+    from edgec.exporters.export_file import stored_parameter_map
+    from edgec.onnx_io import load_onnx
+    from edgec.runtimes.ort import run_model
+
+    model = load_onnx(path)
+    info = dec.onnx_decoder_info(model, path)
+    ids, mask, positions, past = dec.example_inputs(info, 1, 8)
+    feeds = {n: t.numpy() for n, t in zip(dec.input_names(info), _flat((ids, mask, positions,
+                                                                          past)))}
+    try:
+        reference = run_model(model, feeds)
+    except Exception as e:
+        raise UserError(f"{path}: ONNX Runtime cannot run it as a decoder: "
+                        f"{str(e).splitlines()[0]}") from e
+    src_info = {"kind": "onnx", "path": str(path), "input_names": list(feeds),
+                "output_names": [v.name for v in model.graph.outputs],
+                "generation": info.to_json()}
+    return Source("onnx", src_info, model, stored_parameter_map(model), feeds, reference,
+                  "onnxruntime", None, 0.0)
 
 
 def _flat(inputs) -> list:

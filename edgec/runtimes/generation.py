@@ -179,6 +179,24 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
     return sequences, stats
 
 
+def benchmark_generation(session, prompt_tokens: int = 128, new_tokens: int = 32,
+                         warmup: int = 1, iterations: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Prefill ms (time to first token) and decode tokens/s, medians over ``iterations`` greedy
+    generations of exactly ``new_tokens`` from a random ``prompt_tokens``-token prompt."""
+    info = session.decoder_info
+    ids = np.random.default_rng(seed).integers(0, info.vocab, (1, prompt_tokens))
+    runs = []
+    for i in range(warmup + iterations):
+        session.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+        if i >= warmup:
+            runs.append(session.last_generation)
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "iterations": iterations,
+            "prefill_ms": float(np.median([r["prefill_ms"] for r in runs])),
+            "decode_tokens_per_s": float(np.median([r["decode_tokens_per_s"] for r in runs])),
+            "decode_ms_per_token": float(np.median([1e3 / r["decode_tokens_per_s"]
+                                                    for r in runs]))}
+
+
 def parse_ids(text: str) -> list[int]:
     """``"1,2,3"`` → [1, 2, 3] (``--prompt-ids``)."""
     try:

@@ -26,7 +26,9 @@ def ship_tokenizer(checkpoint: str | Path | None, stage: Path) -> str | None:
         return None
     src = Path(checkpoint)
     if not (src / "tokenizer.json").is_file():
-        return None
+        src = src / TOKENIZER_DIR  # an edgec artifact's
+        if not (src / "tokenizer.json").is_file():
+            return None
     dest = stage / TOKENIZER_DIR
     dest.mkdir()
     for name in FILES:

@@ -1,0 +1,253 @@
+"""Generation from KV-cache decoder artifacts: greedy parity with Hugging Face ``generate()``
+on the reference model and HF LLaMA / Qwen2 checkpoints, on ort-cpu and openvino-cpu (stateful).
+
+Artifacts are compiled once per module (each compile is an export + verification, ~5 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+import edgec
+from edgec.cli import app
+from edgec.errors import UserError
+from edgec.runtimes.generation import GenerationConfig, process_logits
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TARGETS = ("ort-cpu", "openvino-cpu")
+NEW = 32
+HF = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+WORDS = "the a cat dog sat on mat ran far and then it was good day".split()
+
+
+def _tokenizer(path):
+    """A word-level fast tokenizer (tokenizer.json) with <pad>/<s>/</s>/<unk> = 0..3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+        ("<s>", 1)])
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hfgen")
+    torch.manual_seed(0)
+    models = {}
+    for name, (cfg_cls, cls) in {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}.items():
+        model = cls(cfg_cls(**HF)).eval()
+        model.save_pretrained(root / name)
+        models[name] = model
+    _tokenizer(root / "llama")
+    return root, models
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, checkpoints):
+    root, _ = checkpoints
+    out = tmp_path_factory.mktemp("gen")
+    arts = {("llama", "ort-cpu"): edgec.compile("llama", target="ort-cpu", config="tiny",
+                                                output_dir=out / "ref-ort", generate=True)}
+    for name in ("llama", "qwen2"):
+        arts[f"hf-{name}", "ort-cpu"] = edgec.compile(
+            str(root / name), target="ort-cpu", output_dir=out / f"{name}-ort", generate=True,
+            config="batch=1,seq=8")
+    # openvino-cpu from the ort-cpu artifact's decoder .onnx: exported once, token ids and
+    # tokenizer carried over from that artifact
+    for key in list(arts):
+        arts[key[0], "openvino-cpu"] = edgec.compile(
+            str(arts[key].path / "model.onnx"), target="openvino-cpu",
+            output_dir=out / f"{key[0]}-ov", generate=True)
+    return arts
+
+
+def _reference_as_hf(module) -> transformers.LlamaForCausalLM:
+    """The `llama` reference model as a transformers LLaMA (its parameter names are HF's)."""
+    c = module.cfg
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.vocab, hidden_size=c.dim, intermediate_size=c.ffn,
+        num_hidden_layers=c.layers, num_attention_heads=c.heads, num_key_value_heads=c.kv_heads,
+        rope_theta=c.rope_theta, rms_norm_eps=c.eps, max_position_embeddings=512)).eval()
+    state = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v
+             for k, v in module.state_dict().items()}
+    hf.load_state_dict(state, strict=True)
+    return hf
+
+
+def _hf_greedy(model, ids, mask=None) -> np.ndarray:
+    with torch.no_grad():
+        out = model.generate(torch.as_tensor(ids), attention_mask=None if mask is None else
+                             torch.as_tensor(mask), max_new_tokens=NEW, do_sample=False,
+                             min_new_tokens=NEW, pad_token_id=0)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_reference_model_greedy_matches_hf_generate(artifacts, target):
+    from edgec.models import registry
+
+    hf = _reference_as_hf(registry.get("llama").build("tiny"))
+    ids = np.random.default_rng(0).integers(0, 256, (2, 7))
+    sess = artifacts["llama", target].load()
+    ours = sess.generate(ids, max_new_tokens=NEW, eos_token_id=[])
+    np.testing.assert_array_equal(ours, _hf_greedy(hf, ids))
+    stats = sess.last_generation
+    assert stats["new_tokens"] == NEW and stats["prefill_ms"] > 0
+    assert stats["decode_tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_hf_checkpoint_greedy_matches_hf_generate(artifacts, checkpoints, name, target):
+    _, models = checkpoints
+    ids = np.array([[1, 9, 23, 44, 17, 5]])
+    sess = artifacts[f"hf-{name}", target].load()
+    ours = sess.generate(ids, max_new_tokens=NEW, eos_token_id=[])
+    np.testing.assert_array_equal(ours, _hf_greedy(models[name], ids))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_left_padded_batch_decodes_as_each_prompt_alone(artifacts, target):
+    sess = artifacts["hf-qwen2", target].load()
+    a, b = np.array([1, 5, 9, 13, 17, 21, 25]), np.array([1, 30, 31])
+    batch = np.array([a, np.r_[[0] * 4, b]])
+    mask = np.array([[1] * 7, [0] * 4 + [1] * 3])
+    both = sess.generate(batch, mask, max_new_tokens=12, eos_token_id=[])
+    np.testing.assert_array_equal(both[0], sess.generate(a, max_new_tokens=12,
+                                                         eos_token_id=[])[0])
+    np.testing.assert_array_equal(both[1, 4:], sess.generate(b, max_new_tokens=12,
+                                                             eos_token_id=[])[0])
+
+
+def test_eos_stops_a_row_and_pads_it(artifacts):
+    sess = artifacts["llama", "ort-cpu"].load()
+    ids = np.array([[3, 4, 5], [6, 7, 8]])
+    free = sess.generate(ids, max_new_tokens=10)
+    eos = int(free[0, 3 + 2])  # row 0's third new token
+    out = sess.generate(ids, max_new_tokens=10, eos_token_id=[eos], pad_token_id=255)
+    first = 3 + int(np.flatnonzero(free[0, 3:] == eos)[0])
+    assert (out[0, first + 1:] == 255).all() and out[0, first] == eos
+    if eos not in free[1, 3:]:  # the other row runs on, unchanged, up to max_new_tokens
+        np.testing.assert_array_equal(out[1, :out.shape[1]], free[1, :out.shape[1]])
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(artifacts):
+    sess = artifacts["llama", "ort-cpu"].load()
+    ids = np.array([[10, 20, 30]])
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.9)
+    a, b = sess.generate(ids, seed=3, **kw), sess.generate(ids, seed=3, **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, sess.generate(ids, seed=4, **kw))
+    np.testing.assert_array_equal(sess.generate(ids, max_new_tokens=12, do_sample=True, top_k=1),
+                                  sess.generate(ids, max_new_tokens=12))
+
+
+def test_logits_processing_matches_transformers():
+    from transformers.generation import logits_process as lp
+
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((3, 50)).astype(np.float32) * 3
+    seqs = rng.integers(0, 50, (3, 6))
+    cfg = GenerationConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8,
+                           repetition_penalty=1.3)
+    t_seqs, t = torch.as_tensor(seqs), torch.as_tensor(scores)
+    for proc in (lp.RepetitionPenaltyLogitsProcessor(1.3), lp.TemperatureLogitsWarper(0.7),
+                 lp.TopKLogitsWarper(20), lp.TopPLogitsWarper(0.8)):
+        t = proc(t_seqs, t)
+    ours = process_logits(scores, seqs, cfg)
+    np.testing.assert_array_equal(np.isinf(ours), torch.isinf(t).numpy())
+    finite = ~np.isinf(ours)
+    np.testing.assert_allclose(ours[finite], t.numpy()[finite], rtol=1e-6)
+
+
+def test_artifact_names_and_stateful_openvino(artifacts):
+    art = artifacts["hf-llama", "ort-cpu"]
+    names = [i["name"] for i in art.manifest["inputs"]]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert names[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    outs = [o["name"] for o in art.manifest["outputs"]]
+    assert outs[:3] == ["logits", "present.0.key", "present.0.value"]
+    assert art.manifest["generation"]["tokenizer"] == "tokenizer"
+    assert art.manifest["generation"]["eos_token_ids"] == [2]
+    ov = artifacts["hf-llama", "openvino-cpu"].manifest["runtime"]
+    assert ov["stateful"]["pairs"]["past_key_values.1.value"] == "present.1.value"
+    xml = (artifacts["hf-llama", "openvino-cpu"].path / ov["model"]).read_text()
+    assert "ReadValue" in xml and "Assign" in xml and 'name="beam_idx"' in xml
+
+
+def test_quantized_decoder_generates_close_to_fp32(tmp_path, artifacts):
+    art = edgec.compile(str(artifacts["llama", "ort-cpu"].path / "model.onnx"), target="ort-cpu",
+                        output_dir=tmp_path / "q", generate=True, quantize="w8a8")
+    ids = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    fp32 = artifacts["llama", "ort-cpu"].load()
+    seq = fp32.generate(ids, max_new_tokens=16, eos_token_id=[])
+    q = art.load()
+    assert (q.generate(ids, max_new_tokens=2)[:, 5:] == seq[:, 5:7]).all()
+    # teacher-forced: next-token choices along the fp32 continuation (one prefill each)
+    empty = np.zeros((2, 2, 0, 16), np.float32)
+    feeds = {"input_ids": seq, "attention_mask": np.ones_like(seq),
+             "position_ids": np.broadcast_to(np.arange(seq.shape[1]), seq.shape),
+             **{n: empty for n in fp32.decoder_info.past_names}}
+    top1 = [s.run(feeds)["logits"][:, 4:-1].argmax(-1) for s in (q, fp32)]
+    assert (top1[0] == top1[1]).mean() >= 0.9
+    cos = art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["cosine"]
+    assert cos > 0.999
+    assert art.manifest["quantization"]["calibration"]["data"].startswith("prefill")
+
+
+def test_generate_cli_text_ids_json_and_bench(artifacts):
+    runner = CliRunner()
+    hf = str(artifacts["hf-llama", "ort-cpu"].path)
+    r = runner.invoke(app, ["generate", hf, "--prompt", "the cat sat", "-n", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["prompt_ids"] == [1, 4, 6, 8] and len(data["new_ids"]) <= 6
+    assert isinstance(data["text"], str)
+    r = runner.invoke(app, ["generate", hf, "--prompt", "the cat sat", "-n", "6"])
+    assert r.exit_code == 0 and r.stdout.strip() == data["text"].strip()
+    ref = str(artifacts["llama", "openvino-cpu"].path)
+    r = runner.invoke(app, ["generate", ref, "--prompt-ids", "1,2,3", "-n", "5"])
+    assert r.exit_code == 0 and len(r.stdout.strip().split(",")) == 5
+    r = runner.invoke(app, ["bench", ref, "--prompt-tokens", "16", "--new-tokens", "4",
+                            "--iterations", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.stdout)
+    assert stats["prefill_ms"] > 0 and stats["decode_tokens_per_s"] > 0
+
+
+def test_bad_generation_input_is_one_line_exit_2(artifacts, dit_tiny_artifacts):
+    runner = CliRunner()
+    ref = str(artifacts["llama", "ort-cpu"].path)
+    cases = [
+        (["generate", ref, "--prompt", "hello"], "no tokenizer"),
+        (["generate", str(dit_tiny_artifacts[0].path), "--prompt-ids", "1"], "no KV cache"),
+        (["generate", ref, "--prompt-ids", "1,999"], "token ids must be in"),
+        (["generate", ref, "--prompt-ids", "1,x"], "comma-separated"),
+        (["generate", ref], "one of them"),
+        (["compile", "llama", "--target", "ort-cpu", "-o", "x", "--context", "64"],
+         "add --generate"),
+        (["compile", "video-dit", "--target", "ort-cpu", "-o", "x", "--generate"],
+         "not a decoder language model"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    sess = artifacts["llama", "ort-cpu"].load()
+    with pytest.raises(UserError, match="right-padded"):
+        sess.generate(np.array([[1, 2, 0]]), np.array([[1, 1, 0]]))
