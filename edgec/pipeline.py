@@ -115,11 +115,14 @@ class Prepared:
 
 def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
-            step: Progress | None = None, until: str | None = None) -> Prepared:
+            step: Progress | None = None, until: str | None = None,
+            static=None) -> Prepared:
     """Export ``source`` (static shapes if the target needs them) and run the stage table.
 
     ``until`` stops before the named stage: ``edgec calibrate`` stops before ``quantize``, so the
     graph it calibrates is byte for byte the graph the compile quantizes (caches are bound to it).
+    ``static``: for generation on a static-shape target, which decoder graph (a
+    ``decoder.StaticCache``: context and tokens per run); default the prefill graph.
     """
     from edgec.exporters.sources import resolve_source
 
@@ -130,8 +133,10 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     if tgt.static_shapes and dynamic_shapes is None:
         dynamic_shapes = {}  # export every dim static (an empty map, not "the model's default")
     step(f"exporting {_describe(source, recipe.config)}")
+    if recipe.generate and tgt.static_shapes:
+        static = static or static_graphs(recipe, source)[0]
     src = resolve_source(source, recipe.config, example_inputs, dynamic_shapes,
-                         generate=recipe.generate)
+                         generate=static or recipe.generate)
     times["export_s"] = src.export_seconds
     times["verify_export_s"] = time.perf_counter() - t_start - src.export_seconds
     _check_opset(src.model, tgt)
@@ -195,6 +200,10 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         tgt = recipe.target
         step(f"building for {tgt.name}")
         built = tgt.build(tgt, stage / "model.onnx", stage / "target")
+        decode = None
+        if gen and tgt.static_shapes:  # the one-token graph beside the prefill graph
+            decode = _decode_graph(source, recipe, stage, step)
+            built.runtime["decode"] = decode[0]
         times["build_s"] = time.perf_counter() - t0
 
         step(f"verifying on {tgt.name}")
@@ -220,6 +229,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
                                                                      "verified_adapter")}
         if gen:
             manifest["generation"] = {**gen, "tokenizer": tokenizer}
+        if decode:
+            report["fidelity"]["decode_graph_vs_source"] = decode[1]
         quant = reports.quantization_entry(records)
         if quant:
             manifest["quantization"] = report["quantization"] = quant
@@ -231,6 +242,42 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         (stage / "report.md").write_text(reports.render_markdown(report))
         del session  # release file handles before the rename
     return Artifact(out, manifest, report)
+
+
+DEFAULT_CONTEXT = 256
+PREFILL_TOKENS = 64
+
+
+def static_graphs(recipe: Recipe, source: Any) -> tuple[Any, Any]:
+    """The (prefill, decode) graphs of a static-cache decoder: ``context`` slots (``--context``,
+    default 256), prefill chunks of min(64, context/4) tokens, decode one token."""
+    from edgec.exporters.decoder import StaticCache
+
+    context = recipe.context or DEFAULT_CONTEXT
+    chunk = max(1, min(PREFILL_TOKENS, context // 4))
+    return StaticCache(context, chunk), StaticCache(context, 1)
+
+
+def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, dict]:
+    """Export, rewrite, build and verify the one-token decode graph of a static-cache decoder
+    beside the prefill graph (``decode.onnx``, ``target/decode/``): its runtime entry and its
+    fidelity."""
+    from edgec.fidelity import target_fidelity, verification_session
+    from edgec.onnx_io import save_model
+
+    step("exporting the one-token decode graph")
+    prep = prepare(source, recipe, step=step, static=static_graphs(recipe, source)[1])
+    save_model(prep.model, stage / "decode.onnx")
+    tgt = recipe.target
+    step(f"building the decode graph for {tgt.name}")
+    built = tgt.build(tgt, stage / "decode.onnx", stage / "target" / "decode")
+    entry = {**built.runtime, "model": "target/decode/" + built.runtime["model"].removeprefix(
+        "target/"), "onnx": "decode.onnx", "tokens": 1}
+    session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
+    fidelity, _ = target_fidelity(session, prep.src, _approximate(prep.manager.records),
+                                  prep.model, recipe.quantize is not None)
+    del session
+    return entry, fidelity
 
 
 def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,

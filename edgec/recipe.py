@@ -198,10 +198,9 @@ class Recipe:
         if self.context is not None and not self.generate:
             raise UserError("--context sizes the KV cache of a generation artifact; add "
                             "--generate")
-        if self.generate and t.static_shapes:
-            raise UserError(f"--generate on {t.name} needs static KV-cache graphs (a prefill "
-                            "and a decode graph over fixed buffers), which are not implemented "
-                            "yet; generate on ort-cpu or openvino-cpu")
+        if self.context is not None and not t.static_shapes:
+            raise UserError(f"--context sizes a static KV cache; {t.name} grows its cache as "
+                            "needed, drop --context")
         if self.calibration is not None:
             if self.quantize is None:
                 raise UserError("--calib applies to quantized compiles; add --quantize SCHEME")

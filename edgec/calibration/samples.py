@@ -93,6 +93,8 @@ def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:
     not the example's random past. Registry models' own token generator; else random ids."""
     gen = src.info["generation"]
     batch, total = src.feeds["attention_mask"].shape
+    if gen.get("cache") == "static":  # fixed shapes: new tokens after an empty (masked) buffer
+        return _static_decoder_samples(src, gen, n)
     if src.kind == "registry":
         from edgec.models import registry
 
@@ -109,6 +111,23 @@ def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:
                     "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
                     **dict.fromkeys(gen["past"], empty)})
     return out
+
+
+def _static_decoder_samples(src, gen, n: int) -> list[dict[str, np.ndarray]]:
+    batch, tokens = src.feeds["input_ids"].shape
+    context = src.feeds["attention_mask"].shape[1]
+    rng = np.random.default_rng(1000)
+    mask = np.zeros((batch, context), np.int64)
+    mask[:, context - tokens:] = 1
+    empty = np.zeros_like(src.feeds[gen["past"][0]])
+    # positions spread over the whole context (sample i starts i/n of the way in): every tensor
+    # is quantized on the NPU, the RoPE angles (position × frequency) included
+    starts = np.linspace(0, context - tokens, n).astype(np.int64)
+    return [{"input_ids": rng.integers(0, gen["vocab"], (batch, tokens)).astype(np.int64),
+             "attention_mask": mask,
+             "position_ids": np.broadcast_to(start + np.arange(tokens, dtype=np.int64),
+                                             (batch, tokens)).copy(),
+             **dict.fromkeys(gen["past"], empty)} for start in starts]
 
 
 def _hf_samples(src, n: int) -> list[dict[str, np.ndarray]]:

@@ -24,7 +24,7 @@ from edgec.errors import UserError
 
 __all__ = ["DecoderInfo", "past_name", "present_name", "reference_decoder", "hf_decoder",
            "example_inputs", "decoder_dynamic_shapes", "GENERATION_INPUTS",
-           "onnx_decoder_info"]
+           "onnx_decoder_info", "StaticCache"]
 
 GENERATION_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -157,6 +157,26 @@ def hf_decoder(model: torch.nn.Module, path) -> tuple[_Decoder, DecoderInfo]:
     return _HFDecoder(model, info.layers), info
 
 
+def new_slots_only(model, info: DecoderInfo) -> None:
+    """Make each ``present.*`` output the new tokens' keys/values instead of past + new: the
+    graph output moves from the cache Concat to the Concat's last input (the Concat stays, the
+    attention reads it). For static-cache graphs, whose runtime owns the buffer."""
+    outputs = list(model.graph.outputs)
+    for i, value in enumerate(outputs):
+        if value.name not in info.present_names:
+            continue
+        node = value.producer()
+        if node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+            raise UserError(f"the exported decoder's {value.name} is not a Concat of past and "
+                            f"new keys/values ({node.op_type if node else 'a graph input'}); "
+                            "this decoder cannot run with a static cache")
+        new = node.inputs[1]
+        name = value.name
+        value.name = f"{name}.all"
+        new.name = name
+        model.graph.outputs[i] = new
+
+
 def onnx_decoder_info(model, path) -> DecoderInfo:
     """A decoder graph's ``DecoderInfo`` from its names and shapes (as optimum and edgec write
     them), with token ids from the ``config.json`` / ``generation_config.json`` beside it."""
@@ -213,19 +233,36 @@ def _first(value) -> int | None:
     return ids[0] if ids else None
 
 
-def example_inputs(info: DecoderInfo, batch: int, seq: int, seed: int = 0) -> tuple:
+def example_inputs(info: DecoderInfo, batch: int, seq: int, seed: int = 0,
+                   static: StaticCache | None = None) -> tuple:
     """A decode-like example: ``seq // 2`` new tokens after ``seq - seq // 2`` cached ones
     (random past keys/values), no padding (a padding query's output is not defined the same way
-    by every implementation, and generation never reads it)."""
+    by every implementation, and generation never reads it).
+
+    ``static``: the fixed shapes of a static-cache graph instead: ``static.tokens`` new tokens
+    after a buffer of ``context - tokens`` slots, the first half of them filled (random keys and
+    values), the rest empty (masked)."""
     g = torch.Generator().manual_seed(seed)
-    new = max(1, seq // 2)
-    past_len = max(1, seq - new)
+    new = static.tokens if static else max(1, seq // 2)
+    past_len = static.context - static.tokens if static else max(1, seq - new)
+    filled = past_len // 2 if static else past_len
     ids = torch.randint(0, info.vocab, (batch, new), generator=g, dtype=torch.int64)
     mask = torch.ones(batch, past_len + new, dtype=torch.int64)
-    positions = torch.arange(past_len, past_len + new, dtype=torch.int64)[None].expand(batch, new)
+    mask[:, filled:past_len] = 0
+    positions = torch.arange(filled, filled + new, dtype=torch.int64)[None].expand(batch, new)
     past = tuple(torch.randn(batch, info.kv_heads, past_len, info.head_dim, generator=g)
                  for _ in range(2 * info.layers))
     return ids, mask, positions.contiguous(), past
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticCache:
+    """A static-shape decoder graph (NPUs): ``tokens`` new tokens per run over a KV buffer of
+    ``context - tokens`` slots; its ``present.*`` outputs carry only the new tokens' keys and
+    values, which the runtime writes into its buffer (no scatter in the graph)."""
+
+    context: int
+    tokens: int
 
 
 def decoder_dynamic_shapes(info: DecoderInfo) -> dict[str, Any]:

@@ -45,7 +45,8 @@ def resolve_source(source: Any, config: str | None = None,
     import torch
 
     if generate:
-        return _decoder_source(source, config, dynamic_shapes)
+        return _decoder_source(source, config, dynamic_shapes,
+                               None if generate is True else generate)
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise UserError("compiling an nn.Module needs example_inputs=(tensor, ...)")
@@ -93,8 +94,12 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _decoder_source(source: Any, config: str | None, dynamic_shapes) -> Source:
-    """The KV-cache decoder of ``llama`` or a Hugging Face causal LM, exported and verified."""
+def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None) -> Source:
+    """The KV-cache decoder of ``llama`` or a Hugging Face causal LM, exported and verified.
+
+    ``static`` (a ``decoder.StaticCache``): export it with fixed shapes (batch 1, a buffer of
+    ``context - tokens`` slots) and make its ``present.*`` outputs the new tokens' keys/values
+    only, as an NPU runs it."""
     import torch
 
     from edgec.exporters import decoder as dec
@@ -104,6 +109,9 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes) -> Source:
                         "Hugging Face *ForCausalLM checkpoint directory or a decoder .onnx")
     path = Path(source)
     if path.is_file() or path.suffix == ".onnx":
+        if static is not None:
+            raise UserError("a static-shape generation target exports the decoder itself: give "
+                            "`llama` or a Hugging Face *ForCausalLM checkpoint directory")
         return _onnx_decoder_source(path)
     if path.is_dir():
         from edgec.exporters.hf import (
@@ -131,11 +139,21 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes) -> Source:
         kind = "registry"
         src_info = {"kind": "registry", "name": spec.name, "config": config,
                     "hyperparameters": spec.hyperparameters(config)}
-    inputs = dec.example_inputs(info, int(batch), int(seq))
-    shapes = dynamic_shapes if dynamic_shapes is not None else dec.decoder_dynamic_shapes(info)
+    if static is not None:
+        info = dataclasses.replace(info, context=static.context)
+        batch, shapes = 1, {}
+    else:
+        shapes = dynamic_shapes if dynamic_shapes is not None else dec.decoder_dynamic_shapes(info)
+    inputs = dec.example_inputs(info, int(batch), int(seq), static=static)
+    gen = info.to_json()
+    if static is not None:
+        gen.update(cache="static", tokens=static.tokens)
     src = _from_torch(module, inputs, shapes, dec.output_names(info),
-                      {**src_info, "generation": info.to_json()}, kind,
-                      input_names=dec.input_names(info))
+                      {**src_info, "generation": gen}, kind, input_names=dec.input_names(info))
+    if static is not None:
+        dec.new_slots_only(src.model, info)
+        for name in info.present_names:
+            src.reference[name] = src.reference[name][:, :, -static.tokens:]
     src.parameter_map = {k.removeprefix("model."): v for k, v in src.parameter_map.items()
                          if k.startswith("model.")}
     return src

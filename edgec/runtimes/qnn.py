@@ -106,7 +106,21 @@ class QnnSession(Session):
 
     @classmethod
     def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> QnnSession:
-        return cls(root / runtime["model"], runtime)
+        session = cls(root / runtime["model"], runtime)
+        decode = runtime.get("decode")
+        if decode:  # a static-cache decoder: the one-token graph beside the prefill graph
+            session.decode_session = cls(root / decode["model"], decode)
+        return session
+
+    def _kv_cache(self, info, input_ids):
+        from edgec.runtimes.static_cache import StaticBufferCache
+
+        decode = getattr(self, "decode_session", None)
+        if decode is None:
+            return super()._kv_cache(info, input_ids)
+        ids = np.asarray(input_ids)
+        chunk = self._inputs[0].shape[1]
+        return StaticBufferCache(self, decode, info, chunk, ids.shape[0] if ids.ndim == 2 else 1)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self._sess.run(self._output_names, feeds)))

@@ -1,0 +1,69 @@
+"""Generation over static-shape decoder graphs (NPUs): the KV buffer lives here, not in the graph.
+
+The artifact holds two graphs over one set of weights: a prefill graph that takes ``tokens``
+(e.g. 64) new tokens and a decode graph that takes one, each over a buffer of ``context -
+tokens`` past slots, returning only the new tokens' keys and values. This cache owns a
+[1, kv_heads, context, head_dim] buffer per K/V, fills slots left to right and marks which are
+valid in the attention mask; a prompt is run in chunks of ``tokens``, the first left-padded
+with masked slots, so every shape stays the one the NPU compiled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgec.errors import UserError
+
+__all__ = ["StaticBufferCache"]
+
+
+class StaticBufferCache:
+    """``step(ids, mask, positions) -> logits`` (the protocol ``generation.generate`` drives)
+    over a prefill session (``chunk`` tokens) and a decode session (one token)."""
+
+    def __init__(self, prefill, decode, info, chunk: int, batch: int = 1):
+        if batch != 1:
+            raise UserError("a static-shape decoder generates one sequence at a time; pass one "
+                            "prompt (batch 1)")
+        self.prefill, self.decode, self.info, self.chunk = prefill, decode, info, chunk
+        self.context = info.context
+        shape = (1, info.kv_heads, self.context, info.head_dim)
+        self.buffers = {name: np.zeros(shape, np.float32) for name in info.past_names}
+        self.valid = np.zeros((1, self.context), np.int64)
+        self.filled = 0
+
+    def _run(self, session, ids, valid, positions) -> np.ndarray:
+        tokens = ids.shape[1]
+        if self.filled + tokens > self.context:
+            raise UserError(f"the sequence needs more than the static context of {self.context} "
+                            "tokens this artifact was compiled for; recompile with a larger "
+                            "--context, or shorten the prompt / max_new_tokens")
+        slots = self.context - tokens
+        feeds = {"input_ids": ids, "position_ids": positions,
+                 "attention_mask": np.concatenate([self.valid[:, :slots], valid], axis=1),
+                 **{n: np.ascontiguousarray(b[:, :, :slots]) for n, b in self.buffers.items()}}
+        out = session._run(feeds)
+        end = self.filled + tokens
+        for past, present in zip(self.info.past_names, self.info.present_names):
+            self.buffers[past][:, :, self.filled:end] = out[present]
+        self.valid[:, self.filled:end] = valid
+        self.filled = end
+        return out["logits"]
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        n = ids.shape[1]
+        if n == 1 and self.filled:
+            return self._run(self.decode, ids, mask[:, -1:], positions)
+        pad = (-n) % self.chunk  # left-pad the prompt to whole chunks of masked slots
+        ids = np.pad(ids, ((0, 0), (pad, 0)))
+        valid = np.pad(mask[:, -n:], ((0, 0), (pad, 0)))
+        positions = np.pad(positions, ((0, 0), (pad, 0)))
+        if ids.shape[1] > self.context - 1:
+            raise UserError(f"the prompt ({n} tokens, {ids.shape[1]} as whole prefill chunks of "
+                            f"{self.chunk}) does not fit the static context of {self.context} "
+                            "tokens; recompile with a larger --context or shorten the prompt")
+        logits = None
+        for start in range(0, ids.shape[1], self.chunk):
+            cut = slice(start, start + self.chunk)
+            logits = self._run(self.prefill, ids[:, cut], valid[:, cut], positions[:, cut])
+        return logits
