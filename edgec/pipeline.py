@@ -199,7 +199,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
                              adapters=ship_adapters(recipe.lora, stage))
         tgt = recipe.target
         step(f"building for {tgt.name}")
-        built = tgt.build(tgt, stage / "model.onnx", stage / "target")
+        built = tgt.build(tgt, stage / "model.onnx", stage / "target",
+                          **({"generation": {**gen, "context": recipe.context}} if gen else {}))
         decode = None
         if gen and tgt.static_shapes:  # the one-token graph beside the prefill graph
             decode = _decode_graph(source, recipe, stage, step)
@@ -228,7 +229,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
             report["fidelity"]["lora"] = {k: lora_info[k] for k in ("mode", "reference",
                                                                      "verified_adapter")}
         if gen:
-            manifest["generation"] = {**gen, "tokenizer": tokenizer}
+            manifest["generation"] = {**gen, "context": recipe.context or gen.get("context"),
+                                      "tokenizer": tokenizer}
         if decode:
             report["fidelity"]["decode_graph_vs_source"] = decode[1]
         quant = reports.quantization_entry(records)

@@ -178,7 +178,8 @@ class Recipe:
              "for `edgec generate` / Session.generate; llama or a *ForCausalLM checkpoint")
     context: int | None = _option(
         None, "--context", metavar="N", parse=_context,
-        help="the longest sequence (prompt + new tokens) a static KV cache holds (--generate)")
+        help="the longest sequence (prompt + new tokens) the artifact generates: qnn-htp's "
+             "static KV buffer (default 256), TensorRT's decode profile (--generate)")
     kv_retrieval: Any = _option(None, "--kv-retrieval", metavar="freekv:K=V,...",
                                 parse=_kv_retrieval, commands=(),
                                 help="FreeKV page retrieval for long contexts (not yet)")
@@ -198,9 +199,6 @@ class Recipe:
         if self.context is not None and not self.generate:
             raise UserError("--context sizes the KV cache of a generation artifact; add "
                             "--generate")
-        if self.context is not None and not t.static_shapes:
-            raise UserError(f"--context sizes a static KV cache; {t.name} grows its cache as "
-                            "needed, drop --context")
         if self.calibration is not None:
             if self.quantize is None:
                 raise UserError("--calib applies to quantized compiles; add --quantize SCHEME")

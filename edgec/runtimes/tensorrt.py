@@ -16,7 +16,7 @@ import numpy as np
 from edgec.errors import TargetUnavailableError, UserError
 from edgec.runtimes.base import IOSpec, Session
 
-__all__ = ["TensorRTSession", "check_profile"]
+__all__ = ["TensorRTSession", "check_profile", "decode_profile"]
 
 
 class TensorRTSession(Session):
@@ -42,6 +42,9 @@ class TensorRTSession(Session):
             raise UserError(f"{root}: the manifest names engine {engine!r}, which is missing from "
                             "the artifact; recompile it")
         self._profile = dict(runtime.get("profile") or {})
+        # a KV-cache decoder's engine has [prefill, decode] profiles (targets.tensorrt.engine)
+        self._profiles = list(runtime.get("profiles") or [])
+        self._active = 0
         self._runner = TrtRunner(EngineFromPath(str(plan)))
         try:
             self._runner.activate()
@@ -63,7 +66,14 @@ class TensorRTSession(Session):
         return cls(root, runtime)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        check_profile(feeds, self._profile)
+        if self._profiles:
+            index = decode_profile(feeds)
+            if index != self._active:
+                self._runner.set_profile(index)
+                self._active = index
+            check_profile(feeds, self._profiles[index])
+        else:
+            check_profile(feeds, self._profile)
         outputs = self._runner.infer(feeds, check_inputs=False)
         return {o.name: np.array(outputs[o.name], copy=True) for o in self._outputs}
 
@@ -71,6 +81,14 @@ class TensorRTSession(Session):
         runner = getattr(self, "_runner", None)
         if runner is not None and runner.is_active:
             runner.deactivate()
+
+
+def decode_profile(feeds: Mapping[str, np.ndarray]) -> int:
+    """Which of a decoder engine's profiles a step uses: 1 (decode) for one new token over a
+    non-empty cache, else 0 (prefill)."""
+    past = next((v for k, v in feeds.items() if k.startswith("past_key_values.")), None)
+    one = np.shape(feeds.get("input_ids", np.zeros((1, 2))))[1] == 1
+    return 1 if one and past is not None and np.shape(past)[2] > 0 else 0
 
 
 def check_profile(feeds: Mapping[str, np.ndarray], profile: Mapping[str, Mapping[str, list]]

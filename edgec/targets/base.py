@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 __all__ = ["Target", "BuildResult", "QuantScheme"]
@@ -90,7 +89,9 @@ class Target:
         runtime_config: settings the runtime applies (session options; recorded in the manifest).
         notes: op-support and behaviour notes (``edgec targets``).
         requires: importable module names the build needs (checked before building).
-        build: ``(target, model_path, target_dir) -> BuildResult``; writes the native artifact.
+        build: ``(target, model_path, target_dir, **options) -> BuildResult``; writes the
+            native artifact. ``options``: ``generation`` (the decoder's manifest entry)
+            for a KV-cache decoder.
         schemes: quantization schemes the target offers, by name (``--quantize``).
         fully_quantized: the device has no float compute: a compile needs ``--quantize``, and
             every tensor gets Q/DQ (16 bits where 8 cannot hold it) instead of staying float.
@@ -112,7 +113,7 @@ class Target:
     runtime_config: Mapping[str, Any]
     notes: tuple[str, ...]
     requires: tuple[str, ...]
-    build: Callable[[Target, Path, Path], BuildResult]
+    build: Callable[..., BuildResult]
     schemes: Mapping[str, QuantScheme] = dataclasses.field(default_factory=dict)
     fully_quantized: bool = False
     swappable_adapters: bool = True

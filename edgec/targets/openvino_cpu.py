@@ -29,7 +29,7 @@ SCHEMES = {
 _UNSUPPORTED = ("No conversion rule", "not supported")
 
 
-def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+def _build(target: Target, model_path: Path, target_dir: Path, **options) -> BuildResult:
     import openvino as ov
     from openvino.frontend import OpConversionFailure
 

@@ -19,7 +19,7 @@ SCHEMES = {
 }
 
 
-def _build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+def _build(target: Target, model_path: Path, target_dir: Path, **options) -> BuildResult:
     import onnxruntime as ort
 
     from edgec.runtimes.ort import session_options

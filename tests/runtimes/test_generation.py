@@ -251,3 +251,22 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, dit_tiny_artifacts):
     sess = artifacts["llama", "ort-cpu"].load()
     with pytest.raises(UserError, match="right-padded"):
         sess.generate(np.array([[1, 2, 0]]), np.array([[1, 1, 0]]))
+
+
+def test_tensorrt_decoder_gets_prefill_and_decode_profiles(artifacts, tmp_path):
+    """No GPU here: the engine is not built, but its profiles are, and the runtime's choice."""
+    from edgec.runtimes.tensorrt import decode_profile
+
+    art = edgec.compile(str(artifacts["llama", "ort-cpu"].path / "model.onnx"),
+                        target="tensorrt", output_dir=tmp_path / "trt", generate=True,
+                        context=128)
+    prefill, decode = art.manifest["runtime"]["profiles"]
+    assert prefill["past_key_values.0.key"]["max"] == [1, 2, 0, 16]
+    assert prefill["input_ids"]["max"] == [1, 128]
+    assert decode["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [1, 1]}
+    assert decode["past_key_values.1.value"]["max"] == [1, 2, 127, 16]
+    assert decode["attention_mask"]["max"] == [1, 128]
+    empty, full = np.zeros((1, 2, 0, 16)), np.zeros((1, 2, 9, 16))
+    assert decode_profile({"input_ids": np.zeros((1, 5)), "past_key_values.0.key": empty}) == 0
+    assert decode_profile({"input_ids": np.zeros((1, 1)), "past_key_values.0.key": full}) == 1
+    assert art.manifest["generation"]["context"] == 128

@@ -249,7 +249,7 @@ def _diagnose(model_path: Path, graph, error: Exception) -> UserError:
                      f"fallback; {advice}")
 
 
-def build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+def build(target: Target, model_path: Path, target_dir: Path, **options) -> BuildResult:
     import onnx
 
     from edgec.runtimes.qnn import QnnSession, qnn_session_options

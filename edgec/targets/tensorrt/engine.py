@@ -24,7 +24,8 @@ from edgec.errors import TargetUnavailableError, UserError
 from edgec.targets.base import BuildResult, Target
 from edgec.targets.tensorrt.rules import RULES, Violation, check_tensorrt_graph, qdq_nodes
 
-__all__ = ["build", "TIMING_CACHE_ENV", "build_engine", "optimization_profile"]
+__all__ = ["build", "TIMING_CACHE_ENV", "build_engine", "optimization_profile",
+           "generation_profiles"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ _BUILD_LATER = ("the TensorRT-legal model.onnx was produced and checked; build t
 UNAVAILABLE = ("TensorRT is not installed here (it needs an NVIDIA GPU and pip install "
                f"'edgec[tensorrt]'); {_BUILD_LATER}")
 
-def build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
+def build(target: Target, model_path: Path, target_dir: Path, generation=None,
+          **options) -> BuildResult:
     from edgec.onnx_io import load_onnx
     from edgec.runtimes import EXAMPLE_INPUTS
 
@@ -44,13 +46,19 @@ def build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
     if violations:
         raise UserError(_violations_line(violations, target))
     n_qdq = len(qdq_nodes(model.graph))
-    profile = optimization_profile(model, _example_shapes(model_path.parent / EXAMPLE_INPUTS))
+    if generation:  # a KV-cache decoder: one profile for prefill, one for decode
+        profiles = generation_profiles(model, generation)
+        profile = profiles[0]
+    else:
+        profile = optimization_profile(model, _example_shapes(model_path.parent / EXAMPLE_INPUTS))
+        profiles = [profile]
     typed = n_qdq > 0 or any(v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
                              for v in (*model.graph.inputs, *model.graph.initializers.values()))
     summary = (f"TensorRT legality: {len(RULES)} rules checked on {n_qdq} Q/DQ nodes, "
                "0 violations")
     runtime: dict[str, Any] = {
         "name": "tensorrt", "profile": profile, "strongly_typed": typed,
+        **({"profiles": profiles} if generation else {}),
         "legality": {"rules": sorted(RULES), "qdq_nodes": n_qdq, "violations": 0},
         "config": dict(target.runtime_config)}
     trt, reason = _import_tensorrt()
@@ -58,7 +66,7 @@ def build(target: Target, model_path: Path, target_dir: Path) -> BuildResult:
         target_dir.mkdir(parents=True, exist_ok=True)
         try:
             build_engine(trt, model_path, target_dir / "model.plan", target_dir / "timing.cache",
-                         profile, typed)
+                         profiles, typed)
             return BuildResult(
                 runtime={**runtime, "model": "target/model.plan", "engine": "target/model.plan",
                          "timing_cache": "target/timing.cache", "tensorrt": trt.__version__},
@@ -121,9 +129,49 @@ def optimization_profile(model: ir.Model, examples: Mapping[str, tuple[int, ...]
     return profile
 
 
+def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
+                        ) -> list[dict[str, dict[str, list[int]]]]:
+    """[prefill, decode] optimization profiles of a KV-cache decoder, by its named dims.
+
+    Prefill: 1..``prefill`` new tokens (default min(context, 512)) over an empty cache. Decode:
+    one token over 1..context-1 cached ones. ``context`` (``--context``) bounds the cache;
+    default the model's max positions, else 2048. Batch 1..``batch`` (default 1).
+    """
+    context = int(generation.get("context") or generation.get("max_positions") or 2048)
+    prefill = int(generation.get("prefill") or min(context, 512))
+    batch = int(generation.get("batch") or 1)
+    ranges = [
+        {"batch_size": (1, 1, batch), "sequence_length": (1, prefill, prefill),
+         "past_sequence_length": (0, 0, 0), "total_sequence_length": (1, prefill, prefill)},
+        {"batch_size": (1, 1, batch), "sequence_length": (1, 1, 1),
+         "past_sequence_length": (1, context // 2, context - 1),
+         "total_sequence_length": (2, context // 2 + 1, context)},
+    ]
+    profiles = []
+    for dims in ranges:
+        profile = {}
+        for value in model.graph.inputs:
+            shape = list(value.shape) if value.shape is not None else []
+            bounds = []
+            for d in shape:
+                if isinstance(d, int):
+                    bounds.append((d, d, d))
+                elif str(d) in dims:
+                    bounds.append(dims[str(d)])
+                else:
+                    raise UserError(f"decoder input {value.name!r} has a dim {d} that is not one "
+                                    f"of {', '.join(dims)}; re-export it with --generate")
+            profile[value.name] = {k: [b[i] for b in bounds]
+                                   for i, k in enumerate(("min", "opt", "max"))}
+        profiles.append(profile)
+    return profiles
+
+
 def build_engine(trt, model_path: Path, plan_path: Path, cache_path: Path,
-                 profile: Mapping[str, Mapping[str, list[int]]], strongly_typed: bool) -> None:
-    """Parse ``model_path`` with TensorRT's ONNX parser and write the serialized plan."""
+                 profiles: list[Mapping[str, Mapping[str, list[int]]]],
+                 strongly_typed: bool) -> None:
+    """Parse ``model_path`` with TensorRT's ONNX parser and write the serialized plan (one
+    optimization profile per entry of ``profiles``)."""
     log = trt.Logger(trt.Logger.WARNING)
     try:
         builder = trt.Builder(log)
@@ -151,10 +199,11 @@ def build_engine(trt, model_path: Path, plan_path: Path, cache_path: Path,
         logger.warning("timing cache %s is from another TensorRT or GPU; building without it",
                        source)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    opt_profile = builder.create_optimization_profile()
-    for name, p in profile.items():
-        opt_profile.set_shape(name, p["min"], p["opt"], p["max"])
-    config.add_optimization_profile(opt_profile)
+    for profile in profiles:
+        opt_profile = builder.create_optimization_profile()
+        for name, p in profile.items():
+            opt_profile.set_shape(name, p["min"], p["opt"], p["max"])
+        config.add_optimization_profile(opt_profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError("TensorRT could not build an engine for this model (its log above says "
