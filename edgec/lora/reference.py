@@ -33,8 +33,8 @@ def peft_available() -> bool:
 
 
 def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Sequence[str],
-                        output_names: Sequence[str], adapters: Sequence[LoraAdapter]
-                        ) -> dict[str, np.ndarray]:
+                        output_names: Sequence[str], adapters: Sequence[LoraAdapter],
+                        decoder: bool = False) -> dict[str, np.ndarray]:
     """Outputs of ``merge_and_unload()`` of ``module`` (copied, not modified) with ``adapters``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local adapter dirs only, never the hub
     import torch
@@ -55,7 +55,14 @@ def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Se
                     if f".lora_B.{name}." in pname:
                         p.mul_(a.weight)
         merged = peft_model.merge_and_unload(adapter_names=names)
-        out = merged(*(torch.from_numpy(np.asarray(feeds[n])) for n in input_names))
+        tensors = [torch.from_numpy(np.asarray(feeds[n])) for n in input_names]
+        if decoder:  # a KV-cache decoder: the cache tensors are one tuple argument
+            from edgec.exporters.decoder import reference_decoder
+
+            wrapped, _ = reference_decoder(merged, type(merged).__name__)
+            out = wrapped(*tensors[:3], tuple(tensors[3:]))
+        else:
+            out = merged(*tensors)
     return {n: t.detach().cpu().numpy() for n, t in zip(output_names, flatten_outputs(out))}
 
 
@@ -91,7 +98,8 @@ def lora_reference(source: Any, src, adapters: Sequence[LoraAdapter], mode: str
 
         module = registry.get(src.info["name"]).build(src.info["config"])
     reference = peft_merged_outputs(module, src.feeds, src.info["input_names"],
-                                    src.info["output_names"], used)
+                                    src.info["output_names"], used,
+                                    decoder=bool(src.info.get("generation")))
     kind = "peft merge_and_unload (" + ", ".join(a.name for a in used) + ")"
     info.update(reference=kind, verified_adapter=used[0].name if mode == "swappable" else None)
     return dataclasses.replace(src, reference=reference, reference_kind=kind), info

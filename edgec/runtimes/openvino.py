@@ -105,4 +105,4 @@ class _RuntimeCache:
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        return self.session._step(feeds)["logits"]
+        return self.session._step(self.session._adapter_feeds(feeds, None))["logits"]
