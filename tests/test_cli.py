@@ -30,7 +30,7 @@ def test_targets_list_schemes_and_notes():
     assert list(rows) == ["ort-cpu", "openvino-cpu", "qnn-htp", "tensorrt"]
     htp = rows["qnn-htp"]
     assert htp["fully_quantized"] and htp["static_shapes"] and set(htp["schemes"]) == {
-        "w8a8", "w8a16", "w4a16"}
+        "w8a8", "w8a16", "w4a16", "w4a8"}
     assert any("LayerNormalization" in n for n in htp["notes"])
     assert rows["tensorrt"]["schemes"]["w4a16"] == "int4 weights, blocks of 128, weight-only"
     text = _run("targets").output

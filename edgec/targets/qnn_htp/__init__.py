@@ -58,5 +58,9 @@ QNN_HTP = Target(
         "w8a16": QuantScheme("w8a16", "int8", "uint16", op_types=("MatMul",), min_opset=21),
         "w4a16": QuantScheme("w4a16", "int4", "uint16", weight_symmetric=True, per_channel=True,
                              op_types=("MatMul",), min_opset=21),
+        # 4-bit MatMul weights (symmetric per output channel) with 8-bit activations, 16 bits
+        # where a tensor's crest factor needs them, as w8a8
+        "w4a8": QuantScheme("w4a8", "int4", "uint8", weight_symmetric=True, per_channel=True,
+                            op_types=("MatMul",), min_opset=21, outlier_crest=16.0),
     },
 )
