@@ -171,3 +171,28 @@ def test_cli_calibrate_takes_the_compile_recipe_options(tmp_path):
     res = runner.invoke(app, ["compile", "llama", "-t", "ort-cpu", "-o", str(tmp_path / "b"),
                               "-q", "w8a8", "--calib", str(calib)])
     assert res.exit_code == 2 and "does not match the model" in res.output
+
+
+def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
+    """llama tiny+outliers w8a8 on ort-cpu: 0.984 worst held-out cosine as is; min_cos=0.99
+    keeps the few MatMuls with the largest own quantization error in float until it holds."""
+    art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o",
+                        config="tiny+outliers", quantize="w8a8:min_cos=0.99")
+    stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
+    mp = stats["mixed_precision"]
+    assert mp["reached"] and mp["achieved"] >= 0.99 and mp["probes"][0]["cosine"] < 0.99
+    kept = [e["node"] for e in mp["kept"]]
+    assert 0 < len(kept) < mp["candidates"] // 2
+    assert kept == [e["node"] for e in mp["layer_errors"][:len(kept)]]  # the most sensitive
+    errors = [e["error"] for e in mp["layer_errors"]]
+    assert errors == sorted(errors, reverse=True)
+    assert len(mp["probes"]) <= 2 + 2 * len(mp["layer_errors"]).bit_length()
+    assert stats["excluded_nodes"] >= len(kept)
+    assert _worst(art) >= 0.985
+    with pytest.raises(UserError, match="min_cos must be a cosine"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
+                      quantize="w8a8:min_cos=2")
+    with pytest.raises(UserError, match="weight-only"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
+                      quantize="w4a16:min_cos=0.99")
+    assert not (tmp_path / "x").exists()

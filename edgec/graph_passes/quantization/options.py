@@ -14,7 +14,9 @@ from typing import Any
 from edgec.errors import UserError
 from edgec.options import convert_items, split_spec
 
-__all__ = ["QuantOptions"]
+__all__ = ["QuantOptions", "HELD_OUT"]
+
+HELD_OUT = 4  # samples mixed precision measures the quantized graph on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +26,9 @@ class QuantOptions:
     ``method=minmax|percentile|entropy``; ``exclude=A;B`` (node names or op types kept in high
     precision: float on CPU targets, 16-bit on fully quantized ones); ``samples=N`` (calibration
     samples, default 16); ``mask_fill=F`` (the bounded attention-mask fill on fully quantized
-    targets, default 100).
+    targets, default 100); ``min_cos=F`` (accuracy-driven mixed precision: keep the fewest most
+    sensitive layers in high precision so that the worst output cosine vs fp32 on held-out
+    samples reaches F).
     """
 
     scheme: str
@@ -32,6 +36,7 @@ class QuantOptions:
     exclude: tuple[str, ...] = ()
     samples: int | None = None
     mask_fill: float = 100.0
+    min_cos: float | None = None
 
     def __post_init__(self):
         from edgec.calibration.ranges import METHODS
@@ -44,6 +49,10 @@ class QuantOptions:
         if not isinstance(self.mask_fill, (int, float)) or not self.mask_fill:
             raise UserError("--quantize mask_fill must be a non-zero number")
         object.__setattr__(self, "mask_fill", abs(float(self.mask_fill)))
+        if self.min_cos is not None and not (isinstance(self.min_cos, (int, float))
+                                             and 0 < self.min_cos < 1):
+            raise UserError(f"--quantize min_cos must be a cosine between 0 and 1 (e.g. 0.99), "
+                            f"not {self.min_cos!r}")
         object.__setattr__(self, "exclude", tuple(e for e in self.exclude if e))
 
     @classmethod
@@ -111,4 +120,27 @@ class QuantOptions:
                                   lambda i, n: step(f"calibrating: sample {i}/{n}"))
             return cache, "calibrated during compile"
 
-        return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude)
+        def held_out(model):
+            """Samples the calibration did not see (the model's generator past the calibration
+            count; the last 4 of a user's .npz, which calibration also saw)."""
+            from edgec.calibration.samples import (
+                DEFAULT_SAMPLES,
+                generated_samples,
+                samples_for_model,
+                samples_from_npz,
+            )
+            from edgec.runtimes.base import IOSpec
+
+            if isinstance(calibration, Path):
+                specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
+                samples = samples_from_npz(calibration, specs)[-HELD_OUT:]
+            else:
+                n = (self.samples or DEFAULT_SAMPLES) + HELD_OUT
+                samples = generated_samples(src, n)[0][-HELD_OUT:]
+            return samples_for_model(samples, model)
+
+        if self.min_cos is not None and not scheme.calibrated:
+            raise UserError(f"min_cos chooses which layers keep their activations in high "
+                            f"precision; {scheme.name} is weight-only, drop min_cos")
+        return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
+                            min_cos=self.min_cos, held_out=held_out)

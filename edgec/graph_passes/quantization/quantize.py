@@ -92,11 +92,13 @@ class QuantizePass(ir.passes.FunctionalPass):
     exact = False
     rtol = None
 
-    def __init__(self, scheme, target, ranges: Any = None, exclude: tuple[str, ...] = ()):
+    def __init__(self, scheme, target, ranges: Any = None, exclude: tuple[str, ...] = (),
+                 min_cos: float | None = None, held_out: Callable | None = None):
         super().__init__()
         if scheme.calibrated and ranges is None:
             raise ValueError(f"scheme {scheme.name} needs calibration ranges")
         self.scheme, self.target, self.ranges, self.exclude = scheme, target, ranges, tuple(exclude)
+        self.min_cos, self.held_out = min_cos, held_out
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
@@ -117,6 +119,9 @@ class QuantizePass(ir.passes.FunctionalPass):
             quantized = work
         else:
             quantized = self._static(work, plan, cache)
+            if self.min_cos is not None:
+                quantized, plan, extra["mixed_precision"] = self._mixed(model, quantized, plan,
+                                                                        cache, outliers)
         if extra.get("skipped"):
             logger.warning("%s: %s weights left in float (%s)", s.name,
                            sum(extra["skipped"].values()), ", ".join(extra["skipped"]))
@@ -141,6 +146,41 @@ class QuantizePass(ir.passes.FunctionalPass):
                                     "seconds": round(cache.seconds, 3),
                                     "tensors": len(cache.tensors)}
         return PassResult(quantized, True, stats)
+
+    def _mixed(self, model: ir.Model, quantized: ir.Model, plan, cache, outliers):
+        """Keep the fewest most sensitive layers in high precision so that the worst output
+        cosine on held-out samples reaches ``min_cos`` (see ``mixed_precision``)."""
+        from edgec.graph_passes.quantization.mixed_precision import (
+            layer_errors,
+            search_exclusions,
+            worst_cosine,
+        )
+        from edgec.runtimes.ort import run_model
+
+        s, fq = self.scheme, self.target.fully_quantized
+        feeds = self.held_out(model)
+        reference = [run_model(model, f) for f in feeds]
+        ranked = layer_errors(model, feeds, cache, s, s.op_types, set(plan.nodes_to_exclude),
+                              set(plan.tensors_16bit))
+        built = {0: (quantized, plan)}
+
+        def measure(k: int) -> float:
+            if k not in built:
+                names = tuple(e.node for e in ranked[:k])
+                p = plan_quantization(model, fq, self.exclude + names, outliers)
+                built[k] = (self._static(_at_opset(model.clone(), s.min_opset), p, cache), p)
+            return worst_cosine([run_model(built[k][0], f) for f in feeds], reference)
+
+        k, cos, probes = search_exclusions(ranked, measure, self.min_cos)
+        entry = {"min_cos": self.min_cos, "achieved": round(cos, 6), "held_out": len(feeds),
+                 "reached": cos >= self.min_cos, "candidates": len(ranked),
+                 "kept": [e.to_json() for e in ranked[:k]],
+                 "precision": "16-bit" if fq else "float", "probes": probes,
+                 "layer_errors": [e.to_json() for e in ranked]}
+        if cos < self.min_cos:
+            logger.warning("min_cos %.4f not reached: %.4f with all %d candidates kept",
+                           self.min_cos, cos, len(ranked))
+        return (*built[k], entry)
 
     def _static(self, model: ir.Model, plan, cache) -> ir.Model:
         from onnxruntime.quantization import QuantFormat, quantize_static
