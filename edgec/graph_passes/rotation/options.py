@@ -1,0 +1,80 @@
+"""``--rotate hadamard|dartquant[:k=v,...]`` (Python ``rotate=``) and the pass it makes.
+
+``r4=true`` adds the online Hadamard before each FFN down projection; ``steps=N`` DartQuant's
+optimization steps (default 100); ``seed=N`` the random Hadamards' seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from edgec.errors import UserError
+from edgec.graph_passes._infra import EdgecPass, PassResult
+from edgec.graph_passes.rotation.rotate import METHODS, RotatePass
+from edgec.options import convert_items, split_spec
+
+__all__ = ["RotateOptions", "DartQuantRotatePass"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RotateOptions:
+    method: str
+    r4: bool = False
+    steps: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown rotation {self.method!r}; use --rotate "
+                            f"{' | '.join(METHODS)}")
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise UserError("--rotate steps must be an integer ≥ 0")
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | RotateOptions) -> RotateOptions:
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, Mapping):
+            items = dict(spec)
+            method = items.pop("method", None)
+        else:
+            method, items = split_spec(str(spec), "--rotate", head=":")
+        if not method:
+            raise UserError(f"--rotate needs a method: {' | '.join(METHODS)}[:k=v,...]")
+        return cls(method=method, **convert_items(cls, items, "--rotate"))
+
+    def make_pass(self, src) -> EdgecPass:
+        if self.method == "dartquant":
+            return DartQuantRotatePass(self, src)
+        return RotatePass("hadamard", src.parameter_map, online_r4=self.r4, seed=self.seed)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class DartQuantRotatePass(EdgecPass):
+    """DartQuant: calibrate R1/R2 on the graph this pass receives (its activations on the
+    source's calibration samples; QR-Orth, whip loss), then rotate with them (exact)."""
+
+    name = "rotate"
+    exact = True
+    rtol = 1e-4
+
+    def __init__(self, options: RotateOptions, src):
+        super().__init__()
+        self.options, self.src = options, src
+
+    def call(self, model) -> PassResult:
+        from edgec.calibration.dartquant import calibrate_rotations
+        from edgec.calibration.samples import generated_samples, samples_for_model
+
+        samples, origin = generated_samples(self.src)
+        result = calibrate_rotations(model, samples_for_model(samples, model),
+                                     steps=self.options.steps, seed=self.options.seed)
+        rotate = RotatePass("dartquant", self.src.parameter_map, result.rotations,
+                            online_r4=self.options.r4, seed=self.options.seed)
+        out = rotate.call(model)
+        out.stats["dartquant"] = {**result.summary(), "samples": len(samples), "data": origin}
+        return out

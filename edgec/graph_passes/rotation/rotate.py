@@ -1,0 +1,209 @@
+"""Rotation pass (QuaRot / SpinQuant / DartQuant style), exact in fp32.
+
+    norm(x)·γ → W          ⇒  norm(x) → diag(γ)·W                       (norm folding)
+    stream x               ⇒  x·R1: E·R1, R1ᵀ·W_{q,k,v,gate,up,head}, W_{o,down}·R1   (R1)
+    V_h → O                ⇒  V_h·R2 → R2ᵀ·O_h   per head, shared by a GQA group     (R2)
+    a → W_down             ⇒  a·H (online MatMul) → Hᵀ·W_down                        (R4)
+
+Rotations make activations easy to quantize (a few huge channels are spread over all of them)
+without changing what the model computes. The structure comes from the graph
+(``topology.analyze``); where a rotation cannot pass (post-norm encoders, AdaLN-modulated DiTs,
+KV-cache outputs) it is skipped and ``stats["skipped"]`` says which node and why, while the
+rotations that stay exact there (R2, R4) are still applied. A graph with no norm is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.errors import UserError
+from edgec.graph_passes._infra import EdgecPass, PassResult
+from edgec.graph_passes.rotation.edit import WeightEditor
+from edgec.graph_passes.rotation.hadamard import (
+    apply_left_transpose,
+    orthogonal_factors,
+    random_hadamard,
+)
+from edgec.graph_passes.rotation.topology import (
+    Attention,
+    Skip,
+    Stream,
+    Topology,
+    analyze,
+    const_array,
+)
+
+__all__ = ["RotatePass", "METHODS"]
+
+METHODS = ("hadamard", "dartquant")
+ORTHOGONALITY_TOL = 1e-4
+
+
+class RotatePass(EdgecPass):
+    """``rotations``: calibrated matrices ``{"r1": [d, d], "r2.<layer>": [hd, hd] or
+    [kv_heads, hd, hd]}`` (``edgec.calibration.dartquant``); a rotation not given is a seeded
+    random Hadamard. ``parameter_map`` only names the folded norm scales in the stats
+    (``folded_parameters``: their initializers are gone); the structure comes from the graph."""
+
+    name = "rotate"
+    exact = True
+    rtol = 1e-4
+
+    def __init__(self, method: str = "hadamard",
+                 parameter_map: Mapping[str, Mapping[str, str]] | None = None,
+                 rotations: Mapping[str, np.ndarray] | None = None, online_r4: bool = False,
+                 seed: int = 0):
+        super().__init__()
+        if method not in METHODS:
+            raise UserError(f"unknown rotation {method!r}; use one of {', '.join(METHODS)}")
+        if method == "dartquant" and not rotations:
+            raise UserError("--rotate dartquant needs calibrated rotations; run `edgec calibrate` "
+                            "first or use --rotate hadamard")
+        self.method = method
+        self.rotations = {k: np.asarray(v, dtype=np.float64) for k, v in (rotations or {}).items()}
+        self.online_r4 = online_r4
+        self.seed = seed
+        self.parameter_map = parameter_map or {}
+
+    def call(self, model: ir.Model) -> PassResult:
+        topo = analyze(model.graph)
+        if not topo.norms:
+            raise UserError("--rotate: no RMSNorm or LayerNorm found in the graph, so there is no "
+                            "transformer structure to rotate; compile without --rotate")
+        _check_rotations(self.rotations, topo)
+        before = set(model.graph.initializers)
+        self._used: list[str] = []
+        editor = WeightEditor(model.graph)
+        skipped = list(topo.skipped)
+        r1 = 0
+        if topo.stream is not None:
+            r1 = self._rotate_stream(editor, topo.stream, model.opset_imports.get("", 18))
+        for att in topo.attention:
+            self._rotate_heads(editor, att)
+        r4 = 0
+        if self.online_r4:
+            for k, down in enumerate(topo.ffn_down):
+                w = editor.weight(down)
+                factors = orthogonal_factors(w.shape[0], self.seed + 7919 + k)
+                editor.set_weight(down, apply_left_transpose(factors, w))
+                editor.insert_online(down, factors, "r4")
+                r4 += 1
+        if self.online_r4 and not topo.ffn_down:
+            skipped.append(Skip("r4", "-", "no FFN down projection (a Linear reading an activation "
+                                "of another Linear and writing into a residual Add) was found"))
+        written = editor.flush()
+        stats = self._stats(topo, skipped, r1, r4, editor)
+        gone = before - set(model.graph.initializers)
+        stats["folded_parameters"] = sorted(p for p, e in self.parameter_map.items()
+                                            if e["initializer"] in gone)
+        return PassResult(model, written > 0 or r4 > 0, stats)
+
+    def _rotation(self, key: str, size: int, seed: int) -> np.ndarray:
+        if key in self.rotations:
+            self._used.append(key)
+            return self.rotations[key]
+        return random_hadamard(size, seed)
+
+    def _rotate_stream(self, editor: WeightEditor, stream: Stream, opset: int) -> int:
+        """Fold every stream norm's γ/β into its readers, then rotate the stream by R1."""
+        r1 = self._rotation("r1", stream.width, self.seed)
+        layer_norm = stream.blocks[0][0].kind == "layer"
+        if layer_norm:  # a zero-mean stream makes LayerNorm an RMSNorm, which R1 passes
+            for site in stream.tables:
+                t = editor.table(site)
+                t -= t.mean(axis=-1, keepdims=True)
+            for w in stream.writers:
+                m = editor.weight(w)
+                m -= m.mean(axis=1, keepdims=True)
+                b = editor.bias(w)
+                if b is not None:
+                    b -= b.mean()
+        rotated = 0
+        for norm, readers in stream.blocks:
+            gamma, beta = const_array(norm.scale), const_array(norm.shift)
+            for lin in readers:
+                w = editor.weight(lin)
+                if beta is not None:
+                    b = editor.bias(lin)
+                    editor.set_bias(lin, (0 if b is None else b) + beta.astype(np.float64) @ w)
+                if gamma is not None:
+                    w = gamma.astype(np.float64)[:, None] * w
+                editor.set_weight(lin, r1.T @ w)
+                rotated += 1
+            if layer_norm:
+                editor.layer_norm_to_rms(norm, opset)
+            else:
+                editor.drop_norm_scale(norm)
+        for site in stream.tables:
+            editor.set_table(site, editor.table(site) @ r1)
+        for w in stream.writers:
+            editor.set_weight(w, editor.weight(w) @ r1)
+            b = editor.bias(w)
+            if b is not None:
+                editor.set_bias(w, b @ r1)
+        return rotated + len(stream.tables) + len(stream.writers)
+
+    def _rotate_heads(self, editor: WeightEditor, att: Attention) -> None:
+        """V's columns of kv head g by R2[g]; O's rows of query head h by R2[group(h)]ᵀ."""
+        hd = att.head_dim
+        r2 = self._rotation(f"r2.{att.layer}", hd, self.seed + 1 + att.layer)
+        per_kv = r2 if r2.ndim == 3 else np.broadcast_to(r2, (att.kv_heads, hd, hd))
+        w, b = editor.weight(att.v), editor.bias(att.v)
+        for g, col in enumerate(att.v_columns):
+            w[:, col:col + hd] = w[:, col:col + hd] @ per_kv[g]
+            if b is not None:
+                b[col:col + hd] = b[col:col + hd] @ per_kv[g]
+        o = editor.weight(att.o)
+        for h, row in enumerate(att.o_rows):
+            o[row:row + hd] = per_kv[att.group[h]].T @ o[row:row + hd]
+
+    def _stats(self, topo: Topology, skipped: list[Skip], r1: int, r4: int,
+               editor: WeightEditor) -> dict[str, Any]:
+        att = topo.attention
+        stats: dict[str, Any] = {
+            "method": self.method,
+            "calibrated": sorted(self._used),  # the given rotations that were applied
+            "norms": len(topo.norms),
+            "layers": len(att),
+            "hidden": topo.stream.width if topo.stream else None,
+            "heads": att[0].heads if att else None,
+            "kv_heads": att[0].kv_heads if att else None,
+            "head_dim": att[0].head_dim if att else None,
+            "norms_folded": len(topo.stream.blocks) if topo.stream else 0,
+            "r1": r1,  # weights rotated by R1 (embeddings, readers, writers)
+            "r2": len(att),  # attention layers rotated by R2
+            "r4": r4,  # online Hadamards inserted before FFN down projections
+            "initializers_split": editor.split,
+            "skipped": [s.to_json() for s in skipped],
+        }
+        return stats
+
+
+def _check_rotations(rotations: Mapping[str, np.ndarray], topo: Topology) -> None:
+    """Calibrated matrices must fit this graph (right keys, sizes) and be orthogonal."""
+    layers = {a.layer: a for a in topo.attention}
+    for key, r in rotations.items():
+        m = re.fullmatch(r"r1|r2\.(\d+)", key)
+        if m is None:
+            raise UserError(f"rotation {key!r}: unknown key; calibrated rotations are 'r1' and "
+                            "'r2.<layer>'")
+        if key == "r1":
+            want = [(topo.stream.width,) * 2] if topo.stream else [r.shape]
+        elif int(m.group(1)) in layers:
+            a = layers[int(m.group(1))]
+            want = [(a.head_dim,) * 2, (a.kv_heads, a.head_dim, a.head_dim)]
+        else:
+            raise UserError(f"rotation {key!r}: this graph has {len(layers)} attention layers; "
+                            "the rotations were calibrated for another model")
+        if r.shape not in want:
+            raise UserError(f"rotation {key!r} is {list(r.shape)}, this graph needs "
+                            f"{list(want[0])}; the rotations were calibrated for another model")
+        eye = np.eye(r.shape[-1])
+        err = float(np.abs(np.swapaxes(r, -1, -2) @ r - eye).max())
+        if err > ORTHOGONALITY_TOL:
+            raise UserError(f"rotation {key!r} is not orthogonal (max |RᵀR − I| = {err:.2g})")
