@@ -73,6 +73,8 @@ STAGES: tuple[Stage, ...] = (
                                   sparse=c.recipe.lora_mode == "sparse-merge")),
     Stage("lora-swappable", lambda r, t: bool(r.lora) and r.lora_mode == "swappable",
           lambda c: LoraSwappablePass(c.recipe.lora, c.source.parameter_map)),
+    Stage("rotate", lambda r, t: r.rotate is not None,
+          lambda c: c.recipe.rotate.make_pass(c.source)),
     Stage("sparse-attention", lambda r, t: r.sparse_attention is not None,
           lambda c: SparseAttentionPass(config_for_source(c.recipe.sparse_attention,
                                                           c.source.info))),

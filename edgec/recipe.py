@@ -61,10 +61,9 @@ def _sparse(raw: Any, target, parsed: dict):
 
 
 def _rotate(raw: Any, target, parsed: dict):
-    if raw is None or raw is False:
-        return None
-    raise UserError("rotations (QuaRot Hadamard / DartQuant) are not implemented yet; compile "
-                    "without rotate=")
+    from edgec.graph_passes.rotation.options import RotateOptions
+
+    return None if raw is None or raw is False else RotateOptions.parse(raw)
 
 
 def _prune(raw: Any, target, parsed: dict):
@@ -151,8 +150,11 @@ class Recipe:
              "inputs: batch=N,seq=N")
     sparse_attention: Any = _option(None, "--sparse-attention", metavar="K=V,...",
                                     help=_SPARSE_HELP, parse=_sparse)
-    rotate: str | None = _option(None, "--rotate", help="hadamard | dartquant (not yet)",
-                                 parse=_rotate, commands=())
+    rotate: Any = _option(
+        None, "--rotate", metavar="METHOD[:K=V,...]", parse=_rotate,
+        help="rotate the quantized spaces, exactly in fp32 (QuaRot R1/R2 from the graph's "
+             "structure): hadamard (random Hadamard) | dartquant (calibrated, QR-Orth); options "
+             "r4=true (online Hadamard before FFN down projections), steps=N, seed=N")
     prune: Any = _option(None, "--prune", metavar="SPEC", parse=_prune,
                          help="magnitude-prune MatMul weights before LoRA: magnitude:0.5 "
                               "(unstructured) or 2:4 (N:M)")
@@ -242,7 +244,7 @@ class Recipe:
             "target": self.target.name, "config": self.config,
             "sparse_attention": (sparse.to_json() if hasattr(sparse, "to_json") else
                                  _plain(sparse)),
-            "rotate": self.rotate,
+            "rotate": self.rotate.to_json() if self.rotate is not None else None,
             "prune": self.prune.describe() if self.prune is not None else None,
             "lora": [a.summary() for a in self.lora], "lora_mode": self.lora_mode,
             "quantize": _plain(dataclasses.asdict(self.quantize)) if self.quantize else None,

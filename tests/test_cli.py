@@ -133,3 +133,23 @@ def test_console_script_exit_status(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no such file" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_rotate_option_runs_the_rotation_stage_before_quantization(tmp_path):
+    out = tmp_path / "rot"
+    r = _run("compile", "llama", "-c", "tiny+outliers", "--target", "ort-cpu", "-o", str(out),
+             "--rotate", "dartquant:steps=5,r4=true", "--quantize", "w8a8", "--check", "--json")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = [p["name"] for p in manifest["passes"]]
+    assert names.index("rotate") < names.index("quantize")
+    rot = manifest["passes"][names.index("rotate")]
+    assert rot["check"]["exact"] and rot["stats"]["r1"] > 0 and rot["stats"]["r4"] == 2
+    assert rot["stats"]["dartquant"]["loss"]["r1"]["final"] < rot["stats"]["dartquant"][
+        "loss"]["r1"]["start"]
+    assert manifest["recipe"]["rotate"] == {"method": "dartquant", "r4": True, "steps": 5,
+                                            "seed": 0}
+    bad = _run("compile", "llama", "--target", "ort-cpu", "-o", str(tmp_path / "x"),
+               "--rotate", "givens")
+    assert bad.exit_code == 2 and "unknown rotation 'givens'" in bad.stderr
+    assert not (tmp_path / "x").exists()
