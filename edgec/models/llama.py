@@ -71,13 +71,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x, cos, sin):
+        """Q [B, heads, S, d] and K, V [B, kv_heads, S, d], RoPE applied to Q and K."""
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
         rep = self.heads // self.kv_heads  # grouped-query attention: repeat each K/V head
         shape = (b, self.kv_heads, rep, s, self.head_dim)
         k = k[:, :, None].expand(shape).reshape(b, self.heads, s, self.head_dim)
@@ -89,11 +93,7 @@ class Attention(nn.Module):
         """One step with a KV cache: ``past_*`` [B, kv_heads, P, head_dim] (P may be 0), ``bias``
         an additive [B, 1, S, P+S] mask. Returns the output and the present K/V (P+S long)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).reshape(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._qkv(x, cos, sin)
         k = torch.cat((past_k, k), dim=2)
         v = torch.cat((past_v, v), dim=2)
         t, rep = k.shape[2], self.heads // self.kv_heads
