@@ -41,12 +41,12 @@ class Source:
 def resolve_source(source: Any, config: str | None = None,
                    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
                    dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
-                   generate: bool = False) -> Source:
+                   generate: bool = False, opset: int | None = None) -> Source:
     import torch
 
     if generate:
         return _decoder_source(source, config, dynamic_shapes,
-                               None if generate is True else generate)
+                               None if generate is True else generate, opset)
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise UserError("compiling an nn.Module needs example_inputs=(tensor, ...)")
@@ -94,7 +94,8 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None) -> Source:
+def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None,
+                    opset: int | None = None) -> Source:
     """The KV-cache decoder of ``llama`` or a Hugging Face causal LM, exported and verified.
 
     ``static`` (a ``decoder.StaticCache``): export it with fixed shapes (batch 1, a buffer of
@@ -149,7 +150,8 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
     if static is not None:
         gen.update(cache="static", tokens=static.tokens)
     src = _from_torch(module, inputs, shapes, dec.output_names(info),
-                      {**src_info, "generation": gen}, kind, input_names=dec.input_names(info))
+                      {**src_info, "generation": gen}, kind, input_names=dec.input_names(info),
+                      opset=opset)
     if static is not None:
         dec.new_slots_only(src.model, info)
         for name in info.present_names:
@@ -192,7 +194,7 @@ def _flat(inputs) -> list:
 
 
 def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
-                input_names=None) -> Source:
+                input_names=None, opset=None) -> Source:
     import torch
 
     from edgec.exporters.outputs import flatten_outputs
@@ -201,7 +203,7 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
     from edgec.runtimes.ort import run_model
 
     t0 = time.perf_counter()
-    result = export_module(module, inputs, dynamic_shapes, output_names, input_names)
+    result = export_module(module, inputs, dynamic_shapes, output_names, input_names, opset)
     export_s = time.perf_counter() - t0
     with torch.no_grad():
         out = module(*inputs)

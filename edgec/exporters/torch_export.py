@@ -52,11 +52,14 @@ def export_module(
     dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
     output_names: Sequence[str] | None = None,
     input_names: Sequence[str] | None = None,
+    opset: int | None = None,
 ) -> ExportResult:
     """Export ``module`` (eval mode) with ``torch.onnx.export(dynamo=True)``.
 
     ``input_names``: the ONNX names of the flattened inputs when an argument is a tuple of
     tensors (a KV cache); ``dynamic_shapes`` then gives that argument a list, one dict per tensor.
+    ``opset``: the ONNX opset (default 20); at 23 ``scaled_dot_product_attention`` becomes one
+    ONNX ``Attention`` (grouped-query by head counts) that runtimes fuse.
     """
     if not isinstance(module, torch.nn.Module):
         raise UserError(f"expected a torch.nn.Module, got {type(module).__name__}")
@@ -86,8 +89,8 @@ def export_module(
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, example_inputs, dynamo=True, dynamic_shapes=shapes,
-                input_names=list(input_names or names), output_names=out_names, opset_version=OPSET,
-                verbose=False, optimize=True,
+                input_names=list(input_names or names), output_names=out_names,
+                opset_version=opset or OPSET, verbose=False, optimize=True,
             )
     except Exception as e:
         raise _classify_export_error(type(module).__name__, e) from e

@@ -96,11 +96,10 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         k = torch.cat((past_k, k), dim=2)
         v = torch.cat((past_v, v), dim=2)
-        t, rep = k.shape[2], self.heads // self.kv_heads
-        shape = (b, self.kv_heads, rep, t, self.head_dim)
-        kr = k[:, :, None].expand(shape).reshape(b, self.heads, t, self.head_dim)
-        vr = v[:, :, None].expand(shape).reshape(b, self.heads, t, self.head_dim)
-        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=bias)
+        # grouped-query attention without materializing the repeated K/V (exported as one ONNX
+        # Attention with kv heads < q heads at opset 23)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             enable_gqa=self.heads != self.kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)), k, v
 
 
