@@ -188,6 +188,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         save_model(model, stage / "model.onnx")
         np.savez(stage / EXAMPLE_INPUTS, **src.feeds)
         gen = src.info.get("generation")
+        retrieval = _freekv_graph(source, recipe, src, stage, step) if gen else None
         if gen:  # a KV-cache decoder: ship the checkpoint's tokenizer beside it
             from edgec.runtimes.tokenizer import ship_tokenizer
 
@@ -235,6 +236,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
                                       "tokenizer": tokenizer}
         if decode:
             report["fidelity"]["decode_graph_vs_source"] = decode[1]
+        if retrieval:
+            manifest["kv_retrieval"] = retrieval
         quant = reports.quantization_entry(records)
         if quant:
             manifest["quantization"] = report["quantization"] = quant
@@ -298,6 +301,22 @@ def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, di
                                   prep.model, recipe.quantize is not None)
     del session
     return entry, fidelity
+
+
+def _freekv_graph(source, recipe: Recipe, src, stage: Path, step: Progress) -> dict | None:
+    """With --kv-retrieval: the FreeKV decode graph beside model.onnx, and its manifest entry."""
+    if recipe.kv_retrieval is None:
+        return None
+    from edgec.exporters.decoder import DecoderInfo
+    from edgec.exporters.freekv_decoder import build_freekv_graph
+
+    if src.kind != "registry":
+        raise UserError("--kv-retrieval builds its decode graph from the `llama` reference "
+                        "model; Hugging Face and .onnx sources are not supported yet")
+    step("exporting the FreeKV decode graph")
+    rel = build_freekv_graph(src.info["name"], DecoderInfo.from_json(src.info["generation"]),
+                             recipe.kv_retrieval, stage, model_config=src.info["config"])
+    return {"method": "freekv", **recipe.kv_retrieval.to_json(), "model": rel}
 
 
 def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,

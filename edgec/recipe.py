@@ -119,10 +119,9 @@ def _context(raw: Any, target, parsed: dict) -> int | None:
 
 
 def _kv_retrieval(raw: Any, target, parsed: dict):
-    if raw is None or raw is False:
-        return None
-    raise UserError("KV retrieval (FreeKV) is not implemented yet; generate without "
-                    "--kv-retrieval")
+    from edgec.runtimes.freekv import parse_kv_retrieval
+
+    return parse_kv_retrieval(raw)
 
 
 _QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | fp8 (`edgec "
@@ -182,9 +181,13 @@ class Recipe:
         None, "--context", metavar="N", parse=_context,
         help="the longest sequence (prompt + new tokens) the artifact generates: qnn-htp's "
              "static KV buffer (default 256), TensorRT's decode profile (--generate)")
-    kv_retrieval: Any = _option(None, "--kv-retrieval", metavar="freekv:K=V,...",
-                                parse=_kv_retrieval, commands=(),
-                                help="FreeKV page retrieval for long contexts (not yet)")
+    kv_retrieval: Any = _option(
+        None, "--kv-retrieval", metavar="freekv[:K=V,...]", parse=_kv_retrieval,
+        commands=("compile",),
+        help="FreeKV page retrieval for long-context decoding (--generate, llama, CPU targets): "
+             "budget=2048,page=32,sink=64,recent=256,tau=0.8 (min/max key digests per page, "
+             "Quest scores, speculative selection from the previous query, per-head correction "
+             "below tau)")
 
     def __post_init__(self):
         t = self.target
@@ -201,6 +204,18 @@ class Recipe:
         if self.context is not None and not self.generate:
             raise UserError("--context sizes the KV cache of a generation artifact; add "
                             "--generate")
+        if self.kv_retrieval is not None:
+            if not self.generate:
+                raise UserError("--kv-retrieval applies to generation artifacts; add --generate")
+            if t.static_shapes or t.runtime not in ("ort", "openvino"):
+                raise UserError(f"FreeKV retrieval runs on ort-cpu and openvino-cpu, not on "
+                                f"{t.name}; drop --kv-retrieval")
+            other = [n for n, v in (("--quantize", self.quantize), ("--lora", self.lora),
+                                    ("--rotate", self.rotate), ("--prune", self.prune),
+                                    ("--sparse-attention", self.sparse_attention)) if v]
+            if other:
+                raise UserError(f"--kv-retrieval builds its decode graph from the fp32 model, "
+                                f"so it does not carry {other[0]} yet; drop one of the two")
         if self.calibration is not None:
             if self.quantize is None:
                 raise UserError("--calib applies to quantized compiles; add --quantize SCHEME")
@@ -251,6 +266,8 @@ class Recipe:
             "calibration": (None if calib is None else str(calib) if isinstance(calib, Path)
                             else f"cache {calib.model_hash[:12]}"),
             "check": self.check, "generate": self.generate, "context": self.context,
+            "kv_retrieval": (self.kv_retrieval.to_json() if self.kv_retrieval is not None
+                             else None),
         }
 
 

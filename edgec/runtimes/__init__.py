@@ -50,6 +50,7 @@ def load(path: str | os.PathLike) -> Session:
     manifest = read_manifest(root)
     session = open_session(root, manifest["runtime"])
     session.manifest = manifest
+    session.root = root
     if (manifest.get("lora") or {}).get("mode") == "swappable":
         session.attach_adapters(manifest["lora"], root)
     example = root / EXAMPLE_INPUTS

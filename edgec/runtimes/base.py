@@ -110,24 +110,40 @@ class Session(abc.ABC):
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None,
                  pad_token_id: int | None = None, seed: int | None = None,
-                 streamer=None) -> np.ndarray:
+                 streamer=None, kv_retrieval: bool = True) -> np.ndarray:
         """Prompt followed by the new tokens, [batch, seq + new] int64, as Hugging Face's
         ``generate`` returns them. ``input_ids`` [batch, seq] (left-padded, with
         ``attention_mask``, for prompts of different lengths); greedy unless ``do_sample``;
         ``eos_token_id`` an id or a list (default the checkpoint's); ``streamer(tokens)`` is
         called with each step's new tokens [batch]. Timings land in ``last_generation``
-        (prefill ms = time to first token, decode tokens/s)."""
+        (prefill ms = time to first token, decode tokens/s). An artifact compiled with
+        ``--kv-retrieval`` decodes with FreeKV (``kv_retrieval=False``: full attention); its
+        retrieval stats land in ``last_generation["kv_retrieval"]``."""
         from edgec.runtimes.generation import generate
 
         info = self.decoder_info
+        cache = self._retrieval_cache(info, input_ids, max_new_tokens) if kv_retrieval else None
         ids, stats = generate(
-            self, info, input_ids, attention_mask, cache=self._kv_cache(info, input_ids),
+            self, info, input_ids, attention_mask,
+            cache=cache if cache is not None else self._kv_cache(info, input_ids),
             streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id, seed=seed)
+        if cache is not None:
+            stats["kv_retrieval"] = dict(cache.stats)
         self.last_generation = stats
         return ids
+
+    def _retrieval_cache(self, info, input_ids, max_new_tokens: int):
+        """The FreeKV cache of an artifact compiled with --kv-retrieval, else None."""
+        if not (getattr(self, "manifest", None) or {}).get("kv_retrieval"):
+            return None
+        from edgec.runtimes.freekv import freekv_cache_for
+
+        ids = np.asarray(input_ids)
+        batch, length = (ids.shape[0], ids.shape[1]) if ids.ndim == 2 else (1, ids.shape[0])
+        return freekv_cache_for(self, self.root, info, batch, capacity=length + max_new_tokens)
 
     @property
     def decoder_info(self):
