@@ -190,11 +190,12 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         gen = src.info.get("generation")
         retrieval = _freekv_graph(source, recipe, src, stage, step) if gen else None
         if gen:  # a KV-cache decoder: ship the checkpoint's tokenizer beside it
-            from edgec.runtimes.tokenizer import ship_tokenizer
+            from edgec.runtimes.tokenizer import ship_model_config, ship_tokenizer
 
             where = src.info.get("path")
             tokenizer = ship_tokenizer(None if where is None else Path(where) if src.kind == "hf"
                                        else Path(where).parent, stage)
+            ship_model_config(where if src.kind == "hf" else None, stage)
         if recipe.lora_mode == "swappable" and recipe.lora:
             from edgec.lora.binding import lora_sites, ship_adapters
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from edgec.errors import UserError
 
-__all__ = ["TOKENIZER_DIR", "ship_tokenizer", "Tokenizer"]
+__all__ = ["TOKENIZER_DIR", "ship_tokenizer", "ship_model_config", "Tokenizer"]
 
 TOKENIZER_DIR = "tokenizer"
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -35,6 +35,20 @@ def ship_tokenizer(checkpoint: str | Path | None, stage: Path) -> str | None:
         if (src / name).is_file():
             shutil.copyfile(src / name, dest / name)
     return TOKENIZER_DIR
+
+
+def ship_model_config(checkpoint: str | Path | None, stage: Path) -> list[str]:
+    """Copy a Hugging Face checkpoint's ``config.json`` and ``generation_config.json`` to the
+    artifact's root, beside ``model.onnx``: the directory then loads as it is in optimum's
+    ``ORTModelForCausalLM`` (checked: greedy tokens identical to transformers')."""
+    if checkpoint is None:
+        return []
+    copied = []
+    for name in ("config.json", "generation_config.json"):
+        if (Path(checkpoint) / name).is_file():
+            shutil.copyfile(Path(checkpoint) / name, stage / name)
+            copied.append(name)
+    return copied
 
 
 class Tokenizer:

@@ -183,6 +183,8 @@ def test_artifact_names_and_stateful_openvino(artifacts):
     outs = [o["name"] for o in art.manifest["outputs"]]
     assert outs[:3] == ["logits", "present.0.key", "present.0.value"]
     assert art.manifest["generation"]["tokenizer"] == "tokenizer"
+    # the checkpoint's config beside model.onnx: the directory loads in ORTModelForCausalLM
+    assert (art.path / "config.json").is_file() and "config.json" in art.manifest["hashes"]
     assert art.manifest["generation"]["eos_token_ids"] == [2]
     ov = artifacts["hf-llama", "openvino-cpu"].manifest["runtime"]
     assert ov["stateful"]["pairs"]["past_key_values.1.value"] == "present.1.value"
