@@ -29,7 +29,11 @@ def no_export(monkeypatch):
     (dict(target="ort-cpu", sparse_attention={"keep": 0.2, "blok": 4}),
      "unknown sparse attention option 'blok'"),
     (dict(target="ort-cpu", lora_mode="fused"), "unknown LoRA mode 'fused'"),
-    (dict(target="ort-cpu", rotate="hadamard"), "not implemented yet"),
+    (dict(target="ort-cpu", rotate="givens"), "unknown rotation 'givens'"),
+    (dict(target="ort-cpu", rotate="hadamard:r5=true"), "unknown --rotate option 'r5'"),
+    (dict(target="ort-cpu", context=64), "add --generate"),
+    (dict(target="ort-cpu", generate=True, kv_retrieval="freekv:page=0"), "page must be"),
+    (dict(target="ort-cpu", quantize="w8a8:min_cos=1.5"), "min_cos must be a cosine"),
     (dict(target="ort-cpu", check="yes"), "check must be True or False"),
 ])
 def test_refused_before_any_export(no_export, tmp_path, kwargs, match):
@@ -58,6 +62,8 @@ def test_the_table_selects_stages_per_recipe_and_target():
     assert _stages("ort-cpu") == ["cleanup", "lora-fold"]
     assert _stages("ort-cpu", quantize="w8a8", sparse_attention=True, prune="2:4") == [
         "cleanup", "lora-fold", "prune", "sparse-attention", "quantize"]
+    assert _stages("ort-cpu", quantize="w8a8", rotate="hadamard") == [
+        "cleanup", "lora-fold", "rotate", "quantize"]
     assert _stages("qnn-htp", quantize="w8a16") == [
         "cleanup", "lora-fold", "mask-fill", "device-legalize", "quantize"]
     assert _stages("tensorrt", quantize="fp8") == [
@@ -70,5 +76,5 @@ def test_recipe_records_what_was_asked():
     data = recipe.to_json()
     assert data["target"] == "openvino-cpu" and data["config"] == "tiny"
     assert data["quantize"] == {"scheme": "w8a8", "method": None, "exclude": ["Softmax"],
-                                "samples": 4, "mask_fill": 100.0}
+                                "samples": 4, "mask_fill": 100.0, "min_cos": None}
     assert data["sparse_attention"] == {"keep": 0.3}

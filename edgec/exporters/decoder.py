@@ -101,7 +101,10 @@ class _HFDecoder(_Decoder):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:  # transformers < 4.56 takes no config
+            cache = DynamicCache()
         for i, (k, v) in enumerate(self._pairs(past_key_values)):
             cache.update(k, v, i)
         # transformers 5.x names the argument ``cache`` (``past_key_values`` before)
@@ -111,8 +114,11 @@ class _HFDecoder(_Decoder):
                          position_ids=position_ids, use_cache=True, return_dict=True,
                          **{kwarg: cache})
         returned = getattr(out, "cache", None) or out.past_key_values
-        layers = returned.layers
-        return (out.logits, *[t for layer in layers for t in (layer.keys, layer.values)])
+        if hasattr(returned, "layers"):
+            pairs = [(layer.keys, layer.values) for layer in returned.layers]
+        else:  # transformers < 4.56: parallel key/value lists
+            pairs = list(zip(returned.key_cache, returned.value_cache))
+        return (out.logits, *[t for kv in pairs for t in kv])
 
 
 def reference_decoder(module: torch.nn.Module, name: str) -> tuple[_Decoder, DecoderInfo]:

@@ -60,7 +60,11 @@ class Tokenizer:
         if path is None or not path.is_file():
             raise UserError(f"{root}: the artifact has no tokenizer (its source had no "
                             "tokenizer.json); give token ids with --prompt-ids 1,2,3")
-        from tokenizers import Tokenizer as _Fast
+        try:
+            from tokenizers import Tokenizer as _Fast
+        except ImportError:
+            raise UserError("decoding text needs the tokenizers package: pip install "
+                            "'edgec[hf]' (or give token ids with --prompt-ids)") from None
 
         self._tok = _Fast.from_file(str(path))
         config = path.parent / "tokenizer_config.json"
