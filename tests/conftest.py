@@ -7,6 +7,49 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _export_each_registry_model_once():
+    """A registry model's export is deterministic (seeded weights, fixed example inputs), so the
+    suite runs each (model, config, shapes, generate, opset) export and its PyTorch check once
+    and hands every compile a deep copy (passes edit the IR and its weights in place). Sources
+    that are modules, files or checkpoints, and exports that fail, are never cached."""
+    import copy
+    import dataclasses
+
+    import onnx_ir as ir
+
+    from edgec.exporters import sources
+    from edgec.models import registry
+
+    real, cache = sources.resolve_source, {}
+
+    def copied(src):
+        model = src.model.clone()
+        for value in model.graph.initializers.values():
+            if value.const_value is not None:
+                value.const_value = ir.tensor(value.const_value.numpy().copy(), name=value.name)
+        return dataclasses.replace(
+            src, model=model, info=copy.deepcopy(src.info),
+            parameter_map=copy.deepcopy(src.parameter_map),
+            export_fidelity=copy.deepcopy(src.export_fidelity),
+            feeds={k: v.copy() for k, v in src.feeds.items()},
+            reference={k: v.copy() for k, v in src.reference.items()})
+
+    def resolve(source, config=None, example_inputs=None, dynamic_shapes=None, generate=False,
+                opset=None):
+        if not (isinstance(source, str) and source in registry.names()
+                and example_inputs is None):
+            return real(source, config, example_inputs, dynamic_shapes, generate, opset)
+        key = (source, config or "tiny", repr(dynamic_shapes), repr(generate), opset)
+        if key not in cache:
+            cache[key] = real(source, config, example_inputs, dynamic_shapes, generate, opset)
+        return copied(cache[key])
+
+    sources.resolve_source = resolve
+    yield
+    sources.resolve_source = real
+
+
 class TinyMLP(torch.nn.Module):
     """A module edgec has never seen: Linear (transposed by the exporter), LayerNorm, GELU."""
 
