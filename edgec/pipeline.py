@@ -136,7 +136,7 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
         dynamic_shapes = {}  # export every dim static (an empty map, not "the model's default")
     step(f"exporting {_describe(source, recipe.config)}")
     if recipe.generate and tgt.static_shapes:
-        static = static or static_graphs(recipe, source)[0]
+        static = static or static_graphs(recipe)[0]
     src = resolve_source(source, recipe.config, example_inputs, dynamic_shapes,
                          generate=static or recipe.generate, opset=_decoder_opset(recipe))
     times["export_s"] = src.export_seconds
@@ -189,13 +189,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         np.savez(stage / EXAMPLE_INPUTS, **src.feeds)
         gen = src.info.get("generation")
         retrieval = _freekv_graph(source, recipe, src, stage, step) if gen else None
-        if gen:  # a KV-cache decoder: ship the checkpoint's tokenizer beside it
-            from edgec.runtimes.tokenizer import ship_model_config, ship_tokenizer
-
-            where = src.info.get("path")
-            tokenizer = ship_tokenizer(None if where is None else Path(where) if src.kind == "hf"
-                                       else Path(where).parent, stage)
-            ship_model_config(where if src.kind == "hf" else None, stage)
+        tokenizer = _ship_checkpoint_files(src, stage) if gen else None
         if recipe.lora_mode == "swappable" and recipe.lora:
             from edgec.lora.binding import lora_sites, ship_adapters
 
@@ -272,7 +266,7 @@ DEFAULT_CONTEXT = 256
 PREFILL_TOKENS = 64
 
 
-def static_graphs(recipe: Recipe, source: Any) -> tuple[Any, Any]:
+def static_graphs(recipe: Recipe) -> tuple[Any, Any]:
     """The (prefill, decode) graphs of a static-cache decoder: ``context`` slots (``--context``,
     default 256), prefill chunks of min(64, context/4) tokens, decode one token."""
     from edgec.exporters.decoder import StaticCache
@@ -290,7 +284,7 @@ def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, di
     from edgec.onnx_io import save_model
 
     step("exporting the one-token decode graph")
-    prep = prepare(source, recipe, step=step, static=static_graphs(recipe, source)[1])
+    prep = prepare(source, recipe, step=step, static=static_graphs(recipe)[1])
     save_model(prep.model, stage / "decode.onnx")
     tgt = recipe.target
     step(f"building the decode graph for {tgt.name}")
@@ -302,6 +296,21 @@ def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, di
                                   prep.model, recipe.quantize is not None)
     del session
     return entry, fidelity
+
+
+def _ship_checkpoint_files(src, stage: Path) -> str | None:
+    """A decoder's tokenizer (and, from an HF checkpoint, its config beside model.onnx, so the
+    artifact loads in optimum): from the checkpoint directory, or the directory of a decoder
+    .onnx. Returns the tokenizer's directory in the artifact, or None."""
+    from edgec.runtimes.tokenizer import ship_model_config, ship_tokenizer
+
+    where = src.info.get("path")
+    if where is None:
+        return None
+    checkpoint = Path(where) if src.kind == "hf" else Path(where).parent
+    if src.kind == "hf":
+        ship_model_config(checkpoint, stage)
+    return ship_tokenizer(checkpoint, stage)
 
 
 def _freekv_graph(source, recipe: Recipe, src, stage: Path, step: Progress) -> dict | None:

@@ -122,10 +122,13 @@ class Session(abc.ABC):
         from edgec.runtimes.generation import generate
 
         info = self.decoder_info
-        cache = self._retrieval_cache(info, input_ids, max_new_tokens) if kv_retrieval else None
+        shape = np.shape(input_ids)
+        batch, length = (1, shape[0]) if len(shape) == 1 else shape[:2]
+        cache = (self._retrieval_cache(info, batch, length + max_new_tokens) if kv_retrieval
+                 else None)
         ids, stats = generate(
             self, info, input_ids, attention_mask,
-            cache=cache if cache is not None else self._kv_cache(info, input_ids),
+            cache=cache if cache is not None else self._kv_cache(info, batch),
             streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
@@ -135,15 +138,13 @@ class Session(abc.ABC):
         self.last_generation = stats
         return ids
 
-    def _retrieval_cache(self, info, input_ids, max_new_tokens: int):
+    def _retrieval_cache(self, info, batch: int, capacity: int):
         """The FreeKV cache of an artifact compiled with --kv-retrieval, else None."""
         if not (getattr(self, "manifest", None) or {}).get("kv_retrieval"):
             return None
         from edgec.runtimes.freekv import freekv_cache_for
 
-        ids = np.asarray(input_ids)
-        batch, length = (ids.shape[0], ids.shape[1]) if ids.ndim == 2 else (1, ids.shape[0])
-        return freekv_cache_for(self, self.root, info, batch, capacity=length + max_new_tokens)
+        return freekv_cache_for(self, self.root, info, batch, capacity=capacity)
 
     @property
     def decoder_info(self):
@@ -156,11 +157,11 @@ class Session(abc.ABC):
                             "with --generate (Python: generate=True)")
         return DecoderInfo.from_json(entry)
 
-    def _kv_cache(self, info, input_ids):
-        """A fresh cache for one ``generate`` call: arrays passed in and out by default."""
+    def _kv_cache(self, info, batch: int):
+        """A fresh cache for one ``generate`` call of ``batch`` sequences: arrays passed in and
+        out by default."""
         from edgec.runtimes.generation import ArrayCache
 
-        batch = np.asarray(input_ids).shape[0] if np.asarray(input_ids).ndim == 2 else 1
         return ArrayCache(self, info, batch)
 
     # Swappable LoRA: the adapter inputs are bound here, not passed by the caller.

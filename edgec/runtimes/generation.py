@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -207,7 +207,3 @@ def parse_ids(text: str) -> list[int]:
     if not ids:
         raise UserError("--prompt-ids is empty; give at least one token id")
     return ids
-
-
-def as_list(x: Sequence[int] | np.ndarray) -> list[int]:
-    return [int(v) for v in np.asarray(x).ravel()]

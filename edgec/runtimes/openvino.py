@@ -90,9 +90,9 @@ class OpenVINOSession(Session):
         return {port.get_any_name(): np.array(results[port], copy=True)
                 for port in self._compiled.outputs}
 
-    def _kv_cache(self, info, input_ids):
+    def _kv_cache(self, info, batch: int):
         if not self._pairs:
-            return super()._kv_cache(info, input_ids)
+            return super()._kv_cache(info, batch)
         return _RuntimeCache(self)
 
 

@@ -112,15 +112,14 @@ class QnnSession(Session):
             session.decode_session = cls(root / decode["model"], decode)
         return session
 
-    def _kv_cache(self, info, input_ids):
+    def _kv_cache(self, info, batch: int):
         from edgec.runtimes.static_cache import StaticBufferCache
 
         decode = getattr(self, "decode_session", None)
         if decode is None:
-            return super()._kv_cache(info, input_ids)
-        ids = np.asarray(input_ids)
-        chunk = self._inputs[0].shape[1]
-        return StaticBufferCache(self, decode, info, chunk, ids.shape[0] if ids.ndim == 2 else 1)
+            return super()._kv_cache(info, batch)
+        chunk = self._inputs[0].shape[1]  # input_ids [1, tokens per prefill run]
+        return StaticBufferCache(self, decode, info, chunk, batch)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._output_names, self._sess.run(self._output_names, feeds)))
