@@ -123,14 +123,15 @@ def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON"
     from edgec.models import registry
 
     rows = [{"name": s.name, "configs": list(s.configs), "options": dict(s.options),
-             "inputs": list(s.input_names), "description": s.description}
+             "inputs": list(s.input_names), "description": s.description, "paper": s.paper,
+             "sampler": (s.sampling or {}).get("kind")}
             for s in registry.specs()]
     if as_json:
         return _print_json(rows)
-    table = Table("model", "configs", "options", "inputs", "description")
+    table = Table("model", "configs", "options", "inputs", "description", "follows", "sampler")
     for r in rows:
         table.add_row(r["name"], ", ".join(r["configs"]), ", ".join(f"+{o}" for o in r["options"]),
-                      ", ".join(r["inputs"]), r["description"])
+                      ", ".join(r["inputs"]), r["description"], r["paper"], r["sampler"] or "")
     out.print(table)
 
 

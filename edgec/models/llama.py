@@ -281,6 +281,7 @@ SPEC = register(
     ModelSpec(
         name="llama",
         description="LLaMA-style decoder (RMSNorm, RoPE, GQA causal attention, SwiGLU)",
+        paper="LLaMA (Touvron et al. 2023)",
         configs=tuple(CONFIGS),
         options={
             "outliers": f"plant {N_OUTLIERS} massive residual channels (~{OUTLIER_SCALE:g}x std)",

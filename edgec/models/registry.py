@@ -34,6 +34,16 @@ class ModelSpec:
         dynamic: ``(config, options) -> {input name: {axis: dim name}}``; the dims that may
             vary at run time.
         describe: ``(config, options) -> dict`` of the config's hyper-parameters (for reports).
+        paper: the method or paper the model follows (``edgec models`` shows it).
+        sampling: how ``Session.sample`` runs a diffusion model from noise (None: not one).
+            Keys: ``kind`` (``flow``: the output is the velocity ε − x0 and Euler steps σ from
+            1 to 0; ``ddim-x0``: the output is x0 and DDIM steps over ``train_steps``;
+            ``score``: the output is the score of a sub-VP SDE, t in (0, 1]); ``samples``
+            ({noisy input name: output name predicting it}); ``timestep`` (input name) and
+            ``timestep_scale`` (the model's timestep = σ or t times this); ``conditions``
+            (inputs zeroed in the unconditional half of classifier-free guidance);
+            ``guidance`` and ``steps`` (defaults); ``shift`` (flow σ shift); ``schedule``
+            (``cosine`` | ``linear``, ddim) and ``beta_min``/``beta_max`` (score).
     """
 
     name: str
@@ -46,6 +56,8 @@ class ModelSpec:
     dynamic: Callable[[str, frozenset[str]], Mapping[str, Mapping[int, str]]]
     describe: Callable[[str, frozenset[str]], dict[str, Any]]
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    paper: str = ""
+    sampling: Mapping[str, Any] | None = None
 
     def resolve(self, config: str | None) -> tuple[str, frozenset[str]]:
         """Split and validate a config string; raises UserError naming what is allowed."""
@@ -87,6 +99,8 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+# modules under edgec.models that register a reference model when imported
+BUILTIN = ("llama", "video_dit")
 
 
 def register(spec: ModelSpec) -> ModelSpec:
@@ -96,7 +110,10 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 def _load_builtin() -> None:
     # Imported lazily so `import edgec` stays light; each module calls register().
-    from edgec.models import llama, video_dit  # noqa: F401
+    import importlib
+
+    for module in BUILTIN:
+        importlib.import_module(f"edgec.models.{module}")
 
 
 def get(name: str) -> ModelSpec:

@@ -241,5 +241,9 @@ SPEC = register(
         inputs=example_inputs,
         dynamic=dynamic,
         describe=describe,
+        paper="CogVideoX / HunyuanVideo-style video DiT (RainFusion2.0's target family)",
+        sampling={"kind": "flow", "samples": {"latent": "output"}, "timestep": "timestep",
+                  "timestep_scale": 1000.0, "conditions": ["text"], "guidance": 6.0,
+                  "steps": 50, "shift": 3.0},
     )
 )
