@@ -151,7 +151,10 @@ def test_skips_are_counted_with_reasons():
     mask = torch.zeros(1, 1, N, N)
     model = export_module(Masked(), x + [mask]).model
     stats = SparseAttentionPass("min_seq=0")(model).stats
-    assert stats["sites_rewritten"] == 0 and stats["skipped_reasons"] == {"additive mask": 1}
+    assert stats["sites_rewritten"] == 0  # a runtime mask cannot be planned at compile time
+    assert stats["skipped_reasons"] == {"mask depends on graph input 'mask'": 1}
+    assert stats["sites"] == [{"site": stats["sites"][0]["site"], "status": "skipped",
+                               "reason": "mask depends on graph input 'mask'"}]
     stats = _rewrite(SDPA(), "min_seq=1000", dynamic=None)[2].stats  # static N only
     assert stats["sites_rewritten"] == 0
     assert stats["skipped_reasons"] == {f"sequence {N} < min_seq 1000": 1}

@@ -37,7 +37,8 @@ class SparseAttentionConfig:
     prefix: leading dense tokens (text in joint attention).
     sink: ``none`` or ``frame`` (first-frame blocks always kept; needs grid).
     grid: TxHxW video token grid after the prefix; enables the tile permutation.
-    mode: ``rf2`` or ``rainfusion`` (per-head patterns; needs grid).
+    mode: ``rf2``, ``rainfusion`` (per-head patterns; needs grid) or ``mask`` (only the exact
+        rewrite of sites whose mask is known at compile time; applied in every mode).
     min_seq: sites with a static sequence shorter than this stay dense.
     tile: TtxThxTw tokens per block tile (default: most compact tile dividing the grid).
     samples: query rows sampled by the rainfusion pattern test.
@@ -69,8 +70,8 @@ class SparseAttentionConfig:
                             f"block={self.block}")
         if self.sink not in ("none", "frame"):
             raise UserError(f"sparse attention sink={self.sink!r}: use none or frame")
-        if self.mode not in ("rf2", "rainfusion"):
-            raise UserError(f"sparse attention mode={self.mode!r}: use rf2 or rainfusion")
+        if self.mode not in ("rf2", "rainfusion", "mask"):
+            raise UserError(f"sparse attention mode={self.mode!r}: use rf2, rainfusion or mask")
         if any(min(dims) < 1 for dims in (self.grid, self.tile) if dims is not None):
             raise UserError("sparse attention grid and tile dims must be ≥ 1 (TxHxW)")
         if self.grid is None and (self.sink == "frame" or self.mode == "rainfusion"):

@@ -8,8 +8,12 @@
 (TopK, k = ceil(keep·n_blocks)), plus a dense text prefix and optional first-frame sink blocks
 outside that budget. ``mode=rainfusion``: per head, the best of static spatial / temporal patterns
 and the textural (rf2) pattern, chosen online on sampled query rows. keep=1.0 is exact.
-Sites with an additive mask, non-4D tensors, a dynamic head dim or fewer than ``min_seq``
-tokens stay dense; the stats say which and why.
+
+A site whose mask (additive or boolean) is known at compile time runs as exact block-sparse
+attention over the tiles the mask leaves visible (``mask_builder``), whatever the mode;
+``mode=mask`` rewrites only those and leaves unmasked sites dense. Sites with a runtime mask,
+non-4D tensors, a dynamic head dim or fewer than ``min_seq`` tokens (approximate modes) stay
+dense; the stats list every site: rewritten exact / approximate, or skipped with the reason.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from onnx_ir.passes import common
 from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes.sparse_attention.builder import SiteShape, build_sparse_attention
 from edgec.graph_passes.sparse_attention.config import SparseAttentionConfig
+from edgec.graph_passes.sparse_attention.mask import mask_array, plan_blocks, visible
+from edgec.graph_passes.sparse_attention.mask_builder import build_masked_attention
 from edgec.graph_passes.sparse_attention.sites import find_attention_sites, static_dim
 
 __all__ = ["SparseAttentionPass"]
@@ -35,33 +41,28 @@ class SparseAttentionPass(EdgecPass):
     def __init__(self, config: SparseAttentionConfig | str | dict | None = None):
         super().__init__()
         self.config = SparseAttentionConfig.parse(config)
-        self.exact = self.config.keep >= 1.0
+        self.exact = self.config.keep >= 1.0 or self.config.mode == "mask"
 
     def call(self, model: ir.Model) -> PassResult:
         cfg = self.config
         lay = cfg.layout()
         sites, skipped = find_attention_sites(model)
         flops_dense = flops_sparse = 0.0
-        rewritten, per_site = 0, []
+        rewritten, exact, per_site = 0, 0, []
         for i, site in enumerate(sites):
             b_, h_, n, d = site.q.shape.dims
             n, d = static_dim(n), static_dim(d)
-            if d is None:
-                skipped["head dim not static"] += 1
-                continue
-            if n is not None and n < cfg.min_seq:
-                skipped[f"sequence {n} < min_seq {cfg.min_seq}"] += 1
-                continue
-            if lay.n_video is not None and n is not None and n != cfg.prefix + lay.n_video:
-                skipped[f"sequence {n} != prefix + grid tokens {cfg.prefix + lay.n_video}"] += 1
-                continue
-            if n is not None and n <= cfg.prefix:
-                skipped["sequence not longer than the prefix"] += 1
-                continue
             bh = (static_dim(b_) or 0) * (static_dim(h_) or 0) or None
-            shape = SiteShape(d=d, n=n, batch_heads=bh, dtype=site.q.dtype)
-            out, tape, stats = build_sparse_attention(
-                f"sparse_attn{i}", site.q, site.k, site.v, shape, cfg, lay)
+            if site.mask is not None or cfg.mode == "mask":
+                built, reason = self._masked(model, i, site, d)
+            else:
+                built, reason = self._approximate(i, site, n, d, bh, lay)
+            if built is None:
+                skipped[reason] += 1
+                per_site.append({"site": site.softmax.name, "status": "skipped",
+                                 "reason": reason})
+                continue
+            out, tape, stats = built
             model.graph.insert_before(site.anchor, tape.nodes)
             for init in tape.initializers:
                 model.graph.register_initializer(init)
@@ -72,22 +73,38 @@ class SparseAttentionPass(EdgecPass):
                 out.name = name
             ir.convenience.replace_all_uses_with(site.output, out, replace_graph_outputs=True)
             rewritten += 1
-            if n is not None:
+            if stats["mode"] == "mask":
+                exact += 1
+                kept = stats["kept_fraction"]
+                fd = 4.0 * site_n(site) ** 2 * d * (bh or 1)
+                flops_dense += fd
+                flops_sparse += fd * kept
+            elif n is not None:
                 fd, fs = _flops(n, d, cfg, stats)
                 flops_dense += fd * (bh or 1)
                 flops_sparse += fs * (bh or 1)
-            per_site.append(stats)
+            per_site.append({"site": site.softmax.name,
+                             "status": "exact" if stats["mode"] == "mask" or self.exact
+                             else "approximate", **stats})
         common.RemoveUnusedNodesPass()(model)
         common.TopologicalSortPass()(model)
+        # exact unless an approximate (RainFusion, keep < 1) site was rewritten
+        self.exact = self.config.keep >= 1.0 or rewritten == exact
+        found = len(sites) + sum(skipped.values()) - sum(
+            1 for p in per_site if p["status"] == "skipped")
         stats: dict[str, Any] = {
-            "sites_found": len(sites) + sum(skipped.values()),
+            "sites_found": found,
             "sites_rewritten": rewritten,
-            "sites_skipped": sum(skipped.values()) + len(sites) - rewritten,
+            "sites_exact": exact,
+            "sites_approximate": rewritten - exact,
+            "sites_skipped": found - rewritten,
             "skipped_reasons": dict(skipped),
+            "sites": per_site,
             "config": cfg.to_json(),
         }
-        if per_site and per_site[0].get("blocks"):
-            s0 = per_site[0]
+        approx = [p for p in per_site if p["status"] == "approximate" and p.get("blocks")]
+        if approx:
+            s0 = approx[0]
             stats["predicted_sparsity"] = round(1 - s0["kept_blocks"] / s0["blocks"], 4)
             stats["kept_blocks"] = s0["kept_blocks"]
             stats["blocks"] = s0["blocks"]
@@ -96,6 +113,48 @@ class SparseAttentionPass(EdgecPass):
             stats["attention_gflops_dense"] = round(flops_dense / 1e9, 3)
             stats["attention_gflops_sparse"] = round(flops_sparse / 1e9, 3)
         return PassResult(model, rewritten > 0, stats)
+
+    def _approximate(self, i, site, n, d, bh, lay):
+        """(built, "") for the RainFusion rewrite of an unmasked site, or (None, why not)."""
+        cfg = self.config
+        if d is None:
+            return None, "head dim not static"
+        if n is not None and n < cfg.min_seq:
+            return None, f"sequence {n} < min_seq {cfg.min_seq}"
+        if lay.n_video is not None and n is not None and n != cfg.prefix + lay.n_video:
+            return None, f"sequence {n} != prefix + grid tokens {cfg.prefix + lay.n_video}"
+        if n is not None and n <= cfg.prefix:
+            return None, "sequence not longer than the prefix"
+        shape = SiteShape(d=d, n=n, batch_heads=bh, dtype=site.q.dtype)
+        return build_sparse_attention(f"sparse_attn{i}", site.q, site.k, site.v, shape, cfg,
+                                      lay), ""
+
+    def _masked(self, model, i, site, d):
+        """(built, "") for the exact mask rewrite, or (None, why the site stays dense)."""
+        if site.mask is None:
+            return None, "no mask (mode=mask rewrites masked sites only)"
+        n_q, n_k = static_dim(site.q.shape[2]), static_dim(site.k.shape[2])
+        if d is None or n_q is None or n_k is None:
+            return None, "masked site with a dynamic sequence length or head dim"
+        mask, why = mask_array(model, site.mask)
+        if mask is None:
+            return None, why
+        seen, values, why = visible(mask, n_q, n_k)
+        if seen is None:
+            return None, why
+        plan = plan_blocks(seen)
+        if plan.kept_fraction > MAX_KEPT:
+            return None, (f"mask leaves {plan.kept_fraction:.0%} of its tiles visible "
+                          f"(> {MAX_KEPT:.0%}: nothing to skip)")
+        return build_masked_attention(f"masked_attn{i}", site.q, site.k, site.v, d, plan,
+                                      seen, values, site.q.dtype), ""
+
+
+MAX_KEPT = 0.85  # the mask rewrite's gathers cost more than the tiles it skips above this
+
+
+def site_n(site) -> int:
+    return static_dim(site.q.shape[2]) or 0
 
 
 def _flops(n: int, d: int, cfg: SparseAttentionConfig, stats: dict) -> tuple[float, float]:

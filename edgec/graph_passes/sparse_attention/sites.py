@@ -4,7 +4,8 @@
     MatMul(Q,Kᵀ)·s | MatMul(Q,Kᵀ)/s → Softmax → MatMul(·,V) ⇒ site(Q·s | Q/s, K, V)  ScaledScores
     MatMul(Q,Kᵀ) → Softmax → MatMul(·,V) ⇒ site(Q, K, V)                        UnscaledScores
     Attention(Q, K, V) ⇒ site(Q·scale, K, V), scale = its attribute or 1/√d          AttentionOp
-    Add(scores, mask) → Softmax → MatMul(·,V) ⇒ dense: "additive mask"           MaskedScores
+    any of the three forms + Add(·, mask) → Softmax → MatMul(·,V) ⇒ site with mask   Masked*
+    Add(other scores, mask) → Softmax → MatMul(·,V) ⇒ dense: "additive mask"     MaskedScores
     any other scores → Softmax → MatMul(·,V) ⇒ dense, with the reason           OtherScores
 
 a, b, s are constant scalars (dynamo's SDPA splits √scale onto Q and Kᵀ); the softmax is over
@@ -37,6 +38,7 @@ class AttentionSite:
     softmax: ir.Node     # the Softmax, or the Attention op itself
     output: ir.Value     # the dense attention output this site replaces
     anchor: ir.Node      # the final MatMul
+    mask: ir.Value | None = None  # additive mask added to q·kᵀ (broadcast to [B,H,N,N])
 
 
 def _const_scalar(value: ir.Value | None) -> float | None:
@@ -79,9 +81,9 @@ class _SiteRule(pattern.RewriteRuleClassBase):
         return MatchResult().fail("attention sites are rewritten by SparseAttentionPass")
 
     def site(self, m: dict, root: ir.Node) -> dict:
-        """q, kt (or k), v and the score scale, from the bindings of a successful match."""
+        """q, kt (or k), v, the score scale and the mask, from a successful match's bindings."""
         scale = math.prod(_const_scalar(m[s]) for s in self.scales)
-        return {"q": m["q"], "kt": m["kt"], "v": m["v"], "scale": scale}
+        return {"q": m["q"], "kt": m["kt"], "v": m["v"], "scale": scale, "mask": m.get("mask")}
 
 
 class SplitScaleScores(_SiteRule):
@@ -111,8 +113,27 @@ class UnscaledScores(_SiteRule):
         return op.MatMul(op.Softmax(op.MatMul(q, kt), _outputs=["probs"]), v)
 
 
+class MaskedSplitScaleScores(SplitScaleScores):
+    def pattern(self, op, q, a, kt, b, mask, v):
+        scores = op.Add(op.MatMul(op.Mul(q, a), op.Mul(kt, b)), mask)
+        return op.MatMul(op.Softmax(scores, _outputs=["probs"]), v)
+
+
+class MaskedScaledScores(ScaledScores):
+    def pattern(self, op, q, kt, s, mask, v):
+        qk = op.MatMul(q, kt)
+        scores = pattern.OrValue([op.Mul(qk, s), op.Div(qk, s)], tag_var="div",
+                                 tag_values=[False, True])
+        return op.MatMul(op.Softmax(op.Add(scores, mask), _outputs=["probs"]), v)
+
+
+class MaskedUnscaledScores(UnscaledScores):
+    def pattern(self, op, q, kt, mask, v):
+        return op.MatMul(op.Softmax(op.Add(op.MatMul(q, kt), mask), _outputs=["probs"]), v)
+
+
 class MaskedScores(_SiteRule):
-    """Never a site yet: masked sites stay dense until the sparse builder takes a mask."""
+    """A mask added to scores of none of the forms above: stays dense, says so."""
 
     def pattern(self, op, scores, mask, v):
         return op.MatMul(op.Softmax(op.Add(scores, mask), _outputs=["probs"]), v)
@@ -179,8 +200,8 @@ class ReshapedTransposedK(pattern.PatternBase):
         return _verdict(not same and "Kᵀ reshape does not give back K [B,H,N,d]")
 
 
-SOFTMAX_RULES = (SplitScaleScores(), ScaledScores(), UnscaledScores(), MaskedScores(),
-                 OtherScores())
+SOFTMAX_RULES = (SplitScaleScores(), ScaledScores(), UnscaledScores(), MaskedSplitScaleScores(),
+                 MaskedScaledScores(), MaskedUnscaledScores(), MaskedScores(), OtherScores())
 ATTENTION_RULES = (AttentionOp(),)
 K_PATTERNS = (TransposedK(), ReshapedTransposedK())
 
@@ -219,9 +240,36 @@ def _match_site(model: ir.Model, node: ir.Node) -> tuple[ir.Node, dict | None, s
     return root, None, best.reason if best is not None else "not an attention form"
 
 
+def _drop_nan_guards(model: ir.Model) -> None:
+    """``Where(IsNaN(p), 0, p)`` after ``p = Softmax(Add(s, M))`` ⇒ ``p`` when M is a constant
+    mask that leaves every row a visible key (then p has no NaN and the guard is the identity)."""
+    from edgec.graph_passes.sparse_attention.mask import MASKED, mask_array
+
+    for node in list(model.graph):
+        if node.op_type != "Where" or node.domain != "" or len(node.inputs) != 3:
+            continue
+        cond, zero, p = node.inputs
+        guard, softmax = cond.producer(), p.producer()
+        if (guard is None or guard.op_type != "IsNaN" or guard.inputs[0] is not p
+                or softmax is None or softmax.op_type != "Softmax"
+                or _const_scalar(zero) != 0.0):
+            continue
+        add = softmax.inputs[0].producer()
+        if add is None or add.op_type != "Add":
+            continue
+        m, _ = mask_array(model, add.inputs[1])
+        if m is None or m.ndim < 1 or not (m > MASKED).any(axis=-1).all():
+            continue
+        ir.convenience.replace_all_uses_with(node.outputs[0], p)
+        model.graph.remove(node, safe=True)
+        if not guard.outputs[0].uses():
+            model.graph.remove(guard, safe=True)
+
+
 def find_attention_sites(model: ir.Model) -> tuple[list[AttentionSite], Counter]:
     """Attention sites of the main graph (adds a Transpose Kᵀ→K per site), and skip reasons."""
     sites, skipped = [], Counter()
+    _drop_nan_guards(model)
     for node in list(model.graph):
         if node.domain != "" or node.op_type not in ("Softmax", "Attention"):
             continue
@@ -244,6 +292,6 @@ def find_attention_sites(model: ir.Model) -> tuple[list[AttentionSite], Counter]
         model.graph.insert_before(root, tape.nodes)
         for init in tape.initializers:
             model.graph.register_initializer(init)
-        sites.append(AttentionSite(q, k, m["v"], node, root.outputs[0], root))
+        sites.append(AttentionSite(q, k, m["v"], node, root.outputs[0], root, m.get("mask")))
     # Kᵀ → K Transposes of sites that end up skipped are removed by the pass's DCE.
     return sites, skipped
