@@ -203,6 +203,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         if gen and tgt.static_shapes:  # the one-token graph beside the prefill graph
             decode = _decode_graph(source, recipe, stage, step)
             built.runtime["decode"] = decode[0]
+        dense = _dense_graph(source, recipe, example_inputs, dynamic_shapes, stage, step)
+        if dense:
+            built.runtime["dense"] = dense[0]
         times["build_s"] = time.perf_counter() - t0
 
         step(f"verifying on {tgt.name}")
@@ -231,8 +234,12 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
                                       "tokenizer": tokenizer}
         if decode:
             report["fidelity"]["decode_graph_vs_source"] = decode[1]
+        if dense:
+            report["fidelity"]["dense_graph_vs_source"] = dense[1]
         if retrieval:
             manifest["kv_retrieval"] = retrieval
+        if src.info.get("sampling"):
+            manifest["sampling"] = src.info["sampling"]
         quant = reports.quantization_entry(records)
         if quant:
             manifest["quantization"] = report["quantization"] = quant
@@ -291,6 +298,36 @@ def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, di
     built = tgt.build(tgt, stage / "decode.onnx", stage / "target" / "decode")
     entry = {**built.runtime, "model": "target/decode/" + built.runtime["model"].removeprefix(
         "target/"), "onnx": "decode.onnx", "tokens": 1}
+    session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
+    fidelity, _ = target_fidelity(session, prep.src, _approximate(prep.manager.records),
+                                  prep.model, recipe.quantize is not None)
+    del session
+    return entry, fidelity
+
+
+def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: Path,
+                 step: Progress) -> tuple[dict, dict] | None:
+    """With ``--sparse-attention ...,dense_steps=N``: the same compile without sparse attention,
+    built beside the sparse graph (``dense.onnx``, ``target/dense/``) for the sampler's first N
+    steps. Returns its runtime entry and fidelity, or None."""
+    from edgec.fidelity import target_fidelity, verification_session
+    from edgec.onnx_io import save_model
+
+    sa = recipe.sparse_attention
+    steps = int(sa.get("dense_steps", 0) if isinstance(sa, dict) else
+                getattr(sa, "dense_steps", 0))
+    if steps <= 0:
+        return None
+    step(f"compiling the dense graph for the first {steps} sampling steps")
+    prep = prepare(source, dataclasses.replace(recipe, sparse_attention=None), example_inputs,
+                   dynamic_shapes, step)
+    save_model(prep.model, stage / "dense.onnx")
+    tgt = recipe.target
+    built = tgt.build(tgt, stage / "dense.onnx", stage / "target" / "dense")
+    model = built.runtime["model"]  # a target runs the .onnx itself or a file it built
+    model = ("target/dense/" + model.removeprefix("target/") if model.startswith("target/")
+             else "dense.onnx")
+    entry = {**built.runtime, "model": model, "onnx": "dense.onnx", "steps": steps}
     session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
     fidelity, _ = target_fidelity(session, prep.src, _approximate(prep.manager.records),
                                   prep.model, recipe.quantize is not None)

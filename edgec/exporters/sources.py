@@ -84,6 +84,8 @@ def resolve_source(source: Any, config: str | None = None,
     inputs = spec.example_inputs(config)
     info = {"kind": "registry", "name": spec.name, "config": config,
             "hyperparameters": spec.hyperparameters(config)}
+    if spec.sampling:  # how Session.sample runs it, carried into the manifest
+        info["sampling"] = dict(spec.sampling)
     shapes = dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes(config)
     return _from_torch(module, inputs, shapes, spec.output_names, info, "registry")
 

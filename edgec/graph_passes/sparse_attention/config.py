@@ -43,6 +43,9 @@ class SparseAttentionConfig:
     tile: TtxThxTw tokens per block tile (default: most compact tile dividing the grid).
     samples: query rows sampled by the rainfusion pattern test.
     chunk_mb: memory budget for gathered K/V and scores per chunk of query blocks.
+    dense_steps: diffusion sampling steps that run dense attention before the sparse graph takes
+        over (RainFusion keeps early steps dense); > 0 also builds the dense graph beside the
+        sparse one (``dense.onnx``), and ``Session.sample`` switches between them.
     """
 
     keep: float = 0.2
@@ -58,13 +61,15 @@ class SparseAttentionConfig:
                                                           metadata={"format": "TxHxW"})
     samples: int = 32
     chunk_mb: int = 256
+    dense_steps: int = 0
 
     def __post_init__(self):
         if not 0 < self.keep <= 1:
             raise UserError(f"sparse attention keep={self.keep} must be in (0, 1]")
-        if self.block < 1 or self.prefix < 0 or self.min_seq < 0 or self.chunk_mb < 1:
+        if (self.block < 1 or self.prefix < 0 or self.min_seq < 0 or self.chunk_mb < 1
+                or self.dense_steps < 0):
             raise UserError("sparse attention block, chunk_mb must be ≥ 1 and prefix, "
-                            "min_seq ≥ 0")
+                            "min_seq, dense_steps ≥ 0")
         if self.qblock < 0 or (self.qblock and self.qblock % self.block):
             raise UserError(f"sparse attention qblock={self.qblock} must be a multiple of "
                             f"block={self.block}")

@@ -30,7 +30,7 @@ def build_masked_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, d: 
     if nbq * bs != n_q:  # pad query rows to whole blocks; the padded rows are sliced off
         q = e.Pad(q, e.i64(0, 0, 0, 0, 0, 0, nbq * bs - n_q, 0))
     outs, keys = [], 0
-    for gi, group in enumerate(plan.groups):
+    for group in plan.groups:
         rows, width = group.hi - group.lo, group.table.shape[1] * bs
         tokens = (group.table[..., None] * bs + np.arange(bs)).reshape(rows, width)
         valid = np.repeat(group.valid, bs, axis=1) & (tokens < n_k)

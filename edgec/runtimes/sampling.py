@@ -1,0 +1,279 @@
+"""Diffusion samplers over a compiled denoiser: flow-matching Euler, DDIM (x0 prediction) and a
+sub-VP SDE (score), with classifier-free guidance, a seed and a dense-then-sparse step schedule.
+
+The manifest's ``sampling`` entry (a reference model's ``ModelSpec.sampling``) says which inputs
+are noisy samples, which output predicts each, the timestep input and its scale, and which inputs
+are conditions (zeroed in the unconditional half of guidance). Guidance runs the pair as one
+batch of 2B when the graph's batch allows it, else as two runs. A sparse-attention artifact built
+with ``dense_steps`` carries a dense companion graph (``runtime.dense``): the first steps run it,
+the rest the sparse graph, as RainFusion and TimeRipple schedule their sparsity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import UserError
+
+__all__ = ["SamplerSpec", "sample", "flow_sigmas", "ddim_alphas", "subvp", "denoise",
+           "fit_with_prior"]
+
+KINDS = ("flow", "ddim-x0", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    kind: str
+    samples: dict[str, str]          # noisy input → output predicting it
+    timestep: str
+    timestep_scale: float = 1000.0
+    conditions: tuple[str, ...] = ()
+    guidance: float = 1.0
+    steps: int = 50
+    shift: float = 1.0
+    schedule: str = "cosine"
+    train_steps: int = 1000
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> SamplerSpec:
+        entry = manifest.get("sampling")
+        if not entry:
+            name = (manifest.get("source") or {}).get("name", "this artifact")
+            raise UserError(f"{name} is not a diffusion model (its manifest has no sampling "
+                            "entry); `edgec models` lists the ones with a sampler")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        entry = {k: v for k, v in entry.items() if k in fields}
+        entry["samples"] = dict(entry["samples"])
+        entry["conditions"] = tuple(entry.get("conditions", ()))
+        spec = cls(**entry)
+        if spec.kind not in KINDS:
+            raise UserError(f"sampler kind {spec.kind!r} unknown; upgrade edgec")
+        return spec
+
+
+def flow_sigmas(steps: int, shift: float = 1.0) -> np.ndarray:
+    """σ from 1 to 0 in ``steps`` Euler steps, shifted as SD3 / Wan do: σ' = sσ / (1 + (s−1)σ)."""
+    s = np.linspace(1.0, 0.0, steps + 1)
+    return shift * s / (1.0 + (shift - 1.0) * s)
+
+
+def ddim_alphas(train_steps: int, schedule: str = "cosine") -> np.ndarray:
+    """ᾱ_t for t = 0..T−1: the cosine schedule (Nichol & Dhariwal) or DDPM's linear betas."""
+    if schedule == "linear":
+        betas = np.linspace(1e-4, 0.02, train_steps)
+        return np.cumprod(1.0 - betas)
+    s = 0.008
+    f = np.cos((np.arange(train_steps + 1) / train_steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+    return np.cumprod(1.0 - betas)
+
+
+def subvp(t: float, spec: SamplerSpec) -> tuple[float, float, float]:
+    """(β(t), mean coefficient α(t), std σ(t)) of the sub-VP SDE (Song et al. 2021)."""
+    integral = spec.beta_min * t + 0.5 * t * t * (spec.beta_max - spec.beta_min)
+    beta = spec.beta_min + t * (spec.beta_max - spec.beta_min)
+    return beta, math.exp(-0.5 * integral), 1.0 - math.exp(-integral)
+
+
+class _Denoiser:
+    """One model evaluation with guidance; counts runs and switches dense → sparse graphs."""
+
+    def __init__(self, session, spec: SamplerSpec, fixed: dict[str, np.ndarray], batch: int,
+                 guidance: float, dense, dense_steps: int):
+        self.session, self.spec, self.fixed, self.batch = session, spec, fixed, batch
+        self.guidance, self.dense, self.dense_steps = guidance, dense, dense_steps
+        self.runs = 0
+        self.cfg = guidance != 1.0 and bool(spec.conditions)
+        if self.cfg:
+            self.null = {**fixed, **{c: np.zeros_like(fixed[c]) for c in spec.conditions
+                                     if c in fixed}}
+            self.pair = _fits_batch(session, spec, 2 * batch)
+
+    def __call__(self, step: int, x: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
+        sess = self.dense if self.dense is not None and step < self.dense_steps else self.session
+        ts = np.full(self.batch, t * self.spec.timestep_scale, np.float32)
+        feeds = {**self.fixed, **x, self.spec.timestep: ts}
+        if not self.cfg:
+            self.runs += 1
+            return self._predict(sess, feeds)
+        null = {**self.null, **x, self.spec.timestep: ts}
+        if self.pair:  # one run of batch 2B: [conditional; unconditional]
+            self.runs += 1
+            both = self._predict(sess, {k: np.concatenate([feeds[k], null[k]]) for k in feeds})
+            cond = {k: v[:self.batch] for k, v in both.items()}
+            uncond = {k: v[self.batch:] for k, v in both.items()}
+        else:
+            self.runs += 2
+            cond, uncond = self._predict(sess, feeds), self._predict(sess, null)
+        g = self.guidance
+        return {k: uncond[k] + g * (cond[k] - uncond[k]) for k in cond}
+
+    def _predict(self, sess, feeds) -> dict[str, np.ndarray]:
+        out = sess.run(feeds)
+        return {name: out[o].astype(np.float32) for name, o in self.spec.samples.items()}
+
+
+def _fits_batch(session, spec: SamplerSpec, batch: int) -> bool:
+    """Can one run take ``batch`` rows: every input's batch dim dynamic or exactly that?"""
+    dims = [i.shape[0] for i in session.inputs if i.shape]
+    return all(isinstance(d, str) or d is None or d == batch for d in dims)
+
+
+def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
+           steps: int | None = None, guidance: float | None = None, seed: int = 0,
+           dense_steps: int | None = None, callback: Callable[[int, int], None] | None = None,
+           noise: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Run the artifact's sampler from Gaussian noise; returns the final samples by input name.
+
+    ``conditions`` feeds every input that is not a noisy sample or the timestep (missing ones
+    come from the artifact's example inputs); ``guidance`` 1.0 disables classifier-free
+    guidance; ``dense_steps`` (default: the artifact's) steps run the dense companion graph;
+    ``callback(step, steps)`` after every step. Timings and model runs land in
+    ``session.last_sampling``."""
+    spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
+    steps = spec.steps if steps is None else int(steps)
+    guidance = spec.guidance if guidance is None else float(guidance)
+    if steps < 1:
+        raise UserError(f"steps={steps}: give at least one sampling step")
+    default = dict(getattr(session, "default_feeds", {}) or {})
+    fixed = {k: np.asarray(v) for k, v in {**default, **(conditions or {})}.items()
+             if k not in spec.samples and k != spec.timestep}
+    known = {i.name for i in session.inputs}
+    unknown = sorted(set(conditions or {}) - known)
+    if unknown:
+        raise UserError(f"unknown input {unknown[0]!r}; the model's inputs are: "
+                        f"{', '.join(sorted(known))}")
+    batch = _batch(fixed, default, spec)
+    rng = np.random.default_rng(seed)
+    x = {}
+    for name in spec.samples:
+        shape = (batch, *np.shape(default[name])[1:]) if name in default else None
+        if noise is not None and name in noise:
+            x[name] = np.asarray(noise[name], np.float32)
+        elif shape is None:
+            raise UserError(f"no example shape for sample input {name!r}; pass noise={{...}}")
+        else:
+            x[name] = rng.standard_normal(shape).astype(np.float32)
+    dense, n_dense = _dense(session, dense_steps)
+    model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense)
+    t0 = time.perf_counter()
+    x = {"flow": _flow, "ddim-x0": _ddim, "score": _score}[spec.kind](
+        model, spec, x, steps, rng, callback)
+    session.last_sampling = {"kind": spec.kind, "steps": steps, "guidance": guidance,
+                             "dense_steps": n_dense, "model_runs": model.runs,
+                             "seconds": time.perf_counter() - t0,
+                             "guidance_batched": bool(model.cfg and model.pair)}
+    return x
+
+
+def _batch(fixed, default, spec) -> int:
+    for name in (*spec.conditions, *fixed):
+        if name in fixed and np.ndim(fixed[name]):
+            return int(np.shape(fixed[name])[0])
+    first = next(iter(spec.samples))
+    return int(np.shape(default[first])[0]) if first in default else 1
+
+
+def _dense(session, dense_steps: int | None):
+    """(dense session or None, how many steps it runs)."""
+    entry = ((getattr(session, "manifest", None) or {}).get("runtime") or {}).get("dense")
+    n = int(entry.get("steps", 0)) if entry and dense_steps is None else int(dense_steps or 0)
+    if n <= 0:
+        return None, 0
+    if entry is None:
+        raise UserError("dense_steps needs an artifact compiled with --sparse-attention "
+                        "...,dense_steps=N (it carries the dense graph beside the sparse one)")
+    dense = getattr(session, "dense_session", None)
+    if dense is None:
+        from edgec.runtimes import open_session
+
+        dense = session.dense_session = open_session(session.root, entry)
+    return dense, n
+
+
+def _flow(model, spec, x, steps, rng, callback):
+    sigmas = flow_sigmas(steps, spec.shift)
+    for i in range(steps):
+        v = model(i, x, float(sigmas[i]))
+        x = {k: x[k] + np.float32(sigmas[i + 1] - sigmas[i]) * v[k] for k in x}
+        if callback:
+            callback(i + 1, steps)
+    return x
+
+
+def _ddim(model, spec, x, steps, rng, callback):
+    alphas = ddim_alphas(spec.train_steps, spec.schedule)
+    ts = np.linspace(spec.train_steps - 1, 0, steps).round().astype(int)
+    for i, t in enumerate(ts):
+        x0 = model(i, x, float(t))
+        a = alphas[t]
+        a_next = alphas[ts[i + 1]] if i + 1 < steps else 1.0
+        eps = {k: (x[k] - math.sqrt(a) * x0[k]) / math.sqrt(1.0 - a) for k in x}
+        x = {k: (math.sqrt(a_next) * x0[k] + math.sqrt(1.0 - a_next) * eps[k]).astype(np.float32)
+             for k in x}
+        if callback:
+            callback(i + 1, steps)
+    return x
+
+
+def _score(model, spec, x, steps, rng, callback, eps: float = 1e-3):
+    """Euler–Maruyama on the reverse sub-VP SDE from t = 1 to ``eps`` (last step noise-free)."""
+    ts = np.linspace(1.0, eps, steps)
+    dt = -(1.0 - eps) / steps
+    for i, t in enumerate(ts):
+        beta, _, _ = subvp(float(t), spec)
+        integral = spec.beta_min * t + 0.5 * t * t * (spec.beta_max - spec.beta_min)
+        g2 = beta * (1.0 - math.exp(-2.0 * integral))
+        score = model(i, x, float(t))
+        mean = {k: x[k] + (-0.5 * beta * x[k] - g2 * score[k]) * dt for k in x}
+        last = i + 1 == steps
+        x = {k: (mean[k] if last else mean[k] + math.sqrt(g2 * -dt)
+                 * rng.standard_normal(mean[k].shape)).astype(np.float32) for k in x}
+        if callback:
+            callback(i + 1, steps)
+    return x
+
+
+def denoise(session, x0: np.ndarray, t: float, rng: np.random.Generator,
+            spec: SamplerSpec | None = None) -> tuple[np.ndarray, float]:
+    """DPoser's one-step prior: perturb ``x0`` to ``t``, denoise once (Tweedie:
+    x̂0 = (x_t + σ²·score) / α). Returns (x̂0, the loss weight ½√(1 + SNR²))."""
+    spec = spec or SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
+    (name, out), = spec.samples.items()
+    _, alpha, sigma = subvp(t, spec)
+    xt = (alpha * x0 + sigma * rng.standard_normal(x0.shape)).astype(np.float32)
+    other = {k: v for k, v in (getattr(session, "default_feeds", None) or {}).items()
+             if k not in (name, spec.timestep) and np.shape(v)[:1] == (len(x0),)}
+    feeds = {**other, name: xt,
+             spec.timestep: np.full(len(x0), t * spec.timestep_scale, np.float32)}
+    score = session.run(feeds)[out]
+    snr = alpha / sigma
+    return ((xt + sigma ** 2 * score) / alpha).astype(np.float32), 0.5 * math.sqrt(1 + snr ** 2)
+
+
+def fit_with_prior(session, observed: np.ndarray, known: np.ndarray | None = None, *,
+                   iterations: int = 100, t_range: tuple[float, float] = (0.12, 0.08),
+                   prior_weight: float = 1.0, lr: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Fit a pose to ``observed`` where ``known`` (bool, same shape) is True, the pose prior
+    filling the rest: gradient steps on ‖known·(x − observed)‖² + w·λ(t)·‖x − x̂0(x)‖² with x̂0
+    detached and t falling linearly over the iterations (DPoser-X's truncated schedule)."""
+    spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
+    if spec.kind != "score":
+        raise UserError("fit_with_prior needs a score-model artifact (e.g. pose-prior)")
+    observed = np.asarray(observed, np.float32)
+    known = np.ones_like(observed, bool) if known is None else np.asarray(known, bool)
+    rng = np.random.default_rng(seed)
+    x = np.where(known, observed, 0.0).astype(np.float32)
+    for t in np.linspace(t_range[0], t_range[1], iterations):
+        x0_hat, weight = denoise(session, x, float(t), rng, spec)
+        grad = 2.0 * known * (x - observed) + prior_weight * weight * (x - x0_hat)
+        x = (x - lr * grad).astype(np.float32)
+    return x

@@ -1,0 +1,149 @@
+"""Samplers in the runtime wrapper: each sampler is exact on a model whose prediction is exact,
+guidance batched equals guidance in two runs, the dense-then-sparse schedule, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import edgec
+from edgec.cli import app
+from edgec.errors import UserError
+from edgec.runtimes import IOSpec
+from edgec.runtimes.sampling import denoise, fit_with_prior, flow_sigmas, sample, subvp
+
+X0 = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(2, 6)
+SPREAD = 0.0  # the score oracle's data spread (a point mass makes Euler–Maruyama stiff)
+
+
+class Oracle:
+    """A 'denoiser' that knows the data is the single point X0 (conditioned by ``c``): its
+    prediction is exact, so a correct sampler lands on X0 (+ c) from any noise."""
+
+    def __init__(self, kind, batch_dim="batch", spec=None):
+        self.kind, self.calls, self.batches = kind, 0, []
+        self.manifest = {"sampling": {"kind": kind, "samples": {"x": "y"}, "timestep": "t",
+                                      "timestep_scale": 1000.0 if kind == "flow" else 1.0,
+                                      "conditions": ["c"], "guidance": 3.0, "steps": 8,
+                                      "train_steps": 1000, "shift": 3.0, **(spec or {})}}
+        self.inputs = [IOSpec("x", [batch_dim, 6], "float32"), IOSpec("t", [batch_dim], "float32"),
+                       IOSpec("c", [batch_dim, 6], "float32")]
+        self.default_feeds = {"x": np.zeros((2, 6), np.float32), "c": np.ones((2, 6), np.float32),
+                              "t": np.zeros(2, np.float32)}
+
+    def run(self, feeds):
+        self.calls += 1
+        self.batches.append(len(feeds["x"]))
+        x, t, target = feeds["x"], feeds["t"][:, None], np.tile(X0, (len(feeds["x"]) // 2, 1))
+        target = target + feeds["c"]
+        if self.kind == "flow":  # x = (1-σ)·x0 + σ·ε, v = ε − x0
+            sigma = t / 1000.0
+            eps = (x - (1 - sigma) * target) / np.maximum(sigma, 1e-12)
+            return {"y": eps - target}
+        if self.kind == "ddim-x0":
+            return {"y": target}
+        spec = edgec.runtimes.sampling.SamplerSpec.from_manifest(self.manifest)
+        _, alpha, std = zip(*(subvp(float(ti), spec) for ti in t[:, 0]))
+        alpha, std = np.array(alpha)[:, None], np.array(std)[:, None]
+        var = alpha ** 2 * SPREAD ** 2 + std ** 2  # data N(target, SPREAD²): p_t is Gaussian
+        return {"y": -(x - alpha * target) / var}
+
+
+@pytest.mark.parametrize("kind", ["flow", "ddim-x0"])
+def test_an_exact_model_samples_its_data_point(kind):
+    sess = Oracle(kind)
+    out = sample(sess, guidance=1.0, seed=3)
+    np.testing.assert_allclose(out["x"], X0 + 1.0, atol=1e-4)
+    assert sess.last_sampling["model_runs"] == sess.calls == 8
+
+
+def test_sde_sampler_draws_the_data_distribution(monkeypatch):
+    monkeypatch.setitem(globals(), "SPREAD", 0.3)
+    sess = Oracle("score", spec={"steps": 200})
+    c = np.ones((1000, 6), np.float32)  # 1000 draws of N(X0 + 1, 0.3²)
+    x = sample(sess, {"c": c}, guidance=1.0, seed=0)["x"].reshape(500, 2, 6)
+    np.testing.assert_allclose(x.mean(0), X0 + 1.0, atol=0.05)
+    np.testing.assert_allclose(x.std(0), 0.3, rtol=0.15)
+
+
+def test_guidance_pair_batched_equals_two_runs():
+    a, b = Oracle("flow"), Oracle("flow", batch_dim=2)  # static batch 2: no room for the pair
+    xa, xb = sample(a, seed=1), sample(b, seed=1)
+    assert a.batches == [4] * 8 and a.last_sampling["guidance_batched"]
+    assert b.batches == [2] * 16 and not b.last_sampling["guidance_batched"]
+    np.testing.assert_allclose(xa["x"], xb["x"], rtol=1e-5, atol=1e-5)
+    # guidance extrapolates away from the unconditional (c = 0) point: X0 + g·c
+    np.testing.assert_allclose(xa["x"], X0 + 3.0, atol=1e-4)
+
+
+def test_flow_sigmas_are_shifted_and_end_at_zero():
+    s = flow_sigmas(4, shift=3.0)
+    assert s[0] == 1.0 and s[-1] == 0.0 and np.all(np.diff(s) < 0)
+    assert s[2] == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
+
+
+def test_one_step_prior_denoise_and_fit():
+    sess = Oracle("score")
+    x0_hat, weight = denoise(sess, np.zeros((2, 6), np.float32) + X0 + 1.0, 0.1,
+                             np.random.default_rng(0))
+    np.testing.assert_allclose(x0_hat, X0 + 1.0, atol=1e-4)  # Tweedie with the exact score
+    assert weight > 1.0
+    known = np.zeros((2, 6), bool)
+    known[:, :3] = True  # half observed: the prior completes the rest
+    observed = np.where(known, X0 + 1.0, 5.0).astype(np.float32)
+    fit = fit_with_prior(sess, observed, known, iterations=60, lr=0.1)
+    np.testing.assert_allclose(fit, X0 + 1.0, atol=1e-2)
+
+
+def test_bad_sampling_requests():
+    sess = Oracle("flow")
+    with pytest.raises(UserError, match="unknown input 'text'"):
+        sample(sess, {"text": np.zeros(1)})
+    with pytest.raises(UserError, match="at least one"):
+        sample(sess, steps=0)
+    with pytest.raises(UserError, match="dense_steps needs"):
+        sample(sess, dense_steps=2)
+    sess.manifest = {"source": {"name": "llama"}}
+    with pytest.raises(UserError, match="llama is not a diffusion model"):
+        sample(sess)
+
+
+@pytest.fixture(scope="module")
+def sparse_dit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampling")
+    dense = edgec.compile("video-dit", target="ort-cpu", output_dir=root / "dense", config="tiny")
+    sparse = edgec.compile("video-dit", target="ort-cpu", output_dir=root / "sparse",
+                           config="tiny",
+                           sparse_attention="keep=0.5,block=8,min_seq=0,dense_steps=2")
+    return dense, sparse
+
+
+def test_dense_steps_switch_graphs(sparse_dit):
+    dense, sparse = sparse_dit
+    entry = sparse.manifest["runtime"]["dense"]
+    assert entry["steps"] == 2 and (sparse.path / entry["model"]).is_file()
+    assert sparse.report["fidelity"]["dense_graph_vs_source"]["outputs"]["output"]["cosine"] > (
+        0.99999)
+    ref = edgec.load(dense.path).sample(steps=4, seed=0)["latent"]
+    sess = edgec.load(sparse.path)
+    all_dense = sess.sample(steps=4, seed=0, dense_steps=4)["latent"]
+    np.testing.assert_allclose(all_dense, ref, rtol=1e-5, atol=1e-5)
+    scheduled = sess.sample(steps=4, seed=0)["latent"]
+    assert sess.last_sampling["dense_steps"] == 2
+    assert not np.allclose(scheduled, ref, atol=1e-4)  # the last two steps ran sparse
+    cos = float((scheduled * ref).sum() / np.linalg.norm(scheduled) / np.linalg.norm(ref))
+    assert cos > 0.95
+
+
+def test_cli_sample(sparse_dit, tmp_path):
+    dense, _ = sparse_dit
+    runner = CliRunner()
+    result = runner.invoke(app, ["sample", str(dense.path), "--steps", "3", "--json",
+                                 "--save", str(tmp_path / "x.npz")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["steps"] == 3 and data["model_runs"] == 3 and data["guidance_batched"]
+    assert np.load(tmp_path / "x.npz")["latent"].shape == tuple(data["samples"]["latent"]["shape"])
+    result = runner.invoke(app, ["sample", str(dense.path), "--dense-steps", "2"])
+    assert result.exit_code == 2 and "dense_steps needs" in result.stderr
