@@ -128,3 +128,38 @@ def test_dense_mask_stays_dense_with_reason():
     assert result.stats["sites_rewritten"] == 0
     (reason,) = result.stats["skipped_reasons"]
     assert reason.startswith("mask leaves 100% of its tiles visible")
+
+
+class CrossAttention(torch.nn.Module):
+    def forward(self, x):
+        q = x.reshape(2, N, 4, 8).transpose(1, 2)
+        kv = q[:, :, : N // 2]  # half as many keys as queries
+        return F.scaled_dot_product_attention(q, kv, kv)
+
+
+def test_unmasked_cross_attention_is_never_approximated():
+    model = export_module(CrossAttention(), (X,)).model
+    stats = SparseAttentionPass("keep=0.5,block=16,min_seq=0")(model).stats
+    assert stats["sites_rewritten"] == 0
+    assert stats["skipped_reasons"] == {
+        "cross-attention (query and key lengths differ or are unknown)": 1}
+
+
+@pytest.mark.parametrize("target,quantize", [("openvino-cpu", None), ("qnn-htp", "w8a16")])
+def test_block_diagonal_model_compiles_exact_on_each_runtime(tmp_path, target, quantize):
+    """reactive-dance's 60-token blocks: OpenVINO must not fuse the blocks back into one dense
+    attention (it did, through [B, H·blocks, ...] views); the NPU runs the same QDQ graph."""
+    import edgec
+
+    art = edgec.compile("reactive-dance", target=target, output_dir=tmp_path / "o",
+                        config="tiny", sparse_attention="mode=mask", quantize=quantize)
+    stats = next(p["stats"] for p in art.manifest["passes"] if p["name"] == "sparse-attention")
+    assert stats["sites_exact"] == stats["sites_found"] > 0
+    fid = art.report["fidelity"]["target_vs_source"]
+    worst = min(e["cosine"] for e in fid["outputs"].values())
+    if quantize is None:
+        assert max(e["max_rel"] for e in fid["outputs"].values()) <= 1e-5
+    else:
+        assert worst >= 0.999
+        agree = fid["vs_rewritten_onnx"]["outputs"].values()
+        assert min(e["cosine"] for e in agree) >= 0.998

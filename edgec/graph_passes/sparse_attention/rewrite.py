@@ -76,7 +76,7 @@ class SparseAttentionPass(EdgecPass):
             if stats["mode"] == "mask":
                 exact += 1
                 kept = stats["kept_fraction"]
-                fd = 4.0 * site_n(site) ** 2 * d * (bh or 1)
+                fd = 4.0 * stats["queries"] * stats["keys"] * d * (bh or 1)
                 flops_dense += fd
                 flops_sparse += fd * kept
             elif n is not None:
@@ -119,6 +119,9 @@ class SparseAttentionPass(EdgecPass):
         cfg = self.config
         if d is None:
             return None, "head dim not static"
+        keys = next((_dim(x) for x in (site.k, site.v) if _dim(x) is not None), None)
+        if keys is None or keys != _dim(site.q):
+            return None, "cross-attention (query and key lengths differ or are unknown)"
         if n is not None and n < cfg.min_seq:
             return None, f"sequence {n} < min_seq {cfg.min_seq}"
         if lay.n_video is not None and n is not None and n != cfg.prefix + lay.n_video:
@@ -133,7 +136,9 @@ class SparseAttentionPass(EdgecPass):
         """(built, "") for the exact mask rewrite, or (None, why the site stays dense)."""
         if site.mask is None:
             return None, "no mask (mode=mask rewrites masked sites only)"
-        n_q, n_k = static_dim(site.q.shape[2]), static_dim(site.k.shape[2])
+        n_q = static_dim(site.q.shape[2])
+        n_k = next((static_dim(x.shape[2]) for x in (site.k, site.v)  # Kᵀ's shape may be lost
+                    if x.shape is not None and static_dim(x.shape[2])), None)
         if d is None or n_q is None or n_k is None:
             return None, "masked site with a dynamic sequence length or head dim"
         mask, why = mask_array(model, site.mask)
@@ -150,11 +155,14 @@ class SparseAttentionPass(EdgecPass):
                                       seen, values, site.q.dtype), ""
 
 
+def _dim(x: ir.Value):
+    """The sequence dim of a [B,H,N,d] value: an int, a dim name, or None when unknown."""
+    dim = x.shape[2] if x.shape is not None and len(x.shape) == 4 else None
+    return dim if isinstance(dim, int) or dim is None else dim.value
+
+
 MAX_KEPT = 0.85  # the mask rewrite's gathers cost more than the tiles it skips above this
 
-
-def site_n(site) -> int:
-    return static_dim(site.q.shape[2]) or 0
 
 
 def _flops(n: int, d: int, cfg: SparseAttentionConfig, stats: dict) -> tuple[float, float]:
