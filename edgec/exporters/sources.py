@@ -62,8 +62,11 @@ def resolve_source(source: Any, config: str | None = None,
             raise UserError("--config applies to reference models, not to an .onnx file")
         return _from_onnx(path, example_inputs)
     if path.is_dir():
+        from edgec.exporters.diffusers_source import diffusers_source, is_diffusers_model
         from edgec.exporters.hf import WRAPPED, is_hf_checkpoint, load_hf
 
+        if is_diffusers_model(path):
+            return diffusers_source(path, config, dynamic_shapes)
         if not is_hf_checkpoint(path):
             raise UserError(f"{path}: is a directory without config.json; give an .onnx file, "
                             "a Hugging Face checkpoint directory or a model name (`edgec models`)")

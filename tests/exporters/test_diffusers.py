@@ -1,0 +1,224 @@
+"""Local diffusers model directories (tiny random transformers, saved here) as compile sources."""
+
+import copy
+import json
+import os
+import socket
+import sys
+
+import diffusers  # the diffusers extra; dev installs it, so a missing install fails here
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import edgec
+from edgec.cli import app
+from edgec.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+COG = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+           time_embed_dim=16, text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8,
+           sample_frames=5, max_text_seq_length=8, use_rotary_positional_embeddings=True)
+WAN = dict(num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+           text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Any connection attempt fails the test: a local directory never reaches a hub."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network use: {args[1:]}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", refuse)
+        mp.setattr(socket, "create_connection", refuse)
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, offline):
+    import torch
+
+    root = tmp_path_factory.mktemp("diffusers")
+    torch.manual_seed(0)
+    diffusers.CogVideoXTransformer3DModel(**COG).save_pretrained(root / "cog")
+    diffusers.WanTransformer3DModel(**WAN).save_pretrained(root / "wan")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def export_once():
+    """Each (directory, config) is exported and checked once (a dynamo export is seconds on
+    busy cores); every compile gets a copy, as conftest does for registry models."""
+    import dataclasses
+
+    import onnx_ir as ir
+
+    from edgec.exporters import sources
+
+    real, cache = sources.resolve_source, {}
+
+    def resolve(source, config=None, example_inputs=None, dynamic_shapes=None, generate=False,
+                opset=None):
+        if not (isinstance(source, str) and os.path.isdir(source) and example_inputs is None
+                and dynamic_shapes is None and not generate and opset is None):
+            return real(source, config, example_inputs, dynamic_shapes, generate, opset)
+        if (source, config) not in cache:
+            cache[source, config] = real(source, config)
+        src = cache[source, config]
+        model = src.model.clone()
+        for value in model.graph.initializers.values():
+            if value.const_value is not None:
+                value.const_value = ir.tensor(value.const_value.numpy().copy(), name=value.name)
+        return dataclasses.replace(
+            src, model=model, info=copy.deepcopy(src.info),
+            parameter_map=copy.deepcopy(src.parameter_map),
+            export_fidelity=copy.deepcopy(src.export_fidelity),
+            feeds={k: v.copy() for k, v in src.feeds.items()},
+            reference={k: v.copy() for k, v in src.reference.items()})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sources, "resolve_source", resolve)
+        yield
+
+
+def _fidelity_ok(art):
+    for fid in art.report["fidelity"].values():
+        assert fid["outputs"]["sample"]["max_rel"] <= 1e-5, fid
+
+
+def test_cogvideox_compiles_for_openvino_with_checkpoint_names(models, tmp_path):
+    art = edgec.compile(str(models / "cog"), target="openvino-cpu", output_dir=tmp_path / "o")
+    ins = {i["name"]: i for i in art.manifest["inputs"]}
+    assert list(ins) == ["hidden_states", "encoder_hidden_states", "timestep"]
+    assert ins["hidden_states"]["shape"] == ["batch", 2, 4, 8, 8]  # default frames/height/width
+    assert ins["encoder_hidden_states"]["shape"] == ["batch", 8, 16]  # max_text_seq_length
+    assert ins["timestep"]["dtype"] == "int64"
+    assert [o["name"] for o in art.manifest["outputs"]] == ["sample"]
+    _fidelity_ok(art)
+    src = art.report["source"]
+    assert src["kind"] == "diffusers" and src["class"] == "CogVideoXTransformer3DModel"
+    assert src["hyperparameters"]["grid"] == [2, 4, 4] and "sampling" not in src
+    pmap = art.manifest["parameter_map"]
+    assert "transformer_blocks.0.attn1.to_q.weight" in pmap and "proj_out.weight" in pmap
+    assert not any(k.startswith("transformer.") for k in pmap)
+
+
+def test_wan_compiles_for_ort_and_samples(models, tmp_path):
+    art = edgec.compile(str(models / "wan"), target="ort-cpu", output_dir=tmp_path / "o",
+                        config="text_len=6")
+    _fidelity_ok(art)
+    assert "blocks.0.attn2.to_k.weight" in art.manifest["parameter_map"]
+    assert art.manifest["sampling"]["kind"] == "flow"
+    sess = art.load()
+    assert sess.default_feeds["timestep"].dtype == np.float32
+    assert sess.default_feeds["encoder_hidden_states"].shape == (1, 6, 16)
+    out = sess.sample(steps=2, seed=0)
+    assert out["hidden_states"].shape == (1, 4, 2, 8, 8) and np.isfinite(
+        out["hidden_states"]).all()
+
+
+def test_sparse_attention_finds_the_joint_attention(models, tmp_path):
+    """grid and text prefix come from the model: the CLI needs no grid= or prefix=."""
+    result = CliRunner().invoke(app, ["compile", str(models / "cog"), "--target", "ort-cpu",
+                                      "-o", str(tmp_path / "o"), "--sparse-attention",
+                                      "keep=0.5,block=8,min_seq=0", "--json"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fidelity"]["export_vs_pytorch"]["outputs"]["sample"]["max_rel"] <= 1e-5
+    stats = next(p["stats"] for p in report["passes"] if p["name"] == "sparse-attention")
+    assert stats["sites_found"] == 1 and stats["sites_approximate"] == 1
+    assert stats["config"]["grid"] == [2, 4, 4] and stats["config"]["prefix"] == 8
+
+
+def _dir(tmp_path, name, config, weights):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    for w in weights:
+        (d / w).write_bytes(b"\x80\x04 not loaded")
+    return d
+
+
+def test_pickles_unknown_classes_and_pipelines_are_refused(tmp_path):
+    cog = {"_class_name": "CogVideoXTransformer3DModel", "_diffusers_version": "0.42.1"}
+    pickled = _dir(tmp_path, "bin", cog, ["diffusion_pytorch_model.bin"])
+    result = CliRunner().invoke(app, ["compile", str(pickled), "--target", "ort-cpu", "-o",
+                                      str(tmp_path / "o")])
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "pickles are never loaded" in lines[0] and "diffusion_pytorch_model.bin" in lines[0]
+    unknown = _dir(tmp_path, "unet", {"_class_name": "UNet2DConditionModel"},
+                   ["diffusion_pytorch_model.safetensors"])
+    with pytest.raises(UserError, match="'UNet2DConditionModel' is not supported; supported: "
+                       "CogVideoXTransformer3DModel, WanTransformer3DModel") as e:
+        edgec.compile(str(unknown), target="ort-cpu", output_dir=tmp_path / "o2")
+    assert "\n" not in str(e.value)
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match="diffusers pipeline .* give the model's own folder"):
+        edgec.compile(str(pipe), target="ort-cpu", output_dir=tmp_path / "o3")
+    assert not any((tmp_path / o).exists() for o in ("o", "o2", "o3"))
+
+
+def test_bad_options_and_missing_diffusers(models, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="batch=N,frames=N,height=N,width=N,text_len=N"):
+        edgec.compile(str(models / "cog"), target="ort-cpu", output_dir=tmp_path / "o",
+                      config="seq=16")
+    with pytest.raises(UserError, match="height=7 must be a multiple of the patch size 2"):
+        edgec.compile(str(models / "cog"), target="ort-cpu", output_dir=tmp_path / "o",
+                      config="height=7")
+    sincos = tmp_path / "sincos"
+    diffusers.CogVideoXTransformer3DModel(**{**COG, "use_rotary_positional_embeddings": False}
+                                          ).save_pretrained(sincos)
+    with pytest.raises(UserError, match="sin-cos position embeddings needs text_len=8"):
+        edgec.compile(str(sincos), target="ort-cpu", output_dir=tmp_path / "o",
+                      config="text_len=4")
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    with pytest.raises(UserError, match=r"pip install 'edgec\[diffusers\]'"):
+        edgec.compile(str(models / "wan"), target="ort-cpu", output_dir=tmp_path / "o")
+
+
+@pytest.mark.parametrize("latent", [(2, 8, 16), (3, 8, 12), (2, 12, 8)])
+def test_cogvideox_rope_is_the_pipelines(latent):
+    """The RoPE tables the export bakes in are the CogVideoX pipeline's for the same latents
+    (pixel size = latent × the VAE's 8), also where the grid is cropped to the base aspect."""
+    import types
+
+    import torch
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import CogVideoXPipeline
+
+    from edgec.exporters.diffusers_source import _cogvideox_rope
+
+    c = diffusers.CogVideoXTransformer3DModel(**{**COG, "sample_width": 16}).config  # base 4×8
+    f, h, w = latent
+    ours = _cogvideox_rope(c)(torch.zeros(1, f, 4, h, w))["image_rotary_emb"]
+    fake = types.SimpleNamespace(vae_scale_factor_spatial=8,
+                                 transformer=types.SimpleNamespace(config=c))
+    theirs = CogVideoXPipeline._prepare_rotary_positional_embeddings(fake, h * 8, w * 8, f,
+                                                                     torch.device("cpu"))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sharded_weights_in_a_pipeline_folder_take_the_schedulers_shift(tmp_path):
+    import torch
+
+    from edgec.exporters.diffusers_source import load_diffusers
+
+    torch.manual_seed(1)
+    wan = diffusers.WanTransformer3DModel(**WAN)
+    wan.save_pretrained(tmp_path / "transformer", max_shard_size="20KB")
+    assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0,
+         "num_train_timesteps": 1000, "prediction_type": "flow_prediction"}))
+    module, inputs, dims, info = load_diffusers(tmp_path / "transformer", "frames=3")
+    assert info["sampling"]["shift"] == 3.0 and info["sampling"]["timestep_scale"] == 1000.0
+    assert inputs[0].shape == (1, 4, 3, 8, 8) and info["hyperparameters"]["grid"] == [3, 4, 4]
+    for name, value in wan.state_dict().items():
+        assert torch.equal(module.transformer.state_dict()[name], value), name
