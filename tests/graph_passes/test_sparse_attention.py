@@ -227,3 +227,25 @@ def test_onnx_attention_op_keep_one_is_exact(scale):
 def test_onnx_attention_op_with_mask_is_skipped():
     stats = SparseAttentionPass("min_seq=0").call(_attention_op_model(with_mask=True)).stats
     assert stats["skipped_reasons"] == {"Attention op with mask or past key/value": 1}
+
+
+@pytest.mark.parametrize("tail_mode", ["dense", "blocks"])
+def test_trailing_tokens_after_the_grid(tail_mode):
+    """Joint video+motion attention: motion tokens after the video grid, either dense (a moved
+    prefix) or ordinary blocks after the tiles; exact at keep=1, close at keep < 1."""
+    tail = 24
+    x = _qkv(N + tail, seed=5)
+    dense = SDPA()(*x).numpy()
+    spec = f"block=16,prefix={PREFIX},grid=2x8x8,tail={tail},tail_mode={tail_mode},min_seq=0"
+    for keep, tol in ((1.0, 1e-4), (0.4, None)):
+        model = export_module(SDPA(), x, dynamic_shapes=DYN).model
+        result = SparseAttentionPass(f"keep={keep},{spec}")(model)
+        assert result.stats["sites_rewritten"] == 1
+        out = run_model(result.model, _feeds(x))["output"]
+        if tol:
+            np.testing.assert_allclose(out, dense, rtol=tol, atol=1e-5)
+        else:
+            assert compare_outputs({"o": out}, {"o": dense})["o"]["cosine"] > 0.95
+    if tail_mode == "blocks":  # RainFusion's static patterns know the grid only
+        with pytest.raises(UserError, match="tail_mode=dense"):
+            SparseAttentionConfig.parse(f"mode=rainfusion,{spec}")

@@ -35,6 +35,10 @@ class SparseAttentionConfig:
         query blocks gather K/V fewer times and feed MatMul bigger tiles (measured on N=8192,
         keep=0.2: OpenVINO 1.9× at qblock=64, 3.7× at 256, 4.3× at 512 vs dense).
     prefix: leading dense tokens (text in joint attention).
+    tail: trailing tokens after the grid (motion tokens in video+motion joint attention).
+    tail_mode: ``dense`` (tail rows attend to every key and every query keeps the tail's key
+        blocks, as the prefix) or ``blocks`` (tail tokens are ordinary key/query blocks after
+        the permuted grid, selected like the video's).
     sink: ``none`` or ``frame`` (first-frame blocks always kept; needs grid).
     grid: TxHxW video token grid after the prefix; enables the tile permutation.
     mode: ``rf2``, ``rainfusion`` (per-head patterns; needs grid) or ``mask`` (only the exact
@@ -52,6 +56,8 @@ class SparseAttentionConfig:
     block: int = 64
     qblock: int = 0
     prefix: int = 0
+    tail: int = 0
+    tail_mode: str = "dense"
     sink: str = "none"
     grid: tuple[int, int, int] | None = dataclasses.field(default=None,
                                                           metadata={"format": "TxHxW"})
@@ -73,6 +79,12 @@ class SparseAttentionConfig:
         if self.qblock < 0 or (self.qblock and self.qblock % self.block):
             raise UserError(f"sparse attention qblock={self.qblock} must be a multiple of "
                             f"block={self.block}")
+        if self.tail < 0 or self.tail_mode not in ("dense", "blocks"):
+            raise UserError(f"sparse attention tail={self.tail} must be ≥ 0 and "
+                            f"tail_mode={self.tail_mode!r} dense or blocks")
+        if self.tail and self.tail_mode == "blocks" and self.mode == "rainfusion":
+            raise UserError("sparse attention mode=rainfusion has static grid patterns only; "
+                            "use tail_mode=dense")
         if self.sink not in ("none", "frame"):
             raise UserError(f"sparse attention sink={self.sink!r}: use none or frame")
         if self.mode not in ("rf2", "rainfusion", "mask"):
@@ -114,7 +126,11 @@ class SparseAttentionConfig:
         perm = layout_lib.tile_permutation(self.grid, tile)
         sink = (layout_lib.sink_blocks(self.grid, tile) if self.sink == "frame"
                 else np.zeros(0, np.int64))
-        return Layout(self.grid, tile, perm, np.argsort(perm), sink, math.prod(self.grid))
+        n = math.prod(self.grid)
+        if self.tail and self.tail_mode == "blocks":  # tail tokens follow the tiles, in order
+            perm = np.concatenate([perm, np.arange(n, n + self.tail)])
+            n += self.tail
+        return Layout(self.grid, tile, perm, np.argsort(perm), sink, n)
 
 
 def config_for_source(options: dict[str, Any] | SparseAttentionConfig,
@@ -127,4 +143,5 @@ def config_for_source(options: dict[str, Any] | SparseAttentionConfig,
     if "grid" in hp and "grid" not in options:
         defaults["grid"] = tuple(hp["grid"])
         defaults["prefix"] = int(hp.get("text_tokens", 0))
+        defaults["tail"] = int(hp.get("motion_tokens", 0))  # joint video+motion attention
     return SparseAttentionConfig(**{**defaults, **options})

@@ -18,8 +18,10 @@ dense; the stats list every site: rewritten exact / approximate, or skipped with
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
@@ -124,13 +126,17 @@ class SparseAttentionPass(EdgecPass):
             return None, "cross-attention (query and key lengths differ or are unknown)"
         if n is not None and n < cfg.min_seq:
             return None, f"sequence {n} < min_seq {cfg.min_seq}"
-        if lay.n_video is not None and n is not None and n != cfg.prefix + lay.n_video:
-            return None, f"sequence {n} != prefix + grid tokens {cfg.prefix + lay.n_video}"
-        if n is not None and n <= cfg.prefix:
-            return None, "sequence not longer than the prefix"
+        dense_tail = cfg.tail if cfg.tail_mode == "dense" else 0
+        expected = None if lay.n_video is None else cfg.prefix + lay.n_video + dense_tail
+        if expected is not None and n is not None and n != expected:
+            return None, f"sequence {n} != prefix + grid + tail tokens {expected}"
+        if n is not None and n <= cfg.prefix + dense_tail:
+            return None, "sequence not longer than the dense prefix and tail"
         shape = SiteShape(d=d, n=n, batch_heads=bh, dtype=site.q.dtype)
-        return build_sparse_attention(f"sparse_attn{i}", site.q, site.k, site.v, shape, cfg,
-                                      lay), ""
+        if not dense_tail:
+            return build_sparse_attention(f"sparse_attn{i}", site.q, site.k, site.v, shape,
+                                          cfg, lay), ""
+        return _with_dense_tail(f"sparse_attn{i}", site, shape, cfg, lay), ""
 
     def _masked(self, model, i, site, d):
         """(built, "") for the exact mask rewrite, or (None, why the site stays dense)."""
@@ -155,6 +161,42 @@ class SparseAttentionPass(EdgecPass):
                                       seen, values, site.q.dtype), ""
 
 
+def _with_dense_tail(name, site, shape, cfg, lay):
+    """A dense tail is a prefix moved: rotate the last ``tail`` tokens to the front, build with
+    prefix + tail dense tokens, rotate the output back (Slice/Concat: any sequence length)."""
+    before, after = ir.tape.Tape(), ir.tape.Tape()
+    consts = {}
+
+    def const(tape, value):
+        if value not in consts:
+            consts[value] = tape.initializer(ir.tensor(np.array([value], np.int64)),
+                                             name=f"{name}_tail{len(consts)}")
+        return consts[value]
+
+    def rotate(tape, x, first):  # x[:, :, first:] ⊕ x[:, :, :first]
+        axis, cut, zero, end = (const(tape, c) for c in (2, first, 0, 2**62))
+        head = tape.op("Slice", [x, cut, end, axis])
+        rest = tape.op("Slice", [x, zero, cut, axis])
+        out = tape.op("Concat", [head, rest], {"axis": 2})
+        out.dtype, out.shape = x.dtype, x.shape
+        return out
+
+    q, k, v = (rotate(before, x, -cfg.tail) for x in (site.q, site.k, site.v))
+    inner = dataclasses.replace(cfg, prefix=cfg.prefix + cfg.tail, tail=0)
+    out, body, stats = build_sparse_attention(name, q, k, v, shape, inner, lay)
+    out.dtype, out.shape = site.output.dtype, site.output.shape
+    out = rotate(after, out, cfg.tail)
+    nodes = _Tape((*before.nodes, *body.nodes, *after.nodes),
+                  (*before.initializers, *body.initializers, *after.initializers))
+    return out, nodes, {**stats, "tail": cfg.tail, "tail_mode": "dense"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tape:  # the nodes and initializers of several tapes, in order
+    nodes: tuple
+    initializers: tuple
+
+
 def _dim(x: ir.Value):
     """The sequence dim of a [B,H,N,d] value: an int, a dim name, or None when unknown."""
     dim = x.shape[2] if x.shape is not None and len(x.shape) == 4 else None
@@ -168,6 +210,7 @@ MAX_KEPT = 0.85  # the mask rewrite's gathers cost more than the tiles it skips 
 def _flops(n: int, d: int, cfg: SparseAttentionConfig, stats: dict) -> tuple[float, float]:
     """Per (batch, head) multiply-add FLOPs of QKᵀ and PV, dense vs sparse (incl. selection)."""
     dense = 4.0 * n * n * d
-    p, nv, nb, k = cfg.prefix, n - cfg.prefix, stats["blocks"], stats["kept_blocks"]
+    p = cfg.prefix + (stats.get("tail", 0) if stats.get("tail_mode") == "dense" else 0)
+    nv, nb, k = n - p, stats["blocks"], stats["kept_blocks"]
     sparse = 4.0 * nv * (k * cfg.block + p) * d + 4.0 * p * n * d + 2.0 * nb * nb * d
     return dense, sparse
