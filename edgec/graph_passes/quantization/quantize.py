@@ -194,6 +194,7 @@ class QuantizePass(ir.passes.FunctionalPass):
               _quiet_ort_quantization()):
             src, out, ranges = (Path(tmp) / n for n in ("fp32.onnx", "quantized.onnx",
                                                          "ranges.json"))
+            _unshare_biases(model)
             save_model(model, src)  # with external data: no 2 GB protobuf limit
             save_tensors_data(tensors, ranges)
             kwargs = options(model, src, self.scheme, plan, tensors.calibration_method)
@@ -208,6 +209,40 @@ class QuantizePass(ir.passes.FunctionalPass):
             quantized = ir.load(out)
             ir.external_data.load_to_model(quantized)  # the temp dir goes away
         return quantized
+
+
+# ops whose input 2 onnxruntime.quantization quantizes as a bias (int32, scale from inputs 0 and 1)
+_BIAS_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "InstanceNormalization",
+                       "LayerNormalization", "BatchNormalization"})
+
+
+def _unshare_biases(model: ir.Model) -> int:
+    """Give each node its own copy of a bias initializer that several such nodes share.
+
+    quantize_static copies a shared bias itself, but names the copy ``{name}{n}`` after checking
+    initializer names only: the exporter's ``val_20`` (the zeros bias every GroupNorm's
+    InstanceNormalization shares) became ``val_207``, an existing activation's name, and the
+    quantizer failed with "Quantization parameter shared mode is not supported for weight yet".
+    """
+    graph = model.graph
+    taken = {v.name for node in graph for v in (*node.inputs, *node.outputs) if v is not None}
+    taken |= set(graph.initializers) | {v.name for v in graph.inputs}
+    copies = 0
+    for value in list(graph.initializers.values()):
+        users = [(n, i) for n, i in value.uses() if i == 2 and n.op_type in _BIAS_OPS]
+        if len(users) < 2 or value.const_value is None:
+            continue
+        for k, (node, i) in enumerate(users[1:], 1):
+            name = f"{value.name}_copy{k}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            copy = ir.Value(name=name, type=value.type, shape=value.shape,
+                            const_value=ir.tensor(value.const_value.numpy().copy(), name=name))
+            graph.register_initializer(copy)
+            node.replace_input_with(i, copy)
+            copies += 1
+    return copies
 
 
 def _outliers(cache, scheme) -> set[str]:
