@@ -147,3 +147,26 @@ def test_cli_sample(sparse_dit, tmp_path):
     assert np.load(tmp_path / "x.npz")["latent"].shape == tuple(data["samples"]["latent"]["shape"])
     result = runner.invoke(app, ["sample", str(dense.path), "--dense-steps", "2"])
     assert result.exit_code == 2 and "dense_steps needs" in result.stderr
+
+
+@pytest.mark.parametrize("model,kind", [("reactive-dance", "ddim-x0"), ("pose-prior", "score")])
+def test_reference_diffusion_models_sample(tmp_path, model, kind):
+    art = edgec.compile(model, target="ort-cpu", output_dir=tmp_path / "o", config="tiny")
+    sess = edgec.load(art.path)
+    assert sess.manifest["sampling"]["kind"] == kind
+    steps = []
+    out = sess.sample(steps=3, seed=0, callback=lambda i, n: steps.append((i, n)))
+    (name, x), = out.items()
+    assert steps == [(1, 3), (2, 3), (3, 3)] and np.isfinite(x).all()
+    assert x.shape == sess.default_feeds[name].shape
+    assert sess.last_sampling["model_runs"] == (6 if sess.last_sampling["guidance_batched"]
+                                                is False and kind == "ddim-x0" else 3)
+    if kind == "score":  # the prior completes a half-observed pose and keeps the observed half
+        pose = sess.default_feeds["pose"]
+        known = np.zeros_like(pose, bool)
+        known[:, :63] = True  # the body observed, hands and face from the prior
+        fit = fit_with_prior(sess, pose, known, iterations=20)
+        assert np.isfinite(fit).all()
+        # random weights: the prior pulls against the data term, so only loosely held
+        assert np.abs(fit[:, :63] - pose[:, :63]).mean() < 0.5 * np.abs(pose[:, :63]).mean()
+        assert np.abs(fit[:, 63:]).mean() > 0.01  # the unobserved parts were filled in
