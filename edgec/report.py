@@ -112,11 +112,13 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         st = p["stats"]
         if "sites_rewritten" in st:
             line = f"{st['sites_rewritten']}/{st['sites_found']} attention sites rewritten"
+            if st.get("sites_exact"):
+                line += f" ({st['sites_exact']} exact, by their masks)"
             if "predicted_sparsity" in st:
                 line += f", sparsity {st['predicted_sparsity']:.0%}"
             if "attention_gflops_dense" in st:
-                line += (f", attention GFLOPs {st['attention_gflops_dense']:.1f} → "
-                         f"{st['attention_gflops_sparse']:.1f}")
+                line += (f", attention GFLOPs {st['attention_gflops_dense']:.3g} → "
+                         f"{st['attention_gflops_sparse']:.3g}")
             if st.get("skipped_reasons"):
                 line += "; skipped: " + ", ".join(f"{k} ×{v}" for k, v in
                                                   st["skipped_reasons"].items())
@@ -176,13 +178,29 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts += ["## Passes", "", _table(["pass", "modified", "seconds", "stats", "check"], [
         [p["name"], str(p["modified"]), f"{p['seconds']:.3f}",
          ", ".join(f"{k}={v}" for k, v in p["stats"].items()
-                   if k != "config" and not isinstance(v, dict)) or "-",
+                   if k != "config" and not isinstance(v, dict | list)) or "-",
          _check_cell(p.get("check"))] for p in report["passes"]]), ""]
+    sites = [s for p in report["passes"] for s in p["stats"].get("sites", [])]
+    if sites:
+        parts += ["## Attention sites", "", _table(
+            ["site", "status", "how", "kept", "reason"],
+            [[s["site"], s["status"], _site_how(s),
+              f"{s['kept_fraction']:.0%} of tiles" if "kept_fraction" in s else "-",
+              s.get("reason", "-")] for s in sites]), ""]
     ops = report["graph"]["ops"]
     parts += ["## Graph", "", _table(["op", "count"], [[k, str(v)] for k, v in ops.items()]), ""]
     parts += ["## Files", "", _table(["file", "bytes"], [
         [k, f"{v:,}"] for k, v in report["size_bytes"].items()]), ""]
     return "\n".join(parts)
+
+
+def _site_how(site: dict[str, Any]) -> str:
+    if site["status"] == "skipped":
+        return "dense"
+    if site.get("mode") == "mask":
+        return (f"{site['mask']} mask, block {site['block']}, "
+                f"{site['keys_per_query']:g} key blocks per query block")
+    return f"{site.get('mode', 'rf2')}, {site.get('kept_blocks')}/{site.get('blocks')} blocks"
 
 
 def _check_cell(check: dict[str, Any] | None) -> str:
