@@ -93,6 +93,8 @@ def _numpy_sparse(q, k, v, scale, cfg):
     qs, ks = q * scale, k
     p, lay = cfg.prefix, cfg.layout()
     idx = reference_block_selection(qs, ks, cfg)  # [B,H,nqb,k] incl. forced sinks
+    if cfg.share == "batch":  # every element uses element 0's selection
+        idx = np.broadcast_to(idx[:1], idx.shape)
     n_video = q.shape[2] - p
     pos = np.arange(n_video) if lay.perm is None else np.argsort(lay.perm)  # token → tile pos
     q_block, k_block = pos // cfg.query_block, pos // cfg.block
@@ -249,3 +251,18 @@ def test_trailing_tokens_after_the_grid(tail_mode):
     if tail_mode == "blocks":  # RainFusion's static patterns know the grid only
         with pytest.raises(UserError, match="tail_mode=dense"):
             SparseAttentionConfig.parse(f"mode=rainfusion,{spec}")
+
+
+def test_shared_selection_uses_batch_element_zero():
+    """share=batch: every batch element attends over the blocks element 0 selected."""
+    x = _qkv()
+    cfg = f"keep=0.3,block=16,prefix={PREFIX},grid=2x8x8,min_seq=0,share=batch"
+    model, _, _ = _rewrite(ScaleMul(), cfg, x)
+    out = run_model(model, _feeds(x))["output"]
+    q, k, v = (t.numpy().astype(np.float64) for t in x)
+    parsed = SparseAttentionConfig.parse(cfg)
+    np.testing.assert_allclose(out, _numpy_sparse(q, k, v, 0.25, parsed), rtol=1e-4, atol=1e-4)
+    own = _numpy_sparse(q, k, v, 0.25, SparseAttentionConfig.parse(cfg.replace(
+        ",share=batch", "")))
+    np.testing.assert_allclose(out[0], own[0], rtol=1e-4, atol=1e-4)  # element 0: its own
+    assert not np.allclose(out[1], own[1], atol=1e-3)  # element 1: element 0's blocks

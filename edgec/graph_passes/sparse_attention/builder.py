@@ -97,6 +97,8 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
     kb, vb = (_blocks(e, x, bs, d, pad, nv_t) for x in (kv, vv))
     q_hat = _block_means(e, qb, qbs, padq, nv_t, shape.dtype)
     k_hat = _block_means(e, kb, bs, pad, nv_t, shape.dtype)
+    if cfg.share == "batch":  # one selection from batch element 0 (RainFusion2.0): the CFG
+        q_hat, k_hat = (e.slice(x, 0, 1, 0) for x in (q_hat, k_hat))  # pair shares its mask
     block_scores = e.MatMul(q_hat, e.tr(k_hat, [0, 1, 3, 2]))  # [B,H,nbq,nb]
     if len(layout.sink):
         bias = np.zeros(nb, dtype=shape.dtype.numpy())

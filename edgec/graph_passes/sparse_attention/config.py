@@ -47,6 +47,9 @@ class SparseAttentionConfig:
     tile: TtxThxTw tokens per block tile (default: most compact tile dividing the grid).
     samples: query rows sampled by the rainfusion pattern test.
     chunk_mb: memory budget for gathered K/V and scores per chunk of query blocks.
+    share: ``batch`` computes the block selection from batch element 0 only and uses it for
+        every element (RainFusion2.0 does: a guidance pair run as one batch shares one mask);
+        ``none`` selects per element.
     dense_steps: diffusion sampling steps that run dense attention before the sparse graph takes
         over (RainFusion keeps early steps dense); > 0 also builds the dense graph beside the
         sparse one (``dense.onnx``), and ``Session.sample`` switches between them.
@@ -68,6 +71,7 @@ class SparseAttentionConfig:
     samples: int = 32
     chunk_mb: int = 256
     dense_steps: int = 0
+    share: str = "none"
 
     def __post_init__(self):
         if not 0 < self.keep <= 1:
@@ -85,6 +89,8 @@ class SparseAttentionConfig:
         if self.tail and self.tail_mode == "blocks" and self.mode == "rainfusion":
             raise UserError("sparse attention mode=rainfusion has static grid patterns only; "
                             "use tail_mode=dense")
+        if self.share not in ("none", "batch"):
+            raise UserError(f"sparse attention share={self.share!r}: use none or batch")
         if self.sink not in ("none", "frame"):
             raise UserError(f"sparse attention sink={self.sink!r}: use none or frame")
         if self.mode not in ("rf2", "rainfusion", "mask"):
