@@ -2,7 +2,8 @@
 
 ``video-dit small`` (8192 video + 64 text tokens), flow-matching Euler, 50 steps, classifier-free
 guidance 6.0 batched as one run of batch 2 per step. Dense: every step on the dense graph.
-Scheduled sparse: the artifact compiled with ``--sparse-attention keep=0.2,dense_steps=W``
+Scheduled sparse: the artifact compiled with ``--sparse-attention keep=0.2,dense_steps=W,
+share=batch`` (one block selection for the guidance pair, as RainFusion2.0)
 runs its first W steps on the dense companion graph and the rest block-sparse (RainFusion's
 schedule). Whole generations alternate dense / sparse (``--repeats`` pairs, the first pair
 after one warm-up step each); the JSON gives median wall times, their ratio, the final-latent
@@ -56,7 +57,7 @@ def run(target: str, config: str, steps: int, dense_steps: int, keep: float, rep
                               output_dir=root / "dense")
     sparse_art = edgec.compile("video-dit", target=target, config=config,
                                output_dir=root / "sparse",
-                               sparse_attention=f"keep={keep},dense_steps={dense_steps}"
+                               sparse_attention=f"keep={keep},dense_steps={dense_steps},share=batch"
                                + (f",{extra}" if extra else ""))
     dense, sparse = edgec.load(dense_art.path), edgec.load(sparse_art.path)
     dense.sample(steps=1, seed=0)  # warm-up: first runs allocate; the sparse artifact opens
