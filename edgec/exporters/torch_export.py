@@ -16,6 +16,7 @@ import logging
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import onnx_ir as ir
 import torch
@@ -88,7 +89,8 @@ def export_module(
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, example_inputs, dynamo=True, dynamic_shapes=shapes,
+                module, _unpinned(example_inputs, names, dynamic_shapes), dynamo=True,
+                dynamic_shapes=shapes,
                 input_names=list(input_names or names), output_names=out_names,
                 opset_version=opset or OPSET, verbose=False, optimize=True,
             )
@@ -100,6 +102,28 @@ def export_module(
     logger.info("exported %s: %d nodes, %d initializers, %d parameters mapped",
                 type(module).__name__, len(model.graph), len(model.graph.initializers), len(pmap))
     return ExportResult(model, pmap, list(input_names or names), out_names)
+
+
+def _unpinned(example_inputs: tuple, names: Sequence[str],
+              dynamic_shapes: Mapping[str, Any] | None) -> tuple:
+    """The inputs to trace with: torch.export specializes a dynamic dim whose example size is 1
+    (a batch-1 example gave a graph that named its batch dynamic but reshaped to 1 inside, and
+    failed at batch 2), so a dim name whose every use has size 1 is traced at size 2 (the
+    tensors repeated). Tuple arguments (KV caches) are left alone, and then all inputs are."""
+    if not dynamic_shapes or any(not isinstance(t, torch.Tensor) for t in example_inputs):
+        return example_inputs
+    uses: dict[str, list[tuple[int, int]]] = {}
+    for i, name in enumerate(names):
+        dims = dynamic_shapes.get(name) or {}
+        if isinstance(dims, Mapping):
+            for axis, dim in dims.items():
+                uses.setdefault(str(dim), []).append((i, int(axis)))
+    tensors = list(example_inputs)
+    for dim_uses in uses.values():
+        if all(tensors[i].shape[axis] == 1 for i, axis in dim_uses):
+            for i, axis in dim_uses:
+                tensors[i] = torch.cat([tensors[i], tensors[i]], dim=axis)
+    return tuple(tensors)
 
 
 def _dims(spec):

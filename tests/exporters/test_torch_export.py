@@ -54,3 +54,16 @@ def test_bad_dynamic_shapes_and_inputs_are_user_errors(tiny_mlp):
         export_module(module, inputs + inputs)
     with pytest.raises(UserError, match="nn.Module"):
         export_module(lambda x: x, inputs)
+
+
+def test_batch_one_example_keeps_the_batch_dynamic():
+    """torch.export specializes a dynamic dim whose example size is 1; edgec traces at 2."""
+    class Flatten(torch.nn.Module):
+        def forward(self, x):
+            b, n, d = x.shape
+            return x.reshape(b, n * d).sum(-1, keepdim=True) * x[:, :1].reshape(b, d)
+
+    result = export_module(Flatten(), (torch.randn(1, 4, 8),), {"x": {0: "batch"}})
+    x = torch.randn(3, 4, 8)
+    out = next(iter(run_model(result.model, {"x": x.numpy()}).values()))
+    np.testing.assert_allclose(out, Flatten()(x).numpy(), rtol=1e-5, atol=1e-6)
