@@ -50,8 +50,12 @@ def test_recipe_options_are_the_same_for_calibrate_and_compile():
 def test_models_json():
     rows = json.loads(_run("models", "--json").stdout)
     names = {r["name"]: r for r in rows}
-    assert {"video-dit", "llama"} <= set(names)
+    assert {"video-dit", "llama", "motion-dit", "motion-gen", "reactive-dance", "pose-prior",
+            "motion-recovery"} <= set(names)
     assert names["llama"]["configs"] == ["tiny", "small", "base"]
+    assert all(r["paper"] for r in rows)  # each says what it follows
+    assert names["reactive-dance"]["sampler"] == "ddim-x0"
+    assert names["motion-recovery"]["sampler"] is None and names["llama"]["sampler"] is None
 
 
 def test_run_bench_compare_inspect_json(dit_tiny_artifacts, tmp_path):
