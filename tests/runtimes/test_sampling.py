@@ -170,3 +170,18 @@ def test_reference_diffusion_models_sample(tmp_path, model, kind):
         # random weights: the prior pulls against the data term, so only loosely held
         assert np.abs(fit[:, :63] - pose[:, :63]).mean() < 0.5 * np.abs(pose[:, :63]).mean()
         assert np.abs(fit[:, 63:]).mean() > 0.01  # the unobserved parts were filled in
+
+
+def test_joint_video_motion_sampling_with_sparse_tail(tmp_path):
+    """motion-dit: two noisy inputs sampled together; its 255 motion tokens are the sparse
+    pass's dense tail after the video grid (filled from the model)."""
+    art = edgec.compile("motion-dit", target="ort-cpu", output_dir=tmp_path / "o", config="tiny",
+                        sparse_attention="keep=0.5,block=4,min_seq=0")
+    options = art.manifest["recipe"]["options"]["sparse-attention"]
+    assert options["tail"] == 255 and options["tail_mode"] == "dense"
+    assert options["grid"] == [2, 2, 2]
+    sess = edgec.load(art.path)
+    out = sess.sample(steps=2, seed=0)
+    assert set(out) == {"video", "motion"}
+    assert out["motion"].shape == sess.default_feeds["motion"].shape
+    assert all(np.isfinite(x).all() for x in out.values())
