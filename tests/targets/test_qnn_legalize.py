@@ -17,6 +17,7 @@ from edgec.targets.qnn_htp.legalize import (
     DropSoftmaxNanGuard,
     GatherNDToGather,
     QnnLegalizePass,
+    block_broadcast_repeats,
 )
 
 RNG = np.random.default_rng(0)
@@ -169,5 +170,120 @@ def test_nan_guard_not_after_softmax_left_alone():
         "the guarded value is not a Softmax output")
 
 
-def test_rule_set_holds_both_rules():
-    assert [r.name for r in RULES] == ["GatherNDToGather", "DropSoftmaxNanGuard"]
+# --- Mish(x) ⇒ x · Tanh(Softplus(x)) ------------------------------------------------------------
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_mish_expanded_exactly(tail):
+    # ONNX Runtime itself runs Mish as this function body: bit exact on the CPU
+    nodes = [H.make_node("Mish", ["x"], ["m"], name="mish")]
+    if tail:
+        nodes.append(H.make_node("Add", ["m", "x"], ["y"], name="use"))
+    model = _model(nodes, [_vi("x", T.FLOAT, [2, 3, 8])], [_vi("y" if tail else "m", T.FLOAT,
+                                                                [2, 3, 8])])
+    x = (RNG.standard_normal((2, 3, 8)) * 8).astype(np.float32)  # up to |x| ~ 30: both tails
+    x[0, 0, :4] = [-100.0, 100.0, 0.0, -0.0]
+    result, ops = _legalize(model, {"x": x})
+    assert ops == ["Softplus", "Tanh", "Mul", *(["Add"] if tail else [])]
+    assert result.stats["mish_expanded"] == 1 and result.modified
+    assert [v.name for v in result.model.graph.outputs] == ["y" if tail else "m"]
+
+
+# --- a ∘ b → (elementwise)* → LayerNormalization, b a block broadcast ⇒ a ∘ Tile(b) ------------
+
+@pytest.mark.parametrize(("dims", "out", "reps"), [
+    ([8, 16], [2, 8, 16], [2, 1, 1]),  # positional table over the batch
+    ([1, 8, 16], [2, 8, 16], [2, 1, 1]),
+    ([8, 1], [2, 8, 16], [2, 1, 1]),  # per-row scale: the batch only, the last axis stays
+    ([2, 1, 8, 16], [2, 3, 8, 16], [1, 3, 1, 1]),  # rank 4, over the heads
+    ([8, 16], [2, 3, 8, 16], [2, 3, 1, 1]),
+    ([16], [2, 8, 16], None),  # a bias over rows and batch: right on the HTP, left alone
+    ([1, 1, 16], [2, 8, 16], None),
+    ([2, 1, 16], [2, 8, 16], None),  # over the rows only
+    ([2, 8, 1], [2, 8, 16], None),
+    ([1], [2, 8, 16], None),
+    ([2, 8, 16], [2, 8, 16], None),
+    ([8, 16], [1, 8, 16], None),  # batch 1: no broadcast
+])
+def test_block_broadcast_repeats(dims, out, reps):
+    assert block_broadcast_repeats(dims, out) == reps
+
+
+def _ln_model(x_shape, p_shape, op="Add", between=(), p_first=False, p_init=False,
+              extra_outputs=()):
+    d = x_shape[-1]
+    inputs = ["p", "x"] if p_first else ["x", "p"]
+    nodes, h = [H.make_node(op, inputs, ["h"], name="bin")], "h"
+    for i, mid in enumerate(between):
+        args = [h, "s"] if mid in ("Mul", "Add") else [h]
+        nodes.append(H.make_node(mid, args, [f"m{i}"], name=f"mid{i}"))
+        h = f"m{i}"
+    nodes.append(H.make_node("LayerNormalization", [h, "g", "b"], ["y"], axis=-1, epsilon=1e-5,
+                             name="ln"))
+    inits = [nh.from_array((RNG.standard_normal(d) * 0.5 + 1).astype(np.float32), "g"),
+             nh.from_array((RNG.standard_normal(d) * 0.1).astype(np.float32), "b"),
+             nh.from_array(np.array([1.5], np.float32), "s")]
+    p = RNG.standard_normal(p_shape).astype(np.float32)
+    inputs = [_vi("x", T.FLOAT, x_shape)]
+    if p_init:
+        inits.append(nh.from_array(p, "p"))
+    else:
+        inputs.append(_vi("p", T.FLOAT, p_shape))
+    outputs = [_vi("y", T.FLOAT, x_shape), *(_vi(o, T.FLOAT, x_shape) for o in extra_outputs)]
+    feeds = {"x": RNG.standard_normal(x_shape).astype(np.float32)}
+    if not p_init:
+        feeds["p"] = p
+    return _model(nodes, inputs, outputs, inits), feeds
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    (dict(x_shape=[2, 8, 16], p_shape=[8, 16]),
+     ["Reshape", "Tile", "Add", "LayerNormalization"]),
+    (dict(x_shape=[2, 8, 16], p_shape=[1, 8, 16], p_init=True),  # a positional embedding
+     ["Tile", "Add", "LayerNormalization"]),
+    (dict(x_shape=[2, 8, 16], p_shape=[8, 16], op="Mul", between=("Relu", "Add")),
+     ["Reshape", "Tile", "Mul", "Relu", "Add", "LayerNormalization"]),
+    (dict(x_shape=[2, 8, 16], p_shape=[1, 8, 16], op="Sub", p_first=True),
+     ["Tile", "Sub", "LayerNormalization"]),
+    (dict(x_shape=[2, 3, 8, 16], p_shape=[2, 1, 8, 16], between=("Mul",)),
+     ["Tile", "Add", "Mul", "LayerNormalization"]),
+])
+def test_block_broadcast_before_layernorm_tiled_exactly(kw, expected):
+    model, feeds = _ln_model(**kw)
+    result, ops = _legalize(model, feeds)  # a copy of the operand: bit exact
+    assert ops == expected
+    assert result.stats["broadcasts_tiled"] == 1 and result.modified
+    binary = next(n for n in result.model.graph if n.name == "bin")
+    tiled = binary.inputs[0 if kw.get("p_first") else 1]
+    assert tiled.producer().op_type == "Tile" and list(tiled.shape) == kw["x_shape"]
+
+
+def test_block_broadcast_on_graph_output_keeps_names():
+    model, feeds = _ln_model([2, 8, 16], [8, 16], extra_outputs=("h",))
+    result, ops = _legalize(model, feeds)
+    assert ops == ["Reshape", "Tile", "Add", "LayerNormalization"]
+    assert [v.name for v in result.model.graph.outputs] == ["y", "h"]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(x_shape=[2, 8, 16], p_shape=[16]),  # a bias
+    dict(x_shape=[2, 8, 16], p_shape=[2, 1, 16]),  # over the rows only
+    dict(x_shape=[1, 8, 16], p_shape=[8, 16]),  # batch 1
+    dict(x_shape=[2, 8, 16], p_shape=[8, 16], between=("Softmax",)),  # no LayerNorm reached
+])
+def test_block_broadcast_left_alone(kw):
+    model, feeds = _ln_model(**kw)
+    result, ops = _legalize(model, feeds)
+    assert "Tile" not in ops and result.stats["broadcasts_tiled"] == 0
+    assert not result.modified
+
+
+def test_block_broadcast_dynamic_shape_left_alone():
+    model, _ = _ln_model([2, 8, 16], [8, 16])
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    result = QnnLegalizePass()(ir.from_proto(model))
+    assert result.stats["broadcasts_tiled"] == 0 and not result.modified
+
+
+def test_rule_set_holds_the_local_rules():
+    assert [r.name for r in RULES] == ["GatherNDToGather", "DropSoftmaxNanGuard",
+                                       "MishToSoftplusTanh"]

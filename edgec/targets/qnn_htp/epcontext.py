@@ -61,8 +61,9 @@ def _compile(model_path: Path, ctx_path: Path, opts) -> None:
                       ).compile_to_file(str(ctx_path))
 
 
-def _cpu_assigned(model_path: Path) -> list[tuple[str, str]]:
-    """Nodes ONNX Runtime gives to the CPU when fallback is allowed (raises if QNN still fails)."""
+def _cpu_assigned(model_path: Path) -> tuple[list[tuple[str, str]], set[str]]:
+    """Nodes ONNX Runtime gives to the CPU when fallback is allowed (raises if QNN still fails),
+    and the names of all the nodes it assigned (to any EP)."""
     import onnxruntime as ort
 
     from edgec.runtimes.qnn import qnn_session_options
@@ -71,8 +72,27 @@ def _cpu_assigned(model_path: Path) -> list[tuple[str, str]]:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with native_stdout_to_stderr():  # the QNN backend prints to fd 1 from native code
         sess = ort.InferenceSession(str(model_path), sess_options=opts)
-    return [(n.op_type, n.name) for sub in sess.get_provider_graph_assignment_info()
-            if sub.ep_name != "QNNExecutionProvider" for n in sub.get_nodes()]
+    info = sess.get_provider_graph_assignment_info()
+    return ([(n.op_type, n.name) for sub in info if sub.ep_name != "QNNExecutionProvider"
+             for n in sub.get_nodes()], {n.name for sub in info for n in sub.get_nodes()})
+
+
+def _expanded_functions(graph, opset: int, assigned: set[str]) -> list[tuple[str, str]]:
+    """Nodes of ONNX function ops that no EP took as they are: ONNX Runtime ran their function
+    body instead (its nodes are unnamed), which a session does but the EPContext compile cannot."""
+    import onnx
+
+    found = []
+    for n in graph.node:
+        if not n.name or n.name in assigned or n.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            schema = onnx.defs.get_schema(n.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            continue
+        if schema.has_function or schema.has_context_dependent_function:
+            found.append((n.op_type, n.name))
+    return found
 
 
 _NOT_FLOAT_OPS = {"QuantizeLinear", "Shape", "Size", "IsNaN", "IsInf", "Equal", "Less", "Greater",
@@ -215,9 +235,9 @@ def _quantized(graph, names: set[str]) -> set[str]:
             and (dq_out.intersection(n.input) or q_in.intersection(n.output))}
 
 
-def _diagnose(model_path: Path, graph, error: Exception) -> UserError:
+def _diagnose(model_path: Path, graph, error: Exception, opset: int = 21) -> UserError:
     try:
-        offending = _cpu_assigned(model_path)
+        offending, assigned = _cpu_assigned(model_path)
     except Exception:  # noqa: BLE001 — the QNN graph itself fails to finalize: bisect
         logger.info("qnn-htp: locating the first node the HTP cannot compile (bisection)")
         try:
@@ -237,6 +257,13 @@ def _diagnose(model_path: Path, graph, error: Exception) -> UserError:
             "pass before quantizing, or the op/type is unsupported on the NPU (see the qnn-htp "
             "notes in `edgec targets`)")
     compute = [n for n in offending if n[0] not in _QDQ] or offending
+    expanded = [] if compute else _expanded_functions(graph, opset, assigned)
+    if expanded:
+        return UserError(
+            f"the QNN HTP has no kernel for {_describe(expanded)}: ONNX Runtime runs such ops by "
+            "expanding their ONNX function body, which the EPContext compile cannot (QNN says: "
+            f"{_first_line(error)}); rewrite them into ops the HTP has before quantizing (the "
+            "qnn-legalize pass does for Mish)")
     if not compute:
         return UserError(f"the QNN HTP backend could not compile the model: {_first_line(error)}")
     float_nodes = [n for n in compute if n[1] not in _quantized(graph, {c[1] for c in compute})]
@@ -254,7 +281,9 @@ def build(target: Target, model_path: Path, target_dir: Path, **options) -> Buil
 
     from edgec.runtimes.qnn import QnnSession, qnn_session_options
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+    proto = onnx.load(str(model_path), load_external_data=False)
+    graph = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 21)
     _check_static(graph)
     if not any(n.op_type in _QDQ for n in graph.node):
         raise UserError("qnn-htp runs quantized (QDQ) models and this one has no "
@@ -271,7 +300,7 @@ def build(target: Target, model_path: Path, target_dir: Path, **options) -> Buil
         for f in target_dir.glob(f"{ctx.stem}*"):  # ORT leaves partial outputs behind
             with contextlib.suppress(OSError):
                 f.unlink()
-        raise _diagnose(model_path, graph, e) from e
+        raise _diagnose(model_path, graph, e, opset) from e
     try:  # the artifact must load from the context binary just compiled
         QnnSession(ctx, {"backend": "htp"})
     except UserError as e:

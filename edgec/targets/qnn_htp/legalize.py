@@ -6,18 +6,35 @@ Run on the fp32 graph before quantization (the QDQ quantizer then wraps the new 
     Transpose of rank > 5 (± its Reshape in/out)   ⇒  Reshape → Transpose, each rank ≤ 4
     GatherND(data, constant indices)               ⇒  Reshape(data, flat) → Gather(linear indices)
     Where(IsNaN(p), c, p),  p = Softmax(·)          ⇒  p
+    Mish(x)                                        ⇒  x · Tanh(Softplus(x))
+    a ∘ b → (elementwise)* → LayerNormalization,   ⇒  a ∘ Tile(b), b repeated over those axes
+      ∘ ∈ {Add, Sub, Mul, Div}, b broadcast whole
+      rows × features blocks over outer axes
 
 Why, as measured on the HTP emulator (onnxruntime-qnn 2.x): the HTP takes tensors of rank ≤ 5
 only (video-dit's unpatchify is rank 8); it rejects GatherND on bool data (BERT's key mask); and
 the IsNaN → Where guard the exporter puts after a masked Softmax fails graph finalization
-(QNN_COMMON_ERROR_MEM_ALLOC).
+(QNN_COMMON_ERROR_MEM_ALLOC). The HTP has no Mish (Softplus and Tanh it has): ONNX Runtime expands
+Mish by its ONNX function body in a session, but the EPContext compile cannot, and fails with an
+anonymous "INVALID_GRAPH: Encountered an invalid node". And the HTP miscomputes, at 16-bit
+activations (w8a16; w8a8 is right), an Add or Mul whose operand of shape [N, D] / [1, N, D] is
+broadcast over the batch of a [B, N, D] tensor when the result reaches a LayerNormalization,
+directly or through elementwise ops (Add → LayerNormalization, Add → Mul/Relu → LayerNormalization):
+device vs ONNX Runtime on the same QDQ graph, cosine 0.6–0.87 (the batch rows after the first
+wrong, or all of them) wherever N was a multiple of 8 (8–64 tried; N = 3–7 and 60 were right).
+Sub, Div and Max were right; so are broadcasting [B, 1, D] over the rows and a [D] bias. Rank 4
+the same: a [B, 1, N, D] operand over the heads axis is wrong too. Expand does not help (the QNN EP
+lowers it to a multiply by ones of the full shape, itself a broadcast); Tile does, as does an
+operand of the full shape. The rule tiles Sub and Div too (cheap, exact), and any N.
 
-Guarantees: the first two are pure data movement (bit exact). The NaN guard only acts on NaN,
-which a Softmax of finite inputs never yields (masks are finite after ``MaskFillPass``).
+Guarantees: the first two and the Tile are pure data movement (bit exact). The NaN guard only
+acts on NaN, which a Softmax of finite inputs never yields (masks are finite after
+``MaskFillPass``). Mish's rewrite is its ONNX function body, which ONNX Runtime itself runs for it
+(bit exact there).
 
-The Transpose lowering looks past its node (producer and every user), so it is pass code; the
-other two are local and are onnxscript rewrite rules (``GatherNDToGather``, ``DropSoftmaxNanGuard``,
-both in ``RULES``). Graph output names never change.
+The Transpose lowering and the broadcast tiling look past their node (producer, users), so they
+are pass code; the other three are local and are onnxscript rewrite rules (``GatherNDToGather``,
+``DropSoftmaxNanGuard``, ``MishToSoftplusTanh``, all in ``RULES``). Graph output names never change.
 """
 
 from __future__ import annotations
@@ -30,9 +47,17 @@ from onnxscript.rewriter import MatchResult, pattern
 
 from edgec.graph_passes._infra import EdgecPass, PassResult
 
-__all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "GatherNDToGather", "QnnLegalizePass"]
+__all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "GatherNDToGather", "MishToSoftplusTanh",
+           "QnnLegalizePass", "block_broadcast_repeats"]
 
 MAX_RANK = 5  # the HTP's tensor rank limit (Transpose/Reshape of rank 6 are rejected)
+
+# binary ops whose block broadcast is tiled, and the ops between them and the LayerNormalization
+_TILED_BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
+_ELEMENTWISE = _TILED_BINARY | {"Max", "Min", "Pow", "Relu", "LeakyRelu", "PRelu", "Sigmoid",
+                                "HardSigmoid", "Tanh", "Gelu", "Erf", "Neg", "Abs", "Sqrt", "Exp",
+                                "Clip", "Identity"}
+_MAX_HOPS = 16  # elementwise ops followed from a binary op towards a LayerNormalization
 
 
 class QnnLegalizePass(EdgecPass):
@@ -52,8 +77,12 @@ class QnnLegalizePass(EdgecPass):
                     key = "transposes_lowered" if _lower_transpose(graph, node) else \
                         "transposes_skipped"
                     stats[key] += 1
-        for key, rule in zip(("gathernd_rewritten", "nan_guards_removed"), RULES):
+        for key, rule in zip(("gathernd_rewritten", "nan_guards_removed", "mish_expanded"), RULES):
             stats[key] = pattern.RewriteRuleSet([rule]).apply_to_model(model)  # a count per rule
+        stats["broadcasts_tiled"] = 0
+        for node in list(graph):
+            if node.op_type in _TILED_BINARY and node.domain in ("", "ai.onnx"):
+                stats["broadcasts_tiled"] += _tile_block_broadcast(graph, node)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         modified = any(v for k, v in stats.items() if k != "transposes_skipped")
         return PassResult(model, modified, stats)
@@ -142,6 +171,82 @@ def _lower_transpose(graph: ir.Graph, node: ir.Node) -> bool:
     return True
 
 
+def block_broadcast_repeats(dims: list[int], out: list[int]) -> list[int] | None:
+    """Tile repeats that make an operand of shape ``dims`` cover the outer axes of ``out``.
+
+    Returned where the operand, aligned to ``out``'s rank, is broadcast (size 1 or missing) on an
+    axis that lies before one of its own non-trivial inner axes other than the last (a block of
+    rows × features repeated, e.g. [N, D] over the batch of [B, N, D]); those axes are repeated.
+    None where it broadcasts only along the last axes or not at all ([D], [B, 1, D], [B, N, 1]).
+    """
+    rank = len(out)
+    if len(dims) > rank:
+        return None
+    dims = [1] * (rank - len(dims)) + list(dims)
+    inner = [b for b in range(rank - 1) if dims[b] == out[b] > 1]
+    if not inner:
+        return None
+    reps = [out[a] if a < inner[-1] and dims[a] == 1 else 1 for a in range(rank)]
+    return reps if any(r > 1 for r in reps) else None
+
+
+def _feeds_layernorm(value: ir.Value) -> bool:
+    """``value`` reaches a LayerNormalization's input, directly or through elementwise ops."""
+    stack, seen = [value], set()
+    while stack and len(seen) <= _MAX_HOPS:
+        v = stack.pop()
+        for user, idx in v.uses():
+            if user.domain not in ("", "ai.onnx") or id(user) in seen:
+                continue
+            if user.op_type == "LayerNormalization" and idx == 0:
+                return True
+            if user.op_type in _ELEMENTWISE:
+                seen.add(id(user))
+                stack.extend(user.outputs)
+    return False
+
+
+def _tile_block_broadcast(graph: ir.Graph, node: ir.Node) -> int:
+    """Tile each operand of a binary op that broadcasts a block over outer axes (see above).
+
+    Only where the result reaches a LayerNormalization and both input shapes are static; returns
+    the number of operands tiled. The op itself stays: only its input changes.
+    """
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return 0
+    dims = [_static_dims(v) for v in node.inputs]
+    if any(d is None for d in dims) or not _feeds_layernorm(node.outputs[0]):
+        return 0
+    try:
+        out = [int(d) for d in np.broadcast_shapes(*(tuple(d) for d in dims))]
+    except ValueError:
+        return 0
+    tiled = 0
+    base = node.outputs[0].name or node.name or "binary"
+    for i, (v, d) in enumerate(zip(node.inputs, dims)):
+        reps = block_broadcast_repeats(d, out)
+        if reps is None:
+            continue
+        new_nodes, src = [], v
+        if len(d) < len(out):  # align the rank first (Tile keeps it)
+            full = [1] * (len(out) - len(d)) + d
+            shp = _const(graph, f"{base}_bcast{i}_shape", np.array(full, np.int64))
+            r = ir.node("Reshape", [v, shp], name=f"{base}_bcast{i}_reshape")
+            r.outputs[0].name, r.outputs[0].type = f"{base}_bcast{i}_aligned", v.type
+            r.outputs[0].shape = ir.Shape(full)
+            new_nodes.append(r)
+            src, d = r.outputs[0], full
+        rep = _const(graph, f"{base}_bcast{i}_repeats", np.array(reps, np.int64))
+        t = ir.node("Tile", [src, rep], name=f"{base}_bcast{i}_tile")
+        t.outputs[0].name, t.outputs[0].type = f"{base}_bcast{i}_tiled", v.type
+        t.outputs[0].shape = ir.Shape([a * b for a, b in zip(d, reps)])
+        new_nodes.append(t)
+        graph.insert_before(node, new_nodes)
+        node.replace_input_with(i, t.outputs[0])
+        tiled += 1
+    return tiled
+
+
 class GatherNDToGather(pattern.RewriteRuleClassBase):
     """GatherND(data, constant indices) ⇒ Reshape(data, flat) → Gather(linear indices)."""
 
@@ -202,4 +307,15 @@ class DropSoftmaxNanGuard(pattern.RewriteRuleClassBase):
         return op.Identity(p) if p.is_graph_output() else p
 
 
-RULES = pattern.RewriteRuleSet([GatherNDToGather.rule(), DropSoftmaxNanGuard.rule()])
+class MishToSoftplusTanh(pattern.RewriteRuleClassBase):
+    """Mish(x) ⇒ x · Tanh(Softplus(x)): ONNX's own function body for Mish, all three HTP ops."""
+
+    def pattern(self, op, x):
+        return op.Mish(x)
+
+    def rewrite(self, op, x):
+        return op.Mul(x, op.Tanh(op.Softplus(x)))
+
+
+RULES = pattern.RewriteRuleSet([GatherNDToGather.rule(), DropSoftmaxNanGuard.rule(),
+                                MishToSoftplusTanh.rule()])

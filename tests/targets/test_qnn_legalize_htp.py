@@ -1,0 +1,112 @@
+"""qnn-legalize's HTP workarounds on the HTP emulator: before, the NPU fails or disagrees with ONNX
+Runtime on the same QDQ graph; after the pass, it builds and agrees (w8a16, as measured).
+
+The "before" halves document the HTP as measured (onnxruntime-qnn 2.7.0): when one fails, the HTP
+was fixed and the rule may be retired.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as H
+from onnx import numpy_helper as nh
+
+pytest.importorskip("onnxruntime_qnn")
+
+import onnxruntime as ort
+
+from edgec.errors import UserError
+from edgec.runtimes import open_session
+from edgec.targets.qnn_htp import QNN_HTP
+from edgec.targets.qnn_htp.legalize import QnnLegalizePass
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits=()) -> onnx.ModelProto:
+    graph = H.make_graph(nodes, "g", inputs, outputs, list(inits))
+    return H.make_model(graph, opset_imports=[H.make_opsetid("", 21)], ir_version=10)
+
+
+def _quantize_w8a16(model: onnx.ModelProto, path, samples):
+    """QDQ with onnxruntime's QNN config: uint16 activations, uint8 weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(samples)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    fp32 = path.with_name(path.stem + "_fp32.onnx")
+    onnx.save(model, fp32)
+    config = get_qnn_qdq_config(str(fp32), Reader(), activation_type=QuantType.QUInt16,
+                                weight_type=QuantType.QUInt8)
+    quantize(str(fp32), str(path), config)
+    return path
+
+
+def _cosine(a, b) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _npu_vs_ort(model: onnx.ModelProto, root, feeds, samples) -> float:
+    """Quantize, build for the HTP, run: cosine of the NPU's output vs ORT CPU's, same QDQ graph."""
+    root.mkdir()
+    path = _quantize_w8a16(model, root / "model.onnx", samples)
+    build = QNN_HTP.build(QNN_HTP, path, root / "target")
+    got = open_session(root, build.runtime).run(feeds)["y"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(
+        None, feeds)[0]
+    return _cosine(got, want)
+
+
+def _legal(model: onnx.ModelProto, stat: str) -> onnx.ModelProto:
+    result = QnnLegalizePass()(ir.from_proto(model))
+    assert result.stats[stat] == 1
+    return ir.to_proto(result.model)
+
+
+def test_mish_builds_and_agrees_after_legalize(tmp_path):
+    shape = (2, 8, 16)
+    model = _model([H.make_node("Mish", ["x"], ["y"], name="mish")],
+                   [H.make_tensor_value_info("x", T.FLOAT, shape)],
+                   [H.make_tensor_value_info("y", T.FLOAT, shape)])
+    samples = [{"x": (RNG.standard_normal(shape) * 3).astype(np.float32)} for _ in range(4)]
+    # the HTP has no Mish and the EPContext compile cannot expand it (ORT: "invalid node")
+    with pytest.raises(UserError, match="Mish|invalid node"):
+        _npu_vs_ort(model, tmp_path / "before", samples[0], samples)
+    legal = _legal(model, "mish_expanded")
+    assert [n.op_type for n in legal.graph.node] == ["Softplus", "Tanh", "Mul"]
+    assert _npu_vs_ort(legal, tmp_path / "after", samples[0], samples) >= 0.998  # 0.99997
+
+
+def test_batch_broadcast_before_layernorm_agrees_after_legalize(tmp_path):
+    # x + pos ([N, D] over the batch), · 1.5, LayerNorm: the HTP miscomputes it at 16 bits
+    b, n, d = 2, 8, 16
+    model = _model([H.make_node("Add", ["x", "pos"], ["h"], name="add_pos"),
+                    H.make_node("Mul", ["h", "s"], ["hs"], name="scale"),
+                    H.make_node("LayerNormalization", ["hs", "g", "beta"], ["y"], axis=-1,
+                                epsilon=1e-5, name="ln")],
+                   [H.make_tensor_value_info("x", T.FLOAT, [b, n, d])],
+                   [H.make_tensor_value_info("y", T.FLOAT, [b, n, d])],
+                   [nh.from_array(RNG.standard_normal((n, d)).astype(np.float32), "pos"),
+                    nh.from_array(np.array([1.5], np.float32), "s"),
+                    nh.from_array((RNG.standard_normal(d) * 0.5 + 1).astype(np.float32), "g"),
+                    nh.from_array((RNG.standard_normal(d) * 0.1).astype(np.float32), "beta")])
+    samples = [{"x": RNG.standard_normal((b, n, d)).astype(np.float32)} for _ in range(4)]
+    feeds = {"x": RNG.standard_normal((b, n, d)).astype(np.float32)}
+    assert _npu_vs_ort(model, tmp_path / "before", feeds, samples) < 0.95  # measured ~0.7
+    legal = _legal(model, "broadcasts_tiled")
+    assert [n.op_type for n in legal.graph.node] == [
+        "Reshape", "Tile", "Add", "Mul", "LayerNormalization"]
+    assert _npu_vs_ort(legal, tmp_path / "after", feeds, samples) >= 0.998  # 1.0000
