@@ -130,9 +130,8 @@ def _sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _mish(x: torch.Tensor) -> torch.Tensor:
-    # = nn.Mish (EDGE's activation), written out: the ONNX Mish op has no QNN HTP kernel (the
-    # qnn-htp build fails on it with "INVALID_GRAPH: Encountered an invalid node"), whereas
-    # Softplus → Tanh → Mul compiles. Same function, same numerics on every other target.
+    # = nn.Mish (EDGE's activation), written out as it was before qnn-legalize learned to
+    # rewrite the ONNX Mish op (the HTP has no kernel for it); the same function everywhere.
     return x * torch.tanh(F.softplus(x))
 
 
@@ -256,9 +255,9 @@ class ReactiveDance(nn.Module):
                 music: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         mask = self.block_mask
-        # The table is expanded over the batch explicitly: on the QNN HTP with 16-bit activations
-        # an Add that broadcasts over the batch axis feeding a LayerNormalization computes wrong
-        # values for every batch row but the first (edgec has no legalization for it yet).
+        # The table is expanded over the batch explicitly (the exporter folds it to a full-size
+        # constant). Written before qnn-legalize tiled such batch broadcasts itself: the HTP at
+        # 16 bits miscomputes an Add broadcast over the batch that feeds a LayerNormalization.
         pos = self.pos_embed.expand(latent.shape[0], -1, -1)
         x = self.input_projection(latent) + pos
         memory = self.leader_projection(leader) + pos
