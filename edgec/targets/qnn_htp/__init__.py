@@ -29,6 +29,9 @@ QNN_HTP = Target(
         ("quantized QDQ models only (--quantize w8a8 | w8a16 | w4a16); no CPU fallback: a node "
          "the HTP cannot run fails the build with its name"),
         "static shapes only; tensors of rank <= 5 (qnn-legalize lowers rank-6+ Transposes)",
+        ("no Mish kernel (qnn-legalize writes x*tanh(softplus(x))); at 16 bits an Add/Mul "
+         "broadcast over the batch that feeds a LayerNormalization is miscomputed (qnn-legalize "
+         "tiles the operand to full shape; Expand does not help)"),
         ("GatherND on bool data is rejected and an IsNaN->Where guard after Softmax fails to "
          "finalize (qnn-legalize rewrites both before quantization); -inf/float-min attention "
          "masks destroy the quantized Softmax input range (mask-fill bounds them)"),
