@@ -180,7 +180,8 @@ def render_markdown(report: dict[str, Any]) -> str:
          ", ".join(f"{k}={v}" for k, v in p["stats"].items()
                    if k != "config" and not isinstance(v, dict | list)) or "-",
          _check_cell(p.get("check"))] for p in report["passes"]]), ""]
-    sites = [s for p in report["passes"] for s in p["stats"].get("sites", [])]
+    sites = [s for p in report["passes"] if isinstance(p["stats"].get("sites"), list)
+             for s in p["stats"]["sites"]]  # lora-swappable's "sites" is a count
     if sites:
         parts += ["## Attention sites", "", _table(
             ["site", "status", "how", "kept", "reason"],

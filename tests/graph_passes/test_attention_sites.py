@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from onnxscript.rewriter import pattern
 
 from edgec.exporters.torch_export import export_module
+from edgec.graph_passes.sparse_attention.mask import mask_array
 from edgec.graph_passes.sparse_attention.sites import (
     AttentionOp,
     MaskedScores,
@@ -167,11 +168,16 @@ def test_attention_op(scale):
     _assert_site(model, AttentionOp(), scale=scale or D ** -0.5)
 
 
-def test_masked_scores_stay_dense(exported):
+def test_masked_scores_are_a_site_whose_runtime_mask_is_named(exported):
+    """A masked softmax is found as a site carrying its mask; a mask fed at run time cannot be
+    planned at compile time, and the reason says which input it is."""
     model = exported["masked"].clone()
     assert not MaskedScores().match(model, model.graph, _root(model, "MatMul"),
                                     check_nodes_are_removable=False)
-    assert find_attention_sites(model) == ([], Counter({"additive mask": 1}))
+    sites, skipped = find_attention_sites(model)
+    assert skipped == Counter() and len(sites) == 1
+    assert sites[0].mask is not None and sites[0].mask.name == "mask"
+    assert mask_array(model, sites[0].mask) == (None, "mask depends on graph input 'mask'")
 
 
 RELU = helper.make_node("Relu", ["q"], ["s"])
