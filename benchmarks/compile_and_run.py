@@ -4,14 +4,15 @@ Both targets' latencies are measured in the same process, interleaved in blocks,
 warm-up; the JSON carries the OpenVINO/ORT speed ratio. Usage:
 
     python benchmarks/compile_and_run.py [--models video-dit:small llama:small] [--runs 10]
+
+Without --models it runs every registered reference model at its small config (one row each).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +24,18 @@ import edgec
 from edgec.artifact import versions
 
 TARGETS = ("ort-cpu", "openvino-cpu")
+
+
+def _load(name: str, alias: str):
+    path = Path(__file__).resolve().parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(alias, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+QB = _load("quantization", "edgec_bench_quantization")  # machine(), git_state()
 
 
 def interleaved_latency(sessions: dict, feeds: dict, runs: int, warmup: int, block: int = 5
@@ -80,19 +93,23 @@ def bench_model(name: str, config: str, runs: int, warmup: int, root: Path) -> d
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["video-dit:small", "llama:small"])
+    ap.add_argument("--models", nargs="+", help="name[:config] (default: every registered "
+                    "model at small)")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     args = ap.parse_args(argv)
+    from edgec.models import registry
+
+    models = args.models or [f"{name}:small" for name in registry.names()]
     results = []
     with tempfile.TemporaryDirectory(prefix="edgec-bench-") as tmp:
-        for item in args.models:
+        for item in models:
             name, _, config = item.partition(":")
             results.append(bench_model(name, config or "small", args.runs, args.warmup, Path(tmp)))
             print(json.dumps(results[-1]), file=sys.stderr)
-    doc = {"benchmark": "compile_and_run", "machine": {"cpu_count": os.cpu_count(),
-           "platform": platform.platform()}, "versions": versions(), "results": results}
+    doc = {"benchmark": "compile_and_run", "machine": QB.machine(), "git": QB.git_state(),
+           "versions": versions(), "results": results}
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:
