@@ -1,11 +1,13 @@
 """End to end diffusion sampling, dense vs scheduled sparse attention, on one runtime.
 
 ``video-dit small`` (8192 video + 64 text tokens), flow-matching Euler, 50 steps, classifier-free
-guidance 6.0 batched as one run of batch 2 per step. Dense: every step on the dense graph.
-Scheduled sparse: the artifact compiled with ``--sparse-attention keep=0.2,dense_steps=W,
-share=batch`` (one block selection for the guidance pair, as RainFusion2.0)
-runs its first W steps on the dense companion graph and the rest block-sparse (RainFusion's
-schedule). Whole generations alternate dense / sparse (``--repeats`` pairs, the first pair
+guidance 6.0 (``--guidance-mode auto``: each graph times one batch-2 run against two batch-1 runs
+on its first steps and keeps the faster). Dense: every step on the dense graph. Scheduled
+sparse: the artifact compiled with ``--sparse-attention keep=0.2,dense_steps=W`` runs its first W
+steps on the dense companion graph and the rest block-sparse (RainFusion's schedule).
+``--sparse-extra share=batch`` shares one selection across a batched guidance pair (RainFusion2.0;
+measured slower on OpenVINO here: 2.04 s vs 1.66 s per batch-2 forward).
+Whole generations alternate dense / sparse (``--repeats`` pairs, the first pair
 after one warm-up step each); the JSON gives median wall times, their ratio, the final-latent
 cosine and relative L2 of sparse vs dense from the same noise, per-step medians of both graphs,
 and the speedup the per-step times predict for other W (w + (1−w)/s). Usage:
@@ -51,25 +53,28 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run(target: str, config: str, steps: int, dense_steps: int, keep: float, repeats: int,
-        root: Path, extra: str = "") -> dict:
+        root: Path, extra: str = "", guidance_mode: str = "auto") -> dict:
     log(f"compiling video-dit {config} for {target}: dense, and sparse keep={keep}")
     dense_art = edgec.compile("video-dit", target=target, config=config,
                               output_dir=root / "dense")
     sparse_art = edgec.compile("video-dit", target=target, config=config,
                                output_dir=root / "sparse",
-                               sparse_attention=f"keep={keep},dense_steps={dense_steps},share=batch"
+                               sparse_attention=f"keep={keep},dense_steps={dense_steps}"
                                + (f",{extra}" if extra else ""))
     dense, sparse = edgec.load(dense_art.path), edgec.load(sparse_art.path)
-    dense.sample(steps=1, seed=0)  # warm-up: first runs allocate; the sparse artifact opens
-    sparse.sample(steps=2, seed=0, dense_steps=1)  # its dense companion on first use
+    # warm-up: first runs of each shape allocate; the sparse artifact opens its dense companion
+    dense.sample(steps=2, seed=0, guidance_mode=guidance_mode)  # batch-2, then two batch-1
+    sparse.sample(steps=4, seed=0, dense_steps=2, guidance_mode=guidance_mode)
+    sampler = {}
     walls = {"dense": [], "sparse": []}
     per_step = {"dense": [], "sparse": []}
     finals = {}
     for r in range(repeats):
         for name, sess in (("dense", dense), ("sparse", sparse))[:: 1 if r % 2 == 0 else -1]:
             marks = [time.perf_counter()]
-            out = sess.sample(steps=steps, seed=0,
+            out = sess.sample(steps=steps, seed=0, guidance_mode=guidance_mode,
                               callback=lambda i, n, marks=marks: marks.append(time.perf_counter()))
+            sampler[name] = {k: v for k, v in sess.last_sampling.items() if k != "seconds"}
             walls[name].append(marks[-1] - marks[0])
             step_s = np.diff(marks)
             per_step[name].append(step_s)
@@ -83,7 +88,7 @@ def run(target: str, config: str, steps: int, dense_steps: int, keep: float, rep
     return {
         "model": "video-dit", "config": config, "target": target,
         "hyperparameters": dense_art.manifest["source"]["hyperparameters"],
-        "sampler": {k: v for k, v in sparse.last_sampling.items() if k != "seconds"},
+        "sampler": sampler,
         "steps": steps, "dense_steps": dense_steps, "keep": keep, "repeats": repeats,
         "sparse_options": sparse_art.manifest["recipe"]["options"].get("sparse-attention"),
         "sparse_pass": {k: sparse_art.manifest["passes"][i]["stats"].get(k)
@@ -120,12 +125,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sparse-extra", default="",
                     help="more sparse-attention options (tiny: block=4,min_seq=0)")
+    ap.add_argument("--guidance-mode", default="auto", choices=("auto", "batch", "split"))
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edgec-sampling-") as tmp:
         result = run(args.target, args.config, args.steps, args.dense_steps, args.keep,
-                     args.repeats, Path(tmp), args.sparse_extra)
+                     args.repeats, Path(tmp), args.sparse_extra, args.guidance_mode)
     doc = {"benchmark": "sampling", "machine": QB.machine(), "git": QB.git_state(),
            "versions": edgec.artifact.versions(), "result": result,
            "wall_s": round(time.perf_counter() - t0, 1),

@@ -515,6 +515,9 @@ def sample_cmd(
     guidance: Annotated[float | None, typer.Option(
         "--guidance", help="classifier-free guidance scale; 1 disables it")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
+    guidance_mode: Annotated[str, typer.Option(
+        "--guidance-mode", help="guidance pair as one batch (batch), two runs (split), or "
+        "whichever measures faster (auto)")] = "auto",
     dense_steps: Annotated[int | None, typer.Option(
         "--dense-steps", min=0, help="first steps on the dense graph (default: the artifact's)"
     )] = None,
@@ -545,7 +548,8 @@ def sample_cmd(
             bar.update(task, completed=done, total=total)
 
         samples = session.sample(conditions, steps=steps, guidance=guidance, seed=seed,
-                                 dense_steps=dense_steps, callback=advance)
+                                 dense_steps=dense_steps, callback=advance,
+                                 guidance_mode=guidance_mode)
     if save is not None:
         np.savez(save, **samples)
     stats = session.last_sampling

@@ -4,7 +4,10 @@ sub-VP SDE (score), with classifier-free guidance, a seed and a dense-then-spars
 The manifest's ``sampling`` entry (a reference model's ``ModelSpec.sampling``) says which inputs
 are noisy samples, which output predicts each, the timestep input and its scale, and which inputs
 are conditions (zeroed in the unconditional half of guidance). Guidance runs the pair as one
-batch of 2B when the graph's batch allows it, else as two runs. A sparse-attention artifact built
+batch of 2B when the graph's batch allows it, or as two runs of B; ``guidance_mode="auto"`` times
+both on real steps of each graph (a warm and a timed run of each, steps 0-3) and keeps the faster
+for the rest: on a 2-core CPU one batch-2 run of video-dit small is slower than two batch-1 runs
+(OpenVINO: 3.55 s vs 3.32 s dense, 1.66 s vs 1.40 s sparse). A sparse-attention artifact built
 with ``dense_steps`` carries a dense companion graph (``runtime.dense``): the first steps run it,
 the rest the sparse graph, as RainFusion and TimeRipple schedule their sparsity.
 """
@@ -83,19 +86,27 @@ def subvp(t: float, spec: SamplerSpec) -> tuple[float, float, float]:
     return beta, math.exp(-0.5 * integral), 1.0 - math.exp(-integral)
 
 
+GUIDANCE_MODES = ("auto", "batch", "split")
+_PROBE = ("batch", "split", "batch", "split")  # warm runs, then timed runs of each
+
+
 class _Denoiser:
     """One model evaluation with guidance; counts runs and switches dense → sparse graphs."""
 
     def __init__(self, session, spec: SamplerSpec, fixed: dict[str, np.ndarray], batch: int,
-                 guidance: float, dense, dense_steps: int):
+                 guidance: float, dense, dense_steps: int, mode: str = "auto"):
         self.session, self.spec, self.fixed, self.batch = session, spec, fixed, batch
         self.guidance, self.dense, self.dense_steps = guidance, dense, dense_steps
         self.runs = 0
         self.cfg = guidance != 1.0 and bool(spec.conditions)
+        self.mode, self.probes = mode, {}  # graph name -> {mode: seconds}
         if self.cfg:
             self.null = {**fixed, **{c: np.zeros_like(fixed[c]) for c in spec.conditions
                                      if c in fixed}}
             self.pair = _fits_batch(session, spec, 2 * batch)
+            if mode == "batch" and not self.pair:
+                raise UserError("guidance_mode='batch' needs a graph whose batch dim takes "
+                                f"{2 * batch} rows (it is static); use 'split' or 'auto'")
 
     def __call__(self, step: int, x: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
         sess = self.dense if self.dense is not None and step < self.dense_steps else self.session
@@ -105,7 +116,9 @@ class _Denoiser:
             self.runs += 1
             return self._predict(sess, feeds)
         null = {**self.null, **x, self.spec.timestep: ts}
-        if self.pair:  # one run of batch 2B: [conditional; unconditional]
+        how, trial = self._how(sess)
+        t0 = time.perf_counter()
+        if how == "batch":  # one run of batch 2B: [conditional; unconditional]
             self.runs += 1
             both = self._predict(sess, {k: np.concatenate([feeds[k], null[k]]) for k in feeds})
             cond = {k: v[:self.batch] for k, v in both.items()}
@@ -113,8 +126,49 @@ class _Denoiser:
         else:
             self.runs += 2
             cond, uncond = self._predict(sess, feeds), self._predict(sess, null)
+        if trial is not None:
+            self._record(sess, trial, how, time.perf_counter() - t0)
         g = self.guidance
         return {k: uncond[k] + g * (cond[k] - uncond[k]) for k in cond}
+
+    def graph_name(self, sess) -> str:
+        return "dense" if sess is self.dense and sess is not self.session else "main"
+
+    def _how(self, sess) -> tuple[str, int | None]:
+        """(batch | split, probe trial index or None) for this evaluation on ``sess``."""
+        if not self.pair:
+            return "split", None
+        if self.mode != "auto":
+            return self.mode, None
+        chosen = getattr(sess, "guidance_modes", {}).get(self.batch)
+        if chosen is not None:
+            return chosen, None
+        trials = self.probes.setdefault(self.graph_name(sess), {"trials": 0})
+        n = trials["trials"]
+        return _PROBE[n], n
+
+    def _record(self, sess, n: int, how: str, seconds: float) -> None:
+        probe = self.probes[self.graph_name(sess)]
+        probe["trials"] = n + 1
+        if n >= 2:  # the first run of each shape warms the runtime up
+            probe[f"{how}_ms"] = round(seconds * 1e3, 2)
+        if n + 1 == len(_PROBE):
+            probe["chosen"] = "batch" if probe["batch_ms"] <= probe["split_ms"] else "split"
+            modes = getattr(sess, "guidance_modes", None)
+            if modes is None:
+                modes = {}
+                try:
+                    sess.guidance_modes = modes
+                except AttributeError:  # a session that takes no attributes probes every time
+                    pass
+            modes[self.batch] = probe["chosen"]
+
+    def final_mode(self) -> str | None:
+        """How the last guidance pair on the main graph ran (None without guidance)."""
+        if not self.cfg:
+            return None
+        how, trial = self._how(self.session)
+        return how if trial is None else _PROBE[max(trial - 1, 0)]
 
     def _predict(self, sess, feeds) -> dict[str, np.ndarray]:
         out = sess.run(feeds)
@@ -130,12 +184,15 @@ def _fits_batch(session, spec: SamplerSpec, batch: int) -> bool:
 def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
            steps: int | None = None, guidance: float | None = None, seed: int = 0,
            dense_steps: int | None = None, callback: Callable[[int, int], None] | None = None,
-           noise: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+           noise: Mapping[str, np.ndarray] | None = None, guidance_mode: str = "auto"
+           ) -> dict[str, np.ndarray]:
     """Run the artifact's sampler from Gaussian noise; returns the final samples by input name.
 
     ``conditions`` feeds every input that is not a noisy sample or the timestep (missing ones
     come from the artifact's example inputs); ``guidance`` 1.0 disables classifier-free
-    guidance; ``dense_steps`` (default: the artifact's) steps run the dense companion graph;
+    guidance; ``guidance_mode`` runs the guidance pair as one batch ("batch"), as two runs
+    ("split"), or whichever measures faster on each graph ("auto", remembered by the session);
+    ``dense_steps`` (default: the artifact's) steps run the dense companion graph;
     ``callback(step, steps)`` after every step. Timings and model runs land in
     ``session.last_sampling``."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
@@ -143,6 +200,9 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     guidance = spec.guidance if guidance is None else float(guidance)
     if steps < 1:
         raise UserError(f"steps={steps}: give at least one sampling step")
+    if guidance_mode not in GUIDANCE_MODES:
+        raise UserError(f"guidance_mode={guidance_mode!r}: choose one of "
+                        f"{', '.join(GUIDANCE_MODES)}")
     default = dict(getattr(session, "default_feeds", {}) or {})
     fixed = {k: np.asarray(v) for k, v in {**default, **(conditions or {})}.items()
              if k not in spec.samples and k != spec.timestep}
@@ -163,14 +223,18 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
         else:
             x[name] = rng.standard_normal(shape).astype(np.float32)
     dense, n_dense = _dense(session, dense_steps)
-    model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense)
+    model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode)
     t0 = time.perf_counter()
     x = {"flow": _flow, "ddim-x0": _ddim, "score": _score}[spec.kind](
         model, spec, x, steps, rng, callback)
     session.last_sampling = {"kind": spec.kind, "steps": steps, "guidance": guidance,
                              "dense_steps": n_dense, "model_runs": model.runs,
                              "seconds": time.perf_counter() - t0,
-                             "guidance_batched": bool(model.cfg and model.pair)}
+                             "guidance_mode": model.final_mode(),
+                             "guidance_batched": model.final_mode() == "batch",
+                             "guidance_probe_ms": {k: {m: v for m, v in p.items()
+                                                       if m != "trials"}
+                                                   for k, p in model.probes.items()}}
     return x
 
 

@@ -2,6 +2,7 @@
 guidance batched equals guidance in two runs, the dense-then-sparse schedule, the CLI."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -69,12 +70,43 @@ def test_sde_sampler_draws_the_data_distribution(monkeypatch):
 
 def test_guidance_pair_batched_equals_two_runs():
     a, b = Oracle("flow"), Oracle("flow", batch_dim=2)  # static batch 2: no room for the pair
-    xa, xb = sample(a, seed=1), sample(b, seed=1)
+    xa, xb = sample(a, seed=1, guidance_mode="batch"), sample(b, seed=1)
     assert a.batches == [4] * 8 and a.last_sampling["guidance_batched"]
     assert b.batches == [2] * 16 and not b.last_sampling["guidance_batched"]
+    with pytest.raises(UserError, match="static"):
+        sample(b, guidance_mode="batch")
     np.testing.assert_allclose(xa["x"], xb["x"], rtol=1e-5, atol=1e-5)
     # guidance extrapolates away from the unconditional (c = 0) point: X0 + g·c
     np.testing.assert_allclose(xa["x"], X0 + 3.0, atol=1e-4)
+
+
+class Slow(Oracle):
+    """An oracle whose runs cost ``ms[rows]`` milliseconds."""
+
+    def __init__(self, ms):
+        super().__init__("flow")
+        self.ms = ms
+
+    def run(self, feeds):
+        time.sleep(self.ms[len(feeds["x"])] / 1e3)
+        return super().run(feeds)
+
+
+@pytest.mark.parametrize("ms,chosen", [({4: 40, 2: 2}, "split"), ({4: 4, 2: 30}, "batch")])
+def test_auto_guidance_times_both_forms_on_real_steps_and_keeps_the_faster(ms, chosen):
+    sess = Slow(ms)
+    x = sample(sess, seed=1)
+    # steps 0-3 probe (batch, split, batch, split); steps 4-7 run the faster form
+    per_step = [4, 2, 2, 4, 2, 2] + ([4] * 4 if chosen == "batch" else [2] * 8)
+    assert sess.batches == per_step and sess.last_sampling["guidance_mode"] == chosen
+    probe = sess.last_sampling["guidance_probe_ms"]["main"]
+    assert probe["chosen"] == chosen and probe["batch_ms"] > 0 and probe["split_ms"] > 0
+    np.testing.assert_allclose(x["x"], X0 + 3.0, atol=1e-4)  # the same samples either way
+    sess.batches = []
+    sample(sess, seed=1, steps=2)  # the session remembers its choice: no second probe
+    assert sess.batches == ([4] * 2 if chosen == "batch" else [2] * 4)
+    with pytest.raises(UserError, match="guidance_mode='both'"):
+        sample(sess, guidance_mode="both")
 
 
 def test_flow_sigmas_are_shifted_and_end_at_zero():
@@ -140,6 +172,7 @@ def test_cli_sample(sparse_dit, tmp_path):
     dense, _ = sparse_dit
     runner = CliRunner()
     result = runner.invoke(app, ["sample", str(dense.path), "--steps", "3", "--json",
+                                 "--guidance-mode", "batch",
                                  "--save", str(tmp_path / "x.npz")])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -159,8 +192,8 @@ def test_reference_diffusion_models_sample(tmp_path, model, kind):
     (name, x), = out.items()
     assert steps == [(1, 3), (2, 3), (3, 3)] and np.isfinite(x).all()
     assert x.shape == sess.default_feeds[name].shape
-    assert sess.last_sampling["model_runs"] == (6 if sess.last_sampling["guidance_batched"]
-                                                is False and kind == "ddim-x0" else 3)
+    assert sess.last_sampling["model_runs"] == (4 if kind == "ddim-x0" else 3)  # auto guidance:
+    assert sess.last_sampling["guidance_mode"] == ("batch" if kind == "ddim-x0" else None)  # b,s,b
     if kind == "score":  # the prior completes a half-observed pose and keeps the observed half
         pose = sess.default_feeds["pose"]
         known = np.zeros_like(pose, bool)
