@@ -65,7 +65,7 @@ def run(target: str, config: str, steps: int, dense_steps: int, keep: float, rep
     # warm-up: first runs of each shape allocate; the sparse artifact opens its dense companion
     dense.sample(steps=2, seed=0, guidance_mode=guidance_mode)  # batch-2, then two batch-1
     sparse.sample(steps=4, seed=0, dense_steps=2, guidance_mode=guidance_mode)
-    sampler = {}
+    sampler, probes = {}, {"dense": [], "sparse": []}
     walls = {"dense": [], "sparse": []}
     per_step = {"dense": [], "sparse": []}
     finals = {}
@@ -74,7 +74,9 @@ def run(target: str, config: str, steps: int, dense_steps: int, keep: float, rep
             marks = [time.perf_counter()]
             out = sess.sample(steps=steps, seed=0, guidance_mode=guidance_mode,
                               callback=lambda i, n, marks=marks: marks.append(time.perf_counter()))
-            sampler[name] = {k: v for k, v in sess.last_sampling.items() if k != "seconds"}
+            sampler[name] = {k: v for k, v in sess.last_sampling.items()
+                             if k not in ("seconds", "guidance_probe_ms")}
+            probes[name].append(sess.last_sampling["guidance_probe_ms"])
             walls[name].append(marks[-1] - marks[0])
             step_s = np.diff(marks)
             per_step[name].append(step_s)
@@ -89,6 +91,7 @@ def run(target: str, config: str, steps: int, dense_steps: int, keep: float, rep
         "model": "video-dit", "config": config, "target": target,
         "hyperparameters": dense_art.manifest["source"]["hyperparameters"],
         "sampler": sampler,
+        "guidance_probes_ms": probes,  # per generation; the session keeps its first choice
         "steps": steps, "dense_steps": dense_steps, "keep": keep, "repeats": repeats,
         "sparse_options": sparse_art.manifest["recipe"]["options"].get("sparse-attention"),
         "sparse_pass": {k: sparse_art.manifest["passes"][i]["stats"].get(k)

@@ -96,8 +96,8 @@ class Slow(Oracle):
 def test_auto_guidance_times_both_forms_on_real_steps_and_keeps_the_faster(ms, chosen):
     sess = Slow(ms)
     x = sample(sess, seed=1)
-    # steps 0-3 probe (batch, split, batch, split); steps 4-7 run the faster form
-    per_step = [4, 2, 2, 4, 2, 2] + ([4] * 4 if chosen == "batch" else [2] * 8)
+    # steps 0-5 probe (batch, split, ×3); steps 6-7 run the faster form
+    per_step = [4, 2, 2] * 3 + ([4] * 2 if chosen == "batch" else [2] * 4)
     assert sess.batches == per_step and sess.last_sampling["guidance_mode"] == chosen
     probe = sess.last_sampling["guidance_probe_ms"]["main"]
     assert probe["chosen"] == chosen and probe["batch_ms"] > 0 and probe["split_ms"] > 0
