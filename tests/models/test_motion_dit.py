@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import edgec
-from edgec import pipeline
 from edgec.exporters.verify import compare_outputs
 from edgec.models import registry
 from edgec.models.motion_dit import MOTION_DIM, TOKENS_PER_FRAME, MotionDiT
@@ -34,26 +32,10 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    """tiny on ort-cpu, openvino-cpu and qnn-htp (w8a16), from one static-shape export (the one
-    the NPU needs; tests/conftest.py exports each registry model and shape set once).
-
-    Compiles here check fidelity, not speed: the report's timed runs (each ~1 s on the HTP
-    emulator) are skipped."""
-    root = tmp_path_factory.mktemp("motion-dit")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "_benchmark", lambda *a: {"skipped": "not measured in tests"})
-        arts = {t: edgec.compile("motion-dit", target=t, output_dir=root / t, config="tiny",
-                                 dynamic_shapes={}) for t in ("ort-cpu", "openvino-cpu")}
-        arts["qnn-htp"] = edgec.compile("motion-dit", target="qnn-htp", output_dir=root / "qnn",
-                                        config="tiny", quantize="w8a16")
-    return arts
-
-
-def test_build_is_deterministic(tiny):
-    a, b = tiny[0].state_dict(), SPEC.build("tiny").state_dict()
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def artifacts(model_artifact):
+    """tiny on ort-cpu, openvino-cpu and qnn-htp (w8a16), from one static-shape export."""
+    return {t: model_artifact("motion-dit", t, static=True)
+            for t in ("ort-cpu", "openvino-cpu", "qnn-htp")}
 
 
 def test_tiny_forward_shapes_and_scale(tiny):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import edgec
 from edgec.exporters.verify import compare_outputs
 from edgec.models import registry
 from edgec.models.pose_prior import subvp_sigma
@@ -21,23 +20,8 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
-    root, made = tmp_path_factory.mktemp("pose-prior"), {}
-
-    def get(target: str):
-        if target not in made:
-            made[target] = edgec.compile("pose-prior", target=target, output_dir=root / target,
-                                         config="tiny",
-                                         quantize="w8a16" if target == "qnn-htp" else None)
-        return made[target]
-
-    return get
-
-
-def test_build_is_deterministic():
-    a, b = SPEC.build("tiny").state_dict(), SPEC.build("tiny").state_dict()
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def compiled(model_artifact):
+    return lambda target: model_artifact("pose-prior", target)
 
 
 def test_shapes(tiny):
