@@ -14,6 +14,7 @@ Sources: the ``llama`` reference model (``Llama.forward_cached``) and Hugging Fa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from typing import Any
@@ -97,6 +98,28 @@ class _ReferenceDecoder(_Decoder):
         return (logits, *[t for kv in presents for t in kv])
 
 
+@contextlib.contextmanager
+def _grouped_sdpa():
+    """transformers' SDPA attention repeats K/V per query head (``repeat_kv``: an Expand that
+    copies the whole cache once per query head in the group, every step) unless it decides to
+    pass ``enable_gqa``; while exporting, it always does, so each layer becomes one grouped
+    Attention as in the ``llama`` reference. (Older transformers without the switch keep
+    ``repeat_kv``: slower, still exact.)"""
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        sdpa_attention = None
+    original = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if original is None:
+        yield
+        return
+    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = original
+
+
 class _HFDecoder(_Decoder):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         from transformers import DynamicCache
@@ -110,9 +133,10 @@ class _HFDecoder(_Decoder):
         # transformers 5.x names the argument ``cache`` (``past_key_values`` before)
         kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else (
             "past_key_values")
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=True, return_dict=True,
-                         **{kwarg: cache})
+        with _grouped_sdpa():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, use_cache=True, return_dict=True,
+                             **{kwarg: cache})
         returned = getattr(out, "cache", None) or out.past_key_values
         if hasattr(returned, "layers"):
             pairs = [(layer.keys, layer.values) for layer in returned.layers]

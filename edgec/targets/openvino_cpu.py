@@ -13,6 +13,7 @@ from pathlib import Path
 
 from edgec.errors import InternalError, UserError
 from edgec.targets.base import BuildResult, QuantScheme, Target
+from edgec.targets.openvino_legalize import OpenVINOLegalizePass
 from edgec.targets.openvino_stateful import kv_pairs, make_stateful
 
 __all__ = ["OPENVINO_CPU"]
@@ -78,6 +79,7 @@ OPENVINO_CPU = Target(
                     "KV_CACHE_PRECISION": "f32"},
     notes=("ops as supported by OpenVINO's ONNX frontend; dynamic shapes supported",),
     requires=("openvino",),
+    before_quantize=(OpenVINOLegalizePass,),
     build=_build,
     schemes=SCHEMES,
 )

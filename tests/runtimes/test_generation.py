@@ -192,6 +192,25 @@ def test_artifact_names_and_stateful_openvino(artifacts):
     assert "ReadValue" in xml and "Assign" in xml and 'name="beam_idx"' in xml
 
 
+@pytest.mark.parametrize("name", ["hf-llama", "hf-qwen2"])
+def test_hf_decoder_attends_grouped_without_repeating_the_cache(artifacts, name):
+    """transformers' repeat_kv (an Expand copying the whole cache per query head, every step)
+    is not exported: one grouped Attention per layer reads the kv_heads-wide cache directly."""
+    import onnx_ir as ir
+
+    model = ir.load(artifacts[name, "ort-cpu"].path / "model.onnx")
+    attention = [n for n in model.graph if n.op_type == "Attention"]
+    assert len(attention) == HF["num_hidden_layers"]
+    for node in attention:
+        assert node.inputs[1].shape[1] == HF["num_key_value_heads"]
+        assert node.inputs[0].shape[1] == HF["num_attention_heads"]
+    assert not [n for n in model.graph if n.op_type == "Expand"
+                and n.inputs[0].name.startswith("present.")]
+    ov = artifacts[name, "openvino-cpu"].report
+    legalize = next(p for p in ov["passes"] if p["name"] == "openvino-legalize")
+    assert legalize["stats"]["gqa_outputs_pinned"] == HF["num_hidden_layers"]
+
+
 def test_quantized_decoder_generates_close_to_fp32(tmp_path, artifacts):
     art = edgec.compile(str(artifacts["llama", "ort-cpu"].path / "model.onnx"), target="ort-cpu",
                         output_dir=tmp_path / "q", generate=True, quantize="w8a8")
