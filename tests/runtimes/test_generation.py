@@ -208,7 +208,7 @@ def test_hf_decoder_attends_grouped_without_repeating_the_cache(artifacts, name)
                 and n.inputs[0].name.startswith("present.")]
     ov = artifacts[name, "openvino-cpu"].report
     legalize = next(p for p in ov["passes"] if p["name"] == "openvino-legalize")
-    assert legalize["stats"]["gqa_outputs_pinned"] == HF["num_hidden_layers"]
+    assert legalize["stats"]["gqa_kv_repeated"] == HF["num_hidden_layers"]
 
 
 def test_quantized_decoder_generates_close_to_fp32(tmp_path, artifacts):

@@ -1,4 +1,4 @@
-"""openvino-legalize: grouped-query Attention output pinned, boolean masks made additive."""
+"""openvino-legalize: grouped-query K/V spelled out as repeat_kv, boolean masks made additive."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ HQ, HKV, D = 4, 2, 8
 
 def _gqa_model() -> ir.Model:
     """Q [B,4,S,8], K/V [B,2,T,8], a bool mask, then the tail transformers exports: the output
-    reshaped with -1 before a projection. (OpenVINO converts this small graph either way; the
-    shape it got wrong is in the Hugging Face decoders of tests/runtimes/test_generation.py,
-    which do not convert without this pass.)"""
+    reshaped with -1 before a projection. (OpenVINO happens to convert this small graph as it
+    is; the Hugging Face decoders of tests/runtimes/test_generation.py do not.)"""
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     nodes = [
         helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"], scale=0.25),
@@ -57,17 +56,20 @@ def _feeds(seed: int = 1) -> dict[str, np.ndarray]:
             "v": rng.standard_normal((b, HKV, t, D)).astype(np.float32), "mask": mask}
 
 
-def test_gqa_output_is_pinned_and_the_mask_made_additive_exactly():
+def test_kv_heads_are_repeated_and_the_mask_made_additive_exactly():
     model = _gqa_model()
     before = run_model(model, _feeds())["out"]
     result = OpenVINOLegalizePass()(model)
-    assert result.stats["gqa_outputs_pinned"] == 1
+    assert result.stats["gqa_kv_repeated"] == 1
     assert result.stats["bool_masks_made_additive"] == 1
     attn = next(n for n in model.graph if n.op_type == "Attention")
     assert attn.inputs[3].dtype == ir.DataType.FLOAT
-    pin = next(u.node for u in attn.outputs[0].uses())
-    assert pin.op_type == "Reshape"
-    assert pin.inputs[1].const_value.numpy().tolist() == [0, HQ, 0, D]
+    for kv in attn.inputs[1:3]:
+        chain = [kv.producer()]
+        while chain[-1].inputs[0].producer() is not None:
+            chain.append(chain[-1].inputs[0].producer())
+        assert [n.op_type for n in chain] == ["Reshape", "Expand", "Unsqueeze"]
+        assert list(kv.shape)[1] == HQ
     after = run_model(model, _feeds())["out"]
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
 
@@ -93,4 +95,4 @@ def test_equal_head_counts_are_left_alone():
         value = next(v for v in model.graph.inputs if v.name == name)
         value.shape = ir.Shape(["b", HQ, "t", D])
     result = OpenVINOLegalizePass()(model)
-    assert result.stats["gqa_outputs_pinned"] == 0
+    assert result.stats["gqa_kv_repeated"] == 0
