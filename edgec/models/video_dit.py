@@ -73,9 +73,21 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of the last axis; cos/sin are [N, head_dim/2]."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    """Rotate interleaved pairs (2i, 2i+1) of the last axis; cos/sin are [N, head_dim/2].
+
+    (x₁cos − x₂sin, x₁sin + x₂cos) written as x·cos + (x·P)·(∓sin), P the pair-swap permutation
+    matrix: the same values bit for bit (a product by ±1 and a sum with zeros are exact), and
+    in the exported graph a MatMul and three elementwise ops instead of two stride-2 Slices and
+    a stack (Concat), which OpenVINO runs with its reference kernels: 125 ms of a 1.5 s forward
+    of video-dit small dense, 140 ms of the 0.8 s block-sparse one.
+    """
+    d = x.shape[-1]
+    cos = torch.stack((cos, cos), dim=-1).flatten(-2)
+    sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    channel = torch.arange(d)
+    swap = torch.zeros(d, d, dtype=x.dtype)
+    swap[channel ^ 1, channel] = 1.0  # output channel j reads input channel j ^ 1
+    return x * cos + (x @ swap) * sin
 
 
 class Block(nn.Module):

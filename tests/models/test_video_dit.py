@@ -83,3 +83,18 @@ def test_onnx_matches_torch_at_other_dynamic_shape(tiny, session):
     (actual,) = session.run(None, {n: t.numpy() for n, t in zip(SPEC.input_names, inputs)})
     assert actual.shape == (1, 4, 3, 12, 6)
     assert _rel_err(actual, expected) <= 1e-5
+
+
+def test_rope_matmul_form_is_the_interleaved_rotation_bit_for_bit():
+    """The exported form (x·cos + (x·P)·∓sin) equals the pairwise rotation exactly."""
+    import torch
+
+    from edgec.models.video_dit import _apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 50, 16, generator=g)
+    angles = torch.rand(50, 8, generator=g) * 6.0
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    assert torch.equal(_apply_rope(x, cos, sin), expected)
