@@ -357,12 +357,13 @@ def _freekv_graph(source, recipe: Recipe, src, stage: Path, step: Progress) -> d
     from edgec.exporters.decoder import DecoderInfo
     from edgec.exporters.freekv_decoder import build_freekv_graph
 
-    if src.kind != "registry":
-        raise UserError("--kv-retrieval builds its decode graph from the `llama` reference "
-                        "model; Hugging Face and .onnx sources are not supported yet")
+    if src.kind not in ("registry", "hf"):
+        raise UserError("--kv-retrieval builds its decode graph from the PyTorch model (`llama` "
+                        "or a Hugging Face checkpoint directory), not from a .onnx file")
     step("exporting the FreeKV decode graph")
-    rel = build_freekv_graph(src.info["name"], DecoderInfo.from_json(src.info["generation"]),
-                             recipe.kv_retrieval, stage, model_config=src.info["config"])
+    origin = src.info["path"] if src.kind == "hf" else src.info["name"]
+    rel = build_freekv_graph(origin, DecoderInfo.from_json(src.info["generation"]),
+                             recipe.kv_retrieval, stage, model_config=src.info.get("config"))
     return {"method": "freekv", **recipe.kv_retrieval.to_json(), "model": rel}
 
 

@@ -48,8 +48,9 @@ class FixedBufferDecoder(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         if not hasattr(model, "forward_cached") or not hasattr(model, "inv_freq"):
-            raise UserError("FreeKV retrieval is built on edgec's `llama` reference decoder; "
-                            f"{type(model).__name__} is not one")
+            raise UserError("FreeKV retrieval is built on the `llama` reference decoder's "
+                            f"layout (or a checkpoint's HFDecoderView); {type(model).__name__} "
+                            "is neither")
         self.model = model  # parameter names "model." + the reference's own
         cfg = model.cfg
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -63,6 +64,9 @@ class FixedBufferDecoder(nn.Module):
         angles = position_ids[..., None].to(torch.float32) * m.inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, 1, head_dim]
         rope = angles.cos(), angles.sin()
+        scale = getattr(m, "rope_scale", 1.0)  # a checkpoint's RoPE attention scaling
+        if scale != 1.0:
+            rope = rope[0] * scale, rope[1] * scale
         x = m.embed_tokens(input_ids)
         outs = []
         n = self.per_layer
@@ -245,9 +249,13 @@ def _module(module_or_source, config_name: str | None) -> nn.Module:
         return module_or_source.eval()
     from edgec.models import registry
 
+    if Path(str(module_or_source)).is_dir():  # a Hugging Face checkpoint directory
+        from edgec.exporters.hf_decoder_view import view_hf_decoder
+
+        return view_hf_decoder(module_or_source)
     if str(module_or_source) != "llama":
-        raise UserError(f"FreeKV retrieval is built for the `llama` reference model, not "
-                        f"{module_or_source!r}")
+        raise UserError(f"FreeKV retrieval is built for the `llama` reference model and "
+                        f"LLaMA-family checkpoints, not {module_or_source!r}")
     return registry.get("llama").build(config_name or "tiny")
 
 

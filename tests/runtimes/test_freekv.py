@@ -169,3 +169,28 @@ def test_compile_with_kv_retrieval_generates_with_freekv(tmp_path):
         with pytest.raises(UserError, match=message):
             edgec.compile("llama", output_dir=tmp_path / "x", kv_retrieval="freekv", **kwargs)
     assert not (tmp_path / "x").exists()
+
+
+def test_hf_checkpoint_decodes_with_freekv_as_with_full_attention(tmp_path):
+    """A Qwen2 checkpoint (q/k/v biases, grouped heads): its FreeKV graph comes from the
+    checkpoint's own modules and decodes the standard graph's tokens while the context fits."""
+    import torch
+    import transformers
+
+    import edgec
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=256)
+    transformers.Qwen2ForCausalLM(cfg).eval().save_pretrained(tmp_path / "qwen2")
+    art = edgec.compile(str(tmp_path / "qwen2"), target="ort-cpu", output_dir=tmp_path / "a",
+                        generate=True, config="batch=1,seq=8",
+                        kv_retrieval="freekv:budget=64,page=8,sink=8,recent=16")
+    assert art.manifest["kv_retrieval"]["model"] == "freekv.onnx"
+    sess = art.load()
+    ids = np.random.default_rng(0).integers(0, 96, (1, 20))
+    fits = sess.generate(ids, max_new_tokens=24, eos_token_id=[])
+    assert sess.last_generation["kv_retrieval"]["decode_steps"] == 23
+    np.testing.assert_array_equal(
+        fits, sess.generate(ids, max_new_tokens=24, eos_token_id=[], kv_retrieval=False))
