@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +34,14 @@ def whip_loss(y):
 
 
 def calibrate_rotation(activations: np.ndarray, steps: int = 100, lr: float = 1e-2, seed: int = 0,
-                       batch_size: int | None = 2048, optimizer: str = "adam"
+                       batch_size: int | None = 2048, optimizer: str = "adam",
+                       on_step: Callable[[int, object], None] | None = None
                        ) -> tuple[np.ndarray, list[float]]:
     """An orthogonal R ([d, d], float64) minimizing the whip loss of ``activations @ R``.
 
     ``activations`` is [tokens, d]. Returns R and the loss curve: the loss of each step's batch
-    before its update, then the loss of the final R on all tokens.
+    before its update, then the loss of the final R on all tokens. ``on_step(step, z)`` is
+    called after each update with the unconstrained parameter (R = QR(z).Q), for benchmarks.
     """
     import torch
 
@@ -67,6 +69,8 @@ def calibrate_rotation(activations: np.ndarray, steps: int = 100, lr: float = 1e
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(len(losses), z.detach())
         with torch.no_grad():
             r = torch.linalg.qr(z.detach().double()).Q
             losses.append(float(whip_loss(x.double() @ r)))
