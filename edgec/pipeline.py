@@ -74,7 +74,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("lora-swappable", lambda r, t: bool(r.lora) and r.lora_mode == "swappable",
           lambda c: LoraSwappablePass(c.recipe.lora, c.source.parameter_map)),
     Stage("rotate", lambda r, t: r.rotate is not None,
-          lambda c: c.recipe.rotate.make_pass(c.source)),
+          lambda c: c.recipe.rotate.make_pass(c.source, c.recipe.calibration)),
     Stage("sparse-attention", lambda r, t: r.sparse_attention is not None,
           lambda c: SparseAttentionPass(config_for_source(c.recipe.sparse_attention,
                                                           c.source.info))),
@@ -382,6 +382,9 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
     prep = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize")
     request = recipe.quantize.calibration_request(recipe.target, samples)
     cache = collect_cache(prep.model, request, prep.src, progress)
+    for p in prep.manager.passes:  # DartQuant's rotations go into the cache, reused by compile
+        if hasattr(p, "store"):
+            p.store(cache, output_dir)
     cache.save(output_dir)
     return cache
 

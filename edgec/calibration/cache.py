@@ -16,11 +16,12 @@ from typing import Any
 
 from edgec.errors import UserError
 
-__all__ = ["CalibrationCache", "model_hash", "CACHE_FILE", "FORMAT"]
+__all__ = ["CalibrationCache", "model_hash", "CACHE_FILE", "FORMAT", "ROTATIONS_FILE"]
 
 FORMAT = "edgec-calibration/1"
 _ORT_STATS = ("lowest", "highest", "avg", "std")  # what ORT's TensorData takes (not "crest")
 CACHE_FILE = "calibration.json"
+ROTATIONS_FILE = "rotations.safetensors"
 
 
 def model_hash(model) -> str:
@@ -57,6 +58,10 @@ class CalibrationCache:
     tensors: dict[str, dict[str, Any]]
     seconds: float = 0.0
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # DartQuant's rotations, when the calibrated recipe has --rotate dartquant: the graph they
+    # were learned on (hash before the rotation), the options, and the safetensors file beside
+    # calibration.json that holds them (ROTATIONS_FILE)
+    rotations: dict[str, Any] = dataclasses.field(default_factory=dict)
     created: str = dataclasses.field(
         default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -93,9 +98,54 @@ class CalibrationCache:
                             f"expected {FORMAT!r}); re-run `edgec calibrate`")
         fields = {f.name for f in dataclasses.fields(cls)}
         try:
-            return cls(**{k: v for k, v in raw.items() if k in fields})
+            cache = cls(**{k: v for k, v in raw.items() if k in fields})
         except TypeError as e:
             raise UserError(f"{f}: incomplete calibration cache ({e}); re-run `edgec calibrate`"
+                            ) from None
+        cache._directory = f.parent
+        return cache
+
+    def save_rotations(self, directory: str | os.PathLike, rotations: dict[str, Any],
+                       graph: str, options: dict[str, Any], summary: dict[str, Any]) -> None:
+        """Write ``rotations`` ({key: float64 array}) as ROTATIONS_FILE into ``directory`` and
+        record what they were learned on (call before ``save``)."""
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (ROTATIONS_FILE + ".tmp")
+        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in rotations.items()},
+                  str(tmp))
+        os.replace(tmp, directory / ROTATIONS_FILE)
+        self.rotations = {"file": ROTATIONS_FILE, "graph": graph, "options": dict(options),
+                          "keys": sorted(rotations), "summary": summary}
+
+    def load_rotations(self, graph: str, options: dict[str, Any]) -> dict[str, Any] | None:
+        """The stored rotations for the graph hash ``graph`` learned with ``options``; None if
+        this cache holds none. A cache whose rotations belong to another graph or options is
+        refused (one line: what differs, how to re-run)."""
+        if not self.rotations:
+            return None
+        from safetensors.numpy import load_file
+
+        redo = ("re-run `edgec calibrate` with the same source, --config, --rotate and recipe "
+                "options as this compile")
+        if self.rotations.get("graph") != graph:
+            raise UserError(f"the calibration cache's rotations were learned on another graph "
+                            f"({str(self.rotations.get('graph'))[:12]}, this graph is "
+                            f"{graph[:12]}); " + redo)
+        if self.rotations.get("options") != options:
+            raise UserError(f"the calibration cache's rotations were learned with --rotate "
+                            f"{self.rotations.get('options')}, this compile asks "
+                            f"{options}; " + redo)
+        path = Path(getattr(self, "_directory", ".")) / self.rotations.get("file", ROTATIONS_FILE)
+        if not path.is_file():
+            raise UserError(f"{path}: the calibration cache's rotations file is missing; " + redo)
+        try:
+            return dict(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - a damaged file is the user's input
+            raise UserError(f"{path}: unreadable rotations ({type(e).__name__}); " + redo
                             ) from None
 
     def check(self, model_hash: str, target: str, scheme: str, method: str | None) -> None:

@@ -90,3 +90,33 @@ def test_rotations_that_do_not_fit_are_refused(llama, rotations, match):
     model = llama[0].clone()
     with pytest.raises(UserError, match=match):
         RotatePass("dartquant", rotations=rotations)(model)
+
+
+def test_calibrate_stores_rotations_and_compile_reuses_them(tmp_path):
+    """`edgec calibrate --rotate dartquant` keeps the learned R1/R2 in the cache
+    (rotations.safetensors); a compile with that cache rotates with them instead of learning
+    again (so its graph is the one the ranges were collected on), and a compile asking other
+    rotation options is refused in one line, nothing written."""
+    import edgec
+    from edgec.calibration import CalibrationCache
+
+    cache_dir = tmp_path / "calib"
+    kw = dict(config="tiny+outliers", rotate="dartquant:steps=20")
+    made = edgec.calibrate("llama", target="ort-cpu", output_dir=cache_dir, **kw)
+    assert (cache_dir / "rotations.safetensors").is_file()
+    assert made.rotations["options"] == {"steps": 20, "seed": 0}
+    assert "r1" in made.rotations["keys"]
+    loaded = CalibrationCache.load(cache_dir)
+    art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "a", quantize="w8a8",
+                        calibration=str(cache_dir), **kw)
+    rotate = next(p for p in art.report["passes"] if p["name"] == "rotate")
+    assert rotate["stats"]["dartquant"]["from_cache"] is True
+    stored = loaded.load_rotations(loaded.rotations["graph"], {"steps": 20, "seed": 0})
+    assert set(stored) == set(loaded.rotations["keys"])
+    r1 = stored["r1"]
+    np.testing.assert_allclose(r1 @ r1.T, np.eye(r1.shape[0]), atol=1e-10)
+    with pytest.raises(UserError, match="rotations were learned with --rotate"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "b", quantize="w8a8",
+                      calibration=str(cache_dir), config="tiny+outliers",
+                      rotate="dartquant:steps=21")
+    assert not (tmp_path / "b").exists()

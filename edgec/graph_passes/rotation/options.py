@@ -45,9 +45,14 @@ class RotateOptions:
             raise UserError(f"--rotate needs a method: {' | '.join(METHODS)}[:k=v,...]")
         return cls(method=method, **convert_items(cls, items, "--rotate"))
 
-    def make_pass(self, src) -> EdgecPass:
+    def make_pass(self, src, calibration=None) -> EdgecPass:
+        """``calibration``: the compile's ``--calib`` (a cache whose stored DartQuant rotations
+        are reused instead of learned again; anything else is ignored here)."""
         if self.method == "dartquant":
-            return DartQuantRotatePass(self, src)
+            from edgec.calibration import CalibrationCache
+
+            cache = calibration if isinstance(calibration, CalibrationCache) else None
+            return DartQuantRotatePass(self, src, cache)
         return RotatePass("hadamard", src.parameter_map, online_r4=self.r4, seed=self.seed)
 
     def to_json(self) -> dict[str, Any]:
@@ -62,19 +67,42 @@ class DartQuantRotatePass(EdgecPass):
     exact = True
     rtol = 1e-4
 
-    def __init__(self, options: RotateOptions, src):
+    def __init__(self, options: RotateOptions, src, cache=None):
         super().__init__()
-        self.options, self.src = options, src
+        self.options, self.src, self.cache = options, src, cache
+        self.learned = None  # (graph hash, DartQuantResult) when this pass calibrated
+
+    def _key(self) -> dict[str, Any]:
+        return {"steps": self.options.steps, "seed": self.options.seed}
 
     def call(self, model) -> PassResult:
+        from edgec.calibration import model_hash
         from edgec.calibration.dartquant import calibrate_rotations
         from edgec.calibration.samples import generated_samples, samples_for_model
 
-        samples, origin = generated_samples(self.src)
-        result = calibrate_rotations(model, samples_for_model(samples, model),
-                                     steps=self.options.steps, seed=self.options.seed)
-        rotate = RotatePass("dartquant", self.src.parameter_map, result.rotations,
+        graph = model_hash(model)
+        stored = self.cache.load_rotations(graph, self._key()) if self.cache else None
+        if stored is not None:
+            rotations = stored
+            stats = {**self.cache.rotations.get("summary", {}), "from_cache": True}
+        else:
+            samples, origin = generated_samples(self.src)
+            result = calibrate_rotations(model, samples_for_model(samples, model),
+                                         steps=self.options.steps, seed=self.options.seed)
+            rotations, self.learned = result.rotations, (graph, result)
+            stats = {**result.summary(), "samples": len(samples), "data": origin,
+                     "from_cache": False}
+        rotate = RotatePass("dartquant", self.src.parameter_map, rotations,
                             online_r4=self.options.r4, seed=self.options.seed)
         out = rotate.call(model)
-        out.stats["dartquant"] = {**result.summary(), "samples": len(samples), "data": origin}
+        out.stats["dartquant"] = stats
         return out
+
+    def store(self, cache, directory) -> bool:
+        """Put the rotations this pass learned into ``cache`` (files in ``directory``)."""
+        if self.learned is None:
+            return False
+        graph, result = self.learned
+        summary = {k: v for k, v in result.summary().items() if k != "rotations"}
+        cache.save_rotations(directory, result.rotations, graph, self._key(), summary)
+        return True
