@@ -11,7 +11,6 @@ Without --models it runs every registered reference model at its small config (o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -19,20 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
 
 import edgec
 from edgec.artifact import versions
 
 TARGETS = ("ort-cpu", "openvino-cpu")
-
-
-def _load(name: str, alias: str):
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(alias, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 QB = _load("quantization", "edgec_bench_quantization")  # machine(), git_state()

@@ -47,7 +47,6 @@ Without ``--quick`` the JSON also goes to benchmarks/results/freekv.json (unless
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -57,18 +56,11 @@ from pathlib import Path
 os.environ["CI"] = "true"  # OpenVINO telemetry asks for consent on import otherwise
 
 import numpy as np
+from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "freekv.json"
 TAUS = (0.8, 0.9, -1.0)  # the two thresholds, and speculation alone (never corrected)
-
-
-def _load(name: str, alias: str):
-    spec = importlib.util.spec_from_file_location(alias, Path(__file__).parent / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 QB = _load("quantization", "edgec_bench_quantization")  # machine(), loadavg(), git_state(), emit()

@@ -57,6 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
+from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "generation.json"
@@ -99,15 +100,6 @@ def estimate(plan: dict, prev: dict, length: int, n_reps: int) -> float | None:
             decode_ms = row["total_ms"] - row["prefill_ms"]
             total += (n_reps + 1) * (row["prefill_ms"] * f ** power + decode_ms * f ** 0.5) / 1e3
     return total * 1.3 if known else None  # + the PyTorch reference, warm-up shapes
-
-
-def _load(name: str, alias: str):
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(alias, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 QB = _load("quantization", "edgec_bench_quantization")  # machine(), git_state(), emit()

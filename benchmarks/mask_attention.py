@@ -14,24 +14,15 @@ per-site report (mask structure, block size, kept fraction, attention GFLOPs). U
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
+
 import edgec
 from edgec.exporters.verify import compare_outputs
-
-
-def _load(name: str, alias: str):
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(alias, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 QB = _load("quantization", "edgec_bench_quantization")  # machine(), git_state(), interleaved()
 

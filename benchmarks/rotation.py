@@ -26,22 +26,12 @@ and the wall time each method needs to first reach it; the ratio is DartQuant's 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _load(name: str, alias: str):
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(alias, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
+from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
 
 QB = _load("quantization", "edgec_bench_quantization")  # machine(), git_state(), emit()
 GOAL = 20.0

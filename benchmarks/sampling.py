@@ -19,25 +19,15 @@ and the speedup the per-step times predict for other W (w + (1−w)/s). Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
 
 import edgec
-
-
-def _load(name: str, alias: str):
-    path = Path(__file__).resolve().parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(alias, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[alias] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 QB = _load("quantization", "edgec_bench_quantization")  # machine(), git_state(), emit()
 GOAL = 1.8  # RainFusion2.0 reports 1.5-1.8x end to end
