@@ -44,6 +44,15 @@ class EdgecPass(ir.passes.InPlacePass):
     rtol: ClassVar[float] = 1e-4
 
 
+def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """``array`` as a new initializer ``name`` of ``graph`` (typed and shaped), returned."""
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape,
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
 @dataclasses.dataclass
 class PassRecord:
     name: str

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.graph_passes._infra import EdgecPass, PassResult
+from edgec.graph_passes._infra import register_constant as _const
 
 __all__ = ["OpenVINOLegalizePass"]
 
@@ -68,14 +69,6 @@ class OpenVINOLegalizePass(EdgecPass):
                                                         "bool_masks_made_additive")), stats)
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape,
-                     const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
 def _repeat_heads(graph: ir.Graph, node: ir.Node, kv: ir.Value, group: int, heads: int,
                   width: int) -> ir.Value:
     """[B, Hkv, T, D] → [B, Hkv·group, T, D], each KV head repeated for its query group:
@@ -104,13 +97,9 @@ def _additive(graph: ir.Graph, node: ir.Node, mask: ir.Value, done: dict[int, ir
     once per mask (every layer shares it)."""
     if id(mask) in done:
         return done[id(mask)]
-    zero = ir.tensor(np.array(0.0, np.float32), name=f"{mask.name}_allowed")
-    low = ir.tensor(np.array(np.finfo(np.float32).min, np.float32), name=f"{mask.name}_masked")
-    consts = []
-    for t in (zero, low):
-        v = ir.Value(name=t.name, type=ir.TensorType(t.dtype), shape=t.shape, const_value=t)
-        graph.register_initializer(v)
-        consts.append(v)
+    consts = [_const(graph, f"{mask.name}_allowed", np.array(0.0, np.float32)),
+              _const(graph, f"{mask.name}_masked",
+                     np.array(np.finfo(np.float32).min, np.float32))]
     where = ir.node("Where", [mask, *consts], name=f"{mask.name}_additive")
     producer = mask.producer()
     if producer is not None and producer.graph is graph:

@@ -29,18 +29,20 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
     # (passes, quantization, opset conversion for a target whose schemes ORT CPU supports): a
     # load failure here is edgec's fault, never the user's, so none of it is a UserError.
     try:
-        ort.InferenceSession(str(model_path),
-                             sess_options=session_options(True, target.runtime_config),
-                             providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(model_path),
+                                    sess_options=session_options(True, target.runtime_config),
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise InternalError(
             f"ONNX Runtime CPU cannot load the rewritten model {model_path}: {first}. The source "
             "loaded, so this is an edgec bug: please report it with the traceback "
             "(EDGEC_DEBUG=1)") from e
+    from edgec.targets.openvino_stateful import kv_pairs
+
     config = dict(target.runtime_config)
-    if _is_decoder(model_path):
-        config.update(DECODER_CONFIG)
+    if kv_pairs([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]):
+        config.update(DECODER_CONFIG)  # a KV-cache decoder
     return BuildResult(
         runtime={"name": "ort", "model": "model.onnx", "providers": ["CPUExecutionProvider"],
                  "config": config},
@@ -55,14 +57,6 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
 DECODER_CONFIG = {"session.intra_op.allow_spinning": "1",
                   "session.inter_op.allow_spinning": "1"}
 
-
-def _is_decoder(model_path: Path) -> bool:
-    import onnx
-
-    from edgec.targets.openvino_stateful import kv_pairs
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return bool(kv_pairs([i.name for i in graph.input], [o.name for o in graph.output]))
 
 
 ORT_CPU = Target(

@@ -46,6 +46,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
 
 from edgec.graph_passes._infra import EdgecPass, PassResult
+from edgec.graph_passes._infra import register_constant as _const
 
 __all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "GatherNDToGather", "MishToSoftplusTanh",
            "QnnLegalizePass", "block_broadcast_repeats"]
@@ -86,14 +87,6 @@ class QnnLegalizePass(EdgecPass):
         ir.passes.common.RemoveUnusedNodesPass()(model)
         modified = any(v for k, v in stats.items() if k != "transposes_skipped")
         return PassResult(model, modified, stats)
-
-
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, type=ir.TensorType(tensor.dtype), shape=tensor.shape,
-                     const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def _static_dims(value: ir.Value) -> list[int] | None:
