@@ -72,15 +72,18 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
     n_video = layout.n_video if layout.n_video is not None else (
         shape.n - p if shape.n is not None else None)
 
-    qv, kv, vv = q, k, v
-    if p:
-        qv, kv, vv = (e.slice(x, p, MAX, 2) for x in (q, k, v))
-    if layout.perm is not None:
-        perm = e.const(layout.perm, np.int64)
-        qv, kv, vv = (e.Gather(x, perm, axis=2) for x in (qv, kv, vv))
-
     # Query blocks of ``qb`` tokens share one selection of key blocks of ``bs`` tokens.
     qbs = cfg.query_block
+    table = _whole_block_table(e, q, k, v, p, bs, n_video, layout)
+    if table is not None:  # prefix and video rows already whole blocks: no Slice/Concat copies
+        qv, k_all, v_all = table
+    else:
+        qv, kv, vv = q, k, v
+        if p:
+            qv, kv, vv = (e.slice(x, p, MAX, 2) for x in (q, k, v))
+        if layout.perm is not None:
+            perm = e.const(layout.perm, np.int64)
+            qv, kv, vv = (e.Gather(x, perm, axis=2) for x in (qv, kv, vv))
     if n_video is not None:
         nbq, nb = -(-n_video // qbs), -(-n_video // bs)
         padq, pad = nbq * qbs - n_video, nb * bs - n_video
@@ -94,9 +97,14 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
                                      e.const([cfg.keep], np.float32))), to=I64)
         k_t = e.Min(e.Add(budget, e.i64(len(layout.sink))), nb_t)
     qb = _blocks(e, qv, qbs, d, padq, nv_t)
-    kb, vb = (_blocks(e, x, bs, d, pad, nv_t) for x in (kv, vv))
     q_hat = _block_means(e, qb, qbs, padq, nv_t, shape.dtype)
-    k_hat = _block_means(e, kb, bs, pad, nv_t, shape.dtype)
+    npb = -(-p // bs)
+    if table is None:
+        kb, vb = (_blocks(e, x, bs, d, pad, nv_t) for x in (kv, vv))
+        k_hat = _block_means(e, kb, bs, pad, nv_t, shape.dtype)
+    else:  # [prefix blocks | video blocks] tables; the selection scores the video blocks
+        kb, vb = (_blocks(e, x, bs, d, 0, None) for x in (k_all, v_all))
+        k_hat = e.slice(e.ReduceMean(kb, e.i64(3), keepdims=0), npb, MAX, 2)
     if cfg.share == "batch":  # one selection from batch element 0 (RainFusion2.0): the CFG
         q_hat, k_hat = (e.slice(x, 0, 1, 0) for x in (q_hat, k_hat))  # pair shares its mask
     block_scores = e.MatMul(q_hat, e.tr(k_hat, [0, 1, 3, 2]))  # [B,H,nbq,nb]
@@ -107,18 +115,21 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
 
     # Key table = [prefix blocks | video blocks]; prefix blocks are forced into every selection,
     # so one Gather feeds a plain 4-D attention (runtimes fuse MatMul→Softmax→MatMul).
-    npb = -(-p // bs)
     if npb:
         cols = e.Concat(e.Shape(block_scores, start=0, end=3), e.i64(npb), axis=0)
         forced = e.Expand(e.const(np.array(2 * FORCE, dtype=shape.dtype.numpy())), cols)
         block_scores = e.Concat(forced, block_scores, axis=-1)
-        kp, vp = (_blocks(e, e.slice(x, 0, p, 2), bs, d, npb * bs - p, None) for x in (k, v))
-        kb, vb = e.Concat(kp, kb, axis=2), e.Concat(vp, vb, axis=2)
+        if table is None:
+            kp, vp = (_blocks(e, e.slice(x, 0, p, 2), bs, d, npb * bs - p, None)
+                      for x in (k, v))
+            kb, vb = e.Concat(kp, kb, axis=2), e.Concat(vp, vb, axis=2)
         nb_t, k_t = e.Add(nb_t, e.i64(npb)), e.Add(k_t, e.i64(npb))
     k_total = None if k_sel is None else k_sel + npb
     _, idx = e.TopK(block_scores, k_t, axis=-1, largest=1, sorted=1, _outputs=2)
     stats = {"mode": cfg.mode}
     if cfg.mode == "rainfusion":
+        if table is not None:
+            kv = e.slice(k_all, p, MAX, 2) if p else k_all
         idx = _choose_pattern_per_head(e, qv, kv, idx, nb, k_sel, npb, n_video, cfg, layout)
 
     # Flat indices into [B·H·blocks, bs, d] so a plain Gather fetches whole blocks.
@@ -159,6 +170,20 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
     stats.update({"blocks": nb, "query_blocks": nbq, "kept_blocks": k_sel,
                   "prefix_blocks": npb, "chunks": len(chunks)})
     return out, e.tape, stats
+
+
+def _whole_block_table(e: _Emitter, q, k, v, p: int, bs: int, n_video: int | None, layout):
+    """(q video rows, k table, v table) when the prefix and the video
+    are whole blocks: the key/value table [prefix | permuted video] is then one Gather of K (or K
+    itself without a permutation) instead of Slice → Gather → Slice → Concat, four full copies of
+    K and V per site that OpenVINO runs with reference kernels. None otherwise."""
+    if n_video is None or p % bs or n_video % bs or (not p and layout.perm is None):
+        return None
+    if layout.perm is None:
+        return e.slice(q, p, MAX, 2), k, v
+    rows = e.const(np.concatenate([np.arange(p), p + layout.perm]).astype(np.int64), np.int64)
+    k_all, v_all = (e.Gather(x, rows, axis=2) for x in (k, v))
+    return e.Gather(q, e.const(p + layout.perm, np.int64), axis=2), k_all, v_all
 
 
 def _key_bias(e: _Emitter, p: int, npb: int, bs: int, pad: int | None, nv_t, nb_t):
