@@ -169,7 +169,8 @@ class QuantizePass(ir.passes.FunctionalPass):
                 names = tuple(e.node for e in ranked[:k])
                 p = plan_quantization(model, fq, self.exclude + names, outliers)
                 built[k] = (self._static(_at_opset(model.clone(), s.min_opset), p, cache), p)
-            return worst_cosine([run_model(built[k][0], f) for f in feeds], reference)
+            return worst_cosine([run_model(built[k][0], f) for f in feeds], reference,
+                                [f.get("attention_mask") for f in feeds])
 
         k, cos, probes = search_exclusions(ranked, measure, self.min_cos)
         entry = {"min_cos": self.min_cos, "achieved": round(cos, 6), "held_out": len(feeds),

@@ -1,0 +1,51 @@
+"""Mixed precision's measurements: end-to-end effect of one node's error, mask-aware cosine."""
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.graph_passes.quantization.mixed_precision import end_to_end_effects, worst_cosine
+
+
+def _two_layer_model(w1: np.ndarray, w2: np.ndarray) -> ir.Model:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([None, 4]))
+    c1 = ir.Value(name="w1", const_value=ir.tensor(w1))
+    c2 = ir.Value(name="w2", const_value=ir.tensor(w2))
+    m1 = ir.node("MatMul", [x, c1], name="mm1")
+    relu = ir.node("Relu", m1.outputs, name="relu")
+    m2 = ir.node("MatMul", [relu.outputs[0], c2], name="mm2")
+    m2.outputs[0].name = "y"
+    graph = ir.Graph([x], m2.outputs, nodes=[m1, relu, m2], initializers=[c1, c2],
+                     opset_imports={"": 17}, name="g")
+    return ir.Model(graph, ir_version=9)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_end_to_end_effect_propagates_one_nodes_error_through_the_fp32_rest():
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 3)))
+    model = _two_layer_model(w1, w2)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    d1 = 0.3 * rng.standard_normal((5, 8)).astype(np.float32)
+    d2 = 0.3 * rng.standard_normal((5, 3)).astype(np.float32)
+    effects = end_to_end_effects(model, [{"x": x}], ["mm1", "mm2"], [[d1], [d2]])
+    y = np.maximum(x @ w1, 0) @ w2
+    expect1 = 1 - _cos(np.maximum(x @ w1 + d1, 0) @ w2, y)  # through the Relu and mm2
+    expect2 = 1 - _cos(y + d2, y)  # mm2's output is the graph output itself
+    np.testing.assert_allclose(effects, [expect1, expect2], rtol=1e-4, atol=1e-7)
+    assert effects[0] > 0 and effects[1] > 0
+    assert [v.name for v in model.graph.outputs] == ["y"]  # the probe was a copy
+
+
+def test_worst_cosine_leaves_padded_positions_out():
+    mask = np.array([[0, 0, 1, 1]])
+    ref = np.ones((1, 4, 3), np.float32)
+    got = ref.copy()
+    got[0, :2] = -50.0  # garbage where the mask is 0
+    assert worst_cosine([{"h": got}], [{"h": ref}]) < 0
+    assert worst_cosine([{"h": got}], [{"h": ref}], [mask]) == 1.0
+    pooled = {"p": np.ones((1, 3))}  # not per token: compared whole
+    assert worst_cosine([pooled], [pooled], [mask]) == 1.0
