@@ -97,12 +97,20 @@ def test_quantizers_on_matmul_inputs_only_hold_where_output_quantizers_do_not(mi
     assert worst[False] >= 0.985 and worst[True] < 0.95, worst
 
 
-def test_openvino_w8a8_end_to_end(minilm, tmp_path):
+def test_openvino_w8a8_with_mixed_precision_holds_the_floor(minilm, tmp_path):
+    """w8a8 alone: 0.987 min embedding cosine here; min_cos=0.99 keeps the few MatMuls whose
+    error alone moves the output most (the FFN down projections: 6 of 48 measured) in float
+    and reaches ≥ 0.99 (0.993 measured; NNCF's best on the same data 0.991)."""
     ckpt, feeds, ref_emb, calib = minilm
     art = edgec.compile(str(ckpt), target="openvino-cpu", output_dir=tmp_path / "ov",
-                        config=f"batch=1,seq={SEQ}", quantize="w8a8", calibration=calib)
+                        config=f"batch=1,seq={SEQ}", quantize="w8a8:min_cos=0.99",
+                        calibration=calib)
+    mp = next(p["stats"] for p in art.report["passes"] if p["name"] == "quantize")[
+        "mixed_precision"]
+    assert mp["reached"] and mp["probes"][0]["cosine"] < 0.99
+    assert 0 < len(mp["kept"]) <= 8 < mp["candidates"], len(mp["kept"])
     cos = _cosines(art.load().run(feeds)["last_hidden_state"], feeds, ref_emb)
-    assert cos.min() >= 0.985 and cos.mean() >= 0.988, (cos.min(), cos.mean())
+    assert cos.min() >= 0.99 and cos.mean() >= 0.992, (cos.min(), cos.mean())
 
 
 def test_qnn_htp_w8a8_compiles_and_holds_with_outlier_tensors_at_16_bits(minilm, tmp_path):
