@@ -191,10 +191,14 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         retrieval = _freekv_graph(source, recipe, src, stage, step) if gen else None
         tokenizer = _ship_checkpoint_files(src, stage) if gen else None
         if recipe.lora_mode == "swappable" and recipe.lora:
-            from edgec.lora.binding import lora_sites, ship_adapters
+            from edgec.lora.binding import lora_sites, ship_adapters, ship_transforms
 
-            lora_info.update(sites=lora_sites(model), default=recipe.lora[0].name,
+            sites = lora_sites(model)
+            lora_info.update(sites=sites, default=recipe.lora[0].name,
                              adapters=ship_adapters(recipe.lora, stage))
+            shipped = ship_transforms(sites, _lora_transforms(prep.manager.passes), stage)
+            if shipped:
+                lora_info["transforms"] = shipped
         tgt = recipe.target
         step(f"building for {tgt.name}")
         built = tgt.build(tgt, stage / "model.onnx", stage / "target",

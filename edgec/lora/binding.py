@@ -3,8 +3,9 @@
 Per site (see ``graph_passes.lora.swappable``): ``A_in = M_a·Aᵀ`` [in, r], ``B_in = w·s·Bᵀ·M_b``
 [r, out], zero-padded to the site's compiled rank so shapes stay stable; modules the adapter does
 not adapt (and the reserved adapter ``base``) get zeros, which is exactly the base model. M_a / M_b
-(``a_transform`` / ``b_transform``) are matrices in ``adapters/transforms.safetensors`` written by a
-rotation pass, or none.
+(``a_transform`` / ``b_transform``) are matrices in ``adapters/transforms.safetensors``, made by a
+rotation pass (``graph_passes.rotation.lora_transforms``) and written by ``ship_transforms``, or
+none.
 
 Artifact layout (swappable mode): ``adapters/<name>/adapter_config.json`` and
 ``adapters/<name>/adapter_model.safetensors`` (the PEFT files as given), listed in the manifest's
@@ -24,8 +25,8 @@ import numpy as np
 from edgec.errors import UserError
 from edgec.lora.peft_adapter import CONFIG_FILE, NO_ADAPTER, WEIGHTS_FILE, LoraAdapter, read_adapter
 
-__all__ = ["AdapterBank", "site_feeds", "ship_adapters", "lora_sites", "adapter_inputs",
-           "TRANSFORMS_FILE", "SITES_KEY"]
+__all__ = ["AdapterBank", "site_feeds", "ship_adapters", "ship_transforms", "lora_sites",
+           "adapter_inputs", "TRANSFORMS_FILE", "SITES_KEY"]
 
 TRANSFORMS_FILE = "adapters/transforms.safetensors"
 SITES_KEY = "edgec.lora.sites"  # model metadata: the swappable sites (graph_passes.lora.swappable)
@@ -90,6 +91,25 @@ def ship_adapters(adapters: Sequence[LoraAdapter], stage: Path) -> dict[str, str
             shutil.copyfile(a.path / f, stage / rel / f)
         out[a.name] = rel
     return out
+
+
+def ship_transforms(sites: Sequence[Mapping[str, Any]], transforms: Mapping[str, np.ndarray],
+                    stage: Path) -> str | None:
+    """Write the site transforms the sites name (a rotation's M_a / M_b) to
+    ``stage/TRANSFORMS_FILE`` (float32 safetensors); returns its relative path, None if none."""
+    names = {s[k] for s in sites for k in ("a_transform", "b_transform") if s.get(k)}
+    missing = sorted(names - set(transforms))
+    if missing:
+        raise UserError(f"LoRA site transform {missing[0]!r} is named in the model but no pass "
+                        "produced it; this is an edgec bug, please report it")
+    if not names:
+        return None
+    from safetensors.numpy import save_file
+
+    (stage / TRANSFORMS_FILE).parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: np.ascontiguousarray(transforms[n], dtype=np.float32) for n in sorted(names)},
+              str(stage / TRANSFORMS_FILE))
+    return TRANSFORMS_FILE
 
 
 class AdapterBank:

@@ -134,14 +134,14 @@ class WeightEditor:
             node.resize_inputs(3)
             node.replace_input_with(2, self.constant(b.astype(dtype), f"{node.name}_bias"))
             return
-        y = node.outputs[0]
+        y = lin.output  # after a LoRA branch's Add, if any
         add = self.node("Add", [y, self.constant(b.astype(dtype), f"{y.name}_bias")], y, "r1")
         out = add.outputs[0]
         y.replace_all_uses_with(out, replace_graph_outputs=True)
         add.replace_input_with(0, y)  # replace_all_uses_with rewired the Add's own input too
         if out.is_graph_output():  # the graph output keeps its name
             y.name, out.name = out.name, y.name
-        self.graph.insert_after(node, [add])
+        self.graph.insert_after(y.producer(), [add])
         lin.bias_node = add
 
     # -- nodes ----------------------------------------------------------------------------------

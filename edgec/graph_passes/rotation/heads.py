@@ -6,7 +6,7 @@ each head, and which kv head each query head reads (GQA).
 
 Every value on that path is tracked as axes with a stride into V's output columns, so a per-head
 rotation applied to V's columns is undone exactly by O's rows. A path with any other op, a value
-read elsewhere (a KV-cache output, a LoRA branch) or a shape that does not say where the heads are
+read elsewhere (a KV-cache output) or a shape that does not say where the heads are
 is reported instead.
 """
 
@@ -236,7 +236,7 @@ def _trace_v(pv: ir.Node):
 
 
 def _trace_o(pv: ir.Node, heads: int, head_dim: int, from_end: int):
-    from edgec.graph_passes.rotation.topology import as_linear
+    from edgec.graph_passes.rotation.topology import as_linear, is_lora_reader
 
     value = pv.outputs[0]
     rank = len(value.shape) if value.shape is not None else from_end + 1
@@ -245,7 +245,8 @@ def _trace_o(pv: ir.Node, heads: int, head_dim: int, from_end: int):
     for _ in range(8):
         if value.is_graph_output():
             raise _Fail(f"the attention output {value.name} is a graph output")
-        uses = [u for u in value.uses() if u.node.op_type != "Shape"]
+        uses = [u for u in value.uses() if u.node.op_type != "Shape"
+                and not (u.idx == 0 and is_lora_reader(u.node))]  # O's LoRA branch goes with O
         if len(uses) != 1:
             raise _Fail(f"the attention output {value.name} has {len(uses)} readers")
         node = uses[0].node

@@ -71,6 +71,7 @@ class DartQuantRotatePass(EdgecPass):
         super().__init__()
         self.options, self.src, self.cache = options, src, cache
         self.learned = None  # (graph hash, DartQuantResult) when this pass calibrated
+        self.lora_transforms: dict = {}  # swappable-LoRA site transforms (see RotatePass)
 
     def _key(self) -> dict[str, Any]:
         return {"steps": self.options.steps, "seed": self.options.seed}
@@ -95,6 +96,7 @@ class DartQuantRotatePass(EdgecPass):
         rotate = RotatePass("dartquant", self.src.parameter_map, rotations,
                             online_r4=self.options.r4, seed=self.options.seed)
         out = rotate.call(model)
+        self.lora_transforms = rotate.lora_transforms
         out.stats["dartquant"] = stats
         return out
 

@@ -10,6 +10,12 @@ without changing what the model computes. The structure comes from the graph
 (``topology.analyze``); where a rotation cannot pass (post-norm encoders, AdaLN-modulated DiTs,
 KV-cache outputs) it is skipped and ``stats["skipped"]`` says which node and why, while the
 rotations that stay exact there (R2, R4) are still applied. A graph with no norm is refused.
+
+Swappable-LoRA branches (``graph_passes.lora.swappable``) go with their base Linear: the base's
+weight is rotated as usual and the transforms it got on each side are recorded per site
+(``rotation.lora_transforms``), so that ``A_in = M_in·Aᵀ``, ``B_in = w·s·Bᵀ·M_out`` keep swapping
+exact; the pass leaves the matrices in ``lora_transforms`` for the pipeline to ship. A LayerNorm β
+folded into a base's bias (b += β·W) has no such transform, so R1 is skipped there.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from edgec.graph_passes.rotation.hadamard import (
     orthogonal_factors,
     random_hadamard,
 )
+from edgec.graph_passes.rotation.lora_transforms import SiteTransforms
 from edgec.graph_passes.rotation.topology import (
     Attention,
     Skip,
@@ -48,7 +55,10 @@ class RotatePass(EdgecPass):
     """``rotations``: calibrated matrices ``{"r1": [d, d], "r2.<layer>": [hd, hd] or
     [kv_heads, hd, hd]}`` (``edgec.calibration.dartquant``); a rotation not given is a seeded
     random Hadamard. ``parameter_map`` only names the folded norm scales in the stats
-    (``folded_parameters``: their initializers are gone); the structure comes from the graph."""
+    (``folded_parameters``: their initializers are gone); the structure comes from the graph.
+
+    After ``call``, ``lora_transforms`` holds the swappable-LoRA site transforms it named in the
+    sites metadata (name → float32 matrix; empty without sites)."""
 
     name = "rotate"
     exact = True
@@ -69,6 +79,7 @@ class RotatePass(EdgecPass):
         self.online_r4 = online_r4
         self.seed = seed
         self.parameter_map = parameter_map or {}
+        self.lora_transforms: dict[str, np.ndarray] = {}
 
     def call(self, model: ir.Model) -> PassResult:
         topo = analyze(model.graph)
@@ -79,9 +90,13 @@ class RotatePass(EdgecPass):
         before = set(model.graph.initializers)
         self._used: list[str] = []
         editor = WeightEditor(model.graph)
+        self._sites = SiteTransforms(model)
         skipped = list(topo.skipped)
         r1 = 0
-        if topo.stream is not None:
+        beta = _lora_beta(topo.stream) if topo.stream is not None else None
+        if beta is not None:
+            skipped.append(beta)
+        elif topo.stream is not None:
             r1 = self._rotate_stream(editor, topo.stream, model.opset_imports.get("", 18))
         for att in topo.attention:
             self._rotate_heads(editor, att)
@@ -91,13 +106,19 @@ class RotatePass(EdgecPass):
                 w = editor.weight(down)
                 factors = orthogonal_factors(w.shape[0], self.seed + 7919 + k)
                 editor.set_weight(down, apply_left_transpose(factors, w))
+                # only the base MatMul reads x·H; a LoRA branch keeps reading x (no transform)
                 editor.insert_online(down, factors, "r4")
                 r4 += 1
         if self.online_r4 and not topo.ffn_down:
             skipped.append(Skip("r4", "-", "no FFN down projection (a Linear reading an activation "
                                 "of another Linear and writing into a residual Add) was found"))
         written = editor.flush()
+        lora_sites = self._sites.finish(model)
+        self.lora_transforms = self._sites.matrices
         stats = self._stats(topo, skipped, r1, r4, editor)
+        if self._sites.sites:
+            stats["lora_sites_transformed"] = lora_sites
+            stats["lora_transforms"] = len(self.lora_transforms)
         gone = before - set(model.graph.initializers)
         stats["folded_parameters"] = sorted(p for p, e in self.parameter_map.items()
                                             if e["initializer"] in gone)
@@ -120,6 +141,8 @@ class RotatePass(EdgecPass):
             for w in stream.writers:
                 m = editor.weight(w)
                 m -= m.mean(axis=1, keepdims=True)
+                n = m.shape[1]
+                self._sites.right(w, lambda n=n: np.eye(n) - np.full((n, n), 1.0 / n))  # W·C
                 b = editor.bias(w)
                 if b is not None:
                     b -= b.mean()
@@ -133,7 +156,9 @@ class RotatePass(EdgecPass):
                     editor.set_bias(lin, (0 if b is None else b) + beta.astype(np.float64) @ w)
                 if gamma is not None:
                     w = gamma.astype(np.float64)[:, None] * w
+                    self._sites.left(lin, lambda g=gamma: np.diag(g.astype(np.float64)))
                 editor.set_weight(lin, r1.T @ w)
+                self._sites.left(lin, r1.T)
                 rotated += 1
             if layer_norm:
                 editor.layer_norm_to_rms(norm, opset)
@@ -143,6 +168,7 @@ class RotatePass(EdgecPass):
             editor.set_table(site, editor.table(site) @ r1)
         for w in stream.writers:
             editor.set_weight(w, editor.weight(w) @ r1)
+            self._sites.right(w, r1)
             b = editor.bias(w)
             if b is not None:
                 editor.set_bias(w, b @ r1)
@@ -158,9 +184,12 @@ class RotatePass(EdgecPass):
             w[:, col:col + hd] = w[:, col:col + hd] @ per_kv[g]
             if b is not None:
                 b[col:col + hd] = b[col:col + hd] @ per_kv[g]
+        self._sites.right(att.v, lambda: _blocks(w.shape[1], att.v_columns, per_kv))
         o = editor.weight(att.o)
         for h, row in enumerate(att.o_rows):
             o[row:row + hd] = per_kv[att.group[h]].T @ o[row:row + hd]
+        self._sites.left(att.o, lambda: _blocks(o.shape[0], att.o_rows,
+                                                [per_kv[g].T for g in att.group]))
 
     def _stats(self, topo: Topology, skipped: list[Skip], r1: int, r4: int,
                editor: WeightEditor) -> dict[str, Any]:
@@ -182,6 +211,30 @@ class RotatePass(EdgecPass):
             "skipped": [s.to_json() for s in skipped],
         }
         return stats
+
+
+def _blocks(n: int, starts: list[int], blocks) -> np.ndarray:
+    """I_n with ``blocks[i]`` on the diagonal at ``starts[i]`` (R2 as a [n, n] matrix)."""
+    m = np.eye(n)
+    for start, block in zip(starts, blocks):
+        m[start:start + len(block), start:start + len(block)] = block
+    return m
+
+
+def _lora_beta(stream: Stream) -> Skip | None:
+    """R1 folds a LayerNorm β into each reader's bias (b += β·W); a swappable-LoRA branch on a
+    reader would need (β·Aᵀ)·B added per adapter, which no transform of A/B expresses."""
+    for norm, readers in stream.blocks:
+        beta = const_array(norm.shift)
+        if beta is None or not np.any(beta):
+            continue
+        for lin in readers:
+            if lin.lora_module is not None:
+                return Skip("r1", norm.node.name, f"the norm's shift β would fold into the bias of "
+                            f"{lin.node.name}, whose swappable LoRA branch ({lin.lora_module}) "
+                            "would then need β·A·B added per adapter; compile with --lora-mode "
+                            "merge to rotate this stream")
+    return None
 
 
 def _check_rotations(rotations: Mapping[str, np.ndarray], topo: Topology) -> None:

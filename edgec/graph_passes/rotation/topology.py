@@ -6,6 +6,10 @@ Everything a rotation would change is proven closed here: a stream value is read
 (and the next residual Add), a rotated V reaches nothing but its attention MatMul, and so on. Where
 that proof fails the finder returns a ``Skip`` (node + reason) instead of a structure, so the pass
 can rotate what is exact and report the rest.
+
+A swappable-LoRA branch ``y + (x·A)·B`` (its nodes carry ``edgec.lora.branch`` metadata; A and B
+are graph inputs) is part of its base ``Linear`` (``lora_add``): its x·A MatMul is not another
+reader of x, and the branch's Add output stands for the base's output (stream writers, V tracing).
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ import onnx_ir as ir
 from edgec.graph_passes.rotation.heads import trace_attention
 
 __all__ = ["Linear", "Norm", "Stream", "Attention", "Skip", "Topology", "analyze", "as_linear",
-           "const_array", "const_tensor"]
+           "const_array", "const_tensor", "is_lora_reader", "LORA_BRANCH"]
+
+# Node metadata of a swappable-LoRA branch (``graph_passes.lora.swappable``): the module name.
+LORA_BRANCH = "edgec.lora.branch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,9 @@ class Linear:
 
     node: ir.Node
     bias_node: ir.Node | None = None  # Add(x·W, b) after a MatMul (a Gemm's bias is its input 2)
+    # Add(x·W, (x·A)·B): a swappable-LoRA branch on this MatMul (before the bias Add, if any). The
+    # branch reads the same x and adds into the same output, so it stands with its base Linear.
+    lora_add: ir.Node | None = None
 
     @property
     def input(self) -> ir.Value:
@@ -59,7 +69,12 @@ class Linear:
 
     @property
     def output(self) -> ir.Value:
-        return (self.bias_node or self.node).outputs[0]
+        return (self.bias_node or self.lora_add or self.node).outputs[0]
+
+    @property
+    def lora_module(self) -> str | None:
+        """The module name of this Linear's swappable-LoRA site, None without one."""
+        return None if self.lora_add is None else self.lora_add.metadata_props[LORA_BRANCH]
 
     @property
     def transposed_source(self) -> ir.Value | None:
@@ -124,7 +139,8 @@ def as_linear(node: ir.Node | None) -> Linear | None:
     lin = Linear(node)
     n_out = lin.shape[1]
     if node.op_type == "MatMul":
-        y = node.outputs[0]
+        lin.lora_add = _lora_add(node)
+        y = lin.output
         uses = list(y.uses())
         if len(uses) == 1 and uses[0].node.op_type == "Add" and not y.is_graph_output():
             add = uses[0].node
@@ -134,16 +150,64 @@ def as_linear(node: ir.Node | None) -> Linear | None:
     return lin
 
 
+def _lora_branch(add: ir.Node) -> tuple[ir.Node, ir.Node] | None:
+    """(xA, xAB) of a swappable-LoRA ``Add(y, (x·A)·B)`` whose branch nodes feed nothing else."""
+    module = add.metadata_props.get(LORA_BRANCH)
+    if module is None or not _is(add, "Add"):
+        return None
+    for v in add.inputs:
+        xab = v.producer() if v is not None else None
+        if not _is(xab, "MatMul") or xab.metadata_props.get(LORA_BRANCH) != module:
+            continue
+        xa = xab.inputs[0].producer()
+        if (_is(xa, "MatMul") and xa.metadata_props.get(LORA_BRANCH) == module
+                and xa.inputs[1].is_graph_input() and xab.inputs[1].is_graph_input()
+                and all(len(list(n.outputs[0].uses())) == 1 and not n.outputs[0].is_graph_output()
+                        for n in (xa, xab))):
+            return xa, xab
+    return None
+
+
+def _lora_add(node: ir.Node) -> ir.Node | None:
+    """The swappable-LoRA Add on this MatMul's output whose branch reads this MatMul's input."""
+    y = node.outputs[0]
+    uses = list(y.uses())
+    if len(uses) != 1 or y.is_graph_output():
+        return None
+    add = uses[0].node
+    branch = _lora_branch(add)
+    if branch is None or branch[1].outputs[0] is y or branch[0].inputs[0] is not node.inputs[0]:
+        return None
+    return add
+
+
+def is_lora_reader(node: ir.Node) -> bool:
+    """``node`` is the x·A MatMul of a swappable-LoRA branch whose base Linear reads the same x:
+    not a reader of its own (a rotation of x goes into the branch's A, see ``rotation.lora``)."""
+    if not _is(node, "MatMul") or LORA_BRANCH not in node.metadata_props:
+        return False
+    for use in node.inputs[0].uses():
+        base = use.node
+        if use.idx == 0 and base is not node and _is(base, "MatMul"):
+            add = _lora_add(base)
+            if add is not None and _lora_branch(add)[0] is node:
+                return True
+    return False
+
+
 def linear_ending_at(value: ir.Value) -> Linear | None:
-    """The Linear whose output (after its bias) is ``value``."""
+    """The Linear whose output (after its LoRA branch and bias) is ``value``."""
     p = value.producer()
     if p is None:
         return None
-    if p.op_type == "Add":
+    if p.op_type == "Add":  # a bias Add, a LoRA branch's Add, or the bias Add after that one
         for x in p.inputs:
-            lin = as_linear(x.producer()) if x is not None else None
-            if lin is not None and lin.bias_node is p:
-                return lin
+            q = x.producer() if x is not None else None
+            below = [y.producer() for y in q.inputs if y is not None] if _is(q, "Add") else []
+            for node in (q, *below):
+                lin = as_linear(node)
+                if lin is not None and lin.output is value:
+                    return lin
         return None
     lin = as_linear(p)
     return lin if lin is not None and lin.output is value else None
@@ -336,7 +400,7 @@ def _readers(norm: Norm) -> list[Linear] | Skip:
         return Skip("r1", norm.node.name, f"the norm's output {out.name} is a graph output")
     readers = []
     for use in out.uses():
-        if _is(use.node, "Shape"):
+        if _is(use.node, "Shape") or (use.idx == 0 and is_lora_reader(use.node)):
             continue
         lin = as_linear(use.node) if use.idx == 0 else None
         if lin is None:
