@@ -26,6 +26,7 @@ from edgec.graph_passes.lora.merge import LoraMergePass
 from edgec.graph_passes.lora.swappable import LoraSwappablePass
 from edgec.graph_passes.prune import PrunePass
 from edgec.graph_passes.quantization.mask_fill import MaskFillPass
+from edgec.graph_passes.quantization.smooth import SmoothQuantPass
 from edgec.graph_passes.sparse_attention import SparseAttentionPass, config_for_source
 from edgec.recipe import Recipe
 
@@ -78,6 +79,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("sparse-attention", lambda r, t: r.sparse_attention is not None,
           lambda c: SparseAttentionPass(config_for_source(c.recipe.sparse_attention,
                                                           c.source.info))),
+    Stage("smooth", lambda r, t: r.quantize is not None and r.quantize.smooth is not None,
+          lambda c: SmoothQuantPass(c.recipe.quantize.smooth, c.source)),
     Stage("mask-fill", lambda r, t: r.quantize is not None and t.fully_quantized,
           lambda c: MaskFillPass(c.recipe.quantize.mask_fill)),
     Stage("device-legalize", lambda r, t: bool(t.before_quantize),
@@ -391,6 +394,16 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
             p.store(cache, output_dir)
     cache.save(output_dir)
     return cache
+
+
+def _lora_transforms(passes: Sequence[Any]) -> dict[str, np.ndarray]:
+    """The swappable-LoRA site transforms the passes made (a rotation's ``lora_transforms``:
+    name → matrix, named in the sites metadata). A pass attribute, not part of the graph, so the
+    passes after it cannot drop it."""
+    out: dict[str, np.ndarray] = {}
+    for p in passes:
+        out.update(getattr(p, "lora_transforms", None) or {})
+    return out
 
 
 def _approximate(records, ignore: Sequence[str] = ()) -> bool:

@@ -28,7 +28,8 @@ class QuantOptions:
     samples, default 16); ``mask_fill=F`` (the bounded attention-mask fill on fully quantized
     targets, default 100); ``min_cos=F`` (accuracy-driven mixed precision: keep the fewest most
     sensitive layers in high precision so that the worst output cosine vs fp32 on held-out
-    samples reaches F).
+    samples reaches F); ``smooth=α`` (SmoothQuant: activation outlier ranges moved into the
+    weights the norms feed, folded into the norms' scales; α in (0, 1), 0.5 typical).
     """
 
     scheme: str
@@ -37,6 +38,7 @@ class QuantOptions:
     samples: int | None = None
     mask_fill: float = 100.0
     min_cos: float | None = None
+    smooth: float | None = None
 
     def __post_init__(self):
         from edgec.calibration.ranges import METHODS
@@ -53,6 +55,10 @@ class QuantOptions:
                                              and 0 < self.min_cos < 1):
             raise UserError(f"--quantize min_cos must be a cosine between 0 and 1 (e.g. 0.99), "
                             f"not {self.min_cos!r}")
+        if self.smooth is not None and not (isinstance(self.smooth, (int, float))
+                                            and 0 < self.smooth < 1):
+            raise UserError(f"--quantize smooth is SmoothQuant's migration strength α, between "
+                            f"0 and 1 (e.g. 0.5), not {self.smooth!r}")
         object.__setattr__(self, "exclude", tuple(e for e in self.exclude if e))
 
     @classmethod
@@ -139,6 +145,9 @@ class QuantOptions:
                 samples = generated_samples(src, n)[0][-HELD_OUT:]
             return samples_for_model(samples, model)
 
+        if self.smooth is not None and not scheme.calibrated:
+            raise UserError(f"smooth moves activation ranges into the weights; {scheme.name} is "
+                            "weight-only (activations stay float), drop smooth")
         if self.min_cos is not None and not scheme.calibrated:
             raise UserError(f"min_cos chooses which layers keep their activations in high "
                             f"precision; {scheme.name} is weight-only, drop min_cos")
