@@ -60,3 +60,26 @@ def test_w8a8_with_smoothing_holds_where_the_outliers_broke_it(tmp_path):
         with pytest.raises(UserError, match=match):
             edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x", quantize=bad)
     assert not (tmp_path / "x").exists()
+
+
+def test_hugging_face_decoder_norms_fold_exactly(tmp_path):
+    """transformers' Qwen2 (RMSNorm as its modeling code writes it, q/k/v biases)."""
+    import torch
+    import transformers
+
+    from edgec.exporters.sources import resolve_source
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, :3] *= 40.0  # outlier channels in the stream
+    model.save_pretrained(tmp_path / "qwen2")
+    src = resolve_source(str(tmp_path / "qwen2"), "batch=1,seq=8")
+    pm = PassManager([SmoothQuantPass(0.5, src)], check=True, feeds=src.feeds)
+    pm(src.model.clone())
+    stats = pm.records[0].stats
+    assert stats["smoothed_norms"] == 5 and stats["readers"] == 11 and not stats["skipped"]
+    assert pm.records[0].check["outputs"]["logits"]["max_rel"] <= 1e-4
