@@ -39,13 +39,23 @@ def test_smoothing_is_exact_and_flattens_the_outlier_channels(outliers):
 
 
 def test_norms_that_cannot_fold_are_reported_not_rewritten():
-    from edgec.exporters.sources import resolve_source
+    """Post-norm (BERT-style): the LayerNorm's output is the residual stream too."""
+    import onnx_ir as ir
 
-    src = resolve_source("video-dit", "tiny")  # AdaLN: LayerNorm without a scale
-    result = SmoothQuantPass(0.5, src)(src.model.clone())
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 4]))
+    consts = [ir.Value(name=n, const_value=ir.tensor(np.full(shape, 0.5, np.float32)))
+              for n, shape in (("gamma", (4,)), ("beta", (4,)), ("w", (4, 4)))]
+    ln = ir.node("LayerNormalization", [x, consts[0], consts[1]], attributes={"axis": -1},
+                 name="ln")
+    mm = ir.node("MatMul", [ln.outputs[0], consts[2]], name="mm")
+    add = ir.node("Add", [mm.outputs[0], ln.outputs[0]], name="residual")
+    add.outputs[0].name = "y"
+    graph = ir.Graph([x], add.outputs, nodes=[ln, mm, add], initializers=consts,
+                     opset_imports={"": 17}, name="g")
+    result = SmoothQuantPass(0.5, None, samples=[])(ir.Model(graph, ir_version=9))
     assert not result.modified and result.stats["smoothed_norms"] == 0
-    assert result.stats["skipped"] and all("scale" in s["reason"] or "feeds" in s["reason"]
-                                           for s in result.stats["skipped"])
+    (skip,) = result.stats["skipped"]
+    assert skip["norm"] == "ln" and "residual" in skip["reason"] and "Add" in skip["reason"]
 
 
 def test_w8a8_with_smoothing_holds_where_the_outliers_broke_it(tmp_path):
