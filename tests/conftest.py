@@ -134,3 +134,79 @@ def bert_checkpoint(tmp_path_factory):
                                      initializer_range=0.2)
     transformers.BertModel(config).save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def pre_layernorm_decoder():
+    """Factory: a small pre-LayerNorm decoder (γ/β, biases everywhere, GELU MLP) exported by the
+    TorchScript exporter in ~0.2 s → (onnx_ir.Model, feeds). ``fused_qkv``: one [d, 3d] QKV
+    Linear (GPT-2's shape) or q/k/v apart; ``positions``: learned position embeddings;
+    ``beta``: False zeroes every LayerNorm shift."""
+
+    def build(fused_qkv: bool = True, positions: bool = True, beta: bool = True):
+        import io
+        import warnings
+
+        import onnx
+        import onnx_ir as ir
+        import torch.nn.functional as F
+        from torch import nn
+
+        class Block(nn.Module):
+            def __init__(self, d: int, heads: int):
+                super().__init__()
+                self.heads = heads
+                self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+                self.qkv = nn.Linear(d, 3 * d) if fused_qkv else None
+                if not fused_qkv:
+                    self.q, self.k, self.v = (nn.Linear(d, d) for _ in range(3))
+                self.o = nn.Linear(d, d)
+                self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+            def forward(self, x):
+                b, n, d = x.shape
+                h = self.ln1(x)
+                if fused_qkv:
+                    q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads
+                                                  ).permute(2, 0, 3, 1, 4)
+                else:
+                    q, k, v = (p(h).reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+                               for p in (self.q, self.k, self.v))
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                x = x + self.o(a.transpose(1, 2).reshape(b, n, d))
+                return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+        class Decoder(nn.Module):
+            def __init__(self, vocab=64, d=32, heads=4, seq=8):
+                super().__init__()
+                self.tok = nn.Embedding(vocab, d)
+                self.pos = nn.Embedding(seq, d) if positions else None
+                self.blocks = nn.ModuleList(Block(d, heads) for _ in range(2))
+                self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+            def forward(self, ids):
+                x = self.tok(ids)
+                if self.pos is not None:
+                    x = x + self.pos(torch.arange(ids.shape[1]))
+                for block in self.blocks:
+                    x = block(x)
+                return self.head(self.ln(x))
+
+        torch.manual_seed(0)
+        module = Decoder().eval()
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if name.endswith("bias") or "ln" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+                if not beta and "ln" in name and name.endswith("bias"):
+                    p.zero_()
+        ids = torch.randint(0, 64, (2, 8))
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (ids,), buf, dynamo=False, input_names=["ids"],
+                              output_names=["logits"], opset_version=18)
+        proto = onnx.shape_inference.infer_shapes(onnx.load_from_string(buf.getvalue()))
+        return ir.from_proto(proto), {"ids": ids.numpy()}
+
+    return build

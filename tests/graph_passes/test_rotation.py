@@ -157,64 +157,8 @@ def test_bert_post_norm_gets_r2_and_r4_and_says_why_not_r1(bert_checkpoint):
     assert skip["rotation"] == "r1" and skip["reason"].startswith("post-norm")
 
 
-def _pre_layernorm_decoder():
-    """A GPT-2-shaped decoder (pre-LayerNorm with γ/β, token + position embeddings, fused QKV,
-    biases everywhere, GELU MLP), exported by torch's TorchScript exporter in 0.2 s."""
-    import io
-    import warnings
-
-    import onnx
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, d: int, heads: int):
-            super().__init__()
-            self.heads = heads
-            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
-            self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-        def forward(self, x):
-            b, n, d = x.shape
-            q, k, v = self.qkv(self.ln1(x)).reshape(b, n, 3, self.heads, d // self.heads
-                                                    ).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.o(a.transpose(1, 2).reshape(b, n, d))
-            return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-    class Decoder(nn.Module):
-        def __init__(self, vocab=64, d=32, heads=4, seq=8):
-            super().__init__()
-            self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
-            self.blocks = nn.ModuleList(Block(d, heads) for _ in range(2))
-            self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
-
-        def forward(self, ids):
-            x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
-            for block in self.blocks:
-                x = block(x)
-            return self.head(self.ln(x))
-
-    torch.manual_seed(0)
-    module = Decoder().eval()
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("bias") or ".ln" in name or name.startswith("ln"):
-                p.add_(0.3 * torch.randn_like(p))
-    ids = torch.randint(0, 64, (2, 8))
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (ids,), buf, dynamo=False, input_names=["ids"],
-                          output_names=["logits"], opset_version=18)
-    proto = onnx.shape_inference.infer_shapes(onnx.load_from_string(buf.getvalue()))
-    return ir.from_proto(proto), {"ids": ids.numpy()}
-
-
-def test_pre_layernorm_decoder_becomes_rms_and_rotates_completely():
-    model, feeds = _pre_layernorm_decoder()
+def test_pre_layernorm_decoder_becomes_rms_and_rotates_completely(pre_layernorm_decoder):
+    model, feeds = pre_layernorm_decoder()
     rotated, record = rotate(model, feeds, online_r4=True)
     s = record.stats
     assert s["skipped"] == [] and (s["hidden"], s["heads"], s["head_dim"]) == (32, 4, 8)

@@ -62,64 +62,6 @@ def test_rotated_swappable_equals_unrotated(artifacts, adapter_dirs, lora_helper
     assert lora_helpers.max_rel(rotated.run(feeds, adapter="patterns")["logits"], want) <= RTOL
 
 
-def _layernorm_decoder(beta: bool):
-    """A pre-LayerNorm decoder (γ, and β unless ``beta`` is false; biases; GELU MLP), exported
-    by the TorchScript exporter in a fraction of a second."""
-    import io
-    import warnings
-
-    import onnx
-    import torch
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, d: int, heads: int):
-            super().__init__()
-            self.heads = heads
-            self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-            self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-        def forward(self, x):
-            b, n, d = x.shape
-            h = self.ln1(x)
-            q, k, v = (p(h).reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
-                       for p in (self.q, self.k, self.v))
-            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.o(a.transpose(1, 2).reshape(b, n, d))
-            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
-
-    class Decoder(nn.Module):
-        def __init__(self, vocab=64, d=32, heads=4):
-            super().__init__()
-            self.tok = nn.Embedding(vocab, d)
-            self.blocks = nn.ModuleList(Block(d, heads) for _ in range(2))
-            self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
-
-        def forward(self, ids):
-            x = self.tok(ids)
-            for block in self.blocks:
-                x = block(x)
-            return self.head(self.ln(x))
-
-    torch.manual_seed(0)
-    module = Decoder().eval()
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("bias") or "ln" in name:
-                p.add_(0.3 * torch.randn_like(p))
-            if not beta and "ln" in name and name.endswith("bias"):
-                p.zero_()
-    ids = torch.randint(0, 64, (2, 8))
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (ids,), buf, dynamo=False, input_names=["ids"],
-                          output_names=["logits"], opset_version=18)
-    proto = onnx.shape_inference.infer_shapes(onnx.load_from_string(buf.getvalue()))
-    return ir.from_proto(proto), {"ids": ids.numpy()}
-
-
 def _with_branches(model: ir.Model) -> ir.Model:
     """A swappable branch (rank 3) on every Linear but the LM head, named by its weight."""
     linears = [lin for lin in map(as_linear, list(model.graph)) if lin is not None
@@ -149,8 +91,8 @@ def _transformed(sites, feeds, transforms) -> dict[str, np.ndarray]:
     return out
 
 
-def test_layernorm_stream_is_centered_and_rotated_with_its_branches():
-    model, feeds = _layernorm_decoder(beta=False)
+def test_layernorm_stream_is_centered_and_rotated_with_its_branches(pre_layernorm_decoder):
+    model, feeds = pre_layernorm_decoder(fused_qkv=False, positions=False, beta=False)
     model = _with_branches(model)
     sites = lora_sites(model)
     adapter = _random_adapter(sites)
@@ -170,8 +112,8 @@ def test_layernorm_stream_is_centered_and_rotated_with_its_branches():
     assert float(np.abs(wrong - want).max() / np.abs(want).max()) > 1e-2
 
 
-def test_layernorm_shift_under_a_branch_skips_r1_with_the_reason():
-    model, feeds = _layernorm_decoder(beta=True)
+def test_layernorm_shift_under_a_branch_skips_r1_with_the_reason(pre_layernorm_decoder):
+    model, feeds = pre_layernorm_decoder(fused_qkv=False, positions=False)
     model = _with_branches(model)
     adapter = _random_adapter(lora_sites(model))
     want = run_model(model, {**feeds, **adapter})["logits"]
