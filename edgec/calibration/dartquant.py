@@ -13,10 +13,8 @@ the o projection's input split into heads. The result plugs into ``RotatePass(ro
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -98,8 +96,7 @@ def collect_rotation_activations(model: ir.Model, samples: Sequence[dict[str, np
     ``[kv_heads, tokens·group, head_dim]``, the query heads of each GQA group pooled). Each set is
     subsampled to ``max_tokens`` rows (seeded). Keys are absent where the pass would skip them.
     """
-    from edgec.onnx_io import save_model
-    from edgec.runtimes.ort import OrtSession
+    from edgec.runtimes.ort import model_feeds, open_model
 
     topo = topology or analyze(model.graph)
     wanted: dict[str, tuple[str, object]] = {}  # tensor name → (key, how to turn it into rows)
@@ -117,12 +114,9 @@ def collect_rotation_activations(model: ir.Model, samples: Sequence[dict[str, np
         if name not in outputs:
             aug.graph.outputs.append(values[name])
     rows: dict[str, list[np.ndarray]] = {}
-    with tempfile.TemporaryDirectory(prefix="edgec-dartquant-") as tmp:
-        save_model(aug, Path(tmp) / "model.onnx")
-        session = OrtSession(Path(tmp) / "model.onnx", optimize=False)
-        feeds_names = {i.name for i in session.inputs}
+    with open_model(aug) as session:
         for feeds in samples:
-            out = session.run({k: v for k, v in feeds.items() if k in feeds_names})
+            out = session.run(model_feeds(aug, feeds))
             for name, (key, what) in wanted.items():
                 x = out[name]
                 if key == "r1":
@@ -135,7 +129,6 @@ def collect_rotation_activations(model: ir.Model, samples: Sequence[dict[str, np
                 else:
                     x = x.reshape(-1, what.head_dim)  # [..., heads·hd] → one row per head
                 rows.setdefault(key, []).append(x.astype(np.float32))
-        del session
     rng = np.random.default_rng(seed)
     result = {}
     for key, parts in rows.items():

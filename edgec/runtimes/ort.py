@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from edgec.lora.binding import lora_sites, site_feeds
 from edgec.onnx_io import save_model
 from edgec.runtimes.base import IOSpec, Session
 
-__all__ = ["OrtSession", "run_model", "ort_io_specs"]
+__all__ = ["OrtSession", "run_model", "open_model", "model_feeds", "ort_io_specs"]
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -73,15 +74,27 @@ class OrtSession(Session):
         return dict(zip(self._output_names, self._sess.run(self._output_names, feeds)))
 
 
-def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray], optimize: bool = False
-              ) -> dict[str, np.ndarray]:
-    """Run an in-memory model once in ORT (saved to a temp dir with external data: >2 GB safe)."""
+@contextlib.contextmanager
+def open_model(model: ir.Model, optimize: bool = False) -> Iterator[OrtSession]:
+    """An OrtSession over an in-memory model, saved to a temp dir with external data (>2 GB safe)
+    for as long as the ``with`` block runs."""
     with tempfile.TemporaryDirectory(prefix="edgec-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(model, path)
-        sess = OrtSession(path, optimize=optimize)
-        feeds = {k: v for k, v in feeds.items() if k in {i.name for i in model.graph.inputs}}
-        sites = lora_sites(model)
-        if sites:  # swappable LoRA: unbound adapters are the base model
-            feeds = {**site_feeds(sites, None), **feeds}  # adapter feeds given here win
-        return sess.run(feeds)
+        yield OrtSession(path, optimize=optimize)
+
+
+def model_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` reduced to the model's inputs; a swappable-LoRA graph's adapter inputs default to
+    the base model (unbound adapters), adapter feeds given in ``feeds`` win."""
+    names = {i.name for i in model.graph.inputs}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    sites = lora_sites(model)
+    return {**site_feeds(sites, None), **feeds} if sites else feeds
+
+
+def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray], optimize: bool = False
+              ) -> dict[str, np.ndarray]:
+    """Run an in-memory model once in ORT."""
+    with open_model(model, optimize) as sess:
+        return sess.run(model_feeds(model, feeds))

@@ -130,12 +130,7 @@ def end_to_end_effects(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]],
                        ) -> list[float]:
     """1 − worst output cosine vs fp32 with ``deltas[i][s]`` added to node ``names[i]``'s output
     on sample ``s`` (every other node exact): one graph with a δ input per node, N runs."""
-    import tempfile
-    from pathlib import Path
-
-    from edgec.lora.binding import lora_sites, site_feeds
-    from edgec.onnx_io import save_model
-    from edgec.runtimes.ort import OrtSession
+    from edgec.runtimes.ort import model_feeds, open_model
 
     probe = model.clone()
     by_name = {n.name: n for n in probe.graph}
@@ -157,16 +152,11 @@ def end_to_end_effects(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]],
                 probe.graph.outputs[j] = add.outputs[0]
         inputs.append(delta)
     probe.graph.inputs.extend(inputs)
-    graph_inputs = {v.name for v in model.graph.inputs}
-    sites = lora_sites(model)
     effects = np.zeros(len(names))
-    with tempfile.TemporaryDirectory(prefix="edgec-e2e-") as tmp:
-        save_model(probe, Path(tmp) / "model.onnx")
-        session = OrtSession(Path(tmp) / "model.onnx")
+    with open_model(probe, optimize=True) as session:
         for s, feed in enumerate(feeds):
             mask = feed.get("attention_mask")
-            feed = {**(site_feeds(sites, None) if sites else {}),
-                    **{k: v for k, v in feed.items() if k in graph_inputs}}
+            feed = model_feeds(model, feed)
             zeros = {d.name: np.zeros(deltas[i][s].shape, d.dtype.numpy())
                      for i, d in enumerate(inputs)}
             reference = session.run({**feed, **zeros})

@@ -17,14 +17,12 @@ fp32 output is unchanged up to rounding (``exact``, checked per pass with ``--ch
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from edgec.graph_passes._infra import EdgecPass, PassResult
+from edgec.graph_passes._infra import EdgecPass, PassResult, register_constant
 
 __all__ = ["SmoothQuantPass", "smoothing_scales"]
 
@@ -88,8 +86,7 @@ class SmoothQuantPass(EdgecPass):
     def _activation_max(self, model: ir.Model, names: list[str]) -> list[np.ndarray]:
         """Per-channel max |x| of each named tensor over the calibration samples' tokens."""
         from edgec.calibration.samples import generated_samples, samples_for_model
-        from edgec.onnx_io import save_model
-        from edgec.runtimes.ort import OrtSession
+        from edgec.runtimes.ort import model_feeds, open_model
 
         samples = self.samples
         if samples is None:
@@ -99,12 +96,9 @@ class SmoothQuantPass(EdgecPass):
         present = {v.name for v in aug.graph.outputs}
         aug.graph.outputs.extend(values[n] for n in names if n not in present)
         result = [None] * len(names)
-        with tempfile.TemporaryDirectory(prefix="edgec-smooth-") as tmp:
-            save_model(aug, Path(tmp) / "model.onnx")
-            session = OrtSession(Path(tmp) / "model.onnx")
-            wanted = {i.name for i in session.inputs}
+        with open_model(aug, optimize=True) as session:
             for feeds in samples:
-                out = session.run({k: v for k, v in feeds.items() if k in wanted})
+                out = session.run(model_feeds(aug, feeds))
                 for i, name in enumerate(names):
                     m = np.abs(out[name]).reshape(-1, out[name].shape[-1]).max(axis=0)
                     result[i] = m if result[i] is None else np.maximum(result[i], m)
@@ -124,9 +118,7 @@ class SmoothQuantPass(EdgecPass):
             while name in graph.initializers:
                 k += 1
                 name = f"{value.name}_smoothed_{k}"
-            fresh = ir.Value(name=name, shape=ir.Shape(new.shape), type=value.type,
-                             const_value=ir.tensor(new, name=name))
-            graph.register_initializer(fresh)
+            fresh = register_constant(graph, name, new)
             for node in {norm.node, norm.scale_node} - {None}:
                 for idx, inp in enumerate(node.inputs):
                     if inp is value:

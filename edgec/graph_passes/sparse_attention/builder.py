@@ -173,10 +173,10 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
 
 
 def _whole_block_table(e: _Emitter, q, k, v, p: int, bs: int, n_video: int | None, layout):
-    """(q video rows, k table, v table) when the prefix and the video
-    are whole blocks: the key/value table [prefix | permuted video] is then one Gather of K (or K
-    itself without a permutation) instead of Slice → Gather → Slice → Concat, four full copies of
-    K and V per site that OpenVINO runs with reference kernels. None otherwise."""
+    """(q video rows, k table, v table) when the prefix and the video are whole blocks: the
+    key/value table [prefix | permuted video] is then one Gather of K (or K itself without a
+    permutation) instead of Slice → Gather → Slice → Concat, four full copies of K and V per site
+    that OpenVINO runs with reference kernels. None otherwise."""
     if n_video is None or p % bs or n_video % bs or (not p and layout.perm is None):
         return None
     if layout.perm is None:
