@@ -141,7 +141,8 @@ class Session(abc.ABC):
                  else None)
         ids, stats = generate(
             self, info, input_ids, attention_mask,
-            cache=cache if cache is not None else self._kv_cache(info, batch),
+            cache=cache if cache is not None else self._kv_cache(info, batch,
+                                                                  length + max_new_tokens),
             streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
@@ -170,9 +171,9 @@ class Session(abc.ABC):
                             "with --generate (Python: generate=True)")
         return DecoderInfo.from_json(entry)
 
-    def _kv_cache(self, info, batch: int):
-        """A fresh cache for one ``generate`` call of ``batch`` sequences: arrays passed in and
-        out by default."""
+    def _kv_cache(self, info, batch: int, capacity: int):
+        """A fresh cache for one ``generate`` call of ``batch`` sequences of at most
+        ``capacity`` tokens: arrays passed in and out by default."""
         from edgec.runtimes.generation import ArrayCache
 
         return ArrayCache(self, info, batch)

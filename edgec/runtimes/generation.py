@@ -163,7 +163,8 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
             ttft = time.perf_counter() - t0
         if streamer is not None:
             streamer(token)
-        finished |= np.isin(token, cfg.eos_token_id)
+        if cfg.eos_token_id:
+            finished |= np.isin(token, cfg.eos_token_id)
         if finished.all() or i == cfg.max_new_tokens - 1:
             break
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)

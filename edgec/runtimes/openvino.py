@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgec.errors import TargetUnavailableError
+from edgec.errors import InternalError, TargetUnavailableError
 from edgec.runtimes.base import IOSpec, Session
 from edgec.targets.openvino_stateful import BEAM_IDX
 
@@ -30,7 +30,9 @@ class OpenVINOSession(Session):
     """A compiled OpenVINO model. A stateful decoder (``stateful`` in the manifest's runtime
     entry: its past→present pairs and KV shape) keeps its cache inside the runtime; ``run`` still
     takes and returns the cache as arrays (set into / read from the state), so it answers like
-    the ONNX graph, and ``generate`` leaves the cache where it is."""
+    the ONNX graph. ``generate`` runs the paged form of the same IR where the build found one
+    (``stateful.paged``; ``runtimes/openvino_paged.py``), compiled at the first call; else it
+    leaves the cache in the stateful model's variables. ``paged = False`` picks the latter."""
 
     runtime = "openvino"
 
@@ -43,7 +45,10 @@ class OpenVINOSession(Session):
             raise TargetUnavailableError(f"this artifact needs OpenVINO, which is not installed "
                                          f"({e}); pip install openvino") from None
         core = ov.Core()
+        self._source = (core, str(xml_path), device, dict(config or {}))
         self._compiled = core.compile_model(str(xml_path), device, dict(config or {}))
+        self.paged = bool((stateful or {}).get("paged"))
+        self._paged_compiled = self._paged_request = self._paged_blocks = None
         inputs, outputs = _specs(self._compiled.inputs), _specs(self._compiled.outputs)
         self._pairs = dict((stateful or {}).get("pairs", {}))
         if self._pairs:  # present the cache as the ONNX graph's inputs/outputs
@@ -84,16 +89,47 @@ class OpenVINOSession(Session):
         return out
 
     def _step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import openvino as ov
+
         batch = feeds["input_ids"].shape[0]
-        results = self._request.infer({**feeds, BEAM_IDX: np.arange(batch, dtype=np.int32)},
-                                      share_inputs=True)
-        return {port.get_any_name(): np.array(results[port], copy=True)
+        request = self._request
+        feeds = {**feeds, BEAM_IDX: np.arange(batch, dtype=np.int32)}
+        # kept alive until the next step: the request reads these arrays
+        self._fed = {name: np.ascontiguousarray(value) for name, value in feeds.items()}
+        for name, value in self._fed.items():
+            request.set_tensor(name, ov.Tensor(value, shared_memory=True))
+        request.infer()  # measured faster than infer(feeds): 1.41 vs 1.87 ms a decode step
+        return {port.get_any_name(): np.array(request.get_tensor(port).data, copy=True)
                 for port in self._compiled.outputs}
 
-    def _kv_cache(self, info, batch: int):
+    def _kv_cache(self, info, batch: int, capacity: int):
         if not self._pairs:
-            return super()._kv_cache(info, batch)
-        return _RuntimeCache(self)
+            return super()._kv_cache(info, batch, capacity)
+        if not self.paged:
+            return _RuntimeCache(self)
+        from edgec.runtimes.openvino_paged import PagedCache
+
+        compiled = self._paged(info)
+        if self._paged_request is None:
+            self._paged_request = compiled.create_infer_request()
+        cache = PagedCache(self._paged_request, lambda f: self._adapter_feeds(f, None), info,
+                           batch, capacity, reuse=self._paged_blocks)
+        self._paged_blocks = cache.blocks
+        return cache
+
+    def _paged(self, info):
+        """The paged decoder, compiled once (the build checked that the transformation applies)."""
+        if self._paged_compiled is None:
+            from edgec.runtimes.openvino_paged import paged_model
+
+            core, xml, device, config = self._source
+            model, why = paged_model(core.read_model(xml), info.layers, info.kv_heads,
+                                     info.head_dim)
+            if model is None:
+                raise InternalError(f"the paged decoder could not be made at load ({why}), "
+                                    "although the build made it; this is an edgec bug")
+            self._paged_compiled = core.compile_model(model, device, config)
+        return self._paged_compiled
 
 
 class _RuntimeCache:

@@ -112,12 +112,12 @@ class QnnSession(Session):
             session.decode_session = cls(root / decode["model"], decode)
         return session
 
-    def _kv_cache(self, info, batch: int):
+    def _kv_cache(self, info, batch: int, capacity: int):
         from edgec.runtimes.static_cache import StaticBufferCache
 
         decode = getattr(self, "decode_session", None)
         if decode is None:
-            return super()._kv_cache(info, batch)
+            return super()._kv_cache(info, batch, capacity)
         chunk = self._inputs[0].shape[1]  # input_ids [1, tokens per prefill run]
         return StaticBufferCache(self, decode, info, chunk, batch)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgec.errors import InternalError, UserError
+from edgec.runtimes.openvino_paged import BLOCK_SIZE, paged_model
 from edgec.targets.base import BuildResult, QuantScheme, Target
 from edgec.targets.openvino_legalize import OpenVINOLegalizePass
 from edgec.targets.openvino_stateful import kv_pairs, make_stateful
@@ -53,6 +54,7 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
             f"OpenVINO failed to convert the rewritten model {model_path} "
             f"({type(e).__name__}: {first}); this is an edgec or OpenVINO bug: please report "
             "it with the traceback (EDGEC_DEBUG=1)") from e
+    notes: list[str] = []
     runtime = {"name": "openvino", "model": "target/model.xml", "device": "CPU",
                "config": dict(target.runtime_config)}
     names = [p.get_any_name() for p in ov_model.inputs]
@@ -60,12 +62,19 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
     if pairs:  # a KV-cache decoder: the cache lives in OpenVINO (stateful, beam_idx)
         shape = ov_model.input(next(iter(pairs))).get_partial_shape()
         make_stateful(ov_model)
-        runtime["stateful"] = {"pairs": pairs,
-                               "kv_shape": [shape[1].get_length(), shape[3].get_length()]}
+        kv_heads, head_dim = shape[1].get_length(), shape[3].get_length()
+        runtime["stateful"] = {"pairs": pairs, "kv_shape": [kv_heads, head_dim]}
+        # generate's fast path: the same IR in paged form (made again at load; checked here)
+        paged, why = paged_model(ov_model.clone(), len(pairs) // 2, kv_heads, head_dim)
+        if paged is not None:
+            runtime["stateful"]["paged"] = {"block_size": BLOCK_SIZE}
+        else:
+            notes.append(f"generate runs the stateful model, not the paged one: {why}")
     target_dir.mkdir(parents=True, exist_ok=True)
     xml = target_dir / "model.xml"
     ov.save_model(ov_model, str(xml), compress_to_fp16=False)
-    return BuildResult(runtime=runtime, files=["target/model.xml", "target/model.bin"])
+    return BuildResult(runtime=runtime, files=["target/model.xml", "target/model.bin"],
+                       notes=notes)
 
 
 OPENVINO_CPU = Target(

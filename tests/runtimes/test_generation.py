@@ -192,6 +192,24 @@ def test_artifact_names_and_stateful_openvino(artifacts):
     assert "ReadValue" in xml and "Assign" in xml and 'name="beam_idx"' in xml
 
 
+def test_openvino_generates_paged_as_stateful(artifacts):
+    """generate on openvino-cpu runs the paged form of the IR (the build checked it applies):
+    the same tokens as the stateful model for a left-padded batch, and a session reused across
+    calls (the blocks of a smaller call are replaced, a larger batch reuses nothing stale)."""
+    art = artifacts["hf-qwen2", "openvino-cpu"]
+    assert art.manifest["runtime"]["stateful"]["paged"] == {"block_size": 32}
+    sess = art.load()
+    assert sess.paged
+    batch = np.array([[1, 5, 9, 13, 17, 21, 25], [0, 0, 0, 0, 1, 30, 31]])
+    mask = (np.arange(7) >= np.array([[0], [4]])).astype(np.int64)
+    short = sess.generate(batch[1:, 4:], max_new_tokens=3, eos_token_id=[])
+    paged = sess.generate(batch, mask, max_new_tokens=40, eos_token_id=[])  # > 1 block a row
+    sess.paged = False
+    stateful = sess.generate(batch, mask, max_new_tokens=40, eos_token_id=[])
+    np.testing.assert_array_equal(paged, stateful)
+    np.testing.assert_array_equal(short[0], stateful[1, 4:4 + 6])
+
+
 @pytest.mark.parametrize("name", ["hf-llama", "hf-qwen2"])
 def test_hf_decoder_attends_grouped_without_repeating_the_cache(artifacts, name):
     """transformers' repeat_kv (an Expand copying the whole cache per query head, every step)

@@ -1,0 +1,158 @@
+"""Paged KV cache for generation on OpenVINO: the decoder the way OpenVINO GenAI runs it.
+
+OpenVINO's ``paged_attention_transformation`` turns the stateful decoder's attention into
+``PagedAttentionExtension`` ops. The cache then lives in caller-owned block tensors
+(``key_cache.N`` / ``value_cache.N``, [blocks, kv_heads, block_size, head_dim]) that the op
+writes in place. A step's tokens are flattened over the batch: each sequence is one
+sub-sequence (``subsequence_begins``) that owns a list of blocks (``block_indices``) and
+``past_lens`` cached tokens. Against the stateful model on the same IR (hf llama small, one run,
+interleaved medians, prompt 128 / 1024 / 4096): prefill 15.6 → 11.5 / 160 → 83 / 1747 → 483 ms,
+decode 352 → 389 / 315 → 355 / 236 → 274 tokens/s, the same greedy tokens.
+
+Two more things differ from the stateful path. Left padding is not fed at all: a row's padding
+tokens are dropped, so a padded batch costs what its real tokens cost. And a ``Gather`` of each
+sequence's last token (``sampled_tokens_indices``) goes in front of the LM head, so prefill
+computes one row of logits per sequence instead of one per prompt token.
+
+``run`` (the ONNX-like call with past arrays) keeps using the stateful model; only ``generate``
+uses this one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BLOCK_SIZE", "paged_model", "PagedCache"]
+
+BLOCK_SIZE = 32  # tokens per block: what OpenVINO GenAI gives the CPU plugin at f32
+SAMPLED = "sampled_tokens_indices"
+_CACHE_PREFIXES = ("key_cache.", "value_cache.")
+
+
+def paged_model(model, layers: int, kv_heads: int, head_dim: int) -> tuple[Any, str | None]:
+    """(the paged ``openvino.Model``, None), or (None, why not). ``model`` (a stateful decoder)
+    is transformed in place: pass a clone to keep it."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    from openvino._offline_transformations import paged_attention_transformation
+
+    try:
+        paged_attention_transformation(model)
+    except RuntimeError as e:
+        return None, f"OpenVINO's paged-attention transformation failed ({str(e)[:200]})"
+    found = sum(op.get_type_name() == "PagedAttentionExtension" for op in model.get_ops())
+    if found != layers:
+        return None, (f"OpenVINO's paged-attention transformation matched {found} of {layers} "
+                      "attention layers")
+    for param in model.get_parameters():
+        if param.get_output_tensor(0).get_any_name().startswith(_CACHE_PREFIXES):
+            param.set_element_type(ov.Type.f32)
+            param.set_partial_shape(ov.PartialShape([-1, kv_heads, BLOCK_SIZE, head_dim]))
+    head = model.output("logits").get_node().input_value(0).get_node()
+    if head.get_type_name() != "MatMul":
+        return None, f"the logits come from a {head.get_type_name()}, not the LM head's MatMul"
+    sampled = ops.parameter(ov.PartialShape([-1]), ov.Type.i64, name=SAMPLED)
+    sampled.output(0).get_tensor().set_names({SAMPLED})
+    rows = ops.gather(head.input_value(0), sampled, ops.constant(np.int64(0)))
+    head.input(0).replace_source_output(rows.output(0))
+    model.add_parameters([sampled])
+    model.validate_nodes_and_infer_types()
+    return model, None
+
+
+class PagedCache:
+    """One ``generate`` call's cache: blocks for ``capacity`` tokens per row (row r owns blocks
+    [r·n, (r+1)·n)); ``step`` feeds only the rows' real tokens. ``request`` and ``reuse`` (the
+    previous call's block arrays) come from the session: a new request and freshly allocated
+    blocks would be set up again by the first step, which costs prefill time."""
+
+    def __init__(self, request, feeds_for, info, batch: int, capacity: int,
+                 reuse: list[np.ndarray] | None = None):
+        import openvino as ov
+
+        self.request = request
+        self.feeds_for = feeds_for  # adds a swappable-LoRA artifact's adapter inputs
+        self.per_row = -(-capacity // BLOCK_SIZE)
+        need = batch * self.per_row
+        if reuse and reuse[0].shape[0] >= need:
+            self.blocks = reuse
+        else:
+            shape = (need, info.kv_heads, BLOCK_SIZE, info.head_dim)
+            self.blocks = [np.zeros(shape, np.float32) for _ in range(2 * info.layers)]
+        names = [f"{kind}_cache.{i}" for i in range(info.layers) for kind in ("key", "value")]
+        for name, blocks in zip(names, self.blocks):
+            request.set_tensor(name, ov.Tensor(blocks, shared_memory=True))
+        self.table = (np.arange(batch)[:, None] * self.per_row
+                      + np.arange(self.per_row)).astype(np.int32)  # each row's own blocks
+        self.lengths = np.zeros(batch, np.int64)
+        self.capacity = capacity
+        self.decoding: dict[str, np.ndarray] | None = None  # the decode steps' input arrays
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Logits [batch, 1, vocab] of each row's last token."""
+        import openvino as ov
+
+        if ids.shape[1] == 1 and self.lengths.all():  # decode: every row has one new token
+            return self._decode(ids[:, 0], positions[:, 0])
+        real = mask[:, -ids.shape[1]:] != 0
+        counts = real.sum(axis=1)
+        past = self.lengths
+        total = past + counts
+        if total.max() > self.capacity:
+            raise RuntimeError(f"paged cache overflow: {int(total.max())} tokens for a "
+                               f"capacity of {self.capacity}")
+        begins = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        used = -(-total // BLOCK_SIZE)
+        feeds = {"input_ids": ids[real].astype(np.int64),
+                 "position_ids": positions[real].astype(np.int64),
+                 "past_lens": past.astype(np.int32), "subsequence_begins": begins,
+                 "block_indices": np.concatenate([row[:n] for row, n in zip(self.table, used)]),
+                 "block_indices_begins": np.concatenate([[0], np.cumsum(used)]).astype(np.int32),
+                 "max_context_len": np.array(total.max(), np.int32),
+                 SAMPLED: (begins[1:] - 1).astype(np.int64)}
+        request = self.request
+        self.fed = self.feeds_for(feeds)  # the request reads these arrays: keep them alive
+        for name, value in self.fed.items():  # measured faster than infer(feeds)
+            request.set_tensor(name, ov.Tensor(value, shared_memory=True))
+        request.infer()
+        self.lengths = total
+        return np.array(request.get_tensor("logits").data, copy=True)
+
+    def _decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One token per row. The inputs are arrays bound once and rewritten in place; the
+        block table is bound again only when a row starts a new block (a decode step costs
+        ~70 µs of Python less than building every input anew)."""
+        import openvino as ov
+
+        request, batch = self.request, len(tokens)
+        total = self.lengths + 1
+        if total.max() > self.capacity:
+            raise RuntimeError(f"paged cache overflow: {int(total.max())} tokens for a "
+                               f"capacity of {self.capacity}")
+        d = self.decoding
+        if d is None:
+            d = self.decoding = {
+                "input_ids": np.empty(batch, np.int64), "position_ids": np.empty(batch, np.int64),
+                "past_lens": np.empty(batch, np.int32),
+                "subsequence_begins": np.arange(batch + 1, dtype=np.int32),
+                "max_context_len": np.empty((), np.int32),
+                SAMPLED: np.arange(batch, dtype=np.int64), **self.feeds_for({})}
+            for name, value in d.items():
+                request.set_tensor(name, ov.Tensor(value, shared_memory=True))
+            self.bound_blocks = None
+        d["input_ids"][:] = tokens
+        d["position_ids"][:] = positions
+        d["past_lens"][:] = self.lengths
+        d["max_context_len"][...] = total.max()
+        used = -(-total // BLOCK_SIZE)
+        if self.bound_blocks is None or (used != self.bound_blocks).any():
+            self.bound_blocks = used
+            d["block_indices"] = np.concatenate([row[:n] for row, n in zip(self.table, used)])
+            d["block_indices_begins"] = np.concatenate([[0], np.cumsum(used)]).astype(np.int32)
+            for name in ("block_indices", "block_indices_begins"):
+                request.set_tensor(name, ov.Tensor(d[name], shared_memory=True))
+        request.infer()
+        self.lengths = total
+        return np.array(request.get_tensor("logits").data, copy=True)
