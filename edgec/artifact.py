@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec.errors import UserError
+from edgec.report_chart import LAYER_CHART
 
 __all__ = ["FORMAT", "MANIFEST", "staged_output", "read_manifest", "is_artifact",
            "file_hashes", "versions", "write_json"]
@@ -87,7 +88,7 @@ def file_hashes(root: Path) -> dict[str, str]:
     hashes = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        if p.is_file() and rel not in (MANIFEST, "report.json", "report.md"):
+        if p.is_file() and rel not in (MANIFEST, "report.json", "report.md", LAYER_CHART):
             h = hashlib.sha256()
             with p.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -169,6 +169,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
     from edgec import report as reports
     from edgec.fidelity import target_fidelity, verification_session
     from edgec.lora.reference import lora_reference
+    from edgec.report_chart import LAYER_CHART, write_layer_chart
 
     step = progress or logger.info
     out = Path(output_dir)
@@ -253,6 +254,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         notes = [*built.notes, *fidelity.get("notes", [])]
         if notes:
             report["notes"] = notes
+        mixed = reports.mixed_precision_stats(report)
+        if mixed:  # a report file like report.md: not in the manifest's hashes
+            report["layer_chart"] = write_layer_chart(mixed, stage / LAYER_CHART)
         artifact.write_json(stage / artifact.MANIFEST, manifest)
         artifact.write_json(stage / "report.json", report)
         (stage / "report.md").write_text(reports.render_markdown(report))

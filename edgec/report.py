@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from edgec import artifact
+from edgec.report_chart import INSTALL_LINE
 
-__all__ = ["manifest", "report", "quantization_entry", "render_markdown", "summary_rows"]
+__all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
+           "summary_rows"]
 
 
 def _io(model) -> dict[str, list[dict[str, Any]]]:
@@ -75,6 +77,37 @@ def quantization_entry(records) -> dict[str, Any] | None:
     if "calibration" in rec.stats:
         entry["calibration"] = rec.stats["calibration"]
     return entry
+
+
+def mixed_precision_stats(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The quantize pass's ``min_cos`` search (per-layer effects, kept layers), if it ran."""
+    return next((p["stats"]["mixed_precision"] for p in report["passes"]
+                 if p["name"] == "quantize" and "mixed_precision" in p["stats"]), None)
+
+
+def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
+    mp = mixed_precision_stats(report)
+    if not mp:
+        return []
+    parts = ["## Mixed precision", "",
+             f"min_cos {mp['min_cos']:g} {'reached' if mp['reached'] else 'not reached'}: worst "
+             f"held-out cosine {mp['achieved']:.4f} with {len(mp['kept'])} of "
+             f"{mp['candidates']} layers kept in {mp['precision']}.", ""]
+    if mp["kept"]:
+        parts += [_table(["kept layer", "op", "end-to-end effect", "own error"], [
+            [e["node"], e["op"], _fmt(e["end_to_end"]), _fmt(e["error"])]
+            for e in mp["kept"]]), ""]
+    chart = report.get("layer_chart") or {}
+    if "file" in chart:
+        parts += [f"![per-layer quantization error]({chart['file']})", ""]
+        if chart["shown"] < chart["layers"]:
+            parts += [f"The chart shows the {chart['shown']} worst of {chart['layers']} layers.",
+                      ""]
+    elif "error" in chart:
+        parts += [f"per-layer chart: not drawn ({chart['error']})", ""]
+    elif "missing" in chart:
+        parts += [INSTALL_LINE, ""]
+    return parts
 
 
 def _fmt(x: float) -> str:
@@ -180,6 +213,7 @@ def render_markdown(report: dict[str, Any]) -> str:
          ", ".join(f"{k}={v}" for k, v in p["stats"].items()
                    if k != "config" and not isinstance(v, dict | list)) or "-",
          _check_cell(p.get("check"))] for p in report["passes"]]), ""]
+    parts += _mixed_precision_section(report)
     sites = [s for p in report["passes"] if isinstance(p["stats"].get("sites"), list)
              for s in p["stats"]["sites"]]  # lora-swappable's "sites" is a count
     if sites:

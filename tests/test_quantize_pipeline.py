@@ -11,6 +11,7 @@ from edgec.cli import app
 from edgec.errors import UserError
 
 CPU_TARGETS = ["ort-cpu", "openvino-cpu"]
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _worst(art, key="cosine"):
@@ -189,6 +190,12 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     assert len(mp["probes"]) <= 2 + 2 * len(mp["layer_errors"]).bit_length()
     assert stats["excluded_nodes"] >= len(kept)
     assert _worst(art) >= 0.985
+    png = (art.path / "report_layers.png").read_bytes()  # the per-layer chart, in report.md
+    assert png.startswith(PNG) and len(png) > 1024
+    assert "report_layers.png" not in art.manifest["hashes"]  # a report file, like report.md
+    md = (art.path / "report.md").read_text()
+    assert "![per-layer quantization error](report_layers.png)" in md
+    assert all(f"| {name} |" in md for name in kept)
     with pytest.raises(UserError, match="min_cos must be a cosine"):
         edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
                       quantize="w8a8:min_cos=2")
@@ -196,3 +203,46 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
         edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
                       quantize="w4a16:min_cos=0.99")
     assert not (tmp_path / "x").exists()
+
+
+def _mixed_stats(n, kept):
+    """A ``mixed_precision`` stats entry with ``n`` layers, effects over four decades."""
+    layers = [{"node": f"/layers.{i}/mlp/MatMul", "op": "MatMul", "error": 0.01,
+               "end_to_end": float(f"{10 ** (-2 - 4 * i / n):.3g}")} for i in range(n)]
+    return {"min_cos": 0.99, "achieved": 0.9912, "held_out": 4, "reached": True,
+            "candidates": n, "kept": layers[:kept], "precision": "float", "probes": [],
+            "layer_errors": layers[::-1]}  # unsorted: the chart orders them itself
+
+
+def test_layer_chart_caps_the_bars_to_the_worst(tmp_path):
+    from edgec.report_chart import write_layer_chart
+
+    chart = write_layer_chart(_mixed_stats(50, 3), tmp_path / "c.png")
+    assert chart == {"file": "c.png", "layers": 50, "shown": 40}
+    data = (tmp_path / "c.png").read_bytes()
+    assert data.startswith(PNG) and len(data) > 1024
+    assert write_layer_chart(_mixed_stats(5, 0), tmp_path / "d.png")["shown"] == 5
+
+
+def test_layer_chart_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    from edgec import report as reports
+    from edgec.report_chart import INSTALL_LINE, write_layer_chart
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    mp = _mixed_stats(50, 3)
+    chart = write_layer_chart(mp, tmp_path / "c.png")
+    assert chart == {"missing": "matplotlib"} and not (tmp_path / "c.png").exists()
+    section = "\n".join(reports._mixed_precision_section(
+        {"passes": [{"name": "quantize", "stats": {"mixed_precision": mp}}],
+         "layer_chart": chart}))
+    assert INSTALL_LINE in section and "report_layers.png" not in section
+    assert "/layers.2/mlp/MatMul" in section  # the kept layers' table
