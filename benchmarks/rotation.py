@@ -182,7 +182,10 @@ def compare(name: str, x: np.ndarray, args) -> dict:
 
 
 REMEDIES = {"none": {}, "smoothing": {"smooth": 0.5}, "hadamard": {"rotate": "hadamard"},
-            "dartquant": {"rotate": "dartquant"}}
+            "dartquant": {"rotate": "dartquant"},
+            # GPTQ weight rounding (quantize ...:gptq=true) beside each rotation, on the NPU rows
+            "none+gptq": {"gptq": True}, "hadamard+gptq": {"rotate": "hadamard", "gptq": True},
+            "dartquant+gptq": {"rotate": "dartquant", "gptq": True}}
 GRID = (("openvino-cpu", "w8a8"), ("qnn-htp", "w8a8"), ("qnn-htp", "w4a8"))
 
 
@@ -194,7 +197,10 @@ def accuracy(configs: list[str], root: Path) -> list[dict]:
     for config in configs:
         for target, scheme in GRID:
             for remedy, opts in REMEDIES.items():
+                if opts.get("gptq") and target != "qnn-htp":
+                    continue
                 q = scheme + (f":smooth={opts['smooth']}" if "smooth" in opts else "")
+                q += ":gptq=true" if opts.get("gptq") else ""
                 log(f"accuracy {config} {target} {q} {remedy}")
                 t0 = time.perf_counter()
                 row = {"config": config, "target": target, "scheme": scheme, "remedy": remedy}

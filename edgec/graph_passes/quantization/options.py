@@ -29,7 +29,9 @@ class QuantOptions:
     targets, default 100); ``min_cos=F`` (accuracy-driven mixed precision: keep the fewest most
     sensitive layers in high precision so that the worst output cosine vs fp32 on held-out
     samples reaches F); ``smooth=α`` (SmoothQuant: activation outlier ranges moved into the
-    weights the norms feed, folded into the norms' scales; α in (0, 1), 0.5 typical).
+    weights the norms feed, folded into the norms' scales; α in (0, 1), 0.5 typical);
+    ``gptq=true`` (weight integers chosen by GPTQ's error feedback on the calibration samples'
+    activations instead of rounded to nearest; what 4-bit weights after a rotation need).
     """
 
     scheme: str
@@ -39,6 +41,7 @@ class QuantOptions:
     mask_fill: float = 100.0
     min_cos: float | None = None
     smooth: float | None = None
+    gptq: bool = False
 
     def __post_init__(self):
         from edgec.calibration.ranges import METHODS
@@ -126,6 +129,23 @@ class QuantOptions:
                                   lambda i, n: step(f"calibrating: sample {i}/{n}"))
             return cache, "calibrated during compile"
 
+        def calibration_samples(model):
+            """The samples calibration uses (a user's .npz, else the model's generator)."""
+            from edgec.calibration.samples import (
+                DEFAULT_SAMPLES,
+                generated_samples,
+                samples_for_model,
+                samples_from_npz,
+            )
+            from edgec.runtimes.base import IOSpec
+
+            if isinstance(calibration, Path):
+                specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
+                samples = samples_from_npz(calibration, specs)
+            else:
+                samples = generated_samples(src, self.samples or DEFAULT_SAMPLES)[0]
+            return samples_for_model(samples, model)
+
         def held_out(model):
             """Samples the calibration did not see (the model's generator past the calibration
             count; the last 4 of a user's .npz, which calibration also saw)."""
@@ -152,4 +172,5 @@ class QuantOptions:
             raise UserError(f"min_cos chooses which layers keep their activations in high "
                             f"precision; {scheme.name} is weight-only, drop min_cos")
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
-                            min_cos=self.min_cos, held_out=held_out)
+                            min_cos=self.min_cos, held_out=held_out,
+                            gptq=calibration_samples if self.gptq else None)

@@ -93,8 +93,11 @@ class QuantizePass(ir.passes.FunctionalPass):
     rtol = None
 
     def __init__(self, scheme, target, ranges: Any = None, exclude: tuple[str, ...] = (),
-                 min_cos: float | None = None, held_out: Callable | None = None):
+                 min_cos: float | None = None, held_out: Callable | None = None,
+                 gptq: Callable | None = None):
         super().__init__()
+        self.gptq = gptq  # calibration samples for GPTQ weight rounding (None: nearest)
+        self._gptq_memo: dict[str, Any] = {}
         if scheme.calibrated and ranges is None:
             raise ValueError(f"scheme {scheme.name} needs calibration ranges")
         self.scheme, self.target, self.ranges, self.exclude = scheme, target, ranges, tuple(exclude)
@@ -114,14 +117,17 @@ class QuantizePass(ir.passes.FunctionalPass):
         plan = plan_quantization(model, self.target.fully_quantized, self.exclude, outliers)
         work = _at_opset(model.clone(), s.min_opset)  # the input model stays as it was
         extra: dict[str, Any] = {}
+        self._fp32 = model
         if s.weight_only:
             extra = blockwise_weights(work, s, set(plan.nodes_to_exclude))
-            quantized = work
+            quantized = self._rounded(work)
         else:
             quantized = self._static(work, plan, cache)
             if self.min_cos is not None:
                 quantized, plan, extra["mixed_precision"] = self._mixed(model, quantized, plan,
                                                                         cache, outliers)
+        if self.gptq is not None:
+            extra.update(self._gptq_memo.get("stats", {}))
         if extra.get("skipped"):
             logger.warning("%s: %s weights left in float (%s)", s.name,
                            sum(extra["skipped"].values()), ", ".join(extra["skipped"]))
@@ -209,6 +215,18 @@ class QuantizePass(ir.passes.FunctionalPass):
                                 "made for another graph: re-run `edgec calibrate`") from None
             quantized = ir.load(out)
             ir.external_data.load_to_model(quantized)  # the temp dir goes away
+        return self._rounded(quantized)
+
+    def _rounded(self, quantized: ir.Model) -> ir.Model:
+        """GPTQ's weight integers in place of nearest rounding, when asked for (``gptq``)."""
+        if self.gptq is None:
+            return quantized
+        from edgec.graph_passes.quantization.gptq import gptq_weights
+
+        memo = self._gptq_memo
+        if "samples" not in memo:
+            memo["samples"] = self.gptq(self._fp32)
+        memo["stats"] = gptq_weights(self._fp32, quantized, memo["samples"], memo)
         return quantized
 
 

@@ -1,0 +1,128 @@
+"""GPTQ weight rounding: lower output error than nearest rounding on the same grid, and what it
+does for 4-bit weights after a rotation."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import edgec
+from edgec.errors import UserError
+from edgec.graph_passes.quantization.gptq import gptq_round, gptq_weights
+
+
+def _nearest(w, scale, zero, lo, hi):
+    return np.clip(np.rint(w / scale) + zero, lo, hi)
+
+
+def test_gptq_lowers_the_output_error_on_the_same_grid():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1024, 64))
+    x += 8.0 * np.sign(rng.standard_normal(64))  # a large constant in every channel, as a
+    # rotation leaves of a massive residual channel
+    w = rng.standard_normal((64, 32))
+    scale = np.abs(w).max(axis=0, keepdims=True) / 7
+    zero = np.zeros_like(scale)
+    q = gptq_round(w, x.T @ x, scale, zero, -8, 7)
+    assert q.min() >= -8 and q.max() <= 7 and q.shape == w.shape
+    near = _nearest(w, scale, zero, -8, 7)
+
+    def err(qq):
+        return np.linalg.norm(x @ (w - qq * scale)) / np.linalg.norm(x @ w)
+
+    assert err(q) < 0.5 * err(near)
+
+
+def test_uncorrelated_inputs_round_to_nearest():
+    """With H diagonal no error is fed forward: GPTQ is nearest rounding (asymmetric grid)."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 8))
+    scale, zero = np.full((1, 8), 0.05), np.full((1, 8), 128.0)
+    h = np.diag(rng.uniform(0.5, 2.0, 16))
+    np.testing.assert_array_equal(gptq_round(w, h, scale, zero, 0, 255),
+                                  _nearest(w, scale, zero, 0, 255))
+
+
+def _qdq_matmul(w: np.ndarray, block: int | None, trans: bool):
+    """x[·, K] @ W through DequantizeLinear(int4 W_q) (per output channel or per block of K)."""
+    k, n = w.shape
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([None, k]))
+    wk = w.T if trans else w  # stored [N, K] for Gemm transB
+    if block:
+        s = np.abs(w.reshape(k // block, block, n)).max(axis=1) / 7  # [K/b, N]
+        s = s.T if trans else s
+        attrs = {"axis": 1 if trans else 0, "block_size": block}
+    else:
+        s = np.abs(w).max(axis=0) / 7  # [N]
+        attrs = {"axis": 0 if trans else 1}
+    full = np.repeat(s, block, axis=attrs["axis"]) if block else (
+        s[:, None] if trans else s[None, :])
+    q = np.clip(np.rint(wk / full), -8, 7).astype(np.int8)
+    wq = ir.Value(name="w_q", const_value=ir.tensor(q, dtype=ir.DataType.INT4))
+    ws = ir.Value(name="w_s", const_value=ir.tensor(s.astype(np.float32)))
+    dq = ir.node("DequantizeLinear", [wq, ws], attributes=attrs, name="dq")
+    op = ir.node("Gemm" if trans else "MatMul", [x, dq.outputs[0]], name="mm",
+                 attributes={"transB": 1} if trans else {})
+    op.outputs[0].name = "y"
+    quantized = ir.Model(ir.Graph([x], [op.outputs[0]], nodes=[dq, op],
+                                  initializers=[wq, ws], opset_imports={"": 21}), ir_version=10)
+    wf = ir.Value(name="w", const_value=ir.tensor(wk.astype(np.float32)))
+    x2 = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([None, k]))
+    op2 = ir.node("Gemm" if trans else "MatMul", [x2, wf], name="mm",
+                  attributes={"transB": 1} if trans else {})
+    op2.outputs[0].name = "y"
+    fp32 = ir.Model(ir.Graph([x2], [op2.outputs[0]], nodes=[op2], initializers=[wf],
+                             opset_imports={"": 21}), ir_version=10)
+    return fp32, quantized, full.T if trans else full
+
+
+@pytest.mark.parametrize("block,trans", [(None, False), (16, False), (None, True), (16, True)])
+def test_gptq_rewrites_only_the_integers_on_every_grid_layout(block, trans):
+    from edgec.runtimes.ort import run_model
+
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((32, 12)).astype(np.float32)
+    fp32, quantized, scale = _qdq_matmul(w, block, trans)
+    mix = rng.standard_normal((32, 32)).astype(np.float32)
+    samples = [{"x": rng.standard_normal((64, 32)).astype(np.float32) @ mix} for _ in range(4)]
+    before = {v.name: v.const_value.numpy().copy() for v in quantized.graph.initializers.values()}
+    stats = gptq_weights(fp32, quantized, samples)["gptq"]
+    assert stats["weights"] == 1 and stats["output_error_vs_nearest"] < 1.0
+    after = {v.name: v.const_value for v in quantized.graph.initializers.values()}
+    np.testing.assert_array_equal(after["w_s"].numpy(), before["w_s"])  # the grid is kept
+    assert after["w_q"].dtype == ir.DataType.INT4 and after["w_q"].shape == before["w_q"].shape
+    changed = (after["w_q"].numpy() != before["w_q"]).mean()
+    assert 0 < changed < 0.6
+    x = np.concatenate([s["x"] for s in samples])
+    ref = x @ w
+    got = run_model(quantized, {"x": x})["y"]
+    near = run_model(_qdq_matmul(w, block, trans)[1], {"x": x})["y"]
+    assert np.linalg.norm(got - ref) < np.linalg.norm(near - ref)
+
+
+@pytest.fixture(scope="module")
+def rotated_w4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gptq")
+    return {g: edgec.compile("llama", target="qnn-htp", config="tiny+outliers",
+                             quantize="w4a8" + (":gptq=true" if g else ""), rotate="hadamard",
+                             output_dir=root / str(g)) for g in (False, True)}
+
+
+def test_gptq_rescues_4_bit_weights_after_a_rotation(rotated_w4):
+    """Rotation spreads the planted massive channels over every channel, so nearest-rounded
+    int4 weights break the model; GPTQ sees that component in H."""
+    cos = {g: a.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["cosine"]
+           for g, a in rotated_w4.items()}
+    assert cos[False] < 0.6 and cos[True] > 0.8
+    stats = next(p for p in rotated_w4[True].report["passes"]
+                 if p["name"] == "quantize")["stats"]["gptq"]
+    assert stats["weights"] > 0 and stats["output_error_vs_nearest"] < 0.5
+
+
+def test_gptq_option_is_parsed_and_checked():
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.targets import get as get_target
+
+    opts = QuantOptions.parse("w4a8:gptq=true", get_target("qnn-htp"))
+    assert opts.gptq is True
+    with pytest.raises(UserError, match="gptq"):
+        QuantOptions.parse("w4a8:gptq=maybe", get_target("qnn-htp"))
