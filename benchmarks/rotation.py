@@ -25,7 +25,8 @@ and the wall time each method needs to first reach it; the ratio is DartQuant's 
 ``--accuracy`` instead measures what each outlier remedy does to quantization: ``llama
 tiny+outliers`` and ``small+outliers`` compiled per (target, scheme) in {openvino-cpu w8a8,
 qnn-htp w8a8, qnn-htp w4a8 (the only target offering it)} × {none, smoothing (``smooth=0.5``),
-hadamard, dartquant}; each row is the compile's own fidelity check (the artifact run on the
+hadamard, dartquant}, and on the qnn-htp rows each of none, hadamard and dartquant again with
+``gptq=true``; each row is the compile's own fidelity check (the artifact run on the
 model's example input by the target's runtime, HTP emulator included, vs fp32 PyTorch): logits
 cosine and relative L2, plus compile seconds (rotation calibration included).
 

@@ -17,6 +17,10 @@ dequantizes with. X comes from the fp32 model the quantizer started from (one ru
 calibration sample with every such MatMul's input exposed; one H per distinct input, shared
 by the q/k/v or gate/up projections that read it).
 
+Cost: one fp32 run per calibration sample, and every distinct input's H held at once in
+float64 (K² × 8 bytes each: `llama small`, 17 of them, ≤ 15 MB each). That suits edge-size
+models; a 7B-class model would need the Hessians collected layer by layer (not done here).
+
 Why it is needed: after a rotation (QuaRot/DartQuant) a residual stream with massive,
 nearly constant channels becomes a large component of *every* rotated channel, so each
 weight's rounding error is multiplied by that component. Round-to-nearest int4 on the rotated
