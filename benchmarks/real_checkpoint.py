@@ -71,6 +71,8 @@ VARIANTS = {
                           "MatMuls by end-to-end effect kept in float until the held-out "
                           "last 4 calibration samples reach 0.99 on their unpadded tokens)",
     "edgec_w8a16": "edgec quantize='w8a16' (qnn-htp only here), same samples",
+    "edgec_w8a8_gptq": "edgec quantize='w8a8:gptq=true' (GPTQ weight rounding on the same "
+                       "calibration samples' activations, same grid)",
     "nncf": "nncf.quantize(ModelType.TRANSFORMER, subset_size=16), defaults (SmoothQuant on)",
     "nncf_no_smoothquant": "the same, SmoothQuant off (AdvancedSmoothQuantParameters(matmul=-1))",
     "ort_quantize_static": "onnxruntime quantize_static, QDQ, QUInt8 act., QInt8 per-channel "
@@ -217,7 +219,10 @@ EDGEC_ROWS = (("ort-cpu", "fp32", None), ("ort-cpu", "edgec_w8a8", "w8a8"),
               ("ort-cpu", "edgec_w8a8_min_cos", "w8a8:min_cos=0.99"),
               ("openvino-cpu", "fp32", None), ("openvino-cpu", "edgec_w8a8", "w8a8"),
               ("openvino-cpu", "edgec_w8a8_min_cos", "w8a8:min_cos=0.99"),
-              ("qnn-htp", "edgec_w8a8", "w8a8"), ("qnn-htp", "edgec_w8a16", "w8a16"))
+              ("ort-cpu", "edgec_w8a8_gptq", "w8a8:gptq=true"),
+              ("openvino-cpu", "edgec_w8a8_gptq", "w8a8:gptq=true"),
+              ("qnn-htp", "edgec_w8a8", "w8a8"), ("qnn-htp", "edgec_w8a8_gptq", "w8a8:gptq=true"),
+              ("qnn-htp", "edgec_w8a16", "w8a16"))
 
 
 def compile_edgec(ckpt: Path, calib_npz: Path, root: Path) -> tuple[dict, dict]:
