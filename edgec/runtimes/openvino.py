@@ -68,9 +68,7 @@ class OpenVINOSession(Session):
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._pairs:
             return self._run_stateful(feeds)
-        results = self._request.infer(feeds, share_inputs=True)
-        return {port.get_any_name(): np.array(results[port], copy=True)
-                for port in self._compiled.outputs}
+        return self._infer(feeds)
 
     def _states(self) -> dict[str, Any]:
         """The request's variables by past input name (OpenVINO names a variable past+present)."""
@@ -89,16 +87,22 @@ class OpenVINOSession(Session):
         return out
 
     def _step(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = feeds["input_ids"].shape[0]
+        return self._infer({**feeds, BEAM_IDX: np.arange(batch, dtype=np.int32)})
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Bind the inputs, run, copy each output once. ``infer(feeds)`` measured slower: its
+        result is already a copy that a caller must copy again before the next run (llama small
+        w8a8 at 128 tokens: 7.28 ms against 5.52 ms for the bare run; a decode step 1.87 vs
+        1.41 ms)."""
         import openvino as ov
 
-        batch = feeds["input_ids"].shape[0]
         request = self._request
-        feeds = {**feeds, BEAM_IDX: np.arange(batch, dtype=np.int32)}
-        # kept alive until the next step: the request reads these arrays
+        # kept alive until the next run: the request reads these arrays
         self._fed = {name: np.ascontiguousarray(value) for name, value in feeds.items()}
         for name, value in self._fed.items():
             request.set_tensor(name, ov.Tensor(value, shared_memory=True))
-        request.infer()  # measured faster than infer(feeds): 1.41 vs 1.87 ms a decode step
+        request.infer()
         return {port.get_any_name(): np.array(request.get_tensor(port).data, copy=True)
                 for port in self._compiled.outputs}
 
