@@ -129,8 +129,9 @@ class QuantOptions:
                                   lambda i, n: step(f"calibrating: sample {i}/{n}"))
             return cache, "calibrated during compile"
 
-        def calibration_samples(model):
-            """The samples calibration uses (a user's .npz, else the model's generator)."""
+        def samples(model, extra: int = 0):
+            """A user's .npz (all of it), else the model's generator: the calibration count
+            plus ``extra`` more."""
             from edgec.calibration.samples import (
                 DEFAULT_SAMPLES,
                 generated_samples,
@@ -141,29 +142,19 @@ class QuantOptions:
 
             if isinstance(calibration, Path):
                 specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
-                samples = samples_from_npz(calibration, specs)
+                found = samples_from_npz(calibration, specs)
             else:
-                samples = generated_samples(src, self.samples or DEFAULT_SAMPLES)[0]
-            return samples_for_model(samples, model)
+                found = generated_samples(src, (self.samples or DEFAULT_SAMPLES) + extra)[0]
+            return samples_for_model(found, model)
+
+        def calibration_samples(model):
+            """The samples calibration uses (GPTQ's activations)."""
+            return samples(model)
 
         def held_out(model):
             """Samples the calibration did not see (the model's generator past the calibration
             count; the last 4 of a user's .npz, which calibration also saw)."""
-            from edgec.calibration.samples import (
-                DEFAULT_SAMPLES,
-                generated_samples,
-                samples_for_model,
-                samples_from_npz,
-            )
-            from edgec.runtimes.base import IOSpec
-
-            if isinstance(calibration, Path):
-                specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
-                samples = samples_from_npz(calibration, specs)[-HELD_OUT:]
-            else:
-                n = (self.samples or DEFAULT_SAMPLES) + HELD_OUT
-                samples = generated_samples(src, n)[0][-HELD_OUT:]
-            return samples_for_model(samples, model)
+            return samples(model, HELD_OUT)[-HELD_OUT:]
 
         if self.smooth is not None and not scheme.calibrated:
             raise UserError(f"smooth moves activation ranges into the weights; {scheme.name} is "
