@@ -24,11 +24,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BLOCK_SIZE", "paged_model", "PagedCache"]
+__all__ = ["BLOCK_SIZE", "paged_model", "PagedCache", "bind"]
 
 BLOCK_SIZE = 32  # tokens per block: what OpenVINO GenAI gives the CPU plugin at f32
 SAMPLED = "sampled_tokens_indices"
 _CACHE_PREFIXES = ("key_cache.", "value_cache.")
+
+
+def bind(request, arrays: dict[str, np.ndarray]) -> None:
+    """Set ``arrays`` as the request's input tensors without copying them. The request keeps
+    only their pointers: the caller keeps the arrays alive until the next run. (Binding then
+    ``infer()`` measured faster than ``infer(feeds)``: 1.41 vs 1.87 ms a decode step.)"""
+    import openvino as ov
+
+    for name, value in arrays.items():
+        request.set_tensor(name, ov.Tensor(value, shared_memory=True))
 
 
 def paged_model(model, layers: int, kv_heads: int, head_dim: int) -> tuple[Any, str | None]:
@@ -70,8 +80,6 @@ class PagedCache:
 
     def __init__(self, request, feeds_for, info, batch: int, capacity: int,
                  reuse: list[np.ndarray] | None = None):
-        import openvino as ov
-
         self.request = request
         self.feeds_for = feeds_for  # adds a swappable-LoRA artifact's adapter inputs
         self.per_row = -(-capacity // BLOCK_SIZE)
@@ -82,8 +90,7 @@ class PagedCache:
             shape = (need, info.kv_heads, BLOCK_SIZE, info.head_dim)
             self.blocks = [np.zeros(shape, np.float32) for _ in range(2 * info.layers)]
         names = [f"{kind}_cache.{i}" for i in range(info.layers) for kind in ("key", "value")]
-        for name, blocks in zip(names, self.blocks):
-            request.set_tensor(name, ov.Tensor(blocks, shared_memory=True))
+        bind(request, dict(zip(names, self.blocks)))
         self.table = (np.arange(batch)[:, None] * self.per_row
                       + np.arange(self.per_row)).astype(np.int32)  # each row's own blocks
         self.lengths = np.zeros(batch, np.int64)
@@ -92,45 +99,28 @@ class PagedCache:
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Logits [batch, 1, vocab] of each row's last token."""
-        import openvino as ov
-
         if ids.shape[1] == 1 and self.lengths.all():  # decode: every row has one new token
             return self._decode(ids[:, 0], positions[:, 0])
         real = mask[:, -ids.shape[1]:] != 0
         counts = real.sum(axis=1)
-        past = self.lengths
-        total = past + counts
-        if total.max() > self.capacity:
-            raise RuntimeError(f"paged cache overflow: {int(total.max())} tokens for a "
-                               f"capacity of {self.capacity}")
+        total = self._checked(self.lengths + counts)
         begins = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        used = -(-total // BLOCK_SIZE)
-        feeds = {"input_ids": ids[real].astype(np.int64),
-                 "position_ids": positions[real].astype(np.int64),
-                 "past_lens": past.astype(np.int32), "subsequence_begins": begins,
-                 "block_indices": np.concatenate([row[:n] for row, n in zip(self.table, used)]),
-                 "block_indices_begins": np.concatenate([[0], np.cumsum(used)]).astype(np.int32),
-                 "max_context_len": np.array(total.max(), np.int32),
-                 SAMPLED: (begins[1:] - 1).astype(np.int64)}
-        request = self.request
-        self.fed = self.feeds_for(feeds)  # the request reads these arrays: keep them alive
-        for name, value in self.fed.items():  # measured faster than infer(feeds)
-            request.set_tensor(name, ov.Tensor(value, shared_memory=True))
-        request.infer()
-        self.lengths = total
-        return np.array(request.get_tensor("logits").data, copy=True)
+        self.fed = self.feeds_for({  # the request reads these arrays: kept alive
+            "input_ids": ids[real].astype(np.int64),
+            "position_ids": positions[real].astype(np.int64),
+            "past_lens": self.lengths.astype(np.int32), "subsequence_begins": begins,
+            "max_context_len": np.array(total.max(), np.int32),
+            SAMPLED: (begins[1:] - 1).astype(np.int64), **self._block_table(total)})
+        bind(self.request, self.fed)
+        self.decoding = None  # the decode steps bind their own arrays again
+        return self._run(total)
 
     def _decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One token per row. The inputs are arrays bound once and rewritten in place; the
         block table is bound again only when a row starts a new block (a decode step costs
         ~70 µs of Python less than building every input anew)."""
-        import openvino as ov
-
-        request, batch = self.request, len(tokens)
-        total = self.lengths + 1
-        if total.max() > self.capacity:
-            raise RuntimeError(f"paged cache overflow: {int(total.max())} tokens for a "
-                               f"capacity of {self.capacity}")
+        batch = len(tokens)
+        total = self._checked(self.lengths + 1)
         d = self.decoding
         if d is None:
             d = self.decoding = {
@@ -139,8 +129,7 @@ class PagedCache:
                 "subsequence_begins": np.arange(batch + 1, dtype=np.int32),
                 "max_context_len": np.empty((), np.int32),
                 SAMPLED: np.arange(batch, dtype=np.int64), **self.feeds_for({})}
-            for name, value in d.items():
-                request.set_tensor(name, ov.Tensor(value, shared_memory=True))
+            bind(self.request, d)
             self.bound_blocks = None
         d["input_ids"][:] = tokens
         d["position_ids"][:] = positions
@@ -149,10 +138,24 @@ class PagedCache:
         used = -(-total // BLOCK_SIZE)
         if self.bound_blocks is None or (used != self.bound_blocks).any():
             self.bound_blocks = used
-            d["block_indices"] = np.concatenate([row[:n] for row, n in zip(self.table, used)])
-            d["block_indices_begins"] = np.concatenate([[0], np.cumsum(used)]).astype(np.int32)
-            for name in ("block_indices", "block_indices_begins"):
-                request.set_tensor(name, ov.Tensor(d[name], shared_memory=True))
-        request.infer()
+            table = self._block_table(total)
+            d.update(table)
+            bind(self.request, table)
+        return self._run(total)
+
+    def _checked(self, total: np.ndarray) -> np.ndarray:
+        if total.max() > self.capacity:
+            raise RuntimeError(f"paged cache overflow: {int(total.max())} tokens for a "
+                               f"capacity of {self.capacity}")
+        return total
+
+    def _block_table(self, total: np.ndarray) -> dict[str, np.ndarray]:
+        """Each row's first ceil(total / block) blocks, flattened, and where each row starts."""
+        used = -(-total // BLOCK_SIZE)
+        return {"block_indices": np.concatenate([row[:n] for row, n in zip(self.table, used)]),
+                "block_indices_begins": np.concatenate([[0], np.cumsum(used)]).astype(np.int32)}
+
+    def _run(self, total: np.ndarray) -> np.ndarray:
+        self.request.infer()
         self.lengths = total
-        return np.array(request.get_tensor("logits").data, copy=True)
+        return np.array(self.request.get_tensor("logits").data, copy=True)

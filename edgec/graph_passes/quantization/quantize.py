@@ -117,17 +117,16 @@ class QuantizePass(ir.passes.FunctionalPass):
         plan = plan_quantization(model, self.target.fully_quantized, self.exclude, outliers)
         work = _at_opset(model.clone(), s.min_opset)  # the input model stays as it was
         extra: dict[str, Any] = {}
-        self._fp32 = model
         if s.weight_only:
             extra = blockwise_weights(work, s, set(plan.nodes_to_exclude))
-            quantized = self._rounded(work)
+            quantized = self._rounded(model, work)
         else:
             quantized = self._static(work, plan, cache)
             if self.min_cos is not None:
                 quantized, plan, extra["mixed_precision"] = self._mixed(model, quantized, plan,
                                                                         cache, outliers)
-        if self.gptq is not None:
-            extra.update(self._gptq_memo.get("stats", {}))
+        if self.gptq is not None:  # the stats of the GPTQ run on the graph kept
+            extra.update(self._gptq_memo["stats"][id(quantized)])
         if extra.get("skipped"):
             logger.warning("%s: %s weights left in float (%s)", s.name,
                            sum(extra["skipped"].values()), ", ".join(extra["skipped"]))
@@ -215,18 +214,20 @@ class QuantizePass(ir.passes.FunctionalPass):
                                 "made for another graph: re-run `edgec calibrate`") from None
             quantized = ir.load(out)
             ir.external_data.load_to_model(quantized)  # the temp dir goes away
-        return self._rounded(quantized)
+        return self._rounded(model, quantized)
 
-    def _rounded(self, quantized: ir.Model) -> ir.Model:
-        """GPTQ's weight integers in place of nearest rounding, when asked for (``gptq``)."""
+    def _rounded(self, fp32: ir.Model, quantized: ir.Model) -> ir.Model:
+        """GPTQ's weight integers in place of nearest rounding, when asked for (``gptq``);
+        ``fp32`` is the graph ``quantized`` was made from (its activations give H)."""
         if self.gptq is None:
             return quantized
         from edgec.graph_passes.quantization.gptq import gptq_weights
 
         memo = self._gptq_memo
         if "samples" not in memo:
-            memo["samples"] = self.gptq(self._fp32)
-        memo["stats"] = gptq_weights(self._fp32, quantized, memo["samples"], memo)
+            memo["samples"] = self.gptq(fp32)
+        memo.setdefault("stats", {})[id(quantized)] = gptq_weights(
+            fp32, quantized, memo["samples"], memo)
         return quantized
 
 
