@@ -69,8 +69,11 @@ def dist_versions(names) -> dict:
 
 # ------------------------------------------------------------------------------ model --
 
-def make_checkpoint(path: Path, max_positions: int = 8192, seed: int = 0) -> Path:
+def make_checkpoint(path: Path, max_positions: int = 8192, seed: int = 0,
+                    q_scale: float = 1.0) -> Path:
     """A random-weight ``LlamaForCausalLM`` (safetensors) and a word-level tokenizer in ``path``.
+    ``q_scale`` multiplies every q_proj weight (random weights attend almost uniformly; a larger
+    query scale sharpens attention, for the sparse-attention benchmarks).
 
     lm_head's row for EOS is zeroed, so its logit is exactly 0 while the maximum of the 4095
     others (random, zero-mean) is positive: greedy decoding never emits EOS and every system
@@ -87,6 +90,8 @@ def make_checkpoint(path: Path, max_positions: int = 8192, seed: int = 0) -> Pat
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight[EOS].zero_()
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(q_scale)
     model.generation_config.pad_token_id = PAD
     model.save_pretrained(path, safe_serialization=True)
 
@@ -186,11 +191,13 @@ class OvGenai:
     runtime = "openvino-cpu"
 
     def __init__(self, ckpt: str, work: str, weight_format: str = "fp32",
-                 f32: bool = False) -> None:
+                 f32: bool = False, sparse: str | None = None) -> None:
         self.ckpt, self.weight_format, self.f32 = Path(ckpt), weight_format, f32
+        self.sparse = sparse  # OpenVINO GenAI's sparse prefill: "xattention" or "trishape"
         self.out = Path(work) / f"optimum-intel-{weight_format}"
         self.name = "ov_genai" if weight_format == "fp32" else f"ov_genai_{weight_format}_wo"
         self.name += "_f32" if f32 else ""
+        self.name += f"_{sparse}" if sparse else ""
         self.properties = ({"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
                            if f32 else {})
 
@@ -210,7 +217,14 @@ class OvGenai:
             if proc.returncode:
                 raise RuntimeError(f"{' '.join(cmd[1:4])} failed: {proc.stderr.strip()[-1500:]}")
         self.ov, self.ov_genai = ov, ov_genai
-        self.pipe = ov_genai.LLMPipeline(str(self.out), "CPU", **self.properties)
+        extra = {}
+        if self.sparse:  # its defaults: the mode's own thresholds, block sizes and windows
+            sc = ov_genai.SchedulerConfig()
+            sc.use_sparse_attention = True
+            sc.sparse_attention_config.mode = ov_genai.SparseAttentionMode[self.sparse.upper()]
+            extra["scheduler_config"] = sc
+            self.sparse_config = sc.sparse_attention_config.to_string()
+        self.pipe = ov_genai.LLMPipeline(str(self.out), "CPU", **self.properties, **extra)
         self.cfg = ov_genai.GenerationConfig()
         self.cfg.do_sample = False
         self.cfg.ignore_eos = True
@@ -223,6 +237,7 @@ class OvGenai:
                 "stateful": stateful,
                 "pipeline_properties": self.properties or f"none: CPU defaults {defaults}",
                 "tokenizer_converted": (self.out / "openvino_tokenizer.xml").is_file(),
+                **({"sparse_attention": self.sparse_config} if self.sparse else {}),
                 "pipeline": "LLMPipeline(dir, 'CPU'), default properties (ATTENTION_BACKEND "
                             "default: PA = continuous batching + paged attention on CPU)",
                 "versions": dist_versions(["optimum-intel", "optimum", "openvino",

@@ -28,6 +28,7 @@ from edgec.graph_passes.prune import PrunePass
 from edgec.graph_passes.quantization.mask_fill import MaskFillPass
 from edgec.graph_passes.quantization.smooth import SmoothQuantPass
 from edgec.graph_passes.sparse_attention import SparseAttentionPass, config_for_source
+from edgec.graph_passes.sparse_attention.prefill import PrefillSparseAttentionPass
 from edgec.recipe import Recipe
 
 __all__ = ["Artifact", "STAGES", "Stage", "compile_model", "calibrate_source", "prepare",
@@ -46,6 +47,7 @@ class StageContext:
     recipe: Recipe
     source: Any  # exporters.sources.Source
     step: Progress
+    graph: str = "model"  # or "prefill": a decoder's prefill graph (``_prefill_graph``)
 
     @property
     def target(self):
@@ -77,8 +79,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("rotate", lambda r, t: r.rotate is not None,
           lambda c: c.recipe.rotate.make_pass(c.source, c.recipe.calibration)),
     Stage("sparse-attention", lambda r, t: r.sparse_attention is not None,
-          lambda c: SparseAttentionPass(config_for_source(c.recipe.sparse_attention,
-                                                          c.source.info))),
+          lambda c: _sparse_attention(c)),
     Stage("smooth", lambda r, t: r.quantize is not None and r.quantize.smooth is not None,
           lambda c: SmoothQuantPass(c.recipe.quantize.smooth, c.source)),
     Stage("mask-fill", lambda r, t: r.quantize is not None and t.fully_quantized,
@@ -91,6 +92,13 @@ STAGES: tuple[Stage, ...] = (
     Stage("device-legalize-quantized", lambda r, t: bool(t.after_quantize),
           lambda c: [p() for p in c.target.after_quantize]),
 )
+
+
+def _sparse_attention(c: StageContext):
+    """Block-sparse attention; in a generation artifact, only in its prefill graph (causal)."""
+    if not c.recipe.generate:
+        return SparseAttentionPass(config_for_source(c.recipe.sparse_attention, c.source.info))
+    return PrefillSparseAttentionPass(c.recipe.sparse_attention) if c.graph == "prefill" else None
 
 
 @dataclasses.dataclass
@@ -121,13 +129,14 @@ class Prepared:
 def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
             step: Progress | None = None, until: str | None = None,
-            static=None) -> Prepared:
+            static=None, prefill: bool = False) -> Prepared:
     """Export ``source`` (static shapes if the target needs them) and run the stage table.
 
     ``until`` stops before the named stage: ``edgec calibrate`` stops before ``quantize``, so the
     graph it calibrates is byte for byte the graph the compile quantizes (caches are bound to it).
     ``static``: for generation on a static-shape target, which decoder graph (a
     ``decoder.StaticCache``: context and tokens per run); default the prefill graph.
+    ``prefill``: a dynamic decoder's prefill-only graph (``_prefill_graph``).
     """
     from edgec.exporters.sources import resolve_source
 
@@ -140,6 +149,8 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     step(f"exporting {_describe(source, recipe.config)}")
     if recipe.generate and tgt.static_shapes:
         static = static or static_graphs(recipe)[0]
+    if prefill:
+        static = _prefill_example(recipe)
     src = resolve_source(source, recipe.config, example_inputs, dynamic_shapes,
                          generate=static or recipe.generate, opset=_decoder_opset(recipe))
     times["export_s"] = src.export_seconds
@@ -147,7 +158,7 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     _check_opset(src.model, tgt)
     step("running graph passes" + (" with equivalence checks" if recipe.check else ""))
     t0 = time.perf_counter()
-    ctx = StageContext(recipe, src, step)
+    ctx = StageContext(recipe, src, step, "prefill" if prefill else "model")
     passes = []
     for stage in STAGES:
         if stage.name == until:
@@ -214,6 +225,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         dense = _dense_graph(source, recipe, example_inputs, dynamic_shapes, stage, step)
         if dense:
             built.runtime["dense"] = dense[0]
+        prefill = _prefill_graph(source, recipe, stage, step) if gen else None
+        if prefill:
+            built.runtime["prefill"] = prefill[0]
         times["build_s"] = time.perf_counter() - t0
 
         step(f"verifying on {tgt.name}")
@@ -244,6 +258,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
             report["fidelity"]["decode_graph_vs_source"] = decode[1]
         if dense:
             report["fidelity"]["dense_graph_vs_source"] = dense[1]
+        if prefill:
+            report["fidelity"]["prefill_graph_vs_source"] = prefill[1]
+            report["sparse_prefill"] = prefill[2]
         if retrieval:
             manifest["kv_retrieval"] = retrieval
         if src.info.get("sampling"):
@@ -344,6 +361,48 @@ def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: 
                                   prep.model, recipe.quantize is not None)
     del session
     return entry, fidelity
+
+
+def _prefill_example(recipe: Recipe):
+    """The prefill graph is verified on a prompt of two query blocks and half a key block, so
+    the check crosses block boundaries and has a ragged last block."""
+    from edgec.exporters.decoder import PrefillGraph
+    from edgec.graph_passes.sparse_attention import SparseAttentionConfig
+
+    cfg = SparseAttentionConfig.parse(recipe.sparse_attention)
+    return PrefillGraph(2 * cfg.query_block + max(1, cfg.block // 2))
+
+
+def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
+                   ) -> tuple[dict, dict, dict] | None:
+    """With ``--generate --sparse-attention``: the prefill graph (no past, last-token logits,
+    causal block-sparse attention) built beside the decoder (``prefill.onnx``,
+    ``target/prefill/``). ``generate`` runs it for prompts of at least ``min_seq`` tokens, then
+    decodes with the dense decoder from the cache it filled. Returns its runtime entry, its
+    fidelity and the sparse pass's stats, or None."""
+    from edgec.fidelity import target_fidelity, verification_session
+    from edgec.graph_passes.sparse_attention import SparseAttentionConfig
+    from edgec.onnx_io import save_model
+
+    if recipe.sparse_attention is None or recipe.target.static_shapes:
+        return None
+    step("exporting the sparse-attention prefill graph")
+    prep = prepare(source, recipe, step=step, prefill=True)
+    save_model(prep.model, stage / "prefill.onnx")
+    tgt = recipe.target
+    step(f"building the prefill graph for {tgt.name}")
+    built = tgt.build(tgt, stage / "prefill.onnx", stage / "target" / "prefill")
+    model = built.runtime["model"]
+    model = ("target/prefill/" + model.removeprefix("target/") if model.startswith("target/")
+             else "prefill.onnx")
+    entry = {**built.runtime, "model": model, "onnx": "prefill.onnx",
+             "min_tokens": SparseAttentionConfig.parse(recipe.sparse_attention).min_seq}
+    session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
+    fidelity, _ = target_fidelity(session, prep.src, _approximate(prep.manager.records),
+                                  prep.model, recipe.quantize is not None)
+    del session
+    stats = next((r.stats for r in prep.manager.records if r.name == "sparse-attention"), {})
+    return entry, fidelity, stats
 
 
 def _ship_checkpoint_files(src, stage: Path) -> str | None:

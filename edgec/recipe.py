@@ -206,6 +206,8 @@ class Recipe:
         if self.context is not None and not self.generate:
             raise UserError("--context sizes the KV cache of a generation artifact; add "
                             "--generate")
+        if self.generate and self.sparse_attention is not None:
+            self._check_sparse_prefill()
         if self.kv_retrieval is not None:
             if not self.generate:
                 raise UserError("--kv-retrieval applies to generation artifacts; add --generate")
@@ -224,6 +226,22 @@ class Recipe:
             if self.quantize.scheme_on(t).weight_only:
                 raise UserError(f"scheme {self.quantize.scheme} is weight-only: it takes no "
                                 "calibration; drop --calib")
+
+    def _check_sparse_prefill(self) -> None:
+        """--generate --sparse-attention: block-sparse attention in a separate prefill graph."""
+        from edgec.graph_passes.sparse_attention import SparseAttentionConfig
+
+        cfg = SparseAttentionConfig.parse(self.sparse_attention)
+        if self.target.static_shapes:
+            raise UserError(f"{self.target.name} prefills in fixed chunks of a static cache, "
+                            "where block-sparse attention has nothing to skip; drop "
+                            "--sparse-attention")
+        if cfg.dense_steps or cfg.grid is not None or cfg.prefix or cfg.tail or cfg.mode != "rf2":
+            raise UserError("a decoder's sparse prefill is causal rf2 block selection: drop "
+                            "dense_steps, grid, prefix, tail and mode from --sparse-attention")
+        if self.lora_mode == "swappable" and self.lora:
+            raise UserError("swappable LoRA adapters are not bound into the sparse prefill "
+                            "graph yet; use --lora-mode merge or drop --sparse-attention")
 
     @classmethod
     def parse(cls, target: Any, **options: Any) -> Recipe:

@@ -142,20 +142,14 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((label, f"max rel {worst['max_rel']:.2e}, rel L2 {worst['rel_l2']:.2e}, "
                                 f"cosine {worst['cosine']:.7f} ({tol})"))
     for p in report["passes"]:
-        st = p["stats"]
-        if "sites_rewritten" in st:
-            line = f"{st['sites_rewritten']}/{st['sites_found']} attention sites rewritten"
-            if st.get("sites_exact"):
-                line += f" ({st['sites_exact']} exact, by their masks)"
-            if "predicted_sparsity" in st:
-                line += f", sparsity {st['predicted_sparsity']:.0%}"
-            if "attention_gflops_dense" in st:
-                line += (f", attention GFLOPs {st['attention_gflops_dense']:.3g} → "
-                         f"{st['attention_gflops_sparse']:.3g}")
-            if st.get("skipped_reasons"):
-                line += "; skipped: " + ", ".join(f"{k} ×{v}" for k, v in
-                                                  st["skipped_reasons"].items())
-            rows.append((p["name"], line))
+        if "sites_rewritten" in p["stats"]:
+            rows.append((p["name"], _sites_line(p["stats"])))
+    if report.get("sparse_prefill"):
+        st, cfg = report["sparse_prefill"], report["sparse_prefill"].get("config", {})
+        line = (f"prefill graph: {_sites_line(st)}; causal, keep {cfg.get('keep')} of "
+                f"{cfg.get('block')}-token key blocks (+{st.get('forced_blocks', 0)} forced), "
+                f"prompts ≥ {cfg.get('min_seq')} tokens")
+        rows.append(("sparse prefill", line))
     q = report.get("quantization")
     if q:
         sc = q["scheme"]
@@ -179,6 +173,20 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("time", f"total {t['total_s']:.1f} s (export {t['export_s']:.1f} s, "
                          f"build {t['build_s']:.1f} s)"))
     return rows
+
+
+def _sites_line(st: dict[str, Any]) -> str:
+    line = f"{st['sites_rewritten']}/{st['sites_found']} attention sites rewritten"
+    if st.get("sites_exact") and st.get("graph") != "prefill":
+        line += f" ({st['sites_exact']} exact, by their masks)"
+    if "predicted_sparsity" in st:
+        line += f", sparsity {st['predicted_sparsity']:.0%}"
+    if "attention_gflops_dense" in st:
+        line += (f", attention GFLOPs {st['attention_gflops_dense']:.3g} → "
+                 f"{st['attention_gflops_sparse']:.3g}")
+    if st.get("skipped_reasons"):
+        line += "; skipped: " + ", ".join(f"{k} ×{v}" for k, v in st["skipped_reasons"].items())
+    return line
 
 
 def _source_line(src: dict[str, Any]) -> str:

@@ -19,13 +19,14 @@ import dataclasses
 import inspect
 from typing import Any
 
+import numpy as np
 import torch
 
 from edgec.errors import UserError
 
 __all__ = ["DecoderInfo", "past_name", "present_name", "reference_decoder", "hf_decoder",
            "example_inputs", "decoder_dynamic_shapes", "GENERATION_INPUTS",
-           "onnx_decoder_info", "StaticCache"]
+           "onnx_decoder_info", "StaticCache", "PrefillGraph", "prefill_only", "prefill_example"]
 
 GENERATION_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -205,6 +206,99 @@ def new_slots_only(model, info: DecoderInfo) -> None:
         value.name = f"{name}.all"
         new.name = name
         model.graph.outputs[i] = new
+
+
+def prefill_only(model, info: DecoderInfo) -> None:
+    """Make the decoder a prefill graph: no ``past_key_values.*`` inputs (the cache starts
+    empty: an empty slice of the new keys/values, so the batch dim stays dynamic), each
+    ``present.*`` the new keys/values themselves, and ``logits`` of the last position only
+    (prompts are left-padded, so it is every row's last token; the LM head then runs on one
+    row instead of the whole prompt)."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    outputs = [v.name for v in graph.outputs]
+    # the empty cache [B, kv_heads, 0, head_dim], made from input_ids' batch at the graph's
+    # start (a past's Shape can feed the mask, which every layer reads)
+    tape = ir.tape.Tape()
+    zeros = tape.initializer(ir.tensor(np.zeros((1, info.kv_heads, 0, info.head_dim),
+                                                np.float32)), name="prefill.empty_cache")
+    rest = tape.initializer(ir.tensor(np.array([info.kv_heads, 0, info.head_dim], np.int64)),
+                            name="prefill.empty_cache_dims")
+    batch = tape.op("Shape", [inputs["input_ids"]], {"start": 0, "end": 1})
+    empty = tape.op("Expand", [zeros, tape.op("Concat", [batch, rest], {"axis": 0})])
+    empty.dtype = ir.DataType.FLOAT
+    empty.shape = ir.Shape([inputs["input_ids"].shape[0], info.kv_heads, 0, info.head_dim])
+    graph.insert_before(graph.node(0), tape.nodes)
+    for init in tape.initializers:
+        graph.register_initializer(init)
+    for layer in range(info.layers):
+        for kind in ("key", "value"):
+            past, present = inputs[past_name(layer, kind)], present_name(layer, kind)
+            node = graph.outputs[outputs.index(present)].producer()
+            if node is None or node.op_type != "Concat" or list(node.inputs[:1]) != [past]:
+                raise UserError(f"the exported decoder's {present} is not a Concat of the past "
+                                "and the new keys/values; it has no separate prefill graph")
+            new = node.inputs[1]
+            ir.convenience.replace_all_uses_with(past, empty)
+            whole = node.outputs[0]
+            whole.name, new.name = f"{present}.all", present
+            graph.outputs[outputs.index(present)] = new
+            ir.convenience.replace_all_uses_with(whole, new)
+            graph.inputs.remove(past)
+    logits = graph.outputs[outputs.index("logits")]
+    head = logits.producer()
+    tape = ir.tape.Tape()
+    start, end, axis = (tape.initializer(ir.tensor(np.array([x], np.int64)),
+                                         name=f"logits.last.{i}")
+                        for i, x in enumerate((-1, np.iinfo(np.int64).max, 1)))
+    if head is not None and head.op_type == "MatMul":
+        x = head.inputs[0]
+        last = tape.op("Slice", [x, start, end, axis])
+        last.dtype = x.dtype
+        graph.insert_before(head, tape.nodes)
+        head.replace_input_with(0, last)
+    else:  # not a MatMul head: slice its output (the same values, no compute saved)
+        logits.name = "logits.all"
+        last = tape.op("Slice", [logits, start, end, axis])
+        last.dtype, last.name = logits.dtype, "logits"
+        graph.append(tape.nodes[0])
+        graph.outputs[outputs.index("logits")] = last
+    for init in tape.initializers:
+        graph.register_initializer(init)
+    if logits.shape is not None and len(logits.shape) == 3:
+        graph.outputs[outputs.index("logits")].shape = ir.Shape(
+            [logits.shape[0], 1, logits.shape[2]])
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillGraph:
+    """The prefill-only graph (``prefill_only``) exported beside a decoder: verified on a prompt
+    of ``tokens`` tokens."""
+
+    tokens: int
+
+
+def prefill_example(module, info: DecoderInfo, batch: int, tokens: int, seed: int = 0
+                    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(feeds, PyTorch reference outputs) of the prefill graph on a prompt of ``tokens``
+    tokens, no padding (a padding query's output is not defined the same way everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, info.vocab, (batch, tokens), generator=g, dtype=torch.int64)
+    mask = torch.ones(batch, tokens, dtype=torch.int64)
+    positions = torch.arange(tokens, dtype=torch.int64)[None].expand(batch, tokens).contiguous()
+    empty = torch.zeros(batch, info.kv_heads, 0, info.head_dim)
+    with torch.no_grad():
+        out = module(ids, mask, positions, tuple(empty for _ in range(2 * info.layers)))
+    from edgec.exporters.outputs import flatten_outputs
+
+    flat = [t.detach().cpu().numpy() for t in flatten_outputs(out)]
+    reference = dict(zip(output_names(info), flat))
+    reference["logits"] = reference["logits"][:, -1:]
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+             "position_ids": positions.numpy()}
+    return feeds, reference
 
 
 def onnx_decoder_info(model, path) -> DecoderInfo:

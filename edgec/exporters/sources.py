@@ -113,8 +113,14 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
     if isinstance(source, torch.nn.Module) or not isinstance(source, (str, os.PathLike)):
         raise UserError("--generate exports the KV-cache decoder itself: give `llama`, a "
                         "Hugging Face *ForCausalLM checkpoint directory or a decoder .onnx")
+    prefill = static if isinstance(static, dec.PrefillGraph) else None
+    static = None if prefill is not None else static
     path = Path(source)
     if path.is_file() or path.suffix == ".onnx":
+        if prefill is not None:
+            raise UserError("--sparse-attention on a generation artifact exports a prefill "
+                            "graph from the PyTorch model (`llama` or a Hugging Face "
+                            "checkpoint directory), not from a decoder .onnx")
         if static is not None:
             raise UserError("a static-shape generation target exports the decoder itself: give "
                             "`llama` or a Hugging Face *ForCausalLM checkpoint directory")
@@ -161,9 +167,25 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
         dec.new_slots_only(src.model, info)
         for name in info.present_names:
             src.reference[name] = src.reference[name][:, :, -static.tokens:]
+    if prefill is not None:
+        _prefill_only(src, module, info, int(batch), prefill.tokens)
     src.parameter_map = {k.removeprefix("model."): v for k, v in src.parameter_map.items()
                          if k.startswith("model.")}
     return src
+
+
+def _prefill_only(src: Source, module, info, batch: int, tokens: int) -> None:
+    """The exported decoder made the prefill graph (``decoder.prefill_only``), its feeds and
+    PyTorch reference replaced by a prompt of ``tokens`` tokens, and checked again."""
+    from edgec.exporters import decoder as dec
+    from edgec.exporters.verify import assert_close, compare_outputs
+    from edgec.runtimes.ort import run_model
+
+    src.feeds, src.reference = dec.prefill_example(module, info, batch, tokens)
+    dec.prefill_only(src.model, info)
+    errors = compare_outputs(run_model(src.model, src.feeds), src.reference)
+    assert_close(errors, EXPORT_RTOL, "prefill graph (ORT) vs PyTorch")
+    src.info["input_names"] = list(src.feeds)
 
 
 def _onnx_decoder_source(path: Path) -> Source:

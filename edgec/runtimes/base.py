@@ -123,7 +123,8 @@ class Session(abc.ABC):
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None,
                  pad_token_id: int | None = None, seed: int | None = None,
-                 streamer=None, kv_retrieval: bool = True) -> np.ndarray:
+                 streamer=None, kv_retrieval: bool = True,
+                 sparse_prefill: bool = True) -> np.ndarray:
         """Prompt followed by the new tokens, [batch, seq + new] int64, as Hugging Face's
         ``generate`` returns them. ``input_ids`` [batch, seq] (left-padded, with
         ``attention_mask``, for prompts of different lengths); greedy unless ``do_sample``;
@@ -131,26 +132,46 @@ class Session(abc.ABC):
         called with each step's new tokens [batch]. Timings land in ``last_generation``
         (prefill ms = time to first token, decode tokens/s). An artifact compiled with
         ``--kv-retrieval`` decodes with FreeKV (``kv_retrieval=False``: full attention); its
-        retrieval stats land in ``last_generation["kv_retrieval"]``."""
+        retrieval stats land in ``last_generation["kv_retrieval"]``. An artifact compiled with
+        ``--generate --sparse-attention`` runs prompts of at least ``min_seq`` tokens through its
+        block-sparse prefill graph (``sparse_prefill=False``: the dense decoder);
+        ``last_generation["prefill_graph"]`` says which ran."""
         from edgec.runtimes.generation import generate
 
         info = self.decoder_info
         shape = np.shape(input_ids)
         batch, length = (1, shape[0]) if len(shape) == 1 else shape[:2]
-        cache = (self._retrieval_cache(info, batch, length + max_new_tokens) if kv_retrieval
-                 else None)
+        retrieval = cache = (self._retrieval_cache(info, batch, length + max_new_tokens)
+                             if kv_retrieval else None)
+        if cache is None:
+            cache = self._prefill_first(self._kv_cache(info, batch, length + max_new_tokens),
+                                        info, length, sparse_prefill)
         ids, stats = generate(
-            self, info, input_ids, attention_mask,
-            cache=cache if cache is not None else self._kv_cache(info, batch,
-                                                                  length + max_new_tokens),
+            self, info, input_ids, attention_mask, cache=cache,
             streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id, seed=seed)
-        if cache is not None:
-            stats["kv_retrieval"] = dict(cache.stats)
+        if retrieval is not None:
+            stats["kv_retrieval"] = dict(retrieval.stats)
+        stats["prefill_graph"] = "sparse" if hasattr(cache, "prefill") else "dense"
         self.last_generation = stats
         return ids
+
+    def _prefill_first(self, cache, info, prompt_tokens: int, sparse_prefill: bool):
+        """``cache`` behind the artifact's sparse-attention prefill graph when it has one, the
+        prompt is at least its ``min_tokens`` long and the cache can be loaded; else ``cache``."""
+        entry = ((getattr(self, "manifest", None) or {}).get("runtime") or {}).get("prefill")
+        if (not sparse_prefill or not entry or prompt_tokens < entry.get("min_tokens", 0)
+                or not hasattr(cache, "load")):
+            return cache
+        from edgec.runtimes.generation import SparsePrefill
+
+        if getattr(self, "prefill_session", None) is None:
+            from edgec.runtimes import open_session
+
+            self.prefill_session = open_session(self.root, entry)
+        return SparsePrefill(cache, self.prefill_session, info)
 
     def _retrieval_cache(self, info, batch: int, capacity: int):
         """The FreeKV cache of an artifact compiled with --kv-retrieval, else None."""

@@ -62,6 +62,28 @@ class ArrayCache:
         self.past = {p: out[q] for p, q in zip(self.info.past_names, self.info.present_names)}
         return out["logits"]
 
+    def load(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
+        """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph)."""
+        self.past = dict(zip(self.info.past_names, presents))
+
+
+class SparsePrefill:
+    """Runs the prompt through the artifact's sparse-attention prefill graph, loads the cache
+    it wraps with the prompt's keys/values, then leaves every decode step to that cache."""
+
+    def __init__(self, cache, prefill_session, info):
+        self.cache, self.prefill, self.info = cache, prefill_session, info
+        self.done = False
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if self.done:
+            return self.cache.step(ids, mask, positions)
+        self.done = True
+        out = self.prefill._run({"input_ids": ids, "attention_mask": mask,
+                                 "position_ids": positions})
+        self.cache.load([out[n] for n in self.info.present_names], mask)
+        return out["logits"]
+
 
 def process_logits(scores: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig
                    ) -> np.ndarray:

@@ -144,3 +144,14 @@ class _RuntimeCache:
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         return self.session._step(self.session._adapter_feeds(feeds, None))["logits"]
+
+    def load(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
+        """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph)."""
+        import openvino as ov
+
+        from edgec.exporters.decoder import past_name
+
+        states = self.session._states()
+        for i, value in enumerate(presents):
+            state = states[past_name(i // 2, ("key", "value")[i % 2])]
+            state.state = ov.Tensor(np.ascontiguousarray(value, np.float32))

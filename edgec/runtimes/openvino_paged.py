@@ -115,6 +115,24 @@ class PagedCache:
         self.decoding = None  # the decode steps bind their own arrays again
         return self._run(total)
 
+    def load(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
+        """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph):
+        each row's real (unpadded) tokens are copied into its blocks. ``presents`` [B, kv_heads,
+        S, head_dim] per layer, key then value, as the decoder's ``present.*``."""
+        counts = (mask != 0).sum(axis=1)
+        total = self._checked(counts)
+        s = presents[0].shape[2]
+        for r, n in enumerate(total):
+            used = -(-int(n) // BLOCK_SIZE)
+            start = self.per_row * r
+            for blocks, arr in zip(self.blocks, presents):
+                rows = np.zeros((arr.shape[1], used * BLOCK_SIZE, arr.shape[3]), np.float32)
+                rows[:, :n] = arr[r, :, s - n:]
+                blocks[start:start + used] = rows.reshape(
+                    arr.shape[1], used, BLOCK_SIZE, arr.shape[3]).transpose(1, 0, 2, 3)
+        self.lengths = total.astype(np.int64)
+        self.decoding = None
+
     def _decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One token per row. The inputs are arrays bound once and rewritten in place; the
         block table is bound again only when a row starts a new block (a decode step costs
