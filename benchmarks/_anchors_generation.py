@@ -221,7 +221,8 @@ class OvGenai:
         if self.sparse:  # its defaults: the mode's own thresholds, block sizes and windows
             sc = ov_genai.SchedulerConfig()
             sc.use_sparse_attention = True
-            sc.sparse_attention_config.mode = ov_genai.SparseAttentionMode[self.sparse.upper()]
+            sc.sparse_attention_config.mode = getattr(ov_genai.SparseAttentionMode,
+                                                      self.sparse.upper())
             extra["scheduler_config"] = sc
             self.sparse_config = sc.sparse_attention_config.to_string()
         self.pipe = ov_genai.LLMPipeline(str(self.out), "CPU", **self.properties, **extra)

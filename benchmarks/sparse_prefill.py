@@ -1,11 +1,11 @@
 """Sparse-attention prefill benchmark: time to first token of a generation artifact compiled
 with ``--generate --sparse-attention`` against its dense decoder, and what the sparsity costs.
 
-Model: ``llama small`` (4 layers, 8 heads, 2 KV heads, head_dim 64, 512 wide) with q_proj ×
-``--alpha`` (random weights attend almost uniformly; a larger query scale sharpens attention, as
-``benchmarks/freekv.py`` does), saved as a Hugging Face LLaMA checkpoint and compiled from
-there (the checkpoint path through edgec). The prompt is one random segment of ``--segment``
-tokens repeated, so queries find their earlier copies: attention is not uniform.
+Model: a Hugging Face LLaMA checkpoint the size of ``llama small`` (4 layers, 8 heads, 2 KV
+heads, head_dim 64, 512 wide; ``_anchors_generation.make_checkpoint``) with q_proj × ``--alpha``
+(random weights attend almost uniformly; a larger query scale sharpens attention, as
+``benchmarks/freekv.py`` does). The prompt is one random segment of ``--segment`` tokens
+repeated, so queries find their earlier copies: attention is not uniform.
 
 Systems, per target (ort-cpu, openvino-cpu), all from ``Session.generate`` with one new token
 (time to first token = prefill; edgec's ``last_generation["prefill_ms"]``):
@@ -14,14 +14,23 @@ Systems, per target (ort-cpu, openvino-cpu), all from ``Session.generate`` with 
 - ``keep=K``: the sparse prefill graph at keep K (block 64, query block 512, sink + local
   band forced), the cache it fills loaded into the decoder's.
 
-Timing: one warm-up each, then ``--rounds`` rounds over the systems, the order reversed every
-other round; medians, and ``paired`` speed-ups = median over rounds of dense / sparse.
+Anchor (openvino-cpu, with ``--anchors-python``, an environment with openvino-genai and
+optimum-intel): OpenVINO GenAI's ``LLMPipeline`` on the same checkpoint exported by
+optimum-intel, f32, dense and with its own sparse prefill (``SchedulerConfig.use_sparse_attention``,
+modes XATTENTION and TRISHAPE at their defaults), timed in the same rounds; its sparse modes'
+greedy agreement with its dense run is reported the same way.
+
+Timing: one warm-up each, then ``--rounds`` rounds over the systems (a new prompt each round,
+the same for every system: OpenVINO GenAI's prefix cache answers a repeated prompt), the order
+reversed every other round; medians, and ``paired`` speed-ups = median over rounds of
+dense / sparse.
 
 Fidelity (per target, once): last-token logits cosine and top-1 of the sparse prefill vs the
 dense decoder, and greedy agreement over ``--new`` tokens (sparse prefill then dense decode,
 vs dense throughout: the first position where they differ, and the fraction equal).
 
     python benchmarks/sparse_prefill.py [--quick] [--contexts 1024,4096,8192]
+        [--anchors-python /path/to/benchgen-venv/bin/python]
 
 Without ``--quick`` the JSON also goes to benchmarks/results/sparse_prefill.json.
 """
@@ -44,33 +53,13 @@ from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when ru
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sparse_prefill.json"
 QB = _load("quantization", "edgec_bench_quantization")  # machine(), loadavg(), git_state(), emit()
-FK = _load("freekv", "edgec_bench_freekv")  # sharpened(), prompt(), cpu_flags()
+FK = _load("freekv", "edgec_bench_freekv")  # prompt(), cpu_flags()
+AG = _load("_anchors_generation", "edgec_bench_anchors")  # make_checkpoint(), WorkerRunner
 
 
 def log(msg: str) -> None:
     print(f"[sparse-prefill-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr,
           flush=True)
-
-
-def checkpoint(root: Path, config: str, alpha: float, positions: int) -> Path:
-    """The sharpened ``llama`` as a transformers LLaMA checkpoint directory."""
-    import torch
-    import transformers
-
-    model = FK.sharpened(config, alpha)
-    c = model.cfg
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=c.vocab, hidden_size=c.dim, intermediate_size=c.ffn,
-        num_hidden_layers=c.layers, num_attention_heads=c.heads, num_key_value_heads=c.kv_heads,
-        rope_theta=c.rope_theta, rms_norm_eps=c.eps, max_position_embeddings=positions,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
-    state = {k if k == "lm_head.weight" else f"model.{k}": v
-             for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        hf.load_state_dict(state, strict=True)
-    path = root / "checkpoint"
-    hf.save_pretrained(path)
-    return path
 
 
 def compile_artifacts(ckpt: Path, root: Path, target: str, keeps: list[float], block: int,
@@ -88,28 +77,47 @@ def compile_artifacts(ckpt: Path, root: Path, target: str, keeps: list[float], b
     return arts
 
 
-def first_token(session, ids, sparse: bool) -> tuple[float, str]:
+def first_token(session, ids, sparse: bool | None) -> tuple[float, str]:
+    """(prefill ms, which graph ran): an edgec session, or an anchor runner (``sparse`` None)."""
+    if sparse is None:
+        return session.generate(ids, 1)["ttft_ms"], session.name
     session.generate(ids, max_new_tokens=1, sparse_prefill=sparse)
     g = session.last_generation
     return g["prefill_ms"], g["prefill_graph"]
 
 
-def timing(systems: dict, ids, rounds: int) -> dict:
+def timing(systems: dict, prompts: list, rounds: int) -> dict:
+    """``prompts[0]`` warms up; round r runs ``prompts[r + 1]`` on every system (a new prompt
+    each round: OpenVINO GenAI's prefix cache would otherwise answer a repeated prompt)."""
     names = list(systems)
     for name in names:  # warm-up (and the sparse prefill session opened)
-        first_token(systems[name][0], ids, systems[name][1])
+        first_token(systems[name][0], prompts[0], systems[name][1])
     times: dict[str, list[float]] = {n: [] for n in names}
     ran: dict[str, str] = {}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            ms, graph = first_token(systems[name][0], ids, systems[name][1])
+            ms, graph = first_token(systems[name][0], prompts[r + 1], systems[name][1])
             times[name].append(ms)
             ran[name] = graph
     out = {n: {"prefill_ms": round(statistics.median(t), 2), "graph": ran[n],
                "runs_ms": [round(x, 2) for x in t]} for n, t in times.items()}
     for n in names[1:]:
-        out[n]["speedup_vs_dense"] = round(statistics.median(
-            d / s for d, s in zip(times[names[0]], times[n])), 3)
+        base = "ov_genai_f32" if n.startswith("ov_genai_f32_") else names[0]
+        out[n]["speedup_vs_dense" if base == names[0] else "speedup_vs_ov_genai_dense"] = round(
+            statistics.median(d / s for d, s in zip(times[base], times[n])), 3)
+    return out
+
+
+def anchor_agreement(runners: dict, ids, new: int) -> dict:
+    """Greedy agreement of OpenVINO GenAI's sparse modes with its dense run."""
+    dense = np.array(runners["ov_genai_f32"].generate(ids, new)["tokens"])
+    out = {}
+    for name, runner in runners.items():
+        if name != "ov_genai_f32":
+            got = np.array(runner.generate(ids, new)["tokens"])
+            differ = np.flatnonzero(got != dense)
+            out[name] = {"greedy_agreement": round(float((got == dense).mean()), 4),
+                         "first_divergence": int(differ[0]) if len(differ) else None}
     return out
 
 
@@ -133,7 +141,7 @@ def fidelity(dense_session, sparse_session, ids, new: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny model, short prompts, no file")
+    p.add_argument("--quick", action="store_true", help="short prompts, 2 rounds, no file")
     p.add_argument("--contexts", default="1024,4096,8192")
     p.add_argument("--targets", default="ort-cpu,openvino-cpu")
     p.add_argument("--keeps", default="0.25,0.1")
@@ -143,39 +151,57 @@ def main(argv=None) -> int:
     p.add_argument("--segment", type=int, default=509)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new", type=int, default=32)
+    p.add_argument("--anchors-python", default=None,
+                   help="a Python with openvino-genai and optimum-intel (OpenVINO GenAI rows)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    config = "tiny" if args.quick else "small"
-    contexts = [256, 512] if args.quick else [int(c) for c in args.contexts.split(",")]
+    contexts = [512, 1024] if args.quick else [int(c) for c in args.contexts.split(",")]
     if args.quick:
-        args.block, args.qblock, args.rounds, args.segment = 16, 64, 2, 61
+        args.rounds = 2
     keeps = [1.0, *[float(k) for k in args.keeps.split(",")]]
     doc = {"benchmark": "sparse_prefill", "machine": QB.machine(), "cpu_flags": FK.cpu_flags(),
            "git": QB.git_state(), "loadavg_start": QB.loadavg(),
-           "model": {"config": config, "alpha": args.alpha, "segment": args.segment,
-                     "source": "llama reference saved as a transformers LLaMA checkpoint"},
+           "model": {"hf_config": AG.LLAMA_SMALL_HF, "q_scale": args.alpha,
+                     "segment": args.segment,
+                     "source": "random-weight transformers LLaMA checkpoint, q_proj scaled"},
            "sparse_attention": {"block": args.block, "query_block": args.qblock,
                                 "keeps": keeps[1:], "min_seq": 256},
            "rounds": args.rounds, "targets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ckpt = checkpoint(root, config, args.alpha, max(contexts) + args.new + 8)
+        ckpt = AG.make_checkpoint(root / "checkpoint", max(contexts) + args.new + 8,
+                                  q_scale=args.alpha)
         for target in args.targets.split(","):
             arts = compile_artifacts(ckpt, root, target, keeps, args.block, args.qblock)
             sessions = {k: a.load() for k, a in arts.items()}
             base = sessions[1.0]
             per_target = {"contexts": {}}
+            anchors = {}
+            if target == "openvino-cpu" and args.anchors_python:
+                for sparse in (None, "xattention", "trishape"):
+                    runner = AG.WorkerRunner(args.anchors_python, "ov_genai", str(ckpt),
+                                             str(root), f32=True, sparse=sparse)
+                    setup = runner.setup()
+                    anchors[f"ov_genai_f32{'_' + sparse if sparse else ''}"] = runner
+                    per_target.setdefault("anchor_setup", {})[list(anchors)[-1]] = setup
             for ctx in contexts:
-                ids = FK.prompt(4096 if not args.quick else 256, ctx, args.segment)
+                prompts = [FK.prompt(AG.LLAMA_SMALL_HF["vocab_size"], ctx, args.segment, seed=r)
+                           for r in range(args.rounds + 2)]
+                ids = prompts[-1]  # fidelity
                 log(f"{target} {ctx} tokens")
                 systems = {"dense": (base, False), "keep=1.0": (base, True),
-                           **{f"keep={k}": (sessions[k], True) for k in keeps[1:]}}
-                entry = {"timing": timing(systems, ids, args.rounds),
+                           **{f"keep={k}": (sessions[k], True) for k in keeps[1:]},
+                           **{name: (runner, None) for name, runner in anchors.items()}}
+                entry = {"timing": timing(systems, prompts, args.rounds),
                          "fidelity": {f"keep={k}": fidelity(base, sessions[k], ids, args.new)
                                       for k in keeps[1:]}}
+                if anchors:
+                    entry["anchor_fidelity"] = anchor_agreement(anchors, ids, args.new)
                 per_target["contexts"][str(ctx)] = entry
                 log(f"  {({n: v['prefill_ms'] for n, v in entry['timing'].items()})}")
             doc["targets"][target] = per_target
+            for runner in anchors.values():
+                runner.close()
             del sessions, base
     doc["loadavg_end"] = QB.loadavg()
     QB.emit(doc, args.out or (None if args.quick else DEFAULT_OUT))

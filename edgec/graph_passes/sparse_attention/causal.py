@@ -38,6 +38,14 @@ class CausalShape:
     dtype: ir.DataType
 
 
+def _band_triangle(g: int, qbs: int, bs: int, r: int, dtype) -> np.ndarray:
+    """[G·qbs, (r+1)·bs] additive causal mask of a query block over its band: key u of the band
+    sits at position start − bs + u, query t at start + t; visible when u − bs ≤ t."""
+    t = np.tile(np.arange(qbs), g)[:, None]
+    u = np.arange((r + 1) * bs)[None]
+    return np.where(u - bs <= t, 0.0, NEG).astype(dtype)
+
+
 def forced_blocks(block: int, query_block: int) -> int:
     """Blocks every query block keeps outside the budget: the sink, its own key blocks and the
     one before them."""
@@ -74,43 +82,54 @@ def build_causal_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Val
     k_hat = e.ReduceMean(kb, e.i64(3), keepdims=0)                     # [B,Hkv,nb,d]
     block_scores = e.MatMul(q_hat, e.tr(k_hat, [0, 1, 3, 2]))          # [B,Hkv,nq,nb]
 
-    # causal at block level, with the sink and the local band forced in
+    # The band: the key blocks under the query block and the one before it (r + 1 blocks, the
+    # last ones of each selection), where a static triangle is the causal mask. The far blocks:
+    # TopK among the blocks before the band, the sink (block 0) forced; all causally visible.
     qi = e.Unsqueeze(e.Range(_scalar(e, 0), _scalar_of(e, nq_t), _scalar(e, 1)), e.i64(1))
     kj = e.Unsqueeze(e.Range(_scalar(e, 0), _scalar_of(e, nb_t), _scalar(e, 1)), e.i64(0))
-    visible = e.Less(kj, e.Mul(e.Add(qi, e.i64(1)), e.i64(r)))        # [nq, nb]
-    local = e.Or(e.Equal(kj, e.i64(0)), e.GreaterOrEqual(kj, e.Sub(e.Mul(qi, e.i64(r)),
-                                                                    e.i64(1))))
-    forced = e.And(visible, local)
-    block_scores = e.Where(forced, e.const(FORCE), e.Where(visible, block_scores, e.const(NEG)))
+    band_start = e.Sub(e.Mul(qi, e.i64(r)), e.i64(1))                  # [nq, 1] (−1 at i = 0)
+    far = e.Less(kj, band_start)                                       # [nq, nb]
+    sink = e.And(far, e.Equal(kj, e.i64(0)))
+    block_scores = e.Where(sink, e.const(FORCE), e.Where(far, block_scores, e.const(NEG)))
     budget = e.Cast(e.Ceil(e.Mul(e.Cast(nb_t, to=ir.DataType.FLOAT),
                                  e.const([cfg.keep], np.float32))), to=I64)
-    k_t = e.Min(e.Add(budget, e.i64(forced_blocks(bs, qbs))), nb_t)
-    _, idx = e.TopK(block_scores, k_t, axis=-1, largest=1, sorted=1, _outputs=2)  # [B,Hkv,nq,K]
+    k_far = e.Min(e.Add(budget, e.i64(1)), nb_t)
+    _, far_idx = e.TopK(block_scores, k_far, axis=-1, largest=1, sorted=1, _outputs=2)
+    # a pick past the band start (fewer far blocks than the budget early on) is masked
+    far_ok = e.Less(far_idx, band_start)                               # [B,Hkv,nq,Kf]
+    band_idx = e.Add(band_start, e.const(np.arange(r + 1), np.int64))  # [nq, r+1]
+    band_ok = e.GreaterOrEqual(band_idx, e.i64(0))
+    expand_to = e.Concat(e.Shape(far_idx, start=0, end=3), e.i64(r + 1), axis=0)
+    idx = e.Concat(far_idx, e.Expand(e.Max(band_idx, e.i64(0)), expand_to), axis=-1)
+    block_ok = e.Concat(far_ok, e.Expand(band_ok, expand_to), axis=-1)  # [B,Hkv,nq,K]
 
     # whole blocks out of [B·Hkv·nb, bs, d]
     bh = e.Shape(k, start=0, end=2)
     rows = e.Range(_scalar(e, 0), _scalar_of(e, e.ReduceProd(bh, keepdims=1)), _scalar(e, 1))
     flat = e.Add(idx, e.Reshape(e.Mul(rows, nb_t), e.Concat(bh, e.i64(1, 1), axis=0)))
-    keys = e.Mul(k_t, e.i64(bs))
+    keys = e.Mul(e.Add(k_far, e.i64(r + 1)), e.i64(bs))
     kv_shape = e.Concat(e.i64(0, hkv, -1), keys, e.i64(d), axis=0)    # [B,Hkv,nq,K·bs,d]
     gk, gv = (e.Reshape(e.Gather(e.Reshape(x, e.i64(-1, bs, d)), flat, axis=0), kv_shape)
               for x in (kb, vb))
     scores = e.MatMul(qg, e.tr(gk, [0, 1, 2, 4, 3]))                   # [B,Hkv,nq,G·qbs,K·bs]
 
-    # positions: a key is visible to a query at or after it, and when it is not padding
-    offsets = e.Unsqueeze(e.Mul(idx, e.i64(bs)), e.i64(-1))            # [B,Hkv,nq,K,1]
-    key_pos = e.Reshape(e.Add(offsets, e.const(np.arange(bs), np.int64)),
-                        e.Concat(e.i64(0, hkv), e.Shape(idx, start=2, end=3), keys, axis=0))
-    q_pos = e.Add(e.Mul(qi, e.i64(qbs)), e.Unsqueeze(
-        e.Tile(e.const(np.arange(qbs), np.int64), e.i64(g)), e.i64(0)))  # [nq, G·qbs]
-    causal = e.LessOrEqual(e.Unsqueeze(key_pos, e.i64(3)), e.Unsqueeze(q_pos, e.i64(-1)))
+    # masks as additive biases, each broadcast: per key (padding, invalid blocks) over the
+    # query rows, and the band's static causal triangle over the batch, heads and blocks
     valid = e.Cast(padded(e.Cast(key_valid, to=I64), rank=2, axis=1), to=ir.DataType.BOOL)
     batch_rows = e.Range(_scalar(e, 0), _scalar_of(e, e.Shape(k, start=0, end=1)),
                          _scalar(e, 1))
-    where = e.Add(key_pos, e.Reshape(e.Mul(batch_rows, length), e.i64(-1, 1, 1, 1)))
-    key_ok = e.Gather(e.Reshape(valid, e.i64(-1)), where, axis=0)     # [B,Hkv,nq,K·bs]
-    ok = e.And(causal, e.Unsqueeze(key_ok, e.i64(3)))
-    probs = e.Softmax(e.Where(ok, scores, e.const(NEG)), axis=-1)
+    key_pos = e.Add(e.Unsqueeze(e.Mul(idx, e.i64(bs)), e.i64(-1)),
+                    e.const(np.arange(bs), np.int64))                  # [B,Hkv,nq,K,bs]
+    where = e.Add(key_pos, e.Reshape(e.Mul(batch_rows, length), e.i64(-1, 1, 1, 1, 1)))
+    key_ok = e.And(e.Gather(e.Reshape(valid, e.i64(-1)), where, axis=0),
+                   e.Unsqueeze(block_ok, e.i64(-1)))
+    key_bias = e.Reshape(e.Where(key_ok, e.const(0.0), e.const(NEG)),
+                         e.Concat(e.i64(0, hkv), e.Shape(idx, start=2, end=3), e.i64(1), keys,
+                                  axis=0))                             # [B,Hkv,nq,1,K·bs]
+    far_cols = e.Concat(e.i64(g * qbs), e.Mul(k_far, e.i64(bs)), axis=0)
+    causal = e.Concat(e.Expand(e.const(np.zeros((1, 1), shape.dtype.numpy())), far_cols),
+                      e.const(_band_triangle(g, qbs, bs, r, shape.dtype.numpy())), axis=-1)
+    probs = e.Softmax(e.Add(e.Add(scores, causal), key_bias), axis=-1)
     out = e.MatMul(probs, gv)                                          # [B,Hkv,nq,G·qbs,d]
     out = e.tr(e.Reshape(out, e.i64(0, hkv, -1, g, qbs, d)), [0, 1, 3, 2, 4, 5])
     out = e.Reshape(out, e.i64(0, hkv * g, -1, d))                     # [B,H,L,d]
