@@ -367,9 +367,9 @@ def _prefill_example(recipe: Recipe):
     """The prefill graph is verified on a prompt of two query blocks and half a key block, so
     the check crosses block boundaries and has a ragged last block."""
     from edgec.exporters.decoder import PrefillGraph
-    from edgec.graph_passes.sparse_attention import SparseAttentionConfig
+    from edgec.graph_passes.sparse_attention.prefill import causal_config
 
-    cfg = SparseAttentionConfig.parse(recipe.sparse_attention)
+    cfg = causal_config(recipe.sparse_attention)
     return PrefillGraph(2 * cfg.query_block + max(1, cfg.block // 2))
 
 

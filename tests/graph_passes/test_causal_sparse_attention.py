@@ -29,7 +29,7 @@ def _graph(cfg, scale):
         "t", q, k, v, mask, scale, CausalShape(H, HKV, D, ir.DataType.FLOAT), cfg)
     out.name = "out"
     graph = ir.Graph([q, k, v, mask], [out], nodes=tape.nodes,
-                     initializers=tape.initializers, opset_imports={"": 21})
+                     initializers=tape.initializers, opset_imports={"": 23})
     return ir.Model(graph, ir_version=10), stats
 
 

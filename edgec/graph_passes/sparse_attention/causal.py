@@ -39,8 +39,9 @@ class CausalShape:
 
 
 def _band_triangle(g: int, qbs: int, bs: int, r: int, dtype) -> np.ndarray:
-    """[G·qbs, (r+1)·bs] additive causal mask of a query block over its band: key u of the band
-    sits at position start − bs + u, query t at start + t; visible when u − bs ≤ t."""
+    """[G·qbs, (r+1)·bs] additive causal mask of a query block (its G query heads' rows) over
+    its band: key u sits at position start − bs + u, query t at start + t; visible when
+    u − bs ≤ t."""
     t = np.tile(np.arange(qbs), g)[:, None]
     u = np.arange((r + 1) * bs)[None]
     return np.where(u - bs <= t, 0.0, NEG).astype(dtype)
@@ -72,15 +73,32 @@ def build_causal_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Val
         parts += [e.i64(*[0] * (rank - axis - 1))] if rank - axis - 1 else []
         return e.Pad(x, e.Concat(*parts, axis=0))
 
-    if scale != 1.0:
-        q = e.Mul(q, e.const(np.array(scale, shape.dtype.numpy())))
-    # queries grouped by KV head and query block: [B, Hkv, nq, G·qbs, d]
-    qg = e.Reshape(padded(q), e.i64(0, hkv, g, -1, qbs, d))            # [B,Hkv,G,nq,qbs,d]
-    qg = e.Reshape(e.tr(qg, [0, 1, 3, 2, 4, 5]), e.i64(0, hkv, -1, g * qbs, d))
-    kb, vb = (e.Reshape(padded(x), e.i64(0, hkv, -1, bs, d)) for x in (k, v))  # [B,Hkv,nb,bs,d]
-    q_hat = e.ReduceMean(qg, e.i64(3), keepdims=0)                     # [B,Hkv,nq,d]
-    k_hat = e.ReduceMean(kb, e.i64(3), keepdims=0)                     # [B,Hkv,nb,d]
+    # Q carries the scale and a constant 1 in an extra column; K carries an additive key bias
+    # there (0, or NEG for padding and for the dead block), so q'·k' = q·k·scale + bias: the
+    # per-key masks cost nothing and the runtime's fused Attention gets a 2-D mask only.
+    q = e.Mul(q, e.const(np.array(scale, shape.dtype.numpy()))) if scale != 1.0 else q
+    ones = e.Expand(e.const(np.ones((1, 1, 1, 1), shape.dtype.numpy())),
+                    e.Concat(e.Shape(q, start=0, end=3), e.i64(1), axis=0))
+    q_blocks = e.Reshape(padded(e.Concat(q, ones, axis=-1)), e.i64(0, hkv * g, -1, qbs, d + 1))
+    q_hat = e.ReduceMean(e.Reshape(e.Slice(q_blocks, e.i64(0), e.i64(d), e.i64(4)),
+                                   e.i64(0, hkv, g, -1, qbs, d)), e.i64(2, 4), keepdims=0)
+    kp, vp = padded(k), padded(v)                                      # [B,Hkv,L,d]
+    k_hat = e.ReduceMean(e.Reshape(kp, e.i64(0, hkv, -1, bs, d)), e.i64(3), keepdims=0)
     block_scores = e.MatMul(q_hat, e.tr(k_hat, [0, 1, 3, 2]))          # [B,Hkv,nq,nb]
+
+    valid = e.Cast(padded(e.Cast(key_valid, to=I64), rank=2, axis=1), to=ir.DataType.BOOL)
+    bias = e.Where(valid, e.const(0.0), e.const(NEG))                  # [B, L]
+    bias = e.Expand(e.Unsqueeze(bias, e.i64(1, 3)),
+                    e.Concat(e.Shape(k, start=0, end=2), length, e.i64(1), axis=0))
+    dead_shape = e.Concat(e.Shape(k, start=0, end=2), e.i64(bs, d + 1), axis=0)
+    dead_k = np.zeros((1, 1, 1, d + 1), shape.dtype.numpy())
+    dead_k[..., d] = NEG
+    k_table = e.Concat(e.Concat(kp, bias, axis=-1), e.Expand(e.const(dead_k), dead_shape),
+                       axis=2)                                         # [B,Hkv,L+bs,d+1]
+    v_table = e.Concat(vp, e.Expand(e.const(np.zeros((1, 1, 1, d), shape.dtype.numpy())),
+                                    e.Concat(e.Shape(k, start=0, end=2), e.i64(bs, d),
+                                             axis=0)), axis=2)         # [B,Hkv,L+bs,d]
+    dead = nb_t  # the index of the dead block
 
     # The band: the key blocks under the query block and the one before it (r + 1 blocks, the
     # last ones of each selection), where a static triangle is the causal mask. The far blocks:
@@ -95,44 +113,34 @@ def build_causal_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Val
                                  e.const([cfg.keep], np.float32))), to=I64)
     k_far = e.Min(e.Add(budget, e.i64(1)), nb_t)
     _, far_idx = e.TopK(block_scores, k_far, axis=-1, largest=1, sorted=1, _outputs=2)
-    # a pick past the band start (fewer far blocks than the budget early on) is masked
-    far_ok = e.Less(far_idx, band_start)                               # [B,Hkv,nq,Kf]
+    # picks past the band start (fewer far blocks than the budget, early on) read the dead block
+    far_idx = e.Where(e.Less(far_idx, band_start), far_idx, dead)      # [B,Hkv,nq,Kf]
     band_idx = e.Add(band_start, e.const(np.arange(r + 1), np.int64))  # [nq, r+1]
-    band_ok = e.GreaterOrEqual(band_idx, e.i64(0))
+    band_idx = e.Where(e.GreaterOrEqual(band_idx, e.i64(0)), band_idx, dead)
     expand_to = e.Concat(e.Shape(far_idx, start=0, end=3), e.i64(r + 1), axis=0)
-    idx = e.Concat(far_idx, e.Expand(e.Max(band_idx, e.i64(0)), expand_to), axis=-1)
-    block_ok = e.Concat(far_ok, e.Expand(band_ok, expand_to), axis=-1)  # [B,Hkv,nq,K]
+    idx = e.Concat(far_idx, e.Expand(band_idx, expand_to), axis=-1)    # [B,Hkv,nq,K]
 
-    # whole blocks out of [B·Hkv·nb, bs, d]
+    # whole blocks out of [B·Hkv·(nb+1), bs, ·], gathered in [B, nq, Hkv] order
+    idx = e.tr(idx, [0, 2, 1, 3])                                      # [B,nq,Hkv,K]
     bh = e.Shape(k, start=0, end=2)
     rows = e.Range(_scalar(e, 0), _scalar_of(e, e.ReduceProd(bh, keepdims=1)), _scalar(e, 1))
-    flat = e.Add(idx, e.Reshape(e.Mul(rows, nb_t), e.Concat(bh, e.i64(1, 1), axis=0)))
+    offsets = e.Reshape(e.Mul(rows, e.Add(nb_t, e.i64(1))), e.Concat(
+        e.Shape(k, start=0, end=1), e.i64(1), e.Shape(k, start=1, end=2), e.i64(1), axis=0))
+    flat = e.Add(idx, offsets)
     keys = e.Mul(e.Add(k_far, e.i64(r + 1)), e.i64(bs))
-    kv_shape = e.Concat(e.i64(0, hkv, -1), keys, e.i64(d), axis=0)    # [B,Hkv,nq,K·bs,d]
-    gk, gv = (e.Reshape(e.Gather(e.Reshape(x, e.i64(-1, bs, d)), flat, axis=0), kv_shape)
-              for x in (kb, vb))
-    scores = e.MatMul(qg, e.tr(gk, [0, 1, 2, 4, 3]))                   # [B,Hkv,nq,G·qbs,K·bs]
-
-    # masks as additive biases, each broadcast: per key (padding, invalid blocks) over the
-    # query rows, and the band's static causal triangle over the batch, heads and blocks
-    valid = e.Cast(padded(e.Cast(key_valid, to=I64), rank=2, axis=1), to=ir.DataType.BOOL)
-    batch_rows = e.Range(_scalar(e, 0), _scalar_of(e, e.Shape(k, start=0, end=1)),
-                         _scalar(e, 1))
-    key_pos = e.Add(e.Unsqueeze(e.Mul(idx, e.i64(bs)), e.i64(-1)),
-                    e.const(np.arange(bs), np.int64))                  # [B,Hkv,nq,K,bs]
-    where = e.Add(key_pos, e.Reshape(e.Mul(batch_rows, length), e.i64(-1, 1, 1, 1, 1)))
-    key_ok = e.And(e.Gather(e.Reshape(valid, e.i64(-1)), where, axis=0),
-                   e.Unsqueeze(block_ok, e.i64(-1)))
-    key_bias = e.Reshape(e.Where(key_ok, e.const(0.0), e.const(NEG)),
-                         e.Concat(e.i64(0, hkv), e.Shape(idx, start=2, end=3), e.i64(1), keys,
-                                  axis=0))                             # [B,Hkv,nq,1,K·bs]
+    gk, gv = (e.Reshape(e.Gather(e.Reshape(t, e.i64(-1, bs, w)), flat, axis=0),
+                        e.Concat(e.i64(-1, hkv), keys, e.i64(w), axis=0))
+              for t, w in ((k_table, d + 1), (v_table, d)))            # [B·nq,Hkv,K·bs,·]
+    # a group's query heads are rows of one query block (no grouped-head support needed)
+    q4 = e.tr(e.Reshape(q_blocks, e.i64(0, hkv, g, -1, qbs, d + 1)), [0, 3, 1, 2, 4, 5])
+    q4 = e.Reshape(q4, e.i64(-1, hkv, g * qbs, d + 1))                 # [B·nq,Hkv,G·qbs,d+1]
     far_cols = e.Concat(e.i64(g * qbs), e.Mul(k_far, e.i64(bs)), axis=0)
-    causal = e.Concat(e.Expand(e.const(np.zeros((1, 1), shape.dtype.numpy())), far_cols),
-                      e.const(_band_triangle(g, qbs, bs, r, shape.dtype.numpy())), axis=-1)
-    probs = e.Softmax(e.Add(e.Add(scores, causal), key_bias), axis=-1)
-    out = e.MatMul(probs, gv)                                          # [B,Hkv,nq,G·qbs,d]
-    out = e.tr(e.Reshape(out, e.i64(0, hkv, -1, g, qbs, d)), [0, 1, 3, 2, 4, 5])
-    out = e.Reshape(out, e.i64(0, hkv * g, -1, d))                     # [B,H,L,d]
+    mask = e.Concat(e.Expand(e.const(np.zeros((1, 1), shape.dtype.numpy())), far_cols),
+                    e.const(_band_triangle(g, qbs, bs, r, shape.dtype.numpy())), axis=-1)
+    out = e.Attention(q4, gk, gv, mask, scale=1.0)                     # [B·nq,Hkv,G·qbs,d]
+    out = e.Reshape(out, e.Concat(e.Shape(k, start=0, end=1), e.i64(-1, hkv, g, qbs, d),
+                                  axis=0))
+    out = e.Reshape(e.tr(out, [0, 2, 3, 1, 4, 5]), e.i64(0, hkv * g, -1, d))  # [B,H,L,d]
     out = e.Slice(out, e.i64(0), s_t, e.i64(2))
     stats = {"mode": "causal", "block": bs, "query_block": qbs, "keep": cfg.keep,
              "forced_blocks": forced_blocks(bs, qbs), "grouped_heads": g}

