@@ -222,6 +222,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         if gen and tgt.static_shapes:  # the one-token graph beside the prefill graph
             decode = _decode_graph(source, recipe, stage, step)
             built.runtime["decode"] = decode[0]
+            if tgt.share_graphs is not None:
+                _share_graphs(tgt, built, src.feeds, decode[2], stage, step)
         dense = _dense_graph(source, recipe, example_inputs, dynamic_shapes, stage, step)
         if dense:
             built.runtime["dense"] = dense[0]
@@ -311,10 +313,10 @@ def static_graphs(recipe: Recipe) -> tuple[Any, Any]:
     return StaticCache(context, chunk), StaticCache(context, 1)
 
 
-def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, dict]:
+def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, dict, dict]:
     """Export, rewrite, build and verify the one-token decode graph of a static-cache decoder
-    beside the prefill graph (``decode.onnx``, ``target/decode/``): its runtime entry and its
-    fidelity."""
+    beside the prefill graph (``decode.onnx``, ``target/decode/``): its runtime entry, its
+    fidelity and its example feeds."""
     from edgec.fidelity import target_fidelity, verification_session
     from edgec.onnx_io import save_model
 
@@ -330,7 +332,33 @@ def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, di
     fidelity, _ = target_fidelity(session, prep.src, _approximate(prep.manager.records),
                                   prep.model, recipe.quantize is not None)
     del session
-    return entry, fidelity
+    return entry, fidelity, prep.src.feeds
+
+
+def _share_graphs(tgt, built, prefill_feeds, decode_feeds, stage: Path, step: Progress) -> None:
+    """One device context for the prefill and decode graphs where the target's backend loads
+    it (weights stored once); else the two binaries stay. Recorded in ``runtime.shared_context``
+    and a build note either way."""
+    step(f"sharing one {tgt.name} context between the prefill and decode graphs")
+    runtime = {k: v for k, v in built.runtime.items() if k != "decode"}
+    shared = tgt.share_graphs(
+        [("prefill", stage / "model.onnx", stage / "target"),
+         ("decode", stage / "decode.onnx", stage / "target" / "decode")],
+        stage / "target", [prefill_feeds, decode_feeds], runtime)
+    kb = {k: round(shared[k] / 1024) for k in ("separate_bytes", "shared_bytes") if k in shared}
+    if shared["shared"]:
+        built.runtime["model"] = shared["models"]["prefill"]
+        built.runtime["decode"]["model"] = shared["models"]["decode"]
+        for entry in (built.runtime, built.runtime["decode"]):
+            entry["session_config"] = shared["session_config"]
+        note = (f"prefill and decode graphs share one {tgt.name} context: "
+                f"{kb.get('shared_bytes')} KB instead of {kb['separate_bytes']} KB")
+    else:
+        note = (f"prefill and decode graphs ship as two contexts ({kb['separate_bytes']} KB"
+                + (f"; shared: {kb['shared_bytes']} KB" if "shared_bytes" in kb else "")
+                + f"): {shared['why']}")
+    built.runtime["shared_context"] = {k: v for k, v in shared.items() if k != "models"}
+    built.notes.append(note)
 
 
 def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: Path,

@@ -215,8 +215,7 @@ class Recipe:
                 raise UserError(f"FreeKV retrieval runs on ort-cpu and openvino-cpu, not on "
                                 f"{t.name}; drop --kv-retrieval")
             other = [n for n, v in (("--quantize", self.quantize), ("--lora", self.lora),
-                                    ("--rotate", self.rotate), ("--prune", self.prune),
-                                    ("--sparse-attention", self.sparse_attention)) if v]
+                                    ("--rotate", self.rotate), ("--prune", self.prune)) if v]
             if other:
                 raise UserError(f"--kv-retrieval builds its decode graph from the fp32 model, "
                                 f"so it does not carry {other[0]} yet; drop one of the two")

@@ -141,11 +141,11 @@ class Session(abc.ABC):
         info = self.decoder_info
         shape = np.shape(input_ids)
         batch, length = (1, shape[0]) if len(shape) == 1 else shape[:2]
-        retrieval = cache = (self._retrieval_cache(info, batch, length + max_new_tokens)
-                             if kv_retrieval else None)
-        if cache is None:
-            cache = self._prefill_first(self._kv_cache(info, batch, length + max_new_tokens),
-                                        info, length, sparse_prefill)
+        retrieval = (self._retrieval_cache(info, batch, length + max_new_tokens) if kv_retrieval
+                     else None)
+        cache = retrieval if retrieval is not None else self._kv_cache(
+            info, batch, length + max_new_tokens)
+        cache = self._prefill_first(cache, info, length, sparse_prefill)
         ids, stats = generate(
             self, info, input_ids, attention_mask, cache=cache,
             streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -163,7 +163,7 @@ class Session(abc.ABC):
         prompt is at least its ``min_tokens`` long and the cache can be loaded; else ``cache``."""
         entry = ((getattr(self, "manifest", None) or {}).get("runtime") or {}).get("prefill")
         if (not sparse_prefill or not entry or prompt_tokens < entry.get("min_tokens", 0)
-                or not hasattr(cache, "load")):
+                or not hasattr(cache, "load_prompt")):
             return cache
         from edgec.runtimes.generation import SparsePrefill
 

@@ -241,6 +241,12 @@ class FixedBufferCache:
         self.stats["prefill_tokens"] = int(ids.shape[1])
         return out["logits"]
 
+    def load_prompt(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
+        """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph):
+        ``presents`` key, value per layer [B, kv_heads, S, head_dim]."""
+        self.load(list(zip(presents[::2], presents[1::2])), start=np.argmax(mask != 0, axis=1))
+        self.stats["prefill_tokens"] = int(presents[0].shape[2])
+
     def load(self, pairs, start=None) -> None:
         """Fill the buffers from (key, value) per layer [B, kv_heads, L, head_dim] (a prefill's
         presents, or a cache computed elsewhere); ``start``: first non-padding slot per row."""

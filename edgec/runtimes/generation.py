@@ -62,7 +62,7 @@ class ArrayCache:
         self.past = {p: out[q] for p, q in zip(self.info.past_names, self.info.present_names)}
         return out["logits"]
 
-    def load(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
+    def load_prompt(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
         """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph)."""
         self.past = dict(zip(self.info.past_names, presents))
 
@@ -81,7 +81,7 @@ class SparsePrefill:
         self.done = True
         out = self.prefill._run({"input_ids": ids, "attention_mask": mask,
                                  "position_ids": positions})
-        self.cache.load([out[n] for n in self.info.present_names], mask)
+        self.cache.load_prompt([out[n] for n in self.info.present_names], mask)
         return out["logits"]
 
 

@@ -145,7 +145,7 @@ class _RuntimeCache:
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         return self.session._step(self.session._adapter_feeds(feeds, None))["logits"]
 
-    def load(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
+    def load_prompt(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
         """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph)."""
         import openvino as ov
 

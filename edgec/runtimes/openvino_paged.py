@@ -115,7 +115,7 @@ class PagedCache:
         self.decoding = None  # the decode steps bind their own arrays again
         return self._run(total)
 
-    def load(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
+    def load_prompt(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
         """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph):
         each row's real (unpadded) tokens are copied into its blocks. ``presents`` [B, kv_heads,
         S, head_dim] per layer, key then value, as the decoder's ``present.*``."""

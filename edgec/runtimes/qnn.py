@@ -92,6 +92,8 @@ class QnnSession(Session):
         backend = runtime.get("backend", "htp")
         self.runtime = f"onnxruntime-qnn ({backend.upper()})"
         opts = qnn_session_options(backend, runtime.get("provider_options"))
+        for key, value in (runtime.get("session_config") or {}).items():  # a shared context
+            opts.add_session_config_entry(key, str(value))
         try:
             with native_stdout_to_stderr():  # the QNN backend's banner goes to fd 1
                 self._sess = ort.InferenceSession(str(model_path), sess_options=opts)

@@ -102,6 +102,9 @@ class Target:
         after_quantize: exact passes (classes) that bring the QDQ graph to the device's rules.
         qdq_options: ``(proto, scheme, plan) -> dict`` of ``quantize_static`` options for this
             device's QDQ form; None: the generic form from the scheme's fields.
+        share_graphs: ``(graphs, target_dir, feeds, runtime) -> dict``: one device context for
+            a static-cache decoder's prefill and decode graphs (weights stored once), or why
+            not; None: the target keeps one native artifact per graph.
     """
 
     name: str
@@ -121,3 +124,4 @@ class Target:
     before_quantize: tuple[type, ...] = ()
     after_quantize: tuple[type, ...] = ()
     qdq_options: Callable[..., dict[str, Any]] | None = None
+    share_graphs: Callable[..., dict[str, Any]] | None = None

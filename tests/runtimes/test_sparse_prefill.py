@@ -40,7 +40,8 @@ def hf_llama(tmp_path_factory):
 def exact(tmp_path_factory, hf_llama):
     out = tmp_path_factory.mktemp("sp-exact") / "art"
     return edgec.compile(str(hf_llama[0]), target="ort-cpu", output_dir=out, generate=True,
-                         config="batch=1,seq=8", sparse_attention=f"keep=1.0,{BLOCKS}")
+                         config="batch=1,seq=8", sparse_attention=f"keep=1.0,{BLOCKS}",
+                         kv_retrieval="freekv:budget=512,page=16,sink=16,recent=32")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,11 @@ def test_keep_1_prefill_graph_is_exact_and_matches_hf_generate(exact, hf_llama):
     with torch.no_grad():
         want = hf_llama[1].generate(torch.as_tensor(ids), max_new_tokens=NEW,
                                     min_new_tokens=NEW, do_sample=False, pad_token_id=0).numpy()
-    got = session.generate(ids, max_new_tokens=NEW)
+    # FreeKV decoding (its budget covers the context: exact) from the sparse prefill's cache
+    np.testing.assert_array_equal(session.generate(ids, max_new_tokens=NEW), want)
+    assert session.last_generation["prefill_graph"] == "sparse"
+    assert session.last_generation["kv_retrieval"]["prefill_tokens"] == 100
+    got = session.generate(ids, max_new_tokens=NEW, kv_retrieval=False)  # the array cache
     assert session.last_generation["prefill_graph"] == "sparse"
     np.testing.assert_array_equal(got, want)
     # a left-padded batch of two prompts decodes as each prompt alone
@@ -68,10 +73,11 @@ def test_keep_1_prefill_graph_is_exact_and_matches_hf_generate(exact, hf_llama):
     batch = np.zeros((2, 100), np.int64)
     batch[0], batch[1, 20:] = ids[0], short[0]
     mask = (np.arange(100) >= np.array([[0], [20]])).astype(np.int64)
-    both = session.generate(batch, mask, max_new_tokens=NEW)
+    both = session.generate(batch, mask, max_new_tokens=NEW, kv_retrieval=False)
     np.testing.assert_array_equal(both[0, -NEW:], got[0, -NEW:])
     np.testing.assert_array_equal(both[1, -NEW:],
-                                  session.generate(short, max_new_tokens=NEW)[0, -NEW:])
+                                  session.generate(short, max_new_tokens=NEW,
+                                                   kv_retrieval=False)[0, -NEW:])
     # below min_seq the dense decoder prefills
     session.generate(_prompt(40), max_new_tokens=2)
     assert session.last_generation["prefill_graph"] == "dense"
@@ -105,7 +111,6 @@ def test_sparse_prefill_skips_keys_and_loads_both_openvino_caches(sparse_ov, exa
 @pytest.mark.parametrize("target,options,why", [
     ("qnn-htp", dict(quantize="w8a8"), "fixed chunks"),
     ("ort-cpu", dict(sparse_extra=",grid=2x4x4"), "causal rf2"),
-    ("ort-cpu", dict(kv_retrieval="freekv"), "--kv-retrieval"),
 ])
 def test_sparse_prefill_refusals(target, options, why):
     extra = options.pop("sparse_extra", "")

@@ -3,6 +3,7 @@ owned by the runtime, quantized, compiled to EPContext and run on the HTP emulat
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,18 @@ def test_static_graphs_and_manifest(qnn_art):
     assert (qnn_art.path / m["runtime"]["decode"]["model"]).is_file()
     decode = qnn_art.report["fidelity"]["decode_graph_vs_source"]
     assert decode["outputs"]["logits"]["cosine"] > 0.97
+
+
+def test_prefill_and_decode_share_one_context_where_the_backend_loads_it(qnn_art):
+    shared = qnn_art.manifest["runtime"]["shared_context"]
+    assert shared["shared_bytes"] < shared["separate_bytes"]  # the weights stored once
+    if platform.machine() == "x86_64":  # the HTP emulator refuses a multi-graph context
+        assert not shared["shared"] and "does not load the shared context" in shared["why"]
+        assert any("two contexts" in n for n in qnn_art.report["notes"])
+        assert not (qnn_art.path / "target" / "shared").exists()
+    else:
+        assert shared["shared"]
+        assert qnn_art.manifest["runtime"]["decode"]["session_config"]
 
 
 def test_npu_generation_agrees_with_ort_on_the_same_qdq_graphs(qnn_art):

@@ -11,6 +11,7 @@ from edgec.targets.base import QuantScheme, Target
 from edgec.targets.qnn_htp.epcontext import build
 from edgec.targets.qnn_htp.legalize import MAX_RANK, QnnLegalizePass
 from edgec.targets.qnn_htp.qdq import qdq_options
+from edgec.targets.qnn_htp.shared_context import share_context
 
 __all__ = ["QNN_HTP"]
 
@@ -53,6 +54,7 @@ QNN_HTP = Target(
     max_rank=MAX_RANK,
     before_quantize=(QnnLegalizePass,),
     qdq_options=qdq_options,
+    share_graphs=share_context,
     schemes={
         # MatMul weights int8 symmetric per output channel; every other weight (LayerNorm takes
         # only unsigned ones) u8 per tensor. Activations u8, and 16 bits for tensors whose crest
