@@ -314,25 +314,34 @@ def static_graphs(recipe: Recipe) -> tuple[Any, Any]:
 
 
 def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, dict, dict]:
-    """Export, rewrite, build and verify the one-token decode graph of a static-cache decoder
-    beside the prefill graph (``decode.onnx``, ``target/decode/``): its runtime entry, its
-    fidelity and its example feeds."""
+    """The one-token decode graph of a static-cache decoder beside the prefill graph
+    (``decode.onnx``, ``target/decode/``): its runtime entry, fidelity and example feeds."""
+    step("exporting the one-token decode graph")
+    prep = prepare(source, recipe, step=step, static=static_graphs(recipe)[1])
+    entry, fidelity = _companion("decode", prep, recipe, stage, step, tokens=1)
+    return entry, fidelity, prep.src.feeds
+
+
+def _companion(name: str, prep: Prepared, recipe: Recipe, stage: Path, step: Progress,
+               **extra: Any) -> tuple[dict, dict]:
+    """Save a companion graph (``NAME.onnx``), build it into ``target/NAME/`` and verify it:
+    (its runtime entry, with ``extra``; its fidelity)."""
     from edgec.fidelity import target_fidelity, verification_session
     from edgec.onnx_io import save_model
 
-    step("exporting the one-token decode graph")
-    prep = prepare(source, recipe, step=step, static=static_graphs(recipe)[1])
-    save_model(prep.model, stage / "decode.onnx")
+    save_model(prep.model, stage / f"{name}.onnx")
     tgt = recipe.target
-    step(f"building the decode graph for {tgt.name}")
-    built = tgt.build(tgt, stage / "decode.onnx", stage / "target" / "decode")
-    entry = {**built.runtime, "model": "target/decode/" + built.runtime["model"].removeprefix(
-        "target/"), "onnx": "decode.onnx", "tokens": 1}
+    step(f"building the {name} graph for {tgt.name}")
+    built = tgt.build(tgt, stage / f"{name}.onnx", stage / "target" / name)
+    model = built.runtime["model"]  # a target runs the .onnx itself or a file it built
+    model = (f"target/{name}/" + model.removeprefix("target/") if model.startswith("target/")
+             else f"{name}.onnx")
+    entry = {**built.runtime, "model": model, "onnx": f"{name}.onnx", **extra}
     session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
     fidelity, _ = target_fidelity(session, prep.src, _approximate(prep.manager.records),
                                   prep.model, recipe.quantize is not None)
     del session
-    return entry, fidelity, prep.src.feeds
+    return entry, fidelity
 
 
 def _share_graphs(tgt, built, prefill_feeds, decode_feeds, stage: Path, step: Progress) -> None:
@@ -366,9 +375,6 @@ def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: 
     """With ``--sparse-attention ...,dense_steps=N``: the same compile without sparse attention,
     built beside the sparse graph (``dense.onnx``, ``target/dense/``) for the sampler's first N
     steps. Returns its runtime entry and fidelity, or None."""
-    from edgec.fidelity import target_fidelity, verification_session
-    from edgec.onnx_io import save_model
-
     sa = recipe.sparse_attention
     steps = int(sa.get("dense_steps", 0) if isinstance(sa, dict) else
                 getattr(sa, "dense_steps", 0))
@@ -377,18 +383,7 @@ def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: 
     step(f"compiling the dense graph for the first {steps} sampling steps")
     prep = prepare(source, dataclasses.replace(recipe, sparse_attention=None), example_inputs,
                    dynamic_shapes, step)
-    save_model(prep.model, stage / "dense.onnx")
-    tgt = recipe.target
-    built = tgt.build(tgt, stage / "dense.onnx", stage / "target" / "dense")
-    model = built.runtime["model"]  # a target runs the .onnx itself or a file it built
-    model = ("target/dense/" + model.removeprefix("target/") if model.startswith("target/")
-             else "dense.onnx")
-    entry = {**built.runtime, "model": model, "onnx": "dense.onnx", "steps": steps}
-    session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
-    fidelity, _ = target_fidelity(session, prep.src, _approximate(prep.manager.records),
-                                  prep.model, recipe.quantize is not None)
-    del session
-    return entry, fidelity
+    return _companion("dense", prep, recipe, stage, step, steps=steps)
 
 
 def _prefill_example(recipe: Recipe):
@@ -408,27 +403,14 @@ def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
     ``target/prefill/``). ``generate`` runs it for prompts of at least ``min_seq`` tokens, then
     decodes with the dense decoder from the cache it filled. Returns its runtime entry, its
     fidelity and the sparse pass's stats, or None."""
-    from edgec.fidelity import target_fidelity, verification_session
-    from edgec.graph_passes.sparse_attention import SparseAttentionConfig
-    from edgec.onnx_io import save_model
+    from edgec.graph_passes.sparse_attention.prefill import causal_config
 
     if recipe.sparse_attention is None or recipe.target.static_shapes:
         return None
     step("exporting the sparse-attention prefill graph")
     prep = prepare(source, recipe, step=step, prefill=True)
-    save_model(prep.model, stage / "prefill.onnx")
-    tgt = recipe.target
-    step(f"building the prefill graph for {tgt.name}")
-    built = tgt.build(tgt, stage / "prefill.onnx", stage / "target" / "prefill")
-    model = built.runtime["model"]
-    model = ("target/prefill/" + model.removeprefix("target/") if model.startswith("target/")
-             else "prefill.onnx")
-    entry = {**built.runtime, "model": model, "onnx": "prefill.onnx",
-             "min_tokens": SparseAttentionConfig.parse(recipe.sparse_attention).min_seq}
-    session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
-    fidelity, _ = target_fidelity(session, prep.src, _approximate(prep.manager.records),
-                                  prep.model, recipe.quantize is not None)
-    del session
+    entry, fidelity = _companion("prefill", prep, recipe, stage, step,
+                                 min_tokens=causal_config(recipe.sparse_attention).min_seq)
     stats = next((r.stats for r in prep.manager.records if r.name == "sparse-attention"), {})
     return entry, fidelity, stats
 
