@@ -435,8 +435,9 @@ def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iter
     result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
     if as_json:
         return _print_json(result)
+    sparse = " (sparse prefill graph)" if stats["prefill_graph"] == "sparse" else ""
     out.print(f"{artifact} on {session.runtime}: prefill {stats['prefill_ms']:.2f} ms for "
-              f"{prompt_tokens} tokens, decode {stats['decode_tokens_per_s']:.1f} tokens/s "
+              f"{prompt_tokens} tokens{sparse}, decode {stats['decode_tokens_per_s']:.1f} tokens/s "
               f"({new_tokens} new tokens, median of {stats['iterations']} runs)",
               highlight=False)
 

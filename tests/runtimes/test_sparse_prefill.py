@@ -116,3 +116,17 @@ def test_sparse_prefill_refusals(target, options, why):
     extra = options.pop("sparse_extra", "")
     with pytest.raises(UserError, match=why):
         Recipe.parse(target, generate=True, sparse_attention=f"keep=0.2{extra}", **options)
+
+
+def test_bench_says_which_prefill_graph_ran(exact):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+
+    for tokens, graph in ((80, "sparse"), (32, "dense")):
+        r = CliRunner().invoke(app, ["bench", str(exact.path), "--prompt-tokens", str(tokens),
+                                     "--new-tokens", "3", "--iterations", "2", "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["prefill_graph"] == graph
