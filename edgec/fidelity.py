@@ -74,9 +74,10 @@ def verification_session(stage: Path, built):
         return open_session(stage, built.runtime), None
     # No graph optimizations: ORT's own QDQ fusions (e.g. fp8 QLinearAdd) are not what the
     # device runs; the plain graph is the reference semantics.
-    return OrtSession(stage / "model.onnx", optimize=False), (
+    onnx = built.runtime.get("onnx", "model.onnx")  # a companion graph names its own .onnx
+    return OrtSession(stage / onnx, optimize=False), (
         f"{reason.rstrip('.')}. Fidelity was measured with ONNX Runtime CPU on the same "
-        "model.onnx; latency was not measured.")
+        f"{onnx}; latency was not measured.")
 
 
 def target_fidelity(session, src, approximate: bool, model, quantized: bool = False

@@ -323,16 +323,19 @@ def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, di
 
 
 def _companion(name: str, prep: Prepared, recipe: Recipe, stage: Path, step: Progress,
-               **extra: Any) -> tuple[dict, dict]:
-    """Save a companion graph (``NAME.onnx``), build it into ``target/NAME/`` and verify it:
-    (its runtime entry, with ``extra``; its fidelity)."""
+               build_options: Mapping[str, Any] | None = None, **extra: Any
+               ) -> tuple[dict, dict]:
+    """Save a companion graph (``NAME.onnx``), build it into ``target/NAME/`` (with the
+    target's ``build_options``) and verify it: (its runtime entry, with ``extra``; its
+    fidelity)."""
     from edgec.fidelity import target_fidelity, verification_session
     from edgec.onnx_io import save_model
 
     save_model(prep.model, stage / f"{name}.onnx")
     tgt = recipe.target
     step(f"building the {name} graph for {tgt.name}")
-    built = tgt.build(tgt, stage / f"{name}.onnx", stage / "target" / name)
+    built = tgt.build(tgt, stage / f"{name}.onnx", stage / "target" / name,
+                      **dict(build_options or {}))
     model = built.runtime["model"]  # a target runs the .onnx itself or a file it built
     model = (f"target/{name}/" + model.removeprefix("target/") if model.startswith("target/")
              else f"{name}.onnx")
@@ -409,7 +412,9 @@ def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
         return None
     step("exporting the sparse-attention prefill graph")
     prep = prepare(source, recipe, step=step, prefill=True)
+    generation = {**prep.src.info["generation"], "context": recipe.context, "graph": "prefill"}
     entry, fidelity = _companion("prefill", prep, recipe, stage, step,
+                                 build_options={"generation": generation},
                                  min_tokens=causal_config(recipe.sparse_attention).min_seq)
     stats = next((r.stats for r in prep.manager.records if r.name == "sparse-attention"), {})
     return entry, fidelity, stats

@@ -130,3 +130,17 @@ def test_bench_says_which_prefill_graph_ran(exact):
                                      "--new-tokens", "3", "--iterations", "2", "--json"])
         assert r.exit_code == 0, r.output
         assert json.loads(r.output)["prefill_graph"] == graph
+
+
+def test_tensorrt_gets_one_prefill_profile_for_the_prefill_graph(exact):
+    """No GPU here: the profile the prefill graph's engine would be built with."""
+    import onnx_ir as ir
+
+    from edgec.targets.tensorrt.engine import generation_profiles
+
+    model = ir.load(exact.path / "prefill.onnx")
+    assert not any(v.name.startswith("past_key_values") for v in model.graph.inputs)
+    generation = {**exact.manifest["generation"], "graph": "prefill", "context": 256}
+    (profile,) = generation_profiles(model, generation)
+    assert profile["input_ids"] == {"min": [1, 1], "opt": [1, 256], "max": [1, 256]}
+    assert profile["attention_mask"]["max"] == [1, 256]

@@ -135,10 +135,13 @@ def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
 
     Prefill: 1..``prefill`` new tokens (default min(context, 512)) over an empty cache. Decode:
     one token over 1..context-1 cached ones. ``context`` (``--context``) bounds the cache;
-    default the model's max positions, else 2048. Batch 1..``batch`` (default 1).
+    default the model's max positions, else 2048. Batch 1..``batch`` (default 1). A sparse
+    prefill graph (``graph: prefill``, no cache inputs) gets the prefill profile only, up to
+    the whole context.
     """
     context = int(generation.get("context") or generation.get("max_positions") or 2048)
-    prefill = int(generation.get("prefill") or min(context, 512))
+    prefill_only = generation.get("graph") == "prefill"
+    prefill = int(generation.get("prefill") or (context if prefill_only else min(context, 512)))
     batch = int(generation.get("batch") or 1)
     ranges = [
         {"batch_size": (1, 1, batch), "sequence_length": (1, prefill, prefill),
@@ -148,7 +151,7 @@ def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
          "total_sequence_length": (2, context // 2 + 1, context)},
     ]
     profiles = []
-    for dims in ranges:
+    for dims in ranges[:1] if prefill_only else ranges:
         profile = {}
         for value in model.graph.inputs:
             shape = list(value.shape) if value.shape is not None else []
