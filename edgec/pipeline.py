@@ -323,11 +323,11 @@ def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, di
 
 
 def _companion(name: str, prep: Prepared, recipe: Recipe, stage: Path, step: Progress,
-               build_options: Mapping[str, Any] | None = None, **extra: Any
+               build_options: Mapping[str, Any] | None = None, src=None, **extra: Any
                ) -> tuple[dict, dict]:
     """Save a companion graph (``NAME.onnx``), build it into ``target/NAME/`` (with the
-    target's ``build_options``) and verify it: (its runtime entry, with ``extra``; its
-    fidelity)."""
+    target's ``build_options``) and verify it against ``src`` (default its own export; a LoRA
+    merge's PEFT reference): (its runtime entry, with ``extra``; its fidelity)."""
     from edgec.fidelity import target_fidelity, verification_session
     from edgec.onnx_io import save_model
 
@@ -340,8 +340,10 @@ def _companion(name: str, prep: Prepared, recipe: Recipe, stage: Path, step: Pro
     model = (f"target/{name}/" + model.removeprefix("target/") if model.startswith("target/")
              else f"{name}.onnx")
     entry = {**built.runtime, "model": model, "onnx": f"{name}.onnx", **extra}
+    held = src if src is not None else prep.src
+    ignore = ("lora-merge",) if held is not prep.src else ()
     session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
-    fidelity, _ = target_fidelity(session, prep.src, _approximate(prep.manager.records),
+    fidelity, _ = target_fidelity(session, held, _approximate(prep.manager.records, ignore),
                                   prep.model, recipe.quantize is not None)
     del session
     return entry, fidelity
@@ -413,7 +415,16 @@ def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
     step("exporting the sparse-attention prefill graph")
     prep = prepare(source, recipe, step=step, prefill=True)
     generation = {**prep.src.info["generation"], "context": recipe.context, "graph": "prefill"}
-    entry, fidelity = _companion("prefill", prep, recipe, stage, step,
+    held = None
+    if recipe.lora:  # held to PEFT's merge, as the decoder is
+        from edgec.lora.reference import lora_reference
+
+        held, _ = lora_reference(source, prep.src, recipe.lora, recipe.lora_mode)
+        if held is prep.src:
+            held = None
+        else:
+            held.reference["logits"] = held.reference["logits"][:, -1:]
+    entry, fidelity = _companion("prefill", prep, recipe, stage, step, src=held,
                                  build_options={"generation": generation},
                                  min_tokens=causal_config(recipe.sparse_attention).min_seq)
     stats = next((r.stats for r in prep.manager.records if r.name == "sparse-attention"), {})

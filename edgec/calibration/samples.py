@@ -103,13 +103,14 @@ def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:
     else:
         rng = np.random.default_rng(1000)
         prompts = [rng.integers(0, gen["vocab"], (batch, total)) for _ in range(n)]
+    past = [p for p in gen["past"] if p in src.feeds]  # a prefill-only graph takes none
     out = []
     for ids in prompts:
         b, s = ids.shape
         empty = np.zeros((b, gen["kv_heads"], 0, gen["head_dim"]), np.float32)
         out.append({"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, s), np.int64),
                     "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
-                    **dict.fromkeys(gen["past"], empty)})
+                    **dict.fromkeys(past, empty)})
     return out
 
 

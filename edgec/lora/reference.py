@@ -59,8 +59,12 @@ def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Se
         if decoder:  # a KV-cache decoder: the cache tensors are one tuple argument
             from edgec.exporters.decoder import reference_decoder
 
-            wrapped, _ = reference_decoder(merged, type(merged).__name__)
-            out = wrapped(*tensors[:3], tuple(tensors[3:]))
+            wrapped, info = reference_decoder(merged, type(merged).__name__)
+            past = tuple(tensors[3:])
+            if not past:  # a prefill-only graph (no cache inputs): the cache starts empty
+                empty = torch.zeros(tensors[0].shape[0], info.kv_heads, 0, info.head_dim)
+                past = (empty,) * (2 * info.layers)
+            out = wrapped(*tensors[:3], past)
         else:
             out = merged(*tensors)
     return {n: t.detach().cpu().numpy() for n, t in zip(output_names, flatten_outputs(out))}

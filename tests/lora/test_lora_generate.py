@@ -23,9 +23,14 @@ def test_merged_and_swappable_adapters_generate_as_peft(adapter_dirs, tmp_path):
     dirs, merged = adapter_dirs
     a, b = sorted(n for n in dirs if n != "zero")[:2]
     art = edgec.compile("llama", target="ort-cpu", config="tiny", generate=True,
-                        lora=str(dirs[a]), output_dir=tmp_path / "merge")
+                        lora=str(dirs[a]), output_dir=tmp_path / "merge",
+                        sparse_attention="keep=1.0,block=16,min_seq=64")
     assert art.manifest["lora"]["reference"].startswith("peft merge_and_unload")
     assert art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["max_rel"] < 1e-4
+    # the sparse prefill graph carries the merge too, held to the same PEFT reference
+    prefill = art.report["fidelity"]["prefill_graph_vs_source"]
+    assert prefill["reference"].startswith("peft merge_and_unload") and prefill["rtol"]
+    assert prefill["outputs"]["logits"]["max_rel"] < 1e-4
     np.testing.assert_array_equal(art.load().generate(PROMPT, max_new_tokens=10),
                                   _greedy(merged[a], 10))
     # swappable adapters on the stateful OpenVINO decoder: each generates as PEFT merged it
