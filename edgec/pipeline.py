@@ -415,14 +415,12 @@ def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
     step("exporting the sparse-attention prefill graph")
     prep = prepare(source, recipe, step=step, prefill=True)
     generation = {**prep.src.info["generation"], "context": recipe.context, "graph": "prefill"}
-    held = None
+    held = prep.src
     if recipe.lora:  # held to PEFT's merge, as the decoder is
         from edgec.lora.reference import lora_reference
 
         held, _ = lora_reference(source, prep.src, recipe.lora, recipe.lora_mode)
-        if held is prep.src:
-            held = None
-        else:
+        if held is not prep.src:  # PEFT's outputs: every position; the graph's: the last
             held.reference["logits"] = held.reference["logits"][:, -1:]
     entry, fidelity = _companion("prefill", prep, recipe, stage, step, src=held,
                                  build_options={"generation": generation},

@@ -210,7 +210,7 @@ def new_slots_only(model, info: DecoderInfo) -> None:
 
 def prefill_only(model, info: DecoderInfo) -> None:
     """Make the decoder a prefill graph: no ``past_key_values.*`` inputs (the cache starts
-    empty: an empty slice of the new keys/values, so the batch dim stays dynamic), each
+    empty: [B, kv_heads, 0, head_dim] expanded from ``input_ids``' batch), each
     ``present.*`` the new keys/values themselves, and ``logits`` of the last position only
     (prompts are left-padded, so it is every row's last token; the LM head then runs on one
     row instead of the whole prompt)."""

@@ -75,11 +75,15 @@ class OpenVINOSession(Session):
         return {next(p for p in self._pairs if st.name.startswith(p)): st
                 for st in self._request.query_state()}
 
-    def _run_stateful(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _set_states(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Each variable set from ``arrays[its past input name]``."""
         import openvino as ov
 
         for name, state in self._states().items():
-            state.state = ov.Tensor(np.ascontiguousarray(feeds[name], np.float32))
+            state.state = ov.Tensor(np.ascontiguousarray(arrays[name], np.float32))
+
+    def _run_stateful(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._set_states(feeds)
         plain = {k: v for k, v in feeds.items() if k not in self._pairs}
         out = self._step(plain)
         for name, state in self._states().items():
@@ -147,11 +151,4 @@ class _RuntimeCache:
 
     def load_prompt(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
         """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph)."""
-        import openvino as ov
-
-        from edgec.exporters.decoder import past_name
-
-        states = self.session._states()
-        for i, value in enumerate(presents):
-            state = states[past_name(i // 2, ("key", "value")[i % 2])]
-            state.state = ov.Tensor(np.ascontiguousarray(value, np.float32))
+        self.session._set_states(dict(zip(self.session.decoder_info.past_names, presents)))
