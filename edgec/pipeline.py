@@ -129,7 +129,7 @@ class Prepared:
 def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
             step: Progress | None = None, until: str | None = None,
-            static=None, prefill: bool = False) -> Prepared:
+            static=None, prefill: bool = False, graph=None) -> Prepared:
     """Export ``source`` (static shapes if the target needs them) and run the stage table.
 
     ``until`` stops before the named stage: ``edgec calibrate`` stops before ``quantize``, so the
@@ -137,6 +137,7 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     ``static``: for generation on a static-shape target, which decoder graph (a
     ``decoder.StaticCache``: context and tokens per run); default the prefill graph.
     ``prefill``: a dynamic decoder's prefill-only graph (``_prefill_graph``).
+    ``graph``: a VLM's vision or prefill graph (``exporters.vlm_source`` markers).
     """
     from edgec.exporters.sources import resolve_source
 
@@ -151,6 +152,7 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
         static = static or static_graphs(recipe)[0]
     if prefill:
         static = _prefill_example(recipe)
+    static = graph or static
     src = resolve_source(source, recipe.config, example_inputs, dynamic_shapes,
                          generate=static or recipe.generate, opset=_decoder_opset(recipe))
     times["export_s"] = src.export_seconds
@@ -158,7 +160,7 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     _check_opset(src.model, tgt)
     step("running graph passes" + (" with equivalence checks" if recipe.check else ""))
     t0 = time.perf_counter()
-    ctx = StageContext(recipe, src, step, "prefill" if prefill else "model")
+    ctx = StageContext(recipe, src, step, "prefill" if prefill or graph else "model")
     passes = []
     for stage in STAGES:
         if stage.name == until:
@@ -185,6 +187,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
     step = progress or logger.info
     out = Path(output_dir)
     artifact._check_destination(out.absolute())
+    _check_vision_recipe(source, recipe)
     prep = prepare(source, recipe, example_inputs, dynamic_shapes, step)
     src, model, records, times = prep.src, prep.model, prep.manager.records, prep.times
     lora_info = None
@@ -230,6 +233,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         prefill = _prefill_graph(source, recipe, stage, step) if gen else None
         if prefill:
             built.runtime["prefill"] = prefill[0]
+        vision = _vision_graphs(source, recipe, stage, step) if gen and "vision" in gen else None
+        if vision:
+            built.runtime["vision"], built.runtime["prefill"] = vision[0]
         times["build_s"] = time.perf_counter() - t0
 
         step(f"verifying on {tgt.name}")
@@ -263,6 +269,11 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         if prefill:
             report["fidelity"]["prefill_graph_vs_source"] = prefill[1]
             report["sparse_prefill"] = prefill[2]
+        if vision:
+            report["fidelity"]["vision_graph_vs_source"] = vision[1][0]
+            report["fidelity"]["prefill_graph_vs_source"] = vision[1][1]
+            report["vision_pruning"] = vision[2]
+            manifest["generation"]["vision"] = {**gen["vision"], "pruning": vision[2]}
         if retrieval:
             manifest["kv_retrieval"] = retrieval
         if src.info.get("sampling"):
@@ -427,6 +438,53 @@ def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
                                  min_tokens=causal_config(recipe.sparse_attention).min_seq)
     stats = next((r.stats for r in prep.manager.records if r.name == "sparse-attention"), {})
     return entry, fidelity, stats
+
+
+VLM_TARGETS = ("ort-cpu", "openvino-cpu")
+
+
+def _check_vision_recipe(source, recipe: Recipe) -> None:
+    """A VLM compiles to a generation artifact on the CPU targets, fp32, without the other
+    rewrites (they are not carried into its vision and prefill graphs yet); pruning vision
+    tokens needs a VLM."""
+    from edgec.exporters.vlm_source import is_vlm_source
+
+    vlm = is_vlm_source(source)
+    if recipe.prune_vision_tokens is not None and not (vlm and recipe.generate):
+        raise UserError("--prune-vision-tokens applies to a vision-language model's generation "
+                        "artifact: `vlm` or a LLaVA checkpoint directory, with --generate")
+    if not (vlm and recipe.generate):
+        return
+    if recipe.target.name not in VLM_TARGETS:
+        raise UserError(f"a VLM generation artifact builds for {' and '.join(VLM_TARGETS)}, not "
+                        f"{recipe.target.name}")
+    other = [n for n, v in (("--quantize", recipe.quantize), ("--lora", recipe.lora),
+                            ("--rotate", recipe.rotate), ("--prune", recipe.prune),
+                            ("--sparse-attention", recipe.sparse_attention),
+                            ("--kv-retrieval", recipe.kv_retrieval)) if v]
+    if other:
+        raise UserError(f"a VLM generation artifact is fp32 without other rewrites for now; "
+                        f"drop {other[0]}")
+
+
+def _vision_graphs(source, recipe: Recipe, stage: Path, step: Progress
+                   ) -> tuple[tuple[dict, dict], tuple[dict, dict], dict]:
+    """A VLM's image encoder (``vision.onnx``, ``target/vision/``) and prefill graph (the
+    embedding merge and the language model over the prompt, with ``--prune-vision-tokens``:
+    ``prefill.onnx``, ``target/prefill/``) beside its text decoder: their runtime entries,
+    fidelities, and the pruning's stats."""
+    from edgec.exporters.vlm_source import VisionGraph, VlmPrefillGraph
+
+    step("exporting the image encoder")
+    prep = prepare(source, recipe, step=step, graph=VisionGraph())
+    vision = _companion("vision", prep, recipe, stage, step)
+    pruning = recipe.prune_vision_tokens
+    step("exporting the VLM prefill graph" + (f" (vision tokens kept: {pruning.keep:g} after "
+                                              f"layer {pruning.layer})" if pruning else ""))
+    prep = prepare(source, recipe, step=step, graph=VlmPrefillGraph(pruning))
+    prefill = _companion("prefill", prep, recipe, stage, step, kind="vlm")
+    stats = prep.src.info["vision_pruning"]
+    return (vision[0], prefill[0]), (vision[1], prefill[1]), stats
 
 
 def _ship_checkpoint_files(src, stage: Path) -> str | None:

@@ -124,6 +124,12 @@ def _kv_retrieval(raw: Any, target, parsed: dict):
     return parse_kv_retrieval(raw)
 
 
+def _vision_tokens(raw: Any, target, parsed: dict):
+    from edgec.exporters.vision_prune import VisionPruning
+
+    return VisionPruning.parse(raw)
+
+
 _QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | fp8 (`edgec "
                   "targets` lists them); options after ':' method=minmax|percentile|entropy, "
                   "exclude=NODE_OR_OP;... (kept in high precision), samples=N, mask_fill=F, "
@@ -190,6 +196,12 @@ class Recipe:
              "budget=2048,page=32,sink=64,recent=256,tau=0.8 (min/max key digests per page, "
              "Quest scores, speculative selection from the previous query, per-head correction "
              "below tau)")
+
+    prune_vision_tokens: Any = _option(
+        None, "--prune-vision-tokens", metavar="K=V,...", parse=_vision_tokens,
+        help="a VLM's prefill keeps the best image tokens after a decoder layer (training-free "
+             "Dynamic-LLaVA / FastV; vlm or LLaVA, --generate): keep=0.25,layer=2,"
+             "score=attention|norm")
 
     def __post_init__(self):
         t = self.target
@@ -287,6 +299,8 @@ class Recipe:
             "check": self.check, "generate": self.generate, "context": self.context,
             "kv_retrieval": (self.kv_retrieval.to_json() if self.kv_retrieval is not None
                              else None),
+            "prune_vision_tokens": (self.prune_vision_tokens.to_json()
+                                    if self.prune_vision_tokens is not None else None),
         }
 
 

@@ -113,6 +113,10 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
     if isinstance(source, torch.nn.Module) or not isinstance(source, (str, os.PathLike)):
         raise UserError("--generate exports the KV-cache decoder itself: give `llama`, a "
                         "Hugging Face *ForCausalLM checkpoint directory or a decoder .onnx")
+    from edgec.exporters import vlm_source
+
+    if isinstance(static, (vlm_source.VisionGraph, vlm_source.VlmPrefillGraph)):
+        return vlm_source.vlm_graph_source(source, config, static, opset)
     prefill = static if isinstance(static, dec.PrefillGraph) else None
     static = None if prefill is not None else static
     path = Path(source)
@@ -125,7 +129,17 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
             raise UserError("a static-shape generation target exports the decoder itself: give "
                             "`llama` or a Hugging Face *ForCausalLM checkpoint directory")
         return _onnx_decoder_source(path)
-    if path.is_dir():
+    vision = None
+    if vlm_source.is_vlm_source(source):  # the language model's decoder; its vision graphs
+        if prefill is not None or static is not None:  # are exported beside it
+            raise UserError("a VLM's generation artifact runs on ort-cpu and openvino-cpu "
+                            "without --sparse-attention; its prefill graph is its own")
+        vlm, src_info, kind = vlm_source.load_vlm(source, config)
+        module, info = dec.reference_decoder(vlm.language, str(source))
+        info = dataclasses.replace(info, **_vlm_token_ids(path))
+        vision = src_info["vision"]
+        batch, seq = 2, vlm.image_tokens + 8
+    elif path.is_dir():
         from edgec.exporters.hf import (
             example_shape,
             hf_source_info,
@@ -158,6 +172,8 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
         shapes = dynamic_shapes if dynamic_shapes is not None else dec.decoder_dynamic_shapes(info)
     inputs = dec.example_inputs(info, int(batch), int(seq), static=static)
     gen = info.to_json()
+    if vision is not None:
+        gen["vision"] = vision
     if static is not None:
         gen.update(cache="static", tokens=static.tokens)
     src = _from_torch(module, inputs, shapes, dec.output_names(info),
@@ -172,6 +188,29 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
     src.parameter_map = {k.removeprefix("model."): v for k, v in src.parameter_map.items()
                          if k.startswith("model.")}
     return src
+
+
+def _vlm_token_ids(path: Path) -> dict[str, Any]:
+    """A LLaVA checkpoint's eos/bos/pad ids (its generation_config.json, else config.json's
+    text_config), for the decoder's ``DecoderInfo``; none for the reference model."""
+    import json
+
+    from edgec.exporters.decoder import _first, _ids
+
+    meta: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json"):
+        f = path / name
+        if path.is_dir() and f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except ValueError:
+                continue
+            meta.update({k: v for k, v in {**(d.get("text_config") or {}), **d}.items()
+                         if v is not None})
+    return {"eos_token_ids": _ids(meta.get("eos_token_id")),
+            "bos_token_id": _first(meta.get("bos_token_id")),
+            "pad_token_id": _first(meta.get("pad_token_id")),
+            "max_positions": meta.get("max_position_embeddings")}
 
 
 def _prefill_only(src: Source, module, info, batch: int, tokens: int) -> None:

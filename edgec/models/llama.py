@@ -16,7 +16,7 @@ from torch import nn
 
 from edgec.models.registry import ModelSpec, register
 
-__all__ = ["Llama", "LlamaConfig", "CONFIGS", "SPEC", "OUTLIER_SCALE"]
+__all__ = ["Llama", "LlamaConfig", "CONFIGS", "SPEC", "OUTLIER_SCALE", "causal_bias"]
 
 OUTLIER_SCALE = 100.0  # magnitude of the planted residual-stream outlier channels
 N_OUTLIERS = 4
@@ -170,24 +170,37 @@ class Llama(nn.Module):
         ``attention_mask`` [B, P+S] (0 = padding), ``position_ids`` [B, S], ``past_key_values``
         ((key, value) per layer, [B, kv_heads, P, head_dim]). Returns logits [B, S, vocab] and
         the present (key, value) per layer, [B, kv_heads, P+S, head_dim]."""
-        angles = position_ids[..., None].to(torch.float32) * self.inv_freq
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, S, head_dim]
-        cos, sin = angles.cos(), angles.sin()
-        s = input_ids.shape[1]
-        past = past_key_values[0][0].shape[2]
-        key_pos = torch.arange(past + s)  # the mask's length: P + S
-        query_pos = torch.arange(s) + past
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (
-            attention_mask[:, None, None, :] > 0)
-        # finite, as Hugging Face does: a padding query's row stays finite (uniform) instead of NaN
-        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(
-            ~allowed, torch.finfo(torch.float32).min)
-        x = self.embed_tokens(input_ids)
+        return self.forward_embeds_cached(self.embed_tokens(input_ids), attention_mask,
+                                          position_ids, past_key_values)
+
+    def forward_embeds_cached(self, x, attention_mask, position_ids, past_key_values):
+        """``forward_cached`` from input embeddings ``x`` [B, S, dim] (a VLM's merged image and
+        text embeddings)."""
+        cos, sin = self.rope(position_ids)
+        bias = causal_bias(attention_mask, past_key_values[0][0].shape[2], x.shape[1])
         presents = []
         for layer, (past_k, past_v) in zip(self.layers, past_key_values):
             x, k, v = layer.forward_cached(x, cos, sin, bias, past_k, past_v)
             presents.append((k, v))
         return self.lm_head(self.norm(x)), presents
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, S, head_dim] (rotate-half layout) at ``position_ids`` [B, S]."""
+        angles = position_ids[..., None].to(torch.float32) * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        return angles.cos(), angles.sin()
+
+
+def causal_bias(attention_mask: torch.Tensor, past: int, s: int) -> torch.Tensor:
+    """The additive [B, 1, S, P+S] mask of S queries after P cached keys: causal by index and
+    0 where ``attention_mask`` [B, P+S] marks padding. Finite, as Hugging Face does: a padding
+    query's row stays finite (uniform) instead of NaN."""
+    key_pos = torch.arange(past + s)  # the mask's length: P + S
+    query_pos = torch.arange(s) + past
+    allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (
+        attention_mask[:, None, None, :] > 0)
+    return torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)
 
 
 def outlier_channels(cfg: LlamaConfig) -> list[int]:
@@ -249,13 +262,17 @@ def _plant_outliers(model: Llama, tied: bool, g: torch.Generator) -> None:
 
 
 def build(config: str, options: frozenset[str]) -> nn.Module:
-    tied = "tied" in options
+    return build_language(CONFIGS[config], "tied" in options, "outliers" in options)
+
+
+def build_language(cfg: LlamaConfig, tied: bool = False, outliers: bool = False) -> Llama:
+    """A ``Llama`` of ``cfg`` with the deterministic reference weights."""
     with torch.device("meta"):
-        model = Llama(CONFIGS[config], tied=tied)
+        model = Llama(cfg, tied=tied)
     model = model.to_empty(device="cpu")
     if tied:  # to_empty breaks the sharing
         model.lm_head.weight = model.embed_tokens.weight
-    return _init(model, tied, "outliers" in options).eval()
+    return _init(model, tied, outliers).eval()
 
 
 def example_inputs(config: str, options: frozenset[str], seed: int) -> tuple[torch.Tensor, ...]:

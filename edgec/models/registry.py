@@ -100,8 +100,8 @@ class ModelSpec:
 
 _REGISTRY: dict[str, ModelSpec] = {}
 # modules under edgec.models that register a reference model when imported
-BUILTIN = ("llama", "video_dit", "motion_dit", "motion_gen", "reactive_dance", "motion_recovery",
-           "pose_prior")
+BUILTIN = ("llama", "vlm", "video_dit", "motion_dit", "motion_gen", "reactive_dance",
+           "motion_recovery", "pose_prior")
 
 
 def register(spec: ModelSpec) -> ModelSpec:

@@ -124,7 +124,7 @@ class Session(abc.ABC):
                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None,
                  pad_token_id: int | None = None, seed: int | None = None,
                  streamer=None, kv_retrieval: bool = True,
-                 sparse_prefill: bool = True) -> np.ndarray:
+                 sparse_prefill: bool = True, image=None) -> np.ndarray:
         """Prompt followed by the new tokens, [batch, seq + new] int64, as Hugging Face's
         ``generate`` returns them. ``input_ids`` [batch, seq] (left-padded, with
         ``attention_mask``, for prompts of different lengths); greedy unless ``do_sample``;
@@ -135,17 +135,28 @@ class Session(abc.ABC):
         retrieval stats land in ``last_generation["kv_retrieval"]``. An artifact compiled with
         ``--generate --sparse-attention`` runs prompts of at least ``min_seq`` tokens through its
         block-sparse prefill graph (``sparse_prefill=False``: the dense decoder);
-        ``last_generation["prefill_graph"]`` says which ran."""
+        ``last_generation["prefill_graph"]`` says which ran. ``image`` (a VLM artifact): an
+        image file, an .npy or an array of pixel values [3, H, W] or [batch, 3, H, W]; the
+        prompt gets the image's placeholder tokens where it has none (or one, LLaVA's
+        ``<image>``), and the returned rows hold them."""
         from edgec.runtimes.generation import generate
 
         info = self.decoder_info
+        vision = None
+        if image is not None:
+            input_ids, attention_mask, vision = self._with_image(image, input_ids, attention_mask)
         shape = np.shape(input_ids)
         batch, length = (1, shape[0]) if len(shape) == 1 else shape[:2]
         retrieval = (self._retrieval_cache(info, batch, length + max_new_tokens) if kv_retrieval
                      else None)
         cache = retrieval if retrieval is not None else self._kv_cache(
             info, batch, length + max_new_tokens)
-        cache = self._prefill_first(cache, info, length, sparse_prefill)
+        if vision is not None:
+            from edgec.runtimes.vision import VisionPrefill
+
+            cache = VisionPrefill(cache, *self._vision_sessions(), info, vision)
+        else:
+            cache = self._prefill_first(cache, info, length, sparse_prefill)
         ids, stats = generate(
             self, info, input_ids, attention_mask, cache=cache,
             streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -154,15 +165,40 @@ class Session(abc.ABC):
             pad_token_id=pad_token_id, seed=seed)
         if retrieval is not None:
             stats["kv_retrieval"] = dict(retrieval.stats)
-        stats["prefill_graph"] = "sparse" if hasattr(cache, "prefill") else "dense"
+        stats["prefill_graph"] = ("vision" if vision is not None else "sparse"
+                                  if hasattr(cache, "prefill") else "dense")
+        if vision is not None:
+            stats["prompt_tokens_kept"] = cache.kept_tokens
         self.last_generation = stats
         return ids
+
+    def _with_image(self, image, input_ids, attention_mask):
+        """(prompt ids and mask with the image's placeholders, pixel values)."""
+        from edgec.runtimes.vision import expand_prompt, load_pixels
+
+        entry = (getattr(self, "manifest", None) or {}).get("generation", {}).get("vision")
+        if not entry:
+            raise UserError("this artifact has no image encoder; compile a vision-language "
+                            "model (`vlm` or a LLaVA checkpoint) with --generate")
+        ids, mask = expand_prompt(input_ids, attention_mask, entry)
+        return ids, mask, load_pixels(image, entry)
+
+    def _vision_sessions(self):
+        """(the VLM prefill session, the image encoder session), opened once."""
+        if getattr(self, "vision_sessions", None) is None:
+            from edgec.runtimes import open_session
+
+            runtime = self.manifest["runtime"]
+            self.vision_sessions = (open_session(self.root, runtime["prefill"]),
+                                    open_session(self.root, runtime["vision"]))
+        return self.vision_sessions
 
     def _prefill_first(self, cache, info, prompt_tokens: int, sparse_prefill: bool):
         """``cache`` behind the artifact's sparse-attention prefill graph when it has one, the
         prompt is at least its ``min_tokens`` long and the cache can be loaded; else ``cache``."""
         entry = ((getattr(self, "manifest", None) or {}).get("runtime") or {}).get("prefill")
-        if (not sparse_prefill or not entry or prompt_tokens < entry.get("min_tokens", 0)
+        if (not sparse_prefill or not entry or entry.get("kind") == "vlm"
+                or prompt_tokens < entry.get("min_tokens", 0)
                 or not hasattr(cache, "load_prompt")):
             return cache
         from edgec.runtimes.generation import SparsePrefill

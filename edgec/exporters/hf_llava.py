@@ -1,0 +1,124 @@
+"""A Hugging Face LLaVA checkpoint (``LlavaForConditionalGeneration``) as a ``models.vlm.Vlm``.
+
+The vision side is transformers' own (its vision tower's hidden states at
+``vision_feature_layer``, the CLS row dropped for the ``default`` strategy, its projector). The
+language model's weights are loaded into the ``llama`` reference (the same parameter names), so
+the decoder, the prefill graph and the vision-token pruning are the ones the ``vlm`` reference
+model gets; a language model that is not LLaMA-shaped (biases, other activations, scaled RoPE)
+is refused, not approximated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgec.errors import UserError
+
+__all__ = ["is_llava", "load_llava", "CLIP_MEAN", "CLIP_STD"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def is_llava(path: Path) -> bool:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return False
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError:
+        return False
+    return cfg.get("model_type") == "llava" or any(
+        a.startswith("Llava") for a in cfg.get("architectures") or [])
+
+
+class _Vision(nn.Module):
+    """pixel_values → projected image features, as ``LlavaModel.get_image_features``."""
+
+    def __init__(self, tower: nn.Module, projector: nn.Module, layer: int, drop_cls: bool):
+        super().__init__()
+        self.tower, self.projector, self.layer, self.drop_cls = tower, projector, layer, drop_cls
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feature = out.hidden_states[self.layer]
+        return self.projector(feature[:, 1:] if self.drop_cls else feature)
+
+
+def _rope_theta(tc) -> float:
+    params = getattr(tc, "rope_parameters", None) or {}
+    scaling = getattr(tc, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise UserError(f"the LLaVA language model uses {kind} RoPE scaling; edgec's VLM "
+                        "decoder runs plain RoPE only")
+    return float(params.get("rope_theta") or getattr(tc, "rope_theta", None) or 10000.0)
+
+
+def _language(model, cfg, path) -> nn.Module:
+    from edgec.models.llama import Llama, LlamaConfig
+
+    tc = cfg.text_config
+    unsupported = [k for k in ("attention_bias", "mlp_bias") if getattr(tc, k, False)]
+    if tc.model_type not in ("llama", "mistral") or unsupported or tc.hidden_act != "silu":
+        raise UserError(f"{path}: the LLaVA language model is {tc.model_type} ("
+                        f"{', '.join(unsupported) or tc.hidden_act}); edgec's VLM decoder is "
+                        "LLaMA-shaped (no biases, SiLU MLP)")
+    heads = int(tc.num_attention_heads)
+    head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // heads)
+    if head_dim * heads != tc.hidden_size:
+        raise UserError(f"{path}: head_dim {head_dim} × {heads} heads ≠ hidden size "
+                        f"{tc.hidden_size}; not supported by edgec's VLM decoder")
+    lcfg = LlamaConfig(vocab=int(tc.vocab_size), dim=int(tc.hidden_size),
+                       layers=int(tc.num_hidden_layers), heads=heads,
+                       kv_heads=int(getattr(tc, "num_key_value_heads", None) or heads),
+                       ffn=int(tc.intermediate_size), seq=16, rope_theta=_rope_theta(tc),
+                       eps=float(tc.rms_norm_eps))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings",
+                                                                       False))
+    language = Llama(lcfg, tied=tied)
+    state = dict(getattr(model, "model", model).language_model.state_dict())
+    state["lm_head.weight"] = model.lm_head.weight.detach()
+    missing, unexpected = language.load_state_dict(state, strict=False)
+    missing = [m for m in missing if m != "inv_freq"]
+    if missing or unexpected:
+        raise UserError(f"{path}: the language model's weights do not map onto LLaMA's "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return language.eval()
+
+
+def load_llava(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(the checkpoint as a ``Vlm``, its preprocessing: image size, mean, std)."""
+    from edgec.exporters.hf import load_hf_model
+    from edgec.models.vlm import Vlm
+
+    model, _, _ = load_hf_model(Path(path))
+    model = model.float()
+    cfg = model.config
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise UserError(f"{path}: vision_feature_layer {layer} (several layers) is not supported")
+    strategy = cfg.vision_feature_select_strategy
+    vc = cfg.vision_config
+    side, patch = int(vc.image_size), int(vc.patch_size)
+    tokens = (side // patch) ** 2 + (0 if strategy == "default" else 1)
+    inner = getattr(model, "model", model)  # transformers ≥ 4.52 nests the parts in .model
+    vision = _Vision(inner.vision_tower, inner.multi_modal_projector, layer,
+                     strategy == "default").eval()
+    image_token = getattr(cfg, "image_token_id", None)
+    image_token = image_token if image_token is not None else cfg.image_token_index
+    vlm = Vlm(vision, _language(model, cfg, path), int(image_token), tokens, side).eval()
+    mean, std = CLIP_MEAN, CLIP_STD
+    pre = Path(path) / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            p = json.loads(pre.read_text())
+            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+        except ValueError:
+            pass
+    return vlm, {"image_size": side, "mean": list(mean), "std": list(std)}

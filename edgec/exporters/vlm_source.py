@@ -1,0 +1,145 @@
+"""The graphs a vision-language model runs beside its text decoder, exported and verified.
+
+A VLM artifact (``vlm`` or a Hugging Face LLaVA checkpoint, ``--generate``) is the language
+model's KV-cache decoder (``model.onnx``, text tokens), and:
+
+- ``vision.onnx``: ``pixel_values`` [B, 3, H, W] → ``image_features`` [B, image tokens, dim];
+- ``prefill.onnx``: the embedding merge and the language model over the whole prompt
+  (``input_ids`` with one placeholder per image feature, ``image_features``, ``attention_mask``,
+  ``position_ids``) → last-position ``logits``, ``attention_mask_kept`` and ``present.*``, with
+  ``--prune-vision-tokens`` applied (``vision_prune``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edgec.exporters.vision_prune import KEPT_MASK, VisionPruning, VlmPrefill, prefill_flops
+
+__all__ = ["VisionGraph", "VlmPrefillGraph", "load_vlm", "vlm_graph_source", "is_vlm_source",
+           "REFERENCE_MEAN", "REFERENCE_STD"]
+
+REFERENCE_MEAN = REFERENCE_STD = (0.5, 0.5, 0.5)  # the ``vlm`` reference: pixels in [-1, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionGraph:
+    """Marker: export the image encoder (``vision.onnx``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VlmPrefillGraph:
+    """Marker: export the prefill graph, pruned by ``pruning`` (None: every token)."""
+
+    pruning: VisionPruning | None = None
+
+
+def is_vlm_source(source: Any) -> bool:
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    path = Path(source)
+    if path.is_dir():
+        from edgec.exporters.hf_llava import is_llava
+
+        return is_llava(path)
+    return str(source) == "vlm"
+
+
+def load_vlm(source: Any, config: str | None) -> tuple[torch.nn.Module, dict[str, Any], str]:
+    """(the ``Vlm``, its source info with a ``vision`` entry, kind ``registry``|``hf``)."""
+    path = Path(source)
+    if path.is_dir():
+        from edgec.exporters.hf_llava import load_llava
+
+        vlm, pre = load_llava(path)
+        info = {"kind": "hf", "path": str(path), "architecture": "LlavaForConditionalGeneration",
+                "vocab_size": vlm.language.cfg.vocab}
+        kind = "hf"
+    else:
+        from edgec.models import registry
+
+        spec = registry.get(str(source))
+        config = config or "tiny"
+        vlm = spec.build(config)
+        pre = {"image_size": vlm.image_size, "mean": list(REFERENCE_MEAN),
+               "std": list(REFERENCE_STD)}
+        info = {"kind": "registry", "name": spec.name, "config": config,
+                "hyperparameters": spec.hyperparameters(config)}
+        kind = "registry"
+    info["vision"] = {**pre, "image_tokens": vlm.image_tokens,
+                      "image_token_id": vlm.image_token_id}
+    return vlm, info, kind
+
+
+def _example(vlm, batch: int = 2, text: int = 6, seed: int = 0):
+    """Random pixels in [-1, 1] and prompts [token, image placeholders..., text tokens]."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(batch, 3, vlm.image_size, vlm.image_size, generator=g) * 2 - 1
+    high = min(vlm.image_token_id, vlm.language.cfg.vocab)
+    ids = torch.randint(0, high, (batch, text + 1), generator=g)
+    image = torch.full((batch, vlm.image_tokens), vlm.image_token_id)
+    return pixels, torch.cat([ids[:, :1], image, ids[:, 1:]], dim=1)
+
+
+def vlm_graph_source(source: Any, config: str | None, graph, opset: int | None):
+    """The ``vision`` or ``prefill`` graph of a VLM source, exported and checked against
+    PyTorch (``sources.Source``); the prefill's info carries ``vision_pruning`` (FLOPs and the
+    pruned logits' change vs every token kept, on the example)."""
+    from edgec.exporters.decoder import present_name
+    from edgec.exporters.sources import _from_torch
+
+    vlm, info, kind = load_vlm(source, config)
+    pixels, ids = _example(vlm)
+    lm = vlm.language.cfg
+    if isinstance(graph, VisionGraph):
+        src = _from_torch(vlm.vision, (pixels,), {"pixel_values": {0: "batch_size"}},
+                          ["image_features"], info, kind, input_names=["pixel_values"],
+                          opset=opset)
+        prefix = "vision."
+    else:
+        module = VlmPrefill(vlm, graph.pruning).eval()
+        with torch.no_grad():
+            features = vlm.vision(pixels)
+        b, s = ids.shape
+        mask = torch.ones(b, s, dtype=torch.int64)
+        positions = torch.arange(s)[None].expand(b, s).contiguous()
+        seq = {0: "batch_size", 1: "sequence_length"}
+        shapes = {"input_ids": seq, "image_features": {0: "batch_size"},
+                  "attention_mask": seq, "position_ids": seq}
+        outputs = ["logits", KEPT_MASK, *[present_name(i, k) for i in range(lm.layers)
+                                          for k in ("key", "value")]]
+        src = _from_torch(module, (ids, features, mask, positions), shapes, outputs, info,
+                          kind, input_names=["input_ids", "image_features", "attention_mask",
+                                             "position_ids"], opset=opset)
+        src.info["vision_pruning"] = _pruning_stats(vlm, graph.pruning, src, module,
+                                                    (ids, features, mask, positions))
+        prefix = "vlm."
+    src.parameter_map = {k.removeprefix(prefix): v for k, v in src.parameter_map.items()}
+    return src
+
+
+def _pruning_stats(vlm, pruning, src, module, inputs) -> dict[str, Any]:
+    lm = vlm.language.cfg
+    tokens = int(inputs[0].shape[1])
+    stats: dict[str, Any] = {"image_tokens": vlm.image_tokens, "prompt_tokens": tokens}
+    if pruning is None:
+        return stats
+    kept = pruning.kept(vlm.image_tokens)
+    after = tokens - vlm.image_tokens + kept
+    full, cut = prefill_flops(lm, tokens), prefill_flops(lm, tokens, after, pruning.layer)
+    with torch.no_grad():
+        dense = VlmPrefill(vlm, None)(*inputs)[0][:, -1].numpy()
+    pruned = src.reference["logits"][:, -1]
+    cos = float(np.mean([np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
+                         for a, b in zip(dense, pruned)]))
+    return {**stats, **pruning.to_json(), "kept_image_tokens": kept,
+            "prefill_flops": full, "prefill_flops_pruned": cut,
+            "prefill_flops_cut": round(1 - cut / full, 4),
+            "example_logits_cosine_vs_unpruned": round(cos, 6),
+            "example_argmax_agreement": float(np.mean(dense.argmax(-1) == pruned.argmax(-1)))}

@@ -1,0 +1,128 @@
+"""Generation with an image: pixels in, the image's placeholder tokens in the prompt, and the
+VLM prefill graph in front of the text decoder's cache.
+
+``generate(..., image=...)`` on a VLM artifact runs the image encoder (``vision.onnx``), the
+prefill graph over the prompt with the image features merged in (vision tokens pruned there
+when the artifact was compiled with ``--prune-vision-tokens``), loads the cache with the
+prompt's kept keys/values, and decodes text tokens with the decoder. Positions continue from
+the un-pruned prompt's length; the decode mask covers the kept tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import UserError
+
+__all__ = ["load_pixels", "expand_prompt", "VisionPrefill"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_pixels(image: Any, vision: Mapping[str, Any]) -> np.ndarray:
+    """``pixel_values`` [B, 3, H, W] float32 from an image file (``.png``/``.jpg``/...: RGB,
+    resized to the model's side with bicubic filtering, scaled to [0, 1], normalized by the
+    model's mean and std), an ``.npy`` of pixel values, or an array of them."""
+    side = int(vision["image_size"])
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise UserError(f"{path}: no such image file")
+        if path.suffix.lower() == ".npy":
+            try:
+                image = np.load(path, allow_pickle=False)
+            except ValueError as e:
+                raise UserError(f"{path}: not a plain .npy array ({e})") from None
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            image = _read_image(path, side, vision)
+        else:
+            raise UserError(f"{path}: give the image as {'/'.join(IMAGE_SUFFIXES)} or as .npy "
+                            "pixel values [3, H, W]")
+    pixels = np.asarray(image, dtype=np.float32)
+    if pixels.ndim == 3:
+        pixels = pixels[None]
+    if pixels.ndim != 4 or pixels.shape[1:] != (3, side, side):
+        raise UserError(f"pixel values must be [batch, 3, {side}, {side}] (or [3, {side}, "
+                        f"{side}]), got {list(pixels.shape)}; give an image file to resize")
+    if not np.isfinite(pixels).all():
+        raise UserError("pixel values contain NaN or infinity")
+    return pixels
+
+
+def _read_image(path: Path, side: int, vision: Mapping[str, Any]) -> np.ndarray:
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise UserError("reading an image file needs Pillow (pip install pillow), or give the "
+                        "pixel values as .npy") from None
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path}: cannot read the image ({e})") from None
+    x = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    mean = np.asarray(vision["mean"], np.float32)[:, None, None]
+    std = np.asarray(vision["std"], np.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def expand_prompt(ids: np.ndarray, mask: np.ndarray | None, vision: Mapping[str, Any]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt with the image's placeholders: rows that already hold ``image_tokens`` of
+    them stay; one placeholder (LLaVA's ``<image>``) becomes ``image_tokens``; none: they go
+    first (after a leading BOS-like first token when the row starts with text)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ids = ids[None] if ids.ndim == 1 else ids
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask).reshape(ids.shape)
+    n, token = int(vision["image_tokens"]), int(vision["image_token_id"])
+    counts = (ids == token).sum(axis=1)
+    if len(set(counts.tolist())) != 1 or counts[0] not in (0, 1, n):
+        raise UserError(f"each prompt row needs 0, 1 or {n} image placeholder tokens (id "
+                        f"{token}), the same in every row; got {counts.tolist()}")
+    if counts[0] == n:
+        return ids, mask
+    rows, masks = [], []
+    for row, m in zip(ids, mask):
+        at = int(np.argmax(row == token)) if counts[0] else int(m.argmax() + 1)
+        keep = 1 if counts[0] else 0  # replace the one placeholder, or insert before `at`
+        rows.append(np.concatenate([row[:at], np.full(n, token), row[at + keep:]]))
+        masks.append(np.concatenate([m[:at], np.ones(n, m.dtype), m[at + keep:]]))
+    return np.stack(rows), np.stack(masks)
+
+
+class VisionPrefill:
+    """The first ``step`` runs the image encoder and the VLM prefill graph and loads ``cache``
+    with the kept tokens' keys/values; later steps decode through ``cache`` with the kept
+    tokens' mask in place of the prompt's."""
+
+    def __init__(self, cache, prefill_session, vision_session, info, pixel_values: np.ndarray):
+        self.cache, self.prefill, self.vision, self.info = (cache, prefill_session,
+                                                            vision_session, info)
+        self.pixels = pixel_values
+        self.kept: np.ndarray | None = None
+        self.prompt = 0
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        if self.kept is not None:
+            mask = np.concatenate([self.kept, mask[:, self.prompt:]], axis=1)
+            return self.cache.step(ids, mask, positions)
+        pixels = self.pixels
+        if pixels.shape[0] == 1 and ids.shape[0] > 1:
+            pixels = np.repeat(pixels, ids.shape[0], axis=0)
+        if pixels.shape[0] != ids.shape[0]:
+            raise UserError(f"{pixels.shape[0]} images for {ids.shape[0]} prompts; give one "
+                            "image, or one per prompt")
+        features = self.vision._run({"pixel_values": pixels})["image_features"]
+        out = self.prefill._run({"input_ids": ids, "image_features": features,
+                                 "attention_mask": mask, "position_ids": positions})
+        self.kept, self.prompt = out["attention_mask_kept"].astype(np.int64), ids.shape[1]
+        self.cache.load_prompt([out[n] for n in self.info.present_names], self.kept)
+        return out["logits"]
+
+    @property
+    def kept_tokens(self) -> int | None:
+        return None if self.kept is None else int(self.kept.shape[1])
