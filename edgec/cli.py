@@ -457,13 +457,17 @@ def generate_cmd(
     top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling mass")] = 1.0,
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    image: Annotated[Path | None, typer.Option(
+        "--image", help="an image for a VLM artifact (.png/.jpg, or .npy pixel values); the "
+        "prompt gets its placeholder tokens unless it has them (LLaVA's <image>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Generate text (or token ids) from a KV-cache decoder artifact; text streams as it comes.
 
     Examples: `edgec generate out --prompt "Once upon a time" -n 64`,
     `edgec generate out --prompt-ids 1,2,3 --json`,
-    `edgec generate out -p "Hi" --sample --top-p 0.9`
+    `edgec generate out -p "Hi" --sample --top-p 0.9`,
+    `edgec generate vlm-out --image cat.png --prompt "USER: <image>\\nWhat is this? ASSISTANT:"`
     """
     import numpy as np
 
@@ -491,12 +495,14 @@ def generate_cmd(
 
     result = session.generate(np.array([ids]), max_new_tokens=max_new_tokens, do_sample=sample,
                               temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed, streamer=stream)
-    new = [int(t) for t in result[0, len(ids):]]
+                              repetition_penalty=repetition_penalty, seed=seed, streamer=stream,
+                              image=image)
     stats = session.last_generation
+    new = [int(t) for t in result[0, result.shape[1] - stats["new_tokens"]:]]
     if as_json:
         return _print_json({"artifact": str(artifact), "runtime": session.runtime,
                             "prompt_ids": ids, "new_ids": new,
+                            **({"image": str(image)} if image is not None else {}),
                             **({"text": tok.decode(new)} if tok is not None else {}), **stats})
     if tok is None:
         sys.stdout.write(",".join(map(str, new)))

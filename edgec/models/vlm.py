@@ -136,9 +136,16 @@ class Vlm(nn.Module):
         return logits
 
 
+SHARP = 4.0  # ``+sharp``: the language model's queries × this
+
+
 def build(config: str, options: frozenset[str]) -> nn.Module:
     cfg = CONFIGS[config]
     language = llama.build_language(cfg.text)
+    if "sharp" in options:  # random weights attend almost uniformly; trained models do not
+        with torch.no_grad():
+            for layer in language.layers:
+                layer.self_attn.q_proj.weight.mul_(SHARP)
     g = torch.Generator().manual_seed(1)
     vision = VisionEncoder(cfg)
     with torch.no_grad():
@@ -175,7 +182,7 @@ def describe(config: str, options: frozenset[str]) -> dict[str, Any]:
     cfg = CONFIGS[config]
     info = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "text"}
     info.update(image_tokens=cfg.image_tokens, image_token_id=cfg.image_token_id,
-                text=dataclasses.asdict(cfg.text))
+                text=dataclasses.asdict(cfg.text), sharp=SHARP if "sharp" in options else None)
     return info
 
 
@@ -185,6 +192,8 @@ SPEC = register(
         description="LLaVA-style VLM (ViT patches → projector → llama decoder over image + text)",
         paper="LLaVA (Liu et al. 2023); Dynamic-LLaVA vision-token sparsification",
         configs=tuple(CONFIGS),
+        options={"sharp": f"language-model queries x{SHARP:g}: peaked attention, as trained "
+                          "models have (random weights attend almost uniformly)"},
         input_names=("pixel_values", "input_ids"),
         output_names=("logits",),
         builder=build,

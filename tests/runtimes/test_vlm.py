@@ -1,0 +1,204 @@
+"""Vision-language generation: a LLaVA checkpoint and the ``vlm`` reference model compiled with
+``--generate`` (image encoder + VLM prefill graph + text decoder), ``generate(image=...)``, and
+vision-token pruning in the prefill graph. Two compiles per module."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+import edgec
+from edgec.cli import app
+from edgec.errors import UserError
+from edgec.exporters.vision_prune import VisionPruning, VlmPrefill
+from edgec.models import registry
+from edgec.runtimes.vision import expand_prompt, load_pixels
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+IMAGE = 255  # the tiny LLaVA's image token id
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """A tiny LLaVA (CLIP vision tower, LLaMA text model with GQA; random weights, wider than
+    HF's init so greedy decoding does not repeat one token), saved as safetensors."""
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8)
+    text = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=16,
+        vision_feature_layer=-2, vision_feature_select_strategy="default")).eval()
+    path = tmp_path_factory.mktemp("llava") / "ckpt"
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def llava_ov(tmp_path_factory, llava):
+    out = tmp_path_factory.mktemp("vlm-ov") / "art"
+    return edgec.compile(str(llava[0]), target="openvino-cpu", output_dir=out, generate=True)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vlm-pruned") / "art"
+    return edgec.compile("vlm", target="ort-cpu", output_dir=out, config="tiny+sharp",
+                         generate=True, prune_vision_tokens="keep=0.25,layer=2,score=attention")
+
+
+def _pixels(batch, seed=0, side=32):
+    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def test_llava_greedy_matches_hf_generate_on_openvino(llava, llava_ov):
+    _, model = llava
+    session = llava_ov.load()
+    pixels = _pixels(2)
+    ids = torch.tensor([[1, 5, 7] + [IMAGE] * 16 + [9, 11, 13, 17],
+                        [0, 0, 1] + [IMAGE] * 16 + [21, 23, 25, 27]])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask,
+                             max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    out = session.generate(ids.numpy(), mask.numpy(), image=pixels.numpy(), max_new_tokens=NEW,
+                           eos_token_id=[])
+    np.testing.assert_array_equal(out, ref.sequences.numpy())
+    assert len(set(out[0, ids.shape[1]:].tolist())) > 3  # not one repeated token
+    stats = session.last_generation
+    assert stats["prefill_graph"] == "vision" and stats["prompt_tokens_kept"] == ids.shape[1]
+    # the first step's logits (the prefill graph's) against HF's
+    prefill, vision = session._vision_sessions()
+    features = vision._run({"pixel_values": pixels.numpy()})["image_features"]
+    positions = np.where(mask == 0, 1, np.cumsum(mask.numpy(), axis=1) - 1)
+    logits = prefill._run({"input_ids": ids.numpy(), "image_features": features,
+                           "attention_mask": mask.numpy(), "position_ids": positions})["logits"]
+    np.testing.assert_allclose(logits[:, -1], ref.logits[0].numpy(), rtol=1e-4, atol=1e-4)
+    manifest = json.loads((llava_ov.path / "manifest.json").read_text())
+    assert manifest["generation"]["vision"]["image_tokens"] == 16
+    assert {"vision", "prefill"} <= set(manifest["runtime"])
+
+
+def test_cli_generate_with_png_and_bad_image(llava, llava_ov, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "cat.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(png)
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", str(llava_ov.path), "--image", str(png),
+                                 "--prompt-ids", f"1,5,{IMAGE},9", "-n", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert len(got["new_ids"]) == 6 and got["prefill_graph"] == "vision"
+    # the CLI's preprocessing: resized, [0, 1], CLIP mean/std; the one <image> expanded to 16
+    entry = llava_ov.manifest["generation"]["vision"]
+    pixels = load_pixels(png, entry)
+    assert pixels.shape == (1, 3, 32, 32) and -2.0 < pixels.mean() < 2.5
+    session = llava_ov.load()
+    ids, _ = expand_prompt(np.array([[1, 5, IMAGE, 9]]), None, entry)
+    assert ids.shape == (1, 19)
+    out = session.generate(ids, image=pixels, max_new_tokens=6, eos_token_id=[])
+    assert out[0, -6:].tolist() == got["new_ids"]
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    result = runner.invoke(app, ["generate", str(llava_ov.path), "--image", str(bad),
+                                 "--prompt-ids", "1,2"])
+    assert result.exit_code == 2 and "image" in result.output
+    with pytest.raises(UserError, match="placeholder"):
+        expand_prompt(np.array([[1, IMAGE, IMAGE, 3]]), None, entry)
+
+
+def test_keep_1_is_the_unpruned_model():
+    vlm = registry.get("vlm").build("tiny+sharp")
+    pixels, ids = registry.get("vlm").example_inputs("tiny+sharp")
+    with torch.no_grad():
+        features = vlm.vision(pixels)
+        b, s = ids.shape
+        feeds = (ids, features, torch.ones(b, s, dtype=torch.int64),
+                 torch.arange(s)[None].expand(b, s))
+        full = VlmPrefill(vlm, None)(*feeds)
+        kept = VlmPrefill(vlm, VisionPruning(keep=1.0, layer=2))(*feeds)
+        logits = vlm(pixels, ids)[:, -1:]
+    for a, c in zip(full, kept):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full[0], logits, rtol=1e-4, atol=1e-5)
+
+
+def test_norm_score_keeps_the_largest_image_tokens():
+    vlm = registry.get("vlm").build("tiny")
+    pixels, ids = registry.get("vlm").example_inputs("tiny")
+    with torch.no_grad():
+        features = vlm.vision(pixels)
+        planted = [2, 5, 11, 13]  # image feature rows made large: the tokens to keep
+        features[:, planted] *= 50
+        b, s = ids.shape
+        feeds = (ids, features, torch.ones(b, s, dtype=torch.int64),
+                 torch.arange(s)[None].expand(b, s))
+        full = VlmPrefill(vlm, None)(*feeds)
+        pruned = VlmPrefill(vlm, VisionPruning(keep=0.25, layer=1, score="norm"))(*feeds)
+    first = 1  # the prompt is [token, 16 image placeholders, text]
+    keep = [0, *[first + p for p in planted], *range(first + 16, s)]
+    assert pruned[1].shape == (b, len(keep))
+    # layer 0 ran on every token: its kept keys are the unpruned keys at the kept positions
+    torch.testing.assert_close(pruned[2], full[2][:, :, keep], rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_generation_matches_pytorch_pruned_decoding(pruned):
+    """ONNX Runtime's pruned prefill + decode against the same computation in PyTorch: the
+    pruned prefill module, then the language model's cached decode over the kept tokens with
+    positions continuing from the full prompt."""
+    session = pruned.load()
+    spec = registry.get("vlm")
+    vlm = spec.build("tiny+sharp")
+    pixels, ids = spec.example_inputs("tiny+sharp", seed=3)
+    out = session.generate(ids.numpy(), image=pixels.numpy(), max_new_tokens=8,
+                           eos_token_id=[])
+    stats = session.last_generation
+    kept = ids.shape[1] - 16 + 4
+    assert stats["prompt_tokens_kept"] == kept
+    report = pruned.report["vision_pruning"]
+    assert report["kept_image_tokens"] == 4 and 0 < report["prefill_flops_cut"] < 1
+    b, s = ids.shape
+    with torch.no_grad():
+        features = vlm.vision(pixels)
+        mask = torch.ones(b, s, dtype=torch.int64)
+        res = VlmPrefill(vlm, VisionPruning(keep=0.25, layer=2))(
+            ids, features, mask, torch.arange(s)[None].expand(b, s))
+        token = res[0][:, -1].argmax(-1)
+        mask, past = res[1], list(zip(res[2::2], res[3::2]))
+        tokens = [token]
+        for step in range(7):
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.int64)], 1)
+            logits, past = vlm.language.forward_cached(
+                token[:, None], mask, torch.full((b, 1), s + step), past)
+            token = logits[:, -1].argmax(-1)
+            tokens.append(token)
+    np.testing.assert_array_equal(out[:, s:], torch.stack(tokens, 1).numpy())
+
+
+def test_vlm_recipe_refusals(tmp_path):
+    with pytest.raises(UserError, match="vision-language"):
+        edgec.compile("llama", "ort-cpu", tmp_path / "a", generate=True,
+                      prune_vision_tokens="keep=0.5")
+    with pytest.raises(UserError, match="keep"):
+        edgec.compile("vlm", "ort-cpu", tmp_path / "b", generate=True,
+                      prune_vision_tokens="keep=0")
+    with pytest.raises(UserError, match="drop --quantize"):
+        edgec.compile("vlm", "ort-cpu", tmp_path / "c", generate=True, quantize="w8a8")
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(UserError, match="has 4 layers"):
+        VlmPrefill(registry.get("vlm").build("tiny"), VisionPruning(layer=4))
