@@ -153,6 +153,11 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     if prefill:
         static = _prefill_example(recipe)
     static = graph or static
+    if recipe.generate and static is None:
+        from edgec.exporters.vlm_source import VlmDecoderGraph, is_vlm_source
+
+        if is_vlm_source(source):
+            static = VlmDecoderGraph(recipe.prune_vision_tokens)
     src = resolve_source(source, recipe.config, example_inputs, dynamic_shapes,
                          generate=static or recipe.generate, opset=_decoder_opset(recipe))
     times["export_s"] = src.export_seconds

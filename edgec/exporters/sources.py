@@ -118,7 +118,8 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
     if isinstance(static, (vlm_source.VisionGraph, vlm_source.VlmPrefillGraph)):
         return vlm_source.vlm_graph_source(source, config, static, opset)
     prefill = static if isinstance(static, dec.PrefillGraph) else None
-    static = None if prefill is not None else static
+    scored = static if isinstance(static, vlm_source.VlmDecoderGraph) else None
+    static = None if prefill is not None or scored is not None else static
     path = Path(source)
     if path.is_file() or path.suffix == ".onnx":
         if prefill is not None:
@@ -137,6 +138,10 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
         vlm, src_info, kind = vlm_source.load_vlm(source, config)
         module, info = dec.reference_decoder(vlm.language, str(source))
         info = dataclasses.replace(info, **_vlm_token_ids(path))
+        if scored is not None and scored.scored:
+            from edgec.exporters.vision_prune import ScoredDecoder
+
+            module = ScoredDecoder(vlm.language, scored.pruning.layer - 1)
         vision = src_info["vision"]
         batch, seq = 2, vlm.image_tokens + 8
     elif path.is_dir():
@@ -176,9 +181,14 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
         gen["vision"] = vision
     if static is not None:
         gen.update(cache="static", tokens=static.tokens)
-    src = _from_torch(module, inputs, shapes, dec.output_names(info),
-                      {**src_info, "generation": gen}, kind, input_names=dec.input_names(info),
-                      opset=opset)
+    outputs = dec.output_names(info)
+    if scored is not None and scored.scored:
+        from edgec.exporters.vision_prune import SCORES_OUTPUT
+
+        outputs.insert(1, SCORES_OUTPUT)
+        gen["attention_scores"] = SCORES_OUTPUT
+    src = _from_torch(module, inputs, shapes, outputs, {**src_info, "generation": gen}, kind,
+                      input_names=dec.input_names(info), opset=opset)
     if static is not None:
         dec.new_slots_only(src.model, info)
         for name in info.present_names:

@@ -31,19 +31,32 @@ from torch import nn
 
 from edgec.errors import UserError
 
-__all__ = ["VisionPruning", "VlmPrefill", "prefill_flops", "KEPT_MASK"]
+__all__ = ["VisionPruning", "VlmPrefill", "ScoredDecoder", "prefill_flops", "KEPT_MASK",
+           "SCORES_OUTPUT"]
 
 KEPT_MASK = "attention_mask_kept"
+SCORES_OUTPUT = "attention_scores"
 SCORES = ("attention", "norm")
 
 
 @dataclasses.dataclass(frozen=True)
 class VisionPruning:
+    """``keep``, ``layer``, ``score``: the prefill's image tokens (above). ``text_keep`` < 1:
+    decode-time sparsification of the generated tokens (``runtimes.vision.TextBudget``): beyond
+    the ``recent`` newest, at most ceil(text_keep · their number) stay in the cache, those that
+    received the most attention (mean over the queries that saw them, in layer ``layer - 1``,
+    which the decoder then outputs as ``attention_scores``)."""
+
     keep: float = 0.25
     layer: int = 2
     score: str = "attention"
+    text_keep: float = 1.0
+    recent: int = 16
 
     def __post_init__(self):
+        if not 0 < self.text_keep <= 1 or self.recent < 1:
+            raise UserError(f"--prune-vision-tokens text_keep must be in (0, 1] and recent ≥ 1, "
+                            f"not {self.text_keep} and {self.recent}")
         if not 0 < self.keep <= 1:
             raise UserError(f"--prune-vision-tokens keep must be in (0, 1], not {self.keep}")
         if self.layer < 1:
@@ -71,14 +84,16 @@ class VisionPruning:
                     raise UserError(f"--prune-vision-tokens takes key=value pairs, e.g. "
                                     f"keep=0.25,layer=2,score=attention; got {part!r}")
                 items[key.strip()] = value.strip()
-        unknown = sorted(set(items) - {"keep", "layer", "score"})
+        unknown = sorted(set(items) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise UserError(f"unknown --prune-vision-tokens option {unknown[0]!r}; known: keep, "
-                            "layer, score")
+                            "layer, score, text_keep, recent")
         try:
             return cls(keep=float(items.get("keep", cls.keep)),
                        layer=int(items.get("layer", cls.layer)),
-                       score=str(items.get("score", cls.score)))
+                       score=str(items.get("score", cls.score)),
+                       text_keep=float(items.get("text_keep", cls.text_keep)),
+                       recent=int(items.get("recent", cls.recent)))
         except ValueError as e:
             raise UserError(f"--prune-vision-tokens: {e}; e.g. keep=0.25,layer=2") from None
 
@@ -173,6 +188,36 @@ class VlmPrefill(nn.Module):
         dropped = torch.topk(lowest, drop, dim=1).indices
         moved = positions.scatter(1, dropped, dropped + s)  # to the end, in their own order
         return torch.sort(moved, dim=1).values[:, :-drop]
+
+
+class ScoredDecoder(nn.Module):
+    """The language model's KV-cache decoder with one more output, ``attention_scores``
+    [B, P+S]: the last query's attention over the cache and itself in layer ``layer`` (mean
+    over heads), for decode-time sparsification. Inputs and the other outputs as
+    ``exporters.decoder``'s."""
+
+    def __init__(self, language: nn.Module, layer: int) -> None:
+        super().__init__()
+        self.model = language  # parameter names: "model." + the language model's, as decoders
+        self.layer = layer
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        from edgec.models.llama import causal_bias
+
+        lm = self.model
+        pairs = [(past_key_values[2 * i], past_key_values[2 * i + 1])
+                 for i in range(lm.cfg.layers)]
+        x = lm.embed_tokens(input_ids)
+        cos, sin = lm.rope(position_ids)
+        bias = causal_bias(attention_mask, pairs[0][0].shape[2], x.shape[1])
+        presents, scores = [], None
+        for i, (layer, (past_k, past_v)) in enumerate(zip(lm.layers, pairs)):
+            h = x
+            x, k, v = layer.forward_cached(x, cos, sin, bias, past_k, past_v)
+            presents += [k, v]
+            if i == self.layer:
+                scores = VlmPrefill._last_row_attention(layer, h, k, cos, sin, bias)
+        return (lm.lm_head(lm.norm(x)), scores, *presents)
 
 
 def prefill_flops(cfg, tokens: int, kept: int | None = None, layer: int | None = None) -> int:

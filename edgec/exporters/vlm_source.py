@@ -22,8 +22,8 @@ import torch
 
 from edgec.exporters.vision_prune import KEPT_MASK, VisionPruning, VlmPrefill, prefill_flops
 
-__all__ = ["VisionGraph", "VlmPrefillGraph", "load_vlm", "vlm_graph_source", "is_vlm_source",
-           "REFERENCE_MEAN", "REFERENCE_STD"]
+__all__ = ["VisionGraph", "VlmPrefillGraph", "VlmDecoderGraph", "load_vlm", "vlm_graph_source",
+           "is_vlm_source", "REFERENCE_MEAN", "REFERENCE_STD"]
 
 REFERENCE_MEAN = REFERENCE_STD = (0.5, 0.5, 0.5)  # the ``vlm`` reference: pixels in [-1, 1]
 
@@ -38,6 +38,18 @@ class VlmPrefillGraph:
     """Marker: export the prefill graph, pruned by ``pruning`` (None: every token)."""
 
     pruning: VisionPruning | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class VlmDecoderGraph:
+    """Marker: the language model's KV-cache decoder (``model.onnx``), with the
+    ``attention_scores`` output when ``pruning`` sparsifies decoding (text_keep < 1)."""
+
+    pruning: VisionPruning | None = None
+
+    @property
+    def scored(self) -> bool:
+        return self.pruning is not None and self.pruning.text_keep < 1
 
 
 def is_vlm_source(source: Any) -> bool:

@@ -154,7 +154,8 @@ class Session(abc.ABC):
         if vision is not None:
             from edgec.runtimes.vision import VisionPrefill
 
-            cache = VisionPrefill(cache, *self._vision_sessions(), info, vision)
+            cache = VisionPrefill(cache, *self._vision_sessions(), info, vision,
+                                  self._text_budget())
         else:
             cache = self._prefill_first(cache, info, length, sparse_prefill)
         ids, stats = generate(
@@ -168,7 +169,7 @@ class Session(abc.ABC):
         stats["prefill_graph"] = ("vision" if vision is not None else "sparse"
                                   if hasattr(cache, "prefill") else "dense")
         if vision is not None:
-            stats["prompt_tokens_kept"] = cache.kept_tokens
+            stats.update(cache.stats)
         self.last_generation = stats
         return ids
 
@@ -182,6 +183,16 @@ class Session(abc.ABC):
                             "model (`vlm` or a LLaVA checkpoint) with --generate")
         ids, mask = expand_prompt(input_ids, attention_mask, entry)
         return ids, mask, load_pixels(image, entry)
+
+    def _text_budget(self):
+        """Decode-time sparsification of a VLM artifact compiled with text_keep < 1."""
+        from edgec.runtimes.vision import TextBudget
+
+        gen = self.manifest["generation"]
+        pruning = gen["vision"].get("pruning") or {}
+        if gen.get("attention_scores") is None or pruning.get("text_keep", 1.0) >= 1:
+            return None
+        return TextBudget(pruning["text_keep"], pruning["recent"])
 
     def _vision_sessions(self):
         """(the VLM prefill session, the image encoder session), opened once."""

@@ -60,11 +60,21 @@ class ArrayCache:
                  **self.past}
         out = self.session._run(self.session._adapter_feeds(feeds, None))
         self.past = {p: out[q] for p, q in zip(self.info.past_names, self.info.present_names)}
+        self.scores = out.get("attention_scores")  # a decoder that outputs them (VLM)
         return out["logits"]
 
     def load_prompt(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
         """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph)."""
         self.past = dict(zip(self.info.past_names, presents))
+
+    def evict(self, keep: np.ndarray) -> None:
+        """Keep only the cache slots ``keep`` [B, n] (ascending slot indices per row)."""
+        self.past = {n: take_slots(a, keep) for n, a in self.past.items()}
+
+
+def take_slots(cache: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """[B, heads, n, head_dim]: ``cache`` [B, heads, T, head_dim] at slots ``keep`` [B, n]."""
+    return np.take_along_axis(cache, keep[:, None, :, None], axis=2)
 
 
 class SparsePrefill:

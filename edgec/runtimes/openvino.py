@@ -147,7 +147,16 @@ class _RuntimeCache:
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        return self.session._step(self.session._adapter_feeds(feeds, None))["logits"]
+        out = self.session._step(self.session._adapter_feeds(feeds, None))
+        self.scores = out.get("attention_scores")  # a decoder that outputs them (VLM)
+        return out["logits"]
+
+    def evict(self, keep: np.ndarray) -> None:
+        """Keep only the cache slots ``keep`` [B, n] (ascending slot indices per row)."""
+        from edgec.runtimes.generation import take_slots
+
+        self.session._set_states({name: take_slots(np.asarray(state.state.data), keep)
+                                  for name, state in self.session._states().items()})
 
     def load_prompt(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
         """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph)."""

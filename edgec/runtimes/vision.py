@@ -18,7 +18,7 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["load_pixels", "expand_prompt", "VisionPrefill"]
+__all__ = ["load_pixels", "expand_prompt", "VisionPrefill", "TextBudget"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -94,22 +94,75 @@ def expand_prompt(ids: np.ndarray, mask: np.ndarray | None, vision: Mapping[str,
     return np.stack(rows), np.stack(masks)
 
 
+class TextBudget:
+    """Decode-time sparsification of the generated tokens (training-free Dynamic-LLaVA): the
+    ``recent`` newest always stay; of the older ones at most ceil(``text_keep`` · their number)
+    stay in the cache, those with the highest mean attention received (``attention_scores``
+    of each decode step, over the queries that saw them). Slots are dropped ``chunk`` at a
+    time; with text_keep = 1 nothing is ever dropped (exact)."""
+
+    def __init__(self, text_keep: float, recent: int, chunk: int = 4):
+        self.text_keep, self.recent, self.chunk = text_keep, recent, chunk
+        self.generated = 0
+        self.evicted = 0
+        self.received: np.ndarray | None = None
+
+    def start(self, slots: np.ndarray) -> None:
+        """The prompt's cache slots (mask [B, T]): never dropped."""
+        self.received = np.zeros(slots.shape, np.float64)
+        self.seen = np.zeros(slots.shape, np.float64)
+        self.is_generated = np.zeros(slots.shape, bool)
+
+    def observe(self, scores: np.ndarray) -> np.ndarray | None:
+        """One decode step's scores [B, T] (the cache with the new token last); the slots to
+        keep [B, n] when it is time to drop some, else None."""
+        b = scores.shape[0]
+        self.received = np.concatenate([self.received, np.zeros((b, 1))], axis=1) + scores
+        self.seen = np.concatenate([self.seen, np.zeros((b, 1))], axis=1) + 1
+        self.is_generated = np.concatenate([self.is_generated, np.ones((b, 1), bool)], axis=1)
+        self.generated += 1
+        slots = scores.shape[1]
+        old = self.is_generated.copy()
+        old[:, max(0, slots - self.recent):] = False
+        allowed = int(np.ceil(self.text_keep * max(0, self.generated - self.recent) - 1e-9))
+        excess = int(old[0].sum()) - allowed
+        if excess < self.chunk:
+            return None
+        mean = np.where(old, self.received / self.seen, np.inf)
+        drop = np.argsort(mean, axis=1, kind="stable")[:, :excess]
+        keep_mask = np.ones_like(old)
+        np.put_along_axis(keep_mask, drop, False, axis=1)
+        keep = np.stack([np.flatnonzero(row) for row in keep_mask])
+        for name in ("received", "seen", "is_generated"):
+            setattr(self, name, np.take_along_axis(getattr(self, name), keep, axis=1))
+        self.evicted += excess
+        return keep
+
+
 class VisionPrefill:
     """The first ``step`` runs the image encoder and the VLM prefill graph and loads ``cache``
-    with the kept tokens' keys/values; later steps decode through ``cache`` with the kept
-    tokens' mask in place of the prompt's."""
+    with the kept tokens' keys/values; later steps decode through ``cache`` over the cache's
+    own mask (the kept prompt tokens, then the generated ones ``budget`` leaves)."""
 
-    def __init__(self, cache, prefill_session, vision_session, info, pixel_values: np.ndarray):
+    def __init__(self, cache, prefill_session, vision_session, info, pixel_values: np.ndarray,
+                 budget: TextBudget | None = None):
         self.cache, self.prefill, self.vision, self.info = (cache, prefill_session,
                                                             vision_session, info)
         self.pixels = pixel_values
-        self.kept: np.ndarray | None = None
-        self.prompt = 0
+        self.mask: np.ndarray | None = None
+        self.budget = budget if hasattr(cache, "evict") else None
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        if self.kept is not None:
-            mask = np.concatenate([self.kept, mask[:, self.prompt:]], axis=1)
-            return self.cache.step(ids, mask, positions)
+        if self.mask is not None:
+            self.mask = np.concatenate([self.mask, np.ones((ids.shape[0], 1), np.int64)], 1)
+            logits = self.cache.step(ids, self.mask, positions)
+            scores = getattr(self.cache, "scores", None)
+            keep = None if self.budget is None or scores is None else self.budget.observe(
+                scores.reshape(ids.shape[0], -1))
+            if keep is not None:
+                self.cache.evict(keep)
+                self.mask = np.take_along_axis(self.mask, keep, axis=1)
+            return logits
         pixels = self.pixels
         if pixels.shape[0] == 1 and ids.shape[0] > 1:
             pixels = np.repeat(pixels, ids.shape[0], axis=0)
@@ -119,10 +172,17 @@ class VisionPrefill:
         features = self.vision._run({"pixel_values": pixels})["image_features"]
         out = self.prefill._run({"input_ids": ids, "image_features": features,
                                  "attention_mask": mask, "position_ids": positions})
-        self.kept, self.prompt = out["attention_mask_kept"].astype(np.int64), ids.shape[1]
-        self.cache.load_prompt([out[n] for n in self.info.present_names], self.kept)
+        self.mask = out["attention_mask_kept"].astype(np.int64)
+        self.kept_tokens = int(self.mask.shape[1])
+        self.cache.load_prompt([out[n] for n in self.info.present_names], self.mask)
+        if self.budget is not None:
+            self.budget.start(self.mask)
         return out["logits"]
 
     @property
-    def kept_tokens(self) -> int | None:
-        return None if self.kept is None else int(self.kept.shape[1])
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"prompt_tokens_kept": getattr(self, "kept_tokens", None)}
+        if self.budget is not None:
+            out.update(generated_tokens_evicted=self.budget.evicted,
+                       cache_tokens=int(self.mask.shape[1]))
+        return out

@@ -65,7 +65,11 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
         kv_heads, head_dim = shape[1].get_length(), shape[3].get_length()
         runtime["stateful"] = {"pairs": pairs, "kv_shape": [kv_heads, head_dim]}
         # generate's fast path: the same IR in paged form (made again at load; checked here)
-        paged, why = paged_model(ov_model.clone(), len(pairs) // 2, kv_heads, head_dim)
+        outputs = {o.get_any_name() for o in ov_model.outputs}
+        if "attention_scores" in outputs:  # read from the full cache, which paging replaces
+            paged, why = None, "the decoder outputs attention_scores over its whole cache"
+        else:
+            paged, why = paged_model(ov_model.clone(), len(pairs) // 2, kv_heads, head_dim)
         if paged is not None:
             runtime["stateful"]["paged"] = {"block_size": BLOCK_SIZE}
         else:

@@ -16,13 +16,14 @@ from typer.testing import CliRunner
 import edgec
 from edgec.cli import app
 from edgec.errors import UserError
-from edgec.exporters.vision_prune import VisionPruning, VlmPrefill
+from edgec.exporters.vision_prune import ScoredDecoder, VisionPruning, VlmPrefill
 from edgec.models import registry
-from edgec.runtimes.vision import expand_prompt, load_pixels
+from edgec.runtimes.vision import TextBudget, expand_prompt, load_pixels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 IMAGE = 255  # the tiny LLaVA's image token id
 NEW = 16
+PRUNING = "keep=0.25,layer=2,score=attention,text_keep=0.5,recent=4"
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def llava_ov(tmp_path_factory, llava):
 def pruned(tmp_path_factory):
     out = tmp_path_factory.mktemp("vlm-pruned") / "art"
     return edgec.compile("vlm", target="ort-cpu", output_dir=out, config="tiny+sharp",
-                         generate=True, prune_vision_tokens="keep=0.25,layer=2,score=attention")
+                         generate=True, prune_vision_tokens=PRUNING)
 
 
 def _pixels(batch, seed=0, side=32):
@@ -160,7 +161,7 @@ def test_norm_score_keeps_the_largest_image_tokens():
 def test_pruned_generation_matches_pytorch_pruned_decoding(pruned):
     """ONNX Runtime's pruned prefill + decode against the same computation in PyTorch: the
     pruned prefill module, then the language model's cached decode over the kept tokens with
-    positions continuing from the full prompt."""
+    positions continuing from the full prompt (8 tokens: the text budget drops nothing yet)."""
     session = pruned.load()
     spec = registry.get("vlm")
     vlm = spec.build("tiny+sharp")
@@ -169,7 +170,7 @@ def test_pruned_generation_matches_pytorch_pruned_decoding(pruned):
                            eos_token_id=[])
     stats = session.last_generation
     kept = ids.shape[1] - 16 + 4
-    assert stats["prompt_tokens_kept"] == kept
+    assert stats["prompt_tokens_kept"] == kept and stats["generated_tokens_evicted"] == 0
     report = pruned.report["vision_pruning"]
     assert report["kept_image_tokens"] == 4 and 0 < report["prefill_flops_cut"] < 1
     b, s = ids.shape
@@ -187,6 +188,46 @@ def test_pruned_generation_matches_pytorch_pruned_decoding(pruned):
                 token[:, None], mask, torch.full((b, 1), s + step), past)
             token = logits[:, -1].argmax(-1)
             tokens.append(token)
+    np.testing.assert_array_equal(out[:, s:], torch.stack(tokens, 1).numpy())
+
+
+def test_text_budget_drops_generated_tokens_as_pytorch_does(pruned):
+    """Decode-time sparsification: beyond the 4 newest, half the generated tokens stay (those
+    that received the most attention); ONNX Runtime's decoder scores, cache eviction and mask
+    against PyTorch's decoder with the same budget."""
+    session = pruned.load()
+    spec = registry.get("vlm")
+    vlm = spec.build("tiny+sharp")
+    pixels, ids = spec.example_inputs("tiny+sharp", seed=1)
+    new = 24
+    out = session.generate(ids.numpy(), image=pixels.numpy(), max_new_tokens=new,
+                           eos_token_id=[])
+    stats = session.last_generation
+    assert stats["generated_tokens_evicted"] > 0
+    assert stats["cache_tokens"] == stats["prompt_tokens_kept"] + new - 1 - (
+        stats["generated_tokens_evicted"])
+    b, s = ids.shape
+    budget = TextBudget(0.5, 4)
+    decoder = ScoredDecoder(vlm.language, 1)
+    with torch.no_grad():
+        res = VlmPrefill(vlm, VisionPruning(keep=0.25, layer=2))(
+            ids, vlm.vision(pixels), torch.ones(b, s, dtype=torch.int64),
+            torch.arange(s)[None].expand(b, s))
+        token, mask, past = res[0][:, -1].argmax(-1), res[1], list(res[2:])
+        budget.start(mask.numpy())
+        tokens = [token]
+        for step in range(new - 1):
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.int64)], 1)
+            logits, scores, *past = decoder(token[:, None], mask, torch.full((b, 1), s + step),
+                                            past)
+            keep = budget.observe(scores.numpy())
+            if keep is not None:
+                index = torch.from_numpy(keep)
+                past = [t[torch.arange(b)[:, None], :, index].transpose(1, 2) for t in past]
+                mask = torch.gather(mask, 1, index)
+            token = logits[:, -1].argmax(-1)
+            tokens.append(token)
+    assert budget.evicted == stats["generated_tokens_evicted"]
     np.testing.assert_array_equal(out[:, s:], torch.stack(tokens, 1).numpy())
 
 
