@@ -436,6 +436,9 @@ def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iter
     if as_json:
         return _print_json(result)
     sparse = " (sparse prefill graph)" if stats["prefill_graph"] == "sparse" else ""
+    if stats["prefill_graph"] == "vision":
+        sparse = (f" after an image of {stats['image_tokens']} tokens "
+                  f"({stats['prompt_tokens_kept']} of all kept)")
     out.print(f"{artifact} on {session.runtime}: prefill {stats['prefill_ms']:.2f} ms for "
               f"{prompt_tokens} tokens{sparse}, decode {stats['decode_tokens_per_s']:.1f} tokens/s "
               f"({new_tokens} new tokens, median of {stats['iterations']} runs)",

@@ -215,15 +215,26 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
 def benchmark_generation(session, prompt_tokens: int = 128, new_tokens: int = 32,
                          warmup: int = 1, iterations: int = 5, seed: int = 0) -> dict[str, Any]:
     """Prefill ms (time to first token) and decode tokens/s, medians over ``iterations`` greedy
-    generations of exactly ``new_tokens`` from a random ``prompt_tokens``-token prompt."""
+    generations of exactly ``new_tokens`` from a random ``prompt_tokens``-token prompt (a VLM
+    artifact's: after a random image)."""
     info = session.decoder_info
-    ids = np.random.default_rng(seed).integers(0, info.vocab, (1, prompt_tokens))
+    rng = np.random.default_rng(seed)
+    vision = (getattr(session, "manifest", None) or {}).get("generation", {}).get("vision")
+    image = None
+    if vision:  # a VLM: a random image ahead of the text prompt (its placeholders added)
+        side = int(vision["image_size"])
+        image = rng.uniform(-1, 1, (1, 3, side, side)).astype(np.float32)
+    high = min(info.vocab, int(vision["image_token_id"])) if vision else info.vocab
+    ids = rng.integers(0, high, (1, prompt_tokens))
     runs = []
     for i in range(warmup + iterations):
-        session.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
+        session.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], image=image)
         if i >= warmup:
             runs.append(session.last_generation)
-    return {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "iterations": iterations,
+    extra = {"image_tokens": int(vision["image_tokens"]),
+             "prompt_tokens_kept": runs[-1].get("prompt_tokens_kept")} if vision else {}
+    return {"prompt_tokens": prompt_tokens, **extra, "new_tokens": new_tokens,
+            "iterations": iterations,
             "prefill_ms": float(np.median([r["prefill_ms"] for r in runs])),
             "decode_tokens_per_s": float(np.median([r["decode_tokens_per_s"] for r in runs])),
             "decode_ms_per_token": float(np.median([1e3 / r["decode_tokens_per_s"]

@@ -231,6 +231,16 @@ def test_text_budget_drops_generated_tokens_as_pytorch_does(pruned):
     np.testing.assert_array_equal(out[:, s:], torch.stack(tokens, 1).numpy())
 
 
+def test_bench_times_generation_after_an_image(pruned):
+    result = CliRunner().invoke(app, ["bench", str(pruned.path), "--prompt-tokens", "8",
+                                      "--new-tokens", "4", "--iterations", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    # 8 text tokens + 16 image placeholders, 12 of the image's dropped in the prefill
+    assert stats["image_tokens"] == 16 and stats["prompt_tokens_kept"] == 8 + 4
+    assert stats["prefill_graph"] == "vision" and stats["decode_tokens_per_s"] > 0
+
+
 def test_vlm_recipe_refusals(tmp_path):
     with pytest.raises(UserError, match="vision-language"):
         edgec.compile("llama", "ort-cpu", tmp_path / "a", generate=True,
