@@ -18,6 +18,11 @@ Systems, per target (ort-cpu, openvino-cpu), each an artifact compiled with ``ge
   remaining layers (and the KV cache every decode step reads) hold ceil(K · image tokens) of
   them plus every text token.
 
+With ``--text-keep T`` < 1 (default 0.5) a third system adds decode-time sparsification to the
+first keep: beyond the ``--recent`` newest generated tokens, ceil(T · their number) stay in the
+cache (those that received the most attention); ``cache_tokens_at_end`` shows what it holds
+after the last step (the others: kept prompt + new tokens).
+
 Timing, all from ``Session.generate(ids, image=pixels, max_new_tokens=--new, eos disabled)``:
 ``prefill_ms`` = edgec's time to first token (image encoder + prefill graph + first token),
 ``decode_tokens_per_s`` over the remaining new tokens (the pruned cache is shorter). Besides,
@@ -38,6 +43,7 @@ analytic count of the image encoder (not pruned) for the share of the whole firs
 ``published`` quotes the papers' numbers for context; they are not measured here.
 
     python benchmarks/vlm.py [--quick] [--config small+sharp] [--keeps 0.25] [--rounds 7]
+        [--text-keep 0.5 --recent 16] [--new 32]
 
 Without ``--quick`` the JSON also goes to benchmarks/results/vlm.json.
 """
@@ -130,7 +136,8 @@ def measure(session, kind: str, pixels, ids, feeds, new: int) -> dict[str, float
         session.generate(ids, image=pixels, max_new_tokens=new, eos_token_id=[])
         g = session.last_generation
         return {"prefill_ms": g["prefill_ms"], "decode_tokens_per_s": g["decode_tokens_per_s"],
-                "prompt_tokens_kept": g["prompt_tokens_kept"]}
+                "prompt_tokens_kept": g["prompt_tokens_kept"],
+                "cache_tokens": g.get("cache_tokens", g["prompt_tokens_kept"] + new - 1)}
     prefill, vision = session._vision_sessions()
     t0 = time.perf_counter()
     if kind == "lm_prefill":
@@ -160,8 +167,9 @@ def timing(sessions: dict, pixels, ids, new: int, rounds: int) -> dict:
                   "decode_tokens_per_s": round(statistics.median(m["decode_tokens_per_s"]), 1),
                   "prompt_tokens": int(ids.shape[1]),
                   "prompt_tokens_kept": m["prompt_tokens_kept"][-1],
+                  "cache_tokens_at_end": m["cache_tokens"][-1],
                   "runs": {k: [round(x, 2) for x in v] for k, v in m.items()
-                           if k != "prompt_tokens_kept"}}
+                           if k not in ("prompt_tokens_kept", "cache_tokens")}}
     base = runs[names[0]]
     for n in names[1:]:
         out[n]["paired_vs_unpruned"] = {
@@ -229,6 +237,9 @@ def run_target(args, target: str, cfg, root: Path, keeps: list[float]) -> dict:
     """Compile, time and compare on one target; its sessions are freed on return."""
     prunings = {"unpruned": None, **{f"keep={k}": f"keep={k},layer={args.layer},score={args.score}"
                                      for k in keeps}}
+    if args.text_keep < 1:  # decode-time sparsification on top of the first keep
+        prunings[f"keep={keeps[0]},text_keep={args.text_keep}"] = (
+            f"{prunings[f'keep={keeps[0]}']},text_keep={args.text_keep},recent={args.recent}")
     arts = compile_artifacts(root, target, args.config, prunings)
     sessions = {n: a.load() for n, a in arts.items()}
     pixels, ids = inputs(cfg, args.text, seed=0)
@@ -255,6 +266,9 @@ def main(argv=None) -> int:
     p.add_argument("--keeps", default="0.25")
     p.add_argument("--layer", type=int, default=2)
     p.add_argument("--score", default="attention", choices=("attention", "norm"))
+    p.add_argument("--text-keep", type=float, default=0.5,
+                   help="also a system with decode-time sparsification (1: none)")
+    p.add_argument("--recent", type=int, default=16)
     p.add_argument("--text", type=int, default=32, help="text tokens after the image")
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--rounds", type=int, default=7)
