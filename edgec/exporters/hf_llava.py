@@ -93,7 +93,7 @@ def _language(model, cfg, path) -> nn.Module:
 
 
 def load_llava(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """(the checkpoint as a ``Vlm``, its preprocessing: image size, mean, std)."""
+    """(the checkpoint as a ``Vlm``, its image preprocessing: ``_preprocessing``)."""
     from edgec.exporters.hf import load_hf_model
     from edgec.models.vlm import Vlm
 
@@ -113,12 +113,26 @@ def load_llava(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     image_token = getattr(cfg, "image_token_id", None)
     image_token = image_token if image_token is not None else cfg.image_token_index
     vlm = Vlm(vision, _language(model, cfg, path), int(image_token), tokens, side).eval()
-    mean, std = CLIP_MEAN, CLIP_STD
-    pre = Path(path) / "preprocessor_config.json"
-    if pre.is_file():
-        try:
-            p = json.loads(pre.read_text())
-            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
-        except ValueError:
-            pass
-    return vlm, {"image_size": side, "mean": list(mean), "std": list(std)}
+    return vlm, _preprocessing(Path(path), side)
+
+
+def _preprocessing(path: Path, side: int) -> dict[str, Any]:
+    """The checkpoint's image preprocessing, as CLIP's processor does it: the shortest edge
+    resized to ``resize_shortest`` (bicubic), a centre crop of ``image_size``, then the mean and
+    std. From ``preprocessor_config.json``, else ``processor_config.json``'s
+    ``image_processor`` (transformers 5 writes only that), else CLIP's defaults."""
+    p: dict[str, Any] = {}
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except ValueError:
+                continue
+            p = d.get("image_processor", d) if isinstance(d, dict) else {}
+            break
+    size = p.get("size")
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else size
+    return {"image_size": side, "resize_shortest": int(shortest or side),
+            "mean": list(p.get("image_mean") or CLIP_MEAN),
+            "std": list(p.get("image_std") or CLIP_STD)}

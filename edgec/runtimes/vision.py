@@ -25,8 +25,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 def load_pixels(image: Any, vision: Mapping[str, Any]) -> np.ndarray:
     """``pixel_values`` [B, 3, H, W] float32 from an image file (``.png``/``.jpg``/...: RGB,
-    resized to the model's side with bicubic filtering, scaled to [0, 1], normalized by the
-    model's mean and std), an ``.npy`` of pixel values, or an array of them."""
+    its shortest edge resized to ``resize_shortest`` (bicubic) and centre-cropped to the
+    model's side, as CLIP's processor does; scaled to [0, 1], normalized by the model's mean and
+    std), an ``.npy`` of pixel values, or an array of them."""
     side = int(vision["image_size"])
     if isinstance(image, (str, Path)):
         path = Path(image)
@@ -59,12 +60,24 @@ def _read_image(path: Path, side: int, vision: Mapping[str, Any]) -> np.ndarray:
     except ImportError:
         raise UserError("reading an image file needs Pillow (pip install pillow), or give the "
                         "pixel values as .npy") from None
+    shortest = int(vision.get("resize_shortest") or side)
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+            rgb = im.convert("RGB")
+            w, h = rgb.size
+            # the shortest edge to `shortest`, the other in proportion, as CLIP's processor
+            size = (shortest, int(shortest * h / w)) if w <= h else (int(shortest * w / h),
+                                                                    shortest)
+            if (w, h) != size:
+                rgb = rgb.resize(size, Image.Resampling.BICUBIC)
     except (UnidentifiedImageError, OSError) as e:
         raise UserError(f"{path}: cannot read the image ({e})") from None
-    x = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    x = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1)
+    top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2  # the centre crop
+    if top < 0 or left < 0:
+        raise UserError(f"{path}: the resized image is smaller than the model's {side} px; "
+                        "the checkpoint's preprocessing config is inconsistent")
+    x = x[:, top:top + side, left:left + side] / 255.0
     mean = np.asarray(vision["mean"], np.float32)[:, None, None]
     std = np.asarray(vision["std"], np.float32)[:, None, None]
     return (x - mean) / std

@@ -43,6 +43,8 @@ def llava(tmp_path_factory):
         vision_feature_layer=-2, vision_feature_select_strategy="default")).eval()
     path = tmp_path_factory.mktemp("llava") / "ckpt"
     model.save_pretrained(path)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(
+        path)
     return path, model
 
 
@@ -105,10 +107,14 @@ def test_cli_generate_with_png_and_bad_image(llava, llava_ov, tmp_path):
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout)
     assert len(got["new_ids"]) == 6 and got["prefill_graph"] == "vision"
-    # the CLI's preprocessing: resized, [0, 1], CLIP mean/std; the one <image> expanded to 16
+    # the CLI's preprocessing is the checkpoint's processor's (shortest edge resized, centre
+    # crop, mean/std) on this non-square image; the one <image> expanded to 16
     entry = llava_ov.manifest["generation"]["vision"]
     pixels = load_pixels(png, entry)
-    assert pixels.shape == (1, 3, 32, 32) and -2.0 < pixels.mean() < 2.5
+    processor = transformers.AutoImageProcessor.from_pretrained(llava[0])
+    with Image.open(png) as im:
+        expected = processor(images=im, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(pixels, expected, atol=2e-5)
     session = llava_ov.load()
     ids, _ = expand_prompt(np.array([[1, 5, IMAGE, 9]]), None, entry)
     assert ids.shape == (1, 19)
