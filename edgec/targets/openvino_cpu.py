@@ -38,7 +38,10 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
     from openvino.frontend import OpConversionFailure
 
     try:
-        ov_model = ov.convert_model(str(model_path))
+        # convert_model splits its path argument at commas (a list of files), so a directory
+        # named like "out-keep=0.25,layer=2" would fail; the core's reader takes it whole
+        ov_model = (ov.convert_model(str(model_path)) if "," not in str(model_path) else
+                    ov.Core().read_model(str(model_path)))
     except Exception as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if any(m in ln for m in _UNSUPPORTED)), None)

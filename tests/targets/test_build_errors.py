@@ -102,3 +102,13 @@ def test_openvino_unexpected_failure_is_internal(relu, tmp_path, monkeypatch):
         openvino_cpu._build(TARGET, relu, tmp_path / "target")
     assert not isinstance(e.value, UserError)
     assert isinstance(e.value.__cause__, RuntimeError)
+
+
+def test_openvino_builds_from_a_directory_with_a_comma(tmp_path):
+    """OpenVINO's convert_model splits a path at commas; a directory named after a recipe
+    (``out-keep=0.25,layer=2``) still builds."""
+    where = tmp_path / "out-keep=0.25,layer=2"
+    where.mkdir()
+    model = _write(where / "model.onnx", [H.make_node("Relu", ["x"], ["y"])])
+    built = openvino_cpu._build(TARGET, model, where / "target")
+    assert (where / "target" / "model.xml").is_file() and built.runtime["model"]
