@@ -449,9 +449,9 @@ VLM_TARGETS = ("ort-cpu", "openvino-cpu")
 
 
 def _check_vision_recipe(source, recipe: Recipe) -> None:
-    """A VLM compiles to a generation artifact on the CPU targets, fp32, without the other
-    rewrites (they are not carried into its vision and prefill graphs yet); pruning vision
-    tokens needs a VLM."""
+    """A VLM compiles to a generation artifact on the CPU targets, fp32 or quantized, without
+    the other rewrites (they are not carried into its vision and prefill graphs yet); pruning
+    vision tokens needs a VLM."""
     from edgec.exporters.vlm_source import is_vlm_source
 
     vlm = is_vlm_source(source)
@@ -463,13 +463,13 @@ def _check_vision_recipe(source, recipe: Recipe) -> None:
     if recipe.target.name not in VLM_TARGETS:
         raise UserError(f"a VLM generation artifact builds for {' and '.join(VLM_TARGETS)}, not "
                         f"{recipe.target.name}")
-    other = [n for n, v in (("--quantize", recipe.quantize), ("--lora", recipe.lora),
+    other = [n for n, v in (("--calib", recipe.calibration), ("--lora", recipe.lora),
                             ("--rotate", recipe.rotate), ("--prune", recipe.prune),
                             ("--sparse-attention", recipe.sparse_attention),
                             ("--kv-retrieval", recipe.kv_retrieval)) if v]
     if other:
-        raise UserError(f"a VLM generation artifact is fp32 without other rewrites for now; "
-                        f"drop {other[0]}")
+        raise UserError(f"a VLM generation artifact takes --quantize (calibrated on its own "
+                        f"images and prompts) but no other rewrite yet; drop {other[0]}")
 
 
 def _vision_graphs(source, recipe: Recipe, stage: Path, step: Progress

@@ -67,6 +67,10 @@ def generated_samples(src, n: int = DEFAULT_SAMPLES) -> tuple[list[dict[str, np.
     data: pass ``--data`` (``calibration=``) for real ranges.
     """
     names = src.info["input_names"]
+    if src.info.get("vlm_graph"):  # a VLM's image encoder or prefill graph
+        from edgec.exporters.vlm_source import calibration_samples
+
+        return calibration_samples(src, n), "random images and prompts around them"
     if src.info.get("generation"):
         return _decoder_samples(src, n), "prefill prompts (empty KV cache)"
     if src.kind == "registry":
@@ -95,14 +99,15 @@ def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:
     batch, total = src.feeds["attention_mask"].shape
     if gen.get("cache") == "static":  # fixed shapes: new tokens after an empty (masked) buffer
         return _static_decoder_samples(src, gen, n)
-    if src.kind == "registry":
+    if src.kind == "registry" and not gen.get("vision"):
         from edgec.models import registry
 
         spec = registry.get(src.info["name"])
         prompts = [s[0].numpy()[:, :total] for s in spec.calibration_inputs(src.info["config"], n)]
-    else:
+    else:  # a VLM's decoder runs text tokens only: never its image placeholder
+        high = min(gen["vocab"], (gen.get("vision") or {}).get("image_token_id", gen["vocab"]))
         rng = np.random.default_rng(1000)
-        prompts = [rng.integers(0, gen["vocab"], (batch, total)) for _ in range(n)]
+        prompts = [rng.integers(0, high, (batch, total)) for _ in range(n)]
     past = [p for p in gen["past"] if p in src.feeds]  # a prefill-only graph takes none
     out = []
     for ids in prompts:

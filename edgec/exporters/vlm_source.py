@@ -23,7 +23,7 @@ import torch
 from edgec.exporters.vision_prune import KEPT_MASK, VisionPruning, VlmPrefill, prefill_flops
 
 __all__ = ["VisionGraph", "VlmPrefillGraph", "VlmDecoderGraph", "load_vlm", "vlm_graph_source",
-           "is_vlm_source", "REFERENCE_MEAN", "REFERENCE_STD"]
+           "is_vlm_source", "calibration_samples", "REFERENCE_MEAN", "REFERENCE_STD"]
 
 REFERENCE_MEAN = REFERENCE_STD = (0.5, 0.5, 0.5)  # the ``vlm`` reference: pixels in [-1, 1]
 
@@ -133,7 +133,32 @@ def vlm_graph_source(source: Any, config: str | None, graph, opset: int | None):
                                                     (ids, features, mask, positions))
         prefix = "vlm."
     src.parameter_map = {k.removeprefix(prefix): v for k, v in src.parameter_map.items()}
+    src.info["vlm_graph"] = "vision" if isinstance(graph, VisionGraph) else "prefill"
     return src
+
+
+def calibration_samples(src, n: int) -> list[dict[str, np.ndarray]]:
+    """``n`` calibration feeds for a VLM's vision or prefill graph: random images (seeds
+    disjoint from the example's) and, for the prefill graph, their features from the PyTorch
+    image encoder merged into prompts of random text around the image's placeholders."""
+    origin = src.info.get("path") or src.info["name"]
+    vlm, _, _ = load_vlm(origin, src.info.get("config"))
+    batch = src.feeds[src.info["input_names"][0]].shape[0]
+    text = max(2, src.feeds["input_ids"].shape[1] - vlm.image_tokens - 1) if (
+        "input_ids" in src.feeds) else 6
+    out = []
+    for i in range(n):
+        pixels, ids = _example(vlm, batch=batch, text=text, seed=1000 + i)
+        if src.info["vlm_graph"] == "vision":
+            out.append({"pixel_values": pixels.numpy()})
+            continue
+        with torch.no_grad():
+            features = vlm.vision(pixels).numpy()
+        b, s = ids.shape
+        out.append({"input_ids": ids.numpy(), "image_features": features,
+                    "attention_mask": np.ones((b, s), np.int64),
+                    "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()})
+    return out
 
 
 def _pruning_stats(vlm, pruning, src, module, inputs) -> dict[str, Any]:

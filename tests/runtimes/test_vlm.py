@@ -247,6 +247,27 @@ def test_bench_times_generation_after_an_image(pruned):
     assert stats["prefill_graph"] == "vision" and stats["decode_tokens_per_s"] > 0
 
 
+def test_quantized_vlm_calibrates_all_three_graphs(tmp_path):
+    """--quantize on a VLM: the decoder on text prompts, the image encoder on random images, the
+    prefill graph on prompts around their features; each graph judged against its fp32 source."""
+    import onnx
+
+    art = edgec.compile("vlm", "ort-cpu", tmp_path / "q", config="tiny+sharp", generate=True,
+                        quantize="w8a8", prune_vision_tokens="keep=0.5")
+    fidelity = art.report["fidelity"]
+    for graph, output in (("target_vs_source", "logits"),
+                          ("vision_graph_vs_source", "image_features"),
+                          ("prefill_graph_vs_source", "logits")):
+        assert fidelity[graph]["outputs"][output]["cosine"] > 0.995, graph
+    for name in ("vision", "prefill"):
+        ops = [n.op_type for n in onnx.load(art.path / f"{name}.onnx").graph.node]
+        assert ops.count("QuantizeLinear") >= 4, name
+    pixels, ids = registry.get("vlm").example_inputs("tiny+sharp", seed=2)
+    out = art.load().generate(ids.numpy(), image=pixels.numpy(), max_new_tokens=4,
+                              eos_token_id=[])
+    assert out.shape == (2, ids.shape[1] + 4)
+
+
 def test_vlm_recipe_refusals(tmp_path):
     with pytest.raises(UserError, match="vision-language"):
         edgec.compile("llama", "ort-cpu", tmp_path / "a", generate=True,
@@ -254,8 +275,8 @@ def test_vlm_recipe_refusals(tmp_path):
     with pytest.raises(UserError, match="keep"):
         edgec.compile("vlm", "ort-cpu", tmp_path / "b", generate=True,
                       prune_vision_tokens="keep=0")
-    with pytest.raises(UserError, match="drop --quantize"):
-        edgec.compile("vlm", "ort-cpu", tmp_path / "c", generate=True, quantize="w8a8")
+    with pytest.raises(UserError, match="drop --rotate"):
+        edgec.compile("vlm", "ort-cpu", tmp_path / "c", generate=True, rotate="hadamard")
     assert not any(tmp_path.iterdir())
     with pytest.raises(UserError, match="has 4 layers"):
         VlmPrefill(registry.get("vlm").build("tiny"), VisionPruning(layer=4))
