@@ -445,7 +445,7 @@ def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
     return entry, fidelity, stats
 
 
-VLM_TARGETS = ("ort-cpu", "openvino-cpu")
+VLM_TARGETS = ("ort-cpu", "openvino-cpu", "qnn-htp")
 
 
 def _check_vision_recipe(source, recipe: Recipe) -> None:
@@ -461,8 +461,12 @@ def _check_vision_recipe(source, recipe: Recipe) -> None:
     if not (vlm and recipe.generate):
         return
     if recipe.target.name not in VLM_TARGETS:
-        raise UserError(f"a VLM generation artifact builds for {' and '.join(VLM_TARGETS)}, not "
+        raise UserError(f"a VLM generation artifact builds for {', '.join(VLM_TARGETS)}, not "
                         f"{recipe.target.name}")
+    pruning = recipe.prune_vision_tokens
+    if recipe.target.static_shapes and pruning is not None and pruning.text_keep < 1:
+        raise UserError(f"{recipe.target.name}'s static KV buffer keeps every generated token; "
+                        "drop text_keep from --prune-vision-tokens")
     other = [n for n, v in (("--calib", recipe.calibration), ("--lora", recipe.lora),
                             ("--rotate", recipe.rotate), ("--prune", recipe.prune),
                             ("--sparse-attention", recipe.sparse_attention),
@@ -480,14 +484,18 @@ def _vision_graphs(source, recipe: Recipe, stage: Path, step: Progress
     fidelities, and the pruning's stats."""
     from edgec.exporters.vlm_source import VisionGraph, VlmPrefillGraph
 
+    static = recipe.target.static_shapes
     step("exporting the image encoder")
-    prep = prepare(source, recipe, step=step, graph=VisionGraph())
+    prep = prepare(source, recipe, step=step, graph=VisionGraph(static))
     vision = _companion("vision", prep, recipe, stage, step)
     pruning = recipe.prune_vision_tokens
     step("exporting the VLM prefill graph" + (f" (vision tokens kept: {pruning.keep:g} after "
                                               f"layer {pruning.layer})" if pruning else ""))
-    prep = prepare(source, recipe, step=step, graph=VlmPrefillGraph(pruning))
-    prefill = _companion("prefill", prep, recipe, stage, step, kind="vlm")
+    text = static_graphs(recipe)[0].tokens if static else None
+    prep = prepare(source, recipe, step=step, graph=VlmPrefillGraph(pruning, text))
+    prefill = _companion("prefill", prep, recipe, stage, step, kind="vlm",
+                         **({"prompt_tokens": int(prep.src.feeds["input_ids"].shape[1])}
+                            if static else {}))
     stats = prep.src.info["vision_pruning"]
     return (vision[0], prefill[0]), (vision[1], prefill[1]), stats
 

@@ -132,9 +132,9 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
         return _onnx_decoder_source(path)
     vision = None
     if vlm_source.is_vlm_source(source):  # the language model's decoder; its vision graphs
-        if prefill is not None or static is not None:  # are exported beside it
-            raise UserError("a VLM's generation artifact runs on ort-cpu and openvino-cpu "
-                            "without --sparse-attention; its prefill graph is its own")
+        if prefill is not None:  # are exported beside it
+            raise UserError("a VLM's generation artifact has its own prefill graph; drop "
+                            "--sparse-attention")
         vlm, src_info, kind = vlm_source.load_vlm(source, config)
         module, info = dec.reference_decoder(vlm.language, str(source))
         info = dataclasses.replace(info, **_vlm_token_ids(path))

@@ -30,14 +30,21 @@ REFERENCE_MEAN = REFERENCE_STD = (0.5, 0.5, 0.5)  # the ``vlm`` reference: pixel
 
 @dataclasses.dataclass(frozen=True)
 class VisionGraph:
-    """Marker: export the image encoder (``vision.onnx``)."""
+    """Marker: export the image encoder (``vision.onnx``); ``static``: batch 1, every shape
+    fixed (an NPU)."""
+
+    static: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class VlmPrefillGraph:
-    """Marker: export the prefill graph, pruned by ``pruning`` (None: every token)."""
+    """Marker: export the prefill graph, pruned by ``pruning`` (None: every token).
+    ``static_text``: an NPU's fixed-shape graph over batch 1 and a prompt of one token, the
+    image's placeholders and ``static_text`` more tokens (the runtime left-pads a shorter
+    prompt and prefills the rest of a longer one in the decoder's chunks)."""
 
     pruning: VisionPruning | None = None
+    static_text: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +114,13 @@ def vlm_graph_source(source: Any, config: str | None, graph, opset: int | None):
     from edgec.exporters.sources import _from_torch
 
     vlm, info, kind = load_vlm(source, config)
-    pixels, ids = _example(vlm)
+    static = graph.static if isinstance(graph, VisionGraph) else graph.static_text is not None
+    text = graph.static_text if static and isinstance(graph, VlmPrefillGraph) else 6
+    pixels, ids = _example(vlm, batch=1 if static else 2, text=text)
     lm = vlm.language.cfg
     if isinstance(graph, VisionGraph):
-        src = _from_torch(vlm.vision, (pixels,), {"pixel_values": {0: "batch_size"}},
+        src = _from_torch(vlm.vision, (pixels,),
+                          {} if static else {"pixel_values": {0: "batch_size"}},
                           ["image_features"], info, kind, input_names=["pixel_values"],
                           opset=opset)
         prefix = "vision."
@@ -122,8 +132,8 @@ def vlm_graph_source(source: Any, config: str | None, graph, opset: int | None):
         mask = torch.ones(b, s, dtype=torch.int64)
         positions = torch.arange(s)[None].expand(b, s).contiguous()
         seq = {0: "batch_size", 1: "sequence_length"}
-        shapes = {"input_ids": seq, "image_features": {0: "batch_size"},
-                  "attention_mask": seq, "position_ids": seq}
+        shapes = {} if static else {"input_ids": seq, "image_features": {0: "batch_size"},
+                                    "attention_mask": seq, "position_ids": seq}
         outputs = ["logits", KEPT_MASK, *[present_name(i, k) for i in range(lm.layers)
                                           for k in ("key", "value")]]
         src = _from_torch(module, (ids, features, mask, positions), shapes, outputs, info,

@@ -154,8 +154,12 @@ class Session(abc.ABC):
         if vision is not None:
             from edgec.runtimes.vision import VisionPrefill
 
+            entry = self.manifest["runtime"]["prefill"]
+            static = entry.get("prompt_tokens")
+            static = (static, self.manifest["generation"]["vision"]["image_token_id"]) if (
+                static) else None
             cache = VisionPrefill(cache, *self._vision_sessions(), info, vision,
-                                  self._text_budget())
+                                  self._text_budget(), static)
         else:
             cache = self._prefill_first(cache, info, length, sparse_prefill)
         ids, stats = generate(

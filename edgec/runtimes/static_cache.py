@@ -50,6 +50,18 @@ class StaticBufferCache:
         self.filled = end
         return out["logits"]
 
+    def load_prompt(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
+        """Start from a prompt's keys/values computed elsewhere (a VLM's prefill graph): they
+        fill the first slots, ``mask`` [1, n] says which are valid."""
+        n = presents[0].shape[2]
+        if n >= self.context:
+            raise UserError(f"the prompt's {n} cached tokens do not fit the static context of "
+                            f"{self.context} tokens; recompile with a larger --context")
+        for name, arr in zip(self.info.past_names, presents):
+            self.buffers[name][:, :, :n] = arr
+        self.valid[:, :n] = mask
+        self.filled = n
+
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         n = ids.shape[1]
         if n == 1 and self.filled:

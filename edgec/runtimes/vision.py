@@ -158,12 +158,15 @@ class VisionPrefill:
     own mask (the kept prompt tokens, then the generated ones ``budget`` leaves)."""
 
     def __init__(self, cache, prefill_session, vision_session, info, pixel_values: np.ndarray,
-                 budget: TextBudget | None = None):
+                 budget: TextBudget | None = None,
+                 static_prompt: tuple[int, int] | None = None):
         self.cache, self.prefill, self.vision, self.info = (cache, prefill_session,
                                                             vision_session, info)
         self.pixels = pixel_values
         self.mask: np.ndarray | None = None
         self.budget = budget if hasattr(cache, "evict") else None
+        # an NPU's fixed prefill graph: (its prompt length, the image token id); None: any
+        self.static_prompt = static_prompt
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         if self.mask is not None:
@@ -183,6 +186,10 @@ class VisionPrefill:
             raise UserError(f"{pixels.shape[0]} images for {ids.shape[0]} prompts; give one "
                             "image, or one per prompt")
         features = self.vision._run({"pixel_values": pixels})["image_features"]
+        tail = None
+        if self.static_prompt is not None:  # the fixed-length head, the rest in chunks after
+            ids, mask, positions, tail = _static_head(ids, mask, positions,
+                                                      *self.static_prompt)
         out = self.prefill._run({"input_ids": ids, "image_features": features,
                                  "attention_mask": mask, "position_ids": positions})
         self.mask = out["attention_mask_kept"].astype(np.int64)
@@ -190,6 +197,9 @@ class VisionPrefill:
         self.cache.load_prompt([out[n] for n in self.info.present_names], self.mask)
         if self.budget is not None:
             self.budget.start(self.mask)
+        if tail is not None:
+            self.mask = np.concatenate([self.mask, tail[1]], axis=1)
+            return self.cache.step(tail[0], self.mask, tail[2])
         return out["logits"]
 
     @property
@@ -199,3 +209,19 @@ class VisionPrefill:
             out.update(generated_tokens_evicted=self.budget.evicted,
                        cache_tokens=int(self.mask.shape[1]))
         return out
+
+
+def _static_head(ids, mask, positions, length: int, image_token: int):
+    """A prompt fitted to a static prefill graph of ``length`` tokens: left-padded (masked) when
+    shorter; when longer, its first ``length`` tokens, which must hold the image, and the rest
+    (ids, mask, positions) for the decoder's chunked prefill."""
+    n = ids.shape[1]
+    if n <= length:
+        pad = ((0, 0), (length - n, 0))
+        return (np.pad(ids, pad), np.pad(mask, pad), np.pad(positions, pad, constant_values=1),
+                None)
+    if (ids[:, length:] == image_token).any():
+        raise UserError(f"this static-shape artifact takes the image within the prompt's first "
+                        f"{length} tokens; put it earlier (LLaVA: 'USER: <image>\\n...')")
+    return ids[:, :length], mask[:, :length], positions[:, :length], (
+        ids[:, length:], mask[:, length:], positions[:, length:])

@@ -247,25 +247,37 @@ def test_bench_times_generation_after_an_image(pruned):
     assert stats["prefill_graph"] == "vision" and stats["decode_tokens_per_s"] > 0
 
 
-def test_quantized_vlm_calibrates_all_three_graphs(tmp_path):
-    """--quantize on a VLM: the decoder on text prompts, the image encoder on random images, the
-    prefill graph on prompts around their features; each graph judged against its fp32 source."""
+def test_quantized_vlm_on_the_npu_with_static_pruned_prefill(tmp_path):
+    """qnn-htp (w8a8, the HTP emulator): all three graphs quantized, each calibrated on its own
+    inputs (text prompts; random images; prompts around their features) and judged against its
+    fp32 source; the pruned prefill is one static graph of 1 + 16 image + 32 text tokens (the
+    kept count fixed by keep), a shorter prompt left-padded, a longer one's rest prefilled in
+    the decoder's static chunks."""
     import onnx
 
-    art = edgec.compile("vlm", "ort-cpu", tmp_path / "q", config="tiny+sharp", generate=True,
-                        quantize="w8a8", prune_vision_tokens="keep=0.5")
+    art = edgec.compile("vlm", "qnn-htp", tmp_path / "q", generate=True, quantize="w8a8",
+                        prune_vision_tokens="keep=0.25", context=128)
     fidelity = art.report["fidelity"]
-    for graph, output in (("target_vs_source", "logits"),
-                          ("vision_graph_vs_source", "image_features"),
-                          ("prefill_graph_vs_source", "logits")):
-        assert fidelity[graph]["outputs"][output]["cosine"] > 0.995, graph
+    for graph, output, floor in (("target_vs_source", "logits", 0.98),  # measured 0.990
+                                 ("vision_graph_vs_source", "image_features", 0.99),  # 0.9997
+                                 ("prefill_graph_vs_source", "logits", 0.99)):  # 0.9994
+        assert fidelity[graph]["outputs"][output]["cosine"] > floor, graph
     for name in ("vision", "prefill"):
         ops = [n.op_type for n in onnx.load(art.path / f"{name}.onnx").graph.node]
         assert ops.count("QuantizeLinear") >= 4, name
-    pixels, ids = registry.get("vlm").example_inputs("tiny+sharp", seed=2)
-    out = art.load().generate(ids.numpy(), image=pixels.numpy(), max_new_tokens=4,
-                              eos_token_id=[])
-    assert out.shape == (2, ids.shape[1] + 4)
+    assert art.manifest["runtime"]["prefill"]["prompt_tokens"] == 1 + 16 + 32
+    session = art.load()
+    pixels, ids = registry.get("vlm").example_inputs("tiny", seed=2)
+    pixels, ids = pixels[:1].numpy(), ids[:1].numpy()
+    out = session.generate(ids, image=pixels, max_new_tokens=4, eos_token_id=[])
+    assert out.shape == (1, ids.shape[1] + 4)
+    assert session.last_generation["prompt_tokens_kept"] == 49 - 12
+    longer = np.concatenate([ids, np.arange(3, 60)[None]], axis=1)  # 25 + 57 > 49
+    out = session.generate(longer, image=pixels, max_new_tokens=4, eos_token_id=[])
+    assert out.shape == (1, longer.shape[1] + 4)
+    late = np.concatenate([np.arange(3, 60)[None], ids], axis=1)  # the image after token 49
+    with pytest.raises(UserError, match="first 49 tokens"):
+        session.generate(late, image=pixels, max_new_tokens=2)
 
 
 def test_vlm_recipe_refusals(tmp_path):
