@@ -465,16 +465,7 @@ class VlmAnchor:
         self._call({"op": "init", "ckpt": str(ckpt), "work": str(work), "kw": kw})
         self.info: dict | None = None
 
-    def _call(self, req: dict) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.python} exited ({self.proc.wait()})")
-        rep = json.loads(line)
-        if "error" in rep:
-            raise RuntimeError(rep["error"])
-        return rep
+    _call = AG.WorkerRunner._call  # one JSON line each way, an error reply raised
 
     def setup(self) -> dict:
         if self.info is None:
