@@ -167,12 +167,16 @@ def test_norm_score_keeps_the_largest_image_tokens():
 def test_pruned_generation_matches_pytorch_pruned_decoding(pruned):
     """ONNX Runtime's pruned prefill + decode against the same computation in PyTorch: the
     pruned prefill module, then the language model's cached decode over the kept tokens with
-    positions continuing from the full prompt (8 tokens: the text budget drops nothing yet)."""
+    positions continuing from the full prompt (8 tokens: the text budget drops nothing yet); a
+    left-padded row keeps its padding masked and decodes as it does alone."""
     session = pruned.load()
     spec = registry.get("vlm")
     vlm = spec.build("tiny+sharp")
     pixels, ids = spec.example_inputs("tiny+sharp", seed=3)
-    out = session.generate(ids.numpy(), image=pixels.numpy(), max_new_tokens=8,
+    ids[1] = torch.cat([torch.zeros(3, dtype=ids.dtype), ids[1, :-3]])  # left-padded by 3
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    out = session.generate(ids.numpy(), mask.numpy(), image=pixels.numpy(), max_new_tokens=8,
                            eos_token_id=[])
     stats = session.last_generation
     kept = ids.shape[1] - 16 + 4
@@ -180,21 +184,23 @@ def test_pruned_generation_matches_pytorch_pruned_decoding(pruned):
     report = pruned.report["vision_pruning"]
     assert report["kept_image_tokens"] == 4 and 0 < report["prefill_flops_cut"] < 1
     b, s = ids.shape
+    positions = torch.where(mask == 0, 1, mask.cumsum(1) - 1)
     with torch.no_grad():
         features = vlm.vision(pixels)
-        mask = torch.ones(b, s, dtype=torch.int64)
-        res = VlmPrefill(vlm, VisionPruning(keep=0.25, layer=2))(
-            ids, features, mask, torch.arange(s)[None].expand(b, s))
+        res = VlmPrefill(vlm, VisionPruning(keep=0.25, layer=2))(ids, features, mask, positions)
         token = res[0][:, -1].argmax(-1)
         mask, past = res[1], list(zip(res[2::2], res[3::2]))
-        tokens = [token]
-        for step in range(7):
+        tokens, step = [token], positions[:, -1:] + 1
+        for _ in range(7):
             mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.int64)], 1)
-            logits, past = vlm.language.forward_cached(
-                token[:, None], mask, torch.full((b, 1), s + step), past)
-            token = logits[:, -1].argmax(-1)
+            logits, past = vlm.language.forward_cached(token[:, None], mask, step, past)
+            token, step = logits[:, -1].argmax(-1), step + 1
             tokens.append(token)
     np.testing.assert_array_equal(out[:, s:], torch.stack(tokens, 1).numpy())
+    # the padded row decodes as it does alone
+    alone = session.generate(ids[1:, 3:].numpy(), image=pixels[1:].numpy(), max_new_tokens=8,
+                             eos_token_id=[])
+    np.testing.assert_array_equal(alone[0, -8:], out[1, -8:])
 
 
 def test_text_budget_drops_generated_tokens_as_pytorch_does(pruned):
