@@ -254,19 +254,21 @@ def test_bench_times_generation_after_an_image(pruned):
 
 
 def test_quantized_vlm_on_the_npu_with_static_pruned_prefill(tmp_path):
-    """qnn-htp (w8a8, the HTP emulator): all three graphs quantized, each calibrated on its own
+    """qnn-htp (w8a16, the HTP emulator): all three graphs quantized, each calibrated on its own
     inputs (text prompts; random images; prompts around their features) and judged against its
     fp32 source; the pruned prefill is one static graph of 1 + 16 image + 32 text tokens (the
     kept count fixed by keep), a shorter prompt left-padded, a longer one's rest prefilled in
     the decoder's static chunks."""
     import onnx
 
-    art = edgec.compile("vlm", "qnn-htp", tmp_path / "q", generate=True, quantize="w8a8",
+    art = edgec.compile("vlm", "qnn-htp", tmp_path / "q", generate=True, quantize="w8a16",
                         prune_vision_tokens="keep=0.25", context=128)
     fidelity = art.report["fidelity"]
-    for graph, output, floor in (("target_vs_source", "logits", 0.98),  # measured 0.990
-                                 ("vision_graph_vs_source", "image_features", 0.99),  # 0.9997
-                                 ("prefill_graph_vs_source", "logits", 0.99)):  # 0.9994
+    # the image encoder's LayerNorms share one tensor of ones as scale and bias: qnn-legalize
+    # copies it (without, the HTP's 16-bit encoder drifts to cosine 0.979 from ONNX Runtime's)
+    for graph, output, floor in (("target_vs_source", "logits", 0.98),  # measured 0.991
+                                 ("vision_graph_vs_source", "image_features", 0.995),  # 0.9998
+                                 ("prefill_graph_vs_source", "logits", 0.995)):  # 0.9998
         assert fidelity[graph]["outputs"][output]["cosine"] > floor, graph
     for name in ("vision", "prefill"):
         ops = [n.op_type for n in onnx.load(art.path / f"{name}.onnx").graph.node]

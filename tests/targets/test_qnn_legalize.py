@@ -188,6 +188,24 @@ def test_mish_expanded_exactly(tail):
     assert [v.name for v in result.model.graph.outputs] == ["y" if tail else "m"]
 
 
+# --- LayerNormalization(x, w, w) ⇒ LayerNormalization(x, w, copy of w) ---------------------------
+
+def test_layernorm_bias_shared_with_its_scale_is_copied():
+    w = nh.from_array(np.ones(8, np.float32), "w")  # LNs whose scale and bias are both ones
+    nodes = [H.make_node("LayerNormalization", ["x", "w", "w"], ["a"], name="ln1", epsilon=1e-5),
+             H.make_node("LayerNormalization", ["a", "w", "w"], ["y"], name="ln2", axis=-1)]
+    model = _model(nodes, [_vi("x", T.FLOAT, [2, 4, 8])], [_vi("y", T.FLOAT, [2, 4, 8])], [w])
+    x = RNG.standard_normal((2, 4, 8)).astype(np.float32)
+    result, ops = _legalize(model, {"x": x})  # bit exact
+    assert ops == ["LayerNormalization"] * 2
+    assert result.stats["layernorm_biases_unshared"] == 2
+    lns = [n for n in result.model.graph if n.op_type == "LayerNormalization"]
+    biases = {n.inputs[2].name for n in lns}
+    assert len(biases) == 2 and "w" not in biases  # a copy each, the scale left as it was
+    assert all(n.inputs[1].name == "w" for n in lns)
+    assert lns[0].attributes["epsilon"].as_float() == pytest.approx(1e-5)
+
+
 # --- a ∘ b → (elementwise)* → LayerNormalization, b a block broadcast ⇒ a ∘ Tile(b) ------------
 
 @pytest.mark.parametrize(("dims", "out", "reps"), [
@@ -286,4 +304,4 @@ def test_block_broadcast_dynamic_shape_left_alone():
 
 def test_rule_set_holds_the_local_rules():
     assert [r.name for r in RULES] == ["GatherNDToGather", "DropSoftmaxNanGuard",
-                                       "MishToSoftplusTanh"]
+                                       "MishToSoftplusTanh", "UnshareLayerNormBias"]

@@ -32,7 +32,9 @@ QNN_HTP = Target(
         "static shapes only; tensors of rank <= 5 (qnn-legalize lowers rank-6+ Transposes)",
         ("no Mish kernel (qnn-legalize writes x*tanh(softplus(x))); at 16 bits an Add/Mul "
          "broadcast over the batch that feeds a LayerNormalization is miscomputed (qnn-legalize "
-         "tiles the operand to full shape; Expand does not help)"),
+         "tiles the operand to full shape; Expand does not help); at 16 bits a "
+         "LayerNormalization whose bias is its scale tensor (equal constants the cleanup "
+         "merged) is miscomputed too (qnn-legalize gives the bias its own copy)"),
         ("GatherND on bool data is rejected and an IsNaN->Where guard after Softmax fails to "
          "finalize (qnn-legalize rewrites both before quantization); -inf/float-min attention "
          "masks destroy the quantized Softmax input range (mask-fill bounds them)"),

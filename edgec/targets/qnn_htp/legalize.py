@@ -7,25 +7,30 @@ Run on the fp32 graph before quantization (the QDQ quantizer then wraps the new 
     GatherND(data, constant indices)               ⇒  Reshape(data, flat) → Gather(linear indices)
     Where(IsNaN(p), c, p),  p = Softmax(·)          ⇒  p
     Mish(x)                                        ⇒  x · Tanh(Softplus(x))
+    LayerNormalization(x, w, w)                    ⇒  LayerNormalization(x, w, copy of w)
     a ∘ b → (elementwise)* → LayerNormalization,   ⇒  a ∘ Tile(b), b repeated over those axes
       ∘ ∈ {Add, Sub, Mul, Div}, b broadcast whole
       rows × features blocks over outer axes
 
-Why, as measured on the HTP emulator (onnxruntime-qnn 2.x): the HTP takes tensors of rank ≤ 5
-only (video-dit's unpatchify is rank 8); it rejects GatherND on bool data (BERT's key mask); and
-the IsNaN → Where guard the exporter puts after a masked Softmax fails graph finalization
+Why, as measured on the HTP emulator (onnxruntime-qnn 2.x): the HTP takes tensors of rank ≤ 5 only
+(video-dit's unpatchify is rank 8); it rejects GatherND on bool data (BERT's key mask); and the
+IsNaN → Where guard the exporter puts after a masked Softmax fails graph finalization
 (QNN_COMMON_ERROR_MEM_ALLOC). The HTP has no Mish (Softplus and Tanh it has): ONNX Runtime expands
 Mish by its ONNX function body in a session, but the EPContext compile cannot, and fails with an
-anonymous "INVALID_GRAPH: Encountered an invalid node". And the HTP miscomputes, at 16-bit
+anonymous "INVALID_GRAPH: Encountered an invalid node". At 16-bit activations (w8a16) a
+LayerNormalization whose bias is the very tensor of its scale (equal constants, e.g. both ones,
+which the cleanup merges into one initializer) disagrees with ONNX Runtime on the same QDQ graph
+(cosine 0.80 on LayerNorm → MLP → residual; 0.979 on a whole ViT encoder); a separate copy is right
+(0.9999): the quantizer then quantizes the bias as a bias. And the HTP miscomputes, at 16-bit
 activations (w8a16; w8a8 is right), an Add or Mul whose operand of shape [N, D] / [1, N, D] is
 broadcast over the batch of a [B, N, D] tensor when the result reaches a LayerNormalization,
-directly or through elementwise ops (Add → LayerNormalization, Add → Mul/Relu → LayerNormalization):
-device vs ONNX Runtime on the same QDQ graph, cosine 0.6–0.87 (the batch rows after the first
-wrong, or all of them) wherever N was a multiple of 8 (8–64 tried; N = 3–7 and 60 were right).
-Sub, Div and Max were right; so are broadcasting [B, 1, D] over the rows and a [D] bias. Rank 4
-the same: a [B, 1, N, D] operand over the heads axis is wrong too. Expand does not help (the QNN EP
-lowers it to a multiply by ones of the full shape, itself a broadcast); Tile does, as does an
-operand of the full shape. The rule tiles Sub and Div too (cheap, exact), and any N.
+directly or through elementwise ops (Add → LayerNormalization, Add → Mul/Relu →
+LayerNormalization): device vs ONNX Runtime on the same QDQ graph, cosine 0.6–0.87 (the batch rows
+after the first wrong, or all of them) wherever N was a multiple of 8 (8–64 tried; N = 3–7 and 60
+were right). Sub, Div and Max were right; so are broadcasting [B, 1, D] over the rows and a [D]
+bias. Rank 4 the same: a [B, 1, N, D] operand over the heads axis is wrong too. Expand does not
+help (the QNN EP lowers it to a multiply by ones of the full shape, itself a broadcast); Tile does,
+as does an operand of the full shape. The rule tiles Sub and Div too (cheap, exact), and any N.
 
 Guarantees: the first two and the Tile are pure data movement (bit exact). The NaN guard only
 acts on NaN, which a Softmax of finite inputs never yields (masks are finite after
@@ -33,8 +38,9 @@ acts on NaN, which a Softmax of finite inputs never yields (masks are finite aft
 (bit exact there).
 
 The Transpose lowering and the broadcast tiling look past their node (producer, users), so they
-are pass code; the other three are local and are onnxscript rewrite rules (``GatherNDToGather``,
-``DropSoftmaxNanGuard``, ``MishToSoftplusTanh``, all in ``RULES``). Graph output names never change.
+are pass code; the other four are local and are onnxscript rewrite rules (``GatherNDToGather``,
+``DropSoftmaxNanGuard``, ``MishToSoftplusTanh``, ``UnshareLayerNormBias``, all in ``RULES``).
+Graph output names never change.
 """
 
 from __future__ import annotations
@@ -48,8 +54,8 @@ from onnxscript.rewriter import MatchResult, pattern
 from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes._infra import register_constant as _const
 
-__all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "GatherNDToGather", "MishToSoftplusTanh",
-           "QnnLegalizePass", "block_broadcast_repeats"]
+__all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "UnshareLayerNormBias", "GatherNDToGather",
+           "MishToSoftplusTanh", "QnnLegalizePass", "block_broadcast_repeats"]
 
 MAX_RANK = 5  # the HTP's tensor rank limit (Transpose/Reshape of rank 6 are rejected)
 
@@ -78,7 +84,8 @@ class QnnLegalizePass(EdgecPass):
                     key = "transposes_lowered" if _lower_transpose(graph, node) else \
                         "transposes_skipped"
                     stats[key] += 1
-        for key, rule in zip(("gathernd_rewritten", "nan_guards_removed", "mish_expanded"), RULES):
+        for key, rule in zip(("gathernd_rewritten", "nan_guards_removed", "mish_expanded",
+                              "layernorm_biases_unshared"), RULES):
             stats[key] = pattern.RewriteRuleSet([rule]).apply_to_model(model)  # a count per rule
         stats["broadcasts_tiled"] = 0
         for node in list(graph):
@@ -310,5 +317,28 @@ class MishToSoftplusTanh(pattern.RewriteRuleClassBase):
         return op.Mul(x, op.Tanh(op.Softplus(x)))
 
 
+class UnshareLayerNormBias(pattern.RewriteRuleClassBase):
+    """LayerNormalization(x, w, w): a bias that is the scale tensor itself (the cleanup merges
+    equal initializers) ⇒ LayerNormalization(x, w, copy of w), so each is quantized for its own
+    role."""
+
+    def pattern(self, op, x, scale, bias):
+        return op.LayerNormalization(x, scale, bias, _allow_other_attributes=True,
+                                     _outputs=["out"])
+
+    def check(self, context, x, scale, bias, **_) -> MatchResult:
+        result = MatchResult()
+        if bias is not scale or scale.const_value is None:
+            return result.fail("the bias is not the scale's constant", bias)
+        return result
+
+    def rewrite(self, op, x, scale, bias, out):
+        node = out.producer()
+        copy = op.initializer(ir.tensor(scale.const_value.numpy().copy()),
+                              name=f"{out.name}_bias")
+        return op.LayerNormalization(x, scale, copy,
+                                     **{a.name: a for a in node.attributes.values()})
+
+
 RULES = pattern.RewriteRuleSet([GatherNDToGather.rule(), DropSoftmaxNanGuard.rule(),
-                                MishToSoftplusTanh.rule()])
+                                MishToSoftplusTanh.rule(), UnshareLayerNormBias.rule()])
