@@ -511,9 +511,11 @@ def generate_cmd(
         sys.stdout.write(",".join(map(str, new)))
     sys.stdout.write("\n")
     rate = stats["decode_tokens_per_s"]
-    err.print(f"{stats['new_tokens']} tokens; prefill {stats['prefill_ms']:.1f} ms, decode "
+    kept = (f" ({stats['prompt_tokens_kept']} of {stats['prompt_tokens']} prompt tokens kept)"
+            if stats.get("prompt_tokens_kept") not in (None, stats["prompt_tokens"]) else "")
+    err.print(f"{stats['new_tokens']} tokens; prefill {stats['prefill_ms']:.1f} ms{kept}, decode "
               f"{rate:.1f} tokens/s" if rate else f"{stats['new_tokens']} token(s); prefill "
-              f"{stats['prefill_ms']:.1f} ms", highlight=False)
+              f"{stats['prefill_ms']:.1f} ms{kept}", highlight=False)
 
 
 @app.command("sample")
