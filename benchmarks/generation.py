@@ -34,7 +34,8 @@ environment with ``torch`` (CPU), ``optimum-onnx[onnxruntime]==0.1.0`` and ``onn
 it then runs there in a worker process, interleaved like the rest. Without it that row is an
 error with the reason.
 
-    pip install -e ".[bench-generation]"   # after the CPU torch wheel; see pyproject.toml
+    pip install -e ".[bench-generation]" torch==2.13.0 && pip uninstall -y torchvision
+    # torch pinned in the same command: unpinned, the resolver upgrades it to a CUDA build
     python benchmarks/generation.py [--quick] [--reps 8] [--prompts 128,1024,4096] [--out FILE]
 
 Without ``--quick`` the JSON also goes to benchmarks/results/generation.json (unless ``--out``).
@@ -61,7 +62,8 @@ from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when ru
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "generation.json"
-INSTALL = 'pip install -e ".[bench-generation]"'
+INSTALL = ('pip install -e ".[bench-generation]" torch==2.13.0 && pip uninstall -y '
+           'torchvision')
 TARGETS = ("ort-cpu", "openvino-cpu")
 SCHEMES = ("fp32", "w8a8")
 PAUSE_S = 0.05
