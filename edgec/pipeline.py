@@ -541,6 +541,13 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
     from edgec.calibration import calibration_input, collect_cache
 
     recipe.for_calibration()
+    _check_vision_recipe(source, recipe)
+    from edgec.exporters.vlm_source import is_vlm_source
+
+    if recipe.generate and is_vlm_source(source):
+        raise UserError("a VLM generation artifact calibrates its three graphs (decoder, image "
+                        "encoder, prefill) during the compile, on its own images and prompts; "
+                        "run edgec compile with --quantize instead")
     samples = calibration_input(data) if data is not None else None
     if samples is not None and not isinstance(samples, Path):
         raise UserError("edgec calibrate --data takes an .npz of samples, not a cache")

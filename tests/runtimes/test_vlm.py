@@ -297,6 +297,8 @@ def test_vlm_recipe_refusals(tmp_path):
                       prune_vision_tokens="keep=0")
     with pytest.raises(UserError, match="drop --rotate"):
         edgec.compile("vlm", "ort-cpu", tmp_path / "c", generate=True, rotate="hadamard")
+    with pytest.raises(UserError, match="during the compile"):
+        edgec.calibrate("vlm", "ort-cpu", tmp_path / "e", generate=True, quantize="w8a8")
     assert not any(tmp_path.iterdir())
     with pytest.raises(UserError, match="has 4 layers"):
         VlmPrefill(registry.get("vlm").build("tiny"), VisionPruning(layer=4))
