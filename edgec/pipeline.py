@@ -448,10 +448,10 @@ def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
 VLM_TARGETS = ("ort-cpu", "openvino-cpu", "qnn-htp")
 
 
-def _check_vision_recipe(source, recipe: Recipe) -> None:
-    """A VLM compiles to a generation artifact on the CPU targets, fp32 or quantized, without
-    the other rewrites (they are not carried into its vision and prefill graphs yet); pruning
-    vision tokens needs a VLM."""
+def _check_vision_recipe(source, recipe: Recipe, calibrating: bool = False) -> None:
+    """A VLM compiles to a generation artifact on ``VLM_TARGETS``, fp32 or quantized (the
+    compile calibrates its three graphs itself), without the other rewrites (they are not
+    carried into its vision and prefill graphs yet); pruning vision tokens needs a VLM."""
     from edgec.exporters.vlm_source import is_vlm_source
 
     vlm = is_vlm_source(source)
@@ -460,6 +460,10 @@ def _check_vision_recipe(source, recipe: Recipe) -> None:
                         "artifact: `vlm` or a LLaVA checkpoint directory, with --generate")
     if not (vlm and recipe.generate):
         return
+    if calibrating:
+        raise UserError("a VLM generation artifact calibrates its three graphs (decoder, image "
+                        "encoder, prefill) during the compile, on its own images and prompts; "
+                        "run edgec compile with --quantize instead")
     if recipe.target.name not in VLM_TARGETS:
         raise UserError(f"a VLM generation artifact builds for {', '.join(VLM_TARGETS)}, not "
                         f"{recipe.target.name}")
@@ -541,13 +545,7 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
     from edgec.calibration import calibration_input, collect_cache
 
     recipe.for_calibration()
-    _check_vision_recipe(source, recipe)
-    from edgec.exporters.vlm_source import is_vlm_source
-
-    if recipe.generate and is_vlm_source(source):
-        raise UserError("a VLM generation artifact calibrates its three graphs (decoder, image "
-                        "encoder, prefill) during the compile, on its own images and prompts; "
-                        "run edgec compile with --quantize instead")
+    _check_vision_recipe(source, recipe, calibrating=True)
     samples = calibration_input(data) if data is not None else None
     if samples is not None and not isinstance(samples, Path):
         raise UserError("edgec calibrate --data takes an .npz of samples, not a cache")

@@ -326,15 +326,7 @@ def onnx_decoder_info(model, path) -> DecoderInfo:
         raise UserError(f"{path}: the past key input has shape {dims} and logits vocab "
                         f"{vocab}; a decoder needs [batch, kv_heads, past, head_dim] with fixed "
                         "heads, head_dim and vocabulary")
-    meta: dict[str, Any] = {}
-    for name in ("config.json", "generation_config.json"):  # generation_config wins
-        f = Path(path).parent / name
-        if f.is_file():
-            try:
-                meta.update({k: v for k, v in json.loads(f.read_text()).items()
-                             if v is not None})
-            except (ValueError, AttributeError):
-                pass
+    meta = checkpoint_meta(Path(path).parent)
     manifest = Path(path).parent / "manifest.json"  # an edgec artifact's model.onnx
     if manifest.is_file():
         try:
@@ -350,6 +342,27 @@ def onnx_decoder_info(model, path) -> DecoderInfo:
                        bos_token_id=_first(meta.get("bos_token_id")),
                        pad_token_id=_first(meta.get("pad_token_id")),
                        max_positions=meta.get("max_position_embeddings"))
+
+
+def checkpoint_meta(directory) -> dict[str, Any]:
+    """The non-null entries of a checkpoint directory's ``config.json`` then
+    ``generation_config.json`` (which wins); a composite model's ``text_config`` entries come
+    first, under the top level's."""
+    import json
+    from pathlib import Path
+
+    meta: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json"):
+        f = Path(directory) / name
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text())
+            d = {**(d.get("text_config") or {}), **d}
+        except (ValueError, AttributeError):
+            continue
+        meta.update({k: v for k, v in d.items() if v is not None})
+    return meta
 
 
 def _first(value) -> int | None:

@@ -85,7 +85,6 @@ def _language(model, cfg, path) -> nn.Module:
     state = dict(getattr(model, "model", model).language_model.state_dict())
     state["lm_head.weight"] = model.lm_head.weight.detach()
     missing, unexpected = language.load_state_dict(state, strict=False)
-    missing = [m for m in missing if m != "inv_freq"]
     if missing or unexpected:
         raise UserError(f"{path}: the language model's weights do not map onto LLaMA's "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -201,22 +201,12 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
 
 
 def _vlm_token_ids(path: Path) -> dict[str, Any]:
-    """A LLaVA checkpoint's eos/bos/pad ids (its generation_config.json, else config.json's
-    text_config), for the decoder's ``DecoderInfo``; none for the reference model."""
-    import json
+    """A LLaVA checkpoint's eos/bos/pad ids and context (its generation_config.json, else
+    config.json or its text_config), for the decoder's ``DecoderInfo``; none for the reference
+    model."""
+    from edgec.exporters.decoder import _first, _ids, checkpoint_meta
 
-    from edgec.exporters.decoder import _first, _ids
-
-    meta: dict[str, Any] = {}
-    for name in ("config.json", "generation_config.json"):
-        f = path / name
-        if path.is_dir() and f.is_file():
-            try:
-                d = json.loads(f.read_text())
-            except ValueError:
-                continue
-            meta.update({k: v for k, v in {**(d.get("text_config") or {}), **d}.items()
-                         if v is not None})
+    meta = checkpoint_meta(path) if path.is_dir() else {}
     return {"eos_token_ids": _ids(meta.get("eos_token_id")),
             "bos_token_id": _first(meta.get("bos_token_id")),
             "pad_token_id": _first(meta.get("pad_token_id")),

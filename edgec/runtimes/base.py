@@ -151,17 +151,8 @@ class Session(abc.ABC):
                      else None)
         cache = retrieval if retrieval is not None else self._kv_cache(
             info, batch, length + max_new_tokens)
-        if vision is not None:
-            from edgec.runtimes.vision import VisionPrefill
-
-            entry = self.manifest["runtime"]["prefill"]
-            static = entry.get("prompt_tokens")
-            static = (static, self.manifest["generation"]["vision"]["image_token_id"]) if (
-                static) else None
-            cache = VisionPrefill(cache, *self._vision_sessions(), info, vision,
-                                  self._text_budget(), static)
-        else:
-            cache = self._prefill_first(cache, info, length, sparse_prefill)
+        cache = (self._vision_prefill(cache, info, vision) if vision is not None else
+                 self._prefill_first(cache, info, length, sparse_prefill))
         ids, stats = generate(
             self, info, input_ids, attention_mask, cache=cache,
             streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -188,15 +179,18 @@ class Session(abc.ABC):
         ids, mask = expand_prompt(input_ids, attention_mask, entry)
         return ids, mask, load_pixels(image, entry)
 
-    def _text_budget(self):
-        """Decode-time sparsification of a VLM artifact compiled with text_keep < 1."""
-        from edgec.runtimes.vision import TextBudget
+    def _vision_prefill(self, cache, info, pixels):
+        """``cache`` behind a VLM artifact's image encoder and prefill graph (``VisionPrefill``),
+        with its text budget (text_keep < 1) and its static prompt length (an NPU)."""
+        from edgec.runtimes.vision import TextBudget, VisionPrefill
 
         gen = self.manifest["generation"]
         pruning = gen["vision"].get("pruning") or {}
-        if gen.get("attention_scores") is None or pruning.get("text_keep", 1.0) >= 1:
-            return None
-        return TextBudget(pruning["text_keep"], pruning["recent"])
+        budget = (TextBudget(pruning["text_keep"], pruning["recent"])
+                  if gen.get("attention_scores") and pruning.get("text_keep", 1.0) < 1 else None)
+        length = self.manifest["runtime"]["prefill"].get("prompt_tokens")
+        static = (length, gen["vision"]["image_token_id"]) if length else None
+        return VisionPrefill(cache, *self._vision_sessions(), info, pixels, budget, static)
 
     def _vision_sessions(self):
         """(the VLM prefill session, the image encoder session), opened once."""

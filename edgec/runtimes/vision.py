@@ -164,6 +164,7 @@ class VisionPrefill:
                                                             vision_session, info)
         self.pixels = pixel_values
         self.mask: np.ndarray | None = None
+        self.kept_tokens: int | None = None
         self.budget = budget if hasattr(cache, "evict") else None
         # an NPU's fixed prefill graph: (its prompt length, the image token id); None: any
         self.static_prompt = static_prompt
@@ -204,7 +205,7 @@ class VisionPrefill:
 
     @property
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"prompt_tokens_kept": getattr(self, "kept_tokens", None)}
+        out: dict[str, Any] = {"prompt_tokens_kept": self.kept_tokens}
         if self.budget is not None:
             out.update(generated_tokens_evicted=self.budget.evicted,
                        cache_tokens=int(self.mask.shape[1]))
