@@ -26,7 +26,8 @@ and the wall time each method needs to first reach it; the ratio is DartQuant's 
 tiny+outliers`` and ``small+outliers`` compiled per (target, scheme) in {openvino-cpu w8a8,
 qnn-htp w8a8, qnn-htp w4a8 (the only target offering it)} × {none, smoothing (``smooth=0.5``),
 hadamard, dartquant}, and on the qnn-htp rows each of none, hadamard and dartquant again with
-``gptq=true``; each row is the compile's own fidelity check (the artifact run on the
+``gptq=true`` (each with ``min_cos=0``: the remedy alone, not the default accuracy floor's
+mixed precision); each row is the compile's own fidelity check (the artifact run on the
 model's example input by the target's runtime, HTP emulator included, vs fp32 PyTorch): logits
 cosine and relative L2, plus compile seconds (rotation calibration included).
 
@@ -186,7 +187,10 @@ REMEDIES = {"none": {}, "smoothing": {"smooth": 0.5}, "hadamard": {"rotate": "ha
             "dartquant": {"rotate": "dartquant"},
             # GPTQ weight rounding (quantize ...:gptq=true) beside each rotation, on the NPU rows
             "none+gptq": {"gptq": True}, "hadamard+gptq": {"rotate": "hadamard", "gptq": True},
-            "dartquant+gptq": {"rotate": "dartquant", "gptq": True}}
+            "dartquant+gptq": {"rotate": "dartquant", "gptq": True},
+            # the default accuracy floor (min_cos=0.98 unless given): what a plain
+            # `--quantize w8a8` compile now does, alone and after a rotation (NPU rows)
+            "floor": {"floor": True}, "hadamard+floor": {"rotate": "hadamard", "floor": True}}
 GRID = (("openvino-cpu", "w8a8"), ("qnn-htp", "w8a8"), ("qnn-htp", "w4a8"))
 
 
@@ -198,10 +202,14 @@ def accuracy(configs: list[str], root: Path) -> list[dict]:
     for config in configs:
         for target, scheme in GRID:
             for remedy, opts in REMEDIES.items():
-                if opts.get("gptq") and target != "qnn-htp":
+                if (opts.get("gptq") or opts.get("rotate") and opts.get("floor")) and \
+                        target != "qnn-htp":
                     continue
-                q = scheme + (f":smooth={opts['smooth']}" if "smooth" in opts else "")
-                q += ":gptq=true" if opts.get("gptq") else ""
+                # min_cos=0: the remedy alone, without the default accuracy floor's search
+                items = ([f"smooth={opts['smooth']}"] if "smooth" in opts else []) + (
+                    ["gptq=true"] if opts.get("gptq") else []) + (
+                    [] if opts.get("floor") else ["min_cos=0"])
+                q = f"{scheme}:{','.join(items)}" if items else scheme
                 log(f"accuracy {config} {target} {q} {remedy}")
                 t0 = time.perf_counter()
                 row = {"config": config, "target": target, "scheme": scheme, "remedy": remedy}
@@ -216,6 +224,13 @@ def accuracy(configs: list[str], root: Path) -> list[dict]:
                 logits = art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]
                 row.update(cosine=round(logits["cosine"], 6), rel_l2=round(logits["rel_l2"], 5),
                            compile_s=round(time.perf_counter() - t0, 1))
+                quant = next(p for p in art.report["passes"] if p["name"] == "quantize")
+                mp = quant["stats"].get("mixed_precision")
+                if mp:  # what the floor's search kept in high precision, on held-out samples
+                    row["floor"] = {"min_cos": mp["min_cos"], "reached": mp["reached"],
+                                    "held_out_cosine": mp["achieved"], "kept": len(mp["kept"]),
+                                    "candidates": mp["candidates"],
+                                    "as_quantized": mp["probes"][0]["cosine"]}
                 rows.append(row)
     return rows
 

@@ -290,7 +290,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         if notes:
             report["notes"] = notes
         mixed = reports.mixed_precision_stats(report)
-        if mixed:  # a report file like report.md: not in the manifest's hashes
+        if mixed and mixed["layer_errors"]:  # a report file like report.md: not hashed
             report["layer_chart"] = write_layer_chart(mixed, stage / LAYER_CHART)
         artifact.write_json(stage / artifact.MANIFEST, manifest)
         artifact.write_json(stage / "report.json", report)

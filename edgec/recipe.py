@@ -133,7 +133,8 @@ def _vision_tokens(raw: Any, target, parsed: dict):
 _QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | fp8 (`edgec "
                   "targets` lists them); options after ':' method=minmax|percentile|entropy, "
                   "exclude=NODE_OR_OP;... (kept in high precision), samples=N, mask_fill=F, "
-                  "min_cos=F (mixed precision to that held-out cosine), smooth=ALPHA "
+                  "min_cos=F (mixed precision to that held-out cosine; default 0.98, 0 = "
+                  "off), smooth=ALPHA "
                   "(SmoothQuant folded into the norms), gptq=true (GPTQ weight rounding)")
 _SPARSE_HELP = ("block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64,"
                 "qblock=512,prefix=64,sink=frame,grid=8x32x32,mode=rf2. Defaults: keep=0.2, "

@@ -89,8 +89,13 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
     mp = mixed_precision_stats(report)
     if not mp:
         return []
+    floor = f"min_cos {mp['min_cos']:g}" + (" (the default floor)" if mp.get("default") else "")
+    if not mp["layer_errors"]:  # held as quantized: the per-layer analysis did not run
+        return ["## Mixed precision", "",
+                f"{floor} {'reached' if mp['reached'] else 'not reached'} as quantized: worst "
+                f"held-out cosine {mp['achieved']:.4f}, no layer kept in {mp['precision']}.", ""]
     parts = ["## Mixed precision", "",
-             f"min_cos {mp['min_cos']:g} {'reached' if mp['reached'] else 'not reached'}: worst "
+             f"{floor} {'reached' if mp['reached'] else 'not reached'}: worst "
              f"held-out cosine {mp['achieved']:.4f} with {len(mp['kept'])} of "
              f"{mp['candidates']} layers kept in {mp['precision']}.", ""]
     if mp["kept"]:

@@ -29,9 +29,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["LayerError", "layer_errors", "search_exclusions", "worst_cosine"]
+__all__ = ["LayerError", "layer_errors", "search_exclusions", "worst_cosine",
+           "integer_activations"]
 
 _BITS = {"int8": 8, "uint8": 8, "int16": 16, "uint16": 16, "int4": 4, "uint4": 4}
+
+
+def integer_activations(scheme) -> bool:
+    """Whether ``scheme`` quantizes activations to integers from calibrated ranges (what the
+    sensitivity analysis below can fake-quantize)."""
+    return bool(scheme.calibrated and scheme.activations in _BITS)
 
 
 @dataclasses.dataclass(frozen=True)

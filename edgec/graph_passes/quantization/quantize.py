@@ -94,7 +94,7 @@ class QuantizePass(ir.passes.FunctionalPass):
 
     def __init__(self, scheme, target, ranges: Any = None, exclude: tuple[str, ...] = (),
                  min_cos: float | None = None, held_out: Callable | None = None,
-                 gptq: Callable | None = None):
+                 gptq: Callable | None = None, default_floor: bool = False):
         super().__init__()
         self.gptq = gptq  # calibration samples for GPTQ weight rounding (None: nearest)
         self._gptq_memo: dict[str, Any] = {}
@@ -102,6 +102,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             raise ValueError(f"scheme {scheme.name} needs calibration ranges")
         self.scheme, self.target, self.ranges, self.exclude = scheme, target, ranges, tuple(exclude)
         self.min_cos, self.held_out = min_cos, held_out
+        self.default_floor = default_floor  # min_cos is edgec's default, not the user's
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
@@ -154,7 +155,8 @@ class QuantizePass(ir.passes.FunctionalPass):
 
     def _mixed(self, model: ir.Model, quantized: ir.Model, plan, cache, outliers):
         """Keep the fewest most sensitive layers in high precision so that the worst output
-        cosine on held-out samples reaches ``min_cos`` (see ``mixed_precision``)."""
+        cosine on held-out samples reaches ``min_cos`` (see ``mixed_precision``). The graph as
+        quantized is measured first; the per-layer analysis runs only when it misses."""
         from edgec.graph_passes.quantization.mixed_precision import (
             layer_errors,
             search_exclusions,
@@ -165,9 +167,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         s, fq = self.scheme, self.target.fully_quantized
         feeds = self.held_out(model)
         reference = [run_model(model, f) for f in feeds]
-        ranked = layer_errors(model, feeds, cache, s, s.op_types, set(plan.nodes_to_exclude),
-                              set(plan.tensors_16bit))
         built = {0: (quantized, plan)}
+        ranked: list = []
 
         def measure(k: int) -> float:
             if k not in built:
@@ -177,15 +178,29 @@ class QuantizePass(ir.passes.FunctionalPass):
             return worst_cosine([run_model(built[k][0], f) for f in feeds], reference,
                                 [f.get("attention_mask") for f in feeds])
 
-        k, cos, probes = search_exclusions(ranked, measure, self.min_cos)
-        entry = {"min_cos": self.min_cos, "achieved": round(cos, 6), "held_out": len(feeds),
-                 "reached": cos >= self.min_cos, "candidates": len(ranked),
+        first = measure(0)
+        if first < self.min_cos:
+            ranked = layer_errors(model, feeds, cache, s, s.op_types,
+                                  set(plan.nodes_to_exclude), set(plan.tensors_16bit))
+        k, cos, probes = search_exclusions(ranked, lambda k: first if k == 0 else measure(k),
+                                           self.min_cos)
+        if cos < self.min_cos and self.default_floor and k:
+            # not the user's floor: keeping every layer in high precision buys speed for
+            # nothing when even that misses it; keep the plain quantization and say so
+            logger.warning("the default accuracy floor min_cos=%.2f is not reached (%.4f as "
+                           "quantized, %.4f with all %d candidates in high precision); kept the "
+                           "plain quantization: check the calibration data or try --rotate",
+                           self.min_cos, first, cos, len(ranked))
+            k, cos = 0, first
+        elif cos < self.min_cos:
+            logger.warning("min_cos %.4f not reached: %.4f with all %d candidates kept",
+                           self.min_cos, cos, len(ranked))
+        entry = {"min_cos": self.min_cos, "default": self.default_floor,
+                 "achieved": round(cos, 6), "held_out": len(feeds),
+                 "reached": cos >= self.min_cos, "candidates": len(ranked) or None,
                  "kept": [e.to_json() for e in ranked[:k]],
                  "precision": "16-bit" if fq else "float", "probes": probes,
                  "layer_errors": [e.to_json() for e in ranked]}
-        if cos < self.min_cos:
-            logger.warning("min_cos %.4f not reached: %.4f with all %d candidates kept",
-                           self.min_cos, cos, len(ranked))
         return (*built[k], entry)
 
     def _static(self, model: ir.Model, plan, cache) -> ir.Model:
