@@ -71,13 +71,17 @@ def _one_by_one(session, feeds):  # static-shape targets take one sentence at a 
         "last_hidden_state"] for i in range(len(feeds["input_ids"]))])
 
 
-def test_quantizers_on_matmul_inputs_only_hold_where_output_quantizers_do_not(minilm):
+def test_quantizers_on_matmul_inputs_only_hold_where_output_quantizers_do_not(minilm,
+                                                                               monkeypatch):
     """The placement measured on this checkpoint: output quantizers (u8 FFN outputs reaching
-    ±195) cost 0.07 of embedding cosine; inputs-only keeps ≥ 0.985 (0.987 measured)."""
+    ±195) cost 0.07 of embedding cosine; quantizers on MatMul inputs only, with every other
+    reader of those tensors (this post-norm model's residual Adds) reading float, reach ≥ 0.99
+    (0.9907 measured; 0.987 when the residual Adds read the 8-bit norm outputs, as
+    onnxruntime's quantizer wires them)."""
     from edgec.calibration import collect_cache
     from edgec.exporters.sources import resolve_source
+    from edgec.graph_passes.quantization import quantize
     from edgec.graph_passes.quantization.options import QuantOptions
-    from edgec.graph_passes.quantization.quantize import QuantizePass
     from edgec.runtimes.ort import run_model
     from edgec.targets import get
 
@@ -88,29 +92,37 @@ def test_quantizers_on_matmul_inputs_only_hold_where_output_quantizers_do_not(mi
     cache = collect_cache(src.model, options.calibration_request(tgt, calib), src)
     scheme = options.scheme_on(tgt)
     assert not scheme.quantize_outputs  # the ort-cpu data says: inputs only
-    worst = {}
-    for outputs in (False, True):
-        s = dataclasses.replace(scheme, quantize_outputs=outputs)
-        model = QuantizePass(s, tgt, cache)(src.model).model
-        worst[outputs] = _cosines(run_model(model, feeds)["last_hidden_state"], feeds,
-                                  ref_emb).min()
-    assert worst[False] >= 0.985 and worst[True] < 0.95, worst
+
+    def worst(s):
+        model = quantize.QuantizePass(s, tgt, cache)(src.model).model
+        cos = _cosines(run_model(model, feeds)["last_hidden_state"], feeds, ref_emb).min()
+        return model, cos
+
+    model, inputs_only = worst(scheme)
+    dq_readers = {n.op_type for dq in model.graph if dq.op_type == "DequantizeLinear"
+                  and dq.inputs[0].producer() is not None for n, _ in dq.outputs[0].uses()}
+    assert dq_readers == {"MatMul"}, dq_readers  # the residual Adds read float
+    _, outputs_too = worst(dataclasses.replace(scheme, quantize_outputs=True))
+    monkeypatch.setattr(quantize, "_float_for_other_readers", lambda *a: 0)
+    _, residual_8bit = worst(scheme)
+    assert inputs_only >= 0.99 and outputs_too < 0.95, (inputs_only, outputs_too)
+    assert residual_8bit < inputs_only - 0.002, (residual_8bit, inputs_only)
 
 
 def test_openvino_w8a8_with_mixed_precision_holds_the_floor(minilm, tmp_path):
-    """w8a8 alone: 0.987 min embedding cosine here; min_cos=0.99 keeps the few MatMuls whose
-    error alone moves the output most (the FFN down projections: 6 of 48 measured) in float
-    and reaches ≥ 0.99 (0.993 measured; NNCF's best on the same data 0.991)."""
+    """w8a8 alone: 0.991 min embedding cosine here (held-out 0.991), at NNCF's best on the
+    same data (0.990–0.991); min_cos=0.995 keeps the few MatMuls whose error alone moves the
+    output most in float (3 of 48 measured) until the held-out samples reach 0.995."""
     ckpt, feeds, ref_emb, calib = minilm
     art = edgec.compile(str(ckpt), target="openvino-cpu", output_dir=tmp_path / "ov",
-                        config=f"batch=1,seq={SEQ}", quantize="w8a8:min_cos=0.99",
+                        config=f"batch=1,seq={SEQ}", quantize="w8a8:min_cos=0.995",
                         calibration=calib)
     mp = next(p["stats"] for p in art.report["passes"] if p["name"] == "quantize")[
         "mixed_precision"]
-    assert mp["reached"] and mp["probes"][0]["cosine"] < 0.99
-    assert 0 < len(mp["kept"]) <= 8 < mp["candidates"], len(mp["kept"])
+    assert mp["reached"] and 0.99 <= mp["probes"][0]["cosine"] < 0.995
+    assert 0 < len(mp["kept"]) <= 12 < mp["candidates"], len(mp["kept"])
     cos = _cosines(art.load().run(feeds)["last_hidden_state"], feeds, ref_emb)
-    assert cos.min() >= 0.99 and cos.mean() >= 0.992, (cos.min(), cos.mean())
+    assert cos.min() >= 0.99 and cos.mean() >= 0.995, (cos.min(), cos.mean())  # 0.992/0.996
 
 
 def test_qnn_htp_w8a8_compiles_and_holds_with_outlier_tensors_at_16_bits(minilm, tmp_path):

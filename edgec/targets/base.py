@@ -42,10 +42,15 @@ class QuantScheme:
         quantize_bias: Gemm/Conv biases as int32 DequantizeLinear (ORT, QNN) or left float.
         quantize_outputs: Q/DQ on the outputs of the ``op_types`` too, so their consumers read
             8-bit values. False (the placement NNCF and TensorRT use): quantizers on their inputs
-            only; outputs, bias adds and the residual stream stay float. Measured on a real
-            pretrained BERT-family checkpoint: embedding cosine 0.917 → 0.987 and faster on both
+            only; outputs, bias adds and the residual stream stay float (a quantized tensor's
+            readers other than the ``op_types``, e.g. a post-norm encoder's residual Adds, read
+            the float tensor). Measured on a real pretrained BERT-family checkpoint: embedding
+            cosine 0.917 → 0.987 (→ 0.991 with float residual readers) and faster on both
             CPU runtimes (ONNX Runtime fuses Q + DQ → MatMul into MatMulIntegerToFloat, OpenVINO
             runs int8 FullyConnected with an f32 output).
+        signed_attention: the second input of each MatMul between two activations
+            (attention's Kᵀ and V) as int8 symmetric: OpenVINO runs u8 × s8 MatMuls as int8
+            kernels and u8 × u8 ones (both with zero points) in fp32.
         outlier_crest: on a fully quantized target, activations whose crest factor (absmax /
             RMS over the calibration samples) exceeds this get 16 bits: 8 bits sized by a few
             outlier channels leave the typical values a handful of levels. None: by op only.
@@ -62,6 +67,7 @@ class QuantScheme:
     min_opset: int = 13
     quantize_bias: bool = True
     quantize_outputs: bool = False
+    signed_attention: bool = False
     outlier_crest: float | None = None
 
     @property
