@@ -26,7 +26,7 @@ def _attention_b_types(path):
         dqs = [v.producer() for v in n.inputs[:2]]
         if all(d is not None and d.op_type == "DequantizeLinear" for d in dqs) and \
                 dqs[1].inputs[0].const_value is None:
-            types.add(dqs[1].inputs[0].dtype.name)
+            types.add(dqs[1].inputs[2].const_value.dtype.name)  # the zero point's type
     return types
 
 

@@ -48,9 +48,9 @@ class QuantScheme:
             cosine 0.917 → 0.987 (→ 0.991 with float residual readers) and faster on both
             CPU runtimes (ONNX Runtime fuses Q + DQ → MatMul into MatMulIntegerToFloat, OpenVINO
             runs int8 FullyConnected with an f32 output).
-        signed_attention: the second input of each MatMul between two activations
-            (attention's Kᵀ and V) as int8 symmetric: OpenVINO runs u8 × s8 MatMuls as int8
-            kernels and u8 × u8 ones (both with zero points) in fp32.
+        signed_attention: the inputs of each MatMul between two activations (attention's
+            Q·Kᵀ and P·V) as int8 symmetric unless never negative (P stays u8, zero point 0):
+            OpenVINO runs such a MatMul in int8 only when its inputs have no zero point.
         outlier_crest: on a fully quantized target, activations whose crest factor (absmax /
             RMS over the calibration samples) exceeds this get 16 bits: 8 bits sized by a few
             outlier channels leave the typical values a handful of levels. None: by op only.
