@@ -51,6 +51,9 @@ class QuantScheme:
         signed_attention: the inputs of each MatMul between two activations (attention's
             Q·Kᵀ and P·V) as int8 symmetric unless never negative (P stays u8, zero point 0):
             OpenVINO runs such a MatMul in int8 only when its inputs have no zero point.
+        quantize_before_layout: activation Q/DQ pairs moved above the Reshape/Transpose ops
+            that feed them alone (exact); OpenVINO then runs fewer standalone FakeQuantize
+            nodes. Not for ONNX Runtime, whose fused kernels want the DQ at the MatMul.
         outlier_crest: on a fully quantized target, activations whose crest factor (absmax /
             RMS over the calibration samples) exceeds this get 16 bits: 8 bits sized by a few
             outlier channels leave the typical values a handful of levels. None: by op only.
@@ -68,6 +71,7 @@ class QuantScheme:
     quantize_bias: bool = True
     quantize_outputs: bool = False
     signed_attention: bool = False
+    quantize_before_layout: bool = False
     outlier_crest: float | None = None
 
     @property

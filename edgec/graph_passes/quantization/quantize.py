@@ -258,6 +258,8 @@ class QuantizePass(ir.passes.FunctionalPass):
             ir.external_data.load_to_model(quantized)  # the temp dir goes away
         if not (self.target.fully_quantized or self.scheme.quantize_outputs):
             _float_for_other_readers(quantized, set(self.scheme.op_types))
+        if self.scheme.quantize_before_layout:
+            _quantize_before_layout(quantized)
         return self._rounded(model, quantized)
 
     def _rounded(self, fp32: ir.Model, quantized: ir.Model) -> ir.Model:
@@ -335,6 +337,45 @@ def _float_for_other_readers(model: ir.Model, op_types: set[str]) -> int:
                 node.replace_input_with(index, x)
                 rewired += 1
     return rewired
+
+
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def _quantize_before_layout(model: ir.Model) -> int:
+    """Move each per-tensor Q/DQ pair above the layout ops that feed it alone:
+    ``y → Reshape → Transpose → Q → DQ → MatMul`` becomes ``y → Q → DQ → Reshape → Transpose →
+    MatMul``. Exact (a per-tensor quantizer commutes with moving elements), and where NNCF puts
+    them: ORT's quantizer places them at the MatMul input, after attention's head reshapes, and
+    OpenVINO then runs 30 standalone FakeQuantize nodes on all-MiniLM-L6-v2 instead of 18 and
+    is slower (2.59× → 2.67× fp32 at 128 tokens once moved, NNCF 2.65×, same run). Returns the
+    number of moves."""
+    moved, again = 0, True
+    while again:
+        again = False
+        for q in list(model.graph):
+            if q.op_type != "QuantizeLinear" or q.inputs[0] is None:
+                continue
+            x, scale = q.inputs[0], q.inputs[1]
+            layout = x.producer()
+            if (layout is None or layout.op_type not in _LAYOUT_OPS or len(x.uses()) != 1
+                    or x.is_graph_output() or scale.const_value is None
+                    or scale.const_value.size != 1 or layout.inputs[0] is None
+                    or layout.inputs[0].const_value is not None):
+                continue
+            readers = [n for n, _ in q.outputs[0].uses()]
+            if len(readers) != 1 or readers[0].op_type != "DequantizeLinear":
+                continue
+            dq = readers[0]
+            uses = list(dq.outputs[0].uses())
+            q.replace_input_with(0, layout.inputs[0])
+            layout.replace_input_with(0, dq.outputs[0])
+            for node, index in uses:
+                node.replace_input_with(index, x)
+            moved, again = moved + 1, True
+    if moved:
+        model.graph.sort()
+    return moved
 
 
 def _outliers(cache, scheme) -> set[str]:
