@@ -57,6 +57,10 @@ class QuantScheme:
         outlier_crest: on a fully quantized target, activations whose crest factor (absmax /
             RMS over the calibration samples) exceeds this get 16 bits: 8 bits sized by a few
             outlier channels leave the typical values a handful of levels. None: by op only.
+        stream_16bit: on a fully quantized target, the residual stream's sums (the ``Add``
+            outputs norms read) get 16 bits: each is rounded once per layer and every later
+            layer reads it, so 8-bit rounding adds up even where no outlier channel remains
+            (after a rotation).
     """
 
     name: str
@@ -73,6 +77,7 @@ class QuantScheme:
     signed_attention: bool = False
     quantize_before_layout: bool = False
     outlier_crest: float | None = None
+    stream_16bit: bool = False
 
     @property
     def calibrated(self) -> bool:

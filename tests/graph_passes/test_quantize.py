@@ -9,7 +9,7 @@ from edgec.exporters.verify import compare_outputs
 from edgec.graph_passes.quantization.mask_fill import MaskFillPass
 from edgec.graph_passes.quantization.options import QuantOptions
 from edgec.graph_passes.quantization.quantize import QuantizePass
-from edgec.graph_passes.quantization.select import plan_quantization
+from edgec.graph_passes.quantization.select import plan_quantization, residual_sums
 from edgec.runtimes.ort import run_model
 from edgec.targets import get
 
@@ -98,6 +98,23 @@ def test_qnn_plan_keeps_scores_and_masks_16bit(bert_src):
     for n in softmax:
         assert n.inputs[0].name in plan.tensors_16bit and n.outputs[0].name in plan.tensors_16bit
     assert not plan.nodes_to_exclude
+
+
+@pytest.mark.parametrize("src,first", [("llama_src", 1), ("bert_src", 0)])
+def test_qnn_residual_stream_at_16_bits_only_where_the_scheme_asks(src, first, request):
+    """The residual sums norms read get 16 bits with ``stream``: every norm's input but the
+    pre-norm decoder's first (the embedding lookup; BERT's embeddings are summed by an Add)."""
+    from edgec.graph_passes.rotation.topology import find_norms
+
+    src = request.getfixturevalue(src)
+    sums = residual_sums(src.model)
+    norms = find_norms(src.model.graph)
+    assert len(sums) == len(norms) - first and len(sums) >= 2
+    assert all(n.input.producer().op_type == "Add" for n in norms if n.input.name in sums)
+    plain = set(plan_quantization(src.model, True).tensors_16bit)
+    with_stream = set(plan_quantization(src.model, True, stream=True).tensors_16bit)
+    assert sums <= with_stream and not sums <= plain
+    assert set(plan_quantization(src.model, False, stream=True).tensors_16bit) == set()
 
 
 def test_bert_w8a8_beats_naive_quantization(bert_src, tmp_path):

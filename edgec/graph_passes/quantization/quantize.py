@@ -29,7 +29,7 @@ import onnx_ir as ir
 from edgec.errors import UserError
 from edgec.graph_passes._infra import PassResult
 from edgec.graph_passes.quantization.blockwise import blockwise_weights
-from edgec.graph_passes.quantization.select import plan_quantization
+from edgec.graph_passes.quantization.select import plan_quantization, residual_sums
 
 __all__ = ["QuantizePass", "quant_type", "generic_qdq_options"]
 
@@ -138,7 +138,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         if s.calibrated:
             cache, how = self.ranges(model) if callable(self.ranges) else (self.ranges, "given")
         outliers = _outliers(cache, s) if self.target.fully_quantized else set()
-        plan = plan_quantization(model, self.target.fully_quantized, self.exclude, outliers)
+        plan = plan_quantization(model, self.target.fully_quantized, self.exclude, outliers,
+                                 s.stream_16bit)
         work = _at_opset(model.clone(), s.min_opset)  # the input model stays as it was
         extra: dict[str, Any] = {}
         if s.weight_only:
@@ -165,6 +166,8 @@ class QuantizePass(ir.passes.FunctionalPass):
             "excluded_nodes": len(plan.nodes_to_exclude),
             "tensors_16bit": len(plan.tensors_16bit),
             "outlier_tensors_16bit": len(outliers),
+            "stream_tensors_16bit": len(residual_sums(model)) if (
+                self.target.fully_quantized and s.stream_16bit and s.calibrated) else 0,
             "mask_tensors": len(plan.mask_tensors),
             "opset": quantized.opset_imports.get(""),
             **extra,
@@ -197,7 +200,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         def measure(k: int) -> float:
             if k not in built:
                 names = tuple(e.node for e in ranked[:k])
-                p = plan_quantization(model, fq, self.exclude + names, outliers)
+                p = plan_quantization(model, fq, self.exclude + names, outliers, s.stream_16bit)
                 built[k] = (self._static(_at_opset(model.clone(), s.min_opset), p, cache), p)
             if k not in measured:
                 measured[k] = worst_cosine([run_model(built[k][0], f) for f in feeds],
