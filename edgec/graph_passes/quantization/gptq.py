@@ -43,12 +43,41 @@ _RANGE = {ir.DataType.INT4: (-8, 7), ir.DataType.UINT4: (0, 15), ir.DataType.INT
           ir.DataType.UINT16: (0, 65535)}
 DAMP = 0.001
 BLOCK = 128
+CLIP = np.linspace(1.0, 0.55, 10)  # shrink factors tried for a symmetric per-channel scale
+
+
+def clipped_scale(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmin: int, qmax: int
+                  ) -> np.ndarray:
+    """Per output channel, the absmax scale shrunk by the factor in ``CLIP`` whose nearest
+    rounding has the least output error (e_nᵀ·H·e_n for column n's error e_n): clipping the
+    few largest weights buys a finer grid for the rest. ``scale`` is [N] (symmetric grid)."""
+    w = w.astype(np.float64)
+    best, best_err = scale.astype(np.float64), None
+    for factor in CLIP:
+        s = scale * factor
+        e = w - np.clip(np.rint(w / s), qmin, qmax) * s
+        err = np.einsum("kn,kn->n", e, h @ e)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best, best_err = np.where(better, s, best), np.where(better, err, best_err)
+    return best
 
 
 def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray,
-               qmin: int, qmax: int) -> np.ndarray:
+               qmin: int, qmax: int, act_order: bool = True) -> np.ndarray:
     """Integers q [K, N] with W ≈ (q − zero)·scale that minimize ‖X(W − Ŵ)‖ given H = XᵀX.
-    ``scale``/``zero`` broadcast to [K, N] (per tensor, per output channel or per block)."""
+    ``scale``/``zero`` broadcast to [K, N] (per tensor, per output channel or per block).
+    ``act_order``: rows rounded in order of decreasing H diagonal (the inputs with the most
+    energy first, while the most rows are left to absorb their error), as GPTQ's ``desc_act``."""
+    if act_order:
+        perm = np.argsort(-np.diag(h), kind="stable")
+        q = np.empty(w.shape, np.int64)
+        q[perm] = gptq_round(w[perm], h[np.ix_(perm, perm)],
+                             np.broadcast_to(scale, w.shape)[perm],
+                             np.broadcast_to(zero, w.shape)[perm], qmin, qmax, False)
+        return q
     k = w.shape[0]
     w = w.astype(np.float64, copy=True)
     scale = np.broadcast_to(scale, w.shape).astype(np.float64)
@@ -116,6 +145,16 @@ def _grid(dq: ir.Node, shape: tuple[int, int], trans: bool) -> tuple[np.ndarray,
     return full_s, full_z
 
 
+def _per_output_channel(dq: ir.Node, shape: tuple[int, int], zero: np.ndarray) -> bool:
+    """A symmetric grid with one scale per output channel, owned by this DequantizeLinear:
+    its scales may be chosen again (``clipped_scale``)."""
+    scale = dq.inputs[1]
+    attrs = {k: a.value for k, a in dq.attributes.items()}
+    return (scale.const_value is not None and scale.const_value.size == shape[1] > 1
+            and not attrs.get("block_size", 0) and not np.any(zero)
+            and len(scale.uses()) == 1 and not scale.is_graph_output())
+
+
 def _hessians(model: ir.Model, names: Sequence[str], samples: Sequence[dict[str, np.ndarray]]
               ) -> tuple[dict[str, np.ndarray], int]:
     """H = XᵀX (float64) of each named activation over the samples, and the row count."""
@@ -166,6 +205,7 @@ def gptq_weights(fp32: ir.Model, quantized: ir.Model,
         memo["h"], memo["rows"] = _hessians(fp32, names, samples)
     hs, rows = memo["h"], memo["rows"]
     error_rtn = error_gptq = 0.0
+    clipped = 0
     for node, dq, trans, x_name in todo:
         data = dq.inputs[0].const_value
         stored = data.numpy()
@@ -173,9 +213,16 @@ def gptq_weights(fp32: ir.Model, quantized: ir.Model,
         w = w.T if trans else w
         scale, zero = _grid(dq, w.shape, trans)
         qmin, qmax = _RANGE[data.dtype]
-        q = gptq_round(w, hs[x_name], scale, zero, qmin, qmax)
         h = hs[x_name]
         rtn = (np.clip(np.rint(w / scale) + zero, qmin, qmax) - zero) * scale
+        if _per_output_channel(dq, w.shape, zero):
+            channel = clipped_scale(w, h, scale[0], qmin, qmax)
+            clipped += int(np.count_nonzero(channel < scale[0]))
+            old = dq.inputs[1].const_value
+            dq.inputs[1].const_value = ir.tensor(channel.astype(old.numpy().dtype),
+                                                 dtype=old.dtype, name=old.name)
+            scale = np.broadcast_to(channel, w.shape)
+        q = gptq_round(w, h, scale, zero, qmin, qmax)
         new = (q - zero) * scale
         error_rtn += float(np.einsum("ij,ik,kj->", w - rtn, h, w - rtn))
         error_gptq += float(np.einsum("ij,ik,kj->", w - new, h, w - new))
@@ -184,5 +231,5 @@ def gptq_weights(fp32: ir.Model, quantized: ir.Model,
                                              dtype=data.dtype, name=data.name)
     return {"gptq": {"weights": len(todo), "activations": len(hs), "rows": rows,
                      "output_error_vs_nearest": round((error_gptq / error_rtn) ** 0.5, 4)
-                     if error_rtn else None,
+                     if error_rtn else None, "clipped_channels": clipped,
                      **({"skipped": skipped} if skipped else {})}}
