@@ -101,6 +101,16 @@ def test_qnn_htp_whole_graph_on_the_npu(tmp_path, model, scheme, floor):
         art.manifest["inputs"][0]["name"]].shape)  # static shapes
     agree = art.report["fidelity"]["target_vs_source"]["vs_rewritten_onnx"]["outputs"]
     assert min(e["cosine"] for e in agree.values()) >= 0.998
+    if scheme == "w4a8":  # block-wise int4 in the LPBQ form, and the device agrees (above)
+        lpbq = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]["lpbq"]
+        assert lpbq["weights"] > 0 and lpbq["block"] == 32 and lpbq["scale_bits"] == 4
+        import onnx_ir as ir
+
+        graph = ir.load(art.path / "model.onnx").graph
+        blocked = [n for n in graph if n.op_type == "DequantizeLinear"
+                   and "block_size" in n.attributes]
+        assert len(blocked) == lpbq["weights"]
+        assert all(n.inputs[1].producer().op_type == "DequantizeLinear" for n in blocked)
     sess = edgec.load(art.path)  # reloads the precompiled EPContext model, fallback disabled
     assert sess.runtime.startswith("onnxruntime-qnn")
     out = sess.run(sess.default_feeds)

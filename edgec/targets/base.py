@@ -36,6 +36,9 @@ class QuantScheme:
         per_channel: one weight scale per output channel (else per tensor).
         block_size: weights quantized in blocks of this many input channels (opset 21
             ``DequantizeLinear`` ``block_size``); ``None`` when not block-wise.
+        block_scale_bits: with ``block_size`` on a calibrated scheme, each block's scale is an
+            unsigned integer of this many bits times a float scale per output channel (the
+            Qualcomm HTP's LPBQ form, ``graph_passes/quantization/lpbq.py``).
         op_types: op types whose inputs are quantized (on a fully quantized target its
             ``qdq_options`` decide instead).
         min_opset: lowest ONNX opset the QDQ form needs (16-bit and int4 need 21).
@@ -70,6 +73,7 @@ class QuantScheme:
     activation_symmetric: bool = False
     per_channel: bool = True
     block_size: int | None = None
+    block_scale_bits: int | None = None
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     min_opset: int = 13
     quantize_bias: bool = True

@@ -11,11 +11,13 @@ the ordinary channels' structure (llama tiny+outliers, hadamard, w4a8 on qnn-htp
 0.773 with 1%, 0.844 with 0.1%; small+outliers 0.966 either way).
 
 It acts on the QDQ graph the quantizer wrote: every ``DequantizeLinear`` of a constant integer
-weight feeding a MatMul (or a Gemm, either layout) keeps its scales, zero points and block
-size, so the graph is unchanged but for the integers, and the grid is the one the runtime
-dequantizes with. X comes from the fp32 model the quantizer started from (one run per
-calibration sample with every such MatMul's input exposed; one H per distinct input, shared
-by the q/k/v or gate/up projections that read it).
+weight feeding a MatMul (or a Gemm, either layout) keeps its zero points and block size, and
+its scales (constant, or dequantized from integer block scales: ``lpbq``) except that a
+symmetric per-output-channel scale may shrink (``clipped_scale``), so the graph is unchanged
+but for those numbers, and the grid is the one the runtime dequantizes with. X comes from
+the fp32 model the quantizer started from (one run per calibration sample with every such
+MatMul's input exposed; one H per distinct input, shared by the q/k/v or gate/up projections
+that read it).
 
 Cost: one fp32 run per calibration sample, and every distinct input's H held at once in
 float64 (K² × 8 bytes each: `llama small`, 17 of them, ≤ 15 MB each). That suits edge-size
@@ -123,9 +125,24 @@ def _weight_dq(quantized: ir.Model) -> list[tuple[ir.Node, ir.Node, bool]]:
     return found
 
 
+def _dequantized_scale(value: ir.Value) -> np.ndarray:
+    """A DequantizeLinear's scale: a constant, or itself dequantized from constants (the
+    LPBQ form: integer block scales × a float scale per channel, ``lpbq``)."""
+    if value.const_value is not None:
+        return value.const_value.numpy().astype(np.float64)
+    dq = value.producer()
+    x, s = (v.const_value.numpy().astype(np.float64) for v in dq.inputs[:2])
+    zp = (dq.inputs[2].const_value.numpy().astype(np.float64)
+          if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros_like(s))
+    axis = {k: a.value for k, a in dq.attributes.items()}.get("axis", 1) % x.ndim
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return (x - zp.reshape(shape)) * s.reshape(shape) if s.ndim else (x - zp) * s
+
+
 def _grid(dq: ir.Node, shape: tuple[int, int], trans: bool) -> tuple[np.ndarray, np.ndarray]:
     """The DequantizeLinear's scale and zero point, broadcast to the [K, N] weight."""
-    scale = dq.inputs[1].const_value.numpy().astype(np.float64)
+    scale = _dequantized_scale(dq.inputs[1])
     zp = (dq.inputs[2].const_value.numpy().astype(np.float64)
           if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros_like(scale))
     stored = shape[::-1] if trans else shape  # the DQ's own layout

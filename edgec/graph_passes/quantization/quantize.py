@@ -121,6 +121,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         super().__init__()
         self.gptq = gptq  # calibration samples for GPTQ weight rounding (None: nearest)
         self._gptq_memo: dict[str, Any] = {}
+        self._block_stats: dict[int, dict[str, Any]] = {}  # LPBQ stats per quantized graph
         if scheme.calibrated and ranges is None:
             raise ValueError(f"scheme {scheme.name} needs calibration ranges")
         self.scheme, self.target, self.ranges, self.exclude = scheme, target, ranges, tuple(exclude)
@@ -152,6 +153,7 @@ class QuantizePass(ir.passes.FunctionalPass):
                                                                         cache, outliers)
         if self.gptq is not None:  # the stats of the GPTQ run on the graph kept
             extra.update(self._gptq_memo["stats"][id(quantized)])
+        extra.update(self._block_stats.get(id(quantized), {}))
         if extra.get("skipped"):
             logger.warning("%s: %s weights left in float (%s)", s.name,
                            sum(extra["skipped"].values()), ", ".join(extra["skipped"]))
@@ -238,6 +240,7 @@ class QuantizePass(ir.passes.FunctionalPass):
 
         from edgec.onnx_io import save_model
 
+        s = self.scheme
         tensors = cache.to_tensors_data()
         options = self.target.qdq_options or generic_qdq_options
         with (tempfile.TemporaryDirectory(prefix="edgec-quant-") as tmp,
@@ -265,6 +268,11 @@ class QuantizePass(ir.passes.FunctionalPass):
             _float_for_other_readers(quantized, set(self.scheme.op_types))
         if self.scheme.quantize_before_layout:
             _quantize_before_layout(quantized)
+        if s.block_size and s.block_scale_bits:  # block-wise weights in the device's LPBQ form
+            from edgec.graph_passes.quantization.lpbq import lpbq_weights
+
+            self._block_stats[id(quantized)] = lpbq_weights(model, quantized, s.block_size,
+                                                            s.block_scale_bits)
         return self._rounded(model, quantized)
 
     def _rounded(self, fp32: ir.Model, quantized: ir.Model) -> ir.Model:

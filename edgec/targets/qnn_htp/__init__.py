@@ -67,10 +67,12 @@ QNN_HTP = Target(
         "w8a16": QuantScheme("w8a16", "int8", "uint16", op_types=("MatMul",), min_opset=21),
         "w4a16": QuantScheme("w4a16", "int4", "uint16", weight_symmetric=True, per_channel=True,
                              op_types=("MatMul",), min_opset=21),
-        # 4-bit MatMul weights (symmetric per output channel) with 8-bit activations, 16 bits
-        # where a tensor's crest factor needs them and for the residual stream, as w8a8
+        # 4-bit MatMul weights with 8-bit activations, 16 bits where a tensor's crest factor
+        # needs them and for the residual stream, as w8a8. Weights symmetric in blocks of 32
+        # input channels, 4-bit block scales × a float per output channel (LPBQ); per output
+        # channel where the MatMul reads 16 bits (LPBQ with 16-bit inputs disagreed with ORT)
         "w4a8": QuantScheme("w4a8", "int4", "uint8", weight_symmetric=True, per_channel=True,
                             op_types=("MatMul",), min_opset=21, outlier_crest=16.0,
-                            stream_16bit=True),
+                            stream_16bit=True, block_size=32, block_scale_bits=4),
     },
 )
