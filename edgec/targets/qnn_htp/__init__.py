@@ -27,8 +27,8 @@ QNN_HTP = Target(
     runtime_config={"backend": "htp", "session.disable_cpu_ep_fallback": "1",
                     "provider_options": {"offload_graph_io_quantization": "0"}},
     notes=(
-        ("quantized QDQ models only (--quantize w8a8 | w8a16 | w4a16); no CPU fallback: a node "
-         "the HTP cannot run fails the build with its name"),
+        ("quantized QDQ models only (--quantize w8a8 | w8a16 | w4a16 | w4a8); no CPU fallback: "
+         "a node the HTP cannot run fails the build with its name"),
         "static shapes only; tensors of rank <= 5 (qnn-legalize lowers rank-6+ Transposes)",
         ("no Mish kernel (qnn-legalize writes x*tanh(softplus(x))); at 16 bits an Add/Mul "
          "broadcast over the batch that feeds a LayerNormalization is miscomputed (qnn-legalize "
@@ -46,7 +46,13 @@ QNN_HTP = Target(
          "and every other weight is uint8 per tensor"),
         ("int4 weights must be symmetric (zero point 0; the HTP miscomputes negative int4 zero "
          "points); w4a16 quantizes MatMul weights only, per output channel, others stay uint8"),
-        "block-wise int4 weights need provider option enable_block_quant_weight_optimization=1",
+        ("block-wise int4 weights run only in the LPBQ form (per-block 4-bit integer scales x a "
+         "float per output channel) with 8-bit activations: a plain block-wise DequantizeLinear "
+         "goes to the CPU even with enable_block_quant_weight_optimization=1, and 8-bit block "
+         "scales or 16-bit activations disagree with ONNX Runtime (measured, QNN 2.51)"),
+        ("a 16-bit embedding Gather output beside its 8-bit table, or a 16-bit norm input "
+         "read by an 8-bit normalizing Mul, fails to finalize (QNN_COMMON_ERROR_MEM_ALLOC): "
+         "the 16-bit residual stream is the residual Adds' outputs only"),
         "int64 token ids and the embedding Gather run on the NPU as they are",
     ),
     requires=("onnxruntime", "onnxruntime_qnn"),
