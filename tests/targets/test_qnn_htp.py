@@ -252,3 +252,23 @@ def test_legalize_lowers_random_high_rank_transposes(seed):
     assert all(len(n.attributes["perm"].as_ints()) <= 5 for n in result.model.graph
                if n.op_type == "Transpose")
     np.testing.assert_array_equal(after["y"], before["y"])
+
+
+def test_online_rotation_matmuls_keep_8_bit_weights_under_w4():
+    """A 4-bit scheme's MatMul weights are int4, but an online rotation's own MatMul (R4) stays
+    int8: at 4 bits the rotation itself would be rounded."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from edgec.graph_passes.rotation.edit import ROTATION_TAG
+    from edgec.targets.qnn_htp.qdq import _matmul_weights
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 8]))
+    rot = ir.Value(name="r", const_value=ir.tensor(np.eye(8, dtype=np.float32)))
+    w = ir.Value(name="w", const_value=ir.tensor(np.ones((8, 4), np.float32)))
+    a = ir.node("MatMul", [x, rot], name="r4", metadata_props={ROTATION_TAG: "r4"})
+    b = ir.node("MatMul", [a.outputs[0], w], name="down")
+    model = ir.Model(ir.Graph([x], [b.outputs[0]], nodes=[a, b], initializers=[rot, w],
+                              opset_imports={"": 21}), ir_version=10)
+    types = {k: str(v[0]["quant_type"]) for k, v in _matmul_weights(model, "int4").items()}
+    assert types["w"].endswith("QInt4") and types["r"].endswith("QInt8"), types

@@ -15,6 +15,7 @@ from typing import Any
 import onnx_ir as ir
 
 from edgec.graph_passes.quantization.quantize import quant_type
+from edgec.graph_passes.rotation.edit import ROTATION_TAG
 
 __all__ = ["qdq_options"]
 
@@ -39,11 +40,14 @@ def qdq_options(model: ir.Model, path: Path, scheme, plan, method) -> dict[str, 
 
 
 def _matmul_weights(model: ir.Model, weights: str) -> dict[str, list[dict[str, Any]]]:
-    """Constant [K, N] MatMul weights: ``weights`` (int8/int4), symmetric, per channel (axis 1)."""
+    """Constant [K, N] MatMul weights: ``weights`` (int8/int4), symmetric, per channel (axis 1).
+    An online rotation's own MatMul (``--rotate ...:r4=true``; its factors are orthogonal, not
+    all ±1/√n) stays int8: at 4 bits it would round the rotation itself."""
     out = {}
     for node in model.graph:
         w = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
         if w is not None and w.is_initializer() and w.const_value is not None and len(
                 w.const_value.shape) == 2:
-            out[w.name] = [{"quant_type": quant_type(weights), "symmetric": True, "axis": 1}]
+            kind = "int8" if ROTATION_TAG in node.metadata_props else weights
+            out[w.name] = [{"quant_type": quant_type(kind), "symmetric": True, "axis": 1}]
     return out
