@@ -26,7 +26,8 @@ and the wall time each method needs to first reach it; the ratio is DartQuant's 
 tiny+outliers`` and ``small+outliers`` compiled per (target, scheme) in {openvino-cpu w8a8,
 qnn-htp w8a8, qnn-htp w4a8 (the only target offering it)} × {none, smoothing (``smooth=0.5``),
 hadamard, dartquant}, and on the qnn-htp rows each of none, hadamard and dartquant again with
-``gptq=true`` (each with ``min_cos=0``: the remedy alone, not the default accuracy floor's
+``gptq=true`` (the other rows ``gptq=false``, which 4-bit weights after a rotation now need to
+round to nearest; each with ``min_cos=0``: the remedy alone, not the default accuracy floor's
 mixed precision); each row is the compile's own fidelity check (the artifact run on the
 model's example input by the target's runtime, HTP emulator included, vs fp32 PyTorch): logits
 cosine and relative L2, plus compile seconds (rotation calibration included).
@@ -207,7 +208,7 @@ def accuracy(configs: list[str], root: Path) -> list[dict]:
                     continue
                 # min_cos=0: the remedy alone, without the default accuracy floor's search
                 items = ([f"smooth={opts['smooth']}"] if "smooth" in opts else []) + (
-                    ["gptq=true"] if opts.get("gptq") else []) + (
+                    ["gptq=true"] if opts.get("gptq") else ["gptq=false"]) + (
                     [] if opts.get("floor") else ["min_cos=0"])
                 q = f"{scheme}:{','.join(items)}" if items else scheme
                 log(f"accuracy {config} {target} {q} {remedy}")

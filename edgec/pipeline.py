@@ -88,7 +88,7 @@ STAGES: tuple[Stage, ...] = (
           lambda c: [p() for p in c.target.before_quantize]),
     Stage("quantize", lambda r, t: r.quantize is not None,
           lambda c: c.recipe.quantize.make_pass(c.target, c.recipe.calibration, c.source,
-                                                c.step)),
+                                                c.step, rotated=c.recipe.rotate is not None)),
     Stage("device-legalize-quantized", lambda r, t: bool(t.after_quantize),
           lambda c: [p() for p in c.target.after_quantize]),
 )

@@ -135,7 +135,8 @@ _QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a1
                   "exclude=NODE_OR_OP;... (kept in high precision), samples=N, mask_fill=F, "
                   "min_cos=F (mixed precision to that held-out cosine; default 0.98, 0 = "
                   "off), smooth=ALPHA "
-                  "(SmoothQuant folded into the norms), gptq=true (GPTQ weight rounding)")
+                  "(SmoothQuant folded into the norms), gptq=true|false (GPTQ weight rounding; "
+                  "default on for 4-bit weights after --rotate)")
 _SPARSE_HELP = ("block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64,"
                 "qblock=512,prefix=64,sink=frame,grid=8x32x32,mode=rf2. Defaults: keep=0.2, "
                 "block=64, qblock=8×block, prefix=0, sink=none, mode=rf2 (or rainfusion), "

@@ -108,13 +108,14 @@ def test_gptq_rewrites_only_the_integers_on_every_grid_layout(block, trans):
 def rotated_w4(tmp_path_factory):
     root = tmp_path_factory.mktemp("gptq")
     return {g: edgec.compile("llama", target="qnn-htp", config="tiny+outliers",
-                             quantize="w4a8" + (":gptq=true" if g else ""), rotate="hadamard",
+                             quantize="w4a8" + ("" if g else ":gptq=false"), rotate="hadamard",
                              output_dir=root / str(g)) for g in (False, True)}
 
 
 def test_gptq_rescues_4_bit_weights_after_a_rotation(rotated_w4):
     """Rotation spreads the planted massive channels over every channel, so nearest-rounded
-    int4 weights break the model; GPTQ sees that component in H."""
+    int4 weights break the model; GPTQ sees that component in H. It is on by default there
+    (a plain ``w4a8`` after ``--rotate``); ``gptq=false`` turns it off."""
     cos = {g: a.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["cosine"]
            for g, a in rotated_w4.items()}
     assert cos[False] < 0.6 and cos[True] > 0.8
@@ -127,8 +128,15 @@ def test_gptq_option_is_parsed_and_checked():
     from edgec.graph_passes.quantization.options import QuantOptions
     from edgec.targets import get as get_target
 
-    opts = QuantOptions.parse("w4a8:gptq=true", get_target("qnn-htp"))
-    assert opts.gptq is True
+    qnn, cpu = get_target("qnn-htp"), get_target("ort-cpu")
+    opts = QuantOptions.parse("w4a8:gptq=true", qnn)
+    assert opts.gptq is True and opts.gptq_on(qnn, rotated=False)
+    auto = QuantOptions.parse("w4a8", qnn)  # on for 4-bit weights after a rotation only
+    assert auto.gptq is None and auto.gptq_on(qnn, rotated=True)
+    assert not auto.gptq_on(qnn, rotated=False)
+    assert not QuantOptions.parse("w4a8:gptq=false", qnn).gptq_on(qnn, rotated=True)
+    assert not QuantOptions.parse("w8a8", cpu).gptq_on(cpu, rotated=True)
+    assert not QuantOptions.parse("w4a16", cpu).gptq_on(cpu, rotated=True)  # weight-only
     with pytest.raises(UserError, match="gptq"):
         QuantOptions.parse("w4a8:gptq=maybe", get_target("qnn-htp"))
 

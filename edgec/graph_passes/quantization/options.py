@@ -38,8 +38,9 @@ class QuantOptions:
     measured once and searched only when missed; ``min_cos=0`` turns it off); ``smooth=α``
     (SmoothQuant: activation outlier ranges moved into the weights the norms feed, folded
     into the norms' scales; α in (0, 1), 0.5 typical);
-    ``gptq=true`` (weight integers chosen by GPTQ's error feedback on the calibration samples'
-    activations instead of rounded to nearest; what 4-bit weights after a rotation need).
+    ``gptq=true|false`` (weight integers chosen by GPTQ's error feedback on the calibration
+    samples' activations instead of rounded to nearest; what 4-bit weights after a rotation
+    need, so on by default there: ``gptq_on``).
     """
 
     scheme: str
@@ -49,7 +50,7 @@ class QuantOptions:
     mask_fill: float = 100.0
     min_cos: float | None = None
     smooth: float | None = None
-    gptq: bool = False
+    gptq: bool | None = None  # None: on for 4-bit weights after a rotation (gptq_on)
 
     def __post_init__(self):
         from edgec.calibration.ranges import METHODS
@@ -113,6 +114,16 @@ class QuantOptions:
         scheme = self.scheme_on(target)
         return DEFAULT_MIN_COS if integer_activations(scheme) else None
 
+    def gptq_on(self, target, rotated: bool) -> bool:
+        """GPTQ as asked, else on where nearest rounding is known to break: 4-bit weights of a
+        calibrated scheme after a rotation, which spreads any massive activation channel over
+        every weight's rounding error (llama small+outliers, hadamard, w4a8 on the HTP: logits
+        cosine 0.56 nearest, 0.98 GPTQ)."""
+        if self.gptq is not None:
+            return self.gptq
+        scheme = self.scheme_on(target)
+        return rotated and scheme.calibrated and scheme.weights in ("int4", "uint4")
+
     def calibration_request(self, target, data: Path | None = None):
         """What calibrating for this scheme on ``target`` means, as plain data."""
         from edgec.calibration import CalibrationRequest
@@ -125,8 +136,10 @@ class QuantOptions:
             samples=self.samples, data=data,
             crest=target.fully_quantized and scheme.outlier_crest is not None)
 
-    def make_pass(self, target, calibration, src, step: Callable[[str], None]):
-        """The QuantizePass of a compile: ``calibration`` is a cache, an .npz path or None."""
+    def make_pass(self, target, calibration, src, step: Callable[[str], None],
+                  rotated: bool = False):
+        """The QuantizePass of a compile: ``calibration`` is a cache, an .npz path or None;
+        ``rotated``: a rotation ran before (GPTQ's default, ``gptq_on``)."""
         from edgec.calibration import CalibrationCache
         from edgec.graph_passes.quantization.quantize import QuantizePass
 
@@ -183,4 +196,4 @@ class QuantOptions:
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
                             min_cos=self.floor_on(target), held_out=held_out,
                             default_floor=self.min_cos is None,
-                            gptq=calibration_samples if self.gptq else None)
+                            gptq=calibration_samples if self.gptq_on(target, rotated) else None)
