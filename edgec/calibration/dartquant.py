@@ -175,10 +175,10 @@ def per_tensor_error(x: np.ndarray, r: np.ndarray, bits: int = 8) -> float:
     """Relative L2 error of ``x·r`` under one asymmetric ``bits``-bit range over the whole
     tensor (what a static activation quantizer does). ``x`` [tokens, d] with ``r`` [d, d], or
     per group: [g, tokens, d] with [g, d, d] (one range over all groups)."""
+    from edgec.graph_passes.quantization.mixed_precision import fake_quant_activation
+
     y = np.asarray(x, np.float64) @ np.asarray(r, np.float64)
-    lo, hi = float(y.min()), float(y.max())
-    step = (hi - lo) / (2**bits - 1) or 1.0
-    err = y - (np.round((y - lo) / step) * step + lo)
+    err = y - fake_quant_activation(y, y.min(), y.max(), bits, symmetric=False)
     return float(np.linalg.norm(err) / (np.linalg.norm(y) or 1.0))
 
 

@@ -137,7 +137,7 @@ def _dequantized_scale(value: ir.Value) -> np.ndarray:
     axis = {k: a.value for k, a in dq.attributes.items()}.get("axis", 1) % x.ndim
     shape = [1] * x.ndim
     shape[axis] = -1
-    return (x - zp.reshape(shape)) * s.reshape(shape) if s.ndim else (x - zp) * s
+    return (x - zp.reshape(shape)) * s.reshape(shape)
 
 
 def _grid(dq: ir.Node, shape: tuple[int, int], trans: bool) -> tuple[np.ndarray, np.ndarray]:

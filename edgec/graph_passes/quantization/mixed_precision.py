@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = ["LayerError", "layer_errors", "search_exclusions", "worst_cosine",
-           "integer_activations"]
+           "integer_activations", "fake_quant_activation"]
 
 _BITS = {"int8": 8, "uint8": 8, "int16": 16, "uint16": 16, "int4": 4, "uint4": 4}
 
@@ -53,8 +53,10 @@ class LayerError:
                 "end_to_end": float(f"{self.end_to_end:.3g}")}
 
 
-def _fake_quant_activation(x: np.ndarray, lo: float, hi: float, bits: int,
-                           symmetric: bool) -> np.ndarray:
+def fake_quant_activation(x: np.ndarray, lo: float, hi: float, bits: int,
+                          symmetric: bool) -> np.ndarray:
+    """``x`` through a static per-tensor ``bits``-bit grid over [lo, hi] (widened to hold 0, as
+    ONNX Runtime's quantizer does), asymmetric with an integer zero point or symmetric."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     levels = 2 ** bits - 1
     if symmetric:
@@ -118,7 +120,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                 raw.append(x)
                 rng = cache.tensors.get(v.name)
                 bits = 16 if v.name in sixteen else act_bits
-                quant.append(x if rng is None else _fake_quant_activation(
+                quant.append(x if rng is None else fake_quant_activation(
                     x, rng["lowest"], rng["highest"], bits, scheme.activation_symmetric))
             if trans:
                 raw[1], quant[1] = raw[1].T, quant[1].T

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from edgec.errors import UserError
 from edgec.graph_passes._infra import PassResult
 from edgec.graph_passes.quantization.blockwise import blockwise_weights
-from edgec.graph_passes.quantization.select import plan_quantization, residual_sums
+from edgec.graph_passes.quantization.select import plan_quantization
 
 __all__ = ["QuantizePass", "quant_type", "generic_qdq_options"]
 
@@ -168,8 +168,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             "excluded_nodes": len(plan.nodes_to_exclude),
             "tensors_16bit": len(plan.tensors_16bit),
             "outlier_tensors_16bit": len(outliers),
-            "stream_tensors_16bit": len(residual_sums(model)) if (
-                self.target.fully_quantized and s.stream_16bit and s.calibrated) else 0,
+            "stream_tensors_16bit": len(plan.stream_tensors),
             "mask_tensors": len(plan.mask_tensors),
             "opset": quantized.opset_imports.get(""),
             **extra,

@@ -40,6 +40,7 @@ class QuantPlan:
     tensors_16bit: list[str]
     mask_tensors: list[str]
     reasons: dict[str, str]  # node → why it was excluded
+    stream_tensors: list[str] = dataclasses.field(default_factory=list)  # residual sums at 16 bits
 
 
 def _is_float(v: ir.Value) -> bool:
@@ -171,7 +172,7 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
     ``stream``, the residual sums."""
     mask = _mask_taint(model)
     wanted = set(exclude)
-    excluded, reasons, sixteen = [], {}, set()
+    excluded, reasons, sixteen, sums = [], {}, set(), set()
     for node in model.graph:
         float_ins = [v for v in node.inputs if v is not None and _is_float(v)]
         user = node.name in wanted or node.op_type in wanted
@@ -197,7 +198,6 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
             reasons[node.name] = "reads an attention mask / integer-derived tensor"
     if fully_quantized:
         sixteen |= _score_chain(model) | _angles(model) | (set(outliers) - _squares(model))
-        if stream:
-            sixteen |= residual_sums(model)
-        sixteen = _where_consistent(model, sixteen)
-    return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons)
+        sums = residual_sums(model) if stream else set()
+        sixteen = _where_consistent(model, sixteen | sums)
+    return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons, sorted(sums))
