@@ -122,6 +122,11 @@ def test_gptq_rescues_4_bit_weights_after_a_rotation(rotated_w4):
     stats = next(p for p in rotated_w4[True].report["passes"]
                  if p["name"] == "quantize")["stats"]["gptq"]
     assert stats["weights"] > 0 and stats["output_error_vs_nearest"] < 0.5
+    # H from GPTQ_SAMPLES generated samples (tiny: batch 2 × 16 tokens each), not just the 16
+    # the ranges use: [rows, K] needs rows ≫ K
+    from edgec.graph_passes.quantization.options import GPTQ_SAMPLES
+
+    assert stats["rows"] == GPTQ_SAMPLES * 2 * 16
 
 
 def test_gptq_option_is_parsed_and_checked():
@@ -139,6 +144,22 @@ def test_gptq_option_is_parsed_and_checked():
     assert not QuantOptions.parse("w4a16", cpu).gptq_on(cpu, rotated=True)  # weight-only
     with pytest.raises(UserError, match="gptq"):
         QuantOptions.parse("w4a8:gptq=maybe", get_target("qnn-htp"))
+
+
+def test_gptq_samples_start_with_the_calibration_ones_and_skip_the_held_out():
+    from edgec.exporters.sources import resolve_source
+    from edgec.graph_passes.quantization.options import GPTQ_SAMPLES, QuantOptions
+    from edgec.targets import get as get_target
+
+    qnn = get_target("qnn-htp")
+    src = resolve_source("llama", config="tiny")
+    quant = QuantOptions.parse("w4a8:gptq=true,samples=8", qnn).make_pass(
+        qnn, None, src, lambda _: None)
+    fits, held = quant.gptq(src.model), quant.held_out(src.model)
+    assert len(fits) == GPTQ_SAMPLES and len(held) == 4
+    ids = [s["input_ids"].tobytes() for s in fits]
+    assert len(set(ids)) == GPTQ_SAMPLES
+    assert not {s["input_ids"].tobytes() for s in held} & set(ids)
 
 
 def test_clipped_scale_lowers_the_output_error_of_nearest_int4():
