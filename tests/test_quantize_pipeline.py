@@ -111,6 +111,12 @@ def test_qnn_htp_whole_graph_on_the_npu(tmp_path, model, scheme, floor):
                    and "block_size" in n.attributes]
         assert len(blocked) == lpbq["weights"]
         assert all(n.inputs[1].producer().op_type == "DequantizeLinear" for n in blocked)
+        # the LM head at w8a16: int8 weights, 16-bit input
+        stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
+        (head,) = [n for n in graph if n.name in stats["heads_w8a16"]]
+        weight_dq, input_dq = head.inputs[1].producer(), head.inputs[0].producer()
+        assert weight_dq.inputs[0].const_value.dtype == ir.DataType.INT8
+        assert input_dq.inputs[0].producer().inputs[2].const_value.dtype == ir.DataType.UINT16
     sess = edgec.load(art.path)  # reloads the precompiled EPContext model, fallback disabled
     assert sess.runtime.startswith("onnxruntime-qnn")
     out = sess.run(sess.default_feeds)

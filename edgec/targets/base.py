@@ -64,6 +64,10 @@ class QuantScheme:
             outputs norms read) get 16 bits: each is rounded once per layer and every later
             layer reads it, so 8-bit rounding adds up even where no outlier channel remains
             (after a rotation).
+        head_w8a16: on a fully quantized target with 4-bit weights, the output head (each
+            MatMul whose output is a graph output, through layout ops and constant adds only:
+            an LM head) keeps 8-bit weights and a 16-bit input, as LLM w4 recipes keep the
+            LM head in higher precision. Every logit reads all of its K inputs through it.
     """
 
     name: str
@@ -82,6 +86,7 @@ class QuantScheme:
     quantize_before_layout: bool = False
     outlier_crest: float | None = None
     stream_16bit: bool = False
+    head_w8a16: bool = False
 
     @property
     def calibrated(self) -> bool:

@@ -9,7 +9,11 @@ from edgec.exporters.verify import compare_outputs
 from edgec.graph_passes.quantization.mask_fill import MaskFillPass
 from edgec.graph_passes.quantization.options import QuantOptions
 from edgec.graph_passes.quantization.quantize import QuantizePass
-from edgec.graph_passes.quantization.select import plan_quantization, residual_sums
+from edgec.graph_passes.quantization.select import (
+    output_heads,
+    plan_quantization,
+    residual_sums,
+)
 from edgec.runtimes.ort import run_model
 from edgec.targets import get
 
@@ -115,6 +119,22 @@ def test_qnn_residual_stream_at_16_bits_only_where_the_scheme_asks(src, first, r
     with_stream = set(plan_quantization(src.model, True, stream=True).tensors_16bit)
     assert sums <= with_stream and not sums <= plain
     assert set(plan_quantization(src.model, False, stream=True).tensors_16bit) == set()
+
+
+def test_output_head_found_and_kept_at_16_bit_input_where_asked(llama_src, bert_src):
+    """The LM head is the one MatMul writing a graph output (logits); BERT's last_hidden_state
+    comes from a LayerNorm, so it has none. ``head`` puts the head's input at 16 bits."""
+    heads = output_heads(llama_src.model)
+    assert len(heads) == 1
+    (node,) = [n for n in llama_src.model.graph if n.name in heads]
+    assert node.op_type == "MatMul" and node.inputs[1].const_value.shape[-1] == int(
+        llama_src.info["hyperparameters"]["vocab"])
+    assert output_heads(bert_src.model) == set()
+    plain = plan_quantization(llama_src.model, True)
+    with_head = plan_quantization(llama_src.model, True, head=True)
+    assert node.inputs[0].name in with_head.tensors_16bit
+    assert node.inputs[0].name not in plain.tensors_16bit and not plain.head_nodes
+    assert with_head.head_nodes == [node.name]
 
 
 def test_bert_w8a8_beats_naive_quantization(bert_src, tmp_path):

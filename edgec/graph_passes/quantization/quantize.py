@@ -140,7 +140,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             cache, how = self.ranges(model) if callable(self.ranges) else (self.ranges, "given")
         outliers = _outliers(cache, s) if self.target.fully_quantized else set()
         plan = plan_quantization(model, self.target.fully_quantized, self.exclude, outliers,
-                                 s.stream_16bit)
+                                 s.stream_16bit, s.head_w8a16)
         work = _at_opset(model.clone(), s.min_opset)  # the input model stays as it was
         extra: dict[str, Any] = {}
         if s.weight_only:
@@ -169,6 +169,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             "tensors_16bit": len(plan.tensors_16bit),
             "outlier_tensors_16bit": len(outliers),
             "stream_tensors_16bit": len(plan.stream_tensors),
+            "heads_w8a16": list(plan.head_nodes),
             "mask_tensors": len(plan.mask_tensors),
             "opset": quantized.opset_imports.get(""),
             **extra,
@@ -201,7 +202,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         def measure(k: int) -> float:
             if k not in built:
                 names = tuple(e.node for e in ranked[:k])
-                p = plan_quantization(model, fq, self.exclude + names, outliers, s.stream_16bit)
+                p = plan_quantization(model, fq, self.exclude + names, outliers, s.stream_16bit,
+                                      s.head_w8a16)
                 built[k] = (self._static(_at_opset(model.clone(), s.min_opset), p, cache), p)
             if k not in measured:
                 measured[k] = worst_cosine([run_model(built[k][0], f) for f in feeds],

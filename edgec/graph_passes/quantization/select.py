@@ -25,7 +25,7 @@ from edgec.errors import UserError
 from edgec.graph_passes.quantization.mask_fill import HUGE, _constant
 from edgec.graph_passes.rotation.topology import find_norms
 
-__all__ = ["QuantPlan", "plan_quantization", "residual_sums"]
+__all__ = ["QuantPlan", "plan_quantization", "residual_sums", "output_heads"]
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Expand", "Reshape", "Unsqueeze", "Squeeze",
                 "Transpose", "Slice", "Concat", "Tile", "Identity", "Min", "Max", "Neg",
@@ -41,6 +41,7 @@ class QuantPlan:
     mask_tensors: list[str]
     reasons: dict[str, str]  # node → why it was excluded
     stream_tensors: list[str] = dataclasses.field(default_factory=list)  # residual sums at 16 bits
+    head_nodes: list[str] = dataclasses.field(default_factory=list)  # output heads at w8a16
 
 
 def _is_float(v: ir.Value) -> bool:
@@ -165,14 +166,45 @@ def residual_sums(model: ir.Model) -> set[str]:
     return out
 
 
+_PASS_THROUGH = {"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Cast"}
+
+
+def output_heads(model: ir.Model) -> set[str]:
+    """MatMuls with a constant 2-D weight whose output is a graph output, through layout ops
+    and adds of a constant (a bias) only: the LM head of a decoder, a classifier's last layer."""
+    outputs = {v.name for v in model.graph.outputs}
+    heads = set()
+    for node in model.graph:
+        if node.op_type != "MatMul" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        w = node.inputs[1].const_value
+        if w is None or len(w.shape) != 2:
+            continue
+        v = node.outputs[0]
+        while v.name not in outputs:
+            uses = list(v.uses())
+            if len(uses) != 1:
+                break
+            user = uses[0].node
+            others = [x for x in user.inputs if x is not None and x is not v]
+            if not (user.op_type in _PASS_THROUGH or user.op_type == "Add" and all(
+                    _constant(x) is not None for x in others)):
+                break
+            v = user.outputs[0]
+        if v.name in outputs:
+            heads.add(node.name)
+    return heads
+
+
 def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str, ...] = (),
-                      outliers: set[str] = frozenset(), stream: bool = False) -> QuantPlan:
+                      outliers: set[str] = frozenset(), stream: bool = False,
+                      head: bool = False) -> QuantPlan:
     """Decide exclusions (float stays float) or, when ``fully_quantized``, 16-bit tensors:
-    by op (score chains, angles, user exclusions), the measured ``outliers`` and, with
-    ``stream``, the residual sums."""
+    by op (score chains, angles, user exclusions), the measured ``outliers``, with ``stream``
+    the residual sums, and with ``head`` the inputs of the output heads (``output_heads``)."""
     mask = _mask_taint(model)
     wanted = set(exclude)
-    excluded, reasons, sixteen, sums = [], {}, set(), set()
+    excluded, reasons, sixteen, sums, heads = [], {}, set(), set(), set()
     for node in model.graph:
         float_ins = [v for v in node.inputs if v is not None and _is_float(v)]
         user = node.name in wanted or node.op_type in wanted
@@ -199,5 +231,9 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
     if fully_quantized:
         sixteen |= _score_chain(model) | _angles(model) | (set(outliers) - _squares(model))
         sums = residual_sums(model) if stream else set()
-        sixteen = _where_consistent(model, sixteen | sums)
-    return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons, sorted(sums))
+        heads = output_heads(model) if head else set()
+        head_inputs = {n.inputs[0].name for n in model.graph if n.name in heads
+                       and n.inputs[0] is not None and _is_float(n.inputs[0])}
+        sixteen = _where_consistent(model, sixteen | sums | head_inputs)
+    return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons, sorted(sums),
+                     sorted(heads))

@@ -79,6 +79,7 @@ QNN_HTP = Target(
         # channel where the MatMul reads 16 bits (LPBQ with 16-bit inputs disagreed with ORT)
         "w4a8": QuantScheme("w4a8", "int4", "uint8", weight_symmetric=True, per_channel=True,
                             op_types=("MatMul",), min_opset=21, outlier_crest=16.0,
-                            stream_16bit=True, block_size=32, block_scale_bits=4),
+                            stream_16bit=True, block_size=32, block_scale_bits=4,
+                            head_w8a16=True),
     },
 )
