@@ -11,12 +11,13 @@ projection, pooled over layers; ``collect_rotation_activations``) of ``llama sma
   Riemannian optimization on the Stiefel manifold via the Cayley transform", ICLR 2020, Alg. 2,
   as SpinQuant's ``SGDG(stiefel=True)`` uses it): momentum 0.9 projected to the tangent space, a
   skew-symmetric W, the Cayley step by 5 fixed-point iterations with α = min(lr, 1/‖W‖₁). Same
-  start, minibatches, seed. Several learning rates are run and the best final loss is the target
-  (a fair baseline: it is given its best setting).
+  start, minibatches, seed. Several learning rates are run and the lowest loss any of them
+  reaches (its best iterate, not its last: a minibatch step with momentum moves the last one
+  by up to 2.5% here) is the target (a fair baseline: it is given its best setting).
 
 Both are timed on the optimization steps only (the full-data loss, evaluated every
 ``--eval-every`` steps for the curves, is excluded from the clock). Reported per data set: each
-optimizer's loss curve (step, seconds, full-data loss), the Cayley baseline's best final loss,
+optimizer's loss curve (step, seconds, full-data loss), the Cayley baseline's best loss,
 and the wall time each method needs to first reach it; the ratio is DartQuant's speed-up
 (goal ≥ 20×, the paper claims 47× against end-to-end rotation training).
 
@@ -172,13 +173,17 @@ def compare(name: str, x: np.ndarray, args) -> dict:
         c = run_cayley(x, args.cayley_steps, lr, 0, args.eval_every)
         log(f"  cayley lr={lr}: {c['curve'][-1][2]:.4f} in {c['curve'][-1][1]:.2f} s")
         cayley.append(c)
-    best = min(cayley, key=lambda c: c["curve"][-1][2])
-    target = best["curve"][-1][2]
+    # the target: the lowest full-data loss any Cayley run reached (its best iterate, as one
+    # would keep it; its last iterate is noisy: minibatch steps with momentum move it by up to
+    # 2.5% at the end of a 600-step run on this data), and when that run first reached it
+    best = min(cayley, key=lambda c: min(loss for _, _, loss in c["curve"]))
+    target = min(loss for _, _, loss in best["curve"])
     t_cayley = time_to(best["curve"], target)
     t_dart = time_to(dart["curve"], target)
     return {"tokens": int(x.shape[0]), "dim": int(x.shape[1]), "hadamard_loss": start,
             "dartquant": dart, "cayley": cayley, "target_loss": target,
-            "target_from": f"cayley lr={best['lr']} after {best['steps']} steps",
+            "cayley_final_losses": {c["lr"]: c["curve"][-1][2] for c in cayley},
+            "target_from": f"cayley lr={best['lr']}: its best iterate in {best['steps']} steps",
             "seconds_to_target": {"cayley": t_cayley, "dartquant": t_dart},
             "speedup": (round(t_cayley / t_dart, 1) if t_dart else None),
             "dartquant_final_below_target": dart["curve"][-1][2] <= target}
