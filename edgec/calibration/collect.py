@@ -30,7 +30,8 @@ class CalibrationRequest:
     symmetric: symmetric activation ranges; op_types: calibrate these ops' tensors (None: every
     float tensor); samples: how many (None: all of ``data``, or 16 generated); data: an .npz of
     samples (None: the source's own generator); crest: also each tensor's crest factor
-    (absmax / RMS), for precision choices per tensor."""
+    (absmax / RMS), for precision choices per tensor; bits: the activations' integer width
+    (what ``entropy`` sizes its thresholds for)."""
 
     target: str
     scheme: str
@@ -40,6 +41,7 @@ class CalibrationRequest:
     samples: int | None = None
     data: Path | None = None
     crest: bool = False
+    bits: int = 8
 
 
 def collect_cache(model, request: CalibrationRequest, src,
@@ -61,7 +63,8 @@ def collect_cache(model, request: CalibrationRequest, src,
     samples = samples_for_model(samples, model)
     t0 = time.perf_counter()
     tensors = collect_ranges(model, samples, request.method, request.op_types,
-                             symmetric=request.symmetric, progress=progress)
+                             symmetric=request.symmetric, progress=progress,
+                             bits=request.bits)
     if request.crest:
         crest = collect_crest(model, samples)
         for name, stats in tensors.items():

@@ -21,6 +21,11 @@ from edgec.errors import UserError
 __all__ = ["collect_ranges", "METHODS"]
 
 METHODS = ("minmax", "percentile", "entropy", "distribution")
+# Entropy (TensorRT's KL-divergence threshold) searches clipping thresholds on a histogram of
+# ENTROPY_BINS bins over [-absmax, absmax], each candidate requantized to 2**bits bins. ORT's own
+# defaults (128 bins, 128 quantized bins) leave one candidate, the full range: minmax under
+# another name. 2048 bins as TensorRT; at 16 bits (2**16 ≥ the bins) it is minmax again.
+ENTROPY_BINS = 2048
 
 
 def _method(name: str):
@@ -35,10 +40,12 @@ def _method(name: str):
 
 def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str = "minmax",
                    op_types: Sequence[str] | None = None, symmetric: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, Any]]:
+                   progress: Callable[[int, int], None] | None = None,
+                   bits: int = 8) -> dict[str, dict[str, Any]]:
     """Per-tensor statistics of ``model`` (an onnx_ir.Model) over ``samples``.
 
     ``op_types``: calibrate the inputs/outputs of these op types only (None: every float tensor).
+    ``bits``: the activations' integer width, which the entropy threshold search quantizes to.
     Returns ``{tensor: {"lowest": float, "highest": float, ["avg", "std"]}}``.
     """
     from onnxruntime.quantization import CalibrationDataReader, create_calibrator
@@ -68,6 +75,8 @@ def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str 
     # MinMax's augmented graph returns only ReduceMin/ReduceMax per tensor (small); its
     # ``max_intermediate_outputs`` option drops collected data in ORT 1.31, so it is not used.
     options: dict[str, Any] = {"symmetric": symmetric}
+    if method == "entropy":
+        options.update(num_bins=ENTROPY_BINS, num_quantized_bins=min(2 ** bits, ENTROPY_BINS))
     with tempfile.TemporaryDirectory(prefix="edgec-calib-") as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(model, path)

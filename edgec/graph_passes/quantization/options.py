@@ -140,7 +140,8 @@ class QuantOptions:
             symmetric=scheme.activation_symmetric,
             op_types=None if target.fully_quantized else tuple(scheme.op_types),
             samples=self.samples, data=data,
-            crest=target.fully_quantized and scheme.outlier_crest is not None)
+            crest=target.fully_quantized and scheme.outlier_crest is not None,
+            bits=activation_bits(scheme.activations))
 
     def make_pass(self, target, calibration, src, step: Callable[[str], None],
                   rotated: bool = False):
@@ -210,3 +211,9 @@ class QuantOptions:
                             min_cos=self.floor_on(target), held_out=held_out,
                             default_floor=self.min_cos is None,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None)
+
+
+def activation_bits(element_type: str | None) -> int:
+    """8 for ``uint8``/``int8``, 16 for ``uint16``...; 8 where activations are not integers."""
+    digits = "".join(c for c in (element_type or "") if c.isdigit())
+    return int(digits) if element_type and element_type.startswith(("int", "uint")) else 8
