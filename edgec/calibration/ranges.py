@@ -86,9 +86,22 @@ def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str 
                                        use_external_data_format=True, extra_options=options)
         with contextlib.redirect_stdout(io.StringIO()):  # ORT prints histogram settings
             calibrator.collect_data(Reader())
+            if method == "entropy":  # ORT's histograms, edgec's vectorized threshold search
+                return {name: _entropy_stats(h, options["num_quantized_bins"])
+                        for name, h in calibrator.collector.histogram_dict.items()}
             data = calibrator.compute_data()
         del calibrator
     return {name: _stats(td) for name, td in data.items()}
+
+
+def _entropy_stats(histogram, levels: int) -> dict[str, float]:
+    """ORT's entropy histogram (counts, edges over [-t, t], data min, data max, t) → the KL
+    threshold, never wider than the data."""
+    from edgec.calibration.entropy import kl_threshold
+
+    hist, edges, lowest, highest = histogram[:4]
+    low, high = kl_threshold(hist, edges, levels)
+    return {"lowest": max(low, float(lowest)), "highest": min(high, float(highest))}
 
 
 def _stats(td) -> dict[str, Any]:

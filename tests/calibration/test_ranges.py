@@ -53,3 +53,53 @@ def test_entropy_at_16_bits_has_nothing_to_clip(matmul_model, outlier_samples):
                                             ("int16", 16), (None, 8), ("float8e4m3fn", 8)])
 def test_activation_bits(element, bits):
     assert activation_bits(element) == bits
+
+
+def _kl_threshold_loop(hist, edges, levels):
+    """The reference search, one window at a time (TensorRT/MXNet's loop): P = the window with
+    the clipped mass on its end bins, Q = the window merged into `levels` bins (remainder in
+    the last) and spread over P's non-zero bins; both smoothed; the least KL(P||Q) wins."""
+    def entropy(p, q):
+        p, q = p / p.sum(), q / q.sum()
+        return float((p * np.log(p / q)).sum())
+
+    def smooth(x, eps=1e-4):
+        zeros = x == 0
+        return np.where(zeros, eps, x - eps * zeros.sum() / (~zeros).sum())
+
+    hist = hist.astype(np.float64)
+    zero = hist.size // 2
+    best, best_kl = None, np.inf
+    for i in range(levels // 2, zero + 1):
+        start, end = zero - i, min(zero + i + 1, hist.size)
+        window = hist[start:end]
+        p = window.copy()
+        p[0] += hist[:start].sum()
+        p[-1] += hist[end:].sum()
+        merge = window.size // levels
+        q = np.zeros_like(p)
+        for j in range(levels):
+            stop = window.size if j == levels - 1 else (j + 1) * merge
+            nonzero = p[j * merge:stop] != 0
+            if nonzero.any():
+                q[j * merge:stop] = window[j * merge:stop].sum() / nonzero.sum() * nonzero
+        kl = entropy(smooth(p), smooth(q))
+        if kl < best_kl:
+            best, best_kl = (float(edges[start]), float(edges[end])), kl
+    return best
+
+
+def test_kl_threshold_matches_the_reference_loop():
+    """The vectorized search picks the window the one-at-a-time loop picks; both clip."""
+    from edgec.calibration.entropy import kl_threshold
+
+    rng = np.random.default_rng(1)
+    for data in (rng.standard_normal(20_000), rng.laplace(size=20_000),
+                 np.concatenate([np.abs(rng.standard_normal(20_000)), [60.0]])):
+        t = np.abs(data).max()
+        hist, edges = np.histogram(data, 256, range=(-t, t))
+        expected = _kl_threshold_loop(hist, edges, 32)
+        assert kl_threshold(hist, edges, 32) == pytest.approx(expected)
+        assert expected[1] < t
+    hist, edges = np.histogram(rng.standard_normal(1000), 64)
+    assert kl_threshold(hist, edges, 128) == (edges[0], edges[-1])  # more levels than bins
