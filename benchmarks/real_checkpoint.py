@@ -7,7 +7,8 @@ What is measured (``--quick``: the same rows, few timing rounds; a smoke test):
   inputs, the next 16 calibration data (disjoint). Tokenized with the checkpoint's own
   ``tokenizer.json`` (``tokenizers``), truncated and padded to 24 tokens (pad id 0), so most
   inputs carry a padded attention mask.
-- Rows per target: edgec ``fp32`` and ``w8a8`` on ort-cpu and openvino-cpu; edgec ``w8a8`` and
+- Rows per target: edgec ``fp32`` and ``w8a8`` on ort-cpu and openvino-cpu (and its variants:
+  ``min_cos=0.995``, ``gptq=true``, ``--rotate hadamard:r4=true``); edgec ``w8a8`` and
   ``w8a16`` on qnn-htp (its HTP emulator: accuracy only, no speed); on openvino-cpu, NNCF's
   ``nncf.quantize`` (``ModelType.TRANSFORMER``, ``subset_size=16``, its defaults: mixed preset,
   SmoothQuant on MatMuls, fast bias correction) on edgec's fp32 OpenVINO IR, and the same with
@@ -72,6 +73,9 @@ VARIANTS = {
                           "MatMuls by end-to-end effect kept in float until the held-out "
                           "last 4 calibration samples reach 0.995 on their unpadded tokens)",
     "edgec_w8a16": "edgec quantize='w8a16' (qnn-htp only here), same samples",
+    "edgec_w8a8_r4": "edgec quantize='w8a8', rotate='hadamard:r4=true' (R1 cannot pass this "
+                     "post-norm model; R2 per head on V/O, and an online Hadamard before each "
+                     "FFN down projection, run in float on the CPU targets)",
     "edgec_w8a8_gptq": "edgec quantize='w8a8:gptq=true' (GPTQ weight rounding on the same "
                        "calibration samples' activations, same grid)",
     "nncf": "nncf.quantize(ModelType.TRANSFORMER, subset_size=16), defaults (SmoothQuant on)",
@@ -222,7 +226,9 @@ EDGEC_ROWS = (("ort-cpu", "fp32", None), ("ort-cpu", "edgec_w8a8", "w8a8"),
               ("openvino-cpu", "edgec_w8a8_min_cos", "w8a8:min_cos=0.995"),
               ("ort-cpu", "edgec_w8a8_gptq", "w8a8:gptq=true"),
               ("openvino-cpu", "edgec_w8a8_gptq", "w8a8:gptq=true"),
+              ("ort-cpu", "edgec_w8a8_r4", "w8a8"), ("openvino-cpu", "edgec_w8a8_r4", "w8a8"),
               ("qnn-htp", "edgec_w8a8", "w8a8"), ("qnn-htp", "edgec_w8a8_gptq", "w8a8:gptq=true"),
+              ("qnn-htp", "edgec_w8a8_r4", "w8a8"),
               ("qnn-htp", "edgec_w8a16", "w8a16"))
 
 
@@ -240,6 +246,8 @@ def compile_edgec(ckpt: Path, calib_npz: Path, root: Path) -> tuple[dict, dict]:
             continue
         log(f"edgec compile {tgt} {var}")
         opts = {"quantize": scheme, "calibration": str(calib_npz)} if scheme else {}
+        if var.endswith("_r4"):
+            opts["rotate"] = "hadamard:r4=true"
         t0 = time.perf_counter()
         try:
             art = edgec.compile(str(ckpt), target=tgt, output_dir=root / f"{tgt}-{var}",

@@ -153,6 +153,21 @@ def test_rotate_option_runs_the_rotation_stage_before_quantization(tmp_path):
         "loss"]["r1"]["start"]
     assert manifest["recipe"]["rotate"] == {"method": "dartquant", "r4": True, "steps": 5,
                                             "seed": 0}
+    # the online R4 runs in float on a CPU target: its MatMuls read no DequantizeLinear, and
+    # the down projection after it quantizes the rotated tensor (once)
+    import onnx
+
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    r4 = [n for n in graph.node if n.name.startswith("r4/")]
+    assert sum(n.op_type == "MatMul" for n in r4) == 4
+    for n in r4:
+        assert not any(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                       for i in n.input), n.name
+    back = {o for n in r4 if n.op_type == "Reshape" and producer.get(n.input[0]) in r4
+            for o in n.output}
+    quantized = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in back]
+    assert len(back) == 2 and len(quantized) == 2
     bad = _run("compile", "llama", "--target", "ort-cpu", "-o", str(tmp_path / "x"),
                "--rotate", "givens")
     assert bad.exit_code == 2 and "unknown rotation 'givens'" in bad.stderr

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from edgec.errors import UserError
 from edgec.graph_passes.quantization.mask_fill import HUGE, _constant
+from edgec.graph_passes.rotation.edit import ROTATION_TAG
 from edgec.graph_passes.rotation.topology import find_norms
 
 __all__ = ["QuantPlan", "plan_quantization", "residual_sums", "output_heads"]
@@ -221,6 +222,10 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
             if user:
                 sixteen.update(v.name for v in (*float_ins, *node.outputs) if _is_float(v)
                                and v.const_value is None)
+            continue
+        if ROTATION_TAG in node.metadata_props:  # an online rotation (R4) runs in float: the
+            excluded.append(node.name)  # next MatMul quantizes its rotated output, once
+            reasons[node.name] = "online rotation"
             continue
         if user:
             excluded.append(node.name)
