@@ -268,7 +268,7 @@ def calibrate_cmd(
 
     * `edgec calibrate llama --config small --target openvino-cpu -o calib/`
 
-    * `edgec calibrate llama --target qnn-htp --quantize w8a16:method=entropy -o calib/`
+    * `edgec calibrate llama --target qnn-htp --quantize w8a8:method=percentile -o calib/`
 
     * `edgec calibrate model.onnx --target ort-cpu --data samples.npz -o calib/`
 
