@@ -103,3 +103,14 @@ def test_kl_threshold_matches_the_reference_loop():
         assert expected[1] < t
     hist, edges = np.histogram(rng.standard_normal(1000), 64)
     assert kl_threshold(hist, edges, 128) == (edges[0], edges[-1])  # more levels than bins
+
+
+@pytest.mark.parametrize("target, scheme, bits", [("qnn-htp", "w8a8", 8), ("qnn-htp", "w8a16", 16),
+                                                  ("openvino-cpu", "w8a8", 8)])
+def test_calibration_request_carries_the_activation_width(target, scheme, bits):
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.targets import TARGETS
+
+    t = TARGETS[target]
+    request = QuantOptions.parse(f"{scheme}:method=entropy", t).calibration_request(t)
+    assert (request.method, request.bits) == ("entropy", bits)
