@@ -26,7 +26,8 @@ and the wall time each method needs to first reach it; the ratio is DartQuant's 
 ``--accuracy`` instead measures what each outlier remedy does to quantization: ``llama
 tiny+outliers`` and ``small+outliers`` compiled per (target, scheme) in {openvino-cpu w8a8,
 qnn-htp w8a8, qnn-htp w4a8 (the only target offering it)} × {none, smoothing (``smooth=0.5``),
-hadamard, dartquant}, and on the qnn-htp rows each of none, hadamard and dartquant again with
+hadamard, dartquant, hadamard with the online R4 (``hadamard:r4=true``)}, and on the qnn-htp
+rows each of none, hadamard, dartquant and hadamard + R4 again with
 ``gptq=true`` (the other rows ``gptq=false``, which 4-bit weights after a rotation now need to
 round to nearest; each with ``min_cos=0``: the remedy alone, not the default accuracy floor's
 mixed precision); each row is the compile's own fidelity check (the artifact run on the
@@ -194,6 +195,9 @@ REMEDIES = {"none": {}, "smoothing": {"smooth": 0.5}, "hadamard": {"rotate": "ha
             # GPTQ weight rounding (quantize ...:gptq=true) beside each rotation, on the NPU rows
             "none+gptq": {"gptq": True}, "hadamard+gptq": {"rotate": "hadamard", "gptq": True},
             "dartquant+gptq": {"rotate": "dartquant", "gptq": True},
+            # with the online R4 Hadamard before each FFN down projection (float on CPU targets)
+            "hadamard+r4": {"rotate": "hadamard:r4=true"},
+            "hadamard+r4+gptq": {"rotate": "hadamard:r4=true", "gptq": True},
             # the default accuracy floor (min_cos=0.98 unless given): what a plain
             # `--quantize w8a8` compile now does, alone and after a rotation (NPU rows)
             "floor": {"floor": True}, "hadamard+floor": {"rotate": "hadamard", "floor": True}}
