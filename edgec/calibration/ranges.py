@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from edgec.calibration.entropy import kl_threshold
 from edgec.errors import UserError
 
 __all__ = ["collect_ranges", "METHODS"]
@@ -97,8 +98,6 @@ def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str 
 def _entropy_stats(histogram, levels: int) -> dict[str, float]:
     """ORT's entropy histogram (counts, edges over [-t, t], data min, data max, t) → the KL
     threshold, never wider than the data."""
-    from edgec.calibration.entropy import kl_threshold
-
     hist, edges, lowest, highest = histogram[:4]
     low, high = kl_threshold(hist, edges, levels)
     return {"lowest": max(low, float(lowest)), "highest": min(high, float(highest))}

@@ -215,5 +215,6 @@ class QuantOptions:
 
 def activation_bits(element_type: str | None) -> int:
     """8 for ``uint8``/``int8``, 16 for ``uint16``...; 8 where activations are not integers."""
-    digits = "".join(c for c in (element_type or "") if c.isdigit())
-    return int(digits) if element_type and element_type.startswith(("int", "uint")) else 8
+    from edgec.graph_passes.quantization.mixed_precision import _BITS
+
+    return _BITS.get(element_type, 8)
