@@ -11,15 +11,18 @@ projection, pooled over layers; ``collect_rotation_activations``) of ``llama sma
   Riemannian optimization on the Stiefel manifold via the Cayley transform", ICLR 2020, Alg. 2,
   as SpinQuant's ``SGDG(stiefel=True)`` uses it): momentum 0.9 projected to the tangent space, a
   skew-symmetric W, the Cayley step by 5 fixed-point iterations with α = min(lr, 1/‖W‖₁). Same
-  start, minibatches, seed. Several learning rates are run and the lowest loss any of them
-  reaches (its best iterate, not its last: a minibatch step with momentum moves the last one
-  by up to 2.5% here) is the target (a fair baseline: it is given its best setting).
+  start, minibatches, seed. The learning rates swept (``--cayley-lrs``) reach below the 1/‖W‖₁
+  cap, where lr sets the step (each run records the fraction of steps where it did): above the
+  cap every lr is one trajectory, a normalized step that keeps the iterate noisy.
 
-Both are timed on the optimization steps only (the full-data loss, evaluated every
-``--eval-every`` steps for the curves, is excluded from the clock). Reported per data set: each
-optimizer's loss curve (step, seconds, full-data loss), the Cayley baseline's best loss,
-and the wall time each method needs to first reach it; the ratio is DartQuant's speed-up
-(goal ≥ 20×, the paper claims 47× against end-to-end rotation training).
+The target is the issue's "the Cayley baseline's final loss": each Cayley run's last iterate
+(what SpinQuant keeps), and the baseline is the learning rate whose final loss is lowest (it is
+given its best setting). Both optimizers are timed on the optimization steps only (the
+full-data loss, evaluated every ``--eval-every`` steps for the curves, is excluded from the
+clock). Reported per data set: each optimizer's loss curve (step, seconds, full-data loss); per
+Cayley run its final loss, when it first reached it, and when DartQuant first did (steps and
+seconds); the ratio for the baseline run is DartQuant's speed-up (goal ≥ 20×; the paper's 47×
+is against end-to-end rotation training, not against this optimizer on the same loss).
 
     python benchmarks/rotation.py [--steps 300] [--cayley-steps 600] [--out FILE]
 
@@ -128,6 +131,7 @@ def run_cayley(x: np.ndarray, steps: int, lr: float, seed: int, every: int,
     threads = torch.get_num_threads()
     if BATCH * d * d <= 2**26:  # as calibrate_rotation: small problems run on one thread
         torch.set_num_threads(1)
+    binding = 0
     clock = Clock()
     try:
         for step in range(1, steps + 1):
@@ -141,7 +145,9 @@ def run_cayley(x: np.ndarray, steps: int, lr: float, seed: int, every: int,
                 w_hat = m @ r.T - 0.5 * r @ (r.T @ m @ r.T)
                 w = w_hat - w_hat.T
                 m = w @ r  # momentum kept in the tangent space
-                alpha = min(lr, 1.0 / (float(w.abs().sum(0).max()) + 1e-8))
+                cap = 1.0 / (float(w.abs().sum(0).max()) + 1e-8)
+                binding += lr < cap
+                alpha = min(lr, cap)
                 y = r + alpha * m
                 for _ in range(iterations):  # Y = R + α/2 · W (R + Y), the Cayley transform
                     y = r + 0.5 * alpha * (w @ (r + y))
@@ -153,11 +159,14 @@ def run_cayley(x: np.ndarray, steps: int, lr: float, seed: int, every: int,
         torch.set_num_threads(threads)
     ortho = float((r.T.double() @ r.double() - torch.eye(d, dtype=torch.float64)).abs().max())
     return {"method": "cayley sgd (momentum 0.9, 5 fixed-point iterations)", "lr": lr,
-            "steps": steps, "curve": curve, "orthogonality_error": ortho}
+            "steps": steps, "curve": curve, "orthogonality_error": ortho,
+            "lr_binding_fraction": round(binding / steps, 3)}
 
 
-def time_to(curve: list, target: float) -> float | None:
-    return next((t for _, t, loss in curve if loss <= target), None)
+def first_reached(curve: list, target: float) -> dict | None:
+    """The first evaluated step at or below ``target`` and its optimization time."""
+    return next(({"step": s, "seconds": round(t, 4)} for s, t, loss in curve if loss <= target),
+                None)
 
 
 def compare(name: str, x: np.ndarray, args) -> dict:
@@ -172,22 +181,30 @@ def compare(name: str, x: np.ndarray, args) -> dict:
     cayley = []
     for lr in args.cayley_lrs:
         c = run_cayley(x, args.cayley_steps, lr, 0, args.eval_every)
-        log(f"  cayley lr={lr}: {c['curve'][-1][2]:.4f} in {c['curve'][-1][1]:.2f} s")
+        final = c["curve"][-1][2]
+        c["final_loss"] = final
+        c["first_reached_final"] = first_reached(c["curve"], final)
+        c["dartquant_reached_final"] = first_reached(dart["curve"], final)
+        t_c, t_d = c["first_reached_final"], c["dartquant_reached_final"]
+        c["speedup"] = round(t_c["seconds"] / t_d["seconds"], 1) if t_d else None
+        log(f"  cayley lr={lr}: {final:.4f} (first at step {t_c['step']}, {t_c['seconds']:.2f} s;"
+            f" dartquant {t_d}) lr binding {c['lr_binding_fraction']:.0%}")
         cayley.append(c)
-    # the target: the lowest full-data loss any Cayley run reached (its best iterate, as one
-    # would keep it; its last iterate is noisy: minibatch steps with momentum move it by up to
-    # 2.5% at the end of a 600-step run on this data), and when that run first reached it
-    best = min(cayley, key=lambda c: min(loss for _, _, loss in c["curve"]))
-    target = min(loss for _, _, loss in best["curve"])
-    t_cayley = time_to(best["curve"], target)
-    t_dart = time_to(dart["curve"], target)
+    base = min(cayley, key=lambda c: c["final_loss"])
+    # the previous definition, kept for comparison: the lowest loss any Cayley run touched
+    # (a noisy run's best iterate, which nobody would know to stop at)
+    touched = min(loss for c in cayley for _, _, loss in c["curve"])
     return {"tokens": int(x.shape[0]), "dim": int(x.shape[1]), "hadamard_loss": start,
-            "dartquant": dart, "cayley": cayley, "target_loss": target,
-            "cayley_final_losses": {c["lr"]: c["curve"][-1][2] for c in cayley},
-            "target_from": f"cayley lr={best['lr']}: its best iterate in {best['steps']} steps",
-            "seconds_to_target": {"cayley": t_cayley, "dartquant": t_dart},
-            "speedup": (round(t_cayley / t_dart, 1) if t_dart else None),
-            "dartquant_final_below_target": dart["curve"][-1][2] <= target}
+            "dartquant": dart, "dartquant_final_loss": dart["curve"][-1][2], "cayley": cayley,
+            "baseline_lr": base["lr"], "target_loss": base["final_loss"],
+            "steps_to_target": {"cayley": base["first_reached_final"]["step"],
+                                "dartquant": (base["dartquant_reached_final"] or {}).get("step")},
+            "seconds_to_target": {"cayley": base["first_reached_final"]["seconds"],
+                                  "dartquant": (base["dartquant_reached_final"] or {}).get(
+                                      "seconds")},
+            "speedup": base["speedup"],
+            "lowest_loss_any_cayley_iterate": touched,
+            "dartquant_final_below_target": dart["curve"][-1][2] <= base["final_loss"]}
 
 
 REMEDIES = {"none": {}, "smoothing": {"smooth": 0.5}, "hadamard": {"rotate": "hadamard"},
@@ -257,8 +274,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-2, help="DartQuant's Adam lr (its default)")
     ap.add_argument("--cayley-steps", type=int, default=600)
     ap.add_argument("--cayley-lrs", type=lambda s: [float(v) for v in s.split(",")],
-                    default=[0.1, 0.5, 1.5])
-    ap.add_argument("--eval-every", type=int, default=10)
+                    default=[0.001, 0.003, 0.01, 0.1])
+    ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
