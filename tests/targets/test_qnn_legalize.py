@@ -17,6 +17,7 @@ from edgec.targets.qnn_htp.legalize import (
     DropSoftmaxNanGuard,
     GatherNDToGather,
     QnnLegalizePass,
+    ReciprocalToDiv,
     block_broadcast_repeats,
 )
 
@@ -304,4 +305,28 @@ def test_block_broadcast_dynamic_shape_left_alone():
 
 def test_rule_set_holds_the_local_rules():
     assert [r.name for r in RULES] == ["GatherNDToGather", "DropSoftmaxNanGuard",
-                                       "MishToSoftplusTanh", "UnshareLayerNormBias"]
+                                       "MishToSoftplusTanh", "UnshareLayerNormBias",
+                                       "ReciprocalToDiv"]
+
+
+# --- Reciprocal(x) ⇒ Div(1, x) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [T.FLOAT, T.FLOAT16])
+def test_reciprocal_becomes_div_bit_exact(dtype):
+    # the exporter's torch.rsqrt (RMSNorm): Sqrt → Reciprocal → Mul; 1/x and 1 ÷ x are one IEEE op
+    nodes = [H.make_node("Sqrt", ["x"], ["s"], name="sqrt"),
+             H.make_node("Reciprocal", ["s"], ["r"], name="rsqrt"),
+             H.make_node("Mul", ["x", "r"], ["y"], name="scale")]
+    model = _model(nodes, [_vi("x", dtype, [2, 3, 8])], [_vi("y", dtype, [2, 3, 8])])
+    # an untyped input (no value_info): the constant's type is unknown, the node left alone
+    assert _reason(ReciprocalToDiv, model, "Reciprocal") == (
+        "the input's element type is unknown or not a float")
+    model = onnx.shape_inference.infer_shapes(model)  # typed, as the exporter's graphs are
+    x = np.abs(RNG.standard_normal((2, 3, 8))) * 0.01
+    x[0, 0, 0] = 0.0  # 1/0 = inf either way
+    result, ops = _legalize(model, {"x": x.astype(np.float16 if dtype == T.FLOAT16
+                                                  else np.float32)})
+    assert ops == ["Sqrt", "Div", "Mul"] and result.stats["reciprocals_to_div"] == 1
+    div = next(n for n in result.model.graph if n.op_type == "Div")
+    assert div.inputs[0].const_value.numpy().tolist() == 1.0  # a scalar: no broadcast change
+    assert div.inputs[0].dtype == div.inputs[1].dtype

@@ -59,6 +59,11 @@ def _cosine(a, b) -> float:
 
 def _npu_vs_ort(model: onnx.ModelProto, root, feeds, samples) -> float:
     """Quantize, build for the HTP, run: cosine of the NPU's output vs ORT CPU's, same QDQ graph."""
+    return _cosine(*_npu_and_ort(model, root, feeds, samples))
+
+
+def _npu_and_ort(model: onnx.ModelProto, root, feeds, samples):
+    """(NPU output, ORT CPU output) on the same QDQ graph."""
     root.mkdir()
     path = _quantize_w8a16(model, root / "model.onnx", samples)
     build = QNN_HTP.build(QNN_HTP, path, root / "target")
@@ -67,7 +72,7 @@ def _npu_vs_ort(model: onnx.ModelProto, root, feeds, samples) -> float:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     want = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(
         None, feeds)[0]
-    return _cosine(got, want)
+    return got, want
 
 
 def _legal(model: onnx.ModelProto, stat: str) -> onnx.ModelProto:
@@ -88,6 +93,38 @@ def test_mish_builds_and_agrees_after_legalize(tmp_path):
     legal = _legal(model, "mish_expanded")
     assert [n.op_type for n in legal.graph.node] == ["Softplus", "Tanh", "Mul"]
     assert _npu_vs_ort(legal, tmp_path / "after", samples[0], samples) >= 0.998  # 0.99997
+
+
+def test_rmsnorm_reciprocal_of_a_small_range_agrees_after_legalize(tmp_path):
+    # RMSNorm as exported, x · 1/√(mean x² + ε), on activations of a trained LLM's scale (RMS
+    # ~0.1: SmolLM2's embeddings): the HTP's quantized Reciprocal of inputs ranging below 1
+    # returns 1/x times that range's maximum (here ~0.17), a uniform factor cosine cannot see
+    shape = (1, 24, 64)
+    model = _model([H.make_node("Mul", ["x", "x"], ["sq"], name="square"),
+                    H.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1, name="mean"),
+                    H.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
+                    H.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
+                    H.make_node("Reciprocal", ["rms"], ["inv"], name="rsqrt"),
+                    H.make_node("Mul", ["x", "inv"], ["y"], name="normalize")],
+                   [H.make_tensor_value_info("x", T.FLOAT, shape)],
+                   [H.make_tensor_value_info("y", T.FLOAT, shape)],
+                   [nh.from_array(np.array([-1], np.int64), "axes"),
+                    nh.from_array(np.array(1e-5, np.float32), "eps")])
+
+    def sample():
+        rms = RNG.uniform(0.09, 0.17, (1, shape[1], 1))
+        return {"x": (RNG.standard_normal(shape) * rms).astype(np.float32)}
+
+    samples, feeds = [sample() for _ in range(4)], sample()
+
+    def rel(got, want):
+        return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+    before = _npu_and_ort(model, tmp_path / "before", feeds, samples)
+    assert rel(*before) > 0.5 and _cosine(*before) > 0.99  # measured: 5.9× too small
+    legal = _legal(onnx.shape_inference.infer_shapes(model), "reciprocals_to_div")
+    assert "Reciprocal" not in [n.op_type for n in legal.graph.node]
+    assert rel(*_npu_and_ort(legal, tmp_path / "after", feeds, samples)) < 0.02
 
 
 def test_batch_broadcast_before_layernorm_agrees_after_legalize(tmp_path):

@@ -7,6 +7,7 @@ Run on the fp32 graph before quantization (the QDQ quantizer then wraps the new 
     GatherND(data, constant indices)               ⇒  Reshape(data, flat) → Gather(linear indices)
     Where(IsNaN(p), c, p),  p = Softmax(·)          ⇒  p
     Mish(x)                                        ⇒  x · Tanh(Softplus(x))
+    Reciprocal(x)                                  ⇒  Div(1, x)
     LayerNormalization(x, w, w)                    ⇒  LayerNormalization(x, w, copy of w)
     a ∘ b → (elementwise)* → LayerNormalization,   ⇒  a ∘ Tile(b), b repeated over those axes
       ∘ ∈ {Add, Sub, Mul, Div}, b broadcast whole
@@ -31,15 +32,24 @@ were right). Sub, Div and Max were right; so are broadcasting [B, 1, D] over the
 bias. Rank 4 the same: a [B, 1, N, D] operand over the heads axis is wrong too. Expand does not
 help (the QNN EP lowers it to a multiply by ones of the full shape, itself a broadcast); Tile does,
 as does an operand of the full shape. The rule tiles Sub and Div too (cheap, exact), and any N.
+And the HTP's quantized Reciprocal is wrong whenever its input's quantized range ends below 1
+(8 or 16 bits alike): it returns 1/x scaled by that range's maximum, e.g. inputs in [0.094, 0.169]
+(the Sqrt of a trained LLaMA's RMSNorm mean square: the exporter writes ``torch.rsqrt`` as Sqrt →
+Reciprocal) gave 1.79–1.01 for 10.6–5.9, so every RMSNorm output of SmolLM2-135M came out 5.9×
+too small and the whole decoder disagreed with ONNX Runtime (cosine 0.21); ranges reaching 1
+were right, which is why random-weight models (mean square ≈ 1) never showed it. Div(1, x) on the
+same QDQ parameters is right at every range tried.
 
-Guarantees: the first two and the Tile are pure data movement (bit exact). The NaN guard only
+Guarantees: the first two and the Tile are pure data movement (bit exact); 1/x and Div(1, x)
+are the same IEEE operation. The NaN guard only
 acts on NaN, which a Softmax of finite inputs never yields (masks are finite after
 ``MaskFillPass``). Mish's rewrite is its ONNX function body, which ONNX Runtime itself runs for it
 (bit exact there).
 
 The Transpose lowering and the broadcast tiling look past their node (producer, users), so they
-are pass code; the other four are local and are onnxscript rewrite rules (``GatherNDToGather``,
-``DropSoftmaxNanGuard``, ``MishToSoftplusTanh``, ``UnshareLayerNormBias``, all in ``RULES``).
+are pass code; the other five are local and are onnxscript rewrite rules (``GatherNDToGather``,
+``DropSoftmaxNanGuard``, ``MishToSoftplusTanh``, ``UnshareLayerNormBias``,
+``ReciprocalToDiv``, all in ``RULES``).
 Graph output names never change.
 """
 
@@ -55,7 +65,7 @@ from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes._infra import register_constant as _const
 
 __all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "UnshareLayerNormBias", "GatherNDToGather",
-           "MishToSoftplusTanh", "QnnLegalizePass", "block_broadcast_repeats"]
+           "MishToSoftplusTanh", "QnnLegalizePass", "ReciprocalToDiv", "block_broadcast_repeats"]
 
 MAX_RANK = 5  # the HTP's tensor rank limit (Transpose/Reshape of rank 6 are rejected)
 
@@ -85,7 +95,7 @@ class QnnLegalizePass(EdgecPass):
                         "transposes_skipped"
                     stats[key] += 1
         for key, rule in zip(("gathernd_rewritten", "nan_guards_removed", "mish_expanded",
-                              "layernorm_biases_unshared"), RULES):
+                              "layernorm_biases_unshared", "reciprocals_to_div"), RULES):
             stats[key] = pattern.RewriteRuleSet([rule]).apply_to_model(model)  # a count per rule
         stats["broadcasts_tiled"] = 0
         for node in list(graph):
@@ -340,5 +350,25 @@ class UnshareLayerNormBias(pattern.RewriteRuleClassBase):
                                      **{a.name: a for a in node.attributes.values()})
 
 
+class ReciprocalToDiv(pattern.RewriteRuleClassBase):
+    """Reciprocal(x) ⇒ Div(1, x), 1 a scalar of x's float type (the HTP's quantized Reciprocal
+    is wrong for input ranges below 1: module docstring)."""
+
+    def pattern(self, op, x):
+        return op.Reciprocal(x, _outputs=["out"])
+
+    def check(self, context, x, **_) -> MatchResult:
+        result = MatchResult()
+        if x.dtype is None or not x.dtype.is_floating_point():
+            return result.fail("the input's element type is unknown or not a float", x)
+        return result
+
+    def rewrite(self, op, x, out):
+        one = op.initializer(ir.tensor(np.array(1, dtype=x.dtype.numpy())),
+                             name=f"{out.name}_one")
+        return op.Div(one, x)
+
+
 RULES = pattern.RewriteRuleSet([GatherNDToGather.rule(), DropSoftmaxNanGuard.rule(),
-                                MishToSoftplusTanh.rule(), UnshareLayerNormBias.rule()])
+                                MishToSoftplusTanh.rule(), UnshareLayerNormBias.rule(),
+                                ReciprocalToDiv.rule()])
