@@ -207,17 +207,20 @@ def compare(name: str, x: np.ndarray, args) -> dict:
             "dartquant_final_below_target": dart["curve"][-1][2] <= base["final_loss"]}
 
 
-REMEDIES = {"none": {}, "smoothing": {"smooth": 0.5}, "hadamard": {"rotate": "hadamard"},
-            "dartquant": {"rotate": "dartquant"},
+# "hadamard"/"dartquant" are R1 + R2 alone (r4=false; R4 is on by default where R1 passes)
+REMEDIES = {"none": {}, "smoothing": {"smooth": 0.5}, "hadamard": {"rotate": "hadamard:r4=false"},
+            "dartquant": {"rotate": "dartquant:r4=false"},
             # GPTQ weight rounding (quantize ...:gptq=true) beside each rotation, on the NPU rows
-            "none+gptq": {"gptq": True}, "hadamard+gptq": {"rotate": "hadamard", "gptq": True},
-            "dartquant+gptq": {"rotate": "dartquant", "gptq": True},
+            "none+gptq": {"gptq": True},
+            "hadamard+gptq": {"rotate": "hadamard:r4=false", "gptq": True},
+            "dartquant+gptq": {"rotate": "dartquant:r4=false", "gptq": True},
             # with the online R4 Hadamard before each FFN down projection (float on CPU targets)
             "hadamard+r4": {"rotate": "hadamard:r4=true"},
             "hadamard+r4+gptq": {"rotate": "hadamard:r4=true", "gptq": True},
             # the default accuracy floor (min_cos=0.98 unless given): what a plain
             # `--quantize w8a8` compile now does, alone and after a rotation (NPU rows)
-            "floor": {"floor": True}, "hadamard+floor": {"rotate": "hadamard", "floor": True}}
+            "floor": {"floor": True},
+            "hadamard+floor": {"rotate": "hadamard:r4=false", "floor": True}}
 GRID = (("openvino-cpu", "w8a8"), ("qnn-htp", "w8a8"), ("qnn-htp", "w4a8"))
 
 

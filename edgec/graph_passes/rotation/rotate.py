@@ -66,7 +66,8 @@ class RotatePass(EdgecPass):
 
     def __init__(self, method: str = "hadamard",
                  parameter_map: Mapping[str, Mapping[str, str]] | None = None,
-                 rotations: Mapping[str, np.ndarray] | None = None, online_r4: bool = False,
+                 rotations: Mapping[str, np.ndarray] | None = None,
+                 online_r4: bool | None = False,
                  seed: int = 0):
         super().__init__()
         if method not in METHODS:
@@ -101,7 +102,8 @@ class RotatePass(EdgecPass):
         for att in topo.attention:
             self._rotate_heads(editor, att)
         r4 = 0
-        if self.online_r4:
+        online_r4 = self.online_r4 if self.online_r4 is not None else r1 > 0  # None: with R1
+        if online_r4:
             for k, down in enumerate(topo.ffn_down):
                 w = editor.weight(down)
                 factors = orthogonal_factors(w.shape[0], self.seed + 7919 + k)
@@ -109,7 +111,7 @@ class RotatePass(EdgecPass):
                 # only the base MatMul reads x·H; a LoRA branch keeps reading x (no transform)
                 editor.insert_online(down, factors, "r4")
                 r4 += 1
-        if self.online_r4 and not topo.ffn_down:
+        if online_r4 and not topo.ffn_down:
             skipped.append(Skip("r4", "-", "no FFN down projection (a Linear reading an activation "
                                 "of another Linear and writing into a residual Add) was found"))
         written = editor.flush()
