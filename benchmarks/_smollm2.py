@@ -12,7 +12,8 @@ weights, with the activations trained weights produce (massive activations inclu
 
 ``checkpoint(layers=None)`` returns the directory (cached under ``$EDGEC_CACHE`` or
 ``~/.cache/edgec``), optionally cut to the first ``layers`` decoder layers (the final norm and
-the tied head kept): the same trained weights in a graph small enough for a test.
+the tied head kept): the same trained weights in a graph small enough for a test. ``encode``
+tokenizes sentences the way the benchmark and the tests feed them.
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ def checkpoint(layers: int | None = None) -> Path:
         shutil.rmtree(out)
     tmp.replace(out)
     return out
+
+
+def encode(tokenizer, texts: list[str], seq: int):
+    """[n, 1, seq] token ids and attention mask, right-padded (pad id 0), for a ``tokenizers``
+    tokenizer (the checkpoint's tokenizer.json)."""
+    import numpy as np
+
+    ids = np.zeros((len(texts), 1, seq), np.int64)
+    mask = np.zeros_like(ids)
+    for i, text in enumerate(texts):
+        e = tokenizer.encode(text).ids[:seq]
+        ids[i, 0, :len(e)], mask[i, 0, :len(e)] = e, 1
+    return ids, mask
 
 
 def _sha256(path: Path) -> str:

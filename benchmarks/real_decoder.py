@@ -74,16 +74,6 @@ def sentences() -> list[str]:
             if s.strip() and not s.startswith("#")]
 
 
-def encode(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """[n, 1, SEQ] token ids and attention mask, right-padded (pad id 0)."""
-    ids = np.zeros((len(texts), 1, SEQ), np.int64)
-    mask = np.zeros_like(ids)
-    for i, text in enumerate(texts):
-        e = tokenizer.encode(text).ids[:SEQ]
-        ids[i, 0, :len(e)], mask[i, 0, :len(e)] = e, 1
-    return ids, mask
-
-
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -125,8 +115,8 @@ def main(argv=None) -> int:
     ckpt = SMOL.checkpoint(args.layers)
     tok = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     texts = sentences()
-    ids, mask = encode(tok, texts[:N_EVAL])
-    cal_ids, cal_mask = encode(tok, texts[N_EVAL:N_EVAL + N_CALIB])
+    ids, mask = SMOL.encode(tok, texts[:N_EVAL], SEQ)
+    cal_ids, cal_mask = SMOL.encode(tok, texts[N_EVAL:N_EVAL + N_CALIB], SEQ)
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = [model(input_ids=torch.as_tensor(ids[i]),

@@ -49,17 +49,10 @@ def smollm2(tmp_path_factory):
     lines = [ln.strip() for ln in SENTENCES.read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
 
-    def encode(texts):
-        ids = np.zeros((len(texts), 1, SEQ), np.int64)
-        mask = np.zeros_like(ids)
-        for i, text in enumerate(texts):
-            e = tok.encode(text).ids[:SEQ]
-            ids[i, 0, :len(e)], mask[i, 0, :len(e)] = e, 1
-        return ids, mask
-
-    ids, mask = encode(lines[:24])
+    ids, mask = smol.encode(tok, lines[:24], SEQ)
     calib = tmp_path_factory.mktemp("smollm2") / "calibration.npz"
-    np.savez(calib, **dict(zip(("input_ids", "attention_mask"), encode(lines[24:40]))))
+    np.savez(calib, **dict(zip(("input_ids", "attention_mask"), smol.encode(tok, lines[24:40],
+                                                                            SEQ))))
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = [model(input_ids=torch.as_tensor(ids[i]),
