@@ -56,13 +56,17 @@ REMEDIES = {  # name → (quantize, rotate)
     "hadamard+r4": ("w8a8:min_cos=0", "hadamard:r4=true"),
     "floor": ("w8a8", None),
     "hadamard+r4+floor": ("w8a8", "hadamard:r4=true"),
+    # 16-bit activations: the NPU's scheme for LLMs (qnn-htp only)
+    "w8a16": ("w8a16:min_cos=0", None),
+    "hadamard+r4+w8a16": ("w8a16:min_cos=0", "hadamard:r4=true"),
 }
 
 
 # the default run: every remedy on openvino-cpu, the ones that matter on the other two
 PLAN = {"openvino-cpu": list(REMEDIES),
         "ort-cpu": ["none", "hadamard+r4", "floor", "hadamard+r4+floor"],
-        "qnn-htp": ["none", "hadamard+r4", "floor", "hadamard+r4+floor"]}
+        "qnn-htp": ["none", "hadamard+r4", "floor", "hadamard+r4+floor", "w8a16",
+                    "hadamard+r4+w8a16"]}
 
 
 def log(msg: str) -> None:
