@@ -15,6 +15,7 @@ from onnxscript.rewriter import MatchStatus, pattern
 from edgec.targets.qnn_htp.legalize import (
     RULES,
     DropSoftmaxNanGuard,
+    FoldWeightTranspose,
     GatherNDToGather,
     QnnLegalizePass,
     ReciprocalToDiv,
@@ -306,7 +307,7 @@ def test_block_broadcast_dynamic_shape_left_alone():
 def test_rule_set_holds_the_local_rules():
     assert [r.name for r in RULES] == ["GatherNDToGather", "DropSoftmaxNanGuard",
                                        "MishToSoftplusTanh", "UnshareLayerNormBias",
-                                       "ReciprocalToDiv"]
+                                       "ReciprocalToDiv", "FoldWeightTranspose"]
 
 
 # --- Reciprocal(x) ⇒ Div(1, x) ----------------------------------------------------------------
@@ -330,3 +331,28 @@ def test_reciprocal_becomes_div_bit_exact(dtype):
     div = next(n for n in result.model.graph if n.op_type == "Div")
     assert div.inputs[0].const_value.numpy().tolist() == 1.0  # a scalar: no broadcast change
     assert div.inputs[0].dtype == div.inputs[1].dtype
+
+
+# --- Transpose(W) ⇒ Wᵀ (a tied lm_head) ----------------------------------------------------------
+
+def test_tied_head_transpose_folded_into_its_own_weight():
+    # the exporter's tied head: the embedding table E read by Gather and, transposed, by the head
+    e = nh.from_array(RNG.standard_normal((50, 8)).astype(np.float32), "E")
+    nodes = [H.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+             H.make_node("Transpose", ["E"], ["Et"], name="head_t"),
+             H.make_node("MatMul", ["h", "Et"], ["logits"], name="head")]
+    model = _model(nodes, [_vi("ids", T.INT64, [2, 5])], [_vi("logits", T.FLOAT, [2, 5, 50])], [e])
+    ids = RNG.integers(0, 50, (2, 5)).astype(np.int64)
+    result, ops = _legalize(model, {"ids": ids})  # bit exact
+    assert ops == ["Gather", "MatMul"] and result.stats["weight_transposes_folded"] == 1
+    head = next(n for n in result.model.graph if n.op_type == "MatMul")
+    np.testing.assert_array_equal(head.inputs[1].const_value.numpy(), nh.to_array(e).T)
+    gather = next(n for n in result.model.graph if n.op_type == "Gather")
+    assert gather.inputs[0].name == "E"  # the table itself is untouched
+
+
+def test_transpose_of_an_activation_left_alone():
+    nodes = [H.make_node("Transpose", ["x"], ["y"], perm=[1, 0], name="t")]
+    model = _model(nodes, [_vi("x", T.FLOAT, [3, 4])], [_vi("y", T.FLOAT, [4, 3])])
+    assert _reason(FoldWeightTranspose, model, "Transpose") == (
+        "the transposed value is not an initializer")

@@ -8,6 +8,7 @@ Run on the fp32 graph before quantization (the QDQ quantizer then wraps the new 
     Where(IsNaN(p), c, p),  p = Softmax(·)          ⇒  p
     Mish(x)                                        ⇒  x · Tanh(Softplus(x))
     Reciprocal(x)                                  ⇒  Div(1, x)
+    Transpose(W), W an initializer                 ⇒  Wᵀ, a new initializer
     LayerNormalization(x, w, w)                    ⇒  LayerNormalization(x, w, copy of w)
     a ∘ b → (elementwise)* → LayerNormalization,   ⇒  a ∘ Tile(b), b repeated over those axes
       ∘ ∈ {Add, Sub, Mul, Div}, b broadcast whole
@@ -38,7 +39,11 @@ And the HTP's quantized Reciprocal is wrong whenever its input's quantized range
 Reciprocal) gave 1.79–1.01 for 10.6–5.9, so every RMSNorm output of SmolLM2-135M came out 5.9×
 too small and the whole decoder disagreed with ONNX Runtime (cosine 0.21); ranges reaching 1
 were right, which is why random-weight models (mean square ≈ 1) never showed it. Div(1, x) on the
-same QDQ parameters is right at every range tried.
+same QDQ parameters is right at every range tried. A weight read through a Transpose (the
+exporter's tied lm_head: MatMul(x, Transpose(E)), E also the embedding Gather's table, too large
+for the exporter's constant folding) is refused by the HTP at 16-bit activations (SmolLM2-135M
+w8a16: "cannot run MatMul"); folded into its own transposed initializer it is an ordinary
+weight, quantized per output channel like any other (for a tied table, a second copy).
 
 Guarantees: the first two and the Tile are pure data movement (bit exact); 1/x and Div(1, x)
 are the same IEEE operation. The NaN guard only
@@ -47,9 +52,9 @@ acts on NaN, which a Softmax of finite inputs never yields (masks are finite aft
 (bit exact there).
 
 The Transpose lowering and the broadcast tiling look past their node (producer, users), so they
-are pass code; the other five are local and are onnxscript rewrite rules (``GatherNDToGather``,
+are pass code; the other six are local and are onnxscript rewrite rules (``GatherNDToGather``,
 ``DropSoftmaxNanGuard``, ``MishToSoftplusTanh``, ``UnshareLayerNormBias``,
-``ReciprocalToDiv``, all in ``RULES``).
+``ReciprocalToDiv``, ``FoldWeightTranspose``, all in ``RULES``).
 Graph output names never change.
 """
 
@@ -65,7 +70,8 @@ from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes._infra import register_constant as _const
 
 __all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "UnshareLayerNormBias", "GatherNDToGather",
-           "MishToSoftplusTanh", "QnnLegalizePass", "ReciprocalToDiv", "block_broadcast_repeats"]
+           "FoldWeightTranspose", "MishToSoftplusTanh", "QnnLegalizePass", "ReciprocalToDiv",
+           "block_broadcast_repeats"]
 
 MAX_RANK = 5  # the HTP's tensor rank limit (Transpose/Reshape of rank 6 are rejected)
 
@@ -95,7 +101,8 @@ class QnnLegalizePass(EdgecPass):
                         "transposes_skipped"
                     stats[key] += 1
         for key, rule in zip(("gathernd_rewritten", "nan_guards_removed", "mish_expanded",
-                              "layernorm_biases_unshared", "reciprocals_to_div"), RULES):
+                              "layernorm_biases_unshared", "reciprocals_to_div",
+                              "weight_transposes_folded"), RULES):
             stats[key] = pattern.RewriteRuleSet([rule]).apply_to_model(model)  # a count per rule
         stats["broadcasts_tiled"] = 0
         for node in list(graph):
@@ -369,6 +376,26 @@ class ReciprocalToDiv(pattern.RewriteRuleClassBase):
         return op.Div(one, x)
 
 
+class FoldWeightTranspose(pattern.RewriteRuleClassBase):
+    """Transpose(W) ⇒ Wᵀ for W an initializer: the weight as its own constant (module
+    docstring; the tied lm_head)."""
+
+    def pattern(self, op, w):
+        return op.Transpose(w, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, w, **_) -> MatchResult:
+        result = MatchResult()
+        if w.const_value is None or not w.is_initializer() or w.is_graph_input():
+            return result.fail("the transposed value is not an initializer", w)
+        return result
+
+    def rewrite(self, op, w, out):
+        data = w.const_value.numpy()
+        perm = out.producer().attributes.get_ints("perm", None)
+        folded = np.ascontiguousarray(np.transpose(data, perm))  # no perm: reversed axes
+        return op.initializer(ir.tensor(folded), name=f"{out.name}_folded")
+
+
 RULES = pattern.RewriteRuleSet([GatherNDToGather.rule(), DropSoftmaxNanGuard.rule(),
                                 MishToSoftplusTanh.rule(), UnshareLayerNormBias.rule(),
-                                ReciprocalToDiv.rule()])
+                                ReciprocalToDiv.rule(), FoldWeightTranspose.rule()])
