@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -87,8 +88,6 @@ def checkpoint(layers: int | None = None) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.replace(out)
     return out

@@ -45,11 +45,10 @@ for the exporter's constant folding) is refused by the HTP at 16-bit activations
 w8a16: "cannot run MatMul"); folded into its own transposed initializer it is an ordinary
 weight, quantized per output channel like any other (for a tied table, a second copy).
 
-Guarantees: the first two and the Tile are pure data movement (bit exact); 1/x and Div(1, x)
-are the same IEEE operation. The NaN guard only
-acts on NaN, which a Softmax of finite inputs never yields (masks are finite after
-``MaskFillPass``). Mish's rewrite is its ONNX function body, which ONNX Runtime itself runs for it
-(bit exact there).
+Guarantees: the first two, the Tile and the folded weight Transpose are pure data movement (bit
+exact); 1/x and Div(1, x) are the same IEEE operation. The NaN guard only acts on NaN, which a
+Softmax of finite inputs never yields (masks are finite after ``MaskFillPass``). Mish's rewrite
+is its ONNX function body, which ONNX Runtime itself runs for it (bit exact there).
 
 The Transpose lowering and the broadcast tiling look past their node (producer, users), so they
 are pass code; the other six are local and are onnxscript rewrite rules (``GatherNDToGather``,
