@@ -272,3 +272,26 @@ def test_online_rotation_matmuls_keep_8_bit_weights_under_w4():
                               opset_imports={"": 21}), ir_version=10)
     types = {k: str(v[0]["quant_type"]) for k, v in _matmul_weights(model, "int4").items()}
     assert types["w"].endswith("QInt4") and types["r"].endswith("QInt8"), types
+
+
+def test_online_rotation_output_keeps_its_inputs_16_bits():
+    """A rotation keeps each token's norm: a 16-bit (outlier) input's rotated output is 16-bit
+    too, through every node of a factored rotation; an 8-bit input's stays 8-bit."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from edgec.graph_passes.quantization.select import rotated_outputs
+    from edgec.graph_passes.rotation.edit import ROTATION_TAG
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 8]))
+    f1 = ir.Value(name="f1", const_value=ir.tensor(np.eye(8, dtype=np.float32)))
+    f2 = ir.Value(name="f2", const_value=ir.tensor(np.eye(8, dtype=np.float32)))
+    a = ir.node("MatMul", [x, f1], name="r4a", metadata_props={ROTATION_TAG: "r4"})
+    b = ir.node("MatMul", [a.outputs[0], f2], name="r4b", metadata_props={ROTATION_TAG: "r4"})
+    c = ir.node("Relu", [b.outputs[0]], name="after")
+    for n in (a, b, c):
+        n.outputs[0].dtype = ir.DataType.FLOAT
+    model = ir.Model(ir.Graph([x], [c.outputs[0]], nodes=[a, b, c], initializers=[f1, f2],
+                              opset_imports={"": 21}), ir_version=10)
+    assert rotated_outputs(model, {"x"}) == {a.outputs[0].name, b.outputs[0].name}
+    assert rotated_outputs(model, set()) == set()

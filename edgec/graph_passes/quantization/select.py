@@ -26,7 +26,8 @@ from edgec.graph_passes.quantization.mask_fill import HUGE, _constant
 from edgec.graph_passes.rotation.edit import ROTATION_TAG
 from edgec.graph_passes.rotation.topology import find_norms
 
-__all__ = ["QuantPlan", "plan_quantization", "residual_sums", "output_heads"]
+__all__ = ["QuantPlan", "plan_quantization", "residual_sums", "output_heads", "norm_outputs",
+           "rotated_outputs"]
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Expand", "Reshape", "Unsqueeze", "Squeeze",
                 "Transpose", "Slice", "Concat", "Tile", "Identity", "Min", "Max", "Neg",
@@ -155,6 +156,28 @@ def _squares(model: ir.Model) -> set[str]:
     return out
 
 
+def norm_outputs(model: ir.Model, sixteen: set[str]) -> set[str]:
+    """The output of each fused ``RMSNormalization`` whose input is 16-bit: the HTP runs the op
+    only with its input and output at one width (16 in, 8 out fails to finalize)."""
+    return {n.outputs[0].name for n in model.graph
+            if n.op_type == "RMSNormalization" and n.inputs[0] is not None
+            and n.inputs[0].name in sixteen and _is_float(n.outputs[0])}
+
+
+def rotated_outputs(model: ir.Model, sixteen: set[str]) -> set[str]:
+    """Outputs of the online rotations (``edgec.rotation`` nodes, R4) whose input is 16-bit. A
+    rotation keeps each token's norm, so a token far larger than the rest (a massive
+    activation) stays as far larger after it, and only a lower crest factor shows: measured on
+    the input, the precision the input needed is the one its rotation needs (SmolLM2-135M on the
+    HTP: an 8-bit rotated down-projection input, perplexity 142.7; at 16 bits, see README)."""
+    out: set[str] = set()
+    for node in model.graph:
+        if ROTATION_TAG in node.metadata_props and any(
+                v is not None and (v.name in sixteen or v.name in out) for v in node.inputs):
+            out.update(o.name for o in node.outputs if _is_float(o))
+    return out
+
+
 def residual_sums(model: ir.Model) -> set[str]:
     """The residual stream's sums: each ``Add`` output that a norm (found from the graph,
     pre- or post-norm) reads. The embedding lookup that starts the stream keeps its table's
@@ -240,5 +263,7 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
         head_inputs = {n.inputs[0].name for n in model.graph if n.name in heads
                        and n.inputs[0] is not None and _is_float(n.inputs[0])}
         sixteen = _where_consistent(model, sixteen | sums | head_inputs)
+        sixteen |= norm_outputs(model, sixteen)
+        sixteen |= rotated_outputs(model, sixteen)
     return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons, sorted(sums),
                      sorted(heads))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from edgec.targets.base import QuantScheme, Target
 from edgec.targets.qnn_htp.epcontext import build
+from edgec.targets.qnn_htp.fuse_rmsnorm import FuseRmsNormPass
 from edgec.targets.qnn_htp.legalize import MAX_RANK, QnnLegalizePass
 from edgec.targets.qnn_htp.qdq import qdq_options
 from edgec.targets.qnn_htp.shared_context import share_context
@@ -60,7 +61,7 @@ QNN_HTP = Target(
     fully_quantized=True,
     swappable_adapters=False,
     max_rank=MAX_RANK,
-    before_quantize=(QnnLegalizePass,),
+    before_quantize=(QnnLegalizePass, FuseRmsNormPass),
     qdq_options=qdq_options,
     share_graphs=share_context,
     schemes={
