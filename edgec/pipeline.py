@@ -77,7 +77,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("lora-swappable", lambda r, t: bool(r.lora) and r.lora_mode == "swappable",
           lambda c: LoraSwappablePass(c.recipe.lora, c.source.parameter_map)),
     Stage("rotate", lambda r, t: r.rotate is not None,
-          lambda c: c.recipe.rotate.make_pass(c.source, c.recipe.calibration)),
+          lambda c: c.recipe.rotate.make_pass(c.source, c.recipe.calibration, c.target)),
     Stage("sparse-attention", lambda r, t: r.sparse_attention is not None,
           lambda c: _sparse_attention(c)),
     Stage("smooth", lambda r, t: r.quantize is not None and r.quantize.smooth is not None,

@@ -180,3 +180,21 @@ def test_graph_without_norms_and_bad_options_are_user_errors():
         RotatePass("spinquant")
     with pytest.raises(UserError, match="calibrated rotations"):
         RotatePass("dartquant")
+
+
+def test_r4_default_is_off_on_a_fully_quantized_target():
+    """R4 by default where R1 passes, except on a fully quantized target (qnn-htp: the spiking
+    down-projection inputs are 16-bit there already); r4=true still asks for it."""
+    from types import SimpleNamespace
+
+    from edgec.graph_passes.rotation.options import RotateOptions
+    from edgec.targets import get as get_target
+
+    src = SimpleNamespace(parameter_map=None)
+    npu, cpu = get_target("qnn-htp"), get_target("openvino-cpu")
+    assert npu.fully_quantized and not cpu.fully_quantized
+    default = RotateOptions.parse("hadamard")
+    assert default.make_pass(src, target=npu).online_r4 is False
+    assert default.make_pass(src, target=cpu).online_r4 is None  # None: with R1
+    assert RotateOptions.parse("hadamard:r4=true").make_pass(src, target=npu).online_r4 is True
+    assert default.make_pass(src, target=npu).__class__ is RotatePass

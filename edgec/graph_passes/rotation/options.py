@@ -6,8 +6,11 @@ online R4 is part of the method) and off elsewhere (post-norm encoders, AdaLN Di
 the only rotation left and costs speed on the CPU targets (it runs in float there): measured on
 SmolLM2-135M (trained, 30 layers) w8a8 on openvino-cpu, perplexity 185 without it and 110 with it
 (fp32 91.7), because a trained decoder's first token feeds some down projections 100-3000× a
-typical token's activation (README, "A real LLaMA-family decoder"). ``steps=N`` DartQuant's
-optimization steps (default 100); ``seed=N`` the random Hadamards' seed.
+typical token's activation (README, "A real LLaMA-family decoder"). On a fully quantized target
+(qnn-htp) it is off unless asked for: there every tensor is quantized, the spiking inputs are
+already at 16 bits (their measured crest factor), and R4 only adds its own rounding: the same
+model w8a8 on the HTP, perplexity 104.1 with R1 + R2 and 112.4 with R4 as well. ``steps=N``
+DartQuant's optimization steps (default 100); ``seed=N`` the random Hadamards' seed.
 """
 
 from __future__ import annotations
@@ -51,15 +54,19 @@ class RotateOptions:
             raise UserError(f"--rotate needs a method: {' | '.join(METHODS)}[:k=v,...]")
         return cls(method=method, **convert_items(cls, items, "--rotate"))
 
-    def make_pass(self, src, calibration=None) -> EdgecPass:
+    def make_pass(self, src, calibration=None, target=None) -> EdgecPass:
         """``calibration``: the compile's ``--calib`` (a cache whose stored DartQuant rotations
-        are reused instead of learned again; anything else is ignored here)."""
+        are reused instead of learned again; anything else is ignored here). ``target``: on a
+        fully quantized one, R4 is off unless asked for (module docstring)."""
+        opts = self
+        if self.r4 is None and target is not None and target.fully_quantized:
+            opts = dataclasses.replace(self, r4=False)
         if self.method == "dartquant":
             from edgec.calibration import CalibrationCache
 
             cache = calibration if isinstance(calibration, CalibrationCache) else None
-            return DartQuantRotatePass(self, src, cache)
-        return RotatePass("hadamard", src.parameter_map, online_r4=self.r4, seed=self.seed)
+            return DartQuantRotatePass(opts, src, cache)
+        return RotatePass("hadamard", src.parameter_map, online_r4=opts.r4, seed=opts.seed)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
