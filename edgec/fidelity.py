@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,11 @@ def verification_session(stage: Path, built):
         f"{onnx}; latency was not measured.")
 
 
-def target_fidelity(session, src, approximate: bool, model, quantized: bool = False
+def target_fidelity(session, src, approximate: bool, model, quantized: bool = False,
+                    locate: Callable[[], str | None] | None = None
                     ) -> tuple[dict[str, Any], float]:
-    """Fidelity of the built artifact vs the source's reference; also returns the run time."""
+    """Fidelity of the built artifact vs the source's reference; also returns the run time.
+    ``locate``: names where the device departs from ORT, asked when it fails as a target bug."""
     t0 = time.perf_counter()
     outputs = session.run(src.feeds)
     seconds = time.perf_counter() - t0
@@ -93,11 +96,13 @@ def target_fidelity(session, src, approximate: bool, model, quantized: bool = Fa
     if not approximate:
         assert_close(errors, TARGET_RTOL, f"{session.runtime} artifact vs {src.reference_kind}")
     elif session.runtime != "onnxruntime":
-        result["vs_rewritten_onnx"] = _vs_ort(session, src, model, outputs, quantized, result)
+        result["vs_rewritten_onnx"] = _vs_ort(session, src, model, outputs, quantized, result,
+                                              locate)
     return result, seconds
 
 
-def _vs_ort(session, src, model, outputs, quantized: bool, result: dict) -> dict[str, Any]:
+def _vs_ort(session, src, model, outputs, quantized: bool, result: dict,
+            locate: Callable[[], str | None] | None = None) -> dict[str, Any]:
     from edgec.runtimes.ort import run_model
 
     # the same adapter bound on both sides (swappable LoRA), else just the source feeds
@@ -112,12 +117,26 @@ def _vs_ort(session, src, model, outputs, quantized: bool, result: dict) -> dict
     ort_ref = min(e["cosine"] for e in compare_outputs(ort_outputs, src.reference).values())
     verdict, message = judge_quantized(worst, ort_ref)
     if verdict == "device" and not worst >= QUANTIZED_FLOOR:
+        where = _located(locate)
         raise VerificationError(f"{session.runtime}: {message}; below the floor "
                                 f"{QUANTIZED_FLOOR}, this is a target bug: report it with the "
-                                "model")
+                                f"model{f' ({where})' if where else ''}")
     if message:
         logger.warning("%s: %s", session.runtime, message)
         result.setdefault("notes", []).append(f"{session.runtime}: {message}")
     return {**entry, "rtol": None, "min_cosine": QUANTIZED_FLOOR,
             "agrees": verdict == "agrees", "verdict": verdict,
             "ort_vs_reference_cosine": ort_ref}
+
+
+def _located(locate: Callable[[], str | None] | None) -> str | None:
+    """The target's own account of where it departs from ORT (best effort: never masks the
+    failure it explains)."""
+    if locate is None:
+        return None
+    try:
+        return locate()
+    except Exception:  # noqa: BLE001 — the verification error stands without it
+        logger.warning("locating where the device departs from ONNX Runtime failed",
+                       exc_info=True)
+        return None

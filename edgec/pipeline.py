@@ -249,7 +249,13 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         if lora_info and lora_info["mode"] == "swappable":
             session.attach_adapters(lora_info, stage)
             session.active_adapter = lora_info["verified_adapter"]
-        fidelity, first_run_s = target_fidelity(session, src, approximate, model, quantized)
+        locate = None
+        if tgt.locate_departure is not None and not stand_in:
+            def locate():
+                step(f"locating where {tgt.name} departs from ONNX Runtime (bisection)")
+                return tgt.locate_departure(stage / "model.onnx", src.feeds)
+        fidelity, first_run_s = target_fidelity(session, src, approximate, model, quantized,
+                                                locate)
         if stand_in:
             fidelity["stand_in"] = stand_in
             latency = {"skipped": stand_in}

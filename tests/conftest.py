@@ -9,10 +9,12 @@ import torch
 
 @pytest.fixture(scope="session", autouse=True)
 def _export_each_registry_model_once():
-    """A registry model's export is deterministic (seeded weights, fixed example inputs), so the
-    suite runs each (model, config, shapes, generate, opset) export and its PyTorch check once
-    and hands every compile a deep copy (passes edit the IR and its weights in place). Sources
-    that are modules, files or checkpoints, and exports that fail, are never cached."""
+    """A registry model's export is deterministic (seeded weights, fixed example inputs), and so
+    is a checkpoint directory's while its files stay as they are (a real checkpoint's export is
+    15-30 s), so the suite runs each (model or directory with its files' sizes and mtimes,
+    config, shapes, generate, opset) export and its PyTorch check once and hands every compile a
+    deep copy (passes edit the IR and its weights in place). Modules, files, and exports that
+    fail are never cached."""
     import copy
     import dataclasses
 
@@ -37,10 +39,14 @@ def _export_each_registry_model_once():
 
     def resolve(source, config=None, example_inputs=None, dynamic_shapes=None, generate=False,
                 opset=None):
-        if not (isinstance(source, str) and source in registry.names()
-                and example_inputs is None):
+        if example_inputs is not None or not isinstance(source, str):
             return real(source, config, example_inputs, dynamic_shapes, generate, opset)
-        key = (source, config or "tiny", repr(dynamic_shapes), repr(generate), opset)
+        if source in registry.names():
+            key = (source, config or "tiny", repr(dynamic_shapes), repr(generate), opset)
+        elif (files := _checkpoint_files(source)) is not None:
+            key = (files, config, repr(dynamic_shapes), repr(generate), opset)
+        else:
+            return real(source, config, example_inputs, dynamic_shapes, generate, opset)
         if key not in cache:
             cache[key] = real(source, config, example_inputs, dynamic_shapes, generate, opset)
         return copied(cache[key])
@@ -48,6 +54,18 @@ def _export_each_registry_model_once():
     sources.resolve_source = resolve
     yield
     sources.resolve_source = real
+
+
+def _checkpoint_files(source: str):
+    """A directory's files as (path, size, mtime) triples, or None when it is not a directory."""
+    from pathlib import Path
+
+    root = Path(source)
+    if not root.is_dir():
+        return None
+    return (str(root.resolve()), tuple(sorted(
+        (str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in root.rglob("*") if f.is_file())))
 
 
 class TinyMLP(torch.nn.Module):

@@ -129,6 +129,9 @@ class Target:
         share_graphs: ``(graphs, target_dir, feeds, runtime) -> dict``: one device context for
             a static-cache decoder's prefill and decode graphs (weights stored once), or why
             not; None: the target keeps one native artifact per graph.
+        locate_departure: ``(model_path, feeds) -> str | None``: where the device first departs
+            from ONNX Runtime on the quantized graph (a sentence naming the node), run when the
+            compile's device check finds a target bug; None: not offered.
     """
 
     name: str
@@ -149,3 +152,4 @@ class Target:
     after_quantize: tuple[type, ...] = ()
     qdq_options: Callable[..., dict[str, Any]] | None = None
     share_graphs: Callable[..., dict[str, Any]] | None = None
+    locate_departure: Callable[..., str | None] | None = None

@@ -295,3 +295,32 @@ def test_online_rotation_output_keeps_its_inputs_16_bits():
                               opset_imports={"": 21}), ir_version=10)
     assert rotated_outputs(model, {"x"}) == {a.outputs[0].name, b.outputs[0].name}
     assert rotated_outputs(model, set()) == set()
+
+
+def test_a_target_bug_names_the_node_where_the_device_departs(tmp_path, monkeypatch):
+    """The compile's device check fails as a target bug (device far from ORT, ORT close to fp32)
+    and its one line says where: here the HTP's Reciprocal of a range below 1 (the qnn-legalize
+    rule that fixes it switched off), found by its output's norm."""
+    import torch
+
+    import edgec
+    from edgec.errors import VerificationError
+    from edgec.graph_passes._infra import PassResult
+
+    class Norm(torch.nn.Module):  # RMSNorm of activations at a trained LLM's scale (RMS ~0.1)
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 32)
+
+        def forward(self, x):
+            h = 0.1 * x
+            return self.proj(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(QnnLegalizePass, "call", lambda self, model: PassResult(model, False, {}))
+    with pytest.raises(VerificationError) as err:
+        edgec.compile(Norm().eval(), target="qnn-htp", quantize="w8a8:min_cos=0",
+                      example_inputs=(torch.randn(1, 24, 64),), output_dir=tmp_path / "o")
+    message = str(err.value)
+    assert "target bug" in message and "first departs from ONNX Runtime at Reciprocal" in message
+    assert not (tmp_path / "o").exists()

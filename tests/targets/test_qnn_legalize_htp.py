@@ -95,27 +95,37 @@ def test_mish_builds_and_agrees_after_legalize(tmp_path):
     assert _npu_vs_ort(legal, tmp_path / "after", samples[0], samples) >= 0.998  # 0.99997
 
 
+RMS_SHAPE = (1, 24, 64)
+
+
+def _rmsnorm_reciprocal(then: tuple = ()) -> onnx.ModelProto:
+    """RMSNorm as exported, x · 1/√(mean x² + ε), then the nodes ``then`` (reading ``normed``,
+    writing ``y``)."""
+    last = "y" if not then else "normed"
+    return _model([H.make_node("Mul", ["x", "x"], ["sq"], name="square"),
+                   H.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1, name="mean"),
+                   H.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
+                   H.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
+                   H.make_node("Reciprocal", ["rms"], ["inv"], name="rsqrt"),
+                   H.make_node("Mul", ["x", "inv"], [last], name="normalize"), *then],
+                  [H.make_tensor_value_info("x", T.FLOAT, RMS_SHAPE)],
+                  [H.make_tensor_value_info("y", T.FLOAT, RMS_SHAPE)],
+                  [nh.from_array(np.array([-1], np.int64), "axes"),
+                   nh.from_array(np.array(1e-5, np.float32), "eps"),
+                   nh.from_array(RNG.uniform(0.5, 2, RMS_SHAPE[-1]).astype(np.float32), "g")])
+
+
+def _small_rms_sample():
+    """Activations of a trained LLM's scale (RMS ~0.1: SmolLM2's embeddings)."""
+    rms = RNG.uniform(0.09, 0.17, (1, RMS_SHAPE[1], 1))
+    return {"x": (RNG.standard_normal(RMS_SHAPE) * rms).astype(np.float32)}
+
+
 def test_rmsnorm_reciprocal_of_a_small_range_agrees_after_legalize(tmp_path):
-    # RMSNorm as exported, x · 1/√(mean x² + ε), on activations of a trained LLM's scale (RMS
-    # ~0.1: SmolLM2's embeddings): the HTP's quantized Reciprocal of inputs ranging below 1
-    # returns 1/x times that range's maximum (here ~0.17), a uniform factor cosine cannot see
-    shape = (1, 24, 64)
-    model = _model([H.make_node("Mul", ["x", "x"], ["sq"], name="square"),
-                    H.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1, name="mean"),
-                    H.make_node("Add", ["ms", "eps"], ["mse"], name="add_eps"),
-                    H.make_node("Sqrt", ["mse"], ["rms"], name="sqrt"),
-                    H.make_node("Reciprocal", ["rms"], ["inv"], name="rsqrt"),
-                    H.make_node("Mul", ["x", "inv"], ["y"], name="normalize")],
-                   [H.make_tensor_value_info("x", T.FLOAT, shape)],
-                   [H.make_tensor_value_info("y", T.FLOAT, shape)],
-                   [nh.from_array(np.array([-1], np.int64), "axes"),
-                    nh.from_array(np.array(1e-5, np.float32), "eps")])
-
-    def sample():
-        rms = RNG.uniform(0.09, 0.17, (1, shape[1], 1))
-        return {"x": (RNG.standard_normal(shape) * rms).astype(np.float32)}
-
-    samples, feeds = [sample() for _ in range(4)], sample()
+    # the HTP's quantized Reciprocal of inputs ranging below 1 returns 1/x times that range's
+    # maximum (here ~0.17), a uniform factor cosine cannot see
+    model = _rmsnorm_reciprocal()
+    samples, feeds = [_small_rms_sample() for _ in range(4)], _small_rms_sample()
 
     def rel(got, want):
         return float(np.linalg.norm(got - want) / np.linalg.norm(want))
@@ -125,6 +135,28 @@ def test_rmsnorm_reciprocal_of_a_small_range_agrees_after_legalize(tmp_path):
     legal = _legal(onnx.shape_inference.infer_shapes(model), "reciprocals_to_div")
     assert "Reciprocal" not in [n.op_type for n in legal.graph.node]
     assert rel(*_npu_and_ort(legal, tmp_path / "after", feeds, samples)) < 0.02
+
+
+def test_first_departure_names_the_node_where_the_htp_goes_wrong(tmp_path):
+    """The numeric bisection a "device" verdict runs: on the un-legalized norm followed by more
+    work, the first prefix whose HTP output departs from ORT's ends at the Reciprocal, found
+    by its output's norm (5.9× too small) while its cosine stays ~1."""
+    from edgec.targets.qnn_htp.divergence import first_departure
+
+    model = _rmsnorm_reciprocal(then=(H.make_node("Mul", ["normed", "g"], ["scaled"], name="gamma"),
+                                      H.make_node("Relu", ["scaled"], ["y"], name="act")))
+    samples, feeds = [_small_rms_sample() for _ in range(4)], _small_rms_sample()
+    (tmp_path / "q").mkdir()
+    path = _quantize_w8a16(model, tmp_path / "q" / "model.onnx", samples)
+    found = first_departure(path, feeds)
+    assert found is not None and ("Reciprocal", "rsqrt") in found.nodes, found
+    assert not {"Sqrt", "Relu"} & {op for op, _ in found.nodes}  # before agrees, after is later
+    assert found.norm_ratio < 0.5 and found.cosine > 0.99, found
+    assert "rsqrt" in found.describe()
+    legal = _legal(onnx.shape_inference.infer_shapes(model), "reciprocals_to_div")
+    (tmp_path / "legal").mkdir()
+    assert first_departure(_quantize_w8a16(legal, tmp_path / "legal" / "model.onnx", samples),
+                           feeds) is None
 
 
 def test_batch_broadcast_before_layernorm_agrees_after_legalize(tmp_path):

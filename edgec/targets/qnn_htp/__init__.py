@@ -1,13 +1,15 @@
 """qnn-htp: Qualcomm's Hexagon NPU through ONNX Runtime's QNN EP, as data (the build is ``build``).
 
 Quantized (QDQ) models only; every tensor is quantized; static shapes; rank ≤ 5. ``legalize``
-holds the exact rewrites the HTP needs before quantization, ``qdq`` its QDQ form, ``build`` the
-EPContext compile and the diagnosis of what the HTP cannot run.
+holds the exact rewrites the HTP needs before quantization, ``fuse_rmsnorm`` the RMSNorm fusion
+its quantized norms need, ``qdq`` its QDQ form, ``build`` the EPContext compile and the
+diagnosis of what the HTP cannot run.
 """
 
 from __future__ import annotations
 
 from edgec.targets.base import QuantScheme, Target
+from edgec.targets.qnn_htp.divergence import locate_departure
 from edgec.targets.qnn_htp.epcontext import build
 from edgec.targets.qnn_htp.fuse_rmsnorm import FuseRmsNormPass
 from edgec.targets.qnn_htp.legalize import MAX_RANK, QnnLegalizePass
@@ -54,6 +56,10 @@ QNN_HTP = Target(
         ("a 16-bit embedding Gather output beside its 8-bit table, or a 16-bit norm input "
          "read by an 8-bit normalizing Mul, fails to finalize (QNN_COMMON_ERROR_MEM_ALLOC): "
          "the 16-bit residual stream is the residual Adds' outputs only"),
+        ("an RMSNorm on the residual stream runs as one RMSNormalization (qnn-fuse-rmsnorm, "
+         "opset 23), input and output at 16 bits: decomposed, its per-tensor quantized mean "
+         "square cannot hold a trained decoder's massive first token beside the others (every "
+         "other token's rounds to 0); RMSNormalization at 16 bits in / 8 out fails to finalize"),
         "int64 token ids and the embedding Gather run on the NPU as they are",
     ),
     requires=("onnxruntime", "onnxruntime_qnn"),
@@ -64,6 +70,7 @@ QNN_HTP = Target(
     before_quantize=(QnnLegalizePass, FuseRmsNormPass),
     qdq_options=qdq_options,
     share_graphs=share_context,
+    locate_departure=locate_departure,
     schemes={
         # MatMul weights int8 symmetric per output channel; every other weight (LayerNorm takes
         # only unsigned ones) u8 per tensor. Activations u8, and 16 bits for tensors whose crest
