@@ -164,7 +164,7 @@ class Recipe:
         help="rotate the quantized spaces, exactly in fp32 (QuaRot R1/R2 from the graph's "
              "structure): hadamard (random Hadamard) | dartquant (calibrated, QR-Orth); options "
              "r4=true|false (online Hadamard before FFN down projections; default: on where R1 "
-             "passes, i.e. pre-norm decoders), steps=N, seed=N")
+             "passes, i.e. pre-norm decoders, except on qnn-htp), steps=N, seed=N")
     prune: Any = _option(None, "--prune", metavar="SPEC", parse=_prune,
                          help="magnitude-prune MatMul weights before LoRA: magnitude:0.5 "
                               "(unstructured) or 2:4 (N:M)")

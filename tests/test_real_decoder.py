@@ -64,10 +64,10 @@ def smollm2(tmp_path_factory):
     return ckpt, ids, mask, ref, calib
 
 
-def _token_cosines(session, smollm2) -> np.ndarray:
+def _token_cosines(session, smollm2, sentences: int | None = None) -> np.ndarray:
     _, ids, mask, ref, _ = smollm2
     out = []
-    for i in range(len(ids)):
+    for i in range(sentences or len(ids)):
         n = int(mask[i].sum())
         a = session.run({"input_ids": ids[i], "attention_mask": mask[i]})["logits"][0][:n]
         b = ref[i][:n]
@@ -111,12 +111,13 @@ def test_npu_runs_the_real_decoder(smollm2, tmp_path):
     """qnn-htp w8a8 (every tensor quantized), placement alone: the compile's own device check
     passes (it refused this model before ReciprocalToDiv), and with each RMSNorm fused into one
     op (qnn-fuse-rmsnorm) the tokens hold: min cosine 0.9993, mean 0.9999, top-1 94% measured on
-    the HTP emulator, where the decomposed norms' 8-bit mean squares, which the first token's
-    hundreds-times-larger one sets the range of, gave min 0.24, mean 0.980, top-1 46%."""
+    the HTP emulator (24 sentences; the test runs 8), where the decomposed norms' 8-bit mean
+    squares, which the first token's hundreds-times-larger one sets the range of, gave min 0.24,
+    mean 0.980, top-1 46%."""
     art, session = _compile(smollm2, tmp_path, "qnn-htp", "w8a8:min_cos=0")
     stats = {p["name"]: p["stats"] for p in art.report["passes"]}
     assert stats["qnn-legalize"]["reciprocals_to_div"] == 2 * 4 + 1  # two norms per layer, final
     # every norm on the residual stream: all but layer 0's first (it reads the embedding lookup)
     assert stats["qnn-fuse-rmsnorm"]["rmsnorms_fused"] == 2 * 4
-    cos = _token_cosines(session, smollm2)
+    cos = _token_cosines(session, smollm2, sentences=8)  # the emulator runs ~1 s per sentence
     assert cos.min() >= 0.995 and cos.mean() >= 0.9995

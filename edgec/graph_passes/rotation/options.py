@@ -9,7 +9,7 @@ SmolLM2-135M (trained, 30 layers) w8a8 on openvino-cpu, perplexity 185 without i
 typical token's activation (README, "A real LLaMA-family decoder"). On a fully quantized target
 (qnn-htp) it is off unless asked for: there every tensor is quantized, the spiking inputs are
 already at 16 bits (their measured crest factor), and R4 only adds its own rounding: the same
-model w8a8 on the HTP, perplexity 104.1 with R1 + R2 and 112.4 with R4 as well. ``steps=N``
+model w8a8 on the HTP, perplexity 102.4 with R1 + R2 and 112.4 with R4 as well. ``steps=N``
 DartQuant's optimization steps (default 100); ``seed=N`` the random Hadamards' seed.
 """
 
