@@ -85,7 +85,9 @@ def first_departure(model_path: Path, feeds: Mapping[str, np.ndarray]) -> Depart
 
     from edgec.runtimes.qnn import qnn_session_options
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path)))
+    # weights stay external: the probe is written beside the model, so its references resolve
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
+                                                        load_external_data=False))
     nodes = list(model.graph.node)
     live, elem = _live(model), _elem_types(model)
     cuts = _cuts(model, live, elem)
