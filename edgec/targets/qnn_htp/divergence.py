@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from edgec._native_stdout import native_stdout_to_stderr
-from edgec.targets.qnn_htp.epcontext import _QDQ, _cuts, _elem_types, _live, _prefix
+from edgec.targets.qnn_htp.epcontext import (
+    _cuts,
+    _elem_types,
+    _first_failing,
+    _live,
+    _prefix,
+    _stretch,
+)
 
 __all__ = ["Departure", "first_departure", "locate_departure", "DEPART_COSINE", "DEPART_NORM"]
 
@@ -117,23 +124,14 @@ def first_departure(model_path: Path, feeds: Mapping[str, np.ndarray]) -> Depart
             measured[k] = _compare(got, ref)
         return measured[k]
 
-    lo, hi = 0, len(cuts) - 1  # the last cut (the whole graph) is the one known to depart
-    try:
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if _departs(*at(mid)[1:]):
-                hi = mid
-            else:
-                lo = mid + 1
+    try:  # the last cut (the whole graph) is the one known to depart
+        lo = _first_failing(len(cuts) - 1, lambda k: _departs(*at(k)[1:]))
         tensor, cos, ratio = at(lo)
     finally:
         probe.unlink(missing_ok=True)
     if not _departs(cos, ratio):
         return None  # the whole graph agrees on these feeds
-    after = cuts[lo - 1] if lo else -1
-    stretch = [(nodes[i].op_type, nodes[i].name) for i in sorted(live)
-               if after < i <= cuts[lo] and nodes[i].op_type not in _QDQ]
-    return Departure(stretch, tensor, cos, ratio, len(measured))
+    return Departure(_stretch(nodes, live, cuts, lo), tensor, cos, ratio, len(measured))
 
 
 def locate_departure(model_path: Path, feeds: Mapping[str, np.ndarray]) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from edgec._native_stdout import native_stdout_to_stderr
@@ -187,6 +188,28 @@ def _cuts(model, live: set[int], elem: dict[str, int]) -> list[int]:
     return cuts
 
 
+def _first_failing(count: int, fails: Callable[[int], bool]) -> int:
+    """Bisection: the first prefix ``k`` in [0, count) with ``fails(k)`` (a failure every longer
+    prefix carries); ``count`` when none fails."""
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _stretch(nodes, live: set[int], cuts: list[int], k: int) -> list[tuple[str, str]]:
+    """(op, name) of the compute nodes after cut ``k - 1`` up to cut ``k`` (to the graph's end
+    when ``k`` is past the last cut)."""
+    after = cuts[k - 1] if k else -1
+    upto = cuts[k] if k < len(cuts) else len(nodes)
+    return [(nodes[i].op_type, nodes[i].name) for i in sorted(live)
+            if after < i <= upto and nodes[i].op_type not in _QDQ]
+
+
 def _failing_nodes(model_path: Path) -> tuple[list[tuple[str, str]], str] | None:
     """Bisect over graph prefixes for the first stretch of nodes the HTP cannot compile."""
     import onnx
@@ -209,22 +232,18 @@ def _failing_nodes(model_path: Path) -> tuple[list[tuple[str, str]], str] | None
         except Exception as e:  # noqa: BLE001 — any failure is the answer being probed for
             return _first_line(e)
 
-    lo, hi, err = 0, len(cuts), None  # cuts[len(cuts)] stands for the whole (failing) graph
-    try:
-        while lo < hi:
-            mid = (lo + hi) // 2
-            e = error_at(mid)
-            if e is None:
-                lo = mid + 1
-            else:
-                hi, err = mid, e
+    errors: dict[int, str | None] = {}
+
+    def fails(k: int) -> bool:
+        errors[k] = error_at(k)
+        return errors[k] is not None
+
+    try:  # k == len(cuts) stands for the whole (failing) graph
+        lo = _first_failing(len(cuts), fails)
     finally:
         probe.unlink(missing_ok=True)
-    after = cuts[lo - 1] if lo else -1
-    upto = cuts[lo] if lo < len(cuts) else len(nodes)
-    stretch = [(nodes[i].op_type, nodes[i].name) for i in sorted(live)
-               if after < i <= upto and nodes[i].op_type not in _QDQ]
-    return (stretch, err) if stretch else None
+    stretch = _stretch(nodes, live, cuts, lo)
+    return (stretch, errors.get(lo)) if stretch else None
 
 
 def _quantized(graph, names: set[str]) -> set[str]:

@@ -82,9 +82,9 @@ class FuseRmsNormPass(EdgecPass):
             norms = _decomposed_rms(model.graph)  # the converter rebuilt nodes
         graph = model.graph
         for k, norm in enumerate(norms):
-            dtype = norm.input.dtype.numpy() if norm.input.dtype is not None else np.float32
             scale = norm.scale
-            if scale is None:
+            if scale is None:  # γ folded away (a rotation): RMSNormalization needs one
+                dtype = norm.input.dtype.numpy() if norm.input.dtype is not None else np.float32
                 scale = _const(graph, f"{norm.node.name}_rms_ones",
                                np.ones(_width(norm.input), dtype))
             fused = ir.node("RMSNormalization", [norm.input, scale],
