@@ -1,4 +1,4 @@
-"""The issue's acceptance runs on the `small` configs (marked slow: ~1 min together)."""
+"""The issue's acceptance runs on the `small` configs (marked slow)."""
 
 import json
 
@@ -28,23 +28,17 @@ def test_llama_small_both_targets_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_video_dit_small_openvino_compile_and_run(tmp_path):
-    out = tmp_path / "out"
-    report = json.loads(_cli("compile", "video-dit", "--config", "small", "--target",
-                             "openvino-cpu", "-o", out, "--json"))
-    assert report["source"]["hyperparameters"]["video_tokens"] == 8192
-    assert report["fidelity"]["export_vs_pytorch"]["outputs"]["output"]["max_rel"] <= 1e-5
-    assert report["fidelity"]["target_vs_source"]["outputs"]["output"]["max_rel"] <= 1e-5
-    run = json.loads(_cli("run", out, "--json"))
-    assert run["outputs"]["output"]["shape"] == [1, 16, 8, 64, 64]
-
-
-@pytest.mark.slow
-def test_video_dit_small_sparse_keep_02_quality(tmp_path):
+def test_video_dit_small_sparse_keep_02_compiles_runs_and_holds(tmp_path):
+    """One compile at 8192 video tokens: the dense export checked against PyTorch (≤ 1e-5),
+    OpenVINO against the rewritten graph (≤ 1e-4), the sparse output against dense PyTorch, and
+    `edgec run` on the artifact. A second, dense OpenVINO compile at this size cost ~50 s and
+    added only OpenVINO's dense exactness, which the tiny configs check."""
     out = tmp_path / "sparse"
     report = json.loads(_cli("compile", "video-dit", "--config", "small", "--target",
                              "openvino-cpu", "-o", out, "--sparse-attention", "keep=0.2",
                              "--json"))
+    assert report["source"]["hyperparameters"]["video_tokens"] == 8192
+    assert report["fidelity"]["export_vs_pytorch"]["outputs"]["output"]["max_rel"] <= 1e-5
     stats = report["passes"][1]["stats"]
     assert stats["sites_rewritten"] == 2 and stats["predicted_sparsity"] >= 0.79
     assert stats["config"]["grid"] == [8, 32, 32] and stats["config"]["prefix"] == 64
@@ -52,3 +46,5 @@ def test_video_dit_small_sparse_keep_02_quality(tmp_path):
     assert fid["cosine"] >= 0.99, fid  # vs the dense PyTorch model
     assert report["fidelity"]["target_vs_source"]["vs_rewritten_onnx"]["outputs"]["output"][
         "max_rel"] <= 1e-4
+    run = json.loads(_cli("run", out, "--json"))
+    assert run["outputs"]["output"]["shape"] == [1, 16, 8, 64, 64]
