@@ -134,7 +134,8 @@ _QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a1
                   "targets` lists them); options after ':' method=minmax|percentile|entropy, "
                   "exclude=NODE_OR_OP;... (kept in high precision), samples=N, mask_fill=F, "
                   "min_cos=F (mixed precision to that held-out cosine; default 0.98, 0 = "
-                  "off), smooth=ALPHA "
+                  "off), max_kld=F (... to that logits KL divergence, nats/token; default "
+                  "0.05 on language models), smooth=ALPHA "
                   "(SmoothQuant folded into the norms), gptq=true|false (GPTQ weight rounding; "
                   "default on for 4-bit weights after --rotate)")
 _SPARSE_HELP = ("block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64,"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec import artifact
-from edgec.report_chart import INSTALL_LINE
+from edgec.report_chart import INSTALL_LINE, floor_text
 
 __all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
            "summary_rows"]
@@ -89,15 +89,16 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
     mp = mixed_precision_stats(report)
     if not mp:
         return []
-    floor = f"min_cos {mp['min_cos']:g}" + (" (the default floor)" if mp.get("default") else "")
+    floor = floor_text(mp) + (" (the default floor)" if mp.get("default") else "")
+    held = f"worst held-out cosine {mp['achieved']:.4f}" + (
+        f", logits KL divergence {mp['achieved_kld']:.4f}" if "achieved_kld" in mp else "")
     if not mp["layer_errors"]:  # held as quantized: the per-layer analysis did not run
         return ["## Mixed precision", "",
-                f"{floor} {'reached' if mp['reached'] else 'not reached'} as quantized: worst "
-                f"held-out cosine {mp['achieved']:.4f}, no layer kept in {mp['precision']}.", ""]
+                f"{floor} {'reached' if mp['reached'] else 'not reached'} as quantized: "
+                f"{held}, no layer kept in {mp['precision']}.", ""]
     parts = ["## Mixed precision", "",
-             f"{floor} {'reached' if mp['reached'] else 'not reached'}: worst "
-             f"held-out cosine {mp['achieved']:.4f} with {len(mp['kept'])} of "
-             f"{mp['candidates']} layers kept in {mp['precision']}.", ""]
+             f"{floor} {'reached' if mp['reached'] else 'not reached'}: {held} with "
+             f"{len(mp['kept'])} of {mp['candidates']} layers kept in {mp['precision']}.", ""]
     if mp["kept"]:
         parts += [_table(["kept layer", "op", "end-to-end effect", "own error"], [
             [e["node"], e["op"], _fmt(e["end_to_end"]), _fmt(e["error"])]

@@ -10,13 +10,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAYER_CHART", "INSTALL_LINE", "write_layer_chart"]
+__all__ = ["LAYER_CHART", "INSTALL_LINE", "write_layer_chart", "floor_text"]
 
 logger = logging.getLogger(__name__)
 
 LAYER_CHART = "report_layers.png"
 INSTALL_LINE = "per-layer chart: install edgec[plot] (matplotlib)"
 _KEPT, _QUANTIZED = "#d62728", "#1f77b4"
+
+
+def floor_text(mp: dict[str, Any]) -> str:
+    """``min_cos 0.98 and max_kld 0.05``: the floor a ``mixed_precision`` entry held."""
+    return " and ".join(f"{k} {mp[k]:g}" for k in ("min_cos", "max_kld") if mp.get(k) is not None)
 
 
 def write_layer_chart(mixed: dict[str, Any], path: Path, limit: int = 40) -> dict[str, Any]:
@@ -55,8 +60,8 @@ def _draw(mixed: dict[str, Any], path: Path, limit: int) -> dict[str, Any]:
     if positive and max(positive) / min(positive) >= 100:  # spans decades
         ax.set_yscale("log")
     ax.set_ylabel("end-to-end effect (1 − worst output cosine)")
-    ax.set_title(f"Each layer's quantization error alone, end to end (min_cos "
-                 f"{mixed['min_cos']:g}: {mixed['achieved']:.4f} with {len(kept)} of "
+    ax.set_title(f"Each layer's quantization error alone, end to end ({floor_text(mixed)}: "
+                 f"cosine {mixed['achieved']:.4f} with {len(kept)} of "
                  f"{len(layers)} kept in {mixed['precision']})", fontsize=9, parse_math=False)
     ax.legend(handles=[Patch(color=_KEPT, label=f"kept in {mixed['precision']}"),
                        Patch(color=_QUANTIZED, label="quantized")], fontsize=8)

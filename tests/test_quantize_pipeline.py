@@ -71,7 +71,11 @@ def test_reference_models_w8a8(tmp_path, model, target):
         "mixed_precision"]
     assert mp["default"] and mp["min_cos"] == 0.98 and mp["reached"]
     assert [p["kept"] for p in mp["probes"]] == [0] and not mp["kept"] and not mp["layer_errors"]
-    assert "min_cos 0.98 (the default floor) reached as quantized" in (
+    # a language model's logits also hold the default KL divergence bound
+    floor = "min_cos 0.98 and max_kld 0.05" if model == "llama" else "min_cos 0.98"
+    assert (mp["max_kld"] == 0.05 and 0 <= mp["achieved_kld"] <= 0.05 if model == "llama"
+            else mp["max_kld"] is None and "achieved_kld" not in mp)
+    assert f"{floor} (the default floor) reached as quantized" in (
         art.path / "report.md").read_text()
     if model == "llama":  # attention's Kᵀ/V: s8 on OpenVINO (int8 kernels there), u8 on ORT
         assert _attention_b_types(art.path / "model.onnx") == {
@@ -260,6 +264,28 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_max_kld_keeps_layers_until_the_logits_distribution_holds(tmp_path):
+    """llama tiny+outliers w8a8 on ort-cpu: worst held-out KL divergence 0.026 nats per token as
+    quantized; max_kld=0.01 keeps the most sensitive MatMuls in float until it holds (no cosine
+    floor: the user's bound replaces the default). A model without logits is refused."""
+    art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o",
+                        config="tiny+outliers", quantize="w8a8:max_kld=0.01")
+    mp = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
+        "mixed_precision"]
+    assert mp["max_kld"] == 0.01 and mp["min_cos"] is None and not mp["default"]
+    assert mp["probes"][0]["kld"] > 0.01 >= mp["achieved_kld"] and mp["reached"]
+    assert 0 < len(mp["kept"]) < mp["candidates"]
+    assert all(p["kld"] > 0.01 for p in mp["probes"] if p["kept"] < len(mp["kept"]))
+    assert "max_kld 0.01 reached" in (art.path / "report.md").read_text()
+    with pytest.raises(UserError, match="does not have .*min_cos instead"):
+        edgec.compile("video-dit", target="ort-cpu", output_dir=tmp_path / "x",
+                      quantize="w8a8:max_kld=0.01")
+    with pytest.raises(UserError, match="max_kld must be a positive"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
+                      quantize="w8a8:max_kld=-1")
+    assert not (tmp_path / "x").exists()
+
+
 def test_default_floor_keeps_the_plain_quantization_when_precision_cannot_reach_it(tmp_path,
                                                                                  caplog):
     """On the NPU, llama tiny+outliers w8a8 is at 0.937 and every MatMul at 16 bits only
@@ -273,7 +299,7 @@ def test_default_floor_keeps_the_plain_quantization_when_precision_cannot_reach_
     assert mp["default"] and not mp["reached"] and mp["kept"] == []
     assert mp["achieved"] == mp["probes"][0]["cosine"] < 0.98 and len(mp["probes"]) > 1
     assert max(p["kept"] for p in mp["probes"]) == mp["candidates"] == len(mp["layer_errors"])
-    assert "default accuracy floor min_cos=0.98 is not reached" in caplog.text
+    assert "default accuracy floor min_cos=0.98 and max_kld=0.05 is not reached" in caplog.text
     assert "(the default floor) not reached" in (art.path / "report.md").read_text()
     off = edgec.compile("llama", target="qnn-htp", output_dir=tmp_path / "off",
                         config="tiny+outliers", quantize="w8a8:min_cos=0")
@@ -327,15 +353,18 @@ def test_layer_chart_without_matplotlib_says_how_to_install(tmp_path, monkeypatc
 
 
 def test_default_floor_applies_to_calibrated_integer_schemes_only():
+    from edgec.graph_passes.quantization.mixed_precision import Floor
     from edgec.graph_passes.quantization.options import DEFAULT_MIN_COS, QuantOptions
     from edgec.targets import TARGETS
 
     def floor(spec, target="ort-cpu"):
         return QuantOptions.parse(spec, TARGETS[target]).floor_on(TARGETS[target])
 
-    assert floor("w8a8") == DEFAULT_MIN_COS == 0.98
-    assert floor("w8a8:min_cos=0.995") == 0.995
+    assert floor("w8a8") == Floor(DEFAULT_MIN_COS, default=True) and DEFAULT_MIN_COS == 0.98
+    assert floor("w8a8:min_cos=0.995") == Floor(0.995)
+    assert floor("w8a8:max_kld=0.02") == Floor(None, 0.02)  # the user's: no cosine floor
+    assert floor("w8a8:min_cos=0.99,max_kld=0.02") == Floor(0.99, 0.02)
     assert floor("w8a8:min_cos=0") is None  # off
-    assert floor("w8a16", "qnn-htp") == 0.98
+    assert floor("w8a16", "qnn-htp") == Floor(0.98, default=True)
     assert floor("w4a16") is None  # weight-only: activations stay float
     assert floor("fp8", "tensorrt") is None  # float activations: no integer fake-quant

@@ -3,7 +3,14 @@
 import numpy as np
 import onnx_ir as ir
 
-from edgec.graph_passes.quantization.mixed_precision import end_to_end_effects, worst_cosine
+from edgec.graph_passes.quantization.mixed_precision import (
+    Floor,
+    LayerError,
+    end_to_end_effects,
+    search_exclusions,
+    worst_cosine,
+    worst_kld,
+)
 
 
 def _two_layer_model(w1: np.ndarray, w2: np.ndarray) -> ir.Model:
@@ -49,3 +56,34 @@ def test_worst_cosine_leaves_padded_positions_out():
     assert worst_cosine([{"h": got}], [{"h": ref}], [mask]) == 1.0
     pooled = {"p": np.ones((1, 3))}  # not per token: compared whole
     assert worst_cosine([pooled], [pooled], [mask]) == 1.0
+
+
+def test_worst_kld_is_the_next_token_divergence_on_unpadded_positions():
+    """KL(p_ref ‖ p_got) of softmax over the last axis, mean over positions, worst sample; a
+    shift of every logit (softmax-invariant) costs nothing, a swapped winner does."""
+    ref = np.log(np.array([[[0.7, 0.2, 0.1], [0.5, 0.25, 0.25]]]))  # [1, 2, 3]
+    got = ref[..., [1, 0, 2]]  # the first two classes swapped
+    p = np.exp(ref[0])
+    expected = (p * (np.log(p) - np.log(p[:, [1, 0, 2]]))).sum(-1)
+    assert worst_kld([{"logits": ref + 3.0}], [{"logits": ref}]) < 1e-12
+    assert np.isclose(worst_kld([{"logits": got}], [{"logits": ref}]), expected.mean())
+    assert np.isclose(worst_kld([{"logits": got}], [{"logits": ref}], [np.array([[1, 0]])]),
+                      expected[0])  # the padded position is left out
+    two = [{"logits": ref}, {"logits": got}]
+    assert np.isclose(worst_kld(two, [{"logits": ref}] * 2), expected.mean())  # the worst
+
+
+def test_search_keeps_layers_until_the_kl_bound_holds_as_well_as_the_cosine():
+    """A floor with both criteria: the cosine alone holds at k=0, the KL divergence needs 3."""
+    ranked = [LayerError(f"n{i}", "MatMul", 0.1) for i in range(8)]
+    floor = Floor(0.98, 0.05)
+
+    def measure(k):
+        return {"cosine": 0.99, "kld": 0.2 / (1 + k)}  # 0.2, 0.1, 0.067, 0.05, ...
+
+    k, score, probes = search_exclusions(ranked, measure, floor.met)
+    assert k == 3 and score["kld"] == 0.05 and floor.met(score)
+    assert [p["kept"] for p in probes] == [0, 1, 2, 4, 3]
+    assert Floor(0.98).met({"cosine": 0.99})  # no KL bound: not measured, not needed
+    k, _, _ = search_exclusions(ranked, measure, Floor(0.98).met)
+    assert k == 0

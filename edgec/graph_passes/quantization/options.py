@@ -14,7 +14,7 @@ from typing import Any
 from edgec.errors import UserError
 from edgec.options import convert_items, split_spec
 
-__all__ = ["QuantOptions", "HELD_OUT", "DEFAULT_MIN_COS"]
+__all__ = ["QuantOptions", "HELD_OUT", "DEFAULT_MIN_COS", "DEFAULT_MAX_KLD"]
 
 HELD_OUT = 4  # samples mixed precision measures the quantized graph on
 # Samples GPTQ's Hessians come from when the model's generator makes them (a user's .npz: all of
@@ -29,6 +29,13 @@ GPTQ_SAMPLES = 128
 # full int8 speed with room to spare, while a quantization that breaks a model (llama
 # small+outliers on the CPU targets: 0.975) is repaired by default. ``min_cos=0`` turns it off.
 DEFAULT_MIN_COS = 0.98
+# ... and, on a model with a ``logits`` output, the worst held-out mean KL divergence of its
+# next-token distribution from fp32's (nats per token), which a logits cosine barely sees:
+# SmolLM2-135M's first 4 layers w8a8 on openvino-cpu held cosine 0.992 at KL 0.19 and top-1
+# agreement 70%; rotated, KL 0.005 and top-1 95%. 0.05 is about what a 4-bit weight-only
+# llama.cpp quantization costs (IQ4_XS: 0.043, llama.cpp PR #12557; its q8_0 costs LLaMA-3-8B
+# 0.0014, PR #6936): lenient, but far below a broken quantization's.
+DEFAULT_MAX_KLD = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +48,10 @@ class QuantOptions:
     targets, default 100); ``min_cos=F`` (accuracy-driven mixed precision: keep the fewest most
     sensitive layers in high precision so that the worst output cosine vs fp32 on held-out
     samples reaches F; without it a default floor of 0.98 applies to calibrated integer schemes,
-    measured once and searched only when missed; ``min_cos=0`` turns it off); ``smooth=α``
+    measured once and searched only when missed, and on a model with a ``logits`` output also
+    a worst KL divergence of 0.05 nats per token; ``min_cos=0`` turns it off); ``max_kld=F``
+    (the same search until the worst held-out mean KL divergence of the ``logits`` output's
+    next-token distribution from fp32's is at most F nats per token); ``smooth=α``
     (SmoothQuant: activation outlier ranges moved into the weights the norms feed, folded
     into the norms' scales; α in (0, 1), 0.5 typical);
     ``gptq=true|false`` (weight integers chosen by GPTQ's error feedback on the calibration
@@ -55,6 +65,7 @@ class QuantOptions:
     samples: int | None = None
     mask_fill: float = 100.0
     min_cos: float | None = None
+    max_kld: float | None = None
     smooth: float | None = None
     gptq: bool | None = None  # None: on for 4-bit weights after a rotation (gptq_on)
 
@@ -73,6 +84,10 @@ class QuantOptions:
                                              and 0 <= self.min_cos < 1):
             raise UserError(f"--quantize min_cos must be a cosine between 0 and 1 (e.g. 0.99; "
                             f"0 turns the default floor off), not {self.min_cos!r}")
+        if self.max_kld is not None and not (isinstance(self.max_kld, (int, float))
+                                             and self.max_kld > 0):
+            raise UserError(f"--quantize max_kld must be a positive KL divergence in nats per "
+                            f"token (e.g. 0.02), not {self.max_kld!r}")
         if self.smooth is not None and not (isinstance(self.smooth, (int, float))
                                             and 0 < self.smooth < 1):
             raise UserError(f"--quantize smooth is SmoothQuant's migration strength α, between "
@@ -110,15 +125,18 @@ class QuantOptions:
             return "distribution"  # ORT's float8 quantizer needs avg/std statistics
         return self.method or "minmax"
 
-    def floor_on(self, target) -> float | None:
-        """The held-out cosine the quantize stage holds: ``min_cos``, else DEFAULT_MIN_COS
-        for a calibrated scheme with integer activations (None: no measurement)."""
-        from edgec.graph_passes.quantization.mixed_precision import integer_activations
+    def floor_on(self, target):
+        """The ``mixed_precision.Floor`` the quantize stage holds on held-out samples: what
+        ``min_cos``/``max_kld`` ask, else the default floor for a calibrated scheme with integer
+        activations (its KL bound is added where the model has logits); None: no measurement."""
+        from edgec.graph_passes.quantization.mixed_precision import Floor, integer_activations
 
-        if self.min_cos is not None:
-            return self.min_cos or None
+        if self.min_cos is not None or self.max_kld is not None:
+            if not self.min_cos and self.max_kld is None:
+                return None  # min_cos=0: off
+            return Floor(self.min_cos or None, self.max_kld)
         scheme = self.scheme_on(target)
-        return DEFAULT_MIN_COS if integer_activations(scheme) else None
+        return Floor(DEFAULT_MIN_COS, default=True) if integer_activations(scheme) else None
 
     def gptq_on(self, target, rotated: bool) -> bool:
         """GPTQ as asked, else on where nearest rounding is known to break: 4-bit weights of a
@@ -204,12 +222,12 @@ class QuantOptions:
         if self.smooth is not None and not scheme.calibrated:
             raise UserError(f"smooth moves activation ranges into the weights; {scheme.name} is "
                             "weight-only (activations stay float), drop smooth")
-        if self.min_cos and not scheme.calibrated:
-            raise UserError(f"min_cos chooses which layers keep their activations in high "
-                            f"precision; {scheme.name} is weight-only, drop min_cos")
+        if (self.min_cos or self.max_kld) and not scheme.calibrated:
+            which = "min_cos" if self.min_cos else "max_kld"
+            raise UserError(f"{which} chooses which layers keep their activations in high "
+                            f"precision; {scheme.name} is weight-only, drop {which}")
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
-                            min_cos=self.floor_on(target), held_out=held_out,
-                            default_floor=self.min_cos is None,
+                            floor=self.floor_on(target), held_out=held_out,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None)
 
 

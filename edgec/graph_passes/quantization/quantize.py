@@ -116,8 +116,7 @@ class QuantizePass(ir.passes.FunctionalPass):
     rtol = None
 
     def __init__(self, scheme, target, ranges: Any = None, exclude: tuple[str, ...] = (),
-                 min_cos: float | None = None, held_out: Callable | None = None,
-                 gptq: Callable | None = None, default_floor: bool = False):
+                 floor=None, held_out: Callable | None = None, gptq: Callable | None = None):
         super().__init__()
         self.gptq = gptq  # calibration samples for GPTQ weight rounding (None: nearest)
         self._gptq_memo: dict[str, Any] = {}
@@ -125,13 +124,20 @@ class QuantizePass(ir.passes.FunctionalPass):
         if scheme.calibrated and ranges is None:
             raise ValueError(f"scheme {scheme.name} needs calibration ranges")
         self.scheme, self.target, self.ranges, self.exclude = scheme, target, ranges, tuple(exclude)
-        self.min_cos, self.held_out = min_cos, held_out
-        self.default_floor = default_floor  # min_cos is edgec's default, not the user's
+        self.floor, self.held_out = floor, held_out  # mixed_precision.Floor or None
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
         unknown = [e for e in self.exclude if not any(n.name == e or n.op_type == e
                                                        for n in model.graph)]
+        if self.floor is not None and self.floor.max_kld is not None and not self.floor.default:
+            from edgec.graph_passes.quantization.mixed_precision import LOGITS
+
+            if not any(v.name == LOGITS for v in model.graph.outputs):
+                raise UserError(f"max_kld bounds the KL divergence of a language model's "
+                                f"'{LOGITS}' output, which this model does not have (its "
+                                f"outputs: {', '.join(v.name for v in model.graph.outputs)}); "
+                                f"bound its cosine with min_cos instead")
         if unknown:
             raise UserError(f"--exclude {unknown[0]!r} names no node or op type of the model; "
                             "use node names or op types (`edgec inspect` lists them)")
@@ -148,7 +154,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             quantized = self._rounded(model, work)
         else:
             quantized = self._static(work, plan, cache)
-            if self.min_cos is not None:
+            if self.floor is not None:
                 quantized, plan, extra["mixed_precision"] = self._mixed(model, quantized, plan,
                                                                         cache, outliers)
         if self.gptq is not None:  # the stats of the GPTQ run on the graph kept
@@ -182,57 +188,65 @@ class QuantizePass(ir.passes.FunctionalPass):
         return PassResult(quantized, True, stats)
 
     def _mixed(self, model: ir.Model, quantized: ir.Model, plan, cache, outliers):
-        """Keep the fewest most sensitive layers in high precision so that the worst output
-        cosine on held-out samples reaches ``min_cos`` (see ``mixed_precision``). The graph as
-        quantized is measured first; the per-layer analysis runs only when it misses."""
+        """Keep the fewest most sensitive layers in high precision so that the held-out samples
+        hold the floor (see ``mixed_precision``). The graph as quantized is measured first; the
+        per-layer analysis runs only when it misses. The default floor also bounds a language
+        model's logits KL divergence (``DEFAULT_MAX_KLD``), which its cosine does not see."""
         from edgec.graph_passes.quantization.mixed_precision import (
+            LOGITS,
             layer_errors,
             search_exclusions,
-            worst_cosine,
         )
+        from edgec.graph_passes.quantization.options import DEFAULT_MAX_KLD
         from edgec.runtimes.ort import run_model
 
-        s, fq = self.scheme, self.target.fully_quantized
+        s, fq, floor = self.scheme, self.target.fully_quantized, self.floor
+        if floor.default and floor.max_kld is None and any(
+                v.name == LOGITS for v in model.graph.outputs):
+            floor = dataclasses.replace(floor, max_kld=DEFAULT_MAX_KLD)
         feeds = self.held_out(model)
+        masks = [f.get("attention_mask") for f in feeds]
         reference = [run_model(model, f) for f in feeds]
         built = {0: (quantized, plan)}
-        measured: dict[int, float] = {}
+        measured: dict[int, dict[str, float]] = {}
         ranked: list = []
 
-        def measure(k: int) -> float:
+        def measure(k: int) -> dict[str, float]:
             if k not in built:
                 names = tuple(e.node for e in ranked[:k])
                 p = plan_quantization(model, fq, self.exclude + names, outliers, s.stream_16bit,
                                       s.head_w8a16)
                 built[k] = (self._static(_at_opset(model.clone(), s.min_opset), p, cache), p)
             if k not in measured:
-                measured[k] = worst_cosine([run_model(built[k][0], f) for f in feeds],
-                                           reference, [f.get("attention_mask") for f in feeds])
+                measured[k] = floor.score([run_model(built[k][0], f) for f in feeds], reference,
+                                          masks)
             return measured[k]
 
         first = measure(0)
-        if first < self.min_cos:
+        if not floor.met(first):
             ranked = layer_errors(model, feeds, cache, s, s.op_types,
                                   set(plan.nodes_to_exclude), set(plan.tensors_16bit))
-        k, cos, probes = search_exclusions(ranked, measure, self.min_cos)
-        if cos < self.min_cos and self.default_floor and k:
+        k, score, probes = search_exclusions(ranked, measure, floor.met)
+        if not floor.met(score) and floor.default and k:
             # not the user's floor: keeping every layer in high precision buys speed for
             # nothing when even that misses it; keep the plain quantization and say so
-            logger.warning("the default accuracy floor min_cos=%.2f is not reached (%.4f as "
-                           "quantized, %.4f with all %d candidates in high precision); kept the "
-                           "plain quantization (--rotate, smooth=, gptq=true or a 16-bit scheme "
-                           "act where per-layer precision cannot)",
-                           self.min_cos, first, cos, len(ranked))
-            k, cos = 0, first
-        elif cos < self.min_cos:
-            logger.warning("min_cos %.4f not reached: %.4f with all %d candidates kept",
-                           self.min_cos, cos, len(ranked))
-        entry = {"min_cos": self.min_cos, "default": self.default_floor,
-                 "achieved": round(cos, 6), "held_out": len(feeds),
-                 "reached": cos >= self.min_cos, "candidates": len(ranked) or None,
+            logger.warning("the default accuracy floor %s is not reached (%s as quantized, %s "
+                           "with all %d candidates in high precision); kept the plain "
+                           "quantization (--rotate, smooth=, gptq=true or a 16-bit scheme act "
+                           "where per-layer precision cannot)", floor.describe(), _fmt(first),
+                           _fmt(score), len(ranked))
+            k, score = 0, first
+        elif not floor.met(score):
+            logger.warning("%s not reached: %s with all %d candidates kept", floor.describe(),
+                           _fmt(score), len(ranked))
+        entry = {"min_cos": floor.min_cos, "max_kld": floor.max_kld, "default": floor.default,
+                 "achieved": round(score["cosine"], 6), "held_out": len(feeds),
+                 "reached": floor.met(score), "candidates": len(ranked) or None,
                  "kept": [e.to_json() for e in ranked[:k]],
                  "precision": "16-bit" if fq else "float", "probes": probes,
                  "layer_errors": [e.to_json() for e in ranked]}
+        if "kld" in score:
+            entry["achieved_kld"] = round(score["kld"], 6)
         return (*built[k], entry)
 
     def _static(self, model: ir.Model, plan, cache) -> ir.Model:
@@ -403,6 +417,10 @@ def _outliers(cache, scheme) -> set[str]:
                         f"{scheme.name} uses to choose 16-bit tensors (made by an older edgec?); "
                         "re-run `edgec calibrate`")
     return {name for name, s in cache.tensors.items() if s["crest"] > scheme.outlier_crest}
+
+
+def _fmt(score: dict[str, float]) -> str:
+    return ", ".join(f"{'cosine' if m == 'cosine' else 'KL'} {v:.4f}" for m, v in score.items())
 
 
 def _at_opset(model: ir.Model, minimum: int) -> ir.Model:
