@@ -264,19 +264,21 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_max_kld_keeps_layers_until_the_logits_distribution_holds(tmp_path):
+def test_max_kld_keeps_layers_until_the_logits_distribution_holds(tmp_path, caplog):
     """llama tiny+outliers w8a8 on ort-cpu: worst held-out KL divergence 0.026 nats per token as
-    quantized; max_kld=0.01 keeps the most sensitive MatMuls in float until it holds (no cosine
-    floor: the user's bound replaces the default). A model without logits is refused."""
+    quantized; max_kld=0.001 keeps the most sensitive MatMuls in float until it holds (no cosine
+    floor: the user's bound replaces the default), which takes more than half of them here, so
+    the compile says that most of the speed is gone. A model without logits is refused."""
     art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o",
-                        config="tiny+outliers", quantize="w8a8:max_kld=0.01")
+                        config="tiny+outliers", quantize="w8a8:max_kld=0.001")
     mp = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
         "mixed_precision"]
-    assert mp["max_kld"] == 0.01 and mp["min_cos"] is None and not mp["default"]
-    assert mp["probes"][0]["kld"] > 0.01 >= mp["achieved_kld"] and mp["reached"]
-    assert 0 < len(mp["kept"]) < mp["candidates"]
-    assert all(p["kld"] > 0.01 for p in mp["probes"] if p["kept"] < len(mp["kept"]))
-    assert "max_kld 0.01 reached" in (art.path / "report.md").read_text()
+    assert mp["max_kld"] == 0.001 and mp["min_cos"] is None and not mp["default"]
+    assert mp["probes"][0]["kld"] > 0.01 and mp["achieved_kld"] <= 0.001 and mp["reached"]
+    assert mp["candidates"] / 2 < len(mp["kept"]) < mp["candidates"]
+    assert all(p["kld"] > 0.001 for p in mp["probes"] if p["kept"] < len(mp["kept"]))
+    assert "max_kld 0.001 reached" in (art.path / "report.md").read_text()
+    assert f"kept {len(mp['kept'])} of {mp['candidates']} layers in float" in caplog.text
     with pytest.raises(UserError, match="does not have .*min_cos instead"):
         edgec.compile("video-dit", target="ort-cpu", output_dir=tmp_path / "x",
                       quantize="w8a8:max_kld=0.01")

@@ -239,6 +239,10 @@ class QuantizePass(ir.passes.FunctionalPass):
         elif not floor.met(score):
             logger.warning("%s not reached: %s with all %d candidates kept", floor.describe(),
                            _fmt(score), len(ranked))
+        elif 2 * k > len(ranked):
+            logger.warning("holding %s kept %d of %d layers in %s: most of what quantization "
+                           "buys is gone (--rotate, smooth= or gptq=true can hold it with fewer)",
+                           floor.describe(), k, len(ranked), "16 bits" if fq else "float")
         entry = {"min_cos": floor.min_cos, "max_kld": floor.max_kld, "default": floor.default,
                  "achieved": round(score["cosine"], 6), "held_out": len(feeds),
                  "reached": floor.met(score), "candidates": len(ranked) or None,
