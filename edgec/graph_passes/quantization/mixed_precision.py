@@ -195,10 +195,7 @@ def worst_cosine(outputs: Sequence[dict[str, np.ndarray]],
     for i, (got, ref) in enumerate(zip(outputs, references)):
         mask = None if masks is None else masks[i]
         for name, r in ref.items():
-            g, r = np.asarray(got[name], np.float64), np.asarray(r, np.float64)
-            if mask is not None and np.ndim(mask) == 2 and r.shape[:2] == np.shape(mask):
-                keep = np.asarray(mask) != 0
-                g, r = g[keep], r[keep]
+            g, r = _unpadded(got[name], r, mask)
             g, r = g.ravel(), r.ravel()
             denom = np.linalg.norm(g) * np.linalg.norm(r)
             worst = min(worst, float(g @ r / denom) if denom else 1.0)
@@ -213,13 +210,20 @@ def worst_kld(outputs: Sequence[dict[str, np.ndarray]],
     worst = 0.0
     for i, (got, ref) in enumerate(zip(outputs, references)):
         mask = None if masks is None else masks[i]
-        g, r = np.asarray(got[LOGITS], np.float64), np.asarray(ref[LOGITS], np.float64)
-        if mask is not None and np.ndim(mask) == 2 and r.shape[:2] == np.shape(mask):
-            keep = np.asarray(mask) != 0
-            g, r = g[keep], r[keep]
+        g, r = _unpadded(got[LOGITS], ref[LOGITS], mask)
         g, r = _log_softmax(g.reshape(-1, g.shape[-1])), _log_softmax(r.reshape(-1, r.shape[-1]))
         worst = max(worst, float((np.exp(r) * (r - g)).sum(-1).mean()) if len(r) else 0.0)
     return worst
+
+
+def _unpadded(got, ref, mask) -> tuple[np.ndarray, np.ndarray]:
+    """float64 copies, the positions an ``attention_mask`` [B, S] pads left out of a per-token
+    output [B, S, ...]; whole where there is no mask or the output is not per token."""
+    g, r = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    if mask is not None and np.ndim(mask) == 2 and r.shape[:2] == np.shape(mask):
+        keep = np.asarray(mask) != 0
+        g, r = g[keep], r[keep]
+    return g, r
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
