@@ -91,7 +91,10 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
         return []
     floor = floor_text(mp) + (" (the default floor)" if mp.get("default") else "")
     held = f"worst held-out cosine {mp['achieved']:.4f}" + (
-        f", logits KL divergence {mp['achieved_kld']:.4f}" if "achieved_kld" in mp else "")
+        f", logits KL divergence {mp['achieved_kld']:.4f}" if "achieved_kld" in mp else "") + (
+        f" (the held-out samples are the last {mp['held_out']} of the given calibration data, "
+        "which calibration saw too: an optimistic measure)"
+        if mp.get("held_out_seen_by_calibration") else "")
     if not mp["layer_errors"]:  # held as quantized: the per-layer analysis did not run
         return ["## Mixed precision", "",
                 f"{floor} {'reached' if mp['reached'] else 'not reached'} as quantized: "

@@ -71,6 +71,7 @@ def test_reference_models_w8a8(tmp_path, model, target):
         "mixed_precision"]
     assert mp["default"] and mp["min_cos"] == 0.98 and mp["reached"]
     assert [p["kept"] for p in mp["probes"]] == [0] and not mp["kept"] and not mp["layer_errors"]
+    assert not mp["held_out_seen_by_calibration"]  # generated past the calibration samples
     # a language model's logits also hold the default KL divergence bound
     floor = "min_cos 0.98 and max_kld 0.05" if model == "llama" else "min_cos 0.98"
     assert (mp["max_kld"] == 0.05 and 0 <= mp["achieved_kld"] <= 0.05 if model == "llama"

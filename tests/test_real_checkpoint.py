@@ -120,6 +120,8 @@ def test_openvino_w8a8_with_mixed_precision_holds_the_floor(minilm, tmp_path):
     mp = next(p["stats"] for p in art.report["passes"] if p["name"] == "quantize")[
         "mixed_precision"]
     assert mp["reached"] and 0.99 <= mp["probes"][0]["cosine"] < 0.995
+    assert mp["held_out_seen_by_calibration"]  # a user's .npz: its last 4, said in report.md
+    assert "which calibration saw too" in (tmp_path / "ov" / "report.md").read_text()
     assert 0 < len(mp["kept"]) <= 12 < mp["candidates"], len(mp["kept"])
     cos = _cosines(art.load().run(feeds)["last_hidden_state"], feeds, ref_emb)
     assert cos.min() >= 0.99 and cos.mean() >= 0.995, (cos.min(), cos.mean())  # 0.992/0.996

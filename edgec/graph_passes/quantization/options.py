@@ -219,6 +219,8 @@ class QuantOptions:
             count; the last 4 of a user's .npz, which calibration also saw)."""
             return samples(model, HELD_OUT)[-HELD_OUT:]
 
+        held_out.seen_by_calibration = isinstance(calibration, Path)  # said in the report
+
         if self.smooth is not None and not scheme.calibrated:
             raise UserError(f"smooth moves activation ranges into the weights; {scheme.name} is "
                             "weight-only (activations stay float), drop smooth")

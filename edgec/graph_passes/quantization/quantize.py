@@ -245,6 +245,9 @@ class QuantizePass(ir.passes.FunctionalPass):
                            floor.describe(), k, len(ranked), "16 bits" if fq else "float")
         entry = {"min_cos": floor.min_cos, "max_kld": floor.max_kld, "default": floor.default,
                  "achieved": round(score["cosine"], 6), "held_out": len(feeds),
+                 # a user's .npz: its last samples, which calibration saw too (optimistic)
+                 "held_out_seen_by_calibration": getattr(self.held_out, "seen_by_calibration",
+                                                         False),
                  "reached": floor.met(score), "candidates": len(ranked) or None,
                  "kept": [e.to_json() for e in ranked[:k]],
                  "precision": "16-bit" if fq else "float", "probes": probes,
