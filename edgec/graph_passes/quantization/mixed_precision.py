@@ -241,6 +241,20 @@ class Floor:
     max_kld: float | None = None
     default: bool = False
 
+    def for_outputs(self, names: Sequence[str], default_kld: float) -> Floor:
+        """This floor on a model with these outputs: the default gains the KL bound where there
+        are ``logits``; a user's KL bound without them is refused (one line)."""
+        if LOGITS in names:
+            return (dataclasses.replace(self, max_kld=default_kld)
+                    if self.default and self.max_kld is None else self)
+        if self.max_kld is not None:
+            from edgec.errors import UserError
+
+            raise UserError(f"max_kld bounds the KL divergence of a language model's "
+                            f"'{LOGITS}' output, which this model does not have (its outputs: "
+                            f"{', '.join(names)}); bound its cosine with min_cos instead")
+        return self
+
     def score(self, outputs, references, masks) -> dict[str, float]:
         score = {"cosine": worst_cosine(outputs, references, masks)}
         if self.max_kld is not None:

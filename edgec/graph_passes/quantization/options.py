@@ -219,8 +219,6 @@ class QuantOptions:
             count; the last 4 of a user's .npz, which calibration also saw)."""
             return samples(model, HELD_OUT)[-HELD_OUT:]
 
-        held_out.seen_by_calibration = isinstance(calibration, Path)  # said in the report
-
         if self.smooth is not None and not scheme.calibrated:
             raise UserError(f"smooth moves activation ranges into the weights; {scheme.name} is "
                             "weight-only (activations stay float), drop smooth")
@@ -230,6 +228,7 @@ class QuantOptions:
                             f"precision; {scheme.name} is weight-only, drop {which}")
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
                             floor=self.floor_on(target), held_out=held_out,
+                            held_out_seen=isinstance(calibration, Path),
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None)
 
 

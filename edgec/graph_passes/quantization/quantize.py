@@ -29,6 +29,7 @@ import onnx_ir as ir
 from edgec.errors import UserError
 from edgec.graph_passes._infra import PassResult
 from edgec.graph_passes.quantization.blockwise import blockwise_weights
+from edgec.graph_passes.quantization.options import DEFAULT_MAX_KLD
 from edgec.graph_passes.quantization.select import plan_quantization
 
 __all__ = ["QuantizePass", "quant_type", "generic_qdq_options"]
@@ -116,7 +117,8 @@ class QuantizePass(ir.passes.FunctionalPass):
     rtol = None
 
     def __init__(self, scheme, target, ranges: Any = None, exclude: tuple[str, ...] = (),
-                 floor=None, held_out: Callable | None = None, gptq: Callable | None = None):
+                 floor=None, held_out: Callable | None = None, gptq: Callable | None = None,
+                 held_out_seen: bool = False):
         super().__init__()
         self.gptq = gptq  # calibration samples for GPTQ weight rounding (None: nearest)
         self._gptq_memo: dict[str, Any] = {}
@@ -125,19 +127,14 @@ class QuantizePass(ir.passes.FunctionalPass):
             raise ValueError(f"scheme {scheme.name} needs calibration ranges")
         self.scheme, self.target, self.ranges, self.exclude = scheme, target, ranges, tuple(exclude)
         self.floor, self.held_out = floor, held_out  # mixed_precision.Floor or None
+        self.held_out_seen = held_out_seen  # the held-out samples are calibration's too
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
         unknown = [e for e in self.exclude if not any(n.name == e or n.op_type == e
                                                        for n in model.graph)]
-        if self.floor is not None and self.floor.max_kld is not None and not self.floor.default:
-            from edgec.graph_passes.quantization.mixed_precision import LOGITS
-
-            if not any(v.name == LOGITS for v in model.graph.outputs):
-                raise UserError(f"max_kld bounds the KL divergence of a language model's "
-                                f"'{LOGITS}' output, which this model does not have (its "
-                                f"outputs: {', '.join(v.name for v in model.graph.outputs)}); "
-                                f"bound its cosine with min_cos instead")
+        floor = self.floor and self.floor.for_outputs([v.name for v in model.graph.outputs],
+                                                      DEFAULT_MAX_KLD)
         if unknown:
             raise UserError(f"--exclude {unknown[0]!r} names no node or op type of the model; "
                             "use node names or op types (`edgec inspect` lists them)")
@@ -154,9 +151,9 @@ class QuantizePass(ir.passes.FunctionalPass):
             quantized = self._rounded(model, work)
         else:
             quantized = self._static(work, plan, cache)
-            if self.floor is not None:
+            if floor is not None:
                 quantized, plan, extra["mixed_precision"] = self._mixed(model, quantized, plan,
-                                                                        cache, outliers)
+                                                                        cache, outliers, floor)
         if self.gptq is not None:  # the stats of the GPTQ run on the graph kept
             extra.update(self._gptq_memo["stats"][id(quantized)])
         extra.update(self._block_stats.get(id(quantized), {}))
@@ -187,23 +184,17 @@ class QuantizePass(ir.passes.FunctionalPass):
                                     "tensors": len(cache.tensors)}
         return PassResult(quantized, True, stats)
 
-    def _mixed(self, model: ir.Model, quantized: ir.Model, plan, cache, outliers):
+    def _mixed(self, model: ir.Model, quantized: ir.Model, plan, cache, outliers, floor):
         """Keep the fewest most sensitive layers in high precision so that the held-out samples
         hold the floor (see ``mixed_precision``). The graph as quantized is measured first; the
-        per-layer analysis runs only when it misses. The default floor also bounds a language
-        model's logits KL divergence (``DEFAULT_MAX_KLD``), which its cosine does not see."""
+        per-layer analysis runs only when it misses."""
         from edgec.graph_passes.quantization.mixed_precision import (
-            LOGITS,
             layer_errors,
             search_exclusions,
         )
-        from edgec.graph_passes.quantization.options import DEFAULT_MAX_KLD
         from edgec.runtimes.ort import run_model
 
-        s, fq, floor = self.scheme, self.target.fully_quantized, self.floor
-        if floor.default and floor.max_kld is None and any(
-                v.name == LOGITS for v in model.graph.outputs):
-            floor = dataclasses.replace(floor, max_kld=DEFAULT_MAX_KLD)
+        s, fq = self.scheme, self.target.fully_quantized
         feeds = self.held_out(model)
         masks = [f.get("attention_mask") for f in feeds]
         reference = [run_model(model, f) for f in feeds]
@@ -246,8 +237,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         entry = {"min_cos": floor.min_cos, "max_kld": floor.max_kld, "default": floor.default,
                  "achieved": round(score["cosine"], 6), "held_out": len(feeds),
                  # a user's .npz: its last samples, which calibration saw too (optimistic)
-                 "held_out_seen_by_calibration": getattr(self.held_out, "seen_by_calibration",
-                                                         False),
+                 "held_out_seen_by_calibration": self.held_out_seen,
                  "reached": floor.met(score), "candidates": len(ranked) or None,
                  "kept": [e.to_json() for e in ranked[:k]],
                  "precision": "16-bit" if fq else "float", "probes": probes,
