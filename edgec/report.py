@@ -85,6 +85,15 @@ def mixed_precision_stats(report: dict[str, Any]) -> dict[str, Any] | None:
                  if p["name"] == "quantize" and "mixed_precision" in p["stats"]), None)
 
 
+_HELD_OUT_FROM = {  # where the floor's held-out samples came from, said where it is not obvious
+    "data": " (the held-out samples are the last {n} of the given calibration data, kept out of "
+            "the calibration)",
+    "calibration": " (the held-out samples are the last {n} of the given calibration data, "
+                   "which calibration saw too: an optimistic measure; a file with more samples, "
+                   "or a smaller samples=, keeps them out)",
+}
+
+
 def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
     mp = mixed_precision_stats(report)
     if not mp:
@@ -92,9 +101,7 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
     floor = floor_text(mp) + (" (the default floor)" if mp.get("default") else "")
     held = f"worst held-out cosine {mp['achieved']:.4f}" + (
         f", logits KL divergence {mp['achieved_kld']:.4f}" if "achieved_kld" in mp else "") + (
-        f" (the held-out samples are the last {mp['held_out']} of the given calibration data, "
-        "which calibration saw too: an optimistic measure)"
-        if mp.get("held_out_seen_by_calibration") else "")
+        _HELD_OUT_FROM.get(mp.get("held_out_source"), "").format(n=mp["held_out"]))
     if not mp["layer_errors"]:  # held as quantized: the per-layer analysis did not run
         return ["## Mixed precision", "",
                 f"{floor} {'reached' if mp['reached'] else 'not reached'} as quantized: "
@@ -103,9 +110,12 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
              f"{floor} {'reached' if mp['reached'] else 'not reached'}: {held} with "
              f"{len(mp['kept'])} of {mp['candidates']} layers kept in {mp['precision']}.", ""]
     if mp["kept"]:
-        parts += [_table(["kept layer", "op", "end-to-end effect", "own error"], [
-            [e["node"], e["op"], _fmt(e["end_to_end"]), _fmt(e["error"])]
-            for e in mp["kept"]]), ""]
+        kld = [e.get("end_to_end_kld") for e in mp["kept"]]  # measured for a KL bound
+        parts += [_table(["kept layer", "op", "end-to-end effect"]
+                         + (["KL divergence alone"] if kld[0] is not None else []) + ["own error"],
+                         [[e["node"], e["op"], _fmt(e["end_to_end"])]
+                          + ([_fmt(k)] if k is not None else []) + [_fmt(e["error"])]
+                          for e, k in zip(mp["kept"], kld)]), ""]
     chart = report.get("layer_chart") or {}
     if "file" in chart:
         parts += [f"![per-layer quantization error]({chart['file']})", ""]

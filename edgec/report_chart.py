@@ -45,10 +45,13 @@ def _draw(mixed: dict[str, Any], path: Path, limit: int) -> dict[str, Any]:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    layers = sorted(mixed["layer_errors"], key=lambda e: -e["end_to_end"])
+    # a KL bound's search ranks by the logits' KL divergence: plot what it ranked by
+    key = "end_to_end_kld" if mixed["layer_errors"][0].get("end_to_end_kld") is not None else (
+        "end_to_end")
+    layers = sorted(mixed["layer_errors"], key=lambda e: -e[key])
     shown = layers[:limit]
     kept = {e["node"] for e in mixed["kept"]}
-    values = [e["end_to_end"] for e in shown]
+    values = [e[key] for e in shown]
     fig = Figure(figsize=(max(6.0, 2.0 + 0.28 * len(shown)), 5.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -59,7 +62,8 @@ def _draw(mixed: dict[str, Any], path: Path, limit: int) -> dict[str, Any]:
     positive = [v for v in values if v > 0]
     if positive and max(positive) / min(positive) >= 100:  # spans decades
         ax.set_yscale("log")
-    ax.set_ylabel("end-to-end effect (1 − worst output cosine)")
+    ax.set_ylabel("end-to-end effect (1 − worst output cosine)" if key == "end_to_end" else
+                  "end-to-end effect (worst logits KL divergence, nats/token)")
     ax.set_title(f"Each layer's quantization error alone, end to end ({floor_text(mixed)}: "
                  f"cosine {mixed['achieved']:.4f} with {len(kept)} of "
                  f"{len(layers)} kept in {mixed['precision']})", fontsize=9, parse_math=False)

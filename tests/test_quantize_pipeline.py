@@ -216,6 +216,38 @@ def test_calibrate_from_npz(tmp_path):
     assert not (tmp_path / "c2").exists()
 
 
+@pytest.mark.parametrize(("available", "asked", "split"), [
+    (20, None, (16, "data")), (40, None, (36, "data")), (19, None, (None, "calibration")),
+    (16, None, (None, "calibration")), (16, 8, (8, "data")), (16, 12, (12, "data")),
+    (16, 13, (13, "calibration")), (None, 8, (8, "calibration"))])
+def test_held_out_split(available, asked, split):
+    from edgec.graph_passes.quantization.options import held_out_split
+
+    assert held_out_split(available, asked) == split
+
+
+@pytest.mark.parametrize(("count", "calibrated", "source"), [(20, 16, "data"),
+                                                              (6, 6, "calibration")])
+def test_floor_holds_out_samples_calibration_does_not_see(tmp_path, count, calibrated, source):
+    """A user's .npz with enough samples: the floor's held-out samples are its last 4 and
+    calibration takes the rest; with too few, calibration sees them too and the report says so."""
+    import numpy as np
+
+    from edgec.models import registry
+
+    sets = registry.get("llama").calibration_inputs("tiny", count)
+    np.savez(tmp_path / "s.npz", input_ids=np.stack([s[0].numpy() for s in sets]))
+    art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", config="tiny",
+                        quantize="w8a8", calibration=tmp_path / "s.npz")
+    q = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
+    assert q["calibration"]["samples"] == calibrated and q["calibration"]["data"] == "file s.npz"
+    mp = q["mixed_precision"]
+    assert mp["held_out"] == 4 and mp["held_out_source"] == source
+    assert mp["held_out_seen_by_calibration"] == (source == "calibration")
+    said = "kept out of the calibration" if source == "data" else "which calibration saw too"
+    assert said in (art.path / "report.md").read_text()
+
+
 def test_cli_calibrate_takes_the_compile_recipe_options(tmp_path):
     """A cache made by `edgec calibrate --prune ...` matches the compile with the same options."""
     runner = CliRunner()
@@ -278,7 +310,10 @@ def test_max_kld_keeps_layers_until_the_logits_distribution_holds(tmp_path, capl
     assert mp["probes"][0]["kld"] > 0.01 and mp["achieved_kld"] <= 0.001 and mp["reached"]
     assert mp["candidates"] / 2 < len(mp["kept"]) < mp["candidates"]
     assert all(p["kld"] > 0.001 for p in mp["probes"] if p["kept"] < len(mp["kept"]))
-    assert "max_kld 0.001 reached" in (art.path / "report.md").read_text()
+    klds = [e["end_to_end_kld"] for e in mp["layer_errors"]]  # ranked by the KL bound's room
+    assert klds == sorted(klds, reverse=True) and klds[0] > 0.001
+    md = (art.path / "report.md").read_text()
+    assert "max_kld 0.001 reached" in md and "| KL divergence alone |" in md
     assert f"kept {len(mp['kept'])} of {mp['candidates']} layers in float" in caplog.text
     with pytest.raises(UserError, match="does not have .*min_cos instead"):
         edgec.compile("video-dit", target="ort-cpu", output_dir=tmp_path / "x",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["samples_from_npz", "generated_samples", "samples_for_model", "DEFAULT_SAMPLES"]
+__all__ = ["samples_from_npz", "npz_sample_count", "generated_samples", "samples_for_model",
+           "DEFAULT_SAMPLES"]
 
 DEFAULT_SAMPLES = 16
 
@@ -55,6 +57,26 @@ def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dic
     n = counts.pop()
     return [{s.name: arrays[s.name][i].astype(np.dtype(s.dtype), copy=False) for s in inputs}
             for i in range(n)]
+
+
+def npz_sample_count(path: str | os.PathLike) -> int | None:
+    """The leading axis of the first array in ``path``, read from its header alone; None where
+    the file is not a readable .npz (``samples_from_npz`` says what is wrong with it)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            first = next((n for n in z.namelist() if n.endswith(".npy")), None)
+            if first is None:
+                return None
+            with z.open(first) as f:
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(
+                            np.lib.format.read_magic(f))
+                if read is None:
+                    return None
+                shape = read(f)[0]
+    except (ValueError, OSError, zipfile.BadZipFile):
+        return None
+    return shape[0] if shape else None
 
 
 def generated_samples(src, n: int = DEFAULT_SAMPLES) -> tuple[list[dict[str, np.ndarray]], str]:

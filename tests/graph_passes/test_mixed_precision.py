@@ -2,6 +2,7 @@
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 
 from edgec.graph_passes.quantization.mixed_precision import (
     Floor,
@@ -13,14 +14,14 @@ from edgec.graph_passes.quantization.mixed_precision import (
 )
 
 
-def _two_layer_model(w1: np.ndarray, w2: np.ndarray) -> ir.Model:
+def _two_layer_model(w1: np.ndarray, w2: np.ndarray, out: str = "y") -> ir.Model:
     x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([None, 4]))
     c1 = ir.Value(name="w1", const_value=ir.tensor(w1))
     c2 = ir.Value(name="w2", const_value=ir.tensor(w2))
     m1 = ir.node("MatMul", [x, c1], name="mm1")
     relu = ir.node("Relu", m1.outputs, name="relu")
     m2 = ir.node("MatMul", [relu.outputs[0], c2], name="mm2")
-    m2.outputs[0].name = "y"
+    m2.outputs[0].name = out
     graph = ir.Graph([x], m2.outputs, nodes=[m1, relu, m2], initializers=[c1, c2],
                      opset_imports={"": 17}, name="g")
     return ir.Model(graph, ir_version=9)
@@ -38,13 +39,37 @@ def test_end_to_end_effect_propagates_one_nodes_error_through_the_fp32_rest():
     x = rng.standard_normal((5, 4)).astype(np.float32)
     d1 = 0.3 * rng.standard_normal((5, 8)).astype(np.float32)
     d2 = 0.3 * rng.standard_normal((5, 3)).astype(np.float32)
-    effects = end_to_end_effects(model, [{"x": x}], ["mm1", "mm2"], [[d1], [d2]])
+    effects = [c for c, k in end_to_end_effects(model, [{"x": x}], ["mm1", "mm2"],
+                                                [[d1], [d2]])]
     y = np.maximum(x @ w1, 0) @ w2
     expect1 = 1 - _cos(np.maximum(x @ w1 + d1, 0) @ w2, y)  # through the Relu and mm2
     expect2 = 1 - _cos(y + d2, y)  # mm2's output is the graph output itself
     np.testing.assert_allclose(effects, [expect1, expect2], rtol=1e-4, atol=1e-7)
     assert effects[0] > 0 and effects[1] > 0
     assert [v.name for v in model.graph.outputs] == ["y"]  # the probe was a copy
+
+
+def test_end_to_end_kl_effect_and_the_floor_ranks_by_the_bound_that_binds():
+    """With a KL bound the effect also carries the logits' KL divergence, and ``Floor.share``
+    ranks first the layer that uses up most of either bound's room, not the cosine's alone."""
+    rng = np.random.default_rng(1)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 3)))
+    model = _two_layer_model(w1, w2, out="logits")
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    d2 = 0.3 * rng.standard_normal((5, 3)).astype(np.float32)
+    [(cos, kld)] = end_to_end_effects(model, [{"x": x}], ["mm2"], [[d2]], kld=True)
+    y = np.maximum(x @ w1, 0) @ w2
+    expect = worst_kld([{"logits": y + d2}], [{"logits": y}])
+    assert kld == pytest.approx(expect, rel=1e-4) and kld > 0 and cos > 0
+    assert end_to_end_effects(model, [{"x": x}], ["mm2"], [[d2]])[0][1] is None
+    # a layer that barely moves the cosine but changes which token wins, beside one that
+    # moves the cosine more and the distribution less
+    shifts, scales = (LayerError("shift", "MatMul", 0.1, end_to_end=0.001, end_to_end_kld=0.04),
+                      LayerError("scale", "MatMul", 0.1, end_to_end=0.004, end_to_end_kld=0.001))
+    both = Floor(min_cos=0.98, max_kld=0.05)
+    assert both.share(shifts) == pytest.approx(0.8) and both.share(scales) == pytest.approx(0.2)
+    assert Floor(min_cos=0.98).share(shifts) < Floor(min_cos=0.98).share(scales)
+    assert Floor(max_kld=0.05).share(shifts) > Floor(max_kld=0.05).share(scales)
 
 
 def test_worst_cosine_leaves_padded_positions_out():

@@ -56,10 +56,14 @@ class LayerError:
     op: str
     error: float  # relative L2 error of the node's output with its inputs quantized
     end_to_end: float = 0.0  # 1 − worst output cosine with only this node quantized
+    # worst logits KL divergence with only this node quantized (measured for a KL floor)
+    end_to_end_kld: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"node": self.node, "op": self.op, "error": round(self.error, 6),
-                "end_to_end": float(f"{self.end_to_end:.3g}")}
+                "end_to_end": float(f"{self.end_to_end:.3g}"),
+                **({} if self.end_to_end_kld is None
+                   else {"end_to_end_kld": float(f"{self.end_to_end_kld:.3g}")})}
 
 
 def fake_quant_activation(x: np.ndarray, lo: float, hi: float, bits: int,
@@ -92,9 +96,10 @@ def _candidates(model: ir.Model, op_types: Sequence[str], skip: set[str]) -> lis
 
 
 def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache, scheme,
-                 op_types: Sequence[str], skip: set[str], sixteen: set[str]
-                 ) -> list[LayerError]:
-    """Each quantizable MatMul/Gemm's own output error under the scheme, worst first."""
+                 op_types: Sequence[str], skip: set[str], sixteen: set[str],
+                 floor: Floor | None = None) -> list[LayerError]:
+    """Each quantizable MatMul/Gemm's own output error under the scheme and its end-to-end
+    effect, the ones ``floor`` (``Floor.share``; None: cosine alone) suffers most from first."""
     from edgec.runtimes.ort import run_model
 
     nodes = _candidates(model, op_types, skip)
@@ -138,16 +143,20 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
             den += float(np.sum(out[node.outputs[0].name].astype(np.float64) ** 2))
             deltas[-1].append(diff.astype(np.float32))
         errors.append(LayerError(node.name, node.op_type, (num / den) ** 0.5 if den else 0.0))
-    effects = end_to_end_effects(model, feeds, [n.name for n in nodes], deltas)
-    errors = [dataclasses.replace(e, end_to_end=x) for e, x in zip(errors, effects)]
-    return sorted(errors, key=lambda e: (-e.end_to_end, -e.error))
+    kld = floor is not None and floor.max_kld is not None
+    effects = end_to_end_effects(model, feeds, [n.name for n in nodes], deltas, kld)
+    errors = [dataclasses.replace(e, end_to_end=c, end_to_end_kld=k)
+              for e, (c, k) in zip(errors, effects)]
+    floor = floor or Floor(min_cos=0.0)
+    return sorted(errors, key=lambda e: (-floor.share(e), -e.end_to_end, -e.error))
 
 
 def end_to_end_effects(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]],
-                       names: Sequence[str], deltas: Sequence[Sequence[np.ndarray]]
-                       ) -> list[float]:
-    """1 − worst output cosine vs fp32 with ``deltas[i][s]`` added to node ``names[i]``'s output
-    on sample ``s`` (every other node exact): one graph with a δ input per node, N runs."""
+                       names: Sequence[str], deltas: Sequence[Sequence[np.ndarray]],
+                       kld: bool = False) -> list[tuple[float, float | None]]:
+    """(1 − worst output cosine vs fp32, and with ``kld`` the worst ``logits`` KL divergence)
+    with ``deltas[i][s]`` added to node ``names[i]``'s output on sample ``s`` (every other node
+    exact): one graph with a δ input per node, N runs."""
     from edgec.runtimes.ort import model_feeds, open_model
 
     probe = model.clone()
@@ -171,6 +180,7 @@ def end_to_end_effects(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]],
         inputs.append(delta)
     probe.graph.inputs.extend(inputs)
     effects = np.zeros(len(names))
+    klds = np.zeros(len(names))
     with open_model(probe, optimize=True) as session:
         for s, feed in enumerate(feeds):
             mask = feed.get("attention_mask")
@@ -183,7 +193,9 @@ def end_to_end_effects(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]],
                     d.dtype.numpy())})
                 cos = worst_cosine([got], [reference], [mask])
                 effects[i] = max(effects[i], 1.0 - cos)
-    return [float(x) for x in effects]
+                if kld:
+                    klds[i] = max(klds[i], worst_kld([got], [reference], [mask]))
+    return [(float(c), float(k) if kld else None) for c, k in zip(effects, klds)]
 
 
 def worst_cosine(outputs: Sequence[dict[str, np.ndarray]],
@@ -264,6 +276,17 @@ class Floor:
     def met(self, score: dict[str, float]) -> bool:
         return ((self.min_cos is None or score["cosine"] >= self.min_cos)
                 and (self.max_kld is None or score["kld"] <= self.max_kld))
+
+    def share(self, layer: LayerError) -> float:
+        """How much of this floor's room one layer's quantization uses up alone: its cosine
+        effect over 1 − min_cos, or its KL effect over max_kld, whichever is larger. Ranking by
+        it puts first the layers the bound that binds suffers from: a cosine ranking on a
+        language model misses the ones that move which token wins."""
+        cos = layer.end_to_end / (1.0 - self.min_cos) if self.min_cos and self.min_cos < 1 else (
+            layer.end_to_end if self.min_cos is not None else 0.0)
+        kld = (layer.end_to_end_kld / self.max_kld
+               if self.max_kld and layer.end_to_end_kld is not None else 0.0)
+        return max(cos, kld)
 
     def describe(self) -> str:
         parts = ([f"min_cos={self.min_cos:g}"] if self.min_cos is not None else []) + (

@@ -14,7 +14,7 @@ from typing import Any
 from edgec.errors import UserError
 from edgec.options import convert_items, split_spec
 
-__all__ = ["QuantOptions", "HELD_OUT", "DEFAULT_MIN_COS", "DEFAULT_MAX_KLD"]
+__all__ = ["QuantOptions", "HELD_OUT", "DEFAULT_MIN_COS", "DEFAULT_MAX_KLD", "held_out_split"]
 
 HELD_OUT = 4  # samples mixed precision measures the quantized graph on
 # Samples GPTQ's Hessians come from when the model's generator makes them (a user's .npz: all of
@@ -166,12 +166,20 @@ class QuantOptions:
         """The QuantizePass of a compile: ``calibration`` is a cache, an .npz path or None;
         ``rotated``: a rotation ran before (GPTQ's default, ``gptq_on``)."""
         from edgec.calibration import CalibrationCache
+        from edgec.calibration.samples import npz_sample_count
         from edgec.graph_passes.quantization.quantize import QuantizePass
 
         scheme = self.scheme_on(target)
         given = calibration if isinstance(calibration, CalibrationCache) else None
-        request = self.calibration_request(
-            target, calibration if isinstance(calibration, Path) else None)
+        data = calibration if isinstance(calibration, Path) else None
+        floor = self.floor_on(target)
+        # a user's .npz: the floor's held-out samples are its last HELD_OUT, kept out of the
+        # calibration when enough remain (held_out_split); else calibration sees them too
+        calibrated, source = held_out_split(npz_sample_count(data) if data and floor else None,
+                                            self.samples)
+        if data is None:
+            source = "generated"
+        request = dataclasses.replace(self.calibration_request(target, data), samples=calibrated)
         checked_method = request.method if self.method else None
 
         def ranges(model):
@@ -196,27 +204,30 @@ class QuantOptions:
             )
             from edgec.runtimes.base import IOSpec
 
-            if isinstance(calibration, Path):
+            if data is not None:
                 specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
-                found = samples_from_npz(calibration, specs)
+                found = samples_from_npz(data, specs)
             else:
                 found = generated_samples(src, (self.samples or DEFAULT_SAMPLES) + extra)[0]
             return samples_for_model(found, model)
 
         def gptq_samples(model):
-            """GPTQ's activations: a user's .npz, else ``GPTQ_SAMPLES`` from the generator,
-            the calibration samples first and never the held-out ones."""
+            """GPTQ's activations: a user's .npz (but its held-out samples when calibration
+            leaves them out), else ``GPTQ_SAMPLES`` from the generator, the calibration
+            samples first and never the held-out ones."""
             from edgec.calibration.samples import DEFAULT_SAMPLES
 
-            if isinstance(calibration, Path):
-                return samples(model)
+            if data is not None:
+                found = samples(model)
+                return found[:-HELD_OUT] if source == "data" else found
             n = self.samples or DEFAULT_SAMPLES
             more = samples(model, HELD_OUT + max(0, GPTQ_SAMPLES - n))
             return more[:n] + more[n + HELD_OUT:]
 
         def held_out(model):
-            """Samples the calibration did not see (the model's generator past the calibration
-            count; the last 4 of a user's .npz, which calibration also saw)."""
+            """Samples the floor measures on: the model's generator past the calibration count,
+            else the last HELD_OUT of a user's .npz (``source`` says whether calibration saw
+            them)."""
             return samples(model, HELD_OUT)[-HELD_OUT:]
 
         if self.smooth is not None and not scheme.calibrated:
@@ -227,9 +238,25 @@ class QuantOptions:
             raise UserError(f"{which} chooses which layers keep their activations in high "
                             f"precision; {scheme.name} is weight-only, drop {which}")
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
-                            floor=self.floor_on(target), held_out=held_out,
-                            held_out_seen=isinstance(calibration, Path),
+                            floor=floor, held_out=held_out, held_out_source=source,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None)
+
+
+def held_out_split(available: int | None, asked: int | None) -> tuple[int | None, str]:
+    """(samples calibration takes from the front of a user's .npz of ``available`` samples
+    (None: all of them), where the floor's held-out samples, its last HELD_OUT, come from):
+    ``"data"`` where calibration leaves them out, i.e. ``asked`` (``samples=``) stops before
+    them, or, with none asked, at least DEFAULT_SAMPLES remain for calibration; else
+    ``"calibration"``: too few samples to spare, calibration sees them too (an optimistic
+    measure, said in the report). ``available`` None: no file, or no floor to hold."""
+    from edgec.calibration.samples import DEFAULT_SAMPLES
+
+    if available is None:
+        return asked, "calibration"
+    rest = available - HELD_OUT
+    if asked is not None:
+        return asked, "data" if asked <= rest else "calibration"
+    return (rest, "data") if rest >= DEFAULT_SAMPLES else (None, "calibration")
 
 
 def activation_bits(element_type: str | None) -> int:

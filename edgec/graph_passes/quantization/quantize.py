@@ -118,7 +118,7 @@ class QuantizePass(ir.passes.FunctionalPass):
 
     def __init__(self, scheme, target, ranges: Any = None, exclude: tuple[str, ...] = (),
                  floor=None, held_out: Callable | None = None, gptq: Callable | None = None,
-                 held_out_seen: bool = False):
+                 held_out_source: str = "generated"):
         super().__init__()
         self.gptq = gptq  # calibration samples for GPTQ weight rounding (None: nearest)
         self._gptq_memo: dict[str, Any] = {}
@@ -127,7 +127,9 @@ class QuantizePass(ir.passes.FunctionalPass):
             raise ValueError(f"scheme {scheme.name} needs calibration ranges")
         self.scheme, self.target, self.ranges, self.exclude = scheme, target, ranges, tuple(exclude)
         self.floor, self.held_out = floor, held_out  # mixed_precision.Floor or None
-        self.held_out_seen = held_out_seen  # the held-out samples are calibration's too
+        # where held_out's samples come from: "generated" (past the calibration count), "data"
+        # (a user's .npz, kept out of calibration), "calibration" (a user's .npz, seen by it)
+        self.held_out_source = held_out_source
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
@@ -216,7 +218,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         first = measure(0)
         if not floor.met(first):
             ranked = layer_errors(model, feeds, cache, s, s.op_types,
-                                  set(plan.nodes_to_exclude), set(plan.tensors_16bit))
+                                  set(plan.nodes_to_exclude), set(plan.tensors_16bit), floor)
         k, score, probes = search_exclusions(ranked, measure, floor.met)
         if not floor.met(score) and floor.default and k:
             # not the user's floor: keeping every layer in high precision buys speed for
@@ -236,8 +238,9 @@ class QuantizePass(ir.passes.FunctionalPass):
                            floor.describe(), k, len(ranked), "16 bits" if fq else "float")
         entry = {"min_cos": floor.min_cos, "max_kld": floor.max_kld, "default": floor.default,
                  "achieved": round(score["cosine"], 6), "held_out": len(feeds),
-                 # a user's .npz: its last samples, which calibration saw too (optimistic)
-                 "held_out_seen_by_calibration": self.held_out_seen,
+                 "held_out_source": self.held_out_source,
+                 # a user's .npz too small to spare them: calibration saw them (optimistic)
+                 "held_out_seen_by_calibration": self.held_out_source == "calibration",
                  "reached": floor.met(score), "candidates": len(ranked) or None,
                  "kept": [e.to_json() for e in ranked[:k]],
                  "precision": "16-bit" if fq else "float", "probes": probes,
