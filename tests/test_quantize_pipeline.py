@@ -277,6 +277,10 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     kept = [e["node"] for e in mp["kept"]]
     assert 0 < len(kept) < mp["candidates"] // 2
     assert kept == [e["node"] for e in mp["layer_errors"][:len(kept)]]  # the most sensitive
+    # the probes were edits of the quantized graph (keep_float); quantize_static's graph for
+    # the choice computes the same (the kept MatMuls read float, shared inputs too)
+    chosen = next(p for p in mp["probes"] if p["kept"] == len(kept))
+    assert mp["rebuilt"] == {"cosine": chosen["cosine"]} and mp["achieved"] == chosen["cosine"]
     effects = [e["end_to_end"] for e in mp["layer_errors"]]
     assert effects == sorted(effects, reverse=True) and effects[0] > 0
     assert len(mp["probes"]) <= 2 + 2 * len(mp["layer_errors"]).bit_length()

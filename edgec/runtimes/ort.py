@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +98,11 @@ def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray], optimize: bool =
     """Run an in-memory model once in ORT."""
     with open_model(model, optimize) as sess:
         return sess.run(model_feeds(model, feeds))
+
+
+def run_samples(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]],
+                optimize: bool = False) -> list[dict[str, np.ndarray]]:
+    """Run an in-memory model on each of ``samples`` in one ORT session (the model is
+    serialized once: on a 30-layer decoder that is most of a run's cost)."""
+    with open_model(model, optimize) as sess:
+        return [sess.run(model_feeds(model, feeds)) for feeds in samples]

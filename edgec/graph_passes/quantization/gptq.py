@@ -175,7 +175,7 @@ def _per_output_channel(dq: ir.Node, shape: tuple[int, int], zero: np.ndarray) -
 def _hessians(model: ir.Model, names: Sequence[str], samples: Sequence[dict[str, np.ndarray]]
               ) -> tuple[dict[str, np.ndarray], int]:
     """H = XᵀX (float64) of each named activation over the samples, and the row count."""
-    from edgec.runtimes.ort import run_model
+    from edgec.runtimes.ort import model_feeds, open_model
 
     probe = model.clone()
     values = {v.name: v for n in probe.graph for v in n.outputs}
@@ -184,12 +184,13 @@ def _hessians(model: ir.Model, names: Sequence[str], samples: Sequence[dict[str,
     probe.graph.outputs.extend(values[n] for n in names if n not in have)
     hs: dict[str, np.ndarray] = {}
     rows = 0
-    for feeds in samples:
-        out = run_model(probe, feeds)
-        for name in names:
-            x = out[name].astype(np.float64).reshape(-1, out[name].shape[-1])
-            hs[name] = hs.get(name, 0) + x.T @ x
-        rows += x.shape[0]
+    with open_model(probe) as session:  # serialized once, not per sample
+        for feeds in samples:
+            out = session.run(model_feeds(probe, feeds))
+            for name in names:
+                x = out[name].astype(np.float64).reshape(-1, out[name].shape[-1])
+                hs[name] = hs.get(name, 0) + x.T @ x
+            rows += x.shape[0]
     return hs, rows
 
 

@@ -100,7 +100,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                  floor: Floor | None = None) -> list[LayerError]:
     """Each quantizable MatMul/Gemm's own output error under the scheme and its end-to-end
     effect, the ones ``floor`` (``Floor.share``; None: cosine alone) suffers most from first."""
-    from edgec.runtimes.ort import run_model
+    from edgec.runtimes.ort import run_samples
 
     nodes = _candidates(model, op_types, skip)
     if not nodes:
@@ -114,7 +114,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                 exposed[v.name] = v
     graph_outputs = {v.name for v in probe.graph.outputs}
     probe.graph.outputs.extend(v for name, v in exposed.items() if name not in graph_outputs)
-    runs = [run_model(probe, f) for f in feeds]
+    runs = run_samples(probe, feeds)
     act_bits, w_bits = _BITS[scheme.activations], _BITS[scheme.weights]
     errors, deltas = [], []
     for node in nodes:
