@@ -8,6 +8,7 @@ from edgec.graph_passes.quantization.mixed_precision import (
     Floor,
     LayerError,
     end_to_end_effects,
+    layer_errors,
     search_exclusions,
     worst_cosine,
     worst_kld,
@@ -70,6 +71,28 @@ def test_end_to_end_kl_effect_and_the_floor_ranks_by_the_bound_that_binds():
     assert both.share(shifts) == pytest.approx(0.8) and both.share(scales) == pytest.approx(0.2)
     assert Floor(min_cos=0.98).share(shifts) < Floor(min_cos=0.98).share(scales)
     assert Floor(max_kld=0.05).share(shifts) > Floor(max_kld=0.05).share(scales)
+
+
+def test_layer_error_counts_only_what_keeping_the_layer_removes():
+    """On the NPU a kept layer's activations go to 16 bits and its weights stay 8-bit: the
+    error it is ranked by is the activations' alone. With its input 16-bit already there is
+    next to nothing to remove, however coarse its weight."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(2)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 3)))
+    model = _two_layer_model(w1, w2)
+    feeds = [{"x": rng.standard_normal((5, 4)).astype(np.float32)}]
+    cache = SimpleNamespace(tensors={"x": {"lowest": -3.0, "highest": 3.0}})
+    scheme = SimpleNamespace(activations="uint8", weights="int4", activation_symmetric=False)
+
+    def error(sixteen, weights_kept):
+        found = layer_errors(model, feeds, cache, scheme, ("MatMul",), {"mm2"}, sixteen,
+                             weights_kept=weights_kept)
+        return next(e.error for e in found if e.node == "mm1")
+
+    assert error(set(), True) > error(set(), False) > 0.001  # 4-bit weights, 8-bit input
+    assert error({"x"}, True) > 0.05 > 1e-3 > error({"x"}, False)  # input at 16 bits
 
 
 def test_worst_cosine_leaves_padded_positions_out():

@@ -231,7 +231,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         first = measure(0)
         if not floor.met(first):
             ranked = layer_errors(model, feeds, cache, s, s.op_types,
-                                  set(plan.nodes_to_exclude), set(plan.tensors_16bit), floor)
+                                  set(plan.nodes_to_exclude), set(plan.tensors_16bit), floor,
+                                  weights_kept=not fq)
         k, score, probes = search_exclusions(ranked, measure, floor.met)
         rebuilt = None
         if k not in built and (floor.met(score) or not floor.default):
