@@ -24,7 +24,9 @@ shrink (it keeps each token's norm). This measures what each remedy does about i
 - Metrics over the unmasked tokens of the 24 sentences against fp32 PyTorch (transformers):
   logits cosine (min and mean), top-1 agreement, the mean KL divergence of the next-token
   distribution from fp32's (nats per token), and the perplexity of the sentences' next tokens
-  (the fp32 model's beside it); compile seconds; what the floor kept.
+  (the fp32 model's beside it); compile seconds; what the floor kept. On qnn-htp, the same
+  metrics of the artifact's QDQ graph on ONNX Runtime's CPU provider beside the device's
+  (``same_graph_on_ort_cpu``: the floor measures its held-out samples there).
 
     python benchmarks/real_decoder.py [--targets T,...] [--remedies R,...] [--calibration N]
         [--out FILE]
@@ -110,6 +112,19 @@ def metrics(outs: list[np.ndarray], ref: list[np.ndarray], ids: np.ndarray,
             "tokens": len(cos)}
 
 
+def ort_cpu_metrics(artifact: Path, ids, mask, ref) -> dict:
+    """The metrics of the artifact's QDQ graph run by ONNX Runtime's CPU provider: what the
+    accuracy floor measured its held-out samples on, beside what the device gives."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(artifact / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    outs = [session.run(["logits"], {"input_ids": ids[i], "attention_mask": mask[i]})[0][0]
+            for i in range(len(ref))]
+    return {k: v for k, v in metrics(outs, ref, ids, mask).items()
+            if k not in ("perplexity_fp32", "tokens")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", help="a grid of these targets × --remedies instead of PLAN")
@@ -166,6 +181,8 @@ def main(argv=None) -> int:
                 outs = [session.run({"input_ids": ids[i], "attention_mask": mask[i]})[
                     "logits"][0] for i in range(N_EVAL)]
                 row.update(metrics(outs, ref, ids, mask))
+                if target == "qnn-htp":  # the floor measures this QDQ graph on ORT's CPU
+                    row["same_graph_on_ort_cpu"] = ort_cpu_metrics(out, ids, mask, ref)
                 quant = next(p for p in art.report["passes"] if p["name"] == "quantize")
                 mp = quant["stats"].get("mixed_precision")
                 if mp:
