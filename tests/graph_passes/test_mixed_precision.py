@@ -74,25 +74,30 @@ def test_end_to_end_kl_effect_and_the_floor_ranks_by_the_bound_that_binds():
 
 
 def test_layer_error_counts_only_what_keeping_the_layer_removes():
-    """On the NPU a kept layer's activations go to 16 bits and its weights stay 8-bit: the
-    error it is ranked by is the activations' alone. With its input 16-bit already there is
-    next to nothing to remove, however coarse its weight."""
+    """On the NPU a kept layer's activations go to 16 bits and its weights stay as quantized:
+    the error it is ranked by is its 8-bit activations' alone. With its input and output at 16
+    bits already there is nothing to remove, however coarse its weight or wide its range."""
     from types import SimpleNamespace
 
     rng = np.random.default_rng(2)
     w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 3)))
     model = _two_layer_model(w1, w2)
     feeds = [{"x": rng.standard_normal((5, 4)).astype(np.float32)}]
-    cache = SimpleNamespace(tensors={"x": {"lowest": -3.0, "highest": 3.0}})
+    wide = {"lowest": -3000.0, "highest": 3000.0}  # a massive activation's range
+    cache = SimpleNamespace(tensors={"x": wide, "mm1_out": {"lowest": -10.0, "highest": 10.0}})
+    model.graph.node("mm1").outputs[0].name = "mm1_out"
     scheme = SimpleNamespace(activations="uint8", weights="int4", activation_symmetric=False)
 
-    def error(sixteen, weights_kept):
+    def error(sixteen, kept_bits):
         found = layer_errors(model, feeds, cache, scheme, ("MatMul",), {"mm2"}, sixteen,
-                             weights_kept=weights_kept)
+                             kept_bits=kept_bits)
         return next(e.error for e in found if e.node == "mm1")
 
-    assert error(set(), True) > error(set(), False) > 0.001  # 4-bit weights, 8-bit input
-    assert error({"x"}, True) > 0.05 > 1e-3 > error({"x"}, False)  # input at 16 bits
+    # float when kept (CPU): the 4-bit weight and the 16-bit input's coarse step both count
+    assert error({"x", "mm1_out"}, None) > 0.05
+    assert error(set(), 16) > 0.05  # 8-bit activations over ±3000: keeping at 16 bits helps
+    assert error({"x", "mm1_out"}, 16) == 0.0  # 16-bit already: keeping changes nothing
+    assert 0 < error({"x"}, 16) < error(set(), 16)  # the output's 8 bits still count
 
 
 def test_worst_cosine_leaves_padded_positions_out():

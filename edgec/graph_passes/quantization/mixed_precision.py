@@ -97,16 +97,17 @@ def _candidates(model: ir.Model, op_types: Sequence[str], skip: set[str]) -> lis
 
 def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache, scheme,
                  op_types: Sequence[str], skip: set[str], sixteen: set[str],
-                 floor: Floor | None = None, weights_kept: bool = True) -> list[LayerError]:
+                 floor: Floor | None = None, kept_bits: int | None = None) -> list[LayerError]:
     """Each quantizable MatMul/Gemm's own output error under the scheme and its end-to-end
     effect, the ones ``floor`` (``Floor.share``; None: cosine alone) suffers most from first.
 
-    The error is what keeping the node in high precision removes: with ``weights_kept`` False
-    (the NPU, where a kept node's activations go to 16 bits and its weights stay at the
-    scheme's width) the weight is quantized on both sides, so only the activations' error
-    counts. Counting the weight's too ranked first on SmolLM2-135M's HTP floor layer 11's down
-    projection (its input 16-bit already for its massive activations, its 8-bit weight a large
-    KL effect), and the probes keeping it and the next one measured the KL of none kept."""
+    The error is what keeping the node in high precision removes: the node as planned minus
+    the node kept. ``kept_bits`` None: kept means float (the CPU targets, TensorRT). 16: the
+    NPU, where a kept node's activations (inputs and output) go to 16 bits and its weights stay
+    at the scheme's width, so an input at 16 bits already and the weight count for nothing.
+    Counting them ranked first on SmolLM2-135M's HTP floor the down projections whose inputs
+    are 16-bit already for their massive activations (a ±3000 range: a 16-bit step of 0.09),
+    and the probes keeping the first four measured the KL of none kept."""
     from edgec.runtimes.ort import run_samples
 
     nodes = _candidates(model, op_types, skip)
@@ -123,32 +124,43 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     probe.graph.outputs.extend(v for name, v in exposed.items() if name not in graph_outputs)
     runs = run_samples(probe, feeds)
     act_bits, w_bits = _BITS[scheme.activations], _BITS[scheme.weights]
+
+    def activation(x: np.ndarray, name: str, bits: int | None) -> np.ndarray:
+        rng = cache.tensors.get(name)
+        if bits is None or rng is None:
+            return x
+        return fake_quant_activation(x, rng["lowest"], rng["highest"], bits,
+                                     scheme.activation_symmetric)
+
     errors, deltas = [], []
     for node in nodes:
         trans = node.op_type == "Gemm" and any(at.name == "transB" and at.value
                                                for at in node.attributes.values())
+        out_name = node.outputs[0].name
         num = den = 0.0
         deltas.append([])
         for out in runs:
-            raw, quant = [], []
+            kept, quant = [], []
             for v in node.inputs[:2]:
                 if v.const_value is not None:  # a weight: [K, N] (Gemm transB: [N, K])
                     w = v.const_value.numpy().astype(np.float32)
                     wq = _fake_quant_weight(w, w_bits, 0 if trans else -1)
-                    raw.append(w if weights_kept else wq)
+                    kept.append(w if kept_bits is None else wq)
                     quant.append(wq)
                     continue
                 x = out[v.name].astype(np.float32)
-                raw.append(x)
-                rng = cache.tensors.get(v.name)
-                bits = 16 if v.name in sixteen else act_bits
-                quant.append(x if rng is None else fake_quant_activation(
-                    x, rng["lowest"], rng["highest"], bits, scheme.activation_symmetric))
+                kept.append(activation(x, v.name, kept_bits))
+                quant.append(activation(x, v.name, 16 if v.name in sixteen else act_bits))
             if trans:
-                raw[1], quant[1] = raw[1].T, quant[1].T
-            diff = np.matmul(quant[0], quant[1]) - np.matmul(raw[0], raw[1])
+                kept[1], quant[1] = kept[1].T, quant[1].T
+            y_kept, y_quant = np.matmul(kept[0], kept[1]), np.matmul(quant[0], quant[1])
+            if kept_bits is not None:  # a fully quantized target quantizes the output too
+                y_kept = activation(y_kept, out_name, kept_bits)
+                y_quant = activation(y_quant, out_name,
+                                     16 if out_name in sixteen else act_bits)
+            diff = y_quant - y_kept
             num += float(np.sum(diff.astype(np.float64) ** 2))
-            den += float(np.sum(out[node.outputs[0].name].astype(np.float64) ** 2))
+            den += float(np.sum(out[out_name].astype(np.float64) ** 2))
             deltas[-1].append(diff.astype(np.float32))
         errors.append(LayerError(node.name, node.op_type, (num / den) ** 0.5 if den else 0.0))
     kld = floor is not None and floor.max_kld is not None

@@ -232,7 +232,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         if not floor.met(first):
             ranked = layer_errors(model, feeds, cache, s, s.op_types,
                                   set(plan.nodes_to_exclude), set(plan.tensors_16bit), floor,
-                                  weights_kept=not fq)
+                                  kept_bits=16 if fq else None)
         k, score, probes = search_exclusions(ranked, measure, floor.met)
         rebuilt = None
         if k not in built and (floor.met(score) or not floor.default):
