@@ -2,21 +2,24 @@
 
 1. Sensitivity, in one pass over cached activations: the fp32 graph runs once on held-out
    samples with every quantizable node's inputs and output exposed; each node's output is then
-   recomputed in numpy with its inputs fake-quantized as the scheme will (activations with the
-   calibrated ranges, u8/s8 or 16 bits where the plan says; weights symmetric per output channel
-   at the scheme's width). The difference is the node's own quantization error (``error``).
+   recomputed in numpy as planned (activations fake-quantized with the calibrated ranges, u8/s8
+   or 16 bits where the plan says; weights symmetric per output channel at the scheme's width)
+   and as kept (float on the CPU targets and TensorRT; on the NPU its activations, output
+   included, at 16 bits and its weights as planned). The difference is what keeping the node
+   removes (``error``).
 2. End-to-end effect: one more graph, built once, adds an input ``δ`` to every candidate's
    output; each node's error is injected alone (its δ = the difference above, every other δ
    zero) and the rest of the network runs in fp32, so ``end_to_end`` = 1 − worst output cosine
-   with only that node quantized. A local error says little about how much the layers after it
-   amplify it (on all-MiniLM-L6-v2 the layer that matters, layer 0's FFN down projection, ranks
-   29th of 48 by its own error). N runs per sample, no recompile per node.
-3. Selection: the nodes are ranked by end-to-end effect, and the fewest most sensitive ones are
-   kept in high precision (float on CPU targets and TensorRT, 16 bits on the NPU) such that the
-   quantized graph holds the ``Floor`` on the held-out samples (worst output cosine vs fp32 at
-   least ``min_cos``; on a language model's ``logits``, worst per-sample mean KL divergence at
-   most ``max_kld``): a doubling then bisection search, each probe one real quantization + run
-   (log₂ N probes).
+   with only that node quantized (and, for a KL bound, ``end_to_end_kld``). A local error says
+   little about how much the layers after it amplify it (on all-MiniLM-L6-v2 the layer that
+   matters, layer 0's FFN down projection, ranks 29th of 48 by its own error). N runs per
+   sample, no recompile per node.
+3. Selection: the nodes are ranked by the share of the floor's room each uses alone
+   (``Floor.share``), and the fewest most sensitive ones are kept in high precision such that
+   the quantized graph holds the ``Floor`` on the held-out samples (worst output cosine vs fp32
+   at least ``min_cos``; on a language model's ``logits``, worst per-sample mean KL divergence
+   at most ``max_kld``): a doubling then bisection search (log₂ N probes), each probe the k = 0
+   graph edited where kept means float (``keep_float``), quantized again on the NPU.
 
 Both are measured on what a user reads: where the samples carry an ``attention_mask`` and an
 output is per token ([batch, seq, ...]), padded positions are left out.
