@@ -301,6 +301,21 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_floor_probes_compute_what_the_rebuilt_graph_computes_on_openvino(tmp_path):
+    """openvino-cpu moves activation quantizers above the attention heads' layout ops; a probe
+    keeping a MatMul in float copies them over its float input. Without that a probe with every
+    candidate kept still measured KL 0.0015 where the rebuilt graph gave 0 (SmolLM2 4 layers
+    rotated), and on 30 layers the floor gave up (KL 0.157 as quantized, 0.166 all kept)."""
+    art = edgec.compile("llama", target="openvino-cpu", output_dir=tmp_path / "o",
+                        config="tiny+outliers", quantize="w8a8:max_kld=0.00000001",
+                        rotate="hadamard")
+    mp = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
+        "mixed_precision"]
+    chosen = next(p for p in mp["probes"] if p["kept"] == len(mp["kept"]))
+    assert mp["reached"] and len(mp["kept"]) > 0
+    assert mp["rebuilt"] == {"cosine": chosen["cosine"], "kld": chosen["kld"]}
+
+
 def test_max_kld_keeps_layers_until_the_logits_distribution_holds(tmp_path, caplog):
     """llama tiny+outliers w8a8 on ort-cpu: worst held-out KL divergence 0.026 nats per token as
     quantized; max_kld=0.001 keeps the most sensitive MatMuls in float until it holds (no cosine

@@ -46,12 +46,42 @@ def keep_float(quantized: ir.Model, fp32: ir.Model, names: Iterable[str]) -> ir.
             if original.const_value is not None:
                 node.replace_input_with(i, _initializer(graph, original, taken))
             elif original.name in values:
-                node.replace_input_with(i, values[original.name])
+                node.replace_input_with(i, _unquantized(graph, values, original, taken))
             else:
                 raise LookupError(f"activation {original.name!r} of {name!r} is not in the "
                                   "quantized graph")
+    graph.sort()
     _prune(graph, replaced)
     return probe
+
+
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def _unquantized(graph: ir.Graph, values: dict[str, ir.Value], original: ir.Value,
+                 taken: set[str]) -> ir.Value:
+    """The value computing fp32's ``original`` in ``graph`` without the quantizer in front of
+    it: the same-named value, unless it comes out of layout ops that read a DequantizeLinear
+    (openvino-cpu moves its Q/DQ pairs above the head reshapes: ``x → Q → DQ → Reshape →
+    Transpose → MatMul``); then those layout ops are copied over the float input."""
+    here = values[original.name]
+    made, source = here.producer(), original.producer()
+    if (made is None or source is None or made.op_type not in _LAYOUT_OPS
+            or source.op_type != made.op_type or not source.inputs
+            or source.inputs[0] is None or source.inputs[0].name not in values):
+        return here
+    inner = _unquantized(graph, values, source.inputs[0], taken)
+    if made.inputs[0] is inner:
+        return here
+    name = f"{here.name}_float"
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    copy = ir.Node(made.domain, made.op_type, [inner, *made.inputs[1:]],
+                   attributes=list(made.attributes.values()), name=f"{made.name}_float")
+    copy.outputs[0].name = name
+    graph.append(copy)
+    return copy.outputs[0]
 
 
 def _initializer(graph: ir.Graph, original: ir.Value, taken: set[str]) -> ir.Value:
