@@ -100,6 +100,62 @@ def test_layer_error_counts_only_what_keeping_the_layer_removes():
     assert 0 < error({"x"}, 16) < error(set(), 16)  # the output's 8 bits still count
 
 
+def test_layer_error_reads_the_widths_the_quantized_graph_has(tmp_path):
+    """ONNX Runtime's QNN config makes the output of a MatMul reading a 16-bit input 16-bit,
+    converted to 8 bits for an 8-bit reader: the plan said 8. Where no reader needs the convert
+    (a graph output: SmolLM2's LM head on the NPU), keeping the layer at 16 bits changes
+    nothing, yet ranked by the plan its output's 8 bits counted as an error it would remove
+    (it ranked first; probes keeping it measured the KL of none kept). ``quantized_widths``
+    reads what the readers see from the QDQ graph."""
+    from types import SimpleNamespace
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    from edgec.graph_passes.quantization.mixed_precision import quantized_widths
+
+    rng = np.random.default_rng(3)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 3)))
+    model = _two_layer_model(w1, w2)
+    model.graph.node("mm1").outputs[0].name = "mm1_out"
+    model.graph.node("relu").outputs[0].name = "h"
+    ir.save(model, tmp_path / "f.onnx")
+    samples = [{"x": rng.standard_normal((5, 4)).astype(np.float32)} for _ in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(samples)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    def widths_with(sixteen):
+        cfg = get_qnn_qdq_config(str(tmp_path / "f.onnx"), Reader(),
+                                 activation_type=QuantType.QUInt8,
+                                 weight_type=QuantType.QUInt8,
+                                 init_overrides={t: [{"quant_type": QuantType.QUInt16}]
+                                                 for t in sixteen})
+        quantize(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), cfg)
+        return quantized_widths(ir.load(tmp_path / "q.onnx"), ["mm1", "mm2"])
+
+    # mm1's output is 16-bit, and its reader (the Relu, 8-bit out) sees it converted to 8
+    assert widths_with({"x"}) == {"mm1": [16, 8, 8], "mm2": [8, 8, 8]}
+    widths = widths_with({"x", "h"})
+    assert widths["mm2"] == [16, 8, 16]  # the graph output y: 16 bits though the plan said 8
+
+    cache = SimpleNamespace(tensors={n: {"lowest": -8.0, "highest": 8.0}
+                                     for n in ("x", "mm1_out", "h", "y")})
+    scheme = SimpleNamespace(activations="uint8", weights="int8", activation_symmetric=False)
+
+    def error(w):
+        found = layer_errors(model, samples, cache, scheme, ("MatMul",), {"mm1"}, {"x", "h"},
+                             kept_bits=16, widths=w)
+        return next(e.error for e in found if e.node == "mm2")
+
+    assert error(None) > 1e-3  # the plan: an 8-bit output to remove
+    assert error(widths) == 0.0  # as quantized: 16 bits in and out already
+
+
 def test_worst_cosine_leaves_padded_positions_out():
     mask = np.array([[0, 0, 1, 1]])
     ref = np.ones((1, 4, 3), np.float32)

@@ -93,6 +93,49 @@ def _fake_quant_weight(w: np.ndarray, bits: int, axis: int) -> np.ndarray:
     return np.clip(np.round(w / scale), -top - 1, top) * scale
 
 
+def quantized_widths(qdq: ir.Model, names: Sequence[str]) -> dict[str, list[int | None]]:
+    """For each node in ``names``, the widths its inputs and its output have in the QDQ graph
+    ``qdq`` (``[input 0, input 1, output]``: the zero point's type of the DequantizeLinear it
+    reads; the narrowest its output's readers see; None where there is none). What the plan
+    asks is not all there is: ONNX Runtime's QNN config makes the output of an op that reads a
+    16-bit activation 16-bit, converted to 8 for 8-bit readers (SmolLM2's LM head: planned
+    8-bit logits, and 16-bit ones with no reader to convert for)."""
+    wanted = set(names)
+    out: dict[str, list[int | None]] = {}
+    for node in qdq.graph:
+        if node.name not in wanted:
+            continue
+        widths: list[int | None] = []
+        for v in list(node.inputs[:2]) + [None] * (2 - len(node.inputs[:2])):
+            p = v.producer() if v is not None else None
+            widths.append(_width(p) if p is not None and p.op_type == "DequantizeLinear"
+                          else None)
+        widths.append(_read_width(node.outputs[0]))
+        out[node.name] = widths
+    return out
+
+
+def _read_width(value: ir.Value) -> int | None:
+    """The narrowest width ``value``'s readers see through its QuantizeLinear and any convert
+    chain after it (Q16 → DQ → Q8 → DQ: the readers see 8 bits); None where none quantizes it."""
+    widths = []
+    for q, _ in value.uses():
+        if q.op_type != "QuantizeLinear" or (width := _width(q)) is None:
+            continue
+        after = [_read_width(dq.outputs[0]) for dq, _ in q.outputs[0].uses()
+                 if dq.op_type == "DequantizeLinear"]
+        widths.append(min([width, *(w for w in after if w is not None)]))
+    return min(widths) if widths else None
+
+
+def _width(qdq_node: ir.Node) -> int | None:
+    """The integer width a QuantizeLinear makes or a DequantizeLinear reads."""
+    zero = qdq_node.inputs[2] if len(qdq_node.inputs) > 2 else None
+    dtype = zero.dtype if zero is not None else (
+        qdq_node.inputs[0].dtype if qdq_node.op_type == "DequantizeLinear" else None)
+    return dtype.bitwidth if dtype is not None and dtype.is_integer() else None
+
+
 def _candidates(model: ir.Model, op_types: Sequence[str], skip: set[str]) -> list[ir.Node]:
     return [n for n in model.graph if n.op_type in op_types and n.name not in skip
             and n.op_type in ("MatMul", "Gemm")]
@@ -100,7 +143,8 @@ def _candidates(model: ir.Model, op_types: Sequence[str], skip: set[str]) -> lis
 
 def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache, scheme,
                  op_types: Sequence[str], skip: set[str], sixteen: set[str],
-                 floor: Floor | None = None, kept_bits: int | None = None) -> list[LayerError]:
+                 floor: Floor | None = None, kept_bits: int | None = None,
+                 widths: dict[str, list[int | None]] | None = None) -> list[LayerError]:
     """Each quantizable MatMul/Gemm's own output error under the scheme and its end-to-end
     effect, the ones ``floor`` (``Floor.share``; None: cosine alone) suffers most from first.
 
@@ -110,7 +154,10 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     at the scheme's width, so an input at 16 bits already and the weight count for nothing.
     Counting them ranked first on SmolLM2-135M's HTP floor the down projections whose inputs
     are 16-bit already for their massive activations (a ±3000 range: a 16-bit step of 0.09),
-    and the probes keeping the first four measured the KL of none kept."""
+    and the probes keeping the first four measured the KL of none kept.
+
+    ``widths`` (``quantized_widths`` of the quantized graph): the widths the node's activations
+    really have as planned, where the plan's ``sixteen`` is not all there is."""
     from edgec.runtimes.ort import run_samples
 
     nodes = _candidates(model, op_types, skip)
@@ -142,9 +189,10 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
         out_name = node.outputs[0].name
         num = den = 0.0
         deltas.append([])
+        planned = (widths or {}).get(node.name) or [None, None, None]
         for out in runs:
             kept, quant = [], []
-            for v in node.inputs[:2]:
+            for v, width in zip(node.inputs[:2], planned):
                 if v.const_value is not None:  # a weight: [K, N] (Gemm transB: [N, K])
                     w = v.const_value.numpy().astype(np.float32)
                     wq = _fake_quant_weight(w, w_bits, 0 if trans else -1)
@@ -153,14 +201,15 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                     continue
                 x = out[v.name].astype(np.float32)
                 kept.append(activation(x, v.name, kept_bits))
-                quant.append(activation(x, v.name, 16 if v.name in sixteen else act_bits))
+                quant.append(activation(x, v.name, width or (16 if v.name in sixteen
+                                                              else act_bits)))
             if trans:
                 kept[1], quant[1] = kept[1].T, quant[1].T
             y_kept, y_quant = np.matmul(kept[0], kept[1]), np.matmul(quant[0], quant[1])
             if kept_bits is not None:  # a fully quantized target quantizes the output too
                 y_kept = activation(y_kept, out_name, kept_bits)
-                y_quant = activation(y_quant, out_name,
-                                     16 if out_name in sixteen else act_bits)
+                y_quant = activation(y_quant, out_name, planned[2] or (
+                    16 if out_name in sixteen else act_bits))
             diff = y_quant - y_kept
             num += float(np.sum(diff.astype(np.float64) ** 2))
             den += float(np.sum(out[out_name].astype(np.float64) ** 2))

@@ -193,6 +193,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         from edgec.graph_passes.quantization.keep_float import keep_float
         from edgec.graph_passes.quantization.mixed_precision import (
             layer_errors,
+            quantized_widths,
             search_exclusions,
         )
         from edgec.runtimes.ort import run_samples
@@ -230,9 +231,11 @@ class QuantizePass(ir.passes.FunctionalPass):
 
         first = measure(0)
         if not floor.met(first):
+            names = [n.name for n in model.graph]
             ranked = layer_errors(model, feeds, cache, s, s.op_types,
                                   set(plan.nodes_to_exclude), set(plan.tensors_16bit), floor,
-                                  kept_bits=16 if fq else None)
+                                  kept_bits=16 if fq else None,
+                                  widths=quantized_widths(quantized, names))
         k, score, probes = search_exclusions(ranked, measure, floor.met)
         rebuilt = None
         if k not in built and (floor.met(score) or not floor.default):
