@@ -217,6 +217,8 @@ def main(argv=None) -> int:
                                     "held_out_cosine": mp["achieved"],
                                     "held_out_kld": mp.get("achieved_kld"),
                                     "held_out_source": mp.get("held_out_source"),
+                                    # the same samples on the artifact's own runtime
+                                    "held_out_on_target": mp.get("on_target"),
                                     "probes": mp["probes"],
                                     "kept": [k["node"] if isinstance(k, dict) else k
                                              for k in mp["kept"]],

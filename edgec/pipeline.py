@@ -185,7 +185,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
                   progress: Progress | None = None) -> Artifact:
     """Compile ``source`` with ``recipe`` into ``output_dir`` (DESIGN.md § Public contracts)."""
     from edgec import report as reports
-    from edgec.fidelity import target_fidelity, verification_session
+    from edgec.fidelity import floor_on_target, target_fidelity, verification_session
     from edgec.lora.reference import lora_reference
     from edgec.report_chart import LAYER_CHART, write_layer_chart
 
@@ -256,6 +256,12 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
                 return tgt.locate_departure(stage / "model.onnx", src.feeds)
         fidelity, first_run_s = target_fidelity(session, src, approximate, model, quantized,
                                                 locate)
+        searched = next((r.stats["mixed_precision"] for r in records
+                         if r.name == "quantize" and "mixed_precision" in r.stats), None)
+        floor_note = None if stand_in or searched is None else floor_on_target(
+            session, prep.manager.passes, searched)
+        if floor_note:
+            fidelity.setdefault("notes", []).append(floor_note)
         if stand_in:
             fidelity["stand_in"] = stand_in
             latency = {"skipped": stand_in}

@@ -102,13 +102,19 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
     held = f"worst held-out cosine {mp['achieved']:.4f}" + (
         f", logits KL divergence {mp['achieved_kld']:.4f}" if "achieved_kld" in mp else "") + (
         _HELD_OUT_FROM.get(mp.get("held_out_source"), "").format(n=mp["held_out"]))
+    on, itself = mp.get("on_target") or {}, ""
+    if "reached" in on:  # the same samples on the artifact's own runtime
+        itself = (f" On {on['runtime']} itself, the same samples: cosine {on['cosine']:.4f}"
+                  + (f", KL divergence {on['kld']:.4f}" if "kld" in on else "")
+                  + ("." if on["reached"] else ", which misses the floor."))
     if not mp["layer_errors"]:  # held as quantized: the per-layer analysis did not run
         return ["## Mixed precision", "",
                 f"{floor} {'reached' if mp['reached'] else 'not reached'} as quantized: "
-                f"{held}, no layer kept in {mp['precision']}.", ""]
+                f"{held}, no layer kept in {mp['precision']}.{itself}", ""]
     parts = ["## Mixed precision", "",
              f"{floor} {'reached' if mp['reached'] else 'not reached'}: {held} with "
-             f"{len(mp['kept'])} of {mp['candidates']} layers kept in {mp['precision']}.", ""]
+             f"{len(mp['kept'])} of {mp['candidates']} layers kept in {mp['precision']}."
+             f"{itself}", ""]
     if mp["kept"]:
         kld = [e.get("end_to_end_kld") for e in mp["kept"]]  # measured for a KL bound
         parts += [_table(["kept layer", "op", "end-to-end effect"]

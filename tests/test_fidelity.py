@@ -1,5 +1,6 @@
 """A quantized device judged against ONNX Runtime relative to ORT's own error vs fp32."""
 
+import numpy as np
 import pytest
 
 from edgec.fidelity import QUANTIZED_AGREEMENT, judge_quantized
@@ -24,3 +25,32 @@ def test_verdicts(device_vs_ort, ort_vs_ref, verdict):
 
 def test_agreement_threshold_is_inclusive():
     assert judge_quantized(QUANTIZED_AGREEMENT, 0.5)[0] == "agrees"
+
+
+def test_the_floor_is_measured_again_on_the_artifacts_runtime(caplog):
+    """The floor's search runs ONNX Runtime on the QDQ graph; the built artifact's runtime is
+    measured on the same held-out samples, and a miss there is said, not hidden."""
+    from types import SimpleNamespace
+
+    from edgec.fidelity import floor_on_target
+    from edgec.graph_passes.quantization.mixed_precision import Floor
+
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3)).astype(np.float32)} for _ in range(2)]
+    reference = [{"logits": rng.standard_normal((1, 4, 8))} for _ in feeds]
+    floor = Floor(min_cos=0.98, max_kld=0.05, default=True)
+    quantize = SimpleNamespace(floor_samples=(feeds, reference, [None, None], floor))
+    searched = {"reached": True, "achieved": 0.999, "achieved_kld": 0.01}
+
+    def device(noise):
+        outs = iter([{"logits": r["logits"] + noise * rng.standard_normal((1, 4, 8))}
+                     for r in reference])
+        return SimpleNamespace(runtime="qnn-htp", run=lambda feed: next(outs))
+
+    assert floor_on_target(device(0.01), [object(), quantize], searched) is None
+    assert searched["on_target"]["reached"] and searched["on_target"]["kld"] < 0.001
+    with caplog.at_level("WARNING"):
+        note = floor_on_target(device(1.0), [quantize], searched)
+    assert not searched["on_target"]["reached"] and searched["on_target"]["kld"] > 0.05
+    assert note.startswith("qnn-htp misses the accuracy floor") and note in caplog.text
+    assert floor_on_target(device(1.0), [object()], {}) is None  # no floor ran: nothing to say

@@ -314,6 +314,10 @@ def test_floor_probes_compute_what_the_rebuilt_graph_computes_on_openvino(tmp_pa
     chosen = next(p for p in mp["probes"] if p["kept"] == len(mp["kept"]))
     assert mp["reached"] and len(mp["kept"]) > 0
     assert mp["rebuilt"] == {"cosine": chosen["cosine"], "kld": chosen["kld"]}
+    on = mp["on_target"]  # the same held-out samples on OpenVINO running the artifact
+    assert on["runtime"] == "openvino" and set(on) == {"runtime", "reached", "cosine", "kld"}
+    assert ("On openvino itself, the same samples: cosine"
+            in (tmp_path / "o" / "report.md").read_text())
 
 
 def test_max_kld_keeps_layers_until_the_logits_distribution_holds(tmp_path, caplog):

@@ -130,6 +130,9 @@ class QuantizePass(ir.passes.FunctionalPass):
         # where held_out's samples come from: "generated" (past the calibration count), "data"
         # (a user's .npz, kept out of calibration), "calibration" (a user's .npz, seen by it)
         self.held_out_source = held_out_source
+        # what the floor was measured on, for the compile to measure the built artifact's
+        # runtime on it too: (held-out feeds, fp32 outputs, masks, Floor); None: no floor ran
+        self.floor_samples = None
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
@@ -229,6 +232,7 @@ class QuantizePass(ir.passes.FunctionalPass):
                 measured[k] = floor.score(run_samples(probe(k), feeds), reference, masks)
             return measured[k]
 
+        self.floor_samples = (feeds, reference, masks, floor)
         first = measure(0)
         if not floor.met(first):
             names = [n.name for n in model.graph]
