@@ -115,7 +115,7 @@ def test_npu_runs_the_real_decoder(smollm2, tmp_path):
     squares, which the first token's hundreds-times-larger one sets the range of, gave min 0.24,
     mean 0.980, top-1 46%. The default floor holds as quantized (nothing kept at 16 bits), and
     is measured again on the HTP: KL 0.0078 there against ONNX Runtime's 0.0063 on the same
-    graph (the device's own rounding; 3× on all 30 layers)."""
+    graph (the device's kernels; 3× on all 30 layers)."""
     art, session = _compile(smollm2, tmp_path, "qnn-htp", "w8a8")
     stats = {p["name"]: p["stats"] for p in art.report["passes"]}
     mp = stats["quantize"]["mixed_precision"]
