@@ -170,7 +170,8 @@ def floor_on_target(session, passes, mixed: dict[str, Any]) -> str | None:
         f", kld {mixed['achieved_kld']:.4f}" if "achieved_kld" in mixed else "")
     message = (f"{session.runtime} misses the accuracy floor ({floor.describe()}) on the "
                f"held-out samples: {found}, where ONNX Runtime running the same quantized graph "
-               f"met it ({searched}); the floor's search measures ONNX Runtime, whose kernels "
-               "round differently: a 16-bit scheme or --rotate narrows what both lose")
+               f"met it ({searched}): the floor's search runs ONNX Runtime, and this runtime "
+               "computes some ops with less precision; ask for a tighter floor (max_kld=, "
+               "min_cos=) to leave room for the difference")
     logger.warning("%s", message)
     return message
