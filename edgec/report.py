@@ -185,6 +185,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             line += (f"; calibration {cal['how']}: {cal['samples']} samples, {cal['method']}, "
                      f"{cal['data']}")
         rows.append(("quantization", line))
+    mp = mixed_precision_stats(report)
+    if mp:
+        rows.append(("accuracy floor", _floor_line(mp)))
     lat = report["latency"]
     if "p50_ms" in lat:
         rows.append(("latency", f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
@@ -198,6 +201,26 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("time", f"total {t['total_s']:.1f} s (export {t['export_s']:.1f} s, "
                          f"build {t['build_s']:.1f} s)"))
     return rows
+
+
+def _floor_line(mp: dict[str, Any]) -> str:
+    """The quantize pass's floor in one line: held or not, on the held-out samples (ONNX
+    Runtime's run of the QDQ graph, then the artifact's own runtime), and what was kept."""
+    def measured(d: dict[str, Any]) -> str:
+        return f"cosine {d['cosine']:.4f}" + (f", KL {d['kld']:.4f}" if "kld" in d else "")
+
+    searched = {"cosine": mp["achieved"],
+                **({"kld": mp["achieved_kld"]} if "achieved_kld" in mp else {})}
+    line = (f"{floor_text(mp)}{' (default)' if mp.get('default') else ''} "
+            f"{'reached' if mp['reached'] else 'not reached'} (held out, ONNX Runtime): "
+            f"{measured(searched)}")
+    on = mp.get("on_target") or {}
+    if "reached" in on:
+        line += (f"; on {on['runtime']} {measured(on)}"
+                 + ("" if on["reached"] or not mp["reached"] else ", which misses it"))
+    if mp.get("candidates"):
+        line += f"; {len(mp['kept'])} of {mp['candidates']} layers kept in {mp['precision']}"
+    return line
 
 
 def _sites_line(st: dict[str, Any]) -> str:

@@ -318,6 +318,12 @@ def test_floor_probes_compute_what_the_rebuilt_graph_computes_on_openvino(tmp_pa
     assert on["runtime"] == "openvino" and set(on) == {"runtime", "reached", "cosine", "kld"}
     assert ("On openvino itself, the same samples: cosine"
             in (tmp_path / "o" / "report.md").read_text())
+    from edgec.report import summary_rows  # what `edgec compile` prints
+
+    line = dict(summary_rows(art.report))["accuracy floor"]
+    assert line.startswith("max_kld 1e-08 reached (held out, ONNX Runtime): cosine ")
+    assert f"; on openvino cosine {on['cosine']:.4f}" in line
+    assert line.endswith(f"; {len(mp['kept'])} of {mp['candidates']} layers kept in float")
 
 
 def test_max_kld_keeps_layers_until_the_logits_distribution_holds(tmp_path, caplog):
