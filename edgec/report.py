@@ -107,6 +107,8 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
         itself = (f" On {on['runtime']} itself, the same samples: cosine {on['cosine']:.4f}"
                   + (f", KL divergence {on['kld']:.4f}" if "kld" in on else "")
                   + ("." if on["reached"] else ", which misses the floor."))
+    elif "skipped" in on:  # the artifact's runtime could not take the held-out samples
+        itself = f" Not measured on {on['runtime']} itself: {on['skipped']}."
     if not mp["layer_errors"]:  # held as quantized: the per-layer analysis did not run
         return ["## Mixed precision", "",
                 f"{floor} {'reached' if mp['reached'] else 'not reached'} as quantized: "
@@ -218,6 +220,8 @@ def _floor_line(mp: dict[str, Any]) -> str:
     if "reached" in on:
         line += (f"; on {on['runtime']} {measured(on)}"
                  + ("" if on["reached"] or not mp["reached"] else ", which misses it"))
+    elif "skipped" in on:
+        line += f"; not measured on {on['runtime']}"
     if mp.get("candidates"):
         line += f"; {len(mp['kept'])} of {mp['candidates']} layers kept in {mp['precision']}"
     return line

@@ -54,3 +54,11 @@ def test_the_floor_is_measured_again_on_the_artifacts_runtime(caplog):
     assert not searched["on_target"]["reached"] and searched["on_target"]["kld"] > 0.05
     assert note.startswith("qnn-htp misses the accuracy floor") and note in caplog.text
     assert floor_on_target(device(1.0), [object()], {}) is None  # no floor ran: nothing to say
+
+    def refuses(feed):
+        raise ValueError("input 'past_0' is missing")
+
+    assert floor_on_target(SimpleNamespace(runtime="openvino", run=refuses), [quantize],
+                           searched) is None
+    assert searched["on_target"] == {"runtime": "openvino",
+                                     "skipped": "ValueError: input 'past_0' is missing"}
