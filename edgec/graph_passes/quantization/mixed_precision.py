@@ -2,11 +2,11 @@
 
 1. Sensitivity, in one pass over cached activations: the fp32 graph runs once on held-out
    samples with every quantizable node's inputs and output exposed; each node's output is then
-   recomputed in numpy as planned (activations fake-quantized with the calibrated ranges, u8/s8
-   or 16 bits where the plan says; weights symmetric per output channel at the scheme's width)
-   and as kept (float on the CPU targets and TensorRT; on the NPU its activations, output
-   included, at 16 bits and its weights as planned). The difference is what keeping the node
-   removes (``error``).
+   recomputed in numpy as planned (activations fake-quantized with the calibrated ranges, at the
+   widths the quantized graph gives them, ``quantized_widths``; weights symmetric per output
+   channel at the scheme's width) and as kept (float on the CPU targets and TensorRT; on the NPU
+   its activations, output included, at 16 bits and its weights as planned). The difference is
+   what keeping the node removes (``error``).
 2. End-to-end effect: one more graph, built once, adds an input ``δ`` to every candidate's
    output; each node's error is injected alone (its δ = the difference above, every other δ
    zero) and the rest of the network runs in fp32, so ``end_to_end`` = 1 − worst output cosine
@@ -93,17 +93,18 @@ def _fake_quant_weight(w: np.ndarray, bits: int, axis: int) -> np.ndarray:
     return np.clip(np.round(w / scale), -top - 1, top) * scale
 
 
-def quantized_widths(qdq: ir.Model, names: Sequence[str]) -> dict[str, list[int | None]]:
-    """For each node in ``names``, the widths its inputs and its output have in the QDQ graph
-    ``qdq`` (``[input 0, input 1, output]``: the zero point's type of the DequantizeLinear it
-    reads; the narrowest its output's readers see; None where there is none). What the plan
-    asks is not all there is: ONNX Runtime's QNN config makes the output of an op that reads a
-    16-bit activation 16-bit, converted to 8 for 8-bit readers (SmolLM2's LM head: planned
-    8-bit logits, and 16-bit ones with no reader to convert for)."""
-    wanted = set(names)
+def quantized_widths(qdq: ir.Model, names: Sequence[str] | None = None
+                     ) -> dict[str, list[int | None]]:
+    """For each node in ``names`` (None: every node), the widths its inputs and its output have
+    in the QDQ graph ``qdq`` (``[input 0, input 1, output]``: the zero point's type of the
+    DequantizeLinear it reads; the narrowest its output's readers see; None where there is
+    none). What the plan asks is not all there is: ONNX Runtime's QNN config makes the output of
+    an op that reads a 16-bit activation 16-bit, converted to 8 for 8-bit readers (SmolLM2's LM
+    head: planned 8-bit logits, and 16-bit ones with no reader to convert for)."""
+    wanted = None if names is None else set(names)
     out: dict[str, list[int | None]] = {}
     for node in qdq.graph:
-        if node.name not in wanted:
+        if wanted is not None and node.name not in wanted:
             continue
         widths: list[int | None] = []
         for v in list(node.inputs[:2]) + [None] * (2 - len(node.inputs[:2])):

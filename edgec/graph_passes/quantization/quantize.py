@@ -235,11 +235,10 @@ class QuantizePass(ir.passes.FunctionalPass):
         self.floor_samples = (feeds, reference, masks, floor)
         first = measure(0)
         if not floor.met(first):
-            names = [n.name for n in model.graph]
             ranked = layer_errors(model, feeds, cache, s, s.op_types,
                                   set(plan.nodes_to_exclude), set(plan.tensors_16bit), floor,
                                   kept_bits=16 if fq else None,
-                                  widths=quantized_widths(quantized, names))
+                                  widths=quantized_widths(quantized))
         k, score, probes = search_exclusions(ranked, measure, floor.met)
         rebuilt = None
         if k not in built and (floor.met(score) or not floor.default):
