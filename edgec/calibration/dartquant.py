@@ -11,12 +11,18 @@ the o projection's input split into heads. The result plugs into ``RotatePass(ro
 
 The whip loss flattens each *token* (DartQuant, like QuaRot, assumes per-token activation
 scales), but every edgec target quantizes activations per *tensor* with calibrated static
-ranges. Where a residual stream carries massive, nearly constant channels, the learned rotation
-gathers that constant component into a few channels: each token looks flatter, but the
-tensor's range, set by those channels on every token, grows (llama small+outliers R1: per-token
-max/RMS 2.25 → 1.58, per-tensor absmax/RMS 2.58 → 4.05, 8-bit error 0.0058 → 0.0088). So each
-learned rotation is kept only where it lowers the per-tensor 8-bit quantization error of the
-calibration activations below its Hadamard start's; elsewhere the Hadamard stays (reported).
+ranges, and the loss does not see the weights at all. Where a residual stream carries massive,
+nearly constant channels, the learned rotation gathers that constant component into a few
+channels: each token looks flatter, but the tensor's range, set by those channels on every token,
+grows (llama small+outliers R1: per-token max/RMS 2.25 → 1.58, per-tensor absmax/RMS 2.58 →
+4.05, 8-bit error 0.0058 → 0.0088); and with 4-bit weights a rotation that flattens activations
+can make the rotated weights' per-channel grids coarser. So each learned rotation is kept only
+where it lowers the error of what the quantized model computes with it: the output of the
+MatMuls that read the rotated space (the q/k/v/gate/up projections for R1, with each norm's
+scale folded in; the o projection for R2), their weights rounded per output channel at the
+scheme's weight width and the rotated activation on one per-tensor grid at its activation width,
+on the calibration activations (``reader_error``). Elsewhere the Hadamard start stays
+(reported).
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.graph_passes.rotation.hadamard import random_hadamard
-from edgec.graph_passes.rotation.topology import Topology, analyze
+from edgec.graph_passes.rotation.topology import Norm, Topology, analyze, const_array
 
 __all__ = ["calibrate_rotation", "whip_loss", "collect_rotation_activations",
-           "calibrate_rotations", "DartQuantResult", "per_tensor_error"]
+           "calibrate_rotations", "DartQuantResult", "reader_error"]
+
+CHOICE_ROWS = 2048  # calibration rows per tensor on which the learned and Hadamard R are compared
 
 
 def whip_loss(y):
@@ -105,15 +113,23 @@ def collect_rotation_activations(model: ir.Model, samples: Sequence[dict[str, np
     ``[kv_heads, tokens·group, head_dim]``, the query heads of each GQA group pooled). Each set is
     subsampled to ``max_tokens`` rows (seeded). Keys are absent where the pass would skip them.
     """
+    topo = topology or analyze(model.graph)
+    return _pool(_tensor_rows(model, samples, topo), topo, max_tokens, seed, per_kv_head)
+
+
+def _tensor_rows(model: ir.Model, samples: Sequence[dict[str, np.ndarray]], topo: Topology
+                 ) -> dict[str, list[np.ndarray]]:
+    """Each rotated space's tensor as the model computes it on ``samples``: tensor name → its
+    rows ``[tokens, width]`` per sample (a stream norm's input, normalized as its readers see it
+    once its scale is folded; an o projection's input)."""
     from edgec.runtimes.ort import model_feeds, open_model
 
-    topo = topology or analyze(model.graph)
-    wanted: dict[str, tuple[str, object]] = {}  # tensor name → (key, how to turn it into rows)
+    wanted: dict[str, Norm | None] = {}
     if topo.stream is not None:
         for norm, _ in topo.stream.blocks[:-1]:
-            wanted[norm.input.name] = ("r1", norm)
+            wanted[norm.input.name] = norm
     for att in topo.attention:
-        wanted[att.o.input.name] = (f"r2.{att.layer}", att)
+        wanted[att.o.input.name] = None
     if not wanted:
         return {}
     aug = model.clone()
@@ -126,21 +142,35 @@ def collect_rotation_activations(model: ir.Model, samples: Sequence[dict[str, np
     with open_model(aug) as session:
         for feeds in samples:
             out = session.run(model_feeds(aug, feeds))
-            for name, (key, what) in wanted.items():
-                x = out[name]
-                if key == "r1":
-                    x = _normalize(x.reshape(-1, x.shape[-1]), what.kind, what.eps)
-                elif per_kv_head:  # [..., heads·hd] → [kv, tokens·group, hd]
-                    x = x.reshape(-1, what.heads, what.head_dim)
-                    group = np.asarray(what.group)
-                    x = np.stack([x[:, group == g].reshape(-1, what.head_dim)
-                                  for g in range(what.kv_heads)])
-                else:
-                    x = x.reshape(-1, what.head_dim)  # [..., heads·hd] → one row per head
-                rows.setdefault(key, []).append(x.astype(np.float32))
+            for name, norm in wanted.items():
+                x = out[name].reshape(-1, out[name].shape[-1])
+                if norm is not None:
+                    x = _normalize(x, norm.kind, norm.eps)
+                rows.setdefault(name, []).append(x.astype(np.float32))
+    return rows
+
+
+def _pool(rows: dict[str, list[np.ndarray]], topo: Topology, max_tokens: int, seed: int,
+          per_kv_head: bool) -> dict[str, np.ndarray]:
+    """The rotations' training sets from ``_tensor_rows`` (see collect_rotation_activations)."""
+    sets: dict[str, list[np.ndarray]] = {}
+    names = [] if topo.stream is None else list(dict.fromkeys(
+        n.input.name for n, _ in topo.stream.blocks[:-1]))
+    if names:  # sample-major: each sample's norms in layer order
+        sets["r1"] = [part for parts in zip(*(rows[n] for n in names)) for part in parts]
+    for att in topo.attention:
+        x = np.concatenate(rows[att.o.input.name])
+        if per_kv_head:  # [tokens, heads·hd] → [kv, tokens·group, hd]
+            x = x.reshape(-1, att.heads, att.head_dim)
+            group = np.asarray(att.group)
+            x = np.stack([x[:, group == g].reshape(-1, att.head_dim)
+                          for g in range(att.kv_heads)])
+        else:
+            x = x.reshape(-1, att.head_dim)  # one row per head
+        sets[f"r2.{att.layer}"] = [x]
     rng = np.random.default_rng(seed)
     result = {}
-    for key, parts in rows.items():
+    for key, parts in sets.items():
         x = np.concatenate(parts, axis=-2)
         if x.shape[-2] > max_tokens:
             x = x[..., np.sort(rng.choice(x.shape[-2], max_tokens, replace=False)), :]
@@ -154,8 +184,9 @@ class DartQuantResult:
     loss: dict[str, tuple[float, float]]  # key → (whip loss of the Hadamard start, learned)
     tokens: dict[str, int]
     seconds: float
-    # key → (per-tensor 8-bit error with the Hadamard start, with the learned rotation)
+    # key → (reader_error with the Hadamard start, with the learned rotation)
     quant_error: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    bits: tuple[int, int] = (8, 8)  # (weights, activations) the choice was measured at
 
     @property
     def kept(self) -> dict[str, str]:
@@ -166,34 +197,79 @@ class DartQuantResult:
         return {"rotations": sorted(self.rotations), "seconds": self.seconds,
                 "tokens": self.tokens,
                 "loss": {k: {"start": a, "final": b} for k, (a, b) in self.loss.items()},
-                "per_tensor_error": {k: {"hadamard": a, "learned": b}
-                                     for k, (a, b) in self.quant_error.items()},
+                "reader_error": {k: {"hadamard": a, "learned": b}
+                                 for k, (a, b) in self.quant_error.items()},
+                "reader_bits": {"weights": self.bits[0], "activations": self.bits[1]},
                 "kept": self.kept}
 
 
-def per_tensor_error(x: np.ndarray, r: np.ndarray, bits: int = 8) -> float:
-    """Relative L2 error of ``x·r`` under one asymmetric ``bits``-bit range over the whole
-    tensor (what a static activation quantizer does). ``x`` [tokens, d] with ``r`` [d, d], or
-    per group: [g, tokens, d] with [g, d, d] (one range over all groups)."""
-    from edgec.graph_passes.quantization.mixed_precision import fake_quant_activation
+def reader_error(groups: Sequence[tuple[np.ndarray, np.ndarray, Sequence[np.ndarray]]],
+                 bits: tuple[int, int] = (8, 8)) -> float:
+    """Relative L2 error of the readers' outputs when the model computes them rotated and
+    quantized: ``x·W`` against ``Q_a(x·r)·Q_w(rᵀ·W)``, over every ``(x, r, [W, ...])`` in
+    ``groups`` (``x`` [tokens, d], ``r`` [d, d], each ``W`` [d, out]). ``bits``: (weights,
+    activations); activations on one asymmetric grid over the rotated tensor, weights symmetric
+    per output channel, as every edgec scheme quantizes them."""
+    from edgec.graph_passes.quantization.mixed_precision import (
+        fake_quant_activation,
+        fake_quant_weight,
+    )
 
-    y = np.asarray(x, np.float64) @ np.asarray(r, np.float64)
-    err = y - fake_quant_activation(y, y.min(), y.max(), bits, symmetric=False)
-    return float(np.linalg.norm(err) / (np.linalg.norm(y) or 1.0))
+    err = ref = 0.0
+    for x, r, weights in groups:
+        x = np.asarray(x, np.float64)
+        r = np.asarray(r, np.float64)
+        xr = x @ r
+        xq = fake_quant_activation(xr, xr.min(), xr.max(), bits[1], symmetric=False)
+        for w in weights:
+            w = np.asarray(w, np.float64)
+            y = x @ w
+            err += float(np.sum((y - xq @ fake_quant_weight(r.T @ w, bits[0], -1)) ** 2))
+            ref += float(np.sum(y * y))
+    return float(np.sqrt(err / (ref or 1.0)))
+
+
+def _reader_groups(key: str, r: np.ndarray, rows: dict[str, list[np.ndarray]], topo: Topology,
+                   rng: np.random.Generator):
+    """``reader_error``'s groups for rotation ``key`` = ``r``: R1, every stream norm's readers
+    (its scale folded into their weights); R2, the o projection with ``r`` on each query head's
+    rows (a GQA group's, with one per kv head)."""
+    def sample(name: str) -> np.ndarray:
+        x = np.concatenate(rows[name])
+        return x[np.sort(rng.choice(len(x), CHOICE_ROWS, replace=False))] \
+            if len(x) > CHOICE_ROWS else x
+
+    if key == "r1":
+        for norm, readers in topo.stream.blocks[:-1]:
+            gamma = const_array(norm.scale) if norm.scale is not None else None
+            g = np.ones(r.shape[0]) if gamma is None else np.broadcast_to(
+                np.asarray(gamma, np.float64).reshape(-1), (r.shape[0],))
+            yield sample(norm.input.name), r, [g[:, None] * lin.weight() for lin in readers]
+        return
+    att = next(a for a in topo.attention if f"r2.{a.layer}" == key)
+    block = np.zeros((att.heads * att.head_dim,) * 2)
+    for h, row in enumerate(att.o_rows):
+        block[row:row + att.head_dim, row:row + att.head_dim] = \
+            r[att.group[h]] if r.ndim == 3 else r
+    yield sample(att.o.input.name), block, [att.o.weight()]
 
 
 def calibrate_rotations(model: ir.Model, samples: Sequence[dict[str, np.ndarray]],
                         steps: int = 100, lr: float = 1e-2, seed: int = 0,
-                        max_tokens: int = 8192, per_kv_head: bool = False) -> DartQuantResult:
+                        max_tokens: int = 8192, per_kv_head: bool = False,
+                        bits: tuple[int, int] = (8, 8)) -> DartQuantResult:
     """Collect the activations (``collect_rotation_activations``) and calibrate R1 and every R2
     (one [hd, hd] per layer, or with ``per_kv_head`` one per GQA group: [kv_heads, hd, hd]).
+    Each learned rotation is kept where its ``reader_error`` at ``bits`` (weights, activations:
+    the scheme the rotation serves) is below its Hadamard start's (module docstring).
 
     Seeds match ``RotatePass``'s Hadamard defaults, so ``steps=0`` reproduces ``--rotate
     hadamard`` (up to column signs, which the whip loss and exactness do not see).
     """
     t0 = time.perf_counter()
     topo = analyze(model.graph)
-    acts = collect_rotation_activations(model, samples, max_tokens, seed, topo, per_kv_head)
+    rows = _tensor_rows(model, samples, topo)
+    acts = _pool(rows, topo, max_tokens, seed, per_kv_head)
     rotations, loss, quant_error = {}, {}, {}
     for key, x in acts.items():
         layer_seed = seed if key == "r1" else seed + 1 + int(key.split(".")[1])
@@ -203,14 +279,17 @@ def calibrate_rotations(model: ir.Model, samples: Sequence[dict[str, np.ndarray]
             -1, *x.shape[-2:])]
         r = np.stack([f[0] for f in fits]) if x.ndim == 3 else fits[0][0]
         loss[key] = (start, float(np.mean([f[1][-1] for f in fits])))
-        if steps:  # the learned rotation only where per-tensor quantization gains by it
+        if steps:  # the learned rotation only where the quantized readers gain by it
             h = np.broadcast_to(hadamard, r.shape)
-            quant_error[key] = (per_tensor_error(x, h), per_tensor_error(x, r))
+            quant_error[key] = tuple(
+                reader_error(list(_reader_groups(key, m, rows, topo,
+                                                 np.random.default_rng(seed))), bits)
+                for m in (h, r))
             if quant_error[key][1] >= quant_error[key][0]:
                 r = np.array(h)
         rotations[key] = r
     return DartQuantResult(rotations, loss, {k: v.shape[-2] for k, v in acts.items()},
-                           time.perf_counter() - t0, quant_error)
+                           time.perf_counter() - t0, quant_error, tuple(bits))
 
 
 def _full_loss(x: np.ndarray, r: np.ndarray) -> float:

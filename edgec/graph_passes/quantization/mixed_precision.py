@@ -40,7 +40,8 @@ import numpy as np
 import onnx_ir as ir
 
 __all__ = ["LayerError", "layer_errors", "search_exclusions", "worst_cosine", "worst_kld",
-           "Floor", "integer_activations", "fake_quant_activation"]
+           "Floor", "integer_activations", "fake_quant_activation",
+           "fake_quant_weight"]
 
 LOGITS = "logits"  # the output a KL divergence floor reads (Hugging Face's and edgec's LMs)
 
@@ -84,7 +85,7 @@ def fake_quant_activation(x: np.ndarray, lo: float, hi: float, bits: int,
     return (np.clip(np.round(x / scale) + zero, 0, levels) - zero) * scale
 
 
-def _fake_quant_weight(w: np.ndarray, bits: int, axis: int) -> np.ndarray:
+def fake_quant_weight(w: np.ndarray, bits: int, axis: int) -> np.ndarray:
     """Symmetric, per output channel (``axis``), as every edgec scheme quantizes MatMul weights."""
     bound = np.max(np.abs(w), axis=tuple(i for i in range(w.ndim) if i != axis % w.ndim),
                    keepdims=True)
@@ -196,7 +197,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
             for v, width in zip(node.inputs[:2], planned):
                 if v.const_value is not None:  # a weight: [K, N] (Gemm transB: [N, K])
                     w = v.const_value.numpy().astype(np.float32)
-                    wq = _fake_quant_weight(w, w_bits, 0 if trans else -1)
+                    wq = fake_quant_weight(w, w_bits, 0 if trans else -1)
                     kept.append(w if kept_bits is None else wq)
                     quant.append(wq)
                     continue

@@ -119,6 +119,12 @@ class QuantOptions:
     def scheme_on(self, target):
         return target.schemes[self.scheme]
 
+    def bits_on(self, target) -> tuple[int, int]:
+        """(weights, activations): the scheme's integer widths on ``target`` (8 where a side is
+        not an integer type)."""
+        scheme = self.scheme_on(target)
+        return activation_bits(scheme.weights), activation_bits(scheme.activations)
+
     def method_on(self, target) -> str:
         scheme = self.scheme_on(target)
         if scheme.activations and scheme.activations.startswith("float8"):

@@ -54,10 +54,12 @@ class RotateOptions:
             raise UserError(f"--rotate needs a method: {' | '.join(METHODS)}[:k=v,...]")
         return cls(method=method, **convert_items(cls, items, "--rotate"))
 
-    def make_pass(self, src, calibration=None, target=None) -> EdgecPass:
+    def make_pass(self, src, calibration=None, target=None, quantize=None) -> EdgecPass:
         """``calibration``: the compile's ``--calib`` (a cache whose stored DartQuant rotations
         are reused instead of learned again; anything else is ignored here). ``target``: on a
-        fully quantized one, R4 is off unless asked for (module docstring)."""
+        fully quantized one, R4 is off unless asked for (module docstring). ``quantize``: the
+        compile's ``QuantizeOptions``; DartQuant keeps a learned rotation only where it lowers
+        the quantized readers' error at that scheme's widths (8-bit without one)."""
         opts = self
         if self.r4 is None and target is not None and target.fully_quantized:
             opts = dataclasses.replace(self, r4=False)
@@ -65,7 +67,9 @@ class RotateOptions:
             from edgec.calibration import CalibrationCache
 
             cache = calibration if isinstance(calibration, CalibrationCache) else None
-            return DartQuantRotatePass(opts, src, cache)
+            bits = quantize.bits_on(target) if quantize is not None and target is not None \
+                else (8, 8)
+            return DartQuantRotatePass(opts, src, cache, bits)
         return RotatePass("hadamard", src.parameter_map, online_r4=opts.r4, seed=opts.seed)
 
     def to_json(self) -> dict[str, Any]:
@@ -80,14 +84,16 @@ class DartQuantRotatePass(EdgecPass):
     exact = True
     rtol = 1e-4
 
-    def __init__(self, options: RotateOptions, src, cache=None):
+    def __init__(self, options: RotateOptions, src, cache=None,
+                 bits: tuple[int, int] = (8, 8)):
         super().__init__()
-        self.options, self.src, self.cache = options, src, cache
+        self.options, self.src, self.cache, self.bits = options, src, cache, tuple(bits)
         self.learned = None  # (graph hash, DartQuantResult) when this pass calibrated
         self.lora_transforms: dict = {}  # swappable-LoRA site transforms (see RotatePass)
 
     def _key(self) -> dict[str, Any]:
-        return {"steps": self.options.steps, "seed": self.options.seed}
+        return {"steps": self.options.steps, "seed": self.options.seed,
+                "bits": list(self.bits)}
 
     def call(self, model) -> PassResult:
         from edgec.calibration import model_hash
@@ -102,7 +108,8 @@ class DartQuantRotatePass(EdgecPass):
         else:
             samples, origin = generated_samples(self.src)
             result = calibrate_rotations(model, samples_for_model(samples, model),
-                                         steps=self.options.steps, seed=self.options.seed)
+                                         steps=self.options.steps, seed=self.options.seed,
+                                         bits=self.bits)
             rotations, self.learned = result.rotations, (graph, result)
             stats = {**result.summary(), "samples": len(samples), "data": origin,
                      "from_cache": False}
