@@ -254,6 +254,10 @@ def accuracy(configs: list[str], root: Path) -> list[dict]:
                 logits = art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]
                 row.update(cosine=round(logits["cosine"], 6), rel_l2=round(logits["rel_l2"], 5),
                            compile_s=round(time.perf_counter() - t0, 1))
+                dq = next((p["stats"].get("dartquant") for p in art.report["passes"]
+                           if p["name"] == "rotate"), None)
+                if dq:  # which learned rotations DartQuant kept, judged at the scheme's widths
+                    row["dartquant"] = {"kept": dq.get("kept"), "bits": dq.get("reader_bits")}
                 quant = next(p for p in art.report["passes"] if p["name"] == "quantize")
                 mp = quant["stats"].get("mixed_precision")
                 if mp:  # what the floor's search kept in high precision, on held-out samples
