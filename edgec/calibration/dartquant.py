@@ -18,11 +18,11 @@ grows (llama small+outliers R1: per-token max/RMS 2.25 → 1.58, per-tensor absm
 4.05, 8-bit error 0.0058 → 0.0088); and with 4-bit weights a rotation that flattens activations
 can make the rotated weights' per-channel grids coarser. So each learned rotation is kept only
 where it lowers the error of what the quantized model computes with it: the output of the
-MatMuls that read the rotated space (the q/k/v/gate/up projections for R1, with each norm's
-scale folded in; the o projection for R2), their weights rounded per output channel at the
-scheme's weight width and the rotated activation on one per-tensor grid at its activation width,
-on the calibration activations (``reader_error``). Elsewhere the Hadamard start stays
-(reported).
+MatMuls that read the rotated space (for R1 the q/k/v/gate/up projections and the LM head, each
+norm's scale folded in; for R2 the o projection), their weights rounded per output channel at
+the scheme's weight width (to nearest, or by GPTQ where the compile runs it) and the rotated
+activation on one per-tensor grid at its activation width, on the calibration activations
+(``reader_error``). Elsewhere the Hadamard start stays (reported).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _tensor_rows(model: ir.Model, samples: Sequence[dict[str, np.ndarray]], topo
 
     wanted: dict[str, Norm | None] = {}
     if topo.stream is not None:
-        for norm, _ in topo.stream.blocks[:-1]:
+        for norm, _ in topo.stream.blocks:
             wanted[norm.input.name] = norm
     for att in topo.attention:
         wanted[att.o.input.name] = None
@@ -187,6 +187,8 @@ class DartQuantResult:
     # key → (reader_error with the Hadamard start, with the learned rotation)
     quant_error: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     bits: tuple[int, int] = (8, 8)  # (weights, activations) the choice was measured at
+    gptq: bool = False  # ... with the weights rounded by GPTQ
+    head_bits: tuple[int, int] | None = None  # ... and the LM head's widths (None: ``bits``)
 
     @property
     def kept(self) -> dict[str, str]:
@@ -199,69 +201,91 @@ class DartQuantResult:
                 "loss": {k: {"start": a, "final": b} for k, (a, b) in self.loss.items()},
                 "reader_error": {k: {"hadamard": a, "learned": b}
                                  for k, (a, b) in self.quant_error.items()},
-                "reader_bits": {"weights": self.bits[0], "activations": self.bits[1]},
+                "reader_bits": {"weights": self.bits[0], "activations": self.bits[1],
+                                "head": list(self.head_bits or self.bits), "gptq": self.gptq},
                 "kept": self.kept}
 
 
-def reader_error(groups: Sequence[tuple[np.ndarray, np.ndarray, Sequence[np.ndarray]]],
-                 bits: tuple[int, int] = (8, 8)) -> float:
+def reader_error(groups: Sequence[tuple[np.ndarray, np.ndarray, Sequence[np.ndarray],
+                                         tuple[int, int]]], gptq: bool = False) -> float:
     """Relative L2 error of the readers' outputs when the model computes them rotated and
-    quantized: ``x·W`` against ``Q_a(x·r)·Q_w(rᵀ·W)``, over every ``(x, r, [W, ...])`` in
-    ``groups`` (``x`` [tokens, d], ``r`` [d, d], each ``W`` [d, out]). ``bits``: (weights,
-    activations); activations on one asymmetric grid over the rotated tensor, weights symmetric
-    per output channel, as every edgec scheme quantizes them."""
+    quantized: ``x·W`` against ``Q_a(x·r)·Q_w(rᵀ·W)``, over every ``(x, r, [W, ...], bits)`` in
+    ``groups`` (``x`` [tokens, d], ``r`` [d, d], each ``W`` [d, out]; ``bits``: the widths of
+    weights and activations). Activations on one asymmetric grid over the rotated tensor, weights
+    symmetric per output channel, as every edgec scheme quantizes them: rounded to nearest, or
+    with ``gptq`` as ``--quantize ...:gptq=true`` rounds them (its clipped scales and error
+    feedback, H from these ``x·r``), which repairs much of what a rotation does to the weights'
+    grids."""
     from edgec.graph_passes.quantization.mixed_precision import (
         fake_quant_activation,
         fake_quant_weight,
     )
 
     err = ref = 0.0
-    for x, r, weights in groups:
+    for x, r, weights, bits in groups:
         x = np.asarray(x, np.float64)
         r = np.asarray(r, np.float64)
         xr = x @ r
         xq = fake_quant_activation(xr, xr.min(), xr.max(), bits[1], symmetric=False)
+        h = xr.T @ xr if gptq else None
         for w in weights:
             w = np.asarray(w, np.float64)
             y = x @ w
-            err += float(np.sum((y - xq @ fake_quant_weight(r.T @ w, bits[0], -1)) ** 2))
+            wr = r.T @ w
+            wq = _gptq_weight(wr, h, bits[0]) if gptq else fake_quant_weight(wr, bits[0], -1)
+            err += float(np.sum((y - xq @ wq) ** 2))
             ref += float(np.sum(y * y))
     return float(np.sqrt(err / (ref or 1.0)))
 
 
+def _gptq_weight(w: np.ndarray, h: np.ndarray, bits: int) -> np.ndarray:
+    """``w`` [K, N] on a symmetric per-output-channel ``bits``-bit grid, rounded by GPTQ."""
+    from edgec.graph_passes.quantization.gptq import clipped_scale, gptq_round
+
+    top = 2 ** (bits - 1) - 1
+    bound = np.abs(w).max(axis=0)
+    scale = clipped_scale(w, h, np.where(bound > 0, bound / top, 1.0), -top - 1, top)
+    return gptq_round(w, h, scale, np.zeros_like(scale), -top - 1, top) * scale
+
+
 def _reader_groups(key: str, r: np.ndarray, rows: dict[str, list[np.ndarray]], topo: Topology,
-                   rng: np.random.Generator):
+                   bits: tuple[int, int], head_bits: tuple[int, int], rng: np.random.Generator):
     """``reader_error``'s groups for rotation ``key`` = ``r``: R1, every stream norm's readers
-    (its scale folded into their weights); R2, the o projection with ``r`` on each query head's
-    rows (a GQA group's, with one per kv head)."""
+    (its scale folded into their weights), the final norm's (the LM head) at ``head_bits``; R2,
+    the o projection with ``r`` on each query head's rows (a GQA group's, with one per kv
+    head)."""
     def sample(name: str) -> np.ndarray:
         x = np.concatenate(rows[name])
         return x[np.sort(rng.choice(len(x), CHOICE_ROWS, replace=False))] \
             if len(x) > CHOICE_ROWS else x
 
     if key == "r1":
-        for norm, readers in topo.stream.blocks[:-1]:
+        for i, (norm, readers) in enumerate(topo.stream.blocks):
             gamma = const_array(norm.scale) if norm.scale is not None else None
             g = np.ones(r.shape[0]) if gamma is None else np.broadcast_to(
                 np.asarray(gamma, np.float64).reshape(-1), (r.shape[0],))
-            yield sample(norm.input.name), r, [g[:, None] * lin.weight() for lin in readers]
+            yield (sample(norm.input.name), r, [g[:, None] * lin.weight() for lin in readers],
+                   head_bits if i == len(topo.stream.blocks) - 1 else bits)
         return
     att = next(a for a in topo.attention if f"r2.{a.layer}" == key)
     block = np.zeros((att.heads * att.head_dim,) * 2)
     for h, row in enumerate(att.o_rows):
         block[row:row + att.head_dim, row:row + att.head_dim] = \
             r[att.group[h]] if r.ndim == 3 else r
-    yield sample(att.o.input.name), block, [att.o.weight()]
+    yield sample(att.o.input.name), block, [att.o.weight()], bits
 
 
 def calibrate_rotations(model: ir.Model, samples: Sequence[dict[str, np.ndarray]],
                         steps: int = 100, lr: float = 1e-2, seed: int = 0,
                         max_tokens: int = 8192, per_kv_head: bool = False,
-                        bits: tuple[int, int] = (8, 8)) -> DartQuantResult:
+                        bits: tuple[int, int] = (8, 8), gptq: bool = False,
+                        head_bits: tuple[int, int] | None = None) -> DartQuantResult:
     """Collect the activations (``collect_rotation_activations``) and calibrate R1 and every R2
     (one [hd, hd] per layer, or with ``per_kv_head`` one per GQA group: [kv_heads, hd, hd]).
     Each learned rotation is kept where its ``reader_error`` at ``bits`` (weights, activations:
-    the scheme the rotation serves) is below its Hadamard start's (module docstring).
+    the scheme the rotation serves; ``head_bits``: the LM head's, where the scheme keeps it
+    wider; ``gptq``: weights rounded as GPTQ will) is below its Hadamard start's (module
+    docstring).
 
     Seeds match ``RotatePass``'s Hadamard defaults, so ``steps=0`` reproduces ``--rotate
     hadamard`` (up to column signs, which the whip loss and exactness do not see).
@@ -282,14 +306,15 @@ def calibrate_rotations(model: ir.Model, samples: Sequence[dict[str, np.ndarray]
         if steps:  # the learned rotation only where the quantized readers gain by it
             h = np.broadcast_to(hadamard, r.shape)
             quant_error[key] = tuple(
-                reader_error(list(_reader_groups(key, m, rows, topo,
-                                                 np.random.default_rng(seed))), bits)
+                reader_error(list(_reader_groups(key, m, rows, topo, bits, head_bits or bits,
+                                                 np.random.default_rng(seed))), gptq)
                 for m in (h, r))
             if quant_error[key][1] >= quant_error[key][0]:
                 r = np.array(h)
         rotations[key] = r
     return DartQuantResult(rotations, loss, {k: v.shape[-2] for k, v in acts.items()},
-                           time.perf_counter() - t0, quant_error, tuple(bits))
+                           time.perf_counter() - t0, quant_error, tuple(bits), gptq,
+                           tuple(head_bits or bits))
 
 
 def _full_loss(x: np.ndarray, r: np.ndarray) -> float:

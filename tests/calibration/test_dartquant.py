@@ -114,15 +114,15 @@ def test_calibrate_stores_rotations_and_compile_reuses_them(tmp_path):
     made = edgec.calibrate("llama", target="ort-cpu", output_dir=cache_dir, **kw)
     assert (cache_dir / "rotations.safetensors").is_file()
     # learned for the scheme calibrate quantizes with (ort-cpu's default w8a8): 8-bit readers
-    assert made.rotations["options"] == {"steps": 20, "seed": 0, "bits": [8, 8]}
+    assert made.rotations["options"] == {"steps": 20, "seed": 0, "bits": [8, 8],
+                                         "head_bits": [8, 8], "gptq": False}
     assert "r1" in made.rotations["keys"]
     loaded = CalibrationCache.load(cache_dir)
     art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "a", quantize="w8a8",
                         calibration=str(cache_dir), **kw)
     rotate = next(p for p in art.report["passes"] if p["name"] == "rotate")
     assert rotate["stats"]["dartquant"]["from_cache"] is True
-    stored = loaded.load_rotations(loaded.rotations["graph"],
-                                   {"steps": 20, "seed": 0, "bits": [8, 8]})
+    stored = loaded.load_rotations(loaded.rotations["graph"], made.rotations["options"])
     assert set(stored) == set(loaded.rotations["keys"])
     r1 = stored["r1"]
     np.testing.assert_allclose(r1 @ r1.T, np.eye(r1.shape[0]), atol=1e-10)
@@ -145,7 +145,7 @@ def test_a_constant_massive_component_is_why_the_hadamard_can_stay():
     h = random_hadamard(128, 0)
     assert curve[-1] < curve[0]
     eye = [np.eye(128)]  # the activation's own error: an identity reader at 16-bit weights
-    assert reader_error([(x, r, eye)], (16, 8)) > reader_error([(x, h, eye)], (16, 8))
+    assert reader_error([(x, r, eye, (16, 8))]) > reader_error([(x, h, eye, (16, 8))])
 
 
 def test_reader_error_is_what_the_quantized_readers_compute():
@@ -165,8 +165,10 @@ def test_reader_error_is_what_the_quantized_readers_compute():
         s = np.abs(wr).max(axis=0) / 7
         y, yq = x @ w, xq @ (np.clip(np.round(wr / s), -8, 7) * s)
         err, ref = err + ((y - yq) ** 2).sum(), ref + (y ** 2).sum()
-    assert reader_error([(x, r, [w1, w2])], (4, 8)) == pytest.approx(np.sqrt(err / ref), rel=1e-9)
-    assert reader_error([(x, r, [w1, w2])], (8, 8)) < reader_error([(x, r, [w1, w2])], (4, 8))
+    assert reader_error([(x, r, [w1, w2], (4, 8))]) == pytest.approx(np.sqrt(err / ref), rel=1e-9)
+    assert reader_error([(x, r, [w1, w2], (8, 8))]) < reader_error([(x, r, [w1, w2], (4, 8))])
+    # GPTQ's error feedback (H from x·r) lowers what nearest rounding leaves
+    assert reader_error([(x, r, [w1, w2], (4, 8))], gptq=True) < np.sqrt(err / ref)
 
 
 def test_the_choice_is_measured_at_the_schemes_widths(llama):
@@ -176,11 +178,34 @@ def test_the_choice_is_measured_at_the_schemes_widths(llama):
     there the Hadamard start is kept."""
     model, _, samples = llama
     w8 = calibrate_rotations(model, samples, steps=40, bits=(8, 8))
-    w4 = calibrate_rotations(model, samples, steps=40, bits=(4, 8))
+    w4 = calibrate_rotations(model, samples, steps=40, bits=(4, 8), head_bits=(8, 16))
     assert w8.bits == (8, 8) and w4.bits == (4, 8)
-    assert w4.summary()["reader_bits"] == {"weights": 4, "activations": 8}
+    assert w4.summary()["reader_bits"] == {"weights": 4, "activations": 8, "head": [8, 16],
+                                           "gptq": False}
     for key in w8.rotations:  # the same learned rotation, judged at two widths
         assert w4.loss[key] == w8.loss[key]
         assert w4.quant_error[key][0] > w8.quant_error[key][0]
     assert w8.kept["r1"] == "learned" and w4.kept["r1"] == "hadamard"
     np.testing.assert_array_equal(w4.rotations["r1"], random_hadamard(64, 0))
+
+
+@pytest.mark.parametrize("target,scheme,bits,head,gptq", [
+    ("ort-cpu", "w8a8", (8, 8), (8, 8), False),
+    ("qnn-htp", "w8a8", (8, 8), (8, 8), False),
+    ("qnn-htp", "w8a8:gptq=true", (8, 8), (8, 8), True),
+    ("qnn-htp", "w4a8", (4, 8), (8, 16), True),  # GPTQ on by default after a rotation; the
+    ("qnn-htp", "w4a8:gptq=false", (4, 8), (8, 16), False),  # LM head at w8a16
+    (None, None, (8, 8), (8, 8), False),  # --rotate without --quantize
+])
+def test_the_rotate_stage_judges_at_the_compiles_scheme(target, scheme, bits, head, gptq):
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.graph_passes.rotation.options import DartQuantRotatePass, RotateOptions
+    from edgec.targets import get as get_target
+
+    tgt = get_target(target) if target else None
+    quantize = QuantOptions.parse(scheme, tgt) if scheme else None
+    p = RotateOptions.parse("dartquant").make_pass(object(), None, tgt, quantize)
+    assert isinstance(p, DartQuantRotatePass)
+    assert (p.bits, p.head_bits, p.gptq) == (bits, head, gptq)
+    assert p._key() == {"steps": 100, "seed": 0, "bits": list(bits), "head_bits": list(head),
+                        "gptq": gptq}

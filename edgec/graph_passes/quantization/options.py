@@ -125,6 +125,12 @@ class QuantOptions:
         scheme = self.scheme_on(target)
         return activation_bits(scheme.weights), activation_bits(scheme.activations)
 
+    def head_bits_on(self, target) -> tuple[int, int]:
+        """``bits_on`` for an output head (an LM head), which ``QuantScheme.head_w8a16`` keeps at
+        8-bit weights and a 16-bit input."""
+        scheme = self.scheme_on(target)
+        return (8, 16) if scheme.head_w8a16 and target.fully_quantized else self.bits_on(target)
+
     def method_on(self, target) -> str:
         scheme = self.scheme_on(target)
         if scheme.activations and scheme.activations.startswith("float8"):

@@ -59,7 +59,8 @@ class RotateOptions:
         are reused instead of learned again; anything else is ignored here). ``target``: on a
         fully quantized one, R4 is off unless asked for (module docstring). ``quantize``: the
         compile's ``QuantizeOptions``; DartQuant keeps a learned rotation only where it lowers
-        the quantized readers' error at that scheme's widths (8-bit without one)."""
+        the quantized readers' error at that scheme's widths (8-bit without one), its weights
+        rounded as the quantize stage will (GPTQ or nearest)."""
         opts = self
         if self.r4 is None and target is not None and target.fully_quantized:
             opts = dataclasses.replace(self, r4=False)
@@ -67,9 +68,11 @@ class RotateOptions:
             from edgec.calibration import CalibrationCache
 
             cache = calibration if isinstance(calibration, CalibrationCache) else None
-            bits = quantize.bits_on(target) if quantize is not None and target is not None \
-                else (8, 8)
-            return DartQuantRotatePass(opts, src, cache, bits)
+            if quantize is None or target is None:
+                return DartQuantRotatePass(opts, src, cache)
+            return DartQuantRotatePass(opts, src, cache, quantize.bits_on(target),
+                                       quantize.gptq_on(target, rotated=True),
+                                       quantize.head_bits_on(target))
         return RotatePass("hadamard", src.parameter_map, online_r4=opts.r4, seed=opts.seed)
 
     def to_json(self) -> dict[str, Any]:
@@ -85,15 +88,18 @@ class DartQuantRotatePass(EdgecPass):
     rtol = 1e-4
 
     def __init__(self, options: RotateOptions, src, cache=None,
-                 bits: tuple[int, int] = (8, 8)):
+                 bits: tuple[int, int] = (8, 8), gptq: bool = False,
+                 head_bits: tuple[int, int] | None = None):
         super().__init__()
-        self.options, self.src, self.cache, self.bits = options, src, cache, tuple(bits)
+        self.options, self.src, self.cache = options, src, cache
+        self.bits, self.gptq = tuple(bits), bool(gptq)
+        self.head_bits = tuple(head_bits or bits)
         self.learned = None  # (graph hash, DartQuantResult) when this pass calibrated
         self.lora_transforms: dict = {}  # swappable-LoRA site transforms (see RotatePass)
 
     def _key(self) -> dict[str, Any]:
         return {"steps": self.options.steps, "seed": self.options.seed,
-                "bits": list(self.bits)}
+                "bits": list(self.bits), "head_bits": list(self.head_bits), "gptq": self.gptq}
 
     def call(self, model) -> PassResult:
         from edgec.calibration import model_hash
@@ -109,7 +115,8 @@ class DartQuantRotatePass(EdgecPass):
             samples, origin = generated_samples(self.src)
             result = calibrate_rotations(model, samples_for_model(samples, model),
                                          steps=self.options.steps, seed=self.options.seed,
-                                         bits=self.bits)
+                                         bits=self.bits, gptq=self.gptq,
+                                         head_bits=self.head_bits)
             rotations, self.learned = result.rotations, (graph, result)
             stats = {**result.summary(), "samples": len(samples), "data": origin,
                      "from_cache": False}
