@@ -26,6 +26,7 @@ from edgec.graph_passes.lora.merge import LoraMergePass
 from edgec.graph_passes.lora.swappable import LoraSwappablePass
 from edgec.graph_passes.prune import PrunePass
 from edgec.graph_passes.quantization.mask_fill import MaskFillPass
+from edgec.graph_passes.quantization.outlier_split import OutlierSplitPass
 from edgec.graph_passes.quantization.smooth import SmoothQuantPass
 from edgec.graph_passes.sparse_attention import SparseAttentionPass, config_for_source
 from edgec.graph_passes.sparse_attention.prefill import PrefillSparseAttentionPass
@@ -83,6 +84,8 @@ STAGES: tuple[Stage, ...] = (
           lambda c: _sparse_attention(c)),
     Stage("smooth", lambda r, t: r.quantize is not None and r.quantize.smooth is not None,
           lambda c: SmoothQuantPass(c.recipe.quantize.smooth, c.source)),
+    Stage("outlier-split", lambda r, t: r.quantize is not None and r.quantize.split is not None,
+          lambda c: OutlierSplitPass(c.recipe.quantize.split, c.source)),
     Stage("mask-fill", lambda r, t: r.quantize is not None and t.fully_quantized,
           lambda c: MaskFillPass(c.recipe.quantize.mask_fill)),
     Stage("device-legalize", lambda r, t: bool(t.before_quantize),

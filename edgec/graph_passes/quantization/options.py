@@ -53,7 +53,9 @@ class QuantOptions:
     (the same search until the worst held-out mean KL divergence of the ``logits`` output's
     next-token distribution from fp32's is at most F nats per token); ``smooth=α``
     (SmoothQuant: activation outlier ranges moved into the weights the norms feed, folded
-    into the norms' scales; α in (0, 1), 0.5 typical);
+    into the norms' scales; α in (0, 1), 0.5 typical); ``split=R`` (the FFN inner channels
+    whose calibrated peak is ≥ R × the median channel's computed by a branch of their own, float
+    on CPU targets and 16-bit on the NPU: ``outlier_split``; R > 1, e.g. 100);
     ``gptq=true|false`` (weight integers chosen by GPTQ's error feedback on the calibration
     samples' activations instead of rounded to nearest; what 4-bit weights after a rotation
     need, so on by default there: ``gptq_on``).
@@ -67,6 +69,7 @@ class QuantOptions:
     min_cos: float | None = None
     max_kld: float | None = None
     smooth: float | None = None
+    split: float | None = None  # outlier_split's ratio
     gptq: bool | None = None  # None: on for 4-bit weights after a rotation (gptq_on)
 
     def __post_init__(self):
@@ -92,6 +95,11 @@ class QuantOptions:
                                             and 0 < self.smooth < 1):
             raise UserError(f"--quantize smooth is SmoothQuant's migration strength α, between "
                             f"0 and 1 (e.g. 0.5), not {self.smooth!r}")
+        if self.split is not None and not (isinstance(self.split, (int, float))
+                                           and self.split > 1):
+            raise UserError(f"--quantize split is how many times the median channel's peak an "
+                            f"FFN channel must reach to be split off, above 1 (e.g. 100), not "
+                            f"{self.split!r}")
         object.__setattr__(self, "exclude", tuple(e for e in self.exclude if e))
 
     @classmethod

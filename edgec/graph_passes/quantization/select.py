@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from edgec.errors import UserError
 from edgec.graph_passes.quantization.mask_fill import HUGE, _constant
+from edgec.graph_passes.quantization.outlier_split import OUTLIER_TAG
 from edgec.graph_passes.rotation.edit import ROTATION_TAG
 from edgec.graph_passes.rotation.topology import find_norms
 
@@ -232,6 +233,7 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
     for node in model.graph:
         float_ins = [v for v in node.inputs if v is not None and _is_float(v)]
         user = node.name in wanted or node.op_type in wanted
+        outlier = OUTLIER_TAG in node.metadata_props  # outlier_split's branch: wide or float
         touches_mask = any(v.name in mask for v in float_ins)
         if "edgec.lora.branch" in node.metadata_props:
             if fully_quantized:
@@ -242,7 +244,7 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
             reasons[node.name] = "swappable LoRA branch"
             continue
         if fully_quantized:
-            if user:
+            if user or outlier:
                 sixteen.update(v.name for v in (*float_ins, *node.outputs) if _is_float(v)
                                and v.const_value is None)
             continue
@@ -250,7 +252,10 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
             excluded.append(node.name)  # next MatMul quantizes its rotated output, once
             reasons[node.name] = "online rotation"
             continue
-        if user:
+        if outlier:
+            excluded.append(node.name)
+            reasons[node.name] = "outlier channels"
+        elif user:
             excluded.append(node.name)
             reasons[node.name] = "excluded by the user"
         elif touches_mask:

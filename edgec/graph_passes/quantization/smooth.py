@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from edgec.graph_passes._infra import EdgecPass, PassResult, register_constant
 
-__all__ = ["SmoothQuantPass", "smoothing_scales"]
+__all__ = ["SmoothQuantPass", "smoothing_scales", "channel_peaks"]
 
 _CLIP = (1e-5, 1e5)
 
@@ -64,7 +64,7 @@ class SmoothQuantPass(EdgecPass):
         if not sites:
             return PassResult(model, False, {"alpha": self.alpha, "smoothed_norms": 0,
                                              "skipped": skipped})
-        x_max = self._activation_max(model, [n.output.name for n, _ in sites])
+        x_max = channel_peaks(model, [n.output.name for n, _ in sites], self.src, self.samples)
         editor = WeightEditor(model.graph)
         report = []
         for (norm, readers), xm in zip(sites, x_max):
@@ -82,27 +82,6 @@ class SmoothQuantPass(EdgecPass):
         return PassResult(model, True, {"alpha": self.alpha, "smoothed_norms": len(sites),
                                         "readers": sum(len(r) for _, r in sites),
                                         "norms": report, "skipped": skipped})
-
-    def _activation_max(self, model: ir.Model, names: list[str]) -> list[np.ndarray]:
-        """Per-channel max |x| of each named tensor over the calibration samples' tokens."""
-        from edgec.calibration.samples import generated_samples, samples_for_model
-        from edgec.runtimes.ort import model_feeds, open_model
-
-        samples = self.samples
-        if samples is None:
-            samples = samples_for_model(generated_samples(self.src)[0], model)
-        aug = model.clone()
-        values = {v.name: v for n in aug.graph for v in n.outputs}
-        present = {v.name for v in aug.graph.outputs}
-        aug.graph.outputs.extend(values[n] for n in names if n not in present)
-        result = [None] * len(names)
-        with open_model(aug, optimize=True) as session:
-            for feeds in samples:
-                out = session.run(model_feeds(aug, feeds))
-                for i, name in enumerate(names):
-                    m = np.abs(out[name]).reshape(-1, out[name].shape[-1]).max(axis=0)
-                    result[i] = m if result[i] is None else np.maximum(result[i], m)
-        return result
 
     @staticmethod
     def _fold_into_norm(graph: ir.Graph, norm, s: np.ndarray) -> None:
@@ -125,6 +104,29 @@ class SmoothQuantPass(EdgecPass):
                         node.replace_input_with(idx, fresh)
             if not list(value.uses()) and graph.initializers.get(value.name) is value:
                 del graph.initializers[value.name]
+
+
+def channel_peaks(model: ir.Model, names: list[str], src,
+                  samples: Sequence[dict] | None = None) -> list[np.ndarray]:
+    """Per-channel max |x| of each named tensor over the tokens of ``samples`` (None: the
+    source's generated calibration samples)."""
+    from edgec.calibration.samples import generated_samples, samples_for_model
+    from edgec.runtimes.ort import model_feeds, open_model
+
+    if samples is None:
+        samples = samples_for_model(generated_samples(src)[0], model)
+    aug = model.clone()
+    values = {v.name: v for n in aug.graph for v in n.outputs}
+    present = {v.name for v in aug.graph.outputs}
+    aug.graph.outputs.extend(values[n] for n in names if n not in present)
+    result = [None] * len(names)
+    with open_model(aug, optimize=True) as session:
+        for feeds in samples:
+            out = session.run(model_feeds(aug, feeds))
+            for i, name in enumerate(names):
+                m = np.abs(out[name]).reshape(-1, out[name].shape[-1]).max(axis=0)
+                result[i] = m if result[i] is None else np.maximum(result[i], m)
+    return result
 
 
 def _readers(norm):
