@@ -66,6 +66,7 @@ REMEDIES = {  # name → (quantize, rotate)
     # the FFN channels whose peak is ≥ 50× the median channel's in a branch of their own
     "split": ("w8a8:split=50,min_cos=0", None),
     "hadamard+split": ("w8a8:split=50,min_cos=0", "hadamard:r4=false"),
+    "split+floor": ("w8a8:split=50", None),
     # 16-bit activations: the NPU's scheme for LLMs (qnn-htp only)
     "w8a16": ("w8a16:min_cos=0", None),
     "hadamard+r4+w8a16": ("w8a16:min_cos=0", "hadamard:r4=true"),
