@@ -64,6 +64,8 @@ def test_the_table_selects_stages_per_recipe_and_target():
         "cleanup", "lora-fold", "prune", "sparse-attention", "quantize"]
     assert _stages("ort-cpu", quantize="w8a8", rotate="hadamard") == [
         "cleanup", "lora-fold", "rotate", "quantize"]
+    assert _stages("ort-cpu", quantize="w8a8:split=50,smooth=0.5") == [
+        "cleanup", "lora-fold", "smooth", "outlier-split", "quantize"]
     assert _stages("qnn-htp", quantize="w8a16") == [
         "cleanup", "lora-fold", "mask-fill", "device-legalize", "quantize"]
     assert _stages("tensorrt", quantize="fp8") == [
@@ -77,5 +79,5 @@ def test_recipe_records_what_was_asked():
     assert data["target"] == "openvino-cpu" and data["config"] == "tiny"
     assert data["quantize"] == {"scheme": "w8a8", "method": None, "exclude": ["Softmax"],
                                 "samples": 4, "mask_fill": 100.0, "min_cos": None,
-                                "max_kld": None, "smooth": None, "gptq": None}
+                                "max_kld": None, "smooth": None, "split": None, "gptq": None}
     assert data["sparse_attention"] == {"keep": 0.3}
