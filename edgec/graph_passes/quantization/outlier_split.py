@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgec.graph_passes._infra import EdgecPass, PassResult, register_constant
+from edgec.graph_passes._infra import EdgecPass, PassResult
 
 __all__ = ["OutlierSplitPass", "OUTLIER_TAG", "outlier_channels"]
 
@@ -133,78 +133,58 @@ def _branch(down):
 def _split(graph: ir.Graph, down, linears, nodes, keep: np.ndarray) -> None:
     """Rewrite in place: the projections keep the channels not in ``keep``; a tagged copy of
     the FFN computes ``keep``'s, and an Add joins the two down projections' outputs."""
+    from edgec.graph_passes.rotation.edit import WeightEditor
     from edgec.graph_passes.rotation.topology import const_array
 
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in graph.initializers or name in names:
-            k += 1
-            name = f"{base}_{k}"
-        names.add(name)
-        return name
+    editor = WeightEditor(graph)
 
-    names = {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None}
+    def outlier_part(lin, rows: np.ndarray) -> ir.Value:
+        """``rows`` (the weight's part for the split channels) as a constant of its dtype."""
+        dtype = const_array(lin.node.inputs[1]).dtype
+        return editor.constant(np.ascontiguousarray(rows.astype(dtype)),
+                               lin.node.inputs[1].name, "_outliers")
+
     mapped: dict[int, ir.Value] = {}  # id(value in the kept FFN) → its outlier-branch copy
+
+    def copy(node: ir.Node, inputs: list, like: ir.Value) -> ir.Node:
+        new = ir.Node(node.domain, node.op_type, inputs, attributes=list(
+            node.attributes.values()), name=editor.fresh(node.name, "_outliers"))
+        new.metadata_props[OUTLIER_TAG] = "outlier channels"
+        new.outputs[0].name = editor.fresh(like.name, "_outliers")
+        new.outputs[0].dtype, new.outputs[0].shape = like.dtype, like.shape
+        return new
+
     for lin in linears:
-        old = lin.node.inputs[1]
-        w = const_array(old)
-        new_w = register_constant(graph, fresh(f"{old.name}_outliers"),
-                                  np.ascontiguousarray(w[:, keep]))
-        lin.node.replace_input_with(1, register_constant(
-            graph, fresh(f"{old.name}_rest"), np.ascontiguousarray(np.delete(w, keep, axis=1))))
-        _drop_if_unused(graph, old)
-        node = ir.node("MatMul", [lin.input, new_w], name=fresh(f"{lin.node.name}_outliers"))
-        _tag(node, lin.node.outputs[0])
-        graph.insert_after(lin.node, node)
-        mapped[id(lin.node.outputs[0])] = node.outputs[0]
+        w = editor.weight(lin)
+        editor.set_weight(lin, np.delete(w, keep, axis=1))
+        new = copy(lin.node, [lin.input, outlier_part(lin, w[:, keep])], lin.output)
+        graph.insert_after(lin.node, new)
+        mapped[id(lin.output)] = new.outputs[0]
     for n in nodes:
-        inputs = [mapped.get(id(i), i) if i is not None else None for i in n.inputs]
-        copy = ir.Node(n.domain, n.op_type, inputs, attributes=list(n.attributes.values()),
-                       name=fresh(f"{n.name}_outliers"))
-        _tag(copy, n.outputs[0])
-        graph.insert_after(n, copy)
-        mapped[id(n.outputs[0])] = copy.outputs[0]
-    old = down.node.inputs[1]
-    w = const_array(old)
-    down.node.replace_input_with(1, register_constant(
-        graph, fresh(f"{old.name}_rest"), np.ascontiguousarray(np.delete(w, keep, axis=0))))
-    new_w = register_constant(graph, fresh(f"{old.name}_outliers"), np.ascontiguousarray(w[keep]))
-    _drop_if_unused(graph, old)
+        new = copy(n, [mapped.get(id(i), i) for i in n.inputs], n.outputs[0])
+        graph.insert_after(n, new)
+        mapped[id(n.outputs[0])] = new.outputs[0]
+    w = editor.weight(down)
+    editor.set_weight(down, np.delete(w, keep, axis=0))
     out = down.node.outputs[0]
-    branch = ir.node("MatMul", [mapped[id(down.input)], new_w],
-                     name=fresh(f"{down.node.name}_outliers"))
-    _tag(branch, out)
+    branch = copy(down.node, [mapped[id(down.input)], outlier_part(down, w[keep])], out)
     uses = list(out.uses())
-    join = ir.node("Add", [out, branch.outputs[0]], name=fresh(f"{down.node.name}_join"))
+    join = ir.node("Add", [out, branch.outputs[0]], name=editor.fresh(down.node.name, "_join"))
     join.outputs[0].dtype, join.outputs[0].shape = out.dtype, out.shape
     graph.insert_after(down.node, [branch, join])
     for user, index in uses:
         user.replace_input_with(index, join.outputs[0])
-    if out.is_graph_output():
+    if out.is_graph_output():  # the graph output keeps its name, now on the sum
         idx = [i for i, g in enumerate(graph.outputs) if g is out][0]
-        keep_name, out.name = out.name, fresh(f"{out.name}_rest")
-        join.outputs[0].name = keep_name
+        join.outputs[0].name, out.name = out.name, editor.fresh(out.name, "_rest")
         graph.outputs[idx] = join.outputs[0]
     else:
-        join.outputs[0].name = fresh(f"{out.name}_joined")
-    for n in (branch, *[v.producer() for v in mapped.values()]):
-        n.outputs[0].name = fresh(n.name + "_out")
-    width = w.shape[0]
-    for v in (*(lin.node.outputs[0] for lin in linears), *(n.outputs[0] for n in nodes)):
-        _last_dim(v, width - len(keep))  # the kept FFN is narrower now
+        join.outputs[0].name = editor.fresh(out.name, "_joined")
+    editor.flush()
+    for v in (*(lin.output for lin in linears), *(n.outputs[0] for n in nodes)):
+        _last_dim(v, w.shape[0] - len(keep))  # the kept FFN is narrower now
     for v in mapped.values():
         _last_dim(v, len(keep))
-
-
-def _tag(node: ir.Node, like: ir.Value) -> None:
-    node.metadata_props[OUTLIER_TAG] = "outlier channels"
-    node.outputs[0].dtype = like.dtype
-    node.outputs[0].shape = like.shape
-
-
-def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    if not list(value.uses()) and graph.initializers.get(value.name) is value:
-        del graph.initializers[value.name]
 
 
 def _last_dim(v: ir.Value, size: int) -> None:

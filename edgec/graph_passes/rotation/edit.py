@@ -82,16 +82,16 @@ class WeightEditor:
             self._write(node, idx, t)
         return len(self._weights) + len(self._biases) + len(self._tables)
 
-    def fresh(self, base: str) -> str:
-        name, k = f"{base}_rot", 1
+    def fresh(self, base: str, suffix: str = "_rot") -> str:
+        name, k = f"{base}{suffix}", 1
         while name in self._names:
             k += 1
-            name = f"{base}_rot{k}"
+            name = f"{base}{suffix}{k}"
         self._names.add(name)
         return name
 
-    def constant(self, array: np.ndarray, base: str) -> ir.Value:
-        name = self.fresh(base)
+    def constant(self, array: np.ndarray, base: str, suffix: str = "_rot") -> ir.Value:
+        name = self.fresh(base, suffix)
         value = ir.Value(name=name, shape=ir.Shape(array.shape),
                          type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                          const_value=ir.tensor(array, name=name))
@@ -105,6 +105,7 @@ class WeightEditor:
         init = self.graph.initializers.get(old.name)
         if init is old and len(list(old.uses())) == 1 and not old.is_graph_output():
             old.const_value = ir.tensor(array, name=old.name)
+            old.shape = ir.Shape(array.shape)  # an edit may change it (outlier_split)
             return
         if init is old:
             self.split += 1
