@@ -67,6 +67,7 @@ REMEDIES = {  # name → (quantize, rotate)
     "split": ("w8a8:split=50,min_cos=0", None),
     "hadamard+split": ("w8a8:split=50,min_cos=0", "hadamard:r4=false"),
     "split+floor": ("w8a8:split=50", None),
+    "hadamard+split+floor": ("w8a8:split=50", "hadamard:r4=false"),
     # 16-bit activations: the NPU's scheme for LLMs (qnn-htp only)
     "w8a16": ("w8a16:min_cos=0", None),
     "hadamard+r4+w8a16": ("w8a16:min_cos=0", "hadamard:r4=true"),
