@@ -21,11 +21,19 @@ from edgec.errors import TargetUnavailableError, UserError
 from edgec.runtimes.base import Session
 from edgec.runtimes.ort import ort_io_specs, session_options
 
-__all__ = ["PROVIDER_OPTIONS", "QnnSession", "qnn_session_options"]
+__all__ = ["PROVIDER_OPTIONS", "FP16_OPTIONS", "QnnSession",
+           "graph_provider_options", "qnn_session_options"]
 
 # Graph input quantize / output dequantize stay on the NPU; the default (offload to the CPU EP)
 # conflicts with disabled fallback.
 PROVIDER_OPTIONS: dict[str, str] = {"offload_graph_io_quantization": "0"}
+# A QDQ graph with float nodes (``QuantScheme.float_stream``) runs them in fp16, which needs an
+# HTP with fp16 units: the SoC is named (Snapdragon X Elite, HTP v73, the QNN EP's reference
+# device). Without a SoC the x86 emulator computes float ops in fp32, which no device does
+# (1.0001 + 1 gives 2.0001 there, 2.0 with the SoC named), and fails to finalize a float
+# RMSNormalization; the quantized ops compute the same either way.
+FP16_OPTIONS: dict[str, str] = {"soc_model": "60", "htp_arch": "73",
+                                "enable_htp_fp16_precision": "1"}
 _BACKENDS = {"htp": "get_qnn_htp_path", "cpu": "get_qnn_cpu_path"}
 _lock = threading.Lock()
 
@@ -57,6 +65,22 @@ def _qnn_device(qnn) -> ort.OrtEpDevice:
     if not devices:
         raise TargetUnavailableError("the QNN execution provider found no device on this machine")
     return devices[0]
+
+
+def graph_provider_options(model_path: str | os.PathLike | None = None) -> dict[str, str]:
+    """The provider options a QDQ model at ``model_path`` compiles and runs with:
+    ``PROVIDER_OPTIONS``, and ``FP16_OPTIONS`` where its metadata says nodes stay float."""
+    options = dict(PROVIDER_OPTIONS)
+    if model_path is not None:
+        import onnx
+
+        from edgec.graph_passes.quantization.select import FLOAT_NODES_KEY
+
+        meta = {p.key for p in onnx.load(str(model_path), load_external_data=False)
+                .metadata_props}
+        if FLOAT_NODES_KEY in meta:
+            options.update(FP16_OPTIONS)
+    return options
 
 
 def qnn_session_options(backend: str = "htp", provider_options: Mapping[str, str] | None = None,

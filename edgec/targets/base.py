@@ -68,6 +68,12 @@ class QuantScheme:
             MatMul whose output is a graph output, through layout ops and constant adds only:
             an LM head) keeps 8-bit weights and a 16-bit input, as LLM w4 recipes keep the
             LM head in higher precision. Every logit reads all of its K inputs through it.
+        float_stream: on a fully quantized target, the residual stream stays float: its sums,
+            the norms that read them and ``outlier_split``'s branches are not quantized, and
+            the HTP runs them in fp16 (on an HTP with fp16 units: ``runtimes.qnn.FP16_OPTIONS``);
+            the MatMuls still read and write quantized tensors. A
+            trained decoder's massive activations need the range (SmolLM2-135M writes 2.6e4
+            on its first token, a 16-bit grid step of 0.4 for every other token's values).
     """
 
     name: str
@@ -87,6 +93,7 @@ class QuantScheme:
     outlier_crest: float | None = None
     stream_16bit: bool = False
     head_w8a16: bool = False
+    float_stream: bool = False
 
     @property
     def calibrated(self) -> bool:

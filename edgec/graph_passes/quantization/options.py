@@ -16,6 +16,9 @@ from edgec.options import convert_items, split_spec
 
 __all__ = ["QuantOptions", "HELD_OUT", "DEFAULT_MIN_COS", "DEFAULT_MAX_KLD", "held_out_split"]
 
+# --quantize stream=: the residual stream on a fully quantized target (QuantScheme.float_stream
+# and stream_16bit)
+STREAMS = ("fp16", "16bit", "8bit")
 HELD_OUT = 4  # samples mixed precision measures the quantized graph on
 # Samples GPTQ's Hessians come from when the model's generator makes them (a user's .npz: all of
 # it). More than the ranges need: H = XᵀX of a [rows, K] activation must see many more rows
@@ -58,7 +61,10 @@ class QuantOptions:
     on CPU targets and 16-bit on the NPU: ``outlier_split``; R > 1, e.g. 100);
     ``gptq=true|false`` (weight integers chosen by GPTQ's error feedback on the calibration
     samples' activations instead of rounded to nearest; what 4-bit weights after a rotation
-    need, so on by default there: ``gptq_on``).
+    need, so on by default there: ``gptq_on``); ``stream=fp16|16bit|8bit`` (fully quantized
+    targets: the residual stream's sums, the norms reading them and split branches kept float,
+    which the HTP runs in fp16, or the sums on a 16- or 8-bit grid; the scheme's default
+    otherwise, 16 bits for w8a8/w4a8 on qnn-htp).
     """
 
     scheme: str
@@ -71,6 +77,7 @@ class QuantOptions:
     smooth: float | None = None
     split: float | None = None  # outlier_split's ratio
     gptq: bool | None = None  # None: on for 4-bit weights after a rotation (gptq_on)
+    stream: str | None = None  # the residual stream on a fully quantized target (STREAMS)
 
     def __post_init__(self):
         from edgec.calibration.ranges import METHODS
@@ -100,6 +107,9 @@ class QuantOptions:
             raise UserError(f"--quantize split is how many times the median channel's peak an "
                             f"FFN channel must reach to be split off, above 1 (e.g. 100), not "
                             f"{self.split!r}")
+        if self.stream is not None and self.stream not in STREAMS:
+            raise UserError(f"--quantize stream is how a fully quantized target holds the "
+                            f"residual stream: one of {', '.join(STREAMS)}, not {self.stream!r}")
         object.__setattr__(self, "exclude", tuple(e for e in self.exclude if e))
 
     @classmethod
@@ -122,10 +132,19 @@ class QuantOptions:
             offered = ", ".join(target.schemes) or "none"
             raise UserError(f"target {target.name} has no quantization scheme {opts.scheme!r}; "
                             f"it offers: {offered}")
+        if opts.stream is not None and not target.fully_quantized:
+            raise UserError(f"--quantize stream={opts.stream} places the residual stream on a "
+                            f"fully quantized target (qnn-htp); on {target.name} it stays "
+                            "float already: drop stream")
         return opts
 
     def scheme_on(self, target):
-        return target.schemes[self.scheme]
+        """The target's scheme, with ``stream`` applied where given."""
+        scheme = target.schemes[self.scheme]
+        if self.stream is None or not target.fully_quantized:
+            return scheme
+        return dataclasses.replace(scheme, float_stream=self.stream == "fp16",
+                                   stream_16bit=self.stream == "16bit")
 
     def bits_on(self, target) -> tuple[int, int]:
         """(weights, activations): the scheme's integer widths on ``target`` (8 where a side is

@@ -28,7 +28,11 @@ from edgec.graph_passes.rotation.edit import ROTATION_TAG
 from edgec.graph_passes.rotation.topology import find_norms
 
 __all__ = ["QuantPlan", "plan_quantization", "residual_sums", "output_heads", "norm_outputs",
-           "rotated_outputs"]
+           "rotated_outputs", "float_stream_nodes", "FLOAT_NODES_KEY"]
+
+# model metadata a fully quantized graph carries when some of its compute stays float
+# (``float_stream``): the target builds it for a device that runs float ops (fp16 on the HTP)
+FLOAT_NODES_KEY = "edgec.quantize.float_nodes"
 
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where", "Expand", "Reshape", "Unsqueeze", "Squeeze",
                 "Transpose", "Slice", "Concat", "Tile", "Identity", "Min", "Max", "Neg",
@@ -221,16 +225,45 @@ def output_heads(model: ir.Model) -> set[str]:
     return heads
 
 
+def float_stream_nodes(model: ir.Model) -> set[str]:
+    """What ``QuantScheme.float_stream`` keeps float on a fully quantized target: the residual
+    sums' Adds, the norms that read them (one op each: ``LayerNormalization`` or the HTP's
+    fused ``RMSNormalization``), ``outlier_split``'s branches and the Adds that join them."""
+    sums = residual_sums(model)
+    out = set()
+    for node in model.graph:
+        if any(o.name in sums for o in node.outputs) or OUTLIER_TAG in node.metadata_props:
+            out.add(node.name)
+        elif node.op_type in ("RMSNormalization", "LayerNormalization") and \
+                node.inputs[0] is not None and node.inputs[0].name in sums:
+            out.add(node.name)
+    for node in model.graph:  # a split branch's join: Add(down output, branch output)
+        if node.op_type == "Add" and any(
+                v is not None and v.producer() is not None and v.producer().name in out
+                and OUTLIER_TAG in v.producer().metadata_props for v in node.inputs):
+            out.add(node.name)
+    return out
+
+
 def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str, ...] = (),
                       outliers: set[str] = frozenset(), stream: bool = False,
-                      head: bool = False) -> QuantPlan:
+                      head: bool = False, float_stream: bool = False) -> QuantPlan:
     """Decide exclusions (float stays float) or, when ``fully_quantized``, 16-bit tensors:
     by op (score chains, angles, user exclusions), the measured ``outliers``, with ``stream``
-    the residual sums, and with ``head`` the inputs of the output heads (``output_heads``)."""
+    the residual sums, and with ``head`` the inputs of the output heads (``output_heads``).
+    ``float_stream`` (fully quantized only): ``float_stream_nodes`` stay float, their
+    quantized readers read them at 16 bits."""
     mask = _mask_taint(model)
     wanted = set(exclude)
     excluded, reasons, sixteen, sums, heads = [], {}, set(), set(), set()
+    floating = float_stream_nodes(model) if fully_quantized and float_stream else set()
     for node in model.graph:
+        if node.name in floating:
+            excluded.append(node.name)
+            reasons[node.name] = "float residual stream (fp16 on the device)"
+            sixteen.update(o.name for o in node.outputs if _is_float(o) and any(
+                u.node.name not in floating for u in o.uses()))
+            continue
         float_ins = [v for v in node.inputs if v is not None and _is_float(v)]
         user = node.name in wanted or node.op_type in wanted
         outlier = OUTLIER_TAG in node.metadata_props  # outlier_split's branch: wide or float
@@ -263,12 +296,16 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
             reasons[node.name] = "reads an attention mask / integer-derived tensor"
     if fully_quantized:
         sixteen |= _score_chain(model) | _angles(model) | (set(outliers) - _squares(model))
-        sums = residual_sums(model) if stream else set()
+        sums = residual_sums(model) if stream and not floating else set()
         heads = output_heads(model) if head else set()
         head_inputs = {n.inputs[0].name for n in model.graph if n.name in heads
                        and n.inputs[0] is not None and _is_float(n.inputs[0])}
         sixteen = _where_consistent(model, sixteen | sums | head_inputs)
         sixteen |= norm_outputs(model, sixteen)
         sixteen |= rotated_outputs(model, sixteen)
+        # a float tensor only float nodes read stays unquantized (a 16-bit override would make
+        # the quantizer round it, e.g. a residual sum measured to carry outlier channels)
+        sixteen -= {o.name for node in model.graph if node.name in floating
+                    for o in node.outputs if all(u.node.name in floating for u in o.uses())}
     return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons, sorted(sums),
                      sorted(heads))

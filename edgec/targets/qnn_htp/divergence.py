@@ -90,8 +90,9 @@ def first_departure(model_path: Path, feeds: Mapping[str, np.ndarray]) -> Depart
     import onnx
     import onnxruntime as ort
 
-    from edgec.runtimes.qnn import qnn_session_options
+    from edgec.runtimes.qnn import graph_provider_options, qnn_session_options
 
+    provider = graph_provider_options(model_path)
     # weights stay external: the probe is written beside the model, so its references resolve
     model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
                                                         load_external_data=False))
@@ -116,7 +117,8 @@ def first_departure(model_path: Path, feeds: Mapping[str, np.ndarray]) -> Depart
             try:
                 with native_stdout_to_stderr():  # the QNN backend prints to fd 1
                     htp = ort.InferenceSession(str(probe),
-                                               sess_options=qnn_session_options(quiet=True))
+                                               sess_options=qnn_session_options(
+                                                   provider_options=provider, quiet=True))
                     got = dict(zip(names, htp.run(None, given)))
             except Exception as e:  # noqa: BLE001 — a prefix the HTP cannot run: treat as departed
                 logger.debug("qnn-htp: prefix %d does not run on the HTP: %s", k, e)

@@ -67,9 +67,10 @@ def _cpu_assigned(model_path: Path) -> tuple[list[tuple[str, str]], set[str]]:
     and the names of all the nodes it assigned (to any EP)."""
     import onnxruntime as ort
 
-    from edgec.runtimes.qnn import qnn_session_options
+    from edgec.runtimes.qnn import graph_provider_options, qnn_session_options
 
-    opts = qnn_session_options(fallback=True, record_assignment=True, quiet=True)
+    opts = qnn_session_options(provider_options=graph_provider_options(model_path),
+                               fallback=True, record_assignment=True, quiet=True)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with native_stdout_to_stderr():  # the QNN backend prints to fd 1 from native code
         sess = ort.InferenceSession(str(model_path), sess_options=opts)
@@ -215,8 +216,9 @@ def _failing_nodes(model_path: Path) -> tuple[list[tuple[str, str]], str] | None
     import onnx
     import onnxruntime as ort
 
-    from edgec.runtimes.qnn import qnn_session_options
+    from edgec.runtimes.qnn import graph_provider_options, qnn_session_options
 
+    provider = graph_provider_options(model_path)
     model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
     nodes = list(model.graph.node)
     live, elem = _live(model), _elem_types(model)
@@ -227,7 +229,8 @@ def _failing_nodes(model_path: Path) -> tuple[list[tuple[str, str]], str] | None
         onnx.save(_prefix(model, cuts[k], live, elem), str(probe))
         try:
             with native_stdout_to_stderr():  # the QNN backend prints to fd 1 from native code
-                ort.InferenceSession(str(probe), sess_options=qnn_session_options(quiet=True))
+                ort.InferenceSession(str(probe), sess_options=qnn_session_options(
+                    provider_options=provider, quiet=True))
             return None
         except Exception as e:  # noqa: BLE001 — any failure is the answer being probed for
             return _first_line(e)
@@ -298,9 +301,10 @@ def _diagnose(model_path: Path, graph, error: Exception, opset: int = 21) -> Use
 def build(target: Target, model_path: Path, target_dir: Path, **options) -> BuildResult:
     import onnx
 
-    from edgec.runtimes.qnn import QnnSession, qnn_session_options
+    from edgec.runtimes.qnn import QnnSession, graph_provider_options, qnn_session_options
 
     proto = onnx.load(str(model_path), load_external_data=False)
+    provider = graph_provider_options(model_path)
     graph = proto.graph
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 21)
     _check_static(graph)
@@ -312,7 +316,7 @@ def build(target: Target, model_path: Path, target_dir: Path, **options) -> Buil
     ctx = target_dir / CONTEXT_MODEL
     try:
         with native_stdout_to_stderr():  # the QNN backend prints to fd 1 from native code
-            _compile(model_path, ctx, qnn_session_options(quiet=True))
+            _compile(model_path, ctx, qnn_session_options(provider_options=provider, quiet=True))
     except UserError:
         raise
     except Exception as e:
@@ -321,14 +325,14 @@ def build(target: Target, model_path: Path, target_dir: Path, **options) -> Buil
                 f.unlink()
         raise _diagnose(model_path, graph, e, opset) from e
     try:  # the artifact must load from the context binary just compiled
-        QnnSession(ctx, {"backend": "htp"})
+        QnnSession(ctx, {"backend": "htp", "provider_options": provider})
     except UserError as e:
         raise InternalError(f"the QNN HTP compiled the model but cannot load the context binary "
                             f"it wrote ({e}); this is an edgec or QNN bug: report it") from e
     files = sorted(f"target/{f.name}" for f in target_dir.glob(f"{ctx.stem}*"))
     return BuildResult(
         runtime={"name": "qnn", "model": f"target/{CONTEXT_MODEL}", "backend": "htp",
-                 "provider_options": dict(target.runtime_config["provider_options"]),
+                 "provider_options": {**target.runtime_config["provider_options"], **provider},
                  "config": dict(target.runtime_config)},
         files=files,
     )

@@ -4,7 +4,9 @@
     + 16-bit overrides for the tensors 8 bits cannot hold (``select``: scores, angles, masks,
       and tensors whose measured crest factor exceeds the scheme's ``outlier_crest``)
     + MatMul weights symmetric per output channel in the scheme's type (int8, int4)
-    + constant data inputs quantized too (``ForceQuantizeNoInputCheck``): the HTP has no float
+    + constant data inputs quantized too (``ForceQuantizeNoInputCheck``): every op the HTP
+      runs quantized reads quantized inputs
+    + the plan's float nodes left as they are (``float_stream``: fp16 on the HTP)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def qdq_options(model: ir.Model, path: Path, scheme, plan, method) -> dict[str, 
     return dict(activation_type=quant_type(scheme.activations), weight_type=quant_type("uint8"),
                 op_types_to_quantize=cfg.op_types_to_quantize, per_channel=cfg.per_channel,
                 extra_options={**cfg.extra_options, "ForceQuantizeNoInputCheck": True},
-                nodes_to_exclude=cfg.nodes_to_exclude)
+                nodes_to_exclude=[*(cfg.nodes_to_exclude or ()), *plan.nodes_to_exclude])
 
 
 def _matmul_weights(model: ir.Model, weights: str, heads: set[str] = frozenset()

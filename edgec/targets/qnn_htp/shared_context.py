@@ -45,7 +45,7 @@ def share_context(graphs: Sequence[tuple[str, Path, Path]], target_dir: Path,
     to ``target_dir``'s parent), or False and why; and the sizes of both forms."""
     import onnxruntime as ort
 
-    from edgec.runtimes.qnn import QnnSession, qnn_session_options
+    from edgec.runtimes.qnn import QnnSession, graph_provider_options, qnn_session_options
     from edgec.targets.qnn_htp.epcontext import CONTEXT_MODEL
 
     out = target_dir / SHARED_DIR
@@ -54,10 +54,13 @@ def share_context(graphs: Sequence[tuple[str, Path, Path]], target_dir: Path,
     separate = sum(_bytes(d) for _, _, d in graphs)
     entry: dict[str, Any] = {"separate_bytes": separate}
     models = {}
+    provider: dict[str, str] = {}  # one context: fp16 for all where any graph needs it
+    for _, qdq, _ in graphs:
+        provider.update(graph_provider_options(qdq))
     try:
         with native_stdout_to_stderr():
             for i, (name, qdq, _) in enumerate(graphs):
-                opts = qnn_session_options(quiet=True)
+                opts = qnn_session_options(provider_options=provider, quiet=True)
                 opts.add_session_config_entry(SHARE_OPTION, "1")
                 if i == len(graphs) - 1:
                     opts.add_session_config_entry(STOP_OPTION, "1")
@@ -69,7 +72,8 @@ def share_context(graphs: Sequence[tuple[str, Path, Path]], target_dir: Path,
         shutil.rmtree(out, ignore_errors=True)
         return {**entry, "shared": False, "why": f"the shared compile failed: {_first_line(e)}"}
     entry["shared_bytes"] = _bytes(out)
-    shared_runtime = {**runtime, "session_config": {SHARE_OPTION: "1"}}
+    shared_runtime = {**runtime, "session_config": {SHARE_OPTION: "1"},
+                      "provider_options": {**runtime.get("provider_options", {}), **provider}}
     try:
         sessions = [QnnSession(models[name], shared_runtime) for name, _, _ in graphs]
         for (name, _, built), session, feed in zip(graphs, sessions, feeds):
