@@ -20,7 +20,9 @@ shrink (it keeps each token's norm). This measures what each remedy does about i
   ``--rotate hadamard``'s default on a decoder), and plain ``w8a8``
   (the default accuracy floor, min_cos=0.98 and logits KL divergence ≤ 0.05: the most
   sensitive MatMuls kept in float on the CPU targets, at 16 bits on the NPU) alone and after
-  ``hadamard:r4=true``.
+  ``hadamard:r4=true``. Other remedies (``REMEDIES``, ``--targets T --remedies R,...``): the
+  FFN outlier split (``split=50``), and on qnn-htp the residual stream in fp16
+  (``stream=fp16``) instead of on a 16-bit grid.
 - Metrics over the unmasked tokens of the 24 sentences against fp32 PyTorch (transformers):
   logits cosine (min and mean), top-1 agreement, the mean KL divergence of the next-token
   distribution from fp32's (nats per token), and the perplexity of the sentences' next tokens
@@ -68,6 +70,13 @@ REMEDIES = {  # name → (quantize, rotate)
     "hadamard+split": ("w8a8:split=50,min_cos=0", "hadamard:r4=false"),
     "split+floor": ("w8a8:split=50", None),
     "hadamard+split+floor": ("w8a8:split=50", "hadamard:r4=false"),
+    # the residual stream (its sums, the norms reading them, split branches) in fp16 on the NPU
+    # instead of on a 16-bit grid (qnn-htp only)
+    "fp16-stream": ("w8a8:stream=fp16,min_cos=0", None),
+    "hadamard+fp16-stream": ("w8a8:stream=fp16,min_cos=0", "hadamard:r4=false"),
+    "split+fp16-stream": ("w8a8:split=50,stream=fp16,min_cos=0", None),
+    "hadamard+split+fp16-stream": ("w8a8:split=50,stream=fp16,min_cos=0", "hadamard:r4=false"),
+    "fp16-stream+floor": ("w8a8:stream=fp16", None),
     # 16-bit activations: the NPU's scheme for LLMs (qnn-htp only)
     "w8a16": ("w8a16:min_cos=0", None),
     "hadamard+r4+w8a16": ("w8a16:min_cos=0", "hadamard:r4=true"),
@@ -76,7 +85,7 @@ REMEDIES = {  # name → (quantize, rotate)
 
 # the default run: every remedy on openvino-cpu, the ones that matter on the other two (on the
 # NPU R4 is off by default: --rotate hadamard there is the "hadamard" row)
-PLAN = {"openvino-cpu": [r for r in REMEDIES if "w8a16" not in r],
+PLAN = {"openvino-cpu": [r for r in REMEDIES if "w8a16" not in r and "fp16" not in r],
         "ort-cpu": ["none", "hadamard+r4", "floor", "hadamard+r4+floor"],
         "qnn-htp": ["none", "hadamard", "hadamard+r4", "floor", "w8a16"]}
 
