@@ -61,6 +61,11 @@ QNN_HTP = Target(
          "square cannot hold a trained decoder's massive first token beside the others (every "
          "other token's rounds to 0); RMSNormalization at 16 bits in / 8 out fails to finalize"),
         "int64 token ids and the embedding Gather run on the NPU as they are",
+        ("--quantize ...:stream=fp16 keeps the residual stream (its sums, the norms reading "
+         "them, split branches) float, which the HTP runs in fp16: such a graph is built for an "
+         "fp16 HTP (soc_model 60, Snapdragon X Elite, HTP v73); named no SoC, the x86 emulator "
+         "computes float ops in fp32, which no device does, and cannot finalize a float "
+         "RMSNormalization"),
     ),
     requires=("onnxruntime", "onnxruntime_qnn"),
     build=build,
