@@ -78,6 +78,8 @@ VARIANTS = {
                      "FFN down projection, run in float on the CPU targets)",
     "edgec_w8a8_gptq": "edgec quantize='w8a8:gptq=true' (GPTQ weight rounding on the same "
                        "calibration samples' activations, same grid)",
+    "edgec_w8a8_fp16_stream": "edgec quantize='w8a8:stream=fp16' (qnn-htp: the residual Adds "
+                              "and LayerNorms in fp16 on the HTP, the MatMuls quantized)",
     "nncf": "nncf.quantize(ModelType.TRANSFORMER, subset_size=16), defaults (SmoothQuant on)",
     "nncf_no_smoothquant": "the same, SmoothQuant off (AdvancedSmoothQuantParameters(matmul=-1))",
     "ort_quantize_static": "onnxruntime quantize_static, QDQ, QUInt8 act., QInt8 per-channel "
@@ -229,6 +231,7 @@ EDGEC_ROWS = (("ort-cpu", "fp32", None), ("ort-cpu", "edgec_w8a8", "w8a8"),
               ("ort-cpu", "edgec_w8a8_r4", "w8a8"), ("openvino-cpu", "edgec_w8a8_r4", "w8a8"),
               ("qnn-htp", "edgec_w8a8", "w8a8"), ("qnn-htp", "edgec_w8a8_gptq", "w8a8:gptq=true"),
               ("qnn-htp", "edgec_w8a8_r4", "w8a8"),
+              ("qnn-htp", "edgec_w8a8_fp16_stream", "w8a8:stream=fp16"),
               ("qnn-htp", "edgec_w8a16", "w8a16"))
 
 
