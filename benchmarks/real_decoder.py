@@ -77,6 +77,9 @@ REMEDIES = {  # name → (quantize, rotate)
     "split+fp16-stream": ("w8a8:split=50,stream=fp16,min_cos=0", None),
     "hadamard+split+fp16-stream": ("w8a8:split=50,stream=fp16,min_cos=0", "hadamard:r4=false"),
     "fp16-stream+floor": ("w8a8:stream=fp16", None),
+    # 4-bit weights (GPTQ-rounded by default after a rotation), LM head at w8a16
+    "hadamard+w4a8": ("w4a8:min_cos=0", "hadamard:r4=false"),
+    "hadamard+w4a8+fp16-stream": ("w4a8:stream=fp16,min_cos=0", "hadamard:r4=false"),
     # 16-bit activations: the NPU's scheme for LLMs (qnn-htp only)
     "w8a16": ("w8a16:min_cos=0", None),
     "hadamard+r4+w8a16": ("w8a16:min_cos=0", "hadamard:r4=true"),
@@ -85,7 +88,8 @@ REMEDIES = {  # name → (quantize, rotate)
 
 # the default run: every remedy on openvino-cpu, the ones that matter on the other two (on the
 # NPU R4 is off by default: --rotate hadamard there is the "hadamard" row)
-PLAN = {"openvino-cpu": [r for r in REMEDIES if "w8a16" not in r and "fp16" not in r],
+PLAN = {"openvino-cpu": [r for r in REMEDIES if not any(k in r for k in ("w8a16", "fp16",
+                                                                          "w4a8"))],
         "ort-cpu": ["none", "hadamard+r4", "floor", "hadamard+r4+floor"],
         "qnn-htp": ["none", "hadamard", "hadamard+r4", "floor", "w8a16"]}
 
