@@ -67,18 +67,19 @@ def _qnn_device(qnn) -> ort.OrtEpDevice:
     return devices[0]
 
 
-def graph_provider_options(model_path: str | os.PathLike | None = None) -> dict[str, str]:
-    """The provider options a QDQ model at ``model_path`` compiles and runs with:
-    ``PROVIDER_OPTIONS``, and ``FP16_OPTIONS`` where its metadata says nodes stay float."""
+def graph_provider_options(model=None) -> dict[str, str]:
+    """The provider options a QDQ model (a path or a loaded ``onnx.ModelProto``) compiles and
+    runs with: ``PROVIDER_OPTIONS``, and ``FP16_OPTIONS`` where its metadata says nodes stay
+    float."""
     options = dict(PROVIDER_OPTIONS)
-    if model_path is not None:
+    if model is not None:
         import onnx
 
         from edgec.graph_passes.quantization.select import FLOAT_NODES_KEY
 
-        meta = {p.key for p in onnx.load(str(model_path), load_external_data=False)
-                .metadata_props}
-        if FLOAT_NODES_KEY in meta:
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx.load(str(model), load_external_data=False)
+        if any(p.key == FLOAT_NODES_KEY for p in model.metadata_props):
             options.update(FP16_OPTIONS)
     return options
 

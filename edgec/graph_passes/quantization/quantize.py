@@ -386,22 +386,28 @@ def _float_readers_skip_converts(model: ir.Model, excluded: set[str]) -> int:
         if node.name not in excluded:
             continue
         for index, v in enumerate(node.inputs):
-            start = v
-            while v is not None:
-                dq = v.producer()
-                q = dq.inputs[0].producer() if dq is not None and \
-                    dq.op_type == "DequantizeLinear" and dq.inputs[0] is not None else None
-                first = q.inputs[0].producer() if q is not None and \
-                    q.op_type == "QuantizeLinear" and q.inputs[0] is not None else None
-                if first is None or first.op_type != "DequantizeLinear":
-                    break
-                v = first.outputs[0]
-            if v is not start:
-                node.replace_input_with(index, v)
+            first = v
+            while _converted_from(first) is not None:
+                first = _converted_from(first)
+            if first is not v:
+                node.replace_input_with(index, first)
                 rewired += 1
     if rewired:  # the converts nothing reads now
         ir.passes.common.RemoveUnusedNodesPass()(model)
     return rewired
+
+
+def _converted_from(v: ir.Value | None) -> ir.Value | None:
+    """``x`` where ``v`` is ``DQ(Q(x))`` and ``x`` itself a DequantizeLinear's output (a
+    convert between two quantized types), else None."""
+    dq = v.producer() if v is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0] is None:
+        return None
+    q = dq.inputs[0].producer()
+    if q is None or q.op_type != "QuantizeLinear" or q.inputs[0] is None:
+        return None
+    x = q.inputs[0]
+    return x if x.producer() is not None and x.producer().op_type == "DequantizeLinear" else None
 
 
 def _float_for_other_readers(model: ir.Model, op_types: set[str],

@@ -230,17 +230,19 @@ def float_stream_nodes(model: ir.Model) -> set[str]:
     sums' Adds, the norms that read them (one op each: ``LayerNormalization`` or the HTP's
     fused ``RMSNormalization``), ``outlier_split``'s branches and the Adds that join them."""
     sums = residual_sums(model)
+
+    def tagged(v: ir.Value | None) -> bool:
+        return v is not None and v.producer() is not None and \
+            OUTLIER_TAG in v.producer().metadata_props
+
     out = set()
     for node in model.graph:
-        if any(o.name in sums for o in node.outputs) or OUTLIER_TAG in node.metadata_props:
-            out.add(node.name)
-        elif node.op_type in ("RMSNormalization", "LayerNormalization") and \
-                node.inputs[0] is not None and node.inputs[0].name in sums:
-            out.add(node.name)
-    for node in model.graph:  # a split branch's join: Add(down output, branch output)
-        if node.op_type == "Add" and any(
-                v is not None and v.producer() is not None and v.producer().name in out
-                and OUTLIER_TAG in v.producer().metadata_props for v in node.inputs):
+        first = node.inputs[0] if node.inputs else None
+        makes_sum = any(o.name in sums for o in node.outputs)
+        norm = node.op_type in ("RMSNormalization", "LayerNormalization") and \
+            first is not None and first.name in sums
+        join = node.op_type == "Add" and any(tagged(v) for v in node.inputs)
+        if makes_sum or norm or join or OUTLIER_TAG in node.metadata_props:
             out.add(node.name)
     return out
 

@@ -92,10 +92,10 @@ def first_departure(model_path: Path, feeds: Mapping[str, np.ndarray]) -> Depart
 
     from edgec.runtimes.qnn import graph_provider_options, qnn_session_options
 
-    provider = graph_provider_options(model_path)
     # weights stay external: the probe is written beside the model, so its references resolve
     model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path),
                                                         load_external_data=False))
+    provider = graph_provider_options(model)
     nodes = list(model.graph.node)
     live, elem = _live(model), _elem_types(model)
     cuts = _cuts(model, live, elem)

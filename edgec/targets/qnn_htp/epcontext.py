@@ -218,8 +218,8 @@ def _failing_nodes(model_path: Path) -> tuple[list[tuple[str, str]], str] | None
 
     from edgec.runtimes.qnn import graph_provider_options, qnn_session_options
 
-    provider = graph_provider_options(model_path)
     model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
+    provider = graph_provider_options(model)
     nodes = list(model.graph.node)
     live, elem = _live(model), _elem_types(model)
     cuts = _cuts(model, live, elem)
@@ -304,7 +304,7 @@ def build(target: Target, model_path: Path, target_dir: Path, **options) -> Buil
     from edgec.runtimes.qnn import QnnSession, graph_provider_options, qnn_session_options
 
     proto = onnx.load(str(model_path), load_external_data=False)
-    provider = graph_provider_options(model_path)
+    provider = graph_provider_options(proto)
     graph = proto.graph
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 21)
     _check_static(graph)
