@@ -104,6 +104,37 @@ def test_qnn_plan_keeps_scores_and_masks_16bit(bert_src):
     assert not plan.nodes_to_exclude
 
 
+def _timestep_embedding() -> ir.Model:
+    """``t[:, None] · freqs`` → Sin/Cos → a MatMul, as a diffusion model embeds its timestep."""
+    t = ir.Value(name="t", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 1]))
+    freqs = np.exp(-np.log(1e4) * np.arange(8, dtype=np.float32) / 8)[None]
+    f, w = (ir.Value(name=n, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(a.shape),
+                     const_value=ir.tensor(a, name=n))
+            for n, a in (("freqs", freqs.astype(np.float32)), ("w", np.ones((16, 4), np.float32))))
+    mul = ir.node("Mul", [t, f], name="angle")
+    sin, cos = ir.node("Sin", [mul.outputs[0]], name="sin"), ir.node("Cos", [mul.outputs[0]],
+                                                                          name="cos")
+    cat = ir.node("Concat", [sin.outputs[0], cos.outputs[0]], attributes={"axis": -1},
+                  name="cat")
+    mm = ir.node("MatMul", [cat.outputs[0], w], name="mlp")
+    for node in (mul, sin, cos, cat, mm):
+        node.outputs[0].dtype = ir.DataType.FLOAT
+    graph = ir.Graph([t], [mm.outputs[0]], nodes=[mul, sin, cos, cat, mm],
+                     initializers=[f, w], opset_imports={"": 17})
+    return ir.Model(graph, ir_version=9)
+
+
+def test_qnn_plan_keeps_the_angle_chain_and_its_frequency_table_16bit():
+    """A timestep embedding's frequency table spans 1 to 1e-4: on an 8-bit grid the low
+    frequencies round away (video-dit tiny on the HTP, held-out cosine 0.85 → 0.9985)."""
+    model = _timestep_embedding()
+    sixteen = set(plan_quantization(model, True).tensors_16bit)
+    angle = model.graph.node("angle").outputs[0].name
+    assert {"freqs", angle} <= sixteen
+    assert "w" not in sixteen  # the MatMul's weight keeps the scheme's width
+    assert not set(plan_quantization(model, False).tensors_16bit)
+
+
 @pytest.mark.parametrize("src,first", [("llama_src", 1), ("bert_src", 0)])
 def test_qnn_residual_stream_at_16_bits_only_where_the_scheme_asks(src, first, request):
     """The residual sums norms read get 16 bits with ``stream``: every norm's input but the
