@@ -284,3 +284,16 @@ def test_quantizing_does_not_touch_the_root_logger_level(llama_src, monkeypatch)
     level = logging.getLogger().level
     _quantize(llama_src, "ort-cpu", "w8a8")
     assert seen == [level] and logging.getLogger().level == level
+
+
+def test_excluded_matmul_runs_at_w8a16_on_a_fully_quantized_target():
+    from edgec.targets.qnn_htp.qdq import _matmul_weights
+
+    model = _timestep_embedding()
+    plan = plan_quantization(model, True, exclude=("mlp",))
+    assert plan.wide_nodes == ["mlp"] and "mlp" not in plan.nodes_to_exclude
+    assert model.graph.node("mlp").outputs[0].name in plan.tensors_16bit
+    kinds = _matmul_weights(model, "int4", set(plan.wide_nodes))
+    assert str(kinds["w"][0]["quant_type"]).endswith("QInt8")
+    assert str(_matmul_weights(model, "int4")["w"][0]["quant_type"]).endswith("QInt4")
+    assert not plan_quantization(model, False, exclude=("mlp",)).wide_nodes

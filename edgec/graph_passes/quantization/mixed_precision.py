@@ -5,7 +5,7 @@
    recomputed in numpy as planned (activations fake-quantized with the calibrated ranges, at the
    widths the quantized graph gives them, ``quantized_widths``; weights symmetric per output
    channel at the scheme's width) and as kept (float on the CPU targets and TensorRT; on the NPU
-   its activations, output included, at 16 bits and its weights as planned). The difference is
+   its activations, output included, at 16 bits and its weights at 8 bits, w8a16). The difference is
    what keeping the node removes (``error``).
 2. End-to-end effect: one more graph, built once, adds an input ``δ`` to every candidate's
    output; each node's error is injected alone (its δ = the difference above, every other δ
@@ -152,8 +152,9 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
 
     The error is what keeping the node in high precision removes: the node as planned minus
     the node kept. ``kept_bits`` None: kept means float (the CPU targets, TensorRT). 16: the
-    NPU, where a kept node's activations (inputs and output) go to 16 bits and its weights stay
-    at the scheme's width, so an input at 16 bits already and the weight count for nothing.
+    NPU, where a kept node's activations (inputs and output) go to 16 bits and its weights to
+    8 (w8a16; the scheme's width where that is 8 already), so under w8a8 an input at 16 bits
+    already and the weight count for nothing.
     Counting them ranked first on SmolLM2-135M's HTP floor the down projections whose inputs
     are 16-bit already for their massive activations (a ±3000 range: a 16-bit step of 0.09),
     and the probes keeping the first four measured the KL of none kept.
@@ -198,7 +199,8 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                 if v.const_value is not None:  # a weight: [K, N] (Gemm transB: [N, K])
                     w = v.const_value.numpy().astype(np.float32)
                     wq = fake_quant_weight(w, w_bits, 0 if trans else -1)
-                    kept.append(w if kept_bits is None else wq)
+                    kept.append(w if kept_bits is None else wq if w_bits >= 8 else
+                                fake_quant_weight(w, 8, 0 if trans else -1))
                     quant.append(wq)
                     continue
                 x = out[v.name].astype(np.float32)

@@ -178,6 +178,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             "outlier_tensors_16bit": len(outliers),
             "stream_tensors_16bit": len(plan.stream_tensors),
             "heads_w8a16": list(plan.head_nodes),
+            "kept_w8a16": len(plan.wide_nodes),
             "mask_tensors": len(plan.mask_tensors),
             "opset": quantized.opset_imports.get(""),
             **extra,
@@ -271,7 +272,7 @@ class QuantizePass(ir.passes.FunctionalPass):
                  "held_out_seen_by_calibration": self.held_out_source == "calibration",
                  "reached": floor.met(score), "candidates": len(ranked) or None,
                  "kept": [e.to_json() for e in ranked[:k]],
-                 "precision": "16-bit" if fq else "float", "probes": probes,
+                 "precision": "w8a16" if fq else "float", "probes": probes,
                  "layer_errors": [e.to_json() for e in ranked]}
         if "kld" in score:
             entry["achieved_kld"] = round(score["kld"], 6)

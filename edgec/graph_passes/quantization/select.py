@@ -49,6 +49,9 @@ class QuantPlan:
     reasons: dict[str, str]  # node → why it was excluded
     stream_tensors: list[str] = dataclasses.field(default_factory=list)  # residual sums at 16 bits
     head_nodes: list[str] = dataclasses.field(default_factory=list)  # output heads at w8a16
+    # fully quantized: the MatMuls kept in high precision (the user's exclusions, the accuracy
+    # floor's kept layers) at w8a16 too: 8-bit weights where the scheme's are narrower
+    wide_nodes: list[str] = dataclasses.field(default_factory=list)
 
 
 def _is_float(v: ir.Value) -> bool:
@@ -260,11 +263,13 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
     """Decide exclusions (float stays float) or, when ``fully_quantized``, 16-bit tensors:
     by op (score chains, angles, user exclusions), the measured ``outliers``, with ``stream``
     the residual sums, and with ``head`` the inputs of the output heads (``output_heads``).
+    Fully quantized, an excluded MatMul runs at w8a16 (``wide_nodes``): the highest precision
+    the device has, so a 4-bit scheme's exclusions get 8-bit weights as well.
     ``float_stream`` (fully quantized only): ``float_stream_nodes`` stay float, their
     quantized readers read them at 16 bits."""
     mask = _mask_taint(model)
     wanted = set(exclude)
-    excluded, reasons, sixteen, sums, heads = [], {}, set(), set(), set()
+    excluded, reasons, sixteen, sums, heads, wide = [], {}, set(), set(), set(), set()
     floating = float_stream_nodes(model) if fully_quantized and float_stream else set()
     for node in model.graph:
         if node.name in floating:
@@ -289,6 +294,8 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
             if user or outlier:
                 sixteen.update(v.name for v in (*float_ins, *node.outputs) if _is_float(v)
                                and v.const_value is None)
+            if user and node.op_type == "MatMul":
+                wide.add(node.name)
             continue
         if ROTATION_TAG in node.metadata_props:  # an online rotation (R4) runs in float: the
             excluded.append(node.name)  # next MatMul quantizes its rotated output, once
@@ -317,4 +324,4 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
         sixteen -= {o.name for node in model.graph if node.name in floating
                     for o in node.outputs if all(u.node.name in floating for u in o.uses())}
     return QuantPlan(excluded, sorted(sixteen), sorted(mask), reasons, sorted(sums),
-                     sorted(heads))
+                     sorted(heads), sorted(wide))

@@ -28,7 +28,8 @@ def qdq_options(model: ir.Model, path: Path, scheme, plan, method) -> dict[str, 
     overrides = {t: [{"quant_type": quant_type("uint16")}] for t in plan.tensors_16bit}
     # MatMul weights in the scheme's signed type, symmetric per output channel; every other
     # weight (LayerNorm, Conv, Gather tables) u8 per tensor, the only form all ops accept
-    overrides.update(_matmul_weights(model, scheme.weights, set(plan.head_nodes)))
+    overrides.update(_matmul_weights(model, scheme.weights,
+                                     {*plan.head_nodes, *plan.wide_nodes}))
     cfg = get_qnn_qdq_config(str(path), None, calibrate_method=method,
                              activation_type=quant_type(scheme.activations),
                              weight_type=quant_type("uint8"), per_channel=False,
@@ -46,7 +47,8 @@ def _matmul_weights(model: ir.Model, weights: str, heads: set[str] = frozenset()
     """Constant [K, N] MatMul weights: ``weights`` (int8/int4), symmetric, per channel (axis 1).
     An online rotation's own MatMul (``--rotate ...:r4=true``; its factors are orthogonal, not
     all ±1/√n) stays int8: at 4 bits it would round the rotation itself. So do the output
-    ``heads`` the plan keeps at w8a16 (``QuantScheme.head_w8a16``)."""
+    ``heads`` and the kept MatMuls the plan runs at w8a16 (``QuantScheme.head_w8a16``,
+    ``QuantPlan.wide_nodes``)."""
     out = {}
     for node in model.graph:
         w = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
