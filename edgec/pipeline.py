@@ -49,6 +49,8 @@ class StageContext:
     source: Any  # exporters.sources.Source
     step: Progress
     graph: str = "model"  # or "prefill": a decoder's prefill graph (``_prefill_graph``)
+    # DartQuant's rotations as the main graph chose them, for its companion graphs
+    rotations: Mapping[str, np.ndarray] | None = None
 
     @property
     def target(self):
@@ -79,7 +81,7 @@ STAGES: tuple[Stage, ...] = (
           lambda c: LoraSwappablePass(c.recipe.lora, c.source.parameter_map)),
     Stage("rotate", lambda r, t: r.rotate is not None,
           lambda c: c.recipe.rotate.make_pass(c.source, c.recipe.calibration, c.target,
-                                              c.recipe.quantize)),
+                                              c.recipe.quantize, c.rotations)),
     Stage("sparse-attention", lambda r, t: r.sparse_attention is not None,
           lambda c: _sparse_attention(c)),
     Stage("smooth", lambda r, t: r.quantize is not None and r.quantize.smooth is not None,
@@ -133,7 +135,8 @@ class Prepared:
 def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
             step: Progress | None = None, until: str | None = None,
-            static=None, prefill: bool = False, graph=None) -> Prepared:
+            static=None, prefill: bool = False, graph=None,
+            rotations: Mapping[str, np.ndarray] | None = None) -> Prepared:
     """Export ``source`` (static shapes if the target needs them) and run the stage table.
 
     ``until`` stops before the named stage: ``edgec calibrate`` stops before ``quantize``, so the
@@ -142,6 +145,7 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     ``decoder.StaticCache``: context and tokens per run); default the prefill graph.
     ``prefill``: a dynamic decoder's prefill-only graph (``_prefill_graph``).
     ``graph``: a VLM's vision or prefill graph (``exporters.vlm_source`` markers).
+    ``rotations``: a companion graph's DartQuant rotations, the main graph's (``_rotations``).
     """
     from edgec.exporters.sources import resolve_source
 
@@ -169,7 +173,8 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     _check_opset(src.model, tgt)
     step("running graph passes" + (" with equivalence checks" if recipe.check else ""))
     t0 = time.perf_counter()
-    ctx = StageContext(recipe, src, step, "prefill" if prefill or graph else "model")
+    ctx = StageContext(recipe, src, step, "prefill" if prefill or graph else "model",
+                       rotations)
     passes = []
     for stage in STAGES:
         if stage.name == until:
@@ -231,15 +236,17 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         built = tgt.build(tgt, stage / "model.onnx", stage / "target",
                           **({"generation": {**gen, "context": recipe.context}} if gen else {}))
         decode = None
+        rotations = _rotations(prep.manager.passes)  # the companions rotate as this graph does
         if gen and tgt.static_shapes:  # the one-token graph beside the prefill graph
-            decode = _decode_graph(source, recipe, stage, step)
+            decode = _decode_graph(source, recipe, stage, step, rotations)
             built.runtime["decode"] = decode[0]
             if tgt.share_graphs is not None:
                 _share_graphs(tgt, built, src.feeds, decode[2], stage, step)
-        dense = _dense_graph(source, recipe, example_inputs, dynamic_shapes, stage, step)
+        dense = _dense_graph(source, recipe, example_inputs, dynamic_shapes, stage, step,
+                             rotations)
         if dense:
             built.runtime["dense"] = dense[0]
-        prefill = _prefill_graph(source, recipe, stage, step) if gen else None
+        prefill = _prefill_graph(source, recipe, stage, step, rotations) if gen else None
         if prefill:
             built.runtime["prefill"] = prefill[0]
         vision = _vision_graphs(source, recipe, stage, step) if gen and "vision" in gen else None
@@ -345,11 +352,24 @@ def static_graphs(recipe: Recipe) -> tuple[Any, Any]:
     return StaticCache(context, chunk), StaticCache(context, 1)
 
 
-def _decode_graph(source, recipe, stage: Path, step: Progress) -> tuple[dict, dict, dict]:
+def _rotations(passes) -> dict[str, np.ndarray] | None:
+    """The DartQuant rotations the main graph rotated with (None without ``--rotate
+    dartquant``). Its companion graphs take them rather than calibrate their own on their own
+    activations: one model in every graph, and the NPU's shared context stores the weights once
+    (calibrated apart, llama tiny's prefill and decode graphs shared none of their 15 weight
+    matrices: a shared context of 557 KB instead of 426 KB, and a second calibration)."""
+    from edgec.graph_passes.rotation.options import DartQuantRotatePass
+
+    return next((p.rotations for p in passes if isinstance(p, DartQuantRotatePass)), None)
+
+
+def _decode_graph(source, recipe, stage: Path, step: Progress, rotations=None
+                  ) -> tuple[dict, dict, dict]:
     """The one-token decode graph of a static-cache decoder beside the prefill graph
     (``decode.onnx``, ``target/decode/``): its runtime entry, fidelity and example feeds."""
     step("exporting the one-token decode graph")
-    prep = prepare(source, recipe, step=step, static=static_graphs(recipe)[1])
+    prep = prepare(source, recipe, step=step, static=static_graphs(recipe)[1],
+                   rotations=rotations)
     entry, fidelity = _companion("decode", prep, recipe, stage, step, tokens=1)
     return entry, fidelity, prep.src.feeds
 
@@ -408,7 +428,7 @@ def _share_graphs(tgt, built, prefill_feeds, decode_feeds, stage: Path, step: Pr
 
 
 def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: Path,
-                 step: Progress) -> tuple[dict, dict] | None:
+                 step: Progress, rotations=None) -> tuple[dict, dict] | None:
     """With ``--sparse-attention ...,dense_steps=N``: the same compile without sparse attention,
     built beside the sparse graph (``dense.onnx``, ``target/dense/``) for the sampler's first N
     steps. Returns its runtime entry and fidelity, or None."""
@@ -419,7 +439,7 @@ def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: 
         return None
     step(f"compiling the dense graph for the first {steps} sampling steps")
     prep = prepare(source, dataclasses.replace(recipe, sparse_attention=None), example_inputs,
-                   dynamic_shapes, step)
+                   dynamic_shapes, step, rotations=rotations)
     return _companion("dense", prep, recipe, stage, step, steps=steps)
 
 
@@ -433,7 +453,7 @@ def _prefill_example(recipe: Recipe):
     return PrefillGraph(2 * cfg.query_block + max(1, cfg.block // 2))
 
 
-def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
+def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress, rotations=None
                    ) -> tuple[dict, dict, dict] | None:
     """With ``--generate --sparse-attention``: the prefill graph (no past, last-token logits,
     causal block-sparse attention) built beside the decoder (``prefill.onnx``,
@@ -445,7 +465,7 @@ def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress
     if recipe.sparse_attention is None or recipe.target.static_shapes:
         return None
     step("exporting the sparse-attention prefill graph")
-    prep = prepare(source, recipe, step=step, prefill=True)
+    prep = prepare(source, recipe, step=step, prefill=True, rotations=rotations)
     generation = {**prep.src.info["generation"], "context": recipe.context, "graph": "prefill"}
     held = prep.src
     if recipe.lora:  # held to PEFT's merge, as the decoder is

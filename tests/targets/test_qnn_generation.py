@@ -90,3 +90,29 @@ def test_static_buffer_decoding_equals_the_dynamic_cache(tmp_path):
         for _ in range(20):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     np.testing.assert_array_equal(static, seq.numpy())
+
+
+def _matmul_weights(path: Path) -> dict[str, np.ndarray]:
+    import onnx_ir as ir
+
+    out = {}
+    for node in ir.load(path).graph:
+        dq = node.inputs[1].producer() if node.op_type == "MatMul" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0].is_initializer():
+            out[node.name] = dq.inputs[0].const_value.numpy()
+    return out
+
+
+def test_dartquant_decode_graph_rotates_as_the_prefill_graph(tmp_path):
+    """The decode graph takes the prefill graph's DartQuant rotations instead of calibrating its
+    own, so both hold the same weights and the shared context stores them once (calibrated
+    apart, none of llama tiny's 15 weight matrices matched)."""
+    art = edgec.compile("llama", target="qnn-htp", config="tiny", generate=True,
+                        quantize="w8a8", rotate="dartquant", context=64,
+                        output_dir=tmp_path / "a")
+    rotate = next(p for p in art.report["passes"] if p["name"] == "rotate")["stats"]
+    assert "learned" in rotate["dartquant"]["kept"].values()  # not the seeded Hadamards alone
+    prefill, decode = (_matmul_weights(art.path / f) for f in ("model.onnx", "decode.onnx"))
+    assert len(prefill) == 15 and prefill.keys() == decode.keys()
+    for name, w in prefill.items():
+        np.testing.assert_array_equal(w, decode[name], err_msg=name)

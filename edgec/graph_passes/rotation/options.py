@@ -54,13 +54,17 @@ class RotateOptions:
             raise UserError(f"--rotate needs a method: {' | '.join(METHODS)}[:k=v,...]")
         return cls(method=method, **convert_items(cls, items, "--rotate"))
 
-    def make_pass(self, src, calibration=None, target=None, quantize=None) -> EdgecPass:
+    def make_pass(self, src, calibration=None, target=None, quantize=None,
+                  rotations=None) -> EdgecPass:
         """``calibration``: the compile's ``--calib`` (a cache whose stored DartQuant rotations
         are reused instead of learned again; anything else is ignored here). ``target``: on a
         fully quantized one, R4 is off unless asked for (module docstring). ``quantize``: the
         compile's ``QuantizeOptions``; DartQuant keeps a learned rotation only where it lowers
         the quantized readers' error at that scheme's widths (8-bit without one), its weights
-        rounded as the quantize stage will (GPTQ or nearest)."""
+        rounded as the quantize stage will (GPTQ or nearest). ``rotations``: DartQuant's
+        matrices as another graph of the same model calibrated and chose them (a generation
+        artifact's decode, prefill and dense graphs take the main graph's, so every graph holds
+        the same weights)."""
         opts = self
         if self.r4 is None and target is not None and target.fully_quantized:
             opts = dataclasses.replace(self, r4=False)
@@ -69,10 +73,10 @@ class RotateOptions:
 
             cache = calibration if isinstance(calibration, CalibrationCache) else None
             if quantize is None or target is None:
-                return DartQuantRotatePass(opts, src, cache)
+                return DartQuantRotatePass(opts, src, cache, given=rotations)
             return DartQuantRotatePass(opts, src, cache, quantize.bits_on(target),
                                        quantize.gptq_on(target, rotated=True),
-                                       quantize.head_bits_on(target))
+                                       quantize.head_bits_on(target), given=rotations)
         return RotatePass("hadamard", src.parameter_map, online_r4=opts.r4, seed=opts.seed)
 
     def to_json(self) -> dict[str, Any]:
@@ -89,9 +93,11 @@ class DartQuantRotatePass(EdgecPass):
 
     def __init__(self, options: RotateOptions, src, cache=None,
                  bits: tuple[int, int] = (8, 8), gptq: bool = False,
-                 head_bits: tuple[int, int] | None = None):
+                 head_bits: tuple[int, int] | None = None, given=None):
         super().__init__()
         self.options, self.src, self.cache = options, src, cache
+        self.given = given  # rotations another graph of the model calibrated (``make_pass``)
+        self.rotations: dict | None = None  # what ``call`` rotated with
         self.bits, self.gptq = tuple(bits), bool(gptq)
         self.head_bits = tuple(head_bits or bits)
         self.learned = None  # (graph hash, DartQuantResult) when this pass calibrated
@@ -108,7 +114,9 @@ class DartQuantRotatePass(EdgecPass):
 
         graph = model_hash(model)
         stored = self.cache.load_rotations(graph, self._key()) if self.cache else None
-        if stored is not None:
+        if self.given is not None:
+            rotations, stats = self.given, {"from_main_graph": True}
+        elif stored is not None:
             rotations = stored
             stats = {**self.cache.rotations.get("summary", {}), "from_cache": True}
         else:
@@ -120,6 +128,7 @@ class DartQuantRotatePass(EdgecPass):
             rotations, self.learned = result.rotations, (graph, result)
             stats = {**result.summary(), "samples": len(samples), "data": origin,
                      "from_cache": False}
+        self.rotations = rotations
         rotate = RotatePass("dartquant", self.src.parameter_map, rotations,
                             online_r4=self.options.r4, seed=self.options.seed)
         out = rotate.call(model)
