@@ -74,9 +74,9 @@ def test_end_to_end_kl_effect_and_the_floor_ranks_by_the_bound_that_binds():
 
 
 def test_layer_error_counts_only_what_keeping_the_layer_removes():
-    """On the NPU a kept layer's activations go to 16 bits and its weights stay as quantized:
-    the error it is ranked by is its 8-bit activations' alone. With its input and output at 16
-    bits already there is nothing to remove, however coarse its weight or wide its range."""
+    """On the NPU a kept layer runs at w8a16: the error it is ranked by is its 8-bit
+    activations' and, under a 4-bit scheme, its weights' 4 bits. With its input and output at
+    16 bits already and 8-bit weights there is nothing to remove, however wide its range."""
     from types import SimpleNamespace
 
     rng = np.random.default_rng(2)
@@ -88,16 +88,19 @@ def test_layer_error_counts_only_what_keeping_the_layer_removes():
     model.graph.node("mm1").outputs[0].name = "mm1_out"
     scheme = SimpleNamespace(activations="uint8", weights="int4", activation_symmetric=False)
 
-    def error(sixteen, kept_bits):
-        found = layer_errors(model, feeds, cache, scheme, ("MatMul",), {"mm2"}, sixteen,
-                             kept_bits=kept_bits)
+    def error(sixteen, kept_bits, weights="int4"):
+        found = layer_errors(model, feeds, cache, SimpleNamespace(**{**vars(scheme),
+                                                                     "weights": weights}),
+                             ("MatMul",), {"mm2"}, sixteen, kept_bits=kept_bits)
         return next(e.error for e in found if e.node == "mm1")
 
     # float when kept (CPU): the 4-bit weight and the 16-bit input's coarse step both count
     assert error({"x", "mm1_out"}, None) > 0.05
     assert error(set(), 16) > 0.05  # 8-bit activations over ±3000: keeping at 16 bits helps
-    assert error({"x", "mm1_out"}, 16) == 0.0  # 16-bit already: keeping changes nothing
-    assert 0 < error({"x"}, 16) < error(set(), 16)  # the output's 8 bits still count
+    # 16-bit already: keeping removes the 4-bit weights' error only, nothing under int8 weights
+    assert error({"x", "mm1_out"}, 16) > 0.01
+    assert error({"x", "mm1_out"}, 16, weights="int8") == 0.0
+    assert 0 < error({"x"}, 16, "int8") < error(set(), 16, "int8")  # the output's 8 bits count
 
 
 def test_layer_error_reads_the_widths_the_quantized_graph_has(tmp_path):
