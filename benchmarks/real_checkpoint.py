@@ -73,6 +73,8 @@ VARIANTS = {
                           "MatMuls by end-to-end effect kept in float until the held-out "
                           "last 4 calibration samples reach 0.995 on their unpadded tokens)",
     "edgec_w8a16": "edgec quantize='w8a16' (qnn-htp only here), same samples",
+    "edgec_w4a8": "edgec quantize='w4a8' (qnn-htp only here: block-wise int4 MatMul weights; "
+                  "the default floor keeps the most sensitive MatMuls at w8a16)",
     "edgec_w8a8_r4": "edgec quantize='w8a8', rotate='hadamard:r4=true' (R1 cannot pass this "
                      "post-norm model; R2 per head on V/O, and an online Hadamard before each "
                      "FFN down projection, run in float on the CPU targets)",
@@ -232,7 +234,7 @@ EDGEC_ROWS = (("ort-cpu", "fp32", None), ("ort-cpu", "edgec_w8a8", "w8a8"),
               ("qnn-htp", "edgec_w8a8", "w8a8"), ("qnn-htp", "edgec_w8a8_gptq", "w8a8:gptq=true"),
               ("qnn-htp", "edgec_w8a8_r4", "w8a8"),
               ("qnn-htp", "edgec_w8a8_fp16_stream", "w8a8:stream=fp16"),
-              ("qnn-htp", "edgec_w8a16", "w8a16"))
+              ("qnn-htp", "edgec_w8a16", "w8a16"), ("qnn-htp", "edgec_w4a8", "w4a8"))
 
 
 def compile_edgec(ckpt: Path, calib_npz: Path, root: Path) -> tuple[dict, dict]:
