@@ -175,17 +175,78 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     t0 = time.perf_counter()
     ctx = StageContext(recipe, src, step, "prefill" if prefill or graph else "model",
                        rotations)
+    # the passes edit the graph in place: the end-to-end check of DartQuant's rotations
+    # (``_accepted``) starts its second run from a copy of the export
+    accept = (recipe.rotate is not None and recipe.rotate.method == "dartquant"
+              and recipe.rotate.accept and recipe.quantize is not None and until is None
+              and recipe.calibration is None and rotations is None)
+    pristine = src.model.clone() if accept else None
+    manager = PassManager(_passes(ctx, until), check=recipe.check, feeds=src.feeds)
+    model = manager(src.model)
+    if pristine is not None:
+        manager, model = _accepted(ctx, manager, model, pristine)
+    times["passes_s"] = time.perf_counter() - t0
+    return Prepared(src, model, manager, times, t_start)
+
+
+def _passes(ctx: StageContext, until: str | None = None) -> list:
+    """The passes of every stage that applies to the recipe, in table order, up to ``until``."""
     passes = []
     for stage in STAGES:
         if stage.name == until:
             break
-        if stage.applies(recipe, tgt):
+        if stage.applies(ctx.recipe, ctx.target):
             made = stage.make(ctx)
             passes += made if isinstance(made, Sequence) else [made] if made else []
-    manager = PassManager(passes, check=recipe.check, feeds=src.feeds)
-    model = manager(src.model)
-    times["passes_s"] = time.perf_counter() - t0
-    return Prepared(src, model, manager, times, t_start)
+    return passes
+
+
+def _accepted(ctx: StageContext, manager: PassManager, model, pristine):
+    """``--rotate dartquant`` (``accept``, on by default): where a learned rotation was kept,
+    run the stages again with the Hadamard starts and keep the graph whose quantization holds
+    the floor's held-out samples better as quantized (KL divergence where the floor bounds it,
+    else the worst cosine; a tie keeps the learned). Both runs' scores go in the rotate stats
+    (``dartquant.end_to_end``). Not where the ranges come from a ``--calib`` cache (bound to
+    the learned graph) or a companion graph takes the main graph's rotations."""
+    from edgec.graph_passes.rotation.options import DartQuantRotatePass
+
+    rotate = next((p for p in manager.passes if isinstance(p, DartQuantRotatePass)), None)
+    first = _as_quantized(manager)
+    if rotate is None or first is None or not rotate.uses_learned():
+        return manager, model
+    from edgec.calibration.dartquant import hadamard_starts
+
+    ctx.step("checking the learned rotations end to end: quantizing with the Hadamard starts")
+    t0 = time.perf_counter()
+    starts = hadamard_starts(rotate.rotations, rotate.options.seed)
+    other = PassManager(_passes(dataclasses.replace(ctx, rotations=starts)),
+                        check=ctx.recipe.check, feeds=ctx.source.feeds)
+    other_model = other(pristine)
+    second = _as_quantized(other)
+    kld = first.get("kld") is not None and second.get("kld") is not None
+    hadamard = (second["kld"] < first["kld"]) if kld else second["cosine"] > first["cosine"]
+    learned_stats = _record(manager, "rotate").stats["dartquant"]
+    chosen = other if hadamard else manager
+    _record(chosen, "rotate").stats["dartquant"] = {
+        **learned_stats, "end_to_end": {"learned": first, "hadamard": second,
+                                        "kept": "hadamard" if hadamard else "learned",
+                                        "measure": "kld" if kld else "cosine",
+                                        "seconds": round(time.perf_counter() - t0, 3)}}
+    return (other, other_model) if hadamard else (manager, model)
+
+
+def _record(manager: PassManager, name: str):
+    return next(r for r in manager.records if r.name == name)
+
+
+def _as_quantized(manager: PassManager) -> dict[str, float] | None:
+    """The floor's held-out score of the graph as quantized (no layer kept), or None."""
+    rec = next((r for r in manager.records if r.name == "quantize"), None)
+    mp = rec.stats.get("mixed_precision") if rec is not None else None
+    if not mp or not mp.get("probes"):
+        return None
+    probe = next(p for p in mp["probes"] if p["kept"] == 0)
+    return {k: probe[k] for k in ("cosine", "kld") if k in probe}
 
 
 def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "out",

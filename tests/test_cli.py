@@ -152,7 +152,7 @@ def test_rotate_option_runs_the_rotation_stage_before_quantization(tmp_path):
     assert rot["stats"]["dartquant"]["loss"]["r1"]["final"] < rot["stats"]["dartquant"][
         "loss"]["r1"]["start"]
     assert manifest["recipe"]["rotate"] == {"method": "dartquant", "r4": True, "steps": 5,
-                                            "seed": 0}
+                                            "seed": 0, "accept": True}
     # the online R4 runs in float on a CPU target: its MatMuls read no DequantizeLinear, and
     # the down projection after it quantizes the rotated tensor (once)
     import onnx

@@ -38,7 +38,7 @@ from edgec.graph_passes.rotation.hadamard import random_hadamard
 from edgec.graph_passes.rotation.topology import Norm, Topology, analyze, const_array
 
 __all__ = ["calibrate_rotation", "whip_loss", "collect_rotation_activations",
-           "calibrate_rotations", "DartQuantResult", "reader_error"]
+           "calibrate_rotations", "DartQuantResult", "reader_error", "hadamard_starts"]
 
 CHOICE_ROWS = 2048  # calibration rows per tensor on which the learned and Hadamard R are compared
 
@@ -296,7 +296,7 @@ def calibrate_rotations(model: ir.Model, samples: Sequence[dict[str, np.ndarray]
     acts = _pool(rows, topo, max_tokens, seed, per_kv_head)
     rotations, loss, quant_error = {}, {}, {}
     for key, x in acts.items():
-        layer_seed = seed if key == "r1" else seed + 1 + int(key.split(".")[1])
+        layer_seed = _seed(key, seed)
         hadamard = random_hadamard(x.shape[-1], layer_seed)
         start = _full_loss(x, hadamard)
         fits = [calibrate_rotation(part, steps, lr, layer_seed) for part in x.reshape(
@@ -319,3 +319,15 @@ def calibrate_rotations(model: ir.Model, samples: Sequence[dict[str, np.ndarray]
 
 def _full_loss(x: np.ndarray, r: np.ndarray) -> float:
     return float(np.exp(-np.abs(x.astype(np.float64) @ r)).sum(axis=-1).mean())
+
+
+def _seed(key: str, seed: int) -> int:
+    """The seed of rotation ``key``'s random Hadamard, as ``RotatePass`` draws it."""
+    return seed if key == "r1" else seed + 1 + int(key.split(".")[1])
+
+
+def hadamard_starts(rotations: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """The random Hadamards DartQuant started from, one per key of ``rotations`` and shaped
+    like it: what ``--rotate hadamard`` with the same seed rotates by."""
+    return {key: np.array(np.broadcast_to(random_hadamard(r.shape[-1], _seed(key, seed)),
+                                          r.shape)) for key, r in rotations.items()}

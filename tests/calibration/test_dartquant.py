@@ -209,3 +209,24 @@ def test_the_rotate_stage_judges_at_the_compiles_scheme(target, scheme, bits, he
     assert (p.bits, p.head_bits, p.gptq) == (bits, head, gptq)
     assert p._key() == {"steps": 100, "seed": 0, "bits": list(bits), "head_bits": list(head),
                         "gptq": gptq}
+
+
+def test_compile_keeps_the_learned_rotations_only_where_they_quantize_better_end_to_end(
+        tmp_path):
+    """Where a learned rotation was kept, the compile quantizes with the Hadamard starts too and
+    keeps the graph whose held-out logits KL is lower as quantized; the artifact is that graph
+    (its floor's first probe is the kept side's score), and ``accept=false`` skips the check."""
+    import edgec
+
+    kw = dict(config="tiny+outliers", target="qnn-htp", quantize="w8a8")
+    art = edgec.compile("llama", output_dir=tmp_path / "a", rotate="dartquant", **kw)
+    stats = {p["name"]: p["stats"] for p in art.report["passes"]}
+    e2e = stats["rotate"]["dartquant"]["end_to_end"]
+    assert e2e["measure"] == "kld" and "learned" in stats["rotate"]["dartquant"]["kept"].values()
+    better = "hadamard" if e2e["hadamard"]["kld"] < e2e["learned"]["kld"] else "learned"
+    assert e2e["kept"] == better
+    assert stats["quantize"]["mixed_precision"]["probes"][0]["kld"] == e2e[better]["kld"]
+    off = edgec.compile("llama", output_dir=tmp_path / "b", rotate="dartquant:accept=false",
+                        **kw)
+    rotate = next(p for p in off.report["passes"] if p["name"] == "rotate")["stats"]
+    assert "end_to_end" not in rotate["dartquant"]

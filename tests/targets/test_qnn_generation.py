@@ -108,7 +108,7 @@ def test_dartquant_decode_graph_rotates_as_the_prefill_graph(tmp_path):
     own, so both hold the same weights and the shared context stores them once (calibrated
     apart, none of llama tiny's 15 weight matrices matched)."""
     art = edgec.compile("llama", target="qnn-htp", config="tiny", generate=True,
-                        quantize="w8a8", rotate="dartquant", context=64,
+                        quantize="w8a8", rotate="dartquant:accept=false", context=64,
                         output_dir=tmp_path / "a")
     rotate = next(p for p in art.report["passes"] if p["name"] == "rotate")["stats"]
     assert "learned" in rotate["dartquant"]["kept"].values()  # not the seeded Hadamards alone
