@@ -203,50 +203,63 @@ def _passes(ctx: StageContext, until: str | None = None) -> list:
 
 def _accepted(ctx: StageContext, manager: PassManager, model, pristine):
     """``--rotate dartquant`` (``accept``, on by default): where a learned rotation was kept,
-    run the stages again with the Hadamard starts and keep the graph whose quantization holds
-    the floor's held-out samples better as quantized (KL divergence where the floor bounds it,
-    else the worst cosine; a tie keeps the learned). Both runs' scores go in the rotate stats
-    (``dartquant.end_to_end``). Not where the ranges come from a ``--calib`` cache (bound to
-    the learned graph) or a companion graph takes the main graph's rotations."""
+    run the stages again on ``pristine`` (a copy of the export) with the Hadamard starts and
+    keep the graph that computes the quantize stage's held-out samples (the floor's) better:
+    the worst logits KL divergence vs the fp32 export where there are logits, else the worst
+    output cosine; a tie keeps the learned. Both scores go in the rotate stats
+    (``dartquant.end_to_end``). ``prepare`` skips it where the ranges come from a ``--calib``
+    cache (bound to the learned graph) or a companion graph takes the main graph's rotations."""
+    from edgec.calibration.dartquant import hadamard_starts
+    from edgec.graph_passes.quantization.quantize import QuantizePass
     from edgec.graph_passes.rotation.options import DartQuantRotatePass
 
     rotate = next((p for p in manager.passes if isinstance(p, DartQuantRotatePass)), None)
-    first = _as_quantized(manager)
-    if rotate is None or first is None or not rotate.uses_learned():
+    quantize = next((p for p in manager.passes if isinstance(p, QuantizePass)), None)
+    if rotate is None or quantize is None or not rotate.uses_learned():
         return manager, model
-    from edgec.calibration.dartquant import hadamard_starts
-
     ctx.step("checking the learned rotations end to end: quantizing with the Hadamard starts")
     t0 = time.perf_counter()
+    feeds = quantize.held_out(pristine)
+    score = _held_out_score(pristine, feeds)
+    first = score(model)
     starts = hadamard_starts(rotate.rotations, rotate.options.seed)
     other = PassManager(_passes(dataclasses.replace(ctx, rotations=starts)),
                         check=ctx.recipe.check, feeds=ctx.source.feeds)
     other_model = other(pristine)
-    second = _as_quantized(other)
-    kld = first.get("kld") is not None and second.get("kld") is not None
-    hadamard = (second["kld"] < first["kld"]) if kld else second["cosine"] > first["cosine"]
+    second = score(other_model)
+    measure = "kld" if "kld" in first else "cosine"
+    hadamard = (second[measure] < first[measure]) if measure == "kld" else \
+        second[measure] > first[measure]
     learned_stats = _record(manager, "rotate").stats["dartquant"]
     chosen = other if hadamard else manager
     _record(chosen, "rotate").stats["dartquant"] = {
         **learned_stats, "end_to_end": {"learned": first, "hadamard": second,
                                         "kept": "hadamard" if hadamard else "learned",
-                                        "measure": "kld" if kld else "cosine",
+                                        "measure": measure, "held_out": len(feeds),
                                         "seconds": round(time.perf_counter() - t0, 3)}}
     return (other, other_model) if hadamard else (manager, model)
 
 
+def _held_out_score(fp32, feeds) -> Callable[[Any], dict[str, float]]:
+    """A graph's worst output cosine (and logits KL divergence) vs ``fp32`` on ``feeds``."""
+    from edgec.graph_passes.quantization.mixed_precision import LOGITS, worst_cosine, worst_kld
+    from edgec.runtimes.ort import run_samples
+
+    reference = run_samples(fp32, feeds)
+    masks = [f.get("attention_mask") for f in feeds]
+
+    def score(model) -> dict[str, float]:
+        outputs = run_samples(model, feeds)
+        out = {"cosine": round(worst_cosine(outputs, reference, masks), 6)}
+        if LOGITS in reference[0]:
+            out["kld"] = round(worst_kld(outputs, reference, masks), 6)
+        return out
+
+    return score
+
+
 def _record(manager: PassManager, name: str):
     return next(r for r in manager.records if r.name == name)
-
-
-def _as_quantized(manager: PassManager) -> dict[str, float] | None:
-    """The floor's held-out score of the graph as quantized (no layer kept), or None."""
-    rec = next((r for r in manager.records if r.name == "quantize"), None)
-    mp = rec.stats.get("mixed_precision") if rec is not None else None
-    if not mp or not mp.get("probes"):
-        return None
-    probe = next(p for p in mp["probes"] if p["kept"] == 0)
-    return {k: probe[k] for k in ("cosine", "kld") if k in probe}
 
 
 def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "out",
