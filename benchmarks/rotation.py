@@ -256,8 +256,10 @@ def accuracy(configs: list[str], root: Path) -> list[dict]:
                            compile_s=round(time.perf_counter() - t0, 1))
                 dq = next((p["stats"].get("dartquant") for p in art.report["passes"]
                            if p["name"] == "rotate"), None)
-                if dq:  # which learned rotations DartQuant kept, judged at the scheme's widths
-                    row["dartquant"] = {"kept": dq.get("kept"), "bits": dq.get("reader_bits")}
+                if dq:  # which learned rotations DartQuant kept, judged at the scheme's widths,
+                    # and the end-to-end check against the Hadamard starts (``accept``)
+                    row["dartquant"] = {"kept": dq.get("kept"), "bits": dq.get("reader_bits"),
+                                        "end_to_end": dq.get("end_to_end")}
                 quant = next(p for p in art.report["passes"] if p["name"] == "quantize")
                 mp = quant["stats"].get("mixed_precision")
                 if mp:  # what the floor's search kept in high precision, on held-out samples
