@@ -215,14 +215,16 @@ def _accepted(ctx: StageContext, manager: PassManager, model, pristine):
 
     rotate = next((p for p in manager.passes if isinstance(p, DartQuantRotatePass)), None)
     quantize = next((p for p in manager.passes if isinstance(p, QuantizePass)), None)
-    if rotate is None or quantize is None or not rotate.uses_learned():
+    if rotate is None or quantize is None:
         return manager, model
+    starts = hadamard_starts(rotate.rotations, rotate.options.seed)
+    if all(np.allclose(r, starts[k]) for k, r in rotate.rotations.items()):
+        return manager, model  # no learned rotation was kept: nothing to check
     ctx.step("checking the learned rotations end to end: quantizing with the Hadamard starts")
     t0 = time.perf_counter()
     feeds = quantize.held_out(pristine)
     score = _held_out_score(pristine, feeds)
     first = score(model)
-    starts = hadamard_starts(rotate.rotations, rotate.options.seed)
     other = PassManager(_passes(dataclasses.replace(ctx, rotations=starts)),
                         check=ctx.recipe.check, feeds=ctx.source.feeds)
     other_model = other(pristine)

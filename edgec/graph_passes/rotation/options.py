@@ -26,8 +26,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from edgec.errors import UserError
 from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes.rotation.rotate import METHODS, RotatePass
@@ -112,13 +110,6 @@ class DartQuantRotatePass(EdgecPass):
         self.head_bits = tuple(head_bits or bits)
         self.learned = None  # (graph hash, DartQuantResult) when this pass calibrated
         self.lora_transforms: dict = {}  # swappable-LoRA site transforms (see RotatePass)
-
-    def uses_learned(self) -> bool:
-        """Whether ``call`` rotated with a learned rotation anywhere (not only the starts)."""
-        from edgec.calibration.dartquant import hadamard_starts
-
-        starts = hadamard_starts(self.rotations or {}, self.options.seed)
-        return any(not np.allclose(r, starts[k]) for k, r in (self.rotations or {}).items())
 
     def _key(self) -> dict[str, Any]:
         return {"steps": self.options.steps, "seed": self.options.seed,
