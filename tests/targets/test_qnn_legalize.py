@@ -17,6 +17,7 @@ from edgec.targets.qnn_htp.legalize import (
     DropSoftmaxNanGuard,
     FoldWeightTranspose,
     GatherNDToGather,
+    GatherToLeadingAxis,
     QnnLegalizePass,
     ReciprocalToDiv,
     block_broadcast_repeats,
@@ -307,7 +308,34 @@ def test_block_broadcast_dynamic_shape_left_alone():
 def test_rule_set_holds_the_local_rules():
     assert [r.name for r in RULES] == ["GatherNDToGather", "DropSoftmaxNanGuard",
                                        "MishToSoftplusTanh", "UnshareLayerNormBias",
-                                       "ReciprocalToDiv", "FoldWeightTranspose"]
+                                       "ReciprocalToDiv", "GatherToLeadingAxis",
+                                       "FoldWeightTranspose"]
+
+
+# --- Gather(x, i, axis=a ≠ 0) ⇒ Transpose → Gather(axis=0) → Transpose ------------------------
+
+@pytest.mark.parametrize("axis,idx_shape", [(2, (5,)), (-1, (2, 3)), (1, ()), (3, (2, 1, 2))])
+def test_gather_on_an_inner_axis_moves_to_the_leading_axis_bit_exact(axis, idx_shape):
+    shape = (2, 3, 6, 4)
+    rng = np.random.default_rng(1)
+    idx = rng.integers(0, shape[axis], idx_shape).astype(np.int64)
+    model = _model([H.make_node("Gather", ["x", "i"], ["y"], axis=axis)],
+                   [H.make_tensor_value_info("x", T.FLOAT, shape)],
+                   [H.make_tensor_value_info("y", T.FLOAT, None)], [nh.from_array(idx, "i")])
+    result, ops = _legalize(model, {"x": rng.standard_normal(shape).astype(np.float32)})
+    assert result.stats["gathers_to_leading_axis"] == 1
+    gather = next(n for n in result.model.graph if n.op_type == "Gather")
+    assert gather.attributes.get_int("axis", 0) == 0
+    assert ops == (["Transpose", "Gather"] if idx_shape == () else
+                   ["Transpose", "Gather", "Transpose"])
+
+
+def test_gather_on_the_leading_axis_left_alone():
+    model = _model([H.make_node("Gather", ["x", "i"], ["y"], axis=0)],
+                   [H.make_tensor_value_info("x", T.FLOAT, (6, 4))],
+                   [H.make_tensor_value_info("y", T.FLOAT, None)],
+                   [nh.from_array(np.array([3, 1], np.int64), "i")])
+    assert "leading axis" in _reason(GatherToLeadingAxis, model, "Gather")
 
 
 # --- Reciprocal(x) ⇒ Div(1, x) ----------------------------------------------------------------

@@ -5,6 +5,8 @@ Run on the fp32 graph before quantization (the QDQ quantizer then wraps the new 
 
     Transpose of rank > 5 (± its Reshape in/out)   ⇒  Reshape → Transpose, each rank ≤ 4
     GatherND(data, constant indices)               ⇒  Reshape(data, flat) → Gather(linear indices)
+    Gather(data, indices, axis=a ≠ 0)              ⇒  Transpose(a first) → Gather(axis=0) →
+                                                      Transpose(back)
     Where(IsNaN(p), c, p),  p = Softmax(·)          ⇒  p
     Mish(x)                                        ⇒  x · Tanh(Softplus(x))
     Reciprocal(x)                                  ⇒  Div(1, x)
@@ -44,16 +46,22 @@ exporter's tied lm_head: MatMul(x, Transpose(E)), E also the embedding Gather's 
 for the exporter's constant folding) is refused by the HTP at 16-bit activations (SmolLM2-135M
 w8a16: "cannot run MatMul"); folded into its own transposed initializer it is an ordinary
 weight, quantized per output channel like any other (for a tied table, a second copy).
+A Gather along any axis but the first is wrong on the HTP: at 8-bit activations it returned other
+rows than ONNX Runtime ([1, 4, 40, 16] along axis 2, block-sparse attention's token permutation:
+max error 2.3 on values in [-1, 1]; [1, 8, 8256, 64] the same, [2, 8, 8256, 64] right), at 16
+bits the graph does not finalize (QNN_COMMON_ERROR_MEM_ALLOC); along axis 0 every shape tried
+was right, so the axis is moved to the front and back with Transposes.
 
-Guarantees: the first two, the Tile and the folded weight Transpose are pure data movement (bit
+Guarantees: the first three, the Tile and the folded weight Transpose are pure data movement (bit
 exact); 1/x and Div(1, x) are the same IEEE operation. The NaN guard only acts on NaN, which a
 Softmax of finite inputs never yields (masks are finite after ``MaskFillPass``). Mish's rewrite
 is its ONNX function body, which ONNX Runtime itself runs for it (bit exact there).
 
 The Transpose lowering and the broadcast tiling look past their node (producer, users), so they
-are pass code; the other six are local and are onnxscript rewrite rules (``GatherNDToGather``,
-``DropSoftmaxNanGuard``, ``MishToSoftplusTanh``, ``UnshareLayerNormBias``,
-``ReciprocalToDiv``, ``FoldWeightTranspose``, all in ``RULES``).
+are pass code; the other seven are local and are onnxscript rewrite rules (``GatherNDToGather``,
+``DropSoftmaxNanGuard``, ``MishToSoftplusTanh``, ``UnshareLayerNormBias``, ``ReciprocalToDiv``,
+``GatherToLeadingAxis``, ``FoldWeightTranspose``, all in ``RULES``). Shapes are inferred first:
+earlier rewrites (block-sparse attention) leave values without one.
 Graph output names never change.
 """
 
@@ -69,8 +77,8 @@ from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes._infra import register_constant as _const
 
 __all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "UnshareLayerNormBias", "GatherNDToGather",
-           "FoldWeightTranspose", "MishToSoftplusTanh", "QnnLegalizePass", "ReciprocalToDiv",
-           "block_broadcast_repeats"]
+           "GatherToLeadingAxis", "FoldWeightTranspose", "MishToSoftplusTanh", "QnnLegalizePass",
+           "ReciprocalToDiv", "block_broadcast_repeats"]
 
 MAX_RANK = 5  # the HTP's tensor rank limit (Transpose/Reshape of rank 6 are rejected)
 
@@ -90,6 +98,9 @@ class QnnLegalizePass(EdgecPass):
     rtol = 1e-6
 
     def call(self, model: ir.Model) -> PassResult:
+        # earlier rewrites (block-sparse attention) leave values without a shape; the rules
+        # below read ranks and static dims
+        ir.passes.common.ShapeInferencePass()(model)
         graph = model.graph
         stats: dict[str, int] = {"transposes_lowered": 0, "transposes_skipped": 0}
         for node in list(graph):
@@ -101,7 +112,7 @@ class QnnLegalizePass(EdgecPass):
                     stats[key] += 1
         for key, rule in zip(("gathernd_rewritten", "nan_guards_removed", "mish_expanded",
                               "layernorm_biases_unshared", "reciprocals_to_div",
-                              "weight_transposes_folded"), RULES):
+                              "gathers_to_leading_axis", "weight_transposes_folded"), RULES):
             stats[key] = pattern.RewriteRuleSet([rule]).apply_to_model(model)  # a count per rule
         stats["broadcasts_tiled"] = 0
         for node in list(graph):
@@ -304,6 +315,35 @@ class GatherNDToGather(pattern.RewriteRuleClassBase):
         return op.Gather(op.Reshape(data, flat), lin, axis=0)
 
 
+class GatherToLeadingAxis(pattern.RewriteRuleClassBase):
+    """Gather(data, indices, axis=a ≠ 0) ⇒ Transpose(Gather(Transpose(data, a first), indices,
+    axis=0), back) (the HTP's Gather on an inner axis is wrong: module docstring)."""
+
+    def pattern(self, op, data, indices):
+        return op.Gather(data, indices, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, data, indices, out, **_) -> MatchResult:
+        result = MatchResult()
+        rank = None if data.shape is None else len(data.shape)
+        if rank is None or indices.shape is None:
+            return result.fail("the rank of the data or the indices is unknown", data)
+        axis = out.producer().attributes.get_int("axis", 0)
+        if axis % rank == 0:
+            return result.fail("already a Gather on the leading axis")
+        return result
+
+    def rewrite(self, op, data, indices, out):
+        rank, r_idx = len(data.shape), len(indices.shape)
+        axis = out.producer().attributes.get_int("axis", 0) % rank
+        front = [axis, *(a for a in range(rank) if a != axis)]
+        gathered = op.Gather(op.Transpose(data, perm=front), indices, axis=0)
+        # gathered: [indices dims, data dims before axis, data dims after axis]
+        back = [*range(r_idx, r_idx + axis), *range(r_idx), *range(r_idx + axis, rank + r_idx - 1)]
+        if back == sorted(back):  # a scalar index: the order is already right
+            return gathered
+        return op.Transpose(gathered, perm=back)
+
+
 class DropSoftmaxNanGuard(pattern.RewriteRuleClassBase):
     """Where(IsNaN(p), c, p) ⇒ p, for p the output of a Softmax."""
 
@@ -397,4 +437,5 @@ class FoldWeightTranspose(pattern.RewriteRuleClassBase):
 
 RULES = pattern.RewriteRuleSet([GatherNDToGather.rule(), DropSoftmaxNanGuard.rule(),
                                 MishToSoftplusTanh.rule(), UnshareLayerNormBias.rule(),
-                                ReciprocalToDiv.rule(), FoldWeightTranspose.rule()])
+                                ReciprocalToDiv.rule(), GatherToLeadingAxis.rule(),
+                                FoldWeightTranspose.rule()])
