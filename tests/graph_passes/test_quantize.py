@@ -135,6 +135,31 @@ def test_qnn_plan_keeps_the_angle_chain_and_its_frequency_table_16bit():
     assert not set(plan_quantization(model, False).tensors_16bit)
 
 
+def test_qnn_plan_keeps_what_only_feeds_a_topk_16bit():
+    """Block selection: pooled q/k → scores → TopK. Those values only pick indices, and 8-bit
+    ties picked other blocks on the HTP than in ORT; q itself (also read by attention) keeps
+    the scheme's width."""
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    q = ir.Value(name="q", type=f32, shape=ir.Shape([1, 2, 8, 4]))
+    kt = ir.Value(name="kt", type=f32, shape=ir.Shape([1, 2, 4, 8]))
+    axes, k = (ir.Value(name=n, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([1]),
+                        const_value=ir.tensor(np.array([v], np.int64), name=n))
+               for n, v in (("axes", 2), ("k", 2)))
+    pool = ir.node("ReduceMean", [q, axes], name="pool")
+    score = ir.node("MatMul", [pool.outputs[0], kt], name="score")
+    shape = ir.node("Shape", [score.outputs[0]], name="shape")
+    top = ir.node("TopK", [score.outputs[0], k], num_outputs=2, name="top")
+    attn = ir.node("MatMul", [q, kt], name="attn")
+    for node in (pool, score, attn):
+        node.outputs[0].dtype = ir.DataType.FLOAT
+    graph = ir.Graph([q, kt], [top.outputs[1], attn.outputs[0], shape.outputs[0]],
+                     nodes=[pool, score, shape, top, attn], initializers=[axes, k],
+                     opset_imports={"": 18})
+    sixteen = set(plan_quantization(ir.Model(graph, ir_version=9), True).tensors_16bit)
+    assert {pool.outputs[0].name, score.outputs[0].name} <= sixteen  # a Shape reads no values
+    assert "q" not in sixteen and attn.outputs[0].name not in sixteen
+
+
 @pytest.mark.parametrize("src,first", [("llama_src", 1), ("bert_src", 0)])
 def test_qnn_residual_stream_at_16_bits_only_where_the_scheme_asks(src, first, request):
     """The residual sums norms read get 16 bits with ``stream``: every norm's input but the

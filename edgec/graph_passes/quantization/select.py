@@ -142,6 +142,40 @@ def _angles(model: ir.Model) -> set[str]:
     return out
 
 
+def _selections(model: ir.Model) -> set[str]:
+    """What only decides a selection: the data input of each TopK/ArgMax/ArgMin and, back from
+    it, every float tensor read by nothing else (block-sparse attention's pooled q/k and block
+    scores). Their values only pick indices, and on an 8-bit grid near-equal scores tie; the
+    HTP breaks ties otherwise than ONNX Runtime, so it gathered other key blocks (video-dit with
+    block-sparse attention on the HTP: cosine 0.83 vs ORT on the same graph, its first
+    departure a K-block Gather). At 16 bits both pick the same blocks."""
+    picks = {"TopK", "ArgMax", "ArgMin"}
+    out: set[str] = set()
+    chain: set[str] = set()  # nodes whose every float output is in ``out``
+    changed = True
+    while changed:
+        changed = False
+        for node in model.graph:
+            if node.name in chain:
+                continue
+            if node.op_type in picks:
+                ins = node.inputs[:1]
+            elif node.outputs and all(o.name in out for o in node.outputs if _is_float(o)) \
+                    and any(_is_float(o) for o in node.outputs):
+                ins = node.inputs
+            else:
+                continue
+            chain.add(node.name)
+            changed = True
+            for v in ins:
+                if v is None or not _is_float(v) or v.const_value is not None or v.name in out:
+                    continue
+                if all(u.node.name in chain or u.node.op_type in picks | {"Shape", "Size"}
+                       for u in v.uses()):
+                    out.add(v.name)
+    return out
+
+
 def _where_consistent(model: ir.Model, sixteen: set[str]) -> set[str]:
     """The HTP needs a Where's data inputs in its output's type: spread 16-bit among them."""
     changed = True
@@ -311,7 +345,8 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
             excluded.append(node.name)
             reasons[node.name] = "reads an attention mask / integer-derived tensor"
     if fully_quantized:
-        sixteen |= _score_chain(model) | _angles(model) | (set(outliers) - _squares(model))
+        sixteen |= _score_chain(model) | _angles(model) | _selections(model) | \
+            (set(outliers) - _squares(model))
         sums = residual_sums(model) if stream and not floating else set()
         heads = output_heads(model) if head else set()
         head_inputs = {n.inputs[0].name for n in model.graph if n.name in heads
