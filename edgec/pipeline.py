@@ -103,7 +103,8 @@ STAGES: tuple[Stage, ...] = (
 def _sparse_attention(c: StageContext):
     """Block-sparse attention; in a generation artifact, only in its prefill graph (causal)."""
     if not c.recipe.generate:
-        return SparseAttentionPass(config_for_source(c.recipe.sparse_attention, c.source.info))
+        return SparseAttentionPass(config_for_source(c.recipe.sparse_attention, c.source.info),
+                                   regroup_by_transpose=c.target.fully_quantized)
     return PrefillSparseAttentionPass(c.recipe.sparse_attention) if c.graph == "prefill" else None
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from edgec.graph_passes.sparse_attention.layout import FORCE, kept_blocks, static_pattern
+from edgec.graph_passes.sparse_attention.layout import kept_blocks, static_pattern
 
 __all__ = ["SiteShape", "build_sparse_attention"]
 
@@ -65,8 +65,16 @@ class _Emitter:
 
 
 def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, shape: SiteShape,
-                           cfg, layout) -> tuple[ir.Value, ir.tape.Tape, dict]:
-    """Return (output value, tape of new nodes/initializers, per-site stats)."""
+                           cfg, layout, regroup_by_transpose: bool = False
+                           ) -> tuple[ir.Value, ir.tape.Tape, dict]:
+    """Return (output value, tape of new nodes/initializers, per-site stats).
+
+    ``regroup_by_transpose``: join each chunk's [B, H·nbq, qbs, d] output into [B, H, N, d]
+    as [B,H,nbq,qbs,d] → [B,nbq,qbs,H,d] → [B,N,H,d] → [B,H,N,d] (two Transposes) instead of one
+    Reshape. The QNN HTP computes a Reshape that regroups the batch axes of a 16-bit MatMul's
+    output wrong (the softmax·V MatMul: device vs ORT cosine 0.25–0.30, also through an
+    elementwise op or a second Reshape; this sequence 0.99999), so fully quantized targets
+    take it; the others keep the one Reshape."""
     e = _Emitter(name, shape.dtype)
     d, bs, p = shape.d, cfg.block, cfg.prefix
     n_video = layout.n_video if layout.n_video is not None else (
@@ -108,39 +116,33 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
     if cfg.share == "batch":  # one selection from batch element 0 (RainFusion2.0): the CFG
         q_hat, k_hat = (e.slice(x, 0, 1, 0) for x in (q_hat, k_hat))  # pair shares its mask
     block_scores = e.MatMul(q_hat, e.tr(k_hat, [0, 1, 3, 2]))  # [B,H,nbq,nb]
-    if len(layout.sink):
-        bias = np.zeros(nb, dtype=shape.dtype.numpy())
-        bias[layout.sink] = FORCE
-        block_scores = e.Add(block_scores, e.const(bias))
-
-    # Key table = [prefix blocks | video blocks]; prefix blocks are forced into every selection,
-    # so one Gather feeds a plain 4-D attention (runtimes fuse MatMul→Softmax→MatMul).
+    # Key table = [prefix blocks | video blocks]. Forced blocks (the prefix, the sinks) join the
+    # selection as indices, never as scores: a score forced by +1e9 left a quantized target
+    # (the HTP rounds every tensor, TopK's input too) one step of 3e4 over all real scores, so
+    # every block tied and the device kept others than ONNX Runtime.
+    idx = _top_blocks(e, block_scores, k_t, k_sel, nb, npb, layout.sink)
     if npb:
-        cols = e.Concat(e.Shape(block_scores, start=0, end=3), e.i64(npb), axis=0)
-        forced = e.Expand(e.const(np.array(2 * FORCE, dtype=shape.dtype.numpy())), cols)
-        block_scores = e.Concat(forced, block_scores, axis=-1)
         if table is None:
             kp, vp = (_blocks(e, e.slice(x, 0, p, 2), bs, d, npb * bs - p, None)
                       for x in (k, v))
             kb, vb = e.Concat(kp, kb, axis=2), e.Concat(vp, vb, axis=2)
         nb_t, k_t = e.Add(nb_t, e.i64(npb)), e.Add(k_t, e.i64(npb))
     k_total = None if k_sel is None else k_sel + npb
-    _, idx = e.TopK(block_scores, k_t, axis=-1, largest=1, sorted=1, _outputs=2)
     stats = {"mode": cfg.mode}
     if cfg.mode == "rainfusion":
         if table is not None:
             kv = e.slice(k_all, p, MAX, 2) if p else k_all
         idx = _choose_pattern_per_head(e, qv, kv, idx, nb, k_sel, npb, n_video, cfg, layout)
 
-    # Flat indices into [B·H·blocks, bs, d] so a plain Gather fetches whole blocks.
+    # Flat indices into [B·H·blocks, bs·d] so a plain Gather fetches whole blocks.
     bh = e.Shape(q, start=0, end=2)
     offsets = e.Mul(e.Range(_scalar(e, 0), _scalar_of(e, e.ReduceProd(bh, keepdims=1)),
                             _scalar(e, 1)), nb_t)
     flat = e.Add(idx, e.Reshape(offsets, e.Concat(bh, e.i64(1, 1), axis=0)))
-    kflat, vflat = (e.Reshape(x, e.i64(-1, bs, d)) for x in (kb, vb))
+    kflat, vflat = (e.Reshape(x, e.i64(-1, bs * d)) for x in (kb, vb))
     key_bias = _key_bias(e, p, npb, bs, pad, nv_t, nb_t)
     keys = e.i64(k_total * bs) if k_total is not None else e.Mul(k_t, e.i64(bs))
-    kv_shape = e.Concat(e.i64(0, -1), keys, e.i64(d), axis=0)
+    kv_shape = e.Concat(e.Shape(q, start=0, end=1), e.i64(-1), keys, e.i64(d), axis=0)
     out_shape = e.Concat(bh, e.i64(-1, d), axis=0)
 
     chunks = _chunks(nbq, k_total, bs, d, shape, cfg)
@@ -150,14 +152,21 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
         if len(chunks) > 1:
             q_c, flat_c, idx_c = (e.slice(x, lo, hi, 2) for x in (qb, flat, idx))
         q4 = e.Reshape(q_c, e.i64(0, -1, qbs, d))            # [B, H·nbq_c, qbs, d]
-        gk, gv = (e.Reshape(e.Gather(x, flat_c, axis=0), kv_shape) for x in (kflat, vflat))
+        gk, gv = (e.Reshape(_gather_rows(e, x, flat_c), kv_shape) for x in (kflat, vflat))
         scores = e.MatMul(q4, e.tr(gk, [0, 1, 3, 2]))         # [B, H·nbq_c, qbs, k·bs]
         if key_bias is not None:
-            bias = e.Reshape(e.Gather(key_bias, idx_c, axis=0),
-                             e.Concat(e.i64(0, -1, 1), keys, axis=0))
+            bias = e.Reshape(_gather_rows(e, key_bias, idx_c), e.Concat(
+                e.Shape(idx_c, start=0, end=1), e.i64(-1, 1), keys, axis=0))
             scores = e.Add(scores, bias)
         out = e.MatMul(e.Softmax(scores, axis=-1), gv)
-        outs.append(e.Reshape(out, out_shape))
+        if regroup_by_transpose:
+            out = e.tr(e.Reshape(out, e.Concat(bh, e.i64(-1, qbs, d), axis=0)), [0, 2, 3, 1, 4])
+            out = e.tr(e.Reshape(out, e.Concat(e.Shape(q, start=0, end=1), e.i64(-1),
+                                               e.Shape(q, start=1, end=2), e.i64(d), axis=0)),
+                       [0, 2, 1, 3])
+        else:
+            out = e.Reshape(out, out_shape)
+        outs.append(out)
     out = outs[0] if len(outs) == 1 else e.Concat(*outs, axis=2)
     if padq != 0:
         out = e.Slice(out, e.i64(0), nv_t, e.i64(2))
@@ -170,6 +179,40 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
     stats.update({"blocks": nb, "query_blocks": nbq, "kept_blocks": k_sel,
                   "prefix_blocks": npb, "chunks": len(chunks)})
     return out, e.tape, stats
+
+
+def _gather_rows(e: _Emitter, table, idx) -> ir.Value:
+    """Rows of a 2-D ``table`` at ``idx`` (any shape), as [idx.size, row]: one Gather of 1-D
+    indices. The QNN HTP refuses a Gather whose output is rank 6 ([B,H,nbq,k,bs,d]) and
+    computes a rank-5 one wrong once the batch is 2 (device vs ORT, indices [2,4,2,3] into a
+    [40,128] table: wrong rows; [1,4,2,3] and 1-D indices right)."""
+    return e.Gather(table, e.Reshape(idx, e.i64(-1)), axis=0)
+
+
+def _top_blocks(e: _Emitter, scores, k_t, k_sel: int | None, nb: int | None, npb: int,
+                sink: np.ndarray) -> ir.Value:
+    """Indices into the key table [prefix | video blocks] of each query block's selection
+    [B,H,nbq,npb+k]: the prefix blocks, the sink blocks, then the top-scoring other blocks."""
+    sink = np.asarray(sink, np.int64)
+    forced = np.concatenate([np.arange(npb), npb + sink]).astype(np.int64)
+    cand, picks = scores, k_t
+    if len(sink):  # sinks need the grid: nb and k_sel are static
+        free = np.setdiff1d(np.arange(nb), sink)
+        contiguous = np.array_equal(free, np.arange(len(sink), nb))
+        cand = e.slice(scores, len(sink), nb, 3) if contiguous else \
+            e.Gather(scores, e.const(free, np.int64), axis=3)
+        picks = e.i64(k_sel - len(sink))
+    parts = []
+    if len(forced):
+        shape = e.Concat(e.Shape(scores, start=0, end=3), e.i64(len(forced)), axis=0)
+        parts.append(e.Expand(e.const(forced, np.int64), shape))
+    if not len(sink) or k_sel > len(sink):
+        _, top = e.TopK(cand, picks, axis=-1, largest=1, sorted=1, _outputs=2)
+        if len(sink):
+            top = e.Add(top, e.i64(len(sink))) if contiguous else \
+                e.Gather(e.const(free, np.int64), top, axis=0)
+        parts.append(e.Add(top, e.i64(npb)) if npb else top)
+    return parts[0] if len(parts) == 1 else e.Concat(*parts, axis=-1)
 
 
 def _whole_block_table(e: _Emitter, q, k, v, p: int, bs: int, n_video: int | None, layout):

@@ -40,9 +40,13 @@ class SparseAttentionPass(EdgecPass):
 
     name = "sparse-attention"
 
-    def __init__(self, config: SparseAttentionConfig | str | dict | None = None):
+    def __init__(self, config: SparseAttentionConfig | str | dict | None = None,
+                 regroup_by_transpose: bool = False):
+        """``regroup_by_transpose``: for a fully quantized target, join the query blocks'
+        outputs back through a Transpose (``build_sparse_attention``)."""
         super().__init__()
         self.config = SparseAttentionConfig.parse(config)
+        self.regroup_by_transpose = regroup_by_transpose
         self.exact = self.config.keep >= 1.0 or self.config.mode == "mask"
 
     def call(self, model: ir.Model) -> PassResult:
@@ -135,8 +139,9 @@ class SparseAttentionPass(EdgecPass):
         shape = SiteShape(d=d, n=n, batch_heads=bh, dtype=site.q.dtype)
         if not dense_tail:
             return build_sparse_attention(f"sparse_attn{i}", site.q, site.k, site.v, shape,
-                                          cfg, lay), ""
-        return _with_dense_tail(f"sparse_attn{i}", site, shape, cfg, lay), ""
+                                          cfg, lay, self.regroup_by_transpose), ""
+        return _with_dense_tail(f"sparse_attn{i}", site, shape, cfg, lay,
+                                self.regroup_by_transpose), ""
 
     def _masked(self, model, i, site, d):
         """(built, "") for the exact mask rewrite, or (None, why the site stays dense)."""
@@ -161,7 +166,7 @@ class SparseAttentionPass(EdgecPass):
                                       seen, values, site.q.dtype), ""
 
 
-def _with_dense_tail(name, site, shape, cfg, lay):
+def _with_dense_tail(name, site, shape, cfg, lay, regroup_by_transpose=False):
     """A dense tail is a prefix moved: rotate the last ``tail`` tokens to the front, build with
     prefix + tail dense tokens, rotate the output back (Slice/Concat: any sequence length)."""
     before, after = ir.tape.Tape(), ir.tape.Tape()
@@ -183,7 +188,8 @@ def _with_dense_tail(name, site, shape, cfg, lay):
 
     q, k, v = (rotate(before, x, -cfg.tail) for x in (site.q, site.k, site.v))
     inner = dataclasses.replace(cfg, prefix=cfg.prefix + cfg.tail, tail=0)
-    out, body, stats = build_sparse_attention(name, q, k, v, shape, inner, lay)
+    out, body, stats = build_sparse_attention(name, q, k, v, shape, inner, lay,
+                                              regroup_by_transpose)
     out.dtype, out.shape = site.output.dtype, site.output.shape
     out = rotate(after, out, cfg.tail)
     nodes = _Tape((*before.nodes, *body.nodes, *after.nodes),

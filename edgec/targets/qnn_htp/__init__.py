@@ -41,6 +41,11 @@ QNN_HTP = Target(
         ("GatherND on bool data is rejected and an IsNaN->Where guard after Softmax fails to "
          "finalize (qnn-legalize rewrites both before quantization); -inf/float-min attention "
          "masks destroy the quantized Softmax input range (mask-fill bounds them)"),
+        ("a Gather along any axis but the first returns wrong rows (qnn-legalize moves the "
+         "axis to the front with Transposes); so does a rank-5 Gather over a batch of 2, and a "
+         "Reshape regrouping the batch axes of a 16-bit MatMul's output (block-sparse "
+         "attention avoids both on this target); TopK's input is 16-bit (8-bit ties pick "
+         "other blocks than ONNX Runtime)"),
         ("Where needs both data inputs quantized to the output's type (a float constant, as "
          "ONNX Runtime's quantizer leaves it without ForceQuantizeNoInputCheck, or a uint8 "
          "input beside a uint16 one fails to finalize)"),
