@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["collect_crest"]
+__all__ = ["collect_crest", "LEAN"]
+
+# Session settings for a model whose every tensor feeds a statistic: in priority order each
+# statistic runs as soon as its tensor exists (ORT's default order ran them after the rest of the
+# graph, keeping every tensor alive: video-dit small, 13.2 GB for one sample vs 5.2 GB); without
+# the memory pattern, which from the second run on preallocated twice that (10.2 GB vs 5.2 GB).
+LEAN = {"execution_order": "PRIORITY_BASED", "enable_mem_pattern": False}
 
 
 def _float_tensors(model: ir.Model) -> list[ir.Value]:
@@ -29,8 +35,11 @@ def _float_tensors(model: ir.Model) -> list[ir.Value]:
 
 
 def _augmented(model: ir.Model) -> tuple[ir.Model, list[str]]:
+    """``model`` with each float tensor's statistics as outputs, computed right after the tensor
+    (run in priority order, each tensor is then freed when the model is done with it)."""
     aug = model.clone()
     names = []
+    first = next(iter(aug.graph), None)
     for i, value in enumerate(_float_tensors(aug)):
         absmax = ir.node("ReduceMax", [ir.node("Abs", [value]).outputs[0]],
                          attributes={"keepdims": 0})
@@ -43,7 +52,13 @@ def _augmented(model: ir.Model) -> tuple[ir.Model, list[str]]:
             out.dtype = ir.DataType.INT64 if what == "size" else value.dtype
             out.shape = ir.Shape([])
             aug.graph.outputs.append(out)
-        aug.graph.extend(nodes)
+        producer = value.producer()
+        if producer is not None:
+            aug.graph.insert_after(producer, nodes)
+        elif first is not None:
+            aug.graph.insert_before(first, nodes)
+        else:
+            aug.graph.extend(nodes)
         names.append(value.name)
     return aug, names
 
@@ -66,7 +81,7 @@ def collect_crest(model: ir.Model, samples: Sequence[dict[str, np.ndarray]],
     absmax, sumsq, size = np.zeros(n), np.zeros(n), np.zeros(n)
     with tempfile.TemporaryDirectory(prefix="edgec-crest-") as tmp:
         save_model(aug, Path(tmp) / "augmented.onnx")
-        session = OrtSession(Path(tmp) / "augmented.onnx", optimize=False)
+        session = OrtSession(Path(tmp) / "augmented.onnx", optimize=False, config=LEAN)
         outputs = [session.run(feeds) for feeds in _counted(samples, progress)]
         del session
     for out in outputs:

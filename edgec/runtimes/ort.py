@@ -36,7 +36,9 @@ def session_options(optimize: bool = True, config: Mapping[str, Any] | None = No
                     ) -> ort.SessionOptions:
     """ORT session options; ``config`` is a target's ``runtime_config`` (manifest ``config``):
     ``graph_optimization_level`` (an ``ORT_*`` name), ``intra_op_num_threads``,
-    ``inter_op_num_threads``, and ``session.*`` config entries (e.g. spinning)."""
+    ``inter_op_num_threads``, ``execution_order`` (``PRIORITY_BASED``...),
+    ``enable_mem_pattern``, ``enable_cpu_mem_arena``, and ``session.*`` config entries (e.g.
+    spinning)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -47,6 +49,10 @@ def session_options(optimize: bool = True, config: Mapping[str, Any] | None = No
                 opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, value)
         elif key in ("intra_op_num_threads", "inter_op_num_threads"):
             setattr(opts, key, int(value))
+        elif key == "execution_order":  # an ExecutionOrder name
+            opts.execution_order = getattr(ort.ExecutionOrder, value)
+        elif key in ("enable_mem_pattern", "enable_cpu_mem_arena"):
+            setattr(opts, key, bool(value))
         elif key.startswith("session."):
             opts.add_session_config_entry(key, str(value))
     return opts
