@@ -32,6 +32,7 @@ logits cosine 0.992 (the default 0.98 held) with top-1 agreement 70% and mean KL
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -161,7 +162,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
 
     ``widths`` (``quantized_widths`` of the quantized graph): the widths the node's activations
     really have as planned, where the plan's ``sixteen`` is not all there is."""
-    from edgec.runtimes.ort import run_samples
+    from edgec.runtimes.ort import model_feeds, open_model
 
     nodes = _candidates(model, op_types, skip)
     if not nodes:
@@ -175,7 +176,6 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                 exposed[v.name] = v
     graph_outputs = {v.name for v in probe.graph.outputs}
     probe.graph.outputs.extend(v for name, v in exposed.items() if name not in graph_outputs)
-    runs = run_samples(probe, feeds)
     act_bits, w_bits = _BITS[scheme.activations], _BITS[scheme.weights]
 
     def activation(x: np.ndarray, name: str, bits: int | None) -> np.ndarray:
@@ -185,44 +185,59 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
         return fake_quant_activation(x, rng["lowest"], rng["highest"], bits,
                                      scheme.activation_symmetric)
 
-    errors, deltas = [], []
-    for node in nodes:
+    def delta(node: ir.Node, out: dict[str, np.ndarray]) -> np.ndarray:
+        """The node's output as planned minus as kept, on one sample's exposed tensors."""
         trans = node.op_type == "Gemm" and any(at.name == "transB" and at.value
                                                for at in node.attributes.values())
         out_name = node.outputs[0].name
-        num = den = 0.0
-        deltas.append([])
         planned = (widths or {}).get(node.name) or [None, None, None]
-        for out in runs:
-            kept, quant = [], []
-            for v, width in zip(node.inputs[:2], planned):
-                if v.const_value is not None:  # a weight: [K, N] (Gemm transB: [N, K])
-                    w = v.const_value.numpy().astype(np.float32)
-                    wq = fake_quant_weight(w, w_bits, 0 if trans else -1)
-                    kept.append(w if kept_bits is None else wq if w_bits >= 8 else
-                                fake_quant_weight(w, 8, 0 if trans else -1))
-                    quant.append(wq)
-                    continue
-                x = out[v.name].astype(np.float32)
-                kept.append(activation(x, v.name, kept_bits))
-                quant.append(activation(x, v.name, width or (16 if v.name in sixteen
-                                                              else act_bits)))
-            if trans:
-                kept[1], quant[1] = kept[1].T, quant[1].T
-            y_kept, y_quant = np.matmul(kept[0], kept[1]), np.matmul(quant[0], quant[1])
-            if kept_bits is not None:  # a fully quantized target quantizes the output too
-                y_kept = activation(y_kept, out_name, kept_bits)
-                y_quant = activation(y_quant, out_name, planned[2] or (
-                    16 if out_name in sixteen else act_bits))
-            diff = y_quant - y_kept
-            num += float(np.sum(diff.astype(np.float64) ** 2))
-            den += float(np.sum(out[out_name].astype(np.float64) ** 2))
-            deltas[-1].append(diff.astype(np.float32))
-        errors.append(LayerError(node.name, node.op_type, (num / den) ** 0.5 if den else 0.0))
+        kept, quant = [], []
+        for v, width in zip(node.inputs[:2], planned):
+            if v.const_value is not None:  # a weight: [K, N] (Gemm transB: [N, K])
+                w = v.const_value.numpy().astype(np.float32)
+                wq = fake_quant_weight(w, w_bits, 0 if trans else -1)
+                kept.append(w if kept_bits is None else wq if w_bits >= 8 else
+                            fake_quant_weight(w, 8, 0 if trans else -1))
+                quant.append(wq)
+                continue
+            x = out[v.name].astype(np.float32)
+            kept.append(activation(x, v.name, kept_bits))
+            quant.append(activation(x, v.name, width or (16 if v.name in sixteen
+                                                          else act_bits)))
+        if trans:
+            kept[1], quant[1] = kept[1].T, quant[1].T
+        y_kept, y_quant = np.matmul(kept[0], kept[1]), np.matmul(quant[0], quant[1])
+        if kept_bits is not None:  # a fully quantized target quantizes the output too
+            y_kept = activation(y_kept, out_name, kept_bits)
+            y_quant = activation(y_quant, out_name, planned[2] or (
+                16 if out_name in sixteen else act_bits))
+        return (y_quant - y_kept).astype(np.float32)
+
+    # One sample at a time (its exposed tensors, every node's δ, the injections), so memory
+    # holds one sample's activations: on video-dit small (8192 tokens, 2 GB score tensors) all
+    # samples at once would not fit.
     kld = floor is not None and floor.max_kld is not None
-    effects = end_to_end_effects(model, feeds, [n.name for n in nodes], deltas, kld)
-    errors = [dataclasses.replace(e, end_to_end=c, end_to_end_kld=k)
-              for e, (c, k) in zip(errors, effects)]
+    num, den = np.zeros(len(nodes)), np.zeros(len(nodes))
+    effects, klds = np.zeros(len(nodes)), np.zeros(len(nodes))
+    injector = injecting = None
+    with contextlib.ExitStack() as stack:
+        exposing = stack.enter_context(open_model(probe))
+        for feed in feeds:
+            out = exposing.run(model_feeds(probe, feed))
+            deltas = []
+            for i, node in enumerate(nodes):
+                deltas.append(delta(node, out))
+                num[i] += float(np.sum(deltas[-1].astype(np.float64) ** 2))
+                den[i] += float(np.sum(out[node.outputs[0].name].astype(np.float64) ** 2))
+            del out
+            if injector is None:
+                injector = _Injector(model, [n.name for n in nodes], [d.ndim for d in deltas])
+                injecting = stack.enter_context(open_model(injector.graph, optimize=True))
+            for i, (c, k) in enumerate(injector.effects(injecting, feed, deltas, kld)):
+                effects[i], klds[i] = max(effects[i], c), max(klds[i], k or 0.0)
+    errors = [LayerError(node.name, node.op_type, float((num[i] / den[i]) ** 0.5)
+                         if den[i] else 0.0, float(effects[i]),
+                         float(klds[i]) if kld else None) for i, node in enumerate(nodes)]
     floor = floor or Floor(min_cos=0.0)
     return sorted(errors, key=lambda e: (-floor.share(e), -e.end_to_end, -e.error))
 
@@ -232,46 +247,63 @@ def end_to_end_effects(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]],
                        kld: bool = False) -> list[tuple[float, float | None]]:
     """(1 − worst output cosine vs fp32, and with ``kld`` the worst ``logits`` KL divergence)
     with ``deltas[i][s]`` added to node ``names[i]``'s output on sample ``s`` (every other node
-    exact): one graph with a δ input per node, N runs."""
-    from edgec.runtimes.ort import model_feeds, open_model
+    exact): one graph with a δ input per node, N runs per sample."""
+    from edgec.runtimes.ort import open_model
 
-    probe = model.clone()
-    by_name = {n.name: n for n in probe.graph}
-    inputs = []
-    for i, name in enumerate(names):
-        out = by_name[name].outputs[0]
-        delta = ir.Value(name=f"edgec_delta_{i}",
-                         type=ir.TensorType(out.dtype or ir.DataType.FLOAT),
-                         shape=ir.Shape([None] * len(deltas[i][0].shape)))
-        uses = list(out.uses())
-        add = ir.node("Add", [out, delta], name=f"edgec_delta_add_{i}")
-        probe.graph.insert_after(by_name[name], add)
-        for user, index in uses:
-            user.replace_input_with(index, add.outputs[0])
-        for j, g in enumerate(probe.graph.outputs):
-            if g is out:  # the graph output keeps its name and carries the injected error
-                keep, out.name = out.name, f"edgec_delta_raw_{i}"
-                add.outputs[0].name = keep
-                probe.graph.outputs[j] = add.outputs[0]
-        inputs.append(delta)
-    probe.graph.inputs.extend(inputs)
-    effects = np.zeros(len(names))
-    klds = np.zeros(len(names))
-    with open_model(probe, optimize=True) as session:
+    injector = _Injector(model, names, [d[0].ndim for d in deltas])
+    effects, klds = np.zeros(len(names)), np.zeros(len(names))
+    with open_model(injector.graph, optimize=True) as session:
         for s, feed in enumerate(feeds):
-            mask = feed.get("attention_mask")
-            feed = model_feeds(model, feed)
-            zeros = {d.name: np.zeros(deltas[i][s].shape, d.dtype.numpy())
-                     for i, d in enumerate(inputs)}
-            reference = session.run({**feed, **zeros})
-            for i, d in enumerate(inputs):
-                got = session.run({**feed, **zeros, d.name: deltas[i][s].astype(
-                    d.dtype.numpy())})
-                cos = worst_cosine([got], [reference], [mask])
-                effects[i] = max(effects[i], 1.0 - cos)
-                if kld:
-                    klds[i] = max(klds[i], worst_kld([got], [reference], [mask]))
+            found = injector.effects(session, feed, [d[s] for d in deltas], kld)
+            for i, (c, k) in enumerate(found):
+                effects[i], klds[i] = max(effects[i], c), max(klds[i], k or 0.0)
     return [(float(c), float(k) if kld else None) for c, k in zip(effects, klds)]
+
+
+class _Injector:
+    """End-to-end effects: one graph with a δ input added to each node's output, so the error
+    of one node alone (every other δ zero, the rest of the network fp32) gives 1 − the worst
+    output cosine vs fp32 (and the worst ``logits`` KL divergence): N runs per sample."""
+
+    def __init__(self, model: ir.Model, names: Sequence[str], ranks: Sequence[int]):
+        probe = model.clone()
+        by_name = {n.name: n for n in probe.graph}
+        self.inputs = []
+        for i, (name, rank) in enumerate(zip(names, ranks)):
+            out = by_name[name].outputs[0]
+            delta = ir.Value(name=f"edgec_delta_{i}",
+                             type=ir.TensorType(out.dtype or ir.DataType.FLOAT),
+                             shape=ir.Shape([None] * rank))
+            uses = list(out.uses())
+            add = ir.node("Add", [out, delta], name=f"edgec_delta_add_{i}")
+            probe.graph.insert_after(by_name[name], add)
+            for user, index in uses:
+                user.replace_input_with(index, add.outputs[0])
+            for j, g in enumerate(probe.graph.outputs):
+                if g is out:  # the graph output keeps its name and carries the injected error
+                    keep, out.name = out.name, f"edgec_delta_raw_{i}"
+                    add.outputs[0].name = keep
+                    probe.graph.outputs[j] = add.outputs[0]
+            self.inputs.append(delta)
+        probe.graph.inputs.extend(self.inputs)
+        self.model, self.graph = model, probe
+
+    def effects(self, session, feed: dict[str, np.ndarray], deltas: Sequence[np.ndarray],
+                kld: bool) -> list[tuple[float, float | None]]:
+        """Per node: its ``deltas`` entry alone injected on ``feed`` (``session``: ``graph``)."""
+        from edgec.runtimes.ort import model_feeds
+
+        mask = feed.get("attention_mask")
+        feed = model_feeds(self.model, feed)
+        zeros = {d.name: np.zeros(x.shape, d.dtype.numpy())
+                 for d, x in zip(self.inputs, deltas)}
+        reference = session.run({**feed, **zeros})
+        found = []
+        for d, x in zip(self.inputs, deltas):
+            got = session.run({**feed, **zeros, d.name: x.astype(d.dtype.numpy())})
+            found.append((1.0 - worst_cosine([got], [reference], [mask]),
+                          worst_kld([got], [reference], [mask]) if kld else None))
+        return found
 
 
 def worst_cosine(outputs: Sequence[dict[str, np.ndarray]],
