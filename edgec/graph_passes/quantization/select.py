@@ -151,28 +151,23 @@ def _selections(model: ir.Model) -> set[str]:
     departure a K-block Gather). At 16 bits both pick the same blocks."""
     picks = {"TopK", "ArgMax", "ArgMin"}
     out: set[str] = set()
-    chain: set[str] = set()  # nodes whose every float output is in ``out``
-    changed = True
-    while changed:
-        changed = False
-        for node in model.graph:
-            if node.name in chain:
-                continue
-            if node.op_type in picks:
-                ins = node.inputs[:1]
-            elif node.outputs and all(o.name in out for o in node.outputs if _is_float(o)) \
-                    and any(_is_float(o) for o in node.outputs):
-                ins = node.inputs
-            else:
-                continue
+    chain: set[str] = set()  # nodes whose every float output only decides a selection
+
+    def decide(v: ir.Value) -> None:  # once every reader of v has been decided
+        if _is_float(v) and v.const_value is None and any(True for _ in v.uses()) and all(
+                u.node.name in chain or (u.node.op_type in picks and u.idx == 0)
+                or u.node.op_type in ("Shape", "Size") for u in v.uses()):
+            out.add(v.name)
+
+    nodes = list(model.graph)
+    for node in reversed(nodes):  # readers come after their producer
+        for v in node.outputs:
+            decide(v)
+        floats = [o for o in node.outputs if _is_float(o)]
+        if floats and all(o.name in out for o in floats):
             chain.add(node.name)
-            changed = True
-            for v in ins:
-                if v is None or not _is_float(v) or v.const_value is not None or v.name in out:
-                    continue
-                if all(u.node.name in chain or u.node.op_type in picks | {"Shape", "Size"}
-                       for u in v.uses()):
-                    out.add(v.name)
+    for v in model.graph.inputs:
+        decide(v)
     return out
 
 
