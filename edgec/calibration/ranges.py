@@ -86,7 +86,7 @@ def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str 
                                        calibrate_method=_method(method),
                                        use_external_data_format=True, extra_options=options)
         if method == "minmax":
-            calibrator.infer_session = _reducing_early(calibrator)
+            _reduce_early(calibrator)
         with contextlib.redirect_stdout(io.StringIO()):  # ORT prints histogram settings
             calibrator.collect_data(Reader())
             if method == "entropy":  # ORT's histograms, edgec's vectorized threshold search
@@ -97,8 +97,9 @@ def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str 
     return {name: _stats(td) for name, td in data.items()}
 
 
-def _reducing_early(calibrator):
-    """The MinMax calibrator's session with ``crest.LEAN`` settings (same ops, same results).
+def _reduce_early(calibrator) -> None:
+    """Reopen the MinMax calibrator's session with ``crest.LEAN`` settings (same ops, same
+    results).
 
     ORT's default order ran the ReduceMin/ReduceMax the calibrator adds after the rest of the
     graph, so every tensor it reads stayed alive to the end: video-dit small (8192 tokens of
@@ -112,8 +113,8 @@ def _reducing_early(calibrator):
 
     opts = session_options(optimize=False, config=LEAN)  # unoptimized, as ORT's own
     calibrator.infer_session = None  # free the default-order session first
-    return ort.InferenceSession(calibrator.augmented_model_path, opts,
-                                providers=calibrator.execution_providers)
+    calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, opts,
+                                                    providers=calibrator.execution_providers)
 
 
 def _entropy_stats(histogram, levels: int) -> dict[str, float]:
