@@ -20,9 +20,10 @@ shrink (it keeps each token's norm). This measures what each remedy does about i
   ``--rotate hadamard``'s default on a decoder), and plain ``w8a8``
   (the default accuracy floor, min_cos=0.98 and logits KL divergence ≤ 0.05: the most
   sensitive MatMuls kept in float on the CPU targets, at 16 bits on the NPU) alone and after
-  ``hadamard:r4=true``. Other remedies (``REMEDIES``, ``--targets T --remedies R,...``): the
-  FFN outlier split (``split=50``), and on qnn-htp the residual stream in fp16
-  (``stream=fp16``) instead of on a 16-bit grid.
+  ``hadamard:r4=true``; on openvino-cpu also ``--rotate dartquant`` with and without R4 (the
+  learned R1/R2, checked end to end against their Hadamard starts). Other remedies
+  (``REMEDIES``, ``--targets T --remedies R,...``): the FFN outlier split (``split=50``), and
+  on qnn-htp the residual stream in fp16 (``stream=fp16``) instead of on a 16-bit grid.
 - Metrics over the unmasked tokens of the 24 sentences against fp32 PyTorch (transformers):
   logits cosine (min and mean), top-1 agreement, the mean KL divergence of the next-token
   distribution from fp32's (nats per token), and the perplexity of the sentences' next tokens
@@ -63,6 +64,10 @@ REMEDIES = {  # name → (quantize, rotate)
     "smoothing": ("w8a8:smooth=0.5,min_cos=0", None),
     "hadamard": ("w8a8:min_cos=0", "hadamard:r4=false"),
     "hadamard+r4": ("w8a8:min_cos=0", "hadamard:r4=true"),
+    # R1/R2 learned on the calibration data (QR-Orth, whip loss), checked end to end against
+    # their Hadamard starts (accept, the default)
+    "dartquant": ("w8a8:min_cos=0", "dartquant:r4=false"),
+    "dartquant+r4": ("w8a8:min_cos=0", "dartquant:r4=true"),
     "floor": ("w8a8", None),
     "hadamard+r4+floor": ("w8a8", "hadamard:r4=true"),
     # the FFN channels whose peak is ≥ 50× the median channel's in a branch of their own
@@ -229,6 +234,11 @@ def main(argv=None) -> int:
                     row["same_graph_on_ort_cpu"] = ort_cpu_metrics(out, ids, mask, ref)
                 quant = next(p for p in art.report["passes"] if p["name"] == "quantize")
                 mp = quant["stats"].get("mixed_precision")
+                rot = next((p for p in art.report["passes"] if p["name"] == "rotate"), None)
+                if rot and "dartquant" in rot["stats"]:
+                    dq = rot["stats"]["dartquant"]
+                    row["dartquant"] = {k: dq.get(k) for k in ("seconds", "kept", "reader_error",
+                                                               "end_to_end")}
                 if mp:
                     row["floor"] = {"min_cos": mp["min_cos"], "max_kld": mp.get("max_kld"),
                                     "reached": mp["reached"],
