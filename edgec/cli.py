@@ -419,11 +419,14 @@ def bench_cmd(
     stats = session.benchmark(warmup=warmup, iterations=iterations,
                               feeds=_feeds(session, inputs), adapter=adapter)
     result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
+    if session.emulator:
+        result["emulator"] = session.emulator
     if as_json:
         return _print_json(result)
     out.print(f"{artifact} on {session.runtime}: p50 {stats['p50_ms']:.3f} ms, "
               f"p90 {stats['p90_ms']:.3f} ms, mean {stats['mean_ms']:.3f} ms "
-              f"({iterations} runs)", highlight=False)
+              f"({iterations} runs)" + (f"; measured on {session.emulator}"
+                                        if session.emulator else ""), highlight=False)
 
 
 def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iterations,
@@ -433,6 +436,8 @@ def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iter
     stats = benchmark_generation(session, prompt_tokens, new_tokens, warmup,
                                  min(iterations, 5) if iterations == 20 else iterations)
     result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
+    if session.emulator:
+        result["emulator"] = session.emulator
     if as_json:
         return _print_json(result)
     sparse = " (sparse prefill graph)" if stats["prefill_graph"] == "sparse" else ""
@@ -441,7 +446,8 @@ def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iter
                   f"({stats['prompt_tokens_kept']} of all kept)")
     out.print(f"{artifact} on {session.runtime}: prefill {stats['prefill_ms']:.2f} ms for "
               f"{prompt_tokens} tokens{sparse}, decode {stats['decode_tokens_per_s']:.1f} tokens/s "
-              f"({new_tokens} new tokens, median of {stats['iterations']} runs)",
+              f"({new_tokens} new tokens, median of {stats['iterations']} runs)"
+              + (f"; measured on {session.emulator}" if session.emulator else ""),
               highlight=False)
 
 

@@ -53,7 +53,7 @@ def describe(path: str | Path) -> dict[str, Any]:
             import json
 
             r = json.loads(report.read_text())
-            info["latency_p50_ms"] = r["latency"]["p50_ms"]
+            info["latency_p50_ms"] = r["latency"].get("p50_ms")  # None: not measured
             info["fidelity"] = {k: max((e["max_rel"] for e in v["outputs"].values()), default=0)
                                 for k, v in r["fidelity"].items() if v}
         return info

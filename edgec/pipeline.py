@@ -334,6 +334,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         step(f"verifying on {tgt.name}")
         t0 = time.perf_counter()
         session, stand_in = verification_session(stage, built)
+        if session.emulator:
+            step(f"running on {session.emulator}: a large graph takes minutes per run there")
         if lora_info and lora_info["mode"] == "swappable":
             session.attach_adapters(lora_info, stage)
             session.active_adapter = lora_info["verified_adapter"]
@@ -353,6 +355,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         if stand_in:
             fidelity["stand_in"] = stand_in
             latency = {"skipped": stand_in}
+        elif session.emulator:  # timing a simulation says nothing of the device: one run
+            latency = {"skipped": f"ran on {session.emulator}",
+                       "emulator_run_ms": round(first_run_s * 1e3, 3)}
         else:
             latency = _benchmark(session, src.feeds, first_run_s)
         times["verify_target_s"] = time.perf_counter() - t0

@@ -195,7 +195,9 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("latency", f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
                                 f"({lat['iterations']} runs)"))
     else:
-        rows.append(("latency", f"not measured: {lat.get('skipped', 'no runtime')}"))
+        once = (f" (one run there: {lat['emulator_run_ms']:.0f} ms)"
+                if "emulator_run_ms" in lat else "")
+        rows.append(("latency", f"not measured: {lat.get('skipped', 'no runtime')}{once}"))
     rows.append(("graph", f"{report['graph']['nodes']} nodes, "
                           f"{report['graph']['parameters']:,} parameters"))
     rows.append(("size", f"{sum(report['size_bytes'].values()) / 2**20:.1f} MiB"))

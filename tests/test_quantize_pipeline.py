@@ -56,6 +56,17 @@ def test_bert_with_attention_mask_keeps_cosine(bert_checkpoint, tmp_path, target
     if target in ("openvino-cpu", "qnn-htp"):  # the device runs the same QDQ graph as ORT
         agree = art.report["fidelity"]["target_vs_source"]["vs_rewritten_onnx"]["outputs"]
         assert min(e["cosine"] for e in agree.values()) >= 0.998
+    lat = art.report["latency"]
+    if target == "qnn-htp":  # the HTP emulator: its one run's time, and no latency claimed
+        assert "p50_ms" not in lat and "emulator" in lat["skipped"]
+        assert lat["emulator_run_ms"] > 0
+        assert "latency | not measured: ran on the QNN HTP emulator" in (
+            art.path / "report.md").read_text()
+    elif target != "tensorrt":
+        assert lat["p50_ms"] > 0
+    from edgec.inspect import describe  # `edgec inspect` on an artifact with no latency too
+
+    assert describe(art.path)["latency_p50_ms"] == lat.get("p50_ms")
 
 
 @pytest.mark.parametrize("model", ["llama", "video-dit"])

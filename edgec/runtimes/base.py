@@ -52,6 +52,9 @@ class Session(abc.ABC):
     """A loaded model on one runtime."""
 
     runtime: str = ""
+    # Set where the runtime simulates the target device on this machine (the HTP emulator on
+    # x86_64): what it computes is the device's, its run times are not.
+    emulator: str | None = None
 
     @classmethod
     @abc.abstractmethod

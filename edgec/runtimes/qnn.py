@@ -8,6 +8,7 @@ runs the whole graph on the NPU or fails to open: never a silent partial offload
 from __future__ import annotations
 
 import os
+import platform
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from edgec.errors import TargetUnavailableError, UserError
 from edgec.runtimes.base import Session
 from edgec.runtimes.ort import ort_io_specs, session_options
 
-__all__ = ["PROVIDER_OPTIONS", "FP16_OPTIONS", "QnnSession",
+__all__ = ["PROVIDER_OPTIONS", "FP16_OPTIONS", "QnnSession", "emulator",
            "graph_provider_options", "qnn_session_options"]
 
 # Graph input quantize / output dequantize stay on the NPU; the default (offload to the CPU EP)
@@ -36,6 +37,19 @@ FP16_OPTIONS: dict[str, str] = {"soc_model": "60", "htp_arch": "73",
                                 "enable_htp_fp16_precision": "1"}
 _BACKENDS = {"htp": "get_qnn_htp_path", "cpu": "get_qnn_cpu_path"}
 _lock = threading.Lock()
+
+
+def emulator(backend: str, machine: str | None = None) -> str | None:
+    """What the ``backend`` runs on where it is no NPU, or None: QNN ships the HTP backend for
+    x86_64 hosts as a simulation of the NPU (its arithmetic, not its speed: a video-dit small
+    step takes a minute sparse, over 14 dense); on an ARM64 host (Snapdragon) it drives the
+    NPU."""
+    machine = (machine or platform.machine()).lower()
+    if backend == "htp" and machine in ("x86_64", "amd64"):
+        return "the QNN HTP emulator on this x86_64 CPU (its run times are not the NPU's)"
+    if backend == "cpu":
+        return "the QNN CPU reference backend (its run times are not the NPU's)"
+    return None
 
 
 def _qnn():
@@ -130,6 +144,7 @@ class QnnSession(Session):
         super().__init__(ort_io_specs(self._sess.get_inputs()),
                          ort_io_specs(self._sess.get_outputs()))
         self._output_names = [o.name for o in self._outputs]
+        self.emulator = emulator(backend)
 
     @classmethod
     def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> QnnSession:

@@ -17,6 +17,7 @@ import onnxruntime as ort
 from edgec.errors import UserError
 from edgec.runtimes import open_session
 from edgec.runtimes.ort import run_model
+from edgec.runtimes.qnn import emulator
 from edgec.targets.qnn_htp import QNN_HTP
 from edgec.targets.qnn_htp.legalize import QnnLegalizePass
 
@@ -97,10 +98,18 @@ def test_qdq_graph_builds_epcontext_and_reloads(tmp_path):
 
     sess = open_session(tmp_path, build.runtime)
     assert "qnn" in sess.runtime.lower()
+    # on this x86_64 host the HTP backend is QNN's emulator: the session says so
+    assert sess.emulator == emulator("htp") and "x86_64" in sess.emulator
     x = RNG.standard_normal((2, 16)).astype(np.float32)
     got, want = sess.run({"x": x})["y"], _cpu(path, {"x": x})
     # the HTP requantizes in fixed point: within one output quantization step of ORT CPU
     assert np.abs(got - want).max() <= 1.01 * _out_scale(path)
+
+
+def test_emulator_is_named_by_host_and_backend():
+    assert "emulator" in emulator("htp", "x86_64") and "emulator" in emulator("htp", "AMD64")
+    assert emulator("htp", "aarch64") is None and emulator("htp", "ARM64") is None  # the NPU
+    assert "reference" in emulator("cpu", "aarch64")
 
 
 def test_integer_token_ids_gather_on_npu(tmp_path):
