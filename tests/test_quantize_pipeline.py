@@ -62,6 +62,13 @@ def test_bert_with_attention_mask_keeps_cosine(bert_checkpoint, tmp_path, target
         assert lat["emulator_run_ms"] > 0
         assert "latency | not measured: ran on the QNN HTP emulator" in (
             art.path / "report.md").read_text()
+        from typer.testing import CliRunner
+
+        from edgec.cli import app
+
+        bench = CliRunner().invoke(app, ["bench", str(art.path), "--iterations", "1"])
+        assert bench.exit_code == 0 and "measured on the QNN HTP emulator" in " ".join(
+            bench.stdout.split())
     elif target != "tensorrt":
         assert lat["p50_ms"] > 0
     from edgec.inspect import describe  # `edgec inspect` on an artifact with no latency too
