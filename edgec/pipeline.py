@@ -178,9 +178,7 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
                        rotations)
     # the passes edit the graph in place: the end-to-end check of DartQuant's rotations
     # (``_accepted``) starts its second run from a copy of the export
-    accept = (recipe.rotate is not None and recipe.rotate.method == "dartquant"
-              and recipe.rotate.accept and recipe.quantize is not None and until is None
-              and recipe.calibration is None and rotations is None)
+    accept = until is None and rotations is None and _checks_end_to_end(recipe)
     pristine = src.model.clone() if accept else None
     manager = PassManager(_passes(ctx, until), check=recipe.check, feeds=src.feeds)
     model = manager(src.model)
@@ -200,6 +198,19 @@ def _passes(ctx: StageContext, until: str | None = None) -> list:
             made = stage.make(ctx)
             passes += made if isinstance(made, Sequence) else [made] if made else []
     return passes
+
+
+def _checks_end_to_end(recipe: Recipe) -> bool:
+    """Whether a compile of ``recipe`` checks DartQuant's learned rotations end to end
+    (``_accepted``): ``--rotate dartquant`` (``accept``) with ``--quantize``, unless the ranges
+    come from a ``--calib`` cache, which is bound to the learned graph (an .npz of samples is
+    calibrated on either graph)."""
+    from edgec.calibration.cache import CalibrationCache
+
+    rotate = recipe.rotate
+    return (rotate is not None and rotate.method == "dartquant" and rotate.accept
+            and recipe.quantize is not None
+            and not isinstance(recipe.calibration, CalibrationCache))
 
 
 def _accepted(ctx: StageContext, manager: PassManager, model, pristine):

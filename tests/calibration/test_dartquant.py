@@ -7,6 +7,7 @@ a dynamo export's ~5 s; it also shows the topology does not depend on one export
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 
@@ -230,3 +231,27 @@ def test_compile_keeps_the_learned_rotations_only_where_they_quantize_better_end
                         **kw)
     rotate = next(p for p in off.report["passes"] if p["name"] == "rotate")["stats"]
     assert "end_to_end" not in rotate["dartquant"]
+
+
+def test_end_to_end_check_runs_with_sample_files_not_with_a_cache(tmp_path):
+    """An .npz of samples calibrates either graph, so the end-to-end check runs with one (it
+    did not: SmolLM2's benchmark rows kept a worse learned R1 unchecked); a --calib cache holds
+    ranges for the learned graph only, so it skips the check."""
+    from edgec.calibration.cache import CalibrationCache
+    from edgec.pipeline import _checks_end_to_end
+    from edgec.recipe import Recipe
+
+    npz = tmp_path / "samples.npz"
+    np.savez(npz, input_ids=np.zeros((4, 1, 8), np.int64))
+
+    def recipe(**kw):
+        return Recipe.parse("openvino-cpu", quantize="w8a8", **kw)
+
+    assert _checks_end_to_end(recipe(rotate="dartquant"))
+    assert _checks_end_to_end(recipe(rotate="dartquant", calibration=str(npz)))
+    assert not _checks_end_to_end(recipe(rotate="dartquant:accept=false"))
+    assert not _checks_end_to_end(recipe(rotate="hadamard"))
+    assert not _checks_end_to_end(Recipe.parse("openvino-cpu", rotate="dartquant"))
+    cached = dataclasses.replace(recipe(rotate="dartquant"),
+                                 calibration=object.__new__(CalibrationCache))
+    assert not _checks_end_to_end(cached)
