@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgec.calibration.entropy import kl_threshold
+from edgec.calibration.histograms import collect_histograms
 from edgec.errors import UserError
 
 __all__ = ["collect_ranges", "METHODS"]
@@ -87,8 +88,11 @@ def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str 
                                        use_external_data_format=True, extra_options=options)
         if method == "minmax":
             _reduce_early(calibrator)
+            with contextlib.redirect_stdout(io.StringIO()):
+                calibrator.collect_data(Reader())
+        else:  # ORT's histograms, one sample and a bounded group of tensors at a time
+            _histograms(calibrator, model, samples, progress)
         with contextlib.redirect_stdout(io.StringIO()):  # ORT prints histogram settings
-            calibrator.collect_data(Reader())
             if method == "entropy":  # ORT's histograms, edgec's vectorized threshold search
                 return {name: _entropy_stats(h, options["num_quantized_bins"])
                         for name, h in calibrator.collector.histogram_dict.items()}
@@ -115,6 +119,25 @@ def _reduce_early(calibrator) -> None:
     calibrator.infer_session = None  # free the default-order session first
     calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, opts,
                                                     providers=calibrator.execution_providers)
+
+
+def _histograms(calibrator, model, samples, progress) -> None:
+    """Fill ``calibrator``'s collector with the histograms ORT's ``collect_data`` would build,
+    without holding every sample's tensors (``histograms.collect_histograms``)."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    calibrator.infer_session = None  # opened by create_calibrator; each pass opens its own
+    magnitudes = calibrator.method == "percentile" and calibrator.symmetric  # ORT's choice
+    collector = HistogramCollector(method=calibrator.method, symmetric=calibrator.symmetric,
+                                   num_bins=calibrator.num_bins,
+                                   num_quantized_bins=calibrator.num_quantized_bins,
+                                   percentile=calibrator.percentile,
+                                   scenario=calibrator.scenario)
+    names = sorted(calibrator.tensors_to_calibrate)  # chosen by its augment_graph
+    collector.histogram_dict = collect_histograms(model, names, samples,
+                                                  calibrator.num_bins, magnitudes,
+                                                  progress=progress)
+    calibrator.collector = collector
 
 
 def _entropy_stats(histogram, levels: int) -> dict[str, float]:
