@@ -9,8 +9,8 @@ here in two passes that hold neither:
 
 1. a reduction graph (``ReduceMin``/``ReduceMax``/``Size`` per tensor, each run right after its
    tensor, as ``crest.LEAN`` orders it) gives every tensor's range and size over all samples;
-2. the tensors are exposed as outputs in groups of at most ``BUDGET`` bytes, one session per
-   group, and each sample's histogram, over the whole range, is added to the total.
+2. the tensors are exposed as outputs in groups of at most ``memory_budget()`` bytes, one
+   session per group, and each sample's histogram, over the whole range, is added to the total.
 
 ``np.histogram`` bins each element on its own once the range is fixed, so the sums are ORT's
 histograms exactly (counts, edges, minimum, maximum, threshold), and ORT computes the ranges from
@@ -26,10 +26,22 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["BUDGET", "collect_histograms"]
+__all__ = ["BUDGET", "collect_histograms", "memory_budget"]
 
-# Bytes of calibrated tensors one run may expose (one sample); a larger tensor runs alone.
-BUDGET = 2 << 30
+# Bytes of calibrated tensors one run may expose (one sample; a larger tensor runs alone): a
+# quarter of the memory available when calibration starts, within these bounds (the grouping
+# changes the number of runs, never the histograms).
+BUDGET = (1 << 30, 8 << 30)
+
+
+def memory_budget(meminfo: str = "/proc/meminfo") -> int:
+    low, high = BUDGET
+    try:
+        with open(meminfo) as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 2 << 30  # not Linux: a middle value
+    return min(high, max(low, kb * 1024 // 4))
 
 
 def _reductions(model: ir.Model, names: Sequence[str], magnitudes: bool) -> ir.Model:
@@ -97,7 +109,7 @@ def _session(model: ir.Model, tmp: Path, name: str):
 
 def collect_histograms(model: ir.Model, names: Sequence[str],
                        samples: Sequence[dict[str, np.ndarray]], num_bins: int,
-                       magnitudes: bool, budget: int = BUDGET,
+                       magnitudes: bool, budget: int | None = None,
                        progress: Callable[[int, int], None] | None = None) -> dict[str, tuple]:
     """``HistogramCollector.histogram_dict`` for ``names`` over ``samples``, as ORT's collector
     builds it from all samples at once: ``(counts, edges, min, max, threshold)`` of the values
@@ -128,7 +140,7 @@ def collect_histograms(model: ir.Model, names: Sequence[str],
             ranges[name] = ((absmin[name], top) if magnitudes else
                             (-np.array(top, dtype=low[name].dtype),
                              np.array(top, dtype=low[name].dtype)))
-        groups = _groups(sizes, budget)
+        groups = _groups(sizes, budget or memory_budget())
         counts: dict[str, np.ndarray] = {}
         edges: dict[str, np.ndarray] = {}
         done, runs = 0, len(samples) * len(groups)  # a second sweep: the histograms

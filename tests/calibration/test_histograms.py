@@ -101,3 +101,13 @@ def test_groups_hold_the_budget_and_a_larger_tensor_alone():
     sizes = {"a": 3, "b": 3, "c": 10, "d": 1, "e": 4}
     assert _groups(sizes, 6) == [["a", "b"], ["c"], ["d", "e"]]
     assert _groups(sizes, 100) == [["a", "b", "c", "d", "e"]]
+
+
+def test_memory_budget_is_a_quarter_of_what_is_available_within_bounds(tmp_path):
+    from edgec.calibration.histograms import BUDGET, memory_budget
+
+    info = tmp_path / "meminfo"
+    for kb, want in ((16 << 20, 4 << 30), (1 << 20, BUDGET[0]), (256 << 20, BUDGET[1])):
+        info.write_text(f"MemTotal: {2 * kb} kB\nMemAvailable: {kb} kB\n")
+        assert memory_budget(str(info)) == want
+    assert memory_budget(str(tmp_path / "none")) == 2 << 30
