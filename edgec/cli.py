@@ -292,8 +292,8 @@ def calibrate_cmd(
             if task is None:
                 status._status.stop()  # the bar replaces the status line
                 bar.start()
-                task = bar.add_task("samples", total=n)
-            bar.update(task, completed=i)
+                task = bar.add_task("runs", total=n)
+            bar.update(task, completed=i, total=n)  # histogram methods learn theirs later
 
         try:
             cache = calibrate_source(source, recipe, output, data=data, step=status,

@@ -114,16 +114,18 @@ def collect_histograms(model: ir.Model, names: Sequence[str],
     """``HistogramCollector.histogram_dict`` for ``names`` over ``samples``, as ORT's collector
     builds it from all samples at once: ``(counts, edges, min, max, threshold)`` of the values
     over ``[-threshold, threshold]``, or with ``magnitudes`` (ORT's symmetric percentile)
-    ``(counts, edges, min, max)`` of ``|x|`` over its own range. ``progress(run, runs)``, once
-    per sample for the ranges, then once per sample and group for the histograms."""
+    ``(counts, edges, min, max)`` of ``|x|`` over its own range. ``progress(runs done, runs)``:
+    a run per sample for the ranges, then one per sample and group for the histograms (the
+    total is known once the ranges give the tensors' sizes)."""
     names = list(names)
     with tempfile.TemporaryDirectory(prefix="edgec-hist-") as tmp:
         session = _session(_reductions(model, names, magnitudes), Path(tmp), "ranges")
         low, high, absmin, sizes = {}, {}, {}, dict.fromkeys(names, 0)
+        n = len(samples)
         for k, feeds in enumerate(samples):
             out = session.run(feeds)
-            if progress:
-                progress(k + 1, len(samples))
+            if progress:  # at least one histogram run per sample follows
+                progress(k + 1, 2 * n)
             for i, name in enumerate(names):
                 lo, hi = out[f"edgec_hist_{i}_min"][()], out[f"edgec_hist_{i}_max"][()]
                 low[name] = lo if k == 0 else min(low[name], lo)
@@ -143,7 +145,7 @@ def collect_histograms(model: ir.Model, names: Sequence[str],
         groups = _groups(sizes, budget or memory_budget())
         counts: dict[str, np.ndarray] = {}
         edges: dict[str, np.ndarray] = {}
-        done, runs = 0, len(samples) * len(groups)  # a second sweep: the histograms
+        done, runs = n, n * (1 + len(groups))
         for g, group in enumerate(groups):
             session = _session(_exposing(model, group), Path(tmp), f"group{g}")
             for feeds in samples:

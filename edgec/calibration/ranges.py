@@ -1,7 +1,7 @@
 """Activation statistics: run calibration samples through ONNX Runtime's calibrators.
 
 ``collect_ranges`` wraps ``onnxruntime.quantization.create_calibrator`` (minmax, percentile,
-entropy; distribution for fp8) and reports progress per sample; the result is plain JSON-ready
+entropy; distribution for fp8) and reports progress per run; the result is plain JSON-ready
 per-tensor statistics keyed by tensor name.
 """
 
@@ -48,6 +48,8 @@ def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str 
 
     ``op_types``: calibrate the inputs/outputs of these op types only (None: every float tensor).
     ``bits``: the activations' integer width, which the entropy threshold search quantizes to.
+    ``progress(runs done, runs)``: one run per sample (minmax), more for the histogram methods
+    (``histograms.collect_histograms``).
     Returns ``{tensor: {"lowest": float, "highest": float, ["avg", "std"]}}``.
     """
     from onnxruntime.quantization import CalibrationDataReader, create_calibrator

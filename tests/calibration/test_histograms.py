@@ -79,8 +79,10 @@ def test_histograms_are_orts_whatever_the_grouping(model, samples, tmp_path, mag
             for a, b in zip(got[name], want[name]):
                 assert np.asarray(a).dtype == np.asarray(b).dtype
                 np.testing.assert_array_equal(a, b)
-    # progress: the range sweep, then one per sample and group (6, 2 and 1 groups)
-    assert [n for _, n in runs] == [5] * 5 + [30] * 30 + [5] * 5 + [10] * 10 + [5] * 10
+    # progress: the range sweep, then one run per sample and group (6, 2 and 1 groups)
+    assert runs == [(i, n) for groups in (6, 2, 1)
+                    for i, n in [(k, 10) for k in range(1, 6)]
+                    + [(5 + k, 5 * (1 + groups)) for k in range(1, 5 * groups + 1)]]
 
 
 @pytest.mark.parametrize("method,options", [

@@ -229,7 +229,7 @@ class QuantOptions:
                 return given, "reused cache"
             step("calibrating activation ranges")
             cache = collect_cache(model, request, src,
-                                  lambda i, n: step(f"calibrating: sample {i}/{n}"))
+                                  lambda i, n: step(f"calibrating: run {i}/{n}"))
             return cache, "calibrated during compile"
 
         def samples(model, extra: int = 0):
