@@ -199,3 +199,38 @@ def test_search_keeps_layers_until_the_kl_bound_holds_as_well_as_the_cosine():
     assert Floor(0.98).met({"cosine": 0.99})  # no KL bound: not measured, not needed
     k, _, _ = search_exclusions(ranked, measure, Floor(0.98).met)
     assert k == 0
+
+
+def test_layer_errors_in_node_groups_are_the_same_as_all_at_once():
+    """Sensitivity holds one sample's activations of a group of nodes within a memory budget
+    (video-dit small's 2 GB score tensors did not fit all at once); any grouping gives the same
+    errors, effects and ranking."""
+    from types import SimpleNamespace
+
+    from edgec.graph_passes.quantization.mixed_precision import Floor, _node_bytes, _node_groups
+
+    rng = np.random.default_rng(5)
+    w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 3)))
+    model = _two_layer_model(w1, w2)
+    feeds = [{"x": rng.standard_normal((5, 4)).astype(np.float32) * (1 + k)} for k in range(3)]
+    cache = SimpleNamespace(tensors={n: {"lowest": -6.0, "highest": 6.0}
+                                     for n in ("x", "mm1_out", "relu_out", "y")})
+    model.graph.node("mm1").outputs[0].name = "mm1_out"
+    model.graph.node("relu").outputs[0].name = "relu_out"
+    scheme = SimpleNamespace(activations="uint8", weights="int8", activation_symmetric=False)
+
+    def errors(budget):
+        return layer_errors(model, feeds, cache, scheme, ("MatMul",), set(), set(),
+                            floor=Floor(min_cos=0.99), budget=budget)
+
+    together, apart = errors(1 << 30), errors(1)
+    assert [e.node for e in apart] == [e.node for e in together]
+    assert [e.to_json() for e in apart] == [e.to_json() for e in together]
+    assert all(e.error > 0 and e.end_to_end > 0 for e in together)
+    mm1, mm2 = model.graph.node("mm1"), model.graph.node("mm2")
+    for v, shape in ((mm2.inputs[0], [5, 8]), (mm2.outputs[0], [5, 3])):
+        v.shape, v.dtype = ir.Shape(shape), ir.DataType.FLOAT  # static: counted (the input
+        # once, the output three times: exposed, δ, zeros)
+    assert _node_bytes(mm1) == 0 and _node_bytes(mm2) == (5 * 8 + 3 * 5 * 3) * 4
+    assert _node_groups([mm1, mm2], 1) == [[mm1], [mm2]]
+    assert _node_groups([mm1, mm2], 1 << 20) == [[mm1, mm2]]

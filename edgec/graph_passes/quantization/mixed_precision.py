@@ -147,7 +147,8 @@ def _candidates(model: ir.Model, op_types: Sequence[str], skip: set[str]) -> lis
 def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache, scheme,
                  op_types: Sequence[str], skip: set[str], sixteen: set[str],
                  floor: Floor | None = None, kept_bits: int | None = None,
-                 widths: dict[str, list[int | None]] | None = None) -> list[LayerError]:
+                 widths: dict[str, list[int | None]] | None = None,
+                 budget: int | None = None) -> list[LayerError]:
     """Each quantizable MatMul/Gemm's own output error under the scheme and its end-to-end
     effect, the ones ``floor`` (``Floor.share``; None: cosine alone) suffers most from first.
 
@@ -161,21 +162,17 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     and the probes keeping the first four measured the KL of none kept.
 
     ``widths`` (``quantized_widths`` of the quantized graph): the widths the node's activations
-    really have as planned, where the plan's ``sixteen`` is not all there is."""
+    really have as planned, where the plan's ``sixteen`` is not all there is.
+
+    ``budget``: bytes of one sample's activations held at once (default
+    ``calibration.histograms.memory_budget()``); nodes are analysed in groups within it, with the
+    same results."""
+    from edgec.calibration.histograms import memory_budget
     from edgec.runtimes.ort import model_feeds, open_model
 
     nodes = _candidates(model, op_types, skip)
     if not nodes:
         return []
-    probe = model.clone()
-    by_name = {n.name: n for n in probe.graph}
-    exposed: dict[str, ir.Value] = {}
-    for node in nodes:
-        for v in (*by_name[node.name].inputs[:2], by_name[node.name].outputs[0]):
-            if v is not None and v.const_value is None and v.name not in exposed:
-                exposed[v.name] = v
-    graph_outputs = {v.name for v in probe.graph.outputs}
-    probe.graph.outputs.extend(v for name, v in exposed.items() if name not in graph_outputs)
     act_bits, w_bits = _BITS[scheme.activations], _BITS[scheme.weights]
 
     def activation(x: np.ndarray, name: str, bits: int | None) -> np.ndarray:
@@ -213,33 +210,85 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                 16 if out_name in sixteen else act_bits))
         return (y_quant - y_kept).astype(np.float32)
 
-    # One sample at a time (its exposed tensors, every node's δ, the injections), so memory
-    # holds one sample's activations: on video-dit small (8192 tokens, 2 GB score tensors) all
-    # samples at once would not fit.
+    # One group of nodes and one sample at a time (the group's exposed tensors, its δs, their
+    # injections), so memory holds one sample's activations of as many nodes as ``budget``
+    # allows: on video-dit small (8192 tokens, 2 GB score tensors) every node at once did not
+    # fit. A graph that fits runs as one group, one exposed run per sample.
     kld = floor is not None and floor.max_kld is not None
     num, den = np.zeros(len(nodes)), np.zeros(len(nodes))
     effects, klds = np.zeros(len(nodes)), np.zeros(len(nodes))
-    injector = injecting = None
-    with contextlib.ExitStack() as stack:
-        exposing = stack.enter_context(open_model(probe))
-        for feed in feeds:
-            out = exposing.run(model_feeds(probe, feed))
-            deltas = []
-            for i, node in enumerate(nodes):
-                deltas.append(delta(node, out))
-                num[i] += float(np.sum(deltas[-1].astype(np.float64) ** 2))
-                den[i] += float(np.sum(out[node.outputs[0].name].astype(np.float64) ** 2))
-            del out
-            if injector is None:
-                injector = _Injector(model, [n.name for n in nodes], [d.ndim for d in deltas])
-                injecting = stack.enter_context(open_model(injector.graph, optimize=True))
-            for i, (c, k) in enumerate(injector.effects(injecting, feed, deltas, kld)):
-                effects[i], klds[i] = max(effects[i], c), max(klds[i], k or 0.0)
+    index = {node.name: i for i, node in enumerate(nodes)}
+    for group in _node_groups(nodes, budget or memory_budget()):
+        with contextlib.ExitStack() as stack:
+            probe = _exposing(model, group)
+            exposing = stack.enter_context(open_model(probe))
+            injector = injecting = None
+            for feed in feeds:
+                out = exposing.run(model_feeds(probe, feed))
+                deltas = []
+                for node in group:
+                    i = index[node.name]
+                    deltas.append(delta(node, out))
+                    num[i] += float(np.sum(deltas[-1].astype(np.float64) ** 2))
+                    den[i] += float(np.sum(out[node.outputs[0].name].astype(np.float64) ** 2))
+                del out
+                if injector is None:
+                    injector = _Injector(model, [n.name for n in group],
+                                         [d.ndim for d in deltas])
+                    injecting = stack.enter_context(open_model(injector.graph, optimize=True))
+                found = injector.effects(injecting, feed, deltas, kld)
+                del deltas
+                for node, (c, k) in zip(group, found):
+                    i = index[node.name]
+                    effects[i], klds[i] = max(effects[i], c), max(klds[i], k or 0.0)
     errors = [LayerError(node.name, node.op_type, float((num[i] / den[i]) ** 0.5)
                          if den[i] else 0.0, float(effects[i]),
                          float(klds[i]) if kld else None) for i, node in enumerate(nodes)]
     floor = floor or Floor(min_cos=0.0)
     return sorted(errors, key=lambda e: (-floor.share(e), -e.end_to_end, -e.error))
+
+
+def _node_bytes(node: ir.Node) -> int:
+    """What sensitivity holds for ``node`` on one sample: its exposed activations and output,
+    and the output-sized δ and zeros it injects (0 where a shape is not static)."""
+    total = 0
+    out = node.outputs[0]
+    for v, copies in ((node.inputs[0], 1), (node.inputs[1], 1), (out, 3)):
+        if v is None or v.const_value is not None or v.shape is None or v.dtype is None:
+            continue
+        if not all(isinstance(d, int) for d in v.shape):
+            continue
+        total += copies * int(np.prod(v.shape, dtype=np.int64)) * v.dtype.itemsize
+    return total
+
+
+def _node_groups(nodes: Sequence[ir.Node], budget: int) -> list[list[ir.Node]]:
+    """``nodes`` in graph order, in groups of at most ``budget`` bytes (``_node_bytes``; a
+    larger node alone)."""
+    groups: list[list[ir.Node]] = [[]]
+    held = 0
+    for node in nodes:
+        size = _node_bytes(node)
+        if groups[-1] and held + size > budget:
+            groups.append([])
+            held = 0
+        groups[-1].append(node)
+        held += size
+    return groups
+
+
+def _exposing(model: ir.Model, nodes: Sequence[ir.Node]) -> ir.Model:
+    """A copy of ``model`` with ``nodes``' activation inputs and outputs as graph outputs."""
+    probe = model.clone()
+    by_name = {n.name: n for n in probe.graph}
+    exposed: dict[str, ir.Value] = {}
+    for node in nodes:
+        for v in (*by_name[node.name].inputs[:2], by_name[node.name].outputs[0]):
+            if v is not None and v.const_value is None and v.name not in exposed:
+                exposed[v.name] = v
+    graph_outputs = {v.name for v in probe.graph.outputs}
+    probe.graph.outputs.extend(v for name, v in exposed.items() if name not in graph_outputs)
+    return probe
 
 
 def end_to_end_effects(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]],
