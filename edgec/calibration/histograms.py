@@ -164,5 +164,5 @@ def collect_histograms(model: ir.Model, names: Sequence[str],
                     progress(done, runs)
             del session
     if magnitudes:
-        return {n: (counts[n], edges[n], low[n], high[n]) for n in names}
-    return {n: (counts[n], edges[n], low[n], high[n], ranges[n][1]) for n in names}
+        return {t: (counts[t], edges[t], low[t], high[t]) for t in names}
+    return {t: (counts[t], edges[t], low[t], high[t], ranges[t][1]) for t in names}
