@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["BUDGET", "collect_histograms", "memory_budget"]
+__all__ = ["BUDGET", "collect_histograms", "memory_budget", "tensor_bytes"]
 
 # Bytes of calibrated tensors one run may expose (one sample; a larger tensor runs alone): a
 # quarter of the memory available when calibration starts, within these bounds (the grouping
@@ -44,13 +44,35 @@ def memory_budget(meminfo: str = "/proc/meminfo") -> int:
     return min(high, max(low, kb * 1024 // 4))
 
 
+def _values(model: ir.Model) -> dict[str, ir.Value]:
+    values = {v.name: v for v in model.graph.inputs}
+    values.update({v.name: v for node in model.graph for v in node.outputs})
+    return values
+
+
+def _beside(model: ir.Model, value: ir.Value, nodes: list[ir.Node]) -> None:
+    """Insert ``nodes`` (which read ``value``) right after its producer, so they run as soon as
+    it exists (``crest.LEAN``'s priority order) and it is freed when the model is done with it."""
+    producer = value.producer()
+    first = next(iter(model.graph), None)
+    if producer is not None:
+        model.graph.insert_after(producer, nodes)
+    elif first is not None:
+        model.graph.insert_before(first, nodes)
+    else:
+        model.graph.extend(nodes)
+
+
+def _output(node: ir.Node, name: str, dtype) -> None:
+    out = node.outputs[0]
+    out.name, out.dtype, out.shape = name, dtype, ir.Shape([])
+
+
 def _reductions(model: ir.Model, names: Sequence[str], magnitudes: bool) -> ir.Model:
     """``model`` with each named tensor's min, max, element count (and min |x| for
-    ``magnitudes``) as outputs, inserted right after the tensor's producer."""
+    ``magnitudes``) as outputs, computed right after the tensor."""
     aug = model.clone()
-    values = {v.name: v for v in aug.graph.inputs}
-    values.update({v.name: v for node in aug.graph for v in node.outputs})
-    first = next(iter(aug.graph), None)
+    values = _values(aug)
     for i, name in enumerate(names):
         value = values[name]
         nodes = [ir.node("ReduceMin", [value], attributes={"keepdims": 0}),
@@ -60,25 +82,33 @@ def _reductions(model: ir.Model, names: Sequence[str], magnitudes: bool) -> ir.M
             nodes.append(ir.node("Abs", [value]))
             nodes.append(ir.node("ReduceMin", [nodes[-1].outputs[0]], attributes={"keepdims": 0}))
         for node, what in zip((*nodes[:3], *nodes[4:]), ("min", "max", "size", "absmin")):
-            out = node.outputs[0]
-            out.name = f"edgec_hist_{i}_{what}"
-            out.dtype = ir.DataType.INT64 if what == "size" else value.dtype
-            out.shape = ir.Shape([])
-            aug.graph.outputs.append(out)
-        producer = value.producer()
-        if producer is not None:
-            aug.graph.insert_after(producer, nodes)
-        elif first is not None:
-            aug.graph.insert_before(first, nodes)
-        else:
-            aug.graph.extend(nodes)
+            _output(node, f"edgec_hist_{i}_{what}",
+                    ir.DataType.INT64 if what == "size" else value.dtype)
+            aug.graph.outputs.append(node.outputs[0])
+        _beside(aug, value, nodes)
     return aug
+
+
+def tensor_bytes(model: ir.Model, names: Sequence[str], feeds: dict[str, np.ndarray]
+                 ) -> dict[str, int]:
+    """Bytes of each named tensor of ``model`` on ``feeds``: one run with a ``Size`` beside
+    each (their shapes in the graph may be symbolic)."""
+    aug = model.clone()
+    values = _values(aug)
+    for i, name in enumerate(names):
+        size = ir.node("Size", [values[name]])
+        _output(size, f"edgec_size_{i}", ir.DataType.INT64)
+        aug.graph.outputs.append(size.outputs[0])
+        _beside(aug, values[name], [size])
+    with tempfile.TemporaryDirectory(prefix="edgec-size-") as tmp:
+        out = _session(aug, Path(tmp), "sizes").run(feeds)
+    return {name: int(out[f"edgec_size_{i}"]) * (values[name].dtype or ir.DataType.FLOAT).itemsize
+            for i, name in enumerate(names)}
 
 
 def _exposing(model: ir.Model, names: Sequence[str]) -> ir.Model:
     aug = model.clone()
-    values = {v.name: v for v in aug.graph.inputs}
-    values.update({v.name: v for node in aug.graph for v in node.outputs})
+    values = _values(aug)
     present = {v.name for v in aug.graph.outputs}
     aug.graph.outputs.extend(values[n] for n in names if n not in present)
     return aug

@@ -227,10 +227,12 @@ def test_layer_errors_in_node_groups_are_the_same_as_all_at_once():
     assert [e.node for e in apart] == [e.node for e in together]
     assert [e.to_json() for e in apart] == [e.to_json() for e in together]
     assert all(e.error > 0 and e.end_to_end > 0 for e in together)
+    from edgec.calibration.histograms import tensor_bytes
+
     mm1, mm2 = model.graph.node("mm1"), model.graph.node("mm2")
-    for v, shape in ((mm2.inputs[0], [5, 8]), (mm2.outputs[0], [5, 3])):
-        v.shape, v.dtype = ir.Shape(shape), ir.DataType.FLOAT  # static: counted (the input
-        # once, the output three times: exposed, δ, zeros)
-    assert _node_bytes(mm1) == 0 and _node_bytes(mm2) == (5 * 8 + 3 * 5 * 3) * 4
-    assert _node_groups([mm1, mm2], 1) == [[mm1], [mm2]]
-    assert _node_groups([mm1, mm2], 1 << 20) == [[mm1, mm2]]
+    sizes = tensor_bytes(model, ["x", "mm1_out", "relu_out", "y"], feeds[0])  # x: [5, 4]
+    assert sizes == {"x": 80, "mm1_out": 160, "relu_out": 160, "y": 60}
+    # the activation input once, the output three times (exposed, δ, zeros); weights never
+    assert _node_bytes(mm1, sizes) == 80 + 3 * 160 and _node_bytes(mm2, sizes) == 160 + 3 * 60
+    assert _node_groups([mm1, mm2], sizes, 1) == [[mm1], [mm2]]
+    assert _node_groups([mm1, mm2], sizes, 1 << 20) == [[mm1, mm2]]

@@ -167,7 +167,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     ``budget``: bytes of one sample's activations held at once (default
     ``calibration.histograms.memory_budget()``); nodes are analysed in groups within it, with the
     same results."""
-    from edgec.calibration.histograms import memory_budget
+    from edgec.calibration.histograms import memory_budget, tensor_bytes
     from edgec.runtimes.ort import model_feeds, open_model
 
     nodes = _candidates(model, op_types, skip)
@@ -218,7 +218,11 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     num, den = np.zeros(len(nodes)), np.zeros(len(nodes))
     effects, klds = np.zeros(len(nodes)), np.zeros(len(nodes))
     index = {node.name: i for i, node in enumerate(nodes)}
-    for group in _node_groups(nodes, budget or memory_budget()):
+    activations = list(dict.fromkeys(v.name for node in nodes for v in (*node.inputs[:2],
+                                                                        node.outputs[0])
+                                     if v is not None and v.const_value is None))
+    sizes = tensor_bytes(model, activations, model_feeds(model, feeds[0]))
+    for group in _node_groups(nodes, sizes, budget or memory_budget()):
         with contextlib.ExitStack() as stack:
             probe = _exposing(model, group)
             exposing = stack.enter_context(open_model(probe))
@@ -248,27 +252,22 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     return sorted(errors, key=lambda e: (-floor.share(e), -e.end_to_end, -e.error))
 
 
-def _node_bytes(node: ir.Node) -> int:
-    """What sensitivity holds for ``node`` on one sample: its exposed activations and output,
-    and the output-sized δ and zeros it injects (0 where a shape is not static)."""
-    total = 0
-    out = node.outputs[0]
-    for v, copies in ((node.inputs[0], 1), (node.inputs[1], 1), (out, 3)):
-        if v is None or v.const_value is not None or v.shape is None or v.dtype is None:
-            continue
-        if not all(isinstance(d, int) for d in v.shape):
-            continue
-        total += copies * int(np.prod(v.shape, dtype=np.int64)) * v.dtype.itemsize
-    return total
+def _node_bytes(node: ir.Node, sizes: dict[str, int]) -> int:
+    """What sensitivity holds for ``node`` on one sample (``sizes``: bytes per tensor): its
+    exposed activation inputs and output, and the output-sized δ and zeros it injects."""
+    inputs = sum(sizes.get(v.name, 0) for v in node.inputs[:2]
+                 if v is not None and v.const_value is None)
+    return inputs + 3 * sizes.get(node.outputs[0].name, 0)
 
 
-def _node_groups(nodes: Sequence[ir.Node], budget: int) -> list[list[ir.Node]]:
+def _node_groups(nodes: Sequence[ir.Node], sizes: dict[str, int], budget: int
+                 ) -> list[list[ir.Node]]:
     """``nodes`` in graph order, in groups of at most ``budget`` bytes (``_node_bytes``; a
     larger node alone)."""
     groups: list[list[ir.Node]] = [[]]
     held = 0
     for node in nodes:
-        size = _node_bytes(node)
+        size = _node_bytes(node, sizes)
         if groups[-1] and held + size > budget:
             groups.append([])
             held = 0
