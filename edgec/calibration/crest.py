@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from edgec.runtimes.ort import LEAN
+
 __all__ = ["collect_crest", "LEAN"]
 
-# Session settings for a model whose every tensor feeds a statistic: in priority order each
-# statistic runs as soon as its tensor exists (ORT's default order ran them after the rest of the
-# graph, keeping every tensor alive: video-dit small, 13.2 GB for one sample vs 5.2 GB); without
-# the memory pattern, which from the second run on preallocated twice that (10.2 GB vs 5.2 GB).
-LEAN = {"execution_order": "PRIORITY_BASED", "enable_mem_pattern": False}
+# Each statistic runs as soon as its tensor exists in ``LEAN``'s priority order (ORT's default
+# ran them after the rest of the graph, keeping every tensor alive: video-dit small, 13.2 GB for
+# one sample vs 5.2 GB; the memory pattern, from the second run on, 10.2 GB vs 5.2 GB).
 
 
 def _float_tensors(model: ir.Model) -> list[ir.Value]:

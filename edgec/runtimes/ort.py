@@ -17,7 +17,7 @@ from edgec.lora.binding import lora_sites, site_feeds
 from edgec.onnx_io import save_model
 from edgec.runtimes.base import IOSpec, Session
 
-__all__ = ["OrtSession", "run_model", "open_model", "model_feeds", "ort_io_specs"]
+__all__ = ["OrtSession", "LEAN", "run_model", "open_model", "model_feeds", "ort_io_specs"]
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -80,14 +80,22 @@ class OrtSession(Session):
         return dict(zip(self._output_names, self._sess.run(self._output_names, feeds)))
 
 
+# Session settings for runs that measure rather than serve (calibration, the accuracy floor's
+# samples, sensitivity): in priority order each node runs as soon as its inputs exist and
+# tensors are freed as soon as possible (ORT's default order computed statistics after the rest
+# of the graph, keeping every tensor alive), without the memory pattern (which from the second
+# run on preallocated twice the need). video-dit small fp32, unoptimized: 10.1 → 5.3 GB peak.
+LEAN = {"execution_order": "PRIORITY_BASED", "enable_mem_pattern": False}
+
+
 @contextlib.contextmanager
 def open_model(model: ir.Model, optimize: bool = False) -> Iterator[OrtSession]:
-    """An OrtSession over an in-memory model, saved to a temp dir with external data (>2 GB safe)
-    for as long as the ``with`` block runs."""
+    """An OrtSession (``LEAN`` settings) over an in-memory model, saved to a temp dir with
+    external data (>2 GB safe) for as long as the ``with`` block runs."""
     with tempfile.TemporaryDirectory(prefix="edgec-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(model, path)
-        yield OrtSession(path, optimize=optimize)
+        yield OrtSession(path, optimize=optimize, config=LEAN)
 
 
 def model_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
