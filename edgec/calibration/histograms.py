@@ -7,8 +7,9 @@ video-dit small (8192 tokens of dense attention, 2 GB score tensors) a TensorRT 
 (``[-t, t]``, t the largest magnitude; or ``[min|x|, max|x|]`` on magnitudes), so they are built
 here in two passes that hold neither:
 
-1. a reduction graph (``ReduceMin``/``ReduceMax``/``Size`` per tensor, each run right after its
-   tensor, as ``crest.LEAN`` orders it) gives every tensor's range and size over all samples;
+1. a reduction graph (``ReduceMin``/``ReduceMax``/``Size`` per tensor, each run right after
+   its tensor, as ``runtimes.ort.LEAN`` orders it) gives every tensor's range and size over all
+   samples;
 2. the tensors are exposed as outputs in groups of at most ``memory_budget()`` bytes, one
    session per group, and each sample's histogram, over the whole range, is added to the total.
 
@@ -52,7 +53,8 @@ def _values(model: ir.Model) -> dict[str, ir.Value]:
 
 def _beside(model: ir.Model, value: ir.Value, nodes: list[ir.Node]) -> None:
     """Insert ``nodes`` (which read ``value``) right after its producer, so they run as soon as
-    it exists (``crest.LEAN``'s priority order) and it is freed when the model is done with it."""
+    it exists (``runtimes.ort.LEAN``'s priority order) and it is freed when the model is done
+    with it."""
     producer = value.producer()
     first = next(iter(model.graph), None)
     if producer is not None:
@@ -127,17 +129,16 @@ def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
 
 
 def _session(model: ir.Model, tmp: Path, name: str):
-    from edgec.calibration.crest import LEAN
     from edgec.onnx_io import save_model
-    from edgec.runtimes.ort import OrtSession
+    from edgec.runtimes.ort import LEAN, OrtSession
 
     path = tmp / name / "model.onnx"
     path.parent.mkdir()
     save_model(model, path)
-    # Unoptimized, as ORT's calibrator. Without ORT's CPU arena, which on the first run of each
+    # Unoptimized, as ORT's calibrator; LEAN has no CPU arena, which on the first run of each
     # group grew 7 GB past the later runs: video-dit small fp8, 16 samples, 17.5 GB peak in
     # 424 s with it (3 groups), 9.9 GB in 544 s without (2 groups).
-    return OrtSession(path, optimize=False, config={**LEAN, "enable_cpu_mem_arena": False})
+    return OrtSession(path, optimize=False, config=LEAN)
 
 
 def collect_histograms(model: ir.Model, names: Sequence[str],

@@ -84,8 +84,12 @@ class OrtSession(Session):
 # samples, sensitivity): in priority order each node runs as soon as its inputs exist and
 # tensors are freed as soon as possible (ORT's default order computed statistics after the rest
 # of the graph, keeping every tensor alive), without the memory pattern (which from the second
-# run on preallocated twice the need). video-dit small fp32, unoptimized: 10.1 → 5.3 GB peak.
-LEAN = {"execution_order": "PRIORITY_BASED", "enable_mem_pattern": False}
+# run on preallocated twice the need) and without the CPU arena, which keeps each session's
+# peak until the session closes (sensitivity holds two sessions open; histogram calibration's
+# first run per group grew 7 GB past the others with it). video-dit small fp32, unoptimized:
+# 10.1 → 4.9 GB peak.
+LEAN = {"execution_order": "PRIORITY_BASED", "enable_mem_pattern": False,
+        "enable_cpu_mem_arena": False}
 
 
 @contextlib.contextmanager

@@ -152,3 +152,4 @@ def test_statistics_run_right_after_their_tensor_and_stay_exact():
     assert ops == [*stats, "Relu", *stats, "Mul", *stats, "Sub", *stats]
     opts = session_options(optimize=False, config=LEAN)
     assert opts.execution_order.name == "PRIORITY_BASED" and not opts.enable_mem_pattern
+    assert not opts.enable_cpu_mem_arena
