@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from edgec.calibration.histograms import insert_beside
 from edgec.runtimes.ort import LEAN
 
 __all__ = ["collect_crest", "LEAN"]
@@ -39,7 +40,6 @@ def _augmented(model: ir.Model) -> tuple[ir.Model, list[str]]:
     (run in priority order, each tensor is then freed when the model is done with it)."""
     aug = model.clone()
     names = []
-    first = next(iter(aug.graph), None)
     for i, value in enumerate(_float_tensors(aug)):
         absmax = ir.node("ReduceMax", [ir.node("Abs", [value]).outputs[0]],
                          attributes={"keepdims": 0})
@@ -52,13 +52,7 @@ def _augmented(model: ir.Model) -> tuple[ir.Model, list[str]]:
             out.dtype = ir.DataType.INT64 if what == "size" else value.dtype
             out.shape = ir.Shape([])
             aug.graph.outputs.append(out)
-        producer = value.producer()
-        if producer is not None:
-            aug.graph.insert_after(producer, nodes)
-        elif first is not None:
-            aug.graph.insert_before(first, nodes)
-        else:
-            aug.graph.extend(nodes)
+        insert_beside(aug, value, nodes)
         names.append(value.name)
     return aug, names
 

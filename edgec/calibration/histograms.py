@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["BUDGET", "collect_histograms", "memory_budget", "tensor_bytes"]
+__all__ = ["BUDGET", "collect_histograms", "insert_beside", "memory_budget", "tensor_bytes"]
 
 # Bytes of calibrated tensors one run may expose (one sample; a larger tensor runs alone): a
 # quarter of the memory available when calibration starts, within these bounds (the grouping
@@ -51,7 +51,7 @@ def _values(model: ir.Model) -> dict[str, ir.Value]:
     return values
 
 
-def _beside(model: ir.Model, value: ir.Value, nodes: list[ir.Node]) -> None:
+def insert_beside(model: ir.Model, value: ir.Value, nodes: list[ir.Node]) -> None:
     """Insert ``nodes`` (which read ``value``) right after its producer, so they run as soon as
     it exists (``runtimes.ort.LEAN``'s priority order) and it is freed when the model is done
     with it."""
@@ -87,7 +87,7 @@ def _reductions(model: ir.Model, names: Sequence[str], magnitudes: bool) -> ir.M
             _output(node, f"edgec_hist_{i}_{what}",
                     ir.DataType.INT64 if what == "size" else value.dtype)
             aug.graph.outputs.append(node.outputs[0])
-        _beside(aug, value, nodes)
+        insert_beside(aug, value, nodes)
     return aug
 
 
@@ -101,7 +101,7 @@ def tensor_bytes(model: ir.Model, names: Sequence[str], feeds: dict[str, np.ndar
         size = ir.node("Size", [values[name]])
         _output(size, f"edgec_size_{i}", ir.DataType.INT64)
         aug.graph.outputs.append(size.outputs[0])
-        _beside(aug, values[name], [size])
+        insert_beside(aug, values[name], [size])
     with tempfile.TemporaryDirectory(prefix="edgec-size-") as tmp:
         out = _session(aug, Path(tmp), "sizes").run(feeds)
     return {name: int(out[f"edgec_size_{i}"]) * (values[name].dtype or ir.DataType.FLOAT).itemsize
