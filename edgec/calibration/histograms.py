@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["BUDGET", "collect_histograms", "insert_beside", "memory_budget", "tensor_bytes"]
+__all__ = ["BUDGET", "collect_histograms", "expose", "insert_beside", "memory_budget",
+           "tensor_bytes", "within_budget"]
 
 # Bytes of calibrated tensors one run may expose (one sample; a larger tensor runs alone): a
 # quarter of the memory available when calibration starts, within these bounds (the grouping
@@ -108,7 +109,8 @@ def tensor_bytes(model: ir.Model, names: Sequence[str], feeds: dict[str, np.ndar
             for i, name in enumerate(names)}
 
 
-def _exposing(model: ir.Model, names: Sequence[str]) -> ir.Model:
+def expose(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A copy of ``model`` with the named tensors as graph outputs too."""
     aug = model.clone()
     values = _values(aug)
     present = {v.name for v in aug.graph.outputs}
@@ -116,14 +118,16 @@ def _exposing(model: ir.Model, names: Sequence[str]) -> ir.Model:
     return aug
 
 
-def _groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
-    groups: list[list[str]] = [[]]
+def within_budget(items: Sequence, sizes: Sequence[int], budget: int) -> list[list]:
+    """``items`` in order, in consecutive groups whose ``sizes`` add up to at most ``budget``
+    (an item larger than that alone)."""
+    groups: list[list] = [[]]
     held = 0
-    for name, size in sizes.items():
+    for item, size in zip(items, sizes):
         if groups[-1] and held + size > budget:
             groups.append([])
             held = 0
-        groups[-1].append(name)
+        groups[-1].append(item)
         held += size
     return [g for g in groups if g]
 
@@ -176,12 +180,12 @@ def collect_histograms(model: ir.Model, names: Sequence[str],
             ranges[name] = ((absmin[name], top) if magnitudes else
                             (-np.array(top, dtype=low[name].dtype),
                              np.array(top, dtype=low[name].dtype)))
-        groups = _groups(sizes, budget or memory_budget())
+        groups = within_budget(list(sizes), list(sizes.values()), budget or memory_budget())
         counts: dict[str, np.ndarray] = {}
         edges: dict[str, np.ndarray] = {}
         done, runs = n, n * (1 + len(groups))
         for g, group in enumerate(groups):
-            session = _session(_exposing(model, group), Path(tmp), f"group{g}")
+            session = _session(expose(model, group), Path(tmp), f"group{g}")
             for feeds in samples:
                 out = session.run(feeds)
                 for name in group:

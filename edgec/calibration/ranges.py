@@ -104,7 +104,7 @@ def collect_ranges(model, samples: Sequence[dict[str, np.ndarray]], method: str 
 
 
 def _reduce_early(calibrator) -> None:
-    """Reopen the MinMax calibrator's session with ``crest.LEAN`` settings (same ops, same
+    """Reopen the MinMax calibrator's session with ``runtimes.ort.LEAN`` settings (same ops, same
     results).
 
     ORT's default order ran the ReduceMin/ReduceMax the calibrator adds after the rest of the
@@ -114,8 +114,7 @@ def _reduce_early(calibrator) -> None:
     input exists (2.8 GB)."""
     import onnxruntime as ort
 
-    from edgec.calibration.crest import LEAN
-    from edgec.runtimes.ort import session_options
+    from edgec.runtimes.ort import LEAN, session_options
 
     opts = session_options(optimize=False, config=LEAN)  # unoptimized, as ORT's own
     calibrator.infer_session = None  # free the default-order session first

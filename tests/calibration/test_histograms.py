@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from edgec.calibration.histograms import _groups, collect_histograms
+from edgec.calibration.histograms import collect_histograms, within_budget
 from edgec.calibration.ranges import _method, collect_ranges
 
 
@@ -101,8 +101,8 @@ def test_ranges_are_orts(model, samples, tmp_path, method, options):
 
 def test_groups_hold_the_budget_and_a_larger_tensor_alone():
     sizes = {"a": 3, "b": 3, "c": 10, "d": 1, "e": 4}
-    assert _groups(sizes, 6) == [["a", "b"], ["c"], ["d", "e"]]
-    assert _groups(sizes, 100) == [["a", "b", "c", "d", "e"]]
+    assert within_budget(list(sizes), list(sizes.values()), 6) == [["a", "b"], ["c"], ["d", "e"]]
+    assert within_budget(list(sizes), list(sizes.values()), 100) == [["a", "b", "c", "d", "e"]]
 
 
 def test_memory_budget_is_a_quarter_of_what_is_available_within_bounds(tmp_path):

@@ -124,8 +124,8 @@ def test_statistics_run_right_after_their_tensor_and_stay_exact():
     import onnx_ir as ir
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgec.calibration.crest import LEAN, _augmented, collect_crest
-    from edgec.runtimes.ort import session_options
+    from edgec.calibration.crest import _augmented, collect_crest
+    from edgec.runtimes.ort import LEAN, session_options
 
     two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
     graph = helper.make_graph(

@@ -207,7 +207,8 @@ def test_layer_errors_in_node_groups_are_the_same_as_all_at_once():
     errors, effects and ranking."""
     from types import SimpleNamespace
 
-    from edgec.graph_passes.quantization.mixed_precision import Floor, _node_bytes, _node_groups
+    from edgec.calibration.histograms import within_budget
+    from edgec.graph_passes.quantization.mixed_precision import Floor, _node_bytes
 
     rng = np.random.default_rng(5)
     w1, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((4, 8), (8, 3)))
@@ -234,5 +235,6 @@ def test_layer_errors_in_node_groups_are_the_same_as_all_at_once():
     assert sizes == {"x": 80, "mm1_out": 160, "relu_out": 160, "y": 60}
     # the activation input once, the output three times (exposed, δ, zeros); weights never
     assert _node_bytes(mm1, sizes) == 80 + 3 * 160 and _node_bytes(mm2, sizes) == 160 + 3 * 60
-    assert _node_groups([mm1, mm2], sizes, 1) == [[mm1], [mm2]]
-    assert _node_groups([mm1, mm2], sizes, 1 << 20) == [[mm1, mm2]]
+    nbytes = [_node_bytes(n, sizes) for n in (mm1, mm2)]
+    assert within_budget([mm1, mm2], nbytes, 1) == [[mm1], [mm2]]
+    assert within_budget([mm1, mm2], nbytes, 1 << 20) == [[mm1, mm2]]

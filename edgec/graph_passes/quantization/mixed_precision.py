@@ -167,7 +167,12 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     ``budget``: bytes of one sample's activations held at once (default
     ``calibration.histograms.memory_budget()``); nodes are analysed in groups within it, with the
     same results."""
-    from edgec.calibration.histograms import memory_budget, tensor_bytes
+    from edgec.calibration.histograms import (
+        expose,
+        memory_budget,
+        tensor_bytes,
+        within_budget,
+    )
     from edgec.runtimes.ort import model_feeds, open_model
 
     nodes = _candidates(model, op_types, skip)
@@ -218,13 +223,11 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     num, den = np.zeros(len(nodes)), np.zeros(len(nodes))
     effects, klds = np.zeros(len(nodes)), np.zeros(len(nodes))
     index = {node.name: i for i, node in enumerate(nodes)}
-    activations = list(dict.fromkeys(v.name for node in nodes for v in (*node.inputs[:2],
-                                                                        node.outputs[0])
-                                     if v is not None and v.const_value is None))
-    sizes = tensor_bytes(model, activations, model_feeds(model, feeds[0]))
-    for group in _node_groups(nodes, sizes, budget or memory_budget()):
+    sizes = tensor_bytes(model, _activations(nodes), model_feeds(model, feeds[0]))
+    for group in within_budget(nodes, [_node_bytes(n, sizes) for n in nodes],
+                               budget or memory_budget()):
         with contextlib.ExitStack() as stack:
-            probe = _exposing(model, group)
+            probe = expose(model, _activations(group))
             exposing = stack.enter_context(open_model(probe))
             injector = injecting = None
             for feed in feeds:
@@ -252,42 +255,19 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     return sorted(errors, key=lambda e: (-floor.share(e), -e.end_to_end, -e.error))
 
 
+def _activations(nodes: Sequence[ir.Node]) -> list[str]:
+    """The names of ``nodes``' activation inputs and outputs (weights left out), once each."""
+    return list(dict.fromkeys(v.name for node in nodes for v in (*node.inputs[:2],
+                                                                 node.outputs[0])
+                              if v is not None and v.const_value is None))
+
+
 def _node_bytes(node: ir.Node, sizes: dict[str, int]) -> int:
     """What sensitivity holds for ``node`` on one sample (``sizes``: bytes per tensor): its
     exposed activation inputs and output, and the output-sized δ and zeros it injects."""
     inputs = sum(sizes.get(v.name, 0) for v in node.inputs[:2]
                  if v is not None and v.const_value is None)
     return inputs + 3 * sizes.get(node.outputs[0].name, 0)
-
-
-def _node_groups(nodes: Sequence[ir.Node], sizes: dict[str, int], budget: int
-                 ) -> list[list[ir.Node]]:
-    """``nodes`` in graph order, in groups of at most ``budget`` bytes (``_node_bytes``; a
-    larger node alone)."""
-    groups: list[list[ir.Node]] = [[]]
-    held = 0
-    for node in nodes:
-        size = _node_bytes(node, sizes)
-        if groups[-1] and held + size > budget:
-            groups.append([])
-            held = 0
-        groups[-1].append(node)
-        held += size
-    return groups
-
-
-def _exposing(model: ir.Model, nodes: Sequence[ir.Node]) -> ir.Model:
-    """A copy of ``model`` with ``nodes``' activation inputs and outputs as graph outputs."""
-    probe = model.clone()
-    by_name = {n.name: n for n in probe.graph}
-    exposed: dict[str, ir.Value] = {}
-    for node in nodes:
-        for v in (*by_name[node.name].inputs[:2], by_name[node.name].outputs[0]):
-            if v is not None and v.const_value is None and v.name not in exposed:
-                exposed[v.name] = v
-    graph_outputs = {v.name for v in probe.graph.outputs}
-    probe.graph.outputs.extend(v for name, v in exposed.items() if name not in graph_outputs)
-    return probe
 
 
 def end_to_end_effects(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]],
