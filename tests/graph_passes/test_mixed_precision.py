@@ -238,3 +238,54 @@ def test_layer_errors_in_node_groups_are_the_same_as_all_at_once():
     nbytes = [_node_bytes(n, sizes) for n in (mm1, mm2)]
     assert within_budget([mm1, mm2], nbytes, 1) == [[mm1], [mm2]]
     assert within_budget([mm1, mm2], nbytes, 1 << 20) == [[mm1, mm2]]
+
+
+def test_layer_errors_in_row_blocks_are_the_same_as_whole(monkeypatch):
+    """A node's δ is computed in row blocks of its first input (a 2.2 GB score product was ~6
+    copies of itself in numpy at once): the same δ, error and effects as whole, for a batched
+    product of two activations (attention scores, then probabilities × values) on the NPU's
+    16-bit kept path and the CPU's float one, and for a weight MatMul."""
+    from types import SimpleNamespace
+
+    import edgec.graph_passes.quantization.mixed_precision as mp
+
+    f = ir.DataType.FLOAT
+    q, k = (ir.Value(name=n, type=ir.TensorType(f), shape=ir.Shape([2, 16, 4])) for n in "qk")
+    w = ir.Value(name="w", const_value=ir.tensor(
+        np.random.default_rng(6).standard_normal((4, 3)).astype(np.float32)))
+    kt = ir.node("Transpose", [k], attributes={"perm": [0, 2, 1]}, name="kt")
+    scores = ir.node("MatMul", [q, kt.outputs[0]], name="scores")
+    probs = ir.node("Softmax", scores.outputs, attributes={"axis": -1}, name="softmax")
+    mix = ir.node("MatMul", [probs.outputs[0], k], name="mix")
+    proj = ir.node("MatMul", [mix.outputs[0], w], name="proj")
+    nodes = [kt, scores, probs, mix, proj]
+    for n in nodes:
+        n.outputs[0].name = f"{n.name}_out"
+    proj.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([q, k], proj.outputs, nodes=nodes, initializers=[w],
+                              opset_imports={"": 17}, name="g"), ir_version=9)
+    rng = np.random.default_rng(7)
+    feeds = [{n: rng.standard_normal((2, 16, 4)).astype(np.float32) for n in "qk"}
+             for _ in range(2)]
+    cache = SimpleNamespace(tensors={n: {"lowest": -3.0, "highest": 3.0}
+                                     for n in ("q", "k", "kt_out", "scores_out",
+                                               "softmax_out", "mix_out", "y")})
+    scheme = SimpleNamespace(activations="uint8", weights="int8", activation_symmetric=False)
+    seen, squares = set(), mp._squares
+    monkeypatch.setattr(mp, "_squares", lambda x: seen.add(x.shape) or squares(x))
+
+    def errors(rows_bytes, kept_bits):
+        monkeypatch.setattr(mp, "_ROWS_BYTES", rows_bytes)
+        seen.clear()
+        found = layer_errors(model, feeds, cache, scheme, ("MatMul",), set(), set(),
+                             kept_bits=kept_bits)
+        return {e.node: e for e in found}, set(seen)
+
+    for kept_bits in (None, 16):
+        whole, whole_shapes = errors(1 << 30, kept_bits)
+        blocks, block_shapes = errors(2 * 16 * 4 * 4, kept_bits)  # 4 rows of a [2, 16, 16] score
+        assert (2, 4, 16) in block_shapes and (2, 4, 16) not in whole_shapes  # blocks taken
+        assert set(whole) == set(blocks) == {"scores", "mix", "proj"}
+        for name, e in whole.items():
+            assert e.error > 0 and blocks[name].error == pytest.approx(e.error, rel=1e-6)
+            assert blocks[name].end_to_end == pytest.approx(e.end_to_end, rel=1e-4, abs=1e-9)

@@ -74,7 +74,8 @@ class LayerError:
 def fake_quant_activation(x: np.ndarray, lo: float, hi: float, bits: int,
                           symmetric: bool) -> np.ndarray:
     """``x`` through a static per-tensor ``bits``-bit grid over [lo, hi] (widened to hold 0, as
-    ONNX Runtime's quantizer does), asymmetric with an integer zero point or symmetric."""
+    ONNX Runtime's quantizer does), asymmetric with an integer zero point or symmetric; in
+    ``x``'s dtype (a float64 zero point made float32 score tensors twice their size)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     levels = 2 ** bits - 1
     if symmetric:
@@ -82,7 +83,7 @@ def fake_quant_activation(x: np.ndarray, lo: float, hi: float, bits: int,
         scale = 2 * bound / levels
         return np.clip(np.round(x / scale), -(levels // 2), levels // 2) * scale
     scale = (hi - lo) / levels or 1e-8
-    zero = np.round(-lo / scale)
+    zero = float(np.round(-lo / scale))
     return (np.clip(np.round(x / scale) + zero, 0, levels) - zero) * scale
 
 
@@ -187,8 +188,11 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
         return fake_quant_activation(x, rng["lowest"], rng["highest"], bits,
                                      scheme.activation_symmetric)
 
-    def delta(node: ir.Node, out: dict[str, np.ndarray]) -> np.ndarray:
-        """The node's output as planned minus as kept, on one sample's exposed tensors."""
+    def delta(node: ir.Node, out: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        """The node's output as planned minus as kept on one sample's exposed tensors, and
+        the sum of its squares. Computed in row blocks of the first input (``_ROWS_BYTES`` of
+        output each): a whole score-sized product (video-dit small: 2.2 GB) with its kept and
+        quantized inputs, outputs and their difference was ~6 of them in numpy at once."""
         trans = node.op_type == "Gemm" and any(at.name == "transB" and at.value
                                                for at in node.attributes.values())
         out_name = node.outputs[0].name
@@ -201,19 +205,45 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                 kept.append(w if kept_bits is None else wq if w_bits >= 8 else
                             fake_quant_weight(w, 8, 0 if trans else -1))
                 quant.append(wq)
-                continue
-            x = out[v.name].astype(np.float32)
-            kept.append(activation(x, v.name, kept_bits))
-            quant.append(activation(x, v.name, width or (16 if v.name in sixteen
-                                                          else act_bits)))
-        if trans:
-            kept[1], quant[1] = kept[1].T, quant[1].T
-        y_kept, y_quant = np.matmul(kept[0], kept[1]), np.matmul(quant[0], quant[1])
-        if kept_bits is not None:  # a fully quantized target quantizes the output too
-            y_kept = activation(y_kept, out_name, kept_bits)
-            y_quant = activation(y_quant, out_name, planned[2] or (
-                16 if out_name in sixteen else act_bits))
-        return (y_quant - y_kept).astype(np.float32)
+            else:
+                kept.append((v.name, kept_bits))
+                quant.append((v.name, width or (16 if v.name in sixteen else act_bits)))
+
+        def block(pick: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+            """Planned minus kept on the rows ``pick`` takes from the first input."""
+            pairs = []
+            for i, (k, q) in enumerate(zip(kept, quant)):
+                if isinstance(k, tuple):  # an activation (name, bits): fake-quantized here
+                    x = np.asarray(out[k[0]], np.float32)
+                    x = pick(x) if i == 0 else x
+                    k, q = activation(x, *k), activation(x, *q)
+                elif i == 0:
+                    k, q = pick(k), pick(q)
+                pairs.append((k.T, q.T) if trans and i == 1 else (k, q))
+            (k0, q0), (k1, q1) = pairs
+            y_kept, y_quant = np.matmul(k0, k1), np.matmul(q0, q1)
+            if kept_bits is not None:  # a fully quantized target quantizes the output too
+                y_kept = activation(y_kept, out_name, kept_bits)
+                y_quant = activation(y_quant, out_name, planned[2] or (
+                    16 if out_name in sixteen else act_bits))
+            y_quant -= y_kept
+            return y_quant
+
+        result = out[out_name]
+        first, second = (np.shape(out[v.name]) if v.const_value is None else v.const_value.shape
+                         for v in node.inputs[:2])
+        rows = first[-2] if len(first) >= 2 and len(second) >= 2 else 1
+        step = max(1, int(_ROWS_BYTES * rows // max(result.nbytes, 1)))
+        if step >= rows:
+            d = block(lambda x: x).astype(np.float32, copy=False)
+            return d, _squares(d)
+        d = np.empty(result.shape, np.float32)
+        total = 0.0
+        for r in range(0, rows, step):
+            part = block(lambda x, r=r: x[..., r:r + step, :])
+            d[..., r:r + step, :] = part  # the output's rows are the first input's
+            total += _squares(part)
+        return d, total
 
     # One group of nodes and one sample at a time (the group's exposed tensors, its δs, their
     # injections), so memory holds one sample's activations of as many nodes as ``budget``
@@ -235,9 +265,10 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                 deltas = []
                 for node in group:
                     i = index[node.name]
-                    deltas.append(delta(node, out))
-                    num[i] += float(np.sum(deltas[-1].astype(np.float64) ** 2))
-                    den[i] += float(np.sum(out[node.outputs[0].name].astype(np.float64) ** 2))
+                    d, squares = delta(node, out)
+                    deltas.append(d)
+                    num[i] += squares
+                    den[i] += _squares(out[node.outputs[0].name])
                 del out
                 if injector is None:
                     injector = _Injector(model, [n.name for n in group],
@@ -253,6 +284,17 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                          float(klds[i]) if kld else None) for i, node in enumerate(nodes)]
     floor = floor or Floor(min_cos=0.0)
     return sorted(errors, key=lambda e: (-floor.share(e), -e.end_to_end, -e.error))
+
+
+_ROWS_BYTES = 64 << 20  # one row block of a node's output in sensitivity's numpy
+
+
+def _squares(x: np.ndarray) -> float:
+    """Σ x² in float64, a row block at a time (no float64 copy of a whole score tensor)."""
+    flat = x.reshape(-1)
+    step = _ROWS_BYTES // 8
+    return float(sum(np.dot(c, c) for c in (flat[i:i + step].astype(np.float64)
+                                            for i in range(0, flat.size, step))))
 
 
 def _activations(nodes: Sequence[ir.Node]) -> list[str]:
