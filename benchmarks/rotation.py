@@ -37,7 +37,8 @@ mixed precision); each row is the compile's own fidelity check (the artifact run
 model's example input by the target's runtime, HTP emulator included, vs fp32 PyTorch): logits
 cosine and relative L2, plus compile seconds (rotation calibration included).
 
-    python benchmarks/rotation.py --accuracy [--out benchmarks/results/rotation_accuracy.json]
+    python benchmarks/rotation.py --accuracy [--remedies R,...] [--configs C,...]
+        [--out benchmarks/results/rotation_accuracy.json]
 """
 
 from __future__ import annotations
@@ -224,14 +225,17 @@ REMEDIES = {"none": {}, "smoothing": {"smooth": 0.5}, "hadamard": {"rotate": "ha
 GRID = (("openvino-cpu", "w8a8"), ("qnn-htp", "w8a8"), ("qnn-htp", "w4a8"))
 
 
-def accuracy(configs: list[str], root: Path) -> list[dict]:
-    """One compile per (config, target, scheme, remedy); the compile's fidelity figures."""
+def accuracy(configs: list[str], root: Path, remedies: list[str] | None = None) -> list[dict]:
+    """One compile per (config, target, scheme, remedy); the compile's fidelity figures.
+    ``remedies``: only these rows of ``REMEDIES`` (None: all)."""
     import edgec
 
     rows = []
     for config in configs:
         for target, scheme in GRID:
             for remedy, opts in REMEDIES.items():
+                if remedies is not None and remedy not in remedies:
+                    continue
                 if (opts.get("gptq") or opts.get("rotate") and opts.get("floor")) and \
                         target != "qnn-htp":
                     continue
@@ -276,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--accuracy", action="store_true",
                     help="quantization accuracy per outlier remedy instead of the optimizers")
     ap.add_argument("--configs", default="tiny+outliers,small+outliers")
+    ap.add_argument("--remedies", type=lambda s: s.split(","),
+                    help=f"with --accuracy: only these rows (of {','.join(REMEDIES)})")
     ap.add_argument("--config", default="small+outliers")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
@@ -287,12 +293,15 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    if args.remedies and set(args.remedies) - set(REMEDIES):
+        ap.error(f"unknown remedies {sorted(set(args.remedies) - set(REMEDIES))}: "
+                 f"choose from {','.join(REMEDIES)}")
     t0 = time.perf_counter()
     if args.accuracy:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="edgec-rot-acc-") as tmp:
-            rows = accuracy(args.configs.split(","), Path(tmp))
+            rows = accuracy(args.configs.split(","), Path(tmp), args.remedies)
         QB.emit({"benchmark": "rotation-accuracy", "machine": QB.machine(),
                  "git": QB.git_state(), "model": "llama " + args.configs,
                  "metric": "the compile's fidelity check: logits of the target's run on the "
