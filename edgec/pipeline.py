@@ -705,11 +705,11 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
     return cache
 
 
-def _lora_transforms(passes: Sequence[Any]) -> dict[str, np.ndarray]:
+def _lora_transforms(passes: Sequence[Any]) -> dict[str, Any]:
     """The swappable-LoRA site transforms the passes made (a rotation's ``lora_transforms``:
-    name → matrix, named in the sites metadata). A pass attribute, not part of the graph, so the
-    passes after it cannot drop it."""
-    out: dict[str, np.ndarray] = {}
+    name → ``edgec.lora.transforms.Factor``, named in the sites metadata). A pass attribute,
+    not part of the graph, so the passes after it cannot drop it."""
+    out: dict[str, Any] = {}
     for p in passes:
         out.update(getattr(p, "lora_transforms", None) or {})
     return out

@@ -3,9 +3,9 @@
 Per site (see ``graph_passes.lora.swappable``): ``A_in = M_a·Aᵀ`` [in, r], ``B_in = w·s·Bᵀ·M_b``
 [r, out], zero-padded to the site's compiled rank so shapes stay stable; modules the adapter does
 not adapt (and the reserved adapter ``base``) get zeros, which is exactly the base model. M_a / M_b
-(``a_transform`` / ``b_transform``) are matrices in ``adapters/transforms.safetensors``, made by a
-rotation pass (``graph_passes.rotation.lora_transforms``) and written by ``ship_transforms``, or
-none.
+(``a_transform`` / ``b_transform``) are products of factors in ``adapters/transforms.safetensors``
+(``edgec.lora.transforms``), made by a rotation pass (``graph_passes.rotation.lora_transforms``)
+and written by ``ship_transforms``, or none.
 
 Artifact layout (swappable mode): ``adapters/<name>/adapter_config.json`` and
 ``adapters/<name>/adapter_model.safetensors`` (the PEFT files as given), listed in the manifest's
@@ -24,6 +24,14 @@ import numpy as np
 
 from edgec.errors import UserError
 from edgec.lora.peft_adapter import CONFIG_FILE, NO_ADAPTER, WEIGHTS_FILE, LoraAdapter, read_adapter
+from edgec.lora.transforms import (
+    Factor,
+    apply_left,
+    apply_right,
+    factor_names,
+    load_factors,
+    save_factors,
+)
 
 __all__ = ["AdapterBank", "site_feeds", "ship_adapters", "ship_transforms", "lora_sites",
            "adapter_inputs", "TRANSFORMS_FILE", "SITES_KEY"]
@@ -44,8 +52,9 @@ def adapter_inputs(model) -> set[str]:
 
 
 def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
-               transforms: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """The A/B inputs of every site for ``adapter`` (None: the base model)."""
+               transforms: Mapping[str, Factor] | None = None) -> dict[str, np.ndarray]:
+    """The A/B inputs of every site for ``adapter`` (None: the base model); ``transforms``: the
+    factors the sites name (``edgec.lora.transforms``)."""
     transforms = transforms or {}
     by_module = {s["module"]: s for s in sites}
     if adapter is not None:
@@ -64,12 +73,10 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
                 raise UserError(f"adapter {adapter.name}: module {s['module']} is "
                                 f"[{lm.B.shape[0]}, {lm.A.shape[1]}] (out, in), the model's is "
                                 f"[{out_f}, {in_f}]; it was trained on a different base model")
-            a = lm.A.T.astype(np.float32)
-            b = (lm.B.T.astype(np.float64) * (lm.scaling * adapter.weight)).astype(np.float32)
-            if s.get("a_transform"):
-                a = transforms[s["a_transform"]] @ a
-            if s.get("b_transform"):
-                b = b @ transforms[s["b_transform"]]
+            a = lm.A.T.astype(np.float64)
+            b = lm.B.T.astype(np.float64) * (lm.scaling * adapter.weight)
+            a = apply_left([transforms[n] for n in factor_names(s.get("a_transform"))], a)
+            b = apply_right(b, [transforms[n] for n in factor_names(s.get("b_transform"))])
             if lm.rank < rank:  # pad to the compiled rank: same shapes for every adapter
                 a = np.pad(a, ((0, 0), (0, rank - lm.rank)))
                 b = np.pad(b, ((0, rank - lm.rank), (0, 0)))
@@ -93,22 +100,20 @@ def ship_adapters(adapters: Sequence[LoraAdapter], stage: Path) -> dict[str, str
     return out
 
 
-def ship_transforms(sites: Sequence[Mapping[str, Any]], transforms: Mapping[str, np.ndarray],
+def ship_transforms(sites: Sequence[Mapping[str, Any]], transforms: Mapping[str, Factor],
                     stage: Path) -> str | None:
-    """Write the site transforms the sites name (a rotation's M_a / M_b) to
-    ``stage/TRANSFORMS_FILE`` (float32 safetensors); returns its relative path, None if none."""
-    names = {s[k] for s in sites for k in ("a_transform", "b_transform") if s.get(k)}
+    """Write the factors the sites name (a rotation's M_a / M_b) to ``stage/TRANSFORMS_FILE``
+    (float32 safetensors, ``edgec.lora.transforms``); returns its relative path, None if none."""
+    names = {n for s in sites for k in ("a_transform", "b_transform")
+             for n in factor_names(s.get(k))}
     missing = sorted(names - set(transforms))
     if missing:
         raise UserError(f"LoRA site transform {missing[0]!r} is named in the model but no pass "
                         "produced it; this is an edgec bug, please report it")
     if not names:
         return None
-    from safetensors.numpy import save_file
-
     (stage / TRANSFORMS_FILE).parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: np.ascontiguousarray(transforms[n], dtype=np.float32) for n in sorted(names)},
-              str(stage / TRANSFORMS_FILE))
+    save_factors({n: transforms[n] for n in sorted(names)}, stage / TRANSFORMS_FILE)
     return TRANSFORMS_FILE
 
 
@@ -120,9 +125,7 @@ class AdapterBank:
         self.input_names = {n for s in self.sites for n in (s["a_input"], s["b_input"])}
         self.transforms = {}
         if (root / TRANSFORMS_FILE).is_file():
-            from safetensors.numpy import load_file
-
-            self.transforms = load_file(str(root / TRANSFORMS_FILE))
+            self.transforms = load_factors(root / TRANSFORMS_FILE)
         self._feeds = {NO_ADAPTER: site_feeds(self.sites, None)}
         for name, rel in (spec.get("adapters") or {}).items():
             self._feeds[name] = site_feeds(self.sites, read_adapter(root / rel, name),

@@ -16,6 +16,7 @@ from edgec.graph_passes.lora.swappable import SITES_KEY, _add_branch, lora_sites
 from edgec.graph_passes.rotation import RotatePass
 from edgec.graph_passes.rotation.topology import as_linear
 from edgec.lora.binding import TRANSFORMS_FILE
+from edgec.lora.transforms import load_factors
 from edgec.runtimes.ort import run_model
 
 RTOL = 1e-4
@@ -48,7 +49,15 @@ def test_rotated_swappable_equals_unrotated(artifacts, adapter_dirs, lora_helper
     assert sites["layers.0.mlp.down_proj"]["a_transform"] is None
     assert sites["layers.1.self_attn.v_proj"]["b_transform"] is not None
     assert art.manifest["lora"]["transforms"] == TRANSFORMS_FILE
-    assert (art.path / TRANSFORMS_FILE).is_file()
+    # stored as the factors the pass applied: R1ᵀ and R1 once for the whole stream (not a dense
+    # [in, in] per site and layer), each norm's γ as a vector (the reference model's four are
+    # equal: one entry), V's and O's R2 per layer as head blocks
+    factors = load_factors(art.path / TRANSFORMS_FILE)
+    kinds = sorted(f.kind for f in factors.values())
+    assert kinds == ["blocks"] * 4 + ["dense"] * 2 + ["diag"], kinds
+    q = sites["layers.1.self_attn.q_proj"]["a_transform"]
+    assert [factors[n].kind for n in q] == ["diag", "dense"]
+    assert q[1] == sites["layers.0.mlp.up_proj"]["a_transform"][1]  # one R1ᵀ for all readers
     assert art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["max_rel"] <= RTOL
 
     plain, rotated = edgec.load(artifacts[None].path), edgec.load(art.path)
@@ -83,12 +92,17 @@ def _random_adapter(sites, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _transformed(sites, feeds, transforms) -> dict[str, np.ndarray]:
+    """The adapter's inputs through each site's factors, written out as dense matrices here (the
+    product the factors stand for, not ``apply_left``/``apply_right`` checking themselves)."""
     out = dict(feeds)
     for s in sites:
-        if s["a_transform"]:
-            out[s["a_input"]] = transforms[s["a_transform"]] @ feeds[s["a_input"]]
-        if s["b_transform"]:
-            out[s["b_input"]] = feeds[s["b_input"]] @ transforms[s["b_transform"]]
+        for key, name in (("a_transform", s["a_input"]), ("b_transform", s["b_input"])):
+            n = feeds[name].shape[0 if key == "a_transform" else 1]
+            m = np.eye(n)
+            for f in (transforms[k] for k in s[key] or []):
+                m = f.matrix(n) @ m if key == "a_transform" else m @ f.matrix(n)
+            out[name] = (m @ feeds[name] if key == "a_transform" else feeds[name] @ m
+                         ).astype(np.float32)
     return out
 
 

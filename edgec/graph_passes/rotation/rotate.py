@@ -44,6 +44,7 @@ from edgec.graph_passes.rotation.topology import (
     analyze,
     const_array,
 )
+from edgec.lora.transforms import Factor
 
 __all__ = ["RotatePass", "METHODS"]
 
@@ -80,7 +81,7 @@ class RotatePass(EdgecPass):
         self.online_r4 = online_r4
         self.seed = seed
         self.parameter_map = parameter_map or {}
-        self.lora_transforms: dict[str, np.ndarray] = {}
+        self.lora_transforms: dict[str, Factor] = {}
 
     def call(self, model: ir.Model) -> PassResult:
         topo = analyze(model.graph)
@@ -144,11 +145,11 @@ class RotatePass(EdgecPass):
                 m = editor.weight(w)
                 m -= m.mean(axis=1, keepdims=True)
                 n = m.shape[1]
-                self._sites.right(w, lambda n=n: np.eye(n) - np.full((n, n), 1.0 / n))  # W·C
+                self._sites.right(w, Factor.center(n))  # W·C
                 b = editor.bias(w)
                 if b is not None:
                     b -= b.mean()
-        rotated = 0
+        rotated, r1_in, r1_out = 0, Factor.dense(r1.T), Factor.dense(r1)
         for norm, readers in stream.blocks:
             gamma, beta = const_array(norm.scale), const_array(norm.shift)
             for lin in readers:
@@ -158,9 +159,9 @@ class RotatePass(EdgecPass):
                     editor.set_bias(lin, (0 if b is None else b) + beta.astype(np.float64) @ w)
                 if gamma is not None:
                     w = gamma.astype(np.float64)[:, None] * w
-                    self._sites.left(lin, lambda g=gamma: np.diag(g.astype(np.float64)))
+                    self._sites.left(lin, Factor.diag(gamma))
                 editor.set_weight(lin, r1.T @ w)
-                self._sites.left(lin, r1.T)
+                self._sites.left(lin, r1_in)
                 rotated += 1
             if layer_norm:
                 editor.layer_norm_to_rms(norm, opset)
@@ -170,7 +171,7 @@ class RotatePass(EdgecPass):
             editor.set_table(site, editor.table(site) @ r1)
         for w in stream.writers:
             editor.set_weight(w, editor.weight(w) @ r1)
-            self._sites.right(w, r1)
+            self._sites.right(w, r1_out)
             b = editor.bias(w)
             if b is not None:
                 editor.set_bias(w, b @ r1)
@@ -186,12 +187,11 @@ class RotatePass(EdgecPass):
             w[:, col:col + hd] = w[:, col:col + hd] @ per_kv[g]
             if b is not None:
                 b[col:col + hd] = b[col:col + hd] @ per_kv[g]
-        self._sites.right(att.v, lambda: _blocks(w.shape[1], att.v_columns, per_kv))
+        self._sites.right(att.v, Factor.blocks(att.v_columns, per_kv))
         o = editor.weight(att.o)
         for h, row in enumerate(att.o_rows):
             o[row:row + hd] = per_kv[att.group[h]].T @ o[row:row + hd]
-        self._sites.left(att.o, lambda: _blocks(o.shape[0], att.o_rows,
-                                                [per_kv[g].T for g in att.group]))
+        self._sites.left(att.o, Factor.blocks(att.o_rows, [per_kv[g].T for g in att.group]))
 
     def _stats(self, topo: Topology, skipped: list[Skip], r1: int, r4: int,
                editor: WeightEditor) -> dict[str, Any]:
@@ -213,14 +213,6 @@ class RotatePass(EdgecPass):
             "skipped": [s.to_json() for s in skipped],
         }
         return stats
-
-
-def _blocks(n: int, starts: list[int], blocks) -> np.ndarray:
-    """I_n with ``blocks[i]`` on the diagonal at ``starts[i]`` (R2 as a [n, n] matrix)."""
-    m = np.eye(n)
-    for start, block in zip(starts, blocks):
-        m[start:start + len(block), start:start + len(block)] = block
-    return m
 
 
 def _lora_beta(stream: Stream) -> Skip | None:
