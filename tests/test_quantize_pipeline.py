@@ -340,8 +340,10 @@ def test_cli_calibrate_takes_the_compile_recipe_options(tmp_path):
 def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     """llama tiny+outliers w8a8 on ort-cpu: 0.984 worst held-out cosine as is; min_cos=0.99
     keeps the few MatMuls whose error alone moves the output most in float until it holds."""
+    said = []
     art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o",
-                        config="tiny+outliers", quantize="w8a8:min_cos=0.99")
+                        config="tiny+outliers", quantize="w8a8:min_cos=0.99",
+                        progress=said.append)
     stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
     mp = stats["mixed_precision"]
     assert mp["reached"] and mp["achieved"] >= 0.99 and mp["probes"][0]["cosine"] < 0.99
@@ -357,6 +359,12 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     assert len(mp["probes"]) <= 2 + 2 * len(mp["layer_errors"]).bit_length()
     assert stats["excluded_nodes"] >= len(kept)
     assert _worst(art) >= 0.985
+    # the search says what it is doing: one sensitivity run per sample (one group here), then
+    # a line per probe
+    runs = [m for m in said if m.startswith("layer sensitivity: run ")]
+    assert runs == [f"layer sensitivity: run {i}/4" for i in range(1, 5)], said
+    assert sum(m.startswith("accuracy floor: measuring with the") for m in said) == \
+        len(mp["probes"]) - 1
     png = (art.path / "report_layers.png").read_bytes()  # the per-layer chart, in report.md
     assert png.startswith(PNG) and len(png) > 1024
     assert "report_layers.png" not in art.manifest["hashes"]  # a report file, like report.md

@@ -220,11 +220,18 @@ def test_layer_errors_in_node_groups_are_the_same_as_all_at_once():
     model.graph.node("relu").outputs[0].name = "relu_out"
     scheme = SimpleNamespace(activations="uint8", weights="int8", activation_symmetric=False)
 
-    def errors(budget):
-        return layer_errors(model, feeds, cache, scheme, ("MatMul",), set(), set(),
-                            floor=Floor(min_cos=0.99), budget=budget)
+    runs = []
 
-    together, apart = errors(1 << 30), errors(1)
+    def errors(budget):
+        runs.clear()
+        return layer_errors(model, feeds, cache, scheme, ("MatMul",), set(), set(),
+                            floor=Floor(min_cos=0.99), budget=budget,
+                            progress=lambda i, n: runs.append((i, n)))
+
+    together = errors(1 << 30)
+    assert runs == [(1, 3), (2, 3), (3, 3)]  # one group: a run per sample
+    apart = errors(1)
+    assert runs == [(i, 6) for i in range(1, 7)]  # two groups
     assert [e.node for e in apart] == [e.node for e in together]
     assert [e.to_json() for e in apart] == [e.to_json() for e in together]
     assert all(e.error > 0 and e.end_to_end > 0 for e in together)

@@ -149,7 +149,8 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                  op_types: Sequence[str], skip: set[str], sixteen: set[str],
                  floor: Floor | None = None, kept_bits: int | None = None,
                  widths: dict[str, list[int | None]] | None = None,
-                 budget: int | None = None) -> list[LayerError]:
+                 budget: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[LayerError]:
     """Each quantizable MatMul/Gemm's own output error under the scheme and its end-to-end
     effect, the ones ``floor`` (``Floor.share``; None: cosine alone) suffers most from first.
 
@@ -167,7 +168,8 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
 
     ``budget``: bytes of one sample's activations held at once (default
     ``calibration.histograms.memory_budget()``); nodes are analysed in groups within it, with the
-    same results."""
+    same results. ``progress(i, n)``: after each of the n runs (a group's exposed run on one
+    sample and its injections)."""
     from edgec.calibration.histograms import (
         expose,
         memory_budget,
@@ -254,8 +256,10 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
     effects, klds = np.zeros(len(nodes)), np.zeros(len(nodes))
     index = {node.name: i for i, node in enumerate(nodes)}
     sizes = tensor_bytes(model, _activations(nodes), model_feeds(model, feeds[0]))
-    for group in within_budget(nodes, [_node_bytes(n, sizes) for n in nodes],
-                               budget or memory_budget()):
+    groups = within_budget(nodes, [_node_bytes(n, sizes) for n in nodes],
+                           budget or memory_budget())
+    done, total = 0, len(groups) * len(feeds)
+    for group in groups:
         with contextlib.ExitStack() as stack:
             probe = expose(model, _activations(group))
             exposing = stack.enter_context(open_model(probe))
@@ -279,6 +283,9 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                 for node, (c, k) in zip(group, found):
                     i = index[node.name]
                     effects[i], klds[i] = max(effects[i], c), max(klds[i], k or 0.0)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
     errors = [LayerError(node.name, node.op_type, float((num[i] / den[i]) ** 0.5)
                          if den[i] else 0.0, float(effects[i]),
                          float(klds[i]) if kld else None) for i, node in enumerate(nodes)]

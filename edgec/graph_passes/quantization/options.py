@@ -278,7 +278,8 @@ class QuantOptions:
                             f"precision; {scheme.name} is weight-only, drop {which}")
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
                             floor=floor, held_out=held_out, held_out_source=source,
-                            gptq=gptq_samples if self.gptq_on(target, rotated) else None)
+                            gptq=gptq_samples if self.gptq_on(target, rotated) else None,
+                            progress=step)
 
 
 def held_out_split(available: int | None, asked: int | None) -> tuple[int | None, str]:

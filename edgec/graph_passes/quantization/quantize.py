@@ -118,8 +118,12 @@ class QuantizePass(ir.passes.FunctionalPass):
 
     def __init__(self, scheme, target, ranges: Any = None, exclude: tuple[str, ...] = (),
                  floor=None, held_out: Callable | None = None, gptq: Callable | None = None,
-                 held_out_source: str = "generated"):
+                 held_out_source: str = "generated",
+                 progress: Callable[[str], None] | None = None):
         super().__init__()
+        # what the floor's search is doing, for the compile's progress (sensitivity runs for
+        # half an hour on an 8192-token DiT, silent before)
+        self.progress = progress or (lambda message: None)
         self.gptq = gptq  # calibration samples for GPTQ weight rounding (None: nearest)
         self._gptq_memo: dict[str, Any] = {}
         self._block_stats: dict[int, dict[str, Any]] = {}  # LPBQ stats per quantized graph
@@ -230,16 +234,25 @@ class QuantizePass(ir.passes.FunctionalPass):
 
         def measure(k: int) -> dict[str, float]:
             if k not in measured:
+                if k:
+                    self.progress(f"accuracy floor: measuring with the {k} most sensitive "
+                                  f"layers in {'16 bits' if fq else 'float'}")
                 measured[k] = floor.score(run_samples(probe(k), feeds), reference, masks)
             return measured[k]
 
         self.floor_samples = (feeds, reference, masks, floor)
+        self.progress(f"accuracy floor {floor.describe()}: measuring the quantized graph on "
+                      f"{len(feeds)} held-out samples")
         first = measure(0)
         if not floor.met(first):
+            self.progress(f"accuracy floor not met as quantized ({_fmt(first)}): measuring each "
+                          "layer's sensitivity")
             ranked = layer_errors(model, feeds, cache, s, s.op_types,
                                   set(plan.nodes_to_exclude), set(plan.tensors_16bit), floor,
                                   kept_bits=16 if fq else None,
-                                  widths=quantized_widths(quantized))
+                                  widths=quantized_widths(quantized),
+                                  progress=lambda i, n: self.progress(
+                                      f"layer sensitivity: run {i}/{n}"))
         k, score, probes = search_exclusions(ranked, measure, floor.met)
         rebuilt = None
         if k not in built and (floor.met(score) or not floor.default):
