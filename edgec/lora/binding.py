@@ -57,6 +57,10 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
     factors the sites name (``edgec.lora.transforms``)."""
     transforms = transforms or {}
     by_module = {s["module"]: s for s in sites}
+    if adapter is not None and adapter.dora:
+        raise UserError(f"adapter {adapter.name} is DoRA: its magnitude rescales the merged "
+                        "weight, which a swappable branch cannot carry; compile it in with "
+                        "--lora-mode merge")
     if adapter is not None:
         unknown = sorted(set(adapter.modules) - set(by_module))
         if unknown:

@@ -4,6 +4,8 @@ validate them against a model's parameter map, and give each target's delta in O
 PEFT semantics (peft/tuners/lora): ``ΔW = transpose(B·A, fan_in_fan_out) · scaling`` with
 ``scaling = alpha / r`` (``alpha / √r`` with ``use_rslora``), r and alpha per module from
 ``rank_pattern`` / ``alpha_pattern`` (first key k with ``re.match(rf"(.*\\.)?({k})$", module)``).
+DoRA (``use_dora``): each module also has a magnitude m [out], and merging gives
+``W' = m / ‖W + ΔW‖ · (W + ΔW)``, the norm per output channel (``LoraModule.merge_into``).
 An exported MatMul stores Wᵀ ([in, out]); the parameter map says which layout each initializer has.
 """
 
@@ -29,8 +31,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 NO_ADAPTER = "base"  # reserved adapter name: the base model (every LoRA branch zero)
 _PREFIXES = ("base_model.model.",)
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[^.]+)?\.weight$")
-_UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA bias", "use_qalora": "QALoRA",
-                "use_bdlora": "BD-LoRA"}
+_MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+_UNSUPPORTED = {"lora_bias": "LoRA bias", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 
 
 @dataclasses.dataclass
@@ -44,11 +46,25 @@ class LoraModule:
     alpha: float
     scaling: float
     fan_in_fan_out: bool
+    magnitude: np.ndarray | None = None  # DoRA's m [out]; None: plain LoRA
 
     def delta(self) -> np.ndarray:
         """ΔW in the PyTorch parameter's layout, computed in fp32 as PEFT does."""
         d = (self.B @ self.A) * np.float32(self.scaling)
         return d.T if self.fan_in_fan_out else d
+
+    def merge_into(self, w: np.ndarray) -> np.ndarray:
+        """The merged weight in the parameter's layout ``w`` has: ``w + ΔW``, and for DoRA
+        ``m / ‖W + ΔW‖ · (W + ΔW)`` with the norm over each output channel's inputs (PEFT's
+        merge: the bias is not rescaled)."""
+        merged = w.astype(np.float64) + self.delta()
+        if self.magnitude is None:
+            return merged.astype(w.dtype)
+        out_in = merged.T if self.fan_in_fan_out else merged  # [out, in]
+        norm = np.linalg.norm(out_in, axis=1)
+        factor = self.magnitude.astype(np.float64) / norm
+        out_in = factor[:, None] * out_in
+        return (out_in.T if self.fan_in_fan_out else out_in).astype(w.dtype)
 
 
 @dataclasses.dataclass
@@ -63,11 +79,15 @@ class LoraAdapter:
     def rank(self) -> int:
         return max((m.rank for m in self.modules.values()), default=0)
 
+    @property
+    def dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path) if self.path else None,
                 "weight": self.weight, "modules": len(self.modules), "max_rank": self.rank,
                 "r": self.config.get("r"), "lora_alpha": self.config.get("lora_alpha"),
-                "use_rslora": bool(self.config.get("use_rslora"))}
+                "use_rslora": bool(self.config.get("use_rslora")), "dora": self.dora}
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default):
@@ -118,17 +138,30 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         for prefix in _PREFIXES:
             key = key.removeprefix(prefix)
         m = _KEY.match(key)
-        if m is None:
-            raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight (embedding, "
-                            "DoRA or modules_to_save tensors are not supported yet)")
-        pairs.setdefault(m["module"], {})[m["role"]] = value
+        magnitude = _MAGNITUDE.match(key) if m is None else None
+        if m is None and magnitude is None:
+            raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight or DoRA "
+                            "magnitude (embedding or modules_to_save tensors are not supported "
+                            "yet)")
+        if magnitude is not None:
+            pairs.setdefault(magnitude["module"], {})["M"] = value
+        else:
+            pairs.setdefault(m["module"], {})[m["role"]] = value
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     modules = {}
+    dora = bool(config.get("use_dora"))
     for mod, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise UserError(f"{name}: module {mod} has lora_{next(iter(ab))} but not its pair")
+        if not {"A", "B"} <= set(ab):
+            have = "the DoRA magnitude" if "A" not in ab and "B" not in ab else \
+                f"lora_{'A' if 'A' in ab else 'B'}"
+            raise UserError(f"{name}: module {mod} has {have} but not lora_A and lora_B")
+        if ("M" in ab) != dora:
+            raise UserError(f"{name}: module {mod} " + (
+                "has no lora_magnitude_vector, but the adapter is DoRA (use_dora=true)" if dora
+                else "has a DoRA lora_magnitude_vector, but use_dora is not set") +
+                f" in {CONFIG_FILE}; the adapter is inconsistent")
         A, B = (np.asarray(ab[k], dtype=np.float32) for k in "AB")
         rank = int(_pattern_value(rank_pattern, mod, r0))
         alpha = float(_pattern_value(alpha_pattern, mod, alpha0))
@@ -140,8 +173,15 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
                             f"{rank} in {CONFIG_FILE} (rank_pattern); the adapter is inconsistent")
         scaling = 0.0 if rank == 0 else alpha / (math.sqrt(rank) if config.get("use_rslora")
                                                   else rank)
+        magnitude = None
+        if dora:
+            magnitude = np.asarray(ab["M"], dtype=np.float32).reshape(-1)
+            if magnitude.shape != (B.shape[0],):
+                raise UserError(f"{name}: module {mod} has a DoRA magnitude of "
+                                f"{list(np.shape(ab['M']))} for {B.shape[0]} outputs; the adapter "
+                                "is inconsistent")
         modules[mod] = LoraModule(mod, A, B, rank, alpha, scaling,
-                                  bool(config.get("fan_in_fan_out")))
+                                  bool(config.get("fan_in_fan_out")), magnitude)
     return LoraAdapter(name, path, dict(config), modules, float(weight))
 
 

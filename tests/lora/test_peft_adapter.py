@@ -65,7 +65,7 @@ def _copy(src, dst):
     return dst
 
 
-def test_refuses_pickles_missing_files_and_dora(adapter_dirs, tmp_path):
+def test_refuses_pickles_missing_files_and_unsupported_kinds(adapter_dirs, tmp_path):
     dirs, _ = adapter_dirs
     pickled = _copy(dirs["zero"], tmp_path / "pickled")
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
@@ -76,7 +76,10 @@ def test_refuses_pickles_missing_files_and_dora(adapter_dirs, tmp_path):
     dora = _copy(dirs["zero"], tmp_path / "dora")
     cfg = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
-    with pytest.raises(UserError, match="DoRA"):
+    with pytest.raises(UserError, match="no lora_magnitude_vector, but the adapter is DoRA"):
+        read_adapter(dora)
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True}))
+    with pytest.raises(UserError, match="LoRA bias adapters .* not supported"):
         read_adapter(dora)
 
 

@@ -2,6 +2,8 @@
 
     W ← W + Σᵢ wᵢ·sᵢ·(Bᵢ·Aᵢ)                    (merge; PEFT ``merge_and_unload`` semantics)
     W ← W + Σᵢ wᵢ·sᵢ·(Bᵢ·Aᵢ) ⊙ 1[W ≠ 0]         (sparse-merge, LoSA: the base's zeros stay zero)
+    W ← m / ‖W + s·B·A‖ · (W + s·B·A)          (a DoRA adapter, per output channel; alone on its
+                                                module, at weight 1, merge mode only)
 
 The delta is computed in the PyTorch parameter's layout and transposed to the initializer's
 (the exporter stores a Linear's W as Wᵀ [in, out] for MatMul). Weights are found through the
@@ -41,15 +43,29 @@ class LoraMergePass(EdgecPass):
     def call(self, model: ir.Model) -> PassResult:
         deltas: dict[str, np.ndarray] = {}
         modules: dict[str, list[str]] = {}
+        dora: dict[str, tuple] = {}  # initializer → (module, its Target): merged, not added
         for adapter in self.adapters:  # validate everything before touching any weight
             for mod, target in resolve_targets(adapter, self.parameter_map, model).items():
                 lm = adapter.modules[mod]
                 if lm.rank == 0 or adapter.weight == 0.0:
                     continue
+                modules.setdefault(target.initializer, []).append(mod)
+                if lm.magnitude is not None:
+                    _check_dora(adapter, mod, self.sparse)
+                    dora[target.initializer] = (lm, target)
+                    continue
                 d = target.to_onnx_layout(lm.delta()) * np.float32(adapter.weight)
                 deltas[target.initializer] = deltas.get(target.initializer, 0) + d
-                modules.setdefault(target.initializer, []).append(mod)
+        for init_name, (lm, _) in dora.items():
+            if len(modules[init_name]) > 1:
+                raise UserError(f"module {lm.name} is adapted by a DoRA adapter and another one; "
+                                "DoRA renormalizes the merged weight, so it merges alone: "
+                                "drop the other adapter on that module")
         _refuse_shared(modules, self.parameter_map)
+        for init_name, (lm, target) in dora.items():  # the delta the DoRA merge makes
+            w = model.graph.initializers[init_name].const_value.numpy()
+            param = target.to_onnx_layout(w)  # the layout flip is its own inverse
+            deltas[init_name] = target.to_onnx_layout(lm.merge_into(param)) - w
 
         zeros_before = zeros_after = total = 0
         max_delta = 0.0
@@ -69,6 +85,7 @@ class LoraMergePass(EdgecPass):
             "adapters": [a.summary() for a in self.adapters],
             "mode": "sparse-merge" if self.sparse else "merge",
             "modules_merged": sum(len(m) for m in modules.values()),
+            "dora_modules": len(dora),
             "weights_changed": len(deltas),
             "by_module_kind": dict(sorted(kinds.items())),
             "skipped": {"zero rank or weight": sum(
@@ -83,6 +100,17 @@ class LoraMergePass(EdgecPass):
             "max_abs_delta": max_delta,
         }
         return PassResult(model, bool(deltas), stats)
+
+
+def _check_dora(adapter: LoraAdapter, module: str, sparse: bool) -> None:
+    if adapter.weight != 1.0:
+        raise UserError(f"adapter {adapter.name} is DoRA (module {module}): its magnitude "
+                        "renormalizes the merged weight, so it cannot be scaled by a weight; "
+                        f"give it without :{adapter.weight:g}")
+    if sparse:
+        raise UserError(f"adapter {adapter.name} is DoRA (module {module}): sparse-merge masks a "
+                        "plain LoRA delta, and DoRA's magnitude renormalizes the dense merged "
+                        "weight; use --lora-mode merge")
 
 
 def _refuse_shared(modules: Mapping[str, list[str]], parameter_map) -> None:

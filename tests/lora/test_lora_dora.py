@@ -1,0 +1,118 @@
+"""DoRA adapters (PEFT ``use_dora``) merge as PEFT merges them: W' = m/‖W + ΔW‖·(W + ΔW) per
+output channel, held to PEFT's own ``merge_and_unload()`` on llama tiny and on a transformers
+module; where a DoRA adapter cannot be what it is (a swappable branch, LoSA's mask, a weight,
+another adapter on its module) it is refused in one line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import edgec
+from edgec.errors import UserError
+from edgec.graph_passes.lora.merge import LoraMergePass
+from edgec.lora import read_adapter
+from edgec.runtimes.ort import run_model
+
+peft = pytest.importorskip("peft")
+RTOL = 1e-4
+
+
+def _dora(path, module, seed, **config):
+    """A DoRA adapter with B ≠ 0 and a magnitude that is not ‖W + ΔW‖ (PEFT initializes it to
+    that, which would make the DoRA merge a plain LoRA merge and this test blind to m)."""
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(module, peft.LoraConfig(init_lora_weights=False, use_dora=True,
+                                                        **config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(str(path))
+    return model.merge_and_unload()
+
+
+@pytest.fixture(scope="module")
+def dora_dir(tmp_path_factory, lora_helpers, exported_outputs):
+    root = tmp_path_factory.mktemp("dora")
+    merged = _dora(root / "d", lora_helpers.build_llama(), 7,
+                   target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8)
+    return root / "d", exported_outputs("dora", merged)["logits"]
+
+
+def test_dora_merge_equals_peft_merge_and_unload(dora_dir, llama_source, lora_helpers):
+    path, ref = dora_dir
+    adapter = read_adapter(path)
+    assert adapter.dora and all(m.magnitude is not None for m in adapter.modules.values())
+    src = llama_source()
+    result = LoraMergePass([adapter], src.parameter_map)(src.model)
+    assert result.stats["dora_modules"] == 6 == result.stats["modules_merged"]
+    got = run_model(result.model, src.feeds)["logits"]
+    assert lora_helpers.max_rel(got, ref) <= RTOL
+    # the magnitude matters: the same A/B merged as plain LoRA is another model
+    for m in adapter.modules.values():
+        m.magnitude = None
+    src = llama_source()
+    plain = run_model(LoraMergePass([adapter], src.parameter_map)(src.model).model,
+                      src.feeds)["logits"]
+    assert lora_helpers.max_rel(plain, ref) > 100 * RTOL
+
+
+def test_dora_on_a_transformers_module_is_held_to_peft(tmp_path):
+    """The compile's own LoRA reference (PEFT's merge of the module) holds the DoRA merge."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, use_cache=False)
+    module = transformers.LlamaForCausalLM(config).eval()
+    _dora(tmp_path / "a", copy.deepcopy(module), 3, target_modules=["q_proj", "up_proj"], r=2,
+          lora_alpha=4)
+    ids = torch.randint(0, 64, (1, 8))
+    art = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs=(ids,), lora=str(tmp_path / "a"))
+    fid = art.report["fidelity"]
+    assert fid["lora"]["reference"] == "peft merge_and_unload (a)"
+    assert all(e["max_rel"] <= 1e-5 for e in fid["target_vs_source"]["outputs"].values())
+    (lora,) = [p["stats"] for p in art.report["passes"] if p["name"] == "lora-merge"]
+    assert lora["dora_modules"] == 2 and lora["adapters"][0]["dora"]
+
+
+def test_dora_is_refused_where_it_cannot_be_what_it_is(dora_dir, adapter_dirs, llama_source,
+                                                       tmp_path):
+    path, _ = dora_dir
+    src = llama_source()
+    with pytest.raises(UserError, match="DoRA.*cannot be scaled by a weight"):
+        LoraMergePass([read_adapter(path, weight=0.5)], src.parameter_map)(src.model)
+    with pytest.raises(UserError, match="sparse-merge.*--lora-mode merge"):
+        LoraMergePass([read_adapter(path)], src.parameter_map, sparse=True)(src.model)
+    dirs, _ = adapter_dirs  # "patterns" adapts q_proj too
+    with pytest.raises(UserError, match="DoRA adapter and another one"):
+        LoraMergePass([read_adapter(path), read_adapter(dirs["patterns"])],
+                      src.parameter_map)(src.model)
+    with pytest.raises(UserError, match="swappable branch cannot carry"):
+        edgec.compile("llama", target="ort-cpu", config="tiny", output_dir=tmp_path / "s",
+                      lora=[str(path)], lora_mode="swappable")
+    assert not (tmp_path / "s").exists()
+    bad = shutil.copytree(path, tmp_path / "bad")  # use_dora without its magnitudes
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
+    with pytest.raises(UserError, match="magnitude_vector, but use_dora is not set"):
+        read_adapter(bad)
+
+
+def test_a_dora_adapter_is_not_bound_to_a_swappable_artifact(dora_dir, adapter_dirs, tmp_path):
+    dirs, _ = adapter_dirs
+    art = edgec.compile("llama", target="ort-cpu", config="tiny", output_dir=tmp_path / "o",
+                        lora=[str(dirs["patterns"])], lora_mode="swappable")
+    with pytest.raises(UserError, match="DoRA.*--lora-mode merge"):
+        art.load().load_adapter(dora_dir[0])
+    assert np.isfinite(art.load().run(art.load().default_feeds)["logits"]).all()
