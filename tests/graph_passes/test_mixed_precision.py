@@ -296,3 +296,49 @@ def test_layer_errors_in_row_blocks_are_the_same_as_whole(monkeypatch):
         for name, e in whole.items():
             assert e.error > 0 and blocks[name].error == pytest.approx(e.error, rel=1e-6)
             assert blocks[name].end_to_end == pytest.approx(e.end_to_end, rel=1e-4, abs=1e-9)
+
+
+def test_a_quantized_conv_is_a_candidate_with_its_own_error():
+    """A Conv the scheme quantizes (a DiT's patch embedding on the CPU targets) is ranked with
+    the MatMuls: its δ is ONNX Runtime's Conv on the kept and the planned input and weight
+    (video-dit tiny: with every MatMul kept, the patch embedding held min_cos=0.99999 out of
+    reach). A 1×1 Conv is a matmul over channels, which gives the expected error here."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(8)
+    f = ir.DataType.FLOAT
+    x = ir.Value(name="x", type=ir.TensorType(f), shape=ir.Shape([1, 3, 4, 4]))
+    w_np = rng.standard_normal((5, 3, 1, 1)).astype(np.float32)
+    b_np = rng.standard_normal(5).astype(np.float32)
+    w2_np = rng.standard_normal((4, 2)).astype(np.float32)
+    w, b, w2 = (ir.Value(name=n, const_value=ir.tensor(a))
+                for n, a in (("w", w_np), ("b", b_np), ("w2", w2_np)))
+    conv = ir.node("Conv", [x, w, b], attributes={"kernel_shape": [1, 1]}, name="conv")
+    conv.outputs[0].name = "c"
+    mm = ir.node("MatMul", [conv.outputs[0], w2], name="mm")
+    mm.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], mm.outputs, nodes=[conv, mm], initializers=[w, b, w2],
+                              opset_imports={"": 17}, name="g"), ir_version=9)
+    feeds = [{"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)}]
+    cache = SimpleNamespace(tensors={"x": {"lowest": -4.0, "highest": 4.0},
+                                     "c": {"lowest": -9.0, "highest": 9.0}})
+    scheme = SimpleNamespace(activations="uint8", weights="int8", activation_symmetric=False)
+    found = {e.node: e for e in layer_errors(model, feeds, cache, scheme, ("MatMul", "Conv"),
+                                             set(), set())}
+    assert set(found) == {"conv", "mm"}
+    assert "conv" not in {e.node for e in layer_errors(model, feeds, cache, scheme, ("MatMul",),
+                                                       set(), set())}  # not quantized: no
+    from edgec.graph_passes.quantization.mixed_precision import (
+        fake_quant_activation,
+        fake_quant_weight,
+    )
+
+    xs = feeds[0]["x"]
+    w_mat = w_np[:, :, 0, 0]
+    kept = np.einsum("oc,nchw->nohw", w_mat, xs) + b_np[None, :, None, None]
+    planned = np.einsum("oc,nchw->nohw", fake_quant_weight(w_np, 8, 0)[:, :, 0, 0],
+                        fake_quant_activation(xs, -4.0, 4.0, 8, False)) + \
+        b_np[None, :, None, None]
+    expected = np.linalg.norm(planned - kept) / np.linalg.norm(kept)
+    assert found["conv"].error == pytest.approx(expected, rel=1e-4) and expected > 1e-3
+    assert found["conv"].end_to_end > 0

@@ -140,9 +140,17 @@ def _width(qdq_node: ir.Node) -> int | None:
     return dtype.bitwidth if dtype is not None and dtype.is_integer() else None
 
 
+_CANDIDATES = ("MatMul", "Gemm", "Conv")
+
+
 def _candidates(model: ir.Model, op_types: Sequence[str], skip: set[str]) -> list[ir.Node]:
+    """The quantized nodes the search may keep: MatMul/Gemm, and Conv where the scheme quantizes
+    it (the CPU targets: a DiT's patch embedding was the one quantized op left when every
+    MatMul was kept, and the floor could not reach past it)."""
     return [n for n in model.graph if n.op_type in op_types and n.name not in skip
-            and n.op_type in ("MatMul", "Gemm")]
+            and n.op_type in _CANDIDATES
+            and (n.op_type != "Conv" or (len(n.inputs) > 1 and n.inputs[1] is not None
+                                         and n.inputs[1].const_value is not None))]
 
 
 def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache, scheme,
@@ -151,7 +159,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                  widths: dict[str, list[int | None]] | None = None,
                  budget: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> list[LayerError]:
-    """Each quantizable MatMul/Gemm's own output error under the scheme and its end-to-end
+    """Each quantizable MatMul/Gemm/Conv's own output error under the scheme and its end-to-end
     effect, the ones ``floor`` (``Floor.share``; None: cosine alone) suffers most from first.
 
     The error is what keeping the node in high precision removes: the node as planned minus
@@ -189,6 +197,30 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
             return x
         return fake_quant_activation(x, rng["lowest"], rng["highest"], bits,
                                      scheme.activation_symmetric)
+
+    def conv_delta(node: ir.Node, out: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        """A Conv's δ through ONNX Runtime's own kernel: the node alone, run on its input and
+        weight as kept and as planned (weights per output channel, axis 0; the bias as fp32:
+        its int32 grid at the input × weight scale is far finer than either)."""
+        planned = (widths or {}).get(node.name) or [None, None, None]
+        x = np.asarray(out[node.inputs[0].name], np.float32)
+        w = node.inputs[1].const_value.numpy().astype(np.float32)
+        wq = fake_quant_weight(w, w_bits, 0)
+        x_bits = planned[0] or (16 if node.inputs[0].name in sixteen else act_bits)
+        rest = [v.const_value.numpy() for v in node.inputs[2:] if v is not None]
+        with open_model(_alone(model, node, [x.ndim, w.ndim, *(r.ndim for r in rest)])
+                        ) as session:
+            y_kept = session.run(_alone_feeds(activation(x, node.inputs[0].name, kept_bits),
+                                              w if kept_bits is None else wq, rest))["y"]
+            y_quant = session.run(_alone_feeds(activation(x, node.inputs[0].name, x_bits), wq,
+                                               rest))["y"]
+        out_name = node.outputs[0].name
+        if kept_bits is not None:
+            y_kept = activation(y_kept, out_name, kept_bits)
+            y_quant = activation(y_quant, out_name, planned[2] or (
+                16 if out_name in sixteen else act_bits))
+        d = (y_quant - y_kept).astype(np.float32, copy=False)
+        return d, _squares(d)
 
     def delta(node: ir.Node, out: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
         """The node's output as planned minus as kept on one sample's exposed tensors, and
@@ -269,7 +301,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                 deltas = []
                 for node in group:
                     i = index[node.name]
-                    d, squares = delta(node, out)
+                    d, squares = (conv_delta if node.op_type == "Conv" else delta)(node, out)
                     deltas.append(d)
                     num[i] += squares
                     den[i] += _squares(out[node.outputs[0].name])
@@ -294,6 +326,28 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
 
 
 _ROWS_BYTES = 64 << 20  # one row block of a node's output in sensitivity's numpy
+
+
+def _alone(model: ir.Model, node: ir.Node, ranks: Sequence[int]) -> ir.Model:
+    """``node`` alone in a graph whose inputs are its inputs (``x``, ``w``, ``b``: of
+    ``ranks``)."""
+    f = ir.DataType.FLOAT
+    inputs = [ir.Value(name=n, type=ir.TensorType(f), shape=ir.Shape([None] * r))
+              for n, r in zip(("x", "w", "b"), ranks)]
+    alone = ir.node(node.op_type, inputs, domain=node.domain, name=node.name,
+                    attributes={a.name: a.value for a in node.attributes.values()})
+    alone.outputs[0].name, alone.outputs[0].type = "y", ir.TensorType(f)
+    graph = ir.Graph(inputs, alone.outputs, nodes=[alone],
+                     opset_imports=dict(model.graph.opset_imports), name="alone")
+    return ir.Model(graph, ir_version=model.ir_version)
+
+
+def _alone_feeds(x: np.ndarray, w: np.ndarray, rest: Sequence[np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+    feeds = {"x": np.asarray(x, np.float32), "w": np.asarray(w, np.float32)}
+    if rest:
+        feeds["b"] = np.asarray(rest[0], np.float32)
+    return feeds
 
 
 def _squares(x: np.ndarray) -> float:
