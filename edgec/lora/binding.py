@@ -34,7 +34,7 @@ from edgec.lora.transforms import (
 )
 
 __all__ = ["AdapterBank", "site_feeds", "ship_adapters", "ship_transforms", "lora_sites",
-           "adapter_inputs", "TRANSFORMS_FILE", "SITES_KEY"]
+           "unswappable", "adapter_inputs", "TRANSFORMS_FILE", "SITES_KEY"]
 
 TRANSFORMS_FILE = "adapters/transforms.safetensors"
 SITES_KEY = "edgec.lora.sites"  # model metadata: the swappable sites (graph_passes.lora.swappable)
@@ -57,11 +57,8 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
     factors the sites name (``edgec.lora.transforms``)."""
     transforms = transforms or {}
     by_module = {s["module"]: s for s in sites}
-    if adapter is not None and adapter.dora:
-        raise UserError(f"adapter {adapter.name} is DoRA: its magnitude rescales the merged "
-                        "weight, which a swappable branch cannot carry; compile it in with "
-                        "--lora-mode merge")
     if adapter is not None:
+        unswappable(adapter)
         unknown = sorted(set(adapter.modules) - set(by_module))
         if unknown:
             raise UserError(f"adapter {adapter.name}: target module {unknown[0]} has no LoRA "
@@ -87,6 +84,17 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
         feeds[s["a_input"]] = np.ascontiguousarray(a, dtype=np.float32)
         feeds[s["b_input"]] = np.ascontiguousarray(b, dtype=np.float32)
     return feeds
+
+
+def unswappable(adapter: LoraAdapter) -> None:
+    """Refuse what a branch x·A·B added to the base cannot compute: a DoRA adapter (it rescales
+    the merged weight per output channel by m / ‖W + ΔW‖) or a lora_B bias."""
+    if adapter.dora:
+        raise UserError(f"adapter {adapter.name} is DoRA: its magnitude rescales the merged "
+                        "weight, which a swappable branch cannot carry; use --lora-mode merge")
+    if adapter.has_bias:
+        raise UserError(f"adapter {adapter.name} has lora_B biases (lora_bias), which a "
+                        "swappable branch x·A·B does not carry; use --lora-mode merge")
 
 
 def ship_adapters(adapters: Sequence[LoraAdapter], stage: Path) -> dict[str, str]:

@@ -6,6 +6,8 @@ PEFT semantics (peft/tuners/lora): ``ΔW = transpose(B·A, fan_in_fan_out) · sc
 ``rank_pattern`` / ``alpha_pattern`` (first key k with ``re.match(rf"(.*\\.)?({k})$", module)``).
 DoRA (``use_dora``): each module also has a magnitude m [out], and merging gives
 ``W' = m / ‖W + ΔW‖ · (W + ΔW)``, the norm per output channel (``LoraModule.merge_into``).
+``lora_bias``: lora_B has a bias b [out] too, and merging adds ``b · scaling`` to the base
+layer's bias (which it must have).
 An exported MatMul stores Wᵀ ([in, out]); the parameter map says which layout each initializer has.
 """
 
@@ -32,7 +34,8 @@ NO_ADAPTER = "base"  # reserved adapter name: the base model (every LoRA branch 
 _PREFIXES = ("base_model.model.",)
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[^.]+)?\.weight$")
 _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
-_UNSUPPORTED = {"lora_bias": "LoRA bias", "use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+_BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
+_UNSUPPORTED = {"use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 
 
 @dataclasses.dataclass
@@ -47,6 +50,11 @@ class LoraModule:
     scaling: float
     fan_in_fan_out: bool
     magnitude: np.ndarray | None = None  # DoRA's m [out]; None: plain LoRA
+    bias: np.ndarray | None = None  # lora_B's bias [out] (``lora_bias``); None: none
+
+    def bias_delta(self) -> np.ndarray | None:
+        """What merging adds to the base layer's bias (PEFT: ``lora_B.bias · scaling``)."""
+        return None if self.bias is None else self.bias * np.float32(self.scaling)
 
     def delta(self) -> np.ndarray:
         """ΔW in the PyTorch parameter's layout, computed in fp32 as PEFT does."""
@@ -83,11 +91,16 @@ class LoraAdapter:
     def dora(self) -> bool:
         return any(m.magnitude is not None for m in self.modules.values())
 
+    @property
+    def has_bias(self) -> bool:
+        return any(m.bias is not None for m in self.modules.values())
+
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path) if self.path else None,
                 "weight": self.weight, "modules": len(self.modules), "max_rank": self.rank,
                 "r": self.config.get("r"), "lora_alpha": self.config.get("lora_alpha"),
-                "use_rslora": bool(self.config.get("use_rslora")), "dora": self.dora}
+                "use_rslora": bool(self.config.get("use_rslora")), "dora": self.dora,
+                "lora_bias": self.has_bias}
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default):
@@ -139,24 +152,35 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
             key = key.removeprefix(prefix)
         m = _KEY.match(key)
         magnitude = _MAGNITUDE.match(key) if m is None else None
-        if m is None and magnitude is None:
-            raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight or DoRA "
-                            "magnitude (embedding or modules_to_save tensors are not supported "
-                            "yet)")
+        bias = _BIAS.match(key) if m is None and magnitude is None else None
+        if m is None and magnitude is None and bias is None:
+            raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight, lora_B "
+                            "bias or DoRA magnitude (embedding or modules_to_save tensors are "
+                            "not supported yet)")
         if magnitude is not None:
             pairs.setdefault(magnitude["module"], {})["M"] = value
+        elif bias is not None:
+            pairs.setdefault(bias["module"], {})["b"] = value
         else:
             pairs.setdefault(m["module"], {})[m["role"]] = value
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     modules = {}
-    dora = bool(config.get("use_dora"))
+    dora, lora_bias = bool(config.get("use_dora")), bool(config.get("lora_bias"))
+    if dora and lora_bias:
+        raise UserError(f"{name}: use_dora and lora_bias together, which PEFT does not make "
+                        "or merge; the adapter is inconsistent")
     for mod, ab in sorted(pairs.items()):
         if not {"A", "B"} <= set(ab):
-            have = "the DoRA magnitude" if "A" not in ab and "B" not in ab else \
-                f"lora_{'A' if 'A' in ab else 'B'}"
+            have = f"lora_{'A' if 'A' in ab else 'B'}" if "A" in ab or "B" in ab else \
+                "the DoRA magnitude" if "M" in ab else "a lora_B bias"
             raise UserError(f"{name}: module {mod} has {have} but not lora_A and lora_B")
+        if ("b" in ab) != lora_bias:
+            raise UserError(f"{name}: module {mod} " + (
+                "has no lora_B bias, but the adapter sets lora_bias" if lora_bias
+                else "has a lora_B bias, but lora_bias is not set") +
+                f" in {CONFIG_FILE}; the adapter is inconsistent")
         if ("M" in ab) != dora:
             raise UserError(f"{name}: module {mod} " + (
                 "has no lora_magnitude_vector, but the adapter is DoRA (use_dora=true)" if dora
@@ -180,8 +204,15 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
                 raise UserError(f"{name}: module {mod} has a DoRA magnitude of "
                                 f"{list(np.shape(ab['M']))} for {B.shape[0]} outputs; the adapter "
                                 "is inconsistent")
+        b = None
+        if lora_bias:
+            b = np.asarray(ab["b"], dtype=np.float32).reshape(-1)
+            if b.shape != (B.shape[0],):
+                raise UserError(f"{name}: module {mod} has a lora_B bias of "
+                                f"{list(np.shape(ab['b']))} for {B.shape[0]} outputs; the "
+                                "adapter is inconsistent")
         modules[mod] = LoraModule(mod, A, B, rank, alpha, scaling,
-                                  bool(config.get("fan_in_fan_out")), magnitude)
+                                  bool(config.get("fan_in_fan_out")), magnitude, b)
     return LoraAdapter(name, path, dict(config), modules, float(weight))
 
 
@@ -218,6 +249,7 @@ class Target:
     initializer: str
     layout: str  # "same" | "transposed": initializer vs the PyTorch parameter
     shape: tuple[int, ...]  # the initializer's shape
+    bias: str | None = None  # the base layer's bias initializer, where the adapter adds to it
 
     def to_onnx_layout(self, delta_param: np.ndarray) -> np.ndarray:
         return delta_param.T if self.layout == "transposed" else delta_param
@@ -250,5 +282,25 @@ def resolve_targets(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[st
                 f"adapter {adapter.name}: module {mod} expects a [{lm.B.shape[0]}, {lm.A.shape[1]}]"
                 f" weight (out, in) but the model's is {list(param_shape)}; the adapter was "
                 "trained on a different base model")
-        out[mod] = Target(mod, param, entry["initializer"], entry["layout"], shape)
+        bias = None
+        if lm.bias is not None:
+            bias = _bias_initializer(adapter, mod, param, parameter_map, inits)
+        out[mod] = Target(mod, param, entry["initializer"], entry["layout"], shape, bias)
     return out
+
+
+def _bias_initializer(adapter: LoraAdapter, mod: str, weight_param: str,
+                      parameter_map: Mapping[str, Mapping[str, str]], inits) -> str:
+    """The initializer of the base layer's bias, which a ``lora_bias`` adapter adds to."""
+    entry = parameter_map.get(weight_param.removesuffix("weight") + "bias")
+    value = inits.get(entry["initializer"]) if entry else None
+    if value is None or value.const_value is None:
+        raise UserError(f"adapter {adapter.name}: module {mod} has a lora_B bias (lora_bias), but "
+                        "the model's layer has no bias to merge it into (PEFT refuses this "
+                        "merge too)")
+    n = adapter.modules[mod].bias.shape[0]
+    if tuple(value.const_value.shape) != (n,):
+        raise UserError(f"adapter {adapter.name}: module {mod}'s bias is "
+                        f"{list(value.const_value.shape)}, its lora_B bias [{n}]; the adapter "
+                        "was trained on a different base model")
+    return entry["initializer"]

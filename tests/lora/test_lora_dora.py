@@ -116,3 +116,72 @@ def test_a_dora_adapter_is_not_bound_to_a_swappable_artifact(dora_dir, adapter_d
     with pytest.raises(UserError, match="DoRA.*--lora-mode merge"):
         art.load().load_adapter(dora_dir[0])
     assert np.isfinite(art.load().run(art.load().default_feeds)["logits"]).all()
+
+
+@pytest.fixture(scope="module")
+def bert_with_biases():
+    """A transformers BERT whose biases differ (all-zero biases at init are one initializer
+    after the exporter's deduplication, which no merge may change alone)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2)
+    module = transformers.BertModel(config).eval()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, 64, (1, 8))
+    return module, (ids, torch.ones_like(ids))
+
+
+def test_lora_bias_merges_into_the_layers_bias_as_peft_does(bert_with_biases, tmp_path):
+    """``lora_bias``: lora_B's bias times the scaling is added to the base layer's bias, held to
+    PEFT's merge by the compile's own LoRA reference."""
+    module, inputs = bert_with_biases
+    torch.manual_seed(4)
+    pm = peft.get_peft_model(copy.deepcopy(module), peft.LoraConfig(
+        init_lora_weights=False, lora_bias=True, r=2, lora_alpha=4,
+        target_modules=["query", "value"]))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                p.normal_(0, 0.5)  # PEFT starts them at zero
+    pm.save_pretrained(str(tmp_path / "a"))
+    adapter = read_adapter(tmp_path / "a")
+    assert adapter.has_bias and not adapter.dora
+    art = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs=inputs, lora=str(tmp_path / "a"))
+    outputs = art.report["fidelity"]["target_vs_source"]["outputs"]
+    assert all(e["max_rel"] <= 1e-5 for e in outputs.values())
+    (stats,) = [p["stats"] for p in art.report["passes"] if p["name"] == "lora-merge"]
+    assert stats["biases_changed"] == 2 and stats["dora_modules"] == 0
+    # the bias matters: without it the merged model is another one
+    for m in adapter.modules.values():
+        m.bias = None
+    from edgec.exporters.sources import resolve_source
+
+    src = resolve_source(module, None, inputs, None)
+    got = run_model(LoraMergePass([adapter], src.parameter_map)(src.model).model, src.feeds)
+    want = art.load().run(art.load().default_feeds)
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in got) > 1e-3
+    with pytest.raises(UserError, match="lora_bias.*--lora-mode merge"):
+        edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "s", example_inputs=inputs,
+                      lora=str(tmp_path / "a"), lora_mode="swappable")
+
+
+def test_lora_bias_needs_a_bias_to_merge_into(tmp_path, llama_source, lora_helpers):
+    """llama's projections have no bias: PEFT refuses that merge, and so does edgec."""
+    lora_helpers.make_adapter(tmp_path / "a", 1, target_modules=["q_proj"], r=2, lora_alpha=2)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True}))
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    for k in list(tensors):
+        if "lora_B" in k:
+            tensors[k.replace(".weight", ".bias")] = np.ones(tensors[k].shape[0], np.float32)
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    src = llama_source()
+    with pytest.raises(UserError, match="has no bias to merge it into"):
+        LoraMergePass([read_adapter(tmp_path / "a")], src.parameter_map)(src.model)

@@ -78,8 +78,8 @@ def test_refuses_pickles_missing_files_and_unsupported_kinds(adapter_dirs, tmp_p
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(UserError, match="no lora_magnitude_vector, but the adapter is DoRA"):
         read_adapter(dora)
-    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "lora_bias": True}))
-    with pytest.raises(UserError, match="LoRA bias adapters .* not supported"):
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_qalora": True}))
+    with pytest.raises(UserError, match="QALoRA adapters .* not supported"):
         read_adapter(dora)
 
 

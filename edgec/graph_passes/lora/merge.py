@@ -4,6 +4,7 @@
     W ← W + Σᵢ wᵢ·sᵢ·(Bᵢ·Aᵢ) ⊙ 1[W ≠ 0]         (sparse-merge, LoSA: the base's zeros stay zero)
     W ← m / ‖W + s·B·A‖ · (W + s·B·A)          (a DoRA adapter, per output channel; alone on its
                                                 module, at weight 1, merge mode only)
+    b ← b + Σᵢ wᵢ·sᵢ·bᵢ                          (``lora_bias``: lora_B's bias into the layer's)
 
 The delta is computed in the PyTorch parameter's layout and transposed to the initializer's
 (the exporter stores a Linear's W as Wᵀ [in, out] for MatMul). Weights are found through the
@@ -44,12 +45,17 @@ class LoraMergePass(EdgecPass):
         deltas: dict[str, np.ndarray] = {}
         modules: dict[str, list[str]] = {}
         dora: dict[str, tuple] = {}  # initializer → (module, its Target): merged, not added
+        bias_deltas: dict[str, np.ndarray] = {}  # bias initializer → what lora_bias adds
         for adapter in self.adapters:  # validate everything before touching any weight
             for mod, target in resolve_targets(adapter, self.parameter_map, model).items():
                 lm = adapter.modules[mod]
                 if lm.rank == 0 or adapter.weight == 0.0:
                     continue
                 modules.setdefault(target.initializer, []).append(mod)
+                if target.bias is not None:
+                    modules.setdefault(target.bias, []).append(mod)
+                    bias_deltas[target.bias] = bias_deltas.get(target.bias, 0) + \
+                        lm.bias_delta() * np.float32(adapter.weight)
                 if lm.magnitude is not None:
                     _check_dora(adapter, mod, self.sparse)
                     dora[target.initializer] = (lm, target)
@@ -80,12 +86,17 @@ class LoraMergePass(EdgecPass):
             total += w.size
             max_delta = max(max_delta, float(np.abs(delta).max()))
             value.const_value = ir.tensor(merged, name=init_name)
+        for init_name, delta in bias_deltas.items():  # biases are not pruned: added whole
+            value = model.graph.initializers[init_name]
+            b = value.const_value.numpy()
+            value.const_value = ir.tensor(b + delta.astype(b.dtype), name=init_name)
         kinds = Counter(m.rsplit(".", 1)[-1] for mods in modules.values() for m in mods)
         stats = {
             "adapters": [a.summary() for a in self.adapters],
             "mode": "sparse-merge" if self.sparse else "merge",
             "modules_merged": sum(len(m) for m in modules.values()),
             "dora_modules": len(dora),
+            "biases_changed": len(bias_deltas),
             "weights_changed": len(deltas),
             "by_module_kind": dict(sorted(kinds.items())),
             "skipped": {"zero rank or weight": sum(
@@ -99,7 +110,7 @@ class LoraMergePass(EdgecPass):
             "zeros_destroyed": max(0, zeros_before - zeros_after),
             "max_abs_delta": max_delta,
         }
-        return PassResult(model, bool(deltas), stats)
+        return PassResult(model, bool(deltas) or bool(bias_deltas), stats)
 
 
 def _check_dora(adapter: LoraAdapter, module: str, sparse: bool) -> None:

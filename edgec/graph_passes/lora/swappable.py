@@ -22,18 +22,10 @@ import onnx_ir as ir
 
 from edgec.errors import UserError
 from edgec.graph_passes._infra import EdgecPass, PassResult
-from edgec.lora.binding import SITES_KEY, lora_sites
+from edgec.lora.binding import SITES_KEY, lora_sites, unswappable
 from edgec.lora.peft_adapter import LoraAdapter, resolve_targets
 
-__all__ = ["LoraSwappablePass", "SITES_KEY", "lora_sites", "refuse_dora"]
-
-
-def refuse_dora(adapter: LoraAdapter) -> None:
-    """A DoRA adapter rescales the merged weight per output channel by m / ‖W + ΔW‖, which no
-    branch x·A·B added to the base computes."""
-    if adapter.dora:
-        raise UserError(f"adapter {adapter.name} is DoRA: its magnitude rescales the merged "
-                        "weight, which a swappable branch cannot carry; use --lora-mode merge")
+__all__ = ["LoraSwappablePass", "SITES_KEY", "lora_sites"]
 
 
 class LoraSwappablePass(EdgecPass):
@@ -50,7 +42,7 @@ class LoraSwappablePass(EdgecPass):
     def call(self, model: ir.Model) -> PassResult:
         targets, ranks, fan = {}, {}, {}
         for adapter in self.adapters:
-            refuse_dora(adapter)
+            unswappable(adapter)
             for mod, t in resolve_targets(adapter, self.parameter_map, model).items():
                 targets[mod] = t
                 ranks[mod] = max(ranks.get(mod, 1), adapter.modules[mod].rank)
