@@ -88,10 +88,15 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
 
 def unswappable(adapter: LoraAdapter) -> None:
     """Refuse what a branch x·A·B added to the base cannot compute: a DoRA adapter (it rescales
-    the merged weight per output channel by m / ‖W + ΔW‖) or a lora_B bias."""
+    the merged weight per output channel by m / ‖W + ΔW‖), an embedding or a lora_B bias."""
     if adapter.dora:
         raise UserError(f"adapter {adapter.name} is DoRA: its magnitude rescales the merged "
                         "weight, which a swappable branch cannot carry; use --lora-mode merge")
+    embedding = next((m for m, lm in adapter.modules.items() if lm.embedding), None)
+    if embedding is not None:
+        raise UserError(f"adapter {adapter.name} adapts the embedding {embedding}, a table "
+                        "lookup that a swappable branch x·A·B does not express; use "
+                        "--lora-mode merge")
     if adapter.has_bias:
         raise UserError(f"adapter {adapter.name} has lora_B biases (lora_bias), which a "
                         "swappable branch x·A·B does not carry; use --lora-mode merge")

@@ -7,7 +7,9 @@ PEFT semantics (peft/tuners/lora): ``ΔW = transpose(B·A, fan_in_fan_out) · sc
 DoRA (``use_dora``): each module also has a magnitude m [out], and merging gives
 ``W' = m / ‖W + ΔW‖ · (W + ΔW)``, the norm per output channel (``LoraModule.merge_into``).
 ``lora_bias``: lora_B has a bias b [out] too, and merging adds ``b · scaling`` to the base
-layer's bias (which it must have).
+layer's bias (which it must have). An ``nn.Embedding`` target stores ``lora_embedding_A``
+[r, vocab] and ``lora_embedding_B`` [dim, r]: ΔW = (B·A)ᵀ · scaling, the table's [vocab, dim]
+layout (read as ``fan_in_fan_out``).
 An exported MatMul stores Wᵀ ([in, out]); the parameter map says which layout each initializer has.
 """
 
@@ -35,6 +37,7 @@ _PREFIXES = ("base_model.model.",)
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[^.]+)?\.weight$")
 _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 _BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
+_EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<role>A|B)(?:\.[^.]+)?$")
 _UNSUPPORTED = {"use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 
 
@@ -51,6 +54,7 @@ class LoraModule:
     fan_in_fan_out: bool
     magnitude: np.ndarray | None = None  # DoRA's m [out]; None: plain LoRA
     bias: np.ndarray | None = None  # lora_B's bias [out] (``lora_bias``); None: none
+    embedding: bool = False  # an nn.Embedding target (lora_embedding_A/B)
 
     def bias_delta(self) -> np.ndarray | None:
         """What merging adds to the base layer's bias (PEFT: ``lora_B.bias · scaling``)."""
@@ -150,13 +154,15 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
     for key, value in tensors.items():
         for prefix in _PREFIXES:
             key = key.removeprefix(prefix)
-        m = _KEY.match(key)
+        m = _KEY.match(key) or _EMBEDDING.match(key)
+        if m is not None and "lora_embedding_" in key:
+            pairs.setdefault(m["module"], {})["E"] = True
         magnitude = _MAGNITUDE.match(key) if m is None else None
         bias = _BIAS.match(key) if m is None and magnitude is None else None
         if m is None and magnitude is None and bias is None:
             raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight, lora_B "
-                            "bias or DoRA magnitude (embedding or modules_to_save tensors are "
-                            "not supported yet)")
+                            "bias or DoRA magnitude (modules_to_save and saved embedding layers "
+                            "are not supported yet)")
         if magnitude is not None:
             pairs.setdefault(magnitude["module"], {})["M"] = value
         elif bias is not None:
@@ -211,8 +217,13 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
                 raise UserError(f"{name}: module {mod} has a lora_B bias of "
                                 f"{list(np.shape(ab['b']))} for {B.shape[0]} outputs; the "
                                 "adapter is inconsistent")
+        embedding = bool(ab.get("E"))
+        if embedding and magnitude is not None:
+            raise UserError(f"{name}: module {mod} is an embedding with DoRA, which is not "
+                            "supported yet; use a plain LoRA adapter on embeddings")
         modules[mod] = LoraModule(mod, A, B, rank, alpha, scaling,
-                                  bool(config.get("fan_in_fan_out")), magnitude, b)
+                                  embedding or bool(config.get("fan_in_fan_out")), magnitude, b,
+                                  embedding)
     return LoraAdapter(name, path, dict(config), modules, float(weight))
 
 

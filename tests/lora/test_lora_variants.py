@@ -1,7 +1,8 @@
-"""DoRA adapters (PEFT ``use_dora``) merge as PEFT merges them: W' = m/‖W + ΔW‖·(W + ΔW) per
-output channel, held to PEFT's own ``merge_and_unload()`` on llama tiny and on a transformers
-module; where a DoRA adapter cannot be what it is (a swappable branch, LoSA's mask, a weight,
-another adapter on its module) it is refused in one line."""
+"""PEFT's LoRA variants merge as PEFT merges them, held to its own ``merge_and_unload()``: DoRA
+(``use_dora``: W' = m/‖W + ΔW‖·(W + ΔW) per output channel) on llama tiny and a transformers
+Llama, ``lora_bias`` on a transformers BERT, embedding adapters on llama tiny. Where one cannot
+be what it is (a swappable branch, LoSA's mask, a weight, another adapter on a DoRA module, a
+layer without a bias) it is refused in one line."""
 
 from __future__ import annotations
 
@@ -185,3 +186,24 @@ def test_lora_bias_needs_a_bias_to_merge_into(tmp_path, llama_source, lora_helpe
     src = llama_source()
     with pytest.raises(UserError, match="has no bias to merge it into"):
         LoraMergePass([read_adapter(tmp_path / "a")], src.parameter_map)(src.model)
+
+
+def test_an_embedding_adapter_merges_into_the_table(tmp_path, llama_source, exported_outputs,
+                                                    lora_helpers):
+    """``lora_embedding_A`` [r, vocab] / ``lora_embedding_B`` [dim, r]: ΔW = (B·A)ᵀ·s added to
+    the Gather's table, as PEFT merges it; swappable refuses it (a lookup is no x·A·B)."""
+    merged = lora_helpers.make_adapter(tmp_path / "e", 9, target_modules=["embed_tokens",
+                                                                           "q_proj"],
+                                       r=4, lora_alpha=8).merge_and_unload()
+    adapter = read_adapter(tmp_path / "e")
+    assert adapter.modules["embed_tokens"].embedding
+    src = llama_source()
+    result = LoraMergePass([adapter], src.parameter_map)(src.model)
+    assert result.stats["by_module_kind"] == {"embed_tokens": 1, "q_proj": 2}
+    got = run_model(result.model, src.feeds)["logits"]
+    ref = exported_outputs("embedding", merged)["logits"]
+    assert lora_helpers.max_rel(got, ref) <= RTOL
+    assert lora_helpers.max_rel(src.reference["logits"], ref) > 100 * RTOL
+    with pytest.raises(UserError, match="embedding embed_tokens.*--lora-mode merge"):
+        edgec.compile("llama", target="ort-cpu", config="tiny", output_dir=tmp_path / "s",
+                      lora=[str(tmp_path / "e")], lora_mode="swappable")
