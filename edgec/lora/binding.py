@@ -97,6 +97,10 @@ def unswappable(adapter: LoraAdapter) -> None:
         raise UserError(f"adapter {adapter.name} adapts the embedding {embedding}, a table "
                         "lookup that a swappable branch x·A·B does not express; use "
                         "--lora-mode merge")
+    if adapter.saved:
+        raise UserError(f"adapter {adapter.name} replaces whole modules (modules_to_save: "
+                        f"{sorted(adapter.saved)[0]}...), which a swappable branch x·A·B does not "
+                        "carry; use --lora-mode merge")
     if adapter.has_bias:
         raise UserError(f"adapter {adapter.name} has lora_B biases (lora_bias), which a "
                         "swappable branch x·A·B does not carry; use --lora-mode merge")

@@ -9,7 +9,9 @@ DoRA (``use_dora``): each module also has a magnitude m [out], and merging gives
 ``lora_bias``: lora_B has a bias b [out] too, and merging adds ``b · scaling`` to the base
 layer's bias (which it must have). An ``nn.Embedding`` target stores ``lora_embedding_A``
 [r, vocab] and ``lora_embedding_B`` [dim, r]: ΔW = (B·A)ᵀ · scaling, the table's [vocab, dim]
-layout (read as ``fan_in_fan_out``).
+layout (read as ``fan_in_fan_out``). ``modules_to_save`` (a task head trained whole, e.g. a
+sequence classifier's ``classifier``) are saved as plain parameters (``classifier.weight``):
+merging replaces the model's with them (``LoraAdapter.saved``).
 An exported MatMul stores Wᵀ ([in, out]); the parameter map says which layout each initializer has.
 """
 
@@ -28,7 +30,7 @@ import numpy as np
 from edgec.errors import UserError
 
 __all__ = ["LoraModule", "LoraAdapter", "read_adapter", "parse_lora_option", "Target",
-           "resolve_targets", "CONFIG_FILE", "WEIGHTS_FILE", "NO_ADAPTER"]
+           "resolve_targets", "resolve_saved", "CONFIG_FILE", "WEIGHTS_FILE", "NO_ADAPTER"]
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -86,6 +88,8 @@ class LoraAdapter:
     config: dict[str, Any]
     modules: dict[str, LoraModule]
     weight: float = 1.0
+    saved: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # modules_to_save
+
 
     @property
     def rank(self) -> int:
@@ -104,7 +108,7 @@ class LoraAdapter:
                 "weight": self.weight, "modules": len(self.modules), "max_rank": self.rank,
                 "r": self.config.get("r"), "lora_alpha": self.config.get("lora_alpha"),
                 "use_rslora": bool(self.config.get("use_rslora")), "dora": self.dora,
-                "lora_bias": self.has_bias}
+                "lora_bias": self.has_bias, "saved_parameters": sorted(self.saved)}
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default):
@@ -151,9 +155,15 @@ def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0)
 def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str, Any],
                          name: str, path: Path | None = None, weight: float = 1.0) -> LoraAdapter:
     pairs: dict[str, dict[str, np.ndarray]] = {}
+    saved: dict[str, np.ndarray] = {}
+    to_save = list(config.get("modules_to_save") or [])
     for key, value in tensors.items():
         for prefix in _PREFIXES:
             key = key.removeprefix(prefix)
+        module = key.rpartition(".")[0]
+        if "lora_" not in key and any(module == t or module.endswith(f".{t}") for t in to_save):
+            saved[key] = np.asarray(value, dtype=np.float32)  # a module_to_save's parameter
+            continue
         m = _KEY.match(key) or _EMBEDDING.match(key)
         if m is not None and "lora_embedding_" in key:
             pairs.setdefault(m["module"], {})["E"] = True
@@ -161,8 +171,8 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         bias = _BIAS.match(key) if m is None and magnitude is None else None
         if m is None and magnitude is None and bias is None:
             raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight, lora_B "
-                            "bias or DoRA magnitude (modules_to_save and saved embedding layers "
-                            "are not supported yet)")
+                            "bias, DoRA magnitude or a parameter of its modules_to_save (saved "
+                            "embedding layers are not supported yet)")
         if magnitude is not None:
             pairs.setdefault(magnitude["module"], {})["M"] = value
         elif bias is not None:
@@ -224,7 +234,7 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         modules[mod] = LoraModule(mod, A, B, rank, alpha, scaling,
                                   embedding or bool(config.get("fan_in_fan_out")), magnitude, b,
                                   embedding)
-    return LoraAdapter(name, path, dict(config), modules, float(weight))
+    return LoraAdapter(name, path, dict(config), modules, float(weight), saved)
 
 
 def parse_lora_option(option: Any) -> list[tuple[str, float]]:
@@ -297,6 +307,31 @@ def resolve_targets(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[st
         if lm.bias is not None:
             bias = _bias_initializer(adapter, mod, param, parameter_map, inits)
         out[mod] = Target(mod, param, entry["initializer"], entry["layout"], shape, bias)
+    return out
+
+
+def resolve_saved(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[str, str]],
+                  model) -> dict[str, Target]:
+    """Each ``modules_to_save`` parameter the adapter carries → the initializer it replaces;
+    refuse a parameter the model does not have or of another shape (one line)."""
+    inits = model.graph.initializers
+    out = {}
+    for key, value in adapter.saved.items():
+        param = next((p for p in (key, key.removeprefix("model.")) if p in parameter_map), None)
+        entry = parameter_map.get(param) if param else None
+        init = inits.get(entry["initializer"]) if entry else None
+        if init is None or init.const_value is None:
+            raise UserError(f"adapter {adapter.name}: its saved module parameter {key} "
+                            "(modules_to_save) is not a weight of the exported model (not this "
+                            "base, or a parameter the export folded away, such as an all-zero "
+                            "bias)")
+        shape = tuple(init.const_value.shape)
+        want = shape[::-1] if entry["layout"] == "transposed" else shape
+        if tuple(value.shape) != want:
+            raise UserError(f"adapter {adapter.name}: its saved {key} is {list(value.shape)}, the "
+                            f"model's {list(want)}; the adapter was trained on a different base "
+                            "(or head size)")
+        out[key] = Target(key, param, entry["initializer"], entry["layout"], shape)
     return out
 
 

@@ -207,3 +207,49 @@ def test_an_embedding_adapter_merges_into_the_table(tmp_path, llama_source, expo
     with pytest.raises(UserError, match="embedding embed_tokens.*--lora-mode merge"):
         edgec.compile("llama", target="ort-cpu", config="tiny", output_dir=tmp_path / "s",
                       lora=[str(tmp_path / "e")], lora_mode="swappable")
+
+
+def test_modules_to_save_replace_the_models_parameters(tmp_path):
+    """A sequence-classification LoRA saves its trained head whole (``modules_to_save``:
+    ``classifier.weight``/``.bias``): merging replaces the model's, as PEFT's merge does."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2, num_labels=3)
+    module = transformers.BertForSequenceClassification(config).eval()
+    with torch.no_grad():  # as trained: an all-zero bias is folded away at export
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    pm = peft.get_peft_model(copy.deepcopy(module), peft.LoraConfig(
+        task_type="SEQ_CLS", init_lora_weights=False, target_modules=["query", "value"], r=2,
+        lora_alpha=4))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p))  # the trained head differs from the base's
+    pm.save_pretrained(str(tmp_path / "a"))
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.saved) == ["classifier.bias", "classifier.weight"]
+    ids = torch.randint(0, 64, (1, 8))
+    inputs = (ids, torch.ones_like(ids))
+    art = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs=inputs, lora=str(tmp_path / "a"))
+    outputs = art.report["fidelity"]["target_vs_source"]["outputs"]
+    assert all(e["max_rel"] <= 1e-5 for e in outputs.values())
+    (stats,) = [p["stats"] for p in art.report["passes"] if p["name"] == "lora-merge"]
+    assert stats["parameters_replaced"] == 2 and stats["modules_merged"] == 2
+    from edgec.exporters.sources import resolve_source
+
+    src = resolve_source(module, None, inputs, None)
+    adapter.saved.clear()  # LoRA alone, the base head: another model
+    got = run_model(LoraMergePass([adapter], src.parameter_map)(src.model).model, src.feeds)
+    want = art.load().run(art.load().default_feeds)
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in got) > 1e-2
+    with pytest.raises(UserError, match="modules_to_save.*--lora-mode merge"):
+        edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "s", example_inputs=inputs,
+                      lora=str(tmp_path / "a"), lora_mode="swappable")
+    with pytest.raises(UserError, match="replaces classifier.* cannot scale"):
+        edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "w", example_inputs=inputs,
+                      lora=f"{tmp_path / 'a'}:0.5")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "w").exists()

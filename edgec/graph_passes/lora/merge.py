@@ -5,6 +5,7 @@
     W ← m / ‖W + s·B·A‖ · (W + s·B·A)          (a DoRA adapter, per output channel; alone on its
                                                 module, at weight 1, merge mode only)
     b ← b + Σᵢ wᵢ·sᵢ·bᵢ                          (``lora_bias``: lora_B's bias into the layer's)
+    W ← W_saved                                  (``modules_to_save``: a task head trained whole)
 
 The delta is computed in the PyTorch parameter's layout and transposed to the initializer's
 (the exporter stores a Linear's W as Wᵀ [in, out] for MatMul). Weights are found through the
@@ -23,7 +24,7 @@ import onnx_ir as ir
 
 from edgec.errors import UserError
 from edgec.graph_passes._infra import EdgecPass, PassResult
-from edgec.lora.peft_adapter import LoraAdapter, resolve_targets
+from edgec.lora.peft_adapter import LoraAdapter, resolve_saved, resolve_targets
 
 __all__ = ["LoraMergePass"]
 
@@ -62,6 +63,8 @@ class LoraMergePass(EdgecPass):
                     continue
                 d = target.to_onnx_layout(lm.delta()) * np.float32(adapter.weight)
                 deltas[target.initializer] = deltas.get(target.initializer, 0) + d
+        merged_modules = sum(len(m) for m in modules.values())
+        replaced = self._replacements(model, modules)
         for init_name, (lm, _) in dora.items():
             if len(modules[init_name]) > 1:
                 raise UserError(f"module {lm.name} is adapted by a DoRA adapter and another one; "
@@ -86,17 +89,21 @@ class LoraMergePass(EdgecPass):
             total += w.size
             max_delta = max(max_delta, float(np.abs(delta).max()))
             value.const_value = ir.tensor(merged, name=init_name)
+        for init_name, new in replaced.items():
+            model.graph.initializers[init_name].const_value = ir.tensor(new, name=init_name)
         for init_name, delta in bias_deltas.items():  # biases are not pruned: added whole
             value = model.graph.initializers[init_name]
             b = value.const_value.numpy()
             value.const_value = ir.tensor(b + delta.astype(b.dtype), name=init_name)
-        kinds = Counter(m.rsplit(".", 1)[-1] for mods in modules.values() for m in mods)
+        kinds = Counter(m.rsplit(".", 1)[-1] for init, mods in modules.items()
+                        if init not in replaced for m in mods)
         stats = {
             "adapters": [a.summary() for a in self.adapters],
             "mode": "sparse-merge" if self.sparse else "merge",
-            "modules_merged": sum(len(m) for m in modules.values()),
+            "modules_merged": merged_modules,
             "dora_modules": len(dora),
             "biases_changed": len(bias_deltas),
+            "parameters_replaced": len(replaced),
             "weights_changed": len(deltas),
             "by_module_kind": dict(sorted(kinds.items())),
             "skipped": {"zero rank or weight": sum(
@@ -110,7 +117,26 @@ class LoraMergePass(EdgecPass):
             "zeros_destroyed": max(0, zeros_before - zeros_after),
             "max_abs_delta": max_delta,
         }
-        return PassResult(model, bool(deltas) or bool(bias_deltas), stats)
+        return PassResult(model, bool(deltas or bias_deltas or replaced), stats)
+
+    def _replacements(self, model: ir.Model, modules: dict[str, list[str]]
+                      ) -> dict[str, np.ndarray]:
+        """The ``modules_to_save`` parameters, initializer → the saved value in its layout;
+        ``modules`` gains them (for the shared-initializer check)."""
+        out: dict[str, np.ndarray] = {}
+        for adapter in self.adapters:
+            for key, target in resolve_saved(adapter, self.parameter_map, model).items():
+                if adapter.weight != 1.0:
+                    raise UserError(f"adapter {adapter.name} replaces {key} (modules_to_save), "
+                                    "which a weight cannot scale; give it without "
+                                    f":{adapter.weight:g}")
+                if target.initializer in modules:
+                    raise UserError(f"{key} is replaced by adapter {adapter.name} "
+                                    "(modules_to_save) and also adapted or replaced by "
+                                    f"{modules[target.initializer][0]}; merge one of them")
+                modules[target.initializer] = [key.rpartition(".")[0]]
+                out[target.initializer] = target.to_onnx_layout(adapter.saved[key])
+        return out
 
 
 def _check_dora(adapter: LoraAdapter, module: str, sparse: bool) -> None:
