@@ -213,20 +213,8 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
                             f"{rank} in {CONFIG_FILE} (rank_pattern); the adapter is inconsistent")
         scaling = 0.0 if rank == 0 else alpha / (math.sqrt(rank) if config.get("use_rslora")
                                                   else rank)
-        magnitude = None
-        if dora:
-            magnitude = np.asarray(ab["M"], dtype=np.float32).reshape(-1)
-            if magnitude.shape != (B.shape[0],):
-                raise UserError(f"{name}: module {mod} has a DoRA magnitude of "
-                                f"{list(np.shape(ab['M']))} for {B.shape[0]} outputs; the adapter "
-                                "is inconsistent")
-        b = None
-        if lora_bias:
-            b = np.asarray(ab["b"], dtype=np.float32).reshape(-1)
-            if b.shape != (B.shape[0],):
-                raise UserError(f"{name}: module {mod} has a lora_B bias of "
-                                f"{list(np.shape(ab['b']))} for {B.shape[0]} outputs; the "
-                                "adapter is inconsistent")
+        magnitude = _per_output(ab, "M", "DoRA magnitude", B, name, mod) if dora else None
+        b = _per_output(ab, "b", "lora_B bias", B, name, mod) if lora_bias else None
         embedding = bool(ab.get("E"))
         if embedding and magnitude is not None:
             raise UserError(f"{name}: module {mod} is an embedding with DoRA, which is not "
@@ -235,6 +223,16 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
                                   embedding or bool(config.get("fan_in_fan_out")), magnitude, b,
                                   embedding)
     return LoraAdapter(name, path, dict(config), modules, float(weight), saved)
+
+
+def _per_output(ab: Mapping[str, np.ndarray], key: str, what: str, B: np.ndarray, name: str,
+                mod: str) -> np.ndarray:
+    """A per-output-channel vector of the module (DoRA's magnitude, lora_B's bias), checked."""
+    v = np.asarray(ab[key], dtype=np.float32).reshape(-1)
+    if v.shape != (B.shape[0],):
+        raise UserError(f"{name}: module {mod} has a {what} of {list(np.shape(ab[key]))} for "
+                        f"{B.shape[0]} outputs; the adapter is inconsistent")
+    return v
 
 
 def parse_lora_option(option: Any) -> list[tuple[str, float]]:

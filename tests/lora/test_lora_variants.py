@@ -119,6 +119,27 @@ def test_a_dora_adapter_is_not_bound_to_a_swappable_artifact(dora_dir, adapter_d
     assert np.isfinite(art.load().run(art.load().default_feeds)["logits"]).all()
 
 
+def _held_to_peft(module, inputs, tmp_path):
+    """``module`` compiled with the adapter in ``tmp_path/a``, its outputs within 1e-5 of
+    PEFT's merge (the compile's LoRA reference); the artifact and the merge's stats."""
+    art = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs=inputs, lora=str(tmp_path / "a"))
+    outputs = art.report["fidelity"]["target_vs_source"]["outputs"]
+    assert all(e["max_rel"] <= 1e-5 for e in outputs.values())
+    (stats,) = [p["stats"] for p in art.report["passes"] if p["name"] == "lora-merge"]
+    return art, stats
+
+
+def _max_difference(module, inputs, adapter, art) -> float:
+    """How far ``adapter`` merged into ``module``'s export computes from ``art``."""
+    from edgec.exporters.sources import resolve_source
+
+    src = resolve_source(module, None, inputs, None)
+    got = run_model(LoraMergePass([adapter], src.parameter_map)(src.model).model, src.feeds)
+    want = art.load().run(art.load().default_feeds)
+    return max(float(np.abs(got[k] - want[k]).max()) for k in got)
+
+
 @pytest.fixture(scope="module")
 def bert_with_biases():
     """A transformers BERT whose biases differ (all-zero biases at init are one initializer
@@ -151,21 +172,11 @@ def test_lora_bias_merges_into_the_layers_bias_as_peft_does(bert_with_biases, tm
     pm.save_pretrained(str(tmp_path / "a"))
     adapter = read_adapter(tmp_path / "a")
     assert adapter.has_bias and not adapter.dora
-    art = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o",
-                        example_inputs=inputs, lora=str(tmp_path / "a"))
-    outputs = art.report["fidelity"]["target_vs_source"]["outputs"]
-    assert all(e["max_rel"] <= 1e-5 for e in outputs.values())
-    (stats,) = [p["stats"] for p in art.report["passes"] if p["name"] == "lora-merge"]
+    art, stats = _held_to_peft(module, inputs, tmp_path)
     assert stats["biases_changed"] == 2 and stats["dora_modules"] == 0
-    # the bias matters: without it the merged model is another one
-    for m in adapter.modules.values():
+    for m in adapter.modules.values():  # the bias matters: without it, another model
         m.bias = None
-    from edgec.exporters.sources import resolve_source
-
-    src = resolve_source(module, None, inputs, None)
-    got = run_model(LoraMergePass([adapter], src.parameter_map)(src.model).model, src.feeds)
-    want = art.load().run(art.load().default_feeds)
-    assert max(float(np.abs(got[k] - want[k]).max()) for k in got) > 1e-3
+    assert _max_difference(module, inputs, adapter, art) > 1e-3
     with pytest.raises(UserError, match="lora_bias.*--lora-mode merge"):
         edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "s", example_inputs=inputs,
                       lora=str(tmp_path / "a"), lora_mode="swappable")
@@ -233,19 +244,10 @@ def test_modules_to_save_replace_the_models_parameters(tmp_path):
     assert sorted(adapter.saved) == ["classifier.bias", "classifier.weight"]
     ids = torch.randint(0, 64, (1, 8))
     inputs = (ids, torch.ones_like(ids))
-    art = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o",
-                        example_inputs=inputs, lora=str(tmp_path / "a"))
-    outputs = art.report["fidelity"]["target_vs_source"]["outputs"]
-    assert all(e["max_rel"] <= 1e-5 for e in outputs.values())
-    (stats,) = [p["stats"] for p in art.report["passes"] if p["name"] == "lora-merge"]
+    art, stats = _held_to_peft(module, inputs, tmp_path)
     assert stats["parameters_replaced"] == 2 and stats["modules_merged"] == 2
-    from edgec.exporters.sources import resolve_source
-
-    src = resolve_source(module, None, inputs, None)
     adapter.saved.clear()  # LoRA alone, the base head: another model
-    got = run_model(LoraMergePass([adapter], src.parameter_map)(src.model).model, src.feeds)
-    want = art.load().run(art.load().default_feeds)
-    assert max(float(np.abs(got[k] - want[k]).max()) for k in got) > 1e-2
+    assert _max_difference(module, inputs, adapter, art) > 1e-2
     with pytest.raises(UserError, match="modules_to_save.*--lora-mode merge"):
         edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "s", example_inputs=inputs,
                       lora=str(tmp_path / "a"), lora_mode="swappable")
