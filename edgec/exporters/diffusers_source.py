@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec.errors import UserError
+from edgec.exporters.param_map import strip_prefix
 from edgec.options import parse_options
 
 __all__ = ["is_diffusers_model", "diffusers_source", "SUPPORTED", "WRAPPED"]
@@ -81,8 +82,7 @@ def diffusers_source(path: Path, config: str | None = None, dynamic_shapes=None)
     module, inputs, dims, info = load_diffusers(path, config)
     src = _from_torch(module, inputs, dims if dynamic_shapes is None else dynamic_shapes,
                       ["sample"], info, "diffusers")
-    src.parameter_map = {k.removeprefix(WRAPPED): v for k, v in src.parameter_map.items()
-                         if k.startswith(WRAPPED)}
+    src.parameter_map = strip_prefix(src.parameter_map, WRAPPED)
     return src
 
 

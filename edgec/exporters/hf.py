@@ -18,7 +18,7 @@ from edgec.errors import UserError
 from edgec.options import parse_options
 
 __all__ = ["is_hf_checkpoint", "load_hf", "load_hf_model", "example_shape", "hf_source_info",
-           "WRAPPED"]
+           "hf_wrapper", "WRAPPED"]
 
 WRAPPED = "hf."  # the wrapper's attribute prefix, stripped from parameter names
 
@@ -95,12 +95,12 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     mask = torch.ones_like(ids)
     mask[:, opts["seq"] - opts["seq"] // 4:] = 0
     output = "logits" if hasattr(model, "lm_head") or "For" in (arch or "") else "last_hidden_state"
-    wrapper = _wrap(model, output)
+    wrapper = hf_wrapper(model, output)
     dims = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     return wrapper, (ids, mask), dims, [output], hf_source_info(path, cfg, arch, opts)
 
 
-def _wrap(model, output: str):
+def hf_wrapper(model, output: str):
     """``forward(input_ids, attention_mask) -> <output>`` around a transformers model."""
     import torch
 

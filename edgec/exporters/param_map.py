@@ -3,17 +3,24 @@
 The dynamo exporter keeps parameter names for most weights but folds ``Linear`` transposes into
 anonymous ``val_N`` initializers (recording ``folded_from`` metadata) and deduplicates equal
 constants. Every entry here is *verified against the tensor values*, not trusted from metadata.
+Parameters PyTorch ties (one Parameter under several names: a decoder's embedding and LM head)
+list each other under ``tied``, so an edit of their shared initializer is known to be what
+editing the one PyTorch parameter does, not a change to an unrelated weight that happened to
+be equal.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
-import torch
 
-__all__ = ["build_parameter_map"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["build_parameter_map", "strip_prefix"]
 
 _FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"
 
@@ -27,6 +34,7 @@ def build_parameter_map(model: ir.Model, module: torch.nn.Module) -> dict[str, d
 
     Parameters the graph does not use (dead, or folded into other constants) are absent.
     """
+    import torch
     state = {k: v.detach().cpu().numpy() for k, v in module.state_dict(keep_vars=False).items()
              if v.dtype.is_floating_point or v.dtype in (torch.int64, torch.int32)}
     inits = model.graph.initializers
@@ -64,4 +72,26 @@ def build_parameter_map(model: ir.Model, module: torch.nn.Module) -> dict[str, d
             key = (ref.shape, str(ref.dtype), _digest(ref))
             if ref.size > 1 and key in by_digest:
                 record(p, by_digest[key])
+    groups: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    for names in groups.values():
+        for name in names:
+            if name in out and len(names) > 1:
+                out[name]["tied"] = sorted(n for n in names if n != name)
+    return out
+
+
+def strip_prefix(parameter_map: dict[str, dict], prefix: str, only: bool = True
+                 ) -> dict[str, dict]:
+    """``parameter_map`` with ``prefix`` (a wrapper's attribute) taken off every name, the
+    ``tied`` lists too; ``only``: drop the names without it."""
+    out = {}
+    for name, entry in parameter_map.items():
+        if only and not name.startswith(prefix):
+            continue
+        entry = dict(entry)
+        if "tied" in entry:
+            entry["tied"] = [t.removeprefix(prefix) for t in entry["tied"]]
+        out[name.removeprefix(prefix)] = entry
     return out

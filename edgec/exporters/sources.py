@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import UserError
+from edgec.exporters.param_map import strip_prefix
 
 __all__ = ["Source", "resolve_source", "EXPORT_RTOL", "random_feeds"]
 
@@ -73,8 +74,7 @@ def resolve_source(source: Any, config: str | None = None,
         module, inputs, dims, outputs, info = load_hf(path, config)
         src = _from_torch(module, inputs, dims if dynamic_shapes is None else dynamic_shapes,
                           outputs, info, "hf")
-        src.parameter_map = {k.removeprefix(WRAPPED): v for k, v in src.parameter_map.items()
-                             if k.startswith(WRAPPED)}
+        src.parameter_map = strip_prefix(src.parameter_map, WRAPPED)
         return src
     if os.sep in str(source) or "." in path.name:
         raise UserError(f"{source}: no such file; give an .onnx path or a model name "
@@ -195,8 +195,7 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
             src.reference[name] = src.reference[name][:, :, -static.tokens:]
     if prefill is not None:
         _prefill_only(src, module, info, int(batch), prefill.tokens)
-    src.parameter_map = {k.removeprefix("model."): v for k, v in src.parameter_map.items()
-                         if k.startswith("model.")}
+    src.parameter_map = strip_prefix(src.parameter_map, "model.")
     return src
 
 

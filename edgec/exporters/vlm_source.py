@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgec.exporters.param_map import strip_prefix
 from edgec.exporters.vision_prune import KEPT_MASK, VisionPruning, VlmPrefill, prefill_flops
 
 __all__ = ["VisionGraph", "VlmPrefillGraph", "VlmDecoderGraph", "load_vlm", "vlm_graph_source",
@@ -142,7 +143,7 @@ def vlm_graph_source(source: Any, config: str | None, graph, opset: int | None):
         src.info["vision_pruning"] = _pruning_stats(vlm, graph.pruning, src, module,
                                                     (ids, features, mask, positions))
         prefix = "vlm."
-    src.parameter_map = {k.removeprefix(prefix): v for k, v in src.parameter_map.items()}
+    src.parameter_map = strip_prefix(src.parameter_map, prefix, only=False)
     src.info["vlm_graph"] = "vision" if isinstance(graph, VisionGraph) else "prefill"
     return src
 

@@ -40,6 +40,7 @@ _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[^.]+)?\.weight$")
 _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 _BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
 _EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<role>A|B)(?:\.[^.]+)?$")
+_BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
 _UNSUPPORTED = {"use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 
 
@@ -89,6 +90,9 @@ class LoraAdapter:
     modules: dict[str, LoraModule]
     weight: float = 1.0
     saved: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # modules_to_save
+    # base weights PEFT saved beside an embedding's LoRA (``save_embedding_layers``): the
+    # model's own unless the vocabulary was resized, which the merge checks
+    base_layers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
     @property
@@ -156,6 +160,7 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
                          name: str, path: Path | None = None, weight: float = 1.0) -> LoraAdapter:
     pairs: dict[str, dict[str, np.ndarray]] = {}
     saved: dict[str, np.ndarray] = {}
+    base_layers: dict[str, np.ndarray] = {}
     to_save = list(config.get("modules_to_save") or [])
     for key, value in tensors.items():
         for prefix in _PREFIXES:
@@ -164,6 +169,10 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         if "lora_" not in key and any(module == t or module.endswith(f".{t}") for t in to_save):
             saved[key] = np.asarray(value, dtype=np.float32)  # a module_to_save's parameter
             continue
+        base = _BASE_LAYER.match(key)
+        if base is not None:  # PEFT's save_embedding_layers: the base table beside its LoRA
+            base_layers[f"{base['module']}.{base['param']}"] = np.asarray(value, np.float32)
+            continue
         m = _KEY.match(key) or _EMBEDDING.match(key)
         if m is not None and "lora_embedding_" in key:
             pairs.setdefault(m["module"], {})["E"] = True
@@ -171,8 +180,8 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         bias = _BIAS.match(key) if m is None and magnitude is None else None
         if m is None and magnitude is None and bias is None:
             raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight, lora_B "
-                            "bias, DoRA magnitude or a parameter of its modules_to_save (saved "
-                            "embedding layers are not supported yet)")
+                            "bias, DoRA magnitude, saved base layer or a parameter of its "
+                            "modules_to_save")
         if magnitude is not None:
             pairs.setdefault(magnitude["module"], {})["M"] = value
         elif bias is not None:
@@ -222,7 +231,7 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         modules[mod] = LoraModule(mod, A, B, rank, alpha, scaling,
                                   embedding or bool(config.get("fan_in_fan_out")), magnitude, b,
                                   embedding)
-    return LoraAdapter(name, path, dict(config), modules, float(weight), saved)
+    return LoraAdapter(name, path, dict(config), modules, float(weight), saved, base_layers)
 
 
 def _per_output(ab: Mapping[str, np.ndarray], key: str, what: str, B: np.ndarray, name: str,
@@ -311,26 +320,40 @@ def resolve_targets(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[st
 def resolve_saved(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[str, str]],
                   model) -> dict[str, Target]:
     """Each ``modules_to_save`` parameter the adapter carries → the initializer it replaces;
-    refuse a parameter the model does not have or of another shape (one line)."""
+    refuse a parameter the model does not have or of another shape (one line), and a saved
+    base layer that is not the model's own (a resized vocabulary)."""
     inits = model.graph.initializers
     out = {}
+    for key, value in adapter.base_layers.items():
+        target = _saved_target(adapter, key, value, parameter_map, inits)
+        own = target.to_onnx_layout(inits[target.initializer].const_value.numpy())
+        if not np.allclose(own, value, rtol=1e-5, atol=1e-6):
+            raise UserError(f"adapter {adapter.name}: its saved base {key} differs from the "
+                            "model's (a resized vocabulary?), which is not supported yet; "
+                            "merge on the base it was trained on")
     for key, value in adapter.saved.items():
-        param = next((p for p in (key, key.removeprefix("model.")) if p in parameter_map), None)
-        entry = parameter_map.get(param) if param else None
-        init = inits.get(entry["initializer"]) if entry else None
-        if init is None or init.const_value is None:
-            raise UserError(f"adapter {adapter.name}: its saved module parameter {key} "
-                            "(modules_to_save) is not a weight of the exported model (not this "
-                            "base, or a parameter the export folded away, such as an all-zero "
-                            "bias)")
-        shape = tuple(init.const_value.shape)
-        want = shape[::-1] if entry["layout"] == "transposed" else shape
-        if tuple(value.shape) != want:
-            raise UserError(f"adapter {adapter.name}: its saved {key} is {list(value.shape)}, the "
-                            f"model's {list(want)}; the adapter was trained on a different base "
-                            "(or head size)")
-        out[key] = Target(key, param, entry["initializer"], entry["layout"], shape)
+        out[key] = _saved_target(adapter, key, value, parameter_map, inits)
     return out
+
+
+def _saved_target(adapter: LoraAdapter, key: str, value: np.ndarray,
+                  parameter_map: Mapping[str, Mapping[str, str]], inits) -> Target:
+    """The initializer a saved parameter (``key``) of ``adapter`` stands for, checked."""
+    param = next((p for p in (key, key.removeprefix("model.")) if p in parameter_map), None)
+    entry = parameter_map.get(param) if param else None
+    init = inits.get(entry["initializer"]) if entry else None
+    if init is None or init.const_value is None:
+        raise UserError(f"adapter {adapter.name}: its saved module parameter {key} "
+                        "is not a weight of the exported model (not this "
+                        "base, or a parameter the export folded away, such as an all-zero "
+                        "bias)")
+    shape = tuple(init.const_value.shape)
+    want = shape[::-1] if entry["layout"] == "transposed" else shape
+    if tuple(value.shape) != want:
+        raise UserError(f"adapter {adapter.name}: its saved {key} is {list(value.shape)}, the "
+                        f"model's {list(want)}; the adapter was trained on a different base "
+                        "(or head size)")
+    return Target(key, param, entry["initializer"], entry["layout"], shape)
 
 
 def _bias_initializer(adapter: LoraAdapter, mod: str, weight_param: str,

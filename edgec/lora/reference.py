@@ -34,13 +34,18 @@ def peft_available() -> bool:
 
 def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Sequence[str],
                         output_names: Sequence[str], adapters: Sequence[LoraAdapter],
-                        decoder: bool = False) -> dict[str, np.ndarray]:
-    """Outputs of ``merge_and_unload()`` of ``module`` (copied, not modified) with ``adapters``."""
+                        decoder: bool = False, inner: str | None = None,
+                        decoder_info: Any = None) -> dict[str, np.ndarray]:
+    """Outputs of ``merge_and_unload()`` of ``module`` (copied, not modified) with ``adapters``.
+    ``inner``: the attribute of ``module`` holding the model the adapters were trained on (a
+    checkpoint source's wrapper: ``hf``; its KV-cache decoder: ``model``, with
+    ``decoder_info``), merged there and run through the wrapper."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local adapter dirs only, never the hub
     import torch
     from peft import PeftModel
 
     model = copy.deepcopy(module).eval()
+    wrapper, model = (model, getattr(model, inner)) if inner else (None, model)
     # PEFT's own adapter names, not the directories': PEFT drops the weights of an adapter whose
     # name is a substring of its "lora_" key prefix (a directory called "a" or "r" loads nothing).
     names = [f"edgec{i}" for i in range(len(adapters))]
@@ -55,11 +60,15 @@ def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Se
                     if f".lora_B.{name}." in pname:
                         p.mul_(a.weight)
         merged = peft_model.merge_and_unload(adapter_names=names)
+        if wrapper is not None:
+            setattr(wrapper, inner, merged)
+            merged = wrapper
         tensors = [torch.from_numpy(np.asarray(feeds[n])) for n in input_names]
         if decoder:  # a KV-cache decoder: the cache tensors are one tuple argument
             from edgec.exporters.decoder import reference_decoder
 
-            wrapped, info = reference_decoder(merged, type(merged).__name__)
+            wrapped, info = (merged, decoder_info) if wrapper is not None else \
+                reference_decoder(merged, type(merged).__name__)
             past = tuple(tensors[3:])
             if not past:  # a prefill-only graph (no cache inputs): the cache starts empty
                 empty = torch.zeros(tensors[0].shape[0], info.kv_heads, 0, info.head_dim)
@@ -87,23 +96,44 @@ def lora_reference(source: Any, src, adapters: Sequence[LoraAdapter], mode: str
         reason = "LoSA masking has no PEFT counterpart"
     elif src.kind == "onnx":
         reason = "the source is ONNX (no PyTorch module to merge into)"
-    elif src.kind == "hf":
-        reason = "Hugging Face checkpoint sources are not held to PEFT's merge yet"
     elif not peft_available():
         reason = "peft is not installed (pip install 'edgec[hf]')"
     if reason is not None:
         info.update(reference=f"none: {reason}",
                     verified_adapter="base" if mode == "swappable" else None)
         return src, info
+    inner = decoder_info = None
     if isinstance(source, torch.nn.Module):
         module = source
+    elif src.kind == "hf":
+        module, inner, decoder_info = _checkpoint_module(src)
     else:
         from edgec.models import registry
 
         module = registry.get(src.info["name"]).build(src.info["config"])
     reference = peft_merged_outputs(module, src.feeds, src.info["input_names"],
                                     src.info["output_names"], used,
-                                    decoder=bool(src.info.get("generation")))
+                                    decoder=bool(src.info.get("generation")), inner=inner,
+                                    decoder_info=decoder_info)
     kind = "peft merge_and_unload (" + ", ".join(a.name for a in used) + ")"
     info.update(reference=kind, verified_adapter=used[0].name if mode == "swappable" else None)
     return dataclasses.replace(src, reference=reference, reference_kind=kind), info
+
+
+def _checkpoint_module(src) -> tuple[Any, str, Any]:
+    """A Hugging Face checkpoint source's module as exported, loaded again from its directory
+    (the export's copy is spent), and the attribute holding the transformers model PEFT adapts:
+    the ``forward(input_ids, attention_mask)`` wrapper, or with ``--generate`` the KV-cache
+    decoder (and its ``DecoderInfo``)."""
+    from pathlib import Path
+
+    from edgec.exporters.hf import hf_wrapper, load_hf_model
+
+    path = Path(src.info["path"])
+    model = load_hf_model(path)[0]
+    if src.info.get("generation"):
+        from edgec.exporters.decoder import hf_decoder
+
+        wrapped, info = hf_decoder(model, path)
+        return wrapped, "model", info
+    return hf_wrapper(model, src.info["output_names"][0]), "hf", None

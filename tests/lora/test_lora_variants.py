@@ -257,3 +257,48 @@ def test_modules_to_save_replace_the_models_parameters(tmp_path):
         edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "w", example_inputs=inputs,
                       lora=f"{tmp_path / 'a'}:0.5")
     assert not (tmp_path / "s").exists() and not (tmp_path / "w").exists()
+
+
+@pytest.fixture(scope="module")
+def tied_checkpoint(tmp_path_factory):
+    """A transformers LlamaForCausalLM with tied embeddings saved as a checkpoint directory."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    root = tmp_path_factory.mktemp("tied")
+    model.save_pretrained(root / "ckpt", safe_serialization=True)
+    return root / "ckpt", model
+
+
+@pytest.mark.parametrize("generate", [False, True])
+def test_a_checkpoint_source_is_held_to_peft_with_its_tied_embedding(tied_checkpoint, tmp_path,
+                                                                     generate):
+    """A checkpoint directory (not only an nn.Module) is held to PEFT's merge of the model
+    loaded from it, in the KV-cache decoder too; a LoRA on a tied embedding merges into the one
+    table the LM head also reads, as PEFT's merge changes the one tied parameter (the parameter
+    map records the tie; an initializer shared by equal but untied weights is still refused)."""
+    from edgec.exporters.sources import resolve_source
+
+    path, model = tied_checkpoint
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        init_lora_weights=False, use_dora=True, r=2, lora_alpha=4,
+        target_modules=["q_proj", "down_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(tmp_path / "dora"))
+        peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+            init_lora_weights=False, r=2, lora_alpha=4, target_modules=["embed_tokens"])
+        ).save_pretrained(str(tmp_path / "emb"))
+    src = resolve_source(str(path), "batch=1,seq=8", None, None)
+    assert src.parameter_map["lm_head.weight"]["tied"] == ["model.embed_tokens.weight"]
+    for name in ("dora", "emb"):
+        art = edgec.compile(str(path), target="ort-cpu", config="batch=1,seq=8",
+                            output_dir=tmp_path / f"o-{name}", lora=str(tmp_path / name),
+                            generate=generate)
+        fid = art.report["fidelity"]
+        assert fid["lora"]["reference"] == f"peft merge_and_unload ({name})"
+        assert all(e["max_rel"] <= 1e-5 for e in fid["target_vs_source"]["outputs"].values())

@@ -46,6 +46,7 @@ class LoraMergePass(EdgecPass):
         deltas: dict[str, np.ndarray] = {}
         modules: dict[str, list[str]] = {}
         dora: dict[str, tuple] = {}  # initializer → (module, its Target): merged, not added
+        merged_modules = 0
         bias_deltas: dict[str, np.ndarray] = {}  # bias initializer → what lora_bias adds
         for adapter in self.adapters:  # validate everything before touching any weight
             for mod, target in resolve_targets(adapter, self.parameter_map, model).items():
@@ -53,6 +54,7 @@ class LoraMergePass(EdgecPass):
                 if lm.rank == 0 or adapter.weight == 0.0:
                     continue
                 modules.setdefault(target.initializer, []).append(mod)
+                merged_modules += 1
                 if target.bias is not None:
                     modules.setdefault(target.bias, []).append(mod)
                     bias_deltas[target.bias] = bias_deltas.get(target.bias, 0) + \
@@ -61,9 +63,12 @@ class LoraMergePass(EdgecPass):
                     _check_dora(adapter, mod, self.sparse)
                     dora[target.initializer] = (lm, target)
                     continue
-                d = target.to_onnx_layout(lm.delta()) * np.float32(adapter.weight)
-                deltas[target.initializer] = deltas.get(target.initializer, 0) + d
-        merged_modules = sum(len(m) for m in modules.values())
+                d = lm.delta() * np.float32(adapter.weight)  # the PyTorch parameter's layout
+                deltas[target.initializer] = deltas.get(target.initializer, 0) + \
+                    target.to_onnx_layout(d)
+                for init, layout in _tied_copies(target, self.parameter_map):
+                    deltas[init] = deltas.get(init, 0) + (d.T if layout == "transposed" else d)
+                    modules.setdefault(init, []).append(mod)
         replaced = self._replacements(model, modules)
         for init_name, (lm, _) in dora.items():
             if len(modules[init_name]) > 1:
@@ -95,8 +100,8 @@ class LoraMergePass(EdgecPass):
             value = model.graph.initializers[init_name]
             b = value.const_value.numpy()
             value.const_value = ir.tensor(b + delta.astype(b.dtype), name=init_name)
-        kinds = Counter(m.rsplit(".", 1)[-1] for init, mods in modules.items()
-                        if init not in replaced for m in mods)
+        kinds = Counter(m.rsplit(".", 1)[-1] for a in self.adapters for m in a.modules
+                        if a.modules[m].rank and a.weight)
         stats = {
             "adapters": [a.summary() for a in self.adapters],
             "mode": "sparse-merge" if self.sparse else "merge",
@@ -150,14 +155,27 @@ def _check_dora(adapter: LoraAdapter, module: str, sparse: bool) -> None:
                         "weight; use --lora-mode merge")
 
 
+def _tied_copies(target, parameter_map) -> list[tuple[str, str]]:
+    """(initializer, layout) of the parameters PyTorch ties to ``target``'s that the export
+    stores apart (a small LM head's transposed copy of its embedding table): one parameter in
+    PyTorch, so the merge changes each copy."""
+    tied = parameter_map.get(target.parameter, {}).get("tied", ())
+    return list(dict.fromkeys((parameter_map[t]["initializer"], parameter_map[t]["layout"])
+                              for t in tied if t in parameter_map
+                              and parameter_map[t]["initializer"] != target.initializer))
+
+
 def _refuse_shared(modules: Mapping[str, list[str]], parameter_map) -> None:
-    """A deduplicated initializer holds several parameters: merging one would change the others."""
+    """A deduplicated initializer holds several parameters: merging one would change the others.
+    Parameters PyTorch ties (``tied`` in the map: an embedding and its LM head) are one
+    parameter there too, and PEFT's merge changes both: those merge."""
     holders: dict[str, list[str]] = {}
     for param, entry in parameter_map.items():
         holders.setdefault(entry["initializer"], []).append(param)
     for init_name, mods in modules.items():
-        others = [p for p in holders.get(init_name, [])
-                  if not any(p.startswith(m + ".") for m in mods)]
+        own = {p for p in parameter_map if any(p.startswith(m + ".") for m in mods)}
+        tied = {t for p in own for t in parameter_map[p].get("tied", ())}
+        others = [p for p in holders.get(init_name, []) if p not in own and p not in tied]
         if others:
             raise UserError(f"module {mods[0]}: its weight is stored in one initializer with "
                             f"{others[0]} (equal weights deduplicated by the exporter), so it "
