@@ -273,6 +273,7 @@ def tied_checkpoint(tmp_path_factory):
     return root / "ckpt", model
 
 
+@pytest.mark.filterwarnings("ignore:.*tie_word_embeddings")  # PEFT's note on tied adapters
 @pytest.mark.parametrize("generate", [False, True])
 def test_a_checkpoint_source_is_held_to_peft_with_its_tied_embedding(tied_checkpoint, tmp_path,
                                                                      generate):
