@@ -38,23 +38,11 @@ QB = _load("quantization", "edgec_bench_quantization")  # machine(), git_state()
 SMOL = _load("_smollm2", "edgec_bench_smollm2")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "lora_transforms.json"
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = _load("lora_variants", "edgec_bench_lora_variants")  # make_adapter(), ALL
 
 
 def log(msg: str) -> None:
     print(f"[lora-transforms {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def make_adapter(ckpt: Path, out: Path) -> Path:
-    import peft
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=MODULES, init_lora_weights=False)
-    peft.get_peft_model(base, cfg).save_pretrained(out)
-    return out
 
 
 def dense_format(sites: list[dict], factors: dict) -> tuple[int, dict[str, np.ndarray], list]:
@@ -97,7 +85,8 @@ def main(argv=None) -> int:
     ckpt = SMOL.checkpoint(args.layers)
     with tempfile.TemporaryDirectory(prefix="edgec-lora-transforms-") as tmp:
         tmp = Path(tmp)
-        adapter_dir = make_adapter(ckpt, tmp / "adapter")
+        adapter_dir = tmp / "adapter"
+        VARIANTS.make_adapter(ckpt, adapter_dir, dict(target_modules=VARIANTS.ALL), 1.0)
         arts, seconds = {}, {}
         for name, rotate in (("plain", None), ("rotated", "hadamard")):
             log(f"compiling {name}")
@@ -139,7 +128,7 @@ def main(argv=None) -> int:
         doc = {"benchmark": "lora-transforms", "machine": QB.machine(), "git": QB.git_state(),
                "model": f"SmolLM2-135M-Instruct ({SMOL.PACKAGE}, Q4_1 dequantized)"
                         + (f", first {args.layers} layers" if args.layers else ""),
-               "adapter": {"rank": 8, "modules": MODULES, "sites": len(sites)},
+               "adapter": {"rank": 8, "modules": VARIANTS.ALL, "sites": len(sites)},
                "rotate": "hadamard (R1 + R2 + R4)",
                "transforms_bytes": path.stat().st_size,
                "factors": kinds,

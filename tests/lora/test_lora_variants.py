@@ -25,12 +25,17 @@ peft = pytest.importorskip("peft")
 RTOL = 1e-4
 
 
+def _peft(module, seed: int, **config):
+    """PEFT's LoRA model of a copy of ``module`` with B ≠ 0 (``init_lora_weights=False``)."""
+    torch.manual_seed(seed)
+    return peft.get_peft_model(copy.deepcopy(module),
+                               peft.LoraConfig(init_lora_weights=False, **config))
+
+
 def _dora(path, module, seed, **config):
     """A DoRA adapter with B ≠ 0 and a magnitude that is not ‖W + ΔW‖ (PEFT initializes it to
     that, which would make the DoRA merge a plain LoRA merge and this test blind to m)."""
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(module, peft.LoraConfig(init_lora_weights=False, use_dora=True,
-                                                        **config))
+    model = _peft(module, seed, use_dora=True, **config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -67,14 +72,19 @@ def test_dora_merge_equals_peft_merge_and_unload(dora_dir, llama_source, lora_he
     assert lora_helpers.max_rel(plain, ref) > 100 * RTOL
 
 
-def test_dora_on_a_transformers_module_is_held_to_peft(tmp_path):
-    """The compile's own LoRA reference (PEFT's merge of the module) holds the DoRA merge."""
+def _tiny_llama(seed: int, **config):
+    """A one-layer transformers LlamaForCausalLM (hidden 32, GQA 2/1), random weights."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, use_cache=False)
-    module = transformers.LlamaForCausalLM(config).eval()
+                                      num_key_value_heads=1, **config)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_dora_on_a_transformers_module_is_held_to_peft(tmp_path):
+    """The compile's own LoRA reference (PEFT's merge of the module) holds the DoRA merge."""
+    module = _tiny_llama(0, use_cache=False)
     _dora(tmp_path / "a", copy.deepcopy(module), 3, target_modules=["q_proj", "up_proj"], r=2,
           lora_alpha=4)
     ids = torch.randint(0, 64, (1, 8))
@@ -161,10 +171,7 @@ def test_lora_bias_merges_into_the_layers_bias_as_peft_does(bert_with_biases, tm
     """``lora_bias``: lora_B's bias times the scaling is added to the base layer's bias, held to
     PEFT's merge by the compile's own LoRA reference."""
     module, inputs = bert_with_biases
-    torch.manual_seed(4)
-    pm = peft.get_peft_model(copy.deepcopy(module), peft.LoraConfig(
-        init_lora_weights=False, lora_bias=True, r=2, lora_alpha=4,
-        target_modules=["query", "value"]))
+    pm = _peft(module, 4, lora_bias=True, r=2, lora_alpha=4, target_modules=["query", "value"])
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_B" in name and name.endswith("bias"):
@@ -234,9 +241,8 @@ def test_modules_to_save_replace_the_models_parameters(tmp_path):
         for name, p in module.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
-    pm = peft.get_peft_model(copy.deepcopy(module), peft.LoraConfig(
-        task_type="SEQ_CLS", init_lora_weights=False, target_modules=["query", "value"], r=2,
-        lora_alpha=4))
+    pm = _peft(module, 0, task_type="SEQ_CLS", target_modules=["query", "value"], r=2,
+               lora_alpha=4)
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "modules_to_save" in name:
@@ -262,12 +268,7 @@ def test_modules_to_save_replace_the_models_parameters(tmp_path):
 @pytest.fixture(scope="module")
 def tied_checkpoint(tmp_path_factory):
     """A transformers LlamaForCausalLM with tied embeddings saved as a checkpoint directory."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(1)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = _tiny_llama(1, tie_word_embeddings=True)
     root = tmp_path_factory.mktemp("tied")
     model.save_pretrained(root / "ckpt", safe_serialization=True)
     return root / "ckpt", model
@@ -284,16 +285,12 @@ def test_a_checkpoint_source_is_held_to_peft_with_its_tied_embedding(tied_checkp
     from edgec.exporters.sources import resolve_source
 
     path, model = tied_checkpoint
-    torch.manual_seed(2)
-    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-        init_lora_weights=False, use_dora=True, r=2, lora_alpha=4,
-        target_modules=["q_proj", "down_proj"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm.save_pretrained(str(tmp_path / "dora"))
-        peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
-            init_lora_weights=False, r=2, lora_alpha=4, target_modules=["embed_tokens"])
-        ).save_pretrained(str(tmp_path / "emb"))
+        _peft(model, 2, use_dora=True, r=2, lora_alpha=4,
+              target_modules=["q_proj", "down_proj"]).save_pretrained(str(tmp_path / "dora"))
+        _peft(model, 2, r=2, lora_alpha=4,
+              target_modules=["embed_tokens"]).save_pretrained(str(tmp_path / "emb"))
     src = resolve_source(str(path), "batch=1,seq=8", None, None)
     assert src.parameter_map["lm_head.weight"]["tied"] == ["model.embed_tokens.weight"]
     for name in ("dora", "emb"):
