@@ -38,7 +38,7 @@ from edgec.errors import UserError
 from edgec.exporters.param_map import strip_prefix
 from edgec.options import parse_options
 
-__all__ = ["is_diffusers_model", "diffusers_source", "SUPPORTED", "WRAPPED"]
+__all__ = ["is_diffusers_model", "diffusers_source", "reload_module", "SUPPORTED", "WRAPPED"]
 
 WRAPPED = "transformer."  # the wrapper's attribute prefix, stripped from parameter names
 INPUTS = ("hidden_states", "encoder_hidden_states", "timestep")
@@ -105,6 +105,14 @@ def load_diffusers(path: Path, config: str | None = None) -> tuple[Any, tuple, d
     if "sampling" in info:
         info["sampling"] = _with_scheduler(path, info["sampling"])
     return module, inputs, dims, info
+
+
+def reload_module(info: dict[str, Any]):
+    """The wrapper a diffusers source exported (``info``: its source info), loaded again from
+    its directory; the diffusers model is its ``transformer``."""
+    name = info["class"]
+    module, _, _ = SUPPORTED[name](_load_model(Path(info["path"]), name), info["example"])
+    return module
 
 
 def _options(config: str | None) -> dict[str, int]:

@@ -96,6 +96,8 @@ def lora_reference(source: Any, src, adapters: Sequence[LoraAdapter], mode: str
         reason = "LoSA masking has no PEFT counterpart"
     elif src.kind == "onnx":
         reason = "the source is ONNX (no PyTorch module to merge into)"
+    elif src.kind == "hf" and "vlm_graph" in src.info:
+        reason = "a vision-language checkpoint's graphs are not held to PEFT's merge yet"
     elif not peft_available():
         reason = "peft is not installed (pip install 'edgec[hf]')"
     if reason is not None:
@@ -107,6 +109,10 @@ def lora_reference(source: Any, src, adapters: Sequence[LoraAdapter], mode: str
         module = source
     elif src.kind == "hf":
         module, inner, decoder_info = _checkpoint_module(src)
+    elif src.kind == "diffusers":
+        from edgec.exporters.diffusers_source import reload_module
+
+        module, inner = reload_module(src.info), "transformer"
     else:
         from edgec.models import registry
 

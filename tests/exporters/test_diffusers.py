@@ -119,6 +119,31 @@ def test_wan_compiles_for_ort_and_samples(models, tmp_path):
         out["hidden_states"]).all()
 
 
+def test_a_wan_lora_merges_and_is_held_to_peft(models, tmp_path):
+    """A LoRA trained on a diffusers video DiT (PEFT on the model directory's own class) merges
+    into its export and is held to PEFT's merge of the model loaded again (a diffusers source
+    crashed here with a KeyError: the reference looked for a registry model)."""
+    import warnings
+
+    import torch
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(3)
+    model = diffusers.WanTransformer3DModel.from_pretrained(models / "wan")
+    pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, r=2, lora_alpha=4,
+                                                    target_modules=["to_q", "to_v"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(tmp_path / "lora"))
+    art = edgec.compile(str(models / "wan"), target="ort-cpu", output_dir=tmp_path / "o",
+                        config="text_len=6", lora=str(tmp_path / "lora"))
+    fid = art.report["fidelity"]
+    assert fid["lora"]["reference"] == "peft merge_and_unload (lora)"
+    assert fid["target_vs_source"]["outputs"]["sample"]["max_rel"] <= 1e-5
+    (merge,) = [p["stats"] for p in art.report["passes"] if p["name"] == "lora-merge"]
+    assert merge["modules_merged"] == 4 and merge["max_abs_delta"] > 0.01  # attn1/attn2 q, v
+
+
 def test_sparse_attention_finds_the_joint_attention(models, tmp_path):
     """grid and text prefix come from the model: the CLI needs no grid= or prefix=."""
     result = CliRunner().invoke(app, ["compile", str(models / "cog"), "--target", "ort-cpu",
