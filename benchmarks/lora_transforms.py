@@ -34,11 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
 
-QB = _load("quantization", "edgec_bench_quantization")  # machine(), git_state(), emit()
-SMOL = _load("_smollm2", "edgec_bench_smollm2")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "lora_transforms.json"
 VARIANTS = _load("lora_variants", "edgec_bench_lora_variants")  # make_adapter(), ALL
+QB, SMOL = VARIANTS.QB, VARIANTS.SMOL  # machine(), git_state(), emit(); the checkpoint
 
 
 def log(msg: str) -> None:

@@ -5,7 +5,7 @@ PEFT semantics (peft/tuners/lora): ``ΔW = transpose(B·A, fan_in_fan_out) · sc
 ``scaling = alpha / r`` (``alpha / √r`` with ``use_rslora``), r and alpha per module from
 ``rank_pattern`` / ``alpha_pattern`` (first key k with ``re.match(rf"(.*\\.)?({k})$", module)``).
 DoRA (``use_dora``): each module also has a magnitude m [out], and merging gives
-``W' = m / ‖W + ΔW‖ · (W + ΔW)``, the norm per output channel (``LoraModule.merge_into``).
+``W' = m / ‖W + ΔW‖ · (W + ΔW)``, the norm per output channel (``LoraModule.dora_merged``).
 ``lora_bias``: lora_B has a bias b [out] too, and merging adds ``b · scaling`` to the base
 layer's bias (which it must have). An ``nn.Embedding`` target stores ``lora_embedding_A``
 [r, vocab] and ``lora_embedding_B`` [dim, r]: ΔW = (B·A)ᵀ · scaling, the table's [vocab, dim]
@@ -41,6 +41,8 @@ _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\
 _BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias$")
 _EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<role>A|B)(?:\.[^.]+)?$")
 _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
+# a module's tensors: (pattern, its role in the module's entry; None: the pattern's own A/B)
+_ROLES = ((_KEY, None), (_EMBEDDING, None), (_MAGNITUDE, "M"), (_BIAS, "b"))
 _UNSUPPORTED = {"use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
 
 
@@ -68,13 +70,11 @@ class LoraModule:
         d = (self.B @ self.A) * np.float32(self.scaling)
         return d.T if self.fan_in_fan_out else d
 
-    def merge_into(self, w: np.ndarray) -> np.ndarray:
-        """The merged weight in the parameter's layout ``w`` has: ``w + ΔW``, and for DoRA
-        ``m / ‖W + ΔW‖ · (W + ΔW)`` with the norm over each output channel's inputs (PEFT's
-        merge: the bias is not rescaled)."""
+    def dora_merged(self, w: np.ndarray) -> np.ndarray:
+        """DoRA's merged weight in the parameter's layout ``w`` has: ``m / ‖W + ΔW‖ · (W + ΔW)``
+        with the norm over each output channel's inputs (PEFT's merge: the bias is not
+        rescaled)."""
         merged = w.astype(np.float64) + self.delta()
-        if self.magnitude is None:
-            return merged.astype(w.dtype)
         out_in = merged.T if self.fan_in_fan_out else merged  # [out, in]
         norm = np.linalg.norm(out_in, axis=1)
         factor = self.magnitude.astype(np.float64) / norm
@@ -173,21 +173,18 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         if base is not None:  # PEFT's save_embedding_layers: the base table beside its LoRA
             base_layers[f"{base['module']}.{base['param']}"] = np.asarray(value, np.float32)
             continue
-        m = _KEY.match(key) or _EMBEDDING.match(key)
-        if m is not None and "lora_embedding_" in key:
-            pairs.setdefault(m["module"], {})["E"] = True
-        magnitude = _MAGNITUDE.match(key) if m is None else None
-        bias = _BIAS.match(key) if m is None and magnitude is None else None
-        if m is None and magnitude is None and bias is None:
+        for pattern, role in _ROLES:
+            m = pattern.match(key)
+            if m is not None:
+                entry = pairs.setdefault(m["module"], {})
+                entry[role or m["role"]] = value
+                if pattern is _EMBEDDING:
+                    entry["E"] = True
+                break
+        else:
             raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight, lora_B "
                             "bias, DoRA magnitude, saved base layer or a parameter of its "
                             "modules_to_save")
-        if magnitude is not None:
-            pairs.setdefault(magnitude["module"], {})["M"] = value
-        elif bias is not None:
-            pairs.setdefault(bias["module"], {})["b"] = value
-        else:
-            pairs.setdefault(m["module"], {})[m["role"]] = value
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
@@ -201,16 +198,14 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
             have = f"lora_{'A' if 'A' in ab else 'B'}" if "A" in ab or "B" in ab else \
                 "the DoRA magnitude" if "M" in ab else "a lora_B bias"
             raise UserError(f"{name}: module {mod} has {have} but not lora_A and lora_B")
-        if ("b" in ab) != lora_bias:
-            raise UserError(f"{name}: module {mod} " + (
-                "has no lora_B bias, but the adapter sets lora_bias" if lora_bias
-                else "has a lora_B bias, but lora_bias is not set") +
-                f" in {CONFIG_FILE}; the adapter is inconsistent")
-        if ("M" in ab) != dora:
-            raise UserError(f"{name}: module {mod} " + (
-                "has no lora_magnitude_vector, but the adapter is DoRA (use_dora=true)" if dora
-                else "has a DoRA lora_magnitude_vector, but use_dora is not set") +
-                f" in {CONFIG_FILE}; the adapter is inconsistent")
+        for role, flag, missing, extra in (
+                ("b", lora_bias, "has no lora_B bias, but the adapter sets lora_bias",
+                 "has a lora_B bias, but lora_bias is not set"),
+                ("M", dora, "has no lora_magnitude_vector, but the adapter is DoRA (use_dora=true)",
+                 "has a DoRA lora_magnitude_vector, but use_dora is not set")):
+            if (role in ab) != flag:
+                raise UserError(f"{name}: module {mod} {missing if flag else extra} in "
+                                f"{CONFIG_FILE}; the adapter is inconsistent")
         A, B = (np.asarray(ab[k], dtype=np.float32) for k in "AB")
         rank = int(_pattern_value(rank_pattern, mod, r0))
         alpha = float(_pattern_value(alpha_pattern, mod, alpha0))

@@ -79,7 +79,7 @@ class LoraMergePass(EdgecPass):
         for init_name, (lm, target) in dora.items():  # the delta the DoRA merge makes
             w = model.graph.initializers[init_name].const_value.numpy()
             param = target.to_onnx_layout(w)  # the layout flip is its own inverse
-            deltas[init_name] = target.to_onnx_layout(lm.merge_into(param)) - w
+            deltas[init_name] = target.to_onnx_layout(lm.dora_merged(param)) - w
 
         zeros_before = zeros_after = total = 0
         max_delta = 0.0
@@ -173,9 +173,11 @@ def _refuse_shared(modules: Mapping[str, list[str]], parameter_map) -> None:
     for param, entry in parameter_map.items():
         holders.setdefault(entry["initializer"], []).append(param)
     for init_name, mods in modules.items():
-        own = {p for p in parameter_map if any(p.startswith(m + ".") for m in mods)}
-        tied = {t for p in own for t in parameter_map[p].get("tied", ())}
-        others = [p for p in holders.get(init_name, []) if p not in own and p not in tied]
+        def ours(param: str, mods=mods) -> bool:
+            return any(param.startswith(m + ".") for m in mods)
+
+        others = [p for p in holders.get(init_name, []) if not ours(p)
+                  and not any(ours(t) for t in parameter_map[p].get("tied", ()))]
         if others:
             raise UserError(f"module {mods[0]}: its weight is stored in one initializer with "
                             f"{others[0]} (equal weights deduplicated by the exporter), so it "

@@ -198,28 +198,44 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
         return fake_quant_activation(x, rng["lowest"], rng["highest"], bits,
                                      scheme.activation_symmetric)
 
+    def planned_bits(name: str, width: int | None) -> int:
+        """The width a tensor has as planned: the quantized graph's, else the plan's."""
+        return width or (16 if name in sixteen else act_bits)
+
+    def weights(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """A weight as kept (float; on the NPU w8a16's 8 bits, or the scheme's where that is
+        8 already) and as planned, symmetric per output channel (``axis``)."""
+        wq = fake_quant_weight(w, w_bits, axis)
+        kept = w if kept_bits is None else wq if w_bits >= 8 else fake_quant_weight(w, 8, axis)
+        return kept, wq
+
+    def outputs(y_kept: np.ndarray, y_quant: np.ndarray, name: str,
+                width: int | None) -> np.ndarray:
+        """Planned minus kept (in ``y_quant``); a fully quantized target quantizes the output
+        too."""
+        if kept_bits is not None:
+            y_kept = activation(y_kept, name, kept_bits)
+            y_quant = activation(y_quant, name, planned_bits(name, width))
+        y_quant -= y_kept
+        return y_quant
+
     def conv_delta(node: ir.Node, out: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
         """A Conv's δ through ONNX Runtime's own kernel: the node alone, run on its input and
         weight as kept and as planned (weights per output channel, axis 0; the bias as fp32:
         its int32 grid at the input × weight scale is far finer than either)."""
         planned = (widths or {}).get(node.name) or [None, None, None]
-        x = np.asarray(out[node.inputs[0].name], np.float32)
-        w = node.inputs[1].const_value.numpy().astype(np.float32)
-        wq = fake_quant_weight(w, w_bits, 0)
-        x_bits = planned[0] or (16 if node.inputs[0].name in sixteen else act_bits)
+        x_name = node.inputs[0].name
+        x = np.asarray(out[x_name], np.float32)
+        w_kept, wq = weights(node.inputs[1].const_value.numpy().astype(np.float32), 0)
         rest = [v.const_value.numpy() for v in node.inputs[2:] if v is not None]
-        with open_model(_alone(model, node, [x.ndim, w.ndim, *(r.ndim for r in rest)])
+        with open_model(_alone(model, node, [x.ndim, w_kept.ndim, *(r.ndim for r in rest)])
                         ) as session:
-            y_kept = session.run(_alone_feeds(activation(x, node.inputs[0].name, kept_bits),
-                                              w if kept_bits is None else wq, rest))["y"]
-            y_quant = session.run(_alone_feeds(activation(x, node.inputs[0].name, x_bits), wq,
-                                               rest))["y"]
-        out_name = node.outputs[0].name
-        if kept_bits is not None:
-            y_kept = activation(y_kept, out_name, kept_bits)
-            y_quant = activation(y_quant, out_name, planned[2] or (
-                16 if out_name in sixteen else act_bits))
-        d = (y_quant - y_kept).astype(np.float32, copy=False)
+            y_kept = session.run(_alone_feeds(activation(x, x_name, kept_bits), w_kept,
+                                              rest))["y"]
+            y_quant = session.run(_alone_feeds(
+                activation(x, x_name, planned_bits(x_name, planned[0])), wq, rest))["y"]
+        d = outputs(y_kept, y_quant, node.outputs[0].name, planned[2])
+        d = d.astype(np.float32, copy=False)
         return d, _squares(d)
 
     def delta(node: ir.Node, out: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
@@ -234,14 +250,13 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
         kept, quant = [], []
         for v, width in zip(node.inputs[:2], planned):
             if v.const_value is not None:  # a weight: [K, N] (Gemm transB: [N, K])
-                w = v.const_value.numpy().astype(np.float32)
-                wq = fake_quant_weight(w, w_bits, 0 if trans else -1)
-                kept.append(w if kept_bits is None else wq if w_bits >= 8 else
-                            fake_quant_weight(w, 8, 0 if trans else -1))
+                w_kept, wq = weights(v.const_value.numpy().astype(np.float32),
+                                     0 if trans else -1)
+                kept.append(w_kept)
                 quant.append(wq)
             else:
                 kept.append((v.name, kept_bits))
-                quant.append((v.name, width or (16 if v.name in sixteen else act_bits)))
+                quant.append((v.name, planned_bits(v.name, width)))
 
         def block(pick: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
             """Planned minus kept on the rows ``pick`` takes from the first input."""
@@ -255,13 +270,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                     k, q = pick(k), pick(q)
                 pairs.append((k.T, q.T) if trans and i == 1 else (k, q))
             (k0, q0), (k1, q1) = pairs
-            y_kept, y_quant = np.matmul(k0, k1), np.matmul(q0, q1)
-            if kept_bits is not None:  # a fully quantized target quantizes the output too
-                y_kept = activation(y_kept, out_name, kept_bits)
-                y_quant = activation(y_quant, out_name, planned[2] or (
-                    16 if out_name in sixteen else act_bits))
-            y_quant -= y_kept
-            return y_quant
+            return outputs(np.matmul(k0, k1), np.matmul(q0, q1), out_name, planned[2])
 
         result = out[out_name]
         first, second = (np.shape(out[v.name]) if v.const_value is None else v.const_value.shape

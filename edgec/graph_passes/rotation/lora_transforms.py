@@ -9,7 +9,7 @@ it must see the same: A_in = M_in·Aᵀ, B_in = w·s·Bᵀ·M_out (``edgec.lora.
 (``edgec.lora.transforms.Factor``: γ as a diagonal, R1 dense, R2 as head blocks, C as its size;
 not one dense [n, n] per site, which made gigabytes on a 7B decoder), names them in the sites
 metadata (``a_transform`` / ``b_transform``: lists of factor names; equal factors share one name,
-``<kind>.<i>``) and keeps them (float32) in ``matrices``. The pass hands them on as its
+``<kind>.<i>``) and keeps them (float32) in ``factors``. The pass hands them on as its
 ``lora_transforms`` attribute and the pipeline writes them to ``adapters/transforms.safetensors``
 (``edgec.lora.binding.TRANSFORMS_FILE``). They are not graph initializers: the graph never reads
 them, and later passes (quantization) neither see nor drop them; the sites metadata only names
@@ -39,7 +39,7 @@ class SiteTransforms:
         self.sites = {s["module"]: s for s in lora_sites(model)}
         self._in: dict[str, list[Factor]] = {}
         self._out: dict[str, list[Factor]] = {}
-        self.matrices: dict[str, Factor] = {}
+        self.factors: dict[str, Factor] = {}
 
     def _module(self, lin: Linear) -> str | None:
         module = lin.lora_module
@@ -74,7 +74,7 @@ class SiteTransforms:
             digest = digests.get(id(f)) or digests.setdefault(id(f), f.digest())
             if digest not in by_digest:
                 by_digest[digest] = f"{f.kind}.{len(by_digest)}"
-                self.matrices[by_digest[digest]] = f.as_float32()
+                self.factors[by_digest[digest]] = f.as_float32()
             return by_digest[digest]
 
         sites = lora_sites(model)

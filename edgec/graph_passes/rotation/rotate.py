@@ -117,7 +117,7 @@ class RotatePass(EdgecPass):
                                 "of another Linear and writing into a residual Add) was found"))
         written = editor.flush()
         lora_sites = self._sites.finish(model)
-        self.lora_transforms = self._sites.matrices
+        self.lora_transforms = self._sites.factors
         stats = self._stats(topo, skipped, r1, r4, editor)
         if self._sites.sites:
             stats["lora_sites_transformed"] = lora_sites
