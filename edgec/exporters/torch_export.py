@@ -84,6 +84,9 @@ def export_module(
         ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
     # torchvision is optional; its missing-op registrations are not our users' concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # nor is onnx_ir's note that the exporter built an attribute from an empty list (a Conv's
+    # default pads on video-dit: four WARNING lines on every compile, about torch's code)
+    logging.getLogger("onnx_ir._convenience").setLevel(logging.ERROR)
     try:
         # The exporter prints its own progress to stdout and warns liberally; we report instead.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -88,7 +88,7 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
 
 def unswappable(adapter: LoraAdapter) -> None:
     """Refuse what a branch x·A·B added to the base cannot compute: a DoRA adapter (it rescales
-    the merged weight per output channel by m / ‖W + ΔW‖), an embedding or a lora_B bias."""
+    the merged weight per output channel by m / ‖W + ΔW‖), an embedding, a Conv or a lora_B bias."""
     if adapter.dora:
         raise UserError(f"adapter {adapter.name} is DoRA: its magnitude rescales the merged "
                         "weight, which a swappable branch cannot carry; use --lora-mode merge")
@@ -96,6 +96,11 @@ def unswappable(adapter: LoraAdapter) -> None:
     if embedding is not None:
         raise UserError(f"adapter {adapter.name} adapts the embedding {embedding}, a table "
                         "lookup that a swappable branch x·A·B does not express; use "
+                        "--lora-mode merge")
+    conv = next((m for m, lm in adapter.modules.items() if lm.kernel), None)
+    if conv is not None:
+        raise UserError(f"adapter {adapter.name} adapts the Conv {conv}, whose branch is a "
+                        "convolution, not the x·A·B a swappable branch computes; use "
                         "--lora-mode merge")
     if adapter.saved:
         raise UserError(f"adapter {adapter.name} replaces whole modules (modules_to_save: "

@@ -9,7 +9,10 @@ DoRA (``use_dora``): each module also has a magnitude m [out], and merging gives
 ``lora_bias``: lora_B has a bias b [out] too, and merging adds ``b · scaling`` to the base
 layer's bias (which it must have). An ``nn.Embedding`` target stores ``lora_embedding_A``
 [r, vocab] and ``lora_embedding_B`` [dim, r]: ΔW = (B·A)ᵀ · scaling, the table's [vocab, dim]
-layout (read as ``fan_in_fan_out``). ``modules_to_save`` (a task head trained whole, e.g. a
+layout (read as ``fan_in_fan_out``). A Conv target (``nn.Conv1d/2d/3d``) stores lora_A as a
+Conv [r, in, *kernel] with the base's kernel and lora_B as a 1×1 Conv [out, r, 1, ...]:
+ΔW = (B·A) over the flattened kernel, reshaped to the weight's [out, in, *kernel] (PEFT's
+``_ConvNd.get_delta_weight``; grouped Convs PEFT cannot merge, nor can edgec). ``modules_to_save`` (a task head trained whole, e.g. a
 sequence classifier's ``classifier``) are saved as plain parameters (``classifier.weight``):
 merging replaces the model's with them (``LoraAdapter.saved``).
 An exported MatMul stores Wᵀ ([in, out]); the parameter map says which layout each initializer has.
@@ -60,6 +63,19 @@ class LoraModule:
     magnitude: np.ndarray | None = None  # DoRA's m [out]; None: plain LoRA
     bias: np.ndarray | None = None  # lora_B's bias [out] (``lora_bias``); None: none
     embedding: bool = False  # an nn.Embedding target (lora_embedding_A/B)
+    kernel: tuple[int, ...] = ()  # a Conv target's kernel (A is kept [r, in·∏kernel])
+
+    @property
+    def in_features(self) -> int:
+        return self.A.shape[1] // math.prod(self.kernel)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The adapted weight's shape as PyTorch has it ([out, in] or [out, in, *kernel]; a
+        ``fan_in_fan_out`` layer's [in, out])."""
+        out_in = (self.B.shape[0], self.in_features)
+        return (*out_in, *self.kernel) if self.kernel else (
+            out_in[::-1] if self.fan_in_fan_out else out_in)
 
     def bias_delta(self) -> np.ndarray | None:
         """What merging adds to the base layer's bias (PEFT: ``lora_B.bias · scaling``)."""
@@ -68,6 +84,8 @@ class LoraModule:
     def delta(self) -> np.ndarray:
         """ΔW in the PyTorch parameter's layout, computed in fp32 as PEFT does."""
         d = (self.B @ self.A) * np.float32(self.scaling)
+        if self.kernel:
+            return d.reshape(self.weight_shape)
         return d.T if self.fan_in_fan_out else d
 
     def dora_merged(self, w: np.ndarray) -> np.ndarray:
@@ -75,10 +93,15 @@ class LoraModule:
         with the norm over each output channel's inputs (PEFT's merge: the bias is not
         rescaled)."""
         merged = w.astype(np.float64) + self.delta()
-        out_in = merged.T if self.fan_in_fan_out else merged  # [out, in]
+        if self.kernel:  # a Conv: the norm over each output channel's inputs and kernel
+            out_in = merged.reshape(merged.shape[0], -1)
+        else:
+            out_in = merged.T if self.fan_in_fan_out else merged  # [out, in]
         norm = np.linalg.norm(out_in, axis=1)
         factor = self.magnitude.astype(np.float64) / norm
         out_in = factor[:, None] * out_in
+        if self.kernel:
+            return out_in.reshape(merged.shape).astype(w.dtype)
         return (out_in.T if self.fan_in_fan_out else out_in).astype(w.dtype)
 
 
@@ -207,6 +230,7 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
                 raise UserError(f"{name}: module {mod} {missing if flag else extra} in "
                                 f"{CONFIG_FILE}; the adapter is inconsistent")
         A, B = (np.asarray(ab[k], dtype=np.float32) for k in "AB")
+        A, B, kernel = _conv_factors(A, B, name, mod)
         rank = int(_pattern_value(rank_pattern, mod, r0))
         alpha = float(_pattern_value(alpha_pattern, mod, alpha0))
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
@@ -225,8 +249,25 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
                             "supported yet; use a plain LoRA adapter on embeddings")
         modules[mod] = LoraModule(mod, A, B, rank, alpha, scaling,
                                   embedding or bool(config.get("fan_in_fan_out")), magnitude, b,
-                                  embedding)
+                                  embedding, kernel)
     return LoraAdapter(name, path, dict(config), modules, float(weight), saved, base_layers)
+
+
+def _conv_factors(A: np.ndarray, B: np.ndarray, name: str, mod: str
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """A Conv's lora_A [r, in, *kernel] and 1×1 lora_B [out, r, 1, ...] as the matrices
+    [r, in·∏kernel] and [out, r], and the kernel; a Linear's as they are (kernel ())."""
+    if A.ndim <= 2 and B.ndim <= 2:
+        return A, B, ()
+    if A.ndim != B.ndim or A.ndim < 3 or any(d != 1 for d in B.shape[2:]):
+        raise UserError(f"{name}: module {mod} has lora_A {list(A.shape)} and lora_B "
+                        f"{list(B.shape)}, which are not a Conv's LoRA (lora_A a Conv with the "
+                        "base's kernel, lora_B a 1×1 Conv); the adapter is inconsistent")
+    if B.shape[1] != A.shape[0]:
+        raise UserError(f"{name}: module {mod} is a grouped Conv's LoRA (lora_A rank "
+                        f"{A.shape[0]}, lora_B {B.shape[1]} per group), which PEFT cannot merge "
+                        "and neither can edgec; leave that layer out of target_modules")
+    return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1]), tuple(A.shape[2:])
 
 
 def _per_output(ab: Mapping[str, np.ndarray], key: str, what: str, B: np.ndarray, name: str,
@@ -299,12 +340,13 @@ def resolve_targets(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[st
                             "initializer in the graph; apply LoRA before passes that fold it")
         shape = tuple(value.const_value.shape)
         param_shape = shape[::-1] if entry["layout"] == "transposed" else shape
-        out_f, in_f = param_shape[::-1] if lm.fan_in_fan_out else param_shape
-        if len(shape) != 2 or lm.A.shape[1] != in_f or lm.B.shape[0] != out_f:
+        if param_shape != lm.weight_shape:
+            what = "(out, in, *kernel)" if lm.kernel else "(in, out)" if lm.fan_in_fan_out \
+                else "(out, in)"
             raise UserError(
-                f"adapter {adapter.name}: module {mod} expects a [{lm.B.shape[0]}, {lm.A.shape[1]}]"
-                f" weight (out, in) but the model's is {list(param_shape)}; the adapter was "
-                "trained on a different base model")
+                f"adapter {adapter.name}: module {mod} expects a {list(lm.weight_shape)} weight "
+                f"{what} but the model's is {list(param_shape)}; the adapter was trained on a "
+                "different base model")
         bias = None
         if lm.bias is not None:
             bias = _bias_initializer(adapter, mod, param, parameter_map, inits)

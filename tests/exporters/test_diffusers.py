@@ -122,7 +122,8 @@ def test_wan_compiles_for_ort_and_samples(models, tmp_path):
 def test_a_wan_lora_merges_and_is_held_to_peft(models, tmp_path):
     """A LoRA trained on a diffusers video DiT (PEFT on the model directory's own class) merges
     into its export and is held to PEFT's merge of the model loaded again (a diffusers source
-    crashed here with a KeyError: the reference looked for a registry model)."""
+    crashed here with a KeyError: the reference looked for a registry model), its Conv3d patch
+    embedding's LoRA too."""
     import warnings
 
     import torch
@@ -131,7 +132,8 @@ def test_a_wan_lora_merges_and_is_held_to_peft(models, tmp_path):
     torch.manual_seed(3)
     model = diffusers.WanTransformer3DModel.from_pretrained(models / "wan")
     pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, r=2, lora_alpha=4,
-                                                    target_modules=["to_q", "to_v"]))
+                                                    target_modules=["to_q", "to_v",
+                                                                    "patch_embedding"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.save_pretrained(str(tmp_path / "lora"))
@@ -141,7 +143,9 @@ def test_a_wan_lora_merges_and_is_held_to_peft(models, tmp_path):
     assert fid["lora"]["reference"] == "peft merge_and_unload (lora)"
     assert fid["target_vs_source"]["outputs"]["sample"]["max_rel"] <= 1e-5
     (merge,) = [p["stats"] for p in art.report["passes"] if p["name"] == "lora-merge"]
-    assert merge["modules_merged"] == 4 and merge["max_abs_delta"] > 0.01  # attn1/attn2 q, v
+    # attn1/attn2 q, v and the Conv3d patch embedding (LoRA on a Conv was refused before)
+    assert merge["modules_merged"] == 5 and merge["max_abs_delta"] > 0.01
+    assert merge["by_module_kind"]["patch_embedding"] == 1
 
 
 def test_sparse_attention_finds_the_joint_attention(models, tmp_path):
