@@ -170,8 +170,9 @@ class Recipe:
                          help="magnitude-prune MatMul weights before LoRA: magnitude:0.5 "
                               "(unstructured) or 2:4 (N:M)")
     lora: tuple = _option(
-        (), "--lora", metavar="DIR[:WEIGHT]", kind="multiple", parse=_lora,
-        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors); "
+        (), "--lora", metavar="PATH[:WEIGHT]", kind="multiple", parse=_lora,
+        help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) "
+             "or a diffusers LoRA file (.safetensors, e.g. pytorch_lora_weights.safetensors); "
              "repeat for several (merge modes: optional weight, e.g. a:0.7 --lora b:0.3)")
     lora_mode: str = _option(
         "merge", "--lora-mode", parse=_lora_mode,

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import UserError
-from edgec.lora.peft_adapter import CONFIG_FILE, NO_ADAPTER, WEIGHTS_FILE, LoraAdapter, read_adapter
+from edgec.lora.peft_adapter import (
+    CONFIG_FILE,
+    NO_ADAPTER,
+    WEIGHTS_FILE,
+    LoraAdapter,
+    read_adapter,
+    write_peft_adapter,
+)
 from edgec.lora.transforms import (
     Factor,
     apply_left,
@@ -119,6 +126,10 @@ def ship_adapters(adapters: Sequence[LoraAdapter], stage: Path) -> dict[str, str
             raise UserError(f"adapter name {a.name!r} is reserved, repeated or not a plain name; "
                             "rename the adapter directory")
         rel = f"adapters/{a.name}"
+        if a.format != "peft":  # a diffusers file: shipped as the PEFT directory it reads as
+            write_peft_adapter(a, stage / rel)
+            out[a.name] = rel
+            continue
         (stage / rel).mkdir(parents=True)
         for f in (CONFIG_FILE, WEIGHTS_FILE):
             shutil.copyfile(a.path / f, stage / rel / f)

@@ -12,8 +12,9 @@ layer's bias (which it must have). An ``nn.Embedding`` target stores ``lora_embe
 layout (read as ``fan_in_fan_out``). A Conv target (``nn.Conv1d/2d/3d``) stores lora_A as a
 Conv [r, in, *kernel] with the base's kernel and lora_B as a 1×1 Conv [out, r, 1, ...]:
 ΔW = (B·A) over the flattened kernel, reshaped to the weight's [out, in, *kernel] (PEFT's
-``_ConvNd.get_delta_weight``; grouped Convs PEFT cannot merge, nor can edgec). ``modules_to_save`` (a task head trained whole, e.g. a
-sequence classifier's ``classifier``) are saved as plain parameters (``classifier.weight``):
+``_ConvNd.get_delta_weight``; grouped Convs PEFT cannot merge, nor can edgec).
+``modules_to_save`` (a task head trained whole, e.g. a sequence classifier's ``classifier``)
+are saved as plain parameters (``classifier.weight``):
 merging replaces the model's with them (``LoraAdapter.saved``).
 An exported MatMul stores Wᵀ ([in, out]); the parameter map says which layout each initializer has.
 """
@@ -32,7 +33,8 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["LoraModule", "LoraAdapter", "read_adapter", "parse_lora_option", "Target",
+__all__ = ["LoraModule", "LoraAdapter", "read_adapter", "write_peft_adapter",
+           "parse_lora_option", "Target",
            "resolve_targets", "resolve_saved", "CONFIG_FILE", "WEIGHTS_FILE", "NO_ADAPTER"]
 
 CONFIG_FILE = "adapter_config.json"
@@ -116,7 +118,8 @@ class LoraAdapter:
     # base weights PEFT saved beside an embedding's LoRA (``save_embedding_layers``): the
     # model's own unless the vocabulary was resized, which the merge checks
     base_layers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-
+    format: str = "peft"  # "diffusers": one safetensors file (``edgec.lora.diffusers_lora``)
+    ignored: dict[str, int] = dataclasses.field(default_factory=dict)  # component → tensors
 
     @property
     def rank(self) -> int:
@@ -135,7 +138,40 @@ class LoraAdapter:
                 "weight": self.weight, "modules": len(self.modules), "max_rank": self.rank,
                 "r": self.config.get("r"), "lora_alpha": self.config.get("lora_alpha"),
                 "use_rslora": bool(self.config.get("use_rslora")), "dora": self.dora,
-                "lora_bias": self.has_bias, "saved_parameters": sorted(self.saved)}
+                "lora_bias": self.has_bias, "saved_parameters": sorted(self.saved),
+                "format": self.format, **({"ignored": self.ignored} if self.ignored else {})}
+
+
+def write_peft_adapter(adapter: LoraAdapter, path: Path) -> Path:
+    """``adapter`` as a PEFT adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors`` in PEFT's key names) at ``path``: what an adapter read from
+    another format becomes for PEFT and for a swappable artifact."""
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    for mod, lm in adapter.modules.items():
+        key = f"base_model.model.{mod}"
+        A, B = lm.A, lm.B
+        if lm.kernel:  # a Conv's: lora_A a Conv with the kernel, lora_B a 1×1 Conv
+            A = A.reshape(A.shape[0], -1, *lm.kernel)
+            B = B.reshape(*B.shape, *(1,) * len(lm.kernel))
+        if lm.embedding:
+            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = A, B
+        else:
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A, B
+        if lm.bias is not None:
+            tensors[f"{key}.lora_B.bias"] = lm.bias
+        if lm.magnitude is not None:
+            tensors[f"{key}.lora_magnitude_vector"] = lm.magnitude
+    for name, value in adapter.saved.items():
+        tensors[f"base_model.model.{name}"] = value
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**adapter.config, "peft_type": "LORA",
+              "target_modules": sorted(adapter.modules) or adapter.config.get("target_modules")}
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=list))
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()},
+              str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    return path
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default):
@@ -146,14 +182,24 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default):
 
 
 def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0) -> LoraAdapter:
-    """Read and self-check one PEFT LoRA adapter directory."""
+    """Read and self-check one LoRA adapter: a PEFT adapter directory, or a diffusers-format
+    weights file (or a directory holding ``pytorch_lora_weights.safetensors``)."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from edgec.lora.diffusers_lora import diffusers_lora_file, read_diffusers_lora
+
     root = Path(path)
+    file = diffusers_lora_file(root)
+    if file is not None:
+        return read_diffusers_lora(file, name, weight)
+    if root.is_file() and root.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        raise UserError(f"{root}: a pickle, which edgec never loads; save the LoRA as "
+                        "safetensors (PEFT save_pretrained, diffusers save_lora_weights)")
     if not root.is_dir():
         raise UserError(f"{root}: LoRA adapter not found; give a PEFT adapter directory "
-                        f"(with {CONFIG_FILE} and {WEIGHTS_FILE}, from save_pretrained)")
+                        f"(with {CONFIG_FILE} and {WEIGHTS_FILE}, from save_pretrained) or a "
+                        "diffusers LoRA .safetensors file")
     if not (root / WEIGHTS_FILE).is_file():
         hint = (" (adapter_model.bin is a pickle, which edgec does not load: re-save with "
                 "save_pretrained(dir, safe_serialization=True))"

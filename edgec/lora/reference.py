@@ -3,8 +3,11 @@
     module + adapters  →  PeftModel.from_pretrained / load_adapter  →  lora_B ·= weight
                        →  merge_and_unload(adapter_names)  →  outputs on the example inputs
 
-Used by the pipeline (merge: all adapters with their weights; swappable: the default adapter) so
-a LoRA artifact is held to PEFT's result instead of the base model's. Sparse-merge (LoSA masking)
+Diffusers-format LoRA files on a diffusers model are loaded and fused by diffusers itself
+(``load_lora_adapter`` → ``set_adapters(weights)`` → ``fuse_lora``): its own config inference
+and key handling, not edgec's reading of the file. Used by the pipeline (merge: all adapters
+with their weights; swappable: the default adapter) so a LoRA artifact is held to PEFT's (or
+diffusers') result instead of the base model's. Sparse-merge (LoSA masking)
 has no PEFT counterpart and is reported, not asserted.
 """
 
@@ -13,15 +16,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgec.exporters.outputs import flatten_outputs
-from edgec.lora.peft_adapter import LoraAdapter
+from edgec.lora.peft_adapter import LoraAdapter, write_peft_adapter
 
-__all__ = ["peft_merged_outputs", "peft_available", "lora_reference"]
+__all__ = ["peft_merged_outputs", "peft_available", "lora_reference", "fused_by_diffusers"]
 
 
 def peft_available() -> bool:
@@ -42,24 +47,18 @@ def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Se
     ``decoder_info``), merged there and run through the wrapper."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local adapter dirs only, never the hub
     import torch
-    from peft import PeftModel
 
     model = copy.deepcopy(module).eval()
     wrapper, model = (model, getattr(model, inner)) if inner else (None, model)
     # PEFT's own adapter names, not the directories': PEFT drops the weights of an adapter whose
     # name is a substring of its "lora_" key prefix (a directory called "a" or "r" loads nothing).
     names = [f"edgec{i}" for i in range(len(adapters))]
-    first, *rest = adapters
-    peft_model = PeftModel.from_pretrained(model, str(first.path), adapter_name=names[0])
-    for name, a in zip(names[1:], rest):
-        peft_model.load_adapter(str(a.path), adapter_name=name)
     with torch.no_grad():
-        for name, a in zip(names, adapters):
-            if a.weight != 1.0:
-                for pname, p in peft_model.named_parameters():
-                    if f".lora_B.{name}." in pname:
-                        p.mul_(a.weight)
-        merged = peft_model.merge_and_unload(adapter_names=names)
+        if fused_by_diffusers(model, adapters):
+            merged = _diffusers_fused(model, adapters, names)
+        else:
+            with tempfile.TemporaryDirectory(prefix="edgec-lora-") as tmp:
+                merged = _peft_merged(model, adapters, names, Path(tmp))
         if wrapper is not None:
             setattr(wrapper, inner, merged)
             merged = wrapper
@@ -77,6 +76,46 @@ def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Se
         else:
             out = merged(*tensors)
     return {n: t.detach().cpu().numpy() for n, t in zip(output_names, flatten_outputs(out))}
+
+
+def _peft_merged(model, adapters: Sequence[LoraAdapter], names: Sequence[str], tmp: Path):
+    """PEFT's ``merge_and_unload`` of ``adapters`` (weighted) on ``model``; an adapter read from
+    another format is written as a PEFT directory under ``tmp`` first."""
+    import torch
+    from peft import PeftModel
+
+    paths = [a.path if a.format == "peft" else write_peft_adapter(a, tmp / name)
+             for name, a in zip(names, adapters)]
+    peft_model = PeftModel.from_pretrained(model, str(paths[0]), adapter_name=names[0])
+    for name, path in zip(names[1:], paths[1:]):
+        peft_model.load_adapter(str(path), adapter_name=name)
+    with torch.no_grad():
+        for name, a in zip(names, adapters):
+            if a.weight != 1.0:
+                for pname, p in peft_model.named_parameters():
+                    if f".lora_B.{name}." in pname:
+                        p.mul_(a.weight)
+    return peft_model.merge_and_unload(adapter_names=names)
+
+
+def fused_by_diffusers(model, adapters: Sequence[LoraAdapter]) -> bool:
+    """Whether the reference is diffusers' own load and fuse: diffusers-format files on a
+    diffusers model (else PEFT's merge)."""
+    return all(a.format == "diffusers" for a in adapters) and hasattr(model, "load_lora_adapter")
+
+
+def _diffusers_fused(model, adapters: Sequence[LoraAdapter], names: Sequence[str]):
+    """A diffusers model with diffusers-format LoRA files loaded by diffusers itself
+    (``load_lora_adapter``: its own config inference and key handling), weighted
+    (``set_adapters``) and fused into the weights (``fuse_lora``)."""
+    from edgec.lora.diffusers_lora import diffusers_state_dict
+
+    for name, a in zip(names, adapters):
+        tensors, metadata, prefix, _ = diffusers_state_dict(a.path)
+        model.load_lora_adapter(tensors, prefix=prefix, adapter_name=name, metadata=metadata)
+    model.set_adapters(list(names), weights=[a.weight for a in adapters])
+    model.fuse_lora(adapter_names=list(names))
+    return model
 
 
 def lora_reference(source: Any, src, adapters: Sequence[LoraAdapter], mode: str
@@ -121,7 +160,9 @@ def lora_reference(source: Any, src, adapters: Sequence[LoraAdapter], mode: str
                                     src.info["output_names"], used,
                                     decoder=bool(src.info.get("generation")), inner=inner,
                                     decoder_info=decoder_info)
-    kind = "peft merge_and_unload (" + ", ".join(a.name for a in used) + ")"
+    diffusers = fused_by_diffusers(getattr(module, inner) if inner else module, used)
+    kind = ("diffusers fuse_lora (" if diffusers else "peft merge_and_unload (") + \
+        ", ".join(a.name for a in used) + ")"
     info.update(reference=kind, verified_adapter=used[0].name if mode == "swappable" else None)
     return dataclasses.replace(src, reference=reference, reference_kind=kind), info
 

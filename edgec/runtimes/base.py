@@ -269,7 +269,8 @@ class Session(abc.ABC):
         self._lora.active = name
 
     def load_adapter(self, path, name: str | None = None) -> str:
-        """Read a PEFT adapter directory and make it runnable by name (no recompilation)."""
+        """Read a PEFT adapter directory or a diffusers LoRA file and make it runnable by name
+        (no recompilation)."""
         return self._lora_bank().load(path, name)
 
     def _lora_bank(self):

@@ -251,3 +251,124 @@ def test_sharded_weights_in_a_pipeline_folder_take_the_schedulers_shift(tmp_path
     assert inputs[0].shape == (1, 4, 3, 8, 8) and info["hyperparameters"]["grid"] == [3, 4, 4]
     for name, value in wan.state_dict().items():
         assert torch.equal(module.transformer.state_dict()[name], value), name
+
+
+def _wan_lora(models, seed: int, **config):
+    """A LoRA trained on the tiny Wan (diffusers' own ``add_adapter``, B ≠ 0): its PEFT state
+    dict and config."""
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    model = diffusers.WanTransformer3DModel.from_pretrained(models / "wan")
+    cfg = LoraConfig(init_lora_weights=False, **config)
+    model.add_adapter(cfg)
+    return get_peft_model_state_dict(model), cfg
+
+
+def _save_wan_lora(path, layers, cfg=None):
+    """What ``WanPipeline.save_lora_weights`` writes: ``pytorch_lora_weights.safetensors`` with
+    ``transformer.``-prefixed keys and, given a config, its metadata header."""
+    diffusers.WanPipeline.save_lora_weights(
+        path, transformer_lora_layers=layers,
+        **({"transformer_lora_adapter_metadata": cfg.to_dict()} if cfg is not None else {}))
+    return path / "pytorch_lora_weights.safetensors"
+
+
+def test_a_diffusers_lora_file_is_held_to_diffusers_own_fuse(models, tmp_path):
+    """A diffusers-format LoRA file (one safetensors, the form video-DiT LoRAs are shared in;
+    edgec read PEFT directories only) merges and is held to diffusers' own load and fuse of it.
+    Its metadata's alpha sets the scale (without metadata: 1, diffusers' convention); a text
+    encoder's weights in the same file are left out and counted."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from edgec.lora import read_adapter
+
+    layers, cfg = _wan_lora(models, 5, r=4, lora_alpha=2,
+                            target_modules=["to_q", "to_v", "patch_embedding"])
+    file = _save_wan_lora(tmp_path / "lora", layers, cfg)
+    with safe_open(str(file), "pt") as f:
+        header = f.metadata()
+    tensors = {**load_file(str(file)),
+               "text_encoder.encoder.block.0.q.lora_A.weight": torch.ones(4, 8),
+               "text_encoder.encoder.block.0.q.lora_B.weight": torch.ones(8, 4)}
+    save_file(tensors, str(file), metadata=header)
+    art = edgec.compile(str(models / "wan"), target="ort-cpu", output_dir=tmp_path / "o",
+                        config="text_len=6", lora=str(file))
+    fid = art.report["fidelity"]
+    assert fid["lora"]["reference"] == "diffusers fuse_lora (lora)"
+    assert fid["target_vs_source"]["outputs"]["sample"]["max_rel"] <= 1e-5
+    (merge,) = [p["stats"] for p in art.report["passes"] if p["name"] == "lora-merge"]
+    assert merge["modules_merged"] == 5 and merge["max_abs_delta"] > 0.01
+    assert merge["adapters"][0]["format"] == "diffusers"
+    assert merge["adapters"][0]["ignored"] == {"text_encoder": 2}
+    plain = _save_wan_lora(tmp_path / "plain", layers)  # no metadata: alpha = r
+    scales = {m.scaling for m in read_adapter(file).modules.values()}
+    assert scales == {0.5} and {m.scaling for m in read_adapter(plain).modules.values()} == {1.0}
+
+
+def test_an_original_wan_lora_converts_as_diffusers_converts_it(models, tmp_path):
+    """A Wan LoRA in the original checkpoint's key names (``diffusion_model.blocks.N.self_attn.q
+    .lora_down``, bf16, an ``alpha`` per module), as ComfyUI and the Wan trainers share them."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(9)
+    tensors = {}
+    for name, out in (("self_attn.q", 24), ("self_attn.v", 24), ("ffn.0", 32)):
+        key = f"diffusion_model.blocks.0.{name}"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, 24).to(torch.bfloat16)
+        tensors[f"{key}.lora_up.weight"] = (0.1 * torch.randn(out, 4)).to(torch.bfloat16)
+        tensors[f"{key}.alpha"] = torch.tensor(8.0 if name == "ffn.0" else 2.0)
+    save_file(tensors, str(tmp_path / "wan_style.safetensors"))
+    result = CliRunner().invoke(app, ["compile", str(models / "wan"), "--target", "ort-cpu",
+                                      "-o", str(tmp_path / "o"), "--config", "text_len=6",
+                                      "--lora", str(tmp_path / "wan_style.safetensors"),
+                                      "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fidelity"]["lora"]["reference"] == "diffusers fuse_lora (wan_style)"
+    assert report["fidelity"]["target_vs_source"]["outputs"]["sample"]["max_rel"] <= 1e-5
+    (merge,) = [p["stats"] for p in report["passes"] if p["name"] == "lora-merge"]
+    assert merge["by_module_kind"] == {"proj": 1, "to_q": 1, "to_v": 1}
+
+
+def test_diffusers_lora_files_swap_at_run_time(models, tmp_path):
+    """Two diffusers LoRA directories compiled swappable: the artifact ships them as PEFT
+    directories, and running the second equals the second merged."""
+    from edgec.lora import read_adapter
+
+    for i, alpha in enumerate((2, 8)):
+        layers, cfg = _wan_lora(models, 11 + i, r=4, lora_alpha=alpha,
+                                target_modules=["to_q", "to_v"])
+        _save_wan_lora(tmp_path / f"style{i}", layers, cfg)
+    art = edgec.compile(str(models / "wan"), target="ort-cpu", output_dir=tmp_path / "sw",
+                        config="text_len=6", lora=[str(tmp_path / "style0"),
+                                                   str(tmp_path / "style1")],
+                        lora_mode="swappable")
+    assert art.report["fidelity"]["lora"]["reference"] == "diffusers fuse_lora (style0)"
+    shipped = read_adapter(tmp_path / "sw" / "adapters" / "style1")
+    assert shipped.format == "peft" and {m.scaling for m in shipped.modules.values()} == {2.0}
+    merged = edgec.compile(str(models / "wan"), target="ort-cpu", output_dir=tmp_path / "m",
+                           config="text_len=6", lora=str(tmp_path / "style1"))
+    session = art.load()
+    got = session.run(session.default_feeds, adapter="style1")["sample"]
+    want = merged.load().run(session.default_feeds)["sample"]
+    base = session.run(session.default_feeds, adapter="base")["sample"]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(got - base).max() > 1e-2 * np.abs(base).max()
+
+
+def test_files_that_are_no_lora_are_refused(models, tmp_path):
+    weights = next((models / "wan").glob("*.safetensors"))  # the model's own weights
+    pickle = tmp_path / "lora.bin"
+    pickle.write_bytes(b"\x80\x04 not loaded")
+    for bad, message in ((weights, "not a LoRA"), (pickle, "a pickle, which edgec never loads")):
+        result = CliRunner().invoke(app, ["compile", str(models / "wan"), "--target", "ort-cpu",
+                                          "-o", str(tmp_path / "o"), "--lora", str(bad)])
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+        assert not (tmp_path / "o").exists()
