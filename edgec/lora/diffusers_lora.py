@@ -140,6 +140,7 @@ def read_diffusers_lora(file: Path, name: str | None, weight: float):
     if prefix is not None:
         tensors = {k.removeprefix(f"{prefix}."): v for k, v in tensors.items()
                    if k.startswith(f"{prefix}.")}
+    tensors = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}  # PEFT's
     config = peft_config(tensors, metadata, prefix, file)
     arrays = {k: v.float().numpy() for k, v in tensors.items()}
     if name is None:

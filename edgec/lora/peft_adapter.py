@@ -190,6 +190,8 @@ def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0)
     from edgec.lora.diffusers_lora import diffusers_lora_file, read_diffusers_lora
 
     root = Path(path)
+    if root.name == WEIGHTS_FILE and (root.parent / CONFIG_FILE).is_file():
+        root = root.parent  # a PEFT directory's weights file: its config holds the scales
     file = diffusers_lora_file(root)
     if file is not None:
         return read_diffusers_lora(file, name, weight)

@@ -50,6 +50,26 @@ def test_delta_equals_peft_get_delta_weight(adapter_dirs, lora_helpers):
                                rtol=1e-5, atol=1e-7)
 
 
+def test_a_weights_file_reads_with_its_config_and_round_trips(adapter_dirs, tmp_path):
+    """A PEFT directory's ``adapter_model.safetensors`` named alone reads with the config beside
+    it (read as a loose diffusers-style file its scales would be 1); a loose file without one
+    takes diffusers' convention; ``write_peft_adapter`` writes what reads back the same."""
+    from edgec.lora import write_peft_adapter
+
+    dirs, _ = adapter_dirs
+    adapter = read_adapter(dirs["patterns"] / "adapter_model.safetensors")
+    want = read_adapter(dirs["patterns"])
+    assert adapter.format == "peft" and adapter.name == "patterns"
+    assert {m: lm.scaling for m, lm in adapter.modules.items()} == {
+        m: lm.scaling for m, lm in want.modules.items()} and adapter.modules
+    loose = shutil.copy(dirs["patterns"] / "adapter_model.safetensors", tmp_path / "x.safetensors")
+    loose = read_adapter(loose)
+    assert loose.format == "diffusers" and {m.scaling for m in loose.modules.values()} == {1.0}
+    back = read_adapter(write_peft_adapter(want, tmp_path / "written"))
+    for m, lm in want.modules.items():
+        np.testing.assert_array_equal(back.modules[m].delta(), lm.delta())
+
+
 def test_parse_lora_option(tmp_path):
     assert parse_lora_option(None) == []
     assert parse_lora_option("a") == [("a", 1.0)]
