@@ -74,6 +74,10 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
     for s in sites:
         in_f, out_f, rank = s["in_features"], s["out_features"], max(1, s["rank"])
         lm = adapter.modules.get(s["module"]) if adapter is not None else None
+        kernel = tuple(s.get("kernel") or ())
+        if kernel or (lm is not None and lm.kernel):
+            feeds.update(_conv_feeds(s, kernel, lm, adapter))
+            continue
         if lm is None or lm.rank == 0 or adapter.weight == 0.0:
             a, b = np.zeros((in_f, rank), np.float32), np.zeros((rank, out_f), np.float32)
         else:
@@ -93,9 +97,32 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
     return feeds
 
 
+def _conv_feeds(site: Mapping[str, Any], kernel: tuple[int, ...], lm, adapter
+                ) -> dict[str, np.ndarray]:
+    """A Conv site's A [r, in, *kernel] and B = w·s·B [out, r, 1, ...], padded to the compiled
+    rank (zeros: the base)."""
+    in_f, out_f, rank = site["in_features"], site["out_features"], max(1, site["rank"])
+    a = np.zeros((rank, in_f, *kernel), np.float32)
+    b = np.zeros((out_f, rank, *(1,) * len(kernel)), np.float32)
+    if lm is not None and lm.rank and adapter.weight != 0.0:
+        if lm.rank > rank:
+            raise UserError(f"adapter {adapter.name}: module {site['module']} has rank "
+                            f"{lm.rank}, over the rank {rank} its Conv branch was compiled at "
+                            "(a Conv branch's rank is fixed); recompile with this adapter among "
+                            "--lora")
+        if lm.weight_shape != (out_f, in_f, *kernel):
+            raise UserError(f"adapter {adapter.name}: module {site['module']} is "
+                            f"{list(lm.weight_shape)} (out, in, *kernel), the model's Conv is "
+                            f"{[out_f, in_f, *kernel]}; it was trained on a different base model")
+        a[:lm.rank] = lm.A.reshape(lm.rank, in_f, *kernel)
+        b[:, :lm.rank] = (lm.B * np.float32(lm.scaling * adapter.weight)).reshape(
+            out_f, lm.rank, *(1,) * len(kernel))
+    return {site["a_input"]: a, site["b_input"]: b}
+
+
 def unswappable(adapter: LoraAdapter) -> None:
     """Refuse what a branch x·A·B added to the base cannot compute: a DoRA adapter (it rescales
-    the merged weight per output channel by m / ‖W + ΔW‖), an embedding, a Conv or a lora_B bias."""
+    the merged weight per output channel by m / ‖W + ΔW‖), an embedding or a lora_B bias."""
     if adapter.dora:
         raise UserError(f"adapter {adapter.name} is DoRA: its magnitude rescales the merged "
                         "weight, which a swappable branch cannot carry; use --lora-mode merge")
@@ -103,11 +130,6 @@ def unswappable(adapter: LoraAdapter) -> None:
     if embedding is not None:
         raise UserError(f"adapter {adapter.name} adapts the embedding {embedding}, a table "
                         "lookup that a swappable branch x·A·B does not express; use "
-                        "--lora-mode merge")
-    conv = next((m for m, lm in adapter.modules.items() if lm.kernel), None)
-    if conv is not None:
-        raise UserError(f"adapter {adapter.name} adapts the Conv {conv}, whose branch is a "
-                        "convolution, not the x·A·B a swappable branch computes; use "
                         "--lora-mode merge")
     if adapter.saved:
         raise UserError(f"adapter {adapter.name} replaces whole modules (modules_to_save: "

@@ -1,8 +1,9 @@
 """LoRA on Conv layers (a DiT's or ViT's patch embedding, a motion model's Conv1d): PEFT stores
 lora_A as a Conv with the base's kernel and lora_B as a 1×1 Conv; the merge folds B·A over the
 flattened kernel into the [out, in, *kernel] weight, held to PEFT's ``merge_and_unload()`` by the
-compile's own check (plain and DoRA). What a merge cannot be (a swappable branch, a grouped
-Conv PEFT cannot merge either, a kernel that is not the base's) is refused in one line."""
+compile's own check (plain and DoRA); swappable, each gets a Conv branch. What a merge cannot
+be (a grouped Conv PEFT cannot merge either, a kernel that is not the base's) is refused in
+one line."""
 
 from __future__ import annotations
 
@@ -64,9 +65,9 @@ def convnet():
     return ConvNet().eval(), (torch.randn(2, 4, 16),)
 
 
-def _compiled(module, inputs, path, out, **kw):
-    art = edgec.compile(module, target="ort-cpu", output_dir=out, example_inputs=inputs,
-                        lora=str(path), **kw)
+def _compiled(module, inputs, lora, out, target="ort-cpu", **kw):
+    art = edgec.compile(module, target=target, output_dir=out, example_inputs=inputs,
+                        lora=lora if isinstance(lora, list) else str(lora), **kw)
     fid = art.report["fidelity"]
     assert fid["lora"]["reference"].startswith("peft merge_and_unload")
     assert all(e["max_rel"] <= 1e-5 for e in fid["target_vs_source"]["outputs"].values())
@@ -104,14 +105,36 @@ def test_conv_adapters_on_a_transformers_vit(tmp_path):
     assert stats["by_module_kind"] == {"projection": 1, "q_proj": 1}
 
 
+@pytest.mark.parametrize("target", ["ort-cpu", "openvino-cpu"])
+def test_conv_adapters_swap_at_run_time(convnet, tmp_path, target):
+    """Swappable Conv branches Conv(Conv(x, A), B) (rank fixed: OpenVINO's CPU Convolution
+    takes no dynamic weight shape) and a Gemm site (the Linear head on 2-D inputs): swapping
+    to the second adapter computes what compiling it merged does; a higher rank than compiled
+    is refused on a Conv site."""
+    module, inputs = convnet
+    feeds = {"x": inputs[0].numpy()}
+    for i in range(2):
+        _adapter(module, tmp_path / f"s{i}", 10 + i, target_modules=["temporal", "patch",
+                                                                    "point", "head"],
+                 r=2 + i, lora_alpha=4)
+    art, stats = _compiled(module, inputs, [str(tmp_path / "s0"), str(tmp_path / "s1")],
+                           tmp_path / "o", target=target, lora_mode="swappable")
+    assert stats["sites"] == 4
+    merged, _ = _compiled(module, inputs, tmp_path / "s1", tmp_path / "m")
+    session = art.load()
+    got, want = session.run(feeds, adapter="s1")["output"], merged.load().run(feeds)["output"]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    base = session.run(feeds, adapter="base")["output"]
+    np.testing.assert_allclose(base, module(*inputs).detach().numpy(), rtol=1e-5, atol=1e-6)
+    if target == "ort-cpu":
+        _adapter(module, tmp_path / "big", 12, target_modules=["patch"], r=4, lora_alpha=4)
+        with pytest.raises(UserError, match="rank 4, over the rank 3 its Conv branch"):
+            session.load_adapter(tmp_path / "big")
+
+
 def test_conv_adapters_are_refused_where_a_merge_cannot_be_them(convnet, tmp_path):
     module, inputs = convnet
     _adapter(module, tmp_path / "a", 3, target_modules=["patch"], r=2, lora_alpha=2)
-    with pytest.raises(UserError, match="adapts the Conv patch.*--lora-mode merge"):
-        edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "s",
-                      example_inputs=inputs, lora=[str(tmp_path / "a")],
-                      lora_mode="swappable")
-    assert not (tmp_path / "s").exists()
     with warnings.catch_warnings():  # PEFT: "Merging is not supported" for groups > 1
         warnings.simplefilter("ignore")
         _adapter(module, tmp_path / "g", 4, target_modules=["grouped"], r=2, lora_alpha=2)

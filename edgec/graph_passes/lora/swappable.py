@@ -1,8 +1,18 @@
 """Swappable LoRA: each adapted MatMul gets an explicit branch whose weights are graph inputs.
 
     y = MatMul(x, W)  ⇒  y = Add(MatMul(x, W), MatMul(MatMul(x, A_in), B_in))
+    (a Linear on 2-D inputs exports as Gemm(x, W, b, transB=1): the same branch on its output)
         A_in = ``lora.<module>.A``  [in, r]  = M_a·Aᵀ
         B_in = ``lora.<module>.B``  [r, out] = w·s·Bᵀ·M_b
+
+A Conv (``nn.Conv1d/2d/3d``, groups 1) gets the convolution form of the same branch:
+
+    y = Conv(x, W)  ⇒  y = Add(Conv(x, W), Conv(Conv(x, A_in), B_in))
+        A_in [r, in, *kernel] with W's strides, pads and dilations; B_in = w·s·B [out, r, 1, ...]
+
+which is the merged ``Conv(x, W + s·B·A)`` (PEFT's lora_A is a Conv with the base's kernel,
+lora_B a 1×1 Conv; no rotation factors: a rotation does not move a Conv's weight). Its rank is
+fixed at the compiled one (OpenVINO's CPU Convolution takes no weight of dynamic shape).
 
 One compiled model then serves any adapter on those modules: the runtime binds A_in/B_in
 (``edgec.lora.binding``), zeros of rank 1 give the base model exactly. W stays the base MatMul's
@@ -40,23 +50,38 @@ class LoraSwappablePass(EdgecPass):
         self.parameter_map = parameter_map
 
     def call(self, model: ir.Model) -> PassResult:
-        targets, ranks, fan = {}, {}, {}
+        targets, ranks, fan, kernels = {}, {}, {}, {}
         for adapter in self.adapters:
             unswappable(adapter)
             for mod, t in resolve_targets(adapter, self.parameter_map, model).items():
                 targets[mod] = t
                 ranks[mod] = max(ranks.get(mod, 1), adapter.modules[mod].rank)
                 fan[mod] = adapter.modules[mod].fan_in_fan_out
-        consumers = _matmul_consumers(model)
+                kernels[mod] = adapter.modules[mod].kernel
+        matmuls, gemms, convs = (_consumers(model, op) for op in ("MatMul", "Gemm", "Conv"))
         sites = []
         for mod, t in sorted(targets.items()):
-            nodes = consumers.get(t.initializer, [])
-            if len(nodes) != 1 or (t.layout == "transposed") == fan[mod]:
-                raise UserError(f"module {mod}: its weight is not the [in, out] right-hand input "
-                                f"of exactly one MatMul ({len(nodes)} found), so it cannot get a "
-                                "swappable branch; use --lora-mode merge")
-            in_f, out_f = t.shape
-            sites.append(_add_branch(model, nodes[0], mod, in_f, out_f, ranks[mod], len(sites)))
+            if kernels[mod]:
+                nodes = convs.get(t.initializer, [])
+                if len(nodes) != 1 or t.layout != "same" or _attr(nodes[0], "group", 1) != 1:
+                    raise UserError(f"module {mod}: its weight is not the weight of exactly one "
+                                    f"ungrouped Conv ({len(nodes)} found), so it cannot get a "
+                                    "swappable branch; use --lora-mode merge")
+                sites.append(_add_conv_branch(model, nodes[0], mod, t.shape, ranks[mod],
+                                              len(sites)))
+            else:
+                nodes = matmuls.get(t.initializer, []) or gemms.get(t.initializer, [])
+                # the weight as the node reads it: MatMul [in, out]; Gemm [out, in] with transB
+                flipped = len(nodes) == 1 and _attr(nodes[0], "transB", 0) == 1
+                if len(nodes) != 1 or (t.layout == "transposed") == (fan[mod] != flipped) or (
+                        nodes[0].op_type == "Gemm" and (_attr(nodes[0], "transA", 0) != 0
+                                                        or _attr(nodes[0], "alpha", 1.0) != 1.0)):
+                    raise UserError(f"module {mod}: its weight is not the right-hand input of "
+                                    f"exactly one MatMul or plain Gemm ({len(nodes)} found), so "
+                                    "it cannot get a swappable branch; use --lora-mode merge")
+                in_f, out_f = t.shape[::-1] if flipped else t.shape
+                sites.append(_add_branch(model, nodes[0], mod, in_f, out_f, ranks[mod],
+                                         len(sites)))
             sites[-1].update(parameter=t.parameter, initializer=t.initializer)
         model.metadata_props[SITES_KEY] = json.dumps(sites)
         stats = {"adapters": [a.summary() for a in self.adapters], "mode": "swappable",
@@ -65,29 +90,39 @@ class LoraSwappablePass(EdgecPass):
         return PassResult(model, bool(sites), stats)
 
 
-def _matmul_consumers(model: ir.Model) -> dict[str, list[ir.Node]]:
+def _consumers(model: ir.Model, op: str) -> dict[str, list[ir.Node]]:
+    """Initializer → the ``op`` nodes reading it as their weight (input 1), where those are
+    all its readers."""
     out: dict[str, list[ir.Node]] = {}
     for name, value in model.graph.initializers.items():
         uses = list(value.uses())
-        if uses and all(u.node.op_type == "MatMul" and u.idx == 1 for u in uses):
+        if uses and all(u.node.op_type == op and u.idx == 1 for u in uses):
             out[name] = [u.node for u in uses]
     return out
 
 
-def _add_branch(model: ir.Model, node: ir.Node, mod: str, in_f: int, out_f: int, rank: int,
-                k: int) -> dict:
-    graph = model.graph
-    r = f"lora_r_{k}"
-    a_in = ir.Value(name=f"lora.{mod}.A", type=ir.TensorType(ir.DataType.FLOAT),
-                    shape=ir.Shape([in_f, r]))
-    b_in = ir.Value(name=f"lora.{mod}.B", type=ir.TensorType(ir.DataType.FLOAT),
-                    shape=ir.Shape([r, out_f]))
-    for v, role in ((a_in, "A"), (b_in, "B")):
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return attr.value if attr is not None else default
+
+
+def _inputs(model: ir.Model, mod: str, a_shape: list, b_shape: list) -> tuple[ir.Value, ...]:
+    """The graph inputs ``lora.<mod>.A`` / ``.B`` of these shapes (the rank dim named)."""
+    values = []
+    for role, shape in (("A", a_shape), ("B", b_shape)):
+        v = ir.Value(name=f"lora.{mod}.{role}", type=ir.TensorType(ir.DataType.FLOAT),
+                     shape=ir.Shape(shape))
         v.metadata_props["edgec.lora"] = json.dumps({"module": mod, "role": role})
-        graph.inputs.append(v)
-    x, y = node.inputs[0], node.outputs[0]
-    xa = ir.node("MatMul", [x, a_in], name=f"lora/{mod}/xA")
-    xab = ir.node("MatMul", [xa.outputs[0], b_in], name=f"lora/{mod}/xAB")
+        model.graph.inputs.append(v)
+        values.append(v)
+    return tuple(values)
+
+
+def _attach(model: ir.Model, node: ir.Node, mod: str, xa: ir.Node, xab: ir.Node) -> None:
+    """``node``'s output y becomes y + ``xab`` (the branch ``xa`` → ``xab``) for its readers;
+    a graph output keeps its name."""
+    graph = model.graph
+    y = node.outputs[0]
     add = ir.node("Add", [y, xab.outputs[0]], name=f"lora/{mod}/add")
     for n in (xa, xab, add):
         n.metadata_props["edgec.lora.branch"] = mod
@@ -100,5 +135,30 @@ def _add_branch(model: ir.Model, node: ir.Node, mod: str, in_f: int, out_f: int,
     if is_output:  # the graph output keeps its name
         name = y.name
         y.name, out.name = f"{name}_base", name
+
+
+def _add_branch(model: ir.Model, node: ir.Node, mod: str, in_f: int, out_f: int, rank: int,
+                k: int) -> dict:
+    r = f"lora_r_{k}"
+    a_in, b_in = _inputs(model, mod, [in_f, r], [r, out_f])
+    xa = ir.node("MatMul", [node.inputs[0], a_in], name=f"lora/{mod}/xA")
+    xab = ir.node("MatMul", [xa.outputs[0], b_in], name=f"lora/{mod}/xAB")
+    _attach(model, node, mod, xa, xab)
     return {"module": mod, "a_input": a_in.name, "b_input": b_in.name, "in_features": in_f,
             "out_features": out_f, "rank": rank, "a_transform": None, "b_transform": None}
+
+
+def _add_conv_branch(model: ir.Model, node: ir.Node, mod: str, shape: tuple[int, ...],
+                     rank: int, k: int) -> dict:
+    out_f, in_f, *kernel = shape
+    # the rank fixed: OpenVINO's CPU Convolution refuses a weight of dynamic shape (adapters
+    # of lower rank are padded; a higher one needs a recompile)
+    a_in, b_in = _inputs(model, mod, [rank, in_f, *kernel], [out_f, rank, *[1] * len(kernel)])
+    # A convolves as W does (strides, pads, dilations, auto_pad); B is 1×1 with the defaults
+    attrs = {a.name: a.value for a in node.attributes.values() if a.name != "group"}
+    xa = ir.node("Conv", [node.inputs[0], a_in], attributes=attrs, name=f"lora/{mod}/xA")
+    xab = ir.node("Conv", [xa.outputs[0], b_in], name=f"lora/{mod}/xAB")
+    _attach(model, node, mod, xa, xab)
+    return {"module": mod, "a_input": a_in.name, "b_input": b_in.name, "in_features": in_f,
+            "out_features": out_f, "rank": rank, "kernel": list(kernel), "a_transform": None,
+            "b_transform": None}
