@@ -84,12 +84,10 @@ def export_module(
         ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
     # torchvision is optional; its missing-op registrations are not our users' concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    # nor is onnx_ir's note that the exporter built an attribute from an empty list (a Conv's
-    # default pads on video-dit: four WARNING lines on every compile, about torch's code)
-    logging.getLogger("onnx_ir._convenience").setLevel(logging.ERROR)
     try:
         # The exporter prints its own progress to stdout and warns liberally; we report instead.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet(
+                _EXPORTER_NOTES):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, _unpinned(example_inputs, names, dynamic_shapes), dynamo=True,
@@ -105,6 +103,26 @@ def export_module(
     logger.info("exported %s: %d nodes, %d initializers, %d parameters mapped",
                 type(module).__name__, len(model.graph), len(model.graph.initializers), len(pmap))
     return ExportResult(model, pmap, list(input_names or names), out_names)
+
+
+# Loggers whose warnings during torch.onnx.export are about the exporter's own code, not the
+# user's model: onnx_ir's note that an attribute was built from an empty list (a Conv's default
+# pads: four lines on every video-dit compile) and the exporter's optimizer skipping a
+# multi-output Split (every Wan compile).
+_EXPORTER_NOTES = ("onnx_ir._convenience", "onnxscript.optimizer._constant_folding")
+
+
+@contextlib.contextmanager
+def _quiet(names: Sequence[str]):
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _unpinned(example_inputs: tuple, names: Sequence[str],
