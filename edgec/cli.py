@@ -358,7 +358,8 @@ def run_cmd(
     inputs: Annotated[Path | None, typer.Option("--inputs", help=_INPUTS_HELP)] = None,
     save: Annotated[Path | None, typer.Option("--save", help="write outputs to this .npz")] = None,
     adapter: Annotated[str | None, typer.Option(
-        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none)")] = None,
+        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
+                          "or a weighted blend of them: a:0.7,b:0.3")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Run an artifact once (on its example inputs unless --inputs) and summarize the outputs.
@@ -397,7 +398,8 @@ def bench_cmd(
     warmup: Annotated[int, typer.Option(min=0, help="untimed runs first")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="timed runs")] = 20,
     adapter: Annotated[str | None, typer.Option(
-        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none)")] = None,
+        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
+                          "or a weighted blend of them: a:0.7,b:0.3")] = None,
     prompt_tokens: Annotated[int, typer.Option(
         "--prompt-tokens", min=1, help="generation artifacts: prompt length")] = 128,
     new_tokens: Annotated[int, typer.Option(

@@ -14,6 +14,7 @@ Artifact layout (swappable mode): ``adapters/<name>/adapter_config.json`` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -140,6 +141,52 @@ def unswappable(adapter: LoraAdapter) -> None:
                         "swappable branch x·A·B does not carry; use --lora-mode merge")
 
 
+def blend_spec(spec: str | Mapping[str, float]) -> str | dict[str, float]:
+    """An adapter name as it is, or a blend's weights by name (``"a:0.7,b:0.3"`` or a
+    mapping); a bad weight is refused in one line."""
+    if isinstance(spec, str) and ":" not in spec:
+        return spec
+    items = spec.items() if isinstance(spec, Mapping) else (
+        part.rpartition(":")[::2] if ":" in part else (part, "1")
+        for part in str(spec).split(",") if part.strip())
+    out: dict[str, float] = {}
+    for name, weight in items:
+        try:
+            out[str(name).strip()] = float(weight)
+        except (TypeError, ValueError):
+            raise UserError(f"adapter blend {spec!r}: weight {weight!r} of {name!r} is not a "
+                            "number; give name:weight,name:weight (e.g. style:0.7,subject:0.5)"
+                            ) from None
+    if not out:
+        raise UserError(f"adapter blend {spec!r} names no adapter; give name:weight,...")
+    return out
+
+
+def blended(parts: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
+    """One adapter computing Σ wᵢ·(adapter i's delta) on the union of their modules: per module,
+    A = [A₁; A₂; ...] and B = [w₁s₁B₁, w₂s₂B₂, ...] (rank Σ rᵢ, scaling 1)."""
+    by_module: dict[str, list] = {}
+    for adapter, w in parts:
+        unswappable(adapter)
+        for mod, lm in adapter.modules.items():
+            if lm.rank and w * adapter.weight:
+                by_module.setdefault(mod, []).append((lm, w * adapter.weight))
+    modules = {}
+    for mod, terms in by_module.items():
+        first = terms[0][0]
+        if any(lm.kernel != first.kernel or lm.A.shape[1] != first.A.shape[1]
+               or lm.B.shape[0] != first.B.shape[0] for lm, _ in terms):
+            raise UserError(f"adapters blended on module {mod} disagree on its shape; they were "
+                            "trained on different base models")
+        A = np.concatenate([lm.A for lm, _ in terms], axis=0)
+        B = np.concatenate([lm.B * np.float32(lm.scaling * w) for lm, w in terms], axis=1)
+        modules[mod] = dataclasses.replace(first, A=A, B=B, rank=A.shape[0],
+                                           alpha=float(A.shape[0]), scaling=1.0)
+    name = "+".join(f"{a.name}:{w:g}" for a, w in parts) or NO_ADAPTER
+    return LoraAdapter(name, None, {"r": max((m.rank for m in modules.values()), default=0)},
+                       modules)
+
+
 def ship_adapters(adapters: Sequence[LoraAdapter], stage: Path) -> dict[str, str]:
     """Copy the PEFT files into ``stage/adapters/<name>/``; returns name → relative dir."""
     out = {}
@@ -186,23 +233,50 @@ class AdapterBank:
         if (root / TRANSFORMS_FILE).is_file():
             self.transforms = load_factors(root / TRANSFORMS_FILE)
         self._feeds = {NO_ADAPTER: site_feeds(self.sites, None)}
+        self._adapters: dict[str, LoraAdapter] = {}
+        self._blends: dict[tuple, dict[str, np.ndarray]] = {}  # the last few blends' feeds
         for name, rel in (spec.get("adapters") or {}).items():
-            self._feeds[name] = site_feeds(self.sites, read_adapter(root / rel, name),
-                                           self.transforms)
-        self.active = spec.get("default") or NO_ADAPTER
+            self._add(read_adapter(root / rel, name))
+        self.active: str | dict[str, float] = spec.get("default") or NO_ADAPTER
 
     @property
     def names(self) -> list[str]:
         return list(self._feeds)
 
+    def _add(self, adapter: LoraAdapter) -> None:
+        self._feeds[adapter.name] = site_feeds(self.sites, adapter, self.transforms)
+        self._adapters[adapter.name] = adapter
+        self._blends.clear()
+
     def load(self, path: str | Path, name: str | None = None) -> str:
         adapter = read_adapter(path, name)
-        self._feeds[adapter.name] = site_feeds(self.sites, adapter, self.transforms)
+        self._add(adapter)
         return adapter.name
 
-    def feeds(self, name: str | None) -> dict[str, np.ndarray]:
-        name = self.active if name is None else name
-        if name not in self._feeds:
-            raise UserError(f"no adapter named {name!r}; loaded: {', '.join(self._feeds)} "
+    def feeds(self, spec: str | Mapping[str, float] | None) -> dict[str, np.ndarray]:
+        """The inputs for one adapter by name, or a weighted blend of loaded ones
+        (``{"style": 0.7, "subject": 0.5}`` or ``"style:0.7,subject:0.5"``)."""
+        spec = blend_spec(self.active if spec is None else spec)
+        if isinstance(spec, dict):
+            return self._blend(spec)
+        if spec not in self._feeds:
+            raise UserError(f"no adapter named {spec!r}; loaded: {', '.join(self._feeds)} "
                             "(load one with Session.load_adapter(dir))")
-        return self._feeds[name]
+        return self._feeds[spec]
+
+    def _blend(self, weights: dict[str, float]) -> dict[str, np.ndarray]:
+        """Σ wᵢ·sᵢ·BᵢAᵢ at every site as one adapter of rank Σ rᵢ (A stacked, B weighted and
+        stacked): exactly PEFT's weighted merge, and the rotation factors apply to it as to each
+        (they are linear)."""
+        key = tuple(sorted(weights.items()))
+        if key not in self._blends:
+            unknown = [n for n in weights if n not in self._feeds]
+            if unknown:
+                raise UserError(f"no adapter named {unknown[0]!r} to blend; loaded: "
+                                f"{', '.join(self._feeds)} (load one with "
+                                "Session.load_adapter(dir))")
+            parts = [(self._adapters[n], w) for n, w in weights.items() if n != NO_ADAPTER]
+            if len(self._blends) >= 4:
+                self._blends.pop(next(iter(self._blends)))
+            self._blends[key] = site_feeds(self.sites, blended(parts), self.transforms)
+        return self._blends[key]

@@ -76,12 +76,13 @@ class Session(abc.ABC):
     def outputs(self) -> list[IOSpec]:
         return list(self._outputs)
 
-    def run(self, feeds: Mapping[str, np.ndarray], adapter: str | None = None
-            ) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray],
+            adapter: str | Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
         """Run once; ``feeds`` maps every input name to an array of the input's dtype.
 
-        ``adapter``: a swappable-LoRA artifact's adapter name (``"base"``: none); default the
-        active one (``adapters``, ``active_adapter``, ``load_adapter``).
+        ``adapter``: a swappable-LoRA artifact's adapter name (``"base"``: none), or a weighted
+        blend of loaded ones (``{"style": 0.7, "subject": 0.5}``, ``"style:0.7,subject:0.5"``);
+        default the active one (``adapters``, ``active_adapter``, ``load_adapter``).
         """
         feeds = self._adapter_feeds(self._check_feeds(feeds), adapter)
         try:
@@ -95,7 +96,7 @@ class Session(abc.ABC):
 
     def benchmark(self, warmup: int = 3, iterations: int = 20,
                   feeds: Mapping[str, np.ndarray] | None = None,
-                  adapter: str | None = None) -> dict[str, float]:
+                  adapter: str | Mapping[str, float] | None = None) -> dict[str, float]:
         """Latency over ``iterations`` runs after ``warmup`` runs (p50/p90/mean/min ms)."""
         feeds = self._check_feeds(feeds if feeds is not None else self._require_default_feeds())
         feeds = self._adapter_feeds(feeds, adapter)
@@ -260,13 +261,18 @@ class Session(abc.ABC):
         return self._lora.names if self._lora is not None else []
 
     @property
-    def active_adapter(self) -> str | None:
+    def active_adapter(self) -> str | dict[str, float] | None:
+        """The adapter runs use when none is named: a name, or a blend's weights by name."""
         return self._lora.active if self._lora is not None else None
 
     @active_adapter.setter
-    def active_adapter(self, name: str) -> None:
-        self._lora_bank().feeds(name)  # validates the name
-        self._lora.active = name
+    def active_adapter(self, spec: str | Mapping[str, float]) -> None:
+        """A loaded adapter's name, or a weighted blend of loaded ones (``{"style": 0.7,
+        "subject": 0.5}`` or ``"style:0.7,subject:0.5"``: Σ wᵢ·ΔWᵢ, as PEFT's weighted merge)."""
+        from edgec.lora.binding import blend_spec
+
+        self._lora_bank().feeds(spec)  # validates the names and weights
+        self._lora.active = blend_spec(spec)
 
     def load_adapter(self, path, name: str | None = None) -> str:
         """Read a PEFT adapter directory or a diffusers LoRA file and make it runnable by name
@@ -279,7 +285,8 @@ class Session(abc.ABC):
                             "--lora DIR --lora-mode swappable")
         return self._lora
 
-    def _adapter_feeds(self, feeds: dict[str, np.ndarray], adapter: str | None):
+    def _adapter_feeds(self, feeds: dict[str, np.ndarray],
+                       adapter: str | Mapping[str, float] | None):
         if self._lora is None:
             if adapter is not None:
                 self._lora_bank()

@@ -126,9 +126,15 @@ def test_conv_adapters_swap_at_run_time(convnet, tmp_path, target):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     base = session.run(feeds, adapter="base")["output"]
     np.testing.assert_allclose(base, module(*inputs).detach().numpy(), rtol=1e-5, atol=1e-6)
+    # a blend of both fits the Conv sites (compiled at the sum of their ranks: 2 + 3)
+    mix, _ = _compiled(module, inputs, [f"{tmp_path / 's0'}:0.7", f"{tmp_path / 's1'}:0.3"],
+                       tmp_path / "mix")
+    got = session.run(feeds, adapter={"s0": 0.7, "s1": 0.3})["output"]
+    want = mix.load().run(feeds)["output"]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     if target == "ort-cpu":
-        _adapter(module, tmp_path / "big", 12, target_modules=["patch"], r=4, lora_alpha=4)
-        with pytest.raises(UserError, match="rank 4, over the rank 3 its Conv branch"):
+        _adapter(module, tmp_path / "big", 12, target_modules=["patch"], r=6, lora_alpha=4)
+        with pytest.raises(UserError, match="rank 6, over the rank 5 its Conv branch"):
             session.load_adapter(tmp_path / "big")
 
 

@@ -70,6 +70,10 @@ def test_rotated_swappable_equals_unrotated(artifacts, adapter_dirs, lora_helper
         sess.load_adapter(dirs["patterns"])
     want = plain.run(feeds, adapter="patterns")["logits"]
     assert lora_helpers.max_rel(rotated.run(feeds, adapter="patterns")["logits"], want) <= RTOL
+    # a blend of the two goes through the same factors (they are linear in A and B)
+    blend = {"attn_mlp": 0.6, "patterns": 0.4}
+    want = plain.run(feeds, adapter=blend)["logits"]
+    assert lora_helpers.max_rel(rotated.run(feeds, adapter=blend)["logits"], want) <= RTOL
 
 
 def _with_branches(model: ir.Model) -> ir.Model:

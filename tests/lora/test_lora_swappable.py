@@ -89,6 +89,34 @@ def test_new_adapter_with_higher_rank_and_refusals(swappable, adapter_dirs, expo
         sess.run(sess.default_feeds, adapter="nope")
 
 
+def test_a_weighted_blend_equals_peft_weighted_merge(swappable, adapter_dirs, lora_helpers,
+                                                     llama_source):
+    """A blend of loaded adapters at run time (one adapter of rank Σ rᵢ, A stacked, B
+    weighted): PEFT's weighted merge of the two, on both targets, with no recompilation; the
+    rslora adapter loaded late has another rank on other modules."""
+    from edgec.lora.reference import peft_merged_outputs
+
+    dirs, _ = adapter_dirs
+    sess = edgec.load(swappable.path)
+    sess.load_adapter(dirs["rslora"])
+    feeds = sess.default_feeds
+    ref = peft_merged_outputs(lora_helpers.build_llama(), llama_source().feeds, ["input_ids"],
+                              ["logits"], [read_adapter(dirs["attn_mlp"], weight=0.7),
+                                           read_adapter(dirs["rslora"], weight=-0.5)])["logits"]
+    got = sess.run(feeds, adapter={"attn_mlp": 0.7, "rslora": -0.5})["logits"]
+    assert lora_helpers.max_rel(got, ref) <= RTOL
+    sess.active_adapter = "attn_mlp:0.7,rslora:-0.5"  # the CLI's --adapter form
+    assert sess.active_adapter == {"attn_mlp": 0.7, "rslora": -0.5}
+    np.testing.assert_array_equal(sess.run(feeds)["logits"], got)
+    alone = sess.run(feeds, adapter={"attn_mlp": 1.0, "base": 0.3})["logits"]
+    np.testing.assert_allclose(alone, sess.run(feeds, adapter="attn_mlp")["logits"], rtol=1e-5,
+                               atol=1e-6)
+    with pytest.raises(UserError, match="no adapter named 'nope' to blend"):
+        sess.run(feeds, adapter={"attn_mlp": 0.5, "nope": 0.5})
+    with pytest.raises(UserError, match="weight 'x' of 'rslora' is not a number"):
+        sess.active_adapter = "attn_mlp:0.5,rslora:x"
+
+
 def test_merged_artifact_has_no_adapters(tmp_path, adapter_dirs):
     dirs, _ = adapter_dirs
     art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "m", config="tiny",

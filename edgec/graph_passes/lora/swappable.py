@@ -12,7 +12,8 @@ A Conv (``nn.Conv1d/2d/3d``, groups 1) gets the convolution form of the same bra
 
 which is the merged ``Conv(x, W + s·B·A)`` (PEFT's lora_A is a Conv with the base's kernel,
 lora_B a 1×1 Conv; no rotation factors: a rotation does not move a Conv's weight). Its rank is
-fixed at the compiled one (OpenVINO's CPU Convolution takes no weight of dynamic shape).
+fixed (OpenVINO's CPU Convolution takes no weight of dynamic shape) at the sum of the compiled
+adapters' ranks on it, so that any blend of them (``Session.run(adapter={...})``) fits.
 
 One compiled model then serves any adapter on those modules: the runtime binds A_in/B_in
 (``edgec.lora.binding``), zeros of rank 1 give the base model exactly. W stays the base MatMul's
@@ -55,7 +56,10 @@ class LoraSwappablePass(EdgecPass):
             unswappable(adapter)
             for mod, t in resolve_targets(adapter, self.parameter_map, model).items():
                 targets[mod] = t
-                ranks[mod] = max(ranks.get(mod, 1), adapter.modules[mod].rank)
+                lm = adapter.modules[mod]
+                # a Conv's rank is fixed: the sum, so any blend of these adapters fits
+                ranks[mod] = (ranks.get(mod, 0) + lm.rank) if lm.kernel else \
+                    max(ranks.get(mod, 1), lm.rank)
                 fan[mod] = adapter.modules[mod].fan_in_fan_out
                 kernels[mod] = adapter.modules[mod].kernel
         matmuls, gemms, convs = (_consumers(model, op) for op in ("MatMul", "Gemm", "Conv"))
