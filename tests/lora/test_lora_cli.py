@@ -67,3 +67,8 @@ def test_run_and_bench_choose_the_adapter(adapter_dirs, tmp_path):
     assert bench["iterations"] == 2
     r = _run("run", out, "--adapter", "nope")
     assert r.exit_code == 2 and "no adapter named 'nope'" in r.stderr
+    blend = json.loads(_run("run", out, "--adapter", "attn_mlp:1,rslora:0", "--json").stdout)
+    assert abs(blend["outputs"]["logits"]["mean"] - means["attn_mlp"]) <= 1e-5 * max(
+        1.0, abs(means["attn_mlp"]))
+    r = _run("run", out, "--adapter", "attn_mlp:0.5,rslora:x")
+    assert r.exit_code == 2 and "weight 'x' of 'rslora' is not a number" in r.stderr
