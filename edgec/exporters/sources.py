@@ -53,7 +53,7 @@ def resolve_source(source: Any, config: str | None = None,
             raise UserError("compiling an nn.Module needs example_inputs=(tensor, ...)")
         inputs = tuple(torch.as_tensor(x) for x in _as_tuple(example_inputs))
         info = {"kind": "module", "class": type(source).__qualname__}
-        return _from_torch(source, inputs, dynamic_shapes, None, info, "module")
+        return _from_torch(_unwrapped(source), inputs, dynamic_shapes, None, info, "module")
     if not isinstance(source, (str, os.PathLike)):
         raise UserError(f"source must be a model name, an .onnx path or an nn.Module, "
                         f"not {type(source).__name__}")
@@ -256,6 +256,14 @@ def _flat(inputs) -> list:
     for x in inputs:
         out += _flat(x) if isinstance(x, (tuple, list)) else [x]
     return out
+
+
+def _unwrapped(module):
+    """A PEFT model's base model, its adapter layers injected in place (what it runs): a
+    ``PeftModel``'s own ``forward(*args, **kwargs)`` names no inputs to export."""
+    if type(module).__module__.startswith("peft.") and hasattr(module, "get_base_model"):
+        return module.get_base_model()
+    return module
 
 
 def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,

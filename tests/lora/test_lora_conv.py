@@ -159,3 +159,21 @@ def test_conv_adapters_are_refused_where_a_merge_cannot_be_them(convnet, tmp_pat
         edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "k",
                       example_inputs=inputs, lora=str(tmp_path / "a"))
     assert not (tmp_path / "k").exists()
+
+
+def test_a_peft_model_compiles_with_its_conv_and_gemm_branches_folded(convnet, tmp_path):
+    """A ``PeftModel`` in hand is a source too (its ``forward(*args, **kwargs)`` named no
+    inputs: refused before); its Conv and Gemm LoRA branches fold into the base weights as its
+    MatMul ones always did (they stayed in the graph, two extra Convs per site)."""
+    module, inputs = convnet
+    model = _adapter(module, tmp_path / "a", 5, target_modules=["temporal", "patch", "point",
+                                                               "head"], r=2, lora_alpha=4)
+    art = edgec.compile(model.eval(), target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs=inputs, check=True)
+    (fold,) = [p for p in art.report["passes"] if p["name"] == "lora-fold"]
+    assert fold["stats"]["branches_folded"] == 4 and fold["check"]["exact"]
+    assert art.report["graph"]["ops"]["Conv"] == 4 and "Mul" not in art.report["graph"]["ops"]
+    want = model(*inputs).detach().numpy()
+    got = art.load().run({"x": inputs[0].numpy()})["output"]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert np.abs(want - module(*inputs).detach().numpy()).max() > 1e-2 * np.abs(want).max()
