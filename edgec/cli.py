@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from edgec.errors import UserError
 
@@ -24,8 +25,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                   help="edgec — export PyTorch models to ONNX, rewrite them with checked passes, "
                        "and build them for edge targets (ort-cpu, openvino-cpu, qnn-htp, "
                        "tensorrt).")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, log_path=False)
+# No markup or emoji codes: messages carry what users typed (paths, option values), and
+# "ad/a:abc:" printed an emoji, "[red]" vanished, "nope[/x]" raised a MarkupError.
+out = Console(soft_wrap=True, markup=False, emoji=False)
+err = Console(stderr=True, log_path=False, markup=False, emoji=False)
 
 
 def _errors(fn):
@@ -36,16 +39,16 @@ def _errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            err.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+            err.print(Text("error:", style="red"), str(e), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort):
             raise
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (``_Terminated``)
+            raise typer.Exit(143 if isinstance(e, _Terminated) else 130) from None
         except Exception as e:  # noqa: BLE001 — the CLI boundary
             if os.environ.get("EDGEC_DEBUG"):
                 raise
-            err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} "
+            err.print(Text("internal error:", style="red"), f"{type(e).__name__}: {e} "
                       "(set EDGEC_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -639,7 +642,19 @@ def inspect_cmd(
     out.print(table)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, a job scheduler) raised as an interrupt, so the staging directory
+    and temporary files are removed as on Ctrl-C (the default action left hundreds of MB)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     app()
 
 

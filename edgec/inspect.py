@@ -54,8 +54,12 @@ def describe(path: str | Path) -> dict[str, Any]:
 
             r = json.loads(report.read_text())
             info["latency_p50_ms"] = r["latency"].get("p50_ms")  # None: not measured
+            # entries with measured outputs (``lora`` records what the merge was held to)
             info["fidelity"] = {k: max((e["max_rel"] for e in v["outputs"].values()), default=0)
-                                for k, v in r["fidelity"].items() if v}
+                                for k, v in r["fidelity"].items()
+                                if isinstance(v, dict) and isinstance(v.get("outputs"), dict)}
+            if isinstance(r["fidelity"].get("lora"), dict):
+                info["lora"] = r["fidelity"]["lora"]
         return info
     if not p.exists():
         raise UserError(f"{p}: no such file or directory")

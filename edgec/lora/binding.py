@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,8 @@ from edgec.lora.transforms import (
 
 __all__ = ["AdapterBank", "site_feeds", "ship_adapters", "ship_transforms", "lora_sites",
            "unswappable", "adapter_inputs", "TRANSFORMS_FILE", "SITES_KEY"]
+
+logger = logging.getLogger(__name__)
 
 TRANSFORMS_FILE = "adapters/transforms.safetensors"
 SITES_KEY = "edgec.lora.sites"  # model metadata: the swappable sites (graph_passes.lora.swappable)
@@ -250,6 +253,11 @@ class AdapterBank:
 
     def load(self, path: str | Path, name: str | None = None) -> str:
         adapter = read_adapter(path, name)
+        if adapter.name == NO_ADAPTER:  # "base" would silently run this adapter instead
+            raise UserError(f"adapter name {NO_ADAPTER!r} is reserved for the base model; "
+                            "load it under another name (load_adapter(path, name=...))")
+        if adapter.name in self._adapters:
+            logger.warning("adapter %r replaced by %s", adapter.name, path)
         self._add(adapter)
         return adapter.name
 

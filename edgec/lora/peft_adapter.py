@@ -237,7 +237,8 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         for prefix in _PREFIXES:
             key = key.removeprefix(prefix)
         module = key.rpartition(".")[0]
-        if "lora_" not in key and any(module == t or module.endswith(f".{t}") for t in to_save):
+        # PEFT's rule is a plain suffix: "classifier" also saves DistilBERT's "pre_classifier"
+        if "lora_" not in key and any(module.endswith(t) for t in to_save):
             saved[key] = np.asarray(value, dtype=np.float32)  # a module_to_save's parameter
             continue
         base = _BASE_LAYER.match(key)
@@ -298,6 +299,9 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         modules[mod] = LoraModule(mod, A, B, rank, alpha, scaling,
                                   embedding or bool(config.get("fan_in_fan_out")), magnitude, b,
                                   embedding, kernel)
+    if not modules and not saved:
+        raise UserError(f"{name}: the adapter holds no LoRA tensors (its weights file is "
+                        "empty or has only saved base layers); give a trained adapter")
     return LoraAdapter(name, path, dict(config), modules, float(weight), saved, base_layers)
 
 
@@ -329,27 +333,45 @@ def _per_output(ab: Mapping[str, np.ndarray], key: str, what: str, B: np.ndarray
 
 
 def parse_lora_option(option: Any) -> list[tuple[str, float]]:
-    """``"dir"``, ``"dir:0.5"``, a list of those or of ``(dir, weight)``, or ``{dir: weight}``."""
+    """``"dir"``, ``"dir:0.5"``, a list of those or of ``(dir, weight)``, or ``{dir: weight}``;
+    a weight that is not a finite number is refused in one line."""
     if option is None:
         return []
     if isinstance(option, Mapping):
-        return [(str(k), float(v)) for k, v in option.items()]
+        return [(str(k), _weight(k, v)) for k, v in option.items()]
     items = [option] if isinstance(option, (str, Path)) else list(option)
     out = []
     for item in items:
-        if isinstance(item, (tuple, list)):
-            out.append((str(item[0]), float(item[1])))
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            out.append((str(item[0]), _weight(item[0], item[1])))
             continue
+        if not isinstance(item, (str, Path)):
+            raise UserError(f"lora={item!r}: give an adapter path, 'PATH:WEIGHT' or "
+                            "(PATH, WEIGHT)")
         text = str(item)
         head, sep, tail = text.rpartition(":")
         if sep and head and not Path(text).exists():
             try:
-                out.append((head, float(tail)))
-                continue
+                float(tail)
             except ValueError:
-                pass
+                if Path(head).exists():  # a real adapter with a weight that is no number
+                    _weight(head, tail)
+            else:
+                out.append((head, _weight(head, tail)))
+                continue
         out.append((text, 1.0))
     return out
+
+
+def _weight(path: Any, value: Any) -> float:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not math.isfinite(weight):
+        raise UserError(f"--lora {path}: weight {value!r} is not a finite number; give "
+                        "PATH:WEIGHT, e.g. ./adapter:0.7")
+    return weight
 
 
 @dataclasses.dataclass

@@ -201,6 +201,8 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     guidance = spec.guidance if guidance is None else float(guidance)
     if steps < 1:
         raise UserError(f"steps={steps}: give at least one sampling step")
+    if not math.isfinite(guidance):
+        raise UserError(f"guidance={guidance}: give a finite number (1.0: no guidance)")
     if guidance_mode not in GUIDANCE_MODES:
         raise UserError(f"guidance_mode={guidance_mode!r}: choose one of "
                         f"{', '.join(GUIDANCE_MODES)}")

@@ -87,6 +87,12 @@ def test_new_adapter_with_higher_rank_and_refusals(swappable, adapter_dirs, expo
         sess.load_adapter(tmp_path / "head")
     with pytest.raises(UserError, match="no adapter named 'nope'"):
         sess.run(sess.default_feeds, adapter="nope")
+    # "base" is the base model: loading an adapter under that name ran the adapter instead
+    with pytest.raises(UserError, match="'base' is reserved"):
+        sess.load_adapter(dirs["patterns"], name="base")
+    np.testing.assert_array_equal(sess.run(sess.default_feeds, adapter="base")["logits"],
+                                  edgec.load(swappable.path).run(sess.default_feeds,
+                                                                 adapter="base")["logits"])
 
 
 def test_a_weighted_blend_equals_peft_weighted_merge(swappable, adapter_dirs, lora_helpers,

@@ -300,3 +300,32 @@ def test_a_checkpoint_source_is_held_to_peft_with_its_tied_embedding(tied_checkp
         fid = art.report["fidelity"]
         assert fid["lora"]["reference"] == f"peft merge_and_unload ({name})"
         assert all(e["max_rel"] <= 1e-5 for e in fid["target_vs_source"]["outputs"].values())
+
+
+def test_modules_to_save_match_as_peft_matches_them(tmp_path):
+    """PEFT saves every module whose name ends with a ``modules_to_save`` entry: DistilBERT's
+    SEQ_CLS task saves ``classifier`` and, by that rule, ``pre_classifier`` (refused as "not a
+    LoRA A/B weight" before); both replace the model's."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2,
+                                           hidden_dim=64, num_labels=3,
+                                           max_position_embeddings=16)
+    module = transformers.DistilBertForSequenceClassification(config).eval()
+    with torch.no_grad():  # as trained: an all-zero bias is folded away at export
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    pm = _peft(module, 1, task_type="SEQ_CLS", target_modules=["q_lin", "v_lin"], r=2,
+               lora_alpha=4)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    pm.save_pretrained(str(tmp_path / "a"))
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.saved) == ["classifier.bias", "classifier.weight",
+                                     "pre_classifier.bias", "pre_classifier.weight"]
+    ids = torch.randint(0, 64, (1, 8))
+    _, stats = _held_to_peft(module, (ids, torch.ones_like(ids)), tmp_path)
+    assert stats["parameters_replaced"] == 4

@@ -78,6 +78,22 @@ def test_parse_lora_option(tmp_path):
     odd = tmp_path / "x:1"
     odd.mkdir()
     assert parse_lora_option(str(odd)) == [(str(odd), 1.0)]  # an existing path wins
+    # weights that are no finite number: one line each (nan merged NaN logits; "abc" read as
+    # part of the path and said "adapter not found"; a dict's raw ValueError)
+    for bad in (f"{tmp_path}:abc", f"{tmp_path}:nan", f"{tmp_path}:inf", {"a": "abc"},
+                [("a", None)], [None]):
+        with pytest.raises(UserError, match="not a finite number|give an adapter path"):
+            parse_lora_option(bad)
+
+
+def test_an_adapter_without_lora_tensors_is_refused(adapter_dirs, tmp_path):
+    from safetensors.numpy import save_file
+
+    dirs, _ = adapter_dirs
+    empty = _copy(dirs["zero"], tmp_path / "empty")
+    save_file({}, str(empty / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match="holds no LoRA tensors"):
+        read_adapter(empty)
 
 
 def _copy(src, dst):

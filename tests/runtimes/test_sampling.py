@@ -107,6 +107,8 @@ def test_auto_guidance_times_both_forms_on_real_steps_and_keeps_the_faster(ms, c
     assert sess.batches == ([4] * 2 if chosen == "batch" else [2] * 4)
     with pytest.raises(UserError, match="guidance_mode='both'"):
         sample(sess, guidance_mode="both")
+    with pytest.raises(UserError, match="guidance=nan: give a finite number"):
+        sample(sess, guidance=float("nan"))  # sampled NaN with exit 0 before
 
 
 def test_flow_sigmas_are_shifted_and_end_at_zero():
