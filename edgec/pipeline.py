@@ -477,7 +477,13 @@ def _decode_graph(source, recipe, stage: Path, step: Progress, rotations=None
                   ) -> tuple[dict, dict, dict]:
     """The one-token decode graph of a static-cache decoder beside the prefill graph
     (``decode.onnx``, ``target/decode/``): its runtime entry, fidelity and example feeds."""
+    from edgec.calibration.cache import CalibrationCache
+
     step("exporting the one-token decode graph")
+    if isinstance(recipe.calibration, CalibrationCache):
+        # the prefill graph's cache is bound to that graph: the decode graph's own sits beside
+        # it (``calibrate --generate``); an older cache has none: calibrated here, as without
+        recipe = dataclasses.replace(recipe, calibration=recipe.calibration.companion("decode"))
     prep = prepare(source, recipe, step=step, static=static_graphs(recipe)[1],
                    rotations=rotations)
     entry, fidelity = _companion("decode", prep, recipe, stage, step, tokens=1)
@@ -702,6 +708,18 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
         if hasattr(p, "store"):
             p.store(cache, output_dir)
     cache.save(output_dir)
+    if recipe.generate and recipe.target.static_shapes:
+        # a static-cache decoder quantizes its one-token decode graph too: its own ranges (on
+        # the decoder's generated samples) beside the prefill graph's, in ``decode/``; the
+        # compile's decode graph refused the prefill graph's cache as another graph's
+        step = step or logger.info
+        step("calibrating the one-token decode graph")
+        decode = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize",
+                         static=static_graphs(recipe)[1],
+                         rotations=_rotations(prep.manager.passes))
+        request = recipe.quantize.calibration_request(recipe.target, None)
+        collect_cache(decode.model, request, decode.src, progress).save(
+            Path(output_dir) / "decode")
     return cache
 
 

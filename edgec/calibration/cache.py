@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -102,8 +103,17 @@ class CalibrationCache:
         except TypeError as e:
             raise UserError(f"{f}: incomplete calibration cache ({e}); re-run `edgec calibrate`"
                             ) from None
+        _check_entries(f, cache)
         cache._directory = f.parent
         return cache
+
+    def companion(self, name: str) -> CalibrationCache | None:
+        """The cache of a companion graph calibrated beside this one (``calibrate --generate``
+        on a static-shape target: the one-token decode graph in ``decode/``), None if absent."""
+        directory = getattr(self, "_directory", None)
+        if directory is None or not (Path(directory) / name / CACHE_FILE).is_file():
+            return None
+        return CalibrationCache.load(Path(directory) / name)
 
     def save_rotations(self, directory: str | os.PathLike, rotations: dict[str, Any],
                        graph: str, options: dict[str, Any], summary: dict[str, Any]) -> None:
@@ -173,3 +183,25 @@ class CalibrationCache:
                                     if k in _ORT_STATS})
                 for name, s in self.tensors.items()}
         return TensorsData(_method(self.method), data)
+
+
+def _check_entries(f: Path, cache: CalibrationCache) -> None:
+    """One line for a cache whose fields are not what ``edgec calibrate`` writes (edited or
+    damaged): ranges that are no finite numbers or run backwards, a sample count that is no
+    integer. Each failed later as an internal error (an AssertionError in ORT's quantizer, an
+    AttributeError) or quantized with nonsense."""
+    redo = "re-run `edgec calibrate`"
+    if not isinstance(cache.tensors, dict) or not cache.tensors:
+        raise UserError(f"{f}: 'tensors' is not a table of tensor ranges; {redo}")
+    if not isinstance(cache.samples, int) or isinstance(cache.samples, bool) or \
+            cache.samples < 1:
+        raise UserError(f"{f}: 'samples' is {cache.samples!r}, not a sample count; {redo}")
+    for name, entry in cache.tensors.items():
+        stats = entry if isinstance(entry, dict) else {}
+        values = [stats.get("lowest"), stats.get("highest"),
+                  *(stats[k] for k in _ORT_STATS[2:] if k in stats)]
+        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and math.isfinite(v) for v in values)
+        if not finite or values[0] > values[1]:
+            raise UserError(f"{f}: tensor {name!r} has no valid range ({entry!r}: lowest and "
+                            f"highest must be finite numbers, lowest ≤ highest); {redo}")

@@ -60,6 +60,23 @@ def test_bad_cache_files(tmp_path):
         CalibrationCache.load(tmp_path)
 
 
+@pytest.mark.parametrize("edit,match", [
+    ({"tensors": [1, 2]}, "not a table of tensor ranges"),
+    ({"tensors": {"x": {"lowest": float("nan"), "highest": 1.0}}}, "tensor 'x' has no valid"),
+    ({"tensors": {"x": {"min": -1.0, "max": 1.0}}}, "tensor 'x' has no valid"),
+    ({"tensors": {"x": {"lowest": 2.0, "highest": -1.0}}}, "lowest ≤ highest"),
+    ({"tensors": {"x": "wide"}}, "tensor 'x' has no valid"),
+    ({"samples": "many"}, "'samples' is 'many'"),
+])
+def test_edited_cache_entries_are_refused_in_one_line(tmp_path, edit, match):
+    """Each failed later as an internal error (an AssertionError or AttributeError in ORT's
+    quantizer) or quantized with ranges running backwards."""
+    raw = {"format": "edgec-calibration/1", **_cache().to_json(), **edit}
+    (tmp_path / "calibration.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=match):
+        CalibrationCache.load(tmp_path)
+
+
 def test_model_hash_tracks_weights(llama_src):
     import onnx_ir as ir
 

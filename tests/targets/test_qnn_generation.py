@@ -103,6 +103,31 @@ def _matmul_weights(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def test_a_calibration_cache_serves_the_decode_graph_too(qnn_art, tmp_path):
+    """`edgec calibrate --generate` on the NPU calibrates the one-token decode graph beside the
+    prefill graph (``decode/``), and `compile --calib` takes it: the decode graph refused the
+    prefill graph's cache as another graph's, so the README's calibrate-then-compile flow could
+    not work for an NPU decoder. Same generated samples: the same graphs as calibrated inside
+    the compile."""
+    import onnx_ir as ir
+
+    edgec.calibrate("llama", target="qnn-htp", config="tiny", generate=True, quantize="w8a16",
+                    context=64, output_dir=tmp_path / "c")
+    assert (tmp_path / "c" / "decode" / "calibration.json").is_file()
+    art = edgec.compile("llama", target="qnn-htp", config="tiny", generate=True,
+                        quantize="w8a16", context=64, calibration=str(tmp_path / "c"),
+                        output_dir=tmp_path / "a")
+    assert art.report["quantization"]["calibration"]["how"] == "reused cache"
+    for graph in ("model.onnx", "decode.onnx"):
+        ours, theirs = (ir.load(p / graph) for p in (art.path, qnn_art.path))
+        scales = {n: v.const_value.numpy() for n, v in ours.graph.initializers.items()
+                  if n.endswith("_scale")}
+        assert scales, graph
+        for name, value in scales.items():
+            np.testing.assert_array_equal(value, theirs.graph.initializers[name].const_value
+                                          .numpy(), err_msg=f"{graph}: {name}")
+
+
 def test_dartquant_decode_graph_rotates_as_the_prefill_graph(tmp_path):
     """The decode graph takes the prefill graph's DartQuant rotations instead of calibrating its
     own, so both hold the same weights and the shared context stores them once (calibrated

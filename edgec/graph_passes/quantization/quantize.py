@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -321,6 +322,14 @@ class QuantizePass(ir.passes.FunctionalPass):
             except KeyError as e:
                 raise UserError(f"the calibration cache has no range for tensor {e}; it was "
                                 "made for another graph: re-run `edgec calibrate`") from None
+            except ValueError as e:  # ORT: "Quantization parameters are not specified for ..."
+                if "not specified for" not in str(e):
+                    raise
+                found = re.search(r"for (?:param )?(\S+?)\.?(?:\s|$)", str(e))
+                tensor = found.group(1) if found else "?"
+                raise UserError(f"the calibration cache has no range for tensor {tensor!r} "
+                                "(the cache is incomplete or edited): re-run `edgec calibrate`"
+                                ) from None
             quantized = ir.load(out)
             ir.external_data.load_to_model(quantized)  # the temp dir goes away
         if self.target.fully_quantized and plan.nodes_to_exclude:
