@@ -22,7 +22,11 @@ def _io(model) -> dict[str, list[dict[str, Any]]]:
                 for d in (v.shape.dims if v.shape is not None else ())]
         return {"name": v.name, "shape": dims, "dtype": v.dtype.numpy().name}
 
-    return {"inputs": [spec(v) for v in model.graph.inputs],
+    from edgec.exporters.index_inputs import index_bounds
+
+    bounds = index_bounds(model)
+    return {"inputs": [{**spec(v), **({"index_bound": bounds[v.name]} if v.name in bounds
+                                      else {})} for v in model.graph.inputs],
             "outputs": [spec(v) for v in model.graph.outputs]}
 
 

@@ -58,6 +58,11 @@ def collect_cache(model, request: CalibrationRequest, src,
         samples, origin = samples_from_npz(request.data, specs), f"file {request.data.name}"
         if request.samples:
             samples = samples[: request.samples]
+        from edgec.exporters.index_inputs import check_indices, index_bounds
+
+        bounds = index_bounds(model)
+        for i, sample in enumerate(samples):
+            check_indices(sample, bounds, f"calibration sample {i} of {request.data.name}:")
     else:
         samples, origin = generated_samples(src, request.samples or DEFAULT_SAMPLES)
     samples = samples_for_model(samples, model)

@@ -322,4 +322,10 @@ class Session(abc.ABC):
                 raise UserError(f"input {spec.name!r} has shape {list(arr.shape)}, the model "
                                 f"wants {list(spec.shape)}")
             out[spec.name] = np.ascontiguousarray(arr)
+        bounds = {i["name"]: i["index_bound"] for i in
+                  (getattr(self, "manifest", None) or {}).get("inputs", ()) if "index_bound" in i}
+        if bounds:
+            from edgec.exporters.index_inputs import check_indices
+
+            check_indices(out, bounds)
         return out

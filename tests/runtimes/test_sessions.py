@@ -48,3 +48,23 @@ def test_load_refuses_non_artifacts(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         edgec.load(tmp_path)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
+    """OpenVINO answered ids past the embedding table with all-zero logits (exit 0) and ORT
+    with a Gather error read as edgec's fault; the manifest now records the table size of each
+    index input and runs and calibration samples are checked against it."""
+    art = edgec.compile("llama", target="openvino-cpu", config="tiny", output_dir=tmp_path / "o")
+    (spec,) = art.manifest["inputs"]
+    assert spec["name"] == "input_ids" and spec["index_bound"] == 256  # llama tiny's vocab
+    sess = edgec.load(art.path)
+    ids = sess.default_feeds["input_ids"]
+    assert np.isfinite(sess.run({"input_ids": ids})["logits"]).all()
+    for bad in (256, -1):
+        with pytest.raises(UserError, match=f"holds {bad}, outside \\[0, 256\\)"):
+            sess.run({"input_ids": np.full_like(ids, bad)})
+    np.savez(tmp_path / "data.npz", input_ids=np.full((4, *ids.shape), 300, ids.dtype))
+    with pytest.raises(UserError, match="calibration sample 0 of data.npz: 'input_ids' holds 300"):
+        edgec.calibrate("llama", target="ort-cpu", config="tiny", data=tmp_path / "data.npz",
+                        output_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
