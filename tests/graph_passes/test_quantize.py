@@ -1,10 +1,13 @@
 """Quantization pass: the QDQ form each scheme asks for, masks kept out, accuracy floors."""
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from edgec.calibration import collect_cache
+from edgec.errors import UserError
 from edgec.exporters.verify import compare_outputs
 from edgec.graph_passes.quantization.mask_fill import MaskFillPass
 from edgec.graph_passes.quantization.options import QuantOptions
@@ -73,6 +76,11 @@ def test_w8a8_form_and_accuracy(llama_src):
     acts = [n for n in model.graph if n.op_type == "QuantizeLinear"]
     assert all(n.inputs[2].const_value.dtype == ir.DataType.UINT8 for n in acts)
     assert _cosine(run_model(model, llama_src.feeds), llama_src.reference) >= 0.99
+    # quantizing it again: ORT's quantizer skipped it silently on ort-cpu ("w8a8", cosine 1)
+    # and redeclared tensors on qnn-htp (an internal error)
+    again = dataclasses.replace(llama_src, model=model)
+    with pytest.raises(UserError, match="already quantized .* compile its float model"):
+        _quantize(again, "ort-cpu", "w8a8")
 
 
 def test_w4a16_is_blockwise_weight_only(llama_src):

@@ -106,6 +106,11 @@ def _quiet_ort_quantization() -> Iterator[None]:
 Ranges = Callable[[ir.Model], tuple[Any, str]]
 
 
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+                  "QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger",
+                  "MatMulNBits"}
+
+
 class QuantizePass(ir.passes.FunctionalPass):
     """Quantize with ``scheme`` (a targets.QuantScheme) in ``target``'s form.
 
@@ -141,6 +146,11 @@ class QuantizePass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
+        quantized = sum(n.op_type in _QUANTIZED_OPS for n in model.graph)
+        if quantized:  # ORT's quantizer would skip it (ort-cpu) or redeclare tensors (QNN)
+            raise UserError(f"the model is already quantized ({quantized} QuantizeLinear/"
+                            "DequantizeLinear or integer nodes); compile its float model with "
+                            "--quantize, or this one without --quantize")
         unknown = [e for e in self.exclude if not any(n.name == e or n.op_type == e
                                                        for n in model.graph)]
         floor = self.floor and self.floor.for_outputs([v.name for v in model.graph.outputs],
