@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from importlib import metadata
@@ -36,11 +37,23 @@ def is_artifact(path: Path) -> bool:
 
 
 def _check_destination(out: Path) -> None:
+    """Refuse an output path that is a file or someone else's directory, or where nothing can
+    be written (a read-only mount, a path under a file): checked before the export, where a
+    read-only parent was an internal error after it."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another -o")
     if out.is_dir() and any(out.iterdir()) and not is_artifact(out):
         raise UserError(f"{out}: exists and is not an edgec artifact; refusing to overwrite it, "
                         "choose another -o or remove it")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise UserError(f"{out}: {parent} is not a directory, so nothing can be written there; "
+                        "choose another -o")
+    try:  # a probe, removed at once (os.access passes a read-only mount, and root everywhere)
+        os.rmdir(tempfile.mkdtemp(prefix=".edgec-probe-", dir=parent))
+    except OSError as e:
+        raise UserError(f"{out}: cannot write in {parent} ({e.strerror}); choose another -o"
+                        ) from None
 
 
 @contextlib.contextmanager
@@ -48,9 +61,12 @@ def staged_output(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging directory; on success it replaces ``out`` atomically, on error it goes."""
     out = Path(out).absolute()
     _check_destination(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.edgec-staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as e:  # a read-only file system passes os.access
+        raise UserError(f"{out}: cannot write there ({e.strerror}); choose another -o") from None
     try:
         yield staging
         _check_destination(out)  # re-check: something may have appeared meanwhile

@@ -113,12 +113,17 @@ def _bad_cases(tmp_path, art_dir):
         "run non-artifact": (["run", foreign], "not an edgec artifact"),
         "bad inputs file": (["run", art_dir, "--inputs", text], "not a readable .npz"),
         "inspect missing": (["inspect", tmp_path / "nothing"], "no such file"),
+        "out under a file": (["compile", "llama", "-t", "ort-cpu", "-o", text / "sub"],
+                             "is not a directory, so nothing can be written there"),
+        "markup in a path": (["run", tmp_path / "a:smile:[/x]"],
+                             f"{tmp_path / 'a:smile:[/x]'}: no such artifact"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing path", "text file", "truncated", "unknown target",
                                   "unknown model", "unknown config", "foreign out dir",
-                                  "run non-artifact", "bad inputs file", "inspect missing"])
+                                  "run non-artifact", "bad inputs file", "inspect missing",
+                                  "out under a file", "markup in a path"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_tiny_artifacts):
     args, match = _bad_cases(tmp_path, dit_tiny_artifacts[0].path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
