@@ -511,6 +511,11 @@ def _companion(name: str, prep: Prepared, recipe: Recipe, stage: Path, step: Pro
     held = src if src is not None else prep.src
     ignore = ("lora-merge",) if held is not prep.src else ()
     session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
+    from edgec.lora.binding import lora_sites
+
+    sites = lora_sites(prep.model)
+    if sites and held is prep.src:  # swappable branches, verified unbound: the base model
+        session.attach_adapters({"sites": sites}, stage)
     fidelity, _ = target_fidelity(session, held, _approximate(prep.manager.records, ignore),
                                   prep.model, recipe.quantize is not None)
     del session

@@ -255,6 +255,13 @@ class Session(abc.ABC):
         self._lora = AdapterBank(spec, root)
         self._inputs = [i for i in self._inputs if i.name not in self._lora.input_names]
 
+    def share_adapters(self, other: Session) -> None:
+        """Bind ``other``'s swappable-LoRA adapters here too (a companion graph of the same
+        artifact: the sampler's dense graph), following its active adapter."""
+        if other._lora is not None:
+            self._lora = other._lora
+            self._inputs = [i for i in self._inputs if i.name not in self._lora.input_names]
+
     @property
     def adapters(self) -> list[str]:
         """Adapter names this session can run (``base`` = no adapter); empty if not swappable."""

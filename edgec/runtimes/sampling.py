@@ -263,6 +263,7 @@ def _dense(session, dense_steps: int | None):
         from edgec.runtimes import open_session
 
         dense = session.dense_session = open_session(session.root, entry)
+        dense.share_adapters(session)  # swappable LoRA: the dense steps run the same adapter
     return dense, n
 
 

@@ -177,3 +177,26 @@ def test_a_peft_model_compiles_with_its_conv_and_gemm_branches_folded(convnet, t
     got = art.load().run({"x": inputs[0].numpy()})["output"]
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     assert np.abs(want - module(*inputs).detach().numpy()).max() > 1e-2 * np.abs(want).max()
+
+
+def test_swappable_adapters_reach_the_samplers_dense_graph(tmp_path):
+    """--lora-mode swappable with scheduled sparse attention (dense_steps): the dense companion
+    graph carries the branches too; its verification ran without the adapter inputs bound
+    (refused as the user's missing inputs) and the sampler's dense steps could not run."""
+    from edgec.models import registry
+
+    module = registry.get("video-dit").build("tiny")
+    _adapter(module, tmp_path / "a", 7, target_modules=["patch_embed", "fc1"], r=2,
+             lora_alpha=4)
+    art = edgec.compile("video-dit", config="tiny", target="ort-cpu", output_dir=tmp_path / "o",
+                        lora=str(tmp_path / "a"), lora_mode="swappable",
+                        sparse_attention="keep=0.5,block=16,dense_steps=2")
+    assert art.report["fidelity"]["lora"]["verified_adapter"] == "a"
+    session = edgec.load(art.path)
+    with_adapter = session.sample(steps=3, seed=0)
+    assert session.last_sampling["dense_steps"] == 2
+    assert session.dense_session.adapters == session.adapters == ["base", "a"]
+    session.active_adapter = "base"
+    base = session.sample(steps=3, seed=0)
+    name = next(iter(base))
+    assert np.abs(with_adapter[name] - base[name]).max() > 1e-3
