@@ -175,7 +175,8 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
         batch, shapes = 1, {}
     else:
         shapes = dynamic_shapes if dynamic_shapes is not None else dec.decoder_dynamic_shapes(info)
-    inputs = dec.example_inputs(info, int(batch), int(seq), static=static)
+    inputs = dec.example_inputs(info, int(batch), int(seq), static=static,
+                                module=None if vision is not None else module)
     gen = info.to_json()
     if vision is not None:
         gen["vision"] = vision
