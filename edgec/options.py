@@ -36,6 +36,8 @@ def split_spec(text: str, what: str, head: str | None = None) -> tuple[str | Non
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise UserError(f"{what} option {part!r} is not key=value")
+        if key.strip() in items:
+            raise UserError(f"{what} option {key.strip()!r} is given twice; give it once")
         items[key.strip()] = value.strip()
     return (first.strip() if first is not None else None), items
 

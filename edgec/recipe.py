@@ -57,7 +57,9 @@ def _sparse(raw: Any, target, parsed: dict):
         return {}
     if isinstance(raw, SparseAttentionConfig):
         return raw
-    return SparseAttentionConfig.parse_items(raw)
+    items = SparseAttentionConfig.parse_items(raw)
+    SparseAttentionConfig.check_values(items)  # before any export: the model adds only the grid
+    return items
 
 
 def _rotate(raw: Any, target, parsed: dict):

@@ -26,6 +26,8 @@ def test_split_spec_with_and_without_a_head():
     assert split_spec(" keep=0.2 , block=16 ", "sparse") == (None, {"keep": "0.2", "block": "16"})
     with pytest.raises(UserError, match="option 'keep' is not key=value"):
         split_spec("keep", "sparse")
+    with pytest.raises(UserError, match="sparse option 'keep' is given twice"):
+        split_spec("keep=0.2,keep=0.3", "sparse")  # the last one silently won
 
 
 def test_values_convert_by_field_type():

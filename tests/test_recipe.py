@@ -42,6 +42,31 @@ def test_refused_before_any_export(no_export, tmp_path, kwargs, match):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("spec,message", [
+    ("keep=1.5", "sparse attention keep=1.5 must be in (0, 1]"),
+    ("keep=0", "sparse attention keep=0.0 must be in (0, 1]"),
+    ("block=0", "sparse attention block=0 must be ≥ 1"),
+    ("qblock=3", "sparse attention qblock=3 must be a multiple of block=64 (or 0: 8 × block)"),
+    ("mode=foo", "sparse attention mode='foo': use rf2, rainfusion or mask"),
+    ("sink=bar", "sparse attention sink='bar': use none or frame"),
+    ("chunk_mb=0", "sparse attention chunk_mb=0 must be ≥ 1"),
+    ("prefix=-1", "sparse attention prefix=-1 must be ≥ 0"),
+    ("tail_mode=x", "sparse attention tail_mode='x': use dense or blocks"),
+    ("keep=0.2,keep=0.3", "sparse attention option 'keep' is given twice; give it once"),
+    ({"keep": "x"}, "sparse attention option keep='x' is not valid (expected float)"),
+    ({"block": None}, "sparse attention block=None is not valid (expected int)"),
+])
+def test_sparse_attention_values_are_refused_before_any_export(no_export, tmp_path, spec,
+                                                                message):
+    """Checked when the recipe is parsed (they were checked after a 14 s export); sink=frame
+    without grid= is not refused here: the model supplies the grid."""
+    with pytest.raises(UserError) as e:
+        edgec.compile("video-dit", target="ort-cpu", output_dir=tmp_path / "o", config="tiny",
+                      sparse_attention=spec)
+    assert str(e.value) == message
+    Recipe.parse("ort-cpu", sparse_attention="sink=frame,mode=rainfusion")
+
+
 def test_weight_only_calibration_is_refused_up_front(no_export, tmp_path):
     np = pytest.importorskip("numpy")
     np.savez(tmp_path / "s.npz", input_ids=np.zeros((2, 1, 8), np.int64))

@@ -74,31 +74,25 @@ class SparseAttentionConfig:
     share: str = "none"
 
     def __post_init__(self):
-        if not 0 < self.keep <= 1:
-            raise UserError(f"sparse attention keep={self.keep} must be in (0, 1]")
-        if (self.block < 1 or self.prefix < 0 or self.min_seq < 0 or self.chunk_mb < 1
-                or self.dense_steps < 0):
-            raise UserError("sparse attention block, chunk_mb must be ≥ 1 and prefix, "
-                            "min_seq, dense_steps ≥ 0")
-        if self.qblock < 0 or (self.qblock and self.qblock % self.block):
-            raise UserError(f"sparse attention qblock={self.qblock} must be a multiple of "
-                            f"block={self.block}")
-        if self.tail < 0 or self.tail_mode not in ("dense", "blocks"):
-            raise UserError(f"sparse attention tail={self.tail} must be ≥ 0 and "
-                            f"tail_mode={self.tail_mode!r} dense or blocks")
-        if self.tail and self.tail_mode == "blocks" and self.mode == "rainfusion":
-            raise UserError("sparse attention mode=rainfusion has static grid patterns only; "
-                            "use tail_mode=dense")
-        if self.share not in ("none", "batch"):
-            raise UserError(f"sparse attention share={self.share!r}: use none or batch")
-        if self.sink not in ("none", "frame"):
-            raise UserError(f"sparse attention sink={self.sink!r}: use none or frame")
-        if self.mode not in ("rf2", "rainfusion", "mask"):
-            raise UserError(f"sparse attention mode={self.mode!r}: use rf2, rainfusion or mask")
-        if any(min(dims) < 1 for dims in (self.grid, self.tile) if dims is not None):
-            raise UserError("sparse attention grid and tile dims must be ≥ 1 (TxHxW)")
+        self.check_values(dataclasses.asdict(self))
         if self.grid is None and (self.sink == "frame" or self.mode == "rainfusion"):
             raise UserError("sparse attention sink=frame and mode=rainfusion need grid=TxHxW")
+
+    @classmethod
+    def check_values(cls, items: dict[str, Any]) -> None:
+        """Refuse option values that are wrong whatever the model (``items``: converted options,
+        the others at their defaults). The recipe runs this when it parses ``--sparse-attention``,
+        before anything is exported; the grid a model supplies is checked later
+        (``config_for_source``, the pass)."""
+        v = {f.name: f.default for f in dataclasses.fields(cls)} | dict(items)
+        try:
+            _check_values(v)
+        except TypeError:  # a Python value of the wrong type (a str keep, a None block...)
+            bad = next((k for k, x in items.items() if not _plain_type(cls, k, x)), None)
+            if bad is None:
+                raise
+            raise UserError(f"sparse attention {bad}={items[bad]!r} is not valid (expected "
+                            f"{_type_name(cls, bad)})") from None
 
     @classmethod
     def parse(cls, text: str | dict | SparseAttentionConfig | None) -> SparseAttentionConfig:
@@ -137,6 +131,47 @@ class SparseAttentionConfig:
             perm = np.concatenate([perm, np.arange(n, n + self.tail)])
             n += self.tail
         return Layout(self.grid, tile, perm, np.argsort(perm), sink, n)
+
+
+def _check_values(v: dict[str, Any]) -> None:
+    if not 0 < v["keep"] <= 1:
+        raise UserError(f"sparse attention keep={v['keep']} must be in (0, 1]")
+    for name in ("block", "chunk_mb", "samples"):
+        if v[name] < 1:
+            raise UserError(f"sparse attention {name}={v[name]} must be ≥ 1")
+    for name in ("prefix", "tail", "min_seq", "dense_steps"):
+        if v[name] < 0:
+            raise UserError(f"sparse attention {name}={v[name]} must be ≥ 0")
+    if v["qblock"] < 0 or (v["qblock"] and v["qblock"] % v["block"]):
+        raise UserError(f"sparse attention qblock={v['qblock']} must be a multiple of "
+                        f"block={v['block']} (or 0: 8 × block)")
+    choices = {"tail_mode": ("dense", "blocks"), "share": ("none", "batch"),
+               "sink": ("none", "frame"), "mode": ("rf2", "rainfusion", "mask")}
+    for name, allowed in choices.items():
+        if v[name] not in allowed:
+            raise UserError(f"sparse attention {name}={v[name]!r}: use "
+                            f"{', '.join(allowed[:-1])} or {allowed[-1]}")
+    if v["tail"] and v["tail_mode"] == "blocks" and v["mode"] == "rainfusion":
+        raise UserError("sparse attention mode=rainfusion has static grid patterns only; "
+                        "use tail_mode=dense")
+    if any(len(dims) != 3 or min(dims) < 1 for dims in (v["grid"], v["tile"])
+           if dims is not None):
+        raise UserError("sparse attention grid and tile take three dims ≥ 1 (TxHxW)")
+
+
+def _plain_type(cls, key: str, value: Any) -> bool:
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+    if default is None:  # grid, tile: a tuple of ints
+        return isinstance(value, tuple) and all(isinstance(x, int) for x in value)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default)) and not (
+        isinstance(value, bool) and not isinstance(default, bool))
+
+
+def _type_name(cls, key: str) -> str:
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+    return "TxHxW" if default is None else type(default).__name__
 
 
 def config_for_source(options: dict[str, Any] | SparseAttentionConfig,
