@@ -1,6 +1,7 @@
 """Sparse attention pass: every accepted pattern variant, exactness at keep=1, and agreement of
 the ONNX graph with an independent numpy block-sparse reference at keep < 1."""
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -266,3 +267,33 @@ def test_shared_selection_uses_batch_element_zero():
         ",share=batch", "")))
     np.testing.assert_allclose(out[0], own[0], rtol=1e-4, atol=1e-4)  # element 0: its own
     assert not np.allclose(out[1], own[1], atol=1e-3)  # element 1: element 0's blocks
+
+
+VIDEO_DIT_TINY = {"name": "video-dit", "config": "tiny", "sampling": {"kind": "flow"},
+                  "hyperparameters": {"grid": [2, 4, 4], "text_tokens": 8}}
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"grid": (4, 4, 4)}, re.escape(
+        "grid=4x4x4 does not match video-dit tiny, whose attention sequence is 8 text tokens, "
+        "a 2x4x4 token grid and 0 tail tokens; drop grid= (it defaults from the model)")),
+    ({"prefix": 3}, "prefix=3 does not match video-dit tiny"),
+    ({"tail": 5, "prefix": 2}, "prefix=2, tail=5 does not match .* drop prefix= and tail= "
+                               r"\(they default"),
+])
+def test_grid_prefix_and_tail_must_be_the_models(options, message):
+    from edgec.graph_passes.sparse_attention import config_for_source
+
+    with pytest.raises(UserError, match=message):
+        config_for_source(options, VIDEO_DIT_TINY)
+    given = config_for_source({"grid": (2, 4, 4)}, VIDEO_DIT_TINY)  # the rest still defaults
+    assert (given.grid, given.prefix, given.tail) == ((2, 4, 4), 8, 0)
+
+
+def test_dense_steps_needs_a_sampler():
+    from edgec.graph_passes.sparse_attention import config_for_source
+
+    assert config_for_source({"dense_steps": 5}, VIDEO_DIT_TINY).dense_steps == 5
+    with pytest.raises(UserError, match="dense_steps=5 needs a diffusion model with a sampler; "
+                                        "llama has none: drop dense_steps"):
+        config_for_source({"dense_steps": 5}, {"name": "llama", "hyperparameters": {}})

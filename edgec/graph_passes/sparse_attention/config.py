@@ -176,13 +176,37 @@ def _type_name(cls, key: str) -> str:
 
 def config_for_source(options: dict[str, Any] | SparseAttentionConfig,
                       source_info: dict[str, Any]) -> SparseAttentionConfig:
-    """Fill ``grid`` and ``prefix`` from a reference model's hyper-parameters unless given."""
+    """Fill ``grid``, ``prefix`` and ``tail`` from a reference model's hyper-parameters unless
+    given; refuse what the model cannot take: a grid, prefix or tail other than the model's
+    (its attention sequence is prefix + grid + tail tokens) and ``dense_steps`` without a
+    sampler."""
     if isinstance(options, SparseAttentionConfig):
         return options
+    name = source_info.get("name") or "this model"
+    if options.get("dense_steps") and not source_info.get("sampling"):
+        raise UserError(f"sparse attention dense_steps={options['dense_steps']} needs a "
+                        f"diffusion model with a sampler; {name} has none: drop dense_steps")
     hp = source_info.get("hyperparameters") or {}
     defaults: dict[str, Any] = {}
-    if "grid" in hp and "grid" not in options:
-        defaults["grid"] = tuple(hp["grid"])
-        defaults["prefix"] = int(hp.get("text_tokens", 0))
-        defaults["tail"] = int(hp.get("motion_tokens", 0))  # joint video+motion attention
+    if "grid" in hp:
+        model = {"grid": tuple(hp["grid"]), "prefix": int(hp.get("text_tokens", 0)),
+                 "tail": int(hp.get("motion_tokens", 0))}  # tail: joint video+motion attention
+        wrong = [k for k in model if k in options and _tuple_or_int(options[k]) != model[k]]
+        if wrong:
+            given = ", ".join(f"{k}={_show(options[k])}" for k in wrong)
+            config = f" {source_info['config']}" if source_info.get("config") else ""
+            raise UserError(
+                f"sparse attention {given} does not match {name}{config}, whose attention "
+                f"sequence is {model['prefix']} text tokens, a {_show(model['grid'])} token grid "
+                f"and {model['tail']} tail tokens; drop {' and '.join(f'{k}=' for k in wrong)} "
+                f"({'they default' if len(wrong) > 1 else 'it defaults'} from the model)")
+        defaults = model
     return SparseAttentionConfig(**{**defaults, **options})
+
+
+def _tuple_or_int(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _show(value: Any) -> str:
+    return "x".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
