@@ -104,7 +104,8 @@ def _sparse_attention(c: StageContext):
     """Block-sparse attention; in a generation artifact, only in its prefill graph (causal)."""
     if not c.recipe.generate:
         return SparseAttentionPass(config_for_source(c.recipe.sparse_attention, c.source.info),
-                                   regroup_by_transpose=c.target.fully_quantized)
+                                   regroup_by_transpose=c.target.fully_quantized,
+                                   feeds=c.source.feeds)
     return PrefillSparseAttentionPass(c.recipe.sparse_attention) if c.graph == "prefill" else None
 
 

@@ -327,7 +327,7 @@ class Session(abc.ABC):
                 isinstance(d, int) and d != s for d, s in zip(spec.shape, arr.shape)
             ):
                 raise UserError(f"input {spec.name!r} has shape {list(arr.shape)}, the model "
-                                f"wants {list(spec.shape)}")
+                                f"wants {list(spec.shape)}" + self._fixed_shape_note())
             out[spec.name] = np.ascontiguousarray(arr)
         bounds = {i["name"]: i["index_bound"] for i in
                   (getattr(self, "manifest", None) or {}).get("inputs", ()) if "index_bound" in i}
@@ -336,3 +336,20 @@ class Session(abc.ABC):
 
             check_indices(out, bounds)
         return out
+
+    def _fixed_shape_note(self) -> str:
+        """Why a sparse-attention artifact's inputs are static where its source was dynamic:
+        the rewrite baked the token grid (and prefix) in (its stats' ``static_dims``)."""
+        passes = (getattr(self, "manifest", None) or {}).get("passes") or []
+        stats = next((p.get("stats") or {} for p in passes
+                      if p.get("name") == "sparse-attention"), {})
+        if not stats.get("static_dims") or not (stats.get("config") or {}).get("grid"):
+            return ""
+        cfg = stats["config"]
+        what = [f"a {'x'.join(map(str, cfg['grid']))} token grid"]
+        what += [f"{cfg[k]} {name} tokens" for k, name in (("prefix", "prefix"), ("tail", "tail"))
+                 if cfg.get(k)]
+        dims = ", ".join(f"{k}={v}" for k, v in stats["static_dims"].items())
+        return (f": its sparse attention was compiled for {' and '.join(what)} ({dims}); "
+                "recompile it for the shape you need, or use an artifact without "
+                "--sparse-attention")

@@ -225,6 +225,9 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
             raise UserError(f"no example shape for sample input {name!r}; pass noise={{...}}")
         else:
             x[name] = rng.standard_normal(shape).astype(np.float32)
+    check = getattr(session, "_check_feeds", None)
+    if check is not None:  # the main graph's shapes, before any step runs (dense ones too)
+        check({**fixed, **x, spec.timestep: np.zeros(batch, np.float32)})
     dense, n_dense = _dense(session, dense_steps)
     model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode)
     t0 = time.perf_counter()

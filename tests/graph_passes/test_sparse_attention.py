@@ -269,6 +269,32 @@ def test_shared_selection_uses_batch_element_zero():
     assert not np.allclose(out[1], own[1], atol=1e-3)  # element 1: element 0's blocks
 
 
+def test_a_grid_fixes_a_dynamic_sequence_at_the_example_inputs():
+    """The rewrite bakes the grid in: given the example feeds, the input dims the sequence is
+    made of become static (they stayed dynamic, and other shapes failed inside the runtime),
+    a sequence the grid does not fit is refused, and min_seq applies to its example length."""
+    x = _qkv()
+    cfg = f"keep=0.5,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8"
+    model = export_module(SDPA(), x, DYN).model
+    stats = SparseAttentionPass(cfg, feeds=_feeds(x))(model).stats
+    assert stats["sites_rewritten"] == 1 and stats["static_dims"] == {"n": N}
+    assert [list(i.shape) for i in model.graph.inputs] == [[2, 3, N, 16]] * 3
+    assert run_model(model, _feeds(x))["output"].shape == (2, 3, N, 16)
+
+    model = export_module(SDPA(), x, DYN).model
+    with pytest.raises(UserError, match=f"grid=2x4x8 with prefix={PREFIX} and tail=0 makes 72 "
+                                        f"tokens, but the model's attention sequences are "
+                                        f"{N} tokens long"):
+        SparseAttentionPass(cfg.replace("2x8x8", "2x4x8"), feeds=_feeds(x))(model)
+
+    model = export_module(SDPA(), x, DYN).model
+    stats = SparseAttentionPass(cfg.replace("min_seq=0", "min_seq=1000"),
+                                feeds=_feeds(x))(model).stats
+    assert stats["skipped_reasons"] == {
+        f"sequence {N} at the example inputs < min_seq 1000": 1}
+    assert "static_dims" not in stats and model.graph.inputs[0].shape[2].value == "n"
+
+
 VIDEO_DIT_TINY = {"name": "video-dit", "config": "tiny", "sampling": {"kind": "flow"},
                   "hyperparameters": {"grid": [2, 4, 4], "text_tokens": 8}}
 

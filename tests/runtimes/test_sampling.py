@@ -2,6 +2,7 @@
 guidance batched equals guidance in two runs, the dense-then-sparse schedule, the CLI."""
 
 import json
+import re
 import time
 
 import numpy as np
@@ -182,6 +183,34 @@ def test_cli_sample(sparse_dit, tmp_path):
     assert np.load(tmp_path / "x.npz")["latent"].shape == tuple(data["samples"]["latent"]["shape"])
     result = runner.invoke(app, ["sample", str(dense.path), "--dense-steps", "2"])
     assert result.exit_code == 2 and "dense_steps needs" in result.stderr
+
+
+def test_sparse_artifact_declares_and_checks_the_shapes_it_runs(sparse_dit, tmp_path):
+    """The rewrite baked video-dit tiny's 2x4x4 grid and 8 text tokens in: those dims are static
+    in the manifest, and other shapes are refused in one line (they failed inside ORT, exit 1,
+    with the dims still declared dynamic); the dense artifact still takes them."""
+    dense, sparse = sparse_dit
+    shapes = {i["name"]: i["shape"] for i in sparse.manifest["inputs"]}
+    assert shapes == {"latent": ["batch", 4, 2, 8, 8], "timestep": ["batch"],
+                      "text": ["batch", 8, 32]}
+    sess = edgec.load(sparse.path)
+    feeds = sess.default_feeds
+    short = {**feeds, "text": feeds["text"][:, :3]}
+    longer = {**feeds, "latent": np.concatenate([feeds["latent"]] * 2, axis=2)}
+    assert edgec.load(dense.path).run(longer)["output"].shape == longer["latent"].shape
+    with pytest.raises(UserError, match=re.escape(
+            "input 'text' has shape [2, 3, 32], the model wants ['batch', 8, 32]: its sparse "
+            "attention was compiled for a 2x4x4 token grid and 8 prefix tokens (frames=2, "
+            "height=8, width=8, text_len=8); recompile it for the shape you need")):
+        sess.run(short)
+    with pytest.raises(UserError, match="input 'text' has shape"):  # before any step runs
+        sess.sample(conditions={"text": short["text"]}, steps=4)
+    assert getattr(sess, "dense_session", None) is None  # the dense graph's steps did not run
+    np.savez(tmp_path / "f.npz", **longer)
+    result = CliRunner().invoke(app, ["run", str(sparse.path), "--inputs", str(tmp_path / "f.npz")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "input 'latent' has shape [2, 4, 4, 8, 8]" in (
+        result.stderr)
 
 
 @pytest.mark.parametrize("model,kind", [("reactive-dance", "ddim-x0"), ("pose-prior", "score")])

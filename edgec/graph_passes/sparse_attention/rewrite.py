@@ -19,12 +19,15 @@ dense; the stats list every site: rewritten exact / approximate, or skipped with
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common
 
+from edgec.errors import UserError
 from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes.sparse_attention.builder import SiteShape, build_sparse_attention
 from edgec.graph_passes.sparse_attention.config import SparseAttentionConfig
@@ -41,17 +44,25 @@ class SparseAttentionPass(EdgecPass):
     name = "sparse-attention"
 
     def __init__(self, config: SparseAttentionConfig | str | dict | None = None,
-                 regroup_by_transpose: bool = False):
+                 regroup_by_transpose: bool = False,
+                 feeds: Mapping[str, np.ndarray] | None = None):
         """``regroup_by_transpose``: for a fully quantized target, join the query blocks'
-        outputs back through a Transpose (``build_sparse_attention``)."""
+        outputs back through a Transpose (``build_sparse_attention``). ``feeds``: the example
+        inputs; with a grid, a dynamic sequence is evaluated at them (checked against the grid
+        and ``min_seq``) and the input dims it is made of become static (``static_dims``): the
+        rewrite bakes the grid in, so the graph runs that shape only."""
         super().__init__()
         self.config = SparseAttentionConfig.parse(config)
         self.regroup_by_transpose = regroup_by_transpose
+        self.feeds = feeds
         self.exact = self.config.keep >= 1.0 or self.config.mode == "mask"
 
     def call(self, model: ir.Model) -> PassResult:
         cfg = self.config
         lay = cfg.layout()
+        self._dims = _example_dims(model, self.feeds)
+        self._fixed: dict[str, int] = {}  # input dims a rewritten grid site's sequence is made of
+        self._lengths: set[int] = set()   # sequence lengths that did not fit the grid
         sites, skipped = find_attention_sites(model)
         flops_dense = flops_sparse = 0.0
         rewritten, exact, per_site = 0, 0, []
@@ -92,6 +103,14 @@ class SparseAttentionPass(EdgecPass):
             per_site.append({"site": site.softmax.name,
                              "status": "exact" if stats["mode"] == "mask" or self.exact
                              else "approximate", **stats})
+        if lay.grid is not None and self._lengths and rewritten == exact:
+            raise UserError(
+                f"sparse attention grid={'x'.join(map(str, lay.grid))} with prefix={cfg.prefix} "
+                f"and tail={cfg.tail} makes {cfg.prefix + lay.n_video + _dense_tail(cfg)} "
+                f"tokens, but the model's attention sequences are "
+                f"{', '.join(map(str, sorted(self._lengths)))} tokens long; give the grid, "
+                f"prefix and tail of the model's attention")
+        static = _fix_input_dims(model, self._fixed) if rewritten > exact else {}
         common.RemoveUnusedNodesPass()(model)
         common.TopologicalSortPass()(model)
         # exact unless an approximate (RainFusion, keep < 1) site was rewritten
@@ -108,6 +127,8 @@ class SparseAttentionPass(EdgecPass):
             "sites": per_site,
             "config": cfg.to_json(),
         }
+        if static:
+            stats["static_dims"] = static
         approx = [p for p in per_site if p["status"] == "approximate" and p.get("blocks")]
         if approx:
             s0 = approx[0]
@@ -128,12 +149,21 @@ class SparseAttentionPass(EdgecPass):
         keys = next((_dim(x) for x in (site.k, site.v) if _dim(x) is not None), None)
         if keys is None or keys != _dim(site.q):
             return None, "cross-attention (query and key lengths differ or are unknown)"
-        if n is not None and n < cfg.min_seq:
-            return None, f"sequence {n} < min_seq {cfg.min_seq}"
-        dense_tail = cfg.tail if cfg.tail_mode == "dense" else 0
+        dense_tail = _dense_tail(cfg)
         expected = None if lay.n_video is None else cfg.prefix + lay.n_video + dense_tail
-        if expected is not None and n is not None and n != expected:
-            return None, f"sequence {n} != prefix + grid + tail tokens {expected}"
+        at = ""
+        fixed = _evaluate(site.q.shape[2], self._dims) if n is None and expected else None
+        if fixed is not None:  # the grid fixes a dynamic sequence to its example length
+            length, at = fixed[0], " at the example inputs"
+        else:
+            length = n
+        if length is not None and length < cfg.min_seq:
+            return None, f"sequence {length}{at} < min_seq {cfg.min_seq}"
+        if expected is not None and length is not None and length != expected:
+            self._lengths.add(length)
+            return None, f"sequence {length}{at} != prefix + grid + tail tokens {expected}"
+        if fixed is not None:
+            self._fixed.update(fixed[1])
         if n is not None and n <= cfg.prefix + dense_tail:
             return None, "sequence not longer than the dense prefix and tail"
         shape = SiteShape(d=d, n=n, batch_heads=bh, dtype=site.q.dtype)
@@ -164,6 +194,58 @@ class SparseAttentionPass(EdgecPass):
                           f"(> {MAX_KEPT:.0%}: nothing to skip)")
         return build_masked_attention(f"masked_attn{i}", site.q, site.k, site.v, d, plan,
                                       seen, values, site.q.dtype), ""
+
+
+def _dense_tail(cfg: SparseAttentionConfig) -> int:
+    return cfg.tail if cfg.tail_mode == "dense" else 0
+
+
+def _example_dims(model: ir.Model, feeds: Mapping[str, np.ndarray] | None) -> dict[str, int]:
+    """{dim name: its size in ``feeds``} for the named dims of the graph's inputs."""
+    dims: dict[str, int] = {}
+    for inp in model.graph.inputs if feeds else ():
+        if inp.shape is None or inp.name not in feeds:
+            continue
+        shape = np.shape(feeds[inp.name])
+        for axis, dim in enumerate(inp.shape.dims):
+            if isinstance(dim, ir.SymbolicDim) and dim.value and axis < len(shape):
+                dims.setdefault(dim.value, int(shape[axis]))
+    return dims
+
+
+_EXPRESSION = re.compile(r"[\w\s+\-*/%()]+")
+
+
+def _evaluate(dim, dims: Mapping[str, int]) -> tuple[int, dict[str, int]] | None:
+    """(value, {input dim: size}) of a symbolic sequence dim (the exporter writes it as an
+    expression of input dims: ``text_len + frames*((height//2))*((width//2))``) at the example
+    sizes ``dims``, or None when it is not made of input dims only."""
+    text = getattr(dim, "value", None)
+    if not isinstance(text, str) or not _EXPRESSION.fullmatch(text):
+        return None
+    names = set(re.findall(r"[A-Za-z_]\w*", text))
+    if not names or not names <= set(dims):
+        return None
+    try:
+        value = eval(text, {"__builtins__": {}}, dict(dims))  # noqa: S307 (names and arithmetic)
+    except (ArithmeticError, SyntaxError, TypeError):
+        return None
+    return (int(value), {k: dims[k] for k in names}) if isinstance(value, int) else None
+
+
+def _fix_input_dims(model: ir.Model, fixed: Mapping[str, int]) -> dict[str, int]:
+    """Make the graph inputs' dims named in ``fixed`` static at those sizes; the ones changed."""
+    done: dict[str, int] = {}
+    for inp in model.graph.inputs:
+        if inp.shape is None:
+            continue
+        dims = [fixed[d.value] if isinstance(d, ir.SymbolicDim) and d.value in fixed else d
+                for d in inp.shape.dims]
+        if dims != list(inp.shape.dims):
+            done.update({d.value: fixed[d.value] for d in inp.shape.dims
+                         if isinstance(d, ir.SymbolicDim) and d.value in fixed})
+            inp.shape = ir.Shape(dims)
+    return done
 
 
 def _with_dense_tail(name, site, shape, cfg, lay, regroup_by_transpose=False):
