@@ -229,6 +229,7 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     if check is not None:  # the main graph's shapes, before any step runs (dense ones too)
         check({**fixed, **x, spec.timestep: np.zeros(batch, np.float32)})
     dense, n_dense = _dense(session, dense_steps)
+    n_dense = min(n_dense, steps)  # more dense steps than steps: every step runs dense
     model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode)
     t0 = time.perf_counter()
     x = {"flow": _flow, "ddim-x0": _ddim, "score": _score}[spec.kind](
@@ -255,6 +256,8 @@ def _batch(fixed, default, spec) -> int:
 def _dense(session, dense_steps: int | None):
     """(dense session or None, how many steps it runs)."""
     entry = ((getattr(session, "manifest", None) or {}).get("runtime") or {}).get("dense")
+    if dense_steps is not None and int(dense_steps) < 0:
+        raise UserError(f"dense_steps={dense_steps}: give 0 or more dense steps")
     n = int(entry.get("steps", 0)) if entry and dense_steps is None else int(dense_steps or 0)
     if n <= 0:
         return None, 0

@@ -213,6 +213,17 @@ def test_sparse_artifact_declares_and_checks_the_shapes_it_runs(sparse_dit, tmp_
         result.stderr)
 
 
+def test_more_dense_steps_than_steps_run_every_step_dense(sparse_dit):
+    dense, sparse = sparse_dit
+    sess = edgec.load(sparse.path)
+    out = sess.sample(steps=2, seed=0, dense_steps=10)["latent"]
+    assert sess.last_sampling["dense_steps"] == 2  # clamped: it reported 10
+    ref = edgec.load(dense.path).sample(steps=2, seed=0)["latent"]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="dense_steps=-1: give 0 or more dense steps"):
+        sess.sample(steps=2, dense_steps=-1)
+
+
 @pytest.mark.parametrize("model,kind", [("reactive-dance", "ddim-x0"), ("pose-prior", "score")])
 def test_reference_diffusion_models_sample(tmp_path, model, kind):
     art = edgec.compile(model, target="ort-cpu", output_dir=tmp_path / "o", config="tiny")
