@@ -560,9 +560,11 @@ def sample_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import edgec
+    from edgec.runtimes.sampling import check_inputs
 
     session = edgec.load(artifact)
     conditions = _load_npz(inputs)
+    check_inputs(session, conditions)  # a refusal is one line, without the progress bar's
     with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, disable=as_json) as bar:
         task = bar.add_task("steps", total=steps)

@@ -24,8 +24,8 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["SamplerSpec", "sample", "flow_sigmas", "ddim_alphas", "subvp", "denoise",
-           "fit_with_prior"]
+__all__ = ["SamplerSpec", "sample", "check_inputs", "flow_sigmas", "ddim_alphas", "subvp",
+           "denoise", "fit_with_prior"]
 
 KINDS = ("flow", "ddim-x0", "score")
 
@@ -206,28 +206,8 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     if guidance_mode not in GUIDANCE_MODES:
         raise UserError(f"guidance_mode={guidance_mode!r}: choose one of "
                         f"{', '.join(GUIDANCE_MODES)}")
-    default = dict(getattr(session, "default_feeds", {}) or {})
-    fixed = {k: np.asarray(v) for k, v in {**default, **(conditions or {})}.items()
-             if k not in spec.samples and k != spec.timestep}
-    known = {i.name for i in session.inputs}
-    unknown = sorted(set(conditions or {}) - known)
-    if unknown:
-        raise UserError(f"unknown input {unknown[0]!r}; the model's inputs are: "
-                        f"{', '.join(sorted(known))}")
-    batch = _batch(fixed, default, spec)
     rng = np.random.default_rng(seed)
-    x = {}
-    for name in spec.samples:
-        shape = (batch, *np.shape(default[name])[1:]) if name in default else None
-        if noise is not None and name in noise:
-            x[name] = np.asarray(noise[name], np.float32)
-        elif shape is None:
-            raise UserError(f"no example shape for sample input {name!r}; pass noise={{...}}")
-        else:
-            x[name] = rng.standard_normal(shape).astype(np.float32)
-    check = getattr(session, "_check_feeds", None)
-    if check is not None:  # the main graph's shapes, before any step runs (dense ones too)
-        check({**fixed, **x, spec.timestep: np.zeros(batch, np.float32)})
+    fixed, batch, x = _start(session, spec, conditions, noise, rng)
     dense, n_dense = _dense(session, dense_steps)
     n_dense = min(n_dense, steps)  # more dense steps than steps: every step runs dense
     model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode)
@@ -243,6 +223,41 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
                                                        if m != "trials"}
                                                    for k, p in model.probes.items()}}
     return x
+
+
+def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
+                 noise: Mapping[str, np.ndarray] | None = None) -> None:
+    """Refuse conditions (and noise) ``sample`` could not run, before anything runs: unknown
+    names, and shapes the main graph does not take (a sparse-attention graph's baked-in grid).
+    ``sample`` checks them too; the CLI calls this before it shows its progress bar."""
+    spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
+    _start(session, spec, conditions, noise, np.random.default_rng(0))
+
+
+def _start(session, spec: SamplerSpec, conditions, noise, rng):
+    """(the fixed inputs, the batch, the initial noisy samples), checked against the model."""
+    default = dict(getattr(session, "default_feeds", {}) or {})
+    fixed = {k: np.asarray(v) for k, v in {**default, **(conditions or {})}.items()
+             if k not in spec.samples and k != spec.timestep}
+    known = {i.name for i in session.inputs}
+    unknown = sorted(set(conditions or {}) - known)
+    if unknown:
+        raise UserError(f"unknown input {unknown[0]!r}; the model's inputs are: "
+                        f"{', '.join(sorted(known))}")
+    batch = _batch(fixed, default, spec)
+    x = {}
+    for name in spec.samples:
+        shape = (batch, *np.shape(default[name])[1:]) if name in default else None
+        if noise is not None and name in noise:
+            x[name] = np.asarray(noise[name], np.float32)
+        elif shape is None:
+            raise UserError(f"no example shape for sample input {name!r}; pass noise={{...}}")
+        else:
+            x[name] = rng.standard_normal(shape).astype(np.float32)
+    check = getattr(session, "_check_feeds", None)
+    if check is not None:  # the main graph's shapes, before any step runs (dense ones too)
+        check({**fixed, **x, spec.timestep: np.zeros(batch, np.float32)})
+    return fixed, batch, x
 
 
 def _batch(fixed, default, spec) -> int:

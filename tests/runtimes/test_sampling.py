@@ -211,6 +211,11 @@ def test_sparse_artifact_declares_and_checks_the_shapes_it_runs(sparse_dit, tmp_
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "input 'latent' has shape [2, 4, 4, 8, 8]" in (
         result.stderr)
+    np.savez(tmp_path / "cond.npz", text=short["text"])
+    result = CliRunner().invoke(app, ["sample", str(sparse.path), "--steps", "2",
+                                      "--inputs", str(tmp_path / "cond.npz")])
+    assert result.exit_code == 2, result.output  # one line: no progress bar before it
+    assert result.stderr.count("\n") == 1 and "input 'text' has shape" in result.stderr
 
 
 def test_more_dense_steps_than_steps_run_every_step_dense(sparse_dit):
