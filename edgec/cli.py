@@ -66,12 +66,32 @@ def _load_npz(path: Path | None) -> dict | None:
 
     if not path.is_file():
         raise UserError(f"{path}: no such inputs file; give an .npz whose keys are input names")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):  # numpy read a text file as a
+        raise UserError(f"{path}: not an .npz (numpy's zip of arrays); save inputs with "
+                        "numpy.savez")  # pickle and said "pickled data"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        data = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise UserError(f"{path}: not a readable .npz ({e}); save inputs with numpy.savez"
                         ) from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # an .npy: one array, no input names
+        raise UserError(f"{path}: one array (.npy), not an .npz keyed by input names; save "
+                        "inputs with numpy.savez(path, name=array, ...)")
+    with data:
+        return {k: data[k] for k in data.files}
+
+
+def _check_save(path: Path | None) -> None:
+    """Refuse a --save path before the run: numpy wrote "y.txt" as y.txt.npz and a directory
+    "out" as out.npz without a word, and a missing parent failed after a whole sampling run."""
+    if path is None:
+        return
+    if path.suffix != ".npz":
+        raise UserError(f"--save {path}: give a file name ending in .npz")
+    if not path.parent.is_dir():
+        raise UserError(f"--save {path}: no directory {path.parent}; create it first")
 
 
 def _feeds(session, inputs: Path | None) -> dict:
@@ -374,6 +394,7 @@ def run_cmd(
 
     import edgec
 
+    _check_save(save)
     session = edgec.load(artifact)
     results = session.run(_feeds(session, inputs), adapter=adapter)
     if save is not None:
@@ -562,6 +583,7 @@ def sample_cmd(
     import edgec
     from edgec.runtimes.sampling import check_inputs
 
+    _check_save(save)
     session = edgec.load(artifact)
     conditions = _load_npz(inputs)
     check_inputs(session, conditions)  # a refusal is one line, without the progress bar's

@@ -90,6 +90,12 @@ def test_export_then_compile_the_file(tmp_path):
     assert report["fidelity"]["target_vs_source"]["reference"] == "onnxruntime"
 
 
+def _npy(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros(3, np.float32))
+    return path
+
+
 def _bad_cases(tmp_path, art_dir):
     text = tmp_path / "notes.onnx"
     text.write_text("hello, I am not a model\n")
@@ -111,7 +117,11 @@ def _bad_cases(tmp_path, art_dir):
         "foreign out dir": (["compile", "llama", "-t", "ort-cpu", "-o", foreign],
                             "not an edgec artifact"),
         "run non-artifact": (["run", foreign], "not an edgec artifact"),
-        "bad inputs file": (["run", art_dir, "--inputs", text], "not a readable .npz"),
+        "bad inputs file": (["run", art_dir, "--inputs", text], "not an .npz"),
+        "npy inputs file": (["run", art_dir, "--inputs", _npy(tmp_path)],
+                            "one array (.npy), not an .npz"),
+        "save not npz": (["run", art_dir, "--save", tmp_path / "y.txt"],
+                         "give a file name ending in .npz"),
         "inspect missing": (["inspect", tmp_path / "nothing"], "no such file"),
         "out under a file": (["compile", "llama", "-t", "ort-cpu", "-o", text / "sub"],
                              "is not a directory, so nothing can be written there"),
@@ -123,7 +133,8 @@ def _bad_cases(tmp_path, art_dir):
 @pytest.mark.parametrize("case", ["missing path", "text file", "truncated", "unknown target",
                                   "unknown model", "unknown config", "foreign out dir",
                                   "run non-artifact", "bad inputs file", "inspect missing",
-                                  "out under a file", "markup in a path"])
+                                  "out under a file", "markup in a path",
+                                  "npy inputs file", "save not npz"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_tiny_artifacts):
     args, match = _bad_cases(tmp_path, dit_tiny_artifacts[0].path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())

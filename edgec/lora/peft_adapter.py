@@ -213,6 +213,9 @@ def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0)
         raise UserError(f"{root}: no {CONFIG_FILE}; give a PEFT adapter directory") from None
     except ValueError as e:
         raise UserError(f"{root / CONFIG_FILE}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{root / CONFIG_FILE}: not a LoraConfig (a JSON object with r, "
+                        f"lora_alpha, target_modules, ...), but a JSON {type(config).__name__}")
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise UserError(f"{root}: peft_type {config.get('peft_type')!r} is not LoRA; edgec "
                         "merges LoRA adapters only")
@@ -257,14 +260,27 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
             raise UserError(f"{name}: adapter tensor {key!r} is not a LoRA A/B weight, lora_B "
                             "bias, DoRA magnitude, saved base layer or a parameter of its "
                             "modules_to_save")
-    r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    r0, alpha0 = (_number(config, key, 8, kind, name) for key, kind in (("r", int),
+                                                                      ("lora_alpha", float)))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
+    for key, table in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(table, Mapping):
+            raise UserError(f"{name}: {key} in {CONFIG_FILE} is not a table of module: value; "
+                            "the adapter is inconsistent")
+        for k in table:
+            _number(table, k, None, int if key == "rank_pattern" else float, name, key)
     modules = {}
     dora, lora_bias = bool(config.get("use_dora")), bool(config.get("lora_bias"))
     if dora and lora_bias:
         raise UserError(f"{name}: use_dora and lora_bias together, which PEFT does not make "
                         "or merge; the adapter is inconsistent")
+    targets = config.get("target_modules")
+    stray = next((m for m in sorted(pairs) if not _targeted(m, targets)), None)
+    if stray is not None:  # PEFT itself loads nothing there (its merge: NoMatchingPeftModule)
+        raise UserError(f"{name}: module {stray} has LoRA weights but target_modules "
+                        f"{targets!r} in {CONFIG_FILE} does not name it; the adapter is "
+                        "inconsistent")
     for mod, ab in sorted(pairs.items()):
         if not {"A", "B"} <= set(ab):
             have = f"lora_{'A' if 'A' in ab else 'B'}" if "A" in ab or "B" in ab else \
@@ -303,6 +319,31 @@ def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str,
         raise UserError(f"{name}: the adapter holds no LoRA tensors (its weights file is "
                         "empty or has only saved base layers); give a trained adapter")
     return LoraAdapter(name, path, dict(config), modules, float(weight), saved, base_layers)
+
+
+def _targeted(module: str, targets) -> bool:
+    """PEFT's ``target_modules`` rule: a string is a regex the whole name matches, a list names
+    modules by their last components; None or "all-linear" (PEFT resolves it) name any."""
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in targets)
+
+
+def _number(config: Mapping[str, Any], key: str, default, kind, name: str,
+            where: str | None = None):
+    """``config[key]`` as ``kind`` (``default`` when absent), refused in one line when it is
+    not a finite number (a string "eight" was a ValueError: an internal error)."""
+    value = config.get(key, default)
+    try:
+        number = kind(value) if not isinstance(value, (bool, str)) else None
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if number is None or not math.isfinite(number):
+        raise UserError(f"{name}: {where + '.' if where else ''}{key}={value!r} in "
+                        f"{CONFIG_FILE} is not a number; the adapter is inconsistent")
+    return number
 
 
 def _conv_factors(A: np.ndarray, B: np.ndarray, name: str, mod: str
