@@ -61,6 +61,8 @@ def load_hf_model(path: Path) -> tuple[Any, Any, str | None]:
         raise UserError(f"{path}: no .safetensors weights{hint}; save the model with "
                         "save_pretrained(safe_serialization=True)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers' "Loading weights" bar: a second stderr line on every error after it
+    transformers.utils.logging.disable_progress_bar()
     try:
         cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         arch = (cfg.architectures or [None])[0]

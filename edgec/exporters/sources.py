@@ -171,6 +171,10 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
         src_info = {"kind": "registry", "name": spec.name, "config": config,
                     "hyperparameters": spec.hyperparameters(config)}
     if static is not None:
+        if info.max_positions and static.context > info.max_positions:
+            raise UserError(f"--context {static.context} is longer than the model's "
+                            f"{info.max_positions} positions (max_position_embeddings); give "
+                            f"--context ≤ {info.max_positions}")
         info = dataclasses.replace(info, context=static.context)
         batch, shapes = 1, {}
     else:

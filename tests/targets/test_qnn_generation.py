@@ -141,3 +141,17 @@ def test_dartquant_decode_graph_rotates_as_the_prefill_graph(tmp_path):
     assert len(prefill) == 15 and prefill.keys() == decode.keys()
     for name, w in prefill.items():
         np.testing.assert_array_equal(w, decode[name], err_msg=name)
+
+
+def test_a_context_past_the_models_positions_is_refused_before_the_export(tmp_path):
+    """--context 100000 on SmolLM2 (8192 positions) exported static buffers for 8 minutes at
+    2 GB before anyone stopped it."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(UserError, match="--context 64 is longer than the model's 32 positions"):
+        edgec.compile(str(tmp_path / "ckpt"), target="qnn-htp", generate=True,
+                      quantize="w8a16", context=64, output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
