@@ -424,8 +424,9 @@ def bench_cmd(
     adapter: Annotated[str | None, typer.Option(
         "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
                           "or a weighted blend of them: a:0.7,b:0.3")] = None,
-    prompt_tokens: Annotated[int, typer.Option(
-        "--prompt-tokens", min=1, help="generation artifacts: prompt length")] = 128,
+    prompt_tokens: Annotated[int | None, typer.Option(
+        "--prompt-tokens", min=1, help="generation artifacts: prompt length (default 128, "
+                                       "less where the artifact's context is shorter)")] = None,
     new_tokens: Annotated[int, typer.Option(
         "--new-tokens", min=2, help="generation artifacts: tokens generated per run")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -459,6 +460,12 @@ def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iter
                       as_json):
     from edgec.runtimes.generation import benchmark_generation
 
+    limit = session.decoder_info.context  # a static buffer (NPU) or a --context
+    if prompt_tokens is None:  # the default fits the artifact: 128, or what its context leaves
+        prompt_tokens = 128 if not limit else max(1, min(128, limit - new_tokens))
+    if limit and prompt_tokens + new_tokens > limit:
+        raise UserError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed "
+                        f"the artifact's context of {limit} tokens; give fewer")
     stats = benchmark_generation(session, prompt_tokens, new_tokens, warmup,
                                  min(iterations, 5) if iterations == 20 else iterations)
     result = {"artifact": str(artifact), "runtime": session.runtime, **stats}

@@ -165,8 +165,11 @@ class Session(abc.ABC):
             pad_token_id=pad_token_id, seed=seed)
         if retrieval is not None:
             stats["kv_retrieval"] = dict(retrieval.stats)
+        from edgec.runtimes.generation import SparsePrefill
+
+        # (an NPU's static cache has a ``prefill`` method too: it read as "sparse")
         stats["prefill_graph"] = ("vision" if vision is not None else "sparse"
-                                  if hasattr(cache, "prefill") else "dense")
+                                  if isinstance(cache, SparsePrefill) else "dense")
         if vision is not None:
             stats.update(cache.stats)
         self.last_generation = stats

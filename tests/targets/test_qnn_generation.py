@@ -155,3 +155,23 @@ def test_a_context_past_the_models_positions_is_refused_before_the_export(tmp_pa
         edgec.compile(str(tmp_path / "ckpt"), target="qnn-htp", generate=True,
                       quantize="w8a16", context=64, output_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_fits_its_defaults_to_the_artifacts_context(qnn_art):
+    """`edgec bench` on an NPU decoder (context 64) refused its own defaults (128 + 32 tokens)
+    and labelled the static prefill "sparse"."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", str(qnn_art.path), "--json", "--iterations", "1",
+                            "--warmup", "0"])
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.stdout)
+    assert stats["prompt_tokens"] == 32 and stats["new_tokens"] == 32
+    assert stats["prefill_graph"] == "dense"
+    r = runner.invoke(app, ["bench", str(qnn_art.path), "--prompt-tokens", "60"])
+    assert r.exit_code == 2 and "exceed the artifact's context of 64 tokens" in r.stderr
