@@ -231,6 +231,61 @@ def test_tensorrt_graphs_are_legal(tmp_path, scheme):
     assert _worst(art) >= 0.98
 
 
+def test_fp8_scales_come_from_the_calibrated_absmax(tmp_path):
+    """fp8 on TensorRT: each activation's float8 scale is its calibrated absmax / 448 (the
+    method honoured, minmax by default), each weight's its own absmax / 448. ORT's float8
+    scale (σ / 100.06, clipping at 4.48 σ) was the only one, whatever the method: llama
+    tiny+outliers 0.982 logits cosine, SmolLM2-135M cut to 2 layers 0.765; it stays available
+    as method=distribution."""
+    import numpy as np
+    import onnx_ir as ir
+
+    cache = edgec.calibrate("llama", "tensorrt", tmp_path / "c", config="tiny+outliers",
+                            quantize="fp8")
+    assert cache.method == "minmax"
+    art = edgec.compile("llama", target="tensorrt", output_dir=tmp_path / "a",
+                        config="tiny+outliers", quantize="fp8", calibration=tmp_path / "c")
+    assert art.manifest["quantization"]["calibration"]["method"] == "minmax"
+    assert _worst(art) >= 0.995  # 0.9981 (ORT's σ scale: 0.9817)
+    model = ir.load(tmp_path / "a" / "model.onnx")
+    checked = 0
+    for q in model.graph:
+        x = q.inputs[0] if q.op_type == "QuantizeLinear" else None
+        if x is None or x.const_value is not None:
+            continue
+        assert q.inputs[2].const_value.dtype == ir.DataType.FLOAT8E4M3FN
+        st = cache.tensors[x.name]
+        absmax = max(abs(st["lowest"]), abs(st["highest"]))
+        assert float(q.inputs[1].const_value.numpy()) == pytest.approx(absmax / 448, rel=1e-6)
+        checked += 1
+    assert checked >= 8
+    weights = [dq.inputs[0].const_value.numpy().astype(np.float32) for dq in model.graph
+               if dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value is not None]
+    # absmax / 448: the largest weight on 448 and no other clipped to it (e4m3 steps by 32
+    # there, so only weights within 3.6% of the largest round to it)
+    assert weights and all(np.abs(w).max() == 448 for w in weights)
+    assert max(int((np.abs(w) == 448).sum()) for w in weights) <= 8
+    old = edgec.compile("llama", target="tensorrt", output_dir=tmp_path / "d",
+                        config="tiny+outliers", quantize="fp8:method=distribution")
+    assert old.manifest["quantization"]["calibration"]["method"] == "distribution"
+    assert _worst(old) < 0.99  # ORT's σ-based scales clip the outliers
+
+
+def test_fp8_calibration_method_is_honoured_or_refused(tmp_path):
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.targets import TARGETS
+
+    trt = TARGETS["tensorrt"]
+    for spec, method in [("fp8", "minmax"), ("fp8:method=minmax", "minmax"),
+                         ("fp8:method=percentile", "percentile"),
+                         ("fp8:method=distribution", "distribution")]:
+        assert QuantOptions.parse(spec, trt).calibration_request(trt).method == method
+    with pytest.raises(UserError, match="method=entropy .* which float8 is not"):
+        QuantOptions.parse("fp8:method=entropy", trt)
+    with pytest.raises(UserError, match="method=distribution is ONNX Runtime's float8 scale"):
+        QuantOptions.parse("w8a8:method=distribution", trt)
+
+
 def test_bad_quantize_options(tmp_path):
     for q, match in [("w9", "no quantization scheme 'w9'"),
                      ("w8a8:method=best", "unknown calibration method"),

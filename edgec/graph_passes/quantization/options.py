@@ -45,7 +45,8 @@ DEFAULT_MAX_KLD = 0.05
 class QuantOptions:
     """What ``quantize=`` / ``--quantize SCHEME[:k=v,...]`` asks for.
 
-    ``method=minmax|percentile|entropy``; ``exclude=A;B`` (node names or op types kept in high
+    ``method=minmax|percentile|entropy``, for fp8 ``minmax|percentile|distribution``
+    (ORT's σ-based float8 scale); ``exclude=A;B`` (node names or op types kept in high
     precision: float on CPU targets, 16-bit on fully quantized ones); ``samples=N`` (calibration
     samples, default 16); ``mask_fill=F`` (the bounded attention-mask fill on fully quantized
     targets, default 100); ``min_cos=F`` (accuracy-driven mixed precision: keep the fewest most
@@ -132,6 +133,15 @@ class QuantOptions:
             offered = ", ".join(target.schemes) or "none"
             raise UserError(f"target {target.name} has no quantization scheme {opts.scheme!r}; "
                             f"it offers: {offered}")
+        activations = target.schemes[opts.scheme].activations or ""
+        if opts.method == "entropy" and activations.startswith("float8"):
+            raise UserError(f"--quantize {opts.scheme}: method=entropy searches a clipping "
+                            "threshold for an evenly spaced integer grid, which float8 is not; "
+                            "use minmax (the default), percentile or distribution")
+        if opts.method == "distribution" and not activations.startswith("float8"):
+            raise UserError(f"--quantize {opts.scheme}: method=distribution is ONNX Runtime's "
+                            "float8 scale (from the standard deviation) and sets no integer "
+                            "range; use minmax (the default), percentile or entropy")
         if opts.stream is not None and not target.fully_quantized:
             raise UserError(f"--quantize stream={opts.stream} places the residual stream on a "
                             f"fully quantized target (qnn-htp); on {target.name} it stays "
@@ -159,9 +169,9 @@ class QuantOptions:
         return (8, 16) if scheme.head_w8a16 and target.fully_quantized else self.bits_on(target)
 
     def method_on(self, target) -> str:
-        scheme = self.scheme_on(target)
-        if scheme.activations and scheme.activations.startswith("float8"):
-            return "distribution"  # ORT's float8 quantizer needs avg/std statistics
+        """The calibration method: as asked, else minmax (float8 included: its scales are set
+        from the calibrated absmax, ``quantize.float8_overrides``; ``distribution`` asks for
+        ORT's own float8 scale, σ / σ(e4m3 values), which clips at 4.48 σ)."""
         return self.method or "minmax"
 
     def floor_on(self, target):
