@@ -40,6 +40,12 @@ def _quantized_after_layout(path):
                and p.op_type in ("Reshape", "Transpose") and len(n.inputs[0].uses()) == 1)
 
 
+def _floor(art):
+    """The quantize pass's accuracy floor entry (``mixed_precision``)."""
+    return next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
+        "mixed_precision"]
+
+
 def _worst(art, key="cosine"):
     outs = art.report["fidelity"]["target_vs_source"]["outputs"].values()
     return min(e[key] for e in outs)
@@ -231,7 +237,7 @@ def test_tensorrt_graphs_are_legal(tmp_path, scheme):
     assert _worst(art) >= 0.98
 
 
-def test_fp8_scales_come_from_the_calibrated_absmax(tmp_path):
+def test_fp8_scales_come_from_the_calibrated_absmax(tmp_path, caplog):
     """fp8 on TensorRT: each activation's float8 scale is its calibrated absmax / 448 (the
     method honoured, minmax by default), each weight's its own absmax / 448. ORT's float8
     scale (σ / 100.06, clipping at 4.48 σ) was the only one, whatever the method: llama
@@ -247,6 +253,8 @@ def test_fp8_scales_come_from_the_calibrated_absmax(tmp_path):
                         config="tiny+outliers", quantize="fp8", calibration=tmp_path / "c")
     assert art.manifest["quantization"]["calibration"]["method"] == "minmax"
     assert _worst(art) >= 0.995  # 0.9981 (ORT's σ scale: 0.9817)
+    held = _floor(art)  # the default floor, measured
+    assert held["reached"] and held["achieved"] >= 0.99 and not held["kept"]
     model = ir.load(tmp_path / "a" / "model.onnx")
     checked = 0
     for q in model.graph:
@@ -265,10 +273,14 @@ def test_fp8_scales_come_from_the_calibrated_absmax(tmp_path):
     # there, so only weights within 3.6% of the largest round to it)
     assert weights and all(np.abs(w).max() == 448 for w in weights)
     assert max(int((np.abs(w) == 448).sum()) for w in weights) <= 8
+    caplog.clear()
     old = edgec.compile("llama", target="tensorrt", output_dir=tmp_path / "d",
-                        config="tiny+outliers", quantize="fp8:method=distribution")
+                        config="tiny+outliers", quantize="fp8:method=distribution,min_cos=0.99")
     assert old.manifest["quantization"]["calibration"]["method"] == "distribution"
     assert _worst(old) < 0.99  # ORT's σ-based scales clip the outliers
+    # ... which no longer passes in silence: fp8's floor is measured, and a miss warned about
+    assert not _floor(old)["reached"] and not _floor(old)["layer_errors"]
+    assert "fp8 misses the accuracy floor min_cos=0.99" in caplog.text
 
 
 def test_fp8_calibration_method_is_honoured_or_refused(tmp_path):
@@ -568,4 +580,5 @@ def test_default_floor_applies_to_calibrated_integer_schemes_only():
     assert floor("w8a8:min_cos=0") is None  # off
     assert floor("w8a16", "qnn-htp") == Floor(0.98, default=True)
     assert floor("w4a16") is None  # weight-only: activations stay float
-    assert floor("fp8", "tensorrt") is None  # float activations: no integer fake-quant
+    # float8 activations: measured and warned about (no integer fake-quant to search with)
+    assert floor("fp8", "tensorrt") == Floor(0.98, default=True)

@@ -251,6 +251,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         per-layer analysis runs only when it misses."""
         from edgec.graph_passes.quantization.keep_float import keep_float
         from edgec.graph_passes.quantization.mixed_precision import (
+            integer_activations,
             layer_errors,
             quantized_widths,
             search_exclusions,
@@ -295,7 +296,10 @@ class QuantizePass(ir.passes.FunctionalPass):
         self.progress(f"accuracy floor {floor.describe()}: measuring the quantized graph on "
                       f"{len(feeds)} held-out samples")
         first = measure(0)
-        if not floor.met(first):
+        # float8 (fp8): measured and warned about, not searched: the per-layer analysis
+        # fake-quantizes integer activations only
+        searchable = integer_activations(s)
+        if not floor.met(first) and searchable:
             self.progress(f"accuracy floor not met as quantized ({_fmt(first)}): measuring each "
                           "layer's sensitivity")
             ranked = layer_errors(model, feeds, cache, s, s.op_types,
@@ -313,7 +317,13 @@ class QuantizePass(ir.passes.FunctionalPass):
                 logger.warning("the quantized graph with %d layers kept measured %s where its "
                                "probe measured %s", k, _fmt(rebuilt), _fmt(score))
             score = rebuilt
-        if not floor.met(score) and floor.default and k:
+        if not searchable and not floor.met(score):
+            logger.warning("%s misses the accuracy floor %s on %d held-out samples (%s), and "
+                           "has no per-layer precision search: keep the sensitive layers float "
+                           "with exclude= (an LM head first: SmolLM2-135M's cost fp8 its KL "
+                           "bound) or use w8a8, which searches", s.name, floor.describe(),
+                           len(feeds), _fmt(score))
+        elif not floor.met(score) and floor.default and k:
             # not the user's floor: keeping every layer in high precision buys speed for
             # nothing when even that misses it; keep the plain quantization and say so
             logger.warning("the default accuracy floor %s is not reached (%s as quantized, %s "
