@@ -1,6 +1,6 @@
 """ONNX Runtime's calibration histograms, collected one sample and one group of tensors at a time.
 
-ORT's ``HistogramCalibrater`` (entropy, percentile, distribution: fp8's) keeps every calibration
+ORT's ``HistogramCalibrater`` (entropy, percentile, fp8's distribution) keeps every calibration
 sample's every calibrated tensor until the last sample has run, then bins them all at once: on
 video-dit small (8192 tokens of dense attention, 2 GB score tensors) a TensorRT fp8 compile passed
 17 GB at the second of 16 samples. Its histograms are fixed by the data's range over all samples

@@ -1,8 +1,8 @@
 """Activation statistics: run calibration samples through ONNX Runtime's calibrators.
 
 ``collect_ranges`` wraps ``onnxruntime.quantization.create_calibrator`` (minmax, percentile,
-entropy; distribution for fp8) and reports progress per run; the result is plain JSON-ready
-per-tensor statistics keyed by tensor name.
+entropy; distribution: ORT's float8 scale) and reports progress per run; the result is
+plain JSON-ready per-tensor statistics keyed by tensor name.
 """
 
 from __future__ import annotations
