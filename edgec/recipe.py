@@ -133,7 +133,8 @@ def _vision_tokens(raw: Any, target, parsed: dict):
 
 
 _QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | fp8 (`edgec "
-                  "targets` lists them); options after ':' method=minmax|percentile|entropy, "
+                  "targets` lists them); options after ':' method=minmax|percentile|entropy "
+                  "(fp8: minmax|percentile|distribution), "
                   "exclude=NODE_OR_OP;... (kept in high precision), samples=N, mask_fill=F, "
                   "min_cos=F (mixed precision to that held-out cosine; default 0.98, 0 = "
                   "off), max_kld=F (... to that logits KL divergence, nats/token; default "
