@@ -49,7 +49,12 @@ class SamplerSpec:
     def from_manifest(cls, manifest: Mapping[str, Any]) -> SamplerSpec:
         entry = manifest.get("sampling")
         if not entry:
-            name = (manifest.get("source") or {}).get("name", "this artifact")
+            source = manifest.get("source") or {}
+            if source.get("kind") == "diffusers":  # a denoiser whose scheduler edgec lacks
+                raise UserError(f"edgec has no sampler for {source.get('class', 'this model')} "
+                                "yet (Wan's flow matching only); run its denoiser with `edgec "
+                                "run` or Session.run")
+            name = source.get("name", "this artifact")
             raise UserError(f"{name} is not a diffusion model (its manifest has no sampling "
                             "entry); `edgec models` lists the ones with a sampler")
         fields = {f.name for f in dataclasses.fields(cls)}

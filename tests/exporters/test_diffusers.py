@@ -103,6 +103,9 @@ def test_cogvideox_compiles_for_openvino_with_checkpoint_names(models, tmp_path)
     pmap = art.manifest["parameter_map"]
     assert "transformer_blocks.0.attn1.to_q.weight" in pmap and "proj_out.weight" in pmap
     assert not any(k.startswith("transformer.") for k in pmap)
+    # a denoiser without edgec's sampler is said to be one ("not a diffusion model" before)
+    with pytest.raises(UserError, match="no sampler for CogVideoXTransformer3DModel yet"):
+        art.load().sample(steps=2)
 
 
 def test_wan_compiles_for_ort_and_samples(models, tmp_path):
