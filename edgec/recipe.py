@@ -216,10 +216,14 @@ class Recipe:
         if t.fully_quantized and self.quantize is None:
             raise UserError(f"{t.name} runs quantized models only (every tensor is quantized); "
                             f"add --quantize {' | '.join(t.schemes)}")
+        if self.lora_mode != "merge" and not self.lora:
+            raise UserError(f"--lora-mode {self.lora_mode} needs the adapters it applies to: add "
+                            "--lora DIR (swappable: the adapters whose modules get branches)")
         if self.lora_mode == "swappable":
             if any(a.weight != 1.0 for a in self.lora):
-                raise UserError("adapter weights (DIR:WEIGHT) apply to merge modes; swappable "
-                                "adapters are served one at a time")
+                raise UserError("adapter weights (DIR:WEIGHT) apply to merge modes; a swappable "
+                                "artifact takes them at run time (Session.run(feeds, "
+                                "adapter={'a': 0.7, 'b': 0.3}), edgec run --adapter a:0.7,b:0.3)")
             if self.lora and not t.swappable_adapters:
                 raise UserError(f"swappable LoRA adapters cannot run on {t.name} (every tensor "
                                 "is quantized there, adapters included); use --lora-mode merge")

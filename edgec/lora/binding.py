@@ -73,7 +73,9 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
         unknown = sorted(set(adapter.modules) - set(by_module))
         if unknown:
             raise UserError(f"adapter {adapter.name}: target module {unknown[0]} has no LoRA "
-                            "branch in this artifact; recompile with this adapter among --lora")
+                            f"branch in this artifact (its branches: {_modules(by_module)}); an "
+                            "adapter on other modules of this base needs a recompile with it "
+                            "among --lora, one trained on another base cannot run here")
     feeds = {}
     for s in sites:
         in_f, out_f, rank = s["in_features"], s["out_features"], max(1, s["rank"])
@@ -99,6 +101,14 @@ def site_feeds(sites: Sequence[Mapping[str, Any]], adapter: LoraAdapter | None,
         feeds[s["a_input"]] = np.ascontiguousarray(a, dtype=np.float32)
         feeds[s["b_input"]] = np.ascontiguousarray(b, dtype=np.float32)
     return feeds
+
+
+def _modules(by_module: Mapping[str, Any]) -> str:
+    """The branched module kinds and their counts, e.g. ``q_proj ×2, v_proj ×2``."""
+    kinds: dict[str, int] = {}
+    for m in by_module:
+        kinds[m.rpartition(".")[2]] = kinds.get(m.rpartition(".")[2], 0) + 1
+    return ", ".join(f"{k} ×{n}" if n > 1 else k for k, n in kinds.items()) or "none"
 
 
 def _conv_feeds(site: Mapping[str, Any], kernel: tuple[int, ...], lm, adapter
