@@ -127,10 +127,13 @@ class QnnSession(Session):
 
     runtime = "onnxruntime-qnn (HTP)"
 
-    def __init__(self, model_path: str | os.PathLike, runtime: Mapping[str, Any]):
+    def __init__(self, model_path: str | os.PathLike, runtime: Mapping[str, Any],
+                 quiet: bool = False):
+        """``quiet``: ORT's own error log off, where the caller expects a failure and says why
+        (a probe: the shared-context load, refused by the x86_64 emulator)."""
         backend = runtime.get("backend", "htp")
         self.runtime = f"onnxruntime-qnn ({backend.upper()})"
-        opts = qnn_session_options(backend, runtime.get("provider_options"))
+        opts = qnn_session_options(backend, runtime.get("provider_options"), quiet=quiet)
         for key, value in (runtime.get("session_config") or {}).items():  # a shared context
             opts.add_session_config_entry(key, str(value))
         try:

@@ -12,6 +12,7 @@ manifest says why, with both sizes.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -75,7 +76,9 @@ def share_context(graphs: Sequence[tuple[str, Path, Path]], target_dir: Path,
     shared_runtime = {**runtime, "session_config": {SHARE_OPTION: "1"},
                       "provider_options": {**runtime.get("provider_options", {}), **provider}}
     try:
-        sessions = [QnnSession(models[name], shared_runtime) for name, _, _ in graphs]
+        # quiet: the emulator refuses a shared context with a red ORT error line on a compile
+        # that succeeds (the two binaries stand); the build note says why
+        sessions = [QnnSession(models[name], shared_runtime, quiet=True) for name, _, _ in graphs]
         for (name, _, built), session, feed in zip(graphs, sessions, feeds):
             alone = QnnSession(built / CONTEXT_MODEL, runtime).run(feed)
             together = session.run(feed)
@@ -84,6 +87,8 @@ def share_context(graphs: Sequence[tuple[str, Path, Path]], target_dir: Path,
     except Exception as e:  # noqa: BLE001
         shutil.rmtree(out, ignore_errors=True)
         why = _first_line(e).split("; recompile")[0]  # QnnSession's advice does not apply
+        # the staging directory is gone once the artifact is in place: artifact-relative
+        why = why.replace(f"{target_dir.parent}{os.sep}", "")
         return {**entry, "shared": False,
                 "why": f"this QNN HTP backend does not load the shared context ({why})"}
     rel = target_dir.name
