@@ -443,6 +443,9 @@ def bench_cmd(
     if session.manifest.get("generation") and inputs is None:
         return _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup,
                                  iterations, as_json)
+    if prompt_tokens is not None or new_tokens != 32:
+        raise UserError("--prompt-tokens and --new-tokens apply to generation artifacts "
+                        "(compiled with --generate, benchmarked without --inputs)")
     stats = session.benchmark(warmup=warmup, iterations=iterations,
                               feeds=_feeds(session, inputs), adapter=adapter)
     result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
@@ -519,6 +522,12 @@ def generate_cmd(
 
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
+    unused = [f"--{k}" for k, v, default in (("temperature", temperature, 1.0),
+                                               ("top-k", top_k, 0), ("top-p", top_p, 1.0),
+                                               ("seed", seed, None)) if v != default]
+    if unused and not sample:  # greedy decoding reads none of them
+        raise UserError(f"{unused[0]} applies to sampling; add --sample (greedy decoding "
+                        "ignores it)")
     session = edgec.load(artifact)
     _ = session.decoder_info  # refuses an artifact without a KV cache before anything else
     tok = Tokenizer(artifact, session.manifest) if prompt is not None else None

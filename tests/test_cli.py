@@ -122,6 +122,12 @@ def _bad_cases(tmp_path, art_dir):
                             "one array (.npy), not an .npz"),
         "save not npz": (["run", art_dir, "--save", tmp_path / "y.txt"],
                          "give a file name ending in .npz"),
+        "bench tokens not generation": (["bench", art_dir, "--prompt-tokens", "8"],
+                                        "apply to generation artifacts"),
+        "greedy with temperature": (["generate", art_dir, "--prompt-ids", "1,2",
+                                     "--temperature", "0.5"], "--temperature applies to sampling"),
+        "weight-only with method": (["compile", "llama", "-t", "ort-cpu", "-o", out, "-q",
+                                     "w4a16:method=entropy"], "w4a16 is weight-only, drop method"),
         "inspect missing": (["inspect", tmp_path / "nothing"], "no such file"),
         "out under a file": (["compile", "llama", "-t", "ort-cpu", "-o", text / "sub"],
                              "is not a directory, so nothing can be written there"),
@@ -134,7 +140,9 @@ def _bad_cases(tmp_path, art_dir):
                                   "unknown model", "unknown config", "foreign out dir",
                                   "run non-artifact", "bad inputs file", "inspect missing",
                                   "out under a file", "markup in a path",
-                                  "npy inputs file", "save not npz"])
+                                  "npy inputs file", "save not npz",
+                                  "bench tokens not generation", "greedy with temperature",
+                                  "weight-only with method"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_tiny_artifacts):
     args, match = _bad_cases(tmp_path, dit_tiny_artifacts[0].path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())

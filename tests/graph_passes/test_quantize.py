@@ -234,10 +234,12 @@ def test_bert_w8a8_beats_naive_quantization(bert_src, tmp_path):
 
 
 def test_user_exclusion_by_op_type_and_unknown_name(llama_src):
-    model, result = _quantize(llama_src, "ort-cpu", "w8a8", exclude=("MatMul",))
-    assert result.stats["quantize_linear"] == 0
-    from edgec.errors import UserError
-
+    # every MatMul excluded: a float artifact reported as w8a8 before
+    with pytest.raises(UserError, match="exclude=MatMul leaves nothing to quantize"):
+        _quantize(llama_src, "ort-cpu", "w8a8", exclude=("MatMul",))
+    first = next(n.name for n in llama_src.model.graph if n.op_type == "MatMul")
+    model, result = _quantize(llama_src, "ort-cpu", "w8a8", exclude=(first,))
+    assert result.stats["excluded_nodes"] >= 1 and result.stats["quantize_linear"] > 0
     with pytest.raises(UserError, match="names no node or op type"):
         _quantize(llama_src, "ort-cpu", "w8a8", exclude=("NoSuchNode",))
 

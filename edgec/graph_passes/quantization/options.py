@@ -285,6 +285,9 @@ class QuantOptions:
         if self.smooth is not None and not scheme.calibrated:
             raise UserError(f"smooth moves activation ranges into the weights; {scheme.name} is "
                             "weight-only (activations stay float), drop smooth")
+        if self.method and not scheme.calibrated:
+            raise UserError(f"method={self.method} chooses how activation ranges are "
+                            f"calibrated; {scheme.name} is weight-only, drop method")
         if (self.min_cos or self.max_kld) and not scheme.calibrated:
             which = "min_cos" if self.min_cos else "max_kld"
             raise UserError(f"{which} chooses which layers keep their activations in high "

@@ -211,6 +211,13 @@ class QuantizePass(ir.passes.FunctionalPass):
             quantized = self._rounded(model, work)
         else:
             quantized = self._static(work, plan, cache)
+            if not any(n.op_type == "DequantizeLinear" for n in quantized.graph):
+                why = (f"exclude={','.join(self.exclude)} leaves nothing to quantize"
+                       if self.exclude else f"the model has no op {s.name} quantizes here "
+                       f"({', '.join(s.op_types)})")
+                raise UserError(f"--quantize {s.name}: {why}; drop --quantize or what excludes "
+                                "every layer (the artifact would be float, reported as "
+                                f"{s.name})")
             if floor is not None:
                 quantized, plan, extra["mixed_precision"] = self._mixed(model, quantized, plan,
                                                                         cache, outliers, floor)
