@@ -505,6 +505,9 @@ def generate_cmd(
     image: Annotated[Path | None, typer.Option(
         "--image", help="an image for a VLM artifact (.png/.jpg, or .npy pixel values); the "
         "prompt gets its placeholder tokens unless it has them (LLaVA's <image>)")] = None,
+    adapter: Annotated[str | None, typer.Option(
+        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
+                          "or a weighted blend of them: a:0.7,b:0.3")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Generate text (or token ids) from a KV-cache decoder artifact; text streams as it comes.
@@ -530,6 +533,8 @@ def generate_cmd(
                         "ignores it)")
     session = edgec.load(artifact)
     _ = session.decoder_info  # refuses an artifact without a KV cache before anything else
+    if adapter is not None:
+        session.active_adapter = adapter
     tok = Tokenizer(artifact, session.manifest) if prompt is not None else None
     ids = tok.encode(prompt) if tok is not None else parse_ids(prompt_ids)
     if not ids:
@@ -581,6 +586,9 @@ def sample_cmd(
     dense_steps: Annotated[int | None, typer.Option(
         "--dense-steps", min=0, help="first steps on the dense graph (default: the artifact's)"
     )] = None,
+    adapter: Annotated[str | None, typer.Option(
+        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
+                          "or a weighted blend of them: a:0.7,b:0.3")] = None,
     inputs: Annotated[Path | None, typer.Option(
         "--inputs", help="conditions: .npz keyed by input name (default: the example inputs)"
     )] = None,
@@ -601,6 +609,8 @@ def sample_cmd(
 
     _check_save(save)
     session = edgec.load(artifact)
+    if adapter is not None:
+        session.active_adapter = adapter
     conditions = _load_npz(inputs)
     check_inputs(session, conditions)  # a refusal is one line, without the progress bar's
     with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),

@@ -190,8 +190,10 @@ def test_swappable_adapters_reach_the_samplers_dense_graph(tmp_path):
              lora_alpha=4)
     art = edgec.compile("video-dit", config="tiny", target="ort-cpu", output_dir=tmp_path / "o",
                         lora=str(tmp_path / "a"), lora_mode="swappable",
-                        sparse_attention="keep=0.5,block=16,dense_steps=2")
+                        sparse_attention="keep=0.5,block=16,min_seq=0,dense_steps=2")
     assert art.report["fidelity"]["lora"]["verified_adapter"] == "a"
+    sparse = next(p for p in art.report["passes"] if p["name"] == "sparse-attention")
+    assert sparse["modified"]  # the main graph is sparse, the dense one beside it
     session = edgec.load(art.path)
     with_adapter = session.sample(steps=3, seed=0)
     assert session.last_sampling["dense_steps"] == 2
@@ -200,3 +202,13 @@ def test_swappable_adapters_reach_the_samplers_dense_graph(tmp_path):
     base = session.sample(steps=3, seed=0)
     name = next(iter(base))
     assert np.abs(with_adapter[name] - base[name]).max() > 1e-3
+    # the CLI's sample takes the adapter too (only run and bench had --adapter)
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+
+    r = CliRunner().invoke(app, ["sample", str(art.path), "--steps", "3", "--adapter", "base",
+                                 "--save", str(tmp_path / "s.npz"), "--json"])
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "s.npz") as saved:
+        np.testing.assert_array_equal(saved[name], base[name])
