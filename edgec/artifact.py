@@ -23,7 +23,7 @@ from edgec.errors import UserError
 from edgec.report_chart import LAYER_CHART
 
 __all__ = ["FORMAT", "MANIFEST", "staged_output", "read_manifest", "is_artifact",
-           "file_hashes", "versions", "write_json"]
+           "file_hashes", "verify_files", "versions", "write_json"]
 
 FORMAT = "edgec-artifact/1"
 MANIFEST = "manifest.json"
@@ -111,6 +111,19 @@ def file_hashes(root: Path) -> dict[str, str]:
                     h.update(chunk)
             hashes[rel] = h.hexdigest()
     return hashes
+
+
+def verify_files(root: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """Each file the manifest hashed whose bytes no longer match (``changed``) or that is gone
+    (``missing``), and files added since (``added``): {path: what}."""
+    recorded = manifest.get("hashes") or {}
+    found = file_hashes(root)
+    out = {rel: "missing" for rel in recorded if rel not in found}
+    out.update({rel: "changed" for rel, h in found.items() if rel in recorded
+                and recorded[rel] != h})
+    out.update({rel: "added" for rel in found if rel not in recorded})
+    order = {"changed": 0, "missing": 1, "added": 2}  # what breaks the artifact first
+    return dict(sorted(out.items(), key=lambda kv: (order[kv[1]], kv[0])))
 
 
 def versions() -> dict[str, str]:

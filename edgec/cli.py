@@ -671,15 +671,30 @@ def compare_cmd(
 @_errors
 def inspect_cmd(
     path: Annotated[Path, typer.Argument(help="an .onnx file or an artifact directory")],
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="artifacts: check every file against the manifest's sha256 (exit 2 "
+                         "naming the first that changed, is missing or was added)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Describe an ONNX file (inputs, outputs, opsets, ops, weights) or an artifact directory.
 
-    Examples: `edgec inspect model.onnx`, `edgec inspect out --json`
+    Examples: `edgec inspect model.onnx`, `edgec inspect out --json`, `edgec inspect out --verify`
     """
     from edgec.inspect import describe
 
     info = describe(path)
+    if verify:
+        if not path.is_dir():
+            raise UserError(f"{path}: --verify checks an artifact directory's files")
+        from edgec.artifact import read_manifest, verify_files
+
+        problems = verify_files(path, read_manifest(path))
+        if problems:
+            rel, what = next(iter(problems.items()))
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise UserError(f"{path}: {rel} {what} since the compile{more}; recompile or "
+                            "restore the artifact")
+        info["verified"] = f"{len(info['files'])} files match the manifest's sha256"
     if as_json:
         return _print_json(info)
     table = Table(show_header=False, title=str(path))

@@ -154,6 +154,24 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_ti
     assert (tmp_path / "mine" / "precious.txt").read_text() == "x"
 
 
+def test_inspect_verify_names_a_changed_file(dit_tiny_artifacts, tmp_path):
+    """The manifest stores every file's sha256, but nothing checked them: 4 flipped bytes in
+    model.onnx.data ran with exit 0."""
+    import shutil
+
+    art = shutil.copytree(dit_tiny_artifacts[0].path, tmp_path / "a")
+    r = _run("inspect", art, "--verify", "--json")
+    assert r.exit_code == 0 and "match the manifest" in json.loads(r.stdout)["verified"]
+    data = next(p for p in sorted(art.rglob("*.data")))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    (art / "extra.txt").write_text("x")
+    r = _run("inspect", art, "--verify")
+    rel = data.relative_to(art).as_posix()
+    assert r.exit_code == 2 and f"{rel} changed since the compile (and 1 more)" in r.stderr
+
+
 def test_console_script_exit_status(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgec.cli", "compile", str(tmp_path / "x.onnx"),
                            "--target", "ort-cpu", "-o", str(tmp_path / "o")],
