@@ -229,6 +229,21 @@ def test_an_embedding_adapter_merges_into_the_table(tmp_path, llama_source, expo
                       lora=[str(tmp_path / "e")], lora_mode="swappable")
 
 
+def _classifier_adapter(module, seed: int, targets, path) -> None:
+    """A SEQ_CLS LoRA on ``module`` (biases drawn first: as trained, an all-zero bias is folded
+    away at export) whose saved head differs from the base's, saved at ``path``."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    pm = _peft(module, seed, task_type="SEQ_CLS", target_modules=targets, r=2, lora_alpha=4)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    pm.save_pretrained(str(path))
+
+
 def test_modules_to_save_replace_the_models_parameters(tmp_path):
     """A sequence-classification LoRA saves its trained head whole (``modules_to_save``:
     ``classifier.weight``/``.bias``): merging replaces the model's, as PEFT's merge does."""
@@ -237,17 +252,7 @@ def test_modules_to_save_replace_the_models_parameters(tmp_path):
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                      num_hidden_layers=1, num_attention_heads=2, num_labels=3)
     module = transformers.BertForSequenceClassification(config).eval()
-    with torch.no_grad():  # as trained: an all-zero bias is folded away at export
-        for name, p in module.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    pm = _peft(module, 0, task_type="SEQ_CLS", target_modules=["query", "value"], r=2,
-               lora_alpha=4)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(torch.randn_like(p))  # the trained head differs from the base's
-    pm.save_pretrained(str(tmp_path / "a"))
+    _classifier_adapter(module, 0, ["query", "value"], tmp_path / "a")
     adapter = read_adapter(tmp_path / "a")
     assert sorted(adapter.saved) == ["classifier.bias", "classifier.weight"]
     ids = torch.randint(0, 64, (1, 8))
@@ -312,17 +317,7 @@ def test_modules_to_save_match_as_peft_matches_them(tmp_path):
                                            hidden_dim=64, num_labels=3,
                                            max_position_embeddings=16)
     module = transformers.DistilBertForSequenceClassification(config).eval()
-    with torch.no_grad():  # as trained: an all-zero bias is folded away at export
-        for name, p in module.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    pm = _peft(module, 1, task_type="SEQ_CLS", target_modules=["q_lin", "v_lin"], r=2,
-               lora_alpha=4)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "modules_to_save" in name:
-                p.add_(torch.randn_like(p))
-    pm.save_pretrained(str(tmp_path / "a"))
+    _classifier_adapter(module, 1, ["q_lin", "v_lin"], tmp_path / "a")
     adapter = read_adapter(tmp_path / "a")
     assert sorted(adapter.saved) == ["classifier.bias", "classifier.weight",
                                      "pre_classifier.bias", "pre_classifier.weight"]
