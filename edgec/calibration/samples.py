@@ -40,6 +40,8 @@ def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dic
         raise UserError(f"{p}: no array for input {missing[0]!r}; the model's inputs are "
                         f"{', '.join(names)} (each with a leading sample axis)")
     counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
+    if counts == {0}:
+        raise UserError(f"{p}: holds no samples (a leading sample axis of 0); give at least one")
     if len(counts) != 1 or 0 in counts:
         raise UserError(f"{p}: inputs have different sample counts {sorted(counts)}; every array "
                         "needs the same leading sample axis")

@@ -511,8 +511,9 @@ def _bias_initializer(adapter: LoraAdapter, mod: str, weight_param: str,
     value = inits.get(entry["initializer"]) if entry else None
     if value is None or value.const_value is None:
         raise UserError(f"adapter {adapter.name}: module {mod} has a lora_B bias (lora_bias), but "
-                        "the model's layer has no bias to merge it into (PEFT refuses this "
-                        "merge too)")
+                        "the exported graph has no bias to merge it into: the layer has none "
+                        "(PEFT refuses this merge too), or its bias is all zeros and the "
+                        "export folded it away (not supported yet)")
     n = adapter.modules[mod].bias.shape[0]
     if tuple(value.const_value.shape) != (n,):
         raise UserError(f"adapter {adapter.name}: module {mod}'s bias is "

@@ -313,10 +313,11 @@ class Session(abc.ABC):
         extra = sorted(set(feeds) - names)
         missing = sorted(names - set(feeds))
         if extra or missing:
-            raise UserError(
-                f"inputs do not match the model: missing {missing or 'none'}, unknown "
-                f"{extra or 'none'}; the model takes {sorted(names)}"
-            )
+            wrong = "; ".join(part for part in (
+                f"missing {missing}" if missing else "", f"unknown {extra}" if extra else "")
+                if part)
+            raise UserError(f"inputs do not match the model: {wrong}; the model takes "
+                            f"{sorted(names)}")
         out = {}
         for spec in self._inputs:
             arr = np.asarray(feeds[spec.name])

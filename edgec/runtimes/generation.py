@@ -156,6 +156,10 @@ def _prompt(info, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"attention_mask has shape {list(mask.shape)}, input_ids "
                         f"{list(ids.shape)}; give one mask value per token")
     mask = (mask != 0).astype(np.int64)
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise UserError(f"row {int(empty[0])} of the batch is all padding (its attention_mask "
+                        "is all 0); give every row at least one token")
     if not mask[:, -1].all():
         raise UserError("the batch is right-padded (a row's last token is padding); pad on the "
                         "left for generation (tokenizer padding_side='left')")

@@ -290,6 +290,8 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, dit_tiny_artifacts):
     sess = artifacts["llama", "ort-cpu"].load()
     with pytest.raises(UserError, match="right-padded"):
         sess.generate(np.array([[1, 2, 0]]), np.array([[1, 1, 0]]))
+    with pytest.raises(UserError, match="row 1 of the batch is all padding"):
+        sess.generate(np.array([[1, 2], [0, 0]]), np.array([[1, 1], [0, 0]]))
 
 
 def test_tensorrt_decoder_gets_prefill_and_decode_profiles(artifacts, tmp_path):
