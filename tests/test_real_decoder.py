@@ -166,16 +166,16 @@ def test_fp8_holds_the_real_decoder_on_tensorrt(smollm2, tmp_path):
     """fp8 (e4m3, per-tensor scales at each tensor's calibrated absmax / 448) on the TensorRT
     graph: min token cosine 0.9972, mean 0.9995, top-1 83% measured. ORT's own float8 scale
     (σ / 100.06, clipping at 4.48 σ; what fp8 always used before) clipped the trained decoder's
-    heavy-tailed activations: min -0.13, mean 0.854, top-1 11%. The default floor is measured on
-    fp8 too: the LM head at fp8 costs a KL of ~0.09 nats per token (0.016 with it kept float,
-    top-1 92%), so the floor is missed and said to be."""
+    heavy-tailed activations: min -0.13, mean 0.854, top-1 11%. The LM head (tied: a Transpose
+    of the embedding table) stays float, as ModelOpt's and TensorRT-LLM's fp8 recipes keep it: at
+    fp8 it cost a KL of ~0.09 nats per token against the default bound 0.05 (0.016 float)."""
     ckpt, *_, calib = smollm2
     out = tmp_path / "fp8"
     art = edgec.compile(str(ckpt), target="tensorrt", config=f"batch=1,seq={SEQ}",
                         quantize="fp8", calibration=str(calib), output_dir=out)
-    mp = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
-        "mixed_precision"]
-    assert mp["achieved"] >= 0.995 and "achieved_kld" in mp
-    assert mp["reached"] == (mp["achieved_kld"] <= 0.05)
+    stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
+    mp = stats["mixed_precision"]
+    assert len(stats["heads_float"]) == 1
+    assert mp["achieved"] >= 0.995 and mp["reached"] and mp["achieved_kld"] <= 0.05
     cos = _token_cosines(_Unoptimized(out / "model.onnx"), smollm2)
     assert cos.min() >= 0.995 and cos.mean() >= 0.999

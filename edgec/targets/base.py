@@ -68,6 +68,10 @@ class QuantScheme:
             MatMul whose output is a graph output, through layout ops and constant adds only:
             an LM head) keeps 8-bit weights and a 16-bit input, as LLM w4 recipes keep the
             LM head in higher precision. Every logit reads all of its K inputs through it.
+        head_float: on a target with float compute, the output heads (``head_w8a16``'s: an
+            LM head, a DiT's final projection) stay float, as NVIDIA ModelOpt's and TensorRT-
+            LLM's fp8 recipes keep ``lm_head``/``proj_out``: with per-tensor e4m3 scales the head
+            held SmolLM2's logits KL at 0.073 nats (the default bound 0.05), float 0.007.
         float_stream: on a fully quantized target, the residual stream stays float: its sums,
             the norms that read them and ``outlier_split``'s branches are not quantized, and
             the HTP runs them in fp16 (on an HTP with fp16 units: ``runtimes.qnn.FP16_OPTIONS``);
@@ -93,6 +97,7 @@ class QuantScheme:
     outlier_crest: float | None = None
     stream_16bit: bool = False
     head_w8a16: bool = False
+    head_float: bool = False
     float_stream: bool = False
 
     @property

@@ -201,6 +201,24 @@ def test_output_head_found_and_kept_at_16_bit_input_where_asked(llama_src, bert_
     assert with_head.head_nodes == [node.name]
 
 
+def test_a_tied_head_is_found_and_fp8_keeps_it_float():
+    """A head tied to the embedding reads the table through a Transpose: it was no head
+    (SmolLM2's fp8 then missed its KL bound, 0.073 against 0.05; float 0.007)."""
+    from edgec.exporters.sources import resolve_source
+
+    tied = resolve_source("llama", "tiny+tied")
+    (head,) = output_heads(tied.model)
+    node = next(n for n in tied.model.graph if n.name == head)
+    assert node.inputs[1].producer().op_type == "Transpose"
+    plan = plan_quantization(tied.model, False, head_float=True)
+    assert head in plan.nodes_to_exclude and plan.reasons[head].startswith("output head")
+    assert head not in plan_quantization(tied.model, False).nodes_to_exclude
+    model, result = _quantize(tied, "tensorrt", "fp8")
+    assert result.stats["heads_float"] == [head]
+    weights = {n.name: n.inputs[1].producer() for n in model.graph if n.name == head}
+    assert weights[head].op_type == "Transpose"  # still reads the float table
+
+
 def test_bert_w8a8_beats_naive_quantization(bert_src, tmp_path):
     """A naive quantize_static over the whole graph quantizes the mask; edgec does not."""
     from onnxruntime.quantization import (

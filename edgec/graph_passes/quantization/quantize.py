@@ -203,7 +203,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             cache, how = self.ranges(model) if callable(self.ranges) else (self.ranges, "given")
         outliers = _outliers(cache, s) if self.target.fully_quantized else set()
         plan = plan_quantization(model, self.target.fully_quantized, self.exclude, outliers,
-                                 s.stream_16bit, s.head_w8a16, s.float_stream)
+                                 s.stream_16bit, s.head_w8a16, s.float_stream, s.head_float)
         work = _at_opset(model.clone(), s.min_opset)  # the input model stays as it was
         extra: dict[str, Any] = {}
         if s.weight_only:
@@ -240,6 +240,8 @@ class QuantizePass(ir.passes.FunctionalPass):
             "outlier_tensors_16bit": len(outliers),
             "stream_tensors_16bit": len(plan.stream_tensors),
             "heads_w8a16": list(plan.head_nodes),
+            "heads_float": sorted(n for n, why in plan.reasons.items()
+                                  if why.startswith("output head")),
             "kept_w8a16": len(plan.wide_nodes),
             "mask_tensors": len(plan.mask_tensors),
             "opset": quantized.opset_imports.get(""),
@@ -277,7 +279,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             if k not in built:
                 names = tuple(e.node for e in ranked[:k])
                 p = plan_quantization(model, fq, self.exclude + names, outliers, s.stream_16bit,
-                                      s.head_w8a16, s.float_stream)
+                                      s.head_w8a16, s.float_stream, s.head_float)
                 built[k] = (self._static(_at_opset(model.clone(), s.min_opset), p, cache), p)
             return built[k]
 

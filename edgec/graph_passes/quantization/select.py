@@ -238,14 +238,19 @@ _PASS_THROUGH = {"Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Fl
 
 
 def output_heads(model: ir.Model) -> set[str]:
-    """MatMuls with a constant 2-D weight whose output is a graph output, through layout ops
-    and adds of a constant (a bias) only: the LM head of a decoder, a classifier's last layer."""
+    """MatMuls with a constant 2-D weight (or a Transpose of one: a head tied to the embedding
+    table) whose output is a graph output, through layout ops and adds of a constant (a bias)
+    only: the LM head of a decoder, a classifier's last layer."""
     outputs = {v.name for v in model.graph.outputs}
     heads = set()
     for node in model.graph:
         if node.op_type != "MatMul" or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
-        w = node.inputs[1].const_value
+        weight = node.inputs[1]
+        if weight.const_value is None and weight.producer() is not None and \
+                weight.producer().op_type == "Transpose":
+            weight = weight.producer().inputs[0]
+        w = weight.const_value if weight is not None else None
         if w is None or len(w.shape) != 2:
             continue
         v = node.outputs[0]
@@ -288,7 +293,8 @@ def float_stream_nodes(model: ir.Model) -> set[str]:
 
 def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str, ...] = (),
                       outliers: set[str] = frozenset(), stream: bool = False,
-                      head: bool = False, float_stream: bool = False) -> QuantPlan:
+                      head: bool = False, float_stream: bool = False,
+                      head_float: bool = False) -> QuantPlan:
     """Decide exclusions (float stays float) or, when ``fully_quantized``, 16-bit tensors:
     by op (score chains, angles, user exclusions), the measured ``outliers``, with ``stream``
     the residual sums, and with ``head`` the inputs of the output heads (``output_heads``).
@@ -299,6 +305,7 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
     mask = _mask_taint(model)
     wanted = set(exclude)
     excluded, reasons, sixteen, sums, heads, wide = [], {}, set(), set(), set(), set()
+    float_heads = output_heads(model) if head_float and not fully_quantized else set()
     floating = float_stream_nodes(model) if fully_quantized and float_stream else set()
     for node in model.graph:
         if node.name in floating:
@@ -330,7 +337,10 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
             excluded.append(node.name)  # next MatMul quantizes its rotated output, once
             reasons[node.name] = "online rotation"
             continue
-        if outlier:
+        if node.name in float_heads:
+            excluded.append(node.name)
+            reasons[node.name] = "output head (the scheme keeps it float)"
+        elif outlier:
             excluded.append(node.name)
             reasons[node.name] = "outlier channels"
         elif user:

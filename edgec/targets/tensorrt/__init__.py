@@ -21,7 +21,7 @@ SCHEMES = {
     # FP8 E4M3, per-tensor scales (Ada/Hopper and later GPUs).
     "fp8": QuantScheme("fp8", weights="float8e4m3fn", activations="float8e4m3fn",
                        activation_symmetric=True, per_channel=False, min_opset=19,
-                       quantize_bias=False),
+                       quantize_bias=False, head_float=True),
     # int4 weight-only: block-wise DQ (block 128 along K) feeding a high-precision MatMul.
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=128,
                          op_types=("MatMul",), min_opset=21),
