@@ -72,6 +72,8 @@ def diffusers_state_dict(file: Path) -> tuple[dict[str, Any], dict[str, Any] | N
         metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
     except ValueError as e:
         raise UserError(f"{file}: its {METADATA_KEY} header is not valid JSON ({e})") from None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise UserError(f"{file}: its {METADATA_KEY} header is not a LoraConfig (a JSON object)")
     if any(k.startswith(_CONVERTED) for k in tensors):
         tensors = _converted(file, tensors)
     by_component = collections.Counter(k.split(".", 1)[0] for k in tensors
