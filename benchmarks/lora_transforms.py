@@ -20,7 +20,6 @@ Needs transformers, tokenizers, gguf and peft (``pip install -e ".[bench]"``).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import statistics
@@ -71,10 +70,7 @@ def dense_format(sites: list[dict], factors: dict) -> tuple[int, dict[str, np.nd
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=None, help="the first N layers (default all)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = ap.parse_args(argv)
+    args = VARIANTS.smol_args(__doc__, DEFAULT_OUT, argv)
     import edgec
     from edgec.lora.binding import TRANSFORMS_FILE, site_feeds
     from edgec.lora.peft_adapter import read_adapter

@@ -66,11 +66,16 @@ def make_adapter(ckpt: Path, out: Path, config: dict, embedding_scale: float) ->
         model.save_pretrained(out)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def smol_args(doc: str, out: Path, argv=None) -> argparse.Namespace:
+    """``--layers N`` (the checkpoint's first N layers) and ``--out`` (the results JSON)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--layers", type=int, default=None, help="the first N layers (default all)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", type=Path, default=out)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = smol_args(__doc__, DEFAULT_OUT, argv)
     import edgec
     from edgec.errors import VerificationError
 

@@ -484,13 +484,20 @@ def resolve_saved(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[str,
     return out
 
 
+def _mapped(param: str | None, parameter_map: Mapping[str, Mapping[str, str]], inits):
+    """(``param``'s parameter-map entry, its initializer holding a value), None for either
+    that is not there."""
+    entry = parameter_map.get(param) if param else None
+    value = inits.get(entry["initializer"]) if entry else None
+    return entry, value if value is not None and value.const_value is not None else None
+
+
 def _saved_target(adapter: LoraAdapter, key: str, value: np.ndarray,
                   parameter_map: Mapping[str, Mapping[str, str]], inits) -> Target:
     """The initializer a saved parameter (``key``) of ``adapter`` stands for, checked."""
     param = next((p for p in (key, key.removeprefix("model.")) if p in parameter_map), None)
-    entry = parameter_map.get(param) if param else None
-    init = inits.get(entry["initializer"]) if entry else None
-    if init is None or init.const_value is None:
+    entry, init = _mapped(param, parameter_map, inits)
+    if init is None:
         raise UserError(f"adapter {adapter.name}: its saved module parameter {key} "
                         "is not a weight of the exported model (not this "
                         "base, or a parameter the export folded away, such as an all-zero "
@@ -507,9 +514,8 @@ def _saved_target(adapter: LoraAdapter, key: str, value: np.ndarray,
 def _bias_initializer(adapter: LoraAdapter, mod: str, weight_param: str,
                       parameter_map: Mapping[str, Mapping[str, str]], inits) -> str:
     """The initializer of the base layer's bias, which a ``lora_bias`` adapter adds to."""
-    entry = parameter_map.get(weight_param.removesuffix("weight") + "bias")
-    value = inits.get(entry["initializer"]) if entry else None
-    if value is None or value.const_value is None:
+    entry, value = _mapped(weight_param.removesuffix("weight") + "bias", parameter_map, inits)
+    if value is None:
         raise UserError(f"adapter {adapter.name}: module {mod} has a lora_B bias (lora_bias), but "
                         "the exported graph has no bias to merge it into: the layer has none "
                         "(PEFT refuses this merge too), or its bias is all zeros and the "

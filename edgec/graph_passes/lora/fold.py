@@ -146,6 +146,12 @@ def _conv_branch(base: ir.Node, inner: ir.Node, top: ir.Node, W, A, B) -> bool:
             and B.shape[1] == A.shape[0] and all(d == 1 for d in B.shape[2:]))
 
 
+def _as_read(m: np.ndarray, gemm: ir.Node) -> np.ndarray:
+    """A Gemm's second input as the product reads it (transposed where ``transB``); its own
+    inverse."""
+    return m.T if _attrs(gemm).get("transB", 0) else m
+
+
 def _fold_layer_branches(model: ir.Model) -> int:
     """Fold every Gemm / Conv LoRA branch (``_layer_branch``) into its base weight."""
     folded = 0
@@ -160,10 +166,8 @@ def _fold_layer_branches(model: ir.Model) -> int:
         w = base.inputs[1]
         W, A, B = (v.const_value.numpy() for v in (w, inner.inputs[1], top.inputs[1]))
         if base.op_type == "Gemm":  # as [in, out] whatever each node's transB
-            def eff(m, node):
-                return m.T if _attrs(node).get("transB", 0) else m
-            delta = (eff(A, inner) @ eff(B, top)) * np.float32(scale)
-            delta = delta.T if _attrs(base).get("transB", 0) else delta
+            delta = (_as_read(A, inner) @ _as_read(B, top)) * np.float32(scale)
+            delta = _as_read(delta, base)  # back into the base weight's layout
         else:
             delta = (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)).reshape(W.shape) * \
                 np.float32(scale)
