@@ -592,6 +592,9 @@ def sample_cmd(
     inputs: Annotated[Path | None, typer.Option(
         "--inputs", help="conditions: .npz keyed by input name (default: the example inputs)"
     )] = None,
+    negative: Annotated[Path | None, typer.Option(
+        "--negative", help="guidance's unconditional conditions, e.g. a negative prompt's "
+                           "embeddings: .npz keyed by condition name (default: zeros)")] = None,
     save: Annotated[Path | None, typer.Option("--save", help="write the samples to this .npz")
                     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -599,6 +602,7 @@ def sample_cmd(
     """Sample a diffusion artifact from noise (flow Euler, DDIM or SDE, with guidance).
 
     Examples: `edgec sample out --steps 50`, `edgec sample out --inputs text.npz --save x.npz`,
+    `edgec sample out-cog --inputs prompt.npz --negative empty.npz --guidance 6`,
     `edgec sample out-sparse --steps 50 --dense-steps 10 --json`
     """
     import numpy as np
@@ -611,8 +615,8 @@ def sample_cmd(
     session = edgec.load(artifact)
     if adapter is not None:
         session.active_adapter = adapter
-    conditions = _load_npz(inputs)
-    check_inputs(session, conditions)  # a refusal is one line, without the progress bar's
+    conditions, negatives = _load_npz(inputs), _load_npz(negative)
+    check_inputs(session, conditions, negative=negatives)  # one line, before the progress bar
     with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, disable=as_json) as bar:
         task = bar.add_task("steps", total=steps)
@@ -622,7 +626,7 @@ def sample_cmd(
 
         samples = session.sample(conditions, steps=steps, guidance=guidance, seed=seed,
                                  dense_steps=dense_steps, callback=advance,
-                                 guidance_mode=guidance_mode)
+                                 guidance_mode=guidance_mode, negative=negatives)
     if save is not None:
         np.savez(save, **samples)
     stats = session.last_sampling

@@ -16,6 +16,8 @@ text_len=N``; frames/height/width are latent sizes):
   pipeline pads prompts to it; with sin-cos position embeddings it must be that). With
   ``use_rotary_positional_embeddings`` the 3D RoPE tables are computed as the CogVideoX pipeline
   computes them for these sizes, so the graph is the pipeline's denoiser, not one without RoPE.
+  CogVideoX predicts v on CogVideoXDDIMScheduler's schedule (the ``ddim-v`` sampler); that
+  scheduler's settings come from ``../scheduler/scheduler_config.json`` when there is one.
 - ``WanTransformer3DModel`` (text-to-video): hidden_states [B, C, F, H, W], timestep [B] float32,
   encoder_hidden_states [B, L, text_dim] (L defaults to 8; Wan's pipeline pads to 512). Wan is a
   flow-matching model (output ε − x0, timestep 1000σ), so its source info carries a ``sampling``
@@ -208,7 +210,16 @@ def _cogvideox(model, opts):
     hp = {"grid": grid, "text_tokens": text_len, "layers": c.num_layers,
           "heads": c.num_attention_heads, "head_dim": c.attention_head_dim,
           "rope": bool(c.use_rotary_positional_embeddings)}
-    return _wrap(model, extra), inputs, {"hyperparameters": hp}
+    # CogVideoXDDIMScheduler as the hub's pipelines ship it: v prediction, scaled-linear betas,
+    # zero terminal SNR, trailing timesteps; SNR shift 3 (2B, sin-cos positions) or 1 (5B, RoPE)
+    # unless the pipeline's scheduler_config.json says otherwise
+    sampling = {"kind": "ddim-v", "samples": {"hidden_states": "sample"},
+                "timestep": "timestep", "timestep_scale": 1.0,
+                "conditions": ["encoder_hidden_states"], "guidance": 6.0, "steps": 50,
+                "schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                "snr_shift": 1.0 if c.use_rotary_positional_embeddings else 3.0,
+                "zero_snr": True, "spacing": "trailing", "alpha_to_one": True}
+    return _wrap(model, extra), inputs, {"hyperparameters": hp, "sampling": sampling}
 
 
 def _cogvideox_rope(c):
@@ -270,8 +281,9 @@ def _wan(model, opts):
 
 
 def _with_scheduler(path: Path, sampling: dict[str, Any]) -> dict[str, Any]:
-    """The σ shift and timestep scale of the pipeline's scheduler, when the model directory
-    sits in a pipeline (``../scheduler/scheduler_config.json``)."""
+    """The pipeline's scheduler settings, when the model directory sits in a pipeline
+    (``../scheduler/scheduler_config.json``): flow's σ shift and timestep scale, DDIM's
+    betas, SNR shift, zero-SNR rescale and spacing."""
     sched = path.parent / "scheduler" / "scheduler_config.json"
     if not sched.is_file():
         return sampling
@@ -279,12 +291,51 @@ def _with_scheduler(path: Path, sampling: dict[str, Any]) -> dict[str, Any]:
         cfg = json.loads(sched.read_text())
     except (OSError, ValueError):
         return sampling
+    if not isinstance(cfg, dict):
+        return sampling
+    if sampling["kind"] == "ddim-v":
+        return _ddim_scheduler(sched, cfg, sampling)
     shift = cfg.get("flow_shift", cfg.get("shift"))
     out = dict(sampling)
     if isinstance(shift, (int, float)) and shift > 0 and not cfg.get("use_dynamic_shifting"):
         out["shift"] = float(shift)
     if isinstance(cfg.get("num_train_timesteps"), int):
         out["timestep_scale"] = float(cfg["num_train_timesteps"])
+    return out
+
+
+_DDIM_KEYS = {"num_train_timesteps": ("train_steps", int), "beta_start": ("beta_start", float),
+              "beta_end": ("beta_end", float), "beta_schedule": ("schedule", str),
+              "snr_shift_scale": ("snr_shift", float),
+              "rescale_betas_zero_snr": ("zero_snr", bool),
+              "timestep_spacing": ("spacing", str), "set_alpha_to_one": ("alpha_to_one", bool)}
+
+
+def _ddim_scheduler(file: Path, cfg: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
+    """A CogVideoX pipeline's DDIM (or DPM: the same schedule, which edgec samples with DDIM)
+    scheduler config over the defaults; a prediction type other than v is refused."""
+    if cfg.get("prediction_type", "v_prediction") != "v_prediction":
+        raise UserError(f"{file}: prediction_type {cfg['prediction_type']!r}; edgec samples "
+                        "CogVideoX as v_prediction (the hub pipelines' setting)")
+    if cfg.get("trained_betas") is not None:
+        raise UserError(f"{file}: trained_betas are not supported; use beta_schedule")
+    out = dict(sampling)
+    for key, (field, kind) in _DDIM_KEYS.items():
+        if key in cfg:
+            value = cfg[key]
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok:
+                raise UserError(f"{file}: {key} {value!r} is not a {kind.__name__}")
+            out[field] = value
+    if out["schedule"] not in ("scaled_linear", "linear"):
+        raise UserError(f"{file}: beta_schedule {out['schedule']!r}; edgec's CogVideoX sampler "
+                        "takes scaled_linear or linear")
+    if out["spacing"] not in ("trailing", "linspace", "leading") or cfg.get("steps_offset"):
+        raise UserError(f"{file}: timestep_spacing {out['spacing']!r} with steps_offset "
+                        f"{cfg.get('steps_offset', 0)} is not supported (trailing, linspace, "
+                        "leading without an offset)")
     return out
 
 

@@ -112,15 +112,17 @@ class Session(abc.ABC):
     # Sampling: a diffusion artifact (its manifest has a ``sampling`` entry).
     def sample(self, conditions=None, *, steps: int | None = None,
                guidance: float | None = None, seed: int = 0, dense_steps: int | None = None,
-               callback=None, noise=None, guidance_mode: str = "auto") -> dict[str, np.ndarray]:
-        """Run the model's sampler from noise (flow-matching Euler, DDIM x0, or the sub-VP SDE)
-        with classifier-free guidance; the final samples by input name. See
+               callback=None, noise=None, guidance_mode: str = "auto",
+               negative=None) -> dict[str, np.ndarray]:
+        """Run the model's sampler from noise (flow-matching Euler, DDIM x0 or v, or the sub-VP
+        SDE) with classifier-free guidance (``negative``: the unconditional half's conditions,
+        default zeros); the final samples by input name. See
         ``edgec.runtimes.sampling.sample``; timings land in ``last_sampling``."""
         from edgec.runtimes.sampling import sample
 
         return sample(self, conditions, steps=steps, guidance=guidance, seed=seed,
                       dense_steps=dense_steps, callback=callback, noise=noise,
-                      guidance_mode=guidance_mode)
+                      guidance_mode=guidance_mode, negative=negative)
 
     # Generation: a KV-cache decoder artifact (compiled with --generate).
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, *,

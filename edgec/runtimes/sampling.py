@@ -1,5 +1,7 @@
-"""Diffusion samplers over a compiled denoiser: flow-matching Euler, DDIM (x0 prediction) and a
-sub-VP SDE (score), with classifier-free guidance, a seed and a dense-then-sparse step schedule.
+"""Diffusion samplers over a compiled denoiser: flow-matching Euler, DDIM (x0 prediction; and
+v prediction on diffusers' scaled-linear schedule, CogVideoX's) and a sub-VP SDE (score), with
+classifier-free guidance (zeroed or negative-prompt conditions), a seed and a dense-then-sparse
+step schedule.
 
 The manifest's ``sampling`` entry (a reference model's ``ModelSpec.sampling``) says which inputs
 are noisy samples, which output predicts each, the timestep input and its scale, and which inputs
@@ -24,10 +26,11 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["SamplerSpec", "sample", "check_inputs", "flow_sigmas", "ddim_alphas", "subvp",
-           "denoise", "fit_with_prior"]
+__all__ = ["SamplerSpec", "sample", "check_inputs", "flow_sigmas", "ddim_alphas",
+           "diffusers_alphas", "diffusers_timesteps", "subvp", "denoise", "fit_with_prior"]
 
-KINDS = ("flow", "ddim-x0", "score")
+KINDS = ("flow", "ddim-x0", "ddim-v", "score")
+SPACINGS = ("trailing", "linspace", "leading")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,14 @@ class SamplerSpec:
     train_steps: int = 1000
     beta_min: float = 0.1
     beta_max: float = 20.0
+    # ddim-v: CogVideoXDDIMScheduler's schedule (scaled-linear betas, SNR shift, zero terminal
+    # SNR, timestep spacing); the timestep is the integer train step (timestep_scale 1)
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    snr_shift: float = 1.0
+    zero_snr: bool = False
+    spacing: str = "trailing"
+    alpha_to_one: bool = True
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> SamplerSpec:
@@ -51,9 +62,9 @@ class SamplerSpec:
         if not entry:
             source = manifest.get("source") or {}
             if source.get("kind") == "diffusers":  # a denoiser whose scheduler edgec lacks
-                raise UserError(f"edgec has no sampler for {source.get('class', 'this model')} "
-                                "yet (Wan's flow matching only); run its denoiser with `edgec "
-                                "run` or Session.run")
+                raise UserError(f"this {source.get('class', 'diffusers model')} artifact has "
+                                "no sampling entry (an edgec without its sampler compiled it); "
+                                "compile it again, or run its denoiser with `edgec run`")
             name = source.get("name", "this artifact")
             raise UserError(f"{name} is not a diffusion model (its manifest has no sampling "
                             "entry); `edgec models` lists the ones with a sampler")
@@ -64,6 +75,8 @@ class SamplerSpec:
         spec = cls(**entry)
         if spec.kind not in KINDS:
             raise UserError(f"sampler kind {spec.kind!r} unknown; upgrade edgec")
+        if spec.kind == "ddim-v" and spec.spacing not in SPACINGS:
+            raise UserError(f"timestep spacing {spec.spacing!r} unknown; upgrade edgec")
         return spec
 
 
@@ -84,6 +97,39 @@ def ddim_alphas(train_steps: int, schedule: str = "cosine") -> np.ndarray:
     return np.cumprod(1.0 - betas)
 
 
+def diffusers_alphas(spec: SamplerSpec) -> np.ndarray:
+    """ᾱ_t as CogVideoXDDIMScheduler builds it: betas linear in √β (scaled_linear) or in β,
+    the SNR shifted by ``snr_shift`` (ᾱ / (s + (1 − s)ᾱ)), then rescaled to zero terminal SNR
+    when ``zero_snr``."""
+    n = spec.train_steps
+    if spec.schedule == "scaled_linear":
+        betas = np.linspace(spec.beta_start ** 0.5, spec.beta_end ** 0.5, n) ** 2
+    elif spec.schedule == "linear":
+        betas = np.linspace(spec.beta_start, spec.beta_end, n, dtype=np.float32)
+    else:
+        raise UserError(f"beta schedule {spec.schedule!r} unknown for ddim-v; upgrade edgec")
+    alphas = np.cumprod(1.0 - betas.astype(np.float64))
+    alphas = alphas / (spec.snr_shift + (1.0 - spec.snr_shift) * alphas)
+    if spec.zero_snr:
+        root = np.sqrt(alphas)
+        first, last = root[0], root[-1]
+        alphas = ((root - last) * first / (first - last)) ** 2
+    return alphas
+
+
+def diffusers_timesteps(spec: SamplerSpec, steps: int) -> np.ndarray:
+    """The integer timesteps of diffusers' DDIM ``set_timesteps`` for this spacing."""
+    n = spec.train_steps
+    if steps > n:
+        raise UserError(f"steps={steps}: this model's scheduler has {n} train steps; give at "
+                        f"most {n}")
+    if spec.spacing == "trailing":
+        return np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
+    if spec.spacing == "linspace":
+        return np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+    return (np.arange(steps) * (n // steps))[::-1].astype(np.int64)  # leading, offset 0
+
+
 def subvp(t: float, spec: SamplerSpec) -> tuple[float, float, float]:
     """(β(t), mean coefficient α(t), std σ(t)) of the sub-VP SDE (Song et al. 2021)."""
     integral = spec.beta_min * t + 0.5 * t * t * (spec.beta_max - spec.beta_min)
@@ -99,15 +145,18 @@ class _Denoiser:
     """One model evaluation with guidance; counts runs and switches dense → sparse graphs."""
 
     def __init__(self, session, spec: SamplerSpec, fixed: dict[str, np.ndarray], batch: int,
-                 guidance: float, dense, dense_steps: int, mode: str = "auto"):
+                 guidance: float, dense, dense_steps: int, mode: str = "auto",
+                 negative: dict[str, np.ndarray] | None = None):
         self.session, self.spec, self.fixed, self.batch = session, spec, fixed, batch
         self.guidance, self.dense, self.dense_steps = guidance, dense, dense_steps
         self.runs = 0
         self.cfg = guidance != 1.0 and bool(spec.conditions)
         self.mode, self.probes = mode, {}  # graph name -> {mode: seconds}
-        if self.cfg:
+        ts = {i.name: i.dtype for i in session.inputs}.get(spec.timestep, "float32")
+        self.t_dtype = np.dtype(ts)  # CogVideoX takes the integer train step (int64)
+        if self.cfg:  # the unconditional half: the negative conditions given, else zeros
             self.null = {**fixed, **{c: np.zeros_like(fixed[c]) for c in spec.conditions
-                                     if c in fixed}}
+                                     if c in fixed}, **(negative or {})}
             self.pair = _fits_batch(session, spec, 2 * batch)
             if mode == "batch" and not self.pair:
                 raise UserError("guidance_mode='batch' needs a graph whose batch dim takes "
@@ -115,7 +164,7 @@ class _Denoiser:
 
     def __call__(self, step: int, x: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
         sess = self.dense if self.dense is not None and step < self.dense_steps else self.session
-        ts = np.full(self.batch, t * self.spec.timestep_scale, np.float32)
+        ts = np.full(self.batch, t * self.spec.timestep_scale, np.float64).astype(self.t_dtype)
         feeds = {**self.fixed, **x, self.spec.timestep: ts}
         if not self.cfg:
             self.runs += 1
@@ -190,13 +239,15 @@ def _fits_batch(session, spec: SamplerSpec, batch: int) -> bool:
 def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
            steps: int | None = None, guidance: float | None = None, seed: int = 0,
            dense_steps: int | None = None, callback: Callable[[int, int], None] | None = None,
-           noise: Mapping[str, np.ndarray] | None = None, guidance_mode: str = "auto"
-           ) -> dict[str, np.ndarray]:
+           noise: Mapping[str, np.ndarray] | None = None, guidance_mode: str = "auto",
+           negative: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Run the artifact's sampler from Gaussian noise; returns the final samples by input name.
 
     ``conditions`` feeds every input that is not a noisy sample or the timestep (missing ones
     come from the artifact's example inputs); ``guidance`` 1.0 disables classifier-free
-    guidance; ``guidance_mode`` runs the guidance pair as one batch ("batch"), as two runs
+    guidance; ``negative`` feeds condition inputs of the unconditional half (a negative prompt's
+    embeddings, as diffusers pipelines take ``negative_prompt_embeds``; default zeros);
+    ``guidance_mode`` runs the guidance pair as one batch ("batch"), as two runs
     ("split"), or whichever measures faster on each graph ("auto", remembered by the session);
     ``dense_steps`` (default: the artifact's) steps run the dense companion graph;
     ``callback(step, steps)`` after every step. Timings and model runs land in
@@ -212,12 +263,13 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
         raise UserError(f"guidance_mode={guidance_mode!r}: choose one of "
                         f"{', '.join(GUIDANCE_MODES)}")
     rng = np.random.default_rng(seed)
-    fixed, batch, x = _start(session, spec, conditions, noise, rng)
+    fixed, batch, x, negative = _start(session, spec, conditions, noise, rng, negative)
     dense, n_dense = _dense(session, dense_steps)
     n_dense = min(n_dense, steps)  # more dense steps than steps: every step runs dense
-    model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode)
+    model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode,
+                      negative)
     t0 = time.perf_counter()
-    x = {"flow": _flow, "ddim-x0": _ddim, "score": _score}[spec.kind](
+    x = {"flow": _flow, "ddim-x0": _ddim, "ddim-v": _ddim_v, "score": _score}[spec.kind](
         model, spec, x, steps, rng, callback)
     session.last_sampling = {"kind": spec.kind, "steps": steps, "guidance": guidance,
                              "dense_steps": n_dense, "model_runs": model.runs,
@@ -231,16 +283,18 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
 
 
 def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
-                 noise: Mapping[str, np.ndarray] | None = None) -> None:
+                 noise: Mapping[str, np.ndarray] | None = None,
+                 negative: Mapping[str, np.ndarray] | None = None) -> None:
     """Refuse conditions (and noise) ``sample`` could not run, before anything runs: unknown
     names, and shapes the main graph does not take (a sparse-attention graph's baked-in grid).
     ``sample`` checks them too; the CLI calls this before it shows its progress bar."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
-    _start(session, spec, conditions, noise, np.random.default_rng(0))
+    _start(session, spec, conditions, noise, np.random.default_rng(0), negative)
 
 
-def _start(session, spec: SamplerSpec, conditions, noise, rng):
-    """(the fixed inputs, the batch, the initial noisy samples), checked against the model."""
+def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
+    """(the fixed inputs, the batch, the initial noisy samples, the negative conditions),
+    checked against the model."""
     default = dict(getattr(session, "default_feeds", {}) or {})
     fixed = {k: np.asarray(v) for k, v in {**default, **(conditions or {})}.items()
              if k not in spec.samples and k != spec.timestep}
@@ -259,10 +313,30 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng):
             raise UserError(f"no example shape for sample input {name!r}; pass noise={{...}}")
         else:
             x[name] = rng.standard_normal(shape).astype(np.float32)
+    negative = _negative(spec, fixed, negative)
     check = getattr(session, "_check_feeds", None)
     if check is not None:  # the main graph's shapes, before any step runs (dense ones too)
-        check({**fixed, **x, spec.timestep: np.zeros(batch, np.float32)})
-    return fixed, batch, x
+        dtype = {i.name: i.dtype for i in session.inputs}.get(spec.timestep, "float32")
+        check({**fixed, **x, spec.timestep: np.zeros(batch, dtype)})
+    return fixed, batch, x, negative
+
+
+def _negative(spec: SamplerSpec, fixed, negative) -> dict[str, np.ndarray]:
+    """The negative conditions, each a condition input shaped as its conditional feed."""
+    out = {}
+    for name, value in (negative or {}).items():
+        if name not in spec.conditions:
+            raise UserError(f"negative input {name!r} is not a condition of this model; its "
+                            f"conditions are: {', '.join(spec.conditions) or 'none'}")
+        value = np.asarray(value)
+        want = np.shape(fixed.get(name))
+        if value.shape != want or value.dtype.kind not in "fiu":
+            raise UserError(f"negative {name!r} has shape {list(value.shape)} "
+                            f"({value.dtype}); give one shaped as the condition, {list(want)}")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise UserError(f"negative {name!r} holds NaN or inf; give finite values")
+        out[name] = value.astype(fixed[name].dtype)
+    return out
 
 
 def _batch(fixed, default, spec) -> int:
@@ -313,6 +387,26 @@ def _ddim(model, spec, x, steps, rng, callback):
         eps = {k: (x[k] - math.sqrt(a) * x0[k]) / math.sqrt(1.0 - a) for k in x}
         x = {k: (math.sqrt(a_next) * x0[k] + math.sqrt(1.0 - a_next) * eps[k]).astype(np.float32)
              for k in x}
+        if callback:
+            callback(i + 1, steps)
+    return x
+
+
+def _ddim_v(model, spec, x, steps, rng, callback):
+    """Deterministic DDIM (η = 0) on a v-predicting model, as CogVideoXDDIMScheduler.step: the
+    previous timestep is t − T // steps (ᾱ = 1 past the end with ``alpha_to_one``)."""
+    alphas = diffusers_alphas(spec)
+    final = 1.0 if spec.alpha_to_one else float(alphas[0])
+    ts = diffusers_timesteps(spec, steps)
+    for i, t in enumerate(ts):
+        v = model(i, x, float(t))
+        a = float(alphas[t])
+        prev = int(t) - spec.train_steps // steps
+        a_prev = float(alphas[prev]) if prev >= 0 else final
+        c_x = math.sqrt((1.0 - a_prev) / (1.0 - a))
+        c_x0 = math.sqrt(a_prev) - math.sqrt(a) * c_x
+        x = {k: (c_x * x[k] + c_x0 * (math.sqrt(a) * x[k] - math.sqrt(1.0 - a) * v[k])
+                 ).astype(np.float32) for k in x}
         if callback:
             callback(i + 1, steps)
     return x

@@ -44,6 +44,12 @@ def models(tmp_path_factory, offline):
     torch.manual_seed(0)
     diffusers.CogVideoXTransformer3DModel(**COG).save_pretrained(root / "cog")
     diffusers.WanTransformer3DModel(**WAN).save_pretrained(root / "wan")
+    torch.manual_seed(1)  # a pipeline folder: the transformer beside the scheduler it samples with
+    diffusers.CogVideoXTransformer3DModel(**COG).save_pretrained(root / "cogpipe" / "transformer")
+    diffusers.CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear", prediction_type="v_prediction", snr_shift_scale=3.0,
+        rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    ).save_pretrained(root / "cogpipe" / "scheduler")
     return root
 
 
@@ -99,13 +105,67 @@ def test_cogvideox_compiles_for_openvino_with_checkpoint_names(models, tmp_path)
     _fidelity_ok(art)
     src = art.report["source"]
     assert src["kind"] == "diffusers" and src["class"] == "CogVideoXTransformer3DModel"
-    assert src["hyperparameters"]["grid"] == [2, 4, 4] and "sampling" not in src
+    assert src["hyperparameters"]["grid"] == [2, 4, 4]
     pmap = art.manifest["parameter_map"]
     assert "transformer_blocks.0.attn1.to_q.weight" in pmap and "proj_out.weight" in pmap
     assert not any(k.startswith("transformer.") for k in pmap)
-    # a denoiser without edgec's sampler is said to be one ("not a diffusion model" before)
-    with pytest.raises(UserError, match="no sampler for CogVideoXTransformer3DModel yet"):
-        art.load().sample(steps=2)
+    # no scheduler beside it: the hub's CogVideoX DDIM, SNR shift 1 for a RoPE (5B-style) model
+    spec = art.manifest["sampling"]
+    assert (spec["kind"], spec["snr_shift"], spec["guidance"]) == ("ddim-v", 1.0, 6.0)
+    out = art.load().sample(steps=2)["hidden_states"]  # int64 timesteps fed as the graph wants
+    assert out.shape == (1, 2, 4, 8, 8) and np.isfinite(out).all()
+
+
+def test_cogvideox_samples_as_the_diffusers_pipeline(models, tmp_path):
+    """``Session.sample`` on a CogVideoX artifact equals diffusers' own CogVideoXPipeline (its
+    CogVideoXDDIMScheduler, v prediction, guidance with negative prompt embeddings) from the same
+    latents, at a step count that does not divide 1000; the pipeline folder's scheduler config
+    (SNR shift 3 on a RoPE model, whose default would be 1) is what the artifact samples with."""
+    import torch
+
+    pipe_dir = models / "cogpipe"
+    transformer = diffusers.CogVideoXTransformer3DModel.from_pretrained(pipe_dir / "transformer")
+    scheduler = diffusers.CogVideoXDDIMScheduler.from_pretrained(pipe_dir / "scheduler")
+    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                       transformer=transformer.eval(), scheduler=scheduler)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 2, 4, 8, 8, generator=g)
+    prompt, negative = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+    with torch.no_grad():
+        want = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, latents=latents,
+                    num_inference_steps=7, guidance_scale=6.0, height=8 * s, width=8 * s,
+                    num_frames=t + 1, output_type="latent").frames.numpy()
+    art = edgec.compile(str(pipe_dir / "transformer"), target="ort-cpu",
+                        output_dir=tmp_path / "o")
+    assert art.manifest["sampling"]["snr_shift"] == 3.0
+    sess = art.load()
+    feeds = {"encoder_hidden_states": prompt.numpy()}
+    got = sess.sample(feeds, negative={"encoder_hidden_states": negative.numpy()},
+                      noise={"hidden_states": latents.numpy()}, steps=7)["hidden_states"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    # zeros are not the negative prompt: the unconditional half is what the user gives
+    zeros = sess.sample(feeds, noise={"hidden_states": latents.numpy()}, steps=7)["hidden_states"]
+    assert np.abs(zeros - want).max() > 1e-2 * np.abs(want).max()
+    with pytest.raises(UserError, match=r"'encoder_hidden_states' has shape \[1, 3, 16\]"):
+        sess.sample(feeds, negative={"encoder_hidden_states": np.zeros((1, 3, 16))}, steps=1)
+    with pytest.raises(UserError, match="negative input 'timestep' is not a condition"):
+        sess.sample(feeds, negative={"timestep": np.zeros(1)}, steps=1)
+    with pytest.raises(UserError, match="at most 1000"):
+        sess.sample(feeds, steps=1001)
+    # the CLI: --negative FILE.npz, a bad one refused in one line before any step
+    np.savez(tmp_path / "p.npz", encoder_hidden_states=prompt.numpy())
+    np.savez(tmp_path / "n.npz", encoder_hidden_states=negative.numpy())
+    np.savez(tmp_path / "bad.npz", text=negative.numpy())
+    base = ["sample", str(tmp_path / "o"), "--inputs", str(tmp_path / "p.npz"), "--steps", "7"]
+    result = CliRunner().invoke(app, [*base, "--negative", str(tmp_path / "n.npz"), "--save",
+                                      str(tmp_path / "x.npz"), "--json"])
+    assert result.exit_code == 0, result.output
+    seeded = sess.sample(feeds, negative={"encoder_hidden_states": negative.numpy()}, steps=7)
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npz")["hidden_states"],
+                                  seeded["hidden_states"])
+    result = CliRunner().invoke(app, [*base, "--negative", str(tmp_path / "bad.npz")])
+    assert result.exit_code == 2 and "negative input 'text' is not a condition" in result.output
 
 
 def test_wan_compiles_for_ort_and_samples(models, tmp_path):
@@ -375,3 +435,22 @@ def test_files_that_are_no_lora_are_refused(models, tmp_path):
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"prediction_type": "epsilon"}, "prediction_type 'epsilon'; edgec samples CogVideoX as "
+                                     "v_prediction"),
+    ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule 'squaredcos_cap_v2'"),
+    ({"timestep_spacing": "leading", "steps_offset": 1}, "steps_offset 1 is not supported"),
+    ({"snr_shift_scale": "three"}, "snr_shift_scale 'three' is not a float"),
+    ({"trained_betas": [0.1]}, "trained_betas are not supported"),
+])
+def test_a_cogvideox_scheduler_config_edgec_cannot_sample_is_refused(tmp_path, config, message):
+    """Read from the pipeline folder beside the transformer, before anything is exported."""
+    from edgec.exporters.diffusers_source import _with_scheduler
+
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message):
+        _with_scheduler(tmp_path / "transformer", {"kind": "ddim-v", "schedule": "scaled_linear",
+                                                   "spacing": "trailing"})
