@@ -723,8 +723,26 @@ def _terminate(signum, frame):
 def main() -> None:
     import signal
 
+    try:  # typer >= 0.22 raises its own copy of click's exceptions
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
+
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as e:  # bare `edgec`: the help, as before
+        err.print(e.ctx.get_help() if e.ctx else str(e), highlight=False, markup=False)
+        sys.exit(2)
+    except click.ClickException as e:  # a parse error: one line, not typer's boxed usage
+        where = e.ctx.command_path if getattr(e, "ctx", None) else "edgec"
+        message = " ".join(e.format_message().split()).rstrip(".")
+        err.print(Text("error:", style="red"), f"{where}: {message}; see `{where} --help`",
+                  highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except click.Abort:  # Ctrl-C while click itself was reading the command line
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -214,3 +214,30 @@ def test_rotate_option_runs_the_rotation_stage_before_quantization(tmp_path):
                "--rotate", "givens")
     assert bad.exit_code == 2 and "unknown rotation 'givens'" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compile", "llama", "--bogus"], "edgec compile: No such option: --bogus; see "
+                                      "`edgec compile --help`"),
+    (["sample", "out", "--steps", "0"], "edgec sample: Invalid value for '--steps'"),
+    (["compile"], "edgec compile: Missing argument 'source'"),
+    (["nosuchcommand"], "edgec: No such command 'nosuchcommand'"),
+])
+def test_a_command_line_typer_cannot_parse_is_one_line(monkeypatch, capsys, argv, message):
+    """Parse errors were typer's usage plus a boxed message (4-5 lines); now one line, exit 2."""
+    from edgec.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["edgec", *argv])
+    with pytest.raises(SystemExit) as e:
+        main()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_help_still_exits_zero(monkeypatch, capsys):
+    from edgec.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["edgec", "compile", "--help"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0 and "--quantize" in capsys.readouterr().out
