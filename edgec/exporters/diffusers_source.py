@@ -21,8 +21,9 @@ text_len=N``; frames/height/width are latent sizes):
 - ``WanTransformer3DModel`` (text-to-video): hidden_states [B, C, F, H, W], timestep [B] float32,
   encoder_hidden_states [B, L, text_dim] (L defaults to 8; Wan's pipeline pads to 512). Wan is a
   flow-matching model (output ε − x0, timestep 1000σ), so its source info carries a ``sampling``
-  entry for ``Session.sample``; the σ shift is read from ``../scheduler/scheduler_config.json``
-  when the directory sits in a pipeline, else 1.0.
+  entry for ``Session.sample``: the pipeline's scheduler (UniPC or FlowMatchEuler, its shift)
+  from ``../scheduler/scheduler_config.json`` when the directory sits in a pipeline, else the
+  Wan 2.1 pipelines' UniPC with flow shift 3.
 
 The token grid (and CogVideoX's text prefix) go into the source's hyper-parameters, so
 ``--sparse-attention`` gets ``grid``/``prefix`` defaults as it does for the reference models.
@@ -274,9 +275,12 @@ def _wan(model, opts):
     inputs = _example(opts, (c.in_channels, f, h, w), c.text_dim, text_len, torch.float32)
     hp = {"grid": [f // p_t, h // p_h, w // p_w], "layers": c.num_layers,
           "heads": c.num_attention_heads, "head_dim": c.attention_head_dim}
-    # flow matching: x_σ = (1 − σ)x0 + σε, the output is ε − x0, timestep = 1000σ
+    # flow matching: x_σ = (1 − σ)x0 + σε, the output is ε − x0, timestep = 1000σ; without a
+    # pipeline's scheduler config, the Wan 2.1 text-to-video pipelines' UniPC (flow shift 3,
+    # guidance 5)
     sampling = {"kind": "flow", "samples": {"hidden_states": "sample"}, "timestep": "timestep",
-                "timestep_scale": 1000.0, "conditions": ["encoder_hidden_states"]}
+                "timestep_scale": 1000.0, "conditions": ["encoder_hidden_states"],
+                "solver": "unipc", "shift": 3.0, "guidance": 5.0, "steps": 50}
     return _wrap(model), inputs, {"hyperparameters": hp, "sampling": sampling}
 
 
@@ -295,12 +299,52 @@ def _with_scheduler(path: Path, sampling: dict[str, Any]) -> dict[str, Any]:
         return sampling
     if sampling["kind"] == "ddim-v":
         return _ddim_scheduler(sched, cfg, sampling)
-    shift = cfg.get("flow_shift", cfg.get("shift"))
-    out = dict(sampling)
-    if isinstance(shift, (int, float)) and shift > 0 and not cfg.get("use_dynamic_shifting"):
-        out["shift"] = float(shift)
-    if isinstance(cfg.get("num_train_timesteps"), int):
-        out["timestep_scale"] = float(cfg["num_train_timesteps"])
+    return _flow_scheduler(sched, cfg, sampling)
+
+
+# what edgec's UniPC is: data prediction on flow sigmas ending at zero, no dynamic shifting
+_UNIPC_FIXED = {"predict_x0": True, "use_flow_sigmas": True, "final_sigmas_type": "zero",
+                "lower_order_final": True, "thresholding": False, "use_dynamic_shifting": False,
+                "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                "use_beta_sigmas": False, "solver_p": None, "shift_terminal": None,
+                "prediction_type": "flow_prediction"}
+_FLOWMATCH_FIXED = {"use_dynamic_shifting": False, "invert_sigmas": False,
+                    "shift_terminal": None, "use_karras_sigmas": False,
+                    "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                    "stochastic_sampling": False}
+
+
+def _flow_scheduler(file: Path, cfg: dict[str, Any], sampling: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """A Wan pipeline's UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler config;
+    a setting edgec's re-derivation does not have is refused naming it."""
+    name = cfg.get("_class_name")
+    solver, fixed = {"UniPCMultistepScheduler": ("unipc", _UNIPC_FIXED),
+                     "FlowMatchEulerDiscreteScheduler": ("flowmatch", _FLOWMATCH_FIXED)
+                     }.get(name, (None, None))
+    if solver is None:
+        raise UserError(f"{file}: scheduler {name!r}; edgec samples Wan with "
+                        "UniPCMultistepScheduler or FlowMatchEulerDiscreteScheduler")
+    for key, want in fixed.items():
+        if cfg.get(key, want) != want:
+            raise UserError(f"{file}: {name} with {key}={cfg[key]!r} is not supported "
+                            f"(edgec's sampler has {key}={want!r})")
+    out = {**sampling, "solver": solver}
+    shift = cfg.get("flow_shift" if solver == "unipc" else "shift", 1.0)
+    train = cfg.get("num_train_timesteps", 1000)
+    if not (isinstance(shift, (int, float)) and shift > 0 and isinstance(train, int)
+            and train > 0):
+        raise UserError(f"{file}: shift {shift!r} / num_train_timesteps {train!r}; give a "
+                        "positive shift and an integer step count")
+    out.update(shift=float(shift), timestep_scale=float(train))
+    if solver == "unipc":
+        order, kind = cfg.get("solver_order", 2), cfg.get("solver_type", "bh2")
+        skip = cfg.get("disable_corrector", [])
+        if order not in (1, 2, 3) or kind not in ("bh1", "bh2") or not isinstance(skip, list):
+            raise UserError(f"{file}: solver_order {order!r} / solver_type {kind!r} / "
+                            f"disable_corrector {skip!r}; edgec's UniPC takes order 1-3, bh1 "
+                            "or bh2, a list of steps")
+        out.update(solver_order=order, bh2=kind == "bh2", skip_corrector=list(skip))
     return out
 
 

@@ -1,5 +1,6 @@
-"""Diffusion samplers over a compiled denoiser: flow-matching Euler, DDIM (x0 prediction; and
-v prediction on diffusers' scaled-linear schedule, CogVideoX's) and a sub-VP SDE (score), with
+"""Diffusion samplers over a compiled denoiser: flow matching (Euler; diffusers' UniPC and
+FlowMatchEuler for Wan), DDIM (x0 prediction; and v prediction on diffusers' scaled-linear
+schedule, CogVideoX's; see ``schedulers``) and a sub-VP SDE (score), with
 classifier-free guidance (zeroed or negative-prompt conditions), a seed and a dense-then-sparse
 step schedule.
 
@@ -25,12 +26,14 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import UserError
+from edgec.runtimes import schedulers
 
-__all__ = ["SamplerSpec", "sample", "check_inputs", "flow_sigmas", "ddim_alphas",
-           "diffusers_alphas", "diffusers_timesteps", "subvp", "denoise", "fit_with_prior"]
+__all__ = ["SamplerSpec", "sample", "check_inputs", "flow_sigmas", "ddim_alphas", "subvp",
+           "denoise", "fit_with_prior"]
 
 KINDS = ("flow", "ddim-x0", "ddim-v", "score")
 SPACINGS = ("trailing", "linspace", "leading")
+FLOW_SOLVERS = ("euler", "flowmatch", "unipc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,12 @@ class SamplerSpec:
     guidance: float = 1.0
     steps: int = 50
     shift: float = 1.0
+    # flow: "euler" (σ uniform in [1, 0], shifted), or a diffusers pipeline's scheduler:
+    # "flowmatch" (FlowMatchEulerDiscreteScheduler's grid) or "unipc" (UniPCMultistepScheduler)
+    solver: str = "euler"
+    solver_order: int = 2
+    bh2: bool = True
+    skip_corrector: tuple[int, ...] = ()
     schedule: str = "cosine"
     train_steps: int = 1000
     beta_min: float = 0.1
@@ -72,11 +81,14 @@ class SamplerSpec:
         entry = {k: v for k, v in entry.items() if k in fields}
         entry["samples"] = dict(entry["samples"])
         entry["conditions"] = tuple(entry.get("conditions", ()))
+        entry["skip_corrector"] = tuple(entry.get("skip_corrector", ()))
         spec = cls(**entry)
         if spec.kind not in KINDS:
             raise UserError(f"sampler kind {spec.kind!r} unknown; upgrade edgec")
         if spec.kind == "ddim-v" and spec.spacing not in SPACINGS:
             raise UserError(f"timestep spacing {spec.spacing!r} unknown; upgrade edgec")
+        if spec.kind == "flow" and spec.solver not in FLOW_SOLVERS:
+            raise UserError(f"flow solver {spec.solver!r} unknown; upgrade edgec")
         return spec
 
 
@@ -95,39 +107,6 @@ def ddim_alphas(train_steps: int, schedule: str = "cosine") -> np.ndarray:
     f = np.cos((np.arange(train_steps + 1) / train_steps + s) / (1 + s) * math.pi / 2) ** 2
     betas = np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
     return np.cumprod(1.0 - betas)
-
-
-def diffusers_alphas(spec: SamplerSpec) -> np.ndarray:
-    """ᾱ_t as CogVideoXDDIMScheduler builds it: betas linear in √β (scaled_linear) or in β,
-    the SNR shifted by ``snr_shift`` (ᾱ / (s + (1 − s)ᾱ)), then rescaled to zero terminal SNR
-    when ``zero_snr``."""
-    n = spec.train_steps
-    if spec.schedule == "scaled_linear":
-        betas = np.linspace(spec.beta_start ** 0.5, spec.beta_end ** 0.5, n) ** 2
-    elif spec.schedule == "linear":
-        betas = np.linspace(spec.beta_start, spec.beta_end, n, dtype=np.float32)
-    else:
-        raise UserError(f"beta schedule {spec.schedule!r} unknown for ddim-v; upgrade edgec")
-    alphas = np.cumprod(1.0 - betas.astype(np.float64))
-    alphas = alphas / (spec.snr_shift + (1.0 - spec.snr_shift) * alphas)
-    if spec.zero_snr:
-        root = np.sqrt(alphas)
-        first, last = root[0], root[-1]
-        alphas = ((root - last) * first / (first - last)) ** 2
-    return alphas
-
-
-def diffusers_timesteps(spec: SamplerSpec, steps: int) -> np.ndarray:
-    """The integer timesteps of diffusers' DDIM ``set_timesteps`` for this spacing."""
-    n = spec.train_steps
-    if steps > n:
-        raise UserError(f"steps={steps}: this model's scheduler has {n} train steps; give at "
-                        f"most {n}")
-    if spec.spacing == "trailing":
-        return np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
-    if spec.spacing == "linspace":
-        return np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
-    return (np.arange(steps) * (n // steps))[::-1].astype(np.int64)  # leading, offset 0
 
 
 def subvp(t: float, spec: SamplerSpec) -> tuple[float, float, float]:
@@ -164,7 +143,10 @@ class _Denoiser:
 
     def __call__(self, step: int, x: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
         sess = self.dense if self.dense is not None and step < self.dense_steps else self.session
-        ts = np.full(self.batch, t * self.spec.timestep_scale, np.float64).astype(self.t_dtype)
+        t = t * self.spec.timestep_scale
+        if self.t_dtype.kind in "iu":  # an integer step: t·scale is one up to rounding
+            t = round(t)
+        ts = np.full(self.batch, t, np.float64).astype(self.t_dtype)
         feeds = {**self.fixed, **x, self.spec.timestep: ts}
         if not self.cfg:
             self.runs += 1
@@ -368,10 +350,24 @@ def _dense(session, dense_steps: int | None):
 
 
 def _flow(model, spec, x, steps, rng, callback):
-    sigmas = flow_sigmas(steps, spec.shift)
+    """Euler over σ (edgec's uniform grid or FlowMatchEuler's), or diffusers' UniPC; the
+    timestep fed is σ·scale (UniPC's: truncated to an integer, as its pipeline feeds it)."""
+    scale = spec.timestep_scale
+    if spec.solver == "euler":
+        sigmas = flow_sigmas(steps, spec.shift)
+        timesteps = sigmas[:-1] * scale
+    elif spec.solver == "flowmatch":
+        sigmas, timesteps = schedulers.flowmatch_sigmas(steps, spec.shift, int(scale))
+    else:
+        sigmas, timesteps = schedulers.unipc_sigmas(steps, spec.shift, int(scale))
+        solvers = {k: schedulers.UniPC(sigmas, spec.solver_order, spec.bh2,
+                                       skip_corrector=spec.skip_corrector) for k in x}
     for i in range(steps):
-        v = model(i, x, float(sigmas[i]))
-        x = {k: x[k] + np.float32(sigmas[i + 1] - sigmas[i]) * v[k] for k in x}
+        v = model(i, x, float(timesteps[i]) / scale)
+        if spec.solver == "unipc":
+            x = {k: solvers[k](i, x[k], v[k]) for k in x}
+        else:
+            x = {k: x[k] + np.float32(sigmas[i + 1] - sigmas[i]) * v[k] for k in x}
         if callback:
             callback(i + 1, steps)
     return x
@@ -395,9 +391,9 @@ def _ddim(model, spec, x, steps, rng, callback):
 def _ddim_v(model, spec, x, steps, rng, callback):
     """Deterministic DDIM (η = 0) on a v-predicting model, as CogVideoXDDIMScheduler.step: the
     previous timestep is t − T // steps (ᾱ = 1 past the end with ``alpha_to_one``)."""
-    alphas = diffusers_alphas(spec)
+    alphas = schedulers.ddim_v_alphas(spec)
     final = 1.0 if spec.alpha_to_one else float(alphas[0])
-    ts = diffusers_timesteps(spec, steps)
+    ts = schedulers.ddim_v_timesteps(spec, steps)
     for i, t in enumerate(ts):
         v = model(i, x, float(t))
         a = float(alphas[t])

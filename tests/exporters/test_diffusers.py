@@ -168,18 +168,71 @@ def test_cogvideox_samples_as_the_diffusers_pipeline(models, tmp_path):
     assert result.exit_code == 2 and "negative input 'text' is not a condition" in result.output
 
 
-def test_wan_compiles_for_ort_and_samples(models, tmp_path):
+def _wan_pipeline_latents(transformer_dir, scheduler, steps, text_len):
+    """diffusers' own WanPipeline (no text encoder or VAE: prompt embeddings in, latents out)
+    from seeded latents; returns (latents, prompt, negative, the pipeline's result)."""
+    import torch
+
+    transformer = diffusers.WanTransformer3DModel.from_pretrained(transformer_dir).eval()
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                 transformer=transformer, scheduler=scheduler)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, 4, 2, 8, 8, generator=g)
+    prompt = torch.randn(1, text_len, 16, generator=g)
+    negative = torch.randn(1, text_len, 16, generator=g)
+    s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+    with torch.no_grad():
+        out = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, latents=latents,
+                   num_inference_steps=steps, guidance_scale=5.0, height=8 * s, width=8 * s,
+                   num_frames=t + 1, output_type="latent").frames
+    return latents.numpy(), prompt.numpy(), negative.numpy(), out.numpy()
+
+
+def _sample_like_pipeline(sess, latents, prompt, negative, steps):
+    return sess.sample({"encoder_hidden_states": prompt}, steps=steps, guidance=5.0,
+                       negative={"encoder_hidden_states": negative},
+                       noise={"hidden_states": latents})["hidden_states"]
+
+
+def test_wan_compiles_for_ort_and_samples_as_the_hub_pipeline(models, tmp_path):
+    """A bare Wan transformer folder samples with what the Wan 2.1 pipelines ship
+    (UniPCMultistepScheduler, flow shift 3, guidance 5): diffusers' WanPipeline from the same
+    latents and embeddings gives the same latents (edgec's sampler was plain Euler before)."""
     art = edgec.compile(str(models / "wan"), target="ort-cpu", output_dir=tmp_path / "o",
                         config="text_len=6")
     _fidelity_ok(art)
     assert "blocks.0.attn2.to_k.weight" in art.manifest["parameter_map"]
-    assert art.manifest["sampling"]["kind"] == "flow"
+    spec = art.manifest["sampling"]
+    assert (spec["kind"], spec["solver"], spec["shift"], spec["guidance"]) == (
+        "flow", "unipc", 3.0, 5.0)
     sess = art.load()
     assert sess.default_feeds["timestep"].dtype == np.float32
     assert sess.default_feeds["encoder_hidden_states"].shape == (1, 6, 16)
-    out = sess.sample(steps=2, seed=0)
-    assert out["hidden_states"].shape == (1, 4, 2, 8, 8) and np.isfinite(
-        out["hidden_states"]).all()
+    hub = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                            use_flow_sigmas=True, flow_shift=3.0)
+    latents, prompt, negative, want = _wan_pipeline_latents(models / "wan", hub, 6, 6)
+    got = _sample_like_pipeline(sess, latents, prompt, negative, 6)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("scheduler", [
+    diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                      flow_shift=5.0, solver_order=3, disable_corrector=[1, 3]),
+    diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)], ids=["unipc-order3", "flowmatch"])
+def test_wan_samples_with_its_pipeline_folders_scheduler(models, tmp_path, scheduler):
+    """The scheduler saved beside the transformer is the one the artifact samples with: UniPC of
+    order 3 with correctors turned off at some steps, or FlowMatchEuler's own sigma grid."""
+    import shutil
+
+    root = tmp_path / "pipe"
+    shutil.copytree(models / "wan", root / "transformer")
+    scheduler.save_pretrained(root / "scheduler")
+    art = edgec.compile(str(root / "transformer"), target="ort-cpu", output_dir=tmp_path / "o")
+    assert art.manifest["sampling"]["shift"] == 5.0
+    latents, prompt, negative, want = _wan_pipeline_latents(root / "transformer", scheduler,
+                                                            7, 8)
+    got = _sample_like_pipeline(art.load(), latents, prompt, negative, 7)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_a_wan_lora_merges_and_is_held_to_peft(models, tmp_path):
@@ -307,10 +360,11 @@ def test_sharded_weights_in_a_pipeline_folder_take_the_schedulers_shift(tmp_path
     assert len(list((tmp_path / "transformer").glob("*.safetensors"))) > 1
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0,
+        {"_class_name": "UniPCMultistepScheduler", "flow_shift": 5.0,
          "num_train_timesteps": 1000, "prediction_type": "flow_prediction"}))
     module, inputs, dims, info = load_diffusers(tmp_path / "transformer", "frames=3")
-    assert info["sampling"]["shift"] == 3.0 and info["sampling"]["timestep_scale"] == 1000.0
+    assert info["sampling"]["shift"] == 5.0 and info["sampling"]["timestep_scale"] == 1000.0
+    assert info["sampling"]["solver"] == "unipc"
     assert inputs[0].shape == (1, 4, 3, 8, 8) and info["hyperparameters"]["grid"] == [3, 4, 4]
     for name, value in wan.state_dict().items():
         assert torch.equal(module.transformer.state_dict()[name], value), name
@@ -454,3 +508,23 @@ def test_a_cogvideox_scheduler_config_edgec_cannot_sample_is_refused(tmp_path, c
     with pytest.raises(UserError, match=message):
         _with_scheduler(tmp_path / "transformer", {"kind": "ddim-v", "schedule": "scaled_linear",
                                                    "spacing": "trailing"})
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"_class_name": "EulerDiscreteScheduler"}, "scheduler 'EulerDiscreteScheduler'; edgec "
+                                                "samples Wan with UniPCMultistepScheduler"),
+    ({"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": False},
+     "use_flow_sigmas=False is not supported"),
+    ({"_class_name": "UniPCMultistepScheduler", "solver_type": "midpoint"},
+     "solver_type 'midpoint'"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True},
+     "use_dynamic_shifting=True is not supported"),
+    ({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": -1}, "shift -1"),
+])
+def test_a_wan_scheduler_config_edgec_cannot_sample_is_refused(tmp_path, config, message):
+    from edgec.exporters.diffusers_source import _with_scheduler
+
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message):
+        _with_scheduler(tmp_path / "transformer", {"kind": "flow"})
