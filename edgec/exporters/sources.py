@@ -10,6 +10,7 @@ reference instead.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from edgec.errors import UserError
+from edgec.errors import InternalError, UserError
 from edgec.exporters.param_map import strip_prefix
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Source", "resolve_source", "EXPORT_RTOL", "random_feeds"]
 
@@ -281,7 +284,13 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
     from edgec.runtimes.ort import run_model
 
     t0 = time.perf_counter()
-    result = export_module(module, inputs, dynamic_shapes, output_names, input_names, opset)
+    try:
+        result = export_module(module, inputs, dynamic_shapes, output_names, input_names, opset)
+    except InternalError:
+        if not _eager_attention(module):
+            raise
+        result = export_module(module, inputs, dynamic_shapes, output_names, input_names, opset)
+        info = {**info, "attention": "eager (sdpa did not export)"}
     export_s = time.perf_counter() - t0
     with torch.no_grad():
         out = module(*inputs)
@@ -294,6 +303,23 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
     return Source(kind, info, result.model, result.parameter_map, feeds, reference, "pytorch",
                   {"reference": "pytorch", "runtime": "onnxruntime (no graph optimization)",
                    "rtol": EXPORT_RTOL, "outputs": errors}, export_s)
+
+
+def _eager_attention(module) -> bool:
+    """Switch the transformers models inside ``module`` from sdpa to eager attention; False when
+    none used sdpa. torch's decomposition of sdpa with an additive bias (T5's relative position
+    bias: the text encoder of CogVideoX, Wan, Flux, SD3) fails at a view of its output; eager
+    attention is the same computation in MatMul/Softmax, which exports."""
+    switched = False
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        setter = getattr(sub, "set_attn_implementation", None)
+        if getattr(config, "_attn_implementation", None) == "sdpa" and callable(setter):
+            setter("eager")
+            switched = True
+    if switched:
+        _log.info("sdpa attention did not export; exporting with eager attention")
+    return switched
 
 
 def _from_onnx(path: Path, example_inputs) -> Source:

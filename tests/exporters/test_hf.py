@@ -43,6 +43,31 @@ def test_checkpoint_compiles_with_hf_parameter_names(checkpoints, tmp_path, name
     assert feeds["input_ids"].shape == (2, 12) and feeds["attention_mask"][:, -3:].sum() == 0
 
 
+def test_a_t5_text_encoder_compiles_with_eager_attention(tmp_path):
+    """T5 / UMT5 encoders (the text encoders of CogVideoX, Wan, Flux, SD3) failed with an
+    internal error: torch's decomposition of sdpa with T5's additive position bias breaks at a
+    view of its output. sdpa is swapped for eager attention when (only when) that export fails,
+    from a checkpoint directory and from a module given in Python alike, and said so."""
+    import torch
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    transformers.UMT5EncoderModel(transformers.UMT5Config(**small)).save_pretrained(
+        tmp_path / "umt5")
+    art = edgec.compile(str(tmp_path / "umt5"), target="ort-cpu", output_dir=tmp_path / "o",
+                        config="seq=8")
+    assert art.report["source"]["attention"] == "eager (sdpa did not export)"
+    assert art.report["fidelity"]["target_vs_source"]["outputs"]["last_hidden_state"][
+        "max_rel"] <= 1e-5
+    model = transformers.T5EncoderModel(transformers.T5Config(**small)).eval()
+    ids = torch.randint(0, 128, (1, 8))
+    art = edgec.compile(model, target="ort-cpu", output_dir=tmp_path / "m",
+                        example_inputs=(ids,))
+    assert art.report["source"]["attention"] == "eager (sdpa did not export)"
+    for fid in art.report["fidelity"].values():
+        assert max(o["max_rel"] for o in fid["outputs"].values()) <= 1e-5
+
+
 def test_pickle_only_and_plain_directories_are_refused(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
