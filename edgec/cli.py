@@ -595,6 +595,13 @@ def sample_cmd(
     negative: Annotated[Path | None, typer.Option(
         "--negative", help="guidance's unconditional conditions, e.g. a negative prompt's "
                            "embeddings: .npz keyed by condition name (default: zeros)")] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", help="text prompt (CogVideoX / Wan artifacts; needs --text-encoder)")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(
+        "--negative-prompt", help="negative text prompt (default: the empty prompt)")] = None,
+    text_encoder: Annotated[Path | None, typer.Option(
+        "--text-encoder", help="compiled text encoder artifact that encodes the prompts "
+                               "(`edgec compile ./pipeline/text_encoder ...`)")] = None,
     save: Annotated[Path | None, typer.Option("--save", help="write the samples to this .npz")
                     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -602,20 +609,25 @@ def sample_cmd(
     """Sample a diffusion artifact from noise (flow Euler, DDIM or SDE, with guidance).
 
     Examples: `edgec sample out --steps 50`, `edgec sample out --inputs text.npz --save x.npz`,
-    `edgec sample out-cog --inputs prompt.npz --negative empty.npz --guidance 6`,
+    `edgec sample out-cog --prompt "a cat on a skateboard" --text-encoder out-t5`,
     `edgec sample out-sparse --steps 50 --dense-steps 10 --json`
     """
     import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import edgec
-    from edgec.runtimes.sampling import check_inputs
+    from edgec.runtimes.sampling import check_inputs, with_prompts
 
     _check_save(save)
     session = edgec.load(artifact)
     if adapter is not None:
         session.active_adapter = adapter
     conditions, negatives = _load_npz(inputs), _load_npz(negative)
+    if text_encoder is not None and prompt is None:
+        raise UserError("--text-encoder encodes --prompt; give a prompt too")
+    encoder = edgec.load(text_encoder) if text_encoder is not None else None
+    conditions, negatives = with_prompts(session, conditions, negatives, prompt,
+                                         negative_prompt, encoder)
     check_inputs(session, conditions, negative=negatives)  # one line, before the progress bar
     with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, disable=as_json) as bar:

@@ -327,7 +327,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         np.savez(stage / EXAMPLE_INPUTS, **src.feeds)
         gen = src.info.get("generation")
         retrieval = _freekv_graph(source, recipe, src, stage, step) if gen else None
-        tokenizer = _ship_checkpoint_files(src, stage) if gen else None
+        tokenizer = _ship_checkpoint_files(src, stage) if gen else _ship_encoder_tokenizer(
+            src, stage)
         if recipe.lora_mode == "swappable" and recipe.lora:
             from edgec.lora.binding import lora_sites, ship_adapters, ship_transforms
 
@@ -401,6 +402,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         if gen:
             manifest["generation"] = {**gen, "context": recipe.context or gen.get("context"),
                                       "tokenizer": tokenizer}
+        elif tokenizer:
+            manifest["tokenizer"] = tokenizer
         if decode:
             report["fidelity"]["decode_graph_vs_source"] = decode[1]
         if dense:
@@ -675,6 +678,18 @@ def _ship_checkpoint_files(src, stage: Path) -> str | None:
     if src.kind == "hf":
         ship_model_config(checkpoint, stage)
     return ship_tokenizer(checkpoint, stage)
+
+
+def _ship_encoder_tokenizer(src, stage: Path) -> str | None:
+    """A text encoder checkpoint's tokenizer (``last_hidden_state`` out), from its directory or,
+    in a diffusers pipeline folder, from ``../tokenizer``: what turns prompts into its inputs."""
+    from edgec.runtimes.tokenizer import ship_tokenizer
+
+    where = src.info.get("path")
+    if src.kind != "hf" or where is None or "last_hidden_state" not in src.info.get(
+            "output_names", ()):
+        return None
+    return ship_tokenizer(Path(where), stage) or ship_tokenizer(Path(where).parent, stage)
 
 
 def _freekv_graph(source, recipe: Recipe, src, stage: Path, step: Progress) -> dict | None:

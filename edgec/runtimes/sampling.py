@@ -222,15 +222,19 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
            steps: int | None = None, guidance: float | None = None, seed: int = 0,
            dense_steps: int | None = None, callback: Callable[[int, int], None] | None = None,
            noise: Mapping[str, np.ndarray] | None = None, guidance_mode: str = "auto",
-           negative: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+           negative: Mapping[str, np.ndarray] | None = None, prompt=None, negative_prompt=None,
+           text_encoder=None) -> dict[str, np.ndarray]:
     """Run the artifact's sampler from Gaussian noise; returns the final samples by input name.
 
     ``conditions`` feeds every input that is not a noisy sample or the timestep (missing ones
     come from the artifact's example inputs); ``guidance`` 1.0 disables classifier-free
     guidance; ``negative`` feeds condition inputs of the unconditional half (a negative prompt's
     embeddings, as diffusers pipelines take ``negative_prompt_embeds``; default zeros);
-    ``guidance_mode`` runs the guidance pair as one batch ("batch"), as two runs
-    ("split"), or whichever measures faster on each graph ("auto", remembered by the session);
+    ``prompt`` (a string or one per batch row; CogVideoX / Wan artifacts) is encoded by
+    ``text_encoder`` (a loaded text-encoder artifact) as the pipeline encodes it, and so is
+    ``negative_prompt`` (default "", as the pipelines); ``guidance_mode`` runs the guidance
+    pair as one batch ("batch"), as two runs ("split"), or whichever measures faster on each
+    graph ("auto", remembered by the session);
     ``dense_steps`` (default: the artifact's) steps run the dense companion graph;
     ``callback(step, steps)`` after every step. Timings and model runs land in
     ``session.last_sampling``."""
@@ -244,6 +248,8 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     if guidance_mode not in GUIDANCE_MODES:
         raise UserError(f"guidance_mode={guidance_mode!r}: choose one of "
                         f"{', '.join(GUIDANCE_MODES)}")
+    conditions, negative = with_prompts(session, conditions, negative, prompt, negative_prompt,
+                                        text_encoder)
     rng = np.random.default_rng(seed)
     fixed, batch, x, negative = _start(session, spec, conditions, noise, rng, negative)
     dense, n_dense = _dense(session, dense_steps)
@@ -262,6 +268,22 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
                                                        if m != "trials"}
                                                    for k, p in model.probes.items()}}
     return x
+
+
+def with_prompts(session, conditions, negative, prompt, negative_prompt, text_encoder):
+    """(conditions, negative conditions) with the prompts' embeddings in them."""
+    if prompt is None:
+        if negative_prompt is not None:
+            raise UserError("negative_prompt needs a prompt (or give negative embeddings)")
+        return conditions, negative
+    if negative is not None and negative_prompt is not None:
+        raise UserError("give negative_prompt or negative embeddings, not both")
+    from edgec.runtimes.prompts import prompt_conditions
+
+    cond, neg = prompt_conditions(session, text_encoder, prompt, negative_prompt)
+    if conditions and set(cond) & set(conditions):
+        raise UserError(f"give a prompt or {next(iter(cond))} in the conditions, not both")
+    return {**(conditions or {}), **cond}, (negative if negative is not None else neg)
 
 
 def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,

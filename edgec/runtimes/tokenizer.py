@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgec.errors import UserError
 
 __all__ = ["TOKENIZER_DIR", "ship_tokenizer", "ship_model_config", "Tokenizer"]
@@ -55,7 +57,7 @@ class Tokenizer:
     """``encode(text) -> ids`` and ``decode(ids) -> text`` over an artifact's tokenizer."""
 
     def __init__(self, root: Path, manifest: dict[str, Any]):
-        entry = (manifest.get("generation") or {}).get("tokenizer")
+        entry = (manifest.get("generation") or {}).get("tokenizer") or manifest.get("tokenizer")
         path = root / entry / "tokenizer.json" if entry else None
         if path is None or not path.is_file():
             raise UserError(f"{root}: the artifact has no tokenizer (its source had no "
@@ -73,6 +75,31 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         # special tokens (BOS) as the checkpoint's post-processor adds them
         return list(self._tok.encode(text, add_special_tokens=True).ids)
+
+    def encode_padded(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, attention mask), [len(texts), length] int64: each text with its special tokens,
+        truncated to ``length`` (the end-of-text token kept) and right-padded, as a
+        transformers tokenizer called with padding="max_length", truncation=True does."""
+        pad = self._pad_id()
+        ids = np.full((len(texts), length), pad, np.int64)
+        mask = np.zeros((len(texts), length), np.int64)
+        self._tok.enable_truncation(max_length=length)
+        try:
+            for row, text in enumerate(texts):
+                got = self._tok.encode(text, add_special_tokens=True).ids
+                ids[row, :len(got)], mask[row, :len(got)] = got, 1
+        finally:
+            self._tok.no_truncation()
+        return ids, mask
+
+    def _pad_id(self) -> int:
+        token = self.config.get("pad_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        pad = self._tok.token_to_id(token) if isinstance(token, str) else None
+        if pad is None:
+            raise UserError("the artifact's tokenizer names no pad token (tokenizer_config.json "
+                            "pad_token); it cannot pad prompts to the text length")
+        return pad
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -1,0 +1,135 @@
+"""Text prompts on CogVideoX / Wan artifacts: a compiled T5 / UMT5 encoder and its shipped
+tokenizer make the embeddings the diffusers pipelines make, and sampling from a prompt equals
+the pipeline run from the same prompt and latents."""
+
+import json
+import os
+
+import diffusers  # the diffusers extra; dev installs it, so a missing install fails here
+import numpy as np
+import pytest
+import transformers
+from typer.testing import CliRunner
+
+import edgec
+from edgec.cli import app
+from edgec.errors import UserError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+WORDS = "a cat dog on the skateboard red blue runs jumps &amp; big small".split()
+TEXT = dict(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+PROMPT = "a  red cat runs on the &amp;amp; skateboard zebra"  # cleaned by Wan; truncated at 8
+
+
+def _tokenizer(folder):
+    """A word-level tokenizer.json with T5's special tokens (ids, pad 0, '</s>' appended)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                       special_tokens=[("</s>", 1)])
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512}))
+
+
+def _pipeline(root, kind):
+    """A diffusers pipeline folder (tokenizer, text_encoder, transformer, scheduler) and the
+    pipeline object over the same modules."""
+    import torch
+
+    torch.manual_seed(0)
+    _tokenizer(root / "tokenizer")
+    if kind == "cog":
+        enc = transformers.T5EncoderModel(transformers.T5Config(**TEXT))
+        tr = diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+            time_embed_dim=16, text_embed_dim=16, num_layers=1, sample_width=8,
+            sample_height=8, sample_frames=5, max_text_seq_length=8,
+            use_rotary_positional_embeddings=True)
+        sched = diffusers.CogVideoXDDIMScheduler(
+            beta_schedule="scaled_linear", prediction_type="v_prediction", snr_shift_scale=1.0,
+            rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        pipe_cls = diffusers.CogVideoXPipeline
+    else:
+        enc = transformers.UMT5EncoderModel(transformers.UMT5Config(**TEXT))
+        tr = diffusers.WanTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32)
+        sched = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                  use_flow_sigmas=True, flow_shift=3.0)
+        pipe_cls = diffusers.WanPipeline
+    enc.save_pretrained(root / "text_encoder")
+    tr.save_pretrained(root / "transformer")
+    sched.save_pretrained(root / "scheduler")
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
+    return pipe_cls(tokenizer=tokenizer, text_encoder=enc.eval(), vae=None,
+                    transformer=tr.eval(), scheduler=sched)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """kind -> (pipeline, compiled denoiser, compiled text encoder), each compiled once."""
+    out = {}
+    for kind in ("cog", "wan"):
+        root = tmp_path_factory.mktemp(kind)
+        pipe = _pipeline(root / "pipe", kind)
+        config = "text_len=8" if kind == "wan" else None  # the pipelines' max length 8
+        denoiser = edgec.compile(str(root / "pipe" / "transformer"), target="ort-cpu",
+                                 output_dir=root / "denoiser", config=config)
+        encoder = edgec.compile(str(root / "pipe" / "text_encoder"), target="ort-cpu",
+                                output_dir=root / "encoder", config="seq=8")
+        out[kind] = pipe, denoiser, encoder
+    return out
+
+
+@pytest.mark.parametrize("kind", ["cog", "wan"])
+def test_sampling_from_a_prompt_is_the_pipelines(pipelines, kind):
+    """CogVideoX: padded ids, the encoder unmasked; Wan: the prompt cleaned, the encoder masked
+    and its embeddings cut at the prompt's tokens; both with the pipeline's negative prompt."""
+    import torch
+
+    pipe, denoiser, encoder = pipelines[kind]
+    assert encoder.manifest["tokenizer"] == "tokenizer"  # from ../tokenizer in the pipeline
+    shape = (1, 2, 4, 8, 8) if kind == "cog" else (1, 4, 2, 8, 8)
+    latents = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+    with torch.no_grad():
+        want = pipe(prompt=PROMPT, negative_prompt="small dog", latents=latents,
+                    num_inference_steps=5, guidance_scale=6.0, height=8 * s, width=8 * s,
+                    num_frames=t + 1, output_type="latent", max_sequence_length=8
+                    ).frames.numpy()
+    sess = denoiser.load()
+    got = sess.sample(prompt=PROMPT, negative_prompt="small dog", text_encoder=encoder.load(),
+                      noise={"hidden_states": latents.numpy()}, steps=5,
+                      guidance=6.0)["hidden_states"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_the_cli_samples_from_a_prompt_and_refuses_what_it_cannot_encode(pipelines, tmp_path):
+    _, denoiser, encoder = pipelines["cog"]
+    base = ["sample", str(denoiser.path), "--steps", "2", "--prompt", "a big dog"]
+    result = CliRunner().invoke(app, [*base, "--text-encoder", str(encoder.path), "--save",
+                                      str(tmp_path / "x.npz"), "--json"])
+    assert result.exit_code == 0, result.output
+    sess = denoiser.load()
+    want = sess.sample(prompt="a big dog", text_encoder=encoder.load(), steps=2)
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npz")["hidden_states"],
+                                  want["hidden_states"])
+    for args, message in [
+            (base, "a prompt needs a compiled text encoder"),
+            ([*base, "--text-encoder", str(denoiser.path)], "--text-encoder must be a compiled "
+                                                            "text encoder"),
+            (["sample", str(denoiser.path), "--text-encoder", str(encoder.path)],
+             "--text-encoder encodes --prompt")]:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, result.output
+    with pytest.raises(UserError, match="give negative_prompt or negative embeddings"):
+        sess.sample(prompt="a", negative_prompt="b", text_encoder=encoder.load(),
+                    negative={"encoder_hidden_states": np.zeros((1, 8, 16), np.float32)})
+    with pytest.raises(UserError, match="2 negative prompts for 1 prompts"):
+        sess.sample(prompt="a", negative_prompt=["b", "c"], text_encoder=encoder.load())
