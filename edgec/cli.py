@@ -83,15 +83,15 @@ def _load_npz(path: Path | None) -> dict | None:
         return {k: data[k] for k in data.files}
 
 
-def _check_save(path: Path | None) -> None:
+def _check_save(path: Path | None, suffix: str = ".npz", flag: str = "--save") -> None:
     """Refuse a --save path before the run: numpy wrote "y.txt" as y.txt.npz and a directory
     "out" as out.npz without a word, and a missing parent failed after a whole sampling run."""
     if path is None:
         return
-    if path.suffix != ".npz":
-        raise UserError(f"--save {path}: give a file name ending in .npz")
+    if path.suffix != suffix:
+        raise UserError(f"{flag} {path}: give a file name ending in {suffix}")
     if not path.parent.is_dir():
-        raise UserError(f"--save {path}: no directory {path.parent}; create it first")
+        raise UserError(f"{flag} {path}: no directory {path.parent}; create it first")
 
 
 def _feeds(session, inputs: Path | None) -> dict:
@@ -602,6 +602,12 @@ def sample_cmd(
     text_encoder: Annotated[Path | None, typer.Option(
         "--text-encoder", help="compiled text encoder artifact that encodes the prompts "
                                "(`edgec compile ./pipeline/text_encoder ...`)")] = None,
+    vae: Annotated[Path | None, typer.Option(
+        "--vae", help="compiled VAE decoder artifact (`edgec compile ./pipeline/vae ...`): "
+                      "decode the samples to frames")] = None,
+    video: Annotated[Path | None, typer.Option(
+        "--video", help="write the first decoded video as an animated GIF (needs --vae)")
+    ] = None,
     save: Annotated[Path | None, typer.Option("--save", help="write the samples to this .npz")
                     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -609,7 +615,8 @@ def sample_cmd(
     """Sample a diffusion artifact from noise (flow Euler, DDIM or SDE, with guidance).
 
     Examples: `edgec sample out --steps 50`, `edgec sample out --inputs text.npz --save x.npz`,
-    `edgec sample out-cog --prompt "a cat on a skateboard" --text-encoder out-t5`,
+    `edgec sample out-cog --prompt "a cat on a skateboard" --text-encoder out-t5 --vae out-vae
+    --video cat.gif`,
     `edgec sample out-sparse --steps 50 --dense-steps 10 --json`
     """
     import numpy as np
@@ -619,6 +626,9 @@ def sample_cmd(
     from edgec.runtimes.sampling import check_inputs, with_prompts
 
     _check_save(save)
+    _check_save(video, ".gif", "--video")
+    if video is not None and vae is None:
+        raise UserError("--video writes the frames --vae decodes; give --vae DIR too")
     session = edgec.load(artifact)
     if adapter is not None:
         session.active_adapter = adapter
@@ -638,9 +648,14 @@ def sample_cmd(
 
         samples = session.sample(conditions, steps=steps, guidance=guidance, seed=seed,
                                  dense_steps=dense_steps, callback=advance,
-                                 guidance_mode=guidance_mode, negative=negatives)
+                                 guidance_mode=guidance_mode, negative=negatives,
+                                 vae=edgec.load(vae) if vae is not None else None)
     if save is not None:
         np.savez(save, **samples)
+    if video is not None:
+        from edgec.runtimes.video import save_gif
+
+        save_gif(samples["video"][0], video)
     stats = session.last_sampling
     summary = {name: {"shape": list(x.shape), "mean": float(x.mean()), "std": float(x.std())}
                for name, x in samples.items()}

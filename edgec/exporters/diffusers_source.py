@@ -80,12 +80,15 @@ def is_diffusers_model(path: Path) -> bool:
 
 def diffusers_source(path: Path, config: str | None = None, dynamic_shapes=None):
     """The exported, verified ``Source`` of a diffusers model directory."""
+    from edgec.exporters.diffusers_vae import VAES
+    from edgec.exporters.diffusers_vae import WRAPPED as VAE_WRAPPED
     from edgec.exporters.sources import _from_torch
 
     module, inputs, dims, info = load_diffusers(path, config)
     src = _from_torch(module, inputs, dims if dynamic_shapes is None else dynamic_shapes,
                       ["sample"], info, "diffusers")
-    src.parameter_map = strip_prefix(src.parameter_map, WRAPPED)
+    prefix = VAE_WRAPPED if info["class"] in VAES else WRAPPED
+    src.parameter_map = strip_prefix(src.parameter_map, prefix)
     return src
 
 
@@ -94,15 +97,20 @@ def load_diffusers(path: Path, config: str | None = None) -> tuple[Any, tuple, d
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: is a diffusers pipeline (model_index.json); give the model's "
                         f"own folder, e.g. {path / 'transformer'}")
+    from edgec.exporters.diffusers_vae import VAES, load_vae
+
     cfg = json.loads((path / "config.json").read_text())
     name = cfg.get("_class_name")
-    if name not in SUPPORTED:
+    if name not in SUPPORTED and name not in VAES:
         raise UserError(f"{path}: diffusers model class {name!r} is not supported; supported: "
-                        f"{', '.join(SUPPORTED)}")
+                        f"{', '.join([*SUPPORTED, *VAES])}")
     opts = _options(config)
     model = _load_model(path, name)
-    module, inputs, info = SUPPORTED[name](model, opts)
-    dims = {n: {0: "batch"} for n in INPUTS}
+    if name in VAES:  # its decoder, at static latent sizes
+        module, inputs, dims, info = load_vae(model, name, opts)
+    else:
+        module, inputs, info = SUPPORTED[name](model, opts)
+        dims = {n: {0: "batch"} for n in INPUTS}
     info = {"kind": "diffusers", "class": name, "path": str(path), "example": opts,
             "diffusers_version": cfg.get("_diffusers_version"), **info}
     if "sampling" in info:
@@ -114,6 +122,8 @@ def reload_module(info: dict[str, Any]):
     """The wrapper a diffusers source exported (``info``: its source info), loaded again from
     its directory; the diffusers model is its ``transformer``."""
     name = info["class"]
+    if name not in SUPPORTED:
+        raise UserError(f"LoRA on a {name} is not supported (the video DiTs' denoisers only)")
     module, _, _ = SUPPORTED[name](_load_model(Path(info["path"]), name), info["example"])
     return module
 

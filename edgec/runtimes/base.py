@@ -114,19 +114,19 @@ class Session(abc.ABC):
                guidance: float | None = None, seed: int = 0, dense_steps: int | None = None,
                callback=None, noise=None, guidance_mode: str = "auto",
                negative=None, prompt=None, negative_prompt=None,
-               text_encoder=None) -> dict[str, np.ndarray]:
+               text_encoder=None, vae=None) -> dict[str, np.ndarray]:
         """Run the model's sampler from noise (flow-matching Euler, DDIM x0 or v, or the sub-VP
         SDE) with classifier-free guidance (``negative``: the unconditional half's conditions,
         default zeros; ``prompt``/``negative_prompt`` with ``text_encoder``, a loaded
         text-encoder artifact: CogVideoX / Wan embeddings as their pipelines make them); the
-        final samples by input name. See
+        final samples by input name (and ``"video"``, frames decoded by ``vae``). See
         ``edgec.runtimes.sampling.sample``; timings land in ``last_sampling``."""
         from edgec.runtimes.sampling import sample
 
         return sample(self, conditions, steps=steps, guidance=guidance, seed=seed,
                       dense_steps=dense_steps, callback=callback, noise=noise,
                       guidance_mode=guidance_mode, negative=negative, prompt=prompt,
-                      negative_prompt=negative_prompt, text_encoder=text_encoder)
+                      negative_prompt=negative_prompt, text_encoder=text_encoder, vae=vae)
 
     # Generation: a KV-cache decoder artifact (compiled with --generate).
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, *,

@@ -223,7 +223,7 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
            dense_steps: int | None = None, callback: Callable[[int, int], None] | None = None,
            noise: Mapping[str, np.ndarray] | None = None, guidance_mode: str = "auto",
            negative: Mapping[str, np.ndarray] | None = None, prompt=None, negative_prompt=None,
-           text_encoder=None) -> dict[str, np.ndarray]:
+           text_encoder=None, vae=None) -> dict[str, np.ndarray]:
     """Run the artifact's sampler from Gaussian noise; returns the final samples by input name.
 
     ``conditions`` feeds every input that is not a noisy sample or the timestep (missing ones
@@ -235,6 +235,8 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     ``negative_prompt`` (default "", as the pipelines); ``guidance_mode`` runs the guidance
     pair as one batch ("batch"), as two runs ("split"), or whichever measures faster on each
     graph ("auto", remembered by the session);
+    ``vae`` (a loaded VAE-decoder artifact of the same pipeline) adds ``"video"``, the frames
+    [B, frames, H, W, 3] in [0, 1] as the pipeline's ``output_type="np"``;
     ``dense_steps`` (default: the artifact's) steps run the dense companion graph;
     ``callback(step, steps)`` after every step. Timings and model runs land in
     ``session.last_sampling``."""
@@ -259,6 +261,11 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     t0 = time.perf_counter()
     x = {"flow": _flow, "ddim-x0": _ddim, "ddim-v": _ddim_v, "score": _score}[spec.kind](
         model, spec, x, steps, rng, callback)
+    if vae is not None:
+        from edgec.runtimes.video import decode_video
+
+        (latents,) = x.values()
+        x = {**x, "video": decode_video(vae, latents, session)}
     session.last_sampling = {"kind": spec.kind, "steps": steps, "guidance": guidance,
                              "dense_steps": n_dense, "model_runs": model.runs,
                              "seconds": time.perf_counter() - t0,

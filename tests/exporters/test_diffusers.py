@@ -298,7 +298,8 @@ def test_pickles_unknown_classes_and_pipelines_are_refused(tmp_path):
     unknown = _dir(tmp_path, "unet", {"_class_name": "UNet2DConditionModel"},
                    ["diffusion_pytorch_model.safetensors"])
     with pytest.raises(UserError, match="'UNet2DConditionModel' is not supported; supported: "
-                       "CogVideoXTransformer3DModel, WanTransformer3DModel") as e:
+                       "CogVideoXTransformer3DModel, WanTransformer3DModel, "
+                       "AutoencoderKLCogVideoX, AutoencoderKLWan") as e:
         edgec.compile(str(unknown), target="ort-cpu", output_dir=tmp_path / "o2")
     assert "\n" not in str(e.value)
     pipe = tmp_path / "pipe"
