@@ -1,4 +1,8 @@
-"""Cleanup: onnx-ir's own passes (identity removal, dead code, topological sort).
+"""Cleanup: onnx-ir's own passes (identity removal, dead code, topological sort), and two that
+make any ONNX file edgec is given one its passes and runtimes take: initializers that are also
+listed as graph inputs become plain weights (an IR < 4 file lists them: the manifest then named
+W and B as inputs every session refused), and unnamed nodes get unique names (passes that index
+nodes by name mistook them for one another).
 
 Guarantees the graph computes exactly what it did; reports how many nodes and initializers went.
 """
@@ -21,11 +25,13 @@ class CleanupPass(EdgecPass):
     def call(self, model: ir.Model) -> PassResult:
         nodes, inits = len(model.graph), len(model.graph.initializers)
         inner = ir.passes.Sequential(
+            common.RemoveInitializersFromInputsPass(),
             common.IdentityEliminationPass(),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
             common.RemoveUnusedOpsetsPass(),
             common.TopologicalSortPass(),
+            common.NameFixPass(),
         )
         modified = inner(model).modified
         stats = {

@@ -53,6 +53,36 @@ def test_cleanup_removes_identity_and_dead_nodes_exactly():
     np.testing.assert_allclose(run_model(model, _feeds())["y"], before["y"], rtol=1e-6, atol=0)
 
 
+def test_cleanup_makes_initializer_inputs_weights_and_names_unnamed_nodes(tmp_path):
+    """An IR-3 style file lists its weights as graph inputs (the manifest then named W as an
+    input every session refused), and onnx.helper files leave nodes unnamed (passes that index
+    nodes by name took them for one another: w4a8 on qnn-htp raised an IndexError)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import edgec
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    w = helper.make_tensor("W", TensorProto.FLOAT, [3, 3],
+                           np.arange(9, dtype=np.float32) / 9)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+        "g", [x, helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], initializer=[w])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "m.onnx")
+    art = edgec.compile(str(tmp_path / "m.onnx"), target="ort-cpu", output_dir=tmp_path / "o")
+    assert [i["name"] for i in art.manifest["inputs"]] == ["x"]
+    saved = onnx.load(tmp_path / "o" / "model.onnx")
+    names = [n.name for n in saved.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    feeds = {"x": np.ones((2, 3), np.float32)}
+    np.testing.assert_allclose(art.load().run(feeds)["y"],
+                               np.maximum(feeds["x"] @ (np.arange(9) / 9).reshape(3, 3), 0),
+                               rtol=1e-6)
+
+
 def test_check_catches_a_pass_that_changes_the_numbers():
     pm = PassManager([ScaleWeight(1.01)], check=True, feeds=_feeds())
     with pytest.raises(VerificationError, match="pass 'scale-weight' changed output 'y'"):
