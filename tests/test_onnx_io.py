@@ -74,3 +74,17 @@ def test_missing_or_short_external_data(tmp_path):
     data.unlink()
     with pytest.raises(UserError, match="missing"):
         load_onnx(tmp_path / "m.onnx")
+
+
+def test_an_ir_version_newer_than_onnxruntime_reads_is_named(tmp_path):
+    """onnx >= 1.18 saves IR 11+ by default; the raw ORT message was a long C++ line."""
+    import edgec
+
+    save_model(_model_with_weight(8), tmp_path / "m.onnx")
+    proto = onnx.load(tmp_path / "m.onnx")
+    proto.ir_version = 99
+    onnx.save(proto, tmp_path / "new.onnx")
+    with pytest.raises(UserError, match=r"ONNX IR version 99 is newer than this onnxruntime "
+                                        r"reads \(\d+\); save it with model.ir_version"):
+        edgec.compile(str(tmp_path / "new.onnx"), target="ort-cpu", output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()

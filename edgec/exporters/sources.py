@@ -330,6 +330,14 @@ def _from_onnx(path: Path, example_inputs) -> Source:
     try:
         sess = OrtSession(path, optimize=False)
     except Exception as e:
+        import re
+
+        ir_version = re.search(r"IR version: (\d+), max supported IR version: (\d+)", str(e))
+        if ir_version:  # onnx >= 1.18 writes IR 11+ by default, which older ORTs refuse
+            got, top = ir_version.groups()
+            raise UserError(f"{path}: ONNX IR version {got} is newer than this onnxruntime "
+                            f"reads ({top}); save it with model.ir_version = {top} (if it uses "
+                            "nothing newer) or upgrade onnxruntime") from None
         raise UserError(f"{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from e
     if example_inputs is not None:
         feeds = {k: np.asarray(v) for k, v in dict(example_inputs).items()}
