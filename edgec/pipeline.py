@@ -311,13 +311,16 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
     prep = prepare(source, recipe, example_inputs, dynamic_shapes, step)
     src, model, records, times = prep.src, prep.model, prep.manager.records, prep.times
     lora_info = None
-    approximate = _approximate(records)
+    # a QDQ model given as it is: its runtime fuses the QDQ pairs into integer kernels that
+    # round differently from the plain graph, so it is judged as quantized, not bit-exact
+    prequantized = recipe.quantize is None and _prequantized(model)
+    approximate = _approximate(records) or prequantized
     if recipe.lora:
         step("computing the LoRA reference (PEFT merge_and_unload)")
         held, lora_info = lora_reference(source, src, recipe.lora, recipe.lora_mode)
         if held is not src:  # held to PEFT's merged model, which computes what the merge does
             src, approximate = held, _approximate(records, ignore=("lora-merge",))
-    quantized = recipe.quantize is not None
+    quantized = recipe.quantize is not None or prequantized
     with artifact.staged_output(out) as stage:
         from edgec.onnx_io import save_model
         from edgec.runtimes import EXAMPLE_INPUTS
@@ -752,6 +755,12 @@ def _lora_transforms(passes: Sequence[Any]) -> dict[str, Any]:
     for p in passes:
         out.update(getattr(p, "lora_transforms", None) or {})
     return out
+
+
+def _prequantized(model) -> bool:
+    from edgec.graph_passes.quantization.quantize import QUANTIZED_OPS
+
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph)
 
 
 def _approximate(records, ignore: Sequence[str] = ()) -> bool:

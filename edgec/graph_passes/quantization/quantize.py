@@ -146,7 +146,7 @@ def _quiet_ort_quantization() -> Iterator[None]:
 Ranges = Callable[[ir.Model], tuple[Any, str]]
 
 
-_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
                   "QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger",
                   "MatMulNBits"}
 
@@ -186,11 +186,12 @@ class QuantizePass(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
-        quantized = sum(n.op_type in _QUANTIZED_OPS for n in model.graph)
+        quantized = sum(n.op_type in QUANTIZED_OPS for n in model.graph)
         if quantized:  # ORT's quantizer would skip it (ort-cpu) or redeclare tensors (QNN)
             raise UserError(f"the model is already quantized ({quantized} QuantizeLinear/"
                             "DequantizeLinear or integer nodes); compile its float model with "
-                            "--quantize, or this one without --quantize")
+                            "--quantize (or this one without --quantize, on a target that "
+                            "takes models as they are: ort-cpu, openvino-cpu, tensorrt)")
         unknown = [e for e in self.exclude if not any(n.name == e or n.op_type == e
                                                        for n in model.graph)]
         floor = self.floor and self.floor.for_outputs([v.name for v in model.graph.outputs],
