@@ -168,3 +168,22 @@ def test_a_qdq_onnx_compiles_as_it_is_judged_as_quantized(tmp_path):
                                         "openvino-cpu, tensorrt"):
         edgec.compile(str(tmp_path / "qdq.onnx"), target="qnn-htp", output_dir=tmp_path / "q",
                       quantize="w8a8")
+
+
+def test_a_dynamic_onnx_on_qnn_htp_is_told_how_to_fix_its_dims(tmp_path):
+    """--config does not apply to .onnx files, which the message used to suggest."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    w = h.make_tensor("W", T.FLOAT, [3, 3], np.eye(3, dtype=np.float32).ravel().tolist())
+    graph = h.make_graph([h.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                         [h.make_tensor_value_info("x", T.FLOAT, ["N", 3])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", 3])], initializer=[w])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, tmp_path / "dyn.onnx")
+    with pytest.raises(UserError, match="make_dynamic_shape_fixed --dim_param N --dim_value 1"):
+        edgec.compile(str(tmp_path / "dyn.onnx"), target="qnn-htp", output_dir=tmp_path / "o",
+                      quantize="w8a8")
+    assert not (tmp_path / "o").exists()

@@ -42,9 +42,13 @@ def _check_static(graph) -> None:
             dims = v.type.tensor_type.shape.dim if v.type.tensor_type.HasField("shape") else None
             if dims is None or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
                 shape = [d.dim_value or d.dim_param or "?" for d in dims or []]
+                named = next((d for d in shape if isinstance(d, str) and d != "?"), "N")
                 raise UserError(f"qnn-htp needs static shapes, but {kind} {v.name!r} has shape "
                                 f"{shape if dims is not None else 'unknown'}; export with static "
-                                "shapes (dynamic_shapes={}, or fixed --config dims)")
+                                "shapes (dynamic_shapes={}, or fixed --config dims), or fix an "
+                                ".onnx file's dims first: python -m onnxruntime.tools."
+                                f"make_dynamic_shape_fixed --dim_param {named} --dim_value 1 "
+                                "in.onnx out.onnx")
 
 
 def _describe(nodes: list[tuple[str, str]]) -> str:
