@@ -193,6 +193,13 @@ def _classify_export_error(name: str, e: Exception) -> Exception:
     capture, dispatch, construction = _exporter_error_types()
     chain = _chain(e)
     root = chain[-1]
+    static = re.search(r"inferred a static shape of (\d+) for dimension (inputs\[[^\]]+\]"
+                       r"\.shape\[\d+\])", _ANSI.sub("", str(root)))
+    if static:  # a dim declared dynamic that forward ties to a constant size
+        return UserError(
+            f"{name}.forward fixes {static[2]} to {static[1]}, which dynamic_shapes declares "
+            "dynamic (forward combines it with a tensor of a constant size); drop that dim "
+            "from dynamic_shapes, or size that tensor from the input (e.g. x.new_ones(...))")
     if any(isinstance(c, capture) for c in chain):
         where = re.search(r'File "([^"]+)", line (\d+), in (\w+)', str(root))
         at = f" (at {where[1]}:{where[2]}, in {where[3]})" if where else ""

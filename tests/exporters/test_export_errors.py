@@ -48,6 +48,22 @@ def test_data_dependent_control_flow_is_a_user_error():
     assert "data-dependent" in msg  # torch.export's own reason is kept
 
 
+class ConstantSized(torch.nn.Module):
+    """Adds a tensor of a fixed size: a batch declared dynamic is tied to 2."""
+
+    def forward(self, x):
+        return x + torch.ones(2, 3)
+
+
+def test_a_dynamic_dim_forward_fixes_is_named_with_what_to_do():
+    """The message was the first line of torch's ("Found the following conflicts ...:;") with
+    advice about Python branches, which this is not."""
+    with pytest.raises(UserError, match=r"fixes inputs\['x'\]\.shape\[0\] to 2, which "
+                                        r"dynamic_shapes declares dynamic") as e:
+        export_module(ConstantSized(), (torch.randn(2, 3),), {"x": {0: "batch"}})
+    assert "\n" not in str(e.value) and "branch" not in str(e.value)
+
+
 def test_operator_without_onnx_translation_is_a_user_error_naming_it():
     with pytest.raises(UserError, match=r"KthValue uses the operator aten\.kthvalue, which has no "
                                         r"ONNX translation"):
