@@ -161,13 +161,16 @@ def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON"
 @app.command("export")
 @_errors
 def export_cmd(
-    source: Annotated[str, typer.Argument(help="reference model name (see `edgec models`)")],
+    source: Annotated[str, typer.Argument(
+        help="reference model name (see `edgec models`), or a Hugging Face / diffusers "
+             "checkpoint directory")],
     output: Annotated[Path, typer.Option("-o", "--output", help="the .onnx file to write")],
     config: Annotated[str | None, typer.Option("--config", "-c", help="model config")] = None,
 ):
-    """Export a reference model to ONNX (weights in FILE.onnx.data), verified against PyTorch.
+    """Export a model to ONNX (weights in FILE.onnx.data), verified against PyTorch.
 
-    Example: `edgec export llama --config small -o llama.onnx`
+    Examples: `edgec export llama --config small -o llama.onnx`,
+    `edgec export ./bert --config batch=1,seq=128 -o bert.onnx`
     """
     from edgec.exporters.export_file import export_to_file
 
