@@ -163,9 +163,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) pairs for a terminal summary."""
     fid = report["fidelity"]
     rows = [("source", _source_line(report["source"])), ("target", report["target"])]
+    tvs = fid["target_vs_source"]
+    measured = tvs.get("runtime", report["target"])  # what ran it: ORT for tensorrt here
     for label, key in (("export vs PyTorch", "export_vs_pytorch"),
-                       (f"{report['target']} vs {fid['target_vs_source']['reference']}",
-                        "target_vs_source")):
+                       (f"{measured} vs {tvs['reference']}", "target_vs_source")):
         if fid.get(key):
             worst = max(fid[key]["outputs"].values(), key=lambda e: e["max_rel"])
             tol = ("approximate recipe" if fid[key].get("rtol") is None

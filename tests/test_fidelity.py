@@ -62,3 +62,13 @@ def test_the_floor_is_measured_again_on_the_artifacts_runtime(caplog):
                            searched) is None
     assert searched["on_target"] == {"runtime": "openvino",
                                      "skipped": "ValueError: input 'past_0' is missing"}
+
+
+def test_the_summary_names_the_runtime_that_measured_the_target(tmp_path):
+    """Without TensorRT, ORT measures a tensorrt artifact: the row said "tensorrt vs pytorch"."""
+    import edgec
+    from edgec.report import summary_rows
+
+    art = edgec.compile("pose-prior", target="tensorrt", output_dir=tmp_path / "o")
+    labels = [label for label, _ in summary_rows(art.report)]
+    assert "onnxruntime vs pytorch" in labels and "tensorrt vs pytorch" not in labels
