@@ -98,7 +98,13 @@ def parse_kv_retrieval(raw: Any) -> FreeKVConfig | None:
         return None
     if raw is True:
         return FreeKVConfig()
-    if isinstance(raw, (FreeKVConfig, Mapping)):
+    if isinstance(raw, Mapping):  # {"method": "freekv", ...} as quantize takes {"scheme": ...}
+        items = dict(raw)
+        method = items.pop("method", "freekv")
+        if method != "freekv":
+            raise UserError(f"kv_retrieval method {method!r} is not known; use freekv")
+        return FreeKVConfig.parse(items)
+    if isinstance(raw, FreeKVConfig):
         return FreeKVConfig.parse(raw)
     method, _ = split_spec(str(raw), "--kv-retrieval", head=":")
     if method != "freekv":

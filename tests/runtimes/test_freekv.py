@@ -132,6 +132,10 @@ def test_parse_kv_retrieval():
     assert parse_kv_retrieval({"budget": 64, "page": 8, "sink": 8, "recent": 8}).top_pages == 6
     with pytest.raises(UserError, match="method 'quest'"):
         parse_kv_retrieval("quest:budget=64")
+    # a dict names the method as quantize's names its scheme (it was "unknown option 'method'")
+    assert parse_kv_retrieval({"method": "freekv", "tau": 0.9}) == FreeKVConfig(tau=0.9)
+    with pytest.raises(UserError, match="method 'quest'"):
+        parse_kv_retrieval({"method": "quest"})
 
 
 def test_graph_layout_is_checked(decoder):
