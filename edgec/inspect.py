@@ -48,6 +48,10 @@ def describe(path: str | Path) -> dict[str, Any]:
                 "runtime": manifest["runtime"], "inputs": manifest["inputs"],
                 "outputs": manifest["outputs"], "passes": manifest["recipe"]["passes"],
                 "files": manifest["hashes"]}
+        # what the artifact does beyond run(): generate (and how), sample, swap adapters
+        for key in ("generation", "kv_retrieval", "sampling", "tokenizer"):
+            if manifest.get(key):
+                info[key] = _brief(manifest[key])
         report = p / "report.json"
         if report.is_file():
             import json
@@ -64,3 +68,11 @@ def describe(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise UserError(f"{p}: no such file or directory")
     return describe_onnx(p)
+
+
+def _brief(entry: Any) -> Any:
+    """A manifest entry without its long lists (names of every cache tensor)."""
+    if not isinstance(entry, dict):
+        return entry
+    return {k: v for k, v in entry.items()
+            if not (isinstance(v, list) and len(v) > 8) and not isinstance(v, dict)}

@@ -155,6 +155,9 @@ def test_compile_with_kv_retrieval_generates_with_freekv(tmp_path):
     entry = art.manifest["kv_retrieval"]
     assert entry["model"] == "freekv.onnx" and entry["budget"] == 64
     assert "freekv.onnx" in art.manifest["hashes"]
+    from edgec.inspect import describe  # `edgec inspect` said nothing of FreeKV before
+
+    assert describe(art.path)["kv_retrieval"]["budget"] == 64
     sess = art.load()
     ids = np.random.default_rng(0).integers(0, 256, (1, 20))
     fits = sess.generate(ids, max_new_tokens=24)
