@@ -149,9 +149,17 @@ class Session(abc.ABC):
         image file, an .npy or an array of pixel values [3, H, W] or [batch, 3, H, W]; the
         prompt gets the image's placeholder tokens where it has none (or one, LLaVA's
         ``<image>``), and the returned rows hold them."""
-        from edgec.runtimes.generation import generate
+        from edgec.runtimes.generation import GenerationConfig, generate
 
         info = self.decoder_info
+        # refuses bad options before the caches below are sized by them
+        GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, pad_token_id=pad_token_id,
+                         seed=seed)
+        if np.ndim(input_ids) not in (1, 2):
+            raise UserError(f"input_ids must be token ids [batch, seq] (or [seq]), got shape "
+                            f"{list(np.shape(input_ids))}")
         vision = None
         if image is not None:
             input_ids, attention_mask, vision = self._with_image(image, input_ids, attention_mask)

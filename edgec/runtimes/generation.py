@@ -12,6 +12,7 @@ runtime (OpenVINO's stateful model).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,15 +37,45 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be an integer ≥ 1, not {self.max_new_tokens!r}")
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0, not {self.temperature}; for "
-                            "deterministic output use do_sample=False")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise UserError("top_k must be ≥ 0 and repetition_penalty > 0")
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise UserError(f"do_sample must be True or False, not {self.do_sample!r}")
+        if not _finite(self.temperature) or self.temperature <= 0:
+            raise UserError(f"temperature must be a finite number > 0, not {self.temperature!r}; "
+                            "for deterministic output use do_sample=False")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be a number in (0, 1], not {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise UserError(f"top_k must be an integer ≥ 0 (0: no top-k), not {self.top_k!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be a finite number > 0 (1: none), not "
+                            f"{self.repetition_penalty!r}")
+        for name in ("pad_token_id", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise UserError(f"{name} must be an integer ≥ 0 (or None), not {value!r}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _finite(x: Any) -> bool:
+    """A real number that is neither NaN nor infinite (``x <= 0`` is False for NaN)."""
+    return (isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+            and math.isfinite(x))
+
+
+def _eos_ids(eos: Any, default) -> tuple[int, ...]:
+    """``eos_token_id`` (an id, a list of them, or None: ``default``) as a tuple of ints."""
+    if eos is None:
+        return tuple(int(e) for e in default)
+    ids = [eos] if _is_int(eos) else list(eos) if isinstance(eos, (list, tuple, np.ndarray)) \
+        else None
+    if ids is None or not all(_is_int(e) and e >= 0 for e in ids):
+        raise UserError(f"eos_token_id must be a token id or a list of them, not {eos!r}")
+    return tuple(int(e) for e in ids)
 
 
 class ArrayCache:
@@ -170,12 +201,10 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
              streamer: Callable[[np.ndarray], Any] | None = None, **options: Any
              ) -> tuple[np.ndarray, dict[str, Any]]:
     """(prompt followed by the new tokens [B, S+new] int64, timing stats)."""
-    eos = options.pop("eos_token_id", None)
-    eos = tuple(info.eos_token_ids) if eos is None else tuple(
-        [eos] if isinstance(eos, (int, np.integer)) else eos)
+    eos = _eos_ids(options.pop("eos_token_id", None), info.eos_token_ids)
     pad = options.pop("pad_token_id", None)
     pad = info.pad_token_id if pad is None else pad
-    cfg = GenerationConfig(eos_token_id=tuple(int(e) for e in eos), pad_token_id=pad, **options)
+    cfg = GenerationConfig(eos_token_id=eos, pad_token_id=pad, **options)
     ids, mask = _prompt(info, input_ids, attention_mask)
     limit = info.context or info.max_positions
     if limit and ids.shape[1] + cfg.max_new_tokens > limit:

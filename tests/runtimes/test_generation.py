@@ -175,6 +175,23 @@ def test_logits_processing_matches_transformers():
     np.testing.assert_allclose(ours[finite], t.numpy()[finite], rtol=1e-6)
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite"),
+    (dict(temperature=float("inf")), "temperature must be a finite"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite"),
+    (dict(top_p=float("nan")), "top_p must be"),
+    (dict(top_k=2.5), "top_k must be an integer"),
+    (dict(seed=-5), "seed must be an integer ≥ 0"),
+    (dict(seed="x"), "seed must be an integer ≥ 0"),
+    (dict(max_new_tokens="3"), "max_new_tokens must be an integer"),
+    (dict(temperature="1"), "temperature must be a finite"),
+])
+def test_generation_config_refuses_nan_and_wrong_types(options, message):
+    # NaN passed `<= 0` checks and sampled token 0 every step; the rest were internal errors
+    with pytest.raises(UserError, match=message):
+        GenerationConfig(**options)
+
+
 def test_artifact_names_and_stateful_openvino(artifacts):
     art = artifacts["hf-llama", "ort-cpu"]
     names = [i["name"] for i in art.manifest["inputs"]]
@@ -287,7 +304,20 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, dit_tiny_artifacts):
         r = runner.invoke(app, args)
         assert r.exit_code == 2, (args, r.output)
         assert message in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    for args, message in [(["--sample", "--temperature", "nan"], "temperature must be"),
+                          (["--repetition-penalty", "nan"], "repetition_penalty must be"),
+                          (["--sample", "--seed", "-5"], "seed must be")]:
+        r = runner.invoke(app, ["generate", ref, "--prompt-ids", "1,2", "-n", "4", *args])
+        assert r.exit_code == 2 and message in r.stderr, (args, r.output)
     sess = artifacts["llama", "ort-cpu"].load()
+    for ids, options, message in [
+            (5, {}, "input_ids must be token ids"),
+            ([1, 2], dict(max_new_tokens="3"), "max_new_tokens must be an integer"),
+            ([1, 2], dict(eos_token_id="abc"), "eos_token_id must be a token id"),
+            ([1, 2], dict(do_sample=True, temperature=float("nan")), "temperature must be")]:
+        with pytest.raises(UserError, match=message):
+            sess.generate(ids, **options)
+    assert sess.generate([1, 2], max_new_tokens=2, eos_token_id=np.array([2])).shape == (1, 4)
     with pytest.raises(UserError, match="right-padded"):
         sess.generate(np.array([[1, 2, 0]]), np.array([[1, 1, 0]]))
     with pytest.raises(UserError, match="row 1 of the batch is all padding"):
