@@ -543,14 +543,18 @@ def generate_cmd(
     if not ids:
         raise UserError("the prompt encodes to no tokens; give some text")
     streamed: list[int] = []
+    printed = [0]  # characters of tok.decode(streamed) written so far
 
     def stream(token: np.ndarray) -> None:
         if tok is None or as_json:
             return
-        before = tok.decode(streamed)
         streamed.append(int(token[0]))
-        sys.stdout.write(tok.decode(streamed)[len(before):])
+        text = tok.decode(streamed)
+        if text.endswith("\ufffd"):  # a multi-byte character's first bytes: wait for the rest
+            return
+        sys.stdout.write(text[printed[0]:])
         sys.stdout.flush()
+        printed[0] = len(text)
 
     result = session.generate(np.array([ids]), max_new_tokens=max_new_tokens, do_sample=sample,
                               temperature=temperature, top_k=top_k, top_p=top_p,
@@ -563,8 +567,7 @@ def generate_cmd(
                             "prompt_ids": ids, "new_ids": new,
                             **({"image": str(image)} if image is not None else {}),
                             **({"text": tok.decode(new)} if tok is not None else {}), **stats})
-    if tok is None:
-        sys.stdout.write(",".join(map(str, new)))
+    sys.stdout.write(",".join(map(str, new)) if tok is None else tok.decode(new)[printed[0]:])
     sys.stdout.write("\n")
     rate = stats["decode_tokens_per_s"]
     kept = (f" ({stats['prompt_tokens_kept']} of {stats['prompt_tokens']} prompt tokens kept)"

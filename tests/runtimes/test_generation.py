@@ -286,6 +286,32 @@ def test_generate_cli_text_ids_json_and_bench(artifacts):
     assert stats["prefill_ms"] > 0 and stats["decode_tokens_per_s"] > 0
 
 
+def test_streamed_text_keeps_characters_split_across_tokens(artifacts, monkeypatch):
+    """A byte-level tokenizer's token can end inside a multi-byte character: the stream held
+    the U+FFFD its partial bytes decode to, then sliced the finished character away."""
+    payload = "aé😀 ✓".encode()  # token k decodes to byte k: é and 😀 span 2 and 4 tokens
+
+    class ByteTokenizer:
+        def __init__(self, root, manifest):
+            pass
+
+        def encode(self, text):
+            return [1, 2, 3]
+
+        def decode(self, ids):
+            return payload[:len(list(ids))].decode("utf-8", errors="replace")
+
+    monkeypatch.setattr("edgec.runtimes.tokenizer.Tokenizer", ByteTokenizer)
+    runner = CliRunner()
+    ref = str(artifacts["llama", "ort-cpu"].path)
+    args = ["generate", ref, "--prompt", "hi", "-n", str(len(payload))]
+    data = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert len(data["new_ids"]) > 3 and "é" in data["text"], data
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == data["text"] + "\n"
+
+
 def test_bad_generation_input_is_one_line_exit_2(artifacts, dit_tiny_artifacts):
     runner = CliRunner()
     ref = str(artifacts["llama", "ort-cpu"].path)
