@@ -163,6 +163,8 @@ class Session(abc.ABC):
         vision = None
         if image is not None:
             input_ids, attention_mask, vision = self._with_image(image, input_ids, attention_mask)
+        else:
+            self._refuse_image_placeholder(input_ids)
         shape = np.shape(input_ids)
         batch, length = (1, shape[0]) if len(shape) == 1 else shape[:2]
         retrieval = (self._retrieval_cache(info, batch, length + max_new_tokens) if kv_retrieval
@@ -199,6 +201,15 @@ class Session(abc.ABC):
                             "model (`vlm` or a LLaVA checkpoint) with --generate")
         ids, mask = expand_prompt(input_ids, attention_mask, entry)
         return ids, mask, load_pixels(image, entry)
+
+    def _refuse_image_placeholder(self, input_ids) -> None:
+        """A VLM prompt with image placeholder tokens needs the image (the decoder would read
+        the placeholders' embeddings as text: nonsense; Hugging Face refuses too)."""
+        entry = (getattr(self, "manifest", None) or {}).get("generation", {}).get("vision")
+        token = entry and entry.get("image_token_id")
+        if token is not None and (np.asarray(input_ids) == token).any():
+            raise UserError(f"the prompt has an image placeholder (<image>, token id {token}); "
+                            "give the image with --image (Python: image=)")
 
     def _vision_prefill(self, cache, info, pixels):
         """``cache`` behind a VLM artifact's image encoder and prefill graph (``VisionPrefill``),

@@ -127,6 +127,12 @@ def test_cli_generate_with_png_and_bad_image(llava, llava_ov, tmp_path):
     assert result.exit_code == 2 and "image" in result.output
     with pytest.raises(UserError, match="placeholder"):
         expand_prompt(np.array([[1, IMAGE, IMAGE, 3]]), None, entry)
+    # an <image> placeholder without the image decoded its embedding as text: nonsense
+    result = runner.invoke(app, ["generate", str(llava_ov.path), "--prompt-ids",
+                                 f"1,5,{IMAGE},9", "-n", "2"])
+    assert result.exit_code == 2 and "give the image with --image" in result.stderr, result.output
+    with pytest.raises(UserError, match="image placeholder"):
+        session.generate(ids, max_new_tokens=2)
 
 
 def test_keep_1_is_the_unpruned_model():
