@@ -29,8 +29,12 @@ def load_pixels(image: Any, vision: Mapping[str, Any]) -> np.ndarray:
     model's side, as CLIP's processor does; scaled to [0, 1], normalized by the model's mean and
     std), an ``.npy`` of pixel values, or an array of them."""
     side = int(vision["image_size"])
+    where = ""
     if isinstance(image, (str, Path)):
         path = Path(image)
+        where = f"{path}: "
+        if path.is_dir():
+            raise UserError(f"{path} is a directory; give an image file (.png/.jpg or .npy)")
         if not path.is_file():
             raise UserError(f"{path}: no such image file")
         if path.suffix.lower() == ".npy":
@@ -43,6 +47,10 @@ def load_pixels(image: Any, vision: Mapping[str, Any]) -> np.ndarray:
         else:
             raise UserError(f"{path}: give the image as {'/'.join(IMAGE_SUFFIXES)} or as .npy "
                             "pixel values [3, H, W]")
+    dtype = np.asarray(image).dtype
+    if not np.issubdtype(dtype, np.floating):  # e.g. uint8 0..255: not normalized
+        raise UserError(f"{where}pixel values are {dtype}; give the processor's normalized "
+                        "float pixel values (or an image file, which is preprocessed)")
     pixels = np.asarray(image, dtype=np.float32)
     if pixels.ndim == 3:
         pixels = pixels[None]

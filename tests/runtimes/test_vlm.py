@@ -135,6 +135,20 @@ def test_cli_generate_with_png_and_bad_image(llava, llava_ov, tmp_path):
         session.generate(ids, max_new_tokens=2)
 
 
+def test_integer_pixels_and_a_directory_are_refused(tmp_path):
+    """uint8 0..255 pixels were read as normalized values; a directory was 'no such file'."""
+    entry = {"image_size": 32}
+    npy = tmp_path / "pixels.npy"
+    np.save(npy, np.full((3, 32, 32), 200, np.uint8))
+    with pytest.raises(UserError, match="uint8; give the processor's normalized float"):
+        load_pixels(npy, entry)
+    with pytest.raises(UserError, match="int64; give"):
+        load_pixels(np.zeros((3, 32, 32), np.int64), entry)
+    with pytest.raises(UserError, match="is a directory"):
+        load_pixels(tmp_path, entry)
+    assert load_pixels(np.zeros((3, 32, 32), np.float64), entry).dtype == np.float32
+
+
 def test_keep_1_is_the_unpruned_model():
     vlm = registry.get("vlm").build("tiny+sharp")
     pixels, ids = registry.get("vlm").example_inputs("tiny+sharp")
