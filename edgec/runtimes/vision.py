@@ -202,14 +202,14 @@ class VisionPrefill:
         out = self.prefill._run({"input_ids": ids, "image_features": features,
                                  "attention_mask": mask, "position_ids": positions})
         self.mask = out["attention_mask_kept"].astype(np.int64)
-        self.kept_tokens = int(self.mask.shape[1])
         self.cache.load_prompt([out[n] for n in self.info.present_names], self.mask)
         if self.budget is not None:
             self.budget.start(self.mask)
         if tail is not None:
             self.mask = np.concatenate([self.mask, tail[1]], axis=1)
-            return self.cache.step(tail[0], self.mask, tail[2])
-        return out["logits"]
+        # the prompt's tokens kept, not the mask's slots (a static graph's padding counts none)
+        self.kept_tokens = int(self.mask.sum(axis=1).max())
+        return out["logits"] if tail is None else self.cache.step(tail[0], self.mask, tail[2])
 
     @property
     def stats(self) -> dict[str, Any]:

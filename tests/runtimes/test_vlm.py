@@ -149,6 +149,31 @@ def test_integer_pixels_and_a_directory_are_refused(tmp_path):
     assert load_pixels(np.zeros((3, 32, 32), np.float64), entry).dtype == np.float32
 
 
+def test_static_prefill_reports_kept_tokens_not_padding_slots():
+    """An NPU's static prefill graph left-pads the prompt: its kept mask has padding slots,
+    which `prompt_tokens_kept` counted; and a longer prompt's rest (the decoder's chunked
+    prefill) was left out. Fake sessions: the prefill drops two prompt tokens."""
+    from types import SimpleNamespace
+
+    from edgec.runtimes.vision import VisionPrefill
+
+    def prefill(feeds):
+        kept = np.delete(feeds["attention_mask"], [4, 5], axis=1)
+        return {"attention_mask_kept": kept, "logits": np.zeros((1, 6, 4), np.float32),
+                "present": np.zeros((1, 1, 6, 2), np.float32)}
+
+    cache = SimpleNamespace(load_prompt=lambda presents, mask: None,
+                            step=lambda ids, mask, positions: np.zeros((1, 1, 4), np.float32))
+    vision = SimpleNamespace(_run=lambda feeds: {"image_features": np.zeros((1, 2, 8))})
+    info = SimpleNamespace(present_names=["present"])
+    for length, kept in ((5, 3), (10, 8)):  # 8 static slots: padded, and 2 tokens past them
+        step = VisionPrefill(cache, SimpleNamespace(_run=prefill), vision, info,
+                             np.zeros((1, 3, 32, 32), np.float32), static_prompt=(8, IMAGE))
+        ids = np.arange(3, 3 + length)[None]
+        step.step(ids, np.ones_like(ids), np.arange(length)[None])
+        assert step.stats["prompt_tokens_kept"] == kept
+
+
 def test_keep_1_is_the_unpruned_model():
     vlm = registry.get("vlm").build("tiny+sharp")
     pixels, ids = registry.get("vlm").example_inputs("tiny+sharp")
@@ -299,10 +324,12 @@ def test_quantized_vlm_on_the_npu_with_static_pruned_prefill(tmp_path):
     pixels, ids = pixels[:1].numpy(), ids[:1].numpy()
     out = session.generate(ids, image=pixels, max_new_tokens=4, eos_token_id=[])
     assert out.shape == (1, ids.shape[1] + 4)
-    assert session.last_generation["prompt_tokens_kept"] == 49 - 12
+    # the prompt's tokens less the 12 image tokens dropped, not the graph's 49 slots
+    assert session.last_generation["prompt_tokens_kept"] == ids.shape[1] - 12
     longer = np.concatenate([ids, np.arange(3, 60)[None]], axis=1)  # 25 + 57 > 49
     out = session.generate(longer, image=pixels, max_new_tokens=4, eos_token_id=[])
     assert out.shape == (1, longer.shape[1] + 4)
+    assert session.last_generation["prompt_tokens_kept"] == longer.shape[1] - 12
     late = np.concatenate([np.arange(3, 60)[None], ids], axis=1)  # the image after token 49
     with pytest.raises(UserError, match="first 49 tokens"):
         session.generate(late, image=pixels, max_new_tokens=2)
