@@ -48,6 +48,13 @@ def latency_stats(times_s: list[float]) -> dict[str, float]:
     }
 
 
+def check_runs(warmup: Any, iterations: Any) -> None:
+    """A benchmark's run counts: ``iterations`` ≥ 1 timed runs after ``warmup`` ≥ 0."""
+    for name, value, least in (("warmup", warmup, 0), ("iterations", iterations, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise UserError(f"{name} must be an integer ≥ {least}, not {value!r}")
+
+
 class Session(abc.ABC):
     """A loaded model on one runtime."""
 
@@ -98,6 +105,7 @@ class Session(abc.ABC):
                   feeds: Mapping[str, np.ndarray] | None = None,
                   adapter: str | Mapping[str, float] | None = None) -> dict[str, float]:
         """Latency over ``iterations`` runs after ``warmup`` runs (p50/p90/mean/min ms)."""
+        check_runs(warmup, iterations)
         feeds = self._check_feeds(feeds if feeds is not None else self._require_default_feeds())
         feeds = self._adapter_feeds(feeds, adapter)
         for _ in range(warmup):

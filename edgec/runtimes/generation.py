@@ -250,6 +250,9 @@ def benchmark_generation(session, prompt_tokens: int = 128, new_tokens: int = 32
     """Prefill ms (time to first token) and decode tokens/s, medians over ``iterations`` greedy
     generations of exactly ``new_tokens`` from a random ``prompt_tokens``-token prompt (a VLM
     artifact's: after a random image)."""
+    from edgec.runtimes.base import check_runs
+
+    check_runs(warmup, iterations)
     info = session.decoder_info
     rng = np.random.default_rng(seed)
     vision = (getattr(session, "manifest", None) or {}).get("generation", {}).get("vision")

@@ -16,6 +16,11 @@ def test_session_contract(dit_tiny_artifacts, which):
     assert out.shape == feeds["latent"].shape and out.dtype == np.float32
     stats = sess.benchmark(warmup=1, iterations=3)
     assert set(stats) >= {"p50_ms", "p90_ms", "mean_ms"} and stats["p50_ms"] > 0
+    # iterations=0 was an IndexError from np.percentile; warmup=-1 was taken as 0
+    for bad, message in ((dict(iterations=0), "iterations must be an integer ≥ 1"),
+                         (dict(warmup=-1), "warmup must be an integer ≥ 0")):
+        with pytest.raises(UserError, match=message):
+            sess.benchmark(**bad)
 
 
 def test_dynamic_batch_runs_on_both_runtimes(dit_tiny_artifacts):
