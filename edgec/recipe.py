@@ -102,10 +102,13 @@ def _calibration(raw: Any, target, parsed: dict):
     return calibration_input(raw)
 
 
-def _check(raw: Any, target, parsed: dict) -> bool:
-    if not isinstance(raw, bool):
-        raise UserError(f"check must be True or False, not {raw!r}")
-    return raw
+def _flag(name: str) -> Callable[[Any, Any, dict], bool]:
+    """The parser of the on/off option ``name`` (named in its error)."""
+    def parse(raw: Any, target, parsed: dict) -> bool:
+        if not isinstance(raw, bool):
+            raise UserError(f"{name} must be True or False, not {raw!r}")
+        return raw
+    return parse
 
 
 def _context(raw: Any, target, parsed: dict) -> int | None:
@@ -187,10 +190,11 @@ class Recipe:
         None, "--calib", metavar="FILE_OR_DIR", parse=_calibration, commands=("compile",),
         help="calibration cache from `edgec calibrate` (reused, checked against the model), or "
              "an .npz of samples (keys = input names, leading sample axis)")
-    check: bool = _option(False, "--check", kind="flag", parse=_check, commands=("compile",),
+    check: bool = _option(False, "--check", kind="flag", parse=_flag("check"),
+                          commands=("compile",),
                           help="check every pass numerically")
     generate: bool = _option(
-        False, "--generate", kind="flag", parse=_check,
+        False, "--generate", kind="flag", parse=_flag("generate"),
         help="export the KV-cache decoder (prefill and decode in one graph, Hugging Face names) "
              "for `edgec generate` / Session.generate; llama or a *ForCausalLM checkpoint")
     context: int | None = _option(

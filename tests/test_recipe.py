@@ -35,6 +35,7 @@ def no_export(monkeypatch):
     (dict(target="ort-cpu", generate=True, kv_retrieval="freekv:page=0"), "page must be"),
     (dict(target="ort-cpu", quantize="w8a8:min_cos=1.5"), "min_cos must be a cosine"),
     (dict(target="ort-cpu", check="yes"), "check must be True or False"),
+    (dict(target="ort-cpu", generate="no"), "generate must be True or False"),  # was "check"
     (dict(target="ort-cpu", lora_mode="swappable"), "needs the adapters it applies to"),
     (dict(target="ort-cpu", lora={"x": float("nan")}), "not a finite number"),
 ])
