@@ -167,8 +167,8 @@ def hf_decoder(model: torch.nn.Module, path) -> tuple[_Decoder, DecoderInfo]:
     """The KV-cache decoder of a transformers causal LM (its own attention and cache code)."""
     cfg = model.config
     if not type(model).__name__.endswith("ForCausalLM"):
-        raise UserError(f"{path}: {type(model).__name__} is not a causal language model; "
-                        "--generate applies to *ForCausalLM checkpoints")
+        raise UserError(f"{path}: --generate supports Hugging Face *ForCausalLM architectures "
+                        f"(LlamaForCausalLM, Qwen2ForCausalLM, ...), not {type(model).__name__}")
     if getattr(cfg, "is_encoder_decoder", False):
         raise UserError(f"{path}: encoder-decoder models are not supported by --generate")
     heads = int(cfg.num_attention_heads)

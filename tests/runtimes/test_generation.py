@@ -350,6 +350,18 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, dit_tiny_artifacts):
         sess.generate(np.array([[1, 2], [0, 0]]), np.array([[1, 1], [0, 0]]))
 
 
+def test_generate_names_the_supported_architectures(tmp_path):
+    """GPT2LMHeadModel is a causal LM, which the refusal said it was not."""
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
+        tmp_path / "gpt2")
+    r = CliRunner().invoke(app, ["compile", str(tmp_path / "gpt2"), "--target", "ort-cpu",
+                                 "-o", str(tmp_path / "out"), "--generate"])
+    assert r.exit_code == 2, r.output
+    assert "supports Hugging Face *ForCausalLM architectures" in r.stderr
+    assert "not GPT2LMHeadModel" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_tensorrt_decoder_gets_prefill_and_decode_profiles(artifacts, tmp_path):
     """No GPU here: the engine is not built, but its profiles are, and the runtime's choice."""
     from edgec.runtimes.tensorrt import decode_profile
