@@ -507,7 +507,7 @@ def generate_cmd(
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     image: Annotated[Path | None, typer.Option(
         "--image", help="an image for a VLM artifact (.png/.jpg, or .npy pixel values); the "
-        "prompt gets its placeholder tokens unless it has them (LLaVA's <image>)")] = None,
+        "prompt gets its placeholder tokens unless it has them (LLaVA's `<image>`)")] = None,
     adapter: Annotated[str | None, typer.Option(
         "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
                           "or a weighted blend of them: a:0.7,b:0.3")] = None,
@@ -518,7 +518,7 @@ def generate_cmd(
     Examples: `edgec generate out --prompt "Once upon a time" -n 64`,
     `edgec generate out --prompt-ids 1,2,3 --json`,
     `edgec generate out -p "Hi" --sample --top-p 0.9`,
-    `edgec generate vlm-out --image cat.png --prompt "USER: <image>\\nWhat is this? ASSISTANT:"`
+    `edgec generate vlm-out --image cat.png --prompt $'USER: <image>\\nWhat is this? ASSISTANT:'`
     """
     import numpy as np
 

@@ -25,6 +25,12 @@ def test_help_lists_commands_and_each_has_an_example():
         assert sub.exit_code == 0 and "edgec " + cmd in sub.output, cmd
 
 
+def test_generate_help_shows_the_image_placeholder():
+    """Markdown help rendering ate a bare <image> as an HTML tag ("(LLaVA's )")."""
+    text = " ".join(_run("generate", "--help").output.replace("│", " ").split())
+    assert "(LLaVA's <image>)" in text and "$'USER: <image>\\nWhat is this?" in text
+
+
 def test_targets_list_schemes_and_notes():
     rows = {r["name"]: r for r in json.loads(_run("targets", "--json").stdout)}
     assert list(rows) == ["ort-cpu", "openvino-cpu", "qnn-htp", "tensorrt"]
