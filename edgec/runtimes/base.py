@@ -366,6 +366,7 @@ class Session(abc.ABC):
                 raise UserError(f"input {spec.name!r} has shape {list(arr.shape)}, the model "
                                 f"wants {list(spec.shape)}" + self._fixed_shape_note())
             out[spec.name] = np.ascontiguousarray(arr)
+        self._check_dims(out)
         bounds = {i["name"]: i["index_bound"] for i in
                   (getattr(self, "manifest", None) or {}).get("inputs", ()) if "index_bound" in i}
         if bounds:
@@ -373,6 +374,37 @@ class Session(abc.ABC):
 
             check_indices(out, bounds)
         return out
+
+    def _check_dims(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Refuse inputs that give one named dim (``batch``) different sizes, and a decoder's
+        attention_mask that does not cover its past + new tokens: runtimes failed on these with
+        their own errors, or (OpenVINO) computed wrong outputs. Dim names are the manifest's
+        (the ONNX graph's) where it has them: OpenVINO names each input's dims apart."""
+        manifest = getattr(self, "manifest", None) or {}
+        declared = {i["name"]: i["shape"] for i in manifest.get("inputs", ())}
+        seen: dict[str, tuple[str, int]] = {}
+        for spec in self._inputs:
+            shape = declared.get(spec.name, spec.shape)
+            for dim, size in zip(shape if len(shape) == len(spec.shape) else spec.shape,
+                                 feeds[spec.name].shape):
+                if not isinstance(dim, str) or dim == "?":
+                    continue
+                first, first_size = seen.setdefault(dim, (spec.name, size))
+                if first_size != size:
+                    raise UserError(f"inputs {first!r} and {spec.name!r} share dim {dim!r} but "
+                                    f"have sizes {first_size} and {size}; give both the same "
+                                    f"{dim}")
+        gen = manifest.get("generation") or {}
+        past = (gen.get("past") or [None])[0]
+        ids, mask = feeds.get("input_ids"), feeds.get("attention_mask")
+        if (gen.get("context") or past not in feeds or ids is None or mask is None
+                or ids.ndim != 2 or mask.ndim != 2 or feeds[past].ndim != 4):
+            return
+        held, new = feeds[past].shape[2], ids.shape[1]
+        if mask.shape[1] != held + new:
+            raise UserError(f"input 'attention_mask' has length {mask.shape[1]}, but {past!r} "
+                            f"holds {held} past tokens and 'input_ids' {new} new; the mask "
+                            f"must cover past + new = {held + new} tokens")
 
     def _fixed_shape_note(self) -> str:
         """Why a sparse-attention artifact's inputs are static where its source was dynamic:

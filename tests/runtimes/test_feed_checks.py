@@ -1,0 +1,71 @@
+"""Feeds a runtime cannot be trusted with are refused in one line before it runs them."""
+
+import numpy as np
+import pytest
+import torch
+
+import edgec
+from edgec.errors import UserError
+
+TARGETS = ("ort-cpu", "openvino-cpu")
+
+
+class Masked(torch.nn.Module):
+    def forward(self, x, mask):
+        return x * mask.unsqueeze(-1)
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("feeds")
+    inputs = (torch.randn(2, 8, 4), torch.ones(2, 8))
+    shapes = {"x": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}}
+    return {t: edgec.compile(Masked(), target=t, output_dir=root / t, example_inputs=inputs,
+                             dynamic_shapes=shapes) for t in TARGETS}
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dec")
+    return {t: edgec.compile("llama", target=t, config="tiny", output_dir=root / t,
+                             generate=True) for t in TARGETS}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_inputs_sharing_a_dim_name_must_agree(masked, target):
+    """x batch 1 with mask batch 2 ran (exit 0) on both runtimes."""
+    sess = masked[target].load()
+    x, mask = np.ones((1, 8, 4), np.float32), np.ones((2, 8), np.float32)
+    with pytest.raises(UserError, match="inputs 'x' and 'mask' share dim 'batch' but have "
+                                        "sizes 1 and 2"):
+        sess.run({"x": x, "mask": mask})
+    (out,) = sess.run({"x": x, "mask": mask[:1]}).values()
+    assert out.shape == (1, 8, 4)
+
+
+def _step(batch=1, mask=5, past=4, value_past=None, past_batch=None):
+    feeds = {"input_ids": np.ones((batch, 1), np.int64),
+             "attention_mask": np.ones((batch, mask), np.int64),
+             "position_ids": np.full((batch, 1), past, np.int64)}
+    for layer in range(2):
+        for kind in ("key", "value"):
+            length = value_past if value_past is not None and kind == "value" else past
+            feeds[f"past_key_values.{layer}.{kind}"] = np.zeros(
+                (past_batch or batch, 2, length, 16), np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_decoder_feeds_must_agree(decoders, target):
+    """ORT failed these as an internal error; OpenVINO computed wrong logits (exit 0)."""
+    sess = decoders[target].load()
+    assert np.isfinite(sess.run(_step())["logits"]).all()
+    with pytest.raises(UserError, match="'attention_mask' has length 3, but "
+                                        "'past_key_values.0.key' holds 4 past tokens and "
+                                        "'input_ids' 1 new; the mask must cover past \\+ new = 5"):
+        sess.run(_step(mask=3))
+    with pytest.raises(UserError, match="share dim 'batch_size' but have sizes 1 and 2"):
+        sess.run(_step(past_batch=2))
+    with pytest.raises(UserError, match="'past_key_values.0.key' and 'past_key_values.0.value' "
+                                        "share dim 'past_sequence_length'"):
+        sess.run(_step(value_past=3))
