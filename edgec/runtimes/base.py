@@ -59,6 +59,9 @@ class Session(abc.ABC):
     """A loaded model on one runtime."""
 
     runtime: str = ""
+    # What the runtime raises when it cannot run a graph on feeds that passed every check (a
+    # size the model cannot take): most likely the input's, so a UserError with its last line.
+    input_errors: tuple[type[Exception], ...] = (RuntimeError, ValueError)
     # Set where the runtime simulates the target device on this machine (the HTP emulator on
     # x86_64): what it computes is the device's, its run times are not.
     emulator: str | None = None
@@ -94,7 +97,7 @@ class Session(abc.ABC):
         feeds = self._adapter_feeds(self._check_feeds(feeds), adapter)
         try:
             return self._run(feeds)
-        except (RuntimeError, ValueError) as e:  # the runtime rejected these inputs
+        except self.input_errors as e:  # the runtime rejected these inputs
             raise UserError(f"{self.runtime} could not run the model on these inputs: "
                             f"{_last_line(e)}") from e
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
 
 from edgec.lora.binding import lora_sites, site_feeds
 from edgec.onnx_io import save_model
@@ -58,8 +59,14 @@ def session_options(optimize: bool = True, config: Mapping[str, Any] | None = No
     return opts
 
 
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4  # a failing run raises; its red ERROR log line said it again
+
+
 class OrtSession(Session):
     runtime = "onnxruntime"
+    # ORT's pybind errors derive from Exception alone (they were internal errors)
+    input_errors = (*Session.input_errors, Fail, InvalidArgument, RuntimeException)
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None,
                  optimize: bool = True, provider_options: list[dict[str, Any]] | None = None,
@@ -77,7 +84,8 @@ class OrtSession(Session):
                    config=runtime.get("config"))
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._output_names, self._sess.run(self._output_names, feeds)))
+        return dict(zip(self._output_names,
+                        self._sess.run(self._output_names, feeds, _QUIET)))
 
 
 # Session settings for runs that measure rather than serve (calibration, the accuracy floor's

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from edgec._native_stdout import native_stdout_to_stderr
 from edgec.errors import TargetUnavailableError, UserError
 from edgec.runtimes.base import Session
-from edgec.runtimes.ort import ort_io_specs, session_options
+from edgec.runtimes.ort import OrtSession, ort_io_specs, session_options
 
 __all__ = ["PROVIDER_OPTIONS", "FP16_OPTIONS", "QnnSession", "emulator",
            "graph_provider_options", "qnn_session_options"]
@@ -126,6 +126,7 @@ class QnnSession(Session):
     """An EPContext model (``target/model_ctx.onnx`` + its ``.bin``) on the QNN EP."""
 
     runtime = "onnxruntime-qnn (HTP)"
+    input_errors = OrtSession.input_errors
 
     def __init__(self, model_path: str | os.PathLike, runtime: Mapping[str, Any],
                  quiet: bool = False):

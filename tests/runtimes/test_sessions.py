@@ -45,6 +45,17 @@ def test_bad_feeds_are_user_errors(dit_tiny_artifacts):
         sess.run({**feeds, "latent": feeds["latent"].astype(np.complex64)})
 
 
+def test_runtime_failures_on_checked_feeds_are_user_errors(dit_tiny_artifacts, capfd):
+    """ORT's own exceptions (Fail, InvalidArgument) are not RuntimeErrors: a latent narrower
+    than the patch was an internal error on ort-cpu, with ORT's red log line on stderr."""
+    sess = edgec.load(dit_tiny_artifacts[0].path)
+    feeds = dict(sess.default_feeds)
+    capfd.readouterr()
+    with pytest.raises(UserError, match="onnxruntime could not run the model on these inputs"):
+        sess.run({**feeds, "latent": feeds["latent"][..., :1]})
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
 def test_load_refuses_non_artifacts(tmp_path):
     with pytest.raises(UserError, match="no such artifact"):
         edgec.load(tmp_path / "missing")
