@@ -48,6 +48,13 @@ def load(path: str | os.PathLike) -> Session:
 
     root = Path(path)
     manifest = read_manifest(root)
+    # a deleted model.onnx.data was ORT's "Fail" (exit 1); a cache (TensorRT's timing) is rebuilt
+    missing = [f for f in manifest.get("hashes") or {}
+               if not f.endswith(".cache") and not (root / f).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{root}: file {missing[0]} of the artifact is missing{more}; "
+                        f"`edgec inspect {root} --verify` lists damaged files; recompile it")
     session = open_session(root, manifest["runtime"])
     session.manifest = manifest
     session.root = root

@@ -69,3 +69,14 @@ def test_decoder_feeds_must_agree(decoders, target):
     with pytest.raises(UserError, match="'past_key_values.0.key' and 'past_key_values.0.value' "
                                         "share dim 'past_sequence_length'"):
         sess.run(_step(value_past=3))
+
+
+def test_a_deleted_weights_file_is_refused_at_load(tmp_path, decoders):
+    """A deleted model.onnx.data was ORT's Fail at the first run: an internal error (exit 1)."""
+    import shutil
+
+    art = shutil.copytree(decoders["ort-cpu"].path, tmp_path / "art")
+    (art / "model.onnx.data").unlink()
+    with pytest.raises(UserError, match="file model.onnx.data of the artifact is missing; "
+                                        "`edgec inspect .* --verify` lists damaged files"):
+        edgec.load(art)
