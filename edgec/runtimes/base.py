@@ -368,7 +368,7 @@ class Session(abc.ABC):
             ):
                 raise UserError(f"input {spec.name!r} has shape {list(arr.shape)}, the model "
                                 f"wants {list(spec.shape)}" + self._fixed_shape_note())
-            out[spec.name] = np.ascontiguousarray(arr)
+            out[spec.name] = np.require(arr, requirements="C")  # keeps 0-d (scalar) inputs
         self._check_dims(out)
         bounds = {i["name"]: i["index_bound"] for i in
                   (getattr(self, "manifest", None) or {}).get("inputs", ()) if "index_bound" in i}

@@ -102,7 +102,7 @@ class OpenVINOSession(Session):
 
         request = self._request
         # kept alive until the next run: the request reads these arrays
-        self._fed = {name: np.ascontiguousarray(value) for name, value in feeds.items()}
+        self._fed = {name: np.require(value, requirements="C") for name, value in feeds.items()}
         bind(request, self._fed)
         request.infer()
         return {port.get_any_name(): np.array(request.get_tensor(port).data, copy=True)

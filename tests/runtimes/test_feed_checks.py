@@ -80,3 +80,19 @@ def test_a_deleted_weights_file_is_refused_at_load(tmp_path, decoders):
     with pytest.raises(UserError, match="file model.onnx.data of the artifact is missing; "
                                         "`edgec inspect .* --verify` lists damaged files"):
         edgec.load(art)
+
+
+class Scaled(torch.nn.Module):
+    def forward(self, x, scale):
+        return x * scale + 1
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_scalar_inputs_run(tmp_path, target):
+    """np.ascontiguousarray made a 0-d feed 1-d, which OpenVINO refused."""
+    inputs = (torch.randn(2, 3), torch.tensor(0.5))
+    sess = edgec.compile(Scaled(), target=target, output_dir=tmp_path / "a",
+                         example_inputs=inputs).load()
+    assert [i.shape for i in sess.inputs] == [(2, 3), ()]
+    (out,) = sess.run({"x": inputs[0].numpy(), "scale": np.float32(0.25)}).values()
+    np.testing.assert_allclose(out, Scaled()(inputs[0], torch.tensor(0.25)).numpy(), rtol=1e-6)
