@@ -242,14 +242,10 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     ``session.last_sampling``."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
     steps = spec.steps if steps is None else int(steps)
-    guidance = spec.guidance if guidance is None else float(guidance)
     if steps < 1:
         raise UserError(f"steps={steps}: give at least one sampling step")
-    if not math.isfinite(guidance):
-        raise UserError(f"guidance={guidance}: give a finite number (1.0: no guidance)")
-    if guidance_mode not in GUIDANCE_MODES:
-        raise UserError(f"guidance_mode={guidance_mode!r}: choose one of "
-                        f"{', '.join(GUIDANCE_MODES)}")
+    _check_options(session, spec, guidance, guidance_mode, dense_steps, seed)
+    guidance = spec.guidance if guidance is None else float(guidance)
     conditions, negative = with_prompts(session, conditions, negative, prompt, negative_prompt,
                                         text_encoder)
     rng = np.random.default_rng(seed)
@@ -295,12 +291,32 @@ def with_prompts(session, conditions, negative, prompt, negative_prompt, text_en
 
 def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
                  noise: Mapping[str, np.ndarray] | None = None,
-                 negative: Mapping[str, np.ndarray] | None = None) -> None:
+                 negative: Mapping[str, np.ndarray] | None = None, *,
+                 guidance: float | None = None, guidance_mode: str = "auto",
+                 dense_steps: int | None = None, seed: int = 0) -> None:
     """Refuse conditions (and noise) ``sample`` could not run, before anything runs: unknown
-    names, and shapes the main graph does not take (a sparse-attention graph's baked-in grid).
+    names, and shapes the main graph does not take (a sparse-attention graph's baked-in grid);
+    and the options: guidance, guidance_mode, dense_steps, seed.
     ``sample`` checks them too; the CLI calls this before it shows its progress bar."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
+    _check_options(session, spec, guidance, guidance_mode, dense_steps, seed)
     _start(session, spec, conditions, noise, np.random.default_rng(0), negative)
+
+
+def _check_options(session, spec: SamplerSpec, guidance, guidance_mode, dense_steps, seed):
+    if guidance is not None:
+        if not math.isfinite(float(guidance)):
+            raise UserError(f"guidance={guidance}: give a finite number (1.0: no guidance)")
+        if float(guidance) != 1.0 and not spec.conditions:  # it was ignored, and reported
+            raise UserError(f"guidance={guidance}: this model has no conditions to guide; "
+                            "guidance must be 1")
+    if guidance_mode not in GUIDANCE_MODES:
+        raise UserError(f"guidance_mode={guidance_mode!r}: choose one of "
+                        f"{', '.join(GUIDANCE_MODES)}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or seed < 0):  # numpy said "expected non-negative integer"
+        raise UserError(f"seed={seed}: give a non-negative integer")
+    _dense_entry(session, dense_steps)
 
 
 def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
@@ -314,6 +330,16 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
     if unknown:
         raise UserError(f"unknown input {unknown[0]!r}; the model's inputs are: "
                         f"{', '.join(sorted(known))}")
+    for name, value in (conditions or {}).items():  # these were dropped, or sampled NaN
+        if name in spec.samples:
+            raise UserError(f"{name!r} is the noisy sample, not a condition; give its starting "
+                            "noise through noise= (Python) and leave it out of the conditions")
+        if name == spec.timestep:
+            raise UserError(f"{name!r} is the model's timestep input, which the sampler sets "
+                            "at each step; leave it out of the conditions")
+        value = np.asarray(value)
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            raise UserError(f"condition {name!r} holds NaN or inf; give finite values")
     batch = _batch(fixed, default, spec)
     x = {}
     for name in spec.samples:
@@ -358,17 +384,23 @@ def _batch(fixed, default, spec) -> int:
     return int(np.shape(default[first])[0]) if first in default else 1
 
 
-def _dense(session, dense_steps: int | None):
-    """(dense session or None, how many steps it runs)."""
+def _dense_entry(session, dense_steps: int | None):
+    """(the manifest's dense graph entry or None, how many steps it runs), checked."""
     entry = ((getattr(session, "manifest", None) or {}).get("runtime") or {}).get("dense")
     if dense_steps is not None and int(dense_steps) < 0:
         raise UserError(f"dense_steps={dense_steps}: give 0 or more dense steps")
     n = int(entry.get("steps", 0)) if entry and dense_steps is None else int(dense_steps or 0)
-    if n <= 0:
-        return None, 0
-    if entry is None:
+    if n > 0 and entry is None:
         raise UserError("dense_steps needs an artifact compiled with --sparse-attention "
                         "...,dense_steps=N (it carries the dense graph beside the sparse one)")
+    return entry, n
+
+
+def _dense(session, dense_steps: int | None):
+    """(dense session or None, how many steps it runs)."""
+    entry, n = _dense_entry(session, dense_steps)
+    if n <= 0:
+        return None, 0
     dense = getattr(session, "dense_session", None)
     if dense is None:
         from edgec.runtimes import open_session

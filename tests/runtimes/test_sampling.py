@@ -139,6 +139,18 @@ def test_bad_sampling_requests():
         sample(sess, steps=0)
     with pytest.raises(UserError, match="dense_steps needs"):
         sample(sess, dense_steps=2)
+    # each of these was dropped or ignored (exit 0), sampled NaN, or an internal error
+    with pytest.raises(UserError, match="'x' is the noisy sample, not a condition; .*noise="):
+        sample(sess, {"x": np.zeros((2, 6), np.float32)})
+    with pytest.raises(UserError, match="'t' is the model's timestep input"):
+        sample(sess, {"t": np.zeros(2, np.float32)})
+    with pytest.raises(UserError, match="condition 'c' holds NaN or inf"):
+        sample(sess, {"c": np.full((2, 6), np.nan, np.float32)})
+    with pytest.raises(UserError, match="seed=-1: give a non-negative integer"):
+        sample(sess, seed=-1)
+    with pytest.raises(UserError, match="no conditions to guide; guidance must be 1"):
+        sample(Oracle("flow", spec={"conditions": []}), guidance=2.0)
+    assert sample(Oracle("flow", spec={"conditions": []}), guidance=1.0)["x"].shape == (2, 6)
     sess.manifest = {"source": {"name": "llama"}}
     with pytest.raises(UserError, match="llama is not a diffusion model"):
         sample(sess)
@@ -183,6 +195,9 @@ def test_cli_sample(sparse_dit, tmp_path):
     assert np.load(tmp_path / "x.npz")["latent"].shape == tuple(data["samples"]["latent"]["shape"])
     result = runner.invoke(app, ["sample", str(dense.path), "--dense-steps", "2"])
     assert result.exit_code == 2 and "dense_steps needs" in result.stderr
+    assert result.stderr.count("\n") == 1  # refused before the progress bar showed 0/N
+    result = runner.invoke(app, ["sample", str(dense.path), "--guidance-mode", "foo"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: guidance_mode='foo'")
 
 
 def test_sparse_artifact_declares_and_checks_the_shapes_it_runs(sparse_dit, tmp_path):
