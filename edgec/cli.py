@@ -692,6 +692,10 @@ def compare_cmd(
     from edgec.exporters.verify import compare_outputs
 
     a, b = edgec.load(artifact_a), edgec.load(artifact_b)
+    names_a, names_b = sorted(i.name for i in a.inputs), sorted(i.name for i in b.inputs)
+    if names_a != names_b:  # B was run on A's feeds: "inputs do not match the model"
+        raise UserError(f"{artifact_a} and {artifact_b} take different inputs ({names_a} vs "
+                        f"{names_b}); compare two artifacts of the same model")
     feeds = _feeds(a, inputs)
     errors = compare_outputs(b.run(feeds), a.run(feeds))
     if as_json:

@@ -83,6 +83,20 @@ def test_run_bench_compare_inspect_json(dit_tiny_artifacts, tmp_path):
     assert np.load(tmp_path / "o.npz")["output"].shape == feeds["latent"].shape
 
 
+def test_compare_refuses_artifacts_that_take_different_inputs(dit_tiny_artifacts, tiny_mlp,
+                                                              tmp_path):
+    """It said "inputs do not match the model" without naming either artifact."""
+    import edgec
+
+    module, inputs = tiny_mlp
+    other = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "mlp",
+                          example_inputs=inputs).path
+    a = dit_tiny_artifacts[0].path
+    result = runner.invoke(app, ["compare", str(a), str(other)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert f"{a} and {other} take different inputs" in result.stderr
+
+
 def test_export_then_compile_the_file(tmp_path):
     r = _run("export", "llama", "-o", tmp_path / "l.onnx", "--config", "tiny")
     assert r.exit_code == 0, r.output
