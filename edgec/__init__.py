@@ -37,7 +37,7 @@ def compile(source: Any, target: str = "ort-cpu", output_dir: str | os.PathLike 
     ``lora``: PEFT adapter dir(s): ``"dir"``, ``["a", "b"]``, ``{"a": 0.7, "b": 0.3}`` (weights
     for merge modes); ``lora_mode``: ``merge`` | ``sparse-merge`` (LoSA: keeps the base's zeros)
     | ``swappable`` (adapters as graph inputs, ``Session.run(..., adapter=name)``).
-    ``prune``: ``"magnitude:0.5"`` or ``"2:4"`` (MatMul weights, before LoRA).
+    ``prune``: ``"magnitude:0.5"`` or ``"2:4"`` (MatMul/Gemm weights, before LoRA).
     ``quantize``: a scheme the target offers (``w8a8``, ``w8a16``, ``w4a16``, ``fp8``), optionally
     ``"w8a8:method=entropy,exclude=Softmax;/lm_head/MatMul,samples=32"`` or a dict of the same.
     ``calibration``: a cache from ``edgec calibrate`` (directory or calibration.json), an .npz of

@@ -173,7 +173,7 @@ class Recipe:
              "r4=true|false (online Hadamard before FFN down projections; default: on where R1 "
              "passes, i.e. pre-norm decoders, except on qnn-htp), steps=N, seed=N")
     prune: Any = _option(None, "--prune", metavar="SPEC", parse=_prune,
-                         help="magnitude-prune MatMul weights before LoRA: magnitude:0.5 "
+                         help="magnitude-prune MatMul/Gemm weights before LoRA: magnitude:0.5 "
                               "(unstructured) or 2:4 (N:M)")
     lora: tuple = _option(
         (), "--lora", metavar="PATH[:WEIGHT]", kind="multiple", parse=_lora,

@@ -176,6 +176,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     for p in report["passes"]:
         if "sites_rewritten" in p["stats"]:
             rows.append((p["name"], _sites_line(p["stats"])))
+        if p["name"] == "prune":
+            st = p["stats"]
+            rows.append(("prune", f"{st['config']}: {st['weights_pruned']} weights, sparsity "
+                                  f"{st['sparsity_before']:.1%} → {st['sparsity_after']:.1%}"))
     if report.get("sparse_prefill"):
         st, cfg = report["sparse_prefill"], report["sparse_prefill"].get("config", {})
         line = (f"prefill graph: {_sites_line(st)}; causal, keep {cfg.get('keep')} of "

@@ -3,10 +3,13 @@
     W ← W ⊙ 1[|W| ≥ quantile(|W|, s)]             (``magnitude:s``, unstructured, per matrix)
     W ← W ⊙ 1[|W| among the top 2 of each 4 along the input dim]     (``2:4``, N:M structured)
 
-Only 2-D constant right-hand inputs of MatMul are pruned (the exporter's Linear weights, stored
-[in, out], so N:M groups run along axis 0 = the reduction dim, as sparse tensor cores want).
-Parameters matching ``exclude`` (default ``lm_head``, embeddings never reach a MatMul) stay dense.
-Pruning changes the function: the pass is approximating and reports sparsity before and after.
+The 2-D constant right-hand inputs of MatMul and Gemm are pruned (the exporter's Linear weights:
+MatMul's stored [in, out], Gemm's [out, in] with ``transB``), also when read through a
+Transpose; N:M groups run along the reduction (input) dim of the stored layout, as sparse tensor
+cores want. A weight shared by several nodes is pruned once (its readers must agree on that
+dim). Parameters matching ``exclude`` (default ``lm_head``, embeddings never reach a MatMul)
+stay dense. Pruning changes the function: the pass is approximating and reports sparsity before
+and after; finding no weight to prune is refused, not reported as a pruned model.
 """
 
 from __future__ import annotations
@@ -70,14 +73,26 @@ class PruneConfig:
 
 
 def prunable_weights(model: ir.Model, parameter_map: Mapping[str, Mapping[str, str]] | None,
-                     exclude: str = "") -> dict[str, str]:
-    """initializer name → parameter name (or the initializer's) of every prunable MatMul weight."""
+                     exclude: str = "") -> dict[str, tuple[str, int | None]]:
+    """initializer name → (parameter name or the initializer's, its reduction axis) of every
+    prunable MatMul/Gemm weight; the axis is None where its readers disagree on it."""
     names = {e["initializer"]: p for p, e in (parameter_map or {}).items()}
-    out = {}
+    out: dict[str, tuple[str, int | None]] = {}
     for node in model.graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
             continue
-        w = node.inputs[1]
+        if len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        w, axis = node.inputs[1], 0  # the reduction axis of the matrix as the node reads it
+        attr = node.attributes.get("transB")
+        if node.op_type == "Gemm" and attr is not None and attr.value:
+            axis = 1
+        t = w.producer()
+        if t is not None and t.op_type == "Transpose" and t.domain in ("", "ai.onnx"):
+            perm = t.attributes.get("perm")
+            if perm is not None and list(perm.value) != [1, 0]:
+                continue
+            w, axis = t.inputs[0], 1 - axis
         if w is None or w.const_value is None or w.name not in model.graph.initializers:
             continue
         if len(w.const_value.shape) != 2:
@@ -85,7 +100,9 @@ def prunable_weights(model: ir.Model, parameter_map: Mapping[str, Mapping[str, s
         label = names.get(w.name, w.name)
         if exclude and re.search(exclude, label):
             continue
-        out[w.name] = label
+        if w.name in out and out[w.name][1] != axis:
+            axis = None
+        out[w.name] = (label, axis)
     return out
 
 
@@ -101,20 +118,31 @@ class PrunePass(EdgecPass):
     def call(self, model: ir.Model) -> PassResult:
         cfg = self.config
         targets = prunable_weights(model, self.parameter_map, cfg.exclude)
-        zeros_before = zeros_after = total = skipped = 0
-        for init_name in targets:
+        zeros_before = zeros_after = total = skipped = mixed = 0
+        for init_name, (_, axis) in targets.items():
             value = model.graph.initializers[init_name]
             w = value.const_value.numpy()
-            if cfg.method == "nm" and w.shape[0] % cfg.m:
+            if cfg.method == "nm" and axis is None:
+                mixed += 1  # readers disagree on the input dim: no one N:M pattern fits both
+                continue
+            if cfg.method == "nm" and w.shape[axis] % cfg.m:
                 skipped += 1  # input dim not a multiple of M
                 continue
-            pruned = w * _keep_mask(w, cfg).astype(w.dtype)
+            mask = _keep_mask(w.T, cfg).T if axis == 1 else _keep_mask(w, cfg)
+            pruned = w * mask.astype(w.dtype)
             zeros_before += int(np.count_nonzero(w == 0))
             zeros_after += int(np.count_nonzero(pruned == 0))
             total += w.size
             value.const_value = ir.tensor(pruned, name=init_name)
-        stats = {"config": cfg.describe(), "weights_pruned": len(targets) - skipped,
-                 "skipped_not_multiple_of_m": skipped, "elements": total,
+        pruned_count = len(targets) - skipped - mixed
+        if not pruned_count:
+            why = (f" ({skipped} with an input dim not a multiple of {cfg.m})" if skipped
+                   else f" (exclude={cfg.exclude})" if cfg.exclude else "")
+            raise UserError(f"--prune found no MatMul/Gemm weight to prune{why}; drop --prune "
+                            "or change its pattern or exclude=")
+        stats = {"config": cfg.describe(), "weights_pruned": pruned_count,
+                 "skipped_not_multiple_of_m": skipped,
+                 **({"skipped_mixed_layouts": mixed} if mixed else {}), "elements": total,
                  "sparsity_before": zeros_before / total if total else 0.0,
                  "sparsity_after": zeros_after / total if total else 0.0}
         return PassResult(model, zeros_after != zeros_before, stats)
