@@ -350,3 +350,29 @@ def test_excluded_matmul_runs_at_w8a16_on_a_fully_quantized_target():
     assert str(kinds["w"][0]["quant_type"]).endswith("QInt8")
     assert str(_matmul_weights(model, "int4")["w"][0]["quant_type"]).endswith("QInt4")
     assert not plan_quantization(model, False, exclude=("mlp",)).wide_nodes
+
+
+def test_blockwise_quantizes_a_shared_weight_once(rng):
+    """One Linear called twice (pose-prior): two Gemms read one weight; it was registered twice."""
+    import types
+
+    from edgec.graph_passes.quantization.blockwise import blockwise_weights
+
+    w = rng.standard_normal((32, 32)).astype(np.float32)  # [out, in], transB=1
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 32]))
+    wv = ir.Value(name="w", const_value=ir.tensor(w, name="w"))
+    first = ir.node("Gemm", [x, wv], attributes={"transB": 1}, name="g0")
+    second = ir.node("Gemm", [first.outputs[0], wv], attributes={"transB": 1}, name="g1")
+    second.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], second.outputs, nodes=[first, second], initializers=[wv],
+                              opset_imports={"": 21}), ir_version=10)
+    stats = blockwise_weights(model, types.SimpleNamespace(weights="int4", block_size=32), set())
+    assert stats["weights_blockwise"] == 1
+    assert sorted(model.graph.initializers) == ["w_q", "w_scale"]
+    assert [n.op_type for n in model.graph].count("DequantizeLinear") == 1
+    feeds = {"x": rng.standard_normal((2, 32)).astype(np.float32)}
+    inits = model.graph.initializers  # both Gemms read the one dequantized [out, in] weight
+    wd = inits["w_q"].const_value.numpy().astype(np.float32) * inits["w_scale"].const_value.numpy()
+    np.testing.assert_allclose(run_model(model, feeds)["y"], feeds["x"] @ wd.T @ wd.T, rtol=1e-4,
+                               atol=1e-4)
+    assert np.abs(wd - w).max() <= np.abs(w).max() / 7  # an int4 grid of w, one block per row

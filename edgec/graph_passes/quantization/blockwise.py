@@ -4,7 +4,8 @@
     Gemm(x, W[N, K], transB=1)  ⇒  the same with blocks along axis 1 (K)
 
 Scales are absmax/qmax per block of ``b`` input channels and always positive (TensorRT's rule),
-no zero point (symmetric), so the same graph is legal for TensorRT, ORT and OpenVINO.
+no zero point (symmetric), so the same graph is legal for TensorRT, ORT and OpenVINO. A weight
+read by several nodes (one Linear called twice) is quantized once and its DequantizeLinear shared.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
     dtype, qmax = _TYPES[scheme.weights]
     block = scheme.block_size or 128
     done, skipped = 0, {}
+    shared: dict[tuple[str, int], ir.Value] = {}  # (weight, K axis) → its dequantized value
     for node in list(model.graph):
         if node.op_type not in ("MatMul", "Gemm") or {node.name, node.op_type} & exclude:
             continue
@@ -33,6 +35,10 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
         axis = 1 if node.op_type == "Gemm" and attrs.get("transB", 0) else 0  # the K axis
         w = node.inputs[1]
         if w is None or w.const_value is None or w.const_value.dtype != ir.DataType.FLOAT:
+            continue
+        if (w.name, axis) in shared:  # a weight read by several nodes: quantized once
+            node.replace_input_with(1, shared[w.name, axis])
+            _drop_if_unused(model, w)
             continue
         arr = w.const_value.numpy()
         if arr.ndim != 2 or arr.shape[axis] % block:
@@ -48,18 +54,24 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
         q = q.reshape(k, n)
         if axis == 1:
             q, scale = np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T)
-        wq = ir.Value(name=f"{w.name}_q", const_value=ir.tensor(q, dtype=dtype))
-        ws = ir.Value(name=f"{w.name}_scale", const_value=ir.tensor(scale))
+        base = w.name if all(k[0] != w.name for k in shared) else f"{w.name}_axis{axis}"
+        wq = ir.Value(name=f"{base}_q", const_value=ir.tensor(q, dtype=dtype))
+        ws = ir.Value(name=f"{base}_scale", const_value=ir.tensor(scale))
         for v in (wq, ws):
             model.graph.register_initializer(v)
         dq = ir.node("DequantizeLinear", [wq, ws], attributes={"axis": axis, "block_size": block},
                      name=f"{node.name}_weight_dq")
-        dq.outputs[0].name = f"{w.name}_dequantized"
+        dq.outputs[0].name = f"{base}_dequantized"
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(arr.shape))
         model.graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
-        if not w.uses() and w.name in model.graph.initializers:
-            model.graph.initializers.pop(w.name)
+        shared[w.name, axis] = dq.outputs[0]
+        _drop_if_unused(model, w)
         done += 1
     return {"weights_blockwise": done, "block_size": block,
             **({"skipped": skipped} if skipped else {})}
+
+
+def _drop_if_unused(model: ir.Model, w: ir.Value) -> None:
+    if not w.uses() and w.name in model.graph.initializers:
+        model.graph.initializers.pop(w.name)
