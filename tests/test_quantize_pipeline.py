@@ -582,3 +582,30 @@ def test_default_floor_applies_to_calibrated_integer_schemes_only():
     assert floor("w4a16") is None  # weight-only: activations stay float
     # float8 activations: measured and warned about (no integer fake-quant to search with)
     assert floor("fp8", "tensorrt") == Floor(0.98, default=True)
+
+
+def test_qnn_htp_w4a8_on_an_onnx_file_with_unnamed_nodes(tmp_path):
+    """onnx.helper (and older exporters) leave node names empty; ONNX Runtime's QNN quantizer
+    and LPBQ's fp32 lookup go by node name (an internal error before the cleanup named them)."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32) * 0.1, n)
+               for n, s in (("w1", (64, 64)), ("w2", (64, 32)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
+              tmp_path / "unnamed.onnx")
+    art = edgec.compile(tmp_path / "unnamed.onnx", target="qnn-htp", output_dir=tmp_path / "o",
+                        quantize="w4a8")
+    passes = {p["name"]: p["stats"] for p in art.report["passes"]}
+    assert passes["cleanup"]["nodes_named"] == 3
+    graph = ir.load(art.path / "model.onnx").graph
+    assert all(n.name for n in graph) and len({n.name for n in graph}) == len(graph)
+    assert any(n.op_type == "DequantizeLinear" and "block_size" in n.attributes for n in graph)

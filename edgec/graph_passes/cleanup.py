@@ -1,8 +1,9 @@
-"""Cleanup: onnx-ir's own passes (identity removal, dead code, topological sort), and two that
-make any ONNX file edgec is given one its passes and runtimes take: initializers that are also
-listed as graph inputs become plain weights (an IR < 4 file lists them: the manifest then named
-W and B as inputs every session refused), and unnamed nodes get unique names (passes that index
-nodes by name mistook them for one another).
+"""Cleanup: onnx-ir's own passes (identity removal, dead code, topological sort), and what makes
+any ONNX file edgec is given one its passes and runtimes take: initializers also listed as graph
+inputs become plain weights (an IR < 4 file lists them: the manifest then named W and B as
+inputs every session refused), and unnamed or repeated nodes get unique names (onnx.helper and
+older exporters leave them empty; ONNX Runtime's quantizer and the passes that find a quantized
+node's fp32 original go by node name).
 
 Guarantees the graph computes exactly what it did; reports how many nodes and initializers went.
 """
@@ -31,11 +32,31 @@ class CleanupPass(EdgecPass):
             common.RemoveUnusedFunctionsPass(),
             common.RemoveUnusedOpsetsPass(),
             common.TopologicalSortPass(),
-            common.NameFixPass(),
         )
         modified = inner(model).modified
+        named = _name_nodes(model)
         stats = {
             "nodes_removed": nodes - len(model.graph),
             "initializers_removed": inits - len(model.graph.initializers),
+            **({"nodes_named": named} if named else {}),
         }
-        return PassResult(model, modified and any(stats.values()), stats)
+        return PassResult(model, modified and any(stats.values()) or bool(named), stats)
+
+
+def _name_nodes(model: ir.Model) -> int:
+    """Name each unnamed node, and each repeat of a name, ``{op_type}_{i}`` (unique)."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    taken, seen, named = {n.name for n in nodes if n.name}, set(), 0
+    for i, node in enumerate(nodes):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        name, k = f"{node.op_type}_{i}", 0
+        while name in taken:
+            k += 1
+            name = f"{node.op_type}_{i}_{k}"
+        node.name = name
+        taken.add(name)
+        seen.add(name)
+        named += 1
+    return named

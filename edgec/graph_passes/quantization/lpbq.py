@@ -20,6 +20,7 @@ from the graph before quantization, by node name); ``gptq`` then re-rounds on th
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -79,7 +80,8 @@ def lpbq_weights(fp32: ir.Model, quantized: ir.Model, block: int, scale_bits: in
                  ) -> dict[str, Any]:
     """Rewrite, in ``quantized`` (in place), each per-channel int4 MatMul weight whose MatMul
     reads 8-bit activations into the LPBQ form (module docstring). Returns stats."""
-    by_name = {n.name: n for n in fp32.graph}
+    names = Counter(n.name for n in fp32.graph)  # the cleanup names every node uniquely;
+    by_name = {n.name: n for n in fp32.graph if names[n.name] == 1}  # never guess among repeats
     done, kept = 0, {}
 
     def keep(why: str) -> None:
@@ -90,8 +92,9 @@ def lpbq_weights(fp32: ir.Model, quantized: ir.Model, block: int, scale_bits: in
         if dq is None:
             continue
         source = by_name.get(node.name)
-        weight = source.inputs[1].const_value if source is not None else None
-        if weight is None or len(weight.shape) != 2:
+        weight = (source.inputs[1].const_value if source is not None
+                  and source.op_type == "MatMul" and source.inputs[1] is not None else None)
+        if weight is None or tuple(weight.shape) != tuple(dq.inputs[0].const_value.shape):
             keep("no fp32 weight")
             continue
         if weight.shape[0] % block:
