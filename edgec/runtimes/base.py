@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,6 +96,10 @@ class Session(abc.ABC):
         blend of loaded ones (``{"style": 0.7, "subject": 0.5}``, ``"style:0.7,subject:0.5"``);
         default the active one (``adapters``, ``active_adapter``, ``load_adapter``).
         """
+        if self._generating_here():
+            raise UserError("run() was called while this session generates (from a streamer?): "
+                            "its cache is the generation's; use a second session, "
+                            "edgec.load(DIR)")
         feeds = self._adapter_feeds(self._check_feeds(feeds), adapter)
         try:
             return self._run(feeds)
@@ -160,6 +166,35 @@ class Session(abc.ABC):
         image file, an .npy or an array of pixel values [3, H, W] or [batch, 3, H, W]; the
         prompt gets the image's placeholder tokens where it has none (or one, LLaVA's
         ``<image>``), and the returned rows hold them."""
+        if self._generating_here():
+            raise UserError("generate() was called while this session generates (from a "
+                            "streamer?); use a second session, edgec.load(DIR)")
+        with self._generation_turn():  # threads take turns: one cache, one OpenVINO state
+            return self._generate(input_ids, attention_mask, max_new_tokens, do_sample,
+                                  temperature, top_k, top_p, repetition_penalty, eos_token_id,
+                                  pad_token_id, seed, streamer, kv_retrieval, sparse_prefill,
+                                  image)
+
+    def _busy(self) -> list:
+        """[lock, the generating thread's id or None], one per session (made on first use)."""
+        return self.__dict__.setdefault("_generation_lock", [threading.Lock(), None])
+
+    def _generating_here(self) -> bool:
+        return self._busy()[1] == threading.get_ident()
+
+    @contextlib.contextmanager
+    def _generation_turn(self):
+        busy = self._busy()
+        with busy[0]:
+            busy[1] = threading.get_ident()
+            try:
+                yield
+            finally:
+                busy[1] = None
+
+    def _generate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                  top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, seed, streamer,
+                  kv_retrieval, sparse_prefill, image) -> np.ndarray:
         from edgec.runtimes.generation import GenerationConfig, generate
 
         info = self.decoder_info

@@ -379,3 +379,38 @@ def test_tensorrt_decoder_gets_prefill_and_decode_profiles(artifacts, tmp_path):
     assert decode_profile({"input_ids": np.zeros((1, 5)), "past_key_values.0.key": empty}) == 0
     assert decode_profile({"input_ids": np.zeros((1, 1)), "past_key_values.0.key": full}) == 1
     assert art.manifest["generation"]["context"] == 128
+
+
+def test_a_session_generates_one_thing_at_a_time(artifacts):
+    """A streamer that runs or generates on the same session (stateful OpenVINO: one cache in
+    the model's variables) is refused; threads take turns, so each gets what it would alone
+    (OpenVINO raised "Infer Request is busy", a run from the streamer corrupted the tokens)."""
+    import threading
+
+    sess = artifacts["llama", "openvino-cpu"].load()
+    ids = np.random.default_rng(3).integers(0, 256, (1, 6))
+    alone = sess.generate(ids, max_new_tokens=6)
+    feeds = sess.default_feeds
+
+    def runs(_):
+        sess.run(feeds)
+
+    def generates(_):
+        sess.generate(ids, max_new_tokens=2)
+
+    for streamer, what in ((runs, r"run\(\) was called"), (generates, r"generate\(\) was")):
+        with pytest.raises(UserError, match=what):
+            sess.generate(ids, max_new_tokens=3, streamer=streamer)
+    np.testing.assert_array_equal(sess.generate(ids, max_new_tokens=6), alone)  # still usable
+    results = [None] * 3
+
+    def work(i):
+        results[i] = sess.generate(ids, max_new_tokens=6)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        np.testing.assert_array_equal(r, alone)
