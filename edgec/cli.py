@@ -698,15 +698,26 @@ def compare_cmd(
                         f"{names_b}); compare two artifacts of the same model")
     feeds = _feeds(a, inputs)
     errors = compare_outputs(b.run(feeds), a.run(feeds))
+    # graphs run() does not reach (prefill, vision, FreeKV, dense companions): their rewrites
+    # act in generate/sample, and a pruned VLM compared "identical" to an unpruned one
+    skipped = sorted({g for s in (a, b) for g in s.manifest.get("hashes", {})
+                      if g.endswith(".onnx") and g != s.manifest["runtime"].get("model",
+                                                                               "model.onnx")})
+    note = (f"compared model.onnx only: {', '.join(skipped)} run in generate/sample, not here "
+            "(compare `edgec generate --json` or `edgec sample --save` outputs for them)"
+            if skipped else None)
     if as_json:
         return _print_json({"reference": str(artifact_a), "candidate": str(artifact_b),
-                            "runtimes": [a.runtime, b.runtime], "outputs": errors})
+                            "runtimes": [a.runtime, b.runtime], "outputs": errors,
+                            "not_compared": skipped})
     table = Table("output", "max abs", "max rel", "cosine", "rel L2",
                   title=f"{artifact_b} ({b.runtime}) vs {artifact_a} ({a.runtime})")
     for name, e in errors.items():
         table.add_row(name, f"{e['max_abs']:.3g}", f"{e['max_rel']:.3g}", f"{e['cosine']:.7f}",
                       f"{e['rel_l2']:.3g}")
     out.print(table)
+    if note:
+        err.print(note, highlight=False, soft_wrap=True)
 
 
 @app.command("inspect")

@@ -10,6 +10,7 @@ needs one export only (~7 s of its time; two layers would take ~12 s).
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -158,6 +159,12 @@ def test_compile_with_kv_retrieval_generates_with_freekv(tmp_path):
     from edgec.inspect import describe  # `edgec inspect` said nothing of FreeKV before
 
     assert describe(art.path)["kv_retrieval"]["budget"] == 64
+    from typer.testing import CliRunner
+
+    from edgec.cli import app  # compare says which graphs it did not run (it said nothing)
+
+    result = CliRunner().invoke(app, ["compare", str(art.path), str(art.path), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["not_compared"] == ["freekv.onnx"]
     sess = art.load()
     ids = np.random.default_rng(0).integers(0, 256, (1, 20))
     fits = sess.generate(ids, max_new_tokens=24)
