@@ -701,8 +701,7 @@ def compare_cmd(
     # graphs run() does not reach (prefill, vision, FreeKV, dense companions): their rewrites
     # act in generate/sample, and a pruned VLM compared "identical" to an unpruned one
     skipped = sorted({g for s in (a, b) for g in s.manifest.get("hashes", {})
-                      if g.endswith(".onnx") and g != s.manifest["runtime"].get("model",
-                                                                               "model.onnx")})
+                      if g.endswith(".onnx") and g != "model.onnx"})
     note = (f"compared model.onnx only: {', '.join(skipped)} run in generate/sample, not here "
             "(compare `edgec generate --json` or `edgec sample --save` outputs for them)"
             if skipped else None)
