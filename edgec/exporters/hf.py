@@ -63,16 +63,44 @@ def load_hf_model(path: Path) -> tuple[Any, Any, str | None]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # transformers' "Loading weights" bar: a second stderr line on every error after it
     transformers.utils.logging.disable_progress_bar()
+    import torch
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    # its multi-line load report goes to stderr as a warning; what matters is refused below
+    transformers.utils.logging.set_verbosity_error()
     try:
         cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         arch = (cfg.architectures or [None])[0]
         cls = getattr(transformers, arch, None) if arch else None
         cls = cls or transformers.AutoModel
-        model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
-    except (OSError, ValueError, KeyError) as e:
+        # float32 whatever the checkpoint's dtype (bf16 LLMs): edgec exports and checks in fp32
+        model, info = cls.from_pretrained(
+            path, local_files_only=True, use_safetensors=True, dtype=torch.float32,
+            ignore_mismatched_sizes=True, output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{path}: transformers cannot load this checkpoint: "
                         f"{str(e).splitlines()[0]}") from None
-    return model, cfg, arch
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    _check_loaded(path, arch or type(model).__name__, info)
+    return model.eval(), cfg, arch
+
+
+def _check_loaded(path: Path, arch: str, info: dict) -> None:
+    """Refuse a checkpoint whose weights do not all load: transformers initializes a missing
+    or wrongly shaped weight at random, which would compile to a model that is not the one saved
+    (and differs on every run)."""
+    mismatched = [m[0] if isinstance(m, (tuple, list)) else m
+                  for m in info.get("mismatched_keys") or ()]
+    missing = sorted(info.get("missing_keys") or ())
+    for what, keys in (("have a different shape in config.json than in the weights", mismatched),
+                       ("are missing from the safetensors", missing)):
+        if keys:
+            names = ", ".join(sorted(keys)[:3]) + (f" (+{len(keys) - 3} more)"
+                                                   if len(keys) > 3 else "")
+            raise UserError(f"{path}: {len(keys)} weights of {arch} {what}: {names}; give the "
+                            "checkpoint its own config.json (architectures, sizes) as "
+                            "save_pretrained wrote it")
 
 
 def example_shape(config: str | None) -> dict[str, int]:

@@ -84,3 +84,45 @@ def test_bad_example_options(checkpoints, tmp_path):
     with pytest.raises(UserError, match="batch=N,seq=N"):
         edgec.compile(str(checkpoints / "bert"), target="ort-cpu", output_dir=tmp_path / "o",
                       config="seq=zero")
+
+
+@pytest.fixture(scope="module")
+def broken(checkpoints, tmp_path_factory):
+    """The bert checkpoint under a config naming a head it has no weights for, and under a
+    config whose hidden_size is not the weights'."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("broken")
+    for name, change in (("head", {"architectures": ["BertForSequenceClassification"]}),
+                         ("sizes", {"hidden_size": 32})):
+        shutil.copytree(checkpoints / "bert", root / name)
+        cfg = json.loads((root / name / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**cfg, **change}))
+    return root
+
+
+@pytest.mark.parametrize("name,match", [
+    ("head", r"2 weights of BertForSequenceClassification are missing from the safetensors: "
+             r"classifier.bias, classifier.weight;"),
+    ("sizes", r"weights of BertModel have a different shape in config.json than in the weights")])
+def test_weights_that_do_not_load_are_refused(broken, tmp_path, capfd, name, match):
+    """transformers initialized missing / wrongly shaped weights at random: the compile
+    succeeded with a model that was not the checkpoint (a mismatch was a 29-line RuntimeError)."""
+    with pytest.raises(UserError, match=match) as e:
+        edgec.compile(str(broken / name), target="ort-cpu", output_dir=tmp_path / "o")
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+    assert "LOAD REPORT" not in capfd.readouterr().err
+
+
+def test_a_bf16_checkpoint_loads_in_float32(tmp_path):
+    """bf16 checkpoints (most real LLMs) crashed: the parameter map could not view bf16."""
+    import torch
+
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_key_value_heads=2, **SMALL)).to(
+        torch.bfloat16).save_pretrained(tmp_path / "qwen")
+    art = edgec.compile(str(tmp_path / "qwen"), target="ort-cpu", output_dir=tmp_path / "o",
+                        config="seq=8")
+    assert "model.layers.0.self_attn.q_proj.weight" in art.manifest["parameter_map"]
+    assert art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["max_rel"] <= 1e-5
