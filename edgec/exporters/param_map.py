@@ -29,13 +29,26 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(a).tobytes(), digest_size=16).hexdigest()
 
 
+def _numpy(a) -> np.ndarray:
+    """A torch tensor's or an ONNX tensor's values as numpy; bfloat16 (no numpy dtype in torch,
+    ml_dtypes' in onnx_ir) as float32, exactly, so both sides compare and hash alike."""
+    arr = a.float().numpy() if getattr(a, "dtype", None) is _torch_bf16() else a.numpy()
+    return arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr
+
+
+def _torch_bf16():
+    import torch
+
+    return torch.bfloat16
+
+
 def build_parameter_map(model: ir.Model, module: torch.nn.Module) -> dict[str, dict[str, str]]:
     """Map PyTorch parameter/buffer name → ``{"initializer": name, "layout": "same"|"transposed"}``.
 
     Parameters the graph does not use (dead, or folded into other constants) are absent.
     """
     import torch
-    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict(keep_vars=False).items()
+    state = {k: _numpy(v.detach().cpu()) for k, v in module.state_dict(keep_vars=False).items()
              if v.dtype.is_floating_point or v.dtype in (torch.int64, torch.int32)}
     inits = model.graph.initializers
     out: dict[str, dict[str, str]] = {}
@@ -44,7 +57,7 @@ def build_parameter_map(model: ir.Model, module: torch.nn.Module) -> dict[str, d
         value = inits[init_name].const_value
         if value is None or param not in state:
             return False
-        arr, ref = value.numpy(), state[param]
+        arr, ref = _numpy(value), state[param]
         if arr.shape == ref.shape and np.array_equal(arr, ref):
             out[param] = {"initializer": init_name, "layout": "same"}
             return True
@@ -65,7 +78,7 @@ def build_parameter_map(model: ir.Model, module: torch.nn.Module) -> dict[str, d
         by_digest: dict[tuple, str] = {}
         for name, value in inits.items():
             if value.const_value is not None and value.const_value.size > 1:
-                arr = value.const_value.numpy()
+                arr = _numpy(value.const_value)
                 by_digest.setdefault((arr.shape, str(arr.dtype), _digest(arr)), name)
         for p in missing:
             ref = state[p]

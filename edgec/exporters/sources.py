@@ -54,6 +54,10 @@ def resolve_source(source: Any, config: str | None = None,
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise UserError("compiling an nn.Module needs example_inputs=(tensor, ...)")
+        half = {str(p.dtype) for p in source.parameters()} & {"torch.bfloat16", "torch.float16"}
+        if half:
+            raise UserError(f"the module's weights are {half.pop()}; edgec exports and verifies "
+                            "in float32: pass module.float() (quantize= makes it smaller)")
         inputs = tuple(torch.as_tensor(x) for x in _as_tuple(example_inputs))
         info = {"kind": "module", "class": type(source).__qualname__}
         return _from_torch(_unwrapped(source), inputs, dynamic_shapes, None, info, "module")

@@ -67,3 +67,18 @@ def test_batch_one_example_keeps_the_batch_dynamic():
     x = torch.randn(3, 4, 8)
     out = next(iter(run_model(result.model, {"x": x.numpy()}).values()))
     np.testing.assert_allclose(out, Flatten()(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_modules_map_their_parameters(dtype, tmp_path):
+    """A bf16 module crashed in the parameter map (torch has no numpy view of bf16); compiling
+    one is refused in one line (edgec verifies in float32), not an internal error."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+                                 torch.nn.Linear(8, 3)).to(dtype)
+    inputs = (torch.randn(2, 4, dtype=dtype),)
+    pmap = export_module(module, inputs).parameter_map
+    assert set(pmap) == set(module.state_dict())
+    with pytest.raises(UserError, match=r"weights are torch\.(bfloat16|float16); .*module\.float"):
+        edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o", example_inputs=inputs)
+    assert not (tmp_path / "o").exists()
