@@ -58,9 +58,10 @@ def resolve_source(source: Any, config: str | None = None,
         if half:
             raise UserError(f"the module's weights are {half.pop()}; edgec exports and verifies "
                             "in float32: pass module.float() (quantize= makes it smaller)")
-        inputs = tuple(torch.as_tensor(x) for x in _as_tuple(example_inputs))
+        module = _unwrapped(source)
+        inputs = tuple(torch.as_tensor(x) for x in _bound(module, example_inputs))
         info = {"kind": "module", "class": type(source).__qualname__}
-        return _from_torch(_unwrapped(source), inputs, dynamic_shapes, None, info, "module")
+        return _from_torch(module, inputs, dynamic_shapes, None, info, "module")
     if not isinstance(source, (str, os.PathLike)):
         raise UserError(f"source must be a model name, an .onnx path or an nn.Module, "
                         f"not {type(source).__name__}")
@@ -100,9 +101,23 @@ def resolve_source(source: Any, config: str | None = None,
     return _from_torch(module, inputs, shapes, spec.output_names, info, "registry")
 
 
-def _as_tuple(x) -> tuple:
+def _bound(module, x) -> tuple:
+    """``example_inputs`` as forward's positional arguments: a dict is bound by name."""
     if isinstance(x, Mapping):
-        return tuple(x.values())
+        from edgec.exporters.torch_export import forward_input_names
+
+        names = forward_input_names(module, 0, every=True)
+        unknown = [k for k in x if k not in names]
+        if unknown:
+            raise UserError(f"example_inputs names {unknown[0]!r}, which is not a forward "
+                            f"argument of {type(module).__name__} (arguments: "
+                            f"{', '.join(names)})")
+        used = names[:max(names.index(k) for k in x) + 1] if x else []
+        gap = [n for n in used if n not in x]
+        if gap:
+            raise UserError(f"example_inputs gives no {gap[0]!r}, which forward takes before "
+                            f"{used[-1]!r}; give every argument up to the last one given")
+        return tuple(x[n] for n in used)
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 

@@ -38,9 +38,12 @@ class ExportResult:
     output_names: list[str]
 
 
-def forward_input_names(module: torch.nn.Module, n: int) -> list[str]:
+def forward_input_names(module: torch.nn.Module, n: int, every: bool = False) -> list[str]:
+    """The names of forward's first ``n`` positional arguments (``every``: all of them)."""
     params = [p for p in inspect.signature(module.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if every:
+        return [p.name for p in params]
     if len(params) < n:
         raise UserError(f"{type(module).__name__}.forward takes {len(params)} positional "
                         f"inputs but {n} example inputs were given")

@@ -82,3 +82,24 @@ def test_half_precision_modules_map_their_parameters(dtype, tmp_path):
     with pytest.raises(UserError, match=r"weights are torch\.(bfloat16|float16); .*module\.float"):
         edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o", example_inputs=inputs)
     assert not (tmp_path / "o").exists()
+
+
+class _AMinus2B(torch.nn.Module):
+    def forward(self, a, b):
+        return a - 2 * b
+
+
+def test_dict_example_inputs_bind_by_name(tmp_path):
+    """A dict was bound in its own order: {'b': ones, 'a': zeros} swapped a and b silently."""
+    ones, zeros = torch.ones(2, 3), torch.zeros(2, 3)
+    art = edgec.compile(_AMinus2B(), target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs={"b": ones, "a": zeros})
+    feeds = art.load().default_feeds
+    np.testing.assert_array_equal(feeds["a"], zeros.numpy())
+    np.testing.assert_array_equal(feeds["b"], ones.numpy())
+    with pytest.raises(UserError, match=r"names 'c', which is not a forward argument .*a, b"):
+        edgec.compile(_AMinus2B(), target="ort-cpu", output_dir=tmp_path / "c",
+                      example_inputs={"a": ones, "c": ones})
+    with pytest.raises(UserError, match="gives no 'a'"):
+        edgec.compile(_AMinus2B(), target="ort-cpu", output_dir=tmp_path / "g",
+                      example_inputs={"b": ones})
