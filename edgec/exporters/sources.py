@@ -48,12 +48,20 @@ def resolve_source(source: Any, config: str | None = None,
                    generate: bool = False, opset: int | None = None) -> Source:
     import torch
 
+    if example_inputs is not None and isinstance(source, (str, os.PathLike)) and (
+            generate or not (str(source).endswith(".onnx") or Path(source).is_file())):
+        raise UserError("example_inputs applies to an nn.Module or an .onnx file; a model "
+                        "name or a checkpoint directory makes its own (--config batch=N,seq=N "
+                        "sets a checkpoint's)")
     if generate:
         return _decoder_source(source, config, dynamic_shapes,
                                None if generate is True else generate, opset)
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise UserError("compiling an nn.Module needs example_inputs=(tensor, ...)")
+        if config:
+            raise UserError("config applies to reference models and checkpoint directories, "
+                            "not to an nn.Module: build the module as you want it compiled")
         half = {str(p.dtype) for p in source.parameters()} & {"torch.bfloat16", "torch.float16"}
         if half:
             raise UserError(f"the module's weights are {half.pop()}; edgec exports and verifies "

@@ -126,3 +126,12 @@ def test_a_bf16_checkpoint_loads_in_float32(tmp_path):
                         config="seq=8")
     assert "model.layers.0.self_attn.q_proj.weight" in art.manifest["parameter_map"]
     assert art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["max_rel"] <= 1e-5
+
+
+def test_example_inputs_with_a_checkpoint_is_refused(checkpoints, tmp_path):
+    import torch
+
+    with pytest.raises(UserError, match="example_inputs applies to an nn.Module or an .onnx"):
+        edgec.compile(str(checkpoints / "bert"), target="ort-cpu", output_dir=tmp_path / "o",
+                      example_inputs=(torch.zeros(1, 4, dtype=torch.long),))
+    assert not (tmp_path / "o").exists()

@@ -103,3 +103,14 @@ def test_dict_example_inputs_bind_by_name(tmp_path):
     with pytest.raises(UserError, match="gives no 'a'"):
         edgec.compile(_AMinus2B(), target="ort-cpu", output_dir=tmp_path / "g",
                       example_inputs={"b": ones})
+
+
+def test_options_a_source_does_not_take_are_refused(tmp_path, tiny_mlp):
+    """config= with an nn.Module and example_inputs= with a model name were silently ignored."""
+    module, inputs = tiny_mlp
+    with pytest.raises(UserError, match="config applies to .* not to an nn.Module"):
+        edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o", config="small",
+                      example_inputs=inputs)
+    with pytest.raises(UserError, match="example_inputs applies to an nn.Module or an .onnx"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", example_inputs=inputs)
+    assert not (tmp_path / "o").exists()
