@@ -119,7 +119,12 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     import torch
 
     model, cfg, arch = load_hf_model(path)
+    _check_text_model(path, model, arch)
     opts = _options(config)
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(limit, int) and opts["seq"] > limit:
+        raise UserError(f"{path}: seq={opts['seq']} is longer than the model's {limit} positions "
+                        f"(max_position_embeddings); give --config seq=N with N ≤ {limit}")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (opts["batch"], opts["seq"]), generator=g)
     mask = torch.ones_like(ids)
@@ -128,6 +133,22 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     wrapper = hf_wrapper(model, output)
     dims = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     return wrapper, (ids, mask), dims, [output], hf_source_info(path, cfg, arch, opts)
+
+
+def _check_text_model(path: Path, model, arch: str | None) -> None:
+    """Refuse what ``hf_wrapper`` cannot wrap: models whose forward takes no ``input_ids`` and
+    ``attention_mask`` (vision, audio) or that also need decoder inputs (encoder-decoders)."""
+    import inspect
+
+    args = inspect.signature(model.forward).parameters
+    if ({"input_ids", "attention_mask"} <= set(args) and "decoder_input_ids" not in args
+            and isinstance(getattr(model.config, "vocab_size", None), int)):
+        return
+    what = ("an encoder-decoder" if "decoder_input_ids" in args
+            else f"a model taking {', '.join(list(args)[:2])}")
+    raise UserError(f"{path}: {arch or type(model).__name__} is {what}; edgec compiles Hugging "
+                    "Face directories of text models taking input_ids/attention_mask only: load "
+                    "it in Python and give edgec.compile(module, example_inputs=...) instead")
 
 
 def hf_wrapper(model, output: str):

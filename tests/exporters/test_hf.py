@@ -135,3 +135,23 @@ def test_example_inputs_with_a_checkpoint_is_refused(checkpoints, tmp_path):
         edgec.compile(str(checkpoints / "bert"), target="ort-cpu", output_dir=tmp_path / "o",
                       example_inputs=(torch.zeros(1, 4, dtype=torch.long),))
     assert not (tmp_path / "o").exists()
+
+
+def test_models_edgec_cannot_wrap_are_refused(tmp_path, checkpoints):
+    """ViT ('ViTConfig' object has no attribute 'vocab_size'), encoder-decoders (T5, Whisper:
+    'You must specify exactly one of input_ids...') and a seq longer than the position table
+    were internal errors."""
+    transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        image_size=32, patch_size=8)).save_pretrained(tmp_path / "vit")
+    transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
+        tmp_path / "t5")
+    for name, what in (("vit", "ViTModel is a model taking pixel_values, bool_masked_pos"),
+                       ("t5", "T5ForConditionalGeneration is an encoder-decoder")):
+        with pytest.raises(UserError, match=f"{what}; .*input_ids/attention_mask.*example_inputs"):
+            edgec.compile(str(tmp_path / name), target="ort-cpu", output_dir=tmp_path / "o")
+    with pytest.raises(UserError, match=r"seq=600 is longer than the model's 512 positions"):
+        edgec.compile(str(checkpoints / "bert"), target="ort-cpu", output_dir=tmp_path / "o",
+                      config="seq=600")
+    assert not (tmp_path / "o").exists()
