@@ -67,7 +67,7 @@ def resolve_source(source: Any, config: str | None = None,
             raise UserError(f"the module's weights are {half.pop()}; edgec exports and verifies "
                             "in float32: pass module.float() (quantize= makes it smaller)")
         module = _unwrapped(source)
-        inputs = tuple(torch.as_tensor(x) for x in _bound(module, example_inputs))
+        inputs = tuple(_tensor(i, x) for i, x in enumerate(_bound(module, example_inputs)))
         info = {"kind": "module", "class": type(source).__qualname__}
         return _from_torch(module, inputs, dynamic_shapes, None, info, "module")
     if not isinstance(source, (str, os.PathLike)):
@@ -107,6 +107,19 @@ def resolve_source(source: Any, config: str | None = None,
         info["sampling"] = dict(spec.sampling)
     shapes = dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes(config)
     return _from_torch(module, inputs, shapes, spec.output_names, info, "registry")
+
+
+def _tensor(i: int, x):
+    import torch
+
+    if x is None:
+        raise UserError(f"example_inputs[{i}] is None; edgec exports tensor inputs: give a "
+                        "tensor for every forward argument up to the last one given")
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"example_inputs[{i}] ({type(x).__name__}) is not a tensor: "
+                        f"{str(e).splitlines()[0]}") from None
 
 
 def _bound(module, x) -> tuple:

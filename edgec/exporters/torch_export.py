@@ -1,7 +1,8 @@
 """torch.nn.Module → onnx_ir.Model with the dynamo exporter, plus the parameter map.
 
 Input names are the module's ``forward`` argument names; outputs are ``output`` (one) or
-``output_0..n`` unless names are given. Dynamic dims are given as ``{input: {axis: dim_name}}``.
+``output_0..n`` unless names are given (``_out`` added to one that is an input name). Dynamic dims
+are given as ``{input: {axis: dim_name}}`` or, for a tensor, a list of one name or None per axis.
 A failed export is a UserError when the module is at fault (torch.export cannot capture it, or an
 operator has no ONNX translation) and an InternalError when the exporter itself breaks.
 """
@@ -80,11 +81,19 @@ def export_module(
         if unknown:
             raise UserError(f"dynamic_shapes names {unknown[0]!r}, which is not a forward "
                             f"argument (arguments: {', '.join(names)})")
+        dynamic_shapes = {n: _tensor_dims(n, dynamic_shapes[n], t) if isinstance(t, torch.Tensor)
+                          else dynamic_shapes[n]
+                          for n, t in zip(names, example_inputs) if n in dynamic_shapes}
         shapes = {n: _dims(dynamic_shapes.get(n, {})) for n in names}
     with torch.no_grad():
         n_out = _count_outputs(module(*example_inputs))
     out_names = list(output_names) if output_names else (
         ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+    taken = set(input_names or names)
+    if output_names and taken & set(out_names):
+        raise UserError(f"output name {sorted(taken & set(out_names))[0]!r} is also an input "
+                        "name; ONNX names must be unique")
+    out_names = [f"{n}_out" if n in taken else n for n in out_names]  # forward(self, output)
     # torchvision is optional; its missing-op registrations are not our users' concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
@@ -148,6 +157,31 @@ def _unpinned(example_inputs: tuple, names: Sequence[str],
             for i, axis in dim_uses:
                 tensors[i] = torch.cat([tensors[i], tensors[i]], dim=axis)
     return tuple(tensors)
+
+
+def _tensor_dims(name: str, spec: Any, tensor: torch.Tensor) -> dict[int, str]:
+    """A tensor argument's dynamic dims as ``{axis: dim name}``, checked against its rank; the
+    list form (one name or None per axis, as torch.export takes it) is accepted too."""
+    rank = tensor.dim()
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != rank:
+            raise UserError(f"dynamic_shapes[{name!r}] lists {len(spec)} axes but the example "
+                            f"input has {rank}; give one name or None per axis, or "
+                            "{axis: name}")
+        spec = {i: d for i, d in enumerate(spec) if d is not None}
+    if not isinstance(spec, Mapping):
+        raise UserError(f"dynamic_shapes[{name!r}] must be {{axis: name}} or a list of names, "
+                        f"not {type(spec).__name__}")
+    out = {}
+    for axis, dim in spec.items():
+        if isinstance(axis, bool) or not isinstance(axis, int) or not -rank <= axis < rank:
+            raise UserError(f"dynamic_shapes[{name!r}] names axis {axis!r}, but the example "
+                            f"input has {rank} axes (0..{rank - 1})")
+        if not isinstance(dim, str) or not dim:
+            raise UserError(f"dynamic_shapes[{name!r}][{axis}] must be a dim name (a string "
+                            f"such as 'batch'), not {dim!r}")
+        out[axis % rank] = dim
+    return out
 
 
 def _dims(spec):

@@ -114,3 +114,39 @@ def test_options_a_source_does_not_take_are_refused(tmp_path, tiny_mlp):
     with pytest.raises(UserError, match="example_inputs applies to an nn.Module or an .onnx"):
         edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", example_inputs=inputs)
     assert not (tmp_path / "o").exists()
+
+
+class _Ids(torch.nn.Module):
+    def forward(self, ids):
+        return ids * 2
+
+
+class _Output(torch.nn.Module):
+    def forward(self, output):
+        return output + 1
+
+
+def test_dynamic_shapes_are_checked_against_the_example_and_take_the_list_form():
+    """An axis past the rank was an InternalError; torch's list form a raw ValueError."""
+    x = (torch.randn(2, 3),)
+    with pytest.raises(UserError, match=r"dynamic_shapes\['ids'\] names axis 5, but the example "
+                                        r"input has 2 axes"):
+        export_module(_Ids(), x, {"ids": {5: "batch"}})
+    with pytest.raises(UserError, match="lists 3 axes but the example input has 2"):
+        export_module(_Ids(), x, {"ids": ["batch", "seq", None]})
+    model = export_module(_Ids(), x, {"ids": [None, "seq"]}).model
+    assert [str(d) for d in model.graph.inputs[0].shape] == ["2", "seq"]
+
+
+def test_none_inputs_and_an_argument_named_output(tmp_path):
+    """(x, None, b) was a raw 'Could not infer dtype of NoneType'; forward(self, output) a raw
+    ORT 'Duplicate definition of name (output)'."""
+    x = torch.randn(2, 3)
+    with pytest.raises(UserError, match=r"example_inputs\[1\] is None"):
+        edgec.compile(_AMinus2B(), target="ort-cpu", output_dir=tmp_path / "n",
+                      example_inputs=(x, None))
+    art = edgec.compile(_Output(), target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs=(x,))
+    assert [o["name"] for o in art.manifest["outputs"]] == ["output_out"]
+    with pytest.raises(UserError, match="'output' is also an input name"):
+        export_module(_Output(), (x,), output_names=["output"])
