@@ -23,6 +23,7 @@ import onnx_ir as ir
 import torch
 
 from edgec.errors import InternalError, UserError
+from edgec.exporters.outputs import flatten_outputs
 from edgec.exporters.param_map import build_parameter_map
 
 __all__ = ["ExportResult", "export_module", "forward_input_names"]
@@ -273,11 +274,6 @@ def _classify_export_error(name: str, e: Exception) -> Exception:
 
 
 def _count_outputs(out) -> int:
-    if isinstance(out, torch.Tensor):
-        return 1
-    if isinstance(out, (tuple, list)):
-        return sum(_count_outputs(o) for o in out)
-    if isinstance(out, dict):
-        return sum(_count_outputs(o) for o in out.values())
-    raise UserError(f"forward returned {type(out).__name__}; edgec exports tensors, "
-                    "tuples/lists/dicts of tensors")
+    """How many ONNX outputs ``out`` becomes: the tensors ``flatten_outputs`` finds (None
+    skipped, as torch.export skips it)."""
+    return len(flatten_outputs(out))

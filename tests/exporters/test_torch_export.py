@@ -150,3 +150,18 @@ def test_none_inputs_and_an_argument_named_output(tmp_path):
     assert [o["name"] for o in art.manifest["outputs"]] == ["output_out"]
     with pytest.raises(UserError, match="'output' is also an input name"):
         export_module(_Output(), (x,), output_names=["output"])
+
+
+class _Nested(torch.nn.Module):
+    def forward(self, x):
+        return (x + 1, (x * 2, [x.sum()]), None)
+
+
+def test_none_in_returned_tuples_is_skipped(tmp_path):
+    """A None inside a returned tuple was refused ('forward returned NoneType')."""
+    x = torch.randn(2, 3)
+    art = edgec.compile(_Nested(), target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs=(x,))
+    assert [o["name"] for o in art.manifest["outputs"]] == ["output_0", "output_1", "output_2"]
+    got = art.load().run({"x": x.numpy()})
+    np.testing.assert_allclose(got["output_2"], x.sum().numpy(), rtol=1e-6)
