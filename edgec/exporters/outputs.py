@@ -12,7 +12,7 @@ from typing import Any
 
 from edgec.errors import UserError
 
-__all__ = ["flatten_outputs"]
+__all__ = ["flatten_outputs", "output_keys"]
 
 
 def flatten_outputs(out: Any) -> list:
@@ -28,3 +28,16 @@ def flatten_outputs(out: Any) -> list:
         return [t for v in out for t in flatten_outputs(v)]
     raise UserError(f"forward returned {type(out).__name__}; edgec exports tensors and "
                     "tuples/lists/dicts (or ModelOutputs) of tensors")
+
+
+def output_keys(out: Any) -> list[str] | None:
+    """The keys of a dict / ``ModelOutput`` of tensors, in ``flatten_outputs`` order: the names
+    its outputs are exported under; None when ``out`` is anything else (nested: numbered)."""
+    import torch
+
+    if not isinstance(out, Mapping):
+        return None
+    items = [(k, v) for k, v in out.items() if v is not None]
+    if items and all(isinstance(k, str) and k and isinstance(v, torch.Tensor) for k, v in items):
+        return [k for k, _ in items]
+    return None

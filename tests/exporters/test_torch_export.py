@@ -165,3 +165,26 @@ def test_none_in_returned_tuples_is_skipped(tmp_path):
     assert [o["name"] for o in art.manifest["outputs"]] == ["output_0", "output_1", "output_2"]
     got = art.load().run({"x": x.numpy()})
     np.testing.assert_allclose(got["output_2"], x.sum().numpy(), rtol=1e-6)
+
+
+class _Dict(torch.nn.Module):
+    def forward(self, x):
+        return {"b": x * 2, "skipped": None, "a": x + 1}
+
+
+def test_dict_outputs_are_named_by_their_keys(tmp_path):
+    """A dict / ModelOutput's outputs were output_0, output_1, ...; their keys name them."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class Hf(torch.nn.Module):
+        def forward(self, x):
+            return BaseModelOutput(last_hidden_state=x * 3, hidden_states=None)
+
+    x = torch.randn(2, 3)
+    art = edgec.compile(_Dict(), target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs=(x,))
+    assert [o["name"] for o in art.manifest["outputs"]] == ["b", "a"]
+    got = art.load().run({"x": x.numpy()})
+    np.testing.assert_allclose(got["b"], (x * 2).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got["a"], (x + 1).numpy(), rtol=1e-6)
+    assert export_module(Hf(), (x,)).output_names == ["last_hidden_state"]
