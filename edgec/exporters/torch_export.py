@@ -113,7 +113,9 @@ def export_module(
     except Exception as e:
         raise _classify_export_error(type(module).__name__, e) from e
     model = program.model
-    model.producer_name = "edgec"
+    from edgec import __version__
+
+    model.producer_name, model.producer_version = "edgec", __version__  # not torch's version
     pmap = build_parameter_map(model, module)
     logger.info("exported %s: %d nodes, %d initializers, %d parameters mapped",
                 type(module).__name__, len(model.graph), len(model.graph.initializers), len(pmap))

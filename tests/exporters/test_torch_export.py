@@ -188,3 +188,9 @@ def test_dict_outputs_are_named_by_their_keys(tmp_path):
     np.testing.assert_allclose(got["b"], (x * 2).numpy(), rtol=1e-6)
     np.testing.assert_allclose(got["a"], (x + 1).numpy(), rtol=1e-6)
     assert export_module(Hf(), (x,)).output_names == ["last_hidden_state"]
+
+
+def test_producer_is_edgec_and_its_version(tiny_mlp):
+    """producer_version was torch's version ('producer edgec 2.13.0+cpu')."""
+    model = export_module(*tiny_mlp).model
+    assert (model.producer_name, model.producer_version) == ("edgec", edgec.__version__)
