@@ -69,7 +69,12 @@ def resolve_source(source: Any, config: str | None = None,
         module = _unwrapped(source)
         inputs = tuple(_tensor(i, x) for i, x in enumerate(_bound(module, example_inputs)))
         info = {"kind": "module", "class": type(source).__qualname__}
-        return _from_torch(module, inputs, dynamic_shapes, None, info, "module")
+        modes = [(m, m.training) for m in source.modules()]
+        try:  # exported and checked in eval mode; the user's module is left as it was given
+            return _from_torch(module, inputs, dynamic_shapes, None, info, "module")
+        finally:
+            for m, training in modes:
+                m.training = training
     if not isinstance(source, (str, os.PathLike)):
         raise UserError(f"source must be a model name, an .onnx path or an nn.Module, "
                         f"not {type(source).__name__}")

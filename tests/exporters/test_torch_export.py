@@ -194,3 +194,12 @@ def test_producer_is_edgec_and_its_version(tiny_mlp):
     """producer_version was torch's version ('producer edgec 2.13.0+cpu')."""
     model = export_module(*tiny_mlp).model
     assert (model.producer_name, model.producer_version) == ("edgec", edgec.__version__)
+
+
+def test_compile_leaves_the_modules_training_flags_as_given(tmp_path):
+    """edgec.compile left the user's module in eval mode."""
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).train()
+    module[1].eval()
+    edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o",
+                  example_inputs=(torch.randn(2, 4),))
+    assert [m.training for m in module.modules()] == [True, True, False]
