@@ -608,6 +608,9 @@ def sample_cmd(
     text_encoder: Annotated[Path | None, typer.Option(
         "--text-encoder", help="compiled text encoder artifact that encodes the prompts "
                                "(`edgec compile ./pipeline/text_encoder ...`)")] = None,
+    dynamic_cfg: Annotated[bool, typer.Option(
+        "--dynamic-cfg", help="CogVideoX: scale guidance per step as its pipeline's "
+                              "use_dynamic_cfg")] = False,
     vae: Annotated[Path | None, typer.Option(
         "--vae", help="compiled VAE decoder artifact (`edgec compile ./pipeline/vae ...`): "
                       "decode the samples to frames")] = None,
@@ -656,7 +659,8 @@ def sample_cmd(
         samples = session.sample(conditions, steps=steps, guidance=guidance, seed=seed,
                                  dense_steps=dense_steps, callback=advance,
                                  guidance_mode=guidance_mode, negative=negatives,
-                                 vae=edgec.load(vae) if vae is not None else None)
+                                 vae=edgec.load(vae) if vae is not None else None,
+                                 dynamic_cfg=dynamic_cfg)
     if save is not None:
         np.savez(save, **samples)
     if video is not None:

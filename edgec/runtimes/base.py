@@ -131,7 +131,8 @@ class Session(abc.ABC):
                guidance: float | None = None, seed: int = 0, dense_steps: int | None = None,
                callback=None, noise=None, guidance_mode: str = "auto",
                negative=None, prompt=None, negative_prompt=None,
-               text_encoder=None, vae=None) -> dict[str, np.ndarray]:
+               text_encoder=None, vae=None, dynamic_cfg: bool = False
+               ) -> dict[str, np.ndarray]:
         """Run the model's sampler from noise (flow-matching Euler, DDIM x0 or v, or the sub-VP
         SDE) with classifier-free guidance (``negative``: the unconditional half's conditions,
         default zeros; ``prompt``/``negative_prompt`` with ``text_encoder``, a loaded
@@ -143,7 +144,8 @@ class Session(abc.ABC):
         return sample(self, conditions, steps=steps, guidance=guidance, seed=seed,
                       dense_steps=dense_steps, callback=callback, noise=noise,
                       guidance_mode=guidance_mode, negative=negative, prompt=prompt,
-                      negative_prompt=negative_prompt, text_encoder=text_encoder, vae=vae)
+                      negative_prompt=negative_prompt, text_encoder=text_encoder, vae=vae,
+                      dynamic_cfg=dynamic_cfg)
 
     # Generation: a KV-cache decoder artifact (compiled with --generate).
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, *,

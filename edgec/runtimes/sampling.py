@@ -131,6 +131,7 @@ class _Denoiser:
         self.runs = 0
         self.cfg = guidance != 1.0 and bool(spec.conditions)
         self.mode, self.probes = mode, {}  # graph name -> {mode: seconds}
+        self.guidance_at: Callable[[float], float] | None = None  # a per-timestep scale
         ts = {i.name: i.dtype for i in session.inputs}.get(spec.timestep, "float32")
         self.t_dtype = np.dtype(ts)  # CogVideoX takes the integer train step (int64)
         if self.cfg:  # the unconditional half: the negative conditions given, else zeros
@@ -164,7 +165,7 @@ class _Denoiser:
             cond, uncond = self._predict(sess, feeds), self._predict(sess, null)
         if trial is not None:
             self._record(sess, trial, how, time.perf_counter() - t0)
-        g = self.guidance
+        g = self.guidance if self.guidance_at is None else self.guidance_at(t)
         return {k: uncond[k] + g * (cond[k] - uncond[k]) for k in cond}
 
     def graph_name(self, sess) -> str:
@@ -223,7 +224,7 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
            dense_steps: int | None = None, callback: Callable[[int, int], None] | None = None,
            noise: Mapping[str, np.ndarray] | None = None, guidance_mode: str = "auto",
            negative: Mapping[str, np.ndarray] | None = None, prompt=None, negative_prompt=None,
-           text_encoder=None, vae=None) -> dict[str, np.ndarray]:
+           text_encoder=None, vae=None, dynamic_cfg: bool = False) -> dict[str, np.ndarray]:
     """Run the artifact's sampler from Gaussian noise; returns the final samples by input name.
 
     ``conditions`` feeds every input that is not a noisy sample or the timestep (missing ones
@@ -237,6 +238,8 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     graph ("auto", remembered by the session);
     ``vae`` (a loaded VAE-decoder artifact of the same pipeline) adds ``"video"``, the frames
     [B, frames, H, W, 3] in [0, 1] as the pipeline's ``output_type="np"``;
+    ``dynamic_cfg`` (CogVideoX) scales guidance per step as CogVideoXPipeline's
+    ``use_dynamic_cfg`` does;
     ``dense_steps`` (default: the artifact's) steps run the dense companion graph;
     ``callback(step, steps)`` after every step. Timings and model runs land in
     ``session.last_sampling``."""
@@ -254,6 +257,8 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     n_dense = min(n_dense, steps)  # more dense steps than steps: every step runs dense
     model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode,
                       negative)
+    if dynamic_cfg:
+        model.guidance_at = _dynamic_cfg(spec, guidance, steps)
     t0 = time.perf_counter()
     x = {"flow": _flow, "ddim-x0": _ddim, "ddim-v": _ddim_v, "score": _score}[spec.kind](
         model, spec, x, steps, rng, callback)
@@ -271,6 +276,17 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
                                                        if m != "trials"}
                                                    for k, p in model.probes.items()}}
     return x
+
+
+def _dynamic_cfg(spec: SamplerSpec, guidance: float, steps: int) -> Callable[[float], float]:
+    """CogVideoXPipeline's ``use_dynamic_cfg`` scale at the integer timestep t, as diffusers
+    computes it: 1 + g·(1 − cos(π·((steps − t) / steps)⁵)) / 2 (t the train step, not the
+    step index: its published form)."""
+    if spec.kind != "ddim-v":
+        raise UserError("dynamic_cfg is CogVideoX's guidance schedule (a ddim-v artifact); "
+                        "this artifact samples with a constant guidance scale")
+    return lambda t: 1.0 + guidance * (1.0 - math.cos(math.pi * ((steps - t) / steps) ** 5.0)
+                                       ) / 2.0
 
 
 def with_prompts(session, conditions, negative, prompt, negative_prompt, text_encoder):

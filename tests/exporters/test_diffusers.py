@@ -144,6 +144,17 @@ def test_cogvideox_samples_as_the_diffusers_pipeline(models, tmp_path):
     got = sess.sample(feeds, negative={"encoder_hidden_states": negative.numpy()},
                       noise={"hidden_states": latents.numpy()}, steps=7)["hidden_states"]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    # CogVideoX-5B's use_dynamic_cfg: the guidance scale changes with the timestep
+    with torch.no_grad():
+        dynamic = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, latents=latents,
+                       num_inference_steps=7, guidance_scale=6.0, height=8 * s, width=8 * s,
+                       num_frames=t + 1, output_type="latent", use_dynamic_cfg=True
+                       ).frames.numpy()
+    got_dynamic = sess.sample(feeds, negative={"encoder_hidden_states": negative.numpy()},
+                              noise={"hidden_states": latents.numpy()}, steps=7,
+                              dynamic_cfg=True)["hidden_states"]
+    assert np.abs(got_dynamic - dynamic).max() <= 1e-4 * np.abs(dynamic).max()
+    assert np.abs(dynamic - want).max() > 1e-3 * np.abs(want).max()  # it did change something
     # zeros are not the negative prompt: the unconditional half is what the user gives
     zeros = sess.sample(feeds, noise={"hidden_states": latents.numpy()}, steps=7)["hidden_states"]
     assert np.abs(zeros - want).max() > 1e-2 * np.abs(want).max()
@@ -213,6 +224,8 @@ def test_wan_compiles_for_ort_and_samples_as_the_hub_pipeline(models, tmp_path):
     latents, prompt, negative, want = _wan_pipeline_latents(models / "wan", hub, 6, 6)
     got = _sample_like_pipeline(sess, latents, prompt, negative, 6)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    with pytest.raises(UserError, match="dynamic_cfg is CogVideoX's guidance schedule"):
+        sess.sample(steps=1, dynamic_cfg=True)
 
 
 @pytest.mark.parametrize("scheduler", [
