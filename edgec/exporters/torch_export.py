@@ -15,7 +15,9 @@ import dataclasses
 import inspect
 import io
 import logging
+import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -99,10 +101,11 @@ def export_module(
     out_names = [f"{n}_out" if n in taken else n for n in out_names]  # forward(self, output)
     # torchvision is optional; its missing-op registrations are not our users' concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    said = io.StringIO()  # what torch printed to stderr (a failed capture dumps its graph)
     try:
         # The exporter prints its own progress to stdout and warns liberally; we report instead.
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet(
-                _EXPORTER_NOTES):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(said), _quiet(_EXPORTER_NOTES):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, _unpinned(example_inputs, names, dynamic_shapes), dynamo=True,
@@ -111,6 +114,8 @@ def export_module(
                 opset_version=opset or OPSET, verbose=False, optimize=True,
             )
     except Exception as e:
+        if os.environ.get("EDGEC_DEBUG"):
+            sys.stderr.write(said.getvalue())
         raise _classify_export_error(type(module).__name__, e) from e
     model = program.model
     from edgec import __version__
@@ -125,8 +130,10 @@ def export_module(
 # Loggers whose warnings during torch.onnx.export are about the exporter's own code, not the
 # user's model: onnx_ir's note that an attribute was built from an empty list (a Conv's default
 # pads: four lines on every video-dit compile) and the exporter's optimizer skipping a
-# multi-output Split (every Wan compile).
-_EXPORTER_NOTES = ("onnx_ir._convenience", "onnxscript.optimizer._constant_folding")
+# multi-output Split (every Wan compile). And torch.export's own dump of the traced graph
+# when it cannot capture a data-dependent branch (~38 lines before edgec's one-line refusal).
+_EXPORTER_NOTES = ("onnx_ir._convenience", "onnxscript.optimizer._constant_folding",
+                   "torch.fx.experimental.symbolic_shapes")
 
 
 @contextlib.contextmanager

@@ -64,6 +64,14 @@ def test_a_dynamic_dim_forward_fixes_is_named_with_what_to_do():
     assert "\n" not in str(e.value) and "branch" not in str(e.value)
 
 
+def test_a_failed_capture_prints_nothing_but_the_refusal(capfd):
+    """torch printed a warning and the traced graph (~38 lines) before the one-line refusal."""
+    with pytest.raises(UserError, match="cannot capture DataDependent"):
+        export_module(DataDependent(), X, {"x": {0: "batch"}})
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "symbolic_shapes" not in err, err
+
+
 def test_operator_without_onnx_translation_is_a_user_error_naming_it():
     with pytest.raises(UserError, match=r"KthValue uses the operator aten\.kthvalue, which has no "
                                         r"ONNX translation"):
