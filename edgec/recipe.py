@@ -126,6 +126,8 @@ def _context(raw: Any, target, parsed: dict) -> int | None:
 def _kv_retrieval(raw: Any, target, parsed: dict):
     from edgec.runtimes.freekv import parse_kv_retrieval
 
+    if raw not in (None, False) and not parsed.get("generate"):  # what is missing comes first
+        raise UserError("--kv-retrieval applies to generation artifacts; add --generate")
     return parse_kv_retrieval(raw)
 
 

@@ -33,6 +33,7 @@ def no_export(monkeypatch):
     (dict(target="ort-cpu", rotate="hadamard:r5=true"), "unknown --rotate option 'r5'"),
     (dict(target="ort-cpu", context=64), "add --generate"),
     (dict(target="ort-cpu", generate=True, kv_retrieval="freekv:page=0"), "page must be"),
+    (dict(target="ort-cpu", kv_retrieval="freekv:page=0"), "add --generate"),  # missing first
     (dict(target="ort-cpu", quantize="w8a8:min_cos=1.5"), "min_cos must be a cosine"),
     (dict(target="ort-cpu", check="yes"), "check must be True or False"),
     (dict(target="ort-cpu", generate="no"), "generate must be True or False"),  # was "check"
