@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Mapping
@@ -55,6 +55,26 @@ def check_runs(warmup: Any, iterations: Any) -> None:
     for name, value, least in (("warmup", warmup, 0), ("iterations", iterations, 1)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
             raise UserError(f"{name} must be an integer ≥ {least}, not {value!r}")
+
+
+def _one_generation_at_a_time(generate):
+    """Threads take turns generating on one session (one cache, one OpenVINO state: it raised
+    "Infer Request is busy"); a call from inside the generation (a streamer) is refused."""
+
+    @functools.wraps(generate)
+    def wrapper(self, *args, **kwargs):
+        busy = self._busy()
+        if self._generating_here():
+            raise UserError("generate() was called while this session generates (from a "
+                            "streamer?); use a second session, edgec.load(DIR)")
+        with busy[0]:
+            busy[1] = threading.get_ident()
+            try:
+                return generate(self, *args, **kwargs)
+            finally:
+                busy[1] = None
+
+    return wrapper
 
 
 class Session(abc.ABC):
@@ -148,6 +168,7 @@ class Session(abc.ABC):
                       dynamic_cfg=dynamic_cfg)
 
     # Generation: a KV-cache decoder artifact (compiled with --generate).
+    @_one_generation_at_a_time
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None,
@@ -168,35 +189,6 @@ class Session(abc.ABC):
         image file, an .npy or an array of pixel values [3, H, W] or [batch, 3, H, W]; the
         prompt gets the image's placeholder tokens where it has none (or one, LLaVA's
         ``<image>``), and the returned rows hold them."""
-        if self._generating_here():
-            raise UserError("generate() was called while this session generates (from a "
-                            "streamer?); use a second session, edgec.load(DIR)")
-        with self._generation_turn():  # threads take turns: one cache, one OpenVINO state
-            return self._generate(input_ids, attention_mask, max_new_tokens, do_sample,
-                                  temperature, top_k, top_p, repetition_penalty, eos_token_id,
-                                  pad_token_id, seed, streamer, kv_retrieval, sparse_prefill,
-                                  image)
-
-    def _busy(self) -> list:
-        """[lock, the generating thread's id or None], one per session (made on first use)."""
-        return self.__dict__.setdefault("_generation_lock", [threading.Lock(), None])
-
-    def _generating_here(self) -> bool:
-        return self._busy()[1] == threading.get_ident()
-
-    @contextlib.contextmanager
-    def _generation_turn(self):
-        busy = self._busy()
-        with busy[0]:
-            busy[1] = threading.get_ident()
-            try:
-                yield
-            finally:
-                busy[1] = None
-
-    def _generate(self, input_ids, attention_mask, max_new_tokens, do_sample, temperature,
-                  top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, seed, streamer,
-                  kv_retrieval, sparse_prefill, image) -> np.ndarray:
         from edgec.runtimes.generation import GenerationConfig, generate
 
         info = self.decoder_info
@@ -238,6 +230,13 @@ class Session(abc.ABC):
             stats.update(cache.stats)
         self.last_generation = stats
         return ids
+
+    def _busy(self) -> list:
+        """[lock, the generating thread's id or None], one per session (made on first use)."""
+        return self.__dict__.setdefault("_generation_lock", [threading.Lock(), None])
+
+    def _generating_here(self) -> bool:
+        return self._busy()[1] == threading.get_ident()
 
     def _with_image(self, image, input_ids, attention_mask):
         """(prompt ids and mask with the image's placeholders, pixel values)."""

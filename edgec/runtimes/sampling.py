@@ -125,15 +125,15 @@ class _Denoiser:
 
     def __init__(self, session, spec: SamplerSpec, fixed: dict[str, np.ndarray], batch: int,
                  guidance: float, dense, dense_steps: int, mode: str = "auto",
-                 negative: dict[str, np.ndarray] | None = None):
+                 negative: dict[str, np.ndarray] | None = None,
+                 guidance_at: Callable[[float], float] | None = None):
         self.session, self.spec, self.fixed, self.batch = session, spec, fixed, batch
         self.guidance, self.dense, self.dense_steps = guidance, dense, dense_steps
         self.runs = 0
         self.cfg = guidance != 1.0 and bool(spec.conditions)
         self.mode, self.probes = mode, {}  # graph name -> {mode: seconds}
-        self.guidance_at: Callable[[float], float] | None = None  # a per-timestep scale
-        ts = {i.name: i.dtype for i in session.inputs}.get(spec.timestep, "float32")
-        self.t_dtype = np.dtype(ts)  # CogVideoX takes the integer train step (int64)
+        self.guidance_at = guidance_at  # a per-timestep scale (CogVideoX's dynamic guidance)
+        self.t_dtype = _timestep_dtype(session, spec)  # CogVideoX: the integer train step
         if self.cfg:  # the unconditional half: the negative conditions given, else zeros
             self.null = {**fixed, **{c: np.zeros_like(fixed[c]) for c in spec.conditions
                                      if c in fixed}, **(negative or {})}
@@ -213,6 +213,10 @@ class _Denoiser:
         return {name: out[o].astype(np.float32) for name, o in self.spec.samples.items()}
 
 
+def _timestep_dtype(session, spec: SamplerSpec) -> np.dtype:
+    return np.dtype({i.name: i.dtype for i in session.inputs}.get(spec.timestep, "float32"))
+
+
 def _fits_batch(session, spec: SamplerSpec, batch: int) -> bool:
     """Can one run take ``batch`` rows: every input's batch dim dynamic or exactly that?"""
     dims = [i.shape[0] for i in session.inputs if i.shape]
@@ -256,9 +260,7 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     dense, n_dense = _dense(session, dense_steps)
     n_dense = min(n_dense, steps)  # more dense steps than steps: every step runs dense
     model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode,
-                      negative)
-    if dynamic_cfg:
-        model.guidance_at = _dynamic_cfg(spec, guidance, steps)
+                      negative, _dynamic_cfg(spec, guidance, steps) if dynamic_cfg else None)
     t0 = time.perf_counter()
     x = {"flow": _flow, "ddim-x0": _ddim, "ddim-v": _ddim_v, "score": _score}[spec.kind](
         model, spec, x, steps, rng, callback)
@@ -369,8 +371,7 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
     negative = _negative(spec, fixed, negative)
     check = getattr(session, "_check_feeds", None)
     if check is not None:  # the main graph's shapes, before any step runs (dense ones too)
-        dtype = {i.name: i.dtype for i in session.inputs}.get(spec.timestep, "float32")
-        check({**fixed, **x, spec.timestep: np.zeros(batch, dtype)})
+        check({**fixed, **x, spec.timestep: np.zeros(batch, _timestep_dtype(session, spec))})
     return fixed, batch, x, negative
 
 

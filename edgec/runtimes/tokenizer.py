@@ -80,26 +80,21 @@ class Tokenizer:
         """(ids, attention mask), [len(texts), length] int64: each text with its special tokens,
         truncated to ``length`` (the end-of-text token kept) and right-padded, as a
         transformers tokenizer called with padding="max_length", truncation=True does."""
-        pad = self._pad_id()
-        ids = np.full((len(texts), length), pad, np.int64)
-        mask = np.zeros((len(texts), length), np.int64)
-        self._tok.enable_truncation(max_length=length)
-        try:
-            for row, text in enumerate(texts):
-                got = self._tok.encode(text, add_special_tokens=True).ids
-                ids[row, :len(got)], mask[row, :len(got)] = got, 1
-        finally:
-            self._tok.no_truncation()
-        return ids, mask
-
-    def _pad_id(self) -> int:
         token = self.config.get("pad_token")
         token = token.get("content") if isinstance(token, dict) else token
         pad = self._tok.token_to_id(token) if isinstance(token, str) else None
         if pad is None:
             raise UserError("the artifact's tokenizer names no pad token (tokenizer_config.json "
                             "pad_token); it cannot pad prompts to the text length")
-        return pad
+        self._tok.enable_truncation(max_length=length)
+        self._tok.enable_padding(length=length, pad_id=pad, pad_token=token)
+        try:
+            rows = self._tok.encode_batch(list(texts), add_special_tokens=True)
+        finally:
+            self._tok.no_truncation()
+            self._tok.no_padding()
+        return (np.array([r.ids for r in rows], np.int64),
+                np.array([r.attention_mask for r in rows], np.int64))
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -32,8 +32,7 @@ def decode_video(vae, latents: np.ndarray, denoiser=None) -> np.ndarray:
     info = _decode_info(vae)
     style = info["style"]
     kind = ((getattr(denoiser, "manifest", None) or {}).get("source") or {}).get("class", "")
-    if denoiser is not None and not kind.lower().startswith(
-            {"cogvideox": "cogvideox", "wan": "wan"}[style]):
+    if denoiser is not None and not kind.lower().startswith(style):
         raise UserError(f"a {style} VAE cannot decode {kind or 'this model'}'s latents; give "
                         "the VAE of the same pipeline")
     x = np.asarray(latents, np.float32)
