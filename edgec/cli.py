@@ -611,6 +611,9 @@ def sample_cmd(
     dynamic_cfg: Annotated[bool, typer.Option(
         "--dynamic-cfg", help="CogVideoX: scale guidance per step as its pipeline's "
                               "use_dynamic_cfg")] = False,
+    solver: Annotated[str | None, typer.Option(
+        "--solver", help="solver over the artifact's schedule (default: its pipeline's): flow "
+                         "euler|flowmatch|unipc, CogVideoX ddim|dpm")] = None,
     vae: Annotated[Path | None, typer.Option(
         "--vae", help="compiled VAE decoder artifact (`edgec compile ./pipeline/vae ...`): "
                       "decode the samples to frames")] = None,
@@ -648,7 +651,8 @@ def sample_cmd(
     conditions, negatives = with_prompts(session, conditions, negatives, prompt,
                                          negative_prompt, encoder)
     check_inputs(session, conditions, negative=negatives, guidance=guidance, seed=seed,
-                 guidance_mode=guidance_mode, dense_steps=dense_steps)  # before the progress bar
+                 guidance_mode=guidance_mode, dense_steps=dense_steps,
+                 solver=solver)  # before the progress bar
     with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, disable=as_json) as bar:
         task = bar.add_task("steps", total=steps)
@@ -660,7 +664,7 @@ def sample_cmd(
                                  dense_steps=dense_steps, callback=advance,
                                  guidance_mode=guidance_mode, negative=negatives,
                                  vae=edgec.load(vae) if vae is not None else None,
-                                 dynamic_cfg=dynamic_cfg)
+                                 dynamic_cfg=dynamic_cfg, solver=solver)
     if save is not None:
         np.savez(save, **samples)
     if video is not None:

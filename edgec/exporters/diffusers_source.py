@@ -229,7 +229,7 @@ def _cogvideox(model, opts):
                 "conditions": ["encoder_hidden_states"], "guidance": 6.0, "steps": 50,
                 "schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                 "snr_shift": 1.0 if c.use_rotary_positional_embeddings else 3.0,
-                "zero_snr": True, "spacing": "trailing", "alpha_to_one": True}
+                "zero_snr": True, "spacing": "trailing", "alpha_to_one": True, "solver": "ddim"}
     return _wrap(model, extra), inputs, {"hyperparameters": hp, "sampling": sampling}
 
 
@@ -366,14 +366,20 @@ _DDIM_KEYS = {"num_train_timesteps": ("train_steps", int), "beta_start": ("beta_
 
 
 def _ddim_scheduler(file: Path, cfg: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
-    """A CogVideoX pipeline's DDIM (or DPM: the same schedule, which edgec samples with DDIM)
-    scheduler config over the defaults; a prediction type other than v is refused."""
+    """A CogVideoX pipeline's CogVideoXDDIMScheduler or CogVideoXDPMScheduler config (the same
+    schedule, two solvers) over the defaults; another scheduler or a prediction type other
+    than v is refused."""
+    name = cfg.get("_class_name", "CogVideoXDDIMScheduler")
+    solver = {"CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}.get(name)
+    if solver is None:
+        raise UserError(f"{file}: scheduler {name!r}; edgec samples CogVideoX with "
+                        "CogVideoXDDIMScheduler or CogVideoXDPMScheduler")
     if cfg.get("prediction_type", "v_prediction") != "v_prediction":
         raise UserError(f"{file}: prediction_type {cfg['prediction_type']!r}; edgec samples "
                         "CogVideoX as v_prediction (the hub pipelines' setting)")
     if cfg.get("trained_betas") is not None:
         raise UserError(f"{file}: trained_betas are not supported; use beta_schedule")
-    out = dict(sampling)
+    out = {**sampling, "solver": solver}
     for key, (field, kind) in _DDIM_KEYS.items():
         if key in cfg:
             value = cfg[key]

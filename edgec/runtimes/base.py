@@ -151,8 +151,8 @@ class Session(abc.ABC):
                guidance: float | None = None, seed: int = 0, dense_steps: int | None = None,
                callback=None, noise=None, guidance_mode: str = "auto",
                negative=None, prompt=None, negative_prompt=None,
-               text_encoder=None, vae=None, dynamic_cfg: bool = False
-               ) -> dict[str, np.ndarray]:
+               text_encoder=None, vae=None, dynamic_cfg: bool = False,
+               solver: str | None = None) -> dict[str, np.ndarray]:
         """Run the model's sampler from noise (flow-matching Euler, DDIM x0 or v, or the sub-VP
         SDE) with classifier-free guidance (``negative``: the unconditional half's conditions,
         default zeros; ``prompt``/``negative_prompt`` with ``text_encoder``, a loaded
@@ -165,7 +165,7 @@ class Session(abc.ABC):
                       dense_steps=dense_steps, callback=callback, noise=noise,
                       guidance_mode=guidance_mode, negative=negative, prompt=prompt,
                       negative_prompt=negative_prompt, text_encoder=text_encoder, vae=vae,
-                      dynamic_cfg=dynamic_cfg)
+                      dynamic_cfg=dynamic_cfg, solver=solver)
 
     # Generation: a KV-cache decoder artifact (compiled with --generate).
     @_one_generation_at_a_time

@@ -33,7 +33,8 @@ __all__ = ["SamplerSpec", "sample", "check_inputs", "flow_sigmas", "ddim_alphas"
 
 KINDS = ("flow", "ddim-x0", "ddim-v", "score")
 SPACINGS = ("trailing", "linspace", "leading")
-FLOW_SOLVERS = ("euler", "flowmatch", "unipc")
+# the solvers a kind can sample with (the artifact names its pipeline's; sample(solver=) swaps)
+SOLVERS = {"flow": ("euler", "flowmatch", "unipc"), "ddim-v": ("ddim", "dpm")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ class SamplerSpec:
     steps: int = 50
     shift: float = 1.0
     # flow: "euler" (σ uniform in [1, 0], shifted), or a diffusers pipeline's scheduler:
-    # "flowmatch" (FlowMatchEulerDiscreteScheduler's grid) or "unipc" (UniPCMultistepScheduler)
+    # "flowmatch" (FlowMatchEulerDiscreteScheduler's grid) or "unipc" (UniPCMultistepScheduler);
+    # ddim-v: "ddim" (CogVideoXDDIMScheduler) or "dpm" (CogVideoXDPMScheduler)
     solver: str = "euler"
     solver_order: int = 2
     bh2: bool = True
@@ -82,14 +84,30 @@ class SamplerSpec:
         entry["samples"] = dict(entry["samples"])
         entry["conditions"] = tuple(entry.get("conditions", ()))
         entry["skip_corrector"] = tuple(entry.get("skip_corrector", ()))
+        if entry.get("kind") == "ddim-v":  # written before CogVideoX had a second solver
+            entry.setdefault("solver", "ddim")
         spec = cls(**entry)
         if spec.kind not in KINDS:
             raise UserError(f"sampler kind {spec.kind!r} unknown; upgrade edgec")
         if spec.kind == "ddim-v" and spec.spacing not in SPACINGS:
             raise UserError(f"timestep spacing {spec.spacing!r} unknown; upgrade edgec")
-        if spec.kind == "flow" and spec.solver not in FLOW_SOLVERS:
-            raise UserError(f"flow solver {spec.solver!r} unknown; upgrade edgec")
+        if spec.kind in SOLVERS and spec.solver not in SOLVERS[spec.kind]:
+            raise UserError(f"{spec.kind} solver {spec.solver!r} unknown; upgrade edgec")
         return spec
+
+    def with_solver(self, solver: str | None) -> SamplerSpec:
+        """This spec sampled with ``solver`` instead of the artifact's (as a diffusers user swaps
+        ``pipe.scheduler`` for another over the same config)."""
+        if solver is None or solver == self.solver:
+            return self
+        choices = SOLVERS.get(self.kind)
+        if not choices:
+            raise UserError(f"solver={solver!r}: this artifact's sampler ({self.kind}) has one "
+                            "solver; leave solver out")
+        if solver not in choices:
+            raise UserError(f"solver={solver!r}: a {self.kind} artifact samples with one of: "
+                            f"{', '.join(choices)}")
+        return dataclasses.replace(self, solver=solver)
 
 
 def flow_sigmas(steps: int, shift: float = 1.0) -> np.ndarray:
@@ -228,7 +246,8 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
            dense_steps: int | None = None, callback: Callable[[int, int], None] | None = None,
            noise: Mapping[str, np.ndarray] | None = None, guidance_mode: str = "auto",
            negative: Mapping[str, np.ndarray] | None = None, prompt=None, negative_prompt=None,
-           text_encoder=None, vae=None, dynamic_cfg: bool = False) -> dict[str, np.ndarray]:
+           text_encoder=None, vae=None, dynamic_cfg: bool = False,
+           solver: str | None = None) -> dict[str, np.ndarray]:
     """Run the artifact's sampler from Gaussian noise; returns the final samples by input name.
 
     ``conditions`` feeds every input that is not a noisy sample or the timestep (missing ones
@@ -244,10 +263,14 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     [B, frames, H, W, 3] in [0, 1] as the pipeline's ``output_type="np"``;
     ``dynamic_cfg`` (CogVideoX) scales guidance per step as CogVideoXPipeline's
     ``use_dynamic_cfg`` does;
+    ``solver`` (default: the artifact's, from its pipeline's scheduler config) swaps the
+    solver over the same schedule: flow "euler" / "flowmatch" / "unipc", CogVideoX "ddim" /
+    "dpm" (CogVideoXDPMScheduler, stochastic: its noise comes from ``seed``);
     ``dense_steps`` (default: the artifact's) steps run the dense companion graph;
     ``callback(step, steps)`` after every step. Timings and model runs land in
     ``session.last_sampling``."""
-    spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
+    manifest = getattr(session, "manifest", None) or {}
+    spec = SamplerSpec.from_manifest(manifest).with_solver(solver)
     steps = spec.steps if steps is None else int(steps)
     if steps < 1:
         raise UserError(f"steps={steps}: give at least one sampling step")
@@ -269,7 +292,10 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
 
         (latents,) = x.values()
         x = {**x, "video": decode_video(vae, latents, session)}
-    session.last_sampling = {"kind": spec.kind, "steps": steps, "guidance": guidance,
+    session.last_sampling = {"kind": spec.kind,
+                             "solver": spec.solver if spec.kind in SOLVERS else None,
+                             "steps": steps,
+                             "guidance": guidance,
                              "dense_steps": n_dense, "model_runs": model.runs,
                              "seconds": time.perf_counter() - t0,
                              "guidance_mode": model.final_mode(),
@@ -311,12 +337,13 @@ def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
                  noise: Mapping[str, np.ndarray] | None = None,
                  negative: Mapping[str, np.ndarray] | None = None, *,
                  guidance: float | None = None, guidance_mode: str = "auto",
-                 dense_steps: int | None = None, seed: int = 0) -> None:
+                 dense_steps: int | None = None, seed: int = 0,
+                 solver: str | None = None) -> None:
     """Refuse conditions (and noise) ``sample`` could not run, before anything runs: unknown
     names, and shapes the main graph does not take (a sparse-attention graph's baked-in grid);
-    and the options: guidance, guidance_mode, dense_steps, seed.
+    and the options: guidance, guidance_mode, dense_steps, seed, solver.
     ``sample`` checks them too; the CLI calls this before it shows its progress bar."""
-    spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
+    spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {}).with_solver(solver)
     _check_options(session, spec, guidance, guidance_mode, dense_steps, seed)
     _start(session, spec, conditions, noise, np.random.default_rng(0), negative)
 
@@ -467,20 +494,28 @@ def _ddim(model, spec, x, steps, rng, callback):
 
 
 def _ddim_v(model, spec, x, steps, rng, callback):
-    """Deterministic DDIM (η = 0) on a v-predicting model, as CogVideoXDDIMScheduler.step: the
-    previous timestep is t − T // steps (ᾱ = 1 past the end with ``alpha_to_one``)."""
+    """A v-predicting model sampled as CogVideoXDDIMScheduler.step (deterministic DDIM, η = 0)
+    or CogVideoXDPMScheduler.step (``solver="dpm"``): the previous timestep is t − T // steps
+    (ᾱ = 1 past the end with ``alpha_to_one``)."""
     alphas = schedulers.ddim_v_alphas(spec)
     final = 1.0 if spec.alpha_to_one else float(alphas[0])
     ts = schedulers.ddim_v_timesteps(spec, steps)
+    old = {k: None for k in x}  # DPM's previous data prediction
     for i, t in enumerate(ts):
         v = model(i, x, float(t))
         a = float(alphas[t])
         prev = int(t) - spec.train_steps // steps
         a_prev = float(alphas[prev]) if prev >= 0 else final
-        c_x = math.sqrt((1.0 - a_prev) / (1.0 - a))
-        c_x0 = math.sqrt(a_prev) - math.sqrt(a) * c_x
-        x = {k: (c_x * x[k] + c_x0 * (math.sqrt(a) * x[k] - math.sqrt(1.0 - a) * v[k])
-                 ).astype(np.float32) for k in x}
+        x0 = {k: math.sqrt(a) * x[k] - math.sqrt(1.0 - a) * v[k] for k in x}
+        if spec.solver == "dpm":
+            a_back = float(alphas[ts[i - 1]]) if i else None
+            x = {k: schedulers.dpm_sde_step(x[k], x0[k], old[k], a, a_prev, a_back, prev < 0,
+                                            rng) for k in x}
+            old = x0
+        else:
+            c_x = math.sqrt((1.0 - a_prev) / (1.0 - a))
+            c_x0 = math.sqrt(a_prev) - math.sqrt(a) * c_x
+            x = {k: (c_x * x[k] + c_x0 * x0[k]).astype(np.float32) for k in x}
         if callback:
             callback(i + 1, steps)
     return x

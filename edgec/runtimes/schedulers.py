@@ -2,7 +2,8 @@
 denoiser samples what the pipeline samples from the same latents (tests hold each to diffusers):
 
 - CogVideoX: ``CogVideoXDDIMScheduler`` (v prediction, scaled-linear betas, SNR shift, zero
-  terminal SNR, trailing timesteps), deterministic DDIM (η = 0);
+  terminal SNR, trailing timesteps), deterministic DDIM (η = 0); ``CogVideoXDPMScheduler``
+  (the same schedule; the stochastic DPM-Solver++(2M) step the CogVideoX-5B recipe uses);
 - Wan: ``UniPCMultistepScheduler`` on flow sigmas (the hub pipelines' scheduler: predictor and
   corrector of order ≤ ``solver_order``, B(h) = e^h − 1 (bh2) or h (bh1), lower order at the
   last step), and ``FlowMatchEulerDiscreteScheduler``'s sigma grid for plain Euler.
@@ -19,7 +20,8 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["ddim_v_alphas", "ddim_v_timesteps", "flowmatch_sigmas", "unipc_sigmas", "UniPC"]
+__all__ = ["ddim_v_alphas", "ddim_v_timesteps", "dpm_sde_step", "flowmatch_sigmas",
+           "unipc_sigmas", "UniPC"]
 
 
 def ddim_v_alphas(spec) -> np.ndarray:
@@ -53,6 +55,37 @@ def ddim_v_timesteps(spec, steps: int) -> np.ndarray:
     if spec.spacing == "linspace":
         return np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
     return (np.arange(steps) * (n // steps))[::-1].astype(np.int64)  # leading, offset 0
+
+
+def _half_log_snr(a: float) -> float:
+    """λ = log √(ᾱ / (1 − ᾱ)), ±inf at ᾱ = 0 (zero terminal SNR) and ᾱ = 1 (past the end)."""
+    if a <= 0.0:
+        return -math.inf
+    if a >= 1.0:
+        return math.inf
+    return 0.5 * math.log(a / (1.0 - a))
+
+
+def dpm_sde_step(x: np.ndarray, x0: np.ndarray, old_x0: np.ndarray | None, a: float,
+                 a_prev: float, a_back: float | None, last: bool, rng: np.random.Generator
+                 ) -> np.ndarray:
+    """One step of CogVideoXDPMScheduler.step: SDE DPM-Solver++(2M) from ᾱ ``a`` to
+    ``a_prev`` given the data prediction ``x0``, second order on the previous step's ``old_x0``
+    (ᾱ ``a_back``) except on the first and the ``last`` step. It draws a noise for the
+    first-order update and, when it goes on to second order, a second one (as diffusers does:
+    the first is then unused), so a seed gives the pipeline's stream of draws."""
+    h = _half_log_snr(a_prev) - _half_log_snr(a)
+    m_x = math.sqrt((1.0 - a_prev) / (1.0 - a)) * math.exp(-h)
+    m_x0 = math.expm1(-2.0 * h) * math.sqrt(a_prev)
+    m_noise = math.sqrt(1.0 - a_prev) * math.sqrt(-math.expm1(-2.0 * h))
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    if old_x0 is None or last:
+        return (m_x * x - m_x0 * x0 + m_noise * noise).astype(np.float32)
+    h_last = _half_log_snr(a) - _half_log_snr(a_back)
+    half_inv_r = h / (2.0 * h_last) if math.isfinite(h_last) else 0.0  # 1 / 2r, r = h_last / h
+    d = (1.0 + half_inv_r) * x0 - half_inv_r * old_x0
+    noise = rng.standard_normal(x.shape).astype(np.float32)
+    return (m_x * x - m_x0 * d + m_noise * noise).astype(np.float32)
 
 
 def _shifted(sigmas, shift: float):

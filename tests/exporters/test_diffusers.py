@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import sys
+from unittest import mock
 
 import diffusers  # the diffusers extra; dev installs it, so a missing install fails here
 import numpy as np
@@ -155,6 +156,26 @@ def test_cogvideox_samples_as_the_diffusers_pipeline(models, tmp_path):
                               dynamic_cfg=True)["hidden_states"]
     assert np.abs(got_dynamic - dynamic).max() <= 1e-4 * np.abs(dynamic).max()
     assert np.abs(dynamic - want).max() > 1e-3 * np.abs(want).max()  # it did change something
+    # CogVideoXDPMScheduler (the 5B recipe's swap): stochastic, so both draw the same noises
+    dpm = diffusers.CogVideoXDPMScheduler.from_config(scheduler.config)
+    dpm_pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                           transformer=transformer, scheduler=dpm)
+    draws = np.random.default_rng(5)
+    module = sys.modules[type(dpm).__module__]
+    with mock.patch.object(module, "randn_tensor", lambda shape, **_: torch.from_numpy(
+            draws.standard_normal(tuple(shape)).astype(np.float32))), torch.no_grad():
+        want_dpm = dpm_pipe(prompt_embeds=prompt, negative_prompt_embeds=negative,
+                            latents=latents, num_inference_steps=7, guidance_scale=6.0,
+                            height=8 * s, width=8 * s, num_frames=t + 1,
+                            output_type="latent").frames.numpy()
+    got_dpm = sess.sample(feeds, negative={"encoder_hidden_states": negative.numpy()},
+                          noise={"hidden_states": latents.numpy()}, steps=7, seed=5,
+                          solver="dpm")["hidden_states"]
+    assert sess.last_sampling["solver"] == "dpm"
+    assert np.abs(got_dpm - want_dpm).max() <= 1e-4 * np.abs(want_dpm).max()
+    assert np.abs(want_dpm - want).max() > 1e-2 * np.abs(want).max()  # another sampler
+    with pytest.raises(UserError, match="a ddim-v artifact samples with one of: ddim, dpm"):
+        sess.sample(feeds, steps=1, solver="unipc")
     # zeros are not the negative prompt: the unconditional half is what the user gives
     zeros = sess.sample(feeds, noise={"hidden_states": latents.numpy()}, steps=7)["hidden_states"]
     assert np.abs(zeros - want).max() > 1e-2 * np.abs(want).max()
@@ -177,6 +198,10 @@ def test_cogvideox_samples_as_the_diffusers_pipeline(models, tmp_path):
                                   seeded["hidden_states"])
     result = CliRunner().invoke(app, [*base, "--negative", str(tmp_path / "bad.npz")])
     assert result.exit_code == 2 and "negative input 'text' is not a condition" in result.output
+    result = CliRunner().invoke(app, [*base, "--solver", "euler"])
+    assert result.exit_code == 2 and "samples with one of: ddim, dpm" in result.output
+    result = CliRunner().invoke(app, [*base, "--solver", "dpm", "--steps", "2", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["solver"] == "dpm", result.output
 
 
 def _wan_pipeline_latents(transformer_dir, scheduler, steps, text_len):
@@ -512,6 +537,8 @@ def test_files_that_are_no_lora_are_refused(models, tmp_path):
     ({"timestep_spacing": "leading", "steps_offset": 1}, "steps_offset 1 is not supported"),
     ({"snr_shift_scale": "three"}, "snr_shift_scale 'three' is not a float"),
     ({"trained_betas": [0.1]}, "trained_betas are not supported"),
+    ({"_class_name": "DDIMScheduler"}, "scheduler 'DDIMScheduler'; edgec samples CogVideoX with "
+                                       "CogVideoXDDIMScheduler or CogVideoXDPMScheduler"),
 ])
 def test_a_cogvideox_scheduler_config_edgec_cannot_sample_is_refused(tmp_path, config, message):
     """Read from the pipeline folder beside the transformer, before anything is exported."""
@@ -522,6 +549,22 @@ def test_a_cogvideox_scheduler_config_edgec_cannot_sample_is_refused(tmp_path, c
     with pytest.raises(UserError, match=message):
         _with_scheduler(tmp_path / "transformer", {"kind": "ddim-v", "schedule": "scaled_linear",
                                                    "spacing": "trailing"})
+
+
+def test_a_cogvideox_dpm_scheduler_is_what_the_artifact_samples_with(tmp_path):
+    from edgec.exporters.diffusers_source import _with_scheduler
+    from edgec.runtimes.sampling import SamplerSpec
+
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "CogVideoXDPMScheduler", "snr_shift_scale": 1.0}))
+    base = {"kind": "ddim-v", "samples": {"x": "y"}, "timestep": "t", "schedule": "scaled_linear",
+            "spacing": "trailing", "solver": "ddim"}
+    sampling = _with_scheduler(tmp_path / "transformer", base)
+    assert sampling["solver"] == "dpm"
+    # an artifact written before the DPM solver existed samples with DDIM, as it did
+    old = {k: v for k, v in base.items() if k != "solver"}
+    assert SamplerSpec.from_manifest({"sampling": old}).solver == "ddim"
 
 
 @pytest.mark.parametrize("config, message", [
