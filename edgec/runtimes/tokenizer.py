@@ -1,13 +1,18 @@
 """A checkpoint's tokenizer, shipped inside a generation artifact so it generates from text.
 
 Only the fast-tokenizer file (``tokenizer.json``, read by the ``tokenizers`` package) and the
-small JSON/template files beside it are copied; nothing executable is.
+small JSON/template files beside it are copied; nothing executable is. A checkpoint that ships
+only a sentencepiece model (``spiece.model``: T5 as CogVideoX's pipelines ship it;
+``tokenizer.model``: early LLaMA) gets its ``tokenizer.json`` made by transformers' converter
+(the ``hf`` extra, with sentencepiece), which is what ``AutoTokenizer`` would load.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,9 @@ __all__ = ["TOKENIZER_DIR", "ship_tokenizer", "ship_model_config", "Tokenizer"]
 TOKENIZER_DIR = "tokenizer"
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
          "generation_config.json", "chat_template.jinja")
+SENTENCEPIECE = ("spiece.model", "tokenizer.model")
+
+log = logging.getLogger(__name__)
 
 
 def ship_tokenizer(checkpoint: str | Path | None, stage: Path) -> str | None:
@@ -27,16 +35,53 @@ def ship_tokenizer(checkpoint: str | Path | None, stage: Path) -> str | None:
     if checkpoint is None:
         return None
     src = Path(checkpoint)
-    if not (src / "tokenizer.json").is_file():
-        src = src / TOKENIZER_DIR  # an edgec artifact's
-        if not (src / "tokenizer.json").is_file():
+    if not _has_tokenizer(src):
+        src = src / TOKENIZER_DIR  # an edgec artifact's, or a diffusers pipeline's folder
+        if not _has_tokenizer(src):
             return None
     dest = stage / TOKENIZER_DIR
     dest.mkdir()
+    if not (src / "tokenizer.json").is_file() and not _convert_sentencepiece(src, dest):
+        shutil.rmtree(dest)
+        return None
     for name in FILES:
-        if (src / name).is_file():
+        if (src / name).is_file() and not (dest / name).exists():
             shutil.copyfile(src / name, dest / name)
     return TOKENIZER_DIR
+
+
+def _has_tokenizer(src: Path) -> bool:
+    return any((src / name).is_file() for name in ("tokenizer.json", *SENTENCEPIECE))
+
+
+def _convert_sentencepiece(src: Path, dest: Path) -> bool:
+    """``dest/tokenizer.json`` from ``src``'s sentencepiece model, as transformers converts it
+    (local files, no remote code), and the tokenizer_config.json it writes beside it (with the
+    special tokens the class defaults to, T5's pad among them); False, with a warning, where it
+    cannot."""
+    model = next(name for name in SENTENCEPIECE if (src / name).is_file())
+    try:
+        import sentencepiece  # noqa: F401  (transformers' converter reads the model with it)
+        from transformers import AutoTokenizer
+    except ImportError:
+        log.warning("%s has only a sentencepiece model (%s); the artifact ships no tokenizer "
+                    "(converting it needs: pip install 'edgec[hf]')", src, model)
+        return False
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True,
+                                            trust_remote_code=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            if not (Path(tmp) / "tokenizer.json").is_file():
+                raise ValueError(f"{type(tok).__name__} wrote no tokenizer.json")
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if (Path(tmp) / name).is_file():
+                    shutil.copyfile(Path(tmp) / name, dest / name)
+    except Exception as e:  # noqa: BLE001  (a tokenizer transformers cannot read: ship none)
+        log.warning("%s: could not convert %s to tokenizer.json (%s); the artifact ships no "
+                    "tokenizer", src, model, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+    return True
 
 
 def ship_model_config(checkpoint: str | Path | None, stage: Path) -> list[str]:

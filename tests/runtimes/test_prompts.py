@@ -37,13 +37,29 @@ def _tokenizer(folder):
          "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512}))
 
 
+def _sentencepiece(folder):
+    """Only a sentencepiece model (spiece.model), as CogVideoX's hub pipelines ship T5's."""
+    import sentencepiece
+
+    folder.mkdir(parents=True)
+    corpus = folder.parent / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=30,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+        eos_piece="</s>", unk_piece="<unk>", num_threads=1, minloglevel=2)
+    (folder / "spiece.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 226}))
+
+
 def _pipeline(root, kind):
     """A diffusers pipeline folder (tokenizer, text_encoder, transformer, scheduler) and the
     pipeline object over the same modules."""
     import torch
 
     torch.manual_seed(0)
-    _tokenizer(root / "tokenizer")
+    (_sentencepiece if kind == "cog" else _tokenizer)(root / "tokenizer")
     if kind == "cog":
         enc = transformers.T5EncoderModel(transformers.T5Config(**TEXT))
         tr = diffusers.CogVideoXTransformer3DModel(
@@ -66,7 +82,8 @@ def _pipeline(root, kind):
     enc.save_pretrained(root / "text_encoder")
     tr.save_pretrained(root / "transformer")
     sched.save_pretrained(root / "scheduler")
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
+    tokenizer = (transformers.T5Tokenizer if kind == "cog" else
+                 transformers.PreTrainedTokenizerFast).from_pretrained(root / "tokenizer")
     return pipe_cls(tokenizer=tokenizer, text_encoder=enc.eval(), vae=None,
                     transformer=tr.eval(), scheduler=sched)
 
@@ -95,6 +112,8 @@ def test_sampling_from_a_prompt_is_the_pipelines(pipelines, kind):
 
     pipe, denoiser, encoder = pipelines[kind]
     assert encoder.manifest["tokenizer"] == "tokenizer"  # from ../tokenizer in the pipeline
+    # CogVideoX's: converted from spiece.model (the pipeline folder has no tokenizer.json)
+    assert (encoder.path / "tokenizer" / "tokenizer.json").is_file()
     shape = (1, 2, 4, 8, 8) if kind == "cog" else (1, 4, 2, 8, 8)
     latents = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     s, t = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
@@ -190,3 +209,23 @@ def test_a_compiled_vae_decodes_the_video_the_pipeline_returns(pipelines, kind, 
         assert result.exit_code == 2 and "give --vae DIR too" in result.output
         with pytest.raises(UserError, match="--vae must be a compiled diffusers video VAE"):
             denoiser.load().sample(steps=1, vae=encoder.load())
+
+
+def test_a_sentencepiece_only_tokenizer_ships_converted_or_not_at_all(tmp_path, monkeypatch,
+                                                                      caplog):
+    """spiece.model → tokenizer.json as transformers converts it (ids equal to its T5Tokenizer);
+    without sentencepiece the artifact ships no tokenizer and says why, instead of a half one."""
+    from edgec.runtimes.tokenizer import Tokenizer, ship_tokenizer
+
+    _sentencepiece(tmp_path / "tok")
+    (tmp_path / "a").mkdir()
+    assert ship_tokenizer(tmp_path / "tok", tmp_path / "a") == "tokenizer"
+    ours = Tokenizer(tmp_path / "a", {"tokenizer": "tokenizer"})
+    theirs = transformers.T5Tokenizer.from_pretrained(tmp_path / "tok")
+    for text in (PROMPT, "small blue dog jumps", "zebra"):
+        assert ours.encode(text) == theirs(text).input_ids
+    monkeypatch.setitem(__import__("sys").modules, "sentencepiece", None)
+    (tmp_path / "b").mkdir()
+    assert ship_tokenizer(tmp_path / "tok", tmp_path / "b") is None
+    assert not (tmp_path / "b" / "tokenizer").exists()
+    assert "only a sentencepiece model (spiece.model)" in caplog.text
