@@ -598,6 +598,9 @@ def sample_cmd(
     inputs: Annotated[Path | None, typer.Option(
         "--inputs", help="conditions: .npz keyed by input name (default: the example inputs)"
     )] = None,
+    noise: Annotated[Path | None, typer.Option(
+        "--noise", help="starting noise: .npz keyed by sample input name (default: drawn "
+                        "from --seed)")] = None,
     negative: Annotated[Path | None, typer.Option(
         "--negative", help="guidance's unconditional conditions, e.g. a negative prompt's "
                            "embeddings: .npz keyed by condition name (default: zeros)")] = None,
@@ -627,6 +630,7 @@ def sample_cmd(
     """Sample a diffusion artifact from noise (flow Euler, DDIM or SDE, with guidance).
 
     Examples: `edgec sample out --steps 50`, `edgec sample out --inputs text.npz --save x.npz`,
+    `edgec sample out --noise latent.npz --guidance 1`,
     `edgec sample out-cog --prompt "a cat on a skateboard" --text-encoder out-t5 --vae out-vae
     --video cat.gif`,
     `edgec sample out-sparse --steps 50 --dense-steps 10 --json`
@@ -644,15 +648,16 @@ def sample_cmd(
     session = edgec.load(artifact)
     if adapter is not None:
         session.active_adapter = adapter
-    conditions, negatives = _load_npz(inputs), _load_npz(negative)
+    conditions, negatives, noises = _load_npz(inputs), _load_npz(negative), _load_npz(noise)
+    _no_samples_in(session, inputs, conditions)
     if text_encoder is not None and prompt is None:
         raise UserError("--text-encoder encodes --prompt; give a prompt too")
     encoder = edgec.load(text_encoder) if text_encoder is not None else None
     conditions, negatives = with_prompts(session, conditions, negatives, prompt,
-                                         negative_prompt, encoder)
-    check_inputs(session, conditions, negative=negatives, guidance=guidance, seed=seed,
-                 guidance_mode=guidance_mode, dense_steps=dense_steps,
-                 solver=solver)  # before the progress bar
+                                         negative_prompt, encoder, guidance=guidance)
+    check_inputs(session, conditions, noises, negatives, guidance=guidance, seed=seed,
+                 guidance_mode=guidance_mode, dense_steps=dense_steps, solver=solver,
+                 dynamic_cfg=dynamic_cfg)  # before the progress bar
     with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, disable=as_json) as bar:
         task = bar.add_task("steps", total=steps)
@@ -661,7 +666,7 @@ def sample_cmd(
             bar.update(task, completed=done, total=total)
 
         samples = session.sample(conditions, steps=steps, guidance=guidance, seed=seed,
-                                 dense_steps=dense_steps, callback=advance,
+                                 dense_steps=dense_steps, callback=advance, noise=noises,
                                  guidance_mode=guidance_mode, negative=negatives,
                                  vae=edgec.load(vae) if vae is not None else None,
                                  dynamic_cfg=dynamic_cfg, solver=solver)
@@ -682,6 +687,19 @@ def sample_cmd(
         out.print(f"{name}: shape {s['shape']}, mean {s['mean']:.4f}, std {s['std']:.4f}")
     err.print(f"{stats['steps']} steps ({stats['dense_steps']} dense), {stats['model_runs']} "
               f"model runs, {stats['seconds']:.2f} s", highlight=False)
+
+
+def _no_samples_in(session, path: Path | None, conditions: dict | None) -> None:
+    """--inputs holds conditions only: a noisy sample in it (the artifact's own
+    example_inputs.npz holds every input) is starting noise, which --noise takes."""
+    from edgec.runtimes.sampling import SamplerSpec
+
+    spec = SamplerSpec.from_manifest(session.manifest)
+    name = next((k for k in conditions or {} if k in spec.samples), None)
+    if name is not None:
+        raise UserError(f"--inputs {path}: {name!r} is the noisy sample, not a condition; give "
+                        "its starting noise with --noise FILE.npz and leave it out of --inputs "
+                        "(the conditions default to the example inputs)")
 
 
 @app.command("compare")

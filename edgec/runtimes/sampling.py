@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -155,10 +156,7 @@ class _Denoiser:
         if self.cfg:  # the unconditional half: the negative conditions given, else zeros
             self.null = {**fixed, **{c: np.zeros_like(fixed[c]) for c in spec.conditions
                                      if c in fixed}, **(negative or {})}
-            self.pair = _fits_batch(session, spec, 2 * batch)
-            if mode == "batch" and not self.pair:
-                raise UserError("guidance_mode='batch' needs a graph whose batch dim takes "
-                                f"{2 * batch} rows (it is static); use 'split' or 'auto'")
+            self.pair = _pairable(session, spec, batch, mode)
 
     def __call__(self, step: int, x: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
         sess = self.dense if self.dense is not None and step < self.dense_steps else self.session
@@ -228,7 +226,17 @@ class _Denoiser:
 
     def _predict(self, sess, feeds) -> dict[str, np.ndarray]:
         out = sess.run(feeds)
-        return {name: out[o].astype(np.float32) for name, o in self.spec.samples.items()}
+        pred = {name: out[o].astype(np.float32) for name, o in self.spec.samples.items()}
+        for name, o in self.spec.samples.items():  # the step would fail in numpy's broadcast
+            if pred[name].shape != feeds[name].shape:  # (odd H/W under a 2x2 patch, say)
+                example = np.shape((getattr(self.session, "default_feeds", None) or {}
+                                    ).get(name))
+                rows = [self.batch]  # as given, not as the guidance pair's 2B rows
+                raise UserError(f"sample {name!r} has shape {rows + list(feeds[name].shape[1:])}"
+                                f" but the model's prediction {o!r} has "
+                                f"{rows + list(pred[name].shape[1:])}: give noise of a shape "
+                                f"the model maps to itself (its example: {list(example)})")
+        return pred
 
 
 def _timestep_dtype(session, spec: SamplerSpec) -> np.dtype:
@@ -239,6 +247,21 @@ def _fits_batch(session, spec: SamplerSpec, batch: int) -> bool:
     """Can one run take ``batch`` rows: every input's batch dim dynamic or exactly that?"""
     dims = [i.shape[0] for i in session.inputs if i.shape]
     return all(isinstance(d, str) or d is None or d == batch for d in dims)
+
+
+def _pairable(session, spec: SamplerSpec, batch: int, mode: str) -> bool:
+    """Can the guidance pair run as one batch of 2B; refuses guidance_mode='batch' if not."""
+    pair = _fits_batch(session, spec, 2 * batch)
+    if mode == "batch" and not pair:
+        raise UserError("guidance_mode='batch' needs a graph whose batch dim takes "
+                        f"{2 * batch} rows (it is static); use 'split' or 'auto'")
+    return pair
+
+
+def _guided(spec: SamplerSpec, guidance) -> bool:
+    """Does classifier-free guidance run (``guidance`` None: the artifact's scale)?"""
+    return bool(spec.conditions) and (spec.guidance if guidance is None
+                                      else float(guidance)) != 1.0
 
 
 def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
@@ -271,19 +294,21 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     ``session.last_sampling``."""
     manifest = getattr(session, "manifest", None) or {}
     spec = SamplerSpec.from_manifest(manifest).with_solver(solver)
+    if steps is not None and not _whole(steps):  # int() ran 2.7 as 2 steps
+        raise UserError(f"steps={steps!r}: give a whole number of sampling steps")
     steps = spec.steps if steps is None else int(steps)
     if steps < 1:
         raise UserError(f"steps={steps}: give at least one sampling step")
-    _check_options(session, spec, guidance, guidance_mode, dense_steps, seed)
-    guidance = spec.guidance if guidance is None else float(guidance)
+    _check_options(session, spec, guidance, guidance_mode, dense_steps, seed, dynamic_cfg)
     conditions, negative = with_prompts(session, conditions, negative, prompt, negative_prompt,
-                                        text_encoder)
+                                        text_encoder, guidance=guidance)
+    guidance = spec.guidance if guidance is None else float(guidance)
     rng = np.random.default_rng(seed)
     fixed, batch, x, negative = _start(session, spec, conditions, noise, rng, negative)
     dense, n_dense = _dense(session, dense_steps)
     n_dense = min(n_dense, steps)  # more dense steps than steps: every step runs dense
     model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode,
-                      negative, _dynamic_cfg(spec, guidance, steps) if dynamic_cfg else None)
+                      negative, _dynamic_cfg(guidance, steps) if dynamic_cfg else None)
     t0 = time.perf_counter()
     x = {"flow": _flow, "ddim-x0": _ddim, "ddim-v": _ddim_v, "score": _score}[spec.kind](
         model, spec, x, steps, rng, callback)
@@ -306,19 +331,26 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     return x
 
 
-def _dynamic_cfg(spec: SamplerSpec, guidance: float, steps: int) -> Callable[[float], float]:
+def _dynamic_cfg(guidance: float, steps: int) -> Callable[[float], float]:
     """CogVideoXPipeline's ``use_dynamic_cfg`` scale at the integer timestep t, as diffusers
     computes it: 1 + g·(1 − cos(π·((steps − t) / steps)⁵)) / 2 (t the train step, not the
     step index: its published form)."""
-    if spec.kind != "ddim-v":
-        raise UserError("dynamic_cfg is CogVideoX's guidance schedule (a ddim-v artifact); "
-                        "this artifact samples with a constant guidance scale")
     return lambda t: 1.0 + guidance * (1.0 - math.cos(math.pi * ((steps - t) / steps) ** 5.0)
                                        ) / 2.0
 
 
-def with_prompts(session, conditions, negative, prompt, negative_prompt, text_encoder):
-    """(conditions, negative conditions) with the prompts' embeddings in them."""
+def with_prompts(session, conditions, negative, prompt, negative_prompt, text_encoder, *,
+                 guidance=None):
+    """(conditions, negative conditions) with the prompts' embeddings in them. Negatives given
+    where no guidance runs (``guidance`` 1, or None and the artifact's 1) are refused: they
+    would be ignored."""
+    spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
+    given = "negative_prompt" if negative_prompt is not None else "negative conditions"
+    if (negative is not None or negative_prompt is not None) and spec.conditions and (
+            not _guided(spec, guidance)):
+        default = " (the artifact's default)" if guidance is None else ""
+        raise UserError(f"{given} are used by guidance; guidance is 1{default}: give a "
+                        "guidance scale other than 1, or leave them out")
     if prompt is None:
         if negative_prompt is not None:
             raise UserError("negative_prompt needs a prompt (or give negative embeddings)")
@@ -338,18 +370,28 @@ def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
                  negative: Mapping[str, np.ndarray] | None = None, *,
                  guidance: float | None = None, guidance_mode: str = "auto",
                  dense_steps: int | None = None, seed: int = 0,
-                 solver: str | None = None) -> None:
+                 solver: str | None = None, dynamic_cfg: bool = False) -> None:
     """Refuse conditions (and noise) ``sample`` could not run, before anything runs: unknown
     names, and shapes the main graph does not take (a sparse-attention graph's baked-in grid);
-    and the options: guidance, guidance_mode, dense_steps, seed, solver.
+    and the options: guidance, guidance_mode (and whether 'batch' fits the graph's batch),
+    dense_steps, seed, solver, dynamic_cfg.
     ``sample`` checks them too; the CLI calls this before it shows its progress bar."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {}).with_solver(solver)
-    _check_options(session, spec, guidance, guidance_mode, dense_steps, seed)
-    _start(session, spec, conditions, noise, np.random.default_rng(0), negative)
+    _check_options(session, spec, guidance, guidance_mode, dense_steps, seed, dynamic_cfg)
+    _, batch, _, _ = _start(session, spec, conditions, noise, np.random.default_rng(0), negative)
+    if _guided(spec, guidance):
+        _pairable(session, spec, batch, guidance_mode)
 
 
-def _check_options(session, spec: SamplerSpec, guidance, guidance_mode, dense_steps, seed):
+def _whole(n) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
+def _check_options(session, spec: SamplerSpec, guidance, guidance_mode, dense_steps, seed,
+                   dynamic_cfg=False):
     if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+            raise UserError(f"guidance={guidance!r}: give a number (1.0: no guidance)")
         if not math.isfinite(float(guidance)):
             raise UserError(f"guidance={guidance}: give a finite number (1.0: no guidance)")
         if float(guidance) != 1.0 and not spec.conditions:  # it was ignored, and reported
@@ -358,9 +400,13 @@ def _check_options(session, spec: SamplerSpec, guidance, guidance_mode, dense_st
     if guidance_mode not in GUIDANCE_MODES:
         raise UserError(f"guidance_mode={guidance_mode!r}: choose one of "
                         f"{', '.join(GUIDANCE_MODES)}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                             or seed < 0):  # numpy said "expected non-negative integer"
-        raise UserError(f"seed={seed}: give a non-negative integer")
+    if seed is not None and (not _whole(seed) or seed < 0):  # numpy: "expected non-negative
+        raise UserError(f"seed={seed}: give a non-negative integer")  # integer"
+    if dense_steps is not None and not _whole(dense_steps):
+        raise UserError(f"dense_steps={dense_steps!r}: give a whole number of steps")
+    if dynamic_cfg and spec.kind != "ddim-v":
+        raise UserError("dynamic_cfg is CogVideoX's guidance schedule (a ddim-v artifact); "
+                        "this artifact samples with a constant guidance scale")
     _dense_entry(session, dense_steps)
 
 
@@ -385,6 +431,7 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
         value = np.asarray(value)
         if value.dtype.kind in "fc" and not np.isfinite(value).all():
             raise UserError(f"condition {name!r} holds NaN or inf; give finite values")
+    _check_noise(spec, noise)
     batch = _batch(fixed, default, spec)
     x = {}
     for name in spec.samples:
@@ -400,6 +447,25 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
     if check is not None:  # the main graph's shapes, before any step runs (dense ones too)
         check({**fixed, **x, spec.timestep: np.zeros(batch, _timestep_dtype(session, spec))})
     return fixed, batch, x, negative
+
+
+def _check_noise(spec: SamplerSpec, noise) -> None:
+    """Refuse noise the sampler would ignore (a misspelt name: random noise ran instead) or
+    that samples NaN."""
+    if noise is None:
+        return
+    if not isinstance(noise, Mapping):
+        raise UserError(f"noise= takes {{sample input name: array}}, not "
+                        f"{type(noise).__name__}; the sample inputs: {', '.join(spec.samples)}")
+    for name, value in noise.items():
+        if name not in spec.samples:
+            raise UserError(f"noise {name!r} is not a sample input of this model; its sample "
+                            f"inputs are: {', '.join(spec.samples)}")
+        value = np.asarray(value)
+        if value.dtype.kind not in "fiu":
+            raise UserError(f"noise {name!r} has dtype {value.dtype}; give float values")
+        if not np.isfinite(value).all():
+            raise UserError(f"noise {name!r} holds NaN or inf; give finite values")
 
 
 def _negative(spec: SamplerSpec, fixed, negative) -> dict[str, np.ndarray]:

@@ -13,7 +13,14 @@ import edgec
 from edgec.cli import app
 from edgec.errors import UserError
 from edgec.runtimes import IOSpec
-from edgec.runtimes.sampling import denoise, fit_with_prior, flow_sigmas, sample, subvp
+from edgec.runtimes.sampling import (
+    check_inputs,
+    denoise,
+    fit_with_prior,
+    flow_sigmas,
+    sample,
+    subvp,
+)
 
 X0 = np.linspace(-1.0, 1.0, 12, dtype=np.float32).reshape(2, 6)
 SPREAD = 0.0  # the score oracle's data spread (a point mass makes Euler–Maruyama stiff)
@@ -159,6 +166,38 @@ def test_bad_sampling_requests():
     with pytest.raises(UserError, match="no conditions to guide; guidance must be 1"):
         sample(Oracle("flow", spec={"conditions": []}), guidance=2.0)
     assert sample(Oracle("flow", spec={"conditions": []}), guidance=1.0)["x"].shape == (2, 6)
+    # noise a typo dropped (random noise ran), NaN noise, steps int() truncated, a raw
+    # ValueError from float('abc') or from numpy's broadcast of a prediction of another shape
+    with pytest.raises(UserError, match="noise 'z' is not a sample input .*inputs are: x$"):
+        sample(sess, noise={"z": np.zeros((2, 6), np.float32)})
+    with pytest.raises(UserError, match="noise 'x' holds NaN or inf"):
+        sample(sess, noise={"x": np.full((2, 6), np.inf, np.float32)})
+    for bad in (2.7, True):
+        with pytest.raises(UserError, match=f"steps={bad}: give a whole number"):
+            sample(sess, steps=bad)
+    with pytest.raises(UserError, match="dense_steps=1.5: give a whole number"):
+        sample(sess, dense_steps=1.5)
+    with pytest.raises(UserError, match="guidance='abc': give a number"):
+        sample(sess, guidance="abc")
+    patchy = Oracle("flow")  # a model that maps its sample to a smaller one (odd H/W, patch 2)
+    patchy.run = lambda feeds: {"y": np.zeros((len(feeds["x"]), 4), np.float32)}
+    with pytest.raises(UserError, match=re.escape(
+            "sample 'x' has shape [2, 6] but the model's prediction 'y' has [2, 4]")):
+        sample(patchy, noise={"x": np.zeros((2, 6), np.float32)}, steps=1)
+    # negatives where guidance does not run were ignored
+    neg = {"c": np.zeros((2, 6), np.float32)}
+    with pytest.raises(UserError, match="negative conditions are used by guidance; guidance is "
+                                        "1: give a guidance scale other than 1"):
+        sample(sess, negative=neg, guidance=1.0)
+    with pytest.raises(UserError, match=r"guidance is 1 \(the artifact's default\)"):
+        sample(Oracle("flow", spec={"guidance": 1.0}), negative=neg)
+    assert sample(sess, negative=neg, steps=1)["x"].shape == (2, 6)  # the default, 3, guides
+    # check_inputs (the CLI's, before its progress bar) checks what sample refuses on its own
+    with pytest.raises(UserError, match="guidance_mode='batch' needs .* static"):
+        check_inputs(Oracle("flow", batch_dim=2), guidance_mode="batch")
+    check_inputs(Oracle("flow", batch_dim=2), guidance=1.0, guidance_mode="batch")  # no pair
+    with pytest.raises(UserError, match="dynamic_cfg is CogVideoX's"):
+        check_inputs(sess, dynamic_cfg=True)
     sess.manifest = {"source": {"name": "llama"}}
     with pytest.raises(UserError, match="llama is not a diffusion model"):
         sample(sess)
@@ -206,6 +245,24 @@ def test_cli_sample(sparse_dit, tmp_path):
     assert result.stderr.count("\n") == 1  # refused before the progress bar showed 0/N
     result = runner.invoke(app, ["sample", str(dense.path), "--guidance-mode", "foo"])
     assert result.exit_code == 2 and result.stderr.startswith("error: guidance_mode='foo'")
+    feeds = np.load(dense.path / "example_inputs.npz")
+    np.savez(tmp_path / "neg.npz", text=feeds["text"])
+    np.savez(tmp_path / "noise.npz", latent=feeds["latent"])
+    for args, said in [(["--dynamic-cfg"], "dynamic_cfg is CogVideoX's"),  # after the bar
+                       (["--guidance", "1", "--negative", str(tmp_path / "neg.npz")],
+                        "negative conditions are used by guidance; guidance is 1"),
+                       (["--inputs", str(dense.path / "example_inputs.npz")],  # the default,
+                        "'latent' is the noisy sample, not a condition; give its starting "
+                        "noise with --noise FILE.npz")]:  # given: refused pointing nowhere
+        result = runner.invoke(app, ["sample", str(dense.path), "--steps", "2", *args])
+        assert result.exit_code == 2 and said in result.stderr, result.output
+        assert result.stderr.count("\n") == 1  # before the progress bar
+    result = runner.invoke(app, ["sample", str(dense.path), "--steps", "1", "--guidance", "1",
+                                 "--noise", str(tmp_path / "noise.npz"),
+                                 "--save", str(tmp_path / "n.npz")])
+    assert result.exit_code == 0, result.output
+    ref = edgec.load(dense.path).sample(steps=1, guidance=1.0, noise={"latent": feeds["latent"]})
+    np.testing.assert_array_equal(np.load(tmp_path / "n.npz")["latent"], ref["latent"])
 
 
 def test_sparse_artifact_declares_and_checks_the_shapes_it_runs(sparse_dit, tmp_path):
