@@ -322,10 +322,12 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
             src, approximate = held, _approximate(records, ignore=("lora-merge",))
     quantized = recipe.quantize is not None or prequantized
     with artifact.staged_output(out) as stage:
+        from edgec.exporters.export_file import store_sampling
         from edgec.onnx_io import save_model
         from edgec.runtimes import EXAMPLE_INPUTS
 
         t0 = time.perf_counter()
+        store_sampling(model, src.info)  # `edgec compile DIR/model.onnx` (TensorRT's note) samples
         save_model(model, stage / "model.onnx")
         np.savez(stage / EXAMPLE_INPUTS, **src.feeds)
         gen = src.info.get("generation")

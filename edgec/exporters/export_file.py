@@ -1,7 +1,9 @@
 """Export a source to one .onnx (+ .onnx.data) file, atomically, with its parameter map inside.
 
 The parameter map is stored as model metadata ``edgec.parameter_map`` (JSON), so an .onnx
-written by edgec still tells later passes (LoRA, rotations) which initializer is which weight.
+written by edgec still tells later passes (LoRA, rotations) which initializer is which weight;
+a diffusion model's sampler as ``edgec.sampling`` (JSON, the manifest's ``sampling`` entry), so
+an artifact compiled from the .onnx still samples.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Any
 
 from edgec.errors import UserError
 
-__all__ = ["PARAMETER_MAP_KEY", "export_to_file", "stored_parameter_map"]
+__all__ = ["PARAMETER_MAP_KEY", "SAMPLING_KEY", "export_to_file", "stored_parameter_map",
+           "store_sampling", "stored_sampling"]
 
 PARAMETER_MAP_KEY = "edgec.parameter_map"
+SAMPLING_KEY = "edgec.sampling"
 
 
 def export_to_file(source: Any, path: str | os.PathLike, config: str | None = None,
@@ -37,6 +41,7 @@ def export_to_file(source: Any, path: str | os.PathLike, config: str | None = No
         raise UserError("export takes a model name or an nn.Module; an .onnx file is already "
                         "exported (use `edgec compile` on it)")
     src.model.metadata_props[PARAMETER_MAP_KEY] = json.dumps(src.parameter_map)
+    store_sampling(src.model, src.info)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgec-export-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
@@ -84,3 +89,45 @@ def _parameter_map_problem(pmap: Any) -> str | None:
         if entry.get("layout") not in _LAYOUTS:
             return f"entry {param!r} has layout {entry.get('layout')!r}, not one of {_LAYOUTS}"
     return None
+
+
+def store_sampling(model, info: Mapping[str, Any]) -> None:
+    """Keep the source's sampler (``info["sampling"]``, a diffusion model's) in ``model``."""
+    if info.get("sampling"):
+        model.metadata_props[SAMPLING_KEY] = json.dumps(info["sampling"])
+
+
+def stored_sampling(model, inputs: Sequence[str], outputs: Sequence[str]) -> dict | None:
+    """The sampler ``store_sampling`` kept in ``model`` (None if none), checked as the sampler
+    reads a manifest's entry and against the graph's input and output names: a malformed one
+    is refused here, not at the artifact's first ``sample``."""
+    raw = model.metadata_props.get(SAMPLING_KEY)
+    if raw is None:
+        return None
+    try:
+        entry = json.loads(raw)
+    except ValueError as e:
+        raise UserError(f"the model's {SAMPLING_KEY} metadata is not valid JSON ({e}); "
+                        "re-export the model with `edgec export`") from None
+    problem = _sampling_problem(entry, set(inputs), set(outputs))
+    if problem:
+        raise UserError(f"the model's {SAMPLING_KEY} metadata is malformed ({problem}); "
+                        "re-export the model with `edgec export`")
+    return entry
+
+
+def _sampling_problem(entry: Any, inputs: set[str], outputs: set[str]) -> str | None:
+    from edgec.runtimes.sampling import SamplerSpec
+
+    if not isinstance(entry, dict) or not entry:
+        return "expected a non-empty object"
+    try:
+        spec = SamplerSpec.from_manifest({"sampling": entry})
+    except UserError as e:
+        return str(e)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"{type(e).__name__}: {e}"
+    names = [(n, inputs, "input") for n in (*spec.samples, spec.timestep, *spec.conditions)]
+    names += [(o, outputs, "output") for o in spec.samples.values()]
+    wrong = next(((n, what) for n, known, what in names if n not in known), None)
+    return f"{wrong[0]!r} is not a graph {wrong[1]}" if wrong else None

@@ -391,8 +391,11 @@ def _from_onnx(path: Path, example_inputs) -> Source:
     reference = sess.run(feeds)
     info = {"kind": "onnx", "path": str(path), "input_names": [i.name for i in sess.inputs],
             "output_names": [o.name for o in sess.outputs]}
-    from edgec.exporters.export_file import stored_parameter_map
+    from edgec.exporters.export_file import stored_parameter_map, stored_sampling
 
+    sampling = stored_sampling(model, info["input_names"], info["output_names"])
+    if sampling:  # `edgec export` of a diffusion model: the artifact samples as the source
+        info["sampling"] = sampling
     return Source("onnx", info, model, stored_parameter_map(model), feeds, reference,
                   "onnxruntime", None, 0.0)
 

@@ -1,6 +1,7 @@
 """Export failures are classified: the module's fault → UserError, the exporter's → not.
 
-Also: a stored parameter map that is present but unreadable is an error, not "no map".
+Also: a stored parameter map (or sampler) that is present but unreadable is an error, not "no
+map".
 """
 
 from __future__ import annotations
@@ -13,7 +14,12 @@ import torch
 
 from edgec.errors import EdgecError, InternalError, UserError
 from edgec.exporters import export_module
-from edgec.exporters.export_file import PARAMETER_MAP_KEY, stored_parameter_map
+from edgec.exporters.export_file import (
+    PARAMETER_MAP_KEY,
+    SAMPLING_KEY,
+    stored_parameter_map,
+    stored_sampling,
+)
 
 
 class DataDependent(torch.nn.Module):
@@ -169,3 +175,29 @@ def test_stored_parameter_map_corrupt_value_is_a_user_error(raw):
     with pytest.raises(UserError, match=rf"{PARAMETER_MAP_KEY}.*re-export the model with "
                                         r"`edgec export`"):
         stored_parameter_map(_model_with(raw))
+
+
+SAMPLER = {"kind": "flow", "samples": {"x": "y"}, "timestep": "t", "conditions": ["c"]}
+
+
+def test_stored_sampling_round_trips_and_is_checked_against_the_graph():
+    model = _model_with(None)
+    assert stored_sampling(model, ["x", "t", "c"], ["y"]) is None
+    model.metadata_props[SAMPLING_KEY] = json.dumps(SAMPLER)
+    assert stored_sampling(model, ["x", "t", "c"], ["y"]) == SAMPLER
+
+
+@pytest.mark.parametrize("raw, names, problem", [
+    ("{not json", ["x", "t", "c"], "not valid JSON"),
+    ("[]", ["x", "t", "c"], "expected a non-empty object"),
+    (json.dumps({**SAMPLER, "kind": "ode"}), ["x", "t", "c"], "sampler kind 'ode' unknown"),
+    (json.dumps({k: v for k, v in SAMPLER.items() if k != "samples"}), ["x", "t", "c"],
+     "KeyError"),
+    (json.dumps(SAMPLER), ["x", "t"], "'c' is not a graph input"),  # the graph was edited
+])
+def test_stored_sampling_corrupt_value_is_a_user_error(raw, names, problem):
+    model = _model_with(None)
+    model.metadata_props[SAMPLING_KEY] = raw
+    with pytest.raises(UserError, match=rf"{SAMPLING_KEY} metadata .*{problem}.*re-export the "
+                                        r"model with `edgec export`"):
+        stored_sampling(model, names, ["y"])

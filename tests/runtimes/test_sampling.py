@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 import edgec
 from edgec.cli import app
 from edgec.errors import UserError
+from edgec.exporters.export_file import export_to_file
+from edgec.exporters.sources import resolve_source
 from edgec.runtimes import IOSpec
 from edgec.runtimes.sampling import (
     check_inputs,
@@ -321,6 +323,12 @@ def test_reference_diffusion_models_sample(tmp_path, model, kind):
     assert x.shape == sess.default_feeds[name].shape
     assert sess.last_sampling["model_runs"] == (4 if kind == "ddim-x0" else 3)  # auto guidance:
     assert sess.last_sampling["guidance_mode"] == ("batch" if kind == "ddim-x0" else None)  # b,s,b
+    if kind == "score":  # the sampler survives `edgec export` and the artifact's model.onnx
+        # (TensorRT's note: compile it on a GPU machine); compiled from either .onnx, the
+        # artifact was "not a diffusion model"
+        export_to_file(model, tmp_path / "m.onnx", config="tiny")
+        for onnx in (tmp_path / "m.onnx", art.path / "model.onnx"):
+            assert resolve_source(onnx).info["sampling"] == sess.manifest["sampling"]
     if kind == "score":  # the prior completes a half-observed pose and keeps the observed half
         pose = sess.default_feeds["pose"]
         known = np.zeros_like(pose, bool)
