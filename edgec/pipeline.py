@@ -355,7 +355,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
             if tgt.share_graphs is not None:
                 _share_graphs(tgt, built, src.feeds, decode[2], stage, step)
         dense = _dense_graph(source, recipe, example_inputs, dynamic_shapes, stage, step,
-                             rotations)
+                             rotations, records)
         if dense:
             built.runtime["dense"] = dense[0]
         prefill = _prefill_graph(source, recipe, stage, step, rotations) if gen else None
@@ -558,15 +558,19 @@ def _share_graphs(tgt, built, prefill_feeds, decode_feeds, stage: Path, step: Pr
 
 
 def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: Path,
-                 step: Progress, rotations=None) -> tuple[dict, dict] | None:
+                 step: Progress, rotations=None, records=()) -> tuple[dict, dict] | None:
     """With ``--sparse-attention ...,dense_steps=N``: the same compile without sparse attention,
     built beside the sparse graph (``dense.onnx``, ``target/dense/``) for the sampler's first N
-    steps. Returns its runtime entry and fidelity, or None."""
+    steps. Returns its runtime entry and fidelity, or None: also when the pass rewrote no site
+    (the graph is dense at every step; a companion would be a second copy, run for nothing)."""
     sa = recipe.sparse_attention
     steps = int(sa.get("dense_steps", 0) if isinstance(sa, dict) else
                 getattr(sa, "dense_steps", 0))
     if steps <= 0:
         return None
+    stats = next((r.stats for r in records if r.name == "sparse-attention"), None)
+    if stats is not None and not stats.get("sites_rewritten"):  # the report's sparse-attention
+        return None  # line says why (no site rewritten, dense_steps without effect)
     step(f"compiling the dense graph for the first {steps} sampling steps")
     prep = prepare(source, dataclasses.replace(recipe, sparse_attention=None), example_inputs,
                    dynamic_shapes, step, rotations=rotations)

@@ -249,6 +249,10 @@ def _sites_line(st: dict[str, Any]) -> str:
                  f"{st['attention_gflops_sparse']:.3g}")
     if st.get("skipped_reasons"):
         line += "; skipped: " + ", ".join(f"{k} ×{v}" for k, v in st["skipped_reasons"].items())
+    steps = (st.get("config") or {}).get("dense_steps")
+    if steps and not st["sites_rewritten"]:  # the compile built no dense companion
+        line += (f"; dense_steps={steps} has no effect: every step runs this dense graph (no "
+                 "dense companion built)")
     return line
 
 

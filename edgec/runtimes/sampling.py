@@ -502,7 +502,8 @@ def _dense_entry(session, dense_steps: int | None):
     n = int(entry.get("steps", 0)) if entry and dense_steps is None else int(dense_steps or 0)
     if n > 0 and entry is None:
         raise UserError("dense_steps needs an artifact compiled with --sparse-attention "
-                        "...,dense_steps=N (it carries the dense graph beside the sparse one)")
+                        "...,dense_steps=N that rewrote attention (it carries the dense graph "
+                        "beside the sparse one); this one has no dense graph")
     return entry, n
 
 

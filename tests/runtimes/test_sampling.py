@@ -311,6 +311,25 @@ def test_more_dense_steps_than_steps_run_every_step_dense(sparse_dit):
         sess.sample(steps=2, dense_steps=-1)
 
 
+def test_no_dense_companion_when_no_site_was_rewritten(monkeypatch):
+    """video-dit tiny's 40-token sequence < min_seq 256: 0/2 sites rewritten, yet dense.onnx was
+    built and run for the first dense_steps (a second copy of the same dense graph)."""
+    from edgec import pipeline
+    from edgec.graph_passes._infra import PassRecord
+    from edgec.recipe import Recipe
+    from edgec.report import _sites_line
+
+    recipe = Recipe.parse("ort-cpu", sparse_attention="keep=0.5,dense_steps=2,block=16")
+    stats = {"sites_found": 2, "sites_rewritten": 0, "skipped_reasons": {
+        "sequence 40 at the example inputs < min_seq 256": 2}, "config": {"dense_steps": 2}}
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: pytest.fail("built a dense graph"))
+    records = [PassRecord("sparse-attention", False, 0.0, stats)]
+    assert pipeline._dense_graph("video-dit", recipe, None, None, None, print, None,
+                                 records) is None
+    assert _sites_line(stats).endswith("min_seq 256 ×2; dense_steps=2 has no effect: every step "
+                                       "runs this dense graph (no dense companion built)")
+
+
 @pytest.mark.parametrize("model,kind", [("reactive-dance", "ddim-x0"), ("pose-prior", "score")])
 def test_reference_diffusion_models_sample(tmp_path, model, kind):
     art = edgec.compile(model, target="ort-cpu", output_dir=tmp_path / "o", config="tiny")
