@@ -345,12 +345,13 @@ def with_prompts(session, conditions, negative, prompt, negative_prompt, text_en
     where no guidance runs (``guidance`` 1, or None and the artifact's 1) are refused: they
     would be ignored."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
-    given = "negative_prompt" if negative_prompt is not None else "negative conditions"
+    given = ("negative_prompt is", "it") if negative_prompt is not None else (
+        "negative conditions are", "them")
     if (negative is not None or negative_prompt is not None) and spec.conditions and (
             not _guided(spec, guidance)):
         default = " (the artifact's default)" if guidance is None else ""
-        raise UserError(f"{given} are used by guidance; guidance is 1{default}: give a "
-                        "guidance scale other than 1, or leave them out")
+        raise UserError(f"{given[0]} used by guidance; guidance is 1{default}: give a "
+                        f"guidance scale other than 1, or leave {given[1]} out")
     if prompt is None:
         if negative_prompt is not None:
             raise UserError("negative_prompt needs a prompt (or give negative embeddings)")
