@@ -25,8 +25,7 @@ def _io(model) -> dict[str, list[dict[str, Any]]]:
     from edgec.exporters.index_inputs import index_bounds
 
     bounds = index_bounds(model)
-    return {"inputs": [{**spec(v), **({"index_bound": bounds[v.name]} if v.name in bounds
-                                      else {})} for v in model.graph.inputs],
+    return {"inputs": [{**spec(v), **bounds.get(v.name, {})} for v in model.graph.inputs],
             "outputs": [spec(v) for v in model.graph.outputs]}
 
 

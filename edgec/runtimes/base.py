@@ -406,7 +406,7 @@ class Session(abc.ABC):
                                 f"wants {list(spec.shape)}" + self._fixed_shape_note())
             out[spec.name] = np.require(arr, requirements="C")  # keeps 0-d (scalar) inputs
         self._check_dims(out)
-        bounds = {i["name"]: i["index_bound"] for i in
+        bounds = {i["name"]: i for i in
                   (getattr(self, "manifest", None) or {}).get("inputs", ()) if "index_bound" in i}
         if bounds:
             from edgec.exporters.index_inputs import check_indices

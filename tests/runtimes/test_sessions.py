@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 import edgec
 from edgec.errors import UserError
@@ -84,3 +85,36 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
         edgec.calibrate("llama", target="ort-cpu", config="tiny", data=tmp_path / "data.npz",
                         output_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+class Indexed(torch.nn.Module):
+    """``table[i, j]`` exports as GatherND (negatives count from the end, as in PyTorch),
+    ``index_select`` along axis 1 as Gather (PyTorch refuses negatives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(30, dtype=torch.float32).reshape(3, 10))
+
+    def forward(self, i, j):
+        return self.table[i, j] + torch.index_select(self.table, 1, j)
+
+
+def test_tensor_indexing_of_a_buffer_is_bounded(tmp_path):
+    """OpenVINO answered ``table[i]`` with i past the buffer with 0 (exit 0): only Gather on
+    axis 0 (nn.Embedding) was recognised as indexing a table, not GatherND or other axes."""
+    ex = (torch.tensor([0, 1]), torch.tensor([2, 3]))
+    art = edgec.compile(Indexed(), target="openvino-cpu", output_dir=tmp_path / "o",
+                        example_inputs=ex, dynamic_shapes={"i": {0: "n"}, "j": {0: "n"}})
+    assert [{k: v for k, v in s.items() if k.startswith("index")}
+            for s in art.manifest["inputs"]] == [{"index_bound": 3, "index_negative": True},
+                                                 {"index_bound": 10}]
+    sess = art.load()
+    i, j = np.array([-3, 2]), np.array([0, 9])
+    np.testing.assert_array_equal(sess.run({"i": i, "j": j})["output"],
+                                  Indexed()(torch.tensor(i), torch.tensor(j)).numpy())
+    for bad, what in ((dict(i=np.array([3, 0])), "'i' holds 3, outside \\[-3, 3\\)"),
+                      (dict(i=np.array([-4, 0])), "'i' holds -4, outside \\[-3, 3\\)"),
+                      (dict(j=np.array([0, 10])), "'j' holds 10, outside \\[0, 10\\)"),
+                      (dict(j=np.array([-1, 0])), "'j' holds -1, outside \\[0, 10\\)")):
+        with pytest.raises(UserError, match=what):
+            sess.run({"i": i, "j": j, **bad})
