@@ -39,6 +39,19 @@ def _last_line(e: Exception) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def _check_integers_fit(name: str, arr: np.ndarray, dtype: np.dtype) -> None:
+    """Refuse integers the input's narrower dtype cannot hold: astype wrapped 2**32 + 3 to 3
+    in an int32 input, past the index-bound check, and the model ran on id 3."""
+    if not (arr.size and np.issubdtype(arr.dtype, np.integer)
+            and np.issubdtype(dtype, np.integer)):
+        return
+    info, lo, hi = np.iinfo(dtype), arr.min(), arr.max()
+    if lo < info.min or hi > info.max:
+        raise UserError(f"input {name!r} holds {lo if lo < info.min else hi}, which does not "
+                        f"fit its dtype {dtype} ([{info.min}, {info.max}]); pass values in "
+                        "that range")
+
+
 def latency_stats(times_s: list[float]) -> dict[str, float]:
     ms = np.asarray(times_s) * 1e3
     return {
@@ -395,6 +408,7 @@ class Session(abc.ABC):
             arr = np.asarray(feeds[spec.name])
             if arr.dtype != np.dtype(spec.dtype):
                 if np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                    _check_integers_fit(spec.name, arr, np.dtype(spec.dtype))
                     arr = arr.astype(spec.dtype)
                 else:
                     raise UserError(f"input {spec.name!r} has dtype {arr.dtype}, the model "

@@ -96,3 +96,24 @@ def test_scalar_inputs_run(tmp_path, target):
     assert [i.shape for i in sess.inputs] == [(2, 3), ()]
     (out,) = sess.run({"x": inputs[0].numpy(), "scale": np.float32(0.25)}).values()
     np.testing.assert_allclose(out, Scaled()(inputs[0], torch.tensor(0.25)).numpy(), rtol=1e-6)
+
+
+class Embedded(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+
+    def forward(self, ids):
+        return self.emb(ids)
+
+
+def test_integers_that_do_not_fit_the_input_dtype_are_refused(tmp_path):
+    """int64 2**32 + 3 fed to an int32 input wrapped to 3 in the cast, ahead of the
+    index-bound check, and ran as id 3 (exit 0)."""
+    sess = edgec.compile(Embedded(), target="ort-cpu", output_dir=tmp_path / "a",
+                         example_inputs=(torch.tensor([1, 2], dtype=torch.int32),)).load()
+    assert sess.inputs[0].dtype == "int32"
+    assert sess.run({"ids": np.array([3, 4])})["output"].shape == (2, 4)  # int64 that fits
+    with pytest.raises(UserError, match="'ids' holds 4294967299, which does not fit its dtype "
+                                        "int32"):
+        sess.run({"ids": np.array([2**32 + 3, 4])})
