@@ -393,15 +393,14 @@ def run_cmd(
     Examples: `edgec run out --json`, `edgec run out --inputs x.npz --save y.npz`,
     `edgec run out-lora --adapter base`
     """
-    import numpy as np
-
     import edgec
+    from edgec.npz import save_npz
 
     _check_save(save)
     session = edgec.load(artifact)
     results = session.run(_feeds(session, inputs), adapter=adapter)
     if save is not None:
-        np.savez(save, **results)
+        save_npz(save, results)
     summary = {name: {"shape": list(a.shape), "dtype": a.dtype.name,
                       **({"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
                           "max": float(a.max())} if a.size else {})}
@@ -635,10 +634,10 @@ def sample_cmd(
     --video cat.gif`,
     `edgec sample out-sparse --steps 50 --dense-steps 10 --json`
     """
-    import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     import edgec
+    from edgec.npz import save_npz
     from edgec.runtimes.sampling import check_inputs, with_prompts
 
     _check_save(save)
@@ -671,7 +670,7 @@ def sample_cmd(
                                  vae=edgec.load(vae) if vae is not None else None,
                                  dynamic_cfg=dynamic_cfg, solver=solver)
     if save is not None:
-        np.savez(save, **samples)
+        save_npz(save, samples)
     if video is not None:
         from edgec.runtimes.video import save_gif
 

@@ -30,6 +30,7 @@ from edgec.graph_passes.quantization.outlier_split import OutlierSplitPass
 from edgec.graph_passes.quantization.smooth import SmoothQuantPass
 from edgec.graph_passes.sparse_attention import SparseAttentionPass, config_for_source
 from edgec.graph_passes.sparse_attention.prefill import PrefillSparseAttentionPass
+from edgec.npz import save_npz
 from edgec.recipe import Recipe
 
 __all__ = ["Artifact", "STAGES", "Stage", "compile_model", "calibrate_source", "prepare",
@@ -329,7 +330,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         t0 = time.perf_counter()
         store_sampling(model, src.info)  # `edgec compile DIR/model.onnx` (TensorRT's note) samples
         save_model(model, stage / "model.onnx")
-        np.savez(stage / EXAMPLE_INPUTS, **src.feeds)
+        save_npz(stage / EXAMPLE_INPUTS, src.feeds)
         gen = src.info.get("generation")
         retrieval = _freekv_graph(source, recipe, src, stage, step) if gen else None
         tokenizer = _ship_checkpoint_files(src, stage) if gen else _ship_encoder_tokenizer(

@@ -4,9 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
+import edgec
 from edgec.cli import app
 
 runner = CliRunner()
@@ -83,10 +85,32 @@ def test_run_bench_compare_inspect_json(dit_tiny_artifacts, tmp_path):
     assert np.load(tmp_path / "o.npz")["output"].shape == feeds["latent"].shape
 
 
+class NumpyNames(torch.nn.Module):
+    def forward(self, file):
+        return {"allow_pickle": file * 2}
+
+
+def test_names_np_savez_takes_as_arguments_round_trip(tmp_path):
+    """np.savez(path, **arrays) took them as its own arguments: an input named `file` failed the
+    compile with a TypeError, an output `allow_pickle` was missing from --save's file (exit 0)
+    and one named `file` was an internal error."""
+    from edgec.npz import save_npz
+
+    art = edgec.compile(NumpyNames(), target="ort-cpu", output_dir=tmp_path / "a",
+                        example_inputs=(torch.ones(2),))
+    assert list(np.load(art.path / "example_inputs.npz")) == ["file"]
+    _run("run", art.path, "--save", tmp_path / "o.npz")
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npz")["allow_pickle"], [2, 2])
+    names = {"file": np.zeros(1), "allow_pickle": np.ones(2), "args": np.arange(3)}
+    save_npz(tmp_path / "n.npz", names)
+    with np.load(tmp_path / "n.npz") as back:
+        assert {k: back[k].tolist() for k in back} == {k: v.tolist() for k, v in names.items()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "n.npz", "o.npz"]  # no .partial
+
+
 def test_compare_refuses_artifacts_that_take_different_inputs(dit_tiny_artifacts, tiny_mlp,
                                                               tmp_path):
     """It said "inputs do not match the model" without naming either artifact."""
-    import edgec
 
     module, inputs = tiny_mlp
     other = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "mlp",
