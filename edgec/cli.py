@@ -724,12 +724,16 @@ def compare_cmd(
     feeds = _feeds(a, inputs)
     errors = compare_outputs(b.run(feeds), a.run(feeds))
     # graphs run() does not reach (prefill, vision, FreeKV, dense companions): their rewrites
-    # act in generate/sample, and a pruned VLM compared "identical" to an unpruned one
+    # act in generate/sample, and a pruned VLM compared "identical" to an unpruned one. The
+    # graph run() does run is the runtime's model (qnn-htp: target/model_ctx.onnx, built from
+    # model.onnx), which was listed as not compared.
+    ran = list(dict.fromkeys(s.manifest.get("runtime", {}).get("model") or "model.onnx"
+                             for s in (a, b)))
     skipped = sorted({g for s in (a, b) for g in s.manifest.get("hashes", {})
-                      if g.endswith(".onnx") and g != "model.onnx"})
-    note = (f"compared model.onnx only: {', '.join(skipped)} run in generate/sample, not here "
-            "(compare `edgec generate --json` or `edgec sample --save` outputs for them)"
-            if skipped else None)
+                      if g.endswith(".onnx") and g != "model.onnx" and g not in ran})
+    note = (f"compared {' and '.join(ran)} only: {', '.join(skipped)} run in generate/sample, "
+            "not here (compare `edgec generate --json` or `edgec sample --save` outputs for "
+            "them)" if skipped else None)
     if as_json:
         return _print_json({"reference": str(artifact_a), "candidate": str(artifact_b),
                             "runtimes": [a.runtime, b.runtime], "outputs": errors,

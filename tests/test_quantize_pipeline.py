@@ -75,6 +75,9 @@ def test_bert_with_attention_mask_keeps_cosine(bert_checkpoint, tmp_path, target
         bench = CliRunner().invoke(app, ["bench", str(art.path), "--iterations", "1"])
         assert bench.exit_code == 0 and "measured on the QNN HTP emulator" in " ".join(
             bench.stdout.split())
+        # compare ran target/model_ctx.onnx, and listed it as "not compared"
+        cmp = CliRunner().invoke(app, ["compare", str(art.path), str(art.path), "--json"])
+        assert cmp.exit_code == 0 and json.loads(cmp.stdout)["not_compared"] == []
     elif target != "tensorrt":
         assert lat["p50_ms"] > 0
     from edgec.inspect import describe  # `edgec inspect` on an artifact with no latency too
