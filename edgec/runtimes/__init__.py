@@ -57,6 +57,7 @@ def load(path: str | os.PathLike) -> Session:
                         f"`edgec inspect {root} --verify` lists damaged files; recompile it")
     session = open_session(root, manifest["runtime"])
     session.manifest = manifest
+    session.name_dims(manifest)
     session.root = root
     if (manifest.get("lora") or {}).get("mode") == "swappable":
         session.attach_adapters(manifest["lora"], root)

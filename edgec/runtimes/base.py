@@ -113,6 +113,24 @@ class Session(abc.ABC):
         self.default_feeds: dict[str, np.ndarray] | None = None
         self._lora = None  # edgec.lora.binding.AdapterBank of a swappable-LoRA artifact
 
+    def name_dims(self, manifest: Mapping[str, Any]) -> None:
+        """Give dynamic dims the manifest's names (the ONNX graph's, as ORT reports them):
+        OpenVINO has no dim names and made up one per input (``latent_0``), so its specs and
+        error messages disagreed with ORT's and the manifest's (``batch``)."""
+        declared = {d["name"]: d["shape"]
+                    for d in (*manifest.get("inputs", ()), *manifest.get("outputs", ()))}
+
+        def named(spec: IOSpec) -> IOSpec:
+            dims = declared.get(spec.name)
+            if dims is None or len(dims) != len(spec.shape):
+                return spec
+            return dataclasses.replace(spec, shape=tuple(
+                d if isinstance(d, int) or not isinstance(m, str) or m == "?" else m
+                for d, m in zip(spec.shape, dims)))
+
+        self._inputs = [named(i) for i in self._inputs]
+        self._outputs = [named(o) for o in self._outputs]
+
     @property
     def inputs(self) -> list[IOSpec]:
         return list(self._inputs)
@@ -432,14 +450,11 @@ class Session(abc.ABC):
         """Refuse inputs that give one named dim (``batch``) different sizes, and a decoder's
         attention_mask that does not cover its past + new tokens: runtimes failed on these with
         their own errors, or (OpenVINO) computed wrong outputs. Dim names are the manifest's
-        (the ONNX graph's) where it has them: OpenVINO names each input's dims apart."""
+        (``name_dims``, at load)."""
         manifest = getattr(self, "manifest", None) or {}
-        declared = {i["name"]: i["shape"] for i in manifest.get("inputs", ())}
         seen: dict[str, tuple[str, int]] = {}
         for spec in self._inputs:
-            shape = declared.get(spec.name, spec.shape)
-            for dim, size in zip(shape if len(shape) == len(spec.shape) else spec.shape,
-                                 feeds[spec.name].shape):
+            for dim, size in zip(spec.shape, feeds[spec.name].shape):
                 if not isinstance(dim, str) or dim == "?":
                     continue
                 first, first_size = seen.setdefault(dim, (spec.name, size))
