@@ -27,7 +27,7 @@ class CleanupPass(EdgecPass):
         nodes, inits = len(model.graph), len(model.graph.initializers)
         inner = ir.passes.Sequential(
             common.RemoveInitializersFromInputsPass(),
-            common.IdentityEliminationPass(),
+            _IdentityElimination(),
             common.RemoveUnusedNodesPass(),
             common.RemoveUnusedFunctionsPass(),
             common.RemoveUnusedOpsetsPass(),
@@ -41,6 +41,19 @@ class CleanupPass(EdgecPass):
             **({"nodes_named": named} if named else {}),
         }
         return PassResult(model, modified and any(stats.values()) or bool(named), stats)
+
+
+class _IdentityElimination(common.IdentityEliminationPass):
+    """onnx-ir's pass, keeping an Identity between two graph outputs: onnx-ir (1.1) merged it,
+    so ``return y, y`` left two outputs of one name and lost ``output_0`` (the compile's check
+    then found the output missing)."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        if (node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1
+                and node.inputs[0] is not None and node.inputs[0].is_graph_output()
+                and all(v.is_graph_output() for v in node.outputs)):
+            return False
+        return super()._try_eliminate_identity_node(node)
 
 
 def _name_nodes(model: ir.Model) -> int:

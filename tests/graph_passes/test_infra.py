@@ -55,6 +55,24 @@ def test_cleanup_removes_identity_and_dead_nodes_exactly():
     np.testing.assert_allclose(run_model(model, _feeds())["y"], before["y"], rtol=1e-6, atol=0)
 
 
+def test_cleanup_keeps_a_tensor_returned_twice():
+    """``return y, y`` exports as ``y2 = Identity(y)``, both graph outputs: onnx-ir merged them
+    into two outputs of one name and ``y`` was lost."""
+    model = ir.from_onnx_text("""
+<ir_version: 10, opset_import: ["" : 20]>
+g (float[N, 4] x) => (float[N, 4] y, float[N, 4] y2, float[N, 4] x2) {
+    y = Neg(x)
+    y2 = Identity(y)
+    x2 = Identity(x)
+}
+""")
+    model = PassManager([CleanupPass()], check=True, feeds=_feeds())(model)
+    assert [v.name for v in model.graph.outputs] == ["y", "y2", "x2"]
+    out = run_model(model, _feeds())
+    np.testing.assert_array_equal(out["y2"], -_feeds()["x"])
+    np.testing.assert_array_equal(out["y"], out["y2"])
+
+
 def test_cleanup_makes_initializer_inputs_weights_and_names_unnamed_nodes(tmp_path):
     """An IR-3 style file lists its weights as graph inputs (the manifest then named W as an
     input every session refused), and onnx.helper files leave nodes unnamed (passes that index
