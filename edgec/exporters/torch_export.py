@@ -132,13 +132,19 @@ def export_module(
 # pads: four lines on every video-dit compile) and the exporter's optimizer skipping a
 # multi-output Split (every Wan compile). And torch.export's own dump of the traced graph
 # when it cannot capture a data-dependent branch (~38 lines before edgec's one-line refusal).
+# And the exporter's notes on its own translation ("Output node output has None output", then
+# "Skipping constant argument" for a forward returning None, which edgec skips as documented;
+# its own accuracy check, which edgec's verification replaces). These log through a handler
+# holding the real stderr, so redirecting sys.stderr does not catch them.
 _EXPORTER_NOTES = ("onnx_ir._convenience", "onnxscript.optimizer._constant_folding",
-                   "torch.fx.experimental.symbolic_shapes")
+                   "torch.fx.experimental.symbolic_shapes",
+                   "torch.onnx._internal.exporter._core")
 
 
 @contextlib.contextmanager
 def _quiet(names: Sequence[str]):
-    loggers = [logging.getLogger(n) for n in names]
+    """Those loggers' warnings dropped while exporting; EDGEC_DEBUG=1 keeps them."""
+    loggers = [] if os.environ.get("EDGEC_DEBUG") else [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
