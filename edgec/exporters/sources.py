@@ -104,6 +104,7 @@ def resolve_source(source: Any, config: str | None = None,
 
     spec = registry.get(str(source))
     config = config or "tiny"
+    _no_user_dims(spec.name, dynamic_shapes)
     module = spec.build(config)
     inputs = spec.example_inputs(config)
     info = {"kind": "registry", "name": spec.name, "config": config,
@@ -112,6 +113,16 @@ def resolve_source(source: Any, config: str | None = None,
         info["sampling"] = dict(spec.sampling)
     shapes = dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes(config)
     return _from_torch(module, inputs, shapes, spec.output_names, info, "registry")
+
+
+def _no_user_dims(name: str, dynamic_shapes) -> None:
+    """Refuse a user's dynamic dims for a reference model: they replaced the model's own, so an
+    input the user did not name became static and the export blamed the model for it. ``{}``
+    (every dim static, what the static-shape targets export) stays allowed."""
+    if dynamic_shapes:
+        raise UserError(f"dynamic_shapes applies to an nn.Module or a checkpoint directory; the "
+                        f"reference model {name!r} declares its own dynamic dims: leave "
+                        "dynamic_shapes out (or give {} to export every dim static)")
 
 
 def _tensor(i: int, x):
@@ -213,6 +224,7 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
 
         spec = registry.get(str(source))
         config = config or "tiny"
+        _no_user_dims(spec.name, dynamic_shapes)
         module, info = dec.reference_decoder(spec.build(config), spec.name)
         batch, seq = spec.example_inputs(config)[0].shape[:2]
         kind = "registry"

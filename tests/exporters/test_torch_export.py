@@ -108,13 +108,19 @@ def test_dict_example_inputs_bind_by_name(tmp_path):
 
 
 def test_options_a_source_does_not_take_are_refused(tmp_path, tiny_mlp):
-    """config= with an nn.Module and example_inputs= with a model name were silently ignored."""
+    """config= with an nn.Module and example_inputs= with a model name were silently ignored;
+    dynamic_shapes= with a model name gave a misleading error."""
     module, inputs = tiny_mlp
     with pytest.raises(UserError, match="config applies to .* not to an nn.Module"):
         edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o", config="small",
                       example_inputs=inputs)
     with pytest.raises(UserError, match="example_inputs applies to an nn.Module or an .onnx"):
         edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", example_inputs=inputs)
+    # they replaced the model's own dims, and the export blamed the model for the input left out
+    for generate in (False, True):
+        with pytest.raises(UserError, match="reference model 'llama' declares its own dynamic"):
+            edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o",
+                          generate=generate, dynamic_shapes={"input_ids": {0: "b"}})
     assert not (tmp_path / "o").exists()
 
 
