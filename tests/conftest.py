@@ -51,6 +51,7 @@ def _export_each_registry_model_once():
             cache[key] = real(source, config, example_inputs, dynamic_shapes, generate, opset)
         return copied(cache[key])
 
+    resolve.uncached = real  # for tests of how a source is resolved
     sources.resolve_source = resolve
     yield
     sources.resolve_source = real

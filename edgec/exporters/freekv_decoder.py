@@ -247,12 +247,13 @@ def export_fixed_buffer_decoder(decoder: FixedBufferDecoder, path: str | Path) -
 def _module(module_or_source, config_name: str | None) -> nn.Module:
     if isinstance(module_or_source, nn.Module):
         return module_or_source.eval()
+    from edgec.exporters.sources import names_reference_model
     from edgec.models import registry
 
-    if Path(str(module_or_source)).is_dir():  # a Hugging Face checkpoint directory
+    if Path(str(module_or_source)).is_dir() and not names_reference_model(module_or_source):
         from edgec.exporters.hf_decoder_view import view_hf_decoder
 
-        return view_hf_decoder(module_or_source)
+        return view_hf_decoder(module_or_source)  # a Hugging Face checkpoint directory
     if str(module_or_source) != "llama":
         raise UserError(f"FreeKV retrieval is built for the `llama` reference model and "
                         f"LLaMA-family checkpoints, not {module_or_source!r}")

@@ -24,7 +24,7 @@ from edgec.exporters.param_map import strip_prefix
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["Source", "resolve_source", "EXPORT_RTOL", "random_feeds"]
+__all__ = ["Source", "resolve_source", "EXPORT_RTOL", "random_feeds", "names_reference_model"]
 
 EXPORT_RTOL = 1e-5
 
@@ -48,8 +48,10 @@ def resolve_source(source: Any, config: str | None = None,
                    generate: bool = False, opset: int | None = None) -> Source:
     import torch
 
+    reference = names_reference_model(source)
     if example_inputs is not None and isinstance(source, (str, os.PathLike)) and (
-            generate or not (str(source).endswith(".onnx") or Path(source).is_file())):
+            generate or reference
+            or not (str(source).endswith(".onnx") or Path(source).is_file())):
         raise UserError("example_inputs applies to an nn.Module or an .onnx file; a model "
                         "name or a checkpoint directory makes its own (--config batch=N,seq=N "
                         "sets a checkpoint's)")
@@ -83,7 +85,7 @@ def resolve_source(source: Any, config: str | None = None,
         if config:
             raise UserError("--config applies to reference models, not to an .onnx file")
         return _from_onnx(path, example_inputs)
-    if path.is_dir():
+    if path.is_dir() and not reference:
         from edgec.exporters.diffusers_source import diffusers_source, is_diffusers_model
         from edgec.exporters.hf import WRAPPED, is_hf_checkpoint, load_hf
 
@@ -113,6 +115,28 @@ def resolve_source(source: Any, config: str | None = None,
         info["sampling"] = dict(spec.sampling)
     shapes = dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes(config)
     return _from_torch(module, inputs, shapes, spec.output_names, info, "registry")
+
+
+def names_reference_model(source: Any) -> bool:
+    """Whether ``source`` is a reference model's name (`edgec models`) rather than a local path.
+
+    A bare name (no path separator) that is also a local path which is no model source (an
+    artifact compiled with ``-o video-dit``) hid the reference model ("is a directory without
+    config.json"); one that is a model source (a file, a checkpoint) makes the name ambiguous,
+    refused with how to pick. A ``Path`` is always a path."""
+    if not isinstance(source, str) or "/" in source or os.sep in source:
+        return False
+    from edgec.models import registry
+
+    if source not in registry.names():
+        return False
+    path = Path(source)
+    if path.is_file() or any((path / f).is_file() for f in ("config.json", "model_index.json")):
+        what = "file" if path.is_file() else "model directory"
+        raise UserError(f"{source}: names both a reference model and the {what} ./{source} "
+                        f"here; give ./{source} for the {what}, or run from another directory "
+                        "for the reference model")
+    return True
 
 
 def _no_user_dims(name: str, dynamic_shapes) -> None:
@@ -203,7 +227,7 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
             module = ScoredDecoder(vlm.language, scored.pruning.layer - 1)
         vision = src_info["vision"]
         batch, seq = 2, vlm.image_tokens + 8
-    elif path.is_dir():
+    elif path.is_dir() and not names_reference_model(source):
         from edgec.exporters.hf import (
             example_shape,
             hf_source_info,

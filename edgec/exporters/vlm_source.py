@@ -63,8 +63,10 @@ class VlmDecoderGraph:
 def is_vlm_source(source: Any) -> bool:
     if not isinstance(source, (str, os.PathLike)):
         return False
+    from edgec.exporters.sources import names_reference_model
+
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() and not names_reference_model(source):
         from edgec.exporters.hf_llava import is_llava
 
         return is_llava(path)
@@ -73,8 +75,10 @@ def is_vlm_source(source: Any) -> bool:
 
 def load_vlm(source: Any, config: str | None) -> tuple[torch.nn.Module, dict[str, Any], str]:
     """(the ``Vlm``, its source info with a ``vision`` entry, kind ``registry``|``hf``)."""
+    from edgec.exporters.sources import names_reference_model
+
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() and not names_reference_model(source):
         from edgec.exporters.hf_llava import load_llava
 
         vlm, pre = load_llava(path)

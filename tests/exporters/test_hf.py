@@ -80,6 +80,37 @@ def test_pickle_only_and_plain_directories_are_refused(tmp_path):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
 
 
+class _Chosen(Exception):
+    pass
+
+
+def test_a_local_directory_does_not_hide_a_model_name(tmp_path, monkeypatch):
+    """`edgec compile video-dit` beside the artifact of `-o video-dit` said "video-dit: is a
+    directory without config.json"; a name that is also a model directory is ambiguous."""
+    from edgec.exporters import sources
+    from edgec.exporters.vlm_source import is_vlm_source
+
+    def chosen(module, inputs, shapes, outputs, info, kind, **_):
+        raise _Chosen(kind)  # which source was exported, without exporting it
+
+    monkeypatch.setattr(sources, "_from_torch", chosen)
+    monkeypatch.chdir(tmp_path)
+    resolve = sources.resolve_source.uncached
+    for name in ("pose-prior", "llama", "vlm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+    with pytest.raises(_Chosen, match="registry"):
+        resolve("pose-prior")
+    with pytest.raises(_Chosen, match="registry"):
+        resolve("llama", generate=True)
+    assert is_vlm_source("vlm")
+    (tmp_path / "pose-prior" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"pose-prior: names both a reference model and the "
+                                        r"model directory ./pose-prior here; give ./pose-prior"):
+        resolve("pose-prior")
+    assert not sources.names_reference_model("./pose-prior")
+
+
 def test_bad_example_options(checkpoints, tmp_path):
     with pytest.raises(UserError, match="batch=N,seq=N"):
         edgec.compile(str(checkpoints / "bert"), target="ort-cpu", output_dir=tmp_path / "o",
