@@ -22,10 +22,19 @@ def _io(model) -> dict[str, list[dict[str, Any]]]:
                 for d in (v.shape.dims if v.shape is not None else ())]
         return {"name": v.name, "shape": dims, "dtype": v.dtype.numpy().name}
 
+    from edgec.exporters.dim_ranges import stored_ranges
     from edgec.exporters.index_inputs import index_bounds
 
-    bounds = index_bounds(model)
-    return {"inputs": [{**spec(v), **bounds.get(v.name, {})} for v in model.graph.inputs],
+    bounds, ranges = index_bounds(model), stored_ranges(model)
+
+    def input_spec(v) -> dict[str, Any]:
+        out = {**spec(v), **bounds.get(v.name, {})}
+        dims = {d: ranges[d] for d in out["shape"] if isinstance(d, str) and d in ranges}
+        if dims:  # the sizes its graph is good for (edgec/exporters/dim_ranges.py)
+            out["dim_ranges"] = dims
+        return out
+
+    return {"inputs": [input_spec(v) for v in model.graph.inputs],
             "outputs": [spec(v) for v in model.graph.outputs]}
 
 

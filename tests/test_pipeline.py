@@ -142,6 +142,10 @@ def test_export_mismatch_names_the_output(tmp_path, tiny_mlp, monkeypatch):
                                                 r"relative error"):
         edgec.compile(module, example_inputs=inputs, target="ort-cpu", output_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+    # a batch-1 example is exported at batch 2 (torch.export cannot keep size 1 dynamic): said
+    with pytest.raises(VerificationError, match=r"PyTorch \(traced at batch 2: edgec doubles"):
+        edgec.export(module, (inputs[0][:1],), tmp_path / "m.onnx",
+                     dynamic_shapes={"x": {0: "batch"}})
 
 
 def test_a_qdq_onnx_compiles_as_it_is_judged_as_quantized(tmp_path):

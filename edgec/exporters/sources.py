@@ -10,6 +10,7 @@ reference instead.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -359,10 +360,11 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
                 input_names=None, opset=None) -> Source:
     import torch
 
+    from edgec.exporters.dim_ranges import DIM_RANGES_KEY, verified_ranges
     from edgec.exporters.outputs import flatten_outputs
     from edgec.exporters.torch_export import export_module
     from edgec.exporters.verify import assert_close, compare_outputs
-    from edgec.runtimes.ort import run_model
+    from edgec.runtimes.ort import model_feeds, open_model
 
     t0 = time.perf_counter()
     try:
@@ -378,8 +380,18 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
     flat = flatten_outputs(out)
     reference = {n: t.detach().cpu().numpy() for n, t in zip(result.output_names, flat)}
     feeds = {n: t.detach().cpu().numpy() for n, t in zip(result.input_names, _flat(inputs))}
-    errors = compare_outputs(run_model(result.model, feeds), reference)
-    assert_close(errors, EXPORT_RTOL, "exported ONNX (ORT) vs PyTorch")
+    with open_model(result.model) as sess:  # one session for the check and the range probes
+        def run(f):
+            return sess.run(model_feeds(result.model, f))
+
+        errors = compare_outputs(run(feeds), reference)
+        ranges = verified_ranges(module, inputs, result, feeds, errors, EXPORT_RTOL, run)
+    doubled = (f" (traced at {' and '.join(f'{d} 2' for d in result.doubled)}: edgec doubles a "
+               "size-1 dynamic dim, which torch.export cannot keep dynamic)"
+               ) if result.doubled else ""
+    assert_close(errors, EXPORT_RTOL, "exported ONNX (ORT) vs PyTorch" + doubled)
+    if ranges:
+        result.model.metadata_props[DIM_RANGES_KEY] = json.dumps(ranges)
     info = {**info, "input_names": result.input_names, "output_names": result.output_names}
     return Source(kind, info, result.model, result.parameter_map, feeds, reference, "pytorch",
                   {"reference": "pytorch", "runtime": "onnxruntime (no graph optimization)",
@@ -423,7 +435,10 @@ def _from_onnx(path: Path, example_inputs) -> Source:
     if example_inputs is not None:
         feeds = {k: np.asarray(v) for k, v in dict(example_inputs).items()}
     else:
-        feeds = random_feeds(sess.inputs)
+        from edgec.exporters.dim_ranges import stored_ranges
+
+        least = {d: r["min"] for d, r in stored_ranges(model).items() if "min" in r}
+        feeds = random_feeds(sess.inputs, least=least)
     reference = sess.run(feeds)
     info = {"kind": "onnx", "path": str(path), "input_names": [i.name for i in sess.inputs],
             "output_names": [o.name for o in sess.outputs]}
@@ -436,16 +451,19 @@ def _from_onnx(path: Path, example_inputs) -> Source:
                   "onnxruntime", None, 0.0)
 
 
-def random_feeds(specs, seed: int = 0) -> dict[str, np.ndarray]:
+def random_feeds(specs, seed: int = 0,
+                 least: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Inputs for a graph with no example data: N(0,1) floats, small non-negative ints.
 
-    Symbolic dims become 1; integer inputs are drawn from [0, 2) so that index inputs (token
-    ids, positions) stay in range for any table.
+    Symbolic dims become 1, or their ``least`` size (an edgec export's dim range); integer
+    inputs are drawn from [0, 2) so that index inputs (token ids, positions) stay in range for
+    any table.
     """
     rng = np.random.default_rng(seed)
     feeds = {}
     for s in specs:
-        shape = tuple(d if isinstance(d, int) and d >= 0 else 1 for d in s.shape)
+        shape = tuple(d if isinstance(d, int) and d >= 0 else (least or {}).get(d, 1)
+                      for d in s.shape)
         dtype = np.dtype(s.dtype)
         if np.issubdtype(dtype, np.floating):
             feeds[s.name] = rng.standard_normal(shape).astype(dtype)

@@ -41,6 +41,10 @@ class ExportResult:
     parameter_map: dict[str, dict[str, str]]
     input_names: list[str]
     output_names: list[str]
+    # {dim name: [least, most or None]}: the sizes torch.export traced a dynamic dim for, where
+    # that is narrower than "any" (forward branched on the size, or edgec's doubling below)
+    dim_ranges: dict[str, list] = dataclasses.field(default_factory=dict)
+    doubled: list[str] = dataclasses.field(default_factory=list)  # dims traced at twice 1
 
 
 def forward_input_names(module: torch.nn.Module, n: int, every: bool = False) -> list[str]:
@@ -102,13 +106,14 @@ def export_module(
     # torchvision is optional; its missing-op registrations are not our users' concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     said = io.StringIO()  # what torch printed to stderr (a failed capture dumps its graph)
+    traced = _unpinned(example_inputs, names, dynamic_shapes)
     try:
         # The exporter prints its own progress to stdout and warns liberally; we report instead.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(said), _quiet(_EXPORTER_NOTES):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, _unpinned(example_inputs, names, dynamic_shapes), dynamo=True,
+                module, traced, dynamo=True,
                 dynamic_shapes=shapes,
                 input_names=list(input_names or names), output_names=out_names,
                 opset_version=opset or OPSET, verbose=False, optimize=True,
@@ -124,7 +129,36 @@ def export_module(
     pmap = build_parameter_map(model, module)
     logger.info("exported %s: %d nodes, %d initializers, %d parameters mapped",
                 type(module).__name__, len(model.graph), len(model.graph.initializers), len(pmap))
-    return ExportResult(model, pmap, list(input_names or names), out_names)
+    # KV-cache decoders (tuple arguments) are left as they were: their dims are tied by sums
+    # (the mask spans past + new tokens), and edgec checks their feeds itself (_check_dims)
+    flat = not any(isinstance(t, tuple) for t in example_inputs)
+    doubled = sorted({str(dim) for t, x, n in zip(traced, example_inputs, names)
+                      for axis, dim in (dynamic_shapes or {}).get(n, {}).items()
+                      if t.shape[axis] != x.shape[axis]}) if traced is not example_inputs else []
+    return ExportResult(model, pmap, list(input_names or names), out_names,
+                        _dim_ranges(program, model) if flat else {}, doubled)
+
+
+def _dim_ranges(program, model: ir.Model) -> dict[str, list]:
+    """{dim name: [least, most or None]} of the ONNX inputs' named dims that torch.export
+    traced for fewer sizes than any (a least of 2 or more, or a most): its range constraints,
+    matched to the ONNX dims through the user inputs' placeholders (same order)."""
+    ep = program.exported_program
+    shapes = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    out: dict[str, list] = {}
+    for value, ph in zip(model.graph.inputs, ep.graph_signature.user_inputs):
+        val = shapes.get(ph)
+        if value.shape is None or not isinstance(val, torch.Tensor):
+            continue
+        for dim, size in zip(value.shape.dims, val.shape):
+            vr = ep.range_constraints.get(getattr(getattr(size, "node", None), "expr", None))
+            if not isinstance(dim, ir.SymbolicDim) or not dim.value or vr is None:
+                continue
+            hi = None if float(vr.upper) == float("inf") else int(vr.upper)
+            least, most = out.get(dim.value, (0, None))
+            out[dim.value] = [max(least, int(vr.lower)),
+                              hi if most is None else most if hi is None else min(most, hi)]
+    return {d: r for d, r in out.items() if r[0] >= 2 or r[1] is not None}
 
 
 # Loggers whose warnings during torch.onnx.export are about the exporter's own code, not the

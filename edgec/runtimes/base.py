@@ -438,8 +438,12 @@ class Session(abc.ABC):
                                 f"wants {list(spec.shape)}" + self._fixed_shape_note())
             out[spec.name] = np.require(arr, requirements="C")  # keeps 0-d (scalar) inputs
         self._check_dims(out)
-        bounds = {i["name"]: i for i in
-                  (getattr(self, "manifest", None) or {}).get("inputs", ()) if "index_bound" in i}
+        declared = (getattr(self, "manifest", None) or {}).get("inputs", ())
+        if any("dim_ranges" in i for i in declared):  # sizes its graph gets wrong or fails on
+            from edgec.exporters.dim_ranges import check_ranges
+
+            check_ranges(out, declared)
+        bounds = {i["name"]: i for i in declared if "index_bound" in i}
         if bounds:
             from edgec.exporters.index_inputs import check_indices
 

@@ -71,6 +71,35 @@ def test_batch_one_example_keeps_the_batch_dynamic():
     np.testing.assert_allclose(out, Flatten()(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
+class _Branchy(torch.nn.Module):
+    def forward(self, x):  # torch.export traces batch >= 2 only
+        return x * 2 if x.shape[0] > 1 else -x * 2
+
+
+class _Shortcut(torch.nn.Module):
+    def forward(self, x):  # the same numbers either way (transformers' `if seq_len > 1` masks)
+        return x.sum(0) if x.shape[0] > 1 else x[0]
+
+
+def test_a_branch_on_a_dynamic_dim_keeps_its_range(tmp_path):
+    """forward branching on the batch: batch 1 silently ran the traced branch (signs flipped),
+    and a batch-1 example failed "cosine -1.000000" without saying edgec traced it at 2."""
+    from edgec.exporters.dim_ranges import DIM_RANGES_KEY
+    from edgec.exporters.sources import resolve_source
+
+    batch = {"x": {0: "batch"}}
+    path = edgec.export(_Branchy(), (torch.randn(3, 4),), tmp_path / "b.onnx", batch)
+    assert ir.load(path).metadata_props[DIM_RANGES_KEY] == '{"batch": {"min": 2}}'
+    assert resolve_source(str(path)).feeds["x"].shape == (2, 4)  # not 1, which it refuses
+    with pytest.raises(UserError, match=r"^_Branchy.forward branches on batch \(torch.export "
+                                        r"traced batch >= 2\), and the example's batch of 1 was "
+                                        r"traced at 2: .* or leave batch out of dynamic_shapes$"):
+        edgec.export(_Branchy(), (torch.randn(1, 4),), tmp_path / "one.onnx", batch)
+    # checked against PyTorch below the range: a shortcut with the same numbers keeps none
+    path = edgec.export(_Shortcut(), (torch.randn(3, 4),), tmp_path / "s.onnx", batch)
+    assert DIM_RANGES_KEY not in ir.load(path).metadata_props
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_modules_map_their_parameters(dtype, tmp_path):
     """A bf16 module crashed in the parameter map (torch has no numpy view of bf16); compiling

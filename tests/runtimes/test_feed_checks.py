@@ -11,8 +11,9 @@ TARGETS = ("ort-cpu", "openvino-cpu")
 
 
 class Masked(torch.nn.Module):
-    def forward(self, x, mask):
-        return x * mask.unsqueeze(-1)
+    def forward(self, x, mask):  # its branch on seq is traced (and good) for seq >= 2 only
+        out = x * mask.unsqueeze(-1)
+        return out if x.shape[1] > 1 else -out
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,21 @@ def test_inputs_sharing_a_dim_name_must_agree(masked, target):
         sess.run({"x": x, "mask": mask})
     (out,) = sess.run({"x": x, "mask": mask[:1]}).values()
     assert out.shape == (1, 8, 4)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sizes_outside_the_traced_range_are_refused(masked, target):
+    """forward branching on a dynamic dim: seq 1 ran the traced branch, the sign of every
+    output flipped against PyTorch (exit 0); torch.export's range is kept and checked."""
+    art = masked[target]
+    assert [i["dim_ranges"] for i in art.manifest["inputs"]] == [{"seq": {"min": 2}}] * 2
+    sess = art.load()
+    x, mask = np.ones((1, 1, 4), np.float32), np.ones((1, 1), np.float32)
+    with pytest.raises(UserError, match=r"^input 'x' has seq = 1 \(axis 1\), but the model was "
+                                        r"exported for seq >= 2 only .*; give seq >= 2$"):
+        sess.run({"x": x, "mask": mask})
+    x, mask = np.ones((1, 2, 4), np.float32), np.ones((1, 2), np.float32)
+    np.testing.assert_array_equal(sess.run({"x": x, "mask": mask})["output"], x)
 
 
 def _step(batch=1, mask=5, past=4, value_past=None, past_batch=None):

@@ -44,7 +44,12 @@ def test_bad_feeds_are_user_errors(dit_tiny_artifacts):
         sess.run({k: v for k, v in feeds.items() if k != "text"})
     with pytest.raises(UserError, match="shape .* the model wants \\['batch', "):
         sess.run({**feeds, "latent": feeds["latent"][0]})
-    with pytest.raises(UserError, match="could not run the model"):  # W=1 < patch size
+    # W=1 < patch size: PyTorch cannot run it either, so the export kept torch's width >= 2
+    with pytest.raises(UserError, match=r"'latent' has width = 1 \(axis 4\), but the model "
+                                        r"was exported for width >= 2 only"):
+        sess.run({**feeds, "latent": feeds["latent"][..., :1]})
+    del sess.manifest["inputs"][0]["dim_ranges"]  # past that check: the runtime's own failure
+    with pytest.raises(UserError, match="could not run the model"):
         sess.run({**feeds, "latent": feeds["latent"][..., :1]})
     with pytest.raises(UserError, match="dtype"):
         sess.run({**feeds, "latent": feeds["latent"].astype(np.complex64)})
@@ -56,6 +61,7 @@ def test_runtime_failures_on_checked_feeds_are_user_errors(dit_tiny_artifacts, c
     sess = edgec.load(dit_tiny_artifacts[0].path)
     feeds = dict(sess.default_feeds)
     capfd.readouterr()
+    del sess.manifest["inputs"][0]["dim_ranges"]  # refused before the run since width >= 2
     with pytest.raises(UserError, match="onnxruntime could not run the model on these inputs"):
         sess.run({**feeds, "latent": feeds["latent"][..., :1]})
     assert "onnxruntime" not in capfd.readouterr().err

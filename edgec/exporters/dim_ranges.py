@@ -1,0 +1,110 @@
+"""The sizes a dynamic dim's graph is good for, when torch.export traced it for fewer than any.
+
+torch.export records a range per dynamic dim: ``batch >= 2`` when forward branches on
+``x.shape[0] > 1``, ``batch <= 4`` on ``x.shape[0] < 5``. The graph holds the traced branch
+only, so outside the range it computes what PyTorch does not (the sign of every output flipped,
+silently). Checked here against PyTorch once, at the export: a least bound is kept when the
+graph and forward disagree (or either fails) just below it, and dropped when they agree (a
+transformers model's ``if seq_len > 1`` mask shortcut gives ``seq >= 2`` and the same numbers
+at 1); a most bound is kept as is. Kept ranges go in the model metadata ``edgec.dim_ranges``,
+the manifest's inputs (``dim_ranges``) and every run's feed check, one line naming the input,
+the dim and the range.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import UserError
+
+__all__ = ["DIM_RANGES_KEY", "verified_ranges", "stored_ranges", "check_ranges", "range_text"]
+
+DIM_RANGES_KEY = "edgec.dim_ranges"
+_log = logging.getLogger(__name__)
+
+
+def verified_ranges(module, inputs, result, feeds: Mapping[str, np.ndarray],
+                    errors: Mapping[str, Any], rtol: float, run) -> dict[str, dict[str, int]]:
+    """{dim: {"min": n, "max": n}} of ``result.dim_ranges`` the graph needs; ``errors``: the
+    export's check at the example; ``run``: feeds → the graph's outputs. An example edgec
+    doubled that the graph gets wrong is refused here, saying why (the generic mismatch said
+    nothing of the doubling)."""
+    axes: dict[str, list[tuple[int, int]]] = {}
+    for i, value in enumerate(result.model.graph.inputs):
+        for axis, dim in enumerate(value.shape.dims if value.shape is not None else ()):
+            if isinstance(getattr(dim, "value", None), str):
+                axes.setdefault(dim.value, []).append((i, axis))
+    names = result.input_names
+    out: dict[str, dict[str, int]] = {}
+    for dim, (least, most) in result.dim_ranges.items():
+        if dim not in axes:
+            continue
+        i, axis = axes[dim][0]
+        size = feeds[names[i]].shape[axis]
+        kept = {"max": most} if most is not None else {}
+        if least >= 2 and size < least:  # the doubled example: it is below the range
+            if any(not e["max_rel"] <= rtol for e in errors.values()):
+                raise UserError(
+                    f"{type(module).__name__}.forward branches on {dim} (torch.export traced "
+                    f"{dim} >= {least}), and the example's {dim} of {size} was traced at "
+                    f"{2 * size}: edgec doubles a size-1 dynamic dim, which torch.export "
+                    f"cannot keep dynamic; give an example with {dim} >= {least}, or leave "
+                    f"{dim} out of dynamic_shapes")
+        elif least >= 2 and _differs(module, inputs, result, axes[dim], least - 1, rtol, run):
+            kept["min"] = least
+        if kept:
+            out[dim] = kept
+    return out
+
+
+def _differs(module, inputs, result, axes, size: int, rtol: float, run) -> bool:
+    """Whether the graph and forward disagree (or either fails) with ``axes`` cut to ``size``."""
+    import torch
+
+    from edgec.exporters.outputs import flatten_outputs
+    from edgec.exporters.verify import compare_outputs
+
+    cut = list(inputs)
+    for i, axis in axes:
+        cut[i] = cut[i].narrow(axis, 0, size)
+    try:
+        with torch.no_grad():
+            ref = dict(zip(result.output_names, flatten_outputs(module(*cut))))
+        got = run({n: t.detach().cpu().numpy() for n, t in zip(result.input_names, cut)})
+        errors = compare_outputs(got, {n: t.detach().cpu().numpy() for n, t in ref.items()})
+    except Exception as e:  # noqa: BLE001 (a size forward or the graph cannot run is outside)
+        _log.debug("at size %d: %s", size, e)
+        return True
+    return any(not e["max_rel"] <= rtol for e in errors.values())
+
+
+def stored_ranges(model) -> dict[str, dict[str, int]]:
+    """The ranges ``verified_ranges`` kept, from the model's metadata (``{}`` if none)."""
+    raw = model.metadata_props.get(DIM_RANGES_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def range_text(r: Mapping[str, int]) -> str:
+    if "min" in r and "max" in r:
+        return f"in [{r['min']}, {r['max']}]"
+    return f">= {r['min']}" if "min" in r else f"<= {r['max']}"
+
+
+def check_ranges(feeds: Mapping[str, np.ndarray], inputs: list[Mapping[str, Any]]) -> None:
+    """Refuse a feed whose named dim is outside the manifest input's ``dim_ranges``."""
+    for spec in inputs:
+        ranges, arr = spec.get("dim_ranges"), feeds.get(spec["name"])
+        if not ranges or arr is None or np.ndim(arr) != len(spec["shape"]):
+            continue
+        for axis, (dim, size) in enumerate(zip(spec["shape"], np.shape(arr))):
+            r = ranges.get(dim) if isinstance(dim, str) else None
+            if r and not r.get("min", size) <= size <= r.get("max", size):
+                raise UserError(
+                    f"input {spec['name']!r} has {dim} = {size} (axis {axis}), but the model "
+                    f"was exported for {dim} {range_text(r)} only (forward branches on it, or "
+                    f"cannot run outside it); give {dim} {range_text(r)}")
