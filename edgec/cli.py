@@ -817,8 +817,8 @@ def main() -> None:
         err.print(Text("error:", style="red"), f"{where}: {message}; see `{where} --help`",
                   highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except click.Abort:  # Ctrl-C while click itself was reading the command line
-        sys.exit(130)
+    except typer.Abort:  # Ctrl-C while click itself was reading the command line (typer's
+        sys.exit(130)  # own class: its vendored click has no ``exceptions.Abort``)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -285,3 +285,25 @@ def test_help_still_exits_zero(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 0 and "--quantize" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("raised, code", [(RuntimeError("boom"), None), (typer.Abort(), 130)])
+def test_edgec_debug_shows_the_real_traceback_and_abort_exits_130(monkeypatch, raised, code):
+    """main's `except click.Abort` named typer's vendored click, which has no Abort: with
+    EDGEC_DEBUG=1 every internal error ended in an AttributeError after its own traceback."""
+    import edgec.inspect
+    from edgec.cli import main
+
+    def fail(path):
+        raise raised
+
+    monkeypatch.setattr(edgec.inspect, "describe", fail)
+    monkeypatch.setenv("EDGEC_DEBUG", "1")
+    monkeypatch.setattr(sys, "argv", ["edgec", "inspect", "anything"])
+    if code is None:
+        with pytest.raises(RuntimeError, match="boom"):
+            main()
+    else:
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == code
