@@ -2,7 +2,8 @@
 
 A failed compile leaves nothing at ``out``: everything is written into a hidden staging
 directory beside it and renamed into place only once complete. An existing ``out`` is replaced
-only if it is an edgec artifact (or empty); anything else is refused.
+only if it is an edgec artifact (or empty); anything else is refused. ``edgec calibrate`` writes
+its cache the same way, replacing only a calibration cache (``replaceable``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,16 @@ def is_artifact(path: Path) -> bool:
         return False
 
 
-def _check_destination(out: Path) -> None:
-    """Refuse an output path that is a file or someone else's directory, or where nothing can
-    be written (a read-only mount, a path under a file): checked before the export, where a
-    read-only parent was an internal error after it."""
+def _check_destination(out: Path, replaceable: Callable[[Path], bool] = is_artifact,
+                       what: str = "an edgec artifact") -> None:
+    """Refuse an output path that is a file or someone else's directory (non-empty and not
+    ``replaceable``: not ``what`` this command writes), or where nothing can be written (a
+    read-only mount, a path under a file): checked before the export, where a read-only parent
+    was an internal error after it."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another -o")
-    if out.is_dir() and any(out.iterdir()) and not is_artifact(out):
-        raise UserError(f"{out}: exists and is not an edgec artifact; refusing to overwrite it, "
+    if out.is_dir() and any(out.iterdir()) and not replaceable(out):
+        raise UserError(f"{out}: exists and is not {what}; refusing to overwrite it, "
                         "choose another -o or remove it")
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is None or not parent.is_dir():
@@ -57,10 +60,12 @@ def _check_destination(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a staging directory; on success it replaces ``out`` atomically, on error it goes."""
+def staged_output(out: str | os.PathLike, replaceable: Callable[[Path], bool] = is_artifact,
+                  what: str = "an edgec artifact") -> Iterator[Path]:
+    """Yield a staging directory; on success it replaces ``out`` atomically, on error it goes.
+    ``out`` may be absent, empty or ``replaceable`` (``what`` names it in the refusal)."""
     out = Path(out).absolute()
-    _check_destination(out)
+    _check_destination(out, replaceable, what)
     staging = out.parent / f".{out.name}.edgec-staging-{uuid.uuid4().hex[:8]}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +74,7 @@ def staged_output(out: str | os.PathLike) -> Iterator[Path]:
         raise UserError(f"{out}: cannot write there ({e.strerror}); choose another -o") from None
     try:
         yield staging
-        _check_destination(out)  # re-check: something may have appeared meanwhile
+        _check_destination(out, replaceable, what)  # something may have appeared meanwhile
         trash = None
         if out.exists():
             trash = out.parent / f".{out.name}.edgec-old-{uuid.uuid4().hex[:8]}"

@@ -724,34 +724,54 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
                      dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
                      step: Progress | None = None,
                      progress: Callable[[int, int], None] | None = None):
-    """Run the stages up to quantization and calibrate that graph; save the cache."""
-    from edgec.calibration import calibration_input, collect_cache
+    """Run the stages up to quantization and calibrate that graph; save the cache into
+    ``output_dir`` as compile writes an artifact: checked first (absent, empty or a calibration
+    cache: a compiled artifact or a user's files are refused), staged, then put in place whole,
+    so a failure leaves nothing and a re-calibration leaves no stale file of the old cache."""
+    from edgec.calibration import collect_cache
+    from edgec.calibration.cache import is_cache
 
+    where = {"replaceable": is_cache, "what": "a calibration cache"}
+    artifact._check_destination(Path(output_dir).absolute(), **where)
     recipe.for_calibration()
     _check_vision_recipe(source, recipe, calibrating=True)
-    samples = calibration_input(data) if data is not None else None
-    if samples is not None and not isinstance(samples, Path):
-        raise UserError("edgec calibrate --data takes an .npz of samples, not a cache")
+    samples = _calibration_data(data) if data is not None else None
     prep = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize")
     request = recipe.quantize.calibration_request(recipe.target, samples)
     cache = collect_cache(prep.model, request, prep.src, progress)
-    for p in prep.manager.passes:  # DartQuant's rotations go into the cache, reused by compile
-        if hasattr(p, "store"):
-            p.store(cache, output_dir)
-    cache.save(output_dir)
+    decode = None
     if recipe.generate and recipe.target.static_shapes:
         # a static-cache decoder quantizes its one-token decode graph too: its own ranges (on
         # the decoder's generated samples) beside the prefill graph's, in ``decode/``; the
         # compile's decode graph refused the prefill graph's cache as another graph's
         step = step or logger.info
         step("calibrating the one-token decode graph")
-        decode = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize",
-                         static=static_graphs(recipe)[1],
-                         rotations=_rotations(prep.manager.passes))
+        graph = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize",
+                        static=static_graphs(recipe)[1],
+                        rotations=_rotations(prep.manager.passes))
         request = recipe.quantize.calibration_request(recipe.target, None)
-        collect_cache(decode.model, request, decode.src, progress).save(
-            Path(output_dir) / "decode")
+        decode = collect_cache(graph.model, request, graph.src, progress)
+    with artifact.staged_output(output_dir, **where) as stage:
+        for p in prep.manager.passes:  # DartQuant's rotations go into the cache for compile
+            if hasattr(p, "store"):
+                p.store(cache, stage)
+        cache.save(stage)
+        if decode is not None:
+            decode.save(stage / "decode")
     return cache
+
+
+def _calibration_data(data: str | os.PathLike) -> Path:
+    """``calibrate --data``: an .npz of samples (validated against the graph later); a cache,
+    an .npy or a directory said "not a calibration cache" or "no calibration cache here"."""
+    path = Path(data)
+    if path.suffix != ".npz" or path.is_dir():
+        raise UserError(f"{path}: --data takes an .npz whose keys are the model's input names, "
+                        "each array with a leading sample axis (numpy.savez)")
+    if not path.is_file():
+        raise UserError(f"{path}: no such calibration data file; --data takes an .npz whose keys "
+                        "are the model's input names, each array with a leading sample axis")
+    return path
 
 
 def _lora_transforms(passes: Sequence[Any]) -> dict[str, Any]:

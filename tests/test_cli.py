@@ -177,6 +177,21 @@ def _bad_cases(tmp_path, art_dir):
                              "is not a directory, so nothing can be written there"),
         "markup in a path": (["run", tmp_path / "a:smile:[/x]"],
                              f"{tmp_path / 'a:smile:[/x]'}: no such artifact"),
+        # calibrate writes a cache as compile writes an artifact: a file was an internal
+        # FileExistsError, an artifact or a user's directory got a calibration.json beside
+        # their files
+        "calibrate into a file": (["calibrate", "llama", "-t", "ort-cpu", "-o", text],
+                                  "exists and is not a directory"),
+        "calibrate into an artifact": (["calibrate", "llama", "-t", "ort-cpu", "-o", art_dir],
+                                       "exists and is not a calibration cache"),
+        "calibrate into a user's dir": (["calibrate", "llama", "-t", "ort-cpu", "-o", foreign],
+                                        "exists and is not a calibration cache"),
+        # --data is samples, not a cache: an .npy said "invalid JSON: 'utf-8' codec ..."
+        "calibrate data npy": (["calibrate", "llama", "-t", "ort-cpu", "-o", out, "--data",
+                                _npy(tmp_path)], "--data takes an .npz whose keys are the "
+                                                 "model's input names"),
+        "calibrate data dir": (["calibrate", "llama", "-t", "ort-cpu", "-o", out, "--data",
+                                tmp_path], "--data takes an .npz"),
     }
 
 
@@ -186,7 +201,9 @@ def _bad_cases(tmp_path, art_dir):
                                   "out under a file", "markup in a path",
                                   "npy inputs file", "save not npz",
                                   "bench tokens not generation", "greedy with temperature",
-                                  "weight-only with method"])
+                                  "weight-only with method", "calibrate into a file",
+                                  "calibrate into an artifact", "calibrate into a user's dir",
+                                  "calibrate data npy", "calibrate data dir"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_tiny_artifacts):
     args, match = _bad_cases(tmp_path, dit_tiny_artifacts[0].path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -196,6 +213,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_ti
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert (tmp_path / "mine" / "precious.txt").read_text() == "x"
+    assert not (dit_tiny_artifacts[0].path / "calibration.json").exists()
 
 
 def test_inspect_verify_names_a_changed_file(dit_tiny_artifacts, tmp_path):

@@ -17,12 +17,21 @@ from typing import Any
 
 from edgec.errors import UserError
 
-__all__ = ["CalibrationCache", "model_hash", "CACHE_FILE", "FORMAT", "ROTATIONS_FILE"]
+__all__ = ["CalibrationCache", "model_hash", "is_cache", "CACHE_FILE", "FORMAT",
+           "ROTATIONS_FILE"]
 
 FORMAT = "edgec-calibration/1"
 _ORT_STATS = ("lowest", "highest", "avg", "std")  # what ORT's TensorData takes (not "crest")
 CACHE_FILE = "calibration.json"
 ROTATIONS_FILE = "rotations.safetensors"
+
+
+def is_cache(path: Path) -> bool:
+    """Is directory ``path`` a calibration cache (what ``edgec calibrate`` may replace)?"""
+    try:
+        return json.loads((path / CACHE_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def model_hash(model) -> str:

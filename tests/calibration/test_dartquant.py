@@ -132,6 +132,11 @@ def test_calibrate_stores_rotations_and_compile_reuses_them(tmp_path):
                       calibration=str(cache_dir), config="tiny+outliers",
                       rotate="dartquant:steps=21")
     assert not (tmp_path / "b").exists()
+    # a cache is replaced whole: calibrating again without DartQuant left the old rotations
+    edgec.calibrate("llama", target="ort-cpu", output_dir=cache_dir, config="tiny+outliers",
+                    quantize="w8a8:samples=2")
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["calibration.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "calib"]  # no staging left
 
 
 def test_a_constant_massive_component_is_why_the_hadamard_can_stay():
