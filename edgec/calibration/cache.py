@@ -129,13 +129,15 @@ class CalibrationCache:
         """Write ``rotations`` ({key: float64 array}) as ROTATIONS_FILE into ``directory`` and
         record what they were learned on (call before ``save``)."""
         import numpy as np
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (ROTATIONS_FILE + ".tmp")
-        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in rotations.items()},
-                  str(tmp))
+        # bytes written by Python, so the file gets the umask's mode like calibration.json:
+        # safetensors' save_file made it 0600, a shared cache only partly readable
+        tmp.write_bytes(save({k: np.ascontiguousarray(v, dtype=np.float64)
+                              for k, v in rotations.items()}))
         os.replace(tmp, directory / ROTATIONS_FILE)
         self.rotations = {"file": ROTATIONS_FILE, "graph": graph, "options": dict(options),
                           "keys": sorted(rotations), "summary": summary}

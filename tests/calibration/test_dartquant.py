@@ -132,6 +132,9 @@ def test_calibrate_stores_rotations_and_compile_reuses_them(tmp_path):
                       calibration=str(cache_dir), config="tiny+outliers",
                       rotate="dartquant:steps=21")
     assert not (tmp_path / "b").exists()
+    # every file of a cache gets the umask's mode (safetensors' save_file made this one 0600)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in cache_dir.iterdir()}
+    assert modes["rotations.safetensors"] == modes["calibration.json"], modes
     # a cache is replaced whole: calibrating again without DartQuant left the old rotations
     edgec.calibrate("llama", target="ort-cpu", output_dir=cache_dir, config="tiny+outliers",
                     quantize="w8a8:samples=2")
