@@ -24,6 +24,10 @@ def calibration_input(value: Any) -> CalibrationCache | Path | None:
         raise UserError(f"calibration must be a cache directory, a calibration.json or an .npz "
                         f"of samples, not {type(value).__name__}")
     path = Path(value)
+    if path.is_file() and path.suffix not in (".npz", ".json"):  # an .npy was read as JSON
+        raise UserError(f"{path}: calibration takes a cache (its directory or calibration.json) "
+                        "or an .npz of samples whose keys are the model's input names, each "
+                        "array with a leading sample axis")
     if path.suffix == ".npz":
         if not path.is_file():
             raise UserError(f"{path}: no such calibration data file")

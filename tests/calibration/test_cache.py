@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from edgec.calibration import CalibrationCache, model_hash
+from edgec.calibration import CalibrationCache, calibration_input, model_hash
 from edgec.calibration.samples import samples_from_npz
 from edgec.errors import UserError
 from edgec.runtimes.base import IOSpec
@@ -58,6 +58,10 @@ def test_bad_cache_files(tmp_path):
     (tmp_path / "calibration.json").write_text('{"format": "other"}')
     with pytest.raises(UserError, match="not an edgec calibration cache"):
         CalibrationCache.load(tmp_path)
+    # --calib / calibration=: an .npy was read as a cache ("invalid JSON: 'utf-8' codec ...")
+    np.save(tmp_path / "d.npy", np.zeros(3))
+    with pytest.raises(UserError, match="or an .npz of samples whose keys are the model's input"):
+        calibration_input(tmp_path / "d.npy")
 
 
 @pytest.mark.parametrize("edit,match", [
