@@ -39,6 +39,10 @@ def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dic
     if missing:
         raise UserError(f"{p}: no array for input {missing[0]!r}; the model's inputs are "
                         f"{', '.join(names)} (each with a leading sample axis)")
+    unknown = sorted(set(arrays) - set(names))
+    if unknown:  # as `run --inputs` refuses them: a mistyped optional input went uncalibrated
+        raise UserError(f"{p}: unknown inputs {unknown}; the model's inputs are "
+                        f"{', '.join(names)} (each with a leading sample axis)")
     counts = {arrays[n].shape[0] if arrays[n].ndim else 0 for n in names}
     if counts == {0}:
         raise UserError(f"{p}: holds no samples (a leading sample axis of 0); give at least one")

@@ -109,6 +109,8 @@ def test_npz_samples_are_validated(tmp_path):
         ("shape.npz", {"input_ids": np.zeros((3, 1, 9), np.int64)}, "have shape"),
         ("dtype.npz", {"input_ids": np.zeros((3, 1, 8), np.float32)}, "the model wants"),
         ("empty.npz", {"input_ids": np.zeros((0, 1, 8), np.int64)}, "holds no samples"),
+        ("stray.npz", {"input_ids": np.zeros((3, 1, 8), np.int64),  # was dropped silently
+                       "foo": np.zeros((3, 1, 8), np.int64)}, r"unknown inputs \['foo'\]"),
     ]:
         np.savez(tmp_path / name, **arrays)
         with pytest.raises(UserError, match=match):
