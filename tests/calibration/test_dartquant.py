@@ -287,3 +287,22 @@ def test_end_to_end_check_runs_with_sample_files_not_with_a_cache(tmp_path):
     cached = dataclasses.replace(recipe(rotate="dartquant"),
                                  calibration=object.__new__(CalibrationCache))
     assert not _checks_end_to_end(cached)
+
+
+def test_dartquant_with_nothing_to_learn_says_so(tmp_path):
+    """Linear → LayerNorm → Linear: no norm before a layer, no attention, so DartQuant learns
+    nothing; it said "needs calibrated rotations; run `edgec calibrate` first", also from
+    `edgec calibrate` itself."""
+    import torch
+
+    import edgec
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.LayerNorm(64),
+                              torch.nn.Linear(64, 32))
+    with pytest.raises(UserError, match=r"dartquant found no rotation to learn in this graph "
+                                        r".*only the final one\) and no attention blocks\); use "
+                                        r"--rotate hadamard"):
+        edgec.compile(mlp, target="ort-cpu", output_dir=tmp_path / "o", rotate="dartquant",
+                      example_inputs=(torch.randn(4, 32),))
+    assert not (tmp_path / "o").exists()

@@ -135,6 +135,8 @@ class DartQuantRotatePass(EdgecPass):
                                          steps=self.options.steps, seed=self.options.seed,
                                          bits=self.bits, gptq=self.gptq,
                                          head_bits=self.head_bits)
+            if not result.rotations:  # RotatePass would say "run edgec calibrate first"
+                raise _nothing_to_learn(model)
             rotations, self.learned = result.rotations, (graph, result)
             stats = {**result.summary(), "samples": len(samples), "data": origin,
                      "from_cache": False}
@@ -154,3 +156,22 @@ class DartQuantRotatePass(EdgecPass):
         summary = {k: v for k, v in result.summary().items() if k != "rotations"}
         cache.save_rotations(directory, result.rotations, graph, self._key(), summary)
         return True
+
+
+def _nothing_to_learn(model) -> UserError:
+    """Why DartQuant learned nothing in ``model``, in one line: it learns R1 on the norms that
+    feed a layer and R2 at attention's o projections, so a graph with neither (one norm before
+    the head, an MLP) has none, and "run edgec calibrate first" sent a user in a circle."""
+    from edgec.graph_passes.rotation.topology import analyze
+
+    topo = analyze(model.graph)
+    if not topo.norms:
+        return UserError("--rotate: no RMSNorm or LayerNorm found in the graph, so there is no "
+                         "transformer structure to rotate; compile without --rotate")
+    found = ("no pre-norm residual stream" if topo.stream is None else
+             "no norm before a layer on the residual stream (only the final one)")
+    why = "".join(f"; skipped {s.rotation} at {s.node}: {s.reason}" for s in topo.skipped)
+    return UserError(f"--rotate dartquant found no rotation to learn in this graph (R1 learns on "
+                     f"the norms before each layer, R2 at attention's output projections; it "
+                     f"has {found} and {len(topo.attention) or 'no'} attention blocks{why}); "
+                     "use --rotate hadamard, which needs no calibration")
