@@ -780,12 +780,20 @@ def inspect_cmd(
         return _print_json(info)
     table = Table(show_header=False, title=str(path))
     for key, value in info.items():
-        if isinstance(value, dict):
+        if key in ("quantization", "fidelity"):  # a line per entry, lists and dicts flattened
+            value = "\n".join(f"{k}: {_flat(v)}" for k, v in value.items())
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}: {v}" for k, v in value.items())
         elif isinstance(value, list):
             value = "\n".join(json.dumps(v) if not isinstance(v, str) else v for v in value)
         table.add_row(key, str(value))
     out.print(table)
+
+
+def _flat(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 class _Terminated(KeyboardInterrupt):

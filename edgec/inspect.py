@@ -52,15 +52,18 @@ def describe(path: str | Path) -> dict[str, Any]:
         for key in ("generation", "kv_retrieval", "sampling", "tokenizer"):
             if manifest.get(key):
                 info[key] = _brief(manifest[key])
+        if manifest.get("quantization"):
+            info["quantization"] = _quantization(manifest)
         report = p / "report.json"
         if report.is_file():
             import json
 
             r = json.loads(report.read_text())
             info["latency_p50_ms"] = r["latency"].get("p50_ms")  # None: not measured
-            # entries with measured outputs (``lora`` records what the merge was held to)
-            info["fidelity"] = {k: max((e["max_rel"] for e in v["outputs"].values()), default=0)
-                                for k, v in r["fidelity"].items()
+            # entries with measured outputs (``lora`` records what the merge was held to): the
+            # worst max_rel and, where measured, the worst cosine (a quantized artifact's
+            # max_rel alone says little)
+            info["fidelity"] = {k: _worst(v["outputs"]) for k, v in r["fidelity"].items()
                                 if isinstance(v, dict) and isinstance(v.get("outputs"), dict)}
             if isinstance(r["fidelity"].get("lora"), dict):
                 info["lora"] = r["fidelity"]["lora"]
@@ -68,6 +71,35 @@ def describe(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise UserError(f"{p}: no such file or directory")
     return describe_onnx(p)
+
+
+def _worst(outputs: dict[str, Any]) -> dict[str, float]:
+    entries = outputs.values()
+    worst = {"max_rel": float(f"{max((e['max_rel'] for e in entries), default=0):.3g}")}
+    cosines = [e["cosine"] for e in entries if e.get("cosine") is not None]
+    if cosines:
+        worst["cosine"] = round(min(cosines), 7)
+    return worst
+
+
+def _quantization(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Scheme, calibration, the accuracy floor and the layers kept in higher precision, as
+    ``edgec compile`` prints them (manifest.json holds them; inspect showed none)."""
+    from edgec.report import calibration_line, floor_line, mixed_precision_stats, scheme_line
+
+    q = manifest["quantization"]
+    out: dict[str, Any] = {"scheme": scheme_line(q)}
+    if q.get("calibration"):
+        out["calibration"] = calibration_line(q["calibration"])
+    if q.get("exclude"):
+        out["exclude"] = q["exclude"]
+    mp = mixed_precision_stats(manifest)
+    if mp:
+        out["floor"] = floor_line(mp)
+        if mp.get("kept"):
+            out[f"kept_{mp.get('precision', 'high precision')}"] = [
+                e["node"] if isinstance(e, dict) else e for e in mp["kept"]]
+    return out
 
 
 def _brief(entry: Any) -> Any:

@@ -11,7 +11,7 @@ from edgec import artifact
 from edgec.report_chart import INSTALL_LINE, floor_text
 
 __all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
-           "summary_rows"]
+           "summary_rows", "scheme_line", "calibration_line", "floor_line"]
 
 
 def _io(model) -> dict[str, list[dict[str, Any]]]:
@@ -196,17 +196,13 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("sparse prefill", line))
     q = report.get("quantization")
     if q:
-        sc = q["scheme"]
-        acts = f"{sc['activations']} activations" if sc["activations"] else "weight-only"
-        line = f"{sc['name']}: {sc['weights']} weights, {acts}"
-        cal = q.get("calibration")
-        if cal:
-            line += (f"; calibration {cal['how']}: {cal['samples']} samples, {cal['method']}, "
-                     f"{cal['data']}")
+        line = scheme_line(q)
+        if q.get("calibration"):
+            line += f"; calibration {calibration_line(q['calibration'])}"
         rows.append(("quantization", line))
     mp = mixed_precision_stats(report)
     if mp:
-        rows.append(("accuracy floor", _floor_line(mp)))
+        rows.append(("accuracy floor", floor_line(mp)))
     lat = report["latency"]
     if "p50_ms" in lat:
         rows.append(("latency", f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
@@ -224,7 +220,18 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
-def _floor_line(mp: dict[str, Any]) -> str:
+def scheme_line(q: dict[str, Any]) -> str:
+    """The quantization entry's scheme: "w8a8: int8 weights, uint8 activations"."""
+    sc = q["scheme"]
+    acts = f"{sc['activations']} activations" if sc["activations"] else "weight-only"
+    return f"{sc['name']}: {sc['weights']} weights, {acts}"
+
+
+def calibration_line(cal: dict[str, Any]) -> str:
+    return f"{cal['how']}: {cal['samples']} samples, {cal['method']}, {cal['data']}"
+
+
+def floor_line(mp: dict[str, Any]) -> str:
     """The quantize pass's floor in one line: held or not, on the held-out samples (ONNX
     Runtime's run of the QDQ graph, then the artifact's own runtime), and what was kept."""
     def measured(d: dict[str, Any]) -> str:

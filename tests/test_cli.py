@@ -76,6 +76,9 @@ def test_run_bench_compare_inspect_json(dit_tiny_artifacts, tmp_path):
     assert cmp["outputs"]["output"]["cosine"] >= 0.9999
     info = json.loads(_run("inspect", a, "--json").stdout)
     assert info["target"]["name"] == "ort-cpu" and "model.onnx" in info["files"]
+    assert set(info["fidelity"]["target_vs_source"]) == {"max_rel", "cosine"}
+    assert "quantization" not in info  # an fp32 artifact
+    assert "target_vs_source: max_rel " in _run("inspect", a).stdout
     onnx_info = json.loads(_run("inspect", a / "model.onnx", "--json").stdout)
     assert onnx_info["nodes"] > 10 and onnx_info["parameter_map_entries"] == 0
     # --inputs and --save round trip

@@ -441,6 +441,14 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     md = (art.path / "report.md").read_text()
     assert "![per-layer quantization error](report_layers.png)" in md
     assert all(f"| {name} |" in md for name in kept)
+    # `edgec inspect` shows it too (it showed no quantization, and fidelity as max_rel only)
+    info = json.loads(CliRunner().invoke(app, ["inspect", str(art.path), "--json"]).stdout)
+    q = info["quantization"]
+    assert q["scheme"] == "w8a8: int8 weights, uint8 activations" and q["kept_float"] == kept
+    assert q["calibration"].startswith("calibrated during compile: 16 samples, minmax")
+    assert q["floor"].startswith("min_cos 0.99 reached") and \
+        f"{len(kept)} of {mp['candidates']} layers kept in float" in q["floor"]
+    assert info["fidelity"]["target_vs_source"]["cosine"] == round(_worst(art), 7)
     with pytest.raises(UserError, match="min_cos must be a cosine"):
         edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
                       quantize="w8a8:min_cos=2")
