@@ -314,27 +314,31 @@ def test_bad_quantize_options(tmp_path):
 
 
 def test_cli_calibrate_then_reuse_and_refuse(tmp_path):
+    """A compile that names no method= takes the cache's (README: the cache refuses another
+    method only where the compile asks for one); another graph, target or method is refused."""
     runner = CliRunner()
     calib = tmp_path / "calib"
     res = runner.invoke(app, ["calibrate", "llama", "--target", "openvino-cpu", "-o", str(calib),
-                              "--quantize", "w8a8:samples=4", "--json"])
+                              "--quantize", "w8a8:samples=4,method=percentile", "--json"])
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["samples"] == 4 and summary["tensors"] > 0
     cache = json.loads((calib / "calibration.json").read_text())
-    assert cache["target"] == "openvino-cpu" and cache["method"] == "minmax"
+    assert cache["target"] == "openvino-cpu" and cache["method"] == "percentile"
     res = runner.invoke(app, ["compile", "llama", "-t", "openvino-cpu", "-o", str(tmp_path / "a"),
                               "-q", "w8a8", "--calib", str(calib), "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["quantization"]["calibration"]["how"] == "reused cache"
     assert report["quantization"]["calibration"]["model_hash"] == cache["model_hash"]
+    assert report["quantization"]["calibration"]["method"] == "percentile"
     for args, match in [(["-c", "tiny+outliers"], "does not match the model"),
-                        (["-t", "ort-cpu"], "made for target 'openvino-cpu'")]:
+                        (["-t", "ort-cpu"], "made for target 'openvino-cpu'"),
+                        (["-q", "w8a8:method=minmax"], "made for method 'percentile'")]:
         base = ["compile", "llama", "-t", "openvino-cpu", "-o", str(tmp_path / "b"), "-q", "w8a8",
                 "--calib", str(calib)]
-        if args[0] == "-t":
-            base[3] = args[1]
+        if args[0] in base:
+            base[base.index(args[0]) + 1] = args[1]
         else:
             base += args
         res = runner.invoke(app, base)
