@@ -275,7 +275,9 @@ def calibrate_cmd(
         help="model name, path to an .onnx file, or a Hugging Face checkpoint directory")],
     target: Annotated[str, typer.Option(
         "--target", "-t", help="ort-cpu | openvino-cpu | qnn-htp | tensorrt (`edgec targets`)")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="directory for calibration.json")],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="directory for calibration.json: new, empty or an earlier cache "
+                               "(replaced whole)")],
     data: Annotated[Path | None, typer.Option(
         "--data", help=".npz of samples: keys = input names, leading sample axis "
                        "(default: the model's own calibration generator)")] = None,
