@@ -731,7 +731,9 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
     from edgec.calibration import collect_cache
     from edgec.calibration.cache import is_cache
 
-    where = {"replaceable": is_cache, "what": "a calibration cache"}
+    # an artifact an older calibrate wrote its calibration.json into is still an artifact
+    where = {"replaceable": lambda p: is_cache(p) and not artifact.is_artifact(p),
+             "what": "a calibration cache"}
     artifact._check_destination(Path(output_dir).absolute(), **where)
     recipe.for_calibration()
     _check_vision_recipe(source, recipe, calibrating=True)

@@ -143,6 +143,18 @@ def _npy(tmp_path):
     return path
 
 
+def _with_cache(tmp_path, art_dir):
+    """A copy of an artifact that an older `edgec calibrate -o` wrote a cache into."""
+    import shutil
+
+    from edgec.calibration import CalibrationCache
+
+    art = shutil.copytree(art_dir, tmp_path / "art-with-cache")
+    CalibrationCache("ab" * 32, "ort-cpu", "w8a8", "minmax", 1, "x",
+                     {"t": {"lowest": 0.0, "highest": 1.0}}).save(art)
+    return art
+
+
 def _bad_cases(tmp_path, art_dir):
     text = tmp_path / "notes.onnx"
     text.write_text("hello, I am not a model\n")
@@ -187,6 +199,9 @@ def _bad_cases(tmp_path, art_dir):
                                   "exists and is not a directory"),
         "calibrate into an artifact": (["calibrate", "llama", "-t", "ort-cpu", "-o", art_dir],
                                        "exists and is not a calibration cache"),
+        "calibrate into an artifact with a cache": (
+            ["calibrate", "llama", "-t", "ort-cpu", "-o", _with_cache(tmp_path, art_dir)],
+            "exists and is not a calibration cache"),
         "calibrate into a user's dir": (["calibrate", "llama", "-t", "ort-cpu", "-o", foreign],
                                         "exists and is not a calibration cache"),
         # --data is samples, not a cache: an .npy said "invalid JSON: 'utf-8' codec ..."
@@ -206,6 +221,7 @@ def _bad_cases(tmp_path, art_dir):
                                   "bench tokens not generation", "greedy with temperature",
                                   "weight-only with method", "calibrate into a file",
                                   "calibrate into an artifact", "calibrate into a user's dir",
+                                  "calibrate into an artifact with a cache",
                                   "calibrate data npy", "calibrate data dir"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_tiny_artifacts):
     args, match = _bad_cases(tmp_path, dit_tiny_artifacts[0].path)[case]
