@@ -817,7 +817,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="edgec")  # not "python -m ..." under -m
     except click.NoArgsIsHelpError as e:  # bare `edgec`: the help, as before
         err.print(e.ctx.get_help() if e.ctx else str(e), highlight=False, markup=False)
         sys.exit(2)
