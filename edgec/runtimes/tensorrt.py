@@ -100,6 +100,11 @@ def check_profile(feeds: Mapping[str, np.ndarray], profile: Mapping[str, Mapping
         shape = list(np.shape(feeds[name]))
         lo, hi = list(p["min"]), list(p["max"])
         if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
+            if name.startswith("lora."):  # bound from the adapter bank, not by the caller
+                raise UserError(f"adapter input {name} has shape {shape}; this TensorRT engine "
+                                f"was built for {lo} to {hi} (ranks up to the sum of the "
+                                "compiled adapters' ranks); recompile with this adapter among "
+                                "--lora")
             raise UserError(f"input {name!r} has shape {shape}; this TensorRT engine was built for "
                             f"shapes from {lo} to {hi} (its optimization profile); recompile "
                             "with an example input this large")

@@ -13,6 +13,7 @@ from edgec.errors import UserError
 from edgec.graph_passes.lora.swappable import LoraSwappablePass, lora_sites
 from edgec.lora import read_adapter
 from edgec.runtimes.ort import run_model
+from edgec.targets.tensorrt import optimization_profile
 
 RTOL = 1e-4
 
@@ -26,6 +27,12 @@ def test_pass_adds_explicit_branches_and_unbound_is_the_base(adapter_dirs, llama
     assert result.stats["sites"] == len(sites) == 14  # union of both adapters' modules
     ranks = {s["module"]: s["rank"] for s in sites}
     assert ranks["layers.0.self_attn.q_proj"] == 8 and ranks["layers.0.mlp.gate_proj"] == 4
+    # TensorRT's profile sizes the rank dims from the sites (no example input has lora.*):
+    # 1 .. compiled rank (opt) .. Σ ranks (a blend of both adapters binds 4 + 8)
+    profile = optimization_profile(result.model, {"input_ids": src.feeds["input_ids"].shape})
+    assert profile["lora.layers.0.self_attn.q_proj.A"] == {"min": [64, 1], "opt": [64, 8],
+                                                            "max": [64, 12]}
+    assert profile["lora.layers.0.mlp.gate_proj.B"]["max"][0] == 4  # one adapter: its rank
     inputs = {v.name: v for v in result.model.graph.inputs}
     a = inputs["lora.layers.0.self_attn.q_proj.A"]
     assert a.shape.dims[0] == 64 and json.loads(a.metadata_props["edgec.lora"])["role"] == "A"

@@ -322,10 +322,31 @@ def test_build_refuses_an_illegal_graph_naming_node_and_rule(tmp_path, monkeypat
 
 def test_profile_needs_examples_for_dynamic_dims():
     model = _qdq_matmul()
-    with pytest.raises(UserError, match="dynamic shape.*no example input"):
+    # dims print as the user reads them, not as onnx_ir's SymbolicDim reprs
+    with pytest.raises(UserError, match=r"dynamic shape \[batch, 128\] and no example input"):
         optimization_profile(model, {})
     assert optimization_profile(model, {"x": (5, K)})["x"] == {"min": [1, K], "opt": [5, K],
                                                                "max": [5, K]}
+
+
+def test_adapter_rank_dims_are_sized_from_the_lora_sites():
+    from edgec.lora.binding import SITES_KEY
+    from edgec.targets.tensorrt.engine import generation_profiles
+
+    vi = helper.make_tensor_value_info
+    model = _model([helper.make_node("MatMul", ["x", "a"], ["xa"]),
+                    helper.make_node("MatMul", ["xa", "b"], ["y"])], [],
+                   inputs=[vi("x", TensorProto.FLOAT, ["batch_size", K]),
+                           vi("a", TensorProto.FLOAT, [K, "lora_r_0"]),
+                           vi("b", TensorProto.FLOAT, ["lora_r_0", N])])
+    site = {"module": "q", "a_input": "a", "b_input": "b", "rank": 4, "blend_rank": 6}
+    model.metadata_props[SITES_KEY] = json.dumps([site])
+    prefill, decode = generation_profiles(model, {"context": 64})  # a decoder: both profiles
+    assert prefill["a"] == decode["a"] == {"min": [K, 1], "opt": [K, 4], "max": [K, 6]}
+    assert decode["b"] == {"min": [1, N], "opt": [4, N], "max": [6, N]}
+    del site["blend_rank"]  # an artifact from before blend_rank: up to the compiled rank
+    model.metadata_props[SITES_KEY] = json.dumps([site])
+    assert optimization_profile(model, {"x": (2, K)})["a"]["max"] == [K, 4]
 
 
 # --- session without TensorRT ---------------------------------------------------------------
@@ -353,6 +374,11 @@ def test_profile_check_names_the_allowed_shapes():
     check_profile({"x": np.zeros((3, K))}, profile)
     with pytest.raises(UserError, match=r"shape \[5, 128\].*from \[1, 128\] to \[4, 128\]"):
         check_profile({"x": np.zeros((5, K))}, profile)
+    # an adapter's input is bound by the session: the way out is a recompile with the adapter
+    lora = {"lora.q.A": {"min": [K, 1], "opt": [K, 8], "max": [K, 12]}}
+    with pytest.raises(UserError, match=r"adapter input lora.q.A has shape \[128, 16\].*"
+                                        r"among --lora"):
+        check_profile({"lora.q.A": np.zeros((K, 16))}, lora)
 
 
 # --- engine build call sequence, against a stand-in tensorrt module -------------------------

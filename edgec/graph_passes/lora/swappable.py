@@ -19,7 +19,8 @@ One compiled model then serves any adapter on those modules: the runtime binds A
 (``edgec.lora.binding``), zeros of rank 1 give the base model exactly. W stays the base MatMul's
 own initializer, so a quantization pass can quantize it and leave the branch in fp32 (branch nodes
 carry ``edgec.lora.branch``). The sites are recorded in model metadata ``edgec.lora.sites``
-(module, inputs, shapes, rank, and the transforms M_a/M_b that a rotation pass sets when it
+(module, inputs, shapes, rank, ``blend_rank`` (Σ of the compiled adapters' ranks: what a blend
+of them binds), and the transforms M_a/M_b that a rotation pass sets when it
 rotates W on its input / output side, so that swapping stays exact). With no adapter bound the
 graph is the base model, which is what ``--check`` verifies (``exact``).
 """
@@ -51,12 +52,13 @@ class LoraSwappablePass(EdgecPass):
         self.parameter_map = parameter_map
 
     def call(self, model: ir.Model) -> PassResult:
-        targets, ranks, fan, kernels = {}, {}, {}, {}
+        targets, ranks, fan, kernels, blend = {}, {}, {}, {}, {}
         for adapter in self.adapters:
             unswappable(adapter)
             for mod, t in resolve_targets(adapter, self.parameter_map, model).items():
                 targets[mod] = t
                 lm = adapter.modules[mod]
+                blend[mod] = blend.get(mod, 0) + lm.rank
                 # a Conv's rank is fixed: the sum, so any blend of these adapters fits
                 ranks[mod] = (ranks.get(mod, 0) + lm.rank) if lm.kernel else \
                     max(ranks.get(mod, 1), lm.rank)
@@ -86,7 +88,9 @@ class LoraSwappablePass(EdgecPass):
                 in_f, out_f = t.shape[::-1] if flipped else t.shape
                 sites.append(_add_branch(model, nodes[0], mod, in_f, out_f, ranks[mod],
                                          len(sites)))
-            sites[-1].update(parameter=t.parameter, initializer=t.initializer)
+            # the rank a blend of these adapters binds: TensorRT's profile must reach it
+            sites[-1].update(parameter=t.parameter, initializer=t.initializer,
+                             blend_rank=max(blend[mod], ranks[mod]))
         model.metadata_props[SITES_KEY] = json.dumps(sites)
         stats = {"adapters": [a.summary() for a in self.adapters], "mode": "swappable",
                  "sites": len(sites), "inputs_added": 2 * len(sites),

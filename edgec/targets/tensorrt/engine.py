@@ -108,25 +108,53 @@ def optimization_profile(model: ir.Model, examples: Mapping[str, tuple[int, ...]
     """min/opt/max per graph input: fixed dims as they are; a dynamic dim runs 1..example size.
 
     The engine then accepts any size up to the example's (TensorRT needs an upper bound at
-    build time); compile with the largest example you will run.
+    build time); compile with the largest example you will run. A swappable-LoRA input's rank
+    dim is sized from its site instead (``adapter_rank_ranges``): users never feed those.
     """
     profile = {}
+    ranks = adapter_rank_ranges(model)
     for value in model.graph.inputs:
         if value.const_value is not None:
             continue
         dims = list(value.shape) if value.shape is not None else None
+        if value.name in ranks and dims is not None:
+            lo, opt, hi = ranks[value.name]
+            profile[value.name] = {k: [d if isinstance(d, int) else r for d in dims]
+                                   for k, r in (("min", lo), ("opt", opt), ("max", hi))}
+            continue
         example = examples.get(value.name)
         if example is not None and dims is not None and len(example) != len(dims):
             raise UserError(f"example input {value.name!r} has rank {len(example)}, the model "
                             f"input has rank {len(dims)}")
         dims = dims if dims is not None else [None] * len(example or ())
         if dims and not all(isinstance(d, int) for d in dims) and example is None:
-            raise UserError(f"input {value.name!r} has dynamic shape {dims} and no example input "
-                            "to size TensorRT's optimization profile; pass example inputs")
+            raise UserError(f"input {value.name!r} has dynamic shape {_dims(dims)} and no example "
+                            "input to size TensorRT's optimization profile; pass example inputs")
         lo = [d if isinstance(d, int) else 1 for d in dims]
         opt = [d if isinstance(d, int) else int(e) for d, e in zip(dims, example or dims)]
         profile[value.name] = {"min": lo, "opt": opt, "max": list(opt)}
     return profile
+
+
+def adapter_rank_ranges(model: ir.Model) -> dict[str, tuple[int, int, int]]:
+    """Swappable-LoRA input → (min, opt, max) of its rank dim: 1 (any lower-rank adapter, the
+    base's zeros), the compiled rank (every single adapter is padded to it), and the sum of the
+    compiled adapters' ranks on the site (a blend binds rank Σ rᵢ; ``edgec.lora.binding``)."""
+    from edgec.lora.binding import lora_sites
+
+    out = {}
+    for s in lora_sites(model):
+        rank = max(1, int(s["rank"]))
+        top = max(rank, int(s.get("blend_rank") or rank))
+        for name in (s["a_input"], s["b_input"]):
+            out[name] = (1, rank, top)
+    return out
+
+
+def _dims(dims) -> str:
+    """A shape as a user reads it: ``[172, lora_r_0]`` (dim names, not SymbolicDim reprs)."""
+    names = (d if isinstance(d, int) else getattr(d, "value", d) for d in dims)
+    return "[" + ", ".join("?" if n is None else str(n) for n in names) + "]"
 
 
 def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
@@ -151,6 +179,7 @@ def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
          "total_sequence_length": (2, context // 2 + 1, context)},
     ]
     profiles = []
+    ranks = adapter_rank_ranges(model)  # swappable LoRA on the decoder: the same in both
     for dims in ranges[:1] if prefill_only else ranges:
         profile = {}
         for value in model.graph.inputs:
@@ -159,6 +188,8 @@ def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
             for d in shape:
                 if isinstance(d, int):
                     bounds.append((d, d, d))
+                elif value.name in ranks:
+                    bounds.append(ranks[value.name])
                 elif str(d) in dims:
                     bounds.append(dims[str(d)])
                 else:
