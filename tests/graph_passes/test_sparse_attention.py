@@ -198,6 +198,17 @@ def test_grid_without_a_dividing_tile_is_refused():
         SparseAttentionConfig.parse("grid=3x5x7,block=64").layout()
 
 
+def test_tile_is_planned_only_where_a_site_is_rewritten():
+    """No 48-token tile divides 2x8x8, but a site below min_seq stays dense first (video-dit
+    tiny with the defaults was refused after its export, though no site would be rewritten)."""
+    cfg = f"block=48,prefix={PREFIX},grid=2x8x8"
+    stats = SparseAttentionPass(f"{cfg},min_seq=1000")(export_module(SDPA(), _qkv()).model).stats
+    assert stats["sites_rewritten"] == 0
+    assert stats["skipped_reasons"] == {f"sequence {N} < min_seq 1000": 1}
+    with pytest.raises(UserError, match="no tile of block=48 tokens divides grid 2x8x8"):
+        SparseAttentionPass(f"{cfg},min_seq=0")(export_module(SDPA(), _qkv()).model)
+
+
 def _attention_op_model(scale=None, with_mask=False):
     import onnx_ir as ir
     from onnx import TensorProto, helper

@@ -115,6 +115,14 @@ class SparseAttentionConfig:
     def query_block(self) -> int:
         return self.qblock or 8 * self.block
 
+    @property
+    def grid_tokens(self) -> int | None:
+        """Tokens in the tiled blocks (the layout's ``n_video``) without planning the tile: the
+        grid, plus the tail with ``tail_mode=blocks``; None without a grid."""
+        if self.grid is None:
+            return None
+        return math.prod(self.grid) + (self.tail if self.tail_mode == "blocks" else 0)
+
     def layout(self) -> Layout:
         if self.grid is None:
             return Layout(None, None, None, None, np.zeros(0, np.int64), None)
@@ -129,8 +137,7 @@ class SparseAttentionConfig:
         n = math.prod(self.grid)
         if self.tail and self.tail_mode == "blocks":  # tail tokens follow the tiles, in order
             perm = np.concatenate([perm, np.arange(n, n + self.tail)])
-            n += self.tail
-        return Layout(self.grid, tile, perm, np.argsort(perm), sink, n)
+        return Layout(self.grid, tile, perm, np.argsort(perm), sink, self.grid_tokens)
 
 
 def _check_values(v: dict[str, Any]) -> None:

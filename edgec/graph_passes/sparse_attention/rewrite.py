@@ -59,7 +59,9 @@ class SparseAttentionPass(EdgecPass):
 
     def call(self, model: ir.Model) -> PassResult:
         cfg = self.config
-        lay = cfg.layout()
+        # the tile is planned when a site is rewritten: sites below min_seq stay dense whatever
+        # the grid, so a grid no tile divides is refused only where it would be used
+        self._lay = None
         self._dims = _example_dims(model, self.feeds)
         self._fixed: dict[str, int] = {}  # input dims a rewritten grid site's sequence is made of
         self._lengths: set[int] = set()   # sequence lengths that did not fit the grid
@@ -73,7 +75,7 @@ class SparseAttentionPass(EdgecPass):
             if site.mask is not None or cfg.mode == "mask":
                 built, reason = self._masked(model, i, site, d)
             else:
-                built, reason = self._approximate(i, site, n, d, bh, lay)
+                built, reason = self._approximate(i, site, n, d, bh)
             if built is None:
                 skipped[reason] += 1
                 per_site.append({"site": site.softmax.name, "status": "skipped",
@@ -103,10 +105,10 @@ class SparseAttentionPass(EdgecPass):
             per_site.append({"site": site.softmax.name,
                              "status": "exact" if stats["mode"] == "mask" or self.exact
                              else "approximate", **stats})
-        if lay.grid is not None and self._lengths and rewritten == exact:
+        if cfg.grid is not None and self._lengths and rewritten == exact:
             raise UserError(
-                f"sparse attention grid={'x'.join(map(str, lay.grid))} with prefix={cfg.prefix} "
-                f"and tail={cfg.tail} makes {cfg.prefix + lay.n_video + _dense_tail(cfg)} "
+                f"sparse attention grid={'x'.join(map(str, cfg.grid))} with prefix={cfg.prefix} "
+                f"and tail={cfg.tail} makes {cfg.prefix + cfg.grid_tokens + _dense_tail(cfg)} "
                 f"tokens, but the model's attention sequences are "
                 f"{', '.join(map(str, sorted(self._lengths)))} tokens long; give the grid, "
                 f"prefix and tail of the model's attention")
@@ -141,7 +143,7 @@ class SparseAttentionPass(EdgecPass):
             stats["attention_gflops_sparse"] = round(flops_sparse / 1e9, 3)
         return PassResult(model, rewritten > 0, stats)
 
-    def _approximate(self, i, site, n, d, bh, lay):
+    def _approximate(self, i, site, n, d, bh):
         """(built, "") for the RainFusion rewrite of an unmasked site, or (None, why not)."""
         cfg = self.config
         if d is None:
@@ -150,7 +152,7 @@ class SparseAttentionPass(EdgecPass):
         if keys is None or keys != _dim(site.q):
             return None, "cross-attention (query and key lengths differ or are unknown)"
         dense_tail = _dense_tail(cfg)
-        expected = None if lay.n_video is None else cfg.prefix + lay.n_video + dense_tail
+        expected = None if cfg.grid is None else cfg.prefix + cfg.grid_tokens + dense_tail
         at = ""
         fixed = _evaluate(site.q.shape[2], self._dims) if n is None and expected else None
         if fixed is not None:  # the grid fixes a dynamic sequence to its example length
@@ -167,6 +169,9 @@ class SparseAttentionPass(EdgecPass):
         if n is not None and n <= cfg.prefix + dense_tail:
             return None, "sequence not longer than the dense prefix and tail"
         shape = SiteShape(d=d, n=n, batch_heads=bh, dtype=site.q.dtype)
+        if self._lay is None:
+            self._lay = cfg.layout()
+        lay = self._lay
         if not dense_tail:
             return build_sparse_attention(f"sparse_attn{i}", site.q, site.k, site.v, shape,
                                           cfg, lay, self.regroup_by_transpose), ""
