@@ -150,10 +150,15 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
     ``graph``: a VLM's vision or prefill graph (``exporters.vlm_source`` markers).
     ``rotations``: a companion graph's DartQuant rotations, the main graph's (``_rotations``).
     """
-    from edgec.exporters.sources import resolve_source
+    from edgec.exporters.sources import registry_info, resolve_source
 
     step = step or logger.info
     tgt = recipe.target
+    info = registry_info(source, recipe.config)
+    if info and recipe.sparse_attention is not None and not recipe.generate:
+        # the grid, prefix and tail come from the model: refuse what they rule out (a grid of
+        # another model, sink=frame covering every block) before a slow export, not after it
+        config_for_source(recipe.sparse_attention, info)
     times: dict[str, float] = {}
     t_start = time.perf_counter()
     if tgt.static_shapes and dynamic_shapes is None:

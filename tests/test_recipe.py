@@ -1,5 +1,7 @@
 """Recipe: one parse and validation before any export; the stage table it selects."""
 
+import re
+
 import pytest
 
 import edgec
@@ -69,6 +71,22 @@ def test_sparse_attention_values_are_refused_before_any_export(no_export, tmp_pa
                       sparse_attention=spec)
     assert str(e.value) == message
     Recipe.parse("ort-cpu", sparse_attention="sink=frame,mode=rainfusion")
+
+
+@pytest.mark.parametrize("spec,message", [
+    # the model's grid (2x4x4) with a tile as deep as it: every block a sink (was "sparsity 0%")
+    ("block=16,min_seq=0,sink=frame,tile=2x2x4",
+     "sparse attention sink=frame on grid 2x4x4 with tile=2x2x4 makes every block a "
+     "first-frame sink, so nothing is sparse; give a tile one frame deep (tile=1xHxW, as the "
+     "default one is) or drop sink=frame"),
+    ("grid=2x2x2", "sparse attention grid=2x2x2 does not match video-dit tiny"),
+])
+def test_sparse_attention_against_the_models_grid_is_refused_before_the_export(
+        no_export, tmp_path, spec, message):
+    """The registry knows the grid without exporting (these were refused after a 20 s export)."""
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        edgec.compile("video-dit", target="ort-cpu", output_dir=tmp_path / "o", config="tiny",
+                      sparse_attention=spec)
 
 
 def test_weight_only_calibration_is_refused_up_front(no_export, tmp_path):

@@ -110,12 +110,30 @@ def resolve_source(source: Any, config: str | None = None,
     _no_user_dims(spec.name, dynamic_shapes)
     module = spec.build(config)
     inputs = spec.example_inputs(config)
+    info = _registry_info(spec, config)
+    shapes = dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes(config)
+    return _from_torch(module, inputs, shapes, spec.output_names, info, "registry")
+
+
+def registry_info(source: Any, config: str | None) -> dict[str, Any] | None:
+    """The info ``resolve_source`` records for a reference model, without building or
+    exporting it (options checked against the model before the export); None for a source
+    that is not a registry name."""
+    if not isinstance(source, str) or os.sep in source or "." in source or Path(source).exists():
+        return None
+    from edgec.models import registry
+
+    if source not in registry.names():
+        return None
+    return _registry_info(registry.get(source), config or "tiny")
+
+
+def _registry_info(spec, config: str) -> dict[str, Any]:
     info = {"kind": "registry", "name": spec.name, "config": config,
             "hyperparameters": spec.hyperparameters(config)}
     if spec.sampling:  # how Session.sample runs it, carried into the manifest
         info["sampling"] = dict(spec.sampling)
-    shapes = dynamic_shapes if dynamic_shapes is not None else spec.dynamic_shapes(config)
-    return _from_torch(module, inputs, shapes, spec.output_names, info, "registry")
+    return info
 
 
 def names_reference_model(source: Any) -> bool:

@@ -209,6 +209,19 @@ def test_tile_is_planned_only_where_a_site_is_rewritten():
         SparseAttentionPass(f"{cfg},min_seq=0")(export_module(SDPA(), _qkv()).model)
 
 
+@pytest.mark.parametrize("spec,match", [
+    ("block=16,grid=2x8x8,sink=frame,tile=2x2x4", "with tile=2x2x4 makes every block a "
+                                                   "first-frame sink.*tile=1xHxW"),
+    ("block=16,grid=1x8x8,sink=frame", r"grid 1x8x8 makes every block.*drop sink=frame \(the "
+                                       r"grid has one frame\)"),
+])
+def test_a_sink_covering_every_block_is_refused(spec, match):
+    with pytest.raises(UserError, match=match):
+        SparseAttentionConfig.parse(spec)
+    ok = SparseAttentionConfig.parse("block=16,grid=2x8x8,sink=frame,tile=1x4x4").layout()
+    assert len(ok.sink) == 4 and len(ok.perm) == 128  # one frame of 8: half the blocks
+
+
 def _attention_op_model(scale=None, with_mask=False):
     import onnx_ir as ir
     from onnx import TensorProto, helper

@@ -164,6 +164,19 @@ def _check_values(v: dict[str, Any]) -> None:
     if any(len(dims) != 3 or min(dims) < 1 for dims in (v["grid"], v["tile"])
            if dims is not None):
         raise UserError("sparse attention grid and tile take three dims ≥ 1 (TxHxW)")
+    _refuse_sink_everywhere(v["sink"], v["grid"], v["tile"])
+
+
+def _refuse_sink_everywhere(sink: str, grid, tile) -> None:
+    """sink=frame keeps every block holding first-frame tokens: with one frame, or a tile as
+    deep as the grid, that is every block, and the "sparse" graph was silently dense."""
+    if sink != "frame" or grid is None or not (grid[0] == 1 or (tile and tile[0] == grid[0])):
+        return
+    fix = ("drop sink=frame (the grid has one frame)" if grid[0] == 1 else
+           "give a tile one frame deep (tile=1xHxW, as the default one is) or drop sink=frame")
+    where = "" if grid[0] == 1 else f" with tile={'x'.join(map(str, tile))}"
+    raise UserError(f"sparse attention sink=frame on grid {'x'.join(map(str, grid))}{where} "
+                    f"makes every block a first-frame sink, so nothing is sparse; {fix}")
 
 
 def _plain_type(cls, key: str, value: Any) -> bool:
