@@ -115,6 +115,16 @@ def test_masks_that_cannot_be_planned_are_reported():
     assert plan.kept_fraction == 1.0 and plan.structure == "dense"
 
 
+def test_block_sizes_are_the_ones_the_readme_names():
+    """48..128 (32-token blocks ran slower than dense on ORT), the shorter side under 48: the
+    README said 32–128."""
+    band = np.abs(np.arange(1024)[:, None] - np.arange(1024)) < 60
+    assert plan_blocks(band).block in (48, 60, 64, 96, 120, 128)
+    diag = np.kron(np.eye(32, dtype=bool), np.ones((32, 32), bool))  # 32-token diagonal blocks
+    assert plan_blocks(diag).block != 32
+    assert plan_blocks(np.tril(np.ones((40, 40), bool))).block == 40
+
+
 def test_dense_mask_stays_dense_with_reason():
     class Full(MaskedSelfAttention):
         def forward(self, x):
