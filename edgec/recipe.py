@@ -233,6 +233,9 @@ class Recipe:
             if self.lora and not t.swappable_adapters:
                 raise UserError(f"swappable LoRA adapters cannot run on {t.name} (every tensor "
                                 "is quantized there, adapters included); use --lora-mode merge")
+            from edgec.lora.spec import check_names
+
+            check_names(a.name for a in self.lora)  # run time addresses them by these names
         if self.context is not None and not self.generate:
             raise UserError("--context sizes the KV cache of a generation artifact; add "
                             "--generate")

@@ -33,6 +33,7 @@ from edgec.lora.peft_adapter import (
     read_adapter,
     write_peft_adapter,
 )
+from edgec.lora.spec import blend_spec, check_names
 from edgec.lora.transforms import (
     Factor,
     apply_left,
@@ -42,8 +43,8 @@ from edgec.lora.transforms import (
     save_factors,
 )
 
-__all__ = ["AdapterBank", "site_feeds", "ship_adapters", "ship_transforms", "lora_sites",
-           "unswappable", "adapter_inputs", "TRANSFORMS_FILE", "SITES_KEY"]
+__all__ = ["AdapterBank", "site_feeds", "blend_spec", "ship_adapters", "ship_transforms",
+           "lora_sites", "unswappable", "adapter_inputs", "TRANSFORMS_FILE", "SITES_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,27 +155,6 @@ def unswappable(adapter: LoraAdapter) -> None:
                         "swappable branch x·A·B does not carry; use --lora-mode merge")
 
 
-def blend_spec(spec: str | Mapping[str, float]) -> str | dict[str, float]:
-    """An adapter name as it is, or a blend's weights by name (``"a:0.7,b:0.3"`` or a
-    mapping); a bad weight is refused in one line."""
-    if isinstance(spec, str) and ":" not in spec:
-        return spec
-    items = spec.items() if isinstance(spec, Mapping) else (
-        part.rpartition(":")[::2] if ":" in part else (part, "1")
-        for part in str(spec).split(",") if part.strip())
-    out: dict[str, float] = {}
-    for name, weight in items:
-        try:
-            out[str(name).strip()] = float(weight)
-        except (TypeError, ValueError):
-            raise UserError(f"adapter blend {spec!r}: weight {weight!r} of {name!r} is not a "
-                            "number; give name:weight,name:weight (e.g. style:0.7,subject:0.5)"
-                            ) from None
-    if not out:
-        raise UserError(f"adapter blend {spec!r} names no adapter; give name:weight,...")
-    return out
-
-
 def blended(parts: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
     """One adapter computing Σ wᵢ·(adapter i's delta) on the union of their modules: per module,
     A = [A₁; A₂; ...] and B = [w₁s₁B₁, w₂s₂B₂, ...] (rank Σ rᵢ, scaling 1)."""
@@ -192,21 +172,27 @@ def blended(parts: Sequence[tuple[LoraAdapter, float]]) -> LoraAdapter:
             raise UserError(f"adapters blended on module {mod} disagree on its shape; they were "
                             "trained on different base models")
         A = np.concatenate([lm.A for lm, _ in terms], axis=0)
-        B = np.concatenate([lm.B * np.float32(lm.scaling * w) for lm, w in terms], axis=1)
+        with np.errstate(over="ignore"):  # a weight float32 holds can still overflow B·w·s
+            B = np.concatenate([lm.B * np.float32(lm.scaling * w) for lm, w in terms], axis=1)
+        if not np.isfinite(B).all():
+            raise UserError(f"adapter blend {_weights(parts)}: module {mod}'s weighted lora_B "
+                            "overflows float32; give smaller weights")
         modules[mod] = dataclasses.replace(first, A=A, B=B, rank=A.shape[0],
                                            alpha=float(A.shape[0]), scaling=1.0)
-    name = "+".join(f"{a.name}:{w:g}" for a, w in parts) or NO_ADAPTER
+    name = _weights(parts) or NO_ADAPTER
     return LoraAdapter(name, None, {"r": max((m.rank for m in modules.values()), default=0)},
                        modules)
 
 
+def _weights(parts: Sequence[tuple[LoraAdapter, float]]) -> str:
+    return "+".join(f"{a.name}:{w:g}" for a, w in parts)
+
+
 def ship_adapters(adapters: Sequence[LoraAdapter], stage: Path) -> dict[str, str]:
     """Copy the PEFT files into ``stage/adapters/<name>/``; returns name → relative dir."""
+    check_names(a.name for a in adapters)  # the recipe checked them before the export
     out = {}
     for a in adapters:
-        if a.name == NO_ADAPTER or a.name in out or "/" in a.name or a.name.startswith("."):
-            raise UserError(f"adapter name {a.name!r} is reserved, repeated or not a plain name; "
-                            "rename the adapter directory")
         rel = f"adapters/{a.name}"
         if a.format != "peft":  # a diffusers file: shipped as the PEFT directory it reads as
             write_peft_adapter(a, stage / rel)
@@ -263,9 +249,8 @@ class AdapterBank:
 
     def load(self, path: str | Path, name: str | None = None) -> str:
         adapter = read_adapter(path, name)
-        if adapter.name == NO_ADAPTER:  # "base" would silently run this adapter instead
-            raise UserError(f"adapter name {NO_ADAPTER!r} is reserved for the base model; "
-                            "load it under another name (load_adapter(path, name=...))")
+        # "base" would silently run this adapter instead; "a:2" would be read as a blend
+        check_names([adapter.name], "rename its directory or give load_adapter(path, name=...)")
         if adapter.name in self._adapters:
             logger.warning("adapter %r replaced by %s", adapter.name, path)
         self._add(adapter)

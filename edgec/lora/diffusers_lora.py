@@ -137,6 +137,7 @@ def _exact(module: str) -> str:
 def read_diffusers_lora(file: Path, name: str | None, weight: float):
     """A diffusers-format LoRA file as a ``LoraAdapter`` (``format`` "diffusers")."""
     from edgec.lora.peft_adapter import adapter_from_tensors
+    from edgec.lora.spec import dir_name
 
     tensors, metadata, prefix, ignored = diffusers_state_dict(file)
     if prefix is not None:
@@ -146,7 +147,7 @@ def read_diffusers_lora(file: Path, name: str | None, weight: float):
     config = peft_config(tensors, metadata, prefix, file)
     arrays = {k: v.float().numpy() for k, v in tensors.items()}
     if name is None:
-        name = file.parent.name if file.name == WEIGHT_FILE else file.stem
+        name = dir_name(file.parent) if file.name == WEIGHT_FILE else file.stem
     adapter = adapter_from_tensors(arrays, config, name, file, weight)
     adapter.format, adapter.ignored = "diffusers", ignored
     if ignored:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import UserError
+from edgec.lora.spec import NO_ADAPTER, adapter_weight, dir_name
 
 __all__ = ["LoraModule", "LoraAdapter", "read_adapter", "write_peft_adapter",
            "parse_lora_option", "Target",
@@ -39,7 +40,6 @@ __all__ = ["LoraModule", "LoraAdapter", "read_adapter", "write_peft_adapter",
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-NO_ADAPTER = "base"  # reserved adapter name: the base model (every LoRA branch zero)
 _PREFIXES = ("base_model.model.",)
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)(?:\.[^.]+)?\.weight$")
 _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
@@ -227,7 +227,7 @@ def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0)
         tensors = load_file(str(root / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{root / WEIGHTS_FILE}: unreadable safetensors ({e})") from None
-    return adapter_from_tensors(tensors, config, name or root.name, root, weight)
+    return adapter_from_tensors(tensors, config, name or dir_name(root), root, weight)
 
 
 def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str, Any],
@@ -405,14 +405,12 @@ def parse_lora_option(option: Any) -> list[tuple[str, float]]:
 
 
 def _weight(path: Any, value: Any) -> float:
+    """The run-time blend's rule (``edgec.lora.spec``), so both refuse the same weights."""
     try:
-        weight = float(value)
-    except (TypeError, ValueError):
-        weight = math.nan
-    if not math.isfinite(weight):
-        raise UserError(f"--lora {path}: weight {value!r} is not a finite number; give "
-                        "PATH:WEIGHT, e.g. ./adapter:0.7")
-    return weight
+        return adapter_weight(value)
+    except ValueError as e:
+        raise UserError(f"--lora {path}: weight {value!r} {e}; give PATH:WEIGHT, e.g. "
+                        "./adapter:0.7") from None
 
 
 @dataclasses.dataclass

@@ -50,6 +50,31 @@ def test_weighted_merge_and_bad_inputs(adapter_dirs, tmp_path):
         assert not out.exists()
 
 
+def test_unaddressable_swappable_names_are_refused_before_the_export(adapter_dirs, tmp_path,
+                                                                    monkeypatch):
+    """'b:2' (which --adapter reads as adapter b at weight 2), 'x,y' or one name twice failed
+    only after the export, at the artifact's own check ("no adapter named 'b' to blend")."""
+    import shutil
+
+    from edgec.exporters import sources
+
+    def exported(*a, **k):
+        raise AssertionError("exported before the adapter names were checked")
+
+    monkeypatch.setattr(sources, "resolve_source", exported)
+    dirs, _ = adapter_dirs
+    for odd in ("b:2", "x,y"):
+        shutil.copytree(dirs["zero"], tmp_path / odd)
+    for loras, message in [([f"{tmp_path / 'b:2'}:1"], "'b:2' holds ':' or ','"),
+                           ([tmp_path / "x,y"], "rename the adapter directory (e.g. x_y)"),
+                           ([dirs["zero"], dirs["zero"]], "'zero' is given twice")]:
+        out = tmp_path / "o"
+        r = _run("compile", "llama", "--target", "ort-cpu", "-o", out, "--lora-mode",
+                 "swappable", *(a for p in loras for a in ("--lora", p)))
+        assert r.exit_code == 2 and message in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_run_and_bench_choose_the_adapter(adapter_dirs, tmp_path):
     dirs, _ = adapter_dirs
     out = tmp_path / "swap"

@@ -4,6 +4,8 @@ openvino-cpu; each equals PEFT's merge_and_unload() model exported and run (≤ 
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -97,6 +99,11 @@ def test_new_adapter_with_higher_rank_and_refusals(swappable, adapter_dirs, expo
     # "base" is the base model: loading an adapter under that name ran the adapter instead
     with pytest.raises(UserError, match="'base' is reserved"):
         sess.load_adapter(dirs["patterns"], name="base")
+    # a name the blend syntax cannot address ("b:2" ran as adapter b at weight 2)
+    shutil.copytree(dirs["zero"], tmp_path / "b:2")
+    with pytest.raises(UserError, match="'b:2' holds ':' or ','.*name=.*e.g. b_2"):
+        sess.load_adapter(tmp_path / "b:2")
+    assert sess.load_adapter(tmp_path / "b:2", name="b2") == "b2"
     np.testing.assert_array_equal(sess.run(sess.default_feeds, adapter="base")["logits"],
                                   edgec.load(swappable.path).run(sess.default_feeds,
                                                                  adapter="base")["logits"])
@@ -128,6 +135,31 @@ def test_a_weighted_blend_equals_peft_weighted_merge(swappable, adapter_dirs, lo
         sess.run(feeds, adapter={"attn_mlp": 0.5, "nope": 0.5})
     with pytest.raises(UserError, match="weight 'x' of 'rslora' is not a number"):
         sess.active_adapter = "attn_mlp:0.5,rslora:x"
+    # the compile's rule for weights (nan ran all-NaN logits, 1e39 a numpy overflow warning),
+    # and no silent loss of a repeated name or an empty entry
+    for bad, match in [("attn_mlp:nan", "weight 'nan' of 'attn_mlp' is not a finite number"),
+                       ("attn_mlp:-inf", "not a finite number"),
+                       ({"attn_mlp": float("nan")}, "not a finite number"),
+                       ("attn_mlp:1e39", "overflows float32"),
+                       ("attn_mlp:0.5,attn_mlp:0.5", "names 'attn_mlp' twice"),
+                       ("attn_mlp:0.5,,rslora", "has an empty entry"),
+                       ("attn_mlp,", "has an empty entry")]:
+        with pytest.raises(UserError, match=match):
+            sess.run(feeds, adapter=bad)
+        with pytest.raises(UserError, match=match):
+            sess.active_adapter = bad
+    assert sess.active_adapter == {"attn_mlp": 0.7, "rslora": -0.5}
+
+
+def test_a_blend_overflowing_float32_is_one_line_not_a_numpy_warning(adapter_dirs):
+    from edgec.lora.binding import blended
+
+    dirs, _ = adapter_dirs
+    loud = read_adapter(dirs["attn_mlp"], weight=10.0)  # each weight fits float32, w·s·B not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserError, match="lora_B overflows float32; give smaller weights"):
+            blended([(loud, 3e38)])
 
 
 def test_merged_artifact_has_no_adapters(tmp_path, adapter_dirs):

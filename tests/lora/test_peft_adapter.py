@@ -82,8 +82,19 @@ def test_parse_lora_option(tmp_path):
     # part of the path and said "adapter not found"; a dict's raw ValueError)
     for bad in (f"{tmp_path}:abc", f"{tmp_path}:nan", f"{tmp_path}:inf", {"a": "abc"},
                 [("a", None)], [None]):
-        with pytest.raises(UserError, match="not a finite number|give an adapter path"):
+        with pytest.raises(UserError, match="not a (finite )?number|give an adapter path"):
             parse_lora_option(bad)
+    # beyond float32 the fp32 merge made inf weights (the run-time blend's rule too)
+    with pytest.raises(UserError, match="weight '1e39' overflows float32"):
+        parse_lora_option(f"{tmp_path}:1e39")
+
+
+def test_an_adapter_is_named_by_its_resolved_directory(adapter_dirs, monkeypatch):
+    """`--lora .` was named '' (a swappable artifact then failed after the export)."""
+    dirs, _ = adapter_dirs
+    monkeypatch.chdir(dirs["zero"])
+    assert read_adapter(".").name == "zero"
+    assert read_adapter("adapter_model.safetensors").name == "zero"
 
 
 def test_an_adapter_without_lora_tensors_is_refused(adapter_dirs, tmp_path):
