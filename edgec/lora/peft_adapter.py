@@ -206,7 +206,11 @@ def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0)
         hint = (" (adapter_model.bin is a pickle, which edgec does not load: re-save with "
                 "save_pretrained(dir, safe_serialization=True))"
                 if (root / "adapter_model.bin").exists() else "")
-        raise UserError(f"{root}: no {WEIGHTS_FILE}{hint}; give a PEFT adapter directory")
+        named = _named_adapters(root)
+        where = (f"give {' or '.join(map(str, named))} (PEFT saves an adapter not named "
+                 "'default' in a subdirectory of that name)" if named and not hint
+                 else "give a PEFT adapter directory")
+        raise UserError(f"{root}: no {WEIGHTS_FILE}{hint}; {where}")
     try:
         config = json.loads((root / CONFIG_FILE).read_text())
     except FileNotFoundError:
@@ -228,6 +232,12 @@ def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0)
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{root / WEIGHTS_FILE}: unreadable safetensors ({e})") from None
     return adapter_from_tensors(tensors, config, name or dir_name(root), root, weight)
+
+
+def _named_adapters(root: Path) -> list[Path]:
+    """The PEFT adapters in ``root``'s subdirectories (``save_pretrained`` of an adapter with
+    another name than "default" writes ``root/<name>/adapter_model.safetensors``)."""
+    return sorted(d for d in root.iterdir() if (d / WEIGHTS_FILE).is_file())
 
 
 def adapter_from_tensors(tensors: Mapping[str, np.ndarray], config: Mapping[str, Any],

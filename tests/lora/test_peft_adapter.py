@@ -97,6 +97,16 @@ def test_an_adapter_is_named_by_its_resolved_directory(adapter_dirs, monkeypatch
     assert read_adapter("adapter_model.safetensors").name == "zero"
 
 
+def test_a_named_adapter_subdirectory_is_pointed_to(adapter_dirs, tmp_path):
+    """PEFT's save_pretrained of an adapter not named "default" writes DIR/<name>/...: the
+    message said only "give a PEFT adapter directory"."""
+    dirs, _ = adapter_dirs
+    shutil.copytree(dirs["zero"], tmp_path / "saved" / "style")
+    with pytest.raises(UserError, match=r"saved: no adapter_model.safetensors; give "
+                                        r"\S*saved/style \(PEFT saves"):
+        read_adapter(tmp_path / "saved")
+
+
 def test_an_adapter_without_lora_tensors_is_refused(adapter_dirs, tmp_path):
     from safetensors.numpy import save_file
 
