@@ -104,6 +104,26 @@ def _feeds(session, inputs: Path | None) -> dict:
 
 
 _INPUTS_HELP = ".npz keyed by input name"
+def _adapter_used(session, spec: str | None):
+    """What --json records: --adapter as given, else the artifact's default (None: no
+    swappable adapters)."""
+    return spec if spec is not None else session.active_adapter
+
+
+_ADAPTER_HELP = ("swappable-LoRA artifacts: adapter name to run ('base' = none), a weighted blend "
+                 "of them (a:0.7,b:0.3), or an adapter directory not compiled in (loaded as "
+                 "Session.load_adapter does)")
+
+
+def _use_adapter(session, spec: str | None) -> None:
+    """--adapter: make ``spec`` the session's active adapter; a path that is not one of the
+    artifact's adapter names is loaded first (the error used to point at load_adapter, which the
+    CLI had no way to call)."""
+    if spec is None:
+        return
+    if spec not in session.adapters and Path(spec).exists():
+        spec = session.load_adapter(spec)
+    session.active_adapter = spec  # refuses an artifact without swappable adapters
 
 
 class _Status:
@@ -385,22 +405,21 @@ def run_cmd(
     artifact: Annotated[Path, typer.Argument(help="artifact directory")],
     inputs: Annotated[Path | None, typer.Option("--inputs", help=_INPUTS_HELP)] = None,
     save: Annotated[Path | None, typer.Option("--save", help="write outputs to this .npz")] = None,
-    adapter: Annotated[str | None, typer.Option(
-        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
-                          "or a weighted blend of them: a:0.7,b:0.3")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help=_ADAPTER_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Run an artifact once (on its example inputs unless --inputs) and summarize the outputs.
 
     Examples: `edgec run out --json`, `edgec run out --inputs x.npz --save y.npz`,
-    `edgec run out-lora --adapter base`
+    `edgec run out-lora --adapter base`, `edgec run out-lora --adapter ./new-adapter`
     """
     import edgec
     from edgec.npz import save_npz
 
     _check_save(save)
     session = edgec.load(artifact)
-    results = session.run(_feeds(session, inputs), adapter=adapter)
+    _use_adapter(session, adapter)
+    results = session.run(_feeds(session, inputs))
     if save is not None:
         save_npz(save, results)
     summary = {name: {"shape": list(a.shape), "dtype": a.dtype.name,
@@ -409,7 +428,7 @@ def run_cmd(
                for name, a in results.items()}
     if as_json:
         return _print_json({"artifact": str(artifact), "runtime": session.runtime,
-                            "adapter": adapter or session.active_adapter, "outputs": summary})
+                            "adapter": _adapter_used(session, adapter), "outputs": summary})
     table = Table("output", "shape", "dtype", "mean", "std", "min", "max",
                   title=f"{artifact} on {session.runtime}")
     for name, s in summary.items():
@@ -425,9 +444,7 @@ def bench_cmd(
     inputs: Annotated[Path | None, typer.Option("--inputs", help=_INPUTS_HELP)] = None,
     warmup: Annotated[int, typer.Option(min=0, help="untimed runs first")] = 3,
     iterations: Annotated[int, typer.Option(min=1, help="timed runs")] = 20,
-    adapter: Annotated[str | None, typer.Option(
-        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
-                          "or a weighted blend of them: a:0.7,b:0.3")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help=_ADAPTER_HELP)] = None,
     prompt_tokens: Annotated[int | None, typer.Option(
         "--prompt-tokens", min=1, help="generation artifacts: prompt length (default 128, "
                                        "less where the artifact's context is shorter)")] = None,
@@ -444,15 +461,17 @@ def bench_cmd(
     import edgec
 
     session = edgec.load(artifact)
+    _use_adapter(session, adapter)  # a generation benchmark ignored --adapter
     if session.manifest.get("generation") and inputs is None:
         return _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup,
-                                 iterations, as_json)
+                                 iterations, as_json, adapter)
     if prompt_tokens is not None or new_tokens != 32:
         raise UserError("--prompt-tokens and --new-tokens apply to generation artifacts "
                         "(compiled with --generate, benchmarked without --inputs)")
     stats = session.benchmark(warmup=warmup, iterations=iterations,
-                              feeds=_feeds(session, inputs), adapter=adapter)
-    result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
+                              feeds=_feeds(session, inputs))
+    result = {"artifact": str(artifact), "runtime": session.runtime,
+              "adapter": _adapter_used(session, adapter), **stats}
     if session.emulator:
         result["emulator"] = session.emulator
     if as_json:
@@ -464,7 +483,7 @@ def bench_cmd(
 
 
 def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iterations,
-                      as_json):
+                      as_json, adapter):
     from edgec.runtimes.generation import benchmark_generation
 
     limit = session.decoder_info.context  # a static buffer (NPU) or a --context
@@ -475,7 +494,8 @@ def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iter
                         f"the artifact's context of {limit} tokens; give fewer")
     stats = benchmark_generation(session, prompt_tokens, new_tokens, warmup,
                                  min(iterations, 5) if iterations == 20 else iterations)
-    result = {"artifact": str(artifact), "runtime": session.runtime, **stats}
+    result = {"artifact": str(artifact), "runtime": session.runtime,
+              "adapter": _adapter_used(session, adapter), **stats}
     if session.emulator:
         result["emulator"] = session.emulator
     if as_json:
@@ -509,9 +529,7 @@ def generate_cmd(
     image: Annotated[Path | None, typer.Option(
         "--image", help="an image for a VLM artifact (.png/.jpg, or .npy pixel values); the "
         "prompt gets its placeholder tokens unless it has them (LLaVA's `<image>`)")] = None,
-    adapter: Annotated[str | None, typer.Option(
-        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
-                          "or a weighted blend of them: a:0.7,b:0.3")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help=_ADAPTER_HELP)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Generate text (or token ids) from a KV-cache decoder artifact; text streams as it comes.
@@ -537,8 +555,7 @@ def generate_cmd(
                         "ignores it)")
     session = edgec.load(artifact)
     _ = session.decoder_info  # refuses an artifact without a KV cache before anything else
-    if adapter is not None:
-        session.active_adapter = adapter
+    _use_adapter(session, adapter)
     tok = Tokenizer(artifact, session.manifest) if prompt is not None else None
     ids = tok.encode(prompt) if tok is not None else parse_ids(prompt_ids)
     if not ids:
@@ -565,6 +582,7 @@ def generate_cmd(
     new = [int(t) for t in result[0, result.shape[1] - stats["new_tokens"]:]]
     if as_json:
         return _print_json({"artifact": str(artifact), "runtime": session.runtime,
+                            "adapter": _adapter_used(session, adapter),
                             "prompt_ids": ids, "new_ids": new,
                             **({"image": str(image)} if image is not None else {}),
                             **({"text": tok.decode(new)} if tok is not None else {}), **stats})
@@ -593,9 +611,7 @@ def sample_cmd(
     dense_steps: Annotated[int | None, typer.Option(
         "--dense-steps", min=0, help="first steps on the dense graph (default: the artifact's)"
     )] = None,
-    adapter: Annotated[str | None, typer.Option(
-        "--adapter", help="swappable-LoRA artifacts: adapter name to run ('base' = none), "
-                          "or a weighted blend of them: a:0.7,b:0.3")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help=_ADAPTER_HELP)] = None,
     inputs: Annotated[Path | None, typer.Option(
         "--inputs", help="conditions: .npz keyed by input name (default: the example inputs)"
     )] = None,
@@ -647,8 +663,7 @@ def sample_cmd(
     if video is not None and vae is None:
         raise UserError("--video writes the frames --vae decodes; give --vae DIR too")
     session = edgec.load(artifact)
-    if adapter is not None:
-        session.active_adapter = adapter
+    _use_adapter(session, adapter)
     conditions, negatives, noises = _load_npz(inputs), _load_npz(negative), _load_npz(noise)
     _no_samples_in(session, inputs, conditions)
     if text_encoder is not None and prompt is None:
@@ -682,6 +697,7 @@ def sample_cmd(
                for name, x in samples.items()}
     if as_json:
         return _print_json({"artifact": str(artifact), "runtime": session.runtime,
+                            "adapter": _adapter_used(session, adapter),
                             "samples": summary, **stats,
                             **({"saved": str(save)} if save is not None else {})})
     for name, s in summary.items():
@@ -709,16 +725,26 @@ def compare_cmd(
     artifact_a: Annotated[Path, typer.Argument(help="artifact directory (the reference)")],
     artifact_b: Annotated[Path, typer.Argument(help="artifact directory to compare")],
     inputs: Annotated[Path | None, typer.Option("--inputs", help=_INPUTS_HELP)] = None,
+    adapter: Annotated[str | None, typer.Option(
+        "--adapter", help=_ADAPTER_HELP + "; run by each artifact that has swappable adapters "
+                          "(the other, e.g. one compiled with it merged, runs as it is)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Run two artifacts on the same inputs; print max abs/rel error and cosine per output.
 
-    Example: `edgec compare out-ort out-ov --json`
+    Examples: `edgec compare out-ort out-ov --json`,
+    `edgec compare out-swappable out-merged --adapter style` (a swapped adapter vs its merge)
     """
     import edgec
     from edgec.exporters.verify import compare_outputs
 
     a, b = edgec.load(artifact_a), edgec.load(artifact_b)
+    swappable = [s for s in (a, b) if s.adapters]
+    if adapter is not None and not swappable:
+        raise UserError(f"--adapter: neither {artifact_a} nor {artifact_b} has swappable LoRA "
+                        "adapters; compile one with --lora DIR --lora-mode swappable")
+    for s in swappable:
+        _use_adapter(s, adapter)
     names_a, names_b = sorted(i.name for i in a.inputs), sorted(i.name for i in b.inputs)
     if names_a != names_b:  # B was run on A's feeds: "inputs do not match the model"
         raise UserError(f"{artifact_a} and {artifact_b} take different inputs ({names_a} vs "
@@ -738,10 +764,14 @@ def compare_cmd(
             "them)" if skipped else None)
     if as_json:
         return _print_json({"reference": str(artifact_a), "candidate": str(artifact_b),
-                            "runtimes": [a.runtime, b.runtime], "outputs": errors,
+                            "runtimes": [a.runtime, b.runtime],
+                            "adapters": [_adapter_used(s, adapter) if s.adapters else None
+                                         for s in (a, b)], "outputs": errors,
                             "not_compared": skipped})
+    label = [f"{s.runtime}, adapter {_adapter_used(s, adapter)}" if s.adapters else s.runtime
+             for s in (a, b)]
     table = Table("output", "max abs", "max rel", "cosine", "rel L2",
-                  title=f"{artifact_b} ({b.runtime}) vs {artifact_a} ({a.runtime})")
+                  title=f"{artifact_b} ({label[1]}) vs {artifact_a} ({label[0]})")
     for name, e in errors.items():
         table.add_row(name, f"{e['max_abs']:.3g}", f"{e['max_rel']:.3g}", f"{e['cosine']:.7f}",
                       f"{e['rel_l2']:.3g}")

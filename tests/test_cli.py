@@ -190,6 +190,8 @@ def _bad_cases(tmp_path, art_dir):
         "inspect missing": (["inspect", tmp_path / "nothing"], "no such file"),
         "out under a file": (["compile", "llama", "-t", "ort-cpu", "-o", text / "sub"],
                              "is not a directory, so nothing can be written there"),
+        "compare adapter, none swappable": (["compare", art_dir, art_dir, "--adapter", "a"],
+                                            "neither"),
         "markup in a path": (["run", tmp_path / "a:smile:[/x]"],
                              f"{tmp_path / 'a:smile:[/x]'}: no such artifact"),
         # calibrate writes a cache as compile writes an artifact: a file was an internal
@@ -222,7 +224,8 @@ def _bad_cases(tmp_path, art_dir):
                                   "weight-only with method", "calibrate into a file",
                                   "calibrate into an artifact", "calibrate into a user's dir",
                                   "calibrate into an artifact with a cache",
-                                  "calibrate data npy", "calibrate data dir"])
+                                  "calibrate data npy", "calibrate data dir",
+                                  "compare adapter, none swappable"])
 def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_tiny_artifacts):
     args, match = _bad_cases(tmp_path, dit_tiny_artifacts[0].path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -89,7 +89,18 @@ def test_run_and_bench_choose_the_adapter(adapter_dirs, tmp_path):
     assert len(set(means.values())) == 3  # three different models from one artifact
     bench = json.loads(_run("bench", out, "--adapter", "rslora", "--iterations", "2",
                             "--warmup", "0", "--json").stdout)
-    assert bench["iterations"] == 2
+    assert bench["iterations"] == 2 and bench["adapter"] == "rslora"  # it recorded none
+    # an adapter directory not compiled in is loaded (the error pointed at load_adapter); the
+    # all-zero one is the base model
+    run = json.loads(_run("run", out, "--adapter", dirs["zero"], "--json").stdout)
+    assert run["adapter"] == str(dirs["zero"])
+    assert run["outputs"]["logits"]["mean"] == means["base"]
+    # compare had no --adapter: both artifacts ran their default
+    cmp = json.loads(_run("compare", out, out, "--adapter", "rslora", "--json").stdout)
+    assert cmp["adapters"] == ["rslora", "rslora"] and cmp["outputs"]["logits"]["max_abs"] == 0
+    r = _run("run", out, "--adapter", "attn_mlp:nan")  # exit 0 with all-NaN logits
+    assert r.exit_code == 2 and "'nan' of 'attn_mlp' is not a finite number" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     r = _run("run", out, "--adapter", "nope")
     assert r.exit_code == 2 and "no adapter named 'nope'" in r.stderr
     # inspect read every fidelity entry as measured outputs: KeyError on LoRA artifacts

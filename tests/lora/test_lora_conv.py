@@ -8,6 +8,7 @@ one line."""
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import numpy as np
@@ -210,5 +211,6 @@ def test_swappable_adapters_reach_the_samplers_dense_graph(tmp_path):
     r = CliRunner().invoke(app, ["sample", str(art.path), "--steps", "3", "--adapter", "base",
                                  "--save", str(tmp_path / "s.npz"), "--json"])
     assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["adapter"] == "base"  # --json did not say which ran
     with np.load(tmp_path / "s.npz") as saved:
         np.testing.assert_array_equal(saved[name], base[name])

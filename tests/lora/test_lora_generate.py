@@ -3,6 +3,8 @@ swappable adapters switch what the stateful OpenVINO decoder generates."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -47,3 +49,14 @@ def test_merged_and_swappable_adapters_generate_as_peft(adapter_dirs, tmp_path):
     sess.active_adapter = "base"
     np.testing.assert_array_equal(sess.generate(PROMPT, max_new_tokens=10),
                                   _greedy(registry.get("llama").build("tiny"), 10))
+    # bench of a generation artifact dropped --adapter (a misspelt one benchmarked the default)
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+
+    r = CliRunner().invoke(app, ["bench", str(swap.path), "--adapter", "nope"])
+    assert r.exit_code == 2 and "no adapter named 'nope'" in r.stderr
+    r = CliRunner().invoke(app, ["bench", str(swap.path), "--adapter", b, "--iterations", "1",
+                                 "--warmup", "0", "--prompt-tokens", "4", "--new-tokens", "2",
+                                 "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["adapter"] == b, r.output
