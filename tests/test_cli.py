@@ -347,3 +347,16 @@ def test_edgec_debug_shows_the_real_traceback_and_abort_exits_130(monkeypatch, r
         with pytest.raises(SystemExit) as e:
             main()
         assert e.value.code == code
+
+
+def test_json_output_is_strict_json(capsys):
+    """run --json of an all-NaN output printed bare NaN, which only Python's parser reads."""
+    from edgec.cli import _print_json
+
+    _print_json({"y": {"mean": float("nan"), "max": float("inf"), "shape": [2, 3]}})
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    out = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert out == {"y": {"mean": None, "max": None, "shape": [2, 3]}}
