@@ -391,6 +391,12 @@ def test_floor_holds_out_samples_calibration_does_not_see(tmp_path, count, calib
     assert mp["held_out_seen_by_calibration"] == (source == "calibration")
     said = "kept out of the calibration" if source == "data" else "which calibration saw too"
     assert said in (art.path / "report.md").read_text()
+    # the CLI's row says it too (it said "held out" for samples calibration saw)
+    from edgec.report import summary_rows
+
+    row = dict(summary_rows(art.report))["accuracy floor"]
+    assert ("(held out, ONNX Runtime)" in row) == (source == "data")
+    assert ("(on samples calibration saw, ONNX Runtime)" in row) == (source == "calibration")
 
 
 def test_cli_calibrate_takes_the_compile_recipe_options(tmp_path):
