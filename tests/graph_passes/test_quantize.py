@@ -258,8 +258,14 @@ def test_user_exclusion_by_op_type_and_unknown_name(llama_src):
     first = next(n.name for n in llama_src.model.graph if n.op_type == "MatMul")
     model, result = _quantize(llama_src, "ort-cpu", "w8a8", exclude=(first,))
     assert result.stats["excluded_nodes"] >= 1 and result.stats["quantize_linear"] > 0
-    with pytest.raises(UserError, match="names no node or op type"):
+    with pytest.raises(UserError, match="names no node or op type") as e:
         _quantize(llama_src, "ort-cpu", "w8a8", exclude=("NoSuchNode",))
+    # real names to use (it pointed at `edgec inspect`, which lists op types only)
+    assert f"their nodes: {first}, " in str(e.value) and "edgec inspect" not in str(e.value)
+    with pytest.raises(UserError, match=f"close matches: {first}"):
+        _quantize(llama_src, "ort-cpu", "w8a8", exclude=(first + "_x",))
+    with pytest.raises(UserError, match="close matches: MatMul"):
+        _quantize(llama_src, "ort-cpu", "w8a8", exclude=("Matmul",))
 
 
 def test_mask_fill_is_exact_and_bounds_the_constant(bert_src):

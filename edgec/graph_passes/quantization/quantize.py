@@ -197,8 +197,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         floor = self.floor and self.floor.for_outputs([v.name for v in model.graph.outputs],
                                                       DEFAULT_MAX_KLD)
         if unknown:
-            raise UserError(f"--exclude {unknown[0]!r} names no node or op type of the model; "
-                            "use node names or op types (`edgec inspect` lists them)")
+            raise UserError(_unknown_exclusion(model, unknown[0], s.op_types))
         cache, how = (None, None)
         if s.calibrated:
             cache, how = self.ranges(model) if callable(self.ranges) else (self.ranges, "given")
@@ -441,6 +440,27 @@ class QuantizePass(ir.passes.FunctionalPass):
         memo.setdefault("stats", {})[id(quantized)] = gptq_weights(
             fp32, quantized, memo["samples"], memo)
         return quantized
+
+
+def _unknown_exclusion(model: ir.Model, name: str, op_types) -> str:
+    """The one line refusing ``exclude=name``: the graph's closest node names and op types, else
+    a few nodes of the op types the scheme quantizes. It pointed at `edgec inspect`, which lists
+    op types only; the names are those of the graph the quantize stage receives (after
+    rotation, splits...)."""
+    import difflib
+
+    names = [n.name for n in model.graph if n.name]
+    ops = sorted({n.op_type for n in model.graph})
+    close = difflib.get_close_matches(name, names + ops, n=5, cutoff=0.6)
+    if close:
+        hint = f"close matches: {', '.join(close)}"
+    else:
+        quantized = [n.name for n in model.graph if n.name and n.op_type in set(op_types)]
+        some = ", ".join(quantized[:5]) + (f" (of {len(quantized)})" if len(quantized) > 5
+                                           else "")
+        hint = (f"op types it quantizes: {', '.join(op_types)}"
+                + (f"; their nodes: {some}" if quantized else ""))
+    return f"--quantize exclude={name!r} names no node or op type of the model; {hint}"
 
 
 # ops whose input 2 onnxruntime.quantization quantizes as a bias (int32, scale from inputs 0 and 1)
