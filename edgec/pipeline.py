@@ -257,12 +257,16 @@ def _accepted(ctx: StageContext, manager: PassManager, model, pristine):
     hadamard = wins < len(feeds)
     learned_stats = _record(manager, "rotate").stats["dartquant"]
     chosen = other if hadamard else manager
+    # ``kept`` says what shipped; the reader-error choice the check overruled stays beside it
+    # (``kept`` said "learned" for rotations the end-to-end check had replaced by Hadamards)
+    kept = learned_stats.get("kept", {})
     _record(chosen, "rotate").stats["dartquant"] = {
-        **learned_stats, "end_to_end": {"learned": first, "hadamard": second,
-                                        "kept": "hadamard" if hadamard else "learned",
-                                        "measure": measure, "held_out": len(feeds),
-                                        "learned_better_on": wins,
-                                        "seconds": round(time.perf_counter() - t0, 3)}}
+        **learned_stats, "reader_kept": kept,
+        "kept": {k: "hadamard" for k in kept} if hadamard else kept,
+        "end_to_end": {"learned": first, "hadamard": second,
+                       "kept": "hadamard" if hadamard else "learned",
+                       "measure": measure, "held_out": len(feeds), "learned_better_on": wins,
+                       "seconds": round(time.perf_counter() - t0, 3)}}
     return (other, other_model) if hadamard else (manager, model)
 
 

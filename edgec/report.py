@@ -11,7 +11,7 @@ from edgec import artifact
 from edgec.report_chart import INSTALL_LINE, floor_text
 
 __all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
-           "summary_rows", "scheme_line", "calibration_line", "floor_line"]
+           "rotation_line", "summary_rows", "scheme_line", "calibration_line", "floor_line"]
 
 
 def _io(model) -> dict[str, list[dict[str, Any]]]:
@@ -182,6 +182,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((label, f"max rel {worst['max_rel']:.2e}, rel L2 {worst['rel_l2']:.2e}, "
                                 f"cosine {worst['cosine']:.7f} ({tol})"))
     for p in report["passes"]:
+        if p["name"] == "rotate":
+            rows.append(("rotate", rotation_line(p["stats"])))
         if "sites_rewritten" in p["stats"]:
             rows.append((p["name"], _sites_line(p["stats"])))
         if p["name"] == "prune":
@@ -253,6 +255,39 @@ def floor_line(mp: dict[str, Any]) -> str:
         line += f"; not measured on {on['runtime']}"
     if mp.get("candidates"):
         line += f"; {len(mp['kept'])} of {mp['candidates']} layers kept in {mp['precision']}"
+    return line
+
+
+def rotation_line(st: dict[str, Any]) -> str:
+    """What ``--rotate`` applied, what it skipped and why, and which DartQuant rotations shipped,
+    in one line (only report.json's pass stats said that R1 was skipped on an AdaLN DiT)."""
+    done = [f"R1 on {st['r1']} weights" if st.get("r1") else "",
+            f"R2 in {st['r2']} attention layers" if st.get("r2") else "",
+            f"R4 before {st['r4']} FFN down projections" if st.get("r4") else ""]
+    line = f"{st['method']}: {', '.join(d for d in done if d) or 'nothing rotated'}"
+    skipped: dict[str, list[dict[str, str]]] = {}
+    for sk in st.get("skipped", []):
+        skipped.setdefault(sk["rotation"], []).append(sk)
+    for rot, items in skipped.items():
+        first = items[0]
+        at = "" if first["node"] == "-" else f" at {first['node']}"
+        more = f" (and {len(items) - 1} more sites)" if len(items) > 1 else ""
+        line += f"; {rot.upper()} skipped{at}{more}: {first['reason']}"
+    if not st.get("r4") and "r4" not in skipped:
+        line += "; no online R4 (r4=true adds it)"
+    dq = st.get("dartquant") or {}
+    kept = dq.get("kept") or {}
+    if kept:
+        learned = sorted(k for k, v in kept.items() if v == "learned")
+        starts = sorted(set(kept) - set(learned))
+        line += (f"; learned rotations shipped: {', '.join(learned)}" if learned
+                 else "; learned rotations dropped, the Hadamard starts shipped")
+        if learned and starts:
+            line += f" (Hadamard starts: {', '.join(starts)})"
+    e2e = dq.get("end_to_end")
+    if e2e:
+        line += (f" (end-to-end check: learned better on {e2e['learned_better_on']} of "
+                 f"{e2e['held_out']} held-out samples, kept {e2e['kept']})")
     return line
 
 

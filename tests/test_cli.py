@@ -279,6 +279,9 @@ def test_rotate_option_runs_the_rotation_stage_before_quantization(tmp_path):
         "loss"]["r1"]["start"]
     assert manifest["recipe"]["rotate"] == {"method": "dartquant", "r4": True, "steps": 5,
                                             "seed": 0, "accept": True}
+    row = next(line for line in (out / "report.md").read_text().splitlines()
+               if line.startswith("| rotate |"))  # the summary row the CLI prints too
+    assert "dartquant: R1 on " in row and "R4 before 2 FFN down projections" in row
     # the online R4 runs in float on a CPU target: its MatMuls read no DequantizeLinear, and
     # the down projection after it quantizes the rotated tensor (once)
     import onnx

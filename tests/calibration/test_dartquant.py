@@ -232,19 +232,42 @@ def test_compile_keeps_the_learned_rotations_only_where_they_quantize_better_end
     art = edgec.compile("llama", output_dir=tmp_path / "a", rotate="dartquant", **kw)
     stats = {p["name"]: p["stats"] for p in art.report["passes"]}
     e2e = stats["rotate"]["dartquant"]["end_to_end"]
-    assert e2e["measure"] == "kld" and "learned" in stats["rotate"]["dartquant"]["kept"].values()
+    dq = stats["rotate"]["dartquant"]
+    assert e2e["measure"] == "kld" and "learned" in dq["reader_kept"].values()
     learned, hadamard = (e2e[k]["per_sample"]["kld"] for k in ("learned", "hadamard"))
     assert len(learned) == len(hadamard) == e2e["held_out"] == 4
     wins = sum(a < b for a, b in zip(learned, hadamard))
     assert e2e["learned_better_on"] == wins
     better = "learned" if wins == 4 else "hadamard"
     assert e2e["kept"] == better
+    # the per-rotation ``kept`` is what shipped (it kept saying "learned" under a Hadamard)
+    assert dq["kept"] == (dq["reader_kept"] if better == "learned"
+                          else dict.fromkeys(dq["reader_kept"], "hadamard"))
     assert e2e[better]["kld"] == max(e2e[better]["per_sample"]["kld"])  # the worst sample
     assert stats["quantize"]["mixed_precision"]["probes"][0]["kld"] == e2e[better]["kld"]
     off = edgec.compile("llama", output_dir=tmp_path / "b", rotate="dartquant:accept=false",
                         **kw)
     rotate = next(p for p in off.report["passes"] if p["name"] == "rotate")["stats"]
     assert "end_to_end" not in rotate["dartquant"]
+
+
+def test_when_the_end_to_end_check_drops_the_learned_rotations_kept_says_so(tmp_path,
+                                                                          monkeypatch):
+    """Per-rotation ``kept`` is what shipped: it said "learned" (the reader-error choice) while
+    ``end_to_end.kept`` said "hadamard" (a BERT compile); the rotate row says it too."""
+    import edgec
+    import edgec.pipeline
+    from edgec.report import summary_rows
+
+    monkeypatch.setattr(edgec.pipeline, "_learned_wins", lambda *a: 0)  # the Hadamard wins
+    art = edgec.compile("llama", output_dir=tmp_path / "a", config="tiny", target="ort-cpu",
+                        quantize="w8a8", rotate="dartquant:steps=5")
+    dq = next(p for p in art.report["passes"] if p["name"] == "rotate")["stats"]["dartquant"]
+    assert dq["end_to_end"]["kept"] == "hadamard" and "learned" in dq["reader_kept"].values()
+    assert dq["kept"] == dict.fromkeys(dq["reader_kept"], "hadamard")
+    row = dict(summary_rows(art.report))["rotate"]
+    assert "learned rotations dropped, the Hadamard starts shipped" in row
+    assert "learned better on 0 of 4 held-out samples, kept hadamard" in row
 
 
 def test_end_to_end_check_keeps_learned_only_where_it_wins_every_held_out_sample():

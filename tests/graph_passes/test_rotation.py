@@ -144,6 +144,13 @@ def test_video_dit_gets_r2_and_r4_and_says_why_not_r1(dit_tiny_artifacts):
     (skip,) = s["skipped"]
     assert skip["rotation"] == "r1" and "AdaLN" in skip["reason"]
     assert any(n.name == skip["node"] for n in model.graph)
+    # the CLI's and report.md's rotate row (only report.json's stats said R1 was skipped)
+    from edgec.report import rotation_line
+
+    line = rotation_line(s)
+    assert line.startswith("hadamard: R2 in 2 attention layers, R4 before 2 FFN down")
+    assert f"; R1 skipped at {skip['node']}: modulated: " in line and "(AdaLN)" in line
+    assert rotation_line({**s, "r4": 0}).endswith("; no online R4 (r4=true adds it)")
 
 
 def test_bert_post_norm_gets_r2_and_r4_and_says_why_not_r1(bert_checkpoint):
