@@ -355,6 +355,10 @@ def test_calibrate_from_npz(tmp_path):
     np.savez(tmp_path / "s.npz", input_ids=np.stack([s[0].numpy() for s in sets]))
     cache = edgec.calibrate("llama", "ort-cpu", tmp_path / "c", data=tmp_path / "s.npz")
     assert cache.samples == 3 and cache.data == "file s.npz"
+    with pytest.raises(UserError, match="samples=5, but s.npz holds 3 samples"):  # silently 3
+        edgec.calibrate("llama", "ort-cpu", tmp_path / "c3", data=tmp_path / "s.npz",
+                        quantize="w8a8:samples=5")
+    assert not (tmp_path / "c3").exists()
     np.savez(tmp_path / "bad.npz", ids=np.zeros((3, 1, 8), np.int64))
     with pytest.raises(UserError, match="no array for input 'input_ids'"):
         edgec.calibrate("llama", "ort-cpu", tmp_path / "c2", data=tmp_path / "bad.npz")
@@ -630,3 +634,41 @@ def test_qnn_htp_w4a8_on_an_onnx_file_with_unnamed_nodes(tmp_path):
     graph = ir.load(art.path / "model.onnx").graph
     assert all(n.name for n in graph) and len({n.name for n in graph}) == len(graph)
     assert any(n.op_type == "DequantizeLinear" and "block_size" in n.attributes for n in graph)
+
+
+def test_held_out_samples_follow_the_cache_and_contradicting_samples_are_refused(tmp_path):
+    """With a --calib cache of 32 generated samples the floor's held-out samples were generator
+    samples 16–19, which the cache had seen, reported as unseen: they start after the cache's
+    count now. samples= that contradicts the cache or a data file (used silently before: the
+    cache's count, the file's) is refused."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import onnx_ir as ir
+
+    from edgec.calibration import CalibrationCache
+    from edgec.calibration.samples import generated_samples
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.models import registry
+    from edgec.targets import get as get_target
+
+    ort = get_target("ort-cpu")
+
+    def make(spec, calibration, src=None):
+        return QuantOptions.parse(spec, ort).make_pass(ort, calibration, src, lambda m: None)
+
+    src = SimpleNamespace(kind="registry", info={"name": "llama", "config": "tiny",
+                                                 "input_names": ["input_ids"]})
+    model = ir.Model(ir.Graph([], [], nodes=[]), ir_version=10)
+    cache = CalibrationCache("h", "ort-cpu", "w8a8", "minmax", 32, "model generator", {})
+    held = make("w8a8", cache, src).held_out(model)
+    after = generated_samples(src, 36)[0][32:]
+    assert all(np.array_equal(h["input_ids"], a["input_ids"]) for h, a in zip(held, after))
+    assert make("w8a8:samples=32", cache, src).held_out_source == "generated"
+    with pytest.raises(UserError, match="samples=4, but the calibration cache was made from 32"):
+        make("w8a8:samples=4", cache)
+    sets = registry.get("llama").calibration_inputs("tiny", 8)
+    np.savez(tmp_path / "d.npz", input_ids=np.stack([s[0].numpy() for s in sets]))
+    make("w8a8:samples=8", tmp_path / "d.npz")
+    with pytest.raises(UserError, match="samples=16, but d.npz holds 8 samples"):
+        make("w8a8:samples=16", tmp_path / "d.npz")

@@ -16,6 +16,7 @@ from edgec.calibration.crest import collect_crest
 from edgec.calibration.ranges import collect_ranges
 from edgec.calibration.samples import (
     DEFAULT_SAMPLES,
+    check_sample_count,
     generated_samples,
     samples_for_model,
     samples_from_npz,
@@ -57,6 +58,7 @@ def collect_cache(model, request: CalibrationRequest, src,
                  for v in model.graph.inputs if v.name not in bound]
         samples, origin = samples_from_npz(request.data, specs), f"file {request.data.name}"
         if request.samples:
+            check_sample_count(request.samples, len(samples), request.data.name)
             samples = samples[: request.samples]
         from edgec.exporters.index_inputs import check_indices, index_bounds
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["samples_from_npz", "npz_sample_count", "generated_samples", "samples_for_model",
-           "DEFAULT_SAMPLES"]
+__all__ = ["samples_from_npz", "npz_sample_count", "check_sample_count", "generated_samples",
+           "samples_for_model", "DEFAULT_SAMPLES"]
 
 DEFAULT_SAMPLES = 16
 
@@ -63,6 +63,14 @@ def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dic
     n = counts.pop()
     return [{s.name: arrays[s.name][i].astype(np.dtype(s.dtype), copy=False) for s in inputs}
             for i in range(n)]
+
+
+def check_sample_count(asked: int, available: int | None, name: str) -> None:
+    """Refuse ``samples=`` asking for more than a user's .npz holds (it calibrated on all of
+    them and the report said so, where the user asked for more)."""
+    if available is not None and asked > available:
+        raise UserError(f"--quantize samples={asked}, but {name} holds {available} samples; "
+                        f"ask for at most {available}, or drop samples= to use them all")
 
 
 def npz_sample_count(path: str | os.PathLike) -> int | None:

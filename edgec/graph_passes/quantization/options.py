@@ -218,17 +218,28 @@ class QuantOptions:
         """The QuantizePass of a compile: ``calibration`` is a cache, an .npz path or None;
         ``rotated``: a rotation ran before (GPTQ's default, ``gptq_on``)."""
         from edgec.calibration import CalibrationCache
-        from edgec.calibration.samples import npz_sample_count
+        from edgec.calibration.samples import DEFAULT_SAMPLES, check_sample_count, npz_sample_count
         from edgec.graph_passes.quantization.quantize import QuantizePass
 
         scheme = self.scheme_on(target)
         given = calibration if isinstance(calibration, CalibrationCache) else None
         data = calibration if isinstance(calibration, Path) else None
         floor = self.floor_on(target)
+        available = npz_sample_count(data) if data else None
+        if data and self.samples:
+            check_sample_count(self.samples, available, data.name)
+        if given is not None and self.samples and self.samples != given.samples:
+            # the cache's ranges are reused as they are: samples= was ignored, the report said
+            # the cache's count
+            raise UserError(f"--quantize samples={self.samples}, but the calibration cache was "
+                            f"made from {given.samples} samples; drop samples= to reuse it, or "
+                            f"re-run `edgec calibrate` with samples={self.samples}")
+        # generated samples calibration took: the floor's held-out samples and GPTQ's come after
+        # them (with a cache, its own count: they fell inside a larger cache's samples)
+        count = given.samples if given is not None else self.samples or DEFAULT_SAMPLES
         # a user's .npz: the floor's held-out samples are its last HELD_OUT, kept out of the
         # calibration when enough remain (held_out_split); else calibration sees them too
-        calibrated, source = held_out_split(npz_sample_count(data) if data and floor else None,
-                                            self.samples)
+        calibrated, source = held_out_split(available if floor else None, self.samples)
         if data is None:
             source = "generated"
         request = dataclasses.replace(self.calibration_request(target, data), samples=calibrated)
@@ -249,7 +260,6 @@ class QuantOptions:
             """A user's .npz (all of it), else the model's generator: the calibration count
             plus ``extra`` more."""
             from edgec.calibration.samples import (
-                DEFAULT_SAMPLES,
                 generated_samples,
                 samples_for_model,
                 samples_from_npz,
@@ -260,21 +270,18 @@ class QuantOptions:
                 specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
                 found = samples_from_npz(data, specs)
             else:
-                found = generated_samples(src, (self.samples or DEFAULT_SAMPLES) + extra)[0]
+                found = generated_samples(src, count + extra)[0]
             return samples_for_model(found, model)
 
         def gptq_samples(model):
             """GPTQ's activations: a user's .npz (but its held-out samples when calibration
             leaves them out), else ``GPTQ_SAMPLES`` from the generator, the calibration
             samples first and never the held-out ones."""
-            from edgec.calibration.samples import DEFAULT_SAMPLES
-
             if data is not None:
                 found = samples(model)
                 return found[:-HELD_OUT] if source == "data" else found
-            n = self.samples or DEFAULT_SAMPLES
-            more = samples(model, HELD_OUT + max(0, GPTQ_SAMPLES - n))
-            return more[:n] + more[n + HELD_OUT:]
+            more = samples(model, HELD_OUT + max(0, GPTQ_SAMPLES - count))
+            return more[:count] + more[count + HELD_OUT:]
 
         def held_out(model):
             """Samples the floor measures on: the model's generator past the calibration count,
