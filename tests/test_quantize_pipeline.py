@@ -590,7 +590,7 @@ def test_layer_chart_without_matplotlib_says_how_to_install(tmp_path, monkeypatc
     assert "/layers.2/mlp/MatMul" in section  # the kept layers' table
 
 
-def test_default_floor_applies_to_calibrated_integer_schemes_only():
+def test_default_floor_applies_to_every_scheme():
     from edgec.graph_passes.quantization.mixed_precision import Floor
     from edgec.graph_passes.quantization.options import DEFAULT_MIN_COS, QuantOptions
     from edgec.targets import TARGETS
@@ -604,7 +604,10 @@ def test_default_floor_applies_to_calibrated_integer_schemes_only():
     assert floor("w8a8:min_cos=0.99,max_kld=0.02") == Floor(0.99, 0.02)
     assert floor("w8a8:min_cos=0") is None  # off
     assert floor("w8a16", "qnn-htp") == Floor(0.98, default=True)
-    assert floor("w4a16") is None  # weight-only: activations stay float
+    # weight-only: measured and warned about, not searched (w4a16 after --rotate with nearest
+    # rounding: cosine 0.19 in silence)
+    assert floor("w4a16") == Floor(0.98, default=True)
+    assert floor("w4a16:min_cos=0") is None
     # float8 activations: measured and warned about (no integer fake-quant to search with)
     assert floor("fp8", "tensorrt") == Floor(0.98, default=True)
 

@@ -129,6 +129,24 @@ def test_gptq_rescues_4_bit_weights_after_a_rotation(rotated_w4):
     assert stats["rows"] == GPTQ_SAMPLES * 2 * 16
 
 
+def test_weight_only_4_bit_after_a_rotation_gets_gptq_and_a_measured_floor(tmp_path, caplog):
+    """w4a16 after --rotate on the CPU targets rounded to nearest (the GPTQ default asked for a
+    calibrated scheme) and had no floor: logits cosine 0.19, exit 0, no word. Now GPTQ runs
+    and the default floor is measured on held-out samples and warned about when missed."""
+    from edgec.report import summary_rows
+
+    art = edgec.compile("llama", target="ort-cpu", config="tiny+outliers", quantize="w4a16",
+                        rotate="hadamard", output_dir=tmp_path / "o")
+    q = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
+    assert q["gptq"]["weights"] > 0
+    assert art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["cosine"] > 0.9
+    mp = q["mixed_precision"]  # measured, not searched (activations stay float)
+    assert mp["default"] and not mp["reached"] and mp["candidates"] is None
+    assert mp["held_out"] == 4 and mp["on_target"]["runtime"] == "onnxruntime"
+    assert "w4a16 misses the accuracy floor min_cos=0.98" in caplog.text
+    assert "not reached" in dict(summary_rows(art.report))["accuracy floor"]
+
+
 def test_gptq_option_is_parsed_and_checked():
     from edgec.graph_passes.quantization.options import QuantOptions
     from edgec.targets import get as get_target
@@ -141,7 +159,9 @@ def test_gptq_option_is_parsed_and_checked():
     assert not auto.gptq_on(qnn, rotated=False)
     assert not QuantOptions.parse("w4a8:gptq=false", qnn).gptq_on(qnn, rotated=True)
     assert not QuantOptions.parse("w8a8", cpu).gptq_on(cpu, rotated=True)
-    assert not QuantOptions.parse("w4a16", cpu).gptq_on(cpu, rotated=True)  # weight-only
+    # weight-only 4-bit too (README: "on by default for 4-bit weights after --rotate")
+    assert QuantOptions.parse("w4a16", cpu).gptq_on(cpu, rotated=True)
+    assert not QuantOptions.parse("w4a16", cpu).gptq_on(cpu, rotated=False)
     with pytest.raises(UserError, match="gptq"):
         QuantOptions.parse("w4a8:gptq=maybe", get_target("qnn-htp"))
 

@@ -26,8 +26,9 @@ HELD_OUT = 4  # samples mixed precision measures the quantized graph on
 # w4a8 on the HTP, K up to 1376: logits rel. error 0.192 from 16 samples of 128 tokens, 0.182
 # from 64, 0.179 from 128, 0.178 from 256). 128 as the GPTQ paper's 128 calibration segments.
 GPTQ_SAMPLES = 128
-# The floor a calibrated integer scheme holds when no ``min_cos`` is given: the worst held-out
-# output cosine vs fp32. Below it the most sensitive layers are kept in high precision. 0.98
+# The floor a scheme holds when no ``min_cos`` is given: the worst held-out output cosine vs
+# fp32. Below it the most sensitive layers are kept in high precision (a calibrated integer
+# scheme; fp8 and weight-only ones warn). 0.98
 # and not 0.99: plain w8a8 on a real checkpoint (all-MiniLM-L6-v2, held-out 0.991) keeps its
 # full int8 speed with room to spare, while a quantization that breaks a model (llama
 # small+outliers on the CPU targets: 0.975) is repaired by default. ``min_cos=0`` turns it off.
@@ -51,9 +52,10 @@ class QuantOptions:
     samples, default 16); ``mask_fill=F`` (the bounded attention-mask fill on fully quantized
     targets, default 100); ``min_cos=F`` (accuracy-driven mixed precision: keep the fewest most
     sensitive layers in high precision so that the worst output cosine vs fp32 on held-out
-    samples reaches F; without it a default floor of 0.98 applies to calibrated integer schemes,
-    measured once and searched only when missed, and on a model with a ``logits`` output also
-    a worst KL divergence of 0.05 nats per token; ``min_cos=0`` turns it off); ``max_kld=F``
+    samples reaches F; without it a default floor of 0.98 applies, measured once and searched
+    only when missed (fp8 and weight-only schemes: measured and warned about), and on a
+    model with a ``logits`` output also a worst KL divergence of 0.05 nats per token;
+    ``min_cos=0`` turns it off); ``max_kld=F``
     (the same search until the worst held-out mean KL divergence of the ``logits`` output's
     next-token distribution from fp32's is at most F nats per token); ``smooth=α``
     (SmoothQuant: activation outlier ranges moved into the weights the norms feed, folded
@@ -176,29 +178,27 @@ class QuantOptions:
 
     def floor_on(self, target):
         """The ``mixed_precision.Floor`` the quantize stage holds on held-out samples: what
-        ``min_cos``/``max_kld`` ask, else the default floor for a calibrated scheme (its KL
-        bound is added where the model has logits); None: no measurement. A float8 scheme's
-        floor is measured and warned about, not searched (the per-layer analysis fake-quantizes
-        integers): fp8 with ORT's σ-based scales gave SmolLM2-135M (2 layers) cosine 0.765 in
-        silence."""
+        ``min_cos``/``max_kld`` ask, else the default floor (its KL bound is added where the
+        model has logits); None: no measurement. A float8 or weight-only scheme's floor is
+        measured and warned about, not searched (the per-layer analysis fake-quantizes integer
+        activations): fp8 with ORT's σ-based scales gave SmolLM2-135M (2 layers) cosine 0.765
+        in silence, and w4a16 after --rotate on llama tiny+outliers 0.19."""
         from edgec.graph_passes.quantization.mixed_precision import Floor
 
         if self.min_cos is not None or self.max_kld is not None:
             if not self.min_cos and self.max_kld is None:
                 return None  # min_cos=0: off
             return Floor(self.min_cos or None, self.max_kld)
-        scheme = self.scheme_on(target)
-        return Floor(DEFAULT_MIN_COS, default=True) if scheme.calibrated else None
+        return Floor(DEFAULT_MIN_COS, default=True)
 
     def gptq_on(self, target, rotated: bool) -> bool:
-        """GPTQ as asked, else on where nearest rounding is known to break: 4-bit weights of a
-        calibrated scheme after a rotation, which spreads any massive activation channel over
-        every weight's rounding error (llama small+outliers, hadamard, w4a8 on the HTP: logits
-        cosine 0.56 nearest, 0.98 GPTQ)."""
+        """GPTQ as asked, else on where nearest rounding is known to break: 4-bit weights after
+        a rotation, which spreads any massive activation channel over every weight's rounding
+        error (llama small+outliers, hadamard, w4a8 on the HTP: logits cosine 0.56 nearest,
+        0.98 GPTQ; tiny+outliers w4a16 on ort-cpu, weight-only: 0.19 nearest, 0.94 GPTQ)."""
         if self.gptq is not None:
             return self.gptq
-        scheme = self.scheme_on(target)
-        return rotated and scheme.calibrated and scheme.weights in ("int4", "uint4")
+        return rotated and self.scheme_on(target).weights in ("int4", "uint4")
 
     def calibration_request(self, target, data: Path | None = None):
         """What calibrating for this scheme on ``target`` means, as plain data."""

@@ -209,6 +209,9 @@ class QuantizePass(ir.passes.FunctionalPass):
         if s.weight_only:
             extra = blockwise_weights(work, s, set(plan.nodes_to_exclude))
             quantized = self._rounded(model, work)
+            if floor is not None:  # measured and warned about: no activation to search
+                quantized, plan, extra["mixed_precision"] = self._mixed(model, quantized, plan,
+                                                                        cache, outliers, floor)
         else:
             quantized = self._static(work, plan, cache)
             if not any(n.op_type == "DequantizeLinear" for n in quantized.graph):
@@ -327,11 +330,16 @@ class QuantizePass(ir.passes.FunctionalPass):
                                "probe measured %s", k, _fmt(rebuilt), _fmt(score))
             score = rebuilt
         if not searchable and not floor.met(score):
+            # weight-only: 4-bit weights after a rotation with nearest rounding (llama
+            # tiny+outliers w4a16 hadamard: cosine 0.19) exited 0 with no word
+            remedy = ("try " + ("gptq=true, " if self.gptq is None else "")
+                      + "exclude= on the most sensitive layers (kept float), or w8a8"
+                      if s.weight_only
+                      else "keep the sensitive layers float with exclude= (an LM head first: "
+                      "SmolLM2-135M's cost fp8 its KL bound), or use w8a8, which searches")
             logger.warning("%s misses the accuracy floor %s on %d held-out samples (%s), and "
-                           "has no per-layer precision search: keep the sensitive layers float "
-                           "with exclude= (an LM head first: SmolLM2-135M's cost fp8 its KL "
-                           "bound) or use w8a8, which searches", s.name, floor.describe(),
-                           len(feeds), _fmt(score))
+                           "has no per-layer precision search: %s", s.name, floor.describe(),
+                           len(feeds), _fmt(score), remedy)
         elif not floor.met(score) and floor.default and k:
             # not the user's floor: keeping every layer in high precision buys speed for
             # nothing when even that misses it; keep the plain quantization and say so
