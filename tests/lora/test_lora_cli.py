@@ -105,7 +105,8 @@ def test_run_and_bench_choose_the_adapter(adapter_dirs, tmp_path):
     assert r.exit_code == 2 and "no adapter named 'nope'" in r.stderr
     # inspect read every fidelity entry as measured outputs: KeyError on LoRA artifacts
     info = json.loads(_run("inspect", out, "--json").stdout)
-    assert info["lora"]["mode"] == "swappable" and info["fidelity"]["target_vs_source"]["max_rel"] < 1e-4
+    assert info["lora"]["mode"] == "swappable"
+    assert info["fidelity"]["target_vs_source"]["max_rel"] < 1e-4
     assert _run("inspect", out).exit_code == 0
     blend = json.loads(_run("run", out, "--adapter", "attn_mlp:1,rslora:0", "--json").stdout)
     assert abs(blend["outputs"]["logits"]["mean"] - means["attn_mlp"]) <= 1e-5 * max(
