@@ -154,18 +154,21 @@ def floor_on_target(session, passes, mixed: dict[str, Any]) -> str | None:
     held = next((p.floor_samples for p in passes if getattr(p, "floor_samples", None)), None)
     if held is None:
         return None
-    feeds, reference, masks, floor = held
+    feeds, reference, masks, floor, adapters = held
     try:
-        outputs = [session.run(f) for f in feeds]
+        outputs = _run_held_out(session, feeds, adapters)
     except Exception as e:  # noqa: BLE001 — a graph the runtime feeds otherwise: say so
         mixed["on_target"] = {"runtime": session.runtime, "skipped": f"{type(e).__name__}: {e}"}
         return None
     score = floor.score(outputs, reference, masks)
     mixed["on_target"] = {"runtime": session.runtime, "reached": floor.met(score),
                           **{k: round(v, 6) for k, v in score.items()}}
+    if adapters:
+        mixed["on_target"]["adapters"] = floor.by_adapter(outputs, reference, masks, adapters)
     if not mixed["reached"] or floor.met(score):
         return None
-    found = ", ".join(f"{k} {v:.4f}" for k, v in score.items())
+    found = ", ".join(f"{k} {v:.4f}" for k, v in score.items()) + _missed_by(
+        floor, mixed["on_target"].get("adapters"))
     searched = f"cosine {mixed['achieved']:.4f}" + (
         f", kld {mixed['achieved_kld']:.4f}" if "achieved_kld" in mixed else "")
     message = (f"{session.runtime} misses the accuracy floor ({floor.describe()}) on the "
@@ -175,3 +178,21 @@ def floor_on_target(session, passes, mixed: dict[str, Any]) -> str | None:
                "min_cos=) to leave room for the difference")
     logger.warning("%s", message)
     return message
+
+
+def _run_held_out(session, feeds, adapters):
+    """The artifact's outputs on the floor's held-out feeds; on a swappable-LoRA graph each
+    feed's adapter is bound the way the session binds it (its LoRA inputs are the session's,
+    refused as feeds: the check was skipped, and the floor reported as reached unmeasured)."""
+    if not adapters:
+        return [session.run(f) for f in feeds]
+    names = {i.name for i in session.inputs}
+    return [session.run({k: v for k, v in f.items() if k in names}, adapter=a)
+            for f, a in zip(feeds, adapters)]
+
+
+def _missed_by(floor, adapters: dict[str, dict[str, float]] | None) -> str:
+    """`` (adapter x: cosine ...)`` for each bound adapter missing the floor alone."""
+    missed = [f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in score.items())
+              for name, score in (adapters or {}).items() if not floor.met(score)]
+    return f" (adapter {'; '.join(missed)})" if missed else ""

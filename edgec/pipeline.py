@@ -52,6 +52,9 @@ class StageContext:
     graph: str = "model"  # or "prefill": a decoder's prefill graph (``_prefill_graph``)
     # DartQuant's rotations as the main graph chose them, for its companion graphs
     rotations: Mapping[str, np.ndarray] | None = None
+    # the passes made so far (``_passes`` fills it): a later pass reads what an earlier one
+    # leaves when it runs (a rotation's swappable-LoRA transforms, ``_adapter_bindings``)
+    made: list = dataclasses.field(default_factory=list)
 
     @property
     def target(self):
@@ -95,7 +98,8 @@ STAGES: tuple[Stage, ...] = (
           lambda c: [p() for p in c.target.before_quantize]),
     Stage("quantize", lambda r, t: r.quantize is not None,
           lambda c: c.recipe.quantize.make_pass(c.target, c.recipe.calibration, c.source,
-                                                c.step, rotated=c.recipe.rotate is not None)),
+                                                c.step, rotated=c.recipe.rotate is not None,
+                                                bindings=_adapter_bindings(c))),
     Stage("device-legalize-quantized", lambda r, t: bool(t.after_quantize),
           lambda c: [p() for p in c.target.after_quantize]),
 )
@@ -197,7 +201,8 @@ def prepare(source: Any, recipe: Recipe, example_inputs: Any = None,
 
 def _passes(ctx: StageContext, until: str | None = None) -> list:
     """The passes of every stage that applies to the recipe, in table order, up to ``until``."""
-    passes = []
+    passes: list = []
+    ctx = dataclasses.replace(ctx, made=passes)
     for stage in STAGES:
         if stage.name == until:
             break
@@ -749,7 +754,10 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
     samples = _calibration_data(data) if data is not None else None
     prep = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize")
     request = recipe.quantize.calibration_request(recipe.target, samples)
-    cache = collect_cache(prep.model, request, prep.src, progress)
+    ctx = StageContext(recipe, prep.src, step or logger.info, made=prep.manager.passes)
+    bindings = _adapter_bindings(ctx)  # the compile's calibration binds them the same way
+    cache = collect_cache(prep.model, request, prep.src, progress,
+                          bindings(prep.model) if bindings else None)
     decode = None
     if recipe.generate and recipe.target.static_shapes:
         # a static-cache decoder quantizes its one-token decode graph too: its own ranges (on
@@ -793,6 +801,18 @@ def _lora_transforms(passes: Sequence[Any]) -> dict[str, Any]:
     for p in passes:
         out.update(getattr(p, "lora_transforms", None) or {})
     return out
+
+
+def _adapter_bindings(c: StageContext) -> Callable[[Any], list] | None:
+    """model → the adapters a swappable-LoRA compile ships, bound as its sessions bind them
+    (through the rotation's transforms where one ran): quantization calibrates with each in turn
+    and holds its floor on each (``edgec.lora.binding.adapter_bindings``); None otherwise."""
+    from edgec.lora.binding import adapter_bindings, lora_sites
+
+    if c.recipe.lora_mode != "swappable" or not c.recipe.lora:
+        return None
+    return lambda model: adapter_bindings(lora_sites(model), c.recipe.lora,
+                                          _lora_transforms(c.made))
 
 
 def _prequantized(model) -> bool:

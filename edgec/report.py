@@ -113,12 +113,15 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
     floor = floor_text(mp) + (" (the default floor)" if mp.get("default") else "")
     held = f"worst held-out cosine {mp['achieved']:.4f}" + (
         f", logits KL divergence {mp['achieved_kld']:.4f}" if "achieved_kld" in mp else "") + (
-        _HELD_OUT_FROM.get(mp.get("held_out_source"), "").format(n=mp["held_out"]))
+        _HELD_OUT_FROM.get(mp.get("held_out_source"), "").format(n=mp["held_out"])) + (
+        f" with each of the adapters {', '.join(mp['adapters'])} bound"
+        f"{_missed_by(mp, mp['adapters'])}" if mp.get("adapters") else "")
     on, itself = mp.get("on_target") or {}, ""
     if "reached" in on:  # the same samples on the artifact's own runtime
         itself = (f" On {on['runtime']} itself, the same samples: cosine {on['cosine']:.4f}"
                   + (f", KL divergence {on['kld']:.4f}" if "kld" in on else "")
-                  + ("." if on["reached"] else ", which misses the floor."))
+                  + ("." if on["reached"] else ", which misses the floor")
+                  + ("" if on["reached"] else _missed_by(mp, on.get("adapters")) + "."))
     elif "skipped" in on:  # the artifact's runtime could not take the held-out samples
         itself = f" Not measured on {on['runtime']} itself: {on['skipped']}."
     if not mp["layer_errors"]:  # held as quantized: the per-layer analysis did not run
@@ -244,13 +247,15 @@ def floor_line(mp: dict[str, Any]) -> str:
     # a user's .npz too small to spare them: calibration saw the samples (an optimistic measure)
     held = ("on samples calibration saw" if mp.get("held_out_seen_by_calibration")
             else "held out")
+    bound = f", each of {', '.join(mp['adapters'])} bound" if mp.get("adapters") else ""
     line = (f"{floor_text(mp)}{' (default)' if mp.get('default') else ''} "
-            f"{'reached' if mp['reached'] else 'not reached'} ({held}, ONNX Runtime): "
-            f"{measured(searched)}")
+            f"{'reached' if mp['reached'] else 'not reached'} ({held}{bound}, ONNX Runtime): "
+            f"{measured(searched)}{_missed_by(mp, mp.get('adapters'))}")
     on = mp.get("on_target") or {}
     if "reached" in on:
         line += (f"; on {on['runtime']} {measured(on)}"
-                 + ("" if on["reached"] or not mp["reached"] else ", which misses it"))
+                 + ("" if on["reached"] or not mp["reached"] else ", which misses it")
+                 + _missed_by(mp, on.get("adapters")))
     elif "skipped" in on:
         line += f"; not measured on {on['runtime']}"
     if mp.get("candidates"):
@@ -289,6 +294,15 @@ def rotation_line(st: dict[str, Any]) -> str:
         line += (f" (end-to-end check: learned better on {e2e['learned_better_on']} of "
                  f"{e2e['held_out']} held-out samples, kept {e2e['kept']})")
     return line
+
+
+def _missed_by(mp: dict[str, Any], adapters: dict[str, dict[str, float]] | None) -> str:
+    """`` (misses it: adapter a cosine 0.88)``: the swappable-LoRA adapters below the floor."""
+    missed = [f"{name} cosine {m['cosine']:.4f}" + (f", KL {m['kld']:.4f}" if "kld" in m else "")
+              for name, m in (adapters or {}).items()
+              if (mp.get("min_cos") is not None and m["cosine"] < mp["min_cos"])
+              or (mp.get("max_kld") is not None and m.get("kld", 0.0) > mp["max_kld"])]
+    return f" (adapter {'; '.join(missed)} misses it)" if missed else ""
 
 
 def _sites_line(st: dict[str, Any]) -> str:

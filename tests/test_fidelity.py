@@ -39,7 +39,7 @@ def test_the_floor_is_measured_again_on_the_artifacts_runtime(caplog):
     feeds = [{"x": rng.standard_normal((1, 3)).astype(np.float32)} for _ in range(2)]
     reference = [{"logits": rng.standard_normal((1, 4, 8))} for _ in feeds]
     floor = Floor(min_cos=0.98, max_kld=0.05, default=True)
-    quantize = SimpleNamespace(floor_samples=(feeds, reference, [None, None], floor))
+    quantize = SimpleNamespace(floor_samples=(feeds, reference, [None, None], floor, None))
     searched = {"reached": True, "achieved": 0.999, "achieved_kld": 0.01}
 
     def device(noise):
@@ -62,6 +62,41 @@ def test_the_floor_is_measured_again_on_the_artifacts_runtime(caplog):
                            searched) is None
     assert searched["on_target"] == {"runtime": "openvino",
                                      "skipped": "ValueError: input 'past_0' is missing"}
+
+
+def test_the_floor_on_target_binds_each_feeds_adapter_as_the_session_does():
+    """Swappable LoRA: the held-out feeds carry each adapter's LoRA inputs, which a session
+    refuses as feeds (it binds them itself): the check was skipped ("unknown ['lora.…']") and
+    the floor reported reached, measured on ORT alone. The session now runs each feed with its
+    adapter, and an adapter that misses the floor is named."""
+    from types import SimpleNamespace
+
+    from edgec.fidelity import floor_on_target
+    from edgec.graph_passes.quantization.mixed_precision import Floor
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3)).astype(np.float32)
+    feeds = [{"x": x, "lora.q.A": np.ones((3, 1), np.float32)} for _ in range(2)]
+    reference = [{"y": rng.standard_normal((1, 8))} for _ in feeds]
+    floor = Floor(min_cos=0.98)
+    quantize = SimpleNamespace(floor_samples=(feeds, reference, [None, None], floor,
+                                              ["a", "base"]))
+    ran = []
+
+    def run(feed, adapter=None):
+        ran.append((sorted(feed), adapter))
+        i = len(ran) - 1
+        noise = 10.0 if adapter == "a" else 0.0  # adapter a runs badly on the device
+        return {"y": reference[i]["y"] + noise * rng.standard_normal((1, 8))}
+
+    session = SimpleNamespace(runtime="openvino", run=run,
+                              inputs=[SimpleNamespace(name="x")])
+    searched = {"reached": True, "achieved": 0.999}
+    note = floor_on_target(session, [quantize], searched)
+    assert ran == [(["x"], "a"), (["x"], "base")]
+    on = searched["on_target"]
+    assert not on["reached"] and on["adapters"]["base"] == {"cosine": 1.0}
+    assert on["adapters"]["a"]["cosine"] < 0.98 and "(adapter a: cosine" in note
 
 
 def test_the_summary_names_the_runtime_that_measured_the_target(tmp_path):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from edgec.calibration.cache import CalibrationCache, model_hash
 from edgec.calibration.crest import collect_crest
@@ -46,8 +48,11 @@ class CalibrationRequest:
 
 
 def collect_cache(model, request: CalibrationRequest, src,
-                  progress: Callable[[int, int], None] | None = None) -> CalibrationCache:
-    """Ranges of ``model`` (an onnx_ir.Model, already rewritten) on the request's samples."""
+                  progress: Callable[[int, int], None] | None = None,
+                  bindings: Sequence[tuple[str, dict[str, np.ndarray]]] | None = None
+                  ) -> CalibrationCache:
+    """Ranges of ``model`` (an onnx_ir.Model, already rewritten) on the request's samples;
+    ``bindings``: a swappable-LoRA graph's adapters, bound in turn (``samples_for_model``)."""
     if request.data is not None:
         from edgec.lora.binding import adapter_inputs
         from edgec.runtimes.base import IOSpec
@@ -67,7 +72,7 @@ def collect_cache(model, request: CalibrationRequest, src,
             check_indices(sample, bounds, f"calibration sample {i} of {request.data.name}:")
     else:
         samples, origin = generated_samples(src, request.samples or DEFAULT_SAMPLES)
-    samples = samples_for_model(samples, model)
+    samples = samples_for_model(samples, model, bindings)
     t0 = time.perf_counter()
     tensors = collect_ranges(model, samples, request.method, request.op_types,
                              symmetric=request.symmetric, progress=progress,

@@ -188,14 +188,18 @@ def _hf_samples(src, n: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def samples_for_model(samples: list[dict[str, np.ndarray]], model) -> list[dict[str, np.ndarray]]:
-    """Samples with the zero adapters of a swappable-LoRA graph bound: the base is calibrated
-    (the adapter branches stay float, so any adapter can be swapped in later)."""
+def samples_for_model(samples: list[dict[str, np.ndarray]], model,
+                      bindings: Sequence[tuple[str, dict[str, np.ndarray]]] | None = None
+                      ) -> list[dict[str, np.ndarray]]:
+    """Samples with a swappable-LoRA graph's adapter inputs bound: ``bindings``
+    (``edgec.lora.binding.adapter_bindings``) in turn, sample i the (i mod n)-th, so the ranges
+    cover every adapter the artifact ships as well as the base; none: zeros (the base). The
+    adapter branches stay float either way, so any adapter can be swapped in later."""
     from edgec.lora.binding import lora_sites, site_feeds
 
     sites = lora_sites(model)
     if not sites:
         return samples
-    zeros = site_feeds(sites, None)
-    return [{**zeros, **x} for x in samples]
+    bound = [feeds for _, feeds in bindings] if bindings else [site_feeds(sites, None)]
+    return [{**bound[i % len(bound)], **x} for i, x in enumerate(samples)]
 

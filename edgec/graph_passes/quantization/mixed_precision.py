@@ -521,6 +521,17 @@ class Floor:
             score["kld"] = worst_kld(outputs, references, masks)
         return score
 
+    def by_adapter(self, outputs, references, masks, adapters: Sequence[str] | None
+                   ) -> dict[str, dict[str, float]]:
+        """``score`` over the samples of each adapter bound (``adapters``: one name a sample,
+        None: no adapters, ``{}``), rounded as the report shows them."""
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(adapters or ()):
+            groups.setdefault(name, []).append(i)
+        return {name: {k: round(v, 6) for k, v in self.score(
+            [outputs[i] for i in idx], [references[i] for i in idx],
+            [masks[i] for i in idx]).items()} for name, idx in groups.items()}
+
     def met(self, score: dict[str, float]) -> bool:
         return ((self.min_cos is None or score["cosine"] >= self.min_cos)
                 and (self.max_kld is None or score["kld"] <= self.max_kld))

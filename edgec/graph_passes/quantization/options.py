@@ -214,9 +214,11 @@ class QuantOptions:
             bits=activation_bits(scheme.activations))
 
     def make_pass(self, target, calibration, src, step: Callable[[str], None],
-                  rotated: bool = False):
+                  rotated: bool = False, bindings: Callable | None = None):
         """The QuantizePass of a compile: ``calibration`` is a cache, an .npz path or None;
-        ``rotated``: a rotation ran before (GPTQ's default, ``gptq_on``)."""
+        ``rotated``: a rotation ran before (GPTQ's default, ``gptq_on``); ``bindings``: model →
+        the adapters a swappable-LoRA graph ships (``edgec.lora.binding.adapter_bindings``),
+        bound in turn for calibration and each for the floor."""
         from edgec.calibration import CalibrationCache
         from edgec.calibration.samples import DEFAULT_SAMPLES, check_sample_count, npz_sample_count
         from edgec.graph_passes.quantization.quantize import QuantizePass
@@ -253,7 +255,8 @@ class QuantOptions:
                 return given, "reused cache"
             step("calibrating activation ranges")
             cache = collect_cache(model, request, src,
-                                  lambda i, n: step(f"calibrating: run {i}/{n}"))
+                                  lambda i, n: step(f"calibrating: run {i}/{n}"),
+                                  bindings(model) if bindings else None)
             return cache, "calibrated during compile"
 
         def samples(model, extra: int = 0):
@@ -271,7 +274,7 @@ class QuantOptions:
                 found = samples_from_npz(data, specs)
             else:
                 found = generated_samples(src, count + extra)[0]
-            return samples_for_model(found, model)
+            return samples_for_model(found, model, bindings(model) if bindings else None)
 
         def gptq_samples(model):
             """GPTQ's activations: a user's .npz (but its held-out samples when calibration
@@ -302,7 +305,7 @@ class QuantOptions:
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
                             floor=floor, held_out=held_out, held_out_source=source,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None,
-                            progress=step)
+                            progress=step, bindings=bindings)
 
 
 def held_out_split(available: int | None, asked: int | None) -> tuple[int | None, str]:
