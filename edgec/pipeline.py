@@ -334,7 +334,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         step("computing the LoRA reference (PEFT merge_and_unload)")
         held, lora_info = lora_reference(source, src, recipe.lora, recipe.lora_mode)
         if held is not src:  # held to PEFT's merged model, which computes what the merge does
-            src, approximate = held, _approximate(records, ignore=("lora-merge",))
+            src, approximate = held, _approximate(records, _peft_merges(records)) or prequantized
     quantized = recipe.quantize is not None or prequantized
     with artifact.staged_output(out) as stage:
         from edgec.exporters.export_file import store_sampling
@@ -443,7 +443,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         quant = reports.quantization_entry(records)
         if quant:
             manifest["quantization"] = report["quantization"] = quant
-        notes = [*built.notes, *fidelity.get("notes", [])]
+        notes = [*built.notes, *fidelity.get("notes", []),  # and a pass's warning (sparse-merge
+                 *(f"{r.name}: {r.stats['warning']}" for r in records  # on a dense base)
+                   if r.stats.get("warning"))]
         if notes:
             report["notes"] = notes
         mixed = reports.mixed_precision_stats(report)
@@ -533,7 +535,7 @@ def _companion(name: str, prep: Prepared, recipe: Recipe, stage: Path, step: Pro
              else f"{name}.onnx")
     entry = {**built.runtime, "model": model, "onnx": f"{name}.onnx", **extra}
     held = src if src is not None else prep.src
-    ignore = ("lora-merge",) if held is not prep.src else ()
+    ignore = _peft_merges(prep.manager.records) if held is not prep.src else ()
     session, _ = verification_session(stage, dataclasses.replace(built, runtime=entry))
     from edgec.lora.binding import lora_sites
 
@@ -819,6 +821,14 @@ def _prequantized(model) -> bool:
     from edgec.graph_passes.quantization.quantize import QUANTIZED_OPS
 
     return any(n.op_type in QUANTIZED_OPS for n in model.graph)
+
+
+def _peft_merges(records) -> tuple[str, ...]:
+    """The merge passes whose result PEFT's merge computes, so not approximations against it:
+    a merge, and a sparse-merge whose mask dropped no part of ΔW (the base had no zeros
+    there); one that did, or pruning, is the recipe's approximation of PEFT's merge."""
+    return ("lora-merge",) + tuple(r.name for r in records if r.name == "lora-sparse-merge"
+                                   and not r.stats.get("delta_masked"))
 
 
 def _approximate(records, ignore: Sequence[str] = ()) -> bool:

@@ -27,6 +27,11 @@ def test_losa_end_to_end_keeps_sparsity(adapter_dirs, tmp_path):
     merge = passes["lora-sparse-merge"]
     assert merge["sparsity_before"] == merge["sparsity_after"] == 0.5
     assert merge["zeros_destroyed"] == 0 and merge["modules_merged"] == 14
+    # compared with PEFT's merge of the unpruned base (before: with the base alone, so the
+    # adapter's own effect was reported as error), approximate: pruning and the mask
+    fid = json.loads(r.stdout)["fidelity"]
+    assert fid["lora"]["reference"] == "peft merge_and_unload (attn_mlp)"
+    assert fid["target_vs_source"]["rtol"] is None and merge["delta_masked"] > 0
 
 
 def test_weighted_merge_and_bad_inputs(adapter_dirs, tmp_path):

@@ -88,3 +88,26 @@ def test_sparse_merge_delta_is_the_masked_peft_delta(adapter_dirs, llama_source)
     after = model.graph.initializers[entry["initializer"]].const_value.numpy()
     delta = adapter.modules["layers.1.mlp.down_proj"].delta().T  # ONNX stores Wᵀ
     np.testing.assert_allclose(after - before, delta * (before != 0), atol=1e-6)
+
+
+def test_sparse_merge_on_a_dense_base_is_plain_merge_held_to_peft(adapter_dirs, llama_source,
+                                                                  caplog):
+    """With no zeros to keep (no --prune, a dense base) sparse-merge is a plain merge: said in
+    a warning, and held to PEFT's merge exactly (its fidelity was measured against the base
+    without the adapter: cosine 0.44, the adapter's own effect reported as error)."""
+    from types import SimpleNamespace
+
+    from edgec.pipeline import _approximate, _peft_merges
+
+    dirs, _ = adapter_dirs
+    src = llama_source()
+    with caplog.at_level("WARNING"):
+        result = LoraMergePass([read_adapter(dirs["attn_mlp"])], src.parameter_map,
+                               sparse=True)(src.model)
+    stats = result.stats
+    assert stats["delta_masked"] == 0 and "this is a plain merge" in stats["warning"]
+    assert stats["warning"] in caplog.text
+    record = SimpleNamespace(name="lora-sparse-merge", modified=True, exact=False, stats=stats)
+    assert not _approximate([record], _peft_merges([record]))  # held within 1e-5
+    masked = SimpleNamespace(**{**vars(record), "stats": {**stats, "delta_masked": 3}})
+    assert _approximate([masked], _peft_merges([masked]))  # the mask dropped part of ΔW

@@ -16,6 +16,7 @@ change, and tests hold it to PEFT's own merged model (≤ 1e-4).
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -27,6 +28,8 @@ from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.lora.peft_adapter import LoraAdapter, resolve_saved, resolve_targets
 
 __all__ = ["LoraMergePass"]
+
+logger = logging.getLogger(__name__)
 
 
 class LoraMergePass(EdgecPass):
@@ -81,12 +84,13 @@ class LoraMergePass(EdgecPass):
             param = target.to_onnx_layout(w)  # the layout flip is its own inverse
             deltas[init_name] = target.to_onnx_layout(lm.dora_merged(param)) - w
 
-        zeros_before = zeros_after = total = 0
+        zeros_before = zeros_after = total = masked = 0
         max_delta = 0.0
         for init_name, delta in deltas.items():
             value = model.graph.initializers[init_name]
             w = value.const_value.numpy()
-            if self.sparse:
+            if self.sparse:  # what the mask drops: PEFT's merge keeps it (the reference's)
+                masked += int(np.count_nonzero(delta[w == 0]))
                 delta = np.where(w != 0, delta, np.float32(0))
             merged = w + delta.astype(w.dtype)
             zeros_before += w.size - int(np.count_nonzero(w))
@@ -122,6 +126,14 @@ class LoraMergePass(EdgecPass):
             "zeros_destroyed": max(0, zeros_before - zeros_after),
             "max_abs_delta": max_delta,
         }
+        if self.sparse:
+            stats["delta_masked"] = masked
+            if total and not zeros_before:
+                stats["warning"] = (
+                    "sparse-merge: the adapted weights have no zeros, so LoSA's mask keeps "
+                    "every entry and this is a plain merge; prune the base first (--prune 2:4 "
+                    "or magnitude:0.5) or use --lora-mode merge")
+                logger.warning("%s", stats["warning"])
         return PassResult(model, bool(deltas or bias_deltas or replaced), stats)
 
     def _replacements(self, model: ir.Model, modules: dict[str, list[str]]
