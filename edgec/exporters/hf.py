@@ -9,8 +9,10 @@ The example attention mask pads the last quarter of the tokens, so masking paths
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from edgec.errors import UserError
 from edgec.options import parse_options
 
 __all__ = ["is_hf_checkpoint", "load_hf", "load_hf_model", "example_shape", "hf_source_info",
-           "hf_wrapper", "WRAPPED"]
+           "hf_wrapper", "without_kv_cache", "WRAPPED"]
 
 WRAPPED = "hf."  # the wrapper's attribute prefix, stripped from parameter names
 
@@ -167,3 +169,20 @@ def hf_wrapper(model, output: str):
             return getattr(out, output)
 
     return HFWrapper()
+
+
+@contextlib.contextmanager
+def without_kv_cache(module) -> Iterator[None]:
+    """``use_cache`` off in every transformers config inside ``module`` (a ``PeftModel``'s base
+    model too) while the block runs, restored after: a one-graph export has no cache inputs, and
+    transformers' ``DynamicCache`` output is no tensor (the export failed on it, "forward
+    returned DynamicCache"), as ``hf_wrapper`` passes ``use_cache=False`` for checkpoints."""
+    configs = {id(c): c for m in module.modules()
+               if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c in configs.values():
+            c.use_cache = True

@@ -26,8 +26,11 @@ def flatten_outputs(out: Any) -> list:
         return [t for v in out.values() for t in flatten_outputs(v)]
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in flatten_outputs(v)]
+    hint = ("; a transformers KV cache: call the model with use_cache=False (edgec turns "
+            "model.config.use_cache off for its export)" if type(out).__name__.endswith("Cache")
+            else "")
     raise UserError(f"forward returned {type(out).__name__}; edgec exports tensors and "
-                    "tuples/lists/dicts (or ModelOutputs) of tensors")
+                    f"tuples/lists/dicts (or ModelOutputs) of tensors{hint}")
 
 
 def output_keys(out: Any) -> list[str] | None:

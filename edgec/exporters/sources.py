@@ -74,7 +74,10 @@ def resolve_source(source: Any, config: str | None = None,
         info = {"kind": "module", "class": type(source).__qualname__}
         modes = [(m, m.training) for m in source.modules()]
         try:  # exported and checked in eval mode; the user's module is left as it was given
-            return _from_torch(module, inputs, dynamic_shapes, None, info, "module")
+            from edgec.exporters.hf import without_kv_cache
+
+            with without_kv_cache(source):
+                return _from_torch(module, inputs, dynamic_shapes, None, info, "module")
         finally:
             for m, training in modes:
                 m.training = training

@@ -50,8 +50,11 @@ def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Se
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local adapter dirs only, never the hub
     import torch
 
+    from edgec.exporters.hf import without_kv_cache
+
     model = copy.deepcopy(module).eval()
     wrapper, model = (model, getattr(model, inner)) if inner else (None, model)
+    model = _own_adapters_merged(model)
     # PEFT's own adapter names, not the directories': PEFT drops the weights of an adapter whose
     # name is a substring of its "lora_" key prefix (a directory called "a" or "r" loads nothing).
     names = [f"edgec{i}" for i in range(len(adapters))]
@@ -76,8 +79,19 @@ def peft_merged_outputs(module, feeds: Mapping[str, np.ndarray], input_names: Se
                 past = (empty,) * (2 * info.layers)
             out = wrapped(*tensors[:3], past)
         else:
-            out = merged(*tensors)
+            with without_kv_cache(merged):  # as the source was exported
+                out = merged(*tensors)
     return {n: t.detach().cpu().numpy() for n, t in zip(output_names, flatten_outputs(out))}
+
+
+def _own_adapters_merged(model):
+    """A ``PeftModel`` source with its own adapters merged (PEFT's ``merge_and_unload``, what
+    ``lora-fold`` does to the branches its export has), the model the adapters given are then
+    merged onto, as the artifact does; ``PeftModel.from_pretrained`` on a ``PeftModel`` failed
+    inside PEFT ("property 'peft_config' of 'PeftModel' object has no deleter")."""
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
 
 
 def _peft_merged(model, adapters: Sequence[LoraAdapter], names: Sequence[str], tmp: Path):

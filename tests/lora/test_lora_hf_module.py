@@ -39,3 +39,64 @@ def test_lora_merge_on_a_model_output_module_is_held_to_peft(bert_module, tmp_pa
         base = module(*inputs).last_hidden_state.numpy()
     got = art.load().run(art.load().default_feeds)["last_hidden_state"]
     assert abs(got - base).max() > 1e-4  # the adapter really changed the model
+
+
+@pytest.fixture(scope="module")
+def peft_llama(tmp_path_factory, lora_helpers):
+    """A one-layer transformers LlamaForCausalLM (``use_cache`` left at its default, True) in a
+    PeftModel with adapter ``own``, and a second adapter ``more`` (q/o) saved beside it."""
+    import copy
+
+    import peft
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)).eval()
+    root = tmp_path_factory.mktemp("peft_llama")
+    lora_helpers.make_adapter(root / "own", 1, module=copy.deepcopy(base),
+                              target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4)
+    lora_helpers.make_adapter(root / "more", 2, module=copy.deepcopy(base),
+                              target_modules=["q_proj", "o_proj"], r=4, lora_alpha=4)
+    plain = copy.deepcopy(base)
+    model = peft.PeftModel.from_pretrained(base, str(root / "own")).eval()
+    return model, root, torch.randint(0, 64, (1, 8)), plain
+
+
+def test_peft_model_source_with_more_adapters_is_held_to_peft(peft_llama, lora_helpers):
+    """The reference of a PeftModel source given lora=: its own adapter merged, then the
+    others; PeftModel.from_pretrained on the PeftModel itself crashed inside PEFT
+    ("property 'peft_config' of 'PeftModel' object has no deleter"). With use_cache on (the
+    default) the reference returned a DynamicCache."""
+    import copy
+
+    import peft
+
+    from edgec.lora.peft_adapter import read_adapter
+    from edgec.lora.reference import peft_merged_outputs
+
+    model, root, ids, plain = peft_llama
+    got = peft_merged_outputs(model, {"input_ids": ids.numpy()}, ["input_ids"], ["logits"],
+                              [read_adapter(root / "more")])["logits"]
+    both = peft.PeftModel.from_pretrained(copy.deepcopy(plain), str(root / "own"),
+                                          adapter_name="x")
+    both.load_adapter(str(root / "more"), adapter_name="y")
+    with torch.no_grad():
+        ref = both.merge_and_unload(adapter_names=["x", "y"])(ids, use_cache=False).logits
+    assert lora_helpers.max_rel(got, ref.numpy()) <= 1e-5
+    assert isinstance(model, peft.PeftModel) and model.config.use_cache  # left as it was
+
+
+def test_a_transformers_module_exports_without_its_kv_cache(peft_llama):
+    """use_cache (transformers' default) made forward return a DynamicCache, which no graph
+    output is: the export failed with no hint. It is off for the export, restored after."""
+    from edgec.exporters.outputs import flatten_outputs
+    from edgec.exporters.sources import resolve_source
+
+    model, _, ids, _ = peft_llama
+    src = resolve_source(model, example_inputs=(ids,))
+    assert list(src.reference) == ["logits"] and model.config.use_cache is True
+    with pytest.raises(edgec.errors.UserError, match="forward returned DynamicCache.*"
+                                                     "use_cache=False"):
+        with torch.no_grad():
+            flatten_outputs(model(ids, use_cache=True))
