@@ -132,6 +132,8 @@ def check_indices(feeds: Mapping[str, np.ndarray], bounds: Mapping[str, Mapping[
         lo, hi = int(np.min(arr)), int(np.max(arr))
         if lo < low or hi >= bound:
             bad = lo if lo < low else hi
+            # token ids come from a tokenizer; another index (table[i]) from the user's code
+            hint = ("the vocabulary for token ids); were these ids made by this model's "
+                    "tokenizer?" if "ids" in name.lower() else "give indices in that range)")
             raise UserError(f"{what} {name!r} holds {bad}, outside [{low}, {bound}) (the size "
-                            "of the table it indexes: the vocabulary for token ids); were these "
-                            "ids made by this model's tokenizer?")
+                            f"of the table it indexes: {hint}")

@@ -88,7 +88,7 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
     ids = sess.default_feeds["input_ids"]
     assert np.isfinite(sess.run({"input_ids": ids})["logits"]).all()
     for bad in (256, -1):
-        with pytest.raises(UserError, match=f"holds {bad}, outside \\[0, 256\\)"):
+        with pytest.raises(UserError, match=f"holds {bad}, outside \\[0, 256\\).*tokenizer"):
             sess.run({"input_ids": np.full_like(ids, bad)})
     np.savez(tmp_path / "data.npz", input_ids=np.full((4, *ids.shape), 300, ids.dtype))
     with pytest.raises(UserError, match="calibration sample 0 of data.npz: 'input_ids' holds 300"):
@@ -128,3 +128,6 @@ def test_tensor_indexing_of_a_buffer_is_bounded(tmp_path):
                       (dict(j=np.array([-1, 0])), "'j' holds -1, outside \\[0, 10\\)")):
         with pytest.raises(UserError, match=what):
             sess.run({"i": i, "j": j, **bad})
+    # a buffer index is the user's, not a tokenizer's: the hint says so
+    with pytest.raises(UserError, match=r"give indices in that range\)$"):
+        sess.run({"i": i, "j": np.array([0, 10])})
