@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -411,6 +412,14 @@ def parse_lora_option(option: Any) -> list[tuple[str, float]]:
                 out.append((head, _weight(head, tail)))
                 continue
         out.append((text, 1.0))
+    seen: dict[Path, str] = {}
+    for path, _ in out:  # merged twice, the adapter was summed: a weight of 2, or a typo
+        key = Path(os.path.realpath(path))
+        if key in seen:
+            what = (f"{path} is given twice" if path == seen[key] else
+                    f"{path} and {seen[key]} are the same adapter")
+            raise UserError(f"lora: {what}; give it once (with a weight: PATH:WEIGHT)")
+        seen[key] = path
     return out
 
 

@@ -72,7 +72,7 @@ def test_unaddressable_swappable_names_are_refused_before_the_export(adapter_dir
         shutil.copytree(dirs["zero"], tmp_path / odd)
     for loras, message in [([f"{tmp_path / 'b:2'}:1"], "'b:2' holds ':' or ','"),
                            ([tmp_path / "x,y"], "rename the adapter directory (e.g. x_y)"),
-                           ([dirs["zero"], dirs["zero"]], "'zero' is given twice")]:
+                           ([dirs["zero"], dirs["zero"]], "zero is given twice")]:
         out = tmp_path / "o"
         r = _run("compile", "llama", "--target", "ort-cpu", "-o", out, "--lora-mode",
                  "swappable", *(a for p in loras for a in ("--lora", p)))

@@ -87,6 +87,9 @@ def test_parse_lora_option(tmp_path):
     # beyond float32 the fp32 merge made inf weights (the run-time blend's rule too)
     with pytest.raises(UserError, match="weight '1e39' overflows float32"):
         parse_lora_option(f"{tmp_path}:1e39")
+    # the same adapter twice was merged twice (summed), however its path was spelled
+    with pytest.raises(UserError, match="are the same adapter; give it once"):
+        parse_lora_option([f"{odd}:0.5", f"{tmp_path}/./x:1:0.5"])
 
 
 def test_an_adapter_is_named_by_its_resolved_directory(adapter_dirs, monkeypatch):
