@@ -333,7 +333,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
     if recipe.lora:
         step("computing the LoRA reference (PEFT merge_and_unload)")
         held, lora_info = lora_reference(source, src, recipe.lora, recipe.lora_mode)
-        if held is not src:  # held to PEFT's merged model, which computes what the merge does
+        if lora_info["reference"].startswith("none"):  # the model without them, so labelled
+            src = held
+        elif held is not src:  # held to PEFT's merged model, which computes what the merge does
             src, approximate = held, _approximate(records, _peft_merges(records)) or prequantized
     quantized = recipe.quantize is not None or prequantized
     with artifact.staged_output(out) as stage:

@@ -159,7 +159,12 @@ def lora_reference(source: Any, src, adapters: Sequence[LoraAdapter], mode: str
     if reason is not None:
         info.update(reference=f"none: {reason}",
                     verified_adapter="base" if mode == "swappable" else None)
-        return src, info
+        if mode == "swappable":  # verified with no adapter bound: base against base
+            return src, info
+        # merged, but held to the model without them: the row's difference is their effect
+        # (it read "onnxruntime vs onnxruntime", as if the merge were that inexact)
+        label = f"{src.reference_kind} without the adapters (its difference includes their effect)"
+        return dataclasses.replace(src, reference_kind=label), info
     inner = decoder_info = None
     if isinstance(source, torch.nn.Module):
         module = source

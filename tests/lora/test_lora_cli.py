@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 from typer.testing import CliRunner
 
+import edgec
 from edgec.cli import app
 
 runner = CliRunner()
@@ -118,3 +120,23 @@ def test_run_and_bench_choose_the_adapter(adapter_dirs, tmp_path):
         1.0, abs(means["attn_mlp"]))
     r = _run("run", out, "--adapter", "attn_mlp:0.5,rslora:x")
     assert r.exit_code == 2 and "weight 'x' of 'rslora' is not a number" in r.stderr
+
+
+def test_an_onnx_source_merge_says_what_it_is_held_to(adapter_dirs, tmp_path):
+    """An .onnx has no PyTorch module for PEFT to merge into: the row compared the merged graph
+    with the source without the adapter and read "onnxruntime vs onnxruntime", as if the merge
+    were that inexact; it says what the reference is now."""
+    dirs, merged = adapter_dirs
+    assert _run("export", "llama", "-o", tmp_path / "l.onnx").exit_code == 0
+    art = edgec.compile(str(tmp_path / "l.onnx"), target="ort-cpu", output_dir=tmp_path / "o",
+                        lora=[str(dirs["attn_mlp"])])
+    tvs = art.report["fidelity"]["target_vs_source"]
+    assert tvs["reference"].startswith("onnxruntime without the adapters")
+    assert art.manifest["lora"]["reference"].startswith("none: the source is ONNX")
+    ids = art.load().default_feeds["input_ids"]  # and the merge itself equals PEFT's
+    import torch
+
+    with torch.no_grad():
+        want = merged["attn_mlp"](torch.from_numpy(ids)).numpy()
+    got = art.load().run({"input_ids": ids})["logits"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
