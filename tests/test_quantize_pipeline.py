@@ -466,9 +466,6 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     with pytest.raises(UserError, match="min_cos must be a cosine"):
         edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
                       quantize="w8a8:min_cos=2")
-    with pytest.raises(UserError, match="weight-only"):
-        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
-                      quantize="w4a16:min_cos=0.99")
     assert not (tmp_path / "x").exists()
 
 
@@ -608,6 +605,8 @@ def test_default_floor_applies_to_every_scheme():
     # rounding: cosine 0.19 in silence)
     assert floor("w4a16") == Floor(0.98, default=True)
     assert floor("w4a16:min_cos=0") is None
+    # an explicit floor too (it was refused while the default one was measured)
+    assert floor("w4a16:min_cos=0.995,max_kld=0.01") == Floor(0.995, 0.01)
     # float8 activations: measured and warned about (no integer fake-quant to search with)
     assert floor("fp8", "tensorrt") == Floor(0.98, default=True)
 

@@ -298,10 +298,6 @@ class QuantOptions:
         if self.method and not scheme.calibrated:
             raise UserError(f"method={self.method} chooses how activation ranges are "
                             f"calibrated; {scheme.name} is weight-only, drop method")
-        if (self.min_cos or self.max_kld) and not scheme.calibrated:
-            which = "min_cos" if self.min_cos else "max_kld"
-            raise UserError(f"{which} chooses which layers keep their activations in high "
-                            f"precision; {scheme.name} is weight-only, drop {which}")
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
                             floor=floor, held_out=held_out, held_out_source=source,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None,
