@@ -25,6 +25,8 @@ __all__ = ["index_bounds", "check_indices"]
 
 # ops an index passes through unchanged in value (shape or dtype only)
 _CARRY = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Concat"}
+# ops between a constant table and its gather that keep the table's shape (a quantized one)
+_TABLE_CARRY = {"DequantizeLinear", "Cast", "Identity"}
 # ...and those that also keep it in its place along the last axis (its GatherND component)
 _KEEP_LANE = {"Cast", "Identity"}
 
@@ -71,10 +73,20 @@ def _uses_as_index(value: ir.Value):
 
 
 def _table_dims(node: ir.Node) -> tuple | None:
+    """The shape of the constant table ``node`` gathers from, also where quantization put it
+    behind a DequantizeLinear (qnn-htp's w8a8 embedding: its bound was lost, so out-of-range
+    ids reached the NPU)."""
     table = node.inputs[0]
-    if table is None or table.const_value is None:
-        return None
-    return tuple(table.const_value.shape)
+    for _ in range(4):
+        if table is None:
+            return None
+        if table.const_value is not None:
+            return tuple(table.const_value.shape)
+        producer = table.producer()
+        if producer is None or producer.op_type not in _TABLE_CARRY:
+            return None
+        table = producer.inputs[0]
+    return None
 
 
 def _bound(node: ir.Node, indices: ir.Value, lane: int | None):

@@ -1,4 +1,5 @@
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 
@@ -131,3 +132,24 @@ def test_tensor_indexing_of_a_buffer_is_bounded(tmp_path):
     # a buffer index is the user's, not a tokenizer's: the hint says so
     with pytest.raises(UserError, match=r"give indices in that range\)$"):
         sess.run({"i": i, "j": np.array([0, 10])})
+
+
+def test_a_quantized_table_still_bounds_its_index_input():
+    """qnn-htp's w8a8 puts the embedding behind a DequantizeLinear: the table was no constant
+    any more, the manifest lost input_ids' bound and out-of-range ids reached the NPU."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgec.exporters.index_inputs import index_bounds
+
+    table = helper.make_tensor("table_q", TensorProto.UINT8, [7, 4], [1] * 28)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["table_q", "scale", "zero"], ["table"]),
+         helper.make_node("Gather", ["table", "ids"], ["out"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4])],
+        [table, helper.make_tensor("scale", TensorProto.FLOAT, [], [0.1]),
+         helper.make_tensor("zero", TensorProto.UINT8, [], [0])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    onnx.checker.check_model(ir.to_proto(model))
+    assert index_bounds(model) == {"ids": {"index_bound": 7}}
