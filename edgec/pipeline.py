@@ -756,6 +756,8 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
     recipe.for_calibration()
     _check_vision_recipe(source, recipe, calibrating=True)
     samples = _calibration_data(data) if data is not None else None
+    if samples is not None:  # DartQuant learns its rotations from them too
+        recipe = dataclasses.replace(recipe, calibration=samples)
     prep = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize")
     request = recipe.quantize.calibration_request(recipe.target, samples)
     ctx = StageContext(recipe, prep.src, step or logger.info, made=prep.manager.passes)

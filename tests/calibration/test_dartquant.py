@@ -109,11 +109,17 @@ def test_calibrate_stores_rotations_and_compile_reuses_them(tmp_path):
     rotation options is refused in one line, nothing written."""
     import edgec
     from edgec.calibration import CalibrationCache
+    from edgec.models import registry
 
     cache_dir = tmp_path / "calib"
     kw = dict(config="tiny+outliers", rotate="dartquant:steps=20")
-    made = edgec.calibrate("llama", target="ort-cpu", output_dir=cache_dir, **kw)
+    ids = registry.get("llama").example_inputs("tiny+outliers")[0].numpy()
+    rng = np.random.default_rng(0)  # the user's samples: DartQuant learned from random feeds
+    np.savez(tmp_path / "d.npz", input_ids=rng.integers(0, 256, (8, *ids.shape), ids.dtype))
+    made = edgec.calibrate("llama", target="ort-cpu", output_dir=cache_dir,
+                           data=tmp_path / "d.npz", **kw)
     assert (cache_dir / "rotations.safetensors").is_file()
+    assert made.rotations["summary"]["data"] == "d.npz"
     # learned for the scheme calibrate quantizes with (ort-cpu's default w8a8): 8-bit readers
     assert made.rotations["options"] == {"steps": 20, "seed": 0, "bits": [8, 8],
                                          "head_bits": [8, 8], "gptq": False}
@@ -139,7 +145,7 @@ def test_calibrate_stores_rotations_and_compile_reuses_them(tmp_path):
     edgec.calibrate("llama", target="ort-cpu", output_dir=cache_dir, config="tiny+outliers",
                     quantize="w8a8:samples=2")
     assert sorted(p.name for p in cache_dir.iterdir()) == ["calibration.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "calib"]  # no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "calib", "d.npz"]  # no staging
 
 
 def test_a_constant_massive_component_is_why_the_hadamard_can_stay():

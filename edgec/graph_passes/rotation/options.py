@@ -25,7 +25,9 @@ It costs one more quantization; ``accept=false`` skips it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from edgec.errors import UserError
@@ -67,7 +69,8 @@ class RotateOptions:
     def make_pass(self, src, calibration=None, target=None, quantize=None,
                   rotations=None) -> EdgecPass:
         """``calibration``: the compile's ``--calib`` (a cache whose stored DartQuant rotations
-        are reused instead of learned again; anything else is ignored here). ``target``: on a
+        are reused instead of learned again; an .npz of samples DartQuant learns from, as the
+        quantizer calibrates on them). ``target``: on a
         fully quantized one, R4 is off unless asked for (module docstring). ``quantize``: the
         compile's ``QuantizeOptions``; DartQuant keeps a learned rotation only where it lowers
         the quantized readers' error at that scheme's widths (8-bit without one), its weights
@@ -82,11 +85,13 @@ class RotateOptions:
             from edgec.calibration import CalibrationCache
 
             cache = calibration if isinstance(calibration, CalibrationCache) else None
+            data = Path(calibration) if isinstance(calibration, (str, os.PathLike)) else None
             if quantize is None or target is None:
-                return DartQuantRotatePass(opts, src, cache, given=rotations)
+                return DartQuantRotatePass(opts, src, cache, given=rotations, data=data)
             return DartQuantRotatePass(opts, src, cache, quantize.bits_on(target),
                                        quantize.gptq_on(target, rotated=True),
-                                       quantize.head_bits_on(target), given=rotations)
+                                       quantize.head_bits_on(target), given=rotations,
+                                       data=data)
         return RotatePass("hadamard", src.parameter_map, online_r4=opts.r4, seed=opts.seed)
 
     def to_json(self) -> dict[str, Any]:
@@ -103,24 +108,38 @@ class DartQuantRotatePass(EdgecPass):
 
     def __init__(self, options: RotateOptions, src, cache=None,
                  bits: tuple[int, int] = (8, 8), gptq: bool = False,
-                 head_bits: tuple[int, int] | None = None, given=None):
+                 head_bits: tuple[int, int] | None = None, given=None,
+                 data: Path | None = None):
         super().__init__()
         self.options, self.src, self.cache = options, src, cache
+        self.data = data  # the user's .npz of samples (else the source's generated ones)
         self.given = given  # rotations another graph of the model calibrated (``make_pass``)
         self.rotations: dict | None = None  # what ``call`` rotated with
         self.bits, self.gptq = tuple(bits), bool(gptq)
         self.head_bits = tuple(head_bits or bits)
         self.learned = None  # (graph hash, DartQuantResult) when this pass calibrated
+        self.origin = None  # where the samples it learned from came from
         self.lora_transforms: dict = {}  # swappable-LoRA site transforms (see RotatePass)
 
     def _key(self) -> dict[str, Any]:
         return {"steps": self.options.steps, "seed": self.options.seed,
                 "bits": list(self.bits), "head_bits": list(self.head_bits), "gptq": self.gptq}
 
+    def _samples(self) -> tuple[list[dict], str]:
+        """What DartQuant learns from: the user's calibration .npz (it learned from the
+        source's random feeds even where the user gave real ones), else generated samples."""
+        from edgec.calibration.samples import generated_samples, samples_from_npz
+        from edgec.runtimes import IOSpec
+
+        if self.data is None:
+            return generated_samples(self.src)
+        specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in self.src.feeds.items()]
+        return samples_from_npz(self.data, specs), self.data.name
+
     def call(self, model) -> PassResult:
         from edgec.calibration import model_hash
         from edgec.calibration.dartquant import calibrate_rotations
-        from edgec.calibration.samples import generated_samples, samples_for_model
+        from edgec.calibration.samples import samples_for_model
 
         graph = model_hash(model)
         stored = self.cache.load_rotations(graph, self._key()) if self.cache else None
@@ -130,7 +149,7 @@ class DartQuantRotatePass(EdgecPass):
             rotations = stored
             stats = {**self.cache.rotations.get("summary", {}), "from_cache": True}
         else:
-            samples, origin = generated_samples(self.src)
+            samples, origin = self._samples()
             result = calibrate_rotations(model, samples_for_model(samples, model),
                                          steps=self.options.steps, seed=self.options.seed,
                                          bits=self.bits, gptq=self.gptq,
@@ -138,6 +157,7 @@ class DartQuantRotatePass(EdgecPass):
             if not result.rotations:  # RotatePass would say "run edgec calibrate first"
                 raise _nothing_to_learn(model)
             rotations, self.learned = result.rotations, (graph, result)
+            self.origin = origin
             stats = {**result.summary(), "samples": len(samples), "data": origin,
                      "from_cache": False}
         self.rotations = rotations
@@ -153,7 +173,8 @@ class DartQuantRotatePass(EdgecPass):
         if self.learned is None:
             return False
         graph, result = self.learned
-        summary = {k: v for k, v in result.summary().items() if k != "rotations"}
+        summary = {**{k: v for k, v in result.summary().items() if k != "rotations"},
+                   "data": self.origin}
         cache.save_rotations(directory, result.rotations, graph, self._key(), summary)
         return True
 
