@@ -255,9 +255,13 @@ class Recipe:
         if self.calibration is not None:
             if self.quantize is None:
                 raise UserError("--calib applies to quantized compiles; add --quantize SCHEME")
-            if self.quantize.scheme_on(t).weight_only:
+            if self.quantize.scheme_on(t).weight_only and not isinstance(self.calibration,
+                                                                         Path):
+                # an .npz of samples is what GPTQ's Hessians and the floor are measured on
+                # (generated feeds otherwise: random tokens for a checkpoint)
                 raise UserError(f"scheme {self.quantize.scheme} is weight-only: it takes no "
-                                "calibration; drop --calib")
+                                "calibration cache (no activation ranges); give an .npz of "
+                                "samples for GPTQ and the accuracy floor, or drop --calib")
 
     def _check_sparse_prefill(self) -> None:
         """--generate --sparse-attention: block-sparse attention in a separate prefill graph."""

@@ -90,11 +90,19 @@ def test_sparse_attention_against_the_models_grid_is_refused_before_the_export(
 
 
 def test_weight_only_calibration_is_refused_up_front(no_export, tmp_path):
+    """A cache (activation ranges) means nothing to a weight-only scheme; an .npz of samples
+    does (GPTQ's Hessians and the floor are measured on it): that one is taken."""
+    from edgec.calibration import CalibrationCache
+    from edgec.recipe import Recipe
+
+    cache = CalibrationCache("h", "ort-cpu", "w8a8", "minmax", 2, "generated", {})
+    with pytest.raises(UserError, match="w4a16 is weight-only: it takes no calibration cache"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", quantize="w4a16",
+                      calibration=cache)
     np = pytest.importorskip("numpy")
     np.savez(tmp_path / "s.npz", input_ids=np.zeros((2, 1, 8), np.int64))
-    with pytest.raises(UserError, match="w4a16 is weight-only: it takes no calibration"):
-        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", quantize="w4a16",
-                      calibration=tmp_path / "s.npz")
+    recipe = Recipe.parse(target="ort-cpu", quantize="w4a16", calibration=tmp_path / "s.npz")
+    assert recipe.calibration == tmp_path / "s.npz"
     with pytest.raises(UserError, match="w4a16 is weight-only: it needs no calibration"):
         edgec.calibrate("llama", "ort-cpu", tmp_path / "c", quantize="w4a16")
     assert not (tmp_path / "c").exists()
