@@ -339,12 +339,13 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
             src, approximate = held, _approximate(records, _peft_merges(records)) or prequantized
     quantized = recipe.quantize is not None or prequantized
     with artifact.staged_output(out) as stage:
-        from edgec.exporters.export_file import store_sampling
+        from edgec.exporters.export_file import store_example_dims, store_sampling
         from edgec.onnx_io import save_model
         from edgec.runtimes import EXAMPLE_INPUTS
 
         t0 = time.perf_counter()
         store_sampling(model, src.info)  # `edgec compile DIR/model.onnx` (TensorRT's note) samples
+        store_example_dims(model, src.feeds)  # ... at the example's sizes
         save_model(model, stage / "model.onnx")
         save_npz(stage / EXAMPLE_INPUTS, src.feeds)
         gen = src.info.get("generation")

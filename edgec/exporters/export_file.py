@@ -18,10 +18,11 @@ from typing import Any
 from edgec.errors import UserError
 
 __all__ = ["PARAMETER_MAP_KEY", "SAMPLING_KEY", "export_to_file", "stored_parameter_map",
-           "store_sampling", "stored_sampling"]
+           "store_sampling", "stored_sampling", "store_example_dims", "stored_example_dims"]
 
 PARAMETER_MAP_KEY = "edgec.parameter_map"
 SAMPLING_KEY = "edgec.sampling"
+EXAMPLE_DIMS_KEY = "edgec.example_dims"
 
 
 def export_to_file(source: Any, path: str | os.PathLike, config: str | None = None,
@@ -42,6 +43,7 @@ def export_to_file(source: Any, path: str | os.PathLike, config: str | None = No
                         "exported (use `edgec compile` on it)")
     src.model.metadata_props[PARAMETER_MAP_KEY] = json.dumps(src.parameter_map)
     store_sampling(src.model, src.info)
+    store_example_dims(src.model, src.feeds)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgec-export-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
@@ -131,3 +133,33 @@ def _sampling_problem(entry: Any, inputs: set[str], outputs: set[str]) -> str | 
     names += [(o, outputs, "output") for o in spec.samples.values()]
     wrong = next(((n, what) for n, known, what in names if n not in known), None)
     return f"{wrong[0]!r} is not a graph {wrong[1]}" if wrong else None
+
+
+def store_example_dims(model, feeds: Mapping[str, Any]) -> None:
+    """Keep the size each named dynamic dim had in the example inputs: compiled from the .onnx,
+    the example is made at those sizes, not at 1 (video-dit came out 1×4×1×2×2, and TensorRT's
+    optimization profile, whose max is the example size, would take nothing larger)."""
+    dims: dict[str, int] = {}
+    for value in model.graph.inputs:
+        feed = feeds.get(value.name)
+        if feed is None or value.shape is None or len(value.shape) != len(feed.shape):
+            continue
+        for dim, size in zip(value.shape.dims, feed.shape):
+            name = getattr(dim, "value", None)
+            if isinstance(name, str) and name:
+                dims.setdefault(name, int(size))
+    if dims:
+        model.metadata_props[EXAMPLE_DIMS_KEY] = json.dumps(dims)
+
+
+def stored_example_dims(model) -> dict[str, int]:
+    """What ``store_example_dims`` kept (``{}`` if none or malformed: the sizes are a
+    convenience, the dims' ranges are checked separately)."""
+    try:
+        dims = json.loads(model.metadata_props.get(EXAMPLE_DIMS_KEY) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(dims, dict):
+        return {}
+    return {k: v for k, v in dims.items()
+            if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1}

@@ -457,9 +457,10 @@ def _from_onnx(path: Path, example_inputs) -> Source:
         feeds = {k: np.asarray(v) for k, v in dict(example_inputs).items()}
     else:
         from edgec.exporters.dim_ranges import stored_ranges
+        from edgec.exporters.export_file import stored_example_dims
 
         least = {d: r["min"] for d, r in stored_ranges(model).items() if "min" in r}
-        feeds = random_feeds(sess.inputs, least=least)
+        feeds = random_feeds(sess.inputs, least={**least, **stored_example_dims(model)})
     reference = sess.run(feeds)
     info = {"kind": "onnx", "path": str(path), "input_names": [i.name for i in sess.inputs],
             "output_names": [o.name for o in sess.outputs]}
@@ -476,7 +477,8 @@ def random_feeds(specs, seed: int = 0,
                  least: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Inputs for a graph with no example data: N(0,1) floats, small non-negative ints.
 
-    Symbolic dims become 1, or their ``least`` size (an edgec export's dim range); integer
+    Symbolic dims become 1, or their ``least`` size (an edgec export's example size or dim
+    range); integer
     inputs are drawn from [0, 2) so that index inputs (token ids, positions) stay in range for
     any table.
     """

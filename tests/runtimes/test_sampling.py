@@ -347,7 +347,11 @@ def test_reference_diffusion_models_sample(tmp_path, model, kind):
         # artifact was "not a diffusion model"
         export_to_file(model, tmp_path / "m.onnx", config="tiny")
         for onnx in (tmp_path / "m.onnx", art.path / "model.onnx"):
-            assert resolve_source(onnx).info["sampling"] == sess.manifest["sampling"]
+            again = resolve_source(onnx)
+            assert again.info["sampling"] == sess.manifest["sampling"]
+            # ... at the example's sizes (every dynamic dim was 1: a batch of one pose)
+            assert {k: v.shape for k, v in again.feeds.items()} == {
+                k: v.shape for k, v in sess.default_feeds.items()}
     if kind == "score":  # the prior completes a half-observed pose and keeps the observed half
         pose = sess.default_feeds["pose"]
         known = np.zeros_like(pose, bool)
