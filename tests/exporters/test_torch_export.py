@@ -90,7 +90,11 @@ def test_a_branch_on_a_dynamic_dim_keeps_its_range(tmp_path):
     batch = {"x": {0: "batch"}}
     path = edgec.export(_Branchy(), (torch.randn(3, 4),), tmp_path / "b.onnx", batch)
     assert ir.load(path).metadata_props[DIM_RANGES_KEY] == '{"batch": {"min": 2}}'
-    assert resolve_source(str(path)).feeds["x"].shape == (2, 4)  # not 1, which it refuses
+    assert resolve_source(str(path)).feeds["x"].shape == (3, 4)  # the example's size
+    bare = ir.load(path)  # an .onnx without the example's sizes: the range's least, not 1
+    del bare.metadata_props["edgec.example_dims"]
+    ir.save(bare, tmp_path / "bare.onnx")
+    assert resolve_source(str(tmp_path / "bare.onnx")).feeds["x"].shape == (2, 4)
     with pytest.raises(UserError, match=r"^_Branchy.forward branches on batch \(torch.export "
                                         r"traced batch >= 2\), and the example's batch of 1 was "
                                         r"traced at 2: .* or leave batch out of dynamic_shapes$"):
