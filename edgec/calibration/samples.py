@@ -12,8 +12,8 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["samples_from_npz", "npz_sample_count", "check_sample_count", "generated_samples",
-           "samples_for_model", "DEFAULT_SAMPLES"]
+__all__ = ["samples_from_npz", "source_samples_from_npz", "npz_sample_count",
+           "check_sample_count", "generated_samples", "samples_for_model", "DEFAULT_SAMPLES"]
 
 DEFAULT_SAMPLES = 16
 
@@ -119,12 +119,22 @@ def generated_samples(src, n: int = DEFAULT_SAMPLES) -> tuple[list[dict[str, np.
         return _hf_samples(src, n), "random tokens with random padding"
     if src.kind in ("onnx", "module"):
         from edgec.exporters.sources import random_feeds
-        from edgec.runtimes.base import IOSpec
 
-        specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
-        return [random_feeds(specs, seed=1000 + i) for i in range(n)], "random feeds"
+        return [random_feeds(_specs(src), seed=1000 + i) for i in range(n)], "random feeds"
     raise UserError(f"a {src.kind} source has no calibration generator; pass calibration "
                     "data (an .npz with a leading sample axis)")
+
+
+def _specs(src) -> list:
+    """The source's inputs as specs, shaped and typed as its example feeds."""
+    from edgec.runtimes.base import IOSpec
+
+    return [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
+
+
+def source_samples_from_npz(path: str | os.PathLike, src) -> list[dict[str, np.ndarray]]:
+    """A user's .npz of samples for ``src`` (``samples_from_npz`` against its inputs)."""
+    return samples_from_npz(path, _specs(src))
 
 
 def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:

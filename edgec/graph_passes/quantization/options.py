@@ -265,13 +265,11 @@ class QuantOptions:
             from edgec.calibration.samples import (
                 generated_samples,
                 samples_for_model,
-                samples_from_npz,
+                source_samples_from_npz,
             )
-            from edgec.runtimes.base import IOSpec
 
             if data is not None:
-                specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
-                found = samples_from_npz(data, specs)
+                found = source_samples_from_npz(data, src)
             else:
                 found = generated_samples(src, count + extra)[0]
             return samples_for_model(found, model, bindings(model) if bindings else None)

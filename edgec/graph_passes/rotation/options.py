@@ -128,13 +128,11 @@ class DartQuantRotatePass(EdgecPass):
     def _samples(self) -> tuple[list[dict], str]:
         """What DartQuant learns from: the user's calibration .npz (it learned from the
         source's random feeds even where the user gave real ones), else generated samples."""
-        from edgec.calibration.samples import generated_samples, samples_from_npz
-        from edgec.runtimes import IOSpec
+        from edgec.calibration.samples import generated_samples, source_samples_from_npz
 
         if self.data is None:
             return generated_samples(self.src)
-        specs = [IOSpec(k, v.shape, v.dtype.name) for k, v in self.src.feeds.items()]
-        return samples_from_npz(self.data, specs), self.data.name
+        return source_samples_from_npz(self.data, self.src), self.data.name
 
     def call(self, model) -> PassResult:
         from edgec.calibration import model_hash
