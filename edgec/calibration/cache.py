@@ -83,6 +83,10 @@ class CalibrationCache:
         from edgec.artifact import write_json
 
         directory = Path(path)
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"{directory}: is a file; a calibration cache is saved into a "
+                            "directory (it holds calibration.json and maybe rotations): give "
+                            "a directory path")
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / CACHE_FILE
         tmp = directory / (CACHE_FILE + ".tmp")

@@ -38,6 +38,14 @@ def test_roundtrip_and_tensors_data(tmp_path):
     assert float(lo) == -1.5 and float(hi) == 2.0
 
 
+def test_save_onto_a_file_is_refused(tmp_path):
+    f = tmp_path / "calib.json"
+    f.write_text("mine")
+    with pytest.raises(UserError, match="is a file.*give a directory"):
+        _cache().save(f)
+    assert f.read_text() == "mine"
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("model_hash", "cd" * 32, "does not match the model"),
     ("target", "openvino-cpu", "target 'openvino-cpu'"),
