@@ -38,15 +38,26 @@ SCHEMES = {
 _UNSUPPORTED = ("No conversion rule", "not supported")
 
 
+def _input_is_output(model_path: Path) -> bool:
+    """Whether a graph output of the ONNX file is one of its inputs, passed through."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return bool({i.name for i in graph.input} & {o.name for o in graph.output})
+
+
 def _build(target: Target, model_path: Path, target_dir: Path, **options) -> BuildResult:
     import openvino as ov
     from openvino.frontend import OpConversionFailure
 
     try:
         # convert_model splits its path argument at commas (a list of files), so a directory
-        # named like "out-keep=0.25,layer=2" would fail; the core's reader takes it whole
-        ov_model = (ov.convert_model(str(model_path)) if "," not in str(model_path) else
-                    ov.Core().read_model(str(model_path)))
+        # named like "out-keep=0.25,layer=2" would fail; the core's reader takes it whole.
+        # convert_model also splits a graph input that is also a graph output into two
+        # parameters (x, x_1; the output renamed x_1): the reader keeps one.
+        reader = "," in str(model_path) or _input_is_output(model_path)
+        ov_model = (ov.Core().read_model(str(model_path)) if reader else
+                    ov.convert_model(str(model_path)))
     except Exception as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = next((ln for ln in lines if any(m in ln for m in _UNSUPPORTED)), None)

@@ -112,3 +112,25 @@ def test_openvino_builds_from_a_directory_with_a_comma(tmp_path):
     model = _write(where / "model.onnx", [H.make_node("Relu", ["x"], ["y"])])
     built = openvino_cpu._build(TARGET, model, where / "target")
     assert (where / "target" / "model.xml").is_file() and built.runtime["model"]
+
+
+def test_openvino_keeps_a_graph_input_that_is_also_an_output(tmp_path):
+    """convert_model split such an input into two parameters (x and x_1, the output renamed),
+    so the artifact asked for an input the model does not have."""
+    import numpy as np
+
+    from edgec.runtimes.openvino import OpenVINOSession
+
+    x = H.make_tensor_value_info("x", T.FLOAT, [2])
+    graph = H.make_graph([H.make_node("Relu", ["x"], ["y"])], "g", [x],
+                         [H.make_tensor_value_info("y", T.FLOAT, [2]), x])
+    model = tmp_path / "passthrough.onnx"
+    onnx.save(H.make_model(graph, opset_imports=[H.make_opsetid("", 20)], ir_version=10), model)
+    built = openvino_cpu._build(TARGET, model, tmp_path / "target")
+    session = OpenVINOSession(tmp_path / built.runtime["model"])
+    assert [i.name for i in session.inputs] == ["x"]
+    assert sorted(o.name for o in session.outputs) == ["x", "y"]
+    feed = np.array([-1.0, 2.0], np.float32)
+    out = session.run({"x": feed})
+    np.testing.assert_array_equal(out["x"], feed)
+    np.testing.assert_array_equal(out["y"], [0.0, 2.0])
