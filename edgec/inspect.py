@@ -12,7 +12,9 @@ __all__ = ["describe"]
 
 
 def _value(v) -> dict[str, Any]:
-    dims = [d if isinstance(d, int) else str(d) for d in (v.shape.dims if v.shape else ())]
+    from edgec.onnx_io import dim_label
+
+    dims = [dim_label(d) for d in (v.shape.dims if v.shape else ())]
     return {"name": v.name, "shape": dims, "dtype": v.dtype.numpy().name if v.dtype else "?"}
 
 

@@ -14,7 +14,18 @@ import onnx_ir as ir
 
 from edgec.errors import UserError
 
-__all__ = ["load_onnx", "check_external_data", "save_model"]
+__all__ = ["load_onnx", "check_external_data", "save_model", "dim_label"]
+
+
+def dim_label(dim) -> int | str:
+    """A graph dim as the manifest, inspect and sessions show it: its size, its name, or ``"?"``
+    for a dynamic dim without a name (``str()`` of an unnamed onnx_ir SymbolicDim is ``"None"``,
+    which read as a dim name every such input shared: x [None, None] given (3, 5) was refused
+    as "inputs 'x' and 'x' share dim 'None'")."""
+    if isinstance(dim, int):
+        return dim
+    value = getattr(dim, "value", dim)
+    return "?" if value is None or value == "" else str(value)
 
 
 def load_onnx(path: str | os.PathLike) -> ir.Model:

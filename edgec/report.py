@@ -18,8 +18,9 @@ def _io(model) -> dict[str, list[dict[str, Any]]]:
     """Inputs/outputs as the ONNX graph declares them (named dynamic dims kept)."""
 
     def spec(v) -> dict[str, Any]:
-        dims = [d if isinstance(d, int) else (str(d) if d is not None else "?")
-                for d in (v.shape.dims if v.shape is not None else ())]
+        from edgec.onnx_io import dim_label
+
+        dims = [dim_label(d) for d in (v.shape.dims if v.shape is not None else ())]
         return {"name": v.name, "shape": dims, "dtype": v.dtype.numpy().name}
 
     from edgec.exporters.dim_ranges import stored_ranges

@@ -58,8 +58,10 @@ def collect_cache(model, request: CalibrationRequest, src,
         from edgec.runtimes.base import IOSpec
 
         bound = adapter_inputs(model)
-        specs = [IOSpec(v.name, tuple(d if isinstance(d, int) else str(d)
-                                      for d in v.shape.dims), v.dtype.numpy().name)
+        from edgec.onnx_io import dim_label
+
+        specs = [IOSpec(v.name, tuple(dim_label(d) for d in v.shape.dims),
+                        v.dtype.numpy().name)
                  for v in model.graph.inputs if v.name not in bound]
         samples, origin = samples_from_npz(request.data, specs), f"file {request.data.name}"
         if request.samples:

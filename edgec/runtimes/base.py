@@ -125,7 +125,7 @@ class Session(abc.ABC):
             if dims is None or len(dims) != len(spec.shape):
                 return spec
             return dataclasses.replace(spec, shape=tuple(
-                d if isinstance(d, int) or not isinstance(m, str) or m == "?" else m
+                d if isinstance(d, int) or not isinstance(m, str) or m in ("?", "None") else m
                 for d, m in zip(spec.shape, dims)))
 
         self._inputs = [named(i) for i in self._inputs]
@@ -459,7 +459,8 @@ class Session(abc.ABC):
         seen: dict[str, tuple[str, int]] = {}
         for spec in self._inputs:
             for dim, size in zip(spec.shape, feeds[spec.name].shape):
-                if not isinstance(dim, str) or dim == "?":
+                if not isinstance(dim, str) or dim in ("?", "None"):  # "None": unnamed (an
+                    # artifact compiled before dim_label)
                     continue
                 first, first_size = seen.setdefault(dim, (spec.name, size))
                 if first_size != size:
