@@ -435,9 +435,7 @@ def run_cmd(
     results = session.run(_feeds(session, inputs))
     if save is not None:
         save_npz(save, results)
-    summary = {name: {"shape": list(a.shape), "dtype": a.dtype.name,
-                      **({"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
-                          "max": float(a.max())} if a.size else {})}
+    summary = {name: {"shape": list(a.shape), "dtype": a.dtype.name, **_stats(a)}
                for name, a in results.items()}
     if as_json:
         return _print_json({"artifact": str(artifact), "runtime": session.runtime,
@@ -446,8 +444,17 @@ def run_cmd(
                   title=f"{artifact} on {session.runtime}")
     for name, s in summary.items():
         table.add_row(name, str(s["shape"]), s["dtype"],
-                      *(f"{s[k]:.4g}" for k in ("mean", "std", "min", "max")))
+                      *(f"{s[k]:.4g}" if k in s else "–" for k in ("mean", "std", "min", "max")))
     out.print(table)
+
+
+def _stats(a) -> dict[str, float]:
+    """An output's mean, std, min and max; none for an empty one (no elements: the table shows
+    "–", where a [0, 3] output was an internal KeyError)."""
+    if not a.size:
+        return {}
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
+            "max": float(a.max())}
 
 
 @app.command("bench")

@@ -32,3 +32,21 @@ def test_unnamed_dynamic_dims_are_question_marks_not_a_shared_name(tmp_path):
     sess = edgec.load(art.path)
     x = -np.ones((3, 5), np.float32)
     np.testing.assert_array_equal(sess.run({"x": x})["y"], np.zeros((3, 5), np.float32))
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_run_prints_an_empty_output(tmp_path):
+    """A Relu on [0, 3]: `edgec run` was an internal KeyError 'mean' (exit 1)."""
+    art = edgec.compile(str(_relu(tmp_path / "m.onnx", [0, 3])), target="ort-cpu",
+                        output_dir=tmp_path / "art")
+    np.savez(tmp_path / "x.npz", x=np.zeros((0, 3), np.float32))
+    result = _cli("run", art.path, "--inputs", tmp_path / "x.npz")
+    assert result.exit_code == 0, result.output
+    assert "[0, 3]" in result.stdout and "–" in result.stdout
