@@ -7,7 +7,7 @@ import dataclasses
 import functools
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +139,12 @@ class Session(abc.ABC):
     def outputs(self) -> list[IOSpec]:
         return list(self._outputs)
 
-    def run(self, feeds: Mapping[str, np.ndarray],
-            adapter: str | Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
-        """Run once; ``feeds`` maps every input name to an array of the input's dtype.
+    def run(self, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray] | None = None,
+            adapter: str | Mapping[str, float] | None = None,
+            **named: np.ndarray) -> dict[str, np.ndarray]:
+        """Run once; ``feeds`` maps every input name to an array of the input's dtype (or is a
+        list/tuple of arrays in ``inputs`` order, or one array for a one-input model; or give
+        them as keywords, ``run(x=..., ids=...)``); none: the artifact's example inputs.
 
         ``adapter``: a swappable-LoRA artifact's adapter name (``"base"``: none), or a weighted
         blend of loaded ones (``{"style": 0.7, "subject": 0.5}``, ``"style:0.7,subject:0.5"``);
@@ -151,7 +154,8 @@ class Session(abc.ABC):
             raise UserError("run() was called while this session generates (from a streamer?): "
                             "its cache is the generation's; use a second session, "
                             "edgec.load(DIR)")
-        feeds = self._adapter_feeds(self._check_feeds(feeds), adapter)
+        feeds = self._adapter_feeds(self._check_feeds(self._as_feeds(feeds, named, adapter)),
+                                    adapter)
         try:
             return self._run(feeds)
         except self.input_errors as e:  # the runtime rejected these inputs
@@ -166,8 +170,8 @@ class Session(abc.ABC):
                   adapter: str | Mapping[str, float] | None = None) -> dict[str, float]:
         """Latency over ``iterations`` runs after ``warmup`` runs (p50/p90/mean/min ms)."""
         check_runs(warmup, iterations)
-        feeds = self._check_feeds(feeds if feeds is not None else self._require_default_feeds())
-        feeds = self._adapter_feeds(feeds, adapter)
+        feeds = self._adapter_feeds(self._check_feeds(self._as_feeds(feeds, {}, adapter)),
+                                    adapter)
         for _ in range(warmup):
             self._run(feeds)
         times = []
@@ -408,8 +412,37 @@ class Session(abc.ABC):
 
     def _require_default_feeds(self) -> dict[str, np.ndarray]:
         if self.default_feeds is None:
-            raise UserError("no inputs given and the artifact has no example inputs; pass feeds")
+            raise UserError("no inputs given and the artifact has no example inputs; pass a "
+                            f"dict keyed by the input names {[i.name for i in self._inputs]}")
         return self.default_feeds
+
+    def _as_feeds(self, feeds: Any, named: Mapping[str, Any], adapter: Any
+                  ) -> Mapping[str, Any]:
+        """``run``'s feeds as a dict by input name: a list/tuple (or one array) in input order,
+        keywords, or the example inputs when none are given. ``run([x, ids])``, ``run(x, ids)``,
+        ``run(x=...)`` and ``run(None)`` were raw TypeErrors (unhashable ndarray, ...)."""
+        names = [i.name for i in self._inputs]
+        if adapter is not None and not isinstance(adapter, (str, Mapping)):
+            raise UserError(f"adapter must be an adapter name or a blend, not "
+                            f"{type(adapter).__name__}; pass the inputs as one dict (or list in "
+                            f"input order {names}): run([a, b]), not run(a, b)")
+        if named:
+            if feeds is not None:
+                raise UserError("give the inputs either as one dict or as keywords, not both")
+            return named
+        if feeds is None:
+            return self._require_default_feeds()
+        if isinstance(feeds, Mapping):
+            return feeds
+        if isinstance(feeds, np.ndarray) and len(names) == 1:
+            return {names[0]: feeds}
+        if isinstance(feeds, (list, tuple)):
+            if len(feeds) != len(names):
+                raise UserError(f"got {len(feeds)} arrays, the model takes {len(names)} inputs "
+                                f"{names}; give one per input in that order, or a dict by name")
+            return dict(zip(names, feeds))
+        raise UserError(f"feeds must be a dict keyed by the input names {names} (or a list of "
+                        f"arrays in that order), not {type(feeds).__name__}")
 
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = {i.name for i in self._inputs}

@@ -2,9 +2,11 @@
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 import edgec
+from edgec.errors import UserError
 
 
 def _relu(path, shape, elem=TensorProto.FLOAT, outputs=("y",)):
@@ -50,3 +52,39 @@ def test_run_prints_an_empty_output(tmp_path):
     result = _cli("run", art.path, "--inputs", tmp_path / "x.npz")
     assert result.exit_code == 0, result.output
     assert "[0, 3]" in result.stdout and "–" in result.stdout
+
+
+def _add(path):
+    """z = x + y, both [2, 3] float32."""
+    xs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("x", "y")]
+    z = helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "y"], ["z"])], "g", xs, [z])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def add_session(tmp_path_factory):
+    root = tmp_path_factory.mktemp("add")
+    art = edgec.compile(str(_add(root / "m.onnx")), target="ort-cpu", output_dir=root / "art")
+    return edgec.load(art.path)
+
+
+def test_run_takes_a_list_keywords_or_the_example_and_refuses_the_rest(add_session):
+    """run([x, y]) / run((x, y)) / run(x, y) were TypeError unhashable ndarray, run(x=, y=)
+    an unexpected keyword, run(None) NoneType not iterable."""
+    s = add_session
+    x, y = np.ones((2, 3), np.float32), np.full((2, 3), 2, np.float32)
+    for out in (s.run([x, y]), s.run((x, y)), s.run(x=x, y=y), s.run({"x": x, "y": y})):
+        np.testing.assert_array_equal(out["z"], x + y)
+    assert s.run()["z"].shape == (2, 3) == s.run(None)["z"].shape  # the example inputs
+    with pytest.raises(UserError, match=r"pass the inputs as one dict .*run\(\[a, b\]\)"):
+        s.run(x, y)
+    with pytest.raises(UserError, match=r"got 1 arrays, the model takes 2 inputs \['x', 'y'\]"):
+        s.run([x])
+    with pytest.raises(UserError, match=r"feeds must be a dict keyed by the input names"):
+        s.run(x)
+    with pytest.raises(UserError, match="not both"):
+        s.run({"x": x}, y=y)
