@@ -52,6 +52,30 @@ def _check_integers_fit(name: str, arr: np.ndarray, dtype: np.dtype) -> None:
                         "that range")
 
 
+def _check_floats_fit(name: str, arr: np.ndarray, dtype: np.dtype) -> None:
+    """Refuse values a float input's narrower dtype cannot hold: a finite float beyond its range
+    (1e30 into float16 became inf, the outputs all inf, with only numpy's RuntimeWarning), and
+    an integer beyond the range where it holds every integer exactly (±2**24 in float32: an
+    int64 id 2**24 + 1 ran as 2**24)."""
+    if not (arr.size and np.issubdtype(dtype, np.floating)):
+        return
+    info = np.finfo(dtype)
+    if np.issubdtype(arr.dtype, np.floating) and np.finfo(arr.dtype).max > info.max:
+        finite = arr[np.isfinite(arr)]
+        worst = finite[np.argmax(np.abs(finite))] if finite.size else 0
+        if abs(worst) > info.max:
+            raise UserError(f"input {name!r} holds {worst:g}, which does not fit its dtype "
+                            f"{dtype} (finite up to ±{float(info.max):g}); pass values in that "
+                            "range")
+    elif np.issubdtype(arr.dtype, np.integer):
+        exact = 2 ** (info.nmant + 1)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < -exact or hi > exact:
+            raise UserError(f"input {name!r} holds {lo if lo < -exact else hi}, which its dtype "
+                            f"{dtype} cannot hold exactly (integers up to ±{exact}); pass "
+                            f"{dtype} values, or integers in that range")
+
+
 def latency_stats(times_s: list[float]) -> dict[str, float]:
     ms = np.asarray(times_s) * 1e3
     return {
@@ -460,6 +484,7 @@ class Session(abc.ABC):
             if arr.dtype != np.dtype(spec.dtype):
                 if np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                     _check_integers_fit(spec.name, arr, np.dtype(spec.dtype))
+                    _check_floats_fit(spec.name, arr, np.dtype(spec.dtype))
                     arr = arr.astype(spec.dtype)
                 else:
                     raise UserError(f"input {spec.name!r} has dtype {arr.dtype}, the model "

@@ -88,3 +88,24 @@ def test_run_takes_a_list_keywords_or_the_example_and_refuses_the_rest(add_sessi
         s.run(x)
     with pytest.raises(UserError, match="not both"):
         s.run({"x": x}, y=y)
+
+
+@pytest.mark.filterwarnings("error")  # numpy's overflow RuntimeWarning was the only sign
+def test_float_feeds_that_do_not_fit_the_float_input_are_refused(tmp_path):
+    """1e30 into a float16 input ran as inf (all outputs inf); int64 2**24 + 1 into float32 ran
+    as 2**24."""
+    f16 = edgec.load(edgec.compile(str(_relu(tmp_path / "h.onnx", [2, 3], TensorProto.FLOAT16)),
+                                   target="ort-cpu", output_dir=tmp_path / "h").path)
+    with pytest.raises(UserError, match=r"^input 'x' holds 1e\+30, which does not fit its dtype "
+                                        r"float16 \(finite up to ±65504\)"):
+        f16.run({"x": np.full((2, 3), 1e30)})
+    x = np.full((2, 3), 2.5)
+    x[0, 0] = np.inf  # not finite to begin with: the value is kept
+    out = f16.run({"x": x})["y"]
+    assert out.dtype == np.float16 and out[0, 0] == np.inf and out[1, 2] == 2.5
+    f32 = edgec.load(edgec.compile(str(_relu(tmp_path / "f.onnx", [2, 3])), target="ort-cpu",
+                                   output_dir=tmp_path / "f").path)
+    with pytest.raises(UserError, match=r"holds 16777217, which its dtype float32 cannot hold "
+                                        r"exactly \(integers up to ±16777216\)"):
+        f32.run({"x": np.full((2, 3), 2**24 + 1, np.int64)})
+    np.testing.assert_array_equal(f32.run({"x": np.full((2, 3), 2**24, np.int64)})["y"], 2**24)
