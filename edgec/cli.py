@@ -440,11 +440,16 @@ def run_cmd(
     if as_json:
         return _print_json({"artifact": str(artifact), "runtime": session.runtime,
                             "adapter": _adapter_used(session, adapter), "outputs": summary})
+    nonfinite = any("nan" in s for s in summary.values())
     table = Table("output", "shape", "dtype", "mean", "std", "min", "max",
-                  title=f"{artifact} on {session.runtime}")
+                  *(("nan / +inf / -inf",) if nonfinite else ()),
+                  title=f"{artifact} on {session.runtime}" + (
+                      " (stats of the finite elements)" if nonfinite else ""))
     for name, s in summary.items():
         table.add_row(name, str(s["shape"]), s["dtype"],
-                      *(f"{s[k]:.4g}" if k in s else "–" for k in ("mean", "std", "min", "max")))
+                      *(f"{s[k]:.4g}" if k in s else "–" for k in ("mean", "std", "min", "max")),
+                      *((f"{s['nan']} / {s['posinf']} / {s['neginf']}" if "nan" in s else "0",)
+                        if nonfinite else ()))
     out.print(table)
 
 
@@ -453,8 +458,17 @@ def _stats(a) -> dict[str, float]:
     "–", where a [0, 3] output was an internal KeyError)."""
     if not a.size:
         return {}
-    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
-            "max": float(a.max())}
+    import numpy as np
+
+    if not np.issubdtype(a.dtype, np.floating) or np.isfinite(a).all():
+        return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
+                "max": float(a.max())}
+    # NaN/±inf: stats of the finite elements and a count of the rest (min/max were nan)
+    finite = a[np.isfinite(a)]
+    stats = ({"mean": float(finite.mean()), "std": float(finite.std()),
+              "min": float(finite.min()), "max": float(finite.max())} if finite.size else {})
+    return {**stats, "nan": int(np.isnan(a).sum()), "posinf": int(np.isposinf(a).sum()),
+            "neginf": int(np.isneginf(a).sum())}
 
 
 @app.command("bench")
@@ -796,6 +810,13 @@ def compare_cmd(
         table.add_row(name, f"{e['max_abs']:.3g}", f"{e['max_rel']:.3g}", f"{e['cosine']:.7f}",
                       f"{e['rel_l2']:.3g}")
     out.print(table)
+    for name, e in errors.items():
+        if e.get("nonfinite_mismatch"):
+            err.print(f"{name}: {e['nonfinite_mismatch']} NaN/inf elements differ between the "
+                      "two", highlight=False, soft_wrap=True)
+        elif e.get("nonfinite"):
+            err.print(f"{name}: {e['nonfinite']} NaN/inf elements, the same in both (left out of "
+                      "the metrics)", highlight=False, soft_wrap=True)
     if note:
         err.print(note, highlight=False, soft_wrap=True)
 

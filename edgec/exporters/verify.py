@@ -14,7 +14,9 @@ from edgec.errors import VerificationError
 
 __all__ = ["compare_outputs", "assert_close", "OutputError"]
 
-OutputError = dict  # {"max_abs", "max_rel", "cosine", "rel_l2", "shape"}
+# {"max_abs", "max_rel", "cosine", "rel_l2", "shape"}, and "nonfinite" (NaN/±inf equal in both,
+# left out of the metrics) or "nonfinite_mismatch" (NaN/±inf in one only or different: inf error)
+OutputError = dict
 
 
 def _metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -30,6 +32,22 @@ def _metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
         "cosine": cosine,
         "rel_l2": float(np.linalg.norm(a64 - b64) / nb) if nb > 0 else float(np.linalg.norm(a64)),
     }
+
+
+def _float_metrics(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Metrics on the elements finite in both; NaN/±inf must sit at the same places with the
+    same values (``nonfinite``: how many do), else they count as ``nonfinite_mismatch`` and the
+    output differs (inf error, cosine 0). Two identical outputs holding a NaN compared as
+    max abs inf, cosine 0."""
+    fg, fr = np.isfinite(got), np.isfinite(ref)
+    if fg.all() and fr.all():
+        return _metrics(got, ref)
+    same = (fg & fr) | (np.isnan(got) & np.isnan(ref)) | (~fg & ~fr & (got == ref))
+    mismatch, both = int(same.size - np.count_nonzero(same)), fg & fr
+    if mismatch:
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "cosine": 0.0,
+                "rel_l2": float("inf"), "nonfinite_mismatch": mismatch}
+    return {**_metrics(got[both], ref[both]), "nonfinite": int(both.size - both.sum())}
 
 
 def compare_outputs(
@@ -52,11 +70,7 @@ def compare_outputs(
                  "max_rel": 0.0 if equal else 1.0, "cosine": 1.0 if equal else 0.0,
                  "rel_l2": 0.0 if equal else 1.0}
         else:
-            if not np.all(np.isfinite(got)):
-                m = {"max_abs": float("inf"), "max_rel": float("inf"), "cosine": 0.0,
-                     "rel_l2": float("inf")}
-            else:
-                m = _metrics(got, ref)
+            m = _float_metrics(got, ref)
         result[name] = {**m, "shape": list(ref.shape)}
     return result
 

@@ -1,5 +1,7 @@
 """Hand-written .onnx sources (unnamed dims, odd dtypes, odd outputs) through compile, load, run."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -109,3 +111,26 @@ def test_float_feeds_that_do_not_fit_the_float_input_are_refused(tmp_path):
                                         r"exactly \(integers up to ±16777216\)"):
         f32.run({"x": np.full((2, 3), 2**24 + 1, np.int64)})
     np.testing.assert_array_equal(f32.run({"x": np.full((2, 3), 2**24, np.int64)})["y"], 2**24)
+
+
+def test_nan_and_inf_compare_equal_where_both_have_them_and_run_counts_them(tmp_path):
+    """`compare A A` on an input with NaN/±inf said max abs inf, cosine 0; `run` showed min/max
+    nan although finite and inf elements were there."""
+    from edgec.exporters.verify import compare_outputs
+
+    art = edgec.compile(str(_relu(tmp_path / "m.onnx", [2, 3])), target="ort-cpu",
+                        output_dir=tmp_path / "art")
+    x = np.array([[np.nan, np.inf, -np.inf], [1.0, 2.0, -3.0]], np.float32)
+    np.savez(tmp_path / "nan.npz", x=x)
+    result = _cli("compare", art.path, art.path, "--inputs", tmp_path / "nan.npz", "--json")
+    assert result.exit_code == 0, result.output
+    e = json.loads(result.stdout)["outputs"]["y"]
+    assert (e["max_abs"], e["nonfinite"]) == (0.0, 2) and e["cosine"] == pytest.approx(1)
+    other = x.copy()
+    other[0, 0] = 5.0
+    assert compare_outputs({"y": other}, {"y": x})["y"]["nonfinite_mismatch"] == 1
+    result = _cli("run", art.path, "--inputs", tmp_path / "nan.npz", "--json")
+    s = json.loads(result.stdout)["outputs"]["y"]
+    assert (s["min"], s["max"], s["nan"], s["posinf"], s["neginf"]) == (0.0, 2.0, 1, 1, 0)
+    table = _cli("run", art.path, "--inputs", tmp_path / "nan.npz").stdout
+    assert "1 / 1 / 0" in table and "finite elements" in table
