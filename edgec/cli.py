@@ -805,7 +805,7 @@ def compare_cmd(
     label = [f"{s.runtime}, adapter {_adapter_used(s, adapter)}" if s.adapters else s.runtime
              for s in (a, b)]
     table = Table("output", "max abs", "max rel", "cosine", "rel L2",
-                  title=f"{artifact_b} ({label[1]}) vs {artifact_a} ({label[0]})")
+                  title=f"{artifact_a} ({label[0]}, reference) vs {artifact_b} ({label[1]})")
     for name, e in errors.items():
         table.add_row(name, f"{e['max_abs']:.3g}", f"{e['max_rel']:.3g}", f"{e['cosine']:.7f}",
                       f"{e['rel_l2']:.3g}")

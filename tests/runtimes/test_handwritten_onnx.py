@@ -134,3 +134,12 @@ def test_nan_and_inf_compare_equal_where_both_have_them_and_run_counts_them(tmp_
     assert (s["min"], s["max"], s["nan"], s["posinf"], s["neginf"]) == (0.0, 2.0, 1, 1, 0)
     table = _cli("run", art.path, "--inputs", tmp_path / "nan.npz").stdout
     assert "1 / 1 / 0" in table and "finite elements" in table
+
+
+def test_compare_title_names_the_artifacts_in_argument_order(tmp_path):
+    """`compare A B` titled its table "B vs A" while --json said reference A."""
+    a = edgec.compile(str(_relu(tmp_path / "m.onnx", [2, 3])), target="ort-cpu",
+                      output_dir=tmp_path / "first")
+    b = edgec.compile(str(tmp_path / "m.onnx"), target="ort-cpu", output_dir=tmp_path / "second")
+    text = _cli("compare", a.path, b.path).stdout
+    assert text.index("first") < text.index("second") and "reference" in text
