@@ -36,7 +36,8 @@ def _io(model) -> dict[str, list[dict[str, Any]]]:
         return out
 
     return {"inputs": [input_spec(v) for v in model.graph.inputs],
-            "outputs": [spec(v) for v in model.graph.outputs]}
+            # a value listed twice as a graph output (a hand-written .onnx) is one output
+            "outputs": [spec(v) for v in dict.fromkeys(model.graph.outputs)]}
 
 
 def manifest(src, recipe, built, records, model, stage: Path) -> dict[str, Any]:

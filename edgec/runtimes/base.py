@@ -133,7 +133,8 @@ class Session(abc.ABC):
 
     def __init__(self, inputs: list[IOSpec], outputs: list[IOSpec]):
         self._inputs = inputs
-        self._outputs = outputs
+        # a graph listing one output twice: run() returns it once (a dict), so list it once
+        self._outputs = list({o.name: o for o in outputs}.values())
         self.default_feeds: dict[str, np.ndarray] | None = None
         self._lora = None  # edgec.lora.binding.AdapterBank of a swappable-LoRA artifact
 

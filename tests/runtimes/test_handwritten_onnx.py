@@ -136,6 +136,14 @@ def test_nan_and_inf_compare_equal_where_both_have_them_and_run_counts_them(tmp_
     assert "1 / 1 / 0" in table and "finite elements" in table
 
 
+def test_an_output_listed_twice_is_one_output(tmp_path):
+    """A graph listing y twice as an output: the manifest and Session.outputs listed it twice."""
+    art = edgec.compile(str(_relu(tmp_path / "m.onnx", [2, 3], outputs=("y", "y"))),
+                        target="ort-cpu", output_dir=tmp_path / "art")
+    assert [o["name"] for o in art.manifest["outputs"]] == ["y"]
+    assert [o.name for o in edgec.load(art.path).outputs] == ["y"]
+
+
 def test_compare_title_names_the_artifacts_in_argument_order(tmp_path):
     """`compare A B` titled its table "B vs A" while --json said reference A."""
     a = edgec.compile(str(_relu(tmp_path / "m.onnx", [2, 3])), target="ort-cpu",
