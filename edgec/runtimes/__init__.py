@@ -39,7 +39,44 @@ def open_session(root: Path, runtime: dict[str, Any]) -> Session:
     if not model.is_relative_to(root.resolve()) or not model.is_file():
         raise UserError(f"{root}: the manifest names model file {runtime.get('model')!r}, which "
                         "is missing from the artifact; recompile it")
-    return RUNTIMES[name].from_artifact(root, runtime)
+    try:
+        return RUNTIMES[name].from_artifact(root, runtime)
+    except UserError:
+        raise
+    except Exception as e:
+        _refuse_if_damaged(root, runtime, e)
+        raise
+
+
+def _refuse_if_damaged(root: Path, runtime: dict[str, Any], e: Exception) -> None:
+    """A runtime that cannot open the artifact's files, which changed since the compile hashed
+    them (a truncated model.onnx: InvalidProtobuf; a cut model.onnx.data: "Deserialize tensor
+    failed"; an external-data location rewritten to /etc/passwd, which ONNX Runtime refused to
+    follow), is the user's damaged artifact, not edgec's fault: one line saying which file."""
+    from edgec.artifact import read_manifest, verify_files
+
+    try:
+        manifest = read_manifest(root)
+    except UserError:
+        manifest = {}
+    damaged = {f: what for f, what in (verify_files(root, manifest).items()
+                                       if manifest.get("hashes") else ())
+               if what != "added" and not f.endswith(".cache")}
+    if damaged:
+        f, what = next(iter(damaged.items()))
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise UserError(f"{root}: the artifact is damaged ({f} {what} since it was compiled"
+                        f"{more}; the runtime could not open it: {type(e).__name__}); `edgec "
+                        f"inspect {root} --verify` lists damaged files; recompile it") from e
+    model = root / runtime.get("model", "")
+    if manifest and model.suffix == ".onnx":  # no hash to tell: a user's .onnx's checks (not
+        # at compile, before the manifest: a bad file there is edgec's own)
+        from edgec.onnx_io import load_onnx
+
+        try:
+            load_onnx(model)
+        except UserError as bad:
+            raise UserError(f"{root}: the artifact is damaged: {bad}") from e
 
 
 def load(path: str | os.PathLike) -> Session:

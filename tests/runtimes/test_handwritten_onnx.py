@@ -151,3 +151,60 @@ def test_compare_title_names_the_artifacts_in_argument_order(tmp_path):
     b = edgec.compile(str(tmp_path / "m.onnx"), target="ort-cpu", output_dir=tmp_path / "second")
     text = _cli("compare", a.path, b.path).stdout
     assert text.index("first") < text.index("second") and "reference" in text
+
+
+def _damaged(tmp_path, src, name, damage):
+    import shutil
+
+    art = shutil.copytree(src, tmp_path / name)
+    damage(art)
+    return art
+
+
+def _relocate(art, location, rehash=False):
+    m = onnx.load(art / "model.onnx", load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(m, art / "model.onnx")
+    if rehash:  # no hash to tell it changed: the external-data check still refuses
+        manifest = json.loads((art / "manifest.json").read_text())
+        manifest["hashes"] = {}
+        (art / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("cut model", r"damaged \(model.onnx changed since it was compiled"),
+    ("cut weights", r"damaged \(model.onnx.data changed since it was compiled"),
+    ("escape", r"damaged \(model.onnx changed"),
+    ("absolute, no hashes", r"damaged: initializer .* outside the model's directory "
+                            r"\('/etc/passwd'\); refusing to follow it"),
+])
+def test_a_damaged_artifact_is_one_line_exit_2(tmp_path, case, match):
+    """ONNX Runtime's InvalidProtobuf, "Deserialize tensor failed" and "External data path
+    escapes model directory" were internal errors (exit 1)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [32, 32], np.arange(1024.0).tolist())
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                              [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "m.onnx")
+    src = edgec.compile(str(tmp_path / "m.onnx"), target="ort-cpu",
+                        output_dir=tmp_path / "art").path
+    assert (src / "model.onnx.data").is_file()
+    damage = {"cut model": lambda a: (a / "model.onnx").write_bytes(
+                  (a / "model.onnx").read_bytes()[:100]),
+              "cut weights": lambda a: (a / "model.onnx.data").write_bytes(
+                  (a / "model.onnx.data").read_bytes()[:100]),
+              "escape": lambda a: _relocate(a, "../../../../etc/passwd"),
+              "absolute, no hashes": lambda a: _relocate(a, "/etc/passwd", rehash=True)}[case]
+    art = _damaged(tmp_path, src, "bad", damage)
+    result = _cli("run", art)
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert __import__("re").search(match, lines[0]), lines[0]
+
