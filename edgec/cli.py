@@ -93,7 +93,17 @@ def _load_npz(path: Path | None) -> dict | None:
         raise UserError(f"{path}: one array (.npy), not an .npz keyed by input names; save "
                         "inputs with numpy.savez(path, name=array, ...)")
     with data:
-        return {k: data[k] for k in data.files}
+        try:
+            return {k: data[k] for k in data.files}
+        except ValueError as e:  # object arrays (pickles) are read lazily, per key
+            if "allow_pickle" not in str(e):
+                raise UserError(f"{path}: not a readable .npz ({e}); save inputs with "
+                                "numpy.savez") from None
+            raise UserError(f"{path}: holds object arrays, which are never loaded (pickles); "
+                            "save numeric arrays with numpy.savez") from None
+        except (OSError, EOFError) as e:  # zlib / a truncated member
+            raise UserError(f"{path}: not a readable .npz ({e}); save inputs with numpy.savez"
+                            ) from None
 
 
 def _check_save(path: Path | None, suffix: str = ".npz", flag: str = "--save") -> None:

@@ -208,3 +208,14 @@ def test_a_damaged_artifact_is_one_line_exit_2(tmp_path, case, match):
     assert len(lines) == 1 and lines[0].startswith("error:"), lines
     assert __import__("re").search(match, lines[0]), lines[0]
 
+
+def test_an_npz_of_object_arrays_is_refused(tmp_path):
+    """`run --inputs obj.npz`: "Object arrays cannot be loaded when allow_pickle=False" was an
+    internal error (numpy reads each array lazily, past the load's except)."""
+    art = edgec.compile(str(_relu(tmp_path / "m.onnx", [2])), target="ort-cpu",
+                        output_dir=tmp_path / "art")
+    np.savez(tmp_path / "obj.npz", x=np.array([1, "a"], dtype=object))
+    result = _cli("run", art.path, "--inputs", tmp_path / "obj.npz")
+    assert result.exit_code == 2
+    assert "holds object arrays" in result.stderr and "save numeric arrays" in result.stderr
+
