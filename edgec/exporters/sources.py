@@ -453,6 +453,12 @@ def _from_onnx(path: Path, example_inputs) -> Source:
                             f"reads ({top}); save it with model.ir_version = {top} (if it uses "
                             "nothing newer) or upgrade onnxruntime") from None
         raise UserError(f"{path}: ONNX Runtime cannot load it: {str(e).splitlines()[0]}") from e
+    for kind, specs in (("input", sess.inputs), ("output", sess.outputs)):
+        odd = next((s for s in specs if s.dtype.startswith("tensor(")), None)
+        if odd is not None:  # bfloat16, string: numpy cannot hold them (a TypeError, exit 1)
+            raise UserError(f"{path}: {kind} {odd.name!r} is {odd.dtype[7:-1]}, which edgec "
+                            "cannot feed or read (no numpy dtype); give the graph a float32, "
+                            "float16 or integer " + kind + " (a Cast inside the graph)")
     if example_inputs is not None:
         feeds = {k: np.asarray(v) for k, v in dict(example_inputs).items()}
     else:

@@ -219,3 +219,18 @@ def test_an_npz_of_object_arrays_is_refused(tmp_path):
     assert result.exit_code == 2
     assert "holds object arrays" in result.stderr and "save numeric arrays" in result.stderr
 
+
+@pytest.mark.parametrize("elem, name", [(TensorProto.BFLOAT16, "bfloat16"),
+                                        (TensorProto.STRING, "string")])
+def test_inputs_numpy_cannot_hold_are_refused(tmp_path, elem, name):
+    """A bfloat16 or string input: TypeError "data type 'tensor(bfloat16)' not understood"."""
+    x = helper.make_tensor_value_info("x", elem, [2, 3])
+    y = helper.make_tensor_value_info("y", elem, [2, 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(UserError, match=rf"input 'x' is {name}, which edgec cannot feed"):
+        edgec.compile(str(tmp_path / "m.onnx"), target="ort-cpu", output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
