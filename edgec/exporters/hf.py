@@ -82,10 +82,31 @@ def load_hf_model(path: Path) -> tuple[Any, Any, str | None]:
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"{path}: transformers cannot load this checkpoint: "
                         f"{str(e).splitlines()[0]}") from None
+    except Exception as e:  # safetensors' SafetensorError (a truncated file) is none of those
+        if type(e).__name__ != "SafetensorError":
+            raise
+        bad = _unreadable_safetensors(path)
+        raise UserError(f"{bad or path}: is not a readable safetensors file "
+                        f"({str(e).splitlines()[0]}); the file is truncated or damaged, save "
+                        "the checkpoint again") from None
     finally:
         transformers.utils.logging.set_verbosity(verbosity)
     _check_loaded(path, arch or type(model).__name__, info)
     return model.eval(), cfg, arch
+
+
+def _unreadable_safetensors(path: Path) -> Path | None:
+    """The first .safetensors file under ``path`` whose header or data cannot be read."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt") as st:
+                for key in st.keys():
+                    st.get_tensor(key)
+        except Exception:  # noqa: BLE001 — whatever safetensors says, this file is the bad one
+            return f
+    return None
 
 
 def _check_loaded(path: Path, arch: str, info: dict) -> None:

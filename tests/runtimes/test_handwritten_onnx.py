@@ -234,3 +234,13 @@ def test_inputs_numpy_cannot_hold_are_refused(tmp_path, elem, name):
         edgec.compile(str(tmp_path / "m.onnx"), target="ort-cpu", output_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
+
+def test_a_truncated_safetensors_checkpoint_is_named(tmp_path, bert_checkpoint):
+    """transformers' SafetensorError on a cut model.safetensors was an internal error."""
+    import shutil
+
+    ckpt = shutil.copytree(bert_checkpoint, tmp_path / "bert")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(UserError, match=r"model.safetensors: is not a readable safetensors file"):
+        edgec.compile(str(ckpt), target="ort-cpu", output_dir=tmp_path / "o")
