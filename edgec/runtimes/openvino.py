@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,9 +12,12 @@ import numpy as np
 
 from edgec.errors import InternalError, TargetUnavailableError
 from edgec.runtimes.base import IOSpec, Session
+from edgec.targets.openvino_int64 import check_int64_feeds
 from edgec.targets.openvino_stateful import BEAM_IDX
 
 __all__ = ["OpenVINOSession"]
+
+logger = logging.getLogger(__name__)
 
 
 def _specs(ports) -> list[IOSpec]:
@@ -38,13 +42,18 @@ class OpenVINOSession(Session):
 
     def __init__(self, xml_path: str | os.PathLike, device: str = "CPU",
                  config: Mapping[str, Any] | None = None,
-                 stateful: Mapping[str, Any] | None = None):
+                 stateful: Mapping[str, Any] | None = None,
+                 int64_in_32_bits: Mapping[str, Any] | None = None):
         try:
             import openvino as ov
         except ImportError as e:
             raise TargetUnavailableError(f"this artifact needs OpenVINO, which is not installed "
                                          f"({e}); pip install openvino") from None
         core = ov.Core()
+        # int64 inputs the CPU plugin holds in 32 bits (openvino_int64); an artifact built
+        # before they were recorded: every int64 input
+        self._narrow = None if int64_in_32_bits is None else list(
+            int64_in_32_bits.get("inputs", ()))
         self._source = (core, str(xml_path), device, dict(config or {}))
         self._compiled = core.compile_model(str(xml_path), device, dict(config or {}))
         self.paged = bool((stateful or {}).get("paged"))
@@ -58,12 +67,23 @@ class OpenVINOSession(Session):
                 IOSpec(name, kv, "float32") for name in self._pairs]
             outputs = outputs + [IOSpec(name, kv, "float32") for name in self._pairs.values()]
         super().__init__(inputs, outputs)
+        if self._narrow is None:
+            self._narrow = [i.name for i in inputs if i.dtype == "int64"]
+        wrapping = (int64_in_32_bits or {}).get("outputs")
+        if wrapping:  # the build warned too; a run's outputs carry no sign of it
+            logger.warning("int64 outputs %s are computed in 32 bits by OpenVINO's CPU plugin: "
+                           "values outside [-2**31, 2**31) wrap, with no error", wrapping)
         self._request = self._compiled.create_infer_request()
 
     @classmethod
     def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> OpenVINOSession:
         return cls(root / runtime["model"], runtime.get("device", "CPU"), runtime.get("config"),
-                   runtime.get("stateful"))
+                   runtime.get("stateful"), runtime.get("int64_in_32_bits"))
+
+    def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super()._check_feeds(feeds)
+        check_int64_feeds(out, self._narrow)
+        return out
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._pairs:

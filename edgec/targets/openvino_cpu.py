@@ -9,15 +9,19 @@ CPUs: 4e-3 relative error on logits), so that is pinned to f32 too.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from edgec.errors import InternalError, UserError
 from edgec.runtimes.openvino_paged import BLOCK_SIZE, paged_model
 from edgec.targets.base import BuildResult, QuantScheme, Target
+from edgec.targets.openvino_int64 import int64_in_32_bits
 from edgec.targets.openvino_legalize import OpenVINOLegalizePass
 from edgec.targets.openvino_stateful import kv_pairs, make_stateful
 
 __all__ = ["OPENVINO_CPU"]
+
+logger = logging.getLogger(__name__)
 
 
 SCHEMES = {
@@ -76,6 +80,15 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
     notes: list[str] = []
     runtime = {"name": "openvino", "model": "target/model.xml", "device": "CPU",
                "config": dict(target.runtime_config)}
+    # the CPU plugin holds int64 in 32 bits: feeds checked at every run, outputs warned of
+    narrow = int64_in_32_bits(model_path)
+    runtime["int64_in_32_bits"] = narrow
+    if narrow["outputs"]:
+        note = (f"int64 outputs {narrow['outputs']} are computed by arithmetic, which "
+                f"{target.name} runs in 32 bits: values outside [-2**31, 2**31) wrap (or "
+                "saturate) there, with no error; use ort-cpu where they can be that large")
+        logger.warning("%s", note)
+        notes.append(note)
     names = [p.get_any_name() for p in ov_model.inputs]
     pairs = kv_pairs(names, [o.get_any_name() for o in ov_model.outputs])
     if pairs:  # a KV-cache decoder: the cache lives in OpenVINO (stateful, beam_idx)

@@ -133,3 +133,33 @@ def test_integers_that_do_not_fit_the_input_dtype_are_refused(tmp_path):
     with pytest.raises(UserError, match="'ids' holds 4294967299, which does not fit its dtype "
                                         "int32"):
         sess.run({"ids": np.array([2**32 + 3, 4])})
+
+
+class Int64Math(torch.nn.Module):
+    def forward(self, x, f, t):
+        return x * 3 + 1, (f * 1e6).long(), t.float() * 0.5
+
+
+def test_openvino_int64_held_in_32_bits_is_refused_and_recorded(tmp_path, caplog):
+    """OpenVINO's CPU plugin computes int64 in 32 bits: x = 2**40 + 7 gave x * 3 + 1 = 22 and
+    (f * 1e6).long() of 5000.0 gave -2**31, exit 0 (ort-cpu: the int64 values). Feeds it would
+    wrap are refused; arithmetic outputs are recorded and warned of; an input only cast to
+    float (t) reads its whole value and keeps it."""
+    example = (torch.tensor([[1, 2, 3]]), torch.tensor([[0.5, 1.5, 2.5]]),
+               torch.tensor([[1, 2, 3]]))
+    with caplog.at_level("WARNING"):
+        art = edgec.compile(Int64Math(), target="openvino-cpu", output_dir=tmp_path / "o",
+                            example_inputs=example)
+    narrow = art.manifest["runtime"]["int64_in_32_bits"]
+    assert narrow == {"inputs": ["x"], "outputs": ["output_0", "output_1"]}
+    assert "['output_0', 'output_1'] are computed by arithmetic" in caplog.text
+    assert any("32 bits" in n for n in art.report["notes"])
+    sess = art.load()
+    big = np.array([[2**40 + 7, -5, 2**31]], np.int64)
+    f = np.array([[0.5, 1.5, 2.5]], np.float32)
+    with pytest.raises(UserError, match=r"^input 'x' holds 1099511627783, outside int32 .*"
+                                        r"openvino-cpu holds int64 values in 32 bits"):
+        sess.run({"x": big, "f": f, "t": big})
+    out = sess.run({"x": np.array([[1, 2, 3]]), "f": f, "t": big})
+    np.testing.assert_array_equal(out["output_0"], [[4, 7, 10]])
+    np.testing.assert_allclose(out["output_2"], big.astype(np.float32) * 0.5)
