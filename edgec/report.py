@@ -23,10 +23,11 @@ def _io(model) -> dict[str, list[dict[str, Any]]]:
         dims = [dim_label(d) for d in (v.shape.dims if v.shape is not None else ())]
         return {"name": v.name, "shape": dims, "dtype": v.dtype.numpy().name}
 
-    from edgec.exporters.dim_ranges import stored_ranges
+    from edgec.exporters.dim_ranges import merge_ranges, stored_ranges, table_ranges
     from edgec.exporters.index_inputs import index_bounds
 
-    bounds, ranges = index_bounds(model), stored_ranges(model)
+    # the traced ranges, and the dims positions index a table by (any source, after passes)
+    bounds, ranges = index_bounds(model), merge_ranges(stored_ranges(model), table_ranges(model))
 
     def input_spec(v) -> dict[str, Any]:
         out = {**spec(v), **bounds.get(v.name, {})}

@@ -22,7 +22,8 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["DIM_RANGES_KEY", "verified_ranges", "stored_ranges", "check_ranges", "range_text"]
+__all__ = ["DIM_RANGES_KEY", "verified_ranges", "stored_ranges", "check_ranges", "range_text",
+           "table_ranges", "merge_ranges"]
 
 DIM_RANGES_KEY = "edgec.dim_ranges"
 _log = logging.getLogger(__name__)
@@ -87,6 +88,94 @@ def stored_ranges(model) -> dict[str, dict[str, int]]:
     """The ranges ``verified_ranges`` kept, from the model's metadata (``{}`` if none)."""
     raw = model.metadata_props.get(DIM_RANGES_KEY)
     return json.loads(raw) if raw else {}
+
+
+def merge_ranges(*many: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """The ranges in force under all of ``many``: the largest least, the smallest most."""
+    out: dict[str, dict[str, int]] = {}
+    for ranges in many:
+        for dim, r in ranges.items():
+            kept = out.setdefault(dim, {})
+            if "min" in r:
+                kept["min"] = max(kept.get("min", r["min"]), r["min"])
+            if "max" in r:
+                kept["max"] = min(kept.get("max", r["max"]), r["max"])
+    return out
+
+
+def table_ranges(model) -> dict[str, dict[str, int]]:
+    """{dim: {"max": n}} for the dynamic input dims that positions index a constant table by:
+    ``Range(s, dim + c)`` reaching a Gather's indices (GPT-2's ``wpe(arange(seq))``) is good
+    for ``dim + c <= rows`` only. Past it ONNX Runtime stopped with a Gather error and OpenVINO
+    returned logits for 33 tokens of a 32-position GPT-2 (exit 0), where PyTorch raises."""
+    from edgec.exporters.index_inputs import _uses_as_index
+
+    names = {d.value for v in model.graph.inputs if v.shape is not None
+             for d in v.shape.dims if isinstance(getattr(d, "value", None), str)}
+    out: dict[str, dict[str, int]] = {}
+    for node in model.graph.all_nodes():
+        if node.op_type != "Range" or len(node.inputs) != 3:
+            continue
+        start, delta = (_const_int(node.inputs[i]) for i in (0, 2))
+        if start is None or start < 0 or delta != 1:
+            continue
+        limit = _dim_plus(node.inputs[1])
+        if limit is None:  # the length the exporter gave the output: dim = limit - start
+            dims = node.outputs[0].shape.dims if node.outputs[0].shape is not None else ()
+            name = getattr(dims[0], "value", None) if len(dims) == 1 else None
+            limit = (name, start) if isinstance(name, str) else None
+        if limit is None or limit[0] not in names:
+            continue
+        rows = [b for b, _ in filter(None, _uses_as_index(node.outputs[0]))]
+        if rows:
+            dim, offset = limit
+            most = min(rows) - offset
+            out[dim] = {"max": min(most, out.get(dim, {}).get("max", most))}
+    return out
+
+
+def _const_int(value) -> int | None:
+    if value is None or value.const_value is None or value.const_value.size != 1:
+        return None
+    return int(value.const_value.numpy().reshape(-1)[0])
+
+
+def _dim_plus(value, depth: int = 0) -> tuple[str, int] | None:
+    """(dim name, c) where ``value`` is a graph input's named dim + a constant c."""
+    node = value.producer() if value is not None and depth < 8 else None
+    if node is None:
+        return None
+    op = node.op_type
+    if op in ("Squeeze", "Unsqueeze", "Cast", "Reshape", "Identity"):
+        return _dim_plus(node.inputs[0], depth + 1)
+    if op == "Add":
+        for a, b in ((0, 1), (1, 0)):
+            c = _const_int(node.inputs[b])
+            inner = _dim_plus(node.inputs[a], depth + 1) if c is not None else None
+            if inner is not None:
+                return inner[0], inner[1] + c
+        return None
+    if op == "Shape":
+        axis, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", None)
+        return _named_dim(node.inputs[0], axis, end)
+    if op == "Gather" and node.inputs[0] is not None and node.inputs[0].producer() is not None:
+        shape, k = node.inputs[0].producer(), _const_int(node.inputs[1])
+        if shape.op_type == "Shape" and k is not None and k >= 0:
+            first = shape.attributes.get_int("start", 0)
+            return _named_dim(shape.inputs[0], first + k, first + k + 1) if first >= 0 else None
+    return None
+
+
+def _named_dim(value, axis: int, end: int | None) -> tuple[str, int] | None:
+    """(the name of ``value``'s dim ``axis``, 0) where Shape(start=axis, end) takes it alone."""
+    if value is None or value.shape is None:
+        return None
+    rank = len(value.shape)
+    axis = axis + rank if axis < 0 else axis
+    if end is None or not 0 <= axis < rank or (end + rank if end < 0 else end) != axis + 1:
+        return None
+    name = getattr(value.shape.dims[axis], "value", None)
+    return (name, 0) if isinstance(name, str) else None
 
 
 def range_text(r: Mapping[str, int]) -> str:

@@ -144,8 +144,8 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     model, cfg, arch = load_hf_model(path)
     _check_text_model(path, model, arch)
     opts = _options(config)
-    limit = getattr(cfg, "max_position_embeddings", None)
-    if isinstance(limit, int) and opts["seq"] > limit:
+    limit = max_positions(cfg)
+    if limit is not None and opts["seq"] > limit:
         raise UserError(f"{path}: seq={opts['seq']} is longer than the model's {limit} positions "
                         f"(max_position_embeddings); give --config seq=N with N ≤ {limit}")
     g = torch.Generator().manual_seed(0)
@@ -155,7 +155,21 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     output = "logits" if hasattr(model, "lm_head") or "For" in (arch or "") else "last_hidden_state"
     wrapper = hf_wrapper(model, output)
     dims = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
-    return wrapper, (ids, mask), dims, [output], hf_source_info(path, cfg, arch, opts)
+    info = hf_source_info(path, cfg, arch, opts)
+    if limit is not None:
+        info["max_positions"] = limit
+    return wrapper, (ids, mask), dims, [output], info
+
+
+def max_positions(cfg) -> int | None:
+    """The longest sequence the checkpoint declares (GPT-2's n_positions is also its
+    max_position_embeddings); past it PyTorch raises (a position table) or runs untrained
+    positions. Recorded as the seq dim's most (dim_ranges) and checked on every run."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _check_text_model(path: Path, model, arch: str | None) -> None:

@@ -381,7 +381,12 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
                 input_names=None, opset=None) -> Source:
     import torch
 
-    from edgec.exporters.dim_ranges import DIM_RANGES_KEY, verified_ranges
+    from edgec.exporters.dim_ranges import (
+        DIM_RANGES_KEY,
+        merge_ranges,
+        table_ranges,
+        verified_ranges,
+    )
     from edgec.exporters.outputs import flatten_outputs
     from edgec.exporters.torch_export import export_module
     from edgec.exporters.verify import assert_close, compare_outputs
@@ -407,6 +412,9 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
 
         errors = compare_outputs(run(feeds), reference)
         ranges = verified_ranges(module, inputs, result, feeds, errors, EXPORT_RTOL, run)
+    # dims positions index a table by (GPT-2's wpe), and a checkpoint's declared positions
+    ranges = merge_ranges(ranges, table_ranges(result.model), _declared_ranges(
+        result, info.get("max_positions")))
     doubled = (f" (traced at {' and '.join(f'{d} 2' for d in result.doubled)}: edgec doubles a "
                "size-1 dynamic dim, which torch.export cannot keep dynamic)"
                ) if result.doubled else ""
@@ -417,6 +425,17 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
     return Source(kind, info, result.model, result.parameter_map, feeds, reference, "pytorch",
                   {"reference": "pytorch", "runtime": "onnxruntime (no graph optimization)",
                    "rtol": EXPORT_RTOL, "outputs": errors}, export_s)
+
+
+def _declared_ranges(result, positions: int | None) -> dict[str, dict[str, int]]:
+    """{seq: {"max": positions}}: a Hugging Face checkpoint's max_position_embeddings (or
+    n_positions, max_seq_len) bounds the dynamic dim of input_ids' axis 1."""
+    if not positions or "input_ids" not in result.input_names:
+        return {}
+    i = result.input_names.index("input_ids")
+    shape = result.model.graph.inputs[i].shape
+    dim = getattr(shape.dims[1], "value", None) if shape is not None and len(shape) > 1 else None
+    return {dim: {"max": int(positions)}} if isinstance(dim, str) else {}
 
 
 def _eager_attention(module) -> bool:

@@ -41,6 +41,31 @@ def test_checkpoint_compiles_with_hf_parameter_names(checkpoints, tmp_path, name
     assert key in pmap
     feeds = art.load().default_feeds
     assert feeds["input_ids"].shape == (2, 12) and feeds["attention_mask"][:, -3:].sum() == 0
+    # the checkpoint's positions bound seq (llama: rotary, from max_position_embeddings)
+    limit = transformers.AutoConfig.from_pretrained(checkpoints / name).max_position_embeddings
+    assert art.manifest["inputs"][0]["dim_ranges"] == {"seq": {"max": limit}}
+
+
+def test_gpt2_past_its_positions_is_refused(tmp_path):
+    """A GPT-2 of 32 positions ran 33 tokens on openvino-cpu (logits [1, 33, 50], exit 0) where
+    PyTorch raises IndexError; seq's most is recorded (its wpe table, its n_positions) and
+    every run checks it."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_positions=32, n_embd=32, n_layer=1, n_head=2, vocab_size=50)).save_pretrained(
+        tmp_path / "gpt2")
+    art = edgec.compile(str(tmp_path / "gpt2"), target="openvino-cpu", output_dir=tmp_path / "o")
+    assert [i["dim_ranges"] for i in art.manifest["inputs"]] == [{"seq": {"max": 32}}] * 2
+    sess = art.load()
+    ids = np.ones((1, 33), np.int64)
+    with pytest.raises(UserError, match=r"^input 'input_ids' has seq = 33 \(axis 1\), .*"
+                                        r"give seq <= 32$"):
+        sess.run({"input_ids": ids, "attention_mask": ids})
+    assert sess.run({"input_ids": ids[:, :32], "attention_mask": ids[:, :32]})[
+        "logits"].shape == (1, 32, 50)
 
 
 def test_a_t5_text_encoder_compiles_with_eager_attention(tmp_path):

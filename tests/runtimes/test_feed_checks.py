@@ -163,3 +163,24 @@ def test_openvino_int64_held_in_32_bits_is_refused_and_recorded(tmp_path, caplog
     out = sess.run({"x": np.array([[1, 2, 3]]), "f": f, "t": big})
     np.testing.assert_array_equal(out["output_0"], [[4, 7, 10]])
     np.testing.assert_allclose(out["output_2"], big.astype(np.float32) * 0.5)
+
+
+class Positions(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = torch.nn.Embedding(8, 4)
+
+    def forward(self, x):
+        return x + self.pos(torch.arange(x.shape[1]))
+
+
+def test_a_dim_that_indexes_a_position_table_is_bounded_by_its_rows(tmp_path):
+    """pos(arange(seq)) with 8 rows: seq 9 ran on openvino-cpu (exit 0) where PyTorch raises;
+    the table's rows bound seq, recorded in dim_ranges and checked on every run."""
+    art = edgec.compile(Positions(), target="openvino-cpu", output_dir=tmp_path / "o",
+                        example_inputs=(torch.randn(1, 5, 4),), dynamic_shapes={"x": {1: "seq"}})
+    assert art.manifest["inputs"][0]["dim_ranges"] == {"seq": {"max": 8}}
+    sess = art.load()
+    with pytest.raises(UserError, match=r"^input 'x' has seq = 9 \(axis 1\), .*give seq <= 8$"):
+        sess.run({"x": np.zeros((1, 9, 4), np.float32)})
+    assert sess.run({"x": np.zeros((1, 8, 4), np.float32)})["output"].shape == (1, 8, 4)
