@@ -85,6 +85,13 @@ REMEDIES = {  # name → (quantize, rotate)
     # 4-bit weights (GPTQ-rounded by default after a rotation), LM head at w8a16
     "hadamard+w4a8": ("w4a8:min_cos=0", "hadamard:r4=false"),
     "hadamard+w4a8+fp16-stream": ("w4a8:stream=fp16,min_cos=0", "hadamard:r4=false"),
+    # weight-only int4 (block-wise on the CPU targets): nearest rounding and GPTQ, unrotated and
+    # after R1+R2 (where GPTQ is the default: nearest-rounded int4 after a rotation broke
+    # llama tiny+outliers, cosine 0.19)
+    "w4a16": ("w4a16:min_cos=0", None),
+    "w4a16+gptq": ("w4a16:min_cos=0,gptq=true", None),
+    "hadamard+w4a16": ("w4a16:min_cos=0", "hadamard:r4=false"),
+    "hadamard+w4a16+nearest": ("w4a16:min_cos=0,gptq=false", "hadamard:r4=false"),
     # 16-bit activations: the NPU's scheme for LLMs (qnn-htp only)
     "w8a16": ("w8a16:min_cos=0", None),
     "hadamard+r4+w8a16": ("w8a16:min_cos=0", "hadamard:r4=true"),
@@ -94,7 +101,7 @@ REMEDIES = {  # name → (quantize, rotate)
 # the default run: every remedy on openvino-cpu, the ones that matter on the other two (on the
 # NPU R4 is off by default: --rotate hadamard there is the "hadamard" row)
 PLAN = {"openvino-cpu": [r for r in REMEDIES if not any(k in r for k in ("w8a16", "fp16",
-                                                                          "w4a8"))],
+                                                                          "w4a8", "w4a16"))],
         "ort-cpu": ["none", "hadamard+r4", "floor", "hadamard+r4+floor"],
         "qnn-htp": ["none", "hadamard", "hadamard+r4", "floor", "w8a16"]}
 
