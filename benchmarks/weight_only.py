@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         speed = {t: RC.bench_speed(t, models, feeds, rounds, block) for t in RC.SPEED_TARGETS}
         sizes = {k: weight_bytes(p) for k, p in models.items()}
         table = []
-        for key, row in info.items():
+        for key in info:
             r = {"target": key[0], "variant": key[1], **{
                 k: v for k, v in acc[key].items() if k != "worst_sentence"},
                  "weight_mb": round(sizes[key] / 2**20, 2)}

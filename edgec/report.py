@@ -89,6 +89,9 @@ def quantization_entry(records) -> dict[str, Any] | None:
     if rec is None:
         return None
     entry = {"scheme": rec.stats["scheme"], "exclude": rec.stats["config"]["exclude"]}
+    for key in ("weights_int8", "embeddings_int8"):  # a weight-only scheme's 8-bit backups
+        if rec.stats.get(key):
+            entry[key] = rec.stats[key]
     if "calibration" in rec.stats:
         entry["calibration"] = rec.stats["calibration"]
     return entry
@@ -232,7 +235,11 @@ def scheme_line(q: dict[str, Any]) -> str:
     """The quantization entry's scheme: "w8a8: int8 weights, uint8 activations"."""
     sc = q["scheme"]
     acts = f"{sc['activations']} activations" if sc["activations"] else "weight-only"
-    return f"{sc['name']}: {sc['weights']} weights, {acts}"
+    eight = [f"{len(q[k])} {what}{'s' if len(q[k]) > 1 else ''}"
+             for k, what in (("weights_int8", "last layer"), ("embeddings_int8", "embedding"))
+             if q.get(k)]
+    return (f"{sc['name']}: {sc['weights']} weights, {acts}"
+            + (f" (int8: {', '.join(eight)})" if eight else ""))
 
 
 def calibration_line(cal: dict[str, Any]) -> str:

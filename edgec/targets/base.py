@@ -72,6 +72,10 @@ class QuantScheme:
             LM head, a DiT's final projection) stay float, as NVIDIA ModelOpt's and TensorRT-
             LLM's fp8 recipes keep ``lm_head``/``proj_out``: with per-tensor e4m3 scales the head
             held SmolLM2's logits KL at 0.073 nats (the default bound 0.05), float 0.007.
+        weight_backup_int8: weight-only schemes: the last weighted MatMul on each path to an
+            output (an LM head) gets int8 blocks and the embedding tables int8 rows, as NNCF's
+            4-bit weight compression keeps them at 8 bits (``blockwise``). CPU targets only:
+            TensorRT's weight-only blocks are int4.
         float_stream: on a fully quantized target, the residual stream stays float: its sums,
             the norms that read them and ``outlier_split``'s branches are not quantized, and
             the HTP runs them in fp16 (on an HTP with fp16 units: ``runtimes.qnn.FP16_OPTIONS``);
@@ -99,6 +103,7 @@ class QuantScheme:
     head_w8a16: bool = False
     head_float: bool = False
     float_stream: bool = False
+    weight_backup_int8: bool = False
 
     @property
     def calibrated(self) -> bool:

@@ -87,8 +87,17 @@ def test_w4a16_is_blockwise_weight_only(llama_src):
     model, result = _quantize(llama_src, "openvino-cpu", "w4a16")
     assert result.stats["quantize_linear"] == 0
     weights = _dq_inits(model)
-    assert weights and all(dt == ir.DataType.INT4 and attrs.get("block_size") == 32
-                           for dt, _, attrs in weights)
+    assert weights and all(attrs.get("block_size") == 32 for _, _, attrs in weights)
+    # the LM head (the last weighted MatMul) in int8 blocks and the embedding by int8 rows, as
+    # NNCF's 4-bit compression keeps them; every other MatMul int4
+    assert sorted(dt for dt, _, _ in weights).count(ir.DataType.INT8) == 1
+    assert result.stats["weights_int8"] and result.stats["embeddings_int8"]
+    assert all(dt == ir.DataType.INT4 for dt, _, _ in weights if dt != ir.DataType.INT8)
+    gathers = [n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value
+               is not None and len(n.inputs[0].const_value.shape) == 2]
+    assert {n.inputs[0].const_value.dtype for n in gathers} <= {ir.DataType.INT8,
+                                                                ir.DataType.FLOAT}
+    assert any(n.inputs[0].const_value.dtype == ir.DataType.INT8 for n in gathers)
     assert model.opset_imports[""] >= 21
     assert _cosine(run_model(model, llama_src.feeds), llama_src.reference) >= 0.99
 
@@ -372,7 +381,8 @@ def test_blockwise_quantizes_a_shared_weight_once(rng):
     second.outputs[0].name = "y"
     model = ir.Model(ir.Graph([x], second.outputs, nodes=[first, second], initializers=[wv],
                               opset_imports={"": 21}), ir_version=10)
-    stats = blockwise_weights(model, types.SimpleNamespace(weights="int4", block_size=32), set())
+    stats = blockwise_weights(model, types.SimpleNamespace(weights="int4", block_size=32,
+                                                           weight_backup_int8=False), set())
     assert stats["weights_blockwise"] == 1
     assert sorted(model.graph.initializers) == ["w_q", "w_scale"]
     assert [n.op_type for n in model.graph].count("DequantizeLinear") == 1
@@ -382,3 +392,50 @@ def test_blockwise_quantizes_a_shared_weight_once(rng):
     np.testing.assert_allclose(run_model(model, feeds)["y"], feeds["x"] @ wd.T @ wd.T, rtol=1e-4,
                                atol=1e-4)
     assert np.abs(wd - w).max() <= np.abs(w).max() / 7  # an int4 grid of w, one block per row
+
+
+def test_weight_only_backups_last_layers_and_embedding_rows(rng):
+    """weight_backup_int8: the last weighted MatMul on each path to an output gets int8 blocks
+    (a BERT's last FFN projection, through its residual Add and norm), every other int4; a
+    table read by two Gathers is stored once as int8 rows with a scale per row, a Gather that
+    was a graph output keeps the output's name, and the ids keep their index bound."""
+    import types
+
+    from edgec.exporters.index_inputs import index_bounds
+    from edgec.graph_passes.quantization.blockwise import blockwise_weights, last_weighted
+
+    table = rng.standard_normal((50, 32)).astype(np.float32)
+    w1, w2 = (rng.standard_normal((32, 32)).astype(np.float32) for _ in range(2))
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2, 3]))
+    tv = ir.Value(name="table", const_value=ir.tensor(table, name="table"))
+    v1, v2 = (ir.Value(name=n, const_value=ir.tensor(a, name=n)) for n, a in
+              (("w1", w1), ("w2", w2)))
+    emb = ir.node("Gather", [tv, ids], attributes={"axis": 0}, name="embed")
+    emb.outputs[0].name = "emb"
+    again = ir.node("Gather", [tv, ids], attributes={"axis": 0}, name="embed_again")
+    again.outputs[0].name = "emb_again"
+    m1 = ir.node("MatMul", [emb.outputs[0], v1], name="m1")
+    m2 = ir.node("MatMul", [m1.outputs[0], v2], name="m2")
+    add = ir.node("Add", [m2.outputs[0], emb.outputs[0]], name="residual")
+    add.outputs[0].name = "y"
+    graph = ir.Graph([ids], [add.outputs[0], again.outputs[0]],
+                     nodes=[emb, again, m1, m2, add], initializers=[tv, v1, v2],
+                     opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    assert last_weighted(model) == {"m2"}
+    feeds = {"ids": rng.integers(0, 50, (2, 3))}
+    before = run_model(model, feeds)
+    stats = blockwise_weights(model, types.SimpleNamespace(weights="int4", block_size=32,
+                                                           weight_backup_int8=True), set())
+    assert stats["weights_int8"] == ["m2"] and stats["embeddings_int8"] == ["table"]
+    inits = model.graph.initializers
+    assert "table" not in inits and inits["table_q"].const_value.dtype == ir.DataType.INT8
+    assert inits["w2_q"].const_value.dtype == ir.DataType.INT8
+    assert inits["w1_q"].const_value.dtype == ir.DataType.INT4
+    assert [o.name for o in model.graph.outputs] == ["y", "emb_again"]
+    after = run_model(model, feeds)
+    rows = table[feeds["ids"]]
+    step = np.abs(rows).max(-1, keepdims=True) / 127  # one int8 step of each gathered row
+    assert np.all(np.abs(after["emb_again"] - rows) <= step / 2 + 1e-6)
+    assert _cosine(after, before) > 0.99
+    assert index_bounds(model)["ids"]["index_bound"] == 50

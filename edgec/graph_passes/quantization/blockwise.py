@@ -6,6 +6,16 @@
 Scales are absmax/qmax per block of ``b`` input channels and always positive (TensorRT's rule),
 no zero point (symmetric), so the same graph is legal for TensorRT, ORT and OpenVINO. A weight
 read by several nodes (one Linear called twice) is quantized once and its DequantizeLinear shared.
+
+With ``QuantScheme.weight_backup_int8`` (the CPU targets), the layers NNCF's 4-bit weight
+compression keeps at 8 bits get 8 bits here too: the last weighted MatMul on each path to an
+output (an LM head; a BERT's last FFN projection) in int8 blocks, and the embedding tables
+(``Gather`` from a constant [rows, width] table) as int8 rows with one scale per row:
+
+    Gather(E, ids)  ⇒  Mul(Cast(Gather(E_q, ids)), Gather(s, ids))
+
+so only the gathered rows are dequantized (a float table was most of a small model's bytes:
+all-MiniLM-L6-v2's word embeddings are 45 of its 87 MB).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.convenience import replace_all_uses_with
 
 __all__ = ["blockwise_weights"]
 
@@ -22,8 +33,9 @@ _TYPES = {"int4": (ir.DataType.INT4, 7), "int8": (ir.DataType.INT8, 127)}
 
 def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, Any]:
     """Rewrite every eligible MatMul weight of ``model`` in place; returns stats."""
-    dtype, qmax = _TYPES[scheme.weights]
     block = scheme.block_size or 128
+    backup = (last_weighted(model) - exclude if scheme.weight_backup_int8
+              else set())
     done, skipped = 0, {}
     shared: dict[tuple[str, int], ir.Value] = {}  # (weight, K axis) → its dequantized value
     for node in list(model.graph):
@@ -36,6 +48,7 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
         w = node.inputs[1]
         if w is None or w.const_value is None or w.const_value.dtype != ir.DataType.FLOAT:
             continue
+        dtype, qmax = _TYPES["int8" if node.name in backup else scheme.weights]
         if (w.name, axis) in shared:  # a weight read by several nodes: quantized once
             node.replace_input_with(1, shared[w.name, axis])
             _drop_if_unused(model, w)
@@ -68,8 +81,89 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
         shared[w.name, axis] = dq.outputs[0]
         _drop_if_unused(model, w)
         done += 1
-    return {"weights_blockwise": done, "block_size": block,
-            **({"skipped": skipped} if skipped else {})}
+    stats = {"weights_blockwise": done, "block_size": block,
+             **({"skipped": skipped} if skipped else {})}
+    if backup:
+        stats["weights_int8"] = sorted(backup)
+    if scheme.weight_backup_int8:
+        tables = embedding_rows_int8(model, exclude)
+        if tables:
+            stats["embeddings_int8"] = tables
+    return stats
+
+
+def _weighted(node: ir.Node) -> bool:
+    """A MatMul/Gemm reading a constant 2-D float weight: what the pass quantizes."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    w = node.inputs[1].const_value
+    return w is not None and w.dtype == ir.DataType.FLOAT and len(w.shape) == 2
+
+
+def last_weighted(model: ir.Model) -> set[str]:
+    """Names of the weighted MatMuls no other weighted MatMul reads from, directly or through
+    any ops: the last linear layer on each path to an output (NNCF's "last linear layers")."""
+    below: dict[int, bool] = {}  # node id → a weighted MatMul is downstream of its outputs
+    last = set()
+    for node in reversed(list(model.graph)):  # consumers before producers
+        downstream = False
+        for out in node.outputs:
+            for user, _ in out.uses():
+                if _weighted(user) or below.get(id(user), False):
+                    downstream = True
+        below[id(node)] = downstream
+        if _weighted(node) and not downstream:
+            last.add(node.name)
+    return last
+
+
+def embedding_rows_int8(model: ir.Model, exclude: set[str]) -> list[str]:
+    """Each ``Gather(axis=0)`` from a constant float [rows, width] table (an embedding) reads
+    int8 rows and their scales instead (symmetric, one scale per row); returns the tables."""
+    done: dict[str, tuple[ir.Value, ir.Value]] = {}  # table → its int8 rows and row scales
+    for node in list(model.graph):
+        if node.op_type != "Gather" or {node.name, node.op_type} & exclude:
+            continue
+        table = node.inputs[0]
+        axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+        tv = table.const_value if table is not None else None
+        if (axis != 0 or tv is None or tv.dtype != ir.DataType.FLOAT or len(tv.shape) != 2
+                or tv.shape[0] < 2):
+            continue
+        if table.name not in done:  # a table read by several Gathers: quantized once
+            arr = tv.numpy()
+            scale = np.abs(arr).max(axis=1, keepdims=True) / 127
+            scale = np.where(scale > 0, scale, np.float32(1e-8)).astype(np.float32)
+            q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
+            done[table.name] = (ir.Value(name=f"{table.name}_q", const_value=ir.tensor(q)),
+                                ir.Value(name=f"{table.name}_row_scale",
+                                         const_value=ir.tensor(scale)))
+            for v in done[table.name]:
+                model.graph.register_initializer(v)
+        tq, ts = done[table.name]
+        ids = node.inputs[1]
+        rows = ir.node("Gather", [tq, ids], attributes={"axis": 0}, name=f"{node.name}_q")
+        scales = ir.node("Gather", [ts, ids], attributes={"axis": 0},
+                         name=f"{node.name}_row_scale")
+        cast = ir.node("Cast", [rows.outputs[0]], attributes={"to": ir.DataType.FLOAT},
+                       name=f"{node.name}_dequantize")
+        out = node.outputs[0]
+        mul = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{node.name}_scaled")
+        for v, suffix in ((rows.outputs[0], "rows_q"), (scales.outputs[0], "row_scales"),
+                          (cast.outputs[0], "rows")):
+            v.name = f"{node.name}_{suffix}"
+        mul.outputs[0].dtype, mul.outputs[0].shape = ir.DataType.FLOAT, out.shape
+        model.graph.insert_before(node, [rows, scales, cast, mul])
+        mul.outputs[0].name = f"{node.name}_dequantized_rows"
+        was_output = out.is_graph_output()
+        replace_all_uses_with(out, mul.outputs[0], replace_graph_outputs=True)
+        if was_output:  # a graph output keeps its name
+            name = out.name
+            out.name = f"{name}_float_gather"
+            mul.outputs[0].name = name
+        model.graph.remove(node, safe=True)
+        _drop_if_unused(model, table)
+    return sorted(done)
 
 
 def _drop_if_unused(model: ir.Model, w: ir.Value) -> None:
