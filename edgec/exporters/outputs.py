@@ -12,7 +12,7 @@ from typing import Any
 
 from edgec.errors import UserError
 
-__all__ = ["flatten_outputs", "output_keys"]
+__all__ = ["flatten_outputs", "output_keys", "positional_names"]
 
 
 def flatten_outputs(out: Any) -> list:
@@ -44,3 +44,23 @@ def output_keys(out: Any) -> list[str] | None:
     if items and all(isinstance(k, str) and k and isinstance(v, torch.Tensor) for k, v in items):
         return [k for k, _ in items]
     return None
+
+
+def positional_names(out: Any) -> list[str]:
+    """The default names of ``out``'s ONNX outputs: ``output`` for one tensor, else
+    ``output_<i>`` with ``i`` the tensor's position among everything forward returned in
+    ``flatten_outputs`` order, a skipped ``None`` counted (``(y, None, s)`` → ``output_0``,
+    ``output_2``), so that a name maps back to its place in what forward returned."""
+    import torch
+
+    def leaves(v) -> list:
+        if isinstance(v, Mapping):
+            return [x for w in v.values() for x in leaves(w)]
+        if isinstance(v, (tuple, list)):
+            return [x for w in v for x in leaves(w)]
+        return [v]
+
+    flat = leaves(out)
+    if len(flat) == 1:
+        return ["output"] if isinstance(flat[0], torch.Tensor) else []
+    return [f"output_{i}" for i, v in enumerate(flat) if v is not None]

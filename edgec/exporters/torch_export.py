@@ -1,8 +1,9 @@
 """torch.nn.Module → onnx_ir.Model with the dynamo exporter, plus the parameter map.
 
 Input names are the module's ``forward`` argument names; outputs are ``output`` (one) or
-``output_0..n`` unless names are given or forward returns a dict of tensors, whose keys name
-them (``_out`` added to one that is an input name). Dynamic dims
+``output_<i>`` (``i`` its position in what forward returned, a skipped None counted) unless
+names are given or forward returns a dict of tensors, whose keys name them (``_out`` added to
+one that is an input name). Dynamic dims
 are given as ``{input: {axis: dim_name}}`` or, for a tensor, a list of one name or None per axis.
 A failed export is a UserError when the module is at fault (torch.export cannot capture it, or an
 operator has no ONNX translation) and an InternalError when the exporter itself breaks.
@@ -26,7 +27,7 @@ import onnx_ir as ir
 import torch
 
 from edgec.errors import InternalError, UserError
-from edgec.exporters.outputs import flatten_outputs, output_keys
+from edgec.exporters.outputs import flatten_outputs, output_keys, positional_names
 from edgec.exporters.param_map import build_parameter_map
 
 __all__ = ["ExportResult", "export_module", "forward_input_names"]
@@ -95,9 +96,8 @@ def export_module(
         shapes = {n: _dims(dynamic_shapes.get(n, {})) for n in names}
     with torch.no_grad():
         out = module(*example_inputs)
-    n_out = _count_outputs(out)
-    out_names = list(output_names or output_keys(out) or (
-        ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]))
+    out_names = list(output_names or output_keys(out) or positional_names(out))
+    _count_outputs(out)  # a non-tensor output refused in one line
     taken = set(input_names or names)
     if output_names and taken & set(out_names):
         raise UserError(f"output name {sorted(taken & set(out_names))[0]!r} is also an input "

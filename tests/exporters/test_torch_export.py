@@ -224,6 +224,20 @@ def test_none_in_returned_tuples_is_skipped(tmp_path):
     np.testing.assert_allclose(got["output_2"], x.sum().numpy(), rtol=1e-6)
 
 
+class _NoneBetween(torch.nn.Module):
+    def forward(self, x):
+        return x * 2, None, x.sum()
+
+
+def test_a_none_keeps_the_position_of_the_outputs_after_it():
+    """(y, None, s) named s output_1: its name no longer told where forward returned it."""
+    x = torch.randn(2, 3)
+    result = export_module(_NoneBetween(), (x,))
+    assert result.output_names == ["output_0", "output_2"]
+    got = run_model(result.model, {"x": x.numpy()})
+    np.testing.assert_allclose(got["output_2"], x.sum().numpy(), rtol=1e-6)
+
+
 class _Dict(torch.nn.Module):
     def forward(self, x):
         return {"b": x * 2, "skipped": None, "a": x + 1}
