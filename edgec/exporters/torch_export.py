@@ -3,7 +3,7 @@
 Input names are the module's ``forward`` argument names; outputs are ``output`` (one) or
 ``output_<i>`` (``i`` its position in what forward returned, a skipped None counted) unless
 names are given or forward returns a dict of tensors, whose keys name them (``_out`` added to
-one that is an input name). Dynamic dims
+one that is an input name, ``_out_1``, ``_out_2``, ... where that is taken too). Dynamic dims
 are given as ``{input: {axis: dim_name}}`` or, for a tensor, a list of one name or None per axis.
 A failed export is a UserError when the module is at fault (torch.export cannot capture it, or an
 operator has no ONNX translation) and an InternalError when the exporter itself breaks.
@@ -102,7 +102,7 @@ def export_module(
     if output_names and taken & set(out_names):
         raise UserError(f"output name {sorted(taken & set(out_names))[0]!r} is also an input "
                         "name; ONNX names must be unique")
-    out_names = [f"{n}_out" if n in taken else n for n in out_names]  # forward(self, output)
+    out_names = _unclashed(out_names, taken)
     # torchvision is optional; its missing-op registrations are not our users' concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     said = io.StringIO()  # what torch printed to stderr (a failed capture dumps its graph)
@@ -322,6 +322,24 @@ def _classify_export_error(name: str, e: Exception) -> Exception:
         f"torch.onnx.export failed {stage}{at} for {name}: {type(root).__name__}: "
         f"{_first_line(root)}. This is a fault of the exporter or of edgec, not of the model: "
         "please report it with the traceback (EDGEC_DEBUG=1)")
+
+
+def _unclashed(out_names: Sequence[str], taken: set[str]) -> list[str]:
+    """Output names with one that is also an input name renamed (forward(self, output)):
+    ``<name>_out``, or ``<name>_out_1``, ``_2``, ... where that is taken too (by an input or
+    another output: a dict returning both ``x`` and ``x_out`` for an input ``x``)."""
+    used = set(taken) | set(out_names)
+    out = []
+    for n in out_names:
+        if n in taken:
+            new, i = f"{n}_out", 0
+            while new in used:
+                i += 1
+                new = f"{n}_out_{i}"
+            used.add(new)
+            n = new
+        out.append(n)
+    return out
 
 
 def _count_outputs(out) -> int:

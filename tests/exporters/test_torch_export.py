@@ -261,6 +261,22 @@ def test_dict_outputs_are_named_by_their_keys(tmp_path):
     assert export_module(Hf(), (x,)).output_names == ["last_hidden_state"]
 
 
+class _Clash(torch.nn.Module):
+    def forward(self, x):
+        return {"x": x * 2, "x_out": x + 1}
+
+
+def test_an_output_renamed_off_an_input_name_takes_a_free_name():
+    """{"x": ..., "x_out": ...} with an input x: InternalError "Output names cannot be
+    duplicated: ['x_out']"; the renamed key takes the first free x_out_<n>."""
+    x = torch.randn(2, 3)
+    result = export_module(_Clash(), (x,))
+    assert result.output_names == ["x_out_1", "x_out"]
+    got = run_model(result.model, {"x": x.numpy()})
+    np.testing.assert_allclose(got["x_out_1"], (x * 2).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got["x_out"], (x + 1).numpy(), rtol=1e-6)
+
+
 def test_producer_is_edgec_and_its_version(tiny_mlp):
     """producer_version was torch's version ('producer edgec 2.13.0+cpu')."""
     model = export_module(*tiny_mlp).model
