@@ -72,7 +72,10 @@ def resolve_source(source: Any, config: str | None = None,
         module = _unwrapped(source)
         inputs = tuple(_tensor(i, x) for i, x in enumerate(_bound(module, example_inputs)))
         info = {"kind": "module", "class": type(source).__qualname__}
+        from edgec.exporters.torch_export import ModuleState
+
         modes = [(m, m.training) for m in source.modules()]
+        state = ModuleState(source)
         try:  # exported and checked in eval mode; the user's module is left as it was given
             from edgec.exporters.hf import without_kv_cache
 
@@ -81,6 +84,7 @@ def resolve_source(source: Any, config: str | None = None,
         finally:
             for m, training in modes:
                 m.training = training
+            state.restore()  # its buffers too (a forward changing them is refused)
     if not isinstance(source, (str, os.PathLike)):
         raise UserError(f"source must be a model name, an .onnx path or an nn.Module, "
                         f"not {type(source).__name__}")

@@ -30,7 +30,7 @@ from edgec.errors import InternalError, UserError
 from edgec.exporters.outputs import flatten_outputs, output_keys, positional_names
 from edgec.exporters.param_map import build_parameter_map
 
-__all__ = ["ExportResult", "export_module", "forward_input_names"]
+__all__ = ["ExportResult", "ModuleState", "export_module", "forward_input_names"]
 
 logger = logging.getLogger(__name__)
 OPSET = 20
@@ -58,6 +58,49 @@ def forward_input_names(module: torch.nn.Module, n: int, every: bool = False) ->
         raise UserError(f"{type(module).__name__}.forward takes {len(params)} positional "
                         f"inputs but {n} example inputs were given")
     return [p.name for p in params[:n]]
+
+
+class ModuleState:
+    """A module's buffers (copied) and parameters (their in-place version counters), to put
+    the buffers back after edgec ran forward and to refuse a forward that changes either.
+
+    A forward that updates its own state (``self.n += 1``) gives results that depend on how
+    often it ran; the exported graph holds the state of one moment as a constant (the artifact
+    computed ``x + 2`` forever after two runs, its check against PyTorch passing)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+        self.params = {n: p._version for n, p in module.named_parameters()}
+
+    def changed(self) -> list[tuple[str, str]]:
+        """(kind, name) of each buffer whose values and parameter whose data forward changed."""
+        now = dict(self.module.named_buffers())
+        out = [("buffer", n) for n, b in self.buffers.items()
+               if n not in now or now[n] is None or now[n].shape != b.shape
+               or not torch.equal(now[n].detach().cpu(), b.cpu())]
+        return out + [("parameter", n) for n, p in self.module.named_parameters()
+                      if self.params.get(n, p._version) != p._version]
+
+    def restore(self) -> None:
+        """The buffers as they were (values, in place: the module's own tensors)."""
+        now = dict(self.module.named_buffers())
+        with torch.no_grad():
+            for n, b in self.buffers.items():
+                if n in now and now[n] is not None and now[n].shape == b.shape:
+                    now[n].copy_(b)
+
+    def refuse_changes(self) -> None:
+        changed = self.changed()
+        if not changed:
+            return
+        self.restore()
+        kind, name = changed[0]
+        raise UserError(
+            f"{type(self.module).__name__}.forward changes its {kind} {name!r} in place, so "
+            "its results depend on how often it ran, which one exported graph cannot "
+            f"compute; compute the value from the inputs, or update the {kind} outside forward "
+            "(edgec exports forward as a pure function of its inputs)")
 
 
 def export_module(
@@ -94,8 +137,10 @@ def export_module(
                           else dynamic_shapes[n]
                           for n, t in zip(names, example_inputs) if n in dynamic_shapes}
         shapes = {n: _dims(dynamic_shapes.get(n, {})) for n in names}
+    state = ModuleState(module)
     with torch.no_grad():
         out = module(*example_inputs)
+    state.refuse_changes()
     out_names = list(output_names or output_keys(out) or positional_names(out))
     _count_outputs(out)  # a non-tensor output refused in one line
     taken = set(input_names or names)

@@ -290,3 +290,30 @@ def test_compile_leaves_the_modules_training_flags_as_given(tmp_path):
     edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o",
                   example_inputs=(torch.randn(2, 4),))
     assert [m.training for m in module.modules()] == [True, True, False]
+
+
+class _Counter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("n", torch.zeros(1))
+
+    def forward(self, x):
+        self.n += 1
+        return x + self.n
+
+
+def test_a_forward_changing_its_buffers_is_refused_and_the_module_left_as_given(tmp_path):
+    """self.n += 1 in forward: compile left n at 2 and the artifact computed x + 2 forever,
+    its check against PyTorch passing; a BatchNorm given in train mode must keep its stats."""
+    module = _Counter()
+    with pytest.raises(UserError, match=r"^_Counter.forward changes its buffer 'n' in place, "
+                                        r"so its results depend on how often it ran"):
+        edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "c",
+                      example_inputs=(torch.randn(2, 3),))
+    assert module.n.item() == 0
+    bn = torch.nn.BatchNorm1d(3).train()
+    bn.running_mean.fill_(0.5)
+    edgec.compile(bn, target="ort-cpu", output_dir=tmp_path / "b",
+                  example_inputs=(torch.randn(4, 3),))
+    assert bn.training and torch.equal(bn.running_mean, torch.full((3,), 0.5))
+    assert bn.num_batches_tracked.item() == 0
