@@ -56,30 +56,106 @@ def verified_ranges(module, inputs, result, feeds: Mapping[str, np.ndarray],
                     f"{2 * size}: edgec doubles a size-1 dynamic dim, which torch.export "
                     f"cannot keep dynamic; give an example with {dim} >= {least}, or leave "
                     f"{dim} out of dynamic_shapes")
-        elif least >= 2 and _differs(module, inputs, result, axes[dim], least - 1, rtol, run):
+        elif least >= 2 and _differs(module, inputs, result, {dim: least - 1}, axes, rtol, run):
             kept["min"] = least
         if kept:
             out[dim] = kept
+    for guard in getattr(result, "guards", ()):
+        _refuse_guard(module, inputs, result, feeds, guard, axes, out, rtol, run)
     return out
 
 
-def _differs(module, inputs, result, axes, size: int, rtol: float, run) -> bool:
-    """Whether the graph and forward disagree (or either fails) with ``axes`` cut to ``size``."""
+def _refuse_guard(module, inputs, result, feeds, guard, axes, ranges, rtol, run) -> None:
+    """Refuse the export when forward computes otherwise where ``guard`` (a relation between
+    dims torch.export asserted, or one a range cannot hold: ``b*s > 10``, ``s % 2 == 0``) fails:
+    the graph holds the branch traced at the example, and no per-dim range keeps a feed out.
+    Checked at up to three sizes near the example that each dim's range allows and the guard
+    does not; where forward itself fails there, that size is no input of the module's."""
+    import itertools
+
+    import sympy
+
+    dims = sorted(guard.free_symbols, key=str)
+    if not all(str(d) in axes for d in dims):
+        return
+    tried, options, example = [], [], []
+    for d in dims:
+        i, axis = axes[str(d)][0]
+        e = int(feeds[result.input_names[i]].shape[axis])
+        r = ranges.get(str(d), {})
+        lo, hi = r.get("min", 1), r.get("max", 2 * e + 2)
+        example.append(e)
+        options.append(sorted(v for v in {1, 2, 3, lo, lo + 1, e - 2, e - 1, e, e + 1, e + 2,
+                                          2 * e - 1, 2 * e, 2 * e + 1} if lo <= v <= hi))
+    sizes = sorted(itertools.product(*options),
+                   key=lambda vs: sum(abs(v - e) for v, e in zip(vs, example)))
+    for vs in sizes:
+        try:
+            holds = bool(guard.xreplace({d: sympy.Integer(v) for d, v in zip(dims, vs)}))
+        except (TypeError, ValueError):
+            return  # a relation sympy cannot decide at these sizes: nothing to probe
+        if holds:
+            continue
+        at = {str(d): v for d, v in zip(dims, vs)}
+        tried.append(at)
+        if _differs(module, inputs, result, at, axes, rtol, run, forward_fails=False):
+            names = " and ".join(str(d) for d in dims)
+            raise UserError(
+                f"{type(module).__name__}.forward branches on {guard_text(guard)} (torch.export "
+                f"traced the example's branch only; at "
+                f"{', '.join(f'{d} = {v}' for d, v in at.items())} the graph computes what "
+                "PyTorch does not), which edgec's dim ranges (one dim each) cannot check at "
+                f"run time; export with static shapes (leave {names} out of dynamic_shapes), "
+                "or make forward not branch on input sizes")
+        if len(tried) == 3:
+            break
+    _log.debug("guard %s: the graph agrees with forward at %s", guard, tried)
+
+
+def guard_text(guard) -> str:
+    """A guard as Python would write it: ``s % 2 == 0`` for ``Eq(Mod(s, 2), 0)``."""
+    import re
+
+    text = str(guard)
+    text = re.sub(r"(?:Python)?Mod\((\w+), (\w+)\)", r"\1 % \2", text)
+    text = re.sub(r"FloorDiv\((\w+), (\w+)\)", r"\1 // \2", text)
+    m = re.fullmatch(r"(Eq|Ne)\((.+), ([^,]+)\)", text)
+    return f"{m[2]} {'==' if m[1] == 'Eq' else '!='} {m[3]}" if m else text
+
+
+def _resized(t, axis: int, size: int):
+    """``t`` cut or repeated along ``axis`` to ``size``."""
+    import torch
+
+    if size > t.shape[axis]:
+        t = torch.cat([t] * -(-size // t.shape[axis]), dim=axis)
+    return t.narrow(axis, 0, size)
+
+
+def _differs(module, inputs, result, sizes: Mapping[str, int], axes, rtol: float, run,
+             forward_fails: bool = True) -> bool:
+    """Whether the graph and forward disagree (or either fails) with each dim of ``sizes`` (its
+    ``axes``) cut or repeated to its size; ``forward_fails``: what a failing forward means."""
     import torch
 
     from edgec.exporters.outputs import flatten_outputs
     from edgec.exporters.verify import compare_outputs
 
     cut = list(inputs)
-    for i, axis in axes:
-        cut[i] = cut[i].narrow(axis, 0, size)
+    for dim, size in sizes.items():
+        for i, axis in axes[dim]:
+            cut[i] = _resized(cut[i], axis, size)
     try:
         with torch.no_grad():
             ref = dict(zip(result.output_names, flatten_outputs(module(*cut))))
+    except Exception as e:  # noqa: BLE001 (a size forward cannot run is outside)
+        _log.debug("at %s: %s", sizes, e)
+        return forward_fails
+    try:
         got = run({n: t.detach().cpu().numpy() for n, t in zip(result.input_names, cut)})
         errors = compare_outputs(got, {n: t.detach().cpu().numpy() for n, t in ref.items()})
-    except Exception as e:  # noqa: BLE001 (a size forward or the graph cannot run is outside)
-        _log.debug("at size %d: %s", size, e)
+    except Exception as e:  # noqa: BLE001 (the graph cannot run where forward does)
+        _log.debug("at %s: %s", sizes, e)
         return True
     return any(not e["max_rel"] <= rtol for e in errors.values())
 

@@ -45,6 +45,9 @@ class ExportResult:
     # {dim name: [least, most or None]}: the sizes torch.export traced a dynamic dim for, where
     # that is narrower than "any" (forward branched on the size, or edgec's doubling below)
     dim_ranges: dict[str, list] = dataclasses.field(default_factory=dict)
+    # sympy relations over dim names (symbols named as the ONNX dims) that torch.export asserted
+    # and no per-dim range expresses (``b*s > 10``, ``s % 2 == 0``): dim_ranges probes them
+    guards: list = dataclasses.field(default_factory=list)
     doubled: list[str] = dataclasses.field(default_factory=list)  # dims traced at twice 1
 
 
@@ -152,10 +155,11 @@ def export_module(
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     said = io.StringIO()  # what torch printed to stderr (a failed capture dumps its graph)
     traced = _unpinned(example_inputs, names, dynamic_shapes)
+    captured: list = []  # what torch.export captured, its shape asserts not yet dropped
     try:
         # The exporter prints its own progress to stdout and warns liberally; we report instead.
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(said), _quiet(_EXPORTER_NOTES):
+                contextlib.redirect_stderr(said), _quiet(_EXPORTER_NOTES), _captured(captured):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, traced, dynamo=True,
@@ -180,8 +184,79 @@ def export_module(
     doubled = sorted({str(dim) for t, x, n in zip(traced, example_inputs, names)
                       for axis, dim in (dynamic_shapes or {}).get(n, {}).items()
                       if t.shape[axis] != x.shape[axis]}) if traced is not example_inputs else []
+    guards = _shape_guards(captured[-1], model) if flat and dynamic_shapes and captured else []
     return ExportResult(model, pmap, list(input_names or names), out_names,
-                        _dim_ranges(program, model) if flat else {}, doubled)
+                        _dim_ranges(program, model) if flat else {}, doubled=doubled,
+                        guards=guards)
+
+
+@contextlib.contextmanager
+def _captured(into: list):
+    """The ExportedPrograms torch.onnx.export captures with ``torch.export.export``, appended to
+    ``into``: torch.onnx drops their shape asserts (``_assert_scalar``) on the way to ONNX."""
+    real = torch.export.export
+
+    def export(*args, **kwargs):
+        ep = real(*args, **kwargs)
+        into.append(ep)
+        return ep
+
+    torch.export.export = export
+    try:
+        yield
+    finally:
+        torch.export.export = real
+
+
+def _shape_guards(ep, model: ir.Model) -> list:
+    """The relations between dynamic dims (or of one beyond a bound) that torch.export asserted
+    while tracing (forward branched on ``x.shape[0] * x.shape[1] > 10``, ``x.shape[1] % 2``), as
+    sympy expressions over symbols named as the ONNX dims. A single dim's bound (``s > 4``) is
+    left out: ``_dim_ranges`` has it from the range constraints."""
+    import sympy
+
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    names: dict = {}
+    env = None
+    for value, ph in zip(model.graph.inputs, ep.graph_signature.user_inputs):
+        val = vals.get(ph)
+        if value.shape is None or not isinstance(val, torch.Tensor):
+            continue
+        env = env or getattr(getattr(val, "fake_mode", None), "shape_env", None)
+        for dim, size in zip(value.shape.dims, val.shape):
+            expr = getattr(getattr(size, "node", None), "expr", None)
+            if isinstance(expr, sympy.Symbol) and isinstance(dim, ir.SymbolicDim) and dim.value:
+                names.setdefault(expr, sympy.Symbol(dim.value, integer=True, positive=True))
+    out, seen = [], set()
+    for node in ep.graph.nodes:
+        if node.target is not torch.ops.aten._assert_scalar.default or not node.args:
+            continue
+        expr = getattr(getattr(getattr(node.args[0], "meta", {}).get("val"), "node", None),
+                       "expr", None)
+        if expr is None:
+            continue
+        with contextlib.suppress(Exception):  # the assert as the dims it names
+            expr = env.replace(expr) if env is not None else expr
+        if not isinstance(expr, sympy.Basic) or not expr.free_symbols <= set(names) or \
+                expr in (sympy.true, sympy.false) or _a_bound(expr):
+            continue
+        expr = expr.xreplace(names)
+        if str(expr) not in seen:
+            seen.add(str(expr))
+            out.append(expr)
+    return out
+
+
+def _a_bound(expr) -> bool:
+    """Whether ``expr`` compares one dim with a number (``s > 4``, ``Ne(s, 1)``)."""
+    import sympy
+
+    return len(expr.free_symbols) == 1 and isinstance(expr, sympy.core.relational.Relational) \
+        and {type(a) for a in expr.args} <= {sympy.Symbol, sympy.Integer, sympy.core.numbers.One,
+                                             sympy.core.numbers.Zero,
+                                             sympy.core.numbers.NegativeOne} \
+        and any(isinstance(a, sympy.Symbol) for a in expr.args) \
+        and any(a.is_Number for a in expr.args)
 
 
 def _dim_ranges(program, model: ir.Model) -> dict[str, list]:

@@ -104,6 +104,37 @@ def test_a_branch_on_a_dynamic_dim_keeps_its_range(tmp_path):
     assert DIM_RANGES_KEY not in ir.load(path).metadata_props
 
 
+class _AreaBranch(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.shape[0] * x.shape[1] > 10 else -x
+
+
+class _EvenBranch(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.shape[1] % 2 == 0 else -x
+
+
+class _Tied(torch.nn.Module):
+    def forward(self, x, y):
+        return x.reshape(-1).softmax(0).reshape(x.shape) + y
+
+
+@pytest.mark.parametrize(("module", "guard"), [(_AreaBranch(), r"b\*s > 10"),
+                                               (_EvenBranch(), r"s % 2 == 0")])
+def test_a_branch_on_a_relation_of_dims_is_refused(tmp_path, module, guard):
+    """b*s > 10 or s % 2 == 0: no per-dim range holds it, and run took (1, 1) or an odd s,
+    returning the traced branch (signs flipped against PyTorch) with no dim_ranges at all."""
+    with pytest.raises(UserError, match=rf"^{type(module).__name__}.forward branches on {guard} "
+                                        r"\(torch.export traced the example's branch only; at "
+                                        r".*\(leave (b and )?s out of dynamic_shapes\), or make "
+                                        r"forward not branch on input sizes$"):
+        edgec.export(module, (torch.randn(3, 8),), tmp_path / "m.onnx",
+                     {"x": {0: "b", 1: "s"}})
+    # dims torch.export ties without a branch (a shared name, a reshape) still export
+    both = {"x": {0: "b", 1: "s"}, "y": {0: "b", 1: "s"}}
+    edgec.export(_Tied(), (torch.randn(3, 8), torch.randn(3, 8)), tmp_path / "t.onnx", both)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_modules_map_their_parameters(dtype, tmp_path):
     """A bf16 module crashed in the parameter map (torch has no numpy view of bf16); compiling
