@@ -139,6 +139,7 @@ def export_module(
         dynamic_shapes = {n: _tensor_dims(n, dynamic_shapes[n], t) if isinstance(t, torch.Tensor)
                           else dynamic_shapes[n]
                           for n, t in zip(names, example_inputs) if n in dynamic_shapes}
+        _one_size_per_name(dynamic_shapes, names, example_inputs)
         shapes = {n: _dims(dynamic_shapes.get(n, {})) for n in names}
     state = ModuleState(module)
     with torch.no_grad():
@@ -354,6 +355,25 @@ def _tensor_dims(name: str, spec: Any, tensor: torch.Tensor) -> dict[int, str]:
                             f"such as 'batch'), not {dim!r}")
         out[axis % rank] = dim
     return out
+
+
+def _one_size_per_name(dynamic_shapes: Mapping[str, Any], names: Sequence[str],
+                       example_inputs: Sequence[Any]) -> None:
+    """Refuse one dim name given to dims of different example sizes: torch.export makes it one
+    size and then reported the other dim as fixed to a constant, blaming forward."""
+    seen: dict[str, tuple[str, int]] = {}
+    for name, t in zip(names, example_inputs):
+        dims = dynamic_shapes.get(name)
+        if not isinstance(t, torch.Tensor) or not isinstance(dims, Mapping):
+            continue
+        for axis, dim in dims.items():
+            where, size = f"{name}.shape[{axis}]", int(t.shape[axis])
+            first = seen.setdefault(dim, (where, size))
+            if first[1] != size:
+                raise UserError(
+                    f"dynamic_shapes names both {first[0]} (size {first[1]} in the example) "
+                    f"and {where} (size {size}) {dim!r}, and one name is one size; give each "
+                    "dim a name of its own, or an example where they are equal")
 
 
 def _dims(spec):

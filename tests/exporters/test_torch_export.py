@@ -210,6 +210,15 @@ def test_dynamic_shapes_are_checked_against_the_example_and_take_the_list_form()
     assert [str(d) for d in model.graph.inputs[0].shape] == ["2", "seq"]
 
 
+def test_one_dim_name_for_dims_of_different_sizes_says_so():
+    """{0: "d", 1: "d"} at sizes 2 and 3 said forward combines a dim "with a tensor of a
+    constant size"; the name given to two sizes was the cause."""
+    with pytest.raises(UserError, match=r"^dynamic_shapes names both ids.shape\[0\] \(size 2 "
+                                        r"in the example\) and ids.shape\[1\] \(size 3\) 'd', "
+                                        r"and one name is one size; give each dim a name"):
+        export_module(_Ids(), (torch.randn(2, 3),), {"ids": {0: "d", 1: "d"}})
+
+
 def test_none_inputs_and_an_argument_named_output(tmp_path):
     """(x, None, b) was a raw 'Could not infer dtype of NoneType'; forward(self, output) a raw
     ORT 'Duplicate definition of name (output)'."""
