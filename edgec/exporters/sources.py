@@ -69,8 +69,8 @@ def resolve_source(source: Any, config: str | None = None,
         if half:
             raise UserError(f"the module's weights are {half.pop()}; edgec exports and verifies "
                             "in float32: pass module.float() (quantize= makes it smaller)")
-        module = _unwrapped(source)
-        inputs = tuple(_tensor(i, x) for i, x in enumerate(_bound(module, example_inputs)))
+        module, bound = _bound(_unwrapped(source), example_inputs)
+        inputs = tuple(_tensor(i, x) for i, x in enumerate(bound))
         info = {"kind": "module", "class": type(source).__qualname__}
         from edgec.exporters.torch_export import ModuleState
 
@@ -80,7 +80,10 @@ def resolve_source(source: Any, config: str | None = None,
             from edgec.exporters.hf import without_kv_cache
 
             with without_kv_cache(source):
-                return _from_torch(module, inputs, dynamic_shapes, None, info, "module")
+                src = _from_torch(module, inputs, dynamic_shapes, None, info, "module")
+            if isinstance(module, _KeywordCall):
+                src.parameter_map = strip_prefix(src.parameter_map, _KeywordCall.PREFIX)
+            return src
         finally:
             for m, training in modes:
                 m.training = training
@@ -188,24 +191,61 @@ def _tensor(i: int, x):
                         f"{str(e).splitlines()[0]}") from None
 
 
-def _bound(module, x) -> tuple:
-    """``example_inputs`` as forward's positional arguments: a dict is bound by name."""
+def _bound(module, x) -> tuple[Any, tuple]:
+    """The module to export and ``example_inputs`` as its forward's positional arguments: a
+    dict is bound by name, a keyword-only argument of forward too (the module then wrapped by
+    ``_keyword_call`` in one whose forward takes it positionally, under its own name)."""
     if isinstance(x, Mapping):
+        import inspect
+
         from edgec.exporters.torch_export import forward_input_names
 
         names = forward_input_names(module, 0, every=True)
-        unknown = [k for k in x if k not in names]
+        params = inspect.signature(module.forward).parameters.values()
+        keywords = [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+        unknown = [k for k in x if k not in names and k not in keywords]
         if unknown:
             raise UserError(f"example_inputs names {unknown[0]!r}, which is not a forward "
                             f"argument of {type(module).__name__} (arguments: "
-                            f"{', '.join(names)})")
-        used = names[:max(names.index(k) for k in x) + 1] if x else []
+                            f"{', '.join(names + keywords)})")
+        given = [k for k in x if k in names]
+        used = names[:max(names.index(k) for k in given) + 1] if given else []
         gap = [n for n in used if n not in x]
         if gap:
             raise UserError(f"example_inputs gives no {gap[0]!r}, which forward takes before "
                             f"{used[-1]!r}; give every argument up to the last one given")
-        return tuple(x[n] for n in used)
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        required = [p.name for p in params
+                    if p.kind == p.KEYWORD_ONLY and p.default is p.empty and p.name not in x]
+        kw = [k for k in keywords if k in x]
+        if required:
+            raise UserError(f"example_inputs gives no {required[0]!r}, a keyword-only argument "
+                            f"{type(module).__name__}.forward requires; give it too")
+        if kw:
+            return _keyword_call(module, used, kw), tuple(x[n] for n in used + kw)
+        return module, tuple(x[n] for n in used)
+    return module, (tuple(x) if isinstance(x, (tuple, list)) else (x,))
+
+
+def _keyword_call(module, positional: list[str], keywords: list[str]):
+    """``module`` behind a forward that takes its keyword-only ``keywords`` positionally after
+    ``positional``, each under its own name (the ONNX inputs' and dynamic_shapes' names)."""
+    import torch
+
+    params = ", ".join(positional + keywords)  # forward's own argument names: identifiers
+    call = ", ".join(positional + [f"{k}={k}" for k in keywords])
+    space: dict[str, Any] = {}
+    exec(f"def forward(self, {params}):\n    return self.keyword_call({call})\n", space)
+    cls = type(type(module).__name__, (torch.nn.Module, _KeywordCall),
+               {"forward": space["forward"], "__module__": type(module).__module__})
+    wrapper = cls()
+    wrapper.keyword_call = module
+    return wrapper
+
+
+class _KeywordCall:
+    """Marks ``_keyword_call``'s wrappers; their parameter names start with ``PREFIX``."""
+
+    PREFIX = "keyword_call."
 
 
 def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None,

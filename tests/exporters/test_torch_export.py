@@ -171,6 +171,37 @@ def test_dict_example_inputs_bind_by_name(tmp_path):
                       example_inputs={"b": ones})
 
 
+class _KwOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x, *, scale):
+        return self.fc(x) * scale
+
+
+def test_keyword_only_arguments_are_inputs_by_name(tmp_path):
+    """forward(self, x, *, scale) with {"x", "scale"} said 'scale' "is not a forward
+    argument"; it is an input named scale now, the parameters named as the module's."""
+    x, scale = torch.randn(2, 3), torch.tensor(2.0)
+    module = _KwOnly()
+    art = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs={"x": x, "scale": scale}, dynamic_shapes={"x": {0: "b"}})
+    assert [i["name"] for i in art.manifest["inputs"]] == ["x", "scale"]
+    x5 = torch.randn(5, 3)
+    got = art.load().run({"x": x5.numpy(), "scale": np.float32(3.0)})["output"]
+    np.testing.assert_allclose(got, (module(x5, scale=torch.tensor(3.0))).detach().numpy(),
+                               rtol=1e-5, atol=1e-6)
+    from edgec.exporters.sources import resolve_source
+
+    src = resolve_source(module, example_inputs={"x": x, "scale": scale})
+    assert set(src.parameter_map) == {"fc.weight", "fc.bias"}
+    with pytest.raises(UserError, match="gives no 'scale', a keyword-only argument "
+                                        "_KwOnly.forward requires"):
+        edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "n",
+                      example_inputs={"x": x})
+
+
 def test_options_a_source_does_not_take_are_refused(tmp_path, tiny_mlp):
     """config= with an nn.Module and example_inputs= with a model name were silently ignored;
     dynamic_shapes= with a model name gave a misleading error."""
