@@ -732,7 +732,9 @@ def _freekv_graph(source, recipe: Recipe, src, stage: Path, step: Progress) -> d
         raise UserError("--kv-retrieval builds its decode graph from the PyTorch model (`llama` "
                         "or a Hugging Face checkpoint directory), not from a .onnx file")
     step("exporting the FreeKV decode graph")
-    origin = src.info["path"] if src.kind == "hf" else src.info["name"]
+    # a checkpoint's stored path lost its ./ ("llama"): as a str, the decode graph's loader took
+    # it for the reference model's name again and refused it as ambiguous after the export
+    origin = Path(src.info["path"]).absolute() if src.kind == "hf" else src.info["name"]
     rel = build_freekv_graph(origin, DecoderInfo.from_json(src.info["generation"]),
                              recipe.kv_retrieval, stage, model_config=src.info.get("config"))
     return {"method": "freekv", **recipe.kv_retrieval.to_json(), "model": rel}

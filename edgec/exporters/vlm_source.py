@@ -156,7 +156,8 @@ def calibration_samples(src, n: int) -> list[dict[str, np.ndarray]]:
     """``n`` calibration feeds for a VLM's vision or prefill graph: random images (seeds
     disjoint from the example's) and, for the prefill graph, their features from the PyTorch
     image encoder merged into prompts of random text around the image's placeholders."""
-    origin = src.info.get("path") or src.info["name"]
+    # a Path: the stored path lost its ./, and a str "vlm" would name the reference model again
+    origin = Path(src.info["path"]).absolute() if src.info.get("path") else src.info["name"]
     vlm, _, _ = load_vlm(origin, src.info.get("config"))
     batch = src.feeds[src.info["input_names"][0]].shape[0]
     text = max(2, src.feeds["input_ids"].shape[1] - vlm.image_tokens - 1) if (

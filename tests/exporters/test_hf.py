@@ -136,6 +136,41 @@ def test_a_local_directory_does_not_hide_a_model_name(tmp_path, monkeypatch):
     assert not sources.names_reference_model("./pose-prior")
 
 
+def test_freekv_graph_loads_the_checkpoint_named_like_a_reference_model(tmp_path, monkeypatch):
+    """`edgec compile ./llama --generate --kv-retrieval ...` beside a checkpoint folder named
+    `llama`: the source info keeps "llama" (the ./ lost), and the FreeKV graph's loader took it
+    for the reference model's name again, refusing it as ambiguous after the whole export. The
+    VLM calibration samples re-loaded their checkpoint the same way."""
+    import types
+
+    from edgec import pipeline
+    from edgec.exporters import hf_decoder_view, hf_llava, vlm_source
+    from edgec.runtimes.freekv import parse_kv_retrieval
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("llama", "vlm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+
+    def chosen(path, *_):
+        raise _Chosen(str(path))
+
+    monkeypatch.setattr(hf_decoder_view, "view_hf_decoder", chosen)
+    recipe = types.SimpleNamespace(
+        kv_retrieval=parse_kv_retrieval("freekv:budget=64,page=8,sink=8,recent=16"))
+    info = dict(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=128)
+    src = types.SimpleNamespace(kind="hf", info={"path": "llama", "generation": info})
+    with pytest.raises(_Chosen) as got:
+        pipeline._freekv_graph("./llama", recipe, src, tmp_path, lambda _: None)
+    assert got.value.args[0] == str(tmp_path / "llama")
+
+    monkeypatch.setattr(hf_llava, "load_llava", chosen)
+    src = types.SimpleNamespace(info={"path": "vlm", "name": "vlm"})
+    with pytest.raises(_Chosen) as got:
+        vlm_source.calibration_samples(src, 1)
+    assert got.value.args[0] == str(tmp_path / "vlm")
+
+
 def test_bad_example_options(checkpoints, tmp_path):
     with pytest.raises(UserError, match="batch=N,seq=N"):
         edgec.compile(str(checkpoints / "bert"), target="ort-cpu", output_dir=tmp_path / "o",
