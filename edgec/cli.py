@@ -533,8 +533,8 @@ def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iter
     limit = session.decoder_info.context  # a static buffer (NPU) or a --context
     if prompt_tokens is None:  # the default fits the artifact: 128, or what its context leaves
         prompt_tokens = 128 if not limit else max(1, min(128, limit - new_tokens))
-    if limit and prompt_tokens + new_tokens > limit:
-        raise UserError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed "
+    if limit and prompt_tokens + new_tokens - 1 > limit:  # the last new token is not fed back
+        raise UserError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} - 1 exceed "
                         f"the artifact's context of {limit} tokens; give fewer")
     stats = benchmark_generation(session, prompt_tokens, new_tokens, warmup,
                                  min(iterations, 5) if iterations == 20 else iterations)

@@ -207,10 +207,14 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
     cfg = GenerationConfig(eos_token_id=eos, pad_token_id=pad, **options)
     ids, mask = _prompt(info, input_ids, attention_mask)
     limit = info.context or info.max_positions
-    if limit and ids.shape[1] + cfg.max_new_tokens > limit:
+    # the last new token is never fed back: the cache holds prompt + max_new_tokens - 1
+    if limit and ids.shape[1] + cfg.max_new_tokens - 1 > limit:
+        most = limit - ids.shape[1] + 1
         raise UserError(f"the prompt ({ids.shape[1]} tokens) + max_new_tokens "
-                        f"({cfg.max_new_tokens}) exceeds the model's context of {limit} tokens; "
-                        "shorten the prompt or generate fewer tokens")
+                        f"({cfg.max_new_tokens}) - 1 exceeds the model's context of {limit} "
+                        "tokens; " + (f"set max_new_tokens (-n) to at most {most} or shorten "
+                                      "the prompt" if most >= 1 else
+                                      f"shorten the prompt to at most {limit} tokens"))
     fill = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
     rng = np.random.default_rng(cfg.seed)
     cache = cache if cache is not None else ArrayCache(session, info, ids.shape[0])

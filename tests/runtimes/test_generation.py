@@ -414,3 +414,21 @@ def test_a_session_generates_one_thing_at_a_time(artifacts):
         t.join()
     for r in results:
         np.testing.assert_array_equal(r, alone)
+
+
+def test_the_last_new_token_needs_no_context_slot(artifacts):
+    """The last generated token is never fed back, so prompt + max_new_tokens - 1 positions
+    suffice: a prompt filling the context generated one token (it was refused as exceeding the
+    context), and `edgec bench` drew the same line one token short."""
+    sess = artifacts["hf-llama", "ort-cpu"].load()
+    limit = sess.decoder_info.max_positions
+    assert limit == HF["max_position_embeddings"]
+    ids = np.arange(limit)[None] % 90 + 4
+    assert sess.generate(ids, max_new_tokens=1, eos_token_id=[]).shape == (1, limit + 1)
+    assert sess.generate(ids[:, 1:], max_new_tokens=2, eos_token_id=[]).shape == (1, limit + 1)
+    with pytest.raises(UserError, match=rf"\({limit - 1} tokens\) \+ max_new_tokens \(3\) - 1 "
+                                        rf"exceeds the model's context of {limit} tokens; set "
+                                        r"max_new_tokens \(-n\) to at most 2"):
+        sess.generate(ids[:, 1:], max_new_tokens=3)
+    with pytest.raises(UserError, match=f"shorten the prompt to at most {limit} tokens"):
+        sess.generate(np.concatenate([ids, ids[:, :1]], axis=1), max_new_tokens=1)
