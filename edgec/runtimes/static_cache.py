@@ -4,8 +4,10 @@ The artifact holds two graphs over one set of weights: a prefill graph that take
 (e.g. 64) new tokens and a decode graph that takes one, each over a buffer of ``context -
 tokens`` past slots, returning only the new tokens' keys and values. This cache owns a
 [1, kv_heads, context, head_dim] buffer per K/V, fills slots left to right and marks which are
-valid in the attention mask; a prompt is run in chunks of ``tokens``, the first left-padded
-with masked slots, so every shape stays the one the NPU compiled.
+valid in the attention mask; a prompt is run in chunks of ``tokens``, the last right-padded
+with masked slots, so every shape stays the one the NPU compiled. The padding's slots are not
+kept: the cache continues right after the prompt's last token (decode overwrites them), so a
+sequence needs prompt + new tokens - 1 slots, not the prompt rounded up to whole chunks.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ class StaticBufferCache:
         tokens = ids.shape[1]
         if self.filled + tokens > self.context:
             raise UserError(f"the sequence needs more than the static context of {self.context} "
-                            "tokens this artifact was compiled for; recompile with a larger "
-                            "--context, or shorten the prompt / max_new_tokens")
+                            "tokens this artifact was compiled for (prompt + max_new_tokens - 1 "
+                            "slots); recompile with a larger --context, or shorten the prompt / "
+                            "max_new_tokens")
         slots = self.context - tokens
         feeds = {"input_ids": ids, "position_ids": positions,
                  "attention_mask": np.concatenate([self.valid[:, :slots], valid], axis=1),
@@ -66,16 +69,22 @@ class StaticBufferCache:
         n = ids.shape[1]
         if n == 1 and self.filled:
             return self._run(self.decode, ids, mask[:, -1:], positions)
-        pad = (-n) % self.chunk  # left-pad the prompt to whole chunks of masked slots
-        ids = np.pad(ids, ((0, 0), (pad, 0)))
-        valid = np.pad(mask[:, -n:], ((0, 0), (pad, 0)))
-        positions = np.pad(positions, ((0, 0), (pad, 0)))
-        if ids.shape[1] > self.context - 1:
-            raise UserError(f"the prompt ({n} tokens, {ids.shape[1]} as whole prefill chunks of "
-                            f"{self.chunk}) does not fit the static context of {self.context} "
-                            "tokens; recompile with a larger --context or shorten the prompt")
+        # right-pad the prompt to whole chunks of masked slots: the padding follows the last
+        # token (causal attention keeps it out of the real tokens' outputs), and its slots are
+        # handed back below, so the prompt holds n slots, not n rounded up to whole chunks
+        pad = (-n) % self.chunk
+        ids = np.pad(ids, ((0, 0), (0, pad)))
+        valid = np.pad(mask[:, -n:], ((0, 0), (0, pad)))
+        positions = np.pad(positions, ((0, 0), (0, pad)), mode="edge")
+        if self.filled + ids.shape[1] > self.context:
+            raise UserError(f"the prompt ({n} tokens) does not fit the static context of "
+                            f"{self.context} tokens this artifact was compiled for (its prefill "
+                            f"runs whole chunks of {self.chunk} tokens: "
+                            f"{self.filled + ids.shape[1]} slots); recompile with a larger "
+                            "--context or shorten the prompt")
         logits = None
         for start in range(0, ids.shape[1], self.chunk):
             cut = slice(start, start + self.chunk)
             logits = self._run(self.prefill, ids[:, cut], valid[:, cut], positions[:, cut])
-        return logits
+        self.filled -= pad  # decode overwrites the padding's slots (masked until then)
+        return logits[:, :logits.shape[1] - pad]

@@ -16,7 +16,7 @@ from edgec.runtimes.ort import OrtSession
 from edgec.runtimes.static_cache import StaticBufferCache
 
 pytest.importorskip("onnxruntime_qnn", reason="qnn extra (installed by dev) is required")
-PROMPT = np.arange(1, 21)[None]  # 20 tokens: two prefill chunks of 16, the first left-padded
+PROMPT = np.arange(1, 21)[None]  # 20 tokens: two prefill chunks of 16, the last right-padded
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ def test_npu_generation_agrees_with_ort_on_the_same_qdq_graphs(qnn_art):
 
 
 def test_static_buffer_decoding_equals_the_dynamic_cache(tmp_path):
-    """fp32: the static graphs driven through the runtime-owned buffer (chunked, left-padded
-    prefill; one-token decode) give the dynamic-cache greedy tokens exactly."""
+    """fp32: the static graphs driven through the runtime-owned buffer (chunked prefill, the last
+    chunk right-padded; one-token decode) give the dynamic-cache greedy tokens exactly."""
     from edgec.exporters.decoder import DecoderInfo, StaticCache
     from edgec.exporters.sources import resolve_source
     from edgec.onnx_io import save_model
@@ -78,18 +78,27 @@ def test_static_buffer_decoding_equals_the_dynamic_cache(tmp_path):
         save_model(src.model, Path(tmp_path / f"g{tokens}.onnx"))
         sessions.append(OrtSession(tmp_path / f"g{tokens}.onnx"))
     info = DecoderInfo.from_json(src.info["generation"])
-    static, _ = generate(None, info, PROMPT, cache=StaticBufferCache(*sessions, info, 16),
-                         max_new_tokens=20)
     import torch
 
     from edgec.models import registry
 
     model = registry.get("llama").build("tiny")
-    seq = torch.as_tensor(PROMPT)
-    with torch.no_grad():
-        for _ in range(20):
-            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    np.testing.assert_array_equal(static, seq.numpy())
+    # 20 tokens: the last of two chunks padded; 40 + 25 new: the prompt's 40 slots, not its
+    # 48 as whole chunks, + 24 fed back fill the 64 exactly (refused as beyond the static
+    # context while the padding kept its slots)
+    for prompt, new in ((PROMPT, 20), (np.arange(3, 43)[None], 25)):
+        static, _ = generate(None, info, prompt, cache=StaticBufferCache(*sessions, info, 16),
+                             max_new_tokens=new, eos_token_id=[])
+        seq = torch.as_tensor(prompt)
+        with torch.no_grad():
+            for _ in range(new):
+                seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        np.testing.assert_array_equal(static, seq.numpy())
+    with pytest.raises(UserError, match=r"\(40 tokens\) \+ max_new_tokens \(26\) - 1 exceeds the "
+                                        r"model's context of 64 tokens; set max_new_tokens \(-n\) "
+                                        "to at most 25"):
+        generate(None, info, np.arange(3, 43)[None], cache=StaticBufferCache(*sessions, info, 16),
+                 max_new_tokens=26)
 
 
 def _matmul_weights(path: Path) -> dict[str, np.ndarray]:
