@@ -11,7 +11,8 @@ from edgec import artifact
 from edgec.report_chart import INSTALL_LINE, floor_text
 
 __all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
-           "rotation_line", "summary_rows", "scheme_line", "calibration_line", "floor_line"]
+           "rotation_line", "summary_rows", "scheme_line", "vision_pruning_line",
+           "calibration_line", "floor_line"]
 
 
 def _io(model) -> dict[str, list[dict[str, Any]]]:
@@ -182,8 +183,12 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("source", _source_line(report["source"])), ("target", report["target"])]
     tvs = fid["target_vs_source"]
     measured = tvs.get("runtime", report["target"])  # what ran it: ORT for tensorrt here
+    companions = [(f"{key.removesuffix('_graph_vs_source')} graph: "
+                   f"{fid[key].get('runtime', measured)} vs "
+                   f"{fid[key].get('reference', tvs['reference'])}", key)
+                  for key in _companions(fid)]
     for label, key in (("export vs PyTorch", "export_vs_pytorch"),
-                       (f"{measured} vs {tvs['reference']}", "target_vs_source")):
+                       (f"{measured} vs {tvs['reference']}", "target_vs_source"), *companions):
         if fid.get(key):
             worst = max(fid[key]["outputs"].values(), key=lambda e: e["max_rel"])
             tol = ("approximate recipe" if fid[key].get("rtol") is None
@@ -205,6 +210,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{cfg.get('block')}-token key blocks (+{st.get('forced_blocks', 0)} forced), "
                 f"prompts ≥ {cfg.get('min_seq')} tokens")
         rows.append(("sparse prefill", line))
+    if report.get("vision_pruning"):
+        rows.append(("vision pruning", vision_pruning_line(report["vision_pruning"])))
     q = report.get("quantization")
     if q:
         line = scheme_line(q)
@@ -229,6 +236,28 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("time", f"total {t['total_s']:.1f} s (export {t['export_s']:.1f} s, "
                          f"build {t['build_s']:.1f} s)"))
     return rows
+
+
+def _companions(fid: dict[str, Any]) -> list[str]:
+    """The fidelity keys of the graphs beside model.onnx (decode, dense, prefill, vision)."""
+    return [k for k in fid if k.endswith("_graph_vs_source") and fid[k]]
+
+
+def vision_pruning_line(st: dict[str, Any]) -> str:
+    """"keep=0.25, layer=2 (attention score): 4/16 image tokens kept; prefill FLOPs 8.65M →
+    6.37M (-26.4%); example-prompt logits cosine 0.9942 to unpruned (argmax agreement 50%)"."""
+    line = (f"keep={st.get('keep')}, layer={st.get('layer')} ({st.get('score', '?')} score): "
+            f"{st.get('kept_image_tokens')}/{st.get('image_tokens')} image tokens kept")
+    if st.get("prefill_flops") and st.get("prefill_flops_pruned") is not None:
+        line += (f"; prefill FLOPs {st['prefill_flops'] / 1e6:.3g}M → "
+                 f"{st['prefill_flops_pruned'] / 1e6:.3g}M "
+                 f"(-{1 - st['prefill_flops_pruned'] / st['prefill_flops']:.1%})")
+    if st.get("example_logits_cosine_vs_unpruned") is not None:
+        line += (f"; example-prompt logits cosine {st['example_logits_cosine_vs_unpruned']:.4f} "
+                 "to unpruned")
+        if st.get("example_argmax_agreement") is not None:
+            line += f" (argmax agreement {st['example_argmax_agreement']:.0%})"
+    return line
 
 
 def scheme_line(q: dict[str, Any]) -> str:
@@ -353,6 +382,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     if tvs.get("vs_rewritten_onnx"):
         parts += [f"## {tvs['runtime']} vs ONNX Runtime on the rewritten model", "",
                   _table(header, _fidelity_rows(tvs["vs_rewritten_onnx"])), ""]
+    for key in _companions(fid):  # the decoder's other graphs, each against its own source
+        g = fid[key]
+        parts += [f"## {key.removesuffix('_graph_vs_source').capitalize()} graph fidelity "
+                  f"({g.get('runtime', tvs['runtime'])} vs {g.get('reference', tvs['reference'])})",
+                  "", _table(header, _fidelity_rows(g)), ""]
     lat = report["latency"]
     if "p50_ms" in lat:
         parts += ["## Latency", "", _table(["p50 ms", "p90 ms", "mean ms", "min ms", "runs"], [[

@@ -288,6 +288,27 @@ def test_text_budget_drops_generated_tokens_as_pytorch_does(pruned):
     np.testing.assert_array_equal(out[:, s:], torch.stack(tokens, 1).numpy())
 
 
+def test_report_shows_the_pruning_and_each_graphs_fidelity(pruned):
+    """The README's pruning figures (prefill FLOPs before/after, logits cosine to the unpruned
+    model) and the vision and prefill graphs' fidelity were in report.json only: neither the
+    compile's summary table nor report.md showed them."""
+    from edgec.report import render_markdown, summary_rows
+
+    st = pruned.report["vision_pruning"]
+    rows = dict(summary_rows(pruned.report))
+    line = rows["vision pruning"]
+    assert line.startswith("keep=0.25, layer=2 (attention score): 4/16 image tokens kept")
+    assert f"{st['prefill_flops'] / 1e6:.3g}M → {st['prefill_flops_pruned'] / 1e6:.3g}M" in line
+    assert f"logits cosine {st['example_logits_cosine_vs_unpruned']:.4f} to unpruned" in line
+    assert {"vision graph: onnxruntime vs pytorch", "prefill graph: onnxruntime vs pytorch"} <= set(
+        rows)
+    md = (pruned.path / "report.md").read_text()
+    assert md == render_markdown(pruned.report)
+    assert f"| vision pruning | {line} |" in md
+    assert "## Vision graph fidelity (onnxruntime vs pytorch)" in md and "| image_features |" in md
+    assert "## Prefill graph fidelity" in md and "| attention_mask_kept |" in md
+
+
 def test_bench_times_generation_after_an_image(pruned):
     result = CliRunner().invoke(app, ["bench", str(pruned.path), "--prompt-tokens", "8",
                                       "--new-tokens", "4", "--iterations", "1", "--json"])
