@@ -206,8 +206,13 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                                   f"{st['sparsity_before']:.1%} → {st['sparsity_after']:.1%}"))
     if report.get("sparse_prefill"):
         st, cfg = report["sparse_prefill"], report["sparse_prefill"].get("config", {})
-        line = (f"prefill graph: {_sites_line(st)}; causal, keep {cfg.get('keep')} of "
-                f"{cfg.get('block')}-token key blocks (+{st.get('forced_blocks', 0)} forced), "
+        keep = cfg.get("keep")
+        # at keep=1.0 every causally visible block is kept: nothing is forced on top
+        kept = (f"keep {keep}: every causally visible {cfg.get('block')}-token key block (exact)"
+                if keep is not None and keep >= 1.0 else
+                f"keep {keep} of {cfg.get('block')}-token key blocks "
+                f"(+{st.get('forced_blocks', 0)} forced: the sink and the band)")
+        line = (f"prefill graph: {_sites_line(st)}; causal, {kept}, "
                 f"prompts ≥ {cfg.get('min_seq')} tokens")
         rows.append(("sparse prefill", line))
     if report.get("vision_pruning"):

@@ -144,3 +144,15 @@ def test_tensorrt_gets_one_prefill_profile_for_the_prefill_graph(exact):
     (profile,) = generation_profiles(model, generation)
     assert profile["input_ids"] == {"min": [1, 1], "opt": [1, 256], "max": [1, 256]}
     assert profile["attention_mask"]["max"] == [1, 256]
+
+
+def test_report_counts_forced_blocks_only_where_keep_leaves_some_out(exact, sparse_ov):
+    """At keep=1.0 every causally visible block is kept, yet the row said "keep 1.0 of
+    16-token key blocks (+3 forced)"."""
+    from edgec.report import summary_rows
+
+    row = dict(summary_rows(exact.report))["sparse prefill"]
+    assert "forced" not in row and "keep 1.0: every causally visible" in row, row
+    row = dict(summary_rows(sparse_ov.report))["sparse prefill"]
+    forced = sparse_ov.report["sparse_prefill"]["forced_blocks"]
+    assert "keep 0.2 of " in row and f"(+{forced} forced: the sink and the band)" in row, row
