@@ -591,6 +591,11 @@ def generate_cmd(
 
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
+    if not (math.isfinite(temperature) and temperature > 0):  # the API's advice names do_sample
+        raise UserError(f"--temperature must be a finite number > 0, not {temperature!r}; for "
+                        "deterministic (greedy) output " + (
+                            "drop --sample" if sample else
+                            "leave --temperature out: greedy decoding is the default"))
     unused = [f"--{k}" for k, v, default in (("temperature", temperature, 1.0),
                                                ("top-k", top_k, 0), ("top-p", top_p, 1.0),
                                                ("seed", seed, None)) if v != default]
