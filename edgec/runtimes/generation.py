@@ -284,11 +284,14 @@ def benchmark_generation(session, prompt_tokens: int = 128, new_tokens: int = 32
 
 def parse_ids(text: str) -> list[int]:
     """``"1,2,3"`` → [1, 2, 3] (``--prompt-ids``)."""
+    items = text.replace(" ", "").split(",")
+    if not any(items):
+        raise UserError("--prompt-ids is empty; give at least one token id")
+    if "" in items:  # "11,,12" or "11,12,": a token id lost in editing, not silently dropped
+        raise UserError(f"--prompt-ids has an empty item in {text!r}; give comma-separated "
+                        "token ids with none empty, e.g. 1,2,3")
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+        return [int(t) for t in items]
     except ValueError:
         raise UserError(f"--prompt-ids takes comma-separated token ids, e.g. 1,2,3; got "
                         f"{text!r}") from None
-    if not ids:
-        raise UserError("--prompt-ids is empty; give at least one token id")
-    return ids
