@@ -201,7 +201,12 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
              streamer: Callable[[np.ndarray], Any] | None = None, **options: Any
              ) -> tuple[np.ndarray, dict[str, Any]]:
     """(prompt followed by the new tokens [B, S+new] int64, timing stats)."""
-    eos = _eos_ids(options.pop("eos_token_id", None), info.eos_token_ids)
+    given = options.pop("eos_token_id", None)
+    eos = _eos_ids(given, info.eos_token_ids)
+    outside = [e for e in eos if e >= info.vocab] if given is not None else []
+    if outside:  # a typo'd id would never be generated: the stop silently never happens
+        raise UserError(f"eos_token_id {outside[0]} is outside this model's vocabulary of "
+                        f"{info.vocab} tokens; give ids in [0, {info.vocab})")
     pad = options.pop("pad_token_id", None)
     pad = info.pad_token_id if pad is None else pad
     cfg = GenerationConfig(eos_token_id=eos, pad_token_id=pad, **options)

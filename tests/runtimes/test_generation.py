@@ -347,6 +347,9 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, dit_tiny_artifacts):
             (5, {}, "input_ids must be token ids"),
             ([1, 2], dict(max_new_tokens="3"), "max_new_tokens must be an integer"),
             ([1, 2], dict(eos_token_id="abc"), "eos_token_id must be a token id"),
+            ([1, 2], dict(eos_token_id=-1), "eos_token_id must be a token id"),
+            ([1, 2], dict(eos_token_id=[2, 999]), r"eos_token_id 999 is outside this model's "
+                                                  r"vocabulary of \d+ tokens"),
             ([1, 2], dict(do_sample=True, temperature=float("nan")), "temperature must be")]:
         with pytest.raises(UserError, match=message):
             sess.generate(ids, **options)
