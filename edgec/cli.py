@@ -208,7 +208,9 @@ def export_cmd(
         help="reference model name (see `edgec models`), or a Hugging Face / diffusers "
              "checkpoint directory")],
     output: Annotated[Path, typer.Option("-o", "--output", help="the .onnx file to write")],
-    config: Annotated[str | None, typer.Option("--config", "-c", help="model config")] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", "-c", help="model config (tiny|small|base[+option]; default tiny); for a "
+                               "Hugging Face checkpoint the example inputs: batch=N,seq=N")] = None,
 ):
     """Export a model to ONNX (weights in FILE.onnx.data), verified against PyTorch.
 

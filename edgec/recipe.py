@@ -164,8 +164,8 @@ class Recipe:
     target: Any
     config: str | None = _option(
         None, "--config", "-c", parse=_text,
-        help="model config (tiny|small|base[+option]); for a Hugging Face checkpoint the example "
-             "inputs: batch=N,seq=N")
+        help="model config (tiny|small|base[+option]; default tiny); for a Hugging Face "
+             "checkpoint the example inputs: batch=N,seq=N")
     sparse_attention: Any = _option(None, "--sparse-attention", metavar="K=V,...",
                                     help=_SPARSE_HELP, parse=_sparse)
     rotate: Any = _option(
