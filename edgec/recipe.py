@@ -137,20 +137,26 @@ def _vision_tokens(raw: Any, target, parsed: dict):
     return VisionPruning.parse(raw)
 
 
-_QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | fp8 (`edgec "
-                  "targets` lists them); options after ':' method=minmax|percentile|entropy "
-                  "(fp8: minmax|percentile|distribution), "
+_QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a16 | w4a8 | fp8 "
+                  "(`edgec targets` lists them); options after ':' "
+                  "method=minmax|percentile|entropy (fp8: minmax|percentile|distribution), "
                   "exclude=NODE_OR_OP;... (kept in high precision), samples=N, mask_fill=F, "
                   "min_cos=F (mixed precision to that held-out cosine; default 0.98, 0 = "
                   "off), max_kld=F (... to that logits KL divergence, nats/token; default "
                   "0.05 on language models), smooth=ALPHA "
-                  "(SmoothQuant folded into the norms), gptq=true|false (GPTQ weight rounding; "
-                  "default on for 4-bit weights after --rotate)")
-_SPARSE_HELP = ("block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64,"
-                "qblock=512,prefix=64,sink=frame,grid=8x32x32,mode=rf2. Defaults: keep=0.2, "
-                "block=64, qblock=8×block, prefix=0, sink=none, mode=rf2 (or rainfusion), "
-                "min_seq=256, chunk_mb=256; grid and prefix come from the reference model when it "
-                "has a video grid. Use 'default' for all defaults.")
+                  "(SmoothQuant folded into the norms), split=R (FFN outlier channels in a "
+                  "branch of their own), gptq=true|false (GPTQ weight rounding; "
+                  "default on for 4-bit weights after --rotate), stream=fp16|16bit|8bit "
+                  "(qnn-htp: the residual stream's precision)")
+_SPARSE_HELP = ("block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64 "
+                "or keep=0.2,sink=frame,grid=8x32x32. Defaults: keep=0.2, block=64, "
+                "qblock=8×block (query tokens sharing one selection), prefix=0, sink=none (or "
+                "frame), mode=rf2 (or rainfusion, mask), min_seq=256, chunk_mb=256; grid, "
+                "prefix and tail come from the reference model when it has a video grid. "
+                "Also: tail=N, tail_mode=dense|blocks, tile=TxHxW (default: the most compact "
+                "dividing the grid), samples=N (rainfusion; 32), dense_steps=N (diffusion "
+                "steps run dense first; 0), share=none|batch (one selection for the batch). "
+                "Use 'default' for all defaults.")
 
 
 @dataclasses.dataclass(frozen=True)
