@@ -194,10 +194,25 @@ def models_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON"
             for s in registry.specs()]
     if as_json:
         return _print_json(rows)
-    table = Table("model", "configs", "options", "inputs", "description", "follows", "sampler")
+    # the name is what the user types next: never cut it. Below 120 columns the seven columns
+    # left each a few characters (`motion-…`), so the narrow table folds inputs, paper and
+    # sampler under the description.
+    wide = out.width >= 120
+    table = Table()
+    table.add_column("model", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
+    headers = (("configs", "options", "inputs", "description", "follows", "sampler") if wide
+               else ("configs", "description"))
+    for header in headers:
+        table.add_column(header, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["configs"]), ", ".join(f"+{o}" for o in r["options"]),
-                      ", ".join(r["inputs"]), r["description"], r["paper"], r["sampler"] or "")
+        configs, options = ", ".join(r["configs"]), ", ".join(f"+{o}" for o in r["options"])
+        if wide:
+            table.add_row(r["name"], configs, options, ", ".join(r["inputs"]), r["description"],
+                          r["paper"], r["sampler"] or "")
+            continue
+        about = [r["description"], f"inputs: {', '.join(r['inputs'])}", f"follows: {r['paper']}"]
+        about += [f"sampler: {r['sampler']}"] if r["sampler"] else []
+        table.add_row(r["name"], configs + (f"; {options}" if options else ""), "\n".join(about))
     out.print(table)
 
 

@@ -66,6 +66,19 @@ def test_models_json():
     assert names["motion-recovery"]["sampler"] is None and names["llama"]["sampler"] is None
 
 
+@pytest.mark.parametrize("width", [80, 160])
+def test_models_table_never_cuts_a_name(monkeypatch, width):
+    """At 80 columns seven columns left the names as `motion-…` and `video-d…`."""
+    import edgec.cli
+
+    monkeypatch.setattr(edgec.cli.out, "_width", width)
+    text = _run("models").output
+    assert "…" not in text and max(map(len, text.splitlines())) <= width
+    cells = {c.strip() for line in text.splitlines() for c in line.split("│")}
+    assert {r["name"] for r in json.loads(_run("models", "--json").stdout)} <= cells
+    assert "follows" in text and ("inputs" in text) and "sampler" in text
+
+
 def test_run_bench_compare_inspect_json(dit_tiny_artifacts, tmp_path):
     a, b = (art.path for art in dit_tiny_artifacts)
     run = json.loads(_run("run", b, "--json").stdout)
