@@ -144,9 +144,17 @@ def _use_adapter(session, spec: str | None) -> None:
     CLI had no way to call)."""
     if spec is None:
         return
+    from edgec.lora.binding import LOAD_HINT
+
     if spec not in session.adapters and Path(spec).exists():
         spec = session.load_adapter(spec)
-    session.active_adapter = spec  # refuses an artifact without swappable adapters
+    try:
+        session.active_adapter = spec  # refuses an artifact without swappable adapters
+    except UserError as e:  # the Python advice (Session.load_adapter) is no use here
+        if LOAD_HINT not in str(e):
+            raise
+        raise UserError(str(e).replace(LOAD_HINT, "or give an adapter directory: --adapter "
+                                                  "./DIR")) from None
 
 
 class _Status:

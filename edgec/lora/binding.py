@@ -48,6 +48,8 @@ __all__ = ["AdapterBank", "site_feeds", "blend_spec", "ship_adapters", "ship_tra
            "SITES_KEY"]
 
 logger = logging.getLogger(__name__)
+# the advice in "no adapter named ..." errors; the CLI swaps in its own (--adapter ./DIR)
+LOAD_HINT = "load one with Session.load_adapter(dir)"
 
 TRANSFORMS_FILE = "adapters/transforms.safetensors"
 SITES_KEY = "edgec.lora.sites"  # model metadata: the swappable sites (graph_passes.lora.swappable)
@@ -278,7 +280,7 @@ class AdapterBank:
             return self._blend(spec)
         if spec not in self._feeds:
             raise UserError(f"no adapter named {spec!r}; loaded: {', '.join(self._feeds)} "
-                            "(load one with Session.load_adapter(dir))")
+                            f"({LOAD_HINT})")
         return self._feeds[spec]
 
     def _blend(self, weights: dict[str, float]) -> dict[str, np.ndarray]:
@@ -290,8 +292,7 @@ class AdapterBank:
             unknown = [n for n in weights if n not in self._feeds]
             if unknown:
                 raise UserError(f"no adapter named {unknown[0]!r} to blend; loaded: "
-                                f"{', '.join(self._feeds)} (load one with "
-                                "Session.load_adapter(dir))")
+                                f"{', '.join(self._feeds)} ({LOAD_HINT})")
             parts = [(self._adapters[n], w) for n, w in weights.items() if n != NO_ADAPTER]
             if len(self._blends) >= 4:
                 self._blends.pop(next(iter(self._blends)))

@@ -110,6 +110,10 @@ def test_run_and_bench_choose_the_adapter(adapter_dirs, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = _run("run", out, "--adapter", "nope")
     assert r.exit_code == 2 and "no adapter named 'nope'" in r.stderr
+    # the CLI's advice is its own option, not the Python API the command line cannot call
+    assert "--adapter ./DIR" in r.stderr and "load_adapter" not in r.stderr
+    r = _run("run", out, "--adapter", "nope:0.5,rslora:0.5")
+    assert r.exit_code == 2 and "'nope' to blend" in r.stderr and "--adapter ./DIR" in r.stderr
     # inspect read every fidelity entry as measured outputs: KeyError on LoRA artifacts
     info = json.loads(_run("inspect", out, "--json").stdout)
     assert info["lora"]["mode"] == "swappable"
