@@ -242,6 +242,10 @@ def export_cmd(
     """
     from edgec.exporters.export_file import export_to_file
 
+    # a file output needs its directory, as --save does (it was created silently, typo or not);
+    # directory outputs (compile/calibrate -o) are created with their parents
+    if not output.parent.is_dir():
+        raise UserError(f"-o {output}: no directory {output.parent}; create it first")
     with _Status(f"exporting {source}") as status:
         status(f"exporting {source} ({config or 'tiny'})")
         fidelity = export_to_file(source, output, config)

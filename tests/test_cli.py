@@ -150,6 +150,13 @@ def test_export_then_compile_the_file(tmp_path):
     assert report["fidelity"]["target_vs_source"]["reference"] == "onnxruntime"
 
 
+def test_export_refuses_a_missing_directory(tmp_path):
+    """-o /nonexist/x.onnx created /nonexist/ without a word, where --save refuses it."""
+    r = _run("export", "llama", "-o", tmp_path / "no" / "l.onnx")
+    assert r.exit_code == 2 and "no directory" in r.stderr and "create it first" in r.stderr
+    assert not (tmp_path / "no").exists()
+
+
 def _npy(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, np.zeros(3, np.float32))
