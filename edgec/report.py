@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec import artifact
-from edgec.report_chart import INSTALL_LINE, floor_text
+from edgec.report_chart import INSTALL_LINE, floor_label
 
 __all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
            "rotation_line", "summary_rows", "scheme_line", "vision_pruning_line",
@@ -117,7 +117,7 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
     mp = mixed_precision_stats(report)
     if not mp:
         return []
-    floor = floor_text(mp) + (" (the default floor)" if mp.get("default") else "")
+    floor = floor_label(mp, "the default floor")
     held = f"worst held-out cosine {mp['achieved']:.4f}" + (
         f", logits KL divergence {mp['achieved_kld']:.4f}" if "achieved_kld" in mp else "") + (
         _HELD_OUT_FROM.get(mp.get("held_out_source"), "").format(n=mp["held_out"])) + (
@@ -292,7 +292,7 @@ def floor_line(mp: dict[str, Any]) -> str:
     held = ("on samples calibration saw" if mp.get("held_out_seen_by_calibration")
             else "held out")
     bound = f", each of {', '.join(mp['adapters'])} bound" if mp.get("adapters") else ""
-    line = (f"{floor_text(mp)}{' (default)' if mp.get('default') else ''} "
+    line = (f"{floor_label(mp)} "
             f"{'reached' if mp['reached'] else 'not reached'} ({held}{bound}, ONNX Runtime): "
             f"{measured(searched)}{_missed_by(mp, mp.get('adapters'))}")
     on = mp.get("on_target") or {}

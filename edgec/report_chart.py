@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAYER_CHART", "INSTALL_LINE", "write_layer_chart", "floor_text"]
+__all__ = ["LAYER_CHART", "INSTALL_LINE", "write_layer_chart", "floor_text",
+           "floor_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,19 @@ _KEPT, _QUANTIZED = "#d62728", "#1f77b4"
 def floor_text(mp: dict[str, Any]) -> str:
     """``min_cos 0.98 and max_kld 0.05``: the floor a ``mixed_precision`` entry held."""
     return " and ".join(f"{k} {mp[k]:g}" for k in ("min_cos", "max_kld") if mp.get(k) is not None)
+
+
+def floor_label(mp: dict[str, Any], default: str = "default") -> str:
+    """``floor_text`` and whose floor it is: ``(default)``, or a given floor with the default
+    bounds it replaced (``min_cos=0.99`` alone held no KL bound, and the report did not say)."""
+    dropped = mp.get("default_dropped")
+    if mp.get("default"):
+        return f"{floor_text(mp)} ({default})"
+    if not dropped:
+        return floor_text(mp)
+    add = " ".join(f"{k}={v:g}" for k, v in dropped.items())
+    return (f"{floor_text(mp)} (given, in place of the default floor: no {' or '.join(dropped)} "
+            f"bound; add {add} to hold it too)")
 
 
 def write_layer_chart(mixed: dict[str, Any], path: Path, limit: int = 40) -> dict[str, Any]:

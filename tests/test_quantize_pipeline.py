@@ -460,7 +460,10 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     q = info["quantization"]
     assert q["scheme"] == "w8a8: int8 weights, uint8 activations" and q["kept_float"] == kept
     assert q["calibration"].startswith("calibrated during compile: 16 samples, minmax")
-    assert q["floor"].startswith("min_cos 0.99 reached") and \
+    # the given bound replaced the default floor, KL bound included, and the report says so
+    assert mp["default_dropped"] == {"max_kld": 0.05}
+    assert q["floor"].startswith("min_cos 0.99 (given, in place of the default floor: no max_kld "
+                                 "bound; add max_kld=0.05 to hold it too) reached") and \
         f"{len(kept)} of {mp['candidates']} layers kept in float" in q["floor"]
     assert info["fidelity"]["target_vs_source"]["cosine"] == round(_worst(art), 7)
     with pytest.raises(UserError, match="min_cos must be a cosine"):
@@ -489,7 +492,9 @@ def test_floor_probes_compute_what_the_rebuilt_graph_computes_on_openvino(tmp_pa
     from edgec.report import summary_rows  # what `edgec compile` prints
 
     line = dict(summary_rows(art.report))["accuracy floor"]
-    assert line.startswith("max_kld 1e-08 reached (held out, ONNX Runtime): cosine ")
+    assert line.startswith("max_kld 1e-08 (given, in place of the default floor: no min_cos "
+                           "bound; add min_cos=0.98 to hold it too) reached (held out, ONNX "
+                           "Runtime): cosine ")
     assert f"; on openvino cosine {on['cosine']:.4f}" in line
     assert line.endswith(f"; {len(mp['kept'])} of {mp['candidates']} layers kept in float")
 
@@ -510,7 +515,9 @@ def test_max_kld_keeps_layers_until_the_logits_distribution_holds(tmp_path, capl
     klds = [e["end_to_end_kld"] for e in mp["layer_errors"]]  # ranked by the KL bound's room
     assert klds == sorted(klds, reverse=True) and klds[0] > 0.001
     md = (art.path / "report.md").read_text()
-    assert "max_kld 0.001 reached" in md and "| KL divergence alone |" in md
+    assert mp["default_dropped"] == {"min_cos": 0.98}
+    assert "max_kld 0.001 (given, in place of the default floor: no min_cos bound" in md
+    assert "| KL divergence alone |" in md
     assert f"kept {len(mp['kept'])} of {mp['candidates']} layers in float" in caplog.text
     with pytest.raises(UserError, match="does not have .*min_cos instead"):
         edgec.compile("video-dit", target="ort-cpu", output_dir=tmp_path / "x",

@@ -30,7 +30,7 @@ import onnx_ir as ir
 from edgec.errors import UserError
 from edgec.graph_passes._infra import PassResult
 from edgec.graph_passes.quantization.blockwise import blockwise_weights
-from edgec.graph_passes.quantization.options import DEFAULT_MAX_KLD
+from edgec.graph_passes.quantization.options import DEFAULT_MAX_KLD, DEFAULT_MIN_COS
 from edgec.graph_passes.quantization.select import FLOAT_NODES_KEY, plan_quantization
 
 __all__ = ["QuantizePass", "quant_type", "generic_qdq_options", "float8_overrides",
@@ -267,6 +267,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         per-layer analysis runs only when it misses."""
         from edgec.graph_passes.quantization.keep_float import keep_float
         from edgec.graph_passes.quantization.mixed_precision import (
+            Floor,
             integer_activations,
             layer_errors,
             quantized_widths,
@@ -377,6 +378,13 @@ class QuantizePass(ir.passes.FunctionalPass):
                  "layer_errors": [e.to_json() for e in ranked]}
         if "kld" in score:
             entry["achieved_kld"] = round(score["kld"], 6)
+        if not floor.default:  # a bound given replaces the default floor: say which it dropped
+            default = Floor(DEFAULT_MIN_COS, default=True).for_outputs(
+                [v.name for v in model.graph.outputs], DEFAULT_MAX_KLD)
+            dropped = {b: getattr(default, b) for b in ("min_cos", "max_kld")
+                       if getattr(floor, b) is None and getattr(default, b) is not None}
+            if dropped:
+                entry["default_dropped"] = dropped
         if adapters:  # each adapter's own score: which one a miss is on
             entry["adapters"] = each[k]
         if rebuilt is not None:  # the probes were edits of the k = 0 graph (keep_float)
