@@ -358,6 +358,9 @@ def _sites_line(st: dict[str, Any]) -> str:
     if "attention_gflops_dense" in st:
         line += (f", attention GFLOPs {st['attention_gflops_dense']:.3g} → "
                  f"{st['attention_gflops_sparse']:.3g}")
+        if st.get("attention_gflops_at_sequence"):  # a dynamic sequence, fixed by the grid
+            line += (f" (at the example inputs' sequence of "
+                     f"{', '.join(map(str, st['attention_gflops_at_sequence']))} tokens)")
     if st.get("skipped_reasons"):
         line += "; skipped: " + ", ".join(f"{k} ×{v}" for k, v in st["skipped_reasons"].items())
     steps = (st.get("config") or {}).get("dense_steps")
@@ -409,10 +412,11 @@ def render_markdown(report: dict[str, Any]) -> str:
              for s in p["stats"]["sites"]]  # lora-swappable's "sites" is a count
     if sites:
         parts += ["## Attention sites", "", _table(
-            ["site", "status", "how", "kept", "reason"],
+            ["site", "status", "how", "kept", "GFLOPs", "reason"],
             [[s["site"], s["status"], _site_how(s),
               f"{s['kept_fraction']:.0%} of tiles" if "kept_fraction" in s else "-",
-              s.get("reason", "-")] for s in sites]), ""]
+              f"{s['gflops_dense']:.3g} → {s['gflops_sparse']:.3g}" if "gflops_dense" in s
+              else "-", s.get("reason", "-")] for s in sites]), ""]
     ops = report["graph"]["ops"]
     parts += ["## Graph", "", _table(["op", "count"], [[k, str(v)] for k, v in ops.items()]), ""]
     parts += ["## Files", "", _table(["file", "bytes"], [

@@ -304,6 +304,14 @@ def test_a_grid_fixes_a_dynamic_sequence_at_the_example_inputs():
     assert stats["sites_rewritten"] == 1 and stats["static_dims"] == {"n": N}
     assert [list(i.shape) for i in model.graph.inputs] == [[2, 3, N, 16]] * 3
     assert run_model(model, _feeds(x))["output"].shape == (2, 3, N, 16)
+    # its attention FLOPs are counted at that length, as a static graph's (none were: the
+    # report of video-dit, whose sequence is dynamic, had no GFLOPs)
+    static = SparseAttentionPass(cfg)(export_module(SDPA(), x).model).stats
+    assert stats["attention_gflops_dense"] == static["attention_gflops_dense"] > 0
+    assert stats["attention_gflops_sparse"] == static["attention_gflops_sparse"]
+    assert stats["attention_gflops_at_sequence"] == [N]
+    assert "attention_gflops_at_sequence" not in static
+    assert stats["sites"][0]["sequence"] == N and stats["sites"][0]["gflops_dense"] > 0
 
     model = export_module(SDPA(), x, DYN).model
     with pytest.raises(UserError, match=f"grid=2x4x8 with prefix={PREFIX} and tail=0 makes 72 "

@@ -65,9 +65,11 @@ class SparseAttentionPass(EdgecPass):
         self._dims = _example_dims(model, self.feeds)
         self._fixed: dict[str, int] = {}  # input dims a rewritten grid site's sequence is made of
         self._lengths: set[int] = set()   # sequence lengths that did not fit the grid
+        self._length = None
         sites, skipped = find_attention_sites(model)
         flops_dense = flops_sparse = 0.0
         rewritten, exact, per_site = 0, 0, []
+        flops_at: set[int] = set()  # dynamic sequence lengths FLOPs were counted at
         for i, site in enumerate(sites):
             b_, h_, n, d = site.q.shape.dims
             n, d = static_dim(n), static_dim(d)
@@ -98,10 +100,17 @@ class SparseAttentionPass(EdgecPass):
                 fd = 4.0 * stats["queries"] * stats["keys"] * d * (bh or 1)
                 flops_dense += fd
                 flops_sparse += fd * kept
-            elif n is not None:
-                fd, fs = _flops(n, d, cfg, stats)
-                flops_dense += fd * (bh or 1)
-                flops_sparse += fs * (bh or 1)
+            elif (length := n if n is not None else self._length) is not None:
+                # a dynamic sequence the grid fixed: its FLOPs at the example inputs' length
+                bh_at = bh or _example_size(site.q.shape.dims[:2], self._dims)
+                fd, fs = _flops(length, d, cfg, stats)
+                flops_dense += fd * (bh_at or 1)
+                flops_sparse += fs * (bh_at or 1)
+                stats = {**stats, "sequence": length,
+                         "gflops_dense": float(f"{fd * (bh_at or 1) / 1e9:.4g}"),
+                         "gflops_sparse": float(f"{fs * (bh_at or 1) / 1e9:.4g}")}
+                if n is None:
+                    flops_at.add(length)
             per_site.append({"site": site.softmax.name,
                              "status": "exact" if stats["mode"] == "mask" or self.exact
                              else "approximate", **stats})
@@ -139,13 +148,18 @@ class SparseAttentionPass(EdgecPass):
             stats["blocks"] = s0["blocks"]
             stats["chunks"] = s0["chunks"]
         if flops_dense:
-            stats["attention_gflops_dense"] = round(flops_dense / 1e9, 3)
-            stats["attention_gflops_sparse"] = round(flops_sparse / 1e9, 3)
+            # 4 significant digits: 3 decimals showed a tiny model's 0.00164 → 0.00112 as 0.002
+            # → 0.001
+            stats["attention_gflops_dense"] = float(f"{flops_dense / 1e9:.4g}")
+            stats["attention_gflops_sparse"] = float(f"{flops_sparse / 1e9:.4g}")
+            if flops_at:  # the graph's sequence is dynamic; the grid fixed it at the example's
+                stats["attention_gflops_at_sequence"] = sorted(flops_at)
         return PassResult(model, rewritten > 0, stats)
 
     def _approximate(self, i, site, n, d, bh):
         """(built, "") for the RainFusion rewrite of an unmasked site, or (None, why not)."""
         cfg = self.config
+        self._length = None  # the sequence length a grid fixes a dynamic one to
         if d is None:
             return None, "head dim not static"
         keys = next((_dim(x) for x in (site.k, site.v) if _dim(x) is not None), None)
@@ -166,6 +180,7 @@ class SparseAttentionPass(EdgecPass):
             return None, f"sequence {length}{at} != prefix + grid + tail tokens {expected}"
         if fixed is not None:
             self._fixed.update(fixed[1])
+            self._length = length
         if n is not None and n <= cfg.prefix + dense_tail:
             return None, "sequence not longer than the dense prefix and tail"
         shape = SiteShape(d=d, n=n, batch_heads=bh, dtype=site.q.dtype)
@@ -236,6 +251,19 @@ def _evaluate(dim, dims: Mapping[str, int]) -> tuple[int, dict[str, int]] | None
     except (ArithmeticError, SyntaxError, TypeError):
         return None
     return (int(value), {k: dims[k] for k in names}) if isinstance(value, int) else None
+
+
+def _example_size(dims, sizes: Mapping[str, int]) -> int | None:
+    """The product of ``dims`` (static, or input dims the example inputs give), or None."""
+    total = 1
+    for dim in dims:
+        value = static_dim(dim)
+        if value is None:
+            value = (_evaluate(dim, sizes) or (None,))[0]
+        if value is None:
+            return None
+        total *= value
+    return total
 
 
 def _fix_input_dims(model: ir.Model, fixed: Mapping[str, int]) -> dict[str, int]:
