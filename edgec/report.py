@@ -355,6 +355,9 @@ def _sites_line(st: dict[str, Any]) -> str:
         line += f" ({st['sites_exact']} exact, by their masks)"
     if "predicted_sparsity" in st:
         line += f", sparsity {st['predicted_sparsity']:.0%}"
+    if st.get("sites_keeping_every_block"):  # the budget covers every block: nothing skipped
+        line += (f" ({st['sites_keeping_every_block']} keep every block: exact, nothing "
+                 "skipped)")
     if "attention_gflops_dense" in st:
         line += (f", attention GFLOPs {st['attention_gflops_dense']:.3g} → "
                  f"{st['attention_gflops_sparse']:.3g}")

@@ -222,6 +222,29 @@ def test_a_sink_covering_every_block_is_refused(spec, match):
     assert len(ok.sink) == 4 and len(ok.perm) == 128  # one frame of 8: half the blocks
 
 
+def test_a_budget_keeping_every_block_is_exact(caplog):
+    """keep=0.5 of two 64-token blocks plus the first-frame sink keeps both: the site computes
+    dense attention, but was labelled approximate with sparsity 0% (and the fidelity check
+    waived); the report's config showed qblock=0 where 8 × block ran."""
+    cfg = f"keep=0.5,block=64,min_seq=0,prefix={PREFIX},grid=2x8x8,sink=frame"
+    x = _qkv()
+    model = export_module(SDPA(), x).model
+    dense = run_model(model, _feeds(x))
+    whole_pass = SparseAttentionPass(cfg)
+    stats = whole_pass(model).stats
+    assert whole_pass.exact  # the fidelity check holds it to the dense tolerance
+    assert stats["sites"][0]["status"] == "exact" and stats["sites_approximate"] == 0
+    assert stats["sites_keeping_every_block"] == 1 and stats["predicted_sparsity"] == 0
+    assert "keeps every key block at 1 of 1 rewritten sites" in caplog.text
+    out = run_model(model, _feeds(x))["output"]
+    assert compare_outputs({"output": out}, dense)["output"]["max_rel"] < 1e-5
+    assert stats["config"]["qblock"] == 512 and stats["config"]["tile"] == [1, 8, 8]
+    sparse_pass = SparseAttentionPass(cfg.replace("keep=0.5,block=64", "keep=0.25,block=16"))
+    stats = sparse_pass(export_module(SDPA(), _qkv()).model).stats
+    assert stats["sites"][0]["status"] == "approximate" and not sparse_pass.exact
+    assert "sites_keeping_every_block" not in stats and stats["config"]["qblock"] == 128
+
+
 def _attention_op_model(scale=None, with_mask=False):
     import onnx_ir as ir
     from onnx import TensorProto, helper

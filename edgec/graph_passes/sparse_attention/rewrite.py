@@ -19,6 +19,7 @@ dense; the stats list every site: rewritten exact / approximate, or skipped with
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +37,8 @@ from edgec.graph_passes.sparse_attention.mask_builder import build_masked_attent
 from edgec.graph_passes.sparse_attention.sites import find_attention_sites, static_dim
 
 __all__ = ["SparseAttentionPass"]
+
+logger = logging.getLogger(__name__)
 
 
 class SparseAttentionPass(EdgecPass):
@@ -69,6 +72,7 @@ class SparseAttentionPass(EdgecPass):
         sites, skipped = find_attention_sites(model)
         flops_dense = flops_sparse = 0.0
         rewritten, exact, per_site = 0, 0, []
+        whole = 0  # approximate-mode sites whose budget keeps every block: exact
         flops_at: set[int] = set()  # dynamic sequence lengths FLOPs were counted at
         for i, site in enumerate(sites):
             b_, h_, n, d = site.q.shape.dims
@@ -111,9 +115,12 @@ class SparseAttentionPass(EdgecPass):
                          "gflops_sparse": float(f"{fs * (bh_at or 1) / 1e9:.4g}")}
                 if n is None:
                     flops_at.add(length)
+            keeps_all = (stats["mode"] != "mask" and stats.get("kept_blocks") is not None
+                         and stats["kept_blocks"] == stats["blocks"])
+            whole += keeps_all
             per_site.append({"site": site.softmax.name,
                              "status": "exact" if stats["mode"] == "mask" or self.exact
-                             else "approximate", **stats})
+                             or keeps_all else "approximate", **stats})
         if cfg.grid is not None and self._lengths and rewritten == exact:
             raise UserError(
                 f"sparse attention grid={'x'.join(map(str, cfg.grid))} with prefix={cfg.prefix} "
@@ -124,23 +131,37 @@ class SparseAttentionPass(EdgecPass):
         static = _fix_input_dims(model, self._fixed) if rewritten > exact else {}
         common.RemoveUnusedNodesPass()(model)
         common.TopologicalSortPass()(model)
-        # exact unless an approximate (RainFusion, keep < 1) site was rewritten
-        self.exact = self.config.keep >= 1.0 or rewritten == exact
+        # exact unless an approximate (RainFusion, keep < 1) site that skips blocks was rewritten
+        self.exact = self.config.keep >= 1.0 or rewritten == exact + whole
+        if whole:
+            logger.warning(
+                "sparse attention keeps every key block at %d of %d rewritten sites (keep=%g "
+                "plus %s of %s blocks): nothing is skipped there, so they are exact and no "
+                "faster; lower keep, drop sink=frame or give a smaller block", whole, rewritten,
+                cfg.keep, "the first-frame sinks" if cfg.sink == "frame" else "rounding up",
+                next(p["blocks"] for p in per_site if p["status"] == "exact" and "blocks" in p))
         found = len(sites) + sum(skipped.values()) - sum(
             1 for p in per_site if p["status"] == "skipped")
         stats: dict[str, Any] = {
             "sites_found": found,
             "sites_rewritten": rewritten,
             "sites_exact": exact,
-            "sites_approximate": rewritten - exact,
+            "sites_approximate": rewritten - exact - whole,
             "sites_skipped": found - rewritten,
             "skipped_reasons": dict(skipped),
             "sites": per_site,
-            "config": cfg.to_json(),
+            # the effective values where the options leave them to edgec (qblock=0: 8 × block;
+            # tile: planned from the grid)
+            "config": {**cfg.to_json(), "qblock": cfg.query_block,
+                       **({"tile": list(self._lay.tile)} if self._lay and self._lay.tile
+                          else {})},
         }
+        if whole:
+            stats["sites_keeping_every_block"] = whole
         if static:
             stats["static_dims"] = static
-        approx = [p for p in per_site if p["status"] == "approximate" and p.get("blocks")]
+        approx = [p for p in per_site if p.get("mode") != "mask" and p.get("blocks")
+                  and self.config.keep < 1.0]  # every-block sites: sparsity 0
         if approx:
             s0 = approx[0]
             stats["predicted_sparsity"] = round(1 - s0["kept_blocks"] / s0["blocks"], 4)
