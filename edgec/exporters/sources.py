@@ -41,6 +41,9 @@ class Source:
     reference_kind: str  # "pytorch" | "onnxruntime"
     export_fidelity: dict[str, Any] | None
     export_seconds: float
+    # a static-cache decoder's PyTorch wrapper (``decoder._Decoder``): calibration fills its
+    # samples' KV buffers with the model's own keys/values (``calibration.samples``)
+    decoder_module: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def resolve_source(source: Any, config: str | None = None,
@@ -348,6 +351,8 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
         dec.new_slots_only(src.model, info)
         for name in info.present_names:
             src.reference[name] = src.reference[name][:, :, -static.tokens:]
+        if vision is None and scored is None:
+            src.decoder_module = module
     if prefill is not None:
         _prefill_only(src, module, info, int(batch), prefill.tokens)
     src.parameter_map = strip_prefix(src.parameter_map, "model.")
