@@ -446,6 +446,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         quant = reports.quantization_entry(records)
         if quant:
             manifest["quantization"] = report["quantization"] = quant
+        _floor_against_source(report, manifest, fidelity)
         notes = [*built.notes, *fidelity.get("notes", []),  # and a pass's warning (sparse-merge
                  *(f"{r.name}: {r.stats['warning']}" for r in records  # on a dense base)
                    if r.stats.get("warning"))]
@@ -459,6 +460,28 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         (stage / "report.md").write_text(reports.render_markdown(report))
         del session  # release file handles before the rename
     return Artifact(out, manifest, report)
+
+
+def _floor_against_source(report: dict, manifest: dict, fidelity: dict) -> None:
+    """The accuracy floor is not called reached where the built graphs' measured fidelity
+    against the source (``*_vs_source``) falls below it (``fidelity.floor_against_source``);
+    the manifest's copy of the quantize stats says the same. Only where quantization is the
+    recipe's one approximation."""
+    from edgec import report as reports
+    from edgec.fidelity import floor_against_source
+
+    mixed = reports.mixed_precision_stats(report)
+    if not mixed or not all(p.get("exact", True) for p in report["passes"]
+                            if p["name"] != "quantize"):
+        return  # another approximation (sparse attention, pruning) is in those numbers too
+    entries = {k: v for k, v in report["fidelity"].items()
+               if k == "target_vs_source" or k.endswith("_graph_vs_source")}
+    note = floor_against_source(mixed, entries)
+    if note:
+        fidelity.setdefault("notes", []).append(note)
+        copy = reports.mixed_precision_stats(manifest)
+        if copy is not None:
+            copy.update(reached=False, vs_source=mixed["vs_source"])
 
 
 ATTENTION_OPSET = 23

@@ -131,6 +131,9 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
                   + ("" if on["reached"] else _missed_by(mp, on.get("adapters")) + "."))
     elif "skipped" in on:  # the artifact's runtime could not take the held-out samples
         itself = f" Not measured on {on['runtime']} itself: {on['skipped']}."
+    if mp.get("vs_source"):  # held out, yet below the floor against the source
+        vs = _vs_source(mp)
+        itself += f" {vs[0].upper()}{vs[1:]}, below the floor."
     if not mp["layer_errors"]:  # held as quantized: the per-layer analysis did not run
         return ["## Mixed precision", "",
                 f"{floor} {'reached' if mp['reached'] else 'not reached'} as quantized: "
@@ -302,6 +305,8 @@ def floor_line(mp: dict[str, Any]) -> str:
                  + _missed_by(mp, on.get("adapters")))
     elif "skipped" in on:
         line += f"; not measured on {on['runtime']}"
+    if mp.get("vs_source"):
+        line += f"; {_vs_source(mp)}"
     if mp.get("candidates"):
         line += f"; {len(mp['kept'])} of {mp['candidates']} layers kept in {mp['precision']}"
     return line
@@ -338,6 +343,14 @@ def rotation_line(st: dict[str, Any]) -> str:
         line += (f" (end-to-end check: learned better on {e2e['learned_better_on']} of "
                  f"{e2e['held_out']} held-out samples, kept {e2e['kept']})")
     return line
+
+
+def _vs_source(mp: dict[str, Any]) -> str:
+    """``on the compile's example onnxruntime-qnn (HTP) vs pytorch: logits cosine 0.5506``: why
+    a floor that held on its held-out samples is not reached (``fidelity.floor_against_source``)."""
+    vs = mp["vs_source"]
+    return (f"on the compile's example {vs['runtime']} vs {vs['reference']}: {vs['output']} "
+            f"cosine {vs['cosine']:.4f}")
 
 
 def _missed_by(mp: dict[str, Any], adapters: dict[str, dict[str, float]] | None) -> str:

@@ -107,3 +107,64 @@ def test_the_summary_names_the_runtime_that_measured_the_target(tmp_path):
     art = edgec.compile("pose-prior", target="tensorrt", output_dir=tmp_path / "o")
     labels = [label for label, _ in summary_rows(art.report)]
     assert "onnxruntime vs pytorch" in labels and "tensorrt vs pytorch" not in labels
+
+
+def test_a_floor_below_the_targets_fidelity_against_pytorch_is_not_reached(caplog):
+    """An NPU decoder reported "accuracy floor ... reached (held out): cosine 0.9996" beside
+    "onnxruntime-qnn (HTP) vs pytorch ... cosine 0.55": the held-out samples (empty KV buffers)
+    missed what the example exercised. The built graphs' fidelity against the source holds the
+    floor too, in report.json, the manifest and the printed line."""
+    import copy
+
+    from edgec.pipeline import _floor_against_source
+    from edgec.report import _mixed_precision_section, floor_line, mixed_precision_stats
+
+    def entry(logits, key=0.99998):
+        return {"reference": "pytorch", "runtime": "onnxruntime-qnn (HTP)", "approximate": True,
+                "outputs": {"logits": {"cosine": logits}, "present.0.key": {"cosine": key}}}
+
+    def compiled(passes=(), **fidelity):
+        mp = {"min_cos": 0.98, "max_kld": 0.05, "default": True, "reached": True,
+              "achieved": 0.999597, "achieved_kld": 8.6e-05, "held_out": 4, "kept": [],
+              "layer_errors": [], "precision": "w8a16", "candidates": None,
+              "on_target": {"runtime": "onnxruntime-qnn (HTP)", "reached": True,
+                            "cosine": 0.999584, "kld": 8.9e-05}}
+        report = {"passes": [*passes, {"name": "mask-fill", "exact": True, "stats": {}},
+                             {"name": "quantize", "exact": False,
+                              "stats": {"mixed_precision": mp}}],
+                  "fidelity": fidelity}
+        return report, copy.deepcopy(report)
+
+    report, manifest = compiled(target_vs_source=entry(0.5506),
+                                decode_graph_vs_source=entry(0.5648))
+    notes = {}
+    with caplog.at_level("WARNING"):
+        _floor_against_source(report, manifest, notes)
+    for d in (report, manifest):
+        mp = mixed_precision_stats(d)
+        assert not mp["reached"]
+        assert mp["vs_source"] == {"fidelity": "target_vs_source", "output": "logits",
+                                   "runtime": "onnxruntime-qnn (HTP)", "reference": "pytorch",
+                                   "cosine": 0.5506}
+    line = floor_line(mixed_precision_stats(report))
+    assert "not reached (held out, ONNX Runtime)" in line
+    assert line.endswith("on the compile's example onnxruntime-qnn (HTP) vs pytorch: logits "
+                         "cosine 0.5506")
+    section = "\n".join(_mixed_precision_section(report))
+    assert "not reached as quantized" in section
+    assert "On the compile's example onnxruntime-qnn (HTP) vs pytorch: logits cosine 0.5506, " \
+        "below the floor." in section
+    assert "is not reached" in notes["notes"][0] and notes["notes"][0] in caplog.text
+
+    # a companion graph below the floor counts as much as the main one
+    report, manifest = compiled(target_vs_source=entry(0.9999),
+                                decode_graph_vs_source=entry(0.9999, key=0.6))
+    _floor_against_source(report, manifest, {})
+    assert mixed_precision_stats(report)["vs_source"]["fidelity"] == "decode_graph_vs_source"
+    # above the floor, or with another approximation in the numbers: left as measured
+    for report, manifest in (compiled(target_vs_source=entry(0.9999)),
+                             compiled([{"name": "sparse-attention", "exact": False,
+                                        "stats": {}}], target_vs_source=entry(0.55))):
+        _floor_against_source(report, manifest, {})
+        assert mixed_precision_stats(report)["reached"]
+        assert "vs_source" not in mixed_precision_stats(manifest)
