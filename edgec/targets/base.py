@@ -31,7 +31,8 @@ class QuantScheme:
             ``float8e4m3fn``).
         activations: element type of quantized activations (``uint8``, ``int8``, ``uint16``,
             ``float8e4m3fn``); ``None`` for weight-only schemes (no calibration needed).
-        weight_symmetric: zero point 0 for weights.
+        weight_symmetric: zero point 0 for weights (weight-only: signed blocks; else unsigned
+            blocks with a zero point each).
         activation_symmetric: zero point 0 (or the type's midpoint for unsigned) for activations.
         per_channel: one weight scale per output channel (else per tensor).
         block_size: weights quantized in blocks of this many input channels (opset 21

@@ -34,7 +34,7 @@ SCHEMES = {
     "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8", signed_attention=True,
                         quantize_before_layout=True),
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
-                         min_opset=21, weight_backup_int8=True),
+                         min_opset=21, weight_backup_int8=True, weight_symmetric=False),
 }
 
 

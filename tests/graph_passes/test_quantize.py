@@ -88,11 +88,14 @@ def test_w4a16_is_blockwise_weight_only(llama_src):
     assert result.stats["quantize_linear"] == 0
     weights = _dq_inits(model)
     assert weights and all(attrs.get("block_size") == 32 for _, _, attrs in weights)
-    # the LM head (the last weighted MatMul) in int8 blocks and the embedding by int8 rows, as
-    # NNCF's 4-bit compression keeps them; every other MatMul int4
-    assert sorted(dt for dt, _, _ in weights).count(ir.DataType.INT8) == 1
+    # asymmetric blocks (uint4, a zero point per block), the LM head (the last weighted
+    # MatMul) in 8-bit blocks and the embedding by int8 rows, as NNCF's 4-bit compression
+    # keeps them; every other MatMul 4-bit
+    assert [dt for dt, _, _ in weights].count(ir.DataType.UINT8) == 1
     assert result.stats["weights_int8"] and result.stats["embeddings_int8"]
-    assert all(dt == ir.DataType.INT4 for dt, _, _ in weights if dt != ir.DataType.INT8)
+    assert all(dt == ir.DataType.UINT4 for dt, _, _ in weights if dt != ir.DataType.UINT8)
+    assert all(len(n.inputs) == 3 for n in model.graph if n.op_type == "DequantizeLinear"
+               and n.inputs[0].const_value is not None)
     gathers = [n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value
                is not None and len(n.inputs[0].const_value.shape) == 2]
     assert {n.inputs[0].const_value.dtype for n in gathers} <= {ir.DataType.INT8,
@@ -382,7 +385,8 @@ def test_blockwise_quantizes_a_shared_weight_once(rng):
     model = ir.Model(ir.Graph([x], second.outputs, nodes=[first, second], initializers=[wv],
                               opset_imports={"": 21}), ir_version=10)
     stats = blockwise_weights(model, types.SimpleNamespace(weights="int4", block_size=32,
-                                                           weight_backup_int8=False), set())
+                                                           weight_backup_int8=False,
+                                                           weight_symmetric=True), set())
     assert stats["weights_blockwise"] == 1
     assert sorted(model.graph.initializers) == ["w_q", "w_scale"]
     assert [n.op_type for n in model.graph].count("DequantizeLinear") == 1
@@ -426,7 +430,8 @@ def test_weight_only_backups_last_layers_and_embedding_rows(rng):
     feeds = {"ids": rng.integers(0, 50, (2, 3))}
     before = run_model(model, feeds)
     stats = blockwise_weights(model, types.SimpleNamespace(weights="int4", block_size=32,
-                                                           weight_backup_int8=True), set())
+                                                           weight_backup_int8=True,
+                                                           weight_symmetric=True), set())
     assert stats["weights_int8"] == ["m2"] and stats["embeddings_int8"] == ["table"]
     inits = model.graph.initializers
     assert "table" not in inits and inits["table_q"].const_value.dtype == ir.DataType.INT8
@@ -439,3 +444,31 @@ def test_weight_only_backups_last_layers_and_embedding_rows(rng):
     assert np.all(np.abs(after["emb_again"] - rows) <= step / 2 + 1e-6)
     assert _cosine(after, before) > 0.99
     assert index_bounds(model)["ids"]["index_bound"] == 50
+
+
+def test_asymmetric_blocks_spend_every_level_on_the_block(rng):
+    """weight_symmetric=False: uint4 with a zero point per block over [min(w, 0), max(w, 0)];
+    a block of positive weights uses all 16 levels (symmetric int4 would use 8 of them)."""
+    import types
+
+    from edgec.graph_passes.quantization.blockwise import blockwise_weights
+
+    w = np.abs(rng.standard_normal((32, 4))).astype(np.float32)  # [K, N], all positive
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 32]))
+    wv = ir.Value(name="w", const_value=ir.tensor(w, name="w"))
+    mm = ir.node("MatMul", [x, wv], name="mm")
+    mm.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], mm.outputs, nodes=[mm], initializers=[wv],
+                              opset_imports={"": 21}), ir_version=10)
+    scheme = types.SimpleNamespace(weights="int4", block_size=32, weight_backup_int8=False,
+                                   weight_symmetric=False)
+    blockwise_weights(model, scheme, set())
+    inits = model.graph.initializers
+    q = inits["w_q"].const_value.numpy().astype(np.float32)
+    s, z = inits["w_scale"].const_value.numpy(), inits["w_zero_point"].const_value.numpy()
+    assert inits["w_q"].const_value.dtype == ir.DataType.UINT4 and len(np.unique(q)) > 8
+    wd = (q - z.astype(np.float32)) * s
+    assert np.abs(wd - w).max() <= w.max(0).max() / 15 / 2 + 1e-6  # half a step of max / 15
+    feeds = {"x": rng.standard_normal((2, 32)).astype(np.float32)}
+    np.testing.assert_allclose(run_model(model, feeds)["y"], feeds["x"] @ wd, rtol=1e-4,
+                               atol=1e-4)
