@@ -135,6 +135,18 @@ def test_a_calibration_cache_serves_the_decode_graph_too(qnn_art, tmp_path):
         for name, value in scales.items():
             np.testing.assert_array_equal(value, theirs.graph.initializers[name].const_value
                                           .numpy(), err_msg=f"{graph}: {name}")
+    # a cache an older edgec made over empty KV buffers: its past ranges are zero, and the
+    # decoder would ignore its cache on the device
+    import json
+
+    cal = tmp_path / "c" / "calibration.json"
+    raw = json.loads(cal.read_text())
+    cal.write_text(json.dumps({**raw, "data": "prefill prompts (empty KV cache)"}))
+    with pytest.raises(UserError, match="empty KV buffer .* re-run `edgec calibrate`"):
+        edgec.compile("llama", target="qnn-htp", config="tiny", generate=True,
+                      quantize="w8a16", context=64, calibration=str(tmp_path / "c"),
+                      output_dir=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
 
 
 def test_dartquant_decode_graph_rotates_as_the_prefill_graph(tmp_path):

@@ -252,6 +252,14 @@ class QuantOptions:
 
             if given is not None:
                 given.check(model_hash(model), target.name, scheme.name, checked_method)
+                gen = src.info.get("generation") or {}
+                empty = given.data == "prefill prompts (empty KV cache)"
+                if gen.get("cache") == "static" and empty:
+                    # made before the buffers were filled: its past ranges are [0, 1e-4], so
+                    # every cached key/value would read as zero on the device
+                    raise UserError("the calibration cache was made over an empty KV buffer (an "
+                                    "older edgec): its past-key/value ranges are zero, and the "
+                                    "decoder would ignore its cache; re-run `edgec calibrate`")
                 return given, "reused cache"
             step("calibrating activation ranges")
             cache = collect_cache(model, request, src,
