@@ -78,6 +78,19 @@ def _refuse_guard(module, inputs, result, feeds, guard, axes, ranges, rtol, run)
     dims = sorted(guard.free_symbols, key=str)
     if not all(str(d) in axes for d in dims):
         return
+    excluded = _one_excluded_size(guard, ranges)
+    if excluded is not None:  # the guard is "d != v" (b*(s - 12) != 0 with b >= 1)
+        dim, v = excluded
+        r = ranges.setdefault(dim, {})
+        lo, hi = r.get("min", 1), r.get("max")
+        if v < lo or (hi is not None and v > hi):
+            return  # the range already keeps v out
+        if v in (lo, hi) and _differs(module, inputs, result, {dim: v}, axes, rtol, run):
+            r["min" if v == lo else "max"] = v + 1 if v == lo else v - 1  # a range holds it
+        if v in (lo, hi):
+            if not r:
+                ranges.pop(dim)
+            return
     tried, options, example = [], [], []
     for d in dims:
         i, axis = axes[str(d)][0]
@@ -110,6 +123,26 @@ def _refuse_guard(module, inputs, result, feeds, guard, axes, ranges, rtol, run)
         if len(tried) == 3:
             break
     _log.debug("guard %s: the graph agrees with forward at %s", guard, tried)
+
+
+def _one_excluded_size(guard, ranges) -> tuple[str, int] | None:
+    """(dim, v) where ``guard`` is ``d != v`` once the factors that cannot be zero are dropped
+    (dims whose least is ≥ 1): torch.export writes "text after the image tokens" as
+    ``Ne(batch_size*(sequence_length - 12), 0)``. None for any other guard."""
+    import sympy
+
+    if not isinstance(guard, sympy.Ne) or guard.rhs != 0:
+        return None
+    _, factors = sympy.factor_list(guard.lhs)
+    left = [f for f, _ in factors
+            if not (f.is_Symbol and ranges.get(str(f), {}).get("min", 1) >= 1)]
+    if len(left) != 1 or len(left[0].free_symbols) != 1:
+        return None
+    (d,) = left[0].free_symbols
+    roots = sympy.solve(left[0], d)
+    if len(roots) != 1 or not roots[0].is_Integer:
+        return None
+    return str(d), int(roots[0])
 
 
 def guard_text(guard) -> str:

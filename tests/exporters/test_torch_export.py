@@ -388,3 +388,21 @@ def test_a_forward_changing_its_buffers_is_refused_and_the_module_left_as_given(
                   example_inputs=(torch.randn(4, 3),))
     assert bn.training and torch.equal(bn.running_mean, torch.full((3,), 0.5))
     assert bn.num_batches_tracked.item() == 0
+
+
+def test_a_guard_that_excludes_one_size_at_the_range_edge_becomes_a_range():
+    """torch.export writes "text after the image tokens" as b*(s - 12) != 0; with b >= 1 it is
+    s != 12, which a least of 13 holds where s's least was 12 (the VLM's pruned prefill was
+    refused as an unexpressible branch). Other relations stay for the probe."""
+    import sympy
+
+    from edgec.exporters.dim_ranges import _one_excluded_size
+
+    b, s = sympy.symbols("batch_size sequence_length", integer=True, positive=True)
+    assert _one_excluded_size(sympy.Ne(b * (s - 12), 0), {}) == ("sequence_length", 12)
+    assert _one_excluded_size(sympy.Ne(s - 3, 0), {}) == ("sequence_length", 3)
+    assert _one_excluded_size(b * s > 10, {}) is None
+    assert _one_excluded_size(sympy.Eq(sympy.Mod(s, 2), 0), {}) is None
+    assert _one_excluded_size(sympy.Ne(b * s - 12, 0), {}) is None  # two dims in one factor
+    # a dim that may be 0 is a factor that can vanish: not dropped
+    assert _one_excluded_size(sympy.Ne(b * (s - 12), 0), {"batch_size": {"min": 0}}) is None
