@@ -177,7 +177,9 @@ def _static_decoder_samples(src, gen, n: int) -> list[dict[str, np.ndarray]]:
     read every cached key and value as zero (an HF LLaMA's NPU tokens diverged from the second
     one on; the held-out floor, measured on the same empty buffers, said 0.9996).
 
-    Without the PyTorch decoder (a VLM's language graph) the buffer stays empty, as before."""
+    A VLM's language graph is filled the same way, from text prompts (its tokens had
+    diverged from the second on, as the LLaMA's). Without the PyTorch decoder (the pruned
+    VLM's scored decoder) the buffer stays empty, as before."""
     batch, tokens = src.feeds["input_ids"].shape
     context = src.feeds["attention_mask"].shape[1]
     past_len = context - tokens

@@ -351,7 +351,7 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
         dec.new_slots_only(src.model, info)
         for name in info.present_names:
             src.reference[name] = src.reference[name][:, :, -static.tokens:]
-        if vision is None and scored is None:
+        if scored is None or not scored.scored:  # a VLM's language model takes text ids too
             src.decoder_module = module
     if prefill is not None:
         _prefill_only(src, module, info, int(batch), prefill.tokens)
