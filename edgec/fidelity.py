@@ -180,14 +180,18 @@ def floor_on_target(session, passes, mixed: dict[str, Any]) -> str | None:
     return message
 
 
+GROSS_MISS = 10  # floor_against_source: the example's error this many times the floor's
+
+
 def floor_against_source(mixed: dict[str, Any], entries: dict[str, dict[str, Any] | None]
                          ) -> str | None:
     """The accuracy floor held to the artifact's measured fidelity against the source: where
     ``mixed`` says reached but an entry of ``entries`` (``target_vs_source``, a companion
     graph's ``*_vs_source``: the built graphs on their runtime against PyTorch or the source
-    ONNX, on the compile's example) has an output whose cosine is below ``min_cos``, the floor
-    is not reached: ``mixed["reached"]`` becomes False, ``mixed["vs_source"]`` says where, and
-    the returned note (also logged) says why. The floor is measured on held-out samples, which
+    ONNX, on the compile's example) has an output whose error (1 - cosine) is over
+    ``GROSS_MISS`` times the floor's (1 - ``min_cos``), the floor is not reached:
+    ``mixed["reached"]`` becomes False, ``mixed["vs_source"]`` says where, and the returned
+    note (also logged) says why. The floor is measured on held-out samples, which
     can miss what the example exercises: an NPU decoder calibrated on empty KV buffers held
     cosine 0.9996 on held-out prompts with an empty buffer, reported "reached", while its logits
     on the example's filled buffer were at cosine 0.55 against PyTorch."""
@@ -200,7 +204,11 @@ def floor_against_source(mixed: dict[str, Any], entries: dict[str, dict[str, Any
             cosine = stats.get("cosine")
             if cosine is not None and (worst is None or cosine < worst[0]):
                 worst = (float(cosine), name, output, entry)
-    if worst is None or worst[0] >= min_cos:
+    # one example against the floor's held-out samples: only a contradiction no sampling
+    # explains (an error 10× the floor's allowance: 0.55 against min_cos 0.98) overrules them;
+    # all-MiniLM-L6-v2 w8a8:min_cos=0.995 held 0.995 on held-out sentences and 0.994 on its
+    # random-token example, which is no contradiction
+    if worst is None or 1 - worst[0] <= GROSS_MISS * (1 - min_cos):
         return None
     cosine, name, output, entry = worst
     mixed["reached"] = False

@@ -161,8 +161,10 @@ def test_a_floor_below_the_targets_fidelity_against_pytorch_is_not_reached(caplo
                                 decode_graph_vs_source=entry(0.9999, key=0.6))
     _floor_against_source(report, manifest, {})
     assert mixed_precision_stats(report)["vs_source"]["fidelity"] == "decode_graph_vs_source"
-    # above the floor, or with another approximation in the numbers: left as measured
+    # above the floor, just below it (one example is no contradiction of the held-out
+    # samples), or with another approximation in the numbers: left as measured
     for report, manifest in (compiled(target_vs_source=entry(0.9999)),
+                             compiled(target_vs_source=entry(0.85)),
                              compiled([{"name": "sparse-attention", "exact": False,
                                         "stats": {}}], target_vs_source=entry(0.55))):
         _floor_against_source(report, manifest, {})
