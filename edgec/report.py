@@ -218,7 +218,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         line = (f"prefill graph: {_sites_line(st)}; causal, {kept}, "
                 f"prompts ≥ {cfg.get('min_seq')} tokens")
         rows.append(("sparse prefill", line))
-    if report.get("vision_pruning"):
+    if (report.get("vision_pruning") or {}).get("keep") is not None:  # asked for, not counts
         rows.append(("vision pruning", vision_pruning_line(report["vision_pruning"])))
     q = report.get("quantization")
     if q:

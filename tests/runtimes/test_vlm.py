@@ -309,6 +309,15 @@ def test_report_shows_the_pruning_and_each_graphs_fidelity(pruned):
     assert "## Prefill graph fidelity" in md and "| attention_mask_kept |" in md
 
 
+def test_no_pruning_row_without_pruning(llava_ov):
+    """An unpruned VLM's vision_pruning entry holds only token counts: the row read
+    "keep=None, layer=None (? score): None/10 image tokens kept"."""
+    from edgec.report import render_markdown, summary_rows
+
+    assert "vision pruning" not in dict(summary_rows(llava_ov.report))
+    assert "vision pruning" not in render_markdown(llava_ov.report)
+
+
 def test_bench_times_generation_after_an_image(pruned):
     result = CliRunner().invoke(app, ["bench", str(pruned.path), "--prompt-tokens", "8",
                                       "--new-tokens", "4", "--iterations", "1", "--json"])
