@@ -161,6 +161,14 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _choose(scores: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+    # NaN or +inf scores have no next token (-inf is a filtered one): argmax read them as token
+    # 0, and a swappable adapter blended at weight 1e30 generated 0, 0, 0, ... with exit 0
+    bad = np.isnan(scores).any(axis=-1) | np.isposinf(scores).any(axis=-1)
+    if bad.any():
+        raise UserError(f"the model's next-token scores are NaN or +inf (batch row "
+                        f"{int(np.flatnonzero(bad)[0])}): its float32 computation overflowed on "
+                        "these inputs; check for extreme input values or adapter blend weights "
+                        "far from 1")
     if not cfg.do_sample:
         return scores.argmax(axis=-1).astype(np.int64)
     probs = _softmax(scores.astype(np.float64))

@@ -442,3 +442,17 @@ def test_the_last_new_token_needs_no_context_slot(artifacts):
         sess.generate(ids[:, 1:], max_new_tokens=3)
     with pytest.raises(UserError, match=f"shorten the prompt to at most {limit} tokens"):
         sess.generate(np.concatenate([ids, ids[:, :1]], axis=1), max_new_tokens=1)
+
+
+def test_scores_with_no_next_token_are_refused():
+    """NaN/+inf logits (a swappable adapter blended at weight 1e30) were read by argmax as
+    token 0, generating 0, 0, 0 with exit 0; -inf is a filtered token and stays allowed."""
+    from edgec.runtimes.generation import GenerationConfig, _choose
+
+    rng = np.random.default_rng(0)
+    fine = np.array([[0.0, -np.inf, 1.0]], np.float32)
+    assert _choose(fine, GenerationConfig(), rng).tolist() == [2]
+    for bad in (np.nan, np.inf):
+        scores = np.array([[0.0, 1.0, 2.0], [0.0, bad, 1.0]], np.float32)
+        with pytest.raises(UserError, match="NaN or \\+inf \\(batch row 1\\)"):
+            _choose(scores, GenerationConfig(), rng)
