@@ -81,15 +81,13 @@ def _refuse_guard(module, inputs, result, feeds, guard, axes, ranges, rtol, run)
     excluded = _one_excluded_size(guard, ranges)
     if excluded is not None:  # the guard is "d != v" (b*(s - 12) != 0 with b >= 1)
         dim, v = excluded
-        r = ranges.setdefault(dim, {})
+        r = ranges.get(dim, {})
         lo, hi = r.get("min", 1), r.get("max")
         if v < lo or (hi is not None and v > hi):
             return  # the range already keeps v out
-        if v in (lo, hi) and _differs(module, inputs, result, {dim: v}, axes, rtol, run):
-            r["min" if v == lo else "max"] = v + 1 if v == lo else v - 1  # a range holds it
-        if v in (lo, hi):
-            if not r:
-                ranges.pop(dim)
+        if v in (lo, hi):  # at the edge: a range holds it, where the graph needs one
+            if _differs(module, inputs, result, {dim: v}, axes, rtol, run):
+                ranges[dim] = {**r, "min": v + 1} if v == lo else {**r, "max": v - 1}
             return
     tried, options, example = [], [], []
     for d in dims:

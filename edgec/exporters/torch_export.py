@@ -252,12 +252,9 @@ def _a_bound(expr) -> bool:
     """Whether ``expr`` compares one dim with a number (``s > 4``, ``Ne(s, 1)``)."""
     import sympy
 
-    return len(expr.free_symbols) == 1 and isinstance(expr, sympy.core.relational.Relational) \
-        and {type(a) for a in expr.args} <= {sympy.Symbol, sympy.Integer, sympy.core.numbers.One,
-                                             sympy.core.numbers.Zero,
-                                             sympy.core.numbers.NegativeOne} \
-        and any(isinstance(a, sympy.Symbol) for a in expr.args) \
-        and any(a.is_Number for a in expr.args)
+    return (isinstance(expr, sympy.core.relational.Relational) and len(expr.free_symbols) == 1
+            and all(a.is_Symbol or a.is_Integer for a in expr.args)
+            and any(a.is_Symbol for a in expr.args) and any(a.is_Integer for a in expr.args))
 
 
 def _dim_ranges(program, model: ir.Model) -> dict[str, list]:

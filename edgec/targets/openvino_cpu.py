@@ -42,24 +42,23 @@ SCHEMES = {
 _UNSUPPORTED = ("No conversion rule", "not supported")
 
 
-def _input_is_output(model_path: Path) -> bool:
-    """Whether a graph output of the ONNX file is one of its inputs, passed through."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+def _input_is_output(graph) -> bool:
+    """Whether a graph output of the ONNX graph is one of its inputs, passed through."""
     return bool({i.name for i in graph.input} & {o.name for o in graph.output})
 
 
 def _build(target: Target, model_path: Path, target_dir: Path, **options) -> BuildResult:
+    import onnx
     import openvino as ov
     from openvino.frontend import OpConversionFailure
 
+    proto = onnx.load(str(model_path), load_external_data=False)  # the graph, not its weights
     try:
         # convert_model splits its path argument at commas (a list of files), so a directory
         # named like "out-keep=0.25,layer=2" would fail; the core's reader takes it whole.
         # convert_model also splits a graph input that is also a graph output into two
         # parameters (x, x_1; the output renamed x_1): the reader keeps one.
-        reader = "," in str(model_path) or _input_is_output(model_path)
+        reader = "," in str(model_path) or _input_is_output(proto.graph)
         ov_model = (ov.Core().read_model(str(model_path)) if reader else
                     ov.convert_model(str(model_path)))
     except Exception as e:
@@ -81,7 +80,7 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
     runtime = {"name": "openvino", "model": "target/model.xml", "device": "CPU",
                "config": dict(target.runtime_config)}
     # the CPU plugin holds int64 in 32 bits: feeds checked at every run, outputs warned of
-    narrow = int64_in_32_bits(model_path)
+    narrow = int64_in_32_bits(proto)
     runtime["int64_in_32_bits"] = narrow
     if narrow["outputs"]:
         note = (f"int64 outputs {narrow['outputs']} are computed by arithmetic, which "

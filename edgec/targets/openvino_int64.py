@@ -17,7 +17,6 @@ Two consequences, recorded in the manifest's runtime entry (``int64_in_32_bits``
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 __all__ = ["int64_in_32_bits", "check_int64_feeds"]
@@ -37,12 +36,11 @@ _FLOATS = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 _SIZES = {"Shape", "Size"}  # values of sizes, not of the inputs
 
 
-def int64_in_32_bits(model_path: str | Path) -> dict[str, list[str]]:
-    """``{"inputs": [...], "outputs": [...]}`` of the ONNX file (module docstring); empty
-    lists where the graph has neither."""
+def int64_in_32_bits(model) -> dict[str, list[str]]:
+    """``{"inputs": [...], "outputs": [...]}`` of the ONNX ModelProto (module docstring);
+    empty lists where the graph has neither."""
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 (types from value_info only: fewer ops recognized)
