@@ -109,7 +109,7 @@ def _one_generation_at_a_time(generate):
             try:
                 return generate(self, *args, **kwargs)
             finally:
-                busy[1] = None
+                busy[1] = busy[2] = None
 
     return wrapper
 
@@ -234,7 +234,8 @@ class Session(abc.ABC):
                  top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None,
                  pad_token_id: int | None = None, seed: int | None = None,
                  streamer=None, kv_retrieval: bool = True,
-                 sparse_prefill: bool = True, image=None) -> np.ndarray:
+                 sparse_prefill: bool = True, image=None,
+                 adapter: str | Mapping[str, float] | None = None) -> np.ndarray:
         """Prompt followed by the new tokens, [batch, seq + new] int64, as Hugging Face's
         ``generate`` returns them. ``input_ids`` [batch, seq] (left-padded, with
         ``attention_mask``, for prompts of different lengths); greedy unless ``do_sample``;
@@ -248,7 +249,8 @@ class Session(abc.ABC):
         ``last_generation["prefill_graph"]`` says which ran. ``image`` (a VLM artifact): an
         image file, an .npy or an array of pixel values [3, H, W] or [batch, 3, H, W]; the
         prompt gets the image's placeholder tokens where it has none (or one, LLaVA's
-        ``<image>``), and the returned rows hold them."""
+        ``<image>``), and the returned rows hold them. ``adapter``: a swappable-LoRA artifact's
+        adapter or blend for this call only, as in ``run`` (default the active one)."""
         from edgec.runtimes.generation import GenerationConfig, generate
 
         info = self.decoder_info
@@ -257,6 +259,10 @@ class Session(abc.ABC):
                          temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, pad_token_id=pad_token_id,
                          seed=seed)
+        if adapter is not None:
+            self._lora_bank().feeds(adapter)  # refuses an unknown name or blend up front
+        # every step's feeds read it (``_adapter_feeds``); other threads keep the active one
+        self._busy()[2] = adapter
         if np.ndim(input_ids) not in (1, 2):
             raise UserError(f"input_ids must be token ids [batch, seq] (or [seq]), got shape "
                             f"{list(np.shape(input_ids))}")
@@ -292,8 +298,9 @@ class Session(abc.ABC):
         return ids
 
     def _busy(self) -> list:
-        """[lock, the generating thread's id or None], one per session (made on first use)."""
-        return self.__dict__.setdefault("_generation_lock", [threading.Lock(), None])
+        """[lock, the generating thread's id or None, the generation's adapter or None], one per
+        session (made on first use)."""
+        return self.__dict__.setdefault("_generation_lock", [threading.Lock(), None, None])
 
     def _generating_here(self) -> bool:
         return self._busy()[1] == threading.get_ident()
@@ -433,6 +440,8 @@ class Session(abc.ABC):
             if adapter is not None:
                 self._lora_bank()
             return feeds
+        if adapter is None and self._generating_here():
+            adapter = self._busy()[2]  # generate(adapter=...): this call's, else the active one
         return {**feeds, **self._lora.feeds(adapter)}
 
     def _require_default_feeds(self) -> dict[str, np.ndarray]:

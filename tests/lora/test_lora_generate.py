@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import edgec
+from edgec.errors import UserError
 
 PROMPT = np.array([[1, 2, 3, 4, 5]])
 
@@ -49,6 +51,12 @@ def test_merged_and_swappable_adapters_generate_as_peft(adapter_dirs, tmp_path):
     sess.active_adapter = "base"
     np.testing.assert_array_equal(sess.generate(PROMPT, max_new_tokens=10),
                                   _greedy(registry.get("llama").build("tiny"), 10))
+    # generate(adapter=...) runs that adapter for the call only (there was no such argument)
+    np.testing.assert_array_equal(sess.generate(PROMPT, max_new_tokens=10, adapter=a),
+                                  _greedy(merged[a], 10))
+    assert sess.active_adapter == "base"
+    with pytest.raises(UserError, match="no adapter named 'nope'"):
+        sess.generate(PROMPT, max_new_tokens=2, adapter="nope")
     # bench of a generation artifact dropped --adapter (a misspelt one benchmarked the default)
     from typer.testing import CliRunner
 
