@@ -144,7 +144,7 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     model, cfg, arch = load_hf_model(path)
     _check_text_model(path, model, arch)
     opts = _options(config)
-    limit = max_positions(cfg)
+    limit = max_positions(cfg, model)
     if limit is not None and opts["seq"] > limit:
         raise UserError(f"{path}: seq={opts['seq']} is longer than the model's {limit} positions "
                         f"(max_position_embeddings); give --config seq=N with N ≤ {limit}")
@@ -161,15 +161,29 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     return wrapper, (ids, mask), dims, [output], info
 
 
-def max_positions(cfg) -> int | None:
+def max_positions(cfg, model=None) -> int | None:
     """The longest sequence the checkpoint declares (GPT-2's n_positions is also its
     max_position_embeddings); past it PyTorch raises (a position table) or runs untrained
-    positions. Recorded as the seq dim's most (dim_ranges) and checked on every run."""
+    positions. Recorded as the seq dim's most (dim_ranges) and checked on every run. A table
+    whose positions start past its padding row (RoBERTa's family: padding_idx + 1 on) holds
+    that many fewer (a RoBERTa with 66 positions takes 64 tokens; 65 was a raw Gather error)."""
     for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+            return value - _position_offset(model)
     return None
+
+
+def _position_offset(model) -> int:
+    """How many rows of the position table come before the first position: padding_idx + 1
+    where the position embedding has a padding row (RoBERTa, XLM-R, CamemBERT, MPNet, ...)."""
+    import torch
+
+    for module in model.modules() if model is not None else ():
+        table = getattr(module, "position_embeddings", None)
+        if isinstance(table, torch.nn.Embedding) and table.padding_idx is not None:
+            return int(table.padding_idx) + 1
+    return 0
 
 
 def _check_text_model(path: Path, model, arch: str | None) -> None:

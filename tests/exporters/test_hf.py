@@ -246,3 +246,16 @@ def test_models_edgec_cannot_wrap_are_refused(tmp_path, checkpoints):
         edgec.compile(str(checkpoints / "bert"), target="ort-cpu", output_dir=tmp_path / "o",
                       config="seq=600")
     assert not (tmp_path / "o").exists()
+
+
+def test_positions_after_a_padding_row_bound_seq_by_that_many_fewer():
+    """RoBERTa's positions start at padding_idx + 1: 66 rows take 64 tokens (65 and 66 were
+    recorded as allowed and failed in the runtime's Gather with its raw error)."""
+    from edgec.exporters.hf import max_positions
+
+    cfg = transformers.RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=66, pad_token_id=1)
+    assert max_positions(cfg, transformers.RobertaModel(cfg)) == 64
+    bert = transformers.BertConfig(max_position_embeddings=66, **SMALL)
+    assert max_positions(bert, transformers.BertModel(bert)) == 66
