@@ -38,6 +38,9 @@ SPACINGS = ("trailing", "linspace", "leading")
 SOLVERS = {"flow": ("euler", "flowmatch", "unipc"), "ddim-v": ("ddim", "dpm")}
 
 
+MAX_STEPS = 10_000  # continuous-time samplers (flow, score)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
     kind: str
@@ -299,6 +302,12 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     steps = spec.steps if steps is None else int(steps)
     if steps < 1:
         raise UserError(f"steps={steps}: give at least one sampling step")
+    # a discrete schedule has no steps between its train steps (DDIM repeated timesteps); no
+    # sampler needs more than MAX_STEPS (10**11 steps was a MemoryError for the σ grid)
+    most = spec.train_steps if spec.kind in ("ddim-x0", "ddim-v") else MAX_STEPS
+    if steps > most:
+        raise UserError(f"steps={steps}: this model's {spec.kind} sampler takes at most {most} "
+                        f"steps; give fewer")
     _check_options(session, spec, guidance, guidance_mode, dense_steps, seed, dynamic_cfg)
     conditions, negative = with_prompts(session, conditions, negative, prompt, negative_prompt,
                                         text_encoder, guidance=guidance)

@@ -150,6 +150,11 @@ def test_bad_sampling_requests():
         sample(sess, {"text": np.zeros(1)})
     with pytest.raises(UserError, match="at least one"):
         sample(sess, steps=0)
+    # 10**11 steps was a MemoryError (exit 1) allocating the σ grid; DDIM repeated timesteps
+    with pytest.raises(UserError, match="flow sampler takes at most 10000 steps"):
+        sample(sess, steps=10**11)
+    with pytest.raises(UserError, match="ddim-x0 sampler takes at most 1000 steps"):
+        sample(Oracle("ddim-x0"), steps=1001)
     with pytest.raises(UserError, match="dense_steps needs"):
         sample(sess, dense_steps=2)
     # each of these was dropped or ignored (exit 0), sampled NaN, or an internal error
