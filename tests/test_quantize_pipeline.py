@@ -525,6 +525,10 @@ def test_max_kld_keeps_layers_until_the_logits_distribution_holds(tmp_path, capl
     with pytest.raises(UserError, match="max_kld must be a positive"):
         edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
                       quantize="w8a8:max_kld=-1")
+    # built at once: 10**8 samples filled memory without a word
+    with pytest.raises(UserError, match="samples=100000000: at most 4096"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "x",
+                      quantize="w8a8:samples=100000000")
     assert not (tmp_path / "x").exists()
 
 

@@ -211,6 +211,12 @@ def _check_entries(f: Path, cache: CalibrationCache) -> None:
     if not isinstance(cache.samples, int) or isinstance(cache.samples, bool) or \
             cache.samples < 1:
         raise UserError(f"{f}: 'samples' is {cache.samples!r}, not a sample count; {redo}")
+    from edgec.calibration.samples import MAX_SAMPLES
+
+    # generated again on reuse (the floor's held-out samples follow them): 10**9 ate 13 GB
+    if cache.samples > MAX_SAMPLES and not str(cache.data).startswith("file "):
+        raise UserError(f"{f}: 'samples' is {cache.samples}, more than the {MAX_SAMPLES} "
+                        f"generated samples edgec calibrates on; {redo}")
     for name, entry in cache.tensors.items():
         stats = entry if isinstance(entry, dict) else {}
         values = [stats.get("lowest"), stats.get("highest"),

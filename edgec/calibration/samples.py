@@ -13,9 +13,13 @@ import numpy as np
 from edgec.errors import UserError
 
 __all__ = ["samples_from_npz", "source_samples_from_npz", "npz_sample_count",
-           "check_sample_count", "generated_samples", "samples_for_model", "DEFAULT_SAMPLES"]
+           "check_sample_count", "generated_samples", "samples_for_model", "DEFAULT_SAMPLES",
+           "MAX_SAMPLES"]
 
 DEFAULT_SAMPLES = 16
+# generated samples are built at once: 10**8 filled memory without a word (ranges settle within
+# a few hundred; a user's .npz may hold more)
+MAX_SAMPLES = 4096
 
 
 def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dict[str, np.ndarray]]:

@@ -79,6 +79,8 @@ def test_bad_cache_files(tmp_path):
     ({"tensors": {"x": {"lowest": 2.0, "highest": -1.0}}}, "lowest ≤ highest"),
     ({"tensors": {"x": "wide"}}, "tensor 'x' has no valid"),
     ({"samples": "many"}, "'samples' is 'many'"),
+    # generated again on reuse: 10**9 grew to 13.6 GB without a word
+    ({"samples": 10**9}, "'samples' is 1000000000, more than the 4096 generated"),
 ])
 def test_edited_cache_entries_are_refused_in_one_line(tmp_path, edit, match):
     """Each failed later as an internal error (an AssertionError or AttributeError in ORT's

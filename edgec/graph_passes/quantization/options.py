@@ -88,8 +88,13 @@ class QuantOptions:
         if self.method is not None and self.method not in METHODS:
             raise UserError(f"unknown calibration method {self.method!r}; use one of "
                             f"{', '.join(METHODS)}")
+        from edgec.calibration.samples import MAX_SAMPLES
+
         if self.samples is not None and (not isinstance(self.samples, int) or self.samples < 1):
             raise UserError("--quantize samples must be a positive integer")
+        if self.samples is not None and self.samples > MAX_SAMPLES:
+            raise UserError(f"--quantize samples={self.samples}: at most {MAX_SAMPLES} "
+                            "(calibration ranges settle within a few hundred samples)")
         if not isinstance(self.mask_fill, (int, float)) or not self.mask_fill:
             raise UserError("--quantize mask_fill must be a non-zero number")
         object.__setattr__(self, "mask_fill", abs(float(self.mask_fill)))
