@@ -3,7 +3,7 @@
 The loop is the one Hugging Face ``generate()`` runs, so greedy decoding agrees token for
 token: prefill over the prompt (empty past), then one token per step with the cache; left-padded
 batches take their positions from the mask's cumulative sum; logits are processed in HF's order
-(repetition penalty, then temperature, top-k, top-p); a row that produced an EOS id is padded
+(repetition penalty, skipping each row's left padding, then temperature, top-k, top-p); a row that produced an EOS id is padded
 from then on (``pad_token_id``, else the first EOS id) and the loop stops when every row has.
 The cache is the session's: arrays passed in and out (ONNX Runtime), or state kept inside the
 runtime (OpenVINO's stateful model).
@@ -126,16 +126,25 @@ class SparsePrefill:
         return out["logits"]
 
 
-def process_logits(scores: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig
-                   ) -> np.ndarray:
+def process_logits(scores: np.ndarray, sequences: np.ndarray, cfg: GenerationConfig,
+                   ignore: np.ndarray | None = None) -> np.ndarray:
     """Hugging Face's logits processing: repetition penalty over every token so far, then (when
-    sampling) temperature, top-k and top-p. ``scores`` [B, vocab] float32."""
+    sampling) temperature, top-k and top-p. ``scores`` [B, vocab] float32. ``ignore`` [B]: each
+    row's leading positions of ``sequences`` the penalty skips, its left padding (as
+    transformers' ``generate`` does: the index of the prompt mask's first 1, so padding inside
+    a row and the pad fill after a row's EOS are penalised, as there)."""
     scores = scores.astype(np.float32, copy=True)
     if cfg.repetition_penalty != 1.0:
+        vocab = scores.shape[-1]
+        if ignore is not None:  # skipped positions point at an extra column, dropped below
+            skip = np.arange(sequences.shape[1])[None, :] < np.asarray(ignore)[:, None]
+            sequences = np.where(skip, vocab, sequences)
+        scores = np.concatenate([scores, np.zeros((scores.shape[0], 1), np.float32)], axis=1)
         rows = np.arange(scores.shape[0])[:, None]
         seen = scores[rows, sequences]
         seen = np.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
         scores[rows, sequences] = seen
+        scores = scores[:, :vocab]
     if not cfg.do_sample:
         return scores
     if cfg.temperature != 1.0:
@@ -237,8 +246,10 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
     sequences, finished = ids, np.zeros(ids.shape[0], bool)
     next_pos = positions[:, -1:] + 1
     ttft = None
+    # the repetition penalty skips each row's left padding (transformers' prompt_ignore_length)
+    lead = mask.argmax(axis=1)
     for i in range(cfg.max_new_tokens):
-        token = _choose(process_logits(logits, sequences, cfg), cfg, rng)
+        token = _choose(process_logits(logits, sequences, cfg, lead), cfg, rng)
         token = np.where(finished, fill, token)
         sequences = np.concatenate([sequences, token[:, None]], axis=1)
         if ttft is None:

@@ -175,6 +175,27 @@ def test_logits_processing_matches_transformers():
     np.testing.assert_allclose(ours[finite], t.numpy()[finite], rtol=1e-6)
 
 
+def test_repetition_penalty_skips_the_left_padding_as_transformers():
+    # edgec penalised the pad id in each row's left padding: a padded row generated otherwise
+    # than alone and than transformers, whose generate() passes the prompt mask's first 1 as
+    # prompt_ignore_length (padding inside a row and the pad fill after EOS stay penalised)
+    from transformers.generation import logits_process as lp
+
+    rng = np.random.default_rng(1)
+    scores = rng.standard_normal((3, 40)).astype(np.float32) * 3
+    seqs = rng.integers(1, 40, (3, 9))
+    mask = np.ones((3, 7), np.int64)
+    mask[1, :4] = 0
+    mask[2, 2:4] = 0  # padding inside a row: penalised, as in transformers
+    seqs[:, :7][mask == 0] = 0  # pad id 0, and 0 appears nowhere else
+    lead = mask.argmax(axis=1)
+    ref = lp.RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.as_tensor(lead))(
+        torch.as_tensor(seqs), torch.as_tensor(scores)).numpy()
+    ours = process_logits(scores, seqs, GenerationConfig(repetition_penalty=1.5), lead)
+    np.testing.assert_array_equal(ours, ref)
+    assert ours[1, 0] == scores[1, 0] and ours[2, 0] != scores[2, 0]
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite"),
     (dict(temperature=float("inf")), "temperature must be a finite"),
