@@ -584,6 +584,33 @@ def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iter
               highlight=False)
 
 
+def _checkpoint_settings_note(settings, sources, info) -> str | None:
+    """One line when the checkpoint's generation config (or transformers' defaults it brings)
+    changed what edgec's defaults would decode, naming those settings and their override."""
+    from edgec.runtimes.generation import EDGEC_DEFAULTS
+
+    sampling = settings["do_sample"]
+    read = (("temperature", "top_k", "top_p") if sampling else ()) + ("repetition_penalty",)
+    changed = [f"{k} {settings[k]:g}" + (" (transformers' default)"
+                                         if sources[k] == "transformers default" else "")
+               for k in read if sources[k] != "argument" and settings[k] != EDGEC_DEFAULTS[k]]
+    flags = [f"--{k.replace('_', '-')}" for k in read if sources[k] != "argument"
+             and settings[k] != EDGEC_DEFAULTS[k]]
+    ignored = (info.generation_config or {}).get("not_applied") or {}
+    skipped = (f"; not applied (edgec has no such processor, transformers' generate() would "
+               f"apply it): {', '.join(f'{k} {v}' for k, v in ignored.items())}"
+               if ignored else "")
+    if sources["do_sample"] == "checkpoint" and sampling:
+        return ("sampling as the checkpoint's generation_config.json says"
+                + (f": {', '.join(changed)}" if changed else "") + "; --greedy to override"
+                + skipped)
+    if changed:
+        return (f"{'sampling' if sampling else 'greedy decoding'} with "
+                f"{', '.join(changed)} as the checkpoint's generation_config.json says; "
+                f"{'/'.join(flags)} to override" + skipped)
+    return f"the checkpoint's generation_config.json{skipped[1:]}" if skipped else None
+
+
 @app.command("generate")
 @_errors
 def generate_cmd(
@@ -593,11 +620,18 @@ def generate_cmd(
     prompt_ids: Annotated[str | None, typer.Option(
         "--prompt-ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", min=1)] = 32,
-    sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy")] = False,
-    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="sample from the k best")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", help="nucleus sampling mass")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
+    sample: Annotated[bool | None, typer.Option(
+        "--sample/--greedy", help="sample, or decode greedily (default: as the checkpoint's "
+        "generation_config.json says, else greedy)", show_default=False)] = None,
+    temperature: Annotated[float | None, typer.Option(
+        help="sampling temperature (default: the checkpoint's, else 1)")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", min=0, help="sample from the k best, 0: all (default: the checkpoint's, else "
+        "transformers' 50; 0 without a generation_config.json)")] = None,
+    top_p: Annotated[float | None, typer.Option(
+        "--top-p", help="nucleus sampling mass (default: the checkpoint's, else 1)")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(
+        "--repetition-penalty", help="1: none (default: the checkpoint's, else 1)")] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     image: Annotated[Path | None, typer.Option(
         "--image", help="an image for a VLM artifact (.png/.jpg, or .npy pixel values); the "
@@ -615,24 +649,28 @@ def generate_cmd(
     import numpy as np
 
     import edgec
-    from edgec.runtimes.generation import parse_ids
+    from edgec.runtimes.generation import parse_ids, resolve_settings
     from edgec.runtimes.tokenizer import Tokenizer
 
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
-    if not (math.isfinite(temperature) and temperature > 0):  # the API's advice names do_sample
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
         raise UserError(f"--temperature must be a finite number > 0, not {temperature!r}; for "
                         "deterministic (greedy) output " + (
                             "drop --sample" if sample else
-                            "leave --temperature out: greedy decoding is the default"))
-    unused = [f"--{k}" for k, v, default in (("temperature", temperature, 1.0),
-                                               ("top-k", top_k, 0), ("top-p", top_p, 1.0),
-                                               ("seed", seed, None)) if v != default]
-    if unused and not sample:  # greedy decoding reads none of them
+                            "give --greedy or leave --temperature out"))
+    session = edgec.load(artifact)
+    info = session.decoder_info  # refuses an artifact without a KV cache before anything else
+    settings, sources = resolve_settings(info, do_sample=sample, temperature=temperature,
+                                         top_k=top_k, top_p=top_p,
+                                         repetition_penalty=repetition_penalty)
+    unused = [f"--{k}" for k, v in (("temperature", temperature), ("top-k", top_k),
+                                    ("top-p", top_p), ("seed", seed)) if v is not None]
+    if unused and not settings["do_sample"]:  # greedy decoding reads none of them
         raise UserError(f"{unused[0]} applies to sampling; add --sample (greedy decoding "
                         "ignores it)")
-    session = edgec.load(artifact)
-    _ = session.decoder_info  # refuses an artifact without a KV cache before anything else
+    # printed with the first token (not before a refusal: an error stays one line)
+    note = [_checkpoint_settings_note(settings, sources, info) if not as_json else None]
     _use_adapter(session, adapter)
     tok = Tokenizer(artifact, session.manifest) if prompt is not None else None
     ids = tok.encode(prompt) if tok is not None else parse_ids(prompt_ids)
@@ -642,6 +680,9 @@ def generate_cmd(
     printed = [0]  # characters of tok.decode(streamed) written so far
 
     def stream(token: np.ndarray) -> None:
+        if note[0]:
+            err.print(note[0], highlight=False, soft_wrap=True)
+            note[0] = None
         if tok is None or as_json:
             return
         streamed.append(int(token[0]))

@@ -54,6 +54,10 @@ class DecoderInfo:
     pad_token_id: int | None = None
     max_positions: int | None = None
     context: int | None = None  # a static cache's length (None: the cache grows)
+    # the checkpoint's generation settings (``generation_settings``): what its
+    # generation_config.json sets of GENERATION_SETTINGS, {} when it is silent on them
+    # (transformers' defaults apply), None without one (the reference model: edgec's defaults)
+    generation_config: dict[str, Any] | None = None
 
     @property
     def past_names(self) -> list[str]:
@@ -157,6 +161,45 @@ def reference_decoder(module: torch.nn.Module, name: str) -> tuple[_Decoder, Dec
     return _ReferenceDecoder(module, cfg.layers), info
 
 
+# what ``generate`` follows of a checkpoint's generation config, and what it cannot (recorded
+# under "not_applied" when set: transformers' generate() would apply them) with their no-op value
+GENERATION_SETTINGS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+_NOT_APPLIED = {"min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                "no_repeat_ngram_size": 0, "num_beams": 1, "penalty_alpha": 0.0, "min_length": 0,
+                "min_new_tokens": 0, "bad_words_ids": None, "suppress_tokens": None,
+                "begin_suppress_tokens": None, "sequence_bias": None, "forced_eos_token_id": None,
+                "exponential_decay_length_penalty": None, "renormalize_logits": False}
+
+
+def generation_settings(config) -> dict[str, Any]:
+    """The generation settings a checkpoint's generation config (a transformers
+    ``GenerationConfig`` or the dict of its JSON) sets: the one place they are read, for
+    ``DecoderInfo.generation_config``."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    out = {k: get(k) for k in GENERATION_SETTINGS if get(k) is not None}
+    other = {k: get(k) for k, inert in _NOT_APPLIED.items()
+             if get(k) not in (None, inert, [], {})}
+    return {**out, **({"not_applied": other} if other else {})}
+
+
+def file_generation_settings(directory) -> dict[str, Any] | None:
+    """``generation_settings`` of the ``generation_config.json`` in ``directory`` (else its
+    ``config.json``'s, as transformers falls back to), None when it has neither."""
+    import json
+    from pathlib import Path
+
+    for name in ("generation_config.json", "config.json"):
+        f = Path(directory) / name
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+                d = {**(d.get("text_config") or {}), **d} if name == "config.json" else d
+                return generation_settings(d)
+            except (ValueError, AttributeError):
+                return None
+    return None
+
+
 def _ids(value) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -184,7 +227,8 @@ def hf_decoder(model: torch.nn.Module, path) -> tuple[_Decoder, DecoderInfo]:
                        head_dim=head_dim, vocab=int(cfg.vocab_size), eos_token_ids=eos,
                        bos_token_id=None if bos is None else int(_ids(bos)[0]),
                        pad_token_id=None if pad is None else int(_ids(pad)[0]),
-                       max_positions=getattr(cfg, "max_position_embeddings", None))
+                       max_positions=getattr(cfg, "max_position_embeddings", None),
+                       generation_config=generation_settings(gen) if gen is not None else {})
     return _HFDecoder(model, info.layers), info
 
 
@@ -327,6 +371,7 @@ def onnx_decoder_info(model, path) -> DecoderInfo:
                         f"{vocab}; a decoder needs [batch, kv_heads, past, head_dim] with fixed "
                         "heads, head_dim and vocabulary")
     meta = checkpoint_meta(Path(path).parent)
+    settings = file_generation_settings(Path(path).parent)
     manifest = Path(path).parent / "manifest.json"  # an edgec artifact's model.onnx
     if manifest.is_file():
         try:
@@ -336,12 +381,14 @@ def onnx_decoder_info(model, path) -> DecoderInfo:
         meta.update(eos_token_id=gen.get("eos_token_ids"), bos_token_id=gen.get("bos_token_id"),
                     pad_token_id=gen.get("pad_token_id"), num_attention_heads=gen.get("heads"),
                     max_position_embeddings=gen.get("max_positions"))
+        settings = gen.get("generation_config", settings)  # (an older manifest: the file)
     heads = int(meta.get("num_attention_heads") or dims[1])
     return DecoderInfo(layers=layers, heads=heads, kv_heads=int(dims[1]), head_dim=int(dims[3]),
                        vocab=int(vocab), eos_token_ids=_ids(meta.get("eos_token_id")),
                        bos_token_id=_first(meta.get("bos_token_id")),
                        pad_token_id=_first(meta.get("pad_token_id")),
-                       max_positions=meta.get("max_position_embeddings"))
+                       max_positions=meta.get("max_position_embeddings"),
+                       generation_config=settings)
 
 
 def checkpoint_meta(directory) -> dict[str, Any]:

@@ -360,13 +360,14 @@ def _decoder_source(source: Any, config: str | None, dynamic_shapes, static=None
 
 
 def _vlm_token_ids(path: Path) -> dict[str, Any]:
-    """A LLaVA checkpoint's eos/bos/pad ids and context (its generation_config.json, else
-    config.json or its text_config), for the decoder's ``DecoderInfo``; none for the reference
-    model."""
-    from edgec.exporters.decoder import _first, _ids, checkpoint_meta
+    """A LLaVA checkpoint's eos/bos/pad ids, context and generation settings (its
+    generation_config.json, else config.json or its text_config), for the decoder's
+    ``DecoderInfo``; none for the reference model."""
+    from edgec.exporters.decoder import _first, _ids, checkpoint_meta, file_generation_settings
 
     meta = checkpoint_meta(path) if path.is_dir() else {}
-    return {"eos_token_ids": _ids(meta.get("eos_token_id")),
+    return {"generation_config": file_generation_settings(path) if path.is_dir() else None,
+            "eos_token_ids": _ids(meta.get("eos_token_id")),
             "bos_token_id": _first(meta.get("bos_token_id")),
             "pad_token_id": _first(meta.get("pad_token_id")),
             "max_positions": meta.get("max_position_embeddings")}

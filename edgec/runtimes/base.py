@@ -230,15 +230,21 @@ class Session(abc.ABC):
     # Generation: a KV-cache decoder artifact (compiled with --generate).
     @_one_generation_at_a_time
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0, eos_token_id=None,
+                 do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None,
+                 repetition_penalty: float | None = None, eos_token_id=None,
                  pad_token_id: int | None = None, seed: int | None = None,
                  streamer=None, kv_retrieval: bool = True,
                  sparse_prefill: bool = True, image=None,
                  adapter: str | Mapping[str, float] | None = None) -> np.ndarray:
         """Prompt followed by the new tokens, [batch, seq + new] int64, as Hugging Face's
         ``generate`` returns them. ``input_ids`` [batch, seq] (left-padded, with
-        ``attention_mask``, for prompts of different lengths); greedy unless ``do_sample``;
+        ``attention_mask``, for prompts of different lengths); ``do_sample``, ``temperature``,
+        ``top_k``, ``top_p``, ``repetition_penalty`` left out (None) are the checkpoint's
+        generation_config.json's, else transformers' defaults (top_k 50), as HF's ``generate``
+        takes them; an artifact without one (the reference model) decodes greedily with no
+        top-k, penalty or temperature; ``last_generation["settings"]`` and ``["settings_from"]``
+        say which values ran and where they came from;
         ``eos_token_id`` an id or a list (default the checkpoint's); ``streamer(tokens)`` is
         called with each step's new tokens [batch]. Timings land in ``last_generation``
         (prefill ms = time to first token, decode tokens/s). An artifact compiled with
@@ -251,14 +257,15 @@ class Session(abc.ABC):
         prompt gets the image's placeholder tokens where it has none (or one, LLaVA's
         ``<image>``), and the returned rows hold them. ``adapter``: a swappable-LoRA artifact's
         adapter or blend for this call only, as in ``run`` (default the active one)."""
-        from edgec.runtimes.generation import GenerationConfig, generate
+        from edgec.runtimes.generation import GenerationConfig, generate, resolve_settings
 
         info = self.decoder_info
+        settings, sources = resolve_settings(
+            info, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty)
         # refuses bad options before the caches below are sized by them
-        GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                         temperature=temperature, top_k=top_k, top_p=top_p,
-                         repetition_penalty=repetition_penalty, pad_token_id=pad_token_id,
-                         seed=seed)
+        GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, seed=seed,
+                         **settings)
         if adapter is not None:
             self._lora_bank().feeds(adapter)  # refuses an unknown name or blend up front
         # every step's feeds read it (``_adapter_feeds``); other threads keep the active one
@@ -281,10 +288,12 @@ class Session(abc.ABC):
                  self._prefill_first(cache, info, length, sparse_prefill))
         ids, stats = generate(
             self, info, input_ids, attention_mask, cache=cache,
-            streamer=streamer, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, seed=seed)
+            streamer=streamer, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, seed=seed, **settings)
+        stats["settings"], stats["settings_from"] = settings, sources
+        ignored = (info.generation_config or {}).get("not_applied")
+        if ignored:  # transformers' generate() would apply them: the tokens may differ
+            stats["not_applied"] = dict(ignored)
         if retrieval is not None:
             stats["kv_retrieval"] = dict(retrieval.stats)
         from edgec.runtimes.generation import SparsePrefill
@@ -381,7 +390,15 @@ class Session(abc.ABC):
         if not entry:
             raise UserError("this artifact has no KV cache, so it cannot generate; compile it "
                             "with --generate (Python: generate=True)")
-        return DecoderInfo.from_json(entry)
+        info = DecoderInfo.from_json(entry)
+        if "generation_config" not in entry and getattr(self, "root", None) is not None:
+            # compiled before the manifest held it: the checkpoint's file shipped beside it
+            from edgec.exporters.decoder import file_generation_settings
+
+            shipped = Path(self.root) / "generation_config.json"
+            info = dataclasses.replace(info, generation_config=file_generation_settings(
+                self.root) if shipped.is_file() else None)
+        return info
 
     def _kv_cache(self, info, batch: int, capacity: int):
         """A fresh cache for one ``generate`` call of ``batch`` sequences of at most

@@ -3,8 +3,9 @@
 The loop is the one Hugging Face ``generate()`` runs, so greedy decoding agrees token for
 token: prefill over the prompt (empty past), then one token per step with the cache; left-padded
 batches take their positions from the mask's cumulative sum; logits are processed in HF's order
-(repetition penalty, skipping each row's left padding, then temperature, top-k, top-p); a row that produced an EOS id is padded
-from then on (``pad_token_id``, else the first EOS id) and the loop stops when every row has.
+(repetition penalty, skipping each row's left padding, then temperature, top-k, top-p); a row
+that produced an EOS id is padded from then on (``pad_token_id``, else the first EOS id) and the
+loop stops when every row has.
 The cache is the session's: arrays passed in and out (ONNX Runtime), or state kept inside the
 runtime (OpenVINO's stateful model).
 """
@@ -21,7 +22,14 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["GenerationConfig", "ArrayCache", "generate", "process_logits"]
+__all__ = ["GenerationConfig", "ArrayCache", "generate", "process_logits", "resolve_settings"]
+
+# an option the caller leaves out (None): edgec's default for an artifact without a checkpoint
+# generation config (the reference model), else the checkpoint's value, else transformers'
+# GenerationConfig default (top_k 50), as transformers' generate() resolves them
+EDGEC_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                  "repetition_penalty": 1.0}
+HF_DEFAULTS = {**EDGEC_DEFAULTS, "top_k": 50}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +63,24 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise UserError(f"{name} must be an integer ≥ 0 (or None), not {value!r}")
+
+
+def resolve_settings(info, **given: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the values of ``EDGEC_DEFAULTS``' options, where each came from: "argument",
+    "checkpoint" (its generation_config.json), "transformers default" or "edgec default").
+    ``given``: the caller's options, None where not given."""
+    checkpoint = getattr(info, "generation_config", None)
+    values, sources = {}, {}
+    for name, default in EDGEC_DEFAULTS.items():
+        if given.get(name) is not None:
+            values[name], sources[name] = given[name], "argument"
+        elif checkpoint is None:
+            values[name], sources[name] = default, "edgec default"
+        elif checkpoint.get(name) is not None:
+            values[name], sources[name] = checkpoint[name], "checkpoint"
+        else:
+            values[name], sources[name] = HF_DEFAULTS[name], "transformers default"
+    return values, sources
 
 
 def _is_int(x: Any) -> bool:
@@ -292,7 +318,8 @@ def benchmark_generation(session, prompt_tokens: int = 128, new_tokens: int = 32
     ids = rng.integers(0, high, (1, prompt_tokens))
     runs = []
     for i in range(warmup + iterations):
-        session.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], image=image)
+        session.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], image=image,
+                         do_sample=False)
         if i >= warmup:
             runs.append(session.last_generation)
     extra = {"image_tokens": int(vision["image_tokens"]),

@@ -134,6 +134,57 @@ def test_left_padded_batch_decodes_as_each_prompt_alone(artifacts, target):
                                                              eos_token_id=[])[0])
 
 
+def test_checkpoint_generation_config_is_followed_as_hf_generate(artifacts, checkpoints,
+                                                                 monkeypatch):
+    # the checkpoint's repetition_penalty went unread (silently other tokens than HF's), and
+    # the penalty hit each row's left padding (a padded row decoded otherwise than alone)
+    _, models = checkpoints
+    model, sess = models["qwen2"], artifacts["hf-qwen2", "ort-cpu"].load()
+    assert sess.decoder_info.generation_config == {}  # saved by transformers: its defaults
+    monkeypatch.setitem(sess.manifest["generation"], "generation_config",
+                        {"repetition_penalty": 1.5})
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.5)
+    batch = np.array([[1, 5, 9, 13, 17, 21, 25], [0, 0, 0, 0, 1, 30, 31]])
+    mask = (np.arange(7) >= np.array([[0], [4]])).astype(np.int64)
+    with torch.no_grad():
+        hf = model.generate(torch.as_tensor(batch), attention_mask=torch.as_tensor(mask),
+                            max_new_tokens=12).numpy()
+    np.testing.assert_array_equal(sess.generate(batch, mask, max_new_tokens=12), hf)
+    assert sess.last_generation["settings"]["repetition_penalty"] == 1.5
+    assert sess.last_generation["settings_from"]["repetition_penalty"] == "checkpoint"
+    plain = sess.generate(batch, mask, max_new_tokens=12, repetition_penalty=1.0)  # overrides
+    assert sess.last_generation["settings_from"]["repetition_penalty"] == "argument"
+    assert not np.array_equal(plain, hf)
+
+
+def test_cli_follows_and_overrides_the_checkpoints_sampling(artifacts, tmp_path):
+    import shutil
+
+    art = shutil.copytree(artifacts["hf-qwen2", "ort-cpu"].path, tmp_path / "a")
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["generation"]["generation_config"] = {"do_sample": True, "temperature": 0.7,
+                                                   "top_p": 0.8}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    runner = CliRunner()
+    args = ["generate", str(art), "--prompt-ids", "1,5,9", "-n", "4", "--seed", "0"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert ("sampling as the checkpoint's generation_config.json says: temperature 0.7, top_k 50 "
+            "(transformers' default), top_p 0.8; --greedy to override") in r.stderr
+    data = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert data["settings"] == {"do_sample": True, "temperature": 0.7, "top_k": 50,
+                                "top_p": 0.8, "repetition_penalty": 1.0}
+    assert data["settings_from"]["top_p"] == "checkpoint"
+    assert data["settings_from"]["top_k"] == "transformers default"
+    greedy = runner.invoke(app, ["generate", str(art), "--prompt-ids", "1,5,9", "-n", "4",
+                                 "--greedy", "--json"])
+    plain = runner.invoke(app, ["generate", str(artifacts["hf-qwen2", "ort-cpu"].path),
+                                "--prompt-ids", "1,5,9", "-n", "4", "--json"])
+    assert json.loads(greedy.stdout)["new_ids"] == json.loads(plain.stdout)["new_ids"]
+    assert json.loads(greedy.stdout)["settings"]["do_sample"] is False
+    assert "checkpoint" not in plain.stderr  # transformers' defaults change no greedy token
+
+
 def test_eos_stops_a_row_and_pads_it(artifacts):
     sess = artifacts["llama", "ort-cpu"].load()
     ids = np.array([[3, 4, 5], [6, 7, 8]])
@@ -194,6 +245,45 @@ def test_repetition_penalty_skips_the_left_padding_as_transformers():
     ours = process_logits(scores, seqs, GenerationConfig(repetition_penalty=1.5), lead)
     np.testing.assert_array_equal(ours, ref)
     assert ours[1, 0] == scores[1, 0] and ours[2, 0] != scores[2, 0]
+
+
+@pytest.mark.parametrize("checkpoint", [
+    None, {}, {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05},
+    {"do_sample": True, "top_k": 20}, {"repetition_penalty": 1.5, "top_k": 0}])
+def test_options_left_out_are_the_checkpoints_then_transformers_defaults(checkpoint):
+    # edgec read only the token ids of generation_config.json: a Qwen2.5-Instruct's
+    # do_sample/temperature/top_p/repetition_penalty, and transformers' top_k 50, went unused
+    import dataclasses
+
+    from transformers import GenerationConfig as HFConfig
+
+    from edgec.exporters.decoder import DecoderInfo
+    from edgec.runtimes.generation import EDGEC_DEFAULTS, resolve_settings
+
+    info = DecoderInfo(1, 1, 1, 8, 10, generation_config=checkpoint)
+    values, sources = resolve_settings(info)
+    if checkpoint is None:  # the reference model: edgec's defaults, as before
+        assert values == EDGEC_DEFAULTS and set(sources.values()) == {"edgec default"}
+    else:  # transformers' generate(): the model's config, then its global defaults
+        hf = HFConfig(**checkpoint)
+        hf.update(**HFConfig._get_default_generation_params(), defaults_only=True)
+        assert values == {k: getattr(hf, k) for k in values}
+        assert {k for k, v in sources.items() if v == "checkpoint"} == set(checkpoint)
+    given = dict(do_sample=False, top_k=3, temperature=0.5)  # arguments win
+    values, sources = resolve_settings(dataclasses.replace(info), **given, top_p=None)
+    assert {k: values[k] for k in given} == given and sources["top_k"] == "argument"
+
+
+def test_generation_settings_are_read_from_the_checkpoints_file(tmp_path):
+    from edgec.exporters.decoder import file_generation_settings
+
+    assert file_generation_settings(tmp_path) is None  # no generation config: edgec's defaults
+    (tmp_path / "config.json").write_text(json.dumps({"temperature": 0.5, "eos_token_id": 2}))
+    assert file_generation_settings(tmp_path) == {"temperature": 0.5}  # transformers' fallback
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        "do_sample": True, "top_p": 0.9, "min_p": 0.05, "typical_p": 1.0, "eos_token_id": 2}))
+    assert file_generation_settings(tmp_path) == {"do_sample": True, "top_p": 0.9,
+                                                  "not_applied": {"min_p": 0.05}}
 
 
 @pytest.mark.parametrize("options, message", [
@@ -347,7 +437,7 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, dit_tiny_artifacts):
         (["generate", ref, "--prompt-ids", "1", "--sample", "--temperature", "0"],
          "deterministic (greedy) output drop --sample"),
         (["generate", ref, "--prompt-ids", "1", "--temperature", "0"],
-         "leave --temperature out: greedy decoding is the default"),
+         "give --greedy or leave --temperature out"),
         (["generate", ref], "one of them"),
         (["compile", "llama", "--target", "ort-cpu", "-o", "x", "--context", "64"],
          "add --generate"),
