@@ -174,7 +174,16 @@ def process_logits(scores: np.ndarray, sequences: np.ndarray, cfg: GenerationCon
     if not cfg.do_sample:
         return scores
     if cfg.temperature != 1.0:
-        scores = scores / np.float32(cfg.temperature)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            scaled = scores / np.float32(cfg.temperature)
+        overflow = np.isfinite(scores) & ~np.isfinite(scaled)  # (the model's own: _choose)
+        if overflow.any():
+            top = float(np.abs(scores[overflow]).max())
+            raise UserError(f"temperature {cfg.temperature!r} is too small: the scores divided "
+                            f"by it overflow float32 (a score of {top:.3g} / {cfg.temperature!r})"
+                            "; give a larger temperature, or do_sample=False (--greedy) for the "
+                            "most likely tokens")
+        scores = scaled
     if 0 < cfg.top_k < scores.shape[-1]:
         kth = np.partition(scores, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
         scores = np.where(scores < kth, -np.inf, scores)

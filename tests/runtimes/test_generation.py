@@ -247,6 +247,20 @@ def test_repetition_penalty_skips_the_left_padding_as_transformers():
     assert ours[1, 0] == scores[1, 0] and ours[2, 0] != scores[2, 0]
 
 
+def test_a_temperature_that_overflows_the_scores_is_refused_without_a_numpy_warning():
+    import warnings
+
+    scores = np.array([[3.2, -1.0, 0.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "overflow encountered in divide" came first
+        for t in (1e-40, 1e-50):  # a float32 subnormal, and one that rounds to 0
+            with pytest.raises(UserError, match=f"temperature {t} is too small"):
+                process_logits(scores, np.zeros((1, 1), np.int64),
+                               GenerationConfig(do_sample=True, temperature=t))
+        assert np.isfinite(process_logits(scores, np.zeros((1, 1), np.int64), GenerationConfig(
+            do_sample=True, temperature=1e-30))).all()
+
+
 @pytest.mark.parametrize("checkpoint", [
     None, {}, {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05},
     {"do_sample": True, "top_k": 20}, {"repetition_penalty": 1.5, "top_k": 0}])
@@ -438,6 +452,9 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, dit_tiny_artifacts):
          "deterministic (greedy) output drop --sample"),
         (["generate", ref, "--prompt-ids", "1", "--temperature", "0"],
          "give --greedy or leave --temperature out"),
+        # overflowed float32 in the division: a numpy warning, then NaN/inf blamed on the model
+        (["generate", ref, "--prompt-ids", "1", "--sample", "--temperature", "1e-40"],
+         "temperature 1e-40 is too small"),
         (["generate", ref], "one of them"),
         (["compile", "llama", "--target", "ort-cpu", "-o", "x", "--context", "64"],
          "add --generate"),
