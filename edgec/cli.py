@@ -404,11 +404,19 @@ def calibrate_cmd(
                "scheme": cache.scheme, "method": cache.method, "samples": cache.samples,
                "data": cache.data, "tensors": len(cache.tensors),
                "model_hash": cache.model_hash, "seconds": round(cache.seconds, 3)}
+    decode = None
+    if (output / "decode" / "calibration.json").is_file():  # --generate on the NPU: the
+        from edgec.calibration import CalibrationCache  # one-token decode graph's own
+
+        decode = CalibrationCache.load(output / "decode")
+        summary["decode"] = {"cache": str(output / "decode" / "calibration.json"),
+                             "samples": decode.samples, "tensors": len(decode.tensors)}
     if as_json:
         return _print_json(summary)
     out.print(f"wrote {summary['cache']}: {summary['tensors']} tensor ranges from "
-              f"{cache.samples} samples ({cache.method}, {cache.data}) in {cache.seconds:.1f} s",
-              highlight=False)
+              f"{cache.samples} samples ({cache.method}, {cache.data}) in {cache.seconds:.1f} s"
+              + (f"; the decode graph's {len(decode.tensors)} from {decode.samples} one-token "
+                 "samples in decode/" if decode is not None else ""), highlight=False)
 
 
 @app.command("targets")

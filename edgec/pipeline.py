@@ -446,6 +446,9 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         quant = reports.quantization_entry(records)
         if quant:
             manifest["quantization"] = report["quantization"] = quant
+            if decode and decode[3]:  # the decode graph's own ranges (its sample count)
+                report["quantization"] = {**quant, "decode_calibration": decode[3]}
+                built.notes.extend(_few_decode_samples(recipe, decode[3]))
         _floor_against_source(report, manifest, fidelity)
         notes = [*built.notes, *fidelity.get("notes", []),  # and a pass's warning (sparse-merge
                  *(f"{r.name}: {r.stats['warning']}" for r in records  # on a dense base)
@@ -526,9 +529,12 @@ def _rotations(passes) -> dict[str, np.ndarray] | None:
 
 
 def _decode_graph(source, recipe, stage: Path, step: Progress, rotations=None
-                  ) -> tuple[dict, dict, dict]:
+                  ) -> tuple[dict, dict, dict, dict | None]:
     """The one-token decode graph of a static-cache decoder beside the prefill graph
-    (``decode.onnx``, ``target/decode/``): its runtime entry, fidelity and example feeds."""
+    (``decode.onnx``, ``target/decode/``): its runtime entry, fidelity, example feeds and
+    calibration (how, samples...; None unquantized or weight-only). Calibrated by default on
+    ``DECODE_SAMPLES`` one-token samples, not the prefill graph's 16 (``default_sample_count``)."""
+    from edgec import report as reports
     from edgec.calibration.cache import CalibrationCache
 
     step("exporting the one-token decode graph")
@@ -539,7 +545,23 @@ def _decode_graph(source, recipe, stage: Path, step: Progress, rotations=None
     prep = prepare(source, recipe, step=step, static=static_graphs(recipe)[1],
                    rotations=rotations)
     entry, fidelity = _companion("decode", prep, recipe, stage, step, tokens=1)
-    return entry, fidelity, prep.src.feeds
+    quant = reports.quantization_entry(prep.manager.records) or {}
+    return entry, fidelity, prep.src.feeds, quant.get("calibration")
+
+
+def _few_decode_samples(recipe: Recipe, calibration: dict) -> list[str]:
+    """A note where the decode graph reused a cache of fewer than ``DECODE_SAMPLES`` samples
+    that the compile did not ask for (``calibrate --generate`` before the decode graph's count
+    was raised from 16: its ranges are too narrow, llama tiny's decode logits cosine 0.99972
+    where 128 samples give 0.99996)."""
+    from edgec.calibration.samples import DECODE_SAMPLES
+
+    if (calibration.get("how") != "reused cache" or recipe.quantize.samples
+            or calibration["samples"] >= DECODE_SAMPLES):
+        return []
+    return [f"the decode graph reused a calibration cache of {calibration['samples']} samples "
+            f"(compile calibrates it on {DECODE_SAMPLES} by default: one token each); re-run "
+            "`edgec calibrate --generate` for its full ranges"]
 
 
 def _companion(name: str, prep: Prepared, recipe: Recipe, stage: Path, step: Progress,

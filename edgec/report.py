@@ -225,6 +225,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         line = scheme_line(q)
         if q.get("calibration"):
             line += f"; calibration {calibration_line(q['calibration'])}"
+        if q.get("decode_calibration"):  # a static-cache decoder's one-token graph
+            line += f"; decode graph {calibration_line(q['decode_calibration'])}"
         rows.append(("quantization", line))
     mp = mixed_precision_stats(report)
     if mp:

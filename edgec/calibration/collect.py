@@ -17,8 +17,8 @@ from edgec.calibration.cache import CalibrationCache, model_hash
 from edgec.calibration.crest import collect_crest
 from edgec.calibration.ranges import collect_ranges
 from edgec.calibration.samples import (
-    DEFAULT_SAMPLES,
     check_sample_count,
+    default_sample_count,
     generated_samples,
     samples_for_model,
     samples_from_npz,
@@ -31,7 +31,8 @@ __all__ = ["CalibrationRequest", "collect_cache"]
 class CalibrationRequest:
     """target, scheme: what the cache is for; method: ORT calibrator (``minmax``...);
     symmetric: symmetric activation ranges; op_types: calibrate these ops' tensors (None: every
-    float tensor); samples: how many (None: all of ``data``, or 16 generated); data: an .npz of
+    float tensor); samples: how many (None: all of ``data``, or
+    ``default_sample_count`` generated); data: an .npz of
     samples (None: the source's own generator); crest: also each tensor's crest factor
     (absmax / RMS), for precision choices per tensor; bits: the activations' integer width
     (what ``entropy`` sizes its thresholds for)."""
@@ -73,7 +74,7 @@ def collect_cache(model, request: CalibrationRequest, src,
         for i, sample in enumerate(samples):
             check_indices(sample, bounds, f"calibration sample {i} of {request.data.name}:")
     else:
-        samples, origin = generated_samples(src, request.samples or DEFAULT_SAMPLES)
+        samples, origin = generated_samples(src, request.samples or default_sample_count(src))
     samples = samples_for_model(samples, model, bindings)
     t0 = time.perf_counter()
     tensors = collect_ranges(model, samples, request.method, request.op_types,

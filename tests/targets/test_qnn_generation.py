@@ -38,6 +38,24 @@ def test_static_graphs_and_manifest(qnn_art):
     assert decode["outputs"]["logits"]["cosine"] > 0.97
 
 
+def test_the_decode_graph_calibrates_on_as_many_activations_as_the_prefill_graph(qnn_art):
+    """The one-token decode graph sees one token per sample: at the prefill graph's 16 samples
+    (16 × 16 tokens here) its ranges came from 16 activations per tensor, too narrow; it takes
+    DECODE_SAMPLES by default, and the report says both counts."""
+    from edgec.calibration.samples import DECODE_SAMPLES, DEFAULT_SAMPLES
+
+    q = qnn_art.report["quantization"]
+    assert q["calibration"]["samples"] == DEFAULT_SAMPLES
+    assert q["decode_calibration"]["samples"] == DECODE_SAMPLES == 128
+    assert q["decode_calibration"]["how"] == "calibrated during compile"
+    assert "decode_calibration" not in qnn_art.manifest["quantization"]
+    assert "decode graph calibrated during compile: 128 samples" in \
+        (qnn_art.path / "report.md").read_text()
+    # 0.99972 (rel L2 0.024) on 16 samples, 0.99996 (0.009) on 128
+    decode = qnn_art.report["fidelity"]["decode_graph_vs_source"]["outputs"]["logits"]
+    assert decode["cosine"] > 0.9999
+
+
 def test_prefill_and_decode_share_one_context_where_the_backend_loads_it(qnn_art):
     shared = qnn_art.manifest["runtime"]["shared_context"]
     assert shared["shared_bytes"] < shared["separate_bytes"]  # the weights stored once
@@ -118,15 +136,27 @@ def test_a_calibration_cache_serves_the_decode_graph_too(qnn_art, tmp_path):
     prefill graph's cache as another graph's, so the README's calibrate-then-compile flow could
     not work for an NPU decoder. Same generated samples: the same graphs as calibrated inside
     the compile."""
-    import onnx_ir as ir
+    import json
 
-    edgec.calibrate("llama", target="qnn-htp", config="tiny", generate=True, quantize="w8a16",
-                    context=64, output_dir=tmp_path / "c")
-    assert (tmp_path / "c" / "decode" / "calibration.json").is_file()
+    import onnx_ir as ir
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+
+    r = CliRunner().invoke(app, ["calibrate", "llama", "--target", "qnn-htp", "--config", "tiny",
+                                 "--generate", "--quantize", "w8a16", "--context", "64", "-o",
+                                 str(tmp_path / "c"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)  # the decode graph's own default count, as compile's
+    assert summary["samples"] == 16 and summary["decode"]["samples"] == 128
+    stored = json.loads((tmp_path / "c" / "decode" / "calibration.json").read_text())
+    assert stored["samples"] == 128
     art = edgec.compile("llama", target="qnn-htp", config="tiny", generate=True,
                         quantize="w8a16", context=64, calibration=str(tmp_path / "c"),
                         output_dir=tmp_path / "a")
     assert art.report["quantization"]["calibration"]["how"] == "reused cache"
+    assert art.report["quantization"]["decode_calibration"]["how"] == "reused cache"
+    assert not any("decode graph reused" in n for n in art.report.get("notes", []))
     for graph in ("model.onnx", "decode.onnx"):
         ours, theirs = (ir.load(p / graph) for p in (art.path, qnn_art.path))
         scales = {n: v.const_value.numpy() for n, v in ours.graph.initializers.items()
@@ -135,10 +165,30 @@ def test_a_calibration_cache_serves_the_decode_graph_too(qnn_art, tmp_path):
         for name, value in scales.items():
             np.testing.assert_array_equal(value, theirs.graph.initializers[name].const_value
                                           .numpy(), err_msg=f"{graph}: {name}")
+    # a cache an older edgec made: its decode graph's ranges from 16 samples are reused, with
+    # a note (as a compile that asks for samples=16 takes it without one); samples=16 against
+    # this cache is refused by the decode graph's cache, named
+    from types import SimpleNamespace
+
+    from edgec.calibration.cache import CalibrationCache
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.pipeline import _few_decode_samples
+    from edgec.targets import get
+
+    def recipe(samples):
+        return SimpleNamespace(quantize=SimpleNamespace(samples=samples))
+
+    old = {"how": "reused cache", "samples": 16}
+    assert "re-run `edgec calibrate --generate`" in _few_decode_samples(recipe(None), old)[0]
+    assert not _few_decode_samples(recipe(16), old)
+    assert not _few_decode_samples(recipe(None), {**old, "how": "calibrated during compile"})
+    cache = CalibrationCache.load(tmp_path / "c").companion("decode")
+    with pytest.raises(UserError, match=r"samples=16, but the calibration cache \(.*decode\) was "
+                                        "made from 128 samples"):
+        QuantOptions.parse("w8a16:samples=16", get("qnn-htp")).make_pass(
+            get("qnn-htp"), cache, None, print)
     # a cache an older edgec made over empty KV buffers: its past ranges are zero, and the
     # decoder would ignore its cache on the device
-    import json
-
     cal = tmp_path / "c" / "calibration.json"
     raw = json.loads(cal.read_text())
     cal.write_text(json.dumps({**raw, "data": "prefill prompts (empty KV cache)"}))

@@ -225,7 +225,11 @@ class QuantOptions:
         the adapters a swappable-LoRA graph ships (``edgec.lora.binding.adapter_bindings``),
         bound in turn for calibration and each for the floor."""
         from edgec.calibration import CalibrationCache
-        from edgec.calibration.samples import DEFAULT_SAMPLES, check_sample_count, npz_sample_count
+        from edgec.calibration.samples import (
+            check_sample_count,
+            default_sample_count,
+            npz_sample_count,
+        )
         from edgec.graph_passes.quantization.quantize import QuantizePass
 
         scheme = self.scheme_on(target)
@@ -237,13 +241,18 @@ class QuantOptions:
             check_sample_count(self.samples, available, data.name)
         if given is not None and self.samples and self.samples != given.samples:
             # the cache's ranges are reused as they are: samples= was ignored, the report said
-            # the cache's count
-            raise UserError(f"--quantize samples={self.samples}, but the calibration cache was "
-                            f"made from {given.samples} samples; drop samples= to reuse it, or "
+            # the cache's count. Named by its directory: an NPU decode graph's (``decode/``)
+            # holds DECODE_SAMPLES where the prefill graph's holds 16
+            where = getattr(given, "_directory", None)
+            where = f" ({where})" if where else ""
+            raise UserError(f"--quantize samples={self.samples}, but the calibration cache"
+                            f"{where} was made from {given.samples} samples; drop samples= to "
+                            f"reuse it, or "
                             f"re-run `edgec calibrate` with samples={self.samples}")
         # generated samples calibration took: the floor's held-out samples and GPTQ's come after
-        # them (with a cache, its own count: they fell inside a larger cache's samples)
-        count = given.samples if given is not None else self.samples or DEFAULT_SAMPLES
+        # them (with a cache, its own count: they fell inside a larger cache's samples); the
+        # default count is the graph's own (an NPU decode graph's is larger)
+        count = given.samples if given is not None else self.samples or default_sample_count(src)
         # a user's .npz: the floor's held-out samples are its last HELD_OUT, kept out of the
         # calibration when enough remain (held_out_split); else calibration sees them too
         calibrated, source = held_out_split(available if floor else None, self.samples)
@@ -272,9 +281,9 @@ class QuantOptions:
                                   bindings(model) if bindings else None)
             return cache, "calibrated during compile"
 
-        def samples(model, extra: int = 0):
+        def samples(model, extra: int = 0, skip: int = 0):
             """A user's .npz (all of it), else the model's generator: the calibration count
-            plus ``extra`` more."""
+            plus ``extra`` more, less the first ``skip``."""
             from edgec.calibration.samples import (
                 generated_samples,
                 samples_for_model,
@@ -284,7 +293,7 @@ class QuantOptions:
             if data is not None:
                 found = source_samples_from_npz(data, src)
             else:
-                found = generated_samples(src, count + extra)[0]
+                found = generated_samples(src, count + extra, skip)[0]
             return samples_for_model(found, model, bindings(model) if bindings else None)
 
         def gptq_samples(model):
@@ -301,7 +310,7 @@ class QuantOptions:
             """Samples the floor measures on: the model's generator past the calibration count,
             else the last HELD_OUT of a user's .npz (``source`` says whether calibration saw
             them)."""
-            return samples(model, HELD_OUT)[-HELD_OUT:]
+            return samples(model, HELD_OUT, skip=0 if data is not None else count)[-HELD_OUT:]
 
         if self.smooth is not None and not scheme.calibrated:
             raise UserError(f"smooth moves activation ranges into the weights; {scheme.name} is "
