@@ -243,6 +243,11 @@ class Recipe:
             from edgec.lora.spec import check_names
 
             check_names(a.name for a in self.lora)  # run time addresses them by these names
+        if self.prune is not None and self.rotate is not None:
+            # a rotation folds dense orthogonal matrices into every rotated weight: --prune 2:4
+            # --rotate hadamard shipped no zero at all while its report said 50% sparsity
+            raise UserError("--prune and --rotate do not combine: rotating a pruned weight "
+                            "makes it dense again; drop one of the two")
         if self.context is not None and not self.generate:
             raise UserError("--context sizes the KV cache of a generation artifact; add "
                             "--generate")

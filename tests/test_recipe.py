@@ -41,6 +41,8 @@ def no_export(monkeypatch):
     (dict(target="ort-cpu", generate="no"), "generate must be True or False"),  # was "check"
     (dict(target="ort-cpu", lora_mode="swappable"), "needs the adapters it applies to"),
     (dict(target="ort-cpu", lora={"x": float("nan")}), "not a finite number"),
+    # the rotation made every pruned weight dense; the report said 50% sparsity
+    (dict(target="ort-cpu", prune="2:4", rotate="hadamard"), "--prune and --rotate do not"),
 ])
 def test_refused_before_any_export(no_export, tmp_path, kwargs, match):
     with pytest.raises(UserError, match=match):

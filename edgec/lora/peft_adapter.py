@@ -49,7 +49,10 @@ _EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<role>A|B)(?:\.[^.]
 _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
 # a module's tensors: (pattern, its role in the module's entry; None: the pattern's own A/B)
 _ROLES = ((_KEY, None), (_EMBEDDING, None), (_MAGNITUDE, "M"), (_BIAS, "b"))
-_UNSUPPORTED = {"use_qalora": "QALoRA", "use_bdlora": "BD-LoRA"}
+# aLoRA applies only after its invocation tokens: merged, it ran on every token (PEFT refuses to
+# merge it: an internal error from a checkpoint source, a silent merge from an .onnx one)
+_UNSUPPORTED = {"use_qalora": "QALoRA", "use_bdlora": "BD-LoRA",
+                "alora_invocation_tokens": "aLoRA (activated LoRA)"}
 
 
 @dataclasses.dataclass
@@ -226,7 +229,7 @@ def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0)
                         "merges LoRA adapters only")
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
-            raise UserError(f"{root}: {what} adapters ({key}=true) are not supported yet; "
+            raise UserError(f"{root}: {what} adapters ({key} set) are not supported yet; "
                             "use a plain LoRA adapter")
     try:
         tensors = load_file(str(root / WEIGHTS_FILE))

@@ -109,7 +109,11 @@ def _peft_merged(model, adapters: Sequence[LoraAdapter], names: Sequence[str], t
         for name, a in zip(names, adapters):
             if a.weight != 1.0:
                 for pname, p in peft_model.named_parameters():
-                    if f".lora_B.{name}." in pname:
+                    # an embedding's B is a ParameterDict entry: ``lora_embedding_B.{name}``
+                    # (missed, the reference merged it at weight 1 and every weighted adapter
+                    # on an embedding failed its check, edgec's merge being right)
+                    if (f".lora_B.{name}." in pname
+                            or pname.endswith(f".lora_embedding_B.{name}")):
                         p.mul_(a.weight)
     return peft_model.merge_and_unload(adapter_names=names)
 

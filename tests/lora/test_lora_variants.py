@@ -224,6 +224,17 @@ def test_an_embedding_adapter_merges_into_the_table(tmp_path, llama_source, expo
     ref = exported_outputs("embedding", merged)["logits"]
     assert lora_helpers.max_rel(got, ref) <= RTOL
     assert lora_helpers.max_rel(src.reference["logits"], ref) > 100 * RTOL
+    # weighted: PEFT's reference scaled lora_B but not lora_embedding_B (a ParameterDict entry),
+    # so every weighted embedding adapter failed its check while the merge was right
+    from edgec.lora.reference import peft_merged_outputs
+    from edgec.models import registry
+
+    half = read_adapter(tmp_path / "e", weight=0.5)
+    got = run_model(LoraMergePass([half], src.parameter_map)(llama_source().model).model,
+                    src.feeds)["logits"]
+    module = registry.get("llama").build("tiny")
+    ref = peft_merged_outputs(module, src.feeds, list(src.feeds), ["logits"], [half])["logits"]
+    assert lora_helpers.max_rel(got, ref) <= RTOL
     with pytest.raises(UserError, match="embedding embed_tokens.*--lora-mode merge"):
         edgec.compile("llama", target="ort-cpu", config="tiny", output_dir=tmp_path / "s",
                       lora=[str(tmp_path / "e")], lora_mode="swappable")

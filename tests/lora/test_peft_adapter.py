@@ -141,6 +141,11 @@ def test_refuses_pickles_missing_files_and_unsupported_kinds(adapter_dirs, tmp_p
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_qalora": True}))
     with pytest.raises(UserError, match="QALoRA adapters .* not supported"):
         read_adapter(dora)
+    # aLoRA acts after its invocation tokens only: merged, it ran on every token (exit 0)
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg,
+                                                          "alora_invocation_tokens": [5, 6]}))
+    with pytest.raises(UserError, match=r"aLoRA \(activated LoRA\) adapters .* not supported"):
+        read_adapter(dora)
 
 
 def test_rank_mismatch_names_the_module(adapter_dirs, tmp_path):
