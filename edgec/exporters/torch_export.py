@@ -331,8 +331,11 @@ def _unpinned(example_inputs: tuple, names: Sequence[str],
 
 def _tensor_dims(name: str, spec: Any, tensor: torch.Tensor) -> dict[int, str]:
     """A tensor argument's dynamic dims as ``{axis: dim name}``, checked against its rank; the
-    list form (one name or None per axis, as torch.export takes it) is accepted too."""
+    list form (one name or None per axis, as torch.export takes it) and None (all static) are
+    accepted too."""
     rank = tensor.dim()
+    if spec is None:  # the whole input static, as torch.export reads None
+        return {}
     if isinstance(spec, (list, tuple)):
         if len(spec) != rank:
             raise UserError(f"dynamic_shapes[{name!r}] lists {len(spec)} axes but the example "

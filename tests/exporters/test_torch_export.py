@@ -239,6 +239,8 @@ def test_dynamic_shapes_are_checked_against_the_example_and_take_the_list_form()
         export_module(_Ids(), x, {"ids": ["batch", "seq", None]})
     model = export_module(_Ids(), x, {"ids": [None, "seq"]}).model
     assert [str(d) for d in model.graph.inputs[0].shape] == ["2", "seq"]
+    model = export_module(_Ids(), x, {"ids": None}).model  # None: static, as torch.export
+    assert [str(d) for d in model.graph.inputs[0].shape] == ["2", "3"]
 
 
 def test_one_dim_name_for_dims_of_different_sizes_says_so():
