@@ -448,6 +448,15 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
         shape = (batch, *np.shape(default[name])[1:]) if name in default else None
         if noise is not None and name in noise:
             x[name] = np.asarray(noise[name], np.float32)
+            given = int(np.shape(x[name])[0]) if np.ndim(x[name]) else None
+            by = next((c for c in (*spec.conditions, *fixed)
+                       if c in fixed and np.ndim(fixed[c])), None)
+            if by is not None and given is not None and given != batch:
+                # the feed check named the timestep the sampler makes, not the condition
+                whose = "given" if by in (conditions or {}) else "the artifact's example"
+                raise UserError(f"noise {name!r} has batch {given}, but condition {by!r} "
+                                f"({whose}) has batch {batch}; give both for the same number "
+                                "of samples")
         elif shape is None:
             raise UserError(f"no example shape for sample input {name!r}; pass noise={{...}}")
         else:

@@ -157,6 +157,10 @@ def test_bad_sampling_requests():
         sample(Oracle("ddim-x0"), steps=1001)
     with pytest.raises(UserError, match="dense_steps needs"):
         sample(sess, dense_steps=2)
+    # named the timestep input the sampler makes ("'x' and 't' share dim 'batch'")
+    with pytest.raises(UserError, match=r"noise 'x' has batch 1, but condition 'c' \(the "
+                                        r"artifact's example\) has batch 2"):
+        sample(sess, noise={"x": np.zeros((1, 6), np.float32)})
     # each of these was dropped or ignored (exit 0), sampled NaN, or an internal error
     with pytest.raises(UserError, match="'x' is the noisy sample, not a condition; .*noise="):
         sample(sess, {"x": np.zeros((2, 6), np.float32)})
