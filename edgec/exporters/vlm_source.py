@@ -24,7 +24,8 @@ from edgec.exporters.param_map import strip_prefix
 from edgec.exporters.vision_prune import KEPT_MASK, VisionPruning, VlmPrefill, prefill_flops
 
 __all__ = ["VisionGraph", "VlmPrefillGraph", "VlmDecoderGraph", "load_vlm", "vlm_graph_source",
-           "is_vlm_source", "calibration_samples", "REFERENCE_MEAN", "REFERENCE_STD"]
+           "is_vlm_source", "calibration_samples", "random_images",
+           "REFERENCE_MEAN", "REFERENCE_STD"]
 
 REFERENCE_MEAN = REFERENCE_STD = (0.5, 0.5, 0.5)  # the ``vlm`` reference: pixels in [-1, 1]
 
@@ -101,10 +102,35 @@ def load_vlm(source: Any, config: str | None) -> tuple[torch.nn.Module, dict[str
     return vlm, info, kind
 
 
-def _example(vlm, batch: int = 2, text: int = 6, seed: int = 0):
-    """Random pixels in [-1, 1] and prompts [token, image placeholders..., text tokens]."""
+def random_images(batch: int, side: int, mean, std, g: torch.Generator) -> torch.Tensor:
+    """``batch`` random images [B, 3, side, side] as a processor hands them to the encoder:
+    smooth in [0, 1] (each a bicubic upsampling of a 2x2 to 8x8 grid of random colours, a
+    random contrast of 1 to 2.5 that saturates part of the image at black or white, a little
+    pixel noise), then normalized by the checkpoint's ``mean``/``std``. A CLIP checkpoint's
+    pixels so span [-1.79, 2.15]; uniform pixels in [-1, 1] (what calibration drew before)
+    clipped its bright and dark pixels: a tiny LLaVA's w8a16 image features fell to cosine
+    0.983 on a PNG and its tokens left fp32's from the first."""
+    out = []
+    for _ in range(batch):
+        k = int(torch.randint(2, 9, (1,), generator=g))
+        grey = torch.rand(1, 1, k, k, generator=g)
+        grid = 0.6 * grey + 0.4 * torch.rand(1, 3, k, k, generator=g)
+        img = torch.nn.functional.interpolate(grid, size=(side, side), mode="bicubic",
+                                              align_corners=False)
+        contrast = 1 + 1.5 * torch.rand(1, generator=g)
+        img = (img - 0.5) * contrast + 0.5 + 0.2 * (torch.rand(1, generator=g) - 0.5)
+        img = img + 0.02 * torch.randn(img.shape, generator=g)
+        out.append(img.clamp(0, 1))
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (torch.cat(out) - m) / s
+
+
+def _example(vlm, pre: dict[str, Any], batch: int = 2, text: int = 6, seed: int = 0):
+    """Random images normalized as ``pre`` (the checkpoint's preprocessing) says
+    (``random_images``), and prompts [token, image placeholders..., text tokens]."""
     g = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(batch, 3, vlm.image_size, vlm.image_size, generator=g) * 2 - 1
+    pixels = random_images(batch, vlm.image_size, pre["mean"], pre["std"], g)
     high = min(vlm.image_token_id, vlm.language.cfg.vocab)
     ids = torch.randint(0, high, (batch, text + 1), generator=g)
     image = torch.full((batch, vlm.image_tokens), vlm.image_token_id)
@@ -121,7 +147,7 @@ def vlm_graph_source(source: Any, config: str | None, graph, opset: int | None):
     vlm, info, kind = load_vlm(source, config)
     static = graph.static if isinstance(graph, VisionGraph) else graph.static_text is not None
     text = graph.static_text if static and isinstance(graph, VlmPrefillGraph) else 6
-    pixels, ids = _example(vlm, batch=1 if static else 2, text=text)
+    pixels, ids = _example(vlm, info["vision"], batch=1 if static else 2, text=text)
     lm = vlm.language.cfg
     if isinstance(graph, VisionGraph):
         src = _from_torch(vlm.vision, (pixels,),
@@ -158,13 +184,13 @@ def calibration_samples(src, n: int) -> list[dict[str, np.ndarray]]:
     image encoder merged into prompts of random text around the image's placeholders."""
     # a Path: the stored path lost its ./, and a str "vlm" would name the reference model again
     origin = Path(src.info["path"]).absolute() if src.info.get("path") else src.info["name"]
-    vlm, _, _ = load_vlm(origin, src.info.get("config"))
+    vlm, info, _ = load_vlm(origin, src.info.get("config"))
     batch = src.feeds[src.info["input_names"][0]].shape[0]
     text = max(2, src.feeds["input_ids"].shape[1] - vlm.image_tokens - 1) if (
         "input_ids" in src.feeds) else 6
     out = []
     for i in range(n):
-        pixels, ids = _example(vlm, batch=batch, text=text, seed=1000 + i)
+        pixels, ids = _example(vlm, info["vision"], batch=batch, text=text, seed=1000 + i)
         if src.info["vlm_graph"] == "vision":
             out.append({"pixel_values": pixels.numpy()})
             continue

@@ -388,3 +388,27 @@ def test_vlm_recipe_refusals(tmp_path):
     assert not any(tmp_path.iterdir())
     with pytest.raises(UserError, match="has 4 layers"):
         VlmPrefill(registry.get("vlm").build("tiny"), VisionPruning(layer=4))
+
+
+def test_calibration_images_span_the_checkpoints_normalization(llava):
+    """The image encoder calibrated on uniform pixels in [-1, 1]: a CLIP checkpoint's
+    normalized pixels span [-1.79, 2.15], so a tiny LLaVA's quantized features fell to cosine
+    0.983 on a PNG (0.9998 on the in-range example the report measured) and its tokens left
+    fp32's from the first. Calibration, the example and the floor's held-out samples now draw
+    images in [0, 1] normalized by the checkpoint's own mean/std."""
+    from types import SimpleNamespace
+
+    from edgec.exporters.hf_llava import CLIP_MEAN, CLIP_STD
+    from edgec.exporters.vlm_source import REFERENCE_MEAN, REFERENCE_STD, calibration_samples
+
+    for info, mean, std in (({"path": str(llava[0])}, CLIP_MEAN, CLIP_STD),
+                            ({"name": "vlm", "config": "tiny"}, REFERENCE_MEAN, REFERENCE_STD)):
+        src = SimpleNamespace(info={**info, "input_names": ["pixel_values"], "vlm_graph": "vision"},
+                              feeds={"pixel_values": np.zeros((1, 3, 32, 32), np.float32)})
+        pixels = np.stack([s["pixel_values"] for s in calibration_samples(src, 8)])
+        low = (0 - np.array(mean)) / np.array(std)
+        high = (1 - np.array(mean)) / np.array(std)
+        for c in range(3):  # each channel reaches black and white, and no further
+            np.testing.assert_allclose(pixels[:, :, c].min(), low[c], atol=1e-5)
+            np.testing.assert_allclose(pixels[:, :, c].max(), high[c], atol=1e-5)
+
