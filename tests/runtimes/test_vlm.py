@@ -412,3 +412,20 @@ def test_calibration_images_span_the_checkpoints_normalization(llava):
             np.testing.assert_allclose(pixels[:, :, c].min(), low[c], atol=1e-5)
             np.testing.assert_allclose(pixels[:, :, c].max(), high[c], atol=1e-5)
 
+
+def test_static_prefill_calibration_matches_a_one_token_chunk():
+    """--context 7 gives a prefill chunk of 1 text token; calibration forced 2, and quantizing
+    failed after 80 s on position_ids of 19 against the graph's 18."""
+    from types import SimpleNamespace
+
+    from edgec.exporters.vlm_source import calibration_samples
+
+    ids = np.zeros((1, 1 + 16 + 1), np.int64)
+    src = SimpleNamespace(info={"name": "vlm", "config": "tiny", "vlm_graph": "prefill",
+                                "input_names": ["input_ids", "image_features",
+                                                "attention_mask", "position_ids"]},
+                          feeds={"input_ids": ids})
+    (sample,) = calibration_samples(src, 1)
+    assert {k: v.shape[1] for k, v in sample.items()} == {
+        "input_ids": 18, "image_features": 16, "attention_mask": 18, "position_ids": 18}
+
