@@ -9,6 +9,7 @@ replaces ``output_dir`` only when complete.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -706,6 +707,8 @@ def _check_vision_recipe(source, recipe: Recipe, calibrating: bool = False) -> N
     if recipe.target.static_shapes and pruning is not None and pruning.text_keep < 1:
         raise UserError(f"{recipe.target.name}'s static KV buffer keeps every generated token; "
                         "drop text_keep from --prune-vision-tokens")
+    if recipe.target.static_shapes:
+        _check_static_vlm_context(source, recipe)
     other = [n for n, v in (("--calib", recipe.calibration), ("--lora", recipe.lora),
                             ("--rotate", recipe.rotate), ("--prune", recipe.prune),
                             ("--sparse-attention", recipe.sparse_attention),
@@ -713,6 +716,35 @@ def _check_vision_recipe(source, recipe: Recipe, calibrating: bool = False) -> N
     if other:
         raise UserError(f"a VLM generation artifact takes --quantize (calibrated on its own "
                         f"images and prompts) but no other rewrite yet; drop {other[0]}")
+
+
+def _check_static_vlm_context(source, recipe: Recipe) -> None:
+    """An NPU's VLM prefill graph is one static graph over 1 + image tokens + a chunk of text
+    tokens, whose cache (1 + kept image tokens + chunk) the decode buffer must hold with a slot
+    to spare (``StaticCache.load_prompt``): a smaller --context is refused here, before any
+    export. ``vlm tiny`` at --context 20 compiled with exit 0 into an artifact that refused
+    every image prompt (22 cached tokens); at --context 7 it crashed after 80 s."""
+    from edgec.exporters.vlm_source import image_token_count
+
+    tokens = image_token_count(source, recipe.config)
+    pruning = recipe.prune_vision_tokens
+    kept = pruning.kept(tokens) if pruning is not None else tokens
+
+    def cached(context: int) -> int:
+        chunk = max(1, min(PREFILL_TOKENS, context // 4))
+        return 1 + kept + chunk
+
+    context = recipe.context or DEFAULT_CONTEXT
+    if cached(context) < context:
+        return
+    least = next(c for c in itertools.count(context + 1) if cached(c) < c)
+    chunk = max(1, min(PREFILL_TOKENS, context // 4))
+    held = f"{kept} kept image tokens of {tokens}" if pruning is not None else (
+        f"{tokens} image tokens")
+    raise UserError(f"--context {context} is too small for this VLM on {recipe.target.name}: "
+                    f"its static prefill graph caches 1 + {held} + a chunk of {chunk} text "
+                    f"tokens = {cached(context)}, and decoding needs a slot more; give "
+                    f"--context {least} or more")
 
 
 def _vision_graphs(source, recipe: Recipe, stage: Path, step: Progress

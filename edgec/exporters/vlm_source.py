@@ -24,7 +24,7 @@ from edgec.exporters.param_map import strip_prefix
 from edgec.exporters.vision_prune import KEPT_MASK, VisionPruning, VlmPrefill, prefill_flops
 
 __all__ = ["VisionGraph", "VlmPrefillGraph", "VlmDecoderGraph", "load_vlm", "vlm_graph_source",
-           "is_vlm_source", "calibration_samples", "random_images",
+           "is_vlm_source", "image_token_count", "calibration_samples", "random_images",
            "REFERENCE_MEAN", "REFERENCE_STD"]
 
 REFERENCE_MEAN = REFERENCE_STD = (0.5, 0.5, 0.5)  # the ``vlm`` reference: pixels in [-1, 1]
@@ -72,6 +72,25 @@ def is_vlm_source(source: Any) -> bool:
 
         return is_llava(path)
     return str(source) == "vlm"
+
+
+def image_token_count(source: Any, config: str | None) -> int:
+    """How many image tokens the VLM ``source`` puts in a prompt, from its configuration only
+    (no weights: the compile's up-front checks)."""
+    from edgec.exporters.sources import names_reference_model
+
+    path = Path(source)
+    if path.is_dir() and not names_reference_model(source):
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(path)
+        vc = cfg.vision_config
+        side, patch = int(vc.image_size), int(vc.patch_size)
+        return (side // patch) ** 2 + (0 if cfg.vision_feature_select_strategy == "default"
+                                       else 1)
+    from edgec.models import registry
+
+    return int(registry.get(str(source)).hyperparameters(config or "tiny")["image_tokens"])
 
 
 def load_vlm(source: Any, config: str | None) -> tuple[torch.nn.Module, dict[str, Any], str]:

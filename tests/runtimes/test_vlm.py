@@ -429,3 +429,24 @@ def test_static_prefill_calibration_matches_a_one_token_chunk():
     assert {k: v.shape[1] for k, v in sample.items()} == {
         "input_ids": 18, "image_features": 16, "attention_mask": 18, "position_ids": 18}
 
+
+def test_npu_context_too_small_for_the_image_is_refused_up_front(llava, tmp_path):
+    """vlm tiny at --context 20 on qnn-htp compiled (exit 0) a prefill graph caching 1 + 16
+    image + 5 text tokens = 22 > 20: every image prompt was refused at generate time."""
+    from edgec.pipeline import _check_vision_recipe
+    from edgec.recipe import Recipe
+
+    for source, context, cached in (("vlm", 20, 22), ("vlm", 7, 18), (str(llava[0]), 21, 22)):
+        with pytest.raises(UserError, match=f"--context {context} is too small.* = {cached}, "
+                                            ".*--context 23 or more"):
+            edgec.compile(source, "qnn-htp", tmp_path / "a", generate=True, quantize="w8a16",
+                          context=context)
+    assert not any(tmp_path.iterdir())
+    recipe = Recipe.parse("qnn-htp", generate=True, quantize="w8a16", context=23)
+    _check_vision_recipe("vlm", recipe)  # fits: 22 cached, one slot to decode
+    # pruned, the cache holds the 4 kept image tokens: 1 + 4 + 5 = 10 fits 20
+    _check_vision_recipe("vlm", Recipe.parse("qnn-htp", generate=True, quantize="w8a16",
+                                             context=20, prune_vision_tokens="keep=0.25"))
+    with pytest.raises(UserError, match="1 \\+ 4 kept image tokens of 16 .* --context 7 or"):
+        _check_vision_recipe("vlm", Recipe.parse("qnn-htp", generate=True, quantize="w8a16",
+                                                 context=6, prune_vision_tokens="keep=0.25"))
