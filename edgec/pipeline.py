@@ -727,6 +727,8 @@ def _check_static_vlm_context(source, recipe: Recipe) -> None:
     from edgec.exporters.vlm_source import image_token_count
 
     tokens = image_token_count(source, recipe.config)
+    if tokens is None:
+        return
     pruning = recipe.prune_vision_tokens
     kept = pruning.kept(tokens) if pruning is not None else tokens
 

@@ -74,9 +74,9 @@ def is_vlm_source(source: Any) -> bool:
     return str(source) == "vlm"
 
 
-def image_token_count(source: Any, config: str | None) -> int:
+def image_token_count(source: Any, config: str | None) -> int | None:
     """How many image tokens the VLM ``source`` puts in a prompt, from its configuration only
-    (no weights: the compile's up-front checks)."""
+    (no weights: the compile's up-front checks); None where the config does not say."""
     from edgec.exporters.sources import names_reference_model
 
     path = Path(source)
@@ -84,8 +84,10 @@ def image_token_count(source: Any, config: str | None) -> int:
         import transformers
 
         cfg = transformers.AutoConfig.from_pretrained(path)
-        vc = cfg.vision_config
-        side, patch = int(vc.image_size), int(vc.patch_size)
+        vc = getattr(cfg, "vision_config", None)
+        side, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
+        if not isinstance(side, int) or not isinstance(patch, int) or patch < 1:
+            return None  # a tower edgec cannot size from its config: load_vlm refuses it
         return (side // patch) ** 2 + (0 if cfg.vision_feature_select_strategy == "default"
                                        else 1)
     from edgec.models import registry
