@@ -215,6 +215,14 @@ def _cogvideox(model, opts):
     if not c.use_rotary_positional_embeddings and text_len != c.max_text_seq_length:
         raise UserError(f"CogVideoXTransformer3DModel with sin-cos position embeddings needs "
                         f"text_len={c.max_text_seq_length} (its max_text_seq_length)")
+    if c.use_rotary_positional_embeddings and p_t and (h // p > c.sample_height // p
+                                                       or w // p > c.sample_width // p):
+        # slice RoPE reads a table of the sample size: a raw "Sizes of tensors must match"
+        raise UserError(f"height={h}, width={w} exceed this CogVideoX's sample size "
+                        f"{c.sample_height}x{c.sample_width} (its slice RoPE table); give "
+                        "height/width within it")
+    if not c.use_rotary_positional_embeddings:
+        _sincos_at(model.patch_embed, f, h, w)
     extra = _cogvideox_rope(c) if c.use_rotary_positional_embeddings else None
     inputs = _example(opts, (f, c.in_channels, h, w), c.text_embed_dim, text_len, torch.int64)
     grid = [f // p_t if p_t else f, h // p, w // p]
@@ -231,6 +239,24 @@ def _cogvideox(model, opts):
                 "snr_shift": 1.0 if c.use_rotary_positional_embeddings else 3.0,
                 "zero_snr": True, "spacing": "trailing", "alpha_to_one": True, "solver": "ddim"}
     return _wrap(model, extra), inputs, {"hyperparameters": hp, "sampling": sampling}
+
+
+def _sincos_at(embed, frames: int, height: int, width: int) -> None:
+    """The sin-cos position table of a CogVideoX-2B-style patch embedding made for the
+    compile's latent size, as its forward makes one for a size other than its sample size
+    (it writes that one in place, which torch.export refused: exit 1 at any other size)."""
+    if not getattr(embed, "use_positional_embeddings", False):
+        return
+    pre = (frames - 1) * embed.temporal_compression_ratio + 1
+    if (embed.sample_height, embed.sample_width, embed.sample_frames) == (height, width, pre):
+        return
+    if embed.use_learned_positional_embeddings:
+        raise UserError(f"this CogVideoX learned its position embeddings at "
+                        f"{embed.sample_height}x{embed.sample_width}; compile it at that "
+                        "height and width")
+    table = embed._get_positional_embeddings(height, width, pre)
+    embed.sample_height, embed.sample_width, embed.sample_frames = height, width, pre
+    embed.pos_embedding = table.to(embed.pos_embedding.dtype)
 
 
 def _cogvideox_rope(c):

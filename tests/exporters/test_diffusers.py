@@ -388,6 +388,34 @@ def test_cogvideox_rope_is_the_pipelines(latent):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_cogvideox_sincos_positions_at_another_size_are_the_models():
+    """A 2B-style (sin-cos) CogVideoX compiled at a size other than its sample size was an
+    internal error (its forward writes the new table in place); the table made for the
+    compile's size gives what the untouched model computes there. A 1.5-style slice RoPE past
+    its sample size is refused in one line (a raw size mismatch in diffusers)."""
+    import torch
+
+    from edgec.exporters.diffusers_source import _cogvideox, _sincos_at
+
+    torch.manual_seed(0)
+    model = diffusers.CogVideoXTransformer3DModel(
+        **{**COG, "use_rotary_positional_embeddings": False}).eval()
+    moved = copy.deepcopy(model)
+    _sincos_at(moved.patch_embed, 3, 8, 6)
+    x, text = torch.randn(1, 3, 4, 8, 6), torch.randn(1, 8, 16)
+    with torch.no_grad():
+        want = model(x, text, torch.tensor([5])).sample
+        got = moved(x, text, torch.tensor([5])).sample
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert moved.patch_embed.sample_frames == 9  # (3 - 1) * 4 + 1: no table made in forward
+    slice_rope = diffusers.CogVideoXTransformer3DModel(**{**COG, "patch_size_t": 2,
+                                                          "patch_bias": False})
+    with pytest.raises(UserError, match=r"height=12, width=8 exceed this CogVideoX's sample "
+                                        r"size 8x8"):
+        _cogvideox(slice_rope, {"batch": 1, "frames": 2, "height": 12, "width": 8,
+                                "text_len": None})
+
+
 def test_sharded_weights_in_a_pipeline_folder_take_the_schedulers_shift(tmp_path):
     import torch
 

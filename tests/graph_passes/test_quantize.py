@@ -472,3 +472,24 @@ def test_asymmetric_blocks_spend_every_level_on_the_block(rng):
     feeds = {"x": rng.standard_normal((2, 32)).astype(np.float32)}
     np.testing.assert_allclose(run_model(model, feeds)["y"], feeds["x"] @ wd, rtol=1e-4,
                                atol=1e-4)
+
+
+def test_a_float16_model_is_refused_in_one_line(tmp_path):
+    """ORT's quantizer wrote float32 scales beside float16 weights: an internal InvalidGraph
+    error on every target."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import edgec
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float16), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4])],
+                              [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), tmp_path / "half.onnx")
+    with pytest.raises(UserError, match=r"16-bit floats \('x'\); --quantize takes a float32"):
+        edgec.compile(str(tmp_path / "half.onnx"), target="ort-cpu", output_dir=tmp_path / "o",
+                      quantize="w8a8")
+    assert not (tmp_path / "o").exists()

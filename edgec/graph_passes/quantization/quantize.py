@@ -195,7 +195,13 @@ class QuantizePass(ir.passes.FunctionalPass):
             raise UserError(f"the model is already quantized ({quantized} QuantizeLinear/"
                             "DequantizeLinear or integer nodes); compile its float model with "
                             "--quantize (or this one without --quantize, on a target that "
-                            "takes models as they are: ort-cpu, openvino-cpu, tensorrt)")
+                            "takes models as they are: ort-cpu, openvino-cpu; tensorrt where "
+                            "its quantization is TensorRT's, symmetric int8)")
+        half = next((v.name for v in (*model.graph.inputs, *model.graph.initializers.values())
+                     if v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)), None)
+        if half is not None:  # ORT's quantizer wrote float32 scales beside it: InvalidGraph
+            raise UserError(f"the model computes in 16-bit floats ({half!r}); --quantize takes "
+                            "a float32 model: export it in float32 and quantize that")
         unknown = [e for e in self.exclude if not any(n.name == e or n.op_type == e
                                                        for n in model.graph)]
         floor = self.floor and self.floor.for_outputs([v.name for v in model.graph.outputs],

@@ -279,9 +279,9 @@ def _diagnose(model_path: Path, graph, error: Exception, opset: int = 21) -> Use
                  f"one of {_describe(stretch)}")
         return UserError(
             f"the QNN HTP backend cannot compile the model: it fails at {where} (the graph "
-            f"before compiles; QNN says: {err or _first_line(error)}); apply the qnn-legalize "
-            "pass before quantizing, or the op/type is unsupported on the NPU (see the qnn-htp "
-            "notes in `edgec targets`)")
+            f"before compiles; QNN says: {err or _first_line(error)}); the op/type is "
+            "unsupported on the NPU even after qnn-legalize (run by every qnn-htp compile): "
+            "change the model there (see the qnn-htp notes in `edgec targets`)")
     compute = [n for n in offending if n[0] not in _QDQ] or offending
     expanded = [] if compute else _expanded_functions(graph, opset, assigned)
     if expanded:
@@ -295,9 +295,9 @@ def _diagnose(model_path: Path, graph, error: Exception, opset: int = 21) -> Use
     float_nodes = [n for n in compute if n[1] not in _quantized(graph, {c[1] for c in compute})]
     advice = (f"{_describe(float_nodes)} are not quantized: quantize the model with --quantize "
               "w8a8 (or w8a16)" if float_nodes else
-              "they are quantized, so the op/type is unsupported on the NPU: apply the "
-              "qnn-legalize pass before quantizing or change the model (see the qnn-htp notes "
-              "in `edgec targets`)")
+              "they are quantized, so the op/type is unsupported on the NPU even after "
+              "qnn-legalize (run by every qnn-htp compile): change the model there (see the "
+              "qnn-htp notes in `edgec targets`)")
     return UserError(f"the QNN HTP cannot run {_describe(compute)} and qnn-htp has no CPU "
                      f"fallback; {advice}")
 

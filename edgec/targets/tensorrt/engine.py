@@ -92,8 +92,11 @@ def _violations_line(violations: list[Violation], target: Target) -> str:
     shown = "; ".join(f"node {v.node!r} ({v.op}) breaks {v.rule}: {v.message}"
                       for v in violations[:3])
     more = f" (+{len(violations) - 3} more)" if len(violations) > 3 else ""
-    return (f"the model is not TensorRT-legal: {shown}{more}; quantize it with a tensorrt scheme "
-            f"(--quantize {'|'.join(target.schemes)}) or run the tensorrt-legalize pass first")
+    # (it also said "or run the tensorrt-legalize pass first", which no user can, and a QDQ
+    # model's "already quantized" refusal sent users back here)
+    return (f"the model is not TensorRT-legal: {shown}{more}; compile its float model with a "
+            f"tensorrt scheme (--quantize {'|'.join(target.schemes)}: symmetric int8 "
+            "activations, as TensorRT needs)")
 
 
 def _example_shapes(path: Path) -> dict[str, tuple[int, ...]]:
