@@ -67,7 +67,14 @@ def encode_prompts(denoiser, text_encoder, prompts: Sequence[str]) -> np.ndarray
         raise UserError("--text-encoder must be a compiled text encoder checkpoint (inputs "
                         "input_ids, attention_mask; output last_hidden_state), e.g. `edgec "
                         "compile ./pipeline/text_encoder --target ort-cpu -o enc`")
-    tok = Tokenizer(text_encoder.root, text_encoder.manifest)
+    try:
+        tok = Tokenizer(text_encoder.root, text_encoder.manifest)
+    except UserError as e:  # its advice (--prompt-ids) is generate's, which sample lacks
+        if "has no tokenizer" not in str(e):
+            raise
+        raise UserError(f"{text_encoder.root}: the text encoder artifact has no tokenizer; "
+                        "compile the pipeline's text_encoder/ folder with its tokenizer/ folder "
+                        "beside it") from None
     texts = [_clean(p) if style == "wan" else p for p in prompts]
     ids, mask = tok.encode_padded(texts, length)
     feeds = {"input_ids": ids,

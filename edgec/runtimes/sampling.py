@@ -76,10 +76,16 @@ class SamplerSpec:
         entry = manifest.get("sampling")
         if not entry:
             source = manifest.get("source") or {}
-            if source.get("kind") == "diffusers":  # a denoiser whose scheduler edgec lacks
-                raise UserError(f"this {source.get('class', 'diffusers model')} artifact has "
+            cls_name = str(source.get("class", ""))
+            if source.get("kind") == "diffusers" and not cls_name.startswith(
+                    ("Autoencoder", "CLIP", "T5", "UMT5")):  # a denoiser edgec has no sampler for
+                raise UserError(f"this {cls_name or 'diffusers model'} artifact has "
                                 "no sampling entry (an edgec without its sampler compiled it); "
                                 "compile it again, or run its denoiser with `edgec run`")
+            if source.get("kind") == "diffusers":  # "compile it again" cannot help a VAE
+                raise UserError(f"this {cls_name} artifact is not a denoiser; sample the "
+                                "transformer's artifact (a VAE goes to --vae, a text encoder "
+                                "to --text-encoder)")
             name = source.get("name", "this artifact")
             raise UserError(f"{name} is not a diffusion model (its manifest has no sampling "
                             "entry); `edgec models` lists the ones with a sampler")

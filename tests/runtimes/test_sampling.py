@@ -157,6 +157,12 @@ def test_bad_sampling_requests():
         sample(Oracle("ddim-x0"), steps=1001)
     with pytest.raises(UserError, match="dense_steps needs"):
         sample(sess, dense_steps=2)
+    # a VAE artifact was told to "compile it again", which cannot give it a sampler
+    from edgec.runtimes.sampling import SamplerSpec
+
+    with pytest.raises(UserError, match="AutoencoderKLWan artifact is not a denoiser; .*--vae"):
+        SamplerSpec.from_manifest({"source": {"kind": "diffusers",
+                                              "class": "AutoencoderKLWan"}})
     # named the timestep input the sampler makes ("'x' and 't' share dim 'batch'")
     with pytest.raises(UserError, match=r"noise 'x' has batch 1, but condition 'c' \(the "
                                         r"artifact's example\) has batch 2"):
