@@ -51,36 +51,50 @@ def load_onnx(path: str | os.PathLike) -> ir.Model:
 
 
 def check_external_data(model: ir.Model, base_dir: Path) -> None:
-    """Refuse external tensors whose file lies outside ``base_dir`` or is missing."""
+    """Refuse external tensors whose file lies outside ``base_dir`` (symlinks resolved) or is
+    missing: initializers, and tensors in node attributes (a ``Constant``'s ``value``), in
+    subgraphs too. ONNX Runtime has its own check; this one names the tensor in one line."""
     root = base_dir.resolve()
-    for value in _all_initializers(model):
-        tensor = value.const_value
+    for what, tensor in _all_tensors(model):
         if isinstance(tensor, ir.ExternalTensor):
             target = (root / tensor.location).resolve()
             if not target.is_relative_to(root):
                 raise UserError(
-                    f"initializer {value.name!r} points its external data outside the model's "
+                    f"{what} points its external data outside the model's "
                     f"directory ({tensor.location!r}); refusing to follow it"
                 )
             if not target.is_file():
                 raise UserError(
-                    f"initializer {value.name!r}: external data file {tensor.location!r} is "
+                    f"{what}: external data file {tensor.location!r} is "
                     f"missing next to the model; copy it into {root}"
                 )
             end = tensor.offset or 0
             if end + tensor.nbytes > target.stat().st_size:
                 raise UserError(
-                    f"initializer {value.name!r}: external data file {tensor.location!r} is "
+                    f"{what}: external data file {tensor.location!r} is "
                     "shorter than the model says (truncated?); re-export it"
                 )
 
 
-def _all_initializers(model: ir.Model):
-    yield from model.graph.initializers.values()
+def _all_tensors(model: ir.Model):
+    """``(label, tensor)`` for every initializer and attribute tensor, subgraphs included."""
+    def graph_initializers(graph):
+        for value in graph.initializers.values():
+            yield f"initializer {value.name!r}", value.const_value
+
+    yield from graph_initializers(model.graph)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.GRAPH:
-                yield from attr.value.initializers.values()
+                yield from graph_initializers(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for graph in attr.value:
+                    yield from graph_initializers(graph)
+            elif attr.type in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
+                tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else attr.value
+                for tensor in tensors:
+                    yield (f"attribute {attr.name!r} of {node.op_type} node "
+                           f"{node.name or '(unnamed)'!r}"), tensor
 
 
 def save_model(model: ir.Model, path: Path) -> None:

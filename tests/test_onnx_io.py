@@ -88,3 +88,58 @@ def test_an_ir_version_newer_than_onnxruntime_reads_is_named(tmp_path):
                                         r"reads \(\d+\); save it with model.ir_version"):
         edgec.compile(str(tmp_path / "new.onnx"), target="ort-cpu", output_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def _constant_with_external_value(location: str, in_subgraph: bool = False) -> onnx.ModelProto:
+    """y = x @ Constant(value=<8x8 float in ``location``>), the Constant in an If branch if
+    ``in_subgraph``."""
+    from onnx import TensorProto, helper
+
+    value = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[8, 8])
+    value.data_location = TensorProto.EXTERNAL
+    for key, v in (("location", location), ("offset", "0"), ("length", "256")):
+        entry = value.external_data.add()
+        entry.key, entry.value = key, v
+    const = helper.make_node("Constant", [], ["w"], value=value)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    if in_subgraph:
+        w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 8])
+        branch = helper.make_graph([const], "b", [], [w])
+        cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+        nodes = [helper.make_node("If", ["cond"], ["w"], then_branch=branch, else_branch=branch)]
+        inits = [cond]
+    else:
+        nodes, inits = [const], []
+    graph = helper.make_graph(nodes + [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink", "subgraph"])
+def test_an_attribute_tensor_outside_the_model_dir_is_refused(tmp_path, case):
+    """A Constant's value tensor with external data outside the model's directory was left to
+    ONNX Runtime's own check: `edgec inspect` and the compile's load read it (exit 0)."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(64, dtype=np.float32).tobytes())
+    inner = tmp_path / "models"
+    inner.mkdir()
+    if case == "symlink":
+        (inner / "link.bin").symlink_to(secret)
+    location = {"dotdot": "../secret.bin", "absolute": str(secret), "symlink": "link.bin",
+                "subgraph": "../secret.bin"}[case]
+    onnx.save(_constant_with_external_value(location, case == "subgraph"), inner / "m.onnx")
+    with pytest.raises(UserError, match=r"attribute 'value' of Constant node .* outside the "
+                                        r"model's directory"):
+        load_onnx(inner / "m.onnx")
+
+
+def test_an_attribute_tensor_inside_the_model_dir_loads(tmp_path):
+    (tmp_path / "c.bin").write_bytes(np.arange(64, dtype=np.float32).tobytes())
+    onnx.save(_constant_with_external_value("c.bin"), tmp_path / "m.onnx")
+    load_onnx(tmp_path / "m.onnx")
+    (tmp_path / "c.bin").write_bytes(b"short")
+    with pytest.raises(UserError, match="attribute 'value' .* shorter"):
+        load_onnx(tmp_path / "m.onnx")
