@@ -24,7 +24,7 @@ from edgec.errors import UserError
 from edgec.report_chart import LAYER_CHART
 
 __all__ = ["FORMAT", "MANIFEST", "staged_output", "read_manifest", "is_artifact",
-           "file_hashes", "verify_files", "versions", "write_json"]
+           "check_contained", "file_hashes", "verify_files", "versions", "write_json"]
 
 FORMAT = "edgec-artifact/1"
 MANIFEST = "manifest.json"
@@ -93,6 +93,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{d}: no such artifact directory; compile one with `edgec compile`")
     if not d.is_dir():
         raise UserError(f"{d}: is not a directory; give an artifact directory from `edgec compile`")
+    check_contained(d)
     try:
         manifest = json.loads((d / MANIFEST).read_text())
     except FileNotFoundError:
@@ -102,6 +103,29 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{d / MANIFEST}: not an {FORMAT} manifest; recompile the artifact")
     return manifest
+
+
+def check_contained(root: Path) -> None:
+    """Refuse an artifact holding a symbolic link that leaves it (a ``target/model.bin`` pointed
+    at weights elsewhere): no runtime may read a file outside the artifact. A compile writes no
+    links, so one is an edit; a link that stays inside the artifact is allowed. Artifacts hold
+    few files: one walk, before the manifest is read (it could be such a link too)."""
+    top = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):  # does not descend into linked dirs
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            if not p.is_symlink():
+                continue
+            rel = p.relative_to(root).as_posix()
+            try:
+                target = p.resolve(strict=True)
+            except (OSError, RuntimeError):  # dangling, or a loop
+                raise UserError(f"{root}: {rel} is a symbolic link that does not resolve; the "
+                                "artifact was edited, recompile or restore it") from None
+            if not target.is_relative_to(top):
+                raise UserError(f"{root}: {rel} is a symbolic link to {target}, outside the "
+                                "artifact; refusing to follow it (the artifact was edited, "
+                                "recompile or restore it)")
 
 
 def file_hashes(root: Path) -> dict[str, str]:

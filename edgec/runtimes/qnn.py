@@ -122,6 +122,34 @@ def qnn_session_options(backend: str = "htp", provider_options: Mapping[str, str
     return opts
 
 
+def _check_context_paths(root: Path, model: str) -> None:
+    """Refuse an EPContext node whose context binary (``ep_cache_context`` with
+    ``embed_mode=0``) lies outside the artifact: edgec writes a bare file name beside the model,
+    so another path is an edit. ONNX Runtime refuses '..' itself; this names the file and also
+    covers an absolute path. A model that does not parse is left to ONNX Runtime."""
+    import onnx
+
+    path = root / model
+    try:
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:  # noqa: BLE001 — ORT names the failure (and _refuse_if_damaged the file)
+        return
+    top = root.resolve()
+    for node in graph.node:
+        if node.op_type != "EPContext":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        location = attrs.get("ep_cache_context")
+        if attrs.get("embed_mode", 1) != 0 or not isinstance(location, bytes):
+            continue
+        rel = location.decode(errors="replace")
+        target = (path.parent / rel).resolve()
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not target.is_relative_to(top):
+            raise UserError(f"{root}: {model} names its context binary {rel!r}, outside the "
+                            "artifact; refusing to follow it (the artifact is damaged or was "
+                            "edited, recompile or restore it)")
+
+
 class QnnSession(Session):
     """An EPContext model (``target/model_ctx.onnx`` + its ``.bin``) on the QNN EP."""
 
@@ -142,9 +170,13 @@ class QnnSession(Session):
                 self._sess = ort.InferenceSession(str(model_path), sess_options=opts)
         except Exception as e:
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            # ORT's refusal of a context-binary path with '..' (or another bad path): edgec
+            # writes a bare file name, so the artifact was edited, not built by another version
+            fix = ("the artifact is damaged or was edited, recompile or restore it"
+                   if "ep_cache_context" in first
+                   else "recompile the artifact with this edgec/onnxruntime-qnn")
             raise UserError(f"the QNN {backend.upper()} backend could not load {model_path}: "
-                            f"{first}; recompile the artifact with this edgec/onnxruntime-qnn"
-                            ) from e
+                            f"{first}; {fix}") from e
         super().__init__(ort_io_specs(self._sess.get_inputs()),
                          ort_io_specs(self._sess.get_outputs()))
         self._output_names = [o.name for o in self._outputs]
@@ -152,9 +184,11 @@ class QnnSession(Session):
 
     @classmethod
     def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> QnnSession:
+        _check_context_paths(root, runtime["model"])
         session = cls(root / runtime["model"], runtime)
         decode = runtime.get("decode")
         if decode:  # a static-cache decoder: the one-token graph beside the prefill graph
+            _check_context_paths(root, decode["model"])
             session.decode_session = cls(root / decode["model"], decode)
         return session
 

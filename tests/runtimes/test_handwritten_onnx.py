@@ -209,6 +209,55 @@ def test_a_damaged_artifact_is_one_line_exit_2(tmp_path, case, match):
     assert __import__("re").search(match, lines[0]), lines[0]
 
 
+def _matmul_onnx(path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [32, 32], np.arange(1024.0).tolist())
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                              [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("target, weights", [("openvino-cpu", "target/model.bin"),
+                                             ("ort-cpu", "model.onnx.data")])
+def test_a_symbolic_link_out_of_the_artifact_is_refused(tmp_path, target, weights):
+    """`run` read OpenVINO's target/model.bin (and QNN's context binary) through a symlink to
+    weights outside the artifact, exit 0; `inspect` showed it. A link that stays inside runs."""
+    import shutil
+
+    src = edgec.compile(str(_matmul_onnx(tmp_path / "m.onnx")), target=target,
+                        output_dir=tmp_path / "art").path
+    outside = tmp_path / "elsewhere.bin"
+    shutil.copy(src / weights, outside)
+    art = _damaged(tmp_path, src, "linked", lambda a: ((a / weights).unlink(),
+                                                       (a / weights).symlink_to(outside)))
+    for command in ("run", "inspect"):
+        result = _cli(command, art)
+        assert result.exit_code == 2, result.output
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"{weights} is a symbolic link to" in lines[0], lines
+        assert "outside the artifact" in lines[0]
+    with pytest.raises(UserError, match="outside the artifact"):
+        edgec.load(art)
+    # a directory (ort-cpu: the data file) moved out and linked, and a dangling link
+    link = "target" if (src / "target").is_dir() else "model.onnx.data"
+    art = _damaged(tmp_path, src, "dir", lambda a: (shutil.move(a / link, tmp_path / "t"),
+                                                    (a / link).symlink_to(tmp_path / "t")))
+    with pytest.raises(UserError, match=f"{link} is a symbolic link to .* outside the artifact"):
+        edgec.load(art)
+    (art / link).unlink()
+    (art / link).symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError, match=f"{link} is a symbolic link that does not resolve"):
+        edgec.load(art)
+    # inside the artifact: allowed
+    art = _damaged(tmp_path, src, "inside", lambda a: (shutil.move(a / weights, a / "w.bin"),
+                                                       (a / weights).symlink_to(a / "w.bin")))
+    assert _cli("run", art).exit_code == 0
+
+
 def test_an_npz_of_object_arrays_is_refused(tmp_path):
     """`run --inputs obj.npz`: "Object arrays cannot be loaded when allow_pickle=False" was an
     internal error (numpy reads each array lazily, past the load's except)."""

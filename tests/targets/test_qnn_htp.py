@@ -85,7 +85,7 @@ def _samples(n=4, **shapes):
             for _ in range(n)]
 
 
-def test_qdq_graph_builds_epcontext_and_reloads(tmp_path):
+def test_qdq_graph_builds_epcontext_and_reloads(tmp_path, monkeypatch):
     path = _quantize(_mlp(), tmp_path / "model.onnx", _samples(x=(2, 16)))
     build = _build(path, tmp_path)
     assert build.runtime["name"] == "qnn" and build.runtime["model"] == "target/model_ctx.onnx"
@@ -104,6 +104,25 @@ def test_qdq_graph_builds_epcontext_and_reloads(tmp_path):
     got, want = sess.run({"x": x})["y"], _cpu(path, {"x": x})
     # the HTP requantizes in fixed point: within one output quantization step of ORT CPU
     assert np.abs(got - want).max() <= 1.01 * _out_scale(path)
+
+    # an edited context-binary path ('..' or absolute) is refused as a damaged artifact: ORT
+    # refused '..' itself, and edgec's line told the user to upgrade edgec/onnxruntime-qnn
+    for location in ("../secret.bin", str(tmp_path / "target" / "model_ctx_qnn.bin")):
+        ctx.graph.node[0].attribute[[a.name for a in ctx.graph.node[0].attribute]
+                                    .index("ep_cache_context")].s = location.encode()
+        onnx.save(ctx, str(tmp_path / "target" / "model_ctx.onnx"))
+        with pytest.raises(UserError, match=f"context binary '{location}', outside the artifact"
+                                            r".*damaged or was edited"):
+            open_session(tmp_path, build.runtime)
+    import edgec.runtimes.qnn as qnn_runtime  # ORT's own refusal, past edgec's check
+
+    monkeypatch.setattr(qnn_runtime, "_check_context_paths", lambda root, model: None)
+    ctx.graph.node[0].attribute[[a.name for a in ctx.graph.node[0].attribute]
+                                .index("ep_cache_context")].s = b"../secret.bin"
+    onnx.save(ctx, str(tmp_path / "target" / "model_ctx.onnx"))
+    with pytest.raises(UserError, match="ep_cache_context.*damaged or was edited") as e:
+        open_session(tmp_path, build.runtime)
+    assert "recompile the artifact with this" not in str(e.value)
 
 
 def test_emulator_is_named_by_host_and_backend():
