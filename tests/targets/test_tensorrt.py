@@ -310,13 +310,18 @@ def test_build_without_tensorrt_checks_legality_and_says_how_to_build(tmp_path, 
     assert rt["strongly_typed"] is True and built.files == []
     json.dumps(rt)
     assert not (tmp_path / "target").exists()
+    # an all-ones example (the CLI's for an .onnx file) built an engine for batch 1 only, unsaid
+    (tmp_path / "b1").mkdir()
+    ones = TENSORRT.build(TENSORRT, _artifact(tmp_path / "b1", _qdq_matmul(), batch=1),
+                          tmp_path / "target")
+    assert "holds dynamic x[0] at 1" in ones.notes[1] and "at 1" not in built.notes[1]
 
 
 def test_build_refuses_an_illegal_graph_naming_node_and_rule(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     path = _artifact(tmp_path, _qdq_matmul(act_zp=5))
     with pytest.raises(UserError, match=r"node 'q_x' \(QuantizeLinear\) breaks zero-point.*"
-                                        r"tensorrt-legalize"):
+                                        r"compile its float model with a tensorrt scheme"):
         TENSORRT.build(TENSORRT, path, tmp_path / "target")
 
 

@@ -56,6 +56,12 @@ def build(target: Target, model_path: Path, target_dir: Path, generation=None,
                              for v in (*model.graph.inputs, *model.graph.initializers.values()))
     summary = (f"TensorRT legality: {len(RULES)} rules checked on {n_qdq} Q/DQ nodes, "
                "0 violations")
+    pinned = _pinned_dims(model, profile)
+    if pinned:  # an .onnx from the CLI has an all-ones example: an engine for 1x1 inputs only
+        summary += (f"; the optimization profile holds dynamic {', '.join(pinned)} at 1 (the "
+                    "example's size): the engine takes no larger input; compile from Python "
+                    "with example_inputs at the largest sizes you will run")
+        logger.warning("TensorRT profile: %s", summary.split("; ", 1)[1])
     runtime: dict[str, Any] = {
         "name": "tensorrt", "profile": profile, "strongly_typed": typed,
         **({"profiles": profiles} if generation else {}),
@@ -104,6 +110,25 @@ def _example_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {}
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k].shape for k in data.files}
+
+
+def _pinned_dims(model: ir.Model, profile: Mapping[str, Mapping[str, list[int]]]
+                 ) -> list[str]:
+    """"input[axis]" of the dynamic dims when the profile allows every one of them only size
+    1 (an all-ones example, as the CLI makes for an .onnx file); none otherwise (a batch-1
+    example beside a real sequence length is a choice)."""
+    pinned, free = [], 0
+    for value in model.graph.inputs:
+        p = profile.get(value.name)
+        if p is None or value.shape is None:
+            continue
+        for i, d in enumerate(value.shape):
+            if not isinstance(d, int):
+                if p["max"][i] == 1:
+                    pinned.append(f"{value.name}[{i}]")
+                else:
+                    free += 1
+    return pinned if pinned and not free else []
 
 
 def optimization_profile(model: ir.Model, examples: Mapping[str, tuple[int, ...]]
