@@ -342,3 +342,17 @@ def test_a_quantized_conv_is_a_candidate_with_its_own_error():
     expected = np.linalg.norm(planned - kept) / np.linalg.norm(kept)
     assert found["conv"].error == pytest.approx(expected, rel=1e-4) and expected > 1e-3
     assert found["conv"].end_to_end > 0
+
+
+def test_non_finite_outputs_do_not_read_as_the_floor_held():
+    """min(1.0, nan) is 1.0: a w8a8 graph whose every output was NaN held the floor at
+    "held-out cosine 1.0000"; NaN/inf at the same places in both stay equal (compare_outputs)."""
+    ref = np.arange(1.0, 9.0).reshape(2, 4)
+    nan = np.full_like(ref, np.nan)
+    assert worst_cosine([{"h": nan}], [{"h": ref}]) == 0.0
+    assert worst_cosine([{"h": ref}, {"h": np.where(ref > 7, np.inf, ref)}],
+                        [{"h": ref}, {"h": ref}]) == 0.0
+    both = np.where(ref > 7, np.nan, ref)
+    assert worst_cosine([{"h": both}], [{"h": both}]) == 1.0
+    assert worst_kld([{"logits": nan[None]}], [{"logits": ref[None]}]) == np.inf
+    assert worst_kld([{"logits": both[None]}], [{"logits": both[None]}]) == 0.0

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -456,10 +457,24 @@ def worst_cosine(outputs: Sequence[dict[str, np.ndarray]],
         mask = None if masks is None else masks[i]
         for name, r in ref.items():
             g, r = _unpadded(got[name], r, mask)
-            g, r = g.ravel(), r.ravel()
-            denom = np.linalg.norm(g) * np.linalg.norm(r)
-            worst = min(worst, float(g @ r / denom) if denom else 1.0)
+            worst = min(worst, _cosine(g.ravel(), r.ravel()))
     return worst
+
+
+def _cosine(g: np.ndarray, r: np.ndarray) -> float:
+    """Cosine of two flat outputs, NaN/±inf as ``compare_outputs`` takes them: where they sit
+    at the same places with the same values in both they are left out, anywhere else the
+    cosine is 0. A NaN cosine compared as "not below" every worst: a w8a8 graph whose every
+    output was NaN (an inf in the calibration data) held the floor at "cosine 1.0000"."""
+    fg, fr = np.isfinite(g), np.isfinite(r)
+    if not (fg.all() and fr.all()):
+        same = (fg & fr) | (np.isnan(g) & np.isnan(r)) | (~fg & ~fr & (g == r))
+        if not same.all():
+            return 0.0
+        g, r = g[fg & fr], r[fg & fr]
+    denom = np.linalg.norm(g) * np.linalg.norm(r)
+    cos = float(g @ r / denom) if denom else 1.0
+    return cos if math.isfinite(cos) else 0.0
 
 
 def worst_kld(outputs: Sequence[dict[str, np.ndarray]],
@@ -471,8 +486,18 @@ def worst_kld(outputs: Sequence[dict[str, np.ndarray]],
     for i, (got, ref) in enumerate(zip(outputs, references)):
         mask = None if masks is None else masks[i]
         g, r = _unpadded(got[LOGITS], ref[LOGITS], mask)
-        g, r = _log_softmax(g.reshape(-1, g.shape[-1])), _log_softmax(r.reshape(-1, r.shape[-1]))
-        worst = max(worst, float((np.exp(r) * (r - g)).sum(-1).mean()) if len(r) else 0.0)
+        g, r = g.reshape(-1, g.shape[-1]), r.reshape(-1, r.shape[-1])
+        fg, fr = np.isfinite(g), np.isfinite(r)
+        if not (fg.all() and fr.all()):  # NaN logits: max() kept the finite worst, and the
+            # floor held on NaN outputs; rows non-finite alike in both are left out (as cosine)
+            same = (fg & fr) | (np.isnan(g) & np.isnan(r)) | (~fg & ~fr & (g == r))
+            if not same.all():
+                return math.inf
+            keep = (fg & fr).all(-1)
+            g, r = g[keep], r[keep]
+        g, r = _log_softmax(g), _log_softmax(r)
+        kld = float((np.exp(r) * (r - g)).sum(-1).mean()) if len(r) else 0.0
+        worst = max(worst, kld if math.isfinite(kld) else math.inf)
     return worst
 
 
