@@ -75,35 +75,10 @@ def _finite(data: Any) -> Any:
 def _load_npz(path: Path | None) -> dict | None:
     if path is None:
         return None
-    import numpy as np
+    from edgec.npz_file import load_npz
 
-    if not path.is_file():
-        raise UserError(f"{path}: no such inputs file; give an .npz whose keys are input names")
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):  # numpy read a text file as a
-        raise UserError(f"{path}: not an .npz (numpy's zip of arrays); save inputs with "
-                        "numpy.savez")  # pickle and said "pickled data"
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise UserError(f"{path}: not a readable .npz ({e}); save inputs with numpy.savez"
-                        ) from None
-    if not isinstance(data, np.lib.npyio.NpzFile):  # an .npy: one array, no input names
-        raise UserError(f"{path}: one array (.npy), not an .npz keyed by input names; save "
-                        "inputs with numpy.savez(path, name=array, ...)")
-    with data:
-        try:
-            return {k: data[k] for k in data.files}
-        except ValueError as e:  # object arrays (pickles) are read lazily, per key
-            if "allow_pickle" not in str(e):
-                raise UserError(f"{path}: not a readable .npz ({e}); save inputs with "
-                                "numpy.savez") from None
-            raise UserError(f"{path}: holds object arrays, which are never loaded (pickles); "
-                            "save numeric arrays with numpy.savez") from None
-        except (OSError, EOFError) as e:  # zlib / a truncated member
-            raise UserError(f"{path}: not a readable .npz ({e}); save inputs with numpy.savez"
-                            ) from None
+    return load_npz(path, "no such inputs file; give an .npz whose keys are input names",
+                    "save inputs with numpy.savez(path, name=array, ...)")
 
 
 def _check_save(path: Path | None, suffix: str = ".npz", flag: str = "--save") -> None:

@@ -80,19 +80,34 @@ class CalibrationCache:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``calibration.json`` into directory ``path`` (created); returns the file."""
-        from edgec.artifact import write_json
-
         directory = Path(path)
         if directory.exists() and not directory.is_dir():
             raise UserError(f"{directory}: is a file; a calibration cache is saved into a "
                             "directory (it holds calibration.json and maybe rotations): give "
                             "a directory path")
+        text = self._json_text()
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / CACHE_FILE
         tmp = directory / (CACHE_FILE + ".tmp")
-        write_json(tmp, self.to_json())
+        tmp.write_text(text)
         os.replace(tmp, target)  # never a half-written cache
         return target
+
+    def _json_text(self) -> str:
+        """The cache as strict JSON: a NaN or inf range (all-NaN samples made one) was written
+        as bare NaN/Infinity, which is no JSON, and every later reuse failed. The samples are
+        checked finite before they run (``samples_from_npz``), so one here is edgec's fault."""
+        from edgec.artifact import _jsonable
+        from edgec.errors import InternalError
+
+        try:
+            return json.dumps(self.to_json(), indent=2, default=_jsonable, allow_nan=False) + "\n"
+        except ValueError:
+            bad = next((n for n, e in self.tensors.items()
+                        if "NaN" in json.dumps(e, default=_jsonable)
+                        or "Infinity" in json.dumps(e, default=_jsonable)), None)
+            raise InternalError(f"calibration produced a non-finite range for tensor {bad!r}; "
+                                "not writing an invalid calibration.json") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CalibrationCache:

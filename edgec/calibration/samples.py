@@ -49,16 +49,12 @@ def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dic
     ``inputs`` are the model's input specs (name, shape, dtype); every input must be present with
     a matching dtype kind and, for static dims, a matching shape.
     """
+    from edgec.npz_file import load_npz
+
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such calibration data file; give an .npz whose keys are the "
-                        "model's input names, each with a leading sample axis")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError) as e:
-        raise UserError(f"{p}: not a readable .npz ({str(e).splitlines()[0]}); "
-                        "save it with numpy.savez") from None
+    arrays = load_npz(p, "no such calibration data file; give an .npz whose keys are the "
+                      "model's input names, each with a leading sample axis",
+                      "save it with numpy.savez")
     names = [s.name for s in inputs]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -86,8 +82,44 @@ def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dic
             raise UserError(f"{p}: input {spec.name!r} samples have shape {tuple(shape)}, the "
                             f"model wants {tuple(static)} (after the leading sample axis)")
     n = counts.pop()
-    return [{s.name: arrays[s.name][i].astype(np.dtype(s.dtype), copy=False) for s in inputs}
-            for i in range(n)]
+    from edgec.runtimes.base import check_shared_dims
+
+    # one shape for every sample: the first sample's dims are every sample's
+    check_shared_dims(inputs, {k: a[0] for k, a in arrays.items()}, f"{p}: ")
+    cast = {s.name: _checked_cast(p, s.name, arrays[s.name], np.dtype(s.dtype)) for s in inputs}
+    return [{s.name: cast[s.name][i] for s in inputs} for i in range(n)]
+
+
+def _checked_cast(p: Path, name: str, arr: np.ndarray, want: np.dtype) -> np.ndarray:
+    """``arr`` as ``want``, refusing what calibration cannot use: integers the dtype cannot
+    hold (astype wrapped uint64 2**63 + 5 to a negative int64, as ``run`` refuses for its feeds)
+    and NaN or ±inf, in the file or made by the cast (float64 1e300 became float32 inf): one inf
+    in one sample made every range (and scale) inf, and the artifact's every output NaN."""
+    from edgec.runtimes.base import _check_integers_fit
+
+    try:
+        _check_integers_fit(name, arr, want)
+    except UserError:  # the first sample that does not fit, in run's words
+        for i, sample in enumerate(arr):
+            try:
+                _check_integers_fit(name, sample, want)
+            except UserError as e:
+                said = str(e).replace(f"input {name!r}", f"input {name!r} sample {i}", 1)
+                raise UserError(f"{p}: {said}") from None
+    if not np.issubdtype(want, np.floating):
+        return arr.astype(want, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(want, copy=False)
+    finite = np.isfinite(out)
+    if not finite.all():
+        where = tuple(int(i) for i in np.argwhere(~finite)[0])
+        value = arr[where]
+        how = (f"holds {float(value)}" if not np.isfinite(value) else
+               f"holds {float(value):g}, which {want} cannot hold (the cast makes it "
+               f"{float(out[where])!r})")
+        raise UserError(f"{p}: input {name!r} sample {where[0]} {how} at {list(where[1:])}; "
+                        "calibration data must be finite: fix or drop that sample")
+    return out
 
 
 def check_sample_count(asked: int, available: int | None, name: str) -> None:
@@ -101,20 +133,15 @@ def check_sample_count(asked: int, available: int | None, name: str) -> None:
 def npz_sample_count(path: str | os.PathLike) -> int | None:
     """The leading axis of the first array in ``path``, read from its header alone; None where
     the file is not a readable .npz (``samples_from_npz`` says what is wrong with it)."""
+    from edgec.npz_file import npy_headers
+
     try:
-        with zipfile.ZipFile(path) as z:
-            first = next((n for n in z.namelist() if n.endswith(".npy")), None)
-            if first is None:
-                return None
-            with z.open(first) as f:
-                read = {(1, 0): np.lib.format.read_array_header_1_0,
-                        (2, 0): np.lib.format.read_array_header_2_0}.get(
-                            np.lib.format.read_magic(f))
-                if read is None:
-                    return None
-                shape = read(f)[0]
-    except (ValueError, OSError, zipfile.BadZipFile):
+        headers = npy_headers(path)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
         return None
+    if not headers:
+        return None
+    shape = next(iter(headers.values()))[0]
     return shape[0] if shape else None
 
 

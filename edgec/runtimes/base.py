@@ -76,6 +76,22 @@ def _check_floats_fit(name: str, arr: np.ndarray, dtype: np.dtype) -> None:
                             f"{dtype} values, or integers in that range")
 
 
+def check_shared_dims(specs, feeds: Mapping[str, np.ndarray], where: str = "") -> None:
+    """Refuse feeds that give one named dim (``seq``) of ``specs`` different sizes (``where``:
+    what to say first, as "FILE: sample 3: ")."""
+    seen: dict[str, tuple[str, int]] = {}
+    for spec in specs:
+        for dim, size in zip(spec.shape, np.shape(feeds[spec.name])):
+            if not isinstance(dim, str) or dim in ("?", "None"):  # "None": unnamed (an
+                # artifact compiled before dim_label)
+                continue
+            first, first_size = seen.setdefault(dim, (spec.name, size))
+            if first_size != size:
+                raise UserError(f"{where}inputs {first!r} and {spec.name!r} share dim {dim!r} "
+                                f"but have sizes {first_size} and {size}; give both the same "
+                                f"{dim}")
+
+
 def latency_stats(times_s: list[float]) -> dict[str, float]:
     ms = np.asarray(times_s) * 1e3
     return {
@@ -541,17 +557,7 @@ class Session(abc.ABC):
         their own errors, or (OpenVINO) computed wrong outputs. Dim names are the manifest's
         (``name_dims``, at load)."""
         manifest = getattr(self, "manifest", None) or {}
-        seen: dict[str, tuple[str, int]] = {}
-        for spec in self._inputs:
-            for dim, size in zip(spec.shape, feeds[spec.name].shape):
-                if not isinstance(dim, str) or dim in ("?", "None"):  # "None": unnamed (an
-                    # artifact compiled before dim_label)
-                    continue
-                first, first_size = seen.setdefault(dim, (spec.name, size))
-                if first_size != size:
-                    raise UserError(f"inputs {first!r} and {spec.name!r} share dim {dim!r} but "
-                                    f"have sizes {first_size} and {size}; give both the same "
-                                    f"{dim}")
+        check_shared_dims(self._inputs, feeds)
         gen = manifest.get("generation") or {}
         past = (gen.get("past") or [None])[0]
         ids, mask = feeds.get("input_ids"), feeds.get("attention_mask")

@@ -125,3 +125,12 @@ def test_npz_samples_are_validated(tmp_path):
         np.savez(tmp_path / name, **arrays)
         with pytest.raises(UserError, match=match):
             samples_from_npz(tmp_path / name, specs)
+
+
+def test_non_finite_ranges_are_never_written(tmp_path):
+    """All-NaN samples wrote NaN/Infinity into calibration.json: no JSON, every reuse failed."""
+    from edgec.errors import InternalError
+
+    with pytest.raises(InternalError, match="non-finite range for tensor 'x'"):
+        _cache(tensors={"x": {"lowest": float("nan"), "highest": 2.0}}).save(tmp_path / "c")
+    assert not (tmp_path / "c" / "calibration.json").exists()

@@ -1,8 +1,14 @@
-"""npz_sample_count: a calibration file's sample count from its header, None where unreadable."""
+"""npz_sample_count: a calibration file's sample count from its header, None where unreadable;
+samples_from_npz: what a calibration .npz may not hold, refused in one line."""
+
+import zipfile
 
 import numpy as np
+import pytest
 
-from edgec.calibration.samples import npz_sample_count
+from edgec.calibration.samples import npz_sample_count, samples_from_npz
+from edgec.errors import UserError
+from edgec.runtimes.base import IOSpec
 
 
 def test_npz_sample_count_reads_the_leading_axis_or_says_none(tmp_path):
@@ -15,3 +21,64 @@ def test_npz_sample_count_reads_the_leading_axis_or_says_none(tmp_path):
     np.savez(tmp_path / "scalar.npz", x=np.float32(1))
     for bad in ("junk.npz", "scalar.npz", "missing.npz"):
         assert npz_sample_count(tmp_path / bad) is None
+
+X = [IOSpec("x", (1, 4), "float32")]
+
+
+def _refused(path, specs, match):
+    with pytest.raises(UserError, match=match) as e:
+        samples_from_npz(path, specs)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value, dtype, match", [
+    (np.nan, np.float32, "x' sample 2 holds nan at \\[0, 3\\]"),
+    (np.inf, np.float32, "x' sample 2 holds inf"),
+    (1e300, np.float64, "x' sample 2 holds 1e\\+300, which float32 cannot hold"),  # cast: inf
+])
+def test_non_finite_calibration_values_are_refused(tmp_path, value, dtype, match):
+    """One inf made every range and scale inf: the w8a8 artifact's every output was NaN."""
+    x = np.ones((4, 1, 4), dtype)
+    x[2, 0, 3] = value
+    np.savez(tmp_path / "x.npz", x=x)
+    _refused(tmp_path / "x.npz", X, match)
+
+
+def test_integers_the_input_dtype_cannot_hold_are_refused(tmp_path):
+    """astype wrapped uint64 2**63 + 5 to a negative int64 id."""
+    ids = np.zeros((3, 1, 4), np.uint64)
+    ids[1, 0, 0] = 2**63 + 5
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    _refused(tmp_path / "ids.npz", [IOSpec("ids", (1, 4), "int64")],
+             "'ids' sample 1 holds 9223372036854775813, which does not fit its dtype int64")
+    np.savez(tmp_path / "ok.npz", ids=np.ones((3, 1, 4), np.uint64))
+    assert samples_from_npz(tmp_path / "ok.npz", [IOSpec("ids", (1, 4), "int64")]
+                            )[0]["ids"].dtype == np.int64
+
+
+def test_inputs_sharing_a_dim_must_agree(tmp_path):
+    """ids [20, 2, 7] with mask [20, 2, 5] failed in ORT's Reshape as an internal error."""
+    specs = [IOSpec("ids", ("batch", "seq"), "int64"), IOSpec("mask", ("batch", "seq"), "int64")]
+    np.savez(tmp_path / "v.npz", ids=np.zeros((3, 2, 7), np.int64),
+             mask=np.ones((3, 2, 5), np.int64))
+    _refused(tmp_path / "v.npz", specs, "share dim 'seq' but have sizes 7 and 5")
+
+
+def test_malformed_files_are_one_line_user_errors(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((3, 1, 4), np.float32))
+    np.save(tmp_path / "plain.npy", np.zeros((3, 1, 4), np.float32))
+    (tmp_path / "plain.npy").rename(tmp_path / "plain.npz")  # TypeError: not a context manager
+    data = good.read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])  # BadZipFile
+    (tmp_path / "empty.npz").write_bytes(b"")  # EOFError
+    # a header declaring (2**38, 1, 4) float32: numpy allocated 4 TiB before reading (MemoryError)
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((3, 1, 4), np.float32))
+    header["shape"] = (2**38, 1, 4)
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z, z.open("x.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(np.zeros(12, np.float32).tobytes())
+    for name, match in [("plain.npz", r"one array \(\.npy\)"), ("trunc.npz", "not a readable"),
+                        ("empty.npz", "not an .npz"), ("huge.npz", "declares shape")]:
+        _refused(tmp_path / name, X, match)
+    assert npz_sample_count(tmp_path / "huge.npz") == 2**38  # header only: no allocation
