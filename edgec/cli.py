@@ -75,7 +75,7 @@ def _finite(data: Any) -> Any:
 def _load_npz(path: Path | None) -> dict | None:
     if path is None:
         return None
-    from edgec.npz_file import load_npz
+    from edgec.npz_read import load_npz
 
     return load_npz(path, "no such inputs file; give an .npz whose keys are input names",
                     "save inputs with numpy.savez(path, name=array, ...)")

@@ -49,7 +49,7 @@ def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dic
     ``inputs`` are the model's input specs (name, shape, dtype); every input must be present with
     a matching dtype kind and, for static dims, a matching shape.
     """
-    from edgec.npz_file import load_npz
+    from edgec.npz_read import load_npz
 
     p = Path(path)
     arrays = load_npz(p, "no such calibration data file; give an .npz whose keys are the "
@@ -133,7 +133,7 @@ def check_sample_count(asked: int, available: int | None, name: str) -> None:
 def npz_sample_count(path: str | os.PathLike) -> int | None:
     """The leading axis of the first array in ``path``, read from its header alone; None where
     the file is not a readable .npz (``samples_from_npz`` says what is wrong with it)."""
-    from edgec.npz_file import npy_headers
+    from edgec.npz_read import npy_headers
 
     try:
         headers = npy_headers(path)
