@@ -203,8 +203,10 @@ def _bad_cases(tmp_path, art_dir):
                          "give a file name ending in .npz"),
         "bench tokens not generation": (["bench", art_dir, "--prompt-tokens", "8"],
                                         "apply to generation artifacts"),
+        # whether a temperature applies depends on the artifact's generation config, so an
+        # artifact that cannot generate is refused first (tests/runtimes/test_generation.py)
         "greedy with temperature": (["generate", art_dir, "--prompt-ids", "1,2",
-                                     "--temperature", "0.5"], "--temperature applies to sampling"),
+                                     "--temperature", "0.5"], "has no KV cache"),
         "weight-only with method": (["compile", "llama", "-t", "ort-cpu", "-o", out, "-q",
                                      "w4a16:method=entropy"], "w4a16 is weight-only, drop method"),
         "inspect missing": (["inspect", tmp_path / "nothing"], "no such file"),

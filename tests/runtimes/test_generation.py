@@ -455,6 +455,9 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, tiny_mlp, tmp_path):
          "deterministic (greedy) output drop --sample"),
         (["generate", ref, "--prompt-ids", "1", "--temperature", "0"],
          "give --greedy or leave --temperature out"),
+        # greedy (the reference model has no generation config) reads no temperature
+        (["generate", ref, "--prompt-ids", "1,2", "--temperature", "0.5"],
+         "--temperature applies to sampling"),
         # overflowed float32 in the division: a numpy warning, then NaN/inf blamed on the model
         (["generate", ref, "--prompt-ids", "1", "--sample", "--temperature", "1e-40"],
          "temperature 1e-40 is too small"),
