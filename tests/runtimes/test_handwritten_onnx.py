@@ -184,15 +184,7 @@ def _relocate(art, location, rehash=False):
 def test_a_damaged_artifact_is_one_line_exit_2(tmp_path, case, match):
     """ONNX Runtime's InvalidProtobuf, "Deserialize tensor failed" and "External data path
     escapes model directory" were internal errors (exit 1)."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])
-    w = helper.make_tensor("w", TensorProto.FLOAT, [32, 32], np.arange(1024.0).tolist())
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
-                              [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    onnx.save(model, tmp_path / "m.onnx")
-    src = edgec.compile(str(tmp_path / "m.onnx"), target="ort-cpu",
+    src = edgec.compile(str(_matmul_onnx(tmp_path / "m.onnx")), target="ort-cpu",
                         output_dir=tmp_path / "art").path
     assert (src / "model.onnx.data").is_file()
     damage = {"cut model": lambda a: (a / "model.onnx").write_bytes(
