@@ -41,6 +41,7 @@ def no_export(monkeypatch):
     (dict(target="ort-cpu", generate="no"), "generate must be True or False"),  # was "check"
     (dict(target="ort-cpu", lora_mode="swappable"), "needs the adapters it applies to"),
     (dict(target="ort-cpu", lora={"x": float("nan")}), "not a finite number"),
+    (dict(target="ort-cpu", lora="x:1_0"), "weight '1_0' is not a number"),  # float(): 10
     # the rotation made every pruned weight dense; the report said 50% sparsity
     (dict(target="ort-cpu", prune="2:4", rotate="hadamard"), "--prune and --rotate do not"),
 ])

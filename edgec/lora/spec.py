@@ -26,12 +26,19 @@ __all__ = ["adapter_weight", "dir_name", "name_problem", "check_names", "blend_s
 
 NO_ADAPTER = "base"  # reserved adapter name: the base model (every LoRA branch zero)
 _F32_MAX = float(np.finfo(np.float32).max)
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 _BLEND_HINT = "give name:weight,name:weight (e.g. style:0.7,subject:0.5)"
 
 
 def adapter_weight(value: Any) -> float:
     """``value`` as an adapter weight; ValueError saying what it is instead (the caller's line
-    names where it came from)."""
+    names where it came from). Python's float() also reads "1_0" as 10, Arabic-Indic digits
+    and True: a weight is a plain decimal number (or a real number that is no bool)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, str)
+                                               and not _DECIMAL.fullmatch(value.strip())
+                                               and value.strip().lower().lstrip("+-")
+                                               not in ("inf", "infinity", "nan")):
+        raise ValueError("is not a number")
     try:
         weight = float(value)
     except (TypeError, ValueError):

@@ -141,6 +141,9 @@ def test_a_weighted_blend_equals_peft_weighted_merge(swappable, adapter_dirs, lo
                        ("attn_mlp:-inf", "not a finite number"),
                        ({"attn_mlp": float("nan")}, "not a finite number"),
                        ("attn_mlp:1e39", "overflows float32"),
+                       # float() read "1_0" as 10 and True as 1
+                       ("attn_mlp:1_0", "weight '1_0' of 'attn_mlp' is not a number"),
+                       ({"attn_mlp": True}, "is not a number"),
                        ("attn_mlp:0.5,attn_mlp:0.5", "names 'attn_mlp' twice"),
                        ("attn_mlp:0.5,,rslora", "has an empty entry"),
                        ("attn_mlp,", "has an empty entry")]:
