@@ -320,6 +320,10 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     guidance = spec.guidance if guidance is None else float(guidance)
     rng = np.random.default_rng(seed)
     fixed, batch, x, negative = _start(session, spec, conditions, noise, rng, negative)
+    if vae is not None:  # before the first step, not after the last
+        from edgec.runtimes.video import check_vae
+
+        check_vae(vae, np.shape(next(iter(x.values()))), session)
     dense, n_dense = _dense(session, dense_steps)
     n_dense = min(n_dense, steps)  # more dense steps than steps: every step runs dense
     model = _Denoiser(session, spec, fixed, batch, guidance, dense, n_dense, guidance_mode,

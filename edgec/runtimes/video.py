@@ -13,7 +13,7 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["decode_video", "save_gif"]
+__all__ = ["check_vae", "decode_video", "save_gif"]
 
 
 def _decode_info(vae) -> dict:
@@ -26,27 +26,44 @@ def _decode_info(vae) -> dict:
     return info
 
 
-def decode_video(vae, latents: np.ndarray, denoiser=None) -> np.ndarray:
-    """[B, frames, H, W, 3] float32 in [0, 1] from the sampled ``latents`` (the denoiser's
-    layout); ``denoiser`` (its session) is checked to be the VAE's pipeline kind."""
-    info = _decode_info(vae)
-    style = info["style"]
+def check_vae(vae, shape: tuple[int, ...], denoiser=None) -> None:
+    """Refuse a VAE that cannot decode latents of ``shape`` (the denoiser's layout) from
+    ``denoiser`` (its session): another pipeline's, or compiled at other sizes. ``sample`` runs
+    it before the first step (a wrong --vae was refused only after every step had run)."""
+    style = _decode_info(vae)["style"]
     kind = ((getattr(denoiser, "manifest", None) or {}).get("source") or {}).get("class", "")
     if denoiser is not None and not kind.lower().startswith(style):
         raise UserError(f"a {style} VAE cannot decode {kind or 'this model'}'s latents; give "
                         "the VAE of the same pipeline")
+    got = _vae_layout(style, tuple(shape))
+    want = next(i for i in vae.inputs if i.name == "latents").shape
+    if len(want) != len(got) or any(isinstance(w, int) and w != g for w, g in zip(want, got)):
+        sizes = ",".join(f"{k}={v}" for k, v in zip(("batch", "frames", "height", "width"),
+                                                    (got[0], *got[2:])))
+        raise UserError(f"the VAE decodes latents {list(want)}, the samples are {list(got)}: "
+                        f"compile the VAE with --config {sizes}")
+
+
+def _vae_layout(style: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The denoiser's latent shape as the VAE takes it (CogVideoX: [B, F, C, H, W] → [B, C, F,
+    H, W])."""
+    if style == "cogvideox" and len(shape) == 5:
+        return (shape[0], shape[2], shape[1], *shape[3:])
+    return shape
+
+
+def decode_video(vae, latents: np.ndarray, denoiser=None) -> np.ndarray:
+    """[B, frames, H, W, 3] float32 in [0, 1] from the sampled ``latents`` (the denoiser's
+    layout); ``denoiser`` (its session) is checked to be the VAE's pipeline kind."""
     x = np.asarray(latents, np.float32)
-    if style == "cogvideox":
+    check_vae(vae, x.shape, denoiser)
+    info = _decode_info(vae)
+    if info["style"] == "cogvideox":
         x = x.transpose(0, 2, 1, 3, 4) / np.float32(info["scaling_factor"])
     else:
         shape = (1, -1, 1, 1, 1)
         x = (x * np.asarray(info["latents_std"], np.float32).reshape(shape)
              + np.asarray(info["latents_mean"], np.float32).reshape(shape))
-    want = next(i for i in vae.inputs if i.name == "latents").shape
-    if len(want) != x.ndim or any(isinstance(w, int) and w != g for w, g in zip(want, x.shape)):
-        raise UserError(f"the VAE decodes latents {list(want)}, the samples are "
-                        f"{list(x.shape)}: compile the VAE with --config batch=,frames=,height=,"
-                        "width= at the denoiser's latent sizes")
     video = np.asarray(vae.run({"latents": x.astype(np.float32)})["sample"], np.float32)
     return np.clip(video / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 4, 1)
 

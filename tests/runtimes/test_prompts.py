@@ -207,8 +207,11 @@ def test_a_compiled_vae_decodes_the_video_the_pipeline_returns(pipelines, kind, 
             assert sum(durations) == want.shape[1] * 120  # 8 frames/s, in GIF centiseconds
         result = CliRunner().invoke(app, ["sample", str(denoiser.path), "--video", str(gif)])
         assert result.exit_code == 2 and "give --vae DIR too" in result.output
+        steps = []  # refused before the first step (it was after the last)
         with pytest.raises(UserError, match="--vae must be a compiled diffusers video VAE"):
-            denoiser.load().sample(steps=1, vae=encoder.load())
+            denoiser.load().sample(steps=1, vae=encoder.load(),
+                                   callback=lambda i, n: steps.append(i))
+        assert not steps
 
 
 def test_a_sentencepiece_only_tokenizer_ships_converted_or_not_at_all(tmp_path, monkeypatch,

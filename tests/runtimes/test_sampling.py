@@ -391,3 +391,23 @@ def test_joint_video_motion_sampling_with_sparse_tail(tmp_path):
     assert set(out) == {"video", "motion"}
     assert out["motion"].shape == sess.default_feeds["motion"].shape
     assert all(np.isfinite(x).all() for x in out.values())
+
+
+def test_a_vae_is_checked_against_the_latents_before_sampling():
+    """A CogVideoX VAE compiled at other sizes was refused after every step had run, advising
+    `--config batch=,frames=,height=,width=` with the values left out."""
+    from edgec.runtimes.base import IOSpec
+    from edgec.runtimes.video import check_vae
+
+    class Vae:
+        manifest = {"source": {"vae": {"style": "cogvideox", "scaling_factor": 0.7}}}
+        inputs = [IOSpec("latents", [1, 4, 2, 8, 8], "float32")]
+
+    den = type("Den", (), {"manifest": {"source": {"class": "CogVideoXTransformer3DModel"}}})
+    check_vae(Vae(), (1, 2, 4, 8, 8), den())  # [B, F, C, H, W] as the denoiser samples
+    with pytest.raises(UserError, match=r"compile the VAE with --config "
+                                        r"batch=1,frames=3,height=8,width=8$"):
+        check_vae(Vae(), (1, 3, 4, 8, 8), den())
+    wan = type("Den", (), {"manifest": {"source": {"class": "WanTransformer3DModel"}}})
+    with pytest.raises(UserError, match="a cogvideox VAE cannot decode WanTransformer3DModel"):
+        check_vae(Vae(), (1, 2, 4, 8, 8), wan())
