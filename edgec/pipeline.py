@@ -514,8 +514,12 @@ def static_graphs(recipe: Recipe) -> tuple[Any, Any]:
     from edgec.exporters.decoder import StaticCache
 
     context = recipe.context or DEFAULT_CONTEXT
-    chunk = max(1, min(PREFILL_TOKENS, context // 4))
-    return StaticCache(context, chunk), StaticCache(context, 1)
+    return StaticCache(context, prefill_chunk(context)), StaticCache(context, 1)
+
+
+def prefill_chunk(context: int) -> int:
+    """The tokens one static prefill graph takes for a buffer of ``context`` slots."""
+    return max(1, min(PREFILL_TOKENS, context // 4))
 
 
 def _rotations(passes) -> dict[str, np.ndarray] | None:
@@ -733,14 +737,13 @@ def _check_static_vlm_context(source, recipe: Recipe) -> None:
     kept = pruning.kept(tokens) if pruning is not None else tokens
 
     def cached(context: int) -> int:
-        chunk = max(1, min(PREFILL_TOKENS, context // 4))
-        return 1 + kept + chunk
+        return 1 + kept + prefill_chunk(context)
 
     context = recipe.context or DEFAULT_CONTEXT
     if cached(context) < context:
         return
     least = next(c for c in itertools.count(context + 1) if cached(c) < c)
-    chunk = max(1, min(PREFILL_TOKENS, context // 4))
+    chunk = prefill_chunk(context)
     held = f"{kept} kept image tokens of {tokens}" if pruning is not None else (
         f"{tokens} image tokens")
     raise UserError(f"--context {context} is too small for this VLM on {recipe.target.name}: "

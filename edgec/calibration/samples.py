@@ -264,7 +264,7 @@ def _static_decoder_samples(src, gen, n: int, skip: int = 0) -> list[dict[str, n
         if module is not None and start:
             j = i % PREFIX_PROMPTS
             if j not in prefixes:
-                prefixes[j] = _filled_buffer(module, gen, batch, past_len, past_len, seed=j)
+                prefixes[j] = _filled_buffer(module, gen, batch, past_len, seed=j)
             past = dict(zip(gen["past"], _first_slots(prefixes[j], int(start))))
             mask[:, :start] = 1
         out.append({"input_ids": ids, "attention_mask": mask,
@@ -284,16 +284,15 @@ def _first_slots(buffers: list[np.ndarray], filled: int) -> list[np.ndarray]:
     return out
 
 
-def _filled_buffer(module, gen, batch: int, filled: int, past_len: int, seed: int
-                   ) -> list[np.ndarray]:
-    """The decoder's keys/values for a random prompt of ``filled`` tokens, in the first slots
-    of a zeroed buffer of ``past_len`` (the runtime fills its buffer left to right)."""
+def _filled_buffer(module, gen, batch: int, past_len: int, seed: int) -> list[np.ndarray]:
+    """The decoder's keys/values for a random prompt filling a buffer of ``past_len`` slots
+    (``_first_slots`` cuts it to a shorter prompt's)."""
     import torch
 
     from edgec.exporters.decoder import DecoderInfo, _prefilled
 
     info = DecoderInfo.from_json(gen)
-    prefix = np.random.default_rng((2000, seed)).integers(0, gen["vocab"], (batch, filled))
+    prefix = np.random.default_rng((2000, seed)).integers(0, gen["vocab"], (batch, past_len))
     return [t.numpy() for t in _prefilled(module, info, torch.as_tensor(prefix), past_len)]
 
 

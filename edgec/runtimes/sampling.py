@@ -459,8 +459,7 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
         if noise is not None and name in noise:
             x[name] = np.asarray(noise[name], np.float32)
             given = int(np.shape(x[name])[0]) if np.ndim(x[name]) else None
-            by = next((c for c in (*spec.conditions, *fixed)
-                       if c in fixed and np.ndim(fixed[c])), None)
+            by = _batch_input(fixed, spec)
             if by is not None and given is not None and given != batch:
                 # the feed check named the timestep the sampler makes, not the condition
                 whose = "given" if by in (conditions or {}) else "the artifact's example"
@@ -515,10 +514,16 @@ def _negative(spec: SamplerSpec, fixed, negative) -> dict[str, np.ndarray]:
     return out
 
 
+def _batch_input(fixed, spec) -> str | None:
+    """The condition (else other fixed input) whose leading dim is the batch."""
+    return next((name for name in (*spec.conditions, *fixed)
+                 if name in fixed and np.ndim(fixed[name])), None)
+
+
 def _batch(fixed, default, spec) -> int:
-    for name in (*spec.conditions, *fixed):
-        if name in fixed and np.ndim(fixed[name]):
-            return int(np.shape(fixed[name])[0])
+    name = _batch_input(fixed, spec)
+    if name is not None:
+        return int(np.shape(fixed[name])[0])
     first = next(iter(spec.samples))
     return int(np.shape(default[first])[0]) if first in default else 1
 
