@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -120,7 +121,7 @@ def _one_generation_at_a_time(generate):
         if self._generating_here():
             raise UserError("generate() was called while this session generates (from a "
                             "streamer?); use a second session, edgec.load(DIR)")
-        with busy[0]:
+        with busy[0], self._holding_runtime():
             busy[1] = threading.get_ident()
             try:
                 return generate(self, *args, **kwargs)
@@ -326,6 +327,11 @@ class Session(abc.ABC):
         """[lock, the generating thread's id or None, the generation's adapter or None], one per
         session (made on first use)."""
         return self.__dict__.setdefault("_generation_lock", [threading.Lock(), None, None])
+
+    def _holding_runtime(self):
+        """Held through a whole ``generate``, for state the generation keeps in the runtime
+        between steps that a run from another thread would overwrite (OpenVINO's variables)."""
+        return contextlib.nullcontext()
 
     def _generating_here(self) -> bool:
         return self._busy()[1] == threading.get_ident()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,11 @@ class OpenVINOSession(Session):
     takes and returns the cache as arrays (set into / read from the state), so it answers like
     the ONNX graph. ``generate`` runs the paged form of the same IR where the build found one
     (``stateful.paged``; ``runtimes/openvino_paged.py``), compiled at the first call; else it
-    leaves the cache in the stateful model's variables. ``paged = False`` picks the latter."""
+    leaves the cache in the stateful model's variables. ``paged = False`` picks the latter.
+
+    One infer request serves every run, so threads take turns (``_lock``): a run binds its
+    inputs by pointer, infers and copies its outputs (and a stateful model's variables) while
+    holding it, and ``generate`` holds it throughout, its cache being those variables."""
 
     runtime = "openvino"
 
@@ -74,6 +79,8 @@ class OpenVINOSession(Session):
             logger.warning("int64 outputs %s are computed in 32 bits by OpenVINO's CPU plugin: "
                            "values outside [-2**31, 2**31) wrap, with no error", wrapping)
         self._request = self._compiled.create_infer_request()
+        # threads shared the request: one got another's outputs, or "Infer Request is busy"
+        self._lock = threading.RLock()
 
     @classmethod
     def from_artifact(cls, root: Path, runtime: Mapping[str, Any]) -> OpenVINOSession:
@@ -86,9 +93,13 @@ class OpenVINOSession(Session):
         return out
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._pairs:
-            return self._run_stateful(feeds)
-        return self._infer(feeds)
+        with self._lock:
+            if self._pairs:
+                return self._run_stateful(feeds)
+            return self._infer(feeds)
+
+    def _holding_runtime(self):
+        return self._lock
 
     def _states(self) -> dict[str, Any]:
         """The request's variables by past input name (OpenVINO names a variable past+present)."""

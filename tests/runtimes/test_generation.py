@@ -560,6 +560,44 @@ def test_a_session_generates_one_thing_at_a_time(artifacts):
         np.testing.assert_array_equal(r, alone)
 
 
+def test_runs_wait_for_another_threads_generation(artifacts):
+    """A run from another thread set the stateful OpenVINO model's variables mid-generation:
+    wrong tokens, wrong logits, "Infer Request is busy" or a raw ValueError."""
+    import threading
+
+    sess = artifacts["llama", "openvino-cpu"].load()
+    sess.paged = False  # the cache in the model's variables, between steps
+    assert sess._pairs
+    ids = np.random.default_rng(3).integers(0, 256, (1, 6))
+    alone, logits = sess.generate(ids, max_new_tokens=12), sess.run()["logits"]
+    done, tokens, runs, errors = threading.Event(), [], [], []
+
+    def generates():
+        try:
+            tokens.extend(sess.generate(ids, max_new_tokens=12) for _ in range(6))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        done.set()
+
+    def runs_meanwhile():
+        try:
+            while not done.is_set():
+                runs.append(sess.run()["logits"])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=generates), threading.Thread(target=runs_meanwhile)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(tokens) == 6 and runs
+    for out in tokens:
+        np.testing.assert_array_equal(out, alone)
+    for out in runs:
+        np.testing.assert_array_equal(out, logits)
+
+
 def test_the_last_new_token_needs_no_context_slot(artifacts):
     """The last generated token is never fed back, so prompt + max_new_tokens - 1 positions
     suffice: a prompt filling the context generated one token (it was refused as exceeding the

@@ -153,3 +153,35 @@ def test_a_quantized_table_still_bounds_its_index_input():
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
     onnx.checker.check_model(ir.to_proto(model))
     assert index_bounds(model) == {"ids": {"index_bound": 7}}
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_threads_sharing_a_session_each_get_their_own_outputs(dit_tiny_artifacts, which):
+    """OpenVINO's session ran every thread on one infer request: a thread got another's outputs
+    (exit 0), or "Infer Request is busy" blamed on its inputs."""
+    import threading
+
+    sess = edgec.load(dit_tiny_artifacts[which].path)
+    base, rng = sess.default_feeds, np.random.default_rng(0)
+    feeds = [{**base, "latent": rng.standard_normal((b, *base["latent"].shape[1:]), np.float32),
+              "timestep": np.repeat(base["timestep"][:1], b),
+              "text": np.repeat(base["text"][:1], b, axis=0)} for b in (1, 2, 3, 1)]
+    alone = [sess.run(f)["output"] for f in feeds]
+    got, errors = [[] for _ in feeds], []
+
+    def work(i):
+        try:
+            for _ in range(30):
+                got[i].append(sess.run(feeds[i])["output"])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(feeds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for outs, ref in zip(got, alone):
+        for out in outs:
+            np.testing.assert_array_equal(out, ref)
