@@ -92,6 +92,9 @@ def load(path: str | os.PathLike) -> Session:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise UserError(f"{root}: file {missing[0]} of the artifact is missing{more}; "
                         f"`edgec inspect {root} --verify` lists damaged files; recompile it")
+    # absolute: companion graphs, the tokenizer and OpenVINO's paged decoder are opened at the
+    # first generate/sample, which failed or fell back after an os.chdir
+    root = root.resolve()
     session = open_session(root, manifest["runtime"])
     session.manifest = manifest
     session.name_dims(manifest)

@@ -598,6 +598,20 @@ def test_runs_wait_for_another_threads_generation(artifacts):
         np.testing.assert_array_equal(out, logits)
 
 
+def test_a_session_loaded_by_a_relative_path_survives_a_chdir(artifacts, tmp_path,
+                                                               monkeypatch):
+    """The files generate() opens at its first call (OpenVINO's paged decoder here; companion
+    graphs, the tokenizer) were looked up relative to the working directory of that call."""
+    art = artifacts["llama", "openvino-cpu"]
+    ids = np.random.default_rng(4).integers(0, 256, (1, 5))
+    alone = art.load().generate(ids, max_new_tokens=4)
+    monkeypatch.chdir(art.path.parent)
+    sess = edgec.load(art.path.name)
+    monkeypatch.chdir(tmp_path)
+    assert sess.paged and sess.root == art.path.resolve()
+    np.testing.assert_array_equal(sess.generate(ids, max_new_tokens=4), alone)
+
+
 def test_the_last_new_token_needs_no_context_slot(artifacts):
     """The last generated token is never fed back, so prompt + max_new_tokens - 1 positions
     suffice: a prompt filling the context generated one token (it was refused as exceeding the
