@@ -260,6 +260,28 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_ti
     assert not (dit_tiny_artifacts[0].path / "calibration.json").exists()
 
 
+def test_bench_refuses_inputs_the_runtime_cannot_run_as_run_does(tmp_path):
+    """`edgec bench` ran its feeds outside run()'s wrapper: the runtime's own error on inputs
+    that passed every check (a 3-wide plus a 2-wide tensor) was an internal error, exit 1."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "add",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, "n"]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, "m"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "add.onnx")
+    art = edgec.compile(tmp_path / "add.onnx", target="ort-cpu", output_dir=tmp_path / "art")
+    np.savez(tmp_path / "bad.npz", a=np.zeros((1, 3), np.float32), b=np.zeros((1, 2), np.float32))
+    for cmd in ("run", "bench"):
+        result = _run(cmd, art.path, "--inputs", tmp_path / "bad.npz")
+        assert result.exit_code == 2, result.output
+        assert "onnxruntime could not run the model on these inputs" in result.stderr
+
+
 def test_inspect_verify_names_a_changed_file(dit_tiny_artifacts, tmp_path):
     """The manifest stores every file's sha256, but nothing checked them: 4 flipped bytes in
     model.onnx.data ran with exit 0."""

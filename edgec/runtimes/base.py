@@ -198,6 +198,9 @@ class Session(abc.ABC):
                             "edgec.load(DIR)")
         feeds = self._adapter_feeds(self._check_feeds(self._as_feeds(feeds, named, adapter)),
                                     adapter)
+        return self._run_checked(feeds)
+
+    def _run_checked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             return self._run(feeds)
         except self.input_errors as e:  # the runtime rejected these inputs
@@ -215,11 +218,11 @@ class Session(abc.ABC):
         feeds = self._adapter_feeds(self._check_feeds(self._as_feeds(feeds, {}, adapter)),
                                     adapter)
         for _ in range(warmup):
-            self._run(feeds)
+            self._run_checked(feeds)
         times = []
         for _ in range(iterations):
             t0 = time.perf_counter()
-            self._run(feeds)
+            self._run_checked(feeds)  # (a bad input was an internal error here, exit 1)
             times.append(time.perf_counter() - t0)
         return latency_stats(times)
 
