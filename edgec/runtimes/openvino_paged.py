@@ -37,8 +37,9 @@ def bind(request, arrays: dict[str, np.ndarray]) -> None:
     ``infer()`` measured faster than ``infer(feeds)``: 1.41 vs 1.87 ms a decode step.)"""
     import openvino as ov
 
-    for name, value in arrays.items():
-        request.set_tensor(name, ov.Tensor(value, shared_memory=True))
+    for name, value in arrays.items():  # a read-only array (np.load's mmap_mode="r") is
+        # copied: OpenVINO refused to share it ("array is not writeable")
+        request.set_tensor(name, ov.Tensor(value, shared_memory=value.flags.writeable))
 
 
 def paged_model(model, layers: int, kv_heads: int, head_dim: int) -> tuple[Any, str | None]:

@@ -59,6 +59,24 @@ def test_sizes_outside_the_traced_range_are_refused(masked, target):
     np.testing.assert_array_equal(sess.run({"x": x, "mask": mask})["output"], x)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_read_only_arrays_run(masked, target, tmp_path):
+    """OpenVINO refused a memory-mapped .npy, a frozen array and np.frombuffer's: "could not
+    run the model on these inputs: array is not writeable"."""
+    sess = masked[target].load()
+    rng = np.random.default_rng(0)
+    x, mask = rng.standard_normal((2, 5, 4), np.float32), np.ones((2, 5), np.float32)
+    want = sess.run({"x": x, "mask": mask})
+    np.save(tmp_path / "x.npy", x)
+    frozen = mask.copy()
+    frozen.setflags(write=False)
+    for feeds in ({"x": np.load(tmp_path / "x.npy", mmap_mode="r"), "mask": frozen},
+                  {"x": np.frombuffer(x.tobytes(), np.float32).reshape(x.shape), "mask": mask}):
+        got = sess.run(feeds)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
 def _step(batch=1, mask=5, past=4, value_past=None, past_batch=None):
     feeds = {"input_ids": np.ones((batch, 1), np.int64),
              "attention_mask": np.ones((batch, mask), np.int64),
