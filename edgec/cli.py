@@ -528,8 +528,6 @@ def bench_cmd(
                               feeds=_feeds(session, inputs))
     result = {"artifact": str(artifact), "runtime": session.runtime,
               "adapter": _adapter_used(session, adapter), **stats}
-    if session.emulator:
-        result["emulator"] = session.emulator
     if as_json:
         return _print_json(result)
     out.print(f"{artifact} on {session.runtime}: p50 {stats['p50_ms']:.3f} ms, "
@@ -552,8 +550,6 @@ def _bench_generation(artifact, session, prompt_tokens, new_tokens, warmup, iter
                                  min(iterations, 5) if iterations == 20 else iterations)
     result = {"artifact": str(artifact), "runtime": session.runtime,
               "adapter": _adapter_used(session, adapter), **stats}
-    if session.emulator:
-        result["emulator"] = session.emulator
     if as_json:
         return _print_json(result)
     sparse = " (sparse prefill graph)" if stats["prefill_graph"] == "sparse" else ""

@@ -27,7 +27,8 @@ def describe_onnx(path: Path) -> dict[str, Any]:
     tensors = [v.const_value for v in inits if v.const_value is not None]
     return {
         "file": str(path),
-        "producer": f"{model.producer_name} {model.producer_version or ''}".strip(),
+        "producer": " ".join(filter(None, (model.producer_name, model.producer_version)))
+                    or None,  # none recorded: null, not the string "None"
         "opsets": {k or "ai.onnx": v for k, v in model.opset_imports.items()},
         "inputs": [_value(v) for v in model.graph.inputs],
         "outputs": [_value(v) for v in model.graph.outputs],

@@ -260,9 +260,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, dit_ti
     assert not (dit_tiny_artifacts[0].path / "calibration.json").exists()
 
 
-def test_bench_refuses_inputs_the_runtime_cannot_run_as_run_does(tmp_path):
-    """`edgec bench` ran its feeds outside run()'s wrapper: the runtime's own error on inputs
-    that passed every check (a 3-wide plus a 2-wide tensor) was an internal error, exit 1."""
+def _add_onnx(tmp_path):
+    """a [1, n] + b [1, m], written by onnx.helper: no producer name or version."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -274,7 +273,19 @@ def test_bench_refuses_inputs_the_runtime_cannot_run_as_run_does(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, tmp_path / "add.onnx")
-    art = edgec.compile(tmp_path / "add.onnx", target="ort-cpu", output_dir=tmp_path / "art")
+    return tmp_path / "add.onnx"
+
+
+def test_inspect_an_onnx_file_without_a_producer(tmp_path):
+    """--json gave "producer": "None" (the string) for a file that records none."""
+    info = json.loads(_run("inspect", _add_onnx(tmp_path), "--json").stdout)
+    assert info["producer"] is None and info["inputs"][0]["shape"] == [1, "n"]
+
+
+def test_bench_refuses_inputs_the_runtime_cannot_run_as_run_does(tmp_path):
+    """`edgec bench` ran its feeds outside run()'s wrapper: the runtime's own error on inputs
+    that passed every check (a 3-wide plus a 2-wide tensor) was an internal error, exit 1."""
+    art = edgec.compile(_add_onnx(tmp_path), target="ort-cpu", output_dir=tmp_path / "art")
     np.savez(tmp_path / "bad.npz", a=np.zeros((1, 3), np.float32), b=np.zeros((1, 2), np.float32))
     for cmd in ("run", "bench"):
         result = _run(cmd, art.path, "--inputs", tmp_path / "bad.npz")

@@ -6,6 +6,7 @@ import abc
 import contextlib
 import dataclasses
 import functools
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,16 @@ class IOSpec:
 def _last_line(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
+
+
+def _as_array(value: Any) -> np.ndarray:
+    """A feed as numpy; a torch tensor detached and on the CPU, bfloat16 (which numpy lacks) as
+    float32: np.asarray raised torch's RuntimeError (requires_grad) or TypeError (bfloat16)."""
+    torch = sys.modules.get("torch")  # a torch tensor means torch is imported already
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+    return np.asarray(value)
 
 
 def _check_integers_fit(name: str, arr: np.ndarray, dtype: np.dtype) -> None:
@@ -141,6 +152,9 @@ class Session(abc.ABC):
     # Set where the runtime simulates the target device on this machine (the HTP emulator on
     # x86_64): what it computes is the device's, its run times are not.
     emulator: str | None = None
+    # the latest generate()'s and sample()'s stats; None before the first (was AttributeError)
+    last_generation: dict[str, Any] | None = None
+    last_sampling: dict[str, Any] | None = None
 
     @classmethod
     @abc.abstractmethod
@@ -212,8 +226,9 @@ class Session(abc.ABC):
 
     def benchmark(self, warmup: int = 3, iterations: int = 20,
                   feeds: Mapping[str, np.ndarray] | None = None,
-                  adapter: str | Mapping[str, float] | None = None) -> dict[str, float]:
-        """Latency over ``iterations`` runs after ``warmup`` runs (p50/p90/mean/min ms)."""
+                  adapter: str | Mapping[str, float] | None = None) -> dict[str, Any]:
+        """Latency over ``iterations`` runs after ``warmup`` runs (p50/p90/mean/min ms), and
+        ``emulator`` where the runtime simulates the device (its times are not the device's)."""
         check_runs(warmup, iterations)
         feeds = self._adapter_feeds(self._check_feeds(self._as_feeds(feeds, {}, adapter)),
                                     adapter)
@@ -224,7 +239,10 @@ class Session(abc.ABC):
             t0 = time.perf_counter()
             self._run_checked(feeds)  # (a bad input was an internal error here, exit 1)
             times.append(time.perf_counter() - t0)
-        return latency_stats(times)
+        stats: dict[str, Any] = latency_stats(times)
+        if self.emulator:  # `edgec bench --json` had it, Python's benchmark() did not
+            stats["emulator"] = self.emulator
+        return stats
 
     # Sampling: a diffusion artifact (its manifest has a ``sampling`` entry).
     def sample(self, conditions=None, *, steps: int | None = None,
@@ -532,7 +550,7 @@ class Session(abc.ABC):
                             f"{sorted(names)}")
         out = {}
         for spec in self._inputs:
-            arr = np.asarray(feeds[spec.name])
+            arr = _as_array(feeds[spec.name])
             if arr.dtype != np.dtype(spec.dtype):
                 if np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                     _check_integers_fit(spec.name, arr, np.dtype(spec.dtype))

@@ -339,7 +339,8 @@ def benchmark_generation(session, prompt_tokens: int = 128, new_tokens: int = 32
             "decode_tokens_per_s": float(np.median([r["decode_tokens_per_s"] for r in runs])),
             "decode_ms_per_token": float(np.median([1e3 / r["decode_tokens_per_s"]
                                                     for r in runs])),
-            "prefill_graph": runs[-1].get("prefill_graph", "dense")}
+            "prefill_graph": runs[-1].get("prefill_graph", "dense"),
+            **({"emulator": session.emulator} if session.emulator else {})}
 
 
 def parse_ids(text: str) -> list[int]:

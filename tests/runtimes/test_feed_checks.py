@@ -77,6 +77,23 @@ def test_read_only_arrays_run(masked, target, tmp_path):
             np.testing.assert_array_equal(got[name], want[name])
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_torch_tensors_that_need_grad_or_hold_bfloat16_run(masked, target):
+    """np.asarray raised torch's own RuntimeError (a tensor that requires grad) and TypeError
+    (bfloat16, which numpy has no dtype for)."""
+    sess = masked[target].load()
+    x, mask = torch.randn(2, 5, 4), torch.ones(2, 5)
+    want = sess.run({"x": x.numpy(), "mask": mask.numpy()})
+    got = sess.run({"x": x.clone().requires_grad_(), "mask": mask})
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    half = x.bfloat16()
+    want = sess.run({"x": half.float().numpy(), "mask": mask.numpy()})
+    got = sess.run({"x": half, "mask": mask.bfloat16()})
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
 def _step(batch=1, mask=5, past=4, value_past=None, past_batch=None):
     feeds = {"input_ids": np.ones((batch, 1), np.int64),
              "attention_mask": np.ones((batch, mask), np.int64),

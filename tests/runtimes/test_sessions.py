@@ -18,6 +18,9 @@ def test_session_contract(dit_tiny_artifacts, which):
     assert out.shape == feeds["latent"].shape and out.dtype == np.float32
     stats = sess.benchmark(warmup=1, iterations=3)
     assert set(stats) >= {"p50_ms", "p90_ms", "mean_ms"} and stats["p50_ms"] > 0
+    assert "emulator" not in stats
+    # before any generate()/sample(): None (was an AttributeError)
+    assert sess.last_generation is None and sess.last_sampling is None
     # iterations=0 was an IndexError from np.percentile; warmup=-1 was taken as 0
     for bad, message in ((dict(iterations=0), "iterations must be an integer ≥ 1"),
                          (dict(warmup=-1), "warmup must be an integer ≥ 0")):

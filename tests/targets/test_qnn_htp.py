@@ -101,6 +101,8 @@ def test_qdq_graph_builds_epcontext_and_reloads(tmp_path, monkeypatch):
     # on this x86_64 host the HTP backend is QNN's emulator: the session says so
     assert sess.emulator == emulator("htp") and "x86_64" in sess.emulator
     x = RNG.standard_normal((2, 16)).astype(np.float32)
+    # Python's benchmark() says so too (only `edgec bench --json` did)
+    assert sess.benchmark(warmup=0, iterations=1, feeds={"x": x})["emulator"] == sess.emulator
     got, want = sess.run({"x": x})["y"], _cpu(path, {"x": x})
     # the HTP requantizes in fixed point: within one output quantization step of ORT CPU
     assert np.abs(got - want).max() <= 1.01 * _out_scale(path)
