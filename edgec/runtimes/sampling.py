@@ -10,14 +10,18 @@ are conditions (zeroed in the unconditional half of guidance). Guidance runs the
 batch of 2B when the graph's batch allows it, or as two runs of B; ``guidance_mode="auto"`` times
 both on real steps of each graph (a warm and two timed runs of each, steps 0-5) and keeps the faster
 for the rest: on a 2-core CPU one batch-2 run of video-dit small is slower than two batch-1 runs
-(OpenVINO: 3.55 s vs 3.32 s dense, 1.66 s vs 1.40 s sparse). A sparse-attention artifact built
-with ``dense_steps`` carries a dense companion graph (``runtime.dense``): the first steps run it,
-the rest the sparse graph, as RainFusion and TimeRipple schedule their sparsity.
+(OpenVINO: 3.55 s vs 3.32 s dense, 1.66 s vs 1.40 s sparse). A sparse graph that selects its
+blocks from batch row 0 for every row (``share=batch``) gives different samples batched (the
+unconditional half attends over the conditional half's blocks) than split, so ``auto`` runs it
+split without timing: a sample must not depend on which form ran faster. A sparse-attention
+artifact built with ``dense_steps`` carries a dense companion graph (``runtime.dense``): the first
+steps run it, the rest the sparse graph, as RainFusion and TimeRipple schedule their sparsity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
 import time
@@ -28,6 +32,8 @@ import numpy as np
 
 from edgec.errors import UserError
 from edgec.runtimes import schedulers
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SamplerSpec", "sample", "check_inputs", "flow_sigmas", "ddim_alphas", "subvp",
            "denoise", "fit_with_prior"]
@@ -160,12 +166,23 @@ class _Denoiser:
         self.runs = 0
         self.cfg = guidance != 1.0 and bool(spec.conditions)
         self.mode, self.probes = mode, {}  # graph name -> {mode: seconds}
+        self.reason = None  # why the guidance mode is what it is, where not measured or asked
         self.guidance_at = guidance_at  # a per-timestep scale (CogVideoX's dynamic guidance)
         self.t_dtype = _timestep_dtype(session, spec)  # CogVideoX: the integer train step
         if self.cfg:  # the unconditional half: the negative conditions given, else zeros
             self.null = {**fixed, **{c: np.zeros_like(fixed[c]) for c in spec.conditions
                                      if c in fixed}, **(negative or {})}
             self.pair = _pairable(session, spec, batch, mode)
+            self.shared = self.pair and _shared_selection(session)
+            if self.shared and mode == "auto":
+                self.reason = SHARED_SELECTION
+            elif self.shared and mode == "batch":
+                self.reason = "asked for; the pair shares the conditional half's block selection"
+                logger.warning("guidance_mode='batch' on a graph whose sparse attention "
+                               "computes one block selection for the whole batch (share=batch)"
+                               ": the unconditional half attends over the conditional half's "
+                               "blocks, so the samples differ from 'split' (which a batch-1 "
+                               "run matches)")
 
     def __call__(self, step: int, x: dict[str, np.ndarray], t: float) -> dict[str, np.ndarray]:
         sess = self.dense if self.dense is not None and step < self.dense_steps else self.session
@@ -202,6 +219,8 @@ class _Denoiser:
             return "split", None
         if self.mode != "auto":
             return self.mode, None
+        if self.shared and sess is self.session:  # not timed: batch and split differ
+            return "split", None
         chosen = getattr(sess, "guidance_modes", {}).get(self.batch)
         if chosen is not None:
             return chosen, None
@@ -246,6 +265,21 @@ class _Denoiser:
                                 f"{rows + list(pred[name].shape[1:])}: give noise of a shape "
                                 f"the model maps to itself (its example: {list(example)})")
         return pred
+
+
+SHARED_SELECTION = ("the graph's sparse attention computes one block selection for the whole "
+                    "batch (share=batch), so 'auto' runs the guidance pair split, each half "
+                    "selecting its own blocks, without timing the two forms")
+
+
+def _shared_selection(session) -> bool:
+    """Does the (main) graph's sparse attention select its blocks from batch row 0 for every
+    row (``share=batch`` with a site rewritten approximately)? Its manifest's pass record says."""
+    passes = (getattr(session, "manifest", None) or {}).get("passes") or []
+    stats = next((p.get("stats") or {} for p in passes
+                  if p.get("name") == "sparse-attention"), {})
+    return (stats.get("config") or {}).get("share") == "batch" and bool(
+        stats.get("sites_approximate"))
 
 
 def _timestep_dtype(session, spec: SamplerSpec) -> np.dtype:
@@ -344,6 +378,7 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
                              "seconds": time.perf_counter() - t0,
                              "guidance_mode": model.final_mode(),
                              "guidance_batched": model.final_mode() == "batch",
+                             "guidance_mode_reason": model.reason if model.cfg else None,
                              "guidance_probe_ms": {k: {m: v for m, v in p.items()
                                                        if m != "trials"}
                                                    for k, p in model.probes.items()}}

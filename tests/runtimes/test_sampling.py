@@ -125,6 +125,38 @@ def test_auto_guidance_times_both_forms_on_real_steps_and_keeps_the_faster(ms, c
         sample(sess, guidance=float("nan"))  # sampled NaN with exit 0 before
 
 
+class Shared(Slow):
+    """A batch-faster oracle whose graph (as share=batch sparse attention does) lets batch row 0
+    steer every row: a batched guidance pair differs from two runs."""
+
+    def __init__(self, ms):
+        super().__init__(ms)
+        self.manifest["passes"] = [{"name": "sparse-attention", "stats": {
+            "sites_approximate": 2, "config": {"share": "batch"}}}]
+
+    def run(self, feeds):
+        out = super().run(feeds)
+        return {"y": out["y"] + 0.1 * feeds["c"][:1]}
+
+
+def test_auto_guidance_on_a_batch_shared_sparse_graph_runs_split_untimed(caplog):
+    """share=batch: 'auto' timed batch vs split and kept the faster, so the samples changed
+    from run to run with the CPU's timing."""
+    sess = Shared({4: 1, 2: 30})  # batch is much faster: timing would keep it
+    first = sample(sess, seed=3, steps=4)
+    assert sess.batches == [2] * 8 and sess.last_sampling["guidance_mode"] == "split"
+    assert "share=batch" in sess.last_sampling["guidance_mode_reason"]
+    assert sess.last_sampling["guidance_probe_ms"] == {}
+    again = sample(sess, seed=3, steps=4)
+    np.testing.assert_array_equal(first["x"], again["x"])
+    split = sample(Shared({4: 1, 2: 1}), seed=3, steps=4, guidance_mode="split")
+    np.testing.assert_array_equal(first["x"], split["x"])
+    with caplog.at_level("WARNING"):
+        batched = sample(sess, seed=3, steps=4, guidance_mode="batch")  # asked for: warned
+    assert sess.batches[-4:] == [4] * 4 and "samples differ from 'split'" in caplog.text
+    assert not np.allclose(batched["x"], first["x"], atol=1e-3)
+
+
 def test_flow_sigmas_are_shifted_and_end_at_zero():
     s = flow_sigmas(4, shift=3.0)
     assert s[0] == 1.0 and s[-1] == 0.0 and np.all(np.diff(s) < 0)
