@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgec.errors import VerificationError
+from edgec.errors import InternalError, UserError, VerificationError
 from edgec.exporters.verify import assert_close, compare_outputs
 
 __all__ = ["TARGET_RTOL", "REWRITTEN_RTOL", "QUANTIZED_AGREEMENT", "QUANTIZED_FLOOR",
@@ -88,7 +88,7 @@ def target_fidelity(session, src, approximate: bool, model, quantized: bool = Fa
     """Fidelity of the built artifact vs the source's reference; also returns the run time.
     ``locate``: names where the device departs from ORT, asked when it fails as a target bug."""
     t0 = time.perf_counter()
-    outputs = session.run(src.feeds)
+    outputs = _run_built(session, src.feeds, "the source's example inputs")
     seconds = time.perf_counter() - t0
     errors = compare_outputs(outputs, src.reference)
     result: dict[str, Any] = {"reference": src.reference_kind, "runtime": session.runtime,
@@ -100,6 +100,52 @@ def target_fidelity(session, src, approximate: bool, model, quantized: bool = Fa
         result["vs_rewritten_onnx"] = _vs_ort(session, src, model, outputs, quantized, result,
                                               locate)
     return result, seconds
+
+
+def _run_built(session, feeds, what: str) -> dict:
+    """``session.run(feeds)``; ONNX Runtime failing on edgec's own feeds (the source's example,
+    which its export ran) is edgec's fault (a pass built a broken graph: exit 1), not the
+    inputs' (Session.run says "could not run the model on these inputs", exit 2). Other
+    runtimes keep their error: their limits are the target's."""
+    try:
+        return session.run(feeds)
+    except UserError as e:
+        if session.runtime != "onnxruntime" or not isinstance(e.__cause__,
+                                                               session.input_errors):
+            raise
+        raise InternalError(f"ONNX Runtime cannot run the rewritten model on {what} (they fit "
+                            f"its inputs): {str(e).split(': ', 1)[-1]}. This is an edgec bug: "
+                            "please report it with the traceback (EDGEC_DEBUG=1)") from e.__cause__
+
+
+def other_batch(session, feeds) -> dict[str, Any] | None:
+    """Run the built graph at twice the example's batch (every feed repeated) where all its
+    inputs share one dynamic batch dim: each half must give the example's outputs. The example
+    runs one batch size, and a rewrite that mixes up the batch (a [1,H] tensor met a [B,H] one)
+    passed it at batch 1, then failed every guidance pair at sampling. None: no dynamic batch,
+    or an emulator (minutes per run)."""
+    import numpy as np
+
+    dims = {i.shape[0] for i in session.inputs if i.shape}
+    if len(dims) != 1 or not isinstance(next(iter(dims)), str) or session.emulator:
+        return None
+    rows = len(next(iter(feeds.values())))
+    doubled = {k: np.concatenate([v, v]) for k, v in feeds.items()}
+    what = f"its example inputs repeated to batch {2 * rows}"
+    once, twice = session.run(feeds), _run_built(session, doubled, what)
+    # outputs with a batch dim (not a statistic over the batch)
+    batched = [n for n, out in once.items() if np.ndim(out) and len(out) == rows]
+    halves = {f"{n}[{i}]": twice[n][i * rows:(i + 1) * rows] for n in batched for i in (0, 1)}
+    try:
+        errors = compare_outputs(halves, {f"{n}[{i}]": once[n] for n in batched for i in (0, 1)})
+        assert_close(errors, REWRITTEN_RTOL, f"{session.runtime} at batch {2 * rows} (the "
+                     f"example's inputs twice) vs batch {rows}")
+    except VerificationError as e:
+        raise InternalError(f"{e}: the rewritten graph mixes up its batch rows; this is an "
+                            "edgec bug: please report it with the traceback (EDGEC_DEBUG=1)"
+                            ) from e
+    return {"batch": 2 * rows, "rtol": REWRITTEN_RTOL,
+            "max_rel": max((e["max_rel"] for e in errors.values()), default=0.0)}
 
 
 def _vs_ort(session, src, model, outputs, quantized: bool, result: dict,

@@ -405,6 +405,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     tvs = fid["target_vs_source"]
     parts += [f"## Target fidelity ({tvs['runtime']} vs {tvs['reference']})", "",
               _table(header, _fidelity_rows(tvs)), ""]
+    if tvs.get("other_batch"):
+        b = tvs["other_batch"]
+        parts += [f"Run again at batch {b['batch']} (the example's inputs repeated): max rel "
+                  f"{b['max_rel']:.2e} against the example's batch, row for row.", ""]
     if tvs.get("vs_rewritten_onnx"):
         parts += [f"## {tvs['runtime']} vs ONNX Runtime on the rewritten model", "",
                   _table(header, _fidelity_rows(tvs["vs_rewritten_onnx"])), ""]

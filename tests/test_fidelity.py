@@ -170,3 +170,60 @@ def test_a_floor_below_the_targets_fidelity_against_pytorch_is_not_reached(caplo
         _floor_against_source(report, manifest, {})
         assert mixed_precision_stats(report)["reached"]
         assert "vs_source" not in mixed_precision_stats(manifest)
+
+
+
+def _batch_model(path, op: str):
+    """x [batch, 3] → y: ``concat`` joins a [1, 3] constant on axis 1 (fails at batch 2, as
+    share=batch rainfusion did), ``mix`` scales every row by the batch's sum (mixes rows),
+    ``sound`` scales it by a constant."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1, 3], [1.0, 2.0, 3.0])
+    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [0])
+    nodes = {"concat": [helper.make_node("Concat", ["x", "one"], ["y"], axis=1)],
+             "mix": [helper.make_node("ReduceSum", ["x", "axis"], ["s"]),
+                     helper.make_node("Mul", ["x", "s"], ["y"])],
+             "sound": [helper.make_node("Mul", ["x", "one"], ["y"])]}[op]
+    graph = helper.make_graph(nodes, op, [x], [y], [one, axis])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              path)
+
+
+@pytest.mark.parametrize("op, match", [
+    ("concat", "ONNX Runtime cannot run the rewritten model on its example inputs repeated to "
+               "batch 2 \\(they fit its inputs\\): .*Concat.*edgec bug"),
+    ("mix", "at batch 2 .* vs batch 1: .* mixes up its batch rows")])
+def test_a_graph_that_fails_at_another_batch_is_an_internal_error(tmp_path, op, match):
+    """The compile verified one batch size: share=batch rainfusion passed at batch 1 and then
+    failed every guidance pair; at the example's batch the ORT failure read as the user's
+    ("could not run the model on these inputs", exit 2)."""
+    from edgec.errors import InternalError
+    from edgec.fidelity import other_batch
+    from edgec.runtimes.ort import OrtSession
+
+    _batch_model(tmp_path / "m.onnx", op)
+    session = OrtSession(tmp_path / "m.onnx")
+    with pytest.raises(InternalError, match=match):
+        other_batch(session, {"x": np.ones((1, 3), np.float32)})
+    if op == "concat":  # an example of batch 2: the first verification run fails so
+        from types import SimpleNamespace
+
+        from edgec.fidelity import target_fidelity
+
+        src = SimpleNamespace(feeds={"x": np.ones((2, 3), np.float32)}, reference={})
+        with pytest.raises(InternalError, match="on the source's example inputs"):
+            target_fidelity(session, src, True, None)
+
+
+def test_another_batch_of_a_sound_graph_is_recorded(tmp_path):
+    from edgec.fidelity import other_batch
+    from edgec.runtimes.ort import OrtSession
+
+    _batch_model(tmp_path / "m.onnx", "sound")
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    assert other_batch(OrtSession(tmp_path / "m.onnx"), feeds) == {
+        "batch": 4, "rtol": 1e-4, "max_rel": 0.0}

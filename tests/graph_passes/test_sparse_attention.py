@@ -13,7 +13,7 @@ from edgec.exporters import export_module
 from edgec.exporters.verify import compare_outputs
 from edgec.graph_passes import PassManager
 from edgec.graph_passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
-from edgec.graph_passes.sparse_attention.layout import reference_block_selection
+from edgec.graph_passes.sparse_attention.layout import reference_block_selection, static_pattern
 from edgec.runtimes.ort import run_model
 
 F = torch.nn.functional
@@ -89,13 +89,13 @@ def test_keep_one_is_dense_attention(module, cfg, dynamic):
     assert err["max_rel"] <= 1e-4, err
 
 
-def _numpy_sparse(q, k, v, scale, cfg):
+def _numpy_sparse(q, k, v, scale, cfg, select=reference_block_selection):
     """Independent reference: dense attention with a token mask built from the selection."""
     qs, ks = q * scale, k
     p, lay = cfg.prefix, cfg.layout()
-    idx = reference_block_selection(qs, ks, cfg)  # [B,H,nqb,k] incl. forced sinks
+    idx = select(qs, ks, cfg)  # [B,H,nqb,k] incl. forced sinks
     if cfg.share == "batch":  # every element uses element 0's selection
-        idx = np.broadcast_to(idx[:1], idx.shape)
+        idx = np.broadcast_to(idx[:1], (q.shape[0], *idx.shape[1:]))
     n_video = q.shape[2] - p
     pos = np.arange(n_video) if lay.perm is None else np.argsort(lay.perm)  # token → tile pos
     q_block, k_block = pos // cfg.query_block, pos // cfg.block
@@ -138,6 +138,45 @@ def test_rainfusion_mode_picks_patterns_and_stays_close():
     assert ops["ArgMax"] == 1 and ops["Where"] >= 2  # per-head choice among three patterns
     err = compare_outputs(run_model(model, _feeds(_qkv())), dense)["output"]
     assert err["cosine"] > 0.95
+
+
+def _rainfusion_selection(qs, ks, cfg):
+    """Each head keeps whichever of the spatial / temporal patterns and its top-k selection
+    captures the most exact attention mass on ``cfg.samples`` query rows; share=batch: all of it
+    from element 0 ([1,H,nqb,k])."""
+    if cfg.share == "batch":
+        qs, ks = qs[:1], ks[:1]
+    top = reference_block_selection(qs, ks, cfg)
+    lay, bs = cfg.layout(), cfg.block
+    qv, kv = (x[:, :, cfg.prefix:][:, :, lay.perm] for x in (qs, ks))
+    n, nb = qv.shape[2], -(-qv.shape[2] // bs)
+    rows = np.unique(np.linspace(0, n - 1, cfg.samples).round().astype(np.int64))
+    scores = qv[:, :, rows] @ np.swapaxes(kv, -1, -2)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs = np.pad(probs / probs.sum(-1, keepdims=True), ((0, 0),) * 3 + ((0, nb * bs - n),))
+    mass = probs.reshape(*probs.shape[:3], nb, bs).sum(-1)  # [B,H,r,nb]
+    qb = rows // cfg.query_block
+    tables = [static_pattern(cfg.grid, lay.tile, top.shape[-1], kind, forced=lay.sink)
+              [::cfg.query_block // bs][:top.shape[2]] for kind in ("spatial", "temporal")]
+    idx = top.copy()
+    for b, h in np.ndindex(*top.shape[:2]):
+        sel = [*tables, top[b, h]]
+        captured = [sum(mass[b, h, r, t[qb[r]]].sum() for r in range(len(rows))) for t in sel]
+        idx[b, h] = sel[int(np.argmax(captured))]
+    return idx
+
+
+@pytest.mark.parametrize("share", ["none", "batch"])
+def test_rainfusion_graph_equals_numpy_reference(share):
+    """share=batch with mode=rainfusion broke the graph at batch > 1 (Concat of element 0's
+    [1,H] top-k choice with every element's [B,H] pattern masses)."""
+    x = _qkv(seed=3)  # element 0 picks static patterns for heads 0 and 1, element 1 does not
+    cfg = f"keep=0.5,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8,mode=rainfusion,share={share}"
+    model, _, _ = _rewrite(ScaleMul(), cfg, x)
+    out = run_model(model, _feeds(x))["output"]
+    q, k, v = (t.numpy().astype(np.float64) for t in x)
+    ref = _numpy_sparse(q, k, v, 0.25, SparseAttentionConfig.parse(cfg), _rainfusion_selection)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_dynamic_sequence_length_without_grid():

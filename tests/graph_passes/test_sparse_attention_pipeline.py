@@ -2,11 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import edgec
 from edgec.cli import app
+from edgec.models import registry
 
 # tiny: grid (2,4,4) → 32 video tokens after 8 text tokens; 4-token blocks are 1x2x2 tiles
 TINY = "block=4,qblock=8,min_seq=0"
@@ -22,6 +24,21 @@ def test_keep_one_matches_pytorch_on_video_dit_tiny(tmp_path, target):
     fid = art.report["fidelity"]["target_vs_source"]
     assert fid["approximate"] is False
     assert fid["outputs"]["output"]["max_rel"] <= 1e-5
+
+
+def test_shared_rainfusion_verifies_a_second_batch(tmp_path):
+    """share=batch with mode=rainfusion built a graph that failed at batch > 1: a compile at
+    batch 1 (a CogVideoX) passed, then every guidance pair failed. The compile now runs the
+    graph at batch 2 too, and the graph takes it."""
+    spec = registry.get("video-dit")
+    example = [x[:1] for x in spec.example_inputs("tiny")]
+    art = edgec.compile(spec.build("tiny"), "ort-cpu", tmp_path / "o", example_inputs=example,
+                        dynamic_shapes=spec.dynamic_shapes("tiny"),
+                        sparse_attention=f"keep=0.5,{TINY},grid=2x4x4,prefix=8,share=batch,"
+                                         "mode=rainfusion")
+    assert art.report["fidelity"]["target_vs_source"]["other_batch"]["batch"] == 2
+    feeds = {k: np.concatenate([v, v]) for k, v in art.load().default_feeds.items()}
+    assert art.load().run(feeds)["output"].shape[0] == 2
 
 
 def test_sparse_video_dit_reports_error_and_runs_on_openvino(tmp_path):

@@ -132,6 +132,8 @@ def build_sparse_attention(name: str, q: ir.Value, k: ir.Value, v: ir.Value, sha
     if cfg.mode == "rainfusion":
         if table is not None:
             kv = e.slice(k_all, p, MAX, 2) if p else k_all
+        if cfg.share == "batch":  # element 0 chooses each head's pattern too (from every
+            qv, kv = (e.slice(x, 0, 1, 0) for x in (qv, kv))  # row: [B,H] vs top-k's [1,H])
         idx = _choose_pattern_per_head(e, qv, kv, idx, nb, k_sel, npb, n_video, cfg, layout)
 
     # Flat indices into [B·H·blocks, bs·d] so a plain Gather fetches whole blocks.
