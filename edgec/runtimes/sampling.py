@@ -487,7 +487,7 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
         if value.dtype.kind in "fc" and not np.isfinite(value).all():
             raise UserError(f"condition {name!r} holds NaN or inf; give finite values")
     _check_noise(spec, noise)
-    batch = _batch(fixed, default, spec)
+    batch = _batch(fixed, default, spec, noise)
     x = {}
     for name in spec.samples:
         shape = (batch, *np.shape(default[name])[1:]) if name in default else None
@@ -555,10 +555,16 @@ def _batch_input(fixed, spec) -> str | None:
                  if name in fixed and np.ndim(fixed[name])), None)
 
 
-def _batch(fixed, default, spec) -> int:
+def _batch(fixed, default, spec, noise=None) -> int:
+    """The batch: a condition's (or other fixed input's), else the given noise's (a model with
+    no inputs but its sample and timestep, pose-prior), else the example's."""
     name = _batch_input(fixed, spec)
     if name is not None:
         return int(np.shape(fixed[name])[0])
+    given = next((np.shape(v) for k, v in (noise or {}).items() if k in spec.samples
+                  and np.ndim(v)), None)
+    if given is not None:
+        return int(given[0])
     first = next(iter(spec.samples))
     return int(np.shape(default[first])[0]) if first in default else 1
 

@@ -389,6 +389,12 @@ def test_reference_diffusion_models_sample(tmp_path, model, kind):
     assert x.shape == sess.default_feeds[name].shape
     assert sess.last_sampling["model_runs"] == (4 if kind == "ddim-x0" else 3)  # auto guidance:
     assert sess.last_sampling["guidance_mode"] == ("batch" if kind == "ddim-x0" else None)  # b,s,b
+    if kind == "score":  # a batch other than the example's, from the noise alone (no
+        # condition to take it from: "inputs 'pose' and 't' share dim 'batch' but have sizes
+        # 7 and 4")
+        noise = np.random.default_rng(1).standard_normal((7, *x.shape[1:])).astype(np.float32)
+        check_inputs(sess, noise={name: noise})
+        assert sess.sample(steps=1, noise={name: noise})[name].shape == noise.shape
     if kind == "score":  # the sampler survives `edgec export` and the artifact's model.onnx
         # (TensorRT's note: compile it on a GPU machine); compiled from either .onnx, the
         # artifact was "not a diffusion model"
