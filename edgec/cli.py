@@ -769,9 +769,9 @@ def sample_cmd(
     encoder = edgec.load(text_encoder) if text_encoder is not None else None
     conditions, negatives = with_prompts(session, conditions, negatives, prompt,
                                          negative_prompt, encoder, guidance=guidance)
-    check_inputs(session, conditions, noises, negatives, guidance=guidance, seed=seed,
-                 guidance_mode=guidance_mode, dense_steps=dense_steps, solver=solver,
-                 dynamic_cfg=dynamic_cfg)  # before the progress bar
+    check_inputs(session, conditions, noises, negatives, steps=steps, guidance=guidance,
+                 seed=seed, guidance_mode=guidance_mode, dense_steps=dense_steps,
+                 solver=solver, dynamic_cfg=dynamic_cfg)  # before the progress bar
     with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, disable=as_json) as bar:
         task = bar.add_task("steps", total=steps)

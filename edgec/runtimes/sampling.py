@@ -337,17 +337,7 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     ``session.last_sampling``."""
     manifest = getattr(session, "manifest", None) or {}
     spec = SamplerSpec.from_manifest(manifest).with_solver(solver)
-    if steps is not None and not _whole(steps):  # int() ran 2.7 as 2 steps
-        raise UserError(f"steps={steps!r}: give a whole number of sampling steps")
-    steps = spec.steps if steps is None else int(steps)
-    if steps < 1:
-        raise UserError(f"steps={steps}: give at least one sampling step")
-    # a discrete schedule has no steps between its train steps (DDIM repeated timesteps); no
-    # sampler needs more than MAX_STEPS (10**11 steps was a MemoryError for the σ grid)
-    most = spec.train_steps if spec.kind in ("ddim-x0", "ddim-v") else MAX_STEPS
-    if steps > most:
-        raise UserError(f"steps={steps}: this model's {spec.kind} sampler takes at most {most} "
-                        f"steps; give fewer")
+    steps = _check_steps(spec, steps)
     _check_options(session, spec, guidance, guidance_mode, dense_steps, seed, dynamic_cfg)
     conditions, negative = with_prompts(session, conditions, negative, prompt, negative_prompt,
                                         text_encoder, guidance=guidance)
@@ -423,15 +413,16 @@ def with_prompts(session, conditions, negative, prompt, negative_prompt, text_en
 def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
                  noise: Mapping[str, np.ndarray] | None = None,
                  negative: Mapping[str, np.ndarray] | None = None, *,
-                 guidance: float | None = None, guidance_mode: str = "auto",
-                 dense_steps: int | None = None, seed: int = 0,
+                 steps: int | None = None, guidance: float | None = None,
+                 guidance_mode: str = "auto", dense_steps: int | None = None, seed: int = 0,
                  solver: str | None = None, dynamic_cfg: bool = False) -> None:
     """Refuse conditions (and noise) ``sample`` could not run, before anything runs: unknown
     names, and shapes the main graph does not take (a sparse-attention graph's baked-in grid);
-    and the options: guidance, guidance_mode (and whether 'batch' fits the graph's batch),
-    dense_steps, seed, solver, dynamic_cfg.
+    and the options: steps, guidance, guidance_mode (and whether 'batch' fits the graph's
+    batch), dense_steps, seed, solver, dynamic_cfg.
     ``sample`` checks them too; the CLI calls this before it shows its progress bar."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {}).with_solver(solver)
+    _check_steps(spec, steps)
     _check_options(session, spec, guidance, guidance_mode, dense_steps, seed, dynamic_cfg)
     _, batch, _, _ = _start(session, spec, conditions, noise, np.random.default_rng(0), negative)
     if _guided(spec, guidance):
@@ -440,6 +431,22 @@ def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
 
 def _whole(n) -> bool:
     return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
+def _check_steps(spec: SamplerSpec, steps) -> int:
+    """The number of steps to run (None: the artifact's), checked against the sampler."""
+    if steps is not None and not _whole(steps):  # int() ran 2.7 as 2 steps
+        raise UserError(f"steps={steps!r}: give a whole number of sampling steps")
+    steps = spec.steps if steps is None else int(steps)
+    if steps < 1:
+        raise UserError(f"steps={steps}: give at least one sampling step")
+    # a discrete schedule has no steps between its train steps (DDIM repeated timesteps); no
+    # sampler needs more than MAX_STEPS (10**11 steps was a MemoryError for the σ grid)
+    most = spec.train_steps if spec.kind in ("ddim-x0", "ddim-v") else MAX_STEPS
+    if steps > most:
+        raise UserError(f"steps={steps}: this model's {spec.kind} sampler takes at most {most} "
+                        f"steps; give fewer")
+    return steps
 
 
 def _check_options(session, spec: SamplerSpec, guidance, guidance_mode, dense_steps, seed,

@@ -247,6 +247,8 @@ def test_bad_sampling_requests():
     check_inputs(Oracle("flow", batch_dim=2), guidance=1.0, guidance_mode="batch")  # no pair
     with pytest.raises(UserError, match="dynamic_cfg is CogVideoX's"):
         check_inputs(sess, dynamic_cfg=True)
+    with pytest.raises(UserError, match="ddim-x0 sampler takes at most 1000 steps"):
+        check_inputs(Oracle("ddim-x0"), steps=1001)  # the CLI showed its progress bar first
     sess.manifest = {"source": {"name": "llama"}}
     with pytest.raises(UserError, match="llama is not a diffusion model"):
         sample(sess)
@@ -306,6 +308,9 @@ def test_cli_sample(sparse_dit, tmp_path):
         result = runner.invoke(app, ["sample", str(dense.path), "--steps", "2", *args])
         assert result.exit_code == 2 and said in result.stderr, result.output
         assert result.stderr.count("\n") == 1  # before the progress bar
+    result = runner.invoke(app, ["sample", str(dense.path), "--steps", "10001"])
+    assert result.exit_code == 2 and "takes at most 10000 steps" in result.stderr
+    assert result.stderr.count("\n") == 1  # the bar showed 0/10001 before the refusal
     result = runner.invoke(app, ["sample", str(dense.path), "--steps", "1", "--guidance", "1",
                                  "--noise", str(tmp_path / "noise.npz"),
                                  "--save", str(tmp_path / "n.npz")])
