@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.models.registry import ModelSpec, register
+from edgec.models.registry import ModelSpec, register, timesteps
 
 __all__ = ["MotionDiT", "MotionDiTConfig", "CONFIGS", "SPEC", "MOTION_LAYOUT", "RMSNorm",
            "Attention", "apply_rope", "feed_forward", "modulate", "rope_tables",
@@ -367,7 +367,7 @@ def example_inputs(config: str, options: frozenset[str], seed: int) -> tuple[tor
     g = torch.Generator().manual_seed(seed)
     video = torch.randn(cfg.batch, cfg.channels, cfg.frames, cfg.height, cfg.width, generator=g)
     motion = torch.randn(cfg.batch, cfg.motion_frames, MOTION_DIM, generator=g)
-    timestep = torch.rand(cfg.batch, generator=g) * 1000.0
+    timestep = timesteps(cfg.batch, seed, 1000.0, 0.0, g)  # the flow sampler's σ·1000, 1 → 0
     text = torch.randn(cfg.batch, cfg.text_len, cfg.text_dim, generator=g)
     return video, motion, timestep, text
 

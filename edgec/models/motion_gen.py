@@ -30,7 +30,7 @@ from edgec.models.motion_dit import (
     timestep_freqs,
     wan_init,
 )
-from edgec.models.registry import ModelSpec, register
+from edgec.models.registry import ModelSpec, register, timesteps
 
 __all__ = ["MotionGen", "MotionGenConfig", "CONFIGS", "SPEC"]
 
@@ -184,7 +184,7 @@ def example_inputs(config: str, options: frozenset[str], seed: int) -> tuple[tor
     cfg = CONFIGS[config]
     g = torch.Generator().manual_seed(seed)
     motion = torch.randn(cfg.batch, cfg.frames, MOTION_DIM, generator=g)
-    timestep = torch.rand(cfg.batch, generator=g) * 1000.0
+    timestep = timesteps(cfg.batch, seed, 1000.0, 0.0, g)  # the flow sampler's σ·1000, 1 → 0
     text = torch.randn(cfg.batch, cfg.text_len, cfg.text_dim, generator=g)
     ref_motion = torch.randn(cfg.batch, cfg.frames, REF_DIM, generator=g)
     use_text = ((torch.arange(cfg.batch) + seed) % 2 == 0).float()

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.models.registry import ModelSpec, register
+from edgec.models.registry import ModelSpec, register, timesteps
+from edgec.runtimes.sampling import SCORE_EPS
 
 __all__ = ["PosePriorConfig", "PosePrior", "CONFIGS", "SPEC", "subvp_sigma"]
 
@@ -201,12 +202,13 @@ def build(config: str, options: frozenset[str]) -> nn.Module:
 
 
 def example_inputs(config: str, options: frozenset[str], seed: int) -> tuple[torch.Tensor, ...]:
-    """A noisy normalized pose and t in [0.05, 1] (the prior is queried at t ≈ 0.05–0.15 when
-    fitting, down from 1 when sampling; σ(0.05) ≈ 0.03, so scores reach ~30× the noise)."""
+    """A noisy normalized pose and t over the sampler's [1e-3, 1] (``registry.timesteps``: the
+    prior is queried at t ≈ 0.08–0.12 when fitting, from 1 down to 1e-3 when sampling; σ(1e-3)
+    ≈ 1.1e-4, so scores reach ~10⁴× the noise)."""
     cfg = CONFIGS[config]
     g = torch.Generator().manual_seed(seed)
     pose = torch.randn(cfg.batch, cfg.pose_dim, generator=g)
-    t = 0.05 + 0.95 * torch.rand(cfg.batch, generator=g)
+    t = timesteps(cfg.batch, seed, 1.0, SCORE_EPS, g)
     return pose, t
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.models.registry import ModelSpec, register
+from edgec.models.registry import ModelSpec, register, timesteps
 
 __all__ = ["ReactDanceConfig", "ReactiveDance", "ReactDanceDecoder", "CONFIGS", "SPEC",
            "DECODER_SPEC", "block_diagonal_mask", "block_positions"]
@@ -368,7 +368,7 @@ def example_inputs(config: str, options: frozenset[str], seed: int) -> tuple[tor
     cfg = CONFIGS[config]
     g = torch.Generator().manual_seed(seed)
     latent = torch.randn(cfg.batch, cfg.seq_len, cfg.latent_dim, generator=g)
-    timestep = torch.rand(cfg.batch, generator=g) * 1000.0
+    timestep = timesteps(cfg.batch, seed, 999.0, 0.0, g)  # DDIM's train steps, 999 → 0
     leader = torch.randn(cfg.batch, cfg.seq_len, cfg.leader_dim, generator=g)
     music = torch.randn(cfg.batch, cfg.frames, cfg.music_dim, generator=g)
     return latent, timestep, leader, music

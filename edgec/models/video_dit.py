@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgec.models.registry import ModelSpec, register
+from edgec.models.registry import ModelSpec, register, timesteps
 
 __all__ = ["VideoDiT", "DiTConfig", "CONFIGS", "SPEC"]
 
@@ -218,7 +218,7 @@ def example_inputs(config: str, options: frozenset[str], seed: int) -> tuple[tor
     cfg = CONFIGS[config]
     g = torch.Generator().manual_seed(seed)
     latent = torch.randn(cfg.batch, cfg.channels, cfg.frames, cfg.height, cfg.width, generator=g)
-    timestep = torch.rand(cfg.batch, generator=g) * 1000.0
+    timestep = timesteps(cfg.batch, seed, 1000.0, 0.0, g)  # the flow sampler's σ·1000, 1 → 0
     text = torch.randn(cfg.batch, cfg.text_len, cfg.text_dim, generator=g)
     return latent, timestep, text
 

@@ -45,6 +45,7 @@ SOLVERS = {"flow": ("euler", "flowmatch", "unipc"), "ddim-v": ("ddim", "dpm")}
 
 
 MAX_STEPS = 10_000  # continuous-time samplers (flow, score)
+SCORE_EPS = 1e-3  # the score sampler's last t (its first is 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -670,7 +671,7 @@ def _ddim_v(model, spec, x, steps, rng, callback):
     return x
 
 
-def _score(model, spec, x, steps, rng, callback, eps: float = 1e-3):
+def _score(model, spec, x, steps, rng, callback, eps: float = SCORE_EPS):
     """Euler–Maruyama on the reverse sub-VP SDE from t = 1 to ``eps`` (last step noise-free)."""
     ts = np.linspace(1.0, eps, steps)
     dt = -(1.0 - eps) / steps

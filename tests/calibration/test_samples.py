@@ -1,5 +1,6 @@
 """npz_sample_count: a calibration file's sample count from its header, None where unreadable;
-samples_from_npz: what a calibration .npz may not hold, refused in one line."""
+samples_from_npz: what a calibration .npz may not hold, refused in one line; the reference
+denoisers' generated samples span their samplers' timesteps."""
 
 import zipfile
 
@@ -8,6 +9,7 @@ import pytest
 
 from edgec.calibration.samples import npz_sample_count, samples_from_npz
 from edgec.errors import UserError
+from edgec.models import registry
 from edgec.runtimes.base import IOSpec
 
 
@@ -82,3 +84,39 @@ def test_malformed_files_are_one_line_user_errors(tmp_path):
                         ("empty.npz", "not an .npz"), ("huge.npz", "declares shape")]:
         _refused(tmp_path / name, X, match)
     assert npz_sample_count(tmp_path / "huge.npz") == 2**38  # header only: no allocation
+
+
+@pytest.mark.parametrize("name", [s.name for s in registry.specs() if s.sampling])
+def test_denoiser_samples_span_the_sampler_timesteps(name):
+    """Every reference denoiser's calibration samples, and the floor's held-out sets after
+    them, reach its sampler's first and last timestep, each end a set of its own: they were
+    uniform draws that stopped short (motion-gen's timestep at 972 of 1000, pose-prior's t at
+    0.05 of 1e-3), the quantized graph clamped every step beyond, and the floor, measured on
+    the same draws, said it held."""
+    from edgec.calibration.samples import DEFAULT_SAMPLES
+    from edgec.graph_passes.quantization.options import HELD_OUT
+    from edgec.runtimes.sampling import sample
+
+    spec = registry.get(name)
+    names = list(spec.input_names)
+    t_at = names.index(spec.sampling["timestep"])
+    example = dict(zip(names, (t.numpy() for t in spec.example_inputs("tiny"))))
+    seen = []
+
+    class Recorder:  # a denoiser that predicts zeros and records the timesteps it is fed
+        manifest = {"sampling": dict(spec.sampling)}
+        inputs = [IOSpec(k, ["batch", *v.shape[1:]], v.dtype.name) for k, v in example.items()]
+        default_feeds = example
+
+        def run(self, feeds):
+            seen.extend(feeds[spec.sampling["timestep"]].tolist())
+            return {o: np.zeros_like(feeds[i]) for i, o in spec.sampling["samples"].items()}
+
+    sample(Recorder(), steps=20)
+    first, last = seen[0], seen[-1]
+    sets = spec.calibration_inputs("tiny", DEFAULT_SAMPLES + HELD_OUT)
+    t = [s[t_at].numpy() for s in sets]
+    calibration, held = np.concatenate(t[:DEFAULT_SAMPLES]), t[DEFAULT_SAMPLES:]
+    assert calibration.max() == pytest.approx(first) and calibration.min() <= last
+    assert any((s == np.float32(first)).all() for s in held)
+    assert any((s <= last).all() and (s == s.min()).all() for s in held)

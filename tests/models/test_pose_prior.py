@@ -3,6 +3,7 @@ fusion branch, compiles on ort-cpu, openvino-cpu and qnn-htp (w8a16)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,7 +86,28 @@ def test_fp32_compiles_match_pytorch(tiny, compiled):
 
 
 def test_qnn_htp_w8a16(compiled):
-    """Measured: NPU vs ORT on the same QDQ graph cosine 0.999994; vs PyTorch 0.9995."""
-    fid = compiled("qnn-htp").report["fidelity"]["target_vs_source"]
+    """Measured: NPU vs ORT on the same QDQ graph cosine 0.99998; vs PyTorch 0.9917 (the
+    example's t, 0.03 to 0.7).
+
+    The score spans σ(t)⁻¹, ~10⁴ at the sampler's last t (1e-3) to ~1 at its first (1), and
+    σ itself is a uint16 tensor over [0, 1] (its step ~1.5e-5 against σ(1e-3) ≈ 1.1e-4): at
+    t = 1e-3 the score comes out rel L2 0.35 off (its direction right, cosine 0.9996), at
+    t = 1 cosine 0.959. Calibrated on t ≥ 0.05 only, the graph clamped the score below that
+    (rel L2 0.998 at 1e-3), read t = 1 at cosine 0.84, and the floor said "reached, 0.9975":
+    now its held-out sets at t = 1 and t = 1e-3 say it is not reached."""
+    art = compiled("qnn-htp")
+    fid = art.report["fidelity"]["target_vs_source"]
     assert fid["vs_rewritten_onnx"]["outputs"]["score"]["cosine"] >= 0.998
     assert fid["outputs"]["score"]["cosine"] >= 0.99
+    mp = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
+        "mixed_precision"]
+    assert not mp["reached"] and mp["achieved"] < 0.98  # measured 0.9586
+    assert not mp["on_target"]["reached"]
+    pose = SPEC.example_inputs("tiny")[0].numpy()
+    module, session = SPEC.build("tiny"), art.load()
+    for t, key, bound in ((1e-3, "rel_l2", 0.5), (1.0, "cosine", 0.9)):  # before: 0.998, 0.84
+        feeds = {"pose": pose, "t": np.full(len(pose), t, np.float32)}
+        with torch.no_grad():
+            expected = module(torch.from_numpy(pose), torch.from_numpy(feeds["t"])).numpy()
+        got = compare_outputs(session.run(feeds), {"score": expected})["score"][key]
+        assert got <= bound if key == "rel_l2" else got >= bound
