@@ -769,9 +769,10 @@ def sample_cmd(
     encoder = edgec.load(text_encoder) if text_encoder is not None else None
     conditions, negatives = with_prompts(session, conditions, negatives, prompt,
                                          negative_prompt, encoder, guidance=guidance)
+    decoder = edgec.load(vae) if vae is not None else None
     check_inputs(session, conditions, noises, negatives, steps=steps, guidance=guidance,
                  seed=seed, guidance_mode=guidance_mode, dense_steps=dense_steps,
-                 solver=solver, dynamic_cfg=dynamic_cfg)  # before the progress bar
+                 solver=solver, dynamic_cfg=dynamic_cfg, vae=decoder)  # before the progress bar
     with Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, disable=as_json) as bar:
         task = bar.add_task("steps", total=steps)
@@ -782,7 +783,7 @@ def sample_cmd(
         samples = session.sample(conditions, steps=steps, guidance=guidance, seed=seed,
                                  dense_steps=dense_steps, callback=advance, noise=noises,
                                  guidance_mode=guidance_mode, negative=negatives,
-                                 vae=edgec.load(vae) if vae is not None else None,
+                                 vae=decoder,
                                  dynamic_cfg=dynamic_cfg, solver=solver)
     if save is not None:
         save_npz(save, samples)

@@ -416,16 +416,20 @@ def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
                  negative: Mapping[str, np.ndarray] | None = None, *,
                  steps: int | None = None, guidance: float | None = None,
                  guidance_mode: str = "auto", dense_steps: int | None = None, seed: int = 0,
-                 solver: str | None = None, dynamic_cfg: bool = False) -> None:
+                 solver: str | None = None, dynamic_cfg: bool = False, vae=None) -> None:
     """Refuse conditions (and noise) ``sample`` could not run, before anything runs: unknown
     names, and shapes the main graph does not take (a sparse-attention graph's baked-in grid);
     and the options: steps, guidance, guidance_mode (and whether 'batch' fits the graph's
-    batch), dense_steps, seed, solver, dynamic_cfg.
+    batch), dense_steps, seed, solver, dynamic_cfg, and a ``vae`` session's latent sizes.
     ``sample`` checks them too; the CLI calls this before it shows its progress bar."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {}).with_solver(solver)
     _check_steps(spec, steps)
     _check_options(session, spec, guidance, guidance_mode, dense_steps, seed, dynamic_cfg)
-    _, batch, _, _ = _start(session, spec, conditions, noise, np.random.default_rng(0), negative)
+    _, batch, x, _ = _start(session, spec, conditions, noise, np.random.default_rng(0), negative)
+    if vae is not None:
+        from edgec.runtimes.video import check_vae
+
+        check_vae(vae, np.shape(next(iter(x.values()))), session)
     if _guided(spec, guidance):
         _pairable(session, spec, batch, guidance_mode)
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import edgec
 from edgec.cli import app
 from edgec.errors import UserError
+from edgec.runtimes.sampling import check_inputs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WORDS = "a cat dog on the skateboard red blue runs jumps &amp; big small".split()
@@ -212,6 +213,8 @@ def test_a_compiled_vae_decodes_the_video_the_pipeline_returns(pipelines, kind, 
             denoiser.load().sample(steps=1, vae=encoder.load(),
                                    callback=lambda i, n: steps.append(i))
         assert not steps
+        with pytest.raises(UserError, match="--vae must be a compiled diffusers video VAE"):
+            check_inputs(denoiser.load(), vae=encoder.load())  # the CLI's, before its bar
 
 
 def test_a_sentencepiece_only_tokenizer_ships_converted_or_not_at_all(tmp_path, monkeypatch,
