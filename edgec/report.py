@@ -93,6 +93,8 @@ def quantization_entry(records) -> dict[str, Any] | None:
     for key in ("weights_int8", "embeddings_int8"):  # a weight-only scheme's 8-bit backups
         if rec.stats.get(key):
             entry[key] = rec.stats[key]
+    if rec.stats.get("skipped"):  # weights a weight-only scheme left float: node → why
+        entry["weights_float"] = rec.stats["skipped"]
     if "calibration" in rec.stats:
         entry["calibration"] = rec.stats["calibration"]
     return entry
@@ -277,8 +279,13 @@ def scheme_line(q: dict[str, Any]) -> str:
     eight = [f"{len(q[k])} {what}{'s' if len(q[k]) > 1 else ''}"
              for k, what in (("weights_int8", "last layer"), ("embeddings_int8", "embedding"))
              if q.get(k)]
-    return (f"{sc['name']}: {sc['weights']} weights, {acts}"
+    line = (f"{sc['name']}: {sc['weights']} weights, {acts}"
             + (f" (int8: {', '.join(eight)})" if eight else ""))
+    if q.get("weights_float"):  # named, not only counted: a float weight under an int4 line
+        left = q["weights_float"]
+        line += (f"; {len(left)} weight{'s' if len(left) > 1 else ''} left float: "
+                 + ", ".join(f"{n} ({why})" for n, why in left.items()))
+    return line
 
 
 def calibration_line(cal: dict[str, Any]) -> str:

@@ -77,6 +77,11 @@ class QuantScheme:
             output (an LM head) gets int8 blocks and the embedding tables int8 rows, as NNCF's
             4-bit weight compression keeps them at 8 bits (``blockwise``). CPU targets only:
             TensorRT's weight-only blocks are int4.
+        partial_block: weight-only schemes: a weight whose input-channel count K is not a
+            multiple of ``block_size`` ends in a shorter block (ONNX allows it; ONNX Runtime CPU
+            fuses it into MatMulNBits as any other). False: its blocks are zero-padded to a
+            whole one and the MatMul's input with them (a ``Pad`` of the activation), as
+            OpenVINO's ONNX frontend refuses a partial block and TensorRT's is unprobed.
         float_stream: on a fully quantized target, the residual stream stays float: its sums,
             the norms that read them and ``outlier_split``'s branches are not quantized, and
             the HTP runs them in fp16 (on an HTP with fp16 units: ``runtimes.qnn.FP16_OPTIONS``);
@@ -105,6 +110,7 @@ class QuantScheme:
     head_float: bool = False
     float_stream: bool = False
     weight_backup_int8: bool = False
+    partial_block: bool = False
 
     @property
     def calibrated(self) -> bool:

@@ -15,7 +15,8 @@ SCHEMES = {
     "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8"),
     "w8a16": QuantScheme("w8a16", weights="int8", activations="uint16", min_opset=21),
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
-                         min_opset=21, weight_backup_int8=True, weight_symmetric=False),
+                         min_opset=21, weight_backup_int8=True, weight_symmetric=False,
+                         partial_block=True),
 }
 
 

@@ -104,6 +104,36 @@ def test_gptq_rewrites_only_the_integers_on_every_grid_layout(block, trans):
     assert np.linalg.norm(got - ref) < np.linalg.norm(near - ref)
 
 
+@pytest.mark.parametrize("partial,trans", [(False, False), (True, False), (False, True)])
+def test_gptq_rounds_a_weight_whose_k_is_not_a_multiple_of_the_block(partial, trans):
+    """K = 40 in blocks of 16: a partial last block, or the weight zero-padded to 48 rows with
+    the MatMul's input (blockwise). GPTQ's [K, N] integers were written over the padded [48, N]
+    ones: a broken graph on openvino-cpu and tensorrt."""
+    import types
+
+    from edgec.graph_passes.quantization.blockwise import blockwise_weights
+    from edgec.runtimes.ort import run_model
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 12)).astype(np.float32)
+    fp32 = _qdq_matmul(w, None, trans)[0]
+    quantized = ir.serde.deserialize_model(ir.serde.serialize_model(fp32))
+    scheme = types.SimpleNamespace(weights="int4", block_size=16, weight_backup_int8=False,
+                                   weight_symmetric=False, partial_block=partial)
+    assert blockwise_weights(quantized, scheme, set())["weights_blockwise"] == 1
+    before = quantized.graph.initializers["w_q"].const_value.numpy().copy()
+    mix = rng.standard_normal((40, 40)).astype(np.float32)
+    samples = [{"x": rng.standard_normal((64, 40)).astype(np.float32) @ mix} for _ in range(4)]
+    stats = gptq_weights(fp32, quantized, samples)["gptq"]
+    after = quantized.graph.initializers["w_q"].const_value.numpy()
+    assert stats["weights"] == 1 and after.shape == before.shape
+    pad = after[:, 40:] if trans else after[40:]  # the padding's integers (dequantized: 0) kept
+    np.testing.assert_array_equal(pad, before[:, 40:] if trans else before[40:])
+    x = np.concatenate([s["x"] for s in samples])
+    got = run_model(quantized, {"x": x})["y"]
+    assert np.linalg.norm(got - x @ w) < 0.2 * np.linalg.norm(x @ w)
+
+
 @pytest.fixture(scope="module")
 def rotated_w4(tmp_path_factory):
     root = tmp_path_factory.mktemp("gptq")

@@ -94,6 +94,11 @@ def test_w4a16_is_blockwise_weight_only(llama_src):
     assert [dt for dt, _, _ in weights].count(ir.DataType.UINT8) == 1
     assert result.stats["weights_int8"] and result.stats["embeddings_int8"]
     assert all(dt == ir.DataType.UINT4 for dt, _, _ in weights if dt != ir.DataType.UINT8)
+    # every MatMul weight, the FFN down projections' K = 172 (not a multiple of 32) included:
+    # they were left float under a report saying int4
+    assert "skipped" not in result.stats and not [
+        n.name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value
+        is not None and n.inputs[1].const_value.dtype == ir.DataType.FLOAT]
     assert all(len(n.inputs) == 3 for n in model.graph if n.op_type == "DequantizeLinear"
                and n.inputs[0].const_value is not None)
     gathers = [n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value
@@ -386,7 +391,8 @@ def test_blockwise_quantizes_a_shared_weight_once(rng):
                               opset_imports={"": 21}), ir_version=10)
     stats = blockwise_weights(model, types.SimpleNamespace(weights="int4", block_size=32,
                                                            weight_backup_int8=False,
-                                                           weight_symmetric=True), set())
+                                                           weight_symmetric=True,
+                                                           partial_block=False), set())
     assert stats["weights_blockwise"] == 1
     assert sorted(model.graph.initializers) == ["w_q", "w_scale"]
     assert [n.op_type for n in model.graph].count("DequantizeLinear") == 1
@@ -431,7 +437,8 @@ def test_weight_only_backups_last_layers_and_embedding_rows(rng):
     before = run_model(model, feeds)
     stats = blockwise_weights(model, types.SimpleNamespace(weights="int4", block_size=32,
                                                            weight_backup_int8=True,
-                                                           weight_symmetric=True), set())
+                                                           weight_symmetric=True,
+                                                           partial_block=False), set())
     assert stats["weights_int8"] == ["m2"] and stats["embeddings_int8"] == ["table"]
     inits = model.graph.initializers
     assert "table" not in inits and inits["table_q"].const_value.dtype == ir.DataType.INT8
@@ -461,7 +468,7 @@ def test_asymmetric_blocks_spend_every_level_on_the_block(rng):
     model = ir.Model(ir.Graph([x], mm.outputs, nodes=[mm], initializers=[wv],
                               opset_imports={"": 21}), ir_version=10)
     scheme = types.SimpleNamespace(weights="int4", block_size=32, weight_backup_int8=False,
-                                   weight_symmetric=False)
+                                   weight_symmetric=False, partial_block=False)
     blockwise_weights(model, scheme, set())
     inits = model.graph.initializers
     q = inits["w_q"].const_value.numpy().astype(np.float32)
@@ -472,6 +479,117 @@ def test_asymmetric_blocks_spend_every_level_on_the_block(rng):
     feeds = {"x": rng.standard_normal((2, 32)).astype(np.float32)}
     np.testing.assert_allclose(run_model(model, feeds)["y"], feeds["x"] @ wd, rtol=1e-4,
                                atol=1e-4)
+
+
+def _odd_k_model(rng):
+    """x [2, 3, 90] → MatMul W1 [90, 150] → Relu → MatMul W2 [150, 20]: no K a multiple of 32."""
+    w1 = rng.standard_normal((90, 150)).astype(np.float32)
+    w2 = rng.standard_normal((150, 20)).astype(np.float32)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3, 90]))
+    v1, v2 = (ir.Value(name=n, const_value=ir.tensor(a, name=n)) for n, a in
+              (("w1", w1), ("w2", w2)))
+    m1 = ir.node("MatMul", [x, v1], name="m1")
+    act = ir.node("Relu", [m1.outputs[0]], name="act")
+    m2 = ir.node("MatMul", [act.outputs[0], v2], name="m2")
+    m2.outputs[0].name = "y"
+    return ir.Model(ir.Graph([x], m2.outputs, nodes=[m1, act, m2], initializers=[v1, v2],
+                             opset_imports={"": 17}), ir_version=10)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "openvino-cpu", "tensorrt"])
+def test_w4a16_quantizes_a_k_that_is_not_a_multiple_of_the_block(rng, target):
+    """K = 90 and 150 in blocks of 32 (128 on TensorRT): a partial last block where ONNX Runtime
+    takes one, else the weight and the MatMul's input zero-padded to whole blocks (OpenVINO's
+    frontend refuses a partial block). Both weights were left float, reported as int4."""
+    model = _odd_k_model(rng)
+    feeds = {"x": rng.standard_normal((2, 3, 90)).astype(np.float32)}
+    ref = run_model(model, feeds)
+    tgt = get(target)
+    scheme = tgt.schemes["w4a16"]
+    result = QuantizePass(scheme, tgt)(_clone(model))
+    q = result.model
+    assert "skipped" not in result.stats and result.stats["weights_blockwise"] == 2
+    weights = {n.name: n.inputs[1].producer() for n in q.graph if n.op_type == "MatMul"}
+    assert all(dq is not None and dq.op_type == "DequantizeLinear" for dq in weights.values())
+    kinds = {dq.inputs[0].const_value.dtype for dq in weights.values()}
+    assert kinds <= {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.UINT8}
+    k = {name: dq.inputs[0].const_value.shape[0] for name, dq in weights.items()}
+    block = scheme.block_size
+    pads = [n for n in q.graph if n.op_type == "Pad"]
+    if scheme.partial_block:
+        assert k == {"m1": 90, "m2": 150} and not pads
+        assert weights["m1"].inputs[1].const_value.shape[0] == 3  # ceil(90 / 32) blocks
+    else:
+        assert k == {"m1": -(-90 // block) * block, "m2": -(-150 // block) * block}
+        assert len(pads) == 2
+    got = run_model(q, feeds)
+    assert _cosine(got, ref) >= 0.98  # the w4a16 floor
+    if target == "openvino-cpu":  # its frontend takes the padded form and agrees (it may
+        import openvino as ov  # compute in bf16 on this CPU)
+
+        ov_out = ov.Core().compile_model(_ov_model(q), "CPU")(feeds)
+        assert _cosine({"y": next(iter(ov_out.values()))}, got) >= 0.999
+
+
+def _ov_model(model):
+    import tempfile
+
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as d:
+        ir.save(model, f"{d}/m.onnx")
+        return ov.Core().read_model(f"{d}/m.onnx")
+
+
+def test_weight_only_report_names_what_it_left_float(rng):
+    """A weight the pass cannot quantize (a Gemm with transA, here the last layer) is named with
+    its reason in the stats, the manifest's quantization entry and the scheme line, and the
+    int8 backups list only what was applied (it listed that float Gemm as int8)."""
+    import types
+
+    from edgec.graph_passes.quantization.blockwise import blockwise_weights
+    from edgec.report import quantization_entry, scheme_line
+
+    model = _odd_k_model(rng)
+    act = model.graph.node("act")
+    flat = ir.node("Reshape", [act.outputs[0], ir.Value(
+        name="shape", const_value=ir.tensor(np.array([6, 150], np.int64)))], name="flat")
+    model.graph.register_initializer(flat.inputs[1])
+    cols = ir.node("Transpose", [flat.outputs[0]], attributes={"perm": [1, 0]}, name="cols")
+    wh = ir.Value(name="wh", const_value=ir.tensor(
+        rng.standard_normal((150, 20)).astype(np.float32), name="wh"))
+    model.graph.register_initializer(wh)
+    gemm = ir.node("Gemm", [cols.outputs[0], wh], attributes={"transA": 1},
+                   name="head")  # a weighted Gemm the pass cannot block (transA)
+    model.graph.insert_after(act, [flat, cols, gemm])
+    gemm.outputs[0].name = "z"
+    model.graph.outputs.append(gemm.outputs[0])
+    scheme = types.SimpleNamespace(weights="int4", block_size=32, weight_backup_int8=True,
+                                   weight_symmetric=False, partial_block=True)
+    stats = blockwise_weights(model, scheme, set())
+    assert stats["skipped"] == {"head": "Gemm with transA=1"}
+    assert stats["weights_int8"] == ["m2"]  # "head" was a planned backup, never applied
+    tgt = get("ort-cpu")
+    record = types.SimpleNamespace(name="quantize", stats={
+        **stats, "scheme": dataclasses.asdict(tgt.schemes["w4a16"]), "config": {"exclude": []}})
+    entry = quantization_entry([record])
+    assert entry["weights_float"] == {"head": "Gemm with transA=1"}
+    assert scheme_line(entry).endswith("; 1 weight left float: head (Gemm with transA=1)")
+
+
+def test_weight_only_scheme_that_quantizes_nothing_is_refused(rng):
+    """Only a 3-D MatMul weight: w4a16 would have written a float artifact reported as w4a16."""
+    w = rng.standard_normal((2, 32, 8)).astype(np.float32)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 4, 32]))
+    wv = ir.Value(name="w", const_value=ir.tensor(w, name="w"))
+    mm = ir.node("MatMul", [x, wv], name="bmm")
+    mm.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], mm.outputs, nodes=[mm], initializers=[wv],
+                              opset_imports={"": 21}), ir_version=10)
+    tgt = get("ort-cpu")
+    with pytest.raises(UserError, match=r"w4a16: no weight it can quantize .*bmm: weight is "
+                                        r"3-D.*reported as w4a16"):
+        QuantizePass(tgt.schemes["w4a16"], tgt)(model)
 
 
 def test_a_float16_model_is_refused_in_one_line(tmp_path):

@@ -19,6 +19,15 @@ output (an LM head; a BERT's last FFN projection) in int8 blocks, and the embedd
 
 so only the gathered rows are dequantized (a float table was most of a small model's bytes:
 all-MiniLM-L6-v2's word embeddings are 45 of its 87 MB).
+
+A K that is not a multiple of b (a LLaMA's FFN of 172, 1376 in blocks of 128) ends in a shorter
+block where the runtime takes one (``QuantScheme.partial_block``: ONNX Runtime fuses it into
+MatMulNBits), else its weight is zero-padded to whole blocks and the MatMul's input with it:
+
+    MatMul(x, W[K, N])  ⇒  MatMul(Pad(x, last axis → K'), DequantizeLinear(W_q[K', N]; ...))
+
+(OpenVINO's ONNX frontend refuses a partial block; with the Pad it still runs a u4
+FullyConnected). Such weights were left float before, under a report saying int4.
 """
 
 from __future__ import annotations
@@ -58,17 +67,24 @@ def _grid(blocks: np.ndarray, bits: str, symmetric: bool
 
 
 def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, Any]:
-    """Rewrite every eligible MatMul weight of ``model`` in place; returns stats."""
+    """Rewrite every eligible MatMul weight of ``model`` in place; returns stats.
+
+    A K that is not a multiple of the block ends in a partial block (``scheme.partial_block``)
+    or is zero-padded to whole blocks, the MatMul's input with it; a weight that cannot be
+    quantized is named in ``stats["skipped"]`` with the reason (node → reason)."""
     block = scheme.block_size or 128
     backup = (last_weighted(model) - exclude if scheme.weight_backup_int8
               else set())
-    done, skipped = 0, {}
+    done, skipped, int8 = 0, {}, []
     shared: dict[tuple[str, int], ir.Value] = {}  # (weight, K axis) → its dequantized value
+    pads: dict[tuple[int, int], ir.Value] = {}  # (activation id, K') → it zero-padded to K'
     for node in list(model.graph):
         if node.op_type not in ("MatMul", "Gemm") or {node.name, node.op_type} & exclude:
             continue
         attrs = {k: a.value for k, a in node.attributes.items()}
         if attrs.get("transA", 0):
+            if _weighted(node):
+                skipped[node.name] = "Gemm with transA=1"
             continue
         axis = 1 if node.op_type == "Gemm" and attrs.get("transB", 0) else 0  # the K axis
         w = node.inputs[1]
@@ -76,19 +92,25 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
             continue
         bits = "int8" if node.name in backup else scheme.weights
         if (w.name, axis) in shared:  # a weight read by several nodes: quantized once
-            node.replace_input_with(1, shared[w.name, axis])
+            dq_out = shared[w.name, axis]
+            node.replace_input_with(1, dq_out)
+            _pad_input(model, node, w.const_value.shape[axis], dq_out.shape[axis], pads)
             _drop_if_unused(model, w)
+            int8 += [node.name] if bits == "int8" else []
             continue
         arr = w.const_value.numpy()
-        if arr.ndim != 2 or arr.shape[axis] % block:
-            reason = "not 2-D" if arr.ndim != 2 else f"K not a multiple of {block}"
-            skipped[reason] = skipped.get(reason, 0) + 1
+        if arr.ndim != 2:
+            skipped[node.name] = f"weight is {arr.ndim}-D, not 2-D"
             continue
         kn = arr if axis == 0 else arr.T  # [K, N] view
         k, n = kn.shape
-        blocks = kn.reshape(k // block, block, n)
+        kp = -(-k // block) * block  # whole blocks: zero rows dequantize to exactly 0
+        padded = np.concatenate([kn, np.zeros((kp - k, n), kn.dtype)]) if kp > k else kn
+        blocks = padded.reshape(kp // block, block, n)
         q, scale, zero, dtype = _grid(blocks, bits, scheme.weight_symmetric)
-        q = q.reshape(k, n)
+        q = q.reshape(kp, n)
+        if scheme.partial_block:  # the last block is shorter: the graph keeps K
+            q, kp = q[:k], k
         if axis == 1:
             q, scale = np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T)
             zero = None if zero is None else np.ascontiguousarray(zero.T)
@@ -104,21 +126,49 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
         dq = ir.node("DequantizeLinear", inputs, attributes={"axis": axis, "block_size": block},
                      name=f"{node.name}_weight_dq")
         dq.outputs[0].name = f"{base}_dequantized"
-        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(arr.shape))
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(q.shape))
         model.graph.insert_before(node, dq)
         node.replace_input_with(1, dq.outputs[0])
+        _pad_input(model, node, k, kp, pads)
         shared[w.name, axis] = dq.outputs[0]
         _drop_if_unused(model, w)
         done += 1
+        int8 += [node.name] if bits == "int8" else []
     stats = {"weights_blockwise": done, "block_size": block,
              **({"skipped": skipped} if skipped else {})}
-    if backup:
-        stats["weights_int8"] = sorted(backup)
+    if int8:  # the 8-bit backups applied, not those planned
+        stats["weights_int8"] = sorted(int8)
     if scheme.weight_backup_int8:
         tables = embedding_rows_int8(model, exclude)
         if tables:
             stats["embeddings_int8"] = tables
     return stats
+
+
+def _pad_input(model: ir.Model, node: ir.Node, k: int, kp: int,
+               pads: dict[tuple[int, int], ir.Value]) -> None:
+    """``node``'s activation (input 0) zero-padded on its last axis from ``k`` to ``kp``
+    channels, to match a weight padded to whole blocks (no-op when ``kp == k``); one Pad per
+    activation (q, k and v read the same one)."""
+    x = node.inputs[0]
+    if kp == k:
+        return
+    if (id(x), kp) in pads:
+        node.replace_input_with(0, pads[id(x), kp])
+        return
+    amount = ir.Value(name=f"{node.name}_k_pads",
+                      const_value=ir.tensor(np.array([0, kp - k], np.int64)))
+    axes = ir.Value(name=f"{node.name}_k_axes", const_value=ir.tensor(np.array([-1], np.int64)))
+    for v in (amount, axes):
+        model.graph.register_initializer(v)
+    pad = ir.node("Pad", [x, amount, None, axes], name=f"{node.name}_k_pad")
+    pad.outputs[0].name = f"{node.name}_input_padded"
+    pad.outputs[0].dtype = x.dtype
+    if x.shape is not None:
+        pad.outputs[0].shape = ir.Shape([*x.shape[:-1], kp])
+    model.graph.insert_before(node, pad)
+    node.replace_input_with(0, pad.outputs[0])
+    pads[id(x), kp] = pad.outputs[0]
 
 
 def _weighted(node: ir.Node) -> bool:

@@ -245,6 +245,9 @@ def gptq_weights(fp32: ir.Model, quantized: ir.Model,
         error_rtn += float(np.einsum("ij,ik,kj->", w - rtn, h, w - rtn))
         error_gptq += float(np.einsum("ij,ik,kj->", w - new, h, w - new))
         q = q.T if trans else q
+        if q.shape != stored.shape:  # zero-padded to whole blocks (blockwise): padding kept
+            q = np.concatenate([q, stored[q.shape[0]:]] if not trans else
+                               [q, stored[:, q.shape[1]:]], axis=int(trans))
         dq.inputs[0].const_value = ir.tensor(np.ascontiguousarray(q).astype(stored.dtype),
                                              dtype=data.dtype, name=data.name)
     return {"gptq": {"weights": len(todo), "activations": len(hs), "rows": rows,

@@ -151,6 +151,22 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
                   "MatMulNBits"}
 
 
+def _nothing_quantized(s, exclude: tuple[str, ...], skipped: dict[str, str] | None = None
+                       ) -> str:
+    """The refusal of a scheme that would quantize nothing (a float artifact, reported as
+    quantized)."""
+    if exclude:
+        why = f"exclude={','.join(exclude)} leaves nothing to quantize"
+    elif skipped:
+        first = next(iter(skipped.items()))
+        why = f"no weight it can quantize ({len(skipped)} left float; {first[0]}: {first[1]})"
+    else:
+        ops = ("MatMul", "Gemm") if s.weight_only else s.op_types
+        why = f"the model has no op {s.name} quantizes here ({', '.join(ops)})"
+    return (f"--quantize {s.name}: {why}; drop --quantize or what excludes every layer (the "
+            f"artifact would be float, reported as {s.name})")
+
+
 class QuantizePass(ir.passes.FunctionalPass):
     """Quantize with ``scheme`` (a targets.QuantScheme) in ``target``'s form.
 
@@ -218,6 +234,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         extra: dict[str, Any] = {}
         if s.weight_only:
             extra = blockwise_weights(work, s, set(plan.nodes_to_exclude))
+            if not extra["weights_blockwise"] and not extra.get("embeddings_int8"):
+                raise UserError(_nothing_quantized(s, self.exclude, extra.get("skipped")))
             quantized = self._rounded(model, work)
             if floor is not None:  # measured and warned about: no activation to search
                 quantized, plan, extra["mixed_precision"] = self._mixed(model, quantized, plan,
@@ -225,21 +243,16 @@ class QuantizePass(ir.passes.FunctionalPass):
         else:
             quantized = self._static(work, plan, cache)
             if not any(n.op_type == "DequantizeLinear" for n in quantized.graph):
-                why = (f"exclude={','.join(self.exclude)} leaves nothing to quantize"
-                       if self.exclude else f"the model has no op {s.name} quantizes here "
-                       f"({', '.join(s.op_types)})")
-                raise UserError(f"--quantize {s.name}: {why}; drop --quantize or what excludes "
-                                "every layer (the artifact would be float, reported as "
-                                f"{s.name})")
+                raise UserError(_nothing_quantized(s, self.exclude))
             if floor is not None:
                 quantized, plan, extra["mixed_precision"] = self._mixed(model, quantized, plan,
                                                                         cache, outliers, floor)
         if self.gptq is not None:  # the stats of the GPTQ run on the graph kept
             extra.update(self._gptq_memo["stats"][id(quantized)])
         extra.update(self._block_stats.get(id(quantized), {}))
-        if extra.get("skipped"):
-            logger.warning("%s: %s weights left in float (%s)", s.name,
-                           sum(extra["skipped"].values()), ", ".join(extra["skipped"]))
+        if extra.get("skipped"):  # named in the report and the manifest too
+            logger.warning("%s: %s weights left in float (%s)", s.name, len(extra["skipped"]),
+                           "; ".join(f"{n}: {why}" for n, why in extra["skipped"].items()))
         ops = Counter(n.op_type for n in quantized.graph)
         quantized.metadata_props.update(model.metadata_props)
         stats: dict[str, Any] = {
