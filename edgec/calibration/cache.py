@@ -17,8 +17,8 @@ from typing import Any
 
 from edgec.errors import UserError
 
-__all__ = ["CalibrationCache", "model_hash", "is_cache", "CACHE_FILE", "FORMAT",
-           "ROTATIONS_FILE"]
+__all__ = ["CalibrationCache", "model_hash", "adapters_bound", "is_cache", "CACHE_FILE",
+           "FORMAT", "ROTATIONS_FILE"]
 
 FORMAT = "edgec-calibration/1"
 _ORT_STATS = ("lowest", "highest", "avg", "std")  # what ORT's TensorData takes (not "crest")
@@ -55,6 +55,23 @@ def model_hash(model) -> str:
     return h.hexdigest()
 
 
+def adapters_bound(bindings) -> dict[str, Any]:
+    """What a swappable-LoRA graph's calibration bound (``edgec.lora.binding.adapter_bindings``:
+    (name, feeds) in turn): the names in order and a sha256 over every bound A/B input, so the
+    adapters' weights, their ``--lora`` weights and blends all count; {} where none are bound.
+    The adapter inputs are no part of the graph, so ``model_hash`` cannot tell them apart."""
+    if not bindings:
+        return {}
+    h = hashlib.sha256()
+    for name, feeds in bindings:
+        h.update(f"{name}|".encode())
+        for key in sorted(feeds):
+            value = feeds[key]
+            h.update(f"{key}:{value.dtype}:{value.shape}|".encode())
+            h.update(value.tobytes())
+    return {"names": [name for name, _ in bindings], "sha256": h.hexdigest()}
+
+
 @dataclasses.dataclass
 class CalibrationCache:
     """Ranges keyed by tensor name and their provenance."""
@@ -72,6 +89,9 @@ class CalibrationCache:
     # were learned on (hash before the rotation), the options, and the safetensors file beside
     # calibration.json that holds them (ROTATIONS_FILE)
     rotations: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the swappable-LoRA adapters bound while calibrating (``adapters_bound``; {} none); None:
+    # a cache from before this was recorded
+    adapters: dict[str, Any] | None = None
     created: str = dataclasses.field(
         default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -188,8 +208,11 @@ class CalibrationCache:
             raise UserError(f"{path}: unreadable rotations ({type(e).__name__}); " + redo
                             ) from None
 
-    def check(self, model_hash: str, target: str, scheme: str, method: str | None) -> None:
-        """Refuse a cache made for another graph, target, scheme or method."""
+    def check(self, model_hash: str, target: str, scheme: str, method: str | None,
+              adapters: dict[str, Any] | None = None) -> None:
+        """Refuse a cache made for another graph, target, scheme or method, or with other
+        swappable-LoRA adapters bound than ``adapters`` (``adapters_bound``; None: not
+        checked)."""
         redo = ("re-run `edgec calibrate` with the same source, --config, --target, --quantize "
                 "and recipe options as this compile")
         if self.model_hash != model_hash:
@@ -201,6 +224,31 @@ class CalibrationCache:
             if want is not None and have != want:
                 raise UserError(f"the calibration cache was made for {what} {have!r}, this "
                                 f"compile uses {want!r}; " + redo)
+        if adapters is not None:
+            self._check_adapters(adapters)
+
+    def _check_adapters(self, want: dict[str, Any]) -> None:
+        """Swappable adapters are graph inputs, bound only while the samples run: a cache
+        calibrated with other ones passed the graph check, and its ranges (llama tiny: 5.5
+        against 116.8 with a larger adapter) ran that adapter at logits cosine 0.10 vs PEFT."""
+        redo = ("re-run `edgec calibrate` with the same --lora and --lora-mode swappable as "
+                "this compile")
+        have = self.adapters
+        if have is None:  # an older cache: nothing recorded, which is only safe without any
+            if want:
+                raise UserError(f"the calibration cache does not record which LoRA adapters it "
+                                f"was calibrated with (an older edgec), and this compile binds "
+                                f"{_names(want)}; " + redo)
+            return
+        if have.get("sha256") == want.get("sha256"):
+            return
+        if have.get("names") == want.get("names"):
+            raise UserError(f"the calibration cache was calibrated with LoRA adapters "
+                            f"{_names(have)}, whose weights differ from this compile's "
+                            "(another adapter of the same name, or another --lora weight); "
+                            + redo)
+        raise UserError(f"the calibration cache was calibrated with LoRA adapters: "
+                        f"{_names(have)}; this compile binds: {_names(want)}; " + redo)
 
     def to_tensors_data(self):
         """The ranges as onnxruntime.quantization's ``TensorsData``."""
@@ -215,6 +263,15 @@ class CalibrationCache:
         return TensorsData(_method(self.method), data)
 
 
+def _names(adapters: dict[str, Any]) -> str:
+    """The adapters of an ``adapters_bound`` record as the user named them (not the base each
+    binding list ends with)."""
+    from edgec.lora.spec import NO_ADAPTER
+
+    names = [n for n in adapters.get("names") or () if n != NO_ADAPTER]
+    return ", ".join(names) if names else "none"
+
+
 def _check_entries(f: Path, cache: CalibrationCache) -> None:
     """One line for a cache whose fields are not what ``edgec calibrate`` writes (edited or
     damaged): ranges that are no finite numbers or run backwards, a sample count that is no
@@ -226,6 +283,11 @@ def _check_entries(f: Path, cache: CalibrationCache) -> None:
     if not isinstance(cache.samples, int) or isinstance(cache.samples, bool) or \
             cache.samples < 1:
         raise UserError(f"{f}: 'samples' is {cache.samples!r}, not a sample count; {redo}")
+    adapters = cache.adapters
+    if adapters is not None and not (isinstance(adapters, dict) and all(
+            isinstance(adapters.get(k, t()), t) for k, t in (("names", list), ("sha256", str)))):
+        raise UserError(f"{f}: 'adapters' is {cache.adapters!r}, not a record of LoRA adapters; "
+                        f"{redo}")
     from edgec.calibration.samples import MAX_SAMPLES
 
     # generated again on reuse (the floor's held-out samples follow them): 10**9 ate 13 GB

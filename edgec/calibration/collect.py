@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.calibration.cache import CalibrationCache, model_hash
+from edgec.calibration.cache import CalibrationCache, adapters_bound, model_hash
 from edgec.calibration.crest import collect_crest
 from edgec.calibration.ranges import collect_ranges
 from edgec.calibration.samples import (
@@ -87,4 +87,5 @@ def collect_cache(model, request: CalibrationRequest, src,
     return CalibrationCache(model_hash(model), request.target, request.scheme, request.method,
                             len(samples), origin, tensors, time.perf_counter() - t0,
                             {k: src.info.get(k) for k in ("kind", "name", "config", "path")
-                             if src.info.get(k) is not None})
+                             if src.info.get(k) is not None},
+                            adapters=adapters_bound(bindings))

@@ -57,6 +57,49 @@ def test_mismatch_is_refused(field, value, match):
         _cache(**{field: value}).check("ab" * 32, "ort-cpu", "w8a8", "minmax")
 
 
+def _bound(**adapters):
+    """``adapters_bound`` of adapters name → one value for every A/B input, then the base."""
+    from edgec.calibration.cache import adapters_bound
+
+    feeds = lambda v: {"lora.q.A": np.full((2, 1), v, np.float32),  # noqa: E731
+                       "lora.q.B": np.full((1, 2), v, np.float32)}
+    return adapters_bound([(n, feeds(v)) for n, v in adapters.items()] + [("base", feeds(0.0))])
+
+
+def test_cache_of_other_swappable_adapters_is_refused():
+    """Swappable adapters are graph inputs, bound only while calibrating: a cache calibrated
+    with adapter A (ranges to 5.5) passed the graph check for a compile with B (116.8) and ran
+    B at logits cosine 0.10 vs PEFT (0.96 with its own cache)."""
+    a, b, both = _bound(a=1.0), _bound(b=30.0), _bound(a=1.0, b=30.0)
+    _cache(adapters=a).check("ab" * 32, "ort-cpu", "w8a8", "minmax", _bound(a=1.0))
+    with pytest.raises(UserError, match="calibrated with LoRA adapters: a; this compile binds: "
+                                        "b; re-run `edgec calibrate` with the same --lora"):
+        _cache(adapters=a).check("ab" * 32, "ort-cpu", "w8a8", "minmax", b)
+    with pytest.raises(UserError, match="adapters: a, b; this compile binds: b;"):
+        _cache(adapters=both).check("ab" * 32, "ort-cpu", "w8a8", "minmax", b)
+    with pytest.raises(UserError, match="adapters: b, a; this compile binds: a, b;"):
+        _cache(adapters=_bound(b=30.0, a=1.0)).check("ab" * 32, "ort-cpu", "w8a8", "minmax",
+                                                      both)
+    with pytest.raises(UserError, match="adapters a, whose weights differ from this compile's"):
+        _cache(adapters=a).check("ab" * 32, "ort-cpu", "w8a8", "minmax", _bound(a=0.5))
+    with pytest.raises(UserError, match="adapters: none; this compile binds: a;"):
+        _cache(adapters={}).check("ab" * 32, "ort-cpu", "w8a8", "minmax", a)
+    # a cache from before adapters were recorded: refused where the compile binds some
+    with pytest.raises(UserError, match="does not record which LoRA adapters.*binds a; re-run"):
+        _cache().check("ab" * 32, "ort-cpu", "w8a8", "minmax", a)
+    _cache().check("ab" * 32, "ort-cpu", "w8a8", "minmax", {})  # ... accepted where none
+
+
+def test_adapters_record_survives_a_roundtrip(tmp_path):
+    c = _cache(adapters=_bound(a=1.0))
+    c.save(tmp_path / "c")
+    assert CalibrationCache.load(tmp_path / "c") == c
+    old = {"format": "edgec-calibration/1", **_cache().to_json()}
+    del old["adapters"]  # an older cache: loads, records nothing
+    (tmp_path / "calibration.json").write_text(json.dumps(old))
+    assert CalibrationCache.load(tmp_path).adapters is None
+
+
 def test_bad_cache_files(tmp_path):
     with pytest.raises(UserError, match="no calibration cache"):
         CalibrationCache.load(tmp_path)
@@ -79,6 +122,8 @@ def test_bad_cache_files(tmp_path):
     ({"tensors": {"x": {"lowest": 2.0, "highest": -1.0}}}, "lowest ≤ highest"),
     ({"tensors": {"x": "wide"}}, "tensor 'x' has no valid"),
     ({"samples": "many"}, "'samples' is 'many'"),
+    ({"adapters": ["a"]}, "'adapters' is \\['a'\\], not a record of LoRA adapters"),
+    ({"adapters": {"names": "a", "sha256": "0"}}, "not a record of LoRA adapters"),
     # generated again on reuse: 10**9 grew to 13.6 GB without a word
     ({"samples": 10**9}, "'samples' is 1000000000, more than the 4096 generated"),
 ])

@@ -85,3 +85,27 @@ def test_calibration_binds_each_shipped_adapter_in_turn():
     assert [float(s["x"][0, 0]) for s in got] == [0, 1, 2, 3, 4]
     unbound = samples_for_model(samples, model)  # no bindings: the base (zeros), as before
     assert all(not s["lora.q.A"].any() for s in unbound)
+
+
+def test_cache_calibrated_with_other_swappable_adapters_is_refused(lora_helpers, tmp_path):
+    """The adapters are graph inputs, so a cache calibrated with adapter A passed the graph
+    check for a compile with B: with B 30× larger, its ranges (5.5 against 116.8) ran B at
+    logits cosine 0.10 vs PEFT, and the default floor kept 6 of 19 layers float without a word."""
+    from edgec.errors import UserError
+
+    config = dict(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    lora_helpers.make_adapter(a, 1, **config)
+    lora_helpers.make_adapter(b, 2, **config)
+    common = dict(config="tiny", lora_mode="swappable", quantize="w8a8")
+    cache = edgec.calibrate("llama", "ort-cpu", tmp_path / "cA", lora=[a], **common)
+    assert cache.adapters["names"] == ["a", "base"]
+    with pytest.raises(UserError, match="calibrated with LoRA adapters: a; this compile "
+                                               "binds: b; re-run `edgec calibrate` with the "
+                                               "same --lora"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", lora=[b],
+                      calibration=tmp_path / "cA", **common)
+    edgec.calibrate("llama", "ort-cpu", tmp_path / "cAB", lora=[a, b], **common)
+    with pytest.raises(UserError, match="adapters: a, b; this compile binds: b;"):
+        edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o", lora=[b],
+                      calibration=tmp_path / "cAB", **common)

@@ -265,7 +265,10 @@ class QuantOptions:
             from edgec.calibration import collect_cache, model_hash
 
             if given is not None:
-                given.check(model_hash(model), target.name, scheme.name, checked_method)
+                from edgec.calibration.cache import adapters_bound
+
+                given.check(model_hash(model), target.name, scheme.name, checked_method,
+                            adapters_bound(bindings(model) if bindings else None))
                 gen = src.info.get("generation") or {}
                 empty = given.data == "prefill prompts (empty KV cache)"
                 if gen.get("cache") == "static" and empty:
