@@ -378,7 +378,9 @@ def calibrate_cmd(
     summary = {"cache": str(output / "calibration.json"), "target": cache.target,
                "scheme": cache.scheme, "method": cache.method, "samples": cache.samples,
                "data": cache.data, "tensors": len(cache.tensors),
-               "model_hash": cache.model_hash, "seconds": round(cache.seconds, 3)}
+               "model_hash": cache.model_hash, "seconds": round(cache.seconds, 3),
+               **({"data_sha256": cache.data_sha256} if cache.data_sha256 else {}),
+               **({"held_out": cache.held_out} if cache.held_out else {})}
     decode = None
     if (output / "decode" / "calibration.json").is_file():  # --generate on the NPU: the
         from edgec.calibration import CalibrationCache  # one-token decode graph's own
@@ -390,6 +392,10 @@ def calibrate_cmd(
         return _print_json(summary)
     out.print(f"wrote {summary['cache']}: {summary['tensors']} tensor ranges from "
               f"{cache.samples} samples ({cache.method}, {cache.data}) in {cache.seconds:.1f} s"
+              + (f"; the accuracy floor's {cache.held_out['samples']} held-out samples (the "
+                 "file's last" + (", which calibration saw too" if cache.held_out["source"]
+                                  == "calibration" else "") + f") in {cache.held_out['file']}"
+                 if cache.held_out else "")
               + (f"; the decode graph's {len(decode.tensors)} from {decode.samples} one-token "
                  "samples in decode/" if decode is not None else ""), highlight=False)
 

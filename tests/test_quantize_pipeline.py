@@ -401,6 +401,26 @@ def test_floor_holds_out_samples_calibration_does_not_see(tmp_path, count, calib
     row = dict(summary_rows(art.report))["accuracy floor"]
     assert ("(held out, ONNX Runtime)" in row) == (source == "data")
     assert ("(on samples calibration saw, ONNX Runtime)" in row) == (source == "calibration")
+    # `calibrate --data` then `compile --calib CACHE`: the same ranges and the same floor. It
+    # calibrated on the whole file and the floor took random tokens (all-MiniLM-L6-v2: 0.9802
+    # where the file's own held-out sentences gave 0.9907)
+    import hashlib
+
+    cache = edgec.calibrate("llama", "ort-cpu", tmp_path / "c", config="tiny",
+                            data=tmp_path / "s.npz")
+    assert cache.samples == calibrated and cache.data == "file s.npz"
+    assert cache.data_sha256 == hashlib.sha256((tmp_path / "s.npz").read_bytes()).hexdigest()
+    assert cache.held_out == {"file": "held_out.npz", "samples": 4, "source": source}
+    kept = np.load(tmp_path / "c" / "held_out.npz")["input_ids"]
+    assert np.array_equal(kept, np.load(tmp_path / "s.npz")["input_ids"][-4:])
+    again = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o2", config="tiny",
+                          quantize="w8a8", calibration=tmp_path / "c")
+    q2 = next(p for p in again.report["passes"] if p["name"] == "quantize")["stats"]
+    assert q2["calibration"]["how"] == "reused cache"
+    assert q2["mixed_precision"]["held_out_source"] == source
+    assert q2["mixed_precision"]["achieved"] == mp["achieved"]
+    assert (tmp_path / "o2" / "model.onnx").read_bytes() == \
+        (tmp_path / "o" / "model.onnx").read_bytes()
 
 
 def test_cli_calibrate_takes_the_compile_recipe_options(tmp_path):

@@ -18,12 +18,15 @@ from typing import Any
 from edgec.errors import UserError
 
 __all__ = ["CalibrationCache", "model_hash", "adapters_bound", "is_cache", "CACHE_FILE",
-           "FORMAT", "ROTATIONS_FILE"]
+           "FORMAT", "ROTATIONS_FILE", "HELD_OUT_FILE"]
 
 FORMAT = "edgec-calibration/1"
 _ORT_STATS = ("lowest", "highest", "avg", "std")  # what ORT's TensorData takes (not "crest")
 CACHE_FILE = "calibration.json"
 ROTATIONS_FILE = "rotations.safetensors"
+HELD_OUT_FILE = "held_out.npz"
+HELD_OUT_MAX_BYTES = 64 << 20  # larger held-out samples are not stored: the floor's are generated
+_HELD_OUT_SOURCES = ("data", "calibration")  # as the quantize stage's held_out_source
 
 
 def is_cache(path: Path) -> bool:
@@ -92,6 +95,12 @@ class CalibrationCache:
     # the swappable-LoRA adapters bound while calibrating (``adapters_bound``; {} none); None:
     # a cache from before this was recorded
     adapters: dict[str, Any] | None = None
+    # ``calibrate --data``: the data file's sha256 beside its name in ``data``; and the floor's
+    # held-out samples, its last HELD_OUT as a compile with that file holds out, in
+    # HELD_OUT_FILE beside calibration.json ({} none: a compile's floor takes generated ones):
+    # {"file", "samples", "source": "data" (calibration left them out) | "calibration"}
+    data_sha256: str | None = None
+    held_out: dict[str, Any] = dataclasses.field(default_factory=dict)
     created: str = dataclasses.field(
         default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -208,6 +217,37 @@ class CalibrationCache:
             raise UserError(f"{path}: unreadable rotations ({type(e).__name__}); " + redo
                             ) from None
 
+    def save_held_out(self, directory: str | os.PathLike, feeds: list[dict[str, Any]],
+                      source: str) -> bool:
+        """Write the floor's held-out ``feeds`` (per-sample dicts, the data file's last ones) as
+        HELD_OUT_FILE into ``directory`` (keys = input names, leading sample axis, as the data
+        file) and record them (call before ``save``); False, nothing written, where they hold
+        over HELD_OUT_MAX_BYTES."""
+        import numpy as np
+
+        arrays = {k: np.stack([f[k] for f in feeds]) for k in feeds[0]} if feeds else {}
+        if not arrays or sum(a.nbytes for a in arrays.values()) > HELD_OUT_MAX_BYTES:
+            return False
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (HELD_OUT_FILE + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, directory / HELD_OUT_FILE)
+        self.held_out = {"file": HELD_OUT_FILE, "samples": len(feeds), "source": source}
+        return True
+
+    def held_out_file(self) -> Path | None:
+        """The stored held-out samples (``save_held_out``); None where this cache has none (made
+        from generated samples, with the floor off, or by an older edgec)."""
+        if not self.held_out:
+            return None
+        path = Path(getattr(self, "_directory", ".")) / HELD_OUT_FILE
+        if not path.is_file():
+            raise UserError(f"{path}: the calibration cache's held-out samples are missing; "
+                            "re-run `edgec calibrate` with the same --data")
+        return path
+
     def check(self, model_hash: str, target: str, scheme: str, method: str | None,
               adapters: dict[str, Any] | None = None) -> None:
         """Refuse a cache made for another graph, target, scheme or method, or with other
@@ -288,6 +328,10 @@ def _check_entries(f: Path, cache: CalibrationCache) -> None:
             isinstance(adapters.get(k, t()), t) for k, t in (("names", list), ("sha256", str)))):
         raise UserError(f"{f}: 'adapters' is {cache.adapters!r}, not a record of LoRA adapters; "
                         f"{redo}")
+    held = cache.held_out
+    if not isinstance(held, dict) or held and (held.get("source") not in _HELD_OUT_SOURCES or
+                                               not isinstance(held.get("samples"), int)):
+        raise UserError(f"{f}: 'held_out' is {held!r}, not a record of held-out samples; {redo}")
     from edgec.calibration.samples import MAX_SAMPLES
 
     # generated again on reuse (the floor's held-out samples follow them): 10**9 ate 13 GB

@@ -65,6 +65,7 @@ def collect_cache(model, request: CalibrationRequest, src,
                         v.dtype.numpy().name)
                  for v in model.graph.inputs if v.name not in bound]
         samples, origin = samples_from_npz(request.data, specs), f"file {request.data.name}"
+        digest = _sha256(request.data)
         if request.samples:
             check_sample_count(request.samples, len(samples), request.data.name)
             samples = samples[: request.samples]
@@ -75,6 +76,7 @@ def collect_cache(model, request: CalibrationRequest, src,
             check_indices(sample, bounds, f"calibration sample {i} of {request.data.name}:")
     else:
         samples, origin = generated_samples(src, request.samples or default_sample_count(src))
+        digest = None
     samples = samples_for_model(samples, model, bindings)
     t0 = time.perf_counter()
     tensors = collect_ranges(model, samples, request.method, request.op_types,
@@ -88,4 +90,15 @@ def collect_cache(model, request: CalibrationRequest, src,
                             len(samples), origin, tensors, time.perf_counter() - t0,
                             {k: src.info.get(k) for k in ("kind", "name", "config", "path")
                              if src.info.get(k) is not None},
-                            adapters=adapters_bound(bindings))
+                            adapters=adapters_bound(bindings), data_sha256=digest)
+
+
+def _sha256(path: Path) -> str:
+    """The file's sha256, read in blocks (a data file may be large)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

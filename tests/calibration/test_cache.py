@@ -100,6 +100,35 @@ def test_adapters_record_survives_a_roundtrip(tmp_path):
     assert CalibrationCache.load(tmp_path).adapters is None
 
 
+def test_held_out_samples_are_stored_beside_the_cache(tmp_path, monkeypatch):
+    """`calibrate --data` keeps the floor's held-out samples for `compile --calib CACHE`, which
+    measured its floor on random tokens instead; a cache without them (older, or generated
+    samples) has none, and one whose file went missing is refused."""
+    from edgec.calibration import cache as cache_module
+
+    feeds = [{"input_ids": np.full((1, 8), i, np.int64)} for i in range(4)]
+    c = _cache(data="file d.npz", data_sha256="0" * 64)
+    assert c.save_held_out(tmp_path / "c", feeds, "data")
+    c.save(tmp_path / "c")
+    back = CalibrationCache.load(tmp_path / "c")
+    assert back == c and back.held_out == {"file": "held_out.npz", "samples": 4,
+                                           "source": "data"}
+    stored = np.load(back.held_out_file())["input_ids"]
+    assert stored.shape == (4, 1, 8) and stored[3, 0, 0] == 3
+    (tmp_path / "c" / "held_out.npz").unlink()
+    with pytest.raises(UserError, match="held-out samples are missing; re-run `edgec calibrate`"):
+        back.held_out_file()
+    old = {"format": "edgec-calibration/1", **_cache().to_json()}
+    for key in ("held_out", "data_sha256"):
+        del old[key]
+    (tmp_path / "calibration.json").write_text(json.dumps(old))
+    assert CalibrationCache.load(tmp_path).held_out_file() is None
+    monkeypatch.setattr(cache_module, "HELD_OUT_MAX_BYTES", 100)  # 4 × 64 bytes: too large
+    big = _cache()
+    assert not big.save_held_out(tmp_path / "big", feeds, "data") and big.held_out == {}
+    assert not (tmp_path / "big" / "held_out.npz").exists()
+
+
 def test_bad_cache_files(tmp_path):
     with pytest.raises(UserError, match="no calibration cache"):
         CalibrationCache.load(tmp_path)
@@ -124,6 +153,9 @@ def test_bad_cache_files(tmp_path):
     ({"samples": "many"}, "'samples' is 'many'"),
     ({"adapters": ["a"]}, "'adapters' is \\['a'\\], not a record of LoRA adapters"),
     ({"adapters": {"names": "a", "sha256": "0"}}, "not a record of LoRA adapters"),
+    ({"held_out": {"file": "held_out.npz", "samples": 4, "source": "x"}},
+     "'held_out' is .*not a record of held-out samples"),
+    ({"held_out": [1]}, "not a record of held-out samples"),
     # generated again on reuse: 10**9 grew to 13.6 GB without a word
     ({"samples": 10**9}, "'samples' is 1000000000, more than the 4096 generated"),
 ])

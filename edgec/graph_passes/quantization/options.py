@@ -256,8 +256,10 @@ class QuantOptions:
         # a user's .npz: the floor's held-out samples are its last HELD_OUT, kept out of the
         # calibration when enough remain (held_out_split); else calibration sees them too
         calibrated, source = held_out_split(available if floor else None, self.samples)
+        # a cache calibrated from a user's .npz stores the same held-out samples beside it
+        kept = given.held_out_file() if given is not None and floor else None
         if data is None:
-            source = "generated"
+            source = given.held_out["source"] if kept is not None else "generated"
         request = dataclasses.replace(self.calibration_request(target, data), samples=calibrated)
         checked_method = request.method if self.method else None
 
@@ -284,17 +286,17 @@ class QuantOptions:
                                   bindings(model) if bindings else None)
             return cache, "calibrated during compile"
 
-        def samples(model, extra: int = 0, skip: int = 0):
-            """A user's .npz (all of it), else the model's generator: the calibration count
-            plus ``extra`` more, less the first ``skip``."""
+        def samples(model, extra: int = 0, skip: int = 0, file: Path | None = None):
+            """A user's .npz (all of it; ``file``: that one), else the model's generator: the
+            calibration count plus ``extra`` more, less the first ``skip``."""
             from edgec.calibration.samples import (
                 generated_samples,
                 samples_for_model,
                 source_samples_from_npz,
             )
 
-            if data is not None:
-                found = source_samples_from_npz(data, src)
+            if file or data is not None:
+                found = source_samples_from_npz(file or data, src)
             else:
                 found = generated_samples(src, count + extra, skip)[0]
             return samples_for_model(found, model, bindings(model) if bindings else None)
@@ -311,8 +313,10 @@ class QuantOptions:
 
         def held_out(model):
             """Samples the floor measures on: the model's generator past the calibration count,
-            else the last HELD_OUT of a user's .npz (``source`` says whether calibration saw
-            them)."""
+            else the last HELD_OUT of a user's .npz, or those a cache calibrated from one
+            stored (``source`` says whether calibration saw them)."""
+            if kept is not None:
+                return samples(model, file=kept)
             return samples(model, HELD_OUT, skip=0 if data is not None else count)[-HELD_OUT:]
 
         if self.smooth is not None and not scheme.calibrated:
