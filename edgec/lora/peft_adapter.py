@@ -445,6 +445,9 @@ class Target:
     layout: str  # "same" | "transposed": initializer vs the PyTorch parameter
     shape: tuple[int, ...]  # the initializer's shape
     bias: str | None = None  # the base layer's bias initializer, where the adapter adds to it
+    # whether the PyTorch weight is [in, out] (a GPT-2 Conv1D): known from the model, not the
+    # adapter's global ``fan_in_fan_out``, which PEFT sets per layer type as it loads
+    fan_in_fan_out: bool = False
 
     def to_onnx_layout(self, delta_param: np.ndarray) -> np.ndarray:
         return delta_param.T if self.layout == "transposed" else delta_param
@@ -471,18 +474,61 @@ def resolve_targets(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[st
                             "initializer in the graph; apply LoRA before passes that fold it")
         shape = tuple(value.const_value.shape)
         param_shape = shape[::-1] if entry["layout"] == "transposed" else shape
-        if param_shape != lm.weight_shape:
-            what = "(out, in, *kernel)" if lm.kernel else "(in, out)" if lm.fan_in_fan_out \
-                else "(out, in)"
+        fan = _fan_in_fan_out(adapter, lm, param_shape, value, entry["layout"])
+        if param_shape != dataclasses.replace(lm, fan_in_fan_out=fan).weight_shape:
+            what = "(out, in, *kernel)" if lm.kernel else "(in, out)" if lm.embedding \
+                else "(out, in) or (in, out)"
+            want = lm.weight_shape if lm.kernel or lm.embedding else lm.weight_shape[::-1] \
+                if lm.fan_in_fan_out else lm.weight_shape
             raise UserError(
-                f"adapter {adapter.name}: module {mod} expects a {list(lm.weight_shape)} weight "
+                f"adapter {adapter.name}: module {mod} expects a {list(want)} weight "
                 f"{what} but the model's is {list(param_shape)}; the adapter was trained on a "
                 "different base model")
         bias = None
         if lm.bias is not None:
             bias = _bias_initializer(adapter, mod, param, parameter_map, inits)
-        out[mod] = Target(mod, param, entry["initializer"], entry["layout"], shape, bias)
+        out[mod] = Target(mod, param, entry["initializer"], entry["layout"], shape, bias, fan)
     return out
+
+
+def _fan_in_fan_out(adapter: LoraAdapter, lm: LoraModule, param_shape: tuple[int, ...], value,
+                    layout: str) -> bool:
+    """Whether module ``lm``'s PyTorch weight is [in, out]: from its shape, or for a square one
+    from how the graph's MatMul/Gemm read its initializer. PEFT decides this per layer type
+    (True for a GPT-2 Conv1D, False for an nn.Linear) and saves whichever the last layer set,
+    so the adapter's ``fan_in_fan_out`` is no guide for a mix (GPT-2's c_proj with lm_head)."""
+    if lm.kernel or lm.embedding:
+        return lm.fan_in_fan_out
+    out_in = (lm.B.shape[0], lm.in_features)
+    if out_in[0] != out_in[1] or param_shape != out_in:
+        return param_shape == out_in[::-1]  # or neither: the caller refuses the shape
+    in_out = _reads_in_out(value)
+    if in_out is None:
+        raise UserError(f"adapter {adapter.name}: module {lm.name}'s weight is square and no "
+                        "MatMul or Gemm of the graph reads it, so whether it is [out, in] or "
+                        "[in, out] (fan_in_fan_out) cannot be told; merge the adapter in PEFT "
+                        "(merge_and_unload) and compile the merged model")
+    return in_out == (layout == "same")
+
+
+def _reads_in_out(value) -> bool | None:
+    """Whether the MatMul/Gemm nodes reading initializer ``value`` as their weight (directly or
+    through one Transpose) read it as [in, out]; None where none does or they disagree."""
+    votes: set[bool] = set()
+
+    def visit(v, flipped: bool) -> None:
+        for use in v.uses():
+            node = use.node
+            if node.op_type == "MatMul" and use.idx == 1:
+                votes.add(not flipped)
+            elif node.op_type == "Gemm" and use.idx == 1:
+                trans = node.attributes.get("transB")
+                votes.add((trans is None or trans.value == 0) != flipped)
+            elif node.op_type == "Transpose" and not flipped and len(node.outputs) == 1:
+                visit(node.outputs[0], True)
+
+    visit(value, False)
+    return votes.pop() if len(votes) == 1 else None
 
 
 def resolve_saved(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[str, str]],

@@ -100,3 +100,35 @@ def test_a_transformers_module_exports_without_its_kv_cache(peft_llama):
                                                      "use_cache=False"):
         with torch.no_grad():
             flatten_outputs(model(ids, use_cache=True))
+
+
+@pytest.fixture(scope="module")
+def gpt2_module():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2,
+                                     n_positions=16, tie_word_embeddings=False)
+    return transformers.GPT2LMHeadModel(config).eval(), torch.randint(0, 64, (1, 8))
+
+
+def test_gpt2_conv1d_and_a_linear_in_one_adapter_are_held_to_peft(gpt2_module, tmp_path,
+                                                                  lora_helpers):
+    """PEFT decides fan_in_fan_out per layer (True for GPT-2's Conv1D, False for the Linear
+    lm_head) and saves the last one set: false here. Trusted for every module, the square
+    c_proj got ΔW transposed (merged logits 0.2 off PEFT's) and swappable refused it; the
+    layout now comes from the model's weight."""
+    import copy
+
+    module, ids = gpt2_module
+    model = lora_helpers.make_adapter(tmp_path / "a", 3, module=copy.deepcopy(module),
+                                      target_modules=["attn.c_proj", "lm_head"], r=4,
+                                      lora_alpha=8)
+    from edgec.lora import read_adapter
+
+    assert read_adapter(tmp_path / "a").config["fan_in_fan_out"] is False
+    with torch.no_grad():
+        ref = model.merge_and_unload()(ids).logits.numpy()
+    for mode in ("merge", "swappable"):
+        art = edgec.compile(module, target="ort-cpu", output_dir=tmp_path / mode,
+                            example_inputs=(ids,), lora=str(tmp_path / "a"), lora_mode=mode)
+        got = art.load().run({"input_ids": ids.numpy()})["logits"]
+        assert lora_helpers.max_rel(got, ref) <= 1e-5, mode

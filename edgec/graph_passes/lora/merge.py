@@ -16,6 +16,7 @@ change, and tests hold it to PEFT's own merged model (≤ 1e-4).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,9 @@ class LoraMergePass(EdgecPass):
         bias_deltas: dict[str, np.ndarray] = {}  # bias initializer → what lora_bias adds
         for adapter in self.adapters:  # validate everything before touching any weight
             for mod, target in resolve_targets(adapter, self.parameter_map, model).items():
-                lm = adapter.modules[mod]
+                # the layout the model's weight has, whatever the adapter's fan_in_fan_out says
+                lm = dataclasses.replace(adapter.modules[mod],
+                                         fan_in_fan_out=target.fan_in_fan_out)
                 if lm.rank == 0 or adapter.weight == 0.0:
                     continue
                 modules.setdefault(target.initializer, []).append(mod)

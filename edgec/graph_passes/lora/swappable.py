@@ -62,7 +62,7 @@ class LoraSwappablePass(EdgecPass):
                 # a Conv's rank is fixed: the sum, so any blend of these adapters fits
                 ranks[mod] = (ranks.get(mod, 0) + lm.rank) if lm.kernel else \
                     max(ranks.get(mod, 1), lm.rank)
-                fan[mod] = adapter.modules[mod].fan_in_fan_out
+                fan[mod] = t.fan_in_fan_out
                 kernels[mod] = adapter.modules[mod].kernel
         matmuls, gemms, convs = (_consumers(model, op) for op in ("MatMul", "Gemm", "Conv"))
         sites = []
