@@ -335,3 +335,33 @@ def test_modules_to_save_match_as_peft_matches_them(tmp_path):
     ids = torch.randint(0, 64, (1, 8))
     _, stats = _held_to_peft(module, (ids, torch.ones_like(ids)), tmp_path)
     assert stats["parameters_replaced"] == 4
+
+
+@pytest.mark.parametrize("saved", ["lm_head", "embed_tokens"])
+def test_modules_to_save_on_a_tied_table_replace_that_module_alone(saved, tmp_path,
+                                                                   lora_helpers):
+    """On a tied model PEFT's modules_to_save copy unties: the saved head (or embedding)
+    replaces that module alone, the other keeps the base's table. The export holds both in one
+    initializer; writing the saved one there changed the other too (logits 0.05 off PEFT's
+    merge, silent). The saved one now gets an initializer of its own."""
+    from edgec.exporters.sources import resolve_source
+    from edgec.models import registry
+
+    src = resolve_source("llama", "tiny+tied")
+    tied = src.parameter_map["lm_head.weight"]
+    assert tied["initializer"] == src.parameter_map["embed_tokens.weight"]["initializer"]
+    pm = _peft(registry.get("llama").build("tiny+tied"), 5, target_modules=["q_proj"],
+               modules_to_save=[saved], r=2, lora_alpha=4)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(tmp_path / "a"))
+    with torch.no_grad():
+        ref = pm.merge_and_unload()(torch.from_numpy(src.feeds["input_ids"])).numpy()
+    result = LoraMergePass([read_adapter(tmp_path / "a")], src.parameter_map)(src.model)
+    assert result.stats["parameters_replaced"] == 1
+    got = run_model(result.model, src.feeds)["logits"]
+    assert lora_helpers.max_rel(got, ref) <= RTOL

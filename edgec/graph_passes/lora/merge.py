@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
@@ -75,7 +76,7 @@ class LoraMergePass(EdgecPass):
                 for init, layout in _tied_copies(target, self.parameter_map):
                     deltas[init] = deltas.get(init, 0) + (d.T if layout == "transposed" else d)
                     modules.setdefault(init, []).append(mod)
-        replaced = self._replacements(model, modules)
+        replaced, splits = self._replacements(model, modules)
         for init_name, (lm, _) in dora.items():
             if len(modules[init_name]) > 1:
                 raise UserError(f"module {lm.name} is adapted by a DoRA adapter and another one; "
@@ -101,6 +102,8 @@ class LoraMergePass(EdgecPass):
             total += w.size
             max_delta = max(max_delta, float(np.abs(delta).max()))
             value.const_value = ir.tensor(merged, name=init_name)
+        for init_name, (shared, readers) in splits.items():  # a tied parameter untied
+            _split(model, shared, init_name, readers)
         for init_name, new in replaced.items():
             model.graph.initializers[init_name].const_value = ir.tensor(new, name=init_name)
         for init_name, delta in bias_deltas.items():  # biases are not pruned: added whole
@@ -140,10 +143,13 @@ class LoraMergePass(EdgecPass):
         return PassResult(model, bool(deltas or bias_deltas or replaced), stats)
 
     def _replacements(self, model: ir.Model, modules: dict[str, list[str]]
-                      ) -> dict[str, np.ndarray]:
+                      ) -> tuple[dict[str, np.ndarray], dict[str, tuple[str, list]]]:
         """The ``modules_to_save`` parameters, initializer → the saved value in its layout;
-        ``modules`` gains them (for the shared-initializer check)."""
+        ``modules`` gains them (for the shared-initializer check). A parameter whose
+        initializer also holds one PyTorch ties to it gets an initializer of its own (the
+        second table: new name → (shared initializer, the readers that move to it))."""
         out: dict[str, np.ndarray] = {}
+        splits: dict[str, tuple[str, list]] = {}
         for adapter in self.adapters:
             for key, target in resolve_saved(adapter, self.parameter_map, model).items():
                 if adapter.weight != 1.0:
@@ -154,9 +160,14 @@ class LoraMergePass(EdgecPass):
                     raise UserError(f"{key} is replaced by adapter {adapter.name} "
                                     "(modules_to_save) and also adapted or replaced by "
                                     f"{modules[target.initializer][0]}; merge one of them")
-                modules[target.initializer] = [key.rpartition(".")[0]]
-                out[target.initializer] = target.to_onnx_layout(adapter.saved[key])
-        return out
+                init = target.initializer
+                readers = _untied_readers(model, adapter, key, target, self.parameter_map)
+                if readers:
+                    init = _fresh_name(model, f"{target.parameter}.saved")
+                    splits[init] = (target.initializer, readers)
+                modules[init] = [key.rpartition(".")[0]]
+                out[init] = target.to_onnx_layout(adapter.saved[key])
+        return out, splits
 
 
 def _check_dora(adapter: LoraAdapter, module: str, sparse: bool) -> None:
@@ -178,6 +189,50 @@ def _tied_copies(target, parameter_map) -> list[tuple[str, str]]:
     return list(dict.fromkeys((parameter_map[t]["initializer"], parameter_map[t]["layout"])
                               for t in tied if t in parameter_map
                               and parameter_map[t]["initializer"] != target.initializer))
+
+
+def _untied_readers(model: ir.Model, adapter: LoraAdapter, key: str, target,
+                    parameter_map) -> list[tuple[ir.Node, int]]:
+    """The readers (node, input) of ``target``'s initializer that are saved parameter ``key``'s,
+    where that initializer also holds a parameter PyTorch ties to it (an embedding table and its
+    LM head as one); [] where it holds none. PEFT's ``modules_to_save`` unties them (its copy
+    replaces that module alone: the tied embedding or head keeps the base's weight), so only
+    these readers may see the saved value: the table's lookups (Gather) are the embedding's,
+    the rest the head's."""
+    tied = [t for t in parameter_map.get(target.parameter, {}).get("tied", ())
+            if parameter_map.get(t, {}).get("initializer") == target.initializer]
+    if not tied:
+        return []
+    uses = list(model.graph.initializers[target.initializer].uses())
+    lookups = [(u.node, u.idx) for u in uses if u.node.op_type == "Gather" and u.idx == 0]
+    rest = [(u.node, u.idx) for u in uses if (u.node, u.idx) not in lookups]
+    module = target.parameter.rpartition(".")[0].rpartition(".")[2]
+    role = ("head" if re.search(r"head|^embed_out$|^output$", module) else
+            "lookup" if re.search(r"emb|^wte$|^shared$", module) else None)
+    if role is None or not lookups or not rest:
+        raise UserError(f"adapter {adapter.name} replaces {key} (modules_to_save), which PEFT "
+                        f"unties from {tied[0]}, but the exported graph stores both in one "
+                        "weight whose readers cannot be told apart; merge the adapter in PEFT "
+                        "(merge_and_unload) and compile the merged model")
+    return lookups if role == "lookup" else rest
+
+
+def _fresh_name(model: ir.Model, name: str) -> str:
+    k, base = 0, name
+    while name in model.graph.initializers:
+        k += 1
+        name = f"{base}.{k}"
+    return name
+
+
+def _split(model: ir.Model, shared: str, name: str, readers: list[tuple[ir.Node, int]]) -> None:
+    """A new initializer ``name`` (for now a copy of ``shared``) read by ``readers`` instead."""
+    old = model.graph.initializers[shared]
+    new = ir.Value(name=name, const_value=ir.tensor(old.const_value.numpy(), name=name),
+                   shape=old.shape, type=old.type)
+    model.graph.register_initializer(new)
+    for node, idx in readers:
+        node.replace_input_with(idx, new)
 
 
 def _refuse_shared(modules: Mapping[str, list[str]], parameter_map) -> None:
