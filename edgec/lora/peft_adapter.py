@@ -51,8 +51,17 @@ _BASE_LAYER = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$"
 _ROLES = ((_KEY, None), (_EMBEDDING, None), (_MAGNITUDE, "M"), (_BIAS, "b"))
 # aLoRA applies only after its invocation tokens: merged, it ran on every token (PEFT refuses to
 # merge it: an internal error from a checkpoint source, a silent merge from an .onnx one)
-_UNSUPPORTED = {"use_qalora": "QALoRA", "use_bdlora": "BD-LoRA",
-                "alora_invocation_tokens": "aLoRA (activated LoRA)"}
+_PLAIN = "use a plain LoRA adapter"
+# config key → (what it is, what to do): refused, never read past (layer_replication was merged as
+# a plain LoRA, silently: its copied layers dropped)
+_UNSUPPORTED = {
+    "use_qalora": ("QALoRA adapters (use_qalora set)", _PLAIN),
+    "use_bdlora": ("BD-LoRA adapters (use_bdlora set)", _PLAIN),
+    "alora_invocation_tokens": ("aLoRA (activated LoRA) adapters (alora_invocation_tokens set)",
+                                _PLAIN),
+    "layer_replication": ("layer_replication (the adapter runs on copies of the base's layers, "
+                          "a model of another depth)", "use an adapter trained without it"),
+}
 
 
 @dataclasses.dataclass
@@ -227,10 +236,9 @@ def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0)
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         raise UserError(f"{root}: peft_type {config.get('peft_type')!r} is not LoRA; edgec "
                         "merges LoRA adapters only")
-    for key, what in _UNSUPPORTED.items():
+    for key, (what, advice) in _UNSUPPORTED.items():
         if config.get(key):
-            raise UserError(f"{root}: {what} adapters ({key} set) are not supported yet; "
-                            "use a plain LoRA adapter")
+            raise UserError(f"{root}: {what}: not supported yet; {advice}")
     try:
         tensors = load_file(str(root / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as e:

@@ -146,6 +146,12 @@ def test_refuses_pickles_missing_files_and_unsupported_kinds(adapter_dirs, tmp_p
                                                           "alora_invocation_tokens": [5, 6]}))
     with pytest.raises(UserError, match=r"aLoRA \(activated LoRA\) adapters .* not supported"):
         read_adapter(dora)
+    # layer_replication (a model of another depth) was merged as a plain LoRA, silently
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg,
+                                                          "layer_replication": [[0, 1], [0, 1]]}))
+    with pytest.raises(UserError, match="layer_replication .* not supported yet; use an adapter "
+                                        "trained without it"):
+        read_adapter(dora)
 
 
 def test_rank_mismatch_names_the_module(adapter_dirs, tmp_path):
