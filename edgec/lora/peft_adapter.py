@@ -52,8 +52,9 @@ _ROLES = ((_KEY, None), (_EMBEDDING, None), (_MAGNITUDE, "M"), (_BIAS, "b"))
 # aLoRA applies only after its invocation tokens: merged, it ran on every token (PEFT refuses to
 # merge it: an internal error from a checkpoint source, a silent merge from an .onnx one)
 _PLAIN = "use a plain LoRA adapter"
+_IN_PEFT = "merge it in PEFT (merge_and_unload), save the merged model and compile that"
 # config key → (what it is, what to do): refused, never read past (layer_replication was merged as
-# a plain LoRA, silently: its copied layers dropped)
+# a plain LoRA, silently: its copied layers dropped; target_parameters read as inconsistent)
 _UNSUPPORTED = {
     "use_qalora": ("QALoRA adapters (use_qalora set)", _PLAIN),
     "use_bdlora": ("BD-LoRA adapters (use_bdlora set)", _PLAIN),
@@ -61,6 +62,8 @@ _UNSUPPORTED = {
                                 _PLAIN),
     "layer_replication": ("layer_replication (the adapter runs on copies of the base's layers, "
                           "a model of another depth)", "use an adapter trained without it"),
+    "target_parameters": ("target_parameters (LoRA on bare parameters, such as MoE experts)",
+                          _IN_PEFT),
 }
 
 
@@ -239,6 +242,10 @@ def read_adapter(path: str | Path, name: str | None = None, weight: float = 1.0)
     for key, (what, advice) in _UNSUPPORTED.items():
         if config.get(key):
             raise UserError(f"{root}: {what}: not supported yet; {advice}")
+    if config.get("bias") not in (None, "none"):  # was refused as a resized vocabulary, or
+        # "not a LoRA A/B weight": the base's biases trained too, saved beside the factors
+        raise UserError(f"{root}: PEFT's bias={config['bias']!r} (the base's biases trained "
+                        f"with the adapter) is not supported yet; {_IN_PEFT}")
     try:
         tensors = load_file(str(root / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as e:

@@ -154,6 +154,22 @@ def test_refuses_pickles_missing_files_and_unsupported_kinds(adapter_dirs, tmp_p
         read_adapter(dora)
 
 
+@pytest.mark.parametrize("option, match", [
+    ({"bias": "lora_only"}, "PEFT's bias='lora_only' .* not supported yet; merge it in PEFT"),
+    ({"bias": "all"}, "PEFT's bias='all' .* not supported yet; merge it in PEFT"),
+    ({"target_modules": [], "target_parameters": ["self_attn.q_proj.weight"]},
+     r"target_parameters \(LoRA on bare parameters.* not supported yet; merge it in PEFT")])
+def test_peft_options_edgec_does_not_merge_are_named(adapter_dirs, tmp_path, option, match):
+    """bias="lora_only" read as "a resized vocabulary?", bias="all" as "not a LoRA A/B weight",
+    target_parameters as "target_modules [] does not name it; the adapter is inconsistent"."""
+    dirs, _ = adapter_dirs
+    path = _copy(dirs["zero"], tmp_path / "a")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, **option}))
+    with pytest.raises(UserError, match=match):
+        read_adapter(path)
+
+
 def test_rank_mismatch_names_the_module(adapter_dirs, tmp_path):
     dirs, _ = adapter_dirs
     bad = _copy(dirs["attn_mlp"], tmp_path / "bad")
