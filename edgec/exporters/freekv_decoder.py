@@ -1,7 +1,9 @@
 """Decode graphs over fixed KV buffers for the ``llama`` reference: FreeKV retrieval and dense.
 
-One token per step. The cache lives in buffers the wrapper owns ([B, kv_heads, T, head_dim],
-``past_length`` slots filled) and writes in place; the graph returns only the new token's
+One token per step. The cache lives in buffers the wrapper owns ([B, kv_heads, T, head_dim]),
+each row's first ``past_length[b]`` slots filled: the wrapper left-aligns a left-padded batch, so
+slot 0 is every row's first real token and sink, pages and budget count from it. It writes in
+place; the graph returns only the new token's
 key/value, so no step copies the cache. Per layer, FreeKV (arXiv 2505.13109) does:
 
     q_i, k_i, v_i                       (RoPE at position_ids)
@@ -40,8 +42,9 @@ _STATE = ("key", "value", "kmin", "kmax", "prev_query", "prev_pages")
 
 class FixedBufferDecoder(nn.Module):
     """Dense decode over the buffers: ``forward(input_ids [B,1], position_ids [B,1],
-    past_length [], cache_start [B], cache)`` with ``cache`` = (key, value) per layer, flat.
-    Returns logits [B,1,V] and per layer the new key, value [B,kv_heads,1,head_dim]."""
+    past_length [B], cache)`` (row b's tokens in slots [0, past_length[b])) with ``cache`` =
+    (key, value) per layer, flat. Returns logits [B,1,V] and per layer the new key, value
+    [B,kv_heads,1,head_dim]."""
 
     per_layer = 2
 
@@ -56,10 +59,10 @@ class FixedBufferDecoder(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
         self.group = cfg.heads // cfg.kv_heads
 
-    def forward(self, input_ids, position_ids, past_length, cache_start, cache):
-        return self._decode(input_ids, position_ids, past_length, cache_start, None, cache)
+    def forward(self, input_ids, position_ids, past_length, cache):
+        return self._decode(input_ids, position_ids, past_length, None, cache)
 
-    def _decode(self, input_ids, position_ids, past_length, cache_start, tau, cache):
+    def _decode(self, input_ids, position_ids, past_length, tau, cache):
         m = self.model
         angles = position_ids[..., None].to(torch.float32) * m.inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, 1, head_dim]
@@ -72,7 +75,7 @@ class FixedBufferDecoder(nn.Module):
         n = self.per_layer
         for i, layer in enumerate(m.layers):
             h, extra = self._attention(layer.self_attn, layer.input_layernorm(x), rope,
-                                       past_length, cache_start, tau, cache[n * i:n * (i + 1)])
+                                       past_length, tau, cache[n * i:n * (i + 1)])
             x = x + h
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             outs += extra
@@ -102,18 +105,17 @@ class FixedBufferDecoder(nn.Module):
         out = torch.matmul(p[..., :-1], values) + p[..., -1:] * v
         return attn.o_proj(out.reshape(b, 1, self.heads * self.head_dim))
 
-    def _attention(self, attn, x, rope, past_length, cache_start, tau, state):
+    def _attention(self, attn, x, rope, past_length, tau, state):
         kc, vc = state
         qg, k, v = self._project(attn, x, rope)
-        slots = torch.arange(kc.shape[2])
-        ok = (slots < past_length) & (slots[None] >= cache_start[:, None])  # [B, T]
+        ok = torch.arange(kc.shape[2])[None] < past_length[:, None]  # [B, T]
         ok = ok[:, None].expand(-1, self.kv_heads, -1)
         return self._softmax_out(attn, qg, kc, vc, ok, k, v), [k, v]
 
 
 class FreeKVDecoder(FixedBufferDecoder):
-    """FreeKV decode (module docstring): ``forward(input_ids, position_ids, past_length,
-    cache_start, tau [], state)``, ``state`` per layer = (key, value [B,Hkv,T,D], kmin, kmax
+    """FreeKV decode (module docstring): ``forward(input_ids, position_ids, past_length [B],
+    tau [], state)``, ``state`` per layer = (key, value [B,Hkv,T,D], kmin, kmax
     [B,Hkv,Np,D], prev_query [B,H,D], prev_pages [B,Hkv,K] int64), flat. Returns logits and per
     layer new key, new value, query [B,H,D], pages [B,Hkv,K] (the next step's speculative
     pages), now_pages [B,Hkv,K] (this step's fresh pick) and corrected [B,Hkv] bool."""
@@ -124,10 +126,10 @@ class FreeKVDecoder(FixedBufferDecoder):
         super().__init__(model)
         self.config = config
 
-    def forward(self, input_ids, position_ids, past_length, cache_start, tau, state):
-        return self._decode(input_ids, position_ids, past_length, cache_start, tau, state)
+    def forward(self, input_ids, position_ids, past_length, tau, state):
+        return self._decode(input_ids, position_ids, past_length, tau, state)
 
-    def _attention(self, attn, x, rope, past_length, cache_start, tau, state):
+    def _attention(self, attn, x, rope, past_length, tau, state):
         kc, vc, kmin, kmax, prev_q, prev_pages = state
         cfg = self.config
         p, n_sink, n_top, n_recent = cfg.page, cfg.sink_pages, cfg.top_pages, cfg.recent_pages
@@ -143,14 +145,13 @@ class FreeKVDecoder(FixedBufferDecoder):
         qpos, qneg = qg.clamp(min=0), qg.clamp(max=0)
         score = (torch.matmul(qpos, kmax.transpose(-1, -2))
                  + torch.matmul(qneg, kmin.transpose(-1, -2))).mean(2)  # [B, Hkv, Np]
-        page = past_length // p  # the page the new token lands in
+        length = past_length[:, None, None]  # [B, 1, 1]: each row's filled slots
+        page = length // p  # the page the new token lands in
         pages = torch.arange(kmin.shape[2])
-        row = page.reshape(1)
-        fresh = torch.maximum(page * p, cache_start) >= past_length  # [B]: no valid slot yet
-        cur_min = torch.where(fresh[:, None, None, None], k,
-                              torch.minimum(kmin.index_select(2, row), k))
-        cur_max = torch.where(fresh[:, None, None, None], k,
-                              torch.maximum(kmax.index_select(2, row), k))
+        row = page[..., None].expand(b, hkv, 1, d)
+        fresh = (page * p == length)[..., None]  # the page holds no token yet
+        cur_min = torch.where(fresh, k, torch.minimum(kmin.gather(2, row), k))
+        cur_max = torch.where(fresh, k, torch.maximum(kmax.gather(2, row), k))
         cur = (torch.matmul(qpos, cur_max.transpose(-1, -2))
                + torch.matmul(qneg, cur_min.transpose(-1, -2))).mean(2)  # [B, Hkv, 1]
         score_next = torch.where(pages == page, cur, score)
@@ -162,7 +163,7 @@ class FreeKVDecoder(FixedBufferDecoder):
 
         last = page - n_recent  # last candidate page this step
         now_pages = top(score, last)
-        next_pages = top(score_next, (past_length + 1) // p - n_recent)
+        next_pages = top(score_next, (length + 1) // p - n_recent)
         chosen = torch.where(corrected[..., None], now_pages, prev_pages)
 
         # sink + chosen + recent window pages → slots, gathered: O(budget), not O(context)
@@ -172,8 +173,7 @@ class FreeKVDecoder(FixedBufferDecoder):
         valid = torch.cat((sink >= 0, (chosen >= n_sink) & (chosen <= last),
                            recent >= n_sink), dim=-1)
         slot = (idx[..., None] * p + torch.arange(p)).flatten(2)  # [B, Hkv, M*P]
-        ok = (valid[..., None].expand(-1, -1, -1, p).flatten(2) & (slot < past_length)
-              & (slot >= cache_start[:, None, None]))
+        ok = valid[..., None].expand(-1, -1, -1, p).flatten(2) & (slot < length)
         # whole pages (P·D contiguous floats each) out of the buffers seen as [B·Hkv·Np, P, D]
         n_pages = kmin.shape[2]
         base = (torch.arange(b)[:, None] * hkv + torch.arange(hkv))[..., None] * n_pages
@@ -187,8 +187,7 @@ class FreeKVDecoder(FixedBufferDecoder):
 def _names(decoder: FixedBufferDecoder, layers: int) -> tuple[list[str], list[str]]:
     retrieval = isinstance(decoder, FreeKVDecoder)
     state = _STATE if retrieval else _STATE[:2]
-    inputs = ["input_ids", "position_ids", "past_length", "cache_start",
-              *(["tau"] if retrieval else [])]
+    inputs = ["input_ids", "position_ids", "past_length", *(["tau"] if retrieval else [])]
     inputs += [f"cache.{i}.{s}" if s in ("key", "value") else f"{s}.{i}"
                for i in range(layers) for s in state]
     per = ["new.{i}.key", "new.{i}.value"] + (
@@ -198,7 +197,8 @@ def _names(decoder: FixedBufferDecoder, layers: int) -> tuple[list[str], list[st
 
 
 def _example(decoder: FixedBufferDecoder, batch: int = 2):
-    """Buffers a few pages past the budget, filled to mid-page (shapes only matter)."""
+    """Buffers a few pages past the budget, rows filled to different mid-page lengths (shapes
+    only matter)."""
     m = decoder.model.cfg
     cfg = getattr(decoder, "config", None) or FreeKVConfig(budget=64, page=8, sink=8, recent=8)
     t = cfg.budget + 3 * cfg.page
@@ -212,10 +212,8 @@ def _example(decoder: FixedBufferDecoder, batch: int = 2):
             state += [pages.amin(3), pages.amax(3),
                       torch.randn(batch, m.heads, m.head_dim, generator=g),
                       torch.zeros(batch, m.kv_heads, cfg.top_pages, dtype=torch.int64)]
-    length = t - cfg.page - 3
-    args = [torch.randint(0, m.vocab, (batch, 1), generator=g),
-            torch.full((batch, 1), length, dtype=torch.int64),
-            torch.tensor(length, dtype=torch.int64), torch.tensor([0, 2][:batch])]
+    length = torch.tensor([t - cfg.page - 3, t - cfg.page - 5][:batch])
+    args = [torch.randint(0, m.vocab, (batch, 1), generator=g), length[:, None] + 2, length]
     if isinstance(decoder, FreeKVDecoder):
         args.append(torch.tensor(cfg.tau))
     return (*args, tuple(state))
@@ -233,7 +231,7 @@ def export_fixed_buffer_decoder(decoder: FixedBufferDecoder, path: str | Path) -
     per = [dims, dims] + ([{0: "batch_size", 2: "pages"}] * 2 + [{0: "batch_size"}] * 2
                           if retrieval else [])
     shapes = {"input_ids": {0: "batch_size"}, "position_ids": {0: "batch_size"},
-              "cache_start": {0: "batch_size"},
+              "past_length": {0: "batch_size"},
               ("state" if retrieval else "cache"): [dict(d) for _ in range(cfg.layers)
                                                     for d in per]}
     result = export_module(decoder, _example(decoder), shapes, outputs, inputs)

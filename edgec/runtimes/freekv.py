@@ -1,7 +1,9 @@
 """FreeKV retrieval for decoding on CPU runtimes: the wrapper-side cache and its options.
 
 Prefill runs through the artifact's standard KV-cache graph; its keys/values are then copied
-once into fixed buffers [B, kv_heads, T, head_dim] and summarized per page (per-channel min/max
+once into fixed buffers [B, kv_heads, T, head_dim], each row left-aligned (a left-padded row's
+padding dropped, so slot 0 is its first real token and its pages, sink and budget are those of
+the prompt alone), and summarized per page (per-channel min/max
 keys). Each decode step runs the FreeKV graph (``edgec.exporters.freekv_decoder``): it reads
 only the budget's pages out of the buffers and returns the new token's key/value, which this
 wrapper writes in place, updating that one page's digest. Nothing here is O(context) per step,
@@ -153,6 +155,7 @@ class _OrtGraph:
         self._sess = ort.InferenceSession(str(path), sess_options=session_options(True, config),
                                           providers=["CPUExecutionProvider"])
         self._names = [o.name for o in self._sess.get_outputs()]
+        self.inputs = [i.name for i in self._sess.get_inputs()]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._names, self._sess.run(self._names, feeds)))
@@ -168,6 +171,7 @@ class _OpenVINOGraph:
         config = {"INFERENCE_PRECISION_HINT": "f32", **(config or {})}
         self._compiled = ov.Core().compile_model(str(path), device, config)
         self._request = self._compiled.create_infer_request()
+        self.inputs = [p.get_any_name() for p in self._compiled.inputs]
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         res = self._request.infer(feeds, share_inputs=True)
@@ -204,10 +208,14 @@ class FixedBufferCache:
             manifest = getattr(session, "manifest", None) or {}
             runtime_config = (manifest.get("runtime") or {}).get("config")
         self._graph = _runner(runtime, Path(graph), runtime_config)
+        if "cache_start" in self._graph.inputs:
+            raise UserError(f"{graph} was built by an earlier edgec that counted FreeKV's sink "
+                            "and pages from the buffer's first slot (padding in a left-padded "
+                            "row); compile the artifact again")
         self.capacity = capacity
         self.prefill_chunk = prefill_chunk
-        self.length = 0  # tokens in the buffers
-        self.start = np.zeros(batch, np.int64)  # first non-padding slot per row
+        self.length = 0  # tokens in the generation loop's sequence, padding included
+        self.start = np.zeros(batch, np.int64)  # padding per row (dropped in the buffers)
         self.keys: list[np.ndarray] = []
         self.values: list[np.ndarray] = []
         self.stats: dict[str, Any] = {"decode_steps": 0, "prefill_tokens": 0}
@@ -219,7 +227,7 @@ class FixedBufferCache:
         if not np.all(mask[:, self.length:] != 0):
             raise UserError("FreeKV decoding takes left-padded prompts only (the mask of new "
                             "tokens must be 1)")
-        self._reserve(self.length + 1)
+        self._reserve(int(self.filled.max()) + 1)
         out = self._graph(self._feeds(ids, positions))
         self._append(out)
         self.stats["decode_steps"] += 1
@@ -255,17 +263,24 @@ class FixedBufferCache:
 
     def load(self, pairs, start=None) -> None:
         """Fill the buffers from (key, value) per layer [B, kv_heads, L, head_dim] (a prefill's
-        presents, or a cache computed elsewhere); ``start``: first non-padding slot per row."""
+        presents, or a cache computed elsewhere); ``start``: first non-padding slot per row.
+        Each row is stored from slot 0 (its padding dropped)."""
         length = pairs[0][0].shape[2]
         self.start = (np.zeros(self.batch, np.int64) if start is None
                       else np.asarray(start, np.int64).reshape(self.batch))
         self.keys, self.values, self.length = [], [], 0
-        self._reserve(length + 1)
+        self._reserve(length - int(self.start.min()) + 1)
         for i, (k, v) in enumerate(pairs):
-            self.keys[i][:, :, :length] = k
-            self.values[i][:, :, :length] = v
+            for row, first in enumerate(self.start):
+                self.keys[i][row, :, :length - first] = k[row, :, first:]
+                self.values[i][row, :, :length - first] = v[row, :, first:]
         self.length = length
-        self._summarize(0, length)
+        self._summarize(0, length - int(self.start.min()))
+
+    @property
+    def filled(self) -> np.ndarray:
+        """Tokens in the buffers per row [B] (row b in slots [0, filled[b]))."""
+        return self.length - self.start
 
     # -- buffers
     def _round(self, n: int) -> int:
@@ -283,7 +298,7 @@ class FixedBufferCache:
             buffers[:] = [np.zeros(shape, np.float32) for _ in range(self.info.layers)]
             for new, prev in zip(buffers, old):
                 if prev is not None:
-                    new[:, :, :self.length] = prev[:, :, :self.length]
+                    new[:, :, :have] = prev
         self._grown(size)
 
     def _grown(self, size: int) -> None:
@@ -294,18 +309,18 @@ class FixedBufferCache:
 
     def _feeds(self, ids, positions) -> dict[str, np.ndarray]:
         feeds = {"input_ids": ids.astype(np.int64), "position_ids": positions.astype(np.int64),
-                 "past_length": np.array(self.length, np.int64), "cache_start": self.start}
+                 "past_length": self.filled}
         for i in range(self.info.layers):
             feeds[f"cache.{i}.key"] = self.keys[i]
             feeds[f"cache.{i}.value"] = self.values[i]
         return feeds
 
     def _append(self, out: dict[str, np.ndarray]) -> None:
-        t = self.length
+        rows, t = np.arange(self.batch), self.filled
         for i in range(self.info.layers):
-            self.keys[i][:, :, t] = out[f"new.{i}.key"][:, :, 0]
-            self.values[i][:, :, t] = out[f"new.{i}.value"][:, :, 0]
-        self.length = t + 1
+            self.keys[i][rows, :, t] = out[f"new.{i}.key"][:, :, 0]
+            self.values[i][rows, :, t] = out[f"new.{i}.value"][:, :, 0]
+        self.length += 1
 
 
 class FreeKVCache(FixedBufferCache):
@@ -349,23 +364,24 @@ class FreeKVCache(FixedBufferCache):
         shape = (self.batch, self.info.kv_heads, size // self.config.page, self.info.head_dim)
         self.kmin = [np.zeros(shape, np.float32) for _ in range(self.info.layers)]
         self.kmax = [np.zeros(shape, np.float32) for _ in range(self.info.layers)]
-        self._summarize(0, self.length)
+        self._summarize(0, int(self.filled.max()))
 
     def _summarize(self, lo: int, hi: int) -> None:
-        """Digests of the pages holding slots [lo, hi), from the buffers (padding excluded);
-        O(hi - lo): run once after prefill (and when the buffers grow)."""
+        """Digests of the pages holding slots [lo, hi), from the buffers (each row's filled
+        slots only); O(hi - lo): run once after prefill (and when the buffers grow)."""
+        hi = min(hi, self.keys[0].shape[2]) if self.keys else hi
         if hi <= lo or not self.kmin:
             return
         p = self.config.page
         first, last = lo // p, -(-hi // p)
         slots = np.arange(first * p, last * p)
-        ok = (slots[None] < hi) & (slots[None] >= self.start[:, None])  # [B, slots]
+        ok = (slots[None] < hi) & (slots[None] < self.filled[:, None])  # [B, slots]
         ok = ok.reshape(self.batch, 1, last - first, p, 1)
         for i in range(self.info.layers):
             k = self.keys[i][:, :, first * p:last * p].reshape(
                 self.batch, self.info.kv_heads, last - first, p, self.info.head_dim)
             lo_, hi_ = np.where(ok, k, np.inf).min(3), np.where(ok, k, -np.inf).max(3)
-            empty = ~np.isfinite(lo_)  # a page of padding only: any finite digest will do
+            empty = ~np.isfinite(lo_)  # a page past the row's end: any finite digest will do
             self.kmin[i][:, :, first:last] = np.where(empty, 0.0, lo_)
             self.kmax[i][:, :, first:last] = np.where(empty, 0.0, hi_)
 
@@ -380,23 +396,25 @@ class FreeKVCache(FixedBufferCache):
         return feeds
 
     def _append(self, out):
-        t, p, cfg = self.length, self.config.page, self.config
-        page = t // p
-        # the page's digest so far counts only if it holds a valid slot before t
-        fresh = (np.maximum(page * p, self.start) >= t)[:, None, None]
+        t, p, cfg = self.filled, self.config.page, self.config  # per row
+        rows, page = np.arange(self.batch), t // p
+        # the page's digest so far counts only if it holds a token before t
+        fresh = (page * p == t)[:, None, None]
         cur = page - cfg.recent_pages  # last candidate page this step
+        window = np.maximum(0, t - np.maximum((cur + 1) * p, cfg.sink))
         for i in range(self.info.layers):
             k = out[f"new.{i}.key"][:, :, 0]
-            row_min, row_max = self.kmin[i][:, :, page], self.kmax[i][:, :, page]
-            self.kmin[i][:, :, page] = np.where(fresh, k, np.minimum(row_min, k))
-            self.kmax[i][:, :, page] = np.where(fresh, k, np.maximum(row_max, k))
+            row_min, row_max = self.kmin[i][rows, :, page], self.kmax[i][rows, :, page]
+            self.kmin[i][rows, :, page] = np.where(fresh, k, np.minimum(row_min, k))
+            self.kmax[i][rows, :, page] = np.where(fresh, k, np.maximum(row_max, k))
             used = np.where(out[f"corrected.{i}"][..., None], self._fresh_pages(i, out),
                             self.prev_pages[i])
             self.last_pages[i] = used
-            retrieved = float(((used >= cfg.sink_pages) & (used <= cur)).sum(-1).mean())
-            window = max(0, t - max((cur + 1) * p, cfg.sink))
-            self._retrieved += retrieved / self.info.layers
-            self._attended += (min(t, cfg.sink) + retrieved * p + window + 1) / self.info.layers
+            retrieved = ((used >= cfg.sink_pages)
+                         & (used <= cur[:, None, None])).sum(-1).mean(-1)  # [B]
+            attended = np.minimum(t, cfg.sink) + retrieved * p + window + 1
+            self._retrieved += float(retrieved.mean()) / self.info.layers
+            self._attended += float(attended.mean()) / self.info.layers
             if self.stats["decode_steps"] > 0:
                 flags = out[f"corrected.{i}"]
                 self._corrected += int(flags.sum())

@@ -208,3 +208,22 @@ def test_hf_checkpoint_decodes_with_freekv_as_with_full_attention(tmp_path):
     assert sess.last_generation["kv_retrieval"]["decode_steps"] == 23
     np.testing.assert_array_equal(
         fits, sess.generate(ids, max_new_tokens=24, eos_token_id=[], kv_retrieval=False))
+
+
+def test_left_padded_batch_equals_each_prompt_alone(decoder):
+    """Sink, pages and budget count from each row's first real token: a row left-padded by a
+    length that is not a multiple of the page decodes as it does alone, past the budget (the
+    sink was the buffer's first slots, padding in a padded row, and its pages were shifted)."""
+    rng = np.random.default_rng(3)
+    vocab, pad = decoder[1].vocab, 15
+    a, b = rng.integers(0, vocab, 45), rng.integers(0, vocab, 30)
+    ids = np.stack([a, np.r_[np.zeros(pad, np.int64), b]])
+    mask = np.ones_like(ids)
+    mask[1, :pad] = 0
+    _, got, _, logits, cache = _run(decoder, ids, mask, 24, 0.9)  # context 45..68 > budget 32
+    assert cache.stats["retrieved_pages_mean"] > 0
+    for row, prompt in ((0, a), (1, b)):
+        _, alone, _, alone_logits, _ = _run(decoder, prompt[None], None, 24, 0.9)
+        np.testing.assert_array_equal(got[row, 45:], alone[0, len(prompt):])
+        for x, y in zip(logits, alone_logits):
+            np.testing.assert_allclose(x[row], y[0], atol=1e-4)
