@@ -266,12 +266,15 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
     limit = info.context or info.max_positions
     # the last new token is never fed back: the cache holds prompt + max_new_tokens - 1
     if limit and ids.shape[1] + cfg.max_new_tokens - 1 > limit:
-        most = limit - ids.shape[1] + 1
+        most, fit = limit - ids.shape[1] + 1, limit - cfg.max_new_tokens + 1
+        advice = (f"set max_new_tokens (-n) to at most {most} or shorten the prompt"
+                  if most >= 1 else f"shorten the prompt to at most {fit} tokens" + (
+                      f" ({limit} with max_new_tokens 1)" if cfg.max_new_tokens > 1 else "")
+                  if fit >= 1 else f"shorten the prompt and lower max_new_tokens (-n): "
+                  f"together they may be at most {limit + 1} tokens")
         raise UserError(f"the prompt ({ids.shape[1]} tokens) + max_new_tokens "
                         f"({cfg.max_new_tokens}) - 1 exceeds the model's context of {limit} "
-                        "tokens; " + (f"set max_new_tokens (-n) to at most {most} or shorten "
-                                      "the prompt" if most >= 1 else
-                                      f"shorten the prompt to at most {limit} tokens"))
+                        f"tokens; {advice}")
     fill = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
     rng = np.random.default_rng(cfg.seed)
     cache = cache if cache is not None else ArrayCache(session, info, ids.shape[0])

@@ -626,8 +626,16 @@ def test_the_last_new_token_needs_no_context_slot(artifacts):
                                         rf"exceeds the model's context of {limit} tokens; set "
                                         r"max_new_tokens \(-n\) to at most 2"):
         sess.generate(ids[:, 1:], max_new_tokens=3)
-    with pytest.raises(UserError, match=f"shorten the prompt to at most {limit} tokens"):
-        sess.generate(np.concatenate([ids, ids[:, :1]], axis=1), max_new_tokens=1)
+    longer = np.concatenate([ids, ids[:, :1]], axis=1)
+    with pytest.raises(UserError, match=f"shorten the prompt to at most {limit} tokens$"):
+        sess.generate(longer, max_new_tokens=1)
+    # the limit named is the one for this max_new_tokens (it said {limit} whatever -n was)
+    with pytest.raises(UserError, match=rf"shorten the prompt to at most {limit - 2} tokens "
+                                        rf"\({limit} with max_new_tokens 1\)$"):
+        sess.generate(longer, max_new_tokens=3)
+    with pytest.raises(UserError, match=rf"shorten the prompt and lower max_new_tokens \(-n\): "
+                                        rf"together they may be at most {limit + 1} tokens$"):
+        sess.generate(longer, max_new_tokens=limit + 5)
 
 
 def test_scores_with_no_next_token_are_refused():
