@@ -657,14 +657,41 @@ def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: 
     return _companion("dense", prep, recipe, stage, step, steps=steps)
 
 
+PREFILL_CHECK_TOKENS = 1024  # the longest prompt the compile checks the prefill graph on
+
+
 def _prefill_example(recipe: Recipe):
-    """The prefill graph is verified on a prompt of two query blocks and half a key block, so
-    the check crosses block boundaries and has a ragged last block."""
+    """The prompt the prefill graph is verified on (``_prefill_check_tokens``)."""
     from edgec.exporters.decoder import PrefillGraph
+
+    return PrefillGraph(_prefill_check_tokens(recipe)[0])
+
+
+def _prefill_check_tokens(recipe: Recipe) -> tuple[int, int | None]:
+    """(the prompt length the prefill graph is verified at, the shortest prompt ≥ min_seq at
+    which the last query block skips a key block, or None at keep=1). The check is at that
+    length (so it measures the sparsity, not dense attention over forced blocks) when it is at
+    most ``PREFILL_CHECK_TOKENS`` and ``--context``; else at two query blocks and half a key
+    block (every block kept there: the report says so). Either way the last key block is
+    ragged and the check crosses block boundaries."""
+    import math
+
+    from edgec.graph_passes.sparse_attention.causal import forced_blocks
     from edgec.graph_passes.sparse_attention.prefill import causal_config
 
     cfg = causal_config(recipe.sparse_attention)
-    return PrefillGraph(2 * cfg.query_block + max(1, cfg.block // 2))
+    qb, half = cfg.query_block, max(1, cfg.block // 2)
+    short = 2 * qb + half
+    if cfg.keep >= 1.0:
+        return short, None
+    per, forced = qb // cfg.block, forced_blocks(cfg.block, qb)
+    nq = max(2, -(-cfg.min_seq // qb))
+    # key blocks before the last query block's band beyond the sink, vs its budget
+    while nq * per - forced <= math.ceil(cfg.keep * nq * per):
+        nq += 1
+    tokens = max(cfg.min_seq, (nq - 1) * qb + half)
+    limit = min(PREFILL_CHECK_TOKENS, recipe.context or PREFILL_CHECK_TOKENS)
+    return (tokens if tokens <= limit else short), max(cfg.min_seq, (nq - 1) * qb + 1)
 
 
 def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress, rotations=None
@@ -692,6 +719,9 @@ def _prefill_graph(source, recipe: Recipe, stage: Path, step: Progress, rotation
                                  build_options={"generation": generation},
                                  min_tokens=causal_config(recipe.sparse_attention).min_seq)
     stats = next((r.stats for r in prep.manager.records if r.name == "sparse-attention"), {})
+    tokens, skips = _prefill_check_tokens(recipe)
+    fidelity["prompt_tokens"] = tokens  # the report says whether blocks were skipped there
+    fidelity["skips_blocks_from"] = skips
     return entry, fidelity, stats
 
 

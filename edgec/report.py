@@ -12,7 +12,7 @@ from edgec.report_chart import INSTALL_LINE, floor_label
 
 __all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
            "rotation_line", "summary_rows", "scheme_line", "vision_pruning_line",
-           "calibration_line", "floor_line"]
+           "calibration_line", "floor_line", "prefill_check_line"]
 
 
 def _io(model) -> dict[str, list[dict[str, Any]]]:
@@ -198,8 +198,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             worst = max(fid[key]["outputs"].values(), key=lambda e: e["max_rel"])
             tol = ("approximate recipe" if fid[key].get("rtol") is None
                    else f"tolerance {fid[key]['rtol']:g}")
+            check = prefill_check_line(fid[key])
             rows.append((label, f"max rel {worst['max_rel']:.2e}, rel L2 {worst['rel_l2']:.2e}, "
-                                f"cosine {worst['cosine']:.7f} ({tol})"))
+                                f"cosine {worst['cosine']:.7f} ({tol})"
+                                + (f"; {check}" if check else "")))
     for p in report["passes"]:
         if p["name"] == "rotate":
             rows.append(("rotate", rotation_line(p["stats"])))
@@ -248,6 +250,21 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("time", f"total {t['total_s']:.1f} s (export {t['export_s']:.1f} s, "
                          f"build {t['build_s']:.1f} s)"))
     return rows
+
+
+def prefill_check_line(g: dict[str, Any]) -> str:
+    """The sparse prefill graph's check prompt and whether the sparsity acted on it: below the
+    length where the last query block skips a key block the graph is dense attention, and a
+    cosine of 1 there says nothing of keep < 1."""
+    n, skips = g.get("prompt_tokens"), g.get("skips_blocks_from")
+    if n is None:
+        return ""
+    if skips is None:
+        return f"checked on a {n}-token prompt"
+    if n >= skips:
+        return f"checked on a {n}-token prompt, key blocks skipped"
+    return (f"exact at {n} tokens: every key block kept there; blocks are skipped from {skips} "
+            "tokens, which the compile did not check")
 
 
 def _companions(fid: dict[str, Any]) -> list[str]:
@@ -424,6 +441,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += [f"## {key.removesuffix('_graph_vs_source').capitalize()} graph fidelity "
                   f"({g.get('runtime', tvs['runtime'])} vs {g.get('reference', tvs['reference'])})",
                   "", _table(header, _fidelity_rows(g)), ""]
+        check = prefill_check_line(g)
+        if check:
+            parts += [check[0].upper() + check[1:] + ".", ""]
     lat = report["latency"]
     if "p50_ms" in lat:
         parts += ["## Latency", "", _table(["p50 ms", "p90 ms", "mean ms", "min ms", "runs"], [[

@@ -85,6 +85,8 @@ def test_keep_1_prefill_graph_is_exact_and_matches_hf_generate(exact, hf_llama):
     stats = exact.report["sparse_prefill"]
     assert stats["sites_rewritten"] == 2 and stats["grouped_heads"] == 2
     assert "sparse prefill" in (exact.path / "report.md").read_text()
+    prefill = exact.report["fidelity"]["prefill_graph_vs_source"]
+    assert (prefill["prompt_tokens"], prefill["skips_blocks_from"]) == (72, None)
 
 
 def test_sparse_prefill_skips_keys_and_loads_both_openvino_caches(sparse_ov, exact):
@@ -103,6 +105,13 @@ def test_sparse_prefill_skips_keys_and_loads_both_openvino_caches(sparse_ov, exa
         dense_logits)
     assert gap > 1e-3, "keep=0.2 of 16 key blocks should change the logits"
     assert cos > 0.9
+    # the compile checked the graph where blocks are skipped (it checked 72 tokens, 4 key
+    # blocks all forced: exact, and the report read "cosine 1.0000000" at keep=0.2)
+    prefill = sparse_ov.report["fidelity"]["prefill_graph_vs_source"]
+    assert (prefill["prompt_tokens"], prefill["skips_blocks_from"]) == (104, 97)
+    assert prefill["outputs"]["logits"]["cosine"] < 0.99999
+    assert "checked on a 104-token prompt, key blocks skipped" in (
+        sparse_ov.path / "report.md").read_text()
     session.paged = False  # the stateful model's variables, loaded from the same prefill
     np.testing.assert_array_equal(session.generate(ids, max_new_tokens=NEW), paged)
     assert session.last_generation["prefill_graph"] == "sparse"
@@ -156,3 +165,22 @@ def test_report_counts_forced_blocks_only_where_keep_leaves_some_out(exact, spar
     row = dict(summary_rows(sparse_ov.report))["sparse prefill"]
     forced = sparse_ov.report["sparse_prefill"]["forced_blocks"]
     assert "keep 0.2 of " in row and f"(+{forced} forced: the sink and the band)" in row, row
+
+
+def test_prefill_check_length_and_its_label():
+    """The prefill graph is checked at the shortest length ≥ min_seq where the last query block
+    skips a key block; where --context rules that out, the report says the check was exact."""
+    from edgec.pipeline import _prefill_check_tokens
+    from edgec.report import prefill_check_line
+
+    def check(**kwargs):
+        return _prefill_check_tokens(Recipe.parse("ort-cpu", generate=True, **kwargs))
+
+    # block=qblock=64, min_seq=256: 6 key blocks, 3 forced, ceil(0.25·6) = 2 < 3 picked from
+    assert check(sparse_attention="keep=0.25") == (352, 321)
+    assert check(sparse_attention="keep=0.25", context=300) == (160, 321)
+    assert check(sparse_attention="keep=1.0") == (160, None)
+    assert check(sparse_attention=f"keep=0.2,{BLOCKS}") == (104, 97)
+    line = prefill_check_line({"prompt_tokens": 160, "skips_blocks_from": 321})
+    assert line.startswith("exact at 160 tokens: every key block kept there; blocks are "
+                           "skipped from 321 tokens")
