@@ -451,7 +451,8 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
             report["vision_pruning"] = vision[2]
             manifest["generation"]["vision"] = {**gen["vision"], "pruning": vision[2]}
         if retrieval:
-            manifest["kv_retrieval"] = retrieval
+            manifest["kv_retrieval"] = report["kv_retrieval"] = retrieval[0]
+            report["fidelity"]["freekv_graph_vs_source"] = retrieval[1]
         if src.info.get("sampling"):
             manifest["sampling"] = src.info["sampling"]
         quant = reports.quantization_entry(records)
@@ -843,8 +844,10 @@ def _ship_encoder_tokenizer(src, stage: Path) -> str | None:
     return ship_tokenizer(Path(where), stage) or ship_tokenizer(Path(where).parent, stage)
 
 
-def _freekv_graph(source, recipe: Recipe, src, stage: Path, step: Progress) -> dict | None:
-    """With --kv-retrieval: the FreeKV decode graph beside model.onnx, and its manifest entry."""
+def _freekv_graph(source, recipe: Recipe, src, stage: Path, step: Progress
+                  ) -> tuple[dict, dict] | None:
+    """With --kv-retrieval: the FreeKV decode graph beside model.onnx; its manifest entry and
+    its fidelity on the target's runtime against the PyTorch model (``verify_freekv_graph``)."""
     if recipe.kv_retrieval is None:
         return None
     from edgec.exporters.decoder import DecoderInfo
@@ -857,9 +860,12 @@ def _freekv_graph(source, recipe: Recipe, src, stage: Path, step: Progress) -> d
     # a checkpoint's stored path lost its ./ ("llama"): as a str, the decode graph's loader took
     # it for the reference model's name again and refused it as ambiguous after the export
     origin = Path(src.info["path"]).absolute() if src.kind == "hf" else src.info["name"]
-    rel = build_freekv_graph(origin, DecoderInfo.from_json(src.info["generation"]),
-                             recipe.kv_retrieval, stage, model_config=src.info.get("config"))
-    return {"method": "freekv", **recipe.kv_retrieval.to_json(), "model": rel}
+    tgt = recipe.target
+    rel, fidelity = build_freekv_graph(
+        origin, DecoderInfo.from_json(src.info["generation"]), recipe.kv_retrieval, stage,
+        model_config=src.info.get("config"), verify_on=tgt.runtime,
+        runtime_config=tgt.runtime_config)
+    return {"method": "freekv", **recipe.kv_retrieval.to_json(), "model": rel}, fidelity
 
 
 def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,

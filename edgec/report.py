@@ -12,7 +12,7 @@ from edgec.report_chart import INSTALL_LINE, floor_label
 
 __all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
            "rotation_line", "summary_rows", "scheme_line", "vision_pruning_line",
-           "calibration_line", "floor_line", "prefill_check_line"]
+           "calibration_line", "floor_line", "prefill_check_line", "kv_retrieval_line"]
 
 
 def _io(model) -> dict[str, list[dict[str, Any]]]:
@@ -188,7 +188,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("source", _source_line(report["source"])), ("target", report["target"])]
     tvs = fid["target_vs_source"]
     measured = tvs.get("runtime", report["target"])  # what ran it: ORT for tensorrt here
-    companions = [(f"{key.removesuffix('_graph_vs_source')} graph: "
+    companions = [(f"{_graph_name(key)} graph: "
                    f"{fid[key].get('runtime', measured)} vs "
                    f"{fid[key].get('reference', tvs['reference'])}", key)
                   for key in _companions(fid)]
@@ -198,7 +198,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             worst = max(fid[key]["outputs"].values(), key=lambda e: e["max_rel"])
             tol = ("approximate recipe" if fid[key].get("rtol") is None
                    else f"tolerance {fid[key]['rtol']:g}")
-            check = prefill_check_line(fid[key])
+            check = _check_line(fid[key])
             rows.append((label, f"max rel {worst['max_rel']:.2e}, rel L2 {worst['rel_l2']:.2e}, "
                                 f"cosine {worst['cosine']:.7f} ({tol})"
                                 + (f"; {check}" if check else "")))
@@ -222,6 +222,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         line = (f"prefill graph: {_sites_line(st)}; causal, {kept}, "
                 f"prompts ≥ {cfg.get('min_seq')} tokens")
         rows.append(("sparse prefill", line))
+    if report.get("kv_retrieval"):
+        rows.append(("kv retrieval", kv_retrieval_line(report["kv_retrieval"])))
     if (report.get("vision_pruning") or {}).get("keep") is not None:  # asked for, not counts
         rows.append(("vision pruning", vision_pruning_line(report["vision_pruning"])))
     q = report.get("quantization")
@@ -265,6 +267,25 @@ def prefill_check_line(g: dict[str, Any]) -> str:
         return f"checked on a {n}-token prompt, key blocks skipped"
     return (f"exact at {n} tokens: every key block kept there; blocks are skipped from {skips} "
             "tokens, which the compile did not check")
+
+
+def _check_line(g: dict[str, Any]) -> str:
+    """What a companion graph's check ran on, where its entry says (prefill, FreeKV)."""
+    return prefill_check_line(g) or g.get("check", "")
+
+
+def _graph_name(key: str) -> str:
+    name = key.removesuffix("_graph_vs_source")
+    return "FreeKV" if name == "freekv" else name
+
+
+def kv_retrieval_line(e: dict[str, Any]) -> str:
+    """The manifest's ``kv_retrieval`` entry in one line: what a decode step attends."""
+    top = (e["budget"] - e["sink"] - e["recent"]) // e["page"]
+    return (f"FreeKV ({e['model']}): per KV head and step {e['budget']} cached tokens at most: "
+            f"sink {e['sink']} + {top} retrieved pages of {e['page']} + recent {e['recent']}; "
+            f"tau {e['tau']} (a head re-selects its pages when its query's cosine to the last "
+            "one falls below it)")
 
 
 def _companions(fid: dict[str, Any]) -> list[str]:
@@ -438,10 +459,11 @@ def render_markdown(report: dict[str, Any]) -> str:
                   _table(header, _fidelity_rows(tvs["vs_rewritten_onnx"])), ""]
     for key in _companions(fid):  # the decoder's other graphs, each against its own source
         g = fid[key]
-        parts += [f"## {key.removesuffix('_graph_vs_source').capitalize()} graph fidelity "
+        name = _graph_name(key)
+        parts += [f"## {name[0].upper() + name[1:]} graph fidelity "
                   f"({g.get('runtime', tvs['runtime'])} vs {g.get('reference', tvs['reference'])})",
                   "", _table(header, _fidelity_rows(g)), ""]
-        check = prefill_check_line(g)
+        check = _check_line(g)
         if check:
             parts += [check[0].upper() + check[1:] + ".", ""]
     lat = report["latency"]

@@ -27,6 +27,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,7 +36,7 @@ from edgec.models.llama import _rotate_half
 from edgec.runtimes.freekv import DENSE_FILE, GRAPH_FILE, METADATA_KEY, FreeKVConfig
 
 __all__ = ["FixedBufferDecoder", "FreeKVDecoder", "build_freekv_graph", "build_dense_graph",
-           "export_fixed_buffer_decoder"]
+           "export_fixed_buffer_decoder", "verify_freekv_graph"]
 
 _STATE = ("key", "value", "kmin", "kmax", "prev_query", "prev_pages")
 
@@ -259,15 +260,60 @@ def _module(module_or_source, config_name: str | None) -> nn.Module:
 
 
 def build_freekv_graph(module_or_source, info, config: FreeKVConfig | str, out_dir,
-                       model_config: str | None = None) -> str:
+                       model_config: str | None = None, verify_on: str | None = None,
+                       runtime_config=None) -> str | tuple[str, dict]:
     """Write the FreeKV decode graph into the artifact directory ``out_dir``; returns its path
     relative to it (the manifest's ``kv_retrieval.model``). ``info``: the artifact's
-    ``DecoderInfo`` (checked against the module)."""
+    ``DecoderInfo`` (checked against the module). With ``verify_on`` (a runtime name): (the
+    path, ``verify_freekv_graph``'s fidelity on that runtime)."""
     model = _module(module_or_source, model_config)
     decoder = FreeKVDecoder(model, FreeKVConfig.parse(config))
     _check_info(model, info)
-    export_fixed_buffer_decoder(decoder, Path(out_dir) / GRAPH_FILE)
-    return GRAPH_FILE
+    path = export_fixed_buffer_decoder(decoder, Path(out_dir) / GRAPH_FILE)
+    if verify_on is None:
+        return GRAPH_FILE
+    return GRAPH_FILE, verify_freekv_graph(model, info, path, verify_on, runtime_config)
+
+
+def verify_freekv_graph(model: nn.Module, info, graph, runtime: str, runtime_config=None,
+                        steps: int = 3) -> dict:
+    """The FreeKV graph on ``runtime`` against the PyTorch model, where FreeKV is full attention
+    (the context within the budget): two prompts, the second left-padded by a length that is no
+    multiple of the page, long enough that the sink, retrieved pages and the recent window all
+    hold tokens; ``steps`` tokens decoded teacher-forced, each step's logits against
+    ``forward_cached`` over the whole sequence. Raises VerificationError past ``TARGET_RTOL``;
+    returns a fidelity entry as the compile's other graphs have."""
+    from edgec.exporters.verify import assert_close, compare_outputs
+    from edgec.fidelity import TARGET_RTOL
+    from edgec.runtimes.freekv import FreeKVCache, graph_config
+
+    cfg, m = graph_config(graph), model.cfg
+    prompt = min(cfg.sink + cfg.recent + cfg.page + cfg.page // 2 + 1, cfg.budget - steps)
+    pad, total = cfg.page // 2 + 1, prompt + steps
+    ids = torch.randint(0, m.vocab, (2, total), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, total, dtype=torch.int64)
+    mask[1, :pad] = 0
+    positions = torch.where(mask == 0, 1, mask.cumsum(1) - 1)  # as the generation loop's
+    empty = torch.zeros(2, m.kv_heads, 0, m.head_dim)
+    past = [(empty, empty)] * m.layers
+    with torch.no_grad():
+        want, _ = model.forward_cached(ids, mask, positions, past)
+        _, presents = model.forward_cached(ids[:, :prompt], mask[:, :prompt],
+                                           positions[:, :prompt], past)
+    cache = FreeKVCache(None, graph, info, cfg, 2, runtime=runtime,
+                        runtime_config=runtime_config)
+    cache.load([(k.numpy(), v.numpy()) for k, v in presents], start=[0, pad])
+    ids, mask, positions = ids.numpy(), mask.numpy(), positions.numpy()
+    got = [cache.step(ids[:, t:t + 1], mask[:, :t + 1], positions[:, t:t + 1])[:, -1]
+           for t in range(prompt, total)]
+    errors = compare_outputs({"logits": np.stack(got, 1)},
+                             {"logits": want[:, prompt:].numpy()})
+    name = "onnxruntime" if runtime in ("ort", "onnxruntime") else runtime
+    assert_close(errors, TARGET_RTOL, f"{GRAPH_FILE} on {name} vs PyTorch")
+    return {"reference": "pytorch", "runtime": name, "rtol": TARGET_RTOL,
+            "approximate": False, "outputs": errors,
+            "check": (f"{steps} decode steps after a {prompt}-token prompt (a second row "
+                      f"left-padded by {pad}), within the budget: full attention")}
 
 
 def build_dense_graph(module_or_source, info, out_dir, model_config: str | None = None) -> str:

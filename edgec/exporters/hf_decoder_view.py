@@ -67,8 +67,16 @@ class HFDecoderView(nn.Module):
                              persistent=False)
         self.rope_scale = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
 
-    def forward_cached(self, *args, **kwargs):  # the interface marker FixedBufferDecoder checks
-        raise NotImplementedError("the view serves the fixed-buffer decode graphs only")
+        object.__setattr__(self, "_causal_lm", model)  # not a submodule: no second weight names
+
+    def forward_cached(self, input_ids, attention_mask, position_ids, past):
+        """The checkpoint's own forward (transformers), as the reference's: (logits, [(key,
+        value) per layer]); what the compile checks the FreeKV graph against."""
+        from edgec.exporters.decoder import _HFDecoder
+
+        out = _HFDecoder(self._causal_lm, self.cfg.layers)(
+            input_ids, attention_mask, position_ids, tuple(t for kv in past for t in kv))
+        return out[0], list(zip(out[1::2], out[2::2]))
 
 
 def view_hf_decoder(path) -> HFDecoderView:

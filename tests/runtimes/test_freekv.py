@@ -139,6 +139,22 @@ def test_parse_kv_retrieval():
         parse_kv_retrieval({"method": "quest"})
 
 
+def test_verify_freekv_graph_holds_the_graph_to_its_model(decoder):
+    """The compile's check of freekv.onnx: equal to PyTorch within the budget, and a graph of
+    other weights fails it."""
+    from edgec.errors import VerificationError
+    from edgec.exporters.freekv_decoder import verify_freekv_graph
+
+    session, info, graph = decoder
+    entry = verify_freekv_graph(session.model, info, graph, "ort")
+    assert entry["outputs"]["logits"]["shape"] == [2, 3, info.vocab] and entry["rtol"] == 1e-5
+    assert entry["check"].startswith("3 decode steps after a 19-token prompt")
+    torch.manual_seed(1)
+    other = Llama(session.model.cfg).eval()
+    with pytest.raises(VerificationError, match="freekv.onnx on onnxruntime vs PyTorch"):
+        verify_freekv_graph(other, info, graph, "ort")
+
+
 def test_graph_layout_is_checked(decoder):
     session, info, graph = decoder
     with pytest.raises(UserError, match="only tau can change"):
@@ -155,6 +171,14 @@ def test_compile_with_kv_retrieval_generates_with_freekv(tmp_path):
                         generate=True, kv_retrieval="freekv:budget=64,page=8,sink=8,recent=16")
     entry = art.manifest["kv_retrieval"]
     assert entry["model"] == "freekv.onnx" and entry["budget"] == 64
+    # the report names FreeKV and checks its graph against PyTorch (it listed file sizes only)
+    checked = art.report["fidelity"]["freekv_graph_vs_source"]
+    assert checked["runtime"] == "openvino" and checked["reference"] == "pytorch"
+    assert checked["outputs"]["logits"]["max_rel"] <= 1e-5
+    markdown = (art.path / "report.md").read_text()
+    assert ("FreeKV (freekv.onnx): per KV head and step 64 cached tokens at most: sink 8 + 5 "
+            "retrieved pages of 8 + recent 16; tau 0.8") in markdown
+    assert "## FreeKV graph fidelity (openvino vs pytorch)" in markdown
     assert "freekv.onnx" in art.manifest["hashes"]
     from edgec.inspect import describe  # `edgec inspect` said nothing of FreeKV before
 
