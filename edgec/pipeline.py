@@ -818,17 +818,17 @@ def _vision_graphs(source, recipe: Recipe, stage: Path, step: Progress
 
 
 def _ship_checkpoint_files(src, stage: Path) -> str | None:
-    """A decoder's tokenizer (and, from an HF checkpoint, its config beside model.onnx, so the
-    artifact loads in optimum): from the checkpoint directory, or the directory of a decoder
-    .onnx. Returns the tokenizer's directory in the artifact, or None."""
+    """A decoder's tokenizer and its config beside model.onnx (so the artifact loads in
+    optimum, and the target build sees a sliding window): from the checkpoint directory, or
+    the directory of a decoder .onnx. Returns the tokenizer's directory in the artifact, or
+    None."""
     from edgec.runtimes.tokenizer import ship_model_config, ship_tokenizer
 
     where = src.info.get("path")
     if where is None:
         return None
     checkpoint = Path(where) if src.kind == "hf" else Path(where).parent
-    if src.kind == "hf":
-        ship_model_config(checkpoint, stage)
+    ship_model_config(checkpoint, stage)
     return ship_tokenizer(checkpoint, stage)
 
 

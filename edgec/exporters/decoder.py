@@ -129,10 +129,12 @@ class _HFDecoder(_Decoder):
     def forward(self, input_ids, attention_mask, position_ids, past_key_values):
         from transformers import DynamicCache
 
-        try:
-            cache = DynamicCache(config=self.model.config)
-        except TypeError:  # transformers < 4.56 takes no config
-            cache = DynamicCache()
+        # full-length layers for every model, sliding-window ones included: given the config,
+        # transformers makes sliding layers that keep only the last window - 1 tokens and count
+        # only those, so each present.* lost the older tokens the graph's attention_mask
+        # [B, P+S] still has columns for, and the window mask read the wrong columns of a
+        # left-padded row; the mask applies the window over the whole cache instead
+        cache = DynamicCache()
         for i, (k, v) in enumerate(self._pairs(past_key_values)):
             cache.update(k, v, i)
         # transformers 5.x names the argument ``cache`` (``past_key_values`` before)
@@ -410,6 +412,15 @@ def checkpoint_meta(directory) -> dict[str, Any]:
             continue
         meta.update({k: v for k, v in d.items() if v is not None})
     return meta
+
+
+def has_sliding_window(meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's config (``checkpoint_meta``) gives some layers sliding-window
+    attention (Mistral, Gemma 2/3, ...; a Qwen2 with ``use_sliding_window`` false has none)."""
+    types = meta.get("layer_types")
+    if types:
+        return "sliding_attention" in types
+    return bool(meta.get("sliding_window")) and meta.get("use_sliding_window") is not False
 
 
 def _first(value) -> int | None:

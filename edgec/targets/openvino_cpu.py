@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from edgec.errors import InternalError, UserError
+from edgec.exporters.decoder import checkpoint_meta, has_sliding_window
 from edgec.runtimes.openvino_paged import BLOCK_SIZE, paged_model
 from edgec.targets.base import BuildResult, QuantScheme, Target
 from edgec.targets.openvino_int64 import int64_in_32_bits
@@ -99,6 +100,10 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
         outputs = {o.get_any_name() for o in ov_model.outputs}
         if "attention_scores" in outputs:  # read from the full cache, which paging replaces
             paged, why = None, "the decoder outputs attention_scores over its whole cache"
+        elif has_sliding_window(checkpoint_meta(model_path.parent)):
+            # the transformation drops the graph's mask, window included: paged attention
+            # attended over the whole cache (Mistral sliding_window 8: other tokens than HF)
+            paged, why = None, "its sliding-window attention would attend over the whole cache"
         else:
             paged, why = paged_model(ov_model.clone(), len(pairs) // 2, kv_heads, head_dim)
         if paged is not None:

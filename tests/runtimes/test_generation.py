@@ -134,6 +134,57 @@ def test_left_padded_batch_decodes_as_each_prompt_alone(artifacts, target):
                                                              eos_token_id=[])[0])
 
 
+@pytest.fixture(scope="module")
+def sliding(tmp_path_factory):
+    """A Mistral whose sliding window (4) is shorter than the prompts, compiled for ort-cpu."""
+    root = tmp_path_factory.mktemp("sliding")
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(transformers.MistralConfig(
+        **HF, sliding_window=4)).eval()
+    model.save_pretrained(root / "mistral")
+    art = edgec.compile(str(root / "mistral"), target="ort-cpu", output_dir=root / "out",
+                        generate=True, config="batch=1,seq=8")
+    ov = edgec.compile(str(art.path / "model.onnx"), target="openvino-cpu",
+                       output_dir=root / "ov", generate=True)
+    return model, {"ort-cpu": art, "openvino-cpu": ov}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sliding_window_left_padded_batch_matches_hf_and_each_prompt_alone(sliding, target):
+    # the decoder built transformers' sliding cache layers: each present.* kept only the last
+    # window - 1 tokens and the window mask read the wrong columns of a left-padded row; and
+    # OpenVINO's paged form attends over the whole cache (no window): generate stays stateful
+    model, arts = sliding
+    sess = arts[target].load()
+    if target == "openvino-cpu":
+        assert "paged" not in arts[target].manifest["runtime"]["stateful"]
+    a, b = np.array([1, 5, 9, 13, 17, 21, 25, 29]), np.array([1, 30, 31, 40, 7])
+    batch = np.array([a, np.r_[[0] * 3, b]])
+    mask = np.array([[1] * 8, [0] * 3 + [1] * 5])
+    both = sess.generate(batch, mask, max_new_tokens=12, eos_token_id=[])
+    with torch.no_grad():
+        hf = model.generate(torch.as_tensor(batch), attention_mask=torch.as_tensor(mask),
+                            max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                            pad_token_id=0).numpy()
+    np.testing.assert_array_equal(both, hf)
+    np.testing.assert_array_equal(both[1, 3:], sess.generate(b, max_new_tokens=12,
+                                                             eos_token_id=[])[0])
+    # a decode step as documented: attention_mask [B, P + S] over the whole cache
+    info = sess.decoder_info
+    positions = np.maximum(mask.cumsum(1) - 1, 0)
+    out = sess.run({"input_ids": batch, "attention_mask": mask, "position_ids": positions,
+                    **{n: np.zeros((2, info.kv_heads, 0, info.head_dim), np.float32)
+                       for n in info.past_names}})
+    step = sess.run({"input_ids": both[:, 8:9], "attention_mask": np.c_[mask, [1, 1]],
+                     "position_ids": positions[:, -1:] + 1,
+                     **{p: out[q] for p, q in zip(info.past_names, info.present_names)}})
+    with torch.no_grad():
+        ref = model(torch.as_tensor(both[:, :9]), attention_mask=torch.as_tensor(
+            np.c_[mask, [1, 1]]), position_ids=torch.as_tensor(np.c_[positions, positions[:, -1:]
+                                                                   + 1])).logits[:, -1].numpy()
+    np.testing.assert_allclose(step["logits"][:, -1], ref, atol=1e-4)
+
+
 def test_checkpoint_generation_config_is_followed_as_hf_generate(artifacts, checkpoints,
                                                                  monkeypatch):
     # the checkpoint's repetition_penalty went unread (silently other tokens than HF's), and
