@@ -216,6 +216,10 @@ def hf_decoder(model: torch.nn.Module, path) -> tuple[_Decoder, DecoderInfo]:
                         f"(LlamaForCausalLM, Qwen2ForCausalLM, ...), not {type(model).__name__}")
     if getattr(cfg, "is_encoder_decoder", False):
         raise UserError(f"{path}: encoder-decoder models are not supported by --generate")
+    if getattr(cfg, "num_attention_heads", None) is None:
+        raise UserError(f"{path}: {type(model).__name__} has no attention KV cache (a "
+                        "state-space model); --generate exports attention decoders "
+                        "(LlamaForCausalLM, Qwen2ForCausalLM, ...) only")
     heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     gen = getattr(model, "generation_config", None)

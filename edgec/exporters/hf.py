@@ -153,12 +153,34 @@ def load_hf(path: Path, config: str | None = None) -> tuple[Any, tuple, dict, li
     mask = torch.ones_like(ids)
     mask[:, opts["seq"] - opts["seq"] // 4:] = 0
     output = "logits" if hasattr(model, "lm_head") or "For" in (arch or "") else "last_hidden_state"
-    wrapper = hf_wrapper(model, output)
+    outputs = [output] if hasattr(model, "lm_head") else _output_names(path, model, arch, ids,
+                                                                          mask, output)
+    wrapper = hf_wrapper(model, outputs)
     dims = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     info = hf_source_info(path, cfg, arch, opts)
     if limit is not None:
         info["max_positions"] = limit
-    return wrapper, (ids, mask), dims, [output], info
+    return wrapper, (ids, mask), dims, outputs, info
+
+
+def _output_names(path: Path, model, arch: str | None, ids, mask, output: str) -> list[str]:
+    """``[output]`` when the model returns it, else every tensor field it returns (a head
+    without ``logits``: BertForQuestionAnswering's start_logits and end_logits,
+    BertForPreTraining's prediction_logits and seq_relationship_logits)."""
+    import torch
+
+    from edgec.exporters.outputs import output_keys
+
+    kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) else {}
+    with torch.no_grad():
+        keys = output_keys(model(input_ids=ids, attention_mask=mask, return_dict=True, **kwargs))
+    if keys and output in keys:
+        return [output]
+    if keys:
+        return keys
+    raise UserError(f"{path}: {arch or type(model).__name__} returns no tensors named like a "
+                    f"model output ({output}); load it in Python and give "
+                    "edgec.compile(module, example_inputs=...) instead")
 
 
 def max_positions(cfg, model=None) -> int | None:
@@ -192,6 +214,11 @@ def _check_text_model(path: Path, model, arch: str | None) -> None:
     import inspect
 
     args = inspect.signature(model.forward).parameters
+    if type(model).__name__.endswith("ForMultipleChoice"):
+        raise UserError(f"{path}: {arch or type(model).__name__} takes input_ids [batch, "
+                        "choices, seq], not the [batch, seq] edgec gives a checkpoint directory; "
+                        "load it in Python and give edgec.compile(module, example_inputs=...) "
+                        "instead")
     if ({"input_ids", "attention_mask"} <= set(args) and "decoder_input_ids" not in args
             and isinstance(getattr(model.config, "vocab_size", None), int)):
         return
@@ -202,11 +229,18 @@ def _check_text_model(path: Path, model, arch: str | None) -> None:
                     "it in Python and give edgec.compile(module, example_inputs=...) instead")
 
 
-def hf_wrapper(model, output: str):
-    """``forward(input_ids, attention_mask) -> <output>`` around a transformers model."""
+def hf_wrapper(model, output: str | list[str]):
+    """``forward(input_ids, attention_mask) -> <output>`` around a transformers model (a tuple
+    of those fields for several names)."""
     import torch
 
     class HFWrapper(torch.nn.Module):
+        # a checkpoint's batch and seq are exported dynamic: the user declared neither
+        fixed_dim_remedy = (f"{type(model).__name__} does not export with a dynamic batch and "
+                            "sequence length, as edgec exports checkpoint directories; load it "
+                            "in Python and give edgec.compile(model, example_inputs=..., "
+                            "dynamic_shapes=...) with that dim left out")
+
         def __init__(self):
             super().__init__()
             self.hf = model  # parameter names: "hf." + the checkpoint's own
@@ -215,7 +249,10 @@ def hf_wrapper(model, output: str):
             kwargs = {"use_cache": False} if getattr(model.config, "use_cache", None) else {}
             out = self.hf(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
                           **kwargs)
-            return getattr(out, output)
+            if isinstance(output, str):
+                return getattr(out, output)
+            fields = tuple(getattr(out, name) for name in output)
+            return fields[0] if len(fields) == 1 else fields
 
     return HFWrapper()
 

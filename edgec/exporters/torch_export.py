@@ -171,7 +171,8 @@ def export_module(
     except Exception as e:
         if os.environ.get("EDGEC_DEBUG"):
             sys.stderr.write(said.getvalue())
-        raise _classify_export_error(type(module).__name__, e) from e
+        raise _classify_export_error(type(module).__name__, e,
+                                     getattr(module, "fixed_dim_remedy", None)) from e
     model = program.model
     from edgec import __version__
 
@@ -411,13 +412,16 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(e).__name__
 
 
-def _classify_export_error(name: str, e: Exception) -> Exception:
+def _classify_export_error(name: str, e: Exception, fixed_dim_remedy: str | None = None
+                           ) -> Exception:
     """What a failed ``torch.onnx.export`` means for the user: UserError or InternalError.
 
     The model's fault: torch.export cannot capture it (``TorchExportError``), it uses an operator
     with no ONNX translation (``DispatchError``), or the operator's translation declares this use
     unsupported (``NotImplementedError`` under ``GraphConstructionError``). Anything else is a
     fault of the exporter (or of how edgec drives it) that the user cannot fix by changing input.
+    ``fixed_dim_remedy``: what to do about a dim forward fixes, where the module's own
+    dynamic dims are not the user's (a checkpoint's wrapper: the CLI declares them).
     """
     capture, dispatch, construction = _exporter_error_types()
     chain = _chain(e)
@@ -426,9 +430,11 @@ def _classify_export_error(name: str, e: Exception) -> Exception:
                        r"\.shape\[\d+\])", _ANSI.sub("", str(root)))
     if static:  # a dim declared dynamic that forward ties to a constant size
         return UserError(
-            f"{name}.forward fixes {static[2]} to {static[1]}, which dynamic_shapes declares "
-            "dynamic (forward combines it with a tensor of a constant size); drop that dim "
-            "from dynamic_shapes, or size that tensor from the input (e.g. x.new_ones(...))")
+            f"{name}.forward fixes {static[2]} to {static[1]}" + (
+                "" if fixed_dim_remedy else ", which dynamic_shapes declares dynamic") +
+            " (forward combines it with a tensor of a constant size); " + (
+                fixed_dim_remedy or "drop that dim from dynamic_shapes, or size that tensor "
+                "from the input (e.g. x.new_ones(...))"))
     if any(isinstance(c, capture) for c in chain):
         where = re.search(r'File "([^"]+)", line (\d+), in (\w+)', str(root))
         at = f" (at {where[1]}:{where[2]}, in {where[3]})" if where else ""

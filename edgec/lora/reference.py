@@ -209,4 +209,4 @@ def _checkpoint_module(src) -> tuple[Any, str, Any]:
 
         wrapped, info = hf_decoder(model, path)
         return wrapped, "model", info
-    return hf_wrapper(model, src.info["output_names"][0]), "hf", None
+    return hf_wrapper(model, list(src.info["output_names"])), "hf", None

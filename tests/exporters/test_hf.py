@@ -243,10 +243,48 @@ def test_models_edgec_cannot_wrap_are_refused(tmp_path, checkpoints):
                        ("t5", "T5ForConditionalGeneration is an encoder-decoder")):
         with pytest.raises(UserError, match=f"{what}; .*input_ids/attention_mask.*example_inputs"):
             edgec.compile(str(tmp_path / name), target="ort-cpu", output_dir=tmp_path / "o")
+    # [batch, choices, seq] inputs: a RuntimeError of a view
+    transformers.BertForMultipleChoice(transformers.BertConfig(**SMALL)).save_pretrained(
+        tmp_path / "mc")
+    with pytest.raises(UserError, match=r"BertForMultipleChoice takes input_ids \[batch, "
+                                        r"choices, seq\].*example_inputs"):
+        edgec.compile(str(tmp_path / "mc"), target="ort-cpu", output_dir=tmp_path / "o")
     with pytest.raises(UserError, match=r"seq=600 is longer than the model's 512 positions"):
         edgec.compile(str(checkpoints / "bert"), target="ort-cpu", output_dir=tmp_path / "o",
                       config="seq=600")
     assert not (tmp_path / "o").exists()
+
+
+def test_heads_without_logits_export_their_own_outputs(tmp_path):
+    """Any "For" architecture was exported as .logits: BertForQuestionAnswering and
+    BertForPreTraining were internal AttributeErrors."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.BertForQuestionAnswering(transformers.BertConfig(**SMALL)).eval()
+    model.save_pretrained(tmp_path / "qa")
+    art = edgec.compile(str(tmp_path / "qa"), target="ort-cpu", output_dir=tmp_path / "o",
+                        config="seq=8")
+    assert [o["name"] for o in art.manifest["outputs"]] == ["start_logits", "end_logits"]
+    ids = np.arange(1, 9)[None]
+    out = art.load().run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    with torch.no_grad():
+        ref = model(torch.as_tensor(ids), attention_mask=torch.ones(1, 8, dtype=torch.long))
+    np.testing.assert_allclose(out["end_logits"], ref.end_logits.numpy(), atol=1e-5)
+
+
+def test_a_dim_a_checkpoint_fixes_is_refused_without_naming_dynamic_shapes(tmp_path):
+    """Mamba's forward fixes seq; the message told a CLI user to drop a dim from the
+    dynamic_shapes they never gave."""
+    transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4)).save_pretrained(
+        tmp_path / "mamba")
+    with pytest.raises(UserError, match="MambaForCausalLM does not export with a dynamic batch "
+                                        "and sequence length") as e:
+        edgec.compile(str(tmp_path / "mamba"), target="ort-cpu", output_dir=tmp_path / "o",
+                      config="seq=8")
+    assert "declares dynamic" not in str(e.value)
 
 
 def test_positions_after_a_padding_row_bound_seq_by_that_many_fewer():

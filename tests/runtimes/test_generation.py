@@ -557,6 +557,17 @@ def test_generate_names_the_supported_architectures(tmp_path):
     assert "not GPT2LMHeadModel" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_generate_refuses_a_state_space_model_in_one_line(tmp_path):
+    """MambaForCausalLM was an internal error (no num_attention_heads in its config)."""
+    transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4)).save_pretrained(
+        tmp_path / "mamba")
+    r = CliRunner().invoke(app, ["compile", str(tmp_path / "mamba"), "--target", "ort-cpu",
+                                 "-o", str(tmp_path / "out"), "--generate"])
+    assert r.exit_code == 2, r.output
+    assert "MambaForCausalLM has no attention KV cache (a state-space model)" in r.stderr
+
+
 def test_tensorrt_decoder_gets_prefill_and_decode_profiles(artifacts, tmp_path):
     """No GPU here: the engine is not built, but its profiles are, and the runtime's choice."""
     from edgec.runtimes.tensorrt import decode_profile
