@@ -196,8 +196,9 @@ def _tensor(i: int, x):
 
 def _bound(module, x) -> tuple[Any, tuple]:
     """The module to export and ``example_inputs`` as its forward's positional arguments: a
-    dict is bound by name, a keyword-only argument of forward too (the module then wrapped by
-    ``_keyword_call`` in one whose forward takes it positionally, under its own name)."""
+    dict is bound by name, a keyword-only argument of forward too, and an argument after one
+    left out that has a default (the module then wrapped by ``_keyword_call`` in one whose
+    forward takes it positionally, under its own name)."""
     if isinstance(x, Mapping):
         import inspect
 
@@ -214,15 +215,20 @@ def _bound(module, x) -> tuple[Any, tuple]:
         given = [k for k in x if k in names]
         used = names[:max(names.index(k) for k in given) + 1] if given else []
         gap = [n for n in used if n not in x]
-        if gap:
-            raise UserError(f"example_inputs gives no {gap[0]!r}, which forward takes before "
-                            f"{used[-1]!r}; give every argument up to the last one given")
+        defaults = {p.name: p.default is not p.empty for p in params}
+        needed = [n for n in gap if not defaults.get(n)]
+        if needed:
+            raise UserError(f"example_inputs gives no {needed[0]!r}, which forward takes "
+                            f"before {used[-1]!r} and has no default for; give it too")
         required = [p.name for p in params
                     if p.kind == p.KEYWORD_ONLY and p.default is p.empty and p.name not in x]
         kw = [k for k in keywords if k in x]
         if required:
             raise UserError(f"example_inputs gives no {required[0]!r}, a keyword-only argument "
                             f"{type(module).__name__}.forward requires; give it too")
+        if gap:  # a defaulted argument left out: the ones after it go by name
+            kw = [n for n in used[used.index(gap[0]):] if n in x] + kw
+            used = used[:used.index(gap[0])]
         if kw:
             return _keyword_call(module, used, kw), tuple(x[n] for n in used + kw)
         return module, tuple(x[n] for n in used)
@@ -230,8 +236,9 @@ def _bound(module, x) -> tuple[Any, tuple]:
 
 
 def _keyword_call(module, positional: list[str], keywords: list[str]):
-    """``module`` behind a forward that takes its keyword-only ``keywords`` positionally after
-    ``positional``, each under its own name (the ONNX inputs' and dynamic_shapes' names)."""
+    """``module`` behind a forward that takes ``keywords`` (keyword-only arguments, or ones
+    after a defaulted argument left out) positionally after ``positional``, passing them by
+    name, each under its own name (the ONNX inputs' and dynamic_shapes' names)."""
     import torch
 
     params = ", ".join(positional + keywords)  # forward's own argument names: identifiers

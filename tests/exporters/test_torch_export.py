@@ -166,7 +166,8 @@ def test_dict_example_inputs_bind_by_name(tmp_path):
     with pytest.raises(UserError, match=r"names 'c', which is not a forward argument .*a, b"):
         edgec.compile(_AMinus2B(), target="ort-cpu", output_dir=tmp_path / "c",
                       example_inputs={"a": ones, "c": ones})
-    with pytest.raises(UserError, match="gives no 'a'"):
+    with pytest.raises(UserError, match="gives no 'a', which forward takes before 'b' and has "
+                                        "no default for"):
         edgec.compile(_AMinus2B(), target="ort-cpu", output_dir=tmp_path / "g",
                       example_inputs={"b": ones})
 
@@ -200,6 +201,25 @@ def test_keyword_only_arguments_are_inputs_by_name(tmp_path):
                                         "_KwOnly.forward requires"):
         edgec.compile(module, target="ort-cpu", output_dir=tmp_path / "n",
                       example_inputs={"x": x})
+
+
+def test_arguments_after_a_defaulted_one_left_out_bind_by_name(tmp_path):
+    """GPT2LMHeadModel with {"input_ids", "attention_mask"} was refused: forward takes the
+    cache, which has a default, before attention_mask."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    ids = torch.randint(0, 32, (1, 6))
+    mask = torch.ones_like(ids)
+    mask[:, 4:] = 0  # right padding: a left-padded query row attends to nothing
+    art = edgec.compile(model, target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs={"input_ids": ids, "attention_mask": mask})
+    assert [i["name"] for i in art.manifest["inputs"]] == ["input_ids", "attention_mask"]
+    got = art.load().run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.numpy()
+    np.testing.assert_allclose(got["logits"], ref, atol=1e-5)
 
 
 def test_options_a_source_does_not_take_are_refused(tmp_path, tiny_mlp):
