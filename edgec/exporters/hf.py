@@ -222,8 +222,16 @@ def _check_text_model(path: Path, model, arch: str | None) -> None:
     if ({"input_ids", "attention_mask"} <= set(args) and "decoder_input_ids" not in args
             and isinstance(getattr(model.config, "vocab_size", None), int)):
         return
-    what = ("an encoder-decoder" if "decoder_input_ids" in args
-            else f"a model taking {', '.join(list(args)[:2])}")
+    towers = [k for k, v in vars(model.config).items()
+              if k.endswith("_config") and hasattr(v, "to_dict")]
+    if "decoder_input_ids" in args:
+        what = "an encoder-decoder"
+    elif not {"input_ids", "attention_mask"} <= set(args):
+        what = f"a model taking {', '.join(list(args)[:2])}"
+    elif towers:  # CLIP, SigLIP, ...: input_ids and attention_mask for one of the towers
+        what = f"a model of several towers ({', '.join(towers)}), not one text model"
+    else:
+        what = "a text model without a vocab_size in its config.json"
     raise UserError(f"{path}: {arch or type(model).__name__} is {what}; edgec compiles Hugging "
                     "Face directories of text models taking input_ids/attention_mask only: load "
                     "it in Python and give edgec.compile(module, example_inputs=...) instead")

@@ -243,6 +243,16 @@ def test_models_edgec_cannot_wrap_are_refused(tmp_path, checkpoints):
                        ("t5", "T5ForConditionalGeneration is an encoder-decoder")):
         with pytest.raises(UserError, match=f"{what}; .*input_ids/attention_mask.*example_inputs"):
             edgec.compile(str(tmp_path / name), target="ort-cpu", output_dir=tmp_path / "o")
+    # it takes attention_mask too: the refusal said "taking input_ids, pixel_values"
+    transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=128, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32),
+        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=32, image_size=16, patch_size=8))).save_pretrained(
+        tmp_path / "clip")
+    with pytest.raises(UserError, match=r"CLIPModel is a model of several towers \(text_config, "
+                                        r"vision_config\), not one text model; "):
+        edgec.compile(str(tmp_path / "clip"), target="ort-cpu", output_dir=tmp_path / "o")
     # [batch, choices, seq] inputs: a RuntimeError of a view
     transformers.BertForMultipleChoice(transformers.BertConfig(**SMALL)).save_pretrained(
         tmp_path / "mc")
