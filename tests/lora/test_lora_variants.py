@@ -365,3 +365,21 @@ def test_modules_to_save_on_a_tied_table_replace_that_module_alone(saved, tmp_pa
     assert result.stats["parameters_replaced"] == 1
     got = run_model(result.model, src.feeds)["logits"]
     assert lora_helpers.max_rel(got, ref) <= RTOL
+
+
+def test_a_swappable_lora_on_a_tied_head_is_refused_by_name(tmp_path):
+    """PEFT's merge writes a tied head's ΔW into the one table the embedding reads too; a
+    swappable branch adds it at the head alone, so the compile failed its check against PEFT
+    (cosine 0.86) with nothing saying why. Refused before any branch is built."""
+    from edgec.exporters.sources import resolve_source
+    from edgec.graph_passes.lora.swappable import LoraSwappablePass
+    from edgec.models import registry
+
+    src = resolve_source("llama", "tiny+tied")
+    pm = _peft(registry.get("llama").build("tiny+tied"), 6, target_modules=["q_proj", "lm_head"],
+               r=2, lora_alpha=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(tmp_path / "a"))
+    with pytest.raises(UserError, match=r"lm_head is tied to embed_tokens.*--lora-mode merge"):
+        LoraSwappablePass([read_adapter(tmp_path / "a")], src.parameter_map)(src.model)

@@ -56,6 +56,13 @@ class LoraSwappablePass(EdgecPass):
         for adapter in self.adapters:
             unswappable(adapter)
             for mod, t in resolve_targets(adapter, self.parameter_map, model).items():
+                tied = self.parameter_map.get(t.parameter, {}).get("tied")
+                if tied and adapter.modules[mod].rank:  # PEFT merges ΔW into the one shared
+                    # table, so the embedding changes too; a branch at one reader cannot
+                    raise UserError(f"adapter {adapter.name}: module {mod} is tied to "
+                                    f"{tied[0]} (one weight in PyTorch), and PEFT's merge "
+                                    "changes both; a swappable branch adapts only one of "
+                                    "them: use --lora-mode merge")
                 targets[mod] = t
                 lm = adapter.modules[mod]
                 blend[mod] = blend.get(mod, 0) + lm.rank
