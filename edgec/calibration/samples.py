@@ -200,9 +200,27 @@ def _specs(src) -> list:
     return [IOSpec(k, v.shape, v.dtype.name) for k, v in src.feeds.items()]
 
 
+def _graph_specs(src) -> list:
+    """The source's inputs as specs with its graph's dims: a dynamic dim by its label (any size
+    fits), not the example's size (a dynamic-H/W .onnx's example is 1x1: 32x32 images were
+    refused as "the model wants (1, 3, 1, 1)"); typed as its example feeds."""
+    from edgec.onnx_io import dim_label
+    from edgec.runtimes.base import IOSpec
+
+    graph = {v.name: v for v in src.model.graph.inputs}
+    specs = []
+    for k, v in src.feeds.items():
+        value = graph.get(k)
+        dims = v.shape if value is None or value.shape is None or len(value.shape) != v.ndim \
+            else tuple(dim_label(d) for d in value.shape.dims)
+        specs.append(IOSpec(k, dims, v.dtype.name))
+    return specs
+
+
 def source_samples_from_npz(path: str | os.PathLike, src) -> list[dict[str, np.ndarray]]:
-    """A user's .npz of samples for ``src`` (``samples_from_npz`` against its inputs)."""
-    return samples_from_npz(path, _specs(src))
+    """A user's .npz of samples for ``src`` (``samples_from_npz`` against its inputs: the
+    graph's static dims must match, its dynamic ones take any size)."""
+    return samples_from_npz(path, _graph_specs(src))
 
 
 def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:

@@ -120,3 +120,62 @@ def test_denoiser_samples_span_the_sampler_timesteps(name):
     assert calibration.max() == pytest.approx(first) and calibration.min() <= last
     assert any((s == np.float32(first)).all() for s in held)
     assert any((s <= last).all() and (s == s.min()).all() for s in held)
+
+
+class _Conv(__import__("torch").nn.Module):
+    def __init__(self):
+        import torch
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.c1(x).relu())
+
+
+def _cosine(a, b):
+    a, b = a.ravel(), b.ravel()
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("source", ["onnx", "module"])
+def test_calibration_samples_take_any_size_in_dynamic_dims(tmp_path, source):
+    """A calibration .npz is checked against the graph's static dims only: it was checked
+    against the example's, so a dynamic-H/W .onnx (its example 1x1) refused 32x32 images as
+    "the model wants (1, 3, 1, 1)", and a module exported with a dynamic batch of 2 refused
+    samples of batch 1. The held-out floor runs on the same samples; a wrong channel count
+    is still refused in one line."""
+    import torch
+
+    import edgec
+
+    module = _Conv().eval()
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((20, 1, 3, 20, 24)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=data)
+    if source == "onnx":
+        model = tmp_path / "m.onnx"
+        torch.onnx.export(module, (torch.randn(1, 3, 8, 8),), model, dynamo=False,
+                          input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "b", 2: "h", 3: "w"}})
+        kw = {"source": str(model)}
+    else:
+        kw = {"source": module, "example_inputs": (torch.randn(2, 3, 8, 8),),
+              "dynamic_shapes": {"x": {0: "batch", 2: "h", 3: "w"}}}
+    art = edgec.compile(**kw, target="ort-cpu", output_dir=tmp_path / "o", quantize="w8a8",
+                        calibration=tmp_path / "d.npz")
+    session = edgec.load(tmp_path / "o")
+    out = next(iter(session.run({"x": data[-1]}).values()))
+    with torch.no_grad():
+        ref = module(torch.from_numpy(data[-1])).numpy()
+    assert out.shape == ref.shape and _cosine(out, ref) > 0.99
+    assert art.manifest["quantization"]["calibration"]["samples"] == 16  # 4 held out
+    floor = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
+        "mixed_precision"]
+    assert floor["held_out_source"] == "data" and floor["reached"]
+    np.savez(tmp_path / "bad.npz", x=data[:, :, :2])
+    with pytest.raises(UserError, match=r"'x' samples have shape \(1, 2, 20, 24\)") as e:
+        edgec.compile(**kw, target="ort-cpu", output_dir=tmp_path / "o2", quantize="w8a8",
+                      calibration=tmp_path / "bad.npz")
+    assert "\n" not in str(e.value)
