@@ -179,3 +179,22 @@ def test_calibration_samples_take_any_size_in_dynamic_dims(tmp_path, source):
         edgec.compile(**kw, target="ort-cpu", output_dir=tmp_path / "o2", quantize="w8a8",
                       calibration=tmp_path / "bad.npz")
     assert "\n" not in str(e.value)
+
+
+def test_generated_samples_say_an_onnx_dynamic_dim_is_1(tmp_path):
+    """An .onnx source's example sets its dynamic dims to 1, so without a user's .npz a
+    dynamic-H/W model was calibrated on 1x1 images (w8a16 cosine 0.55 on 32x32) and the report
+    said only "random feeds"."""
+    import torch
+
+    from edgec.calibration.samples import generated_samples
+    from edgec.exporters.sources import resolve_source
+
+    made = {}
+    for name, axes in [("hw", {0: "b", 2: "h", 3: "w"}), ("batch", {0: "b"})]:
+        torch.onnx.export(_Conv().eval(), (torch.randn(1, 3, 8, 8),), tmp_path / f"{name}.onnx",
+                          dynamo=False, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": axes})
+        made[name] = generated_samples(resolve_source(str(tmp_path / f"{name}.onnx")), 1)[1]
+    assert made == {"hw": "random feeds with dynamic dims of size 1: give an .npz of real samples",
+                    "batch": "random feeds"}
