@@ -74,7 +74,7 @@ def _always(recipe: Recipe, target) -> bool:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("cleanup", _always, lambda c: CleanupPass()),
+    Stage("cleanup", _always, lambda c: CleanupPass(lift_constants=c.source.kind == "onnx")),
     Stage("lora-fold", _always,  # a graph exported with its LoRA branches: fold them (exact)
           lambda c: LoraFoldPass() if count_lora_branches(c.source.model) else None),
     Stage("prune", lambda r, t: r.prune is not None,

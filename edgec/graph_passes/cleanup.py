@@ -3,7 +3,11 @@ any ONNX file edgec is given one its passes and runtimes take: initializers also
 inputs become plain weights (an IR < 4 file lists them: the manifest then named W and B as
 inputs every session refused), and unnamed or repeated nodes get unique names (onnx.helper and
 older exporters leave them empty; ONNX Runtime's quantizer and the passes that find a quantized
-node's fp32 original go by node name).
+node's fp32 original go by node name). With ``lift_constants`` (an ONNX file given as the
+source) ``Constant`` nodes become initializers too: the legacy exporter (``torch.onnx.export``,
+``dynamo=False``) writes a Resize's scales, a Reshape's shape, as ``Constant`` nodes, and the
+QNN HTP's quantizer took the node for an op to quantize: Q/DQ on the Resize's scales left a
+Resize the HTP refused, a ConvTranspose after it run on the wrong channel count.
 
 Guarantees the graph computes exactly what it did; reports how many nodes and initializers went.
 """
@@ -23,8 +27,18 @@ class CleanupPass(EdgecPass):
     exact = True
     rtol = 1e-6
 
+    def __init__(self, lift_constants: bool = False):
+        super().__init__()
+        self.lift_constants = lift_constants
+
     def call(self, model: ir.Model) -> PassResult:
         nodes, inits = len(model.graph), len(model.graph.initializers)
+        lifted = 0
+        if self.lift_constants:
+            constants = sum(n.op_type == "Constant" for n in model.graph)
+            common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+            lifted = constants - sum(n.op_type == "Constant" for n in model.graph)
+            nodes, inits = nodes - lifted, inits + lifted
         inner = ir.passes.Sequential(
             common.RemoveInitializersFromInputsPass(),
             _IdentityElimination(),
@@ -39,8 +53,9 @@ class CleanupPass(EdgecPass):
             "nodes_removed": nodes - len(model.graph),
             "initializers_removed": inits - len(model.graph.initializers),
             **({"nodes_named": named} if named else {}),
+            **({"constants_lifted": lifted} if lifted else {}),
         }
-        return PassResult(model, modified and any(stats.values()) or bool(named), stats)
+        return PassResult(model, modified and any(stats.values()) or bool(named or lifted), stats)
 
 
 class _IdentityElimination(common.IdentityEliminationPass):

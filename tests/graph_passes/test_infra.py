@@ -73,6 +73,27 @@ g (float[N, 4] x) => (float[N, 4] y, float[N, 4] y2, float[N, 4] x2) {
     np.testing.assert_array_equal(out["y"], out["y2"])
 
 
+def test_cleanup_lifts_constants_of_an_onnx_file_exactly():
+    """The legacy exporter writes a Resize's scales, a Reshape's shape, as Constant nodes (the
+    HTP's quantizer then quantized them); with ``lift_constants`` they become initializers."""
+    model = ir.from_onnx_text("""
+<ir_version: 10, opset_import: ["" : 20]>
+g (float[N, 4] x) => (float[N, 4] y) {
+    s = Constant <value = float[1] {2.0}> ()
+    shape = Constant <value_ints = [-1, 4]> ()
+    m = Mul(x, s)
+    y = Reshape(m, shape)
+}
+""")
+    pm = PassManager([CleanupPass(lift_constants=True)], check=True, feeds=_feeds())
+    model = pm(model)
+    assert [n.op_type for n in model.graph] == ["Mul", "Reshape"]
+    assert sorted(model.graph.initializers) == ["s", "shape"]
+    assert pm.records[0].stats == {"nodes_removed": 0, "initializers_removed": 0,
+                                   "nodes_named": 2, "constants_lifted": 2}
+    np.testing.assert_array_equal(run_model(model, _feeds())["y"], 2 * _feeds()["x"])
+
+
 def test_cleanup_makes_initializer_inputs_weights_and_names_unnamed_nodes(tmp_path):
     """An IR-3 style file lists its weights as graph inputs (the manifest then named W as an
     input every session refused), and onnx.helper files leave nodes unnamed (passes that index

@@ -354,3 +354,27 @@ def test_a_target_bug_names_the_node_where_the_device_departs(tmp_path, monkeypa
     message = str(err.value)
     assert "target bug" in message and "first departs from ONNX Runtime at Reciprocal" in message
     assert not (tmp_path / "o").exists()
+
+
+def test_constant_node_resize_scales_compile(tmp_path):
+    """The legacy exporter (``torch.onnx.export``, ``dynamo=False``) writes a Resize's scales as
+    a ``Constant`` node: the HTP's quantizer put Q/DQ on them (Constant was an op to quantize)
+    and the HTP refused the Resize. Cleanup lifts an ONNX file's Constants to initializers."""
+    import edgec
+
+    w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    scales = H.make_tensor("scales_value", T.FLOAT, [4], [1, 1, 2, 2])
+    model = _model([H.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+                    H.make_node("Constant", [], ["scales"], value=scales, name="scales_const"),
+                    H.make_node("Resize", ["c", "", "scales"], ["y"], mode="nearest",
+                                name="up")],
+                   [H.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                   [H.make_tensor_value_info("y", T.FLOAT, [1, 8, 16, 16])],
+                   [nh.from_array(w, "w")], opset=17)
+    onnx.save(model, tmp_path / "up.onnx")
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((12, 1, 3, 8, 8)).astype(np.float32))
+    art = edgec.compile(tmp_path / "up.onnx", target="qnn-htp", quantize="w8a8",
+                        calibration=tmp_path / "calib.npz", output_dir=tmp_path / "o")
+    assert art.report["fidelity"]["target_vs_source"]["outputs"]["y"]["cosine"] > 0.99
+    graph = onnx.load(tmp_path / "o" / "model.onnx").graph
+    assert not any(n.op_type == "Constant" for n in graph.node)
