@@ -479,6 +479,11 @@ def resolve_targets(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[st
     for mod, lm in adapter.modules.items():
         param = next((p for p in (f"{mod}.weight", f"{mod.removeprefix('model.')}.weight",
                                   f"{mod}.base_layer.weight") if p in parameter_map), None)
+        if param is None and _folded_with_batchnorm(model, mod):
+            raise UserError(f"adapter {adapter.name}: module {mod}'s weight was folded with the "
+                            "BatchNorm after it by the export, so the LoRA cannot be merged "
+                            "into it; merge the adapter in PEFT (merge_and_unload) and compile "
+                            "the merged model")
         if param is None:
             raise UserError(f"adapter {adapter.name}: target module {mod} is not in the model "
                             "(no such weight in its parameter map); was it trained on this base?")
@@ -504,6 +509,22 @@ def resolve_targets(adapter: LoraAdapter, parameter_map: Mapping[str, Mapping[st
             bias = _bias_initializer(adapter, mod, param, parameter_map, inits)
         out[mod] = Target(mod, param, entry["initializer"], entry["layout"], shape, bias, fan)
     return out
+
+
+# node metadata the exporter's optimizer (onnxscript's rewriter) leaves on the Conv it made
+_REWRITE_RULE = "pkg.onnxscript.rewriter.rule_name"
+
+
+def _folded_with_batchnorm(model, mod: str) -> bool:
+    """Whether ``mod``'s weight went into a Conv the export fused with the BatchNorm after it:
+    the initializer keeps the module's name but holds W·γ/√(σ²+ε), so the parameter map (built
+    from equal values) has no entry for it."""
+    for name in (f"{mod}.weight", f"{mod.removeprefix('model.')}.weight"):
+        value = model.graph.initializers.get(name)
+        if value is not None and any("BatchNorm" in u.node.metadata_props.get(_REWRITE_RULE, "")
+                                     for u in value.uses()):
+            return True
+    return False
 
 
 def _fan_in_fan_out(adapter: LoraAdapter, lm: LoraModule, param_shape: tuple[int, ...], value,

@@ -198,3 +198,26 @@ def test_wrong_base_and_unknown_module_are_refused(llama_source, lora_helpers, t
                  lora_alpha=2)
     with pytest.raises(UserError, match="target module extra_proj is not in the model"):
         LoraMergePass([read_adapter(tmp_path / "extra")], src.parameter_map)(src.model)
+
+
+def test_a_conv_folded_with_its_batchnorm_is_refused_with_the_reason(lora_helpers, tmp_path):
+    """The export fuses a Conv with the BatchNorm after it (W·γ/√(σ²+ε) under the Conv's name),
+    so its weight is not in the parameter map: the refusal said "not in the model"."""
+    from edgec.exporters.torch_export import export_module
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+            self.c2 = torch.nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.bn(self.c1(x))))
+
+    net = Net().eval()
+    src = export_module(net, (torch.randn(1, 3, 8, 8),))
+    lora_helpers.make_adapter(tmp_path / "ad", 0, module=Net().eval(), target_modules=["c1"],
+                              r=2, lora_alpha=2)
+    with pytest.raises(UserError, match="module c1's weight was folded with the BatchNorm after "
+                       "it by the export.*merge_and_unload"):
+        LoraMergePass([read_adapter(tmp_path / "ad")], src.parameter_map)(src.model)
