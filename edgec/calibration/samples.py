@@ -220,7 +220,8 @@ def _graph_specs(src) -> list:
     from edgec.onnx_io import dim_label
     from edgec.runtimes.base import IOSpec
 
-    graph = {v.name: v for v in src.model.graph.inputs}
+    model = getattr(src, "model", None)  # (a stand-in source without its graph: the example)
+    graph = {v.name: v for v in model.graph.inputs} if model is not None else {}
     specs = []
     for k, v in src.feeds.items():
         value = graph.get(k)
