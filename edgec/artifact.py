@@ -24,7 +24,8 @@ from edgec.errors import UserError
 from edgec.report_chart import LAYER_CHART
 
 __all__ = ["FORMAT", "MANIFEST", "staged_output", "read_manifest", "is_artifact",
-           "check_contained", "file_hashes", "verify_files", "versions", "write_json"]
+           "check_contained", "file_hashes", "file_sha256", "verify_files", "versions",
+           "write_json"]
 
 FORMAT = "edgec-artifact/1"
 MANIFEST = "manifest.json"
@@ -134,12 +135,14 @@ def file_hashes(root: Path) -> dict[str, str]:
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel not in (MANIFEST, "report.json", "report.md", LAYER_CHART):
-            h = hashlib.sha256()
-            with p.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            hashes[rel] = h.hexdigest()
+            hashes[rel] = file_sha256(p)
     return hashes
+
+
+def file_sha256(path: Path) -> str:
+    """The file's sha256 (read in blocks: an artifact's weights or a data file may be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_files(root: Path, manifest: dict[str, Any]) -> dict[str, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgec.artifact import file_sha256
 from edgec.calibration.cache import CalibrationCache, adapters_bound, model_hash
 from edgec.calibration.crest import collect_crest
 from edgec.calibration.ranges import collect_ranges
@@ -65,7 +66,7 @@ def collect_cache(model, request: CalibrationRequest, src,
                         v.dtype.numpy().name)
                  for v in model.graph.inputs if v.name not in bound]
         samples, origin = samples_from_npz(request.data, specs), f"file {request.data.name}"
-        digest = _sha256(request.data)
+        digest = file_sha256(request.data)
         if request.samples:
             check_sample_count(request.samples, len(samples), request.data.name)
             samples = samples[: request.samples]
@@ -92,13 +93,3 @@ def collect_cache(model, request: CalibrationRequest, src,
                              if src.info.get(k) is not None},
                             adapters=adapters_bound(bindings), data_sha256=digest)
 
-
-def _sha256(path: Path) -> str:
-    """The file's sha256, read in blocks (a data file may be large)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
