@@ -19,7 +19,7 @@ from torch import nn
 
 from edgec.errors import UserError
 
-__all__ = ["is_llava", "load_llava", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["is_llava", "load_llava", "image_tokens", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -103,10 +103,9 @@ def load_llava(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(layer, int):
         raise UserError(f"{path}: vision_feature_layer {layer} (several layers) is not supported")
     strategy = cfg.vision_feature_select_strategy
-    vc = cfg.vision_config
-    side, patch = int(vc.image_size), int(vc.patch_size)
-    tokens = (side // patch) ** 2 + (0 if strategy == "default" else 1)
+    side = int(cfg.vision_config.image_size)
     inner = getattr(model, "model", model)  # transformers ≥ 4.52 nests the parts in .model
+    tokens = image_tokens(Path(path), cfg, inner.vision_tower)
     vision = _Vision(inner.vision_tower, inner.multi_modal_projector, layer,
                      strategy == "default").eval()
     image_token = getattr(cfg, "image_token_id", None)
@@ -115,11 +114,39 @@ def load_llava(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return vlm, _preprocessing(Path(path), side)
 
 
+def image_tokens(path: Path, cfg, tower: nn.Module) -> int:
+    """How many image features ``tower`` (the checkpoint's vision tower, or one built on the
+    meta device from its config) gives at ``vision_feature_layer``, from one dry run: a CLIP
+    tower puts a CLS row before its patches, a SigLIP tower none (counting one for SigLIP gave
+    a placeholder without a feature, and tokens other than HF's). Checked against config.json's
+    ``image_seq_length`` where it states one."""
+    side = int(cfg.vision_config.image_size)
+    device = next(tower.parameters()).device
+    with torch.no_grad():
+        out = tower(torch.zeros(1, 3, side, side, device=device), output_hidden_states=True,
+                    return_dict=True)
+    strategy = cfg.vision_feature_select_strategy
+    tokens = int(out.hidden_states[cfg.vision_feature_layer].shape[1]) - (
+        1 if strategy == "default" else 0)
+    try:
+        stated = json.loads((path / "config.json").read_text()).get("image_seq_length")
+    except (OSError, ValueError):
+        stated = None
+    if stated is not None and stated != tokens:
+        raise UserError(f"{path}: config.json's image_seq_length is {stated}, but its vision "
+                        f"tower ({cfg.vision_config.model_type}, {side} px, strategy "
+                        f"{strategy}) gives {tokens} image features; fix image_seq_length or "
+                        "the vision config")
+    return tokens
+
+
 def _preprocessing(path: Path, side: int) -> dict[str, Any]:
-    """The checkpoint's image preprocessing, as CLIP's processor does it: the shortest edge
-    resized to ``resize_shortest`` (bicubic), a centre crop of ``image_size``, then the mean and
-    std. From ``preprocessor_config.json``, else ``processor_config.json``'s
-    ``image_processor`` (transformers 5 writes only that), else CLIP's defaults."""
+    """The checkpoint's image preprocessing, as its processor does it: CLIP's (``size``
+    ``shortest_edge``) resizes the shortest edge to ``resize_shortest`` (bicubic) and crops the
+    centre ``image_size``; SigLIP's (``size`` ``height``/``width``) resizes the whole image to
+    ``resize_to`` [height, width], no crop; then the mean and std. From
+    ``preprocessor_config.json``, else ``processor_config.json``'s ``image_processor``
+    (transformers 5 writes only that), else CLIP's defaults."""
     p: dict[str, Any] = {}
     for name in ("preprocessor_config.json", "processor_config.json"):
         f = path / name
@@ -131,7 +158,11 @@ def _preprocessing(path: Path, side: int) -> dict[str, Any]:
             p = d.get("image_processor", d) if isinstance(d, dict) else {}
             break
     size = p.get("size")
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else size
-    return {"image_size": side, "resize_shortest": int(shortest or side),
-            "mean": list(p.get("image_mean") or CLIP_MEAN),
+    out: dict[str, Any] = {"image_size": side}
+    if isinstance(size, dict) and size.get("height") and size.get("width"):
+        out["resize_to"] = [int(size["height"]), int(size["width"])]
+    else:
+        shortest = size.get("shortest_edge") if isinstance(size, dict) else size
+        out["resize_shortest"] = int(shortest or side)
+    return {**out, "mean": list(p.get("image_mean") or CLIP_MEAN),
             "std": list(p.get("image_std") or CLIP_STD)}

@@ -83,13 +83,19 @@ def image_token_count(source: Any, config: str | None) -> int | None:
     if path.is_dir() and not names_reference_model(source):
         import transformers
 
+        from edgec.exporters.hf_llava import image_tokens
+
         cfg = transformers.AutoConfig.from_pretrained(path)
         vc = getattr(cfg, "vision_config", None)
-        side, patch = getattr(vc, "image_size", None), getattr(vc, "patch_size", None)
-        if not isinstance(side, int) or not isinstance(patch, int) or patch < 1:
+        if not isinstance(getattr(vc, "image_size", None), int) or not isinstance(
+                cfg.vision_feature_layer, int):
             return None  # a tower edgec cannot size from its config: load_vlm refuses it
-        return (side // patch) ** 2 + (0 if cfg.vision_feature_select_strategy == "default"
-                                       else 1)
+        try:  # the tower on the meta device: its shapes without its weights
+            with torch.device("meta"):
+                tower = transformers.AutoModel.from_config(vc)
+                return image_tokens(path, cfg, tower)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError):
+            return None  # one that cannot run on the meta device: load_vlm counts it
     from edgec.models import registry
 
     return int(registry.get(str(source)).hyperparameters(config or "tiny")["image_tokens"])

@@ -26,7 +26,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 def load_pixels(image: Any, vision: Mapping[str, Any]) -> np.ndarray:
     """``pixel_values`` [B, 3, H, W] float32 from an image file (``.png``/``.jpg``/...: RGB,
     its shortest edge resized to ``resize_shortest`` (bicubic) and centre-cropped to the
-    model's side, as CLIP's processor does; scaled to [0, 1], normalized by the model's mean and
+    model's side, as CLIP's processor does, or resized to ``resize_to`` [height, width] as
+    SigLIP's does; scaled to [0, 1], normalized by the model's mean and
     std), an ``.npy`` of pixel values, or an array of them."""
     side = int(vision["image_size"])
     where = ""
@@ -73,9 +74,11 @@ def _read_image(path: Path, side: int, vision: Mapping[str, Any]) -> np.ndarray:
         with Image.open(path) as im:
             rgb = im.convert("RGB")
             w, h = rgb.size
-            # the shortest edge to `shortest`, the other in proportion, as CLIP's processor
-            size = (shortest, int(shortest * h / w)) if w <= h else (int(shortest * w / h),
-                                                                    shortest)
+            if vision.get("resize_to"):  # SigLIP's processor: the whole image to height × width
+                size = (int(vision["resize_to"][1]), int(vision["resize_to"][0]))
+            else:  # the shortest edge to `shortest`, the other in proportion, as CLIP's
+                size = (shortest, int(shortest * h / w)) if w <= h else (
+                    int(shortest * w / h), shortest)
             if (w, h) != size:
                 rgb = rgb.resize(size, Image.Resampling.BICUBIC)
     except (UnidentifiedImageError, OSError) as e:

@@ -450,3 +450,73 @@ def test_npu_context_too_small_for_the_image_is_refused_up_front(llava, tmp_path
     with pytest.raises(UserError, match="1 \\+ 4 kept image tokens of 16 .* --context 7 or"):
         _check_vision_recipe("vlm", Recipe.parse("qnn-htp", generate=True, quantize="w8a16",
                                                  context=6, prune_vision_tokens="keep=0.25"))
+
+
+@pytest.fixture(scope="module")
+def siglip_llava(tmp_path_factory):
+    """A tiny LLaVA with a SigLIP vision tower (no CLS row) and the ``full`` strategy: 16
+    image features for 32 px / 8 px patches; SigLIP's processor (height/width resize)."""
+    torch.manual_seed(0)
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=32, patch_size=8)
+    text = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=16,
+        vision_feature_layer=-2, vision_feature_select_strategy="full")).eval()
+    path = tmp_path_factory.mktemp("siglip") / "ckpt"
+    model.save_pretrained(path)
+    transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path, model
+
+
+def test_siglip_llava_counts_its_features_and_greedy_matches_hf(siglip_llava, tmp_path):
+    """A SigLIP tower has no CLS row: edgec counted 17 image tokens for 16 features, the last
+    placeholder reused the 16th feature and the tokens left HF's after the first."""
+    from edgec.exporters.vlm_source import image_token_count, load_vlm
+
+    path, model = siglip_llava
+    assert image_token_count(path, None) == 16
+    vlm, info, _ = load_vlm(path, None)
+    entry = info["vision"]
+    assert entry["image_tokens"] == vlm.image_tokens == 16
+    ids, _ = expand_prompt(np.array([[1, 5, 7, IMAGE, 9, 11]]), None, entry)
+    pixels = _pixels(1, seed=1)
+    with torch.no_grad():
+        ref = model.generate(input_ids=torch.tensor(ids), pixel_values=pixels, max_new_tokens=6,
+                             min_new_tokens=6, do_sample=False)
+        out = torch.tensor(ids)
+        for _ in range(6):  # greedy, the whole sequence each step
+            out = torch.cat([out, vlm(pixels, out)[:, -1:].argmax(-1)], dim=1)
+    np.testing.assert_array_equal(out.numpy(), ref.numpy())
+    # a config whose image_seq_length is not the tower's count is refused, up front and on load
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in path.iterdir():
+        (bad / f.name).symlink_to(f)
+    cfg = json.loads((path / "config.json").read_text())
+    (bad / "config.json").unlink()
+    (bad / "config.json").write_text(json.dumps({**cfg, "image_seq_length": 17}))
+    with pytest.raises(UserError, match="image_seq_length is 17, but its vision tower .* gives "
+                                        "16 image features"):
+        image_token_count(bad, None)
+
+
+def test_siglip_preprocessing_resizes_to_height_and_width(siglip_llava, tmp_path):
+    """SigLIP's processor resizes the whole image to height × width (no crop); edgec resized
+    the shortest edge and cropped the centre (max |diff| 1.4 on a non-square image)."""
+    from PIL import Image
+
+    from edgec.exporters.hf_llava import _preprocessing
+
+    png = tmp_path / "wide.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 64, 3), dtype=np.uint8)).save(png)
+    entry = _preprocessing(siglip_llava[0], 32)
+    processor = transformers.AutoImageProcessor.from_pretrained(siglip_llava[0])
+    with Image.open(png) as im:
+        expected = processor(images=im, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(load_pixels(png, entry), expected, atol=2e-5)
