@@ -25,6 +25,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 def load_pixels(image: Any, vision: Mapping[str, Any]) -> np.ndarray:
     """``pixel_values`` [B, 3, H, W] float32 from an image file (``.png``/``.jpg``/...: RGB,
+    transparency composited onto white,
     its shortest edge resized to ``resize_shortest`` (bicubic) and centre-cropped to the
     model's side, as CLIP's processor does, or resized to ``resize_to`` [height, width] as
     SigLIP's does; scaled to [0, 1], normalized by the model's mean and
@@ -72,7 +73,13 @@ def _read_image(path: Path, side: int, vision: Mapping[str, Any]) -> np.ndarray:
     shortest = int(vision.get("resize_shortest") or side)
     try:
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
+            if "A" in im.getbands() or im.info.get("transparency") is not None:
+                # onto white, as transformers' convert_to_rgb: convert("RGB") kept the colour
+                # of transparent pixels (a logo's hidden background)
+                white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                rgb = Image.alpha_composite(white, im.convert("RGBA")).convert("RGB")
+            else:
+                rgb = im.convert("RGB")
             w, h = rgb.size
             if vision.get("resize_to"):  # SigLIP's processor: the whole image to height × width
                 size = (int(vision["resize_to"][1]), int(vision["resize_to"][0]))

@@ -520,3 +520,31 @@ def test_siglip_preprocessing_resizes_to_height_and_width(siglip_llava, tmp_path
     with Image.open(png) as im:
         expected = processor(images=im, return_tensors="np")["pixel_values"]
     np.testing.assert_allclose(load_pixels(png, entry), expected, atol=2e-5)
+
+
+def test_transparent_images_are_composited_onto_white(llava, tmp_path):
+    """An RGBA PNG went through convert("RGB"), which keeps the colour of transparent pixels;
+    the processor (transformers' convert_to_rgb) composites them onto white first. So do LA
+    and a palette image with a transparent index."""
+    from PIL import Image
+
+    from edgec.exporters.hf_llava import _preprocessing
+
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 255, (40, 48, 4), dtype=np.uint8)
+    rgba[..., 3] = 0
+    rgba[10:30, 12:36, 3] = 255  # an opaque logo on a transparent (random-coloured) border
+    rgba[15:20, 15:40, 3] = 128
+    images = {"rgba.png": Image.fromarray(rgba, "RGBA"),
+              "la.png": Image.fromarray(rgba[..., 2:], "LA")}
+    palette = Image.fromarray(rgba[..., :3], "RGB").quantize(16)
+    palette.info["transparency"] = 0
+    images["p.png"] = palette
+    entry = _preprocessing(llava[0], 32)
+    processor = transformers.AutoImageProcessor.from_pretrained(llava[0])
+    for name, image in images.items():
+        image.save(tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            expected = processor(images=im, return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(load_pixels(tmp_path / name, entry), expected, atol=2e-5,
+                                   err_msg=name)
