@@ -4,8 +4,8 @@ The vision side is transformers' own (its vision tower's hidden states at
 ``vision_feature_layer``, the CLS row dropped for the ``default`` strategy, its projector). The
 language model's weights are loaded into the ``llama`` reference (the same parameter names), so
 the decoder, the prefill graph and the vision-token pruning are the ones the ``vlm`` reference
-model gets; a language model that is not LLaMA-shaped (biases, other activations, scaled RoPE)
-is refused, not approximated.
+model gets; a language model that is not LLaMA-shaped (biases, other activations, scaled RoPE,
+a sliding window narrower than its context) is refused, not approximated.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def _rope_theta(tc) -> float:
 
 
 def _language(model, cfg, path) -> nn.Module:
+    from edgec.exporters.decoder import has_sliding_window
     from edgec.models.llama import Llama, LlamaConfig
 
     tc = cfg.text_config
@@ -69,6 +70,14 @@ def _language(model, cfg, path) -> nn.Module:
         raise UserError(f"{path}: the LLaVA language model is {tc.model_type} ("
                         f"{', '.join(unsupported) or tc.hidden_act}); edgec's VLM decoder is "
                         "LLaMA-shaped (no biases, SiLU MLP)")
+    window = getattr(tc, "sliding_window", None)
+    longest = getattr(tc, "max_position_embeddings", None)
+    if has_sliding_window(tc.to_dict()) and not (window and longest and window >= longest):
+        raise UserError(f"{path}: the LLaVA language model ({tc.model_type}) attends over a "
+                        f"sliding window of {window} tokens; edgec's VLM decoder attends over "
+                        "the whole context, so its tokens would differ past the window: set "
+                        "text_config.sliding_window to null only if prompt + output stay within "
+                        f"{window} tokens")
     heads = int(tc.num_attention_heads)
     head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // heads)
     if head_dim * heads != tc.hidden_size:

@@ -548,3 +548,27 @@ def test_transparent_images_are_composited_onto_white(llava, tmp_path):
             expected = processor(images=im, return_tensors="np")["pixel_values"]
         np.testing.assert_allclose(load_pixels(tmp_path / name, entry), expected, atol=2e-5,
                                    err_msg=name)
+
+
+def test_mistral_sliding_window_is_refused():
+    """A Mistral text model with sliding_window 4 compiled (exit 0) into a decoder attending over
+    the whole context: its tokens left HF's once the prompt passed the window."""
+    from edgec.exporters.hf_llava import _language
+
+    def llava(window):
+        text = transformers.MistralConfig(
+            vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+            sliding_window=window)
+        vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2,
+                                               image_size=16, patch_size=8)
+        return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+            vision_config=vision, text_config=text, image_token_id=IMAGE)).eval()
+
+    model = llava(4)
+    with pytest.raises(UserError, match="sliding window of 4 tokens; .*sliding_window to null"):
+        _language(model, model.config, "ckpt")
+    for window in (None, 64):  # none, or as wide as the context: the whole context it is
+        model = llava(window)
+        assert _language(model, model.config, "ckpt").cfg.layers == 1
