@@ -40,10 +40,16 @@ def load_pixels(image: Any, vision: Mapping[str, Any]) -> np.ndarray:
         if not path.is_file():
             raise UserError(f"{path}: no such image file")
         if path.suffix.lower() == ".npy":
+            with open(path, "rb") as f:
+                magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+            if magic != np.lib.format.MAGIC_PREFIX:  # np.load took it for pickled data
+                raise UserError(f"{path}: not a readable .npy file (no NumPy header); save the "
+                                "pixel values with numpy.save, or give an image file")
             try:
                 image = np.load(path, allow_pickle=False)
             except ValueError as e:
-                raise UserError(f"{path}: not a plain .npy array ({e})") from None
+                what = "plain .npy array" if "allow_pickle" in str(e) else "readable .npy file"
+                raise UserError(f"{path}: not a {what} ({e})") from None
         elif path.suffix.lower() in IMAGE_SUFFIXES:
             image = _read_image(path, side, vision)
         else:

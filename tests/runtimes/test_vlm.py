@@ -149,6 +149,22 @@ def test_integer_pixels_and_a_directory_are_refused(tmp_path):
     assert load_pixels(np.zeros((3, 32, 32), np.float64), entry).dtype == np.float32
 
 
+def test_corrupt_npy_is_not_called_pickled(tmp_path):
+    """A 1-byte .npy was 'not a plain .npy array (This file contains pickled (object) data…)'
+    and an empty one an EOFError (exit 1): neither is readable, whatever np.load guessed."""
+    entry = {"image_size": 32}
+    np.save(tmp_path / "full.npy", np.zeros((3, 32, 32), np.float32))
+    data = (tmp_path / "full.npy").read_bytes()
+    for name, content in (("one.npy", b"x"), ("empty.npy", b""), ("cut.npy", data[:200])):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match="not a readable .npy file") as got:
+            load_pixels(tmp_path / name, entry)
+        assert "pickle" not in str(got.value)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(UserError, match="not a plain .npy array"):
+        load_pixels(tmp_path / "obj.npy", entry)
+
+
 def test_static_prefill_reports_kept_tokens_not_padding_slots():
     """An NPU's static prefill graph left-pads the prompt: its kept mask has padding slots,
     which `prompt_tokens_kept` counted; and a longer prompt's rest (the decoder's chunked
