@@ -24,8 +24,8 @@ from edgec.errors import UserError
 from edgec.report_chart import LAYER_CHART
 
 __all__ = ["FORMAT", "MANIFEST", "staged_output", "read_manifest", "is_artifact",
-           "check_contained", "file_hashes", "file_sha256", "verify_files", "versions",
-           "write_json"]
+           "check_contained", "contained_path", "file_hashes", "file_sha256", "verify_files",
+           "versions", "write_json"]
 
 FORMAT = "edgec-artifact/1"
 MANIFEST = "manifest.json"
@@ -127,6 +127,21 @@ def check_contained(root: Path) -> None:
                 raise UserError(f"{root}: {rel} is a symbolic link to {target}, outside the "
                                 "artifact; refusing to follow it (the artifact was edited, "
                                 "recompile or restore it)")
+
+
+def contained_path(root: Path, rel: Any, key: str) -> Path:
+    """``root / rel`` for a file or folder the manifest's ``key`` names, refused unless it lies
+    inside the artifact: a compile writes relative paths within it, so an absolute path, a '..'
+    that leaves it or a link out of it is an edit (``lora.adapters.a`` set to ``../b`` ran
+    another adapter, and ``inspect --verify`` hashed nothing amiss)."""
+    if not isinstance(rel, str):
+        raise UserError(f"{root}: damaged or edited artifact: {key} is {rel!r}, not a path; "
+                        "recompile or restore it")
+    path = Path(root) / rel
+    if Path(rel).is_absolute() or not path.resolve().is_relative_to(Path(root).resolve()):
+        raise UserError(f"{root}: damaged or edited artifact: {key} points outside it ({rel!r}); "
+                        "recompile or restore it")
+    return path
 
 
 def file_hashes(root: Path) -> dict[str, str]:

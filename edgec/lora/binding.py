@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgec.artifact import contained_path
 from edgec.errors import UserError
 from edgec.lora.peft_adapter import (
     CONFIG_FILE,
@@ -251,7 +252,7 @@ class AdapterBank:
         self._adapters: dict[str, LoraAdapter] = {}
         self._blends: dict[tuple, dict[str, np.ndarray]] = {}  # the last few blends' feeds
         for name, rel in (spec.get("adapters") or {}).items():
-            self._add(read_adapter(root / rel, name))
+            self._add(read_adapter(contained_path(root, rel, f"lora.adapters.{name}"), name))
         self.active: str | dict[str, float] = spec.get("default") or NO_ADAPTER
 
     @property

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from edgec.artifact import contained_path
 from edgec.errors import UserError
 from edgec.runtimes.base import IOSpec, Session, latency_stats
 from edgec.runtimes.openvino import OpenVINOSession
@@ -35,8 +36,8 @@ def open_session(root: Path, runtime: dict[str, Any]) -> Session:
     name = runtime.get("name")
     if name not in RUNTIMES:
         raise UserError(f"{root}: unknown runtime {name!r} in the manifest; upgrade edgec")
-    model = (root / runtime.get("model", "")).resolve()
-    if not model.is_relative_to(root.resolve()) or not model.is_file():
+    model = contained_path(root, runtime.get("model", ""), "the runtime's model")
+    if not model.is_file():
         raise UserError(f"{root}: the manifest names model file {runtime.get('model')!r}, which "
                         "is missing from the artifact; recompile it")
     try:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgec.artifact import contained_path
 from edgec.errors import UserError
 from edgec.options import parse_options, split_spec
 
@@ -463,7 +464,8 @@ def freekv_cache_for(session, root: str | os.PathLike, info, batch: int,
     runtime = manifest["runtime"]
     config = FreeKVConfig.parse({k: v for k, v in entry.items()
                                  if k in {f.name for f in dataclasses.fields(FreeKVConfig)}})
-    return FreeKVCache(session, root / entry["model"], info, config, batch,
+    model = contained_path(root, entry.get("model"), "kv_retrieval.model")
+    return FreeKVCache(session, model, info, config, batch,
                        runtime=runtime["name"], runtime_config=entry.get("runtime_config",
                                                                          runtime.get("config")),
                        capacity=capacity)

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgec._native_stdout import native_stdout_to_stderr
+from edgec.artifact import contained_path
 from edgec.errors import TargetUnavailableError, UserError
 from edgec.runtimes.base import Session
 from edgec.runtimes.ort import OrtSession, ort_io_specs, session_options
@@ -188,8 +189,9 @@ class QnnSession(Session):
         session = cls(root / runtime["model"], runtime)
         decode = runtime.get("decode")
         if decode:  # a static-cache decoder: the one-token graph beside the prefill graph
+            model = contained_path(root, decode.get("model"), "runtime.decode.model")
             _check_context_paths(root, decode["model"])
-            session.decode_session = cls(root / decode["model"], decode)
+            session.decode_session = cls(model, decode)
         return session
 
     def _kv_cache(self, info, batch: int, capacity: int):

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgec.artifact import contained_path
 from edgec.errors import TargetUnavailableError, UserError
 from edgec.runtimes.base import IOSpec, Session
 
@@ -37,8 +38,8 @@ class TensorRTSession(Session):
                 f"{root}: running a TensorRT engine needs {e.name or 'tensorrt'}, which is not "
                 "installed; pip install 'edgec[tensorrt]' on a machine with an NVIDIA GPU"
             ) from None
-        plan = (Path(root) / engine).resolve()
-        if not plan.is_relative_to(Path(root).resolve()) or not plan.is_file():
+        plan = contained_path(root, engine, "runtime.engine")
+        if not plan.is_file():
             raise UserError(f"{root}: the manifest names engine {engine!r}, which is missing from "
                             "the artifact; recompile it")
         self._profile = dict(runtime.get("profile") or {})

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgec.artifact import contained_path
 from edgec.errors import UserError
 
 __all__ = ["TOKENIZER_DIR", "ship_tokenizer", "ship_model_config", "Tokenizer"]
@@ -103,7 +104,7 @@ class Tokenizer:
 
     def __init__(self, root: Path, manifest: dict[str, Any]):
         entry = (manifest.get("generation") or {}).get("tokenizer") or manifest.get("tokenizer")
-        path = root / entry / "tokenizer.json" if entry else None
+        path = contained_path(root, entry, "tokenizer") / "tokenizer.json" if entry else None
         if path is None or not path.is_file():
             raise UserError(f"{root}: the artifact has no tokenizer (its source had no "
                             "tokenizer.json); give token ids with --prompt-ids 1,2,3")

@@ -109,6 +109,23 @@ def test_new_adapter_with_higher_rank_and_refusals(swappable, adapter_dirs, expo
                                                                  adapter="base")["logits"])
 
 
+def test_an_adapter_path_edited_to_leave_the_artifact_is_refused(swappable, adapter_dirs,
+                                                                 tmp_path):
+    """``lora.adapters.attn_mlp`` edited to ``../elsewhere`` ran an adapter outside the artifact
+    (exit 0), and ``inspect --verify`` found nothing changed: no hashed file was."""
+    dirs, _ = adapter_dirs
+    art = tmp_path / "art"
+    shutil.copytree(swappable.path, art)
+    shutil.copytree(dirs["zero"], tmp_path / "elsewhere")
+    manifest = json.loads((art / "manifest.json").read_text())
+    for rel in ("../elsewhere", str(tmp_path / "elsewhere")):
+        manifest["lora"]["adapters"]["attn_mlp"] = rel
+        (art / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(UserError, match=r"damaged or edited artifact: lora\.adapters\."
+                                            r"attn_mlp points outside it"):
+            edgec.load(art)
+
+
 def test_a_weighted_blend_equals_peft_weighted_merge(swappable, adapter_dirs, lora_helpers,
                                                      llama_source):
     """A blend of loaded adapters at run time (one adapter of rank Σ rᵢ, A stacked, B

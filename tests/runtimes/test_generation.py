@@ -712,3 +712,17 @@ def test_scores_with_no_next_token_are_refused():
         scores = np.array([[0.0, 1.0, 2.0], [0.0, bad, 1.0]], np.float32)
         with pytest.raises(UserError, match="NaN or \\+inf \\(batch row 1\\)"):
             _choose(scores, GenerationConfig(), rng)
+
+
+def test_a_tokenizer_path_edited_to_leave_the_artifact_is_refused(tmp_path):
+    """The manifest's ``tokenizer`` edited to ``../elsewhere`` (or an absolute path) read a
+    tokenizer outside the artifact; the edit is refused, naming the key."""
+    from edgec.runtimes.tokenizer import Tokenizer
+
+    (tmp_path / "elsewhere").mkdir()
+    _tokenizer(tmp_path / "elsewhere")
+    (tmp_path / "art").mkdir()
+    for entry in ("../elsewhere", str(tmp_path / "elsewhere"), "tokenizer/../../elsewhere"):
+        with pytest.raises(UserError, match="damaged or edited artifact: tokenizer points "
+                                            "outside it"):
+            Tokenizer(tmp_path / "art", {"tokenizer": entry})
