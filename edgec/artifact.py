@@ -43,7 +43,12 @@ def _check_destination(out: Path, replaceable: Callable[[Path], bool] = is_artif
     """Refuse an output path that is a file or someone else's directory (non-empty and not
     ``replaceable``: not ``what`` this command writes), or where nothing can be written (a
     read-only mount, a path under a file): checked before the export, where a read-only parent
-    was an internal error after it."""
+    was an internal error after it. A symbolic link is refused too: a dangling one failed the
+    final rename after the whole export, and one to an artifact was renamed aside, not replaced,
+    and left behind as a hidden ``.out.edgec-old-*`` link."""
+    if out.is_symlink():
+        raise UserError(f"{out}: is a symbolic link; give the directory it points to, or another "
+                        "-o")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory; choose another -o")
     if out.is_dir() and any(out.iterdir()) and not replaceable(out):

@@ -184,6 +184,8 @@ def _bad_cases(tmp_path, art_dir):
     foreign.mkdir()
     (foreign / "precious.txt").write_text("x")
     out = tmp_path / "out"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "to-art").symlink_to(art_dir)
     return {
         "missing path": (["compile", tmp_path / "nope.onnx", "-t", "ort-cpu", "-o", out],
                          "no such file"),
@@ -214,6 +216,12 @@ def _bad_cases(tmp_path, art_dir):
                              "is not a directory, so nothing can be written there"),
         "compare adapter, none swappable": (["compare", art_dir, art_dir, "--adapter", "a"],
                                             "neither"),
+        # a dangling link failed the final rename after the whole export (exit 1); a link to an
+        # artifact was renamed aside and left as a hidden .to-art.edgec-old-* link
+        "out a dangling link": (["compile", "llama", "-t", "ort-cpu", "-o", tmp_path / "dangling"],
+                                "dangling: is a symbolic link; give the directory it points to"),
+        "out a link to an artifact": (["compile", "llama", "-t", "ort-cpu", "-o",
+                                       tmp_path / "to-art"], "to-art: is a symbolic link"),
         "markup in a path": (["run", tmp_path / "a:smile:[/x]"],
                              f"{tmp_path / 'a:smile:[/x]'}: no such artifact"),
         # calibrate writes a cache as compile writes an artifact: a file was an internal
@@ -241,6 +249,7 @@ def _bad_cases(tmp_path, art_dir):
                                   "unknown model", "unknown config", "foreign out dir",
                                   "run non-artifact", "bad inputs file", "inspect missing",
                                   "out under a file", "markup in a path",
+                                  "out a dangling link", "out a link to an artifact",
                                   "npy inputs file", "save not npz",
                                   "bench tokens not generation", "greedy with temperature",
                                   "weight-only with method", "calibrate into a file",
