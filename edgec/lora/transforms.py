@@ -157,11 +157,15 @@ def load_factors(path: Path) -> dict[str, Factor]:
     """The factors of a transforms file (float64: binding multiplies in float64, and converting
     a float32 factor on every product doubled its time); an older file's matrices as ``dense``
     factors."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="numpy") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    try:  # a damaged file was "internal error: SafetensorError" (exit 1)
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no iter)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable safetensors ({e}); the artifact is damaged, "
+                        "recompile or restore it") from None
     tensors = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in tensors.items()}
     if meta.get(FORMAT_KEY) != FORMAT:
         return {k: Factor.dense(v) for k, v in tensors.items()}

@@ -86,3 +86,18 @@ def test_an_unknown_factor_kind_is_refused(tmp_path):
               metadata={"edgec.transforms": "factors"})
     with pytest.raises(UserError, match="spiral.0.*no known kind"):
         load_factors(tmp_path / "t.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle"])
+def test_a_damaged_transforms_file_is_refused_naming_it(tmp_path, damage):
+    """A cut or replaced adapters/transforms.safetensors was "internal error: SafetensorError"
+    (exit 1) when the artifact was loaded; a damaged adapter file already said which file."""
+    path = tmp_path / TRANSFORMS_FILE
+    path.parent.mkdir(parents=True)
+    save_factors({k: f for k, (f, _) in _factors().items()}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] if damage == "truncated"
+                     else b"\x80\x04\x95" + data[3:])  # a pickle's opening bytes
+    with pytest.raises(UserError, match=f"{path}: unreadable safetensors .*the artifact is "
+                                        "damaged"):
+        AdapterBank({"sites": []}, tmp_path)
