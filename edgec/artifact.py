@@ -108,7 +108,17 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{d / MANIFEST}: is not valid JSON; recompile the artifact") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{d / MANIFEST}: not an {FORMAT} manifest; recompile the artifact")
+    # every compile writes these; a deleted or retyped one was a KeyError (exit 1) in run/inspect
+    bad = next((k for k, kind in _REQUIRED.items() if not isinstance(manifest.get(k), kind)), None)
+    if bad is not None:
+        what = "has no" if bad not in manifest else f"has a {type(manifest[bad]).__name__} for"
+        raise UserError(f"{d / MANIFEST}: damaged artifact: the manifest {what} its {bad!r} "
+                        "entry; recompile or restore it")
     return manifest
+
+
+_REQUIRED = {"source": dict, "target": dict, "recipe": dict, "inputs": list, "outputs": list,
+             "runtime": dict, "hashes": dict}
 
 
 def check_contained(root: Path) -> None:

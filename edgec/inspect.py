@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from edgec.errors import UserError
 
 __all__ = ["describe"]
+
+logger = logging.getLogger(__name__)
 
 
 def _value(v) -> dict[str, Any]:
@@ -49,7 +52,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         manifest = read_manifest(p)
         info = {"artifact": str(p), "source": manifest["source"], "target": manifest["target"],
                 "runtime": manifest["runtime"], "inputs": manifest["inputs"],
-                "outputs": manifest["outputs"], "passes": manifest["recipe"]["passes"],
+                "outputs": manifest["outputs"], "passes": manifest["recipe"].get("passes"),
                 "files": manifest["hashes"]}
         # what the artifact does beyond run(): generate (and how), sample, swap adapters
         for key in ("generation", "kv_retrieval", "sampling", "tokenizer"):
@@ -61,19 +64,30 @@ def describe(path: str | Path) -> dict[str, Any]:
         if report.is_file():
             import json
 
-            r = json.loads(report.read_text())
-            info["latency_p50_ms"] = r["latency"].get("p50_ms")  # None: not measured
-            # entries with measured outputs (``lora`` records what the merge was held to): the
-            # worst max_rel and, where measured, the worst cosine (a quantized artifact's
-            # max_rel alone says little)
-            info["fidelity"] = {k: _worst(v["outputs"]) for k, v in r["fidelity"].items()
-                                if isinstance(v, dict) and isinstance(v.get("outputs"), dict)}
-            if isinstance(r["fidelity"].get("lora"), dict):
-                info["lora"] = r["fidelity"]["lora"]
+            # the compile's record, not needed to run: a damaged one (truncated, edited) was a
+            # JSONDecodeError (exit 1); the rest is shown without it
+            try:
+                info.update(_from_report(json.loads(report.read_text())))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                logger.warning("%s: damaged artifact: report.json is unreadable (%s: %s); "
+                               "showing the manifest without its latency and fidelity",
+                               p, type(e).__name__, e)
         return info
     if not p.exists():
         raise UserError(f"{p}: no such file or directory")
     return describe_onnx(p)
+
+
+def _from_report(r: dict[str, Any]) -> dict[str, Any]:
+    info = {"latency_p50_ms": r["latency"].get("p50_ms")}  # None: not measured
+    # entries with measured outputs (``lora`` records what the merge was held to): the worst
+    # max_rel and, where measured, the worst cosine (a quantized artifact's max_rel alone says
+    # little)
+    info["fidelity"] = {k: _worst(v["outputs"]) for k, v in r["fidelity"].items()
+                        if isinstance(v, dict) and isinstance(v.get("outputs"), dict)}
+    if isinstance(r["fidelity"].get("lora"), dict):
+        info["lora"] = r["fidelity"]["lora"]
+    return info
 
 
 def _worst(outputs: dict[str, Any]) -> dict[str, float]:

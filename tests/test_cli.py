@@ -320,6 +320,35 @@ def test_inspect_verify_names_a_changed_file(dit_tiny_artifacts, tmp_path):
     assert r.exit_code == 2 and f"{rel} changed since the compile (and 1 more)" in r.stderr
 
 
+def test_a_damaged_manifest_or_report_is_one_line_not_an_internal_error(dit_tiny_artifacts,
+                                                                          tmp_path, caplog):
+    """A manifest with its ``runtime`` entry deleted was a KeyError in run and inspect, a
+    truncated report.json a JSONDecodeError in inspect (exit 1 each)."""
+    import shutil
+
+    art = shutil.copytree(dit_tiny_artifacts[0].path, tmp_path / "a")
+    report = art / "report.json"
+    report.write_text(report.read_text()[:100])
+    with caplog.at_level("WARNING"):
+        r = _run("inspect", art, "--verify", "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert "fidelity" not in info and "match the manifest" in info["verified"]
+    assert "damaged artifact: report.json is unreadable (JSONDecodeError" in caplog.text
+    manifest = json.loads((art / "manifest.json").read_text())
+    for key, value in (("runtime", None), ("inputs", {"x": 1})):
+        edited = {k: v for k, v in manifest.items() if k != key}
+        if value is not None:
+            edited[key] = value
+        (art / "manifest.json").write_text(json.dumps(edited))
+        what = "has no" if value is None else "has a dict for"
+        for cmd in ("inspect", "run"):
+            r = _run(cmd, art)
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            assert r.exit_code == 2 and len(lines) == 1, r.output
+            assert f"damaged artifact: the manifest {what} its '{key}' entry" in lines[0]
+
+
 def test_console_script_exit_status(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgec.cli", "compile", str(tmp_path / "x.onnx"),
                            "--target", "ort-cpu", "-o", str(tmp_path / "o")],
