@@ -77,24 +77,27 @@ def check_external_data(model: ir.Model, base_dir: Path) -> None:
 
 
 def _all_tensors(model: ir.Model):
-    """``(label, tensor)`` for every initializer and attribute tensor, subgraphs included."""
+    """``(label, tensor)`` for every initializer and attribute tensor, subgraphs and local
+    functions included (a function's Constant was never checked)."""
     def graph_initializers(graph):
         for value in graph.initializers.values():
             yield f"initializer {value.name!r}", value.const_value
 
     yield from graph_initializers(model.graph)
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield from graph_initializers(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for graph in attr.value:
-                    yield from graph_initializers(graph)
-            elif attr.type in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
-                tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else attr.value
-                for tensor in tensors:
-                    yield (f"attribute {attr.name!r} of {node.op_type} node "
-                           f"{node.name or '(unnamed)'!r}"), tensor
+    functions = [(f" in function {f.name!r}", f) for f in model.functions.values()]
+    for where, graph_like in [("", model.graph), *functions]:
+        for node in ir.traversal.RecursiveGraphIterator(graph_like):
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    yield from graph_initializers(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for graph in attr.value:
+                        yield from graph_initializers(graph)
+                elif attr.type in (ir.AttributeType.TENSOR, ir.AttributeType.TENSORS):
+                    tensors = [attr.value] if attr.type == ir.AttributeType.TENSOR else attr.value
+                    for tensor in tensors:
+                        yield (f"attribute {attr.name!r} of {node.op_type} node "
+                               f"{node.name or '(unnamed)'!r}{where}"), tensor
 
 
 def save_model(model: ir.Model, path: Path) -> None:

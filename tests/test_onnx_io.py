@@ -90,9 +90,10 @@ def test_an_ir_version_newer_than_onnxruntime_reads_is_named(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _constant_with_external_value(location: str, in_subgraph: bool = False) -> onnx.ModelProto:
+def _constant_with_external_value(location: str, in_subgraph: bool = False,
+                                  in_function: bool = False) -> onnx.ModelProto:
     """y = x @ Constant(value=<8x8 float in ``location``>), the Constant in an If branch if
-    ``in_subgraph``."""
+    ``in_subgraph``, in a local function the graph calls if ``in_function``."""
     from onnx import TensorProto, helper
 
     value = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[8, 8])
@@ -111,14 +112,20 @@ def _constant_with_external_value(location: str, in_subgraph: bool = False) -> o
         inits = [cond]
     else:
         nodes, inits = [const], []
+    functions = []
+    if in_function:  # the graph calls local.weights(), whose one node is the Constant
+        functions = [helper.make_function("local", "weights", [], ["w"], [const],
+                                          [helper.make_opsetid("", 17)])]
+        nodes = [helper.make_node("weights", [], ["w"], domain="local")]
     graph = helper.make_graph(nodes + [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                               [x], [y], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, functions=functions, opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
     model.ir_version = 10
     return model
 
 
-@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink", "subgraph"])
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink", "subgraph", "function"])
 def test_an_attribute_tensor_outside_the_model_dir_is_refused(tmp_path, case):
     """A Constant's value tensor with external data outside the model's directory was left to
     ONNX Runtime's own check: `edgec inspect` and the compile's load read it (exit 0)."""
@@ -129,8 +136,9 @@ def test_an_attribute_tensor_outside_the_model_dir_is_refused(tmp_path, case):
     if case == "symlink":
         (inner / "link.bin").symlink_to(secret)
     location = {"dotdot": "../secret.bin", "absolute": str(secret), "symlink": "link.bin",
-                "subgraph": "../secret.bin"}[case]
-    onnx.save(_constant_with_external_value(location, case == "subgraph"), inner / "m.onnx")
+                "subgraph": "../secret.bin", "function": "../secret.bin"}[case]
+    onnx.save(_constant_with_external_value(location, case == "subgraph", case == "function"),
+              inner / "m.onnx")
     with pytest.raises(UserError, match=r"attribute 'value' of Constant node .* outside the "
                                         r"model's directory"):
         load_onnx(inner / "m.onnx")
