@@ -400,9 +400,10 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
             session.active_adapter = lora_info["verified_adapter"]
         locate = None
         if tgt.locate_departure is not None and not stand_in:
-            def locate():
+            def locate(feeds=None):  # the example's, or a held-out sample's
                 step(f"locating where {tgt.name} departs from ONNX Runtime (bisection)")
-                return tgt.locate_departure(stage / "model.onnx", src.feeds)
+                return tgt.locate_departure(stage / "model.onnx",
+                                            src.feeds if feeds is None else feeds)
         fidelity, first_run_s = target_fidelity(session, src, approximate, model, quantized,
                                                 locate)
         if any(r.name == "sparse-attention" and r.stats.get("sites_approximate")
@@ -413,7 +414,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         searched = next((r.stats["mixed_precision"] for r in records
                          if r.name == "quantize" and "mixed_precision" in r.stats), None)
         floor_note = None if stand_in or searched is None else floor_on_target(
-            session, prep.manager.passes, searched)
+            session, prep.manager.passes, searched, model, locate)
         if floor_note:
             fidelity.setdefault("notes", []).append(floor_note)
         if stand_in:
