@@ -266,9 +266,8 @@ def _judge_held_out(session, model, feeds, outputs, reference, masks, mixed, loc
         where = _located(None if locate is None else lambda: locate(feeds[worst]))
         raise VerificationError(f"{missed}; on those samples {message}; below the floor "
                                 f"{QUANTIZED_FLOOR}, this is a target bug: report it with the "
-                                f"model{f' ({where})' if where else ''}; meanwhile another "
-                                "scheme, or exclude= of the layer it names, may avoid it (a "
-                                "tighter floor cannot)")
+                                f"model{f' ({where})' if where else ''}; a tighter floor "
+                                "cannot help (it bounds ONNX Runtime's run of the graph)")
     return f"on those samples {message}: the device is the problem, not the quantized graph"
 
 
