@@ -295,7 +295,12 @@ class Session(abc.ABC):
         prompt gets the image's placeholder tokens where it has none (or one, LLaVA's
         ``<image>``), and the returned rows hold them. ``adapter``: a swappable-LoRA artifact's
         adapter or blend for this call only, as in ``run`` (default the active one)."""
-        from edgec.runtimes.generation import GenerationConfig, generate, resolve_settings
+        from edgec.runtimes.generation import (
+            GenerationConfig,
+            check_context,
+            generate,
+            resolve_settings,
+        )
 
         info = self.decoder_info
         settings, sources = resolve_settings(
@@ -318,6 +323,8 @@ class Session(abc.ABC):
             self._refuse_image_placeholder(input_ids)
         shape = np.shape(input_ids)
         batch, length = (1, shape[0]) if len(shape) == 1 else shape[:2]
+        # before the caches below are sized by it (a huge -n was a MemoryError allocating them)
+        check_context(info, length, max_new_tokens)
         retrieval = (self._retrieval_cache(info, batch, length + max_new_tokens) if kv_retrieval
                      else None)
         cache = retrieval if retrieval is not None else self._kv_cache(

@@ -25,6 +25,7 @@ import numpy as np
 from edgec.artifact import contained_path
 from edgec.errors import UserError
 from edgec.options import parse_options, split_spec
+from edgec.runtimes.generation import check_cache_memory
 
 __all__ = ["FreeKVConfig", "parse_kv_retrieval", "FreeKVCache", "FixedBufferCache",
            "freekv_cache_for", "graph_config", "GRAPH_FILE", "DENSE_FILE", "FORCE_TAU",
@@ -202,6 +203,8 @@ class FixedBufferCache:
     def __init__(self, session, graph: str | os.PathLike, info, batch: int, *,
                  runtime: str | None = None, runtime_config: Mapping[str, Any] | None = None,
                  capacity: int | None = None, prefill_chunk: int | None = None):
+        if capacity:  # the buffers' first size (they grow past it)
+            check_cache_memory(info, batch, capacity)
         session = _open_standard(session, runtime)
         self.session, self.info, self.batch = session, info, batch
         runtime = runtime or getattr(session, "runtime", "ort")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,8 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["GenerationConfig", "ArrayCache", "generate", "process_logits", "resolve_settings"]
+__all__ = ["GenerationConfig", "ArrayCache", "check_cache_memory", "check_context", "generate",
+           "process_logits", "resolve_settings"]
 
 # an option the caller leaves out (None): edgec's default for an artifact without a checkpoint
 # generation config (the reference model), else the checkpoint's value, else transformers'
@@ -249,6 +251,38 @@ def _prompt(info, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def check_context(info, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt + max_new_tokens the model's context (a static cache's length, else its
+    max_positions) cannot hold; before any cache is sized by them (``Session.generate``)."""
+    limit = info.context or info.max_positions
+    # the last new token is never fed back: the cache holds prompt + max_new_tokens - 1
+    if limit and prompt_tokens + max_new_tokens - 1 > limit:
+        most, fit = limit - prompt_tokens + 1, limit - max_new_tokens + 1
+        advice = (f"set max_new_tokens (-n) to at most {most} or shorten the prompt"
+                  if most >= 1 else f"shorten the prompt to at most {fit} tokens" + (
+                      f" ({limit} with max_new_tokens 1)" if max_new_tokens > 1 else "")
+                  if fit >= 1 else f"shorten the prompt and lower max_new_tokens (-n): "
+                  f"together they may be at most {limit + 1} tokens")
+        raise UserError(f"the prompt ({prompt_tokens} tokens) + max_new_tokens "
+                        f"({max_new_tokens}) - 1 exceeds the model's context of {limit} "
+                        f"tokens; {advice}")
+
+
+def check_cache_memory(info, batch: int, capacity: int) -> None:
+    """Refuse a cache allocated up front for ``capacity`` tokens per row (OpenVINO's paged
+    blocks, FreeKV's buffers) that exceeds this machine's memory: a model without a context limit
+    (the reference) took any max_new_tokens, and numpy's MemoryError was an internal error."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): numpy's error stands
+        return
+    size = 2 * info.layers * batch * info.kv_heads * capacity * info.head_dim * 4  # float32
+    if size > memory:
+        raise UserError(f"a KV cache for {batch} x {capacity} tokens (prompt + max_new_tokens) "
+                        f"takes {size / 2**30:.1f} GiB, more than this machine's "
+                        f"{memory / 2**30:.1f} GiB of memory; lower max_new_tokens (-n)")
+
+
 def generate(session, info, input_ids, attention_mask=None, cache=None,
              streamer: Callable[[np.ndarray], Any] | None = None, **options: Any
              ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -263,18 +297,7 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
     pad = info.pad_token_id if pad is None else pad
     cfg = GenerationConfig(eos_token_id=eos, pad_token_id=pad, **options)
     ids, mask = _prompt(info, input_ids, attention_mask)
-    limit = info.context or info.max_positions
-    # the last new token is never fed back: the cache holds prompt + max_new_tokens - 1
-    if limit and ids.shape[1] + cfg.max_new_tokens - 1 > limit:
-        most, fit = limit - ids.shape[1] + 1, limit - cfg.max_new_tokens + 1
-        advice = (f"set max_new_tokens (-n) to at most {most} or shorten the prompt"
-                  if most >= 1 else f"shorten the prompt to at most {fit} tokens" + (
-                      f" ({limit} with max_new_tokens 1)" if cfg.max_new_tokens > 1 else "")
-                  if fit >= 1 else f"shorten the prompt and lower max_new_tokens (-n): "
-                  f"together they may be at most {limit + 1} tokens")
-        raise UserError(f"the prompt ({ids.shape[1]} tokens) + max_new_tokens "
-                        f"({cfg.max_new_tokens}) - 1 exceeds the model's context of {limit} "
-                        f"tokens; {advice}")
+    check_context(info, ids.shape[1], cfg.max_new_tokens)
     fill = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
     rng = np.random.default_rng(cfg.seed)
     cache = cache if cache is not None else ArrayCache(session, info, ids.shape[0])

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from edgec.runtimes.generation import check_cache_memory
+
 __all__ = ["BLOCK_SIZE", "paged_model", "PagedCache", "bind"]
 
 BLOCK_SIZE = 32  # tokens per block: what OpenVINO GenAI gives the CPU plugin at f32
@@ -88,6 +90,7 @@ class PagedCache:
         if reuse and reuse[0].shape[0] >= need:
             self.blocks = reuse
         else:
+            check_cache_memory(info, batch, capacity)
             shape = (need, info.kv_heads, BLOCK_SIZE, info.head_dim)
             self.blocks = [np.zeros(shape, np.float32) for _ in range(2 * info.layers)]
         names = [f"{kind}_cache.{i}" for i in range(info.layers) for kind in ("key", "value")]

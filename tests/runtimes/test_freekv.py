@@ -251,3 +251,12 @@ def test_left_padded_batch_equals_each_prompt_alone(decoder):
         np.testing.assert_array_equal(got[row, 45:], alone[0, len(prompt):])
         for x, y in zip(logits, alone_logits):
             np.testing.assert_allclose(x[row], y[0], atol=1e-4)
+
+
+def test_buffers_larger_than_memory_are_refused(decoder):
+    """The buffers are allocated for prompt + max_new_tokens at the first step: a huge -n on the
+    reference model (no context limit) was numpy's MemoryError, an internal error."""
+    session, info, graph = decoder
+    with pytest.raises(UserError, match=r"a KV cache for 1 x 10000000000 tokens .* lower "
+                                        r"max_new_tokens \(-n\)$"):
+        FreeKVCache(session, graph, info, CONFIG, 1, capacity=10**10)

@@ -726,3 +726,18 @@ def test_a_tokenizer_path_edited_to_leave_the_artifact_is_refused(tmp_path):
         with pytest.raises(UserError, match="damaged or edited artifact: tokenizer points "
                                             "outside it"):
             Tokenizer(tmp_path / "art", {"tokenizer": entry})
+
+
+@pytest.mark.parametrize("name", ["hf-llama", "llama"])
+def test_a_huge_max_new_tokens_is_refused_before_the_cache_is_allocated(artifacts, name):
+    """OpenVINO's paged cache is allocated for prompt + max_new_tokens before the loop: -n 1e9
+    was an internal MemoryError (exit 1), not the context refusal (a checkpoint's
+    max_positions), or, the reference model having no limit, one line giving the cache's size."""
+    sess = artifacts[name, "openvino-cpu"].load()
+    assert sess.paged
+    message = ("exceeds the model's context of 128 tokens" if name == "hf-llama" else
+               r"a KV cache for 1 x \d+ tokens \(prompt \+ max_new_tokens\) takes [\d.]+ GiB, "
+               r"more than this machine's [\d.]+ GiB of memory; lower max_new_tokens \(-n\)$")
+    with pytest.raises(UserError, match=message):
+        sess.generate([5, 6], max_new_tokens=10**9)
+    assert sess.generate([5, 6], max_new_tokens=3).shape == (1, 5)  # the session still works
