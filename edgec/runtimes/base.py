@@ -298,6 +298,7 @@ class Session(abc.ABC):
         from edgec.runtimes.generation import (
             GenerationConfig,
             check_context,
+            decoding_settings,
             generate,
             resolve_settings,
         )
@@ -306,9 +307,10 @@ class Session(abc.ABC):
         settings, sources = resolve_settings(
             info, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty)
+        applied = decoding_settings(settings, sources)
         # refuses bad options before the caches below are sized by them
         GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, seed=seed,
-                         **settings)
+                         **applied)
         if adapter is not None:
             self._lora_bank().feeds(adapter)  # refuses an unknown name or blend up front
         # every step's feeds read it (``_adapter_feeds``); other threads keep the active one
@@ -334,7 +336,7 @@ class Session(abc.ABC):
         ids, stats = generate(
             self, info, input_ids, attention_mask, cache=cache,
             streamer=streamer, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, seed=seed, **settings)
+            pad_token_id=pad_token_id, seed=seed, **applied)
         stats["settings"], stats["settings_from"] = settings, sources
         ignored = (info.generation_config or {}).get("not_applied")
         if ignored:  # transformers' generate() would apply them: the tokens may differ

@@ -23,8 +23,8 @@ import numpy as np
 
 from edgec.errors import UserError
 
-__all__ = ["GenerationConfig", "ArrayCache", "check_cache_memory", "check_context", "generate",
-           "process_logits", "resolve_settings"]
+__all__ = ["GenerationConfig", "ArrayCache", "check_cache_memory", "check_context",
+           "decoding_settings", "generate", "process_logits", "resolve_settings"]
 
 # an option the caller leaves out (None): edgec's default for an artifact without a checkpoint
 # generation config (the reference model), else the checkpoint's value, else transformers'
@@ -83,6 +83,17 @@ def resolve_settings(info, **given: Any) -> tuple[dict[str, Any], dict[str, str]
         else:
             values[name], sources[name] = HF_DEFAULTS[name], "transformers default"
     return values, sources
+
+
+def decoding_settings(settings: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """``resolve_settings``' values as ``GenerationConfig`` takes them: greedy decoding reads no
+    sampling value, so the checkpoint's are not checked (``do_sample: false, temperature: 0.0``
+    refused every generation, --greedy too; transformers' generate() ignores them); an
+    argument's still are."""
+    if settings["do_sample"]:
+        return settings
+    return {**settings, **{k: EDGEC_DEFAULTS[k] for k in ("temperature", "top_k", "top_p")
+                           if sources[k] != "argument"}}
 
 
 def _is_int(x: Any) -> bool:

@@ -741,3 +741,39 @@ def test_a_huge_max_new_tokens_is_refused_before_the_cache_is_allocated(artifact
     with pytest.raises(UserError, match=message):
         sess.generate([5, 6], max_new_tokens=10**9)
     assert sess.generate([5, 6], max_new_tokens=3).shape == (1, 5)  # the session still works
+
+
+@pytest.fixture(scope="module")
+def greedy_temperature_0(tmp_path_factory, checkpoints):
+    """The HF LLaMA checkpoint whose generation_config.json says do_sample false with
+    temperature 0.0 (and top_p 0.0), compiled for ort-cpu."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("temp0")
+    ckpt = shutil.copytree(checkpoints[0] / "llama", root / "llama")
+    (ckpt / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False,
+        "temperature": 0.0, "top_p": 0.0}))
+    return edgec.compile(str(ckpt), target="ort-cpu", output_dir=root / "out", generate=True,
+                         config="batch=1,seq=8")
+
+
+def test_greedy_checkpoint_with_temperature_0_generates(artifacts, greedy_temperature_0):
+    """Its temperature 0.0 refused every generation (CLI --greedy too), though greedy decoding
+    reads no temperature and transformers' generate() decodes it greedily; a temperature the
+    caller gives for greedy decoding stays refused."""
+    sess = greedy_temperature_0.load()
+    assert sess.decoder_info.generation_config["temperature"] == 0.0
+    ids = np.array([[1, 9, 23, 44, 17, 5]])
+    plain = artifacts["hf-llama", "ort-cpu"].load().generate(ids, max_new_tokens=6)
+    np.testing.assert_array_equal(sess.generate(ids, max_new_tokens=6), plain)
+    assert sess.last_generation["settings"]["do_sample"] is False
+    with pytest.raises(UserError, match="temperature must be a finite number > 0"):
+        sess.generate(ids, max_new_tokens=6, temperature=0.0)
+    runner = CliRunner()
+    args = ["generate", str(greedy_temperature_0.path), "--prompt-ids", "1,9,23", "-n", "3"]
+    for extra in ([], ["--greedy"]):
+        r = runner.invoke(app, [*args, *extra])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(app, [*args, "--greedy", "--temperature", "0.5"])
+    assert r.exit_code == 2 and "--temperature applies to sampling" in r.stderr
