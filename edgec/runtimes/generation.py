@@ -305,8 +305,12 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
         raise UserError(f"eos_token_id {outside[0]} is outside this model's vocabulary of "
                         f"{info.vocab} tokens; give ids in [0, {info.vocab})")
     pad = options.pop("pad_token_id", None)
-    pad = info.pad_token_id if pad is None else pad
-    cfg = GenerationConfig(eos_token_id=eos, pad_token_id=pad, **options)
+    cfg = GenerationConfig(eos_token_id=eos, pad_token_id=info.pad_token_id if pad is None
+                           else pad, **options)
+    if pad is not None and cfg.pad_token_id >= info.vocab:  # it fills a finished row: ORT
+        # failed on it at the next step, OpenVINO returned rows padded with it
+        raise UserError(f"pad_token_id {cfg.pad_token_id} is outside this model's vocabulary "
+                        f"of {info.vocab} tokens; give an id in [0, {info.vocab})")
     ids, mask = _prompt(info, input_ids, attention_mask)
     check_context(info, ids.shape[1], cfg.max_new_tokens)
     fill = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)

@@ -535,6 +535,9 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, tiny_mlp, tmp_path):
             ([1, 2], dict(eos_token_id=-1), "eos_token_id must be a token id"),
             ([1, 2], dict(eos_token_id=[2, 999]), r"eos_token_id 999 is outside this model's "
                                                   r"vocabulary of \d+ tokens"),
+            # a finished row is filled with it: ORT's raw InvalidArgument, OpenVINO's id
+            ([1, 2], dict(pad_token_id=999), r"pad_token_id 999 is outside this model's "
+                                             r"vocabulary of \d+ tokens; give an id in"),
             ([1, 2], dict(do_sample=True, temperature=float("nan")), "temperature must be")]:
         with pytest.raises(UserError, match=message):
             sess.generate(ids, **options)
