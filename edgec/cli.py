@@ -380,7 +380,9 @@ def calibrate_cmd(
                "data": cache.data, "tensors": len(cache.tensors),
                "model_hash": cache.model_hash, "seconds": round(cache.seconds, 3),
                **({"data_sha256": cache.data_sha256} if cache.data_sha256 else {}),
-               **({"held_out": cache.held_out} if cache.held_out else {})}
+               **({"held_out": cache.held_out} if cache.held_out else {}),
+               **({"calibration_samples": cache.calibration_samples}
+                  if cache.calibration_samples else {})}
     decode = None
     if (output / "decode" / "calibration.json").is_file():  # --generate on the NPU: the
         from edgec.calibration import CalibrationCache  # one-token decode graph's own

@@ -892,9 +892,9 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
         recipe = dataclasses.replace(recipe, calibration=samples)
     prep = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize")
     request = recipe.quantize.calibration_request(recipe.target, samples)
-    held = None
+    held = gptq = None
     if samples is not None:  # the data's last samples held out as `compile --calib FILE` does
-        request, held = _held_out_of_data(recipe, request, prep.src)
+        request, held, gptq = _held_out_of_data(recipe, request, prep.src)
     ctx = StageContext(recipe, prep.src, step or logger.info, made=prep.manager.passes)
     bindings = _adapter_bindings(ctx)  # the compile's calibration binds them the same way
     cache = collect_cache(prep.model, request, prep.src, progress,
@@ -919,6 +919,10 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
             (step or logger.info)("the held-out samples are too large to store in the cache: "
                                   "`compile --calib` measures its accuracy floor on generated "
                                   "samples")
+        if gptq is not None and not cache.save_calibration_samples(stage, gptq):
+            (step or logger.info)("the calibration samples are too large to store in the "
+                                  "cache: GPTQ under `compile --calib` rounds on generated "
+                                  "samples (pass --calib FILE.npz for GPTQ on the file)")
         cache.save(stage)
         if decode is not None:
             decode.save(stage / "decode")
@@ -927,19 +931,22 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
 
 def _held_out_of_data(recipe: Recipe, request, src):
     """``calibrate --data``: (the request calibrating on what `compile --calib FILE.npz` would,
-    (the floor's held-out samples, their source)) — the file's last HELD_OUT, left out of the
-    calibration where enough remain (``held_out_split``), so the same options give the same
-    ranges either way and `compile --calib CACHE` holds its floor on the same samples; None
-    for the second with no floor to hold. It calibrated on the whole file and the compile's
-    floor took random tokens: all-MiniLM-L6-v2 w8a8 read 0.9802 where the file's own gave 0.9907."""
+    (the floor's held-out samples, their source), the samples GPTQ takes) — the file's last
+    HELD_OUT, left out of the calibration where enough remain (``held_out_split``), so the
+    same options give the same ranges either way and `compile --calib CACHE` holds its floor
+    and rounds GPTQ's weights on the same samples; None for the second with no floor to hold.
+    It calibrated on the whole file and the compile's floor took random tokens:
+    all-MiniLM-L6-v2 w8a8 read 0.9802 where the file's own gave 0.9907; GPTQ under the cache
+    rounded on random tokens."""
     from edgec.calibration.samples import npz_sample_count, source_samples_from_npz
-    from edgec.graph_passes.quantization.options import HELD_OUT, held_out_split
+    from edgec.graph_passes.quantization.options import HELD_OUT, gptq_of_data, held_out_split
 
+    feeds = source_samples_from_npz(request.data, src)
     if recipe.quantize.floor_on(recipe.target) is None:
-        return request, None
+        return request, None, gptq_of_data(feeds, "calibration")
     calibrated, source = held_out_split(npz_sample_count(request.data), recipe.quantize.samples)
-    feeds = source_samples_from_npz(request.data, src)[-HELD_OUT:]
-    return dataclasses.replace(request, samples=calibrated), (feeds, source)
+    return (dataclasses.replace(request, samples=calibrated), (feeds[-HELD_OUT:], source),
+            gptq_of_data(feeds, source))
 
 
 def _calibration_data(data: str | os.PathLike) -> Path:

@@ -423,6 +423,47 @@ def test_floor_holds_out_samples_calibration_does_not_see(tmp_path, count, calib
         (tmp_path / "o" / "model.onnx").read_bytes()
 
 
+def test_gptq_under_a_data_cache_rounds_on_the_file(tmp_path, caplog):
+    """`calibrate --data FILE` then `compile --calib CACHE` with gptq=true rounded the weights
+    on generated random tokens, silently, where `--calib FILE.npz` rounds on the file: the cache
+    stores the samples GPTQ takes now, and the two give the same artifact; a cache without them
+    (an older edgec, or too large to store) says GPTQ rounds on generated samples."""
+    import numpy as np
+
+    from edgec.graph_passes.quantization.options import GPTQ_SAMPLES
+    from edgec.models import registry
+
+    sets = registry.get("llama").calibration_inputs("tiny", 20)
+    np.savez(tmp_path / "s.npz", input_ids=np.stack([s[0].numpy() for s in sets]))
+    scheme = "w8a8:gptq=true"
+
+    def compile_(name, calibration):
+        art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / name,
+                            config="tiny", quantize=scheme, calibration=calibration)
+        return next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]["gptq"]
+
+    direct = compile_("o", tmp_path / "s.npz")
+    cache = edgec.calibrate("llama", "ort-cpu", tmp_path / "c", config="tiny",
+                            data=tmp_path / "s.npz", quantize=scheme)
+    assert cache.calibration_samples == {"file": "calibration_samples.npz", "samples": 16}
+    kept = np.load(tmp_path / "c" / "calibration_samples.npz")["input_ids"]
+    assert np.array_equal(kept, np.load(tmp_path / "s.npz")["input_ids"][:16])
+    caplog.clear()
+    assert compile_("o2", tmp_path / "c") == direct
+    assert (tmp_path / "o2" / "model.onnx").read_bytes() == \
+        (tmp_path / "o" / "model.onnx").read_bytes()
+    assert "GPTQ rounds on generated samples" not in caplog.text
+    # an older cache: no stored samples, generated ones and one line saying so
+    raw = json.loads((tmp_path / "c" / "calibration.json").read_text())
+    del raw["calibration_samples"]
+    (tmp_path / "c" / "calibration.json").write_text(json.dumps(raw))
+    (tmp_path / "c" / "calibration_samples.npz").unlink()
+    older = compile_("o3", tmp_path / "c")
+    assert older["rows"] == GPTQ_SAMPLES * 2 * 16 != direct["rows"]
+    assert ("the calibration cache was made from s.npz but does not store its samples"
+            in caplog.text and "pass --calib FILE.npz for GPTQ on that file" in caplog.text)
+
+
 def test_cli_calibrate_takes_the_compile_recipe_options(tmp_path):
     """A cache made by `edgec calibrate --prune ...` matches the compile with the same options."""
     runner = CliRunner()

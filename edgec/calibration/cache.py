@@ -18,7 +18,7 @@ from typing import Any
 from edgec.errors import UserError
 
 __all__ = ["CalibrationCache", "model_hash", "adapters_bound", "is_cache", "CACHE_FILE",
-           "FORMAT", "ROTATIONS_FILE", "HELD_OUT_FILE"]
+           "FORMAT", "ROTATIONS_FILE", "HELD_OUT_FILE", "CALIBRATION_SAMPLES_FILE"]
 
 FORMAT = "edgec-calibration/1"
 _ORT_STATS = ("lowest", "highest", "avg", "std")  # what ORT's TensorData takes (not "crest")
@@ -27,6 +27,11 @@ ROTATIONS_FILE = "rotations.safetensors"
 HELD_OUT_FILE = "held_out.npz"
 HELD_OUT_MAX_BYTES = 64 << 20  # larger held-out samples are not stored: the floor's are generated
 _HELD_OUT_SOURCES = ("data", "calibration")  # as the quantize stage's held_out_source
+# ``calibrate --data``: the samples GPTQ's Hessians take from the file (all but the held-out
+# ones), so `compile --calib CACHE` rounds on them as `--calib FILE.npz` does; larger are not
+# stored (GPTQ under such a cache rounds on generated samples and says so)
+CALIBRATION_SAMPLES_FILE = "calibration_samples.npz"
+CALIBRATION_SAMPLES_MAX_BYTES = 256 << 20
 
 
 def is_cache(path: Path) -> bool:
@@ -101,6 +106,9 @@ class CalibrationCache:
     # {"file", "samples", "source": "data" (calibration left them out) | "calibration"}
     data_sha256: str | None = None
     held_out: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # ... and the file's samples GPTQ takes, in CALIBRATION_SAMPLES_FILE ({} none: a generated
+    # cache, one over CALIBRATION_SAMPLES_MAX_BYTES, an older one): {"file", "samples"}
+    calibration_samples: dict[str, Any] = dataclasses.field(default_factory=dict)
     created: str = dataclasses.field(
         default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -223,17 +231,8 @@ class CalibrationCache:
         HELD_OUT_FILE into ``directory`` (keys = input names, leading sample axis, as the data
         file) and record them (call before ``save``); False, nothing written, where they hold
         over HELD_OUT_MAX_BYTES."""
-        import numpy as np
-
-        arrays = {k: np.stack([f[k] for f in feeds]) for k in feeds[0]} if feeds else {}
-        if not arrays or sum(a.nbytes for a in arrays.values()) > HELD_OUT_MAX_BYTES:
+        if not _save_feeds(Path(directory) / HELD_OUT_FILE, feeds, HELD_OUT_MAX_BYTES):
             return False
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (HELD_OUT_FILE + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, directory / HELD_OUT_FILE)
         self.held_out = {"file": HELD_OUT_FILE, "samples": len(feeds), "source": source}
         return True
 
@@ -242,9 +241,34 @@ class CalibrationCache:
         from generated samples, with the floor off, or by an older edgec)."""
         if not self.held_out:
             return None
-        path = Path(getattr(self, "_directory", ".")) / HELD_OUT_FILE
+        return self._stored(HELD_OUT_FILE, "held-out samples")
+
+    def save_calibration_samples(self, directory: str | os.PathLike,
+                                 feeds: list[dict[str, Any]]) -> bool:
+        """Write the data file's samples GPTQ takes (``feeds``, as ``save_held_out``) as
+        CALIBRATION_SAMPLES_FILE into ``directory`` and record them (call before ``save``);
+        False, nothing written, where they hold over CALIBRATION_SAMPLES_MAX_BYTES."""
+        if not _save_feeds(Path(directory) / CALIBRATION_SAMPLES_FILE, feeds,
+                           CALIBRATION_SAMPLES_MAX_BYTES):
+            return False
+        self.calibration_samples = {"file": CALIBRATION_SAMPLES_FILE, "samples": len(feeds)}
+        return True
+
+    def calibration_samples_file(self) -> Path | None:
+        """The stored samples GPTQ takes (``save_calibration_samples``); None where this cache
+        has none (generated samples, too large, or an older edgec)."""
+        if not self.calibration_samples:
+            return None
+        return self._stored(CALIBRATION_SAMPLES_FILE, "calibration samples")
+
+    def made_from_data(self) -> bool:
+        """Calibrated on a user's .npz (``calibrate --data``), not the model's generator."""
+        return self.data_sha256 is not None or str(self.data).startswith("file ")
+
+    def _stored(self, name: str, what: str) -> Path:
+        path = Path(getattr(self, "_directory", ".")) / name
         if not path.is_file():
-            raise UserError(f"{path}: the calibration cache's held-out samples are missing; "
+            raise UserError(f"{path}: the calibration cache's {what} are missing; "
                             "re-run `edgec calibrate` with the same --data")
         return path
 
@@ -303,6 +327,22 @@ class CalibrationCache:
         return TensorsData(_method(self.method), data)
 
 
+def _save_feeds(path: Path, feeds: list[dict[str, Any]], limit: int) -> bool:
+    """Per-sample ``feeds`` stacked into the .npz ``path`` (keys = input names, leading sample
+    axis, as a data file); False, nothing written, for none or over ``limit`` bytes."""
+    import numpy as np
+
+    arrays = {k: np.stack([f[k] for f in feeds]) for k in feeds[0]} if feeds else {}
+    if not arrays or sum(a.nbytes for a in arrays.values()) > limit:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+    return True
+
+
 def _names(adapters: dict[str, Any]) -> str:
     """The adapters of an ``adapters_bound`` record as the user named them (not the base each
     binding list ends with)."""
@@ -332,6 +372,10 @@ def _check_entries(f: Path, cache: CalibrationCache) -> None:
     if not isinstance(held, dict) or held and (held.get("source") not in _HELD_OUT_SOURCES or
                                                not isinstance(held.get("samples"), int)):
         raise UserError(f"{f}: 'held_out' is {held!r}, not a record of held-out samples; {redo}")
+    kept = cache.calibration_samples
+    if not isinstance(kept, dict) or kept and not isinstance(kept.get("samples"), int):
+        raise UserError(f"{f}: 'calibration_samples' is {kept!r}, not a record of calibration "
+                        f"samples; {redo}")
     from edgec.calibration.samples import MAX_SAMPLES
 
     # generated again on reuse (the floor's held-out samples follow them): 10**9 ate 13 GB

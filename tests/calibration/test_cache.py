@@ -129,6 +129,38 @@ def test_held_out_samples_are_stored_beside_the_cache(tmp_path, monkeypatch):
     assert not (tmp_path / "big" / "held_out.npz").exists()
 
 
+def test_calibration_samples_are_stored_beside_the_cache(tmp_path, monkeypatch):
+    """`calibrate --data` keeps the file's samples GPTQ takes, so `compile --calib CACHE`
+    rounds on them (it rounded on random tokens); an older cache has none and says it was made
+    from a file, a generated one does not; one whose file went missing is refused."""
+    from edgec.calibration import cache as cache_module
+
+    feeds = [{"input_ids": np.full((1, 8), i, np.int64)} for i in range(6)]
+    c = _cache(data="file d.npz", data_sha256="0" * 64)
+    assert c.calibration_samples_file() is None
+    assert c.save_calibration_samples(tmp_path / "c", feeds)
+    c.save(tmp_path / "c")
+    back = CalibrationCache.load(tmp_path / "c")
+    assert back == c and back.calibration_samples == {"file": "calibration_samples.npz",
+                                                      "samples": 6}
+    stored = np.load(back.calibration_samples_file())["input_ids"]
+    assert stored.shape == (6, 1, 8) and stored[5, 0, 0] == 5
+    (tmp_path / "c" / "calibration_samples.npz").unlink()
+    with pytest.raises(UserError, match="calibration samples are missing; re-run `edgec calib"):
+        back.calibration_samples_file()
+    old = {"format": "edgec-calibration/1", **c.to_json()}
+    del old["calibration_samples"]
+    (tmp_path / "calibration.json").write_text(json.dumps(old))
+    older = CalibrationCache.load(tmp_path)
+    assert older.calibration_samples_file() is None and older.made_from_data()
+    assert not _cache().made_from_data()
+    monkeypatch.setattr(cache_module, "CALIBRATION_SAMPLES_MAX_BYTES", 100)
+    big = _cache()
+    assert not big.save_calibration_samples(tmp_path / "big", feeds)
+    assert big.calibration_samples == {}
+    assert not (tmp_path / "big" / "calibration_samples.npz").exists()
+
+
 def test_bad_cache_files(tmp_path):
     with pytest.raises(UserError, match="no calibration cache"):
         CalibrationCache.load(tmp_path)
@@ -156,6 +188,8 @@ def test_bad_cache_files(tmp_path):
     ({"held_out": {"file": "held_out.npz", "samples": 4, "source": "x"}},
      "'held_out' is .*not a record of held-out samples"),
     ({"held_out": [1]}, "not a record of held-out samples"),
+    ({"calibration_samples": {"file": "calibration_samples.npz", "samples": "all"}},
+     "'calibration_samples' is .*not a record of calibration samples"),
     # generated again on reuse: 10**9 grew to 13.6 GB without a word
     ({"samples": 10**9}, "'samples' is 1000000000, more than the 4096 generated"),
 ])

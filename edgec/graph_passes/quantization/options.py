@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ from typing import Any
 from edgec.errors import UserError
 from edgec.options import convert_items, split_spec
 
-__all__ = ["QuantOptions", "HELD_OUT", "DEFAULT_MIN_COS", "DEFAULT_MAX_KLD", "held_out_split"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["QuantOptions", "HELD_OUT", "DEFAULT_MIN_COS", "DEFAULT_MAX_KLD", "held_out_split",
+           "gptq_of_data"]
 
 # --quantize stream=: the residual stream on a fully quantized target (QuantScheme.float_stream
 # and stream_16bit)
@@ -303,11 +307,21 @@ class QuantOptions:
 
         def gptq_samples(model):
             """GPTQ's activations: a user's .npz (but its held-out samples when calibration
-            leaves them out), else ``GPTQ_SAMPLES`` from the generator, the calibration
-            samples first and never the held-out ones."""
+            leaves them out), or those a cache calibrated from one stored, else
+            ``GPTQ_SAMPLES`` from the generator, the calibration samples first and never the
+            held-out ones."""
             if data is not None:
-                found = samples(model)
-                return found[:-HELD_OUT] if source == "data" else found
+                return gptq_of_data(samples(model), source)
+            stored = given.calibration_samples_file() if given is not None else None
+            if stored is not None:
+                return samples(model, file=stored)
+            if given is not None and given.made_from_data():
+                # an older cache, or the file's samples were too large to store: the generator's
+                # rounded silently where `--calib FILE.npz` rounds on the file
+                logger.warning("the calibration cache was made from %s but does not store its "
+                               "samples (an older edgec, or over the size limit): GPTQ rounds "
+                               "on generated samples; pass --calib FILE.npz for GPTQ on that "
+                               "file", given.data.removeprefix("file "))
             more = samples(model, HELD_OUT + max(0, GPTQ_SAMPLES - count))
             return more[:count] + more[count + HELD_OUT:]
 
@@ -329,6 +343,12 @@ class QuantOptions:
                             floor=floor, held_out=held_out, held_out_source=source,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None,
                             progress=step, bindings=bindings)
+
+
+def gptq_of_data(found: list, source: str) -> list:
+    """The samples of a user's .npz (``found``) GPTQ takes: all but the floor's held-out ones
+    where calibration leaves them out (``source`` "data", ``held_out_split``)."""
+    return found[:-HELD_OUT] if source == "data" else found
 
 
 def held_out_split(available: int | None, asked: int | None) -> tuple[int | None, str]:
