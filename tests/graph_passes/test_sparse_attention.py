@@ -13,7 +13,12 @@ from edgec.exporters import export_module
 from edgec.exporters.verify import compare_outputs
 from edgec.graph_passes import PassManager
 from edgec.graph_passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
-from edgec.graph_passes.sparse_attention.layout import reference_block_selection, static_pattern
+from edgec.graph_passes.sparse_attention.layout import (
+    kept_blocks,
+    query_block_pattern,
+    reference_block_selection,
+    static_pattern,
+)
 from edgec.runtimes.ort import run_model
 
 F = torch.nn.functional
@@ -156,14 +161,37 @@ def _rainfusion_selection(qs, ks, cfg):
     probs = np.pad(probs / probs.sum(-1, keepdims=True), ((0, 0),) * 3 + ((0, nb * bs - n),))
     mass = probs.reshape(*probs.shape[:3], nb, bs).sum(-1)  # [B,H,r,nb]
     qb = rows // cfg.query_block
-    tables = [static_pattern(cfg.grid, lay.tile, top.shape[-1], kind, forced=lay.sink)
-              [::cfg.query_block // bs][:top.shape[2]] for kind in ("spatial", "temporal")]
+    tables = [query_block_pattern(cfg.grid, lay.tile, top.shape[-1], kind, cfg.query_block // bs,
+                                  forced=lay.sink) for kind in ("spatial", "temporal")]
     idx = top.copy()
     for b, h in np.ndindex(*top.shape[:2]):
         sel = [*tables, top[b, h]]
         captured = [sum(mass[b, h, r, t[qb[r]]].sum() for r in range(len(rows))) for t in sel]
         idx[b, h] = sel[int(np.argmax(captured))]
     return idx
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+@pytest.mark.parametrize("grid,block,keep,qblock,sink", [
+    ((8, 32, 32), 64, 0.2, 0, "none"), ((8, 32, 32), 64, 0.1, 0, "none"),
+    ((13, 30, 45), 90, 0.2, 0, "frame"), ((2, 8, 8), 16, 0.5, 32, "none")])
+def test_rainfusion_query_block_pattern_keeps_its_own_tiles(grid, block, keep, qblock, sink,
+                                                           kind):
+    """A query block's static pattern was its first tile's: at qblock = 8 × block 48 (spatial)
+    and 72 (temporal) of video-dit small's 128 query tiles lost their own key block."""
+    cfg = SparseAttentionConfig(keep=keep, block=block, grid=grid, qblock=qblock, sink=sink,
+                                mode="rainfusion")
+    lay, ratio = cfg.layout(), cfg.query_block // block
+    nb = int(np.prod(grid)) // block
+    k = kept_blocks(nb, keep, len(lay.sink))
+    table = query_block_pattern(grid, lay.tile, k, kind, ratio, forced=lay.sink)
+    assert table.shape == (-(-nb // ratio), k)
+    assert all(len(set(row)) == k and set(lay.sink) <= set(row) for row in table)
+    assert [j for j in range(nb) if j not in table[j // ratio]] == []
+    # one tile per query block: exactly that tile's pattern
+    one = query_block_pattern(grid, lay.tile, k, kind, 1, forced=lay.sink)
+    np.testing.assert_array_equal(np.sort(one), np.sort(
+        static_pattern(grid, lay.tile, k, kind, forced=lay.sink)))
 
 
 @pytest.mark.parametrize("share", ["none", "batch"])

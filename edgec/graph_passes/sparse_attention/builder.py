@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from edgec.graph_passes.sparse_attention.layout import kept_blocks, static_pattern
+from edgec.graph_passes.sparse_attention.layout import kept_blocks, query_block_pattern
 
 __all__ = ["SiteShape", "build_sparse_attention"]
 
@@ -300,9 +300,8 @@ def _choose_pattern_per_head(e, qv, kv, topk_idx, nb, k_sel, npb, n_video, cfg, 
     mass = e.ReduceSum(e.Reshape(probs, e.i64(0, 0, 0, nb, cfg.block)), e.i64(4), keepdims=0)
     tables, captured = [], []
     for kind in ("spatial", "temporal"):
-        # a query block's pattern is that of its first key-sized tile
-        per_tile = static_pattern(layout.grid, layout.tile, k_sel, kind, forced=layout.sink)
-        table = per_tile[::cfg.query_block // cfg.block][:-(-n_video // cfg.query_block)]
+        table = query_block_pattern(layout.grid, layout.tile, k_sel, kind,
+                                    cfg.query_block // cfg.block, forced=layout.sink)
         onehot = np.zeros((len(rows), nb), dtype=np.float32)
         np.put_along_axis(onehot, table[q_blocks], 1.0, axis=1)
         prefix_cols = np.broadcast_to(np.arange(npb), (len(table), npb))

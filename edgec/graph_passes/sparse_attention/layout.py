@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from edgec.graph_passes.sparse_attention.config import SparseAttentionConfig
 
 __all__ = ["choose_tile", "tile_permutation", "sink_blocks", "static_pattern",
-           "reference_block_selection", "kept_blocks"]
+           "query_block_pattern", "reference_block_selection", "kept_blocks"]
 
 FORCE = 1e9  # added to forced (sink) block scores so TopK always takes them
 
@@ -77,6 +77,28 @@ def static_pattern(grid, tile, k: int, kind: str, forced=()) -> np.ndarray:
     cost = dt * big + ds if kind == "spatial" else ds * big + dt
     cost[:, np.asarray(forced, dtype=np.int64)] = -1.0
     return np.argsort(cost, axis=1, kind="stable")[:, :k].astype(np.int64)
+
+
+def query_block_pattern(grid, tile, k: int, kind: str, ratio: int, forced=()) -> np.ndarray:
+    """[n_query_blocks, k] static key blocks for query blocks of ``ratio`` tiles each.
+
+    Forced blocks, then the query block's own tiles, then the blocks kept by the most of its
+    tiles' ``static_pattern`` rows (ties: nearest its centre tile). Taking the first tile's row
+    alone left the other tiles without their own block (7 of 8 at qblock = 8 × block).
+    """
+    per_tile = static_pattern(grid, tile, k, kind, forced)
+    nb = len(per_tile)
+    order = static_pattern(grid, tile, nb, kind, forced)  # every tile's full ranking
+    forced = np.asarray(forced, dtype=np.int64)
+    rows = []
+    for lo in range(0, nb, ratio):
+        own = np.arange(lo, min(lo + ratio, nb))
+        votes = np.bincount(per_tile[own].ravel(), minlength=nb)
+        votes[own], votes[forced] = ratio + 1, ratio + 2
+        rank = np.empty(nb, dtype=np.int64)
+        rank[order[own[len(own) // 2]]] = np.arange(nb)
+        rows.append(np.lexsort((rank, -votes))[:k])
+    return np.stack(rows).astype(np.int64)
 
 
 def kept_blocks(n_blocks: int, keep: float, n_forced: int) -> int:

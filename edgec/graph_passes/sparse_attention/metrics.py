@@ -179,7 +179,7 @@ def _unique_rows(idx: np.ndarray, nb: int) -> np.ndarray:
 
 def _rainfusion_choice(qv, kv, topk, cfg, layout, nb):
     """Mirror of the graph's online per-head pattern test (spatial / temporal / textural)."""
-    from edgec.graph_passes.sparse_attention.layout import static_pattern
+    from edgec.graph_passes.sparse_attention.layout import query_block_pattern
 
     nv, bs, k_sel = kv.shape[0], cfg.block, topk.shape[-1]
     qbs = getattr(cfg, "query_block", bs)
@@ -187,9 +187,8 @@ def _rainfusion_choice(qv, kv, topk, cfg, layout, nb):
     probs = _softmax_rows(qv[rows], kv)  # over video keys only, as in the graph
     mass = np.pad(probs, ((0, 0), (0, nb * bs - nv))).reshape(len(rows), nb, bs).sum(2)
     q_blocks = rows // qbs
-    # a query block's static pattern is that of its first key-sized tile (as in the graph)
-    tables = [static_pattern(layout.grid, layout.tile, k_sel, kind, forced=layout.sink)
-              [::qbs // bs][:len(topk)] for kind in ("spatial", "temporal")]
+    tables = [query_block_pattern(layout.grid, layout.tile, k_sel, kind, qbs // bs,
+                                  forced=layout.sink) for kind in ("spatial", "temporal")]
     captured = [np.take_along_axis(mass, t[q_blocks], 1).sum() for t in tables]
     captured.append(np.take_along_axis(mass, topk[q_blocks], 1).sum())
     c = int(np.argmax(captured))
