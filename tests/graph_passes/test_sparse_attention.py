@@ -174,7 +174,8 @@ def _rainfusion_selection(qs, ks, cfg):
 @pytest.mark.parametrize("kind", ["spatial", "temporal"])
 @pytest.mark.parametrize("grid,block,keep,qblock,sink", [
     ((8, 32, 32), 64, 0.2, 0, "none"), ((8, 32, 32), 64, 0.1, 0, "none"),
-    ((13, 30, 45), 90, 0.2, 0, "frame"), ((2, 8, 8), 16, 0.5, 32, "none")])
+    ((13, 30, 45), 90, 0.2, 0, "frame"), ((2, 8, 8), 16, 0.5, 32, "none"),
+    ((4, 8, 16), 16, 0.25, 64, "none")])
 def test_rainfusion_query_block_pattern_keeps_its_own_tiles(grid, block, keep, qblock, sink,
                                                            kind):
     """A query block's static pattern was its first tile's: at qblock = 8 × block 48 (spatial)
@@ -188,6 +189,11 @@ def test_rainfusion_query_block_pattern_keeps_its_own_tiles(grid, block, keep, q
     assert table.shape == (-(-nb // ratio), k)
     assert all(len(set(row)) == k and set(lay.sink) <= set(row) for row in table)
     assert [j for j in range(nb) if j not in table[j // ratio]] == []
+    frames = grid[0] // lay.tile[0]
+    if kind == "temporal" and ratio * frames <= k - len(lay.sink):
+        # every tile's column across frames (kept blocks most tiles share lost them)
+        column = static_pattern(grid, lay.tile, frames, kind)
+        assert all(set(column[j]) <= set(table[j // ratio]) for j in range(nb))
     # one tile per query block: exactly that tile's pattern
     one = query_block_pattern(grid, lay.tile, k, kind, 1, forced=lay.sink)
     np.testing.assert_array_equal(np.sort(one), np.sort(

@@ -64,40 +64,41 @@ def sink_blocks(grid, tile) -> np.ndarray:
     return np.flatnonzero(_block_coords(grid, tile)[:, 0] == 0).astype(np.int64)
 
 
-def static_pattern(grid, tile, k: int, kind: str, forced=()) -> np.ndarray:
-    """[n_blocks, k] key blocks of RainFusion's static heads: forced blocks, then nearest.
-
-    ``spatial``: same frame first (a band around the query block), then neighbouring frames;
-    ``temporal``: same spatial tile across frames first, then spatial neighbours.
-    """
+def _pattern_cost(grid, tile, kind: str, forced=()) -> np.ndarray:
+    """[n_blocks, n_blocks] distance of each key block from each query tile (forced: -1)."""
     c = _block_coords(grid, tile).astype(np.float64)
     dt = np.abs(c[:, None, 0] - c[None, :, 0])
     ds = np.hypot(c[:, None, 1] - c[None, :, 1], c[:, None, 2] - c[None, :, 2])
     big = 1e6
     cost = dt * big + ds if kind == "spatial" else ds * big + dt
     cost[:, np.asarray(forced, dtype=np.int64)] = -1.0
+    return cost
+
+
+def static_pattern(grid, tile, k: int, kind: str, forced=()) -> np.ndarray:
+    """[n_blocks, k] key blocks of RainFusion's static heads: forced blocks, then nearest.
+
+    ``spatial``: same frame first (a band around the query block), then neighbouring frames;
+    ``temporal``: same spatial tile across frames first, then spatial neighbours.
+    """
+    cost = _pattern_cost(grid, tile, kind, forced)
     return np.argsort(cost, axis=1, kind="stable")[:, :k].astype(np.int64)
 
 
 def query_block_pattern(grid, tile, k: int, kind: str, ratio: int, forced=()) -> np.ndarray:
     """[n_query_blocks, k] static key blocks for query blocks of ``ratio`` tiles each.
 
-    Forced blocks, then the query block's own tiles, then the blocks kept by the most of its
-    tiles' ``static_pattern`` rows (ties: nearest its centre tile). Taking the first tile's row
-    alone left the other tiles without their own block (7 of 8 at qblock = 8 × block).
+    ``static_pattern`` for the query block as a whole: forced blocks, its own tiles, then the
+    blocks nearest to any of its tiles (ties: nearest its centre tile), so each tile's temporal
+    column or frame band is in. Taking the first tile's row left the other tiles without their
+    own block (7 of 8 at qblock = 8 × block); keeping the blocks most tiles' rows share lost
+    the tiles' own temporal partners to shared spatial neighbours.
     """
-    per_tile = static_pattern(grid, tile, k, kind, forced)
-    nb = len(per_tile)
-    order = static_pattern(grid, tile, nb, kind, forced)  # every tile's full ranking
-    forced = np.asarray(forced, dtype=np.int64)
+    cost = _pattern_cost(grid, tile, kind, forced)
     rows = []
-    for lo in range(0, nb, ratio):
-        own = np.arange(lo, min(lo + ratio, nb))
-        votes = np.bincount(per_tile[own].ravel(), minlength=nb)
-        votes[own], votes[forced] = ratio + 1, ratio + 2
-        rank = np.empty(nb, dtype=np.int64)
-        rank[order[own[len(own) // 2]]] = np.arange(nb)
-        rows.append(np.lexsort((rank, -votes))[:k])
+    for lo in range(0, len(cost), ratio):
+        own = np.arange(lo, min(lo + ratio, len(cost)))
+        rows.append(np.lexsort((cost[own[len(own) // 2]], cost[own].min(0)))[:k])
     return np.stack(rows).astype(np.int64)
 
 
