@@ -19,6 +19,7 @@ from edgec.graph_passes.sparse_attention.layout import (
     reference_block_selection,
     static_pattern,
 )
+from edgec.report import _sites_line
 from edgec.runtimes.ort import run_model
 
 F = torch.nn.functional
@@ -244,6 +245,11 @@ def test_stats_report_sparsity_and_flops():
     assert stats["blocks"] == 8 and stats["kept_blocks"] == 2
     assert stats["predicted_sparsity"] == 0.75
     assert stats["attention_gflops_sparse"] < 0.5 * stats["attention_gflops_dense"]
+    # the report called the 75% of video key blocks skipped "sparsity 75%", though the dense
+    # prefix rows and columns stay: the work cut is less
+    cut = 1 - stats["attention_gflops_sparse"] / stats["attention_gflops_dense"]
+    assert 0.5 < cut < 0.75
+    assert f", key blocks skipped 75% (attention work −{cut:.0%})" in _sites_line(stats)
 
 
 def test_pass_manager_reports_approximation_error():
