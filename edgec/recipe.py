@@ -53,8 +53,11 @@ def _sparse(raw: Any, target, parsed: dict):
 
     if raw is None or raw is False:
         return None
-    if raw is True or raw in ("", "default"):
+    if raw is True or raw == "default":
         return {}
+    if isinstance(raw, str) and not raw.strip():  # an empty shell variable read as the defaults
+        raise UserError("sparse attention options are empty: give 'default' for the defaults "
+                        "or k=v options (e.g. keep=0.2,block=64)")
     if isinstance(raw, SparseAttentionConfig):
         return raw
     items = SparseAttentionConfig.parse_items(raw)

@@ -64,6 +64,10 @@ def test_refused_before_any_export(no_export, tmp_path, kwargs, match):
     ("keep=0.2,keep=0.3", "sparse attention option 'keep' is given twice; give it once"),
     ({"keep": "x"}, "sparse attention option keep='x' is not valid (expected float)"),
     ({"block": None}, "sparse attention block=None is not valid (expected int)"),
+    ("", "sparse attention options are empty: give 'default' for the defaults or k=v options "
+         "(e.g. keep=0.2,block=64)"),  # was the defaults, in silence
+    (" ", "sparse attention options are empty: give 'default' for the defaults or k=v options "
+          "(e.g. keep=0.2,block=64)"),
 ])
 def test_sparse_attention_values_are_refused_before_any_export(no_export, tmp_path, spec,
                                                                 message):
