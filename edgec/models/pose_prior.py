@@ -4,7 +4,8 @@ Architecture facts: ../shared/research/model_families.md §4 (DPoser-X, arXiv 25
 in moonbow721/DPoser-X ``lib/algorithms/advanced/{model,model_wholebody}.py`` and
 ``configs/{body,hand,face,wholebody}/subvp``).
 
-``forward(pose [B, D], t [B]) -> score [B, D]``, t continuous in (0, 1].
+``forward(pose [B, D], t [B]) -> noise [B, D]``, t continuous in (0, 1]: the networks' output
+ε̂ = −σ(t)·score; the score is ``score()`` (the sampler divides on the host, see Score).
 
 * pose: z-score-normalized axis-angle, ``[body 63 | left hand 45 | right hand 45 | face 103]``
   (21 + 15 + 15 joints × 3; face = jaw 3 + 100 expression coefficients), D = 256. The left hand
@@ -20,7 +21,12 @@ in moonbow721/DPoser-X ``lib/algorithms/advanced/{model,model_wholebody}.py`` an
   layer (fine-tuning starts from the frozen part networks); here it is small but non-zero, or the
   fusion network would not reach the output (its weights untested, its quantization invisible).
 * Score [C]: ``score = −(part outputs + fused) / σ(t)`` with the sub-VP marginal std
-  ``σ(t) = 1 − exp(−β_min·t − ½(β_max − β_min)·t²)`` (β 0.1 → 20), as DPoser-X's ``score_fn``.
+  ``σ(t) = 1 − exp(−β_min·t − ½(β_max − β_min)·t²)`` (β 0.1 → 20), as DPoser-X's ``score_fn``:
+  like score_sde's ``get_score_fn`` it divides outside the network, and so does edgec (the
+  graph outputs ``noise``, the sampling spec says ``"prediction": "noise"`` and the sampler
+  divides in float64). A graph that divided could not be quantized for an NPU: the score spans
+  five orders of magnitude over t, and σ(t) as a uint16 tensor over [0, 1] has a step 14 % of
+  σ(1e-3) ≈ 1.1e-4.
   The release's networks also divide by an SMLD σ table indexed by ⌊999·t⌋ (``scale_by_sigma``
   on the ``positional`` embedding path, a leftover of score_sde that training absorbs); that
   factor is left out here (it would be a Gather on a quantized index on an NPU).
@@ -39,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgec.models.registry import ModelSpec, register, timesteps
-from edgec.runtimes.sampling import SCORE_EPS
+from edgec.runtimes.sampling import SCORE_EPS, subvp_integral
 
 __all__ = ["PosePriorConfig", "PosePrior", "CONFIGS", "SPEC", "subvp_sigma"]
 
@@ -85,8 +91,8 @@ CONFIGS: dict[str, PosePriorConfig] = {
 
 def subvp_sigma(t: torch.Tensor, beta_min: float = BETA_MIN, beta_max: float = BETA_MAX
                 ) -> torch.Tensor:
-    """Marginal std of the sub-VP SDE at t: 1 − exp(2·log_mean_coeff)."""
-    return 1.0 - torch.exp(-beta_min * t - 0.5 * (beta_max - beta_min) * t * t)
+    """Marginal std of the sub-VP SDE at t: 1 − exp(2·log_mean_coeff) (the sampler's σ)."""
+    return 1.0 - torch.exp(-subvp_integral(t, beta_min, beta_max))
 
 
 class TimeEmbedding(nn.Module):
@@ -144,7 +150,7 @@ class ResidualMLP(nn.Module):
 
 
 class PosePrior(nn.Module):
-    """forward(pose [B, D], t [B]) -> score [B, D] (see the module docstring)."""
+    """forward(pose [B, D], t [B]) -> noise [B, D] (see the module docstring)."""
 
     def __init__(self, cfg: PosePriorConfig) -> None:
         super().__init__()
@@ -158,7 +164,7 @@ class PosePrior(nn.Module):
         self.output_linear = nn.Linear(cfg.pose_dim, cfg.pose_dim)  # zero-init in the release
 
     def denoiser(self, pose: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The networks' summed output before the score scaling: score = −denoiser / σ(t)."""
+        """The networks' summed output, ε̂: score = −denoiser / σ(t)."""
         labels = t * 999.0
         body, lhand, rhand, face = pose.split(self.cfg.part_dims, dim=-1)
         outs, hiddens = zip(self.body(body, labels), self.hand(lhand, labels),
@@ -167,6 +173,10 @@ class PosePrior(nn.Module):
         return torch.cat(outs, dim=-1) + self.output_linear(fused)
 
     def forward(self, pose: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(pose, t)
+
+    def score(self, pose: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """DPoser-X's ``score_fn``: −ε̂ / σ(t) (what the sampler computes from the graph)."""
         return -self.denoiser(pose, t) / subvp_sigma(t)[:, None]
 
 
@@ -204,7 +214,7 @@ def build(config: str, options: frozenset[str]) -> nn.Module:
 def example_inputs(config: str, options: frozenset[str], seed: int) -> tuple[torch.Tensor, ...]:
     """A noisy normalized pose and t over the sampler's [1e-3, 1] (``registry.timesteps``: the
     prior is queried at t ≈ 0.08–0.12 when fitting, from 1 down to 1e-3 when sampling; σ(1e-3)
-    ≈ 1.1e-4, so scores reach ~10⁴× the noise)."""
+    ≈ 1.1e-4: scores would reach ~10⁴× the noise, the graph's ε̂ output stays O(1))."""
     cfg = CONFIGS[config]
     g = torch.Generator().manual_seed(seed)
     pose = torch.randn(cfg.batch, cfg.pose_dim, generator=g)
@@ -229,17 +239,17 @@ SPEC = register(
     ModelSpec(
         name="pose-prior",
         description="whole-body pose prior: per-part residual-MLP score networks + fusion MLP "
-                    "(sub-VP SDE score)",
+                    "(sub-VP SDE, noise)",
         configs=tuple(CONFIGS),
         input_names=("pose", "t"),
-        output_names=("score",),
+        output_names=("noise",),
         builder=build,
         inputs=example_inputs,
         dynamic=dynamic,
         describe=describe,
         paper="DPoser-X (arXiv 2508.00599)",
-        sampling={"kind": "score", "samples": {"pose": "score"}, "timestep": "t",
-                  "timestep_scale": 1.0, "beta_min": BETA_MIN, "beta_max": BETA_MAX,
-                  "conditions": [], "guidance": 1.0, "steps": 100},
+        sampling={"kind": "score", "samples": {"pose": "noise"}, "prediction": "noise",
+                  "timestep": "t", "timestep_scale": 1.0, "beta_min": BETA_MIN,
+                  "beta_max": BETA_MAX, "conditions": [], "guidance": 1.0, "steps": 100},
     )
 )

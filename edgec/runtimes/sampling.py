@@ -36,9 +36,12 @@ from edgec.runtimes import schedulers
 logger = logging.getLogger(__name__)
 
 __all__ = ["SamplerSpec", "sample", "check_inputs", "flow_sigmas", "ddim_alphas", "subvp",
-           "denoise", "fit_with_prior"]
+           "subvp_integral", "denoise", "fit_with_prior"]
 
 KINDS = ("flow", "ddim-x0", "ddim-v", "score")
+# what a score-kind model outputs: the score itself, or the noise ε̂ = −σ(t)·score (DPoser-X's and
+# score_sde's networks: range-stable over t, where the score grows as 1/σ(t), ~10⁴ at t = 1e-3)
+PREDICTIONS = ("score", "noise")
 SPACINGS = ("trailing", "linspace", "leading")
 # the solvers a kind can sample with (the artifact names its pipeline's; sample(solver=) swaps)
 SOLVERS = {"flow": ("euler", "flowmatch", "unipc"), "ddim-v": ("ddim", "dpm")}
@@ -69,6 +72,7 @@ class SamplerSpec:
     train_steps: int = 1000
     beta_min: float = 0.1
     beta_max: float = 20.0
+    prediction: str = "score"  # score: see PREDICTIONS
     # ddim-v: CogVideoXDDIMScheduler's schedule (scaled-linear betas, SNR shift, zero terminal
     # SNR, timestep spacing); the timestep is the integer train step (timestep_scale 1)
     beta_start: float = 0.00085
@@ -106,6 +110,8 @@ class SamplerSpec:
         spec = cls(**entry)
         if spec.kind not in KINDS:
             raise UserError(f"sampler kind {spec.kind!r} unknown; upgrade edgec")
+        if spec.kind == "score" and spec.prediction not in PREDICTIONS:
+            raise UserError(f"score prediction {spec.prediction!r} unknown; upgrade edgec")
         if spec.kind == "ddim-v" and spec.spacing not in SPACINGS:
             raise UserError(f"timestep spacing {spec.spacing!r} unknown; upgrade edgec")
         if spec.kind in SOLVERS and spec.solver not in SOLVERS[spec.kind]:
@@ -144,9 +150,15 @@ def ddim_alphas(train_steps: int, schedule: str = "cosine") -> np.ndarray:
     return np.cumprod(1.0 - betas)
 
 
+def subvp_integral(t, beta_min: float, beta_max: float):
+    """∫₀ᵗ β(s) ds of the sub-VP SDE's linear β (a float, an array or a tensor): its mean
+    coefficient is exp(−½·integral), its std 1 − exp(−integral)."""
+    return beta_min * t + 0.5 * t * t * (beta_max - beta_min)
+
+
 def subvp(t: float, spec: SamplerSpec) -> tuple[float, float, float]:
     """(β(t), mean coefficient α(t), std σ(t)) of the sub-VP SDE (Song et al. 2021)."""
-    integral = spec.beta_min * t + 0.5 * t * t * (spec.beta_max - spec.beta_min)
+    integral = subvp_integral(t, spec.beta_min, spec.beta_max)
     beta = spec.beta_min + t * (spec.beta_max - spec.beta_min)
     return beta, math.exp(-0.5 * integral), 1.0 - math.exp(-integral)
 
@@ -675,15 +687,22 @@ def _ddim_v(model, spec, x, steps, rng, callback):
     return x
 
 
+def _to_score(out: np.ndarray, sigma: float, spec: SamplerSpec) -> np.ndarray:
+    """The score from a score-kind model's output, on the host in float64: the output itself, or
+    −ε̂ / σ(t) (a graph that divided by σ(t) would hold both at 8/16 bits on an NPU)."""
+    if spec.prediction == "noise":
+        return -np.asarray(out, np.float64) / sigma
+    return out
+
+
 def _score(model, spec, x, steps, rng, callback, eps: float = SCORE_EPS):
     """Euler–Maruyama on the reverse sub-VP SDE from t = 1 to ``eps`` (last step noise-free)."""
     ts = np.linspace(1.0, eps, steps)
     dt = -(1.0 - eps) / steps
     for i, t in enumerate(ts):
-        beta, _, _ = subvp(float(t), spec)
-        integral = spec.beta_min * t + 0.5 * t * t * (spec.beta_max - spec.beta_min)
-        g2 = beta * (1.0 - math.exp(-2.0 * integral))
-        score = model(i, x, float(t))
+        beta, _, sigma = subvp(float(t), spec)
+        g2 = beta * (1.0 - math.exp(-2.0 * subvp_integral(t, spec.beta_min, spec.beta_max)))
+        score = {k: _to_score(v, sigma, spec) for k, v in model(i, x, float(t)).items()}
         mean = {k: x[k] + (-0.5 * beta * x[k] - g2 * score[k]) * dt for k in x}
         last = i + 1 == steps
         x = {k: (mean[k] if last else mean[k] + math.sqrt(g2 * -dt)
@@ -705,7 +724,7 @@ def denoise(session, x0: np.ndarray, t: float, rng: np.random.Generator,
              if k not in (name, spec.timestep) and np.shape(v)[:1] == (len(x0),)}
     feeds = {**other, name: xt,
              spec.timestep: np.full(len(x0), t * spec.timestep_scale, np.float32)}
-    score = session.run(feeds)[out]
+    score = _to_score(session.run(feeds)[out], sigma, spec)
     snr = alpha / sigma
     return ((xt + sigma ** 2 * score) / alpha).astype(np.float32), 0.5 * math.sqrt(1 + snr ** 2)
 

@@ -58,7 +58,8 @@ class Oracle:
         _, alpha, std = zip(*(subvp(float(ti), spec) for ti in t[:, 0]))
         alpha, std = np.array(alpha)[:, None], np.array(std)[:, None]
         var = alpha ** 2 * SPREAD ** 2 + std ** 2  # data N(target, SPREAD²): p_t is Gaussian
-        return {"y": -(x - alpha * target) / var}
+        score = -(x - alpha * target) / var
+        return {"y": -std * score if spec.prediction == "noise" else score}
 
 
 @pytest.mark.parametrize("kind, solver", [("flow", None), ("flow", "flowmatch"),
@@ -73,9 +74,10 @@ def test_an_exact_model_samples_its_data_point(kind, solver):
     assert sess.last_sampling["solver"] == (solver or "euler" if kind == "flow" else None)
 
 
-def test_sde_sampler_draws_the_data_distribution(monkeypatch):
+@pytest.mark.parametrize("prediction", ["score", "noise"])
+def test_sde_sampler_draws_the_data_distribution(monkeypatch, prediction):
     monkeypatch.setitem(globals(), "SPREAD", 0.3)
-    sess = Oracle("score", spec={"steps": 200})
+    sess = Oracle("score", spec={"steps": 200, "prediction": prediction})
     c = np.ones((1000, 6), np.float32)  # 1000 draws of N(X0 + 1, 0.3²)
     x = sample(sess, {"c": c}, guidance=1.0, seed=0)["x"].reshape(500, 2, 6)
     np.testing.assert_allclose(x.mean(0), X0 + 1.0, atol=0.05)
@@ -163,8 +165,11 @@ def test_flow_sigmas_are_shifted_and_end_at_zero():
     assert s[2] == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
 
 
-def test_one_step_prior_denoise_and_fit():
-    sess = Oracle("score")
+@pytest.mark.parametrize("prediction", ["score", "noise"])
+def test_one_step_prior_denoise_and_fit(prediction):
+    """A score-kind model outputs the score, or ε̂ = −σ(t)·score (pose-prior) that the sampler
+    divides by σ(t)."""
+    sess = Oracle("score", spec={"prediction": prediction})
     x0_hat, weight = denoise(sess, np.zeros((2, 6), np.float32) + X0 + 1.0, 0.1,
                              np.random.default_rng(0))
     np.testing.assert_allclose(x0_hat, X0 + 1.0, atol=1e-4)  # Tweedie with the exact score
@@ -191,6 +196,9 @@ def test_bad_sampling_requests():
         sample(sess, dense_steps=2)
     # a VAE artifact was told to "compile it again", which cannot give it a sampler
     from edgec.runtimes.sampling import SamplerSpec
+
+    with pytest.raises(UserError, match="score prediction 'x0' unknown; upgrade edgec"):
+        sample(Oracle("score", spec={"prediction": "x0"}))
 
     with pytest.raises(UserError, match="AutoencoderKLWan artifact is not a denoiser; .*--vae"):
         SamplerSpec.from_manifest({"source": {"kind": "diffusers",
