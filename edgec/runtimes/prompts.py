@@ -89,16 +89,19 @@ def encode_prompts(denoiser, text_encoder, prompts: Sequence[str]) -> np.ndarray
 
 
 def prompt_conditions(denoiser, text_encoder, prompt: str | Sequence[str],
-                      negative_prompt: str | Sequence[str] | None
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+                      negative_prompt: str | Sequence[str] | None, guided: bool = True
+                      ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(conditions, negative conditions) for ``sample``: the prompts' embeddings and the
-    negative prompts' (the pipelines' default negative prompt is the empty one)."""
+    negative prompts' (the pipelines' default negative prompt is the empty one); without
+    guidance (``guided`` False) no negatives, as the pipelines encode none then."""
     if text_encoder is None:
         raise UserError("a prompt needs a compiled text encoder: text_encoder=edgec.load(DIR) "
                         "(CLI: --text-encoder DIR)")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise UserError("prompt must be a string or a list of strings")
+    if not guided and negative_prompt is None:
+        return {TEXT_INPUT: encode_prompts(denoiser, text_encoder, prompts)}, None
     negatives = negative_prompt if negative_prompt is not None else ""
     negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
     if len(negatives) != len(prompts):

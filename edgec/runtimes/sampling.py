@@ -402,13 +402,7 @@ def with_prompts(session, conditions, negative, prompt, negative_prompt, text_en
     where no guidance runs (``guidance`` 1, or None and the artifact's 1) are refused: they
     would be ignored."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
-    given = ("negative_prompt is", "it") if negative_prompt is not None else (
-        "negative conditions are", "them")
-    if (negative is not None or negative_prompt is not None) and spec.conditions and (
-            not _guided(spec, guidance)):
-        default = " (the artifact's default)" if guidance is None else ""
-        raise UserError(f"{given[0]} used by guidance; guidance is 1{default}: give a "
-                        f"guidance scale other than 1, or leave {given[1]} out")
+    _unused_negatives(spec, negative, negative_prompt, guidance)
     if prompt is None:
         if negative_prompt is not None:
             raise UserError("negative_prompt needs a prompt (or give negative embeddings)")
@@ -417,10 +411,23 @@ def with_prompts(session, conditions, negative, prompt, negative_prompt, text_en
         raise UserError("give negative_prompt or negative embeddings, not both")
     from edgec.runtimes.prompts import prompt_conditions
 
-    cond, neg = prompt_conditions(session, text_encoder, prompt, negative_prompt)
+    cond, neg = prompt_conditions(session, text_encoder, prompt, negative_prompt,
+                                  guided=_guided(spec, guidance))
     if conditions and set(cond) & set(conditions):
         raise UserError(f"give a prompt or {next(iter(cond))} in the conditions, not both")
     return {**(conditions or {}), **cond}, (negative if negative is not None else neg)
+
+
+def _unused_negatives(spec: SamplerSpec, negative, negative_prompt, guidance) -> None:
+    """Refuse negatives given where no guidance runs (``guidance`` 1, or None and the
+    artifact's 1): they would be ignored."""
+    given = ("negative_prompt is", "it") if negative_prompt is not None else (
+        "negative conditions are", "them")
+    if (negative is not None or negative_prompt is not None) and spec.conditions and (
+            not _guided(spec, guidance)):
+        default = " (the artifact's default)" if guidance is None else ""
+        raise UserError(f"{given[0]} used by guidance; guidance is 1{default}: give a "
+                        f"guidance scale other than 1, or leave {given[1]} out")
 
 
 def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
@@ -437,6 +444,7 @@ def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {}).with_solver(solver)
     _check_steps(spec, steps)
     _check_options(session, spec, guidance, guidance_mode, dense_steps, seed, dynamic_cfg)
+    _unused_negatives(spec, negative, None, guidance)
     _, batch, x, _ = _start(session, spec, conditions, noise, np.random.default_rng(0), negative)
     if vae is not None:
         from edgec.runtimes.video import check_vae

@@ -148,6 +148,16 @@ def test_the_cli_samples_from_a_prompt_and_refuses_what_it_cannot_encode(pipelin
              "--text-encoder encodes --prompt")]:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and message in result.output, result.output
+    # guidance 1: no negative prompt to encode (the default "" was encoded, then refused)
+    result = CliRunner().invoke(app, [*base, "--text-encoder", str(encoder.path), "--guidance",
+                                      "1", "--save", str(tmp_path / "g1.npz")])
+    assert result.exit_code == 0, result.output
+    want = sess.sample(prompt="a big dog", text_encoder=encoder.load(), steps=2, guidance=1.0)
+    np.testing.assert_array_equal(np.load(tmp_path / "g1.npz")["hidden_states"],
+                                  want["hidden_states"])
+    with pytest.raises(UserError, match="negative conditions are used by guidance"):
+        check_inputs(sess, negative={"encoder_hidden_states": np.zeros((1, 8, 16), np.float32)},
+                     guidance=1.0)  # the CLI's, before its progress bar
     with pytest.raises(UserError, match="give negative_prompt or negative embeddings"):
         sess.sample(prompt="a", negative_prompt="b", text_encoder=encoder.load(),
                     negative={"encoder_hidden_states": np.zeros((1, 8, 16), np.float32)})
