@@ -709,7 +709,7 @@ def sample_cmd(
     steps: Annotated[int | None, typer.Option("--steps", min=1,
                                               help="sampling steps (default: the model's)")] = None,
     guidance: Annotated[float | None, typer.Option(
-        "--guidance", help="classifier-free guidance scale; 1 disables it")] = None,
+        "--guidance", help="classifier-free guidance scale; 1 or less disables it")] = None,
     seed: Annotated[int, typer.Option(help="noise seed")] = 0,
     guidance_mode: Annotated[str, typer.Option(
         "--guidance-mode", help="guidance pair as one batch (batch), two runs (split), or "

@@ -177,7 +177,7 @@ class _Denoiser:
         self.session, self.spec, self.fixed, self.batch = session, spec, fixed, batch
         self.guidance, self.dense, self.dense_steps = guidance, dense, dense_steps
         self.runs = 0
-        self.cfg = guidance != 1.0 and bool(spec.conditions)
+        self.cfg = _guided(spec, guidance)
         self.mode, self.probes = mode, {}  # graph name -> {mode: seconds}
         self.reason = None  # why the guidance mode is what it is, where not measured or asked
         self.guidance_at = guidance_at  # a per-timestep scale (CogVideoX's dynamic guidance)
@@ -315,9 +315,11 @@ def _pairable(session, spec: SamplerSpec, batch: int, mode: str) -> bool:
 
 
 def _guided(spec: SamplerSpec, guidance) -> bool:
-    """Does classifier-free guidance run (``guidance`` None: the artifact's scale)?"""
+    """Does classifier-free guidance run (``guidance`` None: the artifact's scale)? Only above
+    1, as diffusers' pipelines (``guidance_scale > 1``): 1 or less samples the conditional
+    prediction alone (0 sampled the unconditional one, ignoring the prompt)."""
     return bool(spec.conditions) and (spec.guidance if guidance is None
-                                      else float(guidance)) != 1.0
+                                      else float(guidance)) > 1.0
 
 
 def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
@@ -330,9 +332,10 @@ def sample(session, conditions: Mapping[str, np.ndarray] | None = None, *,
     """Run the artifact's sampler from Gaussian noise; returns the final samples by input name.
 
     ``conditions`` feeds every input that is not a noisy sample or the timestep (missing ones
-    come from the artifact's example inputs); ``guidance`` 1.0 disables classifier-free
-    guidance; ``negative`` feeds condition inputs of the unconditional half (a negative prompt's
-    embeddings, as diffusers pipelines take ``negative_prompt_embeds``; default zeros);
+    come from the artifact's example inputs); ``guidance`` 1.0 or less disables classifier-free
+    guidance (the conditional prediction alone, as diffusers' pipelines); ``negative`` feeds
+    condition inputs of the unconditional half (a negative prompt's embeddings, as diffusers
+    pipelines take ``negative_prompt_embeds``; default zeros);
     ``prompt`` (a string or one per batch row; CogVideoX / Wan artifacts) is encoded by
     ``text_encoder`` (a loaded text-encoder artifact) as the pipeline encodes it, and so is
     ``negative_prompt`` (default "", as the pipelines); ``guidance_mode`` runs the guidance
@@ -399,8 +402,8 @@ def _dynamic_cfg(guidance: float, steps: int) -> Callable[[float], float]:
 def with_prompts(session, conditions, negative, prompt, negative_prompt, text_encoder, *,
                  guidance=None):
     """(conditions, negative conditions) with the prompts' embeddings in them. Negatives given
-    where no guidance runs (``guidance`` 1, or None and the artifact's 1) are refused: they
-    would be ignored."""
+    where no guidance runs (``guidance`` ≤ 1, or None and the artifact's ≤ 1) are refused:
+    they would be ignored."""
     spec = SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
     _unused_negatives(spec, negative, negative_prompt, guidance)
     if prompt is None:
@@ -419,15 +422,17 @@ def with_prompts(session, conditions, negative, prompt, negative_prompt, text_en
 
 
 def _unused_negatives(spec: SamplerSpec, negative, negative_prompt, guidance) -> None:
-    """Refuse negatives given where no guidance runs (``guidance`` 1, or None and the
-    artifact's 1): they would be ignored."""
+    """Refuse negatives given where no guidance runs (``guidance`` ≤ 1, or None and the
+    artifact's ≤ 1): they would be ignored."""
     given = ("negative_prompt is", "it") if negative_prompt is not None else (
         "negative conditions are", "them")
     if (negative is not None or negative_prompt is not None) and spec.conditions and (
             not _guided(spec, guidance)):
+        scale = float(spec.guidance if guidance is None else guidance)
         default = " (the artifact's default)" if guidance is None else ""
-        raise UserError(f"{given[0]} used by guidance; guidance is 1{default}: give a "
-                        f"guidance scale other than 1, or leave {given[1]} out")
+        raise UserError(f"{given[0]} used by guidance, which runs above 1; guidance is "
+                        f"{scale:g}{default}: give a guidance scale above 1, or leave "
+                        f"{given[1]} out")
 
 
 def check_inputs(session, conditions: Mapping[str, np.ndarray] | None = None,

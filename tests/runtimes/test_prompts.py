@@ -128,6 +128,14 @@ def test_sampling_from_a_prompt_is_the_pipelines(pipelines, kind):
                       noise={"hidden_states": latents.numpy()}, steps=5,
                       guidance=6.0)["hidden_states"]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    # guidance 0.5: the pipelines guide only above 1 (edgec interpolated towards "")
+    with torch.no_grad():
+        want = pipe(prompt=PROMPT, latents=latents, num_inference_steps=5, guidance_scale=0.5,
+                    height=8 * s, width=8 * s, num_frames=t + 1, output_type="latent",
+                    max_sequence_length=8).frames.numpy()
+    got = sess.sample(prompt=PROMPT, text_encoder=encoder.load(), guidance=0.5, steps=5,
+                      noise={"hidden_states": latents.numpy()})["hidden_states"]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_the_cli_samples_from_a_prompt_and_refuses_what_it_cannot_encode(pipelines, tmp_path):

@@ -96,6 +96,22 @@ def test_guidance_pair_batched_equals_two_runs():
     np.testing.assert_allclose(xa["x"], X0 + 3.0, atol=1e-4)
 
 
+@pytest.mark.parametrize("guidance", [0.0, 0.5, -2.0])
+def test_guidance_of_1_or_less_samples_the_conditional_alone(guidance):
+    """As diffusers' pipelines (``guidance_scale > 1``): no unconditional half below 1 (0 sampled
+    the unconditional point, the conditions ignored; 0.5 interpolated)."""
+    sess = Oracle("flow")
+    out = sample(sess, guidance=guidance, seed=3)
+    np.testing.assert_allclose(out["x"], X0 + 1.0, atol=1e-4)
+    assert sess.calls == 8 and sess.last_sampling["guidance_mode"] is None
+    neg = {"c": np.zeros((2, 6), np.float32)}
+    with pytest.raises(UserError, match=f"guidance is {guidance:g}: give a guidance scale "
+                                        "above 1"):
+        sample(sess, negative=neg, guidance=guidance)
+    with pytest.raises(UserError, match="used by guidance, which runs above 1"):
+        check_inputs(sess, negative=neg, guidance=guidance)
+
+
 class Slow(Oracle):
     """An oracle whose runs cost ``ms[rows]`` milliseconds."""
 
@@ -243,8 +259,8 @@ def test_bad_sampling_requests():
         sample(patchy, noise={"x": np.zeros((2, 6), np.float32)}, steps=1)
     # negatives where guidance does not run were ignored
     neg = {"c": np.zeros((2, 6), np.float32)}
-    with pytest.raises(UserError, match="negative conditions are used by guidance; guidance is "
-                                        "1: give a guidance scale other than 1"):
+    with pytest.raises(UserError, match="negative conditions are used by guidance, which runs "
+                                        "above 1; guidance is 1: give a guidance scale above 1"):
         sample(sess, negative=neg, guidance=1.0)
     with pytest.raises(UserError, match=r"guidance is 1 \(the artifact's default\)"):
         sample(Oracle("flow", spec={"guidance": 1.0}), negative=neg)
@@ -309,7 +325,8 @@ def test_cli_sample(sparse_dit, tmp_path):
     np.savez(tmp_path / "noise.npz", latent=feeds["latent"])
     for args, said in [(["--dynamic-cfg"], "dynamic_cfg is CogVideoX's"),  # after the bar
                        (["--guidance", "1", "--negative", str(tmp_path / "neg.npz")],
-                        "negative conditions are used by guidance; guidance is 1"),
+                        "negative conditions are used by guidance, which runs above 1; "
+                        "guidance is 1"),
                        (["--inputs", str(dense.path / "example_inputs.npz")],  # the default,
                         "'latent' is the noisy sample, not a condition; give its starting "
                         "noise with --noise FILE.npz")]:  # given: refused pointing nowhere
