@@ -88,6 +88,9 @@ def _check_save(path: Path | None, suffix: str = ".npz", flag: str = "--save") -
         return
     if path.suffix != suffix:
         raise UserError(f"{flag} {path}: give a file name ending in {suffix}")
+    if path.is_dir():  # an IsADirectoryError after the whole run
+        raise UserError(f"{flag} {path}: is a directory; give a file name, e.g. "
+                        f"{path / ('out' + suffix)}")
     if not path.parent.is_dir():
         raise UserError(f"{flag} {path}: no directory {path.parent}; create it first")
 

@@ -186,6 +186,8 @@ def _bad_cases(tmp_path, art_dir):
     out = tmp_path / "out"
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     (tmp_path / "to-art").symlink_to(art_dir)
+    (tmp_path / "d.npz").mkdir()  # output paths that are directories (IsADirectoryError, exit 1,
+    (tmp_path / "d.gif").mkdir()  # after the whole run)
     return {
         "missing path": (["compile", tmp_path / "nope.onnx", "-t", "ort-cpu", "-o", out],
                          "no such file"),
@@ -203,6 +205,11 @@ def _bad_cases(tmp_path, art_dir):
                             "one array (.npy), not an .npz"),
         "save not npz": (["run", art_dir, "--save", tmp_path / "y.txt"],
                          "give a file name ending in .npz"),
+        "save a directory": (["run", art_dir, "--save", tmp_path / "d.npz"],
+                             "d.npz: is a directory; give a file name"),
+        "sample video a directory": (["sample", art_dir, "--steps", "1", "--save",
+                                      tmp_path / "s.npz", "--video", tmp_path / "d.gif"],
+                                     "--video " + str(tmp_path / "d.gif") + ": is a directory"),
         "bench tokens not generation": (["bench", art_dir, "--prompt-tokens", "8"],
                                         "apply to generation artifacts"),
         # whether a temperature applies depends on the artifact's generation config, so an
@@ -250,7 +257,8 @@ def _bad_cases(tmp_path, art_dir):
                                   "run non-artifact", "bad inputs file", "inspect missing",
                                   "out under a file", "markup in a path",
                                   "out a dangling link", "out a link to an artifact",
-                                  "npy inputs file", "save not npz",
+                                  "npy inputs file", "save not npz", "save a directory",
+                                  "sample video a directory",
                                   "bench tokens not generation", "greedy with temperature",
                                   "weight-only with method", "calibrate into a file",
                                   "calibrate into an artifact", "calibrate into a user's dir",

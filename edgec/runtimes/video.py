@@ -7,6 +7,7 @@ un-normalized as the VAE's source info says (CogVideoX: [B, F, C, H, W] → [B, 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +70,18 @@ def decode_video(vae, latents: np.ndarray, denoiser=None) -> np.ndarray:
 
 
 def save_gif(frames: np.ndarray, path: Path, fps: float = 8.0) -> None:
-    """One video [frames, H, W, 3] in [0, 1] as an animated GIF (Pillow)."""
+    """One video [frames, H, W, 3] in [0, 1] as an animated GIF (Pillow), written to a
+    temporary file renamed over ``path`` once complete (as ``save_npz``)."""
     try:
         from PIL import Image
     except ImportError:
         raise UserError("writing a GIF needs Pillow: pip install pillow") from None
     images = [Image.fromarray((f * 255).round().astype(np.uint8)) for f in frames]
-    # GIF keeps centiseconds: a whole number of them, so merged equal frames add up exactly
-    images[0].save(path, save_all=True, append_images=images[1:], loop=0,
-                   duration=10 * max(1, round(100 / fps)))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:  # GIF keeps centiseconds: a whole number of them, so merged equal frames add up exactly
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                       duration=10 * max(1, round(100 / fps)))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
