@@ -86,7 +86,7 @@ def _check_save(path: Path | None, suffix: str = ".npz", flag: str = "--save") -
     "out" as out.npz without a word, and a missing parent failed after a whole sampling run."""
     if path is None:
         return
-    if path.suffix != suffix:
+    if path.suffix.lower() != suffix:
         raise UserError(f"{flag} {path}: give a file name ending in {suffix}")
     if path.is_dir():  # an IsADirectoryError after the whole run
         raise UserError(f"{flag} {path}: is a directory; give a file name, e.g. "
@@ -809,7 +809,8 @@ def sample_cmd(
         return _print_json({"artifact": str(artifact), "runtime": session.runtime,
                             "adapter": _adapter_used(session, adapter),
                             "samples": summary, **stats,
-                            **({"saved": str(save)} if save is not None else {})})
+                            **({"saved": str(save)} if save is not None else {}),
+                            **({"saved_video": str(video)} if video is not None else {})})
     for name, s in summary.items():
         out.print(f"{name}: shape {s['shape']}, mean {s['mean']:.4f}, std {s['std']:.4f}")
     err.print(f"{stats['steps']} steps ({stats['dense_steps']} dense), {stats['model_runs']} "

@@ -226,6 +226,15 @@ def test_a_compiled_vae_decodes_the_video_the_pipeline_returns(pipelines, kind, 
             assert sum(durations) == want.shape[1] * 120  # 8 frames/s, in GIF centiseconds
         result = CliRunner().invoke(app, ["sample", str(denoiser.path), "--video", str(gif)])
         assert result.exit_code == 2 and "give --vae DIR too" in result.output
+        # the suffix in any case; --json names the GIF; written whole or not at all
+        upper = tmp_path / "CAT.GIF"
+        result = CliRunner().invoke(app, ["sample", str(denoiser.path), "--steps", "1", "--vae",
+                                          str(art.path), "--video", str(upper), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["saved_video"] == str(upper)
+        with Image.open(upper) as im:
+            assert im.format == "GIF" and im.n_frames >= 1
+        assert not list(tmp_path.glob(".*.partial"))
         steps = []  # refused before the first step (it was after the last)
         with pytest.raises(UserError, match="--vae must be a compiled diffusers video VAE"):
             denoiser.load().sample(steps=1, vae=encoder.load(),
