@@ -97,15 +97,28 @@ def prompt_conditions(denoiser, text_encoder, prompt: str | Sequence[str],
     if text_encoder is None:
         raise UserError("a prompt needs a compiled text encoder: text_encoder=edgec.load(DIR) "
                         "(CLI: --text-encoder DIR)")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
+    prompts = _texts(prompt, "prompt")
+    if not prompts:
         raise UserError("prompt must be a string or a list of strings")
     if not guided and negative_prompt is None:
         return {TEXT_INPUT: encode_prompts(denoiser, text_encoder, prompts)}, None
-    negatives = negative_prompt if negative_prompt is not None else ""
-    negatives = [negatives] * len(prompts) if isinstance(negatives, str) else list(negatives)
+    negatives = _texts(negative_prompt if negative_prompt is not None else "",
+                       "negative_prompt", len(prompts))
     if len(negatives) != len(prompts):
         raise UserError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give "
                         "one each, or one string for all")
     both = encode_prompts(denoiser, text_encoder, [*prompts, *negatives])
     return {TEXT_INPUT: both[:len(prompts)]}, {TEXT_INPUT: both[len(prompts):]}
+
+
+def _texts(value, what: str, repeat: int = 1) -> list[str]:
+    """``value`` (a string, repeated ``repeat`` times, or a sequence of strings) as a list."""
+    if isinstance(value, str):
+        return [value] * repeat
+    try:
+        texts = list(value)
+    except TypeError:  # list(5)
+        texts = None
+    if texts is None or not all(isinstance(v, str) for v in texts):
+        raise UserError(f"{what} must be a string or a list of strings")
+    return texts

@@ -169,6 +169,11 @@ def test_the_cli_samples_from_a_prompt_and_refuses_what_it_cannot_encode(pipelin
     with pytest.raises(UserError, match="give negative_prompt or negative embeddings"):
         sess.sample(prompt="a", negative_prompt="b", text_encoder=encoder.load(),
                     negative={"encoder_hidden_states": np.zeros((1, 8, 16), np.float32)})
+    for bad in (5, [5], [None]):  # 5 was a raw TypeError
+        with pytest.raises(UserError, match="^negative_prompt must be a string or a list of "):
+            sess.sample(prompt="a", negative_prompt=bad, text_encoder=encoder.load())
+        with pytest.raises(UserError, match="^prompt must be a string or a list of strings"):
+            sess.sample(prompt=bad, text_encoder=encoder.load())
     with pytest.raises(UserError, match="2 negative prompts for 1 prompts"):
         sess.sample(prompt="a", negative_prompt=["b", "c"], text_encoder=encoder.load())
 
