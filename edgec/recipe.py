@@ -251,6 +251,12 @@ class Recipe:
             # --rotate hadamard shipped no zero at all while its report said 50% sparsity
             raise UserError("--prune and --rotate do not combine: rotating a pruned weight "
                             "makes it dense again; drop one of the two")
+        if self.lora_mode == "sparse-merge" and self.rotate is not None:
+            # the same for LoSA's kept zeros: sparse-merge then hadamard reported 50% sparsity
+            # (zeros_destroyed=0) and shipped a model.onnx with no zero in any projection
+            raise UserError("--lora-mode sparse-merge and --rotate do not combine: rotating the "
+                            "sparse-merged weights makes them dense again; drop --rotate or "
+                            "use --lora-mode merge")
         if self.context is not None and not self.generate:
             raise UserError("--context sizes the KV cache of a generation artifact; add "
                             "--generate")

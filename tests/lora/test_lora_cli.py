@@ -49,6 +49,9 @@ def test_weighted_merge_and_bad_inputs(adapter_dirs, tmp_path):
         (["--lora", dirs["zero"], "--lora-mode", "fused"], "unknown LoRA mode"),
         (["--lora", f"{dirs['zero']}:0.5", "--lora-mode", "swappable"], "weights"),
         (["--prune", "9:4"], "N:M"),
+        # the rotation made the kept zeros dense; the report said 50% sparsity
+        (["--lora", dirs["zero"], "--lora-mode", "sparse-merge", "--rotate", "hadamard"],
+         "--lora-mode sparse-merge and --rotate do not combine"),
     ]:
         out = tmp_path / "bad"
         r = _run("compile", "llama", "--target", "ort-cpu", "-o", out, *args)
