@@ -100,7 +100,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("quantize", lambda r, t: r.quantize is not None,
           lambda c: c.recipe.quantize.make_pass(c.target, c.recipe.calibration, c.source,
                                                 c.step, rotated=c.recipe.rotate is not None,
-                                                bindings=_adapter_bindings(c))),
+                                                bindings=_adapter_bindings(c),
+                                                pruned=c.recipe.prune is not None
+                                                or c.recipe.lora_mode == "sparse-merge")),
     Stage("device-legalize-quantized", lambda r, t: bool(t.after_quantize),
           lambda c: [p() for p in c.target.after_quantize]),
 )

@@ -68,17 +68,22 @@ def clipped_scale(w: np.ndarray, h: np.ndarray, scale: np.ndarray, qmin: int, qm
 
 
 def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray,
-               qmin: int, qmax: int, act_order: bool = True) -> np.ndarray:
+               qmin: int, qmax: int, act_order: bool = True,
+               pruned: np.ndarray | None = None) -> np.ndarray:
     """Integers q [K, N] with W ≈ (q − zero)·scale that minimize ‖X(W − Ŵ)‖ given H = XᵀX.
     ``scale``/``zero`` broadcast to [K, N] (per tensor, per output channel or per block).
     ``act_order``: rows rounded in order of decreasing H diagonal (the inputs with the most
-    energy first, while the most rows are left to absorb their error), as GPTQ's ``desc_act``."""
+    energy first, while the most rows are left to absorb their error), as GPTQ's ``desc_act``.
+    ``pruned`` [K, N] (bool): entries that stay exactly zero (q = zero), as SparseGPT's mask:
+    the error feedback may reach them, and what it left there is fed on like a rounding error
+    (so the rows after them absorb it) instead of being written into a pruned weight."""
     if act_order:
         perm = np.argsort(-np.diag(h), kind="stable")
         q = np.empty(w.shape, np.int64)
         q[perm] = gptq_round(w[perm], h[np.ix_(perm, perm)],
                              np.broadcast_to(scale, w.shape)[perm],
-                             np.broadcast_to(zero, w.shape)[perm], qmin, qmax, False)
+                             np.broadcast_to(zero, w.shape)[perm], qmin, qmax, False,
+                             None if pruned is None else pruned[perm])
         return q
     k = w.shape[0]
     w = w.astype(np.float64, copy=True)
@@ -99,6 +104,8 @@ def gptq_round(w: np.ndarray, h: np.ndarray, scale: np.ndarray, zero: np.ndarray
         for i in range(b - a):
             row = a + i
             qi = np.clip(np.rint(wb[i] / scale[row]) + zero[row], qmin, qmax)
+            if pruned is not None:  # the zero point: dequantizes to exactly 0
+                qi = np.where(pruned[row], zero[row], qi)
             q[row] = qi
             err[i] = (wb[i] - (qi - zero[row]) * scale[row]) / ub[i, i]
             wb[i + 1:] -= np.outer(ub[i, i + 1:], err[i])
@@ -196,11 +203,14 @@ def _hessians(model: ir.Model, names: Sequence[str], samples: Sequence[dict[str,
 
 def gptq_weights(fp32: ir.Model, quantized: ir.Model,
                  samples: Sequence[dict[str, np.ndarray]],
-                 memo: dict[str, Any] | None = None) -> dict[str, Any]:
+                 memo: dict[str, Any] | None = None, keep_zeros: bool = False
+                 ) -> dict[str, Any]:
     """Replace, in ``quantized`` (in place), the integers of every MatMul/Gemm weight that a
     ``DequantizeLinear`` reads with GPTQ's, using activations of ``fp32`` (the same graph before
     quantization: node names match). ``memo`` keeps the Hessians for the next call on another
-    quantization of the same graph (mixed precision's probes). Returns stats."""
+    quantization of the same graph (mixed precision's probes). ``keep_zeros`` (a pruned or
+    sparse-merged compile): a weight's exact zeros are its pruning mask and stay exactly zero
+    (the error feedback refilled them: 2:4 broken in 20% of o_proj's groups). Returns stats."""
     by_name = {n.name: n for n in fp32.graph}
     todo, skipped = [], {}
     for node, dq, trans in _weight_dq(quantized):
@@ -223,7 +233,7 @@ def gptq_weights(fp32: ir.Model, quantized: ir.Model,
         memo["h"], memo["rows"] = _hessians(fp32, names, samples)
     hs, rows = memo["h"], memo["rows"]
     error_rtn = error_gptq = 0.0
-    clipped = 0
+    clipped = kept = 0
     for node, dq, trans, x_name in todo:
         data = dq.inputs[0].const_value
         stored = data.numpy()
@@ -240,7 +250,9 @@ def gptq_weights(fp32: ir.Model, quantized: ir.Model,
             dq.inputs[1].const_value = ir.tensor(channel.astype(old.numpy().dtype),
                                                  dtype=old.dtype, name=old.name)
             scale = np.broadcast_to(channel, w.shape)
-        q = gptq_round(w, h, scale, zero, qmin, qmax)
+        pruned = (w == 0) if keep_zeros else None
+        kept += 0 if pruned is None else int(np.count_nonzero(pruned))
+        q = gptq_round(w, h, scale, zero, qmin, qmax, pruned=pruned)
         new = (q - zero) * scale
         error_rtn += float(np.einsum("ij,ik,kj->", w - rtn, h, w - rtn))
         error_gptq += float(np.einsum("ij,ik,kj->", w - new, h, w - new))
@@ -253,4 +265,5 @@ def gptq_weights(fp32: ir.Model, quantized: ir.Model,
     return {"gptq": {"weights": len(todo), "activations": len(hs), "rows": rows,
                      "output_error_vs_nearest": round((error_gptq / error_rtn) ** 0.5, 4)
                      if error_rtn else None, "clipped_channels": clipped,
+                     **({"zeros_kept": kept} if keep_zeros else {}),
                      **({"skipped": skipped} if skipped else {})}}

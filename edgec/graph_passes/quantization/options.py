@@ -223,11 +223,13 @@ class QuantOptions:
             bits=activation_bits(scheme.activations))
 
     def make_pass(self, target, calibration, src, step: Callable[[str], None],
-                  rotated: bool = False, bindings: Callable | None = None):
+                  rotated: bool = False, bindings: Callable | None = None,
+                  pruned: bool = False):
         """The QuantizePass of a compile: ``calibration`` is a cache, an .npz path or None;
         ``rotated``: a rotation ran before (GPTQ's default, ``gptq_on``); ``bindings``: model →
         the adapters a swappable-LoRA graph ships (``edgec.lora.binding.adapter_bindings``),
-        bound in turn for calibration and each for the floor."""
+        bound in turn for calibration and each for the floor; ``pruned``: the weights' zeros
+        are a pruning mask (--prune, sparse-merge) that GPTQ keeps."""
         from edgec.calibration import CalibrationCache
         from edgec.calibration.samples import (
             check_sample_count,
@@ -342,7 +344,7 @@ class QuantOptions:
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
                             floor=floor, held_out=held_out, held_out_source=source,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None,
-                            progress=step, bindings=bindings)
+                            progress=step, bindings=bindings, keep_zeros=pruned)
 
 
 def gptq_of_data(found: list, source: str) -> list:

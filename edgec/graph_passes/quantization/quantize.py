@@ -182,13 +182,14 @@ class QuantizePass(ir.passes.FunctionalPass):
                  floor=None, held_out: Callable | None = None, gptq: Callable | None = None,
                  held_out_source: str = "generated",
                  progress: Callable[[str], None] | None = None,
-                 bindings: Callable | None = None):
+                 bindings: Callable | None = None, keep_zeros: bool = False):
         super().__init__()
         # what the floor's search is doing, for the compile's progress (sensitivity runs for
         # half an hour on an 8192-token DiT, silent before)
         self.progress = progress or (lambda message: None)
         self.gptq = gptq  # calibration samples for GPTQ weight rounding (None: nearest)
         self._gptq_memo: dict[str, Any] = {}
+        self.keep_zeros = keep_zeros  # pruned weights: GPTQ keeps their exact zeros
         self._block_stats: dict[int, dict[str, Any]] = {}  # LPBQ stats per quantized graph
         if scheme.calibrated and ranges is None:
             raise ValueError(f"scheme {scheme.name} needs calibration ranges")
@@ -496,7 +497,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         if "samples" not in memo:
             memo["samples"] = self.gptq(fp32)
         memo.setdefault("stats", {})[id(quantized)] = gptq_weights(
-            fp32, quantized, memo["samples"], memo)
+            fp32, quantized, memo["samples"], memo, keep_zeros=self.keep_zeros)
         return quantized
 
 
