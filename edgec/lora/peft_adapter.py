@@ -64,6 +64,9 @@ _UNSUPPORTED = {
                           "a model of another depth)", "use an adapter trained without it"),
     "target_parameters": ("target_parameters (LoRA on bare parameters, such as MoE experts)",
                           _IN_PEFT),
+    # its token_adapter.trainable_tokens_delta was refused as "not a LoRA A/B weight"
+    "trainable_token_indices": ("trainable_token_indices (embedding rows of chosen tokens "
+                                "trained whole)", _IN_PEFT),
 }
 
 

@@ -158,10 +158,15 @@ def test_refuses_pickles_missing_files_and_unsupported_kinds(adapter_dirs, tmp_p
     ({"bias": "lora_only"}, "PEFT's bias='lora_only' .* not supported yet; merge it in PEFT"),
     ({"bias": "all"}, "PEFT's bias='all' .* not supported yet; merge it in PEFT"),
     ({"target_modules": [], "target_parameters": ["self_attn.q_proj.weight"]},
-     r"target_parameters \(LoRA on bare parameters.* not supported yet; merge it in PEFT")])
+     r"target_parameters \(LoRA on bare parameters.* not supported yet; merge it in PEFT"),
+    # its embed_tokens.token_adapter.trainable_tokens_delta read as "not a LoRA A/B weight"
+    ({"trainable_token_indices": [3, 5, 7]},
+     r"trainable_token_indices \(embedding rows .* not supported yet; merge it in PEFT "
+     r"\(merge_and_unload\), save the merged model and compile that$")])
 def test_peft_options_edgec_does_not_merge_are_named(adapter_dirs, tmp_path, option, match):
     """bias="lora_only" read as "a resized vocabulary?", bias="all" as "not a LoRA A/B weight",
-    target_parameters as "target_modules [] does not name it; the adapter is inconsistent"."""
+    target_parameters as "target_modules [] does not name it; the adapter is inconsistent",
+    trainable_token_indices as "not a LoRA A/B weight"."""
     dirs, _ = adapter_dirs
     path = _copy(dirs["zero"], tmp_path / "a")
     cfg = json.loads((path / "adapter_config.json").read_text())
