@@ -153,15 +153,20 @@ def test_video_dit_gets_r2_and_r4_and_says_why_not_r1(dit_tiny_artifacts):
     assert rotation_line({**s, "r4": 0}).endswith("; no online R4 (r4=true adds it)")
 
 
-def test_bert_post_norm_gets_r2_and_r4_and_says_why_not_r1(bert_checkpoint):
+def test_bert_post_norm_gets_r2_and_r4_and_says_why_not_r1(bert_checkpoint, caplog):
     from edgec.exporters.sources import resolve_source
 
     src = resolve_source(str(bert_checkpoint), "batch=2,seq=8")
-    _, record = rotate(src.model, src.feeds, online_r4=True)
+    with caplog.at_level("WARNING", logger="edgec"):
+        _, record = rotate(src.model, src.feeds, online_r4=True)
     s = record.stats
     assert (s["r1"], s["r2"], s["r4"], s["heads"]) == (0, 2, 2, 4)
     (skip,) = s["skipped"]
     assert skip["rotation"] == "r1" and skip["reason"].startswith("post-norm")
+    # a partial rotation is a warning that says what was skipped (the report row stays)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("--rotate hadamard rotated the graph only in part: R1 skipped at "
+                              f"{skip['node']}: post-norm: ")
 
 
 def test_pre_layernorm_decoder_becomes_rms_and_rotates_completely(pre_layernorm_decoder):
@@ -183,6 +188,19 @@ def test_graph_without_norms_and_bad_options_are_user_errors():
                               opset_imports={"": 20}), ir_version=10)
     with pytest.raises(UserError, match="no RMSNorm or LayerNorm"):
         RotatePass()(model)
+    # a norm but nothing R1, R2 or R4 can pass: refused (it said "nothing rotated" and exit 0)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 8]))
+    w = ir.Value(name="w", const_value=ir.tensor(np.eye(8, dtype=np.float32), name="w"))
+    gamma = ir.Value(name="g", const_value=ir.tensor(np.ones(8, dtype=np.float32), name="g"))
+    norm = ir.node("LayerNormalization", [x, gamma], name="ln")
+    node = ir.node("MatMul", [norm.outputs[0], w], name="mm")
+    node.outputs[0].name = "y"
+    model = ir.Model(ir.Graph([x], node.outputs, nodes=[norm, node], initializers=[w, gamma],
+                              opset_imports={"": 20}), ir_version=10)
+    with pytest.raises(UserError, match=r"^--rotate hadamard found nothing it can rotate exactly "
+                       r"in this graph \(R1 skipped at x: the residual stream starts at a graph "
+                       r"input; R2: no attention block found\); compile without --rotate$"):
+        RotatePass(online_r4=True)(model)
     with pytest.raises(UserError, match="unknown rotation"):
         RotatePass("spinquant")
     with pytest.raises(UserError, match="calibrated rotations"):

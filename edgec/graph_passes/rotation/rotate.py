@@ -20,6 +20,7 @@ folded into a base's bias (b += β·W) has no such transform, so R1 is skipped t
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +48,8 @@ from edgec.graph_passes.rotation.topology import (
 from edgec.lora.transforms import Factor
 
 __all__ = ["RotatePass", "METHODS"]
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("hadamard", "dartquant")
 ORTHOGONALITY_TOL = 1e-4
@@ -94,16 +97,20 @@ class RotatePass(EdgecPass):
         editor = WeightEditor(model.graph)
         self._sites = SiteTransforms(model)
         skipped = list(topo.skipped)
-        r1 = 0
         beta = _lora_beta(topo.stream) if topo.stream is not None else None
         if beta is not None:
             skipped.append(beta)
-        elif topo.stream is not None:
+        with_r1 = topo.stream is not None and beta is None
+        online_r4 = self.online_r4 if self.online_r4 is not None else with_r1  # None: with R1
+        if not (with_r1 or topo.attention or (online_r4 and topo.ffn_down)):
+            raise UserError(f"--rotate {self.method} found nothing it can rotate exactly in this "
+                            f"graph ({_first_reasons(skipped, topo)}); compile without --rotate")
+        r1 = 0
+        if with_r1:
             r1 = self._rotate_stream(editor, topo.stream, model.opset_imports.get("", 18))
         for att in topo.attention:
             self._rotate_heads(editor, att)
         r4 = 0
-        online_r4 = self.online_r4 if self.online_r4 is not None else r1 > 0  # None: with R1
         if online_r4:
             for k, down in enumerate(topo.ffn_down):
                 w = editor.weight(down)
@@ -115,6 +122,9 @@ class RotatePass(EdgecPass):
         if online_r4 and not topo.ffn_down:
             skipped.append(Skip("r4", "-", "no FFN down projection (a Linear reading an activation "
                                 "of another Linear and writing into a residual Add) was found"))
+        if skipped:
+            logger.warning("--rotate %s rotated the graph only in part: %s", self.method,
+                           _first_reasons(skipped, topo))
         written = editor.flush()
         lora_sites = self._sites.finish(model)
         self.lora_transforms = self._sites.factors
@@ -213,6 +223,22 @@ class RotatePass(EdgecPass):
             "skipped": [s.to_json() for s in skipped],
         }
         return stats
+
+
+def _first_reasons(skipped: list[Skip], topo: Topology) -> str:
+    """``R1 skipped at X: why; R2 skipped at Y (and 1 more site): why``: the first reason per
+    rotation, as the report's rotate row words it."""
+    first: dict[str, list[Skip]] = {}
+    for s in skipped:
+        first.setdefault(s.rotation, []).append(s)
+    parts = []
+    for rot, items in first.items():
+        at = "" if items[0].node == "-" else f" at {items[0].node}"
+        more = f" (and {len(items) - 1} more sites)" if len(items) > 1 else ""
+        parts.append(f"{rot.upper()} skipped{at}{more}: {items[0].reason}")
+    if not topo.attention and "r2" not in first:
+        parts.append("R2: no attention block found")
+    return "; ".join(parts)
 
 
 def _lora_beta(stream: Stream) -> Skip | None:
