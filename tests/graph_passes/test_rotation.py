@@ -70,6 +70,30 @@ def hf_decoder(request, tmp_path_factory):
     return arch, resolve_source(str(path), "batch=2,seq=8")
 
 
+@pytest.fixture(scope="module", params=["GemmaForCausalLM"])
+def hf_other(request, tmp_path_factory):
+    """Decoders whose graphs differ from LLaMA's where R1 passes: Gemma scales the embedding by
+    √d, with one KV head (MQA); non-trivial norm scales and biases as in ``hf_decoder``."""
+    import torch
+    import transformers
+
+    from edgec.exporters.sources import resolve_source
+
+    arch = request.param
+    config = transformers.GemmaConfig(**{**HF, "num_key_value_heads": 1}, head_dim=16)
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif p.ndim == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("hf") / arch
+    model.save_pretrained(path)
+    return arch, resolve_source(str(path), "batch=2,seq=8")
+
+
 def test_hadamard_constructions_and_factored_sizes():
     for n in (12, 20, 28, 44, 64):  # Paley I, Paley I, Paley II, Paley I, Sylvester
         h = hadamard(n)
@@ -131,6 +155,15 @@ def test_hf_decoders_rotate_completely(hf_decoder):
     biases = [n for n in model.graph if n.op_type == "Add" and any(
         v.const_value is not None and len(v.shape) == 1 for v in n.inputs)]
     assert len(biases) == (6 if arch.startswith("Qwen2") else 0)  # q/k/v biases kept (rotated)
+
+
+def test_gemma_embedding_scale_passes_r1(hf_other):
+    """Gemma's √d embedding scale (a Mul by a scalar on the stream) stopped R1: it commutes."""
+    arch, src = hf_other
+    _, record = rotate(src.model, src.feeds, parameter_map=src.parameter_map, online_r4=True)
+    s = record.stats
+    assert not [k for k in s["skipped"] if k["rotation"] != "r2"]
+    assert (s["hidden"], s["norms_folded"], s["r1"], s["r4"]) == (64, 5, 16, 2)
 
 
 def test_video_dit_gets_r2_and_r4_and_says_why_not_r1(dit_tiny_artifacts):

@@ -432,6 +432,9 @@ def _writers(value: ir.Value, site: tuple[ir.Node, int] | None, tables: list,
     if lin is not None:
         writers.append(lin)
         return None
+    x = _scaled(p)
+    if x is not None and not x.is_graph_output() and len(list(x.uses())) == 1:
+        return _writers(x, None, tables, writers)  # (x·R1)·c = (x·c)·R1
     if _is(p, "Add"):
         for i, x in enumerate(p.inputs):
             if x.is_graph_output() or (len(list(x.uses())) != 1 and const_tensor(x) is None):
@@ -443,6 +446,19 @@ def _writers(value: ir.Value, site: tuple[ir.Node, int] | None, tables: list,
             return None
     return Skip("r1", p.name, f"{p.name} ({p.op_type}) writes into the residual stream; only "
                 "embeddings and MatMuls with constant weights can be rotated")
+
+
+def _scaled(node: ir.Node) -> ir.Value | None:
+    """x of ``x·c``, ``c·x`` or ``x/c`` with a one-element constant c (Gemma's √d embedding
+    scale): a scale of the whole stream commutes with R1. None for anything else."""
+    if not (_is(node, "Mul") or _is(node, "Div")):
+        return None
+    for x, c in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0]))[
+            :2 if node.op_type == "Mul" else 1]:
+        arr = const_array(c)
+        if arr is not None and arr.size == 1 and const_tensor(x) is None:
+            return x
+    return None
 
 
 def find_stream(norms: list[Norm]) -> Stream | Skip:
