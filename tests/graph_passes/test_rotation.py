@@ -70,17 +70,22 @@ def hf_decoder(request, tmp_path_factory):
     return arch, resolve_source(str(path), "batch=2,seq=8")
 
 
-@pytest.fixture(scope="module", params=["GemmaForCausalLM"])
+@pytest.fixture(scope="module", params=["GemmaForCausalLM", "GPT2LMHeadModel"])
 def hf_other(request, tmp_path_factory):
     """Decoders whose graphs differ from LLaMA's where R1 passes: Gemma scales the embedding by
-    √d, with one KV head (MQA); non-trivial norm scales and biases as in ``hf_decoder``."""
+    √d, with one KV head (MQA); GPT-2's Conv1D flattens [b, s, d] → [b·s, d] around each Gemm,
+    with a fused QKV and a tied head. Non-trivial norm scales and biases as in ``hf_decoder``."""
     import torch
     import transformers
 
     from edgec.exporters.sources import resolve_source
 
     arch = request.param
-    config = transformers.GemmaConfig(**{**HF, "num_key_value_heads": 1}, head_dim=16)
+    if arch.startswith("Gemma"):
+        config = transformers.GemmaConfig(**{**HF, "num_key_value_heads": 1}, head_dim=16)
+    else:
+        config = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                         n_positions=64)
     torch.manual_seed(0)
     model = getattr(transformers, arch)(config)
     with torch.no_grad():
@@ -157,13 +162,27 @@ def test_hf_decoders_rotate_completely(hf_decoder):
     assert len(biases) == (6 if arch.startswith("Qwen2") else 0)  # q/k/v biases kept (rotated)
 
 
-def test_gemma_embedding_scale_passes_r1(hf_other):
-    """Gemma's √d embedding scale (a Mul by a scalar on the stream) stopped R1: it commutes."""
+def test_gemma_and_gpt2_rotate(hf_other):
+    """R1 stopped at Gemma's √d embedding scale (a Mul by a scalar on the stream: it commutes)
+    and at GPT-2's Reshape to [b·s, d] before each Gemm (it keeps the last axis); GPT-2's R2 at
+    the Reshape back and the Split of the fused QKV."""
     arch, src = hf_other
-    _, record = rotate(src.model, src.feeds, parameter_map=src.parameter_map, online_r4=True)
+    model, record = rotate(src.model, src.feeds, parameter_map=src.parameter_map, online_r4=True)
     s = record.stats
-    assert not [k for k in s["skipped"] if k["rotation"] != "r2"]
-    assert (s["hidden"], s["norms_folded"], s["r1"], s["r4"]) == (64, 5, 16, 2)
+    if arch.startswith("Gemma"):
+        assert not [k for k in s["skipped"] if k["rotation"] != "r2"]
+        assert (s["hidden"], s["norms_folded"], s["r1"], s["r4"]) == (64, 5, 16, 2)
+        return
+    assert s["skipped"] == []
+    assert (s["hidden"], s["norms_folded"], s["r2"], s["r4"], s["heads"]) == (64, 5, 2, 2, 4)
+    assert s["r1"] == 2 + 2 * 4 + 1  # wte and wpe, c_attn/c_proj/c_fc/c_proj per layer, head
+    # the tied head reads its own rotated weight (and a bias: ln_f's β), the Gather the table
+    gather = next(n for n in model.graph if n.op_type == "Gather" and n.inputs[0].const_value
+                  is not None and n.inputs[0].shape[0] == 128)
+    add = model.graph.outputs[0].producer()
+    head = next(v.producer() for v in add.inputs if v.producer() is not None)
+    assert add.op_type == "Add" and head.op_type == "MatMul"
+    assert head.inputs[1] is not gather.inputs[0] and list(head.inputs[1].shape) == [64, 128]
 
 
 def test_video_dit_gets_r2_and_r4_and_says_why_not_r1(dit_tiny_artifacts):

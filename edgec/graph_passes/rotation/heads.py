@@ -4,6 +4,9 @@ each head, and which kv head each query head reads (GQA).
     x·W_v (+b) → Reshape [.., (part,) head, d] → Transpose / Slice / Squeeze (fused QKV)
       → Unsqueeze → Expand → Reshape (GQA repeat) → MatMul(P, ·) → Transpose → Reshape → ·W_o
 
+GPT-2's Conv1D adds Reshapes [b·s, N] ↔ [b, s, N] around its Gemms, and splits its fused QKV's
+columns (Split / Slice on the column axis) before the heads.
+
 Every value on that path is tracked as axes with a stride into V's output columns, so a per-head
 rotation applied to V's columns is undone exactly by O's rows. A path with any other op, a value
 read elsewhere (a KV-cache output) or a shape that does not say where the heads are
@@ -85,6 +88,9 @@ def _clip(start: int, stop: int, size: int) -> tuple[int, int]:
 def _select_part(axes: list[_Axis], axis: int, start: int, stop: int, offset: int, node: ir.Node):
     ax = axes[axis]
     start, stop = _clip(start, stop, ax.size)
+    if ax.kind == "col" and stop > start:  # V's columns of a fused QKV, split before the heads
+        axes[axis] = _Axis("col", stop - start, ax.stride)
+        return offset + start * ax.stride
     if ax.kind != "part" or stop - start != 1:
         raise _Fail(f"{node.name} slices V along a non-part axis or more than one part")
     axes[axis] = _Axis("part", 1, ax.stride)
@@ -93,6 +99,9 @@ def _select_part(axes: list[_Axis], axis: int, start: int, stop: int, offset: in
 
 def _reshape(axes: list[_Axis], out: list, node: ir.Node) -> list[_Axis]:
     last = axes[-1]
+    if (last.kind == "col" and out and out[-1] == last.size
+            and all(a.kind == "batch" for a in axes[:-1])):
+        return [_Axis("batch")] * (len(out) - 1) + [last]  # [b·s, N] ↔ [b, s, N] (GPT-2)
     if last.kind == "col":  # split the columns: [..., N] → [..., (part,) head, dim]
         prod, k = 1, 0
         while prod < last.size and k < len(out) and out[-1 - k] is not None:
@@ -134,6 +143,8 @@ def _step(node: ir.Node, out: ir.Value, axes: list[_Axis], offset: int):
         sel = _selection(node, rank)
         if sel is None:
             raise _Fail(f"{node.name}: a {op} with non-constant or multi-axis arguments")
+        if op == "Gather" and axes[sel[0]].kind == "col":
+            raise _Fail(f"{node.name} gathers one column of V")
         axes = list(axes)
         offset = _select_part(axes, sel[0], sel[1], sel[2], offset, node)
         if op == "Gather":
@@ -260,8 +271,11 @@ def _trace_o(pv: ir.Node, heads: int, head_dim: int, from_end: int):
         elif node.op_type == "Reshape":
             out = _static(node.outputs[0].shape, node)
             if (len(axes) >= 2 and axes[-2].kind == "head" and axes[-1].kind == "dim"
-                    and len(out) == len(axes) - 1 and out[-1] == heads * head_dim):
-                axes = axes[:-2] + [_Axis("col", heads * head_dim, 1)]
+                    and out and out[-1] == heads * head_dim
+                    and (len(out) == len(axes) - 1
+                         or all(a.kind == "batch" for a in axes[:-2]))):
+                # merge the heads (and maybe the batch axes: [b, s, h, d] → [b·s, h·d], GPT-2)
+                axes = [_Axis("batch")] * (len(out) - 1) + [_Axis("col", heads * head_dim, 1)]
             elif len(out) != len(axes) or out[-1] != axes[-1].size:
                 raise _Fail(f"{node.name} reshapes the attention output in a way R2 does not "
                             "follow")

@@ -399,7 +399,7 @@ def _readers(norm: Norm) -> list[Linear] | Skip:
     if out.is_graph_output():
         return Skip("r1", norm.node.name, f"the norm's output {out.name} is a graph output")
     readers = []
-    for use in out.uses():
+    for use in _uses(out):
         if _is(use.node, "Shape") or (use.idx == 0 and is_lora_reader(use.node)):
             continue
         lin = as_linear(use.node) if use.idx == 0 else None
@@ -432,9 +432,9 @@ def _writers(value: ir.Value, site: tuple[ir.Node, int] | None, tables: list,
     if lin is not None:
         writers.append(lin)
         return None
-    x = _scaled(p)
+    x = p.inputs[0] if flattens(p) else _scaled(p)
     if x is not None and not x.is_graph_output() and len(list(x.uses())) == 1:
-        return _writers(x, None, tables, writers)  # (x·R1)·c = (x·c)·R1
+        return _writers(x, None, tables, writers)  # (x·R1)·c = (x·c)·R1, a Reshape keeps R1
     if _is(p, "Add"):
         for i, x in enumerate(p.inputs):
             if x.is_graph_output() or (len(list(x.uses())) != 1 and const_tensor(x) is None):
@@ -459,6 +459,33 @@ def _scaled(node: ir.Node) -> ir.Value | None:
         if arr is not None and arr.size == 1 and const_tensor(x) is None:
             return x
     return None
+
+
+def flattens(node: ir.Node | None) -> bool:
+    """``node`` is a Reshape that keeps the last axis and only merges or splits the ones before
+    it (GPT-2's Conv1D: [b, s, d] → [b·s, d] → Gemm → [b·s, d'] → [b, s, d']): a rotation of the
+    last axis passes it. The new last axis must be a constant equal to the old one (a constant
+    shape, or a Concat whose last part is constant)."""
+    if not _is(node, "Reshape"):
+        return False
+    shape, x = node.inputs[1], node.inputs[0]
+    arr = const_array(shape)
+    p = shape.producer() if arr is None else None
+    if _is(p, "Concat") and p.inputs:
+        arr = const_array(p.inputs[-1])
+    width = x.shape[-1] if x.shape is not None and len(x.shape) > 0 else None
+    return (arr is not None and arr.ndim == 1 and arr.size > 0 and isinstance(width, int)
+            and int(arr[-1]) == width)
+
+
+def _uses(value: ir.Value):
+    """``value``'s uses, each flattening Reshape (``flattens``) replaced by its output's uses."""
+    for use in value.uses():
+        y = use.node.outputs[0] if use.idx == 0 and flattens(use.node) else None
+        if y is None or y.is_graph_output():
+            yield use
+        else:
+            yield from _uses(y)
 
 
 def find_stream(norms: list[Norm]) -> Stream | Skip:
@@ -525,6 +552,8 @@ def _from_linear(value: ir.Value, depth: int = 4) -> bool:
         return False
     if p.op_type in ("MatMul", "Gemm") and as_linear(p) is not None:
         return True
+    if flattens(p):
+        return _from_linear(p.inputs[0], depth)
     if p.op_type == "Add" and linear_ending_at(value) is not None:
         return True
     return p.op_type in _ELEMENTWISE and any(
@@ -543,6 +572,9 @@ def find_ffn_down(graph: ir.Graph, norms: list[Norm]) -> list[Linear]:
             continue
         y = lin.output
         uses = list(y.uses())
+        if len(uses) == 1 and uses[0].idx == 0 and flattens(uses[0].node):
+            y = uses[0].node.outputs[0]  # back from [b·s, d] (GPT-2's Conv1D)
+            uses = list(y.uses())
         if len(uses) == 1 and _is(uses[0].node, "Mul") and const_tensor(
                 uses[0].node.inputs[1 - uses[0].idx]) is None:
             y = uses[0].node.outputs[0]  # a gate (AdaLN-zero)
