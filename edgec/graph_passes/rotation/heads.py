@@ -99,7 +99,8 @@ def _select_part(axes: list[_Axis], axis: int, start: int, stop: int, offset: in
 
 def _reshape(axes: list[_Axis], out: list, node: ir.Node) -> list[_Axis]:
     last = axes[-1]
-    if (last.kind == "col" and out and out[-1] == last.size
+    mqa = len(out) == len(axes) + 1 and out[-2] == 1  # [..., d] → [..., 1 kv head, d]
+    if (last.kind == "col" and out and out[-1] == last.size and not mqa
             and all(a.kind == "batch" for a in axes[:-1])):
         return [_Axis("batch")] * (len(out) - 1) + [last]  # [b·s, N] ↔ [b, s, N] (GPT-2)
     if last.kind == "col":  # split the columns: [..., N] → [..., (part,) head, dim]
@@ -107,6 +108,8 @@ def _reshape(axes: list[_Axis], out: list, node: ir.Node) -> list[_Axis]:
         while prod < last.size and k < len(out) and out[-1 - k] is not None:
             prod *= out[-1 - k]
             k += 1
+        if k == 1 and mqa:
+            k = 2
         if prod != last.size or k < 2 or len(out) - k != len(axes) - 1:
             raise _Fail(f"{node.name} does not split V's columns into heads")
         split, stride = [], last.stride
