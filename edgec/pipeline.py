@@ -372,6 +372,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         tgt = recipe.target
         step(f"building for {tgt.name}")
         built = tgt.build(tgt, stage / "model.onnx", stage / "target",
+                          companions=_has_companions(recipe),
                           **({"generation": {**gen, "context": recipe.context}} if gen else {}))
         decode = None
         rotations = _rotations(prep.manager.passes)  # the companions rotate as this graph does
@@ -639,6 +640,17 @@ def _share_graphs(tgt, built, prefill_feeds, decode_feeds, stage: Path, step: Pr
                 + f"): {shared['why']}")
     built.runtime["shared_context"] = {k: v for k, v in shared.items() if k != "models"}
     built.notes.append(note)
+
+
+def _has_companions(recipe: Recipe) -> bool:
+    """Whether the compile builds graphs beside model.onnx (a decoder's sparse prefill, a
+    dense graph for the first sampling steps): a target that builds later (TensorRT without a
+    GPU) then says to rerun the compile, not to rebuild model.onnx alone."""
+    sa = recipe.sparse_attention
+    if sa is None:
+        return False
+    steps = sa.get("dense_steps", 0) if isinstance(sa, dict) else getattr(sa, "dense_steps", 0)
+    return (recipe.generate and not recipe.target.static_shapes) or int(steps or 0) > 0
 
 
 def _dense_graph(source, recipe: Recipe, example_inputs, dynamic_shapes, stage: Path,

@@ -196,3 +196,18 @@ def test_a_dynamic_onnx_on_qnn_htp_is_told_how_to_fix_its_dims(tmp_path):
         edgec.compile(str(tmp_path / "dyn.onnx"), target="qnn-htp", output_dir=tmp_path / "o",
                       quantize="w8a8")
     assert not (tmp_path / "o").exists()
+
+
+def test_tensorrt_note_asks_for_the_whole_compile_where_companions_are_built():
+    """A decoder with a sparse prefill graph, a diffusion model with a dense companion: the
+    engine built later from model.onnx alone would drop them (the note said to)."""
+    from edgec.pipeline import _has_companions
+    from edgec.recipe import Recipe
+
+    def has(**options):
+        return _has_companions(Recipe.parse("tensorrt", **options))
+
+    assert has(generate=True, sparse_attention="keep=0.5")
+    assert has(sparse_attention="keep=0.5,dense_steps=2")
+    assert not has(sparse_attention="keep=0.5") and not has(generate=True)
+    assert not has()

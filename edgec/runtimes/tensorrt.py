@@ -106,6 +106,15 @@ def check_profile(feeds: Mapping[str, np.ndarray], profile: Mapping[str, Mapping
                                 f"was built for {lo} to {hi} (ranks up to the sum of the "
                                 "compiled adapters' ranks); recompile with this adapter among "
                                 "--lora")
-            raise UserError(f"input {name!r} has shape {shape}; this TensorRT engine was built for "
-                            f"shapes from {lo} to {hi} (its optimization profile); recompile "
-                            "with an example input this large")
+            built = (f"input {name!r} has shape {shape}; this TensorRT engine was built for "
+                     f"shapes from {lo} to {hi} (its optimization profile)")
+            if len(shape) != len(lo):
+                raise UserError(f"{built}; give a rank-{len(lo)} input")
+            if any(s > b for s, b in zip(shape, hi)):
+                raise UserError(f"{built}; recompile with an example input this large")
+            # below the minimum: a larger example does not help (a decoder built without
+            # --generate has no empty-cache profile: past length 0 is under its 1)
+            raise UserError(f"{built}; " + (
+                "recompile the decoder with --generate --context N (its prefill profile takes "
+                "an empty cache)" if name.startswith("past_key_values.") else
+                "give an input at least its minimum size"))

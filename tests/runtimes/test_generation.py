@@ -588,6 +588,10 @@ def test_tensorrt_decoder_gets_prefill_and_decode_profiles(artifacts, tmp_path):
     assert decode_profile({"input_ids": np.zeros((1, 5)), "past_key_values.0.key": empty}) == 0
     assert decode_profile({"input_ids": np.zeros((1, 1)), "past_key_values.0.key": full}) == 1
     assert art.manifest["generation"]["context"] == 128
+    # its note rebuilds this engine: `edgec compile model.onnx -t tensorrt` alone made one
+    # profile from the example (no empty-cache prefill) and said nothing
+    assert ("--target tensorrt --generate --context 128 -o DIR"
+            in art.manifest["runtime"]["unavailable"])
 
 
 def test_a_session_generates_one_thing_at_a_time(artifacts):

@@ -317,6 +317,66 @@ def test_build_without_tensorrt_checks_legality_and_says_how_to_build(tmp_path, 
     assert "holds dynamic x[0] at 1" in ones.notes[1] and "at 1" not in built.notes[1]
 
 
+def _decoder_like():
+    """A graph with a decoder's named inputs (one KV-cache input), enough for the profiles."""
+    vi = helper.make_tensor_value_info
+    past = vi("past_key_values.0.key", TensorProto.FLOAT,
+              ["batch_size", 2, "past_sequence_length", 16])
+    return _model([helper.make_node("Identity", ["past_key_values.0.key"], ["y"])], [],
+                  inputs=[vi("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+                          past])
+
+
+def test_build_later_gives_the_command_that_rebuilds_the_same_engine(tmp_path, monkeypatch,
+                                                                        caplog):
+    from edgec.lora.binding import SITES_KEY
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    path = tmp_path / "model.onnx"
+    ir.save(_decoder_like(), path)
+    # a decoder: `edgec compile model.onnx -t tensorrt` alone built one profile from the
+    # example (no empty-cache prefill, decode up to 8 tokens), in silence
+    built = TENSORRT.build(TENSORRT, path, tmp_path / "target", generation={"context": 64})
+    assert ("`edgec compile model.onnx --target tensorrt --generate --context 64 -o DIR`"
+            in built.runtime["unavailable"]) and len(built.runtime["profiles"]) == 2
+    no_context = TENSORRT.build(TENSORRT, path, tmp_path / "target", generation={"context": None})
+    assert "--generate --context 2048 -o DIR" in no_context.runtime["unavailable"]
+    # what model.onnx alone does not give back: the whole compile again
+    for options in ({"generation": {"context": 64}, "companions": True},
+                    {"generation": {"context": 64, "graph": "prefill"}}):
+        note = TENSORRT.build(TENSORRT, path, tmp_path / "target", **options).notes[0]
+        assert "rerunning this compile" in note and "edgec compile model.onnx" not in note
+    model = _decoder_like()
+    model.metadata_props[SITES_KEY] = json.dumps([])  # no site: still the plain command
+    ir.save(model, path)
+    assert "--generate" in TENSORRT.build(TENSORRT, path, tmp_path / "target",
+                                          generation={"context": 64}).notes[0]
+    # the decoder compiled as a plain graph: one line says the profile is the example's
+    np.savez(tmp_path / "example_inputs.npz", input_ids=np.zeros((1, 8), np.int64),
+             **{"past_key_values.0.key": np.zeros((1, 2, 8, 16), np.float32)})
+    with caplog.at_level("WARNING"):
+        plain = TENSORRT.build(TENSORRT, path, tmp_path / "target")
+    assert "--generate" not in plain.notes[0]
+    warned = [r.getMessage() for r in caplog.records if "KV-cache input" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and "--generate --context N" in warned[0]
+
+
+def test_build_later_of_swappable_adapters_is_the_whole_compile(tmp_path, monkeypatch):
+    from edgec.lora.binding import SITES_KEY
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    vi = helper.make_tensor_value_info
+    model = _model([helper.make_node("MatMul", ["x", "a"], ["xa"]),
+                    helper.make_node("MatMul", ["xa", "b"], ["y"])], [],
+                   inputs=[vi("x", TensorProto.FLOAT, ["batch", K]),
+                           vi("a", TensorProto.FLOAT, [K, "lora_r_0"]),
+                           vi("b", TensorProto.FLOAT, ["lora_r_0", N])])
+    model.metadata_props[SITES_KEY] = json.dumps(
+        [{"module": "q", "a_input": "a", "b_input": "b", "rank": 4}])
+    note = TENSORRT.build(TENSORRT, _artifact(tmp_path, model), tmp_path / "target").notes[0]
+    assert "rerunning this compile" in note and "manifest.json's recipe" in note
+
+
 def test_build_refuses_an_illegal_graph_naming_node_and_rule(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     path = _artifact(tmp_path, _qdq_matmul(act_zp=5))
@@ -379,6 +439,17 @@ def test_profile_check_names_the_allowed_shapes():
     check_profile({"x": np.zeros((3, K))}, profile)
     with pytest.raises(UserError, match=r"shape \[5, 128\].*from \[1, 128\] to \[4, 128\]"):
         check_profile({"x": np.zeros((5, K))}, profile)
+    # below the minimum, a larger example is not the way out
+    with pytest.raises(UserError, match=r"from \[1, 128\].*at least its minimum") as e:
+        check_profile({"x": np.zeros((0, K))}, profile)
+    assert "this large" not in str(e.value)
+    # a decoder built without --generate: one profile from the example, past length ≥ 1
+    past = {"past_key_values.0.key": {"min": [1, 2, 1, 16], "opt": [1, 2, 8, 16],
+                                      "max": [2, 2, 8, 16]}}
+    with pytest.raises(UserError, match=r"shape \[1, 2, 0, 16\].*--generate --context N"):
+        check_profile({"past_key_values.0.key": np.zeros((1, 2, 0, 16))}, past)
+    with pytest.raises(UserError, match=r"rank-2 input"):
+        check_profile({"x": np.zeros((K,))}, profile)
     # an adapter's input is bound by the session: the way out is a recompile with the adapter
     lora = {"lora.q.A": {"min": [K, 1], "opt": [K, 8], "max": [K, 12]}}
     with pytest.raises(UserError, match=r"adapter input lora.q.A has shape \[128, 16\].*"

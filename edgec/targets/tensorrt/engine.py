@@ -31,13 +31,36 @@ logger = logging.getLogger(__name__)
 
 # A timing cache shared across compiles (engine builds time every tactic; the cache skips that).
 TIMING_CACHE_ENV = "EDGEC_TRT_TIMING_CACHE"
-_BUILD_LATER = ("the TensorRT-legal model.onnx was produced and checked; build the engine with "
-                "`edgec compile model.onnx --target tensorrt -o DIR` on a GPU machine")
 UNAVAILABLE = ("TensorRT is not installed here (it needs an NVIDIA GPU and pip install "
-               f"'edgec[tensorrt]'); {_BUILD_LATER}")
+               "'edgec[tensorrt]')")
+
+
+def _build_later(model: ir.Model, model_path: Path, generation: Mapping[str, Any] | None = None,
+                companions: bool = False) -> str:
+    """How to build the engine on a GPU machine: the command that rebuilds the same engine.
+
+    A decoder's engine needs ``--generate --context N`` (its two profiles; without them the
+    example's sizes make one profile, with no empty-cache prefill). What ``model.onnx`` alone
+    cannot give back (swappable adapters, a sparse prefill graph, a dense companion) takes the
+    whole compile again.
+    """
+    from edgec.lora.binding import lora_sites
+
+    name = model_path.name
+    done = f"the TensorRT-legal {name} was produced and checked; build the engine"
+    whole = (name != "model.onnx" or companions or bool(lora_sites(model))
+             or bool(generation and generation.get("graph") == "prefill"))
+    if whole:  # (the adapters, the other graphs are made by the compile from its source)
+        return (f"{done} by rerunning this compile (its source model and the options in "
+                "manifest.json's recipe) on a GPU machine: this artifact's other parts are not "
+                "rebuilt from model.onnx alone")
+    flags = f" --generate --context {_context(generation)}" if generation else ""
+    return (f"{done} with `edgec compile model.onnx --target tensorrt{flags} -o DIR` on a GPU "
+            "machine")
+
 
 def build(target: Target, model_path: Path, target_dir: Path, generation=None,
-          **options) -> BuildResult:
+          companions: bool = False, **options) -> BuildResult:
     from edgec.onnx_io import load_onnx
     from edgec.runtimes import EXAMPLE_INPUTS
 
@@ -52,6 +75,13 @@ def build(target: Target, model_path: Path, target_dir: Path, generation=None,
     else:
         profile = optimization_profile(model, _example_shapes(model_path.parent / EXAMPLE_INPUTS))
         profiles = [profile]
+        past = next((v.name for v in model.graph.inputs
+                     if v.name.startswith("past_key_values.")), None)
+        if past is not None:  # a decoder built as a plain graph: no empty-cache prefill
+            logger.warning("TensorRT profile: %s is a KV-cache input, sized from the example "
+                           "(no empty-cache prefill, no cache longer than the example's); for a "
+                           "decoder's prefill and decode profiles compile with --generate "
+                           "--context N", past)
     typed = n_qdq > 0 or any(v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
                              for v in (*model.graph.inputs, *model.graph.initializers.values()))
     summary = (f"TensorRT legality: {len(RULES)} rules checked on {n_qdq} Q/DQ nodes, "
@@ -79,7 +109,8 @@ def build(target: Target, model_path: Path, target_dir: Path, generation=None,
                 files=["target/model.plan", "target/timing.cache"], notes=[summary])
         except TargetUnavailableError as e:
             reason = str(e)
-    note = UNAVAILABLE if reason is None else f"{reason}; {_BUILD_LATER}"
+    later = _build_later(model, model_path, generation, companions)
+    note = f"{UNAVAILABLE if reason is None else reason}; {later}"
     return BuildResult(runtime={**runtime, "model": "model.onnx", "engine": None,
                                 "unavailable": note}, files=[], notes=[note, summary])
 
@@ -185,6 +216,11 @@ def _dims(dims) -> str:
     return "[" + ", ".join("?" if n is None else str(n) for n in names) + "]"
 
 
+def _context(generation: Mapping[str, Any]) -> int:
+    """The longest sequence a decoder's engine takes: ``--context``, else the model's."""
+    return int(generation.get("context") or generation.get("max_positions") or 2048)
+
+
 def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
                         ) -> list[dict[str, dict[str, list[int]]]]:
     """[prefill, decode] optimization profiles of a KV-cache decoder, by its named dims.
@@ -195,7 +231,7 @@ def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
     prefill graph (``graph: prefill``, no cache inputs) gets the prefill profile only, up to
     the whole context.
     """
-    context = int(generation.get("context") or generation.get("max_positions") or 2048)
+    context = _context(generation)
     prefill_only = generation.get("graph") == "prefill"
     prefill = int(generation.get("prefill") or (context if prefill_only else min(context, 512)))
     batch = int(generation.get("batch") or 1)
