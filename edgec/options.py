@@ -92,15 +92,21 @@ def _expected(cls: type, key: str) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def convert_items(cls: type, items: Mapping[str, Any], what: str) -> dict[str, Any]:
+def convert_items(cls: type, items: Mapping[str, Any], what: str,
+                  head: tuple[str, ...] = ()) -> dict[str, Any]:
     """``items`` checked against ``cls``'s fields; strings converted by the field's type.
 
-    Non-string values (from Python) are kept as given, lists become tuples; the dataclass's own
-    ``__post_init__`` validates ranges and combinations.
+    ``head``: the fields the caller sets itself (``--quantize``'s scheme, ``--rotate``'s
+    method, given before ":"), refused as keys. Non-string values (from Python) are kept as
+    given, lists become tuples; the dataclass's own ``__post_init__`` validates ranges and
+    combinations.
     """
-    types_ = _field_types(cls)
+    types_ = {k: v for k, v in _field_types(cls).items() if k not in head}
     out: dict[str, Any] = {}
     for key, raw in items.items():
+        if key in head:  # cls(scheme=..., **{"scheme": ...}) was a TypeError (exit 1)
+            raise UserError(f"{what} option {key!r} is not a key=value option; give the {key} "
+                            "before ':' only")
         if key not in types_:
             raise UserError(f"unknown {what} option {key!r}; known: {', '.join(types_)}")
         if isinstance(raw, str):
@@ -125,6 +131,6 @@ def parse_options(cls: type, spec: str | Mapping[str, Any] | None, what: str, **
     else:
         items = split_spec(spec, what)[1]
     try:
-        return cls(**fixed, **convert_items(cls, items, what))
+        return cls(**fixed, **convert_items(cls, items, what, tuple(fixed)))
     except TypeError as e:  # a required field missing
         raise UserError(f"{what}: {e}") from None

@@ -51,3 +51,14 @@ def test_bad_values_and_unknown_keys_are_user_errors(spec, match):
 
 def test_convert_items_keeps_python_values_and_only_given_keys():
     assert convert_items(Opts, {"keep": 0.1}, "t") == {"keep": 0.1}
+
+
+def test_the_head_field_is_refused_as_a_key():
+    """``--quantize w8a8:scheme=fp8``: cls(scheme=..., **{"scheme": ...}) was a TypeError."""
+    with pytest.raises(UserError, match=r"t option 'name' is not a key=value option; give the "
+                                        r"name before ':' only"):
+        convert_items(Opts, {"name": "b"}, "t", head=("name",))
+    with pytest.raises(UserError, match=r"unknown t option 'nme'; known: keep, block, grid,"):
+        convert_items(Opts, {"nme": "b"}, "t", head=("name",))  # the head not among known
+    with pytest.raises(UserError, match="option 'name' is not a key=value option"):
+        parse_options(Opts, "name=b", "t", name="a")  # a field the caller fixes

@@ -33,6 +33,13 @@ def no_export(monkeypatch):
     (dict(target="ort-cpu", lora_mode="fused"), "unknown LoRA mode 'fused'"),
     (dict(target="ort-cpu", rotate="givens"), "unknown rotation 'givens'"),
     (dict(target="ort-cpu", rotate="hadamard:r5=true"), "unknown --rotate option 'r5'"),
+    # the head given again as a key: cls(method=..., method=...) was a TypeError (exit 1)
+    (dict(target="ort-cpu", rotate="hadamard:method=dartquant"),
+     "--rotate option 'method' is not a key=value option; give the method before ':' only"),
+    (dict(target="tensorrt", quantize="w8a8:scheme=fp8"),
+     "--quantize option 'scheme' is not a key=value option; give the scheme before ':' only"),
+    (dict(target="tensorrt", quantize="w8a8:sheme=fp8"),
+     r"unknown --quantize option 'sheme'; known: method, exclude"),  # scheme is not a key
     (dict(target="ort-cpu", context=64), "add --generate"),
     (dict(target="ort-cpu", generate=True, kv_retrieval="freekv:page=0"), "page must be"),
     (dict(target="ort-cpu", kv_retrieval="freekv:page=0"), "add --generate"),  # missing first

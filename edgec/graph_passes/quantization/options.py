@@ -139,7 +139,7 @@ class QuantOptions:
             if not scheme:
                 raise UserError("--quantize needs a scheme: SCHEME[:k=v,...] with SCHEME one of "
                                 f"{', '.join(target.schemes) or 'none'} on {target.name}")
-            opts = cls(scheme=scheme, **convert_items(cls, items, "--quantize"))
+            opts = cls(scheme=scheme, **convert_items(cls, items, "--quantize", ("scheme",)))
         if opts.scheme not in target.schemes:
             offered = ", ".join(target.schemes) or "none"
             raise UserError(f"target {target.name} has no quantization scheme {opts.scheme!r}; "

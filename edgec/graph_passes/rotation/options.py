@@ -64,7 +64,7 @@ class RotateOptions:
             method, items = split_spec(str(spec), "--rotate", head=":")
         if not method:
             raise UserError(f"--rotate needs a method: {' | '.join(METHODS)}[:k=v,...]")
-        return cls(method=method, **convert_items(cls, items, "--rotate"))
+        return cls(method=method, **convert_items(cls, items, "--rotate", ("method",)))
 
     def make_pass(self, src, calibration=None, target=None, quantize=None,
                   rotations=None) -> EdgecPass:
