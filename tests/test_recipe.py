@@ -40,6 +40,16 @@ def no_export(monkeypatch):
      "--quantize option 'scheme' is not a key=value option; give the scheme before ':' only"),
     (dict(target="tensorrt", quantize="w8a8:sheme=fp8"),
      r"unknown --quantize option 'sheme'; known: method, exclude"),  # scheme is not a key
+    # mask_fill bounds a fully quantized target's masks: elsewhere accepted and unused
+    (dict(target="tensorrt", quantize="w8a8:mask_fill=5"),
+     "mask_fill=5 bounds the attention masks of a fully quantized target.*drop mask_fill"),
+    (dict(target="ort-cpu", quantize={"scheme": "w8a8", "mask_fill": 100}), "drop mask_fill"),
+    # nan and inf passed the range checks (nan compares False, inf is > 0)
+    (dict(target="qnn-htp", quantize="w8a8:mask_fill=nan"),
+     "--quantize mask_fill must be a finite number, not nan"),
+    (dict(target="tensorrt", quantize="w8a8:max_kld=inf"),
+     "--quantize max_kld must be a finite number, not inf"),
+    (dict(target="ort-cpu", quantize="w8a8:split=inf"), "split must be a finite number"),
     (dict(target="ort-cpu", context=64), "add --generate"),
     (dict(target="ort-cpu", generate=True, kv_retrieval="freekv:page=0"), "page must be"),
     (dict(target="ort-cpu", kv_retrieval="freekv:page=0"), "add --generate"),  # missing first
@@ -151,3 +161,8 @@ def test_recipe_records_what_was_asked():
                                 "max_kld": None, "smooth": None, "split": None, "gptq": None,
                                     "stream": None}
     assert data["sparse_attention"] == {"keep": 0.3}
+
+
+def test_mask_fill_is_taken_where_the_masks_are_quantized():
+    assert Recipe.parse("qnn-htp", quantize="w8a8:mask_fill=5").quantize.mask_fill == 5.0
+    assert Recipe.parse("tensorrt", quantize="w8a8").quantize.mask_fill == 100.0  # the default

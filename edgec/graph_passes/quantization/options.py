@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,10 @@ class QuantOptions:
         if self.samples is not None and self.samples > MAX_SAMPLES:
             raise UserError(f"--quantize samples={self.samples}: at most {MAX_SAMPLES} "
                             "(calibration ranges settle within a few hundred samples)")
+        for name in ("mask_fill", "min_cos", "max_kld", "smooth", "split"):
+            value = getattr(self, name)  # nan passes every range check below as False...
+            if isinstance(value, float) and not math.isfinite(value):  # ... inf some
+                raise UserError(f"--quantize {name} must be a finite number, not {value!r}")
         if not isinstance(self.mask_fill, (int, float)) or not self.mask_fill:
             raise UserError("--quantize mask_fill must be a non-zero number")
         object.__setattr__(self, "mask_fill", abs(float(self.mask_fill)))
@@ -130,6 +135,7 @@ class QuantOptions:
         against the schemes ``target`` offers."""
         if isinstance(spec, cls):
             opts = spec
+            mask_fill = spec.mask_fill != cls.mask_fill
         else:
             if isinstance(spec, Mapping):
                 items = dict(spec)
@@ -140,6 +146,7 @@ class QuantOptions:
                 raise UserError("--quantize needs a scheme: SCHEME[:k=v,...] with SCHEME one of "
                                 f"{', '.join(target.schemes) or 'none'} on {target.name}")
             opts = cls(scheme=scheme, **convert_items(cls, items, "--quantize", ("scheme",)))
+            mask_fill = "mask_fill" in items
         if opts.scheme not in target.schemes:
             offered = ", ".join(target.schemes) or "none"
             raise UserError(f"target {target.name} has no quantization scheme {opts.scheme!r}; "
@@ -157,6 +164,10 @@ class QuantOptions:
             raise UserError(f"--quantize stream={opts.stream} places the residual stream on a "
                             f"fully quantized target (qnn-htp); on {target.name} it stays "
                             "float already: drop stream")
+        if mask_fill and not target.fully_quantized:  # it was accepted and did nothing
+            raise UserError(f"--quantize mask_fill={opts.mask_fill:g} bounds the attention masks "
+                            f"of a fully quantized target (qnn-htp); on {target.name} they stay "
+                            "float: drop mask_fill")
         return opts
 
     def scheme_on(self, target):
