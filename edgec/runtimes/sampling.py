@@ -525,6 +525,7 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
             raise UserError(f"condition {name!r} holds NaN or inf; give finite values")
     _check_noise(spec, noise)
     batch = _batch(fixed, default, spec, noise)
+    _check_batch(session, spec, fixed, conditions, batch)
     x = {}
     for name in spec.samples:
         shape = (batch, *np.shape(default[name])[1:]) if name in default else None
@@ -547,6 +548,32 @@ def _start(session, spec: SamplerSpec, conditions, noise, rng, negative=None):
     if check is not None:  # the main graph's shapes, before any step runs (dense ones too)
         check({**fixed, **x, spec.timestep: np.zeros(batch, _timestep_dtype(session, spec))})
     return fixed, batch, x, negative
+
+
+def _check_batch(session, spec: SamplerSpec, fixed, conditions, batch: int) -> None:
+    """Refuse fixed inputs whose batches disagree, or a batch a static-batch graph does not
+    take, naming the conditions and where each came from: the feed check named the noisy
+    sample the sampler makes at the batch ("inputs 'latent' and 'music' share dim 'batch'",
+    "input 'latent' has shape [1, ...], the model wants [2, ...]")."""
+    by = _batch_input(fixed, spec)
+    if by is None:
+        return
+    dims = {i.name: i.shape[0] for i in session.inputs if i.shape}
+
+    def what(name: str) -> str:
+        kind = "condition" if name in spec.conditions else "input"
+        whose = "given" if name in (conditions or {}) else "the artifact's example"
+        return f"{kind} {name!r} ({whose})"
+
+    if isinstance(dims.get(by), int) and dims[by] != batch:
+        raise UserError(f"{what(by)} has batch {batch}, but this artifact's graph takes a "
+                        f"static batch of {dims[by]}; give conditions of batch {dims[by]}")
+    for name, value in fixed.items():
+        if name != by and np.ndim(value) and name in dims and dims[name] == dims.get(by) \
+                and int(np.shape(value)[0]) != batch:
+            raise UserError(f"{what(by)} has batch {batch}, but {what(name)} has batch "
+                            f"{int(np.shape(value)[0])}; give both for the same number of "
+                            "samples")
 
 
 def _check_noise(spec: SamplerSpec, noise) -> None:

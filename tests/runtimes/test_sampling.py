@@ -112,6 +112,33 @@ def test_guidance_of_1_or_less_samples_the_conditional_alone(guidance):
         check_inputs(sess, negative=neg, guidance=guidance)
 
 
+class TwoConditions(Oracle):
+    """The oracle with a second condition ``d`` (reactive-dance's leader and music)."""
+
+    def __init__(self, batch_dim="batch"):
+        super().__init__("ddim-x0", batch_dim, spec={"conditions": ["c", "d"]})
+        self.inputs.append(IOSpec("d", [batch_dim, 3], "float32"))
+        self.default_feeds["d"] = np.ones((2, 3), np.float32)
+
+
+def test_conditions_of_the_wrong_batch_are_named():
+    """A condition given at batch 1 beside the example's batch-2 one was refused naming the
+    noisy sample the sampler makes ("inputs 'latent' and 'music' share dim 'batch'"), and on a
+    static-batch graph "input 'latent' has shape [1, ...], the model wants [2, ...]"."""
+    one = {"c": np.ones((1, 6), np.float32)}
+    for check in (sample, check_inputs):
+        with pytest.raises(UserError, match=r"^condition 'c' \(given\) has batch 1, but "
+                                            r"condition 'd' \(the artifact's example\) has "
+                                            "batch 2; give both for the same number"):
+            check(TwoConditions(), one, steps=2)
+        with pytest.raises(UserError, match=r"^condition 'c' \(given\) has batch 1, but this "
+                                            "artifact's graph takes a static batch of 2; give "
+                                            "conditions of batch 2$"):
+            check(TwoConditions(batch_dim=2), {**one, "d": np.ones((1, 3), np.float32)}, steps=2)
+    both = {"c": np.ones((4, 6), np.float32), "d": np.ones((4, 3), np.float32)}
+    assert sample(TwoConditions(), both, steps=2)["x"].shape == (4, 6)
+
+
 class Slow(Oracle):
     """An oracle whose runs cost ``ms[rows]`` milliseconds."""
 
