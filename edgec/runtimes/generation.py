@@ -51,9 +51,13 @@ class GenerationConfig:
             raise UserError(f"max_new_tokens must be an integer ≥ 1, not {self.max_new_tokens!r}")
         if not isinstance(self.do_sample, (bool, np.bool_)):
             raise UserError(f"do_sample must be True or False, not {self.do_sample!r}")
-        if not _finite(self.temperature) or self.temperature <= 0:
+        # temperature 0 means greedy to many callers, and greedy decoding reads none (as
+        # transformers, which only warns); sampling at 0 is refused
+        greedy_zero = not self.do_sample and self.temperature == 0
+        if not greedy_zero and (not _finite(self.temperature) or self.temperature <= 0):
             raise UserError(f"temperature must be a finite number > 0, not {self.temperature!r}; "
-                            "for deterministic output use do_sample=False")
+                            "for deterministic output use do_sample=False" + (
+                                "" if self.do_sample else " and leave temperature out"))
         if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             raise UserError(f"top_p must be a number in (0, 1], not {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
@@ -91,6 +95,11 @@ def decoding_settings(settings: dict[str, Any], sources: dict[str, str]) -> dict
     refused every generation, --greedy too; transformers' generate() ignores them); an
     argument's still are."""
     if settings["do_sample"]:
+        t = settings["temperature"]
+        if sources["temperature"] != "argument" and not (_finite(t) and t > 0):
+            raise UserError(f"the checkpoint's generation config sets temperature {t!r}, which "
+                            "cannot sample: give a temperature > 0 (--temperature) or decode "
+                            "greedily (--greedy, do_sample=False)")
         return settings
     return {**settings, **{k: EDGEC_DEFAULTS[k] for k in ("temperature", "top_k", "top_p")
                            if sources[k] != "argument"}}
@@ -307,10 +316,12 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
     pad = options.pop("pad_token_id", None)
     cfg = GenerationConfig(eos_token_id=eos, pad_token_id=info.pad_token_id if pad is None
                            else pad, **options)
-    if pad is not None and cfg.pad_token_id >= info.vocab:  # it fills a finished row: ORT
-        # failed on it at the next step, OpenVINO returned rows padded with it
-        raise UserError(f"pad_token_id {cfg.pad_token_id} is outside this model's vocabulary "
-                        f"of {info.vocab} tokens; give an id in [0, {info.vocab})")
+    if cfg.pad_token_id is not None and cfg.pad_token_id >= info.vocab:  # it fills a finished
+        # row: ORT failed on it at the next step, OpenVINO returned rows padded with it
+        where = "" if pad is not None else " (the checkpoint's generation config)"
+        raise UserError(f"pad_token_id {cfg.pad_token_id}{where} is outside this model's "
+                        f"vocabulary of {info.vocab} tokens; give pad_token_id= an id in "
+                        f"[0, {info.vocab})")
     ids, mask = _prompt(info, input_ids, attention_mask)
     check_context(info, ids.shape[1], cfg.max_new_tokens)
     fill = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)

@@ -6,6 +6,7 @@ Artifacts are compiled once per module (each compile is an export + verification
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -504,8 +505,8 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, tiny_mlp, tmp_path):
         (["generate", ref, "--prompt-ids", " , "], "--prompt-ids is empty"),
         (["generate", ref, "--prompt-ids", "1", "--sample", "--temperature", "0"],
          "deterministic (greedy) output drop --sample"),
-        (["generate", ref, "--prompt-ids", "1", "--temperature", "0"],
-         "give --greedy or leave --temperature out"),
+        (["generate", ref, "--prompt-ids", "1", "--temperature", "-1"],
+         "give --greedy or leave --temperature out"),  # 0 without --sample: greedy
         # greedy (the reference model has no generation config) reads no temperature
         (["generate", ref, "--prompt-ids", "1,2", "--temperature", "0.5"],
          "--temperature applies to sampling"),
@@ -537,11 +538,18 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, tiny_mlp, tmp_path):
                                                   r"vocabulary of \d+ tokens"),
             # a finished row is filled with it: ORT's raw InvalidArgument, OpenVINO's id
             ([1, 2], dict(pad_token_id=999), r"pad_token_id 999 is outside this model's "
-                                             r"vocabulary of \d+ tokens; give an id in"),
+                                             r"vocabulary of \d+ tokens; give pad_token_id="),
             ([1, 2], dict(do_sample=True, temperature=float("nan")), "temperature must be")]:
         with pytest.raises(UserError, match=message):
             sess.generate(ids, **options)
     assert sess.generate([1, 2], max_new_tokens=2, eos_token_id=np.array([2])).shape == (1, 4)
+    # the checkpoint's own pad id past the vocabulary (only an argument's was checked)
+    from edgec.runtimes.generation import generate
+
+    info = dataclasses.replace(sess.decoder_info, pad_token_id=10**6)
+    with pytest.raises(UserError, match=r"pad_token_id 1000000 \(the checkpoint's generation "
+                                        r"config\) is outside"):
+        generate(sess, info, np.array([[1, 2]]), max_new_tokens=2)
     with pytest.raises(UserError, match="right-padded"):
         sess.generate(np.array([[1, 2, 0]]), np.array([[1, 1, 0]]))
     with pytest.raises(UserError, match="row 1 of the batch is all padding"):
@@ -775,11 +783,17 @@ def test_greedy_checkpoint_with_temperature_0_generates(artifacts, greedy_temper
     plain = artifacts["hf-llama", "ort-cpu"].load().generate(ids, max_new_tokens=6)
     np.testing.assert_array_equal(sess.generate(ids, max_new_tokens=6), plain)
     assert sess.last_generation["settings"]["do_sample"] is False
+    # temperature 0 is greedy to many callers, as to transformers (it was refused, with the
+    # advice to do what the call did: do_sample=False); below 0 is refused
+    np.testing.assert_array_equal(sess.generate(ids, max_new_tokens=6, temperature=0.0), plain)
     with pytest.raises(UserError, match="temperature must be a finite number > 0"):
-        sess.generate(ids, max_new_tokens=6, temperature=0.0)
+        sess.generate(ids, max_new_tokens=6, temperature=-1.0)
+    with pytest.raises(UserError, match="the checkpoint's generation config sets temperature "
+                                        "0.0, which cannot sample"):
+        sess.generate(ids, max_new_tokens=6, do_sample=True)
     runner = CliRunner()
     args = ["generate", str(greedy_temperature_0.path), "--prompt-ids", "1,9,23", "-n", "3"]
-    for extra in ([], ["--greedy"]):
+    for extra in ([], ["--greedy"], ["--greedy", "--temperature", "0"]):
         r = runner.invoke(app, [*args, *extra])
         assert r.exit_code == 0, r.output
     r = runner.invoke(app, [*args, "--greedy", "--temperature", "0.5"])
