@@ -79,9 +79,11 @@ def load_hf_model(path: Path) -> tuple[Any, Any, str | None]:
         model, info = cls.from_pretrained(
             path, local_files_only=True, use_safetensors=True, dtype=torch.float32,
             ignore_mismatched_sizes=True, output_loading_info=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as e:
+        # AssertionError: torch's own checks of the config (config.json's pad_token_id past the
+        # vocabulary: "Padding_idx must be within num_embeddings") were an internal error
         raise UserError(f"{path}: transformers cannot load this checkpoint: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
     except Exception as e:  # safetensors' SafetensorError (a truncated file) is none of those
         if type(e).__name__ != "SafetensorError":
             raise

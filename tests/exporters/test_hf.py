@@ -207,6 +207,22 @@ def test_weights_that_do_not_load_are_refused(broken, tmp_path, capfd, name, mat
     assert "LOAD REPORT" not in capfd.readouterr().err
 
 
+def test_a_config_its_own_model_rejects_is_refused(tmp_path):
+    """config.json's pad_token_id past the vocabulary: torch's Embedding asserts on it while
+    transformers builds the model, an internal error (exit 1) for a bad checkpoint."""
+    import json
+
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)).save_pretrained(
+        tmp_path / "llama")
+    cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
+    cfg["pad_token_id"] = cfg["vocab_size"]
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="transformers cannot load this checkpoint: "
+                                        "Padding_idx must be within num_embeddings"):
+        edgec.compile(str(tmp_path / "llama"), target="ort-cpu", output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_bf16_checkpoint_loads_in_float32(tmp_path):
     """bf16 checkpoints (most real LLMs) crashed: the parameter map could not view bf16."""
     import torch
