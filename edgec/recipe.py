@@ -55,7 +55,8 @@ def _sparse(raw: Any, target, parsed: dict):
         return None
     if raw is True or raw == "default":
         return {}
-    if isinstance(raw, str) and not raw.strip():  # an empty shell variable read as the defaults
+    if isinstance(raw, str) and not raw.replace(",", "").strip():  # empty shell variables
+        # ("$A" or "$A,$B" unset) read as the defaults
         raise UserError("sparse attention options are empty: give 'default' for the defaults "
                         "or k=v options (e.g. keep=0.2,block=64)")
     if isinstance(raw, SparseAttentionConfig):

@@ -85,6 +85,8 @@ def test_refused_before_any_export(no_export, tmp_path, kwargs, match):
          "(e.g. keep=0.2,block=64)"),  # was the defaults, in silence
     (" ", "sparse attention options are empty: give 'default' for the defaults or k=v options "
           "(e.g. keep=0.2,block=64)"),
+    (" , ", "sparse attention options are empty: give 'default' for the defaults or k=v "
+            "options (e.g. keep=0.2,block=64)"),  # "$A,$B" with both unset
 ])
 def test_sparse_attention_values_are_refused_before_any_export(no_export, tmp_path, spec,
                                                                 message):
