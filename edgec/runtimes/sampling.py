@@ -486,9 +486,9 @@ def _check_options(session, spec: SamplerSpec, guidance, guidance_mode, dense_st
             raise UserError(f"guidance={guidance!r}: give a number (1.0: no guidance)")
         if not math.isfinite(float(guidance)):
             raise UserError(f"guidance={guidance}: give a finite number (1.0: no guidance)")
-        if float(guidance) != 1.0 and not spec.conditions:  # it was ignored, and reported
+        if float(guidance) > 1.0 and not spec.conditions:  # it was ignored, and reported
             raise UserError(f"guidance={guidance}: this model has no conditions to guide; "
-                            "guidance must be 1")
+                            "give 1 or less (no guidance)")
     if guidance_mode not in GUIDANCE_MODES:
         raise UserError(f"guidance_mode={guidance_mode!r}: choose one of "
                         f"{', '.join(GUIDANCE_MODES)}")
