@@ -421,7 +421,10 @@ SPEC = register(
         paper=_PAPER,
         sampling={"kind": "ddim-x0", "samples": {"latent": "x0"}, "timestep": "timestep",
                   "timestep_scale": 1.0, "train_steps": 1000, "schedule": "cosine",
-                  "conditions": ["leader", "music"], "guidance": 1.2, "steps": 50},
+                  # LDCFG's default s = 1.2 mixes (1 + s)·cond − s·uncond, which is
+                  # uncond + 2.2·(cond − uncond) in the diffusers form the sampler takes (1.2
+                  # there was s = 0.2; the official code's guided_forward returns cond alone)
+                  "conditions": ["leader", "music"], "guidance": 2.2, "steps": 50},
     )
 )
 

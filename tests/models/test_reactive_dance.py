@@ -69,7 +69,7 @@ def test_describe_sampling_and_paper():
     assert SPEC.sampling == {"kind": "ddim-x0", "samples": {"latent": "x0"},
                              "timestep": "timestep", "timestep_scale": 1.0, "train_steps": 1000,
                              "schedule": "cosine", "conditions": ["leader", "music"],
-                             "guidance": 1.2, "steps": 50}
+                             "guidance": 2.2, "steps": 50}
     assert SPEC.paper.startswith("ReactDance") and DECODER.paper == SPEC.paper
     assert DECODER.sampling is None and DECODER.output_names == ("poses",)
 
