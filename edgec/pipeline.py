@@ -218,8 +218,8 @@ def _passes(ctx: StageContext, until: str | None = None) -> list:
 def _checks_end_to_end(recipe: Recipe) -> bool:
     """Whether a compile of ``recipe`` checks DartQuant's learned rotations end to end
     (``_accepted``): ``--rotate dartquant`` (``accept``) with ``--quantize``, unless the ranges
-    come from a ``--calib`` cache, which is bound to the learned graph (an .npz of samples is
-    calibrated on either graph)."""
+    come from a ``--calib`` cache, which is bound to one graph (an .npz of samples is
+    calibrated on either graph): ``edgec calibrate`` ran the check and stored what it kept."""
     from edgec.calibration.cache import CalibrationCache
 
     rotate = recipe.rotate
@@ -238,8 +238,8 @@ def _accepted(ctx: StageContext, manager: PassManager, model, pristine):
     figure of 4 could not tell them apart: on SmolLM2-135M it kept learned R2s (0.200 vs 0.227)
     that were worse on 24 evaluation sentences (mean KL 0.206 vs 0.187). Both graphs' scores
     go in the rotate stats (``dartquant.end_to_end``). ``prepare`` skips it where the ranges
-    come from a ``--calib`` cache (bound to the learned graph) or a companion graph takes the
-    main graph's rotations."""
+    come from a ``--calib`` cache (``calibrate_source`` ran it and stored what it kept) or a
+    companion graph takes the main graph's rotations."""
     from edgec.calibration.dartquant import hadamard_starts
     from edgec.graph_passes.quantization.quantize import QuantizePass
     from edgec.graph_passes.rotation.options import DartQuantRotatePass
@@ -265,6 +265,9 @@ def _accepted(ctx: StageContext, manager: PassManager, model, pristine):
     hadamard = wins < len(feeds)
     learned_stats = _record(manager, "rotate").stats["dartquant"]
     chosen = other if hadamard else manager
+    if hadamard:  # what ``edgec calibrate`` stores: the starts, learned on this graph
+        chosen_rotate = next(p for p in other.passes if isinstance(p, DartQuantRotatePass))
+        chosen_rotate.learned, chosen_rotate.origin = rotate.learned, rotate.origin
     # ``kept`` says what shipped; the reader-error choice the check overruled stays beside it
     # (``kept`` said "learned" for rotations the end-to-end check had replaced by Hadamards)
     kept = learned_stats.get("kept", {})
@@ -904,7 +907,18 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
     samples = _calibration_data(data) if data is not None else None
     if samples is not None:  # DartQuant learns its rotations from them too
         recipe = dataclasses.replace(recipe, calibration=samples)
-    prep = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize")
+    record = rotations = stores = None
+    if _checks_end_to_end(recipe):
+        # DartQuant's end-to-end check (``_accepted``) quantizes the whole graph: run the stages
+        # as the compile does, then calibrate the graph with the rotations it chose, so the
+        # cache stores what a compile without it ships (it stored the reader-error choice,
+        # unchecked, and `compile --calib CACHE` shipped learned rotations the check rejected)
+        whole = prepare(source, recipe, example_inputs, dynamic_shapes, step)
+        rotations = _rotations(whole.manager.passes)
+        record = _record(whole.manager, "rotate").stats["dartquant"]
+        stores = whole.manager.passes
+    prep = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize",
+                   rotations=rotations)
     request = recipe.quantize.calibration_request(recipe.target, samples)
     held = gptq = None
     if samples is not None:  # the data's last samples held out as `compile --calib FILE` does
@@ -926,9 +940,9 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
         request = recipe.quantize.calibration_request(recipe.target, None)
         decode = collect_cache(graph.model, request, graph.src, progress)
     with artifact.staged_output(output_dir, **where) as stage:
-        for p in prep.manager.passes:  # DartQuant's rotations go into the cache for compile
-            if hasattr(p, "store"):
-                p.store(cache, stage)
+        for p in stores or prep.manager.passes:
+            if hasattr(p, "store"):  # DartQuant's rotations go into the cache for compile
+                p.store(cache, stage, record)
         if held is not None and not cache.save_held_out(stage, *held):
             (step or logger.info)("the held-out samples are too large to store in the cache: "
                                   "`compile --calib` measures its accuracy floor on generated "

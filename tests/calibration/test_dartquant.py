@@ -276,6 +276,31 @@ def test_when_the_end_to_end_check_drops_the_learned_rotations_kept_says_so(tmp_
     assert "learned better on 0 of 4 held-out samples, kept hadamard" in row
 
 
+def test_a_calibrated_cache_ships_what_the_end_to_end_check_chose(tmp_path, monkeypatch):
+    """`edgec calibrate --rotate dartquant` runs the end-to-end check before it stores the
+    rotations: it stored the reader-error choice unchecked, and `compile --calib CACHE` (which
+    cannot run the check: its ranges are bound to one graph) shipped learned rotations the same
+    compile without the cache had dropped. Now both give the same model.onnx."""
+    import edgec
+    import edgec.pipeline
+
+    monkeypatch.setattr(edgec.pipeline, "_learned_wins", lambda *a: 0)  # the Hadamard wins
+    kw = dict(config="tiny", target="ort-cpu", quantize="w8a8", rotate="dartquant:steps=1")
+    plain = edgec.compile("llama", output_dir=tmp_path / "a", **kw)
+    edgec.calibrate("llama", output_dir=tmp_path / "c", **kw)
+    cached = edgec.compile("llama", output_dir=tmp_path / "b", calibration=str(tmp_path / "c"),
+                           **kw)
+    dq = [next(p for p in a.report["passes"] if p["name"] == "rotate")["stats"]["dartquant"]
+          for a in (plain, cached)]
+    assert dq[0]["end_to_end"]["kept"] == "hadamard" and "learned" in dq[0]["reader_kept"].values()
+    assert dq[1]["from_cache"] is True
+    assert {k: dq[1][k] for k in ("kept", "reader_kept")} == \
+        {k: dq[0][k] for k in ("kept", "reader_kept")}
+    assert dq[1]["end_to_end"]["kept"] == "hadamard"
+    assert (tmp_path / "a" / "model.onnx").read_bytes() == \
+        (tmp_path / "b" / "model.onnx").read_bytes()
+
+
 def test_end_to_end_check_keeps_learned_only_where_it_wins_every_held_out_sample():
     """A better worst sample is not enough (SmolLM2-135M: learned R2s 0.200 vs 0.227 on the
     worst of 4 held-out samples, worse on 24 evaluation sentences): the learned graph must be
@@ -297,7 +322,7 @@ def test_end_to_end_check_keeps_learned_only_where_it_wins_every_held_out_sample
 def test_end_to_end_check_runs_with_sample_files_not_with_a_cache(tmp_path):
     """An .npz of samples calibrates either graph, so the end-to-end check runs with one (it
     did not: SmolLM2's benchmark rows kept a worse learned R1 unchecked); a --calib cache holds
-    ranges for the learned graph only, so it skips the check."""
+    ranges for one graph only, so it skips the check (`edgec calibrate` ran it)."""
     from edgec.calibration.cache import CalibrationCache
     from edgec.pipeline import _checks_end_to_end
     from edgec.recipe import Recipe

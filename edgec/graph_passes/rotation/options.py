@@ -117,7 +117,9 @@ class DartQuantRotatePass(EdgecPass):
         self.rotations: dict | None = None  # what ``call`` rotated with
         self.bits, self.gptq = tuple(bits), bool(gptq)
         self.head_bits = tuple(head_bits or bits)
-        self.learned = None  # (graph hash, DartQuantResult) when this pass calibrated
+        # (graph hash, DartQuantResult) when this pass calibrated; for the Hadamard starts the
+        # end-to-end check kept (``pipeline._accepted``), the learned pass's
+        self.learned = None
         self.origin = None  # where the samples it learned from came from
         self.lora_transforms: dict = {}  # swappable-LoRA site transforms (see RotatePass)
 
@@ -166,14 +168,19 @@ class DartQuantRotatePass(EdgecPass):
         out.stats["dartquant"] = stats
         return out
 
-    def store(self, cache, directory) -> bool:
-        """Put the rotations this pass learned into ``cache`` (files in ``directory``)."""
+    def store(self, cache, directory, record: dict | None = None) -> bool:
+        """Put the rotations this pass rotated with into ``cache`` (files in ``directory``):
+        the learned ones, or the Hadamard starts the end-to-end check kept; ``record``: the
+        rotate stage's ``dartquant`` stats after that check, whose verdict (``kept``,
+        ``reader_kept``, ``end_to_end``) a compile with the cache reports."""
         if self.learned is None:
             return False
         graph, result = self.learned
+        checked = {k: record[k] for k in ("kept", "reader_kept", "end_to_end")
+                   if k in (record or {})}
         summary = {**{k: v for k, v in result.summary().items() if k != "rotations"},
-                   "data": self.origin}
-        cache.save_rotations(directory, result.rotations, graph, self._key(), summary)
+                   "data": self.origin, **checked}
+        cache.save_rotations(directory, self.rotations, graph, self._key(), summary)
         return True
 
 
