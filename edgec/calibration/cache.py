@@ -376,6 +376,7 @@ def _check_entries(f: Path, cache: CalibrationCache) -> None:
     if not isinstance(kept, dict) or kept and not isinstance(kept.get("samples"), int):
         raise UserError(f"{f}: 'calibration_samples' is {kept!r}, not a record of calibration "
                         f"samples; {redo}")
+    _check_rotations(f, cache.rotations, redo)
     from edgec.calibration.samples import MAX_SAMPLES
 
     # generated again on reuse (the floor's held-out samples follow them): 10**9 ate 13 GB
@@ -391,3 +392,22 @@ def _check_entries(f: Path, cache: CalibrationCache) -> None:
         if not finite or values[0] > values[1]:
             raise UserError(f"{f}: tensor {name!r} has no valid range ({entry!r}: lowest and "
                             f"highest must be finite numbers, lowest ≤ highest); {redo}")
+
+
+def _check_rotations(f: Path, record: Any, redo: str) -> None:
+    """One line for an edited ``rotations`` record (``save_rotations``): a string failed as an
+    AttributeError, a ``file`` that is no string as a TypeError, and a ``file`` with a
+    directory in it read rotations from outside the cache."""
+    what = "not a record of DartQuant rotations"
+    if not isinstance(record, dict):
+        raise UserError(f"{f}: 'rotations' is {record!r}, {what}; {redo}")
+    if not record:
+        return
+    for key, kind in (("file", str), ("graph", str), ("options", dict), ("keys", list),
+                      ("summary", dict)):
+        if not isinstance(record.get(key, kind() if key in ("keys", "summary") else None), kind):
+            raise UserError(f"{f}: 'rotations' has {key!r} {record.get(key)!r}, {what}; {redo}")
+    name = record["file"]
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise UserError(f"{f}: 'rotations' names the file {name!r}, not a file name in the "
+                        f"cache's directory; {redo}")

@@ -176,6 +176,10 @@ def test_bad_cache_files(tmp_path):
         calibration_input(tmp_path / "d.npy")
 
 
+_ROTATIONS = {"file": "rotations.safetensors", "graph": "0" * 64, "options": {"steps": 1},
+              "keys": ["r1"], "summary": {}}
+
+
 @pytest.mark.parametrize("edit,match", [
     ({"tensors": [1, 2]}, "not a table of tensor ranges"),
     ({"tensors": {"x": {"lowest": float("nan"), "highest": 1.0}}}, "tensor 'x' has no valid"),
@@ -190,6 +194,13 @@ def test_bad_cache_files(tmp_path):
     ({"held_out": [1]}, "not a record of held-out samples"),
     ({"calibration_samples": {"file": "calibration_samples.npz", "samples": "all"}},
      "'calibration_samples' is .*not a record of calibration samples"),
+    # an AttributeError and a TypeError; a path outside the cache was read
+    ({"rotations": "x"}, "'rotations' is 'x', not a record of DartQuant rotations"),
+    ({"rotations": {**_ROTATIONS, "file": 5}}, "'rotations' has 'file' 5, not a record"),
+    ({"rotations": {**_ROTATIONS, "options": None}}, "'rotations' has 'options' None"),
+    ({"rotations": {**_ROTATIONS, "file": "../other/rotations.safetensors"}},
+     "names the file '../other/rotations.safetensors', not a file name in the cache's"),
+    ({"rotations": {**_ROTATIONS, "file": ".."}}, "names the file '..'"),
     # generated again on reuse: 10**9 grew to 13.6 GB without a word
     ({"samples": 10**9}, "'samples' is 1000000000, more than the 4096 generated"),
 ])
@@ -200,6 +211,10 @@ def test_edited_cache_entries_are_refused_in_one_line(tmp_path, edit, match):
     (tmp_path / "calibration.json").write_text(json.dumps(raw))
     with pytest.raises(UserError, match=match):
         CalibrationCache.load(tmp_path)
+    if "rotations" in edit:  # the record as calibrate writes it loads
+        raw["rotations"] = _ROTATIONS
+        (tmp_path / "calibration.json").write_text(json.dumps(raw))
+        assert CalibrationCache.load(tmp_path).rotations == _ROTATIONS
 
 
 def test_model_hash_tracks_weights(llama_src):
