@@ -220,10 +220,18 @@ class CalibrationCache:
         if not path.is_file():
             raise UserError(f"{path}: the calibration cache's rotations file is missing; " + redo)
         try:
-            return dict(load_file(str(path)))
+            loaded = dict(load_file(str(path)))
         except Exception as e:  # noqa: BLE001 - a damaged file is the user's input
             raise UserError(f"{path}: unreadable rotations ({type(e).__name__}); " + redo
                             ) from None
+        # a rotation taken out of the file left the graph half rotated, refused as "does not
+        # match the model (graph ...)", which did not say why
+        missing = sorted(set(self.rotations.get("keys", ())) - set(loaded))
+        if missing:
+            raise UserError(f"{path}: the calibration cache's rotations file lacks "
+                            f"{', '.join(missing)} (calibration.json records "
+                            f"{', '.join(self.rotations['keys'])}); " + redo)
+        return loaded
 
     def save_held_out(self, directory: str | os.PathLike, feeds: list[dict[str, Any]],
                       source: str) -> bool:
@@ -241,7 +249,7 @@ class CalibrationCache:
         from generated samples, with the floor off, or by an older edgec)."""
         if not self.held_out:
             return None
-        return self._stored(HELD_OUT_FILE, "held-out samples")
+        return self._stored(HELD_OUT_FILE, "held-out samples", self.held_out["samples"])
 
     def save_calibration_samples(self, directory: str | os.PathLike,
                                  feeds: list[dict[str, Any]]) -> bool:
@@ -259,17 +267,26 @@ class CalibrationCache:
         has none (generated samples, too large, or an older edgec)."""
         if not self.calibration_samples:
             return None
-        return self._stored(CALIBRATION_SAMPLES_FILE, "calibration samples")
+        return self._stored(CALIBRATION_SAMPLES_FILE, "calibration samples",
+                            self.calibration_samples["samples"])
 
     def made_from_data(self) -> bool:
         """Calibrated on a user's .npz (``calibrate --data``), not the model's generator."""
         return self.data_sha256 is not None or str(self.data).startswith("file ")
 
-    def _stored(self, name: str, what: str) -> Path:
+    def _stored(self, name: str, what: str, samples: int) -> Path:
+        """The file ``name`` beside calibration.json, which records ``samples`` in it (one held
+        1 of 4 held-out samples and the floor measured on it without a word)."""
+        from edgec.calibration.samples import npz_sample_count
+
         path = Path(getattr(self, "_directory", ".")) / name
+        redo = "re-run `edgec calibrate` with the same --data"
         if not path.is_file():
-            raise UserError(f"{path}: the calibration cache's {what} are missing; "
-                            "re-run `edgec calibrate` with the same --data")
+            raise UserError(f"{path}: the calibration cache's {what} are missing; {redo}")
+        found = npz_sample_count(path)  # None: unreadable, as the samples' reader says
+        if found is not None and found != samples:
+            raise UserError(f"{path}: holds {found} {what}, calibration.json records {samples} "
+                            f"(an edited or damaged cache); {redo}")
         return path
 
     def check(self, model_hash: str, target: str, scheme: str, method: str | None,

@@ -115,6 +115,10 @@ def test_held_out_samples_are_stored_beside_the_cache(tmp_path, monkeypatch):
                                            "source": "data"}
     stored = np.load(back.held_out_file())["input_ids"]
     assert stored.shape == (4, 1, 8) and stored[3, 0, 0] == 3
+    # fewer samples than recorded were measured on without a word
+    np.savez(tmp_path / "c" / "held_out.npz", input_ids=stored[:1])
+    with pytest.raises(UserError, match="holds 1 held-out samples, calibration.json records 4"):
+        back.held_out_file()
     (tmp_path / "c" / "held_out.npz").unlink()
     with pytest.raises(UserError, match="held-out samples are missing; re-run `edgec calibrate`"):
         back.held_out_file()
@@ -145,6 +149,9 @@ def test_calibration_samples_are_stored_beside_the_cache(tmp_path, monkeypatch):
                                                       "samples": 6}
     stored = np.load(back.calibration_samples_file())["input_ids"]
     assert stored.shape == (6, 1, 8) and stored[5, 0, 0] == 5
+    np.savez(tmp_path / "c" / "calibration_samples.npz", input_ids=stored[:5])
+    with pytest.raises(UserError, match="holds 5 calibration samples, calibration.json records 6"):
+        back.calibration_samples_file()
     (tmp_path / "c" / "calibration_samples.npz").unlink()
     with pytest.raises(UserError, match="calibration samples are missing; re-run `edgec calib"):
         back.calibration_samples_file()
@@ -215,6 +222,23 @@ def test_edited_cache_entries_are_refused_in_one_line(tmp_path, edit, match):
         raw["rotations"] = _ROTATIONS
         (tmp_path / "calibration.json").write_text(json.dumps(raw))
         assert CalibrationCache.load(tmp_path).rotations == _ROTATIONS
+
+
+def test_a_rotation_missing_from_the_rotations_file_is_named(tmp_path):
+    """A key taken out of rotations.safetensors was refused as "does not match the model
+    (graph ...)": the graph came out half rotated."""
+    from safetensors.numpy import save_file
+
+    c = _cache()
+    eye = np.eye(4)
+    c.save_rotations(tmp_path, {"r1": eye, "r2.0": eye, "r2.1": eye}, "0" * 64, {"steps": 1}, {})
+    c.save(tmp_path)
+    back = CalibrationCache.load(tmp_path)
+    assert set(back.load_rotations("0" * 64, {"steps": 1})) == {"r1", "r2.0", "r2.1"}
+    save_file({"r1": eye, "r2.0": eye}, str(tmp_path / "rotations.safetensors"))
+    with pytest.raises(UserError, match="rotations file lacks r2.1 \\(calibration.json records "
+                                        "r1, r2.0, r2.1\\)"):
+        back.load_rotations("0" * 64, {"steps": 1})
 
 
 def test_model_hash_tracks_weights(llama_src):
