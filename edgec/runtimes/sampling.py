@@ -757,6 +757,8 @@ def denoise(session, x0: np.ndarray, t: float, rng: np.random.Generator,
     """DPoser's one-step prior: perturb ``x0`` to ``t``, denoise once (Tweedie:
     x̂0 = (x_t + σ²·score) / α). Returns (x̂0, the loss weight ½√(1 + SNR²))."""
     spec = spec or SamplerSpec.from_manifest(getattr(session, "manifest", None) or {})
+    if not (isinstance(t, numbers.Real) and 0 < float(t) <= 1):  # σ(0) = 0: a division by zero
+        raise UserError(f"t={t!r}: the sub-VP SDE's time lies in (0, 1]")
     (name, out), = spec.samples.items()
     _, alpha, sigma = subvp(t, spec)
     xt = (alpha * x0 + sigma * rng.standard_normal(x0.shape)).astype(np.float32)
@@ -780,10 +782,25 @@ def fit_with_prior(session, observed: np.ndarray, known: np.ndarray | None = Non
         raise UserError("fit_with_prior needs a score-model artifact (e.g. pose-prior)")
     observed = np.asarray(observed, np.float32)
     known = np.ones_like(observed, bool) if known is None else np.asarray(known, bool)
+    if known.shape != observed.shape:
+        raise UserError(f"known has shape {list(known.shape)}; give one flag per observed "
+                        f"entry, {list(observed.shape)}")
+    if not np.isfinite(observed[known]).all():
+        raise UserError("observed holds NaN or inf where known is True; mark such entries "
+                        "unknown")
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or \
+            iterations < 1:
+        raise UserError(f"iterations={iterations!r}: give an integer ≥ 1")
+    for name, value in (("lr", lr), ("prior_weight", prior_weight)):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+            raise UserError(f"{name}={value!r}: give a finite number ≥ 0")
     rng = np.random.default_rng(seed)
     x = np.where(known, observed, 0.0).astype(np.float32)
     for t in np.linspace(t_range[0], t_range[1], iterations):
         x0_hat, weight = denoise(session, x, float(t), rng, spec)
-        grad = 2.0 * known * (x - observed) + prior_weight * weight * (x - x0_hat)
+        # unknown entries play no part (NaN there, a common "missing" mark, was 0·NaN = NaN and
+        # spread to every entry through the network)
+        fit = np.where(known, x - observed, 0.0)
+        grad = 2.0 * fit + prior_weight * weight * (x - x0_hat)
         x = (x - lr * grad).astype(np.float32)
     return x

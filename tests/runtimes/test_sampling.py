@@ -222,6 +222,17 @@ def test_one_step_prior_denoise_and_fit(prediction):
     observed = np.where(known, X0 + 1.0, 5.0).astype(np.float32)
     fit = fit_with_prior(sess, observed, known, iterations=60, lr=0.1)
     np.testing.assert_allclose(fit, X0 + 1.0, atol=1e-2)
+    # NaN marking the unknown entries (all-NaN output before: 0·NaN in the data term)
+    missing = np.where(known, observed, np.nan).astype(np.float32)
+    np.testing.assert_array_equal(fit_with_prior(sess, missing, known, iterations=60, lr=0.1),
+                                  fit)
+    for kwargs, message in ((dict(t_range=(0.1, 0.0)), r"t=0.0: the sub-VP SDE's time"),
+                            (dict(lr=float("nan")), "lr=nan: give a finite number"),
+                            (dict(iterations=0), "iterations=0: give an integer ≥ 1")):
+        with pytest.raises(UserError, match=message):
+            fit_with_prior(sess, observed, known, **kwargs)
+    with pytest.raises(UserError, match="observed holds NaN or inf where known is True"):
+        fit_with_prior(sess, missing, None)
 
 
 def test_bad_sampling_requests():
