@@ -13,6 +13,7 @@ runtime (OpenVINO's stateful model).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GenerationConfig", "ArrayCache", "check_cache_memory", "check_context",
            "decoding_settings", "generate", "process_logits", "resolve_settings"]
@@ -314,14 +317,21 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
         raise UserError(f"eos_token_id {outside[0]} is outside this model's vocabulary of "
                         f"{info.vocab} tokens; give ids in [0, {info.vocab})")
     pad = options.pop("pad_token_id", None)
-    cfg = GenerationConfig(eos_token_id=eos, pad_token_id=info.pad_token_id if pad is None
-                           else pad, **options)
+    own = info.pad_token_id
+    if pad is None and own is not None and not (_is_int(own) and 0 <= own < info.vocab):
+        # a checkpoint's pad id outside the vocabulary (old LLaMA conversions carry -1): the
+        # CLI has no option to replace it, and transformers pads with it only to fail feeding
+        # it back; finished rows take the first EOS id instead
+        logger.warning("the checkpoint's pad_token_id %s is outside the vocabulary of %d "
+                       "tokens; finished rows are filled with the EOS id instead", own,
+                       info.vocab)
+        own = None
+    cfg = GenerationConfig(eos_token_id=eos, pad_token_id=own if pad is None else pad,
+                           **options)
     if cfg.pad_token_id is not None and cfg.pad_token_id >= info.vocab:  # it fills a finished
         # row: ORT failed on it at the next step, OpenVINO returned rows padded with it
-        where = "" if pad is not None else " (the checkpoint's generation config)"
-        raise UserError(f"pad_token_id {cfg.pad_token_id}{where} is outside this model's "
-                        f"vocabulary of {info.vocab} tokens; give pad_token_id= an id in "
-                        f"[0, {info.vocab})")
+        raise UserError(f"pad_token_id {cfg.pad_token_id} is outside this model's vocabulary "
+                        f"of {info.vocab} tokens; give pad_token_id= an id in [0, {info.vocab})")
     ids, mask = _prompt(info, input_ids, attention_mask)
     check_context(info, ids.shape[1], cfg.max_new_tokens)
     fill = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)

@@ -543,13 +543,16 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, tiny_mlp, tmp_path):
         with pytest.raises(UserError, match=message):
             sess.generate(ids, **options)
     assert sess.generate([1, 2], max_new_tokens=2, eos_token_id=np.array([2])).shape == (1, 4)
-    # the checkpoint's own pad id past the vocabulary (only an argument's was checked)
+    # the checkpoint's own pad id outside the vocabulary (-1 in old LLaMA conversions; one past
+    # it failed in ORT's Gather, or came back in the rows): finished rows take the EOS id
     from edgec.runtimes.generation import generate
 
-    info = dataclasses.replace(sess.decoder_info, pad_token_id=10**6)
-    with pytest.raises(UserError, match=r"pad_token_id 1000000 \(the checkpoint's generation "
-                                        r"config\) is outside"):
-        generate(sess, info, np.array([[1, 2]]), max_new_tokens=2)
+    ids = np.array([[1, 2], [3, 4]])
+    first = int(sess.generate(ids, max_new_tokens=1)[0, -1])  # row 0 stops at once
+    for bad in (10**6, -1):
+        info = dataclasses.replace(sess.decoder_info, pad_token_id=bad)
+        out, _ = generate(sess, info, ids, max_new_tokens=4, eos_token_id=first)
+        assert set(out[0, 2:].tolist()) == {first} and out.max() < info.vocab
     with pytest.raises(UserError, match="right-padded"):
         sess.generate(np.array([[1, 2, 0]]), np.array([[1, 1, 0]]))
     with pytest.raises(UserError, match="row 1 of the batch is all padding"):
