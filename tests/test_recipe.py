@@ -47,6 +47,9 @@ def no_export(monkeypatch):
     # nan and inf passed the range checks (nan compares False, inf is > 0)
     (dict(target="qnn-htp", quantize="w8a8:mask_fill=nan"),
      "--quantize mask_fill must be a finite number, not nan"),
+    (dict(target="qnn-htp", quantize="w8a8:mask_fill=1e39"), r"mask_fill=1e\+39: give the "
+                                                             r"fill's size, a number in \[1, "),
+    (dict(target="qnn-htp", quantize="w8a8:mask_fill=-5"), "a number in \\[1, 10000\\)"),
     (dict(target="tensorrt", quantize="w8a8:max_kld=inf"),
      "--quantize max_kld must be a finite number, not inf"),
     (dict(target="ort-cpu", quantize="w8a8:split=inf"), "split must be a finite number"),

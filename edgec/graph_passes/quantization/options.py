@@ -104,9 +104,13 @@ class QuantOptions:
             value = getattr(self, name)  # nan passes every range check below as False...
             if isinstance(value, float) and not math.isfinite(value):  # ... inf some
                 raise UserError(f"--quantize {name} must be a finite number, not {value!r}")
-        if not isinstance(self.mask_fill, (int, float)) or not self.mask_fill:
-            raise UserError("--quantize mask_fill must be a non-zero number")
-        object.__setattr__(self, "mask_fill", abs(float(self.mask_fill)))
+        # a fill of 1e4 or more is itself what the stage replaces ("minus infinity": 1e39 was
+        # -inf in float32), and below 1 it barely masks (1e-45 unmasked the attention)
+        if isinstance(self.mask_fill, bool) or not isinstance(self.mask_fill, (int, float)) \
+                or not 1 <= self.mask_fill < 1e4:
+            raise UserError(f"--quantize mask_fill={self.mask_fill!r}: give the fill's size, a "
+                            "number in [1, 10000) (default 100; the mask becomes -mask_fill)")
+        object.__setattr__(self, "mask_fill", float(self.mask_fill))
         if self.min_cos is not None and not (isinstance(self.min_cos, (int, float))
                                              and 0 <= self.min_cos < 1):
             raise UserError(f"--quantize min_cos must be a cosine between 0 and 1 (e.g. 0.99; "
