@@ -236,6 +236,28 @@ def test_a_tied_head_is_found_and_fp8_keeps_it_float():
     assert weights[head].op_type == "Transpose"  # still reads the float table
 
 
+@pytest.mark.parametrize("target", ["ort-cpu", "openvino-cpu"])
+def test_w4a16_quantizes_a_tied_head_and_drops_the_float_table(target):
+    """A head tied to the embedding reads the table through a Transpose, so w4a16 left it float,
+    and the whole float table with it beside the int8 rows the lookup reads (SmolLM2-135M:
+    28 M of its 135 M parameters). The head now reads its own int8 copy, as an untied one."""
+    from edgec.exporters.sources import resolve_source
+
+    tied = resolve_source("llama", "tiny+tied")
+    (head,) = output_heads(tied.model)
+    model, result = _quantize(tied, target, "w4a16")
+    node = next(n for n in model.graph if n.name == head)
+    dq = node.inputs[1].producer()
+    assert dq.op_type == "DequantizeLinear"
+    assert dq.inputs[0].const_value.dtype in (ir.DataType.UINT8, ir.DataType.INT8)
+    floats = [v.name for v in model.graph.initializers.values() if v.const_value is not None
+              and v.const_value.dtype == ir.DataType.FLOAT and len(v.const_value.shape) == 2
+              and v.const_value.shape[0] == 256]  # vocab rows: the table or its transpose
+    assert not [n for n in floats if "scale" not in n]
+    assert result.stats["weights_int8"] == [head]
+    assert _cosine(run_model(model, tied.feeds), tied.reference) >= 0.99
+
+
 def test_bert_w8a8_beats_naive_quantization(bert_src, tmp_path):
     """A naive quantize_static over the whole graph quantizes the mask; edgec does not."""
     from onnxruntime.quantization import (
