@@ -233,6 +233,8 @@ def main(argv=None) -> int:
                     log(f"  {row['error']}")
                     continue
                 row["compile_s"] = round(time.perf_counter() - t1, 1)
+                row["artifact_mb"] = round(sum(f.stat().st_size for f in out.rglob("*")
+                                               if f.is_file()) / 2**20, 1)
                 session = edgec.load(out)
                 outs = [session.run({"input_ids": ids[i], "attention_mask": mask[i]})[
                     "logits"][0] for i in range(N_EVAL)]
