@@ -26,21 +26,27 @@ NEW = 16
 PRUNING = "keep=0.25,layer=2,score=attention,text_keep=0.5,recent=4"
 
 
+def _tiny_llava(vision_config, text_layers: int, strategy: str):
+    """A tiny LLaVA: a 2-layer vision tower of ``vision_config`` (32 px, 8 px patches), a LLaMA
+    text model with GQA (random weights, wider than HF's init so greedy decoding does not
+    repeat one token)."""
+    torch.manual_seed(0)
+    vision = vision_config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8)
+    text = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=16,
+        vision_feature_layer=-2, vision_feature_select_strategy=strategy)).eval()
+
+
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     """A tiny LLaVA (CLIP vision tower, LLaMA text model with GQA; random weights, wider than
     HF's init so greedy decoding does not repeat one token), saved as safetensors."""
-    torch.manual_seed(0)
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8)
-    text = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
-    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=16,
-        vision_feature_layer=-2, vision_feature_select_strategy="default")).eval()
+    model = _tiny_llava(transformers.CLIPVisionConfig, 3, "default")
     path = tmp_path_factory.mktemp("llava") / "ckpt"
     model.save_pretrained(path)
     transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(
@@ -472,17 +478,7 @@ def test_npu_context_too_small_for_the_image_is_refused_up_front(llava, tmp_path
 def siglip_llava(tmp_path_factory):
     """A tiny LLaVA with a SigLIP vision tower (no CLS row) and the ``full`` strategy: 16
     image features for 32 px / 8 px patches; SigLIP's processor (height/width resize)."""
-    torch.manual_seed(0)
-    vision = transformers.SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8)
-    text = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
-    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=16,
-        vision_feature_layer=-2, vision_feature_select_strategy="full")).eval()
+    model = _tiny_llava(transformers.SiglipVisionConfig, 2, "full")
     path = tmp_path_factory.mktemp("siglip") / "ckpt"
     model.save_pretrained(path)
     transformers.SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
