@@ -93,6 +93,13 @@ def _check_save(path: Path | None, suffix: str = ".npz", flag: str = "--save") -
                         f"{path / ('out' + suffix)}")
     if not path.parent.is_dir():
         raise UserError(f"{flag} {path}: no directory {path.parent}; create it first")
+    probe = path.with_name(f".{path.name}.partial")  # what the write goes through
+    try:  # a folder nothing can be written to failed with exit 1 after the whole run
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose "
+                        "another path") from None
 
 
 def _feeds(session, inputs: Path | None) -> dict:
