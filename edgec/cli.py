@@ -651,8 +651,8 @@ def generate_cmd(
 
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
-    if temperature == 0 and not sample:  # "temperature 0" = greedy, as transformers takes it
-        temperature = None
+    if temperature == 0 and sample is not True:  # "temperature 0" asks for greedy decoding
+        temperature, sample = None, False  # (a checkpoint that samples by default included)
     if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
         raise UserError(f"--temperature must be a finite number > 0, not {temperature!r}; for "
                         "deterministic (greedy) output " + (

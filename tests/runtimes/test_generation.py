@@ -235,6 +235,11 @@ def test_cli_follows_and_overrides_the_checkpoints_sampling(artifacts, tmp_path)
     assert json.loads(greedy.stdout)["new_ids"] == json.loads(plain.stdout)["new_ids"]
     assert json.loads(greedy.stdout)["settings"]["do_sample"] is False
     assert "checkpoint" not in plain.stderr  # transformers' defaults change no greedy token
+    # --temperature 0 asks for greedy decoding, on a checkpoint that samples by default too
+    zero = runner.invoke(app, ["generate", str(art), "--prompt-ids", "1,5,9", "-n", "4",
+                               "--temperature", "0", "--json"])
+    assert zero.exit_code == 0, zero.output
+    assert json.loads(zero.stdout)["new_ids"] == json.loads(plain.stdout)["new_ids"]
 
 
 def test_eos_stops_a_row_and_pads_it(artifacts):
