@@ -74,7 +74,7 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
     quantized is named in ``stats["skipped"]`` with the reason (node → reason)."""
     block = scheme.block_size or 128
     if scheme.weight_backup_int8:  # the head int8 and the table's rows int8 (the table goes)
-        _fold_transposed_weights(model, exclude)
+        _fold_transposed_weights(model)
     backup = (last_weighted(model) - exclude if scheme.weight_backup_int8
               else set())
     done, skipped, int8 = 0, {}, []
@@ -173,33 +173,21 @@ def _pad_input(model: ir.Model, node: ir.Node, k: int, kp: int,
     pads[id(x), kp] = pad.outputs[0]
 
 
-def _fold_transposed_weights(model: ir.Model, exclude: set[str]) -> None:
-    """``MatMul(x, Transpose(W))`` for ``W`` a constant float 2-D initializer (a head tied to
-    the embedding table) reads ``Wᵀ`` as its own initializer, so it is quantized as any weight.
-    It was left float, and with it the whole float table beside the int8 rows the embedding
-    lookup reads (``embedding_rows_int8``): SmolLM2-135M's tied table is 28 M of its 135 M
-    parameters. Only with ``weight_backup_int8`` (the head int8, as NNCF): elsewhere the lookup
-    reads the float table anyway, and a head kept float is ModelOpt's default too."""
-    for node in list(model.graph):
-        if node.op_type != "MatMul" or {node.name, node.op_type} & exclude or \
-                len(node.inputs) < 2 or node.inputs[1] is None:
-            continue
-        t = node.inputs[1].producer()
-        if t is None or t.op_type != "Transpose" or t.inputs[0] is None:
-            continue
-        w = t.inputs[0]
-        perm = t.attributes.get_ints("perm", None)
-        value = w.const_value
-        if (value is None or not w.is_initializer() or w.is_graph_input()
-                or value.dtype != ir.DataType.FLOAT or len(value.shape) != 2
-                or perm not in (None, [1, 0], (1, 0))):
-            continue
-        folded = ir.Value(name=f"{w.name}_transposed",
-                          const_value=ir.tensor(np.ascontiguousarray(value.numpy().T)))
-        model.graph.register_initializer(folded)
-        node.replace_input_with(1, folded)
-        if not t.outputs[0].uses() and not t.outputs[0].is_graph_output():
-            model.graph.remove(t, safe=True)
+def _fold_transposed_weights(model: ir.Model) -> None:
+    """A weight read through ``Transpose`` (a head tied to the embedding table) becomes its own
+    initializer (``FoldWeightTranspose``), so it is quantized as any weight: it was left float,
+    and with it the whole float table beside the int8 rows the embedding lookup reads
+    (``embedding_rows_int8``; SmolLM2-135M's tied table is 28 M of its 135 M parameters). Only
+    with ``weight_backup_int8`` (the head int8, as NNCF): elsewhere the lookup reads the float
+    table anyway, and a head kept float is ModelOpt's default too."""
+    from onnxscript.rewriter import pattern
+
+    from edgec.graph_passes.fold_weight_transpose import FoldWeightTranspose
+
+    read = [n.inputs[0] for n in model.graph if n.op_type == "Transpose" and n.inputs
+            and n.inputs[0] is not None and n.inputs[0].is_initializer()]
+    pattern.RewriteRuleSet([FoldWeightTranspose.rule()]).apply_to_model(model)
+    for w in read:
         _drop_if_unused(model, w)
 
 

@@ -75,6 +75,7 @@ from onnxscript.rewriter import MatchResult, pattern
 
 from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes._infra import register_constant as _const
+from edgec.graph_passes.fold_weight_transpose import FoldWeightTranspose
 
 __all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "UnshareLayerNormBias", "GatherNDToGather",
            "GatherToLeadingAxis", "FoldWeightTranspose", "MishToSoftplusTanh", "QnnLegalizePass",
@@ -413,26 +414,6 @@ class ReciprocalToDiv(pattern.RewriteRuleClassBase):
         one = op.initializer(ir.tensor(np.array(1, dtype=x.dtype.numpy())),
                              name=f"{out.name}_one")
         return op.Div(one, x)
-
-
-class FoldWeightTranspose(pattern.RewriteRuleClassBase):
-    """Transpose(W) ⇒ Wᵀ for W an initializer: the weight as its own constant (module
-    docstring; the tied lm_head)."""
-
-    def pattern(self, op, w):
-        return op.Transpose(w, _allow_other_attributes=True, _outputs=["out"])
-
-    def check(self, context, w, **_) -> MatchResult:
-        result = MatchResult()
-        if w.const_value is None or not w.is_initializer() or w.is_graph_input():
-            return result.fail("the transposed value is not an initializer", w)
-        return result
-
-    def rewrite(self, op, w, out):
-        data = w.const_value.numpy()
-        perm = out.producer().attributes.get_ints("perm", None)
-        folded = np.ascontiguousarray(np.transpose(data, perm))  # no perm: reversed axes
-        return op.initializer(ir.tensor(folded), name=f"{out.name}_folded")
 
 
 RULES = pattern.RewriteRuleSet([GatherNDToGather.rule(), DropSoftmaxNanGuard.rule(),
