@@ -874,13 +874,20 @@ def _freekv_graph(source, recipe: Recipe, src, stage: Path, step: Progress
     if src.kind not in ("registry", "hf"):
         raise UserError("--kv-retrieval builds its decode graph from the PyTorch model (`llama` "
                         "or a Hugging Face checkpoint directory), not from a .onnx file")
+    from edgec.runtimes.freekv import budget_covers_context
+
+    info = DecoderInfo.from_json(src.info["generation"])
+    covered = budget_covers_context(recipe.kv_retrieval,
+                                    recipe.context or info.context or info.max_positions)
+    if covered:
+        logger.warning(covered)
     step("exporting the FreeKV decode graph")
     # a checkpoint's stored path lost its ./ ("llama"): as a str, the decode graph's loader took
     # it for the reference model's name again and refused it as ambiguous after the export
     origin = Path(src.info["path"]).absolute() if src.kind == "hf" else src.info["name"]
     tgt = recipe.target
     rel, fidelity = build_freekv_graph(
-        origin, DecoderInfo.from_json(src.info["generation"]), recipe.kv_retrieval, stage,
+        origin, info, recipe.kv_retrieval, stage,
         model_config=src.info.get("config"), verify_on=tgt.runtime,
         runtime_config=tgt.runtime_config)
     return {"method": "freekv", **recipe.kv_retrieval.to_json(), "model": rel}, fidelity

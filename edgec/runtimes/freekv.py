@@ -27,9 +27,9 @@ from edgec.errors import UserError
 from edgec.options import parse_options, split_spec
 from edgec.runtimes.generation import check_cache_memory
 
-__all__ = ["FreeKVConfig", "parse_kv_retrieval", "FreeKVCache", "FixedBufferCache",
-           "freekv_cache_for", "graph_config", "GRAPH_FILE", "DENSE_FILE", "FORCE_TAU",
-           "METADATA_KEY"]
+__all__ = ["FreeKVConfig", "parse_kv_retrieval", "budget_covers_context", "FreeKVCache",
+           "FixedBufferCache", "freekv_cache_for", "graph_config", "GRAPH_FILE", "DENSE_FILE",
+           "FORCE_TAU", "METADATA_KEY"]
 
 GRAPH_FILE = "freekv.onnx"
 DENSE_FILE = "dense_buffers.onnx"
@@ -115,6 +115,18 @@ def parse_kv_retrieval(raw: Any) -> FreeKVConfig | None:
         raise UserError(f"--kv-retrieval method {method!r} is not known; use "
                         "freekv:budget=2048,page=32,sink=64,recent=256,tau=0.8")
     return FreeKVConfig.parse(str(raw).partition(":")[2])
+
+
+def budget_covers_context(config: FreeKVConfig, longest: int | None) -> str | None:
+    """A warning where ``config``'s budget holds the longest context the artifact decodes
+    (``longest``: its static cache or the model's positions): retrieval never starts, so FreeKV
+    is full attention at every length and freekv.onnx stores the weights a second time for
+    nothing (the compile said nothing). None where the budget is smaller or no limit is known."""
+    if not longest or config.budget < longest:
+        return None
+    return (f"--kv-retrieval budget={config.budget} covers the whole context ({longest} tokens):"
+            " FreeKV never retrieves and decodes as full attention; give a budget below the "
+            "context, or drop --kv-retrieval (its decode graph stores the weights a second time)")
 
 
 def graph_config(path: str | os.PathLike) -> FreeKVConfig:

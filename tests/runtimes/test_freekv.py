@@ -20,7 +20,12 @@ from edgec.errors import UserError
 from edgec.exporters.decoder import reference_decoder
 from edgec.exporters.freekv_decoder import build_freekv_graph
 from edgec.models.llama import Llama, LlamaConfig
-from edgec.runtimes.freekv import FreeKVCache, FreeKVConfig, parse_kv_retrieval
+from edgec.runtimes.freekv import (
+    FreeKVCache,
+    FreeKVConfig,
+    budget_covers_context,
+    parse_kv_retrieval,
+)
 from edgec.runtimes.generation import ArrayCache, generate
 
 CONFIG = FreeKVConfig(budget=32, page=4, sink=4, recent=8, tau=0.8)
@@ -260,3 +265,13 @@ def test_buffers_larger_than_memory_are_refused(decoder):
     with pytest.raises(UserError, match=r"a KV cache for 1 x 10000000000 tokens .* lower "
                                         r"max_new_tokens \(-n\)$"):
         FreeKVCache(session, graph, info, CONFIG, 1, capacity=10**10)
+
+
+def test_a_budget_holding_the_whole_context_is_named():
+    """A budget at or past the longest context never retrieves: the compile warns (it shipped
+    a second copy of the weights in freekv.onnx under a report describing retrieval)."""
+    kv = parse_kv_retrieval("freekv:budget=256,page=32,sink=32,recent=64")
+    message = budget_covers_context(kv, 100)
+    assert message and "budget=256 covers the whole context (100 tokens)" in message
+    assert budget_covers_context(kv, 256) is not None
+    assert budget_covers_context(kv, 257) is None and budget_covers_context(kv, None) is None
