@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 from edgec.errors import InternalError, UserError
-from edgec.exporters.decoder import checkpoint_meta, has_sliding_window
 from edgec.runtimes.openvino_paged import BLOCK_SIZE, paged_model
 from edgec.targets.base import BuildResult, QuantScheme, Target
 from edgec.targets.openvino_int64 import int64_in_32_bits
@@ -98,6 +97,8 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
         runtime["stateful"] = {"pairs": pairs, "kv_shape": [kv_heads, head_dim]}
         # generate's fast path: the same IR in paged form (made again at load; checked here)
         outputs = {o.get_any_name() for o in ov_model.outputs}
+        from edgec.exporters.decoder import checkpoint_meta, has_sliding_window  # imports torch
+
         if "attention_scores" in outputs:  # read from the full cache, which paging replaces
             paged, why = None, "the decoder outputs attention_scores over its whole cache"
         elif has_sliding_window(checkpoint_meta(model_path.parent)):
