@@ -65,9 +65,23 @@ def _feeds(x):
     return {name: t.numpy() for name, t in zip("qkv", x)}
 
 
+_EXPORTS = {}
+
+
+def _export(module, x, dynamic=None):
+    """``export_module(module, x, dynamic).model``, exported once per (module class, input
+    shapes, dynamic dims) and cloned (the pass edits the graph in place): the parametrized
+    tests re-exported the same four modules ~50 times (~1 s each). The graph depends on the
+    inputs' shapes only (these modules have no data-dependent branches)."""
+    key = (type(module), tuple(tuple(t.shape) for t in x), repr(dynamic))
+    if key not in _EXPORTS:
+        _EXPORTS[key] = export_module(module, x, dynamic).model
+    return _EXPORTS[key].clone()
+
+
 def _rewrite(module, cfg, x=None, dynamic=DYN):
     x = x or _qkv()
-    model = export_module(module, x, dynamic).model
+    model = _export(module, x, dynamic)
     dense = run_model(model, _feeds(x))
     result = SparseAttentionPass(cfg)(model)
     return model, dense, result
@@ -239,7 +253,7 @@ def test_skips_are_counted_with_reasons():
 
 def test_stats_report_sparsity_and_flops():
     x = _qkv(N)
-    model = export_module(SDPA(), x).model  # static shapes: FLOPs are known
+    model = _export(SDPA(), x)  # static shapes: FLOPs are known
     stats = SparseAttentionPass(
         f"keep=0.25,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8").call(model).stats
     assert stats["blocks"] == 8 and stats["kept_blocks"] == 2
@@ -254,7 +268,7 @@ def test_stats_report_sparsity_and_flops():
 
 def test_pass_manager_reports_approximation_error():
     x = _qkv()
-    model = export_module(SDPA(), x, DYN).model
+    model = _export(SDPA(), x, DYN)
     pm = PassManager([SparseAttentionPass("keep=0.3,block=16,min_seq=0")], check=True,
                      feeds=_feeds(x))
     pm(model)
@@ -281,11 +295,11 @@ def test_tile_is_planned_only_where_a_site_is_rewritten():
     """No 48-token tile divides 2x8x8, but a site below min_seq stays dense first (video-dit
     tiny with the defaults was refused after its export, though no site would be rewritten)."""
     cfg = f"block=48,prefix={PREFIX},grid=2x8x8"
-    stats = SparseAttentionPass(f"{cfg},min_seq=1000")(export_module(SDPA(), _qkv()).model).stats
+    stats = SparseAttentionPass(f"{cfg},min_seq=1000")(_export(SDPA(), _qkv())).stats
     assert stats["sites_rewritten"] == 0
     assert stats["skipped_reasons"] == {f"sequence {N} < min_seq 1000": 1}
     with pytest.raises(UserError, match="no tile of block=48 tokens divides grid 2x8x8"):
-        SparseAttentionPass(f"{cfg},min_seq=0")(export_module(SDPA(), _qkv()).model)
+        SparseAttentionPass(f"{cfg},min_seq=0")(_export(SDPA(), _qkv()))
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -307,7 +321,7 @@ def test_a_budget_keeping_every_block_is_exact(caplog):
     waived); the report's config showed qblock=0 where 8 × block ran."""
     cfg = f"keep=0.5,block=64,min_seq=0,prefix={PREFIX},grid=2x8x8,sink=frame"
     x = _qkv()
-    model = export_module(SDPA(), x).model
+    model = _export(SDPA(), x)
     dense = run_model(model, _feeds(x))
     whole_pass = SparseAttentionPass(cfg)
     stats = whole_pass(model).stats
@@ -319,7 +333,7 @@ def test_a_budget_keeping_every_block_is_exact(caplog):
     assert compare_outputs({"output": out}, dense)["output"]["max_rel"] < 1e-5
     assert stats["config"]["qblock"] == 512 and stats["config"]["tile"] == [1, 8, 8]
     sparse_pass = SparseAttentionPass(cfg.replace("keep=0.5,block=64", "keep=0.25,block=16"))
-    stats = sparse_pass(export_module(SDPA(), _qkv()).model).stats
+    stats = sparse_pass(_export(SDPA(), _qkv())).stats
     assert stats["sites"][0]["status"] == "approximate" and not sparse_pass.exact
     assert "sites_keeping_every_block" not in stats and stats["config"]["qblock"] == 128
 
@@ -367,7 +381,7 @@ def test_trailing_tokens_after_the_grid(tail_mode):
     dense = SDPA()(*x).numpy()
     spec = f"block=16,prefix={PREFIX},grid=2x8x8,tail={tail},tail_mode={tail_mode},min_seq=0"
     for keep, tol in ((1.0, 1e-4), (0.4, None)):
-        model = export_module(SDPA(), x, dynamic_shapes=DYN).model
+        model = _export(SDPA(), x, DYN)
         result = SparseAttentionPass(f"keep={keep},{spec}")(model)
         assert result.stats["sites_rewritten"] == 1
         out = run_model(result.model, _feeds(x))["output"]
@@ -401,27 +415,27 @@ def test_a_grid_fixes_a_dynamic_sequence_at_the_example_inputs():
     a sequence the grid does not fit is refused, and min_seq applies to its example length."""
     x = _qkv()
     cfg = f"keep=0.5,block=16,min_seq=0,prefix={PREFIX},grid=2x8x8"
-    model = export_module(SDPA(), x, DYN).model
+    model = _export(SDPA(), x, DYN)
     stats = SparseAttentionPass(cfg, feeds=_feeds(x))(model).stats
     assert stats["sites_rewritten"] == 1 and stats["static_dims"] == {"n": N}
     assert [list(i.shape) for i in model.graph.inputs] == [[2, 3, N, 16]] * 3
     assert run_model(model, _feeds(x))["output"].shape == (2, 3, N, 16)
     # its attention FLOPs are counted at that length, as a static graph's (none were: the
     # report of video-dit, whose sequence is dynamic, had no GFLOPs)
-    static = SparseAttentionPass(cfg)(export_module(SDPA(), x).model).stats
+    static = SparseAttentionPass(cfg)(_export(SDPA(), x)).stats
     assert stats["attention_gflops_dense"] == static["attention_gflops_dense"] > 0
     assert stats["attention_gflops_sparse"] == static["attention_gflops_sparse"]
     assert stats["attention_gflops_at_sequence"] == [N]
     assert "attention_gflops_at_sequence" not in static
     assert stats["sites"][0]["sequence"] == N and stats["sites"][0]["gflops_dense"] > 0
 
-    model = export_module(SDPA(), x, DYN).model
+    model = _export(SDPA(), x, DYN)
     with pytest.raises(UserError, match=f"grid=2x4x8 with prefix={PREFIX} and tail=0 makes 72 "
                                         f"tokens, but the model's attention sequences are "
                                         f"{N} tokens long"):
         SparseAttentionPass(cfg.replace("2x8x8", "2x4x8"), feeds=_feeds(x))(model)
 
-    model = export_module(SDPA(), x, DYN).model
+    model = _export(SDPA(), x, DYN)
     stats = SparseAttentionPass(cfg.replace("min_seq=0", "min_seq=1000"),
                                 feeds=_feeds(x))(model).stats
     assert stats["skipped_reasons"] == {
