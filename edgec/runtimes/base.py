@@ -51,6 +51,21 @@ def _as_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _check_not_empty(spec: Any, arr: np.ndarray) -> None:
+    """Refuse size 0 on a dynamic dim: ids [0, 5] or [2, 0] ran on ORT and OpenVINO and
+    returned outputs whose shapes the manifest does not describe (exit 0). A dim the model
+    declares static 0 is checked as any static dim is; a KV cache (``past_*``) may be empty:
+    past length 0 is a prefill."""
+    if arr.size or spec.name.startswith("past"):
+        return
+    axis = next((i for i, (d, n) in enumerate(zip(spec.shape, arr.shape))
+                 if n == 0 and not isinstance(d, int)), None)
+    if axis is not None:
+        raise UserError(f"input {spec.name!r} has shape {list(arr.shape)}: its dim "
+                        f"{spec.shape[axis]!r} (axis {axis}) is 0; give at least one element "
+                        "along every dynamic dim")
+
+
 def _check_integers_fit(name: str, arr: np.ndarray, dtype: np.dtype) -> None:
     """Refuse integers the input's narrower dtype cannot hold: astype wrapped 2**32 + 3 to 3
     in an int32 input, past the index-bound check, and the model ran on id 3."""
@@ -573,6 +588,7 @@ class Session(abc.ABC):
             ):
                 raise UserError(f"input {spec.name!r} has shape {list(arr.shape)}, the model "
                                 f"wants {list(spec.shape)}" + self._fixed_shape_note())
+            _check_not_empty(spec, arr)
             out[spec.name] = np.require(arr, requirements="C")  # keeps 0-d (scalar) inputs
         self._check_dims(out)
         declared = (getattr(self, "manifest", None) or {}).get("inputs", ())

@@ -60,6 +60,19 @@ def test_sizes_outside_the_traced_range_are_refused(masked, target):
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_a_size_0_dynamic_dim_is_refused(masked, target):
+    """x [0, 8, 4] or [2, 0, 4] ran on both runtimes and returned outputs whose shapes the
+    manifest does not describe (exit 0)."""
+    sess = masked[target].load()
+    for batch, seq, dim in ((0, 8, r"'batch' \(axis 0\)"), (2, 0, r"'seq' \(axis 1\)")):
+        x, mask = np.ones((batch, seq, 4), np.float32), np.ones((batch, seq), np.float32)
+        with pytest.raises(UserError, match=rf"^input 'x' has shape \[{batch}, {seq}, 4\]: its "
+                                            rf"dim {dim} is 0; give at least one element along "
+                                            "every dynamic dim$"):
+            sess.run({"x": x, "mask": mask})
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_read_only_arrays_run(masked, target, tmp_path):
     """OpenVINO refused a memory-mapped .npy, a frozen array and np.frombuffer's: "could not
     run the model on these inputs: array is not writeable"."""
@@ -111,6 +124,8 @@ def test_decoder_feeds_must_agree(decoders, target):
     """ORT failed these as an internal error; OpenVINO computed wrong logits (exit 0)."""
     sess = decoders[target].load()
     assert np.isfinite(sess.run(_step())["logits"]).all()
+    # an empty cache is a prefill, not an empty input
+    assert np.isfinite(sess.run(_step(mask=1, past=0))["logits"]).all()
     with pytest.raises(UserError, match="'attention_mask' has length 3, but "
                                         "'past_key_values.0.key' holds 4 past tokens and "
                                         "'input_ids' 1 new; the mask must cover past \\+ new = 5"):
