@@ -279,6 +279,9 @@ def compile_cmd(
     target: Annotated[str, typer.Option(
         "--target", "-t", help="ort-cpu | openvino-cpu | qnn-htp | tensorrt (`edgec targets`)")],
     output: Annotated[Path, typer.Option("-o", "--output", help="artifact directory to write")],
+    inputs: Annotated[Path | None, typer.Option(
+        "--inputs", help="an .onnx source's example inputs: .npz keyed by input name "
+                         "(default: random, each dynamic dim 1)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     recipe_options: dict | None = None,
 ):
@@ -294,6 +297,8 @@ def compile_cmd(
     * `edgec compile llama --config tiny --target ort-cpu -o out --check`
 
     * `edgec compile my_model.onnx --target ort-cpu -o out`
+
+    * `edgec compile cnn.onnx --target openvino-cpu -o out --inputs images.npz`
 
     * `edgec compile llama --config small --target ort-cpu -o out-lora --lora ./adapter`
 
@@ -311,8 +316,9 @@ def compile_cmd(
     from edgec.recipe import Recipe
 
     recipe = Recipe.parse(target, **(recipe_options or {}))  # validated before any export
+    example = _onnx_inputs(source, inputs, recipe.generate)
     with _Status("compiling") as status:
-        art = compile_model(source, recipe, output, progress=status)
+        art = compile_model(source, recipe, output, example_inputs=example, progress=status)
     if as_json:
         return _print_json(art.report)
     from edgec.report import summary_rows
@@ -322,6 +328,19 @@ def compile_cmd(
         table.add_row(k, v)
     out.print(table)
     out.print(f"report: {output / 'report.md'}", highlight=False)
+
+
+def _onnx_inputs(source: str, inputs: Path | None, generate: bool) -> dict | None:
+    """--inputs: an .onnx file's example (its dynamic dims sized, as example_inputs= does from
+    Python). Without it edgec's example holds each dynamic dim at 1, which a dynamic-H/W CNN
+    cannot pool and the CLI had no way to change. Other sources make their own example."""
+    if inputs is None:
+        return None
+    if generate or not (source.endswith(".onnx") or Path(source).is_file()):
+        raise UserError("--inputs gives an .onnx file its example inputs; a model name, a "
+                        "checkpoint directory or a --generate decoder makes its own "
+                        "(--config sets a reference model's or a checkpoint's sizes)")
+    return _load_npz(inputs)
 
 
 @app.command("calibrate")

@@ -99,6 +99,31 @@ def mlp_onnx(tmp_path_factory, tiny_mlp):
     return path
 
 
+class TinyCNN(torch.nn.Module):
+    """Conv, BatchNorm, ReLU, MaxPool(2): no output for an image under 2x2 (OpenVINO refuses
+    edgec's 1x1 example of a dynamic-H/W export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(4)
+
+    def forward(self, img):
+        return torch.nn.functional.max_pool2d(torch.relu(self.norm(self.conv(img))), 2)
+
+
+@pytest.fixture(scope="session")
+def cnn_onnx(tmp_path_factory):
+    """A dynamic batch/H/W CNN written by plain torch.onnx.export, input "img"."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    program = torch.onnx.export(
+        TinyCNN().eval(), (torch.randn(2, 3, 8, 8),), dynamo=True, input_names=["img"],
+        dynamic_shapes={"img": {0: "b", 2: "h", 3: "w"}}, verbose=False)
+    program.save(str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def dit_tiny_artifacts(tmp_path_factory):
     """video-dit tiny compiled for ort-cpu (with --check) and openvino-cpu."""

@@ -150,6 +150,21 @@ def test_export_then_compile_the_file(tmp_path):
     assert report["fidelity"]["target_vs_source"]["reference"] == "onnxruntime"
 
 
+def test_compile_takes_an_onnx_files_example_inputs(tmp_path, cnn_onnx):
+    """A dynamic-H/W CNN .onnx could not compile from the CLI: edgec's example held H and W at
+    1 (OpenVINO refused the 1x1 image under its MaxPool) and nothing gave another."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "img.npz", img=x)
+    r = _run("compile", cnn_onnx, "-t", "openvino-cpu", "-o", tmp_path / "out", "--inputs",
+             tmp_path / "img.npz", "--json")
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(edgec.load(tmp_path / "out").default_feeds["img"], x)
+    r = _run("compile", "llama", "-t", "ort-cpu", "-o", tmp_path / "llama", "--inputs",
+             tmp_path / "img.npz")
+    assert r.exit_code == 2 and "--inputs gives an .onnx file its example inputs" in r.stderr
+    assert not (tmp_path / "llama").exists()
+
+
 def test_export_refuses_a_missing_directory(tmp_path):
     """-o /nonexist/x.onnx created /nonexist/ without a word, where --save refuses it."""
     r = _run("export", "llama", "-o", tmp_path / "no" / "l.onnx")

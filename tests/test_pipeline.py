@@ -63,6 +63,38 @@ def test_foreign_onnx_compiles_and_matches_ort(tmp_path, mlp_onnx, tiny_mlp):
     np.testing.assert_allclose(got, module(x).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_an_onnx_example_tuple_is_bound_to_its_inputs_in_order(tmp_path, cnn_onnx):
+    """A tuple of arrays was a TypeError (unhashable ndarray); of tensors, a refusal that
+    printed the whole tensor as an unknown input name."""
+    x = np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    for i, example in enumerate(((x,), [torch.from_numpy(x)], x)):
+        art = edgec.compile(str(cnn_onnx), target="openvino-cpu", output_dir=tmp_path / str(i),
+                            example_inputs=example)
+        assert art.load().default_feeds["img"].shape == (2, 3, 16, 16)
+    with pytest.raises(UserError) as e:
+        edgec.compile(str(cnn_onnx), target="openvino-cpu", output_dir=tmp_path / "two",
+                      example_inputs=(torch.from_numpy(x), torch.from_numpy(x)))
+    assert str(e.value) == (f"{cnn_onnx}: example_inputs has 2 arrays, the graph takes 1 inputs "
+                            "['img']; give one per input in that order, or a dict by name")
+    with pytest.raises(UserError, match=r"^inputs are keyed by input name \['img'\], not by "
+                                        r"Tensor$"):
+        edgec.compile(str(cnn_onnx), target="openvino-cpu", output_dir=tmp_path / "key",
+                      example_inputs={torch.from_numpy(x): x})
+
+
+def test_a_failure_on_edgecs_own_onnx_example_names_it(tmp_path, cnn_onnx):
+    """OpenVINO refuses a 1x1 image under a 2x2 MaxPool; the message named neither the example
+    edgec made (each dynamic dim 1) nor how to give a real one."""
+    with pytest.raises(UserError, match=r"^openvino could not run the model on these inputs: "
+                                        r".*; these are edgec's own example inputs \(img "
+                                        r"\[1, 3, 1, 1\]: the file gives no size for its "
+                                        r"dynamic dims \['b', 'h', 'w'\], so each is 1\); give "
+                                        r"real ones with --inputs FILE.npz \(Python: "
+                                        r"example_inputs=\)$"):
+        edgec.compile(str(cnn_onnx), target="openvino-cpu", output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_failed_compile_leaves_nothing(tmp_path, mlp_onnx):
     out = tmp_path / "out"
     with pytest.raises(UserError, match="unknown target"):

@@ -44,6 +44,9 @@ class Source:
     # a static-cache decoder's PyTorch wrapper (``decoder._Decoder``): calibration fills its
     # samples' KV buffers with the model's own keys/values (``calibration.samples``)
     decoder_module: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # an .onnx file's example made by edgec with dynamic dims held at 1: what a run failing on
+    # it appends (``_made_example_note``); empty for given or sized examples
+    example_note: str = dataclasses.field(default="", repr=False, compare=False)
 
 
 def resolve_source(source: Any, config: str | None = None,
@@ -536,14 +539,21 @@ def _from_onnx(path: Path, example_inputs) -> Source:
                             "cannot feed or read (no numpy dtype); give the graph a float32, "
                             "float16 or integer " + kind + " (a Cast inside the graph)")
     if example_inputs is not None:
-        feeds = {k: np.asarray(v) for k, v in dict(example_inputs).items()}
+        feeds, note = _onnx_example(path, [i.name for i in sess.inputs], example_inputs), ""
     else:
         from edgec.exporters.dim_ranges import stored_ranges
         from edgec.exporters.export_file import stored_example_dims
 
-        least = {d: r["min"] for d, r in stored_ranges(model).items() if "min" in r}
-        feeds = random_feeds(sess.inputs, least={**least, **stored_example_dims(model)})
-    reference = sess.run(feeds)
+        least = {**{d: r["min"] for d, r in stored_ranges(model).items() if "min" in r},
+                 **stored_example_dims(model)}
+        feeds = random_feeds(sess.inputs, least=least)
+        note = _made_example_note(sess.inputs, feeds, least)
+    try:
+        reference = sess.run(feeds)
+    except UserError as e:
+        if not note:
+            raise
+        raise type(e)(f"{e}{note}") from e.__cause__
     info = {"kind": "onnx", "path": str(path), "input_names": [i.name for i in sess.inputs],
             "output_names": [o.name for o in sess.outputs]}
     from edgec.exporters.export_file import stored_parameter_map, stored_sampling
@@ -552,7 +562,42 @@ def _from_onnx(path: Path, example_inputs) -> Source:
     if sampling:  # `edgec export` of a diffusion model: the artifact samples as the source
         info["sampling"] = sampling
     return Source("onnx", info, model, stored_parameter_map(model), feeds, reference,
-                  "onnxruntime", None, 0.0)
+                  "onnxruntime", None, 0.0, example_note=note)
+
+
+def _made_example_note(specs, feeds: Mapping[str, np.ndarray], least: Mapping[str, int]) -> str:
+    """What a failure on edgec's own example for an .onnx file appends: the file gives no size
+    for some dynamic dims, which the example holds at 1 (a 1x1 image that a 2x2 MaxPool
+    cannot pool), and where real inputs go. Empty when every dim had a size."""
+    unsized = {d for s in specs for d in s.shape if not (isinstance(d, int) and d >= 0)
+               and d not in least}
+    if not unsized:
+        return ""
+    shapes = ", ".join(f"{s.name} {list(feeds[s.name].shape)}" for s in specs
+                       if any(d in unsized for d in s.shape))
+    return (f"; these are edgec's own example inputs ({shapes}: the file gives no size for "
+            f"its dynamic dims {sorted(map(str, unsized))}, so each is 1); give real ones with "
+            "--inputs FILE.npz (Python: example_inputs=)")
+
+
+def _onnx_example(path: Path, names: list[str], example_inputs) -> dict[str, np.ndarray]:
+    """An .onnx file's example as feeds: a dict by input name, or a tuple/list (or one array)
+    bound to the graph's inputs in order, as an nn.Module's are to its arguments. ``dict()`` of
+    a tuple of arrays was a TypeError (unhashable ndarray) or, with tensors, a refusal that
+    printed the whole tensor as an unknown input name."""
+    if isinstance(example_inputs, Mapping):
+        items = example_inputs.items()
+    else:
+        if not isinstance(example_inputs, (tuple, list)):
+            example_inputs = (example_inputs,)  # one array for a one-input graph
+        if len(example_inputs) != len(names):
+            raise UserError(f"{path}: example_inputs has {len(example_inputs)} arrays, the graph "
+                            f"takes {len(names)} inputs {names}; give one per input in that "
+                            "order, or a dict by name")
+        items = zip(names, example_inputs)
+    from edgec.runtimes.base import as_array
+
+    return {k: as_array(v) for k, v in items}
 
 
 def random_feeds(specs, seed: int = 0,

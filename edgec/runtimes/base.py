@@ -41,7 +41,7 @@ def _last_line(e: Exception) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def _as_array(value: Any) -> np.ndarray:
+def as_array(value: Any) -> np.ndarray:
     """A feed as numpy; a torch tensor detached and on the CPU, bfloat16 (which numpy lacks) as
     float32: np.asarray raised torch's RuntimeError (requires_grad) or TypeError (bfloat16)."""
     torch = sys.modules.get("torch")  # a torch tensor means torch is imported already
@@ -564,6 +564,10 @@ class Session(abc.ABC):
 
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = {i.name for i in self._inputs}
+        odd = next((k for k in feeds if not isinstance(k, str)), None)
+        if odd is not None:  # a tensor as a key: the message printed all of it
+            raise UserError(f"inputs are keyed by input name {sorted(names)}, not by "
+                            f"{type(odd).__name__}")
         extra = sorted(set(feeds) - names)
         missing = sorted(names - set(feeds))
         if extra or missing:
@@ -574,7 +578,7 @@ class Session(abc.ABC):
                             f"{sorted(names)}")
         out = {}
         for spec in self._inputs:
-            arr = _as_array(feeds[spec.name])
+            arr = as_array(feeds[spec.name])
             if arr.dtype != np.dtype(spec.dtype):
                 if np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                     _check_integers_fit(spec.name, arr, np.dtype(spec.dtype))

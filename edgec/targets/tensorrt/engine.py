@@ -89,8 +89,8 @@ def build(target: Target, model_path: Path, target_dir: Path, generation=None,
     pinned = _pinned_dims(model, profile)
     if pinned:  # an .onnx from the CLI has an all-ones example: an engine for 1x1 inputs only
         summary += (f"; the optimization profile holds dynamic {', '.join(pinned)} at 1 (the "
-                    "example's size): the engine takes no larger input; compile from Python "
-                    "with example_inputs at the largest sizes you will run")
+                    "example's size): the engine takes no larger input; compile with --inputs "
+                    "FILE.npz (Python: example_inputs=) at the largest sizes you will run")
         logger.warning("TensorRT profile: %s", summary.split("; ", 1)[1])
     runtime: dict[str, Any] = {
         "name": "tensorrt", "profile": profile, "strongly_typed": typed,
