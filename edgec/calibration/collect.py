@@ -65,16 +65,13 @@ def collect_cache(model, request: CalibrationRequest, src,
         specs = [IOSpec(v.name, tuple(dim_label(d) for d in v.shape.dims),
                         v.dtype.numpy().name)
                  for v in model.graph.inputs if v.name not in bound]
-        samples, origin = samples_from_npz(request.data, specs), f"file {request.data.name}"
-        digest = file_sha256(request.data)
+        from edgec.exporters.index_inputs import index_bounds
+
+        samples = samples_from_npz(request.data, specs, index_bounds(model))
+        origin, digest = f"file {request.data.name}", file_sha256(request.data)
         if request.samples:
             check_sample_count(request.samples, len(samples), request.data.name)
             samples = samples[: request.samples]
-        from edgec.exporters.index_inputs import check_indices, index_bounds
-
-        bounds = index_bounds(model)
-        for i, sample in enumerate(samples):
-            check_indices(sample, bounds, f"calibration sample {i} of {request.data.name}:")
     else:
         samples, origin = generated_samples(src, request.samples or default_sample_count(src))
         digest = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,14 @@ def default_sample_count(src) -> int:
     return DECODE_SAMPLES if one_token else DEFAULT_SAMPLES
 
 
-def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any],
+                     bounds: Mapping[str, Mapping[str, Any]] | None = None
+                     ) -> list[dict[str, np.ndarray]]:
     """Split ``path`` (keys = input names, ``arr[i]`` = sample i) into per-sample feeds.
 
     ``inputs`` are the model's input specs (name, shape, dtype); every input must be present with
-    a matching dtype kind and, for static dims, a matching shape.
+    a matching dtype kind and, for static dims, a matching shape. ``bounds`` are the graph's
+    index inputs (``index_inputs.index_bounds``): every sample's values must lie in their table.
     """
     from edgec.npz_read import load_npz
 
@@ -87,6 +90,7 @@ def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any]) -> list[dic
     # one shape for every sample: the first sample's dims are every sample's
     check_shared_dims(inputs, {k: a[0] for k, a in arrays.items()}, f"{p}: ")
     cast = {s.name: _checked_cast(p, s.name, arrays[s.name], np.dtype(s.dtype)) for s in inputs}
+    _check_index_samples(p, cast, bounds or {})
     return [{s.name: cast[s.name][i] for s in inputs} for i in range(n)]
 
 
@@ -120,6 +124,30 @@ def _checked_cast(p: Path, name: str, arr: np.ndarray, want: np.dtype) -> np.nda
         raise UserError(f"{p}: input {name!r} sample {where[0]} {how} at {list(where[1:])}; "
                         "calibration data must be finite: fix or drop that sample")
     return out
+
+
+def _check_index_samples(p: Path, arrays: Mapping[str, np.ndarray],
+                         bounds: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse token ids (any index input) outside the table they index, in ``run``'s words
+    (``check_indices``) with the file and the first sample holding one. Every sample, the
+    held-out ones too: an id past the vocabulary in the file's last samples reached the
+    floor's ONNX Runtime run as a Gather error (exit 2, read as edgec's), and ``calibrate
+    --data`` stored it in held_out.npz without a word."""
+    from edgec.exporters.index_inputs import check_indices
+
+    for name, fields in bounds.items():
+        arr = arrays.get(name)
+        if arr is None:
+            continue
+        try:  # the whole file at once: per sample only to name the first one that fails
+            check_indices({name: arr}, {name: fields})
+        except UserError:
+            for i, sample in enumerate(arr):
+                try:
+                    check_indices({name: sample}, {name: fields})
+                except UserError as e:
+                    said = str(e).replace(f"input {name!r}", f"input {name!r} sample {i}", 1)
+                    raise UserError(f"{p}: {said}") from None
 
 
 def check_sample_count(asked: int, available: int | None, name: str) -> None:
@@ -233,8 +261,13 @@ def _graph_specs(src) -> list:
 
 def source_samples_from_npz(path: str | os.PathLike, src) -> list[dict[str, np.ndarray]]:
     """A user's .npz of samples for ``src`` (``samples_from_npz`` against its inputs: the
-    graph's static dims must match, its dynamic ones take any size)."""
-    return samples_from_npz(path, _graph_specs(src))
+    graph's static dims must match, its dynamic ones take any size; its index inputs' values
+    must lie in their tables)."""
+    from edgec.exporters.index_inputs import index_bounds
+
+    model = getattr(src, "model", None)
+    return samples_from_npz(path, _graph_specs(src),
+                            index_bounds(model) if model is not None else None)
 
 
 def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:

@@ -58,6 +58,28 @@ def test_integers_the_input_dtype_cannot_hold_are_refused(tmp_path):
                             )[0]["ids"].dtype == np.int64
 
 
+def test_index_values_outside_their_table_are_refused(tmp_path):
+    """Every sample is checked, the file's last (the floor's held-out ones) too: an id past
+    the vocabulary there reached ONNX Runtime's Gather (an error read as edgec's), and
+    ``calibrate --data`` stored it in held_out.npz without a word."""
+    ids = np.zeros((20, 1, 4), np.int64)
+    ids[19, 0, 2] = 256
+    np.savez(tmp_path / "ids.npz", input_ids=ids)
+    spec = [IOSpec("input_ids", (1, 4), "int64")]
+    bounds = {"input_ids": {"index_bound": 256}}
+    with pytest.raises(UserError, match=r"ids\.npz: input 'input_ids' sample 19 holds 256, "
+                       r"outside \[0, 256\) .*vocabulary.*tokenizer\?$") as e:
+        samples_from_npz(tmp_path / "ids.npz", spec, bounds)
+    assert "\n" not in str(e.value)
+    ids[19, 0, 2], ids[4, 0, 0] = 255, -1
+    np.savez(tmp_path / "neg.npz", input_ids=ids)
+    with pytest.raises(UserError, match="'input_ids' sample 4 holds -1, outside"):
+        samples_from_npz(tmp_path / "neg.npz", spec, bounds)
+    # negatives that count from the end (``table[i]``) are fine
+    assert len(samples_from_npz(tmp_path / "neg.npz", spec,
+                                {"input_ids": {"index_bound": 256, "index_negative": True}})) == 20
+
+
 def test_inputs_sharing_a_dim_must_agree(tmp_path):
     """ids [20, 2, 7] with mask [20, 2, 5] failed in ORT's Reshape as an internal error."""
     specs = [IOSpec("ids", ("batch", "seq"), "int64"), IOSpec("mask", ("batch", "seq"), "int64")]

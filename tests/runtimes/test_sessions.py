@@ -84,7 +84,7 @@ def test_load_refuses_non_artifacts(tmp_path):
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
     """OpenVINO answered ids past the embedding table with all-zero logits (exit 0) and ORT
     with a Gather error read as edgec's fault; the manifest now records the table size of each
-    index input and runs and calibration samples are checked against it."""
+    index input and runs and calibration samples (every one in the file) are checked against it."""
     art = edgec.compile("llama", target="openvino-cpu", config="tiny", output_dir=tmp_path / "o")
     (spec,) = art.manifest["inputs"]
     assert spec["name"] == "input_ids" and spec["index_bound"] == 256  # llama tiny's vocab
@@ -94,8 +94,11 @@ def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
     for bad in (256, -1):
         with pytest.raises(UserError, match=f"holds {bad}, outside \\[0, 256\\).*tokenizer"):
             sess.run({"input_ids": np.full_like(ids, bad)})
-    np.savez(tmp_path / "data.npz", input_ids=np.full((4, *ids.shape), 300, ids.dtype))
-    with pytest.raises(UserError, match="calibration sample 0 of data.npz: 'input_ids' holds 300"):
+    # the file's last sample is one the floor holds out: it was stored in held_out.npz unchecked
+    data = np.zeros((20, *ids.shape), ids.dtype)
+    data[19, 0, 0] = 300
+    np.savez(tmp_path / "data.npz", input_ids=data)
+    with pytest.raises(UserError, match="data.npz: input 'input_ids' sample 19 holds 300"):
         edgec.calibrate("llama", target="ort-cpu", config="tiny", data=tmp_path / "data.npz",
                         output_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
