@@ -221,6 +221,31 @@ def test_bert_post_norm_gets_r2_and_r4_and_says_why_not_r1(bert_checkpoint, capl
                               f"{skip['node']}: post-norm: ")
 
 
+def test_opt_says_its_reshaped_stream_stops_r1(tmp_path):
+    """OPT flattens the residual stream to [b·s, d] before each FFN half, so its LayerNorm reads
+    a Reshape of the stream: R1 was skipped with "0 norms read the stream value add_179"."""
+    import torch
+    import transformers
+
+    from edgec.exporters.sources import resolve_source
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    word_embed_proj_dim=64, max_position_embeddings=64)
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    src = resolve_source(str(tmp_path / "opt"), "batch=2,seq=8")
+    _, record = rotate(src.model, src.feeds)
+    s = record.stats
+    assert (s["r1"], s["r2"]) == (0, 2)
+    (skip,) = s["skipped"]
+    node = next(n for n in src.model.graph if n.name == skip["node"])
+    assert node.op_type == "Reshape" and skip["rotation"] == "r1"
+    assert skip["reason"].startswith(f"the residual stream itself is reshaped: {node.name} "
+                                     f"(Reshape) turns {node.inputs[0].name} into ")
+    assert "OPT's decoder layers flatten" in skip["reason"] and "norms read" not in skip["reason"]
+
+
 def test_pre_layernorm_decoder_becomes_rms_and_rotates_completely(pre_layernorm_decoder):
     model, feeds = pre_layernorm_decoder()
     rotated, record = rotate(model, feeds, online_r4=True)

@@ -501,7 +501,7 @@ def find_stream(norms: list[Norm]) -> Stream | Skip:
     while True:
         here = by_input.get(id(value), [])
         if len(here) != 1:
-            return Skip("r1", value.name, f"{len(here)} norms read the stream value {value.name}")
+            return _no_single_norm(value, here, by_input)
         norm = here[0]
         readers = _readers(norm)
         if isinstance(readers, Skip):
@@ -539,6 +539,30 @@ def find_stream(norms: list[Norm]) -> Stream | Skip:
             return Skip("r1", node.name, f"{node.name} adds a constant that is not {width} wide "
                         "into the residual stream")
     return Stream(tables, writers, blocks, values, width)
+
+
+def _no_single_norm(value: ir.Value, here: list[Norm], by_input: dict[int, list[Norm]]) -> Skip:
+    """Why R1 stops at the stream value ``value``, which not exactly one norm reads, named by
+    what does read it. It said "0 norms read the stream value add_179" for OPT, whose decoder
+    layer reshapes the stream to [b·s, d] before its FFN half (``hidden_states.reshape(-1, d)``)
+    and back after it, so the FFN's LayerNorm and residual Add read the Reshape's output."""
+    if here:
+        return Skip("r1", value.name, f"{len(here)} norms ({', '.join(n.node.name for n in here)}) "
+                    f"read the residual stream value {value.name}; R1 passes a stream read by "
+                    "one norm per block")
+    readers = [u.node for u in value.uses() if not _is(u.node, "Shape")]
+    for node in readers:
+        if _is(node, "Reshape") and by_input.get(id(node.outputs[0])):
+            norm = by_input[id(node.outputs[0])][0]
+            return Skip("r1", node.name, f"the residual stream itself is reshaped: {node.name} "
+                        f"(Reshape) turns {value.name} into {node.outputs[0].name}, which the "
+                        f"norm {norm.node.name} reads (OPT's decoder layers flatten the stream "
+                        "to [batch·seq, hidden] around their FFN half); R1 follows only a stream "
+                        "that each block's norm reads directly")
+    what = ", ".join(f"{n.name} ({n.op_type})" for n in readers) or "nothing"
+    return Skip("r1", value.name, f"no norm reads the residual stream value {value.name} (read "
+                f"by {what}); R1 passes a pre-norm stream whose every residual Add feeds the "
+                "next block's norm")
 
 
 _ELEMENTWISE = {"Mul", "Add", "Div", "Sub", "Gelu", "Relu", "Sigmoid", "Tanh", "Erf", "Pow",
