@@ -221,9 +221,12 @@ def test_bert_post_norm_gets_r2_and_r4_and_says_why_not_r1(bert_checkpoint, capl
                               f"{skip['node']}: post-norm: ")
 
 
-def test_opt_says_its_reshaped_stream_stops_r1(tmp_path):
-    """OPT flattens the residual stream to [b·s, d] before each FFN half, so its LayerNorm reads
-    a Reshape of the stream: R1 was skipped with "0 norms read the stream value add_179"."""
+@pytest.fixture(scope="module")
+def opt(tmp_path_factory):
+    """A tiny OPT (pre-LayerNorm, learned positions, ReLU FFN, tied head), with non-trivial
+    LayerNorm scales and shifts and biases everywhere as in ``hf_other`` (at default init every
+    γ is 1 and every β and bias 0, and the exporter shares those initializers, so a wrong fold
+    or a stream left uncentred would not show)."""
     import torch
     import transformers
 
@@ -233,17 +236,101 @@ def test_opt_says_its_reshaped_stream_stops_r1(tmp_path):
     config = transformers.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128,
                                     num_hidden_layers=2, num_attention_heads=4,
                                     word_embed_proj_dim=64, max_position_embeddings=64)
-    transformers.OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
-    src = resolve_source(str(tmp_path / "opt"), "batch=2,seq=8")
-    _, record = rotate(src.model, src.feeds)
+    model = transformers.OPTForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif p.ndim == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("hf") / "opt"
+    model.save_pretrained(path)
+    return resolve_source(str(path), "batch=2,seq=8")
+
+
+def test_opt_rotates_completely_through_its_reshaped_stream(opt):
+    """OPT flattens the residual stream to [b·s, d] before each FFN half and views it back after
+    (``hidden_states.reshape(-1, d)``), so its FFN LayerNorm and residual Add, the next layer's
+    and the final norm read a Reshape of the stream: R1 was skipped there ("0 norms read the
+    stream value add_179"). Those Reshapes keep the hidden axis, so R1 passes them."""
+    from edgec.graph_passes.rotation import analyze
+    from edgec.report import rotation_line
+
+    stream = analyze(opt.model.graph).stream
+    assert [list(n.inputs[0].shape)[-1] for n in stream.reshapes] == [64] * 4  # 2 per layer
+    assert [len(v.shape) for v in stream.values] == [3, 2, 3, 2, 3]  # the norms' inputs
+    model, record = rotate(opt.model, opt.feeds, parameter_map=opt.parameter_map,
+                           online_r4=None)  # None, as --rotate hadamard gives: R4 with R1
     s = record.stats
-    assert (s["r1"], s["r2"]) == (0, 2)
-    (skip,) = s["skipped"]
-    node = next(n for n in src.model.graph if n.name == skip["node"])
-    assert node.op_type == "Reshape" and skip["rotation"] == "r1"
-    assert skip["reason"].startswith(f"the residual stream itself is reshaped: {node.name} "
-                                     f"(Reshape) turns {node.inputs[0].name} into ")
-    assert "OPT's decoder layers flatten" in skip["reason"] and "norms read" not in skip["reason"]
+    assert s["skipped"] == [] and (s["hidden"], s["heads"], s["head_dim"]) == (64, 4, 16)
+    assert (s["norms_folded"], s["r2"], s["r4"]) == (5, 2, 2)
+    assert s["r1"] == 2 + 2 * 6 + 1  # tokens and positions, q/k/v/o/fc1/fc2 per layer, head
+    assert not any(n.op_type == "LayerNormalization" for n in model.graph)  # zero-mean: RMS
+    assert rotation_line(s) == ("hadamard: R1 on 15 weights, R2 in 2 attention layers, R4 "
+                                "before 2 FFN down projections")
+
+
+def _reshaped_stream(shape: list[int], other_reader: bool) -> ir.Model:
+    """ids → E → h0; h1 = h0 + LN0(h0)·W0; LN1 reads Reshape(h1, ``shape``), and the head W1
+    reads LN1's output reshaped back to [2, 4, 8]; ``other_reader``: h1 is a graph output too."""
+    rng = np.random.default_rng(0)
+
+    def const(name, array):
+        return ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
+
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([2, 4]))
+    table, w0 = const("E", rng.standard_normal((16, 8), dtype=np.float32)), const(
+        "W0", rng.standard_normal((8, 8), dtype=np.float32))
+    w1 = const("W1", rng.standard_normal((8, 16), dtype=np.float32))
+    g8, b8 = (const(n, rng.standard_normal(8, dtype=np.float32)) for n in ("g8", "b8"))
+    g1, b1 = (const(n, rng.standard_normal(shape[-1], dtype=np.float32)) for n in ("g1", "b1"))
+    split, back = const("split", np.array(shape)), const("back", np.array([2, 4, 8]))
+    gather = ir.node("Gather", [table, ids], name="embed")
+    ln0 = ir.node("LayerNormalization", [gather.outputs[0], g8, b8], name="ln0")
+    mm0 = ir.node("MatMul", [ln0.outputs[0], w0], name="mm0")
+    add = ir.node("Add", [gather.outputs[0], mm0.outputs[0]], name="add")
+    reshape = ir.node("Reshape", [add.outputs[0], split], name="reshape")
+    ln1 = ir.node("LayerNormalization", [reshape.outputs[0], g1, b1], name="ln1")
+    unsplit = ir.node("Reshape", [ln1.outputs[0], back], name="unsplit")
+    head = ir.node("MatMul", [unsplit.outputs[0], w1], name="head")
+    nodes = [gather, ln0, mm0, add, reshape, ln1, unsplit, head]
+    for n in nodes:
+        n.outputs[0].name = n.name
+        n.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    for n, dims in ((gather, [2, 4, 8]), (ln0, [2, 4, 8]), (mm0, [2, 4, 8]), (add, [2, 4, 8]),
+                    (reshape, shape), (ln1, shape), (unsplit, [2, 4, 8]), (head, [2, 4, 16])):
+        n.outputs[0].shape = ir.Shape(dims)
+    outputs = [head.outputs[0]] + ([add.outputs[0]] if other_reader else [])
+    graph = ir.Graph([ids], outputs, nodes=nodes, opset_imports={"": 20},
+                     initializers=[table, w0, w1, g8, b8, g1, b1, split, back])
+    return ir.Model(graph, ir_version=10)
+
+
+def test_a_reshape_of_the_stream_stops_r1_only_where_it_changes_the_hidden_axis_or_others_read():
+    """R1 follows a Reshape of the stream that keeps the last axis and is the stream value's one
+    reader (OPT, above); one that splits the hidden axis ([2, 4, 8] → [2, 4, 2, 4], a norm per
+    half), or a stream value that something else reads too, stops it, and the skip names the
+    Reshape and which of the two failed."""
+    from edgec.graph_passes.rotation import analyze
+
+    model = _reshaped_stream([8, 8], other_reader=False)
+    topo = analyze(model.graph)
+    assert [n.name for n in topo.stream.reshapes] == ["reshape"] and topo.skipped == []
+    ids = np.random.default_rng(1).integers(0, 16, (2, 4))
+    _, record = rotate(model, {"ids": ids})  # a stream that is not zero-mean, γ and β ≠ 1, 0
+    assert record.stats["skipped"] == [] and record.stats["r1"] == 4  # E, W0 on both sides, W1
+    for shape, other, why in (([2, 4, 2, 4], False, "that Reshape does not keep the last "
+                               "(hidden) axis, so a rotation of that axis does not pass it"),
+                              ([8, 8], True, "add is also a graph output")):
+        model = _reshaped_stream(shape, other)
+        topo = analyze(model.graph)
+        (skip,) = topo.skipped
+        assert topo.stream is None and (skip.rotation, skip.node) == ("r1", "reshape")
+        assert skip.reason.startswith("the residual stream itself is reshaped: reshape (Reshape) "
+                                      f"turns add into reshape, which the norm ln1 reads, and "
+                                      f"{why}; R1 follows a Reshape of the stream only where ")
+        with pytest.raises(UserError, match=r"R1 skipped at reshape: the residual stream itself"):
+            RotatePass()(model)  # nothing else to rotate: no attention, no FFN down projection
 
 
 def test_pre_layernorm_decoder_becomes_rms_and_rotates_completely(pre_layernorm_decoder):

@@ -336,6 +336,9 @@ class Stream:
     blocks: list[tuple[Norm, list[Linear]]]  # every stream norm with the Linears it feeds
     values: list[ir.Value]  # the stream's values in order (embedding, then each residual Add)
     width: int
+    # Reshapes of the stream itself that keep its last axis (OPT's [b, s, d] ↔ [b·s, d] around
+    # each FFN half): R1 passes them untouched, see ``_through_flattens``
+    reshapes: list[ir.Node] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -496,9 +499,10 @@ def find_stream(norms: list[Norm]) -> Stream | Skip:
     first = norms[0]
     tables: list[tuple[ir.Node, int]] = []
     writers: list[Linear] = []
-    blocks, values = [], []
+    blocks, values, reshapes = [], [], []
     value = first.input
     while True:
+        value = _through_flattens(value, by_input, reshapes)
         here = by_input.get(id(value), [])
         if len(here) != 1:
             return _no_single_norm(value, here, by_input)
@@ -538,14 +542,38 @@ def find_stream(norms: list[Norm]) -> Stream | Skip:
         if const_tensor(node.inputs[idx]).shape[-1] != width:
             return Skip("r1", node.name, f"{node.name} adds a constant that is not {width} wide "
                         "into the residual stream")
-    return Stream(tables, writers, blocks, values, width)
+    for node in reshapes:  # ``flattens`` kept the input's last axis; it must be the stream's
+        if node.inputs[0].shape[-1] != width:
+            return Skip("r1", node.name, f"{node.name} (Reshape) keeps a last axis of "
+                        f"{node.inputs[0].shape[-1]}, not the stream's {width}")
+    return Stream(tables, writers, blocks, values, width, reshapes)
+
+
+def _through_flattens(value: ir.Value, by_input: dict[int, list[Norm]],
+                      reshapes: list[ir.Node]) -> ir.Value:
+    """The stream value past the Reshapes that carry it on: while no norm reads ``value``, it is
+    no graph output and its one reader (a Shape aside: a rotation keeps the shape) is a Reshape
+    of it that keeps the last axis (``flattens``), that Reshape's output; each such Reshape is
+    appended to ``reshapes``. OPT's decoder layer does ``hidden_states.reshape(-1, d)`` before
+    its FFN half and views the sum back to [b, s, d] after it, so its FFN LayerNorm and residual
+    Add read a Reshape of the stream and the next layer reads a Reshape of that Add. In row-major
+    order such a Reshape keeps every row of d values whole, so reshape(x·R1) = reshape(x)·R1 and
+    a row's mean is unchanged (the zero-mean stream that makes LayerNorm an RMSNorm stays one);
+    with no other reader, nothing sees the value before it, and it has no weight to rotate."""
+    while not by_input.get(id(value)) and not value.is_graph_output():
+        uses = [u for u in value.uses() if not _is(u.node, "Shape")]
+        if len(uses) != 1 or uses[0].idx != 0 or not flattens(uses[0].node):
+            break
+        reshapes.append(uses[0].node)
+        value = uses[0].node.outputs[0]
+    return value
 
 
 def _no_single_norm(value: ir.Value, here: list[Norm], by_input: dict[int, list[Norm]]) -> Skip:
     """Why R1 stops at the stream value ``value``, which not exactly one norm reads, named by
-    what does read it. It said "0 norms read the stream value add_179" for OPT, whose decoder
-    layer reshapes the stream to [b·s, d] before its FFN half (``hidden_states.reshape(-1, d)``)
-    and back after it, so the FFN's LayerNorm and residual Add read the Reshape's output."""
+    what does read it. A Reshape of the stream that a norm reads is followed where it keeps the
+    last axis and is the value's one reader (``_through_flattens``: OPT's [b·s, d] FFN half);
+    where it is not, the skip names that Reshape and says which of the two failed."""
     if here:
         return Skip("r1", value.name, f"{len(here)} norms ({', '.join(n.node.name for n in here)}) "
                     f"read the residual stream value {value.name}; R1 passes a stream read by "
@@ -554,11 +582,18 @@ def _no_single_norm(value: ir.Value, here: list[Norm], by_input: dict[int, list[
     for node in readers:
         if _is(node, "Reshape") and by_input.get(id(node.outputs[0])):
             norm = by_input[id(node.outputs[0])][0]
+            if not flattens(node):
+                why = ("that Reshape does not keep the last (hidden) axis, so a rotation of that "
+                       "axis does not pass it")
+            else:
+                also = [f"{n.name} ({n.op_type})" for n in readers if n is not node]
+                why = (f"{value.name} is also read by {', '.join(also)}" if also else
+                       f"{value.name} is also a graph output")
             return Skip("r1", node.name, f"the residual stream itself is reshaped: {node.name} "
                         f"(Reshape) turns {value.name} into {node.outputs[0].name}, which the "
-                        f"norm {norm.node.name} reads (OPT's decoder layers flatten the stream "
-                        "to [batch·seq, hidden] around their FFN half); R1 follows only a stream "
-                        "that each block's norm reads directly")
+                        f"norm {norm.node.name} reads, and {why}; R1 follows a Reshape of the "
+                        "stream only where it keeps the last axis (OPT's [b, s, d] → [b·s, d]) "
+                        "and is the stream value's one reader")
     what = ", ".join(f"{n.name} ({n.op_type})" for n in readers) or "nothing"
     return Skip("r1", value.name, f"no norm reads the residual stream value {value.name} (read "
                 f"by {what}); R1 passes a pre-norm stream whose every residual Add feeds the "
