@@ -179,7 +179,8 @@ def generated_samples(src, n: int | None = None, skip: int = 0
     first ``skip`` (the same samples as a full run's, but a static-cache decoder's buffers are
     only filled for those returned), and a word on where they came from.
 
-    Registry models use their ``calibration_inputs`` (seeds disjoint from the example inputs);
+    Registry models use their ``calibration_inputs`` (seeds disjoint from the example inputs;
+    a diffusion denoiser's: feeds from its own fp32 sampler, ``calibration.trajectory``);
     Hugging Face checkpoints get random token ids with a random amount of right padding (so the
     attention-mask path sees both masked and unmasked keys); ONNX files and nn.Modules get random
     feeds shaped like their example inputs, which calibrate the graph but are not representative
@@ -210,7 +211,11 @@ def _generated(src, n: int) -> tuple[list[dict[str, np.ndarray]], str]:
 
         spec = registry.get(src.info["name"])
         sets = spec.calibration_inputs(src.info["config"], n)
-        return [{k: t.numpy() for k, t in zip(names, s)} for s in sets], "model generator"
+        if spec.sampling and spec.trajectory_calibration:
+            from edgec.calibration.trajectory import ORIGIN as origin
+        else:
+            origin = "model generator"
+        return [{k: t.numpy() for k, t in zip(names, s)} for s in sets], origin
     if src.kind == "hf":
         return _hf_samples(src, n), "random tokens with random padding"
     if src.kind in ("onnx", "module"):

@@ -251,5 +251,10 @@ SPEC = register(
         sampling={"kind": "score", "samples": {"pose": "noise"}, "prediction": "noise",
                   "timestep": "t", "timestep_scale": 1.0, "beta_min": BETA_MIN,
                   "beta_max": BETA_MAX, "conditions": [], "guidance": 1.0, "steps": 100},
+        # a prior is used mostly through denoise / fit_with_prior, on data-scale poses the
+        # draws hold; the random-weight reference's SDE trajectory diverges (final std ~300),
+        # and calibrating on it took ort-cpu w8a8 one-step denoising at t = 0.5 from cosine
+        # 0.9992 to 0.986 (its own 100-step samples went 0.985 → 0.998)
+        trajectory_calibration=False,
     )
 )

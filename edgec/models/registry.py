@@ -58,6 +58,9 @@ class ModelSpec:
     options: Mapping[str, str] = dataclasses.field(default_factory=dict)
     paper: str = ""
     sampling: Mapping[str, Any] | None = None
+    # calibrate on the sampler's own fp32 trajectory (``edgec.calibration.trajectory``) rather
+    # than on independent draws; off for a model used mostly outside its sampler (a prior)
+    trajectory_calibration: bool = True
 
     def resolve(self, config: str | None) -> tuple[str, frozenset[str]]:
         """Split and validate a config string; raises UserError naming what is allowed."""
@@ -89,6 +92,18 @@ class ModelSpec:
 
     def calibration_inputs(self, config: str | None = None, n: int = 8
                            ) -> list[tuple[torch.Tensor, ...]]:
+        """``n`` input sets to calibrate on: a diffusion denoiser's are the feeds its own
+        sampler ran on the fp32 model (``edgec.calibration.trajectory``: its noisy inputs as
+        sampling meets them, which independent draws did not hold), other models'
+        ``drawn_inputs``."""
+        if self.sampling and self.trajectory_calibration:
+            from edgec.calibration.trajectory import trajectory_inputs
+
+            return trajectory_inputs(self, config or "tiny", n)
+        return self.drawn_inputs(config, n)
+
+    def drawn_inputs(self, config: str | None = None, n: int = 8
+                     ) -> list[tuple[torch.Tensor, ...]]:
         """``n`` input sets drawn with seeds 1000..1000+n (disjoint from the example seed 0),
         a guided denoiser's unconditional ones among them (``unconditional``)."""
         base, opts = self.resolve(config)

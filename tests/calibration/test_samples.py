@@ -136,7 +136,7 @@ def test_denoiser_samples_span_the_sampler_timesteps(name):
 
     sample(Recorder(), steps=20)
     first, last = seen[0], seen[-1]
-    sets = spec.calibration_inputs("tiny", DEFAULT_SAMPLES + HELD_OUT)
+    sets = spec.drawn_inputs("tiny", DEFAULT_SAMPLES + HELD_OUT)
     t = [s[t_at].numpy() for s in sets]
     calibration, held = np.concatenate(t[:DEFAULT_SAMPLES]), t[DEFAULT_SAMPLES:]
     assert calibration.max() == pytest.approx(first) and calibration.min() <= last

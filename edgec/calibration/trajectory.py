@@ -1,0 +1,140 @@
+"""Calibration samples of a diffusion denoiser taken from its own sampler's trajectory.
+
+A denoiser's quantizers must hold what the sampler feeds it, step by step, and that is not
+what independent draws give: reactive-dance predicts x0 with DDIM, so near t = 0 its noisy
+input is close to its own prediction (std 3–4 on the tiny reference, max |latent| 13), where
+N(0, 1) draws at every timestep held [−4.6, 4.4]. Calibrated and judged on those draws, the
+w8a8 graph's floor read 0.9997 while a 50-step guided sample reached cosine 0.904 to the fp32
+one. So a reference model with a sampler is calibrated as Q-Diffusion does (time-step-aware
+calibration): the fp32 PyTorch model runs the artifact's sampler (its default guidance, the
+guidance pair split so every feed has the example's batch) from seeded noise and conditions,
+and the feeds it ran are the samples.
+
+A trajectory of RECORD_STEPS steps gives PER_TRAJECTORY samples, one per step, in blocks of
+four (``BLOCK``): block b holds steps b, 4 + b (run with the conditions zeroed: guidance's
+unconditional half), 8 + b and 15 − b, so every four samples in a row (the accuracy floor's
+held-out sets) span the trajectory from noise to its end, block 0 from its first step to its
+last, and the 16 calibration samples are one whole trajectory. Trajectory ``j`` starts from
+seed ``1000 + j`` (noise and conditions: the seeds the draws used), so sample ``i`` does not
+depend on how many are asked for. Cost: RECORD_STEPS PyTorch runs (twice that guided) per 16
+samples; the 16 calibration samples and the floor's 4 held-out ones take two trajectories.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["trajectory_inputs", "PER_TRAJECTORY", "RECORD_STEPS", "ORIGIN"]
+
+# the steps a recorded trajectory takes (the artifact's default when fewer); the late steps'
+# inputs, where the drawn samples fell short, are much the same at 16 steps as at the
+# default 50 (a flow's last σ is moved to the default count's: ``_flow_end``)
+RECORD_STEPS = 16
+BLOCK = 4  # = the floor's HELD_OUT
+PER_TRAJECTORY = 4 * BLOCK
+ORIGIN = "the fp32 model's own sampling trajectories"
+
+
+def trajectory_inputs(spec, config: str, n: int) -> list[tuple[torch.Tensor, ...]]:
+    """The first ``n`` samples of ``spec``'s trajectories (module docstring), as input tuples
+    in the model's input order; each trajectory is sampled once per process."""
+    out = []
+    for i in range(n):
+        j, k = divmod(i, PER_TRAJECTORY)
+        feeds = _trajectory(spec.name, config, j)[k]
+        out.append(tuple(torch.from_numpy(feeds[name].copy()) for name in spec.input_names))
+    return out
+
+
+class _Recorder:
+    """The PyTorch reference model as the sampler's session: runs a feed dict, keeps every feed
+    it ran."""
+
+    def __init__(self, module, spec, sampling: dict[str, Any], feeds: dict[str, np.ndarray]):
+        from edgec.runtimes.base import IOSpec
+
+        self.module, self.spec = module, spec
+        self.manifest = {"sampling": sampling}
+        self.default_feeds = feeds
+        self.inputs = [IOSpec(k, v.shape, v.dtype.name) for k, v in feeds.items()]
+        self.ran: list[dict[str, np.ndarray]] = []
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: np.array(feeds[k]) for k in self.spec.input_names}
+        self.ran.append(feeds)
+        with torch.no_grad():
+            out = self.module(*(torch.from_numpy(v) for v in feeds.values()))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {name: t.numpy() for name, t in zip(self.spec.output_names, out)}
+
+
+@functools.lru_cache(maxsize=64)
+def _trajectory(name: str, config: str, j: int) -> list[dict[str, np.ndarray]]:
+    from edgec.models import registry
+    from edgec.runtimes.sampling import SamplerSpec, _guided, sample
+
+    spec = registry.get(name)
+    base, opts = spec.resolve(config)
+    module = _module(name, config)
+    seed = 1000 + j
+    feeds = {k: t.numpy() for k, t in zip(spec.input_names, spec.inputs(base, opts, seed))}
+    sampler = SamplerSpec.from_manifest({"sampling": spec.sampling})
+    steps = min(sampler.steps, RECORD_STEPS)
+    session = _Recorder(module, spec, dict(spec.sampling), feeds)
+    conditions = {k: v for k, v in feeds.items()
+                  if k not in sampler.samples and k != sampler.timestep}
+    final = sample(session, conditions, steps=steps, seed=seed, guidance_mode="split")
+    per_step = 2 if _guided(sampler, None) else 1
+    last = session.ran[(steps - 1) * per_step]
+    if sampler.kind == "flow" and steps < sampler.steps:
+        last = _flow_end(last, final, sampler, steps)
+
+    def at(slot: int) -> int:  # the step of slot 0..15 (fewer steps: spread over them)
+        return round(slot * (steps - 1) / (PER_TRAJECTORY - 1))
+
+    out = []
+    for b in range(BLOCK):
+        out += [session.ran[at(b) * per_step],
+                _unconditional(session.ran, at(4 + b), per_step, sampler),
+                session.ran[at(8 + b) * per_step],
+                last if b == 0 else session.ran[at(15 - b) * per_step]]
+    return out
+
+def _flow_end(last: dict[str, np.ndarray], final: dict[str, np.ndarray], sampler, steps: int
+              ) -> dict[str, np.ndarray]:
+    """The last step's feed moved along its own Euler step to the σ the artifact's default
+    step count ends at: the shorter trajectory's last σ (0.167 at 16 steps, shift 3) stops short
+    of it (0.058 at 50), and the quantized timestep would clamp there. Euler's last step is
+    linear in σ (x − σ·v reaches the final sample at 0), so the feed at σ* lies on it."""
+    from edgec.runtimes.sampling import flow_sigmas
+
+    here = float(flow_sigmas(steps, sampler.shift)[steps - 1])
+    there = float(flow_sigmas(sampler.steps, sampler.shift)[sampler.steps - 1])
+    w = (here - there) / here
+    feed = dict(last)
+    for name in sampler.samples:
+        feed[name] = (last[name] + w * (final[name] - last[name])).astype(last[name].dtype)
+    t = last[sampler.timestep]
+    value = there * sampler.timestep_scale
+    feed[sampler.timestep] = np.full_like(t, round(value) if t.dtype.kind in "iu" else value)
+    return feed
+
+
+@functools.lru_cache(maxsize=4)
+def _module(name: str, config: str):
+    from edgec.models import registry
+
+    return registry.get(name).build(config)
+
+
+def _unconditional(ran, step: int, per_step: int, sampler) -> dict[str, np.ndarray]:
+    """The feed guidance's unconditional half ran at ``step``; unguided, the conditional feed
+    with the conditions zeroed as that half zeroes them (a user may sample with guidance)."""
+    if per_step == 2:
+        return ran[2 * step + 1]
+    feed = ran[step]
+    return {k: np.zeros_like(v) if k in sampler.conditions else v for k, v in feed.items()}
