@@ -158,7 +158,7 @@ def test_freekv_graph_loads_the_checkpoint_named_like_a_reference_model(tmp_path
     monkeypatch.setattr(hf_decoder_view, "view_hf_decoder", chosen)
     recipe = types.SimpleNamespace(
         kv_retrieval=parse_kv_retrieval("freekv:budget=64,page=8,sink=8,recent=16"),
-        target=types.SimpleNamespace(runtime="ort", runtime_config=None))
+        context=None, target=types.SimpleNamespace(runtime="ort", runtime_config=None))
     info = dict(layers=2, heads=4, kv_heads=2, head_dim=16, vocab=128)
     src = types.SimpleNamespace(kind="hf", info={"path": "llama", "generation": info})
     with pytest.raises(_Chosen) as got:
