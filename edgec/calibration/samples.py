@@ -193,8 +193,23 @@ def generated_samples(src, n: int | None = None, skip: int = 0
         return _static_decoder_samples(src, gen, n, skip), (
             "prompts after a KV buffer the model filled" if filled
             else "prefill prompts (empty KV cache)")
+    if src.kind == "registry" and _on_trajectory(src):  # only the trajectories asked for
+        from edgec.calibration.trajectory import ORIGIN, trajectory_inputs
+        from edgec.models import registry
+
+        sets = trajectory_inputs(registry.get(src.info["name"]), src.info["config"], n, skip)
+        return [dict(zip(src.info["input_names"], (t.numpy() for t in s))) for s in sets], ORIGIN
     samples, origin = _generated(src, n)
     return samples[skip:], origin
+
+
+def _on_trajectory(src) -> bool:
+    """Whether a reference model calibrates on its sampler's trajectory
+    (``ModelSpec.trajectory_calibration``)."""
+    from edgec.models import registry
+
+    spec = registry.get(src.info["name"])
+    return bool(spec.sampling and spec.trajectory_calibration)
 
 
 def _generated(src, n: int) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -211,11 +226,7 @@ def _generated(src, n: int) -> tuple[list[dict[str, np.ndarray]], str]:
 
         spec = registry.get(src.info["name"])
         sets = spec.calibration_inputs(src.info["config"], n)
-        if spec.sampling and spec.trajectory_calibration:
-            from edgec.calibration.trajectory import ORIGIN as origin
-        else:
-            origin = "model generator"
-        return [{k: t.numpy() for k, t in zip(names, s)} for s in sets], origin
+        return [{k: t.numpy() for k, t in zip(names, s)} for s in sets], "model generator"
     if src.kind == "hf":
         return _hf_samples(src, n), "random tokens with random padding"
     if src.kind in ("onnx", "module"):

@@ -39,11 +39,14 @@ PER_TRAJECTORY = 4 * BLOCK
 ORIGIN = "the fp32 model's own sampling trajectories"
 
 
-def trajectory_inputs(spec, config: str, n: int) -> list[tuple[torch.Tensor, ...]]:
-    """The first ``n`` samples of ``spec``'s trajectories (module docstring), as input tuples
-    in the model's input order; each trajectory is sampled once per process."""
+def trajectory_inputs(spec, config: str, n: int, skip: int = 0
+                      ) -> list[tuple[torch.Tensor, ...]]:
+    """Samples ``skip``..``n`` − 1 of ``spec``'s trajectories (module docstring), as input
+    tuples in the model's input order; a trajectory is sampled once per process (the last few
+    kept) and only where a sample asked for lies on it: the floor's held-out samples alone
+    (``skip`` 16) ran trajectory 0 too, to throw it away."""
     out = []
-    for i in range(n):
+    for i in range(skip, n):
         j, k = divmod(i, PER_TRAJECTORY)
         feeds = _trajectory(spec.name, config, j)[k]
         out.append(tuple(torch.from_numpy(feeds[name].copy()) for name in spec.input_names))
@@ -72,7 +75,8 @@ class _Recorder:
         return {name: t.numpy() for name, t in zip(self.spec.output_names, out)}
 
 
-@functools.lru_cache(maxsize=64)
+# trajectories kept: 16 feeds each (motion-dit base: 16 MiB a feed), GPTQ's 132 samples take 9
+@functools.lru_cache(maxsize=8)
 def _trajectory(name: str, config: str, j: int) -> list[dict[str, np.ndarray]]:
     from edgec.models import registry
     from edgec.runtimes.sampling import SamplerSpec, _guided, sample
@@ -124,7 +128,7 @@ def _flow_end(last: dict[str, np.ndarray], final: dict[str, np.ndarray], sampler
     return feed
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)
 def _module(name: str, config: str):
     from edgec.models import registry
 

@@ -95,6 +95,11 @@ def test_samples_are_deterministic_and_skip_keeps_their_order(dance):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+    trajectory._trajectory.cache_clear()  # the held-out samples alone: their trajectory only
+    held, _ = generated_samples(_source("reactive-dance"), PER_TRAJECTORY + BLOCK,
+                                skip=PER_TRAJECTORY)
+    assert trajectory._trajectory.cache_info().currsize == 1
+    np.testing.assert_array_equal(held[0]["latent"], samples[PER_TRAJECTORY]["latent"])
 
 
 def test_flow_last_sample_sits_at_the_default_steps_last_timestep():
