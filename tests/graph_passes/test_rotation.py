@@ -70,6 +70,19 @@ def hf_decoder(request, tmp_path_factory):
     return arch, resolve_source(str(path), "batch=2,seq=8")
 
 
+def _perturb(model) -> None:
+    """Biases N(0, 0.5) and norm scales 1 + 0.3·N(0, 1): at default init one γ = 1 / β = 0
+    initializer is shared by every norm and bias, so a wrong fold cannot show."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif p.ndim == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+
+
 @pytest.fixture(scope="module", params=["GemmaForCausalLM", "GPT2LMHeadModel"])
 def hf_other(request, tmp_path_factory):
     """Decoders whose graphs differ from LLaMA's where R1 passes: Gemma scales the embedding by
@@ -88,12 +101,7 @@ def hf_other(request, tmp_path_factory):
                                          n_positions=64)
     torch.manual_seed(0)
     model = getattr(transformers, arch)(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-            elif p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
+    _perturb(model)
     path = tmp_path_factory.mktemp("hf") / arch
     model.save_pretrained(path)
     return arch, resolve_source(str(path), "batch=2,seq=8")
@@ -237,12 +245,7 @@ def opt(tmp_path_factory):
                                     num_hidden_layers=2, num_attention_heads=4,
                                     word_embed_proj_dim=64, max_position_embeddings=64)
     model = transformers.OPTForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-            elif p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
+    _perturb(model)
     path = tmp_path_factory.mktemp("hf") / "opt"
     model.save_pretrained(path)
     return resolve_source(str(path), "batch=2,seq=8")
