@@ -193,23 +193,23 @@ def generated_samples(src, n: int | None = None, skip: int = 0
         return _static_decoder_samples(src, gen, n, skip), (
             "prompts after a KV buffer the model filled" if filled
             else "prefill prompts (empty KV cache)")
-    if src.kind == "registry" and _on_trajectory(src):  # only the trajectories asked for
+    spec = _registry_spec(src)
+    if spec is not None and spec.calibrates_on_trajectory:  # only the trajectories asked for
         from edgec.calibration.trajectory import ORIGIN, trajectory_inputs
-        from edgec.models import registry
 
-        sets = trajectory_inputs(registry.get(src.info["name"]), src.info["config"], n, skip)
+        sets = trajectory_inputs(spec, src.info["config"], n, skip)
         return [dict(zip(src.info["input_names"], (t.numpy() for t in s))) for s in sets], ORIGIN
     samples, origin = _generated(src, n)
     return samples[skip:], origin
 
 
-def _on_trajectory(src) -> bool:
-    """Whether a reference model calibrates on its sampler's trajectory
-    (``ModelSpec.trajectory_calibration``)."""
+def _registry_spec(src):
+    """A reference model's ModelSpec; None for other sources."""
+    if src.kind != "registry":
+        return None
     from edgec.models import registry
 
-    spec = registry.get(src.info["name"])
-    return bool(spec.sampling and spec.trajectory_calibration)
+    return registry.get(src.info["name"])
 
 
 def _generated(src, n: int) -> tuple[list[dict[str, np.ndarray]], str]:

@@ -23,7 +23,6 @@ samples; the 16 calibration samples and the floor's 4 held-out ones take two tra
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import numpy as np
 import torch
@@ -57,11 +56,11 @@ class _Recorder:
     """The PyTorch reference model as the sampler's session: runs a feed dict, keeps every feed
     it ran."""
 
-    def __init__(self, module, spec, sampling: dict[str, Any], feeds: dict[str, np.ndarray]):
+    def __init__(self, module, spec, feeds: dict[str, np.ndarray]):
         from edgec.runtimes.base import IOSpec
 
         self.module, self.spec = module, spec
-        self.manifest = {"sampling": sampling}
+        self.manifest = {"sampling": dict(spec.sampling)}
         self.default_feeds = feeds
         self.inputs = [IOSpec(k, v.shape, v.dtype.name) for k, v in feeds.items()]
         self.ran: list[dict[str, np.ndarray]] = []
@@ -88,7 +87,7 @@ def _trajectory(name: str, config: str, j: int) -> list[dict[str, np.ndarray]]:
     feeds = {k: t.numpy() for k, t in zip(spec.input_names, spec.inputs(base, opts, seed))}
     sampler = SamplerSpec.from_manifest({"sampling": spec.sampling})
     steps = min(sampler.steps, RECORD_STEPS)
-    session = _Recorder(module, spec, dict(spec.sampling), feeds)
+    session = _Recorder(module, spec, feeds)
     conditions = {k: v for k, v in feeds.items()
                   if k not in sampler.samples and k != sampler.timestep}
     final = sample(session, conditions, steps=steps, seed=seed, guidance_mode="split")

@@ -96,11 +96,17 @@ class ModelSpec:
         sampler ran on the fp32 model (``edgec.calibration.trajectory``: its noisy inputs as
         sampling meets them, which independent draws did not hold), other models'
         ``drawn_inputs``."""
-        if self.sampling and self.trajectory_calibration:
+        if self.calibrates_on_trajectory:
             from edgec.calibration.trajectory import trajectory_inputs
 
             return trajectory_inputs(self, config or "tiny", n)
         return self.drawn_inputs(config, n)
+
+    @property
+    def calibrates_on_trajectory(self) -> bool:
+        """A diffusion denoiser that calibrates on its sampler's trajectory
+        (``trajectory_calibration``), not on ``drawn_inputs``."""
+        return bool(self.sampling and self.trajectory_calibration)
 
     def drawn_inputs(self, config: str | None = None, n: int = 8
                      ) -> list[tuple[torch.Tensor, ...]]:
