@@ -35,7 +35,8 @@ def _export_each_registry_model_once():
             parameter_map=copy.deepcopy(src.parameter_map),
             export_fidelity=copy.deepcopy(src.export_fidelity),
             feeds={k: v.copy() for k, v in src.feeds.items()},
-            reference={k: v.copy() for k, v in src.reference.items()})
+            reference={k: v.copy() for k, v in src.reference.items()},
+            trajectories={})  # recorded on the copy's own graph
 
     def resolve(source, config=None, example_inputs=None, dynamic_shapes=None, generate=False,
                 opset=None):

@@ -182,9 +182,11 @@ def generated_samples(src, n: int | None = None, skip: int = 0
     Registry models use their ``calibration_inputs`` (seeds disjoint from the example inputs;
     a diffusion denoiser's: feeds from its own fp32 sampler, ``calibration.trajectory``);
     Hugging Face checkpoints get random token ids with a random amount of right padding (so the
-    attention-mask path sees both masked and unmasked keys); ONNX files and nn.Modules get random
-    feeds shaped like their example inputs, which calibrate the graph but are not representative
-    data: pass ``--data`` (``calibration=``) for real ranges.
+    attention-mask path sees both masked and unmasked keys); a denoiser graph with a sampling
+    entry (a diffusers transformer, an exported .onnx) the feeds its own fp32 graph's sampler
+    ran from random conditions (``graph_trajectory_inputs``); other ONNX files and nn.Modules
+    get random feeds shaped like their example inputs, which calibrate the graph but are not
+    representative data: pass ``--data`` (``calibration=``) for real ranges.
     """
     n = default_sample_count(src) if n is None else n
     gen = src.info.get("generation")
@@ -199,6 +201,12 @@ def generated_samples(src, n: int | None = None, skip: int = 0
 
         sets = trajectory_inputs(spec, src.info["config"], n, skip)
         return [dict(zip(src.info["input_names"], (t.numpy() for t in s))) for s in sets], ORIGIN
+    from edgec.calibration.trajectory import records_graph_trajectories
+
+    if records_graph_trajectories(src):
+        from edgec.calibration.trajectory import GRAPH_ORIGIN, graph_trajectory_inputs
+
+        return graph_trajectory_inputs(src, n, skip), GRAPH_ORIGIN
     samples, origin = _generated(src, n)
     return samples[skip:], origin
 

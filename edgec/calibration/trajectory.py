@@ -15,9 +15,17 @@ four (``BLOCK``): block b holds steps b, 4 + b (run with the conditions zeroed: 
 unconditional half), 8 + b and 15 − b, so every four samples in a row (the accuracy floor's
 held-out sets) span the trajectory from noise to its end, block 0 from its first step to its
 last, and the 16 calibration samples are one whole trajectory. Trajectory ``j`` starts from
-seed ``1000 + j`` (noise and conditions: the seeds the draws used), so sample ``i`` does not
-depend on how many are asked for. Cost: RECORD_STEPS PyTorch runs (twice that guided) per 16
-samples; the 16 calibration samples and the floor's 4 held-out ones take two trajectories.
+seed ``1000 + j``, so sample ``i`` does not depend on how many are asked for. Each sample
+then takes a draw of conditions of its own (seed ``1000 + i``; the noisy input and timestep
+stay the trajectory's): one trajectory's 16 samples had held one draw, and a condition-only
+MatMul's range from one draw falls short of another's (a random-init Wan transformer's w8a8
+samples: cosine 0.9979 to fp32, 0.9999 with a draw per sample; reactive-dance unchanged).
+Cost: RECORD_STEPS runs of the fp32 model (twice that guided) per 16 samples; the 16
+calibration samples and the floor's 4 held-out ones take two trajectories.
+
+Reference models run their PyTorch module (``trajectory_inputs``); other denoiser graphs with
+a sampling entry (a diffusers transformer, an .onnx from ``edgec export``) their fp32 graph in
+ONNX Runtime, from random conditions (``graph_trajectory_inputs``).
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import functools
 import numpy as np
 import torch
 
-__all__ = ["trajectory_inputs", "PER_TRAJECTORY", "RECORD_STEPS", "ORIGIN"]
+__all__ = ["trajectory_inputs", "graph_trajectory_inputs", "records_graph_trajectories",
+           "PER_TRAJECTORY", "RECORD_STEPS", "ORIGIN", "GRAPH_ORIGIN"]
 
 # the steps a recorded trajectory takes (the artifact's default when fewer); the late steps'
 # inputs, where the drawn samples fell short, are much the same at 16 steps as at the
@@ -36,6 +45,7 @@ RECORD_STEPS = 16
 BLOCK = 4  # = the floor's HELD_OUT
 PER_TRAJECTORY = 4 * BLOCK
 ORIGIN = "the fp32 model's own sampling trajectories"
+GRAPH_ORIGIN = f"{ORIGIN}, random conditions (--data gives real ones)"
 
 
 def trajectory_inputs(spec, config: str, n: int, skip: int = 0
@@ -52,42 +62,108 @@ def trajectory_inputs(spec, config: str, n: int, skip: int = 0
     return out
 
 
-class _Recorder:
-    """The PyTorch reference model as the sampler's session: runs a feed dict, keeps every feed
-    it ran."""
+def graph_trajectory_inputs(src, n: int, skip: int = 0) -> list[dict[str, np.ndarray]]:
+    """Samples ``skip``..``n`` − 1 of the trajectories an exported denoiser's fp32 graph takes
+    under its sampling entry (a diffusers transformer, an .onnx from ``edgec export``), as feed
+    dicts. The graph runs in ONNX Runtime as it was when first asked (calibration comes before
+    quantization: a graph holding quantizers is refused); its conditions are random draws
+    (``random_feeds``, seed ``1000 + j``), where a user's ``--data`` gives real ones. The
+    recordings and the session stay with the source (``Source.trajectories``) for the floor's
+    held-out samples."""
+    out = []
+    for i in range(skip, n):
+        j, k = divmod(i, PER_TRAJECTORY)
+        out.append({name: v.copy() for name, v in _graph_trajectory(src, j)[k].items()})
+    return out
 
-    def __init__(self, module, spec, feeds: dict[str, np.ndarray]):
+
+def records_graph_trajectories(src) -> bool:
+    """Whether ``src`` (not a reference model: those have ``ModelSpec.calibrates_on_trajectory``)
+    calibrates on its graph's trajectories: it samples, and not by a score SDE, whose samples
+    a prior mostly serves one step at a time (``denoise``) and whose untrained trajectories
+    diverge (pose-prior's reference model keeps its draws for both reasons)."""
+    sampling = src.info.get("sampling")
+    return bool(sampling) and src.kind in ("onnx", "diffusers") and sampling["kind"] != "score"
+
+
+def _graph_trajectory(src, j: int) -> list[dict[str, np.ndarray]]:
+    cache = src.trajectories
+    if cache.get("model") is not src.model:  # a copy of the source with another graph
+        cache.clear()
+        cache["model"] = src.model
+    if j not in cache:
+        if "run" not in cache:
+            cache["run"] = _GraphRunner(src.model)
+        feeds = _drawn_feeds(src, 1000 + j)
+        cache[j] = _recorded(cache["run"], list(feeds), src.info["sampling"], feeds, 1000 + j,
+                             lambda i: _drawn_feeds(src, 1000 + PER_TRAJECTORY * j + i))
+    return cache[j]
+
+
+def _drawn_feeds(src, seed: int) -> dict[str, np.ndarray]:
+    """A graph's conditions for the trajectory from ``seed`` (its noisy samples and timestep
+    are the sampler's): random feeds shaped as its example."""
+    from edgec.calibration.samples import _specs
+    from edgec.exporters.sources import random_feeds
+
+    return random_feeds(_specs(src), seed=seed)
+
+
+class _GraphRunner:
+    """``model`` as it is now in its own ORT session (the passes edit the source's graph in
+    place later), called as ``run(feeds) -> outputs``; its temp folder lives as long as it."""
+
+    def __init__(self, model):
+        import tempfile
+        from pathlib import Path
+
+        from edgec.errors import InternalError
+        from edgec.onnx_io import save_model
+        from edgec.runtimes.ort import OrtSession, model_feeds
+
+        if any(node.op_type in ("QuantizeLinear", "DequantizeLinear")
+               for node in model.graph.all_nodes()):
+            raise InternalError("a sampling trajectory was asked of a graph already quantized; "
+                                "it must be recorded on the fp32 graph")
+        self._folder = tempfile.TemporaryDirectory(prefix="edgec-trajectory-")
+        path = Path(self._folder.name) / "model.onnx"
+        save_model(model, path)
+        self._session = OrtSession(path)
+        self._defaults = model_feeds(model, {})  # a swappable-LoRA graph's adapters: the base
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._session.run({**self._defaults, **feeds})
+
+
+class _Recorder:
+    """The fp32 model as the sampler's session: ``run`` maps a feed dict to the outputs by
+    name; every feed it ran is kept."""
+
+    def __init__(self, run, input_names, sampling, feeds: dict[str, np.ndarray]):
         from edgec.runtimes.base import IOSpec
 
-        self.module, self.spec = module, spec
-        self.manifest = {"sampling": dict(spec.sampling)}
+        self._run, self.names = run, list(input_names)
+        self.manifest = {"sampling": dict(sampling)}
         self.default_feeds = feeds
         self.inputs = [IOSpec(k, v.shape, v.dtype.name) for k, v in feeds.items()]
         self.ran: list[dict[str, np.ndarray]] = []
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {k: np.array(feeds[k]) for k in self.spec.input_names}
+        feeds = {k: np.array(feeds[k]) for k in self.names}
         self.ran.append(feeds)
-        with torch.no_grad():
-            out = self.module(*(torch.from_numpy(v) for v in feeds.values()))
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        return {name: t.numpy() for name, t in zip(self.spec.output_names, out)}
+        return self._run(feeds)
 
 
-# trajectories kept: 16 feeds each (motion-dit base: 16 MiB a feed), GPTQ's 132 samples take 9
-@functools.lru_cache(maxsize=8)
-def _trajectory(name: str, config: str, j: int) -> list[dict[str, np.ndarray]]:
-    from edgec.models import registry
+def _recorded(run, input_names, sampling, feeds: dict[str, np.ndarray], seed: int,
+              draw=None) -> list[dict[str, np.ndarray]]:
+    """The PER_TRAJECTORY feeds (module docstring) of one trajectory that ``run`` (the fp32
+    model) takes from ``seed``'s noise under the conditions in ``feeds``; ``draw(i)``: the
+    feeds whose conditions slot ``i`` takes instead."""
     from edgec.runtimes.sampling import SamplerSpec, _guided, sample
 
-    spec = registry.get(name)
-    base, opts = spec.resolve(config)
-    module = _module(name, config)
-    seed = 1000 + j
-    feeds = {k: t.numpy() for k, t in zip(spec.input_names, spec.inputs(base, opts, seed))}
-    sampler = SamplerSpec.from_manifest({"sampling": spec.sampling})
+    sampler = SamplerSpec.from_manifest({"sampling": sampling})
     steps = min(sampler.steps, RECORD_STEPS)
-    session = _Recorder(module, spec, feeds)
+    session = _Recorder(run, input_names, sampling, feeds)
     conditions = {k: v for k, v in feeds.items()
                   if k not in sampler.samples and k != sampler.timestep}
     final = sample(session, conditions, steps=steps, seed=seed, guidance_mode="split")
@@ -105,7 +181,44 @@ def _trajectory(name: str, config: str, j: int) -> list[dict[str, np.ndarray]]:
                 _unconditional(session.ran, at(4 + b), per_step, sampler),
                 session.ran[at(8 + b) * per_step],
                 last if b == 0 else session.ran[at(15 - b) * per_step]]
+    if draw is not None:
+        out = [_with_conditions(f, draw(i), sampler, i % BLOCK == 1) for i, f in enumerate(out)]
     return out
+
+
+def _with_conditions(feed, drawn, sampler, unconditional: bool) -> dict[str, np.ndarray]:
+    """``feed`` with every input but the noisy samples and the timestep from ``drawn`` (the
+    sampler's conditions zeroed in an unconditional slot)."""
+    out = dict(feed)
+    for k, v in drawn.items():
+        if k not in sampler.samples and k != sampler.timestep:
+            out[k] = np.zeros_like(v) if unconditional and k in sampler.conditions else v
+    return out
+
+
+# trajectories kept: 16 feeds each (motion-dit base: 16 MiB a feed), GPTQ's 132 samples take 9
+@functools.lru_cache(maxsize=8)
+def _trajectory(name: str, config: str, j: int) -> list[dict[str, np.ndarray]]:
+    from edgec.models import registry
+
+    spec = registry.get(name)
+    base, opts = spec.resolve(config)
+    module = _module(name, config)
+    seed = 1000 + j
+    feeds = {k: t.numpy() for k, t in zip(spec.input_names, spec.inputs(base, opts, seed))}
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = module(*(torch.from_numpy(v) for v in feeds.values()))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: t.numpy() for n, t in zip(spec.output_names, out)}
+
+    def draw(i: int) -> dict[str, np.ndarray]:
+        inputs = spec.inputs(base, opts, 1000 + PER_TRAJECTORY * j + i)
+        return {k: t.numpy() for k, t in zip(spec.input_names, inputs)}
+
+    return _recorded(run, spec.input_names, spec.sampling, feeds, seed, draw)
+
 
 def _flow_end(last: dict[str, np.ndarray], final: dict[str, np.ndarray], sampler, steps: int
               ) -> dict[str, np.ndarray]:

@@ -47,6 +47,9 @@ class Source:
     # an .onnx file's example made by edgec with dynamic dims held at 1: what a run failing on
     # it appends (``_made_example_note``); empty for given or sized examples
     example_note: str = dataclasses.field(default="", repr=False, compare=False)
+    # a denoiser graph's recorded sampling trajectories and the fp32 session that ran them
+    # (``calibration.trajectory.graph_trajectory_inputs``): calibration's and the floor's
+    trajectories: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def resolve_source(source: Any, config: str | None = None,

@@ -83,7 +83,8 @@ def export_once():
             parameter_map=copy.deepcopy(src.parameter_map),
             export_fidelity=copy.deepcopy(src.export_fidelity),
             feeds={k: v.copy() for k, v in src.feeds.items()},
-            reference={k: v.copy() for k, v in src.reference.items()})
+            reference={k: v.copy() for k, v in src.reference.items()},
+            trajectories={})  # recorded on the copy's own graph
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sources, "resolve_source", resolve)
@@ -300,6 +301,27 @@ def test_a_wan_lora_merges_and_is_held_to_peft(models, tmp_path):
     # attn1/attn2 q, v and the Conv3d patch embedding (LoRA on a Conv was refused before)
     assert merge["modules_merged"] == 5 and merge["max_abs_delta"] > 0.01
     assert merge["by_module_kind"]["patch_embedding"] == 1
+
+
+def test_a_transformer_quantizes_on_its_own_sampling_trajectory(models, tmp_path):
+    """A diffusers transformer has no input generator of its own: `--quantize` without data was
+    refused ("no calibration generator"). It calibrates on the feeds its fp32 graph's sampler
+    runs (CogVideoX: DDIM v-prediction, integer train-step timesteps from 999 down), random
+    text embeddings as conditions, and the floor holds on a held-out trajectory."""
+    from edgec.calibration.trajectory import GRAPH_ORIGIN
+
+    art = edgec.compile(str(models / "cog"), target="ort-cpu", quantize="w8a8",
+                        output_dir=tmp_path / "q")
+    assert art.report["quantization"]["calibration"]["data"] == GRAPH_ORIGIN
+    floor = next(p["stats"]["mixed_precision"] for p in art.report["passes"]
+                 if "mixed_precision" in (p.get("stats") or {}))
+    assert floor["reached"] and floor["achieved"] >= 0.98, floor
+    from edgec.calibration.samples import generated_samples
+    from edgec.exporters import sources
+
+    samples, _ = generated_samples(sources.resolve_source(str(models / "cog")), 16)
+    t = sorted({int(s["timestep"][0]) for s in samples})
+    assert len(t) == 16 and t[-1] == 999 and t[0] < 100  # random feeds' timesteps held {0, 1}
 
 
 def test_sparse_attention_finds_the_joint_attention(models, tmp_path):
