@@ -136,6 +136,9 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
     if mp.get("vs_source"):  # held out, yet below the floor against the source
         vs = _vs_source(mp)
         itself += f" {vs[0].upper()}{vs[1:]}, below the floor."
+    if mp.get("sample"):
+        line = sample_line(mp)
+        itself += f" {line[0].upper()}{line[1:]}."
     if not mp["layer_errors"]:  # held as quantized: the per-layer analysis did not run
         return ["## Mixed precision", "",
                 f"{floor} {'reached' if mp['reached'] else 'not reached'} as quantized: "
@@ -356,7 +359,18 @@ def floor_line(mp: dict[str, Any]) -> str:
         line += f"; {_vs_source(mp)}"
     if mp.get("candidates"):
         line += f"; {len(mp['kept'])} of {mp['candidates']} layers kept in {mp['precision']}"
+    if mp.get("sample"):
+        line += f"; {sample_line(mp)}"
     return line
+
+
+def sample_line(mp: dict[str, Any]) -> str:
+    """A denoiser's whole generation against the fp32 graph's (``sample_check``), with a word
+    where it falls below the floor's cosine."""
+    s = mp["sample"]
+    below = mp.get("min_cos") is not None and s["cosine"] < mp["min_cos"]
+    return (f"a whole {s['steps']}-step sample from held-out noise: cosine {s['cosine']:.4f}"
+            + (" (below the floor: the sampler compounds each call's error)" if below else ""))
 
 
 def rotation_line(st: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 __all__ = ["trajectory_inputs", "graph_trajectory_inputs", "records_graph_trajectories",
-           "PER_TRAJECTORY", "RECORD_STEPS", "ORIGIN", "GRAPH_ORIGIN"]
+           "RecordingSession", "PER_TRAJECTORY", "RECORD_STEPS", "ORIGIN", "GRAPH_ORIGIN"]
 
 # the steps a recorded trajectory takes (the artifact's default when fewer); the late steps'
 # inputs, where the drawn samples fell short, are much the same at 16 steps as at the
@@ -135,9 +135,10 @@ class _GraphRunner:
         return self._session.run({**self._defaults, **feeds})
 
 
-class _Recorder:
-    """The fp32 model as the sampler's session: ``run`` maps a feed dict to the outputs by
-    name; every feed it ran is kept."""
+class RecordingSession:
+    """A model as the sampler's session (``runtimes.sampling.sample``): ``run`` maps a feed dict
+    to the outputs by name, ``feeds`` are its default feeds (their shapes the inputs'); every
+    feed it ran is kept."""
 
     def __init__(self, run, input_names, sampling, feeds: dict[str, np.ndarray]):
         from edgec.runtimes.base import IOSpec
@@ -163,7 +164,7 @@ def _recorded(run, input_names, sampling, feeds: dict[str, np.ndarray], seed: in
 
     sampler = SamplerSpec.from_manifest({"sampling": sampling})
     steps = min(sampler.steps, RECORD_STEPS)
-    session = _Recorder(run, input_names, sampling, feeds)
+    session = RecordingSession(run, input_names, sampling, feeds)
     conditions = {k: v for k, v in feeds.items()
                   if k not in sampler.samples and k != sampler.timestep}
     final = sample(session, conditions, steps=steps, seed=seed, guidance_mode="split")

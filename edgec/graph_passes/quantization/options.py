@@ -359,7 +359,8 @@ class QuantOptions:
         return QuantizePass(scheme, target, ranges if scheme.calibrated else None, self.exclude,
                             floor=floor, held_out=held_out, held_out_source=source,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None,
-                            progress=step, bindings=bindings, keep_zeros=pruned)
+                            progress=step, bindings=bindings, keep_zeros=pruned,
+                            sampling=src.info.get("sampling"))
 
 
 def gptq_of_data(found: list, source: str) -> list:

@@ -21,7 +21,7 @@ import logging
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,8 @@ class QuantizePass(ir.passes.FunctionalPass):
                  floor=None, held_out: Callable | None = None, gptq: Callable | None = None,
                  held_out_source: str = "generated",
                  progress: Callable[[str], None] | None = None,
-                 bindings: Callable | None = None, keep_zeros: bool = False):
+                 bindings: Callable | None = None, keep_zeros: bool = False,
+                 sampling: Mapping[str, Any] | None = None):
         super().__init__()
         # what the floor's search is doing, for the compile's progress (sensitivity runs for
         # half an hour on an 8192-token DiT, silent before)
@@ -204,6 +205,9 @@ class QuantizePass(ir.passes.FunctionalPass):
         # runtime on it too: (held-out feeds, fp32 outputs, masks, Floor, the adapter bound in
         # each feed or None); None: no floor ran
         self.floor_samples = None
+        # a denoiser's sampling entry: the floor also measures a whole generation
+        # (``sample_check``), which compounds what each call loses
+        self.sampling = sampling
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
@@ -409,7 +413,17 @@ class QuantizePass(ir.passes.FunctionalPass):
             entry["adapters"] = each[k]
         if rebuilt is not None:  # the probes were edits of the k = 0 graph (keep_float)
             entry["rebuilt"] = {m: round(v, 6) for m, v in rebuilt.items()}
+        if self.sampling:
+            entry["sample"] = self._whole_sample(model, built[k][0], feeds[0], floor)
         return (*built[k], entry)
+
+    def _whole_sample(self, model: ir.Model, quantized: ir.Model, feeds, floor
+                      ) -> dict[str, Any]:
+        """A whole generation of the graph kept against the fp32 graph's (``sample_check``)."""
+        from edgec.graph_passes.quantization.sample_check import SAMPLE_STEPS, whole_sample
+
+        self.progress(f"accuracy floor: a {SAMPLE_STEPS}-step generation, fp32 and quantized")
+        return whole_sample(model, quantized, self.sampling, feeds, floor.min_cos)
 
     def _held_out(self, model: ir.Model) -> tuple[list[dict], list[str] | None]:
         """The floor's held-out samples and, on a swappable-LoRA graph, each of them again with
