@@ -926,6 +926,9 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
         stores = whole.manager.passes
     prep = prepare(source, recipe, example_inputs, dynamic_shapes, step, until="quantize",
                    rotations=rotations)
+    # refused as the compile's build refuses it: a dynamic .onnx for qnn-htp was calibrated
+    # into a cache that no compile could use
+    recipe.target.check_static(prep.model.graph.inputs, prep.model.graph.outputs)
     request = recipe.quantize.calibration_request(recipe.target, samples)
     held = gptq = None
     if samples is not None:  # the data's last samples held out as `compile --calib FILE` does

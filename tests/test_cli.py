@@ -328,6 +328,20 @@ def test_bench_refuses_inputs_the_runtime_cannot_run_as_run_does(tmp_path):
         assert "onnxruntime could not run the model on these inputs" in result.stderr
 
 
+def test_calibrate_refuses_a_dynamic_onnx_for_qnn_htp_as_compile_does(tmp_path):
+    """calibrate wrote a cache for a dynamic .onnx on qnn-htp that compile then refused (the
+    HTP needs static shapes): both refuse it with the same line, exit 2, nothing written."""
+    source = _add_onnx(tmp_path)
+    lines = []
+    for cmd in ("calibrate", "compile"):
+        result = _run(cmd, source, "-t", "qnn-htp", "-q", "w8a8", "-o", tmp_path / cmd)
+        assert result.exit_code == 2, result.output
+        lines += [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert not (tmp_path / cmd).exists()
+    assert len(lines) == 2 and lines[0] == lines[1], lines
+    assert "qnn-htp needs static shapes, but input 'a' has shape [1, 'n']" in lines[0]
+
+
 def test_inspect_verify_names_a_changed_file(dit_tiny_artifacts, tmp_path):
     """The manifest stores every file's sha256, but nothing checked them: 4 flipped bytes in
     model.onnx.data ran with exit 0."""

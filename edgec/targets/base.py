@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from edgec.errors import UserError
 
 __all__ = ["Target", "BuildResult", "QuantScheme"]
 
@@ -177,3 +179,27 @@ class Target:
     qdq_options: Callable[..., dict[str, Any]] | None = None
     share_graphs: Callable[..., dict[str, Any]] | None = None
     locate_departure: Callable[..., str | None] | None = None
+
+    def check_static(self, inputs: Iterable[Any], outputs: Iterable[Any]) -> None:
+        """Refuse a graph input or output (``onnx_ir`` values) whose shape is unknown or has a
+        dim that is not a fixed positive number, where the target needs static shapes. One check
+        for the build (``compile``) and for ``calibrate`` before it calibrates, so both refuse the
+        same graph with the same line (calibrate wrote a cache that no compile could use)."""
+        if not self.static_shapes:
+            return
+        for kind, values in (("input", inputs), ("output", outputs)):
+            for v in values:
+                if v.is_initializer():  # an older ONNX file lists its weights as inputs
+                    continue
+                dims = None if v.shape is None else list(v.shape)
+                if dims is not None and all(isinstance(d, int) and d > 0 for d in dims):
+                    continue
+                shape = [d if isinstance(d, int) and d else getattr(d, "value", None) or "?"
+                         for d in dims or []]
+                named = next((d for d in shape if isinstance(d, str) and d != "?"), "N")
+                raise UserError(f"{self.name} needs static shapes, but {kind} {v.name!r} has "
+                                f"shape {shape if dims is not None else 'unknown'}; export with "
+                                "static shapes (dynamic_shapes={}, or fixed --config dims), or "
+                                "fix an .onnx file's dims first: python -m onnxruntime.tools."
+                                f"make_dynamic_shape_fixed --dim_param {named} --dim_value 1 "
+                                "in.onnx out.onnx")

@@ -33,22 +33,18 @@ def _first_line(e: Exception) -> str:
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
-def _check_static(graph) -> None:
+def _check_static(target: Target, graph) -> None:
+    """The target's static-shape check (``Target.check_static``) on a ``GraphProto``'s inputs
+    and outputs: only their value infos are read, not the graph."""
+    import onnx_ir as ir
+
     inits = {i.name for i in graph.initializer}
-    for kind, values in (("input", graph.input), ("output", graph.output)):
-        for v in values:
-            if v.name in inits:
-                continue
-            dims = v.type.tensor_type.shape.dim if v.type.tensor_type.HasField("shape") else None
-            if dims is None or any(not d.HasField("dim_value") or d.dim_value <= 0 for d in dims):
-                shape = [d.dim_value or d.dim_param or "?" for d in dims or []]
-                named = next((d for d in shape if isinstance(d, str) and d != "?"), "N")
-                raise UserError(f"qnn-htp needs static shapes, but {kind} {v.name!r} has shape "
-                                f"{shape if dims is not None else 'unknown'}; export with static "
-                                "shapes (dynamic_shapes={}, or fixed --config dims), or fix an "
-                                ".onnx file's dims first: python -m onnxruntime.tools."
-                                f"make_dynamic_shape_fixed --dim_param {named} --dim_value 1 "
-                                "in.onnx out.onnx")
+
+    def values(infos):
+        return [ir.serde.deserialize_value_info_proto(vi, None) for vi in infos
+                if vi.name not in inits]
+
+    target.check_static(values(graph.input), values(graph.output))
 
 
 def _describe(nodes: list[tuple[str, str]]) -> str:
@@ -311,7 +307,7 @@ def build(target: Target, model_path: Path, target_dir: Path, **options) -> Buil
     provider = graph_provider_options(proto)
     graph = proto.graph
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 21)
-    _check_static(graph)
+    _check_static(target, graph)
     if not any(n.op_type in _QDQ for n in graph.node):
         raise UserError("qnn-htp runs quantized (QDQ) models and this one has no "
                         "QuantizeLinear/DequantizeLinear nodes; compile with --quantize w8a8 "
