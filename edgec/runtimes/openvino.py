@@ -13,7 +13,7 @@ import numpy as np
 
 from edgec.errors import InternalError, TargetUnavailableError
 from edgec.runtimes.base import IOSpec, Session
-from edgec.targets.openvino_int64 import check_int64_feeds
+from edgec.targets.openvino_int64 import check_int64_feeds, warned_before
 from edgec.targets.openvino_stateful import BEAM_IDX
 
 __all__ = ["OpenVINOSession"]
@@ -75,7 +75,8 @@ class OpenVINOSession(Session):
         if self._narrow is None:
             self._narrow = [i.name for i in inputs if i.dtype == "int64"]
         wrapping = (int64_in_32_bits or {}).get("outputs")
-        if wrapping:  # the build warned too; a run's outputs carry no sign of it
+        # a run's outputs carry no sign of it; the build that wrote this file warned already
+        if wrapping and not warned_before(xml_path):
             logger.warning("int64 outputs %s are computed in 32 bits by OpenVINO's CPU plugin: "
                            "values outside [-2**31, 2**31) wrap, with no error", wrapping)
         self._request = self._compiled.create_infer_request()

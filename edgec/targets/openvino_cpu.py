@@ -15,7 +15,7 @@ from pathlib import Path
 from edgec.errors import InternalError, UserError
 from edgec.runtimes.openvino_paged import BLOCK_SIZE, paged_model
 from edgec.targets.base import BuildResult, QuantScheme, Target
-from edgec.targets.openvino_int64 import int64_in_32_bits
+from edgec.targets.openvino_int64 import int64_in_32_bits, warned_before
 from edgec.targets.openvino_legalize import OpenVINOLegalizePass
 from edgec.targets.openvino_stateful import kv_pairs, make_stateful
 
@@ -86,7 +86,8 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
         note = (f"int64 outputs {narrow['outputs']} are computed by arithmetic, which "
                 f"{target.name} runs in 32 bits: values outside [-2**31, 2**31) wrap (or "
                 "saturate) there, with no error; use ort-cpu where they can be that large")
-        logger.warning("%s", note)
+        if not warned_before(target_dir / "model.xml"):
+            logger.warning("%s", note)
         notes.append(note)
     names = [p.get_any_name() for p in ov_model.inputs]
     pairs = kv_pairs(names, [o.get_any_name() for o in ov_model.outputs])

@@ -12,14 +12,17 @@ Two consequences, recorded in the manifest's runtime entry (``int64_in_32_bits``
   float); every run refuses a feed of such an input outside the int32 range.
 - ``outputs``: the int64 outputs computed by arithmetic from the inputs' values (``x * 3``,
   ``cumsum``, a float cast to int64), not from shapes: they wrap (or saturate) once a value
-  leaves the int32 range, which no feed check can rule out; the build warns naming them.
+  leaves the int32 range, which no feed check can rule out; the build warns naming them, once
+  per built model file (``warned_before``).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-__all__ = ["int64_in_32_bits", "check_int64_feeds"]
+__all__ = ["int64_in_32_bits", "check_int64_feeds", "warned_before"]
 
 # ops whose integer result may leave the range of their operands (int32 wraps there)
 _GROWS = {"Add", "Sub", "Mul", "Pow", "Sum", "CumSum", "ReduceSum", "ReduceProd",
@@ -34,6 +37,20 @@ _NOT_CARRIED |= {("Slice", i) for i in range(1, 5)}
 _WIDE = {7, 13}  # INT64, UINT64
 _FLOATS = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 _SIZES = {"Shape", "Size"}  # values of sizes, not of the inputs
+
+_warned: set[Path] = set()  # built model files whose wrapping outputs were warned of
+
+
+def warned_before(model_file: str | os.PathLike) -> bool:
+    """Whether this process warned of ``model_file``'s wrapping int64 outputs already (and
+    record that it has now): its build warns, so the sessions the same compile opens on it
+    (verification, companions) do not repeat it (one compile printed it 3 times). A later
+    load of the finished artifact, at its own path, warns again."""
+    path = Path(model_file).resolve()
+    if path in _warned:
+        return True
+    _warned.add(path)
+    return False
 
 
 def int64_in_32_bits(model) -> dict[str, list[str]]:
