@@ -172,7 +172,8 @@ def export_module(
         if os.environ.get("EDGEC_DEBUG"):
             sys.stderr.write(said.getvalue())
         raise _classify_export_error(type(module).__name__, e,
-                                     getattr(module, "fixed_dim_remedy", None)) from e
+                                     getattr(module, "fixed_dim_remedy", None),
+                                     dict(zip(names, example_inputs)), dynamic_shapes) from e
     model = program.model
     from edgec import __version__
 
@@ -412,8 +413,56 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(e).__name__
 
 
-def _classify_export_error(name: str, e: Exception, fixed_dim_remedy: str | None = None
-                           ) -> Exception:
+_INPUT_DIM = re.compile(r"inputs\['(\w+)'\]\.shape\[(\d+)\]")
+
+
+def _fixed_peers(dim: str, size: int, inputs: Mapping[str, Any],
+                 dynamic_shapes: Mapping[str, Any] | None) -> list[tuple[str, int]]:
+    """(input, axis) of the other inputs' dims of ``size`` in the example that dynamic_shapes
+    leaves fixed: a dynamic ``dim`` (``inputs['x'].shape[1]``) that forward combines with one
+    of them is fixed to its size, and then the fix is to declare that dim too."""
+    own = _INPUT_DIM.fullmatch(dim)
+    peers = []
+    for name, t in inputs.items():
+        declared = (dynamic_shapes or {}).get(name)
+        declared = declared if isinstance(declared, Mapping) else {}
+        if isinstance(t, torch.Tensor) and not (own and name == own[1]):
+            peers += [(name, axis) for axis, n in enumerate(t.shape)
+                      if n == size and axis not in declared]
+    return peers
+
+
+def _fixed_dim_error(name: str, dim: str, size: int, remedy: str | None,
+                     inputs: Mapping[str, Any], dynamic_shapes: Mapping[str, Any] | None
+                     ) -> UserError:
+    """A dim declared dynamic that forward ties to a constant size: to a tensor forward builds
+    (size it from the input: ``x.new_ones``), or to another input's dim that dynamic_shapes
+    leaves fixed (declare that one too: the hint suggested ``x.new_ones`` there as well)."""
+    head = f"{name}.forward fixes {dim} to {size}"
+    if remedy:  # a checkpoint wrapper's own dims: the user declared none of them
+        return UserError(f"{head} (forward combines it with a tensor of a constant size); "
+                         f"{remedy}")
+    own = _INPUT_DIM.fullmatch(dim)
+    built = f"size that tensor from the input (e.g. {own[1] if own else 'x'}.new_ones(...))"
+    head += ", which dynamic_shapes declares dynamic"
+    peers = _fixed_peers(dim, size, inputs, dynamic_shapes)
+    if not peers:
+        return UserError(f"{head} (forward combines it with a tensor of a constant size); drop "
+                         f"that dim from dynamic_shapes, or {built}")
+    shown = " or ".join(f"{n}.shape[{a}]" for n, a in peers[:3])
+    more = f" (or {len(peers) - 3} more)" if len(peers) > 3 else ""
+    label = ((dynamic_shapes or {}).get(own[1]) or {}).get(int(own[2])) if own else None
+    peer, axis = peers[0]
+    same = (f" under the same name: dynamic_shapes {{{peer!r}: {{{axis}: {label!r}}}}}"
+            if isinstance(label, str) else " under the same name")
+    return UserError(f"{head} (forward combines it with a tensor of size {size}); if that is "
+                     f"input dim {shown}{more}, which dynamic_shapes leaves fixed, declare that "
+                     f"dim dynamic too{same}; else drop {dim} from dynamic_shapes, or {built}")
+
+
+def _classify_export_error(name: str, e: Exception, fixed_dim_remedy: str | None = None,
+                           inputs: Mapping[str, Any] | None = None,
+                           dynamic_shapes: Mapping[str, Any] | None = None) -> Exception:
     """What a failed ``torch.onnx.export`` means for the user: UserError or InternalError.
 
     The model's fault: torch.export cannot capture it (``TorchExportError``), it uses an operator
@@ -429,12 +478,8 @@ def _classify_export_error(name: str, e: Exception, fixed_dim_remedy: str | None
     static = re.search(r"inferred a static shape of (\d+) for dimension (inputs\[[^\]]+\]"
                        r"\.shape\[\d+\])", _ANSI.sub("", str(root)))
     if static:  # a dim declared dynamic that forward ties to a constant size
-        return UserError(
-            f"{name}.forward fixes {static[2]} to {static[1]}" + (
-                "" if fixed_dim_remedy else ", which dynamic_shapes declares dynamic") +
-            " (forward combines it with a tensor of a constant size); " + (
-                fixed_dim_remedy or "drop that dim from dynamic_shapes, or size that tensor "
-                "from the input (e.g. x.new_ones(...))"))
+        return _fixed_dim_error(name, static[2], int(static[1]), fixed_dim_remedy,
+                                inputs or {}, dynamic_shapes)
     if any(isinstance(c, capture) for c in chain):
         where = re.search(r'File "([^"]+)", line (\d+), in (\w+)', str(root))
         at = f" (at {where[1]}:{where[2]}, in {where[3]})" if where else ""

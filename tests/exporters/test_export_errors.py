@@ -70,6 +70,22 @@ def test_a_dynamic_dim_forward_fixes_is_named_with_what_to_do():
     assert "\n" not in str(e.value) and "branch" not in str(e.value)
 
 
+class AddsAnInput(torch.nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
+def test_a_dynamic_dim_tied_to_another_inputs_fixed_dim_says_to_declare_that_one():
+    """x's dim declared dynamic, y's of the same size not: the hint said to build the tensor
+    with x.new_ones(...), where y is an input and its dim wants declaring under x's name."""
+    with pytest.raises(UserError, match=r"fixes inputs\['x'\]\.shape\[1\] to 5") as e:
+        export_module(AddsAnInput(), (torch.randn(2, 5), torch.randn(2, 5)), {"x": {1: "n"}})
+    msg = str(e.value)
+    assert "if that is input dim y.shape[1], which dynamic_shapes leaves fixed, declare that " \
+           "dim dynamic too under the same name: dynamic_shapes {'y': {1: 'n'}}" in msg, msg
+    assert "\n" not in msg
+
+
 def test_a_failed_capture_prints_nothing_but_the_refusal(capfd):
     """torch printed a warning and the traced graph (~38 lines) before the one-line refusal."""
     with pytest.raises(UserError, match="cannot capture DataDependent"):
