@@ -394,6 +394,30 @@ def test_profile_needs_examples_for_dynamic_dims():
                                                                "max": [5, K]}
 
 
+def test_profiles_keep_to_the_models_stored_dim_ranges():
+    """The profile ran a dynamic dim from 1 where the graph stores `batch >= 2` (torch.export
+    traced a branch: below it the graph is wrong and every run's feed check refuses it)."""
+    from edgec.exporters.dim_ranges import DIM_RANGES_KEY
+    from edgec.targets.tensorrt.engine import generation_profiles
+
+    model = _qdq_matmul()
+    model.metadata_props[DIM_RANGES_KEY] = json.dumps({"batch": {"min": 2, "max": 4}})
+    assert optimization_profile(model, {"x": (3, K)})["x"] == {"min": [2, K], "opt": [3, K],
+                                                               "max": [3, K]}
+    assert optimization_profile(model, {"x": (6, K)})["x"]["max"] == [4, K]
+    with pytest.raises(UserError, match=r"would size batch 1\.\.1, but the graph is good for "
+                                        r"batch in \[2, 4\] only"):
+        optimization_profile(model, {"x": (1, K)})
+    vi = helper.make_tensor_value_info
+    decoder = _model([helper.make_node("Identity", ["x"], ["y"])], [],
+                     inputs=[vi("x", TensorProto.FLOAT, ["batch_size", "total_sequence_length"])])
+    decoder.metadata_props[DIM_RANGES_KEY] = json.dumps(
+        {"total_sequence_length": {"min": 2, "max": 48}})
+    prefill, decode = generation_profiles(decoder, {"context": 64})
+    assert prefill["x"] == {"min": [1, 2], "opt": [1, 48], "max": [1, 48]}
+    assert decode["x"] == {"min": [1, 2], "opt": [1, 33], "max": [1, 48]}
+
+
 def test_adapter_rank_dims_are_sized_from_the_lora_sites():
     from edgec.lora.binding import SITES_KEY
     from edgec.targets.tensorrt.engine import generation_profiles

@@ -38,7 +38,8 @@ TENSORRT = Target(
     precision="fp32",
     runtime_config={},
     notes=(("TensorRT takes one optimization profile: dynamic dims run from 1 to the example "
-            "size (swappable LoRA ranks: from 1 to the sum of the compiled adapters' ranks)"),
+            "size, within the model's stored dim ranges (swappable LoRA ranks: from 1 to the sum "
+            "of the compiled adapters' ranks)"),
            ("quantized graphs must follow TensorRT's Q/DQ rules (symmetric int8/fp8, int4 "
             "weight-only blocks); the build checks them and names the node that breaks one"),
            "building the engine needs an NVIDIA GPU and pip install 'edgec[tensorrt]'"),

@@ -164,14 +164,15 @@ def _pinned_dims(model: ir.Model, profile: Mapping[str, Mapping[str, list[int]]]
 
 def optimization_profile(model: ir.Model, examples: Mapping[str, tuple[int, ...]]
                          ) -> dict[str, dict[str, list[int]]]:
-    """min/opt/max per graph input: fixed dims as they are; a dynamic dim runs 1..example size.
+    """min/opt/max per graph input: fixed dims as they are; a dynamic dim runs 1..example size,
+    narrowed to the sizes the graph is good for where the model stores them (``dim_ranges``).
 
     The engine then accepts any size up to the example's (TensorRT needs an upper bound at
     build time); compile with the largest example you will run. A swappable-LoRA input's rank
     dim is sized from its site instead (``adapter_rank_ranges``): users never feed those.
     """
     profile = {}
-    ranks = adapter_rank_ranges(model)
+    ranks, ranges = adapter_rank_ranges(model), graph_ranges(model)
     for value in model.graph.inputs:
         if value.const_value is not None:
             continue
@@ -189,10 +190,39 @@ def optimization_profile(model: ir.Model, examples: Mapping[str, tuple[int, ...]
         if dims and not all(isinstance(d, int) for d in dims) and example is None:
             raise UserError(f"input {value.name!r} has dynamic shape {_dims(dims)} and no example "
                             "input to size TensorRT's optimization profile; pass example inputs")
-        lo = [d if isinstance(d, int) else 1 for d in dims]
-        opt = [d if isinstance(d, int) else int(e) for d, e in zip(dims, example or dims)]
-        profile[value.name] = {"min": lo, "opt": opt, "max": list(opt)}
+        bounds = [(d, d, d) if isinstance(d, int) else
+                  _within(getattr(d, "value", None), (1, int(e), int(e)), ranges, value.name)
+                  for d, e in zip(dims, example or dims)]
+        profile[value.name] = {k: [b[i] for b in bounds]
+                               for i, k in enumerate(("min", "opt", "max"))}
     return profile
+
+
+def graph_ranges(model: ir.Model) -> dict[str, dict[str, int]]:
+    """The sizes each named dim's graph is good for, as the manifest records them
+    (``exporters/dim_ranges.py``: the traced ranges and the dims positions index a table by)."""
+    from edgec.exporters.dim_ranges import merge_ranges, stored_ranges, table_ranges
+
+    return merge_ranges(stored_ranges(model), table_ranges(model))
+
+
+def _within(dim: str | None, bounds: tuple[int, int, int],
+            ranges: Mapping[str, Mapping[str, int]], where: str) -> tuple[int, int, int]:
+    """A dynamic dim's (min, opt, max) narrowed to its stored range: outside it the graph
+    computes what PyTorch does not, and every run's feed check refuses those sizes, so the
+    profile ran from 1 (``seq >= 2`` traced) to sizes no run may feed."""
+    from edgec.exporters.dim_ranges import range_text
+
+    r = ranges.get(dim or "")
+    if not r:
+        return bounds
+    lo, opt, hi = bounds
+    lo, hi = max(lo, r.get("min", lo)), min(hi, r.get("max", hi))
+    if lo > hi:
+        raise UserError(f"TensorRT's optimization profile for input {where!r} would size {dim} "
+                        f"{bounds[0]}..{bounds[2]}, but the graph is good for {dim} "
+                        f"{range_text(r)} only; give an example (or --context) within it")
+    return lo, min(max(opt, lo), hi), hi
 
 
 def adapter_rank_ranges(model: ir.Model) -> dict[str, tuple[int, int, int]]:
@@ -244,6 +274,7 @@ def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
     ]
     profiles = []
     ranks = adapter_rank_ranges(model)  # swappable LoRA on the decoder: the same in both
+    stored = graph_ranges(model)
     for dims in ranges[:1] if prefill_only else ranges:
         profile = {}
         for value in model.graph.inputs:
@@ -255,7 +286,7 @@ def generation_profiles(model: ir.Model, generation: Mapping[str, Any]
                 elif value.name in ranks:
                     bounds.append(ranks[value.name])
                 elif str(d) in dims:
-                    bounds.append(dims[str(d)])
+                    bounds.append(_within(str(d), dims[str(d)], stored, value.name))
                 else:
                     raise UserError(f"decoder input {value.name!r} has a dim {d} that is not one "
                                     f"of {', '.join(dims)}; re-export it with --generate")
