@@ -283,12 +283,17 @@ def _graph_name(key: str) -> str:
 
 
 def kv_retrieval_line(e: dict[str, Any]) -> str:
-    """The manifest's ``kv_retrieval`` entry in one line: what a decode step attends."""
-    top = (e["budget"] - e["sink"] - e["recent"]) // e["page"]
-    return (f"FreeKV ({e['model']}): per KV head and step {e['budget']} cached tokens at most: "
-            f"sink {e['sink']} + {top} retrieved pages of {e['page']} + recent {e['recent']}; "
-            f"tau {e['tau']} (a head re-selects its pages when its query's cosine to the last "
-            "one falls below it)")
+    """The manifest's ``kv_retrieval`` entry in one line: what a decode step attends. The
+    recent window is whole pages ending with the one being filled, so it holds recent − page to
+    recent − 1 cached tokens (it read "recent 32" where a step attends 16–31 of them)."""
+    page, recent = e["page"], e["recent"]
+    top, pages = (e["budget"] - e["sink"] - recent) // page, recent // page
+    before = f" and the {pages - 1} before it" if pages > 1 else ""
+    return (f"FreeKV ({e['model']}): per KV head and step {e['budget']} tokens at most: "
+            f"sink {e['sink']} + {top} retrieved pages of {page} + the last {pages} page(s) "
+            f"({recent - page}–{recent - 1} cached tokens: the page being filled{before}) + the "
+            f"new token; tau {e['tau']} (a head re-selects its pages when its query's cosine "
+            "to the last one falls below it)")
 
 
 def _companions(fid: dict[str, Any]) -> list[str]:

@@ -43,8 +43,9 @@ class FreeKVConfig:
 
     budget: tokens attended per step and KV head (sink + retrieved pages + recent window).
     page: tokens per page (the unit of retrieval and of the min/max key digests).
-    sink: leading tokens always attended; recent: trailing window always attended (the page
-        being filled is always in it, so recent ≥ page).
+    sink: leading tokens always attended; recent: the trailing window always attended, in
+        whole pages ending with the page being filled (so recent ≥ page): recent − page to
+        recent − 1 cached tokens, as that page fills.
     tau: per KV head, when the group-mean cosine of this step's query and the previous one
         falls below tau, the head re-selects its pages with the current query (correction);
         otherwise it uses the pages the previous query chose (speculative); -1 never corrects,

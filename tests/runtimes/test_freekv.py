@@ -121,6 +121,20 @@ def test_small_budget_runs_and_reports_corrections(decoder):
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_report_line_gives_the_page_aligned_recent_window():
+    """The line said "recent 32" where a step attends the page being filled and the one before
+    it: 16-31 cached tokens (``FreeKVCache._append``'s window), plus the new token."""
+    from edgec.report import kv_retrieval_line
+
+    entry = {"model": "freekv.onnx", **FreeKVConfig(budget=128, page=16, sink=32,
+                                                    recent=32).to_json()}
+    line = kv_retrieval_line(entry)
+    assert ("per KV head and step 128 tokens at most: sink 32 + 4 retrieved pages of 16 + the "
+            "last 2 page(s) (16–31 cached tokens: the page being filled and the 1 before it) + "
+            "the new token; tau 0.8") in line, line
+    assert "recent 32" not in line
+
+
 @pytest.mark.parametrize("spec", [
     "budget=30,page=4", "budget=32,page=4,sink=2,recent=8", "budget=12,page=4,sink=4,recent=8",
     "page=0", "recent=0,page=4,budget=16,sink=4", "tau=-1.5", "tau=1.5", "budget=x", "window=8"])
@@ -181,8 +195,10 @@ def test_compile_with_kv_retrieval_generates_with_freekv(tmp_path):
     assert checked["runtime"] == "openvino" and checked["reference"] == "pytorch"
     assert checked["outputs"]["logits"]["max_rel"] <= 1e-5
     markdown = (art.path / "report.md").read_text()
-    assert ("FreeKV (freekv.onnx): per KV head and step 64 cached tokens at most: sink 8 + 5 "
-            "retrieved pages of 8 + recent 16; tau 0.8") in markdown
+    # the recent window is page-aligned: 8-15 cached tokens, not "recent 16"
+    assert ("FreeKV (freekv.onnx): per KV head and step 64 tokens at most: sink 8 + 5 "
+            "retrieved pages of 8 + the last 2 page(s) (8–15 cached tokens: the page being "
+            "filled and the 1 before it) + the new token; tau 0.8") in markdown
     assert "## FreeKV graph fidelity (openvino vs pytorch)" in markdown
     assert "freekv.onnx" in art.manifest["hashes"]
     from edgec.inspect import describe  # `edgec inspect` said nothing of FreeKV before
