@@ -7,6 +7,7 @@ runs the whole graph on the NPU or fails to open: never a silent partial offload
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import threading
@@ -38,6 +39,14 @@ FP16_OPTIONS: dict[str, str] = {"soc_model": "60", "htp_arch": "73",
                                 "enable_htp_fp16_precision": "1"}
 _BACKENDS = {"htp": "get_qnn_htp_path", "cpu": "get_qnn_cpu_path"}
 _lock = threading.Lock()
+logger = logging.getLogger(__name__)
+# The HTP backend is loaded once per process and keeps the SoC of the first session that named
+# one: after an fp16 session (soc_model 60), a session naming none was compiled for SoC 60 too
+# and finalized a graph (IsNaN/Where) that a fresh process refuses. The first HTP session's SoC
+# options, and whether a later session's differing ones were warned of.
+_SOC_KEYS = ("soc_model", "htp_arch")
+_first_soc: list[dict[str, str | None]] = []
+_soc_warned: list[bool] = []
 
 
 def emulator(backend: str, machine: str | None = None) -> str | None:
@@ -119,8 +128,30 @@ def qnn_session_options(backend: str = "htp", provider_options: Mapping[str, str
         opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     options = {**PROVIDER_OPTIONS, **dict(provider_options or {}),
                "backend_path": getattr(qnn, _BACKENDS[backend])()}
+    if backend == "htp":
+        _check_soc(options)
     opts.add_provider_for_devices([_qnn_device(qnn)], options)
     return opts
+
+
+def _check_soc(options: Mapping[str, str]) -> None:
+    """Warn (once a process) where an HTP session names other SoC options than the process's
+    first one: the backend may compile it for the first one's SoC (see ``_first_soc``), so
+    what it accepts and computes can depend on what ran before it in the process."""
+    soc = {k: options.get(k) for k in _SOC_KEYS}
+    if not _first_soc:
+        _first_soc.append(soc)
+    elif soc != _first_soc[0] and not _soc_warned:
+        _soc_warned.append(True)
+
+        def said(d):
+            return ", ".join(f"{k} {v}" for k, v in d.items() if v) or "no SoC"
+
+        logger.warning("this process opened a QNN HTP session with %s before, and one with %s "
+                       "now: the HTP backend keeps the first SoC for the whole process, so this "
+                       "graph may be compiled and checked for that one; build graphs that need "
+                       "another SoC (--quantize ...:stream=fp16 names soc_model 60) in a "
+                       "process of their own", said(_first_soc[0]), said(soc))
 
 
 def _check_context_paths(root: Path, model: str) -> None:

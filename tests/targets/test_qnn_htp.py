@@ -420,3 +420,25 @@ def test_a_floor_held_on_ort_but_missed_far_off_it_on_the_htp_fails_the_compile(
     assert "target bug" in message and "first departs from ONNX Runtime at MatMul" in message
     assert "a tighter floor cannot help" in message
     assert not (tmp_path / "o").exists()
+
+
+def test_a_session_naming_another_soc_than_the_processs_first_is_warned_of(monkeypatch, caplog):
+    """The HTP backend keeps the first session's SoC for the process: after an fp16 session
+    (soc_model 60), one naming no SoC finalized an IsNaN/Where graph a fresh process refuses.
+    A session whose SoC options differ from the first one's is warned of, once; only the
+    options are made here, no session (a real one would change this process's backend)."""
+    import logging
+
+    from edgec.runtimes import qnn
+
+    monkeypatch.setattr(qnn, "_first_soc", [])
+    monkeypatch.setattr(qnn, "_soc_warned", [])
+    with caplog.at_level(logging.WARNING, logger="edgec.runtimes.qnn"):
+        qnn.qnn_session_options(provider_options=qnn.FP16_OPTIONS)
+        qnn.qnn_session_options(provider_options=qnn.FP16_OPTIONS)
+        assert not caplog.records  # the same SoC again
+        qnn.qnn_session_options()
+        qnn.qnn_session_options()
+    (record,) = caplog.records
+    assert ("with soc_model 60, htp_arch 73 before, and one with no SoC now"
+            in record.getMessage())
