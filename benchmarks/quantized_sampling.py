@@ -71,13 +71,15 @@ def draws_npz(model: str, path: Path) -> Path:
 
 
 def _floor(report: dict) -> dict | None:
-    """The accuracy floor's held-out cosine (``achieved``), and how many layers it kept."""
+    """The accuracy floor's held-out cosine (``achieved``), how many layers it kept, and its
+    whole 16-step sample from held-out noise (``sample_check``)."""
     mp = next((p["stats"]["mixed_precision"] for p in report.get("passes") or []
                if "mixed_precision" in (p.get("stats") or {})), None)
     if not mp:
         return None
     return {"achieved": mp.get("achieved"), "min_cos": mp.get("min_cos"),
-            "reached": mp.get("reached"), "kept": len(mp.get("kept") or [])}
+            "reached": mp.get("reached"), "kept": len(mp.get("kept") or []),
+            "sample": mp.get("sample")}
 
 
 def graph_source(name: str, root: Path) -> tuple[str, Path]:
