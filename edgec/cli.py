@@ -357,6 +357,9 @@ def calibrate_cmd(
     data: Annotated[Path | None, typer.Option(
         "--data", help=".npz of samples: keys = input names, leading sample axis "
                        "(default: the model's own calibration generator)")] = None,
+    inputs: Annotated[Path | None, typer.Option(
+        "--inputs", help="an .onnx source's example inputs, as compile --inputs takes them "
+                         "(the calibrated graph must be the one the compile quantizes)")] = None,
     as_json: Annotated[bool, typer.Option("--json",
                                           help="print the cache summary as JSON")] = False,
     recipe_options: dict | None = None,
@@ -386,6 +389,7 @@ def calibrate_cmd(
     options = {"quantize": "w8a8", **{k: v for k, v in (recipe_options or {}).items()
                                       if v is not None}}
     recipe = Recipe.parse(target, **options)
+    example = _onnx_inputs(source, inputs, recipe.generate)
     with _Status("calibrating") as status:
         bar = Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), console=err, transient=True)
@@ -400,8 +404,8 @@ def calibrate_cmd(
             bar.update(task, completed=i, total=n)  # histogram methods learn theirs later
 
         try:
-            cache = calibrate_source(source, recipe, output, data=data, step=status,
-                                     progress=advance)
+            cache = calibrate_source(source, recipe, output, data=data, example_inputs=example,
+                                     step=status, progress=advance)
         finally:
             bar.stop()
     summary = {"cache": str(output / "calibration.json"), "target": cache.target,

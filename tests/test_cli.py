@@ -165,6 +165,41 @@ def test_compile_takes_an_onnx_files_example_inputs(tmp_path, cnn_onnx):
     assert not (tmp_path / "llama").exists()
 
 
+def test_calibrate_takes_an_onnx_files_example_inputs_as_compile_does(tmp_path):
+    """A 3x3 Conv without padding, dynamic H/W: edgec's own example (1x1) fails in ONNX
+    Runtime, so calibrating it needed example_inputs=, which only Python could give; the
+    cache made with --inputs is the one `compile --inputs --calib` takes."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, (4, 3, 3, 3),
+                           rng.standard_normal(108).astype(np.float32).tolist())
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["img", "w"], ["y"], kernel_shape=[3, 3])], "conv",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, None, None])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "conv.onnx")
+    np.savez(tmp_path / "img.npz", img=rng.standard_normal((1, 3, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "data.npz", img=rng.standard_normal((6, 1, 3, 8, 8)).astype(np.float32))
+    common = ("-t", "ort-cpu", "--data", tmp_path / "data.npz")
+    r = _run("calibrate", tmp_path / "conv.onnx", *common, "-o", tmp_path / "c0")
+    assert r.exit_code == 2 and "--inputs" in r.stderr and not (tmp_path / "c0").exists()
+    r = _run("calibrate", tmp_path / "conv.onnx", *common, "-o", tmp_path / "c",
+             "--inputs", tmp_path / "img.npz")
+    assert r.exit_code == 0, r.output
+    r = _run("compile", tmp_path / "conv.onnx", "-t", "ort-cpu", "-o", tmp_path / "o",
+             "--quantize", "w8a8", "--calib", tmp_path / "c", "--inputs", tmp_path / "img.npz",
+             "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["quantization"]["calibration"]["how"] == "reused cache"
+    r = _run("calibrate", "llama", "-t", "ort-cpu", "-o", tmp_path / "x", "--inputs",
+             tmp_path / "img.npz")
+    assert r.exit_code == 2 and "--inputs gives an .onnx file its example inputs" in r.stderr
+
+
 def test_export_refuses_a_missing_directory(tmp_path):
     """-o /nonexist/x.onnx created /nonexist/ without a word, where --save refuses it."""
     r = _run("export", "llama", "-o", tmp_path / "no" / "l.onnx")
