@@ -111,11 +111,12 @@ def test_npu_runs_the_real_decoder(smollm2, tmp_path):
     """qnn-htp w8a8 (every tensor quantized), placement alone: the compile's own device check
     passes (it refused this model before ReciprocalToDiv), and with each RMSNorm fused into one
     op (qnn-fuse-rmsnorm) the tokens hold: min cosine 0.9993, mean 0.9999, top-1 94% measured on
-    the HTP emulator (24 sentences; the test runs 8), where the decomposed norms' 8-bit mean
-    squares, which the first token's hundreds-times-larger one sets the range of, gave min 0.24,
-    mean 0.980, top-1 46%. The default floor holds as quantized (nothing kept at 16 bits), and
-    is measured again on the HTP: KL 0.0078 there against ONNX Runtime's 0.0063 on the same
-    graph (the device's kernels; 3× on all 30 layers)."""
+    the HTP emulator (24 sentences; the test runs the first 4, ~3 s each there: min 0.99944,
+    mean 0.99993 measured; 0.99891 / 0.99990 on the first 8), where the decomposed norms' 8-bit
+    mean squares, which the first token's hundreds-times-larger one sets the range of, gave min
+    0.24, mean 0.980, top-1 46%. The default floor holds as quantized (nothing kept at 16
+    bits), and is measured again on the HTP: KL 0.0078 there against ONNX Runtime's 0.0063 on
+    the same graph (the device's kernels; 3× on all 30 layers)."""
     art, session = _compile(smollm2, tmp_path, "qnn-htp", "w8a8")
     stats = {p["name"]: p["stats"] for p in art.report["passes"]}
     mp = stats["quantize"]["mixed_precision"]
@@ -126,7 +127,7 @@ def test_npu_runs_the_real_decoder(smollm2, tmp_path):
     assert stats["qnn-legalize"]["reciprocals_to_div"] == 2 * 4 + 1  # two norms per layer, final
     # every norm on the residual stream: all but layer 0's first (it reads the embedding lookup)
     assert stats["qnn-fuse-rmsnorm"]["rmsnorms_fused"] == 2 * 4
-    cos = _token_cosines(session, smollm2, sentences=8)  # the emulator runs ~1 s per sentence
+    cos = _token_cosines(session, smollm2, sentences=4)
     assert cos.min() >= 0.995 and cos.mean() >= 0.9995
 
 
