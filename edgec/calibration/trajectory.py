@@ -67,7 +67,8 @@ def graph_trajectory_inputs(src, n: int, skip: int = 0) -> list[dict[str, np.nda
     under its sampling entry (a diffusers transformer, an .onnx from ``edgec export``), as feed
     dicts. The graph runs in ONNX Runtime as it was when first asked (calibration comes before
     quantization: a graph holding quantizers is refused); its conditions are random draws
-    (``random_feeds``, seed ``1000 + j``), where a user's ``--data`` gives real ones. The
+    (``random_feeds``: trajectory ``j``'s from seed ``1000 + j``, sample ``i``'s from
+    ``1000 + i``), where a user's ``--data`` gives real ones. The
     recordings and the session stay with the source (``Source.trajectories``) for the floor's
     held-out samples."""
     out = []
