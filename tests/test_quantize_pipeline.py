@@ -189,15 +189,18 @@ def test_qnn_htp_block_sparse_attention_on_the_npu(tmp_path):
 def test_npu_floor_keeps_layers_at_w8a16_under_4_bit_weights(tmp_path):
     """On the NPU a kept layer is w8a16: 16-bit activations and 8-bit weights. With 16-bit
     activations alone, motion-dit tiny w4a8 missed the default floor with all 67 MatMuls kept
-    (0.926 as quantized, 0.948 with all kept: its 4-bit weights were the loss); 0.984 with 16."""
+    (0.926 as quantized, 0.948 with all kept: its 4-bit weights were the loss); 0.984 with 16.
+    A floor of 0.985: at the default 0.98, calibrated with a draw of conditions per sample, ORT
+    met it with 12 kept (0.98008) and the HTP measured 0.97998, so the floor read not reached
+    (the report's advice: a tighter floor leaves room for the device); 16 kept: 0.988."""
     import onnx_ir as ir
 
     art = edgec.compile("motion-dit", target="qnn-htp", output_dir=tmp_path / "o",
-                        config="tiny", quantize="w4a8")
+                        config="tiny", quantize="w4a8:min_cos=0.985")
     stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
     mp = stats["mixed_precision"]
     assert mp["probes"][0]["kept"] == 0 and mp["probes"][0]["cosine"] < 0.98
-    assert mp["reached"] and mp["achieved"] >= 0.98 and mp["precision"] == "w8a16"
+    assert mp["reached"] and mp["achieved"] >= 0.985 and mp["precision"] == "w8a16"
     assert 0 < len(mp["kept"]) == stats["kept_w8a16"] < mp["candidates"]
     kept = {e["node"] for e in mp["kept"]}
     weights = {}

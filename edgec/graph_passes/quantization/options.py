@@ -360,7 +360,7 @@ class QuantOptions:
                             floor=floor, held_out=held_out, held_out_source=source,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None,
                             progress=step, bindings=bindings, keep_zeros=pruned,
-                            sampling=src.info.get("sampling"))
+                            sampling=src.info.get("sampling") if src is not None else None)
 
 
 def gptq_of_data(found: list, source: str) -> list:
