@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+
+def _one_core_each() -> None:
+    """Under pytest-xdist, each worker computes with its share of the cores: two workers on 2
+    cores each ran torch and ONNX Runtime with 2 threads (ORT's spinning), oversubscribed."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if workers < 2 or threads >= (os.cpu_count() or 1):
+        return
+    import onnxruntime as ort
+
+    torch.set_num_threads(threads)
+    plain = ort.SessionOptions
+
+    class Shared(plain):  # edgec calls ort.SessionOptions(); a target's config may set its own
+        def __init__(self):
+            super().__init__()
+            self.intra_op_num_threads = threads
+
+    ort.SessionOptions = Shared
+
+
+_one_core_each()
 
 
 @pytest.fixture(scope="session", autouse=True)
