@@ -24,31 +24,31 @@ def dance(tmp_path_factory):
     root = tmp_path_factory.mktemp("dance")
     fp32 = edgec.compile("reactive-dance", target="ort-cpu", config="tiny",
                          output_dir=root / "fp32")
-    q = edgec.compile("reactive-dance", target="ort-cpu", config="tiny", quantize="w8a8",
-                      output_dir=root / "q")
+    q = edgec.compile("reactive-dance", target="ort-cpu", config="tiny",
+                      quantize="w8a8:sample_steps=8", output_dir=root / "q")
     return fp32, q
 
 
 def test_the_reported_sample_is_what_sampling_the_artifacts_gives(dance):
-    """reactive-dance (guided DDIM) w8a8 on ort-cpu: the floor's entry holds a 16-step
-    generation from held-out noise, and sampling the two artifacts with the conditions of the
-    floor's first held-out sample and that seed gives the same cosine."""
+    """reactive-dance (guided DDIM) w8a8 on ort-cpu, ``sample_steps=8``: the floor's entry holds
+    an 8-step generation from held-out noise, and sampling the two artifacts with the
+    conditions of the floor's first held-out sample and that seed gives the same cosine."""
     from edgec.exporters.sources import resolve_source
 
     fp32, q = dance
     mp = next(p for p in q.report["passes"] if p["name"] == "quantize")["stats"][
         "mixed_precision"]
     found = mp["sample"]
-    assert (found["steps"], found["seed"]) == (SAMPLE_STEPS, SAMPLE_SEED)
+    assert (found["steps"], found["seed"]) == (8, SAMPLE_SEED)
     assert 0.99 < found["cosine"] < 1.0
     held = generated_samples(resolve_source("reactive-dance", "tiny"), 20, skip=16)[0][0]
     conditions = {k: v for k, v in held.items() if k not in ("latent", "timestep")}
-    got = [a.load().sample(conditions, steps=SAMPLE_STEPS, seed=SAMPLE_SEED,
+    got = [a.load().sample(conditions, steps=8, seed=SAMPLE_SEED,
                            guidance_mode="split")["latent"] for a in (fp32, q)]
     # the artifact runs the pass's graph after the target's lowering, with ORT's optimizations
     # on: measured 2.3e-5 apart
     assert _cos(*got) == pytest.approx(found["cosine"], abs=1e-4)
-    assert (f"a whole 16-step sample from held-out noise: cosine {found['cosine']:.4f}"
+    assert (f"a whole 8-step sample from held-out noise: cosine {found['cosine']:.4f}"
             in (q.path / "report.md").read_text().lower())
 
 
@@ -78,3 +78,22 @@ def test_a_generation_below_the_floor_is_said(dance, caplog):
     line = sample_line({"min_cos": 0.99999, "sample": found})
     assert line.endswith("(below the floor: the sampler compounds each call's error)")
     assert "below" not in sample_line({"min_cos": 0.5, "sample": found})
+
+
+def test_sample_steps_zero_skips_it_and_bad_counts_are_refused(tmp_path):
+    """``sample_steps=0`` leaves the whole sample out (it costs 4 N runs of each graph guided:
+    minutes on a `small` video DiT); a count that is not an integer in [0, 1000] is refused
+    before anything is exported; the default is SAMPLE_STEPS."""
+    from edgec import targets
+    from edgec.errors import UserError
+    from edgec.graph_passes.quantization.options import QuantOptions
+
+    art = edgec.compile("reactive-dance", target="ort-cpu", config="tiny",
+                        quantize="w8a8:sample_steps=0", output_dir=tmp_path / "q")
+    mp = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
+        "mixed_precision"]
+    assert "sample" not in mp and mp["reached"]
+    for bad in ("-1", "2.5", "1001", "many"):
+        with pytest.raises(UserError, match="sample_steps"):
+            QuantOptions.parse(f"w8a8:sample_steps={bad}", targets.get("ort-cpu"))
+    assert SAMPLE_STEPS == 16

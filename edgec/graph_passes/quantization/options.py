@@ -72,7 +72,9 @@ class QuantOptions:
     need, so on by default there: ``gptq_on``); ``stream=fp16|16bit|8bit`` (fully quantized
     targets: the residual stream's sums, the norms reading them and split branches kept float,
     which the HTP runs in fp16, or the sums on a 16- or 8-bit grid; the scheme's default
-    otherwise, 16 bits for w8a8/w4a8 on qnn-htp).
+    otherwise, 16 bits for w8a8/w4a8 on qnn-htp); ``sample_steps=N`` (a denoiser's floor also
+    compares a whole N-step generation with fp32's, ``sample_check``: default 16, 0 skips it,
+    which costs 4 N runs of each graph guided: minutes on a `small` video DiT).
     """
 
     scheme: str
@@ -86,6 +88,7 @@ class QuantOptions:
     split: float | None = None  # outlier_split's ratio
     gptq: bool | None = None  # None: on for 4-bit weights after a rotation (gptq_on)
     stream: str | None = None  # the residual stream on a fully quantized target (STREAMS)
+    sample_steps: int | None = None  # the floor's whole sample (None: SAMPLE_STEPS; 0: none)
 
     def __post_init__(self):
         from edgec.calibration.ranges import METHODS
@@ -128,6 +131,12 @@ class QuantOptions:
             raise UserError(f"--quantize split is how many times the median channel's peak an "
                             f"FFN channel must reach to be split off, above 1 (e.g. 100), not "
                             f"{self.split!r}")
+        if self.sample_steps is not None and (
+                isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int)
+                or not 0 <= self.sample_steps <= 1000):
+            raise UserError(f"--quantize sample_steps is how many steps the floor's whole "
+                            f"sample takes: an integer from 0 (none) to 1000 (default 16), not "
+                            f"{self.sample_steps!r}")
         if self.stream is not None and self.stream not in STREAMS:
             raise UserError(f"--quantize stream is how a fully quantized target holds the "
                             f"residual stream: one of {', '.join(STREAMS)}, not {self.stream!r}")
@@ -360,7 +369,8 @@ class QuantOptions:
                             floor=floor, held_out=held_out, held_out_source=source,
                             gptq=gptq_samples if self.gptq_on(target, rotated) else None,
                             progress=step, bindings=bindings, keep_zeros=pruned,
-                            sampling=src.info.get("sampling") if src is not None else None)
+                            sampling=src.info.get("sampling") if src is not None else None,
+                            sample_steps=self.sample_steps)
 
 
 def gptq_of_data(found: list, source: str) -> list:

@@ -183,7 +183,7 @@ class QuantizePass(ir.passes.FunctionalPass):
                  held_out_source: str = "generated",
                  progress: Callable[[str], None] | None = None,
                  bindings: Callable | None = None, keep_zeros: bool = False,
-                 sampling: Mapping[str, Any] | None = None):
+                 sampling: Mapping[str, Any] | None = None, sample_steps: int | None = None):
         super().__init__()
         # what the floor's search is doing, for the compile's progress (sensitivity runs for
         # half an hour on an 8192-token DiT, silent before)
@@ -208,6 +208,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         # a denoiser's sampling entry: the floor also measures a whole generation
         # (``sample_check``), which compounds what each call loses
         self.sampling = sampling
+        self.sample_steps = sample_steps  # None: sample_check.SAMPLE_STEPS; 0: no sample
 
     def call(self, model: ir.Model) -> PassResult:
         s = self.scheme
@@ -413,7 +414,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             entry["adapters"] = each[k]
         if rebuilt is not None:  # the probes were edits of the k = 0 graph (keep_float)
             entry["rebuilt"] = {m: round(v, 6) for m, v in rebuilt.items()}
-        if self.sampling:
+        if self.sampling and self.sample_steps != 0:
             entry["sample"] = self._whole_sample(model, built[k][0], feeds[0], floor)
         return (*built[k], entry)
 
@@ -422,8 +423,9 @@ class QuantizePass(ir.passes.FunctionalPass):
         """A whole generation of the graph kept against the fp32 graph's (``sample_check``)."""
         from edgec.graph_passes.quantization.sample_check import SAMPLE_STEPS, whole_sample
 
-        self.progress(f"accuracy floor: a {SAMPLE_STEPS}-step generation, fp32 and quantized")
-        return whole_sample(model, quantized, self.sampling, feeds, floor.min_cos)
+        steps = self.sample_steps or SAMPLE_STEPS
+        self.progress(f"accuracy floor: a {steps}-step generation, fp32 and quantized")
+        return whole_sample(model, quantized, self.sampling, feeds, floor.min_cos, steps)
 
     def _held_out(self, model: ir.Model) -> tuple[list[dict], list[str] | None]:
         """The floor's held-out samples and, on a swappable-LoRA graph, each of them again with

@@ -28,18 +28,19 @@ SAMPLE_SEED = 1001  # the held-out trajectory's noise (calibration's is seed 100
 
 
 def whole_sample(fp32, quantized, sampling: Mapping[str, Any],
-                 feeds: Mapping[str, np.ndarray], min_cos: float | None = None
-                 ) -> dict[str, Any]:
+                 feeds: Mapping[str, np.ndarray], min_cos: float | None = None,
+                 steps: int = SAMPLE_STEPS) -> dict[str, Any]:
     """{"steps", "seed", "cosine"}: the cosine (the worst over the sampled inputs) of
-    ``quantized``'s generation to ``fp32``'s (in-memory graphs) from noise ``SAMPLE_SEED``
-    under the conditions in ``feeds`` (a held-out sample, which also fixes the batch); a
-    warning where it is below ``min_cos``, the floor each call holds."""
+    ``quantized``'s ``steps``-step generation (at most the artifact's default) to ``fp32``'s
+    (in-memory graphs) from noise ``SAMPLE_SEED`` under the conditions in ``feeds`` (a
+    held-out sample, which also fixes the batch); a warning where it is below ``min_cos``, the
+    floor each call holds."""
     from edgec.calibration.trajectory import RecordingSession
     from edgec.runtimes.ort import model_feeds, open_model
     from edgec.runtimes.sampling import SamplerSpec, sample
 
     spec = SamplerSpec.from_manifest({"sampling": sampling})
-    steps = min(spec.steps, SAMPLE_STEPS)
+    steps = min(spec.steps, steps)
     conditions = {k: v for k, v in feeds.items()
                   if k not in spec.samples and k != spec.timestep}
     out = []
