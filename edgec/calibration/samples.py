@@ -195,18 +195,15 @@ def generated_samples(src, n: int | None = None, skip: int = 0
         return _static_decoder_samples(src, gen, n, skip), (
             "prompts after a KV buffer the model filled" if filled
             else "prefill prompts (empty KV cache)")
+    from edgec.calibration import trajectory
+
     spec = _registry_spec(src)
     if spec is not None and spec.calibrates_on_trajectory:  # only the trajectories asked for
-        from edgec.calibration.trajectory import ORIGIN, trajectory_inputs
-
-        sets = trajectory_inputs(spec, src.info["config"], n, skip)
-        return [dict(zip(src.info["input_names"], (t.numpy() for t in s))) for s in sets], ORIGIN
-    from edgec.calibration.trajectory import records_graph_trajectories
-
-    if records_graph_trajectories(src):
-        from edgec.calibration.trajectory import GRAPH_ORIGIN, graph_trajectory_inputs
-
-        return graph_trajectory_inputs(src, n, skip), GRAPH_ORIGIN
+        sets = trajectory.trajectory_inputs(spec, src.info["config"], n, skip)
+        return ([dict(zip(src.info["input_names"], (t.numpy() for t in s))) for s in sets],
+                trajectory.ORIGIN)
+    if trajectory.records_graph_trajectories(src):
+        return trajectory.graph_trajectory_inputs(src, n, skip), trajectory.GRAPH_ORIGIN
     samples, origin = _generated(src, n)
     return samples[skip:], origin
 

@@ -52,8 +52,8 @@ def trajectory_inputs(spec, config: str, n: int, skip: int = 0
                       ) -> list[tuple[torch.Tensor, ...]]:
     """Samples ``skip``..``n`` − 1 of ``spec``'s trajectories (module docstring), as input
     tuples in the model's input order; a trajectory is sampled once per process (the last few
-    kept) and only where a sample asked for lies on it: the floor's held-out samples alone
-    (``skip`` 16) ran trajectory 0 too, to throw it away."""
+    kept), and only where a sample asked for lies on it (the floor's held-out samples alone,
+    ``skip`` 16, sample trajectory 1 only)."""
     out = []
     for i in range(skip, n):
         j, k = divmod(i, PER_TRAJECTORY)
@@ -157,7 +157,7 @@ class RecordingSession:
 
 
 def _recorded(run, input_names, sampling, feeds: dict[str, np.ndarray], seed: int,
-              draw=None) -> list[dict[str, np.ndarray]]:
+              draw) -> list[dict[str, np.ndarray]]:
     """The PER_TRAJECTORY feeds (module docstring) of one trajectory that ``run`` (the fp32
     model) takes from ``seed``'s noise under the conditions in ``feeds``; ``draw(i)``: the
     feeds whose conditions slot ``i`` takes instead."""
@@ -178,19 +178,18 @@ def _recorded(run, input_names, sampling, feeds: dict[str, np.ndarray], seed: in
         return round(slot * (steps - 1) / (PER_TRAJECTORY - 1))
 
     out = []
-    for b in range(BLOCK):
-        out += [session.ran[at(b) * per_step],
-                _unconditional(session.ran, at(4 + b), per_step, sampler),
+    for b in range(BLOCK):  # the second of each block: guidance's unconditional half where it
+        out += [session.ran[at(b) * per_step],  # ran, else the step's feed (zeroed below)
+                session.ran[at(4 + b) * per_step + per_step - 1],
                 session.ran[at(8 + b) * per_step],
                 last if b == 0 else session.ran[at(15 - b) * per_step]]
-    if draw is not None:
-        out = [_with_conditions(f, draw(i), sampler, i % BLOCK == 1) for i, f in enumerate(out)]
-    return out
+    return [_with_conditions(f, draw(i), sampler, i % BLOCK == 1) for i, f in enumerate(out)]
 
 
 def _with_conditions(feed, drawn, sampler, unconditional: bool) -> dict[str, np.ndarray]:
-    """``feed`` with every input but the noisy samples and the timestep from ``drawn`` (the
-    sampler's conditions zeroed in an unconditional slot)."""
+    """``feed`` with every input but the noisy samples and the timestep from ``drawn``, the
+    sampler's conditions zeroed in an unconditional slot as guidance's unconditional half zeroes
+    them (unguided too: a user may sample with guidance)."""
     out = dict(feed)
     for k, v in drawn.items():
         if k not in sampler.samples and k != sampler.timestep:
@@ -248,11 +247,3 @@ def _module(name: str, config: str):
 
     return registry.get(name).build(config)
 
-
-def _unconditional(ran, step: int, per_step: int, sampler) -> dict[str, np.ndarray]:
-    """The feed guidance's unconditional half ran at ``step``; unguided, the conditional feed
-    with the conditions zeroed as that half zeroes them (a user may sample with guidance)."""
-    if per_step == 2:
-        return ran[2 * step + 1]
-    feed = ran[step]
-    return {k: np.zeros_like(v) if k in sampler.conditions else v for k, v in feed.items()}
