@@ -327,6 +327,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         target_fidelity,
         verification_session,
     )
+    from edgec.fp32_speed import SLOWER, fp32_speedup
     from edgec.lora.reference import lora_reference
     from edgec.report_chart import LAYER_CHART, write_layer_chart
 
@@ -431,6 +432,18 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
                        "emulator_run_ms": round(first_run_s * 1e3, 3)}
         else:
             latency = _benchmark(session, src.feeds, first_run_s)
+            if recipe.quantize is not None and not gen and recipe.lora_mode != "swappable":
+                step("timing the fp32 source graph beside it")
+                # the passes before quantize edited src.model in place; quantize kept it fp32
+                vs = fp32_speedup(src.model, tgt, session, src.feeds, first_run_s)
+                if vs:
+                    latency["vs_fp32"] = vs
+                    if vs["speedup"] < SLOWER:
+                        logger.warning("the quantized graph runs at %.2f× the fp32 graph's "
+                                       "speed on %s on this machine (p50 %.2f vs %.2f ms): "
+                                       "quantization does not pay here; compile without "
+                                       "--quantize, or try the other CPU target", vs["speedup"],
+                                       tgt.name, vs["p50_ms"], vs["fp32_p50_ms"])
         times["verify_target_s"] = time.perf_counter() - t0
         times["total_s"] = time.perf_counter() - prep.t_start
 

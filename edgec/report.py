@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec import artifact
+from edgec.fp32_speed import speed_line
 from edgec.report_chart import INSTALL_LINE, floor_label
 
 __all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
@@ -243,7 +244,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     lat = report["latency"]
     if "p50_ms" in lat:
         rows.append(("latency", f"p50 {lat['p50_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms "
-                                f"({lat['iterations']} runs)"))
+                                f"({lat['iterations']} runs)"
+                     + (f"; {speed_line(lat['vs_fp32'])}" if "vs_fp32" in lat else "")))
     else:
         once = (f" (one run there: {lat['emulator_run_ms']:.0f} ms)"
                 if "emulator_run_ms" in lat else "")
@@ -494,6 +496,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += ["## Latency", "", _table(["p50 ms", "p90 ms", "mean ms", "min ms", "runs"], [[
             f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}", f"{lat['mean_ms']:.3f}",
             f"{lat['min_ms']:.3f}", str(lat["iterations"])]]), ""]
+        if "vs_fp32" in lat:
+            parts += [f"Quantized: {speed_line(lat['vs_fp32'])}.", ""]
     for note in report.get("notes", []):
         parts += [f"> {note}", ""]
     parts += ["## Passes", "", _table(["pass", "modified", "seconds", "stats", "check"], [

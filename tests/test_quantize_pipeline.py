@@ -80,6 +80,13 @@ def test_bert_with_attention_mask_keeps_cosine(bert_checkpoint, tmp_path, target
         assert cmp.exit_code == 0 and json.loads(cmp.stdout)["not_compared"] == []
     elif target != "tensorrt":
         assert lat["p50_ms"] > 0
+        # the quantized graph timed beside the fp32 graph on the same target, interleaved
+        vs = lat["vs_fp32"]
+        assert vs["speedup"] > 0 and vs["fp32_p50_ms"] > 0 and vs["rounds"] >= 3
+        assert "the fp32 graph's speed on this machine" in " ".join(
+            (art.path / "report.md").read_text().split())
+    if target in ("qnn-htp", "tensorrt"):  # an emulator's or a stand-in's time says nothing
+        assert "vs_fp32" not in lat
     from edgec.inspect import describe  # `edgec inspect` on an artifact with no latency too
 
     assert describe(art.path)["latency_p50_ms"] == lat.get("p50_ms")

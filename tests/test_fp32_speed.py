@@ -1,0 +1,72 @@
+"""The quantized artifact's speed beside its fp32 graph (``edgec.fp32_speed``): the paired
+measurement's arithmetic on sessions with known run times, and when there is nothing to compare."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import pytest
+
+from edgec import fp32_speed
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Session:
+    """Runs take ``ms`` on the fake clock; ``spike`` adds time to every run from round ``at``
+    on (a load change mid-measurement)."""
+
+    def __init__(self, clock, ms, spike=0.0, at=None):
+        self.clock, self.ms, self.spike, self.at, self.runs = clock, ms, spike, at, 0
+
+    def run(self, feeds):
+        self.runs += 1
+        late = self.at is not None and self.runs > self.at
+        self.clock.now += (self.ms + (self.spike if late else 0.0)) / 1e3
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = _Clock()
+    monkeypatch.setattr(fp32_speed.time, "perf_counter", c)
+    return c
+
+
+def test_speedup_is_the_paired_ratio_of_the_two_graphs(clock):
+    out = fp32_speed.interleaved_speedup(_Session(clock, 6.0), _Session(clock, 2.0), {}, 4, 3)
+    assert out["speedup"] == pytest.approx(3.0)
+    assert out["fp32_p50_ms"] == pytest.approx(6.0) and out["p50_ms"] == pytest.approx(2.0)
+    assert (out["rounds"], out["block"]) == (4, 3)
+
+
+def test_a_load_change_moves_both_graphs_and_not_the_ratio(clock):
+    # from the third round on every run is slower by a factor shared by both graphs
+    base, cand = _Session(clock, 4.0), _Session(clock, 2.0)
+    out = fp32_speed.interleaved_speedup(base, cand, {}, 6, 2)
+    assert out["speedup"] == pytest.approx(2.0)
+    base.spike, base.at = 8.0, base.runs + 6  # base doubles partway through the next run
+    cand.spike, cand.at = 4.0, cand.runs + 6
+    out = fp32_speed.interleaved_speedup(base, cand, {}, 6, 2)
+    assert out["speedup"] == pytest.approx(2.0)
+    assert out["fp32_p50_ms"] > 4.0  # the plain p50s moved
+
+
+def test_a_graph_already_quantized_has_nothing_to_compare_with():
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
+    scale = ir.Value(name="s", const_value=ir.tensor(1.0))
+    q = ir.node("QuantizeLinear", [x, scale])
+    graph = ir.Graph([x], q.outputs, nodes=[q], name="g", opset_imports={"": 21})
+    assert fp32_speed.fp32_speedup(ir.Model(graph, ir_version=10), None, None, {}, 0.01) is None
+
+
+@pytest.mark.parametrize("speedup, slower", [(0.8, True), (0.97, False), (1.6, False)])
+def test_the_report_says_slower_only_when_clearly_slower(speedup, slower):
+    line = fp32_speed.speed_line({"speedup": speedup, "p50_ms": 1.0, "fp32_p50_ms": 1.0,
+                                  "rounds": 3, "block": 2})
+    assert line.startswith(f"{speedup:.2f}× the fp32 graph's speed")
+    assert ("slower" in line) == slower
