@@ -117,3 +117,44 @@ def test_stream_option_is_checked():
                       quantize="w8a8:stream=fp16")
     with pytest.raises(UserError, match="one of fp16, 16bit, 8bit"):
         edgec.compile("llama", target="qnn-htp", config="tiny", quantize="w8a8:stream=fp32")
+
+
+def _residual_block(path):
+    """x [1, 8, 16] → h = x + x·W1 → LayerNormalization(h) → ·W2: one residual sum a norm reads."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (numpy_helper.from_array(rng.normal(0, 0.2, (16, 16)).astype(np.float32), n)
+              for n in ("w1", "w2"))
+    gamma = numpy_helper.from_array(np.ones(16, np.float32), "gamma")
+    beta = numpy_helper.from_array(np.zeros(16, np.float32), "beta")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["p"], name="proj"),
+             helper.make_node("Add", ["x", "p"], ["h"], name="residual"),
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"], axis=-1,
+                              name="norm"),
+             helper.make_node("MatMul", ["n", "w2"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "block",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])],
+                              [w1, w2, gamma, beta])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=10), path)
+
+
+@pytest.mark.parametrize("scale, refused", [(1e5, True), (1.0, False)])
+def test_fp16_stream_refuses_a_residual_sum_beyond_fp16(tmp_path, scale, refused):
+    _residual_block(tmp_path / "block.onnx")
+    x = np.random.default_rng(1).normal(0, 1, (8, 1, 8, 16)).astype(np.float32) * scale
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "out"
+    kwargs = dict(target="qnn-htp", output_dir=out, quantize="w8a8:stream=fp16,min_cos=0",
+                  calibration=str(tmp_path / "calib.npz"))
+    if refused:
+        with pytest.raises(UserError, match=r"'h' reaches .* beyond fp16's largest value "
+                                            r"\(65504\).*stream=16bit"):
+            edgec.compile(str(tmp_path / "block.onnx"), **kwargs)
+        assert not out.exists()  # nothing half-written
+        return
+    art = edgec.compile(str(tmp_path / "block.onnx"), **kwargs)
+    quant = next(p for p in art.report["passes"] if p["name"] == "quantize")
+    assert quant["stats"]["scheme"]["float_stream"] and quant["stats"]["excluded_nodes"] == 2

@@ -236,6 +236,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         outliers = _outliers(cache, s) if self.target.fully_quantized else set()
         plan = plan_quantization(model, self.target.fully_quantized, self.exclude, outliers,
                                  s.stream_16bit, s.head_w8a16, s.float_stream, s.head_float)
+        if s.float_stream and cache is not None:
+            _check_fp16_stream(model, plan, cache)
         work = _at_opset(model.clone(), s.min_opset)  # the input model stays as it was
         extra: dict[str, Any] = {}
         if s.weight_only:
@@ -692,6 +694,30 @@ def _outliers(cache, scheme) -> set[str]:
                         f"{scheme.name} uses to choose 16-bit tensors (made by an older edgec?); "
                         "re-run `edgec calibrate`")
     return {name for name, s in cache.tensors.items() if s["crest"] > scheme.outlier_crest}
+
+
+FP16_MAX = 65504.0  # the largest finite float16
+
+
+def _check_fp16_stream(model: ir.Model, plan, cache) -> None:
+    """``stream=fp16``: the residual stream's sums run in fp16 on the device, so a sum whose
+    calibrated range passes fp16's largest value would be inf there (trained networks reach
+    it: Adaptive Diffusion Terrain's UNet carries ~10⁹ in its residual stream; fp16 T5 is known
+    to overflow the same way). Refused before anything is built, naming the largest."""
+    worst = None
+    for node in model.graph:
+        if not plan.reasons.get(node.name, "").startswith("float residual stream"):
+            continue
+        for v in node.outputs:
+            r = cache.tensors.get(v.name)
+            peak = r and max(abs(r["lowest"]), abs(r["highest"]))
+            if peak and peak > FP16_MAX and (worst is None or peak > worst[1]):
+                worst = (v.name, peak)
+    if worst:
+        raise UserError(f"stream=fp16 keeps the residual stream in fp16 on the device, but "
+                        f"{worst[0]!r} reaches {worst[1]:.3g} on the calibration samples, "
+                        f"beyond fp16's largest value ({FP16_MAX:g}): it would be inf there; "
+                        "use stream=16bit (the default)")
 
 
 def _fmt(score: dict[str, float]) -> str:
