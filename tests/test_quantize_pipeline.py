@@ -496,9 +496,24 @@ def test_cli_calibrate_takes_the_compile_recipe_options(tmp_path):
     assert res.exit_code == 2 and "does not match the model" in res.output
 
 
-def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
+def _optimize_flags(monkeypatch) -> list[bool]:
+    """Records each ``run_samples`` call's ``optimize`` (ORT's graph optimizations on)."""
+    from edgec.runtimes import ort as ort_runtime
+
+    flags, run = [], ort_runtime.run_samples
+
+    def recording(model, samples, optimize=False):
+        flags.append(optimize)
+        return run(model, samples, optimize)
+
+    monkeypatch.setattr(ort_runtime, "run_samples", recording)
+    return flags
+
+
+def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path, monkeypatch):
     """llama tiny+outliers w8a8 on ort-cpu: 0.984 worst held-out cosine as is; min_cos=0.99
     keeps the few MatMuls whose error alone moves the output most in float until it holds."""
+    flags = _optimize_flags(monkeypatch)
     said = []
     art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o",
                         config="tiny+outliers", quantize="w8a8:min_cos=0.99",
@@ -513,6 +528,13 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     # the choice computes the same (the kept MatMuls read float, shared inputs too)
     chosen = next(p for p in mp["probes"] if p["kept"] == len(kept))
     assert mp["rebuilt"] == {"cosine": chosen["cosine"]} and mp["achieved"] == chosen["cosine"]
+    # the search ran ORT as the artifact runs, with its graph optimizations (on the trained
+    # terrain UNet the unfused QDQ graph measured 0.9818 and the artifact 0.9795); the fp32
+    # reference runs unfused (the first call), every probe fused
+    assert flags[0] is False and flags[1:] and all(flags[1:])
+    on = mp["on_target"]
+    assert on["runtime"] == "onnxruntime" and on["cosine"] == pytest.approx(mp["achieved"],
+                                                                              abs=2e-6)
     effects = [e["end_to_end"] for e in mp["layer_errors"]]
     assert effects == sorted(effects, reverse=True) and effects[0] > 0
     assert len(mp["probes"]) <= 2 + 2 * len(mp["layer_errors"]).bit_length()
@@ -547,14 +569,17 @@ def test_mixed_precision_reaches_min_cos_with_the_fewest_float_layers(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_floor_probes_compute_what_the_rebuilt_graph_computes_on_openvino(tmp_path):
+def test_floor_probes_compute_what_the_rebuilt_graph_computes_on_openvino(tmp_path,
+                                                                          monkeypatch):
     """openvino-cpu moves activation quantizers above the attention heads' layout ops; a probe
     keeping a MatMul in float copies them over its float input. Without that a probe with every
     candidate kept still measured KL 0.0015 where the rebuilt graph gave 0 (SmolLM2 4 layers
     rotated), and on 30 layers the floor gave up (KL 0.157 as quantized, 0.166 all kept)."""
+    flags = _optimize_flags(monkeypatch)
     art = edgec.compile("llama", target="openvino-cpu", output_dir=tmp_path / "o",
                         config="tiny+outliers", quantize="w8a8:max_kld=0.00000001",
                         rotate="hadamard")
+    assert flags and not any(flags)  # not ORT's fusions: the QDQ graph's own semantics
     mp = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
         "mixed_precision"]
     chosen = next(p for p in mp["probes"] if p["kept"] == len(mp["kept"]))
