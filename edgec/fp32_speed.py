@@ -32,7 +32,10 @@ MAX_BLOCK = 50  # a sub-millisecond graph's blocks: enough runs that a block med
 MIN_ROUNDS, MAX_ROUNDS = 3, 10
 # below this the report says "slower" and compile warns (a tiny graph's ratio moves by a few %)
 SLOWER = 0.95
-BUDGET_S = 4.0  # of both graphs' timed runs together, where a run is fast enough
+BUDGET_S = 2.0  # of both graphs' runs together
+# a graph slower than this per run is not timed here (3 rounds of 3 runs of both graphs would
+# cost more than the compile's own latency measurement): the entry says so
+SLOW_RUN_S = 0.25
 
 
 def interleaved_speedup(base, cand, feeds, rounds: int, block: int = BLOCK) -> dict[str, Any]:
@@ -69,6 +72,9 @@ def fp32_speedup(fp32_model, tgt, session, feeds, first_run_s: float) -> dict[st
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
            for n in fp32_model.graph.all_nodes()):
         return None
+    if first_run_s > SLOW_RUN_S:
+        return {"skipped": f"a run takes {first_run_s:.2f} s; time the two with `edgec bench` "
+                           "(compile once without --quantize)"}
 
     run_s = max(first_run_s, 1e-5)
     rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, BUDGET_S // (2 * (BLOCK + 1) * run_s))))
@@ -95,6 +101,8 @@ def fp32_speedup(fp32_model, tgt, session, feeds, first_run_s: float) -> dict[st
 
 def speed_line(vs: dict[str, Any]) -> str:
     """The report's words for a ``vs_fp32`` entry."""
+    if "skipped" in vs:
+        return f"not timed beside the fp32 graph: {vs['skipped']}"
     slower = " (slower: quantization does not pay here)" if vs["speedup"] < SLOWER else ""
     return (f"{vs['speedup']:.2f}× the fp32 graph's speed on this machine{slower} "
             f"(p50 {vs['p50_ms']:.3g} vs {vs['fp32_p50_ms']:.3g} ms, {vs['rounds']} interleaved "

@@ -438,7 +438,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
                 vs = fp32_speedup(src.model, tgt, session, src.feeds, first_run_s)
                 if vs:
                     latency["vs_fp32"] = vs
-                    if vs["speedup"] < SLOWER:
+                    if vs.get("speedup", 1) < SLOWER:
                         logger.warning("the quantized graph runs at %.2f× the fp32 graph's "
                                        "speed on %s on this machine (p50 %.2f vs %.2f ms): "
                                        "quantization does not pay here; compile without "

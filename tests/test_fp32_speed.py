@@ -70,3 +70,12 @@ def test_the_report_says_slower_only_when_clearly_slower(speedup, slower):
                                   "rounds": 3, "block": 2})
     assert line.startswith(f"{speedup:.2f}× the fp32 graph's speed")
     assert ("slower" in line) == slower
+
+
+def test_a_slow_graph_is_not_timed_and_the_report_says_how_to():
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2]))
+    relu = ir.node("Relu", [x])
+    graph = ir.Graph([x], relu.outputs, nodes=[relu], name="g", opset_imports={"": 21})
+    out = fp32_speed.fp32_speedup(ir.Model(graph, ir_version=10), None, None, {}, 3.0)
+    assert out["skipped"].startswith("a run takes 3.00 s")
+    assert fp32_speed.speed_line(out).startswith("not timed beside the fp32 graph: a run takes")
