@@ -384,3 +384,63 @@ def test_transpose_of_an_activation_left_alone():
     model = _model(nodes, [_vi("x", T.FLOAT, [3, 4])], [_vi("y", T.FLOAT, [4, 3])])
     assert _reason(FoldWeightTranspose, model, "Transpose") == (
         "the transposed value is not an initializer")
+
+
+# --- Einsum(a, b), a batched matrix product ⇒ Transpose → Reshape → MatMul → … -------------------
+
+@pytest.mark.parametrize("equation, a, b", [
+    ("bct,bcs->bts", (2, 8, 6), (2, 8, 5)),   # a UNet attention block's scores (terrain UNet)
+    ("bts,bcs->bct", (2, 6, 5), (2, 8, 5)),   # and its weighted values
+    ("bhqd,bhkd->bhqk", (1, 3, 4, 8), (1, 3, 5, 8)),
+    ("ij,jk->ik", (4, 6), (6, 3)),
+    ("bij,jk->bki", (2, 4, 6), (6, 3)),       # a free index order the output changes
+    ("bnc,cd->bdn", (2, 5, 4), (4, 3)),
+])
+def test_einsum_lowered_to_matmul(equation, a, b):
+    model = _model([H.make_node("Einsum", ["a", "b"], ["e"], equation=equation, name="einsum"),
+                    H.make_node("Relu", ["e"], ["y"], name="relu")],
+                   [_vi("a", T.FLOAT, a), _vi("b", T.FLOAT, b)], [_vi("y", T.FLOAT, None)])
+    feeds = {"a": RNG.standard_normal(a).astype(np.float32),
+             "b": RNG.standard_normal(b).astype(np.float32)}
+    result, ops = _legalize(model, feeds, rtol=1e-5, atol=1e-6)
+    assert result.stats["einsums_lowered"] == 1
+    assert "Einsum" not in ops and ops.count("MatMul") == 1 and ops[-1] == "Relu"
+    want = np.maximum(np.einsum(equation, feeds["a"], feeds["b"]), 0)
+    np.testing.assert_allclose(_run(ir.to_proto(result.model), feeds)["y"], want, rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("equation, a, b", [
+    ("bii,bij->bj", (2, 3, 3), (2, 3, 4)),   # a repeated index (a diagonal)
+    ("ij,kl->ijkl", (2, 3), (4, 5)),         # an outer product: no contracted index is fine,
+    ("ijk,jl->il", (2, 3, 4), (3, 5)),       # but k is summed within one operand only
+    ("...ij,...jk->...ik", (2, 3, 4), (2, 4, 5)),
+])
+def test_einsum_outside_the_batched_product_form_is_left_alone(equation, a, b):
+    from edgec.targets.qnn_htp.einsum import einsum_plan
+
+    model = _model([H.make_node("Einsum", ["a", "b"], ["e"], equation=equation, name="einsum"),
+                    H.make_node("Relu", ["e"], ["y"], name="relu")],
+                   [_vi("a", T.FLOAT, a), _vi("b", T.FLOAT, b)], [_vi("y", T.FLOAT, None)])
+    feeds = {"a": RNG.standard_normal(a).astype(np.float32),
+             "b": RNG.standard_normal(b).astype(np.float32)}
+    plan = einsum_plan(equation, list(a), list(b))
+    result, ops = _legalize(model, feeds, rtol=1e-5, atol=1e-6)
+    if equation == "ij,kl->ijkl":  # an outer product is a MatMul with K = 1
+        assert plan is not None and result.stats["einsums_lowered"] == 1
+    else:
+        assert plan is None and result.stats["einsums_lowered"] == 0 and "Einsum" in ops
+
+
+def test_einsum_needs_static_shapes_and_keeps_graph_outputs():
+    dyn = _model([H.make_node("Einsum", ["a", "b"], ["y"], equation="ij,jk->ik")],
+                 [_vi("a", T.FLOAT, ["n", 4]), _vi("b", T.FLOAT, [4, 3])],
+                 [_vi("y", T.FLOAT, None)])
+    assert QnnLegalizePass()(ir.from_proto(dyn)).stats["einsums_lowered"] == 0
+    out = _model([H.make_node("Einsum", ["a", "b"], ["y"], equation="bij,bkj->bki")],
+                 [_vi("a", T.FLOAT, [2, 4, 3]), _vi("b", T.FLOAT, [2, 5, 3])],
+                 [_vi("y", T.FLOAT, None)])
+    feeds = {"a": RNG.standard_normal((2, 4, 3)).astype(np.float32),
+             "b": RNG.standard_normal((2, 5, 3)).astype(np.float32)}
+    result, ops = _legalize(out, feeds, rtol=1e-5, atol=1e-6)  # same output names (asserted)
+    assert result.stats["einsums_lowered"] == 1 and ops[-1] == "Transpose"

@@ -200,3 +200,26 @@ def test_gather_on_an_inner_axis_agrees_after_legalize(tmp_path):
     assert [n.op_type for n in legal.graph.node] == ["Transpose", "Gather", "Transpose", "Mul"]
     assert [a.i for a in legal.graph.node[1].attribute if a.name == "axis"] == [0]
     assert _npu_vs_ort(legal, tmp_path / "after", samples[0], samples) >= 0.998
+
+
+def test_einsum_attention_builds_and_agrees_after_legalize(tmp_path):
+    """The HTP has no Einsum: a trained diffusion UNet's attention blocks, written as
+    einsum("bct,bcs->bts") → Softmax → einsum("bts,bcs->bct") (Adaptive Diffusion Terrain's, 28
+    of each), were refused whole. qnn-legalize writes each as Transposes and one MatMul."""
+    c, t = 8, 16
+    model = _model([H.make_node("Einsum", ["q", "k"], ["s"], equation="bct,bcs->bts",
+                                name="scores"),
+                    H.make_node("Softmax", ["s"], ["w"], axis=-1, name="softmax"),
+                    H.make_node("Einsum", ["w", "v"], ["y"], equation="bts,bcs->bct",
+                                name="mix")],
+                   [H.make_tensor_value_info(n, T.FLOAT, (1, c, t)) for n in "qkv"],
+                   [H.make_tensor_value_info("y", T.FLOAT, (1, c, t))])
+    samples = [{n: RNG.standard_normal((1, c, t)).astype(np.float32) for n in "qkv"}
+               for _ in range(4)]
+    with pytest.raises(UserError, match="Einsum 'scores'"):
+        _npu_vs_ort(model, tmp_path / "before", samples[0], samples)
+    result = QnnLegalizePass()(ir.from_proto(model))
+    assert result.stats["einsums_lowered"] == 2
+    legal = ir.to_proto(result.model)
+    assert [n.op_type for n in legal.graph.node].count("MatMul") == 2
+    assert _npu_vs_ort(legal, tmp_path / "after", samples[0], samples) >= 0.998

@@ -4,6 +4,7 @@ Run on the fp32 graph before quantization (the QDQ quantizer then wraps the new 
 ``MaskFillPass`` (which bounds -inf/float-min attention masks for the same target):
 
     Transpose of rank > 5 (± its Reshape in/out)   ⇒  Reshape → Transpose, each rank ≤ 4
+    Einsum(a, b), a batched matrix product         ⇒  Transpose → Reshape → MatMul → … (einsum.py)
     GatherND(data, constant indices)               ⇒  Reshape(data, flat) → Gather(linear indices)
     Gather(data, indices, axis=a ≠ 0)              ⇒  Transpose(a first) → Gather(axis=0) →
                                                       Transpose(back)
@@ -76,6 +77,7 @@ from onnxscript.rewriter import MatchResult, pattern
 from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes._infra import register_constant as _const
 from edgec.graph_passes.fold_weight_transpose import FoldWeightTranspose
+from edgec.targets.qnn_htp.einsum import lower_einsum
 
 __all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "UnshareLayerNormBias", "GatherNDToGather",
            "GatherToLeadingAxis", "FoldWeightTranspose", "MishToSoftplusTanh", "QnnLegalizePass",
@@ -103,7 +105,11 @@ class QnnLegalizePass(EdgecPass):
         # below read ranks and static dims
         ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
         graph = model.graph
-        stats: dict[str, int] = {"transposes_lowered": 0, "transposes_skipped": 0}
+        stats: dict[str, int] = {"transposes_lowered": 0, "transposes_skipped": 0,
+                                 "einsums_lowered": 0}
+        for node in list(graph):
+            if node.op_type == "Einsum" and node.domain in ("", "ai.onnx"):
+                stats["einsums_lowered"] += lower_einsum(graph, node)
         for node in list(graph):
             if node.op_type == "Transpose" and node.domain in ("", "ai.onnx"):
                 rank = len(node.attributes.get_ints("perm", ()) or ())
