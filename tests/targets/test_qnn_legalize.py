@@ -432,15 +432,26 @@ def test_einsum_outside_the_batched_product_form_is_left_alone(equation, a, b):
         assert plan is None and result.stats["einsums_lowered"] == 0 and "Einsum" in ops
 
 
-def test_einsum_needs_static_shapes_and_keeps_graph_outputs():
-    dyn = _model([H.make_node("Einsum", ["a", "b"], ["y"], equation="ij,jk->ik")],
-                 [_vi("a", T.FLOAT, ["n", 4]), _vi("b", T.FLOAT, [4, 3])],
+def test_einsum_shapes_matter_only_where_indices_merge_and_graph_outputs_keep_names():
+    # merging i and j into M needs their sizes: a dynamic dim leaves the Einsum alone
+    dyn = _model([H.make_node("Einsum", ["a", "b"], ["y"], equation="ijk,kl->ijl")],
+                 [_vi("a", T.FLOAT, ["n", 2, 4]), _vi("b", T.FLOAT, [4, 3])],
                  [_vi("y", T.FLOAT, None)])
     assert QnnLegalizePass()(ir.from_proto(dyn)).stats["einsums_lowered"] == 0
+    # one index in each of M, K, N is MatMul's own form: unknown sizes (an exported attention
+    # block's Shape → Concat → Reshape) do not matter
+    attn = _model([H.make_node("Einsum", ["a", "b"], ["e"], equation="bct,bcs->bts"),
+                   H.make_node("Relu", ["e"], ["y"])],
+                  [_vi("a", T.FLOAT, ["n", 8, "t"]), _vi("b", T.FLOAT, ["n", 8, "s"])],
+                  [_vi("y", T.FLOAT, None)])
+    feeds = {"a": RNG.standard_normal((2, 8, 6)).astype(np.float32),
+             "b": RNG.standard_normal((2, 8, 5)).astype(np.float32)}
+    result, ops = _legalize(attn, feeds, rtol=1e-5, atol=1e-6)
+    assert result.stats["einsums_lowered"] == 1 and ops == ["Transpose", "MatMul", "Relu"]
     out = _model([H.make_node("Einsum", ["a", "b"], ["y"], equation="bij,bkj->bki")],
                  [_vi("a", T.FLOAT, [2, 4, 3]), _vi("b", T.FLOAT, [2, 5, 3])],
                  [_vi("y", T.FLOAT, None)])
     feeds = {"a": RNG.standard_normal((2, 4, 3)).astype(np.float32),
              "b": RNG.standard_normal((2, 5, 3)).astype(np.float32)}
     result, ops = _legalize(out, feeds, rtol=1e-5, atol=1e-6)  # same output names (asserted)
-    assert result.stats["einsums_lowered"] == 1 and ops[-1] == "Transpose"
+    assert result.stats["einsums_lowered"] == 1 and ops == ["Transpose", "MatMul", "Transpose"]

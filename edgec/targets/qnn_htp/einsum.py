@@ -11,7 +11,10 @@ the output) is a batched matrix product:
     B → Transpose(batch, contracted, free_B) → Reshape [B, K, N]
     MatMul → [B, M, N] → Reshape(batch…, free_A…, free_B…) → Transpose(output order)
 
-with identity Transposes and Reshapes left out. Shapes must be static (qnn-htp's are) and equal
+with identity Transposes left out, and the Reshapes too where M, K and N are one index each
+(MatMul takes the batch axes as they are): that form needs no shapes, which matters because an
+exported attention block computes its q/k/v shapes (Shape → Concat → Reshape) and shape
+inference leaves them unknown. Merging several indices into one needs static shapes, equal
 where an index is shared (no broadcasting of a size-1 dim); an index summed within one operand
 only, or a repeated index is left as it is (the HTP then names it). A graph output keeps its
 name. The same multiply-adds in another order: exact up to float rounding.
@@ -29,9 +32,12 @@ from edgec.graph_passes._infra import register_constant as _const
 __all__ = ["lower_einsum", "einsum_plan"]
 
 
-def einsum_plan(equation: str, a_dims: list[int], b_dims: list[int]) -> dict | None:
+def einsum_plan(equation: str, a_dims: list[int] | None,
+                b_dims: list[int] | None) -> dict | None:
     """The lowering's index groups and sizes, or None where the equation is not a batched
-    matrix product of these shapes."""
+    matrix product of these shapes. Without static shapes (``None``: shapes a Shape → Concat
+    chain computes) only the form with one free index per operand and one contracted index
+    qualifies: MatMul takes it as it is, batch dims and all, with no Reshape."""
     eq = equation.replace(" ", "")
     if "..." in eq or "->" not in eq:
         return None
@@ -40,16 +46,17 @@ def einsum_plan(equation: str, a_dims: list[int], b_dims: list[int]) -> dict | N
     if len(terms) != 2:
         return None
     a, b = terms
-    if any(len(set(t)) != len(t) for t in (a, b, out)) or \
-            (len(a), len(b)) != (len(a_dims), len(b_dims)):
+    if any(len(set(t)) != len(t) for t in (a, b, out)) or any(c not in a + b for c in out):
         return None
-    size: dict[str, int] = {}
-    for idx, dims in ((a, a_dims), (b, b_dims)):
-        for c, d in zip(idx, dims):
-            if size.setdefault(c, d) != d:
-                return None
-    if any(c not in size for c in out):
-        return None
+    size: dict[str, int] | None = None
+    if a_dims is not None and b_dims is not None:
+        if (len(a), len(b)) != (len(a_dims), len(b_dims)):
+            return None
+        size = {}
+        for idx, dims in ((a, a_dims), (b, b_dims)):
+            for c, d in zip(idx, dims):
+                if size.setdefault(c, d) != d:
+                    return None
     batch = [c for c in out if c in a and c in b]
     free_a = [c for c in out if c in a and c not in b]
     free_b = [c for c in out if c in b and c not in a]
@@ -58,6 +65,8 @@ def einsum_plan(equation: str, a_dims: list[int], b_dims: list[int]) -> dict | N
             len(batch) + len(free_a) + len(contracted) != len(a) or \
             len(batch) + len(free_b) + len(contracted) != len(b):
         return None  # an index summed within one operand only
+    if size is None and not len(free_a) == len(free_b) == len(contracted) == 1:
+        return None
     return {"a": a, "b": b, "out": out, "batch": batch, "free_a": free_a, "free_b": free_b,
             "contracted": contracted, "size": size}
 
@@ -68,47 +77,44 @@ def lower_einsum(graph: ir.Graph, node: ir.Node) -> bool:
         return False
     dims = [_static(v) for v in node.inputs]
     equation = node.attributes.get_string("equation", "")
-    plan = None if None in dims else einsum_plan(equation, dims[0], dims[1])
+    plan = einsum_plan(equation, dims[0], dims[1])
     if plan is None:
         return False
     size, base = plan["size"], node.name or "einsum"
+    batch, fa, fb, k = plan["batch"], plan["free_a"], plan["free_b"], plan["contracted"]
+    # one index each in M, K and N: MatMul's own form (batch axes broadcast as they are);
+    # else the groups are merged by Reshapes, which need the static sizes
+    merge = not len(fa) == len(fb) == len(k) == 1
     new: list[ir.Node] = []
 
     def prod(idx):
         return math.prod(size[c] for c in idx)
 
-    def arrange(x: ir.Value, idx: str, order: list[str], shape: list[int], tag: str):
-        perm = [idx.index(c) for c in order]
-        if perm != sorted(perm):
-            t = ir.node("Transpose", [x], attributes={"perm": perm}, name=f"{base}_{tag}_t")
-            new.append(t)
-            x = t.outputs[0]
-        if [size[c] for c in order] != shape:
-            shp = _const(graph, f"{base}_{tag}_shape", np.array(shape, np.int64))
-            r = ir.node("Reshape", [x, shp], name=f"{base}_{tag}_reshape")
-            new.append(r)
-            x = r.outputs[0]
-        return x
+    def transpose(x: ir.Value, perm: list[int], tag: str) -> ir.Value:
+        if perm == sorted(perm):
+            return x
+        t = ir.node("Transpose", [x], attributes={"perm": perm}, name=f"{base}_{tag}_t")
+        new.append(t)
+        return t.outputs[0]
 
-    batch, fa, fb, k = plan["batch"], plan["free_a"], plan["free_b"], plan["contracted"]
-    lhs = arrange(node.inputs[0], plan["a"], batch + fa + k, [prod(batch), prod(fa), prod(k)],
-                  "a")
-    rhs = arrange(node.inputs[1], plan["b"], batch + k + fb, [prod(batch), prod(k), prod(fb)],
-                  "b")
+    def reshape(x: ir.Value, shape: list[int], tag: str) -> ir.Value:
+        shp = _const(graph, f"{base}_{tag}_shape", np.array(shape, np.int64))
+        r = ir.node("Reshape", [x, shp], name=f"{base}_{tag}_reshape")
+        new.append(r)
+        return r.outputs[0]
+
+    lhs = transpose(node.inputs[0], [plan["a"].index(c) for c in batch + fa + k], "a")
+    rhs = transpose(node.inputs[1], [plan["b"].index(c) for c in batch + k + fb], "b")
+    if merge:
+        lhs = reshape(lhs, [prod(batch), prod(fa), prod(k)], "a")
+        rhs = reshape(rhs, [prod(batch), prod(k), prod(fb)], "b")
     mm = ir.node("MatMul", [lhs, rhs], name=f"{base}_matmul")
     new.append(mm)
     y = mm.outputs[0]
     made = batch + fa + fb
-    if [prod(batch), prod(fa), prod(fb)] != [size[c] for c in made]:
-        shp = _const(graph, f"{base}_out_shape", np.array([size[c] for c in made], np.int64))
-        r = ir.node("Reshape", [y, shp], name=f"{base}_out_reshape")
-        new.append(r)
-        y = r.outputs[0]
-    perm = [made.index(c) for c in plan["out"]]
-    if perm != sorted(perm):
-        t = ir.node("Transpose", [y], attributes={"perm": perm}, name=f"{base}_out_t")
-        new.append(t)
-        y = t.outputs[0]
+    if merge:
+        y = reshape(y, [size[c] for c in made], "out")
+    y = transpose(y, [made.index(c) for c in plan["out"]], "out")
     graph.insert_before(node, new)
     out = node.outputs[0]
     y.shape, y.type = out.shape, out.type
