@@ -15,7 +15,7 @@ What is measured (``--quick``: the same rows, few timing rounds; a smoke test):
   default accuracy floor (min_cos 0.98 on the held-out samples) and with the floor off
   (``min_cos=0``); NNCF's ``nncf.quantize`` on edgec's fp32 OpenVINO IR (defaults: performance
   preset; and the mixed preset, asymmetric activations; ``subset_size=20``, the samples edgec
-  calibrates on); on qnn-htp (its HTP emulator: accuracy only) edgec ``w8a16`` and ``w8a8``.
+  calibrates on). Not qnn-htp (see ``ROWS``).
 - Accuracy: cosine per sample of ``denoised`` vs fp32, min and mean over the 16 generations and
   over the 8 variations.
 - Speed (ort-cpu, openvino-cpu; batch 1, the first evaluation generation): per runtime its rows
@@ -57,15 +57,16 @@ VARIANTS = {
     "edgec_w8a8": "edgec quantize='w8a8', calibration=the 24-sample .npz (20 calibrate, the "
                   "last 4 held out; the default accuracy floor min_cos=0.98)",
     "edgec_w8a8_no_floor": "edgec quantize='w8a8:min_cos=0' (every Conv/Gemm quantized)",
-    "edgec_w8a16": "edgec quantize='w8a16' (qnn-htp), same samples and floor",
     "nncf": "nncf.quantize(subset_size=20) on edgec's fp32 IR, defaults (performance preset)",
     "nncf_mixed": "the same with preset=MIXED (asymmetric activations)",
 }
 ROWS = (("ort-cpu", "fp32", None), ("ort-cpu", "edgec_w8a8_no_floor", "w8a8:min_cos=0"),
         ("ort-cpu", "edgec_w8a8", "w8a8"), ("openvino-cpu", "fp32", None),
         ("openvino-cpu", "edgec_w8a8_no_floor", "w8a8:min_cos=0"),
-        ("openvino-cpu", "edgec_w8a8", "w8a8"), ("qnn-htp", "edgec_w8a16", "w8a16"),
-        ("qnn-htp", "edgec_w8a8", "w8a8"))
+        ("openvino-cpu", "edgec_w8a8", "w8a8"))
+# qnn-htp is not a row: with the Einsums lowered (qnn-legalize) the w8a16 artifact builds, but the
+# HTP emulator's output departs from ONNX Runtime's on the same QDQ graph, and locating where
+# (a bisection of sub-graphs built for the HTP) crashed the emulator (SIGSEGV) and this process
 
 
 def log(msg: str) -> None:
@@ -212,7 +213,7 @@ def run(rounds: int, block: int, root: Path) -> dict:
                  "evaluation": f"{N_GEN} generations (seed 100), {N_VAR} variations (seed 200)"},
         "metric": "cosine of `denoised` per sample vs the fp32 .onnx in ONNX Runtime",
         "speed_inputs": {"feeds": "the first evaluation generation, batch 1", "rounds": rounds,
-                         "block": block, "qnn-htp": "accuracy only (emulator)"},
+                         "block": block},
         "variants": VARIANTS, "table": table,
         "results": {f"{t}/{v}": {**row, "accuracy": acc.get((t, v))}
                     for (t, v), row in info.items()},
