@@ -223,3 +223,30 @@ def test_einsum_attention_builds_and_agrees_after_legalize(tmp_path):
     legal = ir.to_proto(result.model)
     assert [n.op_type for n in legal.graph.node].count("MatMul") == 2
     assert _npu_vs_ort(legal, tmp_path / "after", samples[0], samples) >= 0.998
+
+
+def test_departure_search_runs_in_a_child_that_may_crash(tmp_path, monkeypatch):
+    """Locating where the HTP departs builds and runs sub-graphs on the emulator, which crashed
+    (SIGSEGV) on a trained diffusion UNet's w8a16 graph and took the compile with it, silently.
+    The search runs in a spawned child: its result, its exception or its crash come back."""
+    import ctypes
+
+    from edgec.targets.qnn_htp import divergence
+
+    assert divergence.in_child(divmod, 7, 2) == (3, 1)
+    with pytest.raises(ValueError, match="invalid literal"):
+        divergence.in_child(int, "x")
+    with pytest.raises(divergence.ChildCrashed, match="signal 11"):
+        divergence.in_child(ctypes.string_at, 0)  # a read of address 0 in the child
+
+    def crashed(*args):
+        raise divergence.ChildCrashed("signal 11")
+
+    model = tmp_path / "model.onnx"
+    probe = tmp_path / ".model.qnn-departure.onnx"
+    probe.write_bytes(b"left by the crashed child")
+    monkeypatch.setattr(divergence, "in_child", crashed)
+    said = divergence.locate_departure(model, {})
+    assert said == ("locating where the HTP departs crashed the QNN emulator (signal 11): "
+                    "not named")
+    assert not probe.exists()

@@ -34,7 +34,8 @@ from edgec.targets.qnn_htp.epcontext import (
     _stretch,
 )
 
-__all__ = ["Departure", "first_departure", "locate_departure", "DEPART_COSINE", "DEPART_NORM"]
+__all__ = ["Departure", "first_departure", "locate_departure", "in_child", "ChildCrashed",
+           "DEPART_COSINE", "DEPART_NORM"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,9 +138,55 @@ def first_departure(model_path: Path, feeds: Mapping[str, np.ndarray]) -> Depart
 
 
 def locate_departure(model_path: Path, feeds: Mapping[str, np.ndarray]) -> str | None:
-    """``Target.locate_departure`` for qnn-htp: ``first_departure`` as a sentence."""
-    found = first_departure(Path(model_path), feeds)
+    """``Target.locate_departure`` for qnn-htp: ``first_departure`` as a sentence, run in a
+    child process: a probe the emulator crashes on (SIGSEGV inside the QNN backend, met on a
+    trained diffusion UNet's w8a16 graph) would otherwise kill the compile with no word and
+    leave the probe file behind; the crash is then the sentence."""
+    model_path = Path(model_path)
+    try:
+        found = in_child(first_departure, model_path, dict(feeds))
+    except ChildCrashed as e:
+        model_path.with_name(f".{model_path.stem}.qnn-departure.onnx").unlink(missing_ok=True)
+        return f"locating where the HTP departs crashed the QNN emulator ({e}): not named"
     if found is None:
         return None
     logger.info("qnn-htp: %s (%d prefixes probed)", found.describe(), found.probes)
     return found.describe()
+
+
+class ChildCrashed(RuntimeError):
+    """The child process died (a signal, or an exit without a result)."""
+
+
+def in_child(fn, *args):
+    """``fn(*args)`` in a spawned process (``fn`` importable, arguments and result picklable);
+    an exception in it is raised here as it was, a crash as ``ChildCrashed``."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # fork would copy ORT's threads' state
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child_main, args=(send, fn, args), daemon=True)
+    child.start()
+    send.close()
+    try:
+        ok, value = receive.recv()
+    except EOFError:  # it died before answering
+        child.join()
+        code = child.exitcode
+        raise ChildCrashed(f"signal {-code}" if code is not None and code < 0
+                           else f"exit status {code}") from None
+    finally:
+        receive.close()
+    child.join()
+    if ok:
+        return value
+    raise value
+
+
+def _child_main(send, fn, args) -> None:
+    try:
+        result = (True, fn(*args))
+    except BaseException as e:  # noqa: BLE001 — raised again in the parent
+        result = (False, e)
+    send.send(result)
+    send.close()
