@@ -388,6 +388,15 @@ def test_transpose_of_an_activation_left_alone():
 
 # --- Einsum(a, b), a batched matrix product ⇒ Transpose → Reshape → MatMul → … -------------------
 
+def _einsum_relu(equation, a, b):
+    """Einsum(a, b) → Relu, and random feeds of shapes ``a`` and ``b``."""
+    model = _model([H.make_node("Einsum", ["a", "b"], ["e"], equation=equation, name="einsum"),
+                    H.make_node("Relu", ["e"], ["y"], name="relu")],
+                   [_vi("a", T.FLOAT, a), _vi("b", T.FLOAT, b)], [_vi("y", T.FLOAT, None)])
+    return model, {"a": RNG.standard_normal(a).astype(np.float32),
+                   "b": RNG.standard_normal(b).astype(np.float32)}
+
+
 @pytest.mark.parametrize("equation, a, b", [
     ("bct,bcs->bts", (2, 8, 6), (2, 8, 5)),   # a UNet attention block's scores (terrain UNet)
     ("bts,bcs->bct", (2, 6, 5), (2, 8, 5)),   # and its weighted values
@@ -397,11 +406,7 @@ def test_transpose_of_an_activation_left_alone():
     ("bnc,cd->bdn", (2, 5, 4), (4, 3)),
 ])
 def test_einsum_lowered_to_matmul(equation, a, b):
-    model = _model([H.make_node("Einsum", ["a", "b"], ["e"], equation=equation, name="einsum"),
-                    H.make_node("Relu", ["e"], ["y"], name="relu")],
-                   [_vi("a", T.FLOAT, a), _vi("b", T.FLOAT, b)], [_vi("y", T.FLOAT, None)])
-    feeds = {"a": RNG.standard_normal(a).astype(np.float32),
-             "b": RNG.standard_normal(b).astype(np.float32)}
+    model, feeds = _einsum_relu(equation, a, b)
     result, ops = _legalize(model, feeds, rtol=1e-5, atol=1e-6)
     assert result.stats["einsums_lowered"] == 1
     assert "Einsum" not in ops and ops.count("MatMul") == 1 and ops[-1] == "Relu"
@@ -419,11 +424,7 @@ def test_einsum_lowered_to_matmul(equation, a, b):
 def test_einsum_outside_the_batched_product_form_is_left_alone(equation, a, b):
     from edgec.targets.qnn_htp.einsum import einsum_plan
 
-    model = _model([H.make_node("Einsum", ["a", "b"], ["e"], equation=equation, name="einsum"),
-                    H.make_node("Relu", ["e"], ["y"], name="relu")],
-                   [_vi("a", T.FLOAT, a), _vi("b", T.FLOAT, b)], [_vi("y", T.FLOAT, None)])
-    feeds = {"a": RNG.standard_normal(a).astype(np.float32),
-             "b": RNG.standard_normal(b).astype(np.float32)}
+    model, feeds = _einsum_relu(equation, a, b)
     plan = einsum_plan(equation, list(a), list(b))
     result, ops = _legalize(model, feeds, rtol=1e-5, atol=1e-6)
     if equation == "ij,kl->ijkl":  # an outer product is a MatMul with K = 1
