@@ -433,7 +433,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         else:
             latency = _benchmark(session, src.feeds, first_run_s)
             if recipe.quantize is not None and not gen and recipe.lora_mode != "swappable":
-                step("timing the fp32 source graph beside it")
+                step("timing the unquantized graph beside it")
                 # the passes before quantize edited src.model in place; quantize kept it fp32
                 vs = fp32_speedup(src.model, tgt, session, src.feeds, first_run_s)
                 if vs:
