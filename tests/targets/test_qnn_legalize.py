@@ -456,3 +456,20 @@ def test_einsum_shapes_matter_only_where_indices_merge_and_graph_outputs_keep_na
              "b": RNG.standard_normal((2, 5, 3)).astype(np.float32)}
     result, ops = _legalize(out, feeds, rtol=1e-5, atol=1e-6)  # same output names (asserted)
     assert result.stats["einsums_lowered"] == 1 and ops == ["Transpose", "MatMul", "Transpose"]
+
+
+def test_unnamed_einsums_get_unique_node_and_constant_names():
+    """Two unnamed Einsums made two nodes named ``einsum_matmul`` (and two ``einsum_a_shape``
+    constants), which ONNX Runtime's quantizer refused: "two nodes with same node name"."""
+    model = _model([H.make_node("Einsum", ["a", "b"], ["e"], equation="ijk,kl->ijl"),
+                    H.make_node("Einsum", ["e", "c"], ["y"], equation="ijl,lm->ijm")],
+                   [_vi("a", T.FLOAT, [2, 3, 4]), _vi("b", T.FLOAT, [4, 5]),
+                    _vi("c", T.FLOAT, [5, 2])], [_vi("y", T.FLOAT, None)])
+    feeds = {n: RNG.standard_normal(s).astype(np.float32)
+             for n, s in (("a", (2, 3, 4)), ("b", (4, 5)), ("c", (5, 2)))}
+    result, ops = _legalize(model, feeds, rtol=1e-5, atol=1e-6)
+    assert result.stats["einsums_lowered"] == 2 and ops.count("MatMul") == 2
+    names = [n.name for n in result.model.graph]
+    assert all(names) and len(set(names)) == len(names)
+    consts = [n for n in result.model.graph.initializers if n.endswith("_shape")]
+    assert len(consts) == 6 and len(set(consts)) == 6  # a, b and out shapes of each

@@ -80,7 +80,7 @@ def lower_einsum(graph: ir.Graph, node: ir.Node) -> bool:
     plan = einsum_plan(equation, dims[0], dims[1])
     if plan is None:
         return False
-    size, base = plan["size"], node.name or "einsum"
+    size, base = plan["size"], _unique_base(graph, node.name or "einsum")
     batch, fa, fb, k = plan["batch"], plan["free_a"], plan["free_b"], plan["contracted"]
     # one index each in M, K and N: MatMul's own form (batch axes broadcast as they are);
     # else the groups are merged by Reshapes, which need the static sizes
@@ -127,6 +127,18 @@ def lower_einsum(graph: ir.Graph, node: ir.Node) -> bool:
     if y.is_graph_output():
         y.name = name
     return True
+
+
+def _unique_base(graph: ir.Graph, base: str) -> str:
+    """A prefix for the new nodes' and constants' names that no node or initializer of
+    ``graph`` uses yet: two unnamed Einsums gave two nodes named ``einsum_matmul``, which
+    ONNX Runtime's quantizer refused ("two nodes with same node name")."""
+    taken = {n.name for n in graph} | set(graph.initializers)
+    stem, i = base, 0
+    while any(name.startswith(f"{base}_") for name in taken):
+        i += 1
+        base = f"{stem}_{i}"
+    return base
 
 
 def _static(value: ir.Value) -> list[int] | None:
