@@ -44,6 +44,14 @@ class EdgecPass(ir.passes.InPlacePass):
     rtol: ClassVar[float] = 1e-4
 
 
+def static_dims(value: ir.Value) -> list[int] | None:
+    """``value``'s dims where its shape is known and static, else None."""
+    shape = value.shape
+    if shape is None or not shape.is_static():
+        return None
+    return [int(d) for d in shape]
+
+
 def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """``array`` as a new initializer ``name`` of ``graph`` (typed and shaped), returned."""
     tensor = ir.tensor(array, name=name)

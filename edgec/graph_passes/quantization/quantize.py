@@ -31,7 +31,11 @@ from edgec.errors import UserError
 from edgec.graph_passes._infra import PassResult
 from edgec.graph_passes.quantization.blockwise import blockwise_weights
 from edgec.graph_passes.quantization.options import DEFAULT_MAX_KLD, DEFAULT_MIN_COS
-from edgec.graph_passes.quantization.select import FLOAT_NODES_KEY, plan_quantization
+from edgec.graph_passes.quantization.select import (
+    FLOAT_NODES_KEY,
+    FLOAT_STREAM_REASON,
+    plan_quantization,
+)
 
 __all__ = ["QuantizePass", "quant_type", "generic_qdq_options", "float8_overrides",
            "FLOAT8_MAX"]
@@ -711,7 +715,7 @@ def _check_fp16_stream(model: ir.Model, plan, cache) -> None:
     to overflow the same way). Refused before anything is built, naming the largest."""
     worst = None
     for node in model.graph:
-        if not plan.reasons.get(node.name, "").startswith("float residual stream"):
+        if plan.reasons.get(node.name) != FLOAT_STREAM_REASON:
             continue
         for v in node.outputs:
             r = cache.tensors.get(v.name)

@@ -28,8 +28,10 @@ from edgec.graph_passes.rotation.edit import ROTATION_TAG
 from edgec.graph_passes.rotation.topology import find_norms
 
 __all__ = ["QuantPlan", "plan_quantization", "residual_sums", "output_heads", "norm_outputs",
-           "rotated_outputs", "float_stream_nodes", "FLOAT_NODES_KEY"]
+           "rotated_outputs", "float_stream_nodes", "FLOAT_NODES_KEY", "FLOAT_STREAM_REASON"]
 
+# why plan_quantization keeps a node float under QuantScheme.float_stream (plan.reasons)
+FLOAT_STREAM_REASON = "float residual stream (fp16 on the device)"
 # model metadata a fully quantized graph carries when some of its compute stays float
 # (``float_stream``): the target builds it for a device that runs float ops (fp16 on the HTP)
 FLOAT_NODES_KEY = "edgec.quantize.float_nodes"
@@ -310,7 +312,7 @@ def plan_quantization(model: ir.Model, fully_quantized: bool, exclude: tuple[str
     for node in model.graph:
         if node.name in floating:
             excluded.append(node.name)
-            reasons[node.name] = "float residual stream (fp16 on the device)"
+            reasons[node.name] = FLOAT_STREAM_REASON
             sixteen.update(o.name for o in node.outputs if _is_float(o) and any(
                 u.node.name not in floating for u in o.uses()))
             continue

@@ -28,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.graph_passes._infra import register_constant as _const
+from edgec.graph_passes._infra import static_dims
 
 __all__ = ["lower_einsum", "einsum_plan"]
 
@@ -75,7 +76,7 @@ def lower_einsum(graph: ir.Graph, node: ir.Node) -> bool:
     """Replace ``node`` (an Einsum) by its MatMul form where ``einsum_plan`` allows."""
     if len(node.inputs) != 2 or any(v is None for v in node.inputs):
         return False
-    dims = [_static(v) for v in node.inputs]
+    dims = [static_dims(v) for v in node.inputs]
     equation = node.attributes.get_string("equation", "")
     plan = einsum_plan(equation, dims[0], dims[1])
     if plan is None:
@@ -139,10 +140,3 @@ def _unique_base(graph: ir.Graph, base: str) -> str:
         i += 1
         base = f"{stem}_{i}"
     return base
-
-
-def _static(value: ir.Value) -> list[int] | None:
-    shape = value.shape
-    if shape is None or not shape.is_static():
-        return None
-    return [int(d) for d in shape]

@@ -76,6 +76,7 @@ from onnxscript.rewriter import MatchResult, pattern
 
 from edgec.graph_passes._infra import EdgecPass, PassResult
 from edgec.graph_passes._infra import register_constant as _const
+from edgec.graph_passes._infra import static_dims as _static_dims
 from edgec.graph_passes.fold_weight_transpose import FoldWeightTranspose
 from edgec.targets.qnn_htp.einsum import lower_einsum
 
@@ -128,13 +129,6 @@ class QnnLegalizePass(EdgecPass):
         ir.passes.common.RemoveUnusedNodesPass()(model)
         modified = any(v for k, v in stats.items() if k != "transposes_skipped")
         return PassResult(model, modified, stats)
-
-
-def _static_dims(value: ir.Value) -> list[int] | None:
-    shape = value.shape
-    if shape is None or not shape.is_static():
-        return None
-    return [int(d) for d in shape]
 
 
 def _groups(dims: list[int], perm: list[int]) -> tuple[list[int], list[int]]:
