@@ -54,6 +54,13 @@ class QuantScheme:
             cosine 0.917 → 0.987 (→ 0.991 with float residual readers) and faster on both
             CPU runtimes (ONNX Runtime fuses Q + DQ → MatMul into MatMulIntegerToFloat, OpenVINO
             runs int8 FullyConnected with an f32 output).
+        fused_outputs: op types among ``op_types`` whose outputs get Q/DQ too, where the
+            runtime has an integer kernel only for DQ → op → Q (``quantize_outputs`` False
+            otherwise): ONNX Runtime CPU runs a Conv in int8 only as QLinearConv, with no integer
+            Conv that writes float, so with quantizers on its inputs alone every Conv of the
+            trained terrain UNet ran in float behind its DequantizeLinear (0.89× the fp32
+            graph's speed). The output's readers read it rounded: the price of the integer
+            kernel, which the accuracy floor's search counts (a Conv kept float loses it).
         signed_attention: the inputs of each MatMul between two activations (attention's
             Q·Kᵀ and P·V) as int8 symmetric unless never negative (P stays u8, zero point 0):
             OpenVINO runs such a MatMul in int8 only when its inputs have no zero point.
@@ -104,6 +111,7 @@ class QuantScheme:
     min_opset: int = 13
     quantize_bias: bool = True
     quantize_outputs: bool = False
+    fused_outputs: tuple[str, ...] = ()
     signed_attention: bool = False
     quantize_before_layout: bool = False
     outlier_crest: float | None = None

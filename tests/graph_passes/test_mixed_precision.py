@@ -342,6 +342,17 @@ def test_a_quantized_conv_is_a_candidate_with_its_own_error():
     expected = np.linalg.norm(planned - kept) / np.linalg.norm(kept)
     assert found["conv"].error == pytest.approx(expected, rel=1e-4) and expected > 1e-3
     assert found["conv"].end_to_end > 0
+    # ort-cpu's Conv output is quantized too (QLinearConv): kept float, its readers lose that
+    # rounding as well, so it is part of the error; the output's width comes from the graph
+    fused = SimpleNamespace(**vars(scheme), fused_outputs=("Conv",))
+    with_output = {e.node: e for e in layer_errors(
+        model, feeds, cache, fused, ("MatMul", "Conv"), set(), set(),
+        widths={"conv": [8, 8, 8], "mm": [8, None, None]})}
+    rounded = fake_quant_activation(planned.astype(np.float32), -9.0, 9.0, 8, False)
+    expected_out = np.linalg.norm(rounded - kept) / np.linalg.norm(kept)
+    assert with_output["conv"].error == pytest.approx(expected_out, rel=1e-4)
+    assert expected_out != pytest.approx(expected, rel=1e-2)
+    assert with_output["mm"].error == pytest.approx(found["mm"].error, rel=1e-6)  # a MatMul
 
 
 def test_non_finite_outputs_do_not_read_as_the_floor_held():

@@ -210,13 +210,17 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
         kept = w if kept_bits is None else wq if w_bits >= 8 else fake_quant_weight(w, 8, axis)
         return kept, wq
 
+    fused = set(getattr(scheme, "fused_outputs", ()))
+
     def outputs(y_kept: np.ndarray, y_quant: np.ndarray, name: str,
-                width: int | None) -> np.ndarray:
+                width: int | None, op_type: str) -> np.ndarray:
         """Planned minus kept (in ``y_quant``); a fully quantized target quantizes the output
-        too."""
+        too, and a float one the outputs of its ``fused_outputs`` ops (kept: float)."""
         if kept_bits is not None:
             y_kept = activation(y_kept, name, kept_bits)
             y_quant = activation(y_quant, name, planned_bits(name, width))
+        elif op_type in fused and width is not None:
+            y_quant = activation(y_quant, name, width)
         y_quant -= y_kept
         return y_quant
 
@@ -235,7 +239,7 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                                               rest))["y"]
             y_quant = session.run(_alone_feeds(
                 activation(x, x_name, planned_bits(x_name, planned[0])), wq, rest))["y"]
-        d = outputs(y_kept, y_quant, node.outputs[0].name, planned[2])
+        d = outputs(y_kept, y_quant, node.outputs[0].name, planned[2], node.op_type)
         d = d.astype(np.float32, copy=False)
         return d, _squares(d)
 
@@ -271,7 +275,8 @@ def layer_errors(model: ir.Model, feeds: Sequence[dict[str, np.ndarray]], cache,
                     k, q = pick(k), pick(q)
                 pairs.append((k.T, q.T) if trans and i == 1 else (k, q))
             (k0, q0), (k1, q1) = pairs
-            return outputs(np.matmul(k0, k1), np.matmul(q0, q1), out_name, planned[2])
+            return outputs(np.matmul(k0, k1), np.matmul(q0, q1), out_name, planned[2],
+                           node.op_type)
 
         result = out[out_name]
         first, second = (np.shape(out[v.name]) if v.const_value is None else v.const_value.shape

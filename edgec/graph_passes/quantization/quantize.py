@@ -63,7 +63,9 @@ def generic_qdq_options(model: ir.Model, path: Path, scheme, plan, method) -> di
                                "QuantizeBias": scheme.quantize_bias,
                                "MinimumRealRange": 1e-4,
                                **({} if scheme.quantize_outputs else {
-                                   "OpTypesToExcludeOutputQuantization": list(scheme.op_types)})})
+                                   "OpTypesToExcludeOutputQuantization": [
+                                       t for t in scheme.op_types
+                                       if t not in scheme.fused_outputs]})})
 
 
 def signed_attention_overrides(model: ir.Model, excluded: set[str], cache) -> dict[str, Any]:
@@ -333,7 +335,13 @@ class QuantizePass(ir.passes.FunctionalPass):
             float, the k = 0 graph edited (``keep_float``), else quantized again."""
             if k not in built and not fq:
                 try:
-                    return keep_float(quantized, model, [e.node for e in ranked[:k]])
+                    kept = [e.node for e in ranked[:k]]
+                    edited = keep_float(quantized, model, kept)
+                    if s.fused_outputs:  # a kept Conv's readers read its float output again
+                        _float_for_other_readers(edited, set(s.op_types),
+                                                 set(plan.nodes_to_exclude) | set(kept),
+                                                 set(s.fused_outputs))
+                    return edited
                 except LookupError as e:
                     logger.debug("probe rebuilt: %s", e)
             return build(k)[0]
@@ -503,7 +511,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             quantized.metadata_props[FLOAT_NODES_KEY] = str(len(plan.nodes_to_exclude))
         if not (self.target.fully_quantized or self.scheme.quantize_outputs):
             _float_for_other_readers(quantized, set(self.scheme.op_types),
-                                     set(plan.nodes_to_exclude))
+                                     set(plan.nodes_to_exclude), set(self.scheme.fused_outputs))
         if self.scheme.quantize_before_layout:
             _quantize_before_layout(quantized)
         if s.block_size and s.block_scale_bits:  # block-wise weights in the device's LPBQ form
@@ -621,7 +629,8 @@ def _converted_from(v: ir.Value | None) -> ir.Value | None:
 
 
 def _float_for_other_readers(model: ir.Model, op_types: set[str],
-                             excluded: set[str] = frozenset()) -> int:
+                             excluded: set[str] = frozenset(),
+                             fused: set[str] = frozenset()) -> int:
     """Give every reader of a quantized activation that is not a quantized op the float
     tensor back: ``x → Q → DQ → {MatMul, Add}`` becomes ``DQ → MatMul`` and ``x → Add``. The
     same for the ``excluded`` nodes (kept in float): quantize_static leaves an excluded MatMul
@@ -634,6 +643,10 @@ def _float_for_other_readers(model: ir.Model, op_types: set[str],
     stream, so the residual Adds read it at 8 bits (all-MiniLM-L6-v2: values up to 28, a step
     of 0.14) though no integer kernel consumes them there. On the CPU targets and TensorRT the
     placement is quantizers on the inputs of quantized ops only, as NNCF places them.
+
+    ``fused``: op types whose quantized outputs stay quantized for every reader (the scheme's
+    ``fused_outputs``: ONNX Runtime fuses DQ → Conv → Q into QLinearConv only where the Q is
+    the Conv's one reader), unless the node is excluded; a pair left with no reader goes.
     Returns the number of inputs rewired.
     """
     rewired = 0
@@ -646,10 +659,17 @@ def _float_for_other_readers(model: ir.Model, op_types: set[str],
         x = q.inputs[0]
         if x.const_value is not None:  # a weight: its readers are the quantized op
             continue
+        maker = x.producer()
+        if maker is not None and maker.op_type in fused and maker.name not in excluded:
+            continue
         for node, index in list(dq.outputs[0].uses()):
             if node.op_type not in op_types or node.name in excluded:
                 node.replace_input_with(index, x)
                 rewired += 1
+        if not dq.outputs[0].uses() and dq.outputs[0] not in model.graph.outputs:
+            model.graph.remove(dq, safe=True)
+            if not q.outputs[0].uses():
+                model.graph.remove(q, safe=True)
     return rewired
 
 
