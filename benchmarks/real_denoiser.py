@@ -12,10 +12,12 @@ What is measured (``--quick``: the same rows, few timing rounds; a smoke test):
   variations (seed 200). The fp32 model's outputs on them (ONNX Runtime, the .onnx as shipped)
   are the reference.
 - Rows: edgec fp32 on ort-cpu and openvino-cpu (the speed baselines); edgec ``w8a8`` with its
-  default accuracy floor (min_cos 0.98 on the held-out samples) and with the floor off
-  (``min_cos=0``); NNCF's ``nncf.quantize`` on edgec's fp32 OpenVINO IR (defaults: performance
-  preset; and the mixed preset, asymmetric activations; ``subset_size=20``, the samples edgec
-  calibrates on). Not qnn-htp (see ``ROWS``).
+  default accuracy floor (min_cos 0.98 on the 4 held-out samples), the same floor held on 8
+  (``held_out=8``: 16 calibrate), and with the floor off (``min_cos=0``); on ort-cpu also the
+  floor off with its earlier placement (Conv outputs float: no QLinearConv); NNCF's
+  ``nncf.quantize`` on edgec's fp32 OpenVINO IR (defaults: performance preset; and the mixed
+  preset, asymmetric activations; ``subset_size=20``, the samples edgec calibrates on). Not
+  qnn-htp (see ``ROWS``).
 - Accuracy: cosine per sample of ``denoised`` vs fp32, min and mean over the 16 generations and
   over the 8 variations.
 - Speed (ort-cpu, openvino-cpu; batch 1, the first evaluation generation): per runtime its rows
@@ -31,6 +33,7 @@ Without ``--quick`` the JSON also goes to benchmarks/results/real_denoiser.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -57,13 +60,23 @@ VARIANTS = {
     "edgec_w8a8": "edgec quantize='w8a8', calibration=the 24-sample .npz (20 calibrate, the "
                   "last 4 held out; the default accuracy floor min_cos=0.98)",
     "edgec_w8a8_no_floor": "edgec quantize='w8a8:min_cos=0' (every Conv/Gemm quantized)",
+    "edgec_w8a8_inputs_only_no_floor": "as edgec_w8a8_no_floor with ort-cpu's earlier placement: "
+                                       "quantizers on Conv inputs only (no QLinearConv)",
+    "edgec_w8a8_held_out_8": "edgec quantize='w8a8:held_out=8': the default floor held on the "
+                             "file's last 8 samples (16 calibrate)",
     "nncf": "nncf.quantize(subset_size=20) on edgec's fp32 IR, defaults (performance preset)",
     "nncf_mixed": "the same with preset=MIXED (asymmetric activations)",
 }
 ROWS = (("ort-cpu", "fp32", None), ("ort-cpu", "edgec_w8a8_no_floor", "w8a8:min_cos=0"),
-        ("ort-cpu", "edgec_w8a8", "w8a8"), ("openvino-cpu", "fp32", None),
+        ("ort-cpu", "edgec_w8a8_inputs_only_no_floor", "w8a8:min_cos=0"),
+        ("ort-cpu", "edgec_w8a8", "w8a8"), ("ort-cpu", "edgec_w8a8_held_out_8", "w8a8:held_out=8"),
+        ("openvino-cpu", "fp32", None),
         ("openvino-cpu", "edgec_w8a8_no_floor", "w8a8:min_cos=0"),
-        ("openvino-cpu", "edgec_w8a8", "w8a8"))
+        ("openvino-cpu", "edgec_w8a8", "w8a8"),
+        ("openvino-cpu", "edgec_w8a8_held_out_8", "w8a8:held_out=8"))
+# ort-cpu's placement before Conv outputs were quantized (QuantScheme.fused_outputs), for the
+# comparison in one run: every Conv ran in float behind its DequantizeLinear
+INPUTS_ONLY = "edgec_w8a8_inputs_only_no_floor"
 # qnn-htp is not a row: with the Einsums lowered (qnn-legalize) the w8a16 artifact builds, but the
 # HTP emulator's output departs from ONNX Runtime's on the same QDQ graph, and locating where
 # (a bisection of sub-graphs built for the HTP) crashed the emulator (SIGSEGV) and this process
@@ -103,8 +116,9 @@ def compile_rows(model: Path, calib: Path, root: Path) -> tuple[dict, dict]:
         opts = {"quantize": scheme, "calibration": str(calib)} if scheme else {}
         t0 = time.perf_counter()
         try:
-            art = edgec.compile(str(model), target=tgt, output_dir=root / f"{tgt}-{var}",
-                                example_inputs=example, **opts)
+            with _inputs_only(var == INPUTS_ONLY):
+                art = edgec.compile(str(model), target=tgt, output_dir=root / f"{tgt}-{var}",
+                                    example_inputs=example, **opts)
         except Exception as e:  # noqa: BLE001 (a row that fails to compile is a finding)
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             log(f"  failed: {row['error']}")
@@ -119,6 +133,22 @@ def compile_rows(model: Path, calib: Path, root: Path) -> tuple[dict, dict]:
                 "candidates": mp["candidates"], "probes": len(mp["probes"])}
         models[(tgt, var)] = art.path
     return models, info
+
+
+@contextlib.contextmanager
+def _inputs_only(on: bool):
+    """ort-cpu's w8a8 with its Conv outputs left float, while ``on``."""
+    import dataclasses
+
+    from edgec.targets import ort_cpu
+
+    kept = ort_cpu.SCHEMES["w8a8"]
+    if on:
+        ort_cpu.SCHEMES["w8a8"] = dataclasses.replace(kept, fused_outputs=())
+    try:
+        yield
+    finally:
+        ort_cpu.SCHEMES["w8a8"] = kept
 
 
 def nncf_rows(models: dict, info: dict, calib: Path, root: Path) -> None:
@@ -209,7 +239,8 @@ def run(rounds: int, block: int, root: Path) -> dict:
                        "architecture": "consistency UNet, 32 base channels, 10.5M parameters, "
                                        "128×128 heightfields, difficulty-conditioned"},
         "data": {"calibration": f"{N_GEN} generations + {N_VAR} variations interleaved "
-                                f"(seeds 1, 2): {N_CALIB_USED} calibrate, the last 4 held out",
+                                f"(seeds 1, 2): {N_CALIB_USED} calibrate, the last 4 held out "
+                                "(held_out=8: 16 and 8)",
                  "evaluation": f"{N_GEN} generations (seed 100), {N_VAR} variations (seed 200)"},
         "metric": "cosine of `denoised` per sample vs the fp32 .onnx in ONNX Runtime",
         "speed_inputs": {"feeds": "the first evaluation generation, batch 1", "rounds": rounds,
