@@ -389,6 +389,16 @@ def test_held_out_split(available, asked, split):
     assert held_out_split(available, asked) == split
 
 
+@pytest.mark.parametrize(("available", "asked", "split"), [
+    (24, None, (16, "data")), (23, None, (None, "calibration")), (24, 17, (17, "calibration")),
+    (24, 16, (16, "data"))])
+def test_held_out_split_with_more_held_out(available, asked, split):
+    """held_out=8: the file's last 8 held out, calibration takes what remains before them."""
+    from edgec.graph_passes.quantization.options import held_out_split
+
+    assert held_out_split(available, asked, 8) == split
+
+
 @pytest.mark.parametrize(("count", "calibrated", "source"), [(20, 16, "data"),
                                                               (6, 6, "calibration")])
 def test_floor_holds_out_samples_calibration_does_not_see(tmp_path, count, calibrated, source):
@@ -785,3 +795,27 @@ def test_held_out_samples_follow_the_cache_and_contradicting_samples_are_refused
     make("w8a8:samples=8", tmp_path / "d.npz")
     with pytest.raises(UserError, match="samples=16, but d.npz holds 8 samples"):
         make("w8a8:samples=16", tmp_path / "d.npz")
+    # held_out=N: N generator samples past the cache's count; more than a data file has, refused
+    wide = make("w8a8:held_out=7", cache, src).held_out(model)
+    assert len(wide) == 7 and all(np.array_equal(h["input_ids"], a["input_ids"])
+                                  for h, a in zip(wide, generated_samples(src, 39)[0][32:]))
+    with pytest.raises(UserError, match="held_out=9, but d.npz has 8 samples"):
+        make("w8a8:held_out=9", tmp_path / "d.npz", src)
+    make("w8a8:held_out=9,min_cos=0", tmp_path / "d.npz", src)  # no floor: none held out
+    # calibrate --data: the same split, and a compile with another held_out= is refused
+    sets = registry.get("llama").calibration_inputs("tiny", 22)
+    np.savez(tmp_path / "e.npz", input_ids=np.stack([s[0].numpy() for s in sets]))
+    made = edgec.calibrate("llama", "ort-cpu", tmp_path / "c6", config="tiny",
+                           data=tmp_path / "e.npz", quantize="w8a8:held_out=6")
+    assert made.samples == 16 and made.held_out["samples"] == 6
+    assert made.held_out["source"] == "data"
+    stored = CalibrationCache.load(tmp_path / "c6")
+    with pytest.raises(UserError, match="held_out=8, but the calibration cache holds out 6"):
+        make("w8a8:held_out=8", stored, src)
+    assert np.array_equal(np.load(tmp_path / "c6" / "held_out.npz")["input_ids"],
+                          np.load(tmp_path / "e.npz")["input_ids"][-6:])
+    for bad in ("0", "1.5", "true", "300"):
+        with pytest.raises(UserError, match="held_out"):
+            make(f"w8a8:held_out={bad}", cache, src)
+    with pytest.raises(UserError, match="held_out is how many samples the accuracy floor"):
+        QuantOptions("w8a8", held_out=0)

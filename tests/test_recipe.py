@@ -164,7 +164,8 @@ def test_recipe_records_what_was_asked():
     assert data["quantize"] == {"scheme": "w8a8", "method": None, "exclude": ["Softmax"],
                                 "samples": 4, "mask_fill": 100.0, "min_cos": None,
                                 "max_kld": None, "smooth": None, "split": None, "gptq": None,
-                                "stream": None, "sample_steps": None}
+                                "stream": None, "sample_steps": None,
+                                "held_out": None}
     assert data["sparse_attention"] == {"keep": 0.3}
 
 
