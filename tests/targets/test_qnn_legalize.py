@@ -191,6 +191,29 @@ def test_mish_expanded_exactly(tail):
     assert [v.name for v in result.model.graph.outputs] == ["y" if tail else "m"]
 
 
+# --- x · Sigmoid(x) ⇒ Max(x, x) · Sigmoid(x) ----------------------------------------------------
+
+@pytest.mark.parametrize("order", [("x", "s"), ("s", "x")])
+def test_silu_multiplicand_copied_bit_exact(order):
+    nodes = [H.make_node("Sigmoid", ["x"], ["s"], name="sig"),
+             H.make_node("Mul", list(order), ["y"], name="silu")]
+    model = _model(nodes, [_vi("x", T.FLOAT, [1, 4, 8, 8])], [_vi("y", T.FLOAT, [1, 4, 8, 8])])
+    x = (RNG.standard_normal((1, 4, 8, 8)) * 1e5).astype(np.float32)
+    x[0, 0, 0, :4] = [np.nan, np.inf, -np.inf, -0.0]
+    result, ops = _legalize(model, {"x": x})
+    assert ops == ["Max", "Sigmoid", "Mul"] and result.stats["silu_operands_copied"] == 1
+    mx = next(n for n in result.model.graph if n.op_type == "Max")
+    assert mx.inputs[0] is mx.inputs[1] and mx.inputs[0].name == "x"
+
+
+def test_mul_by_sigmoid_of_another_tensor_left_alone():
+    nodes = [H.make_node("Sigmoid", ["g"], ["s"]), H.make_node("Mul", ["x", "s"], ["y"])]
+    model = _model(nodes, [_vi("x", T.FLOAT, [2, 8]), _vi("g", T.FLOAT, [2, 8])],
+                   [_vi("y", T.FLOAT, [2, 8])])
+    result = QnnLegalizePass()(ir.from_proto(model))
+    assert result.stats["silu_operands_copied"] == 0 and not result.modified
+
+
 # --- LayerNormalization(x, w, w) ⇒ LayerNormalization(x, w, copy of w) ---------------------------
 
 def test_layernorm_bias_shared_with_its_scale_is_copied():

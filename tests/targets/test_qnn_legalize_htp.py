@@ -225,6 +225,28 @@ def test_einsum_attention_builds_and_agrees_after_legalize(tmp_path):
     assert _npu_vs_ort(legal, tmp_path / "after", samples[0], samples) >= 0.998
 
 
+def test_wide_silu_agrees_after_legalize(tmp_path):
+    """At 16 bits the HTP halves x · Sigmoid(x) once x's range is wide (a trained diffusion
+    UNet's SiLUs read ±2·10⁵): every output ×0.500 at cosine 1.0 (hence the norm check).
+    qnn-legalize reads the multiplicand through Max(x, x), a tensor of its own."""
+    shape = (1, 8, 16, 16)
+    model = _model([H.make_node("Sigmoid", ["x"], ["s"], name="sig"),
+                    H.make_node("Mul", ["x", "s"], ["y"], name="silu")],
+                   [H.make_tensor_value_info("x", T.FLOAT, shape)],
+                   [H.make_tensor_value_info("y", T.FLOAT, shape)])
+    samples = [{"x": (RNG.standard_normal(shape) * 1e5).astype(np.float32)} for _ in range(3)]
+
+    def norm_ratio(got, want):
+        return float(np.linalg.norm(got) / np.linalg.norm(want))
+
+    got, want = _npu_and_ort(model, tmp_path / "before", samples[0], samples)
+    assert norm_ratio(got, want) == pytest.approx(0.5, abs=0.01)  # as measured: 0.5000
+    legal = _legal(model, "silu_operands_copied")
+    assert [n.op_type for n in legal.graph.node] == ["Max", "Sigmoid", "Mul"]
+    got, want = _npu_and_ort(legal, tmp_path / "after", samples[0], samples)
+    assert norm_ratio(got, want) == pytest.approx(1.0, abs=0.01) and _cosine(got, want) >= 0.999
+
+
 def test_departure_search_runs_in_a_child_that_may_crash(tmp_path, monkeypatch):
     """Locating where the HTP departs builds and runs sub-graphs on the emulator, which crashed
     (SIGSEGV) on a trained diffusion UNet's w8a16 graph and took the compile with it, silently.

@@ -10,6 +10,7 @@ Run on the fp32 graph before quantization (the QDQ quantizer then wraps the new 
                                                       Transpose(back)
     Where(IsNaN(p), c, p),  p = Softmax(·)          ⇒  p
     Mish(x)                                        ⇒  x · Tanh(Softplus(x))
+    x · Sigmoid(x)  (SiLU)                         ⇒  Max(x, x) · Sigmoid(x)  (silu.py)
     Reciprocal(x)                                  ⇒  Div(1, x)
     Transpose(W), W an initializer                 ⇒  Wᵀ, a new initializer
     LayerNormalization(x, w, w)                    ⇒  LayerNormalization(x, w, copy of w)
@@ -53,16 +54,22 @@ max error 2.3 on values in [-1, 1]; [1, 8, 8256, 64] the same, [2, 8, 8256, 64] 
 bits the graph does not finalize (QNN_COMMON_ERROR_MEM_ALLOC); along axis 0 every shape tried
 was right, so the axis is moved to the front and back with Transposes.
 
+At 16-bit activations the HTP halves a SiLU (a Mul of a tensor by its own Sigmoid) whose input
+range is wide (scale ≳ 3: a trained diffusion UNet's ±2·10⁵); its multiplicand as a distinct tensor
+is right (``silu.py``).
+
 Guarantees: the first three, the Tile and the folded weight Transpose are pure data movement (bit
-exact); 1/x and Div(1, x) are the same IEEE operation. The NaN guard only acts on NaN, which a
-Softmax of finite inputs never yields (masks are finite after ``MaskFillPass``). Mish's rewrite
-is its ONNX function body, which ONNX Runtime itself runs for it (bit exact there).
+exact); Max(x, x) is x bit for bit; 1/x and Div(1, x) are the same IEEE operation. The NaN
+guard only acts on NaN, which a Softmax of finite inputs never yields (masks are finite after
+``MaskFillPass``). Mish's rewrite is its ONNX function body, which ONNX Runtime itself runs for
+it (bit exact there).
 
 The Transpose lowering and the broadcast tiling look past their node (producer, users), so they
 are pass code; the other seven are local and are onnxscript rewrite rules (``GatherNDToGather``,
 ``DropSoftmaxNanGuard``, ``MishToSoftplusTanh``, ``UnshareLayerNormBias``, ``ReciprocalToDiv``,
-``GatherToLeadingAxis``, ``FoldWeightTranspose``, all in ``RULES``). Shapes are inferred first:
-earlier rewrites (block-sparse attention) leave values without one.
+``GatherToLeadingAxis``, ``FoldWeightTranspose``, all in ``RULES``), as is ``SiluOperandCopy``
+(applied on its own, with the Mul's operands in either order). Shapes are inferred first: earlier
+rewrites (block-sparse attention) leave values without one.
 Graph output names never change.
 """
 
@@ -79,6 +86,7 @@ from edgec.graph_passes._infra import register_constant as _const
 from edgec.graph_passes._infra import static_dims as _static_dims
 from edgec.graph_passes.fold_weight_transpose import FoldWeightTranspose
 from edgec.targets.qnn_htp.einsum import lower_einsum
+from edgec.targets.qnn_htp.silu import SiluOperandCopy
 
 __all__ = ["MAX_RANK", "RULES", "DropSoftmaxNanGuard", "UnshareLayerNormBias", "GatherNDToGather",
            "GatherToLeadingAxis", "FoldWeightTranspose", "MishToSoftplusTanh", "QnnLegalizePass",
@@ -122,6 +130,7 @@ class QnnLegalizePass(EdgecPass):
                               "layernorm_biases_unshared", "reciprocals_to_div",
                               "gathers_to_leading_axis", "weight_transposes_folded"), RULES):
             stats[key] = pattern.RewriteRuleSet([rule]).apply_to_model(model)  # a count per rule
+        stats["silu_operands_copied"] = _SILU.apply_to_model(model)
         stats["broadcasts_tiled"] = 0
         for node in list(graph):
             if node.op_type in _TILED_BINARY and node.domain in ("", "ai.onnx"):
@@ -415,6 +424,9 @@ class ReciprocalToDiv(pattern.RewriteRuleClassBase):
                              name=f"{out.name}_one")
         return op.Div(one, x)
 
+
+# either operand order of the SiLU's Mul
+_SILU = pattern.RewriteRuleSet([SiluOperandCopy.rule()], commute=True)
 
 RULES = pattern.RewriteRuleSet([GatherNDToGather.rule(), DropSoftmaxNanGuard.rule(),
                                 MishToSoftplusTanh.rule(), UnshareLayerNormBias.rule(),
