@@ -79,7 +79,8 @@ class QuantOptions:
     (the samples the floor is held on, default 4: the last N of a user's .npz, kept out of
     calibration where enough remain, else N more from the model's generator. The search keeps
     the fewest layers that hold them, so a few samples over-promise: on the trained terrain
-    UNet 4 held out read 0.988 where 16 unseen generations fell to 0.956).
+    UNet, w8a8 on ort-cpu, 4 held out read 0.984 where the worst of 16 unseen generations fell
+    to 0.842; held out on 8, that worst held 0.983).
     """
 
     scheme: str
@@ -309,7 +310,7 @@ class QuantOptions:
         # them (with a cache, its own count: they fell inside a larger cache's samples); the
         # default count is the graph's own (an NPU decode graph's is larger)
         count = given.samples if given is not None else self.samples or default_sample_count(src)
-        # a user's .npz: the floor's held-out samples are its last HELD_OUT, kept out of the
+        # a user's .npz: the floor's held-out samples are its last n_held, kept out of the
         # calibration when enough remain (held_out_split); else calibration sees them too
         n_held = self.held_out_count
         calibrated, source = held_out_split(available if floor else None, self.samples, n_held)
