@@ -996,10 +996,9 @@ def _held_out_of_data(recipe: Recipe, request, src):
     feeds = source_samples_from_npz(request.data, src)
     if recipe.quantize.floor_on(recipe.target) is None:
         return request, None, gptq_of_data(feeds, "calibration")
-    held = recipe.quantize.held_out_count
-    recipe.quantize.check_held_out(npz_sample_count(request.data), request.data.name)
-    calibrated, source = held_out_split(npz_sample_count(request.data), recipe.quantize.samples,
-                                        held)
+    held, available = recipe.quantize.held_out_count, npz_sample_count(request.data)
+    recipe.quantize.check_held_out(available, request.data.name)
+    calibrated, source = held_out_split(available, recipe.quantize.samples, held)
     return (dataclasses.replace(request, samples=calibrated), (feeds[-held:], source),
             gptq_of_data(feeds, source, held))
 
