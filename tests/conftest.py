@@ -32,19 +32,39 @@ def _one_core_each() -> None:
 _one_core_each()
 
 
-def _short_timing_budgets() -> None:
-    """Each compile times its artifact, and a quantized CPU one times its fp32 graph beside it
-    (``fp32_speed``), to fixed time budgets: ~2 s per quantized compile, over a hundred of them
-    in the suite, which asserts what the timing reports and never its figures (those are
-    benchmarks). The same code runs here on smaller budgets."""
+_TIMING: dict = {}
+
+
+def _untimed_compiles() -> None:
+    """Each compile times its artifact (``pipeline._benchmark``), and a quantized CPU one also
+    builds its fp32 graph for the target again and times the two interleaved
+    (``fp32_speed.fp32_speedup``): ~1 s per compile over several hundred compiles, for figures
+    the suite never asserts (those are benchmarks). Compiles here skip both, as a stand-in
+    target does; a test that asserts the timing takes the ``timed_compiles`` fixture, which
+    runs the real code on smaller budgets."""
     import edgec.fp32_speed
     import edgec.pipeline
 
-    edgec.fp32_speed.BUDGET_S = 0.3
-    edgec.pipeline.BENCH_BUDGET_S = 0.5
+    _TIMING.update(benchmark=edgec.pipeline._benchmark,
+                   fp32_speedup=edgec.fp32_speed.fp32_speedup)
+    edgec.pipeline._benchmark = lambda *a: {"skipped": "not measured in tests"}
+    edgec.fp32_speed.fp32_speedup = lambda *a: None
 
 
-_short_timing_budgets()
+_untimed_compiles()
+
+
+@pytest.fixture
+def timed_compiles(monkeypatch):
+    """The compile's own timing, as users get it, on budgets of 0.5 s (latency) and 0.3 s (the
+    fp32 graph beside a quantized one)."""
+    import edgec.fp32_speed
+    import edgec.pipeline
+
+    monkeypatch.setattr(edgec.pipeline, "_benchmark", _TIMING["benchmark"])
+    monkeypatch.setattr(edgec.pipeline, "BENCH_BUDGET_S", 0.5)
+    monkeypatch.setattr(edgec.fp32_speed, "fp32_speedup", _TIMING["fp32_speedup"])
+    monkeypatch.setattr(edgec.fp32_speed, "BUDGET_S", 0.3)
 
 
 @pytest.fixture(scope="session", autouse=True)

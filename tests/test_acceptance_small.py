@@ -10,16 +10,6 @@ from edgec.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _no_timed_runs(monkeypatch):
-    """These runs check fidelity at the small sizes, not speed: the report's timed runs (at
-    least three more runs of the 8192-token video-dit after the fidelity run; ~20 s of the
-    test measured on a busy 2-core machine) are skipped, as tests/models/conftest.py does."""
-    from edgec import pipeline
-
-    monkeypatch.setattr(pipeline, "_benchmark", lambda *a: {"skipped": "not measured in tests"})
-
-
 def _cli(*args):
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -52,7 +52,8 @@ def _worst(art, key="cosine"):
 
 
 @pytest.mark.parametrize("target", [*CPU_TARGETS, "qnn-htp", "tensorrt"])
-def test_bert_with_attention_mask_keeps_cosine(bert_checkpoint, tmp_path, target):
+def test_bert_with_attention_mask_keeps_cosine(bert_checkpoint, tmp_path, target,
+                                              timed_compiles):
     art = edgec.compile(str(bert_checkpoint), target=target, output_dir=tmp_path / "o",
                         config="batch=2,seq=16", quantize="w8a8")
     assert _worst(art) >= 0.98

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 import edgec
-from edgec import pipeline
 
 
 @pytest.fixture(scope="session")
@@ -14,8 +13,7 @@ def model_artifact(tmp_path_factory):
     (qnn-htp quantized w8a16, as the NPU needs), once per session.
 
     ``static=True`` compiles from the static-shape export, the one qnn-htp uses
-    (tests/conftest.py exports each registry model and shape set once). These compiles check
-    fidelity, not speed: the report's timed runs (each ~1 s on the HTP emulator) are skipped."""
+    (tests/conftest.py exports each registry model and shape set once)."""
     made = {}
 
     def get(name: str, target: str, static: bool = False):
@@ -25,11 +23,8 @@ def model_artifact(tmp_path_factory):
             extra = {"quantize": "w8a16"} if target == "qnn-htp" else {}
             if static:
                 extra["dynamic_shapes"] = {}
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(pipeline, "_benchmark",
-                           lambda *a: {"skipped": "not measured in tests"})
-                made[key] = edgec.compile(name, target=target, output_dir=root / "out",
-                                          config="tiny", **extra)
+            made[key] = edgec.compile(name, target=target, output_dir=root / "out",
+                                      config="tiny", **extra)
         return made[key]
 
     return get
