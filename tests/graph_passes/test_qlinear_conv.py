@@ -84,3 +84,37 @@ def test_a_conv_the_floor_keeps_float_has_no_output_rounding(compiled):
     kept = {e["node"] for e in mp["kept"]}
     for conv in _convs(model):
         assert _output_quantized(conv) == (conv.name not in kept), conv.name
+
+
+def test_a_diffusers_unet_runs_every_conv_as_qlinearconv(tmp_path):
+    """A Hugging Face module (diffusers' UNet2DModel: GroupNorm, attention, skip concatenations,
+    a ModelOutput) through the same placement: all 25 Convs QLinearConv in ONNX Runtime's
+    optimized graph, cosine 0.9989 vs the module measured (random weights; the trained UNet's
+    figures: benchmarks/real_denoiser.py)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(16, 32), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    example = (torch.randn(1, 3, 16, 16), torch.tensor([10]))
+    art = edgec.compile(unet, target="ort-cpu", output_dir=tmp_path / "o",
+                        example_inputs=example, quantize="w8a8:min_cos=0")
+    convs = _convs(ir.load(art.path / "model.onnx"))
+    assert len(convs) == 25 and all(_output_quantized(c) for c in convs)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(art.path / "model.onnx"), options,
+                         providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in ir.load(tmp_path / "fused.onnx").graph]
+    assert fused.count("QLinearConv") == 25 and "Conv" not in fused
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        ref = unet(x, t).sample.numpy().ravel()
+    session = edgec.load(art.path)
+    names = [i.name for i in session.inputs]
+    got = session.run(dict(zip(names, (x.numpy(), t.numpy()), strict=True)))
+    y = np.asarray(next(iter(got.values()))).ravel()
+    assert float(y @ ref / np.linalg.norm(y) / np.linalg.norm(ref)) > 0.99
