@@ -45,6 +45,15 @@ def _output_quantized(node: ir.Node) -> bool:
     return any(u.node.op_type == "QuantizeLinear" for u in node.outputs[0].uses())
 
 
+def _ort_optimized_ops(path, tmp_path) -> list[str]:
+    """The op types of ONNX Runtime's optimized graph (its CPU EP's QDQ fusions applied)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in ir.load(tmp_path / "fused.onnx").graph]
+
+
 def test_ort_cpu_conv_outputs_are_quantized_and_run_as_qlinearconv(compiled, tmp_path):
     _, arts = compiled
     art = arts["ort-cpu", "w8a8:min_cos=0"]
@@ -54,12 +63,7 @@ def test_ort_cpu_conv_outputs_are_quantized_and_run_as_qlinearconv(compiled, tmp
     for conv in convs:  # the Q is the Conv's one reader: what ORT's QDQ fusion asks
         assert [u.node.op_type for u in conv.outputs[0].uses()] == ["QuantizeLinear"]
     # ONNX Runtime's optimized graph: every Conv an integer QLinearConv, none left in float
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
-    ort.InferenceSession(str(art.path / "model.onnx"), options,
-                         providers=["CPUExecutionProvider"])
-    fused = [n.op_type for n in ir.load(tmp_path / "fused.onnx").graph]
+    fused = _ort_optimized_ops(art.path / "model.onnx", tmp_path)
     assert fused.count("QLinearConv") == 3 and "Conv" not in fused
     # OpenVINO has int8 Conv with a float output: its Conv outputs stay float
     ov = ir.load(arts["openvino-cpu", "w8a8:min_cos=0"].path / "model.onnx")
@@ -103,12 +107,7 @@ def test_a_diffusers_unet_runs_every_conv_as_qlinearconv(tmp_path):
                         example_inputs=example, quantize="w8a8:min_cos=0")
     convs = _convs(ir.load(art.path / "model.onnx"))
     assert len(convs) == 25 and all(_output_quantized(c) for c in convs)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
-    ort.InferenceSession(str(art.path / "model.onnx"), options,
-                         providers=["CPUExecutionProvider"])
-    fused = [n.op_type for n in ir.load(tmp_path / "fused.onnx").graph]
+    fused = _ort_optimized_ops(art.path / "model.onnx", tmp_path)
     assert fused.count("QLinearConv") == 25 and "Conv" not in fused
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([500])
     with torch.no_grad():

@@ -24,22 +24,21 @@ _holders = [0]  # blocks running: the first patches, the last restores
 _saved: list = []
 
 
+def _replace_in(names, old: str, new: str) -> None:
+    if old in names:  # a C-level scan of the node's names
+        for j, name in enumerate(names):
+            if name == old:
+                names[j] = new
+
+
 def _replace_input_of_all_nodes(self, old_input_name: str, new_input_name: str) -> None:
     for node in self.model.graph.node:
-        inputs = node.input
-        if old_input_name in inputs:
-            for j, name in enumerate(inputs):
-                if name == old_input_name:
-                    inputs[j] = new_input_name
+        _replace_in(node.input, old_input_name, new_input_name)
 
 
 def _replace_output_of_all_nodes(self, old_output_name: str, new_output_name: str) -> None:
     for node in self.model.graph.node:
-        outputs = node.output
-        if old_output_name in outputs:
-            for j, name in enumerate(outputs):
-                if name == old_output_name:
-                    outputs[j] = new_output_name
+        _replace_in(node.output, old_output_name, new_output_name)
 
 
 def _find_by_name(item_name, item_list):
