@@ -131,7 +131,9 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
         itself = (f" On {on['runtime']} itself, the same samples: cosine {on['cosine']:.4f}"
                   + (f", KL divergence {on['kld']:.4f}" if "kld" in on else "")
                   + ("." if on["reached"] else ", which misses the floor")
-                  + ("" if on["reached"] else _missed_by(mp, on.get("adapters")) + "."))
+                  + ("" if on["reached"] else _missed_by(mp, on.get("adapters")) + ".")
+                  + (f" A floor of {on['floor_with_room']} leaves room for the difference."
+                     if on.get("floor_with_room") else ""))
     elif "skipped" in on:  # the artifact's runtime could not take the held-out samples
         itself = f" Not measured on {on['runtime']} itself: {on['skipped']}."
     if mp.get("vs_source"):  # held out, yet below the floor against the source
@@ -359,7 +361,8 @@ def floor_line(mp: dict[str, Any]) -> str:
     if "reached" in on:
         line += (f"; on {on['runtime']} {measured(on)}"
                  + ("" if on["reached"] else ", which misses it")
-                 + _missed_by(mp, on.get("adapters")))
+                 + _missed_by(mp, on.get("adapters"))
+                 + (f" (ask for {on['floor_with_room']})" if on.get("floor_with_room") else ""))
     elif "skipped" in on:
         line += f"; not measured on {on['runtime']}"
     if mp.get("vs_source"):

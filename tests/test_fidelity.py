@@ -65,6 +65,35 @@ def test_the_floor_is_measured_again_on_the_artifacts_runtime(caplog):
                                      "skipped": "ValueError: input 'past_0' is missing"}
 
 
+def test_a_device_shortfall_is_said_with_the_floor_that_leaves_room_for_it():
+    """ORT held min_cos 0.98 at 0.9805; the device a little under it: the note names the floor
+    to ask for (0.98 plus the device's shortfall), and the manifest records it."""
+    import math
+    from types import SimpleNamespace
+
+    from edgec.fidelity import floor_on_target
+    from edgec.graph_passes.quantization.mixed_precision import Floor, worst_cosine
+
+    rng = np.random.default_rng(1)
+    reference = [{"y": rng.standard_normal((2, 16))} for _ in range(2)]
+    outputs = [{"y": r["y"] + 0.2 * rng.standard_normal((2, 16))} for r in reference]
+    device = worst_cosine(outputs, reference, [None, None])
+    assert 0.95 < device < 0.98
+    floor = Floor(min_cos=0.98)
+    quantize = SimpleNamespace(floor_samples=([{}, {}], reference, [None, None], floor, None))
+    mixed = {"reached": True, "achieved": 0.9805}
+    outs = iter(outputs)
+    note = floor_on_target(SimpleNamespace(runtime="qnn-htp", run=lambda feed: next(outs)),
+                           [quantize], mixed)
+    room = f"min_cos={math.ceil((0.98 + 0.9805 - device) * 1e4 - 1e-6) / 1e4:g}"
+    assert mixed["on_target"]["floor_with_room"] == room and not mixed["reached"]
+    assert f"ask for {room} (the floor moved by this runtime's shortfall" in note
+    from edgec.report import floor_line
+
+    mixed.update(min_cos=0.98, kept=[], candidates=None)
+    assert floor_line(mixed).endswith(f"which misses it (ask for {room})")
+
+
 def test_a_device_far_from_ort_on_the_held_out_samples_is_judged_as_on_the_example(caplog):
     """hbert (LayerNorm outputs near ±45) w8a16 on qnn-htp: the floor held on ONNX Runtime
     (0.9997), the HTP ran the held-out samples at 0.73, and the compile shipped it as "min_cos

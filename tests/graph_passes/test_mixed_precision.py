@@ -159,6 +159,20 @@ def test_layer_error_reads_the_widths_the_quantized_graph_has(tmp_path):
     assert error(widths) == 0.0  # as quantized: 16 bits in and out already
 
 
+def test_the_floor_with_room_for_a_devices_shortfall():
+    """ONNX Runtime held cosine 0.9801 where the device gave 0.9791: the floor moves by the
+    0.001 the device lost (rounded outward), and only the bounds the device missed move."""
+    floor = Floor(min_cos=0.98, max_kld=0.05)
+    assert floor.with_room({"cosine": 0.9801, "kld": 0.01},
+                           {"cosine": 0.9791, "kld": 0.02}) == "min_cos=0.981"
+    assert floor.with_room({"cosine": 0.985, "kld": 0.04},
+                           {"cosine": 0.975, "kld": 0.0612}) == "min_cos=0.99,max_kld=0.0288"
+    assert Floor(min_cos=0.99).with_room({"cosine": 0.999}, {"cosine": 0.98}) is None  # ≥ 1
+    assert Floor(max_kld=0.05).with_room({"cosine": 1.0, "kld": 0.049},
+                                         {"cosine": 1.0, "kld": 0.2}) is None  # ≤ 0
+    assert floor.with_room({"cosine": 0.99}, {"cosine": 0.99, "kld": 0.01}) is None  # met
+
+
 def test_worst_cosine_leaves_padded_positions_out():
     mask = np.array([[0, 0, 1, 1]])
     ref = np.ones((1, 4, 3), np.float32)

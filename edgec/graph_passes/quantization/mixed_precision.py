@@ -577,6 +577,28 @@ class Floor:
                if self.max_kld and layer.end_to_end_kld is not None else 0.0)
         return max(cos, kld)
 
+    def with_room(self, searched: dict[str, float], device: dict[str, float]) -> str | None:
+        """The floor (``min_cos=...,max_kld=...``) that leaves room for a device's shortfall:
+        each bound ``device`` misses, moved by how much worse the device measured than
+        ``searched`` (ONNX Runtime on the same held-out samples), rounded outward at 1e-4.
+        A search held to it keeps layers until ONNX Runtime clears the device's difference
+        too (about: keeping more layers changes the difference). None where no bound can move
+        that far (a cosine at 1, a KL bound at 0)."""
+        parts = []
+        if self.min_cos is not None and device["cosine"] < self.min_cos:
+            room = max(searched["cosine"] - device["cosine"], 0.0)
+            tighter = math.ceil((self.min_cos + room) * 1e4 - 1e-6) / 1e4
+            if tighter >= 1:
+                return None
+            parts.append(f"min_cos={tighter:g}")
+        if self.max_kld is not None and device["kld"] > self.max_kld:
+            room = max(device["kld"] - searched.get("kld", 0.0), 0.0)
+            tighter = math.floor((self.max_kld - room) * 1e4 + 1e-6) / 1e4
+            if tighter <= 0:
+                return None
+            parts.append(f"max_kld={tighter:g}")
+        return ",".join(parts) or None
+
     def describe(self) -> str:
         parts = ([f"min_cos={self.min_cos:g}"] if self.min_cos is not None else []) + (
             [f"max_kld={self.max_kld:g}"] if self.max_kld is not None else [])
