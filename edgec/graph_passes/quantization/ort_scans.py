@@ -16,15 +16,9 @@ onnxruntime is pinned to 1.31 (pyproject), whose functions these replace.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 
 __all__ = ["fast_ort_scans"]
-
-_lock = threading.Lock()
-_holders = [0]  # blocks running: the first patches, the last restores
-_saved: list = []
-
 
 def _replace_in(names, old: str, new: str) -> None:
     if old in names:  # a C-level scan of the node's names
@@ -67,19 +61,14 @@ def _targets():
 
 @contextlib.contextmanager
 def fast_ort_scans() -> Iterator[None]:
-    """onnxruntime.quantization's node and initializer scans replaced while the block runs."""
-    with _lock:
-        if _holders[0] == 0:
-            targets = _targets()
-            _saved[:] = [(holder, name, getattr(holder, name)) for holder, name, _ in targets]
-            for holder, name, fn in targets:
-                setattr(holder, name, fn)
-        _holders[0] += 1
+    """onnxruntime.quantization's node and initializer scans replaced while the block runs (a
+    nested block restores what it found)."""
+    targets = _targets()
+    saved = [(holder, name, getattr(holder, name)) for holder, name, _ in targets]
+    for holder, name, fn in targets:
+        setattr(holder, name, fn)
     try:
         yield
     finally:
-        with _lock:
-            _holders[0] -= 1
-            if _holders[0] == 0:
-                for holder, name, fn in _saved:
-                    setattr(holder, name, fn)
+        for holder, name, fn in saved:
+            setattr(holder, name, fn)
