@@ -3,10 +3,12 @@ originals, and the originals back afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import onnx_model, quant_utils
 
@@ -53,6 +55,40 @@ def test_the_replacements_edit_as_the_originals_do():
     assert plain[1] == 16.0 and plain[2] == "mul" and plain[3] is None  # the first "w"
 
 
+def _edits_over_time(model: onnx.ModelProto):
+    """ORT's edits interleaved with lookups: each lookup must see every edit before it."""
+    m = onnx_model.ONNXModel(model)
+    seen = [m.get_initializer("w") is not None]
+    m.replace_input_of_all_nodes("x", "x_dq")  # indexes built here
+    m.add_node(helper.make_node("Neg", ["x_dq"], ["n"], name="neg"))  # indexed from the tail
+    m.replace_input_of_all_nodes("x_dq", "x_dq2")
+    ONNXModel = onnx_model.ONNXModel
+    ONNXModel.replace_node_input(model.graph.node[1], "a", "a_one")  # one node moves
+    m.replace_input_of_all_nodes("a_one", "a_two")
+    m.add_initializer(numpy_helper.from_array(np.full((2,), 3.0, np.float32), "s"))
+    seen.append(float(numpy_helper.to_array(m.get_initializer("s")).sum()))
+    m.remove_node(model.graph.node[0])  # indexes dropped, rebuilt on the next lookup
+    m.replace_input_of_all_nodes("b", "b_dq")
+    m.remove_initializer(m.get_initializer("s"))
+    seen.append(m.get_initializer("s"))
+    m.add_initializer(numpy_helper.from_array(np.ones((2,), np.float32), "s"))
+    seen.append(float(numpy_helper.to_array(m.get_initializer("s")).sum()))
+    m.replace_output_of_all_nodes("n", "n_q")
+    m.replace_input_of_all_nodes("a_two", "a_three")
+    return [list(n.input) + list(n.output) for n in model.graph.node], seen
+
+
+def test_the_indexes_follow_every_edit():
+    plain = _edits_over_time(_graph())
+    with fast_ort_scans():
+        fast = _edits_over_time(_graph())
+    assert fast == plain
+    nodes, seen = plain
+    assert seen == [True, 6.0, None, 2.0]
+    assert sorted(map(tuple, nodes)) == sorted([("a_three", "a_three", "b"), ("b_dq", "x_dq2", "y"),
+                                                ("x_dq2", "n_q")])
+
+
 def test_quantize_static_writes_the_same_graph(tmp_path):
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
@@ -84,3 +120,59 @@ def test_quantize_static_writes_the_same_graph(tmp_path):
     plain, fast = run("plain.onnx", False), run("fast.onnx", True)
     assert sum(n.op_type == "QuantizeLinear" for n in fast.graph.node) >= 2
     assert fast.graph.SerializeToString() == plain.graph.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def llama_tiny():
+    from edgec.exporters.sources import resolve_source
+
+    return resolve_source("llama", "tiny")
+
+
+@pytest.mark.parametrize("target,scheme,wide", [("qnn-htp", "w4a8", True),
+                                                ("ort-cpu", "w8a8", False),
+                                                ("openvino-cpu", "w8a8", False)])
+def test_edgec_quantization_writes_the_same_graph_with_the_indexes(llama_tiny, monkeypatch,
+                                                                   target, scheme, wide):
+    """The targets' own QDQ configurations (on the NPU with a MatMul kept at w8a16: 8-bit
+    weights, 16-bit activations converted for their 8-bit readers) through ``quantize_static``
+    with ORT's scans and with the indexes: the same graph, byte for byte."""
+    import onnx_ir as ir
+
+    from edgec.calibration import collect_cache
+    from edgec.graph_passes.quantization import ort_scans
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.graph_passes.quantization.quantize import QuantizePass
+    from edgec.targets import get
+
+    tgt = get(target)
+    model = llama_tiny.model
+    exclude = [n.name for n in model.graph if n.op_type == "MatMul"
+               and n.inputs[1].const_value is not None][1:2] if wide else []
+    options = QuantOptions.parse({"scheme": scheme, "min_cos": 0.0,
+                                  "exclude": ";".join(exclude)}, tgt)
+    s = options.scheme_on(tgt)
+    work = model.clone()
+    for p in tgt.before_quantize:
+        work = p()(work).model
+    cache = collect_cache(work, options.calibration_request(tgt), llama_tiny)
+
+    def written(fast: bool) -> ir.Model:
+        if not fast:
+            monkeypatch.setattr(ort_scans, "fast_ort_scans", contextlib.nullcontext)
+        out = QuantizePass(s, tgt, cache, options.exclude)(work.clone()).model
+        monkeypatch.undo()
+        return out
+
+    fast = written(True)
+    assert ir.to_proto(fast).graph.SerializeToString() == ir.to_proto(
+        written(False)).graph.SerializeToString()
+    weights = {n.name: n.inputs[1].producer().inputs[0].dtype for n in fast.graph
+               if n.op_type == "MatMul" and n.inputs[1].producer() is not None
+               and n.inputs[1].producer().inputs[0].const_value is not None}
+    assert len(weights) >= 4
+    if wide:  # the kept MatMul's weight int8, the layers' int4; 16-bit converted to 8 for readers
+        assert weights.pop(exclude[0]) == ir.DataType.INT8
+        assert ir.DataType.INT4 in set(weights.values())
+        assert any(n.op_type == "QuantizeLinear" and n.inputs[0].producer() is not None
+                   and n.inputs[0].producer().op_type == "DequantizeLinear" for n in fast.graph)
