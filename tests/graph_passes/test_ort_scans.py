@@ -132,15 +132,15 @@ def llama_tiny():
 @pytest.mark.parametrize("target,scheme,wide", [("qnn-htp", "w4a8", True),
                                                 ("ort-cpu", "w8a8", False),
                                                 ("openvino-cpu", "w8a8", False)])
-def test_edgec_quantization_writes_the_same_graph_with_the_indexes(llama_tiny, monkeypatch,
-                                                                   target, scheme, wide):
+def test_edgec_quantization_writes_orts_graph(llama_tiny, monkeypatch, target, scheme, wide):
     """The targets' own QDQ configurations (on the NPU with a MatMul kept at w8a16: 8-bit
     weights, 16-bit activations converted for their 8-bit readers) through ``quantize_static``
-    with ORT's scans and with the indexes: the same graph, byte for byte."""
+    as ORT runs it and with the indexed scans and whole-weight quantization (``ort_weights``):
+    the same graph, byte for byte."""
     import onnx_ir as ir
 
     from edgec.calibration import collect_cache
-    from edgec.graph_passes.quantization import ort_scans
+    from edgec.graph_passes.quantization import ort_scans, ort_weights
     from edgec.graph_passes.quantization.options import QuantOptions
     from edgec.graph_passes.quantization.quantize import QuantizePass
     from edgec.targets import get
@@ -157,14 +157,22 @@ def test_edgec_quantization_writes_the_same_graph_with_the_indexes(llama_tiny, m
         work = p()(work).model
     cache = collect_cache(work, options.calibration_request(tgt), llama_tiny)
 
+    vectorized = []
+
     def written(fast: bool) -> ir.Model:
-        if not fast:
+        if fast:  # counted: the whole-weight path ran, not ORT's behind it
+            params = ort_weights.channel_params
+            monkeypatch.setattr(ort_weights, "channel_params",
+                                lambda *a: vectorized.append(1) or params(*a))
+        else:
             monkeypatch.setattr(ort_scans, "fast_ort_scans", contextlib.nullcontext)
+            monkeypatch.setattr(ort_weights, "fast_ort_weights", contextlib.nullcontext)
         out = QuantizePass(s, tgt, cache, options.exclude)(work.clone()).model
         monkeypatch.undo()
         return out
 
     fast = written(True)
+    assert len(vectorized) >= 4
     assert ir.to_proto(fast).graph.SerializeToString() == ir.to_proto(
         written(False)).graph.SerializeToString()
     weights = {n.name: n.inputs[1].producer().inputs[0].dtype for n in fast.graph

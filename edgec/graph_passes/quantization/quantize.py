@@ -462,6 +462,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         from onnxruntime.quantization.calibrate import save_tensors_data
 
         from edgec.graph_passes.quantization.ort_scans import fast_ort_scans
+        from edgec.graph_passes.quantization.ort_weights import fast_ort_weights
         from edgec.onnx_io import save_model
 
         s = self.scheme
@@ -476,7 +477,7 @@ class QuantizePass(ir.passes.FunctionalPass):
             tensors.calibration_method = CalibrationMethod.Distribution
         options = self.target.qdq_options or generic_qdq_options
         with (tempfile.TemporaryDirectory(prefix="edgec-quant-") as tmp,
-              _quiet_ort_quantization(), fast_ort_scans()):
+              _quiet_ort_quantization(), fast_ort_scans(), fast_ort_weights()):
             src, out, ranges = (Path(tmp) / n for n in ("fp32.onnx", "quantized.onnx",
                                                          "ranges.json"))
             _unshare_biases(model)
