@@ -5,14 +5,16 @@ a time (a Python call with a dozen numpy scalar operations per channel), and qua
 weight one channel at a time again. SmolLM2-135M has 205k weight channels: most of a
 ``quantize_static`` call once its graph scans were indexed (``ort_scans``). Here both run over
 the whole weight at once, computing what ORT's functions compute per channel, element for
-element: the range widened to hold 0 (and to ORT's ``min_real_range``; symmetric: ±max|w|), scale = range / (qmax − qmin) in
-float64 then float32 (1 where that is below float32's smallest normal, zero point 0), the zero
-point rounded half to even in the quantized type, and ``round(w / scale) + zero point`` clipped
-in float32. The graph written is byte for byte ORT's (tests).
+element: the range widened to hold 0 and to ORT's ``min_real_range`` (symmetric: ±max|w|),
+scale = range / (qmax − qmin) in float64 then float32 (1 where that is below float32's smallest
+normal, zero point 0), the zero point rounded half to even in the quantized type, and
+``round(w / scale) + zero point`` clipped in float32. The graph written is byte for byte ORT's
+(tests).
 
 What it does not cover goes to ORT's own code unchanged: block-wise weights, scales given as
-overrides, per-channel ``rmin``/``rmax`` overrides, float8, empty channels. Only inside :func:`fast_ort_weights`, which the quantize pass holds around
-``quantize_static`` (onnxruntime 1.31, pinned in pyproject).
+overrides, per-channel ``rmin``/``rmax`` overrides, float8, empty channels. Only inside
+:func:`fast_ort_weights`, which the quantize pass holds around ``quantize_static``
+(onnxruntime 1.31, pinned in pyproject).
 """
 
 from __future__ import annotations
