@@ -66,9 +66,31 @@ def insert_beside(model: ir.Model, value: ir.Value, nodes: list[ir.Node]) -> Non
         model.graph.extend(nodes)
 
 
+# ops whose output has their first input's element type
+_SAME_TYPE = frozenset({"Abs", "Add", "Concat", "Div", "Expand", "Flatten", "Gather", "Identity",
+                        "MatMul", "Max", "Min", "Mul", "Neg", "Relu", "Reshape", "Sigmoid",
+                        "Slice", "Squeeze", "Sub", "Tile", "Transpose", "Unsqueeze"})
+
+
+def _dtype(value: ir.Value):
+    """``value``'s element type, read through the type-preserving ops above it where a rewrite
+    left it unset (qnn-legalize's lowered Transposes, SiLU's Max copy); None if still unknown."""
+    while value.dtype is None:
+        node = value.producer()
+        if node is None or node.op_type not in _SAME_TYPE or not node.inputs \
+                or node.inputs[0] is None:
+            return None
+        value = node.inputs[0]
+    return value.dtype
+
+
 def _output(node: ir.Node, name: str, dtype) -> None:
+    """``node``'s output as a scalar graph output named ``name``; untyped where ``dtype`` is
+    unknown (a tensor a rewrite made without one: ONNX Runtime infers it)."""
     out = node.outputs[0]
-    out.name, out.dtype, out.shape = name, dtype, ir.Shape([])
+    out.name, out.shape = name, ir.Shape([])
+    if dtype is not None:
+        out.dtype = dtype
 
 
 def _reductions(model: ir.Model, names: Sequence[str], magnitudes: bool) -> ir.Model:
@@ -86,7 +108,7 @@ def _reductions(model: ir.Model, names: Sequence[str], magnitudes: bool) -> ir.M
             nodes.append(ir.node("ReduceMin", [nodes[-1].outputs[0]], attributes={"keepdims": 0}))
         for node, what in zip((*nodes[:3], *nodes[4:]), ("min", "max", "size", "absmin")):
             _output(node, f"edgec_hist_{i}_{what}",
-                    ir.DataType.INT64 if what == "size" else value.dtype)
+                    ir.DataType.INT64 if what == "size" else _dtype(value))
             aug.graph.outputs.append(node.outputs[0])
         insert_beside(aug, value, nodes)
     return aug
