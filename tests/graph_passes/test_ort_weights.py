@@ -35,7 +35,7 @@ def _weight() -> np.ndarray:
 def test_channels_at_once_are_orts_channel_by_channel(qtype, symmetric, axis):
     w = _weight()
     reduce_range = qtype == TensorProto.UINT8 and not symmetric
-    least = 1e-4 if axis == 1 else None  # ORT's default MinimumRealRange (lifts w[:, 0], w[:, 3])
+    least = 1e-4 if axis == 1 else None  # edgec's MinimumRealRange (lifts w[:, 0], w[:, 3])
     zero, scale = channel_params(w, axis, qtype, symmetric, reduce_range, least)
     q = quantize_channels(w, axis, qtype, zero, scale)
     for c in range(w.shape[axis]):

@@ -285,6 +285,9 @@ class QuantizePass(ir.passes.FunctionalPass):
             "kept_w8a16": len(plan.wide_nodes),
             "mask_tensors": len(plan.mask_tensors),
             "opset": quantized.opset_imports.get(""),
+            **({"weights_7bit": "this host's int8 kernels saturate 8-bit weights (x86 without "
+                                "VNNI): 7-bit weights (EDGEC_INT8_SATURATES=0 keeps 8)"}
+               if not s.weight_only and self._seven_bit_weights() else {}),
             **extra,
         }
         if cache is not None:
@@ -484,6 +487,8 @@ class QuantizePass(ir.passes.FunctionalPass):
             save_model(model, src)  # with external data: no 2 GB protobuf limit
             save_tensors_data(tensors, ranges)
             kwargs = options(model, src, self.scheme, plan, tensors.calibration_method)
+            if self._seven_bit_weights():
+                kwargs["reduce_range"] = True
             if self.scheme.signed_attention:
                 kwargs["extra_options"]["TensorQuantOverrides"] = signed_attention_overrides(
                     model, set(plan.nodes_to_exclude), cache)
@@ -522,6 +527,14 @@ class QuantizePass(ir.passes.FunctionalPass):
             self._block_stats[id(quantized)] = lpbq_weights(model, quantized, s.block_size,
                                                             s.block_scale_bits)
         return self._rounded(model, quantized)
+
+    def _seven_bit_weights(self) -> bool:
+        """8-bit weights at 7 bits on a CPU target whose host's int8 kernels saturate
+        (``host_int8``: x86 without VNNI)."""
+        from edgec.graph_passes.quantization.host_int8 import int8_saturates
+
+        return (self.target.runtime in ("ort", "openvino") and not self.target.fully_quantized
+                and self.scheme.weights in ("int8", "uint8") and int8_saturates())
 
     def _rounded(self, fp32: ir.Model, quantized: ir.Model) -> ir.Model:
         """GPTQ's weight integers in place of nearest rounding, when asked for (``gptq``);
