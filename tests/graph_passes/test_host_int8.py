@@ -57,3 +57,29 @@ def test_cpu_targets_take_7_bit_weights_where_the_host_saturates(llama_tiny, mon
         assert narrow == 127 and "weights_7bit" not in stats
     else:
         assert narrow <= 64 and "VNNI" in stats["weights_7bit"]
+
+
+def test_gptq_keeps_7_bit_weights_within_their_range(llama_tiny, monkeypatch):
+    """GPTQ's error feedback and clipped scales move integers; at 7 bits they stay within ±64
+    (the full int8 range would saturate the host's kernels again)."""
+    from edgec.calibration import collect_cache
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.graph_passes.quantization.quantize import QuantizePass
+    from edgec.targets import get
+
+    tgt = get("ort-cpu")
+    options = QuantOptions.parse({"scheme": "w8a8", "min_cos": 0.0}, tgt)
+    work = llama_tiny.model.clone()
+    cache = collect_cache(work, options.calibration_request(tgt), llama_tiny)
+    rng = np.random.default_rng(0)
+    samples = [{k: rng.integers(0, 64, size=v.shape).astype(v.dtype) if v.dtype.kind == "i"
+                else v for k, v in llama_tiny.feeds.items()} for _ in range(4)]
+    monkeypatch.setenv(ENV, "1")
+    result = QuantizePass(options.scheme_on(tgt), tgt, cache,
+                          gptq=lambda model: samples)(work.clone())
+    assert result.stats["gptq"]["weights"] > 0
+    top = max(int(np.abs(n.inputs[0].const_value.numpy().astype(np.int32)).max())
+              for n in result.model.graph if n.op_type == "DequantizeLinear"
+              and n.inputs[0].const_value is not None
+              and n.inputs[0].const_value.dtype.name == "INT8")
+    assert top <= 64

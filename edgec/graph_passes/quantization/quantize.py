@@ -547,7 +547,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         if "samples" not in memo:
             memo["samples"] = self.gptq(fp32)
         memo.setdefault("stats", {})[id(quantized)] = gptq_weights(
-            fp32, quantized, memo["samples"], memo, keep_zeros=self.keep_zeros)
+            fp32, quantized, memo["samples"], memo, keep_zeros=self.keep_zeros,
+            reduced=self._seven_bit_weights())
         return quantized
 
 
