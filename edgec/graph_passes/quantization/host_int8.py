@@ -8,6 +8,11 @@ on an AVX2-only AMD EPYC, video-dit tiny w8a8 (floor off), cosine to PyTorch: or
 0.9899 → 0.9993, openvino-cpu 0.9898 → 0.9994 with 7-bit weights; on VNNI hosts the 8-bit
 weights stay (VNNI accumulates in int32). ``EDGEC_INT8_SATURATES=1|0`` overrides the detection
 (an artifact built here for a host of the other kind).
+
+ONNX Runtime's other remedy, ``session.x64quantprecision`` (s8 weights rewritten to u8 at load,
+U8U8 kernels), would keep 8 bits on ort-cpu, but onnxruntime 1.31 fails to load edgec's QDQ
+graphs with it ("AddInitializedOrtValue: Attempt to replace the existing tensor", video-dit
+tiny w8a8 on this AVX2 host), so both CPU targets take 7-bit weights.
 """
 
 from __future__ import annotations
