@@ -19,6 +19,14 @@ def test_only_x86_with_avx2_and_no_vnni_saturates(monkeypatch):
     assert not int8_saturates()
 
 
+def _widest_int8_weight(model) -> int:
+    """The largest |integer| among the int8 constants DequantizeLinear reads."""
+    return max(int(np.abs(n.inputs[0].const_value.numpy().astype(np.int32)).max())
+               for n in model.graph if n.op_type == "DequantizeLinear"
+               and n.inputs[0].const_value is not None
+               and n.inputs[0].const_value.dtype.name == "INT8")
+
+
 @pytest.fixture(scope="module")
 def llama_tiny():
     from edgec.exporters.sources import resolve_source
@@ -45,11 +53,7 @@ def test_cpu_targets_take_7_bit_weights_where_the_host_saturates(llama_tiny, mon
     def weights(saturating: str) -> tuple[int, dict]:
         monkeypatch.setenv(ENV, saturating)
         result = QuantizePass(s, tgt, cache)(work.clone())
-        top = max(int(np.abs(n.inputs[0].const_value.numpy().astype(np.int32)).max())
-                  for n in result.model.graph if n.op_type == "DequantizeLinear"
-                  and n.inputs[0].const_value is not None
-                  and n.inputs[0].const_value.dtype.name == "INT8")
-        return top, result.stats
+        return _widest_int8_weight(result.model), result.stats
 
     (wide, plain), (narrow, stats) = weights("0"), weights("1")
     assert wide == 127 and "weights_7bit" not in plain
@@ -78,8 +82,4 @@ def test_gptq_keeps_7_bit_weights_within_their_range(llama_tiny, monkeypatch):
     result = QuantizePass(options.scheme_on(tgt), tgt, cache,
                           gptq=lambda model: samples)(work.clone())
     assert result.stats["gptq"]["weights"] > 0
-    top = max(int(np.abs(n.inputs[0].const_value.numpy().astype(np.int32)).max())
-              for n in result.model.graph if n.op_type == "DequantizeLinear"
-              and n.inputs[0].const_value is not None
-              and n.inputs[0].const_value.dtype.name == "INT8")
-    assert top <= 64
+    assert _widest_int8_weight(result.model) <= 64

@@ -66,7 +66,7 @@ def _index(items, kind: str, key) -> _Index:
     return index.synced()
 
 
-def _forget(*_: Any) -> None:
+def _forget() -> None:
     _indexes.clear()
 
 
