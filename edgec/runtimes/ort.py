@@ -18,7 +18,8 @@ from edgec.lora.binding import lora_sites, site_feeds
 from edgec.onnx_io import save_model
 from edgec.runtimes.base import IOSpec, Session
 
-__all__ = ["OrtSession", "LEAN", "run_model", "open_model", "model_feeds", "ort_io_specs"]
+__all__ = ["OrtSession", "LEAN", "exact_qdq", "run_model", "open_model", "model_feeds",
+           "ort_io_specs"]
 
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -100,14 +101,27 @@ LEAN = {"execution_order": "PRIORITY_BASED", "enable_mem_pattern": False,
         "enable_cpu_mem_arena": False}
 
 
+def exact_qdq() -> dict[str, str]:
+    """Session config for a run that measures a QDQ graph's own arithmetic, on a host whose int8
+    kernels saturate (``host_int8``: x86 without VNNI): ORT's QDQ fusions off. There ORT's fused
+    u8 x s8 kernels saturate on 8-bit weights, so an optimized session measured this host's
+    overflow, not the graph: the NPU's graph (qnn-htp w8a8 motion-dit tiny: the HTP agreed
+    with ORT at cosine 0.9900 fused, 0.9980 unfused) or the accuracy floor's probes. Empty
+    elsewhere (VNNI accumulates exactly; the fused kernels stay)."""
+    from edgec.graph_passes.quantization.host_int8 import int8_saturates
+
+    return {"session.disable_quant_qdq": "1"} if int8_saturates() else {}
+
+
 @contextlib.contextmanager
 def open_model(model: ir.Model, optimize: bool = False) -> Iterator[OrtSession]:
     """An OrtSession (``LEAN`` settings) over an in-memory model, saved to a temp dir with
-    external data (>2 GB safe) for as long as the ``with`` block runs."""
+    external data (>2 GB safe) for as long as the ``with`` block runs. It measures: a QDQ
+    graph's fusions stay off where they would saturate (``exact_qdq``)."""
     with tempfile.TemporaryDirectory(prefix="edgec-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
         save_model(model, path)
-        yield OrtSession(path, optimize=optimize, config=LEAN)
+        yield OrtSession(path, optimize=optimize, config={**LEAN, **exact_qdq()})
 
 
 def model_feeds(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
