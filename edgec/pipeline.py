@@ -104,7 +104,7 @@ STAGES: tuple[Stage, ...] = (
                                                 pruned=c.recipe.prune is not None
                                                 or c.recipe.lora_mode == "sparse-merge")),
     Stage("device-legalize-quantized", lambda r, t: bool(t.after_quantize),
-          lambda c: [p() for p in c.target.after_quantize]),
+          lambda c: [p() for p in c.target.after_quantize if p.wanted()]),
 )
 
 

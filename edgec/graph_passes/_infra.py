@@ -43,6 +43,11 @@ class EdgecPass(ir.passes.InPlacePass):
     exact: ClassVar[bool] = True
     rtol: ClassVar[float] = 1e-4
 
+    @classmethod
+    def wanted(cls) -> bool:
+        """Whether a target's pass has work on this host (a host-specific one may not)."""
+        return True
+
 
 def static_dims(value: ir.Value) -> list[int] | None:
     """``value``'s dims where its shape is known and static, else None."""

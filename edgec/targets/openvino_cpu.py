@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from edgec.errors import InternalError, UserError
+from edgec.graph_passes.quantization.unsigned_weights import UnsignedWeightsPass
 from edgec.runtimes.openvino_paged import BLOCK_SIZE, paged_model
 from edgec.targets.base import BuildResult, QuantScheme, Target
 from edgec.targets.openvino_int64 import int64_in_32_bits, warned_before
@@ -131,6 +132,7 @@ OPENVINO_CPU = Target(
     notes=("ops as supported by OpenVINO's ONNX frontend; dynamic shapes supported",),
     requires=("openvino",),
     before_quantize=(OpenVINOLegalizePass,),
+    after_quantize=(UnsignedWeightsPass,),  # exact; only where this host's int8 saturates
     build=_build,
     schemes=SCHEMES,
 )

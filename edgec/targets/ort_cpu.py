@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgec.errors import InternalError
+from edgec.graph_passes.quantization.unsigned_weights import UnsignedWeightsPass
 from edgec.targets.base import BuildResult, QuantScheme, Target
 
 __all__ = ["ORT_CPU"]
@@ -79,4 +80,5 @@ ORT_CPU = Target(
     requires=("onnxruntime",),
     build=_build,
     schemes=SCHEMES,
+    after_quantize=(UnsignedWeightsPass,),  # exact; only where this host's int8 saturates
 )

@@ -63,7 +63,8 @@ def test_w8a8_with_smoothing_holds_where_the_outliers_broke_it(tmp_path):
     with smooth=0.5 (0.9997 measured)."""
     art = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o",
                         config="tiny+outliers", quantize="w8a8:smooth=0.5")
-    assert [p["name"] for p in art.report["passes"]][-2:] == ["smooth", "quantize"]
+    assert [p["name"] for p in art.report["passes"]  # unsigned-weights: the host's, if any
+            if p["name"] != "unsigned-weights"][-2:] == ["smooth", "quantize"]
     assert art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["cosine"] >= 0.999
     for bad, match in (("w8a8:smooth=1.5", "between 0 and 1"),
                        ("w4a16:smooth=0.5", "weight-only")):

@@ -1,19 +1,20 @@
 """Whether this CPU's int8 kernels saturate: x86-64 without VNNI.
 
-Without VNNI, x86 int8 dot products (ONNX Runtime's MLAS, OpenVINO's oneDNN, the QNN HTP
-emulator) multiply u8 activations by s8 weights with ``vpmaddubsw``, which adds each pair of
-products into a saturating int16: two 255 × 127 products (64770) overflow it. ONNX Runtime's
-documentation names the remedy, 7-bit weights (``reduce_range``: 2 × 255 × 63 fits). Measured
-on an AVX2-only AMD EPYC, video-dit tiny w8a8 (floor off), cosine to PyTorch: ort-cpu
-0.9899 → 0.9993, openvino-cpu 0.9898 → 0.9994 with 7-bit weights (SmolLM2-135M's first 4
-layers, logits: 0.9933 → 0.9976 and 0.9926 → 0.9978); on VNNI hosts the 8-bit
-weights stay (VNNI accumulates in int32). ``EDGEC_INT8_SATURATES=1|0`` overrides the detection
-(an artifact built here for a host of the other kind).
+Without VNNI, x86 int8 dot products (ONNX Runtime's MLAS, OpenVINO's oneDNN) multiply u8
+activations by s8 weights with ``vpmaddubsw``, which adds each pair of products into a
+saturating int16: two 255 × 127 products (64770) overflow it. Measured on an AVX2-only AMD EPYC,
+video-dit tiny w8a8 (floor off), cosine to PyTorch: ort-cpu 0.9899, openvino-cpu 0.9898.
+Where this says so, the CPU targets shift their int8 weights to uint8 (``unsigned_weights``:
+exact, all 8 bits kept: 0.99955 and 0.99959), and ONNX Runtime runs that measure a QDQ graph (the
+NPU's reference, the accuracy floor's probes) leave its fusions off (``runtimes.ort.exact_qdq``).
+On VNNI hosts (int32 accumulation) nothing changes. ``EDGEC_INT8_SATURATES=1|0`` overrides the
+detection (an artifact built here for a host of the other kind).
 
-ONNX Runtime's other remedy, ``session.x64quantprecision`` (s8 weights rewritten to u8 at load,
-U8U8 kernels), would keep 8 bits on ort-cpu, but onnxruntime 1.31 fails to load edgec's QDQ
-graphs with it ("AddInitializedOrtValue: Attempt to replace the existing tensor", video-dit
-tiny w8a8 on this AVX2 host), so both CPU targets take 7-bit weights.
+Tried before: 7-bit weights (ONNX Runtime's documented ``reduce_range``) avoid the overflow at
+the cost of a bit (0.9993 / 0.9994 above; llama small logits 0.99951 vs 0.99965 with uint8
+weights, at the same speed); ``session.x64quantprecision`` (ORT rewriting s8 weights to u8 at
+load) fails to load edgec's QDQ graphs in onnxruntime 1.31 ("AddInitializedOrtValue: Attempt to
+replace the existing tensor").
 """
 
 from __future__ import annotations

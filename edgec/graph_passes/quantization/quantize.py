@@ -285,9 +285,6 @@ class QuantizePass(ir.passes.FunctionalPass):
             "kept_w8a16": len(plan.wide_nodes),
             "mask_tensors": len(plan.mask_tensors),
             "opset": quantized.opset_imports.get(""),
-            **({"weights_7bit": "this host's int8 kernels saturate 8-bit weights (x86 without "
-                                "VNNI): 7-bit weights (EDGEC_INT8_SATURATES=0 keeps 8)"}
-               if not s.weight_only and self._seven_bit_weights() else {}),
             **extra,
         }
         if cache is not None:
@@ -487,8 +484,6 @@ class QuantizePass(ir.passes.FunctionalPass):
             save_model(model, src)  # with external data: no 2 GB protobuf limit
             save_tensors_data(tensors, ranges)
             kwargs = options(model, src, self.scheme, plan, tensors.calibration_method)
-            if self._seven_bit_weights():
-                kwargs["reduce_range"] = True
             if self.scheme.signed_attention:
                 kwargs["extra_options"]["TensorQuantOverrides"] = signed_attention_overrides(
                     model, set(plan.nodes_to_exclude), cache)
@@ -528,14 +523,6 @@ class QuantizePass(ir.passes.FunctionalPass):
                                                             s.block_scale_bits)
         return self._rounded(model, quantized)
 
-    def _seven_bit_weights(self) -> bool:
-        """8-bit weights at 7 bits on a CPU target whose host's int8 kernels saturate
-        (``host_int8``: x86 without VNNI)."""
-        from edgec.graph_passes.quantization.host_int8 import int8_saturates
-
-        return (self.target.runtime in ("ort", "openvino") and not self.target.fully_quantized
-                and self.scheme.weights in ("int8", "uint8") and int8_saturates())
-
     def _rounded(self, fp32: ir.Model, quantized: ir.Model) -> ir.Model:
         """GPTQ's weight integers in place of nearest rounding, when asked for (``gptq``);
         ``fp32`` is the graph ``quantized`` was made from (its activations give H)."""
@@ -547,8 +534,7 @@ class QuantizePass(ir.passes.FunctionalPass):
         if "samples" not in memo:
             memo["samples"] = self.gptq(fp32)
         memo.setdefault("stats", {})[id(quantized)] = gptq_weights(
-            fp32, quantized, memo["samples"], memo, keep_zeros=self.keep_zeros,
-            reduced=self._seven_bit_weights())
+            fp32, quantized, memo["samples"], memo, keep_zeros=self.keep_zeros)
         return quantized
 
 

@@ -1,0 +1,88 @@
+"""Int8 weights as uint8, exactly, on a host whose u8 × s8 int8 kernels saturate.
+
+Without VNNI, x86 int8 dot products (ONNX Runtime's MLAS, OpenVINO's oneDNN) multiply u8
+activations by s8 weights with ``vpmaddubsw``, whose int16 pair sums overflow on 8-bit weights
+(``host_int8``). A weight ``DequantizeLinear(W:int8, s, z)`` is the same tensor as
+``DequantizeLinear(W + 128 : uint8, s, z + 128)``, and both runtimes run that form without the
+overflow: ONNX Runtime picks its U8U8 kernels (still fused into QLinearMatMul /
+MatMulIntegerToFloat / QLinearConv), OpenVINO decompresses u8 weights into a float GEMM. So a
+quantized graph keeps all 8 bits of its weights and computes what it says, a user's QDQ model
+included. Measured on an AVX2-only AMD EPYC, one 768×3072 MatMul at 128 rows, u8 activations,
+relative error vs the unfused graph: s8 weights 0.22-0.48, u8 weights ≤ 0.008 (one rounding
+step of the output quantizer); same latency (ORT 5.7 ms both, OpenVINO 13.4-14.1 ms).
+
+Guarantees: outputs bitwise unchanged (an integer shift of a constant and its zero point);
+stats count the weights shifted. The targets run it only where the host saturates (``wanted``;
+``EDGEC_INT8_SATURATES=1|0`` decides for an artifact meant for a host of the other kind: on a
+VNNI host the u8 × s8 kernels are exact and faster than U8U8).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.graph_passes._infra import EdgecPass, PassResult, register_constant
+
+__all__ = ["UnsignedWeightsPass"]
+
+
+class UnsignedWeightsPass(EdgecPass):
+    """Constant int8 ``DequantizeLinear`` inputs shifted to uint8 where the host saturates."""
+
+    name = "unsigned-weights"
+    exact = True
+    rtol = 1e-6
+
+    @classmethod
+    def wanted(cls) -> bool:
+        from edgec.graph_passes.quantization.host_int8 import int8_saturates
+
+        return int8_saturates()
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph, shifted = model.graph, {}
+        count = 0
+        for node in list(graph):
+            if node.op_type != "DequantizeLinear" or not _int8_constant(node.inputs[0]):
+                continue
+            zp = node.inputs[2] if len(node.inputs) > 2 else None
+            if zp is not None and not _int8_constant(zp):
+                continue  # an int8 weight with a computed zero point: left as it is
+            weight = _shifted(graph, node.inputs[0], shifted)
+            if zp is None:
+                zero = register_constant(graph, _fresh(graph, f"{weight.name}_zero_point"),
+                                         np.array(128, np.uint8))
+            else:
+                zero = _shifted(graph, zp, shifted)
+            if len(node.inputs) < 3:
+                node.resize_inputs(3)
+            node.replace_input_with(0, weight)
+            node.replace_input_with(2, zero)
+            count += 1
+        for old in shifted:  # the int8 originals nothing reads any more
+            if not old.uses() and not old.is_graph_output() and old.name in graph.initializers:
+                graph.initializers.pop(old.name)
+        return PassResult(model, bool(count), {"weights_shifted": count})
+
+
+def _int8_constant(value: ir.Value | None) -> bool:
+    return (value is not None and value.const_value is not None and value.producer() is None
+            and value.const_value.dtype == ir.DataType.INT8)
+
+
+def _shifted(graph: ir.Graph, value: ir.Value, done: dict[ir.Value, ir.Value]) -> ir.Value:
+    """``value`` + 128 as a new uint8 initializer (once per original)."""
+    if value not in done:
+        array = value.const_value.numpy().astype(np.int16) + 128
+        done[value] = register_constant(graph, _fresh(graph, f"{value.name}_u8"),
+                                        array.astype(np.uint8))
+    return done[value]
+
+
+def _fresh(graph: ir.Graph, name: str) -> str:
+    base, k = name, 0
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}_{k}"
+    return name
