@@ -29,7 +29,9 @@ def test_registry_model_compiles_for_both_targets(dit_tiny_artifacts):
 def test_check_records_each_pass(dit_tiny_artifacts):
     ort_art = dit_tiny_artifacts[0]
     recipe = ort_art.manifest["recipe"]
-    assert recipe["passes"] == ["cleanup"] and recipe["check"] is True and recipe["options"] == {}
+    # unsigned-weights: ort-cpu's last pass where this host's int8 saturates (host_int8)
+    assert [p for p in recipe["passes"] if p != "unsigned-weights"] == ["cleanup"]
+    assert recipe["check"] is True and recipe["options"] == {}
     assert ort_art.manifest["passes"][0]["name"] == "cleanup"
 
 

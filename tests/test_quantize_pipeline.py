@@ -200,17 +200,20 @@ def test_npu_floor_keeps_layers_at_w8a16_under_4_bit_weights(tmp_path):
     (0.926 as quantized, 0.948 with all kept: its 4-bit weights were the loss); 0.984 with 16.
     A floor of 0.985: at the default 0.98, calibrated with a draw of conditions per sample, ORT
     met it with 12 kept (0.98008) and the HTP measured 0.97998, so the floor read not reached
-    (the report's advice: a tighter floor leaves room for the device); 16 kept: 0.988.
-    Held out on 2 samples, not the default 4: each probe and the HTP emulator's measurement
-    run on them (4 took 49 s here, 2 take 38 s)."""
+    (the report's advice: a tighter floor leaves room for the device); 16 kept: 0.988. At
+    0.985 on an AVX2-only host (ORT measuring the QDQ graph unfused there) 15 kept met it by
+    2e-4 (0.98517) and the HTP measured 0.98510 or 0.98500 run to run, so the floor is 0.986,
+    off the probes' values on both hosts (16 kept: 0.9871 there, 0.988 on VNNI). Held out on
+    2 samples, not the default 4: each probe and the HTP emulator's measurement run on them
+    (4 took 49 s here, 2 take 38 s)."""
     import onnx_ir as ir
 
     art = edgec.compile("motion-dit", target="qnn-htp", output_dir=tmp_path / "o",
-                        config="tiny", quantize="w4a8:min_cos=0.985,held_out=2")
+                        config="tiny", quantize="w4a8:min_cos=0.986,held_out=2")
     stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
     mp = stats["mixed_precision"]
     assert mp["probes"][0]["kept"] == 0 and mp["probes"][0]["cosine"] < 0.98
-    assert mp["reached"] and mp["achieved"] >= 0.985 and mp["precision"] == "w8a16"
+    assert mp["reached"] and mp["achieved"] >= 0.986 and mp["precision"] == "w8a16"
     assert 0 < len(mp["kept"]) == stats["kept_w8a16"] < mp["candidates"]
     kept = {e["node"] for e in mp["kept"]}
     weights = {}
