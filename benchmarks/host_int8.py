@@ -6,12 +6,14 @@ something other than itself there. edgec's ``unsigned-weights`` pass (where ``ho
 the host saturates) shifts the weights to uint8, the same tensor, which both runtimes compute
 exactly (ORT's U8U8 kernels; OpenVINO's u8-weight path).
 
-Each case compiles the fp32 graph and w8a8 (floor off, so the two quantized graphs differ only
-in the weights' type) twice: ``EDGEC_INT8_SATURATES=0`` (int8 weights as ONNX Runtime's quantizer
-writes them) and ``=1`` (the pass applied). Reported per case: each artifact's output cosine to
-the source (PyTorch / transformers) on the example inputs, the same graph run by ONNX Runtime
-unfused (the QDQ graph's own arithmetic), and latency (interleaved blocks, medians; speedups
-paired per block). On a VNNI host both quantized graphs should agree with their arithmetic.
+Each case compiles the fp32 graph and w8a8 (floor off, so the quantized graphs differ only in
+the weights) with ``EDGEC_INT8_SATURATES=0`` (int8 weights as ONNX Runtime's quantizer writes
+them), ``=1`` (the pass applied), and, for comparison, with 7-bit int8 weights (ONNX Runtime's
+``reduce_range``: the remedy edgec took before, one bit less). Reported per case: each
+artifact's output cosine to the source (PyTorch / transformers) on the example inputs, to the
+same graph run by ONNX Runtime unfused (the QDQ graph's own arithmetic), and latency
+(interleaved blocks, medians; speedups paired per block). On a VNNI host the int8 graphs
+should agree with their arithmetic too.
 
 Run: ``python benchmarks/host_int8.py [--rounds 8] [--out PATH]`` (results:
 ``benchmarks/results/host_int8.json``; SmolLM2-135M's first 4 layers come from the
@@ -21,6 +23,7 @@ Run: ``python benchmarks/host_int8.py [--rounds 8] [--out PATH]`` (results:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -37,7 +40,10 @@ MODELS = (("llama small", "llama", "small"),
           ("SmolLM2-135M, first 4 layers (transformers LlamaForCausalLM)", "smollm2-4", None))
 TARGETS = ("ort-cpu", "openvino-cpu")
 VARIANTS = (("fp32", None, None), ("int8 weights", "w8a8:min_cos=0", "0"),
-            ("uint8 weights", "w8a8:min_cos=0", "1"))
+            ("uint8 weights", "w8a8:min_cos=0", "1"),
+            # the other remedy, for comparison (edgec does not take it): ONNX Runtime's
+            # reduce_range, int8 weights within ±64, whose pair sums fit int16
+            ("7-bit int8 weights", "w8a8:min_cos=0", "0"))
 
 
 def log(msg: str) -> None:
@@ -61,6 +67,23 @@ def _unfused(path: Path, feeds: dict) -> dict:
     return dict(zip([o.name for o in sess.get_outputs()], outs))
 
 
+@contextlib.contextmanager
+def _seven_bits(on: bool):
+    """ONNX Runtime's quantizer called with ``reduce_range=True`` (7-bit weights) while on."""
+    from edgec.graph_passes.quantization import quantize as q
+
+    plain = q.generic_qdq_options
+
+    def reduced(*args, **kwargs):
+        return {**plain(*args, **kwargs), "reduce_range": True}
+
+    q.generic_qdq_options = reduced if on else plain
+    try:
+        yield
+    finally:
+        q.generic_qdq_options = plain
+
+
 def case(label: str, source: str, config: str | None, target: str, tmp: Path,
          rounds: int) -> dict:
     import edgec
@@ -74,8 +97,10 @@ def case(label: str, source: str, config: str | None, target: str, tmp: Path,
         else:
             os.environ["EDGEC_INT8_SATURATES"] = saturates
         log(f"{label} {target}: compiling {name}")
-        art = edgec.compile(source, target=target, output_dir=tmp / f"{target}-{len(arts)}",
-                            config=config, quantize=quantize)
+        with _seven_bits(name.startswith("7-bit")):
+            art = edgec.compile(source, target=target,
+                                output_dir=tmp / f"{target}-{len(arts)}", config=config,
+                                quantize=quantize)
         os.environ.pop("EDGEC_INT8_SATURATES", None)
         fid = art.report["fidelity"]["target_vs_source"]["outputs"]
         shifted = next((p["stats"].get("weights_shifted", 0) for p in art.report["passes"]
@@ -97,6 +122,7 @@ def case(label: str, source: str, config: str | None, target: str, tmp: Path,
         row["variants"][k]["latency"] = QB.lat_stats(meas["times"][k])
     row["speedup_vs_fp32"] = {k: QB.speedup(meas, "fp32", k) for k in sessions if k != "fp32"}
     row["uint8_vs_int8"] = QB.speedup(meas, "int8 weights", "uint8 weights")
+    row["uint8_vs_7bit"] = QB.speedup(meas, "7-bit int8 weights", "uint8 weights")
     return row
 
 
