@@ -235,6 +235,8 @@ def test_legalize_lowers_rank8_unpatchify_exactly(tmp_path):
     ranks = [len(n.attributes["perm"].as_ints()) for n in result.model.graph
              if n.op_type == "Transpose"]
     assert ranks and max(ranks) <= 5
+    lowered = [n for n in result.model.graph if n.name.startswith("unpatchify_lower")]
+    assert lowered and all(n.outputs[0].dtype == ir.DataType.FLOAT for n in lowered)  # typed
     np.testing.assert_array_equal(after["y"], before["y"])  # pure data movement: bit exact
     path = _quantize(ir.to_proto(result.model), tmp_path / "model.onnx", _samples(x=(2, 32, 16)))
     _build(path, tmp_path)  # and the HTP takes it

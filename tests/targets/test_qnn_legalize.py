@@ -44,7 +44,13 @@ def _run(model: onnx.ModelProto, feeds) -> dict[str, np.ndarray]:
 def _legalize(model: onnx.ModelProto, feeds, rtol=0.0, atol=0.0):
     """Run the pass; assert the outputs (same names) agree within rtol/atol (default: bit exact)."""
     before = _run(model, feeds)
+    made = {o for node in model.graph.node for o in node.output}
     result = QnnLegalizePass()(ir.from_proto(model))
+    # new tensors are typed at the source: untyped ones made calibration's histogram ops
+    # untyped (percentile on qnn-htp failed to serialize); motion-dit tiny had 12
+    untyped = [v.name for node in result.model.graph for v in node.outputs
+               if v.name not in made and v.dtype is None]
+    assert not untyped, untyped
     proto = ir.to_proto(result.model)
     onnx.checker.check_model(proto, full_check=True)
     after = _run(proto, feeds)
@@ -496,3 +502,4 @@ def test_unnamed_einsums_get_unique_node_and_constant_names():
     assert all(names) and len(set(names)) == len(names)
     consts = [n for n in result.model.graph.initializers if n.endswith("_shape")]
     assert len(consts) == 6 and len(set(consts)) == 6  # a, b and out shapes of each
+

@@ -96,13 +96,13 @@ def lower_einsum(graph: ir.Graph, node: ir.Node) -> bool:
             return x
         t = ir.node("Transpose", [x], attributes={"perm": perm}, name=f"{base}_{tag}_t")
         new.append(t)
-        return t.outputs[0]
+        return _typed(t.outputs[0], node.outputs[0].type)
 
     def reshape(x: ir.Value, shape: list[int], tag: str) -> ir.Value:
         shp = _const(graph, f"{base}_{tag}_shape", np.array(shape, np.int64))
         r = ir.node("Reshape", [x, shp], name=f"{base}_{tag}_reshape")
         new.append(r)
-        return r.outputs[0]
+        return _typed(r.outputs[0], node.outputs[0].type, shape)
 
     lhs = transpose(node.inputs[0], [plan["a"].index(c) for c in batch + fa + k], "a")
     rhs = transpose(node.inputs[1], [plan["b"].index(c) for c in batch + k + fb], "b")
@@ -111,7 +111,7 @@ def lower_einsum(graph: ir.Graph, node: ir.Node) -> bool:
         rhs = reshape(rhs, [prod(batch), prod(k), prod(fb)], "b")
     mm = ir.node("MatMul", [lhs, rhs], name=f"{base}_matmul")
     new.append(mm)
-    y = mm.outputs[0]
+    y = _typed(mm.outputs[0], node.outputs[0].type)
     made = batch + fa + fb
     if merge:
         y = reshape(y, [size[c] for c in made], "out")
@@ -140,3 +140,13 @@ def _unique_base(graph: ir.Graph, base: str) -> str:
         i += 1
         base = f"{stem}_{i}"
     return base
+
+
+def _typed(value: ir.Value, dtype: ir.TypeProtocol | None, shape: list[int] | None = None
+           ) -> ir.Value:
+    """``value`` with the Einsum's element type (and a known static shape): later passes read
+    types (calibration's histogram ops were typed None from an untyped tensor)."""
+    value.type = dtype
+    if shape is not None:
+        value.shape = ir.Shape(shape)
+    return value

@@ -184,6 +184,9 @@ def _lower_transpose(graph: ir.Graph, node: ir.Node) -> bool:
         r = ir.node("Reshape", [src, shp], name=f"{base}_lower{len(new_nodes)}_reshape")
         t = ir.node("Transpose", r.outputs, attributes={"perm": order},
                     name=f"{base}_lower{len(new_nodes)}")
+        # typed at the source: later passes read element types (calibration's histograms)
+        r.outputs[0].type, r.outputs[0].shape = x.type, ir.Shape(shape)
+        t.outputs[0].type, t.outputs[0].shape = x.type, ir.Shape([shape[i] for i in order])
         new_nodes.extend([r, t])
         src = t.outputs[0]
 
@@ -322,7 +325,10 @@ class GatherNDToGather(pattern.RewriteRuleClassBase):
         flat = op.initializer(ir.tensor(np.array([int(lead.prod()), *dims[k:]], np.int64)),
                               name=f"{out.name}_flat_shape")
         lin = op.initializer(ir.tensor(linear), name=f"{out.name}_linear_indices")
-        return op.Gather(op.Reshape(data, flat), lin, axis=0)
+        flattened = op.Reshape(data, flat)
+        gathered = op.Gather(flattened, lin, axis=0)
+        flattened.type = gathered.type = data.type  # typed at the source (calibration reads it)
+        return gathered
 
 
 class GatherToLeadingAxis(pattern.RewriteRuleClassBase):
@@ -346,7 +352,9 @@ class GatherToLeadingAxis(pattern.RewriteRuleClassBase):
         rank, r_idx = len(data.shape), len(indices.shape)
         axis = out.producer().attributes.get_int("axis", 0) % rank
         front = [axis, *(a for a in range(rank) if a != axis)]
-        gathered = op.Gather(op.Transpose(data, perm=front), indices, axis=0)
+        moved = op.Transpose(data, perm=front)
+        gathered = op.Gather(moved, indices, axis=0)
+        moved.type = gathered.type = data.type  # typed at the source (calibration reads it)
         # gathered: [indices dims, data dims before axis, data dims after axis]
         back = [*range(r_idx, r_idx + axis), *range(r_idx), *range(r_idx + axis, rank + r_idx - 1)]
         if back == sorted(back):  # a scalar index: the order is already right
@@ -380,7 +388,10 @@ class MishToSoftplusTanh(pattern.RewriteRuleClassBase):
         return op.Mish(x)
 
     def rewrite(self, op, x):
-        return op.Mul(x, op.Tanh(op.Softplus(x)))
+        soft = op.Softplus(x)
+        gate = op.Tanh(soft)
+        soft.type = gate.type = x.type  # typed at the source (calibration reads it)
+        return op.Mul(x, gate)
 
 
 class UnshareLayerNormBias(pattern.RewriteRuleClassBase):

@@ -26,4 +26,7 @@ class SiluOperandCopy(pattern.RewriteRuleClassBase):
         return op.Mul(x, op.Sigmoid(x))
 
     def rewrite(self, op, x):
-        return op.Mul(op.Max(x, x), op.Sigmoid(x))
+        copy, gate = op.Max(x, x), op.Sigmoid(x)
+        for v in (copy, gate):  # typed at the source: later passes read element types
+            v.type, v.shape = x.type, x.shape
+        return op.Mul(copy, gate)
