@@ -9,12 +9,13 @@ MatMulIntegerToFloat / QLinearConv), OpenVINO decompresses u8 weights into a flo
 quantized graph keeps all 8 bits of its weights and computes what it says, a user's QDQ model
 included. Measured on an AVX2-only AMD EPYC, one 768×3072 MatMul at 128 rows, u8 activations,
 relative error vs the unfused graph: s8 weights 0.22-0.48, u8 weights ≤ 0.008 (one rounding
-step of the output quantizer); same latency (ORT 5.7 ms both, OpenVINO 13.4-14.1 ms).
+step of the output quantizer). The cost, on whole models (``benchmarks/host_int8.py``): ORT's
+U8U8 kernels run at 0.86-0.93× the speed of the U8S8 ones; OpenVINO's u8 path at 1.00-1.04×.
 
 Guarantees: outputs bitwise unchanged (an integer shift of a constant and its zero point);
 stats count the weights shifted. The targets run it only where the host saturates (``wanted``;
 ``EDGEC_INT8_SATURATES=1|0`` decides for an artifact meant for a host of the other kind: on a
-VNNI host the u8 × s8 kernels are exact and faster than U8U8).
+VNNI host the u8 × s8 kernels accumulate exactly in int32 and are the ones tuned for it).
 """
 
 from __future__ import annotations
