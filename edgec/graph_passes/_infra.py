@@ -57,6 +57,15 @@ def static_dims(value: ir.Value) -> list[int] | None:
     return [int(d) for d in shape]
 
 
+def fresh_name(graph: ir.Graph, name: str) -> str:
+    """``name``, or ``name.1``, ``name.2``... : the first no initializer of ``graph`` holds."""
+    k, base = 0, name
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}.{k}"
+    return name
+
+
 def register_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """``array`` as a new initializer ``name`` of ``graph`` (typed and shaped), returned."""
     tensor = ir.tensor(array, name=name)

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from edgec.errors import UserError
-from edgec.graph_passes._infra import EdgecPass, PassResult
+from edgec.graph_passes._infra import EdgecPass, PassResult, fresh_name
 from edgec.lora.peft_adapter import LoraAdapter, resolve_saved, resolve_targets
 
 __all__ = ["LoraMergePass"]
@@ -163,7 +163,7 @@ class LoraMergePass(EdgecPass):
                 init = target.initializer
                 readers = _untied_readers(model, adapter, key, target, self.parameter_map)
                 if readers:
-                    init = _fresh_name(model, f"{target.parameter}.saved")
+                    init = fresh_name(model.graph, f"{target.parameter}.saved")
                     splits[init] = (target.initializer, readers)
                 modules[init] = [key.rpartition(".")[0]]
                 out[init] = target.to_onnx_layout(adapter.saved[key])
@@ -215,14 +215,6 @@ def _untied_readers(model: ir.Model, adapter: LoraAdapter, key: str, target,
                         "weight whose readers cannot be told apart; merge the adapter in PEFT "
                         "(merge_and_unload) and compile the merged model")
     return lookups if role == "lookup" else rest
-
-
-def _fresh_name(model: ir.Model, name: str) -> str:
-    k, base = 0, name
-    while name in model.graph.initializers:
-        k += 1
-        name = f"{base}.{k}"
-    return name
 
 
 def _split(model: ir.Model, shared: str, name: str, readers: list[tuple[ir.Node, int]]) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgec.graph_passes._infra import EdgecPass, PassResult, register_constant
+from edgec.graph_passes._infra import EdgecPass, PassResult, fresh_name, register_constant
 
 __all__ = ["UnsignedWeightsPass"]
 
@@ -42,7 +42,7 @@ class UnsignedWeightsPass(EdgecPass):
         return int8_saturates()
 
     def call(self, model: ir.Model) -> PassResult:
-        graph, shifted = model.graph, {}
+        graph, shifted, midpoint = model.graph, {}, None
         count = 0
         for node in list(graph):
             if node.op_type != "DequantizeLinear" or not _int8_constant(node.inputs[0]):
@@ -51,9 +51,10 @@ class UnsignedWeightsPass(EdgecPass):
             if zp is not None and not _int8_constant(zp):
                 continue  # an int8 weight with a computed zero point: left as it is
             weight = _shifted(graph, node.inputs[0], shifted)
-            if zp is None:
-                zero = register_constant(graph, _fresh(graph, f"{weight.name}_zero_point"),
-                                         np.array(128, np.uint8))
+            if zp is None:  # int8's implicit zero point 0, as uint8: one midpoint for all
+                midpoint = midpoint or register_constant(
+                    graph, fresh_name(graph, "uint8_midpoint"), np.array(128, np.uint8))
+                zero = midpoint
             else:
                 zero = _shifted(graph, zp, shifted)
             if len(node.inputs) < 3:
@@ -62,7 +63,7 @@ class UnsignedWeightsPass(EdgecPass):
             node.replace_input_with(2, zero)
             count += 1
         for old in shifted:  # the int8 originals nothing reads any more
-            if not old.uses() and not old.is_graph_output() and old.name in graph.initializers:
+            if not old.uses() and not old.is_graph_output() and old.is_initializer():
                 graph.initializers.pop(old.name)
         return PassResult(model, bool(count), {"weights_shifted": count})
 
@@ -72,18 +73,12 @@ def _int8_constant(value: ir.Value | None) -> bool:
             and value.const_value.dtype == ir.DataType.INT8)
 
 
-def _shifted(graph: ir.Graph, value: ir.Value, done: dict[ir.Value, ir.Value]) -> ir.Value:
+def _shifted(graph: ir.Graph, value: ir.Value, done: dict[ir.Value, ir.Value]
+             ) -> ir.Value:
     """``value`` + 128 as a new uint8 initializer (once per original)."""
     if value not in done:
         array = value.const_value.numpy().astype(np.int16) + 128
-        done[value] = register_constant(graph, _fresh(graph, f"{value.name}_u8"),
+        done[value] = register_constant(graph, fresh_name(graph, f"{value.name}_u8"),
                                         array.astype(np.uint8))
     return done[value]
 
-
-def _fresh(graph: ir.Graph, name: str) -> str:
-    base, k = name, 0
-    while name in graph.initializers:
-        k += 1
-        name = f"{base}_{k}"
-    return name
