@@ -428,3 +428,32 @@ def test_a_guard_that_excludes_one_size_at_the_range_edge_becomes_a_range():
     assert _one_excluded_size(sympy.Ne(b * s - 12, 0), {}) is None  # two dims in one factor
     # a dim that may be 0 is a factor that can vanish: not dropped
     assert _one_excluded_size(sympy.Ne(b * (s - 12), 0), {"batch_size": {"min": 0}}) is None
+
+
+def test_exports_share_one_translation_registry_per_opset(tiny_mlp, monkeypatch):
+    """torch.onnx's ATen translation registry is built once per opset and read by every
+    export after it; outside an export torch's own function is back in place."""
+    from torch.onnx._internal.exporter import _registration
+
+    from edgec.exporters import torch_export
+
+    real = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    built = []
+
+    def counting(cls, *args, **kwargs):
+        built.append(args or tuple(kwargs.values()))
+        return real.__func__(cls, *args, **kwargs)
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
+    monkeypatch.setattr(torch_export, "_REGISTRIES", {})
+    module, inputs = tiny_mlp
+    first = export_module(module, inputs)
+    second = export_module(module, inputs)
+    third = export_module(module, inputs, opset=18)
+    assert len(built) == 2 and len(torch_export._REGISTRIES) == 2  # opsets 20 and 18
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is counting
+    x = inputs[0].numpy()
+    for result in (first, second, third):
+        np.testing.assert_allclose(run_model(result.model, {"x": x})["output"],
+                                   module(inputs[0]).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert third.model.opset_imports[""] == 18
