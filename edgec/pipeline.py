@@ -983,9 +983,9 @@ def calibrate_source(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
 def _held_out_of_data(recipe: Recipe, request, src):
     """``calibrate --data``: (the request calibrating on what `compile --calib FILE.npz` would,
     (the floor's held-out samples, their source), the samples GPTQ takes) — the file's last
-    ``held_out`` (default HELD_OUT), left out of the calibration where enough remain
-    (``held_out_split``), so the same options give the same ranges either way and
-    `compile --calib CACHE` holds its floor and rounds GPTQ's weights on the same samples;
+    ``held_out`` (default ``QuantOptions.held_out_of`` the file), left out of the calibration
+    where enough remain (``held_out_split``), so the same options give the same ranges either
+    way and `compile --calib CACHE` holds its floor and rounds GPTQ's weights on the same samples;
     None for the second with no floor to hold.
     It calibrated on the whole file and the compile's floor took random tokens:
     all-MiniLM-L6-v2 w8a8 read 0.9802 where the file's own gave 0.9907; GPTQ under the cache
@@ -996,7 +996,8 @@ def _held_out_of_data(recipe: Recipe, request, src):
     feeds = source_samples_from_npz(request.data, src)
     if recipe.quantize.floor_on(recipe.target) is None:
         return request, None, gptq_of_data(feeds, "calibration")
-    held, available = recipe.quantize.held_out_count, npz_sample_count(request.data)
+    available = npz_sample_count(request.data)
+    held = recipe.quantize.held_out_of(available)
     recipe.quantize.check_held_out(available, request.data.name)
     calibrated, source = held_out_split(available, recipe.quantize.samples, held)
     return (dataclasses.replace(request, samples=calibrated), (feeds[-held:], source),

@@ -405,11 +405,26 @@ def test_held_out_split_with_more_held_out(available, asked, split):
     assert held_out_split(available, asked, 8) == split
 
 
-@pytest.mark.parametrize(("count", "calibrated", "source"), [(20, 16, "data"),
-                                                              (6, 6, "calibration")])
-def test_floor_holds_out_samples_calibration_does_not_see(tmp_path, count, calibrated, source):
-    """A user's .npz with enough samples: the floor's held-out samples are its last 4 and
-    calibration takes the rest; with too few, calibration sees them too and the report says so."""
+@pytest.mark.parametrize(("available", "options", "held"), [
+    (None, {}, 4), (6, {}, 4), (20, {}, 4), (22, {}, 6), (24, {}, 8), (30, {}, 10),
+    (40, {}, 13), (48, {}, 16), (200, {}, 16), (24, {"samples": 8}, 8),
+    (24, {"samples": 18}, 6), (24, {"samples": 22}, 4), (200, {"held_out": 5}, 5),
+    (6, {"held_out": 2}, 2)])
+def test_held_out_grows_with_the_data_file(available, options, held):
+    """Default held-out count: 4, and from a user's .npz one in three of its samples (at most 16)
+    while calibration's own count (samples=, else 16) remains before them; held_out= is as given."""
+    from edgec.graph_passes.quantization.options import QuantOptions
+
+    assert QuantOptions("w8a8", **options).held_out_of(available) == held
+
+
+@pytest.mark.parametrize(("count", "calibrated", "held", "source"), [
+    (24, 16, 8, "data"), (6, 6, 4, "calibration")])
+def test_floor_holds_out_samples_calibration_does_not_see(tmp_path, count, calibrated, held,
+                                                          source):
+    """A user's .npz with enough samples: the floor's held-out samples are its last third (24
+    samples: 8) and calibration takes the rest; with too few, the last 4, which calibration sees
+    too, and the report says so."""
     import numpy as np
 
     from edgec.models import registry
@@ -421,7 +436,7 @@ def test_floor_holds_out_samples_calibration_does_not_see(tmp_path, count, calib
     q = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
     assert q["calibration"]["samples"] == calibrated and q["calibration"]["data"] == "file s.npz"
     mp = q["mixed_precision"]
-    assert mp["held_out"] == 4 and mp["held_out_source"] == source
+    assert mp["held_out"] == held and mp["held_out_source"] == source
     assert mp["held_out_seen_by_calibration"] == (source == "calibration")
     said = "kept out of the calibration" if source == "data" else "which calibration saw too"
     assert said in (art.path / "report.md").read_text()
@@ -440,9 +455,9 @@ def test_floor_holds_out_samples_calibration_does_not_see(tmp_path, count, calib
                             data=tmp_path / "s.npz")
     assert cache.samples == calibrated and cache.data == "file s.npz"
     assert cache.data_sha256 == hashlib.sha256((tmp_path / "s.npz").read_bytes()).hexdigest()
-    assert cache.held_out == {"file": "held_out.npz", "samples": 4, "source": source}
+    assert cache.held_out == {"file": "held_out.npz", "samples": held, "source": source}
     kept = np.load(tmp_path / "c" / "held_out.npz")["input_ids"]
-    assert np.array_equal(kept, np.load(tmp_path / "s.npz")["input_ids"][-4:])
+    assert np.array_equal(kept, np.load(tmp_path / "s.npz")["input_ids"][-held:])
     again = edgec.compile("llama", target="ort-cpu", output_dir=tmp_path / "o2", config="tiny",
                           quantize="w8a8", calibration=tmp_path / "c")
     q2 = next(p for p in again.report["passes"] if p["name"] == "quantize")["stats"]

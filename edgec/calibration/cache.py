@@ -101,9 +101,9 @@ class CalibrationCache:
     # a cache from before this was recorded
     adapters: dict[str, Any] | None = None
     # ``calibrate --data``: the data file's sha256 beside its name in ``data``; and the floor's
-    # held-out samples, its last HELD_OUT as a compile with that file holds out, in
-    # HELD_OUT_FILE beside calibration.json ({} none: a compile's floor takes generated ones):
-    # {"file", "samples", "source": "data" (calibration left them out) | "calibration"}
+    # held-out samples, its last ``QuantOptions.held_out_of`` (as a compile with that file holds
+    # out) in HELD_OUT_FILE beside calibration.json ({} none: a compile's floor takes generated
+    # ones): {"file", "samples", "source": "data" (calibration left them out) | "calibration"}
     data_sha256: str | None = None
     held_out: dict[str, Any] = dataclasses.field(default_factory=dict)
     # ... and the file's samples GPTQ takes, in CALIBRATION_SAMPLES_FILE ({} none: a generated

@@ -25,6 +25,15 @@ __all__ = ["QuantOptions", "HELD_OUT", "DEFAULT_MIN_COS", "DEFAULT_MAX_KLD", "he
 # and stream_16bit)
 STREAMS = ("fp16", "16bit", "8bit")
 HELD_OUT = 4  # samples mixed precision measures the quantized graph on (``held_out=`` sets it)
+# ... and from a user's .npz with room for more: one in HELD_OUT_SHARE of its samples, at most
+# MAX_DEFAULT_HELD_OUT, while calibration keeps its own (samples=, else DEFAULT_SAMPLES). The
+# search keeps the fewest layers that hold the held-out samples, so it fits them: on the trained
+# terrain UNet (24 samples, w8a8) 4 held out read 0.984 (ort-cpu) and 0.990 (openvino-cpu)
+# where the worst of 16 unseen generations fell to 0.842 and 0.955; 8 held out (what 24 now
+# gives), the worst unseen held 0.983 and 0.977 at nearly the same speed (README § the trained
+# denoiser). Each of the floor's probes runs on all of them: 16 bounds the search's time.
+HELD_OUT_SHARE = 3
+MAX_DEFAULT_HELD_OUT = 16
 MAX_HELD_OUT = 256  # each probe of the floor's search runs the graph on all of them
 # Samples GPTQ's Hessians come from when the model's generator makes them (a user's .npz: all of
 # it). More than the ranges need: H = XᵀX of a [rows, K] activation must see many more rows
@@ -76,11 +85,13 @@ class QuantOptions:
     otherwise, 16 bits for w8a8/w4a8 on qnn-htp); ``sample_steps=N`` (a denoiser's floor also
     compares a whole N-step generation with fp32's, ``sample_check``: default 16, 0 skips it,
     which costs 4 N runs of each graph guided: minutes on a `small` video DiT); ``held_out=N``
-    (the samples the floor is held on, default 4: the last N of a user's .npz, kept out of
-    calibration where enough remain, else N more from the model's generator. The search keeps
-    the fewest layers that hold them, so a few samples over-promise: on the trained terrain
-    UNet, w8a8 on ort-cpu, 4 held out read 0.984 where the worst of 16 unseen generations fell
-    to 0.842; held out on 8, that worst held 0.983).
+    (the samples the floor is held on: the last N of a user's .npz, kept out of calibration
+    where enough remain, else N more from the model's generator; default 4, and from a .npz
+    with room for more one in three of its samples, up to 16, while calibration's 16 (or
+    samples=) remain before them: ``held_out_of``. The search keeps the fewest layers that hold
+    them, so a few samples over-promise: on the trained terrain UNet, w8a8 on ort-cpu, 4 held
+    out read 0.984 where the worst of 16 unseen generations fell to 0.842; held out on 8, that
+    worst held 0.983).
     """
 
     scheme: str
@@ -148,8 +159,8 @@ class QuantOptions:
                 isinstance(self.held_out, bool) or not isinstance(self.held_out, int)
                 or not 1 <= self.held_out <= MAX_HELD_OUT):
             raise UserError(f"--quantize held_out is how many samples the accuracy floor is "
-                            f"held on: an integer from 1 to {MAX_HELD_OUT} (default {HELD_OUT}), "
-                            f"not {self.held_out!r}")
+                            f"held on: an integer from 1 to {MAX_HELD_OUT} (default {HELD_OUT}; "
+                            f"from a .npz, up to {MAX_DEFAULT_HELD_OUT}), not {self.held_out!r}")
         if self.stream is not None and self.stream not in STREAMS:
             raise UserError(f"--quantize stream is how a fully quantized target holds the "
                             f"residual stream: one of {', '.join(STREAMS)}, not {self.stream!r}")
@@ -222,10 +233,19 @@ class QuantOptions:
         ORT's own float8 scale, σ / σ(e4m3 values), which clips at 4.48 σ)."""
         return self.method or "minmax"
 
-    @property
-    def held_out_count(self) -> int:
-        """The samples the floor is held on: ``held_out``, else HELD_OUT."""
-        return self.held_out or HELD_OUT
+    def held_out_of(self, available: int | None) -> int:
+        """The samples the floor is held on: ``held_out``; else, from a user's .npz of
+        ``available`` samples, one in HELD_OUT_SHARE of them (at most MAX_DEFAULT_HELD_OUT)
+        while the calibration's count remains before them; else HELD_OUT (generated samples,
+        a cache, or a file too small to spare more)."""
+        if self.held_out:
+            return self.held_out
+        if available is None:
+            return HELD_OUT
+        from edgec.calibration.samples import DEFAULT_SAMPLES
+
+        spare = available - (self.samples or DEFAULT_SAMPLES)
+        return max(HELD_OUT, min(available // HELD_OUT_SHARE, spare, MAX_DEFAULT_HELD_OUT))
 
     def check_held_out(self, available: int | None, name: str) -> None:
         """Refuse ``held_out`` above the ``available`` samples of the data file ``name``."""
@@ -312,7 +332,7 @@ class QuantOptions:
         count = given.samples if given is not None else self.samples or default_sample_count(src)
         # a user's .npz: the floor's held-out samples are its last n_held, kept out of the
         # calibration when enough remain (held_out_split); else calibration sees them too
-        n_held = self.held_out_count
+        n_held = self.held_out_of(available if floor else None)
         calibrated, source = held_out_split(available if floor else None, self.samples, n_held)
         # a cache calibrated from a user's .npz stores the same held-out samples beside it
         kept = given.held_out_file() if given is not None and floor else None
@@ -386,7 +406,7 @@ class QuantOptions:
 
         def held_out(model):
             """Samples the floor measures on: the model's generator past the calibration count,
-            else the last ``held_out_count`` of a user's .npz, or those a cache calibrated from
+            else the last ``held_out_of(n)`` of a user's .npz of n, or those a cache calibrated from
             one stored (``source`` says whether calibration saw them)."""
             if kept is not None:
                 return samples(model, file=kept)
