@@ -219,8 +219,10 @@ _REGISTRIES: dict = {}
 @contextlib.contextmanager
 def _one_registry():
     """torch.onnx builds its registry of ATen translations again on every export (parsing the
-    source of its onnxscript functions: llama tiny exports in 4.95 s with it, 4.45 s without,
-    medians of 4 paired runs on a 2-core AVX2 host). edgec passes no custom translations, so an
+    source of its onnxscript functions): 0.7-1.3 s of every export, 4-24% (llama tiny, video-dit
+    and motion-dit tiny, llama small, SmolLM2-135M's 4 layers through transformers; one thread,
+    2-core AVX2 host, the graphs byte for byte the same: ``benchmarks/export_time.py``). edgec
+    passes no custom translations, so an
     export only reads it, and one registry per opset serves every export in the process (a
     decoder's prefill and decode graphs, a VLM's parts, ``calibrate`` then ``compile``). Where
     torch moves that function, the exports build their own as before."""
