@@ -315,11 +315,67 @@ def _record(manager: PassManager, name: str):
     return next(r for r in manager.records if r.name == name)
 
 
+class _SearchAgain(Exception):
+    """The built artifact's runtime missed an accuracy floor ONNX Runtime met, by a shortfall a
+    moved floor can leave room for: compile once more with it (``compile_model``)."""
+
+    def __init__(self, recipe: Recipe, again: dict[str, Any]):
+        super().__init__(again["why"])
+        self.recipe, self.again = recipe, again
+
+
 def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "out",
                   example_inputs: Any = None,
                   dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
                   progress: Progress | None = None) -> Artifact:
-    """Compile ``source`` with ``recipe`` into ``output_dir`` (DESIGN.md § Public contracts)."""
+    """Compile ``source`` with ``recipe`` into ``output_dir`` (DESIGN.md § Public contracts).
+
+    Where the artifact's own runtime misses the accuracy floor that the search met on ONNX
+    Runtime, by a shortfall a tighter floor leaves room for (``on_target.floor_with_room``),
+    the compile runs once more, its search held to that moved floor and the device to the floor
+    asked (``mixed_precision.searched_again``): the qnn-htp emulator ran SmolLM2-135M's held-out
+    samples at KL 0.090 where ONNX Runtime, on the same graph, read 0.031, and a floor met on
+    ONNX Runtime by 2e-4 was missed on the HTP by 1e-4, run to run. Only once: a second miss is
+    reported as before."""
+    try:
+        return _compile_model(source, recipe, output_dir, example_inputs, dynamic_shapes,
+                              progress)
+    except _SearchAgain as again:
+        (progress or logger.info)(str(again))
+        return _compile_model(source, again.recipe, output_dir, example_inputs, dynamic_shapes,
+                              progress, again.again)
+
+
+def _search_again(recipe: Recipe, searched: dict[str, Any]) -> _SearchAgain | None:
+    """The second compile ``searched`` (the quantize pass's floor entry, measured on the
+    device) asks for: its bounds moved as ``floor_with_room`` says, the others as searched."""
+    from edgec.graph_passes.quantization.mixed_precision import Floor
+
+    on = searched.get("on_target") or {}
+    room = on.get("floor_with_room")
+    if not room or recipe.quantize is None:
+        return None
+    moved = dict(part.split("=") for part in room.split(","))
+    bounds = {b: float(moved[b]) if b in moved else searched.get(b)
+              for b in ("min_cos", "max_kld")}
+    asked = Floor(searched.get("min_cos"), searched.get("max_kld"),
+                  default=bool(searched.get("default")))
+    measured = ", ".join(f"{k} {on[k]:.4f}" for k in ("cosine", "kld") if k in on)
+    again = {"runtime": on["runtime"], "asked": asked.describe(), "searched_at": room,
+             "first": {"kept": len(searched.get("kept") or []),
+                       **{k: on[k] for k in ("cosine", "kld") if k in on}},
+             "floor": asked,
+             "why": f"{on['runtime']} missed the accuracy floor ({asked.describe()}) on the "
+                    f"held-out samples ({measured}) that ONNX Runtime met: compiling once more, "
+                    f"the search held to {room} to leave room for the difference"}
+    quantize = dataclasses.replace(recipe.quantize, **bounds)
+    return _SearchAgain(dataclasses.replace(recipe, quantize=quantize), again)
+
+
+def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
+                   example_inputs: Any, dynamic_shapes: Mapping[str, Mapping[int, str]] | None,
+                   progress: Progress | None, again: dict[str, Any] | None = None) -> Artifact:
+    """``compile_model``'s one compile; ``again``: the first one's miss (``_search_again``)."""
     from edgec import report as reports
     from edgec.fidelity import (
         floor_on_target,
@@ -421,7 +477,16 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
         searched = next((r.stats["mixed_precision"] for r in records
                          if r.name == "quantize" and "mixed_precision" in r.stats), None)
         floor_note = None if stand_in or searched is None else floor_on_target(
-            session, prep.manager.passes, searched, model, locate)
+            session, prep.manager.passes, searched, model, locate,
+            asked=again["floor"] if again else None)
+        if again and searched is not None:  # the floor as asked; where the search was held
+            searched.update(min_cos=again["floor"].min_cos, max_kld=again["floor"].max_kld,
+                            default=again["floor"].default,
+                            searched_again={k: v for k, v in again.items()
+                                            if k not in ("floor", "why")})
+        elif floor_note and (retry := _search_again(recipe, searched)) is not None:
+            del session  # release file handles: the staging directory goes
+            raise retry
         if floor_note:
             fidelity.setdefault("notes", []).append(floor_note)
         if stand_in:

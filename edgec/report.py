@@ -136,6 +136,8 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
                      if on.get("floor_with_room") else ""))
     elif "skipped" in on:  # the artifact's runtime could not take the held-out samples
         itself = f" Not measured on {on['runtime']} itself: {on['skipped']}."
+    if mp.get("searched_again"):
+        itself += f" {searched_again(mp)[0].upper()}{searched_again(mp)[1:]}."
     if mp.get("vs_source"):  # held out, yet below the floor against the source
         vs = _vs_source(mp)
         itself += f" {vs[0].upper()}{vs[1:]}, below the floor."
@@ -342,6 +344,16 @@ def calibration_line(cal: dict[str, Any]) -> str:
     return f"{cal['how']}: {cal['samples']} samples, {cal['method']}, {cal['data']}"
 
 
+def searched_again(mp: dict[str, Any]) -> str:
+    """Why the compile ran twice: the first build's runtime missed the floor ONNX Runtime met."""
+    again = mp["searched_again"]
+    first = again["first"]
+    measured = ", ".join(f"{'KL' if k == 'kld' else k} {first[k]:.4f}"
+                         for k in ("cosine", "kld") if k in first)
+    return (f"searched again at {again['searched_at']}: the first build, {first['kept']} "
+            f"layers kept, measured {measured} on {again['runtime']}")
+
+
 def floor_line(mp: dict[str, Any]) -> str:
     """The quantize pass's floor in one line: held or not, on the held-out samples (ONNX
     Runtime's run of the QDQ graph, then the artifact's own runtime), and what was kept."""
@@ -365,6 +377,8 @@ def floor_line(mp: dict[str, Any]) -> str:
                  + (f" (ask for {on['floor_with_room']})" if on.get("floor_with_room") else ""))
     elif "skipped" in on:
         line += f"; not measured on {on['runtime']}"
+    if mp.get("searched_again"):
+        line += f"; {searched_again(mp)}"
     if mp.get("vs_source"):
         line += f"; {_vs_source(mp)}"
     if mp.get("candidates"):

@@ -65,6 +65,43 @@ def test_the_floor_is_measured_again_on_the_artifacts_runtime(caplog):
                                      "skipped": "ValueError: input 'past_0' is missing"}
 
 
+def test_the_second_search_holds_the_device_to_the_floor_asked():
+    """The second compile searched at a moved floor (min_cos 0.99 where 0.98 was asked): the
+    device meeting 0.98 reaches the floor even where ONNX Runtime missed the moved one, and a
+    device under 0.98 misses it, said as before."""
+    from types import SimpleNamespace
+
+    from edgec.fidelity import floor_on_target
+    from edgec.graph_passes.quantization.mixed_precision import Floor, worst_cosine
+
+    rng = np.random.default_rng(2)
+    reference = [{"y": rng.standard_normal((2, 16))} for _ in range(2)]
+    moved = Floor(min_cos=0.99)
+    quantize = SimpleNamespace(floor_samples=([{}, {}], reference, [None, None], moved, None))
+
+    def device(noise):
+        outs = [{"y": r["y"] + noise * rng.standard_normal((2, 16))} for r in reference]
+        it = iter(outs)
+        return SimpleNamespace(runtime="qnn-htp", run=lambda feed: next(it)), worst_cosine(
+            outs, reference, [None, None])
+
+    close, cos = device(0.17)
+    assert 0.98 < cos < 0.99
+    mixed = {"reached": False, "achieved": 0.9899}  # ONNX Runtime missed the moved floor
+    assert floor_on_target(close, [quantize], mixed) is None  # no floor asked: as before
+    assert not mixed["reached"]
+    close, cos = device(0.17)
+    assert 0.98 < cos < 0.99
+    assert floor_on_target(close, [quantize], mixed, asked=Floor(min_cos=0.98)) is None
+    assert mixed["reached"] and mixed["on_target"]["reached"]
+    far, cos = device(0.3)
+    assert cos < 0.98
+    mixed = {"reached": True, "achieved": 0.9905}
+    note = floor_on_target(far, [quantize], mixed, asked=Floor(min_cos=0.98))
+    assert not mixed["reached"] and note.startswith("qnn-htp misses the accuracy floor "
+                                                    "(min_cos=0.98)")
+
+
 def test_a_device_shortfall_is_said_with_the_floor_that_leaves_room_for_it():
     """ORT held min_cos 0.98 at 0.9805; the device a little under it: the note names the floor
     to ask for (0.98 plus the device's shortfall), and the manifest records it."""
