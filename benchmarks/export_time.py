@@ -86,16 +86,11 @@ def measure(label: str, source: str, config: str | None, opset: int | None, roun
         if r:
             log(f"{label} round {r}: fresh {times['fresh'][-1]:.2f} s, "
                 f"shared {times['shared'][-1]:.2f} s")
-    med = {k: statistics.median(v) for k, v in times.items()}
+    figures = QB.paired(times, "fresh", "shared", ratio_digits=3)
     return {"case": label, "what": "resolve_source (export + PyTorch check)"
-            if source == "smollm2-4" else "export_module", "rounds": rounds,
-            "fresh_s": [round(t, 3) for t in times["fresh"]],
-            "shared_s": [round(t, 3) for t in times["shared"]],
-            "fresh_median_s": round(med["fresh"], 3), "shared_median_s": round(med["shared"], 3),
-            "saved_median_s": round(med["fresh"] - med["shared"], 3),
-            "speedup_of_medians": round(med["fresh"] / med["shared"], 3),
-            "speedup_paired_median": round(statistics.median(
-                f / s for f, s in zip(times["fresh"], times["shared"])), 3),
+            if source == "smollm2-4" else "export_module", "rounds": rounds, **figures,
+            "saved_median_s": round(statistics.median(times["fresh"])
+                                    - statistics.median(times["shared"]), 3),
             "graphs_identical": identical}
 
 

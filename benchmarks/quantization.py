@@ -101,6 +101,20 @@ def machine() -> dict:
             "platform": platform.platform(), "python": sys.version.split()[0]}
 
 
+def paired(times: dict[str, list[float]], slow: str, fast: str, ratio_digits: int = 2) -> dict:
+    """Interleaved rounds' figures: each mode's seconds and median, the ratio of medians and the
+    median of per-round ratios (``slow`` over ``fast``)."""
+    import statistics
+
+    med = {k: statistics.median(times[k]) for k in (slow, fast)}
+    return {f"{slow}_s": [round(t, 3) for t in times[slow]],
+            f"{fast}_s": [round(t, 3) for t in times[fast]],
+            f"{slow}_median_s": round(med[slow], 3), f"{fast}_median_s": round(med[fast], 3),
+            "speedup_of_medians": round(med[slow] / med[fast], ratio_digits),
+            "speedup_paired_median": round(statistics.median(
+                a / b for a, b in zip(times[slow], times[fast])), ratio_digits)}
+
+
 def loadavg() -> list[float]:
     try:
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -105,16 +104,9 @@ def measure(label: str, source: str, config: str | None, target: str, scheme: st
         identical &= graphs["ort"] == graphs["edgec"]
         log(f"  round {r}: ort {times['ort'][-1] if r else 0:.2f} s, "
             f"edgec {times['edgec'][-1] if r else 0:.2f} s")
-    med = {k: statistics.median(v) for k, v in times.items()}
     return {"case": label, "target": target, "scheme": scheme,
             "nodes": sum(1 for _ in model.graph), "rounds": rounds,
-            "ort_s": [round(t, 3) for t in times["ort"]],
-            "edgec_s": [round(t, 3) for t in times["edgec"]],
-            "ort_median_s": round(med["ort"], 3), "edgec_median_s": round(med["edgec"], 3),
-            "speedup_of_medians": round(med["ort"] / med["edgec"], 2),
-            "speedup_paired_median": round(statistics.median(
-                o / e for o, e in zip(times["ort"], times["edgec"])), 2),
-            "graphs_identical": identical}
+            **QB.paired(times, "ort", "edgec"), "graphs_identical": identical}
 
 
 def main(argv=None) -> int:
