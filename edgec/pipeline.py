@@ -317,11 +317,13 @@ def _record(manager: PassManager, name: str):
 
 class _SearchAgain(Exception):
     """The built artifact's runtime missed an accuracy floor ONNX Runtime met, by a shortfall a
-    moved floor can leave room for: compile once more with it (``compile_model``)."""
+    moved floor can leave room for: compile once more with it (``compile_model``). ``recipe``:
+    the moved floor's; ``asked``: the Floor the device is held to; ``record``: the report's
+    ``mixed_precision.searched_again``."""
 
-    def __init__(self, recipe: Recipe, again: dict[str, Any]):
-        super().__init__(again["why"])
-        self.recipe, self.again = recipe, again
+    def __init__(self, why: str, recipe: Recipe, asked, record: dict[str, Any]):
+        super().__init__(why)
+        self.recipe, self.asked, self.record = recipe, asked, record
 
 
 def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "out",
@@ -343,7 +345,7 @@ def compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike = "
     except _SearchAgain as again:
         (progress or logger.info)(str(again))
         return _compile_model(source, again.recipe, output_dir, example_inputs, dynamic_shapes,
-                              progress, again.again)
+                              progress, again)
 
 
 def _search_again(recipe: Recipe, searched: dict[str, Any]) -> _SearchAgain | None:
@@ -360,21 +362,20 @@ def _search_again(recipe: Recipe, searched: dict[str, Any]) -> _SearchAgain | No
               for b in ("min_cos", "max_kld")}
     asked = Floor(searched.get("min_cos"), searched.get("max_kld"),
                   default=bool(searched.get("default")))
-    measured = ", ".join(f"{k} {on[k]:.4f}" for k in ("cosine", "kld") if k in on)
-    again = {"runtime": on["runtime"], "asked": asked.describe(), "searched_at": room,
-             "first": {"kept": len(searched.get("kept") or []),
-                       **{k: on[k] for k in ("cosine", "kld") if k in on}},
-             "floor": asked,
-             "why": f"{on['runtime']} missed the accuracy floor ({asked.describe()}) on the "
-                    f"held-out samples ({measured}) that ONNX Runtime met: compiling once more, "
-                    f"the search held to {room} to leave room for the difference"}
+    measured = {k: on[k] for k in ("cosine", "kld") if k in on}
+    why = (f"{on['runtime']} missed the accuracy floor ({asked.describe()}) on the held-out "
+           f"samples ({', '.join(f'{k} {v:.4f}' for k, v in measured.items())}) that ONNX "
+           f"Runtime met: compiling once more, the search held to {room} to leave room for the "
+           "difference")
+    record = {"runtime": on["runtime"], "asked": asked.describe(), "searched_at": room,
+              "first": {"kept": len(searched.get("kept") or []), **measured}}
     quantize = dataclasses.replace(recipe.quantize, **bounds)
-    return _SearchAgain(dataclasses.replace(recipe, quantize=quantize), again)
+    return _SearchAgain(why, dataclasses.replace(recipe, quantize=quantize), asked, record)
 
 
 def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
                    example_inputs: Any, dynamic_shapes: Mapping[str, Mapping[int, str]] | None,
-                   progress: Progress | None, again: dict[str, Any] | None = None) -> Artifact:
+                   progress: Progress | None, again: _SearchAgain | None = None) -> Artifact:
     """``compile_model``'s one compile; ``again``: the first one's miss (``_search_again``)."""
     from edgec import report as reports
     from edgec.fidelity import (
@@ -478,12 +479,10 @@ def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
                          if r.name == "quantize" and "mixed_precision" in r.stats), None)
         floor_note = None if stand_in or searched is None else floor_on_target(
             session, prep.manager.passes, searched, model, locate,
-            asked=again["floor"] if again else None)
-        if again and searched is not None:  # the floor as asked; where the search was held
-            searched.update(min_cos=again["floor"].min_cos, max_kld=again["floor"].max_kld,
-                            default=again["floor"].default,
-                            searched_again={k: v for k, v in again.items()
-                                            if k not in ("floor", "why")})
+            asked=again.asked if again is not None else None)
+        if again is not None and searched is not None:  # the floor as asked, where searched
+            searched.update(min_cos=again.asked.min_cos, max_kld=again.asked.max_kld,
+                            default=again.asked.default, searched_again=again.record)
         elif floor_note and (retry := _search_again(recipe, searched)) is not None:
             del session  # release file handles: the staging directory goes
             raise retry

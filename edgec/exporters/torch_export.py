@@ -222,10 +222,10 @@ def _one_registry():
     source of its onnxscript functions): 0.7-1.3 s of every export, 4-24% (llama tiny, video-dit
     and motion-dit tiny, llama small, SmolLM2-135M's 4 layers through transformers; one thread,
     2-core AVX2 host, the graphs byte for byte the same: ``benchmarks/export_time.py``). edgec
-    passes no custom translations, so an
-    export only reads it, and one registry per opset serves every export in the process (a
-    decoder's prefill and decode graphs, a VLM's parts, ``calibrate`` then ``compile``). Where
-    torch moves that function, the exports build their own as before."""
+    passes no custom translations, so an export only reads it, and one registry per opset serves
+    every export in the process (a decoder's prefill and decode graphs, a VLM's parts,
+    ``calibrate`` then ``compile``). Where torch moves that function, the exports build their
+    own as before."""
     try:
         from torch.onnx._internal.exporter import _registration
         real = _registration.ONNXRegistry.__dict__["from_torchlib"]
