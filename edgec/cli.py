@@ -472,7 +472,8 @@ def targets_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON
 def _scheme_line(s) -> str:
     acts = f"{s.activations} activations" if s.activations else "weight-only"
     blocks = f", blocks of {s.block_size}" if s.block_size else ""
-    return f"{s.weights} weights{blocks}, {acts}"
+    seven = "; reduce_range=true: 7-bit weights" if s.host_int8 else ""
+    return f"{s.weights} weights{blocks}, {acts}{seven}"
 
 
 @app.command("run")

@@ -331,7 +331,8 @@ def scheme_line(q: dict[str, Any]) -> str:
     eight = [f"{len(q[k])} {what}{'s' if len(q[k]) > 1 else ''}"
              for k, what in (("weights_int8", "last layer"), ("embeddings_int8", "embedding"))
              if q.get(k)]
-    line = (f"{sc['name']}: {sc['weights']} weights, {acts}"
+    seven = " (7-bit, reduce_range)" if sc.get("reduce_range") else ""
+    line = (f"{sc['name']}: {sc['weights']}{seven} weights, {acts}"
             + (f" (int8: {', '.join(eight)})" if eight else ""))
     if q.get("weights_float"):  # named, not only counted: a float weight under an int4 line
         left = q["weights_float"]

@@ -104,6 +104,31 @@ def test_gptq_rewrites_only_the_integers_on_every_grid_layout(block, trans):
     assert np.linalg.norm(got - ref) < np.linalg.norm(near - ref)
 
 
+def test_gptq_keeps_int8_weights_on_the_seven_bit_grid_reduce_range_asks_for():
+    """``reduce_range``: int8 weights in [−64, 64] (so no u8 × s8 pair sum saturates a host
+    without VNNI). GPTQ's error feedback and its clipped scales carry integers past 64 on the
+    int8 grid; on the 7-bit one they stay within it."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((48, 16)).astype(np.float32)
+    w[:, 3] *= 40.0  # a channel whose scale the clipping search shrinks
+    scale = np.abs(w).max(axis=0) / 64  # ONNX Runtime's reduce_range scale, symmetric
+    mix = rng.standard_normal((48, 48)).astype(np.float32)
+    samples = [{"x": rng.standard_normal((64, 48)).astype(np.float32) @ mix} for _ in range(4)]
+    peaks = {}
+    for seven in (False, True):
+        fp32, quantized, _ = _qdq_matmul(w, None, False)
+        q = np.clip(np.rint(w / scale), -64, 64).astype(np.int8)
+        inits = quantized.graph.initializers
+        inits["w_q"].const_value = ir.tensor(q, dtype=ir.DataType.INT8, name="w_q")
+        inits["w_s"].const_value = ir.tensor(scale.astype(np.float32), name="w_s")
+        stats = gptq_weights(fp32, quantized, samples, reduce_range=seven)["gptq"]
+        assert stats["weights"] == 1
+        after = inits["w_q"].const_value
+        assert after.dtype == ir.DataType.INT8
+        peaks[seven] = int(np.abs(after.numpy().astype(np.int16)).max())
+    assert peaks[False] > 64 and peaks[True] == 64
+
+
 @pytest.mark.parametrize("partial,trans", [(False, False), (True, False), (False, True)])
 def test_gptq_rounds_a_weight_whose_k_is_not_a_multiple_of_the_block(partial, trans):
     """K = 40 in blocks of 16: a partial last block, or the weight zero-padded to 48 rows with

@@ -25,13 +25,15 @@ def test_only_x86_with_avx2_and_no_vnni_saturates(monkeypatch):
     assert not int8_saturates() and not UnsignedWeightsPass.wanted()
 
 
-def _qdq_matmul(k: int = 64, n: int = 32, with_zero_point: bool = True) -> bytes:
-    """u8 activations × int8 weights whose pair sums overflow int16 (weights near ±127, inputs
-    near the u8 top), the weight's zero point shared with a second DequantizeLinear."""
+def _qdq_matmul(k: int = 64, n: int = 32, with_zero_point: bool = True, top: int = 127
+                ) -> bytes:
+    """u8 activations × int8 weights whose pair sums overflow int16 (weights near ±``top``,
+    inputs near the u8 top; ``top`` 64, a 7-bit grid: they fit), the weight's zero point
+    shared with a second DequantizeLinear."""
     rng = np.random.default_rng(0)
-    w = np.where(rng.random((k, n)) < 0.5, 127, 120).astype(np.int8)
+    w = np.where(rng.random((k, n)) < 0.5, top, top - 7).astype(np.int8)
     w[:, ::2] *= -1
-    w2 = rng.integers(-127, 128, (n, n)).astype(np.int8)
+    w2 = rng.integers(-top, top + 1, (n, n)).astype(np.int8)
     wz = [h.make_tensor("wz", T.INT8, [], [0])]
     inits = [h.make_tensor("W", T.INT8, [k, n], w.tobytes(), raw=True),
              h.make_tensor("W2", T.INT8, [n, n], w2.tobytes(), raw=True),
@@ -88,6 +90,45 @@ def test_unsigned_weights_are_exact_and_fused_kernels_compute_them(with_zero_poi
         assert np.abs(_run(before, True, x) - exact).max() > 0.05 * top
 
 
+def test_weights_on_a_seven_bit_grid_stay_int8_and_the_fused_kernels_compute_them():
+    """Weights within ±64 (``reduce_range``) overflow no int16 pair sum: the pass leaves them
+    int8, for ONNX Runtime's U8S8 kernels, and those compute what the graph says on any host
+    (the same inputs near the u8 top as the overflowing case above)."""
+    import onnx
+
+    before = _qdq_matmul(top=64)
+    model = ir.serde.deserialize_model(onnx.load_from_string(before))
+    result = UnsignedWeightsPass()(model)
+    assert not result.modified
+    assert result.stats == {"weights_shifted": 0, "weights_7bit_kept": 2}
+    x = np.random.default_rng(1).uniform(4.5, 5.1, (8, 64)).astype(np.float32)
+    exact = _run(before, False, x)
+    assert np.abs(_run(before, True, x) - exact).max() <= 1e-5 * np.abs(exact).max()
+    # a weight that reaches 65 is shifted
+    wider = onnx.load_from_string(_qdq_matmul(top=65))
+    result = UnsignedWeightsPass()(ir.serde.deserialize_model(wider))
+    assert result.stats == {"weights_shifted": 2, "weights_7bit_kept": 0}
+
+
+def test_reduce_range_is_offered_where_the_host_int8_kernels_run():
+    from edgec.errors import UserError
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.targets import get as get_target
+
+    for name in ("ort-cpu", "openvino-cpu"):
+        target = get_target(name)
+        opts = QuantOptions.parse("w8a8:reduce_range=true", target)
+        assert opts.scheme_on(target).reduce_range and opts.scheme_on(target).weights == "int8"
+        assert not QuantOptions.parse("w8a8", target).scheme_on(target).reduce_range
+    with pytest.raises(UserError, match="on ort-cpu only w8a8 takes it: drop reduce_range"):
+        QuantOptions.parse("w8a16:reduce_range=true", get_target("ort-cpu"))
+    for name in ("tensorrt", "qnn-htp"):
+        with pytest.raises(UserError, match=f"{name} does not run them: drop reduce_range"):
+            QuantOptions.parse("w8a8:reduce_range=true", get_target(name))
+    with pytest.raises(UserError, match="reduce_range"):
+        QuantOptions.parse("w8a8:reduce_range=maybe", get_target("ort-cpu"))
+
+
 def test_cpu_targets_run_it_only_where_the_host_saturates(monkeypatch):
     from edgec.pipeline import STAGES
     from edgec.recipe import Recipe
@@ -115,3 +156,46 @@ def test_measuring_sessions_leave_qdq_fusions_off_only_there(monkeypatch):
     assert exact_qdq() == {"session.disable_quant_qdq": "1"}
     monkeypatch.setenv(ENV, "0")
     assert exact_qdq() == {}
+
+
+def test_a_reduce_range_compile_keeps_7_bit_int8_weights_that_run_exactly(tmp_path, monkeypatch):
+    """``w8a8:reduce_range=true`` on a host whose kernels saturate (forced here): every weight
+    stays int8 within ±64, so ``unsigned-weights`` shifts none and ONNX Runtime's fused U8S8
+    kernels compute what the QDQ graph says; the report and the manifest say 7-bit. A target
+    without the host's int8 kernels refuses it in one line, writing nothing."""
+    import edgec
+    from edgec.report import summary_rows
+
+    monkeypatch.setenv(ENV, "1")
+    art = edgec.compile("llama", target="ort-cpu", config="tiny",
+                        quantize="w8a8:reduce_range=true,min_cos=0", output_dir=tmp_path / "o")
+    model = ir.load(art.path / "model.onnx")
+    weights = [n.inputs[0].const_value for n in model.graph if n.op_type == "DequantizeLinear"
+               and n.inputs[0].const_value is not None]
+    assert weights and {w.dtype for w in weights} == {ir.DataType.INT8}
+    assert max(int(np.abs(w.numpy().astype(np.int16)).max()) for w in weights) == 64
+    stats = next(p for p in art.report["passes"] if p["name"] == "unsigned-weights")["stats"]
+    assert stats == {"weights_shifted": 0, "weights_7bit_kept": len(weights)}
+    sess = art.load()
+    feeds = sess.default_feeds
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unfused = ort.InferenceSession(str(art.path / "model.onnx"), opts,
+                                   providers=["CPUExecutionProvider"])
+    names = {i.name for i in unfused.get_inputs()}
+    exact = unfused.run(["logits"], {k: v for k, v in feeds.items() if k in names})[0]
+    got = sess.run(feeds)["logits"]
+    assert np.abs(got - exact).max() <= 1e-4 * np.abs(exact).max()
+    assert "int8 (7-bit, reduce_range) weights" in dict(summary_rows(art.report))["quantization"]
+    assert art.manifest["recipe"]["quantize"]["reduce_range"] is True
+    assert art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["cosine"] > 0.999
+
+    from typer.testing import CliRunner
+
+    from edgec.cli import app
+
+    out = tmp_path / "trt"
+    r = CliRunner().invoke(app, ["compile", "llama", "--config", "tiny", "--target", "tensorrt",
+                                 "--quantize", "w8a8:reduce_range=true", "-o", str(out)])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and not out.exists()
+    assert "tensorrt does not run them: drop reduce_range" in r.stderr

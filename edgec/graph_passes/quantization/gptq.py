@@ -43,6 +43,8 @@ __all__ = ["gptq_round", "gptq_weights"]
 _RANGE = {ir.DataType.INT4: (-8, 7), ir.DataType.UINT4: (0, 15), ir.DataType.INT8: (-128, 127),
           ir.DataType.UINT8: (0, 255), ir.DataType.INT16: (-32768, 32767),
           ir.DataType.UINT16: (0, 65535)}
+# ONNX Runtime's reduce_range grid for int8 weights (its get_qmin_qmax_for_qType)
+_RANGE_7BIT = (-64, 64)
 DAMP = 0.001
 BLOCK = 128
 CLIP = np.linspace(1.0, 0.55, 10)  # shrink factors tried for a symmetric per-channel scale
@@ -203,14 +205,16 @@ def _hessians(model: ir.Model, names: Sequence[str], samples: Sequence[dict[str,
 
 def gptq_weights(fp32: ir.Model, quantized: ir.Model,
                  samples: Sequence[dict[str, np.ndarray]],
-                 memo: dict[str, Any] | None = None, keep_zeros: bool = False
-                 ) -> dict[str, Any]:
+                 memo: dict[str, Any] | None = None, keep_zeros: bool = False,
+                 reduce_range: bool = False) -> dict[str, Any]:
     """Replace, in ``quantized`` (in place), the integers of every MatMul/Gemm weight that a
     ``DequantizeLinear`` reads with GPTQ's, using activations of ``fp32`` (the same graph before
     quantization: node names match). ``memo`` keeps the Hessians for the next call on another
     quantization of the same graph (mixed precision's probes). ``keep_zeros`` (a pruned or
     sparse-merged compile): a weight's exact zeros are its pruning mask and stay exactly zero
-    (the error feedback refilled them: 2:4 broken in 20% of o_proj's groups). Returns stats."""
+    (the error feedback refilled them: 2:4 broken in 20% of o_proj's groups). ``reduce_range``:
+    int8 weights stay on their 7-bit grid, [−64, 64] (``QuantScheme.reduce_range``; the error
+    feedback would carry them past it, into the host's saturating kernels). Returns stats."""
     by_name = {n.name: n for n in fp32.graph}
     todo, skipped = [], {}
     for node, dq, trans in _weight_dq(quantized):
@@ -240,7 +244,8 @@ def gptq_weights(fp32: ir.Model, quantized: ir.Model,
         w = by_name[node.name].inputs[1].const_value.numpy()
         w = w.T if trans else w
         scale, zero = _grid(dq, w.shape, trans)
-        qmin, qmax = _RANGE[data.dtype]
+        seven = reduce_range and data.dtype == ir.DataType.INT8
+        qmin, qmax = _RANGE_7BIT if seven else _RANGE[data.dtype]
         h = hs[x_name]
         rtn = (np.clip(np.rint(w / scale) + zero, qmin, qmax) - zero) * scale
         if _per_output_channel(dq, w.shape, zero):

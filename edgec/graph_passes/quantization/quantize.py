@@ -57,7 +57,7 @@ def generic_qdq_options(model: ir.Model, path: Path, scheme, plan, method) -> di
     return dict(activation_type=quant_type(scheme.activations),
                 weight_type=quant_type(scheme.weights),
                 op_types_to_quantize=list(scheme.op_types), per_channel=scheme.per_channel,
-                nodes_to_exclude=plan.nodes_to_exclude,
+                nodes_to_exclude=plan.nodes_to_exclude, reduce_range=scheme.reduce_range,
                 extra_options={"ActivationSymmetric": scheme.activation_symmetric,
                                "WeightSymmetric": scheme.weight_symmetric,
                                "QuantizeBias": scheme.quantize_bias,
@@ -534,7 +534,8 @@ class QuantizePass(ir.passes.FunctionalPass):
         if "samples" not in memo:
             memo["samples"] = self.gptq(fp32)
         memo.setdefault("stats", {})[id(quantized)] = gptq_weights(
-            fp32, quantized, memo["samples"], memo, keep_zeros=self.keep_zeros)
+            fp32, quantized, memo["samples"], memo, keep_zeros=self.keep_zeros,
+            reduce_range=self.scheme.reduce_range)
         return quantized
 
 

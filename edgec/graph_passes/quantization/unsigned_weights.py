@@ -12,6 +12,10 @@ relative error vs the unfused graph: s8 weights 0.22-0.48, u8 weights ≤ 0.008 
 step of the output quantizer). The cost, on whole models (``benchmarks/host_int8.py``): ORT's
 U8U8 kernels run at 0.86-0.93× the speed of the U8S8 ones; OpenVINO's u8 path at 1.00-1.04×.
 
+Weights already on a 7-bit grid ([−64, 64]: ``--quantize ...:reduce_range=true``, ONNX
+Runtime's ``reduce_range``, or a user's QDQ model made so) stay int8: their pair sums fit
+int16 (2·255·64 = 32640), and ONNX Runtime's U8S8 kernels run them exactly and faster.
+
 Guarantees: outputs bitwise unchanged (an integer shift of a constant and its zero point);
 stats count the weights shifted. The targets run it only where the host saturates (``wanted``;
 ``EDGEC_INT8_SATURATES=1|0`` decides for an artifact meant for a host of the other kind: on a
@@ -43,9 +47,12 @@ class UnsignedWeightsPass(EdgecPass):
 
     def call(self, model: ir.Model) -> PassResult:
         graph, shifted, midpoint = model.graph, {}, None
-        count = 0
+        count = seven = 0
         for node in list(graph):
             if node.op_type != "DequantizeLinear" or not _int8_constant(node.inputs[0]):
+                continue
+            if _within_seven_bits(node.inputs[0]):  # no int16 pair sum overflows
+                seven += 1
                 continue
             zp = node.inputs[2] if len(node.inputs) > 2 else None
             if zp is not None and not _int8_constant(zp):
@@ -65,12 +72,19 @@ class UnsignedWeightsPass(EdgecPass):
         for old in shifted:  # the int8 originals nothing reads any more
             if not old.uses() and not old.is_graph_output() and old.is_initializer():
                 graph.initializers.pop(old.name)
-        return PassResult(model, bool(count), {"weights_shifted": count})
+        return PassResult(model, bool(count), {"weights_shifted": count,
+                                               "weights_7bit_kept": seven})
 
 
 def _int8_constant(value: ir.Value | None) -> bool:
     return (value is not None and value.const_value is not None and value.producer() is None
             and value.const_value.dtype == ir.DataType.INT8)
+
+
+def _within_seven_bits(value: ir.Value) -> bool:
+    """Every element of the int8 constant in [−64, 64]."""
+    array = value.const_value.numpy()
+    return array.size == 0 or (int(array.min()) >= -64 and int(array.max()) <= 64)
 
 
 def _shifted(graph: ir.Graph, value: ir.Value, done: dict[ir.Value, ir.Value]
