@@ -97,15 +97,16 @@ class QuantScheme:
             the MatMuls still read and write quantized tensors. A
             trained decoder's massive activations need the range (SmolLM2-135M writes 2.6e4
             on its first token, a 16-bit grid step of 0.4 for every other token's values).
-        host_int8: the runtime runs this scheme's integer MatMul/Gemm/Conv with the host CPU's
-            u8 × s8 kernels (ONNX Runtime's MLAS, OpenVINO's oneDNN), which saturate on x86
-            without VNNI (``host_int8``): where they do, ``unsigned-weights`` keeps all 8 bits
-            of the weights, and ``--quantize ...:reduce_range=true`` is offered instead.
+        reduce_range_pays: ``--quantize ...:reduce_range=true`` is offered: the runtime's
+            int8 kernels are ONNX Runtime CPU's, whose u8 × s8 (U8S8) kernels saturate on x86
+            without VNNI (``host_int8``), where ``unsigned-weights`` shifts 8-bit weights to
+            uint8 and ONNX Runtime takes its U8U8 kernels instead, 0.89–0.95× their speed
+            (``benchmarks/host_int8.py``). Not on OpenVINO: its u8-weight path ran as fast as
+            7-bit weights there (1.00–1.06×), so a bit would be lost for nothing.
         reduce_range: int8 weights on a 7-bit grid, [−64, 64] (ONNX Runtime's
             ``reduce_range``): a pair of u8 × s8 products then fits int16 (2·255·64 = 32640),
-            so a host without VNNI runs ONNX Runtime's U8S8 kernels exactly, 1.07–1.16× the
-            U8U8 ones the uint8 weights take (``benchmarks/host_int8.py``), for one bit of
-            weight precision. Set from ``QuantOptions.reduce_range``; only where ``host_int8``.
+            so such a host runs the U8S8 kernels exactly, for one bit of weight precision
+            (``unsigned-weights`` leaves them int8). Set from ``QuantOptions.reduce_range``.
     """
 
     name: str
@@ -130,7 +131,7 @@ class QuantScheme:
     float_stream: bool = False
     weight_backup_int8: bool = False
     partial_block: bool = False
-    host_int8: bool = False
+    reduce_range_pays: bool = False
     reduce_range: bool = False
 
     @property

@@ -33,7 +33,7 @@ SCHEMES = {
     # 2.62× fp32, min embedding cosine 0.9919 → 0.9912; see signed_attention_overrides).
     # Quantizers above the head reshapes, where NNCF puts them (see _quantize_before_layout).
     "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8", signed_attention=True,
-                        quantize_before_layout=True, host_int8=True),
+                        quantize_before_layout=True),
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
                          min_opset=21, weight_backup_int8=True, weight_symmetric=False),
 }

@@ -15,7 +15,7 @@ SCHEMES = {
     # u8 asymmetric activations × s8 symmetric per-channel weights: MLAS's fast int8 GEMM path.
     # Conv outputs quantized as well: ORT fuses DQ → Conv → Q into QLinearConv, its only int8 Conv.
     "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8", fused_outputs=("Conv",),
-                        host_int8=True),
+                        reduce_range_pays=True),
     "w8a16": QuantScheme("w8a16", weights="int8", activations="uint16", min_opset=21),
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
                          min_opset=21, weight_backup_int8=True, weight_symmetric=False,

@@ -91,11 +91,11 @@ class QuantOptions:
     samples=) remain before them: ``held_out_of``. The search keeps the fewest layers that hold
     them, so a few samples over-promise: on the trained terrain UNet, w8a8 on ort-cpu, 4 held
     out read 0.984 where the worst of 16 unseen generations fell to 0.842; held out on 8, that
-    worst held 0.983); ``reduce_range=true`` (w8a8 on the CPU targets: int8 weights on a
-    7-bit grid, [−64, 64], as ONNX Runtime's ``reduce_range``: on x86 without VNNI, where
-    8-bit weights would saturate the u8 × s8 kernels and are shifted to uint8 instead
-    (``unsigned-weights``), ONNX Runtime keeps its faster U8S8 kernels, for one bit of weight
-    precision: ``QuantScheme.reduce_range``).
+    worst held 0.983); ``reduce_range=true`` (w8a8 on ort-cpu: int8 weights on a 7-bit grid,
+    [−64, 64], as ONNX Runtime's ``reduce_range``: on x86 without VNNI, where 8-bit weights
+    would saturate the u8 × s8 kernels and are shifted to uint8 instead (``unsigned-weights``),
+    ONNX Runtime keeps its faster U8S8 kernels, for one bit of weight precision:
+    ``QuantScheme.reduce_range_pays``).
     """
 
     scheme: str
@@ -206,13 +206,14 @@ class QuantOptions:
             raise UserError(f"--quantize stream={opts.stream} places the residual stream on a "
                             f"fully quantized target (qnn-htp); on {target.name} it stays "
                             "float already: drop stream")
-        if opts.reduce_range and not target.schemes[opts.scheme].host_int8:
-            offered = [n for n, sc in target.schemes.items() if sc.host_int8]
-            where = (f"on {target.name} only {', '.join(offered)} takes it" if offered else
-                     f"{target.name} does not run them")
-            raise UserError(f"--quantize reduce_range keeps int8 weights within ±64 for the CPU "
-                            f"int8 kernels of hosts without VNNI (ort-cpu, openvino-cpu w8a8); "
-                            f"{where}: drop reduce_range")
+        if opts.reduce_range and not target.schemes[opts.scheme].reduce_range_pays:
+            offered = [n for n, sc in target.schemes.items() if sc.reduce_range_pays]
+            why = (f"on {target.name} only {', '.join(offered)} takes it" if offered else
+                   f"{target.name} gains nothing from it (OpenVINO runs uint8 weights as fast; "
+                   f"TensorRT and the HTP have no such kernels)")
+            raise UserError(f"--quantize reduce_range keeps int8 weights within ±64 for ONNX "
+                            f"Runtime's CPU int8 kernels on hosts without VNNI (ort-cpu w8a8); "
+                            f"{why}: drop reduce_range")
         if mask_fill and not target.fully_quantized:  # it was accepted and did nothing
             raise UserError(f"--quantize mask_fill={opts.mask_fill:g} bounds the attention masks "
                             f"of a fully quantized target (qnn-htp); on {target.name} they stay "
@@ -222,7 +223,7 @@ class QuantOptions:
     def scheme_on(self, target):
         """The target's scheme, with ``stream`` and ``reduce_range`` applied where given."""
         scheme = target.schemes[self.scheme]
-        if self.reduce_range and scheme.host_int8:
+        if self.reduce_range and scheme.reduce_range_pays:
             scheme = dataclasses.replace(scheme, reduce_range=True)
         if self.stream is None or not target.fully_quantized:
             return scheme
