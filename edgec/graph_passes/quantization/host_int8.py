@@ -10,10 +10,11 @@ NPU's reference, the accuracy floor's probes) leave its fusions off (``runtimes.
 On VNNI hosts (int32 accumulation) nothing changes. ``EDGEC_INT8_SATURATES=1|0`` overrides the
 detection (an artifact built here for a host of the other kind).
 
-Tried before: 7-bit weights (ONNX Runtime's documented ``reduce_range``) avoid the overflow at
-the cost of a bit (0.9993 / 0.9994 above; llama small logits 0.99951 vs 0.99965 with uint8
-weights), and keep ONNX Runtime's faster U8S8 kernels: its U8U8 ones run at 0.86-0.93× their
-speed, OpenVINO's u8-weight path at 1.00-1.04× (``benchmarks/host_int8.py``);
+7-bit weights (ONNX Runtime's documented ``reduce_range``) avoid the overflow at the cost of a
+bit (0.9993 / 0.9994 above; llama small logits 0.99951 vs 0.99965 with uint8 weights), and keep
+ONNX Runtime's faster U8S8 kernels: its U8U8 ones run at 0.86-0.97× their speed, OpenVINO's
+u8-weight path at 1.00-1.05× (``benchmarks/host_int8.py``). So they are ort-cpu's option
+(``--quantize w8a8:reduce_range=true``), not the default. Tried and dropped:
 ``session.x64quantprecision`` (ORT rewriting s8 weights to u8 at
 load) fails to load edgec's QDQ graphs in onnxruntime 1.31 ("AddInitializedOrtValue: Attempt to
 replace the existing tensor").
