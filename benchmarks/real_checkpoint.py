@@ -80,6 +80,9 @@ VARIANTS = {
                      "FFN down projection, run in float on the CPU targets)",
     "edgec_w8a8_gptq": "edgec quantize='w8a8:gptq=true' (GPTQ weight rounding on the same "
                        "calibration samples' activations, same grid)",
+    "edgec_w8a8_reduce_range": "edgec quantize='w8a8:reduce_range=true' (ort-cpu: int8 weights "
+                               "on a 7-bit grid, for ONNX Runtime's U8S8 kernels on a host "
+                               "without VNNI; elsewhere the same kernels as edgec_w8a8)",
     "edgec_w8a8_fp16_stream": "edgec quantize='w8a8:stream=fp16' (qnn-htp: the residual Adds "
                               "and LayerNorms in fp16 on the HTP, the MatMuls quantized)",
     "nncf": "nncf.quantize(ModelType.TRANSFORMER, subset_size=16), defaults (SmoothQuant on)",
@@ -230,6 +233,7 @@ EDGEC_ROWS = (("ort-cpu", "fp32", None), ("ort-cpu", "edgec_w8a8", "w8a8"),
               ("openvino-cpu", "edgec_w8a8_min_cos", "w8a8:min_cos=0.995"),
               ("ort-cpu", "edgec_w8a8_gptq", "w8a8:gptq=true"),
               ("openvino-cpu", "edgec_w8a8_gptq", "w8a8:gptq=true"),
+              ("ort-cpu", "edgec_w8a8_reduce_range", "w8a8:reduce_range=true"),
               ("ort-cpu", "edgec_w8a8_r4", "w8a8"), ("openvino-cpu", "edgec_w8a8_r4", "w8a8"),
               ("qnn-htp", "edgec_w8a8", "w8a8"), ("qnn-htp", "edgec_w8a8_gptq", "w8a8:gptq=true"),
               ("qnn-htp", "edgec_w8a8_r4", "w8a8"),
