@@ -100,9 +100,9 @@ class QuantScheme:
         reduce_range_pays: ``--quantize ...:reduce_range=true`` is offered: the runtime's
             int8 kernels are ONNX Runtime CPU's, whose u8 × s8 (U8S8) kernels saturate on x86
             without VNNI (``host_int8``), where ``unsigned-weights`` shifts 8-bit weights to
-            uint8 and ONNX Runtime takes its U8U8 kernels instead, 0.89–0.95× their speed
+            uint8 and ONNX Runtime takes its U8U8 kernels instead, 0.86–0.97× their speed
             (``benchmarks/host_int8.py``). Not on OpenVINO: its u8-weight path ran as fast as
-            7-bit weights there (1.00–1.06×), so a bit would be lost for nothing.
+            7-bit weights there (1.00–1.05×), so a bit would be lost for nothing.
         reduce_range: int8 weights on a 7-bit grid, [−64, 64] (ONNX Runtime's
             ``reduce_range``): a pair of u8 × s8 products then fits int16 (2·255·64 = 32640),
             so such a host runs the U8S8 kernels exactly, for one bit of weight precision

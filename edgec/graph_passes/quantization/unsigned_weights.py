@@ -10,7 +10,7 @@ quantized graph keeps all 8 bits of its weights and computes what it says, a use
 included. Measured on an AVX2-only AMD EPYC, one 768×3072 MatMul at 128 rows, u8 activations,
 relative error vs the unfused graph: s8 weights 0.22-0.48, u8 weights ≤ 0.008 (one rounding
 step of the output quantizer). The cost, on whole models (``benchmarks/host_int8.py``): ORT's
-U8U8 kernels run at 0.86-0.93× the speed of the U8S8 ones; OpenVINO's u8 path at 1.00-1.04×.
+U8U8 kernels run at 0.86-0.97× the speed of the U8S8 ones; OpenVINO's u8 path at 1.00-1.05×.
 
 Weights already on a 7-bit grid ([−64, 64]: ``--quantize ...:reduce_range=true``, ONNX
 Runtime's ``reduce_range``, or a user's QDQ model made so) stay int8: their pair sums fit
