@@ -128,6 +128,22 @@ def test_reduce_range_is_offered_where_it_pays_ort_cpu_w8a8():
         QuantOptions.parse("w8a8:reduce_range=maybe", target)
 
 
+def test_reduce_range_on_a_vnni_host_is_kept_and_warned_about(monkeypatch, caplog):
+    from edgec.graph_passes.quantization.options import QuantOptions
+    from edgec.targets import get as get_target
+
+    target = get_target("ort-cpu")
+    opts = QuantOptions.parse("w8a8:reduce_range=true,samples=4", target)
+    monkeypatch.setenv(ENV, "0")
+    quantize = opts.make_pass(target, None, None, lambda message: None)
+    assert quantize.scheme.reduce_range
+    assert "gain no speed here; kept as asked" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv(ENV, "1")
+    opts.make_pass(target, None, None, lambda message: None)
+    assert "reduce_range" not in caplog.text
+
+
 def test_cpu_targets_run_it_only_where_the_host_saturates(monkeypatch):
     from edgec.pipeline import STAGES
     from edgec.recipe import Recipe

@@ -323,6 +323,8 @@ class QuantOptions:
         from edgec.graph_passes.quantization.quantize import QuantizePass
 
         scheme = self.scheme_on(target)
+        if scheme.reduce_range:
+            _warn_reduce_range_on_vnni()
         given = calibration if isinstance(calibration, CalibrationCache) else None
         data = calibration if isinstance(calibration, Path) else None
         floor = self.floor_on(target)
@@ -439,6 +441,18 @@ class QuantOptions:
                             progress=step, bindings=bindings, keep_zeros=pruned,
                             sampling=src.info.get("sampling") if src is not None else None,
                             sample_steps=self.sample_steps)
+
+
+def _warn_reduce_range_on_vnni() -> None:
+    """7-bit weights buy speed only where the host's int8 kernels saturate on 8-bit ones; on a
+    VNNI host they cost a bit for nothing, unless the artifact is meant for another host."""
+    from edgec.graph_passes.quantization.host_int8 import ENV, int8_saturates
+
+    if not int8_saturates():
+        logger.warning("--quantize reduce_range=true: this host's int8 kernels do not saturate "
+                       "(VNNI), so 7-bit weights cost a bit of precision and gain no speed here; "
+                       "kept as asked, for an artifact meant for a host without VNNI (%s=1 "
+                       "says so and silences this)", ENV)
 
 
 def gptq_of_data(found: list, source: str, held: int = HELD_OUT) -> list:
