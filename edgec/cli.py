@@ -450,6 +450,7 @@ def targets_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON
              "passes": {"before_quantize": [p.name for p in t.before_quantize],
                         "after_quantize": [p.name for p in t.after_quantize]},
              "schemes": {n: _scheme_line(s) for n, s in t.schemes.items()},
+             "socs": {s.chip: f"{s.name}, HTP v{s.htp_arch}" for s in t.socs.values()},
              "notes": list(t.notes)} for t in TARGETS.values()]
     if as_json:
         return _print_json(rows)
@@ -464,6 +465,8 @@ def targets_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON
             table.add_row("device passes", ", ".join(passes))
         for name, line in r["schemes"].items():
             table.add_row(f"--quantize {name}", line)
+        if r["socs"]:
+            table.add_row("--soc", "; ".join(f"{c} ({d})" for c, d in r["socs"].items()))
         for note in r["notes"]:
             table.add_row("note", note)
         out.print(table)

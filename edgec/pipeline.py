@@ -33,6 +33,7 @@ from edgec.graph_passes.sparse_attention import SparseAttentionPass, config_for_
 from edgec.graph_passes.sparse_attention.prefill import PrefillSparseAttentionPass
 from edgec.npz import save_npz
 from edgec.recipe import Recipe
+from edgec.targets.qnn_htp.soc import SocPass
 
 __all__ = ["Artifact", "STAGES", "Stage", "compile_model", "calibrate_source", "prepare",
            "Prepared"]
@@ -105,6 +106,7 @@ STAGES: tuple[Stage, ...] = (
                                                 or c.recipe.lora_mode == "sparse-merge")),
     Stage("device-legalize-quantized", lambda r, t: bool(t.after_quantize),
           lambda c: [p() for p in c.target.after_quantize if p.wanted()]),
+    Stage("device-soc", lambda r, t: r.soc is not None, lambda c: SocPass(c.recipe.soc)),
 )
 
 

@@ -127,6 +127,17 @@ def _context(raw: Any, target, parsed: dict) -> int | None:
     return n
 
 
+def _soc(raw: Any, target, parsed: dict) -> str | None:
+    if raw is None:
+        return None
+    if not target.socs:
+        raise UserError(f"--soc names the Snapdragon a qnn-htp context binary is compiled for; "
+                        f"{target.name} builds none: drop --soc")
+    from edgec.targets.qnn_htp.soc import soc_named
+
+    return soc_named(raw)
+
+
 def _kv_retrieval(raw: Any, target, parsed: dict):
     from edgec.runtimes.freekv import parse_kv_retrieval
 
@@ -212,6 +223,11 @@ class Recipe:
         False, "--generate", kind="flag", parse=_flag("generate"),
         help="export the KV-cache decoder (prefill and decode in one graph, Hugging Face names) "
              "for `edgec generate` / Session.generate; llama or a *ForCausalLM checkpoint")
+    soc: str | None = _option(
+        None, "--soc", metavar="CHIP", parse=_soc, commands=("compile",),
+        help="qnn-htp: the Snapdragon the context binary is compiled for (a QNN binary is "
+             "built for one HTP): sm8350|888, sm8450|8-gen-1, sm8550|8-gen-2, sm8650|8-gen-3, "
+             "sm8750|8-elite, sc8380xp|x-elite, sa8295p, sa8255p (default: QNN's own, unnamed)")
     context: int | None = _option(
         None, "--context", metavar="N", parse=_context,
         help="the longest sequence (prompt + new tokens) the artifact generates: qnn-htp's "
@@ -260,6 +276,14 @@ class Recipe:
             raise UserError("--lora-mode sparse-merge and --rotate do not combine: rotating the "
                             "sparse-merged weights makes them dense again; drop --rotate or "
                             "use --lora-mode merge")
+        if self.soc is not None and self.quantize is not None and self.quantize.stream == "fp16":
+            from edgec.targets.qnn_htp.soc import SOCS
+
+            soc = SOCS[self.soc]
+            if not soc.fp16:
+                raise UserError(f"--quantize stream=fp16 runs the residual stream in fp16, which "
+                                f"the HTP v{soc.htp_arch} of the {soc.name} ({soc.chip}) does "
+                                "not compute; use stream=16bit (the default) there")
         if self.context is not None and not self.generate:
             raise UserError("--context sizes the KV cache of a generation artifact; add "
                             "--generate")
@@ -346,6 +370,7 @@ class Recipe:
             "calibration": (None if calib is None else str(calib) if isinstance(calib, Path)
                             else f"cache {calib.model_hash[:12]}"),
             "check": self.check, "generate": self.generate, "context": self.context,
+            "soc": self.soc,
             "kv_retrieval": (self.kv_retrieval.to_json() if self.kv_retrieval is not None
                              else None),
             "prune_vision_tokens": (self.prune_vision_tokens.to_json()

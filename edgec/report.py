@@ -213,6 +213,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     for p in report["passes"]:
         if p["name"] == "rotate":
             rows.append(("rotate", rotation_line(p["stats"])))
+        if p["name"] == "qnn-soc":
+            st = p["stats"]
+            rows.append(("device", f"{st['device']} ({st['soc']}): soc_model {st['soc_model']}, "
+                                   f"HTP v{st['htp_arch']}"))
         if "sites_rewritten" in p["stats"]:
             rows.append((p["name"], _sites_line(p["stats"])))
         if p["name"] == "prune":

@@ -154,6 +154,8 @@ def test_the_table_selects_stages_per_recipe_and_target():
         "cleanup", "lora-fold", "smooth", "outlier-split", "quantize", host]
     assert _stages("qnn-htp", quantize="w8a16") == [
         "cleanup", "lora-fold", "mask-fill", "device-legalize", "quantize"]
+    assert _stages("qnn-htp", quantize="w8a16", soc="sm8650") == [  # the SoC recorded last
+        "cleanup", "lora-fold", "mask-fill", "device-legalize", "quantize", "device-soc"]
     assert _stages("tensorrt", quantize="fp8") == [
         "cleanup", "lora-fold", "quantize", "device-legalize-quantized"]
 
@@ -167,7 +169,7 @@ def test_recipe_records_what_was_asked():
                                 "samples": 4, "mask_fill": 100.0, "min_cos": None,
                                 "max_kld": None, "smooth": None, "split": None, "gptq": None,
                                 "stream": None, "sample_steps": None,
-                                "held_out": None}
+                                "held_out": None, "reduce_range": None}
     assert data["sparse_attention"] == {"keep": 0.3}
 
 

@@ -93,18 +93,23 @@ def _qnn_device(qnn) -> ort.OrtEpDevice:
 
 def graph_provider_options(model=None) -> dict[str, str]:
     """The provider options a QDQ model (a path or a loaded ``onnx.ModelProto``) compiles and
-    runs with: ``PROVIDER_OPTIONS``, and ``FP16_OPTIONS`` where its metadata says nodes stay
-    float."""
+    runs with: ``PROVIDER_OPTIONS``; ``FP16_OPTIONS`` where its metadata says nodes stay float;
+    and the SoC its metadata names (``--soc``: ``targets.qnn_htp.soc``), which replaces
+    FP16_OPTIONS' own."""
     options = dict(PROVIDER_OPTIONS)
     if model is not None:
         import onnx
 
         from edgec.graph_passes.quantization.select import FLOAT_NODES_KEY
+        from edgec.targets.qnn_htp.soc import SOC_KEY, SOCS, soc_options
 
         if not isinstance(model, onnx.ModelProto):
             model = onnx.load(str(model), load_external_data=False)
-        if any(p.key == FLOAT_NODES_KEY for p in model.metadata_props):
+        meta = {p.key: p.value for p in model.metadata_props}
+        if FLOAT_NODES_KEY in meta:
             options.update(FP16_OPTIONS)
+        if meta.get(SOC_KEY) in SOCS:
+            options.update(soc_options(meta[SOC_KEY]))
     return options
 
 

@@ -175,6 +175,8 @@ class Target:
         share_graphs: ``(graphs, target_dir, feeds, runtime) -> dict``: one device context for
             a static-cache decoder's prefill and decode graphs (weights stored once), or why
             not; None: the target keeps one native artifact per graph.
+        socs: the devices (SoCs) a compile may name for its native artifact (``--soc``), by
+            key; empty: the target builds one artifact for any device of its kind.
         locate_departure: ``(model_path, feeds) -> str | None``: where the device first departs
             from ONNX Runtime on the quantized graph (a sentence naming the node), run when the
             compile's device check finds a target bug; None: not offered.
@@ -199,6 +201,7 @@ class Target:
     qdq_options: Callable[..., dict[str, Any]] | None = None
     share_graphs: Callable[..., dict[str, Any]] | None = None
     locate_departure: Callable[..., str | None] | None = None
+    socs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def check_static(self, inputs: Iterable[Any], outputs: Iterable[Any]) -> None:
         """Refuse a graph input or output (``onnx_ir`` values) whose shape is unknown or has a

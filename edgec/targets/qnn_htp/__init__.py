@@ -3,7 +3,7 @@
 Quantized (QDQ) models only; every tensor is quantized; static shapes; rank ≤ 5. ``legalize``
 holds the exact rewrites the HTP needs before quantization, ``fuse_rmsnorm`` the RMSNorm fusion
 its quantized norms need, ``qdq`` its QDQ form, ``build`` the EPContext compile and the
-diagnosis of what the HTP cannot run.
+diagnosis of what the HTP cannot run, ``soc`` the Snapdragons a compile may name (``--soc``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from edgec.targets.qnn_htp.fuse_rmsnorm import FuseRmsNormPass
 from edgec.targets.qnn_htp.legalize import MAX_RANK, QnnLegalizePass
 from edgec.targets.qnn_htp.qdq import qdq_options
 from edgec.targets.qnn_htp.shared_context import share_context
+from edgec.targets.qnn_htp.soc import SOCS
 
 __all__ = ["QNN_HTP"]
 
@@ -68,7 +69,8 @@ QNN_HTP = Target(
         "int64 token ids and the embedding Gather run on the NPU as they are",
         ("--quantize ...:stream=fp16 keeps the residual stream (its sums, the norms reading "
          "them, split branches) float, which the HTP runs in fp16: such a graph is built for an "
-         "fp16 HTP (soc_model 60, Snapdragon X Elite, HTP v73); named no SoC, the x86 emulator "
+         "fp16 HTP (soc_model 60, Snapdragon X Elite, HTP v73, unless --soc names another "
+         "with fp16 units: HTP v69 on); named no SoC, the x86 emulator "
          "computes float ops in fp32, which no device does, and cannot finalize a float "
          "RMSNormalization"),
     ),
@@ -81,6 +83,7 @@ QNN_HTP = Target(
     qdq_options=qdq_options,
     share_graphs=share_context,
     locate_departure=locate_departure,
+    socs=SOCS,
     schemes={
         # MatMul weights int8 symmetric per output channel; every other weight (LayerNorm takes
         # only unsigned ones) u8 per tensor. Activations u8, and 16 bits for tensors whose crest
