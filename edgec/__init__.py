@@ -43,6 +43,7 @@ def compile(source: Any, target: str = "ort-cpu", output_dir: str | os.PathLike 
     ``calibration``: a cache from ``edgec calibrate`` (directory or calibration.json), an .npz of
     samples (leading sample axis), or None (calibrate with the source's own generator).
     ``check``: verify every pass numerically.
+    ``soc``: qnn-htp's device, ``"sm8650"`` or ``"8-gen-3"`` (``edgec targets`` lists them).
     Returns an ``Artifact`` (``.path``, ``.manifest``, ``.report``, ``.load()``).
     """
     from edgec.pipeline import compile_model
