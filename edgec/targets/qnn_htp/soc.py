@@ -2,11 +2,12 @@
 
 A QNN context binary is compiled for one HTP: built naming no SoC, the x86 emulator compiles
 for QNN's default, and the binaries differ per SoC (llama tiny w8a8: 290,816 bytes for the
-default and for SM8350 / HTP v68, 303,104 for v73, v75 and v79, no two alike). So a user names
-the device (``--soc sm8650``, the chip or its marketing name); the compile stamps it into the
-graph's metadata (``SOC_KEY``), from which every QNN session of that graph (the build, the
-divergence search, a shared decoder context, the artifact's manifest) takes its ``soc_model``
-and ``htp_arch`` provider options (``runtimes.qnn.graph_provider_options``).
+default and for HTP v68 and v69, 303,104 for v73, v75 and v79, no two of those measured
+alike). So a user names the device (``--soc sm8650``, the chip or its marketing name); the
+compile stamps it into the graph's metadata (``SOC_KEY``), from which every QNN session of
+that graph (the build, the divergence search, a shared decoder context, the artifact's
+manifest) takes its ``soc_model`` and ``htp_arch`` provider options
+(``runtimes.qnn.graph_provider_options``).
 
 The numbers are the QNN SDK's (``soc_model``: its SoC id; ``htp_arch``: the Hexagon
 architecture version), as Qualcomm's own tables list them (LiteRT's and ExecuTorch's QNN
