@@ -56,10 +56,22 @@ def manifest(src, recipe, built, records, model, stage: Path) -> dict[str, Any]:
         "passes": [r.to_json() for r in records],
         **_io(model),
         "runtime": built.runtime,
+        **_int8_weights(tgt, model),
         "parameter_map": src.parameter_map,
         "versions": artifact.versions(),
         "hashes": artifact.file_hashes(stage),
     }
+
+
+def _int8_weights(tgt, model) -> dict[str, Any]:
+    """A CPU target's 8-bit weight forms (``unsigned_weights.weight_forms``): whether the
+    artifact's int8 weights saturate a host without VNNI, which loading checks."""
+    if tgt.runtime not in ("ort", "openvino"):
+        return {}
+    from edgec.graph_passes.quantization.unsigned_weights import weight_forms
+
+    forms = weight_forms(model)
+    return {"int8_weights": forms} if forms else {}
 
 
 def _graph_summary(model) -> dict[str, Any]:

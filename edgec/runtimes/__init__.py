@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = ["IOSpec", "Session", "latency_stats", "load", "open_session", "EXAMPL
            "RUNTIMES"]
 
 EXAMPLE_INPUTS = "example_inputs.npz"
+logger = logging.getLogger(__name__)
 
 # A manifest's ``runtime.name`` → the session class that opens it (``from_artifact``). Each module
 # imports its runtime's heavy package only when a session is opened.
@@ -80,6 +82,22 @@ def _refuse_if_damaged(root: Path, runtime: dict[str, Any], e: Exception) -> Non
             raise UserError(f"{root}: the artifact is damaged: {bad}") from e
 
 
+def _warn_saturating_weights(root: Path, manifest: dict) -> None:
+    """An artifact built where int8 kernels do not saturate (VNNI), loaded on a CPU where they
+    do: its 8-bit int8 weights overflow the u8 × s8 pair sums there, and the outputs drift
+    (video-dit tiny w8a8: cosine 0.9899 to PyTorch, 0.99955 with the weights as uint8)."""
+    n = (manifest.get("int8_weights") or {}).get("int8", 0)
+    if not n or manifest["runtime"].get("name") not in ("ort", "openvino"):
+        return
+    from edgec.graph_passes.quantization.host_int8 import ENV, int8_saturates
+
+    if int8_saturates():
+        logger.warning("%s: %d of its int8 weights use all 8 bits, which this CPU's int8 "
+                       "kernels (x86 without VNNI) saturate, so its outputs drift from what "
+                       "the compile verified; recompile it on this host, or anywhere with "
+                       "%s=1 for such hosts", root, n, ENV)
+
+
 def load(path: str | os.PathLike) -> Session:
     """Open a compiled artifact directory on the runtime its target uses."""
     from edgec.artifact import read_manifest
@@ -96,6 +114,7 @@ def load(path: str | os.PathLike) -> Session:
     # absolute: companion graphs, the tokenizer and OpenVINO's paged decoder are opened at the
     # first generate/sample, which failed or fell back after an os.chdir
     root = root.resolve()
+    _warn_saturating_weights(root, manifest)
     session = open_session(root, manifest["runtime"])
     session.manifest = manifest
     session.name_dims(manifest)

@@ -110,6 +110,18 @@ def test_weights_on_a_seven_bit_grid_stay_int8_and_the_fused_kernels_compute_the
     assert result.stats == {"weights_shifted": 2, "weights_7bit_kept": 0}
 
 
+def test_weight_forms_count_each_8_bit_form():
+    import onnx
+
+    from edgec.graph_passes.quantization.unsigned_weights import weight_forms
+
+    full = ir.serde.deserialize_model(onnx.load_from_string(_qdq_matmul()))
+    assert weight_forms(full) == {"int8": 2}
+    seven = ir.serde.deserialize_model(onnx.load_from_string(_qdq_matmul(top=64)))
+    assert weight_forms(seven) == {"int8_7bit": 2}
+    assert weight_forms(UnsignedWeightsPass()(full).model) == {"uint8": 2}
+
+
 def test_reduce_range_is_offered_where_it_pays_ort_cpu_w8a8():
     from edgec.errors import UserError
     from edgec.graph_passes.quantization.options import QuantOptions
@@ -203,6 +215,7 @@ def test_a_reduce_range_compile_keeps_7_bit_int8_weights_that_run_exactly(tmp_pa
     assert np.abs(got - exact).max() <= 1e-4 * np.abs(exact).max()
     assert "int8 (7-bit, reduce_range) weights" in dict(summary_rows(art.report))["quantization"]
     assert art.manifest["recipe"]["quantize"]["reduce_range"] is True
+    assert art.manifest["int8_weights"] == {"int8_7bit": len(weights)}
     assert art.report["fidelity"]["target_vs_source"]["outputs"]["logits"]["cosine"] > 0.999
 
     from typer.testing import CliRunner
@@ -214,3 +227,24 @@ def test_a_reduce_range_compile_keeps_7_bit_int8_weights_that_run_exactly(tmp_pa
                                  "--quantize", "w8a8:reduce_range=true", "-o", str(out)])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and not out.exists()
     assert "tensorrt gains nothing from it" in r.stderr
+
+
+def test_loading_int8_weights_on_a_host_that_saturates_them_warns(tmp_path, monkeypatch, caplog):
+    """An artifact built where int8 kernels do not saturate keeps 8-bit int8 weights; loaded
+    where they do, its outputs drift, which the load says (the manifest records the forms)."""
+    import logging
+
+    import edgec
+
+    monkeypatch.setenv(ENV, "0")  # built as on a VNNI host
+    art = edgec.compile("llama", target="openvino-cpu", config="tiny",
+                        quantize="w8a8:min_cos=0", output_dir=tmp_path / "vnni")
+    assert art.manifest["int8_weights"]["int8"] > 0 and "uint8" not in art.manifest["int8_weights"]
+    with caplog.at_level(logging.WARNING, logger="edgec.runtimes"):
+        edgec.load(art.path)
+        assert not caplog.records
+        monkeypatch.setenv(ENV, "1")  # loaded on an AVX2-only host
+        edgec.load(art.path)
+    (record,) = caplog.records
+    assert "int8 weights use all 8 bits" in record.getMessage()
+    assert f"{ENV}=1" in record.getMessage()

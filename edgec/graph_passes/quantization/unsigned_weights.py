@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from edgec.graph_passes._infra import EdgecPass, PassResult, fresh_name, register_constant
 
-__all__ = ["UnsignedWeightsPass"]
+__all__ = ["UnsignedWeightsPass", "weight_forms"]
 
 
 class UnsignedWeightsPass(EdgecPass):
@@ -74,6 +74,24 @@ class UnsignedWeightsPass(EdgecPass):
                 graph.initializers.pop(old.name)
         return PassResult(model, bool(count), {"weights_shifted": count,
                                                "weights_7bit_kept": seven})
+
+
+def weight_forms(model: ir.Model) -> dict[str, int]:
+    """How many constant weights the graph's DequantizeLinear nodes read in each 8-bit form:
+    ``int8`` (all 8 bits: a host without VNNI saturates them), ``int8_7bit`` (within ±64),
+    ``uint8`` (shifted, or written so); empty where there are none. The manifest records it,
+    and loading warns where this host saturates ``int8`` ones (``runtimes.load``)."""
+    forms = {"int8": 0, "int8_7bit": 0, "uint8": 0}
+    for node in model.graph:
+        if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
+            continue
+        value = node.inputs[0]
+        if _int8_constant(value):
+            forms["int8_7bit" if _within_seven_bits(value) else "int8"] += 1
+        elif (value.const_value is not None and value.producer() is None
+              and value.const_value.dtype == ir.DataType.UINT8):
+            forms["uint8"] += 1
+    return {k: n for k, n in forms.items() if n}
 
 
 def _int8_constant(value: ir.Value | None) -> bool:
