@@ -277,9 +277,7 @@ class Recipe:
                             "sparse-merged weights makes them dense again; drop --rotate or "
                             "use --lora-mode merge")
         if self.soc is not None and self.quantize is not None and self.quantize.stream == "fp16":
-            from edgec.targets.qnn_htp.soc import SOCS
-
-            soc = SOCS[self.soc]
+            soc = t.socs[self.soc]
             if not soc.fp16:
                 raise UserError(f"--quantize stream=fp16 runs the residual stream in fp16, which "
                                 f"the HTP v{soc.htp_arch} of the {soc.name} ({soc.chip}) does "

@@ -86,8 +86,8 @@ def _warn_saturating_weights(root: Path, manifest: dict) -> None:
     """An artifact built where int8 kernels do not saturate (VNNI), loaded on a CPU where they
     do: its 8-bit int8 weights overflow the u8 × s8 pair sums there, and the outputs drift
     (video-dit tiny w8a8: cosine 0.9899 to PyTorch, 0.99955 with the weights as uint8)."""
-    n = (manifest.get("int8_weights") or {}).get("int8", 0)
-    if not n or manifest["runtime"].get("name") not in ("ort", "openvino"):
+    n = (manifest.get("int8_weights") or {}).get("int8", 0)  # recorded for the CPU targets
+    if not n:
         return
     from edgec.graph_passes.quantization.host_int8 import ENV, int8_saturates
 
