@@ -44,6 +44,8 @@ def compile(source: Any, target: str = "ort-cpu", output_dir: str | os.PathLike 
     samples (leading sample axis), or None (calibrate with the source's own generator).
     ``check``: verify every pass numerically.
     ``soc``: qnn-htp's device, ``"sm8650"`` or ``"8-gen-3"`` (``edgec targets`` lists them).
+    ``kv_cache``: a generation artifact's KV cache precision on openvino-cpu, ``"f32"``
+    (default), ``"f16"`` or ``"u8"`` (measured against fp32 at compile time).
     Returns an ``Artifact`` (``.path``, ``.manifest``, ``.report``, ``.load()``).
     """
     from edgec.pipeline import compile_model

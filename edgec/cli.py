@@ -451,6 +451,7 @@ def targets_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON
                         "after_quantize": [p.name for p in t.after_quantize]},
              "schemes": {n: _scheme_line(s) for n, s in t.schemes.items()},
              "socs": {s.chip: f"{s.name}, HTP v{s.htp_arch}" for s in t.socs.values()},
+             "kv_caches": list(t.kv_caches),
              "notes": list(t.notes)} for t in TARGETS.values()]
     if as_json:
         return _print_json(rows)
@@ -467,6 +468,9 @@ def targets_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON
             table.add_row(f"--quantize {name}", line)
         if r["socs"]:
             table.add_row("--soc", "; ".join(f"{c} ({d})" for c, d in r["socs"].items()))
+        if r["kv_caches"]:
+            table.add_row("--kv-cache", " | ".join(r["kv_caches"]) + " (--generate; default "
+                          f"{r['kv_caches'][0]})")
         for note in r["notes"]:
             table.add_row("note", note)
         out.print(table)

@@ -19,8 +19,8 @@ from edgec.errors import InternalError, UserError, VerificationError
 from edgec.exporters.verify import assert_close, compare_outputs
 
 __all__ = ["TARGET_RTOL", "REWRITTEN_RTOL", "QUANTIZED_AGREEMENT", "QUANTIZED_FLOOR",
-           "AMPLIFICATION", "floor_on_target", "floor_against_source", "judge_quantized",
-           "target_fidelity", "verification_session"]
+           "AMPLIFICATION", "KV_CACHE_FLOOR", "floor_on_target", "floor_against_source",
+           "judge_quantized", "kv_cache_fidelity", "target_fidelity", "verification_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ REWRITTEN_RTOL = 1e-4
 QUANTIZED_AGREEMENT = 0.998
 QUANTIZED_FLOOR = 0.98
 AMPLIFICATION = 4.0
+# A generation artifact's KV cache stored in lower precision (--kv-cache): the logits cosine
+# against the same artifact with an fp32 cache, on the model's own keys/values, below which the
+# compile refuses the precision.
+KV_CACHE_FLOOR = 0.99
 
 
 def judge_quantized(device_vs_ort: float, ort_vs_reference: float) -> tuple[str, str | None]:
@@ -351,3 +355,43 @@ def _missed_by(floor, adapters: dict[str, dict[str, float]] | None) -> str:
     missed = [f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in score.items())
               for name, score in (adapters or {}).items() if not floor.met(score)]
     return f" (adapter {'; '.join(missed)})" if missed else ""
+
+
+def kv_cache_fidelity(exact, stored, feeds: dict, precision: str) -> dict[str, Any]:
+    """What a KV cache kept in ``precision`` costs: the artifact's session with that cache
+    (``stored``) against the same graph with an fp32 cache (``exact``, verified exact above).
+    The example's past is random, which says nothing of real keys (their outlier channels are
+    what a per-channel key scale is for), so the probe is the model's own: the first half of the
+    example's tokens is prefilled, then read back from the cache by the second half. Below
+    KV_CACHE_FLOOR the compile refuses the precision."""
+    import numpy as np
+
+    ids = feeds["input_ids"]
+    batch, n = ids.shape
+    # the example's positions only (a model's position limit holds): its first half
+    # prefilled, its second half read against it (one token twice for a one-token example)
+    h = max(1, n // 2)
+    first_ids, then_ids = ids[:, :h], (ids[:, h:] if n > 1 else ids)
+    total = h + then_ids.shape[1]
+    past = {k: v[:, :, :0] for k, v in feeds.items() if k.startswith("past_key_values.")}
+    positions = np.broadcast_to(np.arange(total, dtype=feeds["position_ids"].dtype),
+                                (batch, total))
+    mask = np.ones((batch, total), feeds["attention_mask"].dtype)
+    other = {k: v for k, v in feeds.items() if k not in past and k not in (
+        "input_ids", "attention_mask", "position_ids")}  # e.g. a swappable adapter's inputs
+    first = exact.run({"input_ids": first_ids, "attention_mask": mask[:, :h],
+                       "position_ids": positions[:, :h], **past, **other})
+    cached = {k: first[k.replace("past_key_values.", "present.")] for k in past}
+    second = {"input_ids": then_ids, "attention_mask": mask, "position_ids": positions[:, h:],
+              **cached, **other}
+    errors = compare_outputs({"logits": stored.run(second)["logits"]},
+                             {"logits": exact.run(second)["logits"]})
+    cosine = errors["logits"]["cosine"]
+    if not cosine >= KV_CACHE_FLOOR:
+        raise UserError(f"--kv-cache {precision} changes this model's logits too much: cosine "
+                        f"{cosine:.5f} against an fp32 cache on its own keys/values (floor "
+                        f"{KV_CACHE_FLOOR}); use --kv-cache f16, or leave the cache fp32")
+    return {"precision": precision, "reference": "the same artifact with an fp32 cache",
+            "probe": f"{h} tokens prefilled, then {then_ids.shape[1]} more reading them from "
+                     "the cache",
+            "min_cosine": KV_CACHE_FLOOR, "outputs": errors}

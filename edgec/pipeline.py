@@ -382,6 +382,7 @@ def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
     from edgec import report as reports
     from edgec.fidelity import (
         floor_on_target,
+        kv_cache_fidelity,
         other_batch,
         target_fidelity,
         verification_session,
@@ -436,7 +437,8 @@ def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
         step(f"building for {tgt.name}")
         built = tgt.build(tgt, stage / "model.onnx", stage / "target",
                           companions=_has_companions(recipe),
-                          **({"generation": {**gen, "context": recipe.context}} if gen else {}))
+                          **({"generation": {**gen, "context": recipe.context,
+                                             "kv_cache": recipe.kv_cache}} if gen else {}))
         decode = None
         rotations = _rotations(prep.manager.passes)  # the companions rotate as this graph does
         if gen and tgt.static_shapes:  # the one-token graph beside the prefill graph
@@ -458,7 +460,13 @@ def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
 
         step(f"verifying on {tgt.name}")
         t0 = time.perf_counter()
-        session, stand_in = verification_session(stage, built)
+        stored = _stored_kv_cache(recipe)
+        # a cache kept in lower precision is measured on its own below: the graph is verified
+        # with the fp32 cache it computes
+        session, stand_in = verification_session(stage, dataclasses.replace(
+            built, runtime={**built.runtime, "config": {**built.runtime["config"],
+                                                         **tgt.kv_caches[_FP32_CACHE]}})
+                                                  if stored else built)
         if session.emulator:
             step(f"running on {session.emulator}: a large graph takes minutes per run there")
         if lora_info and lora_info["mode"] == "swappable":
@@ -472,6 +480,12 @@ def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
                                             src.feeds if feeds is None else feeds)
         fidelity, first_run_s = target_fidelity(session, src, approximate, model, quantized,
                                                 locate)
+        if stored:
+            step(f"measuring the {stored} KV cache against an fp32 one")
+            from edgec.runtimes import open_session
+
+            kv_session = open_session(stage, built.runtime)  # the artifact as it loads
+            kv_cache = kv_cache_fidelity(session, kv_session, src.feeds, stored)
         if any(r.name == "sparse-attention" and r.stats.get("sites_approximate")
                for r in records):  # the builder handles the batch by hand: run another one
             batch = other_batch(session, src.feeds)
@@ -497,7 +511,7 @@ def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
             latency = {"skipped": f"ran on {session.emulator}",
                        "emulator_run_ms": round(first_run_s * 1e3, 3)}
         else:
-            latency = _benchmark(session, src.feeds, first_run_s)
+            latency = _benchmark(kv_session if stored else session, src.feeds, first_run_s)
             if recipe.quantize is not None and not gen and recipe.lora_mode != "swappable":
                 step("timing the unquantized graph beside it")
                 # the passes before quantize edited src.model in place; quantize kept it fp32
@@ -524,6 +538,8 @@ def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
                                       "tokenizer": tokenizer}
         elif tokenizer:
             manifest["tokenizer"] = tokenizer
+        if stored:
+            report["fidelity"]["kv_cache"] = kv_cache
         if decode:
             report["fidelity"]["decode_graph_vs_source"] = decode[1]
         if dense:
@@ -1117,6 +1133,14 @@ def _peft_merges(records) -> tuple[str, ...]:
     there); one that did, or pruning, is the recipe's approximation of PEFT's merge."""
     return ("lora-merge",) + tuple(r.name for r in records if r.name == "lora-sparse-merge"
                                    and not r.stats.get("delta_masked"))
+
+
+_FP32_CACHE = "f32"
+
+
+def _stored_kv_cache(recipe) -> str | None:
+    """The precision a generation artifact keeps its KV cache in, where it is not fp32."""
+    return recipe.kv_cache if recipe.kv_cache not in (None, _FP32_CACHE) else None
 
 
 def _approximate(records, ignore: Sequence[str] = ()) -> bool:

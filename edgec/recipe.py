@@ -138,6 +138,23 @@ def _soc(raw: Any, target, parsed: dict) -> str | None:
     return soc_named(raw)
 
 
+def _kv_cache(raw: Any, target, parsed: dict) -> str | None:
+    if raw is None:
+        return None
+    if not target.kv_caches:
+        from edgec.targets import TARGETS
+
+        offered = [t.name for t in TARGETS.values() if t.kv_caches]
+        raise UserError(f"--kv-cache sets the precision a generation artifact stores its KV "
+                        f"cache in, on {', '.join(offered)}; {target.name} keeps the cache its "
+                        "graph computes: drop --kv-cache")
+    value = str(raw).strip().lower()
+    if value not in target.kv_caches:
+        raise UserError(f"--kv-cache {raw!r} is not a KV-cache precision {target.name} offers; "
+                        f"choose one of: {' | '.join(target.kv_caches)}")
+    return value
+
+
 def _kv_retrieval(raw: Any, target, parsed: dict):
     from edgec.runtimes.freekv import parse_kv_retrieval
 
@@ -232,6 +249,12 @@ class Recipe:
         None, "--context", metavar="N", parse=_context,
         help="the longest sequence (prompt + new tokens) the artifact generates: qnn-htp's "
              "static KV buffer (default 256), TensorRT's decode profile (--generate)")
+    kv_cache: str | None = _option(
+        None, "--kv-cache", metavar="PRECISION", parse=_kv_cache, commands=("compile",),
+        help="the precision a generation artifact stores its KV cache in (--generate, "
+             "openvino-cpu): f32 (default) | f16 | u8 (keys per channel within each block, "
+             "values per token: OpenVINO GenAI's default). A quarter (u8) or half (f16) of the "
+             "cache's memory; the compile measures what it costs against fp32")
     kv_retrieval: Any = _option(
         None, "--kv-retrieval", metavar="freekv[:K=V,...]", parse=_kv_retrieval,
         commands=("compile",),
@@ -287,6 +310,8 @@ class Recipe:
                             "--generate")
         if self.generate and self.sparse_attention is not None:
             self._check_sparse_prefill()
+        if self.kv_cache is not None:
+            self._check_kv_cache()
         if self.kv_retrieval is not None:
             if not self.generate:
                 raise UserError("--kv-retrieval applies to generation artifacts; add --generate")
@@ -308,6 +333,21 @@ class Recipe:
                 raise UserError(f"scheme {self.quantize.scheme} is weight-only: it takes no "
                                 "calibration cache (no activation ranges); give an .npz of "
                                 "samples for GPTQ and the accuracy floor, or drop --calib")
+
+    def _check_kv_cache(self) -> None:
+        """--kv-cache: a generation artifact's cache, kept by the runtime in that precision."""
+        if not self.generate:
+            raise UserError("--kv-cache sets the precision of a generation artifact's KV cache; "
+                            "add --generate")
+        if self.kv_cache == next(iter(self.target.kv_caches)):
+            return  # the default, named
+        if self.kv_retrieval is not None:
+            raise UserError(f"--kv-retrieval decodes from FreeKV's own fp32 pages, so --kv-cache "
+                            f"{self.kv_cache} would not apply to it; drop one of the two")
+        if self.sparse_attention is not None:
+            raise UserError(f"the sparse prefill hands its fp32 keys/values to the decoder's "
+                            f"cache, which --kv-cache {self.kv_cache} stores in another format; "
+                            "drop one of the two")
 
     def _check_sparse_prefill(self) -> None:
         """--generate --sparse-attention: block-sparse attention in a separate prefill graph."""
@@ -368,7 +408,7 @@ class Recipe:
             "calibration": (None if calib is None else str(calib) if isinstance(calib, Path)
                             else f"cache {calib.model_hash[:12]}"),
             "check": self.check, "generate": self.generate, "context": self.context,
-            "soc": self.soc,
+            "soc": self.soc, "kv_cache": self.kv_cache,
             "kv_retrieval": (self.kv_retrieval.to_json() if self.kv_retrieval is not None
                              else None),
             "prune_vision_tokens": (self.prune_vision_tokens.to_json()

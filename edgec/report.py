@@ -13,7 +13,8 @@ from edgec.report_chart import INSTALL_LINE, floor_label
 
 __all__ = ["manifest", "report", "quantization_entry", "mixed_precision_stats", "render_markdown",
            "rotation_line", "summary_rows", "scheme_line", "vision_pruning_line",
-           "calibration_line", "floor_line", "prefill_check_line", "kv_retrieval_line"]
+           "calibration_line", "floor_line", "prefill_check_line", "kv_retrieval_line",
+           "kv_cache_line"]
 
 
 def _io(model) -> dict[str, list[dict[str, Any]]]:
@@ -246,6 +247,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         line = (f"prefill graph: {_sites_line(st)}; causal, {kept}, "
                 f"prompts ≥ {cfg.get('min_seq')} tokens")
         rows.append(("sparse prefill", line))
+    if fid.get("kv_cache"):
+        rows.append(("kv cache", kv_cache_line(fid["kv_cache"])))
     if report.get("kv_retrieval"):
         rows.append(("kv retrieval", kv_retrieval_line(report["kv_retrieval"])))
     if (report.get("vision_pruning") or {}).get("keep") is not None:  # asked for, not counts
@@ -316,6 +319,15 @@ def kv_retrieval_line(e: dict[str, Any]) -> str:
             f"({recent - page}–{recent - 1} cached tokens: the page being filled{before}) + the "
             f"new token; tau {e['tau']} (a head re-selects its pages when its query's cosine "
             "to the last one falls below it)")
+
+
+def kv_cache_line(e: dict[str, Any]) -> str:
+    """"u8: logits cosine 0.9999996 (max rel 1.0e-03) against an fp32 cache; 64 tokens
+    prefilled, then 64 more reading them from the cache (floor 0.99)"."""
+    logits = e["outputs"]["logits"]
+    return (f"{e['precision']}: logits cosine {logits['cosine']:.7f} (max rel "
+            f"{logits['max_rel']:.1e}) against an fp32 cache; {e['probe']} (floor "
+            f"{e['min_cosine']})")
 
 
 def _companions(fid: dict[str, Any]) -> list[str]:

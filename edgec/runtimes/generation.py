@@ -291,15 +291,17 @@ def check_context(info, prompt_tokens: int, max_new_tokens: int) -> None:
                         f"tokens; {advice}")
 
 
-def check_cache_memory(info, batch: int, capacity: int) -> None:
+def check_cache_memory(info, batch: int, capacity: int, size: int | None = None) -> None:
     """Refuse a cache allocated up front for ``capacity`` tokens per row (OpenVINO's paged
-    blocks, FreeKV's buffers) that exceeds this machine's memory: a model without a context limit
+    blocks, ``size`` bytes where they are not float32; FreeKV's buffers) that exceeds this
+    machine's memory: a model without a context limit
     (the reference) took any max_new_tokens, and numpy's MemoryError was an internal error."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # no sysconf (Windows): numpy's error stands
         return
-    size = 2 * info.layers * batch * info.kv_heads * capacity * info.head_dim * 4  # float32
+    if size is None:  # float32
+        size = 2 * info.layers * batch * info.kv_heads * capacity * info.head_dim * 4
     if size > memory:
         raise UserError(f"a KV cache for {batch} x {capacity} tokens (prompt + max_new_tokens) "
                         f"takes {size / 2**30:.1f} GiB, more than this machine's "

@@ -145,13 +145,14 @@ class OpenVINOSession(Session):
             return super()._kv_cache(info, batch, capacity)
         if not self.paged:
             return _RuntimeCache(self)
-        from edgec.runtimes.openvino_paged import PagedCache
+        from edgec.runtimes.openvino_paged import PagedCache, cache_layout
 
         compiled = self._paged(info)
         if self._paged_request is None:
             self._paged_request = compiled.create_infer_request()
         cache = PagedCache(self._paged_request, lambda f: self._adapter_feeds(f, None), info,
-                           batch, capacity, reuse=self._paged_blocks)
+                           batch, capacity, cache_layout(compiled, info.layers),
+                           reuse=self._paged_blocks)
         self._paged_blocks = cache.blocks
         return cache
 
@@ -161,8 +162,7 @@ class OpenVINOSession(Session):
             from edgec.runtimes.openvino_paged import paged_model
 
             core, xml, device, config = self._source
-            model, why = paged_model(core.read_model(xml), info.layers, info.kv_heads,
-                                     info.head_dim)
+            model, why = paged_model(core.read_model(xml), info.layers)
             if model is None:
                 raise InternalError(f"the paged decoder could not be made at load ({why}), "
                                     "although the build made it; this is an edgec bug")

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from edgec.errors import InternalError
 from edgec.runtimes.generation import check_cache_memory
 
-__all__ = ["BLOCK_SIZE", "paged_model", "PagedCache", "bind"]
+__all__ = ["BLOCK_SIZE", "paged_model", "cache_layout", "PagedCache", "bind"]
 
 BLOCK_SIZE = 32  # tokens per block: what OpenVINO GenAI gives the CPU plugin at f32
 SAMPLED = "sampled_tokens_indices"
-_CACHE_PREFIXES = ("key_cache.", "value_cache.")
 
 
 def bind(request, arrays: dict[str, np.ndarray]) -> None:
@@ -44,9 +44,11 @@ def bind(request, arrays: dict[str, np.ndarray]) -> None:
         request.set_tensor(name, ov.Tensor(value, shared_memory=value.flags.writeable))
 
 
-def paged_model(model, layers: int, kv_heads: int, head_dim: int) -> tuple[Any, str | None]:
+def paged_model(model, layers: int) -> tuple[Any, str | None]:
     """(the paged ``openvino.Model``, None), or (None, why not). ``model`` (a stateful decoder)
-    is transformed in place: pass a clone to keep it."""
+    is transformed in place: pass a clone to keep it. The cache inputs keep no type or shape:
+    the CPU plugin gives them those of its ``KV_CACHE_PRECISION`` when it compiles the model
+    (``cache_layout`` reads them back)."""
     import openvino as ov
     import openvino.opset13 as ops
     from openvino._offline_transformations import paged_attention_transformation
@@ -59,10 +61,6 @@ def paged_model(model, layers: int, kv_heads: int, head_dim: int) -> tuple[Any, 
     if found != layers:
         return None, (f"OpenVINO's paged-attention transformation matched {found} of {layers} "
                       "attention layers")
-    for param in model.get_parameters():
-        if param.get_output_tensor(0).get_any_name().startswith(_CACHE_PREFIXES):
-            param.set_element_type(ov.Type.f32)
-            param.set_partial_shape(ov.PartialShape([-1, kv_heads, BLOCK_SIZE, head_dim]))
     head = model.output("logits").get_node().input_value(0).get_node()
     if head.get_type_name() != "MatMul":
         return None, f"the logits come from a {head.get_type_name()}, not the LM head's MatMul"
@@ -75,13 +73,34 @@ def paged_model(model, layers: int, kv_heads: int, head_dim: int) -> tuple[Any, 
     return model, None
 
 
+def cache_layout(compiled, layers: int) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(input name, numpy dtype, shape of one block) of each cache input, key then value per
+    layer, as the compiled paged model wants them: [kv_heads, 32, head_dim] f32 or f16; u8
+    keys [kv_heads, 32 + 8, head_dim] (a per-channel f32 scale and zero point under each
+    block's 32 tokens), u8 values [kv_heads, 32, head_dim + 8] (per token)."""
+    import openvino as ov
+
+    dtypes = {ov.Type.f32: np.float32, ov.Type.f16: np.float16, ov.Type.u8: np.uint8}
+    layout = []
+    for name in (f"{kind}_cache.{i}" for i in range(layers) for kind in ("key", "value")):
+        port = compiled.input(name)
+        shape, kind = port.get_partial_shape(), port.get_element_type()
+        if kind not in dtypes or shape.rank.get_length() != 4 or not all(
+                shape[d].is_static for d in (1, 2, 3)):
+            raise InternalError(f"the paged decoder's {name} is {kind} {shape}, a cache layout "
+                                "edgec does not allocate; this is an edgec bug: please report it")
+        layout.append((name, np.dtype(dtypes[kind]),
+                       tuple(shape[d].get_length() for d in (1, 2, 3))))
+    return layout
+
+
 class PagedCache:
     """One ``generate`` call's cache: blocks for ``capacity`` tokens per row (row r owns blocks
     [r·n, (r+1)·n)); ``step`` feeds only the rows' real tokens. ``request`` and ``reuse`` (the
     previous call's block arrays) come from the session: a new request and freshly allocated
     blocks would be set up again by the first step, which costs prefill time."""
 
-    def __init__(self, request, feeds_for, info, batch: int, capacity: int,
+    def __init__(self, request, feeds_for, info, batch: int, capacity: int, layout,
                  reuse: list[np.ndarray] | None = None):
         self.request = request
         self.feeds_for = feeds_for  # adds a swappable-LoRA artifact's adapter inputs
@@ -90,11 +109,11 @@ class PagedCache:
         if reuse and reuse[0].shape[0] >= need:
             self.blocks = reuse
         else:
-            check_cache_memory(info, batch, capacity)
-            shape = (need, info.kv_heads, BLOCK_SIZE, info.head_dim)
-            self.blocks = [np.zeros(shape, np.float32) for _ in range(2 * info.layers)]
-        names = [f"{kind}_cache.{i}" for i in range(info.layers) for kind in ("key", "value")]
-        bind(request, dict(zip(names, self.blocks)))
+            check_cache_memory(info, batch, capacity, size=need * sum(
+                dtype.itemsize * int(np.prod(block)) for _, dtype, block in layout))
+            self.blocks = [np.zeros((need, *block), dtype) for _, dtype, block in layout]
+        self.float_blocks = all(dtype == np.float32 for _, dtype, _ in layout)
+        bind(request, {name: blocks for (name, _, _), blocks in zip(layout, self.blocks)})
         self.table = (np.arange(batch)[:, None] * self.per_row
                       + np.arange(self.per_row)).astype(np.int32)  # each row's own blocks
         self.lengths = np.zeros(batch, np.int64)
@@ -123,6 +142,9 @@ class PagedCache:
         """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph):
         each row's real (unpadded) tokens are copied into its blocks. ``presents`` [B, kv_heads,
         S, head_dim] per layer, key then value, as the decoder's ``present.*``."""
+        if not self.float_blocks:  # the recipe refuses --kv-cache with a sparse prefill
+            raise InternalError("a prompt's fp32 keys/values cannot be copied into a quantized "
+                                "paged cache; this is an edgec bug: please report it")
         counts = (mask != 0).sum(axis=1)
         total = self._checked(counts)
         s = presents[0].shape[2]

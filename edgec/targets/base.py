@@ -177,6 +177,9 @@ class Target:
             not; None: the target keeps one native artifact per graph.
         socs: the devices (SoCs) a compile may name for its native artifact (``--soc``), by
             key; empty: the target builds one artifact for any device of its kind.
+        kv_caches: the precisions a generation artifact's KV cache may be stored in
+            (``--kv-cache``), each with the runtime setting that selects it; the first is the
+            default (the decoder's own fp32). Empty: the cache is what the graph computes.
         locate_departure: ``(model_path, feeds) -> str | None``: where the device first departs
             from ONNX Runtime on the quantized graph (a sentence naming the node), run when the
             compile's device check finds a target bug; None: not offered.
@@ -202,6 +205,7 @@ class Target:
     share_graphs: Callable[..., dict[str, Any]] | None = None
     locate_departure: Callable[..., str | None] | None = None
     socs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    kv_caches: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
 
     def check_static(self, inputs: Iterable[Any], outputs: Iterable[Any]) -> None:
         """Refuse a graph input or output (``onnx_ir`` values) whose shape is unknown or has a

@@ -38,6 +38,17 @@ SCHEMES = {
                          min_opset=21, weight_backup_int8=True, weight_symmetric=False),
 }
 
+# The KV cache of a generation artifact (--kv-cache): the CPU plugin stores it in the precision
+# KV_CACHE_PRECISION names, in the stateful model's variables and in the paged blocks alike.
+# u8 is what the plugin (and OpenVINO GenAI) use by default: keys quantized per channel within
+# each 32-token block, values per token, each with an f32 scale and zero point stored in the
+# block; f16 halves the cache. u4 crashed the stateful model (heap corruption, 2026.4) and bf16
+# needs a CPU with bf16: neither is offered.
+KV_CACHES = {
+    "f32": {"KV_CACHE_PRECISION": "f32"},
+    "f16": {"KV_CACHE_PRECISION": "f16"},
+    "u8": {"KV_CACHE_PRECISION": "u8"},
+}
 
 # What OpenVINO's ONNX frontend says when an op (or an op's use) has no conversion for it.
 _UNSUPPORTED = ("No conversion rule", "not supported")
@@ -97,6 +108,10 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
         make_stateful(ov_model)
         kv_heads, head_dim = shape[1].get_length(), shape[3].get_length()
         runtime["stateful"] = {"pairs": pairs, "kv_shape": [kv_heads, head_dim]}
+        kv_cache = (options.get("generation") or {}).get("kv_cache")
+        if kv_cache:  # the plugin keeps the cache in this precision, stateful or paged
+            runtime["config"].update(target.kv_caches[kv_cache])
+            runtime["stateful"]["kv_cache"] = kv_cache
         # generate's fast path: the same IR in paged form (made again at load; checked here)
         outputs = {o.get_any_name() for o in ov_model.outputs}
         from edgec.exporters.decoder import checkpoint_meta, has_sliding_window  # imports torch
@@ -108,7 +123,7 @@ def _build(target: Target, model_path: Path, target_dir: Path, **options) -> Bui
             # attended over the whole cache (Mistral sliding_window 8: other tokens than HF)
             paged, why = None, "its sliding-window attention would attend over the whole cache"
         else:
-            paged, why = paged_model(ov_model.clone(), len(pairs) // 2, kv_heads, head_dim)
+            paged, why = paged_model(ov_model.clone(), len(pairs) // 2)
         if paged is not None:
             runtime["stateful"]["paged"] = {"block_size": BLOCK_SIZE}
         else:
@@ -135,4 +150,5 @@ OPENVINO_CPU = Target(
     after_quantize=(UnsignedWeightsPass,),  # exact; only where this host's int8 saturates
     build=_build,
     schemes=SCHEMES,
+    kv_caches=KV_CACHES,
 )
