@@ -14,11 +14,15 @@ greedy generation on the paged path users run: 8 real prompts, 48 new tokens eac
 tokens equal to the fp32 cache's and the first position that differs (None: the same tokens to
 the end, or to the end of the shorter where one stopped at EOS).
 
-Speed: prefill ms and decode tokens/s (batch 1, 32 new tokens, greedy) at each prompt length,
-the three artifacts interleaved round by round, medians; cache bytes per token from the paged
-blocks allocated.
+Speed: prefill ms and decode tokens/s (batch 1, 32 new tokens, greedy, EOS ignored; wall clock,
+the first streamed token ending prefill) at each prompt length, the three artifacts interleaved
+round by round, medians; cache bytes per token from the paged blocks allocated. With
+``--ov-genai`` (extra ``bench-generation``), OpenVINO GenAI's ``LLMPipeline`` on optimum-intel's
+fp32 export of the same checkpoint runs in the same rounds, fp32 compute, with an f32 and a u8
+cache: the tool users have for exactly this.
 
-Run: ``python benchmarks/kv_cache.py [--rounds 3] [--lengths 128,2048,4096] [--out PATH]`` (results:
+Run: ``python benchmarks/kv_cache.py [--rounds 3] [--lengths 128,2048,4096] [--ov-genai]
+[--out PATH]`` (results:
 ``benchmarks/results/kv_cache.json``).
 """
 
@@ -38,6 +42,7 @@ from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when ru
 
 QB = _load("quantization", "edgec_bench_quantization")  # machine(), loadavg(), git_state()
 SMOL = _load("_smollm2", "edgec_bench_smollm2")
+ANCHORS = _load("_anchors_generation", "edgec_bench_anchors_generation")  # numpy only
 SENTENCES = Path(__file__).resolve().parent.parent / "tests" / "data" / "sentences.txt"
 PRECISIONS = ("f32", "f16", "u8")
 
@@ -114,37 +119,71 @@ def greedy(sessions: dict, prompts: list[np.ndarray], new: int) -> dict:
     return out
 
 
-def speed(sessions: dict, ids: np.ndarray, lengths: list[int], rounds: int, new: int) -> dict:
+class Edgec:
+    """An edgec artifact's ``Session.generate``, timed as the anchors are (wall clock; the first
+    streamed token ends prefill), EOS ignored as OpenVINO GenAI's runs are."""
+
+    def __init__(self, session, kv: str) -> None:
+        self.session, self.name = session, f"edgec_{kv}_cache"
+
+    def generate(self, ids: np.ndarray, new_tokens: int) -> dict:
+        marks: list[float] = []
+        t0 = time.perf_counter()
+        out = self.session.generate(ids, max_new_tokens=new_tokens, eos_token_id=[],
+                                    do_sample=False,
+                                    streamer=lambda tok: marks.append(time.perf_counter()))
+        t1 = time.perf_counter()
+        return ANCHORS.timing(t0, marks[0] if marks else None, t1,
+                              out.shape[1] - ids.shape[1]) | {
+            "tokens": out[0, ids.shape[1]:].tolist()}
+
+
+def ov_genai_anchors(ckpt: Path, work: Path) -> list:
+    """OpenVINO GenAI's LLMPipeline on optimum-intel's fp32 export of the same checkpoint, fp32
+    compute, its cache f32 and u8 (the CPU plugin's default cache, which edgec's u8 matches)."""
+    runners = []
+    for kv in ("f32", "u8"):
+        r = ANCHORS.OvGenai(str(ckpt), str(work), "fp32", f32=True)
+        r.properties = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
+        r.name = f"ov_genai_{kv}_cache"
+        runners.append(r)
+    return runners
+
+
+def _decode_rate(t: dict) -> float | None:
+    ttft, total, n = t["ttft_ms"], t["total_ms"], t["new_tokens"]
+    return (n - 1) / ((total - ttft) / 1e3) if ttft is not None and n > 1 and total > ttft else None
+
+
+def speed(systems: list, ids: np.ndarray, lengths: list[int], rounds: int, new: int,
+          cache_bytes: dict) -> dict:
     out = {}
     for length in lengths:
         prompt = ids[None, :length]
-        figures = {kv: {"prefill_ms": [], "decode_tokens_per_s": []} for kv in sessions}
-        for s in sessions.values():  # warm: compile the paged model, allocate its blocks
-            s.generate(prompt, max_new_tokens=4, do_sample=False)
+        runs = {s.name: [] for s in systems}
+        for s in systems:  # warm: the paged model compiled, its blocks allocated
+            s.generate(prompt, 4)
         for _ in range(rounds):
-            for kv, s in sessions.items():
-                s.generate(prompt, max_new_tokens=new, do_sample=False)
-                g = s.last_generation
-                figures[kv]["prefill_ms"].append(g["prefill_ms"])
-                figures[kv]["decode_tokens_per_s"].append(g["decode_tokens_per_s"])
+            for s in systems:
+                runs[s.name].append(s.generate(prompt, new))
         row = {}
-        for kv, f in figures.items():
-            blocks = sessions[kv]._paged_blocks
-            per_token = sum(b.nbytes for b in blocks) / (blocks[0].shape[0] * 32)
-            row[kv] = {"prefill_ms_median": round(statistics.median(f["prefill_ms"]), 2),
-                       "decode_tokens_per_s_median":
-                           round(statistics.median(f["decode_tokens_per_s"]), 1),
-                       "decode_tokens_per_s": [round(x, 1) for x in f["decode_tokens_per_s"]],
-                       "cache_bytes_per_token": int(per_token)}
-        base = row["f32"]
-        for kv in row:
-            row[kv]["decode_vs_f32"] = round(row[kv]["decode_tokens_per_s_median"]
-                                             / base["decode_tokens_per_s_median"], 3)
-            row[kv]["cache_vs_f32"] = round(row[kv]["cache_bytes_per_token"]
-                                            / base["cache_bytes_per_token"], 3)
+        ref = runs["edgec_f32_cache"][0]["tokens"]
+        for name, r in runs.items():
+            rates = [_decode_rate(t) for t in r]
+            row[name] = {"prefill_ms_median": round(statistics.median(t["ttft_ms"] for t in r), 2),
+                         "decode_tokens_per_s_median": round(statistics.median(rates), 1),
+                         "decode_tokens_per_s": [round(x, 1) for x in rates],
+                         "tokens_equal_to_edgec_f32_cache": round(float(np.mean(
+                             np.array(r[0]["tokens"]) == np.array(ref))), 4)}
+            if name in cache_bytes:
+                row[name]["cache_bytes_per_token"] = cache_bytes[name]
+        base = row["edgec_f32_cache"]["decode_tokens_per_s_median"]
+        for name in row:
+            row[name]["decode_vs_edgec_f32_cache"] = round(
+                row[name]["decode_tokens_per_s_median"] / base, 3)
         out[str(length)] = row
         log(f"prompt {length}: " + ", ".join(
-            f"{kv} {r['decode_tokens_per_s_median']} tok/s" for kv, r in row.items()))
+            f"{n} {r['decode_tokens_per_s_median']} tok/s" for n, r in row.items()))
     return out
 
 
@@ -154,6 +193,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="128,2048,4096")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--ov-genai", action="store_true",
+                    help="also OpenVINO GenAI's LLMPipeline with an f32 and a u8 cache (extra "
+                         "bench-generation: optimum-intel, openvino-genai)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results"
                     / "kv_cache.json")
     args = ap.parse_args()
@@ -184,9 +226,23 @@ def main() -> None:
         log("greedy generation")
         result["greedy"] = {"prompts": len(prompts), "new_tokens": 48,
                             **greedy(sessions, prompts, 48)}
+        systems = [Edgec(s, kv) for kv, s in sessions.items()]
+        cache_bytes = {}
+        for kv, s in sessions.items():
+            s.generate(ids[None, :32], max_new_tokens=2)  # allocates its paged blocks
+            blocks = s._paged_blocks
+            cache_bytes[f"edgec_{kv}_cache"] = int(sum(b.nbytes for b in blocks)
+                                                   / (blocks[0].shape[0] * 32))
+        if args.ov_genai:
+            anchors = ov_genai_anchors(ckpt, Path(tmp))
+            result["anchors"] = {a.name: a.setup() for a in anchors}
+            systems += anchors
         log("speed")
         result["speed"] = {"rounds": args.rounds, "new_tokens": 32,
-                           "by_prompt_tokens": speed(sessions, ids, lengths, args.rounds, 32)}
+                           "timing": "wall clock; prefill = until the first new token, decode "
+                                     "tokens/s = the other 31 over the rest; EOS ignored",
+                           "by_prompt_tokens": speed(systems, ids, lengths, args.rounds, 32,
+                                                     cache_bytes)}
     result["loadavg_end"] = QB.loadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

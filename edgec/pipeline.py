@@ -870,7 +870,9 @@ def _check_vision_recipe(source, recipe: Recipe, calibrating: bool = False) -> N
     other = [n for n, v in (("--calib", recipe.calibration), ("--lora", recipe.lora),
                             ("--rotate", recipe.rotate), ("--prune", recipe.prune),
                             ("--sparse-attention", recipe.sparse_attention),
-                            ("--kv-retrieval", recipe.kv_retrieval)) if v]
+                            ("--kv-retrieval", recipe.kv_retrieval),
+                            # its prefill graph hands fp32 keys/values to the decoder's cache
+                            ("--kv-cache", _stored_kv_cache(recipe))) if v]
     if other:
         raise UserError(f"a VLM generation artifact takes --quantize (calibrated on its own "
                         f"images and prompts) but no other rewrite yet; drop {other[0]}")

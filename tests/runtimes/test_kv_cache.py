@@ -93,3 +93,11 @@ def test_cli_refusal_is_one_line_exit_2(tmp_path):
                                       "w8a16", "--generate", "--kv-cache", "u8", "-o", str(out)])
     assert result.exit_code == 2
     assert "--kv-cache" in result.output and not out.exists()
+
+
+def test_a_vlm_refuses_it_before_any_export(tmp_path):
+    """Its prefill graph hands fp32 keys/values to the decoder's cache."""
+    with pytest.raises(UserError, match="drop --kv-cache"):
+        edgec.compile("vlm", target="openvino-cpu", output_dir=tmp_path / "v", generate=True,
+                      kv_cache="u8")
+    assert not (tmp_path / "v").exists()
