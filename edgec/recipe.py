@@ -253,8 +253,8 @@ class Recipe:
         None, "--kv-cache", metavar="PRECISION", parse=_kv_cache, commands=("compile",),
         help="the precision a generation artifact stores its KV cache in (--generate, "
              "openvino-cpu): f32 (default) | f16 | u8 (keys per channel within each block, "
-             "values per token: OpenVINO GenAI's default). A quarter (u8) or half (f16) of the "
-             "cache's memory; the compile measures what it costs against fp32")
+             "values per token: OpenVINO GenAI's default): 0.30× (u8) or 0.5× (f16) the cache's "
+             "memory; the compile measures what it costs against fp32")
     kv_retrieval: Any = _option(
         None, "--kv-retrieval", metavar="freekv[:K=V,...]", parse=_kv_retrieval,
         commands=("compile",),

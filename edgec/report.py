@@ -322,8 +322,8 @@ def kv_retrieval_line(e: dict[str, Any]) -> str:
 
 
 def kv_cache_line(e: dict[str, Any]) -> str:
-    """"u8: logits cosine 0.9999996 (max rel 1.0e-03) against an fp32 cache; 64 tokens
-    prefilled, then 64 more reading them from the cache (floor 0.99)"."""
+    """"u8: logits cosine 0.9999996 (max rel 1.0e-03) against an fp32 cache; 32 tokens
+    prefilled, then 32 more reading them from the cache (floor 0.99)"."""
     logits = e["outputs"]["logits"]
     return (f"{e['precision']}: logits cosine {logits['cosine']:.7f} (max rel "
             f"{logits['max_rel']:.1e}) against an fp32 cache; {e['probe']} (floor "
