@@ -460,12 +460,13 @@ def _compile_model(source: Any, recipe: Recipe, output_dir: str | os.PathLike,
 
         step(f"verifying on {tgt.name}")
         t0 = time.perf_counter()
-        stored = _stored_kv_cache(recipe)
+        stored = recipe.stored_kv_cache
         # a cache kept in lower precision is measured on its own below: the graph is verified
-        # with the fp32 cache it computes
+        # with the fp32 cache it computes (the target's default)
+        fp32_cache = next(iter(tgt.kv_caches.values()), {})
         session, stand_in = verification_session(stage, dataclasses.replace(
             built, runtime={**built.runtime, "config": {**built.runtime["config"],
-                                                         **tgt.kv_caches[_FP32_CACHE]}})
+                                                         **fp32_cache}})
                                                   if stored else built)
         if session.emulator:
             step(f"running on {session.emulator}: a large graph takes minutes per run there")
@@ -872,7 +873,7 @@ def _check_vision_recipe(source, recipe: Recipe, calibrating: bool = False) -> N
                             ("--sparse-attention", recipe.sparse_attention),
                             ("--kv-retrieval", recipe.kv_retrieval),
                             # its prefill graph hands fp32 keys/values to the decoder's cache
-                            ("--kv-cache", _stored_kv_cache(recipe))) if v]
+                            ("--kv-cache", recipe.stored_kv_cache)) if v]
     if other:
         raise UserError(f"a VLM generation artifact takes --quantize (calibrated on its own "
                         f"images and prompts) but no other rewrite yet; drop {other[0]}")
@@ -1135,14 +1136,6 @@ def _peft_merges(records) -> tuple[str, ...]:
     there); one that did, or pruning, is the recipe's approximation of PEFT's merge."""
     return ("lora-merge",) + tuple(r.name for r in records if r.name == "lora-sparse-merge"
                                    and not r.stats.get("delta_masked"))
-
-
-_FP32_CACHE = "f32"
-
-
-def _stored_kv_cache(recipe) -> str | None:
-    """The precision a generation artifact keeps its KV cache in, where it is not fp32."""
-    return recipe.kv_cache if recipe.kv_cache not in (None, _FP32_CACHE) else None
 
 
 def _approximate(records, ignore: Sequence[str] = ()) -> bool:

@@ -334,12 +334,20 @@ class Recipe:
                                 "calibration cache (no activation ranges); give an .npz of "
                                 "samples for GPTQ and the accuracy floor, or drop --calib")
 
+    @property
+    def stored_kv_cache(self) -> str | None:
+        """The precision a generation artifact keeps its KV cache in, where it is not the
+        target's default (its first ``kv_caches`` entry, fp32)."""
+        if self.kv_cache is None or self.kv_cache == next(iter(self.target.kv_caches)):
+            return None
+        return self.kv_cache
+
     def _check_kv_cache(self) -> None:
         """--kv-cache: a generation artifact's cache, kept by the runtime in that precision."""
         if not self.generate:
             raise UserError("--kv-cache sets the precision of a generation artifact's KV cache; "
                             "add --generate")
-        if self.kv_cache == next(iter(self.target.kv_caches)):
+        if self.stored_kv_cache is None:
             return  # the default, named
         if self.kv_retrieval is not None:
             raise UserError(f"--kv-retrieval decodes from FreeKV's own fp32 pages, so --kv-cache "

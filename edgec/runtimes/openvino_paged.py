@@ -112,7 +112,6 @@ class PagedCache:
             check_cache_memory(info, batch, capacity, size=need * sum(
                 dtype.itemsize * int(np.prod(block)) for _, dtype, block in layout))
             self.blocks = [np.zeros((need, *block), dtype) for _, dtype, block in layout]
-        self.float_blocks = all(dtype == np.float32 for _, dtype, _ in layout)
         bind(request, {name: blocks for (name, _, _), blocks in zip(layout, self.blocks)})
         self.table = (np.arange(batch)[:, None] * self.per_row
                       + np.arange(self.per_row)).astype(np.int32)  # each row's own blocks
@@ -142,7 +141,7 @@ class PagedCache:
         """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph):
         each row's real (unpadded) tokens are copied into its blocks. ``presents`` [B, kv_heads,
         S, head_dim] per layer, key then value, as the decoder's ``present.*``."""
-        if not self.float_blocks:  # the recipe refuses --kv-cache with a sparse prefill
+        if self.blocks[0].dtype != np.float32:  # refused by the recipe (sparse prefill)
             raise InternalError("a prompt's fp32 keys/values cannot be copied into a quantized "
                                 "paged cache; this is an edgec bug: please report it")
         counts = (mask != 0).sum(axis=1)
