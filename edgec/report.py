@@ -218,8 +218,12 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         if fid.get(key):
             worst = max(fid[key]["outputs"].values(), key=lambda e: e["max_rel"])
             tol = ("approximate recipe" if fid[key].get("rtol") is None
-                   else f"tolerance {fid[key]['rtol']:g}")
+                   else f"tolerance {fid[key]['rtol']:.3g}")
             check = _check_line(fid[key])
+            if fid[key].get("fp32_noise"):
+                worst_noise = max(fid[key]["fp32_noise"]["outputs"].values())
+                tol += (f": {fid[key]['fp32_noise']['multiple']:g}x this input's fp32 error, "
+                        f"{worst_noise:.2e} from float64")
             rows.append((label, f"max rel {worst['max_rel']:.2e}, rel L2 {worst['rel_l2']:.2e}, "
                                 f"cosine {worst['cosine']:.7f} ({tol})"
                                 + (f"; {check}" if check else "")))

@@ -453,6 +453,7 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
     from edgec.exporters.outputs import flatten_outputs
     from edgec.exporters.torch_export import export_module
     from edgec.exporters.verify import assert_close, compare_outputs
+    from edgec.fp32_noise import exact_tolerance, noise_note
     from edgec.runtimes.ort import model_feeds, open_model
 
     t0 = time.perf_counter()
@@ -481,13 +482,15 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
     doubled = (f" (traced at {' and '.join(f'{d} 2' for d in result.doubled)}: edgec doubles a "
                "size-1 dynamic dim, which torch.export cannot keep dynamic)"
                ) if result.doubled else ""
-    assert_close(errors, EXPORT_RTOL, "exported ONNX (ORT) vs PyTorch" + doubled)
+    rtol, noise = exact_tolerance(errors, result.model, feeds, EXPORT_RTOL)
+    assert_close(errors, rtol, "exported ONNX (ORT) vs PyTorch" + doubled + noise_note(noise))
     if ranges:
         result.model.metadata_props[DIM_RANGES_KEY] = json.dumps(ranges)
     info = {**info, "input_names": result.input_names, "output_names": result.output_names}
     return Source(kind, info, result.model, result.parameter_map, feeds, reference, "pytorch",
                   {"reference": "pytorch", "runtime": "onnxruntime (no graph optimization)",
-                   "rtol": EXPORT_RTOL, "outputs": errors}, export_s)
+                   "rtol": rtol, "outputs": errors,
+                   **({"fp32_noise": noise} if noise and noise["widened"] else {})}, export_s)
 
 
 def _declared_ranges(result, positions: int | None) -> dict[str, dict[str, int]]:
