@@ -326,30 +326,7 @@ def pre_layernorm_decoder():
 _SOC_PINNING = "test_qnn_float_stream.py"
 
 
-# The files that take longest (summed test time in seconds, 2 xdist workers, AVX2 host,
-# 2026-12-07), handed out first. xdist's loadfile gives each worker the next file in collection
-# order, which put the heaviest top-level files (tests/test_*.py sort after the directories)
-# last: simulated on that run's file times, one worker ended at 824 s and the other at 587 s;
-# heaviest first, both near 706. A stale list only costs balance.
-_HEAVY_FIRST = (
-    "test_quantize_pipeline.py",  # 149
-    "test_real_decoder.py",  # 107
-    "test_vlm.py",  # 91
-    "test_acceptance_small.py",  # 83
-    "test_sparse_attention_metrics.py",  # 56
-    "test_real_checkpoint.py",  # 53
-    "test_generation.py",  # 50
-    "test_freekv.py",  # 49
-    "test_hf.py",  # 48
-    "test_prompts.py",  # 47
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        name = item.path.name
-        if name == _SOC_PINNING:
-            return len(_HEAVY_FIRST) + 1
-        return _HEAVY_FIRST.index(name) if name in _HEAVY_FIRST else len(_HEAVY_FIRST)
-
-    items.sort(key=rank)  # stable: each file's tests keep their order
+    last = [item for item in items if item.path.name == _SOC_PINNING]
+    if last:
+        items[:] = [item for item in items if item.path.name != _SOC_PINNING] + last
