@@ -53,9 +53,11 @@ def graph() -> ir.Model:
 
 
 def test_the_float64_copy_computes_in_float64_and_runs_schema_float_ops_between_casts():
-    """Casts, Constant value_float(s), ConstantOfShape and initializers turn float64; an op
-    whose schema has no float64 (RotaryEmbedding) runs in float32 between Casts, and the graph
-    output keeps its name; the original model is untouched."""
+    """Casts, Constant value_float(s), ConstantOfShape (with a value and without) and
+    initializers turn float64; an op whose schema has no float64 (RotaryEmbedding) runs in
+    float32 between Casts, and the graph output keeps its name, as do the op types asked for
+    (Resize: ONNX Runtime has no float64 kernel for it, which ``fp32_noise`` finds by itself);
+    the original model is untouched."""
     x_ids = oh.make_tensor_value_info("ids", TensorProto.INT64, [1, 2, 4, 8])
     nodes = [
         oh.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT),
@@ -67,6 +69,9 @@ def test_the_float64_copy_computes_in_float64_and_runs_schema_float_ops_between_
         oh.make_node("Add", ["fc", "third"], ["y"]),
         oh.make_node("ReduceSum", ["cs"], ["s"], keepdims=0),
         oh.make_node("RotaryEmbedding", ["y", "cos", "sin", "pos"], ["rot"], num_heads=2),
+        oh.make_node("Resize", ["y", "", "scales"], ["up"], mode="nearest"),
+        oh.make_node("ConstantOfShape", ["shape"], ["zeros"]),
+        oh.make_node("Add", ["up", "up"], ["up2"]),
     ]
     cos = np.cos(np.arange(16, dtype=np.float32)).reshape(4, 4)
     sin = np.sin(np.arange(16, dtype=np.float32)).reshape(4, 4)
@@ -74,23 +79,32 @@ def test_the_float64_copy_computes_in_float64_and_runs_schema_float_ops_between_
         nodes, "g", [x_ids, oh.make_tensor_value_info("pos", TensorProto.INT64, [1, 4])],
         [oh.make_tensor_value_info("y", TensorProto.FLOAT, None),
          oh.make_tensor_value_info("s", TensorProto.FLOAT, None),
-         oh.make_tensor_value_info("rot", TensorProto.FLOAT, None)],
+         oh.make_tensor_value_info("rot", TensorProto.FLOAT, None),
+         oh.make_tensor_value_info("up2", TensorProto.FLOAT, None),
+         oh.make_tensor_value_info("zeros", TensorProto.FLOAT, None)],
         [nh.from_array(np.array([1, 2, 4, 8], np.int64), "shape"), nh.from_array(cos, "cos"),
+         nh.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
          nh.from_array(sin, "sin")])
     proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 23)])
     proto.ir_version = 10
     model = ir.from_proto(proto)
-    wide = as_float64(model)
+    wide = as_float64(model, frozenset({"Resize"}))
     ids = np.arange(64, dtype=np.int64).reshape(1, 2, 4, 8)
     feeds = {"ids": ids, "pos": np.arange(4, dtype=np.int64)[None]}
     got, narrow = run_model(wide, feeds), run_model(model, feeds)
-    assert {k: v.dtype for k, v in got.items()} == {k: np.float64 for k in ("y", "s", "rot")}
+    assert {k: v.dtype for k, v in got.items()} == {
+        k: np.float64 for k in ("y", "s", "rot", "up2", "zeros")}
     # float64 end to end, from the float32 constants' values
     expected = ids * np.float64(np.float32(0.1)) + np.float64(np.float32(1 / 3))
     np.testing.assert_allclose(got["y"], expected, rtol=1e-15)
     assert np.abs(narrow["y"] - expected).max() > 1e-8  # which float32 could not hold
     assert got["s"] == 0.75
     np.testing.assert_allclose(got["rot"], narrow["rot"], rtol=1e-6)  # float32 inside
+    up = got["y"].astype(np.float32).astype(np.float64).repeat(2, 2).repeat(2, 3)
+    np.testing.assert_array_equal(got["up2"], 2 * up)  # Resize in float32, the Add in float64
+    assert not got["zeros"].any() and got["zeros"].shape == (1, 2, 4, 8)
+    noise = fp32_noise(model, feeds)  # ORT refuses float64 Resize: run again without it
+    assert set(noise) == {"y", "s", "rot", "up2", "zeros"} and 0 < noise["y"] < 1e-6, noise
     assert model.graph.inputs[0].dtype == ir.DataType.INT64
     assert narrow["y"].dtype == np.float32  # the source model still computes in float32
 
