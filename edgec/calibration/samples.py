@@ -44,25 +44,43 @@ def default_sample_count(src) -> int:
 
 
 def samples_from_npz(path: str | os.PathLike, inputs: Sequence[Any],
-                     bounds: Mapping[str, Mapping[str, Any]] | None = None
+                     bounds: Mapping[str, Mapping[str, Any]] | None = None, src=None
                      ) -> list[dict[str, np.ndarray]]:
     """Split ``path`` (keys = input names, ``arr[i]`` = sample i) into per-sample feeds.
 
     ``inputs`` are the model's input specs (name, shape, dtype); every input must be present with
     a matching dtype kind and, for static dims, a matching shape. ``bounds`` are the graph's
     index inputs (``index_inputs.index_bounds``): every sample's values must lie in their table.
+    ``src``: the source, where a KV-cache decoder's file may hold its prompts alone
+    (``_prompts``).
     """
+    p = Path(path)
+    arrays = _load(p)
+    past = _cache_inputs(src) if src is not None else []
+    hint = ""
+    if past:  # a KV-cache decoder: its prompts alone, prefilled as generation does
+        arrays = _prompts(p, arrays, src, past) if _prompts_only(arrays) else arrays
+        hint = ("; or give input_ids alone (prompts, one per sample, [seq] or [batch, seq]) "
+                "and optionally their attention_mask: edgec prefills them")
+    return _samples_from_arrays(p, arrays, inputs, bounds, hint)
+
+
+def _load(p: Path) -> dict[str, np.ndarray]:
     from edgec.npz_read import load_npz
 
-    p = Path(path)
-    arrays = load_npz(p, "no such calibration data file; give an .npz whose keys are the "
-                      "model's input names, each with a leading sample axis",
-                      "save it with numpy.savez")
+    return load_npz(p, "no such calibration data file; give an .npz whose keys are the "
+                    "model's input names, each with a leading sample axis",
+                    "save it with numpy.savez")
+
+
+def _samples_from_arrays(p: Path, arrays: Mapping[str, np.ndarray], inputs: Sequence[Any],
+                         bounds: Mapping[str, Mapping[str, Any]] | None, hint: str = ""
+                         ) -> list[dict[str, np.ndarray]]:
     names = [s.name for s in inputs]
     missing = [n for n in names if n not in arrays]
     if missing:
         raise UserError(f"{p}: no array for input {missing[0]!r}; the model's inputs are "
-                        f"{', '.join(names)} (each with a leading sample axis)")
+                        f"{', '.join(names)} (each with a leading sample axis){hint}")
     unknown = sorted(set(arrays) - set(names))
     if unknown:  # as `run --inputs` refuses them: a mistyped optional input went uncalibrated
         raise UserError(f"{p}: unknown inputs {unknown}; the model's inputs are "
@@ -288,7 +306,48 @@ def source_samples_from_npz(path: str | os.PathLike, src) -> list[dict[str, np.n
 
     model = getattr(src, "model", None)
     return samples_from_npz(path, _graph_specs(src),
-                            index_bounds(model) if model is not None else None)
+                            index_bounds(model) if model is not None else None, src)
+
+
+def _cache_inputs(src) -> list[str]:
+    """A dynamic KV-cache decoder's past inputs (``--generate`` on a CPU target); none for
+    other graphs, a static-cache (NPU) one, whose buffers calibration fills from the model, or
+    a VLM's language graph."""
+    gen = src.info.get("generation") or {}
+    if gen.get("cache") == "static" or gen.get("vision"):
+        return []
+    return [n for n in gen.get("past", ()) if n in src.feeds]
+
+
+def _prompts_only(arrays: Mapping[str, np.ndarray]) -> bool:
+    return "input_ids" in arrays and set(arrays) <= {"input_ids", "attention_mask"}
+
+
+def _prompts(p: Path, arrays: Mapping[str, np.ndarray], src, past: list[str]
+             ) -> dict[str, np.ndarray]:
+    """A decoder's calibration prompts as its prefill feeds: position ids from the mask (as
+    transformers' generate counts them: left padding starts at 0) and an empty cache. The graph
+    takes past keys/values, position ids and a mask; a file of prompts had to spell out 60
+    empty arrays for a 30-layer model, or was refused naming the first."""
+    gen = src.info["generation"]
+    ids = arrays["input_ids"]
+    if not np.issubdtype(ids.dtype, np.integer) or ids.ndim not in (2, 3):
+        raise UserError(f"{p}: input_ids is {ids.dtype} {tuple(ids.shape)}; give token ids, "
+                        "integers shaped [samples, seq] or [samples, batch, seq]")
+    ids = ids[:, None] if ids.ndim == 2 else ids
+    mask = arrays.get("attention_mask")
+    mask = np.ones_like(ids) if mask is None else (mask[:, None] if mask.ndim == 2 else mask)
+    if mask.shape != ids.shape:
+        raise UserError(f"{p}: attention_mask has shape {tuple(mask.shape)}, input_ids "
+                        f"{tuple(ids.shape)}; give one mask entry per token")
+    if not ((mask == 0) | (mask == 1)).all() or not mask.any(-1).all():
+        raise UserError(f"{p}: attention_mask must be 0/1 with at least one 1 per prompt")
+    n, batch, _ = ids.shape
+    positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 1)
+    empty = np.zeros((n, batch, gen["kv_heads"], 0, gen["head_dim"]), np.float32)
+    feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+             "position_ids": positions.astype(np.int64), **dict.fromkeys(past, empty)}
+    return {k: v for k, v in feeds.items() if k in src.feeds}
 
 
 def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:
