@@ -355,8 +355,9 @@ def calibrate_cmd(
         "-o", "--output", help="directory for calibration.json: new, empty or an earlier cache "
                                "(replaced whole)")],
     data: Annotated[Path | None, typer.Option(
-        "--data", help=".npz of samples: keys = input names, leading sample axis "
-                       "(default: the model's own calibration generator)")] = None,
+        "--data", help=".npz of samples: keys = input names, leading sample axis; with "
+                       "--generate input_ids [and attention_mask] alone: prompts (default: "
+                       "the model's own calibration generator)")] = None,
     inputs: Annotated[Path | None, typer.Option(
         "--inputs", help="an .onnx source's example inputs, as compile --inputs takes them "
                          "(the calibrated graph must be the one the compile quantizes)")] = None,

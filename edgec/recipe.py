@@ -232,7 +232,8 @@ class Recipe:
     calibration: Any = _option(
         None, "--calib", metavar="FILE_OR_DIR", parse=_calibration, commands=("compile",),
         help="calibration cache from `edgec calibrate` (reused, checked against the model), or "
-             "an .npz of samples (keys = input names, leading sample axis)")
+             "an .npz of samples (keys = input names, leading sample axis; with --generate "
+             "input_ids [and attention_mask] alone: prompts)")
     check: bool = _option(False, "--check", kind="flag", parse=_flag("check"),
                           commands=("compile",),
                           help="check every pass numerically")
