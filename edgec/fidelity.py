@@ -17,7 +17,7 @@ from typing import Any
 
 from edgec.errors import InternalError, UserError, VerificationError
 from edgec.exporters.verify import assert_close, compare_outputs
-from edgec.fp32_noise import exact_tolerance, noise_note
+from edgec.fp32_noise import assert_exact
 
 __all__ = ["TARGET_RTOL", "REWRITTEN_RTOL", "QUANTIZED_AGREEMENT", "QUANTIZED_FLOOR",
            "AMPLIFICATION", "KV_CACHE_FLOOR", "floor_on_target", "floor_against_source",
@@ -105,11 +105,10 @@ def target_fidelity(session, src, approximate: bool, model, quantized: bool = Fa
                               "rtol": None if approximate else TARGET_RTOL,
                               "approximate": approximate, "outputs": errors}
     if not approximate:
-        rtol, noise = exact_tolerance(errors, model, src.feeds, TARGET_RTOL)
+        rtol, noise = assert_exact(errors, model, src.feeds, TARGET_RTOL,
+                                   f"{session.runtime} artifact vs {src.reference_kind}")
         if noise and noise["widened"]:  # inputs fp32 itself computes loosely (fp32_noise)
             result.update(rtol=rtol, fp32_noise=noise)
-        assert_close(errors, rtol, f"{session.runtime} artifact vs {src.reference_kind}"
-                     + noise_note(noise))
     elif session.runtime != "onnxruntime":
         result["vs_rewritten_onnx"] = _vs_ort(session, src, model, outputs, quantized, result,
                                               locate)

@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["NOISE_MULTIPLE", "as_float64", "fp32_noise", "exact_tolerance", "noise_note"]
+__all__ = ["NOISE_MULTIPLE", "as_float64", "fp32_noise", "exact_tolerance", "noise_note",
+           "assert_exact"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,3 +218,19 @@ def noise_note(record: Mapping[str, object] | None) -> str:
                 f"inputs; the tolerance is {record['multiple']:g}x that)")
     return (f" (this graph in float32 is {worst:.2g} from its float64 result on these inputs: "
             "the difference is not float32 rounding)")
+
+
+def assert_exact(errors: Mapping[str, Mapping[str, float]], model: ir.Model,
+                 feeds: Mapping[str, np.ndarray], rtol: float, what: str
+                 ) -> tuple[float, dict[str, object] | None]:
+    """``verify.assert_close`` at ``exact_tolerance``'s tolerance; a failure ends with what the
+    float64 run said (``noise_note``). Returns (tolerance, record) as ``exact_tolerance``."""
+    from edgec.errors import VerificationError
+    from edgec.exporters.verify import assert_close
+
+    tolerance, record = exact_tolerance(errors, model, feeds, rtol)
+    try:
+        assert_close(errors, tolerance, what)
+    except VerificationError as e:
+        raise VerificationError(f"{e}{noise_note(record)}") from None
+    return tolerance, record

@@ -452,8 +452,8 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
     )
     from edgec.exporters.outputs import flatten_outputs
     from edgec.exporters.torch_export import export_module
-    from edgec.exporters.verify import assert_close, compare_outputs
-    from edgec.fp32_noise import exact_tolerance, noise_note
+    from edgec.exporters.verify import compare_outputs
+    from edgec.fp32_noise import assert_exact
     from edgec.runtimes.ort import model_feeds, open_model
 
     t0 = time.perf_counter()
@@ -482,8 +482,8 @@ def _from_torch(module, inputs, dynamic_shapes, output_names, info, kind,
     doubled = (f" (traced at {' and '.join(f'{d} 2' for d in result.doubled)}: edgec doubles a "
                "size-1 dynamic dim, which torch.export cannot keep dynamic)"
                ) if result.doubled else ""
-    rtol, noise = exact_tolerance(errors, result.model, feeds, EXPORT_RTOL)
-    assert_close(errors, rtol, "exported ONNX (ORT) vs PyTorch" + doubled + noise_note(noise))
+    rtol, noise = assert_exact(errors, result.model, feeds, EXPORT_RTOL,
+                               "exported ONNX (ORT) vs PyTorch" + doubled)
     if ranges:
         result.model.metadata_props[DIM_RANGES_KEY] = json.dumps(ranges)
     info = {**info, "input_names": result.input_names, "output_names": result.output_names}
