@@ -479,7 +479,8 @@ def targets_cmd(as_json: Annotated[bool, typer.Option("--json", help="print JSON
 
 def _scheme_line(s) -> str:
     acts = f"{s.activations} activations" if s.activations else "weight-only"
-    blocks = f", blocks of {s.block_size}" if s.block_size else ""
+    blocks = (f", blocks of {s.block_size}" if s.block_size else
+              ", per channel" if s.per_channel and not s.calibrated else "")
     seven = "; reduce_range=true: 7-bit weights" if s.reduce_range_pays else ""
     return f"{s.weights} weights{blocks}, {acts}{seven}"
 

@@ -41,6 +41,7 @@ def test_targets_list_schemes_and_notes():
         "w8a8", "w8a16", "w4a16", "w4a8"}
     assert any("LayerNormalization" in n for n in htp["notes"])
     assert rows["tensorrt"]["schemes"]["w4a16"] == "int4 weights, blocks of 128, weight-only"
+    assert rows["openvino-cpu"]["schemes"]["w8a16"] == "int8 weights, per channel, weight-only"
     assert rows["openvino-cpu"]["kv_caches"] == ["f32", "f16", "u8"]
     assert not rows["ort-cpu"]["kv_caches"] and not htp["kv_caches"]
     text = _run("targets").output

@@ -217,3 +217,23 @@ def test_a_u8_kv_cache_holds_the_real_decoder(smollm2, tmp_path):
         same.append((got[0, prompt.shape[1]:n] == want[0, prompt.shape[1]:n]).mean())
     assert session._paged_blocks[0].dtype == np.uint8
     assert np.mean(same) >= 0.9, same
+
+
+def test_int8_weight_only_holds_the_real_decoder_on_openvino(smollm2, tmp_path):
+    """w8a16 on openvino-cpu: uint8 weights with a scale and zero point per output channel
+    (optimum-intel's int8), float activations. The floor is held on the calibration file's
+    held-out sentences (real text: a weight-only scheme takes an .npz for its floor alone), and
+    OpenVINO runs the weights as u8 constants (a quarter of fp32's bytes)."""
+    import openvino as ov
+
+    art, session = _compile(smollm2, tmp_path, "openvino-cpu", "w8a16")
+    stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
+    mp = stats["mixed_precision"]
+    assert mp["held_out_source"] != "generated" and mp["reached"], mp
+    assert mp["achieved"] >= 0.999 and mp["achieved_kld"] <= 0.01, mp  # 0.99998, 0.0025
+    cos = _token_cosines(session, smollm2)  # vs transformers: min 0.99985, mean 0.99998
+    assert cos.min() >= 0.999 and cos.mean() >= 0.9999, (cos.min(), cos.mean())
+    ir_model = ov.Core().read_model(tmp_path / "openvino-cpu-None" / "target" / "model.xml")
+    u8 = [op for op in ir_model.get_ops() if op.get_type_name() == "Constant"
+          and op.get_element_type() == ov.Type.u8 and len(op.get_output_shape(0)) == 2]
+    assert len(u8) >= 4 * 7, len(u8)  # q, k, v, o, gate, up, down of each layer

@@ -110,6 +110,33 @@ def test_w4a16_is_blockwise_weight_only(llama_src):
     assert _cosine(run_model(model, llama_src.feeds), llama_src.reference) >= 0.99
 
 
+def test_w8a16_on_openvino_is_int8_weight_only_per_channel(llama_src):
+    """openvino-cpu's w8a16: uint8 weights with a scale and zero point per output channel (a
+    plain per-axis DequantizeLinear, no blocks and so no Pad however K divides), activations
+    float, the embedding as int8 rows."""
+    model, result = _quantize(llama_src, "openvino-cpu", "w8a16")
+    assert result.stats["quantize_linear"] == 0 and result.stats["embeddings_int8"]
+    assert "weights_int8" not in result.stats  # every weight is int8: no "backups" to name
+    by_out = {n.outputs[0].name: n for n in model.graph}
+    matmuls = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].producer()
+               is not None and n.inputs[1].producer().op_type == "DequantizeLinear"]
+    assert matmuls and not [n for n in model.graph if n.op_type == "Pad"]
+    for mm in matmuls:
+        dq = by_out[mm.inputs[1].name]
+        q, scale, zero = (v.const_value for v in dq.inputs)
+        assert q.dtype == zero.dtype == ir.DataType.UINT8 and "block_size" not in dq.attributes
+        k, n = q.shape
+        assert scale.shape == zero.shape == (n,) and dq.attributes["axis"].value == 1
+        w = (q.numpy().astype(np.float32) - zero.numpy()) * scale.numpy()
+        source = llama_src.model.graph.initializers[dq.inputs[0].name.removesuffix("_q")]
+        assert (np.abs(w - source.const_value.numpy()).max(axis=0) <= scale.numpy() * 0.501).all()
+        assert np.ptp(q.numpy(), axis=0).max() == 255  # each column spends its whole grid
+    assert not [n.name for n in model.graph if n.op_type == "MatMul" and
+                n.inputs[1].const_value is not None and
+                n.inputs[1].const_value.dtype == ir.DataType.FLOAT]
+    assert _cosine(run_model(model, llama_src.feeds), llama_src.reference) >= 0.9999
+
+
 def test_mask_and_integer_paths_are_not_quantized(bert_src):
     plan = plan_quantization(bert_src.model, False)
     by_name = {n.name: n for n in bert_src.model.graph}

@@ -1,7 +1,10 @@
-"""Block-wise symmetric weight-only quantization of constant MatMul weights (w4a16).
+"""Block-wise or per-channel weight-only quantization of constant MatMul weights (w4a16, w8a16).
 
     MatMul(x, W[K, N])  ⇒  MatMul(x, DequantizeLinear(W_q[K, N]; s[K/b, N], axis=0, block_size=b))
     Gemm(x, W[N, K], transB=1)  ⇒  the same with blocks along axis 1 (K)
+
+Without ``QuantScheme.block_size`` (openvino-cpu's int8 w8a16) one block spans the whole K: a
+scale (and zero point) per output channel, a plain per-axis ``DequantizeLinear`` (opset 13).
 
 Symmetric (``QuantScheme.weight_symmetric``, TensorRT): scales absmax/qmax per block of ``b``
 input channels, always positive (TensorRT's rule), no zero point. Asymmetric (the CPU targets):
@@ -72,7 +75,7 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
     A K that is not a multiple of the block ends in a partial block (``scheme.partial_block``)
     or is zero-padded to whole blocks, the MatMul's input with it; a weight that cannot be
     quantized is named in ``stats["skipped"]`` with the reason (node → reason)."""
-    block = scheme.block_size or 128
+    block = scheme.block_size  # None: one scale per output channel (blocks of the whole K)
     if scheme.weight_backup_int8:  # the head int8 and the table's rows int8 (the table goes)
         _fold_transposed_weights(model)
     backup = (last_weighted(model) - exclude if scheme.weight_backup_int8
@@ -106,13 +109,16 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
             continue
         kn = arr if axis == 0 else arr.T  # [K, N] view
         k, n = kn.shape
-        kp = -(-k // block) * block  # whole blocks: zero rows dequantize to exactly 0
+        size = block or k
+        kp = -(-k // size) * size  # whole blocks: zero rows dequantize to exactly 0
         padded = np.concatenate([kn, np.zeros((kp - k, n), kn.dtype)]) if kp > k else kn
-        blocks = padded.reshape(kp // block, block, n)
+        blocks = padded.reshape(kp // size, size, n)
         q, scale, zero, dtype = _grid(blocks, bits, scheme.weight_symmetric)
         q = q.reshape(kp, n)
         if scheme.partial_block:  # the last block is shorter: the graph keeps K
             q, kp = q[:k], k
+        if block is None:  # per channel: scale [N], on the weight's N axis
+            scale, zero = scale[0], None if zero is None else zero[0]
         if axis == 1:
             q, scale = np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T)
             zero = None if zero is None else np.ascontiguousarray(zero.T)
@@ -125,7 +131,8 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
                                    const_value=ir.tensor(zero, dtype=dtype)))
         for v in inputs:
             model.graph.register_initializer(v)
-        dq = ir.node("DequantizeLinear", inputs, attributes={"axis": axis, "block_size": block},
+        dq = ir.node("DequantizeLinear", inputs,
+                     attributes={"axis": axis, "block_size": block} if block else {"axis": 1 - axis},
                      name=f"{node.name}_weight_dq")
         dq.outputs[0].name = f"{base}_dequantized"
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(q.shape))
@@ -138,7 +145,7 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
         int8 += [node.name] if bits == "int8" else []
     stats = {"weights_blockwise": done, "block_size": block,
              **({"skipped": skipped} if skipped else {})}
-    if int8:  # the 8-bit backups applied, not those planned
+    if int8 and scheme.weights != "int8":  # the 8-bit backups applied, not those planned
         stats["weights_int8"] = sorted(int8)
     if scheme.weight_backup_int8:
         tables = embedding_rows_int8(model, exclude)
