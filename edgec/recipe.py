@@ -182,7 +182,8 @@ _QUANTIZE_HELP = ("quantize with a scheme the target offers: w8a8 | w8a16 | w4a1
                   "default on for 4-bit weights after --rotate), stream=fp16|16bit|8bit "
                   "(qnn-htp: the residual stream's precision), held_out=N (samples the floor "
                   "holds on), reduce_range=true (ort-cpu w8a8: 7-bit int8 weights, for "
-                  "ONNX Runtime's faster kernels on x86 without VNNI)")
+                  "ONNX Runtime's faster kernels on x86 without VNNI), block=N (weight-only: "
+                  "input channels per weight scale, 0 = per output channel)")
 _SPARSE_HELP = ("block-sparse attention (RainFusion2.0 / RainFusion), e.g. keep=0.2,block=64 "
                 "or keep=0.2,sink=frame,grid=8x32x32. Defaults: keep=0.2, block=64, "
                 "qblock=8×block (query tokens sharing one selection), prefix=0, sink=none (or "

@@ -169,7 +169,7 @@ def test_recipe_records_what_was_asked():
                                 "samples": 4, "mask_fill": 100.0, "min_cos": None,
                                 "max_kld": None, "smooth": None, "split": None, "gptq": None,
                                 "stream": None, "sample_steps": None,
-                                "held_out": None, "reduce_range": None}
+                                "held_out": None, "reduce_range": None, "block": None}
     assert data["sparse_attention"] == {"keep": 0.3}
 
 

@@ -107,6 +107,9 @@ class QuantScheme:
             ``reduce_range``): a pair of u8 × s8 products then fits int16 (2·255·64 = 32640),
             so such a host runs the U8S8 kernels exactly, for one bit of weight precision
             (``unsigned-weights`` leaves them int8). Set from ``QuantOptions.reduce_range``.
+        block_sizes: weight-only: the block sizes the runtime's kernels take, which
+            ``QuantOptions.block`` must be one of (TensorRT's int4: 64 or 128); empty: any, or
+            0 for one scale per output channel.
     """
 
     name: str
@@ -133,6 +136,7 @@ class QuantScheme:
     partial_block: bool = False
     reduce_range_pays: bool = False
     reduce_range: bool = False
+    block_sizes: tuple[int, ...] = ()
 
     @property
     def calibrated(self) -> bool:

@@ -137,6 +137,36 @@ def test_w8a16_on_openvino_is_int8_weight_only_per_channel(llama_src):
     assert _cosine(run_model(model, llama_src.feeds), llama_src.reference) >= 0.9999
 
 
+def test_block_sets_a_weight_only_schemes_blocks(llama_src):
+    """``block=N``: N input channels per weight scale (0: per output channel), on the weight-only
+    schemes; refused on a static scheme and, on TensorRT, outside the sizes its kernels take."""
+    from edgec.targets import get
+
+    def scheme(spec, target="openvino-cpu"):
+        return QuantOptions.parse(spec, get(target)).scheme_on(get(target))
+
+    assert (scheme("w8a16:block=64").block_size, scheme("w8a16:block=64").min_opset) == (64, 21)
+    assert scheme("w8a16").block_size is None and scheme("w8a16").min_opset == 13
+    assert (scheme("w4a16:block=0", "ort-cpu").block_size,
+            scheme("w4a16:block=0", "ort-cpu").min_opset) == (None, 21)  # int4 needs 21
+    assert scheme("w4a16:block=64", "tensorrt").block_size == 64
+    for spec, target, match in (("w4a16:block=32", "tensorrt", "blocks of 64 or 128 only"),
+                                ("w8a8:block=64", "openvino-cpu", "quantizes activations too"),
+                                ("w4a16:block=8", "ort-cpu", "from 16 to 4096"),
+                                ("w4a16:block=true", "ort-cpu", "block")):
+        with pytest.raises(UserError, match=match):
+            QuantOptions.parse(spec, get(target))
+    model, result = _quantize(llama_src, "openvino-cpu", "w8a16", block=64)
+    blocks = {attrs.get("block_size") for _, _, attrs in _dq_inits(model)}
+    assert blocks == {64} and result.stats["block_size"] == 64
+    # llama tiny's FFN down projection (K = 172) is zero-padded to 192 on OpenVINO
+    assert [n for n in model.graph if n.op_type == "Pad"]
+    assert _cosine(run_model(model, llama_src.feeds), llama_src.reference) >= 0.9999
+    model, _ = _quantize(llama_src, "ort-cpu", "w4a16", block=0)  # int4 per output channel
+    assert not {attrs.get("block_size") for _, _, attrs in _dq_inits(model)} - {None}
+    assert _cosine(run_model(model, llama_src.feeds), llama_src.reference) >= 0.95
+
+
 def test_mask_and_integer_paths_are_not_quantized(bert_src):
     plan = plan_quantization(bert_src.model, False)
     by_name = {n.name: n for n in bert_src.model.graph}

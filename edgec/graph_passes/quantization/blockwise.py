@@ -131,8 +131,8 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
                                    const_value=ir.tensor(zero, dtype=dtype)))
         for v in inputs:
             model.graph.register_initializer(v)
-        attrs = {"axis": axis, "block_size": block} if block else {"axis": 1 - axis}
-        dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{node.name}_weight_dq")
+        dq_attrs = {"axis": axis, "block_size": block} if block else {"axis": 1 - axis}
+        dq = ir.node("DequantizeLinear", inputs, attributes=dq_attrs, name=f"{node.name}_weight_dq")
         dq.outputs[0].name = f"{base}_dequantized"
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(q.shape))
         model.graph.insert_before(node, dq)

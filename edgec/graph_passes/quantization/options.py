@@ -95,7 +95,11 @@ class QuantOptions:
     [−64, 64], as ONNX Runtime's ``reduce_range``: on x86 without VNNI, where 8-bit weights
     would saturate the u8 × s8 kernels and are shifted to uint8 instead (``unsigned-weights``),
     ONNX Runtime keeps its faster U8S8 kernels, for one bit of weight precision:
-    ``QuantScheme.reduce_range_pays``).
+    ``QuantScheme.reduce_range_pays``); ``block=N`` (weight-only schemes: N input channels per
+    weight scale, 16 to 4096, or 0 for one per output channel; the scheme's own otherwise: 32
+    for w4a16, per channel for openvino-cpu's w8a16; SmolLM2-135M w8a16 on openvino-cpu:
+    block=64 halves the KL divergence on text, 0.0032 → 0.0015 nats/token, at 0.92× the decode
+    speed; tensorrt's int4 kernels take 64 or 128 only: ``QuantScheme.block_sizes``).
     """
 
     scheme: str
@@ -112,6 +116,7 @@ class QuantOptions:
     sample_steps: int | None = None  # the floor's whole sample (None: SAMPLE_STEPS; 0: none)
     held_out: int | None = None  # the floor's held-out samples (None: HELD_OUT)
     reduce_range: bool | None = None  # 7-bit int8 weights (QuantScheme.reduce_range)
+    block: int | None = None  # weight-only: input channels per weight block (0: per channel)
 
     def __post_init__(self):
         from edgec.calibration.ranges import METHODS
@@ -166,6 +171,11 @@ class QuantOptions:
             raise UserError(f"--quantize held_out is how many samples the accuracy floor is "
                             f"held on: an integer from 1 to {MAX_HELD_OUT} (default {HELD_OUT}; "
                             f"from a .npz, up to {MAX_DEFAULT_HELD_OUT}), not {self.held_out!r}")
+        if self.block is not None and (isinstance(self.block, bool) or not isinstance(
+                self.block, int) or not (self.block == 0 or 16 <= self.block <= 4096)):
+            raise UserError(f"--quantize block is how many input channels share a weight scale "
+                            f"(weight-only schemes): an integer from 16 to 4096 (e.g. 32, 64, "
+                            f"128), or 0 for one scale per output channel, not {self.block!r}")
         if self.stream is not None and self.stream not in STREAMS:
             raise UserError(f"--quantize stream is how a fully quantized target holds the "
                             f"residual stream: one of {', '.join(STREAMS)}, not {self.stream!r}")
@@ -214,6 +224,19 @@ class QuantOptions:
             raise UserError(f"--quantize reduce_range keeps int8 weights within ±64 for ONNX "
                             f"Runtime's CPU int8 kernels on hosts without VNNI (ort-cpu w8a8); "
                             f"{why}: drop reduce_range")
+        if opts.block is not None:
+            chosen = target.schemes[opts.scheme]
+            if not chosen.weight_only:
+                offered = [n for n, sc in target.schemes.items() if sc.weight_only]
+                raise UserError(f"--quantize block={opts.block} sizes the weight blocks of a "
+                                f"weight-only scheme ({' or '.join(offered) or 'none'} on "
+                                f"{target.name}); {opts.scheme} quantizes activations too: "
+                                "drop block")
+            if chosen.block_sizes and opts.block not in chosen.block_sizes:
+                raise UserError(f"--quantize block={opts.block}: {target.name}'s {opts.scheme} "
+                                f"kernels take blocks of "
+                                f"{' or '.join(map(str, chosen.block_sizes))} only: give one "
+                                "of them, or drop block")
         if mask_fill and not target.fully_quantized:  # it was accepted and did nothing
             raise UserError(f"--quantize mask_fill={opts.mask_fill:g} bounds the attention masks "
                             f"of a fully quantized target (qnn-htp); on {target.name} they stay "
@@ -221,8 +244,14 @@ class QuantOptions:
         return opts
 
     def scheme_on(self, target):
-        """The target's scheme, with ``stream`` and ``reduce_range`` applied where given."""
+        """The target's scheme, with ``stream``, ``reduce_range`` and ``block`` applied where
+        given."""
         scheme = target.schemes[self.scheme]
+        if self.block is not None and scheme.weight_only:
+            # blocks need opset 21's DequantizeLinear(block_size); per channel, 4 bits still do
+            scheme = dataclasses.replace(
+                scheme, block_size=self.block or None,
+                min_opset=21 if self.block or scheme.weights == "int4" else 13)
         if self.reduce_range and scheme.reduce_range_pays:
             scheme = dataclasses.replace(scheme, reduce_range=True)
         if self.stream is None or not target.fully_quantized:

@@ -24,7 +24,7 @@ SCHEMES = {
                        quantize_bias=False, head_float=True),
     # int4 weight-only: block-wise DQ (block 128 along K) feeding a high-precision MatMul.
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=128,
-                         op_types=("MatMul",), min_opset=21),
+                         op_types=("MatMul",), min_opset=21, block_sizes=(64, 128)),
 }
 
 
