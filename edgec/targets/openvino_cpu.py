@@ -39,9 +39,10 @@ SCHEMES = {
     # int8 weight-only: one uint8 grid and zero point per output channel (NNCF's INT8_ASYM,
     # optimum-intel's --weight-format int8), the embedding table as int8 rows; the CPU plugin
     # runs it as a FullyConnected decompressing u8 weights, f32 compute. A decode step reads a
-    # quarter of the weight bytes: SmolLM2-135M (30 layers, AVX2) 1.54x fp32's tokens/s, where
-    # w8a8 decodes no faster than fp32 (benchmarks/weight_only_int8.py). Blocks of 64 halve the
-    # KL divergence on real text (0.0032 -> 0.0015 nats/token) at 0.92x the speed.
+    # quarter of the weight bytes: SmolLM2-135M (30 layers, AVX2) 1.50x fp32's tokens/s, where
+    # w8a8 decodes no faster than fp32; OpenVINO GenAI on optimum-intel's int8 1.55-1.60x
+    # (benchmarks/weight_only_int8.py). block=64 halves the KL divergence on real text (0.0034
+    # -> 0.0016 nats/token) at 0.85-0.88x the speed.
     "w8a16": QuantScheme("w8a16", weights="int8", activations=None, weight_backup_int8=True,
                          weight_symmetric=False),
 }
