@@ -76,6 +76,11 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
     or is zero-padded to whole blocks, the MatMul's input with it; a weight that cannot be
     quantized is named in ``stats["skipped"]`` with the reason (node → reason)."""
     block = scheme.block_size  # None: one scale per output channel (blocks of the whole K)
+    tables: dict[str, tuple[ir.Value, ir.Value]] = {}  # table → its int8 rows and row scales
+    shared_heads = []
+    if scheme.weight_backup_int8 and scheme.weights == "int8" and block is None:
+        # a head tied to the table reads the lookup's int8 rows (per row = per output channel)
+        shared_heads = _share_tied_tables(model, exclude, tables)
     if scheme.weight_backup_int8:  # the head int8 and the table's rows int8 (the table goes)
         _fold_transposed_weights(model)
     backup = (last_weighted(model) - exclude if scheme.weight_backup_int8
@@ -147,10 +152,67 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
     if int8 and scheme.weights != "int8":  # the 8-bit backups applied, not those planned
         stats["weights_int8"] = sorted(int8)
     if scheme.weight_backup_int8:
-        tables = embedding_rows_int8(model, exclude)
-        if tables:
-            stats["embeddings_int8"] = tables
+        done_tables = embedding_rows_int8(model, exclude, tables)
+        if done_tables:
+            stats["embeddings_int8"] = done_tables
+    if shared_heads:
+        stats["heads_sharing_the_table"] = shared_heads
     return stats
+
+
+def _share_tied_tables(model: ir.Model, exclude: set[str],
+                       tables: dict[str, tuple[ir.Value, ir.Value]]) -> list[str]:
+    """A head tied to an embedding table (``MatMul(x, Transpose(E))`` where a ``Gather`` reads
+    ``E`` too) reads the table's int8 rows through a per-row ``DequantizeLinear``: a row of
+    ``E`` is an output channel of the head, so the lookup's symmetric per-row grid is a
+    per-channel grid for the head, and one int8 table serves both. Folded into a head of its own
+    (``_fold_transposed_weights``), the table was stored twice (SmolLM2-135M w8a16: 164 MB
+    where optimum-intel's int8 is 135 MB). Returns the heads; fills ``tables``."""
+    looked_up = {n.inputs[0].name for n in model.graph if n.op_type == "Gather"
+                 and n.inputs[0] is not None and n.inputs[0].is_initializer()
+                 and (n.attributes["axis"].value if "axis" in n.attributes else 0) == 0}
+    heads = []
+    for node in list(model.graph):
+        t = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        perm = node.attributes.get_ints("perm", None) if t is not None else None
+        if (t is None or t.name not in looked_up or t.const_value is None
+                or t.const_value.dtype != ir.DataType.FLOAT or len(t.const_value.shape) != 2
+                or perm not in (None, [1, 0], (1, 0))):
+            continue
+        readers = [u for u, i in node.outputs[0].uses()]
+        if not readers or any(u.op_type != "MatMul" or {u.name, u.op_type} & exclude
+                              or u.inputs[1] is not node.outputs[0] for u in readers):
+            continue
+        rows, scales = _table_rows(model, t, tables)
+        flat = ir.Value(name=f"{t.name}_head_scale",
+                        const_value=ir.tensor(scales.const_value.numpy().reshape(-1)))
+        model.graph.register_initializer(flat)
+        dq = ir.node("DequantizeLinear", [rows, flat], attributes={"axis": 0},
+                     name=f"{node.name}_table_dq")
+        dq.outputs[0].name = f"{t.name}_dequantized"
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(
+            list(t.const_value.shape))
+        model.graph.insert_before(node, dq)
+        node.replace_input_with(0, dq.outputs[0])
+        heads += [u.name for u in readers]
+    return sorted(heads)
+
+
+def _table_rows(model: ir.Model, table: ir.Value,
+                tables: dict[str, tuple[ir.Value, ir.Value]]) -> tuple[ir.Value, ir.Value]:
+    """The table's int8 rows and [rows, 1] scales (symmetric, one scale per row), registered
+    once."""
+    if table.name not in tables:
+        arr = table.const_value.numpy()
+        scale = np.abs(arr).max(axis=1, keepdims=True) / 127
+        scale = np.where(scale > 0, scale, np.float32(1e-8)).astype(np.float32)
+        q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
+        tables[table.name] = (ir.Value(name=f"{table.name}_q", const_value=ir.tensor(q)),
+                              ir.Value(name=f"{table.name}_row_scale",
+                                       const_value=ir.tensor(scale)))
+        for v in tables[table.name]:
+            model.graph.register_initializer(v)
+    return tables[table.name]
 
 
 def _pad_input(model: ir.Model, node: ir.Node, k: int, kp: int,
@@ -222,10 +284,12 @@ def last_weighted(model: ir.Model) -> set[str]:
     return last
 
 
-def embedding_rows_int8(model: ir.Model, exclude: set[str]) -> list[str]:
+def embedding_rows_int8(model: ir.Model, exclude: set[str],
+                        done: dict[str, tuple[ir.Value, ir.Value]] | None = None) -> list[str]:
     """Each ``Gather(axis=0)`` from a constant float [rows, width] table (an embedding) reads
-    int8 rows and their scales instead (symmetric, one scale per row); returns the tables."""
-    done: dict[str, tuple[ir.Value, ir.Value]] = {}  # table → its int8 rows and row scales
+    int8 rows and their scales instead (symmetric, one scale per row); returns the tables.
+    ``done``: tables already quantized (a tied head reads them), by name."""
+    done = {} if done is None else done  # table → its int8 rows and row scales
     for node in list(model.graph):
         if node.op_type != "Gather" or {node.name, node.op_type} & exclude:
             continue
@@ -235,17 +299,7 @@ def embedding_rows_int8(model: ir.Model, exclude: set[str]) -> list[str]:
         if (axis != 0 or tv is None or tv.dtype != ir.DataType.FLOAT or len(tv.shape) != 2
                 or tv.shape[0] < 2):
             continue
-        if table.name not in done:  # a table read by several Gathers: quantized once
-            arr = tv.numpy()
-            scale = np.abs(arr).max(axis=1, keepdims=True) / 127
-            scale = np.where(scale > 0, scale, np.float32(1e-8)).astype(np.float32)
-            q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
-            done[table.name] = (ir.Value(name=f"{table.name}_q", const_value=ir.tensor(q)),
-                                ir.Value(name=f"{table.name}_row_scale",
-                                         const_value=ir.tensor(scale)))
-            for v in done[table.name]:
-                model.graph.register_initializer(v)
-        tq, ts = done[table.name]
+        tq, ts = _table_rows(model, table, done)  # a table read by several Gathers: once
         ids = node.inputs[1]
         rows = ir.node("Gather", [tq, ids], attributes={"axis": 0}, name=f"{node.name}_q")
         scales = ir.node("Gather", [ts, ids], attributes={"axis": 0},

@@ -57,8 +57,16 @@ class UnsignedWeightsPass(EdgecPass):
             zp = node.inputs[2] if len(node.inputs) > 2 else None
             if zp is not None and not _int8_constant(zp):
                 continue  # an int8 weight with a computed zero point: left as it is
+            if any(u.op_type != "DequantizeLinear" or i != 0 for u, i in node.inputs[0].uses()):
+                # read as integers elsewhere too (a tied head's table, whose lookup gathers its
+                # int8 rows): a shifted copy would store the table twice
+                continue
             weight = _shifted(graph, node.inputs[0], shifted)
-            if zp is None:  # int8's implicit zero point 0, as uint8: one midpoint for all
+            scale = node.inputs[1].const_value
+            if zp is None and scale is not None and scale.size > 1:  # per axis: 1-D, its size
+                zero = register_constant(graph, fresh_name(graph, "uint8_midpoints"),
+                                         np.full(scale.size, 128, np.uint8))
+            elif zp is None:  # int8's implicit zero point 0, as uint8: one midpoint for all
                 midpoint = midpoint or register_constant(
                     graph, fresh_name(graph, "uint8_midpoint"), np.array(128, np.uint8))
                 zero = midpoint
@@ -80,8 +88,12 @@ def weight_forms(model: ir.Model) -> dict[str, int]:
     """How many constant weights the graph's DequantizeLinear nodes read in each 8-bit form:
     ``int8`` (all 8 bits: a host without VNNI saturates them), ``int8_7bit`` (within ±64),
     ``uint8`` (shifted, or written so); empty where there are none. The manifest records it,
-    and loading warns where this host saturates ``int8`` ones (``runtimes.load``)."""
+    and loading warns where this host saturates ``int8`` ones (``runtimes.load``). A graph that
+    quantizes no activation (weight-only: its int8 weights are decompressed into float GEMMs,
+    a tied head's table among them) has no 8-bit products to saturate: empty."""
     forms = {"int8": 0, "int8_7bit": 0, "uint8": 0}
+    if not any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for n in model.graph):
+        return {}
     for node in model.graph:
         if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
             continue
