@@ -39,10 +39,11 @@ SCHEMES = {
     # int8 weight-only: one uint8 grid and zero point per output channel (NNCF's INT8_ASYM,
     # optimum-intel's --weight-format int8), the embedding table as int8 rows; the CPU plugin
     # runs it as a FullyConnected decompressing u8 weights, f32 compute. A decode step reads a
-    # quarter of the weight bytes: SmolLM2-135M (30 layers, AVX2) 1.50x fp32's tokens/s, where
-    # w8a8 decodes no faster than fp32; OpenVINO GenAI on optimum-intel's int8 1.55-1.60x
-    # (benchmarks/weight_only_int8.py). block=64 halves the KL divergence on real text (0.0034
-    # -> 0.0016 nats/token) at 0.85-0.88x the speed.
+    # quarter of the weight bytes: SmolLM2-135M (30 layers, AVX2) 1.53-1.71x fp32's tokens/s,
+    # as OpenVINO GenAI on optimum-intel's int8 (1.57-1.71x), where w8a8 decodes no faster than
+    # fp32 (benchmarks/weight_only_int8.py). A head tied to the embedding reads the table's int8
+    # rows (blockwise._share_tied_tables): 136 MB, optimum-intel's 135. block=64 halves the KL
+    # divergence on real text (0.0033 -> 0.0016 nats/token) at 0.80-0.87x the speed.
     "w8a16": QuantScheme("w8a16", weights="int8", activations=None, weight_backup_int8=True,
                          weight_symmetric=False),
 }

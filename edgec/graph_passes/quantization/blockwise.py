@@ -166,8 +166,8 @@ def _share_tied_tables(model: ir.Model, exclude: set[str],
     ``E`` too) reads the table's int8 rows through a per-row ``DequantizeLinear``: a row of
     ``E`` is an output channel of the head, so the lookup's symmetric per-row grid is a
     per-channel grid for the head, and one int8 table serves both. Folded into a head of its own
-    (``_fold_transposed_weights``), the table was stored twice (SmolLM2-135M w8a16: 164 MB
-    where optimum-intel's int8 is 135 MB). Returns the heads; fills ``tables``."""
+    (``_fold_transposed_weights``), the table was stored twice (SmolLM2-135M w8a16: 164 MB; now
+    136 MB, optimum-intel's int8 135 MB, the same logits). Returns the heads; fills ``tables``."""
     looked_up = {n.inputs[0].name for n in model.graph if n.op_type == "Gather"
                  and n.inputs[0] is not None and n.inputs[0].is_initializer()
                  and (n.attributes["axis"].value if "axis" in n.attributes else 0) == 0}

@@ -176,8 +176,8 @@ def _nothing_quantized(s, exclude: tuple[str, ...], skipped: dict[str, str] | No
 def _generated_note(source: str) -> str:
     """What a miss on generated samples may mean: a trained language model's logits on random
     token ids are far more fragile than on text (SmolLM2-135M w8a16 on openvino-cpu: held-out
-    cosine 0.880, KL 0.57 on random tokens, 0.9987 and 0.0043 on held-out text; on 512 tokens of
-    English 0.9896, KL 0.0034, as optimum-intel's int8 on the same text: 0.9888, 0.0034)."""
+    cosine 0.880, KL 0.57 on random tokens, 0.9987 and 0.0051 on held-out text; on 512 tokens of
+    English 0.9896, KL 0.0033, as optimum-intel's int8 on the same text: 0.9888, 0.0034)."""
     if source != "generated":
         return ""
     return ("; these samples were generated (a language model's: random token ids, on which a "
