@@ -167,7 +167,9 @@ def _decode_rate(t: dict) -> float | None:
 
 
 def speed(systems: list, ids: np.ndarray, lengths: list[int], rounds: int, new: int,
-          cache_bytes: dict) -> dict:
+          cache_bytes: dict, base: str = "edgec_f32_cache") -> dict:
+    """Prefill ms and decode tokens/s of each system per prompt length, interleaved round by
+    round, medians; tokens and speed against the system named ``base``."""
     out = {}
     for length in lengths:
         runs = {s.name: [] for s in systems}
@@ -180,21 +182,21 @@ def speed(systems: list, ids: np.ndarray, lengths: list[int], rounds: int, new: 
             for s in systems:
                 runs[s.name].append(s.generate(prompt, new))
         row = {}
-        ref = [t["tokens"] for t in runs["edgec_f32_cache"]]
+        ref = [t["tokens"] for t in runs[base]]
         for name, r in runs.items():
             rates = [_decode_rate(t) for t in r]
             row[name] = {"prefill_ms_median": round(statistics.median(t["ttft_ms"] for t in r), 2),
                          "decode_tokens_per_s_median": round(statistics.median(rates), 1),
                          "decode_tokens_per_s": [round(x, 1) for x in rates],
-                         "tokens_equal_to_edgec_f32_cache": round(float(np.mean(
+                         f"tokens_equal_to_{base}": round(float(np.mean(
                              [np.mean(np.array(t["tokens"]) == np.array(f))
                               for t, f in zip(r, ref)])), 4)}
             if name in cache_bytes:
                 row[name]["cache_bytes_per_token"] = cache_bytes[name]
-        base = row["edgec_f32_cache"]["decode_tokens_per_s_median"]
+        rate = row[base]["decode_tokens_per_s_median"]
         for name in row:
-            row[name]["decode_vs_edgec_f32_cache"] = round(
-                row[name]["decode_tokens_per_s_median"] / base, 3)
+            row[name][f"decode_vs_{base}"] = round(row[name]["decode_tokens_per_s_median"] / rate,
+                                                   3)
         out[str(length)] = row
         log(f"prompt {length}: " + ", ".join(
             f"{n} {r['decode_tokens_per_s_median']} tok/s" for n, r in row.items()))

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
 
-KV = _load("kv_cache", "edgec_bench_kv_cache")  # Edgec, _decode_rate, _lines, OFFSET
+KV = _load("kv_cache", "edgec_bench_kv_cache")  # Edgec, speed, _lines
 QB, SMOL, ANCHORS = KV.QB, KV.SMOL, KV.ANCHORS
 WINDOWS, WINDOW, EVAL = 16, 64, 512
 
@@ -187,39 +186,13 @@ def main() -> None:
             e.name = n
             systems.append(e)
         systems += list(anchors.values())
-        result["speed"] = speed(systems, ids, lengths, args.rounds, 32)
+        result["speed"] = KV.speed(systems, ids, lengths, args.rounds, 32, {}, "edgec_fp32")
     result["loadavg_end"] = QB.loadavg()
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("floor", "accuracy_vs_edgec_fp32", "greedy",
                                              "weight_bytes")}, indent=1))
-
-
-def speed(systems: list, ids: np.ndarray, lengths: list[int], rounds: int, new: int) -> dict:
-    out = {}
-    for length in lengths:
-        runs = {s.name: [] for s in systems}
-        for s in systems:  # warm
-            s.generate(ids[None, :length], 4)
-        for i in range(rounds):
-            prompt = ids[None, KV.OFFSET * (i + 1):KV.OFFSET * (i + 1) + length]
-            for s in systems:
-                runs[s.name].append(s.generate(prompt, new))
-        row = {}
-        for name, r in runs.items():
-            rates = [KV._decode_rate(t) for t in r]
-            row[name] = {"prefill_ms_median": round(statistics.median(t["ttft_ms"] for t in r), 2),
-                         "decode_tokens_per_s_median": round(statistics.median(rates), 1),
-                         "decode_tokens_per_s": [round(x, 1) for x in rates]}
-        base = row["edgec_fp32"]["decode_tokens_per_s_median"]
-        for name in row:
-            row[name]["decode_vs_edgec_fp32"] = round(
-                row[name]["decode_tokens_per_s_median"] / base, 3)
-        out[str(length)] = row
-        log(f"prompt {length}: " + ", ".join(
-            f"{n} {r['decode_tokens_per_s_median']} tok/s" for n, r in row.items()))
-    return out
 
 
 if __name__ == "__main__":
