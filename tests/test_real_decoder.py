@@ -229,7 +229,8 @@ def test_int8_weight_only_holds_the_real_decoder_on_openvino(smollm2, tmp_path):
     art, session = _compile(smollm2, tmp_path, "openvino-cpu", "w8a16")
     stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
     mp = stats["mixed_precision"]
-    assert mp["held_out_source"] != "generated" and mp["reached"], mp
+    # the file's last 4 sentences, unseen: a weight-only scheme fits nothing to the other 12
+    assert mp["held_out_source"] == "data" and mp["reached"], mp
     assert mp["achieved"] >= 0.999 and mp["achieved_kld"] <= 0.01, mp  # 0.99998, 0.0025
     cos = _token_cosines(session, smollm2)  # vs transformers: min 0.99985, mean 0.99998
     assert cos.min() >= 0.999 and cos.mean() >= 0.9999, (cos.min(), cos.mean())

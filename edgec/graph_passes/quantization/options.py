@@ -380,6 +380,11 @@ class QuantOptions:
         # calibration when enough remain (held_out_split); else calibration sees them too
         n_held = self.held_out_of(available if floor else None)
         calibrated, source = held_out_split(available if floor else None, self.samples, n_held)
+        if data is not None and not scheme.calibrated and not self.gptq_on(target, rotated):
+            # weight-only with nearest rounding: nothing is fitted to the file, so its held-out
+            # samples are unseen however few remain (a 16-sample file was reported "seen by
+            # calibration: an optimistic measure")
+            source = "data"
         # a cache calibrated from a user's .npz stores the same held-out samples beside it
         kept = given.held_out_file() if given is not None and floor else None
         if kept is not None and self.held_out and self.held_out != given.held_out["samples"]:
