@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
 
-KV = _load("kv_cache", "edgec_bench_kv_cache")  # Edgec, speed, _lines
+KV = _load("kv_cache", "edgec_bench_kv_cache")  # Edgec, speed, _lines, _softmax
 QB, SMOL, ANCHORS = KV.QB, KV.SMOL, KV.ANCHORS
 WINDOWS, WINDOW, EVAL = 16, 64, 512
 
@@ -50,15 +50,10 @@ def log(msg: str) -> None:
     print(f"[weight-only-int8 {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def compare(x: np.ndarray, ref: np.ndarray) -> dict:
     x, ref = x.astype(np.float64), ref.astype(np.float64)
     cos = (x * ref).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(ref, axis=-1)
-    p, q = _softmax(ref), _softmax(x)
+    p, q = KV._softmax(ref), KV._softmax(x)
     kl = (p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1)
     return {"cosine_min": round(float(cos.min()), 5), "cosine_mean": round(float(cos.mean()), 6),
             "kl_mean_nats": float(f"{kl.mean():.3g}"), "kl_max_nats": float(f"{kl.max():.3g}"),
