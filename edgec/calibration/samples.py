@@ -202,8 +202,10 @@ def generated_samples(src, n: int | None = None, skip: int = 0
 
     Registry models use their ``calibration_inputs`` (seeds disjoint from the example inputs;
     a diffusion denoiser's: feeds from its own fp32 sampler, ``calibration.trajectory``);
-    Hugging Face checkpoints get random token ids with a random amount of right padding (so the
-    attention-mask path sees both masked and unmasked keys); a denoiser graph with a sampling
+    Hugging Face checkpoints (and decoder .onnx files) with a tokenizer.json get windows of
+    edgec's English passages in its tokens (``calibration.text``; random ids where they have
+    none), with a random amount of right padding (so the attention-mask path sees both masked
+    and unmasked keys; a KV-cache decoder's prompts are unpadded); a denoiser graph with a sampling
     entry (a diffusers transformer, an exported .onnx) the feeds its own fp32 graph's sampler
     ran from random conditions (``graph_trajectory_inputs``); other ONNX files and nn.Modules
     get random feeds shaped like their example inputs, which calibrate the graph but are not
