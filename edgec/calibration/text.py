@@ -63,8 +63,9 @@ class TextWindows:
         """[count, length] int64: windows ``first`` .. ``first + count - 1``, each its special
         tokens around ``length`` less their number of the text's tokens."""
         body = length - len(self.prefix) - len(self.suffix)
-        if body < 1:
-            raise ValueError(f"a window of {length} tokens holds no text")
+        if body < 1:  # a sequence of 2 for BERT's [CLS] [SEP]: the special tokens, cut
+            specials = np.concatenate([self.prefix, self.suffix])[:length]
+            return np.tile(specials, (count, 1)).astype(np.int64)
         per_pass = max(1, len(self.stream) // body)
         rows = []
         for i in range(first, first + count):

@@ -59,6 +59,8 @@ def test_a_padded_window_keeps_its_closing_token(windows):
     out = w.padded(row, 10)
     np.testing.assert_array_equal(out[:9], row[:9])
     assert out[9] == 102 and (out[10:] == 0).all()
+    # a sequence too short for any text (--config seq=2): the special tokens alone
+    np.testing.assert_array_equal(w.take(3, 2, 2), [[101, 102]] * 2)
 
 
 def test_a_checkpoint_calibrates_on_its_text(minilm_dir):
