@@ -17,6 +17,7 @@ LLaMA's BOS), as a prompt has them.
 
 from __future__ import annotations
 
+import functools
 import logging
 from importlib import resources
 from pathlib import Path
@@ -47,6 +48,7 @@ class TextWindows:
         tokenizer.no_padding()
         self.stream = np.array(tokenizer.encode(passages(), add_special_tokens=False).ids,
                                np.int64)
+        self.stream.flags.writeable = False  # shared: one TextWindows per tokenizer file
         self.prefix, self.suffix = _specials(tokenizer)
         self.pad = pad
 
@@ -110,6 +112,17 @@ def checkpoint_text(src, vocab: int | None) -> TextWindows | None:
                  if p.is_file()), None)
     if path is None:
         return None
+    stat = path.stat()
+    return _checked(str(path), (stat.st_mtime_ns, stat.st_size), vocab)
+
+
+@functools.lru_cache(maxsize=16)
+def _checked(path: str, stamp: tuple[int, int], vocab: int | None) -> TextWindows | None:
+    """checkpoint_text's work, once per tokenizer file (and version of it) and vocabulary: a
+    compile asks ~5 times (ranges, held-out, GPTQ, the floor's source, each static-decoder
+    sample set), and a fallback warns once, not at each."""
+    root = Path(path).parent
+    root = root.parent if root.name == "tokenizer" else root
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -117,12 +130,12 @@ def checkpoint_text(src, vocab: int | None) -> TextWindows | None:
                     "tokenizers package (pip install 'edgec[hf]')", root)
         return None
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(path)
     except Exception as e:  # noqa: BLE001  (a tokenizer file this tokenizers cannot read)
         log.warning("%s: calibrating on random token ids: its tokenizer.json does not load "
                     "(%s)", root, e)
         return None
-    windows = TextWindows(tok, _pad_id(tok, path.parent))
+    windows = TextWindows(tok, _pad_id(tok, Path(path).parent))
     unknown = windows.unknown_share(tok)
     if unknown > MAX_UNKNOWN:  # a word-level tokenizer of a few words: windows of <unk>
         log.warning("%s: calibrating on random token ids: its tokenizer knows too few of the "

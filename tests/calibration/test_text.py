@@ -65,6 +65,8 @@ def test_a_padded_window_keeps_its_closing_token(windows):
 
 def test_a_checkpoint_calibrates_on_its_text(minilm_dir):
     src = _hf(minilm_dir, batch=2)
+    # read once per tokenizer file: every ask of a compile gets the same windows
+    assert checkpoint_text(src, 30522) is checkpoint_text(_hf(minilm_dir, seq=8), 30522)
     samples, origin = generated_samples(src, 6)
     assert origin.startswith(ORIGIN) and "random padding" in origin
     ids = np.stack([s["input_ids"] for s in samples])
@@ -114,6 +116,10 @@ def test_random_ids_where_the_tokenizer_does_not_serve(minilm_dir, tmp_path, cap
     with caplog.at_level(logging.WARNING):
         assert checkpoint_text(_hf(minilm_dir), 1000) is None
     assert "past the model's 1000-token vocabulary" in caplog.text
+    caplog.clear()  # asked again (a compile asks ~5 times): the same answer, warned once
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint_text(_hf(minilm_dir), 1000) is None
+    assert not caplog.text
     words = tmp_path / "words"
     words.mkdir()
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "the": 1, "a": 2}, unk_token="<unk>"))
@@ -122,6 +128,12 @@ def test_random_ids_where_the_tokenizer_does_not_serve(minilm_dir, tmp_path, cap
     with caplog.at_level(logging.WARNING):
         assert checkpoint_text(_hf(words), 3) is None
     assert "knows too few of the passages' words" in caplog.text
+    # the file rewritten (now the passages' own words): read again, text now
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<unk>", *passages().split()]))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(words / "tokenizer.json"))
+    assert checkpoint_text(_hf(words), len(vocab)) is not None
 
 
 def test_the_passages_ship_with_the_package():
