@@ -21,9 +21,12 @@ before); "passages" is today's default; "file" is a user's own in-domain data (`
   openvino-cpu: mean-pooled embedding cosine vs PyTorch on the 24 evaluation sentences (seq 24,
   padded; ``real_checkpoint.py``'s data and measures), with random ids, the passages, or the
   16 calibration sentences as ``--calib``.
+- The floor's held-out size on the 30-layer SmolLM2 (w8a8, openvino-cpu, the passages): the
+  default 4 samples against ``held_out=16``; the evaluation read as the floor reads a sample
+  (the cosine of a 16-token window's whole logits) beside per-token cosines.
 
-Run: ``python benchmarks/default_calibration.py [--rounds 3] [--part all|minilm|smollm2]
-[--out PATH]`` (results:
+Run: ``python benchmarks/default_calibration.py [--rounds 3]
+[--part all|minilm|smollm2|held_out] [--out PATH]`` (results:
 ``benchmarks/results/default_calibration.json``).
 """
 
@@ -115,6 +118,59 @@ def smollm2(root: Path, rounds: int) -> dict:
     return out
 
 
+def per_sample_and_token(x: np.ndarray, ref: np.ndarray, window: int) -> dict:
+    """The floor's statistic on the evaluation (the cosine of a ``window``-token sample's whole
+    logits, as ``worst_cosine`` takes a held-out sample) beside per-token ones."""
+    x, ref = x.astype(np.float64), ref.astype(np.float64)
+
+    def cos(a, b):
+        return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+    token = cos(x, ref)
+    windows = [cos(x[i:i + window].ravel(), ref[i:i + window].ravel())
+               for i in range(0, len(x) - window + 1, window)]
+    return {f"window{window}_cosine_min": round(float(min(windows)), 5),
+            f"window{window}_cosine_mean": round(float(np.mean(windows)), 5),
+            "token_cosine_p1": round(float(np.percentile(token, 1)), 5),
+            "token_cosine_p5": round(float(np.percentile(token, 5)), 5)}
+
+
+def held_out(root: Path) -> dict:
+    """SmolLM2 30 layers w8a8 on openvino-cpu (the passages, the default floor) with the default
+    4 held-out samples against ``held_out=16``: what the floor's reading means on the
+    evaluation, and what 4x the held-out samples buys."""
+    import tokenizers
+
+    import edgec
+    from edgec.graph_passes.quantization.options import HELD_OUT
+
+    ckpt = SMOL.checkpoint(None)
+    tok = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    eval_ids = np.array(tok.encode(" ".join(KV._lines() * 8)).ids, np.int64)[:512]
+    rows, ref = {}, None
+    for name, scheme in (("fp32", None), (f"w8a8_held_out_{HELD_OUT}", "w8a8"),
+                         ("w8a8_held_out_16", "w8a8:held_out=16")):
+        t0 = time.perf_counter()
+        art = edgec.compile(str(ckpt), target="openvino-cpu", output_dir=root / "held" / name,
+                            generate=True, **({"quantize": scheme} if scheme else {}))
+        seconds = round(time.perf_counter() - t0, 1)
+        logits = W8.edgec_logits(edgec.load(root / "held" / name), eval_ids)
+        if ref is None:
+            ref = logits
+        rows[name] = {"compile_s": seconds, **W8.compare(logits, ref)}
+        if scheme:
+            rows[name].update(quantize_stats(art))
+            rows[name].update(per_sample_and_token(logits, ref, held_out_length(art)))
+        log(f"held-out {name}: {rows[name]}")
+    return {"checkpoint": "SmolLM2-135M-Instruct, 30 layers", "target": "openvino-cpu",
+            "rows": rows}
+
+
+def held_out_length(art) -> int:
+    """Tokens in one of the floor's held-out samples: the checkpoint's example prompt length."""
+    return int(art.report["source"]["example"]["seq"])
+
+
 def minilm(root: Path) -> dict:
     import edgec
 
@@ -146,7 +202,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).parent / "results" / "default_calibration.json")
-    ap.add_argument("--part", choices=("all", "minilm", "smollm2"), default="all",
+    ap.add_argument("--part", choices=("all", "minilm", "smollm2", "held_out"), default="all",
                     help="one part alone: its section of --out is replaced, stamped with "
                          "this run's commit and machine (the other part's stays as it was)")
     args = ap.parse_args()
@@ -164,6 +220,8 @@ def main() -> None:
             result["minilm_w8a8"] = minilm(root)
         if args.part in ("all", "smollm2"):
             result.update(smollm2(root, args.rounds))
+        if args.part in ("all", "held_out"):
+            result["smollm2_held_out"] = held_out(root)
     if args.part != "all":
         result[f"{args.part}_run"] = {**stamp, "loadavg_end": QB.loadavg(),
                                       "wall_s": round(time.perf_counter() - t_start, 1)}

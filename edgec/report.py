@@ -137,7 +137,8 @@ def _mixed_precision_section(report: dict[str, Any]) -> list[str]:
     if not mp:
         return []
     floor = floor_label(mp, "the default floor")
-    held = f"worst held-out cosine {mp['achieved']:.4f}" + (
+    # a sample's whole output (all its tokens' logits at once), not each token's
+    held = f"worst held-out sample's output cosine {mp['achieved']:.4f}" + (
         f", logits KL divergence {mp['achieved_kld']:.4f}" if "achieved_kld" in mp else "") + (
         _HELD_OUT_FROM.get(mp.get("held_out_source"), "").format(n=mp["held_out"])) + (
         f" with each of the adapters {', '.join(mp['adapters'])} bound"
