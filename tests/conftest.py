@@ -321,12 +321,26 @@ def pre_layernorm_decoder():
 # HTP backend to that SoC, and later sessions in the process finalize graphs a fresh process
 # refuses (``runtimes.qnn._first_soc``): run in one process after test_qnn_float_stream.py,
 # the refusal tests of test_qnn_htp.py and test_qnn_legalize_htp.py failed. Its tests go last,
-# so that nothing runs after them in the worker that takes them (xdist hands files out in
-# collection order).
+# so that nothing runs after them in the worker that takes them.
 _SOC_PINNING = "test_qnn_float_stream.py"
+# Each file's measured seconds (tests/file_seconds.json). The workers take whole files in
+# collection order (``--no-loadscope-reorder`` in pyproject.toml: xdist's own order, most tests
+# first, put the files of few long tests last, 4 of the 5 longest among them, and left one
+# worker running them alone at the end), so the longest go first and the short ones even out
+# the end. A file not measured yet counts as the median.
+_SECONDS = "file_seconds.json"
 
 
 def pytest_collection_modifyitems(config, items):
-    last = [item for item in items if item.path.name == _SOC_PINNING]
-    if last:
-        items[:] = [item for item in items if item.path.name != _SOC_PINNING] + last
+    import json
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    seconds = json.loads((here / _SECONDS).read_text())["seconds"]
+    median = sorted(seconds.values())[len(seconds) // 2]
+
+    def weight(item) -> tuple[bool, float]:
+        name = Path(os.path.relpath(item.path, here.parent)).as_posix()
+        return item.path.name == _SOC_PINNING, -seconds.get(name, median)
+
+    items.sort(key=weight)  # stable: a file's tests keep their order
