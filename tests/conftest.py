@@ -325,9 +325,9 @@ def pre_layernorm_decoder():
 _SOC_PINNING = "test_qnn_float_stream.py"
 # Each file's measured seconds (tests/file_seconds.json). The workers take whole files in
 # collection order (``--no-loadscope-reorder`` in pyproject.toml: xdist's own order, most tests
-# first, put the files of few long tests last, 4 of the 5 longest among them, and left one
-# worker running them alone at the end), so the longest go first and the short ones even out
-# the end. A file not measured yet counts as the median.
+# first, sent three of the five longest files near the end: the real decoder, the acceptance
+# runs and the real checkpoint, with 7, 2 and 4 tests), so the longest go first and the short
+# ones even out the end. A file not measured yet counts as the median.
 _SECONDS = "file_seconds.json"
 
 
