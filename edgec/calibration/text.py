@@ -113,16 +113,15 @@ def checkpoint_text(src, vocab: int | None) -> TextWindows | None:
     if path is None:
         return None
     stat = path.stat()
-    return _checked(str(path), (stat.st_mtime_ns, stat.st_size), vocab)
+    return _checked(str(path), (stat.st_mtime_ns, stat.st_size), vocab, root)
 
 
 @functools.lru_cache(maxsize=16)
-def _checked(path: str, stamp: tuple[int, int], vocab: int | None) -> TextWindows | None:
+def _checked(path: str, stamp: tuple[int, int], vocab: int | None,
+             root: Path) -> TextWindows | None:
     """checkpoint_text's work, once per tokenizer file (and version of it) and vocabulary: a
     compile asks ~5 times (ranges, held-out, GPTQ, the floor's source, each static-decoder
     sample set), and a fallback warns once, not at each."""
-    root = Path(path).parent
-    root = root.parent if root.name == "tokenizer" else root
     try:
         from tokenizers import Tokenizer
     except ImportError:
