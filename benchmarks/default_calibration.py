@@ -73,8 +73,6 @@ def quantize_stats(art) -> dict:
 
 
 def smollm2(root: Path, rounds: int) -> dict:
-    import tokenizers
-
     import edgec
 
     out: dict = {}
@@ -86,8 +84,7 @@ def smollm2(root: Path, rounds: int) -> dict:
                             ("w4a16:gptq=true", "w4a16:gptq=true", "random"),
                             ("w4a16:gptq=true", "w4a16:gptq=true", "passages")])):
         ckpt = SMOL.checkpoint(layers)
-        tok = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-        ids = np.array(tok.encode(" ".join(KV._lines() * 8)).ids, np.int64)
+        ids = english_ids(ckpt)
         eval_ids = ids[:512]
         key = f"smollm2_{layers or 30}_layers_{target}"
         rows, sessions, ref = {}, {}, None
@@ -118,16 +115,22 @@ def smollm2(root: Path, rounds: int) -> dict:
     return out
 
 
+def english_ids(ckpt: Path) -> np.ndarray:
+    """``tests/data/sentences.txt`` (8 times over) in the checkpoint's tokens."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    return np.array(tok.encode(" ".join(KV._lines() * 8)).ids, np.int64)
+
+
 def per_sample_and_token(x: np.ndarray, ref: np.ndarray, window: int) -> dict:
-    """The floor's statistic on the evaluation (the cosine of a ``window``-token sample's whole
-    logits, as ``worst_cosine`` takes a held-out sample) beside per-token ones."""
-    x, ref = x.astype(np.float64), ref.astype(np.float64)
+    """The floor's statistic on the evaluation (edgec's ``worst_cosine`` of each ``window``-token
+    slice of the logits, as the floor takes a held-out sample) beside per-token cosines."""
+    from edgec.graph_passes.quantization.mixed_precision import worst_cosine
 
-    def cos(a, b):
-        return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-
-    token = cos(x, ref)
-    windows = [cos(x[i:i + window].ravel(), ref[i:i + window].ravel())
+    a, b = x.astype(np.float64), ref.astype(np.float64)
+    token = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    windows = [worst_cosine([{"logits": x[i:i + window]}], [{"logits": ref[i:i + window]}])
                for i in range(0, len(x) - window + 1, window)]
     return {f"window{window}_cosine_min": round(float(min(windows)), 5),
             f"window{window}_cosine_mean": round(float(np.mean(windows)), 5),
@@ -139,14 +142,11 @@ def held_out(root: Path) -> dict:
     """SmolLM2 30 layers w8a8 on openvino-cpu (the passages, the default floor) with the default
     4 held-out samples against ``held_out=16``: what the floor's reading means on the
     evaluation, and what 4x the held-out samples buys."""
-    import tokenizers
-
     import edgec
     from edgec.graph_passes.quantization.options import HELD_OUT
 
     ckpt = SMOL.checkpoint(None)
-    tok = tokenizers.Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    eval_ids = np.array(tok.encode(" ".join(KV._lines() * 8)).ids, np.int64)[:512]
+    eval_ids = english_ids(ckpt)[:512]
     rows, ref = {}, None
     for name, scheme in (("fp32", None), (f"w8a8_held_out_{HELD_OUT}", "w8a8"),
                          ("w8a8_held_out_16", "w8a8:held_out=16")):
@@ -160,15 +160,12 @@ def held_out(root: Path) -> dict:
         rows[name] = {"compile_s": seconds, **W8.compare(logits, ref)}
         if scheme:
             rows[name].update(quantize_stats(art))
-            rows[name].update(per_sample_and_token(logits, ref, held_out_length(art)))
+            # a held-out sample is the checkpoint's example prompt length
+            rows[name].update(per_sample_and_token(logits, ref,
+                                                   art.report["source"]["example"]["seq"]))
         log(f"held-out {name}: {rows[name]}")
     return {"checkpoint": "SmolLM2-135M-Instruct, 30 layers", "target": "openvino-cpu",
             "rows": rows}
-
-
-def held_out_length(art) -> int:
-    """Tokens in one of the floor's held-out samples: the checkpoint's example prompt length."""
-    return int(art.report["source"]["example"]["seq"])
 
 
 def minilm(root: Path) -> dict:
