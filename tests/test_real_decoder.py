@@ -238,3 +238,33 @@ def test_int8_weight_only_holds_the_real_decoder_on_openvino(smollm2, tmp_path):
     u8 = [op for op in ir_model.get_ops() if op.get_type_name() == "Constant"
           and op.get_element_type() == ov.Type.u8 and len(op.get_output_shape(0)) == 2]
     assert len(u8) >= 4 * 7, len(u8)  # q, k, v, o, gate, up, down of each layer
+
+
+def test_int8_weight_only_holds_the_real_decoder_on_ort(smollm2, tmp_path):
+    """w8a16 on ort-cpu: the same uint8 weights per output channel and int8 embedding rows as on
+    OpenVINO, but the tied head with int8 weights of its own (``tied_table_shared``): ONNX
+    Runtime fuses every DequantizeLinear -> MatMul into an 8-bit MatMulNBits, so no weight is
+    dequantized whole at run time (a head reading the table's rows was not fused here). That
+    kernel quantizes its input per block on the fly (accuracy_level 4), which the floor, run in
+    ONNX Runtime with its optimizations, measures as the artifact runs."""
+    import onnx
+    import onnxruntime as ort
+
+    art, session = _compile(smollm2, tmp_path, "ort-cpu", "w8a16")
+    stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
+    mp = stats["mixed_precision"]
+    assert mp["held_out_source"] == "data" and mp["reached"], mp
+    assert mp["achieved"] >= 0.999 and mp["achieved_kld"] <= 0.01, mp  # 0.99998, 0.0025
+    cos = _token_cosines(session, smollm2)  # vs transformers: min 0.99951, mean 0.99997
+    assert cos.min() >= 0.998 and cos.mean() >= 0.9999, (cos.min(), cos.mean())
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(art.path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(str(tmp_path / "fused.onnx"), load_external_data=False).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"
+             and next(a.i for a in n.attribute if a.name == "bits") == 8]
+    assert len(nbits) == 4 * 7 + 1, len(nbits)  # every projection of 4 layers and the head
+    assert not [n for n in nodes if n.op_type == "DequantizeLinear"]
+    # about a byte per weight (fp32: 4); the head has its own copy of the table's rows
+    data = (art.path / "model.onnx.data").stat().st_size
+    assert data < 1.1 * art.report["graph"]["parameters"], (data, art.report["graph"])

@@ -86,6 +86,13 @@ class QuantScheme:
             output (an LM head) gets int8 blocks and the embedding tables int8 rows, as NNCF's
             4-bit weight compression keeps them at 8 bits (``blockwise``). CPU targets only:
             TensorRT's weight-only blocks are int4.
+        tied_table_shared: ``weight_backup_int8`` per channel (int8 w8a16): a head tied to an
+            embedding table reads the lookup's int8 rows through a transposed per-row
+            ``DequantizeLinear`` (one table in the file; ``blockwise._share_tied_tables``).
+            False: the head gets int8 weights of its own, as any weight. ONNX Runtime CPU fused
+            the shared form into MatMulNBits in a ``--generate`` graph but, in a prefill graph,
+            fused the Transpose into the MatMul first and then dequantized the whole table on
+            every run (SmolLM2-135M: 28 M weights); its own copy is always fused (+28 MB).
         partial_block: weight-only schemes: a weight whose input-channel count K is not a
             multiple of ``block_size`` ends in a shorter block (ONNX allows it; ONNX Runtime CPU
             fuses it into MatMulNBits as any other). False: its blocks are zero-padded to a
@@ -133,6 +140,7 @@ class QuantScheme:
     head_float: bool = False
     float_stream: bool = False
     weight_backup_int8: bool = False
+    tied_table_shared: bool = True
     partial_block: bool = False
     reduce_range_pays: bool = False
     reduce_range: bool = False

@@ -11,15 +11,30 @@ from edgec.targets.base import BuildResult, QuantScheme, Target
 __all__ = ["ORT_CPU"]
 
 
+# The weight blocks ONNX Runtime 1.31's CPU fuses into MatMulNBits (0: one scale per output
+# channel, which it repacks): any other size (48, 512) stays a DequantizeLinear of the whole
+# weight before a float MatMul, on every run.
+MATMULNBITS_BLOCKS = (0, 16, 32, 64, 128, 256)
+
 SCHEMES = {
     # u8 asymmetric activations × s8 symmetric per-channel weights: MLAS's fast int8 GEMM path.
     # Conv outputs quantized as well: ORT fuses DQ → Conv → Q into QLinearConv, its only int8 Conv.
     "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8", fused_outputs=("Conv",),
                         reduce_range_pays=True),
-    "w8a16": QuantScheme("w8a16", weights="int8", activations="uint16", min_opset=21),
+    # int8 weight-only, as on openvino-cpu: uint8 weights with a scale and zero point per output
+    # channel, the embedding tables as int8 rows. ONNX Runtime fuses each DequantizeLinear ->
+    # MatMul into MatMulNBits (bits=8; a tied head through its Transpose too), whose kernel
+    # quantizes the activation per block on the fly (accuracy_level 4, ORT's default: at level 1
+    # the 8-bit kernel decoded 30x slower than fp32). SmolLM2-135M (30 layers, AVX2): decode
+    # 1.7-2.0x fp32 (benchmarks/weight_only_int8.py). It was u16 activations and s8 weights, the
+    # NPU's form, which ORT CPU has no kernel for: every MatMul ran in float behind its Q/DQ.
+    # A tied head gets its own int8 weights (QuantScheme.tied_table_shared).
+    "w8a16": QuantScheme("w8a16", weights="int8", activations=None, weight_backup_int8=True,
+                         weight_symmetric=False, partial_block=True, tied_table_shared=False,
+                         block_sizes=MATMULNBITS_BLOCKS),
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
                          min_opset=21, weight_backup_int8=True, weight_symmetric=False,
-                         partial_block=True),
+                         partial_block=True, block_sizes=MATMULNBITS_BLOCKS),
 }
 
 

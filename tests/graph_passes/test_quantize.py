@@ -166,7 +166,8 @@ def test_w8a16_tied_head_reads_the_lookups_int8_table():
 
 def test_block_sets_a_weight_only_schemes_blocks(llama_src):
     """``block=N``: N input channels per weight scale (0: per output channel), on the weight-only
-    schemes; refused on a static scheme and, on TensorRT, outside the sizes its kernels take."""
+    schemes; refused on a static scheme and, on TensorRT and ONNX Runtime CPU, outside the sizes
+    their kernels take."""
     from edgec.targets import get
 
     def scheme(spec, target="openvino-cpu"):
@@ -180,7 +181,11 @@ def test_block_sets_a_weight_only_schemes_blocks(llama_src):
     for spec, target, match in (("w4a16:block=32", "tensorrt", "blocks of 64 or 128 only"),
                                 ("w8a8:block=64", "openvino-cpu", "quantizes activations too"),
                                 ("w4a16:block=8", "ort-cpu", "from 16 to 4096"),
-                                ("w4a16:block=true", "ort-cpu", "block")):
+                                ("w4a16:block=true", "ort-cpu", "block"),
+                                # ORT CPU fuses 16..256 (powers of two) and per channel only
+                                ("w8a16:block=48", "ort-cpu",
+                                 r"blocks of 16 or 32 or 64 or 128 or 256 \(or 0, per channel\)"),
+                                ("w4a16:block=512", "ort-cpu", "blocks of 16 or")):
         with pytest.raises(UserError, match=match):
             QuantOptions.parse(spec, get(target))
     model, result = _quantize(llama_src, "openvino-cpu", "w8a16", block=64)
@@ -452,7 +457,7 @@ def test_scheme_needing_a_newer_opset_converts_the_graph_and_leaves_its_input_al
     feeds = {"x": np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)}
     src = types.SimpleNamespace(kind="onnx", info={"input_names": ["x"]}, feeds=feeds)
     tgt = get("ort-cpu")
-    options = QuantOptions.parse("w8a16", tgt)  # uint16 activations need opset 21
+    options = QuantOptions.parse("w8a16:block=16", tgt)  # weight blocks need opset 21
     cache = collect_cache(model, options.calibration_request(tgt), src)
     before = ir.to_proto(model).SerializeToString(deterministic=True)
     result = QuantizePass(options.scheme_on(tgt), tgt, cache)(model)

@@ -78,7 +78,8 @@ def blockwise_weights(model: ir.Model, scheme, exclude: set[str]) -> dict[str, A
     block = scheme.block_size  # None: one scale per output channel (blocks of the whole K)
     tables: dict[str, tuple[ir.Value, ir.Value]] = {}  # table → its int8 rows and row scales
     shared_heads = []
-    if scheme.weight_backup_int8 and scheme.weights == "int8" and block is None:
+    if (scheme.weight_backup_int8 and scheme.weights == "int8" and block is None
+            and scheme.tied_table_shared):
         # a head tied to the table reads the lookup's int8 rows (per row = per output channel)
         shared_heads = _share_tied_tables(model, exclude, tables)
     if scheme.weight_backup_int8:  # the head int8 and the table's rows int8 (the table goes)

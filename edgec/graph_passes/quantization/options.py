@@ -99,7 +99,8 @@ class QuantOptions:
     weight scale, 16 to 4096, or 0 for one per output channel; the scheme's own otherwise: 32
     for w4a16, per channel for openvino-cpu's w8a16; SmolLM2-135M w8a16 on openvino-cpu:
     block=64 halves the KL divergence on text, 0.0033 → 0.0016 nats/token, at 0.80–0.87× the
-    decode speed; tensorrt's int4 kernels take 64 or 128 only: ``QuantScheme.block_sizes``).
+    decode speed; tensorrt's int4 kernels take 64 or 128 only, ort-cpu's MatMulNBits 16 to
+    256 in powers of two or per channel: ``QuantScheme.block_sizes``).
     """
 
     scheme: str
@@ -235,8 +236,9 @@ class QuantOptions:
             if chosen.block_sizes and opts.block not in chosen.block_sizes:
                 raise UserError(f"--quantize block={opts.block}: {target.name}'s {opts.scheme} "
                                 f"kernels take blocks of "
-                                f"{' or '.join(map(str, chosen.block_sizes))} only: give one "
-                                "of them, or drop block")
+                                f"{' or '.join(str(b) for b in chosen.block_sizes if b)}"
+                                f"{' (or 0, per channel)' if 0 in chosen.block_sizes else ''}"
+                                " only: give one of them, or drop block")
         if mask_fill and not target.fully_quantized:  # it was accepted and did nothing
             raise UserError(f"--quantize mask_fill={opts.mask_fill:g} bounds the attention masks "
                             f"of a fully quantized target (qnn-htp); on {target.name} they stay "
