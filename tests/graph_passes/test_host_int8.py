@@ -185,6 +185,32 @@ def test_measuring_sessions_leave_qdq_fusions_off_only_there(monkeypatch):
     assert exact_qdq() == {}
 
 
+def test_a_weight_only_floor_measures_the_fused_kernel_the_artifact_runs(tmp_path, monkeypatch):
+    """A graph that quantizes no activation has no u8 x s8 fusion to saturate: its measuring
+    sessions keep ORT's fusions (DequantizeLinear -> MatMul into MatMulNBits) on a saturating
+    host too, so the floor's held-out figures are the artifact's own on ort-cpu. Unfused, the
+    floor measured float arithmetic while the artifact ran MatMulNBits' per-block int8 input."""
+    import edgec
+    from edgec.runtimes.ort import exact_qdq
+
+    monkeypatch.setenv(ENV, "1")
+    import onnx
+
+    qdq = ir.from_proto(onnx.load_model_from_string(_qdq_matmul()))
+    assert exact_qdq(qdq) == {"session.disable_quant_qdq": "1"}
+    art = edgec.compile("llama", target="ort-cpu", config="tiny", quantize="w8a16",
+                        output_dir=tmp_path / "o")
+    model = ir.load(art.path / "model.onnx")
+    assert exact_qdq(model) == {}
+    mp = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"][
+        "mixed_precision"]
+    on_target = mp["on_target"]
+    assert on_target["runtime"] == "onnxruntime" and on_target["reached"], mp
+    # the same samples through the same fused kernels: the same figures
+    assert abs(mp["achieved"] - on_target["cosine"]) <= 2e-6, mp
+    assert abs(mp["achieved_kld"] - on_target["kld"]) <= 1e-5 + 0.01 * on_target["kld"], mp
+
+
 def test_a_reduce_range_compile_keeps_7_bit_int8_weights_that_run_exactly(tmp_path, monkeypatch):
     """``w8a8:reduce_range=true`` on a host whose kernels saturate (forced here): every weight
     stays int8 within ±64, so ``unsigned-weights`` shifts none and ONNX Runtime's fused U8S8
