@@ -97,10 +97,10 @@ class QuantOptions:
     ONNX Runtime keeps its faster U8S8 kernels, for one bit of weight precision:
     ``QuantScheme.reduce_range_pays``); ``block=N`` (weight-only schemes: N input channels per
     weight scale, 16 to 4096, or 0 for one per output channel; the scheme's own otherwise: 32
-    for w4a16, per channel for openvino-cpu's w8a16; SmolLM2-135M w8a16 on openvino-cpu:
-    block=64 halves the KL divergence on text, 0.0033 → 0.0016 nats/token, at 0.80–0.87× the
-    decode speed; tensorrt's int4 kernels take 64 or 128 only, ort-cpu's MatMulNBits 16 to
-    256 in powers of two or per channel: ``QuantScheme.block_sizes``).
+    for w4a16 and ort-cpu's w8a16, per channel for openvino-cpu's w8a16; SmolLM2-135M w8a16
+    on openvino-cpu: block=64 halves the KL divergence on text, 0.0033 → 0.0016 nats/token,
+    at 0.80–0.87× the decode speed; tensorrt's int4 kernels take 64 or 128 only, ort-cpu's
+    MatMulNBits 16 to 256 in powers of two or per channel: ``QuantScheme.block_sizes``).
     """
 
     scheme: str
