@@ -26,9 +26,10 @@ SCHEMES = {
     # DequantizeLinear -> MatMul into MatMulNBits (bits=8), whose kernel rounds its input to int8
     # per block on the fly (accuracy_level 4, ORT's default; at level 1 the 8-bit kernel decoded
     # 30x slower than fp32). SmolLM2-135M (30 layers, AVX2; benchmarks/weight_only_int8.py):
-    # decode 1.8x fp32 at a 128-token prompt, KL 0.0037 nats/token; per output channel (block=0,
-    # openvino-cpu's default) 2.0x but KL 0.0062, the kernel's input rounding on top of the
-    # coarser grid (0.0033 on OpenVINO's f32 compute). It was u16 activations and s8 weights,
+    # decode 2.0 / 1.8x fp32 at a 128 / 1024-token prompt, KL 0.0037 nats/token (GenAI's int8:
+    # 1.8 / 1.4x, KL 0.0042); per output channel (block=0, openvino-cpu's default) as fast but
+    # KL 0.0062, the kernel's input rounding on top of the coarser grid (0.0033 on OpenVINO's
+    # f32 compute). Prefill runs 0.6-0.7x fp32 there. It was u16 activations and s8 weights,
     # the NPU's form, which ORT CPU has no kernel for: every MatMul ran in float behind its
     # Q/DQ. Per channel, a tied head gets its own int8 weights (QuantScheme.tied_table_shared).
     "w8a16": QuantScheme("w8a16", weights="int8", activations=None, block_size=32, min_opset=21,
