@@ -3,6 +3,7 @@ measurement's arithmetic on sessions with known run times, and when there is not
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -82,3 +83,45 @@ def test_a_slow_graph_is_not_timed_and_the_report_says_how_to():
     out = fp32_speed.fp32_speedup(ir.Model(graph, ir_version=10), None, None, {}, 3.0)
     assert out["skipped"].startswith("a run takes 3.00 s")
     assert fp32_speed.speed_line(out).startswith("not timed beside the fp32 graph: a run takes")
+
+
+def _decoder_feeds(new=8, past=8, kv=2, head_dim=16, layers=2):
+    feeds = {"input_ids": np.arange(new)[None].astype(np.int64),
+             "attention_mask": np.ones((1, past + new), np.int64),
+             "position_ids": np.arange(past, past + new)[None].astype(np.int64)}
+    for i in range(layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, kv, past, head_dim), np.float32)
+    return feeds
+
+
+def test_a_decoders_step_is_its_last_token_on_a_cache_of_128():
+    feeds = _decoder_feeds()
+    step = fp32_speed.decode_step_feeds(feeds)
+    assert step["input_ids"].tolist() == [[7]]
+    assert step["attention_mask"].shape == (1, 129) and step["position_ids"].tolist() == [[128]]
+    assert step["past_key_values.1.value"].shape == (1, 2, 128, 16)
+    assert set(step) == set(feeds)
+    assert fp32_speed.decode_step_feeds({k: v for k, v in feeds.items()
+                                         if k != "position_ids"})["input_ids"].shape == (1, 1)
+    # not a decoder this knows: no cache, or another input (a VLM's embeddings)
+    assert fp32_speed.decode_step_feeds({"input_ids": feeds["input_ids"],
+                                         "attention_mask": feeds["attention_mask"]}) is None
+    assert fp32_speed.decode_step_feeds({**feeds, "inputs_embeds": np.zeros((1, 8, 4))}) is None
+    line = fp32_speed.speed_line({"speedup": 2.0, "p50_ms": 1.0, "fp32_p50_ms": 2.0,
+                                  "rounds": 3, "block": 2, "decode_past": 128})
+    assert line.startswith("a decode step on 128 cached tokens: 2.00× the fp32 graph's speed")
+
+
+def test_a_quantized_generation_artifact_is_timed_on_a_decode_step(tmp_path):
+    """``--generate --quantize``: the fp32 decoder is built beside it and the two are timed on
+    one decode step (128 cached tokens), the run a generation repeats; before, a generation
+    artifact was not compared with fp32 at all."""
+    import edgec
+
+    art = edgec.compile("llama", target="ort-cpu", config="tiny", generate=True,
+                        quantize="w8a16", output_dir=tmp_path / "o")
+    vs = art.report["latency"]["vs_fp32"]
+    assert vs["decode_past"] == 128 and vs["speedup"] > 0 and vs["fp32_p50_ms"] > 0
+    assert "a decode step on 128 cached tokens:" in " ".join(
+        (art.path / "report.md").read_text().split())
