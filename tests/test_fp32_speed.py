@@ -125,3 +125,16 @@ def test_a_quantized_generation_artifact_is_timed_on_a_decode_step(tmp_path):
     assert vs["decode_past"] == 128 and vs["speedup"] > 0 and vs["fp32_p50_ms"] > 0
     assert "a decode step on 128 cached tokens:" in " ".join(
         (art.path / "report.md").read_text().split())
+
+
+def test_a_decode_step_that_does_not_run_leaves_the_comparison_out(caplog):
+    from edgec.pipeline import _decode_step_s
+
+    class _Refuses:
+        def run(self, feeds):
+            raise RuntimeError("past length 128 exceeds the window\nmore")
+
+    feeds = fp32_speed.decode_step_feeds(_decoder_feeds())
+    assert _decode_step_s(_Refuses(), feeds) is None
+    assert "a decode step on 128 cached tokens did not run (RuntimeError: past length 128" in (
+        caplog.text)
