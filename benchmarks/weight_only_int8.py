@@ -116,32 +116,29 @@ def ort_genai_logits(anchor, ids: np.ndarray) -> np.ndarray:
     return sess.run(["logits"], feeds)[0][0]
 
 
-# Per target: edgec's builds beside fp32, the anchors (fp32 and int8 of the runtime's own tool),
-# their weight files and logits.
+# Per target, as data: edgec's blocked (or per-channel) variant, the result file, the compute,
+# edgec's weight file, and the anchors (fp32 and int8 of the runtime's own tool): how they are
+# made, their weight file, their logits and the names their rows go by.
 TARGETS = {
-    "openvino-cpu": {"block": "block64", "out": "weight_only_int8.json",
-                     "compute": "f32 (INFERENCE_PRECISION_HINT), f32 cache",
-                     "weights": lambda art: art.path / "target" / "model.bin"},
-    "ort-cpu": {"block": "block0", "out": "weight_only_int8_ort.json",
-                "compute": "f32; MatMulNBits quantizes its input per block (accuracy_level 4)",
-                "weights": lambda art: art.path / "model.onnx.data"},
+    "openvino-cpu": {
+        "block": "block64", "out": "weight_only_int8.json",
+        "compute": "f32 (INFERENCE_PRECISION_HINT), f32 cache",
+        "weights": lambda art: art.path / "target" / "model.bin",
+        "anchors": lambda ckpt, tmp: {w: ANCHORS.OvGenai(str(ckpt), tmp, w, f32=True)
+                                      for w in ("fp32", "int8")},
+        "anchor_weights": "openvino_model.bin",
+        "anchor_logits": lambda a, ids: optimum_logits(a.out, ids),
+        "logits_name": lambda w, a: f"optimum_intel_{w}", "genai": "ov_genai"},
+    "ort-cpu": {
+        "block": "block0", "out": "weight_only_int8_ort.json",
+        "compute": "f32; MatMulNBits quantizes its input per block (accuracy_level 4)",
+        "weights": lambda art: art.path / "model.onnx.data",
+        "anchors": lambda ckpt, tmp: {w: ANCHORS.OrtGenai(str(ckpt), tmp, w)
+                                      for w in ("fp32", "int8")},
+        "anchor_weights": "model.onnx.data",
+        "anchor_logits": ort_genai_logits,
+        "logits_name": lambda w, a: a.name, "genai": "ort_genai"},
 }
-
-
-def anchors_for(target: str, ckpt: Path, tmp: str) -> dict:
-    if target == "openvino-cpu":
-        return {w: ANCHORS.OvGenai(str(ckpt), tmp, w, f32=True) for w in ("fp32", "int8")}
-    return {w: ANCHORS.OrtGenai(str(ckpt), tmp, w) for w in ("fp32", "int8")}
-
-
-def anchor_bytes(target: str, anchor) -> int:
-    name = "openvino_model.bin" if target == "openvino-cpu" else "model.onnx.data"
-    return (anchor.out / name).stat().st_size
-
-
-def anchor_logits(target: str, anchor, ids: np.ndarray) -> np.ndarray:
-    return (optimum_logits(anchor.out, ids) if target == "openvino-cpu"
-            else ort_genai_logits(anchor, ids))
 
 
 def floor_of(art) -> dict:
@@ -202,23 +199,24 @@ def main() -> None:
                                           "samples": "the prompt file's last windows"}}
         sessions = {n: edgec.load(a.path) for n, a in arts.items()
                     if n != "edgec_w8a16_floor_on_text"}
-        anchors = anchors_for(args.target, ckpt, tmp)
+        anchors = tgt["anchors"](ckpt, tmp)
         result["anchors"] = {a.name: a.setup() for a in anchors.values()}
         result["weight_bytes"] = {
             **{n: tgt["weights"](a).stat().st_size for n, a in arts.items()
                if n != "edgec_w8a16_floor_on_text"},
-            **{a.name: anchor_bytes(args.target, a) for a in anchors.values()}}
+            **{a.name: (a.out / tgt["anchor_weights"]).stat().st_size
+               for a in anchors.values()}}
 
         log("accuracy")
         ref = edgec_logits(sessions["edgec_fp32"], eval_ids)
         logits = {**{n: edgec_logits(s, eval_ids) for n, s in sessions.items()
                      if n != "edgec_fp32"},
-                  **{(f"optimum_intel_{w}" if args.target == "openvino-cpu" else a.name):
-                     anchor_logits(args.target, a, eval_ids) for w, a in anchors.items()}}
+                  **{tgt["logits_name"](w, a): tgt["anchor_logits"](a, eval_ids)
+                     for w, a in anchors.items()}}
         result["accuracy_vs_edgec_fp32"] = {n: compare(x, ref) for n, x in logits.items()}
 
         log("greedy generation")
-        a8, a32 = anchors["int8"], anchors["fp32"]
+        a8, a32, genai = anchors["int8"], anchors["fp32"], tgt["genai"]
         new = 32
         greedy = {n: [s.generate(p[None], max_new_tokens=new, do_sample=False,
                                  eos_token_id=[])[0, len(p):].tolist() for p in prompts]
@@ -228,10 +226,9 @@ def main() -> None:
         result["greedy"] = {"prompts": len(prompts), "new_tokens": new,
                             **{f"{n}_vs_edgec_fp32": agreement(greedy[n], greedy["edgec_fp32"])
                                for n in sessions if n != "edgec_fp32"},
-                            f"{a8.name.removesuffix('_wo_f32').removesuffix('_wo')}_vs_"
-                            f"{a32.name.removesuffix('_f32')}_fp32": agreement(
+                            f"{genai}_int8_vs_{genai}_fp32": agreement(
                                 greedy[a8.name], greedy[a32.name]),
-                            f"{a32.name.removesuffix('_f32')}_fp32_vs_edgec_fp32": agreement(
+                            f"{genai}_fp32_vs_edgec_fp32": agreement(
                                 greedy[a32.name], greedy["edgec_fp32"])}
 
         log("speed")
