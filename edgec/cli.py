@@ -667,6 +667,11 @@ def generate_cmd(
         "--image", help="an image for a VLM artifact (.png/.jpg, or .npy pixel values); the "
         "prompt gets its placeholder tokens unless it has them (LLaVA's `<image>`)")] = None,
     adapter: Annotated[str | None, typer.Option("--adapter", help=_ADAPTER_HELP)] = None,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="the prompt is a user's message: put it through the checkpoint's chat "
+        "template (an instruction-tuned model answers it)")] = False,
+    system: Annotated[str | None, typer.Option(
+        "--system", help="with --chat: a system message before the user's")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ):
     """Generate text (or token ids) from a KV-cache decoder artifact; text streams as it comes.
@@ -674,16 +679,22 @@ def generate_cmd(
     Examples: `edgec generate out --prompt "Once upon a time" -n 64`,
     `edgec generate out --prompt-ids 1,2,3 --json`,
     `edgec generate out -p "Hi" --sample --top-p 0.9`,
+    `edgec generate out --chat -p "What is the capital of France?"`,
     `edgec generate vlm-out --image cat.png --prompt $'USER: <image>\\nWhat is this? ASSISTANT:'`
     """
     import numpy as np
 
     import edgec
     from edgec.runtimes.generation import parse_ids, resolve_settings
-    from edgec.runtimes.tokenizer import Tokenizer
+    from edgec.runtimes.tokenizer import TextStream, Tokenizer
 
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
+    if chat and prompt is None:
+        raise UserError("--chat puts --prompt TEXT through the chat template; it cannot take "
+                        "--prompt-ids (give the template's ids yourself without --chat)")
+    if system is not None and not chat:
+        raise UserError("--system is a chat's system message; add --chat")
     if temperature == 0 and sample is not True:  # "temperature 0" asks for greedy decoding
         temperature, sample = None, False  # (a checkpoint that samples by default included)
     if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
@@ -705,25 +716,26 @@ def generate_cmd(
     note = [_checkpoint_settings_note(settings, sources, info) if not as_json else None]
     _use_adapter(session, adapter)
     tok = Tokenizer(artifact, session.manifest) if prompt is not None else None
-    ids = tok.encode(prompt) if tok is not None else parse_ids(prompt_ids)
+    if chat:
+        ids = tok.encode_chat([*([{"role": "system", "content": system}] if system else []),
+                               {"role": "user", "content": prompt}])
+    else:
+        ids = tok.encode(prompt) if tok is not None else parse_ids(prompt_ids)
     if not ids:
         raise UserError("the prompt encodes to no tokens; give some text")
-    streamed: list[int] = []
-    printed = [0]  # characters of tok.decode(streamed) written so far
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    text = TextStream(tok, write) if tok is not None and not as_json else None
 
     def stream(token: np.ndarray) -> None:
         if note[0]:
             err.print(note[0], highlight=False, soft_wrap=True)
             note[0] = None
-        if tok is None or as_json:
-            return
-        streamed.append(int(token[0]))
-        text = tok.decode(streamed)
-        if text.endswith("\ufffd"):  # a multi-byte character's first bytes: wait for the rest
-            return
-        sys.stdout.write(text[printed[0]:])
-        sys.stdout.flush()
-        printed[0] = len(text)
+        if text is not None:
+            text(token)
 
     result = session.generate(np.array([ids]), max_new_tokens=max_new_tokens, do_sample=sample,
                               temperature=temperature, top_k=top_k, top_p=top_p,
@@ -735,9 +747,10 @@ def generate_cmd(
         return _print_json({"artifact": str(artifact), "runtime": session.runtime,
                             "adapter": _adapter_used(session, adapter),
                             "prompt_ids": ids, "new_ids": new,
+                            **({"chat": True} if chat else {}),
                             **({"image": str(image)} if image is not None else {}),
                             **({"text": tok.decode(new)} if tok is not None else {}), **stats})
-    sys.stdout.write(",".join(map(str, new)) if tok is None else tok.decode(new)[printed[0]:])
+    sys.stdout.write(",".join(map(str, new)) if text is None else text.rest(new))
     sys.stdout.write("\n")
     rate = stats["decode_tokens_per_s"]
     kept = (f" ({stats['prompt_tokens_kept']} of {stats['prompt_tokens']} prompt tokens kept)"

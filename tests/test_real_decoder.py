@@ -271,3 +271,26 @@ def test_int8_weight_only_holds_the_real_decoder_on_ort(smollm2, tmp_path):
     # own int8 blocks
     data = (art.path / "model.onnx.data").stat().st_size
     assert data < 1.3 * art.report["graph"]["parameters"], (data, art.report["graph"])
+
+
+def test_the_shipped_chat_template_gives_the_checkpoints_own_ids(smollm2, tmp_path):
+    """SmolLM2-Instruct's chat template (``chat_template.jinja``: its own system message unless
+    the chat has one), shipped with the tokenizer, gives each conversation the ids transformers'
+    ``apply_chat_template`` gives: what the instruction-tuned model answers (``--chat``)."""
+    import transformers
+
+    from edgec.runtimes.tokenizer import Tokenizer, ship_tokenizer
+
+    ckpt = smollm2[0]
+    tok = Tokenizer(tmp_path, {"tokenizer": ship_tokenizer(ckpt, tmp_path)})
+    hf = transformers.AutoTokenizer.from_pretrained(ckpt)
+    user = {"role": "user", "content": "What is the capital of France?"}
+    chats = [[user], [{"role": "system", "content": "Answer in one word."}, user],
+             [user, {"role": "assistant", "content": "Paris."},
+              {"role": "user", "content": "And of Italy — in Italian?"}]]
+    for chat in chats:
+        for prompt in (True, False):
+            want = hf.apply_chat_template(chat, add_generation_prompt=prompt, tokenize=True,
+                                          return_dict=True)["input_ids"]
+            assert tok.encode_chat(chat, prompt) == list(want)
+    assert tok.decode(tok.encode_chat(chats[0])[-3:]) == "assistant\n"

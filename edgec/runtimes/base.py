@@ -281,6 +281,33 @@ class Session(abc.ABC):
                       dynamic_cfg=dynamic_cfg, solver=solver)
 
     # Generation: a KV-cache decoder artifact (compiled with --generate).
+    @property
+    def tokenizer(self):
+        """The tokenizer the artifact ships from its checkpoint (``encode(text)``,
+        ``encode_chat(messages)``, ``decode(ids)``, ``chat_template``); a UserError where it
+        ships none."""
+        from edgec.runtimes.tokenizer import Tokenizer
+
+        if self.__dict__.get("_tokenizer") is None:
+            if getattr(self, "root", None) is None:
+                raise UserError("this session was not loaded from an artifact directory, so it "
+                                "has no tokenizer; open it with edgec.load(DIR)")
+            self._tokenizer = Tokenizer(Path(self.root), getattr(self, "manifest", None) or {})
+        return self._tokenizer
+
+    def generate_text(self, prompt, max_new_tokens: int = 32, *, on_text=None,
+                      **options) -> str | list[str]:
+        """The new text for ``prompt``: text, or a chat (``[{"role": "user", "content":
+        "Hi"}]``, put through the checkpoint's chat template as transformers'
+        ``apply_chat_template(..., add_generation_prompt=True)`` does), or a list of them (a
+        left-padded batch: a list of texts back). Special tokens, the EOS and what follows it
+        are left out. ``on_text(piece)`` receives one prompt's text as it is generated;
+        ``options`` are ``generate``'s (``do_sample``, ``temperature``, ``seed``, ``image``, …)
+        and ``last_generation`` holds the timings as after ``generate``."""
+        from edgec.runtimes.text import generate_text
+
+        return generate_text(self, prompt, max_new_tokens, on_text, options)
+
     @_one_generation_at_a_time
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
                  do_sample: bool | None = None, temperature: float | None = None,

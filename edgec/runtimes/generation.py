@@ -27,7 +27,7 @@ from edgec.errors import UserError
 logger = logging.getLogger(__name__)
 
 __all__ = ["GenerationConfig", "ArrayCache", "check_cache_memory", "check_context",
-           "decoding_settings", "generate", "process_logits", "resolve_settings"]
+           "decoding_settings", "eos_ids", "generate", "process_logits", "resolve_settings"]
 
 # an option the caller leaves out (None): edgec's default for an artifact without a checkpoint
 # generation config (the reference model), else the checkpoint's value, else transformers'
@@ -118,7 +118,7 @@ def _finite(x: Any) -> bool:
             and math.isfinite(x))
 
 
-def _eos_ids(eos: Any, default) -> tuple[int, ...]:
+def eos_ids(eos: Any, default) -> tuple[int, ...]:
     """``eos_token_id`` (an id, a list of them, or None: ``default``) as a tuple of ints."""
     if eos is None:
         return tuple(int(e) for e in default)
@@ -313,7 +313,7 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
              ) -> tuple[np.ndarray, dict[str, Any]]:
     """(prompt followed by the new tokens [B, S+new] int64, timing stats)."""
     given = options.pop("eos_token_id", None)
-    eos = _eos_ids(given, info.eos_token_ids)
+    eos = eos_ids(given, info.eos_token_ids)
     outside = [e for e in eos if e >= info.vocab] if given is not None else []
     if outside:  # a typo'd id would never be generated: the stop silently never happens
         raise UserError(f"eos_token_id {outside[0]} is outside this model's vocabulary of "

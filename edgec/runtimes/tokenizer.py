@@ -20,8 +20,9 @@ import numpy as np
 
 from edgec.artifact import contained_path
 from edgec.errors import UserError
+from edgec.runtimes.chat import chat_template, render
 
-__all__ = ["TOKENIZER_DIR", "ship_tokenizer", "ship_model_config", "Tokenizer"]
+__all__ = ["TOKENIZER_DIR", "ship_tokenizer", "ship_model_config", "Tokenizer", "TextStream"]
 
 TOKENIZER_DIR = "tokenizer"
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -117,6 +118,7 @@ class Tokenizer:
         self._tok = _Fast.from_file(str(path))
         config = path.parent / "tokenizer_config.json"
         self.config = json.loads(config.read_text()) if config.is_file() else {}
+        self.chat_template = chat_template(path.parent, self.config)
 
     def encode(self, text: str) -> list[int]:
         # special tokens (BOS) as the checkpoint's post-processor adds them
@@ -142,5 +144,38 @@ class Tokenizer:
         return (np.array([r.ids for r in rows], np.int64),
                 np.array([r.attention_mask for r in rows], np.int64))
 
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """A conversation's ids through the checkpoint's chat template, as transformers'
+        ``apply_chat_template(messages, add_generation_prompt=True)`` gives them (the template
+        writes the special tokens itself: none are added)."""
+        if self.chat_template is None:
+            raise UserError("the artifact's tokenizer has no chat template (its checkpoint "
+                            "shipped no chat_template.jinja or tokenizer_config.json "
+                            "chat_template); give the prompt as plain text (without --chat)")
+        text = render(self.chat_template, messages, self.config, add_generation_prompt)
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class TextStream:
+    """A generation's streamer (``streamer(tokens)``, row 0) that calls ``write(piece)`` with the
+    text each new token completes: a byte-level tokenizer's token can end inside a multi-byte
+    character, whose partial bytes decode to U+FFFD until the rest arrives."""
+
+    def __init__(self, tokenizer, write):
+        self._tok, self._write = tokenizer, write
+        self._ids: list[int] = []
+        self._written = 0  # characters of the decoded text written so far
+
+    def __call__(self, tokens) -> None:
+        self._ids.append(int(np.asarray(tokens).reshape(-1)[0]))
+        text = self._tok.decode(self._ids)
+        if not text.endswith("\ufffd"):
+            self._write(text[self._written:])
+            self._written = len(text)
+
+    def rest(self, new_ids) -> str:
+        """What ``new_ids`` (the row's new tokens) decode to beyond what was written."""
+        return self._tok.decode(new_ids)[self._written:]

@@ -41,6 +41,13 @@ def _tokenizer(path):
         ("<s>", 1)])
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.save(str(path / "tokenizer.json"))
+    # a chat template in words of the vocabulary (`then` opens the answer), as transformers >= 4.47
+    # writes it beside the tokenizer_config.json that names the special tokens
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
+                                                            "eos_token": "</s>"}))
+    (path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ bos_token }} {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}then{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -468,6 +475,58 @@ def test_generate_cli_text_ids_json_and_bench(artifacts):
     assert stats["prefill_ms"] > 0 and stats["decode_tokens_per_s"] > 0
 
 
+def test_generate_text_batches_streams_and_chats(artifacts, checkpoints):
+    """Text in, text out: one prompt is ``generate`` on its ids, decoded up to the EOS; a list
+    is a left-padded batch giving what each prompt gives alone; ``on_text`` streams the same
+    text; a chat has transformers' ``apply_chat_template`` ids."""
+    root, _ = checkpoints
+    session = edgec.load(artifacts["hf-llama", "ort-cpu"].path)
+    tok = session.tokenizer
+    ids = session.generate(np.array([tok.encode("the cat sat")]), max_new_tokens=8)
+    new = ids[0, 4:].tolist()
+    new = new[:new.index(2)] if 2 in new else new  # up to the EOS (</s>, not a special token)
+    assert session.generate_text("the cat sat", max_new_tokens=8) == tok.decode(new)
+    prompts = ["the cat sat", "a dog ran far and then it"]
+    assert session.generate_text(prompts, max_new_tokens=8) == [
+        session.generate_text(p, max_new_tokens=8) for p in prompts]
+    assert session.last_generation["batch"] == 1
+    pieces: list[str] = []
+    text = session.generate_text("the dog", max_new_tokens=8, on_text=pieces.append, seed=3,
+                                 do_sample=True)
+    assert len(pieces) > 1 and "".join(pieces).strip() == text.strip()
+
+    chat = [{"role": "user", "content": "the cat sat"}, {"role": "assistant", "content": "good"},
+            {"role": "user", "content": "a dog"}]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(root / "llama")
+    expected = hf_tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert tok.encode_chat(chat) == hf_tok(expected, add_special_tokens=False)["input_ids"]
+    assert tok.encode_chat(chat)[-1] == WORDS.index("then") + 4
+    chat_ids = session.generate(np.array([tok.encode_chat(chat)]), max_new_tokens=6)[0]
+    new = chat_ids[len(tok.encode_chat(chat)):].tolist()
+    assert session.generate_text(chat, max_new_tokens=6) == tok.decode(
+        new[:new.index(2)] if 2 in new else new)
+    assert session.generate_text([chat, "the cat"], max_new_tokens=6)[0] == \
+        session.generate_text(chat, max_new_tokens=6)
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["generate", str(artifacts["hf-llama", "ort-cpu"].path), "--chat",
+                            "--system", "it was", "-p", "a dog", "-n", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["chat"] and data["prompt_ids"] == tok.encode_chat(
+        [{"role": "system", "content": "it was"}, {"role": "user", "content": "a dog"}])
+    for bad, says in ((3, "the prompt must be text or a chat"),
+                      ([], "the prompt must be text or a chat"),
+                      (["the cat", 3], "prompt 1 must be text or a chat"),
+                      ([{"content": "the cat"}], "each a dict with 'role'")):
+        with pytest.raises(UserError, match=says):
+            session.generate_text(bad)
+    with pytest.raises(UserError, match="streams one prompt"):
+        session.generate_text(prompts, on_text=print)
+    with pytest.raises(UserError, match="no tokenizer"):
+        edgec.load(artifacts["llama", "ort-cpu"].path).generate_text("the cat")
+
+
 def test_streamed_text_keeps_characters_split_across_tokens(artifacts, monkeypatch):
     """A byte-level tokenizer's token can end inside a multi-byte character: the stream held
     the U+FFFD its partial bytes decode to, then sliced the finished character away."""
@@ -502,6 +561,9 @@ def test_bad_generation_input_is_one_line_exit_2(artifacts, tiny_mlp, tmp_path):
                           example_inputs=inputs).path
     cases = [
         (["generate", ref, "--prompt", "hello"], "no tokenizer"),
+        (["generate", ref, "--chat", "--prompt-ids", "1"], "cannot take --prompt-ids"),
+        (["generate", ref, "--system", "be brief", "--prompt", "hi"], "add --chat"),
+        (["generate", ref, "--chat", "--prompt", "hi"], "no tokenizer"),
         (["generate", str(plain), "--prompt-ids", "1"], "no KV cache"),
         (["generate", ref, "--prompt-ids", "1,999"], "token ids must be in"),
         (["generate", ref, "--prompt-ids", "1,x"], "comma-separated"),
