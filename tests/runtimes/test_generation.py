@@ -507,6 +507,10 @@ def test_generate_text_batches_streams_and_chats(artifacts, checkpoints):
         new[:new.index(2)] if 2 in new else new)
     assert session.generate_text([chat, "the cat"], max_new_tokens=6)[0] == \
         session.generate_text(chat, max_new_tokens=6)
+    # the openvino-cpu artifact compiled from the ort-cpu one's .onnx carries the template over
+    stateful = edgec.load(artifacts["hf-llama", "openvino-cpu"].path)
+    assert stateful.generate_text(chat, max_new_tokens=6) == \
+        session.generate_text(chat, max_new_tokens=6)
 
     runner = CliRunner()
     r = runner.invoke(app, ["generate", str(artifacts["hf-llama", "ort-cpu"].path), "--chat",
