@@ -680,6 +680,7 @@ def generate_cmd(
     `edgec generate out --prompt-ids 1,2,3 --json`,
     `edgec generate out -p "Hi" --sample --top-p 0.9`,
     `edgec generate out --chat -p "What is the capital of France?"`,
+    `edgec generate out --chat` (a conversation: one message per line),
     `edgec generate vlm-out --image cat.png --prompt $'USER: <image>\\nWhat is this? ASSISTANT:'`
     """
     import numpy as np
@@ -688,11 +689,16 @@ def generate_cmd(
     from edgec.runtimes.generation import parse_ids, resolve_settings
     from edgec.runtimes.tokenizer import TextStream, Tokenizer
 
-    if (prompt is None) == (prompt_ids is None):
-        raise UserError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
-    if chat and prompt is None:
+    converse = chat and prompt is None and prompt_ids is None  # a conversation on stdin
+    if chat and prompt_ids is not None:
         raise UserError("--chat puts --prompt TEXT through the chat template; it cannot take "
                         "--prompt-ids (give the template's ids yourself without --chat)")
+    if not converse and (prompt is None) == (prompt_ids is None):
+        raise UserError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (one of them), "
+                        "or --chat alone to converse")
+    if converse and (as_json or image is not None):
+        raise UserError(f"{'--json' if as_json else '--image'} takes one prompt: give --prompt "
+                        "TEXT with --chat")
     if system is not None and not chat:
         raise UserError("--system is a chat's system message; add --chat")
     if temperature == 0 and sample is not True:  # "temperature 0" asks for greedy decoding
@@ -715,6 +721,10 @@ def generate_cmd(
     # printed with the first token (not before a refusal: an error stays one line)
     note = [_checkpoint_settings_note(settings, sources, info) if not as_json else None]
     _use_adapter(session, adapter)
+    if converse:
+        return _converse(session, artifact, system, note[0], max_new_tokens=max_new_tokens,
+                         do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                         repetition_penalty=repetition_penalty, seed=seed)
     tok = Tokenizer(artifact, session.manifest) if prompt is not None else None
     if chat:
         ids = tok.encode_chat([*([{"role": "system", "content": system}] if system else []),
@@ -752,12 +762,56 @@ def generate_cmd(
                             **({"text": tok.decode(new)} if tok is not None else {}), **stats})
     sys.stdout.write(",".join(map(str, new)) if text is None else text.rest(new))
     sys.stdout.write("\n")
+    err.print(_generation_line(stats), highlight=False)
+
+
+def _generation_line(stats: dict) -> str:
     rate = stats["decode_tokens_per_s"]
     kept = (f" ({stats['prompt_tokens_kept']} of {stats['prompt_tokens']} prompt tokens kept)"
             if stats.get("prompt_tokens_kept") not in (None, stats["prompt_tokens"]) else "")
-    err.print(f"{stats['new_tokens']} tokens; prefill {stats['prefill_ms']:.1f} ms{kept}, decode "
-              f"{rate:.1f} tokens/s" if rate else f"{stats['new_tokens']} token(s); prefill "
-              f"{stats['prefill_ms']:.1f} ms{kept}", highlight=False)
+    return (f"{stats['new_tokens']} tokens; prefill {stats['prefill_ms']:.1f} ms{kept}, decode "
+            f"{rate:.1f} tokens/s" if rate else f"{stats['new_tokens']} token(s); prefill "
+            f"{stats['prefill_ms']:.1f} ms{kept}")
+
+
+def _converse(session, artifact: Path, system: str | None, note: str | None,
+              max_new_tokens: int, **options) -> None:
+    """``edgec generate DIR --chat``: a line on stdin is a message, the answer streams to
+    stdout; /reset starts over, /exit or end of input ends. A turn edgec refuses (a message
+    longer than the context) is said on stderr and the conversation goes on."""
+    conversation = session.chat(system=system, max_new_tokens=max_new_tokens, **options)
+    tty = sys.stdin.isatty()
+    err.print(f"chatting with {artifact}: a line is a message; /reset starts over, /exit or "
+              "Ctrl-D ends", highlight=False, soft_wrap=True)
+    if note:
+        err.print(note, highlight=False, soft_wrap=True)
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    while True:
+        if tty:
+            err.print("> ", end="")
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            conversation.reset()
+            err.print("(a new conversation)", highlight=False)
+            continue
+        if not line.strip():
+            continue
+        dropped = conversation.dropped
+        try:
+            conversation.say(line.strip(), on_text=write)
+        except UserError as e:
+            err.print(f"error: {e}", highlight=False, soft_wrap=True)
+            continue
+        sys.stdout.write("\n")
+        left = conversation.dropped - dropped
+        err.print(_generation_line(session.last_generation) + (
+            f"; the oldest {left} turn(s) left the context" if left else ""), highlight=False)
 
 
 @app.command("sample")

@@ -308,6 +308,15 @@ class Session(abc.ABC):
 
         return generate_text(self, prompt, max_new_tokens, on_text, options)
 
+    def chat(self, system: str | None = None, max_new_tokens: int = 256, **options):
+        """A multi-turn conversation (``edgec.runtimes.conversation.Conversation``):
+        ``say(text, on_text=None) -> answer``, ``messages``, ``reset()``; each turn is
+        ``generate_text`` on the turns so far, the oldest dropped where they and the answer
+        would pass the model's context. ``options`` are ``generate``'s."""
+        from edgec.runtimes.conversation import Conversation
+
+        return Conversation(self, system, max_new_tokens, **options)
+
     @_one_generation_at_a_time
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
                  do_sample: bool | None = None, temperature: float | None = None,

@@ -531,6 +531,44 @@ def test_generate_text_batches_streams_and_chats(artifacts, checkpoints):
         edgec.load(artifacts["llama", "ort-cpu"].path).generate_text("the cat")
 
 
+def test_a_conversation_keeps_its_turns_within_the_context(artifacts):
+    """``Session.chat()``: each turn answers after the turns so far; the oldest turns (never the
+    system message) go when the conversation and the answer would pass the context (128 here);
+    a turn that fails leaves it as it was. The CLI converses on stdin."""
+    session = edgec.load(artifacts["hf-llama", "ort-cpu"].path)
+    tok = session.tokenizer
+    conversation = session.chat(system="it was good", max_new_tokens=16)
+    first = conversation.say("the cat sat")
+    assert first == session.generate_text(
+        [{"role": "system", "content": "it was good"}, {"role": "user", "content": "the cat sat"}],
+        max_new_tokens=16)
+    for _ in range(12):
+        conversation.say("the cat sat on the mat and then it ran far")
+    assert conversation.dropped > 0
+    kept = conversation.messages
+    assert kept[0] == {"role": "system", "content": "it was good"} and kept[1]["role"] == "user"
+    assert len(tok.encode_chat(kept[:-1])) + 16 - 1 <= 128
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        conversation.say(" ".join(["dog"] * 200))
+    assert conversation.messages == kept
+    conversation.reset()
+    assert conversation.messages == kept[:1] and conversation.dropped == 0
+
+    runner = CliRunner()
+    art = str(artifacts["hf-llama", "ort-cpu"].path)
+    r = runner.invoke(app, ["generate", art, "--chat", "-n", "4"],
+                      input="the cat sat\n\n" + "dog " * 200 + "\n/reset\na dog\n/exit\nthe mat\n")
+    assert r.exit_code == 0, r.output
+    answers = r.stdout.splitlines()
+    assert len(answers) == 2 and answers[0] == session.generate_text(
+        [{"role": "user", "content": "the cat sat"}], max_new_tokens=4)
+    assert "(a new conversation)" in r.stderr and "exceeds the model's context" in r.stderr
+    for args, says in ((["--json"], "--json takes one prompt"),
+                       (["--image", "x.png"], "--image takes one prompt")):
+        r = runner.invoke(app, ["generate", art, "--chat", *args])
+        assert r.exit_code == 2 and says in r.output, r.output
+
+
 def test_streamed_text_keeps_characters_split_across_tokens(artifacts, monkeypatch):
     """A byte-level tokenizer's token can end inside a multi-byte character: the stream held
     the U+FFFD its partial bytes decode to, then sliced the finished character away."""
