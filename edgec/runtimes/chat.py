@@ -4,7 +4,9 @@ it (a sandboxed Jinja environment with ``trim_blocks``/``lstrip_blocks``, loop c
 ``tojson`` filter and the ``raise_exception``/``strftime_now`` globals; the tokenizer config's
 special tokens as variables), so the ids match the checkpoint's own.
 
-The template is the checkpoint's ``chat_template.jinja`` (transformers ≥ 4.47 writes it), else the
+The template is the checkpoint's ``chat_template.jinja`` (transformers ≥ 4.47 writes it), else
+its ``chat_template.json`` (a processor's: a VLM's template, whose messages' ``content`` is a
+list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts), else the
 ``chat_template`` entry of ``tokenizer_config.json`` (a string, or named templates: ``default``).
 """
 
@@ -21,6 +23,7 @@ from edgec.errors import UserError
 __all__ = ["chat_template", "check_messages", "render"]
 
 TEMPLATE_FILE = "chat_template.jinja"
+PROCESSOR_FILE = "chat_template.json"
 
 
 def chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
@@ -28,6 +31,13 @@ def chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
     if (folder / TEMPLATE_FILE).is_file():
         return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
     entry = config.get("chat_template")
+    if (folder / PROCESSOR_FILE).is_file():
+        try:
+            entry = json.loads((folder / PROCESSOR_FILE).read_text(encoding="utf-8")
+                               ).get("chat_template") or entry
+        except (ValueError, AttributeError):
+            raise UserError(f"{folder / PROCESSOR_FILE} is not a JSON object with a "
+                            "'chat_template' string; fix or delete it") from None
     if isinstance(entry, list):  # [{"name": ..., "template": ...}], as tokenizers saved several
         named = {t.get("name"): t.get("template") for t in entry if isinstance(t, dict)}
         entry = named.get("default")

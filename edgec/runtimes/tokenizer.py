@@ -26,7 +26,7 @@ __all__ = ["TOKENIZER_DIR", "ship_tokenizer", "ship_model_config", "Tokenizer", 
 
 TOKENIZER_DIR = "tokenizer"
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-         "generation_config.json", "chat_template.jinja")
+         "generation_config.json", "chat_template.jinja", "chat_template.json")
 SENTENCEPIECE = ("spiece.model", "tokenizer.model")
 
 log = logging.getLogger(__name__)

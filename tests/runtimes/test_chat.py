@@ -4,6 +4,8 @@ and globals); a template's refusal, a bad conversation and an escaping template 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edgec.errors import UserError
@@ -19,8 +21,25 @@ def test_the_file_wins_then_the_config_then_its_default_named_template(tmp_path)
     named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     assert chat_template(tmp_path, {"chat_template": named}) == "D"
     assert chat_template(tmp_path, {"chat_template": named[:1]}) is None
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "P"}))
+    assert chat_template(tmp_path, {"chat_template": "A"}) == "P"  # a processor's (a VLM's)
     (tmp_path / "chat_template.jinja").write_text("F")
     assert chat_template(tmp_path, {"chat_template": "A"}) == "F"
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").write_text("[1]")
+    with pytest.raises(UserError, match="chat_template.json is not a JSON object"):
+        chat_template(tmp_path, {})
+
+
+def test_a_vlm_template_reads_content_parts():
+    """LLaVA-style: each message's content a list of image and text parts (jinja's selectattr)."""
+    template = ("{% for m in messages %}{{ m['role'].upper() }}: "
+                "{% for p in m['content'] | selectattr('type', 'equalto', 'image') %}<image>\n"
+                "{% endfor %}{% for p in m['content'] | selectattr('type', 'equalto', 'text') %}"
+                "{{ p['text'] }}{% endfor %} {% endfor %}"
+                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    assert render(template, chat, {}) == "USER: <image>\nWhat? ASSISTANT:"
 
 
 def test_render_as_transformers_does():
