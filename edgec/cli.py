@@ -768,7 +768,9 @@ def generate_cmd(
 def _generation_line(stats: dict) -> str:
     rate = stats["decode_tokens_per_s"]
     kept = (f" ({stats['prompt_tokens_kept']} of {stats['prompt_tokens']} prompt tokens kept)"
-            if stats.get("prompt_tokens_kept") not in (None, stats["prompt_tokens"]) else "")
+            if stats.get("prompt_tokens_kept") not in (None, stats["prompt_tokens"]) else
+            f" ({stats['prompt_tokens'] - stats['cached_tokens']} of {stats['prompt_tokens']} "
+            "prompt tokens: the rest cached)" if stats.get("cached_tokens") else "")
     return (f"{stats['new_tokens']} tokens; prefill {stats['prefill_ms']:.1f} ms{kept}, decode "
             f"{rate:.1f} tokens/s" if rate else f"{stats['new_tokens']} token(s); prefill "
             f"{stats['prefill_ms']:.1f} ms{kept}")

@@ -325,7 +325,8 @@ class Session(abc.ABC):
                  pad_token_id: int | None = None, seed: int | None = None,
                  streamer=None, kv_retrieval: bool = True,
                  sparse_prefill: bool = True, image=None,
-                 adapter: str | Mapping[str, float] | None = None) -> np.ndarray:
+                 adapter: str | Mapping[str, float] | None = None,
+                 _prompt_cache=None) -> np.ndarray:
         """Prompt followed by the new tokens, [batch, seq + new] int64, as Hugging Face's
         ``generate`` returns them. ``input_ids`` [batch, seq] (left-padded, with
         ``attention_mask``, for prompts of different lengths); ``do_sample``, ``temperature``,
@@ -378,16 +379,30 @@ class Session(abc.ABC):
         batch, length = (1, shape[0]) if len(shape) == 1 else shape[:2]
         # before the caches below are sized by it (a huge -n was a MemoryError allocating them)
         check_context(info, length, max_new_tokens)
-        retrieval = (self._retrieval_cache(info, batch, length + max_new_tokens) if kv_retrieval
-                     else None)
-        cache = retrieval if retrieval is not None else self._kv_cache(
-            info, batch, length + max_new_tokens)
-        cache = (self._vision_prefill(cache, info, vision) if vision is not None else
-                 self._prefill_first(cache, info, length, sparse_prefill))
+        # a conversation's cache (``_prompt_cache``, Session.chat): the turns it holds already
+        # are not prefilled again, where nothing ran on this session between the two turns and
+        # the adapter is the same
+        count = self.__dict__.get("_generations", 0)
+        stamp = (count, repr(adapter), repr(self.active_adapter))
+        capacity = length + max_new_tokens
+        cache, cached = (None, 0) if _prompt_cache is None or vision is not None else \
+            _prompt_cache.resume(np.asarray(input_ids).reshape(batch, length), stamp, capacity,
+                                 info.context or info.max_positions)
+        self._generations = count + 1
+        retrieval = (self._retrieval_cache(info, batch, capacity)
+                     if kv_retrieval and cache is None else None)
+        if cache is None:
+            cache = retrieval if retrieval is not None else self._kv_cache(
+                info, batch, capacity if _prompt_cache is None else _prompt_cache.capacity(
+                    capacity, info.context or info.max_positions))
+            cache = (self._vision_prefill(cache, info, vision) if vision is not None else
+                     self._prefill_first(cache, info, length, sparse_prefill))
         ids, stats = generate(
-            self, info, input_ids, attention_mask, cache=cache,
+            self, info, input_ids, attention_mask, cache=cache, cached=cached,
             streamer=streamer, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
             pad_token_id=pad_token_id, seed=seed, **applied)
+        if _prompt_cache is not None and retrieval is None and vision is None:
+            _prompt_cache.keep(cache, ids, (count + 1, *stamp[1:]))
         stats["settings"], stats["settings_from"] = settings, sources
         ignored = (info.generation_config or {}).get("not_applied")
         if ignored:  # transformers' generate() would apply them: the tokens may differ

@@ -7,9 +7,52 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from edgec.errors import UserError
 
-__all__ = ["Conversation"]
+__all__ = ["Conversation", "PromptCache"]
+
+
+class PromptCache:
+    """The KV cache a conversation's last turn left, for the next turn to resume: the ids whose
+    keys and values it holds (the prompt and the answer, less the last token, never fed back)
+    and a stamp of what made it (the session's generation count, since another ``generate`` on
+    the session resets a cache OpenVINO holds; the adapter). Only a batch of one on a cache
+    that can be cut back (arrays, OpenVINO's state) is kept; the turn then prefills only the
+    ids after the longest prefix the cache shares with its prompt."""
+
+    def __init__(self):
+        self.cache, self.tokens, self.stamp = None, None, None
+
+    def resume(self, ids: np.ndarray, stamp, capacity: int, limit: int | None
+               ) -> tuple[Any, int]:
+        """(the cache cut back to the prefix it shares with ``ids`` [1, S], that prefix's
+        length), or (None, 0) where it cannot serve (another stamp); one allocated for fewer
+        than ``capacity`` tokens (OpenVINO's paged blocks) grows first. At least one token is
+        prefilled."""
+        cache, self.cache = self.cache, None  # used once: a failed turn leaves none behind
+        if cache is None or stamp != self.stamp or ids.shape[0] != 1:
+            return None, 0
+        if getattr(cache, "capacity", capacity) < capacity:
+            cache.grow(self.capacity(capacity, limit))
+        held = self.tokens[:ids.shape[1] - 1]
+        differs = np.flatnonzero(held != ids[0, :len(held)])
+        shared = int(differs[0]) if differs.size else len(held)
+        if shared == 0:
+            return None, 0
+        cache.truncate(shared)
+        return cache, shared
+
+    @staticmethod
+    def capacity(needed: int, limit: int | None) -> int:
+        """Tokens to allocate a conversation's cache for (where a cache is allocated up front):
+        twice this turn's, so that later turns fit it, within the model's context."""
+        return min(2 * needed, limit) if limit else 2 * needed
+
+    def keep(self, cache, sequences: np.ndarray, stamp) -> None:
+        if sequences.shape[0] == 1 and callable(getattr(cache, "truncate", None)):
+            self.cache, self.tokens, self.stamp = cache, sequences[0, :-1].copy(), stamp
 
 
 class Conversation:
@@ -20,6 +63,7 @@ class Conversation:
                  **options: Any):
         self.session, self.max_new_tokens, self.options = session, max_new_tokens, options
         self.system = [{"role": "system", "content": system}] if system else []
+        self.reuse = True  # False: every turn prefills the whole conversation
         if session.tokenizer.chat_template is None:  # refused before the first question
             session.tokenizer.encode_chat([{"role": "user", "content": ""}])
         self.reset()
@@ -27,6 +71,7 @@ class Conversation:
     def reset(self) -> None:
         self.messages: list[dict[str, str]] = list(self.system)
         self.dropped = 0
+        self._cache = PromptCache()
 
     def say(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """The model's answer to ``text`` after the turns so far (streamed to ``on_text``); a
@@ -34,8 +79,9 @@ class Conversation:
         if not isinstance(text, str) or not text.strip():
             raise UserError("say something: a chat turn is non-empty text")
         kept, dropped = self._fitted([*self.messages, {"role": "user", "content": text}])
-        answer = self.session.generate_text(kept, self.max_new_tokens, on_text=on_text,
-                                            **self.options)
+        answer = self.session.generate_text(
+            kept, self.max_new_tokens, on_text=on_text, **self.options,
+            **({"_prompt_cache": self._cache} if self.reuse else {}))
         self.messages = [*kept, {"role": "assistant", "content": answer}]
         self.dropped += dropped
         return answer

@@ -153,6 +153,10 @@ class ArrayCache:
         """Keep only the cache slots ``keep`` [B, n] (ascending slot indices per row)."""
         self.past = {n: take_slots(a, keep) for n, a in self.past.items()}
 
+    def truncate(self, tokens: int) -> None:
+        """Keep the first ``tokens`` positions (a conversation's next turn resumes there)."""
+        self.past = {n: a[:, :, :tokens] for n, a in self.past.items()}
+
 
 def take_slots(cache: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """[B, heads, n, head_dim]: ``cache`` [B, heads, T, head_dim] at slots ``keep`` [B, n]."""
@@ -309,9 +313,11 @@ def check_cache_memory(info, batch: int, capacity: int, size: int | None = None)
 
 
 def generate(session, info, input_ids, attention_mask=None, cache=None,
-             streamer: Callable[[np.ndarray], Any] | None = None, **options: Any
-             ) -> tuple[np.ndarray, dict[str, Any]]:
-    """(prompt followed by the new tokens [B, S+new] int64, timing stats)."""
+             streamer: Callable[[np.ndarray], Any] | None = None, cached: int = 0,
+             **options: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """(prompt followed by the new tokens [B, S+new] int64, timing stats). ``cached``: the
+    prompt's first tokens whose keys and values ``cache`` holds already (a conversation's
+    earlier turns): the prefill runs the rest."""
     given = options.pop("eos_token_id", None)
     eos = eos_ids(given, info.eos_token_ids)
     outside = [e for e in eos if e >= info.vocab] if given is not None else []
@@ -341,7 +347,7 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
     cache = cache if cache is not None else ArrayCache(session, info, ids.shape[0])
     t0 = time.perf_counter()
     positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
-    logits = cache.step(ids, mask, positions)[:, -1]
+    logits = cache.step(ids[:, cached:], mask, positions[:, cached:])[:, -1]
     sequences, finished = ids, np.zeros(ids.shape[0], bool)
     next_pos = positions[:, -1:] + 1
     ttft = None
@@ -368,7 +374,8 @@ def generate(session, info, input_ids, attention_mask=None, cache=None,
     stats = {"prompt_tokens": int(ids.shape[1]), "batch": int(ids.shape[0]), "new_tokens": new,
              "prefill_ms": ttft * 1e3, "total_ms": total * 1e3,
              "decode_tokens_per_s": (new - 1) / decode_s if new > 1 and decode_s > 0 else None,
-             "stopped": "eos" if finished.all() else "max_new_tokens"}
+             "stopped": "eos" if finished.all() else "max_new_tokens",
+             **({"cached_tokens": cached} if cached else {})}
     return sequences, stats
 
 

@@ -193,3 +193,8 @@ class _RuntimeCache:
     def load_prompt(self, presents: list[np.ndarray], mask: np.ndarray) -> None:
         """Start from a prompt's keys/values computed elsewhere (the sparse prefill graph)."""
         self.session._set_states(dict(zip(self.session.decoder_info.past_names, presents)))
+
+    def truncate(self, tokens: int) -> None:
+        """Keep the first ``tokens`` positions (a conversation's next turn resumes there)."""
+        self.session._set_states({name: np.asarray(state.state.data)[:, :, :tokens]
+                                  for name, state in self.session._states().items()})

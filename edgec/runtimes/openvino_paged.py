@@ -112,7 +112,8 @@ class PagedCache:
             check_cache_memory(info, batch, capacity, size=need * sum(
                 dtype.itemsize * int(np.prod(block)) for _, dtype, block in layout))
             self.blocks = [np.zeros((need, *block), dtype) for _, dtype, block in layout]
-        bind(request, {name: blocks for (name, _, _), blocks in zip(layout, self.blocks)})
+        self.names = [name for name, _, _ in layout]
+        bind(request, dict(zip(self.names, self.blocks)))
         self.table = (np.arange(batch)[:, None] * self.per_row
                       + np.arange(self.per_row)).astype(np.int32)  # each row's own blocks
         self.lengths = np.zeros(batch, np.int64)
@@ -156,6 +157,27 @@ class PagedCache:
                 blocks[start:start + used] = rows.reshape(
                     arr.shape[1], used, BLOCK_SIZE, arr.shape[3]).transpose(1, 0, 2, 3)
         self.lengths = total.astype(np.int64)
+        self.decoding = None
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` tokens in a batch of one (its blocks are the first ones): a
+        conversation's next turn, longer than the blocks this cache was made with."""
+        per_row = -(-capacity // BLOCK_SIZE)
+        if len(self.lengths) != 1:
+            raise InternalError("only a batch of one grows its paged cache; this is an edgec bug")
+        if per_row > self.per_row:
+            self.blocks = [np.concatenate([b[:self.per_row], np.zeros(
+                (per_row - self.per_row, *b.shape[1:]), b.dtype)]) for b in self.blocks]
+            bind(self.request, dict(zip(self.names, self.blocks)))
+            self.per_row = per_row
+            self.table = np.arange(per_row, dtype=np.int32)[None]
+            self.decoding = None
+        self.capacity = max(self.capacity, capacity)
+
+    def truncate(self, tokens: int) -> None:
+        """Keep each row's first ``tokens`` positions (a conversation's next turn resumes
+        there): the blocks after them are written over."""
+        self.lengths = np.minimum(self.lengths, tokens)
         self.decoding = None
 
     def _decode(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -569,6 +569,37 @@ def test_a_conversation_keeps_its_turns_within_the_context(artifacts):
         assert r.exit_code == 2 and says in r.output, r.output
 
 
+@pytest.mark.parametrize("target", [*TARGETS, "openvino-cpu-variables"])
+def test_a_conversation_resumes_its_cache_and_answers_as_a_full_prefill(artifacts, target):
+    """Each turn prefills only what follows the prefix its prompt shares with the cache the
+    last turn left (arrays on ort-cpu; on openvino-cpu the paged blocks, or the stateful
+    model's variables), and answers what a full prefill of the conversation answers; another
+    generate() on the session in between (which reuses the blocks or resets the variables)
+    makes the next turn start over."""
+    session = edgec.load(artifacts["hf-llama", target.removesuffix("-variables")].path)
+    if target.endswith("-variables"):
+        session.paged = False
+    turns = ["the cat sat", "a dog ran far", "then it was good", "the mat"]
+    answers = {}
+    for reuse in (True, False):
+        conversation = session.chat(max_new_tokens=6)
+        conversation.reuse = reuse
+        answers[reuse] = []
+        for i, turn in enumerate(turns):
+            answers[reuse].append(conversation.say(turn))
+            stats = session.last_generation
+            if reuse and i:
+                assert 0 < stats["cached_tokens"] < stats["prompt_tokens"], stats
+            else:
+                assert "cached_tokens" not in stats
+            if reuse and i == 1:  # the session runs something else: the state is not the chat's
+                session.generate(np.array([[1, 4, 5]]), max_new_tokens=3)
+                conversation.say("the cat")
+                assert "cached_tokens" not in session.last_generation
+                conversation.messages = conversation.messages[:-2]
+    assert answers[True] == answers[False]
+
+
 def test_streamed_text_keeps_characters_split_across_tokens(artifacts, monkeypatch):
     """A byte-level tokenizer's token can end inside a multi-byte character: the stream held
     the U+FFFD its partial bytes decode to, then sliced the finished character away."""
