@@ -726,6 +726,12 @@ def generate_cmd(
                          do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed)
     tok = Tokenizer(artifact, session.manifest) if prompt is not None else None
+    if tok is not None and not chat and not as_json and tok.chat_template is not None:
+        # an instruction-tuned model given bare text often answers nothing (SmolLM2-Instruct:
+        # EOS at once) or rambles on
+        hint = ("the checkpoint has a chat template: add --chat to put the prompt through it "
+                "(an instruction-tuned model answers in that format)")
+        note[0] = f"{note[0]}\n{hint}" if note[0] else hint
     if chat:
         ids = tok.encode_chat([*([{"role": "system", "content": system}] if system else []),
                                {"role": "user", "content": prompt}])

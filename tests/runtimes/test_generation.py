@@ -519,6 +519,10 @@ def test_generate_text_batches_streams_and_chats(artifacts, checkpoints):
     data = json.loads(r.stdout)
     assert data["chat"] and data["prompt_ids"] == tok.encode_chat(
         [{"role": "system", "content": "it was"}, {"role": "user", "content": "a dog"}])
+    hf = str(artifacts["hf-llama", "ort-cpu"].path)
+    plain = runner.invoke(app, ["generate", hf, "-p", "a dog", "-n", "2"])
+    chatted = runner.invoke(app, ["generate", hf, "--chat", "-p", "a dog", "-n", "2"])
+    assert "add --chat" in plain.stderr and "add --chat" not in chatted.stderr
     for bad, says in ((3, "the prompt must be text or a chat"),
                       ([], "the prompt must be text or a chat"),
                       (["the cat", 3], "prompt 1 must be text or a chat"),
@@ -606,6 +610,8 @@ def test_streamed_text_keeps_characters_split_across_tokens(artifacts, monkeypat
     payload = "aé😀 ✓".encode()  # token k decodes to byte k: é and 😀 span 2 and 4 tokens
 
     class ByteTokenizer:
+        chat_template = None
+
         def __init__(self, root, manifest):
             pass
 
