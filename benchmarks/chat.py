@@ -19,10 +19,15 @@ medians per turn over ``--rounds``:
 - ``ort_genai``: one Generator for the conversation, ``append_tokens`` of each turn's new ids
   (the rendered conversation less what it holds);
 - ``ort_genai_full``: a new Generator each turn, the whole rendered conversation appended.
+- ``ov_genai`` (``--ov-genai-python``): OpenVINO GenAI's ``LLMPipeline`` in chat mode
+  (``start_chat``; it keeps the conversation's cache) on optimum-intel's fp32 export, f32 compute
+  and KV cache, in its own environment (``_chat_ov_genai.py``, a worker kept for the run); its
+  prefill ms is the time to its first streamed text, which may be a token later than the first
+  token.
 
 Per turn: prefill ms (time to the first new token: prefill + its sampling), prompt tokens, new
 tokens, total ms. Run (extra ``bench-generation``, or ``onnxruntime-genai`` alone):
-``python benchmarks/chat.py [--rounds 5] [--new 48] [--out PATH]`` (results:
+``python benchmarks/chat.py [--rounds 5] [--new 48] [--ov-genai-python PY] [--out PATH]`` (results:
 ``benchmarks/results/chat.json``).
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,6 +119,39 @@ class OrtGenai:
         return turns
 
 
+class OvGenai:
+    """OpenVINO GenAI's chat mode (``_chat_ov_genai.py``) in the environment of ``python``:
+    optimum-intel's fp32 export, then a worker process kept for the run."""
+
+    name = "ov_genai"
+
+    def __init__(self, python: str, ckpt: Path, work: Path, new: int, tokenizer):
+        out = work / "ov-genai"
+        cli = Path(python).parent / "optimum-cli"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env.pop("VIRTUAL_ENV", None)
+        subprocess.run([str(cli), "export", "openvino", "-m", str(ckpt), "--task",
+                        "text-generation-with-past", "--weight-format", "fp32", str(out)],
+                       capture_output=True, check=True, env=env)
+        self.proc = subprocess.Popen(
+            [python, str(Path(__file__).parent / "_chat_ov_genai.py"), str(out), str(new),
+             json.dumps(QUESTIONS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=env)
+        self.version = json.loads(self.proc.stdout.readline())["ready"]
+        self.tok = tokenizer
+
+    def conversation(self, new: int) -> list[dict]:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        turns, messages = json.loads(self.proc.stdout.readline()), []
+        for q, t in zip(QUESTIONS, turns):  # its prompts, as edgec's template renders them
+            messages.append({"role": "user", "content": q})
+            t.update(prompt_tokens=len(self.tok.encode_chat(messages)), cached_tokens=None,
+                     new_tokens=None)
+            messages.append({"role": "assistant", "content": t["answer"]})
+        return turns
+
+
 EOS: tuple[int, ...] = ()
 
 
@@ -122,6 +161,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat.json"))
+    ap.add_argument("--ov-genai-python", default=None,
+                    help="a Python with openvino-genai and optimum-intel (extra bench-generation, "
+                         "in its own environment): OpenVINO GenAI's chat mode joins the run")
     args = ap.parse_args()
     import onnxruntime_genai as og
 
@@ -145,6 +187,9 @@ def main() -> None:
     EOS = tuple(systems[0].session.decoder_info.eos_token_ids)
     systems += [OrtGenai(model, tok, "ort_genai", True),
                 OrtGenai(model, tok, "ort_genai_full", False)]
+    if args.ov_genai_python:
+        log("OpenVINO GenAI: optimum-intel's fp32 export, its LLMPipeline in chat mode")
+        systems.append(OvGenai(args.ov_genai_python, ckpt, work, args.new, tok))
     for s in systems:  # warm-up: compiles OpenVINO's paged decoder, first-run allocations
         s.conversation(4)
     runs: dict[str, list[list[dict]]] = {s.name: [] for s in systems}
@@ -170,11 +215,13 @@ def main() -> None:
                       "prefill_ms_after_first_turn": round(
                           sum(t["prefill_ms"] for t in turns[1:]), 1)}
     answers = {n: [t["answer"] for t in row["turns"]] for n, row in rows.items()}
+    ov = [s for s in systems if isinstance(s, OvGenai)]
     ref = answers["edgec_ort_full"]
     out = {"benchmark": "chat", "model": "SmolLM2-135M-Instruct (30 layers, fp32)",
            "questions": QUESTIONS, "max_new_tokens": args.new, "rounds": args.rounds,
            "machine": QB.machine(), "loadavg": load, "git": QB.git_state(),
-           "versions": ANCHORS.dist_versions(["onnxruntime", "onnxruntime-genai", "openvino"]),
+           "versions": {**ANCHORS.dist_versions(["onnxruntime", "onnxruntime-genai", "openvino"]),
+                        **({"openvino-genai": ov[0].version} if ov else {})},
            "answers_equal_to_edgec_ort_full": {n: sum(a == b for a, b in zip(v, ref))
                                                for n, v in answers.items()},
            "systems": rows}
