@@ -786,7 +786,8 @@ def _converse(session, artifact: Path, system: str | None, note: str | None,
               max_new_tokens: int, **options) -> None:
     """``edgec generate DIR --chat``: a line on stdin is a message, the answer streams to
     stdout; /reset starts over, /exit or end of input ends. A turn edgec refuses (a message
-    longer than the context) is said on stderr and the conversation goes on."""
+    longer than the context) is said on stderr and the conversation goes on; Ctrl-C during an
+    answer stops it (the turn left out), at the prompt it ends the command (exit 130)."""
     conversation = session.chat(system=system, max_new_tokens=max_new_tokens, **options)
     tty = sys.stdin.isatty()
     err.print(f"chatting with {artifact}: a line is a message; /reset starts over, /exit or "
@@ -815,6 +816,12 @@ def _converse(session, artifact: Path, system: str | None, note: str | None,
             conversation.say(line.strip(), on_text=write)
         except UserError as e:
             err.print(f"error: {e}", highlight=False, soft_wrap=True)
+            continue
+        except KeyboardInterrupt as e:  # Ctrl-C stops this answer; at the prompt it ends
+            if isinstance(e, _Terminated):
+                raise
+            sys.stdout.write("\n")
+            err.print("(stopped: the turn is left out of the conversation)", highlight=False)
             continue
         sys.stdout.write("\n")
         left = conversation.dropped - dropped

@@ -535,7 +535,7 @@ def test_generate_text_batches_streams_and_chats(artifacts, checkpoints):
         edgec.load(artifacts["llama", "ort-cpu"].path).generate_text("the cat")
 
 
-def test_a_conversation_keeps_its_turns_within_the_context(artifacts):
+def test_a_conversation_keeps_its_turns_within_the_context(artifacts, monkeypatch):
     """``Session.chat()``: each turn answers after the turns so far; the oldest turns (never the
     system message) go when the conversation and the answer would pass the context (128 here);
     a turn that fails leaves it as it was. The CLI converses on stdin."""
@@ -567,6 +567,23 @@ def test_a_conversation_keeps_its_turns_within_the_context(artifacts):
     assert len(answers) == 2 and answers[0] == session.generate_text(
         [{"role": "user", "content": "the cat sat"}], max_new_tokens=4)
     assert "(a new conversation)" in r.stderr and "exceeds the model's context" in r.stderr
+
+    from edgec.runtimes.conversation import Conversation
+
+    say = Conversation.say
+    calls = []
+
+    def interrupted_once(self, text, on_text=None):  # Ctrl-C during the first answer
+        calls.append(text)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return say(self, text, on_text)
+
+    monkeypatch.setattr(Conversation, "say", interrupted_once)
+    r = runner.invoke(app, ["generate", art, "--chat", "-n", "4"], input="the cat\na dog\n")
+    assert r.exit_code == 0 and "(stopped" in r.stderr and calls == ["the cat", "a dog"]
+    assert r.stdout.splitlines()[-1] == session.generate_text(
+        [{"role": "user", "content": "a dog"}], max_new_tokens=4)
     for args, says in ((["--json"], "--json takes one prompt"),
                        (["--image", "x.png"], "--image takes one prompt")):
         r = runner.invoke(app, ["generate", art, "--chat", *args])
