@@ -669,7 +669,8 @@ def generate_cmd(
     adapter: Annotated[str | None, typer.Option("--adapter", help=_ADAPTER_HELP)] = None,
     chat: Annotated[bool, typer.Option(
         "--chat", help="the prompt is a user's message: put it through the checkpoint's chat "
-        "template (an instruction-tuned model answers it)")] = False,
+        "template (an instruction-tuned model answers it); without --prompt, a conversation "
+        "on stdin, one message per line")] = False,
     system: Annotated[str | None, typer.Option(
         "--system", help="with --chat: a system message before the user's")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
