@@ -688,7 +688,7 @@ def generate_cmd(
 
     import edgec
     from edgec.runtimes.generation import parse_ids, resolve_settings
-    from edgec.runtimes.tokenizer import TextStream, Tokenizer
+    from edgec.runtimes.tokenizer import TextStream
 
     converse = chat and prompt is None and prompt_ids is None  # a conversation on stdin
     if chat and prompt_ids is not None:
@@ -726,7 +726,7 @@ def generate_cmd(
         return _converse(session, artifact, system, note[0], max_new_tokens=max_new_tokens,
                          do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p,
                          repetition_penalty=repetition_penalty, seed=seed)
-    tok = Tokenizer(artifact, session.manifest) if prompt is not None else None
+    tok = session.tokenizer if prompt is not None else None
     if tok is not None and not chat and not as_json and tok.chat_template is not None:
         # an instruction-tuned model given bare text often answers nothing (SmolLM2-Instruct:
         # EOS at once) or rambles on
@@ -741,11 +741,7 @@ def generate_cmd(
     if not ids:
         raise UserError("the prompt encodes to no tokens; give some text")
 
-    def write(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    text = TextStream(tok, write) if tok is not None and not as_json else None
+    text = TextStream(tok, _write_out) if tok is not None and not as_json else None
 
     def stream(token: np.ndarray) -> None:
         if note[0]:
@@ -772,6 +768,12 @@ def generate_cmd(
     err.print(_generation_line(stats), highlight=False)
 
 
+def _write_out(piece: str) -> None:
+    """Streamed text, flushed as it comes."""
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
 def _generation_line(stats: dict) -> str:
     rate = stats["decode_tokens_per_s"]
     kept = (f" ({stats['prompt_tokens_kept']} of {stats['prompt_tokens']} prompt tokens kept)"
@@ -795,11 +797,6 @@ def _converse(session, artifact: Path, system: str | None, note: str | None,
               "Ctrl-D ends", highlight=False, soft_wrap=True)
     if note:
         err.print(note, highlight=False, soft_wrap=True)
-
-    def write(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
     while True:
         if tty:
             err.print("> ", end="")
@@ -814,7 +811,7 @@ def _converse(session, artifact: Path, system: str | None, note: str | None,
             continue
         dropped = conversation.dropped
         try:
-            conversation.say(line.strip(), on_text=write)
+            conversation.say(line.strip(), on_text=_write_out)
         except UserError as e:
             err.print(f"error: {e}", highlight=False, soft_wrap=True)
             continue

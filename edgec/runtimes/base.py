@@ -384,17 +384,17 @@ class Session(abc.ABC):
         # the adapter is the same
         count = self.__dict__.get("_generations", 0)
         stamp = (count, repr(adapter), repr(self.active_adapter))
-        capacity = length + max_new_tokens
+        capacity, limit = length + max_new_tokens, info.context or info.max_positions
         cache, cached = (None, 0) if _prompt_cache is None or vision is not None else \
             _prompt_cache.resume(np.asarray(input_ids).reshape(batch, length), stamp, capacity,
-                                 info.context or info.max_positions)
+                                 limit)
         self._generations = count + 1
         retrieval = (self._retrieval_cache(info, batch, capacity)
                      if kv_retrieval and cache is None else None)
         if cache is None:
             cache = retrieval if retrieval is not None else self._kv_cache(
                 info, batch, capacity if _prompt_cache is None else _prompt_cache.capacity(
-                    capacity, info.context or info.max_positions))
+                    capacity, limit))
             cache = (self._vision_prefill(cache, info, vision) if vision is not None else
                      self._prefill_first(cache, info, length, sparse_prefill))
         ids, stats = generate(
